@@ -1,0 +1,283 @@
+"""Configuration dataclasses: one per concern (stack, image, audio, text, model).
+
+Every field is a plain type so a config round-trips through JSON and YAML; each class validates itself in
+``__post_init__`` and raises ``ValueError`` naming the offending field and value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+MODALITIES = ("image", "audio", "text")
+ROUTES = ("image", "audio", "text", "decoder")
+
+Mlp = Literal["gelu", "gelu_tanh", "quickgelu", "swiglu"]
+Norm = Literal["layernorm", "rmsnorm"]
+NormPlacement = Literal["pre", "post", "sandwich"]
+RelativePosition = Literal["none", "rope", "alibi"]
+AbsolutePosition = Literal["none", "learned", "sinusoidal"]
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+_STACK_CHOICES = {
+    "mlp": Mlp.__args__,
+    "norm": Norm.__args__,
+    "norm_placement": NormPlacement.__args__,
+    "position": RelativePosition.__args__,
+}
+
+
+@dataclass
+class StackConfig:
+    """A stack of transformer blocks; every architecture knob lives here rather than in new classes."""
+
+    width: int = 256  # D, the model width
+    depth: int = 4  # number of blocks
+    n_heads: int = 4  # nh, query heads; head size hs = width // n_heads
+    n_kv_heads: int | None = None  # key/value heads: None → n_heads (MHA), 1 → MQA, else GQA
+    mlp: str = "gelu"  # gelu | gelu_tanh | quickgelu | swiglu
+    mlp_ratio: float = 4.0  # hidden width = mlp_ratio * width (SwiGLU: the hidden width of each branch)
+    mlp_hidden: int | None = None  # explicit hidden width, overrides mlp_ratio
+    n_experts: int = 0  # > 0: top-k mixture-of-experts MLP with this many experts
+    experts_top_k: int = 2  # experts each token is routed to
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    norm_placement: str = "pre"  # pre | post | sandwich
+    final_norm: bool = True  # norm after the last block (CLIP ln_post / ln_final, Whisper layer_norm)
+    parallel: bool = False  # attention and MLP side by side from one norm (GPT-J, PaLM)
+    bias: bool = True  # bias in linear layers
+    qk_norm: bool = False  # normalise queries and keys per head before the dot product
+    position: str = "none"  # relative positions inside attention: none | rope | alibi
+    rope_theta: float = 10000.0
+    dropout: float = 0.0  # residual and MLP dropout
+    attn_dropout: float = 0.0  # dropout on attention probabilities (training only)
+    drop_path: float = 0.0  # stochastic depth, linearly increasing to this rate at the last block
+    cross_attention: bool = False  # add a cross-attention sublayer, used only when memory is given
+    multiway: list[str] = field(default_factory=list)  # modalities with their own MLP behind shared attention
+    gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
+
+    def __post_init__(self) -> None:
+        for name, choices in _STACK_CHOICES.items():
+            _check_choice(f"StackConfig.{name}", getattr(self, name), choices)
+        _check_positive("StackConfig.width", self.width)
+        _check_positive("StackConfig.depth", self.depth, allow_zero=True)
+        _check_positive("StackConfig.n_heads", self.n_heads)
+        if self.width % self.n_heads:
+            raise ValueError(f"StackConfig.n_heads ({self.n_heads}) must divide StackConfig.width ({self.width})")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        _check_positive("StackConfig.n_kv_heads", self.n_kv_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"StackConfig.n_kv_heads ({self.n_kv_heads}) must divide StackConfig.n_heads ({self.n_heads})"
+            )
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head size; StackConfig.width / n_heads = {self.head_dim}")
+        if self.n_experts < 0 or (self.n_experts and not 1 <= self.experts_top_k <= self.n_experts):
+            raise ValueError(
+                f"StackConfig.experts_top_k must be in [1, n_experts={self.n_experts}], got {self.experts_top_k}"
+            )
+        if self.parallel and (self.norm_placement != "pre" or self.cross_attention):
+            raise ValueError(
+                "StackConfig.parallel=True needs norm_placement='pre' and cross_attention=False, got "
+                f"norm_placement={self.norm_placement!r}, cross_attention={self.cross_attention}"
+            )
+        for name in ("dropout", "attn_dropout", "drop_path"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"StackConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        _check_positive("StackConfig.mlp_ratio", self.mlp_ratio)
+        for m in self.multiway:
+            _check_choice("StackConfig.multiway entries", m, MODALITIES)
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.mlp_hidden or int(self.mlp_ratio * self.width)
+
+
+@dataclass
+class ImageConfig:
+    """ViT patch embedding: a strided convolution, optional class token, 2-D learned positions."""
+
+    image_size: list[int] = field(default_factory=lambda: [224, 224])  # (H, W); an int means square
+    patch_size: int = 16
+    channels: int = 3
+    class_token: bool = True
+    position: str = "learned"  # learned (2-D table, bicubic-resampled to other sizes) | none
+    patch_bias: bool = True  # bias in the patchify convolution (timm: yes, CLIP: no)
+    pre_norm: bool = False  # norm on the tokens before the stack (CLIP's ln_pre)
+    pool: str = "cls"  # cls | mean
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, int):
+            self.image_size = [self.image_size, self.image_size]
+        self.image_size = list(self.image_size)
+        if len(self.image_size) != 2 or min(self.image_size) <= 0:
+            raise ValueError(f"ImageConfig.image_size must be (H, W) > 0, got {self.image_size}")
+        _check_positive("ImageConfig.patch_size", self.patch_size)
+        for side, n in zip(("height", "width"), self.image_size):
+            if n % self.patch_size:
+                raise ValueError(
+                    f"ImageConfig.patch_size ({self.patch_size}) must divide the image {side} ({n}); "
+                    f"image_size={self.image_size}"
+                )
+        _check_choice("ImageConfig.position", self.position, ("learned", "none"))
+        _check_choice("ImageConfig.pool", self.pool, ("cls", "mean"))
+        if self.pool == "cls" and not self.class_token:
+            raise ValueError("ImageConfig.pool='cls' needs class_token=True")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+    @property
+    def n_tokens(self) -> int:
+        gh, gw = self.grid
+        return gh * gw + int(self.class_token)
+
+
+@dataclass
+class AudioConfig:
+    """Log-mel features (torchaudio) and Whisper-style convolutional frames."""
+
+    sample_rate: int = 16000
+    n_mels: int = 80
+    n_fft: int = 400
+    hop_length: int = 160  # 10 ms frames at 16 kHz
+    max_frames: int = 3000  # mel frames the position table covers (30 s); tokens = ceil(frames / conv_stride)
+    conv_stride: int = 2  # stride of the second convolution (Whisper: 2)
+    position: str = "sinusoidal"  # sinusoidal | learned | none
+    pool: str = "mean"  # mean over real (unpadded) frames
+
+    def __post_init__(self) -> None:
+        for name in ("sample_rate", "n_mels", "n_fft", "hop_length", "max_frames", "conv_stride"):
+            _check_positive(f"AudioConfig.{name}", getattr(self, name))
+        _check_choice("AudioConfig.position", self.position, AbsolutePosition.__args__)
+        _check_choice("AudioConfig.pool", self.pool, ("mean",))
+
+    @property
+    def max_tokens(self) -> int:
+        return math.ceil(self.max_frames / self.conv_stride)
+
+
+@dataclass
+class TextConfig:
+    """Token embedding, positions and the special ids the text encoder and the decoder rely on."""
+
+    vocab_size: int = 1000
+    max_length: int = 77  # position table size (the context length)
+    position: str = "learned"  # learned | sinusoidal | none
+    pad_id: int = 0
+    bos_id: int | None = 1  # start of text; the decoder's first token
+    eos_id: int | None = 2  # end of text; pooled by pool='eot' and where generation stops
+    n_segments: int = 0  # > 0: BERT-style segment (token type) embeddings
+    embed_norm: bool = False  # norm after the embeddings (BERT)
+    embed_norm_eps: float = 1e-12
+    causal: bool = False  # causal self-attention in the text *encoder* (CLIP's text tower is causal)
+    pool: str = "eot"  # eot (first eos token, else the last real one) | mean | cls
+
+    def __post_init__(self) -> None:
+        _check_positive("TextConfig.vocab_size", self.vocab_size)
+        _check_positive("TextConfig.max_length", self.max_length)
+        _check_choice("TextConfig.position", self.position, AbsolutePosition.__args__)
+        _check_choice("TextConfig.pool", self.pool, ("eot", "mean", "cls"))
+        for name in ("pad_id", "bos_id", "eos_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ValueError(f"TextConfig.{name} must be in [0, vocab_size={self.vocab_size}), got {value}")
+
+
+@dataclass
+class ModelConfig:
+    """A multimodal model: named stacks, which stack each modality runs through, and the heads."""
+
+    stacks: dict[str, StackConfig] = field(default_factory=lambda: {"shared": StackConfig(cross_attention=True)})
+    routes: dict[str, str] = field(
+        default_factory=lambda: {"image": "shared", "audio": "shared", "text": "shared", "decoder": "shared"}
+    )
+    image: ImageConfig | None = field(default_factory=ImageConfig)
+    audio: AudioConfig | None = field(default_factory=AudioConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int | None = 256  # joint embedding size; None → no projection (features are the pooled tokens)
+    projection_bias: bool = False
+    logit_scale_init: float = math.log(1 / 0.07)  # CLIP's initial temperature
+    logit_bias_init: float | None = None  # SigLIP: a learnable logit bias (e.g. -10)
+    tie_lm_head: bool = True  # the LM head shares the token embedding matrix
+    ctc_head: bool = False  # a CTC head on the audio tokens (blank = text.pad_id)
+
+    def __post_init__(self) -> None:
+        self.stacks = {k: v if isinstance(v, StackConfig) else StackConfig(**v) for k, v in self.stacks.items()}
+        if isinstance(self.image, dict):
+            self.image = ImageConfig(**self.image)
+        if isinstance(self.audio, dict):
+            self.audio = AudioConfig(**self.audio)
+        if isinstance(self.text, dict):
+            self.text = TextConfig(**self.text)
+        if not self.stacks:
+            raise ValueError("ModelConfig.stacks must name at least one stack")
+        for route, stack in self.routes.items():
+            _check_choice("ModelConfig.routes keys", route, ROUTES)
+            if stack not in self.stacks:
+                raise ValueError(f"ModelConfig.routes[{route!r}] = {stack!r} is not one of stacks {list(self.stacks)}")
+        for modality in ("image", "audio"):
+            if modality in self.routes and getattr(self, modality) is None:
+                raise ValueError(f"ModelConfig.routes has {modality!r} but ModelConfig.{modality} is None")
+        if "decoder" in self.routes:
+            dec = self.stacks[self.routes["decoder"]]
+            if not dec.cross_attention:
+                raise ValueError(f"the decoder stack {self.routes['decoder']!r} needs cross_attention=True")
+            if self.text.bos_id is None or self.text.eos_id is None:
+                raise ValueError("a decoder needs TextConfig.bos_id and TextConfig.eos_id")
+        if self.embed_dim is None:
+            widths = {m: self.width(m) for m in MODALITIES if m in self.routes}
+            if len(set(widths.values())) > 1:
+                raise ValueError(f"ModelConfig.embed_dim=None needs equal stack widths per modality, got {widths}")
+        widths = {self.width(r) for r in ("text", "decoder") if r in self.routes}
+        if len(widths) > 1:
+            raise ValueError(
+                f"the text and decoder routes share the token embedding, so their widths must match: {widths}"
+            )
+        if self.ctc_head and "audio" not in self.routes:
+            raise ValueError("ModelConfig.ctc_head=True needs an audio route")
+
+    def width(self, route: str) -> int:
+        """Width of the stack a route runs through."""
+        return self.stacks[self.routes[route]].width
+
+    def text_width(self) -> int:
+        route = "text" if "text" in self.routes else "decoder"
+        return self.width(route)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        return cls.from_dict(json.loads(text))

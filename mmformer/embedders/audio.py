@@ -1,0 +1,121 @@
+"""Audio → frame tokens: log-mel features (torchaudio) and two 1-D convolutions with GELU, as in Whisper.
+
+Shape legend: B batch, S samples, M mel bins, Nf mel frames, N tokens = ceil(Nf / stride), D width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmformer.config import AudioConfig, StackConfig
+from mmformer.layers.positions import AbsolutePositions
+
+
+class LogMel(nn.Module):
+    """Whisper-style log-mel: power mel spectrogram (Slaney scale and norm), log10, an 8-decade dynamic range per
+    utterance, scaled to roughly [-1, 1]."""
+
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        import torchaudio  # imported here so that `import mmformer` stays light
+
+        self.hop_length = cfg.hop_length
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=cfg.sample_rate,
+            n_fft=cfg.n_fft,
+            hop_length=cfg.hop_length,
+            n_mels=cfg.n_mels,
+            power=2.0,
+            norm="slaney",
+            mel_scale="slaney",
+        )
+
+    def frames(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Mel frames (centred STFT) of waveforms with these sample counts."""
+        return lengths // self.hop_length + 1
+
+    def forward(self, audio: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S) waveforms → (B, M, Nf) log-mel. Padding frames are excluded from the per-utterance maximum."""
+        mel = self.mel(audio.float()).clamp(min=1e-10).log10()  # (B, M, Nf)
+        if lengths is not None:
+            real = torch.arange(mel.shape[-1], device=mel.device)[None, :] < self.frames(lengths)[:, None]
+            peak = mel.masked_fill(~real[:, None, :], float("-inf")).amax(dim=(1, 2), keepdim=True)
+        else:
+            peak = mel.amax(dim=(1, 2), keepdim=True)
+        return (torch.maximum(mel, peak - 8.0) + 4.0) / 4.0
+
+
+class AudioEmbedder(nn.Module):
+    """Waveforms or precomputed log-mel features → (B, N, D) tokens and a (B, N) padding mask."""
+
+    def __init__(self, cfg: AudioConfig, stack: StackConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.features = LogMel(cfg)
+        self.conv1 = nn.Conv1d(cfg.n_mels, stack.width, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(stack.width, stack.width, kernel_size=3, stride=cfg.conv_stride, padding=1)
+        self.positions = (
+            None
+            if cfg.position == "none"
+            else AbsolutePositions(cfg.position, cfg.max_tokens, stack.width, what="audio (in frames / conv_stride)")
+        )
+
+    def tokens_for_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """Token count after the strided convolution (kernel 3, padding 1)."""
+        return (frames - 1) // self.cfg.conv_stride + 1
+
+    def forward(
+        self,
+        audio: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        *,
+        features: torch.Tensor | None = None,
+        feature_lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embed waveforms ``audio`` (B, S) with sample ``lengths`` (B,), or log-mel ``features`` (B, M, Nf) with
+        optional frame counts ``feature_lengths`` (B,)."""
+        if features is None:
+            audio, lengths = self.check_waveforms(audio, lengths)
+            features = self.features(audio, lengths)
+            feature_lengths = None if lengths is None else self.features.frames(lengths)
+        else:
+            self.check_features(features)
+        x = F.gelu(self.conv1(features.to(self.conv1.weight.dtype)))
+        x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, N, D)
+        if self.positions is not None:
+            x = self.positions(x)
+        mask = None
+        if feature_lengths is not None:
+            n_tokens = self.tokens_for_frames(feature_lengths.to(x.device))
+            mask = torch.arange(x.shape[1], device=x.device)[None, :] < n_tokens[:, None]  # (B, N)
+        return x, mask
+
+    def check_waveforms(
+        self, audio: torch.Tensor, lengths: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not isinstance(audio, torch.Tensor):
+            raise TypeError(f"audio: expected a float tensor (B, S) of waveforms, got {type(audio).__name__}")
+        if audio.ndim == 1:
+            audio = audio[None]
+        if audio.ndim != 2:
+            raise ValueError(f"audio: expected shape (B, S) of mono waveforms, got {tuple(audio.shape)}")
+        if not audio.is_floating_point():
+            raise TypeError(f"audio: expected a float waveform tensor, got {audio.dtype}")
+        if audio.shape[1] < self.cfg.n_fft // 2 + 1:
+            raise ValueError(f"audio: needs at least {self.cfg.n_fft // 2 + 1} samples, got {audio.shape[1]}")
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, device=audio.device)
+            if lengths.shape != (audio.shape[0],):
+                raise ValueError(
+                    f"audio_lengths: expected shape ({audio.shape[0]},), one per waveform; got {tuple(lengths.shape)}"
+                )
+            if bool((lengths < 1).any()) or bool((lengths > audio.shape[1]).any()):
+                raise ValueError(f"audio_lengths: expected values in [1, {audio.shape[1]}], got {lengths.tolist()}")
+        return audio, lengths
+
+    def check_features(self, features: torch.Tensor) -> None:
+        if not isinstance(features, torch.Tensor) or features.ndim != 3 or features.shape[1] != self.cfg.n_mels:
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f"audio_features: expected log-mel (B, {self.cfg.n_mels}, frames), got {shape}")

@@ -1,0 +1,66 @@
+"""Images → patch tokens: a strided convolution (ViT), an optional class token and 2-D learned positions.
+
+Shape legend: B batch, C channels, H×W pixels, p patch size, gh×gw patch grid, Np = gh*gw patches, D width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmformer.config import ImageConfig, StackConfig
+from mmformer.layers.norms import make_norm
+from mmformer.layers.positions import resample_patch_positions
+
+
+class ImageEmbedder(nn.Module):
+    """Patchify (B, C, H, W) pixels into (B, Np [+1], D) tokens. Other image sizes than the configured one work:
+    the patch position table is resampled bicubically to the new grid."""
+
+    def __init__(self, cfg: ImageConfig, stack: StackConfig):
+        super().__init__()
+        self.cfg = cfg
+        width = stack.width
+        self.patch = nn.Conv2d(cfg.channels, width, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
+        self.cls_token = nn.Parameter(torch.randn(width) * 0.02) if cfg.class_token else None
+        self.positions = nn.Parameter(torch.randn(cfg.n_tokens, width) * 0.02) if cfg.position == "learned" else None
+        self.norm = make_norm(stack.norm, width, stack.norm_eps) if cfg.pre_norm else None
+
+    def check(self, pixel_values: torch.Tensor) -> None:
+        cfg = self.cfg
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values: expected a tensor (B, C, H, W), got {type(pixel_values).__name__}")
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values: expected 4 dims (B, C, H, W), got shape {tuple(pixel_values.shape)}")
+        if pixel_values.shape[1] != cfg.channels:
+            raise ValueError(
+                f"pixel_values: expected {cfg.channels} channels, got shape {tuple(pixel_values.shape)} "
+                f"({pixel_values.shape[1]} channels)"
+            )
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values: expected a float tensor (normalised pixels), got {pixel_values.dtype}")
+        h, w = pixel_values.shape[-2:]
+        if h % cfg.patch_size or w % cfg.patch_size:
+            raise ValueError(
+                f"pixel_values: height and width must be multiples of the patch size {cfg.patch_size}, got {h}×{w}"
+            )
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """Tokens (B, Np [+1], D) and no padding mask (every patch is real)."""
+        self.check(pixel_values)
+        x = self.patch(pixel_values.to(self.patch.weight.dtype))  # (B, D, gh, gw)
+        grid = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (B, Np, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+        if self.positions is not None:
+            x = x + self.patch_positions(tuple(grid)).to(x.dtype)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x, None
+
+    def patch_positions(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The position table (Np [+1], D) for a patch grid, resampled when it differs from the configured one."""
+        n_prefix = int(self.cls_token is not None)
+        prefix, patches = self.positions[:n_prefix], self.positions[n_prefix:]
+        return torch.cat([prefix, resample_patch_positions(patches, self.cfg.grid, grid)], dim=0)

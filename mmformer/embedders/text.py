@@ -1,0 +1,57 @@
+"""Token ids → token embeddings with positions (and BERT's segment embeddings and embedding norm).
+
+Shape legend: B batch, T tokens, D width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmformer.config import StackConfig, TextConfig
+from mmformer.layers.positions import AbsolutePositions
+
+
+class TextEmbedder(nn.Module):
+    """(B, T) ids → (B, T, D) tokens; shared by the text encoder and the decoder (whose LM head may tie to it)."""
+
+    def __init__(self, cfg: TextConfig, stack: StackConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tokens = nn.Embedding(cfg.vocab_size, stack.width)
+        nn.init.normal_(self.tokens.weight, std=0.02)
+        self.positions = (
+            None
+            if cfg.position == "none"
+            else AbsolutePositions(cfg.position, cfg.max_length, stack.width, what="text")
+        )
+        self.segments = nn.Embedding(cfg.n_segments, stack.width) if cfg.n_segments else None
+        self.norm = nn.LayerNorm(stack.width, eps=cfg.embed_norm_eps) if cfg.embed_norm else None
+        self.drop = nn.Dropout(stack.dropout)
+
+    def check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids: expected a LongTensor (B, T), got {type(input_ids).__name__}")
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids: expected shape (B, T), got {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids: expected integer token ids, got {input_ids.dtype}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids: expected at least one token per row, got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask: expected the shape of input_ids {tuple(input_ids.shape)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+
+    def forward(
+        self, input_ids: torch.Tensor, *, offset: int = 0, segment_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = self.tokens(input_ids)
+        if self.positions is not None:
+            x = self.positions(x, offset)
+        if self.segments is not None:
+            x = x + self.segments(segment_ids if segment_ids is not None else torch.zeros_like(input_ids))
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.drop(x)

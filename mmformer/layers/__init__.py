@@ -1,0 +1,35 @@
+"""Transformer building blocks: attention, positions, norms, MLPs, blocks and stacks."""
+
+from mmformer.layers.attention import Attention, reference_attention
+from mmformer.layers.block import Block, DropPath, Stack
+from mmformer.layers.cache import KVCache
+from mmformer.layers.mlp import MixtureOfExperts, Mlp, QuickGELU, make_mlp
+from mmformer.layers.norms import make_norm
+from mmformer.layers.positions import (
+    AbsolutePositions,
+    RotaryEmbedding,
+    alibi_bias,
+    alibi_slopes,
+    resample_patch_positions,
+    sinusoids,
+)
+
+__all__ = [
+    "AbsolutePositions",
+    "Attention",
+    "Block",
+    "DropPath",
+    "KVCache",
+    "MixtureOfExperts",
+    "Mlp",
+    "QuickGELU",
+    "RotaryEmbedding",
+    "Stack",
+    "alibi_bias",
+    "alibi_slopes",
+    "make_mlp",
+    "make_norm",
+    "reference_attention",
+    "resample_patch_positions",
+    "sinusoids",
+]

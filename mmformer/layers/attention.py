@@ -1,0 +1,181 @@
+"""Self- and cross-attention through ``F.scaled_dot_product_attention`` (fused flash / memory-efficient kernels).
+
+Mask convention, used everywhere in mmformer: a boolean key-padding mask (B, S) with True = a real token that may be
+attended to. Causal attention assumes right padding (real tokens first), the layout every mmformer tokenizer and
+collator produces; then ``is_causal`` alone is exact for every real position and no (T, S) mask is built.
+
+Shape legend: B batch, T query tokens, S key tokens, D width, nh query heads, nkv key/value heads, hs head size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmformer.config import StackConfig
+from mmformer.layers.cache import KVCache
+from mmformer.layers.norms import make_norm
+from mmformer.layers.positions import RotaryEmbedding, alibi_bias, alibi_slopes
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Naive ``softmax(QKᵀ/√hs + bias + mask) V`` that materialises the (T, S) scores. For tests only.
+
+    q (B, nh, T, hs); k, v (B, nkv, S, hs); mask (B, S) key padding; bias broadcastable to (B, nh, T, S).
+    Queries are the last T of S positions when causal.
+    """
+    nh, nkv = q.shape[1], k.shape[1]
+    k = k.repeat_interleave(nh // nkv, dim=1)
+    v = v.repeat_interleave(nh // nkv, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, nh, T, S)
+    if bias is not None:
+        scores = scores + bias
+    T, S = scores.shape[-2:]
+    allowed = torch.ones(T, S, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = allowed.tril(diagonal=S - T)
+    if mask is not None:
+        allowed = allowed & mask[:, None, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def _right_padded(mask: torch.Tensor) -> bool:
+    """True when every row is real tokens followed only by padding."""
+    return not bool((mask[:, 1:] & ~mask[:, :-1]).any())
+
+
+class Attention(nn.Module):
+    """Multi-head, multi-query or grouped-query attention over the input itself or over a memory.
+
+    Self-attention projects q, k and v with one fused linear layer; cross-attention projects q from the input and
+    k, v (fused) from the memory, once per memory when a :class:`KVCache` is given.
+    """
+
+    def __init__(self, cfg: StackConfig, cross: bool = False):
+        super().__init__()
+        self.cross = cross
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        if cross:
+            self.q = nn.Linear(cfg.width, q_dim, bias=cfg.bias)
+            self.kv = nn.Linear(cfg.width, 2 * kv_dim, bias=cfg.bias)
+        else:
+            self.qkv = nn.Linear(cfg.width, q_dim + 2 * kv_dim, bias=cfg.bias)
+        self.proj = nn.Linear(q_dim, cfg.width, bias=cfg.bias)
+        self.q_norm = make_norm(cfg.norm, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg.norm, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.attn_dropout = cfg.attn_dropout
+        relative = "none" if cross else cfg.position
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta) if relative == "rope" else None
+        if relative == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_heads), persistent=False)
+        else:
+            self.alibi_slopes = None
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, hs)
+
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, nkv, S, hs) of a cross-attention memory (B, S, D)."""
+        k, v = self.kv(memory).chunk(2, dim=-1)
+        k = self._heads(k, self.n_kv_heads)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return k, self._heads(v, self.n_kv_heads)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        memory: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        """Attend from x (B, T, D).
+
+        Args:
+            mask: key padding (B, S), True = real; for cross-attention it masks the memory.
+            causal: queries see only earlier keys (self-attention only).
+            memory: (B, S, D) keys/values source for cross-attention; may be None after the cache holds them.
+            cache: incremental decoding state; self-attention appends to it, cross-attention fills it once.
+            layer: this block's index in the cache.
+        """
+        B, T, _ = x.shape
+        offset = cache.length if cache is not None and not self.cross else 0
+        if self.cross:
+            q = self._heads(self.q(x), self.n_heads)
+            if cache is not None and cache.cross[layer] is not None:
+                k, v = cache.cross[layer]
+            else:
+                if memory is None:
+                    raise ValueError("cross-attention needs `memory` (B, S, D) on the first call")
+                k, v = self.project_memory(memory)
+                if cache is not None:
+                    cache.cross[layer] = (k, v)
+            causal = False
+        else:
+            q, k, v = self.qkv(x).split(
+                [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim],
+                dim=-1,
+            )
+            q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            if self.rope is not None:
+                k = self.rope(k, offset)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.rope is not None:
+            q = self.rope(q, offset)
+        if cache is not None and not self.cross:
+            k, v = cache.append(layer, k, v)
+
+        attn_mask, is_causal = self._mask(mask, causal, T, k.shape[2], x.device)
+        if self.alibi_slopes is not None:
+            bias = alibi_bias(self.alibi_slopes, T, k.shape[2], causal).to(q.dtype)  # (nh, T, S)
+            allowed = attn_mask if attn_mask is not None else torch.ones(1, 1, 1, 1, dtype=torch.bool, device=x.device)
+            if is_causal:
+                allowed = allowed & torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril()
+            attn_mask, is_causal = bias.masked_fill(~allowed, float("-inf")), False
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=is_causal,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, nh, T, hs)
+        return self.proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    @staticmethod
+    def _mask(
+        mask: torch.Tensor | None, causal: bool, T: int, S: int, device: torch.device
+    ) -> tuple[torch.Tensor | None, bool]:
+        """Turn a key-padding mask and causality into SDPA's (attn_mask, is_causal) without a (T, S) mask when
+        the fused ``is_causal`` path is exact."""
+        if mask is not None and bool(mask.all()):
+            mask = None  # nothing padded: let SDPA pick the fastest kernel
+        if causal and T == 1:
+            causal = False  # one new query after the cache sees every cached key
+        if causal and (mask is None or _right_padded(mask)) and T == S:
+            return None, True
+        allowed = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S)
+        if causal:
+            tril = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)  # queries are the last T
+            allowed = tril if allowed is None else allowed & tril
+        return allowed, False

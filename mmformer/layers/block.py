@@ -1,0 +1,152 @@
+"""Transformer block and stack: every architecture knob comes from :class:`~mmformer.config.StackConfig`.
+
+Shape legend: B batch, T tokens, S memory tokens, D width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mmformer.config import StackConfig
+from mmformer.layers.attention import Attention
+from mmformer.layers.cache import KVCache
+from mmformer.layers.mlp import MixtureOfExperts, make_mlp
+from mmformer.layers.norms import make_norm
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample while training, rescaling the survivors."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Sublayer(nn.Module):
+    """One residual branch (attention, cross-attention or MLP) with the configured norm placement.
+
+    pre:      x + f(norm(x))                 post: norm(x + f(x))
+    sandwich: x + norm_out(f(norm(x)))
+    """
+
+    def __init__(self, cfg: StackConfig, fn: nn.Module, drop_path: float):
+        super().__init__()
+        self.placement = cfg.norm_placement
+        self.fn = fn
+        self.norm = make_norm(cfg.norm, cfg.width, cfg.norm_eps)
+        self.norm_out = make_norm(cfg.norm, cfg.width, cfg.norm_eps) if cfg.norm_placement == "sandwich" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.placement == "post":
+            return self.norm(x + self.drop_path(self.drop(self.fn(x, **kwargs))))
+        h = self.fn(self.norm(x), **kwargs)
+        if self.norm_out is not None:
+            h = self.norm_out(h)
+        return x + self.drop_path(self.drop(h))
+
+
+class MultiwayMlp(nn.Module):
+    """One MLP per listed modality behind shared attention (VLMo / BEiT-3); other modalities share ``shared``."""
+
+    def __init__(self, cfg: StackConfig):
+        super().__init__()
+        self.shared = make_mlp(cfg)
+        self.experts = nn.ModuleDict({m: make_mlp(cfg) for m in cfg.multiway})
+
+    def forward(self, x: torch.Tensor, modality: str = "text") -> torch.Tensor:
+        return self.experts[modality](x) if modality in self.experts else self.shared(x)
+
+
+class Block(nn.Module):
+    """Self-attention, an optional cross-attention sublayer (used only when memory is given), then the MLP —
+    sequential, or attention and MLP in parallel from one norm."""
+
+    def __init__(self, cfg: StackConfig, drop_path: float = 0.0):
+        super().__init__()
+        self.parallel = cfg.parallel
+        self.multiway = bool(cfg.multiway)
+        self.attn = Sublayer(cfg, Attention(cfg), drop_path)
+        self.cross_attn = Sublayer(cfg, Attention(cfg, cross=True), drop_path) if cfg.cross_attention else None
+        mlp = MultiwayMlp(cfg) if cfg.multiway else make_mlp(cfg)
+        if cfg.parallel:
+            self.mlp = mlp
+            self.drop = nn.Dropout(cfg.dropout)
+        else:
+            self.mlp = Sublayer(cfg, mlp, drop_path)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        modality: str = "text",
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        memory: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        mlp_kwargs = {"modality": modality} if self.multiway else {}
+        if self.parallel:
+            attn = self.attn
+            h = attn.norm(x)
+            out = attn.fn(h, mask=mask, causal=causal, cache=cache, layer=layer) + self.mlp(h, **mlp_kwargs)
+            return x + attn.drop_path(self.drop(out))
+        x = self.attn(x, mask=mask, causal=causal, cache=cache, layer=layer)
+        if self.cross_attn is not None and (
+            memory is not None or (cache is not None and cache.cross[layer] is not None)
+        ):
+            x = self.cross_attn(x, mask=memory_mask, memory=memory, cache=cache, layer=layer)
+        return self.mlp(x, **mlp_kwargs)
+
+
+class Stack(nn.Module):
+    """Blocks with linearly increasing drop-path and an optional final norm."""
+
+    def __init__(self, cfg: StackConfig):
+        super().__init__()
+        self.cfg = cfg
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
+        self.norm = make_norm(cfg.norm, cfg.width, cfg.norm_eps) if cfg.final_norm else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        modality: str = "text",
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        memory: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Run x (B, T, D) through every block; with a cache, x holds only the new tokens."""
+        kwargs = dict(modality=modality, mask=mask, causal=causal, memory=memory, memory_mask=memory_mask, cache=cache)
+        for i, block in enumerate(self.blocks):
+            if self.cfg.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, layer=i, use_reentrant=False, **kwargs)
+            else:
+                x = block(x, layer=i, **kwargs)
+        if cache is not None:
+            cache.advance(x.shape[1])
+        return self.norm(x)
+
+    def make_cache(self, batch_size: int, max_length: int, *, device=None, dtype=torch.float32) -> KVCache:
+        c = self.cfg
+        return KVCache(c.depth, batch_size, c.n_kv_heads, c.head_dim, max_length, device=device, dtype=dtype)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the mixture-of-experts load-balancing losses of the last forward (0 without experts)."""
+        losses = [m.aux_loss for m in self.modules() if isinstance(m, MixtureOfExperts)]
+        return torch.stack(losses).sum() if losses else torch.zeros(())

@@ -1,0 +1,101 @@
+"""Position schemes: absolute (learned, sinusoidal, 2-D learned patch grids) added to tokens, and relative
+(RoPE on queries/keys, ALiBi as an attention bias) applied inside attention.
+
+Shape legend: B batch, T tokens, D width, nh heads, hs head size, S key length, gh×gw patch grid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sinusoids(length: int, dim: int, max_timescale: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal table (length, dim): [sin | cos] halves with geometric timescales, as in Whisper's encoder."""
+    if dim % 2:
+        raise ValueError(f"sinusoidal positions need an even width, got {dim}")
+    increment = math.log(max_timescale) / (dim // 2 - 1)
+    inv_timescales = torch.exp(-increment * torch.arange(dim // 2, dtype=torch.float64))
+    scaled = torch.arange(length, dtype=torch.float64)[:, None] * inv_timescales[None, :]
+    return torch.cat([scaled.sin(), scaled.cos()], dim=1).float()
+
+
+class AbsolutePositions(nn.Module):
+    """A position table added to the tokens: learned (trainable) or sinusoidal (a fixed buffer)."""
+
+    def __init__(self, kind: str, length: int, dim: int, *, what: str = "sequence"):
+        super().__init__()
+        self.kind, self.length, self.what = kind, length, what
+        if kind == "learned":
+            self.weight = nn.Parameter(torch.randn(length, dim) * 0.02)
+        elif kind == "sinusoidal":
+            self.register_buffer("weight", sinusoids(length, dim), persistent=False)
+        else:
+            raise ValueError(f"position must be 'learned' or 'sinusoidal', got {kind!r}")
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Add positions offset … offset+T-1 to x (B, T, D)."""
+        end = offset + x.shape[1]
+        if end > self.length:
+            raise ValueError(
+                f"{self.what} length {end} exceeds the position table ({self.length} positions); "
+                f"truncate the input or build the model with a longer {self.what} length"
+            )
+        return x + self.weight[offset:end].to(x.dtype)
+
+
+def resample_patch_positions(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resampling of a 2-D learned patch table (gh*gw, D) to another grid, as timm and open_clip do."""
+    if tuple(old_grid) == tuple(new_grid):
+        return pos
+    dim = pos.shape[-1]
+    grid = pos.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)  # (1, D, gh, gw)
+    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False, antialias=True)
+    return grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], dim).to(pos.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (rotate-half form, as GPT-NeoX and LLaMA) on queries and keys; offset continues a KV cache."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Rotate x (B, nh, T, hs) by the angles of positions offset … offset+T-1."""
+        t = torch.arange(offset, offset + x.shape[-2], device=x.device, dtype=torch.float32)
+        angles = torch.outer(t, self.inv_freq)  # (T, hs/2)
+        cos = angles.cos().repeat(1, 2).to(x.dtype)  # (T, hs)
+        sin = angles.sin().repeat(1, 2).to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Per-head ALiBi slopes (Press et al. 2022): 2^(-8i/n) for n a power of two, else interleaved extras."""
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start**i for i in range(1, n + 1)]
+
+    if math.log2(n_heads).is_integer():
+        return torch.tensor(power_of_two(n_heads))
+    closest = 2 ** math.floor(math.log2(n_heads))
+    extra = power_of_two(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(power_of_two(closest) + extra)
+
+
+def alibi_bias(slopes: torch.Tensor, q_len: int, k_len: int, causal: bool) -> torch.Tensor:
+    """ALiBi bias (nh, T, S): -slope * distance between a query and a key.
+
+    Queries are the last ``q_len`` of ``k_len`` positions (a KV cache puts them at the end). Causal attention uses
+    the paper's ``-slope * (i - j)`` for j ≤ i; bidirectional attention uses the symmetric ``-slope * |i - j|``.
+    """
+    q_pos = torch.arange(k_len - q_len, k_len, device=slopes.device)[:, None]
+    k_pos = torch.arange(k_len, device=slopes.device)[None, :]
+    distance = (q_pos - k_pos).abs() if not causal else (q_pos - k_pos).clamp(min=0)
+    return -slopes[:, None, None] * distance.to(slopes.dtype)

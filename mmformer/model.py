@@ -1,0 +1,266 @@
+"""MultimodalTransformer: modality embedders → routed stacks → pooling and projection heads, plus a causal text
+decoder that cross-attends to image or audio tokens.
+
+Shape legend: B batch, Np image patch tokens, N audio frame tokens, T text tokens, S memory tokens, D width,
+E joint embedding size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmformer.config import MODALITIES, ModelConfig
+from mmformer.embedders import AudioEmbedder, ImageEmbedder, TextEmbedder
+from mmformer.layers.block import Stack
+from mmformer.layers.cache import KVCache
+
+
+class MultimodalTransformer(nn.Module):
+    """Images, audio and text through one shared stack (by default) or through separate stacks (routes).
+
+    ``encode_*`` return pooled, projected and (by default) L2-normalised embeddings for contrastive use;
+    ``encode_*_tokens`` return the token states a decoder cross-attends to; :meth:`decode` runs the causal text
+    decoder to LM logits. Generation lives in :mod:`mmformer.generation`; training in :mod:`mmformer.tasks`.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config: expected mmformer.ModelConfig, got {type(config).__name__}")
+        self.config = config
+        routes = config.routes
+        self.stacks = nn.ModuleDict({name: Stack(cfg) for name, cfg in config.stacks.items()})
+        stack_cfg = lambda route: config.stacks[routes[route]]  # noqa: E731
+        self.image_embed = ImageEmbedder(config.image, stack_cfg("image")) if "image" in routes else None
+        self.audio_embed = AudioEmbedder(config.audio, stack_cfg("audio")) if "audio" in routes else None
+        text_route = "text" if "text" in routes else "decoder" if "decoder" in routes else None
+        self.text_embed = TextEmbedder(config.text, stack_cfg(text_route)) if text_route else None
+
+        def projection(route: str) -> nn.Module | None:
+            if route not in routes:
+                return None
+            if config.embed_dim is None:
+                return nn.Identity()
+            return nn.Linear(config.width(route), config.embed_dim, bias=config.projection_bias)
+
+        self.image_proj, self.audio_proj, self.text_proj = (projection(m) for m in MODALITIES)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+        self.logit_bias = None if config.logit_bias_init is None else nn.Parameter(torch.tensor(config.logit_bias_init))
+        self.lm_head = None
+        if "decoder" in routes:
+            self.lm_head = nn.Linear(config.width("decoder"), config.text.vocab_size, bias=False)
+            if config.tie_lm_head:
+                self.lm_head.weight = self.text_embed.tokens.weight
+        self.ctc_head = nn.Linear(config.width("audio"), config.text.vocab_size) if config.ctc_head else None
+
+    # ---------------------------------------------------------------- token states
+    def stack(self, route: str) -> Stack:
+        if route not in self.config.routes:
+            raise ValueError(f"this model has no {route!r} route; its routes are {sorted(self.config.routes)}")
+        return self.stacks[self.config.routes[route]]
+
+    def _embedder(self, modality: str) -> nn.Module:
+        embedder = getattr(self, f"{modality}_embed")
+        if embedder is None or modality not in self.config.routes:
+            raise ValueError(f"this model has no {modality} encoder; its routes are {sorted(self.config.routes)}")
+        return embedder
+
+    def encode_image_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """(B, C, H, W) → image token states (B, Np, D) and no mask."""
+        x, mask = self._embedder("image")(pixel_values)
+        return self.stack("image")(x, modality="image"), mask
+
+    def encode_audio_tokens(
+        self,
+        audio: torch.Tensor | None = None,
+        audio_lengths: torch.Tensor | None = None,
+        *,
+        audio_features: torch.Tensor | None = None,
+        feature_lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Waveforms (B, S) or log-mel (B, M, frames) → audio token states (B, N, D) and a (B, N) mask."""
+        if (audio is None) == (audio_features is None):
+            raise ValueError("pass exactly one of `audio` (waveforms) and `audio_features` (log-mel)")
+        x, mask = self._embedder("audio")(
+            audio, audio_lengths, features=audio_features, feature_lengths=feature_lengths
+        )
+        return self.stack("audio")(x, modality="audio", mask=mask), mask
+
+    def encode_text_tokens(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids (B, T) → text token states (B, T, D); causal when the text config says so (CLIP)."""
+        embed = self._embedder("text")
+        embed.check(input_ids, attention_mask)
+        self._check_ids(input_ids)
+        x = embed(input_ids, segment_ids=segment_ids)
+        mask = None if attention_mask is None else attention_mask.bool()
+        return self.stack("text")(x, modality="text", mask=mask, causal=self.config.text.causal), mask
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        vocab = self.config.text.vocab_size
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+            raise ValueError(
+                f"input_ids: expected token ids in [0, {vocab}), got min {int(input_ids.min())}, "
+                f"max {int(input_ids.max())}"
+            )
+
+    # ---------------------------------------------------------------- pooled embeddings
+    @staticmethod
+    def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None:
+            return x.mean(dim=1)
+        m = mask[..., None].to(x.dtype)
+        return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
+
+    def _finish(self, pooled: torch.Tensor, proj: nn.Module, normalize: bool) -> torch.Tensor:
+        out = proj(pooled)
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(B, C, H, W) normalised pixels → (B, E) image embeddings."""
+        x, _ = self.encode_image_tokens(pixel_values)
+        pooled = x[:, 0] if self.config.image.pool == "cls" else self._masked_mean(x, None)
+        return self._finish(pooled, self.image_proj, normalize)
+
+    def encode_audio(
+        self,
+        audio: torch.Tensor | None = None,
+        audio_lengths: torch.Tensor | None = None,
+        *,
+        audio_features: torch.Tensor | None = None,
+        feature_lengths: torch.Tensor | None = None,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        """Waveforms (B, S) with sample counts (B,), or log-mel features → (B, E) audio embeddings."""
+        x, mask = self.encode_audio_tokens(
+            audio, audio_lengths, audio_features=audio_features, feature_lengths=feature_lengths
+        )
+        return self._finish(self._masked_mean(x, mask), self.audio_proj, normalize)
+
+    def encode_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        normalize: bool = True,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token ids (B, T) with mask (B, T) → (B, E) text embeddings."""
+        x, mask = self.encode_text_tokens(input_ids, attention_mask, segment_ids)
+        pool = self.config.text.pool
+        if pool == "mean":
+            pooled = self._masked_mean(x, mask)
+        elif pool == "cls":
+            pooled = x[:, 0]
+        else:
+            pooled = x[torch.arange(x.shape[0], device=x.device), self.eot_positions(input_ids, mask)]
+        return self._finish(pooled, self.text_proj, normalize)
+
+    def eot_positions(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Per row, the first end-of-text token; rows without one use their last real token."""
+        T = input_ids.shape[1]
+        last = (
+            (mask.long().sum(dim=1) - 1).clamp(min=0) if mask is not None else torch.full_like(input_ids[:, 0], T - 1)
+        )
+        eos = self.config.text.eos_id
+        if eos is None:
+            return last
+        is_eos = input_ids == eos
+        first = torch.where(is_eos.any(dim=1), is_eos.long().argmax(dim=1), last)
+        return first
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        audio: torch.Tensor | None = None,
+        audio_lengths: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Embeddings of whatever is given, plus ``logit_scale`` (already exponentiated) as in open_clip."""
+        out: dict[str, torch.Tensor] = {}
+        if pixel_values is not None:
+            out["image_features"] = self.encode_image(pixel_values)
+        if audio is not None:
+            out["audio_features"] = self.encode_audio(audio, audio_lengths)
+        if input_ids is not None:
+            out["text_features"] = self.encode_text(input_ids, attention_mask)
+        out["logit_scale"] = self.logit_scale.exp()
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
+
+    # ---------------------------------------------------------------- decoder
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        memory: torch.Tensor | None,
+        memory_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Causal decoder: ids (B, T) reading memory (B, S, D) → logits (B, T, V).
+
+        With a cache, ``input_ids`` are only the new tokens; memory may be None once the cache holds its keys.
+        """
+        if self.lm_head is None:
+            raise ValueError(f"this model has no decoder; its routes are {sorted(self.config.routes)}")
+        self.text_embed.check(input_ids, attention_mask)
+        self._check_ids(input_ids)
+        offset = cache.length if cache is not None else 0
+        x = self.text_embed(input_ids, offset=offset)
+        mask = None if attention_mask is None else attention_mask.bool()
+        h = self.stack("decoder")(
+            x, modality="text", mask=mask, causal=True, memory=memory, memory_mask=memory_mask, cache=cache
+        )
+        return h if return_hidden else self.lm_head(h)
+
+    def make_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
+        """A preallocated KV cache for the decoder stack."""
+        ref = self.text_embed.tokens.weight
+        length = max_length or self.config.text.max_length
+        return self.stack("decoder").make_cache(batch_size, length, device=ref.device, dtype=ref.dtype)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Mixture-of-experts load-balancing loss of the last forward pass (0 without experts)."""
+        return sum((s.aux_loss() for s in self.stacks.values()), torch.zeros(()))
+
+    # ---------------------------------------------------------------- pretrained I/O and generation
+    def save_pretrained(self, directory: str | os.PathLike, processor: Any = None) -> None:
+        """Write config.json + model.safetensors (and the processor's files) into ``directory``, atomically."""
+        from mmformer.pretrained import save_pretrained
+
+        save_pretrained(self, directory, processor=processor)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> MultimodalTransformer:
+        from mmformer.pretrained import load_pretrained
+
+        return load_pretrained(path, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Token ids (B, T) decoded from images or audio; see :func:`mmformer.generation.generate`."""
+        from mmformer.generation import generate
+
+        return generate(self, *args, **kwargs)
+
+    def caption(self, images: Any, processor: Any = None, **decoding: Any) -> list[str]:
+        """Captions for images (pixel tensors, or anything the processor accepts)."""
+        from mmformer.generation import caption
+
+        return caption(self, images, processor=processor, **decoding)
+
+    def transcribe(self, waveforms: Any, sample_rate: int = 16000, processor: Any = None, **decoding: Any) -> list[str]:
+        """Transcripts of waveforms (or audio file paths)."""
+        from mmformer.generation import transcribe
+
+        return transcribe(self, waveforms, sample_rate=sample_rate, processor=processor, **decoding)
