@@ -27,7 +27,26 @@ _EXPORTS = {
 }
 _SUBMODULES = {"convert", "data", "layers", "embedders", "generation", "tasks"}
 
-__all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
+__all__ = [
+    "AudioConfig",
+    "ImageConfig",
+    "KVCache",
+    "ModelConfig",
+    "MultimodalTransformer",
+    "Processor",
+    "StackConfig",
+    "TextConfig",
+    "Tokenizer",
+    "ZeroShotClassifier",
+    "convert",
+    "data",
+    "embedders",
+    "generation",
+    "layers",
+    "load_pretrained",
+    "save_pretrained",
+    "tasks",
+]
 
 if TYPE_CHECKING:
     from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
