@@ -1,0 +1,68 @@
+"""Batching samples (plain dicts) into model inputs.
+
+A sample is ``{"image": (C, H, W), "audio": (S,), "text": str, "label": int, "source": str}`` with any of the
+first four absent. Bad samples arrive as ``None`` (see :mod:`mmformer.data.skipping`) and are dropped here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from mmformer.tokenizer import Tokenizer
+
+FIELDS = ("image", "audio", "text", "label")
+
+
+def pad_audio(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad waveforms (..., S_i) with zeros to the longest → ``(B, ..., S_max)`` and lengths ``(B,)`` long."""
+    lengths = torch.tensor([w.shape[-1] for w in waves], dtype=torch.long)
+    out = waves[0].new_zeros((len(waves), *waves[0].shape[:-1], int(lengths.max())))  # (B, ..., S_max)
+    for i, w in enumerate(waves):
+        out[i, ..., : w.shape[-1]] = w
+    return out, lengths
+
+
+class Collator:
+    """``DataLoader`` ``collate_fn``: drops ``None`` samples, stacks images, pads audio, tokenizes text.
+
+    Output keys, each present when the samples carry that field:
+    ``pixel_values`` (B, C, H, W); ``audio`` (B, S) + ``audio_lengths`` (B,); ``input_ids`` (B, T) +
+    ``attention_mask`` (B, T) bool (True = real token) + ``text`` list[str]; ``label`` (B,) long; and always
+    ``source`` list[str]. Returns ``None`` when every sample of the batch was bad.
+
+    Args:
+        tokenizer: tokenizes ``text``; without one, texts are passed through as strings only.
+        text_max_length: truncate texts to this many tokens (default: the tokenizer's ``max_length``).
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None = None, text_max_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.text_max_length = text_max_length
+
+    def __call__(self, samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+        samples = [s for s in samples if s is not None]
+        if not samples:
+            return None
+        present = [f for f in FIELDS if f in samples[0]]
+        for s in samples[1:]:
+            if [f for f in FIELDS if f in s] != present:
+                raise ValueError(
+                    f"samples of one batch must carry the same fields: {samples[0].get('source')} has {present}, "
+                    f"{s.get('source')} has {[f for f in FIELDS if f in s]}"
+                )
+        batch: dict[str, Any] = {"source": [s.get("source", "") for s in samples]}
+        if "image" in present:
+            batch["pixel_values"] = torch.stack([s["image"] for s in samples])  # (B, C, H, W)
+        if "audio" in present:
+            batch["audio"], batch["audio_lengths"] = pad_audio([s["audio"] for s in samples])
+        if "text" in present:
+            batch["text"] = [s["text"] for s in samples]
+            if self.tokenizer is not None:
+                tokens = self.tokenizer(batch["text"], max_length=self.text_max_length)
+                batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
+        if "label" in present:
+            batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+        return batch

@@ -1,0 +1,410 @@
+"""Inference preprocessing: raw images, waveforms and strings → the tensors the model takes.
+
+``Processor(images=..., audio=..., text=...)`` accepts what users have at hand (PIL images, tensors, numpy
+arrays, file paths, waveforms at any sample rate, strings) and returns a plain dict:
+
+    pixel_values    float (B, C, H, W), normalised
+    audio           float (B, S) mono waveform at ``audio.sample_rate``, right-padded with zeros
+    audio_lengths   long  (B,)  number of real samples per row
+    input_ids       long  (B, T) and attention_mask bool (B, T), True = real token (from the tokenizer)
+
+The same image pipeline (:meth:`Processor.image_transform`) and file loaders (:meth:`Processor.load_image`,
+:meth:`Processor.load_audio`) serve the training data sets in :mod:`mmformer.data`, so training and inference
+see identical pixels and waveforms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as v2
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from mmformer.data.collate import pad_audio
+from mmformer.data.io import read_audio, read_image, resample, write_json_atomic
+
+if TYPE_CHECKING:
+    from mmformer.tokenizer import Tokenizer
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CONFIG_NAME = "preprocessor_config.json"
+TOKENIZER_NAME = "tokenizer.json"
+_INTERPOLATION = {
+    "bicubic": v2.InterpolationMode.BICUBIC,
+    "bilinear": v2.InterpolationMode.BILINEAR,
+    "nearest": v2.InterpolationMode.NEAREST,
+}
+
+
+@dataclass
+class ImageProcessorConfig:
+    """How images become ``pixel_values``."""
+
+    image_size: int | tuple[int, int] = 224  # (H, W) of the output; an int means square
+    resize: Literal["shortest", "exact"] = "shortest"  # shortest: scale to cover + center crop (CLIP); exact: stretch
+    mean: tuple[float, ...] = CLIP_MEAN  # per channel, or one value for all channels
+    std: tuple[float, ...] = CLIP_STD
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    channels: int = 3  # 3 = RGB, 1 = grayscale
+
+    def __post_init__(self):
+        size = (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
+        if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+            raise ValueError(f"image_size: expected a positive int or (H, W); got {self.image_size!r}")
+        self.image_size = size
+        if self.resize not in ("shortest", "exact"):
+            raise ValueError(f"resize: expected 'shortest' or 'exact'; got {self.resize!r}")
+        if self.interpolation not in _INTERPOLATION:
+            raise ValueError(f"interpolation: expected one of {list(_INTERPOLATION)}; got {self.interpolation!r}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels: expected 1 (grayscale) or 3 (RGB); got {self.channels!r}")
+        self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+        if self.channels == 1 and (self.mean, self.std) == (CLIP_MEAN, CLIP_STD):
+            # the default RGB statistics, reduced to one channel, so that ImageProcessorConfig(channels=1) just works
+            self.mean, self.std = (sum(CLIP_MEAN) / 3,), (sum(CLIP_STD) / 3,)
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, self.channels):
+                raise ValueError(f"{name}: expected 1 or channels={self.channels} values; got {values}")
+        if min(self.std) <= 0:
+            raise ValueError(f"std: expected positive values; got {self.std}")
+
+
+@dataclass
+class AudioProcessorConfig:
+    """How waveforms are decoded, resampled and cut."""
+
+    sample_rate: int = 16000  # every waveform is resampled to this rate (Hz)
+    max_seconds: float | None = 30.0  # longer waveforms are truncated (with a warning); None = no limit
+    mono: bool = True  # average the channels of multi-channel files; False keeps them, audio is then (B, C, S)
+
+    def __post_init__(self):
+        if not isinstance(self.sample_rate, int) or self.sample_rate <= 0:
+            raise ValueError(f"sample_rate: expected a positive int (Hz); got {self.sample_rate!r}")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError(f"max_seconds: expected a positive number or None; got {self.max_seconds!r}")
+
+    @property
+    def max_samples(self) -> int | None:
+        return None if self.max_seconds is None else int(round(self.max_seconds * self.sample_rate))
+
+
+class _ToChannels:
+    """PIL image / (C, H, W) tensor → PIL image of mode RGB or L.
+
+    Every input goes through PIL, so that it is resized exactly as CLIP's preprocessing does and a tensor, an
+    array, a PIL image and a file of the same picture give the same pixels. Float tensors in [0, 1] are rounded
+    to 8 bits (what an image file holds) on the way.
+    """
+
+    def __init__(self, channels: int):
+        self.mode = "RGB" if channels == 3 else "L"
+
+    def __call__(self, img: Image.Image | torch.Tensor) -> Image.Image:
+        if isinstance(img, Image.Image):
+            return img.convert(self.mode)
+        if img.shape[-3] == 4:  # RGBA: drop alpha, as PIL's convert("RGB") does
+            img = img[..., :3, :, :]
+        if img.is_floating_point():
+            img = (img * 255).round_().to(torch.uint8)
+        return TF.to_pil_image(img).convert(self.mode)
+
+
+class _ResizeCover:
+    """Scale so the image covers (H, W), keeping its aspect ratio; a non-square generalisation of Resize(int)."""
+
+    def __init__(self, size: tuple[int, int], interpolation):
+        self.size, self.interpolation = size, interpolation
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        h, w = TF.get_size(img)
+        scale = max(self.size[0] / h, self.size[1] / w)
+        new = [max(self.size[0], round(h * scale)), max(self.size[1], round(w * scale))]
+        return TF.resize(img, new, interpolation=self.interpolation, antialias=True)
+
+
+def _as_list(value: Any, name: str, batch_dims: int) -> list:
+    """A list/tuple as is; a tensor/array with ``batch_dims`` dims split along dim 0; anything else as one item."""
+    batched = isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == batch_dims
+    if isinstance(value, (list, tuple)) or batched:
+        items = list(value)
+    else:
+        items = [value]
+    if not items:
+        raise ValueError(f"{name}: expected at least one item; got an empty {type(value).__name__}")
+    return items
+
+
+def _per_channel(values: tuple[float, ...], channels: int) -> list[float]:
+    return list(values) * (channels // len(values))
+
+
+def _from_dict(cls: type, values: dict[str, Any], where: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown settings {unknown}; expected some of {sorted(known)}")
+    return cls(**values)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return f"{type(x).__name__} of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
+
+
+class Processor:
+    """Tokenizer + image pipeline + audio loader, saved and loaded together.
+
+    Args:
+        tokenizer: the text tokenizer; required only when ``text`` is given.
+        image: image settings (defaults: 224×224, CLIP normalisation).
+        audio: audio settings (defaults: 16 kHz mono, at most 30 s).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer | None = None,
+        image: ImageProcessorConfig | None = None,
+        audio: AudioProcessorConfig | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.image = image if image is not None else ImageProcessorConfig()
+        self.audio = audio if audio is not None else AudioProcessorConfig()
+        self._transform = self.image_transform()
+
+    def __repr__(self) -> str:
+        return f"Processor(tokenizer={self.tokenizer!r}, image={self.image}, audio={self.audio})"
+
+    # ------------------------------------------------------------------ images
+    def image_transform(self) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
+        """PIL image or (C, H, W) tensor (uint8, or float in [0, 1]) → normalised float (C, H, W)."""
+        cfg = self.image
+        interpolation = _INTERPOLATION[cfg.interpolation]
+        h, w = cfg.image_size
+        if cfg.resize == "exact":
+            resize = [v2.Resize((h, w), interpolation=interpolation, antialias=True)]
+        elif h == w:  # exactly CLIP's Resize(int) + CenterCrop
+            resize = [v2.Resize(h, interpolation=interpolation, antialias=True), v2.CenterCrop((h, w))]
+        else:
+            resize = [_ResizeCover((h, w), interpolation), v2.CenterCrop((h, w))]
+        return v2.Compose(
+            [
+                _ToChannels(cfg.channels),
+                *resize,
+                v2.ToImage(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=_per_channel(cfg.mean, cfg.channels), std=_per_channel(cfg.std, cfg.channels)),
+                v2.ToPureTensor(),
+            ]
+        )
+
+    def load_image(self, source: str | os.PathLike | bytes, *, name: str | None = None) -> torch.Tensor:
+        """Decode an image file (path or bytes) and transform it → float (C, H, W).
+
+        Raises:
+            mmformer.data.SampleError: the file is missing or cannot be decoded; the message names it.
+        """
+        mode = "RGB" if self.image.channels == 3 else "L"
+        return self._transform(read_image(source, mode, name=name))
+
+    def _image_to_tensor(self, x: Any, where: str) -> Image.Image | torch.Tensor:
+        """One user image → PIL image or (C, H, W) tensor, checked; errors name ``where`` (e.g. ``images[2]``)."""
+        if isinstance(x, Image.Image):
+            return x
+        if isinstance(x, (str, os.PathLike)):
+            return read_image(x, "RGB" if self.image.channels == 3 else "L", name=str(x))
+        if isinstance(x, np.ndarray):
+            if x.ndim == 3 and x.shape[-1] in (1, 3, 4):
+                t = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)  # HWC → CHW
+            elif x.ndim == 2:
+                t = torch.from_numpy(np.ascontiguousarray(x))[None]  # HW → 1HW
+            else:
+                raise ValueError(
+                    f"{where}: expected a numpy image (H, W, C) with C in 1, 3, 4 or (H, W); got {_describe(x)}"
+                )
+        elif isinstance(x, torch.Tensor):
+            if x.ndim == 2:
+                t = x[None]
+            elif x.ndim == 3 and x.shape[0] in (1, 3, 4):
+                t = x
+            else:
+                raise ValueError(
+                    f"{where}: expected a tensor (C, H, W) with C in 1, 3, 4 or (H, W); got {_describe(x)}"
+                )
+            t = t.detach().cpu()
+        else:
+            raise TypeError(f"{where}: expected PIL image, tensor (C,H,W), numpy array or path; got {_describe(x)}")
+        if t.dtype == torch.uint8:
+            return t
+        if not t.is_floating_point():
+            raise TypeError(f"{where}: expected uint8 or float pixels; got {_describe(x)}")
+        t = t.float()
+        if t.numel() and (t.min() < 0 or t.max() > 1):
+            raise ValueError(
+                f"{where}: expected float pixels in [0, 1]; got values in [{t.min():.3g}, {t.max():.3g}] "
+                "(pass uint8 for 0-255 data)"
+            )
+        return t
+
+    def _process_images(self, images: Any) -> torch.Tensor:
+        items = _as_list(images, "images", batch_dims=4)
+        pixels = [self._transform(self._image_to_tensor(x, f"images[{i}]")) for i, x in enumerate(items)]
+        return torch.stack(pixels)  # (B, C, H, W)
+
+    # ------------------------------------------------------------------ audio
+    def _truncate(self, wave: torch.Tensor, where: str) -> torch.Tensor:
+        limit = self.audio.max_samples
+        if limit is not None and wave.shape[-1] > limit:
+            seconds = wave.shape[-1] / self.audio.sample_rate
+            warnings.warn(
+                f"{where}: {seconds:.1f} s of audio is longer than max_seconds={self.audio.max_seconds}; truncated",
+                stacklevel=3,
+            )
+            wave = wave[..., :limit]
+        return wave
+
+    def load_audio(self, source: str | os.PathLike | bytes, *, name: str | None = None) -> torch.Tensor:
+        """Decode an audio file (path or bytes) → float (S,) (or (C, S) when not mono) at ``audio.sample_rate``.
+
+        Raises:
+            mmformer.data.SampleError: the file is missing or cannot be decoded; the message names it.
+        """
+        wave, _ = read_audio(source, self.audio.sample_rate, mono=self.audio.mono, name=name)
+        return self._truncate(wave, name or str(source))
+
+    def _waveform(self, x: Any, where: str, sampling_rate: int | None) -> torch.Tensor:
+        if isinstance(x, (str, os.PathLike)):
+            wave, _ = read_audio(x, self.audio.sample_rate, mono=self.audio.mono, name=str(x))
+            return self._truncate(wave, f"{where} ({x})")
+        if not isinstance(x, (torch.Tensor, np.ndarray)):
+            raise TypeError(
+                f"{where}: expected a 1-D waveform (numpy array or tensor) or a file path; got {_describe(x)}"
+            )
+        if sampling_rate is None:
+            raise ValueError(
+                f"{where}: sampling_rate is required with waveform arrays (the rate they were recorded at; they are "
+                f"resampled to {self.audio.sample_rate} Hz); got sampling_rate=None"
+            )
+        wave = torch.as_tensor(x).detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+        expected = "(S,)" if self.audio.mono else "(S,) or (C, S)"
+        if wave.ndim != 1 and (self.audio.mono or wave.ndim != 2):
+            raise ValueError(f"{where}: expected a waveform {expected}; got {_describe(x)}")
+        if wave.shape[-1] == 0:
+            raise ValueError(f"{where}: expected a non-empty waveform; got {_describe(x)}")
+        if wave.dtype == torch.int16:
+            wave = wave.float() / 32768.0
+        elif wave.is_floating_point():
+            wave = wave.float()
+        else:
+            raise TypeError(f"{where}: expected float (or int16 PCM) samples; got {_describe(x)}")
+        if not torch.isfinite(wave).all():
+            raise ValueError(f"{where}: waveform contains NaN or infinite values")
+        if not self.audio.mono and wave.ndim == 1:
+            wave = wave[None]  # (1, S)
+        return self._truncate(resample(wave, sampling_rate, self.audio.sample_rate), where)
+
+    def _process_audio(self, audio: Any, sampling_rate: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if sampling_rate is not None and (not isinstance(sampling_rate, int) or sampling_rate <= 0):
+            raise ValueError(f"sampling_rate: expected a positive int (Hz); got {sampling_rate!r}")
+        items = _as_list(audio, "audio", batch_dims=2 if self.audio.mono else 3)
+        return pad_audio([self._waveform(x, f"audio[{i}]", sampling_rate) for i, x in enumerate(items)])
+
+    # ------------------------------------------------------------------ text
+    def _process_text(self, text: Any, max_length: int | None) -> dict[str, torch.Tensor]:
+        if self.tokenizer is None:
+            raise ValueError("text: this Processor has no tokenizer; create it with Processor(tokenizer=...)")
+        items = [text] if isinstance(text, str) else _as_list(text, "text", batch_dims=-1)
+        for i, t in enumerate(items):
+            if not isinstance(t, str):
+                raise TypeError(f"text[{i}]: expected str; got {_describe(t)}")
+        out = self.tokenizer(items, max_length=max_length)
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    def __call__(
+        self,
+        images: Any = None,
+        audio: Any = None,
+        text: str | Sequence[str] | None = None,
+        *,
+        sampling_rate: int | None = None,
+        text_max_length: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Preprocess any combination of images, audio and text into one batch dict.
+
+        Args:
+            images: PIL images, tensors (C, H, W) uint8 or float in [0, 1], numpy (H, W, C)/(H, W) arrays or
+                file paths; a list, or a single item (a batch of one), or a (B, C, H, W) tensor.
+            audio: waveforms (S,) recorded at ``sampling_rate``, or audio file paths; a list, a single item, or a
+                (B, S) array.
+            text: strings.
+            sampling_rate: the rate of waveform arrays in ``audio`` (file paths carry their own rate).
+            text_max_length: truncate texts to this many tokens (default: the tokenizer's ``max_length``).
+
+        Returns:
+            ``pixel_values`` (B, C, H, W); ``audio`` (B, S) and ``audio_lengths`` (B,); ``input_ids`` and
+            ``attention_mask`` (B, T) — each present when its input was given.
+        """
+        if images is None and audio is None and text is None:
+            raise ValueError("Processor: expected at least one of images=, audio=, text=; got none")
+        out: dict[str, torch.Tensor] = {}
+        if images is not None:
+            out["pixel_values"] = self._process_images(images)
+        if audio is not None:
+            out["audio"], out["audio_lengths"] = self._process_audio(audio, sampling_rate)
+        if text is not None:
+            out.update(self._process_text(text, text_max_length))
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "processor_class": "Processor",
+            "image": dataclasses.asdict(self.image),
+            "audio": dataclasses.asdict(self.audio),
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``preprocessor_config.json`` (and ``tokenizer.json`` if there is a tokenizer) into ``directory``.
+
+        Each file is written to a temporary name and moved into place, so an interrupted save never leaves a
+        half-written file; other files in the directory are left alone.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save(directory / TOKENIZER_NAME)  # atomic itself
+        write_json_atomic(directory / CONFIG_NAME, self.to_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> Processor:
+        """Load what :meth:`save_pretrained` wrote (a missing ``preprocessor_config.json`` means defaults)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(
+                f"directory: expected a folder with {CONFIG_NAME}/{TOKENIZER_NAME}; got {directory}"
+            )
+        config_path = directory / CONFIG_NAME
+        if config_path.is_file():
+            config = json.loads(config_path.read_text())
+            image = _from_dict(ImageProcessorConfig, config.get("image", {}), f"{config_path}: image")
+            audio = _from_dict(AudioProcessorConfig, config.get("audio", {}), f"{config_path}: audio")
+        else:
+            warnings.warn(f"{config_path} not found; using the default image and audio settings", stacklevel=2)
+            image, audio = ImageProcessorConfig(), AudioProcessorConfig()
+        tokenizer = None
+        if (directory / TOKENIZER_NAME).is_file():
+            from mmformer.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_file(directory / TOKENIZER_NAME)
+        return cls(tokenizer=tokenizer, image=image, audio=audio)

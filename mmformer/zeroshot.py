@@ -1,0 +1,344 @@
+"""Zero-shot classification with a contrastive model, as in CLIP.
+
+Each class name is put into prompt templates ("a photo of a {}."); the class embedding is the normalised mean of
+the normalised text embeddings of its prompts (prompt ensembling). An image or a waveform then belongs to the class
+whose embedding is most similar: ``logits = logit_scale.exp() * features @ class_embeddings.T``.
+
+Shape legend: B inputs, C classes, K templates, E joint embedding size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mmformer.model import MultimodalTransformer
+
+if TYPE_CHECKING:
+    from mmformer.processor import Processor
+    from mmformer.tokenizer import Tokenizer
+
+Template = str | Callable[[str], str]
+MODALITIES = ("image", "audio")
+
+
+# ---------------------------------------------------------------------------------------------------- functions
+def check_classnames(classnames: Any) -> list[str]:
+    """Class names as a list, or a clear error: empty, not strings, blank or duplicated names."""
+    if isinstance(classnames, str) or not isinstance(classnames, Sequence):
+        raise TypeError(f"classnames: expected a list of class names (str), got {type(classnames).__name__}")
+    names = list(classnames)
+    if not names:
+        raise ValueError("classnames: expected at least one class name, got an empty list")
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise TypeError(f"classnames[{i}]: expected str, got {type(name).__name__}")
+        if not name.strip():
+            raise ValueError(f"classnames[{i}]: expected a non-blank class name, got {name!r}")
+    duplicated = sorted(name for name, n in Counter(names).items() if n > 1)
+    if duplicated:
+        raise ValueError(f"classnames: expected distinct names, got duplicates {duplicated}")
+    return names
+
+
+def check_templates(templates: Any) -> list[Template]:
+    """Templates as a list (a single string is one template); each holds ``{}`` or is a callable."""
+    if isinstance(templates, str) or callable(templates):
+        templates = [templates]
+    if not isinstance(templates, Sequence) or not templates:
+        raise ValueError(
+            f"templates: expected a non-empty list of prompt templates such as 'a photo of a {{}}.', got {templates!r}"
+        )
+    for i, t in enumerate(templates):
+        if isinstance(t, str):
+            if "{}" not in t:
+                raise ValueError(
+                    f"templates[{i}]: expected a template with '{{}}' where the class name goes, got {t!r}"
+                )
+        elif not callable(t):
+            raise TypeError(
+                f"templates[{i}]: expected a str with '{{}}' or a callable name → prompt, got {type(t).__name__}"
+            )
+    return list(templates)
+
+
+def _fill(template: Template, name: str) -> str:
+    return template.replace("{}", name) if isinstance(template, str) else template(name)
+
+
+@torch.inference_mode()
+def build_class_embeddings(
+    model: MultimodalTransformer,
+    tokenizer: Tokenizer,
+    classnames: Sequence[str],
+    templates: Sequence[Template] = ("{}",),
+    *,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """(C, E) class embeddings: per class, the normalised mean over templates of the normalised text embeddings.
+
+    Prompts are tokenized and encoded ``batch_size`` at a time; the model is run in eval mode.
+    """
+    names, templates = check_classnames(classnames), check_templates(templates)
+    prompts = [_fill(t, name) for name in names for t in templates]  # class-major: C × K prompts
+    max_length = min(tokenizer.max_length, model.config.text.max_length)
+    device = _device(model)
+    features = []
+    with _eval(model):
+        for start in range(0, len(prompts), batch_size):
+            tokens = tokenizer(prompts[start : start + batch_size], max_length=max_length)
+            features.append(
+                model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float()
+            )
+    per_prompt = torch.cat(features).view(len(names), len(templates), -1)  # (C, K, E)
+    return F.normalize(per_prompt.mean(dim=1), dim=-1)  # (C, E)
+
+
+def zero_shot_logits(
+    model: MultimodalTransformer, features: torch.Tensor, class_embeddings: torch.Tensor
+) -> torch.Tensor:
+    """(B, E) normalised input embeddings → (B, C) logits: ``logit_scale.exp() * features @ class_embeddings.T``
+    (plus the model's logit bias, if it has one; a constant that leaves the probabilities unchanged)."""
+    if features.ndim != 2 or features.shape[1] != class_embeddings.shape[1]:
+        raise ValueError(
+            f"features: expected shape (B, {class_embeddings.shape[1]}) matching the class embeddings, "
+            f"got {tuple(features.shape)}"
+        )
+    emb = class_embeddings.to(device=features.device, dtype=torch.float32)
+    logits = model.logit_scale.exp().float() * features.float() @ emb.T  # (B, C)
+    if model.logit_bias is not None:
+        logits = logits + model.logit_bias.float()
+    return logits
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _eval(model: torch.nn.Module) -> Iterator[None]:
+    """Run in eval mode (no dropout) and restore the caller's mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------------- classifier
+class ZeroShotClassifier:
+    """Classify images or audio among ``classnames`` by their similarity to prompted class names.
+
+    Args:
+        model: a contrastive model with a text route and the ``modality`` route.
+        processor: turns raw inputs (PIL images, paths, numpy arrays) into tensors and holds the tokenizer;
+            defaults to ``model.processor``. A bare :class:`~mmformer.Tokenizer` works when inputs are tensors.
+        classnames: the classes, in the order of the output columns.
+        templates: prompt templates, each with ``{}`` for the class name (or callables name → prompt).
+        modality: "image" or "audio".
+        batch_size: inputs (and prompts) encoded per forward pass.
+
+    Example:
+        >>> clf = ZeroShotClassifier(model, processor, ["cat", "dog"], ["a photo of a {}."])
+        >>> clf.predict(images)  # ['cat', 'dog', ...]
+    """
+
+    def __init__(
+        self,
+        model: MultimodalTransformer,
+        processor: Processor | Tokenizer | None = None,
+        classnames: Sequence[str] | None = None,
+        templates: Sequence[Template] = ("{}",),
+        modality: str = "image",
+        batch_size: int = 64,
+    ):
+        if not isinstance(model, MultimodalTransformer):
+            raise TypeError(f"model: expected mmformer.MultimodalTransformer, got {type(model).__name__}")
+        if modality not in MODALITIES:
+            raise ValueError(f"modality: expected one of {list(MODALITIES)}, got {modality!r}")
+        routes = sorted(model.config.routes)
+        if modality not in model.config.routes:
+            raise ValueError(f"modality={modality!r}: this model has no {modality} encoder; its routes are {routes}")
+        if "text" not in model.config.routes:
+            raise ValueError(f"model: zero-shot classification needs a text encoder; this model's routes are {routes}")
+        if classnames is None:
+            raise ValueError("classnames: expected a list of class names, got None")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        self.model = model
+        self.processor = processor if processor is not None else getattr(model, "processor", None)
+        if modality == "audio" and _preprocesses(self.processor):
+            rates = self.processor.audio.sample_rate, model.config.audio.sample_rate
+            if rates[0] != rates[1]:
+                raise ValueError(
+                    f"processor: its audio sample_rate {rates[0]} differs from the model's {rates[1]} "
+                    "(AudioConfig.sample_rate); the model would hear audio at the wrong speed"
+                )
+        self.classnames = check_classnames(classnames)
+        self.templates = check_templates(templates)
+        self.modality = modality
+        self.batch_size = batch_size
+        self._class_embeddings: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"ZeroShotClassifier(modality={self.modality!r}, classes={len(self.classnames)}, "
+            f"templates={len(self.templates)}, batch_size={self.batch_size})"
+        )
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        if tokenizer is None or not callable(tokenizer):
+            raise ValueError(
+                "processor: the class names need a tokenizer; pass processor=Processor(tokenizer=...) (or a "
+                "Tokenizer), or load the model with its processor"
+            )
+        return tokenizer
+
+    @property
+    def class_embeddings(self) -> torch.Tensor:
+        """(C, E) normalised class embeddings, computed on first use and cached (call :meth:`reset` after the
+        model's weights change)."""
+        if self._class_embeddings is None:
+            emb = build_class_embeddings(
+                self.model, self.tokenizer, self.classnames, self.templates, batch_size=self.batch_size
+            )
+            self._class_embeddings = emb.clone()  # a normal tensor, usable outside inference mode
+        return self._class_embeddings
+
+    def reset(self) -> None:
+        """Forget the cached class embeddings."""
+        self._class_embeddings = None
+
+    # ------------------------------------------------------------------ prediction
+    def logits(
+        self, inputs: Any, *, lengths: torch.Tensor | None = None, sampling_rate: int | None = None
+    ) -> torch.Tensor:
+        """(B, C) float32 logits on the CPU.
+
+        Args:
+            inputs: images — ``pixel_values`` (B, C, H, W), or PIL images / paths / numpy arrays / a list of them
+                (preprocessed by the processor); audio — waveforms (B, S) at the model's sample rate, or a list of
+                1-D arrays / paths. A processor output dict works too.
+            lengths: real samples per row of a (B, S) waveform tensor.
+            sampling_rate: the rate of waveform arrays (default: the model's); they are resampled by the processor.
+        """
+        class_emb = self.class_embeddings
+        chunks = []
+        with torch.inference_mode(), _eval(self.model):
+            for features in self._features(inputs, lengths, sampling_rate):
+                chunks.append(zero_shot_logits(self.model, features, class_emb).cpu())  # only (b, C) is kept
+        return torch.cat(chunks)  # concatenated outside inference mode: a normal tensor
+
+    def predict_proba(self, inputs: Any, **kwargs: Any) -> torch.Tensor:
+        """(B, C) class probabilities (softmax of :meth:`logits`); rows sum to 1."""
+        return self.logits(inputs, **kwargs).softmax(dim=-1)
+
+    def predict(self, inputs: Any, **kwargs: Any) -> list[str]:
+        """The most likely class name per input."""
+        return [self.classnames[i] for i in self.logits(inputs, **kwargs).argmax(dim=-1).tolist()]
+
+    def topk(self, inputs: Any, k: int = 5, **kwargs: Any) -> list[list[tuple[str, float]]]:
+        """Per input, the ``k`` most likely (class name, probability) pairs, best first (k is capped at C)."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k: expected a positive int, got {k!r}")
+        probs, index = self.predict_proba(inputs, **kwargs).topk(min(k, len(self.classnames)), dim=-1)
+        return [
+            [(self.classnames[i], p) for i, p in zip(row_i, row_p)]
+            for row_i, row_p in zip(index.tolist(), probs.tolist())
+        ]
+
+    # ------------------------------------------------------------------ inputs → features, batch by batch
+    def _features(self, inputs: Any, lengths: torch.Tensor | None, sampling_rate: int | None) -> Iterator[torch.Tensor]:
+        """Yield normalised (b, E) embeddings, ``batch_size`` inputs at a time."""
+        device = _device(self.model)
+        if isinstance(inputs, (torch.Tensor, np.ndarray, list, tuple)) and len(inputs) == 0:
+            raise ValueError("inputs: expected at least one input, got none")
+        if isinstance(inputs, dict):
+            key = "pixel_values" if self.modality == "image" else "audio"
+            if key not in inputs:
+                raise ValueError(f"inputs: expected a batch dict with {key!r}, got keys {sorted(inputs)}")
+            if self.modality == "audio" and lengths is None:
+                lengths = inputs.get("audio_lengths")
+            inputs = inputs[key]
+        if self.modality == "image":
+            if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
+                for start in range(0, len(inputs), self.batch_size):
+                    yield self.model.encode_image(inputs[start : start + self.batch_size].to(device))
+                return
+            for chunk in self._chunks(inputs, batch_dims=4):
+                pixels = self._processor("images")(images=chunk)["pixel_values"]
+                yield self.model.encode_image(pixels.to(device))
+            return
+        model_rate = self.model.config.audio.sample_rate
+        if isinstance(inputs, torch.Tensor) and inputs.ndim == 2:
+            if sampling_rate not in (None, model_rate):
+                raise ValueError(
+                    f"sampling_rate: a (B, S) waveform tensor must already be at the model's rate ({model_rate} Hz), "
+                    f"got sampling_rate={sampling_rate}; pass a list of 1-D waveforms to have them resampled"
+                )
+            if lengths is not None:
+                lengths = torch.as_tensor(lengths)
+                if lengths.shape != (len(inputs),):
+                    raise ValueError(f"lengths: expected shape ({len(inputs)},), got {tuple(lengths.shape)}")
+            for start in range(0, len(inputs), self.batch_size):
+                rows = slice(start, start + self.batch_size)
+                part = None if lengths is None else lengths[rows].to(device)
+                yield self.model.encode_audio(inputs[rows].to(device), part)
+            return
+        if lengths is not None:
+            raise ValueError("lengths: only used with a (B, S) waveform tensor; a list of waveforms carries its own")
+        processor = self.processor if _preprocesses(self.processor) else None
+        for chunk in self._chunks(inputs, batch_dims=2):
+            if processor is not None:
+                batch = processor(audio=chunk, sampling_rate=sampling_rate or model_rate)
+            else:
+                batch = _pad(chunk)
+            yield self.model.encode_audio(batch["audio"].to(device), batch["audio_lengths"].to(device))
+
+    def _chunks(self, inputs: Any, batch_dims: int) -> Iterator[list]:
+        batched = isinstance(inputs, (torch.Tensor, np.ndarray)) and inputs.ndim == batch_dims
+        items = list(inputs) if isinstance(inputs, (list, tuple)) or batched else [inputs]  # else: one input
+        if not items:
+            raise ValueError("inputs: expected at least one input, got an empty list")
+        for start in range(0, len(items), self.batch_size):
+            yield items[start : start + self.batch_size]
+
+    def _processor(self, what: str) -> Processor:
+        if not _preprocesses(self.processor):
+            kind = "pixel_values (B, C, H, W)" if what == "images" else "waveforms (B, S) or a list of 1-D arrays"
+            raise ValueError(
+                f"inputs: raw {what} need a processor (mmformer.Processor) to be preprocessed; pass processor=..., or "
+                f"pass {kind}"
+            )
+        return self.processor
+
+
+def _preprocesses(processor: Any) -> bool:
+    """A Processor (images/audio → tensors), as opposed to None or a bare Tokenizer."""
+    return processor is not None and hasattr(processor, "image") and hasattr(processor, "audio")
+
+
+def _pad(waves: list) -> dict[str, torch.Tensor]:
+    """Without a processor: 1-D waveforms (already at the model's rate) right-padded into a batch."""
+    from mmformer.data.collate import pad_audio
+
+    tensors = []
+    for i, w in enumerate(waves):
+        if isinstance(w, (str, os.PathLike)):
+            raise ValueError(f"inputs[{i}]: audio file paths need a processor (mmformer.Processor); got {w!r}")
+        t = torch.as_tensor(np.asarray(w) if not isinstance(w, torch.Tensor) else w)
+        if t.ndim != 1 or not t.is_floating_point() or not t.numel():
+            raise ValueError(f"inputs[{i}]: expected a non-empty 1-D float waveform, got {t.dtype} {tuple(t.shape)}")
+        tensors.append(t.float())
+    audio, lengths = pad_audio(tensors)
+    return {"audio": audio, "audio_lengths": lengths}
