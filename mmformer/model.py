@@ -128,7 +128,12 @@ class MultimodalTransformer(nn.Module):
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(B, C, H, W) normalised pixels → (B, E) image embeddings."""
         x, _ = self.encode_image_tokens(pixel_values)
-        pooled = x[:, 0] if self.config.image.pool == "cls" else self._masked_mean(x, None)
+        return self.pool_image(x, normalize)
+
+    def pool_image(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Image token states (B, Np, D) from :meth:`encode_image_tokens` → (B, E) embeddings, so that a training
+        step can feed one encoder pass to both the contrastive head and the decoder."""
+        pooled = tokens[:, 0] if self.config.image.pool == "cls" else self._masked_mean(tokens, None)
         return self._finish(pooled, self.image_proj, normalize)
 
     def encode_audio(
@@ -144,7 +149,11 @@ class MultimodalTransformer(nn.Module):
         x, mask = self.encode_audio_tokens(
             audio, audio_lengths, audio_features=audio_features, feature_lengths=feature_lengths
         )
-        return self._finish(self._masked_mean(x, mask), self.audio_proj, normalize)
+        return self.pool_audio(x, mask, normalize)
+
+    def pool_audio(self, tokens: torch.Tensor, mask: torch.Tensor | None, normalize: bool = True) -> torch.Tensor:
+        """Audio token states (B, N, D) and mask (B, N) from :meth:`encode_audio_tokens` → (B, E) embeddings."""
+        return self._finish(self._masked_mean(tokens, mask), self.audio_proj, normalize)
 
     def encode_text(
         self,
@@ -174,6 +183,8 @@ class MultimodalTransformer(nn.Module):
         if eos is None:
             return last
         is_eos = input_ids == eos
+        if mask is not None:
+            is_eos = is_eos & mask  # an eos id in the padding is not the end of the text
         first = torch.where(is_eos.any(dim=1), is_eos.long().argmax(dim=1), last)
         return first
 
@@ -216,13 +227,40 @@ class MultimodalTransformer(nn.Module):
             raise ValueError(f"this model has no decoder; its routes are {sorted(self.config.routes)}")
         self.text_embed.check(input_ids, attention_mask)
         self._check_ids(input_ids)
+        self._check_memory(input_ids, memory, memory_mask, cache)
         offset = cache.length if cache is not None else 0
         x = self.text_embed(input_ids, offset=offset)
         mask = None if attention_mask is None else attention_mask.bool()
+        if cache is not None and mask is not None and not bool(mask.all()):
+            raise ValueError(
+                "attention_mask: padding is not supported with a KV cache (cached keys keep no mask); decode "
+                "right-padded rows without a mask (causal attention is exact for their real tokens) or without a cache"
+            )
         h = self.stack("decoder")(
             x, modality="text", mask=mask, causal=True, memory=memory, memory_mask=memory_mask, cache=cache
         )
         return h if return_hidden else self.lm_head(h)
+
+    def _check_memory(
+        self,
+        input_ids: torch.Tensor,
+        memory: torch.Tensor | None,
+        memory_mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> None:
+        B, width = input_ids.shape[0], self.config.width("decoder")
+        if cache is not None and cache.k.shape[1] != B:
+            raise ValueError(f"cache: expected one made for batch size {B} (input_ids), got {cache.k.shape[1]}")
+        if memory is None:
+            return
+        if not isinstance(memory, torch.Tensor) or memory.ndim != 3 or memory.shape[::2] != (B, width):
+            got = tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__
+            raise ValueError(f"memory: expected encoder token states (B={B}, S, D={width}), got {got}")
+        if memory_mask is not None and tuple(memory_mask.shape) != tuple(memory.shape[:2]):
+            raise ValueError(
+                f"memory_mask: expected shape {tuple(memory.shape[:2])} (B, S) of memory, "
+                f"got {tuple(memory_mask.shape)}"
+            )
 
     def make_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         """A preallocated KV cache for the decoder stack."""
@@ -235,11 +273,11 @@ class MultimodalTransformer(nn.Module):
         return sum((s.aux_loss() for s in self.stacks.values()), torch.zeros(()))
 
     # ---------------------------------------------------------------- pretrained I/O and generation
-    def save_pretrained(self, directory: str | os.PathLike, processor: Any = None) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, processor: Any = None, **kwargs: Any) -> None:
         """Write config.json + model.safetensors (and the processor's files) into ``directory``, atomically."""
         from mmformer.pretrained import save_pretrained
 
-        save_pretrained(self, directory, processor=processor)
+        save_pretrained(self, directory, processor=processor, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> MultimodalTransformer:

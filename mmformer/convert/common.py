@@ -1,0 +1,374 @@
+"""Helpers every converter shares: safe state-dict loading, q/k/v fusing, an exact weight mapper and the processor.
+
+A converter turns a public checkpoint's state dict into an mmformer one with a :class:`WeightMap`::
+
+    wm = WeightMap(source_state_dict, name="open_clip", ignore=["*.position_ids"])
+    wm.copy("image_embed.patch.weight", "visual.conv1.weight")
+    wm.copy("image_proj.weight", "visual.proj", torch.t)                    # transformed on the way
+    wm.copy_module("stacks.vision.norm", "visual.ln_post")                  # .weight and .bias
+    wm.fuse("stacks.text.blocks.0.attn.fn.qkv.weight", [f"layers.0.{n}_proj.weight" for n in "qkv"])
+    wm.load_into(model)   # raises listing unmapped / missing source keys, missing target keys, shape mismatches
+
+``copy``, ``copy_module`` and ``fuse`` record a missing source key and go on, so that one error lists every problem;
+``get`` (for values a converter computes itself) raises at once.
+
+Nothing here unpickles arbitrary objects: files are read with safetensors or ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import pickle
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from mmformer.processor import Processor
+    from mmformer.tokenizer import Tokenizer
+
+__all__ = [
+    "STATE_DICT_NAMES",
+    "UnsupportedModelError",
+    "WeightMap",
+    "activation_kind",
+    "build_processor",
+    "common_eps",
+    "fuse_qkv",
+    "is_path",
+    "load_exact",
+    "load_state_dict",
+    "split_qkv",
+    "stack_rows",
+]
+
+# File names looked for, in this order, when a converter is given a directory.
+STATE_DICT_NAMES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "open_clip_model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "open_clip_pytorch_model.bin",
+)
+
+
+class UnsupportedModelError(ValueError):
+    """The source model uses a feature mmformer cannot reproduce exactly; the message names the feature."""
+
+
+def is_path(x: Any) -> bool:
+    return isinstance(x, (str, os.PathLike))
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def load_state_dict(path: str | os.PathLike, names: Iterable[str] = STATE_DICT_NAMES) -> dict[str, torch.Tensor]:
+    """Read a state dict from a file or a directory, safely: safetensors, or ``torch.load(weights_only=True)``.
+
+    Training checkpoints that wrap the weights (``{"state_dict": ...}`` or ``{"model": ...}``) are unwrapped and a
+    DDP ``module.`` prefix on every key is removed. Sharded checkpoints (``*.index.json``) are read shard by shard.
+
+    Args:
+        path: a ``.safetensors`` / ``.bin`` / ``.pt`` / ``.pth`` file, a ``*.index.json``, or a directory holding
+            one of ``names``.
+        names: file names to look for, in order, when ``path`` is a directory.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = next((path / n for n in names if (path / n).is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"path: expected a directory holding one of {list(names)}, got {os.fspath(path)!r}")
+        path = found
+    if not path.is_file():
+        raise FileNotFoundError(f"path: no checkpoint file at {os.fspath(path)!r}")
+    if path.name.endswith(".index.json"):
+        weight_map = json.loads(path.read_text())["weight_map"]
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            state.update(_load_file(path.parent / shard))
+        return state
+    return _load_file(path)
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(os.fspath(path), device="cpu")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist()):
+                raise ValueError(
+                    f"path: {os.fspath(path)!r} is a TorchScript archive (as OpenAI's original CLIP .pt files), which "
+                    "mmformer does not load; if you trust it, pass `torch.jit.load(path, map_location='cpu')"
+                    ".state_dict()` to the converter instead"
+                )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"path: {os.fspath(path)!r} holds objects other than tensors and plain containers; mmformer only loads "
+            f"weights (safetensors or torch.load(weights_only=True)) and never unpickles arbitrary objects: {e}"
+        ) from e
+    return _unwrap(obj, os.fspath(path))
+
+
+def _unwrap(obj: Any, where: str) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"path: expected {where!r} to hold a state dict, got a {type(obj).__name__}")
+    for key in ("state_dict", "model", "module"):
+        if not all(isinstance(v, torch.Tensor) for v in obj.values()) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    others = sorted(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    if others:
+        raise ValueError(f"path: expected {where!r} to hold only tensors, but these entries are not: {others[:20]}")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    return dict(obj)
+
+
+# ---------------------------------------------------------------------------------------------------- q/k/v
+def fuse_qkv(q: torch.Tensor | None, k: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor:
+    """Stack separate q, k, v projection weights (or biases) row-wise into mmformer's fused ``qkv`` layout.
+
+    A missing bias (None, e.g. Whisper's key projection has none) becomes zeros shaped like the others.
+    """
+    return stack_rows([q, k, v], what="fuse_qkv: q, k, v")
+
+
+def stack_rows(parts: Iterable[torch.Tensor | None], *, what: str = "parts") -> torch.Tensor:
+    """Concatenate tensors along dim 0; a None part is zeros shaped like the first given one."""
+    parts = list(parts)
+    like = next((t for t in parts if t is not None), None)
+    if like is None:
+        raise ValueError(f"{what}: expected at least one tensor, got only None")
+    shapes = [None if t is None else tuple(t.shape) for t in parts]
+    if len({s[1:] for s in shapes if s is not None}) > 1:
+        raise ValueError(f"{what}: must agree in all but the first dimension, got shapes {shapes}")
+    return torch.cat([t if t is not None else torch.zeros_like(like) for t in parts], dim=0)
+
+
+def split_qkv(qkv: torch.Tensor, sizes: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, ...]:
+    """Inverse of :func:`fuse_qkv`: rows (q | k | v) of a fused weight or bias; equal thirds unless ``sizes``."""
+    if sizes is None:
+        if qkv.shape[0] % 3:
+            raise ValueError(f"split_qkv: expected a row count divisible by 3, got shape {tuple(qkv.shape)}")
+        sizes = (qkv.shape[0] // 3,) * 3
+    return tuple(qkv.split(list(sizes), dim=0))
+
+
+# ---------------------------------------------------------------------------------------------------- mapping
+class WeightMap:
+    """Builds an mmformer state dict from a source one, remembering which source keys each target came from.
+
+    :meth:`load_into` refuses anything but an exact match: it raises one error listing every source key that was
+    not used (unless ``ignore`` matches it), every target key left without a value and every shape mismatch
+    (naming the source key(s), their shapes, and the target's expected shape).
+
+    Args:
+        source: the source state dict (tensors).
+        name: the source's name in error messages (e.g. ``"open_clip"``).
+        ignore: ``fnmatch`` patterns of source keys that may stay unused (buffers such as ``*.position_ids``).
+    """
+
+    def __init__(self, source: Mapping[str, torch.Tensor], *, name: str, ignore: Iterable[str] = ()):
+        self.source = dict(source)
+        self.name = name
+        self.ignore = list(ignore)
+        self.target: dict[str, torch.Tensor] = {}
+        self.origin: dict[str, list[str]] = {}
+        self._used: set[str] = set()
+        self._pending: list[str] = []
+        self._problems: list[str] = []  # found while mapping (parts that cannot be fused), reported by load_into
+        self._broken: set[str] = set()  # targets those problems concern
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.source
+
+    def keys(self, pattern: str = "*") -> list[str]:
+        """Source keys matching an ``fnmatch`` pattern."""
+        return [k for k in self.source if fnmatch.fnmatchcase(k, pattern)]
+
+    def get(self, key: str) -> torch.Tensor:
+        """A source tensor, marked as used (and attributed to the next :meth:`set`); raises if there is none."""
+        if key not in self.source:
+            raise ValueError(f"{self.name}: the source state dict has no key {key!r}")
+        self._used.add(key)
+        self._pending.append(key)
+        return self.source[key]
+
+    def set(self, target: str, value: torch.Tensor, source: str | list[str] | None = None) -> None:
+        """Target key ← value; ``source`` (default: the keys read with :meth:`get` since the last ``set``) is only
+        for error messages."""
+        origin = [source] if isinstance(source, str) else list(source) if source is not None else self._pending
+        self.target[target] = value
+        self.origin[target] = origin
+        self._pending = []
+
+    def copy(self, target: str, key: str, fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Target key ← source key, optionally transformed (e.g. transposed). A source key that is not there is
+        reported by :meth:`load_into` along with every other problem (:meth:`get` raises at once instead)."""
+        if self._absent(target, [key]):
+            return
+        value = self.get(key)
+        self.set(target, fn(value) if fn is not None else value)
+
+    def _absent(self, target: str, keys: Iterable[str | None]) -> bool:
+        absent = [k for k in keys if k is not None and k not in self.source]
+        if absent:
+            present = [k for k in keys if k is not None and k in self.source]
+            self._used.update(present)
+            self._problems.append(f"source keys missing: {absent} (needed for {target})")
+            self._broken.add(target)
+        return bool(absent)
+
+    def copy_module(self, target: str, source: str, names: Iterable[str] = ("weight", "bias")) -> None:
+        """Target ``{target}.{name}`` ← source ``{source}.{name}`` for each name (a LayerNorm, a Linear)."""
+        for name in names:
+            self.copy(f"{target}.{name}", f"{source}.{name}")
+
+    def fuse(self, target: str, keys: Iterable[str | None]) -> None:
+        """Target ← source tensors stacked row-wise, e.g. separate q, k, v projections into a fused ``qkv``; a None
+        key is a zero block shaped like the others (a missing bias). Parts that cannot be stacked are reported by
+        :meth:`load_into` with the other problems."""
+        keys = list(keys)
+        if self._absent(target, keys):
+            return
+        parts = [self.get(k) if k is not None else None for k in keys]
+        try:
+            self.set(target, stack_rows(parts, what=target))
+        except ValueError:
+            shapes = ", ".join(f"{k} {tuple(p.shape)}" for k, p in zip(keys, parts) if p is not None)
+            self._problems.append(f"shape mismatch: cannot stack {shapes} into {target}")
+            self._broken.add(target)
+            self._pending = []
+
+    def unused(self) -> list[str]:
+        return sorted(
+            k for k in self.source if k not in self._used and not any(fnmatch.fnmatchcase(k, p) for p in self.ignore)
+        )
+
+    def _describe(self, target: str) -> str:
+        srcs = self.origin.get(target) or []
+        return ", ".join(f"{s} {tuple(self.source[s].shape)}" for s in srcs if s in self.source) or "(computed)"
+
+    def load_into(self, model: nn.Module) -> nn.Module:
+        """Check the mapping against ``model``'s state dict and load it; raise ``ValueError`` listing every
+        mismatch instead of loading part of it."""
+        expected = model.state_dict(keep_vars=True)
+        kind = type(model).__name__
+        # Tied parameters (an LM head sharing the token embedding) appear under several keys: one value fills all.
+        by_id: dict[int, list[str]] = {}
+        for key, tensor in expected.items():
+            by_id.setdefault(id(tensor), []).append(key)
+        state = dict(self.target)
+        for keys in by_id.values():
+            given = [k for k in keys if k in state]
+            for k in keys:
+                if given and k not in state:
+                    state[k] = state[given[0]]
+        problems = list(self._problems)
+        unused = self.unused()
+        if unused:
+            problems.append(f"source keys with no place in the {kind}: {unused}")
+        missing = sorted(k for k in expected if k not in state and k not in self._broken)
+        if missing:
+            problems.append(f"{kind} keys the source does not provide: {missing}")
+        unexpected = sorted(k for k in state if k not in expected)
+        if unexpected:
+            problems.append(f"mapped keys the {kind} does not have: {unexpected}")
+        for key in sorted(set(state) & set(expected)):
+            want, got = tuple(expected[key].shape), tuple(state[key].shape)
+            if want != got:
+                problems.append(
+                    f"shape mismatch: {self._describe(key)} → {key}: expected {want}, got {got} after conversion"
+                )
+        if problems:
+            raise ValueError(f"{self.name}: cannot load exactly into {kind}:\n  - " + "\n  - ".join(problems))
+        with torch.no_grad():
+            model.load_state_dict({k: v.detach() for k, v in state.items()}, strict=True)
+        return model
+
+
+def load_exact(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, name: str) -> nn.Module:
+    """Load a state dict into a module of the same layout, key for key, with the same exact-match errors as
+    :meth:`WeightMap.load_into`."""
+    wm = WeightMap(state_dict, name=name)
+    for key in module.state_dict():
+        wm.copy(key, key)
+    return wm.load_into(module)
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+_ACTIVATIONS = {
+    # names used by configs (Hugging Face hidden_act) and by activation module classes
+    "gelu": "gelu",
+    "quick_gelu": "quickgelu",
+    "quickgelu": "quickgelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_tanh": "gelu_tanh",
+    "GELUActivation": "gelu",
+    "QuickGELU": "quickgelu",
+    "QuickGELUActivation": "quickgelu",
+    "NewGELUActivation": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "GELUTanh": "gelu_tanh",
+}
+
+
+def activation_kind(act: str | nn.Module, *, what: str) -> str:
+    """mmformer's MLP kind (``gelu`` | ``gelu_tanh`` | ``quickgelu``) for an activation name or module.
+
+    Args:
+        act: a config name (``"gelu"``, ``"quick_gelu"``, ...) or an activation module (``nn.GELU``,
+            open_clip/timm ``QuickGELU``, transformers' activation classes).
+        what: where it comes from, for the error message.
+    """
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    if isinstance(act, nn.Module) and type(act).__name__ == "GELU" and hasattr(act, "approximate"):  # timm's GELU
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    name = act if isinstance(act, str) else type(act).__name__
+    if name not in _ACTIVATIONS:
+        raise UnsupportedModelError(
+            f"{what}: activation {name!r} is not supported; expected one of GELU (exact or tanh) or QuickGELU"
+        )
+    return _ACTIVATIONS[name]
+
+
+def common_eps(norms: Iterable[nn.Module], *, what: str) -> float:
+    """The one epsilon shared by LayerNorms (an mmformer stack has a single ``norm_eps``); raise if they differ or
+    if one is not a plain affine LayerNorm."""
+    eps = set()
+    for norm in norms:
+        if not isinstance(norm, nn.LayerNorm) or not norm.elementwise_affine or norm.bias is None:
+            raise UnsupportedModelError(f"{what}: norm layer {norm!r} is not supported; expected an affine LayerNorm")
+        eps.add(float(norm.eps))
+    if len(eps) != 1:
+        raise UnsupportedModelError(f"{what}: expected one LayerNorm epsilon for the whole tower, got {sorted(eps)}")
+    return eps.pop()
+
+
+def build_processor(
+    tokenizer: Tokenizer | None = None,
+    *,
+    image: Mapping[str, Any] | None = None,
+    audio: Mapping[str, Any] | None = None,
+) -> Processor:
+    """A :class:`~mmformer.Processor` from a tokenizer and ``ImageProcessorConfig`` / ``AudioProcessorConfig``
+    keyword arguments (None: that modality's defaults)."""
+    from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
+
+    return Processor(
+        tokenizer,
+        image=ImageProcessorConfig(**image) if image is not None else None,
+        audio=AudioProcessorConfig(**audio) if audio is not None else None,
+    )

@@ -1,0 +1,205 @@
+"""Hugging Face Whisper (``WhisperForConditionalGeneration``) → :class:`~mmformer.MultimodalTransformer`.
+
+Whisper maps onto two stacks: the audio encoder (``routes["audio"] = "encoder"``) and the text decoder with
+cross-attention (``routes["decoder"] = "decoder"``); there is no text encoder route. The conversion is exact:
+
+- encoder ``conv1``/``conv2`` + GELU → ``audio_embed.conv1``/``conv2``; ``embed_positions`` (a sinusoidal table
+  stored as weights) → ``AudioConfig(position="learned")`` loaded with those values (``"sinusoidal"`` when they
+  equal mmformer's own table);
+- pre-LN layers: ``self_attn_layer_norm`` → ``attn.norm``; ``self_attn.{q,k,v}_proj`` → fused ``qkv`` (the key
+  projection has no bias: its rows of the fused bias are zeros, which cannot change a softmax over keys);
+  ``out_proj`` → ``proj``; decoder ``encoder_attn*`` → ``cross_attn`` (``q``, fused ``kv``); ``final_layer_norm``,
+  ``fc1``, ``fc2`` → ``mlp``; the final ``layer_norm`` of each side → the stack's final norm;
+- decoder ``embed_tokens`` and learned ``embed_positions`` → ``text_embed``; ``proj_out`` → ``lm_head`` (tied to
+  the token embedding unless the checkpoint unties it).
+
+Hugging Face's encoder only accepts exactly ``2 * max_source_positions`` mel frames; the converted model accepts any
+number up to that. Nothing is downloaded: pass a model instance or a local directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmformer.config import AudioConfig, ModelConfig, StackConfig, TextConfig
+from mmformer.convert.common import (
+    UnsupportedModelError,
+    WeightMap,
+    activation_kind,
+    build_processor,
+    fuse_qkv,
+    is_path,
+    load_state_dict,
+)
+from mmformer.layers.positions import sinusoids
+from mmformer.model import MultimodalTransformer
+
+__all__ = ["from_hf_whisper"]
+
+SAMPLE_RATE = 16000  # Whisper's feature extractor: 16 kHz, 25 ms windows (n_fft 400), 10 ms hops (160)
+_SINUSOID_TOLERANCE = 1e-6  # a stored table this close to mmformer's sinusoids is loaded as "sinusoidal"
+
+
+def _read_source(path_or_model: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path | None]:
+    """(config dict, state dict without the ``model.`` prefix, directory or None) of a model or a local folder."""
+    if is_path(path_or_model):
+        directory = Path(path_or_model)
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(
+                f"path_or_model: expected a local Whisper directory with config.json and model.safetensors "
+                f"(save_pretrained output), got {os.fspath(path_or_model)!r}"
+            )
+        config = json.loads((directory / "config.json").read_text())
+        state = load_state_dict(directory)
+    elif isinstance(path_or_model, nn.Module) and hasattr(getattr(path_or_model, "config", None), "to_dict"):
+        directory, config, state = None, path_or_model.config.to_dict(), path_or_model.state_dict()
+    else:
+        raise TypeError(
+            "path_or_model: expected a transformers WhisperForConditionalGeneration (or WhisperModel) or a local "
+            f"directory, got {type(path_or_model).__name__}"
+        )
+    if config.get("model_type", "whisper") != "whisper":
+        raise UnsupportedModelError(f"path_or_model: expected a Whisper model, got model_type={config['model_type']!r}")
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    return config, state, directory
+
+
+def _first(value: Any) -> Any:
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def _model_config(cfg: dict[str, Any], audio_position: str, tied: bool) -> ModelConfig:
+    if cfg.get("scale_embedding", False):
+        raise UnsupportedModelError("hf_whisper: scale_embedding=True (embeddings scaled by sqrt(d_model))")
+    if cfg["d_model"] % 2:
+        raise UnsupportedModelError(f"hf_whisper: d_model must be even, got {cfg['d_model']}")
+    mlp = activation_kind(cfg.get("activation_function", "gelu"), what="hf_whisper activation_function")
+
+    def stack(side: str, cross: bool) -> StackConfig:
+        return StackConfig(
+            width=cfg["d_model"],
+            depth=cfg[f"{side}_layers"],
+            n_heads=cfg[f"{side}_attention_heads"],
+            mlp=mlp,
+            mlp_hidden=cfg[f"{side}_ffn_dim"],
+            norm_eps=1e-5,  # nn.LayerNorm's default, which every Whisper norm uses
+            cross_attention=cross,
+        )
+
+    eos = _first(cfg.get("eos_token_id"))
+    pad = cfg.get("pad_token_id")
+    return ModelConfig(
+        stacks={"encoder": stack("encoder", False), "decoder": stack("decoder", True)},
+        routes={"audio": "encoder", "decoder": "decoder"},
+        image=None,
+        audio=AudioConfig(
+            sample_rate=SAMPLE_RATE,
+            n_mels=cfg["num_mel_bins"],
+            n_fft=400,
+            hop_length=160,
+            max_frames=2 * cfg["max_source_positions"],
+            conv_stride=2,
+            position=audio_position,
+        ),
+        text=TextConfig(
+            vocab_size=cfg["vocab_size"],
+            max_length=cfg["max_target_positions"],
+            position="learned",
+            pad_id=pad if pad is not None else eos,
+            bos_id=cfg["decoder_start_token_id"],
+            eos_id=eos,
+        ),
+        embed_dim=None,
+        tie_lm_head=tied,
+    )
+
+
+def _map_attention(wm: WeightMap, dst: str, src: str, cross: bool) -> None:
+    """Whisper attention ``src`` (q/k/v/out_proj; k without bias) → mmformer attention ``dst``."""
+    q, k, v = (wm.get(f"{src}.{n}_proj.weight") for n in "qkv")
+    qb, vb = wm.get(f"{src}.q_proj.bias"), wm.get(f"{src}.v_proj.bias")
+    if cross:
+        wm.copy(f"{dst}.q.weight", f"{src}.q_proj.weight")
+        wm.copy(f"{dst}.q.bias", f"{src}.q_proj.bias")
+        wm.set(f"{dst}.kv.weight", torch.cat([k, v]), [f"{src}.k_proj.weight", f"{src}.v_proj.weight"])
+        wm.set(f"{dst}.kv.bias", torch.cat([torch.zeros_like(vb), vb]), f"{src}.v_proj.bias")
+    else:
+        wm.set(f"{dst}.qkv.weight", fuse_qkv(q, k, v), [f"{src}.{n}_proj.weight" for n in "qkv"])
+        wm.set(f"{dst}.qkv.bias", fuse_qkv(qb, None, vb), [f"{src}.q_proj.bias", f"{src}.v_proj.bias"])
+    wm.copy(f"{dst}.proj.weight", f"{src}.out_proj.weight")
+    wm.copy(f"{dst}.proj.bias", f"{src}.out_proj.bias")
+
+
+def _copy_weight_bias(wm: WeightMap, dst: str, src: str) -> None:
+    """A layer's weight and bias (norms, linears, convolutions) under the same names."""
+    wm.copy(f"{dst}.weight", f"{src}.weight")
+    wm.copy(f"{dst}.bias", f"{src}.bias")
+
+
+def _map_stack(wm: WeightMap, side: str, depth: int) -> None:
+    for i in range(depth):
+        dst, src = f"stacks.{side}.blocks.{i}", f"{side}.layers.{i}"
+        _copy_weight_bias(wm, f"{dst}.attn.norm", f"{src}.self_attn_layer_norm")
+        _map_attention(wm, f"{dst}.attn.fn", f"{src}.self_attn", cross=False)
+        if side == "decoder":
+            _copy_weight_bias(wm, f"{dst}.cross_attn.norm", f"{src}.encoder_attn_layer_norm")
+            _map_attention(wm, f"{dst}.cross_attn.fn", f"{src}.encoder_attn", cross=True)
+        _copy_weight_bias(wm, f"{dst}.mlp.norm", f"{src}.final_layer_norm")
+        for fc in ("fc1", "fc2"):
+            _copy_weight_bias(wm, f"{dst}.mlp.fn.{fc}", f"{src}.{fc}")
+    _copy_weight_bias(wm, f"stacks.{side}.norm", f"{side}.layer_norm")
+
+
+def from_hf_whisper(path_or_model: Any) -> MultimodalTransformer:
+    """Convert a Hugging Face Whisper checkpoint exactly (no download).
+
+    Args:
+        path_or_model: a ``transformers.WhisperForConditionalGeneration`` (or ``WhisperModel``) instance, or a local
+            directory holding its ``config.json`` and weights (``model.safetensors`` or a safe ``.bin``), plus
+            optionally ``tokenizer.json``.
+
+    Returns:
+        The model in eval mode, with ``model.processor`` set: 16 kHz audio and the directory's tokenizer (None when
+        there is no ``tokenizer.json``; :meth:`~mmformer.MultimodalTransformer.generate` works on ids without it).
+    """
+    cfg, state, directory = _read_source(path_or_model)
+    positions = state["encoder.embed_positions.weight"]
+    table = sinusoids(*positions.shape)
+    audio_position = "sinusoidal" if (positions.float() - table).abs().max() <= _SINUSOID_TOLERANCE else "learned"
+    tokens = state["decoder.embed_tokens.weight"]
+    tied = "proj_out.weight" not in state or torch.equal(state["proj_out.weight"], tokens)
+    model = MultimodalTransformer(_model_config(cfg, audio_position, tied))
+
+    wm = WeightMap(state, name="hf_whisper", ignore=["proj_out.weight"] if tied else [])
+    for conv in ("conv1", "conv2"):
+        _copy_weight_bias(wm, f"audio_embed.{conv}", f"encoder.{conv}")
+    if audio_position == "learned":
+        wm.copy("audio_embed.positions.weight", "encoder.embed_positions.weight")
+    else:
+        wm.get("encoder.embed_positions.weight")  # equal to the built-in table: used, nothing to load
+    _map_stack(wm, "encoder", cfg["encoder_layers"])
+    wm.copy("text_embed.tokens.weight", "decoder.embed_tokens.weight")
+    wm.copy("text_embed.positions.weight", "decoder.embed_positions.weight")
+    _map_stack(wm, "decoder", cfg["decoder_layers"])
+    if not tied:
+        wm.copy("lm_head.weight", "proj_out.weight")
+    # mmformer-only state Whisper has no counterpart for: the log-mel front end's fixed buffers and the (unused)
+    # contrastive logit scale keep their built-in values.
+    for key, value in model.state_dict().items():
+        if key.startswith("audio_embed.features.") or key == "logit_scale":
+            wm.set(key, value, source=[])
+    wm.load_into(model)
+
+    tokenizer = None
+    if directory is not None and (directory / "tokenizer.json").is_file():
+        from mmformer.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_file(directory / "tokenizer.json")
+    model.processor = build_processor(tokenizer, audio={"sample_rate": SAMPLE_RATE})
+    return model.eval()

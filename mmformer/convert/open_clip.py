@@ -1,0 +1,435 @@
+"""OpenAI CLIP / open_clip → :class:`~mmformer.MultimodalTransformer` with separate vision and text stacks.
+
+Accepts an ``open_clip.CLIP`` module (its settings are read from the modules) or a state dict in the OpenAI-CLIP
+layout (``visual.conv1.weight``, ``visual.transformer.resblocks.N.attn.in_proj_weight``, ``token_embedding.weight``,
+``ln_final``, ``text_projection``, ``logit_scale``, ...), given as a dict or a file, whose dimensions are inferred
+from the tensor shapes as open_clip's ``build_model_from_openai_state_dict`` does.
+
+Supported: standard ViT CLIP towers (class-token pooling after ``ln_post``, with or without ``ln_pre``, QuickGELU /
+GELU, causal or bidirectional text, text pooling argmax / eos / first / last, learned or fixed sin-cos positions,
+a logit bias). Refused with :class:`~mmformer.convert.common.UnsupportedModelError` naming the feature: ResNet and
+timm image towers, Hugging Face / custom text towers (``CustomTextCLIP``, CoCa), attentional pooling, average or no
+image pooling, layer scale, custom attention blocks (qk-norm, scaled cosine attention, head scaling, ...), a text
+projection with bias or none at all.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmformer.config import ImageConfig, ModelConfig, StackConfig, TextConfig
+from mmformer.convert.common import (
+    UnsupportedModelError,
+    WeightMap,
+    activation_kind,
+    build_processor,
+    common_eps,
+    is_path,
+    load_state_dict,
+)
+from mmformer.model import MultimodalTransformer
+
+__all__ = ["clip_processor", "from_open_clip"]
+
+CLIP_VOCAB_SIZE = 49408  # OpenAI CLIP's BPE vocabulary; the last id is <end_of_text>, the one before <start_of_text>
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")  # not weights
+
+
+def from_open_clip(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
+    *,
+    model_cfg: dict | None = None,
+    quick_gelu: bool | None = None,
+) -> MultimodalTransformer:
+    """Convert an open_clip ``CLIP`` model or an OpenAI-CLIP-layout state dict (dict, file or directory).
+
+    Args:
+        model_or_state_dict: an ``open_clip.CLIP`` module, a state dict, or a path to one (safetensors or a
+            ``torch.save`` file; read with ``weights_only=True``).
+        model_cfg: for a state dict only: the open_clip model config (as in open_clip's ``model_configs/*.json``:
+            ``embed_dim``, ``vision_cfg``, ``text_cfg``, ``quick_gelu``); it supplies what shapes cannot tell
+            (head counts, activation, pooling, causal mask, norm epsilon). Without it the OpenAI defaults hold:
+            64-wide heads, QuickGELU, argmax text pooling, causal text, LayerNorm epsilon 1e-5.
+        quick_gelu: force QuickGELU (True) or GELU (False); None keeps the module's own activation, or for a state
+            dict ``model_cfg["quick_gelu"]`` (open_clip's default False) when a config is given and True (OpenAI's
+            weights) when not.
+
+    Returns:
+        The converted model in eval mode, with ``model.processor`` set (CLIP's tokenizer when the vocabulary is
+        CLIP's, and the image pipeline: shortest-edge resize + center crop, bicubic, OpenAI mean/std).
+    """
+    preprocess = None
+    if isinstance(model_or_state_dict, nn.Module):
+        if model_cfg is not None:
+            raise ValueError("model_cfg: only used with a state dict; an open_clip module carries its own settings")
+        config = _config_from_module(model_or_state_dict, quick_gelu)
+        state = model_or_state_dict.state_dict()
+        preprocess = getattr(getattr(model_or_state_dict, "visual", None), "preprocess_cfg", None)
+    elif isinstance(model_or_state_dict, Mapping) or is_path(model_or_state_dict):
+        state = load_state_dict(model_or_state_dict) if is_path(model_or_state_dict) else dict(model_or_state_dict)
+        if model_cfg is not None and not isinstance(model_cfg, Mapping):
+            raise TypeError(f"model_cfg: expected a dict (open_clip model config), got {type(model_cfg).__name__}")
+        config = _config_from_state_dict(state, dict(model_cfg or {}), quick_gelu)
+    else:
+        raise TypeError(
+            "model_or_state_dict: expected an open_clip CLIP module, a state dict or a path, "
+            f"got {type(model_or_state_dict).__name__}"
+        )
+    model = MultimodalTransformer(config)
+    _weight_map(state, config).load_into(model)
+    model.eval()
+    model.processor = _processor(config, preprocess)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------- from a module
+def _config_from_module(model: nn.Module, quick_gelu: bool | None) -> ModelConfig:
+    if hasattr(model, "text"):
+        raise UnsupportedModelError(
+            f"open_clip: {type(model).__name__} keeps a custom text tower in `model.text` (CustomTextCLIP / CoCa, "
+            "Hugging Face text encoders); only the standard CLIP text transformer is supported"
+        )
+    for attr in ("visual", "transformer", "token_embedding", "positional_embedding", "ln_final", "logit_scale"):
+        if not hasattr(model, attr):
+            raise TypeError(f"model_or_state_dict: expected an open_clip CLIP module with `{attr}`, got {model!r}")
+    v = model.visual
+    kind = type(v).__name__
+    if kind != "VisionTransformer":
+        feature = {"ModifiedResNet": "ResNet image towers", "TimmModel": "timm image towers (timm_model_name)"}
+        raise UnsupportedModelError(f"open_clip: {feature.get(kind, f'image tower {kind}')} are not supported")
+    if v.attn_pool is not None:
+        raise UnsupportedModelError("open_clip: attentional pooling (vision_cfg.attentional_pool) is not supported")
+    if v.pool_type != "tok":
+        raise UnsupportedModelError(
+            f"open_clip: image pooling vision_cfg.pool_type={v.pool_type!r} is not supported (only 'tok')"
+        )
+    if v.proj is None:
+        raise UnsupportedModelError("open_clip: an image tower without a projection (visual.proj=None)")
+    if tuple(v.patch_size)[0] != tuple(v.patch_size)[1]:
+        raise UnsupportedModelError(f"open_clip: non-square patches {tuple(v.patch_size)} are not supported")
+    pre_norm = not isinstance(v.ln_pre, nn.Identity)
+    # final_ln_after_pool with class-token pooling is the same: a LayerNorm acts on each token alone.
+    vision = _stack_from_module(v.transformer, [v.ln_post] + ([v.ln_pre] if pre_norm else []), "visual", quick_gelu)
+    text = _stack_from_module(model.transformer, [model.ln_final], "text", quick_gelu)
+    image = ImageConfig(
+        image_size=list(v.image_size),
+        patch_size=int(tuple(v.patch_size)[0]),
+        channels=v.conv1.in_channels,
+        patch_bias=v.conv1.bias is not None,
+        pre_norm=pre_norm,
+    )
+    proj = model.text_projection
+    if proj is None:
+        raise UnsupportedModelError("open_clip: a text tower without a projection (text_cfg.proj_type='none')")
+    if isinstance(proj, nn.Linear):
+        if proj.bias is not None:
+            raise UnsupportedModelError("open_clip: a text projection with bias (text_cfg.proj_bias=True)")
+        embed_dim = proj.out_features
+    else:
+        embed_dim = proj.shape[1]
+    text_cfg = _text_config(
+        vocab_size=model.token_embedding.num_embeddings,
+        context=model.positional_embedding.shape[0],
+        causal=getattr(model, "attn_mask", None) is not None,
+        pool_type=getattr(model, "text_pool_type", "argmax"),
+        eos_id=getattr(model, "text_eos_id", None),
+    )
+    logit_bias = getattr(model, "logit_bias", None)
+    return _model_config(
+        vision,
+        text,
+        image,
+        text_cfg,
+        embed_dim,
+        float(model.logit_scale.detach().reshape(-1)[0]),
+        None if logit_bias is None else float(logit_bias.detach().reshape(-1)[0]),
+    )
+
+
+def _stack_from_module(transformer: nn.Module, norms: list[nn.Module], what: str, quick_gelu: bool | None):
+    blocks = list(transformer.resblocks)
+    if not blocks:
+        raise UnsupportedModelError(f"open_clip: the {what} tower has no blocks")
+    for b in blocks:
+        if type(b).__name__ != "ResidualAttentionBlock":
+            raise UnsupportedModelError(
+                f"open_clip: custom attention blocks in the {what} tower ({type(b).__name__}: block_type='custom', "
+                "qk_norm, scaled_cosine_attn, scale_heads, scale_attn(_inner), scale_fc) are not supported"
+            )
+        if not isinstance(b.ls_1, nn.Identity) or not isinstance(b.ls_2, nn.Identity):
+            raise UnsupportedModelError(f"open_clip: layer scale (ls_init_value) in the {what} tower is not supported")
+        if b.attn.in_proj_bias is None or b.attn.out_proj.bias is None or not b.attn._qkv_same_embed_dim:
+            raise UnsupportedModelError(f"open_clip: attention without biases in the {what} tower is not supported")
+    acts = {activation_kind(b.mlp.gelu, what=f"open_clip {what} tower") for b in blocks}
+    if len(acts) != 1:
+        raise UnsupportedModelError(f"open_clip: mixed activations {sorted(acts)} in the {what} tower")
+    act = acts.pop()
+    eps = common_eps([n for b in blocks for n in (b.ln_1, b.ln_2)] + norms, what=f"open_clip {what} tower")
+    return StackConfig(
+        width=blocks[0].attn.embed_dim,
+        depth=len(blocks),
+        n_heads=blocks[0].attn.num_heads,
+        mlp=_activation(act, quick_gelu),
+        mlp_hidden=blocks[0].mlp.c_fc.out_features,
+        norm_eps=eps,
+    )
+
+
+def _activation(act: str, quick_gelu: bool | None) -> str:
+    if quick_gelu is None:
+        return act
+    return "quickgelu" if quick_gelu else ("gelu" if act == "quickgelu" else act)
+
+
+# ---------------------------------------------------------------------------------------------------- from a state dict
+_UNSUPPORTED_KEYS = (
+    ("visual.trunk.", "timm image towers (visual.trunk.*)"),
+    ("visual.layer1.", "ResNet image towers (visual.layer1.*)"),
+    ("visual.attn_pool", "attentional pooling (visual.attn_pool*)"),
+    ("text.", "custom text towers (text.*: CustomTextCLIP, CoCa, Hugging Face text encoders)"),
+)
+_UNSUPPORTED_OPTIONS = {  # open_clip config options (truthy = in use) → feature named in the error
+    "timm_model_name": "timm image towers",
+    "hf_model_name": "Hugging Face text towers",
+    "attentional_pool": "attentional pooling",
+    "ls_init_value": "layer scale",
+    "embed_cls": "a text class token (embed_cls)",
+    "proj_bias": "a text projection with bias",
+    "qk_norm": "qk-norm attention",
+    "scaled_cosine_attn": "scaled cosine attention",
+    "scale_heads": "per-head attention scaling",
+    "scale_attn_inner": "attention inner LayerNorm",
+    "scale_attn": "attention output LayerNorm",
+    "scale_fc": "MLP LayerNorm",
+    "act_kwargs": "activation arguments (act_kwargs)",
+}
+
+
+def _config_from_state_dict(sd: dict[str, torch.Tensor], cfg: dict, quick_gelu: bool | None) -> ModelConfig:
+    for prefix, feature in _UNSUPPORTED_KEYS:
+        if any(k.startswith(prefix) for k in sd):
+            raise UnsupportedModelError(f"open_clip: {feature} are not supported")
+    if any(".ls_1." in k or ".ls_2." in k for k in sd):
+        raise UnsupportedModelError("open_clip: layer scale (ls_1 / ls_2 gamma) is not supported")
+    vcfg, tcfg = dict(cfg.get("vision_cfg") or {}), dict(cfg.get("text_cfg") or {})
+    if cfg.get("custom_text"):
+        raise UnsupportedModelError("open_clip: custom text towers (model_cfg custom_text=True) are not supported")
+    for where, sub in (("vision_cfg", vcfg), ("text_cfg", tcfg)):
+        for key, feature in _UNSUPPORTED_OPTIONS.items():
+            if sub.get(key):
+                raise UnsupportedModelError(f"open_clip: {feature} ({where}.{key}={sub[key]!r}) is not supported")
+        if sub.get("block_type") not in (None, "default"):
+            raise UnsupportedModelError(f"open_clip: custom attention blocks ({where}.block_type) are not supported")
+    if isinstance(vcfg.get("layers"), (list, tuple)):
+        raise UnsupportedModelError("open_clip: ResNet image towers (vision_cfg.layers is a tuple) are not supported")
+    if vcfg.get("pool_type", "tok") != "tok":
+        raise UnsupportedModelError(f"open_clip: image pooling vision_cfg.pool_type={vcfg['pool_type']!r} (only 'tok')")
+    if tcfg.get("proj_type", "linear") == "none":
+        raise UnsupportedModelError("open_clip: a text tower without projection (text_cfg.proj_type='none')")
+    if quick_gelu is None:
+        quick_gelu = bool(cfg.get("quick_gelu", False)) if cfg else True
+    act = "quickgelu" if quick_gelu else "gelu"
+
+    conv = _need(sd, "visual.conv1.weight")  # (D, C, p, p)
+    n_pos = _need(sd, "visual.positional_embedding").shape[0] - 1
+    patch = conv.shape[-1]
+    if "image_size" in vcfg:
+        size = vcfg["image_size"]
+        image_size = [size, size] if isinstance(size, int) else list(size)
+    else:
+        grid = math.isqrt(n_pos)
+        if grid * grid != n_pos:
+            raise ValueError(
+                f"model_or_state_dict: visual.positional_embedding has {n_pos} patch positions, not a square grid; "
+                "pass model_cfg={'vision_cfg': {'image_size': [H, W]}, ...}"
+            )
+        image_size = [grid * patch, grid * patch]
+    vision = _stack_from_shapes(sd, "visual.transformer", vcfg, act, what="vision_cfg")
+    text = _stack_from_shapes(sd, "transformer", tcfg, act, what="text_cfg")
+    image = ImageConfig(
+        image_size=image_size,
+        patch_size=patch,
+        channels=conv.shape[1],
+        patch_bias="visual.conv1.bias" in sd,
+        pre_norm="visual.ln_pre.weight" in sd,
+    )
+    if "text_projection" in sd:
+        embed_dim = sd["text_projection"].shape[1]  # (D, E)
+    else:
+        embed_dim = _need(sd, "text_projection.weight").shape[0]  # nn.Linear (E, D)
+        if "text_projection.bias" in sd:
+            raise UnsupportedModelError("open_clip: a text projection with bias (text_projection.bias)")
+    text_cfg = _text_config(
+        vocab_size=_need(sd, "token_embedding.weight").shape[0],
+        context=_need(sd, "positional_embedding").shape[0],
+        causal=not tcfg.get("no_causal_mask", False),
+        pool_type=tcfg.get("pool_type", "argmax"),
+        eos_id=tcfg.get("eos_id", 2),
+    )
+    logit_bias = float(sd["logit_bias"].reshape(-1)[0]) if "logit_bias" in sd else None
+    logit_scale = float(_need(sd, "logit_scale").reshape(-1)[0])
+    return _model_config(vision, text, image, text_cfg, embed_dim, logit_scale, logit_bias)
+
+
+def _need(sd: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in sd:
+        raise ValueError(f"model_or_state_dict: expected an OpenAI-CLIP layout state dict with {key!r}; it has none")
+    return sd[key]
+
+
+def _stack_from_shapes(sd: dict[str, torch.Tensor], prefix: str, cfg: dict, act: str, *, what: str) -> StackConfig:
+    marker = f"{prefix}.resblocks."
+    depth = len({k[len(marker) :].split(".")[0] for k in sd if k.startswith(marker)})
+    if depth == 0:
+        raise ValueError(f"model_or_state_dict: expected blocks under {marker}*, found none")
+    width = _need(sd, f"{marker}0.ln_1.weight").shape[0]
+    if "heads" in cfg:
+        heads = cfg["heads"]
+    else:
+        head_width = cfg.get("head_width", 64)
+        if width % head_width:
+            raise ValueError(f"{what}: width {width} is not a multiple of the head width {head_width}; set heads")
+        heads = width // head_width
+    return StackConfig(
+        width=width,
+        depth=depth,
+        n_heads=heads,
+        mlp=act,
+        mlp_hidden=_need(sd, f"{marker}0.mlp.c_fc.weight").shape[0],
+        norm_eps=float((cfg.get("norm_kwargs") or {}).get("eps", 1e-5)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- shared
+def _text_config(*, vocab_size: int, context: int, causal: bool, pool_type: str, eos_id: int | None) -> TextConfig:
+    if pool_type == "argmax":
+        pool, eos = "eot", vocab_size - 1  # argmax of ids = the end-of-text token, CLIP's highest id
+    elif pool_type == "eos":
+        pool, eos = "eot", eos_id
+    elif pool_type == "first":
+        pool, eos = "cls", vocab_size - 1 if vocab_size == CLIP_VOCAB_SIZE else None
+    elif pool_type == "last":
+        pool, eos = "eot", None  # no eos id: the last real token (the last position without a mask)
+    else:
+        raise UnsupportedModelError(f"open_clip: text pooling pool_type={pool_type!r} is not supported")
+    return TextConfig(
+        vocab_size=vocab_size,
+        max_length=context,
+        position="learned",
+        pad_id=0,
+        bos_id=vocab_size - 2 if vocab_size == CLIP_VOCAB_SIZE else None,
+        eos_id=eos,
+        causal=causal,
+        pool=pool,
+    )
+
+
+def _model_config(
+    vision: StackConfig,
+    text: StackConfig,
+    image: ImageConfig,
+    text_cfg: TextConfig,
+    embed_dim: int,
+    logit_scale: float,
+    logit_bias: float | None,
+) -> ModelConfig:
+    return ModelConfig(
+        stacks={"vision": vision, "text": text},
+        routes={"image": "vision", "text": "text"},
+        image=image,
+        audio=None,
+        text=text_cfg,
+        embed_dim=embed_dim,
+        projection_bias=False,
+        logit_scale_init=logit_scale,
+        logit_bias_init=logit_bias,
+    )
+
+
+def _weight_map(sd: Mapping[str, torch.Tensor], config: ModelConfig) -> WeightMap:
+    wm = WeightMap(sd, name="open_clip", ignore=_OPENAI_EXTRA_KEYS)
+    wm.copy("image_embed.patch.weight", "visual.conv1.weight")
+    if config.image.patch_bias:
+        wm.copy("image_embed.patch.bias", "visual.conv1.bias")
+    wm.copy("image_embed.cls_token", "visual.class_embedding")
+    wm.copy("image_embed.positions", "visual.positional_embedding")
+    if config.image.pre_norm:
+        wm.copy_module("image_embed.norm", "visual.ln_pre")
+    _blocks(wm, "stacks.vision", "visual.transformer", config.stacks["vision"].depth)
+    wm.copy_module("stacks.vision.norm", "visual.ln_post")
+    wm.copy("image_proj.weight", "visual.proj", torch.t)  # (D, E) → (E, D)
+    wm.copy("text_embed.tokens.weight", "token_embedding.weight")
+    wm.copy("text_embed.positions.weight", "positional_embedding")
+    _blocks(wm, "stacks.text", "transformer", config.stacks["text"].depth)
+    wm.copy_module("stacks.text.norm", "ln_final")
+    if "text_projection" in wm:
+        wm.copy("text_proj.weight", "text_projection", torch.t)  # (D, E) → (E, D)
+    else:
+        wm.copy("text_proj.weight", "text_projection.weight")
+    wm.copy("logit_scale", "logit_scale", lambda t: t.reshape(()))
+    if "logit_bias" in wm:
+        wm.copy("logit_bias", "logit_bias", lambda t: t.reshape(()))
+    return wm
+
+
+def _blocks(wm: WeightMap, target: str, source: str, depth: int) -> None:
+    for i in range(depth):
+        t, s = f"{target}.blocks.{i}", f"{source}.resblocks.{i}"
+        wm.copy_module(f"{t}.attn.norm", f"{s}.ln_1")
+        wm.copy(f"{t}.attn.fn.qkv.weight", f"{s}.attn.in_proj_weight")  # rows q | k | v, as ours
+        wm.copy(f"{t}.attn.fn.qkv.bias", f"{s}.attn.in_proj_bias")
+        wm.copy_module(f"{t}.attn.fn.proj", f"{s}.attn.out_proj")
+        wm.copy_module(f"{t}.mlp.norm", f"{s}.ln_2")
+        wm.copy_module(f"{t}.mlp.fn.fc1", f"{s}.mlp.c_fc")
+        wm.copy_module(f"{t}.mlp.fn.fc2", f"{s}.mlp.c_proj")
+
+
+def _processor(config: ModelConfig, preprocess: dict[str, Any] | None):
+    image: dict[str, Any] = {}
+    if preprocess:  # open_clip's PreprocessCfg attached to model.visual by create_model
+        image = {k: tuple(preprocess[k]) for k in ("mean", "std") if k in preprocess}
+        if preprocess.get("interpolation") in ("bicubic", "bilinear", "nearest"):
+            image["interpolation"] = preprocess["interpolation"]
+        mode = preprocess.get("resize_mode", "shortest")
+        if mode == "squash":
+            image["resize"] = "exact"
+        elif mode != "shortest":
+            warnings.warn(
+                f"open_clip resize_mode={mode!r} has no mmformer equivalent; the processor resizes the shortest "
+                "edge and center-crops instead",
+                stacklevel=3,
+            )
+    return clip_processor(config, **image)
+
+
+def clip_processor(config: ModelConfig, **image: Any):
+    """CLIP's :class:`~mmformer.Processor` for a converted config: CLIP's tokenizer (when the vocabulary is CLIP's)
+    and a shortest-edge resize + center crop at the model's image size, bicubic, OpenAI mean/std; ``image``
+    overrides any ``ImageProcessorConfig`` field."""
+    from mmformer.processor import CLIP_MEAN, CLIP_STD
+
+    settings: dict[str, Any] = dict(
+        image_size=tuple(config.image.image_size),
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+        interpolation="bicubic",
+        resize="shortest",
+        channels=config.image.channels,
+    )
+    settings.update(image)
+    tokenizer = None
+    if config.text.vocab_size == CLIP_VOCAB_SIZE:
+        from mmformer.tokenizer import Tokenizer
+
+        try:
+            tokenizer = Tokenizer.clip(context_length=config.text.max_length)
+        except (FileNotFoundError, ImportError) as e:
+            warnings.warn(f"no CLIP tokenizer attached to the converted model: {e}", stacklevel=3)
+    return build_processor(tokenizer, image=settings)

@@ -1,0 +1,251 @@
+"""timm ``VisionTransformer`` → an image-only :class:`~mmformer.MultimodalTransformer` (route ``image → vision``).
+
+The classifier maps onto the image projection, so ``encode_image(x, normalize=False)`` equals timm's ``model(x)``
+logits; a head-less model (``num_classes=0``) has no projection and ``encode_image(x, normalize=False)`` equals
+``forward_head(forward_features(x), pre_logits=True)``.
+
+Supported: class-token pooling after the final norm (timm's default ViT, DeiT, AugReg, CLIP-style ``pre_norm``),
+average pooling without a class token and without ``fc_norm``, learned or no position embeddings, ``no_embed_class``
+(the class token gets a zero position), qk-norm, GELU / tanh-GELU / QuickGELU, ``qkv_bias=False`` (a zero bias),
+LayerNorms sharing one epsilon. Refused with :class:`~mmformer.convert.common.UnsupportedModelError` naming the
+feature: register tokens, distillation tokens, a norm after pooling (``fc_norm``, timm's default with
+``global_pool='avg'``), average pooling with a class token, max / attention (``map``) pooling or none, layer scale
+(``init_values``), other block / attention / MLP classes (post-norm, parallel, SwiGLU), a patch-embedding norm.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmformer.config import ImageConfig, ModelConfig, StackConfig
+from mmformer.convert.common import (
+    UnsupportedModelError,
+    WeightMap,
+    activation_kind,
+    build_processor,
+    common_eps,
+    is_path,
+    load_exact,
+    load_state_dict,
+)
+from mmformer.model import MultimodalTransformer
+
+__all__ = ["from_timm_vit"]
+
+
+def from_timm_vit(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
+    *,
+    model_name: str | None = None,
+    **overrides: Any,
+) -> MultimodalTransformer:
+    """Convert a timm ``VisionTransformer``, or a state dict (dict or file) of the timm model ``model_name``.
+
+    Args:
+        model_or_state_dict: a timm ``VisionTransformer`` module, its state dict, or a path to one (safetensors or
+            a ``torch.save`` file, read with ``weights_only=True``).
+        model_name: for a state dict: the timm architecture (e.g. ``"vit_small_patch16_224"``); the model is built
+            with ``timm.create_model(model_name, pretrained=False, **overrides)`` (nothing is downloaded), with
+            ``num_classes`` taken from ``head.weight`` unless given, and the state dict must fit it exactly.
+        **overrides: ``timm.create_model`` keyword arguments for a state dict (``img_size``, ``depth``, ...).
+
+    Returns:
+        The converted model in eval mode with ``model.processor`` set: no tokenizer, and the image pipeline from
+        ``timm.data.resolve_data_config`` (mean/std, interpolation) at the model's image size: shortest-edge resize
+        + center crop (timm's ``crop_pct`` border is not reproduced).
+    """
+    if isinstance(model_or_state_dict, nn.Module):
+        if model_name is not None or overrides:
+            raise ValueError("model_name / overrides: only used with a state dict; a timm module carries its own")
+        vit = model_or_state_dict
+    elif isinstance(model_or_state_dict, Mapping) or is_path(model_or_state_dict):
+        state = load_state_dict(model_or_state_dict) if is_path(model_or_state_dict) else dict(model_or_state_dict)
+        vit = _build_timm(state, model_name, overrides)
+    else:
+        raise TypeError(
+            "model_or_state_dict: expected a timm VisionTransformer, a state dict or a path, "
+            f"got {type(model_or_state_dict).__name__}"
+        )
+    config = _model_config(vit)
+    model = MultimodalTransformer(config)
+    _weight_map(vit, config).load_into(model)
+    model.eval()
+    model.processor = _processor(vit, config)
+    return model
+
+
+def _build_timm(state: dict[str, torch.Tensor], model_name: str | None, overrides: dict[str, Any]) -> nn.Module:
+    if not isinstance(model_name, str):
+        raise ValueError(
+            "model_name: a state dict needs the timm architecture name (e.g. 'vit_small_patch16_224'), "
+            f"got {model_name!r}"
+        )
+    import timm
+
+    kwargs = dict(overrides)
+    kwargs.setdefault("num_classes", state["head.weight"].shape[0] if "head.weight" in state else 0)
+    vit = timm.create_model(model_name, pretrained=False, **kwargs)
+    return load_exact(vit, state, name=f"timm {model_name}").eval()
+
+
+def _unsupported(feature: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"timm_vit: {feature} is not supported")
+
+
+def _model_config(vit: nn.Module) -> ModelConfig:
+    kind = type(vit).__name__
+    if kind != "VisionTransformer" or not hasattr(vit, "patch_embed") or not hasattr(vit, "blocks"):
+        raise TypeError(f"model_or_state_dict: expected a timm VisionTransformer, got {kind}")
+    if getattr(vit, "num_reg_tokens", 0) or getattr(vit, "reg_token", None) is not None:
+        raise _unsupported(f"register tokens (reg_tokens={vit.num_reg_tokens})")
+    class_token = vit.cls_token is not None
+    pool = {"token": "cls", "avg": "mean"}.get(vit.global_pool)
+    if pool is None or getattr(vit, "attn_pool", None) is not None:
+        raise _unsupported(f"global_pool={vit.global_pool!r} (only 'token', or 'avg' without a class token)")
+    if not isinstance(vit.fc_norm, nn.Identity):
+        raise _unsupported("a norm after pooling (fc_norm, timm's default with global_pool='avg')")
+    if pool == "mean" and class_token and not getattr(vit, "pool_include_prefix", False):
+        raise _unsupported("average pooling that leaves out the class token (global_pool='avg' with class_token)")
+
+    pe = vit.patch_embed
+    if type(pe).__name__ != "PatchEmbed" or not isinstance(pe.proj, nn.Conv2d):
+        raise _unsupported(f"patch embedding {type(pe).__name__}")
+    if not isinstance(pe.norm, nn.Identity):
+        raise _unsupported("a norm in the patch embedding (embed_norm_layer)")
+    kh, kw = pe.proj.kernel_size
+    if kh != kw or tuple(pe.proj.stride) != (kh, kw):
+        raise _unsupported(f"patches {pe.proj.kernel_size} with stride {pe.proj.stride} (square, non-overlapping only)")
+
+    blocks = list(vit.blocks)
+    if not blocks:
+        raise _unsupported("a model without blocks")
+    norms = [] if isinstance(vit.norm, nn.Identity) else [vit.norm]
+    norms += [] if isinstance(vit.norm_pre, nn.Identity) else [vit.norm_pre]
+    acts, biases, qk_norm = set(), set(), set()
+    for i, b in enumerate(blocks):
+        for name, cls in (("", "Block"), (".attn", "Attention"), (".mlp", "Mlp")):
+            module = b.get_submodule(name[1:]) if name else b
+            if type(module).__name__ != cls:
+                raise _unsupported(f"blocks.{i}{name} of type {type(module).__name__} (expected timm's {cls})")
+        if not isinstance(b.ls1, nn.Identity) or not isinstance(b.ls2, nn.Identity):
+            raise _unsupported("layer scale (init_values)")
+        if not isinstance(b.attn.norm, nn.Identity) or not isinstance(b.mlp.norm, nn.Identity):
+            raise _unsupported("norms inside attention or MLP (scale_attn_norm / scale_mlp_norm)")
+        if not isinstance(b.mlp.fc1, nn.Linear):
+            raise _unsupported("convolutional MLPs")
+        acts.add(activation_kind(b.mlp.act, what=f"timm_vit blocks.{i}.mlp.act"))
+        biases.add(tuple(m.bias is not None for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)))
+        qk = not isinstance(b.attn.q_norm, nn.Identity), not isinstance(b.attn.k_norm, nn.Identity)
+        if qk[0] != qk[1]:
+            raise _unsupported("a norm on only one of queries and keys")
+        qk_norm.add(qk[0])
+        norms += [b.norm1, b.norm2] + ([b.attn.q_norm, b.attn.k_norm] if qk[0] else [])
+    if len(acts) != 1 or len(biases) != 1 or len(qk_norm) != 1:
+        raise _unsupported("blocks that differ in activation, biases or qk-norm")
+    bias = biases.pop()
+    if bias not in ((True,) * 4, (False, True, True, True), (False,) * 4):
+        raise _unsupported(f"this bias pattern (qkv, proj, fc1, fc2) = {bias}")
+    eps = common_eps(norms, what="timm_vit") if norms else 1e-6
+
+    head = vit.head
+    if isinstance(head, nn.Linear):
+        embed_dim, projection_bias = head.out_features, head.bias is not None
+    elif isinstance(head, nn.Identity):
+        embed_dim, projection_bias = None, False
+    else:
+        raise _unsupported(f"head {type(head).__name__} (a Linear classifier or none)")
+    stack = StackConfig(
+        width=vit.embed_dim,
+        depth=len(blocks),
+        n_heads=blocks[0].attn.num_heads,
+        mlp=acts.pop(),
+        mlp_hidden=blocks[0].mlp.fc1.out_features,
+        norm_eps=eps,
+        final_norm=not isinstance(vit.norm, nn.Identity),
+        bias=bias[1],
+        qk_norm=qk_norm.pop(),
+    )
+    image = ImageConfig(
+        image_size=list(pe.img_size) if pe.img_size is not None else [224, 224],
+        patch_size=kh,
+        channels=pe.proj.in_channels,
+        class_token=class_token,
+        position="none" if vit.pos_embed is None else "learned",
+        patch_bias=pe.proj.bias is not None,
+        pre_norm=not isinstance(vit.norm_pre, nn.Identity),
+        pool=pool,
+    )
+    return ModelConfig(
+        stacks={"vision": stack},
+        routes={"image": "vision"},
+        image=image,
+        audio=None,
+        embed_dim=embed_dim,
+        projection_bias=projection_bias,
+    )
+
+
+def _weight_map(vit: nn.Module, config: ModelConfig) -> WeightMap:
+    wm = WeightMap(vit.state_dict(), name="timm_vit")
+    wm.copy_module("image_embed.patch", "patch_embed.proj", ["weight"] + (["bias"] if config.image.patch_bias else []))
+    if config.image.class_token:
+        wm.copy("image_embed.cls_token", "cls_token", lambda t: t.reshape(-1))  # (1, 1, D) → (D,)
+    if config.image.position == "learned":
+        pos = wm.get("pos_embed")[0]  # (N, D)
+        if getattr(vit, "no_embed_class", False) and config.image.class_token:
+            pos = torch.cat([pos.new_zeros(1, pos.shape[-1]), pos])  # the class token gets no position in timm
+        wm.set("image_embed.positions", pos)
+    if config.image.pre_norm:
+        wm.copy_module("image_embed.norm", "norm_pre")
+    stack = config.stacks["vision"]
+    for i in range(stack.depth):
+        t, s = f"stacks.vision.blocks.{i}", f"blocks.{i}"
+        wm.copy_module(f"{t}.attn.norm", f"{s}.norm1")
+        wm.copy(f"{t}.attn.fn.qkv.weight", f"{s}.attn.qkv.weight")  # rows q | k | v, as ours
+        if stack.bias:
+            if f"{s}.attn.qkv.bias" in wm:
+                wm.copy(f"{t}.attn.fn.qkv.bias", f"{s}.attn.qkv.bias")
+            else:  # qkv_bias=False next to biased projections: a zero bias is exact
+                wm.set(f"{t}.attn.fn.qkv.bias", torch.zeros(3 * stack.width), source=[])
+        if stack.qk_norm:
+            wm.copy_module(f"{t}.attn.fn.q_norm", f"{s}.attn.q_norm")
+            wm.copy_module(f"{t}.attn.fn.k_norm", f"{s}.attn.k_norm")
+        names = ["weight", "bias"] if stack.bias else ["weight"]
+        wm.copy_module(f"{t}.attn.fn.proj", f"{s}.attn.proj", names)
+        wm.copy_module(f"{t}.mlp.norm", f"{s}.norm2")
+        wm.copy_module(f"{t}.mlp.fn.fc1", f"{s}.mlp.fc1", names)
+        wm.copy_module(f"{t}.mlp.fn.fc2", f"{s}.mlp.fc2", names)
+    if stack.final_norm:
+        wm.copy_module("stacks.vision.norm", "norm")
+    if config.embed_dim is not None:
+        wm.copy_module("image_proj", "head", ["weight", "bias"] if config.projection_bias else ["weight"])
+    wm.set("logit_scale", torch.tensor(config.logit_scale_init), source=[])  # ours only: unused by a classifier
+    return wm
+
+
+def _processor(vit: nn.Module, config: ModelConfig):
+    from timm.data import resolve_data_config
+
+    data = resolve_data_config({}, model=vit)
+    channels = config.image.channels
+    if channels not in (1, 3):
+        warnings.warn(
+            f"no processor attached: the image pipeline handles 1 or 3 channels, not {channels}", stacklevel=3
+        )
+        return None
+    interpolation = data.get("interpolation", "bicubic")
+    image = dict(
+        image_size=tuple(config.image.image_size),  # the model's own size (a pretrained_cfg may name another)
+        mean=tuple(data["mean"]),
+        std=tuple(data["std"]),
+        interpolation=interpolation if interpolation in ("bicubic", "bilinear", "nearest") else "bicubic",
+        resize="shortest",
+        channels=channels,
+    )
+    return build_processor(None, image=image)

@@ -1,0 +1,468 @@
+"""Text generation from image or audio memory: greedy decoding, beam search and sampling, with or without a KV cache.
+
+Structure (after Whisper's ``decoding.py``): the options are a frozen, validated :class:`DecodingOptions`; small
+strategy classes pick tokens (:class:`Greedy`, :class:`Sampler` with its logit filters :class:`Temperature`,
+:class:`TopK`, :class:`TopP`) and run the search (:class:`TokenSearch` for greedy/sampling, :class:`BeamSearch`);
+:class:`DecoderRunner` feeds the decoder either incrementally through one preallocated
+:class:`~mmformer.layers.cache.KVCache` or from scratch every step (the reference the cache must equal).
+
+Returned ids are the prompt followed by the generated tokens. A row ends at its first ``eos_id`` (kept) and is
+right-padded with ``pad_id`` to the longest row; rows that never emit eos run to ``max_new_tokens``, or stop cleanly
+where the decoder's position table (``config.text.max_length``) ends.
+
+Shape legend: B batch, K beams, N = B*K decoded rows, P prompt tokens, L tokens so far, V vocabulary,
+S memory tokens, D width.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from mmformer.layers.cache import KVCache
+    from mmformer.model import MultimodalTransformer
+    from mmformer.processor import Processor
+
+_NEG = -1.0e9  # score of beams that must not be chosen (finite, so sums and divisions stay defined)
+
+
+# ---------------------------------------------------------------------- options
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How to decode; validated on construction, so a bad option fails before any model work."""
+
+    max_new_tokens: int = 30  # tokens generated after the prompt (fewer if every row ends or positions run out)
+    num_beams: int = 1  # > 1: beam search
+    top_k: int | None = None  # sample only among the k most likely tokens
+    top_p: float | None = None  # sample only from the smallest set of tokens whose probability reaches top_p
+    temperature: float = 1.0  # logits are divided by it before sampling
+    length_penalty: float = 1.0  # beam search: a hypothesis scores sum(logprob) / generated_length**length_penalty
+    do_sample: bool | None = None  # None: sample iff top_k, top_p or temperature != 1 asks for it
+    use_cache: bool = True  # incremental decoding through a KV cache; False recomputes everything each step
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected an int >= 1, got {self.max_new_tokens!r}")
+        if not _is_int(self.num_beams) or self.num_beams < 1:
+            raise ValueError(f"num_beams: expected an int >= 1, got {self.num_beams!r}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise ValueError(f"top_k: expected None or an int >= 1, got {self.top_k!r}")
+        if self.top_p is not None and (not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p: expected None or a number in (0, 1], got {self.top_p!r}")
+        if not _is_number(self.temperature) or self.temperature <= 0:
+            raise ValueError(
+                f"temperature: expected a number > 0 (do_sample=False decodes greedily), got {self.temperature!r}"
+            )
+        if not _is_number(self.length_penalty):
+            raise ValueError(f"length_penalty: expected a finite number, got {self.length_penalty!r}")
+        if self.do_sample not in (None, True, False):
+            raise ValueError(f"do_sample: expected None, True or False, got {self.do_sample!r}")
+        if not isinstance(self.use_cache, bool):
+            raise ValueError(f"use_cache: expected True or False, got {self.use_cache!r}")
+        if self.do_sample is None:
+            wants = self.top_k is not None or self.top_p is not None or self.temperature != 1.0
+            object.__setattr__(self, "do_sample", wants)
+        if self.do_sample and self.num_beams > 1:
+            raise ValueError(
+                f"num_beams={self.num_beams} with sampling (do_sample=True, top_k={self.top_k}, top_p={self.top_p}, "
+                f"temperature={self.temperature}) is not supported: use num_beams=1 to sample, or drop the sampling "
+                "options for beam search"
+            )
+
+
+# ---------------------------------------------------------------------- token choice
+class Temperature:
+    """Divide logits by the temperature (> 1 flattens, < 1 sharpens the distribution)."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits / self.temperature
+
+
+class TopK:
+    """Keep the k largest logits of each row."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        k = min(self.k, logits.shape[-1])
+        kth = logits.topk(k, dim=-1).values[..., -1:]  # (N, 1)
+        return logits.masked_fill(logits < kth, float("-inf"))
+
+
+class TopP:
+    """Nucleus filter: keep the most likely tokens whose cumulative probability reaches p (at least one)."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (N, V)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the more likely ones already reach p; the most likely one always stays
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= self.p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        return logits.masked_fill(drop, float("-inf"))
+
+
+class Greedy:
+    """The most likely token."""
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(dim=-1)
+
+
+class Sampler:
+    """A token drawn from the filtered distribution; ``generator`` makes the draws reproducible."""
+
+    def __init__(self, filters: Sequence, generator: torch.Generator | None = None):
+        self.filters = list(filters)
+        self.generator = generator
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        for f in self.filters:
+            logits = f(logits)
+        probs = logits.softmax(dim=-1)  # (N, V)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+
+def token_chooser(options: DecodingOptions, generator: torch.Generator | None = None) -> Greedy | Sampler:
+    if not options.do_sample:
+        return Greedy()
+    filters: list = []
+    if options.temperature != 1.0:
+        filters.append(Temperature(options.temperature))
+    if options.top_k is not None:
+        filters.append(TopK(options.top_k))
+    if options.top_p is not None and options.top_p < 1.0:
+        filters.append(TopP(options.top_p))
+    return Sampler(filters, generator)
+
+
+# ---------------------------------------------------------------------- running the decoder
+class DecoderRunner:
+    """Next-token logits for growing sequences: incrementally through one KV cache, or recomputed from scratch.
+
+    With the cache, the first call feeds the whole prompt and fills the cross-attention keys/values from the
+    memory once; later calls feed only the tokens the cache has not seen, and the memory's padding mask (the cached
+    keys still need it) but no longer the memory itself.
+    """
+
+    def __init__(
+        self,
+        model: MultimodalTransformer,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor | None,
+        max_length: int,
+        use_cache: bool,
+    ):
+        self.model = model
+        self.memory, self.memory_mask = memory, memory_mask
+        self.cache: KVCache | None = model.make_cache(memory.shape[0], max_length) if use_cache else None
+
+    def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens so far (N, L) → float32 logits (N, V) for position L."""
+        new = tokens if self.cache is None else tokens[:, self.cache.length :]
+        logits = self.model.decode(new, self.memory, self.memory_mask, cache=self.cache)  # (N, T, V)
+        if self.cache is not None:
+            self.memory = None  # the cache now holds the cross-attention keys/values; don't carry (or reorder) it
+        return logits[:, -1].float()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` (N,) of every per-row state, as beam search reassigns hypotheses."""
+        if self.memory is not None:
+            self.memory = self.memory.index_select(0, index)
+        if self.memory_mask is not None:
+            self.memory_mask = self.memory_mask.index_select(0, index)
+        if self.cache is not None:
+            self.cache.reorder(index)
+
+
+# ---------------------------------------------------------------------- searches
+class TokenSearch:
+    """One token per row and step (greedy or sampled); a row that emits eos is padded from then on."""
+
+    def __init__(self, choose: Greedy | Sampler, eos_id: int, pad_id: int):
+        self.choose, self.eos_id, self.pad_id = choose, eos_id, pad_id
+
+    def run(self, runner: DecoderRunner, prompt: torch.Tensor, max_length: int) -> torch.Tensor:
+        """Prompt (B, P) → ids (B, P + generated), at most ``max_length`` long."""
+        tokens = prompt
+        done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+        while tokens.shape[1] < max_length:
+            next_ids = self.choose(runner.next_logits(tokens)).masked_fill(done, self.pad_id)  # (B,)
+            tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+            done |= next_ids == self.eos_id
+            if bool(done.all()):
+                break
+        return tokens
+
+
+class BeamSearch:
+    """Beam search as Hugging Face ``generate`` does it (``early_stopping=False``).
+
+    Each step keeps the 2K best continuations of the K running beams; those ending in eos (or at the length limit)
+    among the first K become finished hypotheses scored ``sum(logprob) / generated_length**length_penalty``, the
+    best K unfinished ones run on. A sample stops once it has K finished hypotheses and its best running beam can
+    no longer beat the worst of them; the best finished hypothesis of each sample is returned.
+    """
+
+    def __init__(self, num_beams: int, length_penalty: float, eos_id: int, pad_id: int):
+        self.K, self.length_penalty, self.eos_id, self.pad_id = num_beams, length_penalty, eos_id, pad_id
+
+    def run(self, runner: DecoderRunner, prompt: torch.Tensor, max_length: int) -> torch.Tensor:
+        """Prompt (B*K, P), each sample's row repeated K times → best hypotheses (B, P + generated)."""
+        K, device = self.K, prompt.device
+        B, n_prompt = prompt.shape[0] // K, prompt.shape[1]
+        running = prompt.view(B, K, n_prompt)
+        running_scores = torch.zeros(B, K, device=device)
+        running_scores[:, 1:] = _NEG  # the first step expands only beam 0 (all beams hold the same prompt)
+        finished = torch.full((B, K, max_length), self.pad_id, dtype=torch.long, device=device)
+        finished_len = torch.zeros(B, K, dtype=torch.long, device=device)
+        finished_scores = torch.full((B, K), _NEG, device=device)
+        finished_real = torch.zeros(B, K, dtype=torch.bool, device=device)
+        improvable = torch.ones(B, dtype=torch.bool, device=device)
+        rows = torch.arange(B, device=device)[:, None]  # (B, 1)
+        cur = n_prompt  # tokens per row so far
+        while cur < max_length:
+            logprobs = F.log_softmax(runner.next_logits(running.reshape(B * K, cur)), dim=-1)  # (N, V)
+            V = logprobs.shape[-1]
+            scores = (logprobs.view(B, K, V) + running_scores[..., None]).view(B, K * V)
+            n_candidates = min(2 * K, K * V)
+            cand_scores, cand = scores.topk(n_candidates, dim=-1)  # (B, 2K)
+            cand_beam, cand_token = cand // V, cand % V
+            cand_seqs = torch.cat([running[rows, cand_beam], cand_token[..., None]], dim=-1)  # (B, 2K, cur+1)
+            ends = (cand_token == self.eos_id) | (cur + 1 >= max_length)  # (B, 2K)
+
+            # the best K continuations that did not end run on
+            open_scores = cand_scores + ends.float() * _NEG
+            keep = open_scores.topk(K, dim=-1).indices  # (B, K)
+            running, running_scores = cand_seqs[rows, keep], open_scores.gather(1, keep)
+
+            # candidates that ended among the first K join the finished hypotheses if they rank in the best K
+            generated = cur + 1 - n_prompt
+            new_scores = cand_scores / generated**self.length_penalty
+            eligible = ends & (torch.arange(n_candidates, device=device) < K) & improvable[:, None]
+            new_scores = new_scores.masked_fill(~eligible, 2 * _NEG)  # below every real or empty slot
+            merged_scores = torch.cat([finished_scores, new_scores], dim=1)  # (B, K + 2K)
+            best = merged_scores.topk(K, dim=-1).indices  # (B, K)
+            finished = torch.cat([finished, F.pad(cand_seqs, (0, max_length - cur - 1), value=self.pad_id)], 1)[
+                rows, best
+            ]
+            finished_len = torch.cat([finished_len, torch.full_like(cand_token, cur + 1)], dim=1).gather(1, best)
+            finished_real = torch.cat([finished_real, eligible], dim=1).gather(1, best)
+            finished_scores = merged_scores.gather(1, best)
+
+            cur += 1
+            best_running = running_scores[:, :1] / generated**self.length_penalty  # (B, 1)
+            worst_finished = torch.where(finished_real, finished_scores.min(dim=1, keepdim=True).values, _NEG)
+            improvable &= (best_running > worst_finished).any(dim=1)
+            if not bool(improvable.any()) or bool(ends.all()):
+                break
+            runner.reorder((rows * K + cand_beam.gather(1, keep)).view(-1))
+        length = int(finished_len[:, 0].max())
+        return finished[:, 0, :length]
+
+
+# ---------------------------------------------------------------------- entry points
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _memory(
+    model: MultimodalTransformer,
+    image: torch.Tensor | None,
+    audio: torch.Tensor | None,
+    audio_lengths: torch.Tensor | None,
+    audio_features: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    given = [
+        name for name, x in (("image", image), ("audio", audio), ("audio_features", audio_features)) if x is not None
+    ]
+    if len(given) != 1:
+        raise ValueError(
+            f"generate: expected exactly one of image=, audio=, audio_features= (the memory the decoder reads), "
+            f"got {given or 'none'}"
+        )
+    if audio_lengths is not None and audio is None:
+        raise ValueError("audio_lengths: only meaningful with audio= (waveforms); got audio=None")
+    if image is not None:
+        return model.encode_image_tokens(image)
+    if audio is not None:
+        return model.encode_audio_tokens(audio, audio_lengths)
+    return model.encode_audio_tokens(audio_features=audio_features)
+
+
+def _prompt(model: MultimodalTransformer, prompt_ids: Any, batch: int, device: torch.device) -> torch.Tensor:
+    if prompt_ids is None:
+        return torch.full((batch, 1), model.config.text.bos_id, dtype=torch.long, device=device)
+    prompt = torch.as_tensor(prompt_ids, device=device)
+    if prompt.dtype not in (torch.int64, torch.int32) or prompt.ndim not in (1, 2) or prompt.shape[-1] == 0:
+        raise ValueError(
+            f"prompt_ids: expected integer ids (B, P) or (P,) with P >= 1, got {tuple(prompt.shape)} {prompt.dtype}"
+        )
+    prompt = prompt.long()
+    if prompt.ndim == 1:
+        prompt = prompt.expand(batch, -1)
+    if prompt.shape[0] != batch:
+        raise ValueError(f"prompt_ids: expected {batch} rows (one per image/audio), got shape {tuple(prompt.shape)}")
+    vocab = model.config.text.vocab_size
+    if int(prompt.min()) < 0 or int(prompt.max()) >= vocab:
+        raise ValueError(
+            f"prompt_ids: expected ids in [0, {vocab}), got min {int(prompt.min())}, max {int(prompt.max())}"
+        )
+    return prompt
+
+
+@torch.no_grad()
+def generate(
+    model: MultimodalTransformer,
+    image: torch.Tensor | None = None,
+    audio: torch.Tensor | None = None,
+    audio_lengths: torch.Tensor | None = None,
+    audio_features: torch.Tensor | None = None,
+    prompt_ids: torch.Tensor | Sequence | None = None,
+    max_new_tokens: int = 30,
+    num_beams: int = 1,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    temperature: float = 1.0,
+    length_penalty: float = 1.0,
+    do_sample: bool | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Decode token ids from an image or audio memory.
+
+    Args:
+        model: a model with a decoder route.
+        image: normalised pixels (B, C, H, W).
+        audio: waveforms (B, S) with optional sample counts ``audio_lengths`` (B,).
+        audio_features: precomputed log-mel (B, n_mels, frames), as Whisper's ``input_features``.
+        prompt_ids: decoder prefix (B, P) or (P,) for every row; default ``[[bos_id]] * B``.
+        max_new_tokens: tokens generated after the prompt at most.
+        num_beams: beam width; 1 decodes greedily (or samples).
+        top_k, top_p, temperature: sampling filters; any of them switches sampling on unless ``do_sample=False``.
+        length_penalty: beam search score exponent on the generated length, as in Hugging Face.
+        do_sample: force sampling on or off; None decides from the filters.
+        use_cache: decode incrementally through a KV cache (False recomputes the decoder each step; same ids).
+        generator: random generator for reproducible sampling.
+
+    Returns:
+        LongTensor (B, P + generated): the prompt then the generated tokens; each row ends at its first eos (kept)
+        and is padded with ``pad_id``. Decoding stops early, without error, where the decoder's position table ends.
+    """
+    options = DecodingOptions(
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        top_k=top_k,
+        top_p=top_p,
+        temperature=temperature,
+        length_penalty=length_penalty,
+        do_sample=do_sample,
+        use_cache=use_cache,
+    )
+    if model.lm_head is None:
+        raise ValueError(f"generate: this model has no decoder; its routes are {sorted(model.config.routes)}")
+    text = model.config.text
+    memory, memory_mask = _memory(model, image, audio, audio_lengths, audio_features)  # (B, S, D), (B, S)
+    B = memory.shape[0]
+    prompt = _prompt(model, prompt_ids, B, memory.device)
+    n_prompt = prompt.shape[1]
+    max_length = n_prompt + options.max_new_tokens
+    if text.position != "none":  # absolute positions end with their table: stop there rather than fail
+        if n_prompt > text.max_length:
+            raise ValueError(
+                f"prompt_ids: {n_prompt} tokens exceed the decoder's position table "
+                f"(config.text.max_length={text.max_length})"
+            )
+        max_length = min(max_length, text.max_length)
+    if max_length <= n_prompt:
+        return prompt
+
+    K = options.num_beams
+    if K > 1:
+        # (B, ...) → (B*K, ...): each sample's K beams sit next to each other
+        memory, prompt = memory.repeat_interleave(K, dim=0), prompt.repeat_interleave(K, dim=0)
+        memory_mask = None if memory_mask is None else memory_mask.repeat_interleave(K, dim=0)
+        search: TokenSearch | BeamSearch = BeamSearch(K, options.length_penalty, text.eos_id, text.pad_id)
+    else:
+        search = TokenSearch(token_chooser(options, generator), text.eos_id, text.pad_id)
+    runner = DecoderRunner(model, memory, memory_mask, max_length, options.use_cache)
+    return search.run(runner, prompt, max_length)
+
+
+def _processor(model: MultimodalTransformer, processor: Processor | None, what: str) -> Processor:
+    processor = processor if processor is not None else getattr(model, "processor", None)
+    if processor is None or getattr(processor, "tokenizer", None) is None:
+        raise ValueError(
+            f"{what}: turning ids into text needs a Processor with a tokenizer; pass processor=, or use a model "
+            f"loaded with one (model.processor); got processor={processor!r}"
+        )
+    return processor
+
+
+def _detokenize(processor: Processor, ids: torch.Tensor, decoding: dict[str, Any]) -> list[str]:
+    prompt = decoding.get("prompt_ids")
+    skip = 1 if prompt is None else torch.as_tensor(prompt).shape[-1]
+    return processor.tokenizer.batch_decode(ids[:, skip:].cpu(), skip_special_tokens=True)
+
+
+def caption(
+    model: MultimodalTransformer, images: Any, processor: Processor | None = None, **decoding: Any
+) -> list[str]:
+    """Captions of images.
+
+    Args:
+        images: normalised ``pixel_values`` (B, C, H, W) as a float tensor, or anything the processor takes (PIL
+            images, file paths, numpy arrays, (C, H, W) tensors).
+        processor: preprocessing and tokenizer; default ``model.processor``.
+        decoding: :func:`generate` options (``max_new_tokens``, ``num_beams``, ...).
+    """
+    processor = _processor(model, processor, "caption")
+    if isinstance(images, torch.Tensor) and images.ndim == 4 and images.is_floating_point():
+        pixel_values = images
+    else:
+        pixel_values = processor(images=images)["pixel_values"]
+    ids = generate(model, image=pixel_values.to(_model_device(model)), **decoding)
+    return _detokenize(processor, ids, decoding)
+
+
+def transcribe(
+    model: MultimodalTransformer,
+    waveforms: Any,
+    sample_rate: int = 16000,
+    processor: Processor | None = None,
+    **decoding: Any,
+) -> list[str]:
+    """Transcripts of speech.
+
+    Args:
+        waveforms: (B, S) tensor/array or a list of 1-D waveforms recorded at ``sample_rate``, or audio file paths;
+            the processor resamples them to the model's rate and pads them.
+        sample_rate: the rate of the waveform arrays (file paths carry their own).
+        processor: preprocessing and tokenizer; default ``model.processor``.
+        decoding: :func:`generate` options.
+    """
+    processor = _processor(model, processor, "transcribe")
+    batch = processor(audio=waveforms, sampling_rate=sample_rate)
+    device = _model_device(model)
+    ids = generate(model, audio=batch["audio"].to(device), audio_lengths=batch["audio_lengths"].to(device), **decoding)
+    return _detokenize(processor, ids, decoding)

@@ -1,0 +1,273 @@
+"""OpenAI CLIP / open_clip and Hugging Face CLIP converters: parity with the public implementations (float32,
+1e-4), the tokenizer, file loading, and refusals that name what is wrong. Every model is built locally with random
+weights; nothing is downloaded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmformer.convert import from_hf_clip, from_open_clip
+from mmformer.convert.common import UnsupportedModelError, load_state_dict
+
+open_clip = pytest.importorskip("open_clip")
+
+TOL = 1e-4
+TEXTS = ["a photo of a cat", "a diagram", "an extremely long caption that goes on and on, well past sixteen tokens"]
+SMALL = dict(  # a small open_clip config: 32×32 images in 8×8 patches, 16 text positions, CLIP's vocabulary
+    embed_dim=64,
+    vision_cfg=dict(image_size=32, layers=2, width=128, patch_size=8),
+    text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=2, layers=2),
+)
+
+
+def randomize_(module: torch.nn.Module) -> torch.nn.Module:
+    """Random values in every parameter (norm scales near 1), so that a swapped or skipped weight shows."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "logit" in name:
+                continue
+            if p.ndim == 1 and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.05 * torch.randn_like(p))
+    return module.eval()
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def assert_clip_parity(ours, ref, pixels: torch.Tensor, ids: torch.Tensor) -> None:
+    """encode_image / encode_text (unnormalised) and the zero-shot logits agree with open_clip's."""
+    with torch.no_grad():
+        img, txt = ref.encode_image(pixels), ref.encode_text(ids)
+        assert max_diff(ours.encode_image(pixels, normalize=False), img) < TOL
+        assert max_diff(ours.encode_text(ids, normalize=False), txt) < TOL
+        ref_logits = (
+            ref.logit_scale.exp() * ref.encode_image(pixels, normalize=True) @ ref.encode_text(ids, normalize=True).T
+        )
+        logits = ours.logit_scale.exp() * ours.encode_image(pixels) @ ours.encode_text(ids).T
+        assert max_diff(logits, ref_logits) < TOL
+
+
+@pytest.fixture(scope="module")
+def small_clip():
+    torch.manual_seed(0)
+    return randomize_(open_clip.CLIP(**SMALL))
+
+
+@pytest.fixture(scope="module")
+def small_inputs():
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 32, 32), open_clip.tokenize(TEXTS[:2], context_length=16)
+
+
+# ---------------------------------------------------------------------------------------------------- open_clip
+def test_open_clip_vit_b32_parity():
+    torch.manual_seed(0)
+    ref = open_clip.create_model("ViT-B-32", pretrained=None).eval()
+    ours = from_open_clip(ref)
+    pixels = torch.randn(2, 3, 224, 224)
+    ids = open_clip.get_tokenizer("ViT-B-32")(TEXTS[:2])
+    assert ours.config.stacks["vision"].n_heads == 12 and ours.config.stacks["text"].n_heads == 8
+    assert ours.config.text.causal and ours.config.image.pre_norm and not ours.config.image.patch_bias
+    with torch.no_grad():
+        img, txt = ref.encode_image(pixels), ref.encode_text(ids)
+        our_img, our_txt = ours.encode_image(pixels, normalize=False), ours.encode_text(ids, normalize=False)
+        assert max_diff(our_img, img) < TOL
+        assert max_diff(our_txt, txt) < TOL
+        normed = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
+        ref_logits = ref.logit_scale.exp() * normed(img) @ normed(txt).T
+        logits = ours.logit_scale.exp() * normed(our_img) @ normed(our_txt).T
+        assert max_diff(logits, ref_logits) < TOL
+    assert torch.equal(ours.processor.tokenizer(TEXTS[:2], padding="max_length")["input_ids"], ids)
+
+
+def test_open_clip_small_parity_and_processor(small_clip, small_inputs):
+    ours = from_open_clip(small_clip)
+    assert_clip_parity(ours, small_clip, *small_inputs)
+    tokenizer = ours.processor.tokenizer
+    assert tokenizer is not None and tokenizer.max_length == 16
+    expected = open_clip.tokenize(TEXTS, context_length=16)  # the third text is cut, keeping its end-of-text token
+    assert torch.equal(tokenizer(TEXTS, padding="max_length")["input_ids"], expected)
+    image = ours.processor.image
+    assert image.image_size == (32, 32) and image.interpolation == "bicubic" and image.resize == "shortest"
+    assert image.mean == open_clip.OPENAI_DATASET_MEAN and image.std == open_clip.OPENAI_DATASET_STD
+    # Our tokenizer's batch padded to the longest row, with its mask, pools the same end-of-text states.
+    batch = tokenizer(TEXTS)
+    with torch.no_grad():
+        ours_txt = ours.encode_text(batch["input_ids"], batch["attention_mask"], normalize=False)
+        assert max_diff(ours_txt, small_clip.encode_text(expected)) < TOL
+
+
+def test_open_clip_state_dict_file(small_clip, small_inputs, tmp_path):
+    path = tmp_path / "clip.pt"
+    torch.save(small_clip.state_dict(), path)
+    ours = from_open_clip(path, model_cfg=SMALL)  # the config gives what shapes cannot: 2 text heads, GELU
+    assert_clip_parity(ours, small_clip, *small_inputs)
+    assert ours.config == from_open_clip(small_clip).config
+    # Without a config, OpenAI's conventions hold, as in open_clip's build_model_from_openai_state_dict.
+    openai = from_open_clip(path).config
+    assert openai.stacks["text"].n_heads == 1 and openai.stacks["vision"].n_heads == 2
+    assert openai.stacks["text"].mlp == openai.stacks["vision"].mlp == "quickgelu"
+    from safetensors.torch import save_file
+
+    save_file(small_clip.state_dict(), tmp_path / "model.safetensors")
+    assert from_open_clip(tmp_path, model_cfg=SMALL).config == ours.config  # a directory with model.safetensors
+
+
+@pytest.mark.parametrize(
+    "vision, text, kwargs",
+    [
+        (dict(no_ln_pre=True, final_ln_after_pool=True), dict(no_causal_mask=True, pool_type="eos", eos_id=49407), {}),
+        ({}, dict(pool_type="first"), dict(quick_gelu=True)),
+        (dict(norm_kwargs={"eps": 1e-6}), dict(pool_type="last", norm_kwargs={"eps": 1e-6}), {}),
+    ],
+    ids=["no-ln-pre, bidirectional eos pooling", "quickgelu, first-token pooling", "eps 1e-6, last-token pooling"],
+)
+def test_open_clip_variants(vision, text, kwargs):
+    cfg = dict(
+        embed_dim=16,
+        vision_cfg=dict(image_size=16, layers=1, width=32, patch_size=8, head_width=16, **vision),
+        text_cfg=dict(context_length=8, vocab_size=49408, width=32, heads=2, layers=1, **text),
+        **kwargs,
+    )
+    ref = randomize_(open_clip.CLIP(**cfg))
+    ours = from_open_clip(ref)
+    ids = open_clip.tokenize(TEXTS[:2], context_length=8)
+    assert_clip_parity(ours, ref, torch.randn(2, 3, 16, 16), ids)
+    assert_clip_parity(from_open_clip(ref.state_dict(), model_cfg=cfg), ref, torch.randn(2, 3, 16, 16), ids)
+
+
+def test_open_clip_wrong_shape_and_extra_key_are_listed(small_clip):
+    state = dict(small_clip.state_dict())
+    key = "transformer.resblocks.1.mlp.c_fc.weight"
+    state[key] = torch.zeros(200, 64)
+    with pytest.raises(ValueError, match=r"transformer\.resblocks\.1\.mlp\.c_fc\.weight \(200, 64\)") as err:
+        from_open_clip(state)
+    assert "expected (256, 64), got (200, 64)" in str(err.value)
+    state = dict(small_clip.state_dict(), **{"visual.mystery.weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"source keys with no place.*visual\.mystery\.weight"):
+        from_open_clip(state)
+    state = {k: v for k, v in small_clip.state_dict().items() if k not in ("ln_final.bias", "visual.ln_post.bias")}
+    with pytest.raises(ValueError) as err:
+        from_open_clip(state)
+    assert "source keys missing: ['visual.ln_post.bias'] (needed for stacks.vision.norm.bias)" in str(err.value)
+    assert "source keys missing: ['ln_final.bias'] (needed for stacks.text.norm.bias)" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "vision, text, feature",
+    [
+        (dict(attentional_pool=True, attn_pooler_heads=2, attn_pooler_queries=4), {}, "attentional pooling"),
+        (dict(pool_type="avg"), {}, "pool_type='avg'"),
+        (dict(ls_init_value=0.1), {}, "layer scale"),
+        (dict(qk_norm=True), {}, "custom attention blocks"),
+        ({}, dict(proj_bias=True), "text projection with bias"),
+    ],
+)
+def test_open_clip_unsupported_features_are_named(vision, text, feature):
+    cfg = dict(
+        embed_dim=16,
+        vision_cfg=dict(image_size=16, layers=1, width=32, patch_size=8, head_width=16, **vision),
+        text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1, **text),
+    )
+    ref = open_clip.CLIP(**cfg)
+    with pytest.raises(UnsupportedModelError, match=feature):
+        from_open_clip(ref)
+    with pytest.raises(UnsupportedModelError):
+        from_open_clip(ref.state_dict(), model_cfg=cfg)
+
+
+def test_open_clip_custom_text_tower_is_named():
+    cfg = dict(
+        embed_dim=16,
+        vision_cfg=dict(image_size=16, layers=1, width=32, patch_size=8, head_width=16),
+        text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1),
+    )
+    ref = open_clip.CustomTextCLIP(**cfg)
+    with pytest.raises(UnsupportedModelError, match="CustomTextCLIP"):
+        from_open_clip(ref)
+    with pytest.raises(UnsupportedModelError, match="custom text towers"):
+        from_open_clip(ref.state_dict())
+
+
+class Payload:
+    """Stands for any object a pickle could smuggle in."""
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_unsafe_files_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(1), "payload": Payload()}, path)
+    with pytest.raises(ValueError, match="never unpickles arbitrary objects"):
+        load_state_dict(path)
+    scripted = tmp_path / "scripted.pt"  # OpenAI's original .pt files are TorchScript archives
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), scripted)
+    with pytest.raises(ValueError, match="TorchScript archive"):
+        from_open_clip(scripted)
+    with pytest.raises(TypeError, match="model_or_state_dict"):
+        from_open_clip(42)
+
+
+# ---------------------------------------------------------------------------------------------------- Hugging Face
+def _hf_clip(eos_token_id: int):
+    transformers = pytest.importorskip("transformers")
+    text = dict(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=998,
+        eos_token_id=eos_token_id,
+        pad_token_id=0,
+    )
+    vision = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+    return randomize_(transformers.CLIPModel(config))
+
+
+def _features(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.pooler_output  # transformers 5: a ModelOutput
+
+
+@pytest.mark.parametrize("eos_token_id", [999, 2], ids=["eos-id", "legacy-argmax"])
+def test_hf_clip_parity(eos_token_id, tmp_path):
+    ref = _hf_clip(eos_token_id)
+    ours = from_hf_clip(ref)
+    assert ours.config.text.eos_id == 999  # legacy configs pool at the argmax id = the vocabulary's last one
+    pixels = torch.randn(2, 3, 32, 32)
+    ids = torch.tensor([[998, 5, 6, 7, 999, 0, 0], [998, 9, 999, 0, 0, 0, 0]])  # right-padded with 0
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0]])
+    with torch.no_grad():
+        ref_img = _features(ref.get_image_features(pixel_values=pixels))
+        ref_txt = _features(ref.get_text_features(input_ids=ids, attention_mask=mask))
+        assert max_diff(ours.encode_image(pixels, normalize=False), ref_img) < TOL
+        assert max_diff(ours.encode_text(ids, mask, normalize=False), ref_txt) < TOL
+        ref.save_pretrained(tmp_path)
+        from_dir = from_hf_clip(tmp_path)
+        assert max_diff(from_dir.encode_image(pixels, normalize=False), ref_img) < TOL
+        assert max_diff(from_dir.encode_text(ids, mask, normalize=False), ref_txt) < TOL
+    assert ours.processor.image.image_size == (32, 32) and ours.processor.tokenizer is None  # not CLIP's vocabulary
+
+
+def test_hf_clip_mismatch_is_listed(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ref = _hf_clip(999)
+    ref.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["text_model.encoder.layers.0.self_attn.k_proj.weight"] = torch.zeros(64, 32)
+    state["text_model.extra.weight"] = torch.zeros(2)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError) as err:
+        from_hf_clip(tmp_path)
+    message = str(err.value)
+    assert "text_model.extra.weight" in message
+    assert "text_model.encoder.layers.0.self_attn.k_proj.weight (64, 32)" in message
+    assert "into stacks.text.blocks.0.attn.fn.qkv.weight" in message

@@ -1,0 +1,282 @@
+"""Generation: the KV cache changes nothing (token for token), beam search and sampling behave, rows stop on their
+own, position tables end cleanly, and bad options fail with clear errors.
+
+Tiny random models decode degenerate text with a tied head (each token predicts itself), so the models here untie
+the LM head and give it and the token embedding unit-variance weights: logits then differ by wide margins and the
+cached and uncached paths cannot disagree through float rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer as Backend
+from tokenizers import models, pre_tokenizers
+
+from mmformer.generation import DecodingOptions, generate
+from mmformer.model import MultimodalTransformer
+from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
+from mmformer.tokenizer import Tokenizer
+
+B = 3
+SCHEMES = {  # decoder position scheme: absolute (text embedder) or relative (inside attention)
+    "learned": dict(text={"position": "learned"}),
+    "sinusoidal": dict(text={"position": "sinusoidal"}),
+    "rope": dict(text={"position": "none"}, stack={"position": "rope"}),
+    "alibi": dict(text={"position": "none"}, stack={"position": "alibi"}),
+    "gqa": dict(stack={"n_kv_heads": 2}),
+}
+
+
+@pytest.fixture
+def build(make_model_config):
+    def make(scheme: str = "learned") -> MultimodalTransformer:
+        model = MultimodalTransformer(make_model_config(**SCHEMES[scheme], tie_lm_head=False)).eval()
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0, 1.0)
+            model.text_embed.tokens.weight.normal_(0, 1.0)
+        return model
+
+    return make
+
+
+def memory_inputs(kind: str) -> dict[str, torch.Tensor]:
+    """Decoder memory sources: images, or waveforms of different lengths (so the memory has a padding mask)."""
+    if kind == "image":
+        return {"image": torch.randn(B, 3, 16, 16)}
+    return {"audio": torch.randn(B, 800) * 0.1, "audio_lengths": torch.tensor([800, 500, 650])}
+
+
+def cut_at_eos(ids: torch.Tensor, n_prompt: int, eos: int, pad: int) -> tuple[torch.Tensor, list[int]]:
+    """What per-row stopping should make of a run without eos: each row cut after its first generated ``eos``,
+    right-padded to the longest; and each row's length."""
+    rows, ends = [], []
+    for row in ids.tolist():
+        gen = row[n_prompt:]
+        end = n_prompt + (gen.index(eos) + 1 if eos in gen else len(gen))
+        rows.append(row[:end])
+        ends.append(end)
+    width = max(ends)
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows]), ends
+
+
+# ---------------------------------------------------------------- the cache changes nothing
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("memory", ["image", "audio"])
+def test_cache_equals_recompute(build, scheme, memory):
+    model = build(scheme)
+    inputs = memory_inputs(memory)
+    for num_beams in (1, 3):
+        cached = generate(model, **inputs, max_new_tokens=8, num_beams=num_beams)
+        uncached = generate(model, **inputs, max_new_tokens=8, num_beams=num_beams, use_cache=False)
+        assert cached.shape == (B, 9)
+        assert torch.equal(cached, uncached), (scheme, memory, num_beams)
+
+
+def test_cache_equals_recompute_with_prompt_and_stops(build):
+    model = build()
+    inputs = memory_inputs("image")
+    prompt = torch.tensor([[1, 5, 6], [1, 7, 8], [1, 9, 10]])
+    free = generate(model, **inputs, prompt_ids=prompt, max_new_tokens=8)
+    model.config.text.eos_id = int(free[0, 5])  # a token row 0 emits: rows now stop on their own
+    for num_beams in (1, 2):
+        kw = dict(prompt_ids=prompt, max_new_tokens=8, num_beams=num_beams)
+        assert torch.equal(generate(model, **inputs, **kw), generate(model, **inputs, **kw, use_cache=False))
+
+
+# ---------------------------------------------------------------- search strategies
+def test_prompt_is_kept_and_defaults_to_bos(build):
+    model = build()
+    inputs = memory_inputs("image")
+    ids = generate(model, **inputs, max_new_tokens=4)
+    assert ids.dtype == torch.long and (ids[:, 0] == model.config.text.bos_id).all()
+    prompt = torch.tensor([1, 4, 5])  # one prompt for every row
+    ids = generate(model, **inputs, prompt_ids=prompt, max_new_tokens=4)
+    assert ids.shape == (B, 7) and (ids[:, :3] == prompt).all()
+
+
+@pytest.mark.parametrize("memory", ["image", "audio"])
+def test_one_beam_equals_greedy(build, memory):
+    model = build()
+    inputs = memory_inputs(memory)
+    greedy = generate(model, **inputs, max_new_tokens=10)
+    assert torch.equal(generate(model, **inputs, max_new_tokens=10, num_beams=1, length_penalty=0.5), greedy)
+    model.config.text.eos_id = int(greedy[1, 4])  # with rows that stop, too
+    greedy = generate(model, **inputs, max_new_tokens=10)
+    assert torch.equal(generate(model, **inputs, max_new_tokens=10, num_beams=1), greedy)
+
+
+def test_beam_search_scores_at_least_greedy(build):
+    """Without eos and with length_penalty=0, beam search maximises the summed log-probability: never below greedy."""
+    model = build()
+    inputs = memory_inputs("image")
+    memory, mask = model.encode_image_tokens(inputs["image"])
+
+    def logprob(ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            logp = model.decode(ids[:, :-1], memory, mask).log_softmax(-1)
+        return logp.gather(-1, ids[:, 1:, None]).squeeze(-1).sum(-1)
+
+    greedy = generate(model, **inputs, max_new_tokens=6)
+    beam = generate(model, **inputs, max_new_tokens=6, num_beams=4, length_penalty=0.0)
+    assert (logprob(beam) >= logprob(greedy) - 1e-5).all()
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(build):
+    model = build()
+    inputs = memory_inputs("image")
+    a = generate(model, **inputs, max_new_tokens=10, temperature=1.5, generator=torch.Generator().manual_seed(7))
+    b = generate(model, **inputs, max_new_tokens=10, temperature=1.5, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    c = generate(model, **inputs, max_new_tokens=10, do_sample=True, generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(a, c)  # 30 draws from a 32-token vocabulary at temperature 1.5: never all equal
+    greedy = generate(model, **inputs, max_new_tokens=10)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(generate(model, **inputs, max_new_tokens=10, top_k=1, temperature=0.7, generator=gen), greedy)
+    assert torch.equal(generate(model, **inputs, max_new_tokens=10, top_p=1e-6, generator=gen), greedy)
+    # uncached sampling draws the same tokens from the same generator state
+    d = generate(model, **inputs, max_new_tokens=10, temperature=1.5, generator=torch.Generator().manual_seed(7))
+    e = generate(
+        model, **inputs, max_new_tokens=10, temperature=1.5, use_cache=False, generator=torch.Generator().manual_seed(7)
+    )
+    assert torch.equal(d, e)
+
+
+def test_options_resolve_do_sample():
+    assert DecodingOptions().do_sample is False
+    assert DecodingOptions(top_k=5).do_sample is True
+    assert DecodingOptions(top_p=0.9).do_sample is True
+    assert DecodingOptions(temperature=0.5).do_sample is True
+    assert DecodingOptions(temperature=0.5, do_sample=False).do_sample is False
+    with pytest.raises(AttributeError):
+        DecodingOptions().num_beams = 2  # frozen
+
+
+# ---------------------------------------------------------------- stopping
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_rows_stop_at_eos_and_are_padded(build, use_cache):
+    model = build()
+    inputs = memory_inputs("image")
+    text = model.config.text
+    text.eos_id, text.pad_id = 31, 30
+    free = generate(model, **inputs, max_new_tokens=10)
+    assert not ((free == 30) | (free == 31)).any(), "pick other special ids for this seed"
+    # an eos id that ends the rows at different steps: a token some row emits before another row does
+    for eos in free[:, 1:].flatten().tolist():
+        expected, ends = cut_at_eos(free, 1, eos, text.pad_id)
+        if len(set(ends)) > 1:
+            break
+    assert len(set(ends)) > 1, "no token of the free run ends the rows at different steps"
+    text.eos_id = eos
+    ids = generate(model, **inputs, max_new_tokens=10, use_cache=use_cache)
+    assert torch.equal(ids, expected)  # each row is the free run up to its first eos, then padding
+    beams = generate(model, **inputs, max_new_tokens=10, num_beams=2, use_cache=use_cache)
+    for row in beams.tolist():  # beam hypotheses: eos at most once, then only padding
+        if eos in row[1:]:
+            end = row.index(eos, 1)
+            assert all(t == text.pad_id for t in row[end + 1 :])
+        else:
+            assert len(row) == 11
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_position_table_end_stops_cleanly(build, num_beams, use_cache):
+    model = build("learned")  # 16 text positions
+    inputs = memory_inputs("image")
+    model.config.text.eos_id = 31
+    ids = generate(model, **inputs, max_new_tokens=100, num_beams=num_beams, use_cache=use_cache)
+    assert ids.shape[1] <= 16
+    full = generate(model, **inputs, prompt_ids=torch.ones(B, 16, dtype=torch.long), max_new_tokens=5)
+    assert full.shape == (B, 16)  # no room left: the prompt comes back
+    with pytest.raises(ValueError, match=r"prompt_ids: 17 tokens exceed .*max_length=16"):
+        generate(model, **inputs, prompt_ids=torch.ones(B, 17, dtype=torch.long))
+
+
+def test_relative_positions_decode_past_the_text_table(build):
+    model = build("rope")  # no absolute text positions: nothing ends at 16
+    model.config.text.eos_id = 31
+    ids = generate(model, **memory_inputs("image"), max_new_tokens=20)
+    assert not (ids == 31).any(), "pick another eos id for this seed"
+    assert ids.shape == (B, 21)
+
+
+# ---------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(num_beams=0), r"num_beams: expected an int >= 1, got 0"),
+        (dict(num_beams=2.0), r"num_beams: expected an int >= 1, got 2.0"),
+        (dict(top_p=0.0), r"top_p: expected None or a number in \(0, 1\], got 0.0"),
+        (dict(top_p=1.5), r"top_p: expected None or a number in \(0, 1\], got 1.5"),
+        (dict(top_k=0), r"top_k: expected None or an int >= 1, got 0"),
+        (dict(temperature=0.0), r"temperature: expected a number > 0"),
+        (dict(temperature=-1.0), r"temperature: expected a number > 0.*got -1.0"),
+        (dict(max_new_tokens=0), r"max_new_tokens: expected an int >= 1, got 0"),
+        (dict(length_penalty=float("nan")), r"length_penalty: expected a finite number"),
+        (dict(num_beams=3, top_k=5), r"num_beams=3 with sampling .* is not supported"),
+    ],
+)
+def test_bad_options_raise(build, options, message):
+    with pytest.raises(ValueError, match=message):
+        DecodingOptions(**options)
+    with pytest.raises(ValueError, match=message):  # before any model work
+        generate(build(), **memory_inputs("image"), **options)
+
+
+def test_bad_inputs_raise(build, make_model_config):
+    model = build()
+    image, audio = memory_inputs("image")["image"], memory_inputs("audio")["audio"]
+    with pytest.raises(ValueError, match=r"exactly one of image=, audio=, audio_features=.*got \['image', 'audio'\]"):
+        generate(model, image=image, audio=audio)
+    with pytest.raises(ValueError, match=r"exactly one of image=, audio=, audio_features=.*got none"):
+        generate(model)
+    with pytest.raises(ValueError, match=r"prompt_ids: expected 3 rows .* got shape \(2, 2\)"):
+        generate(model, image=image, prompt_ids=torch.ones(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"prompt_ids: expected ids in \[0, 32\), got min 1, max 99"):
+        generate(model, image=image, prompt_ids=torch.tensor([1, 99]))
+    with pytest.raises(ValueError, match=r"prompt_ids: expected integer ids"):
+        generate(model, image=image, prompt_ids=torch.ones(B, 2))
+    text_only = MultimodalTransformer(make_model_config(routes={"image": "shared", "text": "shared"}, audio=None))
+    with pytest.raises(ValueError, match=r"generate: this model has no decoder"):
+        generate(text_only, image=image)
+
+
+# ---------------------------------------------------------------- caption / transcribe
+@pytest.fixture
+def processor() -> Processor:
+    """A word-level tokenizer over the tiny 32-token vocabulary: <pad>, <bos>, <eos>, then w3 … w31."""
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{f"w{i}": i for i in range(3, 32)}}
+    backend = Backend(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(["<pad>", "<bos>", "<eos>"])
+    tokenizer = Tokenizer(backend, max_length=16, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+    return Processor(tokenizer, image=ImageProcessorConfig(image_size=16), audio=AudioProcessorConfig(sample_rate=8000))
+
+
+def test_caption_and_transcribe(build, processor):
+    model = build()
+    pixels = torch.randn(2, 3, 16, 16)
+    ids = generate(model, image=pixels, max_new_tokens=5)
+    expected = [" ".join(f"w{t}" for t in row[1:] if t > 2) for row in ids.tolist()]
+    assert model.caption(pixels, processor=processor, max_new_tokens=5) == expected
+    model.processor = processor  # the default processor
+    images = [torch.rand(3, 20, 20), torch.rand(3, 16, 24)]  # raw images in [0, 1]: the processor resizes them
+    assert len(model.caption(images, max_new_tokens=5)) == 2
+
+    waves = [torch.randn(800) * 0.1, torch.randn(400) * 0.1]
+    batch = processor(audio=waves, sampling_rate=8000)
+    ids = generate(model, audio=batch["audio"], audio_lengths=batch["audio_lengths"], max_new_tokens=5, num_beams=2)
+    expected = [" ".join(f"w{t}" for t in row[1:] if t > 2) for row in ids.tolist()]
+    assert model.transcribe(waves, sample_rate=8000, max_new_tokens=5, num_beams=2) == expected
+    prompt = torch.tensor([1, 5])  # the prompt is not part of the text
+    ids = generate(model, **dict(zip(("audio", "audio_lengths"), batch.values())), prompt_ids=prompt, max_new_tokens=3)
+    expected = [" ".join(f"w{t}" for t in row[2:] if t > 2) for row in ids.tolist()]
+    assert model.transcribe(waves, sample_rate=8000, prompt_ids=prompt, max_new_tokens=3) == expected
+
+
+def test_caption_needs_a_tokenizer(build):
+    with pytest.raises(ValueError, match=r"caption: turning ids into text needs a Processor with a tokenizer"):
+        build().caption(torch.randn(1, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"transcribe: turning ids into text needs a Processor with a tokenizer"):
+        build().transcribe([torch.randn(800)], sample_rate=8000, processor=Processor())
