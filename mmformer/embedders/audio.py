@@ -38,6 +38,11 @@ class LogMel(nn.Module):
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """(B, S) waveforms → (B, M, Nf) log-mel. Padding frames are excluded from the per-utterance maximum."""
+        if lengths is not None:
+            # Zero the samples past each length (Whisper pads with zeros): the STFT windows of the last real frames
+            # reach into the padding, so its content would otherwise leak into real frames.
+            real_samples = torch.arange(audio.shape[-1], device=audio.device)[None, :] < lengths[:, None]  # (B, S)
+            audio = audio.masked_fill(~real_samples, 0.0)
         mel = self.mel(audio.float()).clamp(min=1e-10).log10()  # (B, M, Nf)
         if lengths is not None:
             real = torch.arange(mel.shape[-1], device=mel.device)[None, :] < self.frames(lengths)[:, None]
@@ -82,6 +87,13 @@ class AudioEmbedder(nn.Module):
             feature_lengths = None if lengths is None else self.features.frames(lengths)
         else:
             self.check_features(features)
+        n_frames = features.shape[-1]
+        if self.positions is not None and self.tokens_for_frames(n_frames) > self.positions.length:
+            raise ValueError(
+                f"{'audio' if audio is not None else 'audio_features'}: expected at most {self.cfg.max_frames} mel "
+                f"frames (AudioConfig.max_frames, the position table), got {n_frames}; pass shorter audio or build "
+                "the model with a larger max_frames"
+            )
         x = F.gelu(self.conv1(features.to(self.conv1.weight.dtype)))
         x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, N, D)
         if self.positions is not None:

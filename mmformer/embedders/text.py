@@ -38,6 +38,11 @@ class TextEmbedder(nn.Module):
             raise TypeError(f"input_ids: expected integer token ids, got {input_ids.dtype}")
         if input_ids.numel() == 0:
             raise ValueError(f"input_ids: expected at least one token per row, got shape {tuple(input_ids.shape)}")
+        if self.positions is not None and input_ids.shape[1] > self.cfg.max_length:
+            raise ValueError(
+                f"input_ids: expected at most {self.cfg.max_length} tokens (TextConfig.max_length, the position "
+                f"table), got {input_ids.shape[1]}; truncate the text or build the model with a longer max_length"
+            )
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"attention_mask: expected the shape of input_ids {tuple(input_ids.shape)}, "
