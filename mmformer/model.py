@@ -16,6 +16,7 @@ from torch import nn
 
 from mmformer.config import MODALITIES, ModelConfig
 from mmformer.embedders import AudioEmbedder, ImageEmbedder, TextEmbedder
+from mmformer.embedders.checks import check_device
 from mmformer.layers.block import Stack
 from mmformer.layers.cache import KVCache
 
@@ -228,6 +229,9 @@ class MultimodalTransformer(nn.Module):
         self.text_embed.check(input_ids, attention_mask)
         self._check_ids(input_ids)
         self._check_memory(input_ids, memory, memory_mask, cache)
+        weight = self.lm_head.weight
+        if memory is not None and memory.dtype != weight.dtype and not torch.is_autocast_enabled(memory.device.type):
+            memory = memory.to(weight.dtype)  # as the embedders cast their inputs (float64 memory, a bf16 encoder)
         offset = cache.length if cache is not None else 0
         x = self.text_embed(input_ids, offset=offset)
         mask = None if attention_mask is None else attention_mask.bool()
@@ -256,11 +260,16 @@ class MultimodalTransformer(nn.Module):
         if not isinstance(memory, torch.Tensor) or memory.ndim != 3 or memory.shape[::2] != (B, width):
             got = tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__
             raise ValueError(f"memory: expected encoder token states (B={B}, S, D={width}), got {got}")
+        if not memory.is_floating_point():
+            raise TypeError(f"memory: expected float encoder token states, got {memory.dtype}")
+        check_device("memory", memory, self.lm_head.weight)
         if memory_mask is not None and tuple(memory_mask.shape) != tuple(memory.shape[:2]):
             raise ValueError(
                 f"memory_mask: expected shape {tuple(memory.shape[:2])} (B, S) of memory, "
                 f"got {tuple(memory_mask.shape)}"
             )
+        if memory_mask is not None:
+            check_device("memory_mask", memory_mask, self.lm_head.weight)
 
     def make_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         """A preallocated KV cache for the decoder stack."""

@@ -1,0 +1,220 @@
+"""Training losses: CLIP's symmetric InfoNCE and SigLIP's sigmoid loss (both gathering features across ranks with
+gradients), teacher-forced cross-entropy for the decoder and CTC for the optional speech head.
+
+Every loss runs in float32 with autocast switched off, whatever the training precision.
+
+Distributed gradients. With ``gather_with_grad=True`` every rank all-gathers the features of every rank through
+``torch.distributed.nn.functional.all_gather``, whose backward *sums* the gradients of all ranks into each rank's
+local features. Each rank then holds ``W * dL/dx_r`` for its own features x_r (W ranks, L the loss of the whole
+global batch: every rank computes the same L, or with ``local_loss=True`` its share L_r with mean_r L_r = L), and
+DDP *averages* parameter gradients over the W ranks, so the update is exactly ``dL/dθ`` — the gradient of one
+process on the concatenated batch. Nothing is rescaled, as in open_clip; ``tests/test_losses.py`` checks this to
+1e-5. (``gather_with_grad=False`` keeps only the local gradient, which DDP's averaging then divides by W; the
+logit scale still gets the full gradient. Use it only if you accept that.)
+
+Shape legend: B local batch, N global batch (all ranks), E embedding size, T text tokens, V vocabulary,
+Nt audio tokens.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+MAX_LOGIT_SCALE = 100.0  # CLIP clamps the temperature so that logits stay in a trainable range
+IGNORE_INDEX = -100
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_features(x: torch.Tensor, gather_with_grad: bool = True) -> tuple[torch.Tensor, int]:
+    """All-gather (B_r, E) features from every rank → ((N, E) in rank order, offset of this rank's rows).
+
+    Ranks may hold different batch sizes (a data loader that drops bad samples): rows are padded to the largest
+    batch for the collective and cut back afterwards, which keeps the gradient path intact.
+    """
+    rank, world = _world()
+    if world == 1:
+        return x, 0
+    sizes = torch.tensor([x.shape[0]], device=x.device)
+    all_sizes = [torch.zeros_like(sizes) for _ in range(world)]
+    dist.all_gather(all_sizes, sizes)
+    sizes = [int(s) for s in all_sizes]
+    padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[0]))  # (B_max, E)
+    if gather_with_grad:
+        with warnings.catch_warnings():  # torch 2.14 deprecates it for a private API; it is still the public one
+            warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather", FutureWarning)
+            chunks = list(torch.distributed.nn.functional.all_gather(padded))
+    else:
+        chunks = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(chunks, padded.detach())
+        chunks[rank] = padded  # the local rows keep their gradient, as open_clip does
+    gathered = torch.cat([c[:n] for c, n in zip(chunks, sizes)])  # (N, E)
+    return gathered, sum(sizes[:rank])
+
+
+def _rows_per_rank(n_global: int, local_loss: bool) -> float:
+    """The loss normaliser: N for the global loss; N / W for a rank's local share, so that the mean of the shares
+    (the value DDP's gradient averaging optimises) is the global loss even when ranks hold unequal batches. With
+    equal batches N / W is the local batch size, as in open_clip."""
+    return n_global / _world()[1] if local_loss else n_global
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> None:
+    if a.ndim != 2 or b.ndim != 2 or a.shape != b.shape:
+        raise ValueError(
+            f"{names[0]} and {names[1]}: expected two (B, E) feature tensors of equal shape, got "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
+
+
+class ContrastiveLoss(nn.Module):
+    """CLIP's symmetric InfoNCE between two L2-normalised feature sets, optionally across ranks.
+
+    Args:
+        gather_with_grad: all-gather features with gradients (exact distributed gradients; see the module doc).
+        local_loss: score only this rank's rows against every rank's columns (open_clip's ``local_loss``): less
+            compute, the same averaged gradient; the value on one rank is then its share (the mean of the shares
+            over ranks is the global loss).
+    """
+
+    def __init__(self, gather_with_grad: bool = True, local_loss: bool = False):
+        super().__init__()
+        self.gather_with_grad = gather_with_grad
+        self.local_loss = local_loss
+
+    def forward(
+        self, a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Loss of row i of ``a`` matching row i of ``b`` (both (B, E)); ``logit_scale`` is already exponentiated.
+
+        ``logit_bias`` is accepted (and ignored) so that both contrastive losses share one call signature.
+        """
+        _check_pair(a, b, ("a", "b"))
+        with torch.autocast(a.device.type, enabled=False):
+            a, b = a.float(), b.float()
+            scale = logit_scale.float().clamp(max=MAX_LOGIT_SCALE)
+            all_a, offset = gather_features(a, self.gather_with_grad)
+            all_b, _ = gather_features(b, self.gather_with_grad)
+            if self.local_loss:
+                logits_a = scale * a @ all_b.T  # (B, N)
+                logits_b = scale * b @ all_a.T  # (B, N)
+                labels = torch.arange(a.shape[0], device=a.device) + offset
+            else:
+                logits_a = scale * all_a @ all_b.T  # (N, N)
+                logits_b = logits_a.T
+                labels = torch.arange(all_a.shape[0], device=a.device)
+            total = F.cross_entropy(logits_a, labels, reduction="sum") + F.cross_entropy(
+                logits_b, labels, reduction="sum"
+            )
+            return total / (2 * _rows_per_rank(all_a.shape[0], self.local_loss))
+
+
+class SigLipLoss(nn.Module):
+    """SigLIP's pairwise sigmoid loss: every (i, j) pair is a binary match / no-match decision.
+
+    ``loss = -sum_ij log sigmoid(z_ij * (scale * a_i·b_j + bias)) / rows`` with z = +1 on matching pairs and -1
+    elsewhere. Across ranks the features are simply all-gathered with gradients (no ring exchange).
+
+    Args:
+        gather_with_grad: as :class:`ContrastiveLoss`.
+        local_loss: as :class:`ContrastiveLoss`: this rank's rows against every rank's columns.
+    """
+
+    def __init__(self, gather_with_grad: bool = True, local_loss: bool = False):
+        super().__init__()
+        self.gather_with_grad = gather_with_grad
+        self.local_loss = local_loss
+
+    def forward(
+        self, a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Loss of row i of ``a`` matching row i of ``b``; ``logit_bias`` None means 0 (SigLIP starts it at -10)."""
+        _check_pair(a, b, ("a", "b"))
+        with torch.autocast(a.device.type, enabled=False):
+            a, b = a.float(), b.float()
+            scale = logit_scale.float().clamp(max=MAX_LOGIT_SCALE)
+            all_a, offset = gather_features(a, self.gather_with_grad)
+            all_b, _ = gather_features(b, self.gather_with_grad)
+            rows, row_offset = (a, offset) if self.local_loss else (all_a, 0)
+            logits = scale * rows @ all_b.T  # (rows, N)
+            if logit_bias is not None:
+                logits = logits + logit_bias.float()
+            labels = -torch.ones_like(logits)
+            index = torch.arange(rows.shape[0], device=a.device)
+            labels[index, index + row_offset] = 1.0
+            return -F.logsigmoid(labels * logits).sum() / _rows_per_rank(all_a.shape[0], self.local_loss)
+
+
+def caption_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Mean next-token cross-entropy over the targets that are not ``ignore_index``, in float32.
+
+    Args:
+        logits: (B, T, V) decoder logits (any dtype; upcast here).
+        targets: (B, T) next-token ids, ``ignore_index`` at padding.
+    """
+    if logits.shape[:2] != targets.shape:
+        raise ValueError(
+            f"targets: expected shape {tuple(logits.shape[:2])} to match logits (B, T, V) = {tuple(logits.shape)}, "
+            f"got {tuple(targets.shape)}"
+        )
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+
+
+def teacher_forcing(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """``[bos] tokens [eos] pad…`` rows → decoder inputs ids[:, :-1], their mask, and targets ids[:, 1:] with
+    padding set to ``IGNORE_INDEX`` (by the mask, since a pad id may also be a real token, as in CLIP)."""
+    if input_ids.ndim != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids: expected (B, T) with T >= 2 (bos + at least eos), got {tuple(input_ids.shape)}")
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    targets = input_ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)
+    return input_ids[:, :-1], mask[:, :-1], targets
+
+
+def ctc_loss(
+    logits: torch.Tensor,
+    token_mask: torch.Tensor | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    blank: int,
+    special_ids: tuple[int | None, ...] = (),
+) -> torch.Tensor:
+    """CTC between per-token audio logits and the transcript ids (bos/eos and padding removed), in float32.
+
+    Args:
+        logits: (B, Nt, V) CTC head outputs over the audio tokens.
+        token_mask: (B, Nt) True at real audio tokens (None: all real); gives the input lengths.
+        input_ids: (B, T) tokenised transcripts ``[bos] tokens [eos] pad…``.
+        attention_mask: (B, T) True at real tokens.
+        blank: the blank label; mmformer uses the pad id, which is never a transcript token.
+        special_ids: ids dropped from the targets (bos, eos).
+
+    Samples whose transcript cannot be aligned (more labels than audio tokens) contribute 0 (``zero_infinity``)
+    rather than an infinite loss. The loss is averaged over the batch after dividing by target lengths (PyTorch's
+    ``reduction="mean"``).
+    """
+    B, N = logits.shape[:2]
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    keep = mask & (input_ids != blank)
+    for special in special_ids:
+        if special is not None:
+            keep &= input_ids != special
+    target_lengths = keep.sum(dim=1)
+    targets = input_ids[keep]  # (sum of target lengths,), concatenated in batch order
+    input_lengths = (
+        torch.full((B,), N, dtype=torch.long, device=logits.device) if token_mask is None else token_mask.sum(dim=1)
+    )
+    with torch.autocast(logits.device.type, enabled=False):
+        log_probs = logits.float().log_softmax(dim=-1).transpose(0, 1)  # (Nt, B, V)
+        return F.ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=blank, zero_infinity=True)

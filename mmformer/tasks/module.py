@@ -1,0 +1,509 @@
+"""``MultimodalTask``: the LightningModule that trains a :class:`~mmformer.MultimodalTransformer`.
+
+Every batch (see :class:`mmformer.data.Collator`) carries text ``input_ids`` + ``attention_mask`` and images
+``pixel_values`` and/or audio ``audio`` + ``audio_lengths``. One shared :meth:`MultimodalTask._step` computes,
+for whatever the batch holds:
+
+- ``contrastive_image`` / ``contrastive_audio``: CLIP (or SigLIP) loss between the pooled media and the text;
+- ``caption`` / ``speech``: teacher-forced cross-entropy of the text decoder reading the image / audio tokens;
+- ``ctc``: CTC of the optional CTC head over the audio tokens;
+- ``moe_aux``: the mixture-of-experts load-balancing loss, averaged over every MoE layer call of the step;
+
+and trains on their weighted sum. Each image or audio batch runs through its encoder once: the same token states
+feed the contrastive pooling and the decoder's cross-attention.
+
+Distributed training (DDP): the contrastive losses gather features from every rank with gradients, so their value
+and DDP's averaged gradients equal one process on the global batch (see :mod:`mmformer.tasks.losses`). The
+cross-entropy, CTC and MoE terms are per-rank means that DDP averages: exact when ranks hold equally many target
+tokens, a token-weighting difference otherwise. A batch that leaves parts of the model unused (an image-only batch
+and the audio encoder, a CLIP loss and ``logit_bias``, MoE experts no token chose) needs
+``strategy: ddp_find_unused_parameters_true``. Non-finite checks cost one host sync per step (two without a
+GradScaler) and are decided jointly by all ranks.
+
+Shape legend: B batch, T text tokens, Np image tokens, N audio tokens, E embedding size, C zero-shot classes.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from mmformer.config import ModelConfig
+from mmformer.layers.mlp import MixtureOfExperts
+from mmformer.model import MultimodalTransformer
+from mmformer.tasks.losses import MAX_LOGIT_SCALE, ContrastiveLoss, SigLipLoss, caption_loss, ctc_loss, teacher_forcing
+from mmformer.tasks.metrics import TaskMetrics, normalize_text, text_keys
+from mmformer.tasks.schedule import WarmupCosine
+
+STAGES = ("val", "test")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training step produced a NaN/Inf loss or gradient and ``nonfinite='stop'`` was configured."""
+
+
+def adamw(params: Iterable) -> torch.optim.Optimizer:
+    """The default optimizer: AdamW, lr 1e-3, weight decay 0.05, betas (0.9, 0.98); the fused kernel where the
+    device supports it, else the multi-tensor (foreach) one."""
+    params = list(params)
+    kwargs = {"lr": 1e-3, "weight_decay": 0.05, "betas": (0.9, 0.98)}
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # fused=True is refused at construction on unsupported devices/dtypes
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Parameters kept out of weight decay: vectors (norm gains, biases, class token, logit scale and bias) and
+    position tables."""
+    return param.ndim < 2 or ".positions" in name or name.startswith("positions")
+
+
+class MultimodalTask(L.LightningModule):
+    """Contrastive learning, captioning and speech-to-text on one model, as a LightningModule.
+
+    Args:
+        model: the model configuration (``MultimodalTransformer(model)`` is built here); a dict is accepted too.
+        contrastive_weight: weight of each contrastive loss (image–text and audio–text).
+        caption_weight: weight of the captioning cross-entropy.
+        speech_weight: weight of the speech-to-text cross-entropy.
+        ctc_weight: weight of the CTC loss (needs ``model.ctc_head: true``).
+        moe_aux_weight: weight of the mixture-of-experts load-balancing loss (1.0 when perfectly balanced).
+        contrastive_loss: ``clip`` (softmax InfoNCE) or ``siglip`` (sigmoid; give the model a ``logit_bias_init``).
+        optimizer: builds the optimizer from parameter groups; weight decay applies only to matrices (see
+            :func:`no_weight_decay`). Default :func:`adamw`.
+        warmup_steps: linear warmup steps of the learning rate.
+        max_steps: length of the cosine decay; None uses ``trainer.estimated_stepping_batches``.
+        min_lr_ratio: the learning rate at the end of the decay, as a fraction of the base rate.
+        zeroshot_classes: class names; evaluation samples whose text is one of them are classified zero-shot.
+        zeroshot_templates: prompts with ``{}`` for the class name; class embeddings average over them.
+        val_generate: generate captions / transcripts during validation and test for BLEU / CER / WER.
+        generate_max_new_tokens: tokens generated per sample at evaluation and prediction.
+        nonfinite: a NaN/Inf loss or gradient ``skip`` s the step with a warning or ``stop`` s training with
+            :class:`NonFiniteLossError`; weights are never updated with non-finite values either way.
+        compile: ``torch.compile`` every transformer block (in place, so checkpoints keep their keys).
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        contrastive_weight: float = 1.0,
+        caption_weight: float = 1.0,
+        speech_weight: float = 1.0,
+        ctc_weight: float = 0.0,
+        moe_aux_weight: float = 0.01,
+        contrastive_loss: Literal["clip", "siglip"] = "clip",
+        optimizer: OptimizerCallable = adamw,
+        warmup_steps: int = 100,
+        max_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
+        zeroshot_classes: list[str] | None = None,
+        zeroshot_templates: Sequence[str] = ("{}",),
+        val_generate: bool = True,
+        generate_max_new_tokens: int = 16,
+        nonfinite: Literal["skip", "stop"] = "stop",
+        compile: bool = False,
+    ):
+        super().__init__()
+        if isinstance(model, dict):
+            model = ModelConfig.from_dict(model)
+        if not isinstance(model, ModelConfig):
+            raise TypeError(f"model: expected a mmformer.ModelConfig (or its dict), got {type(model).__name__}")
+        weights = {
+            "contrastive_weight": contrastive_weight,
+            "caption_weight": caption_weight,
+            "speech_weight": speech_weight,
+            "ctc_weight": ctc_weight,
+            "moe_aux_weight": moe_aux_weight,
+        }
+        for name, value in weights.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
+        for name, value, choices in (
+            ("contrastive_loss", contrastive_loss, ("clip", "siglip")),
+            ("nonfinite", nonfinite, ("skip", "stop")),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+        if generate_max_new_tokens < 1:
+            raise ValueError(f"generate_max_new_tokens: expected an int >= 1, got {generate_max_new_tokens!r}")
+        zeroshot_templates = list(zeroshot_templates)
+        if not zeroshot_templates or any("{}" not in t for t in zeroshot_templates):
+            raise ValueError(
+                f"zeroshot_templates: expected prompts each with a '{{}}' placeholder, got {zeroshot_templates}"
+            )
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"max_steps: expected an int >= 1 or None, got {max_steps!r}")
+        WarmupCosine(warmup_steps, max_steps or 1, min_lr_ratio)  # validates the schedule arguments early
+        if ctc_weight > 0 and not model.ctc_head:
+            raise ValueError(f"ctc_weight={ctc_weight} needs a CTC head: set model.ctc_head: true")
+
+        # Only plain types go into the checkpoint (torch.load(weights_only=True)): the model config as a dict under
+        # "model" (so load_from_checkpoint rebuilds it); a Python optimizer callable is not stored.
+        self.save_hyperparameters(ignore=["model"])
+        self.hparams["model"] = model.to_dict()
+        self.hparams["zeroshot_templates"] = zeroshot_templates
+        if not isinstance(self.hparams.get("optimizer"), (dict, str, type(None))):
+            self.hparams.pop("optimizer")
+
+        self.model = MultimodalTransformer(model)
+        routes = model.routes
+        self.weights = {
+            "contrastive_image": float(contrastive_weight),
+            "contrastive_audio": float(contrastive_weight),
+            "caption": float(caption_weight),
+            "speech": float(speech_weight),
+            "ctc": float(ctc_weight),
+            "moe_aux": float(moe_aux_weight),
+        }
+        if "text" not in routes and contrastive_weight > 0:
+            rank_zero_warn(f"contrastive_weight={contrastive_weight} is unused: the model has no text route")
+        if "decoder" not in routes and (caption_weight > 0 or speech_weight > 0):
+            rank_zero_warn("caption_weight and speech_weight are unused: the model has no decoder route")
+        if contrastive_loss == "siglip" and self.model.logit_bias is None:
+            rank_zero_warn(
+                "contrastive_loss='siglip' without a logit bias; SigLIP starts it at -10 (model.logit_bias_init)"
+            )
+        self.contrastive = ContrastiveLoss() if contrastive_loss == "clip" else SigLipLoss()
+        self.optimizer = optimizer
+        self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
+        self.zeroshot_classes = list(zeroshot_classes or [])
+        self.zeroshot_templates = zeroshot_templates
+        self.val_generate = val_generate
+        self.generate_max_new_tokens = generate_max_new_tokens
+        self.nonfinite = nonfinite
+        self.tokenizer = None  # set it to evaluate/predict text without a data module that has one
+
+        embed_dim = model.embed_dim or model.text_width()
+        self.metrics = nn.ModuleDict({s: TaskMetrics(embed_dim, len(self.zeroshot_classes)) for s in STAGES})
+        self._class_embeddings: torch.Tensor | None = None
+        self._skipped_steps = 0
+        self._skip_step = False
+        self._moe_losses: list[torch.Tensor] = []
+        self._collect_moe = False
+        for module in self.model.modules():
+            if isinstance(module, MixtureOfExperts):
+                module.register_forward_hook(self._record_moe)
+        if compile:
+            for stack in self.model.stacks.values():
+                for block in stack.blocks:
+                    block.compile()
+
+    # ------------------------------------------------------------------ losses
+    def _record_moe(self, module: MixtureOfExperts, inputs: Any, output: Any) -> None:
+        if self._collect_moe:
+            self._moe_losses.append(module.aux_loss)
+
+    def _has(self, route: str) -> bool:
+        return route in self.model.config.routes
+
+    def _losses(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Loss parts and contrastive features ({"image"/"audio"/"text": (B, E)}) of one batch."""
+        m = self.model
+        ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+        media = [k for k in ("pixel_values", "audio") if batch.get(k) is not None]
+        if ids is None or not media:
+            raise ValueError(
+                "batch: expected input_ids + attention_mask and at least one of pixel_values, audio; got keys "
+                f"{sorted(batch)}"
+            )
+        for key, route in (("pixel_values", "image"), ("audio", "audio")):
+            if key in media and not self._has(route):
+                raise ValueError(
+                    f"batch: has {key} but the model has no {route} route (routes {sorted(m.config.routes)})"
+                )
+        parts: dict[str, torch.Tensor] = {}
+        feats: dict[str, torch.Tensor] = {}
+        contrastive = self.weights["contrastive_image"] > 0 and self._has("text")
+        decoder = self._has("decoder")
+        self._moe_losses.clear()
+        self._collect_moe = True
+        try:
+            if contrastive:
+                feats["text"] = m.encode_text(ids, mask)
+            scale = m.logit_scale.exp()
+            for modality, key, task in (("image", "pixel_values", "caption"), ("audio", "audio", "speech")):
+                if key not in media:
+                    continue
+                if modality == "image":
+                    tokens, token_mask = m.encode_image_tokens(batch[key])  # (B, Np, D), None
+                else:
+                    tokens, token_mask = m.encode_audio_tokens(batch[key], batch.get("audio_lengths"))  # (B, N, D)
+                if contrastive:
+                    pool = m.pool_image(tokens) if modality == "image" else m.pool_audio(tokens, token_mask)
+                    feats[modality] = pool
+                    parts[f"contrastive_{modality}"] = self.contrastive(pool, feats["text"], scale, m.logit_bias)
+                if decoder and self.weights[task] > 0:
+                    dec_ids, dec_mask, targets = teacher_forcing(ids, mask)
+                    logits = m.decode(dec_ids, tokens, token_mask, dec_mask)  # (B, T-1, V)
+                    parts[task] = caption_loss(logits, targets)
+                if modality == "audio" and self.weights["ctc"] > 0:
+                    text = m.config.text
+                    parts["ctc"] = ctc_loss(
+                        m.ctc_head(tokens),
+                        token_mask,
+                        ids,
+                        mask,
+                        blank=text.pad_id,
+                        special_ids=(text.bos_id, text.eos_id),
+                    )
+        finally:
+            self._collect_moe = False
+        if self._moe_losses and self.weights["moe_aux"] > 0:
+            parts["moe_aux"] = torch.stack([x.float() for x in self._moe_losses]).mean()
+        self._moe_losses.clear()
+        if not parts:
+            raise ValueError(
+                f"batch: nothing to train on with keys {sorted(batch)} and weights {self.weights} for a model with "
+                f"routes {sorted(m.config.routes)}"
+            )
+        return parts, feats
+
+    def _step(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+        """Weighted loss of one batch, with every part logged under ``{stage}/``."""
+        parts, feats = self._losses(batch)
+        loss = sum(self.weights[name] * value for name, value in parts.items())
+        batch_size = batch["input_ids"].shape[0]
+        train = stage == "train"
+        log = {"batch_size": batch_size, "on_step": train, "on_epoch": not train, "sync_dist": not train}
+        for name, value in parts.items():
+            self.log(f"{stage}/{name}", value.detach(), **log)
+        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, **log)
+        if train:
+            self.log("train/logit_scale", self.model.logit_scale.detach().exp(), **log)
+        return loss, parts, feats
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, parts, _ = self._step(batch, "train")
+        local = not bool(torch.isfinite(loss.detach()))
+        # Every rank takes the same decision, so that DDP's collectives stay in step.
+        if self.trainer.strategy.reduce_boolean_decision(local, all=False):
+            values = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
+            self._nonfinite(f"loss ({values})" if local else "loss on another rank", batch, batch_idx)
+            # skip: backward still runs (Lightning forbids skipping it under DDP, where every rank must join the
+            # gradient all-reduce); on_before_optimizer_step then drops the gradients, so nothing is updated.
+            self._skip_step = True
+        return loss
+
+    def _nonfinite(self, what: str, batch: dict[str, Any], batch_idx: int) -> None:
+        """Raise (``nonfinite='stop'``) or warn (``'skip'``), naming the step, the batch and its first samples."""
+        sources = batch.get("source") or []
+        rank = f"rank {self.global_rank}, " if self.trainer.world_size > 1 else ""
+        where = (
+            f"global step {self.global_step} ({rank}epoch {self.current_epoch}, batch {batch_idx}"
+            + (f", samples {list(sources[:4])}{' …' if len(sources) > 4 else ''}" if sources else "")
+            + ")"
+        )
+        if self.nonfinite == "stop":
+            raise NonFiniteLossError(
+                f"non-finite {what} at {where}; weights were not updated. Lower the learning rate, check the data, "
+                "or pass nonfinite='skip' to skip such steps"
+            )
+        self._skipped_steps += 1
+        warnings.warn(
+            f"skipping the step at {where}: non-finite {what} ({self._skipped_steps} skipped so far)", stacklevel=2
+        )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        skip, self._skip_step = self._skip_step, False
+        # A finite loss can still give NaN/Inf gradients. With fp16's GradScaler, inf gradients are the scaler's
+        # business (it skips the step and lowers the scale), so that check runs only without one.
+        if not skip and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            local = bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+            if self.trainer.strategy.reduce_boolean_decision(local, all=False):
+                self._nonfinite("gradient", {}, self.trainer.fit_loop.epoch_loop.batch_idx)
+                skip = True
+        if skip:
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            raw = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+            if scaler is not None and getattr(raw, "_step_supports_amp_scaling", False):
+                # A fused optimizer unscales inside its step, so the GradScaler has not looked at the gradients
+                # yet: make them non-finite and the scaler skips the step itself (and lowers its scale).
+                for param in self.parameters():
+                    if param.grad is not None:
+                        param.grad.fill_(float("nan"))
+            else:
+                optimizer.zero_grad(set_to_none=True)  # no gradient, no update: optimizers skip such parameters
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        with torch.no_grad():  # as open_clip: keep the temperature where the softmax still trains
+            self.model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if no_weight_decay(name, param) else decay).append(param)
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = self.optimizer([g for g in groups if g["params"]])
+        total = self.max_steps or self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(
+                "max_steps: the trainer runs without an end (max_steps=-1, max_epochs=-1), so the cosine schedule "
+                "needs an explicit max_steps"
+            )
+        schedule = WarmupCosine(self.warmup_steps, int(total), self.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+    def _find_tokenizer(self) -> Any:
+        if self.tokenizer is not None:
+            return self.tokenizer
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = getattr(getattr(datamodule, "processor", None), "tokenizer", None)
+        return tokenizer
+
+    @torch.no_grad()
+    def _zeroshot_embeddings(self) -> torch.Tensor | None:
+        """(C, E) class embeddings: the normalised mean over templates of each class's text embeddings."""
+        tokenizer = self._find_tokenizer()
+        if not self.zeroshot_classes or tokenizer is None or not self._has("text"):
+            return None
+        templates = self.zeroshot_templates
+        prompts = [t.format(c) for c in self.zeroshot_classes for t in templates]
+        tokens = tokenizer(prompts)
+        emb = self.model.encode_text(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+        emb = emb.float().view(len(self.zeroshot_classes), len(templates), -1).mean(dim=1)  # (C, E)
+        return F.normalize(emb, dim=-1)
+
+    def _generate(self, batch: dict[str, Any], modality: str) -> list[str] | None:
+        """Greedy transcripts or captions of the batch's audio or images; None when generation is unavailable."""
+        tokenizer = self._find_tokenizer()
+        if not self._has("decoder") or tokenizer is None:
+            return None
+        from mmformer.generation import generate
+
+        if modality == "image":
+            ids = generate(self.model, image=batch["pixel_values"], max_new_tokens=self.generate_max_new_tokens)
+        else:
+            ids = generate(
+                self.model,
+                audio=batch["audio"],
+                audio_lengths=batch.get("audio_lengths"),
+                max_new_tokens=self.generate_max_new_tokens,
+            )
+        return tokenizer.batch_decode(ids[:, 1:].cpu())  # without the bos prompt
+
+    def _references(self, batch: dict[str, Any]) -> list[str]:
+        if batch.get("text") is not None:
+            return list(batch["text"])
+        return self._find_tokenizer().batch_decode(batch["input_ids"].cpu())
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        loss, _, feats = self._step(batch, stage)
+        metrics = self.metrics[stage]
+        texts = batch.get("text")
+        keys = text_keys(texts, self.device) if texts is not None else None
+        if keys is None and "text" in feats:
+            keys = torch.arange(feats["text"].shape[0], device=self.device)  # no strings: pair i matches only i
+            keys += self.global_rank << 40
+        for modality in ("image", "audio"):
+            if modality not in feats:
+                continue
+            getattr(metrics, f"retrieval_{modality}").update(feats[modality], feats["text"], keys)
+            metrics.mark(f"retrieval_{modality}")
+            if self._class_embeddings is not None and texts is not None:
+                index = {normalize_text(c): i for i, c in enumerate(self.zeroshot_classes)}
+                rows = [i for i, t in enumerate(texts) if normalize_text(t) in index]
+                if rows:
+                    logits = feats[modality][rows].float() @ self._class_embeddings.T  # (b, C)
+                    target = torch.tensor([index[normalize_text(texts[i])] for i in rows], device=self.device)
+                    getattr(metrics, f"zeroshot_{modality}").update(logits, target)
+                    metrics.mark(f"zeroshot_{modality}")
+        if self.val_generate:
+            for modality, key, group in (("image", "pixel_values", "caption"), ("audio", "audio", "speech")):
+                if batch.get(key) is not None:
+                    predictions = self._generate(batch, modality)
+                    if predictions is not None:
+                        getattr(metrics, group).update(predictions, self._references(batch))
+                        metrics.mark(group)
+        return loss
+
+    def _start_eval(self) -> None:
+        self._class_embeddings = self._zeroshot_embeddings()
+
+    def _end_eval(self, stage: str) -> None:
+        for name, value in self.metrics[stage].compute_and_reset(self.device).items():
+            self.log(f"{stage}/{name}", value, prog_bar=True, sync_dist=True)
+        self._class_embeddings = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Embeddings (float32, CPU) of every modality the batch holds, plus captions / transcripts when the model
+        has a decoder and a tokenizer is available, and the batch's ``source`` / ``text`` as given."""
+        m = self.model
+        out: dict[str, Any] = {}
+        if batch.get("pixel_values") is not None:
+            out["image_features"] = m.encode_image(batch["pixel_values"]).float().cpu()
+        if batch.get("audio") is not None:
+            out["audio_features"] = m.encode_audio(batch["audio"], batch.get("audio_lengths")).float().cpu()
+        if batch.get("input_ids") is not None and self._has("text"):
+            out["text_features"] = m.encode_text(batch["input_ids"], batch.get("attention_mask")).float().cpu()
+        for modality, key, name in (("image", "pixel_values", "captions"), ("audio", "audio", "transcripts")):
+            if batch.get(key) is not None:
+                texts = self._generate(batch, modality)
+                if texts is not None:
+                    out[name] = texts
+        for key in ("source", "text"):
+            if batch.get(key) is not None:
+                out[key] = batch[key]
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store what ``mmformer export`` needs to write a complete pretrained directory from the checkpoint alone:
+        the model config, and the data module's tokenizer (as tokenizer.json text) and preprocessor settings."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        processor = getattr(datamodule, "processor", None)
+        tokenizer = self._find_tokenizer()
+        checkpoint["mmformer"] = {
+            "model_config": self.model.config.to_dict(),
+            "tokenizer_json": _tokenizer_json(tokenizer),
+            "preprocessor_config": processor.to_dict() if hasattr(processor, "to_dict") else None,
+        }
+
+
+def _tokenizer_json(tokenizer: Any) -> str | None:
+    """The tokenizer.json that ``Tokenizer.save`` writes (with its padding and truncation settings), as text."""
+    if tokenizer is None:
+        return None
+    if hasattr(tokenizer, "save"):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "tokenizer.json"
+            tokenizer.save(path)
+            return path.read_text(encoding="utf-8")
+    backend = getattr(tokenizer, "backend", None)
+    return backend.to_str() if hasattr(backend, "to_str") else None
