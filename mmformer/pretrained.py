@@ -242,6 +242,7 @@ def load_pretrained(
             do not fit the config; the message names the file.
     """
     path = Path(path)
+    processor = None
     if not path.exists():
         raise FileNotFoundError(f"path: no such file or directory: {path}; expected {_ACCEPTED}")
     if config is not None and not isinstance(config, ModelConfig):
@@ -265,6 +266,7 @@ def load_pretrained(
             checkpoint = _read_torch(path, map_location)
             state, found = _split_checkpoint(checkpoint, path)
             config = config or found or _read_config(folder / CONFIG_NAME)
+            processor = _checkpoint_processor(checkpoint, path)
         else:
             raise ValueError(f"{path}: not a checkpoint (unrecognised file contents); expected {_ACCEPTED}")
         if config is None:
@@ -276,7 +278,7 @@ def load_pretrained(
 
     model = MultimodalTransformer(config)
     _load_state(model, state, strict=strict, source=path)
-    model.processor = _read_processor(folder)
+    model.processor = processor if processor is not None else _read_processor(folder)
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)  # nn.Module.to casts only floating-point tensors
     return model.eval()
@@ -417,6 +419,19 @@ def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> ModelConfi
         return _validated(json.loads(text), f"{path}: metadata['mmformer_config']")
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: metadata['mmformer_config'] is not valid JSON ({e})") from e
+
+
+def _checkpoint_processor(checkpoint: Any, path: Path) -> Any:
+    """The processor a training checkpoint carries (``checkpoint["mmformer"]``, written by the training task)."""
+    saved = checkpoint.get("mmformer") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(saved, Mapping) or not isinstance(saved.get("preprocessor_config"), Mapping):
+        return None
+    from mmformer.processor import Processor
+    from mmformer.tokenizer import Tokenizer
+
+    tokenizer = saved.get("tokenizer_json")
+    tokenizer = Tokenizer.from_str(tokenizer) if isinstance(tokenizer, str) else None
+    return Processor.from_dict(dict(saved["preprocessor_config"]), tokenizer, where=f"{path}: mmformer")
 
 
 def _read_processor(folder: Path) -> Any:

@@ -31,7 +31,15 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from mmformer.data.collate import pad_audio
-from mmformer.data.io import read_audio, read_image, resample, write_json_atomic
+from mmformer.data.io import (
+    check_resample,
+    convert_image,
+    read_audio,
+    read_image,
+    resample,
+    truncate_audio,
+    write_json_atomic,
+)
 
 if TYPE_CHECKING:
     from mmformer.tokenizer import Tokenizer
@@ -40,6 +48,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CONFIG_NAME = "preprocessor_config.json"
 TOKENIZER_NAME = "tokenizer.json"
+# Images more than this many times wider (or taller) than the output's aspect ratio are first center-cropped to it:
+# the short-side resize would otherwise blow a 1×1,000,000 strip up to gigabytes before the crop throws it away.
+MAX_ASPECT_FACTOR = 16
 _INTERPOLATION = {
     "bicubic": v2.InterpolationMode.BICUBIC,
     "bilinear": v2.InterpolationMode.BILINEAR,
@@ -89,7 +100,7 @@ class AudioProcessorConfig:
     mono: bool = True  # average the channels of multi-channel files; False keeps them, audio is then (B, C, S)
 
     def __post_init__(self):
-        if not isinstance(self.sample_rate, int) or self.sample_rate <= 0:
+        if isinstance(self.sample_rate, bool) or not isinstance(self.sample_rate, int) or self.sample_rate <= 0:
             raise ValueError(f"sample_rate: expected a positive int (Hz); got {self.sample_rate!r}")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ValueError(f"max_seconds: expected a positive number or None; got {self.max_seconds!r}")
@@ -112,12 +123,34 @@ class _ToChannels:
 
     def __call__(self, img: Image.Image | torch.Tensor) -> Image.Image:
         if isinstance(img, Image.Image):
-            return img.convert(self.mode)
+            return convert_image(img, self.mode)
         if img.shape[-3] == 4:  # RGBA: drop alpha, as PIL's convert("RGB") does
             img = img[..., :3, :, :]
         if img.is_floating_point():
             img = (img * 255).round_().to(torch.uint8)
         return TF.to_pil_image(img).convert(self.mode)
+
+
+class _LimitAspect:
+    """Center-crop images far more elongated than the output (see MAX_ASPECT_FACTOR) to that many times its aspect
+    ratio. The later center crop keeps only the middle anyway, so the result is the same up to resampling rounding at
+    the crop's edges; images within the factor are untouched (bit-identical to CLIP's preprocessing)."""
+
+    def __init__(self, size: tuple[int, int], factor: float = MAX_ASPECT_FACTOR):
+        self.size, self.factor = size, factor
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        target = self.size[1] / self.size[0]  # output width / height
+        if w > h * target * self.factor:  # too wide: keep the middle columns
+            keep = max(1, round(h * target * self.factor))
+            left = (w - keep) // 2
+            return img.crop((left, 0, left + keep, h))
+        if h * target > w * self.factor:  # too tall: keep the middle rows
+            keep = max(1, round(w * self.factor / target))
+            top = (h - keep) // 2
+            return img.crop((0, top, w, top + keep))
+        return img
 
 
 class _ResizeCover:
@@ -147,6 +180,27 @@ def _as_list(value: Any, name: str, batch_dims: int) -> list:
 
 def _per_channel(values: tuple[float, ...], channels: int) -> list[float]:
     return list(values) * (channels // len(values))
+
+
+def tokenize_with_warning(
+    tokenizer: Tokenizer, texts: list[str], max_length: int, *, what: str = "text"
+) -> dict[str, torch.Tensor]:
+    """``tokenizer(texts, max_length=max_length)``, warning (naming the texts) when one is longer and gets cut.
+
+    Tokenizes once with one position more than allowed, so that texts that fit cost nothing extra: their ids and
+    padding are the same as with ``max_length``; only when one is too long is the batch tokenized again.
+    """
+    out = tokenizer(texts, max_length=max_length + 1)
+    too_long = [i for i, n in enumerate(out["attention_mask"].sum(dim=1).tolist()) if n > max_length]
+    if not too_long:
+        return out
+    shown = ", ".join(f"{what}[{i}] {texts[i][:40]!r}" for i in too_long[:3]) + (", ..." if len(too_long) > 3 else "")
+    warnings.warn(
+        f"{len(too_long)} of {len(texts)} texts are longer than the context length of {max_length} tokens and are "
+        f"truncated: {shown}",
+        stacklevel=3,
+    )
+    return tokenizer(texts, max_length=max_length)
 
 
 def _from_dict(cls: type, values: dict[str, Any], where: str):
@@ -198,9 +252,11 @@ class Processor:
             resize = [v2.Resize(h, interpolation=interpolation, antialias=True), v2.CenterCrop((h, w))]
         else:
             resize = [_ResizeCover((h, w), interpolation), v2.CenterCrop((h, w))]
+        limit = [] if cfg.resize == "exact" else [_LimitAspect((h, w))]  # "exact" never enlarges a side
         return v2.Compose(
             [
                 _ToChannels(cfg.channels),
+                *limit,
                 *resize,
                 v2.ToImage(),
                 v2.ToDtype(torch.float32, scale=True),
@@ -221,6 +277,8 @@ class Processor:
     def _image_to_tensor(self, x: Any, where: str) -> Image.Image | torch.Tensor:
         """One user image → PIL image or (C, H, W) tensor, checked; errors name ``where`` (e.g. ``images[2]``)."""
         if isinstance(x, Image.Image):
+            if x.width == 0 or x.height == 0:
+                raise ValueError(f"{where}: expected an image of at least 1×1 pixels; got a {x.width}×{x.height} image")
             return x
         if isinstance(x, (str, os.PathLike)):
             return read_image(x, "RGB" if self.image.channels == 3 else "L", name=str(x))
@@ -234,6 +292,8 @@ class Processor:
                     f"{where}: expected a numpy image (H, W, C) with C in 1, 3, 4 or (H, W); got {_describe(x)}"
                 )
         elif isinstance(x, torch.Tensor):
+            if x.device.type == "meta":
+                raise ValueError(f"{where}: expected a tensor with data; got a meta tensor of shape {tuple(x.shape)}")
             if x.ndim == 2:
                 t = x[None]
             elif x.ndim == 3 and x.shape[0] in (1, 3, 4):
@@ -245,11 +305,15 @@ class Processor:
             t = t.detach().cpu()
         else:
             raise TypeError(f"{where}: expected PIL image, tensor (C,H,W), numpy array or path; got {_describe(x)}")
+        if t.shape[-1] == 0 or t.shape[-2] == 0:
+            raise ValueError(f"{where}: expected an image of at least 1×1 pixels; got {_describe(x)}")
         if t.dtype == torch.uint8:
             return t
         if not t.is_floating_point():
             raise TypeError(f"{where}: expected uint8 or float pixels; got {_describe(x)}")
         t = t.float()
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{where}: expected finite pixel values; got NaN or infinity in {_describe(x)}")
         if t.numel() and (t.min() < 0 or t.max() > 1):
             raise ValueError(
                 f"{where}: expected float pixels in [0, 1]; got values in [{t.min():.3g}, {t.max():.3g}] "
@@ -264,15 +328,12 @@ class Processor:
 
     # ------------------------------------------------------------------ audio
     def _truncate(self, wave: torch.Tensor, where: str) -> torch.Tensor:
-        limit = self.audio.max_samples
-        if limit is not None and wave.shape[-1] > limit:
-            seconds = wave.shape[-1] / self.audio.sample_rate
-            warnings.warn(
-                f"{where}: {seconds:.1f} s of audio is longer than max_seconds={self.audio.max_seconds}; truncated",
-                stacklevel=3,
-            )
-            wave = wave[..., :limit]
-        return wave
+        return truncate_audio(wave, self.audio.sample_rate, self.audio.max_seconds, where)
+
+    def _read_audio(self, source: str | os.PathLike | bytes, name: str) -> torch.Tensor:
+        cfg = self.audio
+        wave, _ = read_audio(source, cfg.sample_rate, mono=cfg.mono, name=name, max_seconds=cfg.max_seconds)
+        return wave  # already cut to max_seconds (with a warning naming the file), the rest never decoded
 
     def load_audio(self, source: str | os.PathLike | bytes, *, name: str | None = None) -> torch.Tensor:
         """Decode an audio file (path or bytes) → float (S,) (or (C, S) when not mono) at ``audio.sample_rate``.
@@ -280,13 +341,11 @@ class Processor:
         Raises:
             mmformer.data.SampleError: the file is missing or cannot be decoded; the message names it.
         """
-        wave, _ = read_audio(source, self.audio.sample_rate, mono=self.audio.mono, name=name)
-        return self._truncate(wave, name or str(source))
+        return self._read_audio(source, name or str(source))
 
     def _waveform(self, x: Any, where: str, sampling_rate: int | None) -> torch.Tensor:
         if isinstance(x, (str, os.PathLike)):
-            wave, _ = read_audio(x, self.audio.sample_rate, mono=self.audio.mono, name=str(x))
-            return self._truncate(wave, f"{where} ({x})")
+            return self._read_audio(x, str(x))  # errors and the truncation warning name the file
         if not isinstance(x, (torch.Tensor, np.ndarray)):
             raise TypeError(
                 f"{where}: expected a 1-D waveform (numpy array or tensor) or a file path; got {_describe(x)}"
@@ -296,6 +355,8 @@ class Processor:
                 f"{where}: sampling_rate is required with waveform arrays (the rate they were recorded at; they are "
                 f"resampled to {self.audio.sample_rate} Hz); got sampling_rate=None"
             )
+        if isinstance(x, torch.Tensor) and x.device.type == "meta":
+            raise ValueError(f"{where}: expected a waveform with data; got a meta tensor of shape {tuple(x.shape)}")
         wave = torch.as_tensor(x).detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
         expected = "(S,)" if self.audio.mono else "(S,) or (C, S)"
         if wave.ndim != 1 and (self.audio.mono or wave.ndim != 2):
@@ -315,8 +376,10 @@ class Processor:
         return self._truncate(resample(wave, sampling_rate, self.audio.sample_rate), where)
 
     def _process_audio(self, audio: Any, sampling_rate: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if sampling_rate is not None and (not isinstance(sampling_rate, int) or sampling_rate <= 0):
-            raise ValueError(f"sampling_rate: expected a positive int (Hz); got {sampling_rate!r}")
+        if sampling_rate is not None:
+            if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, int) or sampling_rate <= 0:
+                raise ValueError(f"sampling_rate: expected a positive int (Hz); got {sampling_rate!r}")
+            check_resample(sampling_rate, self.audio.sample_rate, what="sampling_rate")
         items = _as_list(audio, "audio", batch_dims=2 if self.audio.mono else 3)
         return pad_audio([self._waveform(x, f"audio[{i}]", sampling_rate) for i, x in enumerate(items)])
 
@@ -328,7 +391,10 @@ class Processor:
         for i, t in enumerate(items):
             if not isinstance(t, str):
                 raise TypeError(f"text[{i}]: expected str; got {_describe(t)}")
-        out = self.tokenizer(items, max_length=max_length)
+        if max_length is not None:  # the caller chose the length: truncation is what they asked for
+            out = self.tokenizer(items, max_length=max_length)
+        else:
+            out = tokenize_with_warning(self.tokenizer, items, self.tokenizer.max_length, what="text")
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
     def __call__(
@@ -397,14 +463,19 @@ class Processor:
         config_path = directory / CONFIG_NAME
         if config_path.is_file():
             config = json.loads(config_path.read_text())
-            image = _from_dict(ImageProcessorConfig, config.get("image", {}), f"{config_path}: image")
-            audio = _from_dict(AudioProcessorConfig, config.get("audio", {}), f"{config_path}: audio")
         else:
             warnings.warn(f"{config_path} not found; using the default image and audio settings", stacklevel=2)
-            image, audio = ImageProcessorConfig(), AudioProcessorConfig()
+            config = {}
         tokenizer = None
         if (directory / TOKENIZER_NAME).is_file():
             from mmformer.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_file(directory / TOKENIZER_NAME)
+        return cls.from_dict(config, tokenizer, where=str(config_path))
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], tokenizer: Any = None, *, where: str = "processor config") -> Processor:
+        """Rebuild a processor from :meth:`to_dict`'s output (e.g. as a training checkpoint stores it)."""
+        image = _from_dict(ImageProcessorConfig, config.get("image", {}), f"{where}: image")
+        audio = _from_dict(AudioProcessorConfig, config.get("audio", {}), f"{where}: audio")
         return cls(tokenizer=tokenizer, image=image, audio=audio)

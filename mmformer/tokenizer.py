@@ -145,6 +145,15 @@ class Tokenizer:
         return cls.from_backend(backend)
 
     @classmethod
+    def from_str(cls, text: str) -> Tokenizer:
+        """Loads a tokenizer.json given as text (training checkpoints carry their tokenizer this way)."""
+        try:
+            backend = tokenizers.Tokenizer.from_str(text)
+        except Exception as e:  # the Rust side raises a bare Exception for malformed JSON
+            raise ValueError(f"text is not a valid tokenizer.json: {e}") from e
+        return cls.from_backend(backend)
+
+    @classmethod
     def from_backend(cls, backend: tokenizers.Tokenizer) -> Tokenizer:
         """Wraps a Hugging Face tokenizer, inferring bos/eos from its post-processor and pad/max_length from its
         padding and truncation settings (pad falls back to a pad-like token name, then eos, then id 0)."""

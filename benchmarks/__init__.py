@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks: mmformer against the implementation users would otherwise pick, in one process."""

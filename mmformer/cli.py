@@ -1,0 +1,162 @@
+"""The ``mmformer`` command: a LightningCLI for training plus a few inference subcommands.
+
+``mmformer --help`` imports nothing heavy; each subcommand imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+TRAIN_COMMANDS = ("fit", "validate", "test", "predict")
+USAGE = """usage: mmformer <command> [options]
+
+Training (a LightningCLI; `mmformer fit --help` lists every option):
+  fit        train:            mmformer fit --config configs/digits.yaml [--trainer.precision bf16-mixed]
+  validate   validation loop:  mmformer validate --config ... --ckpt_path ...
+  test       test loop:        mmformer test --config ... --ckpt_path ...
+  predict    predictions:      mmformer predict --config ... --ckpt_path ...
+
+Inference and interop:
+  export      checkpoint → pretrained directory:  mmformer export --ckpt runs/.../last.ckpt --out out/model
+  zeroshot    zero-shot classification:            mmformer zeroshot --model out/model --classes a,b,c FILES...
+  caption     image captioning:                    mmformer caption --model out/model FILES...
+  transcribe  speech to text:                      mmformer transcribe --model out/model FILES...
+  convert     public checkpoint → pretrained dir:  mmformer convert --from open_clip SRC --out out/model
+"""
+
+
+def _decoding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="pretrained directory or training checkpoint")
+    p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("files", nargs="+", help="input files")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmformer", usage=USAGE, add_help=False)
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("export", help="turn a training checkpoint into a pretrained directory")
+    p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing mmformer directory")
+
+    p = sub.add_parser("zeroshot", help="zero-shot classification of images or audio files")
+    p.add_argument("--model", required=True)
+    p.add_argument("--classes", required=True, help="comma-separated class names")
+    p.add_argument("--templates", default="{}", help="'|'-separated prompt templates with {} for the class name")
+    p.add_argument("--modality", choices=("auto", "image", "audio"), default="auto")
+    p.add_argument("--top", type=int, default=3, help="classes shown per file")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("files", nargs="+")
+
+    _decoding_args(sub.add_parser("caption", help="caption image files"))
+    _decoding_args(sub.add_parser("transcribe", help="transcribe audio files"))
+
+    p = sub.add_parser("convert", help="convert a public checkpoint into a pretrained directory")
+    p.add_argument(
+        "--from", dest="source", required=True, choices=("open_clip", "hf_clip", "timm_vit", "hf_whisper", "hf_bert")
+    )
+    p.add_argument("src", help="checkpoint file or directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus"}
+
+
+def _load_model(path: str, device: str):
+    from mmformer.pretrained import load_pretrained
+
+    model = load_pretrained(path, device=device).eval()
+    if getattr(model, "processor", None) is None:
+        raise SystemExit(f"mmformer: {path} has no processor files (tokenizer.json, preprocessor_config.json)")
+    return model
+
+
+def _zeroshot(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from mmformer.zeroshot import ZeroShotClassifier
+
+    model = _load_model(args.model, args.device)
+    modality = args.modality
+    if modality == "auto":
+        modality = "audio" if Path(args.files[0]).suffix.lower() in AUDIO_SUFFIXES else "image"
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    clf = ZeroShotClassifier(
+        model, model.processor, classnames=classes, templates=args.templates.split("|"), modality=modality
+    )
+    width = max(len(c) for c in classes)
+    for path, top in zip(args.files, clf.topk(args.files, k=min(args.top, len(classes)))):
+        print(path)
+        for name, prob in top:
+            print(f"  {name:<{width}}  {prob:6.3f}")
+
+
+def _decode(args: argparse.Namespace, task: str) -> None:
+    model = _load_model(args.model, args.device)
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        temperature=args.temperature,
+    )
+    run = model.caption if task == "caption" else model.transcribe
+    for start in range(0, len(args.files), args.batch_size):
+        chunk = args.files[start : start + args.batch_size]
+        for path, text in zip(chunk, run(chunk, **options)):
+            print(f"{path}\t{text}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from mmformer.pretrained import load_pretrained, save_pretrained
+
+    model = load_pretrained(args.ckpt)
+    save_pretrained(model, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from mmformer import convert
+    from mmformer.pretrained import save_pretrained
+
+    model = getattr(convert, convert.SOURCES[args.source])(args.src)
+    save_pretrained(model, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    if argv[0] in TRAIN_COMMANDS:
+        from mmformer.training_cli import run_training_cli
+
+        run_training_cli(argv)
+        return
+    args = _parser().parse_args(argv)
+    handlers = {
+        "zeroshot": _zeroshot,
+        "export": _export,
+        "convert": _convert,
+        "caption": lambda a: _decode(a, "caption"),
+        "transcribe": lambda a: _decode(a, "transcribe"),
+    }
+    if args.command not in handlers:
+        print(USAGE, file=sys.stderr)
+        raise SystemExit(f"mmformer: unknown command {argv[0]!r}")
+    handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

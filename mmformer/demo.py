@@ -1,0 +1,157 @@
+"""``make demo``: train one shared-stack model on the embedded digits data set, export it, and evaluate it on the
+test split through the public API (zero-shot classification, captioning, transcription).
+
+    python -m mmformer.demo [--config configs/digits.yaml] [--out runs/digits] [--skip-train]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+TARGETS = {"image_zeroshot_acc": (">=", 0.90), "audio_zeroshot_acc": (">=", 0.80), "caption_cer": ("<=", 0.10),
+           "speech_wer": ("<=", 0.25)}  # fmt: skip
+
+
+def train(config: str, out: Path) -> Path:
+    """Run ``mmformer fit`` on the config; return the last checkpoint."""
+    from mmformer.training_cli import build_cli
+
+    cli = build_cli(["fit", "--config", config, "--trainer.default_root_dir", str(out)])
+    ckpt = cli.trainer.checkpoint_callback.last_model_path if cli.trainer.checkpoint_callback else ""
+    if not ckpt:
+        raise SystemExit("mmformer demo: training wrote no checkpoint; check the ModelCheckpoint callback")
+    return Path(ckpt)
+
+
+def read_manifest(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for row in rows:
+        row["image"] = str(path.parent / row["image"])
+        row["audio_filepath"] = str(path.parent / row["audio_filepath"])
+    return rows
+
+
+def evaluate(model_dir: Path, manifest: Path, batch_size: int = 100) -> dict:
+    """Test-split figures through the public API only: load_pretrained, ZeroShotClassifier, caption, transcribe."""
+    import torch
+    from torchmetrics.functional.text import char_error_rate, word_error_rate
+
+    import mmformer
+
+    torch.manual_seed(0)
+    model = mmformer.load_pretrained(model_dir)
+    rows = read_manifest(manifest)
+    singles = [r for r in rows if len(r["digits"]) == 1]
+    labels = [WORDS[int(r["digits"])] for r in singles]
+    results: dict = {"n_test": len(rows), "n_single": len(singles)}
+    confusion = {}
+    for modality, key in (("image", "image"), ("audio", "audio_filepath")):
+        clf = mmformer.ZeroShotClassifier(model, classnames=WORDS, templates=["{}"], modality=modality)
+        predicted = clf.predict([r[key] for r in singles])
+        results[f"{modality}_zeroshot_acc"] = sum(p == y for p, y in zip(predicted, labels)) / len(labels)
+        matrix = [[0] * len(WORDS) for _ in WORDS]
+        for p, y in zip(predicted, labels):
+            matrix[WORDS.index(y)][WORDS.index(p)] += 1
+        confusion[modality] = matrix
+    captions, transcripts = [], []
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            captions += model.caption([r["image"] for r in chunk], max_new_tokens=8)
+            transcripts += model.transcribe([r["audio_filepath"] for r in chunk], max_new_tokens=8)
+    refs = [r["text"] for r in rows]
+    results["caption_exact"] = sum(c == r for c, r in zip(captions, refs)) / len(refs)
+    results["caption_cer"] = float(char_error_rate(captions, refs))
+    results["speech_wer"] = float(word_error_rate(transcripts, refs))
+    results["speech_cer"] = float(char_error_rate(transcripts, refs))
+    results["examples"] = [
+        {"reference": r["text"], "caption": c, "transcript": t} for r, c, t in list(zip(rows, captions, transcripts))[:3]
+    ]
+    results["confusion"] = confusion
+    return results
+
+
+def plot(log_dir: Path, results: dict, path: Path) -> None:
+    """Training curves (from the CSV logger) and the two zero-shot confusion matrices, in one PNG."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = sorted(log_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    if metrics:
+        with open(metrics[-1]) as f:
+            rows = list(csv.DictReader(f))
+        for name in ("train/contrastive_image", "train/contrastive_audio", "train/caption", "train/speech", "train/ctc"):
+            points = [(int(r["step"]), float(r[name])) for r in rows if r.get(name)]
+            if points:
+                axes[0].plot(*zip(*points), label=name.removeprefix("train/"))
+        axes[0].set_yscale("log")
+        axes[0].legend()
+    axes[0].set(title="training losses", xlabel="step")
+    for ax, modality in zip(axes[1:], ("image", "audio")):
+        ax.imshow(results["confusion"][modality], cmap="Blues")
+        acc = results[f"{modality}_zeroshot_acc"]
+        ax.set(title=f"{modality} zero-shot (test), accuracy {acc:.3f}", xlabel="predicted", ylabel="true")
+        ax.set_xticks(range(10), WORDS, rotation=60)
+        ax.set_yticks(range(10), WORDS)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(results: dict, seconds: dict) -> str:
+    lines = ["", "mmformer demo — digits test split", ""]
+    for name, value in results.items():
+        if isinstance(value, float):
+            target = TARGETS.get(name)
+            if target:
+                ok = value >= target[1] if target[0] == ">=" else value <= target[1]
+                mark = f"  (target {target[0]} {target[1]}: {'met' if ok else 'MISSED'})"
+            else:
+                mark = ""
+            lines.append(f"  {name:<20} {value:.3f}{mark}")
+    lines.append("")
+    for ex in results["examples"]:
+        lines.append(f"  reference {ex['reference']!r:<28} caption {ex['caption']!r:<28} transcript {ex['transcript']!r}")
+    lines.append("")
+    lines.append("  " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/digits.yaml")
+    p.add_argument("--out", default="runs/digits")
+    p.add_argument("--test", default="data/digits/test.jsonl")
+    p.add_argument("--skip-train", action="store_true", help="evaluate the model already exported under --out")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    model_dir = out / "model"
+    seconds = {}
+    start = time.perf_counter()
+    if not args.skip_train:
+        import mmformer
+
+        ckpt = train(args.config, out)
+        seconds["train"] = time.perf_counter() - start
+        mmformer.save_pretrained(mmformer.load_pretrained(ckpt), model_dir)
+        print(f"exported {ckpt} → {model_dir}")
+    start = time.perf_counter()
+    results = evaluate(model_dir, Path(args.test))
+    seconds["evaluate"] = time.perf_counter() - start
+    plot(out, results, out / "demo.png")
+    (out / "results.json").write_text(json.dumps({**results, "seconds": seconds}, indent=2))
+    print(report(results, seconds))
+    print(f"\n  curves and confusion matrices: {out / 'demo.png'}; figures: {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
