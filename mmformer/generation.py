@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from mmformer.processor import Processor
 
 _NEG = -1.0e9  # score of beams that must not be chosen (finite, so sums and divisions stay defined)
+_CACHE_STEP = 64  # KV cache positions allocated beyond the prompt at first; the cache doubles when it fills up
 
 
 # ---------------------------------------------------------------------- options
@@ -163,6 +164,10 @@ class DecoderRunner:
     With the cache, the first call feeds the whole prompt and fills the cross-attention keys/values from the
     memory once; later calls feed only the tokens the cache has not seen, and the memory's padding mask (the cached
     keys still need it) but no longer the memory itself.
+
+    The cache starts small and doubles as decoding goes on (up to ``max_length``), so that memory follows the
+    tokens actually decoded: with relative positions (RoPE, ALiBi) nothing else bounds ``max_new_tokens``, and a
+    cache preallocated for a huge one would take gigabytes before the first token.
     """
 
     def __init__(
@@ -175,10 +180,28 @@ class DecoderRunner:
     ):
         self.model = model
         self.memory, self.memory_mask = memory, memory_mask
-        self.cache: KVCache | None = model.make_cache(memory.shape[0], max_length) if use_cache else None
+        self.max_length = max_length
+        self.use_cache = use_cache
+        self.cache: KVCache | None = None
+
+    def _reserve(self, needed: int) -> None:
+        """Make the cache hold at least ``needed`` positions, copying what it has into a larger one if it must."""
+        old = self.cache
+        if old is not None and old.max_length >= needed:
+            return
+        size = min(self.max_length, max(needed + _CACHE_STEP, 2 * (old.max_length if old is not None else 0)))
+        rows = self.memory.shape[0] if old is None else old.k.shape[1]
+        new = self.model.make_cache(rows, max(size, needed))
+        if old is not None:
+            n = old.length
+            new.k[:, :, :, :n], new.v[:, :, :, :n] = old.k[:, :, :, :n], old.v[:, :, :, :n]  # (L, N, nkv, n, hs)
+            new.cross, new.length = old.cross, n
+        self.cache = new
 
     def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens so far (N, L) → float32 logits (N, V) for position L."""
+        if self.use_cache:
+            self._reserve(tokens.shape[1])
         new = tokens if self.cache is None else tokens[:, self.cache.length :]
         logits = self.model.decode(new, self.memory, self.memory_mask, cache=self.cache)  # (N, T, V)
         if self.cache is not None:
@@ -234,7 +257,7 @@ class BeamSearch:
         running = prompt.view(B, K, n_prompt)
         running_scores = torch.zeros(B, K, device=device)
         running_scores[:, 1:] = _NEG  # the first step expands only beam 0 (all beams hold the same prompt)
-        finished = torch.full((B, K, max_length), self.pad_id, dtype=torch.long, device=device)
+        finished = torch.full((B, K, n_prompt), self.pad_id, dtype=torch.long, device=device)  # grows with cur
         finished_len = torch.zeros(B, K, dtype=torch.long, device=device)
         finished_scores = torch.full((B, K), _NEG, device=device)
         finished_real = torch.zeros(B, K, dtype=torch.bool, device=device)
@@ -263,9 +286,8 @@ class BeamSearch:
             new_scores = new_scores.masked_fill(~eligible, 2 * _NEG)  # below every real or empty slot
             merged_scores = torch.cat([finished_scores, new_scores], dim=1)  # (B, K + 2K)
             best = merged_scores.topk(K, dim=-1).indices  # (B, K)
-            finished = torch.cat([finished, F.pad(cand_seqs, (0, max_length - cur - 1), value=self.pad_id)], 1)[
-                rows, best
-            ]
+            finished = F.pad(finished, (0, 1), value=self.pad_id)  # (B, K, cur + 1), as wide as the candidates
+            finished = torch.cat([finished, cand_seqs], dim=1)[rows, best]
             finished_len = torch.cat([finished_len, torch.full_like(cand_token, cur + 1)], dim=1).gather(1, best)
             finished_real = torch.cat([finished_real, eligible], dim=1).gather(1, best)
             finished_scores = merged_scores.gather(1, best)
@@ -313,7 +335,12 @@ def _memory(
 def _prompt(model: MultimodalTransformer, prompt_ids: Any, batch: int, device: torch.device) -> torch.Tensor:
     if prompt_ids is None:
         return torch.full((batch, 1), model.config.text.bos_id, dtype=torch.long, device=device)
-    prompt = torch.as_tensor(prompt_ids, device=device)
+    try:
+        prompt = torch.as_tensor(prompt_ids, device=device)
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:
+        raise TypeError(
+            f"prompt_ids: expected integer ids (B, P) or (P,) as a tensor or lists, got {type(prompt_ids).__name__}"
+        ) from e
     if prompt.dtype not in (torch.int64, torch.int32) or prompt.ndim not in (1, 2) or prompt.shape[-1] == 0:
         raise ValueError(
             f"prompt_ids: expected integer ids (B, P) or (P,) with P >= 1, got {tuple(prompt.shape)} {prompt.dtype}"
@@ -384,6 +411,8 @@ def generate(
     text = model.config.text
     memory, memory_mask = _memory(model, image, audio, audio_lengths, audio_features)  # (B, S, D), (B, S)
     B = memory.shape[0]
+    if B == 0:
+        raise ValueError(f"generate: expected at least one image or waveform, got a batch of 0 ({tuple(memory.shape)})")
     prompt = _prompt(model, prompt_ids, B, memory.device)
     n_prompt = prompt.shape[1]
     max_length = n_prompt + options.max_new_tokens
@@ -462,6 +491,13 @@ def transcribe(
         decoding: :func:`generate` options.
     """
     processor = _processor(model, processor, "transcribe")
+    audio = getattr(model.config, "audio", None)
+    rate = getattr(getattr(processor, "audio", None), "sample_rate", None)
+    if audio is not None and rate is not None and rate != audio.sample_rate:
+        raise ValueError(
+            f"processor: its audio sample_rate {rate} differs from the model's {audio.sample_rate} "
+            "(AudioConfig.sample_rate); the model would hear the audio at the wrong speed"
+        )
     batch = processor(audio=waveforms, sampling_rate=sample_rate)
     device = _model_device(model)
     ids = generate(model, audio=batch["audio"].to(device), audio_lengths=batch["audio_lengths"].to(device), **decoding)

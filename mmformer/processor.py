@@ -391,6 +391,13 @@ class Processor:
         for i, t in enumerate(items):
             if not isinstance(t, str):
                 raise TypeError(f"text[{i}]: expected str; got {_describe(t)}")
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:  # lone surrogates, e.g. bytes read with errors="surrogateescape"
+                raise ValueError(
+                    f"text[{i}]: expected valid Unicode text; got a string with an unpaired surrogate "
+                    f"{t[e.start : e.end]!r} at character {e.start} (undecodable bytes?)"
+                ) from e
         if max_length is not None:  # the caller chose the length: truncation is what they asked for
             out = self.tokenizer(items, max_length=max_length)
         else:

@@ -84,8 +84,11 @@ def build_class_embeddings(
 ) -> torch.Tensor:
     """(C, E) class embeddings: per class, the normalised mean over templates of the normalised text embeddings.
 
-    Prompts are tokenized and encoded ``batch_size`` at a time; the model is run in eval mode.
+    Prompts are tokenized and encoded ``batch_size`` at a time; the model is run in eval mode. Prompts longer than
+    the text context are truncated with a warning (a cut prompt may lose the class name).
     """
+    from mmformer.processor import tokenize_with_warning
+
     names, templates = check_classnames(classnames), check_templates(templates)
     prompts = [_fill(t, name) for name in names for t in templates]  # class-major: C × K prompts
     max_length = min(tokenizer.max_length, model.config.text.max_length)
@@ -93,7 +96,7 @@ def build_class_embeddings(
     features = []
     with _eval(model):
         for start in range(0, len(prompts), batch_size):
-            tokens = tokenizer(prompts[start : start + batch_size], max_length=max_length)
+            tokens = tokenize_with_warning(tokenizer, prompts[start : start + batch_size], max_length, what="prompt")
             features.append(
                 model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float()
             )
@@ -182,6 +185,13 @@ class ZeroShotClassifier:
                     f"processor: its audio sample_rate {rates[0]} differs from the model's {rates[1]} "
                     "(AudioConfig.sample_rate); the model would hear audio at the wrong speed"
                 )
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        vocab = getattr(tokenizer, "vocab_size", None)
+        if isinstance(vocab, int) and vocab > model.config.text.vocab_size:
+            raise ValueError(
+                f"processor: its tokenizer has {vocab} token ids but the model's text vocabulary has "
+                f"{model.config.text.vocab_size} (TextConfig.vocab_size); they do not belong together"
+            )
         self.classnames = check_classnames(classnames)
         self.templates = check_templates(templates)
         self.modality = modality
@@ -271,6 +281,9 @@ class ZeroShotClassifier:
                 lengths = inputs.get("audio_lengths")
             inputs = inputs[key]
         if self.modality == "image":
+            for name, value in (("lengths", lengths), ("sampling_rate", sampling_rate)):
+                if value is not None:
+                    raise ValueError(f"{name}: only used with modality='audio'; got {name}={value!r} for images")
             if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
                 for start in range(0, len(inputs), self.batch_size):
                     yield self.model.encode_image(inputs[start : start + self.batch_size].to(device))

@@ -88,9 +88,16 @@ def load_state_dict(path: str | os.PathLike, names: Iterable[str] = STATE_DICT_N
     if not path.is_file():
         raise FileNotFoundError(f"path: no checkpoint file at {os.fspath(path)!r}")
     if path.name.endswith(".index.json"):
-        weight_map = json.loads(path.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+            shards = {str(shard) for shard in weight_map.values()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(
+                f"path: {os.fspath(path)!r} is not a sharded-checkpoint index (a JSON object with a 'weight_map' of "
+                f"tensor name → shard file): {type(e).__name__}: {e}"
+            ) from e
         state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
+        for shard in sorted(shards):
             state.update(_load_file(path.parent / shard))
         return state
     return _load_file(path)
@@ -100,7 +107,13 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(os.fspath(path), device="cpu")
+        try:
+            return load_file(os.fspath(path), device="cpu")
+        except Exception as e:  # SafetensorError (a header lying about sizes/offsets, a truncated file), OSError
+            raise ValueError(
+                f"path: {os.fspath(path)!r} is not a valid safetensors file ({e}); its header may be corrupt or "
+                "disagree with the data (tensor sizes/offsets), or the file may be truncated"
+            ) from e
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             if any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist()):

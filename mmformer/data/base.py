@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset
 
-from mmformer.data.io import SampleError, clean_text
+from mmformer.data.io import SampleError, clean_text, is_valid_text
 from mmformer.data.skipping import BadSampleTracker
 
 if TYPE_CHECKING:
@@ -111,11 +111,7 @@ class RecordDataset(Dataset):
 
     def texts(self) -> list[str]:
         """The valid texts of every record, in order, without loading any media (for tokenizer training)."""
-        out = []
-        for r in self.records:
-            if isinstance(r.text, str) and r.text.strip():
-                out.append(r.text.strip())
-        return out
+        return [r.text.strip() for r in self.records if is_valid_text(r.text)]
 
     def load(self, record: Record) -> dict[str, Any]:
         """The sample dict of one record; raises SampleError if anything is wrong with it."""

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mmformer.data.base import Record, RecordDataset, resolve
+from mmformer.data.io import is_valid_text
 
 if TYPE_CHECKING:
     from mmformer.processor import Processor
@@ -91,7 +92,7 @@ class CocoCaptions(RecordDataset):
     def texts(self) -> list[str]:
         if not self.one_per_image:
             return super().texts()
-        return [c.strip() for caps in self.captions.values() for c in caps if isinstance(c, str) and c.strip()]
+        return [c.strip() for caps in self.captions.values() for c in caps if is_valid_text(c)]
 
     def load(self, record: Record) -> dict[str, Any]:
         if self.one_per_image:

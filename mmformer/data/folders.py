@@ -36,7 +36,8 @@ class LibriSpeech(RecordDataset):
             raise FileNotFoundError(f"LibriSpeech root {self.root} is not a folder")
         records = []
         for trans in sorted(self.root.rglob("*.trans.txt")):
-            for line in trans.read_text(encoding="utf-8").splitlines():
+            # bytes that are not UTF-8 spoil only their own utterance, refused when it is loaded (see clean_text)
+            for line in trans.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
                 if not line.strip():
                     continue
                 utt, _, text = line.strip().partition(" ")

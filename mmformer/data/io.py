@@ -3,14 +3,26 @@
 Both readers accept a path or the raw bytes of a file (as found inside a WebDataset shard); ``name`` is what
 error messages call the sample. Anything that cannot be decoded raises :class:`SampleError`, which the datasets
 catch to skip the sample (see :mod:`mmformer.data.skipping`); the :class:`~mmformer.Processor` lets it propagate.
+
+Files are untrusted: what they claim does not decide how much memory or time decoding takes.
+
+- An image of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (89 million by default: PIL's decompression-bomb
+  threshold, where PIL itself only warns) is refused before its pixels are decoded; set
+  ``PIL.Image.MAX_IMAGE_PIXELS`` higher (or to None) to read bigger images.
+- Audio is decoded block by block, so a header that lies about the length costs nothing; with ``max_seconds`` the
+  rest of a long (or highly compressed) file is not decoded at all.
+- Resampling between rates that share no large common divisor (e.g. 44101 Hz → 16 kHz) would need a sinc filter
+  of gigabytes; it is refused (:func:`check_resample`) instead of running for minutes.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +35,9 @@ Source = str | os.PathLike | bytes  # a path, or a file's bytes (from a tar shar
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".mp3", ".opus")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # PIL's 16-bit grayscale (16-bit PNG/TIFF)
+MAX_RESAMPLE_PHASES = 2**24  # (orig/gcd) * (new/gcd): 16 kHz from 44.1 kHz is 70,560; from 44101 Hz, 705,616,000
+_AUDIO_BLOCK = 2**18  # samples (frames × channels) decoded per read
 
 
 class SampleError(Exception):
@@ -56,8 +71,18 @@ def _open(source: Source, name: str) -> io.BufferedIOBase | str:
     return os.fspath(source)
 
 
+def convert_image(img: Image.Image, mode: str) -> Image.Image:
+    """``img.convert(mode)``, except that 16-bit grayscale is scaled to 8 bits (``v >> 8``, as torchvision reads
+    16-bit PNGs) rather than clipped at 255 by PIL, which would turn most of a 16-bit image white."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8), mode="L")
+    return img.convert(mode)
+
+
 def read_image(source: Source, mode: str = "RGB", *, name: str | None = None) -> Image.Image:
     """Decode an image fully (so truncation is detected here, not later) and convert it to ``mode``.
+
+    Images of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels are refused before decoding (see the module notes).
 
     Args:
         source: path or encoded bytes.
@@ -68,20 +93,73 @@ def read_image(source: Source, mode: str = "RGB", *, name: str | None = None) ->
     fp = _open(source, name)
     try:
         with Image.open(fp) as img:
+            if img.width == 0 or img.height == 0:
+                raise SampleError(name, f"image has no pixels ({img.width}×{img.height})")
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and img.width * img.height > limit:
+                raise SampleError(
+                    name,
+                    f"image of {img.width}×{img.height} = {img.width * img.height} pixels is larger than "
+                    f"PIL.Image.MAX_IMAGE_PIXELS={limit} (a possible decompression bomb); raise that limit to read it",
+                )
             img.load()
-            return img.convert(mode)
+            return convert_image(img, mode)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise SampleError(name, f"cannot decode image ({type(e).__name__}: {e})") from e
 
 
+def check_resample(orig_rate: int, new_rate: int, what: str = "sample rate") -> None:
+    """Raise ValueError if resampling ``orig_rate`` → ``new_rate`` Hz would need an enormous sinc filter.
+
+    torchaudio's exact resampler builds a (new/g) × (orig/g) polyphase kernel, g = gcd of the rates: tiny for the
+    usual rates (8, 11.025, 16, 22.05, 44.1, 48 kHz ...), gigabytes and minutes for rates that share no large divisor.
+    """
+    g = math.gcd(int(orig_rate), int(new_rate))
+    phases = (int(orig_rate) // g) * (int(new_rate) // g)
+    if phases > MAX_RESAMPLE_PHASES:
+        raise ValueError(
+            f"{what}: cannot resample {orig_rate} Hz to {new_rate} Hz: the rates share no large common divisor (gcd "
+            f"{g}), so exact resampling would need a {phases:,}-phase filter (gigabytes, minutes); resample the audio "
+            "to a standard rate (e.g. 16000, 22050, 44100 or 48000 Hz) first"
+        )
+
+
 def resample(wave: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
-    """Band-limited resampling along the last dimension (torchaudio's sinc interpolation)."""
+    """Band-limited resampling along the last dimension (torchaudio's sinc interpolation).
+
+    Raises:
+        ValueError: the rates need an enormous filter (see :func:`check_resample`).
+    """
     if orig_rate == new_rate:
         return wave
+    check_resample(orig_rate, new_rate)
     return AF.resample(wave, int(orig_rate), int(new_rate))
 
 
-def read_audio(source: Source, sample_rate: int | None = None, *, mono: bool = True, name: str | None = None):
+def truncate_audio(
+    wave: torch.Tensor, rate: int, max_seconds: float | None, name: str, seconds: float | None = None
+) -> torch.Tensor:
+    """Cut ``wave`` (..., S) at ``rate`` Hz to ``max_seconds``, with a warning naming the sample.
+
+    Args:
+        seconds: the full duration, for the warning, when ``wave`` was already cut while decoding.
+    """
+    limit = None if max_seconds is None else int(round(max_seconds * rate))
+    if limit is None or wave.shape[-1] <= limit:
+        return wave
+    seconds = wave.shape[-1] / rate if seconds is None else seconds
+    warnings.warn(f"{name}: {seconds:.1f} s of audio is longer than max_seconds={max_seconds}; truncated", stacklevel=3)
+    return wave[..., :limit]
+
+
+def read_audio(
+    source: Source,
+    sample_rate: int | None = None,
+    *,
+    mono: bool = True,
+    name: str | None = None,
+    max_seconds: float | None = None,
+):
     """Decode an audio file with soundfile to float32 in [-1, 1].
 
     Args:
@@ -89,6 +167,8 @@ def read_audio(source: Source, sample_rate: int | None = None, *, mono: bool = T
         sample_rate: resample to this rate; ``None`` keeps the file's rate.
         mono: average the channels into one waveform ``(S,)``; otherwise return ``(C, S)``.
         name: how messages name the sample; defaults to the path.
+        max_seconds: keep at most this much audio: longer files are truncated with a warning, and the part past
+            the cut (beyond a short margin that keeps the resampled cut exact) is never decoded.
 
     Returns:
         ``(waveform, rate)`` where ``rate`` is the rate of the returned waveform.
@@ -97,23 +177,43 @@ def read_audio(source: Source, sample_rate: int | None = None, *, mono: bool = T
     fp = _open(source, name)
     try:
         with soundfile.SoundFile(fp) as f:
-            expected = f.frames
-            rate = f.samplerate
-            data = f.read(dtype="float32", always_2d=True)  # (S, C)
-    except (soundfile.SoundFileError, RuntimeError, OSError, ValueError, EOFError) as e:
+            expected, rate, channels = f.frames, f.samplerate, f.channels
+            file_rate = rate
+            if rate <= 0:
+                raise SampleError(name, f"invalid sample rate {rate} Hz in the header")
+            # Decoding in blocks keeps memory proportional to the data: one read of f.frames would allocate
+            # whatever the header claims (a FLAC header may claim 2**36 frames).
+            limit = None if max_seconds is None else math.ceil(max_seconds * rate) + rate // 10 + 1
+            block = max(1, _AUDIO_BLOCK // max(1, channels))
+            blocks, n_read = [], 0
+            while limit is None or n_read < limit:
+                part = f.read(block if limit is None else min(block, limit - n_read), dtype="float32", always_2d=True)
+                if len(part) == 0:
+                    break
+                blocks.append(part)
+                n_read += len(part)
+    except (soundfile.SoundFileError, RuntimeError, OSError, ValueError, EOFError, MemoryError) as e:
         raise SampleError(name, f"cannot decode audio ({type(e).__name__}: {e})") from e
-    if data.shape[0] == 0:
+    cut = limit is not None and n_read >= limit  # stopped before the end of the file
+    if n_read == 0:
         raise SampleError(name, "audio has no samples")
-    if expected > 0 and data.shape[0] < expected:
-        raise SampleError(name, f"truncated audio: header says {expected} frames, read {data.shape[0]}")
+    if not cut and expected > 0 and n_read < expected:
+        raise SampleError(name, f"truncated audio: header says {expected} frames, read {n_read}")
+    data = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]  # (S, C)
     if not np.isfinite(data).all():
         raise SampleError(name, "audio contains NaN or infinite values")
     wave = torch.from_numpy(np.ascontiguousarray(data.T))  # (C, S)
     if mono:
         wave = wave.mean(dim=0)  # (S,)
-    if sample_rate is not None:
+    if sample_rate is not None and sample_rate != rate:
+        try:
+            check_resample(rate, sample_rate, what="audio")
+        except ValueError as e:
+            raise SampleError(name, str(e)) from e
         wave = resample(wave, rate, sample_rate)
         rate = sample_rate
+    if max_seconds is not None:
+        wave = truncate_audio(wave, rate, max_seconds, name, seconds=expected / file_rate if cut else None)
     return wave, rate
 
 
@@ -131,12 +231,30 @@ def read_text(source: Source, *, name: str | None = None) -> str:
     return text
 
 
+def is_valid_text(value: object) -> bool:
+    """A usable caption: a string that is not blank and holds no undecodable bytes (see :func:`clean_text`)."""
+    try:
+        clean_text(value, "")
+    except SampleError:
+        return False
+    return True
+
+
 def clean_text(value: object, name: str) -> str:
-    """A caption/transcript field from a manifest: must be a non-empty string."""
+    """A caption/transcript field from a manifest: must be a non-empty string.
+
+    Index files are read with ``errors="surrogateescape"``, so that one row with bytes that are not UTF-8 does not
+    stop the whole data set: such a text holds lone surrogates and is refused here, naming the sample.
+    """
     if value is None or (isinstance(value, float) and np.isnan(value)):
         raise SampleError(name, "missing text")
     if not isinstance(value, str):
         raise SampleError(name, f"text must be a string; got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = value[e.start : e.end].encode("utf-8", "surrogateescape")
+        raise SampleError(name, f"text is not valid UTF-8 (bytes {bad!r} at character {e.start})") from e
     text = value.strip()
     if not text:
         raise SampleError(name, "empty text")

@@ -39,7 +39,12 @@ MANIFEST_EXTENSIONS = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".ndjson": Non
 
 
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rows of a CSV/TSV (header required) or JSONL file as dicts."""
+    """The rows of a CSV/TSV (header required) or JSONL file as dicts.
+
+    The file is read as UTF-8 (a byte-order mark, as Excel writes, is skipped); bytes that are not UTF-8 are kept as
+    lone surrogates (``surrogateescape``), so that they affect only their own row: a path still names the same file,
+    and a caption is refused when its sample is loaded (see :func:`~mmformer.data.io.clean_text`).
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in MANIFEST_EXTENSIONS:
@@ -47,7 +52,7 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} not found")
     delimiter = MANIFEST_EXTENSIONS[suffix]
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         if delimiter is not None:
             return list(csv.DictReader(f, delimiter=delimiter))
         rows = []

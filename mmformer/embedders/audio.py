@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmformer.config import AudioConfig, StackConfig
+from mmformer.embedders.checks import check_device, check_lengths
 from mmformer.layers.positions import AbsolutePositions
 
 
@@ -87,6 +88,10 @@ class AudioEmbedder(nn.Module):
             feature_lengths = None if lengths is None else self.features.frames(lengths)
         else:
             self.check_features(features)
+            if feature_lengths is not None:
+                feature_lengths = check_lengths(
+                    "feature_lengths", feature_lengths, features.shape[0], features.shape[-1], self.conv1.weight
+                )
         n_frames = features.shape[-1]
         if self.positions is not None and self.tokens_for_frames(n_frames) > self.positions.length:
             raise ValueError(
@@ -115,19 +120,21 @@ class AudioEmbedder(nn.Module):
             raise ValueError(f"audio: expected shape (B, S) of mono waveforms, got {tuple(audio.shape)}")
         if not audio.is_floating_point():
             raise TypeError(f"audio: expected a float waveform tensor, got {audio.dtype}")
+        check_device("audio", audio, self.conv1.weight)
+        if audio.shape[0] == 0:
+            raise ValueError(f"audio: expected at least one waveform, got shape {tuple(audio.shape)}")
         if audio.shape[1] < self.cfg.n_fft // 2 + 1:
             raise ValueError(f"audio: needs at least {self.cfg.n_fft // 2 + 1} samples, got {audio.shape[1]}")
         if lengths is not None:
-            lengths = torch.as_tensor(lengths, device=audio.device)
-            if lengths.shape != (audio.shape[0],):
-                raise ValueError(
-                    f"audio_lengths: expected shape ({audio.shape[0]},), one per waveform; got {tuple(lengths.shape)}"
-                )
-            if bool((lengths < 1).any()) or bool((lengths > audio.shape[1]).any()):
-                raise ValueError(f"audio_lengths: expected values in [1, {audio.shape[1]}], got {lengths.tolist()}")
+            lengths = check_lengths("audio_lengths", lengths, audio.shape[0], audio.shape[1], self.conv1.weight)
         return audio, lengths
 
     def check_features(self, features: torch.Tensor) -> None:
         if not isinstance(features, torch.Tensor) or features.ndim != 3 or features.shape[1] != self.cfg.n_mels:
             shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
             raise ValueError(f"audio_features: expected log-mel (B, {self.cfg.n_mels}, frames), got {shape}")
+        if not features.is_floating_point():
+            raise TypeError(f"audio_features: expected a float tensor of log-mel features, got {features.dtype}")
+        check_device("audio_features", features, self.conv1.weight)
+        if features.shape[0] == 0 or features.shape[-1] == 0:
+            raise ValueError(f"audio_features: expected at least one row and one frame, got {tuple(features.shape)}")

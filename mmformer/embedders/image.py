@@ -9,8 +9,22 @@ import torch
 from torch import nn
 
 from mmformer.config import ImageConfig, StackConfig
+from mmformer.embedders.checks import check_device
 from mmformer.layers.norms import make_norm
-from mmformer.layers.positions import resample_patch_positions
+from mmformer.layers.positions import resample_patch_positions, sinusoids
+
+
+def initial_patch_positions(cfg: ImageConfig, width: int) -> torch.Tensor:
+    """Initial 2-D learned position table (Np [+1], D): row and column sin-cos halves (as MAE's fixed table), so
+    the patch grid's geometry is visible from the first step; the class token's row starts at zero. A width not
+    divisible by 4 falls back to a small random table."""
+    if width % 4:
+        return torch.randn(cfg.n_tokens, width) * 0.02
+    gh, gw = cfg.grid
+    rows = sinusoids(gh, width // 2)[:, None, :].expand(gh, gw, width // 2)
+    cols = sinusoids(gw, width // 2)[None, :, :].expand(gh, gw, width // 2)
+    table = torch.cat([rows, cols], dim=-1).reshape(gh * gw, width)  # (Np, D), row-major like the patches
+    return torch.cat([torch.zeros(int(cfg.class_token), width), table], dim=0)
 
 
 class ImageEmbedder(nn.Module):
@@ -23,13 +37,14 @@ class ImageEmbedder(nn.Module):
         width = stack.width
         self.patch = nn.Conv2d(cfg.channels, width, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.randn(width) * 0.02) if cfg.class_token else None
-        self.positions = nn.Parameter(torch.randn(cfg.n_tokens, width) * 0.02) if cfg.position == "learned" else None
+        self.positions = nn.Parameter(initial_patch_positions(cfg, width)) if cfg.position == "learned" else None
         self.norm = make_norm(stack.norm, width, stack.norm_eps) if cfg.pre_norm else None
 
     def check(self, pixel_values: torch.Tensor) -> None:
         cfg = self.cfg
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values: expected a tensor (B, C, H, W), got {type(pixel_values).__name__}")
+        check_device("pixel_values", pixel_values, self.patch.weight)
         if pixel_values.ndim != 4:
             raise ValueError(f"pixel_values: expected 4 dims (B, C, H, W), got shape {tuple(pixel_values.shape)}")
         if pixel_values.shape[1] != cfg.channels:
@@ -40,6 +55,10 @@ class ImageEmbedder(nn.Module):
         if not pixel_values.is_floating_point():
             raise TypeError(f"pixel_values: expected a float tensor (normalised pixels), got {pixel_values.dtype}")
         h, w = pixel_values.shape[-2:]
+        if h == 0 or w == 0:
+            raise ValueError(
+                f"pixel_values: expected at least one {cfg.patch_size}×{cfg.patch_size} patch, got {h}×{w}"
+            )
         if h % cfg.patch_size or w % cfg.patch_size:
             raise ValueError(
                 f"pixel_values: height and width must be multiples of the patch size {cfg.patch_size}, got {h}×{w}"

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mmformer.config import StackConfig, TextConfig
+from mmformer.embedders.checks import check_device
 from mmformer.layers.positions import AbsolutePositions
 
 
@@ -36,6 +37,7 @@ class TextEmbedder(nn.Module):
             raise ValueError(f"input_ids: expected shape (B, T), got {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids: expected integer token ids, got {input_ids.dtype}")
+        check_device("input_ids", input_ids, self.tokens.weight)
         if input_ids.numel() == 0:
             raise ValueError(f"input_ids: expected at least one token per row, got shape {tuple(input_ids.shape)}")
         if self.positions is not None and input_ids.shape[1] > self.cfg.max_length:
@@ -43,15 +45,23 @@ class TextEmbedder(nn.Module):
                 f"input_ids: expected at most {self.cfg.max_length} tokens (TextConfig.max_length, the position "
                 f"table), got {input_ids.shape[1]}; truncate the text or build the model with a longer max_length"
             )
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(
+                f"attention_mask: expected a bool tensor (B, T), True = real token; got {type(attention_mask).__name__}"
+            )
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"attention_mask: expected the shape of input_ids {tuple(input_ids.shape)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
+        if attention_mask is not None:
+            check_device("attention_mask", attention_mask, self.tokens.weight)
 
     def forward(
         self, input_ids: torch.Tensor, *, offset: int = 0, segment_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if segment_ids is not None:
+            self.check_segments(input_ids, segment_ids)
         x = self.tokens(input_ids)
         if self.positions is not None:
             x = self.positions(x, offset)
@@ -60,3 +70,17 @@ class TextEmbedder(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         return self.drop(x)
+
+    def check_segments(self, input_ids: torch.Tensor, segment_ids: torch.Tensor) -> None:
+        if not isinstance(segment_ids, torch.Tensor) or segment_ids.shape != input_ids.shape:
+            got = tuple(segment_ids.shape) if isinstance(segment_ids, torch.Tensor) else type(segment_ids).__name__
+            raise ValueError(f"segment_ids: expected the shape of input_ids {tuple(input_ids.shape)}, got {got}")
+        if segment_ids.dtype.is_floating_point or segment_ids.dtype == torch.bool:
+            raise TypeError(f"segment_ids: expected integer segment ids, got {segment_ids.dtype}")
+        check_device("segment_ids", segment_ids, self.tokens.weight)
+        n = self.cfg.n_segments
+        if segment_ids.numel() and (int(segment_ids.min()) < 0 or int(segment_ids.max()) >= max(n, 1)):
+            raise ValueError(
+                f"segment_ids: expected ids in [0, {max(n, 1)}) (TextConfig.n_segments={n}), got min "
+                f"{int(segment_ids.min())}, max {int(segment_ids.max())}"
+            )
