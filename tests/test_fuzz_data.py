@@ -18,11 +18,9 @@ What "correctly" means where it is a choice:
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
-import signal
 import struct
 import tarfile
 import time
@@ -36,6 +34,7 @@ import PIL.ImageFile
 import pytest
 import soundfile
 import torch
+from helpers import time_limit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -59,22 +58,6 @@ FUZZ = settings(
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
 )
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    """Fail with TimeoutError if the block runs longer (SIGALRM: the main thread, POSIX)."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"took more than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def processor() -> Processor:

@@ -14,13 +14,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import signal
 
 import numpy as np
 import pytest
 import torch
+from helpers import time_limit
 from tokenizers import Tokenizer as Backend
 from tokenizers import models, pre_tokenizers
 
@@ -61,20 +60,6 @@ def heap_in_use() -> int:
     """Bytes the C heap holds for live allocations now: small blocks in arenas plus mmap'd large blocks."""
     info = MALLINFO2()
     return info.uordblks + info.hblkhd
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    def expire(signum, frame):
-        raise TimeoutError(f"took more than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture

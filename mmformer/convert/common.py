@@ -1,4 +1,5 @@
-"""Helpers every converter shares: safe state-dict loading, q/k/v fusing, an exact weight mapper and the processor.
+"""Helpers the converters share: safe state-dict and Hugging Face checkpoint loading, q/k/v fusing, an exact weight
+mapper and the processor.
 
 A converter turns a public checkpoint's state dict into an mmformer one with a :class:`WeightMap`::
 
@@ -44,6 +45,8 @@ __all__ = [
     "is_path",
     "load_exact",
     "load_state_dict",
+    "read_hf_checkpoint",
+    "read_hf_tokenizer",
     "split_qkv",
     "stack_rows",
 ]
@@ -145,6 +148,56 @@ def _unwrap(obj: Any, where: str) -> dict[str, torch.Tensor]:
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k.removeprefix("module."): v for k, v in obj.items()}
     return dict(obj)
+
+
+def read_hf_checkpoint(
+    path_or_model: Any, *, model_type: str, name: str, model_class: str, folder: str = "save_pretrained output"
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path | None]:
+    """(config dict, state dict, directory or None) of a ``transformers`` model instance or a local directory.
+
+    The directory comes back so that a converter can read the files beside the weights (``tokenizer.json``, ...).
+
+    Args:
+        path_or_model: a model with a ``config`` (``PretrainedConfig``), or a directory with ``config.json`` and
+            weights (read with :func:`load_state_dict`).
+        model_type: the config's ``model_type`` the converter handles (a config without one is taken as it).
+        name: the architecture in error messages (``"BERT"``).
+        model_class: the model classes accepted, in error messages (``"BertModel"``).
+        folder: what the directory may be, in error messages.
+
+    Raises:
+        FileNotFoundError: a directory without ``config.json``.
+        TypeError: neither a path nor a model with a config.
+        UnsupportedModelError: a config of another ``model_type``.
+    """
+    if is_path(path_or_model):
+        directory = Path(path_or_model)
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(
+                f"path_or_model: expected a local {name} directory with config.json and model.safetensors ({folder}), "
+                f"got {os.fspath(path_or_model)!r}"
+            )
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        state = load_state_dict(directory)
+    elif isinstance(path_or_model, nn.Module) and hasattr(getattr(path_or_model, "config", None), "to_dict"):
+        directory, config, state = None, path_or_model.config.to_dict(), path_or_model.state_dict()
+    else:
+        raise TypeError(
+            f"path_or_model: expected a transformers {model_class} or a local directory, "
+            f"got {type(path_or_model).__name__}"
+        )
+    if config.get("model_type", model_type) != model_type:
+        raise UnsupportedModelError(f"path_or_model: expected a {name} model, got model_type={config['model_type']!r}")
+    return config, state, directory
+
+
+def read_hf_tokenizer(directory: Path | None) -> Tokenizer | None:
+    """The ``tokenizer.json`` of a directory :func:`read_hf_checkpoint` returned; None without one (or a directory)."""
+    if directory is None or not (directory / "tokenizer.json").is_file():
+        return None
+    from mmformer.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(directory / "tokenizer.json")
 
 
 # ---------------------------------------------------------------------------------------------------- q/k/v

@@ -13,12 +13,10 @@ sentence-transformers' Pooling module), L2-normalised by ``encode_text(normalize
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from mmformer.config import ModelConfig, StackConfig, TextConfig
 from mmformer.convert.common import (
@@ -27,8 +25,8 @@ from mmformer.convert.common import (
     activation_kind,
     build_processor,
     fuse_qkv,
-    is_path,
-    load_state_dict,
+    read_hf_checkpoint,
+    read_hf_tokenizer,
 )
 from mmformer.model import MultimodalTransformer
 
@@ -40,23 +38,13 @@ _IGNORED = ["pooler.*", "embeddings.position_ids", "embeddings.token_type_ids"]
 
 def _read_source(path_or_model: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path | None]:
     """(config dict, encoder state dict without a ``bert.`` prefix, directory or None) of a model or a folder."""
-    if is_path(path_or_model):
-        directory = Path(path_or_model)
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(
-                "path_or_model: expected a local BERT directory with config.json and model.safetensors "
-                f"(save_pretrained output, or a sentence-transformers folder), got {os.fspath(path_or_model)!r}"
-            )
-        config = json.loads((directory / "config.json").read_text())
-        state = load_state_dict(directory)
-    elif isinstance(path_or_model, nn.Module) and hasattr(getattr(path_or_model, "config", None), "to_dict"):
-        directory, config, state = None, path_or_model.config.to_dict(), path_or_model.state_dict()
-    else:
-        raise TypeError(
-            f"path_or_model: expected a transformers BertModel or a local directory, got {type(path_or_model).__name__}"
-        )
-    if config.get("model_type", "bert") != "bert":
-        raise UnsupportedModelError(f"hf_bert: expected a BERT model, got model_type={config['model_type']!r}")
+    config, state, directory = read_hf_checkpoint(
+        path_or_model,
+        model_type="bert",
+        name="BERT",
+        model_class="BertModel",
+        folder="save_pretrained output, or a sentence-transformers folder",
+    )
     position_type = config.get("position_embedding_type", "absolute")
     if position_type != "absolute":
         raise UnsupportedModelError(f"hf_bert: position_embedding_type={position_type!r} (only 'absolute')")
@@ -68,15 +56,15 @@ def _read_source(path_or_model: Any) -> tuple[dict[str, Any], dict[str, torch.Te
 def _tokenizer(directory: Path | None, max_positions: int):
     """The directory's tokenizer.json (WordPiece), truncating to sentence-transformers' ``max_seq_length`` when the
     folder is a sentence-transformers model, so long texts are cut where its pipeline cuts them."""
-    if directory is None or not (directory / "tokenizer.json").is_file():
+    tokenizer = read_hf_tokenizer(directory)
+    if tokenizer is None:
         return None
-    from mmformer.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.from_file(directory / "tokenizer.json")
     st_config = directory / "sentence_bert_config.json"
     max_length = json.loads(st_config.read_text()).get("max_seq_length") if st_config.is_file() else None
     max_length = min(max_length or tokenizer.max_length, max_positions)
     if max_length != tokenizer.max_length:
+        from mmformer.tokenizer import Tokenizer
+
         tokenizer = Tokenizer(
             tokenizer.backend,
             max_length=max_length,

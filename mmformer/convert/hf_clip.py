@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,8 +26,7 @@ from mmformer.convert.common import (
     UnsupportedModelError,
     WeightMap,
     activation_kind,
-    is_path,
-    load_state_dict,
+    read_hf_checkpoint,
 )
 from mmformer.convert.open_clip import clip_processor
 from mmformer.model import MultimodalTransformer
@@ -46,7 +44,6 @@ def from_hf_clip(path_or_model: str | os.PathLike | nn.Module) -> MultimodalTran
         CLIP's, and the image pipeline from ``preprocessor_config.json`` when the directory has one (else OpenAI's
         mean/std, bicubic shortest-edge resize + center crop at the vision config's image size).
     """
-    preprocessor: dict[str, Any] = {}
     if isinstance(path_or_model, nn.Module):
         for attr in ("vision_model", "text_model", "visual_projection", "text_projection", "config"):
             if not hasattr(path_or_model, attr):
@@ -54,23 +51,13 @@ def from_hf_clip(path_or_model: str | os.PathLike | nn.Module) -> MultimodalTran
                     f"path_or_model: expected a transformers CLIPModel (with `{attr}`), got "
                     f"{type(path_or_model).__name__}"
                 )
-        hf_config = path_or_model.config
-        state = path_or_model.state_dict()
-    elif is_path(path_or_model):
-        directory = Path(path_or_model)
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(
-                f"path_or_model: expected a directory with config.json (a CLIPModel saved with save_pretrained), "
-                f"got {os.fspath(directory)!r}"
-            )
-        from transformers import CLIPConfig
+    cfg, state, directory = read_hf_checkpoint(path_or_model, model_type="clip", name="CLIP", model_class="CLIPModel")
+    from transformers import CLIPConfig
 
-        hf_config = CLIPConfig.from_json_file(os.fspath(directory / "config.json"))
-        state = load_state_dict(directory)
-        if (directory / "preprocessor_config.json").is_file():
-            preprocessor = json.loads((directory / "preprocessor_config.json").read_text())
-    else:
-        raise TypeError(f"path_or_model: expected a CLIPModel or a directory path, got {type(path_or_model).__name__}")
+    hf_config = CLIPConfig(**cfg)  # fills what save_pretrained leaves out (values equal to the defaults)
+    preprocessor: dict[str, Any] = {}
+    if directory is not None and (directory / "preprocessor_config.json").is_file():
+        preprocessor = json.loads((directory / "preprocessor_config.json").read_text())
     config = _model_config(hf_config, state)
     model = MultimodalTransformer(config)
     _weight_map(state, config).load_into(model)
@@ -92,8 +79,6 @@ def _stack(cfg: Any, what: str) -> StackConfig:
 
 def _model_config(hf_config: Any, state: dict[str, torch.Tensor]) -> ModelConfig:
     tcfg, vcfg = hf_config.text_config, hf_config.vision_config
-    if getattr(hf_config, "model_type", "clip") != "clip":
-        raise UnsupportedModelError(f"hf_clip: model_type {hf_config.model_type!r} is not supported (only 'clip')")
     size = vcfg.image_size
     image_size = [size, size] if isinstance(size, int) else list(size)
     patch = vcfg.patch_size if isinstance(vcfg.patch_size, int) else tuple(vcfg.patch_size)

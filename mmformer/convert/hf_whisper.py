@@ -19,13 +19,9 @@ number up to that. Nothing is downloaded: pass a model instance or a local direc
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from mmformer.config import AudioConfig, ModelConfig, StackConfig, TextConfig
 from mmformer.convert.common import (
@@ -34,8 +30,8 @@ from mmformer.convert.common import (
     activation_kind,
     build_processor,
     fuse_qkv,
-    is_path,
-    load_state_dict,
+    read_hf_checkpoint,
+    read_hf_tokenizer,
 )
 from mmformer.layers.positions import sinusoids
 from mmformer.model import MultimodalTransformer
@@ -44,30 +40,6 @@ __all__ = ["from_hf_whisper"]
 
 SAMPLE_RATE = 16000  # Whisper's feature extractor: 16 kHz, 25 ms windows (n_fft 400), 10 ms hops (160)
 _SINUSOID_TOLERANCE = 1e-6  # a stored table this close to mmformer's sinusoids is loaded as "sinusoidal"
-
-
-def _read_source(path_or_model: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path | None]:
-    """(config dict, state dict without the ``model.`` prefix, directory or None) of a model or a local folder."""
-    if is_path(path_or_model):
-        directory = Path(path_or_model)
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(
-                f"path_or_model: expected a local Whisper directory with config.json and model.safetensors "
-                f"(save_pretrained output), got {os.fspath(path_or_model)!r}"
-            )
-        config = json.loads((directory / "config.json").read_text())
-        state = load_state_dict(directory)
-    elif isinstance(path_or_model, nn.Module) and hasattr(getattr(path_or_model, "config", None), "to_dict"):
-        directory, config, state = None, path_or_model.config.to_dict(), path_or_model.state_dict()
-    else:
-        raise TypeError(
-            "path_or_model: expected a transformers WhisperForConditionalGeneration (or WhisperModel) or a local "
-            f"directory, got {type(path_or_model).__name__}"
-        )
-    if config.get("model_type", "whisper") != "whisper":
-        raise UnsupportedModelError(f"path_or_model: expected a Whisper model, got model_type={config['model_type']!r}")
-    state = {k.removeprefix("model."): v for k, v in state.items()}
-    return config, state, directory
 
 
 def _first(value: Any) -> Any:
@@ -168,7 +140,13 @@ def from_hf_whisper(path_or_model: Any) -> MultimodalTransformer:
         The model in eval mode, with ``model.processor`` set: 16 kHz audio and the directory's tokenizer (None when
         there is no ``tokenizer.json``; :meth:`~mmformer.MultimodalTransformer.generate` works on ids without it).
     """
-    cfg, state, directory = _read_source(path_or_model)
+    cfg, state, directory = read_hf_checkpoint(
+        path_or_model,
+        model_type="whisper",
+        name="Whisper",
+        model_class="WhisperForConditionalGeneration (or WhisperModel)",
+    )
+    state = {k.removeprefix("model."): v for k, v in state.items()}
     positions = state["encoder.embed_positions.weight"]
     table = sinusoids(*positions.shape)
     audio_position = "sinusoidal" if (positions.float() - table).abs().max() <= _SINUSOID_TOLERANCE else "learned"
@@ -196,10 +174,5 @@ def from_hf_whisper(path_or_model: Any) -> MultimodalTransformer:
             wm.set(key, value, source=[])
     wm.load_into(model)
 
-    tokenizer = None
-    if directory is not None and (directory / "tokenizer.json").is_file():
-        from mmformer.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.from_file(directory / "tokenizer.json")
-    model.processor = build_processor(tokenizer, audio={"sample_rate": SAMPLE_RATE})
+    model.processor = build_processor(read_hf_tokenizer(directory), audio={"sample_rate": SAMPLE_RATE})
     return model.eval()

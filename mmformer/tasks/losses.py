@@ -77,8 +77,46 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> Non
         )
 
 
-class ContrastiveLoss(nn.Module):
+class _PairLoss(nn.Module):
+    """What both contrastive losses share: the arguments (see :class:`ContrastiveLoss`), the input check, float32
+    without autocast, the clamped logit scale and the all-gather; a subclass scores the gathered pairs in
+    :meth:`_loss`."""
+
+    def __init__(self, gather_with_grad: bool = True, local_loss: bool = False):
+        super().__init__()
+        self.gather_with_grad = gather_with_grad
+        self.local_loss = local_loss
+
+    def forward(
+        self, a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Loss of row i of ``a`` matching row i of ``b`` (both (B, E)); ``logit_scale`` is already exponentiated."""
+        _check_pair(a, b, ("a", "b"))
+        with torch.autocast(a.device.type, enabled=False):
+            a, b = a.float(), b.float()
+            scale = logit_scale.float().clamp(max=MAX_LOGIT_SCALE)
+            all_a, offset = gather_features(a, self.gather_with_grad)  # (N, E), this rank's first row in it
+            all_b, _ = gather_features(b, self.gather_with_grad)
+            return self._loss(a, b, all_a, all_b, offset, scale, logit_bias)
+
+    def _loss(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        all_a: torch.Tensor,
+        all_b: torch.Tensor,
+        offset: int,
+        scale: torch.Tensor,
+        logit_bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The loss of float32 local (B, E) and gathered (N, E) features; this rank's rows start at ``offset``."""
+        raise NotImplementedError
+
+
+class ContrastiveLoss(_PairLoss):
     """CLIP's symmetric InfoNCE between two L2-normalised feature sets, optionally across ranks.
+
+    ``logit_bias`` is accepted (and ignored) so that both contrastive losses share one call signature.
 
     Args:
         gather_with_grad: all-gather features with gradients (exact distributed gradients; see the module doc).
@@ -87,72 +125,40 @@ class ContrastiveLoss(nn.Module):
             over ranks is the global loss).
     """
 
-    def __init__(self, gather_with_grad: bool = True, local_loss: bool = False):
-        super().__init__()
-        self.gather_with_grad = gather_with_grad
-        self.local_loss = local_loss
-
-    def forward(
-        self, a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Loss of row i of ``a`` matching row i of ``b`` (both (B, E)); ``logit_scale`` is already exponentiated.
-
-        ``logit_bias`` is accepted (and ignored) so that both contrastive losses share one call signature.
-        """
-        _check_pair(a, b, ("a", "b"))
-        with torch.autocast(a.device.type, enabled=False):
-            a, b = a.float(), b.float()
-            scale = logit_scale.float().clamp(max=MAX_LOGIT_SCALE)
-            all_a, offset = gather_features(a, self.gather_with_grad)
-            all_b, _ = gather_features(b, self.gather_with_grad)
-            if self.local_loss:
-                logits_a = scale * a @ all_b.T  # (B, N)
-                logits_b = scale * b @ all_a.T  # (B, N)
-                labels = torch.arange(a.shape[0], device=a.device) + offset
-            else:
-                logits_a = scale * all_a @ all_b.T  # (N, N)
-                logits_b = logits_a.T
-                labels = torch.arange(all_a.shape[0], device=a.device)
-            total = F.cross_entropy(logits_a, labels, reduction="sum") + F.cross_entropy(
-                logits_b, labels, reduction="sum"
-            )
-            return total / (2 * _rows_per_rank(all_a.shape[0], self.local_loss))
+    def _loss(self, a, b, all_a, all_b, offset, scale, logit_bias):
+        if self.local_loss:
+            logits_a = scale * a @ all_b.T  # (B, N)
+            logits_b = scale * b @ all_a.T  # (B, N)
+            labels = torch.arange(a.shape[0], device=a.device) + offset
+        else:
+            logits_a = scale * all_a @ all_b.T  # (N, N)
+            logits_b = logits_a.T
+            labels = torch.arange(all_a.shape[0], device=a.device)
+        total = F.cross_entropy(logits_a, labels, reduction="sum") + F.cross_entropy(logits_b, labels, reduction="sum")
+        return total / (2 * _rows_per_rank(all_a.shape[0], self.local_loss))
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(_PairLoss):
     """SigLIP's pairwise sigmoid loss: every (i, j) pair is a binary match / no-match decision.
 
     ``loss = -sum_ij log sigmoid(z_ij * (scale * a_i·b_j + bias)) / rows`` with z = +1 on matching pairs and -1
-    elsewhere. Across ranks the features are simply all-gathered with gradients (no ring exchange).
+    elsewhere; ``logit_bias`` None means 0 (SigLIP starts it at -10). Across ranks the features are simply
+    all-gathered with gradients (no ring exchange).
 
     Args:
         gather_with_grad: as :class:`ContrastiveLoss`.
         local_loss: as :class:`ContrastiveLoss`: this rank's rows against every rank's columns.
     """
 
-    def __init__(self, gather_with_grad: bool = True, local_loss: bool = False):
-        super().__init__()
-        self.gather_with_grad = gather_with_grad
-        self.local_loss = local_loss
-
-    def forward(
-        self, a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Loss of row i of ``a`` matching row i of ``b``; ``logit_bias`` None means 0 (SigLIP starts it at -10)."""
-        _check_pair(a, b, ("a", "b"))
-        with torch.autocast(a.device.type, enabled=False):
-            a, b = a.float(), b.float()
-            scale = logit_scale.float().clamp(max=MAX_LOGIT_SCALE)
-            all_a, offset = gather_features(a, self.gather_with_grad)
-            all_b, _ = gather_features(b, self.gather_with_grad)
-            rows, row_offset = (a, offset) if self.local_loss else (all_a, 0)
-            logits = scale * rows @ all_b.T  # (rows, N)
-            if logit_bias is not None:
-                logits = logits + logit_bias.float()
-            labels = -torch.ones_like(logits)
-            index = torch.arange(rows.shape[0], device=a.device)
-            labels[index, index + row_offset] = 1.0
-            return -F.logsigmoid(labels * logits).sum() / _rows_per_rank(all_a.shape[0], self.local_loss)
+    def _loss(self, a, b, all_a, all_b, offset, scale, logit_bias):
+        rows, row_offset = (a, offset) if self.local_loss else (all_a, 0)
+        logits = scale * rows @ all_b.T  # (rows, N)
+        if logit_bias is not None:
+            logits = logits + logit_bias.float()
+        labels = -torch.ones_like(logits)
+        index = torch.arange(rows.shape[0], device=a.device)
+        labels[index, index + row_offset] = 1.0
+        return -F.logsigmoid(labels * logits).sum() / _rows_per_rank(all_a.shape[0], self.local_loss)
 
 
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
