@@ -2,27 +2,148 @@
 :class:`~mmformer.data.MultimodalDataModule`.
 
 The vocabulary size is set once: the data module's tokenizer links it into the model config.
+
+What the CLI adds to LightningCLI:
+
+- crash-safe checkpoints and exact resumes by default: :class:`~mmformer.checkpointing.AtomicCheckpointIO`
+  (unless the config passes a CheckpointIO plugin of its own) and
+  :class:`~mmformer.checkpointing.RandomStateCallback`; the data module's training loader saves its position
+  (``fit --ckpt_path last`` resumes mid-epoch at the next batch);
+- configuration errors stop the run before any data is read: an unknown key or a value of the wrong type
+  (jsonargparse), and a model configuration that cannot be built (``ModelConfig`` and its parts validate
+  themselves; they are checked before the data module trains a tokenizer for the vocabulary link). From the
+  command line they print one ``mmformer: error: ...`` naming the key and exit with status 2; in Python
+  :func:`build_cli` raises :class:`ConfigError`. ``MMFORMER_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
+from typing import Any
 
+from jsonargparse import ArgumentError, Namespace
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from mmformer.checkpointing import AtomicCheckpointIO, RandomStateCallback
+from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
 from mmformer.data import MultimodalDataModule
 from mmformer.tasks import MultimodalTask
 
+MODEL_KEY = "model.model"  # where the ModelConfig sits in the CLI's configuration
+
+
+class ConfigError(ValueError):
+    """The configuration cannot run: an unknown key, a value of the wrong type, an impossible model, an argument
+    a class refuses or a data path that does not exist. The message names the key or argument."""
+
+
+def _plain(value: Any) -> Any:
+    """A parsed jsonargparse value as plain dicts/lists (``class_path``/``init_args`` wrappers unwrapped)."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        if set(value) <= {"class_path", "init_args"} and "class_path" in value:
+            return _plain(value.get("init_args") or {})
+        return {k: _plain(v) for k, v in value.items() if not k.startswith("__")}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def check_model_config(config: Any, key: str = MODEL_KEY) -> ModelConfig:
+    """Build the :class:`~mmformer.ModelConfig` of a parsed configuration, raising :class:`ConfigError` with the
+    offending key (``model.model.stacks.NAME``, ``model.model.image``, ...) if it is impossible.
+
+    ``text.vocab_size`` may be absent (the data module's tokenizer sets it later); the default is used to check.
+    """
+    d = _plain(config)
+    if not isinstance(d, dict):
+        raise ConfigError(f"{key}: expected a mapping of ModelConfig fields; got {type(d).__name__}")
+    parts = {"image": ImageConfig, "audio": AudioConfig, "text": TextConfig}
+    try:
+        for name, stack in (d.get("stacks") or {}).items():
+            where = f"{key}.stacks.{name}"
+            if isinstance(stack, dict):
+                StackConfig(**stack)
+        for name, cls in parts.items():
+            where = f"{key}.{name}"
+            if isinstance(d.get(name), dict):
+                cls(**d[name])
+        where = key
+        return ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+
 
 class MMFormerCLI(LightningCLI):
-    """LightningCLI with mmformer's link from the data module's tokenizer to the model's vocabulary."""
+    """LightningCLI with mmformer's vocabulary link, early config checks, atomic checkpoints and exact resumes."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
+        parser_kwargs.setdefault("exit_on_error", False)  # errors reach parse_arguments as exceptions
+        parser_kwargs.setdefault("prog", "mmformer")
+        for sub in self.subcommands():
+            parser_kwargs[sub] = {"exit_on_error": False, **parser_kwargs.get(sub, {})}
+        super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.model.text.vocab_size", apply_on="instantiate")
 
+    def parse_arguments(self, parser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as e:
+            raise ConfigError(str(e).strip()) from e
 
-def build_cli(args: Sequence[str] | None = None, *, run: bool = True) -> MMFormerCLI:
-    """Parse ``args`` and build the task, data module and trainer; ``run=False`` stops there (a dry run)."""
+    def _section(self) -> Namespace:
+        subcommand = self.config.get("subcommand")
+        return self.config[subcommand] if subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        # The vocabulary link makes jsonargparse build the data module (and train its tokenizer, reading the
+        # training texts) before the model: check the model configuration first, so an impossible one fails fast.
+        section = self._section()
+        model = section.get("model")
+        if isinstance(model, Namespace) and "model" in model:
+            check_model_config(model["model"])
+
+    def instantiate_classes(self) -> None:
+        # Errors of the classes' own argument checks (they name the argument), of a data path that does not exist,
+        # or of Lightning's trainer options: the configuration cannot run, so report it as such.
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, FileNotFoundError, MisconfigurationException) as e:
+            raise ConfigError(str(e)) from e
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self._get(self.config_init, "trainer", default={}) or {}
+        plugins = _as_list(kwargs.get("plugins", config.get("plugins")))
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        callbacks = _as_list(kwargs.get("callbacks", config.get("callbacks")))
+        if not any(isinstance(c, RandomStateCallback) for c in callbacks):
+            callbacks.append(RandomStateCallback())
+        return super().instantiate_trainer(**{**kwargs, "plugins": plugins, "callbacks": callbacks})
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def build_cli(args: Sequence[str] | None = None, *, run: bool = True, dry_run: bool = False) -> MMFormerCLI:
+    """Parse ``args`` (default: the command line) and build the task, data module and trainer; ``run=False`` stops
+    there (and then ``args`` has no subcommand). ``dry_run=True`` reads no data (``--data.dry_run true``: the
+    vocabulary size is the configured target), to check a recipe whose data is elsewhere. Raises
+    :class:`ConfigError` for a configuration that cannot run."""
+    if dry_run:
+        args = [*(sys.argv[1:] if args is None else args), "--data.dry_run", "true"]
     return MMFormerCLI(
         MultimodalTask,
         MultimodalDataModule,
@@ -33,4 +154,15 @@ def build_cli(args: Sequence[str] | None = None, *, run: bool = True) -> MMForme
 
 
 def run_training_cli(argv: Sequence[str]) -> None:
-    build_cli(argv)
+    """The ``mmformer fit|validate|test|predict`` entry point: configuration errors print one line and exit 2."""
+    argv = list(argv)
+    try:
+        # args=None when they are the command line (LightningCLI warns when given both)
+        build_cli(None if argv == sys.argv[1:] else argv)
+    except ConfigError as e:
+        if os.environ.get("MMFORMER_DEBUG"):
+            raise
+        command = argv[0] if argv else "fit"
+        print(f"mmformer: error: {e}", file=sys.stderr)
+        print(f"(`mmformer {command} --help` lists the options; MMFORMER_DEBUG=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -132,11 +132,23 @@ class RecordDataset(Dataset):
             sample["label"] = int(record.label)
         return sample
 
+    def cache_in_memory(self) -> None:
+        """Keep every decoded sample after its first load: for small data sets (like data/digits) whose decoding
+        (audio resampling especially) would otherwise cost more than the training step. Each DataLoader worker
+        keeps its own copy, so use it with few workers."""
+        self._cache: dict[int, dict[str, Any] | None] = {}
+
     def __getitem__(self, index: int) -> dict[str, Any] | None:
+        cache = getattr(self, "_cache", None)
+        if cache is not None and index in cache:
+            return cache[index]
         try:
             sample = self.load(self.records[index])
         except SampleError as e:
             self.tracker.bad(e)
-            return None
-        self.tracker.good()
+            sample = None
+        else:
+            self.tracker.good()
+        if cache is not None:
+            cache[index] = sample
         return sample

@@ -12,18 +12,30 @@ The tokenizer is ``tokenizer`` (a tokenizer.json) or, without one, a byte-level 
 texts and cached under ``tokenizer_cache_dir`` by a hash of those texts and ``vocab_size`` (training is
 deterministic, so every process of a multi-GPU run gets the same one). ``vocab_size`` (the property) is the
 trained tokenizer's actual size, for ``link_arguments("data.vocab_size", ..., apply_on="instantiate")``.
+Constructing the module reads nothing: data sets open, and the tokenizer is loaded or trained, on first use.
+
+Training order and resuming (map-style data): epoch e is a permutation seeded by ``seed + e``, cut into global
+batches of ``batch_size`` times the number of processes, rank r taking the r-th block of each
+(:class:`GlobalBatchSampler`), so a global step sees the same samples with 1 or N processes. The training loader
+(:class:`ResumableLoader`) saves its position within the epoch in every checkpoint, and ``fit --ckpt_path ...``
+continues at the next batch: the same samples in the same order as an uninterrupted run, on one process or
+several (each rank skips the same number of its own batches). WebDataset shards stream: each epoch reshuffles
+with the trainer's epoch (so a resumed run gets that epoch's order), but a mid-epoch resume replays the epoch's
+stream from its beginning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from mmformer.data.collate import Collator
 from mmformer.data.formats import FORMATS, dataset_texts, open_dataset
@@ -40,15 +52,191 @@ class _EpochLoader(DataLoader):
     """A DataLoader that tells a streaming data set the epoch before each pass (for its shuffle).
 
     Lightning calls ``set_epoch`` on samplers only, and an IterableDataset has none; the data set is copied
-    into worker processes when iteration starts, so setting it here reaches them.
+    into worker processes when iteration starts, so setting it here reaches them. The epoch is ``epoch()`` (the
+    trainer's, so a resumed run reshuffles as the interrupted one did) or, where that gives None, the number of
+    passes so far; it is read at the first ``next``, after Lightning has moved to the epoch.
     """
 
-    _epoch = 0
+    def __init__(self, dataset: IterableDataset, *args: Any, epoch: Callable[[], int | None] | None = None, **kwargs):
+        super().__init__(dataset, *args, **kwargs)
+        self.epoch, self._passes = epoch, 0
 
-    def __iter__(self):
-        self.dataset.set_epoch(self._epoch)
-        self._epoch += 1
-        return super().__iter__()
+    def __iter__(self) -> Iterator[Any]:
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[Any]:
+        epoch = self.epoch() if self.epoch is not None else None
+        self.dataset.set_epoch(self._passes if epoch is None else epoch)
+        self._passes += 1
+        yield from super().__iter__()
+
+
+class GlobalBatchSampler(DistributedSampler):
+    """The training order: a permutation of the data set seeded by ``(seed, epoch)``, cut into global batches of
+    ``batch_size * num_replicas`` samples, each rank taking its own contiguous block of every global batch.
+
+    So the samples of global step s are the same whatever the number of processes, as long as the global batch is:
+    rank r's batch s is ``perm[s*G + r*B : s*G + (r+1)*B]`` (G = B * num_replicas), and the ranks' batches
+    concatenated in rank order are exactly the batch s of one process with ``batch_size=G``. (Torch's
+    DistributedSampler interleaves instead: rank r takes ``perm[r::num_replicas]``.) A last incomplete global batch
+    is dropped with ``drop_last``; otherwise it is split evenly over the ranks, padded from the start of the
+    permutation when it does not divide (as DistributedSampler pads), so that every rank runs as many steps.
+
+    ``start`` (set by :class:`ResumableLoader`) skips that many of this rank's indices of the epoch: a resumed run
+    skips indices, never loads samples it does not use. It is a DistributedSampler so that Lightning keeps it
+    under DDP instead of substituting its own (which always shuffles and interleaves).
+
+    Args:
+        dataset: the map-style data set (only its length is used).
+        batch_size: samples per batch and rank.
+        num_replicas: number of processes (ranks).
+        rank: this process's rank.
+        shuffle: permute each epoch; otherwise the data set order.
+        seed: seed of the permutation (epoch e uses ``seed + e``, as DistributedSampler).
+        drop_last: drop the last incomplete global batch.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected an int >= 1; got {batch_size!r}")
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.batch_size = batch_size
+        self.start = 0
+
+    def _layout(self) -> tuple[int, int]:
+        """(full global batches, samples per rank in the last partial global batch) of an epoch."""
+        n, world = len(self.dataset), self.num_replicas
+        full, rest = divmod(n, self.batch_size * world)
+        return full, 0 if self.drop_last or rest == 0 else -(-rest // world)
+
+    def __len__(self) -> int:
+        full, tail = self._layout()
+        return full * self.batch_size + tail
+
+    def indices(self) -> list[int]:
+        """This rank's indices of the current epoch, from its beginning."""
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        b, world = self.batch_size, self.num_replicas
+        full, tail = self._layout()
+        mine = []
+        for step in range(full):
+            base = step * b * world + self.rank * b
+            mine.extend(order[base : base + b])
+        if tail:
+            last = order[full * b * world :]
+            last += [order[i % n] for i in range(tail * world - len(last))]  # pad from the start
+            mine.extend(last[self.rank * tail : (self.rank + 1) * tail])
+        return mine
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.start :])
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader whose position within an epoch is saved in and restored from checkpoints.
+
+    Give it a :class:`GlobalBatchSampler` (``ResumableLoader(dataset, sampler=GlobalBatchSampler(dataset, 32))``;
+    the batch size defaults to the sampler's). Lightning stores ``state_dict()`` (the epoch, the batches yielded
+    in it, and the layout they refer to) in every checkpoint, and calls ``load_state_dict`` on resume before it
+    asks for the first batch. The iterator is built lazily, at the first ``next``: by then Lightning has called
+    ``sampler.set_epoch``, so a saved position applies only to the epoch it was saved in (a checkpoint from the
+    end of an epoch resumes at the start of the next), and the skipped batches are skipped as indices, never
+    loaded. Workers' seeds derive from ``(seed, epoch, rank)`` through the loader's own generator, so neither
+    creating an iterator nor a resume touches the global random state the model draws dropout from.
+
+    Exact when the data set, seed, shuffle and global batch size (batch size times processes) are those of the
+    saved run; the number of processes may change. Otherwise the epoch resumes at the same batch count with a
+    warning. With another sampler (Lightning substitutes one for ``overfit_batches``) it is a plain DataLoader.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int | None = None, shuffle: bool | None = None, **kwargs: Any):
+        sampler = kwargs.get("sampler")
+        if batch_size is None:
+            batch_size = sampler.batch_size if isinstance(sampler, GlobalBatchSampler) else 1
+        kwargs.setdefault("generator", torch.Generator())
+        super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, **kwargs)
+        self._epoch = getattr(self.sampler, "epoch", 0)
+        self._batches = 0
+        self._pending: dict[str, Any] | None = None
+
+    def _layout(self) -> dict[str, Any]:
+        s = self.sampler
+        if not isinstance(s, GlobalBatchSampler):
+            return {"samples": len(self.dataset), "global_batch_size": self.batch_size}
+        return {
+            "samples": len(self.dataset),
+            "global_batch_size": s.batch_size * s.num_replicas,
+            "seed": s.seed,
+            "shuffle": s.shuffle,
+            "drop_last": s.drop_last,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this rank is: the epoch and the number of batches yielded in it (plain ints, for safe loading)."""
+        return {"epoch": self._epoch, "batches": self._batches, **self._layout()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at ``state``'s position when iteration next starts in the same epoch."""
+        if not isinstance(state, dict) or not {"epoch", "batches"} <= set(state):
+            raise ValueError(f"state: expected a ResumableLoader state_dict with epoch and batches; got {state!r}")
+        self._pending = dict(state)
+
+    def _start(self, epoch: int) -> int:
+        """Batches of ``epoch`` to skip (those a resumed checkpoint had already trained on)."""
+        state, self._pending = self._pending, None
+        if state is None or state["epoch"] != epoch or not state["batches"]:
+            return 0
+        skip = min(int(state["batches"]), len(self))
+        if not isinstance(self.sampler, GlobalBatchSampler):
+            rank_zero_warn(
+                f"resuming the training data at batch {skip} of epoch {epoch}: a {type(self.sampler).__name__} "
+                "cannot skip, so this epoch restarts from its first batch"
+            )
+            return 0
+        changed = {k: (state[k], v) for k, v in self._layout().items() if k in state and state[k] != v}
+        if changed:
+            rank_zero_warn(
+                f"resuming the training data at batch {skip} of epoch {epoch}, but the data layout changed since "
+                f"the checkpoint ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}): the rest of "
+                "this epoch will not be the samples the interrupted run would have seen"
+            )
+        return skip
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._iterate()  # a generator: nothing runs before the first next(), after Lightning's set_epoch
+
+    def _iterate(self) -> Iterator[Any]:
+        sampler = self.sampler
+        epoch = getattr(sampler, "epoch", 0)
+        skip = self._start(epoch)
+        self._epoch, self._batches = epoch, skip
+        if isinstance(sampler, GlobalBatchSampler):
+            sampler.start = skip * sampler.batch_size
+            if self.generator is not None:  # the workers' base seed
+                self.generator.manual_seed(_mix(sampler.seed, epoch, sampler.rank))
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from a few ints (different tuples give unrelated seeds)."""
+    digest = hashlib.sha256(",".join(map(str, values)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class MultimodalDataModule(L.LightningDataModule):
@@ -76,10 +264,15 @@ class MultimodalDataModule(L.LightningDataModule):
         max_duration: drop manifest rows whose ``duration`` exceeds this (seconds).
         text_max_length: truncate texts to this many tokens (default: the tokenizer's max_length).
         max_bad_fraction: the tolerated fraction of unreadable samples before an error.
-        seed: seed of the training order (same seed, same order, so a resumed run continues in place).
-        shuffle: shuffle the training data.
+        seed: seed of the training order (epoch e is shuffled with ``seed + e``; see :class:`GlobalBatchSampler`)
+            and of loader workers.
+        shuffle: shuffle the training data (each epoch differently).
         shuffle_buffer: shuffle buffer of WebDataset shards (samples per reader).
-        drop_last: drop the last incomplete training batch.
+        drop_last: drop the last incomplete (global) training batch.
+        dry_run: build without reading anything (to check a config whose data is elsewhere): ``vocab_size`` is
+            the ``vocab_size`` target and no tokenizer is loaded or trained. Data loaders still need the data.
+        cache: keep every decoded sample in memory after its first load (map-style data sets only): for small
+            data sets such as data/digits, where decoding and resampling cost more than the training step.
     """
 
     def __init__(
@@ -108,6 +301,8 @@ class MultimodalDataModule(L.LightningDataModule):
         shuffle: bool = True,
         shuffle_buffer: int = 1000,
         drop_last: bool = False,
+        dry_run: bool = False,
+        cache: bool = False,
     ):
         super().__init__()
         from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
@@ -127,6 +322,7 @@ class MultimodalDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.drop_last = batch_size, num_workers, drop_last
         self.max_duration, self.text_max_length, self.max_bad_fraction = max_duration, text_max_length, max_bad_fraction
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        self.dry_run = dry_run
         stats = {k: tuple(v) for k, v in (("mean", image_mean), ("std", image_std)) if v is not None}
         image = ImageProcessorConfig(image_size=image_size, channels=image_channels, **stats)
         audio = AudioProcessorConfig(sample_rate=sample_rate, max_seconds=max_audio_seconds)
@@ -149,7 +345,10 @@ class MultimodalDataModule(L.LightningDataModule):
 
     @property
     def vocab_size(self) -> int:
-        """The tokenizer's vocabulary size (may be below the ``vocab_size`` target for a small corpus)."""
+        """The tokenizer's vocabulary size (may be below the ``vocab_size`` target for a small corpus); the target
+        itself in a dry run."""
+        if self.dry_run and self._processor.tokenizer is None:
+            return self.target_vocab_size
         return self.tokenizer.vocab_size
 
     def _load_or_train_tokenizer(self):
@@ -170,7 +369,7 @@ class MultimodalDataModule(L.LightningDataModule):
             log.info("using the cached tokenizer %s", cache)
             return Tokenizer.from_file(cache)
         tokenizer = Tokenizer.train(texts, vocab_size=self.target_vocab_size)
-        tokenizer.save(cache)
+        tokenizer.save(cache)  # atomic: processes of a multi-GPU run may train and cache it at the same time
         log.info(
             "trained a %d-token BPE tokenizer on %d training texts; cached as %s",
             tokenizer.vocab_size,
@@ -193,6 +392,10 @@ class MultimodalDataModule(L.LightningDataModule):
                 shuffle_buffer=self.shuffle_buffer,
                 seed=self.seed,
             )
+            if self.hparams.cache:  # keep decoded samples: small data sets whose decoding outweighs the step
+                for part in getattr(self.datasets[split], "datasets", [self.datasets[split]]):
+                    if hasattr(part, "cache_in_memory"):
+                        part.cache_in_memory()
         return self.datasets.get(split)
 
     def setup(self, stage: str | None = None) -> None:
@@ -207,15 +410,33 @@ class MultimodalDataModule(L.LightningDataModule):
             if split in ("train", "predict"):
                 raise ValueError(f"{split}: no {split} data was given (set data.{split} to a path)")
             return []  # Lightning skips the loop
-        kwargs = dict(batch_size=self.batch_size, num_workers=self.num_workers, drop_last=train and self.drop_last)
-        kwargs["collate_fn"] = Collator(self.tokenizer, self.text_max_length)
+        kwargs = dict(num_workers=self.num_workers, collate_fn=Collator(self.tokenizer, self.text_max_length))
         if isinstance(dataset, IterableDataset):
-            return _EpochLoader(dataset, **kwargs)
-        if train and self.shuffle:
-            # a plain RandomSampler with its own seeded generator: the order depends only on the seed, and
-            # Lightning can restore its position when resuming
-            return DataLoader(dataset, shuffle=True, generator=torch.Generator().manual_seed(self.seed), **kwargs)
-        return DataLoader(dataset, shuffle=False, **kwargs)
+            drop_last = train and self.drop_last
+            return _EpochLoader(dataset, batch_size=self.batch_size, drop_last=drop_last, epoch=self._epoch, **kwargs)
+        if train:
+            # the order depends only on (seed, epoch) and the global batch size, and the position within an epoch
+            # travels in checkpoints: see GlobalBatchSampler and ResumableLoader
+            world, rank = self._world()
+            sampler = GlobalBatchSampler(
+                dataset, self.batch_size, world, rank, shuffle=self.shuffle, seed=self.seed, drop_last=self.drop_last
+            )
+            return ResumableLoader(dataset, sampler=sampler, **kwargs)
+        # evaluation: in order; a generator of its own, so that creating the iterator leaves the global random
+        # state (which training draws dropout from) untouched, and a resumed run sees the same stream
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, generator=generator, **kwargs)
+
+    def _epoch(self) -> int | None:
+        """The trainer's current epoch (None without a trainer)."""
+        return None if self.trainer is None else self.trainer.current_epoch
+
+    def _world(self) -> tuple[int, int]:
+        """(processes, this process's rank) of the attached trainer; (1, 0) without one."""
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -1,0 +1,67 @@
+"""A config with an unknown key, a value of the wrong type or an impossible model fails before any data is read,
+naming the key; ``mmformer fit`` prints one ``mmformer: error: ...`` and exits with status 2.
+
+"No data read": ``data.train`` is a manifest that cannot be parsed (reading it raises an error naming it), and the
+tokenizer cache folder (created when a tokenizer is trained on the training texts) must not appear.
+"""
+
+from __future__ import annotations
+
+import pytest
+from cli_helpers import fit_in_process, run_cli, tiny_config, write_config
+
+from mmformer.training_cli import ConfigError
+
+
+@pytest.fixture
+def poison(tmp_path):
+    path = tmp_path / "poison.jsonl"
+    path.write_text("this is not a manifest\n")
+    return path
+
+
+CASES = {
+    "unknown key": ({"data": {"batch_sise": 4}}, ["batch_sise"]),
+    "unknown nested key": ({"model": {"model": {"stacks": {"shared": {"widht": 32}}}}}, ["widht"]),
+    "wrong type": ({"data": {"batch_size": "four"}}, ["data.batch_size", "four"]),
+    "wrong nested type": ({"model": {"model": {"image": {"patch_size": 2.5}}}}, ["model.model.image", "patch_size"]),
+    "heads not dividing width": (
+        {"model": {"model": {"stacks": {"shared": {"n_heads": 3}}}}},
+        ["model.model.stacks.shared", "n_heads (3) must divide", "width (32)"],
+    ),
+    "route to a missing stack": (
+        {"model": {"model": {"routes": {"text": "nope"}}}},
+        ["model.model", "routes['text'] = 'nope'"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_config_error_names_the_key_before_reading_data(case, tmp_path, poison):
+    overrides, expected = CASES[case]
+    config = write_config(tmp_path / "config.yaml", tiny_config(tmp_path, poison, **overrides))
+    with pytest.raises(ConfigError) as info:
+        fit_in_process(config)
+    message = str(info.value)
+    for text in expected:
+        assert text in message, message
+    assert "poison" not in message and not (tmp_path / "tokenizer").exists()
+
+
+def test_a_valid_config_does_read_the_data(tmp_path, poison):
+    """The check above can tell: with a valid config the poisoned manifest is read (and refused, by name)."""
+    config = write_config(tmp_path / "config.yaml", tiny_config(tmp_path, poison))
+    with pytest.raises(ConfigError, match=r"poison\.jsonl, line 1: not valid JSON"):
+        fit_in_process(config)
+
+
+def test_mmformer_fit_prints_one_error_and_exits_2(tmp_path, poison):
+    config = write_config(
+        tmp_path / "config.yaml", tiny_config(tmp_path, poison, model={"model": {"text": {"max_lenght": 8}}})
+    )
+    done = run_cli("fit", "--config", str(config), timeout=120)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert errors[0].startswith("mmformer: error:") and "max_lenght" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and len(errors) <= 4, done.stderr
+    assert not (tmp_path / "tokenizer").exists()
