@@ -87,18 +87,22 @@ def _zeroshot(args: argparse.Namespace) -> None:
     from mmformer.zeroshot import ZeroShotClassifier
 
     model = _load_model(args.model, args.device)
-    modality = args.modality
-    if modality == "auto":
-        modality = "audio" if Path(args.files[0]).suffix.lower() in AUDIO_SUFFIXES else "image"
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    clf = ZeroShotClassifier(
-        model, model.processor, classnames=classes, templates=args.templates.split("|"), modality=modality
-    )
+    by_modality: dict[str, list[str]] = {}
+    for path in args.files:  # 'auto' decides per file, so images and audio may be mixed
+        modality = args.modality
+        if modality == "auto":
+            modality = "audio" if Path(path).suffix.lower() in AUDIO_SUFFIXES else "image"
+        by_modality.setdefault(modality, []).append(path)
     width = max(len(c) for c in classes)
-    for path, top in zip(args.files, clf.topk(args.files, k=min(args.top, len(classes)))):
-        print(path)
-        for name, prob in top:
-            print(f"  {name:<{width}}  {prob:6.3f}")
+    for modality, files in by_modality.items():
+        clf = ZeroShotClassifier(
+            model, model.processor, classnames=classes, templates=args.templates.split("|"), modality=modality
+        )
+        for path, top in zip(files, clf.topk(files, k=min(args.top, len(classes)))):
+            print(path)
+            for name, prob in top:
+                print(f"  {name:<{width}}  {prob:6.3f}")
 
 
 def _decode(args: argparse.Namespace, task: str) -> None:
@@ -155,7 +159,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command not in handlers:
         print(USAGE, file=sys.stderr)
         raise SystemExit(f"mmformer: unknown command {argv[0]!r}")
-    handlers[args.command](args)
+    from mmformer.data.io import SampleError
+
+    try:
+        handlers[args.command](args)
+    except (SampleError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"mmformer {args.command}: error: {e}") from None
 
 
 if __name__ == "__main__":

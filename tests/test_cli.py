@@ -1,0 +1,83 @@
+"""The inference subcommands of ``mmformer`` on a tiny saved model: help, zeroshot, caption, transcribe, export."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from mmformer import AudioConfig, ImageConfig, ModelConfig, MultimodalTransformer, Processor, StackConfig, TextConfig
+from mmformer.cli import USAGE, main
+from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig
+from mmformer.tokenizer import Tokenizer
+
+WORDS = ["zero", "one", "two"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.train(WORDS * 20, vocab_size=280, max_length=8)
+    config = ModelConfig(
+        stacks={"shared": StackConfig(width=32, depth=1, n_heads=2, cross_attention=True)},
+        image=ImageConfig(image_size=[16, 16], patch_size=8, channels=1),
+        audio=AudioConfig(n_mels=16, max_frames=200),
+        text=TextConfig(vocab_size=tokenizer.vocab_size, max_length=8),
+        embed_dim=16,
+    )
+    processor = Processor(
+        tokenizer,
+        ImageProcessorConfig(image_size=16, resize="exact", mean=(0.5,), std=(0.5,), channels=1),
+        AudioProcessorConfig(sample_rate=16000),
+    )
+    model = MultimodalTransformer(config)
+    model.save_pretrained(root / "model", processor=processor)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16), dtype=np.uint8)).save(root / "a.png")
+    sf.write(root / "a.wav", np.random.default_rng(1).standard_normal(8000).astype("float32") * 0.1, 16000)
+    return root
+
+
+def test_help_prints_every_command(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert out.strip() == USAGE.strip()
+    for command in ("fit", "validate", "test", "predict", "export", "zeroshot", "caption", "transcribe", "convert"):
+        assert f"  {command} " in out
+
+
+def test_zeroshot_mixes_images_and_audio(saved, capsys):
+    main(["zeroshot", "--model", str(saved / "model"), "--classes", ",".join(WORDS), "--top", "3",
+          str(saved / "a.png"), str(saved / "a.wav")])  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("a.png") and lines[4].endswith("a.wav")
+    probs = [float(line.split()[-1]) for line in lines if line.startswith("  ")]
+    assert len(probs) == 6 and abs(sum(probs[:3]) - 1) < 1e-3 and abs(sum(probs[3:]) - 1) < 1e-3
+
+
+@pytest.mark.parametrize(("command", "file"), [("caption", "a.png"), ("transcribe", "a.wav")])
+def test_caption_and_transcribe_print_one_line_per_file(saved, capsys, command, file):
+    main([command, "--model", str(saved / "model"), "--max-new-tokens", "3", str(saved / file), str(saved / file)])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(line.startswith(str(saved / file) + "\t") for line in lines)
+
+
+def test_missing_file_is_a_clean_error(saved):
+    with pytest.raises(SystemExit, match=r"mmformer caption: error: .*nothere\.png"):
+        main(["caption", "--model", str(saved / "model"), str(saved / "nothere.png")])
+
+
+def test_export_turns_a_checkpoint_into_a_pretrained_directory(saved, tmp_path, capsys):
+    model = MultimodalTransformer.from_pretrained(saved / "model")
+    processor = model.processor
+    tokenizer_json = processor.tokenizer.backend.to_str()
+    state = {"model." + k: v for k, v in model.state_dict().items()}
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": {"model": model.config.to_dict()},
+                "mmformer": {"model_config": model.config.to_dict(), "tokenizer_json": tokenizer_json,
+                             "preprocessor_config": processor.to_dict()}}, ckpt)  # fmt: skip
+    main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "out")])
+    exported = MultimodalTransformer.from_pretrained(tmp_path / "out")
+    assert exported.processor is not None and exported.processor.tokenizer.vocab_size == processor.tokenizer.vocab_size
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.equal(exported.encode_image(x), model.encode_image(x))
