@@ -39,6 +39,7 @@ import safetensors.torch
 import torch
 
 from mmformer import __version__
+from mmformer.atomic import default_file_mode
 from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
 from mmformer.model import MultimodalTransformer
 
@@ -128,6 +129,7 @@ def _write_model(model: MultimodalTransformer, directory: Path, processor: Any) 
     if processor is not None:
         processor.save_pretrained(directory)
     for path in directory.iterdir():
+        os.chmod(path, default_file_mode())  # safetensors writes 0600; give what a plain open() would
         _fsync(path)
 
 

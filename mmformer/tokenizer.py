@@ -18,7 +18,6 @@ import importlib.util
 import json
 import numbers
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -26,6 +25,8 @@ from typing import Literal
 import tokenizers
 import torch
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from mmformer.atomic import write_text_atomic
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0..3 of every tokenizer trained here
 DEFAULT_MAX_LENGTH = 77
@@ -208,16 +209,7 @@ class Tokenizer:
         stored = tokenizers.Tokenizer.from_str(self._backend.to_str())  # a copy: self stays unpadded/untruncated
         stored.enable_truncation(self._max_length)
         stored.enable_padding(pad_id=self._pad_id, pad_token=self.pad_token)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(stored.to_str())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(file, stored.to_str())
 
     @property
     def backend(self) -> tokenizers.Tokenizer:

@@ -21,7 +21,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -30,6 +29,8 @@ import soundfile
 import torch
 import torchaudio.functional as AF
 from PIL import Image
+
+from mmformer.atomic import write_text_atomic
 
 Source = str | os.PathLike | bytes  # a path, or a file's bytes (from a tar shard)
 
@@ -263,13 +264,4 @@ def clean_text(value: object, name: str) -> str:
 
 def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
     """Write JSON to a temporary file beside ``path`` and move it into place: never a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
