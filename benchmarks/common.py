@@ -100,7 +100,9 @@ def record(benchmark: str, rows: list[dict], args: argparse.Namespace, path: Pat
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     with open(path, "a") as f:
         for row in rows:
-            f.write(json.dumps({"benchmark": benchmark, "time": stamp, "machine": machine(), "args": vars(args), **row}))
+            f.write(
+                json.dumps({"benchmark": benchmark, "time": stamp, "machine": machine(), "args": vars(args), **row})
+            )
             f.write("\n")
 
 
@@ -111,7 +113,22 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--tiny", action="store_true", help="smallest sizes: a smoke run for the test suite")
     p.add_argument("--no-save", action="store_true", help="do not append to benchmarks/results.jsonl")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op CPU threads for every peer (default: torch's, one per core); on a shared, busy machine one "
+        "thread avoids the spin-waits of threads that are not scheduled",
+    )
     return p
+
+
+def parse_args(p: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse, then apply ``--threads``, so that every peer and the matmul peak run with the same thread count."""
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 # ---------------------------------------------------------------------------------------------- FLOP counting

@@ -209,13 +209,17 @@ class DecoderRunner:
         return logits[:, -1].float()
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows ``index`` (N,) of every per-row state, as beam search reassigns hypotheses."""
+        """Keep rows ``index`` (N,) of every per-row state, as beam search reassigns hypotheses.
+
+        Beam search replaces a beam only with a beam of the same sample, which reads the same memory, so the cached
+        cross-attention keys/values stay as they are (not copied, N x S x D per layer, at every step).
+        """
         if self.memory is not None:
             self.memory = self.memory.index_select(0, index)
         if self.memory_mask is not None:
             self.memory_mask = self.memory_mask.index_select(0, index)
         if self.cache is not None:
-            self.cache.reorder(index)
+            self.cache.reorder(index, cross=False)
 
 
 # ---------------------------------------------------------------------- searches

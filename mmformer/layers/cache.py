@@ -32,6 +32,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         self.length = 0  # tokens already cached
+        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None  # reorder's second buffer
         self.max_length = max_length
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,17 +40,34 @@ class KVCache:
         end = self.length + k.shape[2]
         if end > self.max_length:
             raise ValueError(f"KV cache holds {self.max_length} positions; decoding needs {end}")
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys, values = self.k[layer], self.v[layer]  # (B, nkv, M, hs); narrow/copy_ are cheaper than slice indexing
+        keys.narrow(2, self.length, k.shape[2]).copy_(k)
+        values.narrow(2, self.length, v.shape[2]).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def advance(self, n_tokens: int) -> None:
         self.length += n_tokens
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep batch rows ``index`` (beam search reorders hypotheses after each step)."""
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
-        self.cross = [
-            None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index)) for kv in self.cross
-        ]
+    def reorder(self, index: torch.Tensor, cross: bool = True) -> None:
+        """Keep batch rows ``index`` (beam search reorders hypotheses after each step).
+
+        Only the filled positions are copied, into a second buffer that then swaps with the first (allocated on the
+        first reorder), so a step costs one pass over the cached tokens rather than over ``max_length``.
+        ``cross=False`` leaves the cross-attention keys/values alone: exact when each row is only replaced by rows
+        that read the same memory, as beams of one sample do.
+        """
+        if index.shape[0] != self.k.shape[1]:  # a new number of rows: new buffers
+            self.k, self.v, self._spare = self.k.index_select(1, index), self.v.index_select(1, index), None
+        else:
+            if self._spare is None:
+                self._spare = (torch.empty_like(self.k), torch.empty_like(self.v))
+            n = self.length
+            spare_k, spare_v = self._spare
+            torch.index_select(self.k[:, :, :, :n], 1, index, out=spare_k[:, :, :, :n])  # (L, B, nkv, n, hs)
+            torch.index_select(self.v[:, :, :, :n], 1, index, out=spare_v[:, :, :, :n])
+            self._spare, self.k, self.v = (self.k, self.v), spare_k, spare_v
+        if cross:
+            self.cross = [
+                None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
+                for kv in self.cross
+            ]

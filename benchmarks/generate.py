@@ -1,0 +1,231 @@
+"""Decoding tokens/s: mmformer's KV-cached generation against Hugging Face Whisper ``generate`` on the same weights
+and log-mel input, and against mmformer's own cache-less decode; then captioning, cached against cache-less.
+
+Speech: a random ``transformers`` Whisper (``--size tiny``: a small config; ``--size whisper-tiny``: the
+dimensions of OpenAI's whisper-tiny, 3 s of audio) converted with :func:`mmformer.convert.from_hf_whisper`. Hugging
+Face runs ``GenerationMixin.generate`` (the generic decoding loop with its dynamic KV cache, without Whisper's
+forced-token and timestamp processing, which would only add work to its side), greedy or beam search, with the
+same decoder prompt. Every peer must produce exactly ``--new-tokens`` tokens per row: the end-of-text token's
+embedding row (tied to the LM head) is zeroed, so its logit is 0 and it never ranks among the top candidates; the
+output lengths are checked. Tokens/s counts generated tokens (batch × new tokens; beams are not counted twice) over
+the whole call, the encoder included.
+
+    python -m benchmarks.generate [--size whisper-tiny] [--batches 1,8] [--beams 1,4] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import base_parser, interleaved, machine, parse_args, record, table
+from mmformer.config import ImageConfig, ModelConfig, StackConfig, TextConfig
+from mmformer.generation import generate
+from mmformer.model import MultimodalTransformer
+
+WHISPER_SIZES = {
+    "tiny": dict(d_model=128, layers=2, heads=4, ffn=512, vocab=1024, source_positions=100, target_positions=128),
+    "whisper-tiny": dict(
+        d_model=384, layers=4, heads=6, ffn=1536, vocab=51865, source_positions=150, target_positions=448
+    ),
+    "smoke": dict(d_model=32, layers=1, heads=2, ffn=64, vocab=64, source_positions=8, target_positions=16),
+}
+CAPTION_SIZES = {
+    "tiny": dict(image=64, width=128, depth=2, heads=4, vocab=1024),
+    "whisper-tiny": dict(image=128, width=384, depth=4, heads=6, vocab=51865),
+    "smoke": dict(image=32, width=32, depth=1, heads=2, vocab=64),
+}
+N_MELS, BOS, START = 80, 1, 3
+
+
+def whisper_pair(size: str, seed: int = 0):
+    """A random Hugging Face Whisper whose end-of-text token never wins, and its mmformer conversion."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # its batched-input attention-mask notice concerns padded prompts, not ours
+
+    from mmformer.convert import from_hf_whisper
+
+    s = WHISPER_SIZES[size]
+    eos = s["vocab"] - 1
+    config = WhisperConfig(
+        vocab_size=s["vocab"],
+        num_mel_bins=N_MELS,
+        d_model=s["d_model"],
+        encoder_layers=s["layers"],
+        decoder_layers=s["layers"],
+        encoder_attention_heads=s["heads"],
+        decoder_attention_heads=s["heads"],
+        encoder_ffn_dim=s["ffn"],
+        decoder_ffn_dim=s["ffn"],
+        max_source_positions=s["source_positions"],
+        max_target_positions=s["target_positions"],
+        pad_token_id=eos,
+        bos_token_id=BOS,
+        eos_token_id=eos,
+        decoder_start_token_id=START,
+        suppress_tokens=[],
+        begin_suppress_tokens=[],
+    )
+    torch.manual_seed(seed)
+    hf = WhisperForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        hf.model.decoder.embed_tokens.weight[eos] = 0.0  # tied LM head: the eos logit is always 0
+    return hf, from_hf_whisper(hf)
+
+
+def caption_model(size: str, seed: int = 0) -> MultimodalTransformer:
+    """A random captioner: a ViT stack for the image and a cross-attending decoder stack; eos never wins."""
+    s = CAPTION_SIZES[size]
+    stack = dict(width=s["width"], depth=s["depth"], n_heads=s["heads"])
+    config = ModelConfig(
+        stacks={"vision": StackConfig(**stack), "decoder": StackConfig(**stack, cross_attention=True)},
+        routes={"image": "vision", "decoder": "decoder"},
+        image=ImageConfig(image_size=[s["image"], s["image"]], patch_size=16),
+        audio=None,
+        text=TextConfig(vocab_size=s["vocab"], max_length=128, pad_id=0, bos_id=BOS, eos_id=s["vocab"] - 1),
+    )
+    torch.manual_seed(seed)
+    model = MultimodalTransformer(config).eval()
+    with torch.no_grad():
+        model.text_embed.tokens.weight[config.text.eos_id] = 0.0
+    return model
+
+
+def _check_length(name: str, ids: torch.Tensor, batch: int, length: int) -> None:
+    if tuple(ids.shape) != (batch, length):
+        raise RuntimeError(f"{name}: expected ids of shape {(batch, length)} (a fixed token count), got {ids.shape}")
+
+
+def speech_peers(hf, ours: MultimodalTransformer, features: torch.Tensor, beams: int, n: int) -> dict:
+    """Hugging Face generate, mmformer cached and cache-less generate, each a closure over the same input."""
+    from transformers import GenerationConfig, GenerationMixin
+
+    eos = hf.config.eos_token_id
+    hf_config = GenerationConfig(
+        bos_token_id=BOS,
+        pad_token_id=eos,
+        eos_token_id=eos,
+        decoder_start_token_id=START,
+        do_sample=False,
+        num_beams=beams,
+        max_new_tokens=n,
+    )
+    prompt = torch.full((features.shape[0], 1), START)
+    return {
+        "hf": lambda: GenerationMixin.generate(
+            hf, input_features=features, decoder_input_ids=prompt, generation_config=hf_config
+        ),
+        "cached": lambda: generate(ours, audio_features=features, max_new_tokens=n, num_beams=beams),
+        "no_cache": lambda: generate(ours, audio_features=features, max_new_tokens=n, num_beams=beams, use_cache=False),
+    }
+
+
+def speech_rows(args: argparse.Namespace) -> list[dict]:
+    hf, ours = whisper_pair(args.size)
+    frames = 2 * WHISPER_SIZES[args.size]["source_positions"]  # Hugging Face's encoder takes exactly this many
+    n = args.new_tokens
+    rows = []
+    for batch in args.batches:
+        features = torch.randn(batch, N_MELS, frames, generator=torch.Generator().manual_seed(batch))
+        for beams in args.beams:
+            peers = speech_peers(hf, ours, features, beams, n)
+            ids = {name: fn() for name, fn in peers.items()}
+            for name, out in ids.items():
+                _check_length(name, out, batch, 1 + n)
+            seconds = interleaved(peers, warmup=args.warmup, repeats=args.repeats)
+            tps = {name: batch * n / s for name, s in seconds.items()}
+            rows.append(
+                {
+                    "task": f"speech ({args.size})",
+                    "batch": batch,
+                    "search": "greedy" if beams == 1 else f"beam {beams}",
+                    "new_tokens": n,
+                    "hf_tok_s": tps["hf"],
+                    "mmformer_tok_s": tps["cached"],
+                    "no_cache_tok_s": tps["no_cache"],
+                    "vs_hf": tps["cached"] / tps["hf"],
+                    "vs_no_cache": tps["cached"] / tps["no_cache"],
+                    "same_ids_as_hf": bool(torch.equal(ids["hf"], ids["cached"])),
+                }
+            )
+    return rows
+
+
+def caption_peers(model: MultimodalTransformer, pixels: torch.Tensor, beams: int, n: int) -> dict:
+    return {
+        "cached": lambda: generate(model, image=pixels, max_new_tokens=n, num_beams=beams),
+        "no_cache": lambda: generate(model, image=pixels, max_new_tokens=n, num_beams=beams, use_cache=False),
+    }
+
+
+def caption_rows(args: argparse.Namespace) -> list[dict]:
+    model = caption_model(args.size)
+    size, n = CAPTION_SIZES[args.size]["image"], args.new_tokens
+    rows = []
+    for batch in args.batches:
+        pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+        for beams in args.beams:
+            peers = caption_peers(model, pixels, beams, n)
+            ids = {name: fn() for name, fn in peers.items()}
+            for name, out in ids.items():
+                _check_length(name, out, batch, 1 + n)
+            seconds = interleaved(peers, warmup=args.warmup, repeats=args.repeats)
+            tps = {name: batch * n / s for name, s in seconds.items()}
+            rows.append(
+                {
+                    "task": f"caption ({args.size})",
+                    "batch": batch,
+                    "search": "greedy" if beams == 1 else f"beam {beams}",
+                    "new_tokens": n,
+                    "mmformer_tok_s": tps["cached"],
+                    "no_cache_tok_s": tps["no_cache"],
+                    "vs_no_cache": tps["cached"] / tps["no_cache"],
+                    "same_ids_cached_vs_not": bool(torch.equal(ids["cached"], ids["no_cache"])),
+                }
+            )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = base_parser(__doc__)
+    p.add_argument("--size", choices=("tiny", "whisper-tiny"), default="tiny")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--beams", default="1,4")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--skip-caption", action="store_true")
+    p.set_defaults(repeats=10)  # a decode is short: more repeats steady the medians on a shared machine
+    args = parse_args(p, argv)
+    if args.tiny:
+        args.size, args.repeats, args.warmup, args.new_tokens = "smoke", 1, 0, 4
+        args.batches, args.beams = "2", "1,2"
+    args.batches = [int(b) for b in str(args.batches).split(",")]
+    args.beams = [int(k) for k in str(args.beams).split(",")]
+    speech = speech_rows(args)
+    print(f"speech decoding: Hugging Face Whisper generate vs mmformer (same weights), {machine()}")
+    print(
+        table(
+            speech,
+            ["task", "batch", "search", "new_tokens", "hf_tok_s", "mmformer_tok_s", "no_cache_tok_s", "vs_hf"]
+            + ["vs_no_cache", "same_ids_as_hf"],
+        )
+    )
+    rows = speech
+    if not args.skip_caption:
+        captions = caption_rows(args)
+        print("captioning: mmformer KV-cached vs cache-less decode (same model)")
+        print(
+            table(
+                captions,
+                ["task", "batch", "search", "new_tokens", "mmformer_tok_s", "no_cache_tok_s", "vs_no_cache"]
+                + ["same_ids_cached_vs_not"],
+            )
+        )
+        rows = rows + captions
+    record("generate", rows, args)
+
+
+if __name__ == "__main__":
+    main()

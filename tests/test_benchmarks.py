@@ -1,0 +1,33 @@
+"""Smoke tests of the benchmarks: each runs at its ``--tiny`` size without saving and prints its table. Timings are
+never asserted (they belong to the machine, not to the code); the figures live in BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("open_clip")
+pytest.importorskip("transformers")
+ROOT = str(Path(__file__).resolve().parent.parent)
+if ROOT not in sys.path:  # `benchmarks` is a folder of the repository, not of the installed package
+    sys.path.insert(0, ROOT)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("train_step", ["open_clip", "mmformer", "utilisation", "float32", "bf16"]),
+        ("encode", ["image", "text", "vs_open_clip"]),
+        ("generate", ["speech (smoke)", "caption (smoke)", "vs_hf", "vs_no_cache"]),
+        ("attention", ["fused_ms", "naive_MiB", "memory_ratio"]),
+        ("startup", ["mmformer --help", "mmformer zeroshot"]),
+    ],
+)
+def test_benchmark_runs_and_prints_its_table(name, expected, capsys):
+    importlib.import_module(f"benchmarks.{name}").main(["--tiny", "--no-save"])
+    out = capsys.readouterr().out
+    for text in expected:
+        assert text in out, f"benchmarks.{name}: {text!r} missing from its output:\n{out}"
