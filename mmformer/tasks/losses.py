@@ -18,6 +18,7 @@ Nt audio tokens.
 
 from __future__ import annotations
 
+import abc
 import warnings
 
 import torch
@@ -77,7 +78,7 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> Non
         )
 
 
-class _PairLoss(nn.Module):
+class _PairLoss(nn.Module, metaclass=abc.ABCMeta):
     """What both contrastive losses share: the arguments (see :class:`ContrastiveLoss`), the input check, float32
     without autocast, the clamped logit scale and the all-gather; a subclass scores the gathered pairs in
     :meth:`_loss`."""
@@ -99,6 +100,7 @@ class _PairLoss(nn.Module):
             all_b, _ = gather_features(b, self.gather_with_grad)
             return self._loss(a, b, all_a, all_b, offset, scale, logit_bias)
 
+    @abc.abstractmethod
     def _loss(
         self,
         a: torch.Tensor,
@@ -110,7 +112,6 @@ class _PairLoss(nn.Module):
         logit_bias: torch.Tensor | None,
     ) -> torch.Tensor:
         """The loss of float32 local (B, E) and gathered (N, E) features; this rank's rows start at ``offset``."""
-        raise NotImplementedError
 
 
 class ContrastiveLoss(_PairLoss):
