@@ -10,12 +10,13 @@ embedding row (tied to the LM head) is zeroed, so its logit is 0 and it never ra
 output lengths are checked. Tokens/s counts generated tokens (batch × new tokens; beams are not counted twice) over
 the whole call, the encoder included.
 
-    python -m benchmarks.generate [--size whisper-tiny] [--batches 1,8] [--beams 1,4] [--new-tokens 64]
+    python -m benchmarks.generate [--size whisper-tiny] [--batches 1,8] [--beams 1,4] [--new-tokens 64] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -99,8 +100,9 @@ def _check_length(name: str, ids: torch.Tensor, batch: int, length: int) -> None
         raise RuntimeError(f"{name}: expected ids of shape {(batch, length)} (a fixed token count), got {ids.shape}")
 
 
-def speech_peers(hf, ours: MultimodalTransformer, features: torch.Tensor, beams: int, n: int) -> dict:
-    """Hugging Face generate, mmformer cached and cache-less generate, each a closure over the same input."""
+def speech_peers(hf, ours: MultimodalTransformer, features: torch.Tensor, beams: int, n: int, compile: bool) -> dict:
+    """Hugging Face generate, mmformer cached (eager, and compiled if asked) and cache-less generate, each a
+    closure over the same input."""
     from transformers import GenerationConfig, GenerationMixin
 
     eos = hf.config.eos_token_id
@@ -114,78 +116,76 @@ def speech_peers(hf, ours: MultimodalTransformer, features: torch.Tensor, beams:
         max_new_tokens=n,
     )
     prompt = torch.full((features.shape[0], 1), START)
-    return {
+    peers = {
         "hf": lambda: GenerationMixin.generate(
             hf, input_features=features, decoder_input_ids=prompt, generation_config=hf_config
-        ),
-        "cached": lambda: generate(ours, audio_features=features, max_new_tokens=n, num_beams=beams),
-        "no_cache": lambda: generate(ours, audio_features=features, max_new_tokens=n, num_beams=beams, use_cache=False),
+        )
     }
+    return peers | mmformer_peers(ours, dict(audio_features=features), beams, n, compile)
+
+
+def mmformer_peers(model: MultimodalTransformer, inputs: dict, beams: int, n: int, compile: bool) -> dict:
+    """mmformer's KV-cached generate (eager, and compiled if asked) and its cache-less decode."""
+    options = dict(inputs, max_new_tokens=n, num_beams=beams)
+    peers = {
+        "mmformer": lambda: generate(model, **options),
+        "no_cache": lambda: generate(model, **options, use_cache=False),
+    }
+    if compile:
+        peers["compiled"] = lambda: generate(model, **options, compile=True)
+    return peers
+
+
+def measure(task: str, args: argparse.Namespace, batch: int, beams: int, peers: dict) -> dict:
+    """Tokens/s of every peer (interleaved medians), their ratios, and whether they all made the same ids.
+
+    The untimed first call of each peer checks the output length and gives the compile time of a compiled one.
+    """
+    n = args.new_tokens
+    ids, first_s = {}, {}
+    for name, fn in peers.items():
+        start = time.perf_counter()
+        ids[name] = fn()
+        first_s[name] = time.perf_counter() - start
+        _check_length(name, ids[name], batch, 1 + n)
+    seconds = interleaved(peers, warmup=args.warmup, repeats=args.repeats)
+    tps = {name: batch * n / s for name, s in seconds.items()}
+    row = {"task": task, "batch": batch, "search": "greedy" if beams == 1 else f"beam {beams}", "new_tokens": n}
+    row |= {f"{name}_tok_s": value for name, value in tps.items()}
+    if "hf" in tps:
+        row["vs_hf"] = tps["mmformer"] / tps["hf"]
+    row["vs_no_cache"] = tps["mmformer"] / tps["no_cache"]
+    if "compiled" in tps:
+        row["compiled_vs_hf" if "hf" in tps else "compiled_vs_no_cache"] = tps["compiled"] / tps.get(
+            "hf", tps["no_cache"]
+        )
+        row["compile_s"] = first_s["compiled"] - seconds["compiled"]
+    reference = ids["hf" if "hf" in ids else "mmformer"]
+    row["same_ids"] = all(torch.equal(reference, other) for other in ids.values())
+    return row
 
 
 def speech_rows(args: argparse.Namespace) -> list[dict]:
     hf, ours = whisper_pair(args.size)
     frames = 2 * WHISPER_SIZES[args.size]["source_positions"]  # Hugging Face's encoder takes exactly this many
-    n = args.new_tokens
     rows = []
     for batch in args.batches:
         features = torch.randn(batch, N_MELS, frames, generator=torch.Generator().manual_seed(batch))
         for beams in args.beams:
-            peers = speech_peers(hf, ours, features, beams, n)
-            ids = {name: fn() for name, fn in peers.items()}
-            for name, out in ids.items():
-                _check_length(name, out, batch, 1 + n)
-            seconds = interleaved(peers, warmup=args.warmup, repeats=args.repeats)
-            tps = {name: batch * n / s for name, s in seconds.items()}
-            rows.append(
-                {
-                    "task": f"speech ({args.size})",
-                    "batch": batch,
-                    "search": "greedy" if beams == 1 else f"beam {beams}",
-                    "new_tokens": n,
-                    "hf_tok_s": tps["hf"],
-                    "mmformer_tok_s": tps["cached"],
-                    "no_cache_tok_s": tps["no_cache"],
-                    "vs_hf": tps["cached"] / tps["hf"],
-                    "vs_no_cache": tps["cached"] / tps["no_cache"],
-                    "same_ids_as_hf": bool(torch.equal(ids["hf"], ids["cached"])),
-                }
-            )
+            peers = speech_peers(hf, ours, features, beams, args.new_tokens, args.compile)
+            rows.append(measure(f"speech ({args.size})", args, batch, beams, peers))
     return rows
-
-
-def caption_peers(model: MultimodalTransformer, pixels: torch.Tensor, beams: int, n: int) -> dict:
-    return {
-        "cached": lambda: generate(model, image=pixels, max_new_tokens=n, num_beams=beams),
-        "no_cache": lambda: generate(model, image=pixels, max_new_tokens=n, num_beams=beams, use_cache=False),
-    }
 
 
 def caption_rows(args: argparse.Namespace) -> list[dict]:
     model = caption_model(args.size)
-    size, n = CAPTION_SIZES[args.size]["image"], args.new_tokens
+    size = CAPTION_SIZES[args.size]["image"]
     rows = []
     for batch in args.batches:
         pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
         for beams in args.beams:
-            peers = caption_peers(model, pixels, beams, n)
-            ids = {name: fn() for name, fn in peers.items()}
-            for name, out in ids.items():
-                _check_length(name, out, batch, 1 + n)
-            seconds = interleaved(peers, warmup=args.warmup, repeats=args.repeats)
-            tps = {name: batch * n / s for name, s in seconds.items()}
-            rows.append(
-                {
-                    "task": f"caption ({args.size})",
-                    "batch": batch,
-                    "search": "greedy" if beams == 1 else f"beam {beams}",
-                    "new_tokens": n,
-                    "mmformer_tok_s": tps["cached"],
-                    "no_cache_tok_s": tps["no_cache"],
-                    "vs_no_cache": tps["cached"] / tps["no_cache"],
-                    "same_ids_cached_vs_not": bool(torch.equal(ids["cached"], ids["no_cache"])),
-                }
-            )
+            peers = mmformer_peers(model, dict(image=pixels), beams, args.new_tokens, args.compile)
+            rows.append(measure(f"caption ({args.size})", args, batch, beams, peers))
     return rows
 
 
@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--beams", default="1,4")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--skip-caption", action="store_true")
+    p.add_argument(
+        "--compile", action="store_true", help="also time generate(compile=True); its compile time is reported apart"
+    )
     p.set_defaults(repeats=10)  # a decode is short: more repeats steady the medians on a shared machine
     args = parse_args(p, argv)
     if args.tiny:
@@ -203,26 +206,18 @@ def main(argv: list[str] | None = None) -> None:
         args.batches, args.beams = "2", "1,2"
     args.batches = [int(b) for b in str(args.batches).split(",")]
     args.beams = [int(k) for k in str(args.beams).split(",")]
-    speech = speech_rows(args)
+    compiled = ["compiled_tok_s", "compile_s"] if args.compile else []
+    rows = speech_rows(args)
     print(f"speech decoding: Hugging Face Whisper generate vs mmformer (same weights), {machine()}")
-    print(
-        table(
-            speech,
-            ["task", "batch", "search", "new_tokens", "hf_tok_s", "mmformer_tok_s", "no_cache_tok_s", "vs_hf"]
-            + ["vs_no_cache", "same_ids_as_hf"],
-        )
-    )
-    rows = speech
+    columns = ["task", "batch", "search", "new_tokens", "hf_tok_s", "mmformer_tok_s", "no_cache_tok_s"]
+    columns += compiled + ["vs_hf", "vs_no_cache"] + (["compiled_vs_hf"] if args.compile else []) + ["same_ids"]
+    print(table(rows, columns))
     if not args.skip_caption:
         captions = caption_rows(args)
         print("captioning: mmformer KV-cached vs cache-less decode (same model)")
-        print(
-            table(
-                captions,
-                ["task", "batch", "search", "new_tokens", "mmformer_tok_s", "no_cache_tok_s", "vs_no_cache"]
-                + ["same_ids_cached_vs_not"],
-            )
-        )
+        columns = ["task", "batch", "search", "new_tokens", "mmformer_tok_s", "no_cache_tok_s"] + compiled
+        columns += ["vs_no_cache"] + (["compiled_vs_no_cache"] if args.compile else []) + ["same_ids"]
+        print(table(captions, columns))
         rows = rows + captions
     record("generate", rows, args)
 

@@ -36,6 +36,7 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder step: pays off over many files")
     p.add_argument("files", nargs="+", help="input files")
 
 
@@ -113,6 +114,7 @@ def _decode(args: argparse.Namespace, task: str) -> None:
         top_k=args.top_k,
         top_p=args.top_p,
         temperature=args.temperature,
+        compile=args.compile,
     )
     run = model.caption if task == "caption" else model.transcribe
     for start in range(0, len(args.files), args.batch_size):

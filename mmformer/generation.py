@@ -17,7 +17,7 @@ S memory tokens, D width.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +54,7 @@ class DecodingOptions:
     length_penalty: float = 1.0  # beam search: a hypothesis scores sum(logprob) / generated_length**length_penalty
     do_sample: bool | None = None  # None: sample iff top_k, top_p or temperature != 1 asks for it
     use_cache: bool = True  # incremental decoding through a KV cache; False recomputes everything each step
+    compile: bool = False  # run the cached one-token decoder step through torch.compile (compiles on first use)
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -74,6 +75,12 @@ class DecodingOptions:
             raise ValueError(f"do_sample: expected None, True or False, got {self.do_sample!r}")
         if not isinstance(self.use_cache, bool):
             raise ValueError(f"use_cache: expected True or False, got {self.use_cache!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile: expected True or False, got {self.compile!r}")
+        if self.compile and not self.use_cache:
+            raise ValueError(
+                "compile=True compiles the KV-cached decoder step; it needs use_cache=True (got use_cache=False)"
+            )
         if self.do_sample is None:
             wants = self.top_k is not None or self.top_p is not None or self.temperature != 1.0
             object.__setattr__(self, "do_sample", wants)
@@ -158,6 +165,27 @@ def token_chooser(options: DecodingOptions, generator: torch.Generator | None = 
 
 
 # ---------------------------------------------------------------------- running the decoder
+def _next_logits(
+    model: MultimodalTransformer, new: torch.Tensor, memory_mask: torch.Tensor | None, cache: KVCache
+) -> torch.Tensor:
+    """One cached decoder step without input checks: new ids (N, T) → float32 logits (N, V) of the last one."""
+    hidden = model.decode_step(new, None, memory_mask, None, cache)  # (N, T, D)
+    return model.lm_head(hidden[:, -1]).float()
+
+
+_compiled_next_logits: Callable | None = None
+
+
+def compiled_next_logits() -> Callable:
+    """:func:`_next_logits` through ``torch.compile``, made on first use and shared by every model (dynamo keeps a
+    compiled graph per model; the batch size and cache length are symbolic, so growing sequences and beam reorders
+    reuse one graph)."""
+    global _compiled_next_logits
+    if _compiled_next_logits is None:
+        _compiled_next_logits = torch.compile(_next_logits, dynamic=True)
+    return _compiled_next_logits
+
+
 class DecoderRunner:
     """Next-token logits for growing sequences: incrementally through one KV cache, or recomputed from scratch.
 
@@ -168,6 +196,8 @@ class DecoderRunner:
     The cache starts small and doubles as decoding goes on (up to ``max_length``), so that memory follows the
     tokens actually decoded: with relative positions (RoPE, ALiBi) nothing else bounds ``max_new_tokens``, and a
     cache preallocated for a huge one would take gigabytes before the first token.
+
+    ``memory`` (B, S, D) may serve N = B*K rows, K consecutive ones each (the beams of a sample).
     """
 
     def __init__(
@@ -177,20 +207,24 @@ class DecoderRunner:
         memory_mask: torch.Tensor | None,
         max_length: int,
         use_cache: bool,
+        compile: bool = False,
     ):
         self.model = model
+        if memory_mask is not None and bool(memory_mask.all()):
+            memory_mask = None  # nothing padded: no mask to carry and apply at every step
         self.memory, self.memory_mask = memory, memory_mask
         self.max_length = max_length
         self.use_cache = use_cache
+        self.step = compiled_next_logits() if compile else _next_logits
         self.cache: KVCache | None = None
 
-    def _reserve(self, needed: int) -> None:
-        """Make the cache hold at least ``needed`` positions, copying what it has into a larger one if it must."""
+    def _reserve(self, rows: int, needed: int) -> None:
+        """Make the cache hold ``rows`` sequences of at least ``needed`` positions, copying what it has into a larger
+        one if it must."""
         old = self.cache
         if old is not None and old.max_length >= needed:
             return
         size = min(self.max_length, max(needed + _CACHE_STEP, 2 * (old.max_length if old is not None else 0)))
-        rows = self.memory.shape[0] if old is None else old.k.shape[1]
         new = self.model.make_cache(rows, max(size, needed))
         if old is not None:
             n = old.length
@@ -201,23 +235,22 @@ class DecoderRunner:
     def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens so far (N, L) → float32 logits (N, V) for position L."""
         if self.use_cache:
-            self._reserve(tokens.shape[1])
+            self._reserve(*tokens.shape)
+        if self.cache is not None and self.cache.length > 0:  # the model's own tokens, one step further: no checks
+            return self.step(self.model, tokens[:, self.cache.length :], self.memory_mask, self.cache)
+        # the prompt (or, without a cache, everything so far): validated like any user input
         new = tokens if self.cache is None else tokens[:, self.cache.length :]
-        logits = self.model.decode(new, self.memory, self.memory_mask, cache=self.cache)  # (N, T, V)
+        hidden = self.model.decode(new, self.memory, self.memory_mask, cache=self.cache, return_hidden=True)
         if self.cache is not None:
             self.memory = None  # the cache now holds the cross-attention keys/values; don't carry (or reorder) it
-        return logits[:, -1].float()
+        return self.model.lm_head(hidden[:, -1]).float()  # (N, V): the vocabulary projection of the last position only
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows ``index`` (N,) of every per-row state, as beam search reassigns hypotheses.
+        """Keep rows ``index`` (N,) of the cached self-attention keys/values, as beam search reassigns hypotheses.
 
-        Beam search replaces a beam only with a beam of the same sample, which reads the same memory, so the cached
-        cross-attention keys/values stay as they are (not copied, N x S x D per layer, at every step).
+        Beam search replaces a beam only with a beam of the same sample, and the beams of a sample share its memory
+        rows (and their cross-attention keys/values), so the memory and its mask stay as they are.
         """
-        if self.memory is not None:
-            self.memory = self.memory.index_select(0, index)
-        if self.memory_mask is not None:
-            self.memory_mask = self.memory_mask.index_select(0, index)
         if self.cache is not None:
             self.cache.reorder(index, cross=False)
 
@@ -231,15 +264,19 @@ class TokenSearch:
 
     def run(self, runner: DecoderRunner, prompt: torch.Tensor, max_length: int) -> torch.Tensor:
         """Prompt (B, P) → ids (B, P + generated), at most ``max_length`` long."""
-        tokens = prompt
-        done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-        while tokens.shape[1] < max_length:
-            next_ids = self.choose(runner.next_logits(tokens)).masked_fill(done, self.pad_id)  # (B,)
-            tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+        B, cur = prompt.shape
+        tokens = prompt.new_empty(B, max_length)  # filled up to `cur`; no per-step concatenation
+        tokens[:, :cur] = prompt
+        done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+        while cur < max_length:
+            next_ids = self.choose(runner.next_logits(tokens[:, :cur]))  # (B,)
+            next_ids.masked_fill_(done, self.pad_id)
+            tokens[:, cur] = next_ids
+            cur += 1
             done |= next_ids == self.eos_id
             if bool(done.all()):
                 break
-        return tokens
+        return tokens[:, :cur]
 
 
 class BeamSearch:
@@ -362,7 +399,7 @@ def _prompt(model: MultimodalTransformer, prompt_ids: Any, batch: int, device: t
     return prompt
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model: MultimodalTransformer,
     image: torch.Tensor | None = None,
@@ -378,6 +415,7 @@ def generate(
     length_penalty: float = 1.0,
     do_sample: bool | None = None,
     use_cache: bool = True,
+    compile: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Decode token ids from an image or audio memory.
@@ -394,6 +432,8 @@ def generate(
         length_penalty: beam search score exponent on the generated length, as in Hugging Face.
         do_sample: force sampling on or off; None decides from the filters.
         use_cache: decode incrementally through a KV cache (False recomputes the decoder each step; same ids).
+        compile: run the cached decoder step through ``torch.compile``: the first call compiles (seconds to a
+            minute), later calls on the same model decode faster; the ids are those of the eager step.
         generator: random generator for reproducible sampling.
 
     Returns:
@@ -409,6 +449,7 @@ def generate(
         length_penalty=length_penalty,
         do_sample=do_sample,
         use_cache=use_cache,
+        compile=compile,
     )
     if model.lm_head is None:
         raise ValueError(f"generate: this model has no decoder; its routes are {sorted(model.config.routes)}")
@@ -432,13 +473,13 @@ def generate(
 
     K = options.num_beams
     if K > 1:
-        # (B, ...) → (B*K, ...): each sample's K beams sit next to each other
-        memory, prompt = memory.repeat_interleave(K, dim=0), prompt.repeat_interleave(K, dim=0)
-        memory_mask = None if memory_mask is None else memory_mask.repeat_interleave(K, dim=0)
+        # (B, P) → (B*K, P): each sample's K beams sit next to each other and share its memory rows (B, S, D),
+        # whose cross-attention keys/values are computed and read once per sample
+        prompt = prompt.repeat_interleave(K, dim=0)
         search: TokenSearch | BeamSearch = BeamSearch(K, options.length_penalty, text.eos_id, text.pad_id)
     else:
         search = TokenSearch(token_chooser(options, generator), text.eos_id, text.pad_id)
-    runner = DecoderRunner(model, memory, memory_mask, max_length, options.use_cache)
+    runner = DecoderRunner(model, memory, memory_mask, max_length, options.use_cache, options.compile)
     return search.run(runner, prompt, max_length)
 
 

@@ -223,6 +223,8 @@ class MultimodalTransformer(nn.Module):
         """Causal decoder: ids (B, T) reading memory (B, S, D) → logits (B, T, V).
 
         With a cache, ``input_ids`` are only the new tokens; memory may be None once the cache holds its keys.
+        Memory may also have B / G rows, each read by G consecutive id rows (the beams of one sample): its
+        cross-attention keys/values are then computed, stored and read once per sample rather than once per beam.
         """
         if self.lm_head is None:
             raise ValueError(f"this model has no decoder; its routes are {sorted(self.config.routes)}")
@@ -232,18 +234,29 @@ class MultimodalTransformer(nn.Module):
         weight = self.lm_head.weight
         if memory is not None and memory.dtype != weight.dtype and not torch.is_autocast_enabled(memory.device.type):
             memory = memory.to(weight.dtype)  # as the embedders cast their inputs (float64 memory, a bf16 encoder)
-        offset = cache.length if cache is not None else 0
-        x = self.text_embed(input_ids, offset=offset)
         mask = None if attention_mask is None else attention_mask.bool()
         if cache is not None and mask is not None and not bool(mask.all()):
             raise ValueError(
                 "attention_mask: padding is not supported with a KV cache (cached keys keep no mask); decode "
                 "right-padded rows without a mask (causal attention is exact for their real tokens) or without a cache"
             )
-        h = self.stack("decoder")(
+        h = self.decode_step(input_ids, memory, memory_mask, mask, cache)
+        return h if return_hidden else self.lm_head(h)
+
+    def decode_step(
+        self,
+        input_ids: torch.Tensor,
+        memory: torch.Tensor | None,
+        memory_mask: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        """:meth:`decode` without its input checks, returning the final hidden states (B, T, D): the inner step of
+        token-by-token generation, whose ids come from the model itself (the checks cost as much as a layer)."""
+        x = self.text_embed(input_ids, offset=cache.length if cache is not None else 0)
+        return self.stack("decoder")(
             x, modality="text", mask=mask, causal=True, memory=memory, memory_mask=memory_mask, cache=cache
         )
-        return h if return_hidden else self.lm_head(h)
 
     def _check_memory(
         self,
@@ -257,9 +270,18 @@ class MultimodalTransformer(nn.Module):
             raise ValueError(f"cache: expected one made for batch size {B} (input_ids), got {cache.k.shape[1]}")
         if memory is None:
             return
-        if not isinstance(memory, torch.Tensor) or memory.ndim != 3 or memory.shape[::2] != (B, width):
+        if (
+            not isinstance(memory, torch.Tensor)
+            or memory.ndim != 3
+            or memory.shape[2] != width
+            or memory.shape[0] == 0
+            or B % memory.shape[0]
+        ):
             got = tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__
-            raise ValueError(f"memory: expected encoder token states (B={B}, S, D={width}), got {got}")
+            raise ValueError(
+                f"memory: expected encoder token states (B={B}, S, D={width}), or (B / G, S, D) shared by each group "
+                f"of G consecutive rows (beams), got {got}"
+            )
         if not memory.is_floating_point():
             raise TypeError(f"memory: expected float encoder token states, got {memory.dtype}")
         check_device("memory", memory, self.lm_head.weight)

@@ -84,6 +84,21 @@ def test_cache_equals_recompute_with_prompt_and_stops(build):
         assert torch.equal(generate(model, **inputs, **kw), generate(model, **inputs, **kw, use_cache=False))
 
 
+@pytest.mark.parametrize("scheme", ["learned", "rope"])
+def test_compiled_step_equals_eager(build, scheme):
+    """generate(compile=True) runs the cached step through torch.compile: the same ids for greedy, beam search and
+    sampling, over a padded audio memory (the mask stays in the graph) and beyond the first cache size."""
+    torch._dynamo.reset()
+    model = build(scheme)
+    inputs = memory_inputs("audio")
+    for kw in (dict(), dict(num_beams=3), dict(top_k=5)):
+        eager = generate(model, **inputs, max_new_tokens=12, **kw, generator=torch.Generator().manual_seed(0))
+        compiled = generate(
+            model, **inputs, max_new_tokens=12, **kw, compile=True, generator=torch.Generator().manual_seed(0)
+        )
+        assert torch.equal(compiled, eager), kw
+
+
 # ---------------------------------------------------------------- search strategies
 def test_prompt_is_kept_and_defaults_to_bos(build):
     model = build()
@@ -224,6 +239,8 @@ def test_relative_positions_decode_past_the_text_table(build):
         (dict(max_new_tokens=0), r"max_new_tokens: expected an int >= 1, got 0"),
         (dict(length_penalty=float("nan")), r"length_penalty: expected a finite number"),
         (dict(num_beams=3, top_k=5), r"num_beams=3 with sampling .* is not supported"),
+        (dict(compile="yes"), r"compile: expected True or False, got 'yes'"),
+        (dict(compile=True, use_cache=False), r"compile=True .* needs use_cache=True"),
     ],
 )
 def test_bad_options_raise(build, options, message):

@@ -62,6 +62,22 @@ def test_cached_decoding_reads_encoder_memory(tiny_model):
         torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=ATOL)
 
 
+def test_memory_shared_by_groups_of_rows_equals_repeated_memory(make_model_config):
+    """Memory (B, S, D) read by K consecutive id rows each (beams) == the memory repeated per row, with and without
+    a cache, padding mask included; the cache then holds one set of cross-attention keys per sample."""
+    model = _decoder_model(make_model_config, position="rope")
+    B, K, T, S = 2, 3, 5, 4
+    ids, memory, mask = torch.randint(0, V, (B * K, T)), torch.randn(B, S, D), _right_padded([4, 2], S)
+    repeated = model.decode(ids, memory.repeat_interleave(K, 0), mask.repeat_interleave(K, 0))
+    torch.testing.assert_close(model.decode(ids, memory, mask), repeated, rtol=0, atol=ATOL)
+    cache = model.make_cache(B * K)
+    steps = [model.decode(ids[:, t : t + 1], memory if t == 0 else None, mask, cache=cache) for t in range(T)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), repeated, rtol=0, atol=ATOL)
+    assert cache.cross[0][0].shape[0] == B
+    with pytest.raises(ValueError, match=r"memory: expected encoder token states \(B=6, S, D=16\).*got \(4, 4, 16\)"):
+        model.decode(ids, torch.randn(4, S, D))
+
+
 def test_cache_reorder_follows_beams(make_model_config):
     model = _decoder_model(make_model_config, position="rope")
     ids, memory = torch.randint(0, V, (2, 6)), torch.randn(2, 4, D)
@@ -395,7 +411,7 @@ def test_bad_audio(tiny_model):
 
 def test_bad_decoder_memory(tiny_model):
     m, ids = tiny_model, torch.randint(0, V, (2, 3))
-    with pytest.raises(ValueError, match=r"memory: expected encoder token states \(B=2, S, D=16\), got \(2, 4, 8\)"):
+    with pytest.raises(ValueError, match=r"memory: expected encoder token states \(B=2, S, D=16\).*got \(2, 4, 8\)"):
         m.decode(ids, torch.randn(2, 4, 8))
     with pytest.raises(ValueError, match=r"memory: expected encoder token states .*got \(3, 4, 16\)"):
         m.decode(ids, torch.randn(3, 4, 16))

@@ -69,7 +69,7 @@ class TextEmbedder(nn.Module):
             x = x + self.segments(segment_ids if segment_ids is not None else torch.zeros_like(input_ids))
         if self.norm is not None:
             x = self.norm(x)
-        return self.drop(x)
+        return self.drop(x) if self.training and self.drop.p > 0 else x  # skip the identity call when decoding
 
     def check_segments(self, input_ids: torch.Tensor, segment_ids: torch.Tensor) -> None:
         if not isinstance(segment_ids, torch.Tensor) or segment_ids.shape != input_ids.shape:

@@ -111,6 +111,7 @@ class Attention(nn.Module):
             mask: key padding (B, S), True = real; for cross-attention it masks the memory.
             causal: queries see only earlier keys (self-attention only).
             memory: (B, S, D) keys/values source for cross-attention; may be None after the cache holds them.
+                (B/G, S, D) is read by G consecutive rows each (beams of one sample), as are its cached keys/values.
             cache: incremental decoding state; self-attention appends to it, cross-attention fills it once.
             layer: this block's index in the cache.
         """
@@ -153,6 +154,10 @@ class Attention(nn.Module):
             if is_causal:
                 allowed = allowed & torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril()
             attn_mask, is_causal = bias.masked_fill(~allowed, float("-inf")), False
+        # > 1: each memory row serves `groups` consecutive query rows (beams)
+        groups = B // k.shape[0] if self.cross and 0 < k.shape[0] < B else 1
+        if groups > 1:  # (B, nh, T, hs) → (B/G, nh, G*T, hs): the beams' queries read their sample's keys once
+            q = q.view(-1, groups, self.n_heads, T, self.head_dim).transpose(1, 2).flatten(2, 3)
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -161,8 +166,12 @@ class Attention(nn.Module):
             dropout_p=self.attn_dropout if self.training else 0.0,
             is_causal=is_causal,
             enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # (B, nh, T, hs)
-        return self.proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        )  # (B, nh, T, hs), or (B/G, nh, G*T, hs)
+        if groups > 1:
+            out = out.unflatten(2, (groups, T)).permute(0, 2, 3, 1, 4)  # (B/G, G, T, nh, hs)
+        else:
+            out = out.transpose(1, 2)  # (B, T, nh, hs)
+        return self.proj(out.reshape(B, T, self.n_heads * self.head_dim))
 
     @staticmethod
     def _mask(
@@ -170,8 +179,8 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor | None, bool]:
         """Turn a key-padding mask and causality into SDPA's (attn_mask, is_causal) without a (T, S) mask when
         the fused ``is_causal`` path is exact."""
-        if mask is not None and bool(mask.all()):
-            mask = None  # nothing padded: let SDPA pick the fastest kernel
+        if mask is not None and not torch.compiler.is_compiling() and bool(mask.all()):
+            mask = None  # nothing padded: let SDPA pick the fastest kernel (a compiled graph keeps the mask instead)
         if causal and T == 1:
             causal = False  # one new query after the cache sees every cached key
         if causal and (mask is None or _right_padded(mask)) and T == S:

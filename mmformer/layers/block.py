@@ -48,16 +48,17 @@ class Sublayer(nn.Module):
 
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         if self.placement == "post":
-            return self.norm(x + self.regularize(self.fn(x, **kwargs)))
+            h = self.fn(x, **kwargs)
+            return self.norm(x + (self.regularize(h) if self.training else h))
         h = self.fn(self.norm(x), **kwargs)
         if self.norm_out is not None:
             h = self.norm_out(h)
-        return x + self.regularize(h)
+        return x + (self.regularize(h) if self.training else h)
 
     def regularize(self, h: torch.Tensor) -> torch.Tensor:
-        """Dropout then drop-path; both are the identity in eval mode or at p = 0, so they are skipped then (two
-        fewer module calls per sublayer: it matters in token-by-token decoding)."""
-        if self.training and (self.drop.p > 0 or self.drop_path.p > 0):
+        """Dropout then drop-path while training; both are the identity in eval mode (forward skips the call then:
+        module calls cost as much as small kernels in token-by-token decoding) or at p = 0."""
+        if self.drop.p > 0 or self.drop_path.p > 0:
             return self.drop_path(self.drop(h))
         return h
 

@@ -28,8 +28,7 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
     ):
         shape = (n_layers, batch_size, n_kv_heads, max_length, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self._use(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
         self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         self.length = 0  # tokens already cached
         self._spare: tuple[torch.Tensor, torch.Tensor] | None = None  # reorder's second buffer
@@ -40,10 +39,16 @@ class KVCache:
         end = self.length + k.shape[2]
         if end > self.max_length:
             raise ValueError(f"KV cache holds {self.max_length} positions; decoding needs {end}")
-        keys, values = self.k[layer], self.v[layer]  # (B, nkv, M, hs); narrow/copy_ are cheaper than slice indexing
+        keys, values = self.layers[layer]  # (B, nkv, M, hs); narrow/copy_ are cheaper than slice indexing
         keys.narrow(2, self.length, k.shape[2]).copy_(k)
         values.narrow(2, self.length, v.shape[2]).copy_(v)
         return keys.narrow(2, 0, end), values.narrow(2, 0, end)
+
+    def _use(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Hold buffers k, v (L, B, nkv, M, hs) and each layer's views of them, made once per buffer (a select per
+        layer and step is a measurable share of a decoding step)."""
+        self.k, self.v = k, v
+        self.layers = [(k[i], v[i]) for i in range(k.shape[0])]  # [(keys, values) (B, nkv, M, hs)] * L
 
     def advance(self, n_tokens: int) -> None:
         self.length += n_tokens
@@ -57,7 +62,8 @@ class KVCache:
         that read the same memory, as beams of one sample do.
         """
         if index.shape[0] != self.k.shape[1]:  # a new number of rows: new buffers
-            self.k, self.v, self._spare = self.k.index_select(1, index), self.v.index_select(1, index), None
+            self._use(self.k.index_select(1, index), self.v.index_select(1, index))
+            self._spare = None
         else:
             if self._spare is None:
                 self._spare = (torch.empty_like(self.k), torch.empty_like(self.v))
@@ -65,7 +71,8 @@ class KVCache:
             spare_k, spare_v = self._spare
             torch.index_select(self.k[:, :, :, :n], 1, index, out=spare_k[:, :, :, :n])  # (L, B, nkv, n, hs)
             torch.index_select(self.v[:, :, :, :n], 1, index, out=spare_v[:, :, :, :n])
-            self._spare, self.k, self.v = (self.k, self.v), spare_k, spare_v
+            self._spare = (self.k, self.v)
+            self._use(spare_k, spare_v)
         if cross:
             self.cross = [
                 None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))

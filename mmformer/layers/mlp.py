@@ -12,15 +12,25 @@ from torch import nn
 from mmformer.config import StackConfig
 
 
-class QuickGELU(nn.Module):
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(1.702 x), the activation OpenAI's CLIP was trained with."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+class QuickGELU(nn.Module):
+    """:func:`quick_gelu` as a module, for code that composes activations as modules."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return quick_gelu(x)
 
 
-def _activation(kind: str) -> nn.Module:
-    return {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "quickgelu": QuickGELU()}[kind]
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# plain functions, not modules: an activation has no state, and a module call costs as much as a small kernel when
+# decoding token by token
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": _gelu_tanh, "quickgelu": quick_gelu, "swiglu": F.silu}
 
 
 class Mlp(nn.Module):
@@ -30,7 +40,7 @@ class Mlp(nn.Module):
         super().__init__()
         self.swiglu = kind == "swiglu"
         self.fc1 = nn.Linear(dim, 2 * hidden if self.swiglu else hidden, bias=bias)
-        self.act = nn.SiLU() if self.swiglu else _activation(kind)
+        self.act = ACTIVATIONS[kind]
         self.drop = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
 
