@@ -174,15 +174,32 @@ def _next_logits(
 
 
 _compiled_next_logits: Callable | None = None
+_COMPILED_GRAPHS = 64  # compiled variants of the decoder step kept per process (about 16 models)
 
 
 def compiled_next_logits() -> Callable:
     """:func:`_next_logits` through ``torch.compile``, made on first use and shared by every model (dynamo keeps a
     compiled graph per model; the batch size and cache length are symbolic, so growing sequences and beam reorders
-    reuse one graph)."""
+    reuse one graph).
+
+    Sizes are traced without "duck shaping": otherwise two sizes that happen to be equal in the first call (the
+    rows and the memory's rows without beams, the cache's capacity and the next length) are assumed equal, and
+    every later call where they differ compiles again. A model still brings up to four graphs (beams sharing a
+    memory row or not, a full cache or not), so dynamo's limit of 8 graphs per function is raised to
+    :data:`_COMPILED_GRAPHS` for this function's calls: past it, dynamo falls back to eager decoding with a warning.
+    """
     global _compiled_next_logits
     if _compiled_next_logits is None:
-        _compiled_next_logits = torch.compile(_next_logits, dynamic=True)
+        compiled = torch.compile(_next_logits, dynamic=True)
+
+        def step(*args: Any) -> torch.Tensor:
+            with (
+                torch.fx.experimental._config.patch(use_duck_shape=False),
+                torch._dynamo.config.patch(recompile_limit=_COMPILED_GRAPHS),
+            ):
+                return compiled(*args)
+
+        _compiled_next_logits = step
     return _compiled_next_logits
 
 

@@ -55,11 +55,18 @@ def test_zeroshot_mixes_images_and_audio(saved, capsys):
     assert len(probs) == 6 and abs(sum(probs[:3]) - 1) < 1e-3 and abs(sum(probs[3:]) - 1) < 1e-3
 
 
-@pytest.mark.parametrize(("command", "file"), [("caption", "a.png"), ("transcribe", "a.wav")])
-def test_caption_and_transcribe_print_one_line_per_file(saved, capsys, command, file):
-    main([command, "--model", str(saved / "model"), "--max-new-tokens", "3", str(saved / file), str(saved / file)])
+@pytest.mark.parametrize(
+    ("command", "file", "extra"),
+    [("caption", "a.png", []), ("transcribe", "a.wav", []), ("transcribe", "a.wav", ["--compile"])],
+)
+def test_caption_and_transcribe_print_one_line_per_file(saved, capsys, command, file, extra):
+    args = [command, "--model", str(saved / "model"), "--max-new-tokens", "3", *extra]
+    main([*args, str(saved / file), str(saved / file)])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and all(line.startswith(str(saved / file) + "\t") for line in lines)
+    if extra:  # the compiled decoder step prints what the eager one prints
+        main([*args[:-1], str(saved / file), str(saved / file)])
+        assert capsys.readouterr().out.splitlines() == lines
 
 
 def test_missing_file_is_a_clean_error(saved):

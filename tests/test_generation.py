@@ -84,18 +84,19 @@ def test_cache_equals_recompute_with_prompt_and_stops(build):
         assert torch.equal(generate(model, **inputs, **kw), generate(model, **inputs, **kw, use_cache=False))
 
 
-@pytest.mark.parametrize("scheme", ["learned", "rope"])
-def test_compiled_step_equals_eager(build, scheme):
+@pytest.mark.parametrize(("scheme", "new_tokens"), [("learned", 12), ("rope", 80)])
+def test_compiled_step_equals_eager(build, scheme, new_tokens):
     """generate(compile=True) runs the cached step through torch.compile: the same ids for greedy, beam search and
-    sampling, over a padded audio memory (the mask stays in the graph) and beyond the first cache size."""
+    sampling, over a padded audio memory (the mask stays in the graph); with RoPE, 80 tokens also outgrow the
+    first cache (65 positions), which is replaced by a larger one mid-decode."""
     torch._dynamo.reset()
     model = build(scheme)
     inputs = memory_inputs("audio")
     for kw in (dict(), dict(num_beams=3), dict(top_k=5)):
-        eager = generate(model, **inputs, max_new_tokens=12, **kw, generator=torch.Generator().manual_seed(0))
-        compiled = generate(
-            model, **inputs, max_new_tokens=12, **kw, compile=True, generator=torch.Generator().manual_seed(0)
-        )
+        options = dict(max_new_tokens=new_tokens, **kw)
+        eager = generate(model, **inputs, **options, generator=torch.Generator().manual_seed(0))
+        compiled = generate(model, **inputs, **options, compile=True, generator=torch.Generator().manual_seed(0))
+        assert compiled.shape[1] == 1 + new_tokens or model.config.text.eos_id in compiled
         assert torch.equal(compiled, eager), kw
 
 
