@@ -15,6 +15,21 @@ def default_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file, or a folder's entries (a rename in it), to disk, so that a crash right after a rename cannot
+    leave an empty or missing file. A no-op where the platform cannot open or fsync it (folders, on some)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from mmformer.atomic import fsync_path
+
 WRITE_DELAY_ENV = "MMFORMER_CHECKPOINT_WRITE_DELAY"  # testing hook: seconds to pause half-way through each write
 
 
@@ -87,21 +89,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
-        _fsync_dir(target.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        fsync_path(target.parent)  # make the rename durable
 
 
 def _pid_alive(pid: int) -> bool:

@@ -39,7 +39,7 @@ import safetensors.torch
 import torch
 
 from mmformer import __version__
-from mmformer.atomic import default_file_mode
+from mmformer.atomic import default_file_mode, fsync_path
 from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
 from mmformer.model import MultimodalTransformer
 
@@ -111,9 +111,9 @@ def save_pretrained(
         if exists:
             _carry_over(target, staging)
         _match_permissions(staging, target if exists else None)
-        _fsync(staging)
+        fsync_path(staging)
         _swap_in(staging, target)
-        _fsync(target.parent)
+        fsync_path(target.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful swap
 
@@ -130,7 +130,7 @@ def _write_model(model: MultimodalTransformer, directory: Path, processor: Any) 
         processor.save_pretrained(directory)
     for path in directory.iterdir():
         os.chmod(path, default_file_mode())  # safetensors writes 0600; give what a plain open() would
-        _fsync(path)
+        fsync_path(path)
 
 
 def _aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -198,20 +198,6 @@ def _swap_in(staging: Path, target: Path) -> None:
         if not os.path.lexists(target / entry.name):
             os.rename(entry, target / entry.name)
     shutil.rmtree(aside, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or folder to disk so that a crash right after the rename cannot leave empty files."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # folders cannot be fsynced on some platforms
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------- loading
