@@ -167,6 +167,8 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- CLIP peers
+DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 CLIP_SIZES = {
     # ViT 128 px / patch 16 / width 384 / depth 6; text width 256 / depth 6 / context 32
     "cpu": dict(
@@ -190,6 +192,20 @@ CLIP_SIZES = {
         batch=2,
     ),
 }
+
+
+def add_clip_arguments(p: argparse.ArgumentParser, dtypes: str) -> None:
+    """The CLIP benchmarks' size, dtypes (default ``dtypes``) and batch options."""
+    p.add_argument("--size", choices=tuple(CLIP_SIZES), default=None, help="default: gpu on cuda, else cpu")
+    p.add_argument("--dtypes", default=dtypes, help="comma-separated: float32 (no autocast), bf16, fp16")
+    p.add_argument("--batch", type=int, default=None, help="default: the size's batch (32 cpu, 256 gpu)")
+
+
+def resolve_clip_size(args: argparse.Namespace) -> None:
+    """``--tiny``: the tiny size, one repeat and one warm-up; otherwise the size defaults to the device's."""
+    if args.tiny:
+        args.size, args.repeats, args.warmup = "tiny", 1, 1
+    args.size = args.size or ("gpu" if torch.device(args.device).type == "cuda" else "cpu")
 
 
 def clip_pair(size: str, device: torch.device | str = "cpu", seed: int = 0):

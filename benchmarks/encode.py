@@ -10,9 +10,19 @@ import argparse
 
 import torch
 
-from benchmarks.common import base_parser, clip_inputs, clip_pair, interleaved, machine, parse_args, record, table
-
-DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from benchmarks.common import (
+    DTYPES,
+    add_clip_arguments,
+    base_parser,
+    clip_inputs,
+    clip_pair,
+    interleaved,
+    machine,
+    parse_args,
+    record,
+    resolve_clip_size,
+    table,
+)
 
 
 def run(args: argparse.Namespace, dtype_name: str) -> list[dict]:
@@ -61,13 +71,9 @@ def run(args: argparse.Namespace, dtype_name: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     p = base_parser(__doc__)
-    p.add_argument("--size", choices=("cpu", "gpu", "tiny"), default=None, help="default: gpu on cuda, else cpu")
-    p.add_argument("--dtypes", default="float32", help="comma-separated: float32 (no autocast), bf16, fp16")
-    p.add_argument("--batch", type=int, default=None, help="default: the size's batch (32 cpu, 256 gpu)")
+    add_clip_arguments(p, dtypes="float32")
     args = parse_args(p, argv)
-    if args.tiny:
-        args.size, args.repeats, args.warmup = "tiny", 1, 1
-    args.size = args.size or ("gpu" if torch.device(args.device).type == "cuda" else "cpu")
+    resolve_clip_size(args)
     rows = [row for name in args.dtypes.split(",") for row in run(args, name)]
     print(f"CLIP encoders, inference_mode, size={args.size}, {machine()}")
     columns = ["dtype", "modality", "batch", "open_clip_per_s", "mmformer_per_s", "vs_open_clip", "max_abs_diff"]

@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.common import (
+    DTYPES,
+    add_clip_arguments,
     base_parser,
     clip_inputs,
     clip_pair,
@@ -28,12 +30,12 @@ from benchmarks.common import (
     matmul_peak,
     parse_args,
     record,
+    resolve_clip_size,
     table,
 )
 from mmformer.convert import from_open_clip
 from mmformer.tasks.losses import ContrastiveLoss
 
-DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _FLOPS: dict[tuple, dict[str, int]] = {}
 
 
@@ -131,17 +133,15 @@ def run(args: argparse.Namespace, dtype_name: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     p = base_parser(__doc__)
-    p.add_argument("--size", choices=("cpu", "gpu", "tiny"), default=None, help="default: gpu on cuda, else cpu")
-    p.add_argument("--dtypes", default="float32,bf16", help="comma-separated: float32 (no autocast), bf16, fp16")
-    p.add_argument("--batch", type=int, default=None, help="default: the size's batch (32 cpu, 256 gpu)")
+    add_clip_arguments(p, dtypes="float32,bf16")
     p.add_argument(
         "--compile", action="store_true", help="also time mmformer with every block torch.compile'd (model.compile)"
     )
     p.add_argument("--matmul-size", type=int, default=None, help="side of the square torch.mm for the peak")
     args = parse_args(p, argv)
+    resolve_clip_size(args)
     if args.tiny:
-        args.size, args.repeats, args.warmup, args.matmul_size = "tiny", 1, 1, args.matmul_size or 128
-    args.size = args.size or ("gpu" if torch.device(args.device).type == "cuda" else "cpu")
+        args.matmul_size = args.matmul_size or 128
     rows = [row for name in args.dtypes.split(",") for row in run(args, name)]
     print(f"CLIP train step (fwd+bwd+AdamW), size={args.size}, {machine()}")
     columns = ["dtype", "impl", "batch", "step_ms", "samples_per_s", "vs_open_clip", "GFLOP_per_step"]
