@@ -165,12 +165,16 @@ def token_chooser(options: DecodingOptions, generator: torch.Generator | None = 
 
 
 # ---------------------------------------------------------------------- running the decoder
+def _last_logits(model: MultimodalTransformer, hidden: torch.Tensor) -> torch.Tensor:
+    """Decoder states (N, T, D) → float32 logits (N, V) of the last position only (the one generation needs)."""
+    return model.lm_head(hidden[:, -1]).float()
+
+
 def _next_logits(
     model: MultimodalTransformer, new: torch.Tensor, memory_mask: torch.Tensor | None, cache: KVCache
 ) -> torch.Tensor:
     """One cached decoder step without input checks: new ids (N, T) → float32 logits (N, V) of the last one."""
-    hidden = model.decode_step(new, None, memory_mask, None, cache)  # (N, T, D)
-    return model.lm_head(hidden[:, -1]).float()
+    return _last_logits(model, model.decode_step(new, None, memory_mask, None, cache))
 
 
 _compiled_next_logits: Callable | None = None
@@ -257,7 +261,7 @@ class DecoderRunner:
         hidden = self.model.decode(new, self.memory, self.memory_mask, cache=self.cache, return_hidden=True)
         if self.cache is not None:
             self.memory = None  # the cache now holds the cross-attention keys/values; don't carry (or reorder) it
-        return self.model.lm_head(hidden[:, -1]).float()  # (N, V): the vocabulary projection of the last position only
+        return _last_logits(self.model, hidden)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` (N,) of the cached self-attention keys/values, as beam search reassigns hypotheses.
