@@ -22,7 +22,7 @@ _EXPORTS = {
     "Tokenizer": "mmformer.tokenizer",
     "Processor": "mmformer.processor",
     "ZeroShotClassifier": "mmformer.zeroshot",
-    "load_pretrained": "mmformer.pretrained",
+    "load_pretrained": "mmformer.model",
     "save_pretrained": "mmformer.pretrained",
 }
 _SUBMODULES = {"convert", "data", "layers", "embedders", "generation", "tasks"}
@@ -51,8 +51,8 @@ __all__ = [
 if TYPE_CHECKING:
     from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
     from mmformer.layers.cache import KVCache
-    from mmformer.model import MultimodalTransformer
-    from mmformer.pretrained import load_pretrained, save_pretrained
+    from mmformer.model import MultimodalTransformer, load_pretrained
+    from mmformer.pretrained import save_pretrained
     from mmformer.processor import Processor
     from mmformer.tokenizer import Tokenizer
     from mmformer.zeroshot import ZeroShotClassifier

@@ -9,10 +9,12 @@ import tempfile
 from pathlib import Path
 
 
-def default_file_mode() -> int:
+def umask_mode(base: int = 0o666) -> int:
+    """The mode ``open`` (``base`` 0o666) or ``mkdir`` (0o777) would give a new file or folder: ``base`` less the
+    process's umask."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return base & ~umask
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -38,7 +40,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, default_file_mode())
+        os.chmod(tmp, umask_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

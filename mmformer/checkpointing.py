@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,31 +30,10 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from mmformer.atomic import fsync_path
 
-WRITE_DELAY_ENV = "MMFORMER_CHECKPOINT_WRITE_DELAY"  # testing hook: seconds to pause half-way through each write
-
 
 def _is_local(path: str | os.PathLike) -> bool:
     text = str(path)
     return "://" not in text or text.startswith("file://")
-
-
-class _PausingFile:
-    """A file whose first write is flushed and followed by a pause (tests kill a process in the middle of a write)."""
-
-    def __init__(self, f: Any, delay: float):
-        self.f, self.delay = f, delay
-
-    def write(self, data: bytes) -> int:
-        n = self.f.write(data)
-        if self.delay > 0 and n:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            time.sleep(self.delay)
-            self.delay = 0.0
-        return n
-
-    def flush(self) -> None:
-        self.f.flush()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -66,9 +44,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     no longer run (killed mid-write) are removed at the next write of the same target. Remote paths (``s3://``
     etc.) go to Lightning's writer unchanged. Loading is Lightning's (``torch.load(weights_only=True)`` by
     default, so a checkpoint cannot run code).
-
-    Setting the environment variable ``MMFORMER_CHECKPOINT_WRITE_DELAY`` to a number of seconds pauses every write
-    half-way for that long (after flushing what was written), which lets tests kill a run in the middle of a write.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
@@ -79,10 +54,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_partials(target)
         partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        delay = float(os.environ.get(WRITE_DELAY_ENV, "0") or 0)
         try:
             with open(partial, "wb") as f:
-                torch.save(checkpoint, _PausingFile(f, delay) if delay > 0 else f)
+                torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(partial, target)

@@ -6,8 +6,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import types
+import typing
 from collections.abc import Sequence
+from typing import Any
 
 TRAIN_COMMANDS = ("fit", "validate", "test", "predict")
 USAGE = """usage: mmformer <command> [options]
@@ -27,16 +31,33 @@ Inference and interop:
 """
 
 
+def dataclass_flags(cls: type) -> list[tuple[str, dict[str, Any]]]:
+    """``argparse`` flags for every field of an options dataclass, so that the dataclass stays the one place its
+    options, defaults and help live: ``max_new_tokens: int = 30`` → ``--max-new-tokens`` (type int, default 30);
+    booleans get ``--flag/--no-flag``; the help comes from the field's ``metadata["help"]``."""
+    hints = typing.get_type_hints(cls)
+    flags = []
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType):  # "int | None" → int
+            kind = next(k for k in kind.__args__ if k is not type(None))
+        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata.get("help", "")}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+        flags.append(("--" + f.name.replace("_", "-"), kwargs))
+    return flags
+
+
 def _decoding_args(p: argparse.ArgumentParser) -> None:
+    from mmformer.generation import DecodingOptions
+
     p.add_argument("--model", required=True, help="pretrained directory or training checkpoint")
-    p.add_argument("--max-new-tokens", type=int, default=30)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--temperature", type=float, default=1.0)
+    for flag, kwargs in dataclass_flags(DecodingOptions):
+        p.add_argument(flag, **kwargs)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--compile", action="store_true", help="torch.compile the decoder step: pays off over many files")
     p.add_argument("files", nargs="+", help="input files")
 
 
@@ -74,7 +95,7 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus"}
 
 
 def _load_model(path: str, device: str):
-    from mmformer.pretrained import load_pretrained
+    from mmformer.model import load_pretrained
 
     model = load_pretrained(path, device=device).eval()
     if getattr(model, "processor", None) is None:
@@ -107,36 +128,29 @@ def _zeroshot(args: argparse.Namespace) -> None:
 
 
 def _decode(args: argparse.Namespace, task: str) -> None:
+    from mmformer.generation import DecodingOptions
+
     model = _load_model(args.model, args.device)
-    options = dict(
-        max_new_tokens=args.max_new_tokens,
-        num_beams=args.num_beams,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        temperature=args.temperature,
-        compile=args.compile,
-    )
+    options = DecodingOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingOptions)})
     run = model.caption if task == "caption" else model.transcribe
     for start in range(0, len(args.files), args.batch_size):
         chunk = args.files[start : start + args.batch_size]
-        for path, text in zip(chunk, run(chunk, **options)):
+        for path, text in zip(chunk, run(chunk, options=options)):
             print(f"{path}\t{text}")
 
 
 def _export(args: argparse.Namespace) -> None:
-    from mmformer.pretrained import load_pretrained, save_pretrained
+    from mmformer.model import load_pretrained
 
-    model = load_pretrained(args.ckpt)
-    save_pretrained(model, args.out, overwrite=args.overwrite)
+    load_pretrained(args.ckpt).save_pretrained(args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
 
 
 def _convert(args: argparse.Namespace) -> None:
     from mmformer import convert
-    from mmformer.pretrained import save_pretrained
 
     model = getattr(convert, convert.SOURCES[args.source])(args.src)
-    save_pretrained(model, args.out, overwrite=args.overwrite)
+    model.save_pretrained(args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
 
 

@@ -32,6 +32,29 @@ def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> Non
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+# Sanity ceilings: far beyond any real model, low enough that a corrupt or malicious config cannot make building a
+# model (or its position tables and STFT) take the machine's memory or minutes of work before anything else is checked.
+LIMITS = {
+    "width": 2**16,
+    "depth": 4096,
+    "n_heads": 2**12,
+    "n_experts": 2**12,
+    "vocab_size": 2**24,
+    "max_length": 2**20,  # text positions
+    "max_frames": 2**24,  # audio mel frames (about 46 hours at 10 ms)
+    "image_side": 2**16,
+    "n_mels": 2**12,
+    "n_fft": 2**16,
+    "mlp_hidden": 2**20,
+}
+
+
+def _check_at_most(name: str, value: float, limit_key: str) -> None:
+    limit = LIMITS[limit_key]
+    if value > limit:
+        raise ValueError(f"{name} must be <= {limit} (mmformer's sanity limit), got {value!r}")
+
+
 _STACK_CHOICES = {
     "mlp": Mlp.__args__,
     "norm": Norm.__args__,
@@ -99,6 +122,9 @@ class StackConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"StackConfig.{name} must be in [0, 1), got {getattr(self, name)}")
         _check_positive("StackConfig.mlp_ratio", self.mlp_ratio)
+        for name, key in (("width", "width"), ("depth", "depth"), ("n_heads", "n_heads"), ("n_experts", "n_experts")):
+            _check_at_most(f"StackConfig.{name}", getattr(self, name), key)
+        _check_at_most("StackConfig hidden width (mlp_ratio * width, or mlp_hidden)", self.hidden_dim, "mlp_hidden")
         for m in self.multiway:
             _check_choice("StackConfig.multiway entries", m, MODALITIES)
 
@@ -130,6 +156,7 @@ class ImageConfig:
         self.image_size = list(self.image_size)
         if len(self.image_size) != 2 or min(self.image_size) <= 0:
             raise ValueError(f"ImageConfig.image_size must be (H, W) > 0, got {self.image_size}")
+        _check_at_most("ImageConfig.image_size (each side)", max(self.image_size), "image_side")
         _check_positive("ImageConfig.patch_size", self.patch_size)
         for side, n in zip(("height", "width"), self.image_size):
             if n % self.patch_size:
@@ -168,6 +195,8 @@ class AudioConfig:
     def __post_init__(self) -> None:
         for name in ("sample_rate", "n_mels", "n_fft", "hop_length", "max_frames", "conv_stride"):
             _check_positive(f"AudioConfig.{name}", getattr(self, name))
+        for name in ("n_mels", "n_fft", "max_frames"):
+            _check_at_most(f"AudioConfig.{name}", getattr(self, name), name)
         _check_choice("AudioConfig.position", self.position, AbsolutePosition.__args__)
         _check_choice("AudioConfig.pool", self.pool, ("mean",))
 
@@ -195,6 +224,8 @@ class TextConfig:
     def __post_init__(self) -> None:
         _check_positive("TextConfig.vocab_size", self.vocab_size)
         _check_positive("TextConfig.max_length", self.max_length)
+        _check_at_most("TextConfig.vocab_size", self.vocab_size, "vocab_size")
+        _check_at_most("TextConfig.max_length", self.max_length, "max_length")
         _check_choice("TextConfig.position", self.position, AbsolutePosition.__args__)
         _check_choice("TextConfig.pool", self.pool, ("eot", "mean", "cls"))
         for name in ("pad_id", "bos_id", "eos_id"):
@@ -263,6 +294,22 @@ class ModelConfig:
     def text_width(self) -> int:
         route = "text" if "text" in self.routes else "decoder"
         return self.width(route)
+
+    def parameter_floor(self) -> int:
+        """A cheap lower bound on the parameters this config declares, computed without building anything: each
+        block's query and output projections (2 D² at least), the token table and the learned position tables.
+        Loading compares it with the weights file's size before building the model at all."""
+        floor = sum(2 * stack.width**2 * stack.depth for stack in self.stacks.values())
+        if "text" in self.routes or "decoder" in self.routes:
+            width = self.text_width()
+            floor += self.text.vocab_size * width
+            if self.text.position == "learned":
+                floor += self.text.max_length * width
+        if "audio" in self.routes and self.audio.position == "learned":
+            floor += self.audio.max_tokens * self.width("audio")
+        if "image" in self.routes and self.image.position == "learned":
+            floor += self.image.n_tokens * self.width("image")
+        return floor
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+from mmformer.embedders.checks import check_token_ids
 
 if TYPE_CHECKING:
     from mmformer.layers.cache import KVCache
@@ -42,19 +44,28 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class DecodingOptions:
-    """How to decode; validated on construction, so a bad option fails before any model work."""
+    """How to decode: the one place the options, their defaults and their help live (``generate(**options)`` builds
+    it, the CLI derives its flags from it). Validated on construction, so a bad option fails before any model work;
+    ``replace(options, **changes)`` validates again."""
 
-    max_new_tokens: int = 30  # tokens generated after the prompt (fewer if every row ends or positions run out)
-    num_beams: int = 1  # > 1: beam search
-    top_k: int | None = None  # sample only among the k most likely tokens
-    top_p: float | None = None  # sample only from the smallest set of tokens whose probability reaches top_p
-    temperature: float = 1.0  # logits are divided by it before sampling
-    length_penalty: float = 1.0  # beam search: a hypothesis scores sum(logprob) / generated_length**length_penalty
-    do_sample: bool | None = None  # None: sample iff top_k, top_p or temperature != 1 asks for it
-    use_cache: bool = True  # incremental decoding through a KV cache; False recomputes everything each step
-    compile: bool = False  # run the cached one-token decoder step through torch.compile (compiles on first use)
+    max_new_tokens: int = _option(
+        30, "tokens generated after the prompt (fewer if every row ends or positions run out)"
+    )
+    num_beams: int = _option(1, "beam width; > 1 runs beam search")
+    top_k: int | None = _option(None, "sample only among the k most likely tokens")
+    top_p: float | None = _option(None, "sample only from the most likely tokens whose probability reaches top_p")
+    temperature: float = _option(1.0, "logits are divided by it before sampling")
+    length_penalty: float = _option(1.0, "beam search scores a hypothesis sum(logprob) / length**length_penalty")
+    do_sample: bool | None = _option(None, "sample (True) or pick the most likely token (False); default: sample iff "
+                                           "top_k, top_p or a temperature != 1 asks for it")  # fmt: skip
+    use_cache: bool = _option(True, "decode incrementally through a KV cache (False recomputes every step)")
+    compile: bool = _option(False, "run the cached decoder step through torch.compile (pays off over many calls)")
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -81,15 +92,31 @@ class DecodingOptions:
             raise ValueError(
                 "compile=True compiles the KV-cached decoder step; it needs use_cache=True (got use_cache=False)"
             )
-        if self.do_sample is None:
-            wants = self.top_k is not None or self.top_p is not None or self.temperature != 1.0
-            object.__setattr__(self, "do_sample", wants)
-        if self.do_sample and self.num_beams > 1:
+        if self.sample and self.num_beams > 1:
             raise ValueError(
-                f"num_beams={self.num_beams} with sampling (do_sample=True, top_k={self.top_k}, top_p={self.top_p}, "
-                f"temperature={self.temperature}) is not supported: use num_beams=1 to sample, or drop the sampling "
-                "options for beam search"
+                f"num_beams={self.num_beams} with sampling (do_sample={self.do_sample}, top_k={self.top_k}, "
+                f"top_p={self.top_p}, temperature={self.temperature}) is not supported: use num_beams=1 to sample, "
+                "or drop the sampling options for beam search"
             )
+
+    @property
+    def sample(self) -> bool:
+        """Whether tokens are sampled: ``do_sample``, or when it is None, whether a sampling filter is set."""
+        if self.do_sample is not None:
+            return self.do_sample
+        return self.top_k is not None or self.top_p is not None or self.temperature != 1.0
+
+    @classmethod
+    def build(cls, options: DecodingOptions | None = None, **changes: Any) -> DecodingOptions:
+        """``options`` (default: the defaults) with ``changes`` applied, as whisper's ``replace(options, **kwargs)``;
+        an unknown name is a TypeError listing the valid ones."""
+        if options is not None and not isinstance(options, DecodingOptions):
+            raise TypeError(f"options: expected a DecodingOptions or None, got {type(options).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise TypeError(f"unknown decoding option(s) {unknown}; expected some of {names}")
+        return replace(options or cls(), **changes)
 
 
 # ---------------------------------------------------------------------- token choice
@@ -152,7 +179,7 @@ class Sampler:
 
 
 def token_chooser(options: DecodingOptions, generator: torch.Generator | None = None) -> Greedy | Sampler:
-    if not options.do_sample:
+    if not options.sample:
         return Greedy()
     filters: list = []
     if options.temperature != 1.0:
@@ -174,7 +201,7 @@ def _next_logits(
     model: MultimodalTransformer, new: torch.Tensor, memory_mask: torch.Tensor | None, cache: KVCache
 ) -> torch.Tensor:
     """One cached decoder step without input checks: new ids (N, T) → float32 logits (N, V) of the last one."""
-    return _last_logits(model, model.decode_step(new, None, memory_mask, None, cache))
+    return _last_logits(model, model.decode_step(new, memory_mask=memory_mask, cache=cache))
 
 
 _compiled_next_logits: Callable | None = None
@@ -237,18 +264,10 @@ class DecoderRunner:
         self.cache: KVCache | None = None
 
     def _reserve(self, rows: int, needed: int) -> None:
-        """Make the cache hold ``rows`` sequences of at least ``needed`` positions, copying what it has into a larger
-        one if it must."""
-        old = self.cache
-        if old is not None and old.max_length >= needed:
-            return
-        size = min(self.max_length, max(needed + _CACHE_STEP, 2 * (old.max_length if old is not None else 0)))
-        new = self.model.make_cache(rows, max(size, needed))
-        if old is not None:
-            n = old.length
-            new.k[:, :, :, :n], new.v[:, :, :, :n] = old.k[:, :, :, :n], old.v[:, :, :, :n]  # (L, N, nkv, n, hs)
-            new.cross, new.length = old.cross, n
-        self.cache = new
+        """A cache for ``rows`` sequences with room for ``needed`` positions (it starts small and grows)."""
+        if self.cache is None:
+            self.cache = self.model.make_cache(rows, min(self.max_length, needed + _CACHE_STEP))
+        self.cache.ensure(needed, limit=self.max_length, step=_CACHE_STEP)
 
     def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens so far (N, L) → float32 logits (N, V) for position L."""
@@ -412,32 +431,22 @@ def _prompt(model: MultimodalTransformer, prompt_ids: Any, batch: int, device: t
         prompt = prompt.expand(batch, -1)
     if prompt.shape[0] != batch:
         raise ValueError(f"prompt_ids: expected {batch} rows (one per image/audio), got shape {tuple(prompt.shape)}")
-    vocab = model.config.text.vocab_size
-    if int(prompt.min()) < 0 or int(prompt.max()) >= vocab:
-        raise ValueError(
-            f"prompt_ids: expected ids in [0, {vocab}), got min {int(prompt.min())}, max {int(prompt.max())}"
-        )
+    check_token_ids("prompt_ids", prompt, model.config.text.vocab_size, what="ids")
     return prompt
 
 
 @torch.inference_mode()
 def generate(
     model: MultimodalTransformer,
+    *,
     image: torch.Tensor | None = None,
     audio: torch.Tensor | None = None,
     audio_lengths: torch.Tensor | None = None,
     audio_features: torch.Tensor | None = None,
     prompt_ids: torch.Tensor | Sequence | None = None,
-    max_new_tokens: int = 30,
-    num_beams: int = 1,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    temperature: float = 1.0,
-    length_penalty: float = 1.0,
-    do_sample: bool | None = None,
-    use_cache: bool = True,
-    compile: bool = False,
+    options: DecodingOptions | None = None,
     generator: torch.Generator | None = None,
+    **changes: Any,
 ) -> torch.Tensor:
     """Decode token ids from an image or audio memory.
 
@@ -447,31 +456,17 @@ def generate(
         audio: waveforms (B, S) with optional sample counts ``audio_lengths`` (B,).
         audio_features: precomputed log-mel (B, n_mels, frames), as Whisper's ``input_features``.
         prompt_ids: decoder prefix (B, P) or (P,) for every row; default ``[[bos_id]] * B``.
-        max_new_tokens: tokens generated after the prompt at most.
-        num_beams: beam width; 1 decodes greedily (or samples).
-        top_k, top_p, temperature: sampling filters; any of them switches sampling on unless ``do_sample=False``.
-        length_penalty: beam search score exponent on the generated length, as in Hugging Face.
-        do_sample: force sampling on or off; None decides from the filters.
-        use_cache: decode incrementally through a KV cache (False recomputes the decoder each step; same ids).
-        compile: run the cached decoder step through ``torch.compile``: the first call compiles (seconds to a
-            minute), later calls on the same model decode faster; the ids are those of the eager step.
+        options: a :class:`DecodingOptions`; default its defaults.
         generator: random generator for reproducible sampling.
+        changes: :class:`DecodingOptions` fields overriding ``options`` (``max_new_tokens=``, ``num_beams=``,
+            ``top_k=``, ``top_p=``, ``temperature=``, ``length_penalty=``, ``do_sample=``, ``use_cache=``,
+            ``compile=``).
 
     Returns:
         LongTensor (B, P + generated): the prompt then the generated tokens; each row ends at its first eos (kept)
         and is padded with ``pad_id``. Decoding stops early, without error, where the decoder's position table ends.
     """
-    options = DecodingOptions(
-        max_new_tokens=max_new_tokens,
-        num_beams=num_beams,
-        top_k=top_k,
-        top_p=top_p,
-        temperature=temperature,
-        length_penalty=length_penalty,
-        do_sample=do_sample,
-        use_cache=use_cache,
-        compile=compile,
-    )
+    options = DecodingOptions.build(options, **changes)
     if model.lm_head is None:
         raise ValueError(f"generate: this model has no decoder; its routes are {sorted(model.config.routes)}")
     text = model.config.text
@@ -557,13 +552,8 @@ def transcribe(
         decoding: :func:`generate` options.
     """
     processor = _processor(model, processor, "transcribe")
-    audio = getattr(model.config, "audio", None)
-    rate = getattr(getattr(processor, "audio", None), "sample_rate", None)
-    if audio is not None and rate is not None and rate != audio.sample_rate:
-        raise ValueError(
-            f"processor: its audio sample_rate {rate} differs from the model's {audio.sample_rate} "
-            "(AudioConfig.sample_rate); the model would hear the audio at the wrong speed"
-        )
+    if model.config.audio is not None:
+        processor.check_audio_rate(model.config.audio.sample_rate)
     batch = processor(audio=waveforms, sampling_rate=sample_rate)
     device = _model_device(model)
     ids = generate(model, audio=batch["audio"].to(device), audio_lengths=batch["audio_lengths"].to(device), **decoding)

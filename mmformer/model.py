@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmformer import generation, pretrained, weights
 from mmformer.config import MODALITIES, ModelConfig
 from mmformer.embedders import AudioEmbedder, ImageEmbedder, TextEmbedder
 from mmformer.embedders.checks import check_device
 from mmformer.layers.block import Stack
 from mmformer.layers.cache import KVCache
+from mmformer.layers.mlp import pop_aux_loss
 
 
 class MultimodalTransformer(nn.Module):
@@ -50,14 +52,27 @@ class MultimodalTransformer(nn.Module):
             return nn.Linear(config.width(route), config.embed_dim, bias=config.projection_bias)
 
         self.image_proj, self.audio_proj, self.text_proj = (projection(m) for m in MODALITIES)
-        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
-        self.logit_bias = None if config.logit_bias_init is None else nn.Parameter(torch.tensor(config.logit_bias_init))
+        self.logit_scale = nn.Parameter(torch.empty(()))
+        self.logit_bias = None if config.logit_bias_init is None else nn.Parameter(torch.empty(()))
         self.lm_head = None
         if "decoder" in routes:
             self.lm_head = nn.Linear(config.width("decoder"), config.text.vocab_size, bias=False)
-            if config.tie_lm_head:
-                self.lm_head.weight = self.text_embed.tokens.weight
+        self.tie_weights()
         self.ctc_head = nn.Linear(config.width("audio"), config.text.vocab_size) if config.ctc_head else None
+        self.processor: Any = None  # the Processor loaded with the weights (from_pretrained), if any
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initial values of the model's own parameters (the logit scale and bias; submodules initialise theirs)."""
+        with torch.no_grad():
+            self.logit_scale.fill_(float(self.config.logit_scale_init))
+            if self.logit_bias is not None:
+                self.logit_bias.fill_(float(self.config.logit_bias_init))
+
+    def tie_weights(self) -> None:
+        """Share the token embedding with the LM head when the config ties them."""
+        if self.lm_head is not None and self.config.tie_lm_head:
+            self.lm_head.weight = self.text_embed.tokens.weight
 
     # ---------------------------------------------------------------- token states
     def stack(self, route: str) -> Stack:
@@ -101,18 +116,9 @@ class MultimodalTransformer(nn.Module):
         """Token ids (B, T) → text token states (B, T, D); causal when the text config says so (CLIP)."""
         embed = self._embedder("text")
         embed.check(input_ids, attention_mask)
-        self._check_ids(input_ids)
         x = embed(input_ids, segment_ids=segment_ids)
         mask = None if attention_mask is None else attention_mask.bool()
         return self.stack("text")(x, modality="text", mask=mask, causal=self.config.text.causal), mask
-
-    def _check_ids(self, input_ids: torch.Tensor) -> None:
-        vocab = self.config.text.vocab_size
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-            raise ValueError(
-                f"input_ids: expected token ids in [0, {vocab}), got min {int(input_ids.min())}, "
-                f"max {int(input_ids.max())}"
-            )
 
     # ---------------------------------------------------------------- pooled embeddings
     @staticmethod
@@ -214,9 +220,10 @@ class MultimodalTransformer(nn.Module):
     def decode(
         self,
         input_ids: torch.Tensor,
-        memory: torch.Tensor | None,
+        memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        *,
         cache: KVCache | None = None,
         return_hidden: bool = False,
     ) -> torch.Tensor:
@@ -229,7 +236,6 @@ class MultimodalTransformer(nn.Module):
         if self.lm_head is None:
             raise ValueError(f"this model has no decoder; its routes are {sorted(self.config.routes)}")
         self.text_embed.check(input_ids, attention_mask)
-        self._check_ids(input_ids)
         self._check_memory(input_ids, memory, memory_mask, cache)
         weight = self.lm_head.weight
         if memory is not None and memory.dtype != weight.dtype and not torch.is_autocast_enabled(memory.device.type):
@@ -240,16 +246,17 @@ class MultimodalTransformer(nn.Module):
                 "attention_mask: padding is not supported with a KV cache (cached keys keep no mask); decode "
                 "right-padded rows without a mask (causal attention is exact for their real tokens) or without a cache"
             )
-        h = self.decode_step(input_ids, memory, memory_mask, mask, cache)
+        h = self.decode_step(input_ids, memory=memory, memory_mask=memory_mask, mask=mask, cache=cache)
         return h if return_hidden else self.lm_head(h)
 
     def decode_step(
         self,
         input_ids: torch.Tensor,
-        memory: torch.Tensor | None,
-        memory_mask: torch.Tensor | None,
-        mask: torch.Tensor | None,
-        cache: KVCache | None,
+        *,
+        memory: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """:meth:`decode` without its input checks, returning the final hidden states (B, T, D): the inner step of
         token-by-token generation, whose ids come from the model itself (the checks cost as much as a layer)."""
@@ -266,8 +273,8 @@ class MultimodalTransformer(nn.Module):
         cache: KVCache | None,
     ) -> None:
         B, width = input_ids.shape[0], self.config.width("decoder")
-        if cache is not None and cache.k.shape[1] != B:
-            raise ValueError(f"cache: expected one made for batch size {B} (input_ids), got {cache.k.shape[1]}")
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"cache: expected one made for batch size {B} (input_ids), got {cache.batch_size}")
         if memory is None:
             return
         if (
@@ -294,42 +301,100 @@ class MultimodalTransformer(nn.Module):
             check_device("memory_mask", memory_mask, self.lm_head.weight)
 
     def make_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
-        """A preallocated KV cache for the decoder stack."""
+        """A preallocated KV cache for the decoder stack, of ``max_length`` positions (default: the text position
+        table's); :meth:`KVCache.ensure` grows it."""
         ref = self.text_embed.tokens.weight
         length = max_length or self.config.text.max_length
         return self.stack("decoder").make_cache(batch_size, length, device=ref.device, dtype=ref.dtype)
 
-    def aux_loss(self) -> torch.Tensor:
-        """Mixture-of-experts load-balancing loss of the last forward pass (0 without experts)."""
-        return sum((s.aux_loss() for s in self.stacks.values()), torch.zeros(()))
+    def pop_aux_loss(self) -> torch.Tensor | None:
+        """The mean mixture-of-experts load-balancing loss over every MoE layer call recorded since the last pop
+        (None without any), and forget them. MoE layers record one per call while training; a training step pops
+        once before its forward passes (dropping leftovers, e.g. gradient checkpointing's recomputation in backward)
+        and once after."""
+        return pop_aux_loss(self)
 
     # ---------------------------------------------------------------- pretrained I/O and generation
-    def save_pretrained(self, directory: str | os.PathLike, processor: Any = None, **kwargs: Any) -> None:
-        """Write config.json + model.safetensors (and the processor's files) into ``directory``, atomically."""
-        from mmformer.pretrained import save_pretrained
-
-        save_pretrained(self, directory, processor=processor, **kwargs)
+    def save_pretrained(self, directory: str | os.PathLike, processor: Any = None, *, overwrite: bool = True) -> None:
+        """Write config.json + model.safetensors (and the processor's files) into ``directory``, atomically; see
+        :func:`mmformer.pretrained.save_pretrained`."""
+        pretrained.save_pretrained(self, directory, processor=processor, overwrite=overwrite)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> MultimodalTransformer:
-        from mmformer.pretrained import load_pretrained
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        map_location: str | torch.device | Any = "cpu",
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        strict: bool = True,
+        config: ModelConfig | None = None,
+        max_parameters: int | None = None,
+    ) -> MultimodalTransformer:
+        """Load a model from a save_pretrained directory, a Lightning ``.ckpt``, or a weights file beside a config.json.
 
-        return load_pretrained(path, **kwargs)
+        The model is built on the meta device and checked against the file's header (names, shapes, dtypes, the
+        parameter count) before anything is allocated; then the file's tensors are assigned (see
+        :mod:`mmformer.weights`), so loading costs about one read of the file, whatever its config declares.
 
-    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        Args:
+            path: the directory or file (see :func:`mmformer.pretrained.read_checkpoint`).
+            map_location: where tensors are read to (``torch.load``'s argument; a device for safetensors).
+            device: put the model there (default: where the tensors were read to).
+            dtype: the floating-point dtype of the model (default float32); stored tensors are cast to it.
+            strict: refuse missing and unexpected keys (False: load the rest, initialise the missing ones and warn,
+                listing them). Tensors with another shape are refused either way.
+            config: use this config instead of the one stored with the weights.
+            max_parameters: the most parameters the config may declare (default: what the file holds; with
+                ``strict=False`` twice that plus 16 M, for new heads).
+
+        Returns:
+            The model in eval mode; ``model.processor`` holds the processor saved beside it, or None.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist, or a needed config.json / model.safetensors is missing.
+            ValueError: the file is not a checkpoint, is corrupt, is a pickle that is not weights-only, or its
+                weights do not fit the config; the message names the file.
+        """
+        checkpoint = pretrained.read_checkpoint(path, config=config, map_location=map_location)
+        held = sum(spec.numel for spec in checkpoint.specs.values())
+        floor = checkpoint.config.parameter_floor()
+        if floor > weights.parameter_ceiling(held, strict, max_parameters):  # before building anything
+            raise ValueError(
+                f"{checkpoint.source}: the model config declares at least {weights.human_count(floor)} parameters; "
+                f"the file holds {weights.human_count(held)} (pass max_parameters=N to allow more)"
+            )
+        model = weights.build_on_meta(cls, checkpoint.config)
+        if dtype is not None:
+            model.to(dtype=dtype)
+        if device is None and isinstance(map_location, (str, torch.device)):
+            device = map_location
+        weights.fill(
+            model,
+            checkpoint.specs,
+            checkpoint.read,
+            strict=strict,
+            source=checkpoint.source,
+            device=device,
+            max_parameters=max_parameters,
+        )
+        model.processor = checkpoint.processor
+        return model.eval()
+
+    def generate(self, **inputs: Any) -> torch.Tensor:
         """Token ids (B, T) decoded from images or audio; see :func:`mmformer.generation.generate`."""
-        from mmformer.generation import generate
-
-        return generate(self, *args, **kwargs)
+        return generation.generate(self, **inputs)
 
     def caption(self, images: Any, processor: Any = None, **decoding: Any) -> list[str]:
         """Captions for images (pixel tensors, or anything the processor accepts)."""
-        from mmformer.generation import caption
-
-        return caption(self, images, processor=processor, **decoding)
+        return generation.caption(self, images, processor=processor, **decoding)
 
     def transcribe(self, waveforms: Any, sample_rate: int = 16000, processor: Any = None, **decoding: Any) -> list[str]:
         """Transcripts of waveforms (or audio file paths)."""
-        from mmformer.generation import transcribe
+        return generation.transcribe(self, waveforms, sample_rate=sample_rate, processor=processor, **decoding)
 
-        return transcribe(self, waveforms, sample_rate=sample_rate, processor=processor, **decoding)
+
+def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> MultimodalTransformer:
+    """:meth:`MultimodalTransformer.from_pretrained` as a function."""
+    return MultimodalTransformer.from_pretrained(path, **kwargs)

@@ -1,4 +1,9 @@
-"""Saving and loading models: mmformer's own directory format, Lightning training checkpoints, bare safetensors.
+"""Model files: mmformer's own directory format, Lightning training checkpoints, bare weights files.
+
+This module does file I/O only. It writes a config, a state dict and a processor, and reads them back as a
+:class:`Checkpoint` — the config, the tensors' header (names, shapes, dtypes) and a reader for the tensors — without
+knowing the model class: :meth:`mmformer.MultimodalTransformer.from_pretrained` builds the model from it (see
+:mod:`mmformer.weights` for how the tensors are checked and assigned).
 
 The directory format, as Hugging Face users know it::
 
@@ -8,8 +13,13 @@ The directory format, as Hugging Face users know it::
         tokenizer.json              the processor's files, when the model carries a processor
         preprocessor_config.json
 
-Every load is safe: safetensors, or ``torch.load(weights_only=True)`` (with mmformer's plain config dataclasses
-allowed); a pickle that would need to run code or build other objects is refused, never executed.
+A Lightning checkpoint written by ``mmformer fit`` keeps the model under the ``model.`` prefix of ``state_dict`` and
+its config (with the processor) under ``checkpoint["mmformer"]``, as :class:`~mmformer.tasks.MultimodalTask` writes
+it. Formats are told apart by what a path is (a folder, ``.safetensors``, or a torch file: ``.ckpt`` ``.pt``
+``.pth`` ``.bin``), never by guessing from the contents.
+
+Every load is safe: safetensors, or ``torch.load(weights_only=True)`` (memory-mapped where the file allows); a
+pickle that would need to run code or build other objects is refused, never executed.
 
 Saving is atomic: the new directory is built beside the target and swapped in with renames, so an interrupted save
 leaves either the previous model or the new one, never a mix. Files in the target that this save does not write (a
@@ -20,48 +30,52 @@ impossible) into the new directory before the swap. A save killed at the wrong m
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import os
 import pickle
 import shutil
-import struct
 import tempfile
 import uuid
-import warnings
-from collections import Counter
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import safetensors
 import safetensors.torch
 import torch
+from torch import nn
 
 from mmformer import __version__
-from mmformer.atomic import default_file_mode, fsync_path
-from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
-from mmformer.model import MultimodalTransformer
+from mmformer.atomic import fsync_path, umask_mode
+from mmformer.config import ModelConfig
+from mmformer.processor import Processor
+from mmformer.tokenizer import Tokenizer
+from mmformer.weights import Reader, TensorSpec, aliases, in_memory, listed
 
-FORMAT_VERSION = 1  # bump when the directory layout or the state-dict naming changes incompatibly
+FORMAT_VERSION = 2  # 2: derived constants (mel filters, STFT window) are no longer stored
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PROCESSOR_FILES = ("tokenizer.json", "preprocessor_config.json")  # written by Processor.save_pretrained
 OWN_FILES = (CONFIG_NAME, WEIGHTS_NAME, *PROCESSOR_FILES)
+CHECKPOINT_KEY = "mmformer"  # where MultimodalTask.on_save_checkpoint records the config and the processor
+CHECKPOINT_PREFIX = "model."  # the LightningModule attribute holding the model
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _CONFIG_META_KEYS = ("format_version", "mmformer_version")
-# Classes a training checkpoint's hyper_parameters may hold: plain dataclasses, rebuilt field by field.
-_SAFE_GLOBALS = [ModelConfig, StackConfig, ImageConfig, AudioConfig, TextConfig]
+# Format 1 stored torchaudio's mel filter bank and STFT window; they are computed from the config now.
+_DERIVED_V1 = ("audio_embed.features.mel.spectrogram.window", "audio_embed.features.mel.mel_scale.fb")
 _ACCEPTED = (
     "a directory written by save_pretrained (config.json + model.safetensors), a Lightning training checkpoint "
-    "(.ckpt, read with torch.load(weights_only=True)), a torch state-dict file next to a config.json, or a "
-    ".safetensors file next to a config.json"
+    f"(.ckpt, read with torch.load(weights_only=True)), a torch state-dict file ({', '.join(TORCH_SUFFIXES)}) next "
+    "to a config.json, or a .safetensors file next to a config.json"
 )
-_MAX_LISTED = 20
 
 
 # ---------------------------------------------------------------------------------------------------- saving
 def save_pretrained(
-    model: MultimodalTransformer,
+    model: nn.Module,
     directory: str | os.PathLike,
     processor: Any = None,
     *,
@@ -70,7 +84,8 @@ def save_pretrained(
     """Write ``model`` (and its processor) into ``directory`` atomically.
 
     Args:
-        model: the model; its ``config`` becomes config.json.
+        model: an mmformer model (a module with a :class:`~mmformer.ModelConfig` as ``config``); its config becomes
+            config.json, its state dict model.safetensors.
         directory: created if missing. If it already holds a saved model, that model is replaced (Hugging Face's
             behaviour) unless ``overwrite`` is False. Other files in it are kept.
         processor: the :class:`~mmformer.Processor` to save beside the weights; defaults to ``model.processor``.
@@ -82,13 +97,33 @@ def save_pretrained(
         FileExistsError: ``overwrite=False`` and ``directory`` already holds a saved model.
     """
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model saves its original module's weights
-    if not isinstance(model, MultimodalTransformer):
-        raise TypeError(f"model: expected mmformer.MultimodalTransformer, got {type(model).__name__}")
+    if not isinstance(model, nn.Module) or not isinstance(getattr(model, "config", None), ModelConfig):
+        raise TypeError(
+            f"model: expected mmformer.MultimodalTransformer (a module with a ModelConfig), got {type(model).__name__}"
+        )
     processor = processor if processor is not None else getattr(model, "processor", None)
     if processor is not None and not callable(getattr(processor, "save_pretrained", None)):
         raise TypeError(
             f"processor: expected an mmformer.Processor (with save_pretrained), got {type(processor).__name__}"
         )
+    with atomic_directory(directory, overwrite=overwrite) as staging:
+        write_model(staging, model.config, model.state_dict(), processor)
+
+
+@contextlib.contextmanager
+def atomic_directory(
+    directory: str | os.PathLike, *, overwrite: bool = True, marker_files: Iterable[str] = (CONFIG_NAME, WEIGHTS_NAME)
+) -> Iterator[Path]:
+    """``with atomic_directory(target) as staging:`` — build a folder's new contents in ``staging``; on success the
+    files of ``target`` this save did not write are carried over and ``staging`` replaces ``target`` atomically; on
+    failure ``target`` is left as it was and ``staging`` is removed. Every saved folder (models, adapters, prompts,
+    exports) goes through here.
+
+    Args:
+        directory: the folder to create or replace.
+        overwrite: False refuses to replace a folder that already holds one of ``marker_files`` (FileExistsError).
+        marker_files: the files whose presence means "something is saved there".
+    """
     target = Path(os.path.realpath(directory))  # a symlinked folder is replaced where it really lives
     exists = target.exists()
     if exists and not target.is_dir():
@@ -98,16 +133,19 @@ def save_pretrained(
     cwd = Path.cwd().resolve()
     if cwd == target or target in cwd.parents:
         raise ValueError(
-            f"directory: {target} is (or contains) the current working directory; save_pretrained swaps the whole "
-            "folder for a new one, so save into a subfolder instead"
+            f"directory: {target} is (or contains) the current working directory; saving swaps the whole folder for a "
+            "new one, so save into a subfolder instead"
         )
-    if exists and not overwrite and any((target / name).exists() for name in (CONFIG_NAME, WEIGHTS_NAME)):
+    if exists and not overwrite and any((target / name).exists() for name in marker_files):
         raise FileExistsError(f"directory: {target} already holds a saved model and overwrite=False")
-
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        _write_model(model, staging, processor)
+        yield staging
+        for path in staging.iterdir():
+            if path.is_file():
+                os.chmod(path, umask_mode(0o666))  # safetensors writes 0600; give what a plain open() would
+                fsync_path(path)
         if exists:
             _carry_over(target, staging)
         _match_permissions(staging, target if exists else None)
@@ -118,34 +156,22 @@ def save_pretrained(
         shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful swap
 
 
-def _write_model(model: MultimodalTransformer, directory: Path, processor: Any) -> None:
-    config = {"format_version": FORMAT_VERSION, "mmformer_version": __version__, **json.loads(model.config.to_json())}
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    state = model.state_dict()
-    aliases = _aliases(state)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in aliases}
-    metadata = {"format": "pt", "format_version": str(FORMAT_VERSION), "mmformer_config": model.config.to_json()}
-    safetensors.torch.save_file(tensors, str(directory / WEIGHTS_NAME), metadata=metadata)
+def write_model(
+    directory: Path,
+    config: ModelConfig,
+    state: Mapping[str, torch.Tensor],
+    processor: Any = None,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """config.json, model.safetensors (tied tensors once) and the processor's files into an existing folder."""
+    record = {"format_version": FORMAT_VERSION, "mmformer_version": __version__, **config.to_dict()}
+    (directory / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    tied = aliases(state)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in tied}
+    info = {"format": "pt", "format_version": str(FORMAT_VERSION), "mmformer_config": config.to_json()}
+    safetensors.torch.save_file(tensors, str(directory / WEIGHTS_NAME), metadata={**info, **(metadata or {})})
     if processor is not None:
         processor.save_pretrained(directory)
-    for path in directory.iterdir():
-        os.chmod(path, default_file_mode())  # safetensors writes 0600; give what a plain open() would
-        fsync_path(path)
-
-
-def _aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Keys whose tensor is exactly an earlier key's tensor (tied weights) → that earlier key."""
-    seen: dict[tuple, str] = {}
-    aliases = {}
-    for key, t in state.items():
-        if t.device.type == "meta":
-            continue
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
-        if ident in seen:
-            aliases[key] = seen[ident]
-        else:
-            seen[ident] = key
-    return aliases
 
 
 def _carry_over(old: Path, new: Path) -> None:
@@ -176,9 +202,7 @@ def _match_permissions(staging: Path, previous: Path | None) -> None:
     if previous is not None:
         shutil.copymode(previous, staging)
     else:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)
+        os.chmod(staging, umask_mode(0o777))
 
 
 def _swap_in(staging: Path, target: Path) -> None:
@@ -200,37 +224,44 @@ def _swap_in(staging: Path, target: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-# ---------------------------------------------------------------------------------------------------- loading
-def load_pretrained(
-    path: str | os.PathLike,
-    *,
-    map_location: str | torch.device | Any = "cpu",
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    strict: bool = True,
-    config: ModelConfig | None = None,
-) -> MultimodalTransformer:
-    """Load a model from a save_pretrained directory, a Lightning ``.ckpt``, or a weights file beside a config.json.
+# ---------------------------------------------------------------------------------------------------- reading
+@dataclass
+class Checkpoint:
+    """What a model file holds: its config and tensor header now, the tensors on demand.
+
+    Attributes:
+        source: the file or folder read.
+        config: the model config stored with the weights (or the one the caller passed).
+        specs: name → shape and dtype of every stored tensor, from the header (no tensor data read yet).
+        read: names → tensors, read from the file (memory-mapped where the format allows).
+        processor: the processor saved with the weights, or None.
+        metadata: the safetensors header's string metadata (empty for torch files).
+    """
+
+    source: Path
+    config: ModelConfig
+    specs: dict[str, TensorSpec]
+    read: Reader
+    processor: Processor | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def read_checkpoint(
+    path: str | os.PathLike, *, config: ModelConfig | None = None, map_location: Any = "cpu"
+) -> Checkpoint:
+    """Open a save_pretrained directory, a Lightning ``.ckpt``, or a weights file beside a config.json.
 
     Args:
-        path: the directory or file; the format is recognised from what it is and from the file's first bytes.
-        map_location: where tensors are read to (``torch.load``'s argument; a device for safetensors).
-        device: move the model there after loading.
-        dtype: cast the floating-point parameters and buffers to this dtype after loading.
-        strict: refuse missing and unexpected keys (False: load the rest and warn, listing them). Tensors with a
-            different shape are refused either way.
+        path: the directory or file (a folder's ``config.json`` names its folder).
         config: use this config instead of the one stored with the weights.
-
-    Returns:
-        The model in eval mode; ``model.processor`` holds the processor saved beside it, or None.
+        map_location: where tensors are read to (``torch.load``'s argument; a device for safetensors).
 
     Raises:
         FileNotFoundError: ``path`` does not exist, or a needed config.json / model.safetensors is missing.
-        ValueError: the file is not a checkpoint, is corrupt, is a pickle that is not weights-only, or its weights
-            do not fit the config; the message names the file.
+        ValueError: the file is not a checkpoint, is corrupt, is a pickle that is not weights-only, or records no
+            config; the message names the file.
     """
     path = Path(path)
-    processor = None
     if not path.exists():
         raise FileNotFoundError(f"path: no such file or directory: {path}; expected {_ACCEPTED}")
     if config is not None and not isinstance(config, ModelConfig):
@@ -238,85 +269,110 @@ def load_pretrained(
     if path.name == CONFIG_NAME and path.is_file():
         path = path.parent  # a save_pretrained folder named by its config.json
     folder = path if path.is_dir() else path.parent
-
+    processor = None
     if path.is_dir():
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
             raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} in this folder; expected {_ACCEPTED}")
-        state, _ = _read_safetensors(weights, map_location)
-        config = config or _read_config(path / CONFIG_NAME, required=True)
+        specs, read, metadata = _open_safetensors(weights, map_location)
+        config = config or read_config(path / CONFIG_NAME, required=True)
+        source = weights
+    elif path.suffix == ".safetensors":
+        specs, read, metadata = _open_safetensors(path, map_location)
+        config = config or read_config(folder / CONFIG_NAME) or _config_from_metadata(metadata, path)
+        source = path
+    elif path.suffix in TORCH_SUFFIXES:
+        checkpoint = read_torch(path, map_location)
+        state, recorded = _split_checkpoint(checkpoint, path)
+        specs, read = in_memory(state)
+        metadata = {}
+        config = config or recorded or read_config(folder / CONFIG_NAME)
+        processor = _checkpoint_processor(checkpoint, path)
+        source = path
     else:
-        kind = _sniff(path)
-        if kind == "safetensors":
-            state, metadata = _read_safetensors(path, map_location)
-            config = config or _read_config(folder / CONFIG_NAME) or _config_from_metadata(metadata, path)
-        elif kind == "torch":
-            checkpoint = _read_torch(path, map_location)
-            state, found = _split_checkpoint(checkpoint, path)
-            config = config or found or _read_config(folder / CONFIG_NAME)
-            processor = _checkpoint_processor(checkpoint, path)
-        else:
-            raise ValueError(f"{path}: not a checkpoint (unrecognised file contents); expected {_ACCEPTED}")
-        if config is None:
-            raise ValueError(
-                f"{path}: found no model config: the file records none (a Lightning checkpoint keeps it in "
-                "hyper_parameters['model_config'], 'config' or 'model', as a ModelConfig or its dict) and there is "
-                f"no {CONFIG_NAME} beside it; pass config=ModelConfig(...)"
-            )
-
-    model = MultimodalTransformer(config)
-    _load_state(model, state, strict=strict, source=path)
-    model.processor = processor if processor is not None else _read_processor(folder)
-    if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)  # nn.Module.to casts only floating-point tensors
-    return model.eval()
+        raise ValueError(
+            f"{path}: not a checkpoint (unrecognised file type {path.suffix or '(no suffix)'!r}); expected {_ACCEPTED}"
+        )
+    if config is None:
+        raise ValueError(
+            f"{path}: found no model config: the file records none (mmformer's training checkpoints keep it in "
+            f"checkpoint[{CHECKPOINT_KEY!r}]['model_config']) and there is no {CONFIG_NAME} beside it; pass "
+            "config=ModelConfig(...)"
+        )
+    specs = {k: v for k, v in specs.items() if k not in _DERIVED_V1}
+    if processor is None:
+        processor = read_processor(folder)
+    return Checkpoint(source, config, specs, read, processor, metadata)
 
 
-def _sniff(path: Path) -> str | None:
-    """'safetensors', 'torch' (zip or pickle, as torch.save writes) or None, from the first bytes."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if path.suffix == ".safetensors":
-        return "safetensors"  # a damaged one gets safetensors' own diagnosis rather than "unrecognised"
-    if len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] < path.stat().st_size:
-        return "safetensors"
-    if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
-        return "torch"
-    return None
-
-
-def _read_safetensors(path: Path, map_location: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _open_safetensors(path: Path, map_location: Any) -> tuple[dict[str, TensorSpec], Reader, dict[str, str]]:
+    """Header (validated by safetensors against the file's size) and a reader of a safetensors file."""
     device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
+
+    def fail(e: Exception) -> ValueError:
+        return ValueError(
+            f"{path}: not a valid safetensors file ({e}); its header may be corrupt or disagree with the data "
+            "(tensor sizes/offsets), or the file may be truncated"
+        )
+
     try:
         with safetensors.safe_open(str(path), framework="pt", device=device) as f:
             metadata = f.metadata() or {}
-            state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            specs = {}
+            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                part = f.get_slice(key)
+                specs[key] = TensorSpec(tuple(part.get_shape()), _SAFETENSORS_DTYPES[part.get_dtype()])
     except Exception as e:  # SafetensorError and friends: wrap with the file's name
-        raise ValueError(
-            f"{path}: not a valid safetensors file ({e}); its header may be corrupt or disagree with the data "
-            "(tensor sizes/offsets), or the file may be truncated"
-        ) from e
-    return state, metadata
+        raise fail(e) from e
+
+    def read(keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        try:
+            with safetensors.safe_open(str(path), framework="pt", device=device) as f:
+                return {key: f.get_tensor(key) for key in keys}
+        except Exception as e:
+            raise fail(e) from e
+
+    return specs, read, metadata
 
 
-def _read_torch(path: Path, map_location: Any) -> Any:
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_torch(path: Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` — memory-mapped for zip files — with errors that name the file and say why a
+    pickle was refused."""
     try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
+        mmap = zipfile.is_zipfile(path)  # torch.save's default format can be memory-mapped; legacy pickles cannot
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         reason = _unpickling_reason(str(e))
-        if "Weights only load failed" in str(e):
+        if "Weights only load failed" in str(e) and "Unsupported operand" not in reason:  # else: not a pickle at all
             raise ValueError(
                 f"{path}: refused: this pickle is not weights-only; loading it would need to run Python code or "
                 f"build objects other than tensors and plain containers ({reason}). mmformer reads checkpoints only "
                 "with torch.load(weights_only=True) and never unpickles arbitrary objects; if you trust the file, "
                 "re-save its weights as safetensors (mmformer.save_pretrained)"
             ) from e
-        raise ValueError(f"{path}: could not be read as a torch checkpoint ({reason}); expected {_ACCEPTED}") from e
+        raise ValueError(
+            f"{path}: not a checkpoint: torch.load could not read it ({reason}); expected {_ACCEPTED}"
+        ) from e
     except Exception as e:
         raise ValueError(
-            f"{path}: could not be read as a torch checkpoint ({type(e).__name__}: {e}); the file may be corrupt or "
-            f"truncated; expected {_ACCEPTED}"
+            f"{path}: not a checkpoint: torch.load could not read it ({type(e).__name__}: {e}); the file may be "
+            f"corrupt or truncated; expected {_ACCEPTED}"
         ) from e
 
 
@@ -328,50 +384,40 @@ def _unpickling_reason(message: str) -> str:
 
 
 def _split_checkpoint(checkpoint: Any, path: Path) -> tuple[Mapping[str, torch.Tensor], ModelConfig | None]:
-    """The state dict and (if recorded) the model config of a Lightning checkpoint or a plain state dict."""
+    """The model's state dict and recorded config of a training checkpoint, or a plain state dict and no config."""
     if not isinstance(checkpoint, Mapping):
         raise ValueError(
             f"{path}: expected a dict (a Lightning checkpoint with 'state_dict', or a state dict), got "
             f"{type(checkpoint).__name__}"
         )
-    if isinstance(checkpoint.get("state_dict"), Mapping):
-        state = checkpoint["state_dict"]
-    elif checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        return checkpoint, None
-    else:
+    if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return checkpoint, None  # a plain state dict, as torch.save(model.state_dict()) writes it
+    if not isinstance(checkpoint.get("state_dict"), Mapping):
         raise ValueError(
             f"{path}: expected a Lightning checkpoint (a dict with 'state_dict') or a state dict of tensors; got a "
-            f"dict with keys {sorted(map(str, checkpoint))[:_MAX_LISTED]}"
+            f"dict with keys {listed(sorted(map(str, checkpoint)))}"
         )
-    found = _config_in(checkpoint.get("hyper_parameters"), f"{path}: hyper_parameters", mixed=True)
-    if found is None:  # also accepted at the top level, next to state_dict (Whisper keeps its "dims" there)
-        top = {k: checkpoint[k] for k in ("model_config", "config") if k in checkpoint}
-        found = _config_in(top, f"{path}: checkpoint")
-    return state, found
+    state = {
+        k.removeprefix(CHECKPOINT_PREFIX): v
+        for k, v in checkpoint["state_dict"].items()
+        if k.startswith(CHECKPOINT_PREFIX)  # others belong to the task (loss buffers), not to the model
+    }
+    if not state:
+        raise ValueError(
+            f"{path}: its state_dict holds no {CHECKPOINT_PREFIX!r} keys; mmformer's training checkpoints keep the "
+            f"model there (keys such as {listed(sorted(checkpoint['state_dict'])[:3])} are not a model's)"
+        )
+    recorded = checkpoint.get(CHECKPOINT_KEY)
+    config = recorded.get("model_config") if isinstance(recorded, Mapping) else None
+    if config is None:
+        return state, None
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{path}: checkpoint[{CHECKPOINT_KEY!r}]['model_config'] is not a dict of ModelConfig fields")
+    return state, validated_config(dict(config), f"{path}: checkpoint[{CHECKPOINT_KEY!r}]['model_config']")
 
 
-def _config_in(value: Any, where: str, *, mixed: bool = False, depth: int = 0) -> ModelConfig | None:
-    """Find a ModelConfig in hyper_parameters: under model_config / config / model (searched a few levels deep), as
-    an object, a dict, or jsonargparse's {class_path, init_args}. ``mixed``: ``value`` may itself be the config's
-    fields mixed with other hyper-parameters (``save_hyperparameters(**cfg.to_dict(), lr=...)``)."""
-    if isinstance(value, ModelConfig):
-        return _validated(value.to_dict(), where)
-    if not isinstance(value, Mapping) or depth > 4:
-        return None
-    if "init_args" in value and isinstance(value["init_args"], Mapping):
-        return _config_in(value["init_args"], f"{where}.init_args", depth=depth + 1)
-    if "stacks" in value and (depth > 0 or mixed):
-        fields = {f.name for f in dataclasses.fields(ModelConfig)}
-        return _validated({k: v for k, v in value.items() if k in fields or not mixed}, where)
-    for key in ("model_config", "config", "model"):
-        if key in value:
-            found = _config_in(value[key], f"{where}[{key!r}]", depth=depth + 1)
-            if found is not None:
-                return found
-    return None
-
-
-def _validated(d: dict, where: str) -> ModelConfig:
+def validated_config(d: dict, where: str) -> ModelConfig:
+    """A ModelConfig from its dict (format metadata dropped), or a ValueError naming ``where``."""
     d = {k: v for k, v in d.items() if k not in _CONFIG_META_KEYS}
     try:
         return ModelConfig.from_dict(d)
@@ -379,7 +425,8 @@ def _validated(d: dict, where: str) -> ModelConfig:
         raise ValueError(f"{where}: not a valid mmformer ModelConfig: {e}") from e
 
 
-def _read_config(path: Path, required: bool = False) -> ModelConfig | None:
+def read_config(path: Path, required: bool = False) -> ModelConfig | None:
+    """The ModelConfig of a config.json (None if absent and not ``required``)."""
     if not path.is_file():
         if required:
             raise FileNotFoundError(f"{path.parent}: no {CONFIG_NAME} in this folder; expected {_ACCEPTED}")
@@ -396,7 +443,7 @@ def _read_config(path: Path, required: bool = False) -> ModelConfig | None:
             f"{path}: format_version {version!r} was written by a newer mmformer; this one "
             f"({__version__}) reads format_version <= {FORMAT_VERSION}"
         )
-    return _validated(d, str(path))
+    return validated_config(d, str(path))
 
 
 def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> ModelConfig | None:
@@ -404,90 +451,23 @@ def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> ModelConfi
     if text is None:
         return None
     try:
-        return _validated(json.loads(text), f"{path}: metadata['mmformer_config']")
+        return validated_config(json.loads(text), f"{path}: metadata['mmformer_config']")
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: metadata['mmformer_config'] is not valid JSON ({e})") from e
 
 
-def _checkpoint_processor(checkpoint: Any, path: Path) -> Any:
+def _checkpoint_processor(checkpoint: Any, path: Path) -> Processor | None:
     """The processor a training checkpoint carries (``checkpoint["mmformer"]``, written by the training task)."""
-    saved = checkpoint.get("mmformer") if isinstance(checkpoint, Mapping) else None
+    saved = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, Mapping) else None
     if not isinstance(saved, Mapping) or not isinstance(saved.get("preprocessor_config"), Mapping):
         return None
-    from mmformer.processor import Processor
-    from mmformer.tokenizer import Tokenizer
-
     tokenizer = saved.get("tokenizer_json")
     tokenizer = Tokenizer.from_str(tokenizer) if isinstance(tokenizer, str) else None
-    return Processor.from_dict(dict(saved["preprocessor_config"]), tokenizer, where=f"{path}: mmformer")
+    return Processor.from_dict(dict(saved["preprocessor_config"]), tokenizer, where=f"{path}: {CHECKPOINT_KEY}")
 
 
-def _read_processor(folder: Path) -> Any:
+def read_processor(folder: Path) -> Processor | None:
+    """The processor saved in ``folder`` (tokenizer.json, preprocessor_config.json), or None."""
     if not any((folder / name).is_file() for name in PROCESSOR_FILES):
         return None
-    from mmformer.processor import Processor  # imported lazily: torchvision and PIL are only needed here
-
     return Processor.from_pretrained(folder)
-
-
-# ---------------------------------------------------------------------------------------------------- state dicts
-def _strip_prefix(state: Mapping[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    """Remove the LightningModule attribute prefix (``model.``, ``model._orig_mod.``, ...) that best matches the
-    model's keys; keys outside it (a loss module's buffers, an EMA copy) are not the model's and are dropped."""
-    counts = Counter({"": sum(k in expected for k in state)})
-    for key in state:
-        parts = key.split(".")
-        for i in range(1, len(parts)):
-            if ".".join(parts[i:]) in expected:
-                counts[".".join(parts[:i]) + "."] += 1
-    prefix = min(counts, key=lambda p: (-counts[p], len(p), p))
-    if not prefix:
-        return dict(state)
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _listed(items: list) -> str:
-    shown = ", ".join(map(str, items[:_MAX_LISTED]))
-    return shown + (f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
-
-
-def _load_state(model: MultimodalTransformer, state: Mapping[str, torch.Tensor], *, strict: bool, source: Path) -> None:
-    """Copy ``state`` into ``model``, checking keys and shapes and keeping tied tensors tied."""
-    own = model.state_dict()
-    aliases = _aliases(own)
-    expected = {k: v for k, v in own.items() if k not in aliases}
-    state = _strip_prefix(state, set(own))
-    problems = []
-    for alias, canonical in aliases.items():
-        if alias not in state:
-            continue
-        value = state.pop(alias)
-        if canonical not in state:
-            state[canonical] = value
-        elif value.shape != state[canonical].shape or not torch.equal(value, state[canonical].to(value.device)):
-            problems.append(
-                f"{alias} differs from {canonical}, but this config ties them (tie_lm_head=True; strict=False keeps "
-                f"{canonical})"
-            )
-    mismatched = [
-        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(v.shape)}"
-        for k, v in sorted(state.items())
-        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
-    ]
-    if mismatched:
-        raise ValueError(
-            f"{source}: {len(mismatched)} tensor(s) have a different shape than the model config gives (the weights "
-            f"belong to another config): {_listed(mismatched)}"
-        )
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing:
-        problems.append(f"missing keys (left at their initial values): {_listed(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys (ignored): {_listed(unexpected)}")
-    if problems:
-        message = f"{source}: the weights do not match the model config: " + "; ".join(problems)
-        if strict:
-            raise ValueError(message + ". Pass strict=False to load the matching tensors anyway")
-        warnings.warn(message, stacklevel=3)
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)

@@ -240,6 +240,15 @@ class Processor:
     def __repr__(self) -> str:
         return f"Processor(tokenizer={self.tokenizer!r}, image={self.image}, audio={self.audio})"
 
+    def check_audio_rate(self, model_rate: int) -> None:
+        """Raise ValueError unless this processor's audio rate is the model's (``AudioConfig.sample_rate``): a model
+        fed audio at another rate hears it at the wrong speed."""
+        if self.audio.sample_rate != model_rate:
+            raise ValueError(
+                f"processor: its audio sample_rate {self.audio.sample_rate} differs from the model's {model_rate} "
+                "(AudioConfig.sample_rate); the model would hear the audio at the wrong speed"
+            )
+
     # ------------------------------------------------------------------ images
     def image_transform(self) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
         """PIL image or (C, H, W) tensor (uint8, or float in [0, 1]) → normalised float (C, H, W)."""

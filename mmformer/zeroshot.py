@@ -179,12 +179,7 @@ class ZeroShotClassifier:
         self.model = model
         self.processor = processor if processor is not None else getattr(model, "processor", None)
         if modality == "audio" and _preprocesses(self.processor):
-            rates = self.processor.audio.sample_rate, model.config.audio.sample_rate
-            if rates[0] != rates[1]:
-                raise ValueError(
-                    f"processor: its audio sample_rate {rates[0]} differs from the model's {rates[1]} "
-                    "(AudioConfig.sample_rate); the model would hear audio at the wrong speed"
-                )
+            self.processor.check_audio_rate(model.config.audio.sample_rate)
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         vocab = getattr(tokenizer, "vocab_size", None)
         if isinstance(vocab, int) and vocab > model.config.text.vocab_size:

@@ -128,12 +128,15 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_cli(*args: str, log: Path, **env: str) -> subprocess.Popen:
-    """``python -m mmformer.cli ARGS`` as a subprocess, its output in ``log``."""
+def start_cli(*args: str, log: Path, write_delay: float | None = None, **env: str) -> subprocess.Popen:
+    """``python -m mmformer.cli ARGS`` as a subprocess, its output in ``log``; with ``write_delay``, every checkpoint
+    write pauses half-way for that many seconds (tests/slow_checkpoint_writes.py)."""
+    if write_delay is None:
+        command = [sys.executable, "-m", "mmformer.cli", *args]
+    else:
+        command = [sys.executable, str(REPO / "tests" / "slow_checkpoint_writes.py"), str(write_delay), *args]
     with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            [sys.executable, "-m", "mmformer.cli", *args], cwd=REPO, env=cli_env(**env), stdout=out, stderr=out
-        )
+        return subprocess.Popen(command, cwd=REPO, env=cli_env(**env), stdout=out, stderr=out)
 
 
 def run_cli(*args: str, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:

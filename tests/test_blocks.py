@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmformer.layers import Block, DropPath, MixtureOfExperts, Mlp, Stack, make_mlp
+from mmformer.layers import Block, DropPath, MixtureOfExperts, Mlp, Stack, make_mlp, pop_aux_loss
 
 B, T, S, D = 2, 5, 3, 16
 
@@ -163,7 +163,7 @@ def test_mixture_of_experts_matches_a_per_token_reference(make_stack_config, top
     out = moe(x)
     expected, aux = _moe_reference(moe, x, top_k)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(moe.aux_loss, aux, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pop_aux_loss(moe), aux, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -172,21 +172,32 @@ def test_aux_loss_is_one_for_a_uniform_router(make_stack_config, top_k):
     with torch.no_grad():
         moe.router.weight.zero_()  # every expert equally likely for every token
     moe(torch.randn(B, T, D))
-    assert moe.aux_loss.item() == pytest.approx(1.0, abs=1e-6)
+    assert pop_aux_loss(moe).item() == pytest.approx(1.0, abs=1e-6)
 
 
-def test_stack_aux_loss_sums_the_expert_layers(make_stack_config):
+def test_aux_loss_averages_every_recorded_call_and_is_popped_once(make_stack_config):
     stack = Stack(make_stack_config(depth=3, n_experts=4, experts_top_k=2))
-    stack(torch.randn(B, T, D))
-    layers = [b.mlp.fn.aux_loss for b in stack.blocks]
-    torch.testing.assert_close(stack.aux_loss(), torch.stack(layers).sum())
-    assert Stack(make_stack_config()).aux_loss().item() == 0.0
+    inputs = [torch.randn(B, T, D), torch.randn(B, T, D)]
+    for x in inputs:  # two forwards through one stack (e.g. image and text): 6 MoE calls
+        stack(x)
+    got = pop_aux_loss(stack)
+    per_call = []
+    for x in inputs:
+        stack(x)
+        per_call += [loss for block in stack.blocks for loss in block.mlp.fn.pop_aux_losses()]
+    assert len(per_call) == 6
+    torch.testing.assert_close(got, torch.stack(per_call).mean())
+    assert pop_aux_loss(stack) is None  # popped: nothing left
+    assert pop_aux_loss(Stack(make_stack_config())) is None  # no experts
+    stack.eval()
+    stack(inputs[0])
+    assert pop_aux_loss(stack) is None  # nothing recorded in eval mode
 
 
 def test_aux_loss_has_gradients_for_the_router(make_stack_config):
     moe = make_mlp(make_stack_config(n_experts=4, experts_top_k=2))
     moe(torch.randn(B, T, D))
-    moe.aux_loss.backward()
+    pop_aux_loss(moe).backward()
     assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
 
 
@@ -283,7 +294,8 @@ def test_gradient_checkpointing_gives_the_same_output_and_gradients(make_stack_c
         xi, mi = x.clone().requires_grad_(), memory.clone().requires_grad_()
         torch.manual_seed(1)  # the same dropout / drop-path draws; checkpointing replays them on recompute
         out = stack(xi, mask=mask, causal=True, memory=mi, memory_mask=memory_mask)
-        (out.pow(2).sum() + stack.aux_loss()).backward()
+        aux = pop_aux_loss(stack)
+        (out.pow(2).sum() + (aux if aux is not None else 0)).backward()
         grads = {n: p.grad for n, p in stack.named_parameters()}
         results.append((out, xi.grad, mi.grad, grads))
     (out0, gx0, gm0, g0), (out1, gx1, gm1, g1) = results

@@ -159,13 +159,20 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(build):
 
 
 def test_options_resolve_do_sample():
-    assert DecodingOptions().do_sample is False
-    assert DecodingOptions(top_k=5).do_sample is True
-    assert DecodingOptions(top_p=0.9).do_sample is True
-    assert DecodingOptions(temperature=0.5).do_sample is True
-    assert DecodingOptions(temperature=0.5, do_sample=False).do_sample is False
+    assert DecodingOptions().sample is False
+    assert DecodingOptions(top_k=5).sample is True
+    assert DecodingOptions(top_p=0.9).sample is True
+    assert DecodingOptions(temperature=0.5).sample is True
+    assert DecodingOptions(temperature=0.5, do_sample=False).sample is False
     with pytest.raises(AttributeError):
         DecodingOptions().num_beams = 2  # frozen
+    # options are written once: built from defaults plus changes, and replace() re-derives sampling
+    assert DecodingOptions.build(top_k=5).sample is True
+    assert DecodingOptions.build(DecodingOptions(top_k=5), top_k=None).sample is False
+    with pytest.raises(ValueError, match="num_beams"):
+        DecodingOptions.build(DecodingOptions(top_k=5), num_beams=2)
+    with pytest.raises(TypeError, match=r"unknown decoding option\(s\) \['beams'\]; expected some of"):
+        DecodingOptions.build(beams=2)
 
 
 # ---------------------------------------------------------------- stopping
@@ -185,12 +192,14 @@ def free_run(model, inputs, **options):
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_rows_stop_at_eos_and_are_padded(build, use_cache):
     model = build()
-    inputs = memory_inputs("image")
+    # a different prompt per row, so that the rows' continuations differ whatever the random weights make of the
+    # images (a tiny random decoder may continue every image alike)
+    inputs = {**memory_inputs("image"), "prompt_ids": torch.tensor([[1, 3], [1, 4], [1, 5]])}
     text = model.config.text
     free = free_run(model, inputs, max_new_tokens=10)
     # an eos id that ends the rows at different steps: a token some row emits before another row does
-    for eos in free[:, 1:].flatten().tolist():
-        expected, ends = cut_at_eos(free, 1, eos, text.pad_id)
+    for eos in free[:, 2:].flatten().tolist():
+        expected, ends = cut_at_eos(free, 2, eos, text.pad_id)
         if len(set(ends)) > 1:
             break
     assert len(set(ends)) > 1, "no token of the free run ends the rows at different steps"
@@ -199,11 +208,11 @@ def test_rows_stop_at_eos_and_are_padded(build, use_cache):
     assert torch.equal(ids, expected)  # each row is the free run up to its first eos, then padding
     beams = generate(model, **inputs, max_new_tokens=10, num_beams=2, use_cache=use_cache)
     for row in beams.tolist():  # beam hypotheses: eos at most once, then only padding
-        if eos in row[1:]:
-            end = row.index(eos, 1)
+        if eos in row[2:]:
+            end = row.index(eos, 2)
             assert all(t == text.pad_id for t in row[end + 1 :])
         else:
-            assert len(row) == 11
+            assert len(row) == 12
 
 
 @pytest.mark.parametrize("num_beams", [1, 2])

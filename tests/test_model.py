@@ -73,7 +73,7 @@ def test_memory_shared_by_groups_of_rows_equals_repeated_memory(make_model_confi
     cache = model.make_cache(B * K)
     steps = [model.decode(ids[:, t : t + 1], memory if t == 0 else None, mask, cache=cache) for t in range(T)]
     torch.testing.assert_close(torch.cat(steps, dim=1), repeated, rtol=0, atol=ATOL)
-    assert cache.cross[0][0].shape[0] == B
+    assert cache.cross(0)[0].shape[0] == B
     with pytest.raises(ValueError, match=r"memory: expected encoder token states \(B=6, S, D=16\).*got \(4, 4, 16\)"):
         model.decode(ids, torch.randn(4, S, D))
 
@@ -229,7 +229,8 @@ def _loss_over_everything(model: MultimodalTransformer, inputs: dict) -> torch.T
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     loss = loss + model.decode(ids, image_memory, attention_mask=mask).float().sum()
     loss = loss + model.decode(ids, audio_memory, audio_mask, attention_mask=mask).float().sum()
-    return loss + model.aux_loss()
+    aux = model.pop_aux_loss()
+    return loss + (aux if aux is not None else 0)
 
 
 def _assert_every_parameter_has_a_finite_grad(model: torch.nn.Module, unused: set[str] = frozenset()) -> None:

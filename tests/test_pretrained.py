@@ -337,25 +337,20 @@ def test_lightning_checkpoint_loads(tokenizer, tmp_path):
     cfg = model.config
     state = {"model." + k: v for k, v in model.state_dict().items()}
     state["loss.weight"] = torch.ones(3)  # another submodule of the LightningModule: not the model's
-    hparams = {
-        "dict": {"model_config": cfg.to_dict(), "lr": 1e-3},
-        "object": {"model_config": cfg, "lr": 1e-3},  # a ModelConfig instance: allowed under weights_only
-        "jsonargparse": {"model": {"class_path": "mmformer.ModelConfig", "init_args": cfg.to_dict()}},
-        "flat": {**cfg.to_dict(), "lr": 1e-3},
-    }
-    for name, hp in hparams.items():
-        path = tmp_path / f"{name}.ckpt"
-        torch.save({"epoch": 3, "global_step": 10, "state_dict": state, "hyper_parameters": hp}, path)
-        assert_same_state(model, load_pretrained(path))
+    # the layout MultimodalTask writes: the model under "model.", its config under checkpoint["mmformer"]
+    path = tmp_path / "task.ckpt"
+    hparams = {"model": cfg.to_dict(), "lr": 1e-3}
+    torch.save({"state_dict": state, "hyper_parameters": hparams, "mmformer": {"model_config": cfg.to_dict()}}, path)
+    assert_same_state(model, load_pretrained(path))
 
-    compiled = {"model._orig_mod." + k: v for k, v in model.state_dict().items()}  # torch.compile'd module
-    torch.save({"state_dict": compiled, "hyper_parameters": {"model_config": cfg.to_dict()}}, tmp_path / "c.ckpt")
-    assert_same_state(model, load_pretrained(tmp_path / "c.ckpt"))
-
-    torch.save({"state_dict": state, "hyper_parameters": {"lr": 1e-3}}, tmp_path / "noconfig.ckpt")
-    with pytest.raises(ValueError, match="noconfig.ckpt: found no model config.*hyper_parameters"):
+    # a config anywhere else is not searched for: the one key our checkpoints carry, or config=
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, tmp_path / "noconfig.ckpt")
+    with pytest.raises(ValueError, match=r"noconfig.ckpt: found no model config.*checkpoint\['mmformer'\]"):
         load_pretrained(tmp_path / "noconfig.ckpt")
     assert_same_state(model, load_pretrained(tmp_path / "noconfig.ckpt", config=cfg))
+    torch.save({"state_dict": {"net.w": torch.ones(2)}}, tmp_path / "other.ckpt")  # not an mmformer model
+    with pytest.raises(ValueError, match="holds no 'model.' keys"):
+        load_pretrained(tmp_path / "other.ckpt", config=cfg)
 
 
 def test_weights_files_next_to_a_config(tokenizer, tmp_path):

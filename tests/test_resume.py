@@ -28,7 +28,7 @@ from cli_helpers import (
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.utils.data import Dataset
 
-from mmformer.checkpointing import WRITE_DELAY_ENV, AtomicCheckpointIO
+from mmformer.checkpointing import AtomicCheckpointIO
 from mmformer.data.datamodule import GlobalBatchSampler, ResumableLoader
 
 STEPS, EVERY, TOL = 8, 2, 1e-6
@@ -92,14 +92,14 @@ def logged_steps(root) -> int:
     return max(steps) + 1 if steps else 0
 
 
-def killed_run(data, root, *, kill_when, **env) -> None:
+def killed_run(data, root, *, kill_when, write_delay: float | None = None) -> None:
     """Start ``mmformer fit`` as a subprocess and SIGKILL it as soon as ``kill_when()`` is true."""
     logger = {
         "class_path": "lightning.pytorch.loggers.CSVLogger",
         "init_args": {"save_dir": str(root), "name": "logs", "flush_logs_every_n_steps": 1},
     }
     path = write_config(root / "config.yaml", config(root, data, trainer={"logger": logger, "log_every_n_steps": 1}))
-    proc = start_cli("fit", "--config", str(path), log=root / "output.txt", **env)
+    proc = start_cli("fit", "--config", str(path), log=root / "output.txt", write_delay=write_delay)
     deadline = time.monotonic() + 200
     try:
         while not kill_when():
@@ -129,7 +129,7 @@ def test_sigkill_mid_training_resumes_exactly(data, reference, tmp_path):
     def training() -> bool:
         return (folder / "last.ckpt").exists() and not any(folder.glob(".*.tmp"))
 
-    killed_run(data, tmp_path, kill_when=training, **{WRITE_DELAY_ENV: "0.5"})
+    killed_run(data, tmp_path, kill_when=training, write_delay=0.5)
     saved = checkpoint(folder / "last.ckpt")["global_step"]  # loads: a complete file
     done = logged_steps(tmp_path)
     assert EVERY <= saved < STEPS and done - saved <= EVERY, (saved, done)  # at most one interval lost
@@ -137,13 +137,14 @@ def test_sigkill_mid_training_resumes_exactly(data, reference, tmp_path):
 
 
 def test_sigkill_while_writing_last_ckpt_leaves_the_previous_one(data, reference, tmp_path):
-    """Every checkpoint write pauses half-way (a testing hook); kill while last.ckpt is being replaced."""
+    """Every checkpoint write pauses half-way (tests/slow_checkpoint_writes.py); kill while last.ckpt is being
+    replaced."""
     last = tmp_path / "ckpt" / "last.ckpt"
 
     def writing_last() -> bool:
         return last.exists() and any((tmp_path / "ckpt").glob(".last.ckpt.*.tmp"))
 
-    killed_run(data, tmp_path, kill_when=writing_last, **{WRITE_DELAY_ENV: "2"})
+    killed_run(data, tmp_path, kill_when=writing_last, write_delay=2)
     (partial,) = (tmp_path / "ckpt").glob(".last.ckpt.*.tmp")
     with pytest.raises(Exception):  # noqa: B017, PT011 (any error: it is half a zip file)
         checkpoint(partial)

@@ -232,7 +232,7 @@ def test_training_checkpoint_with_wrong_shapes_lists_every_one(tmp_path):
     state["model.image_embed.patch.weight"] = torch.zeros(16, 3, 2, 2)
     state["model.stacks.shared.blocks.0.mlp.fn.fc1.weight"] = torch.zeros(7, 16)
     path = tmp_path / "last.ckpt"
-    torch.save({"state_dict": state, "hyper_parameters": {"model_config": model.config.to_dict()}}, path)
+    torch.save({"state_dict": state, "mmformer": {"model_config": model.config.to_dict()}}, path)
     with pytest.raises(ValueError, match=r"2 tensor\(s\) have a different shape") as info:
         load_pretrained(path)
     message = str(info.value)

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from mmformer import weights
+
 if TYPE_CHECKING:
     from mmformer.processor import Processor
     from mmformer.tokenizer import Tokenizer
@@ -47,7 +49,6 @@ __all__ = [
     "load_state_dict",
     "read_hf_checkpoint",
     "read_hf_tokenizer",
-    "split_qkv",
     "stack_rows",
 ]
 
@@ -221,15 +222,6 @@ def stack_rows(parts: Iterable[torch.Tensor | None], *, what: str = "parts") -> 
     return torch.cat([t if t is not None else torch.zeros_like(like) for t in parts], dim=0)
 
 
-def split_qkv(qkv: torch.Tensor, sizes: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, ...]:
-    """Inverse of :func:`fuse_qkv`: rows (q | k | v) of a fused weight or bias; equal thirds unless ``sizes``."""
-    if sizes is None:
-        if qkv.shape[0] % 3:
-            raise ValueError(f"split_qkv: expected a row count divisible by 3, got shape {tuple(qkv.shape)}")
-        sizes = (qkv.shape[0] // 3,) * 3
-    return tuple(qkv.split(list(sizes), dim=0))
-
-
 # ---------------------------------------------------------------------------------------------------- mapping
 class WeightMap:
     """Builds an mmformer state dict from a source one, remembering which source keys each target came from.
@@ -254,13 +246,10 @@ class WeightMap:
         self._pending: list[str] = []
         self._problems: list[str] = []  # found while mapping (parts that cannot be fused), reported by load_into
         self._broken: set[str] = set()  # targets those problems concern
+        self._initialised: set[str] = set()  # targets that keep the model's initial value
 
     def __contains__(self, key: str) -> bool:
         return key in self.source
-
-    def keys(self, pattern: str = "*") -> list[str]:
-        """Source keys matching an ``fnmatch`` pattern."""
-        return [k for k in self.source if fnmatch.fnmatchcase(k, pattern)]
 
     def get(self, key: str) -> torch.Tensor:
         """A source tensor, marked as used (and attributed to the next :meth:`set`); raises if there is none."""
@@ -325,26 +314,24 @@ class WeightMap:
         srcs = self.origin.get(target) or []
         return ", ".join(f"{s} {tuple(self.source[s].shape)}" for s in srcs if s in self.source) or "(computed)"
 
+    def initialise(self, target: str) -> None:
+        """Target key keeps the model's initial value: an mmformer-only parameter the source has no counterpart for
+        (a converted tower's contrastive logit scale)."""
+        self._initialised.add(target)
+
     def load_into(self, model: nn.Module) -> nn.Module:
-        """Check the mapping against ``model``'s state dict and load it; raise ``ValueError`` listing every
-        mismatch instead of loading part of it."""
-        expected = model.state_dict(keep_vars=True)
+        """Check the mapping against ``model`` (best built on the meta device: nothing is allocated before the check)
+        and assign it (:func:`mmformer.weights.fill`); raise ``ValueError`` listing every mismatch instead of loading
+        part of it."""
+        expected, tied = weights.expected_specs(model)
         kind = type(model).__name__
         # Tied parameters (an LM head sharing the token embedding) appear under several keys: one value fills all.
-        by_id: dict[int, list[str]] = {}
-        for key, tensor in expected.items():
-            by_id.setdefault(id(tensor), []).append(key)
-        state = dict(self.target)
-        for keys in by_id.values():
-            given = [k for k in keys if k in state]
-            for k in keys:
-                if given and k not in state:
-                    state[k] = state[given[0]]
+        state = {tied.get(k, k): v for k, v in self.target.items()}
         problems = list(self._problems)
         unused = self.unused()
         if unused:
             problems.append(f"source keys with no place in the {kind}: {unused}")
-        missing = sorted(k for k in expected if k not in state and k not in self._broken)
+        missing = sorted(k for k in expected if k not in state and k not in self._broken and k not in self._initialised)
         if missing:
             problems.append(f"{kind} keys the source does not provide: {missing}")
         unexpected = sorted(k for k in state if k not in expected)
@@ -358,8 +345,9 @@ class WeightMap:
                 )
         if problems:
             raise ValueError(f"{self.name}: cannot load exactly into {kind}:\n  - " + "\n  - ".join(problems))
-        with torch.no_grad():
-            model.load_state_dict({k: v.detach() for k, v in state.items()}, strict=True)
+        device = next((t.device for t in state.values() if t.device.type != "meta"), None)
+        state = {k: v.detach() for k, v in state.items()}
+        weights.fill(model, *weights.in_memory(state), source=self.name, device=device, initialise=self._initialised)
         return model
 
 

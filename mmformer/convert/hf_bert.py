@@ -29,6 +29,7 @@ from mmformer.convert.common import (
     read_hf_tokenizer,
 )
 from mmformer.model import MultimodalTransformer
+from mmformer.weights import build_on_meta
 
 __all__ = ["from_hf_bert"]
 
@@ -137,7 +138,7 @@ def from_hf_bert(path_or_model: Any, *, pooling: str = "mean") -> MultimodalTran
         raise ValueError(f"pooling: expected 'mean' or 'cls', got {pooling!r}")
     cfg, state, directory = _read_source(path_or_model)
     tokenizer = _tokenizer(directory, cfg["max_position_embeddings"])
-    model = MultimodalTransformer(_model_config(cfg, pooling, tokenizer))
+    model = build_on_meta(MultimodalTransformer, _model_config(cfg, pooling, tokenizer))
 
     wm = WeightMap(state, name="hf_bert", ignore=_IGNORED)
     emb = "embeddings"
@@ -147,7 +148,7 @@ def from_hf_bert(path_or_model: Any, *, pooling: str = "mean") -> MultimodalTran
     wm.copy("text_embed.norm.weight", f"{emb}.LayerNorm.weight")
     wm.copy("text_embed.norm.bias", f"{emb}.LayerNorm.bias")
     _map_layers(wm, cfg["num_hidden_layers"])
-    wm.set("logit_scale", model.logit_scale.detach().clone(), source=[])  # mmformer-only, unused by a text tower
+    wm.initialise("logit_scale")  # mmformer-only, unused by a text tower
     wm.load_into(model)
     model.processor = build_processor(tokenizer)
     return model.eval()

@@ -30,6 +30,7 @@ from mmformer.convert.common import (
 )
 from mmformer.convert.open_clip import clip_processor
 from mmformer.model import MultimodalTransformer
+from mmformer.weights import build_on_meta
 
 __all__ = ["from_hf_clip"]
 
@@ -59,7 +60,7 @@ def from_hf_clip(path_or_model: str | os.PathLike | nn.Module) -> MultimodalTran
     if directory is not None and (directory / "preprocessor_config.json").is_file():
         preprocessor = json.loads((directory / "preprocessor_config.json").read_text())
     config = _model_config(hf_config, state)
-    model = MultimodalTransformer(config)
+    model = build_on_meta(MultimodalTransformer, config)
     _weight_map(state, config).load_into(model)
     model.eval()
     model.processor = _processor(config, preprocessor)

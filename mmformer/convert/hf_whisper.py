@@ -35,6 +35,7 @@ from mmformer.convert.common import (
 )
 from mmformer.layers.positions import sinusoids
 from mmformer.model import MultimodalTransformer
+from mmformer.weights import build_on_meta
 
 __all__ = ["from_hf_whisper"]
 
@@ -108,24 +109,18 @@ def _map_attention(wm: WeightMap, dst: str, src: str, cross: bool) -> None:
     wm.copy(f"{dst}.proj.bias", f"{src}.out_proj.bias")
 
 
-def _copy_weight_bias(wm: WeightMap, dst: str, src: str) -> None:
-    """A layer's weight and bias (norms, linears, convolutions) under the same names."""
-    wm.copy(f"{dst}.weight", f"{src}.weight")
-    wm.copy(f"{dst}.bias", f"{src}.bias")
-
-
 def _map_stack(wm: WeightMap, side: str, depth: int) -> None:
     for i in range(depth):
         dst, src = f"stacks.{side}.blocks.{i}", f"{side}.layers.{i}"
-        _copy_weight_bias(wm, f"{dst}.attn.norm", f"{src}.self_attn_layer_norm")
+        wm.copy_module(f"{dst}.attn.norm", f"{src}.self_attn_layer_norm")
         _map_attention(wm, f"{dst}.attn.fn", f"{src}.self_attn", cross=False)
         if side == "decoder":
-            _copy_weight_bias(wm, f"{dst}.cross_attn.norm", f"{src}.encoder_attn_layer_norm")
+            wm.copy_module(f"{dst}.cross_attn.norm", f"{src}.encoder_attn_layer_norm")
             _map_attention(wm, f"{dst}.cross_attn.fn", f"{src}.encoder_attn", cross=True)
-        _copy_weight_bias(wm, f"{dst}.mlp.norm", f"{src}.final_layer_norm")
+        wm.copy_module(f"{dst}.mlp.norm", f"{src}.final_layer_norm")
         for fc in ("fc1", "fc2"):
-            _copy_weight_bias(wm, f"{dst}.mlp.fn.{fc}", f"{src}.{fc}")
-    _copy_weight_bias(wm, f"stacks.{side}.norm", f"{side}.layer_norm")
+            wm.copy_module(f"{dst}.mlp.fn.{fc}", f"{src}.{fc}")
+    wm.copy_module(f"stacks.{side}.norm", f"{side}.layer_norm")
 
 
 def from_hf_whisper(path_or_model: Any) -> MultimodalTransformer:
@@ -152,11 +147,11 @@ def from_hf_whisper(path_or_model: Any) -> MultimodalTransformer:
     audio_position = "sinusoidal" if (positions.float() - table).abs().max() <= _SINUSOID_TOLERANCE else "learned"
     tokens = state["decoder.embed_tokens.weight"]
     tied = "proj_out.weight" not in state or torch.equal(state["proj_out.weight"], tokens)
-    model = MultimodalTransformer(_model_config(cfg, audio_position, tied))
+    model = build_on_meta(MultimodalTransformer, _model_config(cfg, audio_position, tied))
 
     wm = WeightMap(state, name="hf_whisper", ignore=["proj_out.weight"] if tied else [])
     for conv in ("conv1", "conv2"):
-        _copy_weight_bias(wm, f"audio_embed.{conv}", f"encoder.{conv}")
+        wm.copy_module(f"audio_embed.{conv}", f"encoder.{conv}")
     if audio_position == "learned":
         wm.copy("audio_embed.positions.weight", "encoder.embed_positions.weight")
     else:
@@ -167,11 +162,8 @@ def from_hf_whisper(path_or_model: Any) -> MultimodalTransformer:
     _map_stack(wm, "decoder", cfg["decoder_layers"])
     if not tied:
         wm.copy("lm_head.weight", "proj_out.weight")
-    # mmformer-only state Whisper has no counterpart for: the log-mel front end's fixed buffers and the (unused)
-    # contrastive logit scale keep their built-in values.
-    for key, value in model.state_dict().items():
-        if key.startswith("audio_embed.features.") or key == "logit_scale":
-            wm.set(key, value, source=[])
+    # mmformer-only state Whisper has no counterpart for: the (unused) contrastive logit scale keeps its initial value
+    wm.initialise("logit_scale")
     wm.load_into(model)
 
     model.processor = build_processor(read_hf_tokenizer(directory), audio={"sample_rate": SAMPLE_RATE})

@@ -35,6 +35,7 @@ from mmformer.convert.common import (
     load_state_dict,
 )
 from mmformer.model import MultimodalTransformer
+from mmformer.weights import build_on_meta
 
 __all__ = ["clip_processor", "from_open_clip"]
 
@@ -82,7 +83,7 @@ def from_open_clip(
             "model_or_state_dict: expected an open_clip CLIP module, a state dict or a path, "
             f"got {type(model_or_state_dict).__name__}"
         )
-    model = MultimodalTransformer(config)
+    model = build_on_meta(MultimodalTransformer, config)
     _weight_map(state, config).load_into(model)
     model.eval()
     model.processor = _processor(config, preprocess)

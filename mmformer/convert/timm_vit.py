@@ -35,6 +35,7 @@ from mmformer.convert.common import (
     load_state_dict,
 )
 from mmformer.model import MultimodalTransformer
+from mmformer.weights import build_on_meta
 
 __all__ = ["from_timm_vit"]
 
@@ -73,7 +74,7 @@ def from_timm_vit(
             f"got {type(model_or_state_dict).__name__}"
         )
     config = _model_config(vit)
-    model = MultimodalTransformer(config)
+    model = build_on_meta(MultimodalTransformer, config)
     _weight_map(vit, config).load_into(model)
     model.eval()
     model.processor = _processor(vit, config)
@@ -225,7 +226,7 @@ def _weight_map(vit: nn.Module, config: ModelConfig) -> WeightMap:
         wm.copy_module("stacks.vision.norm", "norm")
     if config.embed_dim is not None:
         wm.copy_module("image_proj", "head", ["weight", "bias"] if config.projection_bias else ["weight"])
-    wm.set("logit_scale", torch.tensor(config.logit_scale_init), source=[])  # ours only: unused by a classifier
+    wm.initialise("logit_scale")  # ours only: unused by a classifier
     return wm
 
 

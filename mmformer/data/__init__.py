@@ -9,7 +9,7 @@ from mmformer.data.coco import CocoCaptions
 from mmformer.data.collate import Collator, pad_audio
 from mmformer.data.folders import ImageFolder, LibriSpeech
 from mmformer.data.formats import FORMATS, dataset_texts, detect_format, open_dataset
-from mmformer.data.io import SampleError, read_audio, read_image, resample
+from mmformer.data.io import MissingSampleError, SampleError, read_audio, read_image, resample
 from mmformer.data.manifest import ManifestDataset
 from mmformer.data.shards import ShardDataset, expand_shards
 from mmformer.data.skipping import BadSampleTracker, SkippedSampleWarning, TooManyBadSamplesError
@@ -35,6 +35,7 @@ __all__ = [
     "MultimodalDataModule",
     "Record",
     "RecordDataset",
+    "MissingSampleError",
     "SampleError",
     "ShardDataset",
     "SkippedSampleWarning",

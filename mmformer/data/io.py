@@ -41,8 +41,9 @@ MAX_RESAMPLE_PHASES = 2**24  # (orig/gcd) * (new/gcd): 16 kHz from 44.1 kHz is 7
 _AUDIO_BLOCK = 2**18  # samples (frames × channels) decoded per read
 
 
-class SampleError(Exception):
-    """A sample that cannot be used: missing or corrupt file, empty text, ...
+class SampleError(ValueError):
+    """A sample that cannot be used: corrupt file, empty text, ... (a ``ValueError``, as Python's readers raise for
+    undecodable input; a missing file is a :class:`MissingSampleError`, also a ``FileNotFoundError``).
 
     Attributes:
         path: the file (or sample name) at fault.
@@ -53,6 +54,17 @@ class SampleError(Exception):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+    def __str__(self) -> str:  # FileNotFoundError would format its (errno, strerror) instead
+        return f"{self.path}: {self.reason}"
+
+
+class MissingSampleError(SampleError, FileNotFoundError):
+    """A sample whose file does not exist: caught by ``except FileNotFoundError`` (and ``OSError``) as well as by
+    ``except SampleError`` / ``ValueError``."""
+
+    def __init__(self, path: str | os.PathLike, reason: str = "file not found"):
+        super().__init__(path, reason)
 
 
 def _describe(source: Source, name: str | None) -> str:
@@ -68,7 +80,7 @@ def _open(source: Source, name: str) -> io.BufferedIOBase | str:
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"expected a path or bytes for {name}; got {type(source).__name__}")
     if not Path(source).is_file():
-        raise SampleError(name, "file not found")
+        raise MissingSampleError(name)
     return os.fspath(source)
 
 
@@ -105,6 +117,8 @@ def read_image(source: Source, mode: str = "RGB", *, name: str | None = None) ->
                 )
             img.load()
             return convert_image(img, mode)
+    except SampleError:
+        raise
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise SampleError(name, f"cannot decode image ({type(e).__name__}: {e})") from e
 
@@ -193,6 +207,8 @@ def read_audio(
                     break
                 blocks.append(part)
                 n_read += len(part)
+    except SampleError:
+        raise
     except (soundfile.SoundFileError, RuntimeError, OSError, ValueError, EOFError, MemoryError) as e:
         raise SampleError(name, f"cannot decode audio ({type(e).__name__}: {e})") from e
     cut = limit is not None and n_read >= limit  # stopped before the end of the file

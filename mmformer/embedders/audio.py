@@ -15,23 +15,33 @@ from mmformer.layers.positions import AbsolutePositions
 
 
 class LogMel(nn.Module):
-    """Whisper-style log-mel: power mel spectrogram (Slaney scale and norm), log10, an 8-decade dynamic range per
-    utterance, scaled to roughly [-1, 1]."""
+    """Whisper-style log-mel: power mel spectrogram (torchaudio; Slaney scale and norm), log10, an 8-decade dynamic
+    range per utterance, scaled to roughly [-1, 1]. The STFT window and mel filters are derived from the config and
+    computed where they are used, so the module holds no state."""
 
     def __init__(self, cfg: AudioConfig):
         super().__init__()
-        import torchaudio  # imported here so that `import mmformer` stays light
-
+        self.cfg = cfg
         self.hop_length = cfg.hop_length
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=cfg.sample_rate,
-            n_fft=cfg.n_fft,
-            hop_length=cfg.hop_length,
-            n_mels=cfg.n_mels,
-            power=2.0,
-            norm="slaney",
-            mel_scale="slaney",
+
+    def filters(self, device: torch.device) -> torch.Tensor:
+        """(n_fft/2 + 1, M) mel filter bank."""
+        import torchaudio.functional as AF  # imported here so that `import mmformer` stays light
+
+        cfg = self.cfg
+        bank = AF.melscale_fbanks(
+            cfg.n_fft // 2 + 1, 0.0, float(cfg.sample_rate // 2), cfg.n_mels, cfg.sample_rate, "slaney", "slaney"
         )
+        return bank.to(device)
+
+    def power_mel(self, audio: torch.Tensor) -> torch.Tensor:
+        """(B, S) waveforms → (B, M, Nf) power mel spectrogram (centred STFT, Hann window)."""
+        import torchaudio.functional as AF
+
+        cfg = self.cfg
+        window = torch.hann_window(cfg.n_fft, device=audio.device)
+        spec = AF.spectrogram(audio, 0, window, cfg.n_fft, cfg.hop_length, cfg.n_fft, 2.0, False)  # (B, F, Nf)
+        return torch.matmul(spec.transpose(-1, -2), self.filters(audio.device)).transpose(-1, -2)
 
     def frames(self, lengths: torch.Tensor) -> torch.Tensor:
         """Mel frames (centred STFT) of waveforms with these sample counts."""
@@ -44,7 +54,7 @@ class LogMel(nn.Module):
             # reach into the padding, so its content would otherwise leak into real frames.
             real_samples = torch.arange(audio.shape[-1], device=audio.device)[None, :] < lengths[:, None]  # (B, S)
             audio = audio.masked_fill(~real_samples, 0.0)
-        mel = self.mel(audio.float()).clamp(min=1e-10).log10()  # (B, M, Nf)
+        mel = self.power_mel(audio.float()).clamp(min=1e-10).log10()  # (B, M, Nf)
         if lengths is not None:
             real = torch.arange(mel.shape[-1], device=mel.device)[None, :] < self.frames(lengths)[:, None]
             peak = mel.masked_fill(~real[:, None, :], float("-inf")).amax(dim=(1, 2), keepdim=True)

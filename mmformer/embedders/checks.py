@@ -35,3 +35,10 @@ def check_lengths(name: str, lengths: object, batch: int, most: int, reference: 
     if bool((lengths < 1).any()) or bool((lengths > most).any()):
         raise ValueError(f"{name}: expected values in [1, {most}], got {lengths.tolist()}")
     return lengths
+
+
+def check_token_ids(name: str, ids: torch.Tensor, n: int, *, what: str = "token ids", note: str = "") -> None:
+    """Raise ValueError naming ``name`` unless every id is in [0, n) (an embedding lookup past the table crashes
+    inside the kernel, or on CUDA reads garbage)."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+        raise ValueError(f"{name}: expected {what} in [0, {n}){note}, got min {int(ids.min())}, max {int(ids.max())}")

@@ -36,9 +36,18 @@ class ImageEmbedder(nn.Module):
         self.cfg = cfg
         width = stack.width
         self.patch = nn.Conv2d(cfg.channels, width, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
-        self.cls_token = nn.Parameter(torch.randn(width) * 0.02) if cfg.class_token else None
-        self.positions = nn.Parameter(initial_patch_positions(cfg, width)) if cfg.position == "learned" else None
+        self.cls_token = nn.Parameter(torch.empty(width)) if cfg.class_token else None
+        self.positions = nn.Parameter(torch.empty(cfg.n_tokens, width)) if cfg.position == "learned" else None
         self.norm = make_norm(stack.norm, width, stack.norm_eps) if cfg.pre_norm else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initial values of the class token and the position table (the patch convolution has its own)."""
+        with torch.no_grad():
+            if self.cls_token is not None:
+                self.cls_token.normal_(0.0, 0.02)
+            if self.positions is not None:
+                self.positions.copy_(initial_patch_positions(self.cfg, self.positions.shape[1]))
 
     def check(self, pixel_values: torch.Tensor) -> None:
         cfg = self.cfg

@@ -9,8 +9,15 @@ import torch
 from torch import nn
 
 from mmformer.config import StackConfig, TextConfig
-from mmformer.embedders.checks import check_device
+from mmformer.embedders.checks import check_device, check_token_ids
 from mmformer.layers.positions import AbsolutePositions
+
+
+class TokenEmbedding(nn.Embedding):
+    """The token table, initialised N(0, 0.02) as GPT-2 and CLIP do (``nn.Embedding`` draws N(0, 1))."""
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.02)
 
 
 class TextEmbedder(nn.Module):
@@ -19,8 +26,7 @@ class TextEmbedder(nn.Module):
     def __init__(self, cfg: TextConfig, stack: StackConfig):
         super().__init__()
         self.cfg = cfg
-        self.tokens = nn.Embedding(cfg.vocab_size, stack.width)
-        nn.init.normal_(self.tokens.weight, std=0.02)
+        self.tokens = TokenEmbedding(cfg.vocab_size, stack.width)
         self.positions = (
             None
             if cfg.position == "none"
@@ -56,6 +62,7 @@ class TextEmbedder(nn.Module):
             )
         if attention_mask is not None:
             check_device("attention_mask", attention_mask, self.tokens.weight)
+        check_token_ids("input_ids", input_ids, self.cfg.vocab_size)
 
     def forward(
         self, input_ids: torch.Tensor, *, offset: int = 0, segment_ids: torch.Tensor | None = None
@@ -79,8 +86,4 @@ class TextEmbedder(nn.Module):
             raise TypeError(f"segment_ids: expected integer segment ids, got {segment_ids.dtype}")
         check_device("segment_ids", segment_ids, self.tokens.weight)
         n = self.cfg.n_segments
-        if segment_ids.numel() and (int(segment_ids.min()) < 0 or int(segment_ids.max()) >= max(n, 1)):
-            raise ValueError(
-                f"segment_ids: expected ids in [0, {max(n, 1)}) (TextConfig.n_segments={n}), got min "
-                f"{int(segment_ids.min())}, max {int(segment_ids.max())}"
-            )
+        check_token_ids("segment_ids", segment_ids, max(n, 1), what="ids", note=f" (TextConfig.n_segments={n})")

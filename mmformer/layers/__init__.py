@@ -3,7 +3,7 @@
 from mmformer.layers.attention import Attention, reference_attention
 from mmformer.layers.block import Block, DropPath, Stack
 from mmformer.layers.cache import KVCache
-from mmformer.layers.mlp import MixtureOfExperts, Mlp, QuickGELU, make_mlp
+from mmformer.layers.mlp import MixtureOfExperts, Mlp, make_mlp, pop_aux_loss
 from mmformer.layers.norms import make_norm
 from mmformer.layers.positions import (
     AbsolutePositions,
@@ -22,13 +22,13 @@ __all__ = [
     "KVCache",
     "MixtureOfExperts",
     "Mlp",
-    "QuickGELU",
     "RotaryEmbedding",
     "Stack",
     "alibi_bias",
     "alibi_slopes",
     "make_mlp",
     "make_norm",
+    "pop_aux_loss",
     "reference_attention",
     "resample_patch_positions",
     "sinusoids",

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from mmformer.config import StackConfig
 from mmformer.layers.attention import Attention
 from mmformer.layers.cache import KVCache
-from mmformer.layers.mlp import MixtureOfExperts, make_mlp
+from mmformer.layers.mlp import make_mlp
 from mmformer.layers.norms import make_norm
 
 
@@ -111,9 +111,7 @@ class Block(nn.Module):
             out = attn.fn(h, mask=mask, causal=causal, cache=cache, layer=layer) + self.mlp(h, **mlp_kwargs)
             return x + attn.drop_path(self.drop(out))
         x = self.attn(x, mask=mask, causal=causal, cache=cache, layer=layer)
-        if self.cross_attn is not None and (
-            memory is not None or (cache is not None and cache.cross[layer] is not None)
-        ):
+        if self.cross_attn is not None and (memory is not None or (cache is not None and cache.has_cross(layer))):
             x = self.cross_attn(x, mask=memory_mask, memory=memory, cache=cache, layer=layer)
         return self.mlp(x, **mlp_kwargs)
 
@@ -150,11 +148,7 @@ class Stack(nn.Module):
             cache.advance(x.shape[1])
         return self.norm(x)
 
-    def make_cache(self, batch_size: int, max_length: int, *, device=None, dtype=torch.float32) -> KVCache:
+    def make_cache(self, batch_size: int, capacity: int, *, device=None, dtype=torch.float32) -> KVCache:
+        """An empty KV cache for ``batch_size`` rows of ``capacity`` positions (it grows on demand)."""
         c = self.cfg
-        return KVCache(c.depth, batch_size, c.n_kv_heads, c.head_dim, max_length, device=device, dtype=dtype)
-
-    def aux_loss(self) -> torch.Tensor:
-        """Sum of the mixture-of-experts load-balancing losses of the last forward (0 without experts)."""
-        losses = [m.aux_loss for m in self.modules() if isinstance(m, MixtureOfExperts)]
-        return torch.stack(losses).sum() if losses else torch.zeros(())
+        return KVCache(c.depth, batch_size, c.n_kv_heads, c.head_dim, capacity, device=device, dtype=dtype)

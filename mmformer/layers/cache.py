@@ -1,6 +1,12 @@
 """An explicit, preallocated key/value cache for incremental decoding (no hooks, no hidden state).
 
-Shape legend: L layers, B batch, nkv key/value heads, hs head size, M maximum cached length, T new tokens.
+The cache owns its whole protocol: how many rows and positions it holds (:attr:`batch_size`, :attr:`capacity`,
+:attr:`length`), growing (:meth:`ensure`), writing a layer's new keys/values (:meth:`append`) and moving on
+(:meth:`advance`), reordering rows for beam search (:meth:`reorder`), and each layer's cross-attention keys/values
+(:meth:`has_cross`, :meth:`cross`, :meth:`set_cross`). Nothing outside this module reads its tensors.
+
+Shape legend: L layers, B batch, nkv key/value heads, hs head size, M capacity (cached positions), T new tokens,
+S memory tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +20,10 @@ class KVCache:
     Self-attention entries grow by T tokens per step into preallocated buffers (L, B, nkv, M, hs); the stack calls
     :meth:`advance` once all its blocks have written. Cross-attention keys/values are computed from the memory once,
     on the first step, and reused.
+
+    Args:
+        n_layers, batch_size, n_kv_heads, head_dim: the buffers' layout.
+        capacity: positions allocated now; :meth:`ensure` grows it.
     """
 
     def __init__(
@@ -22,59 +32,106 @@ class KVCache:
         batch_size: int,
         n_kv_heads: int,
         head_dim: int,
-        max_length: int,
+        capacity: int,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ):
-        shape = (n_layers, batch_size, n_kv_heads, max_length, head_dim)
+        shape = (n_layers, batch_size, n_kv_heads, capacity, head_dim)
         self._use(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-        self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+        self._cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         self.length = 0  # tokens already cached
         self._spare: tuple[torch.Tensor, torch.Tensor] | None = None  # reorder's second buffer
-        self.max_length = max_length
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write new k, v (B, nkv, T, hs) after the cached ones; return all keys/values (B, nkv, length+T, hs)."""
-        end = self.length + k.shape[2]
-        if end > self.max_length:
-            raise ValueError(f"KV cache holds {self.max_length} positions; decoding needs {end}")
-        keys, values = self.layers[layer]  # (B, nkv, M, hs); narrow/copy_ are cheaper than slice indexing
-        keys.narrow(2, self.length, k.shape[2]).copy_(k)
-        values.narrow(2, self.length, v.shape[2]).copy_(v)
-        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
+    # ------------------------------------------------------------------ layout
+    @property
+    def batch_size(self) -> int:
+        """Rows (sequences) the cache holds."""
+        return self._k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        """Positions allocated now."""
+        return self._k.shape[3]
 
     def _use(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Hold buffers k, v (L, B, nkv, M, hs) and each layer's views of them, made once per buffer (a select per
         layer and step is a measurable share of a decoding step)."""
-        self.k, self.v = k, v
-        self.layers = [(k[i], v[i]) for i in range(k.shape[0])]  # [(keys, values) (B, nkv, M, hs)] * L
+        self._k, self._v = k, v
+        self._layers = [(k[i], v[i]) for i in range(k.shape[0])]  # [(keys, values) (B, nkv, M, hs)] * L
+
+    def ensure(self, n: int, *, limit: int | None = None, step: int = 64) -> None:
+        """Make room for at least ``n`` positions, keeping what is cached: grow to ``max(n + step, 2 * capacity)``,
+        but not beyond ``limit`` (the most positions decoding can reach, e.g. the prompt plus ``max_new_tokens``).
+        Growing as decoding goes on keeps memory proportional to the tokens actually decoded, not to a worst case."""
+        if n <= self.capacity:
+            return
+        if limit is not None and n > limit:
+            raise ValueError(f"KV cache: {n} positions requested, more than the limit of {limit}")
+        size = max(n + step, 2 * self.capacity)
+        size = max(n, min(size, limit)) if limit is not None else size
+        k = self._k.new_zeros(*self._k.shape[:3], size, self._k.shape[4])
+        v = torch.zeros_like(k)
+        k[:, :, :, : self.length] = self._k[:, :, :, : self.length]  # (L, B, nkv, length, hs)
+        v[:, :, :, : self.length] = self._v[:, :, :, : self.length]
+        self._use(k, v)
+        self._spare = None
+
+    # ------------------------------------------------------------------ self-attention
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new k, v (B, nkv, T, hs) after the cached ones; return all keys/values (B, nkv, length+T, hs)."""
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; decoding needs {end} (call ensure first)")
+        keys, values = self._layers[layer]  # (B, nkv, M, hs); narrow/copy_ are cheaper than slice indexing
+        keys.narrow(2, self.length, k.shape[2]).copy_(k)
+        values.narrow(2, self.length, v.shape[2]).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def advance(self, n_tokens: int) -> None:
+        """Count ``n_tokens`` more cached positions, once every layer has appended them."""
         self.length += n_tokens
 
+    # ------------------------------------------------------------------ cross-attention
+    def has_cross(self, layer: int) -> bool:
+        """Whether ``layer``'s cross-attention keys/values are cached (they are computed once per memory)."""
+        return self._cross[layer] is not None
+
+    def cross(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layer``'s cached cross-attention keys and values (B or B/G, nkv, S, hs)."""
+        kv = self._cross[layer]
+        if kv is None:
+            raise ValueError(f"KV cache: layer {layer} holds no cross-attention keys/values yet; pass the memory")
+        return kv
+
+    def set_cross(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``layer``'s cross-attention keys and values (B or B/G, nkv, S, hs), contiguous: the fused kernel reads
+        strided views (heads interleaved in each row) ~2.5x slower at every decoding step."""
+        self._cross[layer] = (k.contiguous(), v.contiguous())
+
+    # ------------------------------------------------------------------ beams
     def reorder(self, index: torch.Tensor, cross: bool = True) -> None:
         """Keep batch rows ``index`` (beam search reorders hypotheses after each step).
 
         Only the filled positions are copied, into a second buffer that then swaps with the first (allocated on the
-        first reorder), so a step costs one pass over the cached tokens rather than over ``max_length``.
+        first reorder), so a step costs one pass over the cached tokens rather than over the capacity.
         ``cross=False`` leaves the cross-attention keys/values alone: exact when each row is only replaced by rows
         that read the same memory, as beams of one sample do.
         """
-        if index.shape[0] != self.k.shape[1]:  # a new number of rows: new buffers
-            self._use(self.k.index_select(1, index), self.v.index_select(1, index))
+        if index.shape[0] != self.batch_size:  # a new number of rows: new buffers
+            self._use(self._k.index_select(1, index), self._v.index_select(1, index))
             self._spare = None
         else:
             if self._spare is None:
-                self._spare = (torch.empty_like(self.k), torch.empty_like(self.v))
+                self._spare = (torch.empty_like(self._k), torch.empty_like(self._v))
             n = self.length
             spare_k, spare_v = self._spare
-            torch.index_select(self.k[:, :, :, :n], 1, index, out=spare_k[:, :, :, :n])  # (L, B, nkv, n, hs)
-            torch.index_select(self.v[:, :, :, :n], 1, index, out=spare_v[:, :, :, :n])
-            self._spare = (self.k, self.v)
+            torch.index_select(self._k[:, :, :, :n], 1, index, out=spare_k[:, :, :, :n])  # (L, B, nkv, n, hs)
+            torch.index_select(self._v[:, :, :, :n], 1, index, out=spare_v[:, :, :, :n])
+            self._spare = (self._k, self._v)
             self._use(spare_k, spare_v)
         if cross:
-            self.cross = [
+            self._cross = [
                 None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
-                for kv in self.cross
+                for kv in self._cross
             ]

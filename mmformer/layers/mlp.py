@@ -17,13 +17,6 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-class QuickGELU(nn.Module):
-    """:func:`quick_gelu` as a module, for code that composes activations as modules."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quick_gelu(x)
-
-
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
@@ -59,9 +52,11 @@ class Mlp(nn.Module):
 class MixtureOfExperts(nn.Module):
     """Top-k routed experts (Switch / Mixtral style) with the Switch load-balancing loss.
 
-    After each forward, ``aux_loss`` holds ``E * sum_e f_e * P_e`` (fraction of tokens routed to expert e times
-    the mean router probability of e); it is 1 for a perfectly balanced router. The training task adds it to the
-    loss with a weight; the model never reads it.
+    While training, each forward records its load-balancing loss ``E * sum_e f_e * P_e`` (fraction of tokens routed
+    to expert e times the mean router probability of e; 1 for a perfectly balanced router) in a list that
+    :meth:`pop_aux_losses` hands over and clears — the training task collects them through
+    :meth:`~mmformer.MultimodalTransformer.pop_aux_loss` and adds their mean to the loss with a weight. In eval mode
+    nothing is recorded.
     """
 
     def __init__(self, dim: int, hidden: int, n_experts: int, top_k: int, kind: str, bias: bool, dropout: float):
@@ -69,7 +64,7 @@ class MixtureOfExperts(nn.Module):
         self.top_k = top_k
         self.router = nn.Linear(dim, n_experts, bias=False)
         self.experts = nn.ModuleList(Mlp(dim, hidden, kind, bias, dropout) for _ in range(n_experts))
-        self.aux_loss = torch.zeros(())
+        self._aux_losses: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -82,10 +77,23 @@ class MixtureOfExperts(nn.Module):
             token, slot = (chosen == e).nonzero(as_tuple=True)
             if token.numel():
                 out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
-        n_experts = probs.shape[-1]
-        routed = F.one_hot(chosen, n_experts).sum(dim=1).float().mean(dim=0) / self.top_k  # f_e, (E,)
-        self.aux_loss = n_experts * (routed * probs.mean(dim=0)).sum()
+        if self.training:
+            n_experts = probs.shape[-1]
+            routed = F.one_hot(chosen, n_experts).sum(dim=1).float().mean(dim=0) / self.top_k  # f_e, (E,)
+            self._aux_losses.append(n_experts * (routed * probs.mean(dim=0)).sum())
         return out.reshape(shape)
+
+    def pop_aux_losses(self) -> list[torch.Tensor]:
+        """The load-balancing losses recorded since the last call (one per training forward), cleared."""
+        losses, self._aux_losses = self._aux_losses, []
+        return losses
+
+
+def pop_aux_loss(module: nn.Module) -> torch.Tensor | None:
+    """The mean load-balancing loss over every call of every :class:`MixtureOfExperts` inside ``module`` recorded
+    since the last pop (None without any), and forget them."""
+    losses = [loss for m in module.modules() if isinstance(m, MixtureOfExperts) for loss in m.pop_aux_losses()]
+    return torch.stack([x.float() for x in losses]).mean() if losses else None
 
 
 def make_mlp(cfg: StackConfig) -> nn.Module:

@@ -13,28 +13,40 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def sinusoids(length: int, dim: int, max_timescale: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal table (length, dim): [sin | cos] halves with geometric timescales, as in Whisper's encoder."""
+def sinusoids(length: int, dim: int, max_timescale: float = 10000.0, *, offset: int = 0, device=None) -> torch.Tensor:
+    """Sinusoidal table (length, dim) for positions offset … offset+length-1: [sin | cos] halves with geometric
+    timescales, as in Whisper's encoder (computed in float64, returned as float32)."""
     if dim % 2:
         raise ValueError(f"sinusoidal positions need an even width, got {dim}")
     increment = math.log(max_timescale) / (dim // 2 - 1)
-    inv_timescales = torch.exp(-increment * torch.arange(dim // 2, dtype=torch.float64))
-    scaled = torch.arange(length, dtype=torch.float64)[:, None] * inv_timescales[None, :]
+    inv_timescales = torch.exp(-increment * torch.arange(dim // 2, dtype=torch.float64, device=device))
+    positions = torch.arange(offset, offset + length, dtype=torch.float64, device=device)
+    scaled = positions[:, None] * inv_timescales[None, :]
     return torch.cat([scaled.sin(), scaled.cos()], dim=1).float()
 
 
 class AbsolutePositions(nn.Module):
-    """A position table added to the tokens: learned (trainable) or sinusoidal (a fixed buffer)."""
+    """Positions added to the tokens: a learned table (trainable), or sinusoids computed for the positions in use
+    (derived from the config, so never stored, loaded or allocated beyond the tokens at hand)."""
 
     def __init__(self, kind: str, length: int, dim: int, *, what: str = "sequence"):
         super().__init__()
-        self.kind, self.length, self.what = kind, length, what
-        if kind == "learned":
-            self.weight = nn.Parameter(torch.randn(length, dim) * 0.02)
-        elif kind == "sinusoidal":
-            self.register_buffer("weight", sinusoids(length, dim), persistent=False)
-        else:
+        if kind not in ("learned", "sinusoidal"):
             raise ValueError(f"position must be 'learned' or 'sinusoidal', got {kind!r}")
+        self.kind, self.length, self.dim, self.what = kind, length, dim, what
+        self.weight = nn.Parameter(torch.empty(length, dim)) if kind == "learned" else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            with torch.no_grad():
+                self.weight.normal_(0.0, 0.02)
+
+    def table(self, offset: int, length: int, device: torch.device) -> torch.Tensor:
+        """Positions offset … offset+length-1 as a (length, D) table."""
+        if self.weight is not None:
+            return self.weight[offset : offset + length]
+        return sinusoids(length, self.dim, offset=offset, device=device)
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """Add positions offset … offset+T-1 to x (B, T, D)."""
@@ -44,7 +56,7 @@ class AbsolutePositions(nn.Module):
                 f"{self.what} length {end} exceeds the position table ({self.length} positions); "
                 f"truncate the input or build the model with a longer {self.what} length"
             )
-        return x + self.weight[offset:end].to(x.dtype)
+        return x + self.table(offset, x.shape[1], x.device).to(x.dtype)
 
 
 def resample_patch_positions(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
@@ -58,24 +70,29 @@ def resample_patch_positions(pos: torch.Tensor, old_grid: tuple[int, int], new_g
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE (rotate-half form, as GPT-NeoX and LLaMA) on queries and keys; offset continues a KV cache."""
+    """RoPE (rotate-half form, as GPT-NeoX and LLaMA) on queries and keys; offset continues a KV cache. Its
+    frequencies are derived from the config and computed where they are used (no stored state)."""
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """(hs/2,) rotation frequencies ``theta^(-2i/hs)``, computed in float64."""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device) / self.head_dim
+        return (1.0 / self.theta**exponents).float()
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """Rotate x (B, nh, T, hs) by the angles of positions offset … offset+T-1."""
         t = torch.arange(offset, offset + x.shape[-2], device=x.device, dtype=torch.float32)
-        angles = torch.outer(t, self.inv_freq)  # (T, hs/2)
+        angles = torch.outer(t, self.inv_freq(x.device))  # (T, hs/2)
         cos = angles.cos().repeat(1, 2).to(x.dtype)  # (T, hs)
         sin = angles.sin().repeat(1, 2).to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def alibi_slopes(n_heads: int) -> torch.Tensor:
+def alibi_slopes(n_heads: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Per-head ALiBi slopes (Press et al. 2022): 2^(-8i/n) for n a power of two, else interleaved extras."""
 
     def power_of_two(n: int) -> list[float]:
@@ -83,10 +100,10 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
         return [start**i for i in range(1, n + 1)]
 
     if math.log2(n_heads).is_integer():
-        return torch.tensor(power_of_two(n_heads))
+        return torch.tensor(power_of_two(n_heads), device=device)
     closest = 2 ** math.floor(math.log2(n_heads))
     extra = power_of_two(2 * closest)[0::2][: n_heads - closest]
-    return torch.tensor(power_of_two(closest) + extra)
+    return torch.tensor(power_of_two(closest) + extra, device=device)
 
 
 def alibi_bias(slopes: torch.Tensor, q_len: int, k_len: int, causal: bool) -> torch.Tensor:

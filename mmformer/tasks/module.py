@@ -34,17 +34,17 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from mmformer.config import ModelConfig
-from mmformer.layers.mlp import MixtureOfExperts
+from mmformer.generation import generate
 from mmformer.model import MultimodalTransformer
 from mmformer.tasks.losses import MAX_LOGIT_SCALE, ContrastiveLoss, SigLipLoss, caption_loss, ctc_loss, teacher_forcing
 from mmformer.tasks.metrics import TaskMetrics, normalize_text, text_keys
 from mmformer.tasks.schedule import WarmupCosine
+from mmformer.zeroshot import build_class_embeddings, check_templates
 
 STAGES = ("val", "test")
 
@@ -87,7 +87,9 @@ class MultimodalTask(L.LightningModule):
         max_steps: length of the cosine decay; None uses ``trainer.estimated_stepping_batches``.
         min_lr_ratio: the learning rate at the end of the decay, as a fraction of the base rate.
         zeroshot_classes: class names; evaluation samples whose text is one of them are classified zero-shot.
-        zeroshot_templates: prompts with ``{}`` for the class name; class embeddings average over them.
+        zeroshot_templates: prompts with ``{}`` for the class name; class embeddings average over them (the same
+            function as :class:`~mmformer.ZeroShotClassifier` builds them).
+        zeroshot_batch_size: prompts encoded per forward pass when building the class embeddings.
         val_generate: generate captions / transcripts during validation and test for BLEU / CER / WER.
         generate_max_new_tokens: tokens generated per sample at evaluation and prediction.
         nonfinite: a NaN/Inf loss or gradient ``skip`` s the step with a warning or ``stop`` s training with
@@ -110,6 +112,7 @@ class MultimodalTask(L.LightningModule):
         min_lr_ratio: float = 0.0,
         zeroshot_classes: list[str] | None = None,
         zeroshot_templates: Sequence[str] = ("{}",),
+        zeroshot_batch_size: int = 64,
         val_generate: bool = True,
         generate_max_new_tokens: int = 16,
         nonfinite: Literal["skip", "stop"] = "stop",
@@ -138,11 +141,12 @@ class MultimodalTask(L.LightningModule):
                 raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
         if generate_max_new_tokens < 1:
             raise ValueError(f"generate_max_new_tokens: expected an int >= 1, got {generate_max_new_tokens!r}")
-        zeroshot_templates = list(zeroshot_templates)
-        if not zeroshot_templates or any("{}" not in t for t in zeroshot_templates):
-            raise ValueError(
-                f"zeroshot_templates: expected prompts each with a '{{}}' placeholder, got {zeroshot_templates}"
-            )
+        try:
+            zeroshot_templates = check_templates(list(zeroshot_templates))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"zeroshot_templates: {e}") from e
+        if isinstance(zeroshot_batch_size, bool) or not isinstance(zeroshot_batch_size, int) or zeroshot_batch_size < 1:
+            raise ValueError(f"zeroshot_batch_size: expected an int >= 1, got {zeroshot_batch_size!r}")
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"max_steps: expected an int >= 1 or None, got {max_steps!r}")
         WarmupCosine(warmup_steps, max_steps or 1, min_lr_ratio)  # validates the schedule arguments early
@@ -180,6 +184,7 @@ class MultimodalTask(L.LightningModule):
         self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
         self.zeroshot_classes = list(zeroshot_classes or [])
         self.zeroshot_templates = zeroshot_templates
+        self.zeroshot_batch_size = zeroshot_batch_size
         self.val_generate = val_generate
         self.generate_max_new_tokens = generate_max_new_tokens
         self.nonfinite = nonfinite
@@ -190,21 +195,12 @@ class MultimodalTask(L.LightningModule):
         self._class_embeddings: torch.Tensor | None = None
         self._skipped_steps = 0
         self._skip_step = False
-        self._moe_losses: list[torch.Tensor] = []
-        self._collect_moe = False
-        for module in self.model.modules():
-            if isinstance(module, MixtureOfExperts):
-                module.register_forward_hook(self._record_moe)
         if compile:
             for stack in self.model.stacks.values():
                 for block in stack.blocks:
                     block.compile()
 
     # ------------------------------------------------------------------ losses
-    def _record_moe(self, module: MixtureOfExperts, inputs: Any, output: Any) -> None:
-        if self._collect_moe:
-            self._moe_losses.append(module.aux_loss)
-
     def _has(self, route: str) -> bool:
         return route in self.model.config.routes
 
@@ -227,42 +223,38 @@ class MultimodalTask(L.LightningModule):
         feats: dict[str, torch.Tensor] = {}
         contrastive = self.weights["contrastive_image"] > 0 and self._has("text")
         decoder = self._has("decoder")
-        self._moe_losses.clear()
-        self._collect_moe = True
-        try:
+        m.pop_aux_loss()  # drop what earlier forwards left (e.g. gradient checkpointing recomputing in backward)
+        if contrastive:
+            feats["text"] = m.encode_text(ids, mask)
+        scale = m.logit_scale.exp()
+        for modality, key, task in (("image", "pixel_values", "caption"), ("audio", "audio", "speech")):
+            if key not in media:
+                continue
+            if modality == "image":
+                tokens, token_mask = m.encode_image_tokens(batch[key])  # (B, Np, D), None
+            else:
+                tokens, token_mask = m.encode_audio_tokens(batch[key], batch.get("audio_lengths"))  # (B, N, D)
             if contrastive:
-                feats["text"] = m.encode_text(ids, mask)
-            scale = m.logit_scale.exp()
-            for modality, key, task in (("image", "pixel_values", "caption"), ("audio", "audio", "speech")):
-                if key not in media:
-                    continue
-                if modality == "image":
-                    tokens, token_mask = m.encode_image_tokens(batch[key])  # (B, Np, D), None
-                else:
-                    tokens, token_mask = m.encode_audio_tokens(batch[key], batch.get("audio_lengths"))  # (B, N, D)
-                if contrastive:
-                    pool = m.pool_image(tokens) if modality == "image" else m.pool_audio(tokens, token_mask)
-                    feats[modality] = pool
-                    parts[f"contrastive_{modality}"] = self.contrastive(pool, feats["text"], scale, m.logit_bias)
-                if decoder and self.weights[task] > 0:
-                    dec_ids, dec_mask, targets = teacher_forcing(ids, mask)
-                    logits = m.decode(dec_ids, tokens, token_mask, dec_mask)  # (B, T-1, V)
-                    parts[task] = caption_loss(logits, targets)
-                if modality == "audio" and self.weights["ctc"] > 0:
-                    text = m.config.text
-                    parts["ctc"] = ctc_loss(
-                        m.ctc_head(tokens),
-                        token_mask,
-                        ids,
-                        mask,
-                        blank=text.pad_id,
-                        special_ids=(text.bos_id, text.eos_id),
-                    )
-        finally:
-            self._collect_moe = False
-        if self._moe_losses and self.weights["moe_aux"] > 0:
-            parts["moe_aux"] = torch.stack([x.float() for x in self._moe_losses]).mean()
-        self._moe_losses.clear()
+                pool = m.pool_image(tokens) if modality == "image" else m.pool_audio(tokens, token_mask)
+                feats[modality] = pool
+                parts[f"contrastive_{modality}"] = self.contrastive(pool, feats["text"], scale, m.logit_bias)
+            if decoder and self.weights[task] > 0:
+                dec_ids, dec_mask, targets = teacher_forcing(ids, mask)
+                logits = m.decode(dec_ids, tokens, token_mask, dec_mask)  # (B, T-1, V)
+                parts[task] = caption_loss(logits, targets)
+            if modality == "audio" and self.weights["ctc"] > 0:
+                text = m.config.text
+                parts["ctc"] = ctc_loss(
+                    m.ctc_head(tokens),
+                    token_mask,
+                    ids,
+                    mask,
+                    blank=text.pad_id,
+                    special_ids=(text.bos_id, text.eos_id),
+                )
+        aux = m.pop_aux_loss()  # the mean over every MoE layer call of this step's forward passes
+        if aux is not None and self.weights["moe_aux"] > 0:
+            parts["moe_aux"] = aux
         if not parts:
             raise ValueError(
                 f"batch: nothing to train on with keys {sorted(batch)} and weights {self.weights} for a model with "
@@ -369,26 +361,21 @@ class MultimodalTask(L.LightningModule):
             tokenizer = getattr(getattr(datamodule, "processor", None), "tokenizer", None)
         return tokenizer
 
-    @torch.no_grad()
     def _zeroshot_embeddings(self) -> torch.Tensor | None:
-        """(C, E) class embeddings: the normalised mean over templates of each class's text embeddings."""
+        """(C, E) class embeddings, built by :func:`mmformer.zeroshot.build_class_embeddings` as the classifier's."""
         tokenizer = self._find_tokenizer()
         if not self.zeroshot_classes or tokenizer is None or not self._has("text"):
             return None
-        templates = self.zeroshot_templates
-        prompts = [t.format(c) for c in self.zeroshot_classes for t in templates]
-        tokens = tokenizer(prompts)
-        emb = self.model.encode_text(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
-        emb = emb.float().view(len(self.zeroshot_classes), len(templates), -1).mean(dim=1)  # (C, E)
-        return F.normalize(emb, dim=-1)
+        embeddings = build_class_embeddings(
+            self.model, tokenizer, self.zeroshot_classes, self.zeroshot_templates, batch_size=self.zeroshot_batch_size
+        )
+        return embeddings.clone()  # a normal tensor, usable outside inference mode
 
     def _generate(self, batch: dict[str, Any], modality: str) -> list[str] | None:
         """Greedy transcripts or captions of the batch's audio or images; None when generation is unavailable."""
         tokenizer = self._find_tokenizer()
         if not self._has("decoder") or tokenizer is None:
             return None
-        from mmformer.generation import generate
-
         if modality == "image":
             ids = generate(self.model, image=batch["pixel_values"], max_new_tokens=self.generate_max_new_tokens)
         else:

@@ -1,0 +1,259 @@
+"""Fitting a weights file to a model without trusting its config or wasting time and memory.
+
+A model is built on the ``meta`` device (no memory, no random initialisation), its expected tensors are compared
+with the file's *header* (names, shapes, dtypes) before anything is allocated, and only then are the file's tensors
+read and assigned in place of the meta ones::
+
+    with torch.device("meta"):
+        model = MultimodalTransformer(config)          # instant, whatever the config declares
+    fill(model, specs, read, strict=True, source=path)  # check against the header, then read and assign
+
+Parameters the file does not hold (a new head, with ``strict=False``) are the only ones initialised: their module's
+``reset_parameters()`` runs on real memory. Tied tensors (an LM head sharing the token embedding) are stored once and
+tied again after assignment. Nothing here reads files or knows a model class: :mod:`mmformer.pretrained` reads the
+files, the model builds itself.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+MAX_LISTED = 20
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor's shape and dtype, as a file header states them."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorSpec:
+        return cls(tuple(tensor.shape), tensor.dtype)
+
+
+Reader = Callable[[Iterable[str]], Mapping[str, torch.Tensor]]  # names → tensors (read from the file on demand)
+
+
+def listed(items: list) -> str:
+    """At most :data:`MAX_LISTED` items, comma-separated, with a count of the rest."""
+    shown = ", ".join(map(str, items[:MAX_LISTED]))
+    return shown + (f", ... ({len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else "")
+
+
+def human_count(n: int) -> str:
+    """1234567 → '1.23 M'."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return str(n)
+
+
+def aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Keys whose tensor is exactly an earlier key's tensor (tied weights) → that earlier key."""
+    seen: dict[tuple, str] = {}
+    found = {}
+    for key, t in state.items():
+        ident = (
+            id(t) if t.device.type == "meta" else (t.untyped_storage().data_ptr(), t.storage_offset()),
+            tuple(t.shape),
+            t.stride(),
+            t.dtype,
+            t.device,
+        )
+        if ident in seen:
+            found[key] = seen[ident]
+        else:
+            seen[ident] = key
+    return found
+
+
+def expected_specs(model: nn.Module) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+    """The tensors ``model`` stores (tied aliases removed) and its aliases (alias → canonical key)."""
+    state = model.state_dict(keep_vars=True)
+    tied = aliases(state)
+    return {k: TensorSpec.of(v) for k, v in state.items() if k not in tied}, tied
+
+
+def compatible_dtypes(expected: torch.dtype, found: torch.dtype) -> bool:
+    """A floating-point tensor may be stored in another floating-point dtype (it is cast on load); other dtypes must
+    match exactly."""
+    return expected == found or (expected.is_floating_point and found.is_floating_point)
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What loading a file into a model will do, decided from the header alone."""
+
+    load: list[str]  # keys read from the file
+    missing: list[str]  # keys the model has and the file lacks: initialised (strict=False, or asked for)
+    unexpected: list[str]  # keys the file has and the model lacks (ignored, strict=False only)
+
+
+def plan(
+    model: nn.Module,
+    specs: Mapping[str, TensorSpec],
+    *,
+    strict: bool,
+    source: object,
+    max_parameters: int | None = None,
+    initialise: Iterable[str] = (),
+) -> LoadPlan:
+    """Compare ``model``'s expected tensors with a file header and decide what to load, or raise ``ValueError``.
+
+    Shape and dtype mismatches are refused either way (the weights belong to another config); so is a model that
+    declares more parameters than :func:`parameter_ceiling` allows. Missing and unexpected keys are refused when
+    ``strict`` and reported as a warning otherwise, except the keys listed in ``initialise`` (parameters the source
+    has no counterpart for, such as a converted tower's logit scale), which keep their initial values either way.
+    The messages carry a one-line size summary.
+    """
+    expected, tied = expected_specs(model)
+    specs = {k: v for k, v in specs.items() if k not in tied or tied[k] not in specs}  # an alias stored once
+    specs = {tied.get(k, k): v for k, v in specs.items()}
+    declared = sum(s.numel for s in expected.values())
+    held = sum(s.numel for s in specs.values())
+    summary = f"config declares {human_count(declared)} parameters; {_name(source)} holds {human_count(held)}"
+    wrong_shape = [
+        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(s.shape)}"
+        for k, s in sorted(specs.items())
+        if k in expected and tuple(s.shape) != tuple(expected[k].shape)
+    ]
+    if wrong_shape:
+        raise ValueError(
+            f"{source}: {len(wrong_shape)} tensor(s) have a different shape than the model config gives (the "
+            f"weights belong to another config): {listed(wrong_shape)} ({summary})"
+        )
+    wrong_dtype = [
+        f"{k}: expected {expected[k].dtype}, found {s.dtype}"
+        for k, s in sorted(specs.items())
+        if k in expected and not compatible_dtypes(expected[k].dtype, s.dtype)
+    ]
+    if wrong_dtype:
+        raise ValueError(f"{source}: {len(wrong_dtype)} tensor(s) have an incompatible dtype: {listed(wrong_dtype)}")
+    initialise = set(initialise)
+    missing = sorted(set(expected) - set(specs) - initialise)
+    unexpected = sorted(set(specs) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing keys (initialised afresh): {listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys (ignored): {listed(unexpected)}")
+    if problems:
+        message = f"{source}: the weights do not match the model config: " + "; ".join(problems) + f" ({summary})"
+        if strict:
+            raise ValueError(message + ". Pass strict=False to load the matching tensors anyway")
+    fresh = sum(expected[k].numel for k in initialise if k in expected and k not in specs)
+    ceiling = parameter_ceiling(held + fresh, strict, max_parameters)
+    if declared > ceiling:
+        how = "max_parameters=N" + ("" if max_parameters is not None else " to allow more (e.g. training from scratch)")
+        raise ValueError(
+            f"{source}: the model config declares more parameters than allowed ({summary}; the limit is "
+            f"{human_count(ceiling)}: pass {how}); the config does not belong to these weights"
+        )
+    if problems:
+        warnings.warn(message, stacklevel=3)
+    initialised = sorted(set(missing) | (initialise & set(expected)) - set(specs))
+    return LoadPlan(load=sorted(set(expected) & set(specs)), missing=initialised, unexpected=unexpected)
+
+
+def parameter_ceiling(held: int, strict: bool, max_parameters: int | None = None) -> int:
+    """The most parameters a config may declare for a file holding ``held`` elements: ``max_parameters`` if given,
+    else ``held`` (strict: every tensor must come from the file) or ``2 * held + 16 M`` (room for new heads)."""
+    if max_parameters is not None:
+        return max_parameters
+    return held if strict else 2 * held + 2**24
+
+
+def fill(
+    model: nn.Module,
+    specs: Mapping[str, TensorSpec],
+    read: Reader,
+    *,
+    strict: bool = True,
+    source: object = "weights",
+    device: torch.device | str | None = None,
+    max_parameters: int | None = None,
+    initialise: Iterable[str] = (),
+) -> LoadPlan:
+    """Load a file into a model built on the meta device: :func:`plan` from the header, then read and assign.
+
+    Floating-point tensors are cast to the dtype the model was built with; everything lands on ``device``
+    (default CPU). Keys the file lacks (``strict=False``, or listed in ``initialise``) are initialised by their
+    module's ``reset_parameters``.
+    The file's alias of a tied tensor must equal the canonical one.
+    """
+    device = torch.device(device or "cpu")
+    load = plan(model, specs, strict=strict, source=source, max_parameters=max_parameters, initialise=initialise)
+    expected, tied = expected_specs(model)
+    wanted = set(load.load) | {alias for alias, canonical in tied.items() if alias in specs}
+    tensors = dict(read(sorted(wanted)))
+    for alias, canonical in tied.items():
+        if alias in tensors:
+            value = tensors.pop(alias)
+            if canonical not in tensors:
+                tensors[canonical] = value
+            elif not torch.equal(value, tensors[canonical]):
+                raise ValueError(
+                    f"{source}: {alias} differs from {canonical}, but this model ties them (e.g. tie_lm_head=True)"
+                )
+    for key, value in tensors.items():
+        dtype = expected[key].dtype
+        tensors[key] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+    _initialise(model, load.missing, device)
+    with torch.no_grad():
+        model.load_state_dict(tensors, strict=False, assign=True)
+    _retie(model, tied)
+    still_meta = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
+    if still_meta:
+        raise ValueError(f"{source}: no values for {listed(still_meta)} (neither in the file nor initialisable)")
+    return load
+
+
+def _initialise(model: nn.Module, keys: list[str], device: torch.device) -> None:
+    """Give the missing ``keys`` real memory and their module's initial values (``reset_parameters``)."""
+    owners = {key.rpartition(".")[0] for key in keys}
+    for name in sorted(owners):
+        module = model.get_submodule(name)
+        reset = getattr(module, "reset_parameters", None)
+        if reset is None:
+            raise ValueError(f"cannot initialise the missing tensors of {name or 'the model'}: "
+                             f"{type(module).__name__} has no reset_parameters()")  # fmt: skip
+        module.to_empty(device=device, recurse=False)
+        with torch.no_grad():
+            reset()
+
+
+def _retie(model: nn.Module, tied: Mapping[str, str]) -> None:
+    """Point every alias at its canonical parameter again (assignment replaced the canonical one)."""
+    for alias, canonical in tied.items():
+        owner_name, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(owner_name), attr, model.get_parameter(canonical))
+
+
+def build_on_meta(factory: Callable[..., nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
+    """``factory(*args, **kwargs)`` on the meta device: every parameter a shape without memory, so a config can be
+    checked against a weights file before anything is allocated."""
+    with torch.device("meta"):
+        return factory(*args, **kwargs)
+
+
+def in_memory(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, TensorSpec], Reader]:
+    """Header and reader of a state dict already in memory (a converter's input, a module's state)."""
+    return {k: TensorSpec.of(v) for k, v in state.items()}, lambda keys: {k: state[k] for k in keys}
+
+
+def _name(source: object) -> str:
+    text = str(source)
+    return text.rsplit("/", 1)[-1] or text
