@@ -22,7 +22,8 @@ _EXPORTS = {
     "Tokenizer": "mmformer.tokenizer",
     "Processor": "mmformer.processor",
     "ZeroShotClassifier": "mmformer.zeroshot",
-    "load_pretrained": "mmformer.model",
+    "load_pretrained": "mmformer.auto",
+    "from_pretrained": "mmformer.auto",
     "save_pretrained": "mmformer.pretrained",
 }
 _SUBMODULES = {"convert", "data", "layers", "embedders", "generation", "tasks"}
@@ -41,6 +42,7 @@ __all__ = [
     "convert",
     "data",
     "embedders",
+    "from_pretrained",
     "generation",
     "layers",
     "load_pretrained",

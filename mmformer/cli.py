@@ -95,7 +95,7 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus"}
 
 
 def _load_model(path: str, device: str):
-    from mmformer.model import load_pretrained
+    from mmformer.auto import load_pretrained
 
     model = load_pretrained(path, device=device).eval()
     if getattr(model, "processor", None) is None:
@@ -140,7 +140,7 @@ def _decode(args: argparse.Namespace, task: str) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from mmformer.model import load_pretrained
+    from mmformer.auto import load_pretrained
 
     load_pretrained(args.ckpt).save_pretrained(args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")

@@ -393,8 +393,3 @@ class MultimodalTransformer(nn.Module):
     def transcribe(self, waveforms: Any, sample_rate: int = 16000, processor: Any = None, **decoding: Any) -> list[str]:
         """Transcripts of waveforms (or audio file paths)."""
         return generation.transcribe(self, waveforms, sample_rate=sample_rate, processor=processor, **decoding)
-
-
-def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> MultimodalTransformer:
-    """:meth:`MultimodalTransformer.from_pretrained` as a function."""
-    return MultimodalTransformer.from_pretrained(path, **kwargs)
