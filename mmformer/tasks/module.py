@@ -8,6 +8,7 @@ for whatever the batch holds:
 - ``caption`` / ``speech``: teacher-forced cross-entropy of the text decoder reading the image / audio tokens;
 - ``ctc``: CTC of the optional CTC head over the audio tokens;
 - ``moe_aux``: the mixture-of-experts load-balancing loss, averaged over every MoE layer call of the step;
+- ``distill_*``: with a ``teacher``, knowledge distillation from it (see :mod:`mmformer.tasks.distill`);
 
 and trains on their weighted sum. Each image or audio batch runs through its encoder once: the same token states
 feed the contrastive pooling and the decoder's cross-attention.
@@ -41,6 +42,7 @@ from torch import nn
 from mmformer.config import ModelConfig
 from mmformer.generation import generate
 from mmformer.model import MultimodalTransformer
+from mmformer.tasks.distill import Distiller, part_weights
 from mmformer.tasks.losses import MAX_LOGIT_SCALE, ContrastiveLoss, SigLipLoss, caption_loss, ctc_loss, teacher_forcing
 from mmformer.tasks.metrics import TaskMetrics, normalize_text, text_keys
 from mmformer.tasks.schedule import WarmupCosine
@@ -95,6 +97,11 @@ class MultimodalTask(L.LightningModule):
         nonfinite: a NaN/Inf loss or gradient ``skip`` s the step with a warning or ``stop`` s training with
             :class:`NonFiniteLossError`; weights are never updated with non-finite values either way.
         compile: ``torch.compile`` every transformer block (in place, so checkpoints keep their keys).
+        teacher: distil from this model (a path or name :func:`mmformer.from_pretrained` accepts, or a loaded
+            model): frozen, never saved with the student; it must share the student's tokenizer.
+        distill_temperature: T of the teacher's and the student's softened distributions.
+        distill_weight: weight of the KL distillation losses (decoder tokens and contrastive logits, T²-scaled).
+        distill_feature_weight: weight of the embedding (feature) distillation; 0 switches it off.
     """
 
     def __init__(
@@ -117,6 +124,10 @@ class MultimodalTask(L.LightningModule):
         generate_max_new_tokens: int = 16,
         nonfinite: Literal["skip", "stop"] = "stop",
         compile: bool = False,
+        teacher: str | None = None,
+        distill_temperature: float = 2.0,
+        distill_weight: float = 1.0,
+        distill_feature_weight: float = 0.0,
     ):
         super().__init__()
         if isinstance(model, dict):
@@ -129,6 +140,8 @@ class MultimodalTask(L.LightningModule):
             "speech_weight": speech_weight,
             "ctc_weight": ctc_weight,
             "moe_aux_weight": moe_aux_weight,
+            "distill_weight": distill_weight,
+            "distill_feature_weight": distill_feature_weight,
         }
         for name, value in weights.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
@@ -155,7 +168,8 @@ class MultimodalTask(L.LightningModule):
 
         # Only plain types go into the checkpoint (torch.load(weights_only=True)): the model config as a dict under
         # "model" (so load_from_checkpoint rebuilds it); a Python optimizer callable is not stored.
-        self.save_hyperparameters(ignore=["model"])
+        # The teacher is not the student's: a checkpoint neither stores it nor needs it to load.
+        self.save_hyperparameters(ignore=["model", "teacher"])
         self.hparams["model"] = model.to_dict()
         self.hparams["zeroshot_templates"] = zeroshot_templates
         if not isinstance(self.hparams.get("optimizer"), (dict, str, type(None))):
@@ -171,6 +185,12 @@ class MultimodalTask(L.LightningModule):
             "ctc": float(ctc_weight),
             "moe_aux": float(moe_aux_weight),
         }
+        self.distiller = None
+        if teacher is not None:
+            self.distiller = Distiller(
+                teacher, model, temperature=distill_temperature, feature_weight=distill_feature_weight
+            )
+            self.weights.update(part_weights(distill_weight, distill_feature_weight))
         if "text" not in routes and contrastive_weight > 0:
             rank_zero_warn(f"contrastive_weight={contrastive_weight} is unused: the model has no text route")
         if "decoder" not in routes and (caption_weight > 0 or speech_weight > 0):
@@ -221,6 +241,7 @@ class MultimodalTask(L.LightningModule):
                 )
         parts: dict[str, torch.Tensor] = {}
         feats: dict[str, torch.Tensor] = {}
+        logits_of: dict[str, torch.Tensor] = {}  # decoder logits by task, for distillation
         contrastive = self.weights["contrastive_image"] > 0 and self._has("text")
         decoder = self._has("decoder")
         m.pop_aux_loss()  # drop what earlier forwards left (e.g. gradient checkpointing recomputing in backward)
@@ -242,6 +263,7 @@ class MultimodalTask(L.LightningModule):
                 dec_ids, dec_mask, targets = teacher_forcing(ids, mask)
                 logits = m.decode(dec_ids, tokens, token_mask, dec_mask)  # (B, T-1, V)
                 parts[task] = caption_loss(logits, targets)
+                logits_of[task] = logits
             if modality == "audio" and self.weights["ctc"] > 0:
                 text = m.config.text
                 parts["ctc"] = ctc_loss(
@@ -252,6 +274,8 @@ class MultimodalTask(L.LightningModule):
                     blank=text.pad_id,
                     special_ids=(text.bos_id, text.eos_id),
                 )
+        if self.distiller is not None:
+            parts.update(self.distiller(batch, feats, logits_of, scale))
         aux = m.pop_aux_loss()  # the mean over every MoE layer call of this step's forward passes
         if aux is not None and self.weights["moe_aux"] > 0:
             parts["moe_aux"] = aux
@@ -336,7 +360,8 @@ class MultimodalTask(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
+        extra = self.distiller.named_parameters("distiller") if self.distiller is not None else ()
+        for name, param in [*self.model.named_parameters(), *extra]:
             if param.requires_grad:
                 (no_decay if no_weight_decay(name, param) else decay).append(param)
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -350,6 +375,10 @@ class MultimodalTask(L.LightningModule):
         schedule = WarmupCosine(self.warmup_steps, int(total), self.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        if self.distiller is not None:
+            self.distiller.check_tokenizer(self._find_tokenizer())
 
     # ------------------------------------------------------------------ evaluation
     def _find_tokenizer(self) -> Any:
