@@ -164,14 +164,20 @@ def write_model(
     metadata: Mapping[str, str] | None = None,
 ) -> None:
     """config.json, model.safetensors (tied tensors once) and the processor's files into an existing folder."""
-    record = {"format_version": FORMAT_VERSION, "mmformer_version": __version__, **config.to_dict()}
-    (directory / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_config(directory, config)
     tied = aliases(state)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in tied}
     info = {"format": "pt", "format_version": str(FORMAT_VERSION), "mmformer_config": config.to_json()}
     safetensors.torch.save_file(tensors, str(directory / WEIGHTS_NAME), metadata={**info, **(metadata or {})})
     if processor is not None:
         processor.save_pretrained(directory)
+
+
+def write_config(directory: Path, config: ModelConfig, extra: Mapping[str, Any] | None = None) -> None:
+    """config.json: the ModelConfig with ``format_version`` and ``mmformer_version``, plus ``extra`` top-level keys
+    (such as ``quantization_config``)."""
+    record = {"format_version": FORMAT_VERSION, "mmformer_version": __version__, **config.to_dict(), **(extra or {})}
+    (directory / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 def _carry_over(old: Path, new: Path) -> None:

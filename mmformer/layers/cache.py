@@ -43,6 +43,42 @@ class KVCache:
         self.length = 0  # tokens already cached
         self._spare: tuple[torch.Tensor, torch.Tensor] | None = None  # reorder's second buffer
 
+    @classmethod
+    def from_state(
+        cls,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        cross: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        room: int = 0,
+    ) -> KVCache:
+        """A cache holding explicit state: past self-attention keys and values (L, B, nkv, P, hs), with room for
+        ``room`` more positions, and the cross-attention keys and values (L, B, nkv, S, hs), if any. This is how a
+        decoder step with the cache as inputs and outputs (an exported graph) runs the model; :meth:`state` and
+        :meth:`cross_state` give the state back."""
+        if keys.shape != values.shape or keys.ndim != 5:
+            raise ValueError(
+                f"keys, values: expected two (L, B, nkv, P, hs) tensors of one shape, got {tuple(keys.shape)} and "
+                f"{tuple(values.shape)}"
+            )
+        cache = cls.__new__(cls)
+        pad = keys.new_zeros(*keys.shape[:3], room, keys.shape[4])
+        cache._use(torch.cat([keys, pad], dim=3), torch.cat([values, pad], dim=3))  # (L, B, nkv, P + room, hs)
+        cache._cross = [None] * keys.shape[0] if cross is None else list(zip(cross[0].unbind(0), cross[1].unbind(0)))
+        cache.length = keys.shape[3]
+        cache._spare = None
+        return cache
+
+    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached self-attention keys and values (L, B, nkv, length, hs)."""
+        return self._k[:, :, :, : self.length], self._v[:, :, :, : self.length]
+
+    def cross_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's cross-attention keys and values, stacked (L, B, nkv, S, hs)."""
+        if any(kv is None for kv in self._cross):
+            raise ValueError("KV cache: not every layer holds cross-attention keys/values yet; pass the memory")
+        return torch.stack([k for k, _ in self._cross]), torch.stack([v for _, v in self._cross])
+
     # ------------------------------------------------------------------ layout
     @property
     def batch_size(self) -> int:
