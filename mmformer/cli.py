@@ -24,6 +24,8 @@ Training (a LightningCLI; `mmformer fit --help` lists every option):
 
 Inference and interop:
   export      checkpoint → pretrained directory:  mmformer export --ckpt runs/.../last.ckpt --out out/model
+              towers → ONNX / torch.export:        mmformer export --model out/model --format onnx --out out/onnx
+  quantize    torchao int8 / int4 weights:         mmformer quantize --model out/model --method dynamic --out out/int8
   zeroshot    zero-shot classification:            mmformer zeroshot --model out/model --classes a,b,c FILES...
   caption     image captioning:                    mmformer caption --model out/model FILES...
   transcribe  speech to text:                      mmformer transcribe --model out/model FILES...
@@ -64,8 +66,27 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmformer", usage=USAGE, add_help=False)
     sub = parser.add_subparsers(dest="command")
-    p = sub.add_parser("export", help="turn a training checkpoint into a pretrained directory")
-    p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt)")
+    p = sub.add_parser("export", help="write a pretrained directory, or each tower as ONNX / torch.export graphs")
+    p.add_argument("--ckpt", help="Lightning checkpoint (.ckpt)")
+    p.add_argument("--model", help="pretrained directory or checkpoint (anything load_pretrained accepts)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--format",
+        choices=("pretrained", "onnx", "torch-export"),
+        default="pretrained",
+        help="pretrained: config.json + model.safetensors; onnx / torch-export: one graph per tower and the decoder step",
+    )
+    p.add_argument("--towers", help="comma-separated towers to export (image,audio,text,decoder; default: all)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing mmformer directory")
+
+    p = sub.add_parser("quantize", help="quantize a model's linear layers with torchao")
+    p.add_argument("--model", required=True, help="pretrained directory or checkpoint")
+    p.add_argument("--method", required=True, help="dynamic | int8-weight | int4-weight | static")
+    p.add_argument("--calib", help="data manifest (CSV/TSV/JSONL) whose samples calibrate static int8")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration samples read from --calib")
+    p.add_argument("--group-size", type=int, default=32, help="input channels per int4 group (32, 64, 128)")
+    p.add_argument("--device", default="cpu", help="where to quantize (int4 packs for this device)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing mmformer directory")
 
@@ -142,8 +163,38 @@ def _decode(args: argparse.Namespace, task: str) -> None:
 def _export(args: argparse.Namespace) -> None:
     from mmformer.auto import load_pretrained
 
-    load_pretrained(args.ckpt).save_pretrained(args.out, overwrite=args.overwrite)
+    if (args.ckpt is None) == (args.model is None):
+        raise ValueError("pass exactly one of --ckpt (a training checkpoint) and --model (a pretrained folder)")
+    model = load_pretrained(args.ckpt or args.model)
+    if args.format == "pretrained":
+        model.save_pretrained(args.out, overwrite=args.overwrite)
+    else:
+        from mmformer.export import export
+
+        towers = [t.strip() for t in args.towers.split(",") if t.strip()] if args.towers else None
+        export(model, args.out, format=args.format, towers=towers, opset=args.opset, overwrite=args.overwrite)
     print(f"wrote {args.out}")
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from mmformer.auto import load_pretrained
+    from mmformer.quantization import METHODS, calibration_batches, quantize
+
+    if args.method not in METHODS:
+        raise ValueError(f"--method: expected one of {', '.join(METHODS)}, got {args.method!r}")
+    if args.method == "static" and not args.calib:
+        raise ValueError("--method static needs --calib MANIFEST (samples whose activation ranges set the scales)")
+    model = load_pretrained(args.model, device=args.device)
+    calibration = None
+    if args.method == "static":
+        calibration = calibration_batches(model, args.calib, max_samples=args.calib_samples)
+    quantize(model, args.method, calibration=calibration, group_size=args.group_size)
+    model.save_pretrained(args.out, overwrite=args.overwrite)
+    sizes = [sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) for d in (args.model, args.out)]
+    ratio = f" ({sizes[0] / sizes[1]:.2f}x smaller)" if Path(args.model).is_dir() and sizes[1] else ""
+    print(f"wrote {args.out}: {len(model.quantization.modules)} linear layers {args.method}, {sizes[1]:,} bytes{ratio}")
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -168,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     handlers = {
         "zeroshot": _zeroshot,
         "export": _export,
+        "quantize": _quantize,
         "convert": _convert,
         "caption": lambda a: _decode(a, "caption"),
         "transcribe": lambda a: _decode(a, "transcribe"),
@@ -179,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         handlers[args.command](args)
-    except (SampleError, FileNotFoundError, ValueError) as e:
+    except (SampleError, FileNotFoundError, ValueError, ImportError) as e:
         raise SystemExit(f"mmformer {args.command}: error: {e}") from None
 
 

@@ -102,6 +102,9 @@ class MultimodalTask(L.LightningModule):
         distill_temperature: T of the teacher's and the student's softened distributions.
         distill_weight: weight of the KL distillation losses (decoder tokens and contrastive logits, T²-scaled).
         distill_feature_weight: weight of the embedding (feature) distillation; 0 switches it off.
+        qat: quantization-aware training, e.g. ``{method: dynamic}`` (or ``int8-weight``, ``int4-weight`` with
+            ``group_size``): torchao fake-quantizes the linear layers while training and the model is converted to
+            that quantization when fit ends (see :mod:`mmformer.quantization`).
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class MultimodalTask(L.LightningModule):
         distill_temperature: float = 2.0,
         distill_weight: float = 1.0,
         distill_feature_weight: float = 0.0,
+        qat: dict[str, Any] | None = None,
     ):
         super().__init__()
         if isinstance(model, dict):
@@ -215,6 +219,12 @@ class MultimodalTask(L.LightningModule):
         self._class_embeddings: torch.Tensor | None = None
         self._skipped_steps = 0
         self._skip_step = False
+        self.qat = None
+        if qat is not None:
+            from mmformer.quantization import QATOptions, prepare_qat
+
+            self.qat = QATOptions.build(qat)
+            prepare_qat(self.model, self.qat)
         if compile:
             for stack in self.model.stacks.values():
                 for block in stack.blocks:
@@ -379,6 +389,12 @@ class MultimodalTask(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.distiller is not None:
             self.distiller.check_tokenizer(self._find_tokenizer())
+
+    def on_fit_end(self) -> None:
+        if self.qat is not None:  # fake quantization → the real thing (checkpoints keep the float weights)
+            from mmformer.quantization import convert_qat
+
+            convert_qat(self.model, self.qat)
 
     # ------------------------------------------------------------------ evaluation
     def _find_tokenizer(self) -> Any:
