@@ -137,13 +137,206 @@ def distill(args: argparse.Namespace, out: Path, manifest: Path) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- quantization
+def timing_inputs(manifest: Path, batch: int) -> dict:
+    """The first ``batch`` test rows as model inputs, through the shipped model's processor."""
+    import mmformer
+    from mmformer.demo import read_manifest
+
+    rows = read_manifest(manifest)[:batch]
+    processor = mmformer.Processor.from_pretrained(MODEL)
+    return {**processor(images=[r["image"] for r in rows], audio=[r["audio_filepath"] for r in rows]),
+            "files": [r["audio_filepath"] for r in rows]}  # fmt: skip
+
+
+def qat_finetune(out: Path, steps: int, tiny: bool) -> Path:
+    """Fine-tune the shipped model for ``steps`` with fake quantization (dynamic int8) at a low learning rate; the
+    task converts it when fit ends. Returns the quantized model's folder."""
+    import yaml
+
+    import mmformer
+    from mmformer.training_cli import build_cli
+
+    config = yaml.safe_load(CONFIG.read_text())
+    config["model"]["model"] = json.loads((MODEL / "config.json").read_text())
+    for key in ("format_version", "mmformer_version"):
+        config["model"]["model"].pop(key, None)
+    optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-4, "weight_decay": 0.05}}
+    config["model"].update(
+        qat={"method": "dynamic"}, warmup_steps=min(20, steps), zeroshot_classes=None, optimizer=optimizer
+    )
+    trainer = config["trainer"]
+    trainer.update(max_steps=steps, default_root_dir=str(out), limit_val_batches=0, callbacks=[], logger=False,
+                   enable_checkpointing=False)  # fmt: skip
+    config["data"]["tokenizer"] = str(MODEL / "tokenizer.json")
+    if tiny:
+        config["data"]["batch_size"] = 8
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "qat.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    cli = build_cli(["--config", str(out / "qat.yaml")], run=False)
+    teacher = mmformer.load_pretrained(MODEL)
+    cli.model.model.load_state_dict(teacher.state_dict())  # FakeQuantizedLinear keeps nn.Linear's keys
+    cli.trainer.fit(cli.model, cli.datamodule)
+    model = cli.model.model  # converted by the task at the end of fit
+    model.processor = teacher.processor
+    model.save_pretrained(out / "model")
+    return out / "model"
+
+
+def quantize_section(args: argparse.Namespace, out: Path, manifest: Path) -> list[dict]:
+    import mmformer
+    from benchmarks.common import interleaved
+    from mmformer.generation import generate
+    from mmformer.quantization import calibration_batches, quantize
+
+    dirs = {"fp32": MODEL}
+    for method in ("dynamic", "int8-weight", "int4-weight", "static"):
+        model = mmformer.load_pretrained(MODEL)
+        calibration = None
+        if method == "static":
+            calibration = calibration_batches(model, args.calib, max_samples=16 if args.tiny else 128)
+        start = time.perf_counter()
+        quantize(model, method, calibration=calibration)
+        seconds = time.perf_counter() - start
+        dirs[method] = out / method
+        model.save_pretrained(dirs[method])
+        print(f"{method}: quantized in {seconds:.1f} s")
+    dirs["qat-dynamic"] = qat_finetune(out / "qat", args.qat_steps, args.tiny)
+
+    load = load_average()
+    inputs = timing_inputs(manifest, args.batch)
+    models = {name: mmformer.load_pretrained(path) for name, path in dirs.items()}
+
+    def encode(m):
+        def call():
+            with torch.inference_mode():
+                m.encode_image(inputs["pixel_values"])
+                m.encode_audio(inputs["audio"], inputs["audio_lengths"])
+
+        return call
+
+    def transcribe(m):
+        def call():
+            generate(m, audio=inputs["audio"], audio_lengths=inputs["audio_lengths"], max_new_tokens=8)
+
+        return call
+
+    encode_s = interleaved({n: encode(m) for n, m in models.items()}, warmup=args.warmup, repeats=args.repeats)
+    transcribe_s = interleaved({n: transcribe(m) for n, m in models.items()}, warmup=args.warmup,
+                               repeats=args.repeats)  # fmt: skip
+    size = {n: (Path(d) / "model.safetensors").stat().st_size for n, d in dirs.items()}
+    rows = []
+    for name, path in dirs.items():
+        metrics = evaluate(Path(path), manifest)
+        row = {"method": name, "file_MB": size[name] / 1e6, "smaller": size["fp32"] / size[name], **metrics}
+        row.update(encode_ms=1e3 * encode_s[name], encode_speedup=encode_s["fp32"] / encode_s[name])
+        row.update(transcribe_ms=1e3 * transcribe_s[name], transcribe_speedup=transcribe_s["fp32"] / transcribe_s[name])
+        rows.append({**row, "load_at_start": load})
+    fp32 = rows[0]
+    for row in rows[1:]:
+        for metric in ("image_zeroshot_acc", "audio_zeroshot_acc"):
+            row[f"d_{metric}"] = row[metric] - fp32[metric]
+        for metric in ("caption_cer", "speech_wer"):
+            row[f"d_{metric}"] = row[metric] - fp32[metric]
+    columns = ["method", "file_MB", "smaller", *METRICS, "encode_ms", "encode_speedup", "transcribe_ms",
+               "transcribe_speedup"]  # fmt: skip
+    print(table(rows, columns))
+    print(f"batch {args.batch}, {torch.get_num_threads()} thread(s), load average {load:.2f} at the start")
+    print("targets: int8 within 1 point of fp32 accuracy and +0.02 WER/CER; int8 files >= 3.5x smaller; dynamic int8 "
+          "encode >= 1.3x faster; QAT int8 at least as accurate as static int8")  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- export
+def export_section(args: argparse.Namespace, out: Path, manifest: Path) -> list[dict]:
+    import numpy as np
+    import onnxruntime as ort
+
+    import mmformer
+    from benchmarks.common import interleaved
+    from mmformer import export
+    from mmformer.onnx_runner import OnnxModel
+
+    model = mmformer.load_pretrained(MODEL)
+    seconds = {}
+    for fmt in export.FORMATS:
+        start = time.perf_counter()
+        export.export(model, out / fmt, format=fmt)
+        seconds[fmt] = time.perf_counter() - start
+        print(f"{fmt}: exported in {seconds[fmt]:.1f} s")
+    threads = torch.get_num_threads()
+    runner = OnnxModel(out / "onnx", threads=threads)
+    inputs = timing_inputs(manifest, args.batch)
+    processor = model.processor
+    features = model.audio_embed.features(inputs["audio"], inputs["audio_lengths"])
+    frames = model.audio_embed.features.frames(inputs["audio_lengths"])
+    text = processor(
+        text=[f"{w}" for w in ["zero", "one", "two", "three", "four", "five", "six", "seven"]][: args.batch]
+    )
+    with torch.no_grad():
+        memory, memory_mask = model.encode_audio_tokens(inputs["audio"], inputs["audio_lengths"])
+        bos = torch.full((memory.shape[0], 1), model.config.text.bos_id)
+        _, keys, values, cross_k, cross_v = export.DecoderPrefill(model)(bos, memory, memory_mask)
+    graph_inputs = {
+        "image_encoder": (inputs["pixel_values"],),
+        "audio_encoder": (features, frames),
+        "text_encoder": (text["input_ids"], text["attention_mask"]),
+        "decoder_model": (bos, memory, memory_mask),
+        "decoder_with_past_model": (bos, memory_mask, keys, values, cross_k, cross_v),
+    }
+    modules = {g.name: g.module for g in export.graphs(model)}
+    config = json.loads((out / "onnx" / export.EXPORT_CONFIG).read_text())
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    rows = []
+    load = load_average()
+    for name, args_ in graph_inputs.items():
+        session = ort.InferenceSession(str(out / "onnx" / config["graphs"][name]["file"]), options)
+        feed = {n: t.numpy() for n, t in zip(config["graphs"][name]["inputs"], args_)}
+        program = export.load_program(out / "torch-export" / f"{name}.pt2").module()
+        with torch.no_grad():
+            expected = modules[name](*args_)
+            from_program = program(*args_)
+        from_onnx = session.run(None, feed)
+        diff = max(float(np.abs(o.astype(np.float64) - e.double().numpy()).max()) for o, e in zip(from_onnx, expected))
+        diff_program = max(float((p.double() - e.double()).abs().max()) for p, e in zip(from_program, expected))
+
+        def eager(module=modules[name], a=args_):
+            with torch.inference_mode():
+                module(*a)
+
+        def exported_program(module=program, a=args_):
+            with torch.inference_mode():
+                module(*a)
+
+        times = interleaved({"pytorch": eager, "torch.export": exported_program,
+                             "onnxruntime": lambda s=session, f=feed: s.run(None, f)},
+                            warmup=args.warmup, repeats=args.repeats)  # fmt: skip
+        rows.append({"graph": name, "max_abs_diff_onnx": diff, "max_abs_diff_torch_export": diff_program,
+                     "pytorch_ms": 1e3 * times["pytorch"], "torch_export_ms": 1e3 * times["torch.export"],
+                     "onnxruntime_ms": 1e3 * times["onnxruntime"], "load_at_start": load})  # fmt: skip
+    files = inputs["files"]
+    times = interleaved({"pytorch": lambda: model.transcribe(files, max_new_tokens=8),
+                         "onnxruntime": lambda: runner.transcribe(files, max_new_tokens=8)},
+                        warmup=args.warmup, repeats=args.repeats)  # fmt: skip
+    same = runner.transcribe(files, max_new_tokens=8) == model.transcribe(files, max_new_tokens=8)
+    rows.append({"graph": f"greedy transcription (batch {len(files)}, files → text)", "same_text": same,
+                 "pytorch_ms": 1e3 * times["pytorch"], "onnxruntime_ms": 1e3 * times["onnxruntime"],
+                 "load_at_start": load})  # fmt: skip
+    print(table(rows, ["graph", "max_abs_diff_onnx", "max_abs_diff_torch_export", "pytorch_ms", "torch_export_ms",
+                       "onnxruntime_ms", "same_text"]))  # fmt: skip
+    print(f"batch {args.batch}, {threads} thread(s) for torch and onnxruntime; export took " +
+          ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))  # fmt: skip
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 SECTIONS = ("distill", "quantize", "export")
 
 
 def main(argv: list[str] | None = None) -> None:
     p = base_parser(__doc__.split("\n\n")[0])
-    p.add_argument("section", choices=(*SECTIONS, "all"))
+    p.add_argument("section", nargs="?", default="all", choices=(*SECTIONS, "all"))
     p.add_argument("--out", default="runs/compress", help="where students, quantized models and exports go")
     p.add_argument("--steps", type=int, default=None, help="student training steps (default: the demo's budget)")
     p.add_argument("--reuse", action="store_true", help="evaluate students already trained under --out")
@@ -163,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
         manifest = test_manifest(args.limit, out)
         print(f"machine: {machine()}; load average {load_average():.2f}")
         for section in sections:
-            rows = {"distill": distill}[section](args, out / section, manifest)
+            run = {"distill": distill, "quantize": quantize_section, "export": export_section}[section]
+            rows = run(args, out / section, manifest)
             record(f"compress.{section}", rows, args)
 
 

@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         "--format",
         choices=("pretrained", "onnx", "torch-export"),
         default="pretrained",
-        help="pretrained: config.json + model.safetensors; onnx / torch-export: one graph per tower and the decoder step",
+        help="pretrained: config.json + model.safetensors; onnx / torch-export: a graph per tower and decoder step",
     )
     p.add_argument("--towers", help="comma-separated towers to export (image,audio,text,decoder; default: all)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset")

@@ -4,10 +4,10 @@
 The graphs, as Hugging Face Optimum lays out an encoder–decoder export (``mmformer export --format onnx``)::
 
     out/
-      image_encoder.onnx          pixel_values (B, C, H, W)                    → image_embeds (B, E), image_states (B, Np, D)
+      image_encoder.onnx          pixel_values (B, C, H, W) → image_embeds (B, E), image_states (B, Np, D)
       audio_encoder.onnx          input_features (B, M, Nf), feature_lengths (B,)
-                                                     → audio_embeds (B, E), audio_states (B, N, D), audio_mask (B, N)
-      text_encoder.onnx           input_ids (B, T), attention_mask (B, T)      → text_embeds (B, E), text_states (B, T, D)
+                                  → audio_embeds (B, E), audio_states (B, N, D), audio_mask (B, N)
+      text_encoder.onnx           input_ids (B, T), attention_mask (B, T) → text_embeds (B, E), text_states (B, T, D)
       decoder_model.onnx          input_ids (B, T), memory (B, S, D), memory_mask (B, S)
                                   → logits (B, T, V), present_keys/values (L, B, nkv, T, hs),
                                     cross_keys/values (L, B, nkv, S, hs)
@@ -368,7 +368,9 @@ def _write_program(graph: Graph, path: Path, opset: int) -> None:
 
 def _dynamic_shapes(graph: Graph) -> dict[str, dict[int, Any] | None]:
     """torch.export's dynamic_shapes, keyed by the module's argument names."""
-    shapes = {name: {axis: graph.dims[dim] for axis, dim in graph.dynamic.get(name, {}).items()} for name in graph.inputs}
+    shapes = {
+        name: {axis: graph.dims[dim] for axis, dim in graph.dynamic.get(name, {}).items()} for name in graph.inputs
+    }
     return {name: axes or None for name, axes in shapes.items()}
 
 

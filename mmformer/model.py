@@ -362,7 +362,9 @@ class MultimodalTransformer(nn.Module):
         if checkpoint.quantization is not None:  # torchao tensors: checked by their logical shapes, like any weights
             from mmformer.quantization import open_quantized
 
-            where = device if device is not None else map_location if isinstance(map_location, str | torch.device) else None
+            where = (
+                device if device is not None else map_location if isinstance(map_location, str | torch.device) else None
+            )
             checkpoint = open_quantized(checkpoint, device=where, dtype=dtype)
             dtype = checkpoint.quantization.torch_dtype
         held = sum(spec.numel for spec in checkpoint.specs.values())

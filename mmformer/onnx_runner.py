@@ -67,9 +67,15 @@ class OnnxModel:
     Args:
         directory: a folder written by :func:`mmformer.export.export` with ``format="onnx"``.
         providers: onnxruntime execution providers (default: CPU).
+        threads: onnxruntime's intra-op threads (default: its own choice, one per core).
     """
 
-    def __init__(self, directory: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",)):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        threads: int | None = None,
+    ):
         import onnxruntime as ort
 
         self.directory = Path(directory)
@@ -81,6 +87,8 @@ class OnnxModel:
             raise ValueError(f"{path}: expected an ONNX export, got format {self.config.get('format')!r}")
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
         self.sessions = {
             name: ort.InferenceSession(str(self.directory / g["file"]), options, providers=list(providers))
             for name, g in self.config["graphs"].items()

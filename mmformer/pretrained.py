@@ -108,7 +108,9 @@ def save_pretrained(
             f"processor: expected an mmformer.Processor (with save_pretrained), got {type(processor).__name__}"
         )
     with atomic_directory(directory, overwrite=overwrite) as staging:
-        write_model(staging, model.config, model.state_dict(), processor, quantization=getattr(model, "quantization", None))
+        write_model(
+            staging, model.config, model.state_dict(), processor, quantization=getattr(model, "quantization", None)
+        )
 
 
 @contextlib.contextmanager

@@ -117,7 +117,9 @@ class QuantizationConfig:
     def from_dict(cls, d: Mapping[str, Any], where: str = "quantization_config") -> QuantizationConfig:
         if not isinstance(d, Mapping) or d.get("quant_method") != QUANT_METHOD:
             got = d.get("quant_method") if isinstance(d, Mapping) else type(d).__name__
-            raise ValueError(f"{where}: expected quant_method {QUANT_METHOD!r} (written by mmformer quantize), got {got!r}")
+            raise ValueError(
+                f"{where}: expected quant_method {QUANT_METHOD!r} (written by mmformer quantize), got {got!r}"
+            )
         fields = {k: v for k, v in d.items() if k != "quant_method"}
         try:
             return cls(**fields)
@@ -133,9 +135,9 @@ def quantizable(model: nn.Module, group_size: int | None = None) -> list[str]:
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and id(module.weight) not in tied:
-            if group_size is None or (module.in_features % group_size == 0 and module.out_features % 16 == 0):
-                names.append(name)
+        fits = group_size is None or (module.in_features % group_size == 0 and module.out_features % 16 == 0)
+        if isinstance(module, nn.Linear) and id(module.weight) not in tied and fits:
+            names.append(name)
     return names
 
 

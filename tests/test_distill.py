@@ -37,11 +37,13 @@ def test_kl_distillation_equals_the_float64_formula_with_t_squared(T):
 
 
 def test_contrastive_distillation_compares_similarity_rows_and_columns():
-    a_s, b_s = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1), torch.nn.functional.normalize(
-        torch.randn(6, 4), dim=-1
+    a_s, b_s = (
+        torch.nn.functional.normalize(torch.randn(6, 4), dim=-1),
+        torch.nn.functional.normalize(torch.randn(6, 4), dim=-1),
     )
-    a_t, b_t = torch.nn.functional.normalize(torch.randn(6, 9), dim=-1), torch.nn.functional.normalize(
-        torch.randn(6, 9), dim=-1
+    a_t, b_t = (
+        torch.nn.functional.normalize(torch.randn(6, 9), dim=-1),
+        torch.nn.functional.normalize(torch.randn(6, 9), dim=-1),
     )
     scale_s, scale_t = torch.tensor(10.0), torch.tensor(20.0)
     rows_s, rows_t = scale_s * a_s @ b_s.T, scale_t * a_t @ b_t.T

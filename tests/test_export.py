@@ -20,8 +20,9 @@ from PIL import Image
 
 ort = pytest.importorskip("onnxruntime")
 
-import mmformer  # noqa: E402
 from conftest import TINY_AUDIO, TINY_IMAGE, TINY_STACK, TINY_TEXT  # noqa: E402
+
+import mmformer  # noqa: E402
 from mmformer import export  # noqa: E402
 from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig  # noqa: E402
 from mmformer.generation import generate  # noqa: E402
@@ -171,8 +172,14 @@ def test_bad_requests_are_clear_errors_and_leave_nothing_behind(model, tmp_path,
     with pytest.raises(ValueError, match=r"format: expected one of \['onnx', 'torch-export'\], got 'tflite'"):
         export.export(model, tmp_path / "x", format="tflite")
     text_only = MultimodalTransformer(
-        ModelConfig(stacks={"shared": StackConfig(**TINY_STACK)}, routes={"text": "shared"}, image=None, audio=None,
-                    text=TextConfig(**TINY_TEXT), embed_dim=8)  # fmt: skip
+        ModelConfig(
+            stacks={"shared": StackConfig(**TINY_STACK)},
+            routes={"text": "shared"},
+            image=None,
+            audio=None,
+            text=TextConfig(**TINY_TEXT),
+            embed_dim=8,
+        )  # fmt: skip
     )
     with pytest.raises(ValueError, match=r"towers: this model has no audio route to export; its routes are \['text'\]"):
         export.export(text_only, tmp_path / "x", towers=["audio"])

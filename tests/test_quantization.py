@@ -22,8 +22,9 @@ from PIL import Image
 
 pytest.importorskip("torchao")
 
-import mmformer  # noqa: E402
 from conftest import TINY_AUDIO, TINY_IMAGE, TINY_STACK, TINY_TEXT  # noqa: E402
+
+import mmformer  # noqa: E402
 from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig  # noqa: E402
 from mmformer.model import MultimodalTransformer  # noqa: E402
 from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Processor  # noqa: E402
@@ -118,7 +119,9 @@ def test_each_method_is_close_to_fp32_and_reloads_identically(method, quantized_
     model, path = quantized_dirs[method]
     kinds = {type(model.get_submodule(name).weight).__name__ for name in model.quantization.modules}
     assert kinds == ({"Int4OpaqueTensor"} if method == "int4-weight" else {"Int8Tensor"})
-    assert len(model.quantization.modules) == 2 * 7 + 3  # 2 blocks × 7 linears + 3 projections; the tied LM head stays float
+    assert (
+        len(model.quantization.modules) == 2 * 7 + 3
+    )  # 2 blocks × 7 linears + 3 projections; the tied LM head stays float
     embed_tol, logit_tol = TOLERANCE[method]  # (embeddings, logits)
     got = outputs(model)
     for name, expected in reference.items():
@@ -241,3 +244,19 @@ def test_int4_weight_on_cuda(float_dir, tmp_path):
         quantize(cpu, "int4-weight")
         cpu.save_pretrained(tmp_path / "cpu")
         mmformer.load_pretrained(tmp_path / "cpu", device="cuda")
+
+
+def test_cli_quantizes_and_refuses_bad_requests(float_dir, manifest, tmp_path, capsys):
+    from mmformer.cli import main
+
+    main(["quantize", "--model", str(float_dir), "--method", "static", "--calib", str(manifest), "--out",
+          str(tmp_path / "static")])  # fmt: skip
+    assert "linear layers static" in capsys.readouterr().out
+    assert mmformer.load_pretrained(tmp_path / "static").quantization.method == "static"
+    with pytest.raises(
+        SystemExit, match="--method: expected one of dynamic, int8-weight, int4-weight, static, got 'fp8'"
+    ):
+        main(["quantize", "--model", str(float_dir), "--method", "fp8", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--method static needs --calib MANIFEST"):
+        main(["quantize", "--model", str(float_dir), "--method", "static", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
