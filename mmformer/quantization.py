@@ -135,8 +135,9 @@ def quantizable(model: nn.Module, group_size: int | None = None) -> list[str]:
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     names = []
     for name, module in model.named_modules():
-        fits = group_size is None or (module.in_features % group_size == 0 and module.out_features % 16 == 0)
-        if isinstance(module, nn.Linear) and id(module.weight) not in tied and fits:
+        if not isinstance(module, nn.Linear) or id(module.weight) in tied:
+            continue
+        if group_size is None or (module.in_features % group_size == 0 and module.out_features % 16 == 0):
             names.append(name)
     return names
 

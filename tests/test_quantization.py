@@ -224,26 +224,31 @@ def test_qat_fake_quantizes_during_fit_and_converts_at_the_end():
 
 
 @pytest.mark.gpu
-def test_int4_weight_on_cuda(float_dir, tmp_path):
+@pytest.mark.parametrize("method", ["dynamic", "int8-weight", "int4-weight"])
+def test_methods_on_cuda(method, float_dir, tmp_path):
+    """On CUDA: int8 through torchao's Int8Tensor; int4 through the tile-packed layout (bf16 model). A model whose int4
+    weights were packed for the CPU kernel is refused on CUDA with a clear error."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     model = mmformer.load_pretrained(float_dir, device="cuda")
     reference = outputs(model, "cuda")
-    quantize(model, "int4-weight")
-    assert model.quantization.layout == "cuda"
-    assert type(model.stacks["shared"].blocks[0].attn.fn.qkv.weight).__name__ == "Int4TilePackedTo4dTensor"
+    quantize(model, method)
+    kind = {"int4-weight": "Int4TilePackedTo4dTensor"}.get(method, "Int8Tensor")
+    assert type(model.stacks["shared"].blocks[0].attn.fn.qkv.weight).__name__ == kind
     got = outputs(model, "cuda")
-    for name, expected in reference.items():  # bf16 activations on top of the 4-bit weights
-        assert float((got[name] - expected).abs().max()) <= 2 * TOLERANCE["int4-weight"][name == "logits"], name
-    model.save_pretrained(tmp_path / "int4")
-    loaded = mmformer.load_pretrained(tmp_path / "int4", device="cuda")
+    for name, expected in reference.items():  # int4: bf16 activations on top of the 4-bit weights
+        tolerance = TOLERANCE[method][name == "logits"] * (2 if method == "int4-weight" else 1)
+        assert float((got[name] - expected).abs().max()) <= tolerance, name
+    model.save_pretrained(tmp_path / method)
+    loaded = mmformer.load_pretrained(tmp_path / method, device="cuda")
     again = outputs(loaded, "cuda")
     assert all(torch.equal(again[k], got[k]) for k in got)
-    with pytest.raises(ValueError, match="packed for the CPU kernel"):
+    if method == "int4-weight":
         cpu = mmformer.load_pretrained(float_dir)
         quantize(cpu, "int4-weight")
         cpu.save_pretrained(tmp_path / "cpu")
-        mmformer.load_pretrained(tmp_path / "cpu", device="cuda")
+        with pytest.raises(ValueError, match="packed for the CPU kernel"):
+            mmformer.load_pretrained(tmp_path / "cpu", device="cuda")
 
 
 def test_cli_quantizes_and_refuses_bad_requests(float_dir, manifest, tmp_path, capsys):
