@@ -11,9 +11,10 @@ width) for the demo's step budget (configs/digits.yaml), with the teacher's toke
 with ``--model.teacher data/digits_model``; the table gives the four demo metrics of both and of the teacher.
 
 Quantization applies each method of :mod:`mmformer.quantization` to the teacher (static int8 calibrated on the
-validation split; QAT fine-tunes the teacher with fake quantization for ``--qat-steps`` and converts), saves and
-re-loads it, and reports file size, the demo metrics and CPU encode / transcribe time at batch 8 next to fp32 in the
-same run (peers alternate, see benchmarks/common.py).
+validation split; "compact" adds the int8 token table and bf16 storage of what stays float; QAT fine-tunes the
+teacher with fake quantization for ``--qat-steps`` and converts), saves and re-loads it, and reports file size, the
+demo metrics and CPU encode / transcribe time at batch 8 next to fp32 in the same run (peers alternate, see
+benchmarks/common.py).
 
 Export writes the ONNX and torch.export graphs of every tower and the decoder step and reports the largest
 difference from PyTorch and the time per call, and a full greedy transcription through onnxruntime.
@@ -190,17 +191,21 @@ def quantize_section(args: argparse.Namespace, out: Path, manifest: Path) -> lis
     from mmformer.quantization import calibration_batches, quantize
 
     dirs = {"fp32": MODEL}
-    for method in ("dynamic", "int8-weight", "int4-weight", "static"):
+    compact = {"embeddings": True, "float_storage": "bfloat16"}  # int8 token table, float rest stored as bf16
+    variants = [("dynamic", "dynamic", {}), ("dynamic compact", "dynamic", compact), ("int8-weight", "int8-weight", {}),
+                ("int4-weight", "int4-weight", {}), ("int4-weight compact", "int4-weight", compact),
+                ("static", "static", {})]  # fmt: skip
+    for name, method, options in variants:
         model = mmformer.load_pretrained(MODEL)
         calibration = None
         if method == "static":
             calibration = calibration_batches(model, args.calib, max_samples=16 if args.tiny else 128)
         start = time.perf_counter()
-        quantize(model, method, calibration=calibration)
+        quantize(model, method, calibration=calibration, **options)
         seconds = time.perf_counter() - start
-        dirs[method] = out / method
-        model.save_pretrained(dirs[method])
-        print(f"{method}: quantized in {seconds:.1f} s")
+        dirs[name] = out / name.replace(" ", "_")
+        model.save_pretrained(dirs[name])
+        print(f"{name}: quantized in {seconds:.1f} s")
     dirs["qat-dynamic"] = qat_finetune(out / "qat", args.qat_steps, args.tiny)
 
     load = load_average()

@@ -86,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", help="data manifest (CSV/TSV/JSONL) whose samples calibrate static int8")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration samples read from --calib")
     p.add_argument("--group-size", type=int, default=32, help="input channels per int4 group (32, 64, 128)")
+    p.add_argument("--embeddings", action="store_true", help="int8 embedding tables (and a tied LM head) too")
+    p.add_argument(
+        "--float-storage",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="dtype of the tensors left in float in the file (bfloat16: a smaller file)",
+    )
     p.add_argument("--device", default="cpu", help="where to quantize (int4 packs for this device)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing mmformer directory")
@@ -190,11 +197,18 @@ def _quantize(args: argparse.Namespace) -> None:
     calibration = None
     if args.method == "static":
         calibration = calibration_batches(model, args.calib, max_samples=args.calib_samples)
-    quantize(model, args.method, calibration=calibration, group_size=args.group_size)
+    quantize(
+        model,
+        args.method,
+        calibration=calibration,
+        group_size=args.group_size,
+        embeddings=args.embeddings,
+        float_storage=args.float_storage,
+    )
     model.save_pretrained(args.out, overwrite=args.overwrite)
     sizes = [sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) for d in (args.model, args.out)]
     ratio = f" ({sizes[0] / sizes[1]:.2f}x smaller)" if Path(args.model).is_dir() and sizes[1] else ""
-    print(f"wrote {args.out}: {len(model.quantization.modules)} linear layers {args.method}, {sizes[1]:,} bytes{ratio}")
+    print(f"wrote {args.out}: {len(model.quantization.modules)} layers {args.method}, {sizes[1]:,} bytes{ratio}")
 
 
 def _convert(args: argparse.Namespace) -> None:

@@ -108,9 +108,10 @@ def save_pretrained(
             f"processor: expected an mmformer.Processor (with save_pretrained), got {type(processor).__name__}"
         )
     with atomic_directory(directory, overwrite=overwrite) as staging:
-        write_model(
-            staging, model.config, model.state_dict(), processor, quantization=getattr(model, "quantization", None)
-        )
+        quantization = getattr(model, "quantization", None)
+        # keep_vars: tied tensor subclasses (a quantized table and its LM head) are then one object, stored once
+        state = model.state_dict(keep_vars=quantization is not None)
+        write_model(staging, model.config, state, processor, quantization=quantization)
 
 
 @contextlib.contextmanager
@@ -180,7 +181,7 @@ def write_model(
     if quantization is not None:
         from mmformer.quantization import flatten_state
 
-        state, quantized = flatten_state(state)
+        state, quantized = flatten_state(state, getattr(torch, quantization.float_storage))
         info = {**info, **quantized, QUANTIZATION_KEY: json.dumps(quantization.to_dict())}
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     safetensors.torch.save_file(tensors, str(directory / WEIGHTS_NAME), metadata={**info, **(metadata or {})})

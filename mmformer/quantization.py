@@ -83,6 +83,11 @@ class QuantizationConfig:
         modules: the linear modules that were quantized (the others stay float).
         dtype: the float dtype of the rest of the model (and of the activations): float32, or bfloat16 where the
             kernel needs it (int4 on CUDA); loading builds the model in it.
+        embeddings: the token (and segment) embedding tables are int8 too, per row (torchao's
+            ``IntxWeightOnlyConfig``, as its embedding quantization does), and with them an LM head tied to them.
+        float_storage: the dtype the tensors left in float (norms, biases, convolutions, position tables) are stored
+            in: ``float32``, or ``bfloat16`` for a smaller file (they are rounded in memory as well, so that a
+            reloaded model equals the quantized one; computation stays in ``dtype``).
         torchao_version: the torchao that wrote it.
     """
 
@@ -92,6 +97,8 @@ class QuantizationConfig:
     act_mapping: str = "symmetric"
     modules: list[str] = field(default_factory=list)
     dtype: str = "float32"
+    embeddings: bool = False
+    float_storage: str = "float32"
     torchao_version: str | None = None
 
     def __post_init__(self) -> None:
@@ -103,8 +110,11 @@ class QuantizationConfig:
             raise ValueError(f"layout: expected 'plain', 'cpu' or 'cuda', got {self.layout!r}")
         if self.act_mapping not in ("symmetric", "asymmetric"):
             raise ValueError(f"act_mapping: expected 'symmetric' or 'asymmetric', got {self.act_mapping!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {self.dtype!r}")
+        for name in ("dtype", "float_storage"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"{name}: expected float32, bfloat16 or float16, got {getattr(self, name)!r}")
+        if not isinstance(self.embeddings, bool):
+            raise ValueError(f"embeddings: expected True or False, got {self.embeddings!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -179,6 +189,8 @@ def quantize(
     calibration: Iterable[dict[str, Any]] | None = None,
     group_size: int = 32,
     act_mapping: str = "symmetric",
+    embeddings: bool = False,
+    float_storage: str = "float32",
 ) -> MultimodalTransformer:
     """Quantize ``model`` in place (torchao's ``quantize_`` convention) and return it, in eval mode.
 
@@ -189,6 +201,8 @@ def quantize(
             as :func:`calibration_batches` or the data module's loaders give them) for ``static``.
         group_size: int4 group size (32, 64 or 128).
         act_mapping: dynamic activations ``symmetric`` (default) or ``asymmetric``.
+        embeddings: int8 embedding tables (and a tied LM head) as well; see :class:`QuantizationConfig`.
+        float_storage: store the tensors left in float as ``bfloat16`` (or ``float16``) for a smaller file.
 
     Raises:
         ValueError: an unknown method, a model already quantized, ``static`` without calibration batches.
@@ -196,7 +210,9 @@ def quantize(
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
-    QuantizationConfig(method, group_size=group_size, act_mapping=act_mapping)  # validates the options
+    QuantizationConfig(
+        method, group_size=group_size, act_mapping=act_mapping, embeddings=embeddings, float_storage=float_storage
+    )  # validates the options; fmt: skip
     if getattr(model, "quantization", None) is not None:
         raise ValueError(f"model: already quantized ({model.quantization.method}); quantize the float model")
     torchao = require_torchao(f"mmformer quantize --method {method}")
@@ -218,10 +234,25 @@ def quantize(
             if layout == "cuda" and model.logit_scale.dtype != torch.bfloat16:
                 model.to(torch.bfloat16)  # the tile-packed CUDA kernel takes bf16 weights and activations
         quantize_(model, _base_config(method, group_size, device, act_mapping), filter_fn=_filter(names))
+    if embeddings:
+        from torchao.quantization import IntxWeightOnlyConfig, PerAxis
+
+        tables = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+        quantize_(
+            model, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)), filter_fn=_filter(tables)
+        )
+        model.tie_weights()  # the LM head reads the quantized table
+        names += tables
+    if float_storage != "float32":
+        with torch.no_grad():  # round what stays float as it will be stored, so that a reload is exact
+            for p in model.parameters():
+                if type(p) is nn.Parameter and p.is_floating_point():
+                    p.copy_(p.to(getattr(torch, float_storage)))
     dtype = str(model.logit_scale.dtype).removeprefix("torch.")
     model.quantization = QuantizationConfig(
-        method, group_size, layout, act_mapping, names, dtype, getattr(torchao, "__version__", None)
-    )
+        method, group_size, layout, act_mapping, names, dtype, embeddings, float_storage,
+        getattr(torchao, "__version__", None),
+    )  # fmt: skip
     return model
 
 
@@ -435,9 +466,12 @@ def convert_qat(model: MultimodalTransformer, options: QATOptions) -> Multimodal
 
 
 # ---------------------------------------------------------------------------------------------- files
-def flatten_state(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def flatten_state(
+    state: Mapping[str, torch.Tensor], float_storage: torch.dtype = torch.float32
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A state dict with torchao tensors → plain tensors and safetensors metadata that rebuilds them (torchao's
-    ``flatten_tensor_state_dict`` layout: ``module._weight_qdata`` etc., one JSON record per tensor name)."""
+    ``flatten_tensor_state_dict`` layout: ``module._weight_qdata`` etc., one JSON record per tensor name); plain
+    floating-point tensors are stored in ``float_storage``."""
     from torchao.prototype.safetensors.safetensors_utils import TensorSubclassAttributeJSONEncoder
 
     tensors: dict[str, torch.Tensor] = {}
@@ -445,7 +479,7 @@ def flatten_state(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     for name, tensor in state.items():
         kind = type(tensor).__name__
         if type(tensor) in (torch.Tensor, nn.Parameter):
-            tensors[name] = tensor.detach()
+            tensors[name] = tensor.detach().to(float_storage) if tensor.is_floating_point() else tensor.detach()
             metadata[name] = json.dumps({"_type": "Tensor"})
             continue
         if kind not in TENSOR_CLASSES:

@@ -256,7 +256,7 @@ def test_cli_quantizes_and_refuses_bad_requests(float_dir, manifest, tmp_path, c
 
     main(["quantize", "--model", str(float_dir), "--method", "static", "--calib", str(manifest), "--out",
           str(tmp_path / "static")])  # fmt: skip
-    assert "linear layers static" in capsys.readouterr().out
+    assert "layers static" in capsys.readouterr().out
     assert mmformer.load_pretrained(tmp_path / "static").quantization.method == "static"
     with pytest.raises(
         SystemExit, match="--method: expected one of dynamic, int8-weight, int4-weight, static, got 'fp8'"
@@ -265,3 +265,22 @@ def test_cli_quantizes_and_refuses_bad_requests(float_dir, manifest, tmp_path, c
     with pytest.raises(SystemExit, match="--method static needs --calib MANIFEST"):
         main(["quantize", "--model", str(float_dir), "--method", "static", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_int8_embeddings_and_bfloat16_storage_make_a_smaller_file_that_reloads_exactly(float_dir, reference, tmp_path):
+    plain, compact = mmformer.load_pretrained(float_dir), mmformer.load_pretrained(float_dir)
+    quantize(plain, "dynamic")
+    quantize(compact, "dynamic", embeddings=True, float_storage="bfloat16")
+    assert compact.lm_head.weight is compact.text_embed.tokens.weight  # still tied, now int8
+    assert type(compact.lm_head.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    got = outputs(compact)
+    for name, expected in reference.items():
+        assert float((got[name] - expected).abs().max()) <= TOLERANCE["static"][name == "logits"], name
+    plain.save_pretrained(tmp_path / "plain")
+    compact.save_pretrained(tmp_path / "compact")
+    sizes = [(tmp_path / d / "model.safetensors").stat().st_size for d in ("plain", "compact")]
+    assert sizes[1] < 0.8 * sizes[0], sizes
+    loaded = mmformer.load_pretrained(tmp_path / "compact")
+    assert loaded.lm_head.weight is loaded.text_embed.tokens.weight
+    again = outputs(loaded)
+    assert all(torch.equal(again[k], got[k]) for k in got)
