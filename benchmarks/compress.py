@@ -66,7 +66,7 @@ def evaluate(model_dir: Path, manifest: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- distillation
-def student_config(out: Path, steps: int | None, teacher: Path | None, tiny: bool) -> Path:
+def student_config(out: Path, steps: int | None, teacher: dict | None, tiny: bool) -> Path:
     """configs/digits.yaml with half the teacher's width (about a quarter of its parameters), the teacher's tokenizer,
     its own output folders and, for the distilled student, the teacher."""
     import yaml
@@ -77,7 +77,7 @@ def student_config(out: Path, steps: int | None, teacher: Path | None, tiny: boo
     model["model"]["stacks"]["shared"]["width"] = width
     model["model"]["embed_dim"] = width
     if teacher is not None:
-        model["teacher"] = str(teacher)
+        model.update(teacher)
     trainer = config["trainer"]
     trainer["default_root_dir"] = str(out)
     trainer["logger"]["init_args"]["save_dir"] = str(out)
@@ -94,7 +94,7 @@ def student_config(out: Path, steps: int | None, teacher: Path | None, tiny: boo
     return path
 
 
-def train_student(out: Path, steps: int | None, teacher: Path | None, tiny: bool) -> tuple[Path, float, int]:
+def train_student(out: Path, steps: int | None, teacher: dict | None, tiny: bool) -> tuple[Path, float, int]:
     """Train one student; its exported folder, training seconds and parameter count."""
     import mmformer
     from mmformer.demo import train
@@ -112,8 +112,11 @@ def distill(args: argparse.Namespace, out: Path, manifest: Path) -> list[dict]:
 
     teacher = mmformer.load_pretrained(MODEL)
     rows = [{"model": "teacher", "params": sum(p.numel() for p in teacher.parameters()), **evaluate(MODEL, manifest)}]
-    for name, teacher_path in (("student, labels only", None), ("student, distilled", MODEL)):
-        folder = out / ("distilled" if teacher_path else "labels_only")
+    options = {"teacher": str(MODEL), "distill_temperature": args.temperature, "distill_weight": args.distill_weight,
+               "distill_feature_weight": args.feature_weight}  # fmt: skip
+    variant = f"distilled_T{args.temperature:g}_w{args.distill_weight:g}_f{args.feature_weight:g}"
+    for name, teacher_path in (("student, labels only", None), ("student, distilled", options)):
+        folder = out / (variant if teacher_path else "labels_only")
         load = load_average()
         if args.reuse and (folder / "model" / "model.safetensors").is_file():
             model_dir, seconds, params = folder / "model", float("nan"), None
@@ -130,6 +133,7 @@ def distill(args: argparse.Namespace, out: Path, manifest: Path) -> list[dict]:
     for metric in ("image_zeroshot_acc", "audio_zeroshot_acc"):
         distilled[f"of_teacher:{metric}"] = distilled[metric] / max(teacher_row[metric], 1e-9)
     print(table(rows, ["model", "params", *METRICS, "speech_cer", "train_s", "load_at_start"]))
+    print(f"distilled with {options}")
     print("targets: distilled beats labels-only on every metric; >= 95 % of the teacher's zero-shot accuracies")
     for metric in METRICS:
         print(f"  beats labels-only on {metric}: {distilled[f'beats_labels_only:{metric}']}")
@@ -345,6 +349,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/compress", help="where students, quantized models and exports go")
     p.add_argument("--steps", type=int, default=None, help="student training steps (default: the demo's budget)")
     p.add_argument("--reuse", action="store_true", help="evaluate students already trained under --out")
+    p.add_argument("--temperature", type=float, default=2.0, help="distill_temperature of the distilled student")
+    p.add_argument("--distill-weight", type=float, default=1.0, help="distill_weight of the distilled student")
+    p.add_argument("--feature-weight", type=float, default=0.0, help="distill_feature_weight of the distilled student")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test rows only")
     p.add_argument("--batch", type=int, default=8, help="batch of the timed encode / transcribe calls")
     p.add_argument("--calib", default=str(DATA / "val.jsonl"), help="calibration manifest of static int8")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmformer import generation, pretrained, weights
+from mmformer import generation, pretrained, quantization, weights
 from mmformer.config import MODALITIES, ModelConfig
 from mmformer.embedders import AudioEmbedder, ImageEmbedder, TextEmbedder
 from mmformer.embedders.checks import check_device
@@ -360,12 +360,10 @@ class MultimodalTransformer(nn.Module):
         """
         checkpoint = pretrained.read_checkpoint(path, config=config, map_location=map_location)
         if checkpoint.quantization is not None:  # torchao tensors: checked by their logical shapes, like any weights
-            from mmformer.quantization import open_quantized
-
             where = (
                 device if device is not None else map_location if isinstance(map_location, str | torch.device) else None
             )
-            checkpoint = open_quantized(checkpoint, device=where, dtype=dtype)
+            checkpoint = quantization.open_quantized(checkpoint, device=where, dtype=dtype)
             dtype = checkpoint.quantization.torch_dtype
         held = sum(spec.numel for spec in checkpoint.specs.values())
         floor = checkpoint.config.parameter_floor()
