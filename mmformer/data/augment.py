@@ -378,8 +378,11 @@ class Augmenter:
 
 class AugmentedDataset(Dataset):
     """A map-style training set whose sample ``index`` in epoch ``e`` is augmented with seed
-    ``mix_seed(seed, e, index)``; bad samples (None) pass through. The loader calls :meth:`set_epoch` before each
-    epoch, before its workers copy the data set."""
+    ``mix_seed(seed, e, index)``; bad samples (None) pass through.
+
+    The loader calls :meth:`set_epoch` as each epoch starts, before its workers copy the data set (the data
+    module's loaders are not ``persistent_workers``: persistent workers would keep the epoch of their first copy).
+    """
 
     def __init__(self, dataset: Dataset, augmenter: Augmenter, seed: int):
         self.dataset, self.augmenter, self.seed = dataset, augmenter, seed
