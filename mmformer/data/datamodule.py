@@ -21,7 +21,8 @@ batches of ``batch_size`` times the number of processes, rank r taking the r-th 
 continues at the next batch: the same samples in the same order as an uninterrupted run, on one process or
 several (each rank skips the same number of its own batches). WebDataset shards stream: each epoch reshuffles
 with the trainer's epoch (so a resumed run gets that epoch's order), but a mid-epoch resume replays the epoch's
-stream from its beginning.
+stream from its beginning. Training augmentation (``augment``, see :mod:`mmformer.data.augment`) draws each sample's
+randomness from ``(seed, epoch, index)``, so it resumes exactly too; evaluation data is never augmented.
 """
 
 from __future__ import annotations
