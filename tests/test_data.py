@@ -31,6 +31,7 @@ from mmformer.data import (
     detect_format,
     open_dataset,
 )
+from mmformer.data.augment import AugmentConfig
 from mmformer.data.manifest import read_rows
 from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
 from mmformer.tokenizer import Tokenizer
@@ -394,6 +395,25 @@ def test_datamodule_streams_shards(tmp_path):
     epochs = [[t for b in loader for t in b["text"]] for _ in range(2)]
     assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(caption(i) for i in range(10))
     assert epochs[0] != epochs[1]  # reshuffled each epoch
+
+
+def test_streamed_training_data_is_augmented_per_sample_and_epoch(tmp_path):
+    pattern = write_shards(tmp_path)
+    augment = AugmentConfig(image={"affine_prob": 1.0, "degrees": 20, "translate": (0.2, 0.2)})
+
+    def passes(n: int, augment: AugmentConfig | None = augment) -> list[dict[str, torch.Tensor]]:
+        """Each pass over the stream (without a trainer, pass k is epoch k): every sample's pixels."""
+        cache = str(tmp_path)
+        dm = MultimodalDataModule(train=pattern, batch_size=4, image_size=8, tokenizer_cache_dir=cache, augment=augment)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        return [{s: b["pixel_values"][i] for b in loader for i, s in enumerate(b["source"])} for _ in range(n)]
+
+    first, second = passes(2)
+    (plain,) = passes(1, augment=None)
+    assert first.keys() == second.keys() == plain.keys() and len(first) == 10
+    assert not any(torch.equal(first[s], second[s]) or torch.equal(first[s], plain[s]) for s in first)
+    assert all(torch.equal(first[s], again) for s, again in passes(1)[0].items())  # a pure function of the seed
 
 
 def test_format_detection_and_errors(tmp_path):
