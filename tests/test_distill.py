@@ -107,3 +107,22 @@ def test_a_teacher_with_another_vocabulary_is_a_clear_error():
         make_task(teacher=teacher, distill_temperature=0.0)
     with pytest.raises(ValueError, match="distill_weight: expected a number >= 0"):
         make_task(teacher=teacher, distill_weight=-1.0)
+
+
+def test_log_mel_batches_from_specaugment_are_distilled_when_the_teacher_reads_them():
+    task = make_task(teacher=teacher_model(), contrastive_weight=0.0, caption_weight=0.0)
+    batch = Collator(tokenizer())([Digits(modalities=("audio",))[i] for i in range(4)])
+    features = task.model.audio_embed.features
+    batch["audio_features"] = features(batch["audio"], batch["audio_lengths"])
+    batch["feature_lengths"] = features.frames(batch.pop("audio_lengths"))
+    del batch["audio"]
+    parts, _ = task._losses(batch)
+    assert {"speech", "distill_speech"} <= set(parts)
+
+    other = teacher_model()
+    config = ModelConfig(**{**vars(other.config), "audio": {**vars(other.config.audio), "n_mels": 8}})
+    task = make_task(teacher=MultimodalTransformer(config), contrastive_weight=0.0, caption_weight=0.0)
+    with pytest.raises(
+        ValueError, match=r"teacher: the batch holds the student's log-mel features .*'n_mels': \(8, 16\)"
+    ):
+        task._losses(batch)

@@ -37,6 +37,7 @@ from mmformer.tasks.losses import IGNORE_INDEX, contrastive_distill, distill_kl,
 
 DECODER_TASKS = {"image": "caption", "audio": "speech"}
 MEDIA_KEYS = {"image": "pixel_values", "audio": "audio"}
+FEATURE_FIELDS = ("n_mels", "n_fft", "hop_length", "sample_rate")  # what log-mel features depend on
 
 
 def part_weights(distill_weight: float, feature_weight: float) -> dict[str, float]:
@@ -115,6 +116,7 @@ class Distiller(nn.Module):
         teacher.eval().requires_grad_(False)
         self._teacher = (teacher,)  # a tuple, so that it is no submodule: not saved, not optimised, not trained
         self.temperature = float(temperature)
+        self.student_audio = student.audio
         self.projections = nn.ModuleDict()
         if feature_weight > 0:
             for modality in MODALITIES:
@@ -139,6 +141,17 @@ class Distiller(nn.Module):
                 "TEACHER_DIR/tokenizer.json)"
             )
 
+    def _check_features(self, teacher: MultimodalTransformer) -> None:
+        """The teacher reads the student's log-mel features only if it computes them the same way."""
+        differ = {f: (getattr(teacher.config.audio, f), getattr(self.student_audio, f)) for f in FEATURE_FIELDS}
+        differ = {f: v for f, v in differ.items() if v[0] != v[1]}
+        if differ:
+            raise ValueError(
+                "teacher: the batch holds the student's log-mel features (audio_features, from SpecAugment), but the "
+                f"teacher computes its features otherwise {differ} (teacher, student); train without SpecAugment or "
+                "with a teacher of the same audio front end"
+            )
+
     def _placed(self, device: torch.device) -> MultimodalTransformer:
         teacher = self.teacher
         if teacher.logit_scale.device != device:  # unregistered, so Lightning does not move it with the task
@@ -155,13 +168,15 @@ class Distiller(nn.Module):
         """Distillation parts of one batch.
 
         Args:
-            batch: the training batch (``input_ids``, ``attention_mask``, ``pixel_values`` and/or ``audio``).
+            batch: the training batch (``input_ids``, ``attention_mask``, ``pixel_values`` and/or ``audio`` or
+                ``audio_features``).
             features: the student's L2-normalised embeddings, {"image"/"audio"/"text": (B, E)} (contrastive).
             logits: the student's teacher-forced decoder logits, {"caption"/"speech": (B, T, V)}.
             logit_scale: the student's exponentiated logit scale.
         """
         teacher = self._placed(logit_scale.device)
         routes = teacher.config.routes
+        features_in = batch.get("audio_features") is not None  # log-mel from a SpecAugment training loader
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         parts: dict[str, torch.Tensor] = {}
         with torch.no_grad():
@@ -170,10 +185,15 @@ class Distiller(nn.Module):
                 t_feats["text"] = teacher.encode_text(ids, mask)
             for modality, key in MEDIA_KEYS.items():
                 task = DECODER_TASKS[modality]
-                if batch.get(key) is None or modality not in routes:
+                if modality not in routes or (batch.get(key) is None and not (modality == "audio" and features_in)):
                     continue
                 if modality == "image":
                     tokens, token_mask = teacher.encode_image_tokens(batch[key])
+                elif features_in:
+                    self._check_features(teacher)
+                    tokens, token_mask = teacher.encode_audio_tokens(
+                        audio_features=batch["audio_features"], feature_lengths=batch.get("feature_lengths")
+                    )
                 else:
                     tokens, token_mask = teacher.encode_audio_tokens(batch[key], batch.get("audio_lengths"))
                 if modality in features:
