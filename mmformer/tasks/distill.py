@@ -39,12 +39,17 @@ DECODER_TASKS = {"image": "caption", "audio": "speech"}
 MEDIA_KEYS = {"image": "pixel_values", "audio": "audio"}
 
 
-def part_weights(distill_weight: float, feature_weight: float) -> dict[str, float]:
-    """The weight of every loss part a :class:`Distiller` can return, by name."""
-    names = [f"distill_{task}" for task in DECODER_TASKS.values()] + [f"distill_contrastive_{m}" for m in MEDIA_KEYS]
-    weights = dict.fromkeys(names, float(distill_weight))
-    weights.update({f"distill_feature_{m}": float(feature_weight) for m in MODALITIES})
-    return weights
+def part_weights(weights: dict[str, float], distill_weight: float, feature_weight: float) -> dict[str, float]:
+    """The task's loss weights with distillation: each distilled term becomes Hinton et al.'s weighted average
+    ``(1 − α) · labels + α · teacher`` (α = ``distill_weight``) at the weight the task gave it, so that the balance
+    between terms (and the ones not distilled, such as CTC) stays as configured; feature distillation is added with
+    its own weight."""
+    out = dict(weights)
+    for part in [*DECODER_TASKS.values(), *(f"contrastive_{m}" for m in MEDIA_KEYS)]:
+        out[part] = weights[part] * (1.0 - distill_weight)
+        out[f"distill_{part}"] = weights[part] * distill_weight
+    out.update({f"distill_feature_{m}": float(feature_weight) for m in MODALITIES})
+    return out
 
 
 def check_teacher(teacher: ModelConfig, student: ModelConfig) -> None:
