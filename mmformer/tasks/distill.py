@@ -11,6 +11,12 @@ accepts works) and turns one batch into distillation loss parts, given what the 
 - ``distill_feature_{image,audio,text}`` (only with a feature weight > 0): mean squared error between the student's
   pooled embeddings, through a learned linear projection where the joint embedding sizes differ, and the teacher's.
 
+Each KL term is mixed with its label loss as Hinton et al.'s weighted average, ``(1 − α) · labels + α · teacher``
+with α = ``distill_weight`` (:func:`part_weights`), so the balance between the task's terms stays as configured.
+
+Usage: ``mmformer fit --config configs/digits.yaml --model.teacher data/digits_model --data.tokenizer
+data/digits_model/tokenizer.json --model.distill_temperature 1`` (the student must read the teacher's token ids).
+
 The teacher may have any width or depth; it must read the same token ids (the same vocabulary and special ids) and
 the same inputs (image channels, audio sample rate). It runs in eval mode under ``torch.no_grad`` in the student's
 step, and it is not a registered submodule: it never appears in the task's ``state_dict`` (so never in a
