@@ -154,7 +154,7 @@ def timing_inputs(manifest: Path, batch: int) -> dict:
             "files": [r["audio_filepath"] for r in rows]}  # fmt: skip
 
 
-def qat_finetune(out: Path, steps: int, tiny: bool, lr: float = 1e-4) -> Path:
+def qat_finetune(out: Path, steps: int, tiny: bool, lr: float = 2e-5) -> Path:
     """Fine-tune the shipped model for ``steps`` with fake quantization (dynamic int8) at a low learning rate; the
     task converts it when fit ends. Returns the quantized model's folder."""
     import yaml
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=8, help="batch of the timed encode / transcribe calls")
     p.add_argument("--calib", default=str(DATA / "val.jsonl"), help="calibration manifest of static int8")
     p.add_argument("--qat-steps", type=int, default=200, help="QAT fine-tuning steps from the shipped model")
-    p.add_argument("--qat-lr", type=float, default=1e-4, help="learning rate of the QAT fine-tuning")
+    p.add_argument("--qat-lr", type=float, default=2e-5, help="learning rate of the QAT fine-tuning")
     p.add_argument("--compile", action="store_true", help="time torch.compile'd encoders (fp32 and quantized alike)")
     args = parse_args(p, argv)
     if args.threads is None:
