@@ -154,7 +154,7 @@ def timing_inputs(manifest: Path, batch: int) -> dict:
             "files": [r["audio_filepath"] for r in rows]}  # fmt: skip
 
 
-def qat_finetune(out: Path, steps: int, tiny: bool) -> Path:
+def qat_finetune(out: Path, steps: int, tiny: bool, lr: float = 2e-5) -> Path:
     """Fine-tune the shipped model for ``steps`` with fake quantization (dynamic int8) at a low learning rate; the
     task converts it when fit ends. Returns the quantized model's folder."""
     import yaml
@@ -166,7 +166,7 @@ def qat_finetune(out: Path, steps: int, tiny: bool) -> Path:
     config["model"]["model"] = json.loads((MODEL / "config.json").read_text())
     for key in ("format_version", "mmformer_version"):
         config["model"]["model"].pop(key, None)
-    optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-4, "weight_decay": 0.05}}
+    optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr, "weight_decay": 0.05}}
     config["model"].update(
         qat={"method": "dynamic"}, warmup_steps=min(20, steps), zeroshot_classes=None, optimizer=optimizer
     )
@@ -210,7 +210,7 @@ def quantize_section(args: argparse.Namespace, out: Path, manifest: Path) -> lis
         dirs[name] = out / name.replace(" ", "_")
         model.save_pretrained(dirs[name])
         print(f"{name}: quantized in {seconds:.1f} s")
-    dirs["qat-dynamic"] = qat_finetune(out / "qat", args.qat_steps, args.tiny)
+    dirs["qat-dynamic"] = qat_finetune(out / "qat", args.qat_steps, args.tiny, args.qat_lr)
 
     load = load_average()
     inputs = timing_inputs(manifest, args.batch)
@@ -355,12 +355,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None, help="student training steps (default: the demo's budget)")
     p.add_argument("--reuse", action="store_true", help="evaluate students already trained under --out")
     p.add_argument("--temperature", type=float, default=2.0, help="distill_temperature of the distilled student")
-    p.add_argument("--distill-weight", type=float, default=1.0, help="distill_weight of the distilled student")
+    p.add_argument("--distill-weight", type=float, default=0.5, help="distill_weight of the distilled student")
     p.add_argument("--feature-weight", type=float, default=0.0, help="distill_feature_weight of the distilled student")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test rows only")
     p.add_argument("--batch", type=int, default=8, help="batch of the timed encode / transcribe calls")
     p.add_argument("--calib", default=str(DATA / "val.jsonl"), help="calibration manifest of static int8")
     p.add_argument("--qat-steps", type=int, default=200, help="QAT fine-tuning steps from the shipped model")
+    p.add_argument("--qat-lr", type=float, default=2e-5, help="learning rate of the QAT fine-tuning")
     p.add_argument("--compile", action="store_true", help="time torch.compile'd encoders (fp32 and quantized alike)")
     args = parse_args(p, argv)
     if args.threads is None:

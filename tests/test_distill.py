@@ -107,6 +107,17 @@ def test_a_teacher_with_another_vocabulary_is_a_clear_error():
         make_task(teacher=teacher, distill_temperature=0.0)
     with pytest.raises(ValueError, match="distill_weight: expected a number >= 0"):
         make_task(teacher=teacher, distill_weight=-1.0)
+    with pytest.raises(ValueError, match=r"distill_weight: expected a number in \[0, 1\]"):
+        make_task(teacher=teacher, distill_weight=1.5)
+
+
+def test_distill_weight_mixes_labels_and_teacher_at_each_terms_weight():
+    task = make_task(teacher=teacher_model(), distill_weight=0.25, caption_weight=2.0, ctc_weight=0.3)
+    w = task.weights
+    assert (w["caption"], w["distill_caption"]) == (1.5, 0.5)
+    assert (w["speech"], w["distill_speech"]) == (0.75, 0.25)
+    assert (w["contrastive_image"], w["distill_contrastive_image"]) == (0.75, 0.25)
+    assert w["ctc"] == 0.3 and w["distill_feature_image"] == 0.0
 
 
 def test_log_mel_batches_from_specaugment_are_distilled_when_the_teacher_reads_them():

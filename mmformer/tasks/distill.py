@@ -11,6 +11,12 @@ accepts works) and turns one batch into distillation loss parts, given what the 
 - ``distill_feature_{image,audio,text}`` (only with a feature weight > 0): mean squared error between the student's
   pooled embeddings, through a learned linear projection where the joint embedding sizes differ, and the teacher's.
 
+Each KL term is mixed with its label loss as Hinton et al.'s weighted average, ``(1 − α) · labels + α · teacher``
+with α = ``distill_weight`` (:func:`part_weights`), so the balance between the task's terms stays as configured.
+
+Usage: ``mmformer fit --config configs/digits.yaml --model.teacher data/digits_model --data.tokenizer
+data/digits_model/tokenizer.json --model.distill_temperature 1`` (the student must read the teacher's token ids).
+
 The teacher may have any width or depth; it must read the same token ids (the same vocabulary and special ids) and
 the same inputs (image channels, audio sample rate). It runs in eval mode under ``torch.no_grad`` in the student's
 step, and it is not a registered submodule: it never appears in the task's ``state_dict`` (so never in a
@@ -40,12 +46,17 @@ MEDIA_KEYS = {"image": "pixel_values", "audio": "audio"}
 FEATURE_FIELDS = ("n_mels", "n_fft", "hop_length", "sample_rate")  # what log-mel features depend on
 
 
-def part_weights(distill_weight: float, feature_weight: float) -> dict[str, float]:
-    """The weight of every loss part a :class:`Distiller` can return, by name."""
-    names = [f"distill_{task}" for task in DECODER_TASKS.values()] + [f"distill_contrastive_{m}" for m in MEDIA_KEYS]
-    weights = dict.fromkeys(names, float(distill_weight))
-    weights.update({f"distill_feature_{m}": float(feature_weight) for m in MODALITIES})
-    return weights
+def part_weights(weights: dict[str, float], distill_weight: float, feature_weight: float) -> dict[str, float]:
+    """The task's loss weights with distillation: each distilled term becomes Hinton et al.'s weighted average
+    ``(1 − α) · labels + α · teacher`` (α = ``distill_weight``) at the weight the task gave it, so that the balance
+    between terms (and the ones not distilled, such as CTC) stays as configured; feature distillation is added with
+    its own weight."""
+    out = dict(weights)
+    for part in [*DECODER_TASKS.values(), *(f"contrastive_{m}" for m in MEDIA_KEYS)]:
+        out[part] = weights[part] * (1.0 - distill_weight)
+        out[f"distill_{part}"] = weights[part] * distill_weight
+    out.update({f"distill_feature_{m}": float(feature_weight) for m in MODALITIES})
+    return out
 
 
 def check_teacher(teacher: ModelConfig, student: ModelConfig) -> None:

@@ -101,7 +101,8 @@ class MultimodalTask(L.LightningModule):
         teacher: distil from this model (a path or name :func:`mmformer.from_pretrained` accepts, or a loaded
             model): frozen, never saved with the student; it must share the student's tokenizer.
         distill_temperature: T of the teacher's and the student's softened distributions.
-        distill_weight: weight of the KL distillation losses (decoder tokens and contrastive logits, T²-scaled).
+        distill_weight: α, the teacher's share of each distilled term (decoder tokens, contrastive logits):
+            ``(1 − α) · label loss + α · T²-scaled KL to the teacher``, at the weight the term has without a teacher.
         distill_feature_weight: weight of the embedding (feature) distillation; 0 switches it off.
         qat: quantization-aware training, e.g. ``{method: dynamic}`` (or ``int8-weight``, ``int4-weight`` with
             ``group_size``): torchao fake-quantizes the linear layers while training and the model is converted to
@@ -130,7 +131,7 @@ class MultimodalTask(L.LightningModule):
         compile: bool = False,
         teacher: str | None = None,
         distill_temperature: float = 2.0,
-        distill_weight: float = 1.0,
+        distill_weight: float = 0.5,
         distill_feature_weight: float = 0.0,
         qat: dict[str, Any] | None = None,
     ):
@@ -157,6 +158,10 @@ class MultimodalTask(L.LightningModule):
         ):
             if value not in choices:
                 raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+        if distill_weight > 1:
+            raise ValueError(
+                f"distill_weight: expected a number in [0, 1] (the teacher's share), got {distill_weight!r}"
+            )
         if generate_max_new_tokens < 1:
             raise ValueError(f"generate_max_new_tokens: expected an int >= 1, got {generate_max_new_tokens!r}")
         try:
@@ -195,7 +200,7 @@ class MultimodalTask(L.LightningModule):
             self.distiller = Distiller(
                 teacher, model, temperature=distill_temperature, feature_weight=distill_feature_weight
             )
-            self.weights.update(part_weights(distill_weight, distill_feature_weight))
+            self.weights = part_weights(self.weights, distill_weight, distill_feature_weight)
         if "text" not in routes and contrastive_weight > 0:
             rank_zero_warn(f"contrastive_weight={contrastive_weight} is unused: the model has no text route")
         if "decoder" not in routes and (caption_weight > 0 or speech_weight > 0):
