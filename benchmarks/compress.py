@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/compress", help="where students, quantized models and exports go")
     p.add_argument("--steps", type=int, default=None, help="student training steps (default: the demo's budget)")
     p.add_argument("--reuse", action="store_true", help="evaluate students already trained under --out")
-    p.add_argument("--temperature", type=float, default=2.0, help="distill_temperature of the distilled student")
+    p.add_argument("--temperature", type=float, default=1.0, help="distill_temperature of the distilled student")
     p.add_argument("--distill-weight", type=float, default=0.5, help="distill_weight of the distilled student")
     p.add_argument("--feature-weight", type=float, default=0.0, help="distill_feature_weight of the distilled student")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test rows only")

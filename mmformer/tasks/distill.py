@@ -101,7 +101,7 @@ class Distiller(nn.Module):
         teacher: str | os.PathLike | MultimodalTransformer,
         student: ModelConfig,
         *,
-        temperature: float = 2.0,
+        temperature: float = 1.0,
         feature_weight: float = 0.0,
     ):
         super().__init__()
