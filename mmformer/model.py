@@ -112,11 +112,20 @@ class MultimodalTransformer(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token ids (B, T) → text token states (B, T, D); causal when the text config says so (CLIP)."""
+        """Token ids (B, T) → text token states (B, T, D); causal when the text config says so (CLIP).
+
+        ``inputs_embeds`` (B, T, D) replaces the token table's rows (a learned prompt's context vectors); the ids
+        still locate the end-of-text token for pooling."""
         embed = self._embedder("text")
         embed.check(input_ids, attention_mask)
-        x = embed(input_ids, segment_ids=segment_ids)
+        if inputs_embeds is not None and tuple(inputs_embeds.shape[:2]) != tuple(input_ids.shape):
+            raise ValueError(
+                f"inputs_embeds: expected shape (B, T, D) with (B, T) = {tuple(input_ids.shape)} of input_ids, "
+                f"got {tuple(inputs_embeds.shape)}"
+            )
+        x = embed(input_ids, segment_ids=segment_ids, inputs_embeds=inputs_embeds)
         mask = None if attention_mask is None else attention_mask.bool()
         return self.stack("text")(x, modality="text", mask=mask, causal=self.config.text.causal), mask
 
@@ -168,9 +177,11 @@ class MultimodalTransformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         normalize: bool = True,
         segment_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token ids (B, T) with mask (B, T) → (B, E) text embeddings."""
-        x, mask = self.encode_text_tokens(input_ids, attention_mask, segment_ids)
+        """Token ids (B, T) with mask (B, T) → (B, E) text embeddings (``inputs_embeds``: see
+        :meth:`encode_text_tokens`)."""
+        x, mask = self.encode_text_tokens(input_ids, attention_mask, segment_ids, inputs_embeds)
         pool = self.config.text.pool
         if pool == "mean":
             pooled = self._masked_mean(x, mask)
@@ -226,12 +237,15 @@ class MultimodalTransformer(nn.Module):
         *,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        prefix_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal decoder: ids (B, T) reading memory (B, S, D) → logits (B, T, V).
 
         With a cache, ``input_ids`` are only the new tokens; memory may be None once the cache holds its keys.
         Memory may also have B / G rows, each read by G consecutive id rows (the beams of one sample): its
         cross-attention keys/values are then computed, stored and read once per sample rather than once per beam.
+        ``prefix_embeds`` (P, D): learned vectors the decoder reads before the ids (prompt tuning, see
+        :mod:`mmformer.prompts`); they take positions 0..P-1 (and the cache's first P slots) and return no logits.
         """
         if self.lm_head is None:
             raise ValueError(f"this model has no decoder; its routes are {sorted(self.config.routes)}")
@@ -246,8 +260,20 @@ class MultimodalTransformer(nn.Module):
                 "attention_mask: padding is not supported with a KV cache (cached keys keep no mask); decode "
                 "right-padded rows without a mask (causal attention is exact for their real tokens) or without a cache"
             )
-        h = self.decode_step(input_ids, memory=memory, memory_mask=memory_mask, mask=mask, cache=cache)
+        if prefix_embeds is not None:
+            self._check_prefix(prefix_embeds, cache)
+        h = self.decode_step(
+            input_ids, memory=memory, memory_mask=memory_mask, mask=mask, cache=cache, prefix_embeds=prefix_embeds
+        )
         return h if return_hidden else self.lm_head(h)
+
+    def _check_prefix(self, prefix: torch.Tensor, cache: KVCache | None) -> None:
+        width = self.config.width("decoder")
+        if not isinstance(prefix, torch.Tensor) or prefix.ndim != 2 or prefix.shape[1] != width:
+            got = tuple(prefix.shape) if isinstance(prefix, torch.Tensor) else type(prefix).__name__
+            raise ValueError(f"prefix_embeds: expected learned decoder prefix vectors (P, D={width}), got {got}")
+        if cache is not None and cache.length > 0:
+            raise ValueError("prefix_embeds: the prefix goes before the first token; the cache already holds tokens")
 
     def decode_step(
         self,
@@ -257,13 +283,23 @@ class MultimodalTransformer(nn.Module):
         memory_mask: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        prefix_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:meth:`decode` without its input checks, returning the final hidden states (B, T, D): the inner step of
         token-by-token generation, whose ids come from the model itself (the checks cost as much as a layer)."""
-        x = self.text_embed(input_ids, offset=cache.length if cache is not None else 0)
-        return self.stack("decoder")(
+        offset = cache.length if cache is not None else 0
+        P = 0 if prefix_embeds is None else prefix_embeds.shape[0]
+        x = self.text_embed(input_ids, offset=offset + P)  # (B, T, D)
+        if P:
+            B = x.shape[0]
+            prefix = self.text_embed(None, offset=offset, inputs_embeds=prefix_embeds.to(x.dtype).expand(B, -1, -1))
+            x = torch.cat([prefix, x], dim=1)  # (B, P + T, D)
+            if mask is not None:
+                mask = torch.cat([mask.new_ones(B, P), mask], dim=1)
+        h = self.stack("decoder")(
             x, modality="text", mask=mask, causal=True, memory=memory, memory_mask=memory_mask, cache=cache
         )
+        return h[:, P:] if P else h
 
     def _check_memory(
         self,

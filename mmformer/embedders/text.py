@@ -65,15 +65,24 @@ class TextEmbedder(nn.Module):
         check_token_ids("input_ids", input_ids, self.cfg.vocab_size)
 
     def forward(
-        self, input_ids: torch.Tensor, *, offset: int = 0, segment_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor | None,
+        *,
+        offset: int = 0,
+        segment_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Ids (B, T) → (B, T, D); or ``inputs_embeds`` (B, T, D) in place of the token table's rows (soft prompts,
+        as Hugging Face's ``inputs_embeds``), which still get positions, segments and the norm."""
         if segment_ids is not None:
             self.check_segments(input_ids, segment_ids)
-        x = self.tokens(input_ids)
+        x = self.tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.positions is not None:
             x = self.positions(x, offset)
         if self.segments is not None:
-            x = x + self.segments(segment_ids if segment_ids is not None else torch.zeros_like(input_ids))
+            if segment_ids is None:
+                segment_ids = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
+            x = x + self.segments(segment_ids)
         if self.norm is not None:
             x = self.norm(x)
         return self.drop(x) if self.training and self.drop.p > 0 else x  # skip the identity call when decoding
