@@ -24,6 +24,8 @@ Training (a LightningCLI; `mmformer fit --help` lists every option):
 
 Inference and interop:
   export      checkpoint → pretrained directory:  mmformer export --ckpt runs/.../last.ckpt --out out/model
+              (a LoRA run's checkpoint → its adapter folder, --merge → the merged model; a prompt run's → its prompt)
+  merge       base + LoRA adapter → plain model:   mmformer merge --base DIR --adapter DIR --out DIR
   zeroshot    zero-shot classification:            mmformer zeroshot --model out/model --classes a,b,c FILES...
   caption     image captioning:                    mmformer caption --model out/model FILES...
   transcribe  speech to text:                      mmformer transcribe --model out/model FILES...
@@ -66,6 +68,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("export", help="turn a training checkpoint into a pretrained directory")
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing mmformer directory")
+    p.add_argument("--merge", action="store_true", help="a LoRA run's checkpoint: write the merged model")
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save the plain model")
+    p.add_argument("--base", required=True, help="the base model the adapter was trained on")
+    p.add_argument(
+        "--adapter", required=True, help="the adapter folder (adapter_config.json + adapter_model.safetensors)"
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing mmformer directory")
 
@@ -141,8 +152,24 @@ def _decode(args: argparse.Namespace, task: str) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from mmformer.auto import load_pretrained
+    from mmformer.pretrained import CHECKPOINT_KEY, read_torch
 
+    record = read_torch(args.ckpt).get(CHECKPOINT_KEY) if args.ckpt.endswith(".ckpt") else None
+    if isinstance(record, dict) and (record.get("lora") or record.get("prompt")):  # an adaptation run
+        from mmformer.tasks.adapt import export_checkpoint
+
+        print(f"wrote {export_checkpoint(args.ckpt, args.out, merge=args.merge, overwrite=args.overwrite)}")
+        return
     load_pretrained(args.ckpt).save_pretrained(args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from mmformer.adapters import merge_and_unload
+    from mmformer.auto import load_pretrained
+
+    model = merge_and_unload(load_pretrained(args.base, adapter=args.adapter))
+    model.save_pretrained(args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
 
 
@@ -168,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     handlers = {
         "zeroshot": _zeroshot,
         "export": _export,
+        "merge": _merge,
         "convert": _convert,
         "caption": lambda a: _decode(a, "caption"),
         "transcribe": lambda a: _decode(a, "transcribe"),

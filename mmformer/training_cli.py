@@ -1,7 +1,10 @@
 """``mmformer fit | validate | test | predict``: a LightningCLI over :class:`~mmformer.tasks.MultimodalTask` and
 :class:`~mmformer.data.MultimodalDataModule`.
 
-The vocabulary size is set once: the data module's tokenizer links it into the model config.
+The vocabulary size is set once: the data module's tokenizer links it into the task (``model.vocab_size``), which
+sets the model config's. With ``model.init_from`` the data module takes its processor (tokenizer, image and audio
+preprocessing) from that checkpoint (``data.processor_from`` is linked to it) rather than training a tokenizer, and
+the task checks that the tokenizer fits the checkpoint's token table.
 
 What the CLI adds to LightningCLI:
 
@@ -92,7 +95,8 @@ class MMFormerCLI(LightningCLI):
         super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.vocab_size", "model.model.text.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        parser.link_arguments("model.init_from", "data.processor_from", apply_on="parse")
 
     def parse_arguments(self, parser, args) -> None:
         try:
@@ -109,8 +113,10 @@ class MMFormerCLI(LightningCLI):
         # training texts) before the model: check the model configuration first, so an impossible one fails fast.
         section = self._section()
         model = section.get("model")
-        if isinstance(model, Namespace) and "model" in model:
+        if isinstance(model, Namespace) and model.get("model") is not None:
             check_model_config(model["model"])
+        elif isinstance(model, Namespace) and not model.get("init_from"):
+            raise ConfigError(f"{MODEL_KEY}: expected a model configuration, or model.init_from: a model to start from")
 
     def instantiate_classes(self) -> None:
         # Errors of the classes' own argument checks (they name the argument), of a data path that does not exist,
