@@ -33,7 +33,8 @@ def outputs(model: MultimodalTransformer) -> torch.Tensor:
     ids = torch.randint(3, 32, (2, 6), generator=g)
     with torch.no_grad():
         memory, _ = model.encode_image_tokens(pixels)
-        parts = [model.encode_image(pixels), model.encode_audio(audio), model.encode_text(ids), model.decode(ids, memory)]
+        parts = [model.encode_image(pixels), model.encode_audio(audio), model.encode_text(ids)]
+        parts.append(model.decode(ids, memory))
     return torch.cat([p.flatten() for p in parts])
 
 
@@ -94,7 +95,8 @@ def test_from_pretrained_with_adapter_and_merge_command(base, tmp_path):
     assert torch.equal(outputs(loaded), outputs(adapted))
     with pytest.raises(ValueError, match="carries adapter layers"):
         loaded.save_pretrained(tmp_path / "wrong")
-    main(["merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "m")])
+    base_dir, adapter_dir = str(tmp_path / "base"), str(tmp_path / "adapter")
+    main(["merge", "--base", base_dir, "--adapter", adapter_dir, "--out", str(tmp_path / "m")])
     merged = from_pretrained(tmp_path / "m")
     assert (outputs(merged) - outputs(adapted)).abs().max() < 1e-5
 

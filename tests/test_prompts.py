@@ -104,11 +104,11 @@ def test_decoder_prefix_trains_only_itself_and_generates_with_and_without_cache(
 
     with torch.no_grad():
         full = model.decode(ids, memory, prefix_embeds=prefix.vectors)
-        manual = model.stack("decoder")(
-            torch.cat([model.text_embed(None, inputs_embeds=prefix.vectors.expand(2, -1, -1)),
-                       model.text_embed(ids, offset=3)], dim=1),  # fmt: skip
-            modality="text", causal=True, memory=memory,
-        )
+        tokens = [
+            model.text_embed(None, inputs_embeds=prefix.vectors.expand(2, -1, -1)),
+            model.text_embed(ids, offset=3),
+        ]
+        manual = model.stack("decoder")(torch.cat(tokens, dim=1), modality="text", causal=True, memory=memory)
         assert torch.allclose(full, model.lm_head(manual[:, 3:]), atol=1e-6)
     cached = model.generate(image=pixels, prefix_embeds=prefix.vectors, max_new_tokens=8)
     uncached = model.generate(image=pixels, prefix_embeds=prefix.vectors, max_new_tokens=8, use_cache=False)
