@@ -22,6 +22,7 @@ What the CLI adds to LightningCLI:
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -102,7 +103,7 @@ class MMFormerCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as e:
-            raise ConfigError(str(e).strip()) from e
+            raise ConfigError(_named_key(str(e).strip())) from e
 
     def _section(self) -> Namespace:
         subcommand = self.config.get("subcommand")
@@ -135,6 +136,27 @@ class MMFormerCLI(LightningCLI):
         if not any(isinstance(c, RandomStateCallback) for c in callbacks):
             callbacks.append(RandomStateCallback())
         return super().instantiate_trainer(**{**kwargs, "plugins": plugins, "callbacks": callbacks})
+
+
+_UNION_NOISE = ("Does not validate", "Subtypes:", "Errors:", "Problem with given class_path", "Given value",
+                "Expected a <class 'NoneType'>")  # fmt: skip
+
+
+def _named_key(message: str) -> str:
+    """jsonargparse reports a bad value inside an optional section (``model.model`` is ``ModelConfig | None``) as
+    nested "Parser key" blocks under a union, listing every subtype; say it in one line instead: the full dotted key
+    and the innermost reason."""
+    if "Does not validate against any of the Union subtypes" not in message:
+        return message
+    keys = []
+    for line in message.splitlines():
+        text = line.strip().removeprefix("- ")
+        found = re.fullmatch(r'Parser key "([^"]+)":', text)
+        if found:
+            keys.append(found.group(1))
+        elif text and not text.startswith(_UNION_NOISE):
+            return f"{'.'.join(keys)}: {text}"
+    return message
 
 
 def _as_list(value: Any) -> list:
