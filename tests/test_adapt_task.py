@@ -167,3 +167,26 @@ def test_context_prompt_fit_moves_only_the_prompt_and_exports_it(pretrained, tmp
 
     main(["export", "--ckpt", str(tmp_path / "ckpt" / "last.ckpt"), "--out", str(tmp_path / "prompt.safetensors")])
     assert torch.equal(load_prompt(tmp_path / "prompt.safetensors").vectors, cli.model.prompt.vectors.detach())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_qlora_fit_through_the_cli_keeps_a_4bit_base(pretrained, tmp_path, device):
+    pytest.importorskip("bitsandbytes")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import bitsandbytes as bnb
+
+    root, train = pretrained
+    lora = {"r": 2, "target_modules": ["all"], "quantize": "nf4"}
+    config = adapt_config(root, train, tmp_path, max_steps=4, lora=lora)
+    precision = ["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed"] if device == "cuda" else []
+    cli = fit_in_process(config, *precision)
+    layers = [m for m in cli.model.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.weight.dtype == torch.uint8 for m in layers)
+    losses = cli.trainer.callback_metrics
+    assert torch.isfinite(losses["train/loss"])
+    from mmformer.cli import main
+
+    main(["export", "--ckpt", str(tmp_path / "ckpt" / "last.ckpt"), "--out", str(tmp_path / "adapter")])
+    loaded = from_pretrained(root / "base", adapter=tmp_path / "adapter")  # onto the full-precision base
+    assert adapters.has_adapter(loaded)
