@@ -204,3 +204,23 @@ def test_qlora_on_cuda(make_model_config):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_added_words_decode_as_written_and_leave_other_text_alone():
+    """Adding a new language's words (HF's add_tokens) to a byte-level BPE: a word whose letters are all byte-table
+    characters ("fünf") must still decode as written (tokenizers alone gives "f\ufffdnf")."""
+    from tokenizers import AddedToken
+
+    from mmformer.tokenizer import Tokenizer
+
+    english = ["four two nine", "seven", "one one"]
+    base = Tokenizer.train(english * 5, vocab_size=270)
+    backend = Tokenizer.from_str(base.backend.to_str()).backend
+    backend.add_tokens([AddedToken(w, normalized=True) for word in ("fünf", "drei") for w in (word, " " + word)])
+    grown = Tokenizer.from_str(backend.to_str())
+    assert grown.vocab_size == base.vocab_size + 4
+    assert torch.equal(grown(english)["input_ids"], base(english)["input_ids"])
+    german = ["fünf drei", "drei fünf fünf", "fünf"]
+    ids = grown(german)["input_ids"]
+    assert ids.shape[1] == 5 and int(ids.max()) >= base.vocab_size  # one token per word
+    assert grown.batch_decode(ids) == german and grown.decode(ids[0]) == "fünf drei"
