@@ -28,7 +28,12 @@ install-dev: $(VENV)/.installed-dev
 demo: $(VENV)/.installed
 	$(BIN)/python -m mmformer.demo
 
-adapt: $(VENV)/.installed
+$(VENV)/.installed-adapt: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[adapt]"
+	touch $(VENV)/.installed $@
+
+adapt: $(VENV)/.installed-adapt
 	$(BIN)/python -m mmformer.demo adapt
 
 test: $(VENV)/.installed-dev

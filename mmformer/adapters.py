@@ -40,6 +40,7 @@ Shape legend: r rank, D_in / D_out a linear layer's input / output width, V voca
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -99,8 +100,9 @@ class LoraSettings:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"lora.r: expected the LoRA rank, an int >= 1, got {self.r!r}")
         if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
-            raise ValueError(f"lora.lora_alpha: expected a number > 0 (the update is scaled by alpha / r), got "
-                             f"{self.lora_alpha!r}")  # fmt: skip
+            raise ValueError(
+                f"lora.lora_alpha: expected a number > 0 (updates scale by alpha / r), got {self.lora_alpha!r}"
+            )
         if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora.lora_dropout: expected a number in [0, 1), got {self.lora_dropout!r}")
         if isinstance(self.target_modules, str):
@@ -122,6 +124,12 @@ class LoraSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def require_peft() -> None:
+    """A clear error where peft is missing (it is an optional dependency: ``pip install 'mmformer[adapt]'``)."""
+    if importlib.util.find_spec("peft") is None:
+        raise ImportError("LoRA adapters need the peft package (>= 0.21): pip install 'mmformer[adapt]'")
 
 
 def _is_number(value: Any) -> bool:
@@ -158,8 +166,8 @@ def target_regex(
         try:
             re.compile(target)
         except re.error as e:
-            raise ValueError(f"lora.target_modules: {target!r} is neither a kind ({', '.join(TARGET_KINDS)}) nor a "
-                             f"valid regular expression ({e})") from e  # fmt: skip
+            kinds = ", ".join(TARGET_KINDS)
+            raise ValueError(f"lora.target_modules: {target!r} is neither a kind ({kinds}) nor a regex ({e})") from e
         if not any(re.fullmatch(target, name) for name in modules):
             raise ValueError(
                 f"lora.target_modules: {target!r} matches no linear, convolution or embedding module (module names "
@@ -193,6 +201,7 @@ def _present_kinds(modules: dict[str, nn.Module], stacks: list[str]) -> list[str
 
 def lora_config(model: MultimodalTransformer, settings: LoraSettings, *, inference_mode: bool = False) -> Any:
     """The ``peft.LoraConfig`` of ``settings`` on ``model`` (targets resolved to one regex and checked)."""
+    require_peft()
     import peft
 
     if not isinstance(settings, LoraSettings):
@@ -236,6 +245,7 @@ def has_adapter(model: nn.Module) -> bool:
 def add_lora(model: MultimodalTransformer, settings: LoraSettings) -> MultimodalTransformer:
     """Quantize the base (``settings.quantize``) and inject LoRA layers into ``model`` in place; only the adapter's
     parameters stay trainable. Returns ``model``."""
+    require_peft()
     from peft.functional import inject_adapter_in_model
 
     if has_adapter(model):
@@ -277,6 +287,7 @@ def save_adapter(
             trains new tokens (a grown vocabulary), so that loading can grow the base to match.
         overwrite: False refuses to replace an adapter already saved there (FileExistsError).
     """
+    require_peft()
     from peft.utils import get_peft_model_state_dict
 
     from mmformer.pretrained import atomic_directory
@@ -305,12 +316,13 @@ def _adapter_config(model: nn.Module) -> Any:
 def read_adapter_config(directory: str | os.PathLike) -> Any:
     """The ``peft.LoraConfig`` of an adapter folder, or a clear error: no folder, no adapter_config.json, another
     peft method than LoRA, pickled weights only."""
+    require_peft()
     import peft
 
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"adapter: no such folder {directory}; expected an adapter folder "
-                                f"({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")  # fmt: skip
+        expected = f"{ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}"
+        raise FileNotFoundError(f"adapter: no such folder {directory}; expected an adapter folder ({expected})")
     path = directory / ADAPTER_CONFIG
     if not path.is_file():
         raise ValueError(
@@ -348,6 +360,7 @@ def load_adapter(model: MultimodalTransformer, directory: str | os.PathLike) -> 
         ValueError: no adapter_config.json, not a LoRA adapter, pickled weights, target modules this model lacks,
             or tensors that do not fit this model (listed by module: the adapter belongs to another base).
     """
+    require_peft()
     from peft.functional import inject_adapter_in_model, set_peft_model_state_dict
     from peft.utils import get_peft_model_state_dict
 
@@ -441,6 +454,7 @@ def unload(model: MultimodalTransformer) -> MultimodalTransformer:
 
 
 def _unload(model: MultimodalTransformer, merge: bool) -> MultimodalTransformer:
+    require_peft()
     # as peft's BaseTuner._unload_and_optionally_merge, on a model adapted in place (no PeftModel around it)
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -474,9 +488,8 @@ def _untie_adapted_head(model: MultimodalTransformer) -> None:
 
     if model.lm_head is None or not model.config.tie_lm_head:
         return
-    adapted = [m for m in (model.lm_head, model.text_embed.tokens) if isinstance(m, BaseTunerLayer) or hasattr(
-        m, "unload_and_optionally_merge_module")]  # fmt: skip
-    if not adapted:
+    wrapped = lambda m: isinstance(m, BaseTunerLayer) or hasattr(m, "unload_and_optionally_merge_module")  # noqa: E731
+    if not (wrapped(model.lm_head) or wrapped(model.text_embed.tokens)):
         return
     head = model.lm_head
     while hasattr(head, "get_base_layer") or hasattr(head, "original_module"):

@@ -284,8 +284,8 @@ def report(results: dict, seconds: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mmformer.demo adapt", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    formatter = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="python -m mmformer.demo adapt", description=__doc__, formatter_class=formatter)
     p.add_argument("--base", default="data/digits_model", help="the model to adapt")
     p.add_argument("--out", default="runs/adapt")
     p.add_argument("--steps", type=int, default=500, help="LoRA and full fine-tuning steps (the same for both)")

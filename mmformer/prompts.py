@@ -16,6 +16,7 @@ Shape legend: M context vectors, P prefix vectors, D text width, C classes, T to
 
 from __future__ import annotations
 
+import abc
 import os
 import tempfile
 from pathlib import Path
@@ -36,7 +37,7 @@ KIND_KEY = "mmformer_prompt"
 PROMPT_FORMAT_VERSION = "1"
 
 
-class SoftPrompt(nn.Module):
+class SoftPrompt(nn.Module, abc.ABC):
     """``length`` learned vectors of width ``width`` (initialised N(0, 0.02), as token embeddings are)."""
 
     kind: ClassVar[str] = ""
@@ -70,8 +71,9 @@ class SoftPrompt(nn.Module):
         return f"length={self.length}, width={self.width}"
 
     @staticmethod
+    @abc.abstractmethod
     def model_width(model: MultimodalTransformer) -> int:
-        raise NotImplementedError
+        """The width of the model part this kind of prompt feeds (ValueError if the model lacks it)."""
 
     def check_model(self, model: MultimodalTransformer, source: object = "prompt") -> None:
         """A clear error when the prompt's width is not the width of the model part it feeds."""

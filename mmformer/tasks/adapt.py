@@ -174,8 +174,7 @@ def apply_freezing(
     for key, patterns in (("frozen", frozen or []), ("trainable", trainable or [])):
         for pattern in patterns:
             if not isinstance(pattern, str) or not pattern:
-                raise ValueError(f"{key}: expected parameter-name patterns or route groups {list(GROUPS)}, got "
-                                 f"{pattern!r}")  # fmt: skip
+                raise ValueError(f"{key}: expected parameter-name patterns or route groups, got {pattern!r}")
             hits = select(names, pattern, groups)
             if not hits:
                 raise ValueError(
@@ -310,10 +309,11 @@ def context_prompt_losses(
     class_embeddings = build_class_embeddings(model, tokenizer, classes, prompt=prompt)  # (C, E)
     parts, feats = {}, {}
     scale = model.logit_scale.exp()
+    encoders_train = any(p.requires_grad for p in model.parameters())  # e.g. trainable: [image] beside the prompt
     for modality, key in (("image", "pixel_values"), ("audio", "audio")):
         if batch.get(key) is None:
             continue
-        with torch.no_grad():  # the encoders are frozen: no activations kept for them
+        with torch.set_grad_enabled(encoders_train):  # frozen encoders keep no activations
             features = (
                 model.encode_image(batch[key])
                 if modality == "image"
@@ -386,6 +386,6 @@ def export_checkpoint(path: str, out: str, *, merge: bool = False, overwrite: bo
         adapters.merge_and_unload(base)
         base.save_pretrained(out, processor=processor, overwrite=overwrite)
     else:
-        adapters.save_adapter(base, out, base_model=base_path, processor=processor if grown else None,
-                              overwrite=overwrite)  # fmt: skip
+        processor = processor if grown else None  # a grown vocabulary travels with the adapter
+        adapters.save_adapter(base, out, base_model=base_path, processor=processor, overwrite=overwrite)
     return out
