@@ -56,6 +56,8 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
     from mmformer.generation import DecodingOptions
 
     p.add_argument("--model", required=True, help="pretrained directory or training checkpoint")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder applied on top of --model")
+    p.add_argument("--prompt", default=None, help="a learned decoder prefix file (prompt tuning)")
     for flag, kwargs in dataclass_flags(DecodingOptions):
         p.add_argument(flag, **kwargs)
     p.add_argument("--device", default="cpu")
@@ -82,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("zeroshot", help="zero-shot classification of images or audio files")
     p.add_argument("--model", required=True)
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder applied on top of --model")
+    p.add_argument("--prompt", default=None, help="a learned context prompt file (CoOp) in place of --templates")
     p.add_argument("--classes", required=True, help="comma-separated class names")
     p.add_argument("--templates", default="{}", help="'|'-separated prompt templates with {} for the class name")
     p.add_argument("--modality", choices=("auto", "image", "audio"), default="auto")
@@ -105,10 +109,10 @@ def _parser() -> argparse.ArgumentParser:
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus"}
 
 
-def _load_model(path: str, device: str):
+def _load_model(path: str, device: str, adapter: str | None = None):
     from mmformer.auto import load_pretrained
 
-    model = load_pretrained(path, device=device).eval()
+    model = load_pretrained(path, device=device, adapter=adapter).eval()
     if getattr(model, "processor", None) is None:
         raise SystemExit(f"mmformer: {path} has no processor files (tokenizer.json, preprocessor_config.json)")
     return model
@@ -119,7 +123,7 @@ def _zeroshot(args: argparse.Namespace) -> None:
 
     from mmformer.zeroshot import ZeroShotClassifier
 
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args.adapter)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     by_modality: dict[str, list[str]] = {}
     for path in args.files:  # 'auto' decides per file, so images and audio may be mixed
@@ -129,8 +133,9 @@ def _zeroshot(args: argparse.Namespace) -> None:
         by_modality.setdefault(modality, []).append(path)
     width = max(len(c) for c in classes)
     for modality, files in by_modality.items():
+        templates = ["{}"] if args.prompt else args.templates.split("|")
         clf = ZeroShotClassifier(
-            model, model.processor, classnames=classes, templates=args.templates.split("|"), modality=modality
+            model, model.processor, classnames=classes, templates=templates, modality=modality, prompt=args.prompt
         )
         for path, top in zip(files, clf.topk(files, k=min(args.top, len(classes)))):
             print(path)
@@ -141,12 +146,17 @@ def _zeroshot(args: argparse.Namespace) -> None:
 def _decode(args: argparse.Namespace, task: str) -> None:
     from mmformer.generation import DecodingOptions
 
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args.adapter)
     options = DecodingOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingOptions)})
     run = model.caption if task == "caption" else model.transcribe
+    prefix = None
+    if args.prompt:
+        from mmformer.prompts import DecoderPrefix, load_prompt
+
+        prefix = load_prompt(args.prompt, model, kind=DecoderPrefix.kind).vectors.to(args.device)
     for start in range(0, len(args.files), args.batch_size):
         chunk = args.files[start : start + args.batch_size]
-        for path, text in zip(chunk, run(chunk, options=options)):
+        for path, text in zip(chunk, run(chunk, options=options, prefix_embeds=prefix)):
             print(f"{path}\t{text}")
 
 

@@ -190,3 +190,35 @@ def test_qlora_fit_through_the_cli_keeps_a_4bit_base(pretrained, tmp_path, devic
     main(["export", "--ckpt", str(tmp_path / "ckpt" / "last.ckpt"), "--out", str(tmp_path / "adapter")])
     loaded = from_pretrained(root / "base", adapter=tmp_path / "adapter")  # onto the full-precision base
     assert adapters.has_adapter(loaded)
+
+
+def test_decoder_prefix_fit_moves_only_the_prefix(pretrained, tmp_path):
+    root, train = pretrained
+    config = adapt_config(root, train, tmp_path, prompt={"kind": "decoder_prefix", "length": 2}, contrastive_weight=0)
+    cli = fit_in_process(config, "--data.text_max_length", "6", run=False)  # 2 prefix + 5 input tokens fit 8
+    before = {n: p.detach().clone() for n, p in cli.model.model.named_parameters()}
+    start = cli.model.prompt.vectors.detach().clone()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert all(torch.equal(p, before[n]) for n, p in cli.model.model.named_parameters())
+    assert not torch.equal(cli.model.prompt.vectors, start)
+
+
+def test_inference_commands_take_adapters_and_prompts(pretrained, tmp_path, capsys):
+    from mmformer.cli import main
+    from mmformer.prompts import ContextPrompt, DecoderPrefix
+
+    root, train = pretrained
+    image = str(root / "img" / "0.png")
+    base = from_pretrained(root / "base")
+    adapters.add_lora(base, adapters.LoraSettings(r=2, target_modules=["cross_attention"]))
+    adapters.save_adapter(base, tmp_path / "adapter")
+    DecoderPrefix(2, 32).save(tmp_path / "prefix.safetensors")
+    ContextPrompt(2, 32).save(tmp_path / "context.safetensors")
+    main(["caption", "--model", str(root / "base"), "--adapter", str(tmp_path / "adapter"), "--max-new-tokens", "3",
+          "--prompt", str(tmp_path / "prefix.safetensors"), image])  # fmt: skip
+    main(["zeroshot", "--model", str(root / "base"), "--classes", "zero,one,two",
+          "--prompt", str(tmp_path / "context.safetensors"), image])  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(image + "\t") and out[1] == image and len(out) == 5
+    with pytest.raises(SystemExit, match="holds a context prompt, expected a decoder_prefix prompt"):
+        main(["caption", "--model", str(root / "base"), "--prompt", str(tmp_path / "context.safetensors"), image])
