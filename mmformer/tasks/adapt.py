@@ -310,21 +310,29 @@ def context_prompt_losses(
     parts, feats = {}, {}
     scale = model.logit_scale.exp()
     encoders_train = any(p.requires_grad for p in model.parameters())  # e.g. trainable: [image] beside the prompt
-    for modality, key in (("image", "pixel_values"), ("audio", "audio")):
-        if batch.get(key) is None:
-            continue
+    for modality in ("image", "audio"):
         with torch.set_grad_enabled(encoders_train):  # frozen encoders keep no activations
-            features = (
-                model.encode_image(batch[key])
-                if modality == "image"
-                else model.encode_audio(batch[key], batch.get("audio_lengths"))
-            )
+            features = _media_features(model, batch, modality)
+        if features is None:
+            continue
         feats[modality] = features
         logits = scale * features.float() @ class_embeddings.T  # (B, C)
         parts[f"prompt_{modality}"] = F.cross_entropy(logits, targets.to(logits.device))
     if not parts:
         raise ValueError(f"batch: prompt training needs pixel_values or audio; got keys {sorted(batch)}")
     return parts, feats
+
+
+def _media_features(model: MultimodalTransformer, batch: dict[str, Any], modality: str) -> torch.Tensor | None:
+    """(B, E) embeddings of the batch's images, or of its audio (waveforms, or the log-mel a training loader with
+    SpecAugment computed); None when the batch has none."""
+    if modality == "image":
+        return None if batch.get("pixel_values") is None else model.encode_image(batch["pixel_values"])
+    if batch.get("audio_features") is not None:
+        return model.encode_audio(audio_features=batch["audio_features"], feature_lengths=batch.get("feature_lengths"))
+    if batch.get("audio") is not None:
+        return model.encode_audio(batch["audio"], batch.get("audio_lengths"))
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- export
