@@ -27,6 +27,7 @@ if ROOT not in sys.path:  # `benchmarks` is a folder of the repository, not of t
         ("qlora_memory", ["full_fp32", "full_bf16", "qlora_nf4", "vs_bf16", "linear_vs_bf16"]),
     ],
 )
+@pytest.mark.slow
 def test_benchmark_runs_and_prints_its_table(name, expected, capsys):
     importlib.import_module(f"benchmarks.{name}").main(["--tiny", "--no-save"])
     out = capsys.readouterr().out
