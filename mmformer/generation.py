@@ -488,7 +488,7 @@ def generate(
     n_prompt = prompt.shape[1]
     max_length = n_prompt + options.max_new_tokens
     if prefix_embeds is not None:
-        model._check_prefix(prefix_embeds, None)
+        model.check_prefix(prefix_embeds, None)
         prefix_embeds = prefix_embeds.to(memory.device)
     n_prefix = 0 if prefix_embeds is None else prefix_embeds.shape[0]
     if text.position != "none":  # absolute positions end with their table: stop there rather than fail

@@ -261,13 +261,14 @@ class MultimodalTransformer(nn.Module):
                 "right-padded rows without a mask (causal attention is exact for their real tokens) or without a cache"
             )
         if prefix_embeds is not None:
-            self._check_prefix(prefix_embeds, cache)
+            self.check_prefix(prefix_embeds, cache)
         h = self.decode_step(
             input_ids, memory=memory, memory_mask=memory_mask, mask=mask, cache=cache, prefix_embeds=prefix_embeds
         )
         return h if return_hidden else self.lm_head(h)
 
-    def _check_prefix(self, prefix: torch.Tensor, cache: KVCache | None) -> None:
+    def check_prefix(self, prefix: torch.Tensor, cache: KVCache | None = None) -> None:
+        """A clear error for decoder prefix vectors of the wrong shape, or given once the cache holds tokens."""
         width = self.config.width("decoder")
         if not isinstance(prefix, torch.Tensor) or prefix.ndim != 2 or prefix.shape[1] != width:
             got = tuple(prefix.shape) if isinstance(prefix, torch.Tensor) else type(prefix).__name__
