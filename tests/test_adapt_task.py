@@ -114,6 +114,7 @@ def test_bad_freezing_patterns_name_them(pretrained, tmp_path):
         fit_in_process(config, run=False)
 
 
+@pytest.mark.slow
 def test_lora_fit_resumes_and_exports_an_adapter(pretrained, tmp_path):
     root, train = pretrained
     lora = {"r": 2, "target_modules": ["qkv", "mlp"]}
