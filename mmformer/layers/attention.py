@@ -73,6 +73,8 @@ class Attention(nn.Module):
         else:
             self.qkv = nn.Linear(cfg.width, q_dim + 2 * kv_dim, bias=cfg.bias)
         self.proj = nn.Linear(q_dim, cfg.width, bias=cfg.bias)
+        # CoCa's ln_1_kv: the memory is normed before its keys and values (once per memory, like them)
+        self.memory_norm = make_norm(cfg.norm, cfg.width, cfg.norm_eps) if cross and cfg.cross_memory_norm else None
         self.q_norm = make_norm(cfg.norm, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = make_norm(cfg.norm, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.attn_dropout = cfg.attn_dropout
@@ -86,6 +88,8 @@ class Attention(nn.Module):
 
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, nkv, S, hs) of a cross-attention memory (B, S, D)."""
+        if self.memory_norm is not None:
+            memory = self.memory_norm(memory)
         k, v = self.kv(memory).chunk(2, dim=-1)
         k = self._heads(k, self.n_kv_heads)
         if self.k_norm is not None:
