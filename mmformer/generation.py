@@ -66,6 +66,11 @@ class DecodingOptions:
                                            "top_k, top_p or a temperature != 1 asks for it")  # fmt: skip
     use_cache: bool = _option(True, "decode incrementally through a KV cache (False recomputes every step)")
     compile: bool = _option(False, "run the cached decoder step through torch.compile (pays off over many calls)")
+    min_new_tokens: int = _option(0, "end-of-text is not generated before this many new tokens")
+    forced_eos: bool = _option(False, "a row still open at the length limit ends with end-of-text there")
+    language: str | None = _option(None, "Whisper: the audio's language code, e.g. en (default: the checkpoint's, "
+                                         "else detected from the audio)")  # fmt: skip
+    task: str | None = _option(None, "Whisper: transcribe or translate (default: the checkpoint's, else transcribe)")
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -92,6 +97,13 @@ class DecodingOptions:
             raise ValueError(
                 "compile=True compiles the KV-cached decoder step; it needs use_cache=True (got use_cache=False)"
             )
+        if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens: expected an int >= 0, got {self.min_new_tokens!r}")
+        if not isinstance(self.forced_eos, bool):
+            raise ValueError(f"forced_eos: expected True or False, got {self.forced_eos!r}")
+        for name in ("language", "task"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}: expected None or a string, got {getattr(self, name)!r}")
         if self.sample and self.num_beams > 1:
             raise ValueError(
                 f"num_beams={self.num_beams} with sampling (do_sample={self.do_sample}, top_k={self.top_k}, "
@@ -176,6 +188,81 @@ class Sampler:
             logits = f(logits)
         probs = logits.softmax(dim=-1)  # (N, V)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+
+# ---------------------------------------------------------------------- logit rules (a checkpoint's, and the options')
+class SuppressTokens:
+    """These ids are never generated (Whisper's ``suppress_tokens``), or with ``first_only`` not as the first new
+    token (``begin_suppress_tokens``)."""
+
+    def __init__(self, ids: Sequence[int], *, first_only: bool = False):
+        self.ids, self.first_only = sorted(set(ids)), first_only
+
+    def __call__(self, logits: torch.Tensor, generated: int, remaining: int) -> torch.Tensor:
+        if self.first_only and generated > 0:
+            return logits
+        logits[:, self.ids] = float("-inf")
+        return logits
+
+
+class MinNewTokens:
+    """End-of-text is not generated before ``n`` new tokens (Hugging Face's ``min_new_tokens``)."""
+
+    def __init__(self, n: int, eos_id: int):
+        self.n, self.eos_id = n, eos_id
+
+    def __call__(self, logits: torch.Tensor, generated: int, remaining: int) -> torch.Tensor:
+        if generated < self.n:
+            logits[:, self.eos_id] = float("-inf")
+        return logits
+
+
+class ForcedEos:
+    """The last token the length limit allows is end-of-text (Hugging Face's ``forced_eos_token_id``; open_clip's
+    CoCa ``generate``)."""
+
+    def __init__(self, eos_id: int):
+        self.eos_id = eos_id
+
+    def __call__(self, logits: torch.Tensor, generated: int, remaining: int) -> torch.Tensor:
+        if remaining == 1:
+            forced = torch.full_like(logits, float("-inf"))
+            forced[:, self.eos_id] = 0.0
+            return forced
+        return logits
+
+
+class LogitRules:
+    """Rules applied to each step's scores before a token is chosen: to the logits for greedy decoding and
+    sampling, to the log-probabilities in beam search (where Hugging Face applies its logits processors).
+
+    Each rule is called as ``rule(scores (N, V), generated, remaining)``: new tokens so far, and positions left
+    before the length limit (this one included).
+    """
+
+    def __init__(self, rules: Sequence[Callable[[torch.Tensor, int, int], torch.Tensor]] = ()):
+        self.rules = list(rules)
+
+    def __call__(self, scores: torch.Tensor, generated: int, remaining: int) -> torch.Tensor:
+        for rule in self.rules:
+            scores = rule(scores, generated, remaining)
+        return scores
+
+
+def logit_rules(model: MultimodalTransformer, options: DecodingOptions) -> LogitRules:
+    """The checkpoint's rules (``config.generation``: suppressed tokens) and the options' (minimum length, a forced
+    end-of-text)."""
+    rules: list = []
+    gen, eos = model.config.generation, model.config.text.eos_id
+    if gen is not None and gen.suppress_tokens:
+        rules.append(SuppressTokens(gen.suppress_tokens))
+    if gen is not None and gen.begin_suppress_tokens:
+        rules.append(SuppressTokens(gen.begin_suppress_tokens, first_only=True))
+    if options.min_new_tokens:
+        rules.append(MinNewTokens(options.min_new_tokens, eos))
+    if options.forced_eos:
+        rules.append(ForcedEos(eos))
+    return LogitRules(rules)
 
 
 def token_chooser(options: DecodingOptions, generator: torch.Generator | None = None) -> Greedy | Sampler:
@@ -296,17 +383,20 @@ class DecoderRunner:
 class TokenSearch:
     """One token per row and step (greedy or sampled); a row that emits eos is padded from then on."""
 
-    def __init__(self, choose: Greedy | Sampler, eos_id: int, pad_id: int):
+    def __init__(self, choose: Greedy | Sampler, eos_id: int, pad_id: int, rules: LogitRules | None = None):
         self.choose, self.eos_id, self.pad_id = choose, eos_id, pad_id
+        self.rules = rules or LogitRules()
 
     def run(self, runner: DecoderRunner, prompt: torch.Tensor, max_length: int) -> torch.Tensor:
         """Prompt (B, P) → ids (B, P + generated), at most ``max_length`` long."""
         B, cur = prompt.shape
+        n_prompt = cur
         tokens = prompt.new_empty(B, max_length)  # filled up to `cur`; no per-step concatenation
         tokens[:, :cur] = prompt
         done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
         while cur < max_length:
-            next_ids = self.choose(runner.next_logits(tokens[:, :cur]))  # (B,)
+            logits = self.rules(runner.next_logits(tokens[:, :cur]), cur - n_prompt, max_length - cur)  # (B, V)
+            next_ids = self.choose(logits)  # (B,)
             next_ids.masked_fill_(done, self.pad_id)
             tokens[:, cur] = next_ids
             cur += 1
@@ -325,8 +415,11 @@ class BeamSearch:
     no longer beat the worst of them; the best finished hypothesis of each sample is returned.
     """
 
-    def __init__(self, num_beams: int, length_penalty: float, eos_id: int, pad_id: int):
+    def __init__(
+        self, num_beams: int, length_penalty: float, eos_id: int, pad_id: int, rules: LogitRules | None = None
+    ):
         self.K, self.length_penalty, self.eos_id, self.pad_id = num_beams, length_penalty, eos_id, pad_id
+        self.rules = rules or LogitRules()
 
     def run(self, runner: DecoderRunner, prompt: torch.Tensor, max_length: int) -> torch.Tensor:
         """Prompt (B*K, P), each sample's row repeated K times → best hypotheses (B, P + generated)."""
@@ -344,6 +437,7 @@ class BeamSearch:
         cur = n_prompt  # tokens per row so far
         while cur < max_length:
             logprobs = F.log_softmax(runner.next_logits(running.reshape(B * K, cur)), dim=-1)  # (N, V)
+            logprobs = self.rules(logprobs, cur - n_prompt, max_length - cur)
             V = logprobs.shape[-1]
             scores = (logprobs.view(B, K, V) + running_scores[..., None]).view(B, K * V)
             n_candidates = min(2 * K, K * V)
@@ -435,6 +529,64 @@ def _prompt(model: MultimodalTransformer, prompt_ids: Any, batch: int, device: t
     return prompt
 
 
+def _language_id(model: MultimodalTransformer, language: str) -> int:
+    """The token of a language code ("en", or "<|en|>") of the checkpoint's generation config."""
+    gen = model.config.generation
+    code = language.strip().lower().removeprefix("<|").removesuffix("|>")
+    if gen is None or not gen.language_ids:
+        raise ValueError(f"language: this model has no language tokens (an English-only checkpoint?); got {language!r}")
+    if code not in gen.language_ids:
+        raise ValueError(
+            f"language: expected one of this checkpoint's codes {sorted(gen.language_ids)}, got {language!r}"
+        )
+    return gen.language_ids[code]
+
+
+def detect_language(
+    model: MultimodalTransformer, memory: torch.Tensor, memory_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """(B,) language tokens: per row, the language token the decoder finds most likely after ``bos``, as Whisper
+    (and Hugging Face's ``detect_language``) does."""
+    candidates = torch.tensor(sorted(model.config.generation.language_ids.values()), device=memory.device)
+    start = torch.full((memory.shape[0], 1), model.config.text.bos_id, dtype=torch.long, device=memory.device)
+    logits = model.decode(start, memory, memory_mask)[:, -1]  # (B, V)
+    return candidates[logits[:, candidates].argmax(dim=-1)]
+
+
+def prompt_length(model: MultimodalTransformer) -> int:
+    """Tokens of the default decoder prompt: ``bos``, then the checkpoint's language, task and no-timestamps tokens."""
+    gen = model.config.generation
+    if gen is None:
+        return 1
+    return 1 + bool(gen.language_ids) + bool(gen.task_ids) + (gen.no_timestamps_id is not None)
+
+
+def _default_prompt(
+    model: MultimodalTransformer, options: DecodingOptions, memory: torch.Tensor, memory_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """(B, P) default decoder prompt: ``[bos]``, or Whisper's ``[start, language, task, no-timestamps]`` from the
+    checkpoint's generation config, the language detected per row unless chosen."""
+    B, device, gen = memory.shape[0], memory.device, model.config.generation
+    columns = [torch.full((B,), model.config.text.bos_id, dtype=torch.long, device=device)]
+    language, task = options.language, options.task
+    if gen is None and (language is not None or task is not None):
+        raise ValueError(f"language / task: this model has no such tokens; got language={language!r}, task={task!r}")
+    if gen is not None:
+        language = language if language is not None else gen.language
+        if language is not None:
+            columns.append(torch.full((B,), _language_id(model, language), dtype=torch.long, device=device))
+        elif gen.language_ids:
+            columns.append(detect_language(model, memory, memory_mask))
+        task = task if task is not None else gen.task or ("transcribe" if gen.task_ids else None)
+        if task is not None and task not in gen.task_ids:
+            raise ValueError(f"task: expected one of this checkpoint's tasks {sorted(gen.task_ids)}, got {task!r}")
+        if task is not None:
+            columns.append(torch.full((B,), gen.task_ids[task], dtype=torch.long, device=device))
+        if gen.no_timestamps_id is not None:
+            columns.append(torch.full((B,), gen.no_timestamps_id, dtype=torch.long, device=device))
+    return torch.stack(columns, dim=1)
+
+
 @torch.inference_mode()
 def generate(
     model: MultimodalTransformer,
@@ -455,12 +607,14 @@ def generate(
         image: normalised pixels (B, C, H, W).
         audio: waveforms (B, S) with optional sample counts ``audio_lengths`` (B,).
         audio_features: precomputed log-mel (B, n_mels, frames), as Whisper's ``input_features``.
-        prompt_ids: decoder prefix (B, P) or (P,) for every row; default ``[[bos_id]] * B``.
+        prompt_ids: decoder prefix (B, P) or (P,) for every row; default ``[[bos_id]] * B``, or for a checkpoint with
+            a generation config (Whisper) its start, language (``language=`` or detected), task and no-timestamps
+            tokens. The checkpoint's suppressed tokens are never generated.
         options: a :class:`DecodingOptions`; default its defaults.
         generator: random generator for reproducible sampling.
         changes: :class:`DecodingOptions` fields overriding ``options`` (``max_new_tokens=``, ``num_beams=``,
             ``top_k=``, ``top_p=``, ``temperature=``, ``length_penalty=``, ``do_sample=``, ``use_cache=``,
-            ``compile=``).
+            ``compile=``, ``min_new_tokens=``, ``forced_eos=``, ``language=``, ``task=``).
 
     Returns:
         LongTensor (B, P + generated): the prompt then the generated tokens; each row ends at its first eos (kept)
@@ -474,16 +628,19 @@ def generate(
     B = memory.shape[0]
     if B == 0:
         raise ValueError(f"generate: expected at least one image or waveform, got a batch of 0 ({tuple(memory.shape)})")
-    prompt = _prompt(model, prompt_ids, B, memory.device)
+    if prompt_ids is None:
+        prompt = _default_prompt(model, options, memory, memory_mask)
+    else:
+        prompt = _prompt(model, prompt_ids, B, memory.device)
     n_prompt = prompt.shape[1]
     max_length = n_prompt + options.max_new_tokens
     if text.position != "none":  # absolute positions end with their table: stop there rather than fail
-        if n_prompt > text.max_length:
+        if n_prompt > text.max_tokens:
             raise ValueError(
                 f"prompt_ids: {n_prompt} tokens exceed the decoder's position table "
                 f"(config.text.max_length={text.max_length})"
             )
-        max_length = min(max_length, text.max_length)
+        max_length = min(max_length, text.max_tokens)
     if max_length <= n_prompt:
         return prompt
 
@@ -492,9 +649,10 @@ def generate(
         # (B, P) → (B*K, P): each sample's K beams sit next to each other and share its memory rows (B, S, D),
         # whose cross-attention keys/values are computed and read once per sample
         prompt = prompt.repeat_interleave(K, dim=0)
-        search: TokenSearch | BeamSearch = BeamSearch(K, options.length_penalty, text.eos_id, text.pad_id)
+        rules = logit_rules(model, options)
+        search: TokenSearch | BeamSearch = BeamSearch(K, options.length_penalty, text.eos_id, text.pad_id, rules)
     else:
-        search = TokenSearch(token_chooser(options, generator), text.eos_id, text.pad_id)
+        search = TokenSearch(token_chooser(options, generator), text.eos_id, text.pad_id, logit_rules(model, options))
     runner = DecoderRunner(model, memory, memory_mask, max_length, options.use_cache, options.compile)
     return search.run(runner, prompt, max_length)
 
@@ -509,9 +667,10 @@ def _processor(model: MultimodalTransformer, processor: Processor | None, what: 
     return processor
 
 
-def _detokenize(processor: Processor, ids: torch.Tensor, decoding: dict[str, Any]) -> list[str]:
+def _detokenize(model: MultimodalTransformer, processor: Processor, ids: torch.Tensor, decoding: dict) -> list[str]:
+    """The generated text of ids from :func:`generate`, without the prompt."""
     prompt = decoding.get("prompt_ids")
-    skip = 1 if prompt is None else torch.as_tensor(prompt).shape[-1]
+    skip = prompt_length(model) if prompt is None else torch.as_tensor(prompt).shape[-1]
     return processor.tokenizer.batch_decode(ids[:, skip:].cpu(), skip_special_tokens=True)
 
 
@@ -532,7 +691,7 @@ def caption(
     else:
         pixel_values = processor(images=images)["pixel_values"]
     ids = generate(model, image=pixel_values.to(_model_device(model)), **decoding)
-    return _detokenize(processor, ids, decoding)
+    return _detokenize(model, processor, ids, decoding)
 
 
 def transcribe(
@@ -543,6 +702,12 @@ def transcribe(
     **decoding: Any,
 ) -> list[str]:
     """Transcripts of speech.
+
+    A model with a fixed audio window (``AudioConfig.pad_to_seconds``: Whisper's 30 s) transcribes longer audio by
+    consecutive, non-overlapping windows: [0, 30 s), [30 s, 60 s), ... each decoded on its own (with its own prompt,
+    and language detection when no language is chosen); a row's transcript is its windows' texts joined by spaces.
+    A word cut by a window boundary may be lost or split (Whisper's own long-form decoding moves its windows by the
+    timestamps it predicts; this does not).
 
     Args:
         waveforms: (B, S) tensor/array or a list of 1-D waveforms recorded at ``sample_rate``, or audio file paths;
@@ -555,6 +720,23 @@ def transcribe(
     if model.config.audio is not None:
         processor.check_audio_rate(model.config.audio.sample_rate)
     batch = processor(audio=waveforms, sampling_rate=sample_rate)
+    audio, lengths = batch["audio"], batch["audio_lengths"]
     device = _model_device(model)
-    ids = generate(model, audio=batch["audio"].to(device), audio_lengths=batch["audio_lengths"].to(device), **decoding)
-    return _detokenize(processor, ids, decoding)
+    window = model.config.audio.window_samples if model.config.audio is not None else 0
+    if not window or audio.shape[-1] <= window:
+        ids = generate(model, audio=audio.to(device), audio_lengths=lengths.to(device), **decoding)
+        return _detokenize(model, processor, ids, decoding)
+    parts: list[list[str]] = [[] for _ in range(audio.shape[0])]
+    for start in range(0, int(lengths.max()), window):
+        rows = (lengths > start).nonzero().flatten()  # the waveforms that reach into this window
+        chunk = audio[rows, start : start + window]
+        chunk = F.pad(chunk, (0, window - chunk.shape[-1]))  # (b, window): the log-mel pads to it anyway
+        chunk_lengths = (lengths[rows] - start).clamp(max=window)
+        options = dict(decoding)
+        prompt = options.get("prompt_ids")
+        if prompt is not None and torch.as_tensor(prompt).ndim == 2:
+            options["prompt_ids"] = torch.as_tensor(prompt)[rows]
+        ids = generate(model, audio=chunk.to(device), audio_lengths=chunk_lengths.to(device), **options)
+        for row, text in zip(rows.tolist(), _detokenize(model, processor, ids, options)):
+            parts[row].append(text.strip())
+    return [" ".join(p for p in row if p) for row in parts]
