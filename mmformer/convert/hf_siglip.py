@@ -55,7 +55,9 @@ def from_hf_siglip(path_or_model: str | os.PathLike | nn.Module) -> MultimodalTr
         ``preprocessor_config.json`` (default: SigLIP's exact resize, bicubic, mean = std = 0.5) and the directory's
         ``tokenizer.json`` if any.
     """
-    cfg, state, directory = read_hf_checkpoint(path_or_model, model_type="siglip", name="SigLIP", model_class="SiglipModel")
+    cfg, state, directory = read_hf_checkpoint(
+        path_or_model, model_type="siglip", name="SigLIP", model_class="SiglipModel"
+    )
     from transformers import SiglipConfig
 
     hf_config = SiglipConfig(**cfg)  # fills what save_pretrained leaves out
