@@ -159,8 +159,8 @@ def map_layers(wm: WeightMap, target: str, source: str, depth: int) -> None:
 
 
 def image_settings(pre: dict[str, Any]) -> dict[str, Any]:
-    """``ImageProcessorConfig`` fields from a Hugging Face image processor's preprocessor_config.json (CLIP's, SigLIP's):
-    mean/std, resampling, and a center crop or an exact resize."""
+    """``ImageProcessorConfig`` fields from a Hugging Face image processor's preprocessor_config.json (CLIP's and
+    SigLIP's): mean/std, resampling, and a center crop or an exact resize."""
     names = {"mean": "image_mean", "std": "image_std"}
     image: dict[str, Any] = {ours: tuple(pre[theirs]) for ours, theirs in names.items() if theirs in pre}
     image["interpolation"] = _PIL_RESAMPLE.get(pre.get("resample", 3), "bicubic")
