@@ -177,7 +177,9 @@ class MultimodalTransformer(nn.Module):
             attend = torch.cat([ones, attend], dim=1) if text.legacy_cls_mask else mask
         if text.attend_padding:
             attend = None
-        x = self.stack("text")(x, modality="text", mask=attend, causal=text.causal)
+        # CoCa's class token follows the padding: a real query there (the shifted mask makes it look padded)
+        padded_queries = embed.cls_token is not None
+        x = self.stack("text")(x, modality="text", mask=attend, causal=text.causal, padded_queries=padded_queries)
         return x, mask, input_ids
 
     # ---------------------------------------------------------------- pooled embeddings

@@ -128,14 +128,18 @@ class Block(nn.Module):
         memory_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
+        padded_queries: bool = False,
     ) -> torch.Tensor:
         mlp_kwargs = {"modality": modality} if self.multiway else {}
+        attn_kwargs = dict(mask=mask, causal=causal, cache=cache, layer=layer)
+        if padded_queries:  # only passed when set: a keyword per call costs in token-by-token decoding
+            attn_kwargs["padded_queries"] = True
         if self.parallel:
             attn = self.attn
             h = attn.norm(x)
-            out = attn.fn(h, mask=mask, causal=causal, cache=cache, layer=layer) + self.mlp(h, **mlp_kwargs)
+            out = attn.fn(h, **attn_kwargs) + self.mlp(h, **mlp_kwargs)
             return x + attn.drop_path(self.drop(out))
-        x = self.attn(x, mask=mask, causal=causal, cache=cache, layer=layer)
+        x = self.attn(x, **attn_kwargs)
         if self.cross_mlp is not None:  # CoCa's layer order
             x = self.mlp(x, **mlp_kwargs)
         if self.cross_attn is not None and (memory is not None or (cache is not None and cache.has_cross(layer))):
@@ -167,14 +171,18 @@ class Stack(nn.Module):
         cache: KVCache | None = None,
         first_layer: int = 0,
         final_norm: bool = True,
+        padded_queries: bool = False,
     ) -> torch.Tensor:
         """Run x (B, T, D) through every block; with a cache, x holds only the new tokens.
 
         ``first_layer`` is this stack's first block in a cache shared with stacks that run before it (CoCa's decoder
         continues its text stack); the stack holding the cache's last layer moves the cache on. ``final_norm=False``
-        returns the states before the final norm.
+        returns the states before the final norm. ``padded_queries``: see
+        :meth:`~mmformer.layers.attention.Attention.forward`.
         """
         kwargs = dict(modality=modality, mask=mask, causal=causal, memory=memory, memory_mask=memory_mask, cache=cache)
+        if padded_queries:
+            kwargs["padded_queries"] = True
         for i, block in enumerate(self.blocks):
             if self.cfg.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, layer=first_layer + i, use_reentrant=False, **kwargs)
