@@ -51,9 +51,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from mmformer.auto import from_pretrained, load_pretrained
     from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
     from mmformer.layers.cache import KVCache
-    from mmformer.auto import from_pretrained, load_pretrained
     from mmformer.model import MultimodalTransformer
     from mmformer.pretrained import save_pretrained
     from mmformer.processor import Processor
