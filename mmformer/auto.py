@@ -97,7 +97,7 @@ def from_pretrained(
         load = _open_clip if parsed.kind == "open_clip" else _timm
         return _finish(load(parsed, model_kwargs or {}, **hub_options), device, dtype, kwargs)
     if parsed.kind == "hub":
-        path = hub.snapshot(parsed.name, revision=revision, token=token, **hub_options)
+        path = hub.snapshot(parsed.name, revision=revision, token=token, check=_check_supported, **hub_options)
     else:
         path = Path(parsed.name)
         if not path.exists():
@@ -142,16 +142,22 @@ def _convert(source: str, path: Path, model_kwargs: dict[str, Any] | None) -> Mu
     return converter(path, **(model_kwargs or {}))
 
 
+def _check_supported(folder: Path) -> None:
+    """Refuse a Hugging Face folder whose ``model_type`` no converter handles, naming it and the supported ones."""
+    if hub.folder_kind(folder) == "hf":
+        model_type = hub.read_json(folder / "config.json")["model_type"]
+        if model_type not in HF_CONVERTERS:
+            raise ValueError(
+                f"{folder / 'config.json'}: model_type {model_type!r} is not supported; mmformer converts "
+                f"{sorted(HF_CONVERTERS)}"
+            )
+
+
 def _from_folder(path: Path, kind: str) -> MultimodalTransformer:
     """A Hugging Face folder (by its ``model_type``), a timm folder or an open_clip folder, converted."""
     if kind == "hf":
-        model_type = hub.read_json(path / "config.json")["model_type"]
-        if model_type not in HF_CONVERTERS:
-            raise ValueError(
-                f"{path / 'config.json'}: model_type {model_type!r} is not supported; mmformer converts "
-                f"{sorted(HF_CONVERTERS)}"
-            )
-        return _call(HF_CONVERTERS[model_type])(path)
+        _check_supported(path)
+        return _call(HF_CONVERTERS[hub.read_json(path / "config.json")["model_type"]])(path)
     local = hub.HubSource(kind, f"local-dir:{path}")
     return (_timm if kind == "timm" else _open_clip)(local, {}, cache_dir=None, local_files_only=True)
 

@@ -25,7 +25,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,9 +155,11 @@ def snapshot(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool | None = None,
     token: str | bool | None = None,
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
     """The snapshot folder of a Hub model holding what loading it needs: its JSON/text files, then the weights of its
-    kind (:func:`folder_kind`), safetensors preferred.
+    kind (:func:`folder_kind`), safetensors preferred. ``check(folder)`` runs between the two, so that a model that
+    cannot be loaded (an unsupported ``model_type``) is refused before its weights are downloaded.
 
     Raises:
         FileNotFoundError: the id or revision does not exist, is not in the cache while offline, or holds no
@@ -203,6 +205,8 @@ def snapshot(
         return Path(folder)
 
     folder = fetch(_METADATA)
+    if check is not None:
+        check(folder)
     kind = folder_kind(folder)
     if kind in WEIGHT_FILES and not _weights_in(folder, kind):
         preferred, fallback = WEIGHT_FILES[kind]
