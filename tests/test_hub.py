@@ -13,13 +13,15 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from hub_helpers import hf_cache, no_network, put_in_cache  # noqa: E402, F401 (fixtures)
+import hub_helpers  # noqa: E402
+from hub_helpers import put_in_cache  # noqa: E402
 
 import mmformer  # noqa: E402
 from mmformer import MultimodalTransformer, hub  # noqa: E402
 from mmformer.auto import HF_CONVERTERS  # noqa: E402
 
 ATOL = 1e-4
+hf_cache, no_network = hub_helpers.hf_cache, hub_helpers.no_network  # fixtures: an offline cache; no socket opened
 
 
 def randomize_(module: torch.nn.Module) -> torch.nn.Module:
@@ -59,7 +61,8 @@ def tiny_whisper():
     cfg = WhisperConfig(vocab_size=60, num_mel_bins=8, d_model=16, encoder_layers=1, decoder_layers=1,
                         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24,
                         max_source_positions=20, max_target_positions=16, pad_token_id=4, bos_token_id=1,
-                        eos_token_id=2, decoder_start_token_id=3, suppress_tokens=[5], begin_suppress_tokens=[2])  # fmt: skip
+                        eos_token_id=2, decoder_start_token_id=3, suppress_tokens=[5],
+                        begin_suppress_tokens=[2])  # fmt: skip
     return randomize_(WhisperForConditionalGeneration(cfg))
 
 
