@@ -53,7 +53,7 @@ def _read_source(path_or_model: Any) -> tuple[dict[str, Any], dict[str, torch.Te
     config, state, directory = read_hf_checkpoint(
         path_or_model,
         model_type=BERT_FAMILY,
-        name="BERT-style",
+        name="BERT",
         model_class="BertModel / RobertaModel",
         folder="save_pretrained output, or a sentence-transformers folder",
     )
