@@ -112,7 +112,7 @@ def from_pretrained(
     kind = hub.folder_kind(path) if path.is_dir() else None
     if kind is None or kind == "mmformer":  # mmformer's own formats (folders, .ckpt and weights files)
         return MultimodalTransformer.from_pretrained(path, device=device, dtype=dtype, **kwargs)
-    return _finish(_from_folder(path, kind), device, dtype, kwargs)
+    return _finish(_from_folder(path, kind, local_files_only), device, dtype, kwargs)
 
 
 load_pretrained = from_pretrained
@@ -153,13 +153,14 @@ def _check_supported(folder: Path) -> None:
             )
 
 
-def _from_folder(path: Path, kind: str) -> MultimodalTransformer:
-    """A Hugging Face folder (by its ``model_type``), a timm folder or an open_clip folder, converted."""
+def _from_folder(path: Path, kind: str, local_files_only: bool | None) -> MultimodalTransformer:
+    """A Hugging Face folder (by its ``model_type``), a timm folder or an open_clip folder, converted (an open_clip
+    folder may name a Hugging Face text tower, whose config is fetched unless offline)."""
     if kind == "hf":
         _check_supported(path)
         return _call(HF_CONVERTERS[hub.read_json(path / "config.json")["model_type"]])(path)
     local = hub.HubSource(kind, f"local-dir:{path}")
-    return (_timm if kind == "timm" else _open_clip)(local, {}, cache_dir=None, local_files_only=True)
+    return (_timm if kind == "timm" else _open_clip)(local, {}, cache_dir=None, local_files_only=local_files_only)
 
 
 # ---------------------------------------------------------------------------------------------------- libraries

@@ -91,7 +91,7 @@ def build_class_embeddings(
 
     names, templates = check_classnames(classnames), check_templates(templates)
     prompts = [_fill(t, name) for name in names for t in templates]  # class-major: C × K prompts
-    max_length = min(tokenizer.max_length, model.config.text.max_length)
+    max_length = min(tokenizer.max_length, model.config.text.max_tokens)
     device = _device(model)
     features = []
     with _eval(model):
