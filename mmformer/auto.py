@@ -94,10 +94,12 @@ def from_pretrained(
     if parsed.kind in ("open_clip", "timm"):
         if source is not None:
             raise ValueError(f"source: only for local paths and Hub ids; {name!r} names its library")
+        _only_own_format(kwargs)
         load = _open_clip if parsed.kind == "open_clip" else _timm
-        return _finish(load(parsed, model_kwargs or {}, **hub_options), device, dtype, kwargs)
+        return _finish(load(parsed, model_kwargs or {}, **hub_options), device, dtype)
     if parsed.kind == "hub":
-        path = hub.snapshot(parsed.name, revision=revision, token=token, check=_check_supported, **hub_options)
+        check = _check_supported if source is None else None
+        path = hub.snapshot(parsed.name, revision=revision, token=token, check=check, **hub_options)
     else:
         path = Path(parsed.name)
         if not path.exists():
@@ -106,23 +108,26 @@ def from_pretrained(
                 "'open_clip:MODEL/TAG' or 'timm:NAME'"
             )
     if source is not None:
-        return _finish(_convert(source, path, model_kwargs), device, dtype, kwargs)
+        _only_own_format(kwargs)
+        return _finish(_convert(source, path, model_kwargs), device, dtype)
     if model_kwargs:
         raise ValueError("model_kwargs: only for open_clip and timm models (or source='timm_vit')")
     kind = hub.folder_kind(path) if path.is_dir() else None
     if kind is None or kind == "mmformer":  # mmformer's own formats (folders, .ckpt and weights files)
         return MultimodalTransformer.from_pretrained(path, device=device, dtype=dtype, **kwargs)
-    return _finish(_from_folder(path, kind, local_files_only), device, dtype, kwargs)
+    _only_own_format(kwargs)
+    return _finish(_from_folder(path, kind, local_files_only), device, dtype)
 
 
 load_pretrained = from_pretrained
 
 
-def _finish(
-    model: MultimodalTransformer, device: Any, dtype: torch.dtype | None, kwargs: dict[str, Any]
-) -> MultimodalTransformer:
+def _only_own_format(kwargs: dict[str, Any]) -> None:
     if kwargs:
         raise ValueError(f"{sorted(kwargs)}: only for mmformer's own formats (folders, .ckpt files)")
+
+
+def _finish(model: MultimodalTransformer, device: Any, dtype: torch.dtype | None) -> MultimodalTransformer:
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model.eval()
