@@ -23,11 +23,34 @@ TARGETS = {  # issue #16's recipe targets, per split
 }  # fmt: skip
 
 
+def rooted_config(config: str, out: Path) -> Path:
+    """The config with every path under its ``trainer.default_root_dir`` (logs, checkpoints) moved under ``out``,
+    written to ``out/config.yaml``: two demos with different ``--out`` never share a checkpoint folder."""
+    import yaml
+
+    d = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+    root = str(d.get("trainer", {}).get("default_root_dir") or "")
+
+    def move(value):
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        if root and isinstance(value, str) and (value == root or value.startswith(root + "/")):
+            return str(out) + value[len(root) :]
+        return value
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(move(d), sort_keys=False), encoding="utf-8")
+    return path
+
+
 def train(config: str, out: Path) -> Path:
-    """Run ``mmformer fit`` on the config; return the last checkpoint."""
+    """Run ``mmformer fit`` on the config (its output folders moved under ``out``); return the last checkpoint."""
     from mmformer.training_cli import build_cli
 
-    cli = build_cli(["fit", "--config", config, "--trainer.default_root_dir", str(out)])
+    cli = build_cli(["fit", "--config", str(rooted_config(config, out)), "--trainer.default_root_dir", str(out)])
     ckpt = cli.trainer.checkpoint_callback.last_model_path if cli.trainer.checkpoint_callback else ""
     if not ckpt:
         raise SystemExit("mmformer demo: training wrote no checkpoint; check the ModelCheckpoint callback")
