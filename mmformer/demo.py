@@ -4,6 +4,7 @@ training, from the training voices' families and ranges) and ``test_hard`` (voic
 outside training's, and shifted/rotated/scaled digits; see data/digits/README.md).
 
     python -m mmformer.demo [--config configs/digits.yaml] [--out runs/digits] [--skip-train]
+    python -m mmformer.demo adapt [...]     # make adapt: LoRA to German, prompt tuning (see mmformer.demo_adapt)
 """
 
 from __future__ import annotations
@@ -177,6 +178,14 @@ def report(results: dict, seconds: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["adapt"]:
+        from mmformer.demo_adapt import main as adapt
+
+        adapt(argv[1:])
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/digits.yaml")
     p.add_argument("--out", default="runs/digits")
