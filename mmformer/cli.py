@@ -24,13 +24,21 @@ Training (a LightningCLI; `mmformer fit --help` lists every option):
 
 Inference and interop:
   export      checkpoint → pretrained directory:  mmformer export --ckpt runs/.../last.ckpt --out out/model
+              (a LoRA run's checkpoint → its adapter folder, --merge → the merged model; a prompt run's → its prompt)
               towers → ONNX / torch.export:        mmformer export --model out/model --format onnx --out out/onnx
   quantize    torchao int8 / int4 weights:         mmformer quantize --model out/model --method dynamic --out out/int8
+  merge       base + LoRA adapter → plain model:   mmformer merge --base DIR --adapter DIR --out DIR
   zeroshot    zero-shot classification:            mmformer zeroshot --model out/model --classes a,b,c FILES...
   caption     image captioning:                    mmformer caption --model out/model FILES...
   transcribe  speech to text:                      mmformer transcribe --model out/model FILES...
-  convert     public checkpoint → pretrained dir:  mmformer convert --from open_clip SRC --out out/model
+  convert     public checkpoint → pretrained dir:  mmformer convert SRC --out out/model [--from open_clip]
+
+Every --model and convert SRC may be a local folder or file, a Hugging Face Hub id (openai/whisper-tiny),
+open_clip:MODEL/TAG (open_clip:ViT-B-32/openai) or timm:NAME (timm:vit_base_patch16_224.augreg_in21k).
 """
+MODEL_HELP = (
+    "a pretrained folder or training checkpoint, a Hugging Face folder or Hub id, open_clip:MODEL/TAG or timm:NAME"
+)
 
 
 def dataclass_flags(cls: type) -> list[tuple[str, dict[str, Any]]]:
@@ -55,7 +63,9 @@ def dataclass_flags(cls: type) -> list[tuple[str, dict[str, Any]]]:
 def _decoding_args(p: argparse.ArgumentParser) -> None:
     from mmformer.generation import DecodingOptions
 
-    p.add_argument("--model", required=True, help="pretrained directory or training checkpoint")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder applied on top of --model")
+    p.add_argument("--prompt", default=None, help="a learned decoder prefix file (prompt tuning)")
     for flag, kwargs in dataclass_flags(DecodingOptions):
         p.add_argument(flag, **kwargs)
     p.add_argument("--device", default="cpu")
@@ -68,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("export", help="write a pretrained directory, or each tower as ONNX / torch.export graphs")
     p.add_argument("--ckpt", help="Lightning checkpoint (.ckpt)")
-    p.add_argument("--model", help="pretrained directory or checkpoint (anything load_pretrained accepts)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
         "--format",
@@ -79,9 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--towers", help="comma-separated towers to export (image,audio,text,decoder; default: all)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset")
     p.add_argument("--overwrite", action="store_true", help="replace an existing mmformer directory")
+    p.add_argument("--merge", action="store_true", help="a LoRA run's checkpoint: write the merged model")
 
     p = sub.add_parser("quantize", help="quantize a model's linear layers with torchao")
-    p.add_argument("--model", required=True, help="pretrained directory or checkpoint")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--method", required=True, help="dynamic | int8-weight | int4-weight | static")
     p.add_argument("--calib", help="data manifest (CSV/TSV/JSONL) whose samples calibrate static int8")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration samples read from --calib")
@@ -97,8 +108,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing mmformer directory")
 
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save the plain model")
+    p.add_argument("--base", required=True, help="the base model the adapter was trained on")
+    p.add_argument(
+        "--adapter", required=True, help="the adapter folder (adapter_config.json + adapter_model.safetensors)"
+    )
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing mmformer directory")
+
     p = sub.add_parser("zeroshot", help="zero-shot classification of images or audio files")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder applied on top of --model")
+    p.add_argument("--prompt", default=None, help="a learned context prompt file (CoOp) in place of --templates")
     p.add_argument("--classes", required=True, help="comma-separated class names")
     p.add_argument("--templates", default="{}", help="'|'-separated prompt templates with {} for the class name")
     p.add_argument("--modality", choices=("auto", "image", "audio"), default="auto")
@@ -109,12 +130,19 @@ def _parser() -> argparse.ArgumentParser:
     _decoding_args(sub.add_parser("caption", help="caption image files"))
     _decoding_args(sub.add_parser("transcribe", help="transcribe audio files"))
 
+    from mmformer.convert import SOURCES
+
     p = sub.add_parser("convert", help="convert a public checkpoint into a pretrained directory")
     p.add_argument(
-        "--from", dest="source", required=True, choices=("open_clip", "hf_clip", "timm_vit", "hf_whisper", "hf_bert")
+        "--from",
+        dest="source",
+        default=None,
+        choices=sorted(SOURCES),
+        help="the converter for SRC (default: decided from its files; needed for bare state-dict files)",
     )
-    p.add_argument("src", help="checkpoint file or directory")
+    p.add_argument("src", help=MODEL_HELP)
     p.add_argument("--out", required=True)
+    p.add_argument("--revision", default=None, help="a Hub branch, tag or commit (Hub ids)")
     p.add_argument("--overwrite", action="store_true")
     return parser
 
@@ -122,10 +150,10 @@ def _parser() -> argparse.ArgumentParser:
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus"}
 
 
-def _load_model(path: str, device: str):
+def _load_model(path: str, device: str, adapter: str | None = None):
     from mmformer.auto import load_pretrained
 
-    model = load_pretrained(path, device=device).eval()
+    model = load_pretrained(path, device=device, adapter=adapter).eval()
     if getattr(model, "processor", None) is None:
         raise SystemExit(f"mmformer: {path} has no processor files (tokenizer.json, preprocessor_config.json)")
     return model
@@ -136,7 +164,7 @@ def _zeroshot(args: argparse.Namespace) -> None:
 
     from mmformer.zeroshot import ZeroShotClassifier
 
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args.adapter)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     by_modality: dict[str, list[str]] = {}
     for path in args.files:  # 'auto' decides per file, so images and audio may be mixed
@@ -146,8 +174,9 @@ def _zeroshot(args: argparse.Namespace) -> None:
         by_modality.setdefault(modality, []).append(path)
     width = max(len(c) for c in classes)
     for modality, files in by_modality.items():
+        templates = ["{}"] if args.prompt else args.templates.split("|")
         clf = ZeroShotClassifier(
-            model, model.processor, classnames=classes, templates=args.templates.split("|"), modality=modality
+            model, model.processor, classnames=classes, templates=templates, modality=modality, prompt=args.prompt
         )
         for path, top in zip(files, clf.topk(files, k=min(args.top, len(classes)))):
             print(path)
@@ -158,20 +187,33 @@ def _zeroshot(args: argparse.Namespace) -> None:
 def _decode(args: argparse.Namespace, task: str) -> None:
     from mmformer.generation import DecodingOptions
 
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args.adapter)
     options = DecodingOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingOptions)})
     run = model.caption if task == "caption" else model.transcribe
+    prefix = None
+    if args.prompt:
+        from mmformer.prompts import DecoderPrefix, load_prompt
+
+        prefix = load_prompt(args.prompt, model, kind=DecoderPrefix.kind).vectors.to(args.device)
     for start in range(0, len(args.files), args.batch_size):
         chunk = args.files[start : start + args.batch_size]
-        for path, text in zip(chunk, run(chunk, options=options)):
+        for path, text in zip(chunk, run(chunk, options=options, prefix_embeds=prefix)):
             print(f"{path}\t{text}")
 
 
 def _export(args: argparse.Namespace) -> None:
     from mmformer.auto import load_pretrained
+    from mmformer.pretrained import CHECKPOINT_KEY, read_torch
 
     if (args.ckpt is None) == (args.model is None):
         raise ValueError("pass exactly one of --ckpt (a training checkpoint) and --model (a pretrained folder)")
+    if args.format == "pretrained" and args.ckpt is not None:
+        record = read_torch(args.ckpt).get(CHECKPOINT_KEY) if args.ckpt.endswith(".ckpt") else None
+        if isinstance(record, dict) and (record.get("lora") or record.get("prompt")):  # an adaptation run
+            from mmformer.tasks.adapt import export_checkpoint
+
+            print(f"wrote {export_checkpoint(args.ckpt, args.out, merge=args.merge, overwrite=args.overwrite)}")
+            return
     model = load_pretrained(args.ckpt or args.model)
     if args.format == "pretrained":
         model.save_pretrained(args.out, overwrite=args.overwrite)
@@ -211,10 +253,19 @@ def _quantize(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {len(model.quantization.modules)} layers {args.method}, {sizes[1]:,} bytes{ratio}")
 
 
-def _convert(args: argparse.Namespace) -> None:
-    from mmformer import convert
+def _merge(args: argparse.Namespace) -> None:
+    from mmformer.adapters import merge_and_unload
+    from mmformer.auto import load_pretrained
 
-    model = getattr(convert, convert.SOURCES[args.source])(args.src)
+    model = merge_and_unload(load_pretrained(args.base, adapter=args.adapter))
+    model.save_pretrained(args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from mmformer.auto import from_pretrained
+
+    model = from_pretrained(args.src, source=args.source, revision=args.revision)
     model.save_pretrained(args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
 
@@ -234,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "zeroshot": _zeroshot,
         "export": _export,
         "quantize": _quantize,
+        "merge": _merge,
         "convert": _convert,
         "caption": lambda a: _decode(a, "caption"),
         "transcribe": lambda a: _decode(a, "transcribe"),

@@ -21,6 +21,8 @@ from mmformer.embedders.checks import check_device
 from mmformer.layers.block import Stack
 from mmformer.layers.cache import KVCache
 from mmformer.layers.mlp import pop_aux_loss
+from mmformer.layers.norms import make_norm
+from mmformer.layers.pooling import AttentionPool
 
 
 class MultimodalTransformer(nn.Module):
@@ -47,11 +49,21 @@ class MultimodalTransformer(nn.Module):
         def projection(route: str) -> nn.Module | None:
             if route not in routes:
                 return None
-            if config.embed_dim is None:
+            kind = config.projections.get(route, "linear")
+            if config.embed_dim is None or kind == "none":
                 return nn.Identity()
-            return nn.Linear(config.width(route), config.embed_dim, bias=config.projection_bias)
+            width, out = config.feature_width(route), config.embed_dim
+            if kind == "mlp":  # open_clip's proj_type='mlp'
+                hidden = (width + out) // 2
+                return nn.Sequential(
+                    nn.Linear(width, hidden, bias=False), nn.GELU(), nn.Linear(hidden, out, bias=False)
+                )
+            return nn.Linear(width, out, bias=config.projection_bias)
 
         self.image_proj, self.audio_proj, self.text_proj = (projection(m) for m in MODALITIES)
+        self.image_pool = self.image_resampler = self.image_pool_norm = None
+        if "image" in routes:
+            self._image_heads(config)
         self.logit_scale = nn.Parameter(torch.empty(()))
         self.logit_bias = None if config.logit_bias_init is None else nn.Parameter(torch.empty(()))
         self.lm_head = None
@@ -62,6 +74,25 @@ class MultimodalTransformer(nn.Module):
         self.processor: Any = None  # the Processor loaded with the weights (from_pretrained), if any
         self.quantization: Any = None  # how torchao quantized the weights (mmformer.quantization), if it did
         self.reset_parameters()
+
+    def _image_heads(self, config: ModelConfig) -> None:
+        """The image tower's optional attention pooling (SigLIP / timm MAP head), CoCa's attentional pooler (the
+        resampler) and a norm on the pooled features (timm's fc_norm)."""
+        image, stack = config.image, config.stacks[config.routes["image"]]
+        common = dict(norm=stack.norm, eps=stack.norm_eps, bias=stack.bias)
+        if image.pool == "map":
+            self.image_pool = AttentionPool(
+                in_width=stack.width, width=stack.width, n_heads=stack.n_heads, mlp_hidden=stack.hidden_dim,
+                mlp=stack.mlp, **common,
+            )  # fmt: skip
+        if image.resampler_queries:
+            heads = image.resampler_heads or stack.n_heads
+            self.image_resampler = AttentionPool(
+                in_width=stack.width, width=config.feature_width("image"), n_heads=heads,
+                n_queries=image.resampler_queries, query_norm=True, input_norm=True, out_norm=True, **common,
+            )  # fmt: skip
+        if image.pool_norm:
+            self.image_pool_norm = make_norm(stack.norm, config.feature_width("image"), stack.norm_eps)
 
     def reset_parameters(self) -> None:
         """Initial values of the model's own parameters (the logit scale and bias; submodules initialise theirs)."""
@@ -87,10 +118,16 @@ class MultimodalTransformer(nn.Module):
             raise ValueError(f"this model has no {modality} encoder; its routes are {sorted(self.config.routes)}")
         return embedder
 
-    def encode_image_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """(B, C, H, W) → image token states (B, Np, D) and no mask."""
+    def encode_image_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, C, H, W) → image token states (B, Np, D) and no mask; with CoCa's attentional pooler, its queries'
+        states (B, Q, D) and a mask that keeps the pooled first query out of what a decoder reads."""
         x, mask = self._embedder("image")(pixel_values)
-        return self.stack("image")(x, modality="image"), mask
+        x = self.stack("image")(x, modality="image")
+        if self.image_resampler is not None:
+            x = self.image_resampler(x)  # (B, Q, D)
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            mask[:, 0] = False  # open_clip's CoCa decodes from the other queries only
+        return x, mask
 
     def encode_audio_tokens(
         self,
@@ -113,13 +150,53 @@ class MultimodalTransformer(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token ids (B, T) → text token states (B, T, D); causal when the text config says so (CLIP)."""
-        embed = self._embedder("text")
+        """Token ids (B, T) → text token states (B, T, D) and the mask of real tokens; causal when the text config
+        says so (CLIP). A ``fixed_length`` text encoder pads the ids to its full length first (SigLIP, CoCa); an
+        ``append_cls`` one returns (B, T + 1, D), the appended token last (CoCa). ``inputs_embeds`` (B, T, D)
+        replaces the token table's rows (a learned prompt's context vectors); the ids still locate the
+        end-of-text token for pooling."""
+        x, mask, _ = self._text_states(input_ids, attention_mask, segment_ids, inputs_embeds)
+        return x, mask
+
+    def _text_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        segment_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(token states, mask of real tokens, the ids the encoder read (padded when fixed_length))."""
+        embed, text = self._embedder("text"), self.config.text
         embed.check(input_ids, attention_mask)
-        x = embed(input_ids, segment_ids=segment_ids)
+        if inputs_embeds is not None and tuple(inputs_embeds.shape[:2]) != tuple(input_ids.shape):
+            raise ValueError(
+                f"inputs_embeds: expected shape (B, T, D) with (B, T) = {tuple(input_ids.shape)} of input_ids, "
+                f"got {tuple(inputs_embeds.shape)}"
+            )
         mask = None if attention_mask is None else attention_mask.bool()
-        return self.stack("text")(x, modality="text", mask=mask, causal=self.config.text.causal), mask
+        pad = text.max_tokens - input_ids.shape[1]
+        if text.fixed_length and pad > 0:  # (B, T) → (B, max_tokens), as the checkpoint was trained
+            mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask
+            input_ids, mask = F.pad(input_ids, (0, pad), value=text.pad_id), F.pad(mask, (0, pad), value=False)
+            segment_ids = None if segment_ids is None else F.pad(segment_ids, (0, pad))
+            if inputs_embeds is not None:  # the padding's rows come from the token table, as its ids' would
+                padding = embed.tokens(input_ids[:, -pad:]).to(inputs_embeds.dtype)
+                inputs_embeds = torch.cat([inputs_embeds, padding], dim=1)
+        x = embed(input_ids, segment_ids=segment_ids, append_cls=True, inputs_embeds=inputs_embeds)
+        attend = mask
+        if embed.cls_token is not None and mask is not None:  # the appended token is real
+            ones = mask.new_ones(mask.shape[0], 1)
+            mask = torch.cat([mask, ones], dim=1)
+            # open_clip's CoCa checkpoints were trained with the key mask shifted by one (correct_cls_mask=False)
+            attend = torch.cat([ones, attend], dim=1) if text.legacy_cls_mask else mask
+        if text.attend_padding:
+            attend = None
+        # CoCa's class token follows the padding: a real query there (the shifted mask makes it look padded)
+        padded_queries = embed.cls_token is not None
+        x = self.stack("text")(x, modality="text", mask=attend, causal=text.causal, padded_queries=padded_queries)
+        return x, mask, input_ids
 
     # ---------------------------------------------------------------- pooled embeddings
     @staticmethod
@@ -141,7 +218,17 @@ class MultimodalTransformer(nn.Module):
     def pool_image(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Image token states (B, Np, D) from :meth:`encode_image_tokens` → (B, E) embeddings, so that a training
         step can feed one encoder pass to both the contrastive head and the decoder."""
-        pooled = tokens[:, 0] if self.config.image.pool == "cls" else self._masked_mean(tokens, None)
+        cfg = self.config.image
+        if cfg.pool == "cls":
+            pooled = tokens[:, 0]
+        elif cfg.pool == "mean":
+            pooled = tokens.mean(dim=1)
+        elif cfg.pool == "mean_patches":
+            pooled = tokens[:, cfg.n_prefix :].mean(dim=1)
+        else:  # map: the attention-pooling head reads the patch tokens
+            pooled = self.image_pool(tokens[:, cfg.n_prefix :])[:, 0]
+        if self.image_pool_norm is not None:
+            pooled = self.image_pool_norm(pooled)
         return self._finish(pooled, self.image_proj, normalize)
 
     def encode_audio(
@@ -169,14 +256,18 @@ class MultimodalTransformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         normalize: bool = True,
         segment_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token ids (B, T) with mask (B, T) → (B, E) text embeddings."""
-        x, mask = self.encode_text_tokens(input_ids, attention_mask, segment_ids)
+        """Token ids (B, T) with mask (B, T) → (B, E) text embeddings (``inputs_embeds``: see
+        :meth:`encode_text_tokens`)."""
+        x, mask, input_ids = self._text_states(input_ids, attention_mask, segment_ids, inputs_embeds)
         pool = self.config.text.pool
         if pool == "mean":
             pooled = self._masked_mean(x, mask)
         elif pool == "cls":
             pooled = x[:, 0]
+        elif pool in ("last", "append_cls"):
+            pooled = x[:, -1]
         else:
             pooled = x[torch.arange(x.shape[0], device=x.device), self.eot_positions(input_ids, mask)]
         return self._finish(pooled, self.text_proj, normalize)
@@ -227,12 +318,15 @@ class MultimodalTransformer(nn.Module):
         *,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        prefix_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal decoder: ids (B, T) reading memory (B, S, D) → logits (B, T, V).
 
         With a cache, ``input_ids`` are only the new tokens; memory may be None once the cache holds its keys.
         Memory may also have B / G rows, each read by G consecutive id rows (the beams of one sample): its
         cross-attention keys/values are then computed, stored and read once per sample rather than once per beam.
+        ``prefix_embeds`` (P, D): learned vectors the decoder reads before the ids (prompt tuning, see
+        :mod:`mmformer.prompts`); they take positions 0..P-1 (and the cache's first P slots) and return no logits.
         """
         if self.lm_head is None:
             raise ValueError(f"this model has no decoder; its routes are {sorted(self.config.routes)}")
@@ -247,8 +341,21 @@ class MultimodalTransformer(nn.Module):
                 "attention_mask: padding is not supported with a KV cache (cached keys keep no mask); decode "
                 "right-padded rows without a mask (causal attention is exact for their real tokens) or without a cache"
             )
-        h = self.decode_step(input_ids, memory=memory, memory_mask=memory_mask, mask=mask, cache=cache)
+        if prefix_embeds is not None:
+            self.check_prefix(prefix_embeds, cache)
+        h = self.decode_step(
+            input_ids, memory=memory, memory_mask=memory_mask, mask=mask, cache=cache, prefix_embeds=prefix_embeds
+        )
         return h if return_hidden else self.lm_head(h)
+
+    def check_prefix(self, prefix: torch.Tensor, cache: KVCache | None = None) -> None:
+        """A clear error for decoder prefix vectors of the wrong shape, or given once the cache holds tokens."""
+        width = self.config.width("decoder")
+        if not isinstance(prefix, torch.Tensor) or prefix.ndim != 2 or prefix.shape[1] != width:
+            got = tuple(prefix.shape) if isinstance(prefix, torch.Tensor) else type(prefix).__name__
+            raise ValueError(f"prefix_embeds: expected learned decoder prefix vectors (P, D={width}), got {got}")
+        if cache is not None and cache.length > 0:
+            raise ValueError("prefix_embeds: the prefix goes before the first token; the cache already holds tokens")
 
     def decode_step(
         self,
@@ -258,13 +365,35 @@ class MultimodalTransformer(nn.Module):
         memory_mask: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        prefix_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:meth:`decode` without its input checks, returning the final hidden states (B, T, D): the inner step of
         token-by-token generation, whose ids come from the model itself (the checks cost as much as a layer)."""
-        x = self.text_embed(input_ids, offset=cache.length if cache is not None else 0)
-        return self.stack("decoder")(
-            x, modality="text", mask=mask, causal=True, memory=memory, memory_mask=memory_mask, cache=cache
+        offset = cache.length if cache is not None else 0
+        P = 0 if prefix_embeds is None else prefix_embeds.shape[0]
+        x = self.text_embed(input_ids, offset=offset + P)  # (B, T, D)
+        if P:
+            B = x.shape[0]
+            prefix = self.text_embed(None, offset=offset, inputs_embeds=prefix_embeds.to(x.dtype).expand(B, -1, -1))
+            x = torch.cat([prefix, x], dim=1)  # (B, P + T, D)
+            if mask is not None:
+                mask = torch.cat([mask.new_ones(B, P), mask], dim=1)
+        first_layer = 0
+        if self.config.decoder_input == "text":  # CoCa: the text tower's causal states, before its final norm
+            text = self.stack("text")
+            x = text(x, modality="text", mask=mask, causal=True, cache=cache, final_norm=False)
+            first_layer = text.cfg.depth
+        h = self.stack("decoder")(
+            x,
+            modality="text",
+            mask=mask,
+            causal=True,
+            memory=memory,
+            memory_mask=memory_mask,
+            cache=cache,
+            first_layer=first_layer,
         )
+        return h[:, P:] if P else h
 
     def _check_memory(
         self,
@@ -306,7 +435,10 @@ class MultimodalTransformer(nn.Module):
         table's); :meth:`KVCache.ensure` grows it."""
         ref = self.text_embed.tokens.weight
         length = max_length or self.config.text.max_length
-        return self.stack("decoder").make_cache(batch_size, length, device=ref.device, dtype=ref.dtype)
+        extra = self.stack("text").cfg.depth if self.config.decoder_input == "text" else 0
+        return self.stack("decoder").make_cache(
+            batch_size, length, device=ref.device, dtype=ref.dtype, extra_layers=extra
+        )
 
     def pop_aux_loss(self) -> torch.Tensor | None:
         """The mean mixture-of-experts load-balancing loss over every MoE layer call recorded since the last pop
