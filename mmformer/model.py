@@ -20,7 +20,19 @@ from mmformer.embedders import AudioEmbedder, ImageEmbedder, TextEmbedder
 from mmformer.embedders.checks import check_device
 from mmformer.layers.block import Stack
 from mmformer.layers.cache import KVCache
+from mmformer.layers.documents import Documents
 from mmformer.layers.mlp import pop_aux_loss
+
+
+def pack(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[Documents, torch.Tensor]:
+    """Right-padded rows x (B, T, ...) with mask (B, T) → their :class:`~mmformer.layers.Documents` (one per row)
+    and the real tokens back to back in one row (1, N, ...)."""
+    if mask is None:
+        return Documents.from_lengths([x.shape[1]] * x.shape[0], device=x.device), x.reshape(1, -1, *x.shape[2:])
+    mask = mask.bool()
+    if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+        raise ValueError("mask: packing needs right-padded rows (real tokens first), got a row with a gap")
+    return Documents(mask.sum(dim=1)), x[mask].unsqueeze(0)
 
 
 class MultimodalTransformer(nn.Module):
@@ -107,18 +119,45 @@ class MultimodalTransformer(nn.Module):
         )
         return self.stack("audio")(x, modality="audio", mask=mask), mask
 
+    def encode_audio_documents(
+        self,
+        audio: torch.Tensor | None = None,
+        audio_lengths: torch.Tensor | None = None,
+        *,
+        audio_features: torch.Tensor | None = None,
+        feature_lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Documents]:
+        """:meth:`encode_audio_tokens` padding-free: each clip's real tokens, packed into one row (1, M, D), and
+        their :class:`~mmformer.layers.Documents` (one per clip). The stack never computes a padding frame and
+        attention stays inside each clip; ``documents.pad(tokens)`` with ``documents.mask`` gives back (B, N, D)."""
+        if (audio is None) == (audio_features is None):
+            raise ValueError("pass exactly one of `audio` (waveforms) and `audio_features` (log-mel)")
+        x, mask = self._embedder("audio")(
+            audio, audio_lengths, features=audio_features, feature_lengths=feature_lengths
+        )  # (B, N, D), (B, N): positions are added per clip, before packing
+        documents, x = pack(x, mask)
+        return self.stack("audio")(x, modality="audio", documents=documents), documents
+
     def encode_text_tokens(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        *,
+        documents: Documents | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token ids (B, T) → text token states (B, T, D); causal when the text config says so (CLIP)."""
+        """Token ids (B, T) → text token states (B, T, D); causal when the text config says so (CLIP).
+
+        With ``documents``, ids (R, T) are a packed batch of them (no padding, no mask): positions restart and
+        attention stays within each document (see :mod:`mmformer.layers.documents`).
+        """
         embed = self._embedder("text")
-        embed.check(input_ids, attention_mask)
-        x = embed(input_ids, segment_ids=segment_ids)
+        embed.check(input_ids, attention_mask, longest=None if documents is None else documents.max_length)
+        positions = None if documents is None else documents.positions.view_as(input_ids)
+        x = embed(input_ids, segment_ids=segment_ids, positions=positions)
         mask = None if attention_mask is None else attention_mask.bool()
-        return self.stack("text")(x, modality="text", mask=mask, causal=self.config.text.causal), mask
+        causal = self.config.text.causal
+        return self.stack("text")(x, modality="text", mask=mask, causal=causal, documents=documents), mask
 
     # ---------------------------------------------------------------- pooled embeddings
     @staticmethod
@@ -151,11 +190,14 @@ class MultimodalTransformer(nn.Module):
         audio_features: torch.Tensor | None = None,
         feature_lengths: torch.Tensor | None = None,
         normalize: bool = True,
+        packed: bool = False,
     ) -> torch.Tensor:
-        """Waveforms (B, S) with sample counts (B,), or log-mel features → (B, E) audio embeddings."""
-        x, mask = self.encode_audio_tokens(
-            audio, audio_lengths, audio_features=audio_features, feature_lengths=feature_lengths
-        )
+        """Waveforms (B, S) with sample counts (B,), or log-mel features → (B, E) audio embeddings; ``packed`` runs
+        the stack padding-free (:meth:`encode_audio_documents`), with the same result."""
+        encode = self.encode_audio_documents if packed else self.encode_audio_tokens
+        x, mask = encode(audio, audio_lengths, audio_features=audio_features, feature_lengths=feature_lengths)
+        if packed:
+            x, mask = mask.pad(x), mask.mask
         return self.pool_audio(x, mask, normalize)
 
     def pool_audio(self, tokens: torch.Tensor, mask: torch.Tensor | None, normalize: bool = True) -> torch.Tensor:
@@ -168,16 +210,36 @@ class MultimodalTransformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         normalize: bool = True,
         segment_ids: torch.Tensor | None = None,
+        *,
+        documents: Documents | None = None,
+        packed: bool = False,
     ) -> torch.Tensor:
-        """Token ids (B, T) with mask (B, T) → (B, E) text embeddings."""
-        x, mask = self.encode_text_tokens(input_ids, attention_mask, segment_ids)
+        """Token ids (B, T) with mask (B, T) → (B, E) text embeddings.
+
+        ``packed`` runs the stack padding-free on the masked (right-padded) rows, with the same result;
+        ``documents`` says the ids (R, T) already are a packed batch (no mask): one embedding per document.
+        """
+        if packed and documents is None:
+            documents, input_ids = pack(input_ids, attention_mask)
+            segment_ids = None if segment_ids is None else pack(segment_ids, attention_mask)[1]
+            attention_mask = None
+        x, mask = self.encode_text_tokens(input_ids, attention_mask, segment_ids, documents=documents)
+        if documents is not None:  # per-document rows (n, L), the layout pooling reads
+            x, input_ids, mask = documents.pad(x), documents.pad(input_ids), documents.mask
+        return self.pool_text(x, input_ids, mask, normalize)
+
+    def pool_text(
+        self, tokens: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None, normalize: bool = True
+    ) -> torch.Tensor:
+        """Text token states (B, T, D) of ids (B, T) with mask (B, T) → (B, E) embeddings (cls, mean or end-of-text
+        pooling, as the text config says)."""
         pool = self.config.text.pool
         if pool == "mean":
-            pooled = self._masked_mean(x, mask)
+            pooled = self._masked_mean(tokens, mask)
         elif pool == "cls":
-            pooled = x[:, 0]
+            pooled = tokens[:, 0]
         else:
-            pooled = x[torch.arange(x.shape[0], device=x.device), self.eot_positions(input_ids, mask)]
+            pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), self.eot_positions(input_ids, mask)]
         return self._finish(pooled, self.text_proj, normalize)
 
     def eot_positions(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -226,17 +288,26 @@ class MultimodalTransformer(nn.Module):
         *,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        documents: Documents | None = None,
+        memory_documents: Documents | None = None,
     ) -> torch.Tensor:
         """Causal decoder: ids (B, T) reading memory (B, S, D) → logits (B, T, V).
 
         With a cache, ``input_ids`` are only the new tokens; memory may be None once the cache holds its keys.
         Memory may also have B / G rows, each read by G consecutive id rows (the beams of one sample): its
         cross-attention keys/values are then computed, stored and read once per sample rather than once per beam.
+
+        With ``documents``, ids (R, T) are a packed batch of n documents (teacher forcing without padding): document
+        i reads memory row i of memory (n, S, D), or memory document i of a packed memory (1, M, D) with
+        ``memory_documents``.
         """
         if self.lm_head is None:
             raise ValueError(f"this model has no decoder; its routes are {sorted(self.config.routes)}")
-        self.text_embed.check(input_ids, attention_mask)
-        self._check_memory(input_ids, memory, memory_mask, cache)
+        self.text_embed.check(input_ids, attention_mask, longest=None if documents is None else documents.max_length)
+        if documents is not None:
+            self._check_documents(memory, memory_documents, documents, cache)
+        else:
+            self._check_memory(input_ids, memory, memory_mask, cache)
         weight = self.lm_head.weight
         if memory is not None and memory.dtype != weight.dtype and not torch.is_autocast_enabled(memory.device.type):
             memory = memory.to(weight.dtype)  # as the embedders cast their inputs (float64 memory, a bf16 encoder)
@@ -246,7 +317,8 @@ class MultimodalTransformer(nn.Module):
                 "attention_mask: padding is not supported with a KV cache (cached keys keep no mask); decode "
                 "right-padded rows without a mask (causal attention is exact for their real tokens) or without a cache"
             )
-        h = self.decode_step(input_ids, memory=memory, memory_mask=memory_mask, mask=mask, cache=cache)
+        docs = {} if documents is None else {"documents": documents, "memory_documents": memory_documents}
+        h = self.decode_step(input_ids, memory=memory, memory_mask=memory_mask, mask=mask, cache=cache, **docs)
         return h if return_hidden else self.lm_head(h)
 
     def decode_step(
@@ -257,13 +329,50 @@ class MultimodalTransformer(nn.Module):
         memory_mask: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        documents: Documents | None = None,
+        memory_documents: Documents | None = None,
     ) -> torch.Tensor:
         """:meth:`decode` without its input checks, returning the final hidden states (B, T, D): the inner step of
         token-by-token generation, whose ids come from the model itself (the checks cost as much as a layer)."""
+        if documents is not None:
+            x = self.text_embed(input_ids, positions=documents.positions.view_as(input_ids))
+            return self.stack("decoder")(
+                x,
+                modality="text",
+                causal=True,
+                memory=memory,
+                memory_mask=memory_mask,
+                documents=documents,
+                memory_documents=memory_documents,
+            )
         x = self.text_embed(input_ids, offset=cache.length if cache is not None else 0)
         return self.stack("decoder")(
             x, modality="text", mask=mask, causal=True, memory=memory, memory_mask=memory_mask, cache=cache
         )
+
+    def _check_documents(
+        self,
+        memory: torch.Tensor | None,
+        memory_documents: Documents | None,
+        documents: Documents,
+        cache: KVCache | None,
+    ) -> None:
+        if cache is not None:
+            raise ValueError("documents: packed batches are decoded without a KV cache (teacher forcing)")
+        if memory is None:
+            return
+        rows = 1 if memory_documents is not None else len(documents)
+        width = self.config.width("decoder")
+        shape = tuple(memory.shape) if isinstance(memory, torch.Tensor) else None
+        if shape is None or len(shape) != 3 or shape[0] != rows or shape[2] != width:
+            got = tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__
+            what = "a packed memory (1, M, D)" if memory_documents is not None else "one memory row per document"
+            raise ValueError(f"memory: expected {what} with D={width} for {len(documents)} documents, got {got}")
+        if memory_documents is not None and memory_documents.tokens != memory.shape[1]:
+            raise ValueError(
+                f"memory_documents: expected documents tiling the memory's {memory.shape[1]} tokens, got "
+                f"{memory_documents.tokens}"
+            )
 
     def _check_memory(
         self,

@@ -36,7 +36,11 @@ class TextEmbedder(nn.Module):
         self.norm = nn.LayerNorm(stack.width, eps=cfg.embed_norm_eps) if cfg.embed_norm else None
         self.drop = nn.Dropout(stack.dropout)
 
-    def check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+    def check(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, longest: int | None = None
+    ) -> None:
+        """Validate ids (B, T) and their mask; ``longest`` is the longest sequence when it is not T (a packed
+        batch's longest document)."""
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids: expected a LongTensor (B, T), got {type(input_ids).__name__}")
         if input_ids.ndim != 2:
@@ -46,10 +50,11 @@ class TextEmbedder(nn.Module):
         check_device("input_ids", input_ids, self.tokens.weight)
         if input_ids.numel() == 0:
             raise ValueError(f"input_ids: expected at least one token per row, got shape {tuple(input_ids.shape)}")
-        if self.positions is not None and input_ids.shape[1] > self.cfg.max_length:
+        longest = input_ids.shape[1] if longest is None else longest
+        if self.positions is not None and longest > self.cfg.max_length:
             raise ValueError(
                 f"input_ids: expected at most {self.cfg.max_length} tokens (TextConfig.max_length, the position "
-                f"table), got {input_ids.shape[1]}; truncate the text or build the model with a longer max_length"
+                f"table), got {longest}; truncate the text or build the model with a longer max_length"
             )
         if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
             raise TypeError(
@@ -65,13 +70,19 @@ class TextEmbedder(nn.Module):
         check_token_ids("input_ids", input_ids, self.cfg.vocab_size)
 
     def forward(
-        self, input_ids: torch.Tensor, *, offset: int = 0, segment_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        *,
+        offset: int = 0,
+        segment_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Ids (B, T) → (B, T, D); positions offset … offset+T-1, or ``positions`` (B, T) (packed documents)."""
         if segment_ids is not None:
             self.check_segments(input_ids, segment_ids)
         x = self.tokens(input_ids)
         if self.positions is not None:
-            x = self.positions(x, offset)
+            x = self.positions(x, offset, positions=positions)
         if self.segments is not None:
             x = x + self.segments(segment_ids if segment_ids is not None else torch.zeros_like(input_ids))
         if self.norm is not None:

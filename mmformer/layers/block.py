@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from mmformer.config import StackConfig
 from mmformer.layers.attention import Attention
 from mmformer.layers.cache import KVCache
+from mmformer.layers.documents import Documents
 from mmformer.layers.mlp import make_mlp
 from mmformer.layers.norms import make_norm
 
@@ -103,16 +104,21 @@ class Block(nn.Module):
         memory_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
+        documents: Documents | None = None,
+        memory_documents: Documents | None = None,
     ) -> torch.Tensor:
         mlp_kwargs = {"modality": modality} if self.multiway else {}
+        docs = {} if documents is None else {"documents": documents}  # packed batches only: decoding steps pass none
         if self.parallel:
             attn = self.attn
             h = attn.norm(x)
-            out = attn.fn(h, mask=mask, causal=causal, cache=cache, layer=layer) + self.mlp(h, **mlp_kwargs)
+            out = attn.fn(h, mask=mask, causal=causal, cache=cache, layer=layer, **docs) + self.mlp(h, **mlp_kwargs)
             return x + attn.drop_path(self.drop(out))
-        x = self.attn(x, mask=mask, causal=causal, cache=cache, layer=layer)
+        x = self.attn(x, mask=mask, causal=causal, cache=cache, layer=layer, **docs)
         if self.cross_attn is not None and (memory is not None or (cache is not None and cache.has_cross(layer))):
-            x = self.cross_attn(x, mask=memory_mask, memory=memory, cache=cache, layer=layer)
+            if documents is not None:
+                docs["memory_documents"] = memory_documents
+            x = self.cross_attn(x, mask=memory_mask, memory=memory, cache=cache, layer=layer, **docs)
         return self.mlp(x, **mlp_kwargs)
 
 
@@ -136,9 +142,16 @@ class Stack(nn.Module):
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        documents: Documents | None = None,
+        memory_documents: Documents | None = None,
     ) -> torch.Tensor:
-        """Run x (B, T, D) through every block; with a cache, x holds only the new tokens."""
+        """Run x (B, T, D) through every block; with a cache, x holds only the new tokens. With ``documents``, x is
+        a packed batch (R, T, D) of them and ``mask`` is unused (see :mod:`mmformer.layers.documents`)."""
+        if documents is not None and cache is not None:
+            raise ValueError("documents: packed batches are for training and encoding; decode with a KV cache unpacked")
         kwargs = dict(modality=modality, mask=mask, causal=causal, memory=memory, memory_mask=memory_mask, cache=cache)
+        if documents is not None:
+            kwargs.update(documents=documents, memory_documents=memory_documents)
         for i, block in enumerate(self.blocks):
             if self.cfg.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, layer=i, use_reentrant=False, **kwargs)
