@@ -1,0 +1,193 @@
+"""Packed (padding-free) batches: :class:`mmformer.layers.Documents` regroups tokens exactly; packed attention equals
+each document run alone, for every attention variant; a document never attends across its boundary; and a packed
+training batch gives the padded batch's losses and gradients (≤ 1e-5, float32) for contrastive, captioning and
+speech (+ CTC) batches.
+
+Shape legend: R packed rows, T tokens per row, n documents, L longest document, D width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmformer.config import StackConfig
+from mmformer.data.collate import Collator
+from mmformer.layers import Attention, Documents, Stack
+from mmformer.model import MultimodalTransformer, pack
+from mmformer.tasks import MultimodalTask
+from mmformer.tasks.losses import IGNORE_INDEX, document_targets, teacher_forcing
+from tests.test_task import Digits, tiny_config, tokenizer
+
+ATOL = 1e-5
+LENGTHS = [5, 1, 7, 3]
+
+
+# ---------------------------------------------------------------- Documents
+def test_documents_layout_and_round_trip():
+    docs = Documents.from_lengths(LENGTHS)
+    assert docs.tokens == 16 and docs.max_length == 7 and len(docs) == 4
+    assert docs.offsets.tolist() == [0, 5, 6, 13, 16]
+    assert docs.positions.tolist() == [0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2]
+    assert docs.mask.sum(dim=1).tolist() == LENGTHS
+    x = torch.randn(2, 8, 3)  # two rows of 8 tokens hold the 16 tokens (no document crosses a row's end)
+    docs = Documents.from_lengths([5, 3, 2, 6])
+    padded = docs.pad(x, fill=0.0)  # (n, L, 3)
+    assert padded.shape == (4, 6, 3) and torch.equal(padded[1, :3], x[0, 5:8]) and not padded[1, 3:].any()
+    assert torch.equal(docs.unpad(padded, rows=2), x)
+
+
+def test_documents_from_ids_cut_at_id_changes_and_row_starts():
+    ids = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 2, 2, 2]])  # the id 1 continues into row 1: still a new document
+    assert Documents.from_ids(ids).lengths.tolist() == [2, 3, 2, 3]
+
+
+def test_documents_refuse_bad_input():
+    with pytest.raises(ValueError, match="lengths"):
+        Documents.from_lengths([3, 0])
+    with pytest.raises(TypeError, match="lengths"):
+        Documents(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="backend"):
+        Documents.from_lengths([2], backend="flash")
+    with pytest.raises(ValueError, match="16 tokens"):
+        Documents.from_lengths(LENGTHS).pad(torch.zeros(1, 15, 2))
+    with pytest.raises(ValueError, match="right-padded"):
+        pack(torch.zeros(1, 3, 2), torch.tensor([[True, False, True]]))
+
+
+# ---------------------------------------------------------------- attention
+VARIANTS = {
+    "mha": {},
+    "gqa": dict(n_kv_heads=2),
+    "rope_qk_norm": dict(position="rope", qk_norm=True),
+    "alibi": dict(position="alibi"),
+}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_packed_self_attention_equals_each_document_alone(variant, causal):
+    attn = Attention(StackConfig(width=16, n_heads=4, **VARIANTS[variant]))
+    x = torch.randn(1, sum(LENGTHS), 16)
+    docs = Documents.from_lengths(LENGTHS)
+    packed = attn(x, causal=causal, documents=docs)
+    alone = torch.cat([attn(part, causal=causal) for part in x.split(LENGTHS, dim=1)], dim=1)
+    torch.testing.assert_close(packed, alone, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("packed_memory", [False, True])
+def test_packed_cross_attention_reads_only_its_documents_memory(packed_memory):
+    attn = Attention(StackConfig(width=16, n_heads=4, n_kv_heads=2), cross=True)
+    x = torch.randn(1, sum(LENGTHS), 16)
+    docs = Documents.from_lengths(LENGTHS)
+    memory_lengths = [4, 2, 6, 3]
+    memory = torch.randn(4, 6, 16)
+    memory_mask = torch.arange(6)[None] < torch.tensor(memory_lengths)[:, None]
+    if packed_memory:
+        memory_docs, packed = pack(memory, memory_mask)
+        out = attn(x, memory=packed, documents=docs, memory_documents=memory_docs)
+    else:
+        out = attn(x, memory=memory, mask=memory_mask, documents=docs)
+    alone = [
+        attn(part, memory=memory[i : i + 1, : memory_lengths[i]]) for i, part in enumerate(x.split(LENGTHS, dim=1))
+    ]
+    torch.testing.assert_close(out, torch.cat(alone, dim=1), atol=ATOL, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_jagged_backend_equals_dense_on_cpu():
+    """The nested-tensor path (CUDA's default) against the dense one, where CPU runs it: non-causal attention."""
+    attn = Attention(StackConfig(width=16, n_heads=4, position="rope"))
+    x = torch.randn(1, sum(LENGTHS), 16)
+    dense = attn(x, documents=Documents.from_lengths(LENGTHS, backend="dense"))
+    jagged = attn(x, documents=Documents.from_lengths(LENGTHS, backend="jagged"))
+    torch.testing.assert_close(jagged, dense, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_document_never_attends_across_its_boundary(causal):
+    """Changing one document changes that document's outputs only (a stack of 2 blocks; a cross-attending decoder
+    whose other documents' memory also stays put)."""
+    torch.manual_seed(0)
+    stack = Stack(StackConfig(width=16, depth=2, n_heads=4, position="rope", cross_attention=True)).eval()
+    docs = Documents.from_lengths(LENGTHS)
+    x = torch.randn(1, docs.tokens, 16)
+    memory = torch.randn(4, 5, 16)
+    changed = 2
+    start, end = docs.offsets[changed].item(), docs.offsets[changed + 1].item()
+    y = x.clone()
+    y[:, start:end] = torch.randn(1, end - start, 16)
+    other = memory.clone()
+    other[changed] = torch.randn(5, 16)
+    for kwargs_x, kwargs_y in (({}, {}), ({"memory": memory}, {"memory": other})):
+        out_x = stack(x, causal=causal, documents=docs, **kwargs_x)
+        out_y = stack(y, causal=causal, documents=docs, **kwargs_y)
+        moved = (out_x - out_y).abs().amax(dim=-1)[0]  # (N,)
+        inside = torch.zeros(docs.tokens, dtype=torch.bool)
+        inside[start:end] = True
+        assert torch.equal(moved[~inside], torch.zeros_like(moved[~inside]))
+        assert (moved[inside] > 0).all()
+
+
+# ---------------------------------------------------------------- the model's entry points
+def test_model_encodes_packed_as_padded(make_model_config):
+    model = MultimodalTransformer(make_model_config(text=dict(causal=True))).eval()
+    lengths = torch.tensor([9, 4, 6, 2])
+    mask = torch.arange(9)[None] < lengths[:, None]
+    ids = torch.randint(3, 32, (4, 9)).masked_fill(~mask, 0)
+    torch.testing.assert_close(
+        model.encode_text(ids, mask, packed=True), model.encode_text(ids, mask), atol=ATOL, rtol=0
+    )
+    wave = torch.randn(3, 900)
+    wave_lengths = torch.tensor([900, 500, 300])
+    torch.testing.assert_close(
+        model.encode_audio(wave, wave_lengths, packed=True), model.encode_audio(wave, wave_lengths), atol=ATOL, rtol=0
+    )
+
+
+def test_document_targets_are_the_padded_targets():
+    tok = tokenizer()
+    batch = tok(["one two", "three", "four five six"])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    docs, packed = pack(ids, mask)
+    _, _, padded_targets = teacher_forcing(ids, mask)
+    targets = document_targets(packed[0], docs)
+    assert targets[targets != IGNORE_INDEX].tolist() == padded_targets[padded_targets != IGNORE_INDEX].tolist()
+    assert (targets[docs.offsets[1:] - 1] == IGNORE_INDEX).all()
+
+
+# ---------------------------------------------------------------- training: packed == padded
+KINDS = {
+    "contrastive": (dict(caption_weight=0.0, speech_weight=0.0), ("image",)),
+    "captioning": (dict(contrastive_weight=0.0, speech_weight=0.0), ("image",)),
+    "speech+ctc": (dict(contrastive_weight=1.0, caption_weight=0.0, ctc_weight=0.3), ("audio",)),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_packed_batch_gives_the_padded_losses_and_gradients(kind):
+    weights, modalities = KINDS[kind]
+    torch.manual_seed(0)
+    task = MultimodalTask(tiny_config(tokenizer().vocab_size, position="rope"), **weights)
+    samples = [Digits(modalities=modalities)[i] for i in (3, 47, 120, 9, 1000)]  # 1–4 words: unequal lengths
+    padded = Collator(tokenizer())(samples)
+    packed = Collator(tokenizer(), packing=True)(samples)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    assert packed["input_ids"].shape[1] == int(padded["attention_mask"].sum()) < padded["input_ids"].numel()
+
+    results = []
+    for batch in (padded, packed):
+        task.zero_grad(set_to_none=True)
+        parts, _ = task._losses(batch)
+        loss = sum(task.weights[k] * v for k, v in parts.items())
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
+        results.append(({k: v.detach() for k, v in parts.items()}, grads))
+    (parts_a, grads_a), (parts_b, grads_b) = results
+    assert parts_a.keys() == parts_b.keys() and grads_a.keys() == grads_b.keys()
+    for name in parts_a:
+        assert math.isclose(parts_a[name].item(), parts_b[name].item(), abs_tol=ATOL), (name, parts_a, parts_b)
+    worst = max(float((grads_a[n] - grads_b[n]).abs().max()) for n in grads_a)
+    assert worst <= ATOL, worst
