@@ -15,6 +15,7 @@ import torch
 
 from mmformer.config import StackConfig
 from mmformer.data.collate import Collator
+from mmformer.data.packing import TokenBudgetSampler, budget_batches
 from mmformer.layers import Attention, Documents, Stack
 from mmformer.model import MultimodalTransformer, pack
 from mmformer.tasks import MultimodalTask
@@ -191,3 +192,62 @@ def test_packed_batch_gives_the_padded_losses_and_gradients(kind):
         assert math.isclose(parts_a[name].item(), parts_b[name].item(), abs_tol=ATOL), (name, parts_a, parts_b)
     worst = max(float((grads_a[n] - grads_b[n]).abs().max()) for n in grads_a)
     assert worst <= ATOL, worst
+
+
+# ---------------------------------------------------------------- token budgets (data module)
+def test_budget_batches_respect_every_budget():
+    costs = [(3, 1.0), (5, 0.5), (2, 2.0), (9, 0.1), (1, 0.2)]
+    assert budget_batches(costs, range(5), [8, None]) == [[0, 1], [2], [3], [4]]  # 9 alone: over budget alone
+    assert budget_batches(costs, range(5), [None, 2.0]) == [[0, 1], [2], [3, 4]]
+    assert budget_batches(costs, [4, 3, 2, 1, 0], [10, 2.5]) == [[4, 3], [2, 1], [0]]
+
+
+def test_token_budget_sampler_covers_each_epoch_and_splits_ranks_evenly():
+    costs = [(1 + i % 7,) for i in range(40)]
+    data = list(range(40))
+    one = TokenBudgetSampler(data, costs, [12], seed=5)
+    batches = list(one)
+    assert sorted(i for b in batches for i in b) == list(range(40))
+    assert all(sum(costs[i][0] for i in b) <= 12 for b in batches)
+    assert list(TokenBudgetSampler(data, costs, [12], seed=5)) == batches  # deterministic
+    one.set_epoch(1)
+    assert list(one) != batches  # reshuffled per epoch
+    ranks = [TokenBudgetSampler(data, costs, [12], num_replicas=2, rank=r, seed=5) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == -(-len(batches) // 2)
+    assert [b for pair in zip(*ranks) for b in pair][: len(batches)] == batches  # global steps interleave ranks
+    ranks[0].start = 2
+    assert list(ranks[0]) == list(TokenBudgetSampler(data, costs, [12], num_replicas=2, rank=0, seed=5))[2:]
+    with pytest.raises(ValueError, match="budgets"):
+        TokenBudgetSampler(data, costs, [None])
+
+
+def test_datamodule_packs_training_batches_within_the_token_budget(tmp_path):
+    from mmformer.data.datamodule import MultimodalDataModule
+    from tests.test_data import write_digits, write_manifest
+
+    root = tmp_path / "digits"
+    train = write_manifest(root / "train.jsonl", write_digits(root, 24, "train"))
+    kwargs = dict(train=str(train), image_size=8, vocab_size=300, tokenizer_cache_dir=str(tmp_path / "cache"))
+    dm = MultimodalDataModule(packing=True, max_tokens=20, max_batch_seconds=0.25, **kwargs)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    assert sorted(t for b in batches for t in b["text"]) == sorted(r["text"] for r in map(_row, range(24)))
+    for b in batches:
+        assert "attention_mask" not in b and b["input_ids"].shape == (1, int(b["text_lengths"].sum()))
+        assert len(b["text"]) == 1 or (b["text_lengths"].sum() <= 20 and b["audio_lengths"].sum() <= 0.25 * 16000)
+    assert len({len(b["text"]) for b in batches}) > 1  # the sample count follows the lengths
+    state = {**loader.state_dict(), "batches": 2}
+    resumed = MultimodalDataModule(packing=True, max_tokens=20, max_batch_seconds=0.25, **kwargs)
+    resumed.setup("fit")
+    again = resumed.train_dataloader()
+    again.load_state_dict(state)
+    assert [b["text"] for b in again] == [b["text"] for b in batches[2:]]
+    with pytest.raises(ValueError, match="packing"):
+        MultimodalDataModule(max_tokens=20, **kwargs)
+
+
+def _row(i: int) -> dict:
+    from tests.test_data import caption
+
+    return {"text": caption(i)}
