@@ -24,6 +24,8 @@ if ROOT not in sys.path:  # `benchmarks` is a folder of the repository, not of t
         ("generate", ["speech (smoke)", "caption (smoke)", "vs_hf", "vs_no_cache", "compiled_vs_hf", "compile_s"]),
         ("attention", ["fused_ms", "naive_MiB", "memory_ratio"]),
         ("startup", ["mmformer --help", "mmformer zeroshot"]),
+        ("clip_train", ["open_clip_samples_s", "packed_samples_s", "packed_vs_open_clip"]),
+        ("speech_train", ["hf_samples_s", "packed_samples_s", "packed_vs_hf"]),
     ],
 )
 def test_benchmark_runs_and_prints_its_table(name, expected, capsys):
