@@ -7,9 +7,10 @@ Same weights (mmformer's model is ``convert.from_open_clip`` of the open_clip mo
 tokens, the same loss (:class:`~mmformer.tasks.losses.ContrastiveLoss`) and AdamW; a step is forward + backward +
 optimizer step; peers alternate repeat by repeat and the median is kept. Each repeat draws a new batch of caption
 lengths from the same seeded stream for every peer. The model is open_clip's CPU benchmark size (ViT 128 px,
-patch 16, width 384, depth 6; text width 256, depth 6) with the real context of 77; ``--size gpu`` is ViT-B/16.
+patch 16, width 384, depth 6; text width 256, depth 6) with the real context of 77; ``--size gpu`` is ViT-B/16;
+the ``-b32`` sizes have patch 32 (ViT-B/32 proportions: fewer image tokens, so the text tower weighs more).
 
-    python -m benchmarks.clip_train [--size cpu|gpu] [--batch 64] [--dtypes float32]
+    python -m benchmarks.clip_train [--size cpu|cpu-b32|gpu|gpu-b32] [--batch 64] [--dtypes float32]
 """
 
 from __future__ import annotations
@@ -34,9 +35,19 @@ from benchmarks.lengths import CLIP_CONTEXT, caption_tokens
 from benchmarks.train_step import adamw, make_step
 from mmformer.layers import Documents
 
+
+def _with(size: dict, **vision) -> dict:
+    return {**size, "vision_cfg": {**size["vision_cfg"], **vision}}
+
+
+_CPU = {**CLIP_SIZES["cpu"], "text_cfg": {**CLIP_SIZES["cpu"]["text_cfg"], "context_length": CLIP_CONTEXT}}
 SIZES = {
-    "cpu": {**CLIP_SIZES["cpu"], "text_cfg": {**CLIP_SIZES["cpu"]["text_cfg"], "context_length": CLIP_CONTEXT}},
-    "gpu": CLIP_SIZES["gpu"],
+    # ViT-B/16 proportions (64 image tokens at 128 px), and ViT-B/32 proportions (16 image tokens): the text tower's
+    # share of a step, and so what packing can save, is about 1/3 and 2/3 of the step at context 77
+    "cpu": _CPU,
+    "cpu-b32": _with(_CPU, patch_size=32),
+    "gpu": CLIP_SIZES["gpu"],  # ViT-B/16 at 224 px: 196 image tokens, the text tower ~1/6 of the step
+    "gpu-b32": _with(CLIP_SIZES["gpu"], patch_size=32),  # ViT-B/32 at 224 px: 49 image tokens
     "tiny": {**CLIP_SIZES["tiny"], "text_cfg": {**CLIP_SIZES["tiny"]["text_cfg"], "context_length": 12}},
 }
 
@@ -106,15 +117,21 @@ def run(args: argparse.Namespace, dtype_name: str) -> list[dict]:
     return [row]
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line, its ``--tiny`` sizes applied (gpu_check reuses it)."""
     p = base_parser(__doc__)
-    p.add_argument("--size", choices=("cpu", "gpu"), default=None, help="default: gpu on cuda, else cpu")
+    p.add_argument("--size", choices=tuple(s for s in SIZES if s != "tiny"), default=None, help="default: gpu/cpu")
     p.add_argument("--dtypes", default="float32", help="comma-separated: float32 (no autocast), bf16, fp16")
     p.add_argument("--batch", type=int, default=None, help="default: the size's batch (32 cpu, 256 gpu)")
     args = parse_args(p, argv)
     if args.tiny:
         args.size, args.repeats, args.warmup = "tiny", 1, 1
     args.size = args.size or ("gpu" if torch.device(args.device).type == "cuda" else "cpu")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments(argv)
     rows = [row for name in args.dtypes.split(",") for row in run(args, name)]
     print(
         f"CLIP training on COCO-like caption lengths (open_clip: context {CLIP_CONTEXT}), size={args.size}, {machine()}"

@@ -161,7 +161,8 @@ def run(args: argparse.Namespace, dtype_name: str) -> list[dict]:
     return [row]
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line, its ``--tiny`` sizes applied (gpu_check reuses it)."""
     p = base_parser(__doc__)
     p.add_argument("--size", choices=("whisper-tiny",), default="whisper-tiny")
     p.add_argument("--dtypes", default="float32", help="comma-separated: float32 (no autocast), bf16, fp16")
@@ -170,6 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(p, argv)
     if args.tiny:
         args.size, args.repeats, args.warmup = "smoke", 1, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments(argv)
     rows = [row for name in args.dtypes.split(",") for row in run(args, name)]
     print(f"speech-to-text training on 2–15 s clips (Hugging Face: 30 s), size={args.size}, {machine()}")
     columns = ["dtype", "batch", "mean_clip_s", "hf_samples_s", "padded_samples_s", "packed_samples_s"]
