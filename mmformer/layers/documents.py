@@ -62,6 +62,7 @@ class Documents:
     max_length: int = -1
     backend: Backend = "auto"
     tokens: int = field(init=False)
+    min_length: int = field(init=False)
 
     def __post_init__(self) -> None:
         lengths = self.lengths
@@ -76,7 +77,7 @@ class Documents:
         host = self.lengths.cpu()
         if int(host.min()) < 1:
             raise ValueError(f"lengths: every document needs at least one token, got {host.tolist()}")
-        self.tokens = int(host.sum())
+        self.tokens, self.min_length = int(host.sum()), int(host.min())
         if self.max_length < 0:
             self.max_length = int(host.max())
 
@@ -180,7 +181,7 @@ class Documents:
     def jagged(self, x: torch.Tensor) -> torch.Tensor:
         """Flat (N, h, hs) → a nested jagged tensor (n, h, j, hs) whose ragged dim is the document."""
         nested = torch.nested.nested_tensor_from_jagged(
-            x.contiguous(), self.offsets, min_seqlen=int(self.lengths.min()), max_seqlen=self.max_length
+            x.contiguous(), self.offsets, min_seqlen=self.min_length, max_seqlen=self.max_length
         )
         return nested.transpose(1, 2)
 
