@@ -429,7 +429,8 @@ class MultimodalDataModule(L.LightningDataModule):
             return []  # Lightning skips the loop
         packing = train and self.hparams.packing
         collator = Collator(self.tokenizer, self.text_max_length, packing=packing)
-        kwargs = dict(num_workers=self.num_workers, collate_fn=collator)
+        # persistent workers keep their state (a `cache: true` data set's decoded samples) from epoch to epoch
+        kwargs = dict(num_workers=self.num_workers, collate_fn=collator, persistent_workers=self.num_workers > 0)
         if packing and (self.hparams.max_tokens or self.hparams.max_batch_seconds):
             return self._budget_loader(dataset, kwargs)
         if isinstance(dataset, IterableDataset):
