@@ -297,9 +297,13 @@ class ModelConfig:
 
     def parameter_floor(self) -> int:
         """A cheap lower bound on the parameters this config declares, computed without building anything: each
-        block's query and output projections (2 D² at least), the token table and the learned position tables.
+        block's query and output projections (2 D²) and MLP (2 D H per expert), the token table and the learned
+        position tables.
         Loading compares it with the weights file's size before building the model at all."""
-        floor = sum(2 * stack.width**2 * stack.depth for stack in self.stacks.values())
+        floor = sum(
+            stack.depth * (2 * stack.width**2 + max(stack.n_experts, 1) * 2 * stack.width * stack.hidden_dim)
+            for stack in self.stacks.values()
+        )
         if "text" in self.routes or "decoder" in self.routes:
             width = self.text_width()
             floor += self.text.vocab_size * width

@@ -469,11 +469,12 @@ class MultimodalTransformer(nn.Module):
         checkpoint = pretrained.read_checkpoint(path, config=config, map_location=map_location)
         held = sum(spec.numel for spec in checkpoint.specs.values())
         floor = checkpoint.config.parameter_floor()
-        if floor > weights.parameter_ceiling(held, strict, max_parameters):  # before building anything
-            raise ValueError(
-                f"{checkpoint.source}: the model config declares at least {weights.human_count(floor)} parameters; "
-                f"the file holds {weights.human_count(held)} (pass max_parameters=N to allow more)"
-            )
+        ceiling = weights.parameter_ceiling(held, strict, max_parameters)
+        # Far beyond the file (building even on the meta device could take a while): refused before building
+        # anything. Closer configs are built on the meta device and refused listing every key that differs.
+        if floor > 4 * ceiling:
+            summary = weights.size_summary(floor, held, checkpoint.source, at_least=True)
+            raise ValueError(weights.too_many_parameters(checkpoint.source, summary, ceiling, max_parameters))
         model = weights.build_on_meta(cls, checkpoint.config)
         if dtype is not None:
             model.to(dtype=dtype)

@@ -28,6 +28,7 @@ if ROOT not in sys.path:  # `benchmarks` is a folder of the repository, not of t
         ("speech_train", ["hf_samples_s", "packed_samples_s", "packed_vs_hf"]),
     ],
 )
+@pytest.mark.slow
 def test_benchmark_runs_and_prints_its_table(name, expected, capsys):
     importlib.import_module(f"benchmarks.{name}").main(["--tiny", "--no-save"])
     out = capsys.readouterr().out

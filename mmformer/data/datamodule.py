@@ -21,7 +21,8 @@ batches of ``batch_size`` times the number of processes, rank r taking the r-th 
 continues at the next batch: the same samples in the same order as an uninterrupted run, on one process or
 several (each rank skips the same number of its own batches). WebDataset shards stream: each epoch reshuffles
 with the trainer's epoch (so a resumed run gets that epoch's order), but a mid-epoch resume replays the epoch's
-stream from its beginning.
+stream from its beginning. Training augmentation (``augment``, see :mod:`mmformer.data.augment`) draws each sample's
+randomness from ``(seed, epoch, index)``, so it resumes exactly too; evaluation data is never augmented.
 """
 
 from __future__ import annotations
@@ -37,10 +38,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
+from mmformer.data.augment import AugmentConfig, augment_training
 from mmformer.data.collate import Collator
 from mmformer.data.formats import FORMATS, dataset_texts, open_dataset
+from mmformer.data.seeding import mix_seed
 
 if TYPE_CHECKING:
+    from mmformer.config import AudioConfig
     from mmformer.processor import Processor
     from mmformer.tokenizer import Tokenizer
 
@@ -230,16 +234,12 @@ class ResumableLoader(DataLoader):
         if isinstance(sampler, GlobalBatchSampler):
             sampler.start = skip * sampler.batch_size
             if self.generator is not None:  # the workers' base seed
-                self.generator.manual_seed(_mix(sampler.seed, epoch, sampler.rank))
+                self.generator.manual_seed(mix_seed(sampler.seed, epoch, sampler.rank))
+        if hasattr(self.dataset, "set_epoch"):  # an augmented set seeds each sample by (seed, epoch, index)
+            self.dataset.set_epoch(epoch)
         for batch in super().__iter__():
             self._batches += 1
             yield batch
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed from a few ints (different tuples give unrelated seeds)."""
-    digest = hashlib.sha256(",".join(map(str, values)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class MultimodalDataModule(L.LightningDataModule):
@@ -282,6 +282,8 @@ class MultimodalDataModule(L.LightningDataModule):
             rather than ``batch_size`` (map-style data; see :class:`~mmformer.data.packing.TokenBudgetSampler`).
         max_batch_seconds: with ``packing``, also at most this many seconds of audio per training batch (needs the
             manifest's ``duration`` column).
+        augment: training augmentation (audio, images; see :mod:`mmformer.data.augment`), applied in the loader
+            workers to the training split only. SpecAugment masks the log-mel of the model the trainer fits.
     """
 
     def __init__(
@@ -315,6 +317,7 @@ class MultimodalDataModule(L.LightningDataModule):
         packing: bool = False,
         max_tokens: int | None = None,
         max_batch_seconds: float | None = None,
+        augment: AugmentConfig | None = None,
     ):
         super().__init__()
         from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
@@ -330,7 +333,13 @@ class MultimodalDataModule(L.LightningDataModule):
                 raise ValueError(f"{name}: expected a number > 0 or None; got {value!r}")
             if value is not None and not packing:
                 raise ValueError(f"{name}: a token budget needs packing: true (got packing={packing!r})")
+        if isinstance(augment, dict):
+            augment = AugmentConfig(**augment)
+        if augment is not None and not isinstance(augment, AugmentConfig):
+            raise TypeError(f"augment: expected an AugmentConfig, a dict or None; got {type(augment).__name__}")
+        self.augment = augment or AugmentConfig()
         self.save_hyperparameters()
+        self.hparams["augment"] = self.augment.to_dict()  # plain types: checkpoints load with weights_only=True
         self.paths = {"train": train, "val": val, "test": test, "predict": predict}
         self.format, self.modalities = format, tuple(modalities)
         self.tokenizer_path = tokenizer
@@ -413,6 +422,11 @@ class MultimodalDataModule(L.LightningDataModule):
                 for part in getattr(self.datasets[split], "datasets", [self.datasets[split]]):
                     if hasattr(part, "cache_in_memory"):
                         part.cache_in_memory()
+                        if self.num_workers > 0:
+                            # decode every sample here, once: each epoch's new workers then start with the decoded
+                            # samples (inherited, or pickled with the data set) instead of decoding them again
+                            for i in range(len(part)):
+                                part[i]
         return self.datasets.get(split)
 
     def setup(self, stage: str | None = None) -> None:
@@ -429,8 +443,11 @@ class MultimodalDataModule(L.LightningDataModule):
             return []  # Lightning skips the loop
         packing = train and self.hparams.packing
         collator = Collator(self.tokenizer, self.text_max_length, packing=packing)
-        # persistent workers keep their state (a `cache: true` data set's decoded samples) from epoch to epoch
-        kwargs = dict(num_workers=self.num_workers, collate_fn=collator, persistent_workers=self.num_workers > 0)
+        kwargs = dict(num_workers=self.num_workers, collate_fn=collator)
+        if train:  # augmentation (when configured) happens in the workers, seeded per sample: see augment_training
+            dataset, kwargs["collate_fn"] = augment_training(
+                dataset, kwargs["collate_fn"], self.augment, self._processor, self.seed, self._feature_config
+            )
         if packing and (self.hparams.max_tokens or self.hparams.max_batch_seconds):
             return self._budget_loader(dataset, kwargs)
         if isinstance(dataset, IterableDataset):
@@ -463,6 +480,18 @@ class MultimodalDataModule(L.LightningDataModule):
             dataset, costs, budgets, world, rank, shuffle=self.shuffle, seed=self.seed, drop_last=self.drop_last
         )
         return ResumableLoader(BatchedDataset(dataset), sampler=sampler, **kwargs)
+
+    def _feature_config(self) -> AudioConfig:
+        """The log-mel settings of the model the trainer fits (SpecAugment masks the features it would compute)."""
+        module = None if self.trainer is None else self.trainer.lightning_module
+        config = getattr(getattr(getattr(module, "model", None), "config", None), "audio", None)
+        if config is None:
+            raise ValueError(
+                "augment.audio: SpecAugment (freq_masks/time_masks) masks the log-mel of the model being trained, "
+                "so the data module must be attached to a Trainer fitting a model with an audio config; got "
+                f"{'no trainer' if self.trainer is None else type(module).__name__ + ' without one'}"
+            )
+        return config
 
     def _epoch(self) -> int | None:
         """The trainer's current epoch (None without a trainer)."""

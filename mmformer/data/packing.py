@@ -52,6 +52,8 @@ def _records(dataset: Dataset) -> list[Any]:
     if isinstance(dataset, ConcatDataset):
         return [r for d in dataset.datasets for r in _records(d)]
     records = getattr(dataset, "records", None)
+    if records is None and hasattr(dataset, "dataset"):  # a wrapper (augmentation): the index is the inner set's
+        return _records(dataset.dataset)
     if records is None:
         raise ValueError(
             f"packing with a token budget needs a map-style data set with an index (manifest, COCO, LibriSpeech, "
@@ -148,3 +150,8 @@ class BatchedDataset(Dataset):
 
     def __getitem__(self, indices: list[int]) -> list:
         return [self.dataset[i] for i in indices]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pass the epoch on to an augmented data set (it seeds each sample by epoch and index)."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
