@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -44,7 +43,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import count_flops, machine, table
+from benchmarks.common import count_flops, interleaved, machine, table
 
 NOMINAL_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, no sparsity
 
@@ -61,18 +60,7 @@ def cuda(ctx: argparse.Namespace) -> None:
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> float:
     """Median seconds per call (CUDA-synchronised)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return interleaved({"fn": fn}, warmup=warmup, repeats=repeats, device=device)["fn"]
 
 
 def kernel_names(fn: Callable[[], Any]) -> list[str]:
@@ -273,7 +261,7 @@ def flex_case(docs, q, k, v) -> Callable[[], None]:
     return call
 
 
-def clip_step(model, batch: int, tiny: bool, device, compile: bool, packed: bool = False):
+def clip_step(model, batch: int, device, compile: bool, packed: bool = False):
     from mmformer.layers import Documents
     from mmformer.tasks.losses import ContrastiveLoss
 
@@ -330,7 +318,7 @@ def row_mfu(ctx: argparse.Namespace) -> list[dict]:
             continue  # compiling is the GPU run's business; the smoke run checks the eager path
         torch.manual_seed(0)
         model = MultimodalTransformer(clip_config(ctx.tiny)).to(device).train()
-        step = clip_step(model, batch, ctx.tiny, device, compile, packed)
+        step = clip_step(model, batch, device, compile, packed)
         start = time.perf_counter()
         step()
         first = time.perf_counter() - start

@@ -67,14 +67,19 @@ VARIANTS = {
 }
 
 
+LONG = [70, 5, 130, 20, 90, 100]  # long, unequal documents: self-attention runs in length buckets
+
+
+@pytest.mark.parametrize("lengths", [LENGTHS, LONG], ids=["short", "long"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_packed_self_attention_equals_each_document_alone(variant, causal):
+def test_packed_self_attention_equals_each_document_alone(variant, causal, lengths):
     attn = Attention(StackConfig(width=16, n_heads=4, **VARIANTS[variant]))
-    x = torch.randn(1, sum(LENGTHS), 16)
-    docs = Documents.from_lengths(LENGTHS)
+    x = torch.randn(1, sum(lengths), 16)
+    docs = Documents.from_lengths(lengths)
+    assert (docs.buckets is not None) == (lengths is LONG)
     packed = attn(x, causal=causal, documents=docs)
-    alone = torch.cat([attn(part, causal=causal) for part in x.split(LENGTHS, dim=1)], dim=1)
+    alone = torch.cat([attn(part, causal=causal) for part in x.split(lengths, dim=1)], dim=1)
     torch.testing.assert_close(packed, alone, atol=ATOL, rtol=0)
 
 

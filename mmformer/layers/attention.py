@@ -217,6 +217,12 @@ class Attention(nn.Module):
             out = self._jagged(q_in.view(1, R * T, -1), kv_in, documents, memory_documents, causal)
             return self.proj(out.view(R, T, -1))
         # dense: per-document rows (n, L) right-padded, through the usual path (rope restarts at 0 in each row)
+        if not self.cross and documents.buckets is not None:  # long documents of unequal lengths: by length bucket
+            outs = [
+                self._attend(documents.pad_bucket(q_in, b), None, b.mask, causal, None, 0, 0)  # (n_b, L_b, nh*hs)
+                for b in documents.buckets
+            ]
+            return self.proj(documents.unpad_buckets(outs, R))
         q_in = documents.pad(q_in)  # (n, L, ·)
         if self.cross and memory_documents is not None:
             kv_in, memory_mask = memory_documents.pad(kv_in), memory_documents.mask
