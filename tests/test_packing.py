@@ -40,6 +40,29 @@ def test_documents_layout_and_round_trip():
     assert torch.equal(docs.unpad(padded, rows=2), x)
 
 
+@pytest.mark.parametrize("lengths", [LENGTHS, [70, 5, 130, 20, 90, 100]], ids=["short", "bucketed"])
+def test_regrouping_gradients_equal_plain_slicing(lengths):
+    """pad / unpad (and the length buckets) use a gather whose backward is a gather: equal to autograd's own."""
+    import torch.nn.functional as F
+
+    docs = Documents.from_lengths(lengths)
+    x = torch.randn(1, docs.tokens, 3, requires_grad=True)
+    weight = torch.randn(len(lengths), docs.max_length, 3)
+    reference = torch.stack([F.pad(p, (0, 0, 0, docs.max_length - len(p))) for p in x[0].split(lengths)])
+    grads = [torch.autograd.grad((pad * weight).sum(), x)[0] for pad in (docs.pad(x), reference)]
+    torch.testing.assert_close(grads[0], grads[1], atol=0, rtol=0)
+    assert torch.equal(docs.pad(x), reference)
+    y = torch.randn(len(lengths), docs.max_length, 3, requires_grad=True)
+    back = torch.autograd.grad((docs.unpad(y) * x.detach()).sum(), y)[0]
+    assert torch.equal(back, docs.pad(x.detach()))
+    if docs.buckets is not None:
+        parts = [docs.pad_bucket(x, b) for b in docs.buckets]
+        torch.testing.assert_close(docs.unpad_buckets(parts), x, atol=0, rtol=0)
+        w = torch.randn_like(x)
+        grad = torch.autograd.grad((docs.unpad_buckets([p * 2 for p in parts]) * w).sum(), x)[0]
+        torch.testing.assert_close(grad, 2 * w, atol=1e-6, rtol=0)
+
+
 def test_documents_from_ids_cut_at_id_changes_and_row_starts():
     ids = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 2, 2, 2]])  # the id 1 continues into row 1: still a new document
     assert Documents.from_ids(ids).lengths.tolist() == [2, 3, 2, 3]
