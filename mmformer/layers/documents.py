@@ -52,23 +52,27 @@ class _Regroup(torch.autograd.Function):
     """Rows of x (M, ...) at ``index`` (K,), where index M reads a row of zeros; its backward is the same kind of
     gather by ``inverse`` (M,) into the K gradient rows (K: zeros). Exact when every row of x is read at most once,
     as regrouping tokens into padded rows reads them; autograd's own backward of a gather is a scatter-add, which
-    took 14× the forward's time on CPU (in the packed speech step, a third of the step)."""
+    took 14× the forward's time on CPU (in the packed speech step, a third of the step). ``pads``: whether
+    ``index`` / ``inverse`` read the zero row at all (when they do not, no zero row is appended)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, pads: tuple[bool, bool]):
         ctx.save_for_backward(inverse)
-        return _rows(x, index)
+        ctx.inverse_pads = pads[1]
+        return _rows(x, index, pads[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (inverse,) = ctx.saved_tensors
-        return _rows(grad, inverse), None, None
+        return _rows(grad, inverse, ctx.inverse_pads), None, None, None
 
 
-def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x's rows at ``index``, index len(x) reading zeros."""
-    return torch.cat([x, x.new_zeros(1, *x.shape[1:])]).index_select(0, index)
+def _rows(x: torch.Tensor, index: torch.Tensor, pads: bool) -> torch.Tensor:
+    """x's rows at ``index``; with ``pads``, index len(x) reads zeros."""
+    if pads:
+        x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
+    return x.index_select(0, index)
 
 
 @dataclass(eq=False)
@@ -234,13 +238,13 @@ class Documents:
         """Packed (R, T, ...) → the bucket's rows (n_b, L_b, ...), zeros at padding."""
         self._check("x", x, 2)
         flat = x.reshape(self.tokens, *x.shape[2:])
-        return _Regroup.apply(flat, bucket.index, bucket.inverse).view(*bucket.mask.shape, *x.shape[2:])
+        return _Regroup.apply(flat, bucket.index, bucket.inverse, (True, True)).view(*bucket.mask.shape, *x.shape[2:])
 
     def unpad_buckets(self, ys: list[torch.Tensor], rows: int = 1) -> torch.Tensor:
         """Each bucket's rows (n_b, L_b, ...) → packed (rows, N / rows, ...), the inverse of :meth:`pad_bucket`."""
         flat = torch.cat([y.reshape(-1, *y.shape[2:]) for y in ys])  # (K, ...)
         index, inverse = self._bucket_layout
-        out = _Regroup.apply(flat, index, inverse)  # (N, ...)
+        out = _Regroup.apply(flat, index, inverse, (False, True))  # (N, ...)
         return out.view(rows, self.tokens // rows, *out.shape[1:])
 
     # ------------------------------------------------------------------ regrouping
@@ -256,7 +260,8 @@ class Documents:
         """Packed (R, T, ...) → per-document (n, L, ...), right-padded with zeros (or ``fill``)."""
         self._check("x", x, 2)
         flat = x.reshape(self.tokens, *x.shape[2:])
-        out = _Regroup.apply(flat, self._index, self._inverse).view(*self.mask.shape, *x.shape[2:])  # (n, L, ...)
+        out = _Regroup.apply(flat, self._index, self._inverse, (True, False))  # (n * L, ...)
+        out = out.view(*self.mask.shape, *x.shape[2:])  # (n, L, ...)
         if fill is not None and fill != 0:
             keep = self.mask.view(*self.mask.shape, *([1] * (out.ndim - 2)))
             out = out.masked_fill(~keep, fill)
@@ -266,7 +271,7 @@ class Documents:
         """Per-document (n, L, ...) → packed (rows, N / rows, ...), the inverse of :meth:`pad`."""
         if y.shape[:2] != self.mask.shape:
             raise ValueError(f"y: expected per-document rows {tuple(self.mask.shape)} first, got {tuple(y.shape)}")
-        flat = _Regroup.apply(y.reshape(-1, *y.shape[2:]), self._inverse, self._index)  # (N, ...)
+        flat = _Regroup.apply(y.reshape(-1, *y.shape[2:]), self._inverse, self._index, (False, True))  # (N, ...)
         return flat.view(rows, self.tokens // rows, *y.shape[2:])
 
     # ------------------------------------------------------------------ attention
