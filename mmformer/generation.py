@@ -4,7 +4,9 @@ Structure (after Whisper's ``decoding.py``): the options are a frozen, validated
 strategy classes pick tokens (:class:`Greedy`, :class:`Sampler` with its logit filters :class:`Temperature`,
 :class:`TopK`, :class:`TopP`) and run the search (:class:`TokenSearch` for greedy/sampling, :class:`BeamSearch`);
 :class:`DecoderRunner` feeds the decoder either incrementally through one preallocated
-:class:`~mmformer.layers.cache.KVCache` or from scratch every step (the reference the cache must equal).
+:class:`~mmformer.layers.cache.KVCache` or from scratch every step (the reference the cache must equal). A
+checkpoint's rules (suppressed tokens, Whisper's prompt and language detection) and the length rules
+(``min_new_tokens``, ``forced_eos``) live in :mod:`mmformer.decoding_rules`.
 
 Returned ids are the prompt followed by the generated tokens. A row ends at its first ``eos_id`` (kept) and is
 right-padded with ``pad_id`` to the longest row; rows that never emit eos run to ``max_new_tokens``, or stop cleanly
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from mmformer.decoding_rules import LogitRules, default_prompt, logit_rules, prompt_length
 from mmformer.embedders.checks import check_token_ids
 
 if TYPE_CHECKING:
@@ -66,6 +69,11 @@ class DecodingOptions:
                                            "top_k, top_p or a temperature != 1 asks for it")  # fmt: skip
     use_cache: bool = _option(True, "decode incrementally through a KV cache (False recomputes every step)")
     compile: bool = _option(False, "run the cached decoder step through torch.compile (pays off over many calls)")
+    min_new_tokens: int = _option(0, "end-of-text is not generated before this many new tokens")
+    forced_eos: bool = _option(False, "a row still open at the length limit ends with end-of-text there")
+    language: str | None = _option(None, "Whisper: the audio's language code, e.g. en (default: the checkpoint's, "
+                                         "else detected from the audio)")  # fmt: skip
+    task: str | None = _option(None, "Whisper: transcribe or translate (default: the checkpoint's, else transcribe)")
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -92,6 +100,13 @@ class DecodingOptions:
             raise ValueError(
                 "compile=True compiles the KV-cached decoder step; it needs use_cache=True (got use_cache=False)"
             )
+        if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens: expected an int >= 0, got {self.min_new_tokens!r}")
+        if not isinstance(self.forced_eos, bool):
+            raise ValueError(f"forced_eos: expected True or False, got {self.forced_eos!r}")
+        for name in ("language", "task"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}: expected None or a string, got {getattr(self, name)!r}")
         if self.sample and self.num_beams > 1:
             raise ValueError(
                 f"num_beams={self.num_beams} with sampling (do_sample={self.do_sample}, top_k={self.top_k}, "
@@ -307,17 +322,20 @@ class DecoderRunner:
 class TokenSearch:
     """One token per row and step (greedy or sampled); a row that emits eos is padded from then on."""
 
-    def __init__(self, choose: Greedy | Sampler, eos_id: int, pad_id: int):
+    def __init__(self, choose: Greedy | Sampler, eos_id: int, pad_id: int, rules: LogitRules | None = None):
         self.choose, self.eos_id, self.pad_id = choose, eos_id, pad_id
+        self.rules = rules or LogitRules()
 
     def run(self, runner: DecoderRunner, prompt: torch.Tensor, max_length: int) -> torch.Tensor:
         """Prompt (B, P) → ids (B, P + generated), at most ``max_length`` long."""
         B, cur = prompt.shape
+        n_prompt = cur
         tokens = prompt.new_empty(B, max_length)  # filled up to `cur`; no per-step concatenation
         tokens[:, :cur] = prompt
         done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
         while cur < max_length:
-            next_ids = self.choose(runner.next_logits(tokens[:, :cur]))  # (B,)
+            logits = self.rules(runner.next_logits(tokens[:, :cur]), cur - n_prompt, max_length - cur)  # (B, V)
+            next_ids = self.choose(logits)  # (B,)
             next_ids.masked_fill_(done, self.pad_id)
             tokens[:, cur] = next_ids
             cur += 1
@@ -336,8 +354,11 @@ class BeamSearch:
     no longer beat the worst of them; the best finished hypothesis of each sample is returned.
     """
 
-    def __init__(self, num_beams: int, length_penalty: float, eos_id: int, pad_id: int):
+    def __init__(
+        self, num_beams: int, length_penalty: float, eos_id: int, pad_id: int, rules: LogitRules | None = None
+    ):
         self.K, self.length_penalty, self.eos_id, self.pad_id = num_beams, length_penalty, eos_id, pad_id
+        self.rules = rules or LogitRules()
 
     def run(self, runner: DecoderRunner, prompt: torch.Tensor, max_length: int) -> torch.Tensor:
         """Prompt (B*K, P), each sample's row repeated K times → best hypotheses (B, P + generated)."""
@@ -355,6 +376,7 @@ class BeamSearch:
         cur = n_prompt  # tokens per row so far
         while cur < max_length:
             logprobs = F.log_softmax(runner.next_logits(running.reshape(B * K, cur)), dim=-1)  # (N, V)
+            logprobs = self.rules(logprobs, cur - n_prompt, max_length - cur)
             V = logprobs.shape[-1]
             scores = (logprobs.view(B, K, V) + running_scores[..., None]).view(B, K * V)
             n_candidates = min(2 * K, K * V)
@@ -466,12 +488,14 @@ def generate(
         image: normalised pixels (B, C, H, W).
         audio: waveforms (B, S) with optional sample counts ``audio_lengths`` (B,).
         audio_features: precomputed log-mel (B, n_mels, frames), as Whisper's ``input_features``.
-        prompt_ids: decoder prefix (B, P) or (P,) for every row; default ``[[bos_id]] * B``.
+        prompt_ids: decoder prefix (B, P) or (P,) for every row; default ``[[bos_id]] * B``, or for a checkpoint with
+            a generation config (Whisper) its start, language (``language=`` or detected), task and no-timestamps
+            tokens. The checkpoint's suppressed tokens are never generated.
         options: a :class:`DecodingOptions`; default its defaults.
         generator: random generator for reproducible sampling.
         changes: :class:`DecodingOptions` fields overriding ``options`` (``max_new_tokens=``, ``num_beams=``,
             ``top_k=``, ``top_p=``, ``temperature=``, ``length_penalty=``, ``do_sample=``, ``use_cache=``,
-            ``compile=``).
+            ``compile=``, ``min_new_tokens=``, ``forced_eos=``, ``language=``, ``task=``).
 
     Returns:
         LongTensor (B, P + generated): the prompt then the generated tokens; each row ends at its first eos (kept)
@@ -485,16 +509,19 @@ def generate(
     B = memory.shape[0]
     if B == 0:
         raise ValueError(f"generate: expected at least one image or waveform, got a batch of 0 ({tuple(memory.shape)})")
-    prompt = _prompt(model, prompt_ids, B, memory.device)
+    if prompt_ids is None:
+        prompt = default_prompt(model, options, memory, memory_mask)
+    else:
+        prompt = _prompt(model, prompt_ids, B, memory.device)
     n_prompt = prompt.shape[1]
     max_length = n_prompt + options.max_new_tokens
     if text.position != "none":  # absolute positions end with their table: stop there rather than fail
-        if n_prompt > text.max_length:
+        if n_prompt > text.max_tokens:
             raise ValueError(
                 f"prompt_ids: {n_prompt} tokens exceed the decoder's position table "
                 f"(config.text.max_length={text.max_length})"
             )
-        max_length = min(max_length, text.max_length)
+        max_length = min(max_length, text.max_tokens)
     if max_length <= n_prompt:
         return prompt
 
@@ -503,9 +530,10 @@ def generate(
         # (B, P) → (B*K, P): each sample's K beams sit next to each other and share its memory rows (B, S, D),
         # whose cross-attention keys/values are computed and read once per sample
         prompt = prompt.repeat_interleave(K, dim=0)
-        search: TokenSearch | BeamSearch = BeamSearch(K, options.length_penalty, text.eos_id, text.pad_id)
+        rules = logit_rules(model, options)
+        search: TokenSearch | BeamSearch = BeamSearch(K, options.length_penalty, text.eos_id, text.pad_id, rules)
     else:
-        search = TokenSearch(token_chooser(options, generator), text.eos_id, text.pad_id)
+        search = TokenSearch(token_chooser(options, generator), text.eos_id, text.pad_id, logit_rules(model, options))
     runner = DecoderRunner(model, memory, memory_mask, max_length, options.use_cache, options.compile)
     return search.run(runner, prompt, max_length)
 
@@ -520,9 +548,10 @@ def _processor(model: MultimodalTransformer, processor: Processor | None, what: 
     return processor
 
 
-def _detokenize(processor: Processor, ids: torch.Tensor, decoding: dict[str, Any]) -> list[str]:
+def _detokenize(model: MultimodalTransformer, processor: Processor, ids: torch.Tensor, decoding: dict) -> list[str]:
+    """The generated text of ids from :func:`generate`, without the prompt."""
     prompt = decoding.get("prompt_ids")
-    skip = 1 if prompt is None else torch.as_tensor(prompt).shape[-1]
+    skip = prompt_length(model) if prompt is None else torch.as_tensor(prompt).shape[-1]
     return processor.tokenizer.batch_decode(ids[:, skip:].cpu(), skip_special_tokens=True)
 
 
@@ -543,7 +572,7 @@ def caption(
     else:
         pixel_values = processor(images=images)["pixel_values"]
     ids = generate(model, image=pixel_values.to(_model_device(model)), **decoding)
-    return _detokenize(processor, ids, decoding)
+    return _detokenize(model, processor, ids, decoding)
 
 
 def transcribe(
@@ -554,6 +583,12 @@ def transcribe(
     **decoding: Any,
 ) -> list[str]:
     """Transcripts of speech.
+
+    A model with a fixed audio window (``AudioConfig.pad_to_seconds``: Whisper's 30 s) transcribes longer audio by
+    consecutive, non-overlapping windows: [0, 30 s), [30 s, 60 s), ... each decoded on its own (with its own prompt,
+    and language detection when no language is chosen); a row's transcript is its windows' texts joined by spaces.
+    A word cut by a window boundary may be lost or split (Whisper's own long-form decoding moves its windows by the
+    timestamps it predicts; this does not).
 
     Args:
         waveforms: (B, S) tensor/array or a list of 1-D waveforms recorded at ``sample_rate``, or audio file paths;
@@ -566,6 +601,23 @@ def transcribe(
     if model.config.audio is not None:
         processor.check_audio_rate(model.config.audio.sample_rate)
     batch = processor(audio=waveforms, sampling_rate=sample_rate)
+    audio, lengths = batch["audio"], batch["audio_lengths"]
     device = _model_device(model)
-    ids = generate(model, audio=batch["audio"].to(device), audio_lengths=batch["audio_lengths"].to(device), **decoding)
-    return _detokenize(processor, ids, decoding)
+    window = model.config.audio.window_samples if model.config.audio is not None else 0
+    if not window or audio.shape[-1] <= window:
+        ids = generate(model, audio=audio.to(device), audio_lengths=lengths.to(device), **decoding)
+        return _detokenize(model, processor, ids, decoding)
+    parts: list[list[str]] = [[] for _ in range(audio.shape[0])]
+    for start in range(0, int(lengths.max()), window):
+        rows = (lengths > start).nonzero().flatten()  # the waveforms that reach into this window
+        chunk = audio[rows, start : start + window]
+        chunk = F.pad(chunk, (0, window - chunk.shape[-1]))  # (b, window): the log-mel pads to it anyway
+        chunk_lengths = (lengths[rows] - start).clamp(max=window)
+        options = dict(decoding)
+        prompt = options.get("prompt_ids")
+        if prompt is not None and torch.as_tensor(prompt).ndim == 2:
+            options["prompt_ids"] = torch.as_tensor(prompt)[rows]
+        ids = generate(model, audio=chunk.to(device), audio_lengths=chunk_lengths.to(device), **options)
+        for row, text in zip(rows.tolist(), _detokenize(model, processor, ids, options)):
+            parts[row].append(text.strip())
+    return [" ".join(p for p in row if p) for row in parts]

@@ -22,6 +22,8 @@ from mmformer.layers.block import Stack
 from mmformer.layers.cache import KVCache
 from mmformer.layers.documents import Documents
 from mmformer.layers.mlp import pop_aux_loss
+from mmformer.layers.norms import make_norm
+from mmformer.layers.pooling import AttentionPool
 
 
 def pack(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[Documents, torch.Tensor]:
@@ -59,11 +61,21 @@ class MultimodalTransformer(nn.Module):
         def projection(route: str) -> nn.Module | None:
             if route not in routes:
                 return None
-            if config.embed_dim is None:
+            kind = config.projections.get(route, "linear")
+            if config.embed_dim is None or kind == "none":
                 return nn.Identity()
-            return nn.Linear(config.width(route), config.embed_dim, bias=config.projection_bias)
+            width, out = config.feature_width(route), config.embed_dim
+            if kind == "mlp":  # open_clip's proj_type='mlp'
+                hidden = (width + out) // 2
+                return nn.Sequential(
+                    nn.Linear(width, hidden, bias=False), nn.GELU(), nn.Linear(hidden, out, bias=False)
+                )
+            return nn.Linear(width, out, bias=config.projection_bias)
 
         self.image_proj, self.audio_proj, self.text_proj = (projection(m) for m in MODALITIES)
+        self.image_pool = self.image_resampler = self.image_pool_norm = None
+        if "image" in routes:
+            self._image_heads(config)
         self.logit_scale = nn.Parameter(torch.empty(()))
         self.logit_bias = None if config.logit_bias_init is None else nn.Parameter(torch.empty(()))
         self.lm_head = None
@@ -73,6 +85,25 @@ class MultimodalTransformer(nn.Module):
         self.ctc_head = nn.Linear(config.width("audio"), config.text.vocab_size) if config.ctc_head else None
         self.processor: Any = None  # the Processor loaded with the weights (from_pretrained), if any
         self.reset_parameters()
+
+    def _image_heads(self, config: ModelConfig) -> None:
+        """The image tower's optional attention pooling (SigLIP / timm MAP head), CoCa's attentional pooler (the
+        resampler) and a norm on the pooled features (timm's fc_norm)."""
+        image, stack = config.image, config.stacks[config.routes["image"]]
+        common = dict(norm=stack.norm, eps=stack.norm_eps, bias=stack.bias)
+        if image.pool == "map":
+            self.image_pool = AttentionPool(
+                in_width=stack.width, width=stack.width, n_heads=stack.n_heads, mlp_hidden=stack.hidden_dim,
+                mlp=stack.mlp, **common,
+            )  # fmt: skip
+        if image.resampler_queries:
+            heads = image.resampler_heads or stack.n_heads
+            self.image_resampler = AttentionPool(
+                in_width=stack.width, width=config.feature_width("image"), n_heads=heads,
+                n_queries=image.resampler_queries, query_norm=True, input_norm=True, out_norm=True, **common,
+            )  # fmt: skip
+        if image.pool_norm:
+            self.image_pool_norm = make_norm(stack.norm, config.feature_width("image"), stack.norm_eps)
 
     def reset_parameters(self) -> None:
         """Initial values of the model's own parameters (the logit scale and bias; submodules initialise theirs)."""
@@ -98,10 +129,16 @@ class MultimodalTransformer(nn.Module):
             raise ValueError(f"this model has no {modality} encoder; its routes are {sorted(self.config.routes)}")
         return embedder
 
-    def encode_image_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """(B, C, H, W) → image token states (B, Np, D) and no mask."""
+    def encode_image_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, C, H, W) → image token states (B, Np, D) and no mask; with CoCa's attentional pooler, its queries'
+        states (B, Q, D) and a mask that keeps the pooled first query out of what a decoder reads."""
         x, mask = self._embedder("image")(pixel_values)
-        return self.stack("image")(x, modality="image"), mask
+        x = self.stack("image")(x, modality="image")
+        if self.image_resampler is not None:
+            x = self.image_resampler(x)  # (B, Q, D)
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            mask[:, 0] = False  # open_clip's CoCa decodes from the other queries only
+        return x, mask
 
     def encode_audio_tokens(
         self,
@@ -146,18 +183,57 @@ class MultimodalTransformer(nn.Module):
         *,
         documents: Documents | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token ids (B, T) → text token states (B, T, D); causal when the text config says so (CLIP).
+        """Token ids (B, T) → text token states (B, T, D) and the mask of real tokens; causal when the text config
+        says so (CLIP). A ``fixed_length`` text encoder pads the ids to its full length first (SigLIP, CoCa); an
+        ``append_cls`` one returns (B, T + 1, D), the appended token last (CoCa).
 
         With ``documents``, ids (R, T) are a packed batch of them (no padding, no mask): positions restart and
         attention stays within each document (see :mod:`mmformer.layers.documents`).
         """
-        embed = self._embedder("text")
-        embed.check(input_ids, attention_mask, longest=None if documents is None else documents.max_length)
-        positions = None if documents is None else documents.positions.view_as(input_ids)
-        x = embed(input_ids, segment_ids=segment_ids, positions=positions)
+        if documents is not None:
+            return self._packed_text_states(input_ids, segment_ids, documents), None
+        x, mask, _ = self._text_states(input_ids, attention_mask, segment_ids)
+        return x, mask
+
+    def _packed_text_states(
+        self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None, documents: Documents
+    ) -> torch.Tensor:
+        """Token states (R, T, D) of a packed batch of documents."""
+        embed, text = self._embedder("text"), self.config.text
+        if text.fixed_length or embed.cls_token is not None or text.attend_padding or text.pool == "last":
+            raise ValueError(
+                "documents: packed text needs a text encoder that reads each text as it is; this one is fixed_length, "
+                "appends a class token, attends to padding or pools the last position (SigLIP/CoCa layouts)"
+            )
+        embed.check(input_ids, None, longest=documents.max_length)
+        x = embed(input_ids, segment_ids=segment_ids, positions=documents.positions.view_as(input_ids))
+        return self.stack("text")(x, modality="text", causal=text.causal, documents=documents)
+
+    def _text_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(token states, mask of real tokens, the ids the encoder read (padded when fixed_length))."""
+        embed, text = self._embedder("text"), self.config.text
+        embed.check(input_ids, attention_mask)
         mask = None if attention_mask is None else attention_mask.bool()
-        causal = self.config.text.causal
-        return self.stack("text")(x, modality="text", mask=mask, causal=causal, documents=documents), mask
+        pad = text.max_tokens - input_ids.shape[1]
+        if text.fixed_length and pad > 0:  # (B, T) → (B, max_tokens), as the checkpoint was trained
+            mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask
+            input_ids, mask = F.pad(input_ids, (0, pad), value=text.pad_id), F.pad(mask, (0, pad), value=False)
+            segment_ids = None if segment_ids is None else F.pad(segment_ids, (0, pad))
+        x = embed(input_ids, segment_ids=segment_ids, append_cls=True)
+        attend = mask
+        if embed.cls_token is not None and mask is not None:  # the appended token is real
+            ones = mask.new_ones(mask.shape[0], 1)
+            mask = torch.cat([mask, ones], dim=1)
+            # open_clip's CoCa checkpoints were trained with the key mask shifted by one (correct_cls_mask=False)
+            attend = torch.cat([ones, attend], dim=1) if text.legacy_cls_mask else mask
+        if text.attend_padding:
+            attend = None
+        # CoCa's class token follows the padding: a real query there (the shifted mask makes it look padded)
+        padded_queries = embed.cls_token is not None
+        x = self.stack("text")(x, modality="text", mask=attend, causal=text.causal, padded_queries=padded_queries)
+        return x, mask, input_ids
 
     # ---------------------------------------------------------------- pooled embeddings
     @staticmethod
@@ -179,7 +255,17 @@ class MultimodalTransformer(nn.Module):
     def pool_image(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Image token states (B, Np, D) from :meth:`encode_image_tokens` → (B, E) embeddings, so that a training
         step can feed one encoder pass to both the contrastive head and the decoder."""
-        pooled = tokens[:, 0] if self.config.image.pool == "cls" else self._masked_mean(tokens, None)
+        cfg = self.config.image
+        if cfg.pool == "cls":
+            pooled = tokens[:, 0]
+        elif cfg.pool == "mean":
+            pooled = tokens.mean(dim=1)
+        elif cfg.pool == "mean_patches":
+            pooled = tokens[:, cfg.n_prefix :].mean(dim=1)
+        else:  # map: the attention-pooling head reads the patch tokens
+            pooled = self.image_pool(tokens[:, cfg.n_prefix :])[:, 0]
+        if self.image_pool_norm is not None:
+            pooled = self.image_pool_norm(pooled)
         return self._finish(pooled, self.image_proj, normalize)
 
     def encode_audio(
@@ -222,22 +308,25 @@ class MultimodalTransformer(nn.Module):
         if packed and documents is None:
             documents, input_ids = pack(input_ids, attention_mask)
             segment_ids = None if segment_ids is None else pack(segment_ids, attention_mask)[1]
-            attention_mask = None
-        x, mask = self.encode_text_tokens(input_ids, attention_mask, segment_ids, documents=documents)
         if documents is not None:  # per-document rows (n, L), the layout pooling reads
-            x, input_ids, mask = documents.pad(x), documents.pad(input_ids), documents.mask
+            x = documents.pad(self._packed_text_states(input_ids, segment_ids, documents))
+            input_ids, mask = documents.pad(input_ids), documents.mask
+        else:
+            x, mask, input_ids = self._text_states(input_ids, attention_mask, segment_ids)
         return self.pool_text(x, input_ids, mask, normalize)
 
     def pool_text(
         self, tokens: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None, normalize: bool = True
     ) -> torch.Tensor:
-        """Text token states (B, T, D) of ids (B, T) with mask (B, T) → (B, E) embeddings (cls, mean or end-of-text
-        pooling, as the text config says)."""
+        """Text token states (B, T, D) of ids (B, T) with mask (B, T) → (B, E) embeddings (cls, mean, last or
+        end-of-text pooling, as the text config says)."""
         pool = self.config.text.pool
         if pool == "mean":
             pooled = self._masked_mean(tokens, mask)
         elif pool == "cls":
             pooled = tokens[:, 0]
+        elif pool in ("last", "append_cls"):
+            pooled = tokens[:, -1]
         else:
             pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), self.eot_positions(input_ids, mask)]
         return self._finish(pooled, self.text_proj, normalize)
@@ -334,20 +423,29 @@ class MultimodalTransformer(nn.Module):
     ) -> torch.Tensor:
         """:meth:`decode` without its input checks, returning the final hidden states (B, T, D): the inner step of
         token-by-token generation, whose ids come from the model itself (the checks cost as much as a layer)."""
-        if documents is not None:
+        if documents is not None:  # a packed batch: positions restart in every document
             x = self.text_embed(input_ids, positions=documents.positions.view_as(input_ids))
-            return self.stack("decoder")(
-                x,
-                modality="text",
-                causal=True,
-                memory=memory,
-                memory_mask=memory_mask,
-                documents=documents,
-                memory_documents=memory_documents,
-            )
-        x = self.text_embed(input_ids, offset=cache.length if cache is not None else 0)
+            docs = {"documents": documents}
+        else:
+            x = self.text_embed(input_ids, offset=cache.length if cache is not None else 0)
+            docs = {}
+        first_layer = 0
+        if self.config.decoder_input == "text":  # CoCa: the text tower's causal states, before its final norm
+            text = self.stack("text")
+            x = text(x, modality="text", mask=mask, causal=True, cache=cache, final_norm=False, **docs)
+            first_layer = text.cfg.depth
+        if documents is not None:
+            docs["memory_documents"] = memory_documents
         return self.stack("decoder")(
-            x, modality="text", mask=mask, causal=True, memory=memory, memory_mask=memory_mask, cache=cache
+            x,
+            modality="text",
+            mask=mask,
+            causal=True,
+            memory=memory,
+            memory_mask=memory_mask,
+            cache=cache,
+            first_layer=first_layer,
+            **docs,
         )
 
     def _check_documents(
@@ -414,7 +512,10 @@ class MultimodalTransformer(nn.Module):
         table's); :meth:`KVCache.ensure` grows it."""
         ref = self.text_embed.tokens.weight
         length = max_length or self.config.text.max_length
-        return self.stack("decoder").make_cache(batch_size, length, device=ref.device, dtype=ref.dtype)
+        extra = self.stack("text").cfg.depth if self.config.decoder_input == "text" else 0
+        return self.stack("decoder").make_cache(
+            batch_size, length, device=ref.device, dtype=ref.dtype, extra_layers=extra
+        )
 
     def pop_aux_loss(self) -> torch.Tensor | None:
         """The mean mixture-of-experts load-balancing loss over every MoE layer call recorded since the last pop

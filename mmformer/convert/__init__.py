@@ -11,13 +11,22 @@ from typing import Any
 _CONVERTERS = {
     "from_open_clip": "mmformer.convert.open_clip",
     "from_hf_clip": "mmformer.convert.hf_clip",
+    "from_hf_siglip": "mmformer.convert.hf_siglip",
     "from_timm_vit": "mmformer.convert.timm_vit",
     "from_hf_whisper": "mmformer.convert.hf_whisper",
     "from_hf_bert": "mmformer.convert.hf_bert",
 }
 SOURCES = {name.removeprefix("from_"): name for name in _CONVERTERS}  # CLI names: open_clip, hf_clip, ...
 
-__all__ = ["SOURCES", "from_hf_bert", "from_hf_clip", "from_hf_whisper", "from_open_clip", "from_timm_vit"]
+__all__ = [
+    "SOURCES",
+    "from_hf_bert",
+    "from_hf_clip",
+    "from_hf_siglip",
+    "from_hf_whisper",
+    "from_open_clip",
+    "from_timm_vit",
+]
 
 
 def __getattr__(name: str) -> Any:

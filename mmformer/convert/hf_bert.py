@@ -1,5 +1,9 @@
-"""Hugging Face BERT (``BertModel``, e.g. sentence-transformers' all-MiniLM-L6-v2) → a text-only
-:class:`~mmformer.MultimodalTransformer`.
+"""Hugging Face BERT (``BertModel``, e.g. sentence-transformers' all-MiniLM-L6-v2) and RoBERTa / XLM-RoBERTa
+(``RobertaModel``, ``XLMRobertaModel``) → a text-only :class:`~mmformer.MultimodalTransformer`.
+
+RoBERTa is BERT with positions counted from ``pad_token_id + 1`` (row ``padding_idx`` of its table is never used by
+a real token of right-padded text): the table is loaded without its first ``pad_token_id + 1`` rows, so real token
+i reads row i as in BERT — exact for right-padded text, mmformer's layout.
 
 BERT maps onto one post-norm stack (``routes = {"text": "text"}``): word, learned position and segment (token
 type) embeddings followed by the embedding LayerNorm (``TextConfig(embed_norm=True, n_segments=type_vocab_size)``);
@@ -31,27 +35,40 @@ from mmformer.convert.common import (
 from mmformer.model import MultimodalTransformer
 from mmformer.weights import build_on_meta
 
-__all__ = ["from_hf_bert"]
+__all__ = ["BERT_FAMILY", "bert_configs", "from_hf_bert", "map_bert_encoder"]
 
 # Source keys with no counterpart: the pooler (unused by mean/cls pooling) and index buffers.
 _IGNORED = ["pooler.*", "embeddings.position_ids", "embeddings.token_type_ids"]
+BERT_FAMILY = ("bert", "roberta", "xlm-roberta")  # model_type values with BERT's layout
+_TASK_PREFIXES = ("bert.", "roberta.")  # BertForMaskedLM, RobertaForMaskedLM, ...: the encoder's keys
+
+
+def position_offset(cfg: dict[str, Any]) -> int:
+    """Rows of the position table before the first real token's: ``pad_token_id + 1`` for RoBERTa, else 0."""
+    return (cfg.get("pad_token_id") or 0) + 1 if cfg.get("model_type") in ("roberta", "xlm-roberta") else 0
 
 
 def _read_source(path_or_model: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path | None]:
     """(config dict, encoder state dict without a ``bert.`` prefix, directory or None) of a model or a folder."""
     config, state, directory = read_hf_checkpoint(
         path_or_model,
-        model_type="bert",
+        model_type=BERT_FAMILY,
         name="BERT",
-        model_class="BertModel",
+        model_class="BertModel / RobertaModel",
         folder="save_pretrained output, or a sentence-transformers folder",
     )
+    check_bert_config(config)
+    for prefix in _TASK_PREFIXES:
+        if any(k.startswith(prefix) for k in state):  # a task model (BertForMaskedLM, ...): keep the encoder only
+            state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    return config, state, directory
+
+
+def check_bert_config(config: dict[str, Any]) -> None:
+    """Refuse what a BERT-style encoder config may hold that mmformer does not reproduce."""
     position_type = config.get("position_embedding_type", "absolute")
     if position_type != "absolute":
         raise UnsupportedModelError(f"hf_bert: position_embedding_type={position_type!r} (only 'absolute')")
-    if any(k.startswith("bert.") for k in state):  # a task model (BertForMaskedLM, ...): keep the encoder only
-        state = {k.removeprefix("bert."): v for k, v in state.items() if k.startswith("bert.")}
-    return config, state, directory
 
 
 def _tokenizer(directory: Path | None, max_positions: int):
@@ -77,6 +94,21 @@ def _tokenizer(directory: Path | None, max_positions: int):
 
 
 def _model_config(cfg: dict[str, Any], pooling: str, tokenizer: Any) -> ModelConfig:
+    stack, text = bert_configs(
+        cfg,
+        pooling,
+        bos_id=tokenizer.bos_id if tokenizer is not None else None,  # [CLS] / <s>
+        eos_id=tokenizer.eos_id if tokenizer is not None else None,  # [SEP] / </s>
+    )
+    return ModelConfig(
+        stacks={"text": stack}, routes={"text": "text"}, image=None, audio=None, text=text, embed_dim=None
+    )
+
+
+def bert_configs(
+    cfg: dict[str, Any], pooling: str, *, bos_id: int | None = None, eos_id: int | None = None
+) -> tuple[StackConfig, TextConfig]:
+    """The post-norm text stack and the text config (segments, embedding norm) of a BERT-style config dict."""
     eps = cfg.get("layer_norm_eps", 1e-12)
     stack = StackConfig(
         width=cfg["hidden_size"],
@@ -90,25 +122,36 @@ def _model_config(cfg: dict[str, Any], pooling: str, tokenizer: Any) -> ModelCon
     )
     text = TextConfig(
         vocab_size=cfg["vocab_size"],
-        max_length=cfg["max_position_embeddings"],
+        max_length=cfg["max_position_embeddings"] - position_offset(cfg),
         position="learned",
         pad_id=cfg.get("pad_token_id") or 0,
-        bos_id=tokenizer.bos_id if tokenizer is not None else None,  # [CLS]
-        eos_id=tokenizer.eos_id if tokenizer is not None else None,  # [SEP]
+        bos_id=bos_id,
+        eos_id=eos_id,
         n_segments=cfg.get("type_vocab_size", 2),
         embed_norm=True,
         embed_norm_eps=eps,
         causal=False,
         pool=pooling,
     )
-    return ModelConfig(
-        stacks={"text": stack}, routes={"text": "text"}, image=None, audio=None, text=text, embed_dim=None
-    )
+    return stack, text
 
 
-def _map_layers(wm: WeightMap, depth: int) -> None:
+def map_bert_encoder(wm: WeightMap, cfg: dict[str, Any], source: str = "", target: str = "stacks.text") -> None:
+    """A BERT-style encoder's embeddings and layers (keys ``{source}embeddings.*``, ``{source}encoder.layer.N.*``) →
+    ``text_embed`` and the mmformer stack ``target``."""
+    emb = f"{source}embeddings"
+    offset = position_offset(cfg)
+    wm.copy("text_embed.tokens.weight", f"{emb}.word_embeddings.weight")
+    wm.copy("text_embed.positions.weight", f"{emb}.position_embeddings.weight", lambda t: t[offset:])
+    wm.copy("text_embed.segments.weight", f"{emb}.token_type_embeddings.weight")
+    wm.copy("text_embed.norm.weight", f"{emb}.LayerNorm.weight")
+    wm.copy("text_embed.norm.bias", f"{emb}.LayerNorm.bias")
+    _map_layers(wm, cfg["num_hidden_layers"], f"{source}encoder.layer", target)
+
+
+def _map_layers(wm: WeightMap, depth: int, source: str = "encoder.layer", target: str = "stacks.text") -> None:
     for i in range(depth):
-        dst, src = f"stacks.text.blocks.{i}", f"encoder.layer.{i}"
+        dst, src = f"{target}.blocks.{i}", f"{source}.{i}"
         for kind in ("weight", "bias"):
             qkv = [f"{src}.attention.self.{n}.{kind}" for n in ("query", "key", "value")]
             wm.set(f"{dst}.attn.fn.qkv.{kind}", fuse_qkv(*(wm.get(k) for k in qkv)))
@@ -141,13 +184,7 @@ def from_hf_bert(path_or_model: Any, *, pooling: str = "mean") -> MultimodalTran
     model = build_on_meta(MultimodalTransformer, _model_config(cfg, pooling, tokenizer))
 
     wm = WeightMap(state, name="hf_bert", ignore=_IGNORED)
-    emb = "embeddings"
-    wm.copy("text_embed.tokens.weight", f"{emb}.word_embeddings.weight")
-    wm.copy("text_embed.positions.weight", f"{emb}.position_embeddings.weight")
-    wm.copy("text_embed.segments.weight", f"{emb}.token_type_embeddings.weight")
-    wm.copy("text_embed.norm.weight", f"{emb}.LayerNorm.weight")
-    wm.copy("text_embed.norm.bias", f"{emb}.LayerNorm.bias")
-    _map_layers(wm, cfg["num_hidden_layers"])
+    map_bert_encoder(wm, cfg)
     wm.initialise("logit_scale")  # mmformer-only, unused by a text tower
     wm.load_into(model)
     model.processor = build_processor(tokenizer)

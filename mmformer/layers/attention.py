@@ -74,6 +74,8 @@ class Attention(nn.Module):
         else:
             self.qkv = nn.Linear(cfg.width, q_dim + 2 * kv_dim, bias=cfg.bias)
         self.proj = nn.Linear(q_dim, cfg.width, bias=cfg.bias)
+        # CoCa's ln_1_kv: the memory is normed before its keys and values (once per memory, like them)
+        self.memory_norm = make_norm(cfg.norm, cfg.width, cfg.norm_eps) if cross and cfg.cross_memory_norm else None
         self.q_norm = make_norm(cfg.norm, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = make_norm(cfg.norm, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.attn_dropout = cfg.attn_dropout
@@ -87,7 +89,11 @@ class Attention(nn.Module):
 
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, nkv, S, hs) of a cross-attention memory (B, S, D)."""
-        return self._memory_heads(self.kv(memory))
+        return self._memory_heads(self._memory_kv(memory))
+
+    def _memory_kv(self, memory: torch.Tensor) -> torch.Tensor:
+        """Projected memory k|v (B, S, 2 nkv*hs), after the memory norm where the config has one."""
+        return self.kv(memory if self.memory_norm is None else self.memory_norm(memory))
 
     def forward(
         self,
@@ -100,11 +106,15 @@ class Attention(nn.Module):
         layer: int = 0,
         documents: Documents | None = None,
         memory_documents: Documents | None = None,
+        padded_queries: bool = False,
     ) -> torch.Tensor:
         """Attend from x (B, T, D).
 
         Args:
             mask: key padding (B, S), True = real; for cross-attention it masks the memory.
+            padded_queries: queries at masked positions matter (CoCa's class token after the padding, under its
+                checkpoints' shifted mask): the mask is applied as given, never replaced by ``is_causal`` for
+                right-padded rows.
             causal: queries see only earlier keys (self-attention only).
             memory: (B, S, D) keys/values source for cross-attention; may be None after the cache holds them.
                 (B/G, S, D) is read by G consecutive rows each (beams of one sample), as are its cached keys/values.
@@ -118,8 +128,9 @@ class Attention(nn.Module):
         if documents is not None:
             return self._forward_documents(x, mask, causal, memory, documents, memory_documents)
         offset = cache.length if cache is not None and not self.cross else 0
-        kv_in = self.kv(memory) if self.cross and memory is not None else None
-        out = self._attend(self.q(x) if self.cross else self.qkv(x), kv_in, mask, causal, cache, layer, offset)
+        kv_in = self._memory_kv(memory) if self.cross and memory is not None else None
+        q_in = self.q(x) if self.cross else self.qkv(x)
+        out = self._attend(q_in, kv_in, mask, causal, cache, layer, offset, padded_queries)
         return self.proj(out)
 
     def _attend(
@@ -131,6 +142,7 @@ class Attention(nn.Module):
         cache: KVCache | None,
         layer: int,
         offset: int,
+        padded_queries: bool = False,
     ) -> torch.Tensor:
         """The attention between the projections and ``proj``: projected queries (B, T, nh*hs) — or q|k|v (B, T,
         (nh + 2 nkv)*hs) for self-attention — and projected memory k|v ``kv_in`` (B, S, 2 nkv*hs) → (B, T, nh*hs)."""
@@ -163,7 +175,7 @@ class Attention(nn.Module):
         if cache is not None and not self.cross:
             k, v = cache.append(layer, k, v)
 
-        attn_mask, is_causal = self._mask(mask, causal, T, k.shape[2], q.device)
+        attn_mask, is_causal = self._mask(mask, causal, T, k.shape[2], q.device, padded_queries)
         if self.alibi:
             bias = alibi_bias(alibi_slopes(self.n_heads, q.device), T, k.shape[2], causal).to(q.dtype)  # (nh, T, S)
             allowed = attn_mask if attn_mask is not None else torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device)
@@ -212,7 +224,7 @@ class Attention(nn.Module):
         if self.cross and memory is None:
             raise ValueError("cross-attention over documents needs `memory` (no KV cache with packed documents)")
         q_in = self.q(x) if self.cross else self.qkv(x)  # (R, T, ·)
-        kv_in = self.kv(memory) if self.cross else None
+        kv_in = self._memory_kv(memory) if self.cross else None
         if documents.use_jagged(x.device, bias=self.alibi) and (not self.cross or memory_documents is not None):
             out = self._jagged(q_in.view(1, R * T, -1), kv_in, documents, memory_documents, causal)
             return self.proj(out.view(R, T, -1))
@@ -263,15 +275,15 @@ class Attention(nn.Module):
 
     @staticmethod
     def _mask(
-        mask: torch.Tensor | None, causal: bool, T: int, S: int, device: torch.device
+        mask: torch.Tensor | None, causal: bool, T: int, S: int, device: torch.device, padded_queries: bool = False
     ) -> tuple[torch.Tensor | None, bool]:
         """Turn a key-padding mask and causality into SDPA's (attn_mask, is_causal) without a (T, S) mask when
-        the fused ``is_causal`` path is exact."""
+        the fused ``is_causal`` path is exact (right padding, and no query at a padded position that matters)."""
         if mask is not None and not torch.compiler.is_compiling() and bool(mask.all()):
             mask = None  # nothing padded: let SDPA pick the fastest kernel (a compiled graph keeps the mask instead)
         if causal and T == 1:
             causal = False  # one new query after the cache sees every cached key
-        if causal and (mask is None or _right_padded(mask)) and T == S:
+        if causal and (mask is None or (_right_padded(mask) and not padded_queries)) and T == S:
             return None, True
         allowed = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S)
         if causal:
