@@ -57,6 +57,8 @@ def whisper_pair(size: str, seed: int = 0):
         bos_token_id=BOS,
         eos_token_id=s["vocab"] - 1,
         decoder_start_token_id=START,
+        suppress_tokens=[],  # the default lists name ids of the real vocabulary (beyond the smoke size's)
+        begin_suppress_tokens=[],
     )
     torch.manual_seed(seed)
     hf = WhisperForConditionalGeneration(config).train()
