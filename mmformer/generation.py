@@ -268,7 +268,8 @@ class DecoderRunner:
     tokens actually decoded: with relative positions (RoPE, ALiBi) nothing else bounds ``max_new_tokens``, and a
     cache preallocated for a huge one would take gigabytes before the first token.
 
-    ``memory`` (B, S, D) may serve N = B*K rows, K consecutive ones each (the beams of a sample).
+    ``memory`` (B, S, D) may serve N = B*K rows, K consecutive ones each (the beams of a sample). ``prefix`` (P, D),
+    a learned decoder prefix, is fed before the first token: it fills the cache's first P positions.
     """
 
     def __init__(
@@ -279,8 +280,11 @@ class DecoderRunner:
         max_length: int,
         use_cache: bool,
         compile: bool = False,
+        prefix: torch.Tensor | None = None,
     ):
         self.model = model
+        self.prefix = prefix
+        self.n_prefix = 0 if prefix is None else prefix.shape[0]
         if memory_mask is not None and bool(memory_mask.all()):
             memory_mask = None  # nothing padded: no mask to carry and apply at every step
         self.memory, self.memory_mask = memory, memory_mask
@@ -291,19 +295,22 @@ class DecoderRunner:
 
     def _reserve(self, rows: int, needed: int) -> None:
         """A cache for ``rows`` sequences with room for ``needed`` positions (it starts small and grows)."""
+        needed, limit = needed + self.n_prefix, self.max_length + self.n_prefix
         if self.cache is None:
-            self.cache = self.model.make_cache(rows, min(self.max_length, needed + _CACHE_STEP))
-        self.cache.ensure(needed, limit=self.max_length, step=_CACHE_STEP)
+            self.cache = self.model.make_cache(rows, min(limit, needed + _CACHE_STEP))
+        self.cache.ensure(needed, limit=limit, step=_CACHE_STEP)
 
     def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens so far (N, L) → float32 logits (N, V) for position L."""
         if self.use_cache:
             self._reserve(*tokens.shape)
         if self.cache is not None and self.cache.length > 0:  # the model's own tokens, one step further: no checks
-            return self.step(self.model, tokens[:, self.cache.length :], self.memory_mask, self.cache)
+            seen = self.cache.length - self.n_prefix
+            return self.step(self.model, tokens[:, seen:], self.memory_mask, self.cache)
         # the prompt (or, without a cache, everything so far): validated like any user input
-        new = tokens if self.cache is None else tokens[:, self.cache.length :]
-        hidden = self.model.decode(new, self.memory, self.memory_mask, cache=self.cache, return_hidden=True)
+        hidden = self.model.decode(
+            tokens, self.memory, self.memory_mask, cache=self.cache, return_hidden=True, prefix_embeds=self.prefix
+        )
         if self.cache is not None:
             self.memory = None  # the cache now holds the cross-attention keys/values; don't carry (or reorder) it
         return _last_logits(self.model, hidden)
@@ -477,6 +484,7 @@ def generate(
     audio_lengths: torch.Tensor | None = None,
     audio_features: torch.Tensor | None = None,
     prompt_ids: torch.Tensor | Sequence | None = None,
+    prefix_embeds: torch.Tensor | None = None,
     options: DecodingOptions | None = None,
     generator: torch.Generator | None = None,
     **changes: Any,
@@ -491,6 +499,8 @@ def generate(
         prompt_ids: decoder prefix (B, P) or (P,) for every row; default ``[[bos_id]] * B``, or for a checkpoint with
             a generation config (Whisper) its start, language (``language=`` or detected), task and no-timestamps
             tokens. The checkpoint's suppressed tokens are never generated.
+        prefix_embeds: a learned decoder prefix (P', D) read before the prompt by every row (prompt tuning; see
+            :class:`mmformer.prompts.DecoderPrefix`); it takes P' positions of the decoder's position table.
         options: a :class:`DecodingOptions`; default its defaults.
         generator: random generator for reproducible sampling.
         changes: :class:`DecodingOptions` fields overriding ``options`` (``max_new_tokens=``, ``num_beams=``,
@@ -515,13 +525,17 @@ def generate(
         prompt = _prompt(model, prompt_ids, B, memory.device)
     n_prompt = prompt.shape[1]
     max_length = n_prompt + options.max_new_tokens
+    if prefix_embeds is not None:
+        model.check_prefix(prefix_embeds, None)
+        prefix_embeds = prefix_embeds.to(memory.device)
+    n_prefix = 0 if prefix_embeds is None else prefix_embeds.shape[0]
     if text.position != "none":  # absolute positions end with their table: stop there rather than fail
-        if n_prompt > text.max_tokens:
+        if n_prefix + n_prompt > text.max_tokens:
             raise ValueError(
-                f"prompt_ids: {n_prompt} tokens exceed the decoder's position table "
-                f"(config.text.max_length={text.max_length})"
+                f"prompt_ids: {n_prompt} tokens{f' after a {n_prefix}-vector prefix' if n_prefix else ''} exceed the "
+                f"decoder's position table (config.text.max_length={text.max_length})"
             )
-        max_length = min(max_length, text.max_tokens)
+        max_length = min(max_length, text.max_tokens - n_prefix)
     if max_length <= n_prompt:
         return prompt
 
@@ -534,7 +548,7 @@ def generate(
         search: TokenSearch | BeamSearch = BeamSearch(K, options.length_penalty, text.eos_id, text.pad_id, rules)
     else:
         search = TokenSearch(token_chooser(options, generator), text.eos_id, text.pad_id, logit_rules(model, options))
-    runner = DecoderRunner(model, memory, memory_mask, max_length, options.use_cache, options.compile)
+    runner = DecoderRunner(model, memory, memory_mask, max_length, options.use_cache, options.compile, prefix_embeds)
     return search.run(runner, prompt, max_length)
 
 

@@ -180,26 +180,35 @@ class MultimodalTransformer(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         *,
         documents: Documents | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token ids (B, T) → text token states (B, T, D) and the mask of real tokens; causal when the text config
         says so (CLIP). A ``fixed_length`` text encoder pads the ids to its full length first (SigLIP, CoCa); an
-        ``append_cls`` one returns (B, T + 1, D), the appended token last (CoCa).
+        ``append_cls`` one returns (B, T + 1, D), the appended token last (CoCa). ``inputs_embeds`` (B, T, D)
+        replaces the token table's rows (a learned prompt's context vectors); the ids still locate the
+        end-of-text token for pooling.
 
         With ``documents``, ids (R, T) are a packed batch of them (no padding, no mask): positions restart and
         attention stays within each document (see :mod:`mmformer.layers.documents`).
         """
         if documents is not None:
-            return self._packed_text_states(input_ids, segment_ids, documents), None
-        x, mask, _ = self._text_states(input_ids, attention_mask, segment_ids)
+            return self._packed_text_states(input_ids, segment_ids, documents, inputs_embeds), None
+        x, mask, _ = self._text_states(input_ids, attention_mask, segment_ids, inputs_embeds)
         return x, mask
 
     def _packed_text_states(
-        self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None, documents: Documents
+        self,
+        input_ids: torch.Tensor,
+        segment_ids: torch.Tensor | None,
+        documents: Documents,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token states (R, T, D) of a packed batch of documents."""
         embed, text = self._embedder("text"), self.config.text
+        if inputs_embeds is not None:
+            raise ValueError("inputs_embeds: learned prompts are not supported with packed documents")
         if text.fixed_length or embed.cls_token is not None or text.attend_padding or text.pool == "last":
             raise ValueError(
                 "documents: packed text needs a text encoder that reads each text as it is; this one is fixed_length, "
@@ -210,18 +219,30 @@ class MultimodalTransformer(nn.Module):
         return self.stack("text")(x, modality="text", causal=text.causal, documents=documents)
 
     def _text_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        segment_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(token states, mask of real tokens, the ids the encoder read (padded when fixed_length))."""
         embed, text = self._embedder("text"), self.config.text
         embed.check(input_ids, attention_mask)
+        if inputs_embeds is not None and tuple(inputs_embeds.shape[:2]) != tuple(input_ids.shape):
+            raise ValueError(
+                f"inputs_embeds: expected shape (B, T, D) with (B, T) = {tuple(input_ids.shape)} of input_ids, "
+                f"got {tuple(inputs_embeds.shape)}"
+            )
         mask = None if attention_mask is None else attention_mask.bool()
         pad = text.max_tokens - input_ids.shape[1]
         if text.fixed_length and pad > 0:  # (B, T) → (B, max_tokens), as the checkpoint was trained
             mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask
             input_ids, mask = F.pad(input_ids, (0, pad), value=text.pad_id), F.pad(mask, (0, pad), value=False)
             segment_ids = None if segment_ids is None else F.pad(segment_ids, (0, pad))
-        x = embed(input_ids, segment_ids=segment_ids, append_cls=True)
+            if inputs_embeds is not None:  # the padding's rows come from the token table, as its ids' would
+                padding = embed.tokens(input_ids[:, -pad:]).to(inputs_embeds.dtype)
+                inputs_embeds = torch.cat([inputs_embeds, padding], dim=1)
+        x = embed(input_ids, segment_ids=segment_ids, append_cls=True, inputs_embeds=inputs_embeds)
         attend = mask
         if embed.cls_token is not None and mask is not None:  # the appended token is real
             ones = mask.new_ones(mask.shape[0], 1)
@@ -296,11 +317,13 @@ class MultimodalTransformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         normalize: bool = True,
         segment_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         *,
         documents: Documents | None = None,
         packed: bool = False,
     ) -> torch.Tensor:
-        """Token ids (B, T) with mask (B, T) → (B, E) text embeddings.
+        """Token ids (B, T) with mask (B, T) → (B, E) text embeddings (``inputs_embeds``: see
+        :meth:`encode_text_tokens`).
 
         ``packed`` runs the stack padding-free on the masked (right-padded) rows, with the same result;
         ``documents`` says the ids (R, T) already are a packed batch (no mask): one embedding per document.
@@ -309,10 +332,10 @@ class MultimodalTransformer(nn.Module):
             documents, input_ids = pack(input_ids, attention_mask)
             segment_ids = None if segment_ids is None else pack(segment_ids, attention_mask)[1]
         if documents is not None:  # per-document rows (n, L), the layout pooling reads
-            x = documents.pad(self._packed_text_states(input_ids, segment_ids, documents))
+            x = documents.pad(self._packed_text_states(input_ids, segment_ids, documents, inputs_embeds))
             input_ids, mask = documents.pad(input_ids), documents.mask
         else:
-            x, mask, input_ids = self._text_states(input_ids, attention_mask, segment_ids)
+            x, mask, input_ids = self._text_states(input_ids, attention_mask, segment_ids, inputs_embeds)
         return self.pool_text(x, input_ids, mask, normalize)
 
     def pool_text(
@@ -377,6 +400,7 @@ class MultimodalTransformer(nn.Module):
         *,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        prefix_embeds: torch.Tensor | None = None,
         documents: Documents | None = None,
         memory_documents: Documents | None = None,
     ) -> torch.Tensor:
@@ -385,6 +409,8 @@ class MultimodalTransformer(nn.Module):
         With a cache, ``input_ids`` are only the new tokens; memory may be None once the cache holds its keys.
         Memory may also have B / G rows, each read by G consecutive id rows (the beams of one sample): its
         cross-attention keys/values are then computed, stored and read once per sample rather than once per beam.
+        ``prefix_embeds`` (P, D): learned vectors the decoder reads before the ids (prompt tuning, see
+        :mod:`mmformer.prompts`); they take positions 0..P-1 (and the cache's first P slots) and return no logits.
 
         With ``documents``, ids (R, T) are a packed batch of n documents (teacher forcing without padding): document
         i reads memory row i of memory (n, S, D), or memory document i of a packed memory (1, M, D) with
@@ -406,9 +432,30 @@ class MultimodalTransformer(nn.Module):
                 "attention_mask: padding is not supported with a KV cache (cached keys keep no mask); decode "
                 "right-padded rows without a mask (causal attention is exact for their real tokens) or without a cache"
             )
+        if prefix_embeds is not None:
+            if documents is not None:
+                raise ValueError("prefix_embeds: a learned decoder prefix is not supported with packed documents")
+            self.check_prefix(prefix_embeds, cache)
         docs = {} if documents is None else {"documents": documents, "memory_documents": memory_documents}
-        h = self.decode_step(input_ids, memory=memory, memory_mask=memory_mask, mask=mask, cache=cache, **docs)
+        h = self.decode_step(
+            input_ids,
+            memory=memory,
+            memory_mask=memory_mask,
+            mask=mask,
+            cache=cache,
+            prefix_embeds=prefix_embeds,
+            **docs,
+        )
         return h if return_hidden else self.lm_head(h)
+
+    def check_prefix(self, prefix: torch.Tensor, cache: KVCache | None = None) -> None:
+        """A clear error for decoder prefix vectors of the wrong shape, or given once the cache holds tokens."""
+        width = self.config.width("decoder")
+        if not isinstance(prefix, torch.Tensor) or prefix.ndim != 2 or prefix.shape[1] != width:
+            got = tuple(prefix.shape) if isinstance(prefix, torch.Tensor) else type(prefix).__name__
+            raise ValueError(f"prefix_embeds: expected learned decoder prefix vectors (P, D={width}), got {got}")
+        if cache is not None and cache.length > 0:
+            raise ValueError("prefix_embeds: the prefix goes before the first token; the cache already holds tokens")
 
     def decode_step(
         self,
@@ -418,17 +465,26 @@ class MultimodalTransformer(nn.Module):
         memory_mask: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        prefix_embeds: torch.Tensor | None = None,
         documents: Documents | None = None,
         memory_documents: Documents | None = None,
     ) -> torch.Tensor:
         """:meth:`decode` without its input checks, returning the final hidden states (B, T, D): the inner step of
         token-by-token generation, whose ids come from the model itself (the checks cost as much as a layer)."""
+        P, docs = 0, {}
         if documents is not None:  # a packed batch: positions restart in every document
             x = self.text_embed(input_ids, positions=documents.positions.view_as(input_ids))
             docs = {"documents": documents}
         else:
-            x = self.text_embed(input_ids, offset=cache.length if cache is not None else 0)
-            docs = {}
+            offset = cache.length if cache is not None else 0
+            P = 0 if prefix_embeds is None else prefix_embeds.shape[0]
+            x = self.text_embed(input_ids, offset=offset + P)  # (B, T, D)
+        if P:
+            B = x.shape[0]
+            prefix = self.text_embed(None, offset=offset, inputs_embeds=prefix_embeds.to(x.dtype).expand(B, -1, -1))
+            x = torch.cat([prefix, x], dim=1)  # (B, P + T, D)
+            if mask is not None:
+                mask = torch.cat([mask.new_ones(B, P), mask], dim=1)
         first_layer = 0
         if self.config.decoder_input == "text":  # CoCa: the text tower's causal states, before its final norm
             text = self.stack("text")
@@ -436,7 +492,7 @@ class MultimodalTransformer(nn.Module):
             first_layer = text.cfg.depth
         if documents is not None:
             docs["memory_documents"] = memory_documents
-        return self.stack("decoder")(
+        h = self.stack("decoder")(
             x,
             modality="text",
             mask=mask,
@@ -447,6 +503,7 @@ class MultimodalTransformer(nn.Module):
             first_layer=first_layer,
             **docs,
         )
+        return h[:, P:] if P else h
 
     def _check_documents(
         self,

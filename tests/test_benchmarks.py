@@ -26,6 +26,7 @@ if ROOT not in sys.path:  # `benchmarks` is a folder of the repository, not of t
         ("startup", ["mmformer --help", "mmformer zeroshot"]),
         ("clip_train", ["open_clip_samples_s", "packed_samples_s", "packed_vs_open_clip"]),
         ("speech_train", ["hf_samples_s", "packed_samples_s", "packed_vs_hf"]),
+        ("qlora_memory", ["full_fp32", "full_bf16", "qlora_nf4", "vs_bf16", "linear_vs_bf16"]),
     ],
 )
 @pytest.mark.slow
