@@ -109,6 +109,9 @@ def test_a_teacher_with_another_vocabulary_is_a_clear_error():
         make_task(teacher=teacher, distill_weight=-1.0)
     with pytest.raises(ValueError, match=r"distill_weight: expected a number in \[0, 1\]"):
         make_task(teacher=teacher, distill_weight=1.5)
+    packed = {"input_ids": torch.ones(1, 6, dtype=torch.long), "text_lengths": torch.tensor([3, 3])}
+    with pytest.raises(ValueError, match="teacher: distillation reads padded batches; this one is packed"):
+        make_task(teacher=teacher).distiller(packed, {}, {}, torch.tensor(10.0))
 
 
 def test_distill_weight_mixes_labels_and_teacher_at_each_terms_weight():

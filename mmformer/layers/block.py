@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from mmformer.config import StackConfig
 from mmformer.layers.attention import Attention
 from mmformer.layers.cache import KVCache
+from mmformer.layers.documents import Documents
 from mmformer.layers.mlp import make_mlp
 from mmformer.layers.norms import make_norm
 
@@ -129,11 +130,17 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         padded_queries: bool = False,
+        documents: Documents | None = None,
+        memory_documents: Documents | None = None,
     ) -> torch.Tensor:
         mlp_kwargs = {"modality": modality} if self.multiway else {}
         attn_kwargs = dict(mask=mask, causal=causal, cache=cache, layer=layer)
         if padded_queries:  # only passed when set: a keyword per call costs in token-by-token decoding
             attn_kwargs["padded_queries"] = True
+        cross_kwargs = {}
+        if documents is not None:  # packed batches only: decoding steps pass none
+            attn_kwargs["documents"] = documents
+            cross_kwargs = {"documents": documents, "memory_documents": memory_documents}
         if self.parallel:
             attn = self.attn
             h = attn.norm(x)
@@ -143,7 +150,7 @@ class Block(nn.Module):
         if self.cross_mlp is not None:  # CoCa's layer order
             x = self.mlp(x, **mlp_kwargs)
         if self.cross_attn is not None and (memory is not None or (cache is not None and cache.has_cross(layer))):
-            x = self.cross_attn(x, mask=memory_mask, memory=memory, cache=cache, layer=layer)
+            x = self.cross_attn(x, mask=memory_mask, memory=memory, cache=cache, layer=layer, **cross_kwargs)
             if self.cross_mlp is not None:
                 x = self.cross_mlp(x)
         return x if self.cross_mlp is not None else self.mlp(x, **mlp_kwargs)
@@ -172,17 +179,24 @@ class Stack(nn.Module):
         first_layer: int = 0,
         final_norm: bool = True,
         padded_queries: bool = False,
+        documents: Documents | None = None,
+        memory_documents: Documents | None = None,
     ) -> torch.Tensor:
         """Run x (B, T, D) through every block; with a cache, x holds only the new tokens.
 
         ``first_layer`` is this stack's first block in a cache shared with stacks that run before it (CoCa's decoder
         continues its text stack); the stack holding the cache's last layer moves the cache on. ``final_norm=False``
         returns the states before the final norm. ``padded_queries``: see
-        :meth:`~mmformer.layers.attention.Attention.forward`.
+        :meth:`~mmformer.layers.attention.Attention.forward`. With ``documents``, x is a packed batch (R, T, D) of
+        them and ``mask`` is unused (see :mod:`mmformer.layers.documents`).
         """
+        if documents is not None and cache is not None:
+            raise ValueError("documents: packed batches are for training and encoding; decode with a KV cache unpacked")
         kwargs = dict(modality=modality, mask=mask, causal=causal, memory=memory, memory_mask=memory_mask, cache=cache)
         if padded_queries:
             kwargs["padded_queries"] = True
+        if documents is not None:
+            kwargs.update(documents=documents, memory_documents=memory_documents)
         for i, block in enumerate(self.blocks):
             if self.cfg.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, layer=first_layer + i, use_reentrant=False, **kwargs)

@@ -48,8 +48,16 @@ class AbsolutePositions(nn.Module):
             return self.weight[offset : offset + length]
         return sinusoids(length, self.dim, offset=offset, device=device)
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Add positions offset … offset+T-1 to x (B, T, D)."""
+    def forward(self, x: torch.Tensor, offset: int = 0, *, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Add positions offset … offset+T-1 to x (B, T, D), or the positions ``positions`` (B, T) (a packed
+        batch's positions within each document; ``Documents.max_length`` bounds them)."""
+        if positions is not None:
+            longest = int(positions.max()) + 1
+            if longest > self.length:
+                raise ValueError(
+                    f"{self.what}: a document of {longest} tokens exceeds the position table ({self.length} positions)"
+                )
+            return x + self.table(0, longest, x.device).to(x.dtype)[positions]
         end = offset + x.shape[1]
         if end > self.length:
             raise ValueError(
@@ -82,9 +90,13 @@ class RotaryEmbedding(nn.Module):
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device) / self.head_dim
         return (1.0 / self.theta**exponents).float()
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Rotate x (B, nh, T, hs) by the angles of positions offset … offset+T-1."""
-        t = torch.arange(offset, offset + x.shape[-2], device=x.device, dtype=torch.float32)
+    def forward(self, x: torch.Tensor, offset: int = 0, *, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate x (B, nh, T, hs) by the angles of positions offset … offset+T-1, or of ``positions`` (T,) (a packed
+        batch's positions within each document)."""
+        if positions is not None:
+            t = positions.to(device=x.device, dtype=torch.float32)
+        else:
+            t = torch.arange(offset, offset + x.shape[-2], device=x.device, dtype=torch.float32)
         angles = torch.outer(t, self.inv_freq(x.device))  # (T, hs/2)
         cos = angles.cos().repeat(1, 2).to(x.dtype)  # (T, hs)
         sin = angles.sin().repeat(1, 2).to(x.dtype)

@@ -185,6 +185,11 @@ class Distiller(nn.Module):
             logits: the student's teacher-forced decoder logits, {"caption"/"speech": (B, T, V)}.
             logit_scale: the student's exponentiated logit scale.
         """
+        if batch.get("text_lengths") is not None:
+            raise ValueError(
+                "teacher: distillation reads padded batches; this one is packed (data packing), which it does not "
+                "support yet: train the student with packing off"
+            )
         teacher = self._placed(logit_scale.device)
         routes = teacher.config.routes
         features_in = batch.get("audio_features") is not None  # log-mel from a SpecAugment training loader
