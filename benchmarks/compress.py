@@ -94,13 +94,16 @@ def student_config(out: Path, steps: int | None, teacher: dict | None, tiny: boo
     return path
 
 
-def train_student(out: Path, steps: int | None, teacher: dict | None, tiny: bool) -> tuple[Path, float, int]:
+def train_student(
+    out: Path, steps: int | None, teacher: dict | None, tiny: bool, workers: int | None = None
+) -> tuple[Path, float, int]:
     """Train one student; its exported folder, training seconds and parameter count."""
     import mmformer
-    from mmformer.demo import train
+    from mmformer.demo import share_cores, train
 
+    _, workers = share_cores(os.cpu_count() or 1, workers=workers)  # loader processes, as the demo picks them
     start = time.perf_counter()
-    ckpt = train(str(student_config(out, steps, teacher, tiny)), out)
+    ckpt = train(str(student_config(out, steps, teacher, tiny)), out, workers)
     seconds = time.perf_counter() - start
     model = mmformer.load_pretrained(ckpt)
     model.save_pretrained(out / "model")
@@ -121,7 +124,7 @@ def distill(args: argparse.Namespace, out: Path, manifest: Path) -> list[dict]:
         if args.reuse and (folder / "model" / "model.safetensors").is_file():
             model_dir, seconds, params = folder / "model", float("nan"), None
         else:
-            model_dir, seconds, params = train_student(folder, args.steps, teacher_path, args.tiny)
+            model_dir, seconds, params = train_student(folder, args.steps, teacher_path, args.tiny, args.workers)
         if params is None:
             params = sum(p.numel() for p in mmformer.load_pretrained(model_dir).parameters())
         rows.append({"model": name, "params": params, **evaluate(model_dir, manifest), "train_s": seconds,
@@ -354,6 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/compress", help="where students, quantized models and exports go")
     p.add_argument("--steps", type=int, default=None, help="student training steps (default: the demo's budget)")
     p.add_argument("--reuse", action="store_true", help="evaluate students already trained under --out")
+    p.add_argument("--workers", type=int, default=None, help="data loader processes (default: as the demo)")
     p.add_argument("--temperature", type=float, default=1.0, help="distill_temperature of the distilled student")
     p.add_argument("--distill-weight", type=float, default=0.5, help="distill_weight of the distilled student")
     p.add_argument("--feature-weight", type=float, default=0.0, help="distill_feature_weight of the distilled student")

@@ -284,3 +284,5 @@ def test_int8_embeddings_and_bfloat16_storage_make_a_smaller_file_that_reloads_e
     assert loaded.lm_head.weight is loaded.text_embed.tokens.weight
     again = outputs(loaded)
     assert all(torch.equal(again[k], got[k]) for k in got)
+    images = [torch.rand(3, 16, 16) for _ in range(2)]  # generation reads the int8 LM head too
+    assert loaded.caption(images, max_new_tokens=4) == compact.caption(images, max_new_tokens=4)
