@@ -65,13 +65,19 @@ class TextEmbedder(nn.Module):
         check_token_ids("input_ids", input_ids, self.cfg.vocab_size)
 
     def forward(
-        self, input_ids: torch.Tensor, *, offset: int = 0, segment_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        *,
+        offset: int = 0,
+        segment_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Ids (B, T) → tokens (B, T, D) at positions offset … offset+T-1, or at per-row ``positions`` (B, T)."""
         if segment_ids is not None:
             self.check_segments(input_ids, segment_ids)
         x = self.tokens(input_ids)
         if self.positions is not None:
-            x = self.positions(x, offset)
+            x = self.positions(x, offset, positions)
         if self.segments is not None:
             x = x + self.segments(segment_ids if segment_ids is not None else torch.zeros_like(input_ids))
         if self.norm is not None:

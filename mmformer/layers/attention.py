@@ -1,8 +1,13 @@
 """Self- and cross-attention through ``F.scaled_dot_product_attention`` (fused flash / memory-efficient kernels).
 
 Mask convention, used everywhere in mmformer: a boolean key-padding mask (B, S) with True = a real token that may be
-attended to. Causal attention assumes right padding (real tokens first), the layout every mmformer tokenizer and
-collator produces; then ``is_causal`` alone is exact for every real position and no (T, S) mask is built.
+attended to. Causal attention over right padding (real tokens first, the layout every mmformer tokenizer and
+collator produces) takes ``is_causal`` alone, exact for every real position, and builds no (T, S) mask; left padding
+(batched generation prompts) combines the key mask with the causal triangle. A query that may attend to nothing (a
+left pad) gets zeros from SDPA, and no real query ever reads it.
+
+Additive biases (ALiBi's, T5's learned relative bias) pass to SDPA as a float ``attn_mask`` (nh, T, S) with -inf
+where attention is not allowed.
 
 Shape legend: B batch, T query tokens, S key tokens, D width, nh query heads, nkv key/value heads, hs head size.
 """
@@ -50,7 +55,7 @@ def reference_attention(
     return scores.softmax(dim=-1) @ v
 
 
-def _right_padded(mask: torch.Tensor) -> bool:
+def right_padded(mask: torch.Tensor) -> bool:
     """True when every row is real tokens followed only by padding."""
     return not bool((mask[:, 1:] & ~mask[:, :-1]).any())
 
@@ -67,17 +72,18 @@ class Attention(nn.Module):
         self.cross = cross
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        qkv_bias, out_bias = cfg.attention_bias
         if cross:
-            self.q = nn.Linear(cfg.width, q_dim, bias=cfg.bias)
-            self.kv = nn.Linear(cfg.width, 2 * kv_dim, bias=cfg.bias)
+            self.q = nn.Linear(cfg.width, q_dim, bias=qkv_bias)
+            self.kv = nn.Linear(cfg.width, 2 * kv_dim, bias=qkv_bias)
         else:
-            self.qkv = nn.Linear(cfg.width, q_dim + 2 * kv_dim, bias=cfg.bias)
-        self.proj = nn.Linear(q_dim, cfg.width, bias=cfg.bias)
+            self.qkv = nn.Linear(cfg.width, q_dim + 2 * kv_dim, bias=qkv_bias)
+        self.proj = nn.Linear(q_dim, cfg.width, bias=out_bias)
         self.q_norm = make_norm(cfg.norm, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = make_norm(cfg.norm, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.attn_dropout = cfg.attn_dropout
         relative = "none" if cross else cfg.position
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta) if relative == "rope" else None
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) if relative == "rope" else None
         self.alibi = relative == "alibi"  # slopes derived from n_heads where they are used
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -101,16 +107,21 @@ class Attention(nn.Module):
         memory: torch.Tensor | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
+        positions: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend from x (B, T, D).
 
         Args:
-            mask: key padding (B, S), True = real; for cross-attention it masks the memory.
+            mask: key padding (B, S), True = real; for cross-attention it masks the memory. With a cache, S counts
+                the cached keys too.
             causal: queries see only earlier keys (self-attention only).
             memory: (B, S, D) keys/values source for cross-attention; may be None after the cache holds them.
                 (B/G, S, D) is read by G consecutive rows each (beams of one sample), as are its cached keys/values.
             cache: incremental decoding state; self-attention appends to it, cross-attention fills it once.
             layer: this block's index in the cache.
+            positions: per-row position ids (B, T) of the queries for RoPE (default: consecutive from the cache).
+            bias: an additive score bias (nh, T, S) of self-attention (a stack's T5 relative bias).
         """
         B, T, _ = x.shape
         offset = cache.length if cache is not None and not self.cross else 0
@@ -134,21 +145,22 @@ class Attention(nn.Module):
             if self.k_norm is not None:
                 k = self.k_norm(k)
             if self.rope is not None:
-                k = self.rope(k, offset)
+                k = self.rope(k, offset, positions)
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.rope is not None:
-            q = self.rope(q, offset)
+            q = self.rope(q, offset, positions)
         if cache is not None and not self.cross:
             k, v = cache.append(layer, k, v)
 
         attn_mask, is_causal = self._mask(mask, causal, T, k.shape[2], x.device)
         if self.alibi:
-            bias = alibi_bias(alibi_slopes(self.n_heads, x.device), T, k.shape[2], causal).to(q.dtype)  # (nh, T, S)
+            bias = alibi_bias(alibi_slopes(self.n_heads, x.device), T, k.shape[2], causal)  # (nh, T, S)
+        if bias is not None and not self.cross:
             allowed = attn_mask if attn_mask is not None else torch.ones(1, 1, 1, 1, dtype=torch.bool, device=x.device)
             if is_causal:
                 allowed = allowed & torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril()
-            attn_mask, is_causal = bias.masked_fill(~allowed, float("-inf")), False
+            attn_mask, is_causal = bias.to(q.dtype).masked_fill(~allowed, float("-inf")), False
         # > 1: each memory row serves `groups` consecutive query rows (beams)
         groups = B // k.shape[0] if self.cross and 0 < k.shape[0] < B else 1
         if groups > 1:  # (B, nh, T, hs) → (B/G, nh, G*T, hs): the beams' queries read their sample's keys once
@@ -178,7 +190,7 @@ class Attention(nn.Module):
             mask = None  # nothing padded: let SDPA pick the fastest kernel (a compiled graph keeps the mask instead)
         if causal and T == 1:
             causal = False  # one new query after the cache sees every cached key
-        if causal and (mask is None or _right_padded(mask)) and T == S:
+        if causal and (mask is None or right_padded(mask)) and T == S:
             return None, True
         allowed = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S)
         if causal:

@@ -14,6 +14,7 @@ from mmformer.layers.attention import Attention
 from mmformer.layers.cache import KVCache
 from mmformer.layers.mlp import make_mlp
 from mmformer.layers.norms import make_norm
+from mmformer.layers.positions import RelativePositionBias
 
 
 class DropPath(nn.Module):
@@ -103,21 +104,25 @@ class Block(nn.Module):
         memory_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
+        positions: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         mlp_kwargs = {"modality": modality} if self.multiway else {}
+        attn_kwargs = dict(mask=mask, causal=causal, cache=cache, layer=layer, positions=positions, bias=bias)
         if self.parallel:
             attn = self.attn
             h = attn.norm(x)
-            out = attn.fn(h, mask=mask, causal=causal, cache=cache, layer=layer) + self.mlp(h, **mlp_kwargs)
+            out = attn.fn(h, **attn_kwargs) + self.mlp(h, **mlp_kwargs)
             return x + attn.drop_path(self.drop(out))
-        x = self.attn(x, mask=mask, causal=causal, cache=cache, layer=layer)
+        x = self.attn(x, **attn_kwargs)
         if self.cross_attn is not None and (memory is not None or (cache is not None and cache.has_cross(layer))):
             x = self.cross_attn(x, mask=memory_mask, memory=memory, cache=cache, layer=layer)
         return self.mlp(x, **mlp_kwargs)
 
 
 class Stack(nn.Module):
-    """Blocks with linearly increasing drop-path and an optional final norm."""
+    """Blocks with linearly increasing drop-path and an optional final norm; with ``position="t5"``, the one learned
+    relative position bias every block's self-attention adds (T5 shares it across layers)."""
 
     def __init__(self, cfg: StackConfig):
         super().__init__()
@@ -125,6 +130,11 @@ class Stack(nn.Module):
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
         self.norm = make_norm(cfg.norm, cfg.width, cfg.norm_eps) if cfg.final_norm else nn.Identity()
+        self.relative_bias = (
+            RelativePositionBias(cfg.n_heads, cfg.relative_buckets, cfg.relative_max_distance)
+            if cfg.position == "t5"
+            else None
+        )
 
     def forward(
         self,
@@ -136,9 +146,15 @@ class Stack(nn.Module):
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run x (B, T, D) through every block; with a cache, x holds only the new tokens."""
+        """Run x (B, T, D) through every block; with a cache, x holds only the new tokens (and ``mask`` covers the
+        cached ones too). ``positions`` (B, T) are per-row position ids for RoPE (left padding, packed documents)."""
         kwargs = dict(modality=modality, mask=mask, causal=causal, memory=memory, memory_mask=memory_mask, cache=cache)
+        kwargs["positions"] = positions
+        if self.relative_bias is not None:  # computed once, read by every block
+            past = cache.length if cache is not None else 0
+            kwargs["bias"] = self.relative_bias(x.shape[1], past + x.shape[1], causal)  # (nh, T, S)
         for i, block in enumerate(self.blocks):
             if self.cfg.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, layer=i, use_reentrant=False, **kwargs)
