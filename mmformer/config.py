@@ -90,6 +90,7 @@ class StackConfig:
     bias: bool = True  # bias in linear layers
     qkv_bias: bool | None = None  # bias on the query/key/value projections only; None → bias (Qwen2: True, bias False)
     qk_norm: bool = False  # normalise queries and keys per head before the dot product
+    attn_scale: float | None = None  # attention score scale; None → 1/sqrt(hs) (T5: 1.0, folded into its init)
     position: str = "none"  # relative positions inside attention: none | rope | alibi | t5 (bucketed learned bias)
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # Hugging Face's rope_scaling: {"rope_type": "llama3" | "linear", ...}
@@ -141,6 +142,8 @@ class StackConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"StackConfig.{name} must be in [0, 1), got {getattr(self, name)}")
         _check_positive("StackConfig.mlp_ratio", self.mlp_ratio)
+        if self.attn_scale is not None:
+            _check_positive("StackConfig.attn_scale", self.attn_scale)
         for name, key in (("width", "width"), ("depth", "depth"), ("n_heads", "n_heads"), ("n_experts", "n_experts")):
             _check_at_most(f"StackConfig.{name}", getattr(self, name), key)
         _check_at_most("StackConfig hidden width (mlp_ratio * width, or mlp_hidden)", self.hidden_dim, "mlp_hidden")

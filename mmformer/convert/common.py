@@ -152,7 +152,12 @@ def _unwrap(obj: Any, where: str) -> dict[str, torch.Tensor]:
 
 
 def read_hf_checkpoint(
-    path_or_model: Any, *, model_type: str, name: str, model_class: str, folder: str = "save_pretrained output"
+    path_or_model: Any,
+    *,
+    model_type: str | tuple[str, ...],
+    name: str,
+    model_class: str,
+    folder: str = "save_pretrained output",
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path | None]:
     """(config dict, state dict, directory or None) of a ``transformers`` model instance or a local directory.
 
@@ -161,7 +166,8 @@ def read_hf_checkpoint(
     Args:
         path_or_model: a model with a ``config`` (``PretrainedConfig``), or a directory with ``config.json`` and
             weights (read with :func:`load_state_dict`).
-        model_type: the config's ``model_type`` the converter handles (a config without one is taken as it).
+        model_type: the config's ``model_type`` (or types) the converter handles (a config without one is taken as
+            the first).
         name: the architecture in error messages (``"BERT"``).
         model_class: the model classes accepted, in error messages (``"BertModel"``).
         folder: what the directory may be, in error messages.
@@ -187,8 +193,12 @@ def read_hf_checkpoint(
             f"path_or_model: expected a transformers {model_class} or a local directory, "
             f"got {type(path_or_model).__name__}"
         )
-    if config.get("model_type", model_type) != model_type:
-        raise UnsupportedModelError(f"path_or_model: expected a {name} model, got model_type={config['model_type']!r}")
+    types = (model_type,) if isinstance(model_type, str) else tuple(model_type)
+    if config.get("model_type", types[0]) not in types:
+        raise UnsupportedModelError(
+            f"path_or_model: expected a {name} model (model_type {' or '.join(map(repr, types))}), got "
+            f"model_type={config['model_type']!r}"
+        )
     return config, state, directory
 
 

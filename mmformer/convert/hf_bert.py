@@ -8,6 +8,11 @@ per layer ``attention.self.{query,key,value}`` → fused ``qkv``, ``attention.ou
 ``output.dense`` → ``mlp.fn.fc1`` / ``fc2``, ``output.LayerNorm`` → ``mlp.norm``; no final norm. The pooler is not
 converted: sentence embeddings are the mean of the last hidden states over real tokens (``text.pool="mean"``, as
 sentence-transformers' Pooling module), L2-normalised by ``encode_text(normalize=True)`` (its Normalize module).
+
+``BertForMaskedLM`` (and ``BertForPreTraining``) also bring their masked-LM head: ``cls.predictions.transform``
+(dense, activation, LayerNorm) → ``mlm_head.dense`` / ``mlm_head.norm``, ``cls.predictions.bias`` →
+``mlm_head.bias``, the decoder tied to the word embeddings (``ModelConfig.mlm_head``; ``model.mlm_logits``). The
+tokenizer's ``[MASK]`` becomes ``TextConfig.mask_id``.
 """
 
 from __future__ import annotations
@@ -33,8 +38,12 @@ from mmformer.weights import build_on_meta
 
 __all__ = ["from_hf_bert"]
 
-# Source keys with no counterpart: the pooler (unused by mean/cls pooling) and index buffers.
+# Source keys with no counterpart: the pooler (unused by mean/cls pooling) and index buffers; the MLM decoder's
+# weight and bias are tied copies of the word embeddings and of cls.predictions.bias (checked before ignoring them).
 _IGNORED = ["pooler.*", "embeddings.position_ids", "embeddings.token_type_ids"]
+_MLM = "cls.predictions"
+_MLM_TIED = {f"{_MLM}.decoder.weight": "embeddings.word_embeddings.weight", f"{_MLM}.decoder.bias": f"{_MLM}.bias"}
+MASK_TOKEN = "[MASK]"
 
 
 def _read_source(path_or_model: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path | None]:
@@ -49,8 +58,11 @@ def _read_source(path_or_model: Any) -> tuple[dict[str, Any], dict[str, torch.Te
     position_type = config.get("position_embedding_type", "absolute")
     if position_type != "absolute":
         raise UnsupportedModelError(f"hf_bert: position_embedding_type={position_type!r} (only 'absolute')")
-    if any(k.startswith("bert.") for k in state):  # a task model (BertForMaskedLM, ...): keep the encoder only
-        state = {k.removeprefix("bert."): v for k, v in state.items() if k.startswith("bert.")}
+    if any(k.startswith("bert.") for k in state):  # a task model (BertForMaskedLM, ...): the encoder and MLM head
+        state = {k.removeprefix("bert."): v for k, v in state.items() if k.startswith(("bert.", f"{_MLM}."))}
+    for copy, original in _MLM_TIED.items():
+        if copy in state and original in state and not torch.equal(state[copy], state[original]):
+            raise UnsupportedModelError(f"hf_bert: {copy} differs from {original} (an untied masked-LM decoder)")
     return config, state, directory
 
 
@@ -76,7 +88,11 @@ def _tokenizer(directory: Path | None, max_positions: int):
     return tokenizer
 
 
-def _model_config(cfg: dict[str, Any], pooling: str, tokenizer: Any) -> ModelConfig:
+def _mask_id(tokenizer: Any) -> int | None:
+    return None if tokenizer is None else tokenizer.backend.get_vocab(with_added_tokens=True).get(MASK_TOKEN)
+
+
+def _model_config(cfg: dict[str, Any], pooling: str, tokenizer: Any, mlm: bool) -> ModelConfig:
     eps = cfg.get("layer_norm_eps", 1e-12)
     stack = StackConfig(
         width=cfg["hidden_size"],
@@ -95,6 +111,7 @@ def _model_config(cfg: dict[str, Any], pooling: str, tokenizer: Any) -> ModelCon
         pad_id=cfg.get("pad_token_id") or 0,
         bos_id=tokenizer.bos_id if tokenizer is not None else None,  # [CLS]
         eos_id=tokenizer.eos_id if tokenizer is not None else None,  # [SEP]
+        mask_id=_mask_id(tokenizer),
         n_segments=cfg.get("type_vocab_size", 2),
         embed_norm=True,
         embed_norm_eps=eps,
@@ -102,7 +119,13 @@ def _model_config(cfg: dict[str, Any], pooling: str, tokenizer: Any) -> ModelCon
         pool=pooling,
     )
     return ModelConfig(
-        stacks={"text": stack}, routes={"text": "text"}, image=None, audio=None, text=text, embed_dim=None
+        stacks={"text": stack},
+        routes={"text": "text"},
+        image=None,
+        audio=None,
+        text=text,
+        embed_dim=None,
+        mlm_head=mlm,
     )
 
 
@@ -123,7 +146,8 @@ def from_hf_bert(path_or_model: Any, *, pooling: str = "mean") -> MultimodalTran
     """Convert a Hugging Face BERT encoder exactly (no download).
 
     Args:
-        path_or_model: a ``transformers.BertModel`` instance (a ``BertFor*`` task model contributes its encoder), or
+        path_or_model: a ``transformers.BertModel`` instance (a ``BertFor*`` task model contributes its encoder, and
+            ``BertForMaskedLM`` / ``BertForPreTraining`` their masked-LM head), or
             a local directory with ``config.json`` and ``model.safetensors`` (or a safe ``.bin``), plus optionally
             ``tokenizer.json`` — a sentence-transformers folder such as all-MiniLM-L6-v2 works as is.
         pooling: sentence embedding from the last hidden states: ``"mean"`` over real tokens (sentence-transformers)
@@ -138,9 +162,10 @@ def from_hf_bert(path_or_model: Any, *, pooling: str = "mean") -> MultimodalTran
         raise ValueError(f"pooling: expected 'mean' or 'cls', got {pooling!r}")
     cfg, state, directory = _read_source(path_or_model)
     tokenizer = _tokenizer(directory, cfg["max_position_embeddings"])
-    model = build_on_meta(MultimodalTransformer, _model_config(cfg, pooling, tokenizer))
+    mlm = any(k.startswith(f"{_MLM}.") for k in state)
+    model = build_on_meta(MultimodalTransformer, _model_config(cfg, pooling, tokenizer, mlm))
 
-    wm = WeightMap(state, name="hf_bert", ignore=_IGNORED)
+    wm = WeightMap(state, name="hf_bert", ignore=_IGNORED + list(_MLM_TIED))
     emb = "embeddings"
     wm.copy("text_embed.tokens.weight", f"{emb}.word_embeddings.weight")
     wm.copy("text_embed.positions.weight", f"{emb}.position_embeddings.weight")
@@ -148,6 +173,10 @@ def from_hf_bert(path_or_model: Any, *, pooling: str = "mean") -> MultimodalTran
     wm.copy("text_embed.norm.weight", f"{emb}.LayerNorm.weight")
     wm.copy("text_embed.norm.bias", f"{emb}.LayerNorm.bias")
     _map_layers(wm, cfg["num_hidden_layers"])
+    if mlm:
+        wm.copy_module("mlm_head.dense", f"{_MLM}.transform.dense")
+        wm.copy_module("mlm_head.norm", f"{_MLM}.transform.LayerNorm")
+        wm.copy("mlm_head.bias", f"{_MLM}.bias")
     wm.initialise("logit_scale")  # mmformer-only, unused by a text tower
     wm.load_into(model)
     model.processor = build_processor(tokenizer)

@@ -33,8 +33,10 @@ def reference_attention(
     mask: torch.Tensor | None = None,
     causal: bool = False,
     bias: torch.Tensor | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """Naive ``softmax(QKᵀ/√hs + bias + mask) V`` that materialises the (T, S) scores. For tests only.
+    """Naive ``softmax(QKᵀ/√hs + bias + mask) V`` (``scale`` instead of 1/√hs if given) that materialises the (T, S)
+    scores. For tests only.
 
     q (B, nh, T, hs); k, v (B, nkv, S, hs); mask (B, S) key padding; bias broadcastable to (B, nh, T, S).
     Queries are the last T of S positions when causal.
@@ -42,7 +44,7 @@ def reference_attention(
     nh, nkv = q.shape[1], k.shape[1]
     k = k.repeat_interleave(nh // nkv, dim=1)
     v = v.repeat_interleave(nh // nkv, dim=1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, nh, T, S)
+    scores = q @ k.transpose(-1, -2) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))  # (B, nh, T, S)
     if bias is not None:
         scores = scores + bias
     T, S = scores.shape[-2:]
@@ -82,6 +84,7 @@ class Attention(nn.Module):
         self.q_norm = make_norm(cfg.norm, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = make_norm(cfg.norm, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.attn_dropout = cfg.attn_dropout
+        self.scale = cfg.attn_scale  # None: SDPA's 1/sqrt(hs)
         relative = "none" if cross else cfg.position
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) if relative == "rope" else None
         self.alibi = relative == "alibi"  # slopes derived from n_heads where they are used
@@ -172,6 +175,7 @@ class Attention(nn.Module):
             attn_mask=attn_mask,
             dropout_p=self.attn_dropout if self.training else 0.0,
             is_causal=is_causal,
+            scale=self.scale,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, nh, T, hs), or (B/G, nh, G*T, hs)
         if groups > 1:
