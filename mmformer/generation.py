@@ -178,19 +178,27 @@ class TopP:
 
 
 class RepetitionPenalty:
-    """CTRL's repetition penalty, as Hugging Face applies it: the score of every token already in the row (prompt
-    included) is divided by the penalty when positive and multiplied by it when negative. Unlike the filters above it
-    reads the tokens so far; searches apply it first (to logits, or to log-probabilities in beam search, as Hugging
-    Face does)."""
+    """CTRL's repetition penalty, as Hugging Face applies it: the score of every token already in the row (the
+    prompt's real tokens included, its padding not) is divided by the penalty when positive and multiplied by it when
+    negative. Unlike the filters above it reads the tokens so far; searches apply it first (to logits, or to
+    log-probabilities in beam search, as Hugging Face does).
 
-    def __init__(self, penalty: float):
-        self.penalty = penalty
+    Args:
+        penalty: > 1 discourages repeats.
+        padding: (N, P) True at the prompt's padding, whose ids do not count.
+    """
+
+    def __init__(self, penalty: float, padding: torch.Tensor | None = None):
+        self.penalty, self.padding = penalty, padding
 
     def __call__(self, scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Scores (N, V) of the next token of rows ``tokens`` (N, L)."""
-        seen = scores.gather(1, tokens)  # (N, L)
-        seen = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
-        return scores.scatter(1, tokens, seen)
+        N, V = scores.shape
+        if self.padding is not None:  # padding ids go to an extra column, dropped below
+            tokens = tokens.masked_fill(F.pad(self.padding, (0, tokens.shape[1] - self.padding.shape[1])), V)
+        seen = torch.zeros(N, V + 1, dtype=torch.bool, device=scores.device).scatter_(1, tokens, True)[:, :V]
+        penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        return torch.where(seen, penalised, scores)
 
 
 class StopStrings:
@@ -246,9 +254,12 @@ class Sampler:
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
 
 
-def score_processors(options: DecodingOptions) -> list[RepetitionPenalty]:
-    """The adjustments that read the tokens so far, in the order Hugging Face applies them."""
-    return [RepetitionPenalty(options.repetition_penalty)] if options.repetition_penalty != 1.0 else []
+def score_processors(options: DecodingOptions, prompt_mask: torch.Tensor | None = None) -> list[RepetitionPenalty]:
+    """The adjustments that read the tokens so far, in the order Hugging Face applies them; ``prompt_mask`` (N, P)
+    marks the prompts' real tokens."""
+    if options.repetition_penalty == 1.0:
+        return []
+    return [RepetitionPenalty(options.repetition_penalty, None if prompt_mask is None else ~prompt_mask)]
 
 
 def token_chooser(options: DecodingOptions, generator: torch.Generator | None = None) -> Greedy | Sampler:
@@ -688,13 +699,14 @@ def generate(
         stop = StopStrings(tokenizer, options.stop_strings, n_prompt)
 
     K = options.num_beams
-    processors = score_processors(options)
     if K > 1:
         # (B, P) → (B*K, P): each sample's K beams sit next to each other and share its memory rows (B, S, D),
         # whose cross-attention keys/values are computed and read once per sample
         prompt = prompt.repeat_interleave(K, dim=0)
         if prompt_mask is not None:
             prompt_mask = prompt_mask.repeat_interleave(K, dim=0)
+    processors = score_processors(options, prompt_mask)
+    if K > 1:
         search: TokenSearch | BeamSearch = BeamSearch(
             K, options.length_penalty, text.eos_id, text.pad_id, processors, stop
         )

@@ -101,9 +101,10 @@ def prompts() -> tuple[torch.Tensor, torch.Tensor]:
     return left_pad(PROMPTS, PAD)
 
 
-def hf_generate(hf, num_beams: int, eos: int, **inputs) -> torch.Tensor:
+def hf_generate(hf, num_beams: int, eos: int, repetition_penalty: float = 1.0, **inputs) -> torch.Tensor:
     config = GenerationConfig(do_sample=False, num_beams=num_beams, max_new_tokens=NEW, pad_token_id=PAD,
-                              eos_token_id=eos, bos_token_id=BOS, decoder_start_token_id=PAD)  # fmt: skip
+                              eos_token_id=eos, bos_token_id=BOS, decoder_start_token_id=PAD,
+                              repetition_penalty=repetition_penalty)  # fmt: skip
     return hf.generate(**inputs, generation_config=config)
 
 
@@ -156,6 +157,17 @@ def test_gpt2_generate_matches_hf(hf_gpt2, prompts, num_beams):
     got = model.generate(prompt_ids=ids, prompt_mask=mask, max_new_tokens=NEW, num_beams=num_beams)
     assert num_beams > 1 or (got == eos).any()  # beams may rank other hypotheses first
     assert torch.equal(after_eos_padded(got, ids.shape[1], eos), after_eos_padded(expected, ids.shape[1], eos))
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_gpt2_repetition_penalty_matches_hf(hf_gpt2, prompts, num_beams):
+    model = from_hf_gpt2(hf_gpt2)
+    ids, mask = prompts
+    expected = hf_generate(hf_gpt2, num_beams, EOS, repetition_penalty=1.8, input_ids=ids, attention_mask=mask.long())
+    options = dict(prompt_ids=ids, prompt_mask=mask, max_new_tokens=NEW, num_beams=num_beams)
+    got = model.generate(**options, repetition_penalty=1.8)
+    assert not torch.equal(got, model.generate(**options))
+    assert torch.equal(after_eos_padded(got, ids.shape[1], EOS), after_eos_padded(expected, ids.shape[1], EOS))
 
 
 def test_gpt2_from_a_folder(hf_gpt2, tmp_path):
