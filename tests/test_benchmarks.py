@@ -24,6 +24,7 @@ if ROOT not in sys.path:  # `benchmarks` is a folder of the repository, not of t
         ("generate", ["speech (smoke)", "caption (smoke)", "vs_hf", "vs_no_cache", "compiled_vs_hf", "compile_s"]),
         ("attention", ["fused_ms", "naive_MiB", "memory_ratio"]),
         ("startup", ["mmformer --help", "mmformer zeroshot"]),
+        ("lm_perplexity", ["model", "bigram (interpolated)", "unigram (add-one)", "vs_bigram"]),
     ],
 )
 def test_benchmark_runs_and_prints_its_table(name, expected, capsys):

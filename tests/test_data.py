@@ -395,8 +395,9 @@ def test_datamodule_streams_shards(tmp_path):
 
 def test_format_detection_and_errors(tmp_path):
     assert detect_format("x/train.tsv") == "manifest" and detect_format("s/shard-000001.tar") == "webdataset"
+    assert detect_format("books/hamlet.txt") == "text"
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        detect_format(tmp_path / "nothing.txt")
+        detect_format(tmp_path / "nothing.xyz")
     with pytest.raises(ValueError, match="format: expected one of"):
         MultimodalDataModule(format="parquet")
     with pytest.raises(ValueError, match="tokenizer: expected a tokenizer.json path, or train data"):
