@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmformer import generation, pretrained, weights
+from mmformer import completion, generation, pretrained, weights
 from mmformer.config import MODALITIES, ModelConfig
 from mmformer.embedders import AudioEmbedder, ImageEmbedder, TextEmbedder
 from mmformer.embedders.checks import check_device
@@ -440,8 +440,8 @@ class MultimodalTransformer(nn.Module):
 
     def complete(self, prompts: Any, processor: Any = None, **decoding: Any) -> list[str]:
         """Continuations of text prompts (a str, a list of str, or prompt ids) by a decoder-only language model;
-        see :func:`mmformer.generation.complete`."""
-        return generation.complete(self, prompts, processor=processor, **decoding)
+        see :func:`mmformer.completion.complete`."""
+        return completion.complete(self, prompts, processor=processor, **decoding)
 
     def caption(self, images: Any, processor: Any = None, **decoding: Any) -> list[str]:
         """Captions for images (pixel tensors, or anything the processor accepts)."""

@@ -22,6 +22,8 @@ from transformers import (  # noqa: E402
     T5ForConditionalGeneration,
 )
 
+from mmformer import from_pretrained  # noqa: E402
+from mmformer.cli import main  # noqa: E402
 from mmformer.convert import from_hf_bert, from_hf_gpt2, from_hf_llama, from_hf_t5  # noqa: E402
 from mmformer.convert.common import UnsupportedModelError  # noqa: E402
 from mmformer.generation import left_pad  # noqa: E402
@@ -170,12 +172,16 @@ def test_gpt2_repetition_penalty_matches_hf(hf_gpt2, prompts, num_beams):
     assert torch.equal(after_eos_padded(got, ids.shape[1], EOS), after_eos_padded(expected, ids.shape[1], EOS))
 
 
-def test_gpt2_from_a_folder(hf_gpt2, tmp_path):
-    hf_gpt2.save_pretrained(tmp_path)  # safetensors without the tied lm_head copy
-    model = from_hf_gpt2(tmp_path)
+def test_gpt2_from_a_folder_and_the_convert_command(hf_gpt2, tmp_path):
+    hf_gpt2.save_pretrained(tmp_path / "hf")  # safetensors without the tied lm_head copy
+    model = from_hf_gpt2(tmp_path / "hf")
     ids = torch.randint(0, V, (2, 6))
     with torch.no_grad():
-        assert (model.decode(ids) - hf_gpt2(ids).logits).abs().max() < ATOL
+        expected = hf_gpt2(ids).logits
+        assert (model.decode(ids) - expected).abs().max() < ATOL
+    main(["convert", "--from", "hf_gpt2", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")])
+    with torch.no_grad():
+        assert (from_pretrained(tmp_path / "ours").decode(ids) - expected).abs().max() < ATOL
 
 
 # ---------------------------------------------------------------- Llama / Qwen2
@@ -245,7 +251,7 @@ def test_t5_generate_matches_hf(hf_t5, prompts, num_beams):
 
 
 # ---------------------------------------------------------------- BERT masked LM
-def test_bert_mlm_logits_match():
+def test_bert_mlm_logits_match(tmp_path):
     torch.manual_seed(0)
     config = BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
                         max_position_embeddings=40)  # fmt: skip
@@ -258,6 +264,11 @@ def test_bert_mlm_logits_match():
         expected = hf(input_ids=ids, attention_mask=mask.long()).logits
         got = model.mlm_logits(ids, mask)
     assert (expected - got)[mask].abs().max() < ATOL
+    model.save_pretrained(tmp_path)  # the tied head is stored once and tied again on loading
+    loaded = from_pretrained(tmp_path)
+    assert loaded.mlm_head.decoder.weight is loaded.text_embed.tokens.weight
+    with torch.no_grad():
+        assert (loaded.mlm_logits(ids, mask) - got).abs().max() == 0
 
 
 # ---------------------------------------------------------------- refusals
