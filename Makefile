@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # torchaudio 2.11 declares no torch pin and runs beside them through the stable ABI.
 TORCH := torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0
 
-.PHONY: demo test lint format install install-dev clean
+.PHONY: demo test test-fast lint format install install-dev clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,7 +31,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
+
+# the suite without the long end-to-end runs (marked slow): kill/resume, DDP, compiled decoding, benchmark smoke runs
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -1,12 +1,18 @@
-"""Command-line start-up: wall time of ``mmformer --help`` and of ``mmformer zeroshot`` on one image with a small
-saved model, each in a fresh process (median of the repeats), and which heavy packages each command imports
-(``python -X importtime``).
+"""Start-up: wall time of ``mmformer --help`` and of ``mmformer zeroshot`` on one image with a small saved model,
+each in a fresh process (median of the repeats), and which heavy packages each command imports
+(``python -X importtime``); and model loading (``--load``): ``load_pretrained`` of a ViT-B/32-size CLIP and a
+Whisper-small-size model (random weights saved locally) against the build-then-copy path it replaced (build the
+model with random initialisation, then copy the weights in) and against a bare ``safetensors`` read, each in a fresh
+process, with its peak resident memory above the process's baseline. Every method ends by reading every weight
+once (a sum), so lazily memory-mapped tensors are paid for too.
 
-    python -m benchmarks.startup [--repeats 5]
+    python -m benchmarks.startup [--repeats 5] [--load-only]
 """
 
 from __future__ import annotations
 
+import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -83,11 +89,135 @@ def make_model(directory: Path) -> Path:
     return image
 
 
+# ---------------------------------------------------------------------------------------------- loading
+LOAD_SIZES = {
+    # CLIP ViT-B/32: vision 12 x 768 at 224 px, text 12 x 512, vocab 49,408 (151 M parameters)
+    "vit-b-32": dict(
+        stacks={"vision": dict(width=768, depth=12, n_heads=12), "text": dict(width=512, depth=12, n_heads=8)},
+        routes={"image": "vision", "text": "text"},
+        image=dict(image_size=[224, 224], patch_size=32, pre_norm=True, patch_bias=False),
+        audio=None,
+        text=dict(vocab_size=49408, max_length=77, causal=True),
+        embed_dim=512,
+    ),
+    # Whisper small: encoder and decoder 12 x 768, vocab 51,865 (242 M parameters)
+    "whisper-small": dict(
+        stacks={
+            "encoder": dict(width=768, depth=12, n_heads=12),
+            "decoder": dict(width=768, depth=12, n_heads=12, cross_attention=True),
+        },
+        routes={"audio": "encoder", "decoder": "decoder"},
+        image=None,
+        audio=dict(n_mels=80, max_frames=3000),
+        text=dict(vocab_size=51865, max_length=448, bos_id=50258, eos_id=50257, pad_id=50257),
+        embed_dim=None,
+    ),
+    "tiny": dict(
+        stacks={"shared": dict(width=32, depth=2, n_heads=2, cross_attention=True)},
+        image=dict(image_size=[32, 32], patch_size=16),
+        audio=dict(n_mels=16, n_fft=64, hop_length=32, max_frames=64),
+        text=dict(vocab_size=64, max_length=16),
+        embed_dim=16,
+    ),
+}
+LOAD_METHODS = ("load_pretrained", "build_then_copy", "safetensors_read")
+
+
+def save_load_model(size: str, directory: Path) -> Path:
+    """A model of ``size`` with random weights, saved with save_pretrained."""
+    import torch
+
+    from mmformer import ModelConfig, MultimodalTransformer
+
+    torch.manual_seed(0)
+    MultimodalTransformer(ModelConfig.from_dict(LOAD_SIZES[size])).save_pretrained(directory)
+    return directory
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+
+
+def load_worker(method: str, directory: str, repeats: int) -> dict:
+    """Run in a fresh process: load ``directory`` by ``method`` ``repeats`` times; seconds (median) and the peak
+    resident memory above the baseline after imports."""
+    import safetensors.torch
+
+    import mmformer
+    from mmformer.pretrained import read_config
+
+    weights = Path(directory) / "model.safetensors"
+
+    def run() -> float:
+        if method == "load_pretrained":
+            tensors = list(mmformer.load_pretrained(directory).state_dict().values())
+        elif method == "build_then_copy":  # the path loading took before the meta-device build
+            model = mmformer.MultimodalTransformer(read_config(Path(directory) / "config.json"))
+            model.load_state_dict(safetensors.torch.load_file(weights), strict=False)
+            tensors = list(model.state_dict().values())
+        else:
+            tensors = list(safetensors.torch.load_file(weights).values())
+        return float(sum(float(t.float().sum()) for t in tensors))  # every weight read once
+
+    base = _rss_mb()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": statistics.median(times), "peak_mb": peak - base}
+
+
+def load_rows(sizes: list[str], repeats: int) -> list[dict]:
+    rows = []
+    for size in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            directory = save_load_model(size, Path(tmp) / "model")
+            weights_mb = (directory / "model.safetensors").stat().st_size / 2**20
+            results = {}
+            for method in LOAD_METHODS:
+                code = (
+                    "import json, sys; from benchmarks.startup import load_worker; "
+                    f"print(json.dumps(load_worker({method!r}, {str(directory)!r}, {repeats})))"
+                )
+                out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
+                results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+            ours, old = results["load_pretrained"], results["build_then_copy"]
+            for method in LOAD_METHODS:
+                rows.append(
+                    {
+                        "model": size,
+                        "weights_mb": weights_mb,
+                        "method": method,
+                        "seconds": results[method]["seconds"],
+                        "peak_mb": results[method]["peak_mb"],
+                        "peak_over_weights": results[method]["peak_mb"] / weights_mb,
+                        **(
+                            {"speedup_vs_build_then_copy": old["seconds"] / ours["seconds"]}
+                            if method == LOAD_METHODS[0]
+                            else {}
+                        ),  # fmt: skip
+                    }
+                )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = base_parser(__doc__)
+    p.add_argument("--load-only", action="store_true", help="only the model-loading rows")
     args = parse_args(p, argv)
     if args.tiny:
         args.repeats = 1
+    sizes = ["tiny"] if args.tiny else ["vit-b-32", "whisper-small"]
+    rows = load_rows(sizes, args.repeats)
+    print(f"model loading (fresh process each, median of {args.repeats}, every weight read once), {machine()}")
+    columns = ["model", "weights_mb", "method", "seconds", "speedup_vs_build_then_copy", "peak_mb", "peak_over_weights"]
+    print(table(rows, columns))
+    record("startup_load", rows, args)
+    if args.load_only:
+        return
     cli = mmformer_command()
     with tempfile.TemporaryDirectory() as tmp:
         image = make_model(Path(tmp))

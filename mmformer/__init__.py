@@ -51,9 +51,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from mmformer.auto import from_pretrained, load_pretrained
     from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
     from mmformer.layers.cache import KVCache
-    from mmformer.model import MultimodalTransformer, load_pretrained
+    from mmformer.model import MultimodalTransformer
     from mmformer.pretrained import save_pretrained
     from mmformer.processor import Processor
     from mmformer.tokenizer import Tokenizer

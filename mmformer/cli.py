@@ -28,8 +28,14 @@ Inference and interop:
   caption     image captioning:                    mmformer caption --model out/model FILES...
   transcribe  speech to text:                      mmformer transcribe --model out/model FILES...
   complete    continue text prompts (an LM):       mmformer complete --model out/model "Once upon" ...
-  convert     public checkpoint → pretrained dir:  mmformer convert --from open_clip SRC --out out/model
+  convert     public checkpoint → pretrained dir:  mmformer convert SRC --out out/model [--from open_clip]
+
+Every --model and convert SRC may be a local folder or file, a Hugging Face Hub id (openai/whisper-tiny),
+open_clip:MODEL/TAG (open_clip:ViT-B-32/openai) or timm:NAME (timm:vit_base_patch16_224.augreg_in21k).
 """
+MODEL_HELP = (
+    "a pretrained folder or training checkpoint, a Hugging Face folder or Hub id, open_clip:MODEL/TAG or timm:NAME"
+)
 
 
 def dataclass_flags(cls: type) -> list[tuple[str, dict[str, Any]]]:
@@ -57,7 +63,7 @@ def dataclass_flags(cls: type) -> list[tuple[str, dict[str, Any]]]:
 def _decoding_args(p: argparse.ArgumentParser, inputs: str = "files", what: str = "input files") -> None:
     from mmformer.generation import DecodingOptions
 
-    p.add_argument("--model", required=True, help="pretrained directory or training checkpoint")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     for flag, kwargs in dataclass_flags(DecodingOptions):
         p.add_argument(flag, **kwargs)
     p.add_argument("--device", default="cpu")
@@ -74,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing mmformer directory")
 
     p = sub.add_parser("zeroshot", help="zero-shot classification of images or audio files")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--classes", required=True, help="comma-separated class names")
     p.add_argument("--templates", default="{}", help="'|'-separated prompt templates with {} for the class name")
     p.add_argument("--modality", choices=("auto", "image", "audio"), default="auto")
@@ -91,9 +97,16 @@ def _parser() -> argparse.ArgumentParser:
     from mmformer.convert import SOURCES
 
     p = sub.add_parser("convert", help="convert a public checkpoint into a pretrained directory")
-    p.add_argument("--from", dest="source", required=True, choices=tuple(SOURCES))
-    p.add_argument("src", help="checkpoint file or directory")
+    p.add_argument(
+        "--from",
+        dest="source",
+        default=None,
+        choices=sorted(SOURCES),
+        help="the converter for SRC (default: decided from its files; needed for bare state-dict files)",
+    )
+    p.add_argument("src", help=MODEL_HELP)
     p.add_argument("--out", required=True)
+    p.add_argument("--revision", default=None, help="a Hub branch, tag or commit (Hub ids)")
     p.add_argument("--overwrite", action="store_true")
     return parser
 
@@ -177,9 +190,9 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from mmformer import convert
+    from mmformer.auto import from_pretrained
 
-    model = getattr(convert, convert.SOURCES[args.source])(args.src)
+    model = from_pretrained(args.src, source=args.source, revision=args.revision)
     model.save_pretrained(args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
 

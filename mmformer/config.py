@@ -27,6 +27,10 @@ _ROPE_SCALING_KEYS = {
 AbsolutePosition = Literal["none", "learned", "sinusoidal"]
 
 
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
@@ -102,6 +106,9 @@ class StackConfig:
     cross_attention: bool = False  # add a cross-attention sublayer, used only when memory is given
     multiway: list[str] = field(default_factory=list)  # modalities with their own MLP behind shared attention
     gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
+    layer_scale: float | None = None  # learned per-channel scale on each residual branch, from this value (DINOv2)
+    cross_mlp: bool = False  # CoCa's multimodal layers: self-attention, MLP, cross-attention, a second MLP
+    cross_memory_norm: bool = False  # a norm on the memory before the cross-attention keys/values (CoCa's ln_1_kv)
 
     def __post_init__(self) -> None:
         for name, choices in _STACK_CHOICES.items():
@@ -149,6 +156,16 @@ class StackConfig:
         _check_at_most("StackConfig hidden width (mlp_ratio * width, or mlp_hidden)", self.hidden_dim, "mlp_hidden")
         for m in self.multiway:
             _check_choice("StackConfig.multiway entries", m, MODALITIES)
+        if self.layer_scale is not None and (not _is_finite(self.layer_scale) or self.parallel):
+            raise ValueError(
+                f"StackConfig.layer_scale must be None or a finite number, and needs parallel=False; got "
+                f"layer_scale={self.layer_scale!r}, parallel={self.parallel}"
+            )
+        if (self.cross_mlp or self.cross_memory_norm) and not self.cross_attention:
+            raise ValueError(
+                f"StackConfig.cross_mlp={self.cross_mlp} / cross_memory_norm={self.cross_memory_norm} need "
+                "cross_attention=True"
+            )
 
     def _check_rope_scaling(self) -> None:
         scaling = self.rope_scaling
@@ -197,7 +214,16 @@ class ImageConfig:
     position: str = "learned"  # learned (2-D table, bicubic-resampled to other sizes) | none
     patch_bias: bool = True  # bias in the patchify convolution (timm: yes, CLIP: no)
     pre_norm: bool = False  # norm on the tokens before the stack (CLIP's ln_pre)
-    pool: str = "cls"  # cls | mean
+    n_registers: int = 0  # learned register tokens after the class token (timm reg_tokens: DINOv2 with registers)
+    # cls (first token) | mean (every token) | mean_patches (patch tokens only: timm's global_pool='avg') |
+    # map (an attention-pooling head: a learned query reads the patch tokens, then a residual MLP; SigLIP, timm 'map')
+    pool: str = "cls"
+    pool_norm: bool = False  # a norm on the pooled features, before the projection (timm's fc_norm)
+    # > 0: CoCa's attentional pooler: this many learned queries read the patch tokens and become the image tokens
+    # (then a norm); the first is pooled, the others are what a decoder reads
+    resampler_queries: int = 0
+    resampler_width: int | None = None  # the pooler's width (CoCa: the embedding size); None: the stack's
+    resampler_heads: int | None = None  # its attention heads; None: the stack's
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, int):
@@ -214,18 +240,35 @@ class ImageConfig:
                     f"image_size={self.image_size}"
                 )
         _check_choice("ImageConfig.position", self.position, ("learned", "none"))
-        _check_choice("ImageConfig.pool", self.pool, ("cls", "mean"))
-        if self.pool == "cls" and not self.class_token:
-            raise ValueError("ImageConfig.pool='cls' needs class_token=True")
+        _check_choice("ImageConfig.pool", self.pool, ("cls", "mean", "mean_patches", "map"))
+        for name in ("n_registers", "resampler_queries"):
+            _check_positive(f"ImageConfig.{name}", getattr(self, name), allow_zero=True)
+            _check_at_most(f"ImageConfig.{name}", getattr(self, name), "max_length")
+        for name in ("resampler_width", "resampler_heads"):
+            if getattr(self, name) is not None:
+                _check_positive(f"ImageConfig.{name}", getattr(self, name))
+        if self.resampler_queries:
+            if self.pool != "cls":
+                raise ValueError(
+                    f"ImageConfig.resampler_queries={self.resampler_queries} pools the first query: it needs "
+                    f"pool='cls', got pool={self.pool!r}"
+                )
+        elif self.pool == "cls" and not self.class_token:
+            raise ValueError("ImageConfig.pool='cls' needs class_token=True (or resampler_queries > 0)")
 
     @property
     def grid(self) -> tuple[int, int]:
         return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
 
     @property
+    def n_prefix(self) -> int:
+        """Tokens before the patches: the class token and the registers."""
+        return int(self.class_token) + self.n_registers
+
+    @property
     def n_tokens(self) -> int:
         gh, gw = self.grid
-        return gh * gw + int(self.class_token)
+        return gh * gw + self.n_prefix
 
 
 @dataclass
@@ -240,6 +283,9 @@ class AudioConfig:
     conv_stride: int = 2  # stride of the second convolution (Whisper: 2)
     position: str = "sinusoidal"  # sinusoidal | learned | none
     pool: str = "mean"  # mean over real (unpadded) frames
+    # Whisper's features: every waveform is zero-padded or cut to this many seconds before the log-mel, which has
+    # samples / hop_length frames and one peak over the whole window; None: the waveform's own length (digits)
+    pad_to_seconds: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("sample_rate", "n_mels", "n_fft", "hop_length", "max_frames", "conv_stride"):
@@ -248,6 +294,20 @@ class AudioConfig:
             _check_at_most(f"AudioConfig.{name}", getattr(self, name), name)
         _check_choice("AudioConfig.position", self.position, AbsolutePosition.__args__)
         _check_choice("AudioConfig.pool", self.pool, ("mean",))
+        if self.pad_to_seconds is not None:
+            if not _is_finite(self.pad_to_seconds) or self.pad_to_seconds <= 0:
+                raise ValueError(f"AudioConfig.pad_to_seconds must be None or > 0, got {self.pad_to_seconds!r}")
+            frames = self.window_samples // self.hop_length
+            if self.window_samples != self.pad_to_seconds * self.sample_rate or frames > self.max_frames:
+                raise ValueError(
+                    f"AudioConfig.pad_to_seconds={self.pad_to_seconds} must be a whole number of samples at "
+                    f"sample_rate={self.sample_rate} whose {frames} mel frames fit max_frames={self.max_frames}"
+                )
+
+    @property
+    def window_samples(self) -> int:
+        """Samples every waveform is padded or cut to (``pad_to_seconds``); 0 when waveforms keep their length."""
+        return 0 if self.pad_to_seconds is None else round(self.pad_to_seconds * self.sample_rate)
 
     @property
     def max_tokens(self) -> int:
@@ -269,7 +329,14 @@ class TextConfig:
     embed_norm: bool = False  # norm after the embeddings (BERT)
     embed_norm_eps: float = 1e-12
     causal: bool = False  # causal self-attention in the text *encoder* (CLIP's text tower is causal)
-    pool: str = "eot"  # eot (first eos token, else the last real one) | mean | cls
+    # eot (first eos token, else the last real one) | mean | cls (first) | last (the last position, padding included:
+    # SigLIP) | append_cls (a learned token appended after the text, whose state is pooled: CoCa's embed_cls)
+    pool: str = "eot"
+    fixed_length: bool = False  # the text encoder pads every text to its full length first (SigLIP, CoCa)
+    attend_padding: bool = False  # the text encoder attends to padding too (SigLIP was trained without a mask)
+    # append_cls only: the mask of open_clip's CoCa checkpoints (correct_cls_mask=False): the appended token reads
+    # the text and the first padding position, but not itself
+    legacy_cls_mask: bool = False
 
     def __post_init__(self) -> None:
         _check_positive("TextConfig.vocab_size", self.vocab_size)
@@ -277,11 +344,57 @@ class TextConfig:
         _check_at_most("TextConfig.vocab_size", self.vocab_size, "vocab_size")
         _check_at_most("TextConfig.max_length", self.max_length, "max_length")
         _check_choice("TextConfig.position", self.position, AbsolutePosition.__args__)
-        _check_choice("TextConfig.pool", self.pool, ("eot", "mean", "cls"))
+        _check_choice("TextConfig.pool", self.pool, ("eot", "mean", "cls", "last", "append_cls"))
+        if self.legacy_cls_mask and self.pool != "append_cls":
+            raise ValueError(f"TextConfig.legacy_cls_mask=True needs pool='append_cls', got pool={self.pool!r}")
+        if self.pool == "append_cls" and self.max_length < 2:
+            raise ValueError(f"TextConfig.pool='append_cls' needs max_length >= 2, got {self.max_length}")
         for name in ("pad_id", "bos_id", "eos_id", "mask_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ValueError(f"TextConfig.{name} must be in [0, vocab_size={self.vocab_size}), got {value}")
+
+    @property
+    def max_tokens(self) -> int:
+        """Most text tokens a sequence may hold: the position table, less the slot of an appended class token."""
+        return self.max_length - (self.pool == "append_cls")
+
+
+@dataclass
+class GenerationConfig:
+    """A checkpoint's own decoding rules, as Hugging Face's ``generation_config.json`` holds them (Whisper): the
+    forced decoder prompt and tokens that are never generated. The decoder prompt is ``[bos]``, then a language
+    token (detected from the audio when ``language_ids`` exist and no language is chosen), a task token and the
+    no-timestamps token, each when the checkpoint has one."""
+
+    suppress_tokens: list[int] = field(default_factory=list)  # never generated
+    begin_suppress_tokens: list[int] = field(default_factory=list)  # not generated as the first new token
+    language_ids: dict[str, int] = field(default_factory=dict)  # language code ("en") → its token
+    task_ids: dict[str, int] = field(default_factory=dict)  # task ("transcribe", "translate") → its token
+    language: str | None = None  # default language; None: detected when there are language_ids
+    task: str | None = None  # default task; None: "transcribe" when there are task_ids
+    no_timestamps_id: int | None = None  # appended to the prompt: text without timestamp tokens
+
+    def __post_init__(self) -> None:
+        self.suppress_tokens, self.begin_suppress_tokens = list(self.suppress_tokens), list(self.begin_suppress_tokens)
+        self.language_ids, self.task_ids = dict(self.language_ids), dict(self.task_ids)
+        if self.language is not None and self.language not in self.language_ids:
+            raise ValueError(
+                f"GenerationConfig.language must be one of language_ids {sorted(self.language_ids)}, got "
+                f"{self.language!r}"
+            )
+        if self.task is not None and self.task not in self.task_ids:
+            raise ValueError(
+                f"GenerationConfig.task must be one of task_ids {sorted(self.task_ids)}, got {self.task!r}"
+            )
+
+    def token_ids(self) -> list[int]:
+        """Every token id the config names (checked against the vocabulary by :class:`ModelConfig`)."""
+        ids = [*self.suppress_tokens, *self.begin_suppress_tokens, *self.language_ids.values(), *self.task_ids.values()]
+        return ids + ([] if self.no_timestamps_id is None else [self.no_timestamps_id])
+
+
+PROJECTIONS = ("linear", "none", "mlp")
 
 
 @dataclass
@@ -302,6 +415,13 @@ class ModelConfig:
     tie_lm_head: bool = True  # the LM head shares the token embedding matrix
     mlm_head: bool = False  # a masked-LM head on the text encoder (BERT: dense, activation, norm, tied decoder + bias)
     ctc_head: bool = False  # a CTC head on the audio tokens (blank = text.pad_id)
+    # per-modality projection to the joint space when not "linear": "none" (the pooled features are the embedding:
+    # SigLIP's image tower) or "mlp" (linear → GELU → linear without biases: open_clip's proj_type='mlp')
+    projections: dict[str, str] = field(default_factory=dict)
+    # what the decoder stack reads: "embeddings" (the token embeddings) or "text" (the text encoder's causal token
+    # states before its final norm: CoCa, whose caption decoder continues its text tower)
+    decoder_input: str = "embeddings"
+    generation: GenerationConfig | None = None  # the checkpoint's decoding rules (Whisper), if any
 
     def __post_init__(self) -> None:
         self.stacks = {k: v if isinstance(v, StackConfig) else StackConfig(**v) for k, v in self.stacks.items()}
@@ -311,6 +431,8 @@ class ModelConfig:
             self.audio = AudioConfig(**self.audio)
         if isinstance(self.text, dict):
             self.text = TextConfig(**self.text)
+        if isinstance(self.generation, dict):
+            self.generation = GenerationConfig(**self.generation)
         if not self.stacks:
             raise ValueError("ModelConfig.stacks must name at least one stack")
         for route, stack in self.routes.items():
@@ -323,8 +445,9 @@ class ModelConfig:
         # a decoder without cross_attention is a decoder-only language model (it reads no memory)
         if "decoder" in self.routes and (self.text.bos_id is None or self.text.eos_id is None):
             raise ValueError("a decoder needs TextConfig.bos_id and TextConfig.eos_id")
+        self._check_heads()
         if self.embed_dim is None:
-            widths = {m: self.width(m) for m in MODALITIES if m in self.routes}
+            widths = {m: self.feature_width(m) for m in MODALITIES if m in self.routes}
             if len(set(widths.values())) > 1:
                 raise ValueError(f"ModelConfig.embed_dim=None needs equal stack widths per modality, got {widths}")
         widths = {self.width(r) for r in ("text", "decoder") if r in self.routes}
@@ -337,9 +460,53 @@ class ModelConfig:
         if self.mlm_head and "text" not in self.routes:
             raise ValueError(f"ModelConfig.mlm_head=True needs a text route, got routes {sorted(self.routes)}")
 
+    def _check_heads(self) -> None:
+        """Projection kinds, the decoder's input and the generation rules."""
+        for modality, kind in self.projections.items():
+            _check_choice("ModelConfig.projections keys", modality, MODALITIES)
+            _check_choice(f"ModelConfig.projections[{modality!r}]", kind, PROJECTIONS)
+            unprojected = kind == "none" and self.embed_dim is not None and modality in self.routes
+            if unprojected and self.feature_width(modality) != self.embed_dim:
+                raise ValueError(
+                    f"ModelConfig.projections[{modality!r}]='none' needs its features as wide as embed_dim="
+                    f"{self.embed_dim}, got {self.feature_width(modality)}"
+                )
+        _check_choice("ModelConfig.decoder_input", self.decoder_input, ("embeddings", "text"))
+        if self.decoder_input == "text":
+            if "text" not in self.routes or "decoder" not in self.routes:
+                raise ValueError("ModelConfig.decoder_input='text' needs a text route and a decoder route")
+            text, dec = self.stacks[self.routes["text"]], self.stacks[self.routes["decoder"]]
+            if (text.n_kv_heads, text.head_dim) != (dec.n_kv_heads, dec.head_dim) or text is dec:
+                raise ValueError(
+                    "ModelConfig.decoder_input='text' runs the text stack and then the decoder stack through one KV "
+                    f"cache: they must be two stacks with equal key/value heads and head size, got text "
+                    f"({text.n_kv_heads}, {text.head_dim}) and decoder ({dec.n_kv_heads}, {dec.head_dim})"
+                )
+        if self.generation is not None:
+            outside = sorted({i for i in self.generation.token_ids() if not 0 <= i < self.text.vocab_size})
+            if outside:
+                raise ValueError(
+                    f"ModelConfig.generation names token ids outside the vocabulary [0, {self.text.vocab_size}): "
+                    f"{outside[:10]}"
+                )
+        image = self.image
+        if image is not None and image.resampler_queries and "image" in self.routes:
+            width, heads = (
+                self.feature_width("image"),
+                image.resampler_heads or self.stacks[self.routes["image"]].n_heads,
+            )
+            if width % heads:
+                raise ValueError(f"ImageConfig.resampler_heads ({heads}) must divide the resampler width ({width})")
+
     def width(self, route: str) -> int:
         """Width of the stack a route runs through."""
         return self.stacks[self.routes[route]].width
+
+    def feature_width(self, modality: str) -> int:
+        """Width of a modality's token states after its tower: the stack's, or the image resampler's."""
+        if modality == "image" and self.image is not None and self.image.resampler_queries:
+            return self.image.resampler_width or self.width("image")
+        return self.width(modality)
 
     def text_width(self) -> int:
         route = "text" if "text" in self.routes else "decoder"
@@ -347,9 +514,17 @@ class ModelConfig:
 
     def parameter_floor(self) -> int:
         """A cheap lower bound on the parameters this config declares, computed without building anything: each
-        block's query and output projections (2 D nh hs at least), the token table and the learned position tables.
+        block's query and output projections (2 D nh hs) and MLP (2 D H per expert), the token table and the learned
+        position tables.
         Loading compares it with the weights file's size before building the model at all."""
-        floor = sum(2 * s.width * s.n_heads * s.head_dim * s.depth for s in self.stacks.values())
+        floor = sum(
+            stack.depth
+            * (
+                2 * stack.width * stack.n_heads * stack.head_dim
+                + max(stack.n_experts, 1) * 2 * stack.width * stack.hidden_dim
+            )
+            for stack in self.stacks.values()
+        )
         if "text" in self.routes or "decoder" in self.routes:
             width = self.text_width()
             floor += self.text.vocab_size * width

@@ -6,7 +6,9 @@ strategy classes pick tokens (:class:`Greedy`, :class:`Sampler` with its logit f
 :class:`TopK`, :class:`TopP`), adjust scores from the tokens so far (:class:`RepetitionPenalty`), tell when a row
 is finished (:class:`StopStrings`) and run the search (:class:`TokenSearch` for greedy/sampling, :class:`BeamSearch`);
 :class:`DecoderRunner` feeds the decoder either incrementally through one preallocated
-:class:`~mmformer.layers.cache.KVCache` or from scratch every step (the reference the cache must equal).
+:class:`~mmformer.layers.cache.KVCache` or from scratch every step (the reference the cache must equal). A
+checkpoint's rules (suppressed tokens, Whisper's prompt and language detection) and the length rules
+(``min_new_tokens``, ``forced_eos``) live in :mod:`mmformer.decoding_rules`.
 
 Returned ids are the prompt followed by the generated tokens. A row ends at its first ``eos_id`` (kept) or where its
 text has produced a stop string, and is right-padded with ``pad_id`` to the longest row; rows that never end run to
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from mmformer.decoding_rules import LogitRules, default_prompt, logit_rules, prompt_length
 from mmformer.embedders.checks import check_token_ids
 
 if TYPE_CHECKING:
@@ -76,6 +79,11 @@ class DecodingOptions:
                                                 "(needs a tokenizer; repeat the flag for several)")  # fmt: skip
     use_cache: bool = _option(True, "decode incrementally through a KV cache (False recomputes every step)")
     compile: bool = _option(False, "run the cached decoder step through torch.compile (pays off over many calls)")
+    min_new_tokens: int = _option(0, "end-of-text is not generated before this many new tokens")
+    forced_eos: bool = _option(False, "a row still open at the length limit ends with end-of-text there")
+    language: str | None = _option(None, "Whisper: the audio's language code, e.g. en (default: the checkpoint's, "
+                                         "else detected from the audio)")  # fmt: skip
+    task: str | None = _option(None, "Whisper: transcribe or translate (default: the checkpoint's, else transcribe)")
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -112,6 +120,13 @@ class DecodingOptions:
             raise ValueError(
                 "compile=True compiles the KV-cached decoder step; it needs use_cache=True (got use_cache=False)"
             )
+        if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens: expected an int >= 0, got {self.min_new_tokens!r}")
+        if not isinstance(self.forced_eos, bool):
+            raise ValueError(f"forced_eos: expected True or False, got {self.forced_eos!r}")
+        for name in ("language", "task"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}: expected None or a string, got {getattr(self, name)!r}")
         if self.sample and self.num_beams > 1:
             raise ValueError(
                 f"num_beams={self.num_beams} with sampling (do_sample={self.do_sample}, top_k={self.top_k}, "
@@ -395,20 +410,23 @@ class TokenSearch:
         choose: Greedy | Sampler,
         eos_id: int,
         pad_id: int,
+        rules: LogitRules | None = None,
         processors: Sequence[Callable] = (),
         stop: StopStrings | None = None,
     ):
         self.choose, self.eos_id, self.pad_id = choose, eos_id, pad_id
+        self.rules = rules or LogitRules()
         self.processors, self.stop = list(processors), stop
 
     def run(self, runner: DecoderRunner, prompt: torch.Tensor, max_length: int) -> torch.Tensor:
         """Prompt (B, P) → ids (B, P + generated), at most ``max_length`` long."""
         B, cur = prompt.shape
+        n_prompt = cur
         tokens = prompt.new_empty(B, max_length)  # filled up to `cur`; no per-step concatenation
         tokens[:, :cur] = prompt
         done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
         while cur < max_length:
-            logits = runner.next_logits(tokens[:, :cur])  # (B, V)
+            logits = self.rules(runner.next_logits(tokens[:, :cur]), cur - n_prompt, max_length - cur)  # (B, V)
             for process in self.processors:
                 logits = process(logits, tokens[:, :cur])
             next_ids = self.choose(logits)  # (B,)
@@ -439,10 +457,12 @@ class BeamSearch:
         length_penalty: float,
         eos_id: int,
         pad_id: int,
+        rules: LogitRules | None = None,
         processors: Sequence[Callable] = (),
         stop: StopStrings | None = None,
     ):
         self.K, self.length_penalty, self.eos_id, self.pad_id = num_beams, length_penalty, eos_id, pad_id
+        self.rules = rules or LogitRules()
         self.processors, self.stop = list(processors), stop  # a candidate that makes a stop string ends like eos
 
     def run(self, runner: DecoderRunner, prompt: torch.Tensor, max_length: int) -> torch.Tensor:
@@ -462,6 +482,7 @@ class BeamSearch:
         while cur < max_length:
             rows_so_far = running.reshape(B * K, cur)
             logprobs = F.log_softmax(runner.next_logits(rows_so_far), dim=-1)  # (N, V)
+            logprobs = self.rules(logprobs, cur - n_prompt, max_length - cur)
             for process in self.processors:
                 logprobs = process(logprobs, rows_so_far)
             V = logprobs.shape[-1]
@@ -576,15 +597,14 @@ def _prompt(
     batch: int | None,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The prompt ids (B, P) and mask (B, P) or None, checked; ``batch`` is the memory's batch size (None: none)."""
+    """The given prompt ids (B, P) and mask (B, P) or None, checked; ``batch`` is the memory's batch size (None:
+    no memory)."""
     text = model.config.text
-    if prompt_ids is None:
-        if batch is None:
-            raise ValueError(
-                "generate: expected prompt_ids= (a decoder-only model continues a prompt) or one of image=, audio=, "
-                "audio_features=, input_ids= (the memory a decoder reads); got none"
-            )
-        return torch.full((batch, 1), text.bos_id, dtype=torch.long, device=device), None
+    if prompt_ids is None:  # without a memory (with one, generate starts from the default prompt)
+        raise ValueError(
+            "generate: expected prompt_ids= (a decoder-only model continues a prompt) or one of image=, audio=, "
+            "audio_features=, input_ids= (the memory a decoder reads); got none"
+        )
     if isinstance(prompt_ids, (list, tuple)) and len(prompt_ids) == 0:
         raise ValueError("prompt_ids: expected at least one prompt, got an empty list")
     if ragged(prompt_ids):
@@ -615,7 +635,7 @@ def _prompt(
             f"prompt_ids: expected {batch} rows (one per image/audio/text), got shape {tuple(prompt.shape)}"
         )
     check_token_ids("prompt_ids", prompt, text.vocab_size, what="ids")
-    if prompt.shape[1] > text.max_length:
+    if prompt.shape[1] > text.max_tokens:
         raise ValueError(
             f"prompt_ids: {prompt.shape[1]} tokens exceed the model's context (config.text.max_length="
             f"{text.max_length}); shorten the prompt"
@@ -659,15 +679,18 @@ def generate(
         audio_features: precomputed log-mel (B, n_mels, frames), as Whisper's ``input_features``.
         input_ids: token ids (B, T) for the text encoder (text-to-text, T5), with their ``attention_mask`` (B, T).
         prompt_ids: decoder prefix (B, P) or (P,) for every row, or a list of id lists of different lengths (left-
-            padded here); default ``[[bos_id]] * B``. Without a memory the prompt is required.
+            padded here); default ``[[bos_id]] * B``, or for a checkpoint with a generation config (Whisper) its
+            start, language (``language=`` or detected), task and no-timestamps tokens. Without a memory the prompt
+            is required. The checkpoint's suppressed tokens are never generated.
         prompt_mask: (B, P) True at the prompt's real tokens (left-padded prompts), as Hugging Face's
             ``attention_mask`` of a decoder-only model.
         options: a :class:`DecodingOptions`; default its defaults.
         generator: random generator for reproducible sampling.
         tokenizer: decodes rows for ``stop_strings`` (default: ``model.processor.tokenizer``).
         changes: :class:`DecodingOptions` fields overriding ``options`` (``max_new_tokens=``, ``num_beams=``,
-            ``top_k=``, ``top_p=``, ``temperature=``, ``length_penalty=``, ``do_sample=``,
-            ``repetition_penalty=``, ``stop_strings=``, ``use_cache=``, ``compile=``).
+            ``top_k=``, ``top_p=``, ``temperature=``, ``length_penalty=``, ``do_sample=``, ``repetition_penalty=``,
+            ``stop_strings=``, ``use_cache=``, ``compile=``, ``min_new_tokens=``, ``forced_eos=``, ``language=``,
+            ``task=``).
 
     Returns:
         LongTensor (B, P + generated): the prompt (as given, or left-padded) then the generated tokens; each row ends
@@ -681,12 +704,19 @@ def generate(
     memory, memory_mask = _memory(model, image, audio, audio_lengths, audio_features, input_ids, attention_mask)
     if memory is not None and memory.shape[0] == 0:
         raise ValueError(f"generate: expected at least one image or waveform, got a batch of 0 ({tuple(memory.shape)})")
-    device = memory.device if memory is not None else model.lm_head.weight.device
-    prompt, prompt_mask = _prompt(model, prompt_ids, prompt_mask, None if memory is None else memory.shape[0], device)
+    if prompt_ids is None and memory is not None:
+        if prompt_mask is not None:
+            raise ValueError("prompt_mask: only meaningful with prompt_ids=")
+        prompt = default_prompt(model, options, memory, memory_mask)
+    else:
+        device = memory.device if memory is not None else model.lm_head.weight.device
+        prompt, prompt_mask = _prompt(
+            model, prompt_ids, prompt_mask, None if memory is None else memory.shape[0], device
+        )
     n_prompt = prompt.shape[1]
     max_length = n_prompt + options.max_new_tokens
     if text.position != "none":  # absolute positions end with their table: stop there rather than fail
-        max_length = min(max_length, text.max_length)
+        max_length = min(max_length, text.max_tokens)
     if max_length <= n_prompt:
         return prompt
     stop = None
@@ -705,13 +735,13 @@ def generate(
         prompt = prompt.repeat_interleave(K, dim=0)
         if prompt_mask is not None:
             prompt_mask = prompt_mask.repeat_interleave(K, dim=0)
-    processors = score_processors(options, prompt_mask)
+    rules, processors = logit_rules(model, options), score_processors(options, prompt_mask)
     if K > 1:
         search: TokenSearch | BeamSearch = BeamSearch(
-            K, options.length_penalty, text.eos_id, text.pad_id, processors, stop
+            K, options.length_penalty, text.eos_id, text.pad_id, rules, processors, stop
         )
     else:
-        search = TokenSearch(token_chooser(options, generator), text.eos_id, text.pad_id, processors, stop)
+        search = TokenSearch(token_chooser(options, generator), text.eos_id, text.pad_id, rules, processors, stop)
     runner = DecoderRunner(
         model, memory, memory_mask, max_length, options.use_cache, options.compile, prompt_mask=prompt_mask
     )
@@ -728,9 +758,10 @@ def processor_with_tokenizer(model: MultimodalTransformer, processor: Processor 
     return processor
 
 
-def _detokenize(processor: Processor, ids: torch.Tensor, decoding: dict[str, Any]) -> list[str]:
+def _detokenize(model: MultimodalTransformer, processor: Processor, ids: torch.Tensor, decoding: dict) -> list[str]:
+    """The generated text of ids from :func:`generate`, without the prompt."""
     prompt = decoding.get("prompt_ids")
-    skip = 1 if prompt is None else torch.as_tensor(prompt).shape[-1]
+    skip = prompt_length(model) if prompt is None else torch.as_tensor(prompt).shape[-1]
     return processor.tokenizer.batch_decode(ids[:, skip:].cpu(), skip_special_tokens=True)
 
 
@@ -751,7 +782,7 @@ def caption(
     else:
         pixel_values = processor(images=images)["pixel_values"]
     ids = generate(model, image=pixel_values.to(model_device(model)), **decoding)
-    return _detokenize(processor, ids, decoding)
+    return _detokenize(model, processor, ids, decoding)
 
 
 def transcribe(
@@ -762,6 +793,12 @@ def transcribe(
     **decoding: Any,
 ) -> list[str]:
     """Transcripts of speech.
+
+    A model with a fixed audio window (``AudioConfig.pad_to_seconds``: Whisper's 30 s) transcribes longer audio by
+    consecutive, non-overlapping windows: [0, 30 s), [30 s, 60 s), ... each decoded on its own (with its own prompt,
+    and language detection when no language is chosen); a row's transcript is its windows' texts joined by spaces.
+    A word cut by a window boundary may be lost or split (Whisper's own long-form decoding moves its windows by the
+    timestamps it predicts; this does not).
 
     Args:
         waveforms: (B, S) tensor/array or a list of 1-D waveforms recorded at ``sample_rate``, or audio file paths;
@@ -774,6 +811,23 @@ def transcribe(
     if model.config.audio is not None:
         processor.check_audio_rate(model.config.audio.sample_rate)
     batch = processor(audio=waveforms, sampling_rate=sample_rate)
+    audio, lengths = batch["audio"], batch["audio_lengths"]
     device = model_device(model)
-    ids = generate(model, audio=batch["audio"].to(device), audio_lengths=batch["audio_lengths"].to(device), **decoding)
-    return _detokenize(processor, ids, decoding)
+    window = model.config.audio.window_samples if model.config.audio is not None else 0
+    if not window or audio.shape[-1] <= window:
+        ids = generate(model, audio=audio.to(device), audio_lengths=lengths.to(device), **decoding)
+        return _detokenize(model, processor, ids, decoding)
+    parts: list[list[str]] = [[] for _ in range(audio.shape[0])]
+    for start in range(0, int(lengths.max()), window):
+        rows = (lengths > start).nonzero().flatten()  # the waveforms that reach into this window
+        chunk = audio[rows, start : start + window]
+        chunk = F.pad(chunk, (0, window - chunk.shape[-1]))  # (b, window): the log-mel pads to it anyway
+        chunk_lengths = (lengths[rows] - start).clamp(max=window)
+        options = dict(decoding)
+        prompt = options.get("prompt_ids")
+        if prompt is not None and torch.as_tensor(prompt).ndim == 2:
+            options["prompt_ids"] = torch.as_tensor(prompt)[rows]
+        ids = generate(model, audio=chunk.to(device), audio_lengths=chunk_lengths.to(device), **options)
+        for row, text in zip(rows.tolist(), _detokenize(model, processor, ids, options)):
+            parts[row].append(text.strip())
+    return [" ".join(p for p in row if p) for row in parts]

@@ -24,6 +24,8 @@ from mmformer.layers.block import Stack
 from mmformer.layers.cache import KVCache
 from mmformer.layers.heads import MaskedLMHead
 from mmformer.layers.mlp import pop_aux_loss
+from mmformer.layers.norms import make_norm
+from mmformer.layers.pooling import AttentionPool
 from mmformer.layers.positions import positions_from_mask
 
 
@@ -51,11 +53,21 @@ class MultimodalTransformer(nn.Module):
         def projection(route: str) -> nn.Module | None:
             if route not in routes:
                 return None
-            if config.embed_dim is None:
+            kind = config.projections.get(route, "linear")
+            if config.embed_dim is None or kind == "none":
                 return nn.Identity()
-            return nn.Linear(config.width(route), config.embed_dim, bias=config.projection_bias)
+            width, out = config.feature_width(route), config.embed_dim
+            if kind == "mlp":  # open_clip's proj_type='mlp'
+                hidden = (width + out) // 2
+                return nn.Sequential(
+                    nn.Linear(width, hidden, bias=False), nn.GELU(), nn.Linear(hidden, out, bias=False)
+                )
+            return nn.Linear(width, out, bias=config.projection_bias)
 
         self.image_proj, self.audio_proj, self.text_proj = (projection(m) for m in MODALITIES)
+        self.image_pool = self.image_resampler = self.image_pool_norm = None
+        if "image" in routes:
+            self._image_heads(config)
         self.logit_scale = nn.Parameter(torch.empty(()))
         self.logit_bias = None if config.logit_bias_init is None else nn.Parameter(torch.empty(()))
         self.lm_head = None
@@ -66,6 +78,25 @@ class MultimodalTransformer(nn.Module):
         self.ctc_head = nn.Linear(config.width("audio"), config.text.vocab_size) if config.ctc_head else None
         self.processor: Any = None  # the Processor loaded with the weights (from_pretrained), if any
         self.reset_parameters()
+
+    def _image_heads(self, config: ModelConfig) -> None:
+        """The image tower's optional attention pooling (SigLIP / timm MAP head), CoCa's attentional pooler (the
+        resampler) and a norm on the pooled features (timm's fc_norm)."""
+        image, stack = config.image, config.stacks[config.routes["image"]]
+        common = dict(norm=stack.norm, eps=stack.norm_eps, bias=stack.bias)
+        if image.pool == "map":
+            self.image_pool = AttentionPool(
+                in_width=stack.width, width=stack.width, n_heads=stack.n_heads, mlp_hidden=stack.hidden_dim,
+                mlp=stack.mlp, **common,
+            )  # fmt: skip
+        if image.resampler_queries:
+            heads = image.resampler_heads or stack.n_heads
+            self.image_resampler = AttentionPool(
+                in_width=stack.width, width=config.feature_width("image"), n_heads=heads,
+                n_queries=image.resampler_queries, query_norm=True, input_norm=True, out_norm=True, **common,
+            )  # fmt: skip
+        if image.pool_norm:
+            self.image_pool_norm = make_norm(stack.norm, config.feature_width("image"), stack.norm_eps)
 
     def reset_parameters(self) -> None:
         """Initial values of the model's own parameters (the logit scale and bias; submodules initialise theirs)."""
@@ -94,10 +125,16 @@ class MultimodalTransformer(nn.Module):
             raise ValueError(f"this model has no {modality} encoder; its routes are {sorted(self.config.routes)}")
         return embedder
 
-    def encode_image_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """(B, C, H, W) → image token states (B, Np, D) and no mask."""
+    def encode_image_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, C, H, W) → image token states (B, Np, D) and no mask; with CoCa's attentional pooler, its queries'
+        states (B, Q, D) and a mask that keeps the pooled first query out of what a decoder reads."""
         x, mask = self._embedder("image")(pixel_values)
-        return self.stack("image")(x, modality="image"), mask
+        x = self.stack("image")(x, modality="image")
+        if self.image_resampler is not None:
+            x = self.image_resampler(x)  # (B, Q, D)
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            mask[:, 0] = False  # open_clip's CoCa decodes from the other queries only
+        return x, mask
 
     def encode_audio_tokens(
         self,
@@ -121,12 +158,37 @@ class MultimodalTransformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token ids (B, T) → text token states (B, T, D); causal when the text config says so (CLIP)."""
-        embed = self._embedder("text")
+        """Token ids (B, T) → text token states (B, T, D) and the mask of real tokens; causal when the text config
+        says so (CLIP). A ``fixed_length`` text encoder pads the ids to its full length first (SigLIP, CoCa); an
+        ``append_cls`` one returns (B, T + 1, D), the appended token last (CoCa)."""
+        x, mask, _ = self._text_states(input_ids, attention_mask, segment_ids)
+        return x, mask
+
+    def _text_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(token states, mask of real tokens, the ids the encoder read (padded when fixed_length))."""
+        embed, text = self._embedder("text"), self.config.text
         embed.check(input_ids, attention_mask)
-        x = embed(input_ids, segment_ids=segment_ids)
         mask = None if attention_mask is None else attention_mask.bool()
-        return self.stack("text")(x, modality="text", mask=mask, causal=self.config.text.causal), mask
+        pad = text.max_tokens - input_ids.shape[1]
+        if text.fixed_length and pad > 0:  # (B, T) → (B, max_tokens), as the checkpoint was trained
+            mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask
+            input_ids, mask = F.pad(input_ids, (0, pad), value=text.pad_id), F.pad(mask, (0, pad), value=False)
+            segment_ids = None if segment_ids is None else F.pad(segment_ids, (0, pad))
+        x = embed(input_ids, segment_ids=segment_ids, append_cls=True)
+        attend = mask
+        if embed.cls_token is not None and mask is not None:  # the appended token is real
+            ones = mask.new_ones(mask.shape[0], 1)
+            mask = torch.cat([mask, ones], dim=1)
+            # open_clip's CoCa checkpoints were trained with the key mask shifted by one (correct_cls_mask=False)
+            attend = torch.cat([ones, attend], dim=1) if text.legacy_cls_mask else mask
+        if text.attend_padding:
+            attend = None
+        # CoCa's class token follows the padding: a real query there (the shifted mask makes it look padded)
+        padded_queries = embed.cls_token is not None
+        x = self.stack("text")(x, modality="text", mask=attend, causal=text.causal, padded_queries=padded_queries)
+        return x, mask, input_ids
 
     def mlm_logits(
         self,
@@ -161,7 +223,17 @@ class MultimodalTransformer(nn.Module):
     def pool_image(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Image token states (B, Np, D) from :meth:`encode_image_tokens` → (B, E) embeddings, so that a training
         step can feed one encoder pass to both the contrastive head and the decoder."""
-        pooled = tokens[:, 0] if self.config.image.pool == "cls" else self._masked_mean(tokens, None)
+        cfg = self.config.image
+        if cfg.pool == "cls":
+            pooled = tokens[:, 0]
+        elif cfg.pool == "mean":
+            pooled = tokens.mean(dim=1)
+        elif cfg.pool == "mean_patches":
+            pooled = tokens[:, cfg.n_prefix :].mean(dim=1)
+        else:  # map: the attention-pooling head reads the patch tokens
+            pooled = self.image_pool(tokens[:, cfg.n_prefix :])[:, 0]
+        if self.image_pool_norm is not None:
+            pooled = self.image_pool_norm(pooled)
         return self._finish(pooled, self.image_proj, normalize)
 
     def encode_audio(
@@ -191,12 +263,14 @@ class MultimodalTransformer(nn.Module):
         segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token ids (B, T) with mask (B, T) → (B, E) text embeddings."""
-        x, mask = self.encode_text_tokens(input_ids, attention_mask, segment_ids)
+        x, mask, input_ids = self._text_states(input_ids, attention_mask, segment_ids)
         pool = self.config.text.pool
         if pool == "mean":
             pooled = self._masked_mean(x, mask)
         elif pool == "cls":
             pooled = x[:, 0]
+        elif pool in ("last", "append_cls"):
+            pooled = x[:, -1]
         else:
             pooled = x[torch.arange(x.shape[0], device=x.device), self.eot_positions(input_ids, mask)]
         return self._finish(pooled, self.text_proj, normalize)
@@ -305,6 +379,11 @@ class MultimodalTransformer(nn.Module):
             mask, tracked = cache.track(mask, input_ids.shape[1])
             positions = tracked if positions is None else positions
         x = self.text_embed(input_ids, offset=offset, positions=positions)
+        first_layer = 0
+        if self.config.decoder_input == "text":  # CoCa: the text tower's causal states, before its final norm
+            text = self.stack("text")
+            x = text(x, modality="text", mask=mask, causal=True, cache=cache, final_norm=False, positions=positions)
+            first_layer = text.cfg.depth
         return self.stack("decoder")(
             x,
             modality="text",
@@ -313,6 +392,7 @@ class MultimodalTransformer(nn.Module):
             memory=memory,
             memory_mask=memory_mask,
             cache=cache,
+            first_layer=first_layer,
             positions=positions,
         )
 
@@ -356,7 +436,10 @@ class MultimodalTransformer(nn.Module):
         table's); :meth:`KVCache.ensure` grows it."""
         ref = self.text_embed.tokens.weight
         length = max_length or self.config.text.max_length
-        return self.stack("decoder").make_cache(batch_size, length, device=ref.device, dtype=ref.dtype)
+        extra = self.stack("text").cfg.depth if self.config.decoder_input == "text" else 0
+        return self.stack("decoder").make_cache(
+            batch_size, length, device=ref.device, dtype=ref.dtype, extra_layers=extra
+        )
 
     def pop_aux_loss(self) -> torch.Tensor | None:
         """The mean mixture-of-experts load-balancing loss over every MoE layer call recorded since the last pop
@@ -411,11 +494,12 @@ class MultimodalTransformer(nn.Module):
         checkpoint = pretrained.read_checkpoint(path, config=config, map_location=map_location)
         held = sum(spec.numel for spec in checkpoint.specs.values())
         floor = checkpoint.config.parameter_floor()
-        if floor > weights.parameter_ceiling(held, strict, max_parameters):  # before building anything
-            raise ValueError(
-                f"{checkpoint.source}: the model config declares at least {weights.human_count(floor)} parameters; "
-                f"the file holds {weights.human_count(held)} (pass max_parameters=N to allow more)"
-            )
+        ceiling = weights.parameter_ceiling(held, strict, max_parameters)
+        # Far beyond the file (building even on the meta device could take a while): refused before building
+        # anything. Closer configs are built on the meta device and refused listing every key that differs.
+        if floor > 4 * ceiling:
+            summary = weights.size_summary(floor, held, checkpoint.source, at_least=True)
+            raise ValueError(weights.too_many_parameters(checkpoint.source, summary, ceiling, max_parameters))
         model = weights.build_on_meta(cls, checkpoint.config)
         if dtype is not None:
             model.to(dtype=dtype)

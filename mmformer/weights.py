@@ -55,7 +55,7 @@ def listed(items: list) -> str:
 
 def human_count(n: int) -> str:
     """1234567 → '1.23 M'."""
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    for unit, size in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:
             return f"{n / size:.3g} {unit}"
     return str(n)
@@ -124,7 +124,7 @@ def plan(
     specs = {tied.get(k, k): v for k, v in specs.items()}
     declared = sum(s.numel for s in expected.values())
     held = sum(s.numel for s in specs.values())
-    summary = f"config declares {human_count(declared)} parameters; {_name(source)} holds {human_count(held)}"
+    summary = size_summary(declared, held, source)
     wrong_shape = [
         f"{k}: expected {tuple(expected[k].shape)}, found {tuple(s.shape)}"
         for k, s in sorted(specs.items())
@@ -157,15 +157,26 @@ def plan(
     fresh = sum(expected[k].numel for k in initialise if k in expected and k not in specs)
     ceiling = parameter_ceiling(held + fresh, strict, max_parameters)
     if declared > ceiling:
-        how = "max_parameters=N" + ("" if max_parameters is not None else " to allow more (e.g. training from scratch)")
-        raise ValueError(
-            f"{source}: the model config declares more parameters than allowed ({summary}; the limit is "
-            f"{human_count(ceiling)}: pass {how}); the config does not belong to these weights"
-        )
+        raise ValueError(too_many_parameters(source, summary, ceiling, max_parameters))
     if problems:
         warnings.warn(message, stacklevel=3)
     initialised = sorted(set(missing) | (initialise & set(expected)) - set(specs))
     return LoadPlan(load=sorted(set(expected) & set(specs)), missing=initialised, unexpected=unexpected)
+
+
+def size_summary(declared: int, held: int, source: object, *, at_least: bool = False) -> str:
+    """'config declares 51.5 G parameters; model.safetensors holds 1.3 M'."""
+    declares = f"at least {human_count(declared)}" if at_least else human_count(declared)
+    return f"config declares {declares} parameters; {_name(source)} holds {human_count(held)}"
+
+
+def too_many_parameters(source: object, summary: str, ceiling: int, max_parameters: int | None) -> str:
+    """The refusal of a config that declares more than :func:`parameter_ceiling` allows."""
+    how = "max_parameters=N" + ("" if max_parameters is not None else " to allow more (e.g. training from scratch)")
+    return (
+        f"{source}: the model config declares more parameters than allowed ({summary}; the limit is "
+        f"{human_count(ceiling)}: pass {how}); the config does not belong to these weights"
+    )
 
 
 def parameter_ceiling(held: int, strict: bool, max_parameters: int | None = None) -> int:

@@ -91,7 +91,7 @@ def build_class_embeddings(
 
     names, templates = check_classnames(classnames), check_templates(templates)
     prompts = [_fill(t, name) for name in names for t in templates]  # class-major: C × K prompts
-    max_length = min(tokenizer.max_length, model.config.text.max_length)
+    max_length = min(tokenizer.max_length, model.config.text.max_tokens)
     device = _device(model)
     features = []
     with _eval(model):
@@ -108,7 +108,7 @@ def zero_shot_logits(
     model: MultimodalTransformer, features: torch.Tensor, class_embeddings: torch.Tensor
 ) -> torch.Tensor:
     """(B, E) normalised input embeddings → (B, C) logits: ``logit_scale.exp() * features @ class_embeddings.T``
-    (plus the model's logit bias, if it has one; a constant that leaves the probabilities unchanged)."""
+    (plus the model's logit bias, if it has one: SigLIP's scores, read through a sigmoid)."""
     if features.ndim != 2 or features.shape[1] != class_embeddings.shape[1]:
         raise ValueError(
             f"features: expected shape (B, {class_embeddings.shape[1]}) matching the class embeddings, "
@@ -245,8 +245,10 @@ class ZeroShotClassifier:
         return torch.cat(chunks)  # concatenated outside inference mode: a normal tensor
 
     def predict_proba(self, inputs: Any, **kwargs: Any) -> torch.Tensor:
-        """(B, C) class probabilities (softmax of :meth:`logits`); rows sum to 1."""
-        return self.logits(inputs, **kwargs).softmax(dim=-1)
+        """(B, C) class probabilities: the softmax of :meth:`logits` (rows sum to 1), or for a model with a logit
+        bias (SigLIP, trained with a sigmoid loss) their sigmoid: an independent probability per class."""
+        logits = self.logits(inputs, **kwargs)
+        return logits.sigmoid() if self.model.logit_bias is not None else logits.softmax(dim=-1)
 
     def predict(self, inputs: Any, **kwargs: Any) -> list[str]:
         """The most likely class name per input."""

@@ -243,12 +243,23 @@ def test_grouped_query_attention_equals_mha_with_repeated_kv_weights(make_stack_
 
 
 def test_n_kv_heads_equal_to_n_heads_is_mha(make_stack_config):
+    """n_kv_heads = n_heads is plain multi-head attention: the same outputs as torch's own nn.MultiheadAttention
+    loaded with the module's weights (its in_proj rows are q | k | v, as mmformer's fused qkv)."""
     explicit, default = make_stack_config(n_kv_heads=4), make_stack_config()
     assert explicit == default and explicit.n_kv_heads == explicit.n_heads
-    a, b = _attention(explicit), _attention(default)
-    b.load_state_dict(a.state_dict())  # same parameter names and shapes
-    x = torch.randn(2, 5, 16)
-    torch.testing.assert_close(a(x, causal=True), b(x, causal=True), rtol=0, atol=0)
+    attn = _attention(explicit)
+    torch_mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    with torch.no_grad():
+        torch_mha.in_proj_weight.copy_(attn.qkv.weight)
+        torch_mha.in_proj_bias.copy_(attn.qkv.bias)
+        torch_mha.out_proj.weight.copy_(attn.proj.weight)
+        torch_mha.out_proj.bias.copy_(attn.proj.bias)
+    x, mask = torch.randn(2, 5, 16), _padding_mask([5, 3], 5)
+    future = torch.ones(5, 5, dtype=torch.bool).triu(1)  # torch's convention: True = may not attend
+    expected, _ = torch_mha(x, x, x, attn_mask=future, need_weights=False)
+    torch.testing.assert_close(attn(x, causal=True), expected, rtol=0, atol=ATOL)
+    expected, _ = torch_mha(x, x, x, key_padding_mask=~mask, need_weights=False)
+    torch.testing.assert_close(attn(x, mask=mask), expected, rtol=0, atol=ATOL)
 
 
 def test_multi_query_cross_attention_equals_mha(make_stack_config):

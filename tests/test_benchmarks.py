@@ -27,6 +27,7 @@ if ROOT not in sys.path:  # `benchmarks` is a folder of the repository, not of t
         ("lm_perplexity", ["model", "bigram (interpolated)", "unigram (add-one)", "vs_bigram"]),
     ],
 )
+@pytest.mark.slow
 def test_benchmark_runs_and_prints_its_table(name, expected, capsys):
     importlib.import_module(f"benchmarks.{name}").main(["--tiny", "--no-save"])
     out = capsys.readouterr().out

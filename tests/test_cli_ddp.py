@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 import torch
 from cli_helpers import checkpoint, fit_in_process, model_weights, run_cli, tiny_config, write_config, write_pairs
 
@@ -52,6 +53,7 @@ def logged_loss(root) -> float:
     return value
 
 
+@pytest.mark.slow
 def test_two_process_ddp_step_equals_one_process_on_the_whole_batch(tmp_path):
     data = write_pairs(tmp_path / "data", n=8)
     two = tmp_path / "two"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import csv
+import hashlib
 import io
 import json
 import tarfile
@@ -29,6 +31,8 @@ from mmformer.data import (
     detect_format,
     open_dataset,
 )
+from mmformer.data.augment import AugmentConfig
+from mmformer.data.manifest import read_rows
 from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
 from mmformer.tokenizer import Tokenizer
 
@@ -393,6 +397,25 @@ def test_datamodule_streams_shards(tmp_path):
     assert epochs[0] != epochs[1]  # reshuffled each epoch
 
 
+def test_streamed_training_data_is_augmented_per_sample_and_epoch(tmp_path):
+    pattern = write_shards(tmp_path)
+    augment = AugmentConfig(image={"affine_prob": 1.0, "degrees": 20, "translate": (0.2, 0.2)})
+
+    def passes(n: int, augment: AugmentConfig | None = augment) -> list[dict[str, torch.Tensor]]:
+        """Each pass over the stream (without a trainer, pass k is epoch k): every sample's pixels."""
+        cache = str(tmp_path)
+        dm = MultimodalDataModule(train=pattern, batch_size=4, image_size=8, tokenizer_cache_dir=cache, augment=augment)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        return [{s: b["pixel_values"][i] for b in loader for i, s in enumerate(b["source"])} for _ in range(n)]
+
+    first, second = passes(2)
+    (plain,) = passes(1, augment=None)
+    assert first.keys() == second.keys() == plain.keys() and len(first) == 10
+    assert not any(torch.equal(first[s], second[s]) or torch.equal(first[s], plain[s]) for s in first)
+    assert all(torch.equal(first[s], again) for s, again in passes(1)[0].items())  # a pure function of the seed
+
+
 def test_format_detection_and_errors(tmp_path):
     assert detect_format("x/train.tsv") == "manifest" and detect_format("s/shard-000001.tar") == "webdataset"
     assert detect_format("books/hamlet.txt") == "text"
@@ -404,3 +427,107 @@ def test_format_detection_and_errors(tmp_path):
         MultimodalDataModule().tokenizer  # noqa: B018
     with pytest.raises(ValueError, match="paths: expected paths of one format"):
         open_dataset([str(tmp_path / "a.jsonl"), str(tmp_path / "b.json")])
+
+
+# ---------------------------------------------------------------------- the shipped data sets
+DATA = Path(__file__).resolve().parent.parent / "data"
+GERMAN = ["null", "eins", "zwei", "drei", "vier", "fünf", "sechs", "sieben", "acht", "neun"]
+
+
+def build_constant(name: str):
+    """A constant of data/build_digits.py, read without importing it (its build-time imports are not mmformer's)."""
+    tree = ast.parse((DATA / "build_digits.py").read_text(encoding="utf-8"))
+    names = lambda n: [t.id for t in n.targets if isinstance(t, ast.Name)]
+    values = [ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign) and name in names(n)]
+    assert len(values) == 1, name
+    return values[0]
+
+
+def shipped(name: str, split: str) -> list[dict]:
+    return read_rows(DATA / name / f"{split}.jsonl")
+
+
+def families(rows: list[dict]) -> set[tuple[str, ...]]:
+    """The espeak-ng variant families (variants that are edits of one another) the rows speak with."""
+    groups = build_constant("FAMILIES")
+    variants = {r["voice"].split("+", 1)[1] for r in rows}
+    return {next((f for f in groups if v in f), (v,)) for v in variants}
+
+
+def singles_per_class(rows: list[dict]) -> Counter:
+    return Counter(r["digits"] for r in rows if len(r["digits"]) == 1)
+
+
+def test_test_hard_lies_outside_the_training_distribution():
+    train, val, test, hard = (shipped("digits", s) for s in ("train", "val", "test", "test_hard"))
+    trained = train + val
+    assert len(hard) == 300 and min(singles_per_class(hard).values()) >= 20 and len(singles_per_class(hard)) == 10
+    assert not families(hard) & families(trained)  # no held-out variant, nor a near twin of one, is trained on
+    assert not {r["voice"] for r in test} & {r["voice"] for r in trained}  # test: unheard accent+variant pairs
+    for key in ("speed", "pitch"):
+        low, high = min(r[key] for r in trained), max(r[key] for r in trained)
+        values = [r[key] for r in hard]
+        assert all(v < low or v > high for v in values), key  # outside training's whole range
+        assert min(values) < low and max(values) > high, key  # on both sides of it
+    for row in hard:  # per-digit distortions the training images never have, within the documented ranges
+        assert len(row["affine"]) == len(row["digits"])
+        for dx, dy, degrees, scale in row["affine"]:
+            assert abs(dx) <= 2 and abs(dy) <= 2 and abs(degrees) <= 10 and 0.85 <= scale <= 1.15
+    assert not any("affine" in r for r in trained + test)
+
+
+def test_german_digits_test_voices_are_unheard_in_training():
+    train, val, test = (shipped("digits_de", s) for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (600, 100, 200)
+    assert not families(test) & families(train + val + shipped("digits", "train"))
+    assert {r["voice"].split("+")[0] for r in train + val + test} == {"de"}
+    assert {w for r in train + val + test for w in r["text"].split()} == set(GERMAN)
+    assert all(r["text"] == " ".join(GERMAN[int(d)] for d in r["digits"]) for r in train + val + test)
+    assert not any("image" in r for r in train + val + test)  # speech and text only
+
+
+def split_digest(root: Path, split: str) -> str:
+    """As data/build_digits.py records it: sha256 of the manifest, then each file's path and bytes in order."""
+    h = hashlib.sha256()
+    manifest = (root / f"{split}.jsonl").read_bytes()
+    h.update(manifest)
+    for row in map(json.loads, manifest.decode().splitlines()):
+        for key in ("image", "audio_filepath"):
+            if key in row:
+                h.update(row[key].encode() + b"\0" + (root / row[key]).read_bytes())
+    return h.hexdigest()
+
+
+def test_the_first_release_val_and_test_splits_are_unchanged():
+    """Today's figures were measured on them: a rebuild must reproduce them bit for bit."""
+    for split, digest in build_constant("FROZEN").items():
+        assert split_digest(DATA / "digits", split) == digest, split
+
+
+def test_the_shipped_data_sets_load_through_the_datamodule(tmp_path):
+    images = dict(image_size=[16, 64], image_channels=1, image_mean=[0.5], image_std=[0.5], max_audio_seconds=8.0)
+    english = MultimodalDataModule(
+        train=str(DATA / "digits" / "train.jsonl"),
+        val=str(DATA / "digits" / "val.jsonl"),
+        test=str(DATA / "digits" / "test_hard.jsonl"),
+        tokenizer=str(DATA / "digits_model" / "tokenizer.json"),
+        batch_size=4,
+        **images,
+    )
+    english.setup()
+    assert [len(english.datasets[s]) for s in ("train", "val", "test")] == [2200, 400, 300]
+    for loader in (english.train_dataloader(), english.val_dataloader(), english.test_dataloader()):
+        batch = next(iter(loader))
+        assert batch["pixel_values"].shape == (4, 1, 16, 64) and batch["audio"].shape[0] == 4
+        assert batch["audio_lengths"].max() == batch["audio"].shape[1] and batch["input_ids"].shape[0] == 4
+    german = MultimodalDataModule(
+        train=str(DATA / "digits_de" / "train.jsonl"),
+        test=str(DATA / "digits_de" / "test.jsonl"),
+        vocab_size=300,
+        tokenizer_cache_dir=str(tmp_path),
+        batch_size=4,
+    )
+    german.setup()
+    batch = next(iter(german.test_dataloader()))
+    assert "pixel_values" not in batch and batch["audio"].shape[0] == 4
+    assert german.tokenizer.batch_decode(batch["input_ids"]) == batch["text"]  # umlauts survive the tokenizer

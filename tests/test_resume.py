@@ -121,6 +121,7 @@ def resume_and_compare(root, reference) -> None:
     assert not list((root / "ckpt").glob(".*.tmp"))  # the killed writer's partial file is gone
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_resumes_exactly(data, reference, tmp_path):
     """Kill between checkpoint writes, just after the first last.ckpt (writes pause 0.5 s, so that the run cannot
     finish before the kill)."""
@@ -136,6 +137,7 @@ def test_sigkill_mid_training_resumes_exactly(data, reference, tmp_path):
     resume_and_compare(tmp_path, reference)
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_last_ckpt_leaves_the_previous_one(data, reference, tmp_path):
     """Every checkpoint write pauses half-way (tests/slow_checkpoint_writes.py); kill while last.ckpt is being
     replaced."""

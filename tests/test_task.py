@@ -22,6 +22,7 @@ from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Proce
 from mmformer.tasks import MultimodalTask, NonFiniteLossError, WarmupCosine
 from mmformer.tasks.metrics import RetrievalRecall, text_keys
 from mmformer.tokenizer import Tokenizer
+from mmformer.zeroshot import ZeroShotClassifier
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SAMPLE_RATE = 4000
@@ -468,6 +469,7 @@ def lightning_run(path, devices: int) -> dict:
     return torch.load(path, weights_only=True)
 
 
+@pytest.mark.slow
 def test_lightning_ddp_spawn_equals_one_process(tmp_path):
     """Two steps: the first batch holds a NaN image on rank 1 only, so both ranks must skip step 0 together; step 1
     then trains normally. Gradients of step 1 and the weights after it match one process on the whole batches."""
@@ -500,6 +502,26 @@ def test_validation_reports_retrieval_and_zeroshot():
         value = float(metrics[f"val/{name}"])
         assert 0.0 <= value <= 1.0, (name, value)
     assert float(metrics["val/i2t_r5"]) >= float(metrics["val/i2t_r1"])
+
+
+def test_validation_zero_shot_is_the_classifiers_in_bounded_batches(monkeypatch):
+    """Validation builds class embeddings with the classifier's own function: a template with two {} works, and the
+    10 classes x 3 templates = 30 prompts are encoded in batches of at most zeroshot_batch_size."""
+    templates = ["{}", "the number {}", "a {} or a {}"]
+    task = make_task(zeroshot_classes=WORDS, zeroshot_templates=templates, zeroshot_batch_size=8, val_generate=False)
+    batches = []
+    encode_text = task.model.encode_text
+    monkeypatch.setattr(
+        task.model, "encode_text", lambda ids, *a, **k: batches.append(len(ids)) or encode_text(ids, *a, **k)
+    )
+    task.tokenizer = tokenizer()
+    embeddings = task._zeroshot_embeddings()
+    assert batches == [8, 8, 8, 6]
+    classifier = ZeroShotClassifier(task.model, tokenizer(), classnames=WORDS, templates=templates, modality="image")
+    torch.testing.assert_close(embeddings, classifier.class_embeddings, rtol=0, atol=0)
+    t = trainer(limit_val_batches=1.0)
+    t.validate(task, DigitsData())
+    assert 0.0 <= float(t.callback_metrics["val/zeroshot_image_acc"]) <= 1.0
 
 
 def test_validation_generates_and_scores_text():

@@ -11,6 +11,7 @@ from typing import Any
 _CONVERTERS = {
     "from_open_clip": "mmformer.convert.open_clip",
     "from_hf_clip": "mmformer.convert.hf_clip",
+    "from_hf_siglip": "mmformer.convert.hf_siglip",
     "from_timm_vit": "mmformer.convert.timm_vit",
     "from_hf_whisper": "mmformer.convert.hf_whisper",
     "from_hf_bert": "mmformer.convert.hf_bert",
@@ -26,6 +27,7 @@ __all__ = [
     "from_hf_clip",
     "from_hf_gpt2",
     "from_hf_llama",
+    "from_hf_siglip",
     "from_hf_t5",
     "from_hf_whisper",
     "from_open_clip",

@@ -47,6 +47,7 @@ __all__ = [
     "is_path",
     "load_exact",
     "load_state_dict",
+    "map_cross_attention",
     "read_hf_checkpoint",
     "read_hf_tokenizer",
     "stack_rows",
@@ -166,7 +167,7 @@ def read_hf_checkpoint(
     Args:
         path_or_model: a model with a ``config`` (``PretrainedConfig``), or a directory with ``config.json`` and
             weights (read with :func:`load_state_dict`).
-        model_type: the config's ``model_type`` (or types) the converter handles (a config without one is taken as
+        model_type: the config's ``model_type`` the converter handles, or several (a config without one is taken as
             the first).
         name: the architecture in error messages (``"BERT"``).
         model_class: the model classes accepted, in error messages (``"BertModel"``).
@@ -359,6 +360,28 @@ class WeightMap:
         state = {k: v.detach() for k, v in state.items()}
         weights.fill(model, *weights.in_memory(state), source=self.name, device=device, initialise=self._initialised)
         return model
+
+
+def map_cross_attention(wm: WeightMap, target: str, source: str) -> None:
+    """A ``torch.nn.MultiheadAttention`` at ``source`` (fused ``in_proj_weight``, or separate ``q/k/v_proj_weight``
+    when keys come from another width) → mmformer's cross-attention layout ``{target}.q``, ``.kv`` (fused), ``.proj``,
+    which :class:`~mmformer.layers.attention.Attention` (cross) and the attention-pooling heads share."""
+    fused = f"{source}.in_proj_weight"
+    if fused in wm:
+        w = wm.get(fused)
+        d = w.shape[0] // 3
+        wm.set(f"{target}.q.weight", w[:d], fused)
+        wm.set(f"{target}.kv.weight", w[d:], fused)  # rows k | v, as ours
+    else:
+        wm.copy(f"{target}.q.weight", f"{source}.q_proj_weight")
+        wm.fuse(f"{target}.kv.weight", [f"{source}.k_proj_weight", f"{source}.v_proj_weight"])
+    bias = f"{source}.in_proj_bias"
+    if bias in wm:
+        b = wm.get(bias)
+        d = b.shape[0] // 3
+        wm.set(f"{target}.q.bias", b[:d], bias)
+        wm.set(f"{target}.kv.bias", b[d:], bias)
+    wm.copy_module(f"{target}.proj", f"{source}.out_proj", ["weight", "bias"] if bias in wm else ["weight"])
 
 
 def load_exact(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, name: str) -> nn.Module:

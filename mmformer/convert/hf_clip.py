@@ -67,7 +67,8 @@ def from_hf_clip(path_or_model: str | os.PathLike | nn.Module) -> MultimodalTran
     return model
 
 
-def _stack(cfg: Any, what: str) -> StackConfig:
+def stack_config(cfg: Any, what: str) -> StackConfig:
+    """The StackConfig of a CLIP-style (also SigLIP) vision or text config."""
     return StackConfig(
         width=cfg.hidden_size,
         depth=cfg.num_hidden_layers,
@@ -112,7 +113,7 @@ def _model_config(hf_config: Any, state: dict[str, torch.Tensor]) -> ModelConfig
     )
     scale = state.get("logit_scale")
     return ModelConfig(
-        stacks={"vision": _stack(vcfg, "vision_config"), "text": _stack(tcfg, "text_config")},
+        stacks={"vision": stack_config(vcfg, "vision_config"), "text": stack_config(tcfg, "text_config")},
         routes={"image": "vision", "text": "text"},
         image=ImageConfig(
             image_size=image_size, patch_size=patch, channels=vcfg.num_channels, patch_bias=False, pre_norm=True
@@ -132,19 +133,20 @@ def _weight_map(state: dict[str, torch.Tensor], config: ModelConfig) -> WeightMa
     wm.copy("image_embed.cls_token", f"{v}.embeddings.class_embedding")
     wm.copy("image_embed.positions", f"{v}.embeddings.position_embedding.weight")
     wm.copy_module("image_embed.norm", f"{v}.pre_layrnorm")
-    _layers(wm, "stacks.vision", f"{v}.encoder", config.stacks["vision"].depth)
+    map_layers(wm, "stacks.vision", f"{v}.encoder", config.stacks["vision"].depth)
     wm.copy_module("stacks.vision.norm", f"{v}.post_layernorm")
     wm.copy("image_proj.weight", "visual_projection.weight")
     wm.copy("text_embed.tokens.weight", f"{t}.embeddings.token_embedding.weight")
     wm.copy("text_embed.positions.weight", f"{t}.embeddings.position_embedding.weight")
-    _layers(wm, "stacks.text", f"{t}.encoder", config.stacks["text"].depth)
+    map_layers(wm, "stacks.text", f"{t}.encoder", config.stacks["text"].depth)
     wm.copy_module("stacks.text.norm", f"{t}.final_layer_norm")
     wm.copy("text_proj.weight", "text_projection.weight")
     wm.copy("logit_scale", "logit_scale", lambda x: x.reshape(()))
     return wm
 
 
-def _layers(wm: WeightMap, target: str, source: str, depth: int) -> None:
+def map_layers(wm: WeightMap, target: str, source: str, depth: int) -> None:
+    """CLIP-style encoder layers ``{source}.layers.N`` (also SigLIP's) → the blocks of mmformer stack ``target``."""
     for i in range(depth):
         t, s = f"{target}.blocks.{i}", f"{source}.layers.{i}"
         wm.copy_module(f"{t}.attn.norm", f"{s}.layer_norm1")
@@ -156,15 +158,19 @@ def _layers(wm: WeightMap, target: str, source: str, depth: int) -> None:
         wm.copy_module(f"{t}.mlp.fn.fc2", f"{s}.mlp.fc2")
 
 
+def image_settings(pre: dict[str, Any]) -> dict[str, Any]:
+    """``ImageProcessorConfig`` fields from a Hugging Face image processor's preprocessor_config.json (CLIP's and
+    SigLIP's): mean/std, resampling, and a center crop or an exact resize."""
+    names = {"mean": "image_mean", "std": "image_std"}
+    image: dict[str, Any] = {ours: tuple(pre[theirs]) for ours, theirs in names.items() if theirs in pre}
+    image["interpolation"] = _PIL_RESAMPLE.get(pre.get("resample", 3), "bicubic")
+    crop, size = pre.get("crop_size"), pre.get("size")
+    if pre.get("do_center_crop", True) and crop is not None:
+        image["image_size"] = (crop, crop) if isinstance(crop, int) else (crop["height"], crop["width"])
+    elif isinstance(size, dict) and {"height", "width"} <= set(size):
+        image["image_size"], image["resize"] = (size["height"], size["width"]), "exact"
+    return image
+
+
 def _processor(config: ModelConfig, pre: dict[str, Any]):
-    image: dict[str, Any] = {}
-    if pre:  # a CLIPImageProcessor's preprocessor_config.json
-        names = {"mean": "image_mean", "std": "image_std"}
-        image = {ours: tuple(pre[theirs]) for ours, theirs in names.items() if theirs in pre}
-        image["interpolation"] = _PIL_RESAMPLE.get(pre.get("resample", 3), "bicubic")
-        crop, size = pre.get("crop_size"), pre.get("size")
-        if pre.get("do_center_crop", True) and crop is not None:
-            image["image_size"] = (crop, crop) if isinstance(crop, int) else (crop["height"], crop["width"])
-        elif isinstance(size, dict) and {"height", "width"} <= set(size):
-            image["image_size"], image["resize"] = (size["height"], size["width"]), "exact"
-    return clip_processor(config, **image)
+    return clip_processor(config, **(image_settings(pre) if pre else {}))  # pre: a CLIPImageProcessor's settings

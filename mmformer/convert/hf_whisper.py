@@ -13,17 +13,29 @@ cross-attention (``routes["decoder"] = "decoder"``); there is no text encoder ro
 - decoder ``embed_tokens`` and learned ``embed_positions`` → ``text_embed``; ``proj_out`` → ``lm_head`` (tied to
   the token embedding unless the checkpoint unties it).
 
-Hugging Face's encoder only accepts exactly ``2 * max_source_positions`` mel frames; the converted model accepts any
-number up to that. Nothing is downloaded: pass a model instance or a local directory.
+Whisper as Whisper runs: waveforms are zero-padded or cut to the encoder's window (``2 * max_source_positions``
+mel frames: 30 s) before the log-mel, exactly as ``WhisperFeatureExtractor`` does (``AudioConfig.pad_to_seconds``);
+the checkpoint's generation config (``generation_config.json``, or the instance's ``generation_config``) becomes
+``ModelConfig.generation``: the decoder prompt ``<|startoftranscript|> <|lang|> <|task|> <|notimestamps|>`` (the
+language detected from the audio unless chosen, as Hugging Face does), ``suppress_tokens`` and
+``begin_suppress_tokens``; timestamps are not produced. ``model.transcribe`` decodes audio longer than the window
+window by window (:func:`mmformer.generation.transcribe`).
+
+Precomputed features (``audio_features=``) of any number of frames up to the window are accepted, where Hugging
+Face's encoder takes exactly ``2 * max_source_positions``. Nothing is downloaded: pass a model instance or a local
+directory (:func:`mmformer.from_pretrained` resolves Hub ids).
 """
 
 from __future__ import annotations
 
+import json
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmformer.config import AudioConfig, ModelConfig, StackConfig, TextConfig
+from mmformer.config import AudioConfig, GenerationConfig, ModelConfig, StackConfig, TextConfig
 from mmformer.convert.common import (
     UnsupportedModelError,
     WeightMap,
@@ -40,6 +52,7 @@ from mmformer.weights import build_on_meta
 __all__ = ["from_hf_whisper"]
 
 SAMPLE_RATE = 16000  # Whisper's feature extractor: 16 kHz, 25 ms windows (n_fft 400), 10 ms hops (160)
+HOP_LENGTH = 160
 _SINUSOID_TOLERANCE = 1e-6  # a stored table this close to mmformer's sinusoids is loaded as "sinusoidal"
 
 
@@ -47,7 +60,56 @@ def _first(value: Any) -> Any:
     return value[0] if isinstance(value, (list, tuple)) else value
 
 
-def _model_config(cfg: dict[str, Any], audio_position: str, tied: bool) -> ModelConfig:
+def _generation_config(gen: dict[str, Any]) -> GenerationConfig | None:
+    """``ModelConfig.generation`` from a Hugging Face Whisper generation config (None without one)."""
+    if not gen:
+        return None
+    code = lambda token: str(token).strip().lower().removeprefix("<|").removesuffix("|>")  # noqa: E731
+    languages = {code(token): int(i) for token, i in (gen.get("lang_to_id") or {}).items()}
+    tasks = {str(task): int(i) for task, i in (gen.get("task_to_id") or {}).items()}
+    # the deprecated forced_decoder_ids [[1, lang or None], [2, task]] name the checkpoint's defaults
+    forced = dict((int(pos), tok) for pos, tok in (gen.get("forced_decoder_ids") or []))
+    language = next((c for c, i in languages.items() if i == forced.get(1)), None)
+    task = next((t for t, i in tasks.items() if i == forced.get(2)), None)
+    if gen.get("language") is not None:
+        language = _language_code(gen["language"], languages)
+    if gen.get("task") is not None and gen["task"] in tasks:
+        task = gen["task"]
+    if gen.get("return_timestamps"):
+        warnings.warn("hf_whisper: the generation config asks for timestamps; mmformer decodes without", stacklevel=3)
+    return GenerationConfig(
+        suppress_tokens=[int(i) for i in gen.get("suppress_tokens") or []],
+        begin_suppress_tokens=[int(i) for i in gen.get("begin_suppress_tokens") or []],
+        language_ids=languages,
+        task_ids=tasks,
+        language=language,
+        task=task,
+        no_timestamps_id=gen.get("no_timestamps_token_id"),
+    )
+
+
+def _language_code(language: str, languages: dict[str, int]) -> str | None:
+    """A language as the generation config names it ("<|en|>", "en" or "english") → its code, if the model has it."""
+    name = str(language).strip().lower().removeprefix("<|").removesuffix("|>")
+    if name in languages:
+        return name
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+    return TO_LANGUAGE_CODE.get(name) if TO_LANGUAGE_CODE.get(name) in languages else None
+
+
+def _read_generation_config(path_or_model: Any, directory: Path | None) -> dict[str, Any]:
+    """The generation config of a model instance (``generation_config``) or of a directory's generation_config.json."""
+    if directory is not None:
+        file = directory / "generation_config.json"
+        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+    gen = getattr(path_or_model, "generation_config", None)
+    return gen.to_dict() if gen is not None and hasattr(gen, "to_dict") else {}
+
+
+def _model_config(
+    cfg: dict[str, Any], audio_position: str, tied: bool, generation: GenerationConfig | None = None
+) -> ModelConfig:
     if cfg.get("scale_embedding", False):
         raise UnsupportedModelError("hf_whisper: scale_embedding=True (embeddings scaled by sqrt(d_model))")
     if cfg["d_model"] % 2:
@@ -67,6 +129,7 @@ def _model_config(cfg: dict[str, Any], audio_position: str, tied: bool) -> Model
 
     eos = _first(cfg.get("eos_token_id"))
     pad = cfg.get("pad_token_id")
+    frames = 2 * cfg["max_source_positions"]
     return ModelConfig(
         stacks={"encoder": stack("encoder", False), "decoder": stack("decoder", True)},
         routes={"audio": "encoder", "decoder": "decoder"},
@@ -75,10 +138,11 @@ def _model_config(cfg: dict[str, Any], audio_position: str, tied: bool) -> Model
             sample_rate=SAMPLE_RATE,
             n_mels=cfg["num_mel_bins"],
             n_fft=400,
-            hop_length=160,
-            max_frames=2 * cfg["max_source_positions"],
+            hop_length=HOP_LENGTH,
+            max_frames=frames,
             conv_stride=2,
             position=audio_position,
+            pad_to_seconds=frames * HOP_LENGTH / SAMPLE_RATE,  # the encoder's whole window, as Whisper pads to
         ),
         text=TextConfig(
             vocab_size=cfg["vocab_size"],
@@ -90,6 +154,7 @@ def _model_config(cfg: dict[str, Any], audio_position: str, tied: bool) -> Model
         ),
         embed_dim=None,
         tie_lm_head=tied,
+        generation=generation,
     )
 
 
@@ -132,8 +197,9 @@ def from_hf_whisper(path_or_model: Any) -> MultimodalTransformer:
             optionally ``tokenizer.json``.
 
     Returns:
-        The model in eval mode, with ``model.processor`` set: 16 kHz audio and the directory's tokenizer (None when
-        there is no ``tokenizer.json``; :meth:`~mmformer.MultimodalTransformer.generate` works on ids without it).
+        The model in eval mode, with ``model.processor`` set: 16 kHz audio of any length (``transcribe`` windows it)
+        and the directory's tokenizer (None when there is no ``tokenizer.json``;
+        :meth:`~mmformer.MultimodalTransformer.generate` works on ids without it).
     """
     cfg, state, directory = read_hf_checkpoint(
         path_or_model,
@@ -147,7 +213,8 @@ def from_hf_whisper(path_or_model: Any) -> MultimodalTransformer:
     audio_position = "sinusoidal" if (positions.float() - table).abs().max() <= _SINUSOID_TOLERANCE else "learned"
     tokens = state["decoder.embed_tokens.weight"]
     tied = "proj_out.weight" not in state or torch.equal(state["proj_out.weight"], tokens)
-    model = build_on_meta(MultimodalTransformer, _model_config(cfg, audio_position, tied))
+    generation = _generation_config(_read_generation_config(path_or_model, directory))
+    model = build_on_meta(MultimodalTransformer, _model_config(cfg, audio_position, tied, generation))
 
     wm = WeightMap(state, name="hf_whisper", ignore=["proj_out.weight"] if tied else [])
     for conv in ("conv1", "conv2"):
@@ -166,5 +233,6 @@ def from_hf_whisper(path_or_model: Any) -> MultimodalTransformer:
     wm.initialise("logit_scale")
     wm.load_into(model)
 
-    model.processor = build_processor(read_hf_tokenizer(directory), audio={"sample_rate": SAMPLE_RATE})
+    audio = {"sample_rate": SAMPLE_RATE, "max_seconds": None}  # longer audio is transcribed window by window
+    model.processor = build_processor(read_hf_tokenizer(directory), audio=audio)
     return model.eval()

@@ -7,14 +7,17 @@ from the tensor shapes as open_clip's ``build_model_from_openai_state_dict`` doe
 
 Supported: standard ViT CLIP towers (class-token pooling after ``ln_post``, with or without ``ln_pre``, QuickGELU /
 GELU, causal or bidirectional text, text pooling argmax / eos / first / last, learned or fixed sin-cos positions,
-a logit bias). Refused with :class:`~mmformer.convert.common.UnsupportedModelError` naming the feature: ResNet and
-timm image towers, Hugging Face / custom text towers (``CustomTextCLIP``, CoCa), attentional pooling, average or no
-image pooling, layer scale, custom attention blocks (qk-norm, scaled cosine attention, head scaling, ...), a text
-projection with bias or none at all.
+a logit bias); as modules only (:mod:`mmformer.convert.open_clip_custom`): ``CustomTextCLIP`` with open_clip's own
+text transformer or a Hugging Face BERT / RoBERTa / XLM-RoBERTa text tower, and CoCa (its attentional pooler,
+appended text class token and multimodal text decoder). Refused with
+:class:`~mmformer.convert.common.UnsupportedModelError` naming the feature: ResNet and timm image towers, other
+Hugging Face text towers, parallel/cascade attentional pooling, average or no image pooling, layer scale, custom
+attention blocks (qk-norm, scaled cosine attention, head scaling, ...), a text projection with bias or none at all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -33,6 +36,7 @@ from mmformer.convert.common import (
     common_eps,
     is_path,
     load_state_dict,
+    map_cross_attention,
 )
 from mmformer.model import MultimodalTransformer
 from mmformer.weights import build_on_meta
@@ -66,47 +70,66 @@ def from_open_clip(
         The converted model in eval mode, with ``model.processor`` set (CLIP's tokenizer when the vocabulary is
         CLIP's, and the image pipeline: shortest-edge resize + center crop, bicubic, OpenAI mean/std).
     """
-    preprocess = None
+    preprocess, tokenizer = None, None
     if isinstance(model_or_state_dict, nn.Module):
         if model_cfg is not None:
             raise ValueError("model_cfg: only used with a state dict; an open_clip module carries its own settings")
-        config = _config_from_module(model_or_state_dict, quick_gelu)
         state = model_or_state_dict.state_dict()
         preprocess = getattr(getattr(model_or_state_dict, "visual", None), "preprocess_cfg", None)
+        if hasattr(model_or_state_dict, "text"):  # CustomTextCLIP, CoCa: the text tower is model.text
+            from mmformer.convert.open_clip_custom import custom_text_model
+
+            config, wm, tokenizer = custom_text_model(model_or_state_dict, quick_gelu)
+        else:
+            config = _config_from_module(model_or_state_dict, quick_gelu)
+            wm = _weight_map(state, config)
     elif isinstance(model_or_state_dict, Mapping) or is_path(model_or_state_dict):
         state = load_state_dict(model_or_state_dict) if is_path(model_or_state_dict) else dict(model_or_state_dict)
         if model_cfg is not None and not isinstance(model_cfg, Mapping):
             raise TypeError(f"model_cfg: expected a dict (open_clip model config), got {type(model_cfg).__name__}")
         config = _config_from_state_dict(state, dict(model_cfg or {}), quick_gelu)
+        wm = _weight_map(state, config)
     else:
         raise TypeError(
             "model_or_state_dict: expected an open_clip CLIP module, a state dict or a path, "
             f"got {type(model_or_state_dict).__name__}"
         )
     model = build_on_meta(MultimodalTransformer, config)
-    _weight_map(state, config).load_into(model)
+    wm.load_into(model)
     model.eval()
-    model.processor = _processor(config, preprocess)
+    model.processor = _processor(config, preprocess, tokenizer)
     return model
 
 
 # ---------------------------------------------------------------------------------------------------- from a module
 def _config_from_module(model: nn.Module, quick_gelu: bool | None) -> ModelConfig:
-    if hasattr(model, "text"):
-        raise UnsupportedModelError(
-            f"open_clip: {type(model).__name__} keeps a custom text tower in `model.text` (CustomTextCLIP / CoCa, "
-            "Hugging Face text encoders); only the standard CLIP text transformer is supported"
-        )
     for attr in ("visual", "transformer", "token_embedding", "positional_embedding", "ln_final", "logit_scale"):
         if not hasattr(model, attr):
             raise TypeError(f"model_or_state_dict: expected an open_clip CLIP module with `{attr}`, got {model!r}")
-    v = model.visual
+    vision, image = vision_from_module(model.visual, quick_gelu)
+    text, text_cfg, embed_dim = text_from_module(model, quick_gelu)
+    return _model_config(vision, text, image, text_cfg, embed_dim, *logit_scale_bias(model))
+
+
+def logit_scale_bias(model: nn.Module) -> tuple[float, float | None]:
+    """The module's logit scale and logit bias (None without one), as plain numbers for the config."""
+    bias = getattr(model, "logit_bias", None)
+    scale = float(model.logit_scale.detach().reshape(-1)[0])
+    return scale, None if bias is None else float(bias.detach().reshape(-1)[0])
+
+
+def vision_from_module(v: nn.Module, quick_gelu: bool | None) -> tuple[StackConfig, ImageConfig]:
+    """The vision stack and image config of an open_clip ``VisionTransformer`` (CoCa's attentional pooler becomes the
+    image resampler, followed by ``ln_post``)."""
     kind = type(v).__name__
     if kind != "VisionTransformer":
         feature = {"ModifiedResNet": "ResNet image towers", "TimmModel": "timm image towers (timm_model_name)"}
         raise UnsupportedModelError(f"open_clip: {feature.get(kind, f'image tower {kind}')} are not supported")
-    if v.attn_pool is not None:
-        raise UnsupportedModelError("open_clip: attentional pooling (vision_cfg.attentional_pool) is not supported")
+    if v.attn_pool is not None and (getattr(v, "attn_pool_contrastive", None) is not None or v.attn_pool_type):
+        raise UnsupportedModelError(
+            f"open_clip: attentional pooling {v.attn_pool_type!r} (vision_cfg.attentional_pool='parallel' or "
+            "'cascade') is not supported; CoCa's (attentional_pool=True) is"
+        )
     if v.pool_type != "tok":
         raise UnsupportedModelError(
             f"open_clip: image pooling vision_cfg.pool_type={v.pool_type!r} is not supported (only 'tok')"
@@ -116,17 +139,30 @@ def _config_from_module(model: nn.Module, quick_gelu: bool | None) -> ModelConfi
     if tuple(v.patch_size)[0] != tuple(v.patch_size)[1]:
         raise UnsupportedModelError(f"open_clip: non-square patches {tuple(v.patch_size)} are not supported")
     pre_norm = not isinstance(v.ln_pre, nn.Identity)
+    pool = v.attn_pool
+    norms = [v.ln_post] + ([v.ln_pre] if pre_norm else []) + ([] if pool is None else [pool.ln_q, pool.ln_k])
     # final_ln_after_pool with class-token pooling is the same: a LayerNorm acts on each token alone.
-    vision = _stack_from_module(v.transformer, [v.ln_post] + ([v.ln_pre] if pre_norm else []), "visual", quick_gelu)
-    text = _stack_from_module(model.transformer, [model.ln_final], "text", quick_gelu)
+    vision = stack_from_module(v.transformer, norms, "visual", quick_gelu)
+    if pool is not None:  # CoCa: ln_post follows the attentional pooler, so the stack has no final norm
+        vision = dataclasses.replace(vision, final_norm=False)
     image = ImageConfig(
         image_size=list(v.image_size),
         patch_size=int(tuple(v.patch_size)[0]),
         channels=v.conv1.in_channels,
         patch_bias=v.conv1.bias is not None,
         pre_norm=pre_norm,
+        resampler_queries=0 if pool is None else pool.query.shape[0],
+        resampler_width=None if pool is None else pool.query.shape[1],
+        resampler_heads=None if pool is None else pool.attn.num_heads,
     )
-    proj = model.text_projection
+    return vision, image
+
+
+def text_from_module(owner: nn.Module, quick_gelu: bool | None) -> tuple[StackConfig, TextConfig, int]:
+    """(text stack, text config, embedding size) of open_clip's text transformer: the CLIP model itself, or a
+    ``TextTransformer`` (``model.text`` of CustomTextCLIP / CoCa, whose appended class token is ``cls_emb``)."""
+    text = stack_from_module(owner.transformer, [owner.ln_final], "text", quick_gelu)
+    proj = owner.text_projection
     if proj is None:
         raise UnsupportedModelError("open_clip: a text tower without a projection (text_cfg.proj_type='none')")
     if isinstance(proj, nn.Linear):
@@ -135,26 +171,22 @@ def _config_from_module(model: nn.Module, quick_gelu: bool | None) -> ModelConfi
         embed_dim = proj.out_features
     else:
         embed_dim = proj.shape[1]
+    if getattr(owner, "use_pad_mask", False):
+        raise UnsupportedModelError("open_clip: a bidirectional text tower with a padding mask (use_pad_mask=True)")
+    cls = getattr(owner, "cls_emb", None) is not None
     text_cfg = _text_config(
-        vocab_size=model.token_embedding.num_embeddings,
-        context=model.positional_embedding.shape[0],
-        causal=getattr(model, "attn_mask", None) is not None,
-        pool_type=getattr(model, "text_pool_type", "argmax"),
-        eos_id=getattr(model, "text_eos_id", None),
+        vocab_size=owner.token_embedding.num_embeddings,
+        context=owner.positional_embedding.shape[0],
+        causal=getattr(owner, "attn_mask", None) is not None,
+        pool_type="cls_emb" if cls else getattr(owner, "text_pool_type", getattr(owner, "pool_type", "argmax")),
+        eos_id=getattr(owner, "text_eos_id", getattr(owner, "eos_id", None)),
+        pad_id=getattr(owner, "pad_id", 0),
+        legacy_cls_mask=cls and not getattr(owner, "correct_cls_mask", False),
     )
-    logit_bias = getattr(model, "logit_bias", None)
-    return _model_config(
-        vision,
-        text,
-        image,
-        text_cfg,
-        embed_dim,
-        float(model.logit_scale.detach().reshape(-1)[0]),
-        None if logit_bias is None else float(logit_bias.detach().reshape(-1)[0]),
-    )
+    return text, text_cfg, embed_dim
 
 
-def _stack_from_module(transformer: nn.Module, norms: list[nn.Module], what: str, quick_gelu: bool | None):
+def stack_from_module(transformer: nn.Module, norms: list[nn.Module], what: str, quick_gelu: bool | None):
     blocks = list(transformer.resblocks)
     if not blocks:
         raise UnsupportedModelError(f"open_clip: the {what} tower has no blocks")
@@ -309,7 +341,30 @@ def _stack_from_shapes(sd: dict[str, torch.Tensor], prefix: str, cfg: dict, act:
 
 
 # ---------------------------------------------------------------------------------------------------- shared
-def _text_config(*, vocab_size: int, context: int, causal: bool, pool_type: str, eos_id: int | None) -> TextConfig:
+def _text_config(
+    *,
+    vocab_size: int,
+    context: int,
+    causal: bool,
+    pool_type: str,
+    eos_id: int | None,
+    pad_id: int = 0,
+    legacy_cls_mask: bool = False,
+) -> TextConfig:
+    clip_vocab = vocab_size == CLIP_VOCAB_SIZE
+    if pool_type == "cls_emb":  # CoCa: a class token appended after the fixed-length (padded) text
+        return TextConfig(
+            vocab_size=vocab_size,
+            max_length=context,
+            position="learned",
+            pad_id=pad_id,
+            bos_id=vocab_size - 2 if clip_vocab else None,
+            eos_id=vocab_size - 1 if clip_vocab else eos_id,
+            causal=causal,
+            pool="append_cls",
+            fixed_length=True,
+            legacy_cls_mask=legacy_cls_mask,
+        )
     if pool_type == "argmax":
         pool, eos = "eot", vocab_size - 1  # argmax of ids = the end-of-text token, CLIP's highest id
     elif pool_type == "eos":
@@ -356,6 +411,14 @@ def _model_config(
 
 def _weight_map(sd: Mapping[str, torch.Tensor], config: ModelConfig) -> WeightMap:
     wm = WeightMap(sd, name="open_clip", ignore=_OPENAI_EXTRA_KEYS)
+    map_vision(wm, config)
+    map_text(wm, config, "")
+    map_logits(wm)
+    return wm
+
+
+def map_vision(wm: WeightMap, config: ModelConfig) -> None:
+    """open_clip's ``visual.*`` (with CoCa's ``visual.attn_pool``) → the image embedder, vision stack and heads."""
     wm.copy("image_embed.patch.weight", "visual.conv1.weight")
     if config.image.patch_bias:
         wm.copy("image_embed.patch.bias", "visual.conv1.bias")
@@ -363,24 +426,41 @@ def _weight_map(sd: Mapping[str, torch.Tensor], config: ModelConfig) -> WeightMa
     wm.copy("image_embed.positions", "visual.positional_embedding")
     if config.image.pre_norm:
         wm.copy_module("image_embed.norm", "visual.ln_pre")
-    _blocks(wm, "stacks.vision", "visual.transformer", config.stacks["vision"].depth)
-    wm.copy_module("stacks.vision.norm", "visual.ln_post")
-    wm.copy("image_proj.weight", "visual.proj", torch.t)  # (D, E) → (E, D)
-    wm.copy("text_embed.tokens.weight", "token_embedding.weight")
-    wm.copy("text_embed.positions.weight", "positional_embedding")
-    _blocks(wm, "stacks.text", "transformer", config.stacks["text"].depth)
-    wm.copy_module("stacks.text.norm", "ln_final")
-    if "text_projection" in wm:
-        wm.copy("text_proj.weight", "text_projection", torch.t)  # (D, E) → (E, D)
+    map_blocks(wm, "stacks.vision", "visual.transformer", config.stacks["vision"].depth)
+    if config.image.resampler_queries:  # CoCa: attn_pool, then ln_post on its outputs
+        wm.copy("image_resampler.queries", "visual.attn_pool.query")
+        map_cross_attention(wm, "image_resampler", "visual.attn_pool.attn")
+        wm.copy_module("image_resampler.query_norm", "visual.attn_pool.ln_q")
+        wm.copy_module("image_resampler.input_norm", "visual.attn_pool.ln_k")
+        wm.copy_module("image_resampler.out_norm", "visual.ln_post")
     else:
-        wm.copy("text_proj.weight", "text_projection.weight")
+        wm.copy_module("stacks.vision.norm", "visual.ln_post")
+    wm.copy("image_proj.weight", "visual.proj", torch.t)  # (D, E) → (E, D)
+
+
+def map_text(wm: WeightMap, config: ModelConfig, prefix: str) -> None:
+    """open_clip's text transformer (keys under ``prefix``: "" for CLIP, "text." for CustomTextCLIP / CoCa) → the
+    text embedder, text stack and projection."""
+    wm.copy("text_embed.tokens.weight", f"{prefix}token_embedding.weight")
+    wm.copy("text_embed.positions.weight", f"{prefix}positional_embedding")
+    if config.text.pool == "append_cls":
+        wm.copy("text_embed.cls_token", f"{prefix}cls_emb")
+    map_blocks(wm, "stacks.text", f"{prefix}transformer", config.stacks["text"].depth)
+    wm.copy_module("stacks.text.norm", f"{prefix}ln_final")
+    if f"{prefix}text_projection" in wm:
+        wm.copy("text_proj.weight", f"{prefix}text_projection", torch.t)  # (D, E) → (E, D)
+    else:
+        wm.copy("text_proj.weight", f"{prefix}text_projection.weight")
+
+
+def map_logits(wm: WeightMap) -> None:
     wm.copy("logit_scale", "logit_scale", lambda t: t.reshape(()))
     if "logit_bias" in wm:
         wm.copy("logit_bias", "logit_bias", lambda t: t.reshape(()))
-    return wm
 
 
-def _blocks(wm: WeightMap, target: str, source: str, depth: int) -> None:
+def map_blocks(wm: WeightMap, target: str, source: str, depth: int) -> None:
+    """open_clip ``ResidualAttentionBlock`` s (``{source}.resblocks.N``) → the blocks of mmformer stack ``target``."""
     for i in range(depth):
         t, s = f"{target}.blocks.{i}", f"{source}.resblocks.{i}"
         wm.copy_module(f"{t}.attn.norm", f"{s}.ln_1")
@@ -392,7 +472,7 @@ def _blocks(wm: WeightMap, target: str, source: str, depth: int) -> None:
         wm.copy_module(f"{t}.mlp.fn.fc2", f"{s}.mlp.c_proj")
 
 
-def _processor(config: ModelConfig, preprocess: dict[str, Any] | None):
+def _processor(config: ModelConfig, preprocess: dict[str, Any] | None, tokenizer: Any = None):
     image: dict[str, Any] = {}
     if preprocess:  # open_clip's PreprocessCfg attached to model.visual by create_model
         image = {k: tuple(preprocess[k]) for k in ("mean", "std") if k in preprocess}
@@ -407,13 +487,13 @@ def _processor(config: ModelConfig, preprocess: dict[str, Any] | None):
                 "edge and center-crops instead",
                 stacklevel=3,
             )
-    return clip_processor(config, **image)
+    return clip_processor(config, tokenizer=tokenizer, **image)
 
 
-def clip_processor(config: ModelConfig, **image: Any):
-    """CLIP's :class:`~mmformer.Processor` for a converted config: CLIP's tokenizer (when the vocabulary is CLIP's)
-    and a shortest-edge resize + center crop at the model's image size, bicubic, OpenAI mean/std; ``image``
-    overrides any ``ImageProcessorConfig`` field."""
+def clip_processor(config: ModelConfig, tokenizer: Any = None, **image: Any):
+    """CLIP's :class:`~mmformer.Processor` for a converted config: ``tokenizer``, else CLIP's (when the vocabulary is
+    CLIP's), and a shortest-edge resize + center crop at the model's image size, bicubic, OpenAI mean/std;
+    ``image`` overrides any ``ImageProcessorConfig`` field."""
     from mmformer.processor import CLIP_MEAN, CLIP_STD
 
     settings: dict[str, Any] = dict(
@@ -425,12 +505,11 @@ def clip_processor(config: ModelConfig, **image: Any):
         channels=config.image.channels,
     )
     settings.update(image)
-    tokenizer = None
-    if config.text.vocab_size == CLIP_VOCAB_SIZE:
+    if tokenizer is None and config.text.vocab_size == CLIP_VOCAB_SIZE:
         from mmformer.tokenizer import Tokenizer
 
         try:
-            tokenizer = Tokenizer.clip(context_length=config.text.max_length)
+            tokenizer = Tokenizer.clip(context_length=config.text.max_tokens)
         except (FileNotFoundError, ImportError) as e:
             warnings.warn(f"no CLIP tokenizer attached to the converted model: {e}", stacklevel=3)
     return build_processor(tokenizer, image=settings)

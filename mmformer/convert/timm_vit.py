@@ -5,12 +5,15 @@ logits; a head-less model (``num_classes=0``) has no projection and ``encode_ima
 ``forward_head(forward_features(x), pre_logits=True)``.
 
 Supported: class-token pooling after the final norm (timm's default ViT, DeiT, AugReg, CLIP-style ``pre_norm``),
-average pooling without a class token and without ``fc_norm``, learned or no position embeddings, ``no_embed_class``
-(the class token gets a zero position), qk-norm, GELU / tanh-GELU / QuickGELU, ``qkv_bias=False`` (a zero bias),
-LayerNorms sharing one epsilon. Refused with :class:`~mmformer.convert.common.UnsupportedModelError` naming the
-feature: register tokens, distillation tokens, a norm after pooling (``fc_norm``, timm's default with
-``global_pool='avg'``), average pooling with a class token, max / attention (``map``) pooling or none, layer scale
-(``init_values``), other block / attention / MLP classes (post-norm, parallel, SwiGLU), a patch-embedding norm.
+average pooling (of the patch tokens, or of every token with ``pool_include_prefix``) with or without ``fc_norm``,
+the attention-pooling head (``global_pool='map'``: SigLIP-style timm models), register tokens (``reg_tokens``:
+DINOv2 with registers), layer scale (``init_values``: DINOv2, DeiT-3), learned or no position embeddings,
+``no_embed_class`` (the class token and registers get zero positions), qk-norm, GELU / tanh-GELU / QuickGELU,
+``qkv_bias=False`` (a zero bias), LayerNorms sharing one epsilon. The position table is resampled bicubically (with
+antialiasing, as timm's ``resample_abs_pos_embed``) for other image sizes, as ``dynamic_img_size=True`` does.
+Refused with :class:`~mmformer.convert.common.UnsupportedModelError` naming the feature: distillation tokens, max /
+``prr`` pooling or none, an attention-pooling head with several latents or its own positions, other block /
+attention / MLP classes (post-norm, parallel, SwiGLU), a patch-embedding norm.
 """
 
 from __future__ import annotations
@@ -103,16 +106,17 @@ def _model_config(vit: nn.Module) -> ModelConfig:
     kind = type(vit).__name__
     if kind != "VisionTransformer" or not hasattr(vit, "patch_embed") or not hasattr(vit, "blocks"):
         raise TypeError(f"model_or_state_dict: expected a timm VisionTransformer, got {kind}")
-    if getattr(vit, "num_reg_tokens", 0) or getattr(vit, "reg_token", None) is not None:
-        raise _unsupported(f"register tokens (reg_tokens={vit.num_reg_tokens})")
+    if getattr(vit, "dist_token", None) is not None:
+        raise _unsupported("a distillation token")
     class_token = vit.cls_token is not None
-    pool = {"token": "cls", "avg": "mean"}.get(vit.global_pool)
-    if pool is None or getattr(vit, "attn_pool", None) is not None:
-        raise _unsupported(f"global_pool={vit.global_pool!r} (only 'token', or 'avg' without a class token)")
-    if not isinstance(vit.fc_norm, nn.Identity):
-        raise _unsupported("a norm after pooling (fc_norm, timm's default with global_pool='avg')")
-    if pool == "mean" and class_token and not getattr(vit, "pool_include_prefix", False):
-        raise _unsupported("average pooling that leaves out the class token (global_pool='avg' with class_token)")
+    n_registers = getattr(vit, "num_reg_tokens", 0)
+    include_prefix = getattr(vit, "pool_include_prefix", False)
+    pool = {"token": "cls", "avg": "mean" if include_prefix else "mean_patches", "map": "map"}.get(vit.global_pool)
+    if pool is None:
+        raise _unsupported(f"global_pool={vit.global_pool!r} (only 'token', 'avg' and 'map')")
+    if pool == "map":
+        _check_attention_pool(vit.attn_pool, include_prefix)
+    norms = [] if isinstance(vit.fc_norm, nn.Identity) else [vit.fc_norm]
 
     pe = vit.patch_embed
     if type(pe).__name__ != "PatchEmbed" or not isinstance(pe.proj, nn.Conv2d):
@@ -126,16 +130,17 @@ def _model_config(vit: nn.Module) -> ModelConfig:
     blocks = list(vit.blocks)
     if not blocks:
         raise _unsupported("a model without blocks")
-    norms = [] if isinstance(vit.norm, nn.Identity) else [vit.norm]
+    norms += [] if isinstance(vit.norm, nn.Identity) else [vit.norm]
     norms += [] if isinstance(vit.norm_pre, nn.Identity) else [vit.norm_pre]
-    acts, biases, qk_norm = set(), set(), set()
+    if pool == "map":
+        norms.append(vit.attn_pool.norm)
+    acts, biases, qk_norm, scaled = set(), set(), set(), set()
     for i, b in enumerate(blocks):
         for name, cls in (("", "Block"), (".attn", "Attention"), (".mlp", "Mlp")):
             module = b.get_submodule(name[1:]) if name else b
             if type(module).__name__ != cls:
                 raise _unsupported(f"blocks.{i}{name} of type {type(module).__name__} (expected timm's {cls})")
-        if not isinstance(b.ls1, nn.Identity) or not isinstance(b.ls2, nn.Identity):
-            raise _unsupported("layer scale (init_values)")
+        scaled.add(tuple(type(ls).__name__ for ls in (b.ls1, b.ls2)))
         if not isinstance(b.attn.norm, nn.Identity) or not isinstance(b.mlp.norm, nn.Identity):
             raise _unsupported("norms inside attention or MLP (scale_attn_norm / scale_mlp_norm)")
         if not isinstance(b.mlp.fc1, nn.Linear):
@@ -147,8 +152,12 @@ def _model_config(vit: nn.Module) -> ModelConfig:
             raise _unsupported("a norm on only one of queries and keys")
         qk_norm.add(qk[0])
         norms += [b.norm1, b.norm2] + ([b.attn.q_norm, b.attn.k_norm] if qk[0] else [])
-    if len(acts) != 1 or len(biases) != 1 or len(qk_norm) != 1:
-        raise _unsupported("blocks that differ in activation, biases or qk-norm")
+    if len(acts) != 1 or len(biases) != 1 or len(qk_norm) != 1 or len(scaled) != 1:
+        raise _unsupported("blocks that differ in activation, biases, qk-norm or layer scale")
+    scale_kinds = scaled.pop()
+    if scale_kinds not in (("Identity", "Identity"), ("LayerScale", "LayerScale")):
+        raise _unsupported(f"layer scale modules {scale_kinds} (timm's LayerScale on both branches, or none)")
+    layer_scale = float(getattr(blocks[0].ls1, "init_values", 1e-5)) if scale_kinds[0] == "LayerScale" else None
     bias = biases.pop()
     if bias not in ((True,) * 4, (False, True, True, True), (False,) * 4):
         raise _unsupported(f"this bias pattern (qkv, proj, fc1, fc2) = {bias}")
@@ -168,9 +177,10 @@ def _model_config(vit: nn.Module) -> ModelConfig:
         mlp=acts.pop(),
         mlp_hidden=blocks[0].mlp.fc1.out_features,
         norm_eps=eps,
-        final_norm=not isinstance(vit.norm, nn.Identity),
+        final_norm=not isinstance(vit.norm, nn.Identity),  # timm: no final norm when fc_norm follows the pooling
         bias=bias[1],
         qk_norm=qk_norm.pop(),
+        layer_scale=layer_scale,
     )
     image = ImageConfig(
         image_size=list(pe.img_size) if pe.img_size is not None else [224, 224],
@@ -180,7 +190,9 @@ def _model_config(vit: nn.Module) -> ModelConfig:
         position="none" if vit.pos_embed is None else "learned",
         patch_bias=pe.proj.bias is not None,
         pre_norm=not isinstance(vit.norm_pre, nn.Identity),
+        n_registers=n_registers,
         pool=pool,
+        pool_norm=not isinstance(vit.fc_norm, nn.Identity),
     )
     return ModelConfig(
         stacks={"vision": stack},
@@ -192,15 +204,30 @@ def _model_config(vit: nn.Module) -> ModelConfig:
     )
 
 
+def _check_attention_pool(pool: nn.Module, include_prefix: bool) -> None:
+    if type(pool).__name__ != "AttentionPoolLatent":
+        raise _unsupported(f"attention pooling {type(pool).__name__} (only timm's AttentionPoolLatent)")
+    if pool.latent_len != 1 or pool.pos_embed is not None or pool.pool != "token" or include_prefix:
+        raise _unsupported(
+            f"an attention-pooling head with latent_len={pool.latent_len}, its own positions "
+            f"({pool.pos_embed is not None}), pool_type={pool.pool!r} or reading the prefix tokens ({include_prefix})"
+        )
+    if not isinstance(pool.q_norm, nn.Identity) or pool.mlp is None or not isinstance(pool.q, nn.Linear):
+        raise _unsupported("an attention-pooling head with qk-norm, without its MLP or without a query projection")
+
+
 def _weight_map(vit: nn.Module, config: ModelConfig) -> WeightMap:
     wm = WeightMap(vit.state_dict(), name="timm_vit")
     wm.copy_module("image_embed.patch", "patch_embed.proj", ["weight"] + (["bias"] if config.image.patch_bias else []))
     if config.image.class_token:
         wm.copy("image_embed.cls_token", "cls_token", lambda t: t.reshape(-1))  # (1, 1, D) → (D,)
+    if config.image.n_registers:
+        wm.copy("image_embed.registers", "reg_token", lambda t: t.reshape(-1, t.shape[-1]))  # (1, R, D) → (R, D)
     if config.image.position == "learned":
         pos = wm.get("pos_embed")[0]  # (N, D)
-        if getattr(vit, "no_embed_class", False) and config.image.class_token:
-            pos = torch.cat([pos.new_zeros(1, pos.shape[-1]), pos])  # the class token gets no position in timm
+        if getattr(vit, "no_embed_class", False) and config.image.n_prefix:
+            # the class token and registers get no position in timm: zero rows in our table
+            pos = torch.cat([pos.new_zeros(config.image.n_prefix, pos.shape[-1]), pos])
         wm.set("image_embed.positions", pos)
     if config.image.pre_norm:
         wm.copy_module("image_embed.norm", "norm_pre")
@@ -222,8 +249,20 @@ def _weight_map(vit: nn.Module, config: ModelConfig) -> WeightMap:
         wm.copy_module(f"{t}.mlp.norm", f"{s}.norm2")
         wm.copy_module(f"{t}.mlp.fn.fc1", f"{s}.mlp.fc1", names)
         wm.copy_module(f"{t}.mlp.fn.fc2", f"{s}.mlp.fc2", names)
+        if stack.layer_scale is not None:
+            wm.copy(f"{t}.attn.scale.gamma", f"{s}.ls1.gamma")
+            wm.copy(f"{t}.mlp.scale.gamma", f"{s}.ls2.gamma")
     if stack.final_norm:
         wm.copy_module("stacks.vision.norm", "norm")
+    if config.image.pool_norm:
+        wm.copy_module("image_pool_norm", "fc_norm")
+    if config.image.pool == "map":
+        wm.copy("image_pool.queries", "attn_pool.latent", lambda t: t.reshape(-1, t.shape[-1]))  # (1, 1, D) → (1, D)
+        for name in ("q", "kv", "proj"):
+            wm.copy_module(f"image_pool.{name}", f"attn_pool.{name}")
+        wm.copy_module("image_pool.mlp_norm", "attn_pool.norm")
+        wm.copy_module("image_pool.mlp.fc1", "attn_pool.mlp.fc1")
+        wm.copy_module("image_pool.mlp.fc2", "attn_pool.mlp.fc2")
     if config.embed_dim is not None:
         wm.copy_module("image_proj", "head", ["weight", "bias"] if config.projection_bias else ["weight"])
     wm.initialise("logit_scale")  # ours only: unused by a classifier

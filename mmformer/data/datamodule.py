@@ -21,7 +21,8 @@ batches of ``batch_size`` times the number of processes, rank r taking the r-th 
 continues at the next batch: the same samples in the same order as an uninterrupted run, on one process or
 several (each rank skips the same number of its own batches). WebDataset shards stream: each epoch reshuffles
 with the trainer's epoch (so a resumed run gets that epoch's order), but a mid-epoch resume replays the epoch's
-stream from its beginning.
+stream from its beginning. Training augmentation (``augment``, see :mod:`mmformer.data.augment`) draws each sample's
+randomness from ``(seed, epoch, index)``, so it resumes exactly too; evaluation data is never augmented.
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
+from mmformer.data.augment import AugmentConfig, augment_training
 from mmformer.data.collate import Collator
 from mmformer.data.formats import FORMATS, dataset_texts, open_dataset
+from mmformer.data.seeding import mix_seed
 from mmformer.data.text import pack_documents
 
 if TYPE_CHECKING:
+    from mmformer.config import AudioConfig
     from mmformer.processor import Processor
     from mmformer.tokenizer import Tokenizer
 
@@ -228,16 +232,12 @@ class ResumableLoader(DataLoader):
         if isinstance(sampler, GlobalBatchSampler):
             sampler.start = skip * sampler.batch_size
             if self.generator is not None:  # the workers' base seed
-                self.generator.manual_seed(_mix(sampler.seed, epoch, sampler.rank))
+                self.generator.manual_seed(mix_seed(sampler.seed, epoch, sampler.rank))
+        if hasattr(self.dataset, "set_epoch"):  # an augmented set seeds each sample by (seed, epoch, index)
+            self.dataset.set_epoch(epoch)
         for batch in super().__iter__():
             self._batches += 1
             yield batch
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed from a few ints (different tuples give unrelated seeds)."""
-    digest = hashlib.sha256(",".join(map(str, values)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class MultimodalDataModule(L.LightningDataModule):
@@ -274,6 +274,8 @@ class MultimodalDataModule(L.LightningDataModule):
             the ``vocab_size`` target and no tokenizer is loaded or trained. Data loaders still need the data.
         cache: keep every decoded sample in memory after its first load (map-style data sets only): for small
             data sets such as data/digits, where decoding and resampling cost more than the training step.
+        augment: training augmentation (audio, images; see :mod:`mmformer.data.augment`), applied in the loader
+            workers to the training split only. SpecAugment masks the log-mel of the model the trainer fits.
     """
 
     def __init__(
@@ -304,6 +306,7 @@ class MultimodalDataModule(L.LightningDataModule):
         drop_last: bool = False,
         dry_run: bool = False,
         cache: bool = False,
+        augment: AugmentConfig | None = None,
         text_documents: str = "file",
         pack_documents: bool = False,
     ):
@@ -316,7 +319,13 @@ class MultimodalDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size: expected a positive int; got {batch_size!r}")
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers: expected an int >= 0; got {num_workers!r}")
+        if isinstance(augment, dict):
+            augment = AugmentConfig(**augment)
+        if augment is not None and not isinstance(augment, AugmentConfig):
+            raise TypeError(f"augment: expected an AugmentConfig, a dict or None; got {type(augment).__name__}")
+        self.augment = augment or AugmentConfig()
         self.save_hyperparameters()
+        self.hparams["augment"] = self.augment.to_dict()  # plain types: checkpoints load with weights_only=True
         self.paths = {"train": train, "val": val, "test": test, "predict": predict}
         self.format, self.modalities = format, tuple(modalities)
         self.tokenizer_path = tokenizer
@@ -428,6 +437,10 @@ class MultimodalDataModule(L.LightningDataModule):
         if self.pack_documents:
             dataset = self._blocks(split, dataset)
         kwargs = dict(num_workers=self.num_workers, collate_fn=Collator(self.tokenizer, self.text_max_length))
+        if train:  # augmentation (when configured) happens in the workers, seeded per sample: see augment_training
+            dataset, kwargs["collate_fn"] = augment_training(
+                dataset, kwargs["collate_fn"], self.augment, self._processor, self.seed, self._feature_config
+            )
         if isinstance(dataset, IterableDataset):
             drop_last = train and self.drop_last
             return _EpochLoader(dataset, batch_size=self.batch_size, drop_last=drop_last, epoch=self._epoch, **kwargs)
@@ -443,6 +456,18 @@ class MultimodalDataModule(L.LightningDataModule):
         # state (which training draws dropout from) untouched, and a resumed run sees the same stream
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, generator=generator, **kwargs)
+
+    def _feature_config(self) -> AudioConfig:
+        """The log-mel settings of the model the trainer fits (SpecAugment masks the features it would compute)."""
+        module = None if self.trainer is None else self.trainer.lightning_module
+        config = getattr(getattr(getattr(module, "model", None), "config", None), "audio", None)
+        if config is None:
+            raise ValueError(
+                "augment.audio: SpecAugment (freq_masks/time_masks) masks the log-mel of the model being trained, "
+                "so the data module must be attached to a Trainer fitting a model with an audio config; got "
+                f"{'no trainer' if self.trainer is None else type(module).__name__ + ' without one'}"
+            )
+        return config
 
     def _epoch(self) -> int | None:
         """The trainer's current epoch (None without a trainer)."""

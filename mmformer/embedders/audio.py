@@ -17,7 +17,13 @@ from mmformer.layers.positions import AbsolutePositions
 class LogMel(nn.Module):
     """Whisper-style log-mel: power mel spectrogram (torchaudio; Slaney scale and norm), log10, an 8-decade dynamic
     range per utterance, scaled to roughly [-1, 1]. The STFT window and mel filters are derived from the config and
-    computed where they are used, so the module holds no state."""
+    computed where they are used, so the module holds no state.
+
+    With ``AudioConfig.pad_to_seconds`` it computes exactly what Whisper's feature extractor does: each waveform is
+    zero-padded (or cut) to that length, the frame past the end of the centred STFT is dropped (30 s → 3000
+    frames) and the peak spans the whole window. Without it the features follow the waveform's own length and
+    exclude the padding of a batch (mmformer's default, which the digits models were trained with).
+    """
 
     def __init__(self, cfg: AudioConfig):
         super().__init__()
@@ -44,17 +50,26 @@ class LogMel(nn.Module):
         return torch.matmul(spec.transpose(-1, -2), self.filters(audio.device)).transpose(-1, -2)
 
     def frames(self, lengths: torch.Tensor) -> torch.Tensor:
-        """Mel frames (centred STFT) of waveforms with these sample counts."""
+        """Mel frames (centred STFT) of waveforms with these sample counts (all the window's with pad_to_seconds)."""
+        if self.cfg.pad_to_seconds is not None:
+            return torch.full_like(lengths, self.cfg.window_samples // self.hop_length)
         return lengths // self.hop_length + 1
 
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, S) waveforms → (B, M, Nf) log-mel. Padding frames are excluded from the per-utterance maximum."""
+        """(B, S) waveforms → (B, M, Nf) log-mel. Padding frames are excluded from the per-utterance maximum (with
+        pad_to_seconds: Whisper's fixed window, padding included)."""
         if lengths is not None:
             # Zero the samples past each length (Whisper pads with zeros): the STFT windows of the last real frames
             # reach into the padding, so its content would otherwise leak into real frames.
             real_samples = torch.arange(audio.shape[-1], device=audio.device)[None, :] < lengths[:, None]  # (B, S)
             audio = audio.masked_fill(~real_samples, 0.0)
-        mel = self.power_mel(audio.float()).clamp(min=1e-10).log10()  # (B, M, Nf)
+        window = self.cfg.window_samples
+        if window:  # Whisper: pad or cut to the window, drop the frame past its end, one peak over all of it
+            audio = F.pad(audio[:, :window], (0, max(0, window - audio.shape[-1])))  # (B, window)
+            mel = self.power_mel(audio.float())[..., :-1].clamp(min=1e-10).log10()  # (B, M, window / hop)
+            lengths = None
+        else:
+            mel = self.power_mel(audio.float()).clamp(min=1e-10).log10()  # (B, M, Nf)
         if lengths is not None:
             real = torch.arange(mel.shape[-1], device=mel.device)[None, :] < self.frames(lengths)[:, None]
             peak = mel.masked_fill(~real[:, None, :], float("-inf")).amax(dim=(1, 2), keepdim=True)
@@ -95,7 +110,9 @@ class AudioEmbedder(nn.Module):
         if features is None:
             audio, lengths = self.check_waveforms(audio, lengths)
             features = self.features(audio, lengths)
-            feature_lengths = None if lengths is None else self.features.frames(lengths)
+            # Whisper's fixed window: every frame is attended to, as Whisper's encoder does
+            padded = self.cfg.pad_to_seconds is not None
+            feature_lengths = None if lengths is None or padded else self.features.frames(lengths)
         else:
             self.check_features(features)
             if feature_lengths is not None:
@@ -133,7 +150,7 @@ class AudioEmbedder(nn.Module):
         check_device("audio", audio, self.conv1.weight)
         if audio.shape[0] == 0:
             raise ValueError(f"audio: expected at least one waveform, got shape {tuple(audio.shape)}")
-        if audio.shape[1] < self.cfg.n_fft // 2 + 1:
+        if audio.shape[1] < self.cfg.n_fft // 2 + 1 and self.cfg.pad_to_seconds is None:
             raise ValueError(f"audio: needs at least {self.cfg.n_fft // 2 + 1} samples, got {audio.shape[1]}")
         if lengths is not None:
             lengths = check_lengths("audio_lengths", lengths, audio.shape[0], audio.shape[1], self.conv1.weight)

@@ -15,21 +15,22 @@ from mmformer.layers.positions import resample_patch_positions, sinusoids
 
 
 def initial_patch_positions(cfg: ImageConfig, width: int) -> torch.Tensor:
-    """Initial 2-D learned position table (Np [+1], D): row and column sin-cos halves (as MAE's fixed table), so
-    the patch grid's geometry is visible from the first step; the class token's row starts at zero. A width not
-    divisible by 4 falls back to a small random table."""
+    """Initial 2-D learned position table (Np + prefix, D): row and column sin-cos halves (as MAE's fixed table), so
+    the patch grid's geometry is visible from the first step; the rows of the class token and the registers start at
+    zero. A width not divisible by 4 falls back to a small random table."""
     if width % 4:
         return torch.randn(cfg.n_tokens, width) * 0.02
     gh, gw = cfg.grid
     rows = sinusoids(gh, width // 2)[:, None, :].expand(gh, gw, width // 2)
     cols = sinusoids(gw, width // 2)[None, :, :].expand(gh, gw, width // 2)
     table = torch.cat([rows, cols], dim=-1).reshape(gh * gw, width)  # (Np, D), row-major like the patches
-    return torch.cat([torch.zeros(int(cfg.class_token), width), table], dim=0)
+    return torch.cat([torch.zeros(cfg.n_prefix, width), table], dim=0)
 
 
 class ImageEmbedder(nn.Module):
-    """Patchify (B, C, H, W) pixels into (B, Np [+1], D) tokens. Other image sizes than the configured one work:
-    the patch position table is resampled bicubically to the new grid."""
+    """Patchify (B, C, H, W) pixels into (B, prefix + Np, D) tokens: the class token and the registers (the prefix)
+    come first. Other image sizes than the configured one work: the patch position table is resampled bicubically
+    to the new grid (the prefix rows stay)."""
 
     def __init__(self, cfg: ImageConfig, stack: StackConfig):
         super().__init__()
@@ -37,6 +38,7 @@ class ImageEmbedder(nn.Module):
         width = stack.width
         self.patch = nn.Conv2d(cfg.channels, width, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.empty(width)) if cfg.class_token else None
+        self.registers = nn.Parameter(torch.empty(cfg.n_registers, width)) if cfg.n_registers else None
         self.positions = nn.Parameter(torch.empty(cfg.n_tokens, width)) if cfg.position == "learned" else None
         self.norm = make_norm(stack.norm, width, stack.norm_eps) if cfg.pre_norm else None
         self.reset_parameters()
@@ -46,6 +48,8 @@ class ImageEmbedder(nn.Module):
         with torch.no_grad():
             if self.cls_token is not None:
                 self.cls_token.normal_(0.0, 0.02)
+            if self.registers is not None:
+                self.registers.normal_(0.0, 1e-6)  # as timm
             if self.positions is not None:
                 self.positions.copy_(initial_patch_positions(self.cfg, self.positions.shape[1]))
 
@@ -74,13 +78,14 @@ class ImageEmbedder(nn.Module):
             )
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """Tokens (B, Np [+1], D) and no padding mask (every patch is real)."""
+        """Tokens (B, prefix + Np, D) and no padding mask (every patch is real)."""
         self.check(pixel_values)
         x = self.patch(pixel_values.to(self.patch.weight.dtype))  # (B, D, gh, gw)
         grid = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # (B, Np, D)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+        prefix = [t.to(x.dtype).view(-1, x.shape[-1]) for t in (self.cls_token, self.registers) if t is not None]
+        if prefix:
+            x = torch.cat([torch.cat(prefix).expand(x.shape[0], -1, -1), x], dim=1)  # (B, prefix + Np, D)
         if self.positions is not None:
             x = x + self.patch_positions(tuple(grid)).to(x.dtype)
         if self.norm is not None:
@@ -88,7 +93,7 @@ class ImageEmbedder(nn.Module):
         return x, None
 
     def patch_positions(self, grid: tuple[int, int]) -> torch.Tensor:
-        """The position table (Np [+1], D) for a patch grid, resampled when it differs from the configured one."""
-        n_prefix = int(self.cls_token is not None)
+        """The position table (prefix + Np, D) for a patch grid, resampled when it differs from the configured one."""
+        n_prefix = self.cfg.n_prefix
         prefix, patches = self.positions[:n_prefix], self.positions[n_prefix:]
         return torch.cat([prefix, resample_patch_positions(patches, self.cfg.grid, grid)], dim=0)

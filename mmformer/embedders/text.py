@@ -35,6 +35,15 @@ class TextEmbedder(nn.Module):
         self.segments = nn.Embedding(cfg.n_segments, stack.width) if cfg.n_segments else None
         self.norm = nn.LayerNorm(stack.width, eps=cfg.embed_norm_eps) if cfg.embed_norm else None
         self.drop = nn.Dropout(stack.dropout)
+        # CoCa's embed_cls: a learned token appended after the text by the text encoder (not by the decoder)
+        self.cls_token = nn.Parameter(torch.empty(stack.width)) if cfg.pool == "append_cls" else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initial value of the appended class token (the submodules initialise their own)."""
+        if self.cls_token is not None:
+            with torch.no_grad():
+                self.cls_token.normal_(0.0, 0.01)  # as open_clip
 
     def check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         if not isinstance(input_ids, torch.Tensor):
@@ -46,10 +55,11 @@ class TextEmbedder(nn.Module):
         check_device("input_ids", input_ids, self.tokens.weight)
         if input_ids.numel() == 0:
             raise ValueError(f"input_ids: expected at least one token per row, got shape {tuple(input_ids.shape)}")
-        if self.positions is not None and input_ids.shape[1] > self.cfg.max_length:
+        if self.positions is not None and input_ids.shape[1] > self.cfg.max_tokens:
             raise ValueError(
-                f"input_ids: expected at most {self.cfg.max_length} tokens (TextConfig.max_length, the position "
-                f"table), got {input_ids.shape[1]}; truncate the text or build the model with a longer max_length"
+                f"input_ids: expected at most {self.cfg.max_tokens} tokens (TextConfig.max_length, the position "
+                f"table{', less the appended class token' if self.cls_token is not None else ''}), got "
+                f"{input_ids.shape[1]}; truncate the text or build the model with a longer max_length"
             )
         if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
             raise TypeError(
@@ -70,16 +80,24 @@ class TextEmbedder(nn.Module):
         *,
         offset: int = 0,
         segment_ids: torch.Tensor | None = None,
+        append_cls: bool = False,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Ids (B, T) → tokens (B, T, D) at positions offset … offset+T-1, or at per-row ``positions`` (B, T)."""
+        """(B, T) ids → (B, T, D), or (B, T + 1, D) with ``append_cls`` (the text encoder of an append_cls model), at
+        positions offset … offset+T-1, or at per-row ``positions`` (B, T)."""
         if segment_ids is not None:
             self.check_segments(input_ids, segment_ids)
         x = self.tokens(input_ids)
+        if append_cls and self.cls_token is not None:
+            x = torch.cat([x, self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)], dim=1)  # (B, T + 1, D)
+            if segment_ids is not None:
+                segment_ids = torch.cat([segment_ids, segment_ids[:, -1:]], dim=1)
         if self.positions is not None:
             x = self.positions(x, offset, positions)
         if self.segments is not None:
-            x = x + self.segments(segment_ids if segment_ids is not None else torch.zeros_like(input_ids))
+            x = x + self.segments(
+                segment_ids if segment_ids is not None else x.new_zeros(x.shape[:2], dtype=torch.long)
+            )
         if self.norm is not None:
             x = self.norm(x)
         return self.drop(x) if self.training and self.drop.p > 0 else x  # skip the identity call when decoding

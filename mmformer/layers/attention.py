@@ -81,6 +81,8 @@ class Attention(nn.Module):
         else:
             self.qkv = nn.Linear(cfg.width, q_dim + 2 * kv_dim, bias=qkv_bias)
         self.proj = nn.Linear(q_dim, cfg.width, bias=out_bias)
+        # CoCa's ln_1_kv: the memory is normed before its keys and values (once per memory, like them)
+        self.memory_norm = make_norm(cfg.norm, cfg.width, cfg.norm_eps) if cross and cfg.cross_memory_norm else None
         self.q_norm = make_norm(cfg.norm, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = make_norm(cfg.norm, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.attn_dropout = cfg.attn_dropout
@@ -95,6 +97,8 @@ class Attention(nn.Module):
 
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, nkv, S, hs) of a cross-attention memory (B, S, D)."""
+        if self.memory_norm is not None:
+            memory = self.memory_norm(memory)
         k, v = self.kv(memory).chunk(2, dim=-1)
         k = self._heads(k, self.n_kv_heads)
         if self.k_norm is not None:
@@ -110,6 +114,7 @@ class Attention(nn.Module):
         memory: torch.Tensor | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
+        padded_queries: bool = False,
         positions: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -118,6 +123,9 @@ class Attention(nn.Module):
         Args:
             mask: key padding (B, S), True = real; for cross-attention it masks the memory. With a cache, S counts
                 the cached keys too.
+            padded_queries: queries at masked positions matter (CoCa's class token after the padding, under its
+                checkpoints' shifted mask): the mask is applied as given, never replaced by ``is_causal`` for
+                right-padded rows.
             causal: queries see only earlier keys (self-attention only).
             memory: (B, S, D) keys/values source for cross-attention; may be None after the cache holds them.
                 (B/G, S, D) is read by G consecutive rows each (beams of one sample), as are its cached keys/values.
@@ -156,7 +164,7 @@ class Attention(nn.Module):
         if cache is not None and not self.cross:
             k, v = cache.append(layer, k, v)
 
-        attn_mask, is_causal = self._mask(mask, causal, T, k.shape[2], x.device)
+        attn_mask, is_causal = self._mask(mask, causal, T, k.shape[2], x.device, padded_queries)
         if self.alibi:
             bias = alibi_bias(alibi_slopes(self.n_heads, x.device), T, k.shape[2], causal)  # (nh, T, S)
         if bias is not None and not self.cross:
@@ -186,15 +194,15 @@ class Attention(nn.Module):
 
     @staticmethod
     def _mask(
-        mask: torch.Tensor | None, causal: bool, T: int, S: int, device: torch.device
+        mask: torch.Tensor | None, causal: bool, T: int, S: int, device: torch.device, padded_queries: bool = False
     ) -> tuple[torch.Tensor | None, bool]:
         """Turn a key-padding mask and causality into SDPA's (attn_mask, is_causal) without a (T, S) mask when
-        the fused ``is_causal`` path is exact."""
+        the fused ``is_causal`` path is exact (right padding, and no query at a padded position that matters)."""
         if mask is not None and not torch.compiler.is_compiling() and bool(mask.all()):
             mask = None  # nothing padded: let SDPA pick the fastest kernel (a compiled graph keeps the mask instead)
         if causal and T == 1:
             causal = False  # one new query after the cache sees every cached key
-        if causal and (mask is None or right_padded(mask)) and T == S:
+        if causal and (mask is None or (right_padded(mask) and not padded_queries)) and T == S:
             return None, True
         allowed = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S)
         if causal:

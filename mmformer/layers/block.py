@@ -31,11 +31,29 @@ class DropPath(nn.Module):
         return x * keep / (1 - self.p)
 
 
+class LayerScale(nn.Module):
+    """A learned per-channel scale on a residual branch (CaiT; timm's ``ls1``/``ls2``, DINOv2), starting at ``init``."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.init = init
+        self.gamma = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.gamma.fill_(self.init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class Sublayer(nn.Module):
     """One residual branch (attention, cross-attention or MLP) with the configured norm placement.
 
     pre:      x + f(norm(x))                 post: norm(x + f(x))
     sandwich: x + norm_out(f(norm(x)))
+    With ``layer_scale`` the branch f(...) is scaled per channel before the residual add.
     """
 
     def __init__(self, cfg: StackConfig, fn: nn.Module, drop_path: float):
@@ -44,17 +62,22 @@ class Sublayer(nn.Module):
         self.fn = fn
         self.norm = make_norm(cfg.norm, cfg.width, cfg.norm_eps)
         self.norm_out = make_norm(cfg.norm, cfg.width, cfg.norm_eps) if cfg.norm_placement == "sandwich" else None
+        self.scale = LayerScale(cfg.width, cfg.layer_scale) if cfg.layer_scale is not None else None
         self.drop = nn.Dropout(cfg.dropout)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         if self.placement == "post":
-            h = self.fn(x, **kwargs)
+            h = self._scaled(self.fn(x, **kwargs))
             return self.norm(x + (self.regularize(h) if self.training else h))
         h = self.fn(self.norm(x), **kwargs)
         if self.norm_out is not None:
             h = self.norm_out(h)
+        h = self._scaled(h)
         return x + (self.regularize(h) if self.training else h)
+
+    def _scaled(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.scale is None else self.scale(h)
 
     def regularize(self, h: torch.Tensor) -> torch.Tensor:
         """Dropout then drop-path while training; both are the identity in eval mode (forward skips the call then:
@@ -78,7 +101,8 @@ class MultiwayMlp(nn.Module):
 
 class Block(nn.Module):
     """Self-attention, an optional cross-attention sublayer (used only when memory is given), then the MLP —
-    sequential, or attention and MLP in parallel from one norm."""
+    sequential, or attention and MLP in parallel from one norm. With ``cross_mlp`` (CoCa): self-attention, MLP,
+    cross-attention, a second MLP."""
 
     def __init__(self, cfg: StackConfig, drop_path: float = 0.0):
         super().__init__()
@@ -92,6 +116,7 @@ class Block(nn.Module):
             self.drop = nn.Dropout(cfg.dropout)
         else:
             self.mlp = Sublayer(cfg, mlp, drop_path)
+        self.cross_mlp = Sublayer(cfg, make_mlp(cfg), drop_path) if cfg.cross_mlp else None
 
     def forward(
         self,
@@ -104,20 +129,32 @@ class Block(nn.Module):
         memory_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
+        padded_queries: bool = False,
         positions: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         mlp_kwargs = {"modality": modality} if self.multiway else {}
-        attn_kwargs = dict(mask=mask, causal=causal, cache=cache, layer=layer, positions=positions, bias=bias)
+        attn_kwargs = dict(mask=mask, causal=causal, cache=cache, layer=layer)
+        # the rest only passed when set: a keyword per call costs in token-by-token decoding
+        if padded_queries:
+            attn_kwargs["padded_queries"] = True
+        if positions is not None:
+            attn_kwargs["positions"] = positions
+        if bias is not None:
+            attn_kwargs["bias"] = bias
         if self.parallel:
             attn = self.attn
             h = attn.norm(x)
             out = attn.fn(h, **attn_kwargs) + self.mlp(h, **mlp_kwargs)
             return x + attn.drop_path(self.drop(out))
         x = self.attn(x, **attn_kwargs)
+        if self.cross_mlp is not None:  # CoCa's layer order
+            x = self.mlp(x, **mlp_kwargs)
         if self.cross_attn is not None and (memory is not None or (cache is not None and cache.has_cross(layer))):
             x = self.cross_attn(x, mask=memory_mask, memory=memory, cache=cache, layer=layer)
-        return self.mlp(x, **mlp_kwargs)
+            if self.cross_mlp is not None:
+                x = self.cross_mlp(x)
+        return x if self.cross_mlp is not None else self.mlp(x, **mlp_kwargs)
 
 
 class Stack(nn.Module):
@@ -146,25 +183,42 @@ class Stack(nn.Module):
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        first_layer: int = 0,
+        final_norm: bool = True,
+        padded_queries: bool = False,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run x (B, T, D) through every block; with a cache, x holds only the new tokens (and ``mask`` covers the
-        cached ones too). ``positions`` (B, T) are per-row position ids for RoPE (left padding, packed documents)."""
+        cached ones too).
+
+        ``first_layer`` is this stack's first block in a cache shared with stacks that run before it (CoCa's decoder
+        continues its text stack); the stack holding the cache's last layer moves the cache on. ``final_norm=False``
+        returns the states before the final norm. ``padded_queries``: see
+        :meth:`~mmformer.layers.attention.Attention.forward`. ``positions`` (B, T): per-row position ids for RoPE
+        (left-padded prompts, packed documents).
+        """
         kwargs = dict(modality=modality, mask=mask, causal=causal, memory=memory, memory_mask=memory_mask, cache=cache)
-        kwargs["positions"] = positions
+        if padded_queries:
+            kwargs["padded_queries"] = True
+        if positions is not None:
+            kwargs["positions"] = positions
         if self.relative_bias is not None:  # computed once, read by every block
             past = cache.length if cache is not None else 0
             kwargs["bias"] = self.relative_bias(x.shape[1], past + x.shape[1], causal)  # (nh, T, S)
         for i, block in enumerate(self.blocks):
             if self.cfg.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, layer=i, use_reentrant=False, **kwargs)
+                x = checkpoint(block, x, layer=first_layer + i, use_reentrant=False, **kwargs)
             else:
-                x = block(x, layer=i, **kwargs)
-        if cache is not None:
+                x = block(x, layer=first_layer + i, **kwargs)
+        if cache is not None and first_layer + len(self.blocks) == cache.n_layers:
             cache.advance(x.shape[1])
-        return self.norm(x)
+        return self.norm(x) if final_norm else x
 
-    def make_cache(self, batch_size: int, capacity: int, *, device=None, dtype=torch.float32) -> KVCache:
-        """An empty KV cache for ``batch_size`` rows of ``capacity`` positions (it grows on demand)."""
+    def make_cache(
+        self, batch_size: int, capacity: int, *, device=None, dtype=torch.float32, extra_layers: int = 0
+    ) -> KVCache:
+        """An empty KV cache for ``batch_size`` rows of ``capacity`` positions (it grows on demand); ``extra_layers``
+        more for a stack of the same head layout that runs before this one on the same tokens."""
         c = self.cfg
-        return KVCache(c.depth, batch_size, c.n_kv_heads, c.head_dim, capacity, device=device, dtype=dtype)
+        layers = c.depth + extra_layers
+        return KVCache(layers, batch_size, c.n_kv_heads, c.head_dim, capacity, device=device, dtype=dtype)

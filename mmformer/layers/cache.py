@@ -53,6 +53,11 @@ class KVCache:
 
     # ------------------------------------------------------------------ layout
     @property
+    def n_layers(self) -> int:
+        """Blocks the cache holds keys/values for."""
+        return self._k.shape[0]
+
+    @property
     def batch_size(self) -> int:
         """Rows (sequences) the cache holds."""
         return self._k.shape[1]

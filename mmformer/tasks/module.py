@@ -1,8 +1,9 @@
 """``MultimodalTask``: the LightningModule that trains a :class:`~mmformer.MultimodalTransformer`.
 
 Every batch (see :class:`mmformer.data.Collator`) carries text ``input_ids`` + ``attention_mask`` and images
-``pixel_values`` and/or audio ``audio`` + ``audio_lengths``. One shared :meth:`MultimodalTask._step` computes,
-for whatever the batch holds:
+``pixel_values`` and/or audio ``audio`` + ``audio_lengths`` (or log-mel ``audio_features`` + ``feature_lengths``,
+from a training loader with SpecAugment: see :mod:`mmformer.data.augment`). One shared
+:meth:`MultimodalTask._step` computes, for whatever the batch holds:
 
 - ``contrastive_image`` / ``contrastive_audio``: CLIP (or SigLIP) loss between the pooled media and the text;
 - ``caption`` / ``speech``: teacher-forced cross-entropy of the text decoder reading the image / audio tokens;
@@ -231,15 +232,16 @@ class MultimodalTask(L.LightningModule):
         """Loss parts and contrastive features ({"image"/"audio"/"text": (B, E)}) of one batch."""
         m = self.model
         ids, mask = batch.get("input_ids"), batch.get("attention_mask")
-        media = [k for k in ("pixel_values", "audio") if batch.get(k) is not None]
+        # audio arrives as waveforms, or as log-mel features the training loader computed (SpecAugment)
+        media = [k for k in ("pixel_values", "audio", "audio_features") if batch.get(k) is not None]
         if ids is not None and not media and (self.text_objectives.lm or self.text_objectives.mlm):
             return self._text_losses(batch, stage), {}
         if ids is None or not media:
             raise ValueError(
-                "batch: expected input_ids + attention_mask and at least one of pixel_values, audio; got keys "
-                f"{sorted(batch)}"
+                "batch: expected input_ids + attention_mask and at least one of pixel_values, audio, audio_features; "
+                f"got keys {sorted(batch)}"
             )
-        for key, route in (("pixel_values", "image"), ("audio", "audio")):
+        for key, route in (("pixel_values", "image"), ("audio", "audio"), ("audio_features", "audio")):
             if key in media and not self._has(route):
                 raise ValueError(
                     f"batch: has {key} but the model has no {route} route (routes {sorted(m.config.routes)})"
@@ -252,11 +254,16 @@ class MultimodalTask(L.LightningModule):
         if contrastive:
             feats["text"] = m.encode_text(ids, mask)
         scale = m.logit_scale.exp()
-        for modality, key, task in (("image", "pixel_values", "caption"), ("audio", "audio", "speech")):
+        audio_key = "audio_features" if "audio_features" in media else "audio"
+        for modality, key, task in (("image", "pixel_values", "caption"), ("audio", audio_key, "speech")):
             if key not in media:
                 continue
             if modality == "image":
                 tokens, token_mask = m.encode_image_tokens(batch[key])  # (B, Np, D), None
+            elif key == "audio_features":
+                tokens, token_mask = m.encode_audio_tokens(
+                    audio_features=batch[key], feature_lengths=batch.get("feature_lengths")
+                )  # (B, N, D)
             else:
                 tokens, token_mask = m.encode_audio_tokens(batch[key], batch.get("audio_lengths"))  # (B, N, D)
             if contrastive:

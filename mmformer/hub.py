@@ -1,0 +1,253 @@
+"""Where a model a user names lives: local paths, Hugging Face Hub ids (through ``huggingface_hub``), open_clip
+pretrained tags and timm names. :func:`mmformer.from_pretrained` asks here, then picks the converter.
+
+Names, as users write them::
+
+    out/model, run/last.ckpt             a local folder or file (mmformer's, a Hugging Face folder, a timm or
+                                         open_clip folder)
+    openai/whisper-tiny                  a Hugging Face Hub id, fetched with ``huggingface_hub.snapshot_download``
+                                         into the Hub cache (``models--openai--whisper-tiny/snapshots/<commit>/``)
+    open_clip:ViT-B-32/openai            an open_clip model and pretrained tag, through open_clip's download code
+    open_clip:hf-hub:laion/CoCa-ViT-B-32-laion2B-s13B-b90k   an open_clip repository on the Hub
+    timm:vit_base_patch16_224.augreg_in21k                   a timm name (with its pretrained tag)
+
+The cache and offline mode follow ``huggingface_hub``'s variables, read when a model is loaded (not only when
+``huggingface_hub`` was imported): ``HF_HUB_CACHE``, else ``HF_HOME``/hub, else ``~/.cache/huggingface/hub``;
+``HF_HUB_OFFLINE=1`` (or ``local_files_only=True``) forbids any download, and a name missing from the cache is a
+``FileNotFoundError`` naming the id, the revision and the cache. From a Hub repository only what loading needs is
+fetched: its JSON/text files, then safetensors weights, and only when there are none a ``.bin`` (read with
+``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "HubSource",
+    "cache_dir_for",
+    "folder_kind",
+    "hub_offline",
+    "is_offline",
+    "why_missing",
+    "parse_name",
+    "snapshot",
+]
+
+OPEN_CLIP_PREFIX = "open_clip:"
+TIMM_PREFIX = "timm:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+_METADATA = ["*.json", "*.txt"]  # configs, tokenizers, vocabularies: small, and what tells the format apart
+# Weights per folder kind, preferred first: safetensors, and pickles only when a repository has nothing else.
+WEIGHT_FILES = {
+    "hf": (["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"],
+           ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]),
+    "open_clip": (["open_clip_model.safetensors"], ["open_clip_pytorch_model.bin"]),
+}  # fmt: skip
+WEIGHT_FILES["mmformer"] = WEIGHT_FILES["timm"] = WEIGHT_FILES["hf"]
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A parsed model name: ``kind`` is ``path`` (a local file or folder), ``hub`` (a Hub repository id),
+    ``open_clip`` (``name`` an open_clip model, ``tag`` its pretrained tag, or ``name`` an ``hf-hub:`` id) or
+    ``timm`` (``name`` a timm model name with its tag)."""
+
+    kind: str
+    name: str
+    tag: str | None = None
+
+
+def parse_name(name_or_path: str | os.PathLike) -> HubSource:
+    """Tell a local path, a Hub id, an ``open_clip:`` and a ``timm:`` name apart (no I/O but ``os.path.exists``)."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(
+            "name_or_path: expected a path, a Hugging Face Hub id, 'open_clip:MODEL/TAG' or 'timm:NAME', got "
+            f"{type(name_or_path).__name__}"
+        )
+    text = os.fspath(name_or_path)
+    if text.startswith(OPEN_CLIP_PREFIX):
+        spec = text[len(OPEN_CLIP_PREFIX) :]
+        if spec.startswith("hf-hub:"):
+            return HubSource("open_clip", spec)
+        arch, _, tag = spec.partition("/")
+        if not arch or not tag:
+            raise ValueError(
+                f"name_or_path: expected 'open_clip:MODEL/TAG' (e.g. 'open_clip:ViT-B-32/openai') or "
+                f"'open_clip:hf-hub:ORG/REPO', got {text!r}"
+            )
+        return HubSource("open_clip", arch, tag)
+    if text.startswith(TIMM_PREFIX):
+        name = text[len(TIMM_PREFIX) :]
+        if not name:
+            raise ValueError(
+                f"name_or_path: expected 'timm:NAME' (e.g. 'timm:vit_base_patch16_224.augreg_in21k'), got {text!r}"
+            )
+        return HubSource("timm", name)
+    if os.path.exists(text) or not _HUB_ID.match(text):
+        return HubSource("path", text)
+    return HubSource("hub", text)
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def is_offline(local_files_only: bool | None = None) -> bool:
+    """Whether downloading is forbidden: ``local_files_only`` when given, else ``HF_HUB_OFFLINE`` (or
+    ``TRANSFORMERS_OFFLINE``) as set now, or as ``huggingface_hub`` read it at import."""
+    if local_files_only is not None:
+        return bool(local_files_only)
+    from huggingface_hub import constants
+
+    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE") or bool(constants.HF_HUB_OFFLINE)
+
+
+def cache_dir_for(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The Hub cache: ``cache_dir``, else ``HF_HUB_CACHE``, ``HUGGINGFACE_HUB_CACHE``, ``HF_HOME``/hub,
+    ``XDG_CACHE_HOME``/huggingface/hub, ``~/.cache/huggingface/hub`` — ``huggingface_hub``'s order, read now."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(variable):
+            return Path(os.path.expandvars(os.environ[variable])).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
+    )
+    return Path(os.path.expandvars(home)).expanduser() / "hub"
+
+
+def why_missing(offline: bool) -> str:
+    """Why a missing file was not downloaded, for error messages."""
+    return "downloading is off (HF_HUB_OFFLINE=1 or local_files_only=True)" if offline else "it could not be downloaded"
+
+
+@contextlib.contextmanager
+def hub_offline(offline: bool) -> Iterator[None]:
+    """While it holds, ``huggingface_hub`` is in offline mode if ``offline``: libraries that download through it
+    with no ``local_files_only`` argument of their own (open_clip, timm, transformers' configs) then read only the
+    cache. ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` once, at import; this carries a later decision to them."""
+    from huggingface_hub import constants
+
+    if not offline or constants.HF_HUB_OFFLINE:
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
+# ---------------------------------------------------------------------------------------------------- the Hub
+def snapshot(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    token: str | bool | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> Path:
+    """The snapshot folder of a Hub model holding what loading it needs: its JSON/text files, then the weights of its
+    kind (:func:`folder_kind`), safetensors preferred. ``check(folder)`` runs between the two, so that a model that
+    cannot be loaded (an unsupported ``model_type``) is refused before its weights are downloaded.
+
+    Raises:
+        FileNotFoundError: the id or revision does not exist, is not in the cache while offline, or holds no
+            weights; the message names the id, the revision and the cache.
+    """
+    cache, offline = cache_dir_for(cache_dir), is_offline(local_files_only)
+    where = f"{repo_id!r} (revision {revision or 'main'!r})"
+
+    def fetch(patterns: Sequence[str]) -> Path:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        try:
+            with hub_offline(offline):
+                folder = snapshot_download(
+                    repo_id,
+                    revision=revision,
+                    cache_dir=cache,
+                    local_files_only=offline,
+                    token=token,
+                    allow_patterns=list(patterns),
+                )
+        except RevisionNotFoundError as e:
+            raise FileNotFoundError(f"{where}: the Hugging Face Hub has no such revision of this model") from e
+        except GatedRepoError as e:
+            raise FileNotFoundError(f"{where}: a gated model; accept its terms on the Hub and pass token=") from e
+        except RepositoryNotFoundError as e:
+            raise FileNotFoundError(
+                f"{where}: no such model on the Hugging Face Hub (or a private one: pass token=)"
+            ) from e
+        except LocalEntryNotFoundError as e:
+            raise FileNotFoundError(
+                f"{where} is not in the Hugging Face cache {cache} (or only in part) and {why_missing(offline)}; "
+                "download it once "
+                f"online (huggingface-cli download {repo_id}) or point HF_HUB_CACHE / cache_dir at the cache "
+                f"holding it ({type(e).__name__}: {e})"
+            ) from e
+        return Path(folder)
+
+    folder = fetch(_METADATA)
+    if check is not None:
+        check(folder)
+    kind = folder_kind(folder)
+    if kind in WEIGHT_FILES and not _weights_in(folder, kind):
+        preferred, fallback = WEIGHT_FILES[kind]
+        folder = fetch(preferred)
+        if not _weights_in(folder, kind) and not offline:
+            folder = fetch(fallback)
+        if not _weights_in(folder, kind):
+            raise FileNotFoundError(
+                f"{where}: the snapshot {folder} in the Hugging Face cache {cache} holds no weights "
+                f"(looked for {preferred + fallback}){' and downloading is off' if offline else ''}"
+            )
+    return folder
+
+
+def _weights_in(folder: Path, kind: str) -> bool:
+    return any(any(folder.glob(pattern)) for group in WEIGHT_FILES[kind] for pattern in group)
+
+
+def folder_kind(folder: str | os.PathLike) -> str | None:
+    """What a local folder holds, from its config files alone: ``hf`` (a Hugging Face ``config.json`` with a
+    ``model_type``), ``mmformer`` (our config.json), ``timm`` (timm's config.json with an ``architecture``),
+    ``open_clip`` (an ``open_clip_config.json``), or None."""
+    folder = Path(folder)
+    config = read_json(folder / "config.json")
+    if isinstance(config, dict):
+        if "model_type" in config:
+            return "hf"
+        if "architecture" in config:
+            return "timm"
+        if "stacks" in config or "format_version" in config:
+            return "mmformer"
+    if (folder / "open_clip_config.json").is_file():
+        return "open_clip"
+    return None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content, None when the file is missing; a ValueError naming it when it is not JSON."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e

@@ -1,0 +1,132 @@
+"""SigLIP conversion: a tiny random Hugging Face ``SiglipModel`` and its mmformer conversion agree — image and text
+embeddings and the sigmoid logits (with the logit bias) to 1e-4, whether the text is padded to SigLIP's full length
+or only to the longest text (mmformer pads it itself) — and zero-shot probabilities are SigLIP's sigmoids."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import SiglipConfig, SiglipModel  # noqa: E402
+
+from mmformer import ZeroShotClassifier  # noqa: E402
+from mmformer.convert.common import UnsupportedModelError  # noqa: E402
+from mmformer.convert.hf_siglip import from_hf_siglip  # noqa: E402
+from mmformer.zeroshot import zero_shot_logits  # noqa: E402
+
+ATOL = 1e-4
+PAD = 1  # SigLIP pads with its eos token
+LENGTH = 12
+
+
+@pytest.fixture(scope="module")
+def hf() -> SiglipModel:
+    torch.manual_seed(0)
+    text = dict(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=LENGTH, pad_token_id=PAD, eos_token_id=PAD, bos_token_id=98,
+                projection_size=32)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+                  patch_size=4, hidden_act="gelu_pytorch_tanh")  # fmt: skip
+    model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if p.ndim == 1 and "norm" in name else 0.1 * torch.randn_like(p))
+        model.logit_scale.fill_(2.3)
+        model.logit_bias.fill_(-3.0)
+    return model
+
+
+@pytest.fixture
+def inputs():
+    pixels = torch.randn(3, 3, 16, 16)
+    ids = torch.randint(2, 98, (4, LENGTH))
+    lengths = [5, 12, 8, 3]
+    for row, n in enumerate(lengths):
+        ids[row, n:] = PAD
+    return pixels, ids, lengths
+
+
+def test_embeddings_and_sigmoid_logits_match(hf, inputs):
+    pixels, ids, _ = inputs
+    model = from_hf_siglip(hf)
+    assert model.config.image.pool == "map" and model.config.projections == {"image": "none"}
+    assert model.config.text.pool == "last" and model.config.text.fixed_length and model.config.text.attend_padding
+    with torch.no_grad():
+        out = hf(input_ids=ids, pixel_values=pixels)
+        image, text = model.encode_image(pixels), model.encode_text(ids)
+        logits = zero_shot_logits(model, image, text)
+    assert (image - out.image_embeds).abs().max().item() < ATOL
+    assert (text - out.text_embeds).abs().max().item() < ATOL
+    assert (logits - out.logits_per_image).abs().max().item() < ATOL
+    assert model.logit_bias is not None and abs(model.logit_bias.item() + 3.0) < 1e-6
+
+
+def test_shorter_padding_gives_the_same_embeddings(hf, inputs):
+    """Ids padded to the longest text with a mask (mmformer's tokenizer) are padded to SigLIP's length inside."""
+    _, ids, lengths = inputs
+    model = from_hf_siglip(hf)
+    short = ids[[0, 2, 3], :8]
+    mask = torch.arange(8)[None, :] < torch.tensor([lengths[0], lengths[2], lengths[3]])[:, None]
+    with torch.no_grad():
+        reference = hf.get_text_features(input_ids=ids[[0, 2, 3]]).pooler_output
+        ours = model.encode_text(short, mask, normalize=False)
+    assert (ours - reference).abs().max().item() < ATOL
+
+
+def test_zero_shot_probabilities_are_sigmoids(hf):
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    from mmformer.processor import Processor
+    from mmformer.tokenizer import Tokenizer
+
+    words = ["<pad>", "</s>", *[f"w{i}" for i in range(2, 98)], "<bos>"]
+    backend = Backend(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w2"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = Tokenizer(backend, max_length=LENGTH, pad_token="</s>", bos_token=None, eos_token="</s>")
+    model = from_hf_siglip(hf)
+    classes = ["w10 w11", "w12", "w40 w41 w42"]
+    clf = ZeroShotClassifier(model, Processor(tokenizer), classes, templates=["w5 {}"])
+    pixels = torch.randn(2, 3, 16, 16)
+    probs = clf.predict_proba(pixels)
+    ids = torch.full((3, LENGTH), PAD)
+    for row, text in enumerate(f"w5 {c}" for c in classes):
+        encoded = tokenizer.encode(text)
+        ids[row, : len(encoded)] = torch.tensor(encoded)
+    with torch.no_grad():
+        reference = torch.sigmoid(hf(input_ids=ids, pixel_values=pixels).logits_per_image)
+    assert (probs - reference).abs().max().item() < ATOL
+    assert not torch.allclose(probs.sum(dim=1), torch.ones(2))  # independent per class, unlike a softmax
+
+
+def test_directory_and_processor(hf, tmp_path, inputs):
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_mean": [0.5] * 3,
+                "image_std": [0.5] * 3,
+                "resample": 3,
+                "size": {"height": 16, "width": 16},
+                "do_center_crop": False,
+            }
+        )  # fmt: skip
+    )
+    model = from_hf_siglip(tmp_path)
+    settings = model.processor.image
+    assert settings.resize == "exact" and settings.mean == (0.5,) * 3 and settings.image_size == (16, 16)
+    pixels, ids, _ = inputs
+    with torch.no_grad():
+        assert (model.encode_image(pixels) - hf(input_ids=ids, pixel_values=pixels).image_embeds).abs().max() < ATOL
+
+
+def test_unsupported_siglip_is_named(hf):
+    import copy
+
+    headless = copy.deepcopy(hf)
+    headless.config.vision_config.vision_use_head = False
+    with pytest.raises(UnsupportedModelError, match="vision_use_head=False"):
+        from_hf_siglip(headless)
