@@ -538,8 +538,8 @@ def _memory(
     audio: torch.Tensor | None,
     audio_lengths: torch.Tensor | None,
     audio_features: torch.Tensor | None,
-    input_ids: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The encoder states (B, S, D) and mask the decoder reads; (None, None) when nothing is given (a decoder-only
     model continues its prompt)."""

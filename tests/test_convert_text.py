@@ -182,6 +182,8 @@ def test_gpt2_from_a_folder_and_the_convert_command(hf_gpt2, tmp_path):
     main(["convert", "--from", "hf_gpt2", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")])
     with torch.no_grad():
         assert (from_pretrained(tmp_path / "ours").decode(ids) - expected).abs().max() < ATOL
+        # the folder's model_type picks the converter (mmformer.auto.HF_CONVERTERS)
+        assert (from_pretrained(tmp_path / "hf").decode(ids) - expected).abs().max() < ATOL
 
 
 # ---------------------------------------------------------------- Llama / Qwen2
