@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # torchaudio 2.11 declares no torch pin and runs beside them through the stable ABI.
 TORCH := torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0
 
-.PHONY: demo test test-fast lint format install install-dev clean
+.PHONY: demo adapt test test-fast lint format install install-dev clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,14 @@ install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
 	$(BIN)/python -m mmformer.demo
+
+$(VENV)/.installed-adapt: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[adapt]"
+	touch $(VENV)/.installed $@
+
+adapt: $(VENV)/.installed-adapt
+	$(BIN)/python -m mmformer.demo adapt
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

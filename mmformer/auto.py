@@ -11,7 +11,8 @@ a distillation teacher) goes through here. What a name is (:func:`mmformer.hub.p
   (``open_clip_config.json``) through open_clip;
 - ``open_clip:MODEL/TAG`` and ``timm:NAME``, resolved by those libraries' own download and cache code.
 
-The processor comes from the same source with its own settings (``model.processor``).
+The processor comes from the same source with its own settings (``model.processor``); :func:`load_processor` reads
+it alone. ``adapter=`` applies a LoRA adapter folder (peft's layout) on top of whatever was loaded.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import torch
 
 from mmformer import hub
 from mmformer.model import MultimodalTransformer
+from mmformer.pretrained import read_checkpoint
+from mmformer.processor import Processor
 
-__all__ = ["HF_CONVERTERS", "from_pretrained", "load_pretrained"]
+__all__ = ["HF_CONVERTERS", "from_pretrained", "load_pretrained", "load_processor"]
 
 # Hugging Face ``config.json`` ``model_type`` → ``"module:function"`` of its converter (which takes a local folder).
 # A converter for a new family adds one line here (imported only when a model of that type is loaded).
@@ -57,6 +60,7 @@ def from_pretrained(
     model_kwargs: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    adapter: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> MultimodalTransformer:
     """Load a model from any source mmformer reads, converting public formats exactly.
@@ -75,6 +79,8 @@ def from_pretrained(
         model_kwargs: keyword arguments for ``open_clip.create_model`` / ``timm.create_model`` (e.g. ``img_size``
             for timm, whose position table is resampled on load).
         device, dtype: where and in which floating-point type the model ends up.
+        adapter: a LoRA adapter folder (adapter_config.json + adapter_model.safetensors) applied on top, checked
+            against this model before its tensors are read (see :func:`mmformer.adapters.load_adapter`).
         kwargs: for mmformer's own formats, :meth:`MultimodalTransformer.from_pretrained`'s ``map_location``,
             ``strict``, ``config`` and ``max_parameters``.
 
@@ -88,6 +94,29 @@ def from_pretrained(
             checkpoint (:class:`~mmformer.convert.common.UnsupportedModelError`), or options that do not fit the
             source.
     """
+    model = _load(
+        name_or_path, source, revision, cache_dir, local_files_only, token, model_kwargs, device, dtype, kwargs
+    )
+    if adapter is not None:
+        from mmformer.adapters import load_adapter
+
+        load_adapter(model, adapter)
+    return model
+
+
+def _load(
+    name_or_path: str | os.PathLike,
+    source: str | None,
+    revision: str | None,
+    cache_dir: str | os.PathLike | None,
+    local_files_only: bool | None,
+    token: str | bool | None,
+    model_kwargs: dict[str, Any] | None,
+    device: str | torch.device | None,
+    dtype: torch.dtype | None,
+    kwargs: dict[str, Any],
+) -> MultimodalTransformer:
+    """:func:`from_pretrained` without the adapter."""
     unknown = sorted(set(kwargs) - set(_OWN_OPTIONS))
     if unknown:
         raise TypeError(f"from_pretrained: unknown keyword arguments {unknown}; expected some of {list(_OWN_OPTIONS)}")
@@ -125,6 +154,18 @@ def from_pretrained(
 
 
 load_pretrained = from_pretrained
+
+
+def load_processor(name_or_path: str | os.PathLike) -> Processor | None:
+    """The processor (tokenizer, image and audio preprocessing) saved with a model, or None, from any source
+    :func:`from_pretrained` reads (``init_from``'s data module uses it). mmformer's own formats are read without
+    their weights; converted sources are loaded whole, since their processor comes from the conversion."""
+    parsed = hub.parse_name(name_or_path)
+    if parsed.kind == "path":
+        path = Path(parsed.name)
+        if not path.is_dir() or hub.folder_kind(path) in (None, "mmformer"):
+            return read_checkpoint(path).processor
+    return from_pretrained(name_or_path).processor
 
 
 def _only_own_format(kwargs: dict[str, Any]) -> None:

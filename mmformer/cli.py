@@ -24,6 +24,8 @@ Training (a LightningCLI; `mmformer fit --help` lists every option):
 
 Inference and interop:
   export      checkpoint → pretrained directory:  mmformer export --ckpt runs/.../last.ckpt --out out/model
+              (a LoRA run's checkpoint → its adapter folder, --merge → the merged model; a prompt run's → its prompt)
+  merge       base + LoRA adapter → plain model:   mmformer merge --base DIR --adapter DIR --out DIR
   zeroshot    zero-shot classification:            mmformer zeroshot --model out/model --classes a,b,c FILES...
   caption     image captioning:                    mmformer caption --model out/model FILES...
   transcribe  speech to text:                      mmformer transcribe --model out/model FILES...
@@ -64,6 +66,8 @@ def _decoding_args(p: argparse.ArgumentParser, inputs: str = "files", what: str 
     from mmformer.generation import DecodingOptions
 
     p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder applied on top of --model")
+    p.add_argument("--prompt", default=None, help="a learned decoder prefix file (prompt tuning)")
     for flag, kwargs in dataclass_flags(DecodingOptions):
         p.add_argument(flag, **kwargs)
     p.add_argument("--device", default="cpu")
@@ -78,9 +82,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing mmformer directory")
+    p.add_argument("--merge", action="store_true", help="a LoRA run's checkpoint: write the merged model")
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save the plain model")
+    p.add_argument("--base", required=True, help="the base model the adapter was trained on")
+    p.add_argument(
+        "--adapter", required=True, help="the adapter folder (adapter_config.json + adapter_model.safetensors)"
+    )
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing mmformer directory")
 
     p = sub.add_parser("zeroshot", help="zero-shot classification of images or audio files")
     p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder applied on top of --model")
+    p.add_argument("--prompt", default=None, help="a learned context prompt file (CoOp) in place of --templates")
     p.add_argument("--classes", required=True, help="comma-separated class names")
     p.add_argument("--templates", default="{}", help="'|'-separated prompt templates with {} for the class name")
     p.add_argument("--modality", choices=("auto", "image", "audio"), default="auto")
@@ -114,10 +129,10 @@ def _parser() -> argparse.ArgumentParser:
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus"}
 
 
-def _load_model(path: str, device: str):
+def _load_model(path: str, device: str, adapter: str | None = None):
     from mmformer.auto import load_pretrained
 
-    model = load_pretrained(path, device=device).eval()
+    model = load_pretrained(path, device=device, adapter=adapter).eval()
     if getattr(model, "processor", None) is None:
         raise SystemExit(f"mmformer: {path} has no processor files (tokenizer.json, preprocessor_config.json)")
     return model
@@ -128,7 +143,7 @@ def _zeroshot(args: argparse.Namespace) -> None:
 
     from mmformer.zeroshot import ZeroShotClassifier
 
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args.adapter)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     by_modality: dict[str, list[str]] = {}
     for path in args.files:  # 'auto' decides per file, so images and audio may be mixed
@@ -138,8 +153,9 @@ def _zeroshot(args: argparse.Namespace) -> None:
         by_modality.setdefault(modality, []).append(path)
     width = max(len(c) for c in classes)
     for modality, files in by_modality.items():
+        templates = ["{}"] if args.prompt else args.templates.split("|")
         clf = ZeroShotClassifier(
-            model, model.processor, classnames=classes, templates=args.templates.split("|"), modality=modality
+            model, model.processor, classnames=classes, templates=templates, modality=modality, prompt=args.prompt
         )
         for path, top in zip(files, clf.topk(files, k=min(args.top, len(classes)))):
             print(path)
@@ -157,26 +173,37 @@ def _options(args: argparse.Namespace):
 
 
 def _decode(args: argparse.Namespace, task: str) -> None:
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args.adapter)
     options = _options(args)
     run = model.caption if task == "caption" else model.transcribe
+    prefix = _decoder_prefix(args, model)
     for start in range(0, len(args.files), args.batch_size):
         chunk = args.files[start : start + args.batch_size]
-        for path, text in zip(chunk, run(chunk, options=options)):
+        for path, text in zip(chunk, run(chunk, options=options, prefix_embeds=prefix)):
             print(f"{path}\t{text}")
+
+
+def _decoder_prefix(args: argparse.Namespace, model: Any):
+    """The learned decoder prefix vectors of ``--prompt`` (prompt tuning), on the device; None without one."""
+    if not args.prompt:
+        return None
+    from mmformer.prompts import DecoderPrefix, load_prompt
+
+    return load_prompt(args.prompt, model, kind=DecoderPrefix.kind).vectors.to(args.device)
 
 
 def _complete(args: argparse.Namespace) -> None:
     import torch
 
-    model = _load_model(args.model, args.device)
-    options = _options(args)
+    model = _load_model(args.model, args.device, args.adapter)
+    options, prefix = _options(args), _decoder_prefix(args, model)
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
     for start in range(0, len(args.prompts), args.batch_size):
         chunk = args.prompts[start : start + args.batch_size]
-        for i, (prompt, text) in enumerate(zip(chunk, model.complete(chunk, options=options, generator=generator))):
+        texts = model.complete(chunk, options=options, generator=generator, prefix_embeds=prefix)
+        for i, (prompt, text) in enumerate(zip(chunk, texts)):
             if start + i:
                 print()
             print(f"{prompt}{text}")
@@ -184,8 +211,24 @@ def _complete(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from mmformer.auto import load_pretrained
+    from mmformer.pretrained import CHECKPOINT_KEY, read_torch
 
+    record = read_torch(args.ckpt).get(CHECKPOINT_KEY) if args.ckpt.endswith(".ckpt") else None
+    if isinstance(record, dict) and (record.get("lora") or record.get("prompt")):  # an adaptation run
+        from mmformer.tasks.adapt import export_checkpoint
+
+        print(f"wrote {export_checkpoint(args.ckpt, args.out, merge=args.merge, overwrite=args.overwrite)}")
+        return
     load_pretrained(args.ckpt).save_pretrained(args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from mmformer.adapters import merge_and_unload
+    from mmformer.auto import load_pretrained
+
+    model = merge_and_unload(load_pretrained(args.base, adapter=args.adapter))
+    model.save_pretrained(args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
 
 
@@ -211,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     handlers = {
         "zeroshot": _zeroshot,
         "export": _export,
+        "merge": _merge,
         "convert": _convert,
         "caption": lambda a: _decode(a, "caption"),
         "transcribe": lambda a: _decode(a, "transcribe"),

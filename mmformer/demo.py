@@ -4,6 +4,7 @@ training, from the training voices' families and ranges) and ``test_hard`` (voic
 outside training's, and shifted/rotated/scaled digits; see data/digits/README.md).
 
     python -m mmformer.demo [--config configs/digits.yaml] [--out runs/digits] [--skip-train]
+    python -m mmformer.demo adapt [...]     # make adapt: LoRA to German, prompt tuning (see mmformer.demo_adapt)
 """
 
 from __future__ import annotations
@@ -22,11 +23,34 @@ TARGETS = {  # issue #16's recipe targets, per split
 }  # fmt: skip
 
 
+def rooted_config(config: str, out: Path) -> Path:
+    """The config with every path under its ``trainer.default_root_dir`` (logs, checkpoints) moved under ``out``,
+    written to ``out/config.yaml``: two demos with different ``--out`` never share a checkpoint folder."""
+    import yaml
+
+    d = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+    root = str(d.get("trainer", {}).get("default_root_dir") or "")
+
+    def move(value):
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        if root and isinstance(value, str) and (value == root or value.startswith(root + "/")):
+            return str(out) + value[len(root) :]
+        return value
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(move(d), sort_keys=False), encoding="utf-8")
+    return path
+
+
 def train(config: str, out: Path) -> Path:
-    """Run ``mmformer fit`` on the config; return the last checkpoint."""
+    """Run ``mmformer fit`` on the config (its output folders moved under ``out``); return the last checkpoint."""
     from mmformer.training_cli import build_cli
 
-    cli = build_cli(["fit", "--config", config, "--trainer.default_root_dir", str(out)])
+    cli = build_cli(["fit", "--config", str(rooted_config(config, out)), "--trainer.default_root_dir", str(out)])
     ckpt = cli.trainer.checkpoint_callback.last_model_path if cli.trainer.checkpoint_callback else ""
     if not ckpt:
         raise SystemExit("mmformer demo: training wrote no checkpoint; check the ModelCheckpoint callback")
@@ -154,6 +178,14 @@ def report(results: dict, seconds: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["adapt"]:
+        from mmformer.demo_adapt import main as adapt
+
+        adapt(argv[1:])
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/digits.yaml")
     p.add_argument("--out", default="runs/digits")

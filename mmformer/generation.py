@@ -344,6 +344,8 @@ class DecoderRunner:
     ``memory`` (B, S, D) may serve N = B*K rows, K consecutive ones each (the beams of a sample); it is None for a
     decoder-only model. ``prompt_mask`` (N, P) marks the real tokens of left-padded prompts; the cache remembers it
     after the first call, and without a cache every step passes it with the generated tokens (all real) appended.
+    ``prefix`` (P', D), a learned decoder prefix, is fed before the first token: it fills the cache's first P'
+    positions.
     """
 
     def __init__(
@@ -354,9 +356,12 @@ class DecoderRunner:
         max_length: int,
         use_cache: bool,
         compile: bool = False,
+        prefix: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
     ):
         self.model = model
+        self.prefix = prefix
+        self.n_prefix = 0 if prefix is None else prefix.shape[0]
         if memory_mask is not None and bool(memory_mask.all()):
             memory_mask = None  # nothing padded: no mask to carry and apply at every step
         if prompt_mask is not None and bool(prompt_mask.all()):
@@ -369,22 +374,30 @@ class DecoderRunner:
 
     def _reserve(self, rows: int, needed: int) -> None:
         """A cache for ``rows`` sequences with room for ``needed`` positions (it starts small and grows)."""
+        needed, limit = needed + self.n_prefix, self.max_length + self.n_prefix
         if self.cache is None:
-            self.cache = self.model.make_cache(rows, min(self.max_length, needed + _CACHE_STEP))
-        self.cache.ensure(needed, limit=self.max_length, step=_CACHE_STEP)
+            self.cache = self.model.make_cache(rows, min(limit, needed + _CACHE_STEP))
+        self.cache.ensure(needed, limit=limit, step=_CACHE_STEP)
 
     def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens so far (N, L) → float32 logits (N, V) for position L."""
         if self.use_cache:
             self._reserve(*tokens.shape)
         if self.cache is not None and self.cache.length > 0:  # the model's own tokens, one step further: no checks
-            return self.step(self.model, tokens[:, self.cache.length :], self.memory_mask, self.cache)
+            seen = self.cache.length - self.n_prefix
+            return self.step(self.model, tokens[:, seen:], self.memory_mask, self.cache)
         # the prompt (or, without a cache, everything so far): validated like any user input
         mask = self.prompt_mask
         if self.cache is None and mask is not None:  # the generated tokens after the prompt are all real
             mask = F.pad(mask, (0, tokens.shape[1] - mask.shape[1]), value=True)  # (N, L)
         hidden = self.model.decode(
-            tokens, self.memory, self.memory_mask, attention_mask=mask, cache=self.cache, return_hidden=True
+            tokens,
+            self.memory,
+            self.memory_mask,
+            attention_mask=mask,
+            cache=self.cache,
+            return_hidden=True,
+            prefix_embeds=self.prefix,
         )
         if self.cache is not None:
             self.memory = None  # the cache now holds the cross-attention keys/values; don't carry (or reorder) it
@@ -665,6 +678,7 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     prompt_ids: torch.Tensor | Sequence | None = None,
     prompt_mask: torch.Tensor | None = None,
+    prefix_embeds: torch.Tensor | None = None,
     options: DecodingOptions | None = None,
     generator: torch.Generator | None = None,
     tokenizer: Any = None,
@@ -684,6 +698,8 @@ def generate(
             is required. The checkpoint's suppressed tokens are never generated.
         prompt_mask: (B, P) True at the prompt's real tokens (left-padded prompts), as Hugging Face's
             ``attention_mask`` of a decoder-only model.
+        prefix_embeds: a learned decoder prefix (P', D) read before the prompt by every row (prompt tuning; see
+            :class:`mmformer.prompts.DecoderPrefix`); it takes P' positions of the decoder's position table.
         options: a :class:`DecodingOptions`; default its defaults.
         generator: random generator for reproducible sampling.
         tokenizer: decodes rows for ``stop_strings`` (default: ``model.processor.tokenizer``).
@@ -715,8 +731,17 @@ def generate(
         )
     n_prompt = prompt.shape[1]
     max_length = n_prompt + options.max_new_tokens
+    if prefix_embeds is not None:
+        model.check_prefix(prefix_embeds, None)
+        prefix_embeds = prefix_embeds.to(prompt.device)
+    n_prefix = 0 if prefix_embeds is None else prefix_embeds.shape[0]
     if text.position != "none":  # absolute positions end with their table: stop there rather than fail
-        max_length = min(max_length, text.max_tokens)
+        if n_prefix + n_prompt > text.max_tokens:
+            raise ValueError(
+                f"prompt_ids: {n_prompt} tokens{f' after a {n_prefix}-vector prefix' if n_prefix else ''} exceed the "
+                f"decoder's position table (config.text.max_length={text.max_length})"
+            )
+        max_length = min(max_length, text.max_tokens - n_prefix)
     if max_length <= n_prompt:
         return prompt
     stop = None
@@ -743,7 +768,7 @@ def generate(
     else:
         search = TokenSearch(token_chooser(options, generator), text.eos_id, text.pad_id, rules, processors, stop)
     runner = DecoderRunner(
-        model, memory, memory_mask, max_length, options.use_cache, options.compile, prompt_mask=prompt_mask
+        model, memory, memory_mask, max_length, options.use_cache, options.compile, prefix_embeds, prompt_mask
     )
     return search.run(runner, prompt, max_length)
 

@@ -157,26 +157,41 @@ class MultimodalTransformer(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token ids (B, T) → text token states (B, T, D) and the mask of real tokens; causal when the text config
         says so (CLIP). A ``fixed_length`` text encoder pads the ids to its full length first (SigLIP, CoCa); an
-        ``append_cls`` one returns (B, T + 1, D), the appended token last (CoCa)."""
-        x, mask, _ = self._text_states(input_ids, attention_mask, segment_ids)
+        ``append_cls`` one returns (B, T + 1, D), the appended token last (CoCa). ``inputs_embeds`` (B, T, D)
+        replaces the token table's rows (a learned prompt's context vectors); the ids still locate the
+        end-of-text token for pooling."""
+        x, mask, _ = self._text_states(input_ids, attention_mask, segment_ids, inputs_embeds)
         return x, mask
 
     def _text_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        segment_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(token states, mask of real tokens, the ids the encoder read (padded when fixed_length))."""
         embed, text = self._embedder("text"), self.config.text
         embed.check(input_ids, attention_mask)
+        if inputs_embeds is not None and tuple(inputs_embeds.shape[:2]) != tuple(input_ids.shape):
+            raise ValueError(
+                f"inputs_embeds: expected shape (B, T, D) with (B, T) = {tuple(input_ids.shape)} of input_ids, "
+                f"got {tuple(inputs_embeds.shape)}"
+            )
         mask = None if attention_mask is None else attention_mask.bool()
         pad = text.max_tokens - input_ids.shape[1]
         if text.fixed_length and pad > 0:  # (B, T) → (B, max_tokens), as the checkpoint was trained
             mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask
             input_ids, mask = F.pad(input_ids, (0, pad), value=text.pad_id), F.pad(mask, (0, pad), value=False)
             segment_ids = None if segment_ids is None else F.pad(segment_ids, (0, pad))
-        x = embed(input_ids, segment_ids=segment_ids, append_cls=True)
+            if inputs_embeds is not None:  # the padding's rows come from the token table, as its ids' would
+                padding = embed.tokens(input_ids[:, -pad:]).to(inputs_embeds.dtype)
+                inputs_embeds = torch.cat([inputs_embeds, padding], dim=1)
+        x = embed(input_ids, segment_ids=segment_ids, append_cls=True, inputs_embeds=inputs_embeds)
         attend = mask
         if embed.cls_token is not None and mask is not None:  # the appended token is real
             ones = mask.new_ones(mask.shape[0], 1)
@@ -261,9 +276,11 @@ class MultimodalTransformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         normalize: bool = True,
         segment_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token ids (B, T) with mask (B, T) → (B, E) text embeddings."""
-        x, mask, input_ids = self._text_states(input_ids, attention_mask, segment_ids)
+        """Token ids (B, T) with mask (B, T) → (B, E) text embeddings (``inputs_embeds``: see
+        :meth:`encode_text_tokens`)."""
+        x, mask, input_ids = self._text_states(input_ids, attention_mask, segment_ids, inputs_embeds)
         pool = self.config.text.pool
         if pool == "mean":
             pooled = self._masked_mean(x, mask)
@@ -322,6 +339,7 @@ class MultimodalTransformer(nn.Module):
         cache: KVCache | None = None,
         return_hidden: bool = False,
         positions: torch.Tensor | None = None,
+        prefix_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal decoder: ids (B, T) reading memory (B, S, D) → logits (B, T, V). Without memory (or without a
         cross-attention sublayer) it is a decoder-only language model.
@@ -334,6 +352,8 @@ class MultimodalTransformer(nn.Module):
         Padding may be on either side. Left-padded rows (batched prompts) number their tokens from their first real
         one, as Hugging Face ``generate`` does, so that each row's logits are those it would have alone.
         ``positions`` (B, T) overrides the position ids (packed documents restart them per document).
+        ``prefix_embeds`` (P, D): learned vectors the decoder reads before the ids (prompt tuning, see
+        :mod:`mmformer.prompts`); they take positions 0..P-1 (and the cache's first P slots) and return no logits.
         """
         if self.lm_head is None:
             raise ValueError(f"this model has no decoder; its routes are {sorted(self.config.routes)}")
@@ -347,8 +367,16 @@ class MultimodalTransformer(nn.Module):
             self._check_positions(positions, input_ids)
         elif cache is None and mask is not None and not right_padded(mask):
             positions = positions_from_mask(mask)  # left padding: each row counts from its first real token
+        if prefix_embeds is not None:
+            self.check_prefix(prefix_embeds, cache)
         h = self.decode_step(
-            input_ids, memory=memory, memory_mask=memory_mask, mask=mask, cache=cache, positions=positions
+            input_ids,
+            memory=memory,
+            memory_mask=memory_mask,
+            mask=mask,
+            cache=cache,
+            positions=positions,
+            prefix_embeds=prefix_embeds,
         )
         return h if return_hidden else self.lm_head(h)
 
@@ -361,6 +389,15 @@ class MultimodalTransformer(nn.Module):
         if positions.is_floating_point() or positions.dtype == torch.bool or bool((positions < 0).any()):
             raise ValueError(f"positions: expected integer position ids >= 0, got {positions.dtype}")
 
+    def check_prefix(self, prefix: torch.Tensor, cache: KVCache | None = None) -> None:
+        """A clear error for decoder prefix vectors of the wrong shape, or given once the cache holds tokens."""
+        width = self.config.width("decoder")
+        if not isinstance(prefix, torch.Tensor) or prefix.ndim != 2 or prefix.shape[1] != width:
+            got = tuple(prefix.shape) if isinstance(prefix, torch.Tensor) else type(prefix).__name__
+            raise ValueError(f"prefix_embeds: expected learned decoder prefix vectors (P, D={width}), got {got}")
+        if cache is not None and cache.length > 0:
+            raise ValueError("prefix_embeds: the prefix goes before the first token; the cache already holds tokens")
+
     def decode_step(
         self,
         input_ids: torch.Tensor,
@@ -370,21 +407,36 @@ class MultimodalTransformer(nn.Module):
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
+        prefix_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:meth:`decode` without its input checks, returning the final hidden states (B, T, D): the inner step of
         token-by-token generation, whose ids come from the model itself (the checks cost as much as a layer)."""
-        offset = 0
+        offset = cache.length if cache is not None else 0
+        B, T = input_ids.shape
+        P = 0 if prefix_embeds is None else prefix_embeds.shape[0]
+        if P:  # the prefix's positions come first, all real
+            if mask is not None:
+                mask = torch.cat([mask.new_ones(B, P), mask], dim=1)  # (B, P + T)
+            if positions is not None:
+                first = torch.arange(P, device=positions.device).expand(B, P)
+                positions = torch.cat([first, positions + P], dim=1)  # (B, P + T)
         if cache is not None:  # the cache keeps the padding of earlier steps and numbers each row's tokens
-            offset = cache.length
-            mask, tracked = cache.track(mask, input_ids.shape[1])
+            mask, tracked = cache.track(mask, P + T)
             positions = tracked if positions is None else positions
-        x = self.text_embed(input_ids, offset=offset, positions=positions)
+        if positions is None:
+            x = self.text_embed(input_ids, offset=offset + P)  # (B, T, D)
+        else:
+            x = self.text_embed(input_ids, positions=positions[:, P:])
+        if P:
+            vectors = prefix_embeds.to(x.dtype).expand(B, -1, -1)
+            where = dict(offset=offset) if positions is None else dict(positions=positions[:, :P])
+            x = torch.cat([self.text_embed(None, inputs_embeds=vectors, **where), x], dim=1)  # (B, P + T, D)
         first_layer = 0
         if self.config.decoder_input == "text":  # CoCa: the text tower's causal states, before its final norm
             text = self.stack("text")
             x = text(x, modality="text", mask=mask, causal=True, cache=cache, final_norm=False, positions=positions)
             first_layer = text.cfg.depth
-        return self.stack("decoder")(
+        h = self.stack("decoder")(
             x,
             modality="text",
             mask=mask,
@@ -395,6 +447,7 @@ class MultimodalTransformer(nn.Module):
             first_layer=first_layer,
             positions=positions,
         )
+        return h[:, P:] if P else h
 
     def _check_memory(
         self,

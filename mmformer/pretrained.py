@@ -101,6 +101,11 @@ def save_pretrained(
         raise TypeError(
             f"model: expected mmformer.MultimodalTransformer (a module with a ModelConfig), got {type(model).__name__}"
         )
+    if getattr(model, "peft_config", None):
+        raise ValueError(
+            "model: carries adapter layers (LoRA); save the adapter with mmformer.adapters.save_adapter, or fold it "
+            "in first with mmformer.adapters.merge_and_unload (mmformer merge)"
+        )
     processor = processor if processor is not None else getattr(model, "processor", None)
     if processor is not None and not callable(getattr(processor, "save_pretrained", None)):
         raise TypeError(
@@ -274,11 +279,11 @@ def read_checkpoint(
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
             raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} in this folder; expected {_ACCEPTED}")
-        specs, read, metadata = _open_safetensors(weights, map_location)
+        specs, read, metadata = open_safetensors(weights, map_location)
         config = config or read_config(path / CONFIG_NAME, required=True)
         source = weights
     elif path.suffix == ".safetensors":
-        specs, read, metadata = _open_safetensors(path, map_location)
+        specs, read, metadata = open_safetensors(path, map_location)
         config = config or read_config(folder / CONFIG_NAME) or _config_from_metadata(metadata, path)
         source = path
     elif path.suffix in TORCH_SUFFIXES:
@@ -305,8 +310,9 @@ def read_checkpoint(
     return Checkpoint(source, config, specs, read, processor, metadata)
 
 
-def _open_safetensors(path: Path, map_location: Any) -> tuple[dict[str, TensorSpec], Reader, dict[str, str]]:
-    """Header (validated by safetensors against the file's size) and a reader of a safetensors file."""
+def open_safetensors(path: Path, map_location: Any) -> tuple[dict[str, TensorSpec], Reader, dict[str, str]]:
+    """Header (validated by safetensors against the file's size), a reader and the metadata of a safetensors file
+    (model weights, adapters, prompts: every safetensors file mmformer reads)."""
     device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
 
     def fail(e: Exception) -> ValueError:

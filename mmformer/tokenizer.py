@@ -83,6 +83,7 @@ class Tokenizer:
         backend.no_padding()
         backend.no_truncation()
         self._backend = backend
+        self._verbatim = _mangled_added_tokens(backend)
 
     @classmethod
     def train(
@@ -310,12 +311,31 @@ class Tokenizer:
         special tokens; without, every id is decoded."""
         row = self._to_rows(ids, ndim=1)[0]
         row = self._until_eos(row) if skip_special_tokens else row
-        return self._backend.decode(row, skip_special_tokens=skip_special_tokens)
+        return self._decode_row(row, skip_special_tokens)
 
     def batch_decode(self, ids: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
         """Texts of a batch of id rows (e.g. `generate` output): each row stops at its first eos, padding ignored."""
         rows = [self._until_eos(row) for row in self._to_rows(ids, ndim=2)]
+        if self._verbatim and any(i in self._verbatim for row in rows for i in row):
+            return [self._decode_row(row, skip_special_tokens) for row in rows]
         return self._backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)
+
+    def _decode_row(self, row: list[int], skip_special_tokens: bool) -> str:
+        """One row; added tokens the backend's decoder would mangle (see :func:`_mangled_added_tokens`) are written as
+        their content, the runs between them decoded by the backend."""
+        if not self._verbatim or not any(i in self._verbatim for i in row):
+            return self._backend.decode(row, skip_special_tokens=skip_special_tokens)
+        parts, run = [], []
+        for i in [*row, None]:
+            if i is None or i in self._verbatim:
+                if run:
+                    parts.append(self._backend.decode(run, skip_special_tokens=skip_special_tokens))
+                    run = []
+                if i is not None:
+                    parts.append(self._verbatim[i])
+            else:
+                run.append(i)
+        return "".join(parts)
 
     def _until_eos(self, row: list[int]) -> list[int]:
         """The row up to and including its first eos (a leading bos equal to eos does not count), else the row
@@ -340,6 +360,18 @@ class Tokenizer:
                     where = f"position {i}" if ndim == 1 else f"row {r}, position {i}"
                     raise ValueError(f"ids must hold ints in [0, {self._vocab_size}), got {v!r} at {where}")
         return [[int(v) for v in row] for row in rows]
+
+
+def _mangled_added_tokens(backend: tokenizers.Tokenizer) -> dict[int, str]:
+    """Added, non-special tokens that the backend's decoder does not give back as written, by id → content. A
+    byte-level decoder maps every character of an added token through its byte table, so an added "fünf" (whose
+    "ü" is also a byte-table character) decodes as "f\ufffdnf" (huggingface/tokenizers#1392); such tokens are
+    decoded as their content."""
+    return {
+        i: token.content
+        for i, token in backend.get_added_tokens_decoder().items()
+        if not token.special and backend.decode([i], skip_special_tokens=False) != token.content
+    }
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -1,7 +1,10 @@
 """``mmformer fit | validate | test | predict``: a LightningCLI over :class:`~mmformer.tasks.MultimodalTask` and
 :class:`~mmformer.data.MultimodalDataModule`.
 
-The vocabulary size is set once: the data module's tokenizer links it into the model config.
+The vocabulary size is set once: the data module's tokenizer links it into the task (``model.vocab_size``), which
+sets the model config's. With ``model.init_from`` the data module takes its processor (tokenizer, image and audio
+preprocessing) from that checkpoint (``data.processor_from`` is linked to it) rather than training a tokenizer, and
+the task checks that the tokenizer fits the checkpoint's token table.
 
 What the CLI adds to LightningCLI:
 
@@ -19,6 +22,7 @@ What the CLI adds to LightningCLI:
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -92,13 +96,14 @@ class MMFormerCLI(LightningCLI):
         super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.vocab_size", "model.model.text.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        parser.link_arguments("model.init_from", "data.processor_from", apply_on="parse")
 
     def parse_arguments(self, parser, args) -> None:
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as e:
-            raise ConfigError(str(e).strip()) from e
+            raise ConfigError(_named_key(str(e).strip())) from e
 
     def _section(self) -> Namespace:
         subcommand = self.config.get("subcommand")
@@ -109,8 +114,10 @@ class MMFormerCLI(LightningCLI):
         # training texts) before the model: check the model configuration first, so an impossible one fails fast.
         section = self._section()
         model = section.get("model")
-        if isinstance(model, Namespace) and "model" in model:
+        if isinstance(model, Namespace) and model.get("model") is not None:
             check_model_config(model["model"])
+        elif isinstance(model, Namespace) and not model.get("init_from"):
+            raise ConfigError(f"{MODEL_KEY}: expected a model configuration, or model.init_from: a model to start from")
 
     def instantiate_classes(self) -> None:
         # Errors of the classes' own argument checks (they name the argument), of a data path that does not exist,
@@ -129,6 +136,27 @@ class MMFormerCLI(LightningCLI):
         if not any(isinstance(c, RandomStateCallback) for c in callbacks):
             callbacks.append(RandomStateCallback())
         return super().instantiate_trainer(**{**kwargs, "plugins": plugins, "callbacks": callbacks})
+
+
+_UNION_NOISE = ("Does not validate", "Subtypes:", "Errors:", "Problem with given class_path", "Given value",
+                "Expected a <class 'NoneType'>")  # fmt: skip
+
+
+def _named_key(message: str) -> str:
+    """jsonargparse reports a bad value inside an optional section (``model.model`` is ``ModelConfig | None``) as
+    nested "Parser key" blocks under a union, listing every subtype; say it in one line instead: the full dotted key
+    and the innermost reason."""
+    if "Does not validate against any of the Union subtypes" not in message:
+        return message
+    keys = []
+    for line in message.splitlines():
+        text = line.strip().removeprefix("- ")
+        found = re.fullmatch(r'Parser key "([^"]+)":', text)
+        if found:
+            keys.append(found.group(1))
+        elif text and not text.startswith(_UNION_NOISE):
+            return f"{'.'.join(keys)}: {text}"
+    return message
 
 
 def _as_list(value: Any) -> list:

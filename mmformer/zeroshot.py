@@ -1,7 +1,8 @@
 """Zero-shot classification with a contrastive model, as in CLIP.
 
 Each class name is put into prompt templates ("a photo of a {}."); the class embedding is the normalised mean of
-the normalised text embeddings of its prompts (prompt ensembling). An image or a waveform then belongs to the class
+the normalised text embeddings of its prompts (prompt ensembling). A learned prompt (CoOp's context vectors,
+:class:`mmformer.prompts.ContextPrompt`) can take the templates' place. An image or a waveform then belongs to the class
 whose embedding is most similar: ``logits = logit_scale.exp() * features @ class_embeddings.T``.
 
 Shape legend: B inputs, C classes, K templates, E joint embedding size.
@@ -23,6 +24,7 @@ from mmformer.model import MultimodalTransformer
 
 if TYPE_CHECKING:
     from mmformer.processor import Processor
+    from mmformer.prompts import ContextPrompt
     from mmformer.tokenizer import Tokenizer
 
 Template = str | Callable[[str], str]
@@ -73,7 +75,6 @@ def _fill(template: Template, name: str) -> str:
     return template.replace("{}", name) if isinstance(template, str) else template(name)
 
 
-@torch.inference_mode()
 def build_class_embeddings(
     model: MultimodalTransformer,
     tokenizer: Tokenizer,
@@ -81,27 +82,46 @@ def build_class_embeddings(
     templates: Sequence[Template] = ("{}",),
     *,
     batch_size: int = 64,
+    prompt: ContextPrompt | None = None,
 ) -> torch.Tensor:
     """(C, E) class embeddings: per class, the normalised mean over templates of the normalised text embeddings.
 
     Prompts are tokenized and encoded ``batch_size`` at a time; the model is run in eval mode. Prompts longer than
     the text context are truncated with a warning (a cut prompt may lose the class name).
+
+    With a learned ``prompt`` (CoOp's context vectors) each class is encoded once as ``[bos] context name [eos]``
+    instead of through the templates (leave ``templates`` at its default). Gradients reach the prompt when it
+    requires them and grad mode is on (training it); otherwise everything runs under inference mode.
     """
+    names, templates = check_classnames(classnames), check_templates(templates)
+    if prompt is not None and templates != ["{}"]:
+        raise ValueError(f"templates: a learned prompt replaces the templates; pass one or the other, got {templates}")
+    train = prompt is not None and prompt.vectors.requires_grad and torch.is_grad_enabled()
+    with torch.inference_mode(not train), _eval(model):
+        if prompt is None:
+            per_prompt = _encode_templates(model, tokenizer, names, templates, batch_size)  # (C, K, E)
+        else:
+            ids, mask, embeds = prompt.class_inputs(model, tokenizer, names)  # (C, T), (C, T), (C, T, D)
+            rows = [slice(i, i + batch_size) for i in range(0, len(names), batch_size)]
+            features = [model.encode_text(ids[r], mask[r], inputs_embeds=embeds[r]).float() for r in rows]
+            per_prompt = torch.cat(features)[:, None]  # (C, 1, E)
+        return F.normalize(per_prompt.mean(dim=1), dim=-1)  # (C, E)
+
+
+def _encode_templates(
+    model: MultimodalTransformer, tokenizer: Tokenizer, names: list[str], templates: list[Template], batch_size: int
+) -> torch.Tensor:
+    """(C, K, E) normalised text embeddings of every class name in every template."""
     from mmformer.processor import tokenize_with_warning
 
-    names, templates = check_classnames(classnames), check_templates(templates)
     prompts = [_fill(t, name) for name in names for t in templates]  # class-major: C × K prompts
     max_length = min(tokenizer.max_length, model.config.text.max_tokens)
     device = _device(model)
     features = []
-    with _eval(model):
-        for start in range(0, len(prompts), batch_size):
-            tokens = tokenize_with_warning(tokenizer, prompts[start : start + batch_size], max_length, what="prompt")
-            features.append(
-                model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float()
-            )
-    per_prompt = torch.cat(features).view(len(names), len(templates), -1)  # (C, K, E)
-    return F.normalize(per_prompt.mean(dim=1), dim=-1)  # (C, E)
+    for start in range(0, len(prompts), batch_size):
+        tokens = tokenize_with_warning(tokenizer, prompts[start : start + batch_size], max_length, what="prompt")
+        features.append(model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float())
+    return torch.cat(features).view(len(names), len(templates), -1)
 
 
 def zero_shot_logits(
@@ -148,6 +168,8 @@ class ZeroShotClassifier:
         templates: prompt templates, each with ``{}`` for the class name (or callables name → prompt).
         modality: "image" or "audio".
         batch_size: inputs (and prompts) encoded per forward pass.
+        prompt: a learned prompt (:class:`~mmformer.prompts.ContextPrompt`, or the path of its file) in place of
+            the templates.
 
     Example:
         >>> clf = ZeroShotClassifier(model, processor, ["cat", "dog"], ["a photo of a {}."])
@@ -162,6 +184,7 @@ class ZeroShotClassifier:
         templates: Sequence[Template] = ("{}",),
         modality: str = "image",
         batch_size: int = 64,
+        prompt: ContextPrompt | str | os.PathLike | None = None,
     ):
         if not isinstance(model, MultimodalTransformer):
             raise TypeError(f"model: expected mmformer.MultimodalTransformer, got {type(model).__name__}")
@@ -189,14 +212,29 @@ class ZeroShotClassifier:
             )
         self.classnames = check_classnames(classnames)
         self.templates = check_templates(templates)
+        if prompt is not None:
+            from mmformer.prompts import ContextPrompt, load_prompt
+
+            if isinstance(prompt, (str, os.PathLike)):
+                prompt = load_prompt(prompt, model, kind=ContextPrompt.kind)
+            if not isinstance(prompt, ContextPrompt):
+                raise TypeError(f"prompt: expected a ContextPrompt or its file's path, got {type(prompt).__name__}")
+            prompt.check_model(model)
+            if self.templates != ["{}"]:
+                raise ValueError(f"templates: a learned prompt replaces the templates; got both ({self.templates})")
+            prompt = prompt.to(_device(model))
+        self.prompt = prompt
         self.modality = modality
         self.batch_size = batch_size
         self._class_embeddings: torch.Tensor | None = None
 
     def __repr__(self) -> str:
+        prompts = (
+            f"prompt={self.prompt.length} vectors" if self.prompt is not None else f"templates={len(self.templates)}"
+        )
         return (
-            f"ZeroShotClassifier(modality={self.modality!r}, classes={len(self.classnames)}, "
-            f"templates={len(self.templates)}, batch_size={self.batch_size})"
+            f"ZeroShotClassifier(modality={self.modality!r}, classes={len(self.classnames)}, {prompts}, "
+            f"batch_size={self.batch_size})"
         )
 
     @property
@@ -215,7 +253,12 @@ class ZeroShotClassifier:
         model's weights change)."""
         if self._class_embeddings is None:
             emb = build_class_embeddings(
-                self.model, self.tokenizer, self.classnames, self.templates, batch_size=self.batch_size
+                self.model,
+                self.tokenizer,
+                self.classnames,
+                self.templates,
+                batch_size=self.batch_size,
+                prompt=self.prompt,
             )
             self._class_embeddings = emb.clone()  # a normal tensor, usable outside inference mode
         return self._class_embeddings

@@ -25,6 +25,7 @@ if ROOT not in sys.path:  # `benchmarks` is a folder of the repository, not of t
         ("attention", ["fused_ms", "naive_MiB", "memory_ratio"]),
         ("startup", ["mmformer --help", "mmformer zeroshot"]),
         ("lm_perplexity", ["model", "bigram (interpolated)", "unigram (add-one)", "vs_bigram"]),
+        ("qlora_memory", ["full_fp32", "full_bf16", "qlora_nf4", "vs_bf16", "linear_vs_bf16"]),
     ],
 )
 @pytest.mark.slow

@@ -251,7 +251,8 @@ class MultimodalDataModule(L.LightningDataModule):
         predict: prediction data (texts optional).
         format: force one format for all paths: manifest, coco, webdataset, librispeech, imagefolder.
         modalities: media to load where the data has them (text is loaded whenever present).
-        tokenizer: a tokenizer.json (or a folder holding one); None trains one on the training texts.
+        tokenizer: a tokenizer.json (or a folder holding one); None trains one on the training texts (or takes
+            ``processor_from``'s).
         vocab_size: target vocabulary size when training a tokenizer.
         tokenizer_cache_dir: where trained tokenizers are cached.
         batch_size: samples per batch (per process).
@@ -276,6 +277,10 @@ class MultimodalDataModule(L.LightningDataModule):
             data sets such as data/digits, where decoding and resampling cost more than the training step.
         augment: training augmentation (audio, images; see :mod:`mmformer.data.augment`), applied in the loader
             workers to the training split only. SpecAugment masks the log-mel of the model the trainer fits.
+        processor_from: a pretrained model (anything :func:`mmformer.from_pretrained` reads) whose saved processor
+            — tokenizer, image and audio preprocessing — is used instead of one built from the arguments above (no
+            tokenizer is trained; an explicit ``tokenizer`` still wins). ``mmformer fit`` links it to
+            ``model.init_from``.
     """
 
     def __init__(
@@ -307,6 +312,7 @@ class MultimodalDataModule(L.LightningDataModule):
         dry_run: bool = False,
         cache: bool = False,
         augment: AugmentConfig | None = None,
+        processor_from: str | None = None,
         text_documents: str = "file",
         pack_documents: bool = False,
     ):
@@ -343,12 +349,31 @@ class MultimodalDataModule(L.LightningDataModule):
         image = ImageProcessorConfig(image_size=image_size, channels=image_channels, **stats)
         audio = AudioProcessorConfig(sample_rate=sample_rate, max_seconds=max_audio_seconds)
         self._processor = Processor(None, image, audio)  # the tokenizer is attached on first use (see .tokenizer)
+        self.processor_from = processor_from
+        self._adopted = processor_from is None
         self.datasets: dict[str, Dataset] = {}
+
+    def _adopt_processor(self) -> None:
+        """Replace the processor built from the arguments by ``processor_from``'s (once, on first use)."""
+        if self._adopted:
+            return
+        self._adopted = True
+        from mmformer.auto import load_processor
+
+        saved = load_processor(self.processor_from)
+        if saved is None:
+            rank_zero_warn(f"processor_from: {self.processor_from} holds no processor; building one from data.*")
+            return
+        log.info("using the processor saved with %s (tokenizer, image and audio preprocessing)", self.processor_from)
+        if self.tokenizer_path is not None:
+            saved.tokenizer = None  # the explicit tokenizer is loaded on first use
+        self._processor = saved
 
     # ------------------------------------------------------------------ tokenizer / processor
     @property
     def tokenizer(self) -> Tokenizer:
         """The tokenizer (loaded, or trained on the training texts, on first access)."""
+        self._adopt_processor()
         if self._processor.tokenizer is None:
             self._processor.tokenizer = self._load_or_train_tokenizer()
         return self._processor.tokenizer
@@ -360,11 +385,11 @@ class MultimodalDataModule(L.LightningDataModule):
         return self._processor
 
     @property
-    def vocab_size(self) -> int:
+    def vocab_size(self) -> int | None:
         """The tokenizer's vocabulary size (may be below the ``vocab_size`` target for a small corpus); the target
-        itself in a dry run."""
+        itself in a dry run (None with ``processor_from``: the checkpoint's is used)."""
         if self.dry_run and self._processor.tokenizer is None:
-            return self.target_vocab_size
+            return None if self.processor_from is not None else self.target_vocab_size
         return self.tokenizer.vocab_size
 
     def _load_or_train_tokenizer(self):
@@ -396,6 +421,7 @@ class MultimodalDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ data sets
     def _dataset(self, split: str) -> Dataset | None:
+        self._adopt_processor()  # the data sets preprocess with it
         if split not in self.datasets and self.paths[split] is not None:
             self.datasets[split] = open_dataset(
                 self.paths[split],

@@ -76,18 +76,22 @@ class TextEmbedder(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         *,
         offset: int = 0,
         segment_ids: torch.Tensor | None = None,
         append_cls: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, T) ids → (B, T, D), or (B, T + 1, D) with ``append_cls`` (the text encoder of an append_cls model), at
-        positions offset … offset+T-1, or at per-row ``positions`` (B, T)."""
+        positions offset … offset+T-1, or at per-row ``positions`` (B, T).
+
+        ``inputs_embeds`` (B, T, D) takes the place of the token table's rows (soft prompts, as Hugging Face's
+        ``inputs_embeds``); they still get positions, segments and the norm."""
         if segment_ids is not None:
             self.check_segments(input_ids, segment_ids)
-        x = self.tokens(input_ids)
+        x = self.tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if append_cls and self.cls_token is not None:
             x = torch.cat([x, self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)], dim=1)  # (B, T + 1, D)
             if segment_ids is not None:

@@ -38,12 +38,13 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from mmformer.adapters import LoraSettings
 from mmformer.config import ModelConfig
 from mmformer.generation import generate
-from mmformer.model import MultimodalTransformer
+from mmformer.tasks import adapt
 from mmformer.tasks.losses import MAX_LOGIT_SCALE, ContrastiveLoss, SigLipLoss, caption_loss, ctc_loss, teacher_forcing
 from mmformer.tasks.metrics import TaskMetrics, normalize_text, text_keys
 from mmformer.tasks.schedule import WarmupCosine
@@ -79,6 +80,7 @@ class MultimodalTask(L.LightningModule):
 
     Args:
         model: the model configuration (``MultimodalTransformer(model)`` is built here); a dict is accepted too.
+            With ``init_from`` it may be left out: the checkpoint's own config is used.
         contrastive_weight: weight of each contrastive loss (image–text and audio–text).
         caption_weight: weight of the captioning cross-entropy.
         speech_weight: weight of the speech-to-text cross-entropy.
@@ -105,11 +107,21 @@ class MultimodalTask(L.LightningModule):
         nonfinite: a NaN/Inf loss or gradient ``skip`` s the step with a warning or ``stop`` s training with
             :class:`NonFiniteLossError`; weights are never updated with non-finite values either way.
         compile: ``torch.compile`` every transformer block (in place, so checkpoints keep their keys).
+        vocab_size: the tokenizer's vocabulary size (the CLI links it from the data module); it sets
+            ``model.text.vocab_size`` of a fresh model and must fit ``init_from``'s token table.
+        init_from: start from these weights (anything :func:`mmformer.from_pretrained` reads), loaded before
+            training; ``fit --ckpt_path`` resumes on top. See :mod:`mmformer.tasks.adapt` for this and the rest.
+        init_strict: refuse missing / unexpected keys of ``init_from`` (False: initialise the missing ones).
+        resize_vocab: grow ``init_from``'s token table to a larger tokenizer (new token rows start at zero).
+        trainable: parameter-name patterns or route groups that train (alone: everything else is frozen).
+        frozen: parameter-name patterns or route groups that do not train.
+        lora: train a LoRA adapter (peft) on the frozen base: :class:`~mmformer.adapters.LoraSettings`.
+        prompt: train a soft prompt on the frozen model: :class:`~mmformer.tasks.adapt.PromptSettings`.
     """
 
     def __init__(
         self,
-        model: ModelConfig,
+        model: ModelConfig | None = None,
         contrastive_weight: float = 1.0,
         caption_weight: float = 1.0,
         speech_weight: float = 1.0,
@@ -131,12 +143,22 @@ class MultimodalTask(L.LightningModule):
         generate_max_new_tokens: int = 16,
         nonfinite: Literal["skip", "stop"] = "stop",
         compile: bool = False,
+        vocab_size: int | None = None,
+        init_from: str | None = None,
+        init_strict: bool = True,
+        resize_vocab: bool = False,
+        trainable: list[str] | None = None,
+        frozen: list[str] | None = None,
+        lora: LoraSettings | None = None,
+        prompt: adapt.PromptSettings | None = None,
     ):
         super().__init__()
         if isinstance(model, dict):
             model = ModelConfig.from_dict(model)
-        if not isinstance(model, ModelConfig):
+        if not isinstance(model, ModelConfig) and not (model is None and init_from is not None):
             raise TypeError(f"model: expected a mmformer.ModelConfig (or its dict), got {type(model).__name__}")
+        lora = adapt.settings(lora, LoraSettings, "lora")
+        prompt = adapt.settings(prompt, adapt.PromptSettings, "prompt")
         weights = {
             "contrastive_weight": contrastive_weight,
             "caption_weight": caption_weight,
@@ -166,18 +188,25 @@ class MultimodalTask(L.LightningModule):
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"max_steps: expected an int >= 1 or None, got {max_steps!r}")
         WarmupCosine(warmup_steps, max_steps or 1, min_lr_ratio)  # validates the schedule arguments early
+        self.model = adapt.initial_model(
+            model, init_from=init_from, strict=init_strict, vocab_size=vocab_size, resize_vocab=resize_vocab
+        )
+        model = self.model.config
         if ctc_weight > 0 and not model.ctc_head:
             raise ValueError(f"ctc_weight={ctc_weight} needs a CTC head: set model.ctc_head: true")
 
         # Only plain types go into the checkpoint (torch.load(weights_only=True)): the model config as a dict under
         # "model" (so load_from_checkpoint rebuilds it); a Python optimizer callable is not stored.
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model", "lora", "prompt"])
         self.hparams["model"] = model.to_dict()
         self.hparams["zeroshot_templates"] = zeroshot_templates
+        self.hparams["lora"] = lora.to_dict() if lora is not None else None
+        self.hparams["prompt"] = prompt.to_dict() if prompt is not None else None
         if not isinstance(self.hparams.get("optimizer"), (dict, str, type(None))):
             self.hparams.pop("optimizer")
 
-        self.model = MultimodalTransformer(model)
+        self.init_from = init_from
+        self.prompt = adapt.prepare(self.model, lora=lora, prompt=prompt, trainable=trainable, frozen=frozen)
         routes = model.routes
         self.weights = {
             "contrastive_image": float(contrastive_weight),
@@ -188,6 +217,8 @@ class MultimodalTask(L.LightningModule):
             "lm": float(lm_weight),
             "mlm": float(mlm_weight),
             "moe_aux": float(moe_aux_weight),
+            "prompt_image": 1.0,  # a context prompt's classification loss (the only one while it trains)
+            "prompt_audio": 1.0,
         }
         self.text_objectives = TextObjectives(lm_weight > 0, mlm_weight > 0, mlm_probability, packed_attention)
         self.text_objectives.check(self.model)
@@ -231,6 +262,11 @@ class MultimodalTask(L.LightningModule):
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Loss parts and contrastive features ({"image"/"audio"/"text": (B, E)}) of one batch."""
         m = self.model
+        if isinstance(self.prompt, adapt.ContextPrompt):
+            dataset = getattr(getattr(self._trainer, "datamodule", None), "datasets", {}).get("train")
+            return adapt.context_prompt_losses(
+                m, self.prompt, self._find_tokenizer(), self.zeroshot_classes, batch, getattr(dataset, "classes", None)
+            )
         ids, mask = batch.get("input_ids"), batch.get("attention_mask")
         # audio arrives as waveforms, or as log-mel features the training loader computed (SpecAugment)
         media = [k for k in ("pixel_values", "audio", "audio_features") if batch.get(k) is not None]
@@ -272,7 +308,8 @@ class MultimodalTask(L.LightningModule):
                 parts[f"contrastive_{modality}"] = self.contrastive(pool, feats["text"], scale, m.logit_bias)
             if decoder and self.weights[task] > 0:
                 dec_ids, dec_mask, targets = teacher_forcing(ids, mask)
-                logits = m.decode(dec_ids, tokens, token_mask, dec_mask)  # (B, T-1, V)
+                prefix = adapt.prefix_embeds(self.prompt)  # a learned decoder prefix, if one trains
+                logits = m.decode(dec_ids, tokens, token_mask, dec_mask, prefix_embeds=prefix)  # (B, T-1, V)
                 parts[task] = caption_loss(logits, targets)
             if modality == "audio" and self.weights["ctc"] > 0:
                 text = m.config.text
@@ -372,12 +409,18 @@ class MultimodalTask(L.LightningModule):
                 optimizer.zero_grad(set_to_none=True)  # no gradient, no update: optimizers skip such parameters
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        with torch.no_grad():  # as open_clip: keep the temperature where the softmax still trains
-            self.model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
+        if self.model.logit_scale.requires_grad:  # a frozen one stays bit-identical
+            with torch.no_grad():  # as open_clip: keep the temperature where the softmax still trains
+                self.model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
+
+    def on_fit_start(self) -> None:
+        rank_zero_info(f"mmformer: {adapt.parameter_report(self)}")
 
     def configure_optimizers(self) -> dict[str, Any]:
+        # only trainable parameters reach the optimizer: frozen ones get neither updates nor optimizer state
         decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
+        for name, param in self.named_parameters():  # the model's, and a prompt's
+            name = name.removeprefix("model.")
             if param.requires_grad:
                 (no_decay if no_weight_decay(name, param) else decay).append(param)
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -400,6 +443,8 @@ class MultimodalTask(L.LightningModule):
         tokenizer = getattr(datamodule, "tokenizer", None)
         if tokenizer is None:
             tokenizer = getattr(getattr(datamodule, "processor", None), "tokenizer", None)
+        if tokenizer is None:  # the processor init_from came with
+            tokenizer = getattr(getattr(self.model, "processor", None), "tokenizer", None)
         return tokenizer
 
     def _zeroshot_embeddings(self) -> torch.Tensor | None:
@@ -407,9 +452,17 @@ class MultimodalTask(L.LightningModule):
         tokenizer = self._find_tokenizer()
         if not self.zeroshot_classes or tokenizer is None or not self._has("text"):
             return None
-        embeddings = build_class_embeddings(
-            self.model, tokenizer, self.zeroshot_classes, self.zeroshot_templates, batch_size=self.zeroshot_batch_size
-        )
+        context = self.prompt if isinstance(self.prompt, adapt.ContextPrompt) else None
+        templates = ("{}",) if context is not None else self.zeroshot_templates
+        with torch.no_grad():
+            embeddings = build_class_embeddings(
+                self.model,
+                tokenizer,
+                self.zeroshot_classes,
+                templates,
+                batch_size=self.zeroshot_batch_size,
+                prompt=context,
+            )
         return embeddings.clone()  # a normal tensor, usable outside inference mode
 
     def _generate(self, batch: dict[str, Any], modality: str) -> list[str] | None:
@@ -417,13 +470,20 @@ class MultimodalTask(L.LightningModule):
         tokenizer = self._find_tokenizer()
         if not self._has("decoder") or tokenizer is None:
             return None
+        prefix = adapt.prefix_embeds(self.prompt)
         if modality == "image":
-            ids = generate(self.model, image=batch["pixel_values"], max_new_tokens=self.generate_max_new_tokens)
+            ids = generate(
+                self.model,
+                image=batch["pixel_values"],
+                prefix_embeds=prefix,
+                max_new_tokens=self.generate_max_new_tokens,
+            )
         else:
             ids = generate(
                 self.model,
                 audio=batch["audio"],
                 audio_lengths=batch.get("audio_lengths"),
+                prefix_embeds=prefix,
                 max_new_tokens=self.generate_max_new_tokens,
             )
         return tokenizer.batch_decode(ids[:, 1:].cpu())  # without the bos prompt
@@ -444,8 +504,9 @@ class MultimodalTask(L.LightningModule):
         for modality in ("image", "audio"):
             if modality not in feats:
                 continue
-            getattr(metrics, f"retrieval_{modality}").update(feats[modality], feats["text"], keys)
-            metrics.mark(f"retrieval_{modality}")
+            if "text" in feats:  # a prompt-training step encodes no captions
+                getattr(metrics, f"retrieval_{modality}").update(feats[modality], feats["text"], keys)
+                metrics.mark(f"retrieval_{modality}")
             if self._class_embeddings is not None and texts is not None:
                 index = {normalize_text(c): i for i, c in enumerate(self.zeroshot_classes)}
                 rows = [i for i, t in enumerate(texts) if normalize_text(t) in index]
@@ -521,6 +582,7 @@ class MultimodalTask(L.LightningModule):
             "model_config": self.model.config.to_dict(),
             "tokenizer_json": _tokenizer_json(tokenizer),
             "preprocessor_config": processor.to_dict() if hasattr(processor, "to_dict") else None,
+            **adapt.checkpoint_record(self),
         }
 
 

@@ -1,0 +1,399 @@
+"""Adapting a pretrained model in ``mmformer fit``: where the weights start, what trains, and the adapters and
+prompts a :class:`~mmformer.tasks.MultimodalTask` carries.
+
+The task's options (YAML under ``model:``)::
+
+    init_from: data/digits_model     # anything mmformer.from_pretrained reads; its config and processor come along
+    init_strict: true                # false: keys the checkpoint lacks (a new head) are initialised, and listed
+    resize_vocab: false              # true: grow the token table to a larger tokenizer's (new rows start at zero)
+    frozen: [image]                  # parameter-name patterns or route groups (below) that do not train
+    trainable: [heads]               # ... that train; given alone, everything else is frozen
+    lora: {r: 8, lora_alpha: 16, target_modules: [qkv, out, mlp], routes: [audio, decoder]}   # peft LoRA / QLoRA
+    prompt: {kind: context, length: 4}                                                          # CoOp / decoder prefix
+
+Route groups: ``image``, ``audio``, ``text``, ``decoder`` (a route's embedder, the stack it runs through, its
+projection or head), ``embedders`` and ``heads`` (projections, logit scale and bias, LM and CTC heads). A pattern
+is otherwise a parameter name, a module prefix (``stacks.shared.blocks.3``) or a glob (``stacks.*.blocks.3.*``).
+Freezing sets ``requires_grad=False``: frozen parameters get no gradient, no optimizer state (the optimizer only
+receives trainable ones) and stay bit-identical. With LoRA or a prompt, the base is frozen and only the adapter's
+or prompt's parameters train; ``trainable`` may add prompt-tuning's partners (not LoRA's: unloading an adapter must
+give the base back, so whole modules that train with LoRA go in ``lora.modules_to_save``).
+
+The data module takes its processor from ``init_from`` (the CLI links ``model.init_from`` to
+``data.processor_from``) instead of training a tokenizer; the vocabulary link then carries the tokenizer's size to
+``vocab_size`` here, which must fit the checkpoint's token table (or ``resize_vocab``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from mmformer.adapters import LoraSettings, adapter_parameters, add_lora, resize_token_embeddings
+from mmformer.config import ModelConfig
+from mmformer.model import MultimodalTransformer
+from mmformer.prompts import KINDS, ContextPrompt, DecoderPrefix, SoftPrompt, load_prompt
+from mmformer.weights import human_count
+
+if TYPE_CHECKING:
+    from mmformer.tokenizer import Tokenizer
+
+GROUPS = ("image", "audio", "text", "decoder", "embedders", "heads")
+
+
+@dataclass
+class PromptSettings:
+    """A soft prompt trained with everything else frozen (see :mod:`mmformer.prompts`)."""
+
+    kind: str = "context"  # context (CoOp, zero-shot classification) | decoder_prefix (captioning / speech)
+    length: int = 4  # context vectors M, or prefix vectors P
+    init: str | None = None  # words whose token embeddings start the vectors (CoOp's "a photo of a"); None: random
+    path: str | None = None  # start from a saved prompt file instead
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"prompt.kind: expected one of {list(KINDS)}, got {self.kind!r}")
+        if isinstance(self.length, bool) or not isinstance(self.length, int) or self.length < 1:
+            raise ValueError(f"prompt.length: expected an int >= 1, got {self.length!r}")
+        if self.init is not None and self.path is not None:
+            raise ValueError("prompt: pass init (words) or path (a saved prompt), not both")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def settings(value: Any, cls: type, name: str) -> Any:
+    """``value`` as ``cls`` (a dataclass; a dict from YAML or a checkpoint's hyperparameters is accepted)."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        try:
+            return cls(**value)
+        except TypeError as e:
+            raise ValueError(f"{name}: {e}") from e
+    raise TypeError(f"{name}: expected {cls.__name__} or its dict, got {type(value).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------------- weights
+def initial_model(
+    config: ModelConfig | None,
+    *,
+    init_from: str | None,
+    strict: bool = True,
+    vocab_size: int | None = None,
+    resize_vocab: bool = False,
+) -> MultimodalTransformer:
+    """The model a task starts from: a fresh one from ``config``, or the weights of ``init_from`` (in its own
+    config unless ``config`` is given), checked against the tokenizer's ``vocab_size``.
+
+    Raises:
+        ValueError: missing / unexpected / misshapen keys (listed; ``strict=False`` initialises missing keys), or a
+            tokenizer vocabulary larger than the checkpoint's token table without ``resize_vocab`` (both sizes named).
+    """
+    from mmformer.auto import from_pretrained
+
+    if init_from is None:
+        if config is None:
+            raise ValueError("model: expected a ModelConfig, or init_from: a pretrained model to start from")
+        if resize_vocab:
+            raise ValueError("resize_vocab: only meaningful with init_from (a fresh model takes the vocabulary size)")
+        if vocab_size is not None:
+            config.text.vocab_size = vocab_size
+        return MultimodalTransformer(config)
+    if config is not None and resize_vocab:  # a grown config (load_from_checkpoint): load the table as stored
+        from mmformer.pretrained import read_checkpoint
+
+        stored = read_checkpoint(init_from).config.text.vocab_size
+        vocab_size = max(vocab_size or 0, config.text.vocab_size)
+        config = ModelConfig.from_dict({**config.to_dict(), "text": {**config.to_dict()["text"], "vocab_size": stored}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if strict else "default")
+        try:
+            model = from_pretrained(init_from, config=config, strict=strict)
+        except ValueError as e:
+            raise ValueError(f"init_from: {e}") from e
+    model.train()
+    table = model.config.text.vocab_size
+    if vocab_size is not None and vocab_size > table:
+        if not resize_vocab:
+            raise ValueError(
+                f"init_from: the tokenizer has {vocab_size} token ids but {init_from}'s token table has {table} rows "
+                "(text.vocab_size); use the checkpoint's tokenizer, or set resize_vocab: true to grow the table for "
+                "new tokens"
+            )
+        resize_token_embeddings(model, vocab_size)
+    elif resize_vocab and (vocab_size is None or vocab_size == table):
+        rank_zero_warn(f"resize_vocab: the tokenizer's {vocab_size} ids fit the token table of {table}; nothing grows")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------- freezing
+def group_prefixes(model: MultimodalTransformer) -> dict[str, list[str]]:
+    """Each route group's parameter-name prefixes (a shared stack belongs to every route that runs through it)."""
+    routes = model.config.routes
+
+    def stack(route: str) -> list[str]:
+        return [f"stacks.{routes[route]}."] if route in routes else []
+
+    return {
+        "image": ["image_embed.", *stack("image"), "image_proj."],
+        "audio": ["audio_embed.", *stack("audio"), "audio_proj.", "ctc_head."],
+        "text": ["text_embed.", *stack("text"), "text_proj."],
+        "decoder": ["text_embed.", *stack("decoder"), "lm_head."],
+        "embedders": ["image_embed.", "audio_embed.", "text_embed."],
+        "heads": ["image_proj.", "audio_proj.", "text_proj.", "logit_scale", "logit_bias", "lm_head.", "ctc_head."],
+    }
+
+
+def select(names: list[str], pattern: str, groups: dict[str, list[str]]) -> list[str]:
+    """The parameter names a pattern selects: a route group, an exact name, a module prefix or a glob."""
+    if pattern in groups:
+        prefixes = groups[pattern]
+        return [n for n in names if any(n == p or n.startswith(p) for p in prefixes)]
+    return [n for n in names if n == pattern or n.startswith(pattern + ".") or fnmatch.fnmatchcase(n, pattern)]
+
+
+def apply_freezing(
+    model: nn.Module, trainable: list[str] | None, frozen: list[str] | None, *, adapted: bool = False
+) -> None:
+    """Set ``requires_grad`` by pattern: ``frozen`` first, then ``trainable`` (which wins); ``trainable`` alone
+    freezes everything else first. A pattern that selects nothing is a ValueError naming it."""
+    if not trainable and not frozen:
+        return
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied aliases too (lm_head.weight)
+    names = list(params)
+    groups = group_prefixes(model)
+    chosen = {}
+    for key, patterns in (("frozen", frozen or []), ("trainable", trainable or [])):
+        for pattern in patterns:
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"{key}: expected parameter-name patterns or route groups, got {pattern!r}")
+            hits = select(names, pattern, groups)
+            if not hits:
+                raise ValueError(
+                    f"{key}: {pattern!r} selects no parameter; expected a route group {list(GROUPS)}, a parameter "
+                    f"name, a module prefix or a glob (names look like {names[0]!r} … {names[-1]!r})"
+                )
+            chosen.setdefault(key, []).extend(hits)
+    if adapted and "trainable" in chosen:
+        base = [n for n in chosen["trainable"] if not _is_adapter_name(n)]
+        if base:
+            raise ValueError(
+                f"trainable: {base[:3]} … are base-model parameters; with LoRA the base stays frozen so that unloading "
+                "the adapter gives it back exactly: list whole modules in lora.modules_to_save instead"
+            )
+    if trainable and not frozen:
+        for p in params.values():
+            p.requires_grad_(False)
+    for key, value in (("frozen", False), ("trainable", True)):
+        for name in chosen.get(key, []):
+            params[name].requires_grad_(value)
+
+
+def _is_adapter_name(name: str) -> bool:
+    return any(part in name for part in (".lora_", ".token_adapter.", ".modules_to_save."))
+
+
+def parameter_report(task: nn.Module) -> str:
+    """One line: trainable vs frozen parameter counts, and where the trainable ones are."""
+    trainable = frozen = 0
+    where: dict[str, int] = {}
+    for name, p in task.named_parameters():
+        if p.requires_grad:
+            trainable += p.numel()
+            part = "lora" if ".lora_" in name else name.removeprefix("model.").split(".")[0]
+            where[part] = where.get(part, 0) + p.numel()
+        else:
+            frozen += p.numel()
+    total = trainable + frozen
+    parts = ", ".join(f"{k} {human_count(v)}" for k, v in sorted(where.items(), key=lambda kv: -kv[1]))
+    return (
+        f"trainable {human_count(trainable)} of {human_count(total)} parameters ({100 * trainable / max(total, 1):.2f} "
+        f"%), frozen {human_count(frozen)}" + (f"; trainable: {parts}" if parts else "")
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- set-up
+def prepare(
+    model: MultimodalTransformer,
+    *,
+    lora: LoraSettings | None,
+    prompt: PromptSettings | None,
+    trainable: list[str] | None,
+    frozen: list[str] | None,
+) -> SoftPrompt | None:
+    """Add the adapter and the prompt to a task's model, freeze what does not train; returns the prompt module
+    (the task registers it, so it trains and travels in checkpoints)."""
+    if lora is not None and prompt is not None:
+        raise ValueError("lora and prompt: train one kind of adapter at a time")
+    soft = None
+    if lora is not None:
+        add_lora(model, lora)  # peft freezes everything but the adapter
+    elif prompt is not None:
+        soft = make_prompt(model, prompt)
+        for p in model.parameters():
+            p.requires_grad_(False)
+    apply_freezing(model, trainable, frozen, adapted=lora is not None)
+    if lora is not None and not adapter_parameters(model):
+        raise ValueError("lora: the adapter has no trainable parameters")
+    return soft
+
+
+def make_prompt(model: MultimodalTransformer, settings: PromptSettings) -> SoftPrompt:
+    """The prompt module ``settings`` describe, checked against the model."""
+    cls = KINDS[settings.kind]
+    if settings.path is not None:
+        prompt = load_prompt(settings.path, model, kind=settings.kind)
+    elif settings.init is not None:
+        if cls is not ContextPrompt:
+            raise ValueError("prompt.init: word initialisation is for context prompts (kind: context)")
+        tokenizer = getattr(getattr(model, "processor", None), "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("prompt.init: initialising from words needs the tokenizer of init_from's processor")
+        prompt = ContextPrompt.from_words(model, tokenizer, settings.init)
+    else:
+        prompt = cls(settings.length, cls.model_width(model))
+    prompt.check_model(model)
+    return prompt.to(next(model.parameters()).device)
+
+
+def prefix_embeds(prompt: SoftPrompt | None) -> torch.Tensor | None:
+    """The decoder prefix vectors to pass to ``decode`` / ``generate``, if the task trains one."""
+    return prompt.vectors if isinstance(prompt, DecoderPrefix) else None
+
+
+# ---------------------------------------------------------------------------------------------------- CoOp
+def class_targets(batch: dict[str, Any], classes: list[str], dataset_classes: list[str] | None) -> torch.Tensor:
+    """(B,) class indices of a labelled batch: its texts are class names (a manifest), or its ``label`` indexes the
+    data set's classes (an ImageFolder, whose folder names are the class names)."""
+    from mmformer.tasks.metrics import normalize_text
+
+    index = {normalize_text(c): i for i, c in enumerate(classes)}
+    if batch.get("text") is not None:
+        names = list(batch["text"])
+    elif batch.get("label") is not None and dataset_classes is not None:
+        names = [dataset_classes[int(i)] for i in batch["label"]]
+    else:
+        raise ValueError(
+            f"batch: prompt training needs class labels: texts that are class names, or an ImageFolder's labels; got "
+            f"keys {sorted(batch)}"
+        )
+    unknown = sorted({n for n in names if normalize_text(n) not in index})
+    if unknown:
+        raise ValueError(f"batch: labels {unknown[:5]} are not among zeroshot_classes {classes}")
+    return torch.tensor([index[normalize_text(n)] for n in names], dtype=torch.long)
+
+
+def context_prompt_losses(
+    model: MultimodalTransformer,
+    prompt: ContextPrompt,
+    tokenizer: Tokenizer,
+    classes: list[str],
+    batch: dict[str, Any],
+    dataset_classes: list[str] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """CoOp's objective: cross-entropy of ``logit_scale * features @ class_embeddings.T`` over the zero-shot classes,
+    the class embeddings built through the learned context (gradients reach only the prompt)."""
+    from mmformer.zeroshot import build_class_embeddings
+
+    if not classes or tokenizer is None:
+        raise ValueError("prompt (context): training needs zeroshot_classes and a tokenizer (init_from's processor)")
+    targets = class_targets(batch, classes, dataset_classes)
+    class_embeddings = build_class_embeddings(model, tokenizer, classes, prompt=prompt)  # (C, E)
+    parts, feats = {}, {}
+    scale = model.logit_scale.exp()
+    encoders_train = any(p.requires_grad for p in model.parameters())  # e.g. trainable: [image] beside the prompt
+    for modality in ("image", "audio"):
+        with torch.set_grad_enabled(encoders_train):  # frozen encoders keep no activations
+            features = _media_features(model, batch, modality)
+        if features is None:
+            continue
+        feats[modality] = features
+        logits = scale * features.float() @ class_embeddings.T  # (B, C)
+        parts[f"prompt_{modality}"] = F.cross_entropy(logits, targets.to(logits.device))
+    if not parts:
+        raise ValueError(f"batch: prompt training needs pixel_values or audio; got keys {sorted(batch)}")
+    return parts, feats
+
+
+def _media_features(model: MultimodalTransformer, batch: dict[str, Any], modality: str) -> torch.Tensor | None:
+    """(B, E) embeddings of the batch's images, or of its audio (waveforms, or the log-mel a training loader with
+    SpecAugment computed); None when the batch has none."""
+    if modality == "image":
+        return None if batch.get("pixel_values") is None else model.encode_image(batch["pixel_values"])
+    if batch.get("audio_features") is not None:
+        return model.encode_audio(audio_features=batch["audio_features"], feature_lengths=batch.get("feature_lengths"))
+    if batch.get("audio") is not None:
+        return model.encode_audio(batch["audio"], batch.get("audio_lengths"))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- export
+def checkpoint_record(task: Any) -> dict[str, Any]:
+    """What ``mmformer export`` needs to turn an adaptation run's checkpoint into adapter or prompt files: the base
+    it started from, and the adapter's or prompt's settings (plain types, for ``torch.load(weights_only=True)``)."""
+    record: dict[str, Any] = {}
+    if getattr(task, "init_from", None) is not None:
+        record["init_from"] = str(task.init_from)
+    for key in ("lora", "prompt"):
+        if task.hparams.get(key):
+            record[key] = dict(task.hparams[key])
+    return record
+
+
+def export_checkpoint(path: str, out: str, *, merge: bool = False, overwrite: bool = False) -> str:
+    """Write what an adaptation run's training checkpoint learned: a LoRA run's adapter folder (peft's layout; with
+    ``merge``, the merged model instead), or a prompt run's prompt file. Returns what was written."""
+    from pathlib import Path
+
+    from peft.functional import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict
+
+    from mmformer import adapters
+    from mmformer.auto import from_pretrained
+    from mmformer.pretrained import CHECKPOINT_KEY, CHECKPOINT_PREFIX, _checkpoint_processor, read_torch
+
+    checkpoint = read_torch(Path(path))
+    record = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
+    if not isinstance(record, dict) or not (record.get("lora") or record.get("prompt")):
+        raise ValueError(f"{path}: not a checkpoint of a LoRA or prompt run (no adapter recorded)")
+    if record.get("prompt"):
+        kind = record["prompt"]["kind"]
+        vectors = state.get("prompt.vectors")
+        if vectors is None:
+            raise ValueError(f"{path}: records a {kind} prompt but holds no prompt.vectors")
+        prompt = KINDS[kind](*vectors.shape, init=vectors.float())
+        target = Path(out) / "prompt.safetensors" if Path(out).is_dir() or not out.endswith(".safetensors") else out
+        if Path(target).exists() and not overwrite:
+            raise FileExistsError(f"out: {target} exists (pass --overwrite)")
+        prompt.save(target)
+        return str(target)
+    base_path = record.get("init_from")
+    if base_path is None:
+        raise ValueError(f"{path}: a LoRA run's checkpoint must record init_from (the base the adapter belongs to)")
+    base = from_pretrained(base_path)
+    vocab = record.get("model_config", {}).get("text", {}).get("vocab_size")
+    grown = isinstance(vocab, int) and vocab > base.config.text.vocab_size
+    if grown:
+        resize_token_embeddings(base, vocab)
+    settings = LoraSettings(**{**record["lora"], "quantize": None})  # the adapter's shapes do not depend on it
+    add_lora(base, settings)
+    model_state = {k.removeprefix(CHECKPOINT_PREFIX): v for k, v in state.items() if k.startswith(CHECKPOINT_PREFIX)}
+    adapter_state = get_peft_model_state_dict(base, state_dict=model_state)
+    set_peft_model_state_dict(base, adapter_state)
+    processor = _checkpoint_processor(checkpoint, Path(path)) or base.processor
+    if merge:
+        adapters.merge_and_unload(base)
+        base.save_pretrained(out, processor=processor, overwrite=overwrite)
+    else:
+        processor = processor if grown else None  # a grown vocabulary travels with the adapter
+        adapters.save_adapter(base, out, base_model=base_path, processor=processor, overwrite=overwrite)
+    return out

@@ -1,0 +1,226 @@
+"""LoRA / DoRA through peft on mmformer's layers, the adapter files peft reads, QLoRA's 4-bit base, a grown
+vocabulary, and clear errors for adapters that do not fit."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import peft
+import pytest
+import tokenizers
+import torch
+
+from mmformer import MultimodalTransformer, adapters
+from mmformer.adapters import LoraSettings
+
+
+@pytest.fixture
+def base(make_model_config):
+    return MultimodalTransformer(make_model_config()).eval()
+
+
+def fresh_copy(model: MultimodalTransformer) -> MultimodalTransformer:
+    clone = MultimodalTransformer(copy.deepcopy(model.config)).eval()
+    clone.load_state_dict(model.state_dict())
+    return clone
+
+
+def outputs(model: MultimodalTransformer) -> torch.Tensor:
+    """Every head at once: image/audio/text embeddings and decoder logits, on fixed inputs."""
+    g = torch.Generator().manual_seed(1)
+    pixels, audio = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 800, generator=g)
+    ids = torch.randint(3, 32, (2, 6), generator=g)
+    with torch.no_grad():
+        memory, _ = model.encode_image_tokens(pixels)
+        parts = [model.encode_image(pixels), model.encode_audio(audio), model.encode_text(ids)]
+        parts.append(model.decode(ids, memory))
+    return torch.cat([p.flatten() for p in parts])
+
+
+def perturb(model: torch.nn.Module) -> None:
+    """Move the adapter away from its identity initialisation (LoRA B starts at zero)."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in adapters.adapter_parameters(model).values():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_lora_merged_unmerged_unloaded_and_peft_files(base, tmp_path, use_dora):
+    reference = outputs(base)
+    adapted = fresh_copy(base)
+    adapters.add_lora(adapted, LoraSettings(r=4, target_modules=["all"], use_dora=use_dora))
+    trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)  # only the adapter trains
+    assert any(".attn.fn.qkv.lora_A" in n for n in trainable) and any(".mlp.fn.fc2.lora_B" in n for n in trainable)
+    perturb(adapted)
+    unmerged = outputs(adapted)
+    assert not torch.allclose(unmerged, reference)
+
+    folder = tmp_path / "adapter"
+    adapters.save_adapter(adapted, folder)
+    adapters.save_adapter(adapted, folder)  # replaced atomically: nothing left beside it
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    assert json.loads((folder / "adapter_config.json").read_text())["use_dora"] is use_dora
+
+    with_peft = peft.PeftModel.from_pretrained(fresh_copy(base), str(folder))  # peft reads our files
+    assert torch.equal(outputs(with_peft.base_model.model), unmerged)
+    loaded = mmformer_load(base, folder)
+    assert torch.equal(outputs(loaded), unmerged)
+
+    merged = adapters.merge_and_unload(loaded)
+    assert not adapters.has_adapter(merged) and not any("lora" in k for k in merged.state_dict())
+    assert (outputs(merged) - unmerged).abs().max() < 1e-5
+    unloaded = adapters.unload(mmformer_load(base, folder))
+    assert torch.equal(outputs(unloaded), reference)  # the base, exactly
+    assert sorted(unloaded.state_dict()) == sorted(base.state_dict())
+
+
+def mmformer_load(base: MultimodalTransformer, folder) -> MultimodalTransformer:
+    return adapters.load_adapter(fresh_copy(base), folder)
+
+
+def test_from_pretrained_with_adapter_and_merge_command(base, tmp_path):
+    from mmformer import from_pretrained
+    from mmformer.cli import main
+
+    base.save_pretrained(tmp_path / "base")
+    adapted = fresh_copy(base)
+    adapters.add_lora(adapted, LoraSettings(r=2, target_modules=["qkv", "cross_kv"], routes=["decoder"]))
+    perturb(adapted)
+    adapters.save_adapter(adapted, tmp_path / "adapter")
+    loaded = from_pretrained(tmp_path / "base", adapter=tmp_path / "adapter")
+    assert torch.equal(outputs(loaded), outputs(adapted))
+    with pytest.raises(ValueError, match="carries adapter layers"):
+        loaded.save_pretrained(tmp_path / "wrong")
+    base_dir, adapter_dir = str(tmp_path / "base"), str(tmp_path / "adapter")
+    main(["merge", "--base", base_dir, "--adapter", adapter_dir, "--out", str(tmp_path / "m")])
+    merged = from_pretrained(tmp_path / "m")
+    assert (outputs(merged) - outputs(adapted)).abs().max() < 1e-5
+
+
+def test_adapter_of_another_base_is_refused_naming_the_module(base, make_model_config, tmp_path):
+    other = MultimodalTransformer(make_model_config(stack={"width": 32})).eval()
+    adapters.add_lora(other, LoraSettings(r=2, target_modules=["qkv"]))
+    adapters.save_adapter(other, tmp_path / "adapter")
+    target = fresh_copy(base)
+    with pytest.raises(ValueError, match=r"another base.*stacks\.shared\.blocks\.0\.attn\.fn\.qkv \(lora_A\.weight: "
+                                         r"expected \(2, 16\), found \(2, 32\)\)"):  # fmt: skip
+        adapters.load_adapter(target, tmp_path / "adapter")
+    assert not adapters.has_adapter(target) and torch.equal(outputs(target), outputs(base))  # left as it was
+
+
+def test_bad_adapter_input_names_it(base, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no adapter_config.json"):
+        adapters.load_adapter(fresh_copy(base), tmp_path / "empty")
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    (tmp_path / "pickled" / "adapter_model.bin").write_bytes(b"not read")
+    with pytest.raises(ValueError, match="adapter_model.bin, a pickle"):
+        adapters.load_adapter(fresh_copy(base), tmp_path / "pickled")
+    with pytest.raises(ValueError, match="lora.target_modules: 'attn_out' matches no linear"):
+        adapters.add_lora(fresh_copy(base), LoraSettings(target_modules=["attn_out"]))
+    with pytest.raises(ValueError, match="fused"):
+        adapters.add_lora(fresh_copy(base), LoraSettings(target_modules=["q", "v"]))
+    with pytest.raises(ValueError, match=r"lora.routes: expected some of this model's routes"):
+        adapters.add_lora(fresh_copy(base), LoraSettings(routes=["video"]))
+    for rank in (0, -1):
+        with pytest.raises(ValueError, match=rf"lora.r: expected the LoRA rank, an int >= 1, got {rank}"):
+            LoraSettings(r=rank)
+    with pytest.raises(ValueError, match="lora.quantize"):
+        LoraSettings(quantize="int3")
+
+
+def test_grown_vocabulary_keeps_old_logits_and_travels_with_the_adapter(base, tmp_path):
+    from mmformer import Processor
+    from mmformer.tokenizer import Tokenizer
+
+    ids = torch.randint(3, 32, (2, 5))
+    memory, _ = base.encode_image_tokens(torch.randn(2, 3, 16, 16))
+    before = base.decode(ids, memory).detach()
+    grown = adapters.resize_token_embeddings(fresh_copy(base), 40)
+    after = grown.decode(ids, memory).detach()  # (B, T, 40)
+    assert torch.equal(after[..., :32], before) and torch.equal(after[..., 32:], torch.zeros_like(after[..., 32:]))
+    assert grown.lm_head.weight is grown.text_embed.tokens.weight  # still tied
+
+    new = list(range(32, 40))
+    adapters.add_lora(grown, LoraSettings(r=2, target_modules=["qkv"], trainable_token_indices=new))
+    perturb(grown)
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 40)}}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer = Tokenizer(backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")  # 40 ids
+    adapters.save_adapter(grown, tmp_path / "adapter", processor=Processor(tokenizer))
+    loaded = adapters.load_adapter(fresh_copy(base), tmp_path / "adapter")  # grows the base to 40 first
+    assert loaded.config.text.vocab_size == 40 and torch.equal(outputs(loaded), outputs(grown))
+    merged = adapters.merge_and_unload(loaded)  # token rows differ between input and output now: untied
+    assert not merged.config.tie_lm_head and (outputs(merged) - outputs(grown)).abs().max() < 1e-5
+
+
+def test_qlora_step_on_a_4bit_base(make_model_config):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    model = MultimodalTransformer(make_model_config(stack={"width": 64, "n_heads": 4}, audio=None)).train()
+    full = adapters.weight_bytes(model)
+    adapters.add_lora(model, LoraSettings(r=4, target_modules=["all"], quantize="nf4"))
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.weight.dtype == torch.uint8 for m in layers)
+    assert adapters.weight_bytes(model) < full / 2
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    pixels, ids = torch.randn(4, 3, 16, 16), torch.randint(3, 32, (4, 6))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    losses = []
+    for _ in range(6):
+        memory, _ = model.encode_image_tokens(pixels)
+        loss = torch.nn.functional.cross_entropy(model.decode(ids[:, :-1], memory).flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(m.weight.dtype == torch.uint8 for m in layers)  # still 4-bit
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+@pytest.mark.gpu
+def test_qlora_on_cuda(make_model_config):
+    pytest.importorskip("bitsandbytes")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = MultimodalTransformer(make_model_config(stack={"width": 64}, audio=None)).cuda().train()
+    adapters.add_lora(model, LoraSettings(r=4, target_modules=["all"], quantize="nf4"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    pixels, ids = torch.randn(4, 3, 16, 16, device="cuda"), torch.randint(3, 32, (4, 6), device="cuda")
+    losses = []
+    for _ in range(6):
+        memory, _ = model.encode_image_tokens(pixels)
+        loss = torch.nn.functional.cross_entropy(model.decode(ids[:, :-1], memory).flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_added_words_decode_as_written_and_leave_other_text_alone():
+    """Adding a new language's words (HF's add_tokens) to a byte-level BPE: a word whose letters are all byte-table
+    characters ("fünf") must still decode as written (tokenizers alone gives "f\ufffdnf")."""
+    from tokenizers import AddedToken
+
+    from mmformer.tokenizer import Tokenizer
+
+    english = ["four two nine", "seven", "one one"]
+    base = Tokenizer.train(english * 5, vocab_size=270)
+    backend = Tokenizer.from_str(base.backend.to_str()).backend
+    backend.add_tokens([AddedToken(w, normalized=True) for word in ("fünf", "drei") for w in (word, " " + word)])
+    grown = Tokenizer.from_str(backend.to_str())
+    assert grown.vocab_size == base.vocab_size + 4
+    assert torch.equal(grown(english)["input_ids"], base(english)["input_ids"])
+    german = ["fünf drei", "drei fünf fünf", "fünf"]
+    ids = grown(german)["input_ids"]
+    assert ids.shape[1] == 5 and int(ids.max()) >= base.vocab_size  # one token per word
+    assert grown.batch_decode(ids) == german and grown.decode(ids[0]) == "fünf drei"
