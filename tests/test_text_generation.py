@@ -77,6 +77,19 @@ def test_left_padded_prompts_continue_as_each_alone(scheme):
     assert torch.equal(ragged, generate(model, prompt_ids=ids, prompt_mask=mask, max_new_tokens=12))
 
 
+@pytest.mark.parametrize("scheme", ["learned", "rope-gqa"])
+def test_a_learned_decoder_prefix_with_left_padded_prompts(scheme):
+    model = language_model(scheme)
+    prefix = torch.randn(3, 16)  # prompt tuning's vectors, read before every prompt
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    batch = generate(model, prompt_ids=ids, prompt_mask=mask, prefix_embeds=prefix, max_new_tokens=8)
+    assert torch.equal(batch, generate(model, prompt_ids=ids, prompt_mask=mask, prefix_embeds=prefix,
+                                       max_new_tokens=8, use_cache=False))  # fmt: skip
+    for row, prompt in zip(batch, PROMPTS):
+        alone = generate(model, prompt_ids=[prompt], prefix_embeds=prefix, max_new_tokens=8)[0]
+        assert torch.equal(row[ids.shape[1] - len(prompt) :], alone)
+
+
 def test_padded_decode_logits_equal_each_row_alone():
     model = language_model("rope-gqa")
     ids, mask = left_pad(PROMPTS, pad_id=0)
