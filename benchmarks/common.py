@@ -208,8 +208,9 @@ def resolve_clip_size(args: argparse.Namespace) -> None:
     args.size = args.size or ("gpu" if torch.device(args.device).type == "cuda" else "cpu")
 
 
-def clip_pair(size: str, device: torch.device | str = "cpu", seed: int = 0):
-    """An open_clip ``CLIP`` built from a config dict and the mmformer model converted from it (equal weights).
+def clip_pair(size: str | dict, device: torch.device | str = "cpu", seed: int = 0):
+    """An open_clip ``CLIP`` built from a config dict (a :data:`CLIP_SIZES` name, or such a dict) and the mmformer
+    model converted from it (equal weights).
 
     Returns (open_clip model, mmformer model, config dict), both in train mode on ``device``.
     """
@@ -217,7 +218,7 @@ def clip_pair(size: str, device: torch.device | str = "cpu", seed: int = 0):
 
     from mmformer.convert import from_open_clip
 
-    cfg = CLIP_SIZES[size]
+    cfg = CLIP_SIZES[size] if isinstance(size, str) else size
     torch.manual_seed(seed)
     peer = open_clip.model.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"])
     ours = from_open_clip(peer)

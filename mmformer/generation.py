@@ -291,9 +291,20 @@ def token_chooser(options: DecodingOptions, generator: torch.Generator | None = 
 
 
 # ---------------------------------------------------------------------- running the decoder
+_FEW_ROWS = 64  # decoding steps of at most this many rows project to the vocabulary as (W hᵀ)ᵀ on CPU
+
+
 def _last_logits(model: MultimodalTransformer, hidden: torch.Tensor) -> torch.Tensor:
-    """Decoder states (N, T, D) → float32 logits (N, V) of the last position only (the one generation needs)."""
-    return model.lm_head(hidden[:, -1]).float()
+    """Decoder states (N, T, D) → float32 logits (N, V) of the last position only (the one generation needs).
+
+    For the few rows of a decoding step on CPU, the (bias-free) LM head runs as ``W @ hᵀ``: that GEMM layout reads
+    the (V, D) weight in one pass, where ``F.linear``'s ``h @ Wᵀ`` took 1.6× longer at whisper-tiny's 51,865 × 384
+    (the largest single cost of a step; see BENCHMARKS.md, "Decoding at whisper-tiny dimensions")."""
+    h = hidden[:, -1]  # (N, D)
+    weight = model.lm_head.weight  # (V, D)
+    if h.device.type == "cpu" and h.shape[0] <= _FEW_ROWS and h.dtype == weight.dtype and model.lm_head.bias is None:
+        return torch.mm(weight, h.t()).t().float()  # (N, V)
+    return model.lm_head(h).float()
 
 
 def _next_logits(

@@ -22,11 +22,23 @@ from mmformer.embedders.checks import check_device
 from mmformer.layers.attention import right_padded
 from mmformer.layers.block import Stack
 from mmformer.layers.cache import KVCache
+from mmformer.layers.documents import Documents
 from mmformer.layers.heads import MaskedLMHead
 from mmformer.layers.mlp import pop_aux_loss
 from mmformer.layers.norms import make_norm
 from mmformer.layers.pooling import AttentionPool
 from mmformer.layers.positions import positions_from_mask
+
+
+def pack(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[Documents, torch.Tensor]:
+    """Right-padded rows x (B, T, ...) with mask (B, T) → their :class:`~mmformer.layers.Documents` (one per row)
+    and the real tokens back to back in one row (1, N, ...)."""
+    if mask is None:
+        return Documents.from_lengths([x.shape[1]] * x.shape[0], device=x.device), x.reshape(1, -1, *x.shape[2:])
+    mask = mask.bool()
+    if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+        raise ValueError("mask: packing needs right-padded rows (real tokens first), got a row with a gap")
+    return Documents(mask.sum(dim=1)), x[mask].unsqueeze(0)
 
 
 class MultimodalTransformer(nn.Module):
@@ -152,20 +164,67 @@ class MultimodalTransformer(nn.Module):
         )
         return self.stack("audio")(x, modality="audio", mask=mask), mask
 
+    def encode_audio_documents(
+        self,
+        audio: torch.Tensor | None = None,
+        audio_lengths: torch.Tensor | None = None,
+        *,
+        audio_features: torch.Tensor | None = None,
+        feature_lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Documents]:
+        """:meth:`encode_audio_tokens` padding-free: each clip's real tokens, packed into one row (1, M, D), and
+        their :class:`~mmformer.layers.Documents` (one per clip). The stack never computes a padding frame and
+        attention stays inside each clip; ``documents.pad(tokens)`` with ``documents.mask`` gives back (B, N, D)."""
+        if (audio is None) == (audio_features is None):
+            raise ValueError("pass exactly one of `audio` (waveforms) and `audio_features` (log-mel)")
+        x, mask = self._embedder("audio")(
+            audio, audio_lengths, features=audio_features, feature_lengths=feature_lengths
+        )  # (B, N, D), (B, N): positions are added per clip, before packing
+        documents, x = pack(x, mask)
+        return self.stack("audio")(x, modality="audio", documents=documents), documents
+
     def encode_text_tokens(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        *,
+        documents: Documents | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token ids (B, T) → text token states (B, T, D) and the mask of real tokens; causal when the text config
         says so (CLIP). A ``fixed_length`` text encoder pads the ids to its full length first (SigLIP, CoCa); an
         ``append_cls`` one returns (B, T + 1, D), the appended token last (CoCa). ``inputs_embeds`` (B, T, D)
         replaces the token table's rows (a learned prompt's context vectors); the ids still locate the
-        end-of-text token for pooling."""
+        end-of-text token for pooling.
+
+        With ``documents``, ids (R, T) are a packed batch of them (no padding, no mask): positions restart and
+        attention stays within each document (see :mod:`mmformer.layers.documents`).
+        """
+        if documents is not None:
+            return self._packed_text_states(input_ids, segment_ids, documents, inputs_embeds), None
         x, mask, _ = self._text_states(input_ids, attention_mask, segment_ids, inputs_embeds)
         return x, mask
+
+    def _packed_text_states(
+        self,
+        input_ids: torch.Tensor,
+        segment_ids: torch.Tensor | None,
+        documents: Documents,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token states (R, T, D) of a packed batch of documents."""
+        embed, text = self._embedder("text"), self.config.text
+        if inputs_embeds is not None:
+            raise ValueError("inputs_embeds: learned prompts are not supported with packed documents")
+        if text.fixed_length or embed.cls_token is not None or text.attend_padding or text.pool == "last":
+            raise ValueError(
+                "documents: packed text needs a text encoder that reads each text as it is; this one is fixed_length, "
+                "appends a class token, attends to padding or pools the last position (SigLIP/CoCa layouts)"
+            )
+        embed.check(input_ids, None, longest=documents.max_length)
+        x = embed(input_ids, segment_ids=segment_ids, positions=documents.positions.view_as(input_ids))
+        return self.stack("text")(x, modality="text", causal=text.causal, documents=documents)
 
     def _text_states(
         self,
@@ -210,12 +269,15 @@ class MultimodalTransformer(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        *,
+        documents: Documents | None = None,
     ) -> torch.Tensor:
         """Masked-LM logits (B, T, V) of token ids (B, T): the text encoder's states through the masked-LM head
-        (``BertForMaskedLM``'s logits)."""
+        (``BertForMaskedLM``'s logits). With ``documents``, ids (R, T) are a packed batch of them (see
+        :meth:`encode_text_tokens`)."""
         if self.mlm_head is None:
             raise ValueError("mlm_logits: this model has no masked-LM head (ModelConfig.mlm_head=False)")
-        x, _ = self.encode_text_tokens(input_ids, attention_mask, segment_ids)
+        x, _ = self.encode_text_tokens(input_ids, attention_mask, segment_ids, documents=documents)
         return self.mlm_head(x)
 
     # ---------------------------------------------------------------- pooled embeddings
@@ -259,11 +321,14 @@ class MultimodalTransformer(nn.Module):
         audio_features: torch.Tensor | None = None,
         feature_lengths: torch.Tensor | None = None,
         normalize: bool = True,
+        packed: bool = False,
     ) -> torch.Tensor:
-        """Waveforms (B, S) with sample counts (B,), or log-mel features → (B, E) audio embeddings."""
-        x, mask = self.encode_audio_tokens(
-            audio, audio_lengths, audio_features=audio_features, feature_lengths=feature_lengths
-        )
+        """Waveforms (B, S) with sample counts (B,), or log-mel features → (B, E) audio embeddings; ``packed`` runs
+        the stack padding-free (:meth:`encode_audio_documents`), with the same result."""
+        encode = self.encode_audio_documents if packed else self.encode_audio_tokens
+        x, mask = encode(audio, audio_lengths, audio_features=audio_features, feature_lengths=feature_lengths)
+        if packed:
+            x, mask = mask.pad(x), mask.mask
         return self.pool_audio(x, mask, normalize)
 
     def pool_audio(self, tokens: torch.Tensor, mask: torch.Tensor | None, normalize: bool = True) -> torch.Tensor:
@@ -277,19 +342,40 @@ class MultimodalTransformer(nn.Module):
         normalize: bool = True,
         segment_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        *,
+        documents: Documents | None = None,
+        packed: bool = False,
     ) -> torch.Tensor:
         """Token ids (B, T) with mask (B, T) → (B, E) text embeddings (``inputs_embeds``: see
-        :meth:`encode_text_tokens`)."""
-        x, mask, input_ids = self._text_states(input_ids, attention_mask, segment_ids, inputs_embeds)
+        :meth:`encode_text_tokens`).
+
+        ``packed`` runs the stack padding-free on the masked (right-padded) rows, with the same result;
+        ``documents`` says the ids (R, T) already are a packed batch (no mask): one embedding per document.
+        """
+        if packed and documents is None:
+            documents, input_ids = pack(input_ids, attention_mask)
+            segment_ids = None if segment_ids is None else pack(segment_ids, attention_mask)[1]
+        if documents is not None:  # per-document rows (n, L), the layout pooling reads
+            x = documents.pad(self._packed_text_states(input_ids, segment_ids, documents, inputs_embeds))
+            input_ids, mask = documents.pad(input_ids), documents.mask
+        else:
+            x, mask, input_ids = self._text_states(input_ids, attention_mask, segment_ids, inputs_embeds)
+        return self.pool_text(x, input_ids, mask, normalize)
+
+    def pool_text(
+        self, tokens: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None, normalize: bool = True
+    ) -> torch.Tensor:
+        """Text token states (B, T, D) of ids (B, T) with mask (B, T) → (B, E) embeddings (cls, mean, last or
+        end-of-text pooling, as the text config says)."""
         pool = self.config.text.pool
         if pool == "mean":
-            pooled = self._masked_mean(x, mask)
+            pooled = self._masked_mean(tokens, mask)
         elif pool == "cls":
-            pooled = x[:, 0]
+            pooled = tokens[:, 0]
         elif pool in ("last", "append_cls"):
-            pooled = x[:, -1]
+            pooled = tokens[:, -1]
         else:
-            pooled = x[torch.arange(x.shape[0], device=x.device), self.eot_positions(input_ids, mask)]
+            pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), self.eot_positions(input_ids, mask)]
         return self._finish(pooled, self.text_proj, normalize)
 
     def eot_positions(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -340,6 +426,8 @@ class MultimodalTransformer(nn.Module):
         return_hidden: bool = False,
         positions: torch.Tensor | None = None,
         prefix_embeds: torch.Tensor | None = None,
+        documents: Documents | None = None,
+        memory_documents: Documents | None = None,
     ) -> torch.Tensor:
         """Causal decoder: ids (B, T) reading memory (B, S, D) → logits (B, T, V). Without memory (or without a
         cross-attention sublayer) it is a decoder-only language model.
@@ -354,11 +442,18 @@ class MultimodalTransformer(nn.Module):
         ``positions`` (B, T) overrides the position ids (packed documents restart them per document).
         ``prefix_embeds`` (P, D): learned vectors the decoder reads before the ids (prompt tuning, see
         :mod:`mmformer.prompts`); they take positions 0..P-1 (and the cache's first P slots) and return no logits.
+
+        With ``documents``, ids (R, T) are a packed batch of n documents (teacher forcing without padding): document
+        i reads memory row i of memory (n, S, D), or memory document i of a packed memory (1, M, D) with
+        ``memory_documents``.
         """
         if self.lm_head is None:
             raise ValueError(f"this model has no decoder; its routes are {sorted(self.config.routes)}")
-        self.text_embed.check(input_ids, attention_mask)
-        self._check_memory(input_ids, memory, memory_mask, cache)
+        self.text_embed.check(input_ids, attention_mask, longest=None if documents is None else documents.max_length)
+        if documents is not None:
+            self._check_documents(memory, memory_documents, documents, cache)
+        else:
+            self._check_memory(input_ids, memory, memory_mask, cache)
         weight = self.lm_head.weight
         if memory is not None and memory.dtype != weight.dtype and not torch.is_autocast_enabled(memory.device.type):
             memory = memory.to(weight.dtype)  # as the embedders cast their inputs (float64 memory, a bf16 encoder)
@@ -368,7 +463,10 @@ class MultimodalTransformer(nn.Module):
         elif cache is None and mask is not None and not right_padded(mask):
             positions = positions_from_mask(mask)  # left padding: each row counts from its first real token
         if prefix_embeds is not None:
+            if documents is not None:
+                raise ValueError("prefix_embeds: a learned decoder prefix is not supported with packed documents")
             self.check_prefix(prefix_embeds, cache)
+        docs = {} if documents is None else {"documents": documents, "memory_documents": memory_documents}
         h = self.decode_step(
             input_ids,
             memory=memory,
@@ -377,6 +475,7 @@ class MultimodalTransformer(nn.Module):
             cache=cache,
             positions=positions,
             prefix_embeds=prefix_embeds,
+            **docs,
         )
         return h if return_hidden else self.lm_head(h)
 
@@ -408,34 +507,45 @@ class MultimodalTransformer(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         prefix_embeds: torch.Tensor | None = None,
+        documents: Documents | None = None,
+        memory_documents: Documents | None = None,
     ) -> torch.Tensor:
         """:meth:`decode` without its input checks, returning the final hidden states (B, T, D): the inner step of
         token-by-token generation, whose ids come from the model itself (the checks cost as much as a layer)."""
-        offset = cache.length if cache is not None else 0
         B, T = input_ids.shape
         P = 0 if prefix_embeds is None else prefix_embeds.shape[0]
-        if P:  # the prefix's positions come first, all real
-            if mask is not None:
-                mask = torch.cat([mask.new_ones(B, P), mask], dim=1)  # (B, P + T)
-            if positions is not None:
-                first = torch.arange(P, device=positions.device).expand(B, P)
-                positions = torch.cat([first, positions + P], dim=1)  # (B, P + T)
-        if cache is not None:  # the cache keeps the padding of earlier steps and numbers each row's tokens
-            mask, tracked = cache.track(mask, P + T)
-            positions = tracked if positions is None else positions
-        if positions is None:
-            x = self.text_embed(input_ids, offset=offset + P)  # (B, T, D)
+        docs: dict[str, Any] = {}
+        if documents is not None:  # a packed batch: positions restart in every document
+            x = self.text_embed(input_ids, positions=documents.positions.view_as(input_ids))
+            docs, positions = {"documents": documents}, None
         else:
-            x = self.text_embed(input_ids, positions=positions[:, P:])
-        if P:
-            vectors = prefix_embeds.to(x.dtype).expand(B, -1, -1)
-            where = dict(offset=offset) if positions is None else dict(positions=positions[:, :P])
-            x = torch.cat([self.text_embed(None, inputs_embeds=vectors, **where), x], dim=1)  # (B, P + T, D)
+            offset = cache.length if cache is not None else 0
+            if P:  # the prefix's positions come first, all real
+                if mask is not None:
+                    mask = torch.cat([mask.new_ones(B, P), mask], dim=1)  # (B, P + T)
+                if positions is not None:
+                    first = torch.arange(P, device=positions.device).expand(B, P)
+                    positions = torch.cat([first, positions + P], dim=1)  # (B, P + T)
+            if cache is not None:  # the cache keeps the padding of earlier steps and numbers each row's tokens
+                mask, tracked = cache.track(mask, P + T)
+                positions = tracked if positions is None else positions
+            if positions is None:
+                x = self.text_embed(input_ids, offset=offset + P)  # (B, T, D)
+            else:
+                x = self.text_embed(input_ids, positions=positions[:, P:])
+            if P:
+                vectors = prefix_embeds.to(x.dtype).expand(B, -1, -1)
+                where = dict(offset=offset) if positions is None else dict(positions=positions[:, :P])
+                x = torch.cat([self.text_embed(None, inputs_embeds=vectors, **where), x], dim=1)  # (B, P + T, D)
         first_layer = 0
         if self.config.decoder_input == "text":  # CoCa: the text tower's causal states, before its final norm
             text = self.stack("text")
-            x = text(x, modality="text", mask=mask, causal=True, cache=cache, final_norm=False, positions=positions)
+            x = text(
+                x, modality="text", mask=mask, causal=True, cache=cache, final_norm=False, positions=positions, **docs
+            )
             first_layer = text.cfg.depth
+        if documents is not None:
+            docs["memory_documents"] = memory_documents
         h = self.stack("decoder")(
             x,
             modality="text",
@@ -446,8 +556,33 @@ class MultimodalTransformer(nn.Module):
             cache=cache,
             first_layer=first_layer,
             positions=positions,
+            **docs,
         )
         return h[:, P:] if P else h
+
+    def _check_documents(
+        self,
+        memory: torch.Tensor | None,
+        memory_documents: Documents | None,
+        documents: Documents,
+        cache: KVCache | None,
+    ) -> None:
+        if cache is not None:
+            raise ValueError("documents: packed batches are decoded without a KV cache (teacher forcing)")
+        if memory is None:
+            return
+        rows = 1 if memory_documents is not None else len(documents)
+        width = self.config.width("decoder")
+        shape = tuple(memory.shape) if isinstance(memory, torch.Tensor) else None
+        if shape is None or len(shape) != 3 or shape[0] != rows or shape[2] != width:
+            got = tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__
+            what = "a packed memory (1, M, D)" if memory_documents is not None else "one memory row per document"
+            raise ValueError(f"memory: expected {what} with D={width} for {len(documents)} documents, got {got}")
+        if memory_documents is not None and memory_documents.tokens != memory.shape[1]:
+            raise ValueError(
+                f"memory_documents: expected documents tiling the memory's {memory.shape[1]} tokens, got "
+                f"{memory_documents.tokens}"
+            )
 
     def _check_memory(
         self,

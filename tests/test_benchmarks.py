@@ -25,6 +25,8 @@ if ROOT not in sys.path:  # `benchmarks` is a folder of the repository, not of t
         ("attention", ["fused_ms", "naive_MiB", "memory_ratio"]),
         ("startup", ["mmformer --help", "mmformer zeroshot"]),
         ("lm_perplexity", ["model", "bigram (interpolated)", "unigram (add-one)", "vs_bigram"]),
+        ("clip_train", ["open_clip_samples_s", "packed_samples_s", "packed_vs_open_clip"]),
+        ("speech_train", ["hf_samples_s", "packed_samples_s", "packed_vs_hf"]),
         ("qlora_memory", ["full_fp32", "full_bf16", "qlora_nf4", "vs_bf16", "linear_vs_bf16"]),
     ],
 )
@@ -34,3 +36,19 @@ def test_benchmark_runs_and_prints_its_table(name, expected, capsys):
     out = capsys.readouterr().out
     for text in expected:
         assert text in out, f"benchmarks.{name}: {text!r} missing from its output:\n{out}"
+
+
+def test_gpu_check_runs_at_tiny_size_on_cpu(tmp_path, capsys):
+    """Every row runs (or, needing CUDA, says why it skips) and writes its JSON lines; none fails."""
+    import json
+
+    gpu_check = importlib.import_module("benchmarks.gpu_check")
+    gpu_check.main(["--tiny", "--device", "cpu", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    lines = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+    status = {line["check"]: line["status"] for line in lines}
+    assert set(status) == set(gpu_check.ROWS), status
+    assert "error" not in status.values(), [line for line in lines if line["status"] == "error"]
+    for name in ("sdpa", "fp16", "fsdp"):
+        assert status[name] == "skipped" and f"[{name}] skipped" in out
+    assert "needs CUDA" in out and "vs_padded_77" in out and "mfu_vs_measured_peak" in out

@@ -16,6 +16,7 @@ import torch
 from mmformer.config import ModelConfig, StackConfig, TextConfig
 from mmformer.data import Collator, MultimodalDataModule, PackedBlocks, TextDocuments
 from mmformer.data.text import pack_documents
+from mmformer.layers.documents import Documents
 from mmformer.tasks import MultimodalTask
 from mmformer.tasks.text_objectives import mask_tokens, per_document, split_documents
 from mmformer.tokenizer import Tokenizer
@@ -78,6 +79,16 @@ def test_mlm_loss_is_the_cross_entropy_of_the_masked_tokens():
     assert labels.ne(-100).any() and abs(parts["mlm"].item() - expected.item()) < 1e-6
 
 
+def test_mlm_on_packed_documents_equals_each_document_alone():
+    torch.manual_seed(0)
+    model = MultimodalTask(config("text"), mlm_weight=1.0, **TEXT_ONLY).model.eval()
+    ids, documents = packed()
+    with torch.no_grad():
+        expected = per_document(lambda x, m: model.mlm_logits(x, m), ids, documents)
+        got = model.mlm_logits(ids, documents=Documents.from_ids(documents))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_masking_statistics():
     g = torch.Generator().manual_seed(0)
     vocab = 5000
@@ -115,7 +126,9 @@ def test_split_documents_keeps_every_token_in_order():
     assert torch.equal(rows[mask], ids.flatten())
 
 
-@pytest.mark.parametrize("stack", [{}, {"position": "rope"}, {"position": "alibi"}])
+@pytest.mark.parametrize(
+    "stack", [{}, {"position": "rope"}, {"position": "alibi"}, {"position": "t5", "relative_buckets": 8}]
+)
 def test_document_attention_never_crosses_a_boundary(stack):
     torch.manual_seed(0)
     task = MultimodalTask(config(**stack), lm_weight=1.0, packed_attention="document", **TEXT_ONLY).eval()
@@ -143,6 +156,9 @@ def test_document_attention_never_crosses_a_boundary(stack):
         keep[0, 5:9] = False
         torch.testing.assert_close(other[keep], logits[keep], atol=0, rtol=0)  # the others are untouched
         assert not torch.allclose(model.decode(changed)[0, 9:], model.decode(ids)[0, 9:])  # unpacked: they mix
+        # the padding-free packed path the objective runs equals the padded per-document reference
+        padding_free = model.decode(ids, documents=Documents.from_ids(documents))
+        torch.testing.assert_close(padding_free, logits, atol=1e-5, rtol=1e-5)
         # the loss counts only predictions inside a document, each made from that document alone
         parts, _ = task._losses({"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool),
                                  "document_ids": documents})  # fmt: skip

@@ -33,6 +33,7 @@ class Record:
     audio: str | None = None
     text: Any = None  # raw caption/transcript; checked (non-empty str) when loaded
     label: int | None = None
+    duration: float | None = None  # audio seconds, where the index states it (token budgets read it)
 
 
 def check_modalities(modalities: Sequence[str]) -> tuple[str, ...]:

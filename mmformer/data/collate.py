@@ -36,14 +36,20 @@ class Collator:
     ``source`` list[str]. Packed text blocks give ``input_ids``, ``attention_mask`` and ``document_ids`` (B, L),
     right-padded where a block is shorter. Returns ``None`` when every sample of the batch was bad.
 
+    With ``packing``, texts are not padded: ``input_ids`` (1, N) holds the B tokenized texts back to back and
+    ``text_lengths`` (B,) their token counts, instead of ``attention_mask`` (a packed batch, see
+    :class:`mmformer.layers.Documents`; the training task packs the audio tokens likewise).
+
     Args:
         tokenizer: tokenizes ``text``; without one, texts are passed through as strings only.
         text_max_length: truncate texts to this many tokens (default: the tokenizer's ``max_length``).
+        packing: pack the texts (above) rather than pad them.
     """
 
-    def __init__(self, tokenizer: Tokenizer | None = None, text_max_length: int | None = None):
+    def __init__(self, tokenizer: Tokenizer | None = None, text_max_length: int | None = None, packing: bool = False):
         self.tokenizer = tokenizer
         self.text_max_length = text_max_length
+        self.packing = packing
 
     def __call__(self, samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
         samples = [s for s in samples if s is not None]
@@ -68,6 +74,9 @@ class Collator:
             if self.tokenizer is not None:
                 tokens = self.tokenizer(batch["text"], max_length=self.text_max_length)
                 batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
+                if self.packing:  # (1, N) back to back; the mask's row sums are the documents' lengths
+                    mask = batch.pop("attention_mask")
+                    batch["input_ids"], batch["text_lengths"] = batch["input_ids"][mask][None], mask.sum(dim=1)
         if "label" in present:
             batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
         return batch

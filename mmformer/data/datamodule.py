@@ -170,7 +170,9 @@ class ResumableLoader(DataLoader):
 
     def __init__(self, dataset: Dataset, batch_size: int | None = None, shuffle: bool | None = None, **kwargs: Any):
         sampler = kwargs.get("sampler")
-        if batch_size is None:
+        if getattr(sampler, "yields_batches", False):  # a TokenBudgetSampler: each item is a whole batch
+            batch_size = None
+        elif batch_size is None:
             batch_size = sampler.batch_size if isinstance(sampler, GlobalBatchSampler) else 1
         kwargs.setdefault("generator", torch.Generator())
         super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, **kwargs)
@@ -188,6 +190,7 @@ class ResumableLoader(DataLoader):
             "seed": s.seed,
             "shuffle": s.shuffle,
             "drop_last": s.drop_last,
+            **({"budgets": list(s.budgets)} if hasattr(s, "budgets") else {}),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -275,6 +278,12 @@ class MultimodalDataModule(L.LightningDataModule):
             the ``vocab_size`` target and no tokenizer is loaded or trained. Data loaders still need the data.
         cache: keep every decoded sample in memory after its first load (map-style data sets only): for small
             data sets such as data/digits, where decoding and resampling cost more than the training step.
+        packing: training batches are packed, padding-free (texts back to back, ``text_lengths`` instead of an
+            attention mask; the task packs audio tokens likewise; see :class:`mmformer.layers.Documents`).
+        max_tokens: with ``packing``, a training batch holds as many samples as fit this many text tokens,
+            rather than ``batch_size`` (map-style data; see :class:`~mmformer.data.packing.TokenBudgetSampler`).
+        max_batch_seconds: with ``packing``, also at most this many seconds of audio per training batch (needs the
+            manifest's ``duration`` column).
         augment: training augmentation (audio, images; see :mod:`mmformer.data.augment`), applied in the loader
             workers to the training split only. SpecAugment masks the log-mel of the model the trainer fits.
         processor_from: a pretrained model (anything :func:`mmformer.from_pretrained` reads) whose saved processor
@@ -311,6 +320,9 @@ class MultimodalDataModule(L.LightningDataModule):
         drop_last: bool = False,
         dry_run: bool = False,
         cache: bool = False,
+        packing: bool = False,
+        max_tokens: int | None = None,
+        max_batch_seconds: float | None = None,
         augment: AugmentConfig | None = None,
         processor_from: str | None = None,
         text_documents: str = "file",
@@ -325,6 +337,11 @@ class MultimodalDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size: expected a positive int; got {batch_size!r}")
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers: expected an int >= 0; got {num_workers!r}")
+        for name, value in (("max_tokens", max_tokens), ("max_batch_seconds", max_batch_seconds)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"{name}: expected a number > 0 or None; got {value!r}")
+            if value is not None and not packing:
+                raise ValueError(f"{name}: a token budget needs packing: true (got packing={packing!r})")
         if isinstance(augment, dict):
             augment = AugmentConfig(**augment)
         if augment is not None and not isinstance(augment, AugmentConfig):
@@ -439,6 +456,11 @@ class MultimodalDataModule(L.LightningDataModule):
                 for part in getattr(self.datasets[split], "datasets", [self.datasets[split]]):
                     if hasattr(part, "cache_in_memory"):
                         part.cache_in_memory()
+                        if self.num_workers > 0:
+                            # decode every sample here, once: each epoch's new workers then start with the decoded
+                            # samples (inherited, or pickled with the data set) instead of decoding them again
+                            for i in range(len(part)):
+                                part[i]
         return self.datasets.get(split)
 
     def setup(self, stage: str | None = None) -> None:
@@ -462,11 +484,15 @@ class MultimodalDataModule(L.LightningDataModule):
             return []  # Lightning skips the loop
         if self.pack_documents:
             dataset = self._blocks(split, dataset)
-        kwargs = dict(num_workers=self.num_workers, collate_fn=Collator(self.tokenizer, self.text_max_length))
+        packing = train and self.hparams.packing
+        collator = Collator(self.tokenizer, self.text_max_length, packing=packing)
+        kwargs = dict(num_workers=self.num_workers, collate_fn=collator)
         if train:  # augmentation (when configured) happens in the workers, seeded per sample: see augment_training
             dataset, kwargs["collate_fn"] = augment_training(
                 dataset, kwargs["collate_fn"], self.augment, self._processor, self.seed, self._feature_config
             )
+        if packing and (self.hparams.max_tokens or self.hparams.max_batch_seconds):
+            return self._budget_loader(dataset, kwargs)
         if isinstance(dataset, IterableDataset):
             drop_last = train and self.drop_last
             return _EpochLoader(dataset, batch_size=self.batch_size, drop_last=drop_last, epoch=self._epoch, **kwargs)
@@ -482,6 +508,21 @@ class MultimodalDataModule(L.LightningDataModule):
         # state (which training draws dropout from) untouched, and a resumed run sees the same stream
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, generator=generator, **kwargs)
+
+    def _budget_loader(self, dataset: Dataset, kwargs: dict[str, Any]) -> DataLoader:
+        """The training loader of token-budget batches (``max_tokens`` / ``max_batch_seconds``)."""
+        from mmformer.data.packing import BatchedDataset, TokenBudgetSampler, sample_costs
+
+        if isinstance(dataset, IterableDataset):
+            raise ValueError("max_tokens/max_batch_seconds: token budgets need map-style data, not WebDataset shards")
+        seconds = self.hparams.max_batch_seconds is not None and "audio" in self.modalities
+        costs = sample_costs(dataset, self.tokenizer, text_max_length=self.text_max_length, seconds=seconds)
+        budgets = [self.hparams.max_tokens] + ([self.hparams.max_batch_seconds] if seconds else [])
+        world, rank = self._world()
+        sampler = TokenBudgetSampler(
+            dataset, costs, budgets, world, rank, shuffle=self.shuffle, seed=self.seed, drop_last=self.drop_last
+        )
+        return ResumableLoader(BatchedDataset(dataset), sampler=sampler, **kwargs)
 
     def _feature_config(self) -> AudioConfig:
         """The log-mel settings of the model the trainer fits (SpecAugment masks the features it would compute)."""

@@ -25,7 +25,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import soundfile
 import torch
 import torchaudio.functional as AF
 from PIL import Image
@@ -188,6 +187,8 @@ def read_audio(
     Returns:
         ``(waveform, rate)`` where ``rate`` is the rate of the returned waveform.
     """
+    import soundfile  # here, so that models, training and benchmarks import without it until audio files are read
+
     name = _describe(source, name)
     fp = _open(source, name)
     try:

@@ -149,6 +149,7 @@ class ManifestDataset(RecordDataset):
                     audio=paths["audio"],
                     text=row.get(columns["text"]) if "text" in columns else None,
                     label=labels[lineno - 1] if labels else None,
+                    duration=_float(row["duration"]) if row.get("duration") not in (None, "") else None,
                 )
             )
         if self.num_filtered:

@@ -45,7 +45,11 @@ class TextEmbedder(nn.Module):
             with torch.no_grad():
                 self.cls_token.normal_(0.0, 0.01)  # as open_clip
 
-    def check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+    def check(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, longest: int | None = None
+    ) -> None:
+        """Validate ids (B, T) and their mask; ``longest`` is the longest sequence when it is not T (a packed
+        batch's longest document)."""
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids: expected a LongTensor (B, T), got {type(input_ids).__name__}")
         if input_ids.ndim != 2:
@@ -55,11 +59,12 @@ class TextEmbedder(nn.Module):
         check_device("input_ids", input_ids, self.tokens.weight)
         if input_ids.numel() == 0:
             raise ValueError(f"input_ids: expected at least one token per row, got shape {tuple(input_ids.shape)}")
-        if self.positions is not None and input_ids.shape[1] > self.cfg.max_tokens:
+        longest = input_ids.shape[1] if longest is None else longest
+        if self.positions is not None and longest > self.cfg.max_tokens:
             raise ValueError(
                 f"input_ids: expected at most {self.cfg.max_tokens} tokens (TextConfig.max_length, the position "
                 f"table{', less the appended class token' if self.cls_token is not None else ''}), got "
-                f"{input_ids.shape[1]}; truncate the text or build the model with a longer max_length"
+                f"{longest}; truncate the text or build the model with a longer max_length"
             )
         if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
             raise TypeError(
@@ -85,7 +90,7 @@ class TextEmbedder(nn.Module):
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, T) ids → (B, T, D), or (B, T + 1, D) with ``append_cls`` (the text encoder of an append_cls model), at
-        positions offset … offset+T-1, or at per-row ``positions`` (B, T).
+        positions offset … offset+T-1, or at per-row ``positions`` (B, T) (packed documents, left-padded prompts).
 
         ``inputs_embeds`` (B, T, D) takes the place of the token table's rows (soft prompts, as Hugging Face's
         ``inputs_embeds``); they still get positions, segments and the norm."""
@@ -97,7 +102,7 @@ class TextEmbedder(nn.Module):
             if segment_ids is not None:
                 segment_ids = torch.cat([segment_ids, segment_ids[:, -1:]], dim=1)
         if self.positions is not None:
-            x = self.positions(x, offset, positions)
+            x = self.positions(x, offset, positions=positions)
         if self.segments is not None:
             x = x + self.segments(
                 segment_ids if segment_ids is not None else x.new_zeros(x.shape[:2], dtype=torch.long)

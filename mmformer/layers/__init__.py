@@ -3,6 +3,7 @@
 from mmformer.layers.attention import Attention, reference_attention
 from mmformer.layers.block import Block, DropPath, Stack
 from mmformer.layers.cache import KVCache
+from mmformer.layers.documents import Documents, document_attention
 from mmformer.layers.mlp import MixtureOfExperts, Mlp, make_mlp, pop_aux_loss
 from mmformer.layers.norms import make_norm
 from mmformer.layers.positions import (
@@ -18,6 +19,7 @@ __all__ = [
     "AbsolutePositions",
     "Attention",
     "Block",
+    "Documents",
     "DropPath",
     "KVCache",
     "MixtureOfExperts",
@@ -26,6 +28,7 @@ __all__ = [
     "Stack",
     "alibi_bias",
     "alibi_slopes",
+    "document_attention",
     "make_mlp",
     "make_norm",
     "pop_aux_loss",

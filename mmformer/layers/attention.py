@@ -22,6 +22,7 @@ from torch import nn
 
 from mmformer.config import StackConfig
 from mmformer.layers.cache import KVCache
+from mmformer.layers.documents import Documents, document_attention
 from mmformer.layers.norms import make_norm
 from mmformer.layers.positions import RotaryEmbedding, alibi_bias, alibi_slopes
 
@@ -97,13 +98,11 @@ class Attention(nn.Module):
 
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, nkv, S, hs) of a cross-attention memory (B, S, D)."""
-        if self.memory_norm is not None:
-            memory = self.memory_norm(memory)
-        k, v = self.kv(memory).chunk(2, dim=-1)
-        k = self._heads(k, self.n_kv_heads)
-        if self.k_norm is not None:
-            k = self.k_norm(k)
-        return k, self._heads(v, self.n_kv_heads)
+        return self._memory_heads(self._memory_kv(memory))
+
+    def _memory_kv(self, memory: torch.Tensor) -> torch.Tensor:
+        """Projected memory k|v (B, S, 2 nkv*hs), after the memory norm where the config has one."""
+        return self.kv(memory if self.memory_norm is None else self.memory_norm(memory))
 
     def forward(
         self,
@@ -114,6 +113,8 @@ class Attention(nn.Module):
         memory: torch.Tensor | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
+        documents: Documents | None = None,
+        memory_documents: Documents | None = None,
         padded_queries: bool = False,
         positions: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
@@ -131,19 +132,47 @@ class Attention(nn.Module):
                 (B/G, S, D) is read by G consecutive rows each (beams of one sample), as are its cached keys/values.
             cache: incremental decoding state; self-attention appends to it, cross-attention fills it once.
             layer: this block's index in the cache.
-            positions: per-row position ids (B, T) of the queries for RoPE (default: consecutive from the cache).
-            bias: an additive score bias (nh, T, S) of self-attention (a stack's T5 relative bias).
+            documents: x is a packed batch (R, T, D) of these documents (see :mod:`mmformer.layers.documents`):
+                each token attends only within its own document, whose positions start at 0.
+            memory_documents: cross-attention over a packed memory (1, S, D) of these documents, query document i
+                reading memory document i; without it, memory (n, S, D) has one row per query document.
+            positions: per-row position ids (B, T) of the queries for RoPE (left-padded prompts; default:
+                consecutive from the cache).
+            bias: an additive score bias (nh, T, S) of self-attention (a stack's T5 relative bias); over packed
+                documents, (nh, L, L) of the longest one (each document's rows read its top-left corner).
         """
-        B, T, _ = x.shape
+        if documents is not None:
+            return self._forward_documents(x, mask, causal, memory, documents, memory_documents, bias)
         offset = cache.length if cache is not None and not self.cross else 0
+        kv_in = self._memory_kv(memory) if self.cross and memory is not None else None
+        q_in = self.q(x) if self.cross else self.qkv(x)
+        out = self._attend(q_in, kv_in, mask, causal, cache, layer, offset, padded_queries, positions, bias)
+        return self.proj(out)
+
+    def _attend(
+        self,
+        q_in: torch.Tensor,
+        kv_in: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        causal: bool,
+        cache: KVCache | None,
+        layer: int,
+        offset: int,
+        padded_queries: bool = False,
+        positions: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The attention between the projections and ``proj``: projected queries (B, T, nh*hs) — or q|k|v (B, T,
+        (nh + 2 nkv)*hs) for self-attention — and projected memory k|v ``kv_in`` (B, S, 2 nkv*hs) → (B, T, nh*hs)."""
+        B, T, _ = q_in.shape
         if self.cross:
-            q = self._heads(self.q(x), self.n_heads)
+            q = self._heads(q_in, self.n_heads)
             if cache is not None and cache.has_cross(layer):
                 k, v = cache.cross(layer)
             else:
-                if memory is None:
+                if kv_in is None:
                     raise ValueError("cross-attention needs `memory` (B, S, D) on the first call")
-                k, v = self.project_memory(memory)
+                k, v = self._memory_heads(kv_in)
                 if cache is not None:  # once per memory
                     cache.set_cross(layer, k, v)
                     k, v = cache.cross(layer)
@@ -151,26 +180,27 @@ class Attention(nn.Module):
         else:
             # the fused projection's q|k|v rows are nh|nkv|nkv heads of hs: one view and one transpose split all three
             # into heads (the same strided views as splitting first, in fewer ops: it counts when decoding by token)
-            heads = self._heads(self.qkv(x), self.n_heads + 2 * self.n_kv_heads)  # (B, nh + 2 nkv, T, hs)
+            heads = self._heads(q_in, self.n_heads + 2 * self.n_kv_heads)  # (B, nh + 2 nkv, T, hs)
             q, k, v = heads.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)
             if self.k_norm is not None:
                 k = self.k_norm(k)
             if self.rope is not None:
-                k = self.rope(k, offset, positions)
+                k = self.rope(k, offset, positions=positions)
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.rope is not None:
-            q = self.rope(q, offset, positions)
+            q = self.rope(q, offset, positions=positions)
         if cache is not None and not self.cross:
             k, v = cache.append(layer, k, v)
 
-        attn_mask, is_causal = self._mask(mask, causal, T, k.shape[2], x.device, padded_queries)
+        attn_mask, is_causal = self._mask(mask, causal, T, k.shape[2], q.device, padded_queries)
         if self.alibi:
-            bias = alibi_bias(alibi_slopes(self.n_heads, x.device), T, k.shape[2], causal)  # (nh, T, S)
+            bias = alibi_bias(alibi_slopes(self.n_heads, q.device), T, k.shape[2], causal)  # (nh, T, S)
         if bias is not None and not self.cross:
-            allowed = attn_mask if attn_mask is not None else torch.ones(1, 1, 1, 1, dtype=torch.bool, device=x.device)
+            bias = bias[:, :T, : k.shape[2]]  # a packed document's rows: the top-left corner of the longest's bias
+            allowed = attn_mask if attn_mask is not None else torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device)
             if is_causal:
-                allowed = allowed & torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril()
+                allowed = allowed & torch.ones(T, k.shape[2], dtype=torch.bool, device=q.device).tril()
             attn_mask, is_causal = bias.to(q.dtype).masked_fill(~allowed, float("-inf")), False
         # > 1: each memory row serves `groups` consecutive query rows (beams)
         groups = B // k.shape[0] if self.cross and 0 < k.shape[0] < B else 1
@@ -190,7 +220,85 @@ class Attention(nn.Module):
             out = out.unflatten(2, (groups, T)).permute(0, 2, 3, 1, 4)  # (B/G, G, T, nh, hs)
         else:
             out = out.transpose(1, 2)  # (B, T, nh, hs)
-        return self.proj(out.reshape(B, T, self.n_heads * self.head_dim))
+        return out.reshape(B, T, self.n_heads * self.head_dim)
+
+    def _memory_heads(self, kv_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected memory k|v (B, S, 2 nkv*hs) → keys and values (B, nkv, S, hs)."""
+        k, v = kv_in.chunk(2, dim=-1)
+        k = self._heads(k, self.n_kv_heads)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return k, self._heads(v, self.n_kv_heads)
+
+    def _forward_documents(
+        self,
+        x: torch.Tensor,
+        memory_mask: torch.Tensor | None,
+        causal: bool,
+        memory: torch.Tensor | None,
+        documents: Documents,
+        memory_documents: Documents | None,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Packed documents x (R, T, D): the projections run on the packed tokens (no padding); attention runs per
+        document, nested-jagged or regrouped into padded per-document rows (see :mod:`mmformer.layers.documents`)."""
+        R, T, _ = x.shape
+        if self.cross and memory is None:
+            raise ValueError("cross-attention over documents needs `memory` (no KV cache with packed documents)")
+        q_in = self.q(x) if self.cross else self.qkv(x)  # (R, T, ·)
+        kv_in = self._memory_kv(memory) if self.cross else None
+        biased = self.alibi or (bias is not None and not self.cross)
+        if documents.use_jagged(x.device, bias=biased) and (not self.cross or memory_documents is not None):
+            out = self._jagged(q_in.view(1, R * T, -1), kv_in, documents, memory_documents, causal)
+            return self.proj(out.view(R, T, -1))
+        # dense: per-document rows (n, L) right-padded, through the usual path (rope restarts at 0 in each row)
+        if not self.cross and documents.buckets is not None:  # long documents of unequal lengths: by length bucket
+            outs = [
+                self._attend(
+                    documents.pad_bucket(q_in, b), None, b.mask, causal, None, 0, 0, bias=bias
+                )  # (n_b, L_b, ·)
+                for b in documents.buckets
+            ]
+            return self.proj(documents.unpad_buckets(outs, R))
+        q_in = documents.pad(q_in)  # (n, L, ·)
+        if self.cross and memory_documents is not None:
+            kv_in, memory_mask = memory_documents.pad(kv_in), memory_documents.mask
+        mask = memory_mask if self.cross else documents.mask
+        out = self._attend(q_in, kv_in, mask, causal, None, 0, 0, bias=bias)  # (n, L, nh*hs)
+        return self.proj(documents.unpad(out, R))
+
+    def _jagged(
+        self,
+        q_in: torch.Tensor,
+        kv_in: torch.Tensor | None,
+        documents: Documents,
+        memory_documents: Documents | None,
+        causal: bool,
+    ) -> torch.Tensor:
+        """Nested-jagged SDPA over packed projections (1, N, ·) → (N, nh*hs)."""
+        positions = documents.positions
+        if self.cross:
+            q = self._heads(q_in, self.n_heads)
+            k, v = self._memory_heads(kv_in.reshape(1, memory_documents.tokens, -1))
+            kv_docs, causal = memory_documents, False
+        else:
+            heads = self._heads(q_in, self.n_heads + 2 * self.n_kv_heads)  # (1, nh + 2 nkv, N, hs)
+            q, k, v = heads.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            if self.rope is not None:
+                k = self.rope(k, positions=positions)
+            kv_docs = documents
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.rope is not None:
+            q = self.rope(q, positions=positions)
+        flat = lambda t: t[0].transpose(0, 1)  # noqa: E731  (1, h, N, hs) → (N, h, hs)
+        dropout = self.attn_dropout if self.training else 0.0
+        out = document_attention(
+            flat(q), flat(k), flat(v), documents, kv_docs, causal=causal, dropout_p=dropout, scale=self.scale
+        )
+        return out.reshape(documents.tokens, self.n_heads * self.head_dim)
 
     @staticmethod
     def _mask(

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from mmformer.config import StackConfig
 from mmformer.layers.attention import Attention
 from mmformer.layers.cache import KVCache
+from mmformer.layers.documents import Documents
 from mmformer.layers.mlp import make_mlp
 from mmformer.layers.norms import make_norm
 from mmformer.layers.positions import RelativePositionBias
@@ -130,6 +131,8 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         padded_queries: bool = False,
+        documents: Documents | None = None,
+        memory_documents: Documents | None = None,
         positions: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -142,6 +145,10 @@ class Block(nn.Module):
             attn_kwargs["positions"] = positions
         if bias is not None:
             attn_kwargs["bias"] = bias
+        cross_kwargs = {}
+        if documents is not None:  # packed batches only: decoding steps pass none
+            attn_kwargs["documents"] = documents
+            cross_kwargs = {"documents": documents, "memory_documents": memory_documents}
         if self.parallel:
             attn = self.attn
             h = attn.norm(x)
@@ -151,7 +158,7 @@ class Block(nn.Module):
         if self.cross_mlp is not None:  # CoCa's layer order
             x = self.mlp(x, **mlp_kwargs)
         if self.cross_attn is not None and (memory is not None or (cache is not None and cache.has_cross(layer))):
-            x = self.cross_attn(x, mask=memory_mask, memory=memory, cache=cache, layer=layer)
+            x = self.cross_attn(x, mask=memory_mask, memory=memory, cache=cache, layer=layer, **cross_kwargs)
             if self.cross_mlp is not None:
                 x = self.cross_mlp(x)
         return x if self.cross_mlp is not None else self.mlp(x, **mlp_kwargs)
@@ -186,6 +193,8 @@ class Stack(nn.Module):
         first_layer: int = 0,
         final_norm: bool = True,
         padded_queries: bool = False,
+        documents: Documents | None = None,
+        memory_documents: Documents | None = None,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run x (B, T, D) through every block; with a cache, x holds only the new tokens (and ``mask`` covers the
@@ -194,17 +203,25 @@ class Stack(nn.Module):
         ``first_layer`` is this stack's first block in a cache shared with stacks that run before it (CoCa's decoder
         continues its text stack); the stack holding the cache's last layer moves the cache on. ``final_norm=False``
         returns the states before the final norm. ``padded_queries``: see
-        :meth:`~mmformer.layers.attention.Attention.forward`. ``positions`` (B, T): per-row position ids for RoPE
-        (left-padded prompts, packed documents).
+        :meth:`~mmformer.layers.attention.Attention.forward`. With ``documents``, x is a packed batch (R, T, D) of
+        them and ``mask`` is unused (see :mod:`mmformer.layers.documents`). ``positions`` (B, T): per-row position
+        ids for RoPE (left-padded prompts).
         """
+        if documents is not None and cache is not None:
+            raise ValueError("documents: packed batches are for training and encoding; decode with a KV cache unpacked")
         kwargs = dict(modality=modality, mask=mask, causal=causal, memory=memory, memory_mask=memory_mask, cache=cache)
         if padded_queries:
             kwargs["padded_queries"] = True
+        if documents is not None:
+            kwargs.update(documents=documents, memory_documents=memory_documents)
         if positions is not None:
             kwargs["positions"] = positions
         if self.relative_bias is not None:  # computed once, read by every block
-            past = cache.length if cache is not None else 0
-            kwargs["bias"] = self.relative_bias(x.shape[1], past + x.shape[1], causal)  # (nh, T, S)
+            if documents is not None:  # every document's rows start at position 0: the longest one's bias serves all
+                kwargs["bias"] = self.relative_bias(documents.max_length, documents.max_length, causal)  # (nh, L, L)
+            else:
+                past = cache.length if cache is not None else 0
+                kwargs["bias"] = self.relative_bias(x.shape[1], past + x.shape[1], causal)  # (nh, T, S)
         for i, block in enumerate(self.blocks):
             if self.cfg.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, layer=first_layer + i, use_reentrant=False, **kwargs)

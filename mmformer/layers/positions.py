@@ -63,18 +63,24 @@ class AbsolutePositions(nn.Module):
             return self.weight[offset : offset + length]
         return sinusoids(length, self.dim, offset=offset, device=device)
 
-    def forward(self, x: torch.Tensor, offset: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Add positions offset … offset+T-1, or per-row ``positions`` (B, T), to x (B, T, D)."""
-        end = offset + x.shape[1] if positions is None else int(positions.max()) + 1
+    def forward(self, x: torch.Tensor, offset: int = 0, *, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Add positions offset … offset+T-1 to x (B, T, D), or the positions ``positions`` (B, T): each row's own
+        (a packed batch's positions within each document, a left-padded prompt's from its first real token)."""
+        if positions is not None:
+            longest = int(positions.max()) + 1
+            if longest > self.length:
+                raise ValueError(
+                    f"{self.what}: position {longest - 1} (a document or prompt of {longest} tokens) exceeds the "
+                    f"position table ({self.length} positions)"
+                )
+            return x + self.table(0, longest, x.device).to(x.dtype)[positions]
+        end = offset + x.shape[1]
         if end > self.length:
             raise ValueError(
                 f"{self.what} length {end} exceeds the position table ({self.length} positions); "
                 f"truncate the input or build the model with a longer {self.what} length"
             )
-        if positions is None:
-            return x + self.table(offset, x.shape[1], x.device).to(x.dtype)
-        rows = self.weight[positions] if self.weight is not None else sinusoids_at(positions, self.dim)
-        return x + rows.to(x.dtype)  # (B, T, D)
+        return x + self.table(offset, x.shape[1], x.device).to(x.dtype)
 
 
 def resample_patch_positions(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
@@ -107,12 +113,14 @@ class RotaryEmbedding(nn.Module):
             inv_freq = scale_rope_frequencies(inv_freq, self.scaling)
         return inv_freq.float()
 
-    def forward(self, x: torch.Tensor, offset: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Rotate x (B, nh, T, hs) by the angles of positions offset … offset+T-1, or of per-row ``positions``
-        (B, T)."""
+    def forward(self, x: torch.Tensor, offset: int = 0, *, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate x (B, nh, T, hs) by the angles of positions offset … offset+T-1, or of ``positions``: (T,) shared
+        by every row (a packed batch's positions within each document), or (B, T) per row (left-padded prompts)."""
         if positions is None:
             t = torch.arange(offset, offset + x.shape[-2], device=x.device, dtype=torch.float32)
             angles = torch.outer(t, self.inv_freq(x.device))  # (T, hs/2)
+        elif positions.ndim == 1:
+            angles = torch.outer(positions.to(device=x.device, dtype=torch.float32), self.inv_freq(x.device))
         else:
             angles = positions[:, None, :, None].float() * self.inv_freq(x.device)  # (B, 1, T, hs/2)
         cos = torch.cat([angles.cos()] * 2, dim=-1).to(x.dtype)  # (T, hs) or (B, 1, T, hs)

@@ -26,6 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mmformer.layers.documents import Documents
+
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps the temperature so that logits stay in a trainable range
 IGNORE_INDEX = -100
 
@@ -186,6 +188,14 @@ def teacher_forcing(input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     targets = input_ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)
     return input_ids[:, :-1], mask[:, :-1], targets
+
+
+def document_targets(input_ids: torch.Tensor, documents: Documents) -> torch.Tensor:
+    """Teacher-forcing targets of a packed batch (R, T) of ``[bos] tokens [eos]`` documents: each token's target is
+    the next token of its document, and each document's last token has none (``IGNORE_INDEX``). The decoder reads
+    the packed ids as they are; the targets are those of :func:`teacher_forcing` on the padded rows."""
+    targets = input_ids.flatten().roll(-1).index_fill(0, documents.offsets[1:] - 1, IGNORE_INDEX)
+    return targets.view_as(input_ids)
 
 
 def ctc_loss(

@@ -44,8 +44,17 @@ from torch import nn
 from mmformer.adapters import LoraSettings
 from mmformer.config import ModelConfig
 from mmformer.generation import generate
+from mmformer.layers.documents import Documents
 from mmformer.tasks import adapt
-from mmformer.tasks.losses import MAX_LOGIT_SCALE, ContrastiveLoss, SigLipLoss, caption_loss, ctc_loss, teacher_forcing
+from mmformer.tasks.losses import (
+    MAX_LOGIT_SCALE,
+    ContrastiveLoss,
+    SigLipLoss,
+    caption_loss,
+    ctc_loss,
+    document_targets,
+    teacher_forcing,
+)
 from mmformer.tasks.metrics import TaskMetrics, normalize_text, text_keys
 from mmformer.tasks.schedule import WarmupCosine
 from mmformer.tasks.text_objectives import TextObjectives
@@ -286,38 +295,56 @@ class MultimodalTask(L.LightningModule):
         feats: dict[str, torch.Tensor] = {}
         contrastive = self.weights["contrastive_image"] > 0 and self._has("text")
         decoder = self._has("decoder")
+        docs = self._documents(batch)  # a packed batch: ids (1, N) of these documents, audio packed likewise
         m.pop_aux_loss()  # drop what earlier forwards left (e.g. gradient checkpointing recomputing in backward)
         if contrastive:
-            feats["text"] = m.encode_text(ids, mask)
+            feats["text"] = m.encode_text(ids, mask, documents=docs)
         scale = m.logit_scale.exp()
         audio_key = "audio_features" if "audio_features" in media else "audio"
         for modality, key, task in (("image", "pixel_values", "caption"), ("audio", audio_key, "speech")):
             if key not in media:
                 continue
+            memory_docs = None
             if modality == "image":
                 tokens, token_mask = m.encode_image_tokens(batch[key])  # (B, Np, D), None
-            elif key == "audio_features":
-                tokens, token_mask = m.encode_audio_tokens(
-                    audio_features=batch[key], feature_lengths=batch.get("feature_lengths")
-                )  # (B, N, D)
-            else:
-                tokens, token_mask = m.encode_audio_tokens(batch[key], batch.get("audio_lengths"))  # (B, N, D)
+            else:  # waveforms, or log-mel features computed (and augmented) in the loader
+                audio = (
+                    dict(audio_features=batch[key], feature_lengths=batch.get("feature_lengths"))
+                    if key == "audio_features"
+                    else dict(audio=batch[key], audio_lengths=batch.get("audio_lengths"))
+                )
+                if docs is not None:
+                    tokens, memory_docs = m.encode_audio_documents(**audio)  # (1, M, D), padding-free
+                    token_mask = None
+                else:
+                    tokens, token_mask = m.encode_audio_tokens(**audio)  # (B, N, D)
+            # per-sample rows for pooling and CTC: a packed memory is regrouped (B, N, D) with its mask
+            rows, row_mask = (
+                (tokens, token_mask) if memory_docs is None else (memory_docs.pad(tokens), memory_docs.mask)
+            )
             if contrastive:
-                pool = m.pool_image(tokens) if modality == "image" else m.pool_audio(tokens, token_mask)
+                pool = m.pool_image(tokens) if modality == "image" else m.pool_audio(rows, row_mask)
                 feats[modality] = pool
                 parts[f"contrastive_{modality}"] = self.contrastive(pool, feats["text"], scale, m.logit_bias)
             if decoder and self.weights[task] > 0:
-                dec_ids, dec_mask, targets = teacher_forcing(ids, mask)
                 prefix = adapt.prefix_embeds(self.prompt)  # a learned decoder prefix, if one trains
-                logits = m.decode(dec_ids, tokens, token_mask, dec_mask, prefix_embeds=prefix)  # (B, T-1, V)
-                parts[task] = caption_loss(logits, targets)
+                if docs is not None:  # teacher forcing without padding: the targets mark each document's end
+                    logits = m.decode(
+                        ids, tokens, token_mask, prefix_embeds=prefix, documents=docs, memory_documents=memory_docs
+                    )
+                    parts[task] = caption_loss(logits, document_targets(ids, docs))  # (1, N, V)
+                else:
+                    dec_ids, dec_mask, targets = teacher_forcing(ids, mask)
+                    logits = m.decode(dec_ids, tokens, token_mask, dec_mask, prefix_embeds=prefix)  # (B, T-1, V)
+                    parts[task] = caption_loss(logits, targets)
             if modality == "audio" and self.weights["ctc"] > 0:
                 text = m.config.text
+                text_ids, text_mask = (ids, mask) if docs is None else (docs.pad(ids, fill=text.pad_id), docs.mask)
                 parts["ctc"] = ctc_loss(
-                    m.ctc_head(tokens),
-                    token_mask,
-                    ids,
-                    mask,
+                    m.ctc_head(rows),
+                    row_mask,
+                    text_ids,
+                    text_mask,
                     blank=text.pad_id,
                     special_ids=(text.bos_id, text.eos_id),
                 )
@@ -340,11 +367,18 @@ class MultimodalTask(L.LightningModule):
             parts["moe_aux"] = aux
         return parts
 
+    @staticmethod
+    def _documents(batch: dict[str, Any]) -> Documents | None:
+        """The documents of a packed batch (``text_lengths``, see :class:`~mmformer.data.Collator`); None if padded."""
+        lengths = batch.get("text_lengths")
+        return None if lengths is None else Documents(lengths)
+
     def _step(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
         """Weighted loss of one batch, with every part logged under ``{stage}/``."""
         parts, feats = self._losses(batch, stage)
         loss = sum(self.weights[name] * value for name, value in parts.items())
-        batch_size = batch["input_ids"].shape[0]
+        lengths = batch.get("text_lengths")
+        batch_size = batch["input_ids"].shape[0] if lengths is None else len(lengths)
         train = stage == "train"
         log = {"batch_size": batch_size, "on_step": train, "on_epoch": not train, "sync_dist": not train}
         for name, value in parts.items():
@@ -560,7 +594,8 @@ class MultimodalTask(L.LightningModule):
         if batch.get("audio") is not None:
             out["audio_features"] = m.encode_audio(batch["audio"], batch.get("audio_lengths")).float().cpu()
         if batch.get("input_ids") is not None and self._has("text"):
-            out["text_features"] = m.encode_text(batch["input_ids"], batch.get("attention_mask")).float().cpu()
+            ids, mask, docs = batch["input_ids"], batch.get("attention_mask"), self._documents(batch)
+            out["text_features"] = m.encode_text(ids, mask, documents=docs).float().cpu()
         for modality, key, name in (("image", "pixel_values", "captions"), ("audio", "audio", "transcripts")):
             if batch.get(key) is not None:
                 texts = self._generate(batch, modality)

@@ -8,11 +8,10 @@
 Packed documents. Language-model data is usually packed: documents are concatenated and cut into blocks (see
 :mod:`mmformer.data.text`), and each block carries ``document_ids`` (B, T). With ``packed_attention="none"`` a block is
 one sequence, as in nanoGPT and Hugging Face's ``group_texts``: attention crosses document boundaries. With
-``"document"`` no token attends across a boundary and positions restart at each document: the documents of a batch are
-unpacked into rows of their own (:func:`split_documents`; right-padded, so that causal attention takes SDPA's fused
-``is_causal`` path and no (T, T) mask is built), run, and their outputs put back in the packed layout
-(:func:`per_document`). That costs the padding of the unpacked rows; a padding-free path (FlexAttention block masks or
-nested tensors) can replace :func:`per_document` without touching the losses.
+``"document"`` no token attends across a boundary, positions restart at each document and no prediction crosses one:
+the blocks run as a padding-free packed batch (:class:`~mmformer.layers.documents.Documents` from the document ids;
+the model's ``documents=`` path), whose attention stays inside each document without any (T, T) mask.
+:func:`per_document` (each document unpacked into a right-padded row of its own) is the padded reference it equals.
 
 Shape legend: B batch, T tokens, V vocabulary, D documents in a batch, L longest document.
 """
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from mmformer.layers.documents import Documents
 from mmformer.tasks.losses import IGNORE_INDEX, caption_loss
 
 if TYPE_CHECKING:
@@ -136,11 +136,16 @@ class TextObjectives:
                 f"mask_id={text.mask_id}"
             )
 
-    def _run(self, fn: Callable, ids: torch.Tensor, mask: torch.Tensor | None, documents: torch.Tensor | None):
-        """``fn(ids, mask)`` on the batch, or per document when documents must not see each other."""
-        if documents is not None and self.packed_attention == "document":
-            return per_document(fn, ids, documents, mask)
-        return fn(ids, mask)
+    def _documents(self, batch: dict[str, Any]) -> Documents | None:
+        """The packed documents of a batch of blocks when documents must not see each other, else None. Padding
+        (the last, shorter block; ``document_ids`` -1) becomes documents of its own, which nothing reads."""
+        ids = batch.get("document_ids")
+        if ids is None or self.packed_attention != "document":
+            return None
+        mask = batch.get("attention_mask")
+        if mask is not None:  # each row's padding its own document, apart from the row's last one
+            ids = ids.masked_fill(~mask.bool(), -1)
+        return Documents.from_ids(ids)
 
     def losses(
         self, model: MultimodalTransformer, batch: dict[str, Any], metrics: TaskMetrics | None = None
@@ -148,15 +153,17 @@ class TextObjectives:
         """``{"lm": ..., "mlm": ...}`` of a text-only batch (the enabled ones); ``metrics`` (an evaluation stage's)
         are updated with the logits."""
         ids, mask = batch["input_ids"], batch.get("attention_mask")
-        documents = batch.get("document_ids")
+        documents = self._documents(batch)
+        packed = {"attention_mask": mask} if documents is None else {"documents": documents}  # (no mask when packed)
         parts: dict[str, torch.Tensor] = {}
         if self.lm:
-            logits = self._run(lambda x, m: model.decode(x, attention_mask=m), ids, mask, documents)  # (B, T, V)
+            logits = model.decode(ids, **packed)  # (B, T, V)
             targets = ids[:, 1:]
             if mask is not None:
                 targets = targets.masked_fill(~mask[:, 1:].bool(), IGNORE_INDEX)
-            if documents is not None and self.packed_attention == "document":  # nothing predicts across a boundary
-                targets = targets.masked_fill(documents[:, 1:] != documents[:, :-1], IGNORE_INDEX)
+            if documents is not None:  # nothing predicts across a boundary
+                boundary = batch["document_ids"][:, 1:] != batch["document_ids"][:, :-1]
+                targets = targets.masked_fill(boundary, IGNORE_INDEX)
             parts["lm"] = caption_loss(logits[:, :-1], targets)
             if metrics is not None:
                 metrics.update_lm(logits[:, :-1], targets)
@@ -174,7 +181,7 @@ class TextObjectives:
                 probability=self.mlm_probability,
                 generator=generator,
             )
-            logits = self._run(lambda x, m: model.mlm_logits(x, m), inputs, mask, documents)
+            logits = model.mlm_logits(inputs, **packed)
             parts["mlm"] = caption_loss(logits, labels)
             if metrics is not None:
                 metrics.update_mlm(logits, labels)
