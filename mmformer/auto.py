@@ -40,6 +40,11 @@ HF_CONVERTERS: dict[str, str] = {
     "bert": "mmformer.convert.hf_bert:from_hf_bert",
     "roberta": "mmformer.convert.hf_bert:from_hf_bert",
     "xlm-roberta": "mmformer.convert.hf_bert:from_hf_bert",
+    "gpt2": "mmformer.convert.hf_gpt2:from_hf_gpt2",
+    "llama": "mmformer.convert.hf_llama:from_hf_llama",
+    "qwen2": "mmformer.convert.hf_llama:from_hf_llama",
+    "t5": "mmformer.convert.hf_t5:from_hf_t5",
+    "mt5": "mmformer.convert.hf_t5:from_hf_t5",
 }
 _OWN_OPTIONS = ("map_location", "strict", "config", "max_parameters")  # MultimodalTransformer.from_pretrained's
 

@@ -31,6 +31,7 @@ Inference and interop:
   zeroshot    zero-shot classification:            mmformer zeroshot --model out/model --classes a,b,c FILES...
   caption     image captioning:                    mmformer caption --model out/model FILES...
   transcribe  speech to text:                      mmformer transcribe --model out/model FILES...
+  complete    continue text prompts (an LM):       mmformer complete --model out/model "Once upon" ...
   convert     public checkpoint → pretrained dir:  mmformer convert SRC --out out/model [--from open_clip]
 
 Every --model and convert SRC may be a local folder or file, a Hugging Face Hub id (openai/whisper-tiny),
@@ -44,7 +45,8 @@ MODEL_HELP = (
 def dataclass_flags(cls: type) -> list[tuple[str, dict[str, Any]]]:
     """``argparse`` flags for every field of an options dataclass, so that the dataclass stays the one place its
     options, defaults and help live: ``max_new_tokens: int = 30`` → ``--max-new-tokens`` (type int, default 30);
-    booleans get ``--flag/--no-flag``; the help comes from the field's ``metadata["help"]``."""
+    booleans get ``--flag/--no-flag``; a tuple of strings is a flag given once per item; the help comes from the
+    field's ``metadata["help"]``."""
     hints = typing.get_type_hints(cls)
     flags = []
     for f in dataclasses.fields(cls):
@@ -54,13 +56,15 @@ def dataclass_flags(cls: type) -> list[tuple[str, dict[str, Any]]]:
         kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata.get("help", "")}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) in (tuple, list):  # "tuple[str, ...]" → --flag A --flag B
+            kwargs.update(action="append", type=typing.get_args(kind)[0], default=None)
         else:
             kwargs["type"] = kind
         flags.append(("--" + f.name.replace("_", "-"), kwargs))
     return flags
 
 
-def _decoding_args(p: argparse.ArgumentParser) -> None:
+def _decoding_args(p: argparse.ArgumentParser, inputs: str = "files", what: str = "input files") -> None:
     from mmformer.generation import DecodingOptions
 
     p.add_argument("--model", required=True, help=MODEL_HELP)
@@ -70,7 +74,7 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, **kwargs)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("files", nargs="+", help="input files")
+    p.add_argument(inputs, nargs="+", help=what)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
 
     _decoding_args(sub.add_parser("caption", help="caption image files"))
     _decoding_args(sub.add_parser("transcribe", help="transcribe audio files"))
+    p = sub.add_parser("complete", help="continue text prompts with a language model")
+    _decoding_args(p, "prompts", "text prompts")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator (reproducible samples)")
 
     from mmformer.convert import SOURCES
 
@@ -184,21 +191,50 @@ def _zeroshot(args: argparse.Namespace) -> None:
                 print(f"  {name:<{width}}  {prob:6.3f}")
 
 
-def _decode(args: argparse.Namespace, task: str) -> None:
+def _options(args: argparse.Namespace):
+    """The DecodingOptions of parsed flags (a repeatable flag given no times keeps the field's default)."""
     from mmformer.generation import DecodingOptions
 
-    model = _load_model(args.model, args.device, args.adapter)
-    options = DecodingOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DecodingOptions)})
-    run = model.caption if task == "caption" else model.transcribe
-    prefix = None
-    if args.prompt:
-        from mmformer.prompts import DecoderPrefix, load_prompt
+    fields = dataclasses.fields(DecodingOptions)
+    unset = {f.name for f in fields if isinstance(f.default, tuple) and getattr(args, f.name) is None}
+    return DecodingOptions(**{f.name: getattr(args, f.name) for f in fields if f.name not in unset})
 
-        prefix = load_prompt(args.prompt, model, kind=DecoderPrefix.kind).vectors.to(args.device)
+
+def _decode(args: argparse.Namespace, task: str) -> None:
+    model = _load_model(args.model, args.device, args.adapter)
+    options = _options(args)
+    run = model.caption if task == "caption" else model.transcribe
+    prefix = _decoder_prefix(args, model)
     for start in range(0, len(args.files), args.batch_size):
         chunk = args.files[start : start + args.batch_size]
         for path, text in zip(chunk, run(chunk, options=options, prefix_embeds=prefix)):
             print(f"{path}\t{text}")
+
+
+def _decoder_prefix(args: argparse.Namespace, model: Any):
+    """The learned decoder prefix vectors of ``--prompt`` (prompt tuning), on the device; None without one."""
+    if not args.prompt:
+        return None
+    from mmformer.prompts import DecoderPrefix, load_prompt
+
+    return load_prompt(args.prompt, model, kind=DecoderPrefix.kind).vectors.to(args.device)
+
+
+def _complete(args: argparse.Namespace) -> None:
+    import torch
+
+    model = _load_model(args.model, args.device, args.adapter)
+    options, prefix = _options(args), _decoder_prefix(args, model)
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    for start in range(0, len(args.prompts), args.batch_size):
+        chunk = args.prompts[start : start + args.batch_size]
+        texts = model.complete(chunk, options=options, generator=generator, prefix_embeds=prefix)
+        for i, (prompt, text) in enumerate(zip(chunk, texts)):
+            if start + i:
+                print()
+            print(f"{prompt}{text}")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -289,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "convert": _convert,
         "caption": lambda a: _decode(a, "caption"),
         "transcribe": lambda a: _decode(a, "transcribe"),
+        "complete": _complete,
     }
     if args.command not in handlers:
         print(USAGE, file=sys.stderr)

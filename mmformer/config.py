@@ -15,10 +15,15 @@ from typing import Any, Literal
 MODALITIES = ("image", "audio", "text")
 ROUTES = ("image", "audio", "text", "decoder")
 
-Mlp = Literal["gelu", "gelu_tanh", "quickgelu", "swiglu"]
+Mlp = Literal["gelu", "gelu_tanh", "quickgelu", "relu", "swiglu", "geglu", "geglu_tanh"]
 Norm = Literal["layernorm", "rmsnorm"]
 NormPlacement = Literal["pre", "post", "sandwich"]
-RelativePosition = Literal["none", "rope", "alibi"]
+RelativePosition = Literal["none", "rope", "alibi", "t5"]
+RopeScaling = ("linear", "llama3")  # rope_scaling["rope_type"] kinds (Hugging Face's names and keys)
+_ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 AbsolutePosition = Literal["none", "learned", "sinusoidal"]
 
 
@@ -73,10 +78,11 @@ class StackConfig:
 
     width: int = 256  # D, the model width
     depth: int = 4  # number of blocks
-    n_heads: int = 4  # nh, query heads; head size hs = width // n_heads
+    n_heads: int = 4  # nh, query heads; head size hs = width // n_heads unless head_size says otherwise
+    head_size: int | None = None  # hs when it is not width // n_heads (T5 v1.1, some Llama-style models)
     n_kv_heads: int | None = None  # key/value heads: None → n_heads (MHA), 1 → MQA, else GQA
-    mlp: str = "gelu"  # gelu | gelu_tanh | quickgelu | swiglu
-    mlp_ratio: float = 4.0  # hidden width = mlp_ratio * width (SwiGLU: the hidden width of each branch)
+    mlp: str = "gelu"  # gelu | gelu_tanh | quickgelu | relu | swiglu | geglu | geglu_tanh (the last three gated)
+    mlp_ratio: float = 4.0  # hidden width = mlp_ratio * width (gated kinds: the hidden width of each branch)
     mlp_hidden: int | None = None  # explicit hidden width, overrides mlp_ratio
     n_experts: int = 0  # > 0: top-k mixture-of-experts MLP with this many experts
     experts_top_k: int = 2  # experts each token is routed to
@@ -86,9 +92,14 @@ class StackConfig:
     final_norm: bool = True  # norm after the last block (CLIP ln_post / ln_final, Whisper layer_norm)
     parallel: bool = False  # attention and MLP side by side from one norm (GPT-J, PaLM)
     bias: bool = True  # bias in linear layers
+    qkv_bias: bool | None = None  # bias on the query/key/value projections only; None → bias (Qwen2: True, bias False)
     qk_norm: bool = False  # normalise queries and keys per head before the dot product
-    position: str = "none"  # relative positions inside attention: none | rope | alibi
+    attn_scale: float | None = None  # attention score scale; None → 1/sqrt(hs) (T5: 1.0, folded into its init)
+    position: str = "none"  # relative positions inside attention: none | rope | alibi | t5 (bucketed learned bias)
     rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # Hugging Face's rope_scaling: {"rope_type": "llama3" | "linear", ...}
+    relative_buckets: int = 32  # t5: buckets of the learned relative bias (half per direction when bidirectional)
+    relative_max_distance: int = 128  # t5: distances from here on share the last bucket
     dropout: float = 0.0  # residual and MLP dropout
     attn_dropout: float = 0.0  # dropout on attention probabilities (training only)
     drop_path: float = 0.0  # stochastic depth, linearly increasing to this rate at the last block
@@ -105,7 +116,10 @@ class StackConfig:
         _check_positive("StackConfig.width", self.width)
         _check_positive("StackConfig.depth", self.depth, allow_zero=True)
         _check_positive("StackConfig.n_heads", self.n_heads)
-        if self.width % self.n_heads:
+        if self.head_size is not None:
+            _check_positive("StackConfig.head_size", self.head_size)
+            _check_at_most("StackConfig.head_size", self.head_size, "width")
+        elif self.width % self.n_heads:
             raise ValueError(f"StackConfig.n_heads ({self.n_heads}) must divide StackConfig.width ({self.width})")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
@@ -116,6 +130,12 @@ class StackConfig:
             )
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head size; StackConfig.width / n_heads = {self.head_dim}")
+        self._check_rope_scaling()
+        if self.position == "t5":
+            _check_positive("StackConfig.relative_buckets", self.relative_buckets)
+            _check_positive("StackConfig.relative_max_distance", self.relative_max_distance)
+            if self.relative_buckets < 4:
+                raise ValueError(f"StackConfig.relative_buckets must be >= 4, got {self.relative_buckets}")
         if self.n_experts < 0 or (self.n_experts and not 1 <= self.experts_top_k <= self.n_experts):
             raise ValueError(
                 f"StackConfig.experts_top_k must be in [1, n_experts={self.n_experts}], got {self.experts_top_k}"
@@ -129,6 +149,8 @@ class StackConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"StackConfig.{name} must be in [0, 1), got {getattr(self, name)}")
         _check_positive("StackConfig.mlp_ratio", self.mlp_ratio)
+        if self.attn_scale is not None:
+            _check_positive("StackConfig.attn_scale", self.attn_scale)
         for name, key in (("width", "width"), ("depth", "depth"), ("n_heads", "n_heads"), ("n_experts", "n_experts")):
             _check_at_most(f"StackConfig.{name}", getattr(self, name), key)
         _check_at_most("StackConfig hidden width (mlp_ratio * width, or mlp_hidden)", self.hidden_dim, "mlp_hidden")
@@ -145,9 +167,36 @@ class StackConfig:
                 "cross_attention=True"
             )
 
+    def _check_rope_scaling(self) -> None:
+        scaling = self.rope_scaling
+        if scaling is None:
+            return
+        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
+        if kind not in RopeScaling:
+            raise ValueError(
+                f"StackConfig.rope_scaling must be None or a dict with rope_type in {list(RopeScaling)}, "
+                f"got {scaling!r}"
+            )
+        if self.position != "rope":
+            raise ValueError(f"StackConfig.rope_scaling needs position='rope', got position={self.position!r}")
+        missing = [k for k in _ROPE_SCALING_KEYS[kind] if not isinstance(scaling.get(k), (int, float))]
+        if missing:
+            raise ValueError(
+                f"StackConfig.rope_scaling of rope_type {kind!r} needs numbers for {missing}, got {scaling}"
+            )
+        if scaling["factor"] <= 0 or (kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]):
+            raise ValueError(
+                f"StackConfig.rope_scaling needs factor > 0 (and high_freq_factor > low_freq_factor), got {scaling}"
+            )
+
     @property
     def head_dim(self) -> int:
-        return self.width // self.n_heads
+        return self.head_size or self.width // self.n_heads
+
+    @property
+    def attention_bias(self) -> tuple[bool, bool]:
+        """(bias of the query/key/value projections, bias of the output projection)."""
+        return (self.bias if self.qkv_bias is None else self.qkv_bias), self.bias
 
     @property
     def hidden_dim(self) -> int:
@@ -275,6 +324,7 @@ class TextConfig:
     pad_id: int = 0
     bos_id: int | None = 1  # start of text; the decoder's first token
     eos_id: int | None = 2  # end of text; pooled by pool='eot' and where generation stops
+    mask_id: int | None = None  # the [MASK] token of masked-language modelling (mlm)
     n_segments: int = 0  # > 0: BERT-style segment (token type) embeddings
     embed_norm: bool = False  # norm after the embeddings (BERT)
     embed_norm_eps: float = 1e-12
@@ -299,7 +349,7 @@ class TextConfig:
             raise ValueError(f"TextConfig.legacy_cls_mask=True needs pool='append_cls', got pool={self.pool!r}")
         if self.pool == "append_cls" and self.max_length < 2:
             raise ValueError(f"TextConfig.pool='append_cls' needs max_length >= 2, got {self.max_length}")
-        for name in ("pad_id", "bos_id", "eos_id"):
+        for name in ("pad_id", "bos_id", "eos_id", "mask_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ValueError(f"TextConfig.{name} must be in [0, vocab_size={self.vocab_size}), got {value}")
@@ -363,6 +413,7 @@ class ModelConfig:
     logit_scale_init: float = math.log(1 / 0.07)  # CLIP's initial temperature
     logit_bias_init: float | None = None  # SigLIP: a learnable logit bias (e.g. -10)
     tie_lm_head: bool = True  # the LM head shares the token embedding matrix
+    mlm_head: bool = False  # a masked-LM head on the text encoder (BERT: dense, activation, norm, tied decoder + bias)
     ctc_head: bool = False  # a CTC head on the audio tokens (blank = text.pad_id)
     # per-modality projection to the joint space when not "linear": "none" (the pooled features are the embedding:
     # SigLIP's image tower) or "mlp" (linear → GELU → linear without biases: open_clip's proj_type='mlp')
@@ -391,12 +442,9 @@ class ModelConfig:
         for modality in ("image", "audio"):
             if modality in self.routes and getattr(self, modality) is None:
                 raise ValueError(f"ModelConfig.routes has {modality!r} but ModelConfig.{modality} is None")
-        if "decoder" in self.routes:
-            dec = self.stacks[self.routes["decoder"]]
-            if not dec.cross_attention:
-                raise ValueError(f"the decoder stack {self.routes['decoder']!r} needs cross_attention=True")
-            if self.text.bos_id is None or self.text.eos_id is None:
-                raise ValueError("a decoder needs TextConfig.bos_id and TextConfig.eos_id")
+        # a decoder without cross_attention is a decoder-only language model (it reads no memory)
+        if "decoder" in self.routes and (self.text.bos_id is None or self.text.eos_id is None):
+            raise ValueError("a decoder needs TextConfig.bos_id and TextConfig.eos_id")
         self._check_heads()
         if self.embed_dim is None:
             widths = {m: self.feature_width(m) for m in MODALITIES if m in self.routes}
@@ -409,6 +457,8 @@ class ModelConfig:
             )
         if self.ctc_head and "audio" not in self.routes:
             raise ValueError("ModelConfig.ctc_head=True needs an audio route")
+        if self.mlm_head and "text" not in self.routes:
+            raise ValueError(f"ModelConfig.mlm_head=True needs a text route, got routes {sorted(self.routes)}")
 
     def _check_heads(self) -> None:
         """Projection kinds, the decoder's input and the generation rules."""
@@ -464,11 +514,15 @@ class ModelConfig:
 
     def parameter_floor(self) -> int:
         """A cheap lower bound on the parameters this config declares, computed without building anything: each
-        block's query and output projections (2 D²) and MLP (2 D H per expert), the token table and the learned
+        block's query and output projections (2 D nh hs) and MLP (2 D H per expert), the token table and the learned
         position tables.
         Loading compares it with the weights file's size before building the model at all."""
         floor = sum(
-            stack.depth * (2 * stack.width**2 + max(stack.n_experts, 1) * 2 * stack.width * stack.hidden_dim)
+            stack.depth
+            * (
+                2 * stack.width * stack.n_heads * stack.head_dim
+                + max(stack.n_experts, 1) * 2 * stack.width * stack.hidden_dim
+            )
             for stack in self.stacks.values()
         )
         if "text" in self.routes or "decoder" in self.routes:

@@ -1,16 +1,22 @@
-"""Text generation from image or audio memory: greedy decoding, beam search and sampling, with or without a KV cache.
+"""Text generation: from image, audio or text memory, or from a prompt alone (a decoder-only language model);
+greedy decoding, beam search and sampling, with or without a KV cache.
 
 Structure (after Whisper's ``decoding.py``): the options are a frozen, validated :class:`DecodingOptions`; small
 strategy classes pick tokens (:class:`Greedy`, :class:`Sampler` with its logit filters :class:`Temperature`,
-:class:`TopK`, :class:`TopP`) and run the search (:class:`TokenSearch` for greedy/sampling, :class:`BeamSearch`);
+:class:`TopK`, :class:`TopP`), adjust scores from the tokens so far (:class:`RepetitionPenalty`), tell when a row
+is finished (:class:`StopStrings`) and run the search (:class:`TokenSearch` for greedy/sampling, :class:`BeamSearch`);
 :class:`DecoderRunner` feeds the decoder either incrementally through one preallocated
 :class:`~mmformer.layers.cache.KVCache` or from scratch every step (the reference the cache must equal). A
 checkpoint's rules (suppressed tokens, Whisper's prompt and language detection) and the length rules
 (``min_new_tokens``, ``forced_eos``) live in :mod:`mmformer.decoding_rules`.
 
-Returned ids are the prompt followed by the generated tokens. A row ends at its first ``eos_id`` (kept) and is
-right-padded with ``pad_id`` to the longest row; rows that never emit eos run to ``max_new_tokens``, or stop cleanly
-where the decoder's position table (``config.text.max_length``) ends.
+Returned ids are the prompt followed by the generated tokens. A row ends at its first ``eos_id`` (kept) or where its
+text has produced a stop string, and is right-padded with ``pad_id`` to the longest row; rows that never end run to
+``max_new_tokens``, or stop cleanly where the decoder's position table (``config.text.max_length``) ends.
+
+Prompts of different lengths are left-padded (``prompt_mask`` False at the padding; ragged lists of ids are padded
+here): every row's next token then goes to the same column, and each row's tokens are numbered from its first real
+one, so a row continues exactly as it would alone.
 
 Shape legend: B batch, K beams, N = B*K decoded rows, P prompt tokens, L tokens so far, V vocabulary,
 S memory tokens, D width.
@@ -67,6 +73,10 @@ class DecodingOptions:
     length_penalty: float = _option(1.0, "beam search scores a hypothesis sum(logprob) / length**length_penalty")
     do_sample: bool | None = _option(None, "sample (True) or pick the most likely token (False); default: sample iff "
                                            "top_k, top_p or a temperature != 1 asks for it")  # fmt: skip
+    repetition_penalty: float = _option(1.0, "divide the (positive) logits of tokens already in the row by it, "
+                                             "multiply negative ones (CTRL; > 1 discourages repeats)")  # fmt: skip
+    stop_strings: tuple[str, ...] = _option((), "end a row once its generated text contains one of these strings "
+                                                "(needs a tokenizer; repeat the flag for several)")  # fmt: skip
     use_cache: bool = _option(True, "decode incrementally through a KV cache (False recomputes every step)")
     compile: bool = _option(False, "run the cached decoder step through torch.compile (pays off over many calls)")
     min_new_tokens: int = _option(0, "end-of-text is not generated before this many new tokens")
@@ -90,6 +100,16 @@ class DecodingOptions:
             )
         if not _is_number(self.length_penalty):
             raise ValueError(f"length_penalty: expected a finite number, got {self.length_penalty!r}")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty: expected a number > 0 (1 = off), got {self.repetition_penalty!r}")
+        stops = self.stop_strings
+        if (
+            isinstance(stops, str)
+            or not isinstance(stops, (list, tuple))
+            or not all(isinstance(x, str) and x for x in stops)
+        ):
+            raise ValueError(f"stop_strings: expected a list of non-empty strings, got {stops!r}")
+        object.__setattr__(self, "stop_strings", tuple(stops))
         if self.do_sample not in (None, True, False):
             raise ValueError(f"do_sample: expected None, True or False, got {self.do_sample!r}")
         if not isinstance(self.use_cache, bool):
@@ -172,6 +192,62 @@ class TopP:
         return logits.masked_fill(drop, float("-inf"))
 
 
+class RepetitionPenalty:
+    """CTRL's repetition penalty, as Hugging Face applies it: the score of every token already in the row (the
+    prompt's real tokens included, its padding not) is divided by the penalty when positive and multiplied by it when
+    negative. Unlike the filters above it reads the tokens so far; searches apply it first (to logits, or to
+    log-probabilities in beam search, as Hugging Face does).
+
+    Args:
+        penalty: > 1 discourages repeats.
+        padding: (N, P) True at the prompt's padding, whose ids do not count.
+    """
+
+    def __init__(self, penalty: float, padding: torch.Tensor | None = None):
+        self.penalty, self.padding = penalty, padding
+
+    def __call__(self, scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Scores (N, V) of the next token of rows ``tokens`` (N, L)."""
+        N, V = scores.shape
+        if self.padding is not None:  # padding ids go to an extra column, dropped below
+            tokens = tokens.masked_fill(F.pad(self.padding, (0, tokens.shape[1] - self.padding.shape[1])), V)
+        seen = torch.zeros(N, V + 1, dtype=torch.bool, device=scores.device).scatter_(1, tokens, True)[:, :V]
+        penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        return torch.where(seen, penalised, scores)
+
+
+class StopStrings:
+    """Which rows' generated text contains a stop string: the text of the last tokens of each row after the prompt
+    (enough of them for the longest string, plus two), decoded by the tokenizer at every step.
+
+    Args:
+        tokenizer: anything with ``decode(ids) -> str`` (a :class:`~mmformer.tokenizer.Tokenizer`).
+        strings: the stop strings.
+        n_prompt: prompt columns, never searched.
+    """
+
+    def __init__(self, tokenizer: Any, strings: Sequence[str], n_prompt: int):
+        self.tokenizer, self.strings, self.n_prompt = tokenizer, tuple(strings), n_prompt
+        self.window = max(len(x) for x in self.strings) + 2
+
+    def __call__(self, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows (N, L) → (N,) bool, True where the generated text holds a stop string (only ``active`` rows are
+        decoded; the others are False)."""
+        start = max(self.n_prompt, tokens.shape[1] - self.window)
+        hit = torch.zeros(tokens.shape[0], dtype=torch.bool)
+        rows = range(tokens.shape[0]) if active is None else active.nonzero().flatten().tolist()
+        tails = tokens[:, start:].tolist()
+        for i in rows:
+            text = self.tokenizer.decode(tails[i])
+            hit[i] = any(x in text for x in self.strings)
+        return hit.to(tokens.device)
+
+    def cut(self, text: str) -> str:
+        """``text`` up to its first stop string (excluded)."""
+        ends = [text.find(x) for x in self.strings if x in text]
+        return text[: min(ends)] if ends else text
+
+
 class Greedy:
     """The most likely token."""
 
@@ -191,6 +267,14 @@ class Sampler:
             logits = f(logits)
         probs = logits.softmax(dim=-1)  # (N, V)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+
+def score_processors(options: DecodingOptions, prompt_mask: torch.Tensor | None = None) -> list[RepetitionPenalty]:
+    """The adjustments that read the tokens so far, in the order Hugging Face applies them; ``prompt_mask`` (N, P)
+    marks the prompts' real tokens."""
+    if options.repetition_penalty == 1.0:
+        return []
+    return [RepetitionPenalty(options.repetition_penalty, None if prompt_mask is None else ~prompt_mask)]
 
 
 def token_chooser(options: DecodingOptions, generator: torch.Generator | None = None) -> Greedy | Sampler:
@@ -275,26 +359,32 @@ class DecoderRunner:
     tokens actually decoded: with relative positions (RoPE, ALiBi) nothing else bounds ``max_new_tokens``, and a
     cache preallocated for a huge one would take gigabytes before the first token.
 
-    ``memory`` (B, S, D) may serve N = B*K rows, K consecutive ones each (the beams of a sample). ``prefix`` (P, D),
-    a learned decoder prefix, is fed before the first token: it fills the cache's first P positions.
+    ``memory`` (B, S, D) may serve N = B*K rows, K consecutive ones each (the beams of a sample); it is None for a
+    decoder-only model. ``prompt_mask`` (N, P) marks the real tokens of left-padded prompts; the cache remembers it
+    after the first call, and without a cache every step passes it with the generated tokens (all real) appended.
+    ``prefix`` (P', D), a learned decoder prefix, is fed before the first token: it fills the cache's first P'
+    positions.
     """
 
     def __init__(
         self,
         model: MultimodalTransformer,
-        memory: torch.Tensor,
+        memory: torch.Tensor | None,
         memory_mask: torch.Tensor | None,
         max_length: int,
         use_cache: bool,
         compile: bool = False,
         prefix: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
     ):
         self.model = model
         self.prefix = prefix
         self.n_prefix = 0 if prefix is None else prefix.shape[0]
         if memory_mask is not None and bool(memory_mask.all()):
             memory_mask = None  # nothing padded: no mask to carry and apply at every step
-        self.memory, self.memory_mask = memory, memory_mask
+        if prompt_mask is not None and bool(prompt_mask.all()):
+            prompt_mask = None
+        self.memory, self.memory_mask, self.prompt_mask = memory, memory_mask, prompt_mask
         self.max_length = max_length
         self.use_cache = use_cache
         self.step = compiled_next_logits() if compile else _next_logits
@@ -315,8 +405,17 @@ class DecoderRunner:
             seen = self.cache.length - self.n_prefix
             return self.step(self.model, tokens[:, seen:], self.memory_mask, self.cache)
         # the prompt (or, without a cache, everything so far): validated like any user input
+        mask = self.prompt_mask
+        if self.cache is None and mask is not None:  # the generated tokens after the prompt are all real
+            mask = F.pad(mask, (0, tokens.shape[1] - mask.shape[1]), value=True)  # (N, L)
         hidden = self.model.decode(
-            tokens, self.memory, self.memory_mask, cache=self.cache, return_hidden=True, prefix_embeds=self.prefix
+            tokens,
+            self.memory,
+            self.memory_mask,
+            attention_mask=mask,
+            cache=self.cache,
+            return_hidden=True,
+            prefix_embeds=self.prefix,
         )
         if self.cache is not None:
             self.memory = None  # the cache now holds the cross-attention keys/values; don't carry (or reorder) it
@@ -334,11 +433,21 @@ class DecoderRunner:
 
 # ---------------------------------------------------------------------- searches
 class TokenSearch:
-    """One token per row and step (greedy or sampled); a row that emits eos is padded from then on."""
+    """One token per row and step (greedy or sampled); a row that emits eos (or a stop string) is padded from then
+    on. ``processors`` (e.g. :class:`RepetitionPenalty`) adjust the logits from the tokens so far first."""
 
-    def __init__(self, choose: Greedy | Sampler, eos_id: int, pad_id: int, rules: LogitRules | None = None):
+    def __init__(
+        self,
+        choose: Greedy | Sampler,
+        eos_id: int,
+        pad_id: int,
+        rules: LogitRules | None = None,
+        processors: Sequence[Callable] = (),
+        stop: StopStrings | None = None,
+    ):
         self.choose, self.eos_id, self.pad_id = choose, eos_id, pad_id
         self.rules = rules or LogitRules()
+        self.processors, self.stop = list(processors), stop
 
     def run(self, runner: DecoderRunner, prompt: torch.Tensor, max_length: int) -> torch.Tensor:
         """Prompt (B, P) → ids (B, P + generated), at most ``max_length`` long."""
@@ -349,11 +458,16 @@ class TokenSearch:
         done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
         while cur < max_length:
             logits = self.rules(runner.next_logits(tokens[:, :cur]), cur - n_prompt, max_length - cur)  # (B, V)
+            for process in self.processors:
+                logits = process(logits, tokens[:, :cur])
             next_ids = self.choose(logits)  # (B,)
             next_ids.masked_fill_(done, self.pad_id)
             tokens[:, cur] = next_ids
             cur += 1
-            done |= next_ids == self.eos_id
+            ended = next_ids == self.eos_id
+            if self.stop is not None:
+                ended |= self.stop(tokens[:, :cur], ~done)
+            done |= ended
             if bool(done.all()):
                 break
         return tokens[:, :cur]
@@ -369,10 +483,18 @@ class BeamSearch:
     """
 
     def __init__(
-        self, num_beams: int, length_penalty: float, eos_id: int, pad_id: int, rules: LogitRules | None = None
+        self,
+        num_beams: int,
+        length_penalty: float,
+        eos_id: int,
+        pad_id: int,
+        rules: LogitRules | None = None,
+        processors: Sequence[Callable] = (),
+        stop: StopStrings | None = None,
     ):
         self.K, self.length_penalty, self.eos_id, self.pad_id = num_beams, length_penalty, eos_id, pad_id
         self.rules = rules or LogitRules()
+        self.processors, self.stop = list(processors), stop  # a candidate that makes a stop string ends like eos
 
     def run(self, runner: DecoderRunner, prompt: torch.Tensor, max_length: int) -> torch.Tensor:
         """Prompt (B*K, P), each sample's row repeated K times → best hypotheses (B, P + generated)."""
@@ -389,8 +511,11 @@ class BeamSearch:
         rows = torch.arange(B, device=device)[:, None]  # (B, 1)
         cur = n_prompt  # tokens per row so far
         while cur < max_length:
-            logprobs = F.log_softmax(runner.next_logits(running.reshape(B * K, cur)), dim=-1)  # (N, V)
+            rows_so_far = running.reshape(B * K, cur)
+            logprobs = F.log_softmax(runner.next_logits(rows_so_far), dim=-1)  # (N, V)
             logprobs = self.rules(logprobs, cur - n_prompt, max_length - cur)
+            for process in self.processors:
+                logprobs = process(logprobs, rows_so_far)
             V = logprobs.shape[-1]
             scores = (logprobs.view(B, K, V) + running_scores[..., None]).view(B, K * V)
             n_candidates = min(2 * K, K * V)
@@ -398,6 +523,8 @@ class BeamSearch:
             cand_beam, cand_token = cand // V, cand % V
             cand_seqs = torch.cat([running[rows, cand_beam], cand_token[..., None]], dim=-1)  # (B, 2K, cur+1)
             ends = (cand_token == self.eos_id) | (cur + 1 >= max_length)  # (B, 2K)
+            if self.stop is not None:
+                ends |= self.stop(cand_seqs.flatten(0, 1)).view(B, n_candidates)
 
             # the best K continuations that did not end run on
             open_scores = cand_scores + ends.float() * _NEG
@@ -432,7 +559,7 @@ class BeamSearch:
 
 
 # ---------------------------------------------------------------------- entry points
-def _model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -442,27 +569,83 @@ def _memory(
     audio: torch.Tensor | None,
     audio_lengths: torch.Tensor | None,
     audio_features: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    given = [
-        name for name, x in (("image", image), ("audio", audio), ("audio_features", audio_features)) if x is not None
-    ]
-    if len(given) != 1:
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The encoder states (B, S, D) and mask the decoder reads; (None, None) when nothing is given (a decoder-only
+    model continues its prompt)."""
+    sources = (("image", image), ("audio", audio), ("audio_features", audio_features), ("input_ids", input_ids))
+    given = [name for name, x in sources if x is not None]
+    if len(given) > 1:
         raise ValueError(
-            f"generate: expected exactly one of image=, audio=, audio_features= (the memory the decoder reads), "
-            f"got {given or 'none'}"
+            f"generate: expected at most one of image=, audio=, audio_features=, input_ids= (the memory the decoder "
+            f"reads), got {given}"
         )
     if audio_lengths is not None and audio is None:
         raise ValueError("audio_lengths: only meaningful with audio= (waveforms); got audio=None")
+    if attention_mask is not None and input_ids is None:
+        raise ValueError("attention_mask: only meaningful with input_ids= (text the encoder reads); for a prompt's "
+                         "padding pass prompt_mask=")  # fmt: skip
     if image is not None:
         return model.encode_image_tokens(image)
     if audio is not None:
         return model.encode_audio_tokens(audio, audio_lengths)
-    return model.encode_audio_tokens(audio_features=audio_features)
+    if audio_features is not None:
+        return model.encode_audio_tokens(audio_features=audio_features)
+    if input_ids is not None:  # text-to-text (T5): the text encoder's states
+        return model.encode_text_tokens(input_ids, attention_mask)
+    return None, None
 
 
-def _prompt(model: MultimodalTransformer, prompt_ids: Any, batch: int, device: torch.device) -> torch.Tensor:
-    if prompt_ids is None:
-        return torch.full((batch, 1), model.config.text.bos_id, dtype=torch.long, device=device)
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths → left-padded ids (B, P) and their mask (B, P), True = real token."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+    for i, row in enumerate(rows):
+        if len(row):
+            ids[i, width - len(row) :] = torch.as_tensor(row, dtype=torch.long, device=device)
+            mask[i, width - len(row) :] = True
+    return ids, mask
+
+
+def ragged(prompt_ids: Any) -> bool:
+    """Whether ``prompt_ids`` is a list of id lists of different lengths."""
+    return (
+        isinstance(prompt_ids, (list, tuple))
+        and len(prompt_ids) > 0
+        and all(isinstance(r, (list, tuple)) for r in prompt_ids)
+        and len({len(r) for r in prompt_ids}) > 1
+    )
+
+
+def _prompt(
+    model: MultimodalTransformer,
+    prompt_ids: Any,
+    prompt_mask: Any,
+    batch: int | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The given prompt ids (B, P) and mask (B, P) or None, checked; ``batch`` is the memory's batch size (None:
+    no memory)."""
+    text = model.config.text
+    if prompt_ids is None:  # without a memory (with one, generate starts from the default prompt)
+        raise ValueError(
+            "generate: expected prompt_ids= (a decoder-only model continues a prompt) or one of image=, audio=, "
+            "audio_features=, input_ids= (the memory a decoder reads); got none"
+        )
+    if isinstance(prompt_ids, (list, tuple)) and len(prompt_ids) == 0:
+        raise ValueError("prompt_ids: expected at least one prompt, got an empty list")
+    if ragged(prompt_ids):
+        if prompt_mask is not None:
+            raise ValueError("prompt_mask: not needed with prompts of different lengths (they are left-padded here)")
+        if any(len(r) == 0 for r in prompt_ids):
+            raise ValueError(f"prompt_ids: expected at least one token per prompt, got lengths "
+                             f"{[len(r) for r in prompt_ids]}")  # fmt: skip
+        check_token_ids("prompt_ids", torch.tensor([t for r in prompt_ids for t in r]), text.vocab_size, what="ids")
+        prompt_ids, prompt_mask = left_pad(prompt_ids, text.pad_id, device)
     try:
         prompt = torch.as_tensor(prompt_ids, device=device)
     except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:
@@ -475,11 +658,30 @@ def _prompt(model: MultimodalTransformer, prompt_ids: Any, batch: int, device: t
         )
     prompt = prompt.long()
     if prompt.ndim == 1:
-        prompt = prompt.expand(batch, -1)
-    if prompt.shape[0] != batch:
-        raise ValueError(f"prompt_ids: expected {batch} rows (one per image/audio), got shape {tuple(prompt.shape)}")
-    check_token_ids("prompt_ids", prompt, model.config.text.vocab_size, what="ids")
-    return prompt
+        prompt = prompt.expand(batch or 1, -1)
+    if prompt.shape[0] == 0:
+        raise ValueError(f"prompt_ids: expected at least one prompt, got shape {tuple(prompt.shape)}")
+    if batch is not None and prompt.shape[0] != batch:
+        raise ValueError(
+            f"prompt_ids: expected {batch} rows (one per image/audio/text), got shape {tuple(prompt.shape)}"
+        )
+    check_token_ids("prompt_ids", prompt, text.vocab_size, what="ids")
+    if prompt.shape[1] > text.max_tokens:
+        raise ValueError(
+            f"prompt_ids: {prompt.shape[1]} tokens exceed the model's context (config.text.max_length="
+            f"{text.max_length}); shorten the prompt"
+        )
+    if prompt_mask is None:
+        return prompt, None
+    mask = torch.as_tensor(prompt_mask, device=device)
+    binary = not mask.is_floating_point() or bool(((mask == 0) | (mask == 1)).all())
+    if tuple(mask.shape) != tuple(prompt.shape) or not binary:
+        raise ValueError(f"prompt_mask: expected a bool mask of the shape of prompt_ids {tuple(prompt.shape)}, "
+                         f"True = real token; got {tuple(mask.shape)} {mask.dtype}")  # fmt: skip
+    mask = mask.bool()
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("prompt_mask: every prompt needs at least one real token (a row is all padding)")
+    return prompt, mask
 
 
 @torch.inference_mode()
@@ -490,51 +692,66 @@ def generate(
     audio: torch.Tensor | None = None,
     audio_lengths: torch.Tensor | None = None,
     audio_features: torch.Tensor | None = None,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
     prompt_ids: torch.Tensor | Sequence | None = None,
+    prompt_mask: torch.Tensor | None = None,
     prefix_embeds: torch.Tensor | None = None,
     options: DecodingOptions | None = None,
     generator: torch.Generator | None = None,
+    tokenizer: Any = None,
     **changes: Any,
 ) -> torch.Tensor:
-    """Decode token ids from an image or audio memory.
+    """Decode token ids from an image, audio or text memory, or continue a prompt alone (decoder-only LM).
 
     Args:
         model: a model with a decoder route.
         image: normalised pixels (B, C, H, W).
         audio: waveforms (B, S) with optional sample counts ``audio_lengths`` (B,).
         audio_features: precomputed log-mel (B, n_mels, frames), as Whisper's ``input_features``.
-        prompt_ids: decoder prefix (B, P) or (P,) for every row; default ``[[bos_id]] * B``, or for a checkpoint with
-            a generation config (Whisper) its start, language (``language=`` or detected), task and no-timestamps
-            tokens. The checkpoint's suppressed tokens are never generated.
+        input_ids: token ids (B, T) for the text encoder (text-to-text, T5), with their ``attention_mask`` (B, T).
+        prompt_ids: decoder prefix (B, P) or (P,) for every row, or a list of id lists of different lengths (left-
+            padded here); default ``[[bos_id]] * B``, or for a checkpoint with a generation config (Whisper) its
+            start, language (``language=`` or detected), task and no-timestamps tokens. Without a memory the prompt
+            is required. The checkpoint's suppressed tokens are never generated.
+        prompt_mask: (B, P) True at the prompt's real tokens (left-padded prompts), as Hugging Face's
+            ``attention_mask`` of a decoder-only model.
         prefix_embeds: a learned decoder prefix (P', D) read before the prompt by every row (prompt tuning; see
             :class:`mmformer.prompts.DecoderPrefix`); it takes P' positions of the decoder's position table.
         options: a :class:`DecodingOptions`; default its defaults.
         generator: random generator for reproducible sampling.
+        tokenizer: decodes rows for ``stop_strings`` (default: ``model.processor.tokenizer``).
         changes: :class:`DecodingOptions` fields overriding ``options`` (``max_new_tokens=``, ``num_beams=``,
-            ``top_k=``, ``top_p=``, ``temperature=``, ``length_penalty=``, ``do_sample=``, ``use_cache=``,
-            ``compile=``, ``min_new_tokens=``, ``forced_eos=``, ``language=``, ``task=``).
+            ``top_k=``, ``top_p=``, ``temperature=``, ``length_penalty=``, ``do_sample=``, ``repetition_penalty=``,
+            ``stop_strings=``, ``use_cache=``, ``compile=``, ``min_new_tokens=``, ``forced_eos=``, ``language=``,
+            ``task=``).
 
     Returns:
-        LongTensor (B, P + generated): the prompt then the generated tokens; each row ends at its first eos (kept)
-        and is padded with ``pad_id``. Decoding stops early, without error, where the decoder's position table ends.
+        LongTensor (B, P + generated): the prompt (as given, or left-padded) then the generated tokens; each row ends
+        at its first eos or stop string (kept) and is padded with ``pad_id``. Decoding stops early, without error,
+        where the decoder's position table ends.
     """
     options = DecodingOptions.build(options, **changes)
     if model.lm_head is None:
         raise ValueError(f"generate: this model has no decoder; its routes are {sorted(model.config.routes)}")
     text = model.config.text
-    memory, memory_mask = _memory(model, image, audio, audio_lengths, audio_features)  # (B, S, D), (B, S)
-    B = memory.shape[0]
-    if B == 0:
+    memory, memory_mask = _memory(model, image, audio, audio_lengths, audio_features, input_ids, attention_mask)
+    if memory is not None and memory.shape[0] == 0:
         raise ValueError(f"generate: expected at least one image or waveform, got a batch of 0 ({tuple(memory.shape)})")
-    if prompt_ids is None:
+    if prompt_ids is None and memory is not None:
+        if prompt_mask is not None:
+            raise ValueError("prompt_mask: only meaningful with prompt_ids=")
         prompt = default_prompt(model, options, memory, memory_mask)
     else:
-        prompt = _prompt(model, prompt_ids, B, memory.device)
+        device = memory.device if memory is not None else model.lm_head.weight.device
+        prompt, prompt_mask = _prompt(
+            model, prompt_ids, prompt_mask, None if memory is None else memory.shape[0], device
+        )
     n_prompt = prompt.shape[1]
     max_length = n_prompt + options.max_new_tokens
     if prefix_embeds is not None:
         model.check_prefix(prefix_embeds, None)
-        prefix_embeds = prefix_embeds.to(memory.device)
+        prefix_embeds = prefix_embeds.to(prompt.device)
     n_prefix = 0 if prefix_embeds is None else prefix_embeds.shape[0]
     if text.position != "none":  # absolute positions end with their table: stop there rather than fail
         if n_prefix + n_prompt > text.max_tokens:
@@ -545,21 +762,36 @@ def generate(
         max_length = min(max_length, text.max_tokens - n_prefix)
     if max_length <= n_prompt:
         return prompt
+    stop = None
+    if options.stop_strings:
+        if tokenizer is None:
+            tokenizer = getattr(getattr(model, "processor", None), "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("stop_strings: finding them needs a tokenizer; pass tokenizer= or use a model loaded with "
+                             "one (model.processor)")  # fmt: skip
+        stop = StopStrings(tokenizer, options.stop_strings, n_prompt)
 
     K = options.num_beams
     if K > 1:
         # (B, P) → (B*K, P): each sample's K beams sit next to each other and share its memory rows (B, S, D),
         # whose cross-attention keys/values are computed and read once per sample
         prompt = prompt.repeat_interleave(K, dim=0)
-        rules = logit_rules(model, options)
-        search: TokenSearch | BeamSearch = BeamSearch(K, options.length_penalty, text.eos_id, text.pad_id, rules)
+        if prompt_mask is not None:
+            prompt_mask = prompt_mask.repeat_interleave(K, dim=0)
+    rules, processors = logit_rules(model, options), score_processors(options, prompt_mask)
+    if K > 1:
+        search: TokenSearch | BeamSearch = BeamSearch(
+            K, options.length_penalty, text.eos_id, text.pad_id, rules, processors, stop
+        )
     else:
-        search = TokenSearch(token_chooser(options, generator), text.eos_id, text.pad_id, logit_rules(model, options))
-    runner = DecoderRunner(model, memory, memory_mask, max_length, options.use_cache, options.compile, prefix_embeds)
+        search = TokenSearch(token_chooser(options, generator), text.eos_id, text.pad_id, rules, processors, stop)
+    runner = DecoderRunner(
+        model, memory, memory_mask, max_length, options.use_cache, options.compile, prefix_embeds, prompt_mask
+    )
     return search.run(runner, prompt, max_length)
 
 
-def _processor(model: MultimodalTransformer, processor: Processor | None, what: str) -> Processor:
+def processor_with_tokenizer(model: MultimodalTransformer, processor: Processor | None, what: str) -> Processor:
     processor = processor if processor is not None else getattr(model, "processor", None)
     if processor is None or getattr(processor, "tokenizer", None) is None:
         raise ValueError(
@@ -587,12 +819,12 @@ def caption(
         processor: preprocessing and tokenizer; default ``model.processor``.
         decoding: :func:`generate` options (``max_new_tokens``, ``num_beams``, ...).
     """
-    processor = _processor(model, processor, "caption")
+    processor = processor_with_tokenizer(model, processor, "caption")
     if isinstance(images, torch.Tensor) and images.ndim == 4 and images.is_floating_point():
         pixel_values = images
     else:
         pixel_values = processor(images=images)["pixel_values"]
-    ids = generate(model, image=pixel_values.to(_model_device(model)), **decoding)
+    ids = generate(model, image=pixel_values.to(model_device(model)), **decoding)
     return _detokenize(model, processor, ids, decoding)
 
 
@@ -618,12 +850,12 @@ def transcribe(
         processor: preprocessing and tokenizer; default ``model.processor``.
         decoding: :func:`generate` options.
     """
-    processor = _processor(model, processor, "transcribe")
+    processor = processor_with_tokenizer(model, processor, "transcribe")
     if model.config.audio is not None:
         processor.check_audio_rate(model.config.audio.sample_rate)
     batch = processor(audio=waveforms, sampling_rate=sample_rate)
     audio, lengths = batch["audio"], batch["audio_lengths"]
-    device = _model_device(model)
+    device = model_device(model)
     window = model.config.audio.window_samples if model.config.audio is not None else 0
     if not window or audio.shape[-1] <= window:
         ids = generate(model, audio=audio.to(device), audio_lengths=lengths.to(device), **decoding)

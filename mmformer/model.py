@@ -1,5 +1,6 @@
 """MultimodalTransformer: modality embedders → routed stacks → pooling and projection heads, plus a causal text
-decoder that cross-attends to image or audio tokens.
+decoder that cross-attends to image, audio or text tokens — or, without a memory, is a decoder-only language model —
+and an optional masked-LM head on the text encoder (BERT).
 
 Shape legend: B batch, Np image patch tokens, N audio frame tokens, T text tokens, S memory tokens, D width,
 E joint embedding size, V vocabulary.
@@ -14,16 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmformer import generation, pretrained, quantization, weights
+from mmformer import completion, generation, pretrained, quantization, weights
 from mmformer.config import MODALITIES, ModelConfig
 from mmformer.embedders import AudioEmbedder, ImageEmbedder, TextEmbedder
 from mmformer.embedders.checks import check_device
+from mmformer.layers.attention import right_padded
 from mmformer.layers.block import Stack
 from mmformer.layers.cache import KVCache
 from mmformer.layers.documents import Documents
+from mmformer.layers.heads import MaskedLMHead
 from mmformer.layers.mlp import pop_aux_loss
 from mmformer.layers.norms import make_norm
 from mmformer.layers.pooling import AttentionPool
+from mmformer.layers.positions import positions_from_mask
 
 
 def pack(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[Documents, torch.Tensor]:
@@ -81,6 +85,7 @@ class MultimodalTransformer(nn.Module):
         self.lm_head = None
         if "decoder" in routes:
             self.lm_head = nn.Linear(config.width("decoder"), config.text.vocab_size, bias=False)
+        self.mlm_head = MaskedLMHead(stack_cfg("text"), config.text.vocab_size) if config.mlm_head else None
         self.tie_weights()
         self.ctc_head = nn.Linear(config.width("audio"), config.text.vocab_size) if config.ctc_head else None
         self.processor: Any = None  # the Processor loaded with the weights (from_pretrained), if any
@@ -114,9 +119,12 @@ class MultimodalTransformer(nn.Module):
                 self.logit_bias.fill_(float(self.config.logit_bias_init))
 
     def tie_weights(self) -> None:
-        """Share the token embedding with the LM head when the config ties them."""
+        """Share the token embedding with the LM head when the config ties them, and always with the masked-LM
+        head's vocabulary projection (as BERT does)."""
         if self.lm_head is not None and self.config.tie_lm_head:
             self.lm_head.weight = self.text_embed.tokens.weight
+        if self.mlm_head is not None:
+            self.mlm_head.decoder.weight = self.text_embed.tokens.weight
 
     # ---------------------------------------------------------------- token states
     def stack(self, route: str) -> Stack:
@@ -256,6 +264,22 @@ class MultimodalTransformer(nn.Module):
         padded_queries = embed.cls_token is not None
         x = self.stack("text")(x, modality="text", mask=attend, causal=text.causal, padded_queries=padded_queries)
         return x, mask, input_ids
+
+    def mlm_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        *,
+        documents: Documents | None = None,
+    ) -> torch.Tensor:
+        """Masked-LM logits (B, T, V) of token ids (B, T): the text encoder's states through the masked-LM head
+        (``BertForMaskedLM``'s logits). With ``documents``, ids (R, T) are a packed batch of them (see
+        :meth:`encode_text_tokens`)."""
+        if self.mlm_head is None:
+            raise ValueError("mlm_logits: this model has no masked-LM head (ModelConfig.mlm_head=False)")
+        x, _ = self.encode_text_tokens(input_ids, attention_mask, segment_ids, documents=documents)
+        return self.mlm_head(x)
 
     # ---------------------------------------------------------------- pooled embeddings
     @staticmethod
@@ -401,15 +425,22 @@ class MultimodalTransformer(nn.Module):
         *,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        positions: torch.Tensor | None = None,
         prefix_embeds: torch.Tensor | None = None,
         documents: Documents | None = None,
         memory_documents: Documents | None = None,
     ) -> torch.Tensor:
-        """Causal decoder: ids (B, T) reading memory (B, S, D) → logits (B, T, V).
+        """Causal decoder: ids (B, T) reading memory (B, S, D) → logits (B, T, V). Without memory (or without a
+        cross-attention sublayer) it is a decoder-only language model.
 
-        With a cache, ``input_ids`` are only the new tokens; memory may be None once the cache holds its keys.
+        With a cache, ``input_ids`` are only the new tokens; memory may be None once the cache holds its keys, and
+        ``attention_mask`` covers the new tokens only (the cache remembers the padding of earlier ones).
         Memory may also have B / G rows, each read by G consecutive id rows (the beams of one sample): its
         cross-attention keys/values are then computed, stored and read once per sample rather than once per beam.
+
+        Padding may be on either side. Left-padded rows (batched prompts) number their tokens from their first real
+        one, as Hugging Face ``generate`` does, so that each row's logits are those it would have alone.
+        ``positions`` (B, T) overrides the position ids (packed documents restart them per document).
         ``prefix_embeds`` (P, D): learned vectors the decoder reads before the ids (prompt tuning, see
         :mod:`mmformer.prompts`); they take positions 0..P-1 (and the cache's first P slots) and return no logits.
 
@@ -428,11 +459,10 @@ class MultimodalTransformer(nn.Module):
         if memory is not None and memory.dtype != weight.dtype and not torch.is_autocast_enabled(memory.device.type):
             memory = memory.to(weight.dtype)  # as the embedders cast their inputs (float64 memory, a bf16 encoder)
         mask = None if attention_mask is None else attention_mask.bool()
-        if cache is not None and mask is not None and not bool(mask.all()):
-            raise ValueError(
-                "attention_mask: padding is not supported with a KV cache (cached keys keep no mask); decode "
-                "right-padded rows without a mask (causal attention is exact for their real tokens) or without a cache"
-            )
+        if positions is not None:
+            self._check_positions(positions, input_ids)
+        elif cache is None and mask is not None and not right_padded(mask):
+            positions = positions_from_mask(mask)  # left padding: each row counts from its first real token
         if prefix_embeds is not None:
             if documents is not None:
                 raise ValueError("prefix_embeds: a learned decoder prefix is not supported with packed documents")
@@ -444,10 +474,20 @@ class MultimodalTransformer(nn.Module):
             memory_mask=memory_mask,
             mask=mask,
             cache=cache,
+            positions=positions,
             prefix_embeds=prefix_embeds,
             **docs,
         )
         return h if return_hidden else self.lm_head(h)
+
+    @staticmethod
+    def _check_positions(positions: torch.Tensor, input_ids: torch.Tensor) -> None:
+        if not isinstance(positions, torch.Tensor) or positions.shape != input_ids.shape:
+            got = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
+            raise ValueError(f"positions: expected position ids of the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {got}")  # fmt: skip
+        if positions.is_floating_point() or positions.dtype == torch.bool or bool((positions < 0).any()):
+            raise ValueError(f"positions: expected integer position ids >= 0, got {positions.dtype}")
 
     def check_prefix(self, prefix: torch.Tensor, cache: KVCache | None = None) -> None:
         """A clear error for decoder prefix vectors of the wrong shape, or given once the cache holds tokens."""
@@ -466,30 +506,44 @@ class MultimodalTransformer(nn.Module):
         memory_mask: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
         prefix_embeds: torch.Tensor | None = None,
         documents: Documents | None = None,
         memory_documents: Documents | None = None,
     ) -> torch.Tensor:
         """:meth:`decode` without its input checks, returning the final hidden states (B, T, D): the inner step of
         token-by-token generation, whose ids come from the model itself (the checks cost as much as a layer)."""
-        P, docs = 0, {}
+        B, T = input_ids.shape
+        P = 0 if prefix_embeds is None else prefix_embeds.shape[0]
+        docs: dict[str, Any] = {}
         if documents is not None:  # a packed batch: positions restart in every document
             x = self.text_embed(input_ids, positions=documents.positions.view_as(input_ids))
-            docs = {"documents": documents}
+            docs, positions = {"documents": documents}, None
         else:
             offset = cache.length if cache is not None else 0
-            P = 0 if prefix_embeds is None else prefix_embeds.shape[0]
-            x = self.text_embed(input_ids, offset=offset + P)  # (B, T, D)
-        if P:
-            B = x.shape[0]
-            prefix = self.text_embed(None, offset=offset, inputs_embeds=prefix_embeds.to(x.dtype).expand(B, -1, -1))
-            x = torch.cat([prefix, x], dim=1)  # (B, P + T, D)
-            if mask is not None:
-                mask = torch.cat([mask.new_ones(B, P), mask], dim=1)
+            if P:  # the prefix's positions come first, all real
+                if mask is not None:
+                    mask = torch.cat([mask.new_ones(B, P), mask], dim=1)  # (B, P + T)
+                if positions is not None:
+                    first = torch.arange(P, device=positions.device).expand(B, P)
+                    positions = torch.cat([first, positions + P], dim=1)  # (B, P + T)
+            if cache is not None:  # the cache keeps the padding of earlier steps and numbers each row's tokens
+                mask, tracked = cache.track(mask, P + T)
+                positions = tracked if positions is None else positions
+            if positions is None:
+                x = self.text_embed(input_ids, offset=offset + P)  # (B, T, D)
+            else:
+                x = self.text_embed(input_ids, positions=positions[:, P:])
+            if P:
+                vectors = prefix_embeds.to(x.dtype).expand(B, -1, -1)
+                where = dict(offset=offset) if positions is None else dict(positions=positions[:, :P])
+                x = torch.cat([self.text_embed(None, inputs_embeds=vectors, **where), x], dim=1)  # (B, P + T, D)
         first_layer = 0
         if self.config.decoder_input == "text":  # CoCa: the text tower's causal states, before its final norm
             text = self.stack("text")
-            x = text(x, modality="text", mask=mask, causal=True, cache=cache, final_norm=False, **docs)
+            x = text(
+                x, modality="text", mask=mask, causal=True, cache=cache, final_norm=False, positions=positions, **docs
+            )
             first_layer = text.cfg.depth
         if documents is not None:
             docs["memory_documents"] = memory_documents
@@ -502,6 +556,7 @@ class MultimodalTransformer(nn.Module):
             memory_mask=memory_mask,
             cache=cache,
             first_layer=first_layer,
+            positions=positions,
             **docs,
         )
         return h[:, P:] if P else h
@@ -659,8 +714,14 @@ class MultimodalTransformer(nn.Module):
         return model.eval()
 
     def generate(self, **inputs: Any) -> torch.Tensor:
-        """Token ids (B, T) decoded from images or audio; see :func:`mmformer.generation.generate`."""
+        """Token ids (B, T) decoded from images, audio, text or a prompt alone; see
+        :func:`mmformer.generation.generate`."""
         return generation.generate(self, **inputs)
+
+    def complete(self, prompts: Any, processor: Any = None, **decoding: Any) -> list[str]:
+        """Continuations of text prompts (a str, a list of str, or prompt ids) by a decoder-only language model;
+        see :func:`mmformer.completion.complete`."""
+        return completion.complete(self, prompts, processor=processor, **decoding)
 
     def caption(self, images: Any, processor: Any = None, **decoding: Any) -> list[str]:
         """Captions for images (pixel tensors, or anything the processor accepts)."""

@@ -24,6 +24,7 @@ if ROOT not in sys.path:  # `benchmarks` is a folder of the repository, not of t
         ("generate", ["speech (smoke)", "caption (smoke)", "vs_hf", "vs_no_cache", "compiled_vs_hf", "compile_s"]),
         ("attention", ["fused_ms", "naive_MiB", "memory_ratio"]),
         ("startup", ["mmformer --help", "mmformer zeroshot"]),
+        ("lm_perplexity", ["model", "bigram (interpolated)", "unigram (add-one)", "vs_bigram"]),
         ("clip_train", ["open_clip_samples_s", "packed_samples_s", "packed_vs_open_clip"]),
         ("speech_train", ["hf_samples_s", "packed_samples_s", "packed_vs_hf"]),
         ("qlora_memory", ["full_fp32", "full_bf16", "qlora_nf4", "vs_bf16", "linear_vs_bf16"]),

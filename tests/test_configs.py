@@ -8,8 +8,9 @@ import pytest
 from mmformer.training_cli import build_cli
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
-DIGITS = [c for c in CONFIGS if c.name.startswith("digits")]
-RECIPES = [c for c in CONFIGS if not c.name.startswith("digits")]
+DEMOS = ("digits", "lm_shakespeare")  # configs whose data ships in the repository
+DIGITS = [c for c in CONFIGS if c.name.startswith(DEMOS)]
+RECIPES = [c for c in CONFIGS if not c.name.startswith(DEMOS)]
 
 
 def test_configs_exist():
@@ -19,7 +20,7 @@ def test_configs_exist():
 @pytest.mark.parametrize("config", DIGITS, ids=lambda p: p.name)
 def test_digits_config_builds(config, tmp_path, monkeypatch):
     root = Path(__file__).resolve().parent.parent
-    monkeypatch.chdir(root)  # the configs name data/digits/... relative to the repository
+    monkeypatch.chdir(root)  # the configs name data/digits/..., data/shakespeare/... relative to the repository
     args = ["--config", str(config), "--trainer.default_root_dir", str(tmp_path)]
     cli = build_cli([*args, "--data.tokenizer_cache_dir", str(tmp_path)], run=False)
     model = cli.model.model

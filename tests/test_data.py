@@ -418,8 +418,9 @@ def test_streamed_training_data_is_augmented_per_sample_and_epoch(tmp_path):
 
 def test_format_detection_and_errors(tmp_path):
     assert detect_format("x/train.tsv") == "manifest" and detect_format("s/shard-000001.tar") == "webdataset"
+    assert detect_format("books/hamlet.txt") == "text"
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        detect_format(tmp_path / "nothing.txt")
+        detect_format(tmp_path / "nothing.xyz")
     with pytest.raises(ValueError, match="format: expected one of"):
         MultimodalDataModule(format="parquet")
     with pytest.raises(ValueError, match="tokenizer: expected a tokenizer.json path, or train data"):

@@ -422,9 +422,11 @@ def test_bad_decoder_memory(tiny_model):
         m.decode(ids, torch.randn(2, 4, 16), torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="cache: expected one made for batch size 2"):
         m.decode(ids, torch.randn(2, 4, 16), cache=m.make_cache(3))
-    with pytest.raises(ValueError, match="attention_mask: padding is not supported with a KV cache"):
-        m.decode(ids, torch.randn(2, 4, 16), attention_mask=_right_padded([3, 2], 3), cache=m.make_cache(2))
     m.decode(ids, torch.randn(2, 4, 16), attention_mask=torch.ones(2, 3), cache=m.make_cache(2))  # nothing padded
+    # padding with a cache: the cache keeps the key mask, so padded rows decode as without one
+    memory, mask = torch.randn(2, 4, 16), _right_padded([3, 2], 3)
+    cached = m.decode(ids, memory, attention_mask=mask, cache=m.make_cache(2))
+    torch.testing.assert_close(cached[mask], m.decode(ids, memory, attention_mask=mask)[mask])
 
 
 def test_missing_routes_are_clear_errors(make_model_config):

@@ -15,6 +15,9 @@ _CONVERTERS = {
     "from_timm_vit": "mmformer.convert.timm_vit",
     "from_hf_whisper": "mmformer.convert.hf_whisper",
     "from_hf_bert": "mmformer.convert.hf_bert",
+    "from_hf_gpt2": "mmformer.convert.hf_gpt2",
+    "from_hf_llama": "mmformer.convert.hf_llama",
+    "from_hf_t5": "mmformer.convert.hf_t5",
 }
 SOURCES = {name.removeprefix("from_"): name for name in _CONVERTERS}  # CLI names: open_clip, hf_clip, ...
 
@@ -22,7 +25,10 @@ __all__ = [
     "SOURCES",
     "from_hf_bert",
     "from_hf_clip",
+    "from_hf_gpt2",
+    "from_hf_llama",
     "from_hf_siglip",
+    "from_hf_t5",
     "from_hf_whisper",
     "from_open_clip",
     "from_timm_vit",

@@ -12,6 +12,12 @@ per layer ``attention.self.{query,key,value}`` → fused ``qkv``, ``attention.ou
 ``output.dense`` → ``mlp.fn.fc1`` / ``fc2``, ``output.LayerNorm`` → ``mlp.norm``; no final norm. The pooler is not
 converted: sentence embeddings are the mean of the last hidden states over real tokens (``text.pool="mean"``, as
 sentence-transformers' Pooling module), L2-normalised by ``encode_text(normalize=True)`` (its Normalize module).
+
+``BertForMaskedLM`` / ``BertForPreTraining`` (and ``RobertaForMaskedLM``) also bring their masked-LM head:
+``cls.predictions.transform`` (dense, activation, LayerNorm; RoBERTa's ``lm_head.dense`` / ``layer_norm``) →
+``mlm_head.dense`` / ``mlm_head.norm``, ``cls.predictions.bias`` → ``mlm_head.bias``, the decoder tied to the word
+embeddings (``ModelConfig.mlm_head``; ``model.mlm_logits``). The tokenizer's ``[MASK]`` (``<mask>``) becomes
+``TextConfig.mask_id``.
 """
 
 from __future__ import annotations
@@ -37,10 +43,14 @@ from mmformer.weights import build_on_meta
 
 __all__ = ["BERT_FAMILY", "bert_configs", "from_hf_bert", "map_bert_encoder"]
 
-# Source keys with no counterpart: the pooler (unused by mean/cls pooling) and index buffers.
+# Source keys with no counterpart: the pooler (unused by mean/cls pooling) and index buffers; the MLM decoder's
+# weight and bias are tied copies of the word embeddings and of cls.predictions.bias (checked before ignoring them).
 _IGNORED = ["pooler.*", "embeddings.position_ids", "embeddings.token_type_ids"]
 BERT_FAMILY = ("bert", "roberta", "xlm-roberta")  # model_type values with BERT's layout
 _TASK_PREFIXES = ("bert.", "roberta.")  # BertForMaskedLM, RobertaForMaskedLM, ...: the encoder's keys
+# masked-LM heads: prefix → (dense, norm) module names under it (BERT's cls.predictions, RoBERTa's lm_head)
+_MLM_HEADS = {"cls.predictions": ("transform.dense", "transform.LayerNorm"), "lm_head": ("dense", "layer_norm")}
+MASK_TOKENS = ("[MASK]", "<mask>")
 
 
 def position_offset(cfg: dict[str, Any]) -> int:
@@ -58,10 +68,26 @@ def _read_source(path_or_model: Any) -> tuple[dict[str, Any], dict[str, torch.Te
         folder="save_pretrained output, or a sentence-transformers folder",
     )
     check_bert_config(config)
+    heads = tuple(f"{head}." for head in _MLM_HEADS)
     for prefix in _TASK_PREFIXES:
-        if any(k.startswith(prefix) for k in state):  # a task model (BertForMaskedLM, ...): keep the encoder only
-            state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        if any(k.startswith(prefix) for k in state):  # a task model (BertForMaskedLM, ...): the encoder, MLM head
+            state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith((prefix, *heads))}
+    for copy, original in _mlm_tied(_mlm_head(state)).items():
+        if copy in state and original in state and not torch.equal(state[copy], state[original]):
+            raise UnsupportedModelError(f"hf_bert: {copy} differs from {original} (an untied masked-LM decoder)")
     return config, state, directory
+
+
+def _mlm_head(state: dict[str, torch.Tensor]) -> str | None:
+    """The prefix of the state's masked-LM head (``cls.predictions`` or ``lm_head``), or None."""
+    return next((head for head in _MLM_HEADS if f"{head}.bias" in state), None)
+
+
+def _mlm_tied(head: str | None) -> dict[str, str]:
+    """The masked-LM decoder's keys → the keys they are tied copies of (checked, then ignored)."""
+    if head is None:
+        return {}
+    return {f"{head}.decoder.weight": "embeddings.word_embeddings.weight", f"{head}.decoder.bias": f"{head}.bias"}
 
 
 def check_bert_config(config: dict[str, Any]) -> None:
@@ -93,15 +119,28 @@ def _tokenizer(directory: Path | None, max_positions: int):
     return tokenizer
 
 
-def _model_config(cfg: dict[str, Any], pooling: str, tokenizer: Any) -> ModelConfig:
+def _mask_id(tokenizer: Any) -> int | None:
+    """The id of the tokenizer's mask token ([MASK] / <mask>), None without one."""
+    vocab = {} if tokenizer is None else tokenizer.backend.get_vocab(with_added_tokens=True)
+    return next((vocab[t] for t in MASK_TOKENS if t in vocab), None)
+
+
+def _model_config(cfg: dict[str, Any], pooling: str, tokenizer: Any, mlm: bool) -> ModelConfig:
     stack, text = bert_configs(
         cfg,
         pooling,
         bos_id=tokenizer.bos_id if tokenizer is not None else None,  # [CLS] / <s>
         eos_id=tokenizer.eos_id if tokenizer is not None else None,  # [SEP] / </s>
     )
+    text.mask_id = _mask_id(tokenizer)
     return ModelConfig(
-        stacks={"text": stack}, routes={"text": "text"}, image=None, audio=None, text=text, embed_dim=None
+        stacks={"text": stack},
+        routes={"text": "text"},
+        image=None,
+        audio=None,
+        text=text,
+        embed_dim=None,
+        mlm_head=mlm,
     )
 
 
@@ -166,7 +205,8 @@ def from_hf_bert(path_or_model: Any, *, pooling: str = "mean") -> MultimodalTran
     """Convert a Hugging Face BERT encoder exactly (no download).
 
     Args:
-        path_or_model: a ``transformers.BertModel`` instance (a ``BertFor*`` task model contributes its encoder), or
+        path_or_model: a ``transformers.BertModel`` instance (a ``BertFor*`` task model contributes its encoder, and
+            ``BertForMaskedLM`` / ``BertForPreTraining`` their masked-LM head), or
             a local directory with ``config.json`` and ``model.safetensors`` (or a safe ``.bin``), plus optionally
             ``tokenizer.json`` — a sentence-transformers folder such as all-MiniLM-L6-v2 works as is.
         pooling: sentence embedding from the last hidden states: ``"mean"`` over real tokens (sentence-transformers)
@@ -181,10 +221,16 @@ def from_hf_bert(path_or_model: Any, *, pooling: str = "mean") -> MultimodalTran
         raise ValueError(f"pooling: expected 'mean' or 'cls', got {pooling!r}")
     cfg, state, directory = _read_source(path_or_model)
     tokenizer = _tokenizer(directory, cfg["max_position_embeddings"])
-    model = build_on_meta(MultimodalTransformer, _model_config(cfg, pooling, tokenizer))
+    head = _mlm_head(state)
+    model = build_on_meta(MultimodalTransformer, _model_config(cfg, pooling, tokenizer, head is not None))
 
-    wm = WeightMap(state, name="hf_bert", ignore=_IGNORED)
+    wm = WeightMap(state, name="hf_bert", ignore=_IGNORED + list(_mlm_tied(head)))
     map_bert_encoder(wm, cfg)
+    if head is not None:
+        dense, norm = _MLM_HEADS[head]
+        wm.copy_module("mlm_head.dense", f"{head}.{dense}")
+        wm.copy_module("mlm_head.norm", f"{head}.{norm}")
+        wm.copy("mlm_head.bias", f"{head}.bias")
     wm.initialise("logit_scale")  # mmformer-only, unused by a text tower
     wm.load_into(model)
     model.processor = build_processor(tokenizer)

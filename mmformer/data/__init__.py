@@ -13,6 +13,7 @@ from mmformer.data.io import MissingSampleError, SampleError, read_audio, read_i
 from mmformer.data.manifest import ManifestDataset
 from mmformer.data.shards import ShardDataset, expand_shards
 from mmformer.data.skipping import BadSampleTracker, SkippedSampleWarning, TooManyBadSamplesError
+from mmformer.data.text import PackedBlocks, PackedStream, TextDocuments, pack_documents
 
 
 def __getattr__(name: str):
@@ -36,14 +37,18 @@ __all__ = [
     "Record",
     "RecordDataset",
     "MissingSampleError",
+    "PackedBlocks",
+    "PackedStream",
     "SampleError",
     "ShardDataset",
     "SkippedSampleWarning",
+    "TextDocuments",
     "TooManyBadSamplesError",
     "dataset_texts",
     "detect_format",
     "expand_shards",
     "open_dataset",
+    "pack_documents",
     "pad_audio",
     "read_audio",
     "read_image",

@@ -1,7 +1,8 @@
 """Batching samples (plain dicts) into model inputs.
 
 A sample is ``{"image": (C, H, W), "audio": (S,), "text": str, "label": int, "source": str}`` with any of the
-first four absent. Bad samples arrive as ``None`` (see :mod:`mmformer.data.skipping`) and are dropped here.
+first four absent, or a block of packed text ``{"input_ids": (L,), "document_ids": (L,), "source": str}`` (see
+:mod:`mmformer.data.text`). Bad samples arrive as ``None`` (see :mod:`mmformer.data.skipping`) and are dropped here.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 if TYPE_CHECKING:
     from mmformer.tokenizer import Tokenizer
@@ -31,7 +33,8 @@ class Collator:
     Output keys, each present when the samples carry that field:
     ``pixel_values`` (B, C, H, W); ``audio`` (B, S) + ``audio_lengths`` (B,); ``input_ids`` (B, T) +
     ``attention_mask`` (B, T) bool (True = real token) + ``text`` list[str]; ``label`` (B,) long; and always
-    ``source`` list[str]. Returns ``None`` when every sample of the batch was bad.
+    ``source`` list[str]. Packed text blocks give ``input_ids``, ``attention_mask`` and ``document_ids`` (B, L),
+    right-padded where a block is shorter. Returns ``None`` when every sample of the batch was bad.
 
     With ``packing``, texts are not padded: ``input_ids`` (1, N) holds the B tokenized texts back to back and
     ``text_lengths`` (B,) their token counts, instead of ``attention_mask`` (a packed batch, see
@@ -52,6 +55,8 @@ class Collator:
         samples = [s for s in samples if s is not None]
         if not samples:
             return None
+        if "input_ids" in samples[0]:
+            return self._blocks(samples)
         present = [f for f in FIELDS if f in samples[0]]
         for s in samples[1:]:
             if [f for f in FIELDS if f in s] != present:
@@ -75,3 +80,17 @@ class Collator:
         if "label" in present:
             batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
         return batch
+
+    def _blocks(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Packed text blocks (already token ids) → ``input_ids``, ``attention_mask``, ``document_ids`` (B, L)."""
+        pad = self.tokenizer.pad_id if self.tokenizer is not None else 0
+        ids = pad_sequence([s["input_ids"] for s in samples], batch_first=True, padding_value=pad)
+        lengths = torch.tensor([len(s["input_ids"]) for s in samples])
+        mask = torch.arange(ids.shape[1]) < lengths[:, None]
+        documents = pad_sequence([s["document_ids"] for s in samples], batch_first=True, padding_value=-1)
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "document_ids": documents,
+            "source": [s.get("source", "") for s in samples],
+        }

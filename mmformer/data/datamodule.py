@@ -42,6 +42,7 @@ from mmformer.data.augment import AugmentConfig, augment_training
 from mmformer.data.collate import Collator
 from mmformer.data.formats import FORMATS, dataset_texts, open_dataset
 from mmformer.data.seeding import mix_seed
+from mmformer.data.text import pack_documents
 
 if TYPE_CHECKING:
     from mmformer.config import AudioConfig
@@ -324,6 +325,8 @@ class MultimodalDataModule(L.LightningDataModule):
         max_batch_seconds: float | None = None,
         augment: AugmentConfig | None = None,
         processor_from: str | None = None,
+        text_documents: str = "file",
+        pack_documents: bool = False,
     ):
         super().__init__()
         from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
@@ -355,6 +358,10 @@ class MultimodalDataModule(L.LightningDataModule):
         self.max_duration, self.text_max_length, self.max_bad_fraction = max_duration, text_max_length, max_bad_fraction
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.dry_run = dry_run
+        if text_documents not in ("file", "line"):
+            raise ValueError(f"text_documents: expected 'file' or 'line'; got {text_documents!r}")
+        self.text_documents, self.pack_documents = text_documents, pack_documents
+        self._packed: dict[str, Dataset] = {}
         stats = {k: tuple(v) for k, v in (("mean", image_mean), ("std", image_std)) if v is not None}
         image = ImageProcessorConfig(image_size=image_size, channels=image_channels, **stats)
         audio = AudioProcessorConfig(sample_rate=sample_rate, max_seconds=max_audio_seconds)
@@ -443,6 +450,7 @@ class MultimodalDataModule(L.LightningDataModule):
                 shuffle=self.shuffle and split == "train",
                 shuffle_buffer=self.shuffle_buffer,
                 seed=self.seed,
+                text_documents=self.text_documents,
             )
             if self.hparams.cache:  # keep decoded samples: small data sets whose decoding outweighs the step
                 for part in getattr(self.datasets[split], "datasets", [self.datasets[split]]):
@@ -461,12 +469,21 @@ class MultimodalDataModule(L.LightningDataModule):
             self._dataset(split)
         self.tokenizer  # noqa: B018  (load or train it now rather than inside the first batch)
 
+    def _blocks(self, split: str, dataset: Dataset) -> Dataset:
+        """``dataset``'s texts packed into blocks of ``text_max_length`` tokens (made once per split)."""
+        if split not in self._packed:
+            block_size = self.text_max_length or self.tokenizer.max_length
+            self._packed[split] = pack_documents(dataset, self.tokenizer, block_size)
+        return self._packed[split]
+
     def _loader(self, split: str, train: bool = False) -> DataLoader | list:
         dataset = self._dataset(split)
         if dataset is None:
             if split in ("train", "predict"):
                 raise ValueError(f"{split}: no {split} data was given (set data.{split} to a path)")
             return []  # Lightning skips the loop
+        if self.pack_documents:
+            dataset = self._blocks(split, dataset)
         packing = train and self.hparams.packing
         collator = Collator(self.tokenizer, self.text_max_length, packing=packing)
         kwargs = dict(num_workers=self.num_workers, collate_fn=collator)

@@ -13,16 +13,18 @@ from mmformer.data.coco import CocoCaptions
 from mmformer.data.folders import ImageFolder, LibriSpeech
 from mmformer.data.manifest import MANIFEST_EXTENSIONS, ManifestDataset
 from mmformer.data.shards import ShardDataset
+from mmformer.data.text import TEXT_EXTENSIONS, TextDocuments
 
 if TYPE_CHECKING:
     from mmformer.processor import Processor
 
-FORMATS = ("manifest", "coco", "webdataset", "librispeech", "imagefolder")
+FORMATS = ("manifest", "coco", "webdataset", "librispeech", "imagefolder", "text")
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """``.jsonl/.csv/.tsv`` manifest; ``.json`` COCO; ``.tar`` or a brace pattern WebDataset; a folder with
-    ``*.trans.txt`` files LibriSpeech; any other folder ImageFolder."""
+    """``.jsonl/.csv/.tsv`` manifest; ``.json`` COCO; ``.tar`` or a brace pattern WebDataset; ``.txt`` plain text
+    documents; a folder with ``*.trans.txt`` files LibriSpeech; any other folder ImageFolder (a folder of ``.txt``
+    documents needs ``format: text``)."""
     text = str(path)
     if (
         "{" in text
@@ -37,6 +39,8 @@ def detect_format(path: str | os.PathLike) -> str:
         return "manifest"
     if p.suffix.lower() == ".json":
         return "coco"
+    if p.suffix.lower() in TEXT_EXTENSIONS:
+        return "text"
     if p.is_dir():
         # LibriSpeech keeps transcripts 2 levels below a split folder (SPEAKER/CHAPTER/); look up to 4 levels deep
         for depth in range(5):
@@ -62,11 +66,13 @@ def open_dataset(
     shuffle: bool = False,
     shuffle_buffer: int = 1000,
     seed: int = 0,
+    text_documents: str = "file",
 ) -> Dataset:
     """One data set from one or several paths of the same format (several map-style sets are concatenated).
 
     ``shuffle``/``shuffle_buffer``/``seed`` apply to WebDataset shards only (map-style sets are shuffled by
-    the DataLoader's sampler); ``max_duration`` to manifests only.
+    the DataLoader's sampler); ``max_duration`` to manifests only; ``text_documents`` (``file`` or ``line``: what
+    one document is) to plain text only.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else [str(p) for p in paths]
     if not paths:
@@ -93,6 +99,8 @@ def open_dataset(
             datasets.append(CocoCaptions(p, **common))
         elif kind == "librispeech":
             datasets.append(LibriSpeech(p, **common))
+        elif kind == "text":
+            datasets.append(TextDocuments(p, unit=text_documents))
         else:
             datasets.append(ImageFolder(p, **common))
     return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)

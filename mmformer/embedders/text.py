@@ -85,12 +85,12 @@ class TextEmbedder(nn.Module):
         *,
         offset: int = 0,
         segment_ids: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
         append_cls: bool = False,
         inputs_embeds: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, T) ids → (B, T, D), or (B, T + 1, D) with ``append_cls`` (the text encoder of an append_cls model);
-        positions offset … offset+T-1, or ``positions`` (B, T) (packed documents).
+        """(B, T) ids → (B, T, D), or (B, T + 1, D) with ``append_cls`` (the text encoder of an append_cls model), at
+        positions offset … offset+T-1, or at per-row ``positions`` (B, T) (packed documents, left-padded prompts).
 
         ``inputs_embeds`` (B, T, D) takes the place of the token table's rows (soft prompts, as Hugging Face's
         ``inputs_embeds``); they still get positions, segments and the norm."""

@@ -1,8 +1,13 @@
 """Self- and cross-attention through ``F.scaled_dot_product_attention`` (fused flash / memory-efficient kernels).
 
 Mask convention, used everywhere in mmformer: a boolean key-padding mask (B, S) with True = a real token that may be
-attended to. Causal attention assumes right padding (real tokens first), the layout every mmformer tokenizer and
-collator produces; then ``is_causal`` alone is exact for every real position and no (T, S) mask is built.
+attended to. Causal attention over right padding (real tokens first, the layout every mmformer tokenizer and
+collator produces) takes ``is_causal`` alone, exact for every real position, and builds no (T, S) mask; left padding
+(batched generation prompts) combines the key mask with the causal triangle. A query that may attend to nothing (a
+left pad) gets zeros from SDPA, and no real query ever reads it.
+
+Additive biases (ALiBi's, T5's learned relative bias) pass to SDPA as a float ``attn_mask`` (nh, T, S) with -inf
+where attention is not allowed.
 
 Shape legend: B batch, T query tokens, S key tokens, D width, nh query heads, nkv key/value heads, hs head size.
 """
@@ -29,8 +34,10 @@ def reference_attention(
     mask: torch.Tensor | None = None,
     causal: bool = False,
     bias: torch.Tensor | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """Naive ``softmax(QKᵀ/√hs + bias + mask) V`` that materialises the (T, S) scores. For tests only.
+    """Naive ``softmax(QKᵀ/√hs + bias + mask) V`` (``scale`` instead of 1/√hs if given) that materialises the (T, S)
+    scores. For tests only.
 
     q (B, nh, T, hs); k, v (B, nkv, S, hs); mask (B, S) key padding; bias broadcastable to (B, nh, T, S).
     Queries are the last T of S positions when causal.
@@ -38,7 +45,7 @@ def reference_attention(
     nh, nkv = q.shape[1], k.shape[1]
     k = k.repeat_interleave(nh // nkv, dim=1)
     v = v.repeat_interleave(nh // nkv, dim=1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, nh, T, S)
+    scores = q @ k.transpose(-1, -2) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))  # (B, nh, T, S)
     if bias is not None:
         scores = scores + bias
     T, S = scores.shape[-2:]
@@ -51,7 +58,7 @@ def reference_attention(
     return scores.softmax(dim=-1) @ v
 
 
-def _right_padded(mask: torch.Tensor) -> bool:
+def right_padded(mask: torch.Tensor) -> bool:
     """True when every row is real tokens followed only by padding."""
     return not bool((mask[:, 1:] & ~mask[:, :-1]).any())
 
@@ -68,19 +75,21 @@ class Attention(nn.Module):
         self.cross = cross
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        qkv_bias, out_bias = cfg.attention_bias
         if cross:
-            self.q = nn.Linear(cfg.width, q_dim, bias=cfg.bias)
-            self.kv = nn.Linear(cfg.width, 2 * kv_dim, bias=cfg.bias)
+            self.q = nn.Linear(cfg.width, q_dim, bias=qkv_bias)
+            self.kv = nn.Linear(cfg.width, 2 * kv_dim, bias=qkv_bias)
         else:
-            self.qkv = nn.Linear(cfg.width, q_dim + 2 * kv_dim, bias=cfg.bias)
-        self.proj = nn.Linear(q_dim, cfg.width, bias=cfg.bias)
+            self.qkv = nn.Linear(cfg.width, q_dim + 2 * kv_dim, bias=qkv_bias)
+        self.proj = nn.Linear(q_dim, cfg.width, bias=out_bias)
         # CoCa's ln_1_kv: the memory is normed before its keys and values (once per memory, like them)
         self.memory_norm = make_norm(cfg.norm, cfg.width, cfg.norm_eps) if cross and cfg.cross_memory_norm else None
         self.q_norm = make_norm(cfg.norm, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = make_norm(cfg.norm, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.attn_dropout = cfg.attn_dropout
+        self.scale = cfg.attn_scale  # None: SDPA's 1/sqrt(hs)
         relative = "none" if cross else cfg.position
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta) if relative == "rope" else None
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) if relative == "rope" else None
         self.alibi = relative == "alibi"  # slopes derived from n_heads where they are used
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -107,11 +116,14 @@ class Attention(nn.Module):
         documents: Documents | None = None,
         memory_documents: Documents | None = None,
         padded_queries: bool = False,
+        positions: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend from x (B, T, D).
 
         Args:
-            mask: key padding (B, S), True = real; for cross-attention it masks the memory.
+            mask: key padding (B, S), True = real; for cross-attention it masks the memory. With a cache, S counts
+                the cached keys too.
             padded_queries: queries at masked positions matter (CoCa's class token after the padding, under its
                 checkpoints' shifted mask): the mask is applied as given, never replaced by ``is_causal`` for
                 right-padded rows.
@@ -124,13 +136,17 @@ class Attention(nn.Module):
                 each token attends only within its own document, whose positions start at 0.
             memory_documents: cross-attention over a packed memory (1, S, D) of these documents, query document i
                 reading memory document i; without it, memory (n, S, D) has one row per query document.
+            positions: per-row position ids (B, T) of the queries for RoPE (left-padded prompts; default:
+                consecutive from the cache).
+            bias: an additive score bias (nh, T, S) of self-attention (a stack's T5 relative bias); over packed
+                documents, (nh, L, L) of the longest one (each document's rows read its top-left corner).
         """
         if documents is not None:
-            return self._forward_documents(x, mask, causal, memory, documents, memory_documents)
+            return self._forward_documents(x, mask, causal, memory, documents, memory_documents, bias)
         offset = cache.length if cache is not None and not self.cross else 0
         kv_in = self._memory_kv(memory) if self.cross and memory is not None else None
         q_in = self.q(x) if self.cross else self.qkv(x)
-        out = self._attend(q_in, kv_in, mask, causal, cache, layer, offset, padded_queries)
+        out = self._attend(q_in, kv_in, mask, causal, cache, layer, offset, padded_queries, positions, bias)
         return self.proj(out)
 
     def _attend(
@@ -143,6 +159,8 @@ class Attention(nn.Module):
         layer: int,
         offset: int,
         padded_queries: bool = False,
+        positions: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The attention between the projections and ``proj``: projected queries (B, T, nh*hs) — or q|k|v (B, T,
         (nh + 2 nkv)*hs) for self-attention — and projected memory k|v ``kv_in`` (B, S, 2 nkv*hs) → (B, T, nh*hs)."""
@@ -167,21 +185,23 @@ class Attention(nn.Module):
             if self.k_norm is not None:
                 k = self.k_norm(k)
             if self.rope is not None:
-                k = self.rope(k, offset)
+                k = self.rope(k, offset, positions=positions)
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.rope is not None:
-            q = self.rope(q, offset)
+            q = self.rope(q, offset, positions=positions)
         if cache is not None and not self.cross:
             k, v = cache.append(layer, k, v)
 
         attn_mask, is_causal = self._mask(mask, causal, T, k.shape[2], q.device, padded_queries)
         if self.alibi:
-            bias = alibi_bias(alibi_slopes(self.n_heads, q.device), T, k.shape[2], causal).to(q.dtype)  # (nh, T, S)
+            bias = alibi_bias(alibi_slopes(self.n_heads, q.device), T, k.shape[2], causal)  # (nh, T, S)
+        if bias is not None and not self.cross:
+            bias = bias[:, :T, : k.shape[2]]  # a packed document's rows: the top-left corner of the longest's bias
             allowed = attn_mask if attn_mask is not None else torch.ones(1, 1, 1, 1, dtype=torch.bool, device=q.device)
             if is_causal:
                 allowed = allowed & torch.ones(T, k.shape[2], dtype=torch.bool, device=q.device).tril()
-            attn_mask, is_causal = bias.masked_fill(~allowed, float("-inf")), False
+            attn_mask, is_causal = bias.to(q.dtype).masked_fill(~allowed, float("-inf")), False
         # > 1: each memory row serves `groups` consecutive query rows (beams)
         groups = B // k.shape[0] if self.cross and 0 < k.shape[0] < B else 1
         if groups > 1:  # (B, nh, T, hs) → (B/G, nh, G*T, hs): the beams' queries read their sample's keys once
@@ -193,6 +213,7 @@ class Attention(nn.Module):
             attn_mask=attn_mask,
             dropout_p=self.attn_dropout if self.training else 0.0,
             is_causal=is_causal,
+            scale=self.scale,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, nh, T, hs), or (B/G, nh, G*T, hs)
         if groups > 1:
@@ -217,6 +238,7 @@ class Attention(nn.Module):
         memory: torch.Tensor | None,
         documents: Documents,
         memory_documents: Documents | None,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Packed documents x (R, T, D): the projections run on the packed tokens (no padding); attention runs per
         document, nested-jagged or regrouped into padded per-document rows (see :mod:`mmformer.layers.documents`)."""
@@ -225,13 +247,16 @@ class Attention(nn.Module):
             raise ValueError("cross-attention over documents needs `memory` (no KV cache with packed documents)")
         q_in = self.q(x) if self.cross else self.qkv(x)  # (R, T, ·)
         kv_in = self._memory_kv(memory) if self.cross else None
-        if documents.use_jagged(x.device, bias=self.alibi) and (not self.cross or memory_documents is not None):
+        biased = self.alibi or (bias is not None and not self.cross)
+        if documents.use_jagged(x.device, bias=biased) and (not self.cross or memory_documents is not None):
             out = self._jagged(q_in.view(1, R * T, -1), kv_in, documents, memory_documents, causal)
             return self.proj(out.view(R, T, -1))
         # dense: per-document rows (n, L) right-padded, through the usual path (rope restarts at 0 in each row)
         if not self.cross and documents.buckets is not None:  # long documents of unequal lengths: by length bucket
             outs = [
-                self._attend(documents.pad_bucket(q_in, b), None, b.mask, causal, None, 0, 0)  # (n_b, L_b, nh*hs)
+                self._attend(
+                    documents.pad_bucket(q_in, b), None, b.mask, causal, None, 0, 0, bias=bias
+                )  # (n_b, L_b, ·)
                 for b in documents.buckets
             ]
             return self.proj(documents.unpad_buckets(outs, R))
@@ -239,7 +264,7 @@ class Attention(nn.Module):
         if self.cross and memory_documents is not None:
             kv_in, memory_mask = memory_documents.pad(kv_in), memory_documents.mask
         mask = memory_mask if self.cross else documents.mask
-        out = self._attend(q_in, kv_in, mask, causal, None, 0, 0)  # (n, L, nh*hs)
+        out = self._attend(q_in, kv_in, mask, causal, None, 0, 0, bias=bias)  # (n, L, nh*hs)
         return self.proj(documents.unpad(out, R))
 
     def _jagged(
@@ -270,7 +295,9 @@ class Attention(nn.Module):
             q = self.rope(q, positions=positions)
         flat = lambda t: t[0].transpose(0, 1)  # noqa: E731  (1, h, N, hs) → (N, h, hs)
         dropout = self.attn_dropout if self.training else 0.0
-        out = document_attention(flat(q), flat(k), flat(v), documents, kv_docs, causal=causal, dropout_p=dropout)
+        out = document_attention(
+            flat(q), flat(k), flat(v), documents, kv_docs, causal=causal, dropout_p=dropout, scale=self.scale
+        )
         return out.reshape(documents.tokens, self.n_heads * self.head_dim)
 
     @staticmethod
@@ -282,7 +309,7 @@ class Attention(nn.Module):
         if mask is not None and not torch.compiler.is_compiling() and bool(mask.all()):
             mask = None  # nothing padded: let SDPA pick the fastest kernel (a compiled graph keeps the mask instead)
         # T == S first: a traced graph (torch.export) with a symbolic T == S then needs no guard on T == 1
-        if causal and T == S and (mask is None or (_right_padded(mask) and not padded_queries)):
+        if causal and T == S and (mask is None or (right_padded(mask) and not padded_queries)):
             return None, True
         if causal and T == 1:
             causal = False  # one new query after the cache sees every cached key

@@ -15,6 +15,7 @@ from mmformer.layers.cache import KVCache
 from mmformer.layers.documents import Documents
 from mmformer.layers.mlp import make_mlp
 from mmformer.layers.norms import make_norm
+from mmformer.layers.positions import RelativePositionBias
 
 
 class DropPath(nn.Module):
@@ -132,11 +133,18 @@ class Block(nn.Module):
         padded_queries: bool = False,
         documents: Documents | None = None,
         memory_documents: Documents | None = None,
+        positions: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         mlp_kwargs = {"modality": modality} if self.multiway else {}
         attn_kwargs = dict(mask=mask, causal=causal, cache=cache, layer=layer)
-        if padded_queries:  # only passed when set: a keyword per call costs in token-by-token decoding
+        # the rest only passed when set: a keyword per call costs in token-by-token decoding
+        if padded_queries:
             attn_kwargs["padded_queries"] = True
+        if positions is not None:
+            attn_kwargs["positions"] = positions
+        if bias is not None:
+            attn_kwargs["bias"] = bias
         cross_kwargs = {}
         if documents is not None:  # packed batches only: decoding steps pass none
             attn_kwargs["documents"] = documents
@@ -157,7 +165,8 @@ class Block(nn.Module):
 
 
 class Stack(nn.Module):
-    """Blocks with linearly increasing drop-path and an optional final norm."""
+    """Blocks with linearly increasing drop-path and an optional final norm; with ``position="t5"``, the one learned
+    relative position bias every block's self-attention adds (T5 shares it across layers)."""
 
     def __init__(self, cfg: StackConfig):
         super().__init__()
@@ -165,6 +174,11 @@ class Stack(nn.Module):
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
         self.norm = make_norm(cfg.norm, cfg.width, cfg.norm_eps) if cfg.final_norm else nn.Identity()
+        self.relative_bias = (
+            RelativePositionBias(cfg.n_heads, cfg.relative_buckets, cfg.relative_max_distance)
+            if cfg.position == "t5"
+            else None
+        )
 
     def forward(
         self,
@@ -181,14 +195,17 @@ class Stack(nn.Module):
         padded_queries: bool = False,
         documents: Documents | None = None,
         memory_documents: Documents | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run x (B, T, D) through every block; with a cache, x holds only the new tokens.
+        """Run x (B, T, D) through every block; with a cache, x holds only the new tokens (and ``mask`` covers the
+        cached ones too).
 
         ``first_layer`` is this stack's first block in a cache shared with stacks that run before it (CoCa's decoder
         continues its text stack); the stack holding the cache's last layer moves the cache on. ``final_norm=False``
         returns the states before the final norm. ``padded_queries``: see
         :meth:`~mmformer.layers.attention.Attention.forward`. With ``documents``, x is a packed batch (R, T, D) of
-        them and ``mask`` is unused (see :mod:`mmformer.layers.documents`).
+        them and ``mask`` is unused (see :mod:`mmformer.layers.documents`). ``positions`` (B, T): per-row position
+        ids for RoPE (left-padded prompts).
         """
         if documents is not None and cache is not None:
             raise ValueError("documents: packed batches are for training and encoding; decode with a KV cache unpacked")
@@ -197,6 +214,14 @@ class Stack(nn.Module):
             kwargs["padded_queries"] = True
         if documents is not None:
             kwargs.update(documents=documents, memory_documents=memory_documents)
+        if positions is not None:
+            kwargs["positions"] = positions
+        if self.relative_bias is not None:  # computed once, read by every block
+            if documents is not None:  # every document's rows start at position 0: the longest one's bias serves all
+                kwargs["bias"] = self.relative_bias(documents.max_length, documents.max_length, causal)  # (nh, L, L)
+            else:
+                past = cache.length if cache is not None else 0
+                kwargs["bias"] = self.relative_bias(x.shape[1], past + x.shape[1], causal)  # (nh, T, S)
         for i, block in enumerate(self.blocks):
             if self.cfg.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, layer=first_layer + i, use_reentrant=False, **kwargs)

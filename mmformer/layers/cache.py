@@ -1,9 +1,15 @@
 """An explicit, preallocated key/value cache for incremental decoding (no hooks, no hidden state).
 
 The cache owns its whole protocol: how many rows and positions it holds (:attr:`batch_size`, :attr:`capacity`,
-:attr:`length`), growing (:meth:`ensure`), writing a layer's new keys/values (:meth:`append`) and moving on
-(:meth:`advance`), reordering rows for beam search (:meth:`reorder`), and each layer's cross-attention keys/values
-(:meth:`has_cross`, :meth:`cross`, :meth:`set_cross`). Nothing outside this module reads its tensors.
+:attr:`length`), growing (:meth:`ensure`), which cached positions are padding and where each row's next token sits
+(:meth:`track`), writing a layer's new keys/values (:meth:`append`) and moving on (:meth:`advance`), reordering rows
+for beam search (:meth:`reorder`), and each layer's cross-attention keys/values (:meth:`has_cross`, :meth:`cross`,
+:meth:`set_cross`). Nothing outside this module reads its tensors.
+
+Padding: rows of different lengths are decoded together left-padded (real tokens last, so every row's next token
+goes to the same column). The cache then keeps a key-padding mask (B, M) and each row's count of real tokens, so
+that later steps mask the padded keys and number each row's tokens as if it were alone. Until a padded row
+arrives it keeps neither, and decoding takes the unpadded fast paths.
 
 Shape legend: L layers, B batch, nkv key/value heads, hs head size, M capacity (cached positions), T new tokens,
 S memory tokens.
@@ -42,6 +48,8 @@ class KVCache:
         self._cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         self.length = 0  # tokens already cached
         self._spare: tuple[torch.Tensor, torch.Tensor] | None = None  # reorder's second buffer
+        self._mask: torch.Tensor | None = None  # (B, M) True = real token; None while no row has padding
+        self._real: torch.Tensor | None = None  # (B,) real tokens cached per row (with _mask)
 
     @classmethod
     def from_state(
@@ -117,6 +125,36 @@ class KVCache:
         v[:, :, :, : self.length] = self._v[:, :, :, : self.length]
         self._use(k, v)
         self._spare = None
+        if self._mask is not None:
+            mask = self._mask.new_ones(self.batch_size, size)
+            mask[:, : self._mask.shape[1]] = self._mask
+            self._mask = mask
+
+    # ------------------------------------------------------------------ padding and positions
+    def track(self, mask: torch.Tensor | None, n_tokens: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Record which of the next ``n_tokens`` tokens are real (``mask`` (B, T), True = real; None = all) before
+        the layers append their keys.
+
+        Returns:
+            The key-padding mask (B, length + T) over every cached and new position, and the position ids (B, T) of
+            the new tokens (each row counting only its real tokens); both None while no row has had padding, when
+            positions are simply ``length … length+T-1``.
+        """
+        end = self.length + n_tokens
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; decoding needs {end} (call ensure first)")
+        if self._mask is None:
+            if mask is None or bool(mask.all()):
+                return None, None
+            self._mask = torch.ones(self.batch_size, self.capacity, dtype=torch.bool, device=self._k.device)
+            self._real = torch.full((self.batch_size,), self.length, dtype=torch.long, device=self._k.device)
+        new = self._mask.narrow(1, self.length, n_tokens)  # (B, T)
+        if mask is None:
+            new.fill_(True)
+        else:
+            new.copy_(mask)
+        positions = self._real[:, None] + new.long().cumsum(dim=1) - 1  # (B, T)
+        return self._mask[:, :end], positions.clamp(min=0)
 
     # ------------------------------------------------------------------ self-attention
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,6 +169,8 @@ class KVCache:
 
     def advance(self, n_tokens: int) -> None:
         """Count ``n_tokens`` more cached positions, once every layer has appended them."""
+        if self._mask is not None:
+            self._real += self._mask[:, self.length : self.length + n_tokens].sum(dim=1)
         self.length += n_tokens
 
     # ------------------------------------------------------------------ cross-attention
@@ -171,6 +211,8 @@ class KVCache:
             torch.index_select(self._v[:, :, :, :n], 1, index, out=spare_v[:, :, :, :n])
             self._spare = (self._k, self._v)
             self._use(spare_k, spare_v)
+        if self._mask is not None:
+            self._mask, self._real = self._mask.index_select(0, index), self._real.index_select(0, index)
         if cross:
             self._cross = [
                 None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))

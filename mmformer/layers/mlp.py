@@ -1,4 +1,4 @@
-"""Feed-forward sublayers: GELU / QuickGELU MLPs, SwiGLU, and a top-k mixture of experts.
+"""Feed-forward sublayers: GELU / QuickGELU / ReLU MLPs, gated ones (SwiGLU, GEGLU), and a top-k mixture of experts.
 
 Shape legend: B batch, T tokens, D width, H hidden width, E experts, K experts per token, N = B*T.
 """
@@ -22,24 +22,34 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 # plain functions, not modules: an activation has no state, and a module call costs as much as a small kernel when
-# decoding token by token
-ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": _gelu_tanh, "quickgelu": quick_gelu, "swiglu": F.silu}
+# decoding token by token. Gated kinds name the activation of their gate branch.
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": _gelu_tanh,
+    "quickgelu": quick_gelu,
+    "relu": F.relu,
+    "swiglu": F.silu,  # Llama, Mistral, Qwen
+    "geglu": F.gelu,
+    "geglu_tanh": _gelu_tanh,  # T5 v1.1's gated-gelu (gelu_new), Gemma
+}
+GATED = ("swiglu", "geglu", "geglu_tanh")
 
 
 class Mlp(nn.Module):
-    """Linear → activation → dropout → linear; SwiGLU gates the hidden layer with a second projection."""
+    """Linear → activation → dropout → linear; gated kinds (SwiGLU, GEGLU) multiply the activated gate branch with a
+    second projection: ``fc1`` holds both, gate rows first."""
 
     def __init__(self, dim: int, hidden: int, kind: str = "gelu", bias: bool = True, dropout: float = 0.0):
         super().__init__()
-        self.swiglu = kind == "swiglu"
-        self.fc1 = nn.Linear(dim, 2 * hidden if self.swiglu else hidden, bias=bias)
+        self.gated = kind in GATED
+        self.fc1 = nn.Linear(dim, 2 * hidden if self.gated else hidden, bias=bias)
         self.act = ACTIVATIONS[kind]
         self.drop = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
-        if self.swiglu:
+        if self.gated:
             gate, h = h.chunk(2, dim=-1)
             h = self.act(gate) * h
         else:

@@ -2,7 +2,8 @@
 
 - retrieval recall@k in both directions over the features of a whole epoch (:class:`RetrievalRecall`);
 - zero-shot top-1 accuracy (``MulticlassAccuracy``);
-- generated text against references: BLEU, CER, WER and exact match (:class:`TextMetrics`).
+- generated text against references: BLEU, CER, WER and exact match (:class:`TextMetrics`);
+- the text-only objectives: the language model's perplexity and the masked-LM's accuracy on its masked tokens.
 
 Texts are compared after :func:`normalize_text` (lower case, whitespace runs collapsed), because the tokenizers
 lowercase and detokenised text loses the original spacing.
@@ -19,7 +20,7 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
-from torchmetrics.text import BLEUScore, CharErrorRate, WordErrorRate
+from torchmetrics.text import BLEUScore, CharErrorRate, Perplexity, WordErrorRate
 from torchmetrics.utilities import dim_zero_cat
 
 TOP_K = (1, 5)
@@ -143,11 +144,21 @@ class TaskMetrics(nn.Module):
     Args:
         embed_dim: size of the contrastive features.
         n_classes: number of zero-shot classes (0: no zero-shot accuracy).
+        vocab_size: the vocabulary the masked-LM accuracy ranges over.
     """
 
-    GROUPS = ("retrieval_image", "retrieval_audio", "zeroshot_image", "zeroshot_audio", "caption", "speech")
+    GROUPS = (
+        "retrieval_image",
+        "retrieval_audio",
+        "zeroshot_image",
+        "zeroshot_audio",
+        "caption",
+        "speech",
+        "lm",
+        "mlm",
+    )
 
-    def __init__(self, embed_dim: int, n_classes: int = 0):
+    def __init__(self, embed_dim: int, n_classes: int = 0, vocab_size: int = 2):
         super().__init__()
         self.embed_dim = embed_dim
         self.retrieval_image = RetrievalRecall("i", "t")
@@ -156,11 +167,23 @@ class TaskMetrics(nn.Module):
         self.zeroshot_audio = MulticlassAccuracy(num_classes=max(n_classes, 2), average="micro")
         self.caption = TextMetrics()
         self.speech = TextMetrics()
+        self.lm = Perplexity(ignore_index=-100)
+        self.mlm = MulticlassAccuracy(num_classes=max(vocab_size, 2), average="micro", ignore_index=-100)
         self._updated: set[str] = set()
 
     def mark(self, group: str) -> None:
         """Record that ``group`` received data this epoch."""
         self._updated.add(group)
+
+    def update_lm(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Next-token logits (B, T, V) and targets (B, T) (-100 where ignored) for the perplexity."""
+        self.lm.update(logits.detach().float(), targets)
+        self.mark("lm")
+
+    def update_mlm(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Masked-LM logits (B, T, V) and labels (B, T) (-100 where not masked) for the accuracy."""
+        self.mlm.update(logits.detach().flatten(0, 1), labels.flatten())
+        self.mark("mlm")
 
     def compute_and_reset(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Flat results such as ``i2t_r1``, ``zeroshot_image_acc``, ``caption_bleu``, ``speech_wer``."""
@@ -179,6 +202,10 @@ class TaskMetrics(nn.Module):
                     out.update(metric.compute())
                 elif group.startswith("zeroshot"):
                     out[f"{group}_acc"] = metric.compute()
+                elif group == "lm":
+                    out["lm_perplexity"] = metric.compute()
+                elif group == "mlm":
+                    out["mlm_accuracy"] = metric.compute()
                 else:
                     keys = ("bleu", "cer", "exact") if group == "caption" else ("wer", "cer")
                     values = metric.compute()

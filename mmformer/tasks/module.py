@@ -10,6 +10,8 @@ from a training loader with SpecAugment: see :mod:`mmformer.data.augment`). One 
 - ``ctc``: CTC of the optional CTC head over the audio tokens;
 - ``moe_aux``: the mixture-of-experts load-balancing loss, averaged over every MoE layer call of the step;
 - ``distill_*``: with a ``teacher``, knowledge distillation from it (see :mod:`mmformer.tasks.distill`);
+- ``lm`` / ``mlm``: on text-only batches (no image or audio), next-token cross-entropy of a decoder-only model and
+  BERT's masked-LM loss (:mod:`mmformer.tasks.text_objectives`), with perplexity and masked-token accuracy;
 
 and trains on their weighted sum. Each image or audio batch runs through its encoder once: the same token states
 feed the contrastive pooling and the decoder's cross-attention.
@@ -57,6 +59,7 @@ from mmformer.tasks.losses import (
 )
 from mmformer.tasks.metrics import TaskMetrics, normalize_text, text_keys
 from mmformer.tasks.schedule import WarmupCosine
+from mmformer.tasks.text_objectives import TextObjectives
 from mmformer.zeroshot import build_class_embeddings, check_templates
 
 STAGES = ("val", "test")
@@ -93,6 +96,12 @@ class MultimodalTask(L.LightningModule):
         caption_weight: weight of the captioning cross-entropy.
         speech_weight: weight of the speech-to-text cross-entropy.
         ctc_weight: weight of the CTC loss (needs ``model.ctc_head: true``).
+        lm_weight: weight of the language-modelling loss on text-only batches (needs a decoder route).
+        mlm_weight: weight of the masked-LM loss on text-only batches (needs ``model.mlm_head`` and a ``mask_id``).
+        mlm_probability: the share of tokens masked for ``mlm`` (BERT: 0.15).
+        packed_attention: on packed text blocks (``data.pack_documents``), ``none`` lets attention cross document
+            boundaries (nanoGPT, Hugging Face's ``group_texts``); ``document`` keeps each document to itself, with
+            positions restarting per document.
         moe_aux_weight: weight of the mixture-of-experts load-balancing loss (1.0 when perfectly balanced).
         contrastive_loss: ``clip`` (softmax InfoNCE) or ``siglip`` (sigmoid; give the model a ``logit_bias_init``).
         optimizer: builds the optimizer from parameter groups; weight decay applies only to matrices (see
@@ -139,6 +148,10 @@ class MultimodalTask(L.LightningModule):
         caption_weight: float = 1.0,
         speech_weight: float = 1.0,
         ctc_weight: float = 0.0,
+        lm_weight: float = 0.0,
+        mlm_weight: float = 0.0,
+        mlm_probability: float = 0.15,
+        packed_attention: Literal["none", "document"] = "none",
         moe_aux_weight: float = 0.01,
         contrastive_loss: Literal["clip", "siglip"] = "clip",
         optimizer: OptimizerCallable = adamw,
@@ -178,6 +191,8 @@ class MultimodalTask(L.LightningModule):
             "caption_weight": caption_weight,
             "speech_weight": speech_weight,
             "ctc_weight": ctc_weight,
+            "lm_weight": lm_weight,
+            "mlm_weight": mlm_weight,
             "moe_aux_weight": moe_aux_weight,
             "distill_weight": distill_weight,
             "distill_feature_weight": distill_feature_weight,
@@ -233,10 +248,14 @@ class MultimodalTask(L.LightningModule):
             "caption": float(caption_weight),
             "speech": float(speech_weight),
             "ctc": float(ctc_weight),
+            "lm": float(lm_weight),
+            "mlm": float(mlm_weight),
             "moe_aux": float(moe_aux_weight),
             "prompt_image": 1.0,  # a context prompt's classification loss (the only one while it trains)
             "prompt_audio": 1.0,
         }
+        self.text_objectives = TextObjectives(lm_weight > 0, mlm_weight > 0, mlm_probability, packed_attention)
+        self.text_objectives.check(self.model)
         self.distiller = None
         if teacher is not None:
             self.distiller = Distiller(
@@ -263,7 +282,9 @@ class MultimodalTask(L.LightningModule):
         self.tokenizer = None  # set it to evaluate/predict text without a data module that has one
 
         embed_dim = model.embed_dim or model.text_width()
-        self.metrics = nn.ModuleDict({s: TaskMetrics(embed_dim, len(self.zeroshot_classes)) for s in STAGES})
+        self.metrics = nn.ModuleDict(
+            {s: TaskMetrics(embed_dim, len(self.zeroshot_classes), model.text.vocab_size) for s in STAGES}
+        )
         self._class_embeddings: torch.Tensor | None = None
         self._skipped_steps = 0
         self._skip_step = False
@@ -287,7 +308,9 @@ class MultimodalTask(L.LightningModule):
     def _has(self, route: str) -> bool:
         return route in self.model.config.routes
 
-    def _losses(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def _losses(
+        self, batch: dict[str, Any], stage: str = "train"
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Loss parts and contrastive features ({"image"/"audio"/"text": (B, E)}) of one batch."""
         m = self.model
         if isinstance(self.prompt, adapt.ContextPrompt):
@@ -298,6 +321,8 @@ class MultimodalTask(L.LightningModule):
         ids, mask = batch.get("input_ids"), batch.get("attention_mask")
         # audio arrives as waveforms, or as log-mel features the training loader computed (SpecAugment)
         media = [k for k in ("pixel_values", "audio", "audio_features") if batch.get(k) is not None]
+        if ids is not None and not media and (self.text_objectives.lm or self.text_objectives.mlm):
+            return self._text_losses(batch, stage), {}
         if ids is None or not media:
             raise ValueError(
                 "batch: expected input_ids + attention_mask and at least one of pixel_values, audio, audio_features; "
@@ -379,6 +404,15 @@ class MultimodalTask(L.LightningModule):
             )
         return parts, feats
 
+    def _text_losses(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
+        """The ``lm`` / ``mlm`` parts of a text-only batch (and the MoE term); evaluation updates their metrics."""
+        self.model.pop_aux_loss()
+        parts = self.text_objectives.losses(self.model, batch, self.metrics[stage] if stage in STAGES else None)
+        aux = self.model.pop_aux_loss()
+        if aux is not None and self.weights["moe_aux"] > 0:
+            parts["moe_aux"] = aux
+        return parts
+
     @staticmethod
     def _documents(batch: dict[str, Any]) -> Documents | None:
         """The documents of a packed batch (``text_lengths``, see :class:`~mmformer.data.Collator`); None if padded."""
@@ -387,7 +421,7 @@ class MultimodalTask(L.LightningModule):
 
     def _step(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
         """Weighted loss of one batch, with every part logged under ``{stage}/``."""
-        parts, feats = self._losses(batch)
+        parts, feats = self._losses(batch, stage)
         loss = sum(self.weights[name] * value for name, value in parts.items())
         lengths = batch.get("text_lengths")
         batch_size = batch["input_ids"].shape[0] if lengths is None else len(lengths)
