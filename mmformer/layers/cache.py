@@ -69,12 +69,13 @@ class KVCache:
                 f"keys, values: expected two (L, B, nkv, P, hs) tensors of one shape, got {tuple(keys.shape)} and "
                 f"{tuple(values.shape)}"
             )
-        cache = cls.__new__(cls)
-        pad = keys.new_zeros(*keys.shape[:3], room, keys.shape[4])
+        L, B, nkv, _, hs = keys.shape
+        cache = cls(L, B, nkv, hs, 0, device=keys.device, dtype=keys.dtype)  # rows without padding
+        pad = keys.new_zeros(*keys.shape[:3], room, hs)
         cache._use(torch.cat([keys, pad], dim=3), torch.cat([values, pad], dim=3))  # (L, B, nkv, P + room, hs)
-        cache._cross = [None] * keys.shape[0] if cross is None else list(zip(cross[0].unbind(0), cross[1].unbind(0)))
+        if cross is not None:
+            cache._cross = list(zip(cross[0].unbind(0), cross[1].unbind(0)))
         cache.length = keys.shape[3]
-        cache._spare = None
         return cache
 
     def state(self) -> tuple[torch.Tensor, torch.Tensor]:
