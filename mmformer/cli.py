@@ -25,6 +25,8 @@ Training (a LightningCLI; `mmformer fit --help` lists every option):
 Inference and interop:
   export      checkpoint → pretrained directory:  mmformer export --ckpt runs/.../last.ckpt --out out/model
               (a LoRA run's checkpoint → its adapter folder, --merge → the merged model; a prompt run's → its prompt)
+              towers → ONNX / torch.export:        mmformer export --model out/model --format onnx --out out/onnx
+  quantize    torchao int8 / int4 weights:         mmformer quantize --model out/model --method dynamic --out out/int8
   merge       base + LoRA adapter → plain model:   mmformer merge --base DIR --adapter DIR --out DIR
   zeroshot    zero-shot classification:            mmformer zeroshot --model out/model --classes a,b,c FILES...
   caption     image captioning:                    mmformer caption --model out/model FILES...
@@ -78,11 +80,37 @@ def _decoding_args(p: argparse.ArgumentParser, inputs: str = "files", what: str 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmformer", usage=USAGE, add_help=False)
     sub = parser.add_subparsers(dest="command")
-    p = sub.add_parser("export", help="turn a training checkpoint into a pretrained directory")
-    p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt)")
+    p = sub.add_parser("export", help="write a pretrained directory, or each tower as ONNX / torch.export graphs")
+    p.add_argument("--ckpt", help="Lightning checkpoint (.ckpt)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--format",
+        choices=("pretrained", "onnx", "torch-export"),
+        default="pretrained",
+        help="pretrained: config.json + model.safetensors; onnx / torch-export: a graph per tower and decoder step",
+    )
+    p.add_argument("--towers", help="comma-separated towers to export (image,audio,text,decoder; default: all)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
     p.add_argument("--overwrite", action="store_true", help="replace an existing mmformer directory")
     p.add_argument("--merge", action="store_true", help="a LoRA run's checkpoint: write the merged model")
+
+    p = sub.add_parser("quantize", help="quantize a model's linear layers with torchao")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--method", required=True, help="dynamic | int8-weight | int4-weight | static")
+    p.add_argument("--calib", help="data manifest (CSV/TSV/JSONL) whose samples calibrate static int8")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration samples read from --calib")
+    p.add_argument("--group-size", type=int, default=32, help="input channels per int4 group (32, 64, 128)")
+    p.add_argument("--embeddings", action="store_true", help="int8 embedding tables (and a tied LM head) too")
+    p.add_argument(
+        "--float-storage",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="dtype of the tensors left in float in the file (bfloat16: a smaller file)",
+    )
+    p.add_argument("--device", default="cpu", help="where to quantize (int4 packs for this device)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing mmformer directory")
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save the plain model")
     p.add_argument("--base", required=True, help="the base model the adapter was trained on")
@@ -213,14 +241,52 @@ def _export(args: argparse.Namespace) -> None:
     from mmformer.auto import load_pretrained
     from mmformer.pretrained import CHECKPOINT_KEY, read_torch
 
-    record = read_torch(args.ckpt).get(CHECKPOINT_KEY) if args.ckpt.endswith(".ckpt") else None
-    if isinstance(record, dict) and (record.get("lora") or record.get("prompt")):  # an adaptation run
-        from mmformer.tasks.adapt import export_checkpoint
+    if (args.ckpt is None) == (args.model is None):
+        raise ValueError("pass exactly one of --ckpt (a training checkpoint) and --model (a pretrained folder)")
+    if args.format == "pretrained" and args.ckpt is not None:
+        record = read_torch(args.ckpt).get(CHECKPOINT_KEY) if args.ckpt.endswith(".ckpt") else None
+        if isinstance(record, dict) and (record.get("lora") or record.get("prompt")):  # an adaptation run
+            from mmformer.tasks.adapt import export_checkpoint
 
-        print(f"wrote {export_checkpoint(args.ckpt, args.out, merge=args.merge, overwrite=args.overwrite)}")
-        return
-    load_pretrained(args.ckpt).save_pretrained(args.out, overwrite=args.overwrite)
+            print(f"wrote {export_checkpoint(args.ckpt, args.out, merge=args.merge, overwrite=args.overwrite)}")
+            return
+    model = load_pretrained(args.ckpt or args.model)
+    if args.format == "pretrained":
+        model.save_pretrained(args.out, overwrite=args.overwrite)
+    else:
+        from mmformer.export import export
+
+        towers = [t.strip() for t in args.towers.split(",") if t.strip()] if args.towers else None
+        export(model, args.out, format=args.format, towers=towers, opset=args.opset, overwrite=args.overwrite)
     print(f"wrote {args.out}")
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from mmformer.auto import load_pretrained
+    from mmformer.quantization import METHODS, calibration_batches, quantize
+
+    if args.method not in METHODS:
+        raise ValueError(f"--method: expected one of {', '.join(METHODS)}, got {args.method!r}")
+    if args.method == "static" and not args.calib:
+        raise ValueError("--method static needs --calib MANIFEST (samples whose activation ranges set the scales)")
+    model = load_pretrained(args.model, device=args.device)
+    calibration = None
+    if args.method == "static":
+        calibration = calibration_batches(model, args.calib, max_samples=args.calib_samples)
+    quantize(
+        model,
+        args.method,
+        calibration=calibration,
+        group_size=args.group_size,
+        embeddings=args.embeddings,
+        float_storage=args.float_storage,
+    )
+    model.save_pretrained(args.out, overwrite=args.overwrite)
+    sizes = [sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) for d in (args.model, args.out)]
+    ratio = f" ({sizes[0] / sizes[1]:.2f}x smaller)" if Path(args.model).is_dir() and sizes[1] else ""
+    print(f"wrote {args.out}: {len(model.quantization.modules)} layers {args.method}, {sizes[1]:,} bytes{ratio}")
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -254,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     handlers = {
         "zeroshot": _zeroshot,
         "export": _export,
+        "quantize": _quantize,
         "merge": _merge,
         "convert": _convert,
         "caption": lambda a: _decode(a, "caption"),
@@ -267,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         handlers[args.command](args)
-    except (SampleError, FileNotFoundError, ValueError) as e:
+    except (SampleError, FileNotFoundError, ValueError, ImportError) as e:
         raise SystemExit(f"mmformer {args.command}: error: {e}") from None
 
 

@@ -302,7 +302,14 @@ def _last_logits(model: MultimodalTransformer, hidden: torch.Tensor) -> torch.Te
     (the largest single cost of a step; see BENCHMARKS.md, "Decoding at whisper-tiny dimensions")."""
     h = hidden[:, -1]  # (N, D)
     weight = model.lm_head.weight  # (V, D)
-    if h.device.type == "cpu" and h.shape[0] <= _FEW_ROWS and h.dtype == weight.dtype and model.lm_head.bias is None:
+    plain = type(weight) in (torch.Tensor, torch.nn.Parameter)  # not a quantized (tensor subclass) weight
+    if (
+        plain
+        and h.device.type == "cpu"
+        and h.shape[0] <= _FEW_ROWS
+        and h.dtype == weight.dtype
+        and model.lm_head.bias is None
+    ):
         return torch.mm(weight, h.t()).t().float()  # (N, V)
     return model.lm_head(h).float()
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmformer import completion, generation, pretrained, weights
+from mmformer import completion, generation, pretrained, quantization, weights
 from mmformer.config import MODALITIES, ModelConfig
 from mmformer.embedders import AudioEmbedder, ImageEmbedder, TextEmbedder
 from mmformer.embedders.checks import check_device
@@ -89,6 +89,7 @@ class MultimodalTransformer(nn.Module):
         self.tie_weights()
         self.ctc_head = nn.Linear(config.width("audio"), config.text.vocab_size) if config.ctc_head else None
         self.processor: Any = None  # the Processor loaded with the weights (from_pretrained), if any
+        self.quantization: Any = None  # how torchao quantized the weights (mmformer.quantization), if it did
         self.reset_parameters()
 
     def _image_heads(self, config: ModelConfig) -> None:
@@ -680,6 +681,12 @@ class MultimodalTransformer(nn.Module):
                 weights do not fit the config; the message names the file.
         """
         checkpoint = pretrained.read_checkpoint(path, config=config, map_location=map_location)
+        if checkpoint.quantization is not None:  # torchao tensors: checked by their logical shapes, like any weights
+            where = (
+                device if device is not None else map_location if isinstance(map_location, str | torch.device) else None
+            )
+            checkpoint = quantization.open_quantized(checkpoint, device=where, dtype=dtype)
+            dtype = checkpoint.quantization.torch_dtype
         held = sum(spec.numel for spec in checkpoint.specs.values())
         floor = checkpoint.config.parameter_floor()
         ceiling = weights.parameter_ceiling(held, strict, max_parameters)
@@ -703,6 +710,7 @@ class MultimodalTransformer(nn.Module):
             max_parameters=max_parameters,
         )
         model.processor = checkpoint.processor
+        model.quantization = checkpoint.quantization
         return model.eval()
 
     def generate(self, **inputs: Any) -> torch.Tensor:

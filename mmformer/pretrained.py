@@ -62,8 +62,9 @@ PROCESSOR_FILES = ("tokenizer.json", "preprocessor_config.json")  # written by P
 OWN_FILES = (CONFIG_NAME, WEIGHTS_NAME, *PROCESSOR_FILES)
 CHECKPOINT_KEY = "mmformer"  # where MultimodalTask.on_save_checkpoint records the config and the processor
 CHECKPOINT_PREFIX = "model."  # the LightningModule attribute holding the model
+QUANTIZATION_KEY = "quantization_config"  # config.json / safetensors metadata: torchao-quantized weights
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-_CONFIG_META_KEYS = ("format_version", "mmformer_version")
+_CONFIG_META_KEYS = ("format_version", "mmformer_version", QUANTIZATION_KEY)
 # Format 1 stored torchaudio's mel filter bank and STFT window; they are computed from the config now.
 _DERIVED_V1 = ("audio_embed.features.mel.spectrogram.window", "audio_embed.features.mel.mel_scale.fb")
 _ACCEPTED = (
@@ -112,7 +113,10 @@ def save_pretrained(
             f"processor: expected an mmformer.Processor (with save_pretrained), got {type(processor).__name__}"
         )
     with atomic_directory(directory, overwrite=overwrite) as staging:
-        write_model(staging, model.config, model.state_dict(), processor)
+        quantization = getattr(model, "quantization", None)
+        # keep_vars: tied tensor subclasses (a quantized table and its LM head) are then one object, stored once
+        state = model.state_dict(keep_vars=quantization is not None)
+        write_model(staging, model.config, state, processor, quantization=quantization)
 
 
 @contextlib.contextmanager
@@ -167,16 +171,34 @@ def write_model(
     state: Mapping[str, torch.Tensor],
     processor: Any = None,
     metadata: Mapping[str, str] | None = None,
+    quantization: Any = None,
 ) -> None:
-    """config.json, model.safetensors (tied tensors once) and the processor's files into an existing folder."""
-    record = {"format_version": FORMAT_VERSION, "mmformer_version": __version__, **config.to_dict()}
-    (directory / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    """config.json, model.safetensors (tied tensors once) and the processor's files into an existing folder.
+
+    ``quantization`` (a :class:`mmformer.quantization.QuantizationConfig`) marks torchao-quantized weights: they are
+    stored as their parts plus the metadata that rebuilds them (see :mod:`mmformer.quantization`), and config.json
+    records it as ``quantization_config``."""
+    extra = {} if quantization is None else {QUANTIZATION_KEY: quantization.to_dict()}
+    write_config(directory, config, extra)
     tied = aliases(state)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in tied}
+    state = {k: v for k, v in state.items() if k not in tied}
     info = {"format": "pt", "format_version": str(FORMAT_VERSION), "mmformer_config": config.to_json()}
+    if quantization is not None:
+        from mmformer.quantization import flatten_state
+
+        state, quantized = flatten_state(state, getattr(torch, quantization.float_storage))
+        info = {**info, **quantized, QUANTIZATION_KEY: json.dumps(quantization.to_dict())}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     safetensors.torch.save_file(tensors, str(directory / WEIGHTS_NAME), metadata={**info, **(metadata or {})})
     if processor is not None:
         processor.save_pretrained(directory)
+
+
+def write_config(directory: Path, config: ModelConfig, extra: Mapping[str, Any] | None = None) -> None:
+    """config.json: the ModelConfig with ``format_version`` and ``mmformer_version``, plus ``extra`` top-level keys
+    (such as ``quantization_config``)."""
+    record = {"format_version": FORMAT_VERSION, "mmformer_version": __version__, **config.to_dict(), **(extra or {})}
+    (directory / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 def _carry_over(old: Path, new: Path) -> None:
@@ -241,6 +263,8 @@ class Checkpoint:
         read: names → tensors, read from the file (memory-mapped where the format allows).
         processor: the processor saved with the weights, or None.
         metadata: the safetensors header's string metadata (empty for torch files).
+        quantization: the ``quantization_config`` of torchao-quantized weights (see :mod:`mmformer.quantization`,
+            whose ``open_quantized`` turns the checkpoint into one of the weights' logical tensors), or None.
     """
 
     source: Path
@@ -249,6 +273,7 @@ class Checkpoint:
     read: Reader
     processor: Processor | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    quantization: Any = None
 
 
 def read_checkpoint(
@@ -307,7 +332,21 @@ def read_checkpoint(
     specs = {k: v for k, v in specs.items() if k not in _DERIVED_V1}
     if processor is None:
         processor = read_processor(folder)
-    return Checkpoint(source, config, specs, read, processor, metadata)
+    return Checkpoint(source, config, specs, read, processor, metadata, _quantization(metadata, source))
+
+
+def _quantization(metadata: Mapping[str, str], source: Path) -> dict | None:
+    """The quantization config a safetensors file records (mmformer writes it beside config.json's copy)."""
+    text = metadata.get(QUANTIZATION_KEY)
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: metadata[{QUANTIZATION_KEY!r}] is not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{source}: metadata[{QUANTIZATION_KEY!r}] is not a JSON object")
+    return value
 
 
 def open_safetensors(path: Path, map_location: Any) -> tuple[dict[str, TensorSpec], Reader, dict[str, str]]:

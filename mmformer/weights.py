@@ -67,7 +67,9 @@ def aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
     found = {}
     for key, t in state.items():
         ident = (
-            id(t) if t.device.type == "meta" else (t.untyped_storage().data_ptr(), t.storage_offset()),
+            id(t)  # a meta tensor or a tensor subclass (quantized weights) has no storage of its own
+            if t.device.type == "meta" or type(t) not in (torch.Tensor, nn.Parameter)
+            else (t.untyped_storage().data_ptr(), t.storage_offset()),
             tuple(t.shape),
             t.stride(),
             t.dtype,
@@ -219,12 +221,20 @@ def fill(
                 raise ValueError(
                     f"{source}: {alias} differs from {canonical}, but this model ties them (e.g. tie_lm_head=True)"
                 )
+    subclasses = []  # tensor subclasses (torchao's quantized weights) are assigned as they are, frozen
     for key, value in tensors.items():
+        if type(value) not in (torch.Tensor, nn.Parameter):
+            subclasses.append(key)
+            if value.device != device:
+                tensors[key] = value.to(device)
+            continue
         dtype = expected[key].dtype
         tensors[key] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
     _initialise(model, load.missing, device)
     with torch.no_grad():
         model.load_state_dict(tensors, strict=False, assign=True)
+    for key in subclasses:
+        model.get_parameter(key).requires_grad_(False)
     _retie(model, tied)
     still_meta = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
     if still_meta:

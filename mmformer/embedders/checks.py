@@ -19,7 +19,8 @@ def check_device(name: str, x: torch.Tensor, reference: torch.Tensor) -> None:
 
 
 def check_lengths(name: str, lengths: object, batch: int, most: int, reference: torch.Tensor) -> torch.Tensor:
-    """Per-row lengths as an integer tensor of shape (batch,) with values in [1, most], or a clear error."""
+    """Per-row lengths as an integer tensor of shape (batch,) with values in [1, most], or a clear error (the values
+    are not checked while tracing, as in :func:`check_token_ids`)."""
     if not isinstance(lengths, torch.Tensor):
         try:
             lengths = torch.as_tensor(lengths, device=reference.device)
@@ -32,13 +33,16 @@ def check_lengths(name: str, lengths: object, batch: int, most: int, reference: 
         raise TypeError(f"{name}: expected integer counts, got dtype {lengths.dtype}")
     if tuple(lengths.shape) != (batch,):
         raise ValueError(f"{name}: expected shape ({batch},), one per row; got {tuple(lengths.shape)}")
-    if bool((lengths < 1).any()) or bool((lengths > most).any()):
+    if not torch.compiler.is_compiling() and (bool((lengths < 1).any()) or bool((lengths > most).any())):
         raise ValueError(f"{name}: expected values in [1, {most}], got {lengths.tolist()}")
     return lengths
 
 
 def check_token_ids(name: str, ids: torch.Tensor, n: int, *, what: str = "token ids", note: str = "") -> None:
     """Raise ValueError naming ``name`` unless every id is in [0, n) (an embedding lookup past the table crashes
-    inside the kernel, or on CUDA reads garbage)."""
+    inside the kernel, or on CUDA reads garbage). Skipped while tracing (torch.compile, torch.export): a graph holds
+    no values to check, and an exported graph's caller checks its inputs."""
+    if torch.compiler.is_compiling():
+        return
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
         raise ValueError(f"{name}: expected {what} in [0, {n}){note}, got min {int(ids.min())}, max {int(ids.max())}")

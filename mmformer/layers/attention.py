@@ -308,10 +308,11 @@ class Attention(nn.Module):
         the fused ``is_causal`` path is exact (right padding, and no query at a padded position that matters)."""
         if mask is not None and not torch.compiler.is_compiling() and bool(mask.all()):
             mask = None  # nothing padded: let SDPA pick the fastest kernel (a compiled graph keeps the mask instead)
+        # T == S first: a traced graph (torch.export) with a symbolic T == S then needs no guard on T == 1
+        if causal and T == S and (mask is None or (right_padded(mask) and not padded_queries)):
+            return None, True
         if causal and T == 1:
             causal = False  # one new query after the cache sees every cached key
-        if causal and (mask is None or (right_padded(mask) and not padded_queries)) and T == S:
-            return None, True
         allowed = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, S)
         if causal:
             tril = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)  # queries are the last T

@@ -51,6 +51,43 @@ class KVCache:
         self._mask: torch.Tensor | None = None  # (B, M) True = real token; None while no row has padding
         self._real: torch.Tensor | None = None  # (B,) real tokens cached per row (with _mask)
 
+    @classmethod
+    def from_state(
+        cls,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        cross: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        room: int = 0,
+    ) -> KVCache:
+        """A cache holding explicit state: past self-attention keys and values (L, B, nkv, P, hs), with room for
+        ``room`` more positions, and the cross-attention keys and values (L, B, nkv, S, hs), if any. This is how a
+        decoder step with the cache as inputs and outputs (an exported graph) runs the model; :meth:`state` and
+        :meth:`cross_state` give the state back."""
+        if keys.shape != values.shape or keys.ndim != 5:
+            raise ValueError(
+                f"keys, values: expected two (L, B, nkv, P, hs) tensors of one shape, got {tuple(keys.shape)} and "
+                f"{tuple(values.shape)}"
+            )
+        L, B, nkv, _, hs = keys.shape
+        cache = cls(L, B, nkv, hs, 0, device=keys.device, dtype=keys.dtype)  # rows without padding
+        pad = keys.new_zeros(*keys.shape[:3], room, hs)
+        cache._use(torch.cat([keys, pad], dim=3), torch.cat([values, pad], dim=3))  # (L, B, nkv, P + room, hs)
+        if cross is not None:
+            cache._cross = list(zip(cross[0].unbind(0), cross[1].unbind(0)))
+        cache.length = keys.shape[3]
+        return cache
+
+    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached self-attention keys and values (L, B, nkv, length, hs)."""
+        return self._k[:, :, :, : self.length], self._v[:, :, :, : self.length]
+
+    def cross_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's cross-attention keys and values, stacked (L, B, nkv, S, hs)."""
+        if any(kv is None for kv in self._cross):
+            raise ValueError("KV cache: not every layer holds cross-attention keys/values yet; pass the memory")
+        return torch.stack([k for k, _ in self._cross]), torch.stack([v for _, v in self._cross])
+
     # ------------------------------------------------------------------ layout
     @property
     def n_layers(self) -> int:

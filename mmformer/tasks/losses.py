@@ -235,3 +235,66 @@ def ctc_loss(
     with torch.autocast(logits.device.type, enabled=False):
         log_probs = logits.float().log_softmax(dim=-1).transpose(0, 1)  # (Nt, B, V)
         return F.ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=blank, zero_infinity=True)
+
+
+def distill_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al., 2015): ``T² · KL(softmax(teacher / T) ‖ softmax(student / T))`` per
+    distribution, averaged over the positions ``mask`` keeps, in float32 (float64 for float64 logits).
+
+    The T² factor keeps the gradient's size independent of the temperature, so that ``distill_weight`` means the
+    same at every T.
+
+    Args:
+        student_logits: (..., V) logits; each row over the last dimension is one distribution.
+        teacher_logits: (..., V) the teacher's logits for the same positions (no gradient flows into them).
+        temperature: T > 0; larger values soften both distributions.
+        mask: (...) bool, True where a position counts (decoder targets that are not padding); None: all.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"teacher_logits: expected the student's shape {tuple(student_logits.shape)}, got "
+            f"{tuple(teacher_logits.shape)}"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float32, or float64 for float64 logits
+    with torch.autocast(student_logits.device.type, enabled=False):
+        log_p_student = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+        log_p_teacher = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
+        kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1)  # (...)
+        if mask is not None:
+            if mask.shape != kl.shape:
+                raise ValueError(f"mask: expected shape {tuple(kl.shape)} (the logits' leading dims), got "
+                                 f"{tuple(mask.shape)}")  # fmt: skip
+            kl = kl[mask.bool()]
+        return kl.mean() * temperature**2 if kl.numel() else kl.sum()
+
+
+def contrastive_distill(
+    student: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Contrastive-logit distillation: the student's similarity rows (media → texts) and columns (text → media)
+    against the teacher's, each a distribution over the batch, through :func:`distill_kl`; the mean of both
+    directions.
+
+    Args:
+        student: (media (B, E), text (B, E), logit scale) of the student: L2-normalised features and the
+            exponentiated scale.
+        teacher: the same for the teacher (its E may differ: only the (B, B) similarities are compared).
+    """
+    rows = []
+    for a, b, scale in (student, teacher):
+        _check_pair(a, b, ("media features", "text features"))
+        with torch.autocast(a.device.type, enabled=False):
+            rows.append(scale.float().clamp(max=MAX_LOGIT_SCALE) * a.float() @ b.float().T)  # (B, B)
+    s, t = rows
+    if s.shape != t.shape:
+        raise ValueError(f"teacher: expected features for the student's batch {tuple(s.shape)}, got {tuple(t.shape)}")
+    return 0.5 * (distill_kl(s, t, temperature) + distill_kl(s.T, t.T, temperature))

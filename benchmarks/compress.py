@@ -1,0 +1,388 @@
+"""Compress and ship, measured on the shipped digits model (``data/digits_model``, whatever it holds) and the digits
+test split: distillation into a quarter-size student, quantization per method, and export to ONNX / torch.export.
+
+    python -m benchmarks.compress distill  [--steps N] [--out runs/compress]   # trains two students (long: nice it)
+    python -m benchmarks.compress quantize [--calib data/digits/val.jsonl]
+    python -m benchmarks.compress export
+    python -m benchmarks.compress all --tiny --no-save                         # the test suite's smoke run
+
+Distillation trains two students of about a quarter of the teacher's parameters (the teacher's config with half its
+width) for the demo's step budget (configs/digits.yaml), with the teacher's tokenizer: one on the labels alone, one
+with ``--model.teacher data/digits_model``; the table gives the four demo metrics of both and of the teacher.
+
+Quantization applies each method of :mod:`mmformer.quantization` to the teacher (static int8 calibrated on the
+validation split; "compact" adds the int8 token table and bf16 storage of what stays float; QAT fine-tunes the
+teacher with fake quantization for ``--qat-steps`` and converts), saves and re-loads it, and reports file size, the
+demo metrics and CPU encode / transcribe time at batch 8 next to fp32 in the same run (peers alternate, see
+benchmarks/common.py).
+
+Export writes the ONNX and torch.export graphs of every tower and the decoder step and reports the largest
+difference from PyTorch and the time per call, and a full greedy transcription through onnxruntime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import base_parser, machine, parse_args, record, table
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "data" / "digits_model"
+DATA = ROOT / "data" / "digits"
+CONFIG = ROOT / "configs" / "digits.yaml"
+METRICS = ["image_zeroshot_acc", "audio_zeroshot_acc", "caption_cer", "speech_wer"]
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def test_manifest(limit: int | None, out: Path) -> Path:
+    """The digits test split, or its first ``limit`` rows (paths made absolute) for a smoke run."""
+    manifest = DATA / "test.jsonl"
+    if limit is None:
+        return manifest
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()][:limit]
+    for row in rows:
+        row["image"], row["audio_filepath"] = str(DATA / row["image"]), str(DATA / row["audio_filepath"])
+    path = out / "test_subset.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def evaluate(model_dir: Path, manifest: Path) -> dict:
+    """The demo's four metrics (and speech CER) through the public API."""
+    from mmformer.demo import evaluate as demo_evaluate
+
+    results = demo_evaluate(model_dir, manifest)
+    return {k: results[k] for k in [*METRICS, "speech_cer"]}
+
+
+# ---------------------------------------------------------------------------------------------- distillation
+def student_config(out: Path, steps: int | None, teacher: dict | None, tiny: bool) -> Path:
+    """configs/digits.yaml with half the teacher's width (about a quarter of its parameters), the teacher's tokenizer,
+    its own output folders and, for the distilled student, the teacher."""
+    import yaml
+
+    config = yaml.safe_load(CONFIG.read_text())
+    width = json.loads((MODEL / "config.json").read_text())["stacks"]["shared"]["width"] // 2
+    model = config["model"]
+    model["model"]["stacks"]["shared"]["width"] = width
+    model["model"]["embed_dim"] = width
+    if teacher is not None:
+        model.update(teacher)
+    trainer = config["trainer"]
+    trainer["default_root_dir"] = str(out)
+    trainer["logger"]["init_args"]["save_dir"] = str(out)
+    trainer["callbacks"][0]["init_args"]["dirpath"] = str(out / "checkpoints")
+    if steps is not None:
+        trainer["max_steps"] = steps
+    if tiny:
+        trainer["limit_val_batches"] = 0
+        config["data"]["batch_size"] = 8
+    config["data"]["tokenizer"] = str(MODEL / "tokenizer.json")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def train_student(
+    out: Path, steps: int | None, teacher: dict | None, tiny: bool, workers: int | None = None
+) -> tuple[Path, float, int]:
+    """Train one student; its exported folder, training seconds and parameter count."""
+    import mmformer
+    from mmformer.demo import share_cores, train
+
+    _, workers = share_cores(os.cpu_count() or 1, workers=workers)  # loader processes, as the demo picks them
+    start = time.perf_counter()
+    ckpt = train(str(student_config(out, steps, teacher, tiny)), out, workers)
+    seconds = time.perf_counter() - start
+    model = mmformer.load_pretrained(ckpt)
+    model.save_pretrained(out / "model")
+    return out / "model", seconds, sum(p.numel() for p in model.parameters())
+
+
+def distill(args: argparse.Namespace, out: Path, manifest: Path) -> list[dict]:
+    import mmformer
+
+    teacher = mmformer.load_pretrained(MODEL)
+    rows = [{"model": "teacher", "params": sum(p.numel() for p in teacher.parameters()), **evaluate(MODEL, manifest)}]
+    options = {"teacher": str(MODEL), "distill_temperature": args.temperature, "distill_weight": args.distill_weight,
+               "distill_feature_weight": args.feature_weight}  # fmt: skip
+    variant = f"distilled_T{args.temperature:g}_w{args.distill_weight:g}_f{args.feature_weight:g}"
+    for name, teacher_path in (("student, labels only", None), ("student, distilled", options)):
+        folder = out / (variant if teacher_path else "labels_only")
+        load = load_average()
+        if args.reuse and (folder / "model" / "model.safetensors").is_file():
+            model_dir, seconds, params = folder / "model", float("nan"), None
+        else:
+            model_dir, seconds, params = train_student(folder, args.steps, teacher_path, args.tiny, args.workers)
+        if params is None:
+            params = sum(p.numel() for p in mmformer.load_pretrained(model_dir).parameters())
+        rows.append({"model": name, "params": params, **evaluate(model_dir, manifest), "train_s": seconds,
+                     "load_at_start": load})  # fmt: skip
+    teacher_row, plain, distilled = rows
+    for metric in METRICS:
+        better = distilled[metric] >= plain[metric] if "acc" in metric else distilled[metric] <= plain[metric]
+        distilled[f"beats_labels_only:{metric}"] = better
+    for metric in ("image_zeroshot_acc", "audio_zeroshot_acc"):
+        distilled[f"of_teacher:{metric}"] = distilled[metric] / max(teacher_row[metric], 1e-9)
+    print(table(rows, ["model", "params", *METRICS, "speech_cer", "train_s", "load_at_start"]))
+    print(f"distilled with {options}")
+    print("targets: distilled beats labels-only on every metric; >= 95 % of the teacher's zero-shot accuracies")
+    for metric in METRICS:
+        print(f"  beats labels-only on {metric}: {distilled[f'beats_labels_only:{metric}']}")
+    for metric in ("image_zeroshot_acc", "audio_zeroshot_acc"):
+        print(f"  {metric} of the teacher's: {distilled[f'of_teacher:{metric}']:.3f}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- quantization
+def timing_inputs(manifest: Path, batch: int) -> dict:
+    """The first ``batch`` test rows as model inputs, through the shipped model's processor."""
+    import mmformer
+    from mmformer.demo import read_manifest
+
+    rows = read_manifest(manifest)[:batch]
+    processor = mmformer.Processor.from_pretrained(MODEL)
+    return {**processor(images=[r["image"] for r in rows], audio=[r["audio_filepath"] for r in rows]),
+            "files": [r["audio_filepath"] for r in rows]}  # fmt: skip
+
+
+def qat_finetune(out: Path, steps: int, tiny: bool, lr: float = 2e-5) -> Path:
+    """Fine-tune the shipped model for ``steps`` with fake quantization (dynamic int8) at a low learning rate; the
+    task converts it when fit ends. Returns the quantized model's folder."""
+    import yaml
+
+    import mmformer
+    from mmformer.training_cli import build_cli
+
+    config = yaml.safe_load(CONFIG.read_text())
+    config["model"]["model"] = json.loads((MODEL / "config.json").read_text())
+    for key in ("format_version", "mmformer_version"):
+        config["model"]["model"].pop(key, None)
+    optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr, "weight_decay": 0.05}}
+    config["model"].update(
+        qat={"method": "dynamic"}, warmup_steps=min(20, steps), zeroshot_classes=None, optimizer=optimizer
+    )
+    trainer = config["trainer"]
+    trainer.update(max_steps=steps, default_root_dir=str(out), limit_val_batches=0, callbacks=[], logger=False,
+                   enable_checkpointing=False)  # fmt: skip
+    config["data"]["tokenizer"] = str(MODEL / "tokenizer.json")
+    if tiny:
+        config["data"]["batch_size"] = 8
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "qat.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    cli = build_cli(["--config", str(out / "qat.yaml")], run=False)
+    teacher = mmformer.load_pretrained(MODEL)
+    cli.model.model.load_state_dict(teacher.state_dict())  # FakeQuantizedLinear keeps nn.Linear's keys
+    cli.trainer.fit(cli.model, cli.datamodule)
+    model = cli.model.model  # converted by the task at the end of fit
+    model.processor = teacher.processor
+    model.save_pretrained(out / "model")
+    return out / "model"
+
+
+def quantize_section(args: argparse.Namespace, out: Path, manifest: Path) -> list[dict]:
+    import mmformer
+    from benchmarks.common import interleaved
+    from mmformer.generation import generate
+    from mmformer.quantization import calibration_batches, quantize
+
+    dirs = {"fp32": MODEL}
+    compact = {"embeddings": True, "float_storage": "bfloat16"}  # int8 token table, float rest stored as bf16
+    variants = [("dynamic", "dynamic", {}), ("dynamic compact", "dynamic", compact), ("int8-weight", "int8-weight", {}),
+                ("int4-weight", "int4-weight", {}), ("int4-weight compact", "int4-weight", compact),
+                ("static", "static", {})]  # fmt: skip
+    for name, method, options in variants:
+        model = mmformer.load_pretrained(MODEL)
+        calibration = None
+        if method == "static":
+            calibration = calibration_batches(model, args.calib, max_samples=16 if args.tiny else 128)
+        start = time.perf_counter()
+        quantize(model, method, calibration=calibration, **options)
+        seconds = time.perf_counter() - start
+        dirs[name] = out / name.replace(" ", "_")
+        model.save_pretrained(dirs[name])
+        print(f"{name}: quantized in {seconds:.1f} s")
+    dirs["qat-dynamic"] = qat_finetune(out / "qat", args.qat_steps, args.tiny, args.qat_lr)
+
+    load = load_average()
+    inputs = timing_inputs(manifest, args.batch)
+    models = {name: mmformer.load_pretrained(path) for name, path in dirs.items()}
+
+    def encode(m):
+        image, audio = m.encode_image, m.encode_audio
+        if args.compile:  # torchao's kernels are meant to run compiled: the eager path quantizes in many small ops
+            image, audio = torch.compile(image, dynamic=False), torch.compile(audio, dynamic=False)
+
+        def call():
+            with torch.inference_mode():
+                image(inputs["pixel_values"])
+                audio(inputs["audio"], inputs["audio_lengths"])
+
+        return call
+
+    def transcribe(m):
+        def call():
+            generate(m, audio=inputs["audio"], audio_lengths=inputs["audio_lengths"], max_new_tokens=8)
+
+        return call
+
+    encode_s = interleaved({n: encode(m) for n, m in models.items()}, warmup=args.warmup, repeats=args.repeats)
+    transcribe_s = interleaved({n: transcribe(m) for n, m in models.items()}, warmup=args.warmup,
+                               repeats=args.repeats)  # fmt: skip
+    size = {n: (Path(d) / "model.safetensors").stat().st_size for n, d in dirs.items()}
+    rows = []
+    for name, path in dirs.items():
+        metrics = evaluate(Path(path), manifest)
+        row = {"method": name, "file_MB": size[name] / 1e6, "smaller": size["fp32"] / size[name], **metrics}
+        row.update(encode_ms=1e3 * encode_s[name], encode_speedup=encode_s["fp32"] / encode_s[name])
+        row.update(transcribe_ms=1e3 * transcribe_s[name], transcribe_speedup=transcribe_s["fp32"] / transcribe_s[name])
+        rows.append({**row, "load_at_start": load})
+    fp32 = rows[0]
+    for row in rows[1:]:
+        for metric in ("image_zeroshot_acc", "audio_zeroshot_acc"):
+            row[f"d_{metric}"] = row[metric] - fp32[metric]
+        for metric in ("caption_cer", "speech_wer"):
+            row[f"d_{metric}"] = row[metric] - fp32[metric]
+    columns = ["method", "file_MB", "smaller", *METRICS, "encode_ms", "encode_speedup", "transcribe_ms",
+               "transcribe_speedup"]  # fmt: skip
+    print(table(rows, columns))
+    print(f"batch {args.batch}, {torch.get_num_threads()} thread(s), compiled encoders: {args.compile}, "
+          f"load average {load:.2f} at the start")  # fmt: skip
+    print("targets: int8 within 1 point of fp32 accuracy and +0.02 WER/CER; int8 files >= 3.5x smaller; dynamic int8 "
+          "encode >= 1.3x faster; QAT int8 at least as accurate as static int8")  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- export
+def export_section(args: argparse.Namespace, out: Path, manifest: Path) -> list[dict]:
+    import numpy as np
+    import onnxruntime as ort
+
+    import mmformer
+    from benchmarks.common import interleaved
+    from mmformer import export
+    from mmformer.onnx_runner import OnnxModel
+
+    model = mmformer.load_pretrained(MODEL)
+    seconds = {}
+    for fmt in export.FORMATS:
+        start = time.perf_counter()
+        export.export(model, out / fmt, format=fmt)
+        seconds[fmt] = time.perf_counter() - start
+        print(f"{fmt}: exported in {seconds[fmt]:.1f} s")
+    threads = torch.get_num_threads()
+    runner = OnnxModel(out / "onnx", threads=threads)
+    inputs = timing_inputs(manifest, args.batch)
+    processor = model.processor
+    features = model.audio_embed.features(inputs["audio"], inputs["audio_lengths"])
+    frames = model.audio_embed.features.frames(inputs["audio_lengths"])
+    text = processor(
+        text=[f"{w}" for w in ["zero", "one", "two", "three", "four", "five", "six", "seven"]][: args.batch]
+    )
+    with torch.no_grad():
+        memory, memory_mask = model.encode_audio_tokens(inputs["audio"], inputs["audio_lengths"])
+        bos = torch.full((memory.shape[0], 1), model.config.text.bos_id)
+        _, keys, values, cross_k, cross_v = export.DecoderPrefill(model)(bos, memory, memory_mask)
+    graph_inputs = {
+        "image_encoder": (inputs["pixel_values"],),
+        "audio_encoder": (features, frames),
+        "text_encoder": (text["input_ids"], text["attention_mask"]),
+        "decoder_model": (bos, memory, memory_mask),
+        "decoder_with_past_model": (bos, memory_mask, keys, values, cross_k, cross_v),
+    }
+    modules = {g.name: g.module for g in export.graphs(model)}
+    config = json.loads((out / "onnx" / export.EXPORT_CONFIG).read_text())
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    rows = []
+    load = load_average()
+    for name, args_ in graph_inputs.items():
+        session = ort.InferenceSession(str(out / "onnx" / config["graphs"][name]["file"]), options)
+        feed = {n: t.numpy() for n, t in zip(config["graphs"][name]["inputs"], args_)}
+        program = export.load_program(out / "torch-export" / f"{name}.pt2").module()
+        with torch.no_grad():
+            expected = modules[name](*args_)
+            from_program = program(*args_)
+        from_onnx = session.run(None, feed)
+        diff = max(float(np.abs(o.astype(np.float64) - e.double().numpy()).max()) for o, e in zip(from_onnx, expected))
+        diff_program = max(float((p.double() - e.double()).abs().max()) for p, e in zip(from_program, expected))
+
+        def eager(module=modules[name], a=args_):
+            with torch.inference_mode():
+                module(*a)
+
+        def exported_program(module=program, a=args_):
+            with torch.inference_mode():
+                module(*a)
+
+        times = interleaved({"pytorch": eager, "torch.export": exported_program,
+                             "onnxruntime": lambda s=session, f=feed: s.run(None, f)},
+                            warmup=args.warmup, repeats=args.repeats)  # fmt: skip
+        rows.append({"graph": name, "max_abs_diff_onnx": diff, "max_abs_diff_torch_export": diff_program,
+                     "pytorch_ms": 1e3 * times["pytorch"], "torch_export_ms": 1e3 * times["torch.export"],
+                     "onnxruntime_ms": 1e3 * times["onnxruntime"], "load_at_start": load})  # fmt: skip
+    files = inputs["files"]
+    times = interleaved({"pytorch": lambda: model.transcribe(files, max_new_tokens=8),
+                         "onnxruntime": lambda: runner.transcribe(files, max_new_tokens=8)},
+                        warmup=args.warmup, repeats=args.repeats)  # fmt: skip
+    same = runner.transcribe(files, max_new_tokens=8) == model.transcribe(files, max_new_tokens=8)
+    rows.append({"graph": f"greedy transcription (batch {len(files)}, files → text)", "same_text": same,
+                 "pytorch_ms": 1e3 * times["pytorch"], "onnxruntime_ms": 1e3 * times["onnxruntime"],
+                 "load_at_start": load})  # fmt: skip
+    print(table(rows, ["graph", "max_abs_diff_onnx", "max_abs_diff_torch_export", "pytorch_ms", "torch_export_ms",
+                       "onnxruntime_ms", "same_text"]))  # fmt: skip
+    print(f"batch {args.batch}, {threads} thread(s) for torch and onnxruntime; export took " +
+          ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+SECTIONS = ("distill", "quantize", "export")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("section", nargs="?", default="all", choices=(*SECTIONS, "all"))
+    p.add_argument("--out", default="runs/compress", help="where students, quantized models and exports go")
+    p.add_argument("--steps", type=int, default=None, help="student training steps (default: the demo's budget)")
+    p.add_argument("--reuse", action="store_true", help="evaluate students already trained under --out")
+    p.add_argument("--workers", type=int, default=None, help="data loader processes (default: as the demo)")
+    p.add_argument("--temperature", type=float, default=1.0, help="distill_temperature of the distilled student")
+    p.add_argument("--distill-weight", type=float, default=0.5, help="distill_weight of the distilled student")
+    p.add_argument("--feature-weight", type=float, default=0.0, help="distill_feature_weight of the distilled student")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test rows only")
+    p.add_argument("--batch", type=int, default=8, help="batch of the timed encode / transcribe calls")
+    p.add_argument("--calib", default=str(DATA / "val.jsonl"), help="calibration manifest of static int8")
+    p.add_argument("--qat-steps", type=int, default=200, help="QAT fine-tuning steps from the shipped model")
+    p.add_argument("--qat-lr", type=float, default=2e-5, help="learning rate of the QAT fine-tuning")
+    p.add_argument("--compile", action="store_true", help="time torch.compile'd encoders (fp32 and quantized alike)")
+    args = parse_args(p, argv)
+    if args.threads is None:
+        torch.set_num_threads(1)  # as the demo: the digits model's matmuls do not parallelise on 2 shared cores
+    if args.tiny:
+        args.steps, args.limit, args.qat_steps, args.repeats, args.warmup = 2, args.limit or 20, 2, 1, 0
+    sections = SECTIONS if args.section == "all" else (args.section,)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) if args.tiny else Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = test_manifest(args.limit, out)
+        print(f"machine: {machine()}; load average {load_average():.2f}")
+        for section in sections:
+            run = {"distill": distill, "quantize": quantize_section, "export": export_section}[section]
+            rows = run(args, out / section, manifest)
+            record(f"compress.{section}", rows, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Export: every tower and the decoder step as ONNX (run by onnxruntime) and torch.export programs equal PyTorch to
+1e-4 at two batch sizes and lengths; greedy decoding through the exported decoder with its explicit KV cache gives
+the model's own ids; the onnxruntime runner needs no torch; bad requests fail clearly and leave nothing behind.
+
+One tiny model is exported once per format for the whole module (ONNX export is the slow part).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from PIL import Image
+
+ort = pytest.importorskip("onnxruntime")
+
+from conftest import TINY_AUDIO, TINY_IMAGE, TINY_STACK, TINY_TEXT  # noqa: E402
+
+import mmformer  # noqa: E402
+from mmformer import export  # noqa: E402
+from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig  # noqa: E402
+from mmformer.generation import generate  # noqa: E402
+from mmformer.model import MultimodalTransformer  # noqa: E402
+from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Processor  # noqa: E402
+from mmformer.tokenizer import Tokenizer  # noqa: E402
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny(**routes) -> MultimodalTransformer:
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.train([" ".join(WORDS)] * 4, vocab_size=300)
+    config = ModelConfig(
+        stacks={"shared": StackConfig(**{**TINY_STACK, "cross_attention": True})},
+        image=ImageConfig(**TINY_IMAGE),
+        audio=AudioConfig(**TINY_AUDIO),
+        text=TextConfig(**{**TINY_TEXT, "vocab_size": tokenizer.vocab_size}),
+        embed_dim=8,
+        **routes,
+    )
+    model = MultimodalTransformer(config).eval()
+    with torch.no_grad():  # a peaked LM head, so that greedy ids are far from ties
+        model.text_embed.tokens.weight.mul_(20)
+    model.processor = Processor(
+        tokenizer, ImageProcessorConfig(image_size=16, channels=3), AudioProcessorConfig(sample_rate=8000)
+    )
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny()
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    return {fmt: export.export(model, root / fmt, format=fmt) for fmt in export.FORMATS}
+
+
+def inputs_at(model: MultimodalTransformer, batch: int, tokens: int, frames: int, past: int, memory: int) -> dict:
+    """Inputs of every graph at one size (real cache tensors from the model for the decoder step)."""
+    ex = export.examples(model, batch=batch, tokens=tokens, frames=frames)
+    g = torch.Generator().manual_seed(batch * 100 + tokens)
+    mem = torch.randn(batch, memory, model.config.width("decoder"), generator=g)
+    mem_mask = torch.ones(batch, memory, dtype=torch.bool)
+    mem_mask[-1, memory // 2 :] = False
+    prefill_ids = ex["input_ids"][:, :past]
+    with torch.no_grad():
+        _, keys, values, cross_k, cross_v = export.DecoderPrefill(model)(prefill_ids, mem, mem_mask)
+    return {
+        "image_encoder": (ex["pixel_values"],),
+        "audio_encoder": (ex["input_features"], ex["feature_lengths"]),
+        "text_encoder": (ex["input_ids"], ex["attention_mask"]),
+        "decoder_model": (ex["input_ids"], mem, mem_mask),
+        "decoder_with_past_model": (ex["input_ids"][:, -1:], mem_mask, keys, values, cross_k, cross_v),
+    }
+
+
+SIZES = [dict(batch=1, tokens=4, frames=20, past=2, memory=3), dict(batch=3, tokens=7, frames=41, past=5, memory=9)]
+
+
+def modules(model: MultimodalTransformer) -> dict[str, torch.nn.Module]:
+    return {g.name: g.module for g in export.graphs(model)}
+
+
+@pytest.mark.parametrize("size", SIZES, ids=["small", "large"])
+def test_onnx_and_torch_export_equal_pytorch(model, exported, size):
+    inputs = inputs_at(model, **size)
+    config = json.loads((exported["onnx"] / export.EXPORT_CONFIG).read_text())
+    programs = {name: export.load_program(exported["torch-export"] / f"{name}.pt2").module() for name in inputs}
+    for name, module in modules(model).items():
+        with torch.no_grad():
+            expected = module(*inputs[name])
+            from_program = programs[name](*inputs[name])
+        session = ort.InferenceSession(str(exported["onnx"] / config["graphs"][name]["file"]))
+        feed = {n: t.numpy() for n, t in zip(config["graphs"][name]["inputs"], inputs[name])}
+        from_onnx = session.run(None, feed)
+        assert [o.name for o in session.get_outputs()] == config["graphs"][name]["outputs"]
+        for i, ref in enumerate(expected):
+            assert from_onnx[i].shape == tuple(ref.shape), (name, i)
+            assert np.abs(from_onnx[i].astype(np.float64) - ref.double().numpy()).max() <= 1e-4, (name, i)
+            assert float((from_program[i].double() - ref.double()).abs().max()) <= 1e-4, (name, i)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Two images and three recordings (8 kHz, the model's rate; one at 16 kHz to exercise resampling)."""
+    folder = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+    images, audio = [], []
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        images.append(str(folder / f"{i}.png"))
+    for i, (rate, n) in enumerate([(8000, 1600), (8000, 1100), (16000, 2600)]):
+        t = np.arange(n) / rate
+        soundfile.write(folder / f"{i}.wav", 0.3 * np.sin(2 * np.pi * (300 + 120 * i) * t), rate)
+        audio.append(str(folder / f"{i}.wav"))
+    return images, audio
+
+
+def test_greedy_decoding_through_the_onnx_kv_cache_gives_the_models_ids(model, exported, files):
+    from mmformer.onnx_runner import OnnxModel
+
+    runner = OnnxModel(exported["onnx"])
+    _, audio = files
+    batch = model.processor(audio=audio)
+    expected = generate(model, audio=batch["audio"], audio_lengths=batch["audio_lengths"], max_new_tokens=10)
+    features, lengths = runner.log_mel(runner.load_audio(audio))
+    reference = model.audio_embed.features(batch["audio"], batch["audio_lengths"])
+    assert np.abs(features - reference.numpy()).max() < 1e-4  # the numpy front end is the model's LogMel
+    _, states, mask = runner._run("audio_encoder", input_features=features, feature_lengths=lengths)
+    ids = runner.generate(states, mask, max_new_tokens=10)
+    assert ids.tolist() == expected.tolist()
+    assert runner.transcribe(audio, max_new_tokens=10) == model.transcribe(audio, max_new_tokens=10)
+
+
+def test_the_onnx_runner_classifies_and_transcribes_without_torch(model, exported, files):
+    images, audio = files
+    script = f"""
+import json, sys
+from mmformer.onnx_runner import OnnxModel
+m = OnnxModel({str(exported["onnx"])!r})
+probs, labels = m.zeroshot({images!r}, {WORDS[:4]!r}, modality="image")
+audio_probs, _ = m.zeroshot({audio!r}, {WORDS[:4]!r}, modality="audio")
+out = {{"probs": probs.tolist(), "labels": labels, "audio_probs": audio_probs.tolist(),
+        "captions": m.caption({images!r}, max_new_tokens=6), "transcripts": m.transcribe({audio!r}, max_new_tokens=6),
+        "torch": "torch" in sys.modules}}
+print(json.dumps(out))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["torch"] is False
+    for modality, key, inputs in (("image", "probs", images), ("audio", "audio_probs", audio)):
+        clf = mmformer.ZeroShotClassifier(model, classnames=WORDS[:4], modality=modality)
+        assert np.abs(np.array(out[key]) - clf.predict_proba(inputs).numpy()).max() < 1e-4
+    assert out["labels"] == mmformer.ZeroShotClassifier(model, classnames=WORDS[:4]).predict(images)
+    assert out["captions"] == model.caption(images, max_new_tokens=6)
+    assert out["transcripts"] == model.transcribe(audio, max_new_tokens=6)
+
+
+def test_bad_requests_are_clear_errors_and_leave_nothing_behind(model, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"format: expected one of \['onnx', 'torch-export'\], got 'tflite'"):
+        export.export(model, tmp_path / "x", format="tflite")
+    text_only = MultimodalTransformer(
+        ModelConfig(
+            stacks={"shared": StackConfig(**TINY_STACK)},
+            routes={"text": "shared"},
+            image=None,
+            audio=None,
+            text=TextConfig(**TINY_TEXT),
+            embed_dim=8,
+        )  # fmt: skip
+    )
+    with pytest.raises(ValueError, match=r"towers: this model has no audio route to export; its routes are \['text'\]"):
+        export.export(text_only, tmp_path / "x", towers=["audio"])
+    with pytest.raises(ValueError, match=r"towers: expected some of .* got \['vision'\]"):
+        export.export(model, tmp_path / "x", towers=["vision"])
+    assert list(tmp_path.iterdir()) == []
+
+    calls = []
+
+    def fail_on_second(graph, path, opset):
+        calls.append(graph.name)
+        if len(calls) == 2:
+            raise RuntimeError("exporter crashed")
+        path.write_bytes(b"half")
+
+    monkeypatch.setattr(export, "_write_program", fail_on_second)
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        export.export(model, tmp_path / "out", format="torch-export")
+    assert list(tmp_path.iterdir()) == []  # no output folder, no staging folder
+
+
+def test_cli_exports_towers_and_still_writes_pretrained_folders(model, tmp_path, capsys):
+    from mmformer.cli import main
+
+    model.save_pretrained(tmp_path / "model")
+    main(["export", "--model", str(tmp_path / "model"), "--format", "torch-export", "--towers", "image,text",
+          "--out", str(tmp_path / "graphs")])  # fmt: skip
+    config = json.loads((tmp_path / "graphs" / export.EXPORT_CONFIG).read_text())
+    assert sorted(config["graphs"]) == ["image_encoder", "text_encoder"]
+    main(["export", "--ckpt", str(tmp_path / "model"), "--out", str(tmp_path / "copy")])
+    assert (tmp_path / "copy" / "model.safetensors").is_file()
+    with pytest.raises(SystemExit, match="no decoder route|exactly one of --ckpt"):
+        main(["export", "--out", str(tmp_path / "y")])
