@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mmformer.generation import DecodingOptions, StopStrings, generate, model_device, processor_with_tokenizer, ragged
+from mmformer.generation import DecodingOptions, generate, model_device, processor_with_tokenizer, ragged
+from mmformer.token_choice import StopStrings
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer

@@ -13,9 +13,10 @@ import torch
 from tokenizers import Tokenizer as Backend
 from tokenizers import models, pre_tokenizers
 
-from mmformer.generation import BeamSearch, DecoderRunner, DecodingOptions, _memory, generate
+from mmformer.generation import DecodingOptions, _memory, generate
 from mmformer.model import MultimodalTransformer
 from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
+from mmformer.search import BeamSearch, DecoderRunner
 from mmformer.tokenizer import Tokenizer
 
 B = 3

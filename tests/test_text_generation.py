@@ -16,10 +16,11 @@ import torch
 
 from mmformer.cli import main
 from mmformer.config import ModelConfig, StackConfig, TextConfig
-from mmformer.generation import DecodingOptions, RepetitionPenalty, generate, left_pad
+from mmformer.generation import DecodingOptions, generate, left_pad
 from mmformer.layers.positions import RelativePositionBias, t5_buckets
 from mmformer.model import MultimodalTransformer
 from mmformer.processor import Processor
+from mmformer.token_choice import RepetitionPenalty
 from mmformer.tokenizer import Tokenizer
 
 V = 300

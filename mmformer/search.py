@@ -1,0 +1,293 @@
+"""Running the decoder token by token (:class:`DecoderRunner`: through one growing KV cache, or from scratch as the
+reference the cache must equal) and the searches over it (:class:`TokenSearch` for greedy decoding and sampling,
+:class:`BeamSearch` as Hugging Face's ``generate`` runs it).
+
+Shape legend: B batch, K beams, N = B*K decoded rows, P prompt tokens, L tokens so far, V vocabulary,
+S memory tokens, D width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from mmformer.decoding_rules import LogitRules
+from mmformer.token_choice import Greedy, Sampler, StopStrings
+
+if TYPE_CHECKING:
+    from mmformer.layers.cache import KVCache
+    from mmformer.model import MultimodalTransformer
+
+_NEG = -1.0e9  # score of beams that must not be chosen (finite, so sums and divisions stay defined)
+CACHE_STEP = 64  # KV cache positions allocated beyond the prompt at first; the cache doubles when it fills up
+
+
+# ---------------------------------------------------------------------- running the decoder
+_FEW_ROWS = 64  # decoding steps of at most this many rows project to the vocabulary as (W hᵀ)ᵀ on CPU
+
+
+def _last_logits(model: MultimodalTransformer, hidden: torch.Tensor) -> torch.Tensor:
+    """Decoder states (N, T, D) → float32 logits (N, V) of the last position only (the one generation needs).
+
+    For the few rows of a decoding step on CPU, the (bias-free) LM head runs as ``W @ hᵀ``: that GEMM layout reads
+    the (V, D) weight in one pass, where ``F.linear``'s ``h @ Wᵀ`` took 1.6× longer at whisper-tiny's 51,865 × 384
+    (the largest single cost of a step; see BENCHMARKS.md, "Decoding at whisper-tiny dimensions")."""
+    h = hidden[:, -1]  # (N, D)
+    weight = model.lm_head.weight  # (V, D)
+    plain = type(weight) in (torch.Tensor, torch.nn.Parameter)  # not a quantized (tensor subclass) weight
+    if (
+        plain
+        and h.device.type == "cpu"
+        and h.shape[0] <= _FEW_ROWS
+        and h.dtype == weight.dtype
+        and model.lm_head.bias is None
+    ):
+        return torch.mm(weight, h.t()).t().float()  # (N, V)
+    return model.lm_head(h).float()
+
+
+def _next_logits(
+    model: MultimodalTransformer, new: torch.Tensor, memory_mask: torch.Tensor | None, cache: KVCache
+) -> torch.Tensor:
+    """One cached decoder step without input checks: new ids (N, T) → float32 logits (N, V) of the last one."""
+    return _last_logits(model, model.decode_step(new, memory_mask=memory_mask, cache=cache))
+
+
+_compiled_next_logits: Callable | None = None
+_COMPILED_GRAPHS = 64  # compiled variants of the decoder step kept per process (about 16 models)
+
+
+def compiled_next_logits() -> Callable:
+    """:func:`_next_logits` through ``torch.compile``, made on first use and shared by every model (dynamo keeps a
+    compiled graph per model; the batch size and cache length are symbolic, so growing sequences and beam reorders
+    reuse one graph).
+
+    A model brings a few graphs (beams sharing a memory row or not, a full cache or not, and sizes that were equal
+    by chance when a graph was traced: dynamo's "duck shaping", which costs such recompiles but made the steady
+    state 10–15% faster here than tracing without it), so dynamo's limit of 8 graphs per function is raised to
+    :data:`_COMPILED_GRAPHS` for this function's calls; past it, dynamo falls back to eager decoding with a warning.
+    Models of one architecture share graphs (their weights are graph inputs).
+    """
+    global _compiled_next_logits
+    if _compiled_next_logits is None:
+        compiled = torch.compile(_next_logits, dynamic=True)
+
+        def step(*args: Any) -> torch.Tensor:
+            with torch._dynamo.config.patch(recompile_limit=_COMPILED_GRAPHS):
+                return compiled(*args)
+
+        _compiled_next_logits = step
+    return _compiled_next_logits
+
+
+class DecoderRunner:
+    """Next-token logits for growing sequences: incrementally through one KV cache, or recomputed from scratch.
+
+    With the cache, the first call feeds the whole prompt and fills the cross-attention keys/values from the
+    memory once; later calls feed only the tokens the cache has not seen, and the memory's padding mask (the cached
+    keys still need it) but no longer the memory itself.
+
+    The cache starts small and doubles as decoding goes on (up to ``max_length``), so that memory follows the
+    tokens actually decoded: with relative positions (RoPE, ALiBi) nothing else bounds ``max_new_tokens``, and a
+    cache preallocated for a huge one would take gigabytes before the first token.
+
+    ``memory`` (B, S, D) may serve N = B*K rows, K consecutive ones each (the beams of a sample); it is None for a
+    decoder-only model. ``prompt_mask`` (N, P) marks the real tokens of left-padded prompts; the cache remembers it
+    after the first call, and without a cache every step passes it with the generated tokens (all real) appended.
+    ``prefix`` (P', D), a learned decoder prefix, is fed before the first token: it fills the cache's first P'
+    positions.
+    """
+
+    def __init__(
+        self,
+        model: MultimodalTransformer,
+        memory: torch.Tensor | None,
+        memory_mask: torch.Tensor | None,
+        max_length: int,
+        use_cache: bool,
+        compile: bool = False,
+        prefix: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+    ):
+        self.model = model
+        self.prefix = prefix
+        self.n_prefix = 0 if prefix is None else prefix.shape[0]
+        if memory_mask is not None and bool(memory_mask.all()):
+            memory_mask = None  # nothing padded: no mask to carry and apply at every step
+        if prompt_mask is not None and bool(prompt_mask.all()):
+            prompt_mask = None
+        self.memory, self.memory_mask, self.prompt_mask = memory, memory_mask, prompt_mask
+        self.max_length = max_length
+        self.use_cache = use_cache
+        self.step = compiled_next_logits() if compile else _next_logits
+        self.cache: KVCache | None = None
+
+    def _reserve(self, rows: int, needed: int) -> None:
+        """A cache for ``rows`` sequences with room for ``needed`` positions (it starts small and grows)."""
+        needed, limit = needed + self.n_prefix, self.max_length + self.n_prefix
+        if self.cache is None:
+            self.cache = self.model.make_cache(rows, min(limit, needed + CACHE_STEP))
+        self.cache.ensure(needed, limit=limit, step=CACHE_STEP)
+
+    def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens so far (N, L) → float32 logits (N, V) for position L."""
+        if self.use_cache:
+            self._reserve(*tokens.shape)
+        if self.cache is not None and self.cache.length > 0:  # the model's own tokens, one step further: no checks
+            seen = self.cache.length - self.n_prefix
+            return self.step(self.model, tokens[:, seen:], self.memory_mask, self.cache)
+        # the prompt (or, without a cache, everything so far): validated like any user input
+        mask = self.prompt_mask
+        if self.cache is None and mask is not None:  # the generated tokens after the prompt are all real
+            mask = F.pad(mask, (0, tokens.shape[1] - mask.shape[1]), value=True)  # (N, L)
+        hidden = self.model.decode(
+            tokens,
+            self.memory,
+            self.memory_mask,
+            attention_mask=mask,
+            cache=self.cache,
+            return_hidden=True,
+            prefix_embeds=self.prefix,
+        )
+        if self.cache is not None:
+            self.memory = None  # the cache now holds the cross-attention keys/values; don't carry (or reorder) it
+        return _last_logits(self.model, hidden)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` (N,) of the cached self-attention keys/values, as beam search reassigns hypotheses.
+
+        Beam search replaces a beam only with a beam of the same sample, and the beams of a sample share its memory
+        rows (and their cross-attention keys/values), so the memory and its mask stay as they are.
+        """
+        if self.cache is not None:
+            self.cache.reorder(index, cross=False)
+
+
+# ---------------------------------------------------------------------- searches
+class TokenSearch:
+    """One token per row and step (greedy or sampled); a row that emits eos (or a stop string) is padded from then
+    on. ``processors`` (e.g. :class:`RepetitionPenalty`) adjust the logits from the tokens so far first."""
+
+    def __init__(
+        self,
+        choose: Greedy | Sampler,
+        eos_id: int,
+        pad_id: int,
+        rules: LogitRules | None = None,
+        processors: Sequence[Callable] = (),
+        stop: StopStrings | None = None,
+    ):
+        self.choose, self.eos_id, self.pad_id = choose, eos_id, pad_id
+        self.rules = rules or LogitRules()
+        self.processors, self.stop = list(processors), stop
+
+    def run(self, runner: DecoderRunner, prompt: torch.Tensor, max_length: int) -> torch.Tensor:
+        """Prompt (B, P) → ids (B, P + generated), at most ``max_length`` long."""
+        B, cur = prompt.shape
+        n_prompt = cur
+        tokens = prompt.new_empty(B, max_length)  # filled up to `cur`; no per-step concatenation
+        tokens[:, :cur] = prompt
+        done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+        while cur < max_length:
+            logits = self.rules(runner.next_logits(tokens[:, :cur]), cur - n_prompt, max_length - cur)  # (B, V)
+            for process in self.processors:
+                logits = process(logits, tokens[:, :cur])
+            next_ids = self.choose(logits)  # (B,)
+            next_ids.masked_fill_(done, self.pad_id)
+            tokens[:, cur] = next_ids
+            cur += 1
+            ended = next_ids == self.eos_id
+            if self.stop is not None:
+                ended |= self.stop(tokens[:, :cur], ~done)
+            done |= ended
+            if bool(done.all()):
+                break
+        return tokens[:, :cur]
+
+
+class BeamSearch:
+    """Beam search as Hugging Face ``generate`` does it (``early_stopping=False``).
+
+    Each step keeps the 2K best continuations of the K running beams; those ending in eos (or at the length limit)
+    among the first K become finished hypotheses scored ``sum(logprob) / generated_length**length_penalty``, the
+    best K unfinished ones run on. A sample stops once it has K finished hypotheses and its best running beam can
+    no longer beat the worst of them; the best finished hypothesis of each sample is returned.
+    """
+
+    def __init__(
+        self,
+        num_beams: int,
+        length_penalty: float,
+        eos_id: int,
+        pad_id: int,
+        rules: LogitRules | None = None,
+        processors: Sequence[Callable] = (),
+        stop: StopStrings | None = None,
+    ):
+        self.K, self.length_penalty, self.eos_id, self.pad_id = num_beams, length_penalty, eos_id, pad_id
+        self.rules = rules or LogitRules()
+        self.processors, self.stop = list(processors), stop  # a candidate that makes a stop string ends like eos
+
+    def run(self, runner: DecoderRunner, prompt: torch.Tensor, max_length: int) -> torch.Tensor:
+        """Prompt (B*K, P), each sample's row repeated K times → best hypotheses (B, P + generated)."""
+        K, device = self.K, prompt.device
+        B, n_prompt = prompt.shape[0] // K, prompt.shape[1]
+        running = prompt.view(B, K, n_prompt)
+        running_scores = torch.zeros(B, K, device=device)
+        running_scores[:, 1:] = _NEG  # the first step expands only beam 0 (all beams hold the same prompt)
+        finished = torch.full((B, K, n_prompt), self.pad_id, dtype=torch.long, device=device)  # widens on merges
+        finished_len = torch.zeros(B, K, dtype=torch.long, device=device)
+        finished_scores = torch.full((B, K), _NEG, device=device)
+        finished_real = torch.zeros(B, K, dtype=torch.bool, device=device)
+        improvable = torch.ones(B, dtype=torch.bool, device=device)
+        rows = torch.arange(B, device=device)[:, None]  # (B, 1)
+        cur = n_prompt  # tokens per row so far
+        while cur < max_length:
+            rows_so_far = running.reshape(B * K, cur)
+            logprobs = F.log_softmax(runner.next_logits(rows_so_far), dim=-1)  # (N, V)
+            logprobs = self.rules(logprobs, cur - n_prompt, max_length - cur)
+            for process in self.processors:
+                logprobs = process(logprobs, rows_so_far)
+            V = logprobs.shape[-1]
+            scores = (logprobs.view(B, K, V) + running_scores[..., None]).view(B, K * V)
+            n_candidates = min(2 * K, K * V)
+            cand_scores, cand = scores.topk(n_candidates, dim=-1)  # (B, 2K)
+            cand_beam, cand_token = cand // V, cand % V
+            cand_seqs = torch.cat([running[rows, cand_beam], cand_token[..., None]], dim=-1)  # (B, 2K, cur+1)
+            ends = (cand_token == self.eos_id) | (cur + 1 >= max_length)  # (B, 2K)
+            if self.stop is not None:
+                ends |= self.stop(cand_seqs.flatten(0, 1)).view(B, n_candidates)
+
+            # the best K continuations that did not end run on
+            open_scores = cand_scores + ends.float() * _NEG
+            keep = open_scores.topk(K, dim=-1).indices  # (B, K)
+            running, running_scores = cand_seqs[rows, keep], open_scores.gather(1, keep)
+
+            # candidates that ended among the first K join the finished hypotheses if they rank in the best K (a
+            # step where none ended, most of them, leaves the finished ones as they are: skip the merge)
+            generated = cur + 1 - n_prompt
+            eligible = ends & (torch.arange(n_candidates, device=device) < K) & improvable[:, None]
+            if bool(eligible.any()):
+                new_scores = cand_scores / generated**self.length_penalty
+                new_scores = new_scores.masked_fill(~eligible, 2 * _NEG)  # below every real or empty slot
+                merged_scores = torch.cat([finished_scores, new_scores], dim=1)  # (B, K + 2K)
+                best = merged_scores.topk(K, dim=-1).indices  # (B, K)
+                # (B, K, cur + 1): as wide as the candidates
+                finished = F.pad(finished, (0, cur + 1 - finished.shape[-1]), value=self.pad_id)
+                finished = torch.cat([finished, cand_seqs], dim=1)[rows, best]
+                finished_len = torch.cat([finished_len, torch.full_like(cand_token, cur + 1)], dim=1).gather(1, best)
+                finished_real = torch.cat([finished_real, eligible], dim=1).gather(1, best)
+                finished_scores = merged_scores.gather(1, best)
+
+            cur += 1
+            best_running = running_scores[:, :1] / generated**self.length_penalty  # (B, 1)
+            worst_finished = torch.where(finished_real, finished_scores.min(dim=1, keepdim=True).values, _NEG)
+            improvable &= (best_running > worst_finished).any(dim=1)
+            if not bool(improvable.any()) or bool(ends.all()):
+                break
+            runner.reorder((rows * K + cand_beam.gather(1, keep)).view(-1))
+        length = int(finished_len[:, 0].max())
+        return finished[:, 0, :length]
