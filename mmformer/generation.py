@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from mmformer.decoding_rules import default_prompt, logit_rules, prompt_length
-from mmformer.embedders.checks import check_token_ids
+from mmformer.embedders.checks import check_prefix, check_token_ids
 from mmformer.search import BeamSearch, DecoderRunner, TokenSearch
 from mmformer.token_choice import StopStrings, score_processors, token_chooser
 
@@ -344,7 +344,7 @@ def generate(
     n_prompt = prompt.shape[1]
     max_length = n_prompt + options.max_new_tokens
     if prefix_embeds is not None:
-        model.check_prefix(prefix_embeds, None)
+        check_prefix(prefix_embeds, model.config.width("decoder"))
         prefix_embeds = prefix_embeds.to(prompt.device)
     n_prefix = 0 if prefix_embeds is None else prefix_embeds.shape[0]
     if text.position != "none":  # absolute positions end with their table: stop there rather than fail

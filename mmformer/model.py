@@ -18,7 +18,7 @@ from torch import nn
 from mmformer import completion, generation, pretrained, quantization, weights
 from mmformer.config import MODALITIES, ModelConfig
 from mmformer.embedders import AudioEmbedder, ImageEmbedder, TextEmbedder
-from mmformer.embedders.checks import check_device
+from mmformer.embedders.checks import check_memory, check_packed_memory, check_positions, check_prefix
 from mmformer.layers.attention import right_padded
 from mmformer.layers.block import Stack
 from mmformer.layers.cache import KVCache
@@ -451,22 +451,22 @@ class MultimodalTransformer(nn.Module):
         if self.lm_head is None:
             raise ValueError(f"this model has no decoder; its routes are {sorted(self.config.routes)}")
         self.text_embed.check(input_ids, attention_mask, longest=None if documents is None else documents.max_length)
+        weight, width = self.lm_head.weight, self.config.width("decoder")
         if documents is not None:
-            self._check_documents(memory, memory_documents, documents, cache)
+            check_packed_memory(memory, memory_documents, documents, cache, width)
         else:
-            self._check_memory(input_ids, memory, memory_mask, cache)
-        weight = self.lm_head.weight
+            check_memory(memory, memory_mask, input_ids.shape[0], width, weight, cache)
         if memory is not None and memory.dtype != weight.dtype and not torch.is_autocast_enabled(memory.device.type):
             memory = memory.to(weight.dtype)  # as the embedders cast their inputs (float64 memory, a bf16 encoder)
         mask = None if attention_mask is None else attention_mask.bool()
         if positions is not None:
-            self._check_positions(positions, input_ids)
+            check_positions(positions, input_ids)
         elif cache is None and mask is not None and not right_padded(mask):
             positions = positions_from_mask(mask)  # left padding: each row counts from its first real token
         if prefix_embeds is not None:
             if documents is not None:
                 raise ValueError("prefix_embeds: a learned decoder prefix is not supported with packed documents")
-            self.check_prefix(prefix_embeds, cache)
+            check_prefix(prefix_embeds, width, cache)
         docs = {} if documents is None else {"documents": documents, "memory_documents": memory_documents}
         h = self.decode_step(
             input_ids,
@@ -479,24 +479,6 @@ class MultimodalTransformer(nn.Module):
             **docs,
         )
         return h if return_hidden else self.lm_head(h)
-
-    @staticmethod
-    def _check_positions(positions: torch.Tensor, input_ids: torch.Tensor) -> None:
-        if not isinstance(positions, torch.Tensor) or positions.shape != input_ids.shape:
-            got = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
-            raise ValueError(f"positions: expected position ids of the shape of input_ids {tuple(input_ids.shape)}, "
-                             f"got {got}")  # fmt: skip
-        if positions.is_floating_point() or positions.dtype == torch.bool or bool((positions < 0).any()):
-            raise ValueError(f"positions: expected integer position ids >= 0, got {positions.dtype}")
-
-    def check_prefix(self, prefix: torch.Tensor, cache: KVCache | None = None) -> None:
-        """A clear error for decoder prefix vectors of the wrong shape, or given once the cache holds tokens."""
-        width = self.config.width("decoder")
-        if not isinstance(prefix, torch.Tensor) or prefix.ndim != 2 or prefix.shape[1] != width:
-            got = tuple(prefix.shape) if isinstance(prefix, torch.Tensor) else type(prefix).__name__
-            raise ValueError(f"prefix_embeds: expected learned decoder prefix vectors (P, D={width}), got {got}")
-        if cache is not None and cache.length > 0:
-            raise ValueError("prefix_embeds: the prefix goes before the first token; the cache already holds tokens")
 
     def decode_step(
         self,
@@ -560,65 +542,6 @@ class MultimodalTransformer(nn.Module):
             **docs,
         )
         return h[:, P:] if P else h
-
-    def _check_documents(
-        self,
-        memory: torch.Tensor | None,
-        memory_documents: Documents | None,
-        documents: Documents,
-        cache: KVCache | None,
-    ) -> None:
-        if cache is not None:
-            raise ValueError("documents: packed batches are decoded without a KV cache (teacher forcing)")
-        if memory is None:
-            return
-        rows = 1 if memory_documents is not None else len(documents)
-        width = self.config.width("decoder")
-        shape = tuple(memory.shape) if isinstance(memory, torch.Tensor) else None
-        if shape is None or len(shape) != 3 or shape[0] != rows or shape[2] != width:
-            got = tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__
-            what = "a packed memory (1, M, D)" if memory_documents is not None else "one memory row per document"
-            raise ValueError(f"memory: expected {what} with D={width} for {len(documents)} documents, got {got}")
-        if memory_documents is not None and memory_documents.tokens != memory.shape[1]:
-            raise ValueError(
-                f"memory_documents: expected documents tiling the memory's {memory.shape[1]} tokens, got "
-                f"{memory_documents.tokens}"
-            )
-
-    def _check_memory(
-        self,
-        input_ids: torch.Tensor,
-        memory: torch.Tensor | None,
-        memory_mask: torch.Tensor | None,
-        cache: KVCache | None,
-    ) -> None:
-        B, width = input_ids.shape[0], self.config.width("decoder")
-        if cache is not None and cache.batch_size != B:
-            raise ValueError(f"cache: expected one made for batch size {B} (input_ids), got {cache.batch_size}")
-        if memory is None:
-            return
-        if (
-            not isinstance(memory, torch.Tensor)
-            or memory.ndim != 3
-            or memory.shape[2] != width
-            or memory.shape[0] == 0
-            or B % memory.shape[0]
-        ):
-            got = tuple(memory.shape) if isinstance(memory, torch.Tensor) else type(memory).__name__
-            raise ValueError(
-                f"memory: expected encoder token states (B={B}, S, D={width}), or (B / G, S, D) shared by each group "
-                f"of G consecutive rows (beams), got {got}"
-            )
-        if not memory.is_floating_point():
-            raise TypeError(f"memory: expected float encoder token states, got {memory.dtype}")
-        check_device("memory", memory, self.lm_head.weight)
-        if memory_mask is not None and tuple(memory_mask.shape) != tuple(memory.shape[:2]):
-            raise ValueError(
-                f"memory_mask: expected shape {tuple(memory.shape[:2])} (B, S) of memory, "
-                f"got {tuple(memory_mask.shape)}"
-            )
-        if memory_mask is not None:
-            check_device("memory_mask", memory_mask, self.lm_head.weight)
 
     def make_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         """A preallocated KV cache for the decoder stack, of ``max_length`` positions (default: the text position
