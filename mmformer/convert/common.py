@@ -73,6 +73,13 @@ def is_path(x: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- loading
+def id_in_vocab(token_id: Any, vocab_size: int) -> int | None:
+    """A special-token id from a checkpoint's config if it names a row of the token table, else None (configs carry
+    ids of tokens a tokenizer adds on top, or placeholders such as -1)."""
+    ok = isinstance(token_id, int) and not isinstance(token_id, bool) and 0 <= token_id < vocab_size
+    return token_id if ok else None
+
+
 def load_state_dict(path: str | os.PathLike, names: Iterable[str] = STATE_DICT_NAMES) -> dict[str, torch.Tensor]:
     """Read a state dict from a file or a directory, safely: safetensors, or ``torch.load(weights_only=True)``.
 

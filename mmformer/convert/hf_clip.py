@@ -26,6 +26,7 @@ from mmformer.convert.common import (
     UnsupportedModelError,
     WeightMap,
     activation_kind,
+    id_in_vocab,
     read_hf_checkpoint,
 )
 from mmformer.convert.open_clip import clip_processor
@@ -100,13 +101,12 @@ def _model_config(hf_config: Any, state: dict[str, torch.Tensor]) -> ModelConfig
         raise ValueError(
             f"path_or_model: text_config.eos_token_id must be a token id in [0, {vocab}) to pool the text, got {eos}"
         )
-    in_vocab = lambda i: i if i is not None and 0 <= i < vocab else None  # noqa: E731
     text = TextConfig(
         vocab_size=vocab,
         max_length=tcfg.max_position_embeddings,
         position="learned",
-        pad_id=in_vocab(tcfg.pad_token_id) or 0,
-        bos_id=in_vocab(tcfg.bos_token_id),
+        pad_id=id_in_vocab(tcfg.pad_token_id, vocab) or 0,
+        bos_id=id_in_vocab(tcfg.bos_token_id, vocab),
         eos_id=eos,
         causal=True,
         pool="eot",

@@ -34,6 +34,7 @@ from mmformer.convert.common import (
     UnsupportedModelError,
     WeightMap,
     build_processor,
+    id_in_vocab,
     map_cross_attention,
     read_hf_checkpoint,
     read_hf_tokenizer,
@@ -85,14 +86,13 @@ def _model_config(hf_config: Any, state: dict[str, torch.Tensor]) -> ModelConfig
     if not isinstance(patch, int):
         raise UnsupportedModelError(f"hf_siglip: non-square patches {patch} are not supported")
     vocab = tcfg.vocab_size
-    in_vocab = lambda i: i if isinstance(i, int) and 0 <= i < vocab else None  # noqa: E731
     text = TextConfig(
         vocab_size=vocab,
         max_length=tcfg.max_position_embeddings,
         position="learned",
-        pad_id=in_vocab(tcfg.pad_token_id) or 0,
-        bos_id=in_vocab(tcfg.bos_token_id),
-        eos_id=in_vocab(tcfg.eos_token_id),
+        pad_id=id_in_vocab(tcfg.pad_token_id, vocab) or 0,
+        bos_id=id_in_vocab(tcfg.bos_token_id, vocab),
+        eos_id=id_in_vocab(tcfg.eos_token_id, vocab),
         causal=False,
         pool="last",
         fixed_length=True,
