@@ -16,7 +16,6 @@ Shape legend: M context vectors, P prefix vectors, D text width, C classes, T to
 
 from __future__ import annotations
 
-import abc
 import os
 import tempfile
 from pathlib import Path
@@ -37,10 +36,12 @@ KIND_KEY = "mmformer_prompt"
 PROMPT_FORMAT_VERSION = "1"
 
 
-class SoftPrompt(nn.Module, abc.ABC):
+class SoftPrompt(nn.Module):
     """``length`` learned vectors of width ``width`` (initialised N(0, 0.02), as token embeddings are)."""
 
     kind: ClassVar[str] = ""
+    route: ClassVar[str] = ""  # the route whose width the vectors have
+    part: ClassVar[str] = ""  # that route's part, as error messages name it
 
     def __init__(self, length: int, width: int, init: torch.Tensor | None = None):
         super().__init__()
@@ -70,10 +71,12 @@ class SoftPrompt(nn.Module, abc.ABC):
     def extra_repr(self) -> str:
         return f"length={self.length}, width={self.width}"
 
-    @staticmethod
-    @abc.abstractmethod
-    def model_width(model: MultimodalTransformer) -> int:
-        """The width of the model part this kind of prompt feeds (ValueError if the model lacks it)."""
+    @classmethod
+    def model_width(cls, model: MultimodalTransformer) -> int:
+        """The width of the route this kind of prompt feeds (ValueError if the model lacks it)."""
+        if cls.route not in model.config.routes:
+            raise ValueError(f"model: a {cls.kind} prompt needs a {cls.part}; routes are {sorted(model.config.routes)}")
+        return model.config.width(cls.route)
 
     def check_model(self, model: MultimodalTransformer, source: object = "prompt") -> None:
         """A clear error when the prompt's width is not the width of the model part it feeds."""
@@ -81,7 +84,7 @@ class SoftPrompt(nn.Module, abc.ABC):
         if self.width != width:
             raise ValueError(
                 f"{source}: a {self.kind} prompt of width {self.width}, but this model's "
-                f"{'text encoder' if self.kind == 'context' else 'decoder'} has width {width}; the prompt was learned "
+                f"{self.part} has width {width}; the prompt was learned "
                 "for another model"
             )
 
@@ -110,13 +113,7 @@ class SoftPrompt(nn.Module, abc.ABC):
 class ContextPrompt(SoftPrompt):
     """CoOp's learned context: M vectors in front of every class name, shared by all classes."""
 
-    kind = "context"
-
-    @staticmethod
-    def model_width(model: MultimodalTransformer) -> int:
-        if "text" not in model.config.routes:
-            raise ValueError(f"model: a context prompt needs a text encoder; routes are {sorted(model.config.routes)}")
-        return model.config.width("text")
+    kind, route, part = "context", "text", "text encoder"
 
     @classmethod
     def from_words(cls, model: MultimodalTransformer, tokenizer: Tokenizer, words: str) -> ContextPrompt:
@@ -164,13 +161,7 @@ class ContextPrompt(SoftPrompt):
 class DecoderPrefix(SoftPrompt):
     """P vectors the decoder reads before its first token (pass ``prefix_embeds=prefix.vectors``)."""
 
-    kind = "decoder_prefix"
-
-    @staticmethod
-    def model_width(model: MultimodalTransformer) -> int:
-        if "decoder" not in model.config.routes:
-            raise ValueError(f"model: a decoder prefix needs a decoder; routes are {sorted(model.config.routes)}")
-        return model.config.width("decoder")
+    kind, route, part = "decoder_prefix", "decoder", "decoder"
 
 
 KINDS: dict[str, type[SoftPrompt]] = {ContextPrompt.kind: ContextPrompt, DecoderPrefix.kind: DecoderPrefix}
