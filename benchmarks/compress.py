@@ -88,6 +88,7 @@ def student_config(out: Path, steps: int | None, teacher: dict | None, tiny: boo
         trainer["limit_val_batches"] = 0
         config["data"]["batch_size"] = 8
     config["data"]["tokenizer"] = str(MODEL / "tokenizer.json")
+    config["data"]["packing"] = False  # distillation reads padded batches (both students, for a like comparison)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
