@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # torch/torchvision are pinned to releases that install together (and, on the dev machines, from local disk);
 # torchaudio 2.11 declares no torch pin and runs beside them through the stable ABI.
 TORCH := torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0
+# pytest processes (pytest-xdist): one per core; every test runs single-threaded (tests/conftest.py)
+TEST_PROCS ?= $(shell $(PY) -c 'import os; print(max(1, len(os.sched_getaffinity(0))))' 2>/dev/null || echo 2)
 
 .PHONY: demo adapt test test-fast lint format install install-dev clean
 
@@ -39,11 +41,11 @@ adapt: $(VENV)/.installed-adapt
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_PROCS) --durations=15
 
 # the suite without the long end-to-end runs (marked slow): kill/resume, DDP, compiled decoding, benchmark smoke runs
 test-fast: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -m "not slow" --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_PROCS) -m "not slow" --durations=15
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
