@@ -198,7 +198,8 @@ def quantize_section(args: argparse.Namespace, out: Path, manifest: Path) -> lis
     from mmformer.generation import generate
     from mmformer.quantization import calibration_batches, quantize
 
-    dirs = {"fp32": MODEL}
+    dirs = {"fp32": out / "fp32"}  # the shipped model is stored in float16: sizes compare with its float32 file
+    mmformer.load_pretrained(MODEL).save_pretrained(dirs["fp32"])
     compact = {"embeddings": True, "float_storage": "bfloat16"}  # int8 token table, float rest stored as bf16
     variants = [("dynamic", "dynamic", {}), ("dynamic compact", "dynamic", compact), ("int8-weight", "int8-weight", {}),
                 ("int4-weight", "int4-weight", {}), ("int4-weight compact", "int4-weight", compact),

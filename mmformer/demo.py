@@ -177,6 +177,10 @@ def plot(log_dir: Path, results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _met(value: float, op: str, target: float) -> bool:
+    return value >= target if op == ">=" else value <= target
+
+
 def report(results: dict, seconds: dict) -> str:
     lines = ["", "mmformer demo — digits", ""]
     for split, figures in results.items():
@@ -185,8 +189,7 @@ def report(results: dict, seconds: dict) -> str:
             if isinstance(value, float):
                 target = TARGETS.get(split, {}).get(name)
                 if target:
-                    ok = value >= target[1] if target[0] == ">=" else value <= target[1]
-                    mark = f"  (target {target[0]} {target[1]}: {'met' if ok else 'MISSED'})"
+                    mark = f"  (target {target[0]} {target[1]}: {'met' if _met(value, *target) else 'MISSED'})"
                 else:
                     mark = ""
                 lines.append(f"    {name:<20} {value:.3f}{mark}")
@@ -245,7 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     results = {split: evaluate(model_dir, Path(SPLITS[split])) for split in args.splits.split(",")}
     seconds["evaluate"] = time.perf_counter() - start
     plot(out, results, out / "demo.png")
-    (out / "results.json").write_text(json.dumps({**results, "seconds": seconds}, indent=2))
+    targets = {split: {name: {"target": f"{op} {value}", "met": _met(results[split][name], op, value)}
+                       for name, (op, value) in TARGETS[split].items()} for split in results}  # fmt: skip
+    (out / "results.json").write_text(json.dumps({**results, "targets": targets, "seconds": seconds}, indent=2))
     print(report(results, seconds))
     print(f"\n  curves and confusion matrices: {out / 'demo.png'}; figures: {out / 'results.json'}")
 
