@@ -40,18 +40,14 @@ CAPTION_SIZES = {
 N_MELS, BOS, START = 80, 1, 3
 
 
-def whisper_pair(size: str, seed: int = 0):
-    """A random Hugging Face Whisper whose end-of-text token never wins, and its mmformer conversion."""
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-    from transformers.utils import logging
+def hf_whisper_config(s: dict):
+    """A Hugging Face ``WhisperConfig`` of the dimensions ``s`` (an entry of :data:`WHISPER_SIZES`, or one built on
+    it), with the last id as end-of-text and pad, and no suppressed tokens (the default lists name ids of the real
+    vocabulary, beyond the smaller sizes')."""
+    from transformers import WhisperConfig
 
-    logging.set_verbosity_error()  # its batched-input attention-mask notice concerns padded prompts, not ours
-
-    from mmformer.convert import from_hf_whisper
-
-    s = WHISPER_SIZES[size]
     eos = s["vocab"] - 1
-    config = WhisperConfig(
+    return WhisperConfig(
         vocab_size=s["vocab"],
         num_mel_bins=N_MELS,
         d_model=s["d_model"],
@@ -70,10 +66,22 @@ def whisper_pair(size: str, seed: int = 0):
         suppress_tokens=[],
         begin_suppress_tokens=[],
     )
+
+
+def whisper_pair(size: str, seed: int = 0):
+    """A random Hugging Face Whisper whose end-of-text token never wins, and its mmformer conversion."""
+    from transformers import WhisperForConditionalGeneration
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # its batched-input attention-mask notice concerns padded prompts, not ours
+
+    from mmformer.convert import from_hf_whisper
+
+    config = hf_whisper_config(WHISPER_SIZES[size])
     torch.manual_seed(seed)
     hf = WhisperForConditionalGeneration(config).eval()
     with torch.no_grad():
-        hf.model.decoder.embed_tokens.weight[eos] = 0.0  # tied LM head: the eos logit is always 0
+        hf.model.decoder.embed_tokens.weight[config.eos_token_id] = 0.0  # tied LM head: the eos logit is always 0
     return hf, from_hf_whisper(hf)
 
 

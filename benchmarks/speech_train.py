@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.common import DTYPES, base_parser, interleaved, machine, parse_args, record, table
-from benchmarks.generate import BOS, N_MELS, START, WHISPER_SIZES
+from benchmarks.generate import N_MELS, START, WHISPER_SIZES, hf_whisper_config
 from benchmarks.lengths import FRAMES_PER_SECOND, WHISPER_SECONDS, clip_seconds, transcript_tokens
 from mmformer.layers import Documents
 from mmformer.tasks.losses import caption_loss, document_targets, teacher_forcing
@@ -34,34 +34,14 @@ SIZES = {
 
 def whisper_pair(size: str, seed: int = 0):
     """A random Hugging Face Whisper of these dimensions (30 s of input at whisper-tiny) and its conversion."""
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    from transformers import WhisperForConditionalGeneration
     from transformers.utils import logging
 
     from mmformer.convert import from_hf_whisper
 
     logging.set_verbosity_error()
-    s = SIZES[size]
-    config = WhisperConfig(
-        vocab_size=s["vocab"],
-        num_mel_bins=N_MELS,
-        d_model=s["d_model"],
-        encoder_layers=s["layers"],
-        decoder_layers=s["layers"],
-        encoder_attention_heads=s["heads"],
-        decoder_attention_heads=s["heads"],
-        encoder_ffn_dim=s["ffn"],
-        decoder_ffn_dim=s["ffn"],
-        max_source_positions=s["source_positions"],
-        max_target_positions=s["target_positions"],
-        pad_token_id=s["vocab"] - 1,
-        bos_token_id=BOS,
-        eos_token_id=s["vocab"] - 1,
-        decoder_start_token_id=START,
-        suppress_tokens=[],  # the default lists name ids of the real vocabulary (beyond the smoke size's)
-        begin_suppress_tokens=[],
-    )
     torch.manual_seed(seed)
-    hf = WhisperForConditionalGeneration(config).train()
+    hf = WhisperForConditionalGeneration(hf_whisper_config(SIZES[size])).train()
     return hf, from_hf_whisper(hf).train()
 
 

@@ -6,6 +6,8 @@ import contextlib
 import signal
 from collections.abc import Iterator
 
+import torch
+
 
 @contextlib.contextmanager
 def time_limit(seconds: float) -> Iterator[None]:
@@ -21,3 +23,15 @@ def time_limit(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def randomize_(module: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
+    """Random values in every parameter of a reference model (norm scales near 1, the rest N(0, scale²); logit
+    scales and biases keep their values), so that a swapped or skipped weight shows in a parity test."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "logit" in name:
+                continue
+            norm_scale = p.ndim == 1 and name.endswith("weight")
+            p.copy_(1 + 0.1 * torch.randn_like(p) if norm_scale else scale * torch.randn_like(p))
+    return module.eval()

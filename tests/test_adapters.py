@@ -159,6 +159,21 @@ def test_grown_vocabulary_keeps_old_logits_and_travels_with_the_adapter(base, tm
     assert not merged.config.tie_lm_head and (outputs(merged) - outputs(grown)).abs().max() < 1e-5
 
 
+def captioning_steps(model: MultimodalTransformer, device: str, steps: int = 6) -> list[float]:
+    """AdamW steps (lr 1e-2) of a captioning loss on one fixed random batch, training what requires grad; the losses."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    pixels, ids = torch.randn(4, 3, 16, 16, device=device), torch.randint(3, 32, (4, 6), device=device)
+    losses = []
+    for _ in range(steps):
+        memory, _ = model.encode_image_tokens(pixels)
+        loss = torch.nn.functional.cross_entropy(model.decode(ids[:, :-1], memory).flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_qlora_step_on_a_4bit_base(make_model_config):
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
@@ -170,17 +185,8 @@ def test_qlora_step_on_a_4bit_base(make_model_config):
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(m.weight.dtype == torch.uint8 for m in layers)
     assert adapters.weight_bytes(model) < full / 2
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    pixels, ids = torch.randn(4, 3, 16, 16), torch.randint(3, 32, (4, 6))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    losses = []
-    for _ in range(6):
-        memory, _ = model.encode_image_tokens(pixels)
-        loss = torch.nn.functional.cross_entropy(model.decode(ids[:, :-1], memory).flatten(0, 1), ids[:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = captioning_steps(model, "cpu")
     assert losses[-1] < losses[0]
     assert all(m.weight.dtype == torch.uint8 for m in layers)  # still 4-bit
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
@@ -193,16 +199,7 @@ def test_qlora_on_cuda(make_model_config):
         pytest.skip("needs CUDA")
     model = MultimodalTransformer(make_model_config(stack={"width": 64}, audio=None)).cuda().train()
     adapters.add_lora(model, LoraSettings(r=4, target_modules=["all"], quantize="nf4"))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    pixels, ids = torch.randn(4, 3, 16, 16, device="cuda"), torch.randint(3, 32, (4, 6), device="cuda")
-    losses = []
-    for _ in range(6):
-        memory, _ = model.encode_image_tokens(pixels)
-        loss = torch.nn.functional.cross_entropy(model.decode(ids[:, :-1], memory).flatten(0, 1), ids[:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = captioning_steps(model, "cuda")
     assert losses[-1] < losses[0]
 
 

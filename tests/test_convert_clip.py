@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import randomize_
 
 from mmformer.convert import from_hf_clip, from_open_clip
 from mmformer.convert.common import UnsupportedModelError, load_state_dict
@@ -19,19 +20,6 @@ SMALL = dict(  # a small open_clip config: 32×32 images in 8×8 patches, 16 tex
     vision_cfg=dict(image_size=32, layers=2, width=128, patch_size=8),
     text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=2, layers=2),
 )
-
-
-def randomize_(module: torch.nn.Module) -> torch.nn.Module:
-    """Random values in every parameter (norm scales near 1), so that a swapped or skipped weight shows."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "logit" in name:
-                continue
-            if p.ndim == 1 and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.05 * torch.randn_like(p))
-    return module.eval()
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

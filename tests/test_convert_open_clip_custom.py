@@ -11,6 +11,7 @@ import torch
 
 open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")
+from helpers import randomize_  # noqa: E402
 from open_clip.coca_model import CoCa  # noqa: E402
 from open_clip.model import CustomTextCLIP  # noqa: E402
 
@@ -28,18 +29,6 @@ COCA = dict(
                   output_tokens=True),
     multimodal_cfg=dict(context_length=CONTEXT, vocab_size=49408, width=32, heads=4, layers=2),
 )  # fmt: skip
-
-
-def randomize_(module: torch.nn.Module) -> torch.nn.Module:
-    """Random values in every parameter (norm scales near 1), so that a swapped or skipped weight shows."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "logit" in name:
-                continue
-            p.copy_(
-                1 + 0.1 * torch.randn_like(p) if p.ndim == 1 and name.endswith("weight") else 0.05 * torch.randn_like(p)
-            )
-    return module.eval()
 
 
 def text_batch() -> torch.Tensor:

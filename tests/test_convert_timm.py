@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import randomize_
 
 from mmformer.convert import from_timm_vit
 from mmformer.convert.common import UnsupportedModelError
@@ -14,17 +15,6 @@ timm = pytest.importorskip("timm")
 
 TOL = 1e-4
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)  # VisionTransformer kwargs
-
-
-def randomize_(module: torch.nn.Module) -> torch.nn.Module:
-    """Random values in every parameter (norm scales near 1), so that a swapped or skipped weight shows."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 1 and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.05 * torch.randn_like(p))
-    return module.eval()
 
 
 def tiny_vit(**overrides) -> torch.nn.Module:

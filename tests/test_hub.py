@@ -14,6 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 import hub_helpers  # noqa: E402
+from helpers import randomize_  # noqa: E402
 from hub_helpers import put_in_cache  # noqa: E402
 
 import mmformer  # noqa: E402
@@ -24,18 +25,6 @@ ATOL = 1e-4
 hf_cache, no_network = hub_helpers.hf_cache, hub_helpers.no_network  # fixtures: an offline cache; no socket opened
 
 
-def randomize_(module: torch.nn.Module) -> torch.nn.Module:
-    """Random values in every parameter (norm scales near 1), so that a swapped or skipped weight shows."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "logit" in name:
-                continue
-            p.copy_(
-                1 + 0.1 * torch.randn_like(p) if p.ndim == 1 and name.endswith("weight") else 0.1 * torch.randn_like(p)
-            )
-    return module.eval()
-
-
 def tiny_clip():
     from transformers import CLIPConfig, CLIPModel
 
@@ -43,7 +32,7 @@ def tiny_clip():
                 max_position_embeddings=16, eos_token_id=98, bos_token_id=97, pad_token_id=1)  # fmt: skip
     vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=16,
                   patch_size=4)  # fmt: skip
-    return randomize_(CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)))
+    return randomize_(CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)), scale=0.1)
 
 
 def tiny_bert(kind: str = "bert"):
@@ -52,7 +41,7 @@ def tiny_bert(kind: str = "bert"):
     config, model = (BertConfig, BertModel) if kind == "bert" else (RobertaConfig, RobertaModel)
     cfg = config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
                  max_position_embeddings=24, pad_token_id=1)  # fmt: skip
-    return randomize_(model(cfg, add_pooling_layer=False))
+    return randomize_(model(cfg, add_pooling_layer=False), scale=0.1)
 
 
 def tiny_whisper():
@@ -63,7 +52,7 @@ def tiny_whisper():
                         max_source_positions=20, max_target_positions=16, pad_token_id=4, bos_token_id=1,
                         eos_token_id=2, decoder_start_token_id=3, suppress_tokens=[5],
                         begin_suppress_tokens=[2])  # fmt: skip
-    return randomize_(WhisperForConditionalGeneration(cfg))
+    return randomize_(WhisperForConditionalGeneration(cfg), scale=0.1)
 
 
 def tiny_siglip():
@@ -73,7 +62,7 @@ def tiny_siglip():
                 max_position_embeddings=10, pad_token_id=1, eos_token_id=1, bos_token_id=49)  # fmt: skip
     vision = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4, image_size=16,
                   patch_size=8)  # fmt: skip
-    return randomize_(SiglipModel(SiglipConfig(text_config=text, vision_config=vision)))
+    return randomize_(SiglipModel(SiglipConfig(text_config=text, vision_config=vision)), scale=0.1)
 
 
 def saved(model, folder):
@@ -282,7 +271,7 @@ def test_open_clip_tag_through_its_cache(hf_cache):
 
     small = dict(embed_dim=16, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16),
                  text_cfg=dict(context_length=8, vocab_size=49408, width=16, heads=2, layers=1))  # fmt: skip
-    reference = randomize_(open_clip.create_model("ViT-B-32", force_quick_gelu=True, **small))
+    reference = randomize_(open_clip.create_model("ViT-B-32", force_quick_gelu=True, **small), scale=0.1)
     # open_clip's ViT-B-32/openai lives in the Hub repo timm/vit_base_patch32_clip_224.openai
     folder = hf_cache.parent / "oc"
     folder.mkdir()
@@ -307,7 +296,7 @@ def test_timm_name_through_its_cache(hf_cache):
     from safetensors.torch import save_file
 
     small = dict(embed_dim=32, depth=1, num_heads=2, img_size=32, num_classes=0)
-    reference = randomize_(timm.create_model("vit_tiny_patch16_224", pretrained=False, **small))
+    reference = randomize_(timm.create_model("vit_tiny_patch16_224", pretrained=False, **small), scale=0.1)
     folder = hf_cache.parent / "timm"
     folder.mkdir()
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, folder / "model.safetensors")
