@@ -19,11 +19,12 @@ Mlp = Literal["gelu", "gelu_tanh", "quickgelu", "relu", "swiglu", "geglu", "gegl
 Norm = Literal["layernorm", "rmsnorm"]
 NormPlacement = Literal["pre", "post", "sandwich"]
 RelativePosition = Literal["none", "rope", "alibi", "t5"]
-RopeScaling = ("linear", "llama3")  # rope_scaling["rope_type"] kinds (Hugging Face's names and keys)
-_ROPE_SCALING_KEYS = {
+# rope_scaling["rope_type"] kinds and the keys each needs (Hugging Face's names and keys)
+ROPE_SCALING_KEYS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
+RopeScaling = tuple(ROPE_SCALING_KEYS)
 AbsolutePosition = Literal["none", "learned", "sinusoidal"]
 
 
@@ -179,7 +180,7 @@ class StackConfig:
             )
         if self.position != "rope":
             raise ValueError(f"StackConfig.rope_scaling needs position='rope', got position={self.position!r}")
-        missing = [k for k in _ROPE_SCALING_KEYS[kind] if not isinstance(scaling.get(k), (int, float))]
+        missing = [k for k in ROPE_SCALING_KEYS[kind] if not isinstance(scaling.get(k), (int, float))]
         if missing:
             raise ValueError(
                 f"StackConfig.rope_scaling of rope_type {kind!r} needs numbers for {missing}, got {scaling}"

@@ -73,6 +73,18 @@ def is_path(x: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- loading
+def lm_head_tied(state: Mapping[str, torch.Tensor], head: str, embedding: str) -> bool:
+    """Whether a checkpoint's LM head ``head`` is its token table ``embedding``: absent from the state dict (tied
+    in the model), or stored as an equal copy."""
+    tokens = state.get(embedding)
+    return head not in state or (tokens is not None and torch.equal(state[head], tokens))
+
+
+def first_id(value: Any) -> Any:
+    """The first of a config's token ids where it lists several (``eos_token_id: [2, 32000]``), else the value."""
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
 def id_in_vocab(token_id: Any, vocab_size: int) -> int | None:
     """A special-token id from a checkpoint's config if it names a row of the token table, else None (configs carry
     ids of tokens a tokenizer adds on top, or placeholders such as -1)."""

@@ -22,7 +22,6 @@ embeddings (``ModelConfig.mlm_head``; ``model.mlm_logits``). The tokenizer's ``[
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from mmformer.convert.common import (
     read_hf_checkpoint,
     read_hf_tokenizer,
 )
+from mmformer.hub import read_json
 from mmformer.model import MultimodalTransformer
 from mmformer.weights import build_on_meta
 
@@ -104,7 +104,7 @@ def _tokenizer(directory: Path | None, max_positions: int):
     if tokenizer is None:
         return None
     st_config = directory / "sentence_bert_config.json"
-    max_length = json.loads(st_config.read_text()).get("max_seq_length") if st_config.is_file() else None
+    max_length = (read_json(st_config) or {}).get("max_seq_length")
     max_length = min(max_length or tokenizer.max_length, max_positions)
     if max_length != tokenizer.max_length:
         from mmformer.tokenizer import Tokenizer

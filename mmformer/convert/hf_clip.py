@@ -14,7 +14,6 @@ case becomes ``eos_id = vocab_size - 1``; both agree whenever a row holds its en
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -30,6 +29,7 @@ from mmformer.convert.common import (
     read_hf_checkpoint,
 )
 from mmformer.convert.open_clip import clip_processor
+from mmformer.hub import read_json
 from mmformer.model import MultimodalTransformer
 from mmformer.weights import build_on_meta
 
@@ -57,9 +57,7 @@ def from_hf_clip(path_or_model: str | os.PathLike | nn.Module) -> MultimodalTran
     from transformers import CLIPConfig
 
     hf_config = CLIPConfig(**cfg)  # fills what save_pretrained leaves out (values equal to the defaults)
-    preprocessor: dict[str, Any] = {}
-    if directory is not None and (directory / "preprocessor_config.json").is_file():
-        preprocessor = json.loads((directory / "preprocessor_config.json").read_text())
+    preprocessor: dict[str, Any] = (read_json(directory / "preprocessor_config.json") if directory else None) or {}
     config = _model_config(hf_config, state)
     model = build_on_meta(MultimodalTransformer, config)
     _weight_map(state, config).load_into(model)

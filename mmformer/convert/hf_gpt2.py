@@ -21,6 +21,7 @@ from mmformer.convert.common import (
     WeightMap,
     activation_kind,
     build_processor,
+    lm_head_tied,
     read_hf_checkpoint,
     read_hf_tokenizer,
 )
@@ -103,8 +104,7 @@ def from_hf_gpt2(path_or_model: Any) -> MultimodalTransformer:
         path_or_model, model_type="gpt2", name="GPT-2", model_class="GPT2LMHeadModel (or GPT2Model)"
     )
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
-    tokens = state.get("wte.weight")
-    tied = "lm_head.weight" not in state or (tokens is not None and torch.equal(state["lm_head.weight"], tokens))
+    tied = lm_head_tied(state, "lm_head.weight", "wte.weight")
     model = build_on_meta(MultimodalTransformer, _model_config(cfg, tied))
 
     wm = WeightMap(state, name="hf_gpt2", ignore=_IGNORED + (["lm_head.weight"] if tied else []))

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from mmformer.config import ModelConfig, StackConfig, TextConfig
+from mmformer.config import ROPE_SCALING_KEYS, ModelConfig, StackConfig, TextConfig
 from mmformer.convert.common import (
     UnsupportedModelError,
     WeightMap,
     build_processor,
+    first_id,
+    lm_head_tied,
     read_hf_checkpoint,
     read_hf_tokenizer,
 )
@@ -36,14 +36,6 @@ __all__ = ["from_hf_llama"]
 
 MODEL_TYPES = ("llama", "qwen2")
 _IGNORED = ["layers.*.self_attn.rotary_emb.inv_freq", "rotary_emb.inv_freq"]  # buffers of older checkpoints
-_SCALING_KEYS = {
-    "linear": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-}
-
-
-def _first(value: Any) -> Any:
-    return value[0] if isinstance(value, (list, tuple)) else value
 
 
 def _rope(cfg: dict[str, Any]) -> tuple[float, dict | None]:
@@ -58,11 +50,11 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, dict | None]:
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     if kind == "default":
         return theta, None
-    if kind not in _SCALING_KEYS:
+    if kind not in ROPE_SCALING_KEYS:
         raise UnsupportedModelError(
-            f"hf_llama: rope_type={kind!r}; supported: 'default' and {sorted(_SCALING_KEYS)} rope scaling"
+            f"hf_llama: rope_type={kind!r}; supported: 'default' and {sorted(ROPE_SCALING_KEYS)} rope scaling"
         )
-    return theta, {"rope_type": kind, **{k: params[k] for k in _SCALING_KEYS[kind]}}
+    return theta, {"rope_type": kind, **{k: params[k] for k in ROPE_SCALING_KEYS[kind]}}
 
 
 def _biases(cfg: dict[str, Any], model_type: str) -> tuple[bool, bool]:
@@ -103,8 +95,8 @@ def _model_config(cfg: dict[str, Any], model_type: str, tied: bool) -> ModelConf
         rope_theta=theta,
         rope_scaling=scaling,
     )
-    eos = _first(cfg.get("eos_token_id"))
-    bos = _first(cfg.get("bos_token_id"))
+    eos = first_id(cfg.get("eos_token_id"))
+    bos = first_id(cfg.get("bos_token_id"))
     pad = cfg.get("pad_token_id")
     text = TextConfig(
         vocab_size=cfg["vocab_size"],
@@ -141,8 +133,7 @@ def from_hf_llama(path_or_model: Any) -> MultimodalTransformer:
     )
     model_type = cfg.get("model_type", "llama")
     state = {k.removeprefix("model."): v for k, v in state.items()}
-    tokens = state.get("embed_tokens.weight")
-    tied = "lm_head.weight" not in state or (tokens is not None and torch.equal(state["lm_head.weight"], tokens))
+    tied = lm_head_tied(state, "lm_head.weight", "embed_tokens.weight")
     config = _model_config(cfg, model_type, tied)
     model = build_on_meta(MultimodalTransformer, config)
 

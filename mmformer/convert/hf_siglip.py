@@ -22,7 +22,6 @@ the directory's ``tokenizer.json`` when it has one (SigLIP's sentencepiece token
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -40,6 +39,7 @@ from mmformer.convert.common import (
     read_hf_tokenizer,
 )
 from mmformer.convert.hf_clip import image_settings, map_layers, stack_config
+from mmformer.hub import read_json
 from mmformer.model import MultimodalTransformer
 from mmformer.weights import build_on_meta
 
@@ -68,9 +68,7 @@ def from_hf_siglip(path_or_model: str | os.PathLike | nn.Module) -> MultimodalTr
     model = build_on_meta(MultimodalTransformer, config)
     _weight_map(state, config).load_into(model)
     model.eval()
-    pre = {}
-    if directory is not None and (directory / "preprocessor_config.json").is_file():
-        pre = json.loads((directory / "preprocessor_config.json").read_text(encoding="utf-8"))
+    pre = (read_json(directory / "preprocessor_config.json") if directory else None) or {}
     image: dict[str, Any] = dict(
         image_size=tuple(config.image.image_size), mean=SIGLIP_MEAN, std=SIGLIP_STD, interpolation="bicubic"
     )

@@ -28,7 +28,6 @@ directory (:func:`mmformer.from_pretrained` resolves Hub ids).
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,10 +40,13 @@ from mmformer.convert.common import (
     WeightMap,
     activation_kind,
     build_processor,
+    first_id,
     fuse_qkv,
+    lm_head_tied,
     read_hf_checkpoint,
     read_hf_tokenizer,
 )
+from mmformer.hub import read_json
 from mmformer.layers.positions import sinusoids
 from mmformer.model import MultimodalTransformer
 from mmformer.weights import build_on_meta
@@ -54,10 +56,6 @@ __all__ = ["from_hf_whisper"]
 SAMPLE_RATE = 16000  # Whisper's feature extractor: 16 kHz, 25 ms windows (n_fft 400), 10 ms hops (160)
 HOP_LENGTH = 160
 _SINUSOID_TOLERANCE = 1e-6  # a stored table this close to mmformer's sinusoids is loaded as "sinusoidal"
-
-
-def _first(value: Any) -> Any:
-    return value[0] if isinstance(value, (list, tuple)) else value
 
 
 def _generation_config(gen: dict[str, Any]) -> GenerationConfig | None:
@@ -101,8 +99,7 @@ def _language_code(language: str, languages: dict[str, int]) -> str | None:
 def _read_generation_config(path_or_model: Any, directory: Path | None) -> dict[str, Any]:
     """The generation config of a model instance (``generation_config``) or of a directory's generation_config.json."""
     if directory is not None:
-        file = directory / "generation_config.json"
-        return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+        return read_json(directory / "generation_config.json") or {}
     gen = getattr(path_or_model, "generation_config", None)
     return gen.to_dict() if gen is not None and hasattr(gen, "to_dict") else {}
 
@@ -127,7 +124,7 @@ def _model_config(
             cross_attention=cross,
         )
 
-    eos = _first(cfg.get("eos_token_id"))
+    eos = first_id(cfg.get("eos_token_id"))
     pad = cfg.get("pad_token_id")
     frames = 2 * cfg["max_source_positions"]
     return ModelConfig(
@@ -211,8 +208,7 @@ def from_hf_whisper(path_or_model: Any) -> MultimodalTransformer:
     positions = state["encoder.embed_positions.weight"]
     table = sinusoids(*positions.shape)
     audio_position = "sinusoidal" if (positions.float() - table).abs().max() <= _SINUSOID_TOLERANCE else "learned"
-    tokens = state["decoder.embed_tokens.weight"]
-    tied = "proj_out.weight" not in state or torch.equal(state["proj_out.weight"], tokens)
+    tied = lm_head_tied(state, "proj_out.weight", "decoder.embed_tokens.weight")
     generation = _generation_config(_read_generation_config(path_or_model, directory))
     model = build_on_meta(MultimodalTransformer, _model_config(cfg, audio_position, tied, generation))
 
