@@ -36,7 +36,7 @@ def pack(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[Documents, torch.T
     if mask is None:
         return Documents.from_lengths([x.shape[1]] * x.shape[0], device=x.device), x.reshape(1, -1, *x.shape[2:])
     mask = mask.bool()
-    if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+    if not right_padded(mask):
         raise ValueError("mask: packing needs right-padded rows (real tokens first), got a row with a gap")
     return Documents(mask.sum(dim=1)), x[mask].unsqueeze(0)
 

@@ -96,10 +96,6 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, hs)
 
-    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values (B, nkv, S, hs) of a cross-attention memory (B, S, D)."""
-        return self._memory_heads(self._memory_kv(memory))
-
     def _memory_kv(self, memory: torch.Tensor) -> torch.Tensor:
         """Projected memory k|v (B, S, 2 nkv*hs), after the memory norm where the config has one."""
         return self.kv(memory if self.memory_norm is None else self.memory_norm(memory))
@@ -144,7 +140,8 @@ class Attention(nn.Module):
         if documents is not None:
             return self._forward_documents(x, mask, causal, memory, documents, memory_documents, bias)
         offset = cache.length if cache is not None and not self.cross else 0
-        kv_in = self._memory_kv(memory) if self.cross and memory is not None else None
+        cached = cache is not None and self.cross and cache.has_cross(layer)  # memory keys projected on the 1st call
+        kv_in = self._memory_kv(memory) if self.cross and memory is not None and not cached else None
         q_in = self.q(x) if self.cross else self.qkv(x)
         out = self._attend(q_in, kv_in, mask, causal, cache, layer, offset, padded_queries, positions, bias)
         return self.proj(out)
@@ -248,7 +245,7 @@ class Attention(nn.Module):
         q_in = self.q(x) if self.cross else self.qkv(x)  # (R, T, ·)
         kv_in = self._memory_kv(memory) if self.cross else None
         biased = self.alibi or (bias is not None and not self.cross)
-        if documents.use_jagged(x.device, bias=biased) and (not self.cross or memory_documents is not None):
+        if documents.use_jagged(bias=biased) and (not self.cross or memory_documents is not None):
             out = self._jagged(q_in.view(1, R * T, -1), kv_in, documents, memory_documents, causal)
             return self.proj(out.view(R, T, -1))
         # dense: per-document rows (n, L) right-padded, through the usual path (rope restarts at 0 in each row)

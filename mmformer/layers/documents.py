@@ -282,7 +282,7 @@ class Documents:
         )
         return nested.transpose(1, 2)
 
-    def use_jagged(self, device: torch.device, *, bias: bool) -> bool:
+    def use_jagged(self, *, bias: bool) -> bool:
         """Whether attention over these documents takes the nested-tensor path: only when asked for (``auto`` is
         ``dense``, measured faster on CPU and on an H200), never with an attention bias."""
         return self.backend == "jagged" and not bias
