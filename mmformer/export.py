@@ -93,8 +93,10 @@ class TextEncoder(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        states, _ = self.model.encode_text_tokens(input_ids, attention_mask)
-        return self.model.encode_text(input_ids, attention_mask), states
+        # one pass through the text stack: its states, pooled as encode_text pools them (with the ids as the stack
+        # saw them: fixed-length text towers pad them)
+        states, mask, ids = self.model._text_states(input_ids, attention_mask, None)
+        return self.model.pool_text(states, ids, mask), states
 
 
 class DecoderPrefill(nn.Module):

@@ -98,6 +98,8 @@ class OnnxModel:
         self._tokenizer = None
         preprocessor = self.directory / "preprocessor_config.json"
         self.preprocessor = json.loads(preprocessor.read_text()) if preprocessor.is_file() else {}
+        filters = (self.config.get("audio") or {}).get("mel_filters")  # (n_fft/2 + 1, M), read once
+        self.mel_filters = np.load(self.directory / filters, allow_pickle=False) if filters else None
 
     def _run(self, graph: str, **inputs: np.ndarray) -> list[np.ndarray]:
         if graph not in self.sessions:
@@ -217,7 +219,6 @@ class OnnxModel:
         them from the zero-padded batch."""
         cfg = self.config["audio"]
         n_fft, hop = cfg["n_fft"], cfg["hop_length"]
-        filters = np.load(self.directory / cfg["mel_filters"], allow_pickle=False)  # (n_fft/2 + 1, M)
         lengths = np.array([len(w) for w in waves], dtype=np.int64)
         batch = np.zeros((len(waves), int(lengths.max())), dtype=np.float32)
         for i, w in enumerate(waves):
@@ -228,7 +229,7 @@ class OnnxModel:
         window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)).astype(np.float32)  # periodic Hann
         spectrum = np.fft.rfft(padded[:, index] * window, axis=-1)  # (B, Nf, n_fft/2 + 1)
         power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
-        mel = np.log10(np.maximum(power @ filters, 1e-10)).transpose(0, 2, 1)  # (B, M, Nf)
+        mel = np.log10(np.maximum(power @ self.mel_filters, 1e-10)).transpose(0, 2, 1)  # (B, M, Nf)
         n_frames = lengths // hop + 1
         real = np.arange(frames)[None, :] < n_frames[:, None]  # (B, Nf)
         peak = np.where(real[:, None, :], mel, -np.inf).max(axis=(1, 2), keepdims=True)
