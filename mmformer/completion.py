@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mmformer.generation import DecodingOptions, generate, model_device, processor_with_tokenizer, ragged
+from mmformer.generation import DecodingOptions, generate, processor_with_tokenizer, ragged
 from mmformer.token_choice import StopStrings
+from mmformer.weights import model_device
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer

@@ -48,6 +48,7 @@ from torch.export import Dim
 
 from mmformer.layers.cache import KVCache
 from mmformer.model import MultimodalTransformer
+from mmformer.weights import model_device
 
 FORMATS = ("onnx", "torch-export")
 TOWERS = ("image", "audio", "text", "decoder")
@@ -171,10 +172,6 @@ def examples(model: MultimodalTransformer, batch: int = 2, tokens: int = 3, fram
     return out
 
 
-def _device(model: nn.Module) -> torch.device:
-    return model.logit_scale.device
-
-
 def graphs(model: MultimodalTransformer, towers: Sequence[str] | None = None) -> list[Graph]:
     """The graphs of the requested towers (default: every tower the model has), with example inputs.
 
@@ -196,7 +193,7 @@ def graphs(model: MultimodalTransformer, towers: Sequence[str] | None = None) ->
         )
     if not towers:
         raise ValueError(f"towers: nothing to export; the model's routes are {sorted(routes)}")
-    cfg, device = model.config, _device(model)
+    cfg, device = model.config, model_device(model)
     ex = {k: v.to(device) for k, v in examples(model).items()}
     limit = 2**20
     positions = cfg.text.max_length if cfg.text.position != "none" else limit

@@ -36,6 +36,7 @@ from mmformer.decoding_rules import default_prompt, logit_rules, prompt_length
 from mmformer.embedders.checks import check_prefix, check_token_ids
 from mmformer.search import BeamSearch, DecoderRunner, TokenSearch
 from mmformer.token_choice import StopStrings, score_processors, token_chooser
+from mmformer.weights import model_device
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
@@ -153,10 +154,6 @@ class DecodingOptions:
 
 
 # ---------------------------------------------------------------------- entry points
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _memory(
     model: MultimodalTransformer,
     image: torch.Tensor | None,

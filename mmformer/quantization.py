@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mmformer.weights import TensorSpec, listed
+from mmformer.weights import TensorSpec, listed, model_device
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
@@ -178,10 +178,6 @@ def _base_config(method: str, group_size: int, device: torch.device, act_mapping
     raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def quantize(
     model: MultimodalTransformer,
     method: str,
@@ -208,8 +204,6 @@ def quantize(
         ValueError: an unknown method, a model already quantized, ``static`` without calibration batches.
         ImportError: torchao is missing.
     """
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
     QuantizationConfig(
         method, group_size=group_size, act_mapping=act_mapping, embeddings=embeddings, float_storage=float_storage
     )  # validates the options; fmt: skip
@@ -219,7 +213,7 @@ def quantize(
     from torchao.quantization import quantize_
 
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     names = quantizable(model, group_size if method == "int4-weight" else None)
     layout = "plain"
     if method == "static":
@@ -314,7 +308,7 @@ def _tower_inputs(model: MultimodalTransformer, batch: dict[str, Any]) -> Iterat
     decoder reading each encoder's states with the batch's texts (teacher forcing)."""
     from mmformer.tasks.losses import teacher_forcing
 
-    device, routes = _device(model), model.config.routes
+    device, routes = model_device(model), model.config.routes
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     memories = []
     if "text" in routes:
@@ -396,8 +390,8 @@ def static_configs(model: MultimodalTransformer, calibration: Iterable[dict[str,
         zero_point = int(min(127, max(-128, round(-128 - low / scale))))
         shape = (1,) * ndim
         configs[fqn] = Int8StaticActivationInt8WeightConfig(
-            act_quant_scale=torch.full(shape, scale, dtype=torch.float32, device=_device(model)),
-            act_quant_zero_point=torch.full(shape, zero_point, dtype=torch.int8, device=_device(model)),
+            act_quant_scale=torch.full(shape, scale, dtype=torch.float32, device=model_device(model)),
+            act_quant_zero_point=torch.full(shape, zero_point, dtype=torch.int8, device=model_device(model)),
             granularity=[PerTensor(), PerRow()],
             act_mapping_type=MappingType.ASYMMETRIC,
         )

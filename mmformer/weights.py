@@ -181,6 +181,11 @@ def too_many_parameters(source: object, summary: str, ceiling: int, max_paramete
     )
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device a model's weights are on (its first parameter's)."""
+    return next(model.parameters()).device
+
+
 def parameter_ceiling(held: int, strict: bool, max_parameters: int | None = None) -> int:
     """The most parameters a config may declare for a file holding ``held`` elements: ``max_parameters`` if given,
     else ``held`` (strict: every tensor must come from the file) or ``2 * held + 16 M`` (room for new heads)."""

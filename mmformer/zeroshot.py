@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mmformer.model import MultimodalTransformer
+from mmformer.weights import model_device
 
 if TYPE_CHECKING:
     from mmformer.processor import Processor
@@ -116,7 +117,7 @@ def _encode_templates(
 
     prompts = [_fill(t, name) for name in names for t in templates]  # class-major: C × K prompts
     max_length = min(tokenizer.max_length, model.config.text.max_tokens)
-    device = _device(model)
+    device = model_device(model)
     features = []
     for start in range(0, len(prompts), batch_size):
         tokens = tokenize_with_warning(tokenizer, prompts[start : start + batch_size], max_length, what="prompt")
@@ -139,10 +140,6 @@ def zero_shot_logits(
     if model.logit_bias is not None:
         logits = logits + model.logit_bias.float()
     return logits
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 @contextlib.contextmanager
@@ -222,7 +219,7 @@ class ZeroShotClassifier:
             prompt.check_model(model)
             if self.templates != ["{}"]:
                 raise ValueError(f"templates: a learned prompt replaces the templates; got both ({self.templates})")
-            prompt = prompt.to(_device(model))
+            prompt = prompt.to(model_device(model))
         self.prompt = prompt
         self.modality = modality
         self.batch_size = batch_size
@@ -310,7 +307,7 @@ class ZeroShotClassifier:
     # ------------------------------------------------------------------ inputs → features, batch by batch
     def _features(self, inputs: Any, lengths: torch.Tensor | None, sampling_rate: int | None) -> Iterator[torch.Tensor]:
         """Yield normalised (b, E) embeddings, ``batch_size`` inputs at a time."""
-        device = _device(self.model)
+        device = model_device(self.model)
         if isinstance(inputs, (torch.Tensor, np.ndarray, list, tuple)) and len(inputs) == 0:
             raise ValueError("inputs: expected at least one input, got none")
         if isinstance(inputs, dict):
