@@ -169,13 +169,10 @@ class ImageAugmentConfig:
         self.degrees = _number(p + "degrees", self.degrees)
         if not 0.0 <= self.degrees <= 180.0:
             raise ValueError(f"{p}degrees: expected a rotation range in [0, 180] degrees; got {self.degrees!r}")
-        self.translate = _range(p + "translate", self.translate, what="shifts as fractions of the size in [0, 1]")
-        if min(self.translate) < 0 or max(self.translate) > 1:
-            raise ValueError(f"{p}translate: expected fractions of (width, height) in [0, 1]; got {self.translate!r}")
+        self.translate = _range(p + "translate", self.translate, 0.0, 1.0, what="fractions of (width, height)")
         self.scale = _range(p + "scale", self.scale, 1e-3, what="scale factors > 0")
-        if isinstance(self.blur_kernel, bool) or not isinstance(self.blur_kernel, int) or self.blur_kernel % 2 == 0:
-            raise ValueError(f"{p}blur_kernel: expected an odd int >= 1 (pixels); got {self.blur_kernel!r}")
-        if self.blur_kernel < 1:
+        kernel = self.blur_kernel
+        if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel % 2 == 0 or kernel < 1:
             raise ValueError(f"{p}blur_kernel: expected an odd int >= 1 (pixels); got {self.blur_kernel!r}")
         self.blur_sigma = _range(p + "blur_sigma", self.blur_sigma, 1e-3, what="standard deviations > 0 (pixels)")
         self.elastic_alpha = _number(p + "elastic_alpha", self.elastic_alpha)

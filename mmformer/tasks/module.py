@@ -394,9 +394,7 @@ class MultimodalTask(L.LightningModule):
                 )
         if self.distiller is not None:
             parts.update(self.distiller(batch, feats, logits_of, scale))
-        aux = m.pop_aux_loss()  # the mean over every MoE layer call of this step's forward passes
-        if aux is not None and self.weights["moe_aux"] > 0:
-            parts["moe_aux"] = aux
+        self._add_moe_aux(parts)
         if not parts:
             raise ValueError(
                 f"batch: nothing to train on with keys {sorted(batch)} and weights {self.weights} for a model with "
@@ -408,10 +406,15 @@ class MultimodalTask(L.LightningModule):
         """The ``lm`` / ``mlm`` parts of a text-only batch (and the MoE term); evaluation updates their metrics."""
         self.model.pop_aux_loss()
         parts = self.text_objectives.losses(self.model, batch, self.metrics[stage] if stage in STAGES else None)
+        self._add_moe_aux(parts)
+        return parts
+
+    def _add_moe_aux(self, parts: dict[str, torch.Tensor]) -> None:
+        """Add the MoE load-balancing term (the mean over every MoE layer call of this step's forward passes) when
+        it is weighted."""
         aux = self.model.pop_aux_loss()
         if aux is not None and self.weights["moe_aux"] > 0:
             parts["moe_aux"] = aux
-        return parts
 
     @staticmethod
     def _documents(batch: dict[str, Any]) -> Documents | None:
