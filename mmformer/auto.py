@@ -31,20 +31,20 @@ from mmformer.processor import Processor
 
 __all__ = ["HF_CONVERTERS", "from_pretrained", "load_pretrained", "load_processor"]
 
-# Hugging Face ``config.json`` ``model_type`` → ``"module:function"`` of its converter (which takes a local folder).
-# A converter for a new family adds one line here (imported only when a model of that type is loaded).
+# Hugging Face ``config.json`` ``model_type`` → its converter in :mod:`mmformer.convert` (which takes a local folder and
+# is imported only when a model of that type is loaded). A converter for a new family adds one line here.
 HF_CONVERTERS: dict[str, str] = {
-    "clip": "mmformer.convert.hf_clip:from_hf_clip",
-    "siglip": "mmformer.convert.hf_siglip:from_hf_siglip",
-    "whisper": "mmformer.convert.hf_whisper:from_hf_whisper",
-    "bert": "mmformer.convert.hf_bert:from_hf_bert",
-    "roberta": "mmformer.convert.hf_bert:from_hf_bert",
-    "xlm-roberta": "mmformer.convert.hf_bert:from_hf_bert",
-    "gpt2": "mmformer.convert.hf_gpt2:from_hf_gpt2",
-    "llama": "mmformer.convert.hf_llama:from_hf_llama",
-    "qwen2": "mmformer.convert.hf_llama:from_hf_llama",
-    "t5": "mmformer.convert.hf_t5:from_hf_t5",
-    "mt5": "mmformer.convert.hf_t5:from_hf_t5",
+    "clip": "from_hf_clip",
+    "siglip": "from_hf_siglip",
+    "whisper": "from_hf_whisper",
+    "bert": "from_hf_bert",
+    "roberta": "from_hf_bert",
+    "xlm-roberta": "from_hf_bert",
+    "gpt2": "from_hf_gpt2",
+    "llama": "from_hf_llama",
+    "qwen2": "from_hf_llama",
+    "t5": "from_hf_t5",
+    "mt5": "from_hf_t5",
 }
 _OWN_OPTIONS = ("map_location", "strict", "config", "max_parameters")  # MultimodalTransformer.from_pretrained's
 
@@ -179,9 +179,9 @@ def _finish(model: MultimodalTransformer, device: Any, dtype: torch.dtype | None
     return model.eval()
 
 
-def _call(path: str):
-    module, _, function = path.partition(":")
-    return getattr(importlib.import_module(module), function)
+def _converter(name: str):
+    """A converter of :mod:`mmformer.convert` by its function name (the module is imported on this first use)."""
+    return getattr(importlib.import_module("mmformer.convert"), name)
 
 
 def _convert(source: str, path: Path, model_kwargs: dict[str, Any] | None) -> MultimodalTransformer:
@@ -189,27 +189,28 @@ def _convert(source: str, path: Path, model_kwargs: dict[str, Any] | None) -> Mu
 
     if source not in SOURCES:
         raise ValueError(f"source: expected one of {sorted(SOURCES)}, got {source!r}")
-    converter = getattr(importlib.import_module("mmformer.convert"), SOURCES[source])
-    return converter(path, **(model_kwargs or {}))
+    return _converter(SOURCES[source])(path, **(model_kwargs or {}))
 
 
-def _check_supported(folder: Path) -> None:
-    """Refuse a Hugging Face folder whose ``model_type`` no converter handles, naming it and the supported ones."""
-    if hub.folder_kind(folder) == "hf":
-        model_type = hub.read_json(folder / "config.json")["model_type"]
-        if model_type not in HF_CONVERTERS:
-            raise ValueError(
-                f"{folder / 'config.json'}: model_type {model_type!r} is not supported; mmformer converts "
-                f"{sorted(HF_CONVERTERS)}"
-            )
+def _check_supported(folder: Path) -> str | None:
+    """The converter of a Hugging Face folder's ``model_type`` (None for other folders); an unsupported
+    ``model_type`` is refused, naming it and the supported ones."""
+    if hub.folder_kind(folder) != "hf":
+        return None
+    model_type = hub.read_json(folder / "config.json")["model_type"]
+    if model_type not in HF_CONVERTERS:
+        raise ValueError(
+            f"{folder / 'config.json'}: model_type {model_type!r} is not supported; mmformer converts "
+            f"{sorted(HF_CONVERTERS)}"
+        )
+    return HF_CONVERTERS[model_type]
 
 
 def _from_folder(path: Path, kind: str, local_files_only: bool | None) -> MultimodalTransformer:
     """A Hugging Face folder (by its ``model_type``), a timm folder or an open_clip folder, converted (an open_clip
     folder may name a Hugging Face text tower, whose config is fetched unless offline)."""
     if kind == "hf":
-        _check_supported(path)
-        return _call(HF_CONVERTERS[hub.read_json(path / "config.json")["model_type"]])(path)
+        return _converter(_check_supported(path))(path)
     local = hub.HubSource(kind, f"local-dir:{path}")
     return (_timm if kind == "timm" else _open_clip)(local, {}, cache_dir=None, local_files_only=local_files_only)
 

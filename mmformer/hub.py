@@ -155,7 +155,7 @@ def snapshot(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool | None = None,
     token: str | bool | None = None,
-    check: Callable[[Path], None] | None = None,
+    check: Callable[[Path], object] | None = None,
 ) -> Path:
     """The snapshot folder of a Hub model holding what loading it needs: its JSON/text files, then the weights of its
     kind (:func:`folder_kind`), safetensors preferred. ``check(folder)`` runs between the two, so that a model that

@@ -98,6 +98,11 @@ def _block(ids: list[int], documents: list[int], source: str) -> dict[str, Any]:
     }
 
 
+def _check_block_size(block_size: Any) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+        raise ValueError(f"block_size: expected an int >= 2 (tokens per packed block), got {block_size!r}")
+
+
 class PackedBlocks(Dataset):
     """Documents tokenized, concatenated and cut into blocks of ``block_size`` tokens; the remainder shorter than a
     block is dropped (as ``group_texts`` does), unless the whole text is shorter than one block.
@@ -110,8 +115,7 @@ class PackedBlocks(Dataset):
     """
 
     def __init__(self, texts: Iterable[str], tokenizer: Tokenizer, block_size: int, *, name: str = "text"):
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
-            raise ValueError(f"block_size: expected an int >= 2 (tokens per packed block), got {block_size!r}")
+        _check_block_size(block_size)
         self.block_size, self.name = block_size, name
         stream, documents = [], []
         for d, ids in enumerate(_tokenize(tokenizer, list(texts))):
@@ -145,8 +149,7 @@ class PackedStream(IterableDataset):
     its epoch (for shuffling) passes through."""
 
     def __init__(self, dataset: IterableDataset, tokenizer: Tokenizer, block_size: int):
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
-            raise ValueError(f"block_size: expected an int >= 2 (tokens per packed block), got {block_size!r}")
+        _check_block_size(block_size)
         self.dataset, self.tokenizer, self.block_size = dataset, tokenizer, block_size
         self.name = getattr(dataset, "name", "stream")
 
