@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mmformer.weights import TensorSpec, listed, model_device
+from mmformer.weights import TensorSpec, is_plain_tensor, listed, model_device
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
@@ -472,7 +472,7 @@ def flatten_state(
     metadata: dict[str, str] = {}
     for name, tensor in state.items():
         kind = type(tensor).__name__
-        if type(tensor) in (torch.Tensor, nn.Parameter):
+        if is_plain_tensor(tensor):
             tensors[name] = tensor.detach().to(float_storage) if tensor.is_floating_point() else tensor.detach()
             metadata[name] = json.dumps({"_type": "Tensor"})
             continue

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from mmformer.decoding_rules import LogitRules
 from mmformer.token_choice import Greedy, Sampler, StopStrings
+from mmformer.weights import is_plain_tensor
 
 if TYPE_CHECKING:
     from mmformer.layers.cache import KVCache
@@ -37,9 +38,8 @@ def _last_logits(model: MultimodalTransformer, hidden: torch.Tensor) -> torch.Te
     (the largest single cost of a step; see BENCHMARKS.md, "Decoding at whisper-tiny dimensions")."""
     h = hidden[:, -1]  # (N, D)
     weight = model.lm_head.weight  # (V, D)
-    plain = type(weight) in (torch.Tensor, torch.nn.Parameter)  # not a quantized (tensor subclass) weight
     if (
-        plain
+        is_plain_tensor(weight)  # not a quantized (tensor subclass) weight
         and h.device.type == "cpu"
         and h.shape[0] <= _FEW_ROWS
         and h.dtype == weight.dtype

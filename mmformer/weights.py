@@ -68,7 +68,7 @@ def aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
     for key, t in state.items():
         ident = (
             id(t)  # a meta tensor or a tensor subclass (quantized weights) has no storage of its own
-            if t.device.type == "meta" or type(t) not in (torch.Tensor, nn.Parameter)
+            if t.device.type == "meta" or not is_plain_tensor(t)
             else (t.untyped_storage().data_ptr(), t.storage_offset()),
             tuple(t.shape),
             t.stride(),
@@ -181,6 +181,11 @@ def too_many_parameters(source: object, summary: str, ceiling: int, max_paramete
     )
 
 
+def is_plain_tensor(t: torch.Tensor) -> bool:
+    """A plain tensor or parameter, not a tensor subclass (such as torchao's quantized weights)."""
+    return type(t) in (torch.Tensor, nn.Parameter)
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device a model's weights are on (its first parameter's)."""
     return next(model.parameters()).device
@@ -228,7 +233,7 @@ def fill(
                 )
     subclasses = []  # tensor subclasses (torchao's quantized weights) are assigned as they are, frozen
     for key, value in tensors.items():
-        if type(value) not in (torch.Tensor, nn.Parameter):
+        if not is_plain_tensor(value):
             subclasses.append(key)
             if value.device != device:
                 tensors[key] = value.to(device)

@@ -70,7 +70,7 @@ def from_open_clip(
         The converted model in eval mode, with ``model.processor`` set (CLIP's tokenizer when the vocabulary is
         CLIP's, and the image pipeline: shortest-edge resize + center crop, bicubic, OpenAI mean/std).
     """
-    preprocess, tokenizer = None, None
+    preprocess = None
     if isinstance(model_or_state_dict, nn.Module):
         if model_cfg is not None:
             raise ValueError("model_cfg: only used with a state dict; an open_clip module carries its own settings")
@@ -79,7 +79,7 @@ def from_open_clip(
         if hasattr(model_or_state_dict, "text"):  # CustomTextCLIP, CoCa: the text tower is model.text
             from mmformer.convert.open_clip_custom import custom_text_model
 
-            config, wm, tokenizer = custom_text_model(model_or_state_dict, quick_gelu)
+            config, wm = custom_text_model(model_or_state_dict, quick_gelu)
         else:
             config = _config_from_module(model_or_state_dict, quick_gelu)
             wm = _weight_map(state, config)
@@ -97,7 +97,7 @@ def from_open_clip(
     model = build_on_meta(MultimodalTransformer, config)
     wm.load_into(model)
     model.eval()
-    model.processor = _processor(config, preprocess, tokenizer)
+    model.processor = _processor(config, preprocess)
     return model
 
 
@@ -472,7 +472,7 @@ def map_blocks(wm: WeightMap, target: str, source: str, depth: int) -> None:
         wm.copy_module(f"{t}.mlp.fn.fc2", f"{s}.mlp.c_proj")
 
 
-def _processor(config: ModelConfig, preprocess: dict[str, Any] | None, tokenizer: Any = None):
+def _processor(config: ModelConfig, preprocess: dict[str, Any] | None):
     image: dict[str, Any] = {}
     if preprocess:  # open_clip's PreprocessCfg attached to model.visual by create_model
         image = {k: tuple(preprocess[k]) for k in ("mean", "std") if k in preprocess}
@@ -487,7 +487,7 @@ def _processor(config: ModelConfig, preprocess: dict[str, Any] | None, tokenizer
                 "edge and center-crops instead",
                 stacklevel=3,
             )
-    return clip_processor(config, tokenizer=tokenizer, **image)
+    return clip_processor(config, **image)
 
 
 def clip_processor(config: ModelConfig, tokenizer: Any = None, **image: Any):

@@ -56,12 +56,11 @@ __all__ = ["custom_text_model"]
 _HF_POOLERS = {"MeanPooler": "mean", "ClsLastHiddenStatePooler": "cls"}
 
 
-def custom_text_model(model: nn.Module, quick_gelu: bool | None) -> tuple[ModelConfig, WeightMap, Any]:
-    """(config, weight map, tokenizer or None) of an open_clip ``CustomTextCLIP`` or ``CoCa`` module."""
+def custom_text_model(model: nn.Module, quick_gelu: bool | None) -> tuple[ModelConfig, WeightMap]:
+    """(config, weight map) of an open_clip ``CustomTextCLIP`` or ``CoCa`` module."""
     vision, image = vision_from_module(model.visual, quick_gelu)
     text_module = model.text
     kind = type(text_module).__name__
-    tokenizer = None
     if kind == "HFTextEncoder":
         text, text_cfg, embed_dim, projection = _hf_text(text_module)
     elif kind == "TextTransformer":
@@ -96,7 +95,7 @@ def custom_text_model(model: nn.Module, quick_gelu: bool | None) -> tuple[ModelC
         logit_bias_init=bias,
         **extra,
     )
-    return config, _weight_map(model, config, kind), tokenizer
+    return config, _weight_map(model, config, kind)
 
 
 def _hf_text(text: nn.Module) -> tuple[StackConfig, TextConfig, int, str]:
@@ -136,7 +135,7 @@ def _hf_text(text: nn.Module) -> tuple[StackConfig, TextConfig, int, str]:
 def _decoder_stack(decoder: nn.Module, quick_gelu: bool | None) -> StackConfig:
     """CoCa's multimodal decoder: its self-attention blocks and its cross-attention blocks must agree."""
     blocks = stack_from_module(decoder, [decoder.ln_final], "text decoder", quick_gelu)
-    cross_norms = [norm for b in decoder.cross_attn for norm in (b.ln_1_kv,)]
+    cross_norms = [b.ln_1_kv for b in decoder.cross_attn]
     cross = stack_from_module(types.SimpleNamespace(resblocks=decoder.cross_attn), cross_norms, "decoder", quick_gelu)
     if cross != blocks:
         raise UnsupportedModelError(
