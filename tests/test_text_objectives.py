@@ -8,21 +8,59 @@ import io
 import json
 import math
 import tarfile
+from collections.abc import Callable
 
 import lightning as L
 import pytest
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from mmformer.config import ModelConfig, StackConfig, TextConfig
 from mmformer.data import Collator, MultimodalDataModule, PackedBlocks, TextDocuments
 from mmformer.data.text import pack_documents
 from mmformer.layers.documents import Documents
 from mmformer.tasks import MultimodalTask
-from mmformer.tasks.text_objectives import mask_tokens, per_document, split_documents
+from mmformer.tasks.text_objectives import mask_tokens
 from mmformer.tokenizer import Tokenizer
 
 V, MASK = 64, 3
 TEXT_ONLY = dict(contrastive_weight=0.0, caption_weight=0.0, speech_weight=0.0, warmup_steps=1, max_steps=10)
+
+
+# The padded reference of packed documents: each document alone in a right-padded row (an implementation of its
+# own, independent of Documents, which the model's packed path uses).
+def split_documents(
+    input_ids: torch.Tensor, document_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows (B, T) → one right-padded row per document (D, L) and its mask (D, L), True = real token.
+
+    A document is a run of equal ``document_ids`` within a row (padding, where ``attention_mask`` is False, belongs to
+    none). The real tokens keep their order: ``rows[mask]`` lists them as ``input_ids[attention_mask]`` does.
+    """
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    starts = torch.ones_like(real)  # a new document: at each row's start, its first real token, a change of id
+    starts[:, 1:] = (document_ids[:, 1:] != document_ids[:, :-1]) | (real[:, 1:] & ~real[:, :-1])
+    lengths = torch.unique_consecutive(torch.cumsum(starts[real], dim=0), return_counts=True)[1]
+    documents = torch.split(input_ids[real], lengths.tolist())
+    rows = pad_sequence(documents, batch_first=True, padding_value=0)  # (D, L)
+    mask = torch.arange(rows.shape[1], device=rows.device) < lengths[:, None].to(rows.device)
+    return rows, mask
+
+
+def per_document(
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    input_ids: torch.Tensor,
+    document_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``fn(ids, mask)`` (rows of tokens → per-token outputs (rows, L, ...)) run on each document of packed rows alone,
+    its outputs put back in the packed layout (B, T, ...); zeros at padding."""
+    rows, mask = split_documents(input_ids, document_ids, attention_mask)
+    out = fn(rows, mask)  # (D, L, ...)
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    packed = out.new_zeros(*input_ids.shape, *out.shape[2:])
+    packed[real] = out[mask]
+    return packed
 
 
 def config(route: str = "decoder", **stack) -> ModelConfig:

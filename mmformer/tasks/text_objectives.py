@@ -11,18 +11,17 @@ one sequence, as in nanoGPT and Hugging Face's ``group_texts``: attention crosse
 ``"document"`` no token attends across a boundary, positions restart at each document and no prediction crosses one:
 the blocks run as a padding-free packed batch (:class:`~mmformer.layers.documents.Documents` from the document ids;
 the model's ``documents=`` path), whose attention stays inside each document without any (T, T) mask.
-:func:`per_document` (each document unpacked into a right-padded row of its own) is the padded reference it equals.
+The tests check it against each document unpacked into a right-padded row of its own.
 
 Shape legend: B batch, T tokens, V vocabulary, D documents in a batch, L longest document.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from mmformer.layers.documents import Documents
 from mmformer.tasks.losses import IGNORE_INDEX, caption_loss
@@ -68,40 +67,6 @@ def mask_tokens(
     inputs = input_ids.masked_fill(masked, mask_id)
     noise = torch.randint(vocab_size, input_ids.shape, generator=generator, device=input_ids.device)
     return torch.where(random, noise, inputs), labels
-
-
-def split_documents(
-    input_ids: torch.Tensor, document_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed rows (B, T) → one right-padded row per document (D, L) and its mask (D, L), True = real token.
-
-    A document is a run of equal ``document_ids`` within a row (padding, where ``attention_mask`` is False, belongs to
-    none). The real tokens keep their order: ``rows[mask]`` lists them as ``input_ids[attention_mask]`` does.
-    """
-    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    starts = torch.ones_like(real)  # a new document: at each row's start, its first real token, a change of id
-    starts[:, 1:] = (document_ids[:, 1:] != document_ids[:, :-1]) | (real[:, 1:] & ~real[:, :-1])
-    lengths = torch.unique_consecutive(torch.cumsum(starts[real], dim=0), return_counts=True)[1]
-    documents = torch.split(input_ids[real], lengths.tolist())
-    rows = pad_sequence(documents, batch_first=True, padding_value=0)  # (D, L)
-    mask = torch.arange(rows.shape[1], device=rows.device) < lengths[:, None].to(rows.device)
-    return rows, mask
-
-
-def per_document(
-    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    input_ids: torch.Tensor,
-    document_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``fn(ids, mask)`` (rows of tokens → per-token outputs (rows, L, ...)) run on each document of packed rows alone,
-    its outputs put back in the packed layout (B, T, ...); zeros at padding."""
-    rows, mask = split_documents(input_ids, document_ids, attention_mask)
-    out = fn(rows, mask)  # (D, L, ...)
-    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    packed = out.new_zeros(*input_ids.shape, *out.shape[2:])
-    packed[real] = out[mask]
-    return packed
 
 
 class TextObjectives:
