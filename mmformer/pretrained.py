@@ -335,16 +335,21 @@ def read_checkpoint(
     return Checkpoint(source, config, specs, read, processor, metadata, _quantization(metadata, source))
 
 
-def _quantization(metadata: Mapping[str, str], source: Path) -> dict | None:
-    """The quantization config a safetensors file records (mmformer writes it beside config.json's copy)."""
-    text = metadata.get(QUANTIZATION_KEY)
+def _metadata_json(metadata: Mapping[str, str], key: str, source: Path) -> Any:
+    """The JSON value a safetensors header's metadata holds under ``key`` (None without one)."""
+    text = metadata.get(key)
     if text is None:
         return None
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{source}: metadata[{QUANTIZATION_KEY!r}] is not valid JSON ({e})") from e
-    if not isinstance(value, dict):
+        raise ValueError(f"{source}: metadata[{key!r}] is not valid JSON ({e})") from e
+
+
+def _quantization(metadata: Mapping[str, str], source: Path) -> dict | None:
+    """The quantization config a safetensors file records (mmformer writes it beside config.json's copy)."""
+    value = _metadata_json(metadata, QUANTIZATION_KEY, source)
+    if value is not None and not isinstance(value, dict):
         raise ValueError(f"{source}: metadata[{QUANTIZATION_KEY!r}] is not a JSON object")
     return value
 
@@ -492,13 +497,8 @@ def read_config(path: Path, required: bool = False) -> ModelConfig | None:
 
 
 def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> ModelConfig | None:
-    text = metadata.get("mmformer_config")
-    if text is None:
-        return None
-    try:
-        return validated_config(json.loads(text), f"{path}: metadata['mmformer_config']")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: metadata['mmformer_config'] is not valid JSON ({e})") from e
+    value = _metadata_json(metadata, "mmformer_config", path)
+    return None if value is None else validated_config(value, f"{path}: metadata['mmformer_config']")
 
 
 def _checkpoint_processor(checkpoint: Any, path: Path) -> Processor | None:
