@@ -17,7 +17,7 @@ from mmformer.layers.positions import AbsolutePositions
 
 POWER_FLOOR = 1e-10  # the power spectrum is clamped to it before log10 (Whisper's)
 DECADES = 8.0  # dynamic range: log-mel values are raised to at least the clip's peak minus this many decades
-CONV_REACH = 2  # frames past its own the last token's convolutions read: conv1 reaches one frame, conv2 one output
+CONV_REACH = 2  # R: frames past its own the last token's convolutions read (conv1 reaches one frame, conv2 one output)
 
 
 def centre_pad(audio: torch.Tensor, lengths: torch.Tensor | None, pad: int) -> torch.Tensor:
@@ -117,7 +117,8 @@ class LogMel(nn.Module):
 
 
 class AudioEmbedder(nn.Module):
-    """Waveforms or precomputed log-mel features → (B, N, D) tokens and a (B, N) padding mask."""
+    """Waveforms or precomputed log-mel features → (B, N, D) tokens and a (B, N) padding mask. A clip's tokens are
+    those it has alone, whatever it is batched with (:func:`centre_pad`, :meth:`convolve`)."""
 
     def __init__(self, cfg: AudioConfig, stack: StackConfig):
         super().__init__()
@@ -147,8 +148,8 @@ class AudioEmbedder(nn.Module):
             if frames is None:
                 frames = torch.full(features.shape[:1], n_frames, dtype=torch.long, device=features.device)
             silence = LogMel.silence(features, frames).to(features.dtype)  # (B, 1, 1)
-            past = torch.arange(n_frames + CONV_REACH, device=features.device)[None, :] >= frames[:, None]
-            features = torch.where(past[:, None, :], silence, F.pad(features, (0, CONV_REACH)))  # (B, M, Nf + 2)
+            past = torch.arange(n_frames + CONV_REACH, device=features.device)[None, :] >= frames[:, None]  # (B, Nf+R)
+            features = torch.where(past[:, None, :], silence, F.pad(features, (0, CONV_REACH)))  # (B, M, Nf + R)
         x = F.gelu(self.conv2(F.gelu(self.conv1(features))))  # (B, D, N or N + 1)
         return x[..., : self.tokens_for_frames(n_frames)]
 
