@@ -239,12 +239,12 @@ def _complete(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from mmformer.auto import load_pretrained
-    from mmformer.pretrained import CHECKPOINT_KEY, read_torch
+    from mmformer.pretrained import CHECKPOINT_KEY, read_training_checkpoint
 
     if (args.ckpt is None) == (args.model is None):
         raise ValueError("pass exactly one of --ckpt (a training checkpoint) and --model (a pretrained folder)")
     if args.format == "pretrained" and args.ckpt is not None:
-        record = read_torch(args.ckpt).get(CHECKPOINT_KEY) if args.ckpt.endswith(".ckpt") else None
+        record = read_training_checkpoint(args.ckpt).get(CHECKPOINT_KEY) if args.ckpt.endswith(".ckpt") else None
         if isinstance(record, dict) and (record.get("lora") or record.get("prompt")):  # an adaptation run
             from mmformer.tasks.adapt import export_checkpoint
 
