@@ -53,6 +53,7 @@ class Guard:
             return
         start, status = time.perf_counter(), [500]
         route = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+        self.metrics.in_flight += 1
 
         async def send_status(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -81,6 +82,7 @@ class Guard:
             await JSONResponse(error.body(), status_code=413, headers={"Connection": "close"})(scope, receive, send)
             status[0] = 413
         finally:
+            self.metrics.in_flight -= 1
             self.metrics.request(route, status[0], time.perf_counter() - start)
 
 
@@ -214,7 +216,8 @@ def create_app(
     # ---------------------------------------------------------------------------------------------- routes
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": engine.model_id, "routes": ["/v1/" + r for r in engine.routes]}
+        routes = ["/v1/" + r for r in engine.routes]
+        return {"status": "ok", "model": engine.model_id, "routes": routes, "in_flight": metrics.in_flight - 1}
 
     @app.get("/metrics")
     async def metrics_text() -> PlainTextResponse:

@@ -56,6 +56,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.in_flight = 0  # requests being answered (changed on the event loop only)
         self.requests: dict[tuple[str, int], int] = defaultdict(int)
         self.latency = Histogram("mmformer_request_duration_seconds", "Request latency by route.", LATENCY_BUCKETS)
         self.batch = Histogram("mmformer_batch_size", "Inputs per model call by route.", BATCH_BUCKETS)
@@ -78,6 +79,9 @@ class Metrics:
                      "# TYPE mmformer_requests_total counter"]  # fmt: skip
             for (route, status), n in sorted(self.requests.items()):
                 lines.append(f"mmformer_requests_total{_labels({'route': route, 'status': str(status)})} {n}")
+            lines += ["# HELP mmformer_requests_in_flight Requests being answered.",
+                      "# TYPE mmformer_requests_in_flight gauge",
+                      f"mmformer_requests_in_flight {self.in_flight}"]  # fmt: skip
             for histogram in (self.latency, self.batch, self.wait):
                 lines += histogram.lines()
         return "\n".join(lines) + "\n"
