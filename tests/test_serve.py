@@ -416,6 +416,7 @@ def test_completions_equal_model_complete_streamed_or_not(lm_dir):
         assert r.status_code == 400 and "/v1/completions" in r.json()["error"]["message"]
 
 
+@pytest.mark.slow
 def test_sigterm_lets_the_requests_in_flight_finish(lm_dir):
     """One input per model call (--max-batch-size 1) keeps 32 requests in flight long enough to signal the server
     while it holds them all; every one is answered, then the process exits."""

@@ -155,7 +155,7 @@ def create_app(
         message = f"{request.method} {path}: no such route" if e.status_code == 404 else str(e.detail)
         return _error_response(APIError(e.status_code, message, code="unknown_url" if e.status_code == 404 else None))
 
-    def check(request: Request, route: str, model: Any = None) -> None:
+    def check(request: Request, route: str | None, model: Any = None) -> None:
         """401 without the API key, 404 for another model's name, 400 for a route this model cannot serve."""
         if api_key is not None:
             given = request.headers.get("authorization", "")
@@ -166,7 +166,7 @@ def create_app(
         if model is not None and model != engine.model_id:
             raise APIError(404, f"model: expected {engine.model_id!r} (the model this server serves), got {model!r}",
                            param="model", code="model_not_found")  # fmt: skip
-        if route not in engine.routes:
+        if route is not None and route not in engine.routes:
             raise bad_request("model", f"{engine.model_id} cannot serve /v1/{route}; it serves "
                                        f"{['/v1/' + r for r in engine.routes]}", code="unsupported_route")  # fmt: skip
 
@@ -225,7 +225,7 @@ def create_app(
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
-        check(request, engine.routes[0] if engine.routes else "")
+        check(request, None)
         card = {"id": engine.model_id, "object": "model", "created": 0, "owned_by": "mmformer",
                 "routes": ["/v1/" + r for r in engine.routes]}  # fmt: skip
         return {"object": "list", "data": [card]}
