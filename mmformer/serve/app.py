@@ -335,7 +335,7 @@ def create_app(
         name = upload.filename or "file"
 
         def load() -> Any:
-            return engine.load_audio(data, f"file ({name})")
+            return engine.load_recording(data, f"file ({name})")
 
         try:
             wave = await asyncio.get_running_loop().run_in_executor(None, load)

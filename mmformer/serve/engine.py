@@ -85,6 +85,15 @@ class Engine:
             raise ValueError(f"{param}: this model has no audio encoder; its routes are {self.routes}")
         return self.processor.load_audio(data, name=param)
 
+    def load_recording(self, data: bytes, param: str) -> torch.Tensor:
+        """(S,) mono waveform at the model's rate of a whole recording (no ``max_seconds`` cut: the long-form path
+        reads any length); SampleError naming ``param``."""
+        from mmformer.data.io import read_audio
+
+        if "audio" not in self.model.config.routes:
+            raise ValueError(f"{param}: this model has no audio encoder; its routes are {self.routes}")
+        return read_audio(data, self.model.config.audio.sample_rate, mono=True, name=param)[0]
+
     def text_tokens(self, text: str) -> int:
         return len(self.processor.tokenizer.encode(text))
 
@@ -107,7 +116,7 @@ class Engine:
         language, temperature = key
         options = DecodingOptions(language=language, **sampling(temperature))
         with torch.inference_mode():
-            return transcribe_clips(self.model, waves, options, language=language)
+            return transcribe_clips(self.model, waves, options)
 
     def complete(self, key: Hashable, prompts: Sequence[str]) -> list[str]:
         max_tokens, temperature, top_p, stop = key

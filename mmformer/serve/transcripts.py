@@ -1,67 +1,37 @@
 """Transcription results in openai-whisper's shape (``text``, ``segments``, ``language``) and their renderings as
 OpenAI's ``response_format`` values (json, text, srt, vtt, verbose_json).
 
-:func:`transcribe_clips` is the one place the server turns waveforms into results. Until the long-form path
-(``mmformer.longform.transcribe_files``) exists it makes one segment per clip (start 0, end = its duration) from
-``model.transcribe``; switching to the long-form path changes this function only.
+:func:`transcribe_clips` is the one place the server turns waveforms into results: the long-form path
+(:func:`mmformer.longform.transcribe_files`), so a clip longer than the model's window is cut at its speech and its
+segments carry their times; subtitles are :mod:`mmformer.longform.writers`'.
 """
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from mmformer.generation import DecodingOptions
+from mmformer.longform import transcribe_files
+from mmformer.longform.writers import to_srt, to_vtt
 
 FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 GRANULARITIES = ("segment", "word")
 
 
-def compression_ratio(text: str) -> float:
-    """openai-whisper's repetition measure: UTF-8 bytes over zlib-compressed bytes."""
-    data = text.encode("utf-8")
-    return len(data) / len(zlib.compress(data)) if data else 0.0
-
-
-def transcribe_clips(
-    model: Any, waveforms: Sequence[torch.Tensor], options: DecodingOptions, language: str | None = None
-) -> list[dict[str, Any]]:
-    """One result per 1-D waveform (at the model's sample rate): ``{"text", "segments", "language", "duration"}``
-    with one segment per clip (id, seek, start, end, text, temperature, compression_ratio)."""
+def transcribe_clips(model: Any, waveforms: Sequence[torch.Tensor], options: DecodingOptions) -> list[dict[str, Any]]:
+    """One result per 1-D waveform (at the model's sample rate), all decoded together: ``{"text", "segments",
+    "language", "duration"}``; a waveform that cannot be transcribed raises (the batcher then retries the others
+    alone)."""
+    results = transcribe_files(model, list(waveforms), options, batch_size=max(1, len(waveforms)))
     rate = model.config.audio.sample_rate
-    texts = model.transcribe(list(waveforms), sample_rate=rate, options=options)
-    temperature = options.temperature if options.sample else 0.0
-    results = []
-    for wave, text in zip(waveforms, texts):
-        duration = wave.shape[-1] / rate
-        text = text.strip()
-        segment = {"id": 0, "seek": 0, "start": 0.0, "end": round(duration, 3), "text": text,
-                   "temperature": temperature, "compression_ratio": compression_ratio(text)}  # fmt: skip
-        results.append({"text": text, "segments": [segment] if text else [], "language": language,
-                        "duration": duration})  # fmt: skip
+    for result, wave in zip(results, waveforms):
+        if "error" in result:
+            raise ValueError(f"file: {result['error']}")
+        result["duration"] = wave.shape[-1] / rate
     return results
-
-
-def _clock(seconds: float, decimal: str) -> str:
-    ms = round(seconds * 1000)
-    h, ms = divmod(ms, 3_600_000)
-    m, ms = divmod(ms, 60_000)
-    s, ms = divmod(ms, 1000)
-    return f"{h:02d}:{m:02d}:{s:02d}{decimal}{ms:03d}"
-
-
-def to_srt(result: dict[str, Any]) -> str:
-    cues = [f"{i}\n{_clock(s['start'], ',')} --> {_clock(s['end'], ',')}\n{s['text'].strip()}\n"
-            for i, s in enumerate(result["segments"], start=1)]  # fmt: skip
-    return "\n".join(cues)
-
-
-def to_vtt(result: dict[str, Any]) -> str:
-    cues = [f"{_clock(s['start'], '.')} --> {_clock(s['end'], '.')}\n{s['text'].strip()}\n" for s in result["segments"]]
-    return "WEBVTT\n\n" + "\n".join(cues)
 
 
 def verbose_json(result: dict[str, Any], granularities: Sequence[str]) -> dict[str, Any]:
