@@ -439,3 +439,32 @@ def test_sigterm_lets_the_requests_in_flight_finish(lm_dir):
     assert in_flight == 32, f"only {in_flight} of 32 requests were in the server when it was signalled"
     assert [getattr(a, "status_code", a) for a in answers] == [200] * 32
     assert returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has drained
+
+
+def test_a_recording_longer_than_the_model_window_goes_through_the_long_form_path(server, digits, tmp_path):
+    import soundfile
+
+    from mmformer.generation import DecodingOptions
+    from mmformer.longform import transcribe_files
+
+    rate = digits.config.audio.sample_rate
+    window = digits.config.audio.window_samples or digits.config.audio.max_frames * digits.config.audio.hop_length
+    clips = [digits.processor.load_audio(str(DIGITS / r["audio_filepath"])) for r in test_samples(24)]
+    pause = torch.zeros(rate // 2)
+    wave = torch.cat([x for clip in clips for x in (clip, pause)])
+    assert wave.shape[0] > window  # longer than the model reads at once (and than the processor's max_seconds)
+    path = tmp_path / "long.flac"
+    soundfile.write(path, wave.numpy(), rate)
+    wave = torch.from_numpy(soundfile.read(path, dtype="float32")[0])  # as the server reads it back
+    (expected,) = transcribe_files(digits, [wave], DecodingOptions(do_sample=False))
+    files = {"file": ("long.flac", path.read_bytes(), "audio/flac")}
+    data = {"model": MODEL, "response_format": "verbose_json"}
+    answer = httpx.post(server + "/v1/audio/transcriptions", data=data, files=files, headers=auth(), timeout=300)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["duration"] == pytest.approx(wave.shape[0] / rate, abs=1e-3)
+    assert len(body["segments"]) == len(expected["segments"]) > 1
+    assert [(s["start"], s["end"], s["text"]) for s in body["segments"]] == [
+        (s["start"], s["end"], s["text"]) for s in expected["segments"]
+    ]
+    assert body["segments"][-1]["end"] > 16
