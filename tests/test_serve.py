@@ -347,6 +347,9 @@ def test_bad_inputs_get_their_status_and_error_json_and_the_server_keeps_serving
     big = {"file": ("big.flac", os.urandom(2 * 2**20), "audio/flac")}  # over --max-upload-mb 1
     error(httpx.post(server + "/v1/audio/transcriptions", data={"model": MODEL}, files=big, headers=auth()), 413,
           None, "at most 1 MB")  # fmt: skip
+    chunks = (b"x" * 2**18 for _ in range(8))  # 2 MB without a Content-Length (chunked): cut off at the limit
+    r = httpx.post(server + "/v1/embeddings", content=chunks, headers={**auth(), "Content-Type": "application/json"})
+    error(r, 413, None, "at most 1 MB")
     # 413 from the Content-Length alone: the server answers before any of the claimed 100 MB is sent
     host, port = server.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:

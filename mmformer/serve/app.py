@@ -25,7 +25,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmformer.serve.batching import Batcher
-from mmformer.serve.engine import Engine
+from mmformer.serve.engine import Engine, decode_base64
 from mmformer.serve.errors import APIError, bad_request
 from mmformer.serve.metrics import Metrics
 from mmformer.serve.transcripts import FORMATS, GRANULARITIES, render
@@ -189,7 +189,6 @@ def create_app(
 
     async def decode_media(items: list[Any], param: str) -> list[tuple[str, Any]]:
         """(modality, payload) per ``{"image": b64}`` / ``{"audio": b64}`` item (a str is text when allowed)."""
-        from mmformer.serve.engine import decode_base64
 
         def one(i: int, item: Any) -> tuple[str, Any]:
             where = f"{param}[{i}]"
