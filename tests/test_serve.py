@@ -175,6 +175,9 @@ def test_batcher_batches_concurrent_inputs_and_a_failing_input_fails_only_itself
 # ---------------------------------------------------------------------------------------------- OpenAI routes
 def test_models_health_and_page(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("whisper-1")
     health = httpx.get(server + "/health").json()
     assert health["routes"] == ["/v1/embeddings", "/v1/audio/transcriptions", "/v1/classify", "/v1/captions"]
     page = httpx.get(server + "/")

@@ -222,12 +222,18 @@ def create_app(
     async def metrics_text() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    card = {"id": engine.model_id, "object": "model", "created": 0, "owned_by": "mmformer",
+            "routes": ["/v1/" + r for r in engine.routes]}  # fmt: skip
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         check(request, None)
-        card = {"id": engine.model_id, "object": "model", "created": 0, "owned_by": "mmformer",
-                "routes": ["/v1/" + r for r in engine.routes]}  # fmt: skip
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model_card(request: Request, model: str) -> dict:
+        check(request, None, model)
+        return card
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> dict:
