@@ -18,9 +18,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import tokenizers
 import torch
 
 from mmformer.config import GenerationConfig
@@ -174,6 +176,14 @@ def openai_tokenizer(n_vocab: int = 51865, max_length: int = 448) -> Tokenizer:
     """openai-whisper's tokenizer for a model of ``n_vocab`` tokens as a :class:`~mmformer.tokenizer.Tokenizer`: the
     same id for every text and every special token. No bos/eos are added around a text (Whisper's prompt is built
     by the decoder); ``<|endoftext|>`` pads."""
+    backend = tokenizers.Tokenizer.from_str(_converted_vocabulary(n_vocab))
+    return Tokenizer(backend, max_length=max_length, pad_token="<|endoftext|>", bos_token=None, eos_token=None)
+
+
+@lru_cache(maxsize=2)
+def _converted_vocabulary(n_vocab: int) -> str:
+    """The shipped tiktoken vocabulary with Whisper's special tokens as a tokenizer.json string (converted once per
+    process: it takes seconds)."""
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     multilingual, _ = _languages(n_vocab)
@@ -186,7 +196,7 @@ def openai_tokenizer(n_vocab: int = 51865, max_length: int = 448) -> Tokenizer:
             f"openai_whisper: the model has n_vocab={n_vocab}, openai-whisper's vocabulary with its special tokens "
             f"{backend.get_vocab_size(with_added_tokens=True)}"
         )
-    return Tokenizer(backend, max_length=max_length, pad_token="<|endoftext|>", bos_token=None, eos_token=None)
+    return backend.to_str()
 
 
 def _alignment_heads(name: str, n_layers: int, n_heads: int) -> list[list[int]]:

@@ -19,6 +19,7 @@ import torch
 
 from mmformer.generation import DecodingOptions, processor_with_tokenizer
 from mmformer.longform.batched import decode_windows_generic, transcribe_windows
+from mmformer.longform.options import TranscribeOptions
 from mmformer.longform.vad import (
     VadOptions,
     Window,
@@ -33,7 +34,37 @@ if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
     from mmformer.processor import Processor
 
-__all__ = ["VadOptions", "read_input", "transcribe_files"]
+__all__ = ["TranscribeOptions", "VadOptions", "decoding_options", "read_input", "transcribe_files"]
+
+
+def decoding_options(
+    model: MultimodalTransformer,
+    options: TranscribeOptions | DecodingOptions | None,
+    base: DecodingOptions | None = None,
+) -> DecodingOptions:
+    """The :class:`DecodingOptions` each window is decoded with: given as such, or from a
+    :class:`TranscribeOptions` (its first temperature: 0 decodes greedily, above 0 samples; ``beam_size``;
+    ``language``; ``task`` where the checkpoint has task tokens) over ``base`` (default: as many new tokens as the
+    decoder's positions allow)."""
+    if options is None or isinstance(options, DecodingOptions):
+        return DecodingOptions.build(options)
+    if not isinstance(options, TranscribeOptions):
+        raise TypeError(f"options: expected a TranscribeOptions, DecodingOptions or None, got {type(options).__name__}")
+    gen = model.config.generation
+    has_tasks = gen is not None and bool(gen.task_ids)
+    if not has_tasks and options.task != "transcribe":
+        raise ValueError(f"task: this model has no task tokens (only transcribe); got {options.task!r}")
+    temperature = options.temperature[0]
+    if base is None:
+        base = DecodingOptions(max_new_tokens=model.config.text.max_tokens)
+    return DecodingOptions.build(
+        base,
+        num_beams=options.beam_size or base.num_beams,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,
+        language=options.language,
+        task=options.task if has_tasks else None,
+    )
 
 
 def read_input(source: Any, sample_rate: int, index: int) -> tuple[str, torch.Tensor]:
@@ -65,11 +96,15 @@ def read_input(source: Any, sample_rate: int, index: int) -> tuple[str, torch.Te
 
 
 def _windows(
-    model: MultimodalTransformer, wave: torch.Tensor, file: int, vad: VadOptions | bool | None, sample_rate: int
+    model: MultimodalTransformer,
+    wave: torch.Tensor,
+    file: int,
+    vad: bool | None,
+    options: VadOptions,
+    sample_rate: int,
 ) -> list[Window]:
     """The windows of one input: its speech, cut and merged (VAD), or the whole input when it fits the model and
     VAD is not forced, or consecutive windows of the model's length when VAD is off."""
-    options = vad if isinstance(vad, VadOptions) else VadOptions()
     limit = window_samples(model, options, sample_rate)
     n = wave.shape[0]
     if vad is False or (vad is None and n <= limit):
@@ -81,26 +116,29 @@ def _windows(
 def transcribe_files(
     model: MultimodalTransformer,
     inputs: Sequence[Any],
-    options: DecodingOptions | None = None,
+    options: TranscribeOptions | DecodingOptions | None = None,
     vad: VadOptions | bool | None = None,
     batch_size: int = 16,
     processor: Processor | None = None,
-    progress: Callable[[float], None] | None = None,
+    progress: Callable[[float, float], None] | None = None,
+    vad_options: VadOptions | None = None,
 ) -> list[dict[str, Any]]:
     """Transcribe many recordings of any length, their windows decoded together.
 
     Args:
         model: a speech-to-text model (one trained here, or a converted Whisper checkpoint).
         inputs: audio file paths, or 1-D float waveforms at the model's sample rate.
-        options: decoding options for every window (default: greedy, the defaults of :class:`DecodingOptions`).
-        vad: None: inputs longer than the model's window are cut at their speech (Silero VAD, default
-            :class:`VadOptions`), shorter ones are decoded whole, as ``model.transcribe`` does; True or a
-            :class:`VadOptions`: every input is cut at its speech (silence and noise give no words); False:
+        options: how every window is decoded: :class:`DecodingOptions`, or :class:`TranscribeOptions` (see
+            :func:`decoding_options`); default greedy.
+        vad: None: inputs longer than the model's window are cut at their speech (Silero VAD), shorter ones are
+            decoded whole, as ``model.transcribe`` does; True (or a :class:`VadOptions`, which also sets
+            ``vad_options``): every input is cut at its speech (silence and noise give no words); False:
             consecutive windows of the model's length, no VAD.
         batch_size: windows decoded at once, drawn from all inputs.
         processor: tokenizer and audio settings (default ``model.processor``).
-        progress: called with the audio seconds each finished step accounts for (they add up to the inputs'
-            total duration).
+        progress: called as ``progress(seconds, total)`` with the audio seconds each finished step accounts for
+            (they add up to ``total``, the readable inputs' duration).
+        vad_options: how speech is found and cut (default :class:`VadOptions`).
 
     Returns:
         One dict per input, in order: ``text``, ``segments`` (``id, seek, start, end`` in seconds on the input's
@@ -114,7 +152,12 @@ def transcribe_files(
         raise TypeError(f"inputs: expected a list of file paths or 1-D waveforms, got {type(inputs).__name__}")
     if vad is not None and not isinstance(vad, (bool, VadOptions)):
         raise TypeError(f"vad: expected None, True, False or a VadOptions, got {type(vad).__name__}")
-    options = DecodingOptions.build(options)
+    if vad_options is not None and not isinstance(vad_options, VadOptions):
+        raise TypeError(f"vad_options: expected a VadOptions or None, got {type(vad_options).__name__}")
+    if isinstance(vad, VadOptions):
+        vad, vad_options = True, vad
+    vad_options = vad_options or VadOptions()
+    options = decoding_options(model, options)
     processor = processor_with_tokenizer(model, processor, "transcribe_files")
     model_window_samples(model)  # refuses a model without audio
     rate = model.config.audio.sample_rate
@@ -131,15 +174,16 @@ def transcribe_files(
             errors[i] = str(e)
             continue
         waves.append(wave)
-        windows += _windows(model, wave, i, vad, rate)
+        windows += _windows(model, wave, i, vad, vad_options, rate)
     model.eval()
+    total = sum(w.shape[0] for w in waves if w is not None) / rate
     results = transcribe_windows(
         waves,
         windows,
         lambda batch: decode_windows_generic(model, batch, processor, options),
         rate,
         batch_size,
-        progress,
+        None if progress is None else lambda seconds: progress(seconds, total),
     )
     for i, message in errors.items():
         results[i] = {"error": message, "text": "", "segments": [], "language": None}

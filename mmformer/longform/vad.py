@@ -39,7 +39,8 @@ class VadOptions:
     threshold: float = _option(0.5, "speech probability above which a 32-ms Silero frame is speech")
     neg_threshold: float | None = _option(None, "probability below which speech ends (default: threshold - 0.15)")
     min_speech_ms: int = _option(100, "speech regions shorter than this are dropped")
-    min_silence_ms: int = _option(100, "silence shorter than this does not end a speech region")
+    min_silence_ms: int = _option(250, "silence shorter than this does not end a speech region (the pause inside "
+                                       "a spoken number reaches 200 ms)")  # fmt: skip
     speech_pad_ms: int = _option(0, "silence kept before and after each speech region (faster-whisper's "
                                      "speech_pad_ms)")  # fmt: skip
     trim_db: float | None = _option(40.0, "place each region's edges at its first and last sample within this many "
