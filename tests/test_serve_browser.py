@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import mmformer
-from tests.test_serve import DIGITS, MODEL, ROOT, running_server, test_samples
+from tests.test_serve import DIGITS, MODEL, ROOT, lm_dir, running_server, test_samples  # noqa: F401 (a fixture)
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "") if p and Path(p).exists()), None)
 
@@ -69,5 +69,26 @@ def test_page_ranks_a_dropped_digit_and_transcribes_audio():
             assert cells[0] == "0.00 s" and cells[2] == transcript
             assert page.is_hidden("#prompt-panel")  # the digits model is no language model
             assert page.text_content("#error") == "" and not errors
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+def test_page_completes_a_prompt_with_a_language_model(lm_dir):  # noqa: F811 (the imported fixture)
+    sync_playwright = _browser_or_skip()
+    model = mmformer.load_pretrained(str(lm_dir))
+    expected = model.complete(["once upon a time"], max_new_tokens=12, do_sample=False)[0]
+    with running_server(str(lm_dir)) as (url, _), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_selector("body[data-ready=true]")
+            assert page.is_hidden("#media-panel") and page.is_visible("#prompt-panel")
+            page.fill("#prompt", "once upon a time")
+            page.fill("#max-tokens", "12")
+            page.click("#complete")
+            page.wait_for_function("document.getElementById('completion').textContent.startsWith('once upon')")
+            assert page.text_content("#completion") == "once upon a time" + expected
         finally:
             browser.close()
