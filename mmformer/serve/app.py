@@ -149,6 +149,10 @@ def create_app(
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
         return _error_response(e)
 
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, e: Exception) -> JSONResponse:  # a bug: still OpenAI's error JSON
+        return _error_response(APIError(500, f"{type(e).__name__}: {e}"))
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         path = request.url.path
