@@ -67,8 +67,8 @@ def from_pretrained(
 
     Args:
         name_or_path: a local file or folder, a Hugging Face Hub id (``openai/whisper-tiny``), ``open_clip:MODEL/TAG``
-            (``open_clip:ViT-B-32/openai``), ``open_clip:hf-hub:ORG/REPO`` or ``timm:NAME``
-            (``timm:vit_base_patch16_224.augreg_in21k``).
+            (``open_clip:ViT-B-32/openai``), ``open_clip:hf-hub:ORG/REPO``, ``timm:NAME``
+            (``timm:vit_base_patch16_224.augreg_in21k``), or ``whisper:NAME`` / an openai-whisper ``.pt`` file.
         source: force a converter by its CLI name (:data:`mmformer.convert.SOURCES`: ``open_clip``, ``hf_clip``,
             ``hf_siglip``, ``timm_vit``, ``hf_whisper``, ``hf_bert``, ...) for a local path or a Hub id; default:
             decided from the files.
@@ -120,6 +120,9 @@ def _load(
     unknown = sorted(set(kwargs) - set(_OWN_OPTIONS))
     if unknown:
         raise TypeError(f"from_pretrained: unknown keyword arguments {unknown}; expected some of {list(_OWN_OPTIONS)}")
+    if _openai_whisper(name_or_path):  # whisper:NAME (openai-whisper's download cache) or its .pt file
+        _only_own_format(kwargs)
+        return _finish(_converter("from_openai_whisper")(name_or_path), device, dtype)
     parsed = hub.parse_name(name_or_path)
     name = os.fspath(name_or_path)
     hub_options = dict(cache_dir=cache_dir, local_files_only=local_files_only)
@@ -166,6 +169,15 @@ def load_processor(name_or_path: str | os.PathLike) -> Processor | None:
         if not path.is_dir() or hub.folder_kind(path) in (None, "mmformer"):
             return read_checkpoint(path).processor
     return from_pretrained(name_or_path).processor
+
+
+def _openai_whisper(name_or_path: Any) -> bool:
+    """``whisper:NAME``, or a ``.pt`` file with no config.json beside it (mmformer's bare weights have one)."""
+    text = os.fspath(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else ""
+    path = Path(text)
+    return text.startswith("whisper:") or (
+        path.suffix == ".pt" and path.is_file() and not (path.parent / "config.json").exists()
+    )
 
 
 def _only_own_format(kwargs: dict[str, Any]) -> None:

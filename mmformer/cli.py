@@ -33,6 +33,7 @@ Inference and interop:
   transcribe  speech to text:                      mmformer transcribe --model out/model FILES...
   complete    continue text prompts (an LM):       mmformer complete --model out/model "Once upon" ...
   convert     public checkpoint → pretrained dir:  mmformer convert SRC --out out/model [--from open_clip]
+  serve       OpenAI-compatible HTTP server:       mmformer serve --model out/model [--port 8000] [--api-key KEY]
 
 Every --model and convert SRC may be a local folder or file, a Hugging Face Hub id (openai/whisper-tiny),
 open_clip:MODEL/TAG (open_clip:ViT-B-32/openai) or timm:NAME (timm:vit_base_patch16_224.augreg_in21k).
@@ -42,11 +43,12 @@ MODEL_HELP = (
 )
 
 
-def dataclass_flags(cls: type) -> list[tuple[str, dict[str, Any]]]:
+def dataclass_flags(cls: type, prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
     """``argparse`` flags for every field of an options dataclass, so that the dataclass stays the one place its
     options, defaults and help live: ``max_new_tokens: int = 30`` → ``--max-new-tokens`` (type int, default 30);
     booleans get ``--flag/--no-flag``; a tuple of strings is a flag given once per item; the help comes from the
-    field's ``metadata["help"]``."""
+    field's ``metadata["help"]``; ``prefix`` names the flags of a group (``vad-`` → ``--vad-threshold``, stored as
+    ``vad_threshold``)."""
     hints = typing.get_type_hints(cls)
     flags = []
     for f in dataclasses.fields(cls):
@@ -60,7 +62,7 @@ def dataclass_flags(cls: type) -> list[tuple[str, dict[str, Any]]]:
             kwargs.update(action="append", type=typing.get_args(kind)[0], default=None)
         else:
             kwargs["type"] = kind
-        flags.append(("--" + f.name.replace("_", "-"), kwargs))
+        flags.append(("--" + prefix + f.name.replace("_", "-"), kwargs))
     return flags
 
 
@@ -75,6 +77,62 @@ def _decoding_args(p: argparse.ArgumentParser, inputs: str = "files", what: str 
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument(inputs, nargs="+", help=what)
+
+
+OUTPUT_FORMATS = ("txt", "json", "srt", "vtt", "tsv", "all")
+
+
+def _float_list(value: str) -> list[float]:
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {value!r}") from None
+
+
+def _transcribe_args(p: argparse.ArgumentParser) -> None:
+    """``transcribe``'s flags: the model, the DecodingOptions each window is decoded with (less the names
+    TranscribeOptions owns: temperature, language, task), TranscribeOptions, VadOptions as ``--vad-*``, the batch
+    and the outputs."""
+    from mmformer.generation import DecodingOptions
+    from mmformer.longform import TranscribeOptions, VadOptions
+
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder applied on top of --model")
+    p.add_argument("--prompt", default=None, help="a learned decoder prefix file (prompt tuning)")
+    owned = {f.name for f in dataclasses.fields(TranscribeOptions)}
+    for flag, kwargs in dataclass_flags(DecodingOptions):
+        if flag[2:].replace("-", "_") not in owned:
+            p.add_argument(flag, **kwargs)
+    for flag, kwargs in dataclass_flags(TranscribeOptions):
+        if flag == "--temperature":  # "0" (no fallback), "0,0.2,0.4" or the flag repeated (a schedule)
+            kwargs.update(type=_float_list, help=kwargs["help"] + " (comma-separated or repeated)")
+        p.add_argument(flag, **kwargs)
+    p.add_argument(
+        "--temperature-increment-on-fallback",
+        type=float,
+        default=None,
+        help="fallback temperatures from the first --temperature up to 1.0 in these steps (openai-whisper's flag)",
+    )
+    p.add_argument(
+        "--vad",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="cut every file at its speech (Silero VAD) and decode the windows of all files in batches; --no-vad: "
+        "consecutive windows; default: VAD for files longer than the model's window",
+    )
+    for flag, kwargs in dataclass_flags(VadOptions, prefix="vad-"):
+        p.add_argument(flag, **kwargs)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=16, help="windows decoded at once, drawn from all files")
+    p.add_argument(
+        "--output-format",
+        choices=OUTPUT_FORMATS,
+        default=None,
+        help="write each file's transcript as FILE.<format> in --output-dir (default: print path<TAB>text)",
+    )
+    p.add_argument("--output-dir", default=".", help="folder for --output-format files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("files", nargs="+", help="audio files")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -132,7 +190,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+")
 
     _decoding_args(sub.add_parser("caption", help="caption image files"))
-    _decoding_args(sub.add_parser("transcribe", help="transcribe audio files"))
+    _transcribe_args(sub.add_parser("transcribe", help="transcribe audio files of any length"))
     p = sub.add_parser("complete", help="continue text prompts with a language model")
     _decoding_args(p, "prompts", "text prompts")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator (reproducible samples)")
@@ -151,6 +209,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--revision", default=None, help="a Hub branch, tag or commit (Hub ids)")
     p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("serve", help="serve a model over HTTP: OpenAI-compatible routes, zero-shot, a page at /")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder applied on top of --model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=32, help="inputs per model call, across requests")
+    p.add_argument("--batch-timeout-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--max-upload-mb", type=float, default=25.0, help="larger request bodies get 413")
+    p.add_argument("--device", default="cpu")
     return parser
 
 
@@ -209,6 +278,98 @@ def _decode(args: argparse.Namespace, task: str) -> None:
         chunk = args.files[start : start + args.batch_size]
         for path, text in zip(chunk, run(chunk, options=options, prefix_embeds=prefix)):
             print(f"{path}\t{text}")
+
+
+def _dataclass_of(cls: type, args: argparse.Namespace, prefix: str = "", exclude: set[str] = frozenset(), **values):
+    """An options dataclass from parsed flags (a repeatable flag given no times, or a field in ``exclude``, keeps the
+    field's default)."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        value = getattr(args, prefix + f.name)
+        if not (isinstance(f.default, tuple) and value is None):
+            kwargs[f.name] = value
+    return cls(**{**kwargs, **values})
+
+
+def _temperatures(args: argparse.Namespace) -> tuple[float, ...] | None:
+    """``--temperature`` values (flattened), or openai-whisper's schedule from the first one by
+    ``--temperature-increment-on-fallback`` up to 1.0; None when neither is given."""
+    given = [t for group in args.temperature or [] for t in group]
+    step = args.temperature_increment_on_fallback
+    if step is None:
+        return tuple(given) or None
+    if step <= 0:
+        raise ValueError(f"--temperature-increment-on-fallback: expected a number > 0, got {step}")
+    first = given[0] if given else 0.0
+    return tuple(round(first + i * step, 6) for i in range(int((1.0 - first) / step + 1e-6) + 1))
+
+
+class _Progress:
+    """A tqdm bar in audio seconds with the realtime factor (audio seconds per wall second), on stderr."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.clock = time.perf_counter
+        self.start, self.done, self.bar = self.clock(), 0.0, None
+
+    def __call__(self, seconds: float, total: float) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            bar = "{l_bar}{bar}| {n:.1f}/{total:.1f} audio s [{elapsed}<{remaining}{postfix}]"
+            self.bar = tqdm(total=round(total, 1), file=sys.stderr, dynamic_ncols=True, bar_format=bar)
+        self.done += seconds
+        self.bar.update(round(self.done, 1) - self.bar.n)
+        self.bar.set_postfix_str(f"{self.done / max(self.clock() - self.start, 1e-9):.1f}x realtime", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _transcribe(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from mmformer.generation import DecodingOptions
+    from mmformer.longform import TranscribeOptions, VadOptions, decoding_options, transcribe_files
+    from mmformer.longform.writers import write_result
+
+    if args.prompt:
+        raise ValueError("--prompt: a learned decoder prefix is not supported by transcribe yet")
+    model = _load_model(args.model, args.device, args.adapter)
+    temperature = _temperatures(args)
+    options = _dataclass_of(TranscribeOptions, args, **({"temperature": temperature} if temperature else {}))
+    base = _dataclass_of(DecodingOptions, args, exclude={f.name for f in dataclasses.fields(TranscribeOptions)})
+    progress = None if args.no_progress else _Progress()
+    try:
+        results = transcribe_files(
+            model,
+            args.files,
+            options=decoding_options(model, options, base=base),
+            vad=args.vad,
+            vad_options=_dataclass_of(VadOptions, args, prefix="vad_"),
+            batch_size=args.batch_size,
+            progress=progress,
+        )
+    finally:
+        if progress is not None:
+            progress.close()
+    failed = []
+    for path, result in zip(args.files, results):
+        if "error" in result:
+            failed.append(result["error"])
+        elif args.output_format:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            stem = Path(args.output_dir) / Path(path).stem
+            for written in write_result(result, stem, args.output_format):
+                print(f"wrote {written}", file=sys.stderr)
+        else:
+            print(f"{path}\t{result['text']}")
+    if failed:
+        raise SystemExit("mmformer transcribe: error: " + "; ".join(failed))
 
 
 def _decoder_prefix(args: argparse.Namespace, model: Any):
@@ -306,6 +467,13 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from mmformer.serve import serve
+
+    options = {k: getattr(args, k) for k in ("adapter", "host", "port", "max_batch_size", "batch_timeout_ms")}
+    serve(args.model, **options, api_key=args.api_key, max_upload_mb=args.max_upload_mb, device=args.device)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -324,8 +492,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "merge": _merge,
         "convert": _convert,
         "caption": lambda a: _decode(a, "caption"),
-        "transcribe": lambda a: _decode(a, "transcribe"),
+        "transcribe": _transcribe,
         "complete": _complete,
+        "serve": _serve,
     }
     if args.command not in handlers:
         print(USAGE, file=sys.stderr)

@@ -375,10 +375,15 @@ class GenerationConfig:
     language: str | None = None  # default language; None: detected when there are language_ids
     task: str | None = None  # default task; None: "transcribe" when there are task_ids
     no_timestamps_id: int | None = None  # appended to the prompt: text without timestamp tokens
+    alignment_heads: list[list[int]] = field(default_factory=list)  # [layer, head] pairs for word timestamps
 
     def __post_init__(self) -> None:
         self.suppress_tokens, self.begin_suppress_tokens = list(self.suppress_tokens), list(self.begin_suppress_tokens)
         self.language_ids, self.task_ids = dict(self.language_ids), dict(self.task_ids)
+        self.alignment_heads = [list(pair) for pair in self.alignment_heads]
+        heads = self.alignment_heads
+        if not all(len(pair) == 2 and all(isinstance(i, int) and i >= 0 for i in pair) for pair in heads):
+            raise ValueError(f"GenerationConfig.alignment_heads must be [layer, head] pairs of ints >= 0, got {heads}")
         if self.language is not None and self.language not in self.language_ids:
             raise ValueError(
                 f"GenerationConfig.language must be one of language_ids {sorted(self.language_ids)}, got "

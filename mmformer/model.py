@@ -19,7 +19,7 @@ from mmformer import completion, generation, pretrained, quantization, weights
 from mmformer.config import MODALITIES, ModelConfig
 from mmformer.embedders import AudioEmbedder, ImageEmbedder, TextEmbedder
 from mmformer.embedders.checks import check_memory, check_packed_memory, check_positions, check_prefix
-from mmformer.layers.attention import right_padded
+from mmformer.layers.attention import CrossAttentionScores, right_padded
 from mmformer.layers.block import Stack
 from mmformer.layers.cache import KVCache
 from mmformer.layers.documents import Documents
@@ -429,6 +429,7 @@ class MultimodalTransformer(nn.Module):
         prefix_embeds: torch.Tensor | None = None,
         documents: Documents | None = None,
         memory_documents: Documents | None = None,
+        cross_scores: CrossAttentionScores | None = None,
     ) -> torch.Tensor:
         """Causal decoder: ids (B, T) reading memory (B, S, D) → logits (B, T, V). Without memory (or without a
         cross-attention sublayer) it is a decoder-only language model.
@@ -446,7 +447,8 @@ class MultimodalTransformer(nn.Module):
 
         With ``documents``, ids (R, T) are a packed batch of n documents (teacher forcing without padding): document
         i reads memory row i of memory (n, S, D), or memory document i of a packed memory (1, M, D) with
-        ``memory_documents``.
+        ``memory_documents``. ``cross_scores`` (opt-in) collects the cross-attention scores of chosen heads (Whisper's
+        alignment heads, for word timestamps).
         """
         if self.lm_head is None:
             raise ValueError(f"this model has no decoder; its routes are {sorted(self.config.routes)}")
@@ -468,6 +470,8 @@ class MultimodalTransformer(nn.Module):
                 raise ValueError("prefix_embeds: a learned decoder prefix is not supported with packed documents")
             check_prefix(prefix_embeds, width, cache)
         docs = {} if documents is None else {"documents": documents, "memory_documents": memory_documents}
+        if cross_scores is not None:
+            docs["cross_scores"] = cross_scores
         h = self.decode_step(
             input_ids,
             memory=memory,
@@ -492,6 +496,7 @@ class MultimodalTransformer(nn.Module):
         prefix_embeds: torch.Tensor | None = None,
         documents: Documents | None = None,
         memory_documents: Documents | None = None,
+        cross_scores: CrossAttentionScores | None = None,
     ) -> torch.Tensor:
         """:meth:`decode` without its input checks, returning the final hidden states (B, T, D): the inner step of
         token-by-token generation, whose ids come from the model itself (the checks cost as much as a layer)."""
@@ -529,6 +534,8 @@ class MultimodalTransformer(nn.Module):
             first_layer = text.cfg.depth
         if documents is not None:
             docs["memory_documents"] = memory_documents
+        if cross_scores is not None:
+            docs["cross_scores"] = cross_scores
         h = self.stack("decoder")(
             x,
             modality="text",

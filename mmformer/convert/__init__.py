@@ -18,6 +18,7 @@ _CONVERTERS = {
     "from_hf_gpt2": "mmformer.convert.hf_gpt2",
     "from_hf_llama": "mmformer.convert.hf_llama",
     "from_hf_t5": "mmformer.convert.hf_t5",
+    "from_openai_whisper": "mmformer.convert.openai_whisper",
 }
 SOURCES = {name.removeprefix("from_"): name for name in _CONVERTERS}  # CLI names: open_clip, hf_clip, ...
 
@@ -31,6 +32,7 @@ __all__ = [
     "from_hf_t5",
     "from_hf_whisper",
     "from_open_clip",
+    "from_openai_whisper",
     "from_timm_vit",
 ]
 

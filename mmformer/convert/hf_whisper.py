@@ -83,6 +83,7 @@ def _generation_config(gen: dict[str, Any]) -> GenerationConfig | None:
         language=language,
         task=task,
         no_timestamps_id=gen.get("no_timestamps_token_id"),
+        alignment_heads=[[int(layer), int(head)] for layer, head in gen.get("alignment_heads") or []],
     )
 
 
@@ -205,11 +206,20 @@ def from_hf_whisper(path_or_model: Any) -> MultimodalTransformer:
         model_class="WhisperForConditionalGeneration (or WhisperModel)",
     )
     state = {k.removeprefix("model."): v for k, v in state.items()}
+    generation = _generation_config(_read_generation_config(path_or_model, directory))
+    return whisper_model(cfg, state, generation, read_hf_tokenizer(directory))
+
+
+def whisper_model(
+    cfg: dict[str, Any], state: dict[str, torch.Tensor], generation: GenerationConfig | None, tokenizer: Any
+) -> MultimodalTransformer:
+    """The model of a Whisper checkpoint in Hugging Face's names: its config dict, state dict (without the
+    ``model.`` prefix), generation config and tokenizer (or None). openai-whisper's ``.pt`` files come here too,
+    renamed (:mod:`mmformer.convert.openai_whisper`)."""
     positions = state["encoder.embed_positions.weight"]
     table = sinusoids(*positions.shape)
     audio_position = "sinusoidal" if (positions.float() - table).abs().max() <= _SINUSOID_TOLERANCE else "learned"
     tied = lm_head_tied(state, "proj_out.weight", "decoder.embed_tokens.weight")
-    generation = _generation_config(_read_generation_config(path_or_model, directory))
     model = build_on_meta(MultimodalTransformer, _model_config(cfg, audio_position, tied, generation))
 
     wm = WeightMap(state, name="hf_whisper", ignore=["proj_out.weight"] if tied else [])
@@ -230,5 +240,5 @@ def from_hf_whisper(path_or_model: Any) -> MultimodalTransformer:
     wm.load_into(model)
 
     audio = {"sample_rate": SAMPLE_RATE, "max_seconds": None}  # longer audio is transcribed window by window
-    model.processor = build_processor(read_hf_tokenizer(directory), audio=audio)
+    model.processor = build_processor(tokenizer, audio=audio)
     return model.eval()

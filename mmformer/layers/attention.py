@@ -58,6 +58,26 @@ def reference_attention(
     return scores.softmax(dim=-1) @ v
 
 
+class CrossAttentionScores:
+    """An explicit, opt-in collector of the cross-attention scores ``q·kᵀ·scale`` (B, n, T, S) of chosen heads, before
+    the softmax (Whisper's word timestamps read its alignment heads, and take the softmax over the audio frames
+    that hold speech). Passed as ``cross_scores=`` to :meth:`~mmformer.MultimodalTransformer.decode`; the attention
+    output itself still comes from SDPA. ``heads`` maps a decoder block's index to the heads to keep."""
+
+    def __init__(self, heads: dict[int, list[int]]):
+        self.heads = {int(layer): list(h) for layer, h in heads.items()}
+        self.scores: dict[int, torch.Tensor] = {}  # block index → (B, len(heads[layer]), T, S)
+
+    def record(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float | None) -> None:
+        """Keep the scores of this block's chosen heads: q (B, nh, T, hs), k (B, nkv, S, hs)."""
+        if layer not in self.heads:
+            return
+        heads = torch.tensor(self.heads[layer], device=q.device)
+        kv_heads = heads // (q.shape[1] // k.shape[1])  # the key/value head each query head reads (GQA)
+        scale = scale if scale is not None else 1 / math.sqrt(q.shape[-1])
+        self.scores[layer] = (q[:, heads] @ k[:, kv_heads].transpose(-1, -2)).float() * scale  # (B, n, T, S)
+
+
 def right_padded(mask: torch.Tensor) -> bool:
     """True when every row is real tokens followed only by padding."""
     return not bool((mask[:, 1:] & ~mask[:, :-1]).any())
@@ -114,6 +134,7 @@ class Attention(nn.Module):
         padded_queries: bool = False,
         positions: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
+        scores: CrossAttentionScores | None = None,
     ) -> torch.Tensor:
         """Attend from x (B, T, D).
 
@@ -136,6 +157,7 @@ class Attention(nn.Module):
                 consecutive from the cache).
             bias: an additive score bias (nh, T, S) of self-attention (a stack's T5 relative bias); over packed
                 documents, (nh, L, L) of the longest one (each document's rows read its top-left corner).
+            scores: cross-attention only: records this layer's scores of the collector's heads.
         """
         if documents is not None:
             return self._forward_documents(x, mask, causal, memory, documents, memory_documents, bias)
@@ -143,7 +165,7 @@ class Attention(nn.Module):
         cached = cache is not None and self.cross and cache.has_cross(layer)  # memory keys projected on the 1st call
         kv_in = self._memory_kv(memory) if self.cross and memory is not None and not cached else None
         q_in = self.q(x) if self.cross else self.qkv(x)
-        out = self._attend(q_in, kv_in, mask, causal, cache, layer, offset, padded_queries, positions, bias)
+        out = self._attend(q_in, kv_in, mask, causal, cache, layer, offset, padded_queries, positions, bias, scores)
         return self.proj(out)
 
     def _attend(
@@ -158,6 +180,7 @@ class Attention(nn.Module):
         padded_queries: bool = False,
         positions: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
+        scores: CrossAttentionScores | None = None,
     ) -> torch.Tensor:
         """The attention between the projections and ``proj``: projected queries (B, T, nh*hs) — or q|k|v (B, T,
         (nh + 2 nkv)*hs) for self-attention — and projected memory k|v ``kv_in`` (B, S, 2 nkv*hs) → (B, T, nh*hs)."""
@@ -187,6 +210,8 @@ class Attention(nn.Module):
             q = self.q_norm(q)
         if self.rope is not None:
             q = self.rope(q, offset, positions=positions)
+        if scores is not None and self.cross:
+            scores.record(layer, q, k, self.scale)
         if cache is not None and not self.cross:
             k, v = cache.append(layer, k, v)
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmformer.config import StackConfig
-from mmformer.layers.attention import Attention
+from mmformer.layers.attention import Attention, CrossAttentionScores
 from mmformer.layers.cache import KVCache
 from mmformer.layers.documents import Documents
 from mmformer.layers.mlp import make_mlp
@@ -135,6 +135,7 @@ class Block(nn.Module):
         memory_documents: Documents | None = None,
         positions: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
+        cross_scores: CrossAttentionScores | None = None,
     ) -> torch.Tensor:
         mlp_kwargs = {"modality": modality} if self.multiway else {}
         attn_kwargs = dict(mask=mask, causal=causal, cache=cache, layer=layer)
@@ -149,6 +150,8 @@ class Block(nn.Module):
         if documents is not None:  # packed batches only: decoding steps pass none
             attn_kwargs["documents"] = documents
             cross_kwargs = {"documents": documents, "memory_documents": memory_documents}
+        if cross_scores is not None:
+            cross_kwargs["scores"] = cross_scores
         if self.parallel:
             attn = self.attn
             h = attn.norm(x)
@@ -196,6 +199,7 @@ class Stack(nn.Module):
         documents: Documents | None = None,
         memory_documents: Documents | None = None,
         positions: torch.Tensor | None = None,
+        cross_scores: CrossAttentionScores | None = None,
     ) -> torch.Tensor:
         """Run x (B, T, D) through every block; with a cache, x holds only the new tokens (and ``mask`` covers the
         cached ones too).
@@ -205,7 +209,7 @@ class Stack(nn.Module):
         returns the states before the final norm. ``padded_queries``: see
         :meth:`~mmformer.layers.attention.Attention.forward`. With ``documents``, x is a packed batch (R, T, D) of
         them and ``mask`` is unused (see :mod:`mmformer.layers.documents`). ``positions`` (B, T): per-row position
-        ids for RoPE (left-padded prompts).
+        ids for RoPE (left-padded prompts). ``cross_scores`` collects chosen heads' cross-attention scores.
         """
         if documents is not None and cache is not None:
             raise ValueError("documents: packed batches are for training and encoding; decode with a KV cache unpacked")
@@ -216,6 +220,8 @@ class Stack(nn.Module):
             kwargs.update(documents=documents, memory_documents=memory_documents)
         if positions is not None:
             kwargs["positions"] = positions
+        if cross_scores is not None:
+            kwargs["cross_scores"] = cross_scores
         if self.relative_bias is not None:  # computed once, read by every block
             if documents is not None:  # every document's rows start at position 0: the longest one's bias serves all
                 kwargs["bias"] = self.relative_bias(documents.max_length, documents.max_length, causal)  # (nh, L, L)

@@ -1,0 +1,190 @@
+"""Long-form transcription: hours of audio, many files at once, results with openai-whisper's keys.
+
+``transcribe_files`` reads every input, finds speech with Silero VAD (:mod:`mmformer.longform.vad`), cuts and
+merges it into windows the model can read, decodes the windows of all files from one queue in batches
+(:mod:`mmformer.longform.batched`) and returns one result per input: ``{"text", "segments", "language"}``, each
+segment with openai-whisper's ``id, seek, start, end, text, tokens, temperature``. :mod:`mmformer.longform.writers`
+writes them as txt, json, srt, vtt or tsv. ``model.transcribe(...)`` stays the short-clip API returning strings.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from mmformer.generation import DecodingOptions, processor_with_tokenizer
+from mmformer.longform.batched import decode_windows_generic, transcribe_windows
+from mmformer.longform.options import TranscribeOptions
+from mmformer.longform.vad import (
+    VadOptions,
+    Window,
+    cut_and_merge,
+    fixed_window,
+    model_window_samples,
+    speech_regions,
+    window_samples,
+)
+
+if TYPE_CHECKING:
+    from mmformer.model import MultimodalTransformer
+    from mmformer.processor import Processor
+
+__all__ = ["TranscribeOptions", "VadOptions", "decoding_options", "read_input", "transcribe_files"]
+
+
+def decoding_options(
+    model: MultimodalTransformer,
+    options: TranscribeOptions | DecodingOptions | None,
+    base: DecodingOptions | None = None,
+) -> DecodingOptions:
+    """The :class:`DecodingOptions` each window is decoded with: given as such, or from a
+    :class:`TranscribeOptions` (its first temperature: 0 decodes greedily, above 0 samples; ``beam_size``;
+    ``language``; ``task`` where the checkpoint has task tokens) over ``base`` (default: as many new tokens as the
+    decoder's positions allow)."""
+    if options is None or isinstance(options, DecodingOptions):
+        return DecodingOptions.build(options)
+    if not isinstance(options, TranscribeOptions):
+        raise TypeError(f"options: expected a TranscribeOptions, DecodingOptions or None, got {type(options).__name__}")
+    gen = model.config.generation
+    has_tasks = gen is not None and bool(gen.task_ids)
+    if not has_tasks and options.task != "transcribe":
+        raise ValueError(f"task: this model has no task tokens (only transcribe); got {options.task!r}")
+    temperature = options.temperature[0]
+    if base is None:
+        base = DecodingOptions(max_new_tokens=model.config.text.max_tokens)
+    return DecodingOptions.build(
+        base,
+        num_beams=options.beam_size or base.num_beams,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,
+        language=options.language,
+        task=options.task if has_tasks else None,
+    )
+
+
+def read_input(source: Any, sample_rate: int, index: int) -> tuple[str, torch.Tensor]:
+    """An input's name and mono waveform (S,) at ``sample_rate``: a file decoded with soundfile and resampled
+    (torchaudio), or a 1-D float array already at that rate.
+
+    Raises:
+        SampleError: the file is missing, corrupt or empty (its message names the file).
+        TypeError / ValueError: an array that is not a 1-D float waveform.
+    """
+    from mmformer.data.io import SampleError, read_audio
+
+    if isinstance(source, (str, os.PathLike)):
+        return str(source), read_audio(source, sample_rate)[0]
+    name = f"inputs[{index}]"
+    if isinstance(source, np.ndarray):
+        source = torch.from_numpy(np.ascontiguousarray(source))
+    if not isinstance(source, torch.Tensor):
+        raise TypeError(f"{name}: expected a file path or a 1-D float waveform (numpy or torch) at {sample_rate} Hz, "
+                        f"got {type(source).__name__}")  # fmt: skip
+    if source.ndim != 1 or not source.is_floating_point():
+        raise ValueError(f"{name}: expected a 1-D float waveform (S,) at {sample_rate} Hz, got shape "
+                         f"{tuple(source.shape)} {source.dtype}")  # fmt: skip
+    if source.numel() == 0:
+        raise SampleError(name, "audio has no samples")
+    if not bool(torch.isfinite(source).all()):
+        raise SampleError(name, "audio contains NaN or infinite values")
+    return name, source.float()
+
+
+def _windows(
+    model: MultimodalTransformer,
+    wave: torch.Tensor,
+    file: int,
+    vad: bool | None,
+    options: VadOptions,
+    sample_rate: int,
+) -> list[Window]:
+    """The windows of one input: its speech, cut and merged (VAD), or the whole input when it fits the model and
+    VAD is not forced, or consecutive windows of the model's length when VAD is off."""
+    limit = window_samples(model, options, sample_rate)
+    n = wave.shape[0]
+    if vad is False or (vad is None and n <= limit):
+        return [Window(file, s, min(s + limit, n), ((s, min(s + limit, n)),)) for s in range(0, n, limit)]
+    merge = fixed_window(model) if options.merge is None else options.merge
+    return cut_and_merge(speech_regions(wave, sample_rate, options), file, limit, merge)
+
+
+def transcribe_files(
+    model: MultimodalTransformer,
+    inputs: Sequence[Any],
+    options: TranscribeOptions | DecodingOptions | None = None,
+    vad: VadOptions | bool | None = None,
+    batch_size: int = 16,
+    processor: Processor | None = None,
+    progress: Callable[[float, float], None] | None = None,
+    vad_options: VadOptions | None = None,
+) -> list[dict[str, Any]]:
+    """Transcribe many recordings of any length, their windows decoded together.
+
+    Args:
+        model: a speech-to-text model (one trained here, or a converted Whisper checkpoint).
+        inputs: audio file paths, or 1-D float waveforms at the model's sample rate.
+        options: how every window is decoded: :class:`DecodingOptions`, or :class:`TranscribeOptions` (see
+            :func:`decoding_options`); default greedy.
+        vad: None: inputs longer than the model's window are cut at their speech (Silero VAD), shorter ones are
+            decoded whole, as ``model.transcribe`` does; True (or a :class:`VadOptions`, which also sets
+            ``vad_options``): every input is cut at its speech (silence and noise give no words); False:
+            consecutive windows of the model's length, no VAD.
+        batch_size: windows decoded at once, drawn from all inputs.
+        processor: tokenizer and audio settings (default ``model.processor``).
+        progress: called as ``progress(seconds, total)`` with the audio seconds each finished step accounts for
+            (they add up to ``total``, the readable inputs' duration).
+        vad_options: how speech is found and cut (default :class:`VadOptions`).
+
+    Returns:
+        One dict per input, in order: ``text``, ``segments`` (``id, seek, start, end`` in seconds on the input's
+        timeline, ``text, tokens, temperature``) and ``language``; an input that cannot be read gets
+        ``{"error": message naming it, "text": "", "segments": [], "language": None}`` and a warning, and the
+        others are still transcribed.
+    """
+    from mmformer.data.io import SampleError
+
+    if isinstance(inputs, (str, os.PathLike, np.ndarray, torch.Tensor)) or not isinstance(inputs, Sequence):
+        raise TypeError(f"inputs: expected a list of file paths or 1-D waveforms, got {type(inputs).__name__}")
+    if vad is not None and not isinstance(vad, (bool, VadOptions)):
+        raise TypeError(f"vad: expected None, True, False or a VadOptions, got {type(vad).__name__}")
+    if vad_options is not None and not isinstance(vad_options, VadOptions):
+        raise TypeError(f"vad_options: expected a VadOptions or None, got {type(vad_options).__name__}")
+    if isinstance(vad, VadOptions):
+        vad, vad_options = True, vad
+    vad_options = vad_options or VadOptions()
+    options = decoding_options(model, options)
+    processor = processor_with_tokenizer(model, processor, "transcribe_files")
+    model_window_samples(model)  # refuses a model without audio
+    rate = model.config.audio.sample_rate
+    processor.check_audio_rate(rate)
+    waves: list[torch.Tensor | None] = []
+    errors: dict[int, str] = {}
+    windows: list[Window] = []
+    for i, source in enumerate(inputs):
+        try:
+            name, wave = read_input(source, rate, i)
+        except SampleError as e:
+            warnings.warn(f"transcribe_files: skipped {e}", stacklevel=2)
+            waves.append(None)
+            errors[i] = str(e)
+            continue
+        waves.append(wave)
+        windows += _windows(model, wave, i, vad, vad_options, rate)
+    model.eval()
+    total = sum(w.shape[0] for w in waves if w is not None) / rate
+    results = transcribe_windows(
+        waves,
+        windows,
+        lambda batch: decode_windows_generic(model, batch, processor, options),
+        rate,
+        batch_size,
+        None if progress is None else lambda seconds: progress(seconds, total),
+    )
+    for i, message in errors.items():
+        results[i] = {"error": message, "text": "", "segments": [], "language": None}
+    return results

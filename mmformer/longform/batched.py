@@ -1,0 +1,146 @@
+"""Windows of many files decoded together: one queue, batches of ``batch_size``, each window's text mapped back onto
+its own file's timeline.
+
+The queue is ordered by window length (longest first) so that a batch pads little; results do not depend on the
+order, as long as the audio encoder gives every clip what it would get alone (issue #24).
+
+Shape legend: B windows in a batch, S samples (the longest window of the batch), P prompt tokens, L generated.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from mmformer.decoding_rules import prompt_length
+from mmformer.generation import DecodingOptions, generate
+from mmformer.longform.vad import Window
+from mmformer.weights import model_device
+
+if TYPE_CHECKING:
+    from mmformer.model import MultimodalTransformer
+    from mmformer.processor import Processor
+
+
+def _pad(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D waveforms → zero-padded (B, S) and their lengths (B,)."""
+    lengths = torch.tensor([w.shape[0] for w in waves])
+    return torch.stack([F.pad(w, (0, int(lengths.max()) - w.shape[0])) for w in waves]), lengths
+
+
+def _languages(model: MultimodalTransformer, ids: torch.Tensor, options: DecodingOptions) -> list[str | None]:
+    """Each row's language code: the chosen one, or the language token of its prompt (Whisper's detection)."""
+    gen = model.config.generation
+    if gen is None or not gen.language_ids:
+        return [options.language] * ids.shape[0]
+    if options.language is not None or gen.language is not None:
+        return [options.language or gen.language] * ids.shape[0]
+    codes = {token: code for code, token in gen.language_ids.items()}
+    return [codes.get(int(token)) for token in ids[:, 1]]  # prompt: [start, language, ...]
+
+
+def decode_windows_generic(
+    model: MultimodalTransformer,
+    waves: list[torch.Tensor],
+    processor: Processor,
+    options: DecodingOptions,
+) -> list[dict[str, Any]]:
+    """One batch of windows (1-D waveforms at the model's rate) → per window ``{"text", "tokens", "language"}``
+    through ``generate`` with the model's default prompt (``temperature`` 0.0 when decoding greedily)."""
+    audio, lengths = _pad(waves)  # (B, S), (B,)
+    device = model_device(model)
+    ids = generate(model, audio=audio.to(device), audio_lengths=lengths.to(device), options=options).cpu()  # (B, P+L)
+    text_cfg = model.config.text
+    special = {text_cfg.pad_id, text_cfg.eos_id}
+    skip = prompt_length(model)
+    texts = processor.tokenizer.batch_decode(ids[:, skip:], skip_special_tokens=True)
+    temperature = options.temperature if options.sample else 0.0
+    out = []
+    for row, text, language in zip(ids[:, skip:].tolist(), texts, _languages(model, ids, options)):
+        if text_cfg.eos_id in row:
+            row = row[: row.index(text_cfg.eos_id)]
+        tokens = [t for t in row if t not in special]
+        out.append({"text": text.strip(), "tokens": tokens, "temperature": temperature, "language": language})
+    return out
+
+
+DecodeBatch = Callable[[list[torch.Tensor]], list[dict[str, Any]]]
+
+
+def _coverage(windows: list[Window], n_samples: int) -> list[int]:
+    """Samples of the file's timeline each window stands for in the progress bar: from the previous window's end
+    (or 0) to its own end, the last one to the file's end, so that a file's windows add up to its length."""
+    cover, previous = [], 0
+    for i, w in enumerate(windows):
+        end = n_samples if i == len(windows) - 1 else w.end
+        cover.append(end - previous)
+        previous = end
+    return cover
+
+
+def transcribe_windows(
+    waves: Sequence[torch.Tensor | None],
+    windows: list[Window],
+    decode: DecodeBatch,
+    sample_rate: int,
+    batch_size: int = 16,
+    progress: Callable[[float], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Decode every window of every file from one queue in batches of ``batch_size`` and assemble each file's
+    result: ``{"text", "segments", "language"}`` with one segment per window, its times the window's speech (the
+    first region's start to the last one's end) in seconds on the file's timeline.
+
+    Args:
+        waves: each file's waveform (S,) at ``sample_rate``; None for a file that could not be read (skipped).
+        windows: the windows of all files (``Window.file`` indexes ``waves``).
+        decode: decodes a list of 1-D windows into per-window ``{"text", "tokens", "language"}``.
+        progress: called with the audio seconds each finished batch accounts for.
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    by_file: dict[int, list[Window]] = {}
+    for w in windows:
+        by_file.setdefault(w.file, []).append(w)
+    cover: dict[Window, int] = {}
+    for file, ws in by_file.items():
+        cover.update(zip(ws, _coverage(ws, waves[file].shape[0])))
+    if progress is not None:  # files with no speech at all are done already
+        silent = sum(w.shape[0] for i, w in enumerate(waves) if w is not None and i not in by_file)
+        if silent:
+            progress(silent / sample_rate)
+    queue = sorted(windows, key=lambda w: -w.samples)
+    decoded: dict[Window, dict[str, Any]] = {}
+    for first in range(0, len(queue), batch_size):
+        batch = queue[first : first + batch_size]
+        decoded.update(zip(batch, decode([waves[w.file][w.start : w.end] for w in batch])))
+        if progress is not None:
+            progress(sum(cover[w] for w in batch) / sample_rate)
+    results = []
+    for file, wave in enumerate(waves):
+        if wave is None:
+            results.append(None)
+            continue
+        segments = []
+        for w in by_file.get(file, []):
+            out = decoded[w]
+            if not out["text"]:
+                continue
+            start, end = w.regions[0][0], w.regions[-1][1]
+            segments.append({
+                "id": len(segments),
+                "seek": round(w.start / sample_rate * 100),  # mel frames of 10 ms, as openai-whisper counts
+                "start": round(start / sample_rate, 3),
+                "end": round(end / sample_rate, 3),
+                **{k: v for k, v in out.items() if k != "language"},  # text, tokens, temperature, ...
+            })  # fmt: skip
+        languages = Counter(decoded[w]["language"] for w in by_file.get(file, []))
+        results.append({
+            "text": " ".join(s["text"] for s in segments),
+            "segments": segments,
+            "language": languages.most_common(1)[0][0] if languages else None,
+        })  # fmt: skip
+    return results

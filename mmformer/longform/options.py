@@ -1,0 +1,141 @@
+"""The options of long-form transcription, written once: openai-whisper's ``transcribe()`` keywords (and the
+``DecodingOptions`` it forwards: language, task, beam size, best-of, patience, timestamps), with their defaults and
+a help string per field, so that the CLI generates its flags from this dataclass as it does from
+:class:`mmformer.generation.DecodingOptions`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from mmformer.generation import _is_int, _is_number, _option
+
+PREPEND_PUNCTUATIONS = "\"'“¿([{-"  # openai-whisper's defaults: merged with the next word
+APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"  # merged with the previous word
+TASKS = ("transcribe", "translate")
+
+
+def _optional_number(name: str, value: Any, *, positive: bool = False) -> None:
+    if value is not None and (not _is_number(value) or (positive and value <= 0)):
+        expected = "a number > 0" if positive else "a finite number"
+        raise ValueError(f"{name}: expected None or {expected}, got {value!r}")
+
+
+def _optional_count(name: str, value: Any) -> None:
+    if value is not None and (not _is_int(value) or value < 1):
+        raise ValueError(f"{name}: expected None or an int >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    """How to transcribe long audio as openai-whisper's ``transcribe()`` does: the one place these options, their
+    defaults and their help live. Validated on construction; ``TranscribeOptions.build(options, **changes)`` (or
+    ``dataclasses.replace``) validates again."""
+
+    temperature: tuple[float, ...] = _option(
+        (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+        "temperatures tried in turn while a window fails the compression-ratio or log-prob check; "
+        "a single value means no fallback",
+    )
+    compression_ratio_threshold: float | None = _option(
+        2.4, "a window whose text's gzip compression ratio exceeds this is decoded again (too repetitive)"
+    )
+    logprob_threshold: float | None = _option(
+        -1.0, "a window whose average token log-probability is below this is decoded again"
+    )
+    no_speech_threshold: float | None = _option(
+        0.6,
+        "a window is silence (skipped) when its no-speech probability exceeds this and its average "
+        "log-probability is below logprob_threshold",
+    )
+    condition_on_previous_text: bool = _option(
+        True, "feed the previous window's text as a <|startofprev|> prompt (dropped after a temperature above 0.5)"
+    )
+    initial_prompt: str | None = _option(None, "text given as the prompt of the first window (vocabulary, style)")
+    word_timestamps: bool = _option(
+        False, "word start/end times from the alignment heads' cross-attention and dynamic time warping"
+    )
+    prepend_punctuations: str = _option(
+        PREPEND_PUNCTUATIONS, "with word_timestamps: these punctuation marks join the next word"
+    )
+    append_punctuations: str = _option(
+        APPEND_PUNCTUATIONS, "with word_timestamps: these punctuation marks join the previous word"
+    )
+    clip_timestamps: str | tuple[float, ...] = _option(
+        "0", "start,end,start,end,... seconds of the clips to transcribe (the last end defaults to the end)"
+    )
+    hallucination_silence_threshold: float | None = _option(
+        None, "with word_timestamps: skip silences longer than this (seconds) around a likely hallucination"
+    )
+    language: str | None = _option(None, "the audio's language code, e.g. en (default: detected from the first 30 s)")
+    task: str = _option("transcribe", "transcribe, or translate into English")
+    beam_size: int | None = _option(None, "beam width at temperature 0 (default: greedy)")
+    best_of: int | None = _option(None, "samples drawn at a temperature above 0, the most likely kept")
+    patience: float | None = _option(None, "beam search patience (openai-whisper's; default 1.0)")
+    without_timestamps: bool = _option(False, "decode without timestamp tokens (segments then span whole windows)")
+
+    def __post_init__(self) -> None:
+        temps = self.temperature
+        if _is_number(temps):
+            temps = (float(temps),)
+        if isinstance(temps, list):
+            temps = tuple(temps)
+        if not isinstance(temps, tuple) or not temps or not all(_is_number(t) and t >= 0 for t in temps):
+            raise ValueError(
+                f"temperature: expected a number >= 0 or a non-empty tuple of them, got {self.temperature!r}"
+            )
+        object.__setattr__(self, "temperature", tuple(float(t) for t in temps))
+        for name in ("compression_ratio_threshold", "logprob_threshold", "no_speech_threshold"):
+            _optional_number(name, getattr(self, name))
+        _optional_number("hallucination_silence_threshold", self.hallucination_silence_threshold, positive=True)
+        _optional_number("patience", self.patience, positive=True)
+        for name in ("condition_on_previous_text", "word_timestamps", "without_timestamps"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
+        for name in ("initial_prompt", "language"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}: expected None or a string, got {getattr(self, name)!r}")
+        for name in ("prepend_punctuations", "append_punctuations"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}: expected a string, got {getattr(self, name)!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task: expected one of {TASKS}, got {self.task!r}")
+        _optional_count("beam_size", self.beam_size)
+        _optional_count("best_of", self.best_of)
+        object.__setattr__(self, "clip_timestamps", self._clips(self.clip_timestamps))
+        if self.word_timestamps and self.without_timestamps:
+            raise ValueError("word_timestamps=True needs timestamp tokens; got without_timestamps=True")
+
+    @staticmethod
+    def _clips(value: Any) -> str | tuple[float, ...]:
+        """``clip_timestamps`` as given ("0", "10,20.5") or a tuple of seconds, checked to be numbers >= 0."""
+        items = value.split(",") if isinstance(value, str) else value
+        try:
+            seconds = [float(x) for x in items if not isinstance(x, str) or x.strip()]
+        except (TypeError, ValueError):
+            seconds = None
+        if seconds is None or not all(math.isfinite(s) and s >= 0 for s in seconds):
+            raise ValueError(f"clip_timestamps: expected 'start,end,...' seconds >= 0 (a string or numbers), "
+                             f"got {value!r}")  # fmt: skip
+        return value if isinstance(value, str) else tuple(seconds)
+
+    def clip_seconds(self) -> list[float]:
+        """``clip_timestamps`` as a list of seconds, as openai-whisper parses the string."""
+        value = self.clip_timestamps
+        if isinstance(value, str):
+            return [float(ts) for ts in (value.split(",") if value else [])]
+        return list(value)
+
+    @classmethod
+    def build(cls, options: TranscribeOptions | None = None, **changes: Any) -> TranscribeOptions:
+        """``options`` (default: the defaults) with ``changes`` applied; an unknown name is a TypeError listing the
+        valid ones."""
+        if options is not None and not isinstance(options, TranscribeOptions):
+            raise TypeError(f"options: expected a TranscribeOptions or None, got {type(options).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise TypeError(f"unknown transcribe option(s) {unknown}; expected some of {names}")
+        return replace(options or cls(), **changes)

@@ -1,0 +1,116 @@
+"""``mmformer transcribe`` on long recordings: run as a user runs it (a fresh process), its files reloaded and
+compared with the API's result; flags generated from the options dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from mmformer.cli import _parser, _temperatures
+from mmformer.longform import TranscribeOptions, VadOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from benchmarks.longform import digits_recording  # noqa: E402
+
+MODEL = str(ROOT / "data" / "digits_model")
+RATE = 16000
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "mmformer.cli", "transcribe", "--model", MODEL, *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def talks(tmp_path_factory):
+    """Two recordings as FLAC files and their truth."""
+    root = tmp_path_factory.mktemp("talks")
+    truths = []
+    for i in range(2):
+        wave, truth = digits_recording(8, seed=20 + i, offset=40 * i)
+        sf.write(root / f"talk{i}.flac", wave.numpy(), RATE)
+        truths.append(truth)
+    return root, truths
+
+
+def test_transcribe_writes_every_format_and_they_reload(talks, tmp_path):
+    import srt
+    import webvtt
+
+    from mmformer import load_pretrained
+    from mmformer.longform import transcribe_files
+
+    root, truths = talks
+    files = [str(root / "talk0.flac"), str(root / "talk1.flac")]
+    done = _run(*files, "--vad", "--batch-size", "16", "--temperature", "0", "--output-format", "all",
+                "--output-dir", str(tmp_path / "out"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "realtime" in done.stderr and "audio s" in done.stderr  # the progress bar
+    expected = transcribe_files(load_pretrained(MODEL), files, vad=True, batch_size=16)
+    for i, truth in enumerate(truths):
+        out = tmp_path / "out" / f"talk{i}"
+        result = json.loads(out.with_suffix(".json").read_text())
+        assert result == expected[i] and len(result["segments"]) >= len(truth) - 1
+        subs = list(srt.parse(out.with_suffix(".srt").read_text()))
+        cues = list(webvtt.read(str(out.with_suffix(".vtt"))))
+        tsv = out.with_suffix(".tsv").read_text().splitlines()
+        assert tsv[0] == "start\tend\ttext" and len(tsv) == len(result["segments"]) + 1
+        for segment, sub, cue, row in zip(result["segments"], subs, cues, tsv[1:], strict=True):
+            assert sub.content == cue.text == segment["text"] == row.split("\t")[2]
+            assert abs(sub.start.total_seconds() - segment["start"]) < 1e-3
+            assert abs(sub.end.total_seconds() - segment["end"]) < 1e-3
+            assert cue.start == srt.timedelta_to_srt_timestamp(sub.start).replace(",", ".")
+            assert int(row.split("\t")[0]) == round(1000 * segment["start"])
+        assert out.with_suffix(".txt").read_text().split() == result["text"].split()
+
+
+def test_transcribe_reports_unreadable_files_and_transcribes_the_others(talks, tmp_path):
+    root, _ = talks
+    corrupt, empty = tmp_path / "corrupt.flac", tmp_path / "empty.wav"
+    corrupt.write_bytes(b"fLaC" + bytes(range(256)) * 4)
+    sf.write(empty, [], RATE)
+    done = _run(str(corrupt), str(root / "talk0.flac"), str(empty), "--vad", "--no-progress")
+    assert done.returncode != 0
+    assert "corrupt.flac" in done.stderr and "empty.wav" in done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(str(root / "talk0.flac") + "\t") and len(lines[0].split()) > 8
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], None),  # TranscribeOptions' schedule
+        (["--temperature", "0"], (0.0,)),  # one value: no fallback
+        (["--temperature", "0,0.2", "--temperature", "0.4"], (0.0, 0.2, 0.4)),
+        (["--temperature-increment-on-fallback", "0.25"], (0.0, 0.25, 0.5, 0.75, 1.0)),
+        (["--temperature", "0.5", "--temperature-increment-on-fallback", "0.2"], (0.5, 0.7, 0.9)),
+    ],
+)
+def test_temperature_flags(flags, expected):
+    args = _parser().parse_args(["transcribe", "--model", MODEL, *flags, "a.flac"])
+    assert _temperatures(args) == expected
+    options = TranscribeOptions(temperature=expected) if expected else TranscribeOptions()
+    assert len(options.temperature) == (len(expected) if expected else 6)
+
+
+def test_transcribe_flags_come_from_the_options_dataclasses():
+    transcribe = _parser()._subparsers._group_actions[0].choices["transcribe"]
+    flags = {option for action in transcribe._actions for option in action.option_strings}
+    for cls, prefix in ((TranscribeOptions, ""), (VadOptions, "vad-")):
+        for f in dataclasses.fields(cls):
+            assert f"--{prefix}{f.name.replace('_', '-')}" in flags, f.name
+    assert {"--vad", "--no-vad", "--output-format", "--output-dir", "--batch-size", "--max-new-tokens"} <= flags
+    args = _parser().parse_args(["transcribe", "--model", MODEL, "--vad-trim-db", "30", "--vad-merge", "x.flac"])
+    assert args.vad_trim_db == 30.0 and args.vad_merge is True and args.vad is None

@@ -1,0 +1,235 @@
+"""VAD-batched long-form transcription (issue #25) on the shipped digits model: recordings of test-split utterances
+with pauses and background noise, built here (seeded); many files decoded from one queue; the writers' formats."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+from torchmetrics.functional.text import word_error_rate
+
+from mmformer import load_pretrained
+from mmformer.longform import TranscribeOptions, VadOptions, decoding_options, transcribe_files
+from mmformer.longform.vad import Window, cut_and_merge, speech_regions
+from mmformer.longform.writers import to_json, to_srt, to_tsv, to_txt, to_vtt, write_result
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `benchmarks` is a folder of the repository: the recording is built by one function
+    sys.path.insert(0, str(ROOT))
+from benchmarks.longform import digits_recording  # noqa: E402
+
+RATE = 16000
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_pretrained(ROOT / "data" / "digits_model").eval()
+
+
+@pytest.fixture(scope="module")
+def recording():
+    return digits_recording(50, seed=1)  # ~100 s, -60 dBFS white noise
+
+
+def _cut(wave, truth):
+    return [wave[round(t["start"] * RATE) : round(t["end"] * RATE)] for t in truth]
+
+
+def _wer(hyp: str, truth: list[dict]) -> float:
+    return float(word_error_rate(hyp, " ".join(t["text"] for t in truth)))
+
+
+# ---------------------------------------------------------------------- options and windows
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("threshold", 1.5), ("min_silence_ms", -1), ("speech_pad_ms", 2.5), ("trim_db", 0), ("max_window_s", 0),
+     ("merge", "yes"), ("neg_threshold", 0.9)],
+)  # fmt: skip
+def test_vad_options_refuse_bad_values_by_name(field, value):
+    with pytest.raises(ValueError, match=field):
+        VadOptions(**{field: value})
+
+
+def test_cut_and_merge_cuts_long_regions_and_merges_neighbours_up_to_the_window():
+    regions = [(0, 100), (150, 200), (260, 600), (700, 720)]
+    merged = cut_and_merge(regions, file=3, max_samples=300, merge=True)
+    assert all(w.samples <= 300 and w.file == 3 for w in merged)
+    # (260, 600) is 340 samples: cut into two equal pieces; a window grows while it spans at most 300 samples
+    assert merged == [
+        Window(3, 0, 200, ((0, 100), (150, 200))),
+        Window(3, 260, 430, ((260, 430),)),
+        Window(3, 430, 720, ((430, 600), (700, 720))),
+    ]
+    alone = cut_and_merge(regions, file=0, max_samples=300, merge=False)
+    assert [(w.start, w.end) for w in alone] == [(0, 100), (150, 200), (260, 430), (430, 600), (700, 720)]
+
+
+def test_transcribe_options_map_onto_decoding_options(model):
+    greedy = decoding_options(model, TranscribeOptions(temperature=0.0))
+    assert not greedy.sample and greedy.max_new_tokens == model.config.text.max_tokens
+    sampled = decoding_options(model, TranscribeOptions(temperature=(0.4, 0.6)))
+    assert sampled.sample and sampled.temperature == 0.4
+    with pytest.raises(ValueError, match="task"):
+        decoding_options(model, TranscribeOptions(task="translate"))  # the digits model has no task tokens
+
+
+# ---------------------------------------------------------------------- the digits recording
+def test_vad_finds_every_utterance_within_0_2_s(recording):
+    wave, truth = recording
+    regions = speech_regions(wave, RATE, VadOptions())
+    assert len(regions) == len(truth)
+    starts = torch.tensor([r[0] / RATE - t["start"] for r, t in zip(regions, truth)])
+    ends = torch.tensor([r[1] / RATE - t["end"] for r, t in zip(regions, truth)])
+    assert starts.abs().max() < 0.2 and ends.abs().max() < 0.2, (starts, ends)
+
+
+def test_vad_path_segments_and_wer_on_a_digits_recording(model, recording):
+    """Segments fall on the utterances (within 0.2 s); the WER is bounded by the figure measured with the default
+    options (0.074 on 100 utterances; the one-by-one WER is 0.015): the shipped model reads the length of the
+    silence before speech (see the xfail test below), which a VAD cut cannot restore."""
+    wave, truth = recording
+    result = transcribe_files(model, [wave], vad=True)[0]
+    segments = result["segments"]
+    assert len(segments) == len(truth)
+    for segment, t in zip(segments, truth):
+        assert abs(segment["start"] - t["start"]) < 0.2 and abs(segment["end"] - t["end"]) < 0.2, (segment, t)
+    one_by_one = _wer(" ".join(model.transcribe(_cut(wave, truth))), truth)
+    vad = _wer(result["text"], truth)
+    assert one_by_one < 0.03
+    assert vad < 0.12, (vad, one_by_one)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue #25's target (VAD WER within +0.01 of one by one) needs a model that does not read its lead-in "
+    "silence: the shipped one adds words when 20 ms of silence is added before its clips (WER 0.015 -> 0.36); the "
+    "CPU-speed issue's recipe retrains it",
+)
+def test_vad_path_wer_within_0_01_of_one_by_one(model, recording):
+    wave, truth = recording
+    one_by_one = _wer(" ".join(model.transcribe(_cut(wave, truth))), truth)
+    assert _wer(transcribe_files(model, [wave], vad=True)[0]["text"], truth) <= one_by_one + 0.01
+
+
+def test_the_shipped_model_reads_the_silence_before_speech(model):
+    """Why the VAD path's WER lags: 20 ms of extra leading silence changes the shipped model's transcripts (the
+    build kept up to 50 ms before each word, less where espeak-ng starts at once, and the model learned it)."""
+    wave, truth = digits_recording(30, seed=2, noise=0.0)
+    clips = _cut(wave, truth)
+    lead = [torch.cat([torch.zeros(RATE // 50), c]) for c in clips]
+    as_cut = _wer(" ".join(model.transcribe(clips)), truth)
+    late = _wer(" ".join(model.transcribe(lead)), truth)
+    assert as_cut < 0.05 and late > as_cut + 0.1, (as_cut, late)
+
+
+def test_many_files_batched_equal_file_by_file(model):
+    """Eight recordings decoded from one queue (batch 16) give each file the text and segments it gets alone."""
+    files = [digits_recording(6, seed=10 + i, offset=6 * i)[0] for i in range(8)]
+    together = transcribe_files(model, files, vad=True, batch_size=16)
+    alone = [transcribe_files(model, [f], vad=True, batch_size=16)[0] for f in files]
+    assert [r["text"] for r in together] == [r["text"] for r in alone]
+    assert [r["segments"] for r in together] == [r["segments"] for r in alone]
+
+
+@pytest.mark.parametrize("kind", ["silence", "white noise"])
+def test_silence_and_noise_give_no_words(model, kind):
+    gen = torch.Generator().manual_seed(0)
+    wave = torch.zeros(60 * RATE) if kind == "silence" else 0.1 * torch.randn(60 * RATE, generator=gen)
+    seconds = []
+    result = transcribe_files(model, [wave], progress=lambda s, total: seconds.append((s, total)))[0]
+    assert result["text"] == "" and result["segments"] == []
+    assert abs(sum(s for s, _ in seconds) - 60.0) < 1e-6 and seconds[0][1] == 60.0
+
+
+def test_unreadable_files_are_reported_by_name_and_the_others_transcribed(model, tmp_path):
+    good = tmp_path / "good.flac"
+    sf.write(good, digits_recording(3, seed=3)[0].numpy(), RATE)
+    corrupt, empty = tmp_path / "corrupt.flac", tmp_path / "empty.wav"
+    corrupt.write_bytes(b"fLaC" + bytes(range(256)) * 4)
+    sf.write(empty, torch.zeros(0).numpy(), RATE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = transcribe_files(model, [corrupt, good, empty, torch.zeros(0)], vad=True)
+    assert "corrupt.flac" in results[0]["error"] and "empty.wav" in results[2]["error"]
+    assert "inputs[3]" in results[3]["error"]
+    assert "error" not in results[1] and len(results[1]["segments"]) == 3
+    assert sum("corrupt.flac" in str(w.message) or "empty.wav" in str(w.message) for w in caught) == 2
+    with pytest.raises(TypeError, match="inputs"):
+        transcribe_files(model, str(good))
+    with pytest.raises(ValueError, match=r"inputs\[0\]"):
+        transcribe_files(model, [torch.zeros(2, 100)])
+
+
+@pytest.mark.slow
+def test_three_minutes_of_digits(model):
+    """The issue's recording: ~3.5 min of test-split utterances with 0.3-2 s pauses over noise."""
+    wave, truth = digits_recording(100, seed=0)
+    assert wave.shape[0] / RATE > 180
+    result = transcribe_files(model, [wave], vad=True)[0]
+    assert len(result["segments"]) == len(truth)
+    for segment, t in zip(result["segments"], truth):
+        assert abs(segment["start"] - t["start"]) < 0.2 and abs(segment["end"] - t["end"]) < 0.2
+    assert _wer(result["text"], truth) < 0.1  # measured 0.074 (one by one 0.015)
+
+
+# ---------------------------------------------------------------------- writers
+RESULT = {
+    "text": " Hello there. Two",
+    "language": "en",
+    "segments": [
+        {"id": 0, "seek": 0, "start": 0.5, "end": 2.25, "text": " Hello there.", "tokens": [1, 2]},
+        {"id": 1, "seek": 0, "start": 3601.0, "end": 3603.5, "text": " Two --> three", "tokens": [3]},
+    ],
+}
+WORDS = [
+    [{"word": " Hello", "start": 0.6, "end": 1.0, "probability": 0.9},
+     {"word": " there.", "start": 1.1, "end": 2.2, "probability": 0.8}],
+    [{"word": " Two", "start": 3601.2, "end": 3602.0, "probability": 0.7},
+     {"word": " three", "start": 3602.5, "end": 3603.4, "probability": 0.6}],
+]  # fmt: skip
+
+
+def _with_words():
+    result = json.loads(json.dumps(RESULT))
+    for segment, words in zip(result["segments"], WORDS):
+        segment["words"] = words
+    return result
+
+
+@pytest.mark.parametrize("words", [False, True])
+def test_writers_match_openai_whisper(words):
+    whisper_utils = pytest.importorskip("whisper.utils")
+    result = _with_words() if words else RESULT
+    ours = {"txt": to_txt, "json": to_json, "srt": to_srt, "vtt": to_vtt, "tsv": to_tsv}
+    for name, write in ours.items():
+        buffer = io.StringIO()
+        whisper_utils.get_writer(name, ".").write_result(result, buffer)
+        assert write(result) == buffer.getvalue(), name
+
+
+def test_subtitles_parse_and_agree_with_the_json(model, tmp_path):
+    import srt
+    import webvtt
+
+    wave, truth = digits_recording(8, seed=4)  # "zero six seven one" pauses 0.3 s inside: two segments
+    result = transcribe_files(model, [wave], vad=True)[0]
+    paths = write_result(result, tmp_path / "talk", "all")
+    assert [p.name for p in paths] == ["talk.txt", "talk.json", "talk.srt", "talk.vtt", "talk.tsv"]
+    stored = json.loads((tmp_path / "talk.json").read_text())
+    assert stored == result and len(stored["segments"]) >= len(truth) - 1
+    subs = list(srt.parse((tmp_path / "talk.srt").read_text()))
+    cues = list(webvtt.read(str(tmp_path / "talk.vtt")))
+    for segment, sub, cue in zip(stored["segments"], subs, cues, strict=True):
+        assert sub.content == cue.text == segment["text"]
+        assert abs(sub.start.total_seconds() - segment["start"]) < 1e-3
+        assert abs(sub.end.total_seconds() - segment["end"]) < 1e-3
+        assert abs(cue.start_in_seconds + cue.start_time.milliseconds / 1000 - segment["start"]) < 1e-3
+    assert (tmp_path / "talk.txt").read_text().splitlines() == [s["text"] for s in stored["segments"]]
+    with pytest.raises(ValueError, match="formats"):
+        write_result(result, tmp_path / "x", ["docx"])
