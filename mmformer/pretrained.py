@@ -160,7 +160,7 @@ def atomic_directory(
             _carry_over(target, staging)
         _match_permissions(staging, target if exists else None)
         fsync_path(staging)
-        _swap_in(staging, target)
+        swap_in(staging, target)
         fsync_path(target.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful swap
@@ -233,7 +233,7 @@ def _match_permissions(staging: Path, previous: Path | None) -> None:
         os.chmod(staging, umask_mode(0o777))
 
 
-def _swap_in(staging: Path, target: Path) -> None:
+def swap_in(staging: Path, target: Path) -> None:
     """Rename ``staging`` to ``target``; an existing ``target`` is moved aside first and deleted only afterwards."""
     if not target.exists():
         os.rename(staging, target)
