@@ -176,7 +176,9 @@ class MultimodalTask(L.LightningModule):
         hparams = {"model": model.to_dict(), **{name: settings.to_dict(value) for name, value in groups.items()},
                    "optimizer": optimizer, "qat": qat, "nonfinite": nonfinite, "compile": compile,
                    "vocab_size": vocab_size}  # fmt: skip
-        if not isinstance(optimizer, (dict, str, type(None))):
+        if isinstance(optimizer, (dict, str)):  # LightningCLI's plain config of it (an older checkpoint's hparams)
+            optimizer = _optimizer_from_config(optimizer)
+        else:
             hparams.pop("optimizer")
         self.save_hyperparameters(hparams)
 
@@ -624,6 +626,19 @@ class MultimodalTask(L.LightningModule):
             "preprocessor_config": processor.to_dict() if hasattr(processor, "to_dict") else None,
             **task_adapt.checkpoint_record(self),
         }
+
+
+def _optimizer_from_config(config: str | dict[str, Any]) -> OptimizerCallable:
+    """The optimizer callable of a plain config (a function's import path, or ``{class_path, init_args}``), resolved
+    as LightningCLI resolves ``model.optimizer``."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--optimizer", type=OptimizerCallable)
+    try:
+        return parser.instantiate(parser.parse_object({"optimizer": config})).optimizer
+    except Exception as e:  # jsonargparse reports a bad value as its own ArgumentError
+        raise ValueError(f"optimizer: expected an optimizer class path or config, got {config!r} ({e})") from e
 
 
 def _tokenizer_json(tokenizer: Any) -> str | None:

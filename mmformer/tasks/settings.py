@@ -114,6 +114,9 @@ class ZeroShotSettings:
     def __post_init__(self) -> None:
         try:
             classes = check_classnames(self.classes) if self.classes else []
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"zeroshot.{str(e).replace('classnames', 'classes', 1)}") from e
+        try:
             templates = check_templates(self.templates)
         except (TypeError, ValueError) as e:
             raise ValueError(f"zeroshot.{e}") from e
