@@ -517,7 +517,7 @@ def test_validation_zero_shot_is_the_classifiers_in_bounded_batches(monkeypatch)
         task.model, "encode_text", lambda ids, *a, **k: batches.append(len(ids)) or encode_text(ids, *a, **k)
     )
     task.tokenizer = tokenizer()
-    embeddings = task._zeroshot_embeddings()
+    embeddings = task.evaluation.build_class_embeddings(task.model, task.tokenizer, task.prompt)
     assert batches == [8, 8, 8, 6]
     classifier = ZeroShotClassifier(task.model, tokenizer(), classnames=WORDS, templates=templates, modality="image")
     torch.testing.assert_close(embeddings, classifier.class_embeddings, rtol=0, atol=0)

@@ -44,11 +44,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from mmformer.config import ModelConfig
-from mmformer.generation import generate
 from mmformer.layers.documents import Documents
 from mmformer.tasks import adapt as task_adapt
 from mmformer.tasks import parallel, settings
 from mmformer.tasks.distill import Distiller, part_weights
+from mmformer.tasks.evaluation import STAGES, Evaluation
 from mmformer.tasks.losses import (
     MAX_LOGIT_SCALE,
     ContrastiveLoss,
@@ -58,7 +58,6 @@ from mmformer.tasks.losses import (
     document_targets,
     teacher_forcing,
 )
-from mmformer.tasks.metrics import TaskMetrics, normalize_text, text_keys
 from mmformer.tasks.schedule import WarmupCosine
 from mmformer.tasks.settings import (
     AdaptSettings,
@@ -69,9 +68,6 @@ from mmformer.tasks.settings import (
     ZeroShotSettings,
 )
 from mmformer.tasks.text_objectives import TextObjectives
-from mmformer.zeroshot import build_class_embeddings, zero_shot_logits
-
-STAGES = ("val", "test")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -217,10 +213,7 @@ class MultimodalTask(L.LightningModule):
         self.nonfinite = nonfinite
         self.tokenizer = None  # set it to evaluate/predict text without a data module that has one
 
-        embed_dim = model.embed_dim or model.text_width()
-        classes = len(self.zeroshot.classes)
-        self.metrics = nn.ModuleDict({s: TaskMetrics(embed_dim, classes, model.text.vocab_size) for s in STAGES})
-        self._class_embeddings: torch.Tensor | None = None
+        self.evaluation = Evaluation(model, self.zeroshot, self.generation)
         self._skipped_steps = 0
         self._skip_step = False
         self.qat = None
@@ -488,90 +481,22 @@ class MultimodalTask(L.LightningModule):
             tokenizer = getattr(getattr(self.model, "processor", None), "tokenizer", None)
         return tokenizer
 
-    def _zeroshot_embeddings(self) -> torch.Tensor | None:
-        """(C, E) class embeddings, built by :func:`mmformer.zeroshot.build_class_embeddings` as the classifier's."""
-        tokenizer = self._find_tokenizer()
-        if not self.zeroshot.classes or tokenizer is None or not self._has("text"):
-            return None
-        context = self.prompt if isinstance(self.prompt, task_adapt.ContextPrompt) else None
-        templates = ("{}",) if context is not None else self.zeroshot.templates
-        with torch.no_grad():
-            embeddings = build_class_embeddings(
-                self.model,
-                tokenizer,
-                self.zeroshot.classes,
-                templates,
-                batch_size=self.zeroshot.batch_size,
-                prompt=context,
-            )
-        return embeddings.clone()  # a normal tensor, usable outside inference mode
-
-    def _generate(self, batch: dict[str, Any], modality: str) -> list[str] | None:
-        """Greedy transcripts or captions of the batch's audio or images; None when generation is unavailable."""
-        tokenizer = self._find_tokenizer()
-        if not self._has("decoder") or tokenizer is None:
-            return None
-        prefix = task_adapt.prefix_embeds(self.prompt)
-        if modality == "image":
-            ids = generate(
-                self.model,
-                image=batch["pixel_values"],
-                prefix_embeds=prefix,
-                max_new_tokens=self.generation.max_new_tokens,
-            )
-        else:
-            ids = generate(
-                self.model,
-                audio=batch["audio"],
-                audio_lengths=batch.get("audio_lengths"),
-                prefix_embeds=prefix,
-                max_new_tokens=self.generation.max_new_tokens,
-            )
-        return tokenizer.batch_decode(ids[:, 1:].cpu())  # without the bos prompt
-
-    def _references(self, batch: dict[str, Any]) -> list[str]:
-        if batch.get("text") is not None:
-            return list(batch["text"])
-        return self._find_tokenizer().batch_decode(batch["input_ids"].cpu())
+    @property
+    def metrics(self) -> nn.ModuleDict:
+        """The evaluation metrics per stage (``"val"``, ``"test"``)."""
+        return self.evaluation.metrics
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         loss, _, feats = self._step(batch, stage)
-        metrics = self.metrics[stage]
-        texts = batch.get("text")
-        keys = text_keys(texts, self.device) if texts is not None else None
-        if keys is None and "text" in feats:
-            keys = torch.arange(feats["text"].shape[0], device=self.device)  # no strings: pair i matches only i
-            keys += self.global_rank << 40
-        for modality in ("image", "audio"):
-            if modality not in feats:
-                continue
-            if "text" in feats:  # a prompt-training step encodes no captions
-                getattr(metrics, f"retrieval_{modality}").update(feats[modality], feats["text"], keys)
-                metrics.mark(f"retrieval_{modality}")
-            if self._class_embeddings is not None and texts is not None:
-                index = {normalize_text(c): i for i, c in enumerate(self.zeroshot.classes)}
-                rows = [i for i, t in enumerate(texts) if normalize_text(t) in index]
-                if rows:
-                    logits = zero_shot_logits(self.model, feats[modality][rows], self._class_embeddings)  # (b, C)
-                    target = torch.tensor([index[normalize_text(texts[i])] for i in rows], device=self.device)
-                    getattr(metrics, f"zeroshot_{modality}").update(logits, target)
-                    metrics.mark(f"zeroshot_{modality}")
-        if self.generation.evaluate:
-            for modality, key, group in (("image", "pixel_values", "caption"), ("audio", "audio", "speech")):
-                if batch.get(key) is not None:
-                    predictions = self._generate(batch, modality)
-                    if predictions is not None:
-                        getattr(metrics, group).update(predictions, self._references(batch))
-                        metrics.mark(group)
+        self.evaluation.update(self.model, batch, feats, stage, self._find_tokenizer(), self.prompt, self.global_rank)
         return loss
 
     def _start_eval(self) -> None:
-        self._class_embeddings = self._zeroshot_embeddings()
+        self.evaluation.start(self.model, self._find_tokenizer(), self.prompt)
 
     def _end_eval(self, stage: str) -> None:
-        for name, value in self.metrics[stage].compute_and_reset(self.device).items():
+        for name, value in self.evaluation.end(stage, self.device).items():
             self.log(f"{stage}/{name}", value, prog_bar=True, sync_dist=True)
-        self._class_embeddings = None
 
     def on_validation_epoch_start(self) -> None:
         self._start_eval()
@@ -592,26 +517,8 @@ class MultimodalTask(L.LightningModule):
         self._end_eval("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Embeddings (float32, CPU) of every modality the batch holds, plus captions / transcripts when the model
-        has a decoder and a tokenizer is available, and the batch's ``source`` / ``text`` as given."""
-        m = self.model
-        out: dict[str, Any] = {}
-        if batch.get("pixel_values") is not None:
-            out["image_features"] = m.encode_image(batch["pixel_values"]).float().cpu()
-        if batch.get("audio") is not None:
-            out["audio_features"] = m.encode_audio(batch["audio"], batch.get("audio_lengths")).float().cpu()
-        if batch.get("input_ids") is not None and self._has("text"):
-            ids, mask, docs = batch["input_ids"], batch.get("attention_mask"), self._documents(batch)
-            out["text_features"] = m.encode_text(ids, mask, documents=docs).float().cpu()
-        for modality, key, name in (("image", "pixel_values", "captions"), ("audio", "audio", "transcripts")):
-            if batch.get(key) is not None:
-                texts = self._generate(batch, modality)
-                if texts is not None:
-                    out[name] = texts
-        for key in ("source", "text"):
-            if batch.get(key) is not None:
-                out[key] = batch[key]
-        return out
+        """Embeddings, captions / transcripts and the batch's ``source`` / ``text``: see :meth:`Evaluation.predict`."""
+        return self.evaluation.predict(self.model, batch, self._documents(batch), self._find_tokenizer(), self.prompt)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
