@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import tempfile
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +57,7 @@ from mmformer.tasks.losses import (
     document_targets,
     teacher_forcing,
 )
+from mmformer.tasks.nonfinite import NonFiniteGuard
 from mmformer.tasks.schedule import WarmupCosine
 from mmformer.tasks.settings import (
     AdaptSettings,
@@ -68,10 +68,6 @@ from mmformer.tasks.settings import (
     ZeroShotSettings,
 )
 from mmformer.tasks.text_objectives import TextObjectives
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A training step produced a NaN/Inf loss or gradient and ``nonfinite='stop'`` was configured."""
 
 
 def adamw(params: Iterable) -> torch.optim.Optimizer:
@@ -153,8 +149,7 @@ class MultimodalTask(L.LightningModule):
             model = ModelConfig.from_dict(model)
         if not isinstance(model, ModelConfig) and not (model is None and adapting.init_from is not None):
             raise TypeError(f"model: expected a mmformer.ModelConfig (or its dict), got {type(model).__name__}")
-        if nonfinite not in ("skip", "stop"):
-            raise ValueError(f"nonfinite: expected one of ['skip', 'stop'], got {nonfinite!r}")
+        guard = NonFiniteGuard(nonfinite)  # checks the policy before the model is built
         self.model = task_adapt.initial_model(
             model,
             init_from=adapting.init_from,
@@ -210,12 +205,10 @@ class MultimodalTask(L.LightningModule):
             )
         self.contrastive = ContrastiveLoss() if self.objectives.contrastive_loss == "clip" else SigLipLoss()
         self.optimizer = optimizer
-        self.nonfinite = nonfinite
+        self.nonfinite = guard
         self.tokenizer = None  # set it to evaluate/predict text without a data module that has one
 
         self.evaluation = Evaluation(model, self.zeroshot, self.generation)
-        self._skipped_steps = 0
-        self._skip_step = False
         self.qat = None
         if qat is not None:
             from mmformer.quantization import QATOptions, prepare_qat
@@ -383,56 +376,11 @@ class MultimodalTask(L.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, parts, _ = self._step(batch, "train")
-        local = not bool(torch.isfinite(loss.detach()))
-        # Every rank takes the same decision, so that DDP's collectives stay in step.
-        if self.trainer.strategy.reduce_boolean_decision(local, all=False):
-            values = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
-            self._nonfinite(f"loss ({values})" if local else "loss on another rank", batch, batch_idx)
-            # skip: backward still runs (Lightning forbids skipping it under DDP, where every rank must join the
-            # gradient all-reduce); on_before_optimizer_step then drops the gradients, so nothing is updated.
-            self._skip_step = True
+        self.nonfinite.check_loss(self.trainer, loss, parts, batch, batch_idx)
         return loss
 
-    def _nonfinite(self, what: str, batch: dict[str, Any], batch_idx: int) -> None:
-        """Raise (``nonfinite='stop'``) or warn (``'skip'``), naming the step, the batch and its first samples."""
-        sources = batch.get("source") or []
-        rank = f"rank {self.global_rank}, " if self.trainer.world_size > 1 else ""
-        where = (
-            f"global step {self.global_step} ({rank}epoch {self.current_epoch}, batch {batch_idx}"
-            + (f", samples {list(sources[:4])}{' …' if len(sources) > 4 else ''}" if sources else "")
-            + ")"
-        )
-        if self.nonfinite == "stop":
-            raise NonFiniteLossError(
-                f"non-finite {what} at {where}; weights were not updated. Lower the learning rate, check the data, "
-                "or pass nonfinite='skip' to skip such steps"
-            )
-        self._skipped_steps += 1
-        warnings.warn(
-            f"skipping the step at {where}: non-finite {what} ({self._skipped_steps} skipped so far)", stacklevel=2
-        )
-
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        skip, self._skip_step = self._skip_step, False
-        # A finite loss can still give NaN/Inf gradients. With fp16's GradScaler, inf gradients are the scaler's
-        # business (it skips the step and lowers the scale), so that check runs only without one.
-        if not skip and getattr(self.trainer.precision_plugin, "scaler", None) is None:
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            local = bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
-            if self.trainer.strategy.reduce_boolean_decision(local, all=False):
-                self._nonfinite("gradient", {}, self.trainer.fit_loop.epoch_loop.batch_idx)
-                skip = True
-        if skip:
-            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-            raw = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
-            if scaler is not None and getattr(raw, "_step_supports_amp_scaling", False):
-                # A fused optimizer unscales inside its step, so the GradScaler has not looked at the gradients
-                # yet: make them non-finite and the scaler skips the step itself (and lowers its scale).
-                for param in self.parameters():
-                    if param.grad is not None:
-                        param.grad.fill_(float("nan"))
-            else:
-                optimizer.zero_grad(set_to_none=True)  # no gradient, no update: optimizers skip such parameters
+        self.nonfinite.before_optimizer_step(self.trainer, optimizer, self.parameters())
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.model.logit_scale.requires_grad:  # a frozen one stays bit-identical
