@@ -35,7 +35,7 @@ from typing import Any, get_type_hints
 from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from mmformer.checkpointing import AtomicCheckpointIO, RandomStateCallback
@@ -99,6 +99,7 @@ class MMFormerCLI(LightningCLI):
         parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
         parser_kwargs.setdefault("exit_on_error", False)  # errors reach parse_arguments as exceptions
         parser_kwargs.setdefault("prog", "mmformer")
+        kwargs.setdefault("parser_class", _Parser)
         for sub in self.subcommands():
             parser_kwargs[sub] = {"exit_on_error": False, **parser_kwargs.get(sub, {})}
         super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
@@ -106,11 +107,9 @@ class MMFormerCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.link_arguments(INIT_FROM, "data.processor_from", apply_on="parse")
-        for old, (group, name) in task_settings.RENAMED.items():  # accepted, moved in before_instantiate_classes
+        for old, (group, name) in task_settings.RENAMED.items():  # accepted; _Parser moves them as soon as read
             kind = get_type_hints(task_settings.GROUPS[group])[name]
-            parser.add_argument(
-                f"--model.{old}", type=kind, default=argparse.SUPPRESS, help=f"deprecated: model.{group}.{name}"
-            )
+            parser.add_argument(f"--model.{old}", type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     def parse_arguments(self, parser, args) -> None:
         try:
@@ -124,7 +123,6 @@ class MMFormerCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         section = self._section()
-        _move_renamed(section)
         # The vocabulary link makes jsonargparse build the data module (and train its tokenizer, reading the
         # training texts) before the model: check the model configuration first, so an impossible one fails fast.
         model = section.get("model")
@@ -160,18 +158,27 @@ class MMFormerCLI(LightningCLI):
 
 def _move_renamed(section: Namespace) -> None:
     """Move the task's flat keys of earlier releases (``model.caption_weight``) to their groups
-    (``model.objectives.caption``), with the warning :func:`mmformer.tasks.settings.moved` gives, so that the task
-    and the saved config see only the new keys. The ``init_from`` link to ``data.processor_from`` ran at parse time,
-    before the key moved: it is applied here for the old key."""
+    (``model.objectives.caption``), with the warning :func:`mmformer.tasks.settings.moved` gives."""
     model = section.get("model")
     if not isinstance(model, Namespace):
         return
     old = {key: model.pop(key) for key in list(task_settings.RENAMED) if key in model}
-    for group, values in task_settings.moved(old, where="model", stacklevel=4).items():
+    for group, values in task_settings.moved(old, where="model", stacklevel=5).items():
         for name, value in values.items():
             model[f"{group}.{name}"] = value
-    if "init_from" in old and section.get("data") is not None and "processor_from" in section["data"]:
-        section["data.processor_from"] = old["init_from"]
+
+
+class _Parser(LightningArgumentParser):
+    """LightningCLI's parser, moving the task's renamed keys as soon as the sources of a configuration (files, flags,
+    a resumed checkpoint's hyper-parameters) are merged, before jsonargparse applies the links (``init_from`` →
+    ``data.processor_from``), prints ``--print_config`` or checks the values: everything after sees the new keys.
+    ``_parse_common`` is the step of jsonargparse where that happens (tests/test_task_settings.py checks the link and
+    ``--print_config`` with an old key, so a jsonargparse that renames it fails there)."""
+
+    def _parse_common(self, cfg: Namespace, *args: Any, **kwargs: Any) -> Namespace:
+        subcommand = cfg.get("subcommand")
+        _move_renamed(cfg[subcommand] if subcommand and isinstance(cfg.get(subcommand), Namespace) else cfg)
+        return super()._parse_common(cfg, *args, **kwargs)
 
 
 _UNION_NOISE = ("Does not validate", "Subtypes:", "Errors:", "Problem with given class_path", "Given value",

@@ -321,3 +321,13 @@ def test_one_zero_shot_logit_in_the_classifier_the_task_and_coop(bias, monkeypat
     assert abs(float(parts["prompt_image"]) - float(expected)) <= 1e-5 * float(expected)
     coop_api = ZeroShotClassifier(model, tokenizer, classes, prompt=prompt).logits(pixels)
     assert float(F.cross_entropy(coop_api, targets)) == pytest.approx(float(parts["prompt_image"]), rel=1e-5)
+
+
+def test_print_config_shows_an_old_key_at_its_new_place(workspace, tmp_path, capsys):
+    config = one_step_config(workspace, tmp_path)
+    with pytest.warns(FutureWarning, match=renamed_warning("caption_weight")), pytest.raises(SystemExit):
+        fit_in_process(config, "--model.caption_weight", "0.25", "--model.init_from", BASE, "--print_config")
+    printed = capsys.readouterr().out
+    options = yaml.safe_load(printed)["model"]
+    assert "caption_weight" not in options and "init_from" not in options
+    assert options["objectives"]["caption"] == 0.25 and options["adapt"]["init_from"] == BASE
