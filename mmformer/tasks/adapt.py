@@ -287,7 +287,7 @@ def class_targets(batch: dict[str, Any], classes: list[str], dataset_classes: li
         )
     unknown = sorted({n for n in names if normalize_text(n) not in index})
     if unknown:
-        raise ValueError(f"batch: labels {unknown[:5]} are not among zeroshot_classes {classes}")
+        raise ValueError(f"batch: labels {unknown[:5]} are not among zeroshot.classes {classes}")
     return torch.tensor([index[normalize_text(n)] for n in names], dtype=torch.long)
 
 
@@ -305,7 +305,7 @@ def context_prompt_losses(
     from mmformer.zeroshot import build_class_embeddings, zero_shot_logits
 
     if not classes or tokenizer is None:
-        raise ValueError("prompt (context): training needs zeroshot_classes and a tokenizer (init_from's processor)")
+        raise ValueError("prompt (context): training needs zeroshot.classes and a tokenizer (init_from's processor)")
     targets = class_targets(batch, classes, dataset_classes)
     class_embeddings = build_class_embeddings(model, tokenizer, classes, prompt=prompt)  # (C, E)
     parts, feats = {}, {}
