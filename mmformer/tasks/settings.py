@@ -232,7 +232,10 @@ def moved(old: Mapping[str, Any], *, where: str = "MultimodalTask", stacklevel: 
     key's new place. Raises TypeError for a key that never was an option (naming it)."""
     unknown = sorted(set(old) - set(RENAMED))
     if unknown:
-        raise TypeError(f"{where}: unexpected options {unknown}; the options are the groups {list(GROUPS)} and more")
+        raise TypeError(
+            f"{where}: unexpected options {unknown}; expected the option groups {list(GROUPS)}, the task's other "
+            f"arguments (model, optimizer, qat, nonfinite, compile, vocab_size), or an old flat key {sorted(RENAMED)}"
+        )
     out: dict[str, dict[str, Any]] = {}
     for key, value in old.items():
         group, name = RENAMED[key]
