@@ -52,9 +52,8 @@ def fsdp_config(root, data, *, batch_size: int, devices: int, checkpointing: boo
                 "routes": {"decoder": None},  # image and text only: every loss term is exact across ranks
                 "text": {"max_length": 16},
             },
-            "caption_weight": 0.0,
-            "speech_weight": 0.0,
-            "warmup_steps": 0,
+            "objectives": {"caption": 0.0, "speech": 0.0},
+            "schedule": {"warmup_steps": 0},
             "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}},
         },
         data={"batch_size": batch_size},
