@@ -485,15 +485,21 @@ def read_config(path: Path, required: bool = False) -> ModelConfig | None:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return config_from_dict(d, str(path))
+
+
+def config_from_dict(d: Any, where: str) -> ModelConfig:
+    """The ModelConfig of a config.json's content (read by :func:`read_config`, or once by
+    :func:`mmformer.hub.resolve_source`): a JSON object of a ``format_version`` this mmformer reads."""
     if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object (a ModelConfig), got {type(d).__name__}")
+        raise ValueError(f"{where}: expected a JSON object (a ModelConfig), got {type(d).__name__}")
     version = d.get("format_version", FORMAT_VERSION)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(
-            f"{path}: format_version {version!r} was written by a newer mmformer; this one "
+            f"{where}: format_version {version!r} was written by a newer mmformer; this one "
             f"({__version__}) reads format_version <= {FORMAT_VERSION}"
         )
-    return validated_config(d, str(path))
+    return validated_config(d, where)
 
 
 def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> ModelConfig | None:

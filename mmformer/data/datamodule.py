@@ -27,6 +27,7 @@ randomness from ``(seed, epoch, index)``, so it resumes exactly too; evaluation 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from collections.abc import Callable, Iterator
@@ -286,10 +287,12 @@ class MultimodalDataModule(L.LightningDataModule):
             manifest's ``duration`` column).
         augment: training augmentation (audio, images; see :mod:`mmformer.data.augment`), applied in the loader
             workers to the training split only. SpecAugment masks the log-mel of the model the trainer fits.
-        processor_from: a pretrained model (anything :func:`mmformer.from_pretrained` reads) whose saved processor
-            — tokenizer, image and audio preprocessing — is used instead of one built from the arguments above (no
+        processor_from: a pretrained model (anything :func:`mmformer.from_pretrained` reads) whose processor —
+            tokenizer, image and audio preprocessing — is used instead of one built from the arguments above (no
             tokenizer is trained; an explicit ``tokenizer`` still wins). ``mmformer fit`` links it to
-            ``model.init_from``.
+            ``model.init_from``: the task loads that model once and this module takes its processor from the task
+            attached to the trainer (outside a trainer, hand it over with :meth:`use_processor`). Until then
+            :attr:`vocab_size` is None: the task takes the size of the model's own tokenizer.
     """
 
     def __init__(
@@ -371,26 +374,38 @@ class MultimodalDataModule(L.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
 
     def _adopt_processor(self) -> None:
-        """Replace the processor built from the arguments by ``processor_from``'s (once, on first use)."""
+        """Replace the processor built from the arguments by ``processor_from``'s (once, on first use), taken from the
+        task the trainer runs, which loaded that model (``model.init_from``): nothing is loaded twice."""
         if self._adopted:
             return
-        self._adopted = True
-        from mmformer.auto import load_processor
+        task = self.trainer.lightning_module if self.trainer is not None else None
+        if task is None or str(getattr(task, "init_from", None)) != str(self.processor_from):
+            raise ValueError(
+                f"processor_from: {self.processor_from!r}: its processor comes from the task that loads that model "
+                "(model.init_from) under the trainer, and no such task is attached; outside a trainer call "
+                "use_processor(model.processor) first"
+            )
+        self.use_processor(getattr(task.model, "processor", None))
 
-        saved = load_processor(self.processor_from)
-        if saved is None:
+    def use_processor(self, processor: Processor | None) -> None:
+        """Use ``processor`` — the one ``processor_from``'s model came with — instead of the one built from the
+        arguments (an explicit ``tokenizer`` still wins); None keeps the built one (with a warning)."""
+        self._adopted = True
+        if processor is None:
             rank_zero_warn(f"processor_from: {self.processor_from} holds no processor; building one from data.*")
             return
         log.info("using the processor saved with %s (tokenizer, image and audio preprocessing)", self.processor_from)
+        processor = copy.copy(processor)  # the model keeps its own
         if self.tokenizer_path is not None:
-            saved.tokenizer = None  # the explicit tokenizer is loaded on first use
-        self._processor = saved
+            processor.tokenizer = self._processor.tokenizer  # the explicit one (loaded on first use)
+        self._processor = processor
 
     # ------------------------------------------------------------------ tokenizer / processor
     @property
     def tokenizer(self) -> Tokenizer:
-        """The tokenizer (loaded, or trained on the training texts, on first access)."""
-        self._adopt_processor()
+        """The tokenizer (``processor_from``'s, else loaded, or trained on the training texts, on first access)."""
+        if self._processor.tokenizer is None and self.tokenizer_path is None:
+            self._adopt_processor()
         if self._processor.tokenizer is None:
             self._processor.tokenizer = self._load_or_train_tokenizer()
         return self._processor.tokenizer
@@ -398,15 +413,20 @@ class MultimodalDataModule(L.LightningDataModule):
     @property
     def processor(self) -> Processor:
         """The :class:`~mmformer.Processor` (tokenizer + image/audio settings) to save next to the model."""
+        self._adopt_processor()
         self.tokenizer  # noqa: B018  (attaches it)
         return self._processor
 
     @property
     def vocab_size(self) -> int | None:
         """The tokenizer's vocabulary size (may be below the ``vocab_size`` target for a small corpus); the target
-        itself in a dry run (None with ``processor_from``: the checkpoint's is used)."""
-        if self.dry_run and self._processor.tokenizer is None:
-            return None if self.processor_from is not None else self.target_vocab_size
+        itself in a dry run; None while ``processor_from``'s own tokenizer is still to come (the task sizes the
+        model by it)."""
+        if self._processor.tokenizer is None:
+            if self.processor_from is not None and (self.tokenizer_path is None or self.dry_run):
+                return None
+            if self.dry_run:
+                return self.target_vocab_size
         return self.tokenizer.vocab_size
 
     def _load_or_train_tokenizer(self):
@@ -414,6 +434,11 @@ class MultimodalDataModule(L.LightningDataModule):
 
         if self.tokenizer_path is not None:
             return Tokenizer.from_file(self.tokenizer_path)
+        if self.processor_from is not None:
+            raise ValueError(
+                f"tokenizer: processor_from {self.processor_from!r} comes without a tokenizer, and one trained here "
+                "would not match its token table; give data.tokenizer (the tokenizer.json of that model)"
+            )
         if self.paths["train"] is None:
             raise ValueError("tokenizer: expected a tokenizer.json path, or train data to learn one from; got neither")
         texts = dataset_texts(self._dataset("train"))

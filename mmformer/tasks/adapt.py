@@ -121,6 +121,8 @@ def initial_model(
             raise ValueError(f"init_from: {e}") from e
     model.train()
     table = model.config.text.vocab_size
+    if vocab_size is None:  # the data module takes this model's own tokenizer (data.processor_from)
+        vocab_size = getattr(getattr(model.processor, "tokenizer", None), "vocab_size", None)
     if vocab_size is not None and vocab_size > table:
         if not resize_vocab:
             raise ValueError(
