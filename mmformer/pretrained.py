@@ -52,6 +52,7 @@ from mmformer import __version__
 from mmformer.atomic import fsync_path, umask_mode
 from mmformer.config import ModelConfig
 from mmformer.processor import Processor
+from mmformer.quantized_files import flatten_state
 from mmformer.tokenizer import Tokenizer
 from mmformer.weights import Reader, TensorSpec, aliases, in_memory, listed
 
@@ -175,7 +176,7 @@ def write_model(
 ) -> None:
     """config.json, model.safetensors (tied tensors once) and the processor's files into an existing folder.
 
-    ``quantization`` (a :class:`mmformer.quantization.QuantizationConfig`) marks torchao-quantized weights: they are
+    ``quantization`` (a :class:`mmformer.quantized_files.QuantizationConfig`) marks torchao-quantized weights: they are
     stored as their parts plus the metadata that rebuilds them (see :mod:`mmformer.quantization`), and config.json
     records it as ``quantization_config``."""
     extra = {} if quantization is None else {QUANTIZATION_KEY: quantization.to_dict()}
@@ -184,8 +185,6 @@ def write_model(
     state = {k: v for k, v in state.items() if k not in tied}
     info = {"format": "pt", "format_version": str(FORMAT_VERSION), "mmformer_config": config.to_json()}
     if quantization is not None:
-        from mmformer.quantization import flatten_state
-
         state, quantized = flatten_state(state, getattr(torch, quantization.float_storage))
         info = {**info, **quantized, QUANTIZATION_KEY: json.dumps(quantization.to_dict())}
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}

@@ -459,3 +459,37 @@ def test_init_from_a_converted_model_converts_it_once(tmp_path, monkeypatch):
     assert cli.datamodule.processor.image == cli.model.model.processor.image  # CLIP's 3-channel pipeline, not data.*
     assert cli.datamodule.processor.image.channels == 3
     assert cli.datamodule.tokenizer.backend.to_str() == tokenizer.backend.to_str()
+
+
+def test_the_data_module_loads_no_model_for_processor_from(tmp_path):
+    """``data.processor_from`` names the model the task loads; the data module waits for its processor (handed over
+    by the task under a trainer, or by ``use_processor``) and never loads a model itself."""
+    from cli_helpers import write_pairs
+
+    from mmformer.data import MultimodalDataModule
+    from mmformer.processor import ImageProcessorConfig
+    from mmformer.tokenizer import Tokenizer
+
+    train = write_pairs(tmp_path, n=4)
+    tokenizer = Tokenizer.train([f"{a} {b}" for a in "ab" for b in "cd"], vocab_size=270, max_length=8)
+    given = mmformer.Processor(
+        tokenizer, ImageProcessorConfig(image_size=[16, 16], channels=1, mean=(0.5,), std=(0.5,))
+    )
+    dm = MultimodalDataModule(train=str(train), modalities=["image"], processor_from="org/not-loaded", batch_size=2)
+    assert dm.vocab_size is None  # the task sizes the model by the loaded model's own tokenizer
+    with pytest.raises(ValueError, match=r"processor_from: 'org/not-loaded': .*use_processor"):
+        dm.setup("fit")
+    dm.use_processor(given)
+    assert dm.tokenizer is tokenizer and dm.vocab_size == tokenizer.vocab_size
+    assert dm.processor.image == given.image and dm.processor is not given  # the model keeps its own
+    assert next(iter(dm.train_dataloader()))["pixel_values"].shape == (2, 1, 16, 16)
+
+    tokenizer.save(tmp_path / "explicit.json")
+    explicit = MultimodalDataModule(train=str(train), processor_from="org/x", tokenizer=str(tmp_path / "explicit.json"))
+    assert explicit.vocab_size == tokenizer.vocab_size  # an explicit tokenizer: known without the model
+    explicit.use_processor(mmformer.Processor(None, given.image))
+    assert explicit.processor.image.channels == 1 and explicit.tokenizer.vocab_size == tokenizer.vocab_size
+    bare = MultimodalDataModule(train=str(train), processor_from="org/x")
+    bare.use_processor(mmformer.Processor(None, given.image))
+    with pytest.raises(ValueError, match="comes without a tokenizer.*data.tokenizer"):
+        bare.tokenizer  # noqa: B018
