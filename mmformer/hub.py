@@ -174,7 +174,6 @@ KINDS = {
     "open_clip_config.json",
     "whisper": "an openai-whisper checkpoint: whisper:NAME (NAME.pt in openai-whisper's cache)",
 }
-_TORCH_FILES = (".pt", ".pth", ".bin")
 
 
 @dataclass(frozen=True)
@@ -291,8 +290,8 @@ def _from_hub(
     where = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
     folder = snapshot_files(repo_id, _METADATA, **where)
     config = read_json(folder / "config.json")
-    kind = folder_kind(folder, config) or "mmformer"
-    source = Source(kind, os.fspath(folder), revision, _object(config, folder), repo_id=repo_id)
+    kind = folder_kind(folder, config)  # None: nothing we know; no weights are fetched, our reader names what lacks
+    source = Source(kind or "mmformer", os.fspath(folder), revision, _object(config, folder), repo_id=repo_id)
     if check is not None:
         check(source)
     if kind in WEIGHT_FILES and not _weights_in(folder, kind):

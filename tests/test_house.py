@@ -8,7 +8,12 @@ import ast
 import re
 from pathlib import Path
 
+import hub_helpers
+import pytest
+from hub_helpers import config_reads, put_in_cache
+
 PACKAGE = Path(__file__).resolve().parents[1] / "mmformer"
+hf_cache, no_network = hub_helpers.hf_cache, hub_helpers.no_network  # fixtures: an offline cache; no socket opened
 
 # KVCache keeps its tensors private (_k, _v, _layers, _cross, _spare): nothing outside layers/ may reach for them.
 CACHE_INTERNALS = re.compile(r"cache\w*\.(_\w+|k|v|layers|cross\[)\b")
@@ -67,6 +72,36 @@ def test_no_function_level_import_of_the_model_in_model_py():
             inner = [n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))]
             modules = {getattr(n, "module", None) or n.names[0].name for n in inner}
             assert not {m for m in modules if m and m.startswith("mmformer")}, (node.name, modules)
+
+
+# ---------------------------------------------------------------------------------------------------- one source
+@pytest.mark.parametrize("kind", ["hf", "mmformer"])
+def test_a_hub_id_reads_its_config_json_once(hf_cache, tmp_path, tiny_model, kind):
+    """``from_pretrained`` of a Hub id (a cache built here, offline) opens its config.json once, whatever reads it:
+    hub.resolve_source; the converter, the loader and load_processor take the Source."""
+    pytest.importorskip("transformers")
+    import torch
+    from test_hub import saved, tiny_clip
+
+    import mmformer
+    from mmformer import hub
+
+    if kind == "hf":
+        put_in_cache(hf_cache, "org/clip-tiny", saved(tiny_clip(), tmp_path / "src"))
+    else:
+        tiny_model.save_pretrained(tmp_path / "src")
+        put_in_cache(hf_cache, "org/clip-tiny", tmp_path / "src")
+    with config_reads() as opened:
+        model = mmformer.from_pretrained("org/clip-tiny")
+    assert len(opened) == 1, opened  # hub.resolve_source; the converter / loader take the Source's config
+    assert "/snapshots/" in opened[0]
+    if kind == "mmformer":
+        assert torch.equal(model.text_embed.tokens.weight, tiny_model.text_embed.tokens.weight)
+    with config_reads() as opened:
+        source = hub.resolve_source("org/clip-tiny")
+        mmformer.from_pretrained(source)
+        processor = mmformer.auto.load_processor(source)
+    assert len(opened) == 1 and (processor is None) == (model.processor is None) == (kind == "mmformer")
 
 
 # ---------------------------------------------------------------------------------------------------- layers

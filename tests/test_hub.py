@@ -5,7 +5,6 @@ a tiny random-weight one created here; no test may open a socket (``no_network``
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
@@ -18,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 import hub_helpers  # noqa: E402
 from helpers import randomize_  # noqa: E402
-from hub_helpers import put_in_cache  # noqa: E402
+from hub_helpers import config_reads, put_in_cache  # noqa: E402
 
 import mmformer  # noqa: E402
 from mmformer import MultimodalTransformer, hub  # noqa: E402
@@ -317,29 +316,6 @@ def test_timm_name_through_its_cache(hf_cache):
 
 
 # ---------------------------------------------------------------------------------------- one source, read once
-_OPENED: list[str] | None = None  # config.json files opened while a test counts (None: not counting)
-
-
-def _count_opens(event: str, args: tuple) -> None:
-    path = args[0] if event == "open" and _OPENED is not None else None
-    if isinstance(path, (str, bytes, os.PathLike)) and os.path.basename(os.fsdecode(path)) == "config.json":
-        _OPENED.append(os.fsdecode(path))
-
-
-sys.addaudithook(_count_opens)  # every open(), Path.read_text and os.open in this process raises "open"
-
-
-@contextlib.contextmanager
-def config_reads():
-    """The config.json files opened (by any means) while the block runs."""
-    global _OPENED
-    _OPENED = opened = []
-    try:
-        yield opened
-    finally:
-        _OPENED = None
-
-
 def test_the_counter_sees_every_way_of_reading_a_file(tmp_path):
     path = tmp_path / "config.json"
     path.write_text("{}")
@@ -349,26 +325,6 @@ def test_the_counter_sees_every_way_of_reading_a_file(tmp_path):
         os.close(os.open(path, os.O_RDONLY))
         (tmp_path / "other.json").write_text("{}")
     assert len(opened) == 3
-
-
-@pytest.mark.parametrize("kind", ["hf", "mmformer"])
-def test_a_hub_id_reads_its_config_json_once(hf_cache, tmp_path, tiny_model, kind):
-    if kind == "hf":
-        put_in_cache(hf_cache, "org/clip-tiny", saved(tiny_clip(), tmp_path / "src"))
-    else:
-        tiny_model.save_pretrained(tmp_path / "src")
-        put_in_cache(hf_cache, "org/clip-tiny", tmp_path / "src")
-    with config_reads() as opened:
-        model = mmformer.from_pretrained("org/clip-tiny")
-    assert len(opened) == 1, opened  # hub.resolve_source; the converter / loader take the Source's config
-    assert "/snapshots/" in opened[0]
-    if kind == "mmformer":
-        assert torch.equal(model.text_embed.tokens.weight, tiny_model.text_embed.tokens.weight)
-    with config_reads() as opened:
-        source = hub.resolve_source("org/clip-tiny")
-        mmformer.from_pretrained(source)
-        processor = mmformer.auto.load_processor(source)
-    assert len(opened) == 1 and (processor is None) == (model.processor is None) == (kind == "mmformer")
 
 
 def test_sources_are_resolved_once_into_their_kind(hf_cache, tmp_path, tiny_model):
