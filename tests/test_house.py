@@ -148,6 +148,13 @@ LAYER_OF = {
     "mmformer.demo": "demos",
     "mmformer.demo_adapt": "demos",
     "mmformer.demos": "demos",
+    # the folders of the lifecycle layout (issue #21), for their __init__.py; the modules moved into them keep the
+    # layers above (a longer prefix wins)
+    "mmformer.io": "files",
+    "mmformer.preprocess": "preprocess",
+    "mmformer.ship": "ship",
+    "mmformer.compress": "compress",
+    "mmformer.adapt": "adapt",
 }
 
 
