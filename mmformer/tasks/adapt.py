@@ -20,8 +20,9 @@ or prompt's parameters train; ``trainable`` may add prompt-tuning's partners (no
 give the base back, so whole modules that train with LoRA go in ``lora.modules_to_save``).
 
 The data module takes its processor from ``init_from`` (the CLI links ``model.adapt.init_from`` to
-``data.processor_from``) instead of training a tokenizer; the vocabulary link then carries the tokenizer's size to
-``vocab_size`` here, which must fit the checkpoint's token table (or ``resize_vocab``).
+``data.processor_from``) instead of training a tokenizer: the model is loaded once, here, and the data module takes
+its processor from this task under the trainer. Its tokenizer's size (or an explicit ``data.tokenizer``'s, through the
+vocabulary link) must fit the checkpoint's token table (or ``resize_vocab``).
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ def initial_model(
             raise ValueError(f"init_from: {e}") from e
     model.train()
     table = model.config.text.vocab_size
+    if vocab_size is None:  # the data module takes this model's own tokenizer (data.processor_from)
+        vocab_size = getattr(getattr(model.processor, "tokenizer", None), "vocab_size", None)
     if vocab_size is not None and vocab_size > table:
         if not resize_vocab:
             raise ValueError(
