@@ -28,12 +28,13 @@ from whisper.timing import dtw as openai_dtw  # noqa: E402
 from whisper.tokenizer import get_tokenizer  # noqa: E402
 
 from mmformer.convert.openai_whisper import from_openai_whisper  # noqa: E402
+from mmformer.convert.whisper_vocab import WhisperTokens  # noqa: E402
 from mmformer.data.io import read_audio  # noqa: E402
 from mmformer.longform.options import TranscribeOptions  # noqa: E402
 from mmformer.longform.sequential import log_mel, transcribe_sequential  # noqa: E402
 from mmformer.longform.timing import dtw  # noqa: E402
 from mmformer.longform.whisper_decode import decode_windows, needs_fallback  # noqa: E402
-from mmformer.longform.whisper_rules import TimestampRules, WhisperTokens  # noqa: E402
+from mmformer.longform.whisper_rules import TimestampRules  # noqa: E402
 
 DIGITS = Path(__file__).resolve().parents[1] / "data" / "digits"
 SR = 16000

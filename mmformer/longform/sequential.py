@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from mmformer.convert.whisper_vocab import WhisperTokens
 from mmformer.longform.options import TranscribeOptions
 from mmformer.longform.timing import add_word_timestamps
 from mmformer.longform.whisper_decode import decode_with_fallback, encode_windows, time_precision, whisper_tokens
-from mmformer.longform.whisper_rules import WhisperTokens
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmformer.convert.whisper_vocab import WhisperTokens
 from mmformer.layers.attention import CrossAttentionScores
-from mmformer.longform.whisper_rules import WhisperTokens
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer

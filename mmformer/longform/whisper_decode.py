@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from mmformer.convert.whisper_vocab import WhisperTokens
 from mmformer.decoding_rules import detect_language
 from mmformer.generation import left_pad
 from mmformer.longform.options import TranscribeOptions
-from mmformer.longform.whisper_rules import SuppressAlways, SuppressAtBegin, TimestampRules, WhisperTokens
+from mmformer.longform.whisper_rules import SuppressAlways, SuppressAtBegin, TimestampRules
 from mmformer.search import DecoderRunner
 
 if TYPE_CHECKING:
