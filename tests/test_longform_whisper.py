@@ -93,10 +93,18 @@ def assert_same_transcript(ours: dict, ref: dict, words: bool) -> None:
                 assert wa["probability"] == pytest.approx(wb["probability"], rel=1e-4)
 
 
-@pytest.mark.parametrize("condition", [True, False], ids=["prompted", "unprompted"])
-def test_transcribe_equals_openai_whisper(models, speech, condition):
+@pytest.mark.parametrize(
+    "prompting",
+    [
+        dict(condition_on_previous_text=True),
+        dict(condition_on_previous_text=True, initial_prompt="four two nine", carry_initial_prompt=True),
+        dict(condition_on_previous_text=False),
+    ],
+    ids=["previous-text", "carried-initial-prompt", "unprompted"],
+)
+def test_transcribe_equals_openai_whisper(models, speech, prompting):
     ref_model, model = models
-    options = dict(temperature=0.0, condition_on_previous_text=condition, word_timestamps=True)
+    options = dict(temperature=0.0, word_timestamps=True, **prompting)
     ref = whisper.transcribe(ref_model, speech, fp16=False, **options)
     seen = []
     ours = transcribe_sequential(model, speech, progress=lambda done, total: seen.append((done, total)), **options)
@@ -106,6 +114,18 @@ def test_transcribe_equals_openai_whisper(models, speech, condition):
     assert len(seeks) >= 3 and any(s % 3000 for s in seeks)
     assert sum(len(s["words"]) for s in ours["segments"]) >= 5
     assert seen[-1] == (60.0, 60.0) and all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
+
+
+def test_hallucination_silence_skip_equals_openai_whisper(models, speech):
+    """With hallucination_silence_threshold, the random model's improbable words count as hallucinations: both
+    implementations skip the same silences and drop the same segments (here, all of them)."""
+    ref_model, model = models
+    options = dict(temperature=0.0, word_timestamps=True, hallucination_silence_threshold=1.0, clip_timestamps="0,6")
+    ref = whisper.transcribe(ref_model, speech, fp16=False, **options)
+    ours = transcribe_sequential(model, speech, **options)
+    assert_same_transcript(ours, ref, words=True)
+    without = transcribe_sequential(model, speech, **{**options, "hallucination_silence_threshold": None})
+    assert sum(len(s["words"]) for s in without["segments"]) > sum(len(s["words"]) for s in ours["segments"])
 
 
 @pytest.mark.parametrize("logprob_threshold", [-1.0, -100.0], ids=["forced", "not-needed"])
@@ -215,7 +235,8 @@ def test_options_follow_openai_whisper_and_name_bad_values():
     signature = inspect.signature(whisper.transcribe).parameters
     defaults = TranscribeOptions()
     for name in ("compression_ratio_threshold", "logprob_threshold", "no_speech_threshold",
-                 "condition_on_previous_text", "initial_prompt", "word_timestamps", "prepend_punctuations",
+                 "condition_on_previous_text", "initial_prompt", "carry_initial_prompt", "word_timestamps",
+                 "prepend_punctuations",
                  "append_punctuations", "clip_timestamps", "hallucination_silence_threshold"):  # fmt: skip
         assert getattr(defaults, name) == signature[name].default, name
     assert defaults.temperature == signature["temperature"].default
