@@ -259,3 +259,26 @@ def test_options_follow_openai_whisper_and_name_bad_values():
     assert not needs_fallback(
         {**result, "avg_logprob": -2.0, "compression_ratio": 1.0, "no_speech_prob": 0.9}, defaults
     )
+
+
+def test_cross_attention_scores_are_the_scaled_query_key_products(make_model_config):
+    """The opt-in collector keeps q·kᵀ/√hs of the chosen heads (grouped-query heads read their key head), against a
+    float64 product of the layer's own projections; collecting changes no logit."""
+    from mmformer.layers.attention import CrossAttentionScores
+    from mmformer.model import MultimodalTransformer
+
+    model = MultimodalTransformer(make_model_config(stack=dict(n_kv_heads=2))).double().eval()
+    memory = torch.randn(2, 7, 16, dtype=torch.float64)
+    ids = torch.tensor([[1, 5, 9, 4], [1, 3, 3, 8]])
+    collector = CrossAttentionScores({0: [1, 3], 1: [0]})
+    with torch.no_grad():
+        logits = model.decode(ids, memory, cross_scores=collector)
+        assert torch.equal(logits, model.decode(ids, memory))
+        block = model.stack("decoder").blocks[0]
+        x = block.attn(model.text_embed(ids), causal=True)  # the input of block 0's cross-attention sublayer
+        cross = block.cross_attn.fn
+        q = cross.q(block.cross_attn.norm(x)).view(2, 4, 4, 4).transpose(1, 2)  # (B, nh, T, hs)
+        k, _ = cross._memory_heads(cross._memory_kv(memory))  # (B, nkv, S, hs)
+    expected = torch.stack([q[:, h] @ k[:, h // 2].transpose(-1, -2) / 2.0 for h in (1, 3)], dim=1)  # √hs = 2
+    assert sorted(collector.scores) == [0, 1] and collector.scores[1].shape == (2, 1, 4, 7)
+    assert (collector.scores[0].double() - expected).abs().max() <= 1e-6 * expected.abs().max()

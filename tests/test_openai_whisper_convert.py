@@ -175,3 +175,14 @@ def test_missing_or_foreign_checkpoints_are_refused(tmp_path, monkeypatch):
         from_openai_whisper(tmp_path / "other.pt")
     with pytest.raises(TypeError, match="path_or_name"):
         from_openai_whisper(3)
+
+
+def test_hugging_face_generation_configs_bring_their_alignment_heads():
+    from mmformer.config import GenerationConfig
+    from mmformer.convert.hf_whisper import _generation_config
+
+    gen = _generation_config({"alignment_heads": [[2, 0], [3, 5]], "no_timestamps_token_id": 50363})
+    assert gen.alignment_heads == [[2, 0], [3, 5]]
+    assert GenerationConfig(**json.loads(json.dumps(asdict(gen)))) == gen  # JSON round trip
+    with pytest.raises(ValueError, match=r"alignment_heads must be \[layer, head\] pairs"):
+        GenerationConfig(alignment_heads=[[1, -2]])
