@@ -186,6 +186,15 @@ def test_batched_windows_equal_one_by_one_and_openai_decode(models, speech):
         assert alone["tokens"] == ref.tokens and alone["text"] == ref.text
         assert alone["no_speech_prob"] == pytest.approx(ref.no_speech_prob, rel=1e-4)
         assert alone["avg_logprob"] == pytest.approx(ref.avg_logprob, rel=1e-4)
+    # the language detected per window, and decoding without timestamp tokens
+    for options, ref_options in (
+        (TranscribeOptions(), DecodingOptions(fp16=False)),
+        (TranscribeOptions(language="en", without_timestamps=True), DecodingOptions("transcribe", "en", fp16=False,
+                                                                                    without_timestamps=True)),
+    ):  # fmt: skip
+        ours = decode_windows(model, windows[1], options, 0.0)[0]
+        ref = whisper.decode(ref_model, windows[1], ref_options)
+        assert (ours["tokens"], ours["language"]) == (ref.tokens, ref.language)
     beams = decode_windows(model, windows[:2], TranscribeOptions(language="en", beam_size=2), 0.0, prompts[:2])
     for window, prompt, beam in zip(windows, prompts, beams):
         options = DecodingOptions(language="en", fp16=False, beam_size=2, prompt=prompt or None)
