@@ -26,7 +26,8 @@ from mmformer.convert.whisper_vocab import WhisperTokens
 from mmformer.decoding_rules import detect_language
 from mmformer.generation import left_pad
 from mmformer.longform.options import TranscribeOptions
-from mmformer.longform.whisper_rules import SuppressAlways, SuppressAtBegin, TimestampRules
+from mmformer.longform.whisper_rules import TimestampRules
+from mmformer.score_processing import SuppressTokens
 from mmformer.search import DecoderRunner
 
 if TYPE_CHECKING:
@@ -63,8 +64,8 @@ def score_processors(
     special tokens, and (with timestamps) the timestamp rules. Each is a score processor,
     ``(scores (N, V), tokens (N, L), step) -> scores``."""
     processors = [
-        SuppressAtBegin([*whisper.encode(" "), whisper.eot]),
-        SuppressAlways(whisper.suppress_tokens()),
+        SuppressTokens([*whisper.encode(" "), whisper.eot], first_only=True),  # openai's SuppressBlank
+        SuppressTokens(whisper.suppress_tokens()),
     ]
     if not without_timestamps:
         processors.append(TimestampRules(whisper, round(MAX_INITIAL_TIMESTAMP / time_precision(model))))

@@ -10,8 +10,6 @@ Shape legend: N decoded rows, L tokens so far, V vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
@@ -19,29 +17,6 @@ from mmformer.convert.whisper_vocab import WhisperTokens
 
 
 # ---------------------------------------------------------------------- score processors
-class SuppressAtBegin:
-    """These ids are not the first generated token (openai-whisper's ``SuppressBlank``: the blank and end-of-text)."""
-
-    def __init__(self, ids: Sequence[int]):
-        self.ids = sorted(set(ids))
-
-    def __call__(self, scores: torch.Tensor, tokens: torch.Tensor, step: int) -> torch.Tensor:
-        if step == 0:
-            scores[:, self.ids] = float("-inf")
-        return scores
-
-
-class SuppressAlways:
-    """These ids are never generated (openai-whisper's ``SuppressTokens``)."""
-
-    def __init__(self, ids: Sequence[int]):
-        self.ids = sorted(set(ids))
-
-    def __call__(self, scores: torch.Tensor, tokens: torch.Tensor, step: int) -> torch.Tensor:
-        scores[:, self.ids] = float("-inf")
-        return scores
-
-
 class TimestampRules:
     """openai-whisper's ``ApplyTimestampRules``: no ``<|notimestamps|>``; timestamps come in pairs (except right
     before end-of-text) and never decrease, and a segment has a nonzero length; the first token is a timestamp of at
