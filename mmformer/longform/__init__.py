@@ -9,6 +9,7 @@ writes them as txt, json, srt, vtt or tsv. ``model.transcribe(...)`` stays the s
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -18,8 +19,9 @@ import numpy as np
 import torch
 
 from mmformer.generation import DecodingOptions, processor_with_tokenizer
-from mmformer.longform.batched import decode_windows_generic, transcribe_windows
+from mmformer.longform.batched import decode_windows_generic, decode_windows_whisper, transcribe_windows
 from mmformer.longform.options import TranscribeOptions
+from mmformer.longform.sequential import transcribe_sequential
 from mmformer.longform.vad import (
     VadOptions,
     Window,
@@ -35,6 +37,13 @@ if TYPE_CHECKING:
     from mmformer.processor import Processor
 
 __all__ = ["TranscribeOptions", "VadOptions", "decoding_options", "read_input", "transcribe_files"]
+
+
+def has_timestamps(model: MultimodalTransformer) -> bool:
+    """Whether the model is a Whisper checkpoint: a fixed 30-s window and timestamp tokens in its generation
+    config (openai-whisper's long-form algorithm applies)."""
+    gen = model.config.generation
+    return fixed_window(model) and gen is not None and gen.no_timestamps_id is not None
 
 
 def decoding_options(
@@ -128,12 +137,15 @@ def transcribe_files(
     Args:
         model: a speech-to-text model (one trained here, or a converted Whisper checkpoint).
         inputs: audio file paths, or 1-D float waveforms at the model's sample rate.
-        options: how every window is decoded: :class:`DecodingOptions`, or :class:`TranscribeOptions` (see
-            :func:`decoding_options`); default greedy.
-        vad: None: inputs longer than the model's window are cut at their speech (Silero VAD), shorter ones are
-            decoded whole, as ``model.transcribe`` does; True (or a :class:`VadOptions`, which also sets
-            ``vad_options``): every input is cut at its speech (silence and noise give no words); False:
-            consecutive windows of the model's length, no VAD.
+        options: how windows are decoded: :class:`TranscribeOptions` (a Whisper checkpoint: openai-whisper's
+            algorithm with these options; another model: see :func:`decoding_options`), or :class:`DecodingOptions`
+            (another model). Default: ``TranscribeOptions()`` for Whisper, greedy decoding otherwise.
+        vad: None: a Whisper checkpoint runs openai-whisper's sequential algorithm on each input (timestamp
+            seeking, fallback, no-speech skips); another model cuts inputs longer than its window at their speech
+            (Silero VAD) and decodes shorter ones whole, as ``model.transcribe`` does. True (or a
+            :class:`VadOptions`, which also sets ``vad_options``): every input is cut at its speech and the windows
+            of all inputs are decoded in batches (Whisper: with its timestamps and fallback). False: Whisper
+            sequential; another model: consecutive windows of its length, no VAD.
         batch_size: windows decoded at once, drawn from all inputs.
         processor: tokenizer and audio settings (default ``model.processor``).
         progress: called as ``progress(seconds, total)`` with the audio seconds each finished step accounts for
@@ -157,7 +169,14 @@ def transcribe_files(
     if isinstance(vad, VadOptions):
         vad, vad_options = True, vad
     vad_options = vad_options or VadOptions()
-    options = decoding_options(model, options)
+    whisper = has_timestamps(model)
+    if whisper:
+        if isinstance(options, DecodingOptions):
+            raise TypeError("options: a Whisper checkpoint is transcribed with TranscribeOptions (openai-whisper's "
+                            "transcribe() options), got DecodingOptions")  # fmt: skip
+        options = TranscribeOptions.build(options)
+    else:
+        options = decoding_options(model, options)
     processor = processor_with_tokenizer(model, processor, "transcribe_files")
     model_window_samples(model)  # refuses a model without audio
     rate = model.config.audio.sample_rate
@@ -174,17 +193,35 @@ def transcribe_files(
             errors[i] = str(e)
             continue
         waves.append(wave)
-        windows += _windows(model, wave, i, vad, vad_options, rate)
+        if not (whisper and not vad):
+            windows += _windows(model, wave, i, vad, vad_options, rate)
     model.eval()
     total = sum(w.shape[0] for w in waves if w is not None) / rate
-    results = transcribe_windows(
-        waves,
-        windows,
-        lambda batch: decode_windows_generic(model, batch, processor, options),
-        rate,
-        batch_size,
-        None if progress is None else lambda seconds: progress(seconds, total),
-    )
+    if whisper and not vad:  # openai-whisper's algorithm, input by input
+        results = [None if wave is None else transcribe_sequential(
+            model, wave, options, tokenizer=processor.tokenizer,
+            progress=None if progress is None else _Increments(progress, total),
+        ) for wave in waves]  # fmt: skip
+    else:
+        if whisper:
+            decode = functools.partial(decode_windows_whisper, model, options=options, tokenizer=processor.tokenizer)
+        else:
+            decode = functools.partial(decode_windows_generic, model, processor=processor, options=options)
+        results = transcribe_windows(
+            waves, windows, decode, rate, batch_size, None if progress is None else lambda s: progress(s, total)
+        )
     for i, message in errors.items():
         results[i] = {"error": message, "text": "", "segments": [], "language": None}
     return results
+
+
+class _Increments:
+    """Turns the sequential algorithm's ``progress(done, file_total)`` (cumulative, per file) into the increments
+    ``progress(seconds, total)`` of all inputs."""
+
+    def __init__(self, progress: Callable[[float, float], None], total: float):
+        self.progress, self.total, self.done = progress, total, 0.0
+
+    def __call__(self, done: float, file_total: float) -> None:
+        self.progress(done - self.done, self.total)
+        self.done = done
