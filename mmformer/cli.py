@@ -322,7 +322,7 @@ def _transcribe(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from mmformer.generation import DecodingOptions
-    from mmformer.longform import TranscribeOptions, VadOptions, decoding_options, transcribe_files
+    from mmformer.longform import TranscribeOptions, VadOptions, decoding_options, has_timestamps, transcribe_files
     from mmformer.longform.writers import write_result
 
     if args.prompt:
@@ -336,7 +336,7 @@ def _transcribe(args: argparse.Namespace) -> None:
         results = transcribe_files(
             model,
             args.files,
-            options=decoding_options(model, options, base=base),
+            options=options if has_timestamps(model) else decoding_options(model, options, base=base),
             vad=args.vad,
             vad_options=_dataclass_of(VadOptions, args, prefix="vad_"),
             batch_size=args.batch_size,

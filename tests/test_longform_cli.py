@@ -25,10 +25,10 @@ MODEL = str(ROOT / "data" / "digits_model")
 RATE = 16000
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
+def _run(*args: str, model: str = MODEL) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-m", "mmformer.cli", "transcribe", "--model", MODEL, *args],
+        [sys.executable, "-m", "mmformer.cli", "transcribe", "--model", model, *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 
@@ -114,3 +114,22 @@ def test_transcribe_flags_come_from_the_options_dataclasses():
     assert {"--vad", "--no-vad", "--output-format", "--output-dir", "--batch-size", "--max-new-tokens"} <= flags
     args = _parser().parse_args(["transcribe", "--model", MODEL, "--vad-trim-db", "30", "--vad-merge", "x.flac"])
     assert args.vad_trim_db == 30.0 and args.vad_merge is True and args.vad is None
+
+
+@pytest.mark.parametrize("vad", ["--vad", "--no-vad"])
+def test_transcribe_a_whisper_checkpoint(talks, tmp_path, vad):
+    """An openai-whisper .pt: sequential (openai's algorithm) or VAD-batched; the srt parses and matches the json."""
+    import srt
+
+    pytest.importorskip("whisper")
+    from test_openai_whisper_convert import random_whisper, save_pt
+
+    root, _ = talks
+    pt = save_pt(random_whisper(seed=0), tmp_path / "tiny.pt")
+    done = _run(str(root / "talk0.flac"), vad, "--temperature", "0", "--language", "en", "--output-format", "all",
+                "--output-dir", str(tmp_path), model=str(pt))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "talk0.json").read_text())
+    assert result["language"] == "en"
+    subs = list(srt.parse((tmp_path / "talk0.srt").read_text()))
+    assert [s.content for s in subs] == [s["text"].strip() for s in result["segments"]]

@@ -233,3 +233,44 @@ def test_subtitles_parse_and_agree_with_the_json(model, tmp_path):
     assert (tmp_path / "talk.txt").read_text().splitlines() == [s["text"] for s in stored["segments"]]
     with pytest.raises(ValueError, match="formats"):
         write_result(result, tmp_path / "x", ["docx"])
+
+
+# ---------------------------------------------------------------------- a Whisper checkpoint
+@pytest.fixture(scope="module")
+def whisper_model(tmp_path_factory):
+    pytest.importorskip("whisper")
+    from test_openai_whisper_convert import random_whisper, save_pt
+
+    from mmformer import from_pretrained
+
+    return from_pretrained(save_pt(random_whisper(seed=0), tmp_path_factory.mktemp("whisper") / "tiny.pt"))
+
+
+@pytest.mark.parametrize("words", [False, True])
+def test_whisper_vad_windows_of_many_files_decode_together(whisper_model, words):
+    """VAD windows (merged up to 30 s) of two files in one queue give each file what it gets alone; segments lie on
+    the file's timeline, with word timings when asked."""
+    files = [digits_recording(n, seed=30 + n, offset=n)[0] for n in (24, 10)]
+    options = TranscribeOptions(temperature=0.0, language="en", word_timestamps=words)
+    together = transcribe_files(whisper_model, files, options=options, vad=True, batch_size=4)
+    alone = [transcribe_files(whisper_model, [f], options=options, vad=True, batch_size=4)[0] for f in files]
+    assert together == alone
+    for wave, result in zip(files, together):
+        assert result["language"] == "en" and result["segments"]
+        for segment in result["segments"]:
+            assert 0 <= segment["start"] < segment["end"] <= wave.shape[0] / RATE + 0.02
+            assert {"avg_logprob", "no_speech_prob", "compression_ratio", "temperature"} <= set(segment)
+            if words:
+                assert all(segment["start"] <= w["start"] <= w["end"] <= segment["end"] for w in segment["words"])
+
+
+def test_whisper_without_vad_is_openai_whispers_sequential_algorithm(whisper_model):
+    from mmformer.longform.sequential import transcribe_sequential
+
+    wave = digits_recording(12, seed=40)[0]
+    options = TranscribeOptions(temperature=0.0, language="en")
+    assert transcribe_files(whisper_model, [wave], options=options)[0] == transcribe_sequential(
+        whisper_model, wave, options
+    )
+    with pytest.raises(TypeError, match="TranscribeOptions"):
+        transcribe_files(whisper_model, [wave], options=decoding_options(whisper_model, options))

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
     from mmformer.processor import Processor
 
-__all__ = ["TranscribeOptions", "VadOptions", "decoding_options", "read_input", "transcribe_files"]
+__all__ = ["TranscribeOptions", "VadOptions", "decoding_options", "has_timestamps", "read_input", "transcribe_files"]
 
 
 def has_timestamps(model: MultimodalTransformer) -> bool:

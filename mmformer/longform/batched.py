@@ -95,8 +95,9 @@ def decode_windows_whisper(
 ) -> list[dict[str, Any]]:
     """One batch of windows through Whisper's decoding (:func:`~mmformer.longform.whisper_decode.decode_with_fallback`:
     timestamp rules, temperature fallback) → per window ``{"segments", "language"}``: the segments between its
-    predicted timestamps, on the file's timeline (the window's start plus the timestamp); a window judged silent
-    (openai-whisper's no-speech rule) has none. With ``word_timestamps`` each segment gets its ``words``."""
+    predicted timestamps, on the file's timeline (the window's start plus the timestamp, kept within the window's
+    speech); a window judged silent (openai-whisper's no-speech rule) has none. With ``word_timestamps`` each
+    segment gets its ``words``."""
     whisper = whisper_tokens(model, tokenizer)
     audio, lengths = _pad(waves)  # (B, S)
     device = model_device(model)
@@ -126,6 +127,11 @@ def decode_windows_whisper(
                 language=result["language"], prepend_punctuations=options.prepend_punctuations,
                 append_punctuations=options.append_punctuations, last_speech_timestamp=offset, time_offset=offset,
             )  # fmt: skip
+        first, last = _seconds(w.regions[0][0], rate), _seconds(w.regions[-1][1], rate)
+        for segment in segments:  # the timestamps refine the VAD's times and stay within the window's speech
+            for item in [segment, *segment.get("words", [])]:
+                item["start"] = min(max(item["start"], first), last)
+                item["end"] = min(max(item["end"], item["start"]), last)
         segments = [s for s in segments if s["text"].strip() and s["end"] > s["start"]]
         out.append({"segments": segments, "language": result["language"]})
     return out
