@@ -274,3 +274,20 @@ def test_whisper_without_vad_is_openai_whispers_sequential_algorithm(whisper_mod
     )
     with pytest.raises(TypeError, match="TranscribeOptions"):
         transcribe_files(whisper_model, [wave], options=decoding_options(whisper_model, options))
+
+
+def test_silero_frames_of_many_files_at_once_equal_silero_file_by_file():
+    """The VAD of all inputs runs as one batch (a Silero state per file): each file's speech timestamps equal
+    silero-vad's own get_speech_timestamps on it alone."""
+    from silero_vad import get_speech_timestamps
+
+    from mmformer.longform.vad import silero_model, speech_regions_many
+
+    waves = [digits_recording(n, seed=50 + n)[0] for n in (3, 9, 5)]
+    options = VadOptions(trim_db=None, speech_pad_ms=30)
+    ours = speech_regions_many(waves, RATE, options)
+    for wave, regions in zip(waves, ours):
+        theirs = get_speech_timestamps(wave, silero_model(), threshold=options.threshold, min_speech_duration_ms=
+                                       options.min_speech_ms, min_silence_duration_ms=options.min_silence_ms,
+                                       speech_pad_ms=options.speech_pad_ms)  # fmt: skip
+        assert regions == [(s["start"], s["end"]) for s in theirs] and regions

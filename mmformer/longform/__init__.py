@@ -28,7 +28,7 @@ from mmformer.longform.vad import (
     cut_and_merge,
     fixed_window,
     model_window_samples,
-    speech_regions,
+    speech_regions_many,
     window_samples,
 )
 
@@ -105,21 +105,25 @@ def read_input(source: Any, sample_rate: int, index: int) -> tuple[str, torch.Te
 
 
 def _windows(
-    model: MultimodalTransformer,
-    wave: torch.Tensor,
-    file: int,
-    vad: bool | None,
-    options: VadOptions,
-    sample_rate: int,
+    model: MultimodalTransformer, waves: list[torch.Tensor | None], vad: bool | None, options: VadOptions, rate: int
 ) -> list[Window]:
-    """The windows of one input: its speech, cut and merged (VAD), or the whole input when it fits the model and
-    VAD is not forced, or consecutive windows of the model's length when VAD is off."""
-    limit = window_samples(model, options, sample_rate)
-    n = wave.shape[0]
-    if vad is False or (vad is None and n <= limit):
-        return [Window(file, s, min(s + limit, n), ((s, min(s + limit, n)),)) for s in range(0, n, limit)]
+    """The windows of every input: its speech, cut and merged (VAD; the Silero frames of all inputs computed
+    together), or the whole input when it fits the model and VAD is not forced, or consecutive windows of the
+    model's length when VAD is off."""
+    limit = window_samples(model, options, rate)
     merge = fixed_window(model) if options.merge is None else options.merge
-    return cut_and_merge(speech_regions(wave, sample_rate, options), file, limit, merge)
+    windows, cut = [], []
+    for i, wave in enumerate(waves):
+        if wave is None:
+            continue
+        n = wave.shape[0]
+        if vad is False or (vad is None and n <= limit):
+            windows += [Window(i, s, min(s + limit, n), ((s, min(s + limit, n)),)) for s in range(0, n, limit)]
+        else:
+            cut.append(i)
+    for i, regions in zip(cut, speech_regions_many([waves[i] for i in cut], rate, options)):
+        windows += cut_and_merge(regions, i, limit, merge)
+    return windows
 
 
 def transcribe_files(
@@ -183,7 +187,6 @@ def transcribe_files(
     processor.check_audio_rate(rate)
     waves: list[torch.Tensor | None] = []
     errors: dict[int, str] = {}
-    windows: list[Window] = []
     for i, source in enumerate(inputs):
         try:
             name, wave = read_input(source, rate, i)
@@ -193,8 +196,6 @@ def transcribe_files(
             errors[i] = str(e)
             continue
         waves.append(wave)
-        if not (whisper and not vad):
-            windows += _windows(model, wave, i, vad, vad_options, rate)
     model.eval()
     total = sum(w.shape[0] for w in waves if w is not None) / rate
     if whisper and not vad:  # openai-whisper's algorithm, input by input
@@ -203,6 +204,7 @@ def transcribe_files(
             progress=None if progress is None else _Increments(progress, total),
         ) for wave in waves]  # fmt: skip
     else:
+        windows = _windows(model, waves, vad, vad_options, rate)
         if whisper:
             decode = functools.partial(decode_windows_whisper, model, options=options, tokenizer=processor.tokenizer)
         else:

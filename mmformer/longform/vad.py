@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
 
 VAD_RATE = 16000  # Silero runs at 16 kHz (or 8 kHz); other rates are resampled for it
+VAD_FRAME = 512  # samples per Silero frame at 16 kHz (32 ms)
 
 
 def _option(default: Any, help: str) -> Any:
@@ -142,27 +143,63 @@ def _trim(wave: torch.Tensor, start: int, end: int, trim_db: float, floor: float
     return start + int(loud[0]), start + int(loud[-1]) + 1
 
 
+@torch.inference_mode()
+def speech_probabilities(waves: list[torch.Tensor]) -> list[list[float]]:
+    """Silero's speech probability of each 32-ms frame of each 16-kHz waveform (S,), exactly as its
+    ``get_speech_timestamps`` computes them frame after frame from a fresh state, but for all files at once: the
+    ONNX model takes a batch with one LSTM state per row, so the files run side by side (the shorter ones padded at
+    their end, past which nothing is read) and each call serves every file."""
+    if not waves:
+        return []
+    model = silero_model()
+    counts = [-(-w.shape[0] // VAD_FRAME) for w in waves]  # frames per file, the last zero-padded as Silero pads
+    batch = torch.zeros(len(waves), max(counts) * VAD_FRAME)  # (K, frames * 512)
+    for k, w in enumerate(waves):
+        batch[k, : w.shape[0]] = w.float()
+    model.reset_states(len(waves))
+    out = torch.cat([model(batch[:, t : t + VAD_FRAME], VAD_RATE) for t in range(0, batch.shape[1], VAD_FRAME)], 1)
+    return [out[k, :n].tolist() for k, n in enumerate(counts)]
+
+
+def speech_regions_many(
+    waves: list[torch.Tensor], sample_rate: int, options: VadOptions | None = None
+) -> list[list[tuple[int, int]]]:
+    """:func:`speech_regions` of many waveforms, their Silero frames computed together."""
+    from mmformer.data.io import resample
+
+    for i, wave in enumerate(waves):
+        if not isinstance(wave, torch.Tensor) or wave.ndim != 1 or not wave.is_floating_point():
+            shape = getattr(wave, "shape", type(wave).__name__)
+            raise ValueError(f"waves[{i}]: expected a 1-D float tensor (S,), got {shape}")
+    vad_waves = [resample(w.float().cpu(), sample_rate, VAD_RATE) for w in waves]
+    probs = speech_probabilities(vad_waves)
+    return [
+        _regions(w, p, v.shape[0], sample_rate, options or VadOptions()) for w, p, v in zip(waves, probs, vad_waves)
+    ]
+
+
 def speech_regions(wave: torch.Tensor, sample_rate: int, options: VadOptions | None = None) -> list[tuple[int, int]]:
     """Speech regions ``[(start, end), ...]`` (samples at ``sample_rate``, padded by ``speech_pad_ms``, in order and
     not overlapping) of a mono waveform (S,)."""
-    from silero_vad import get_speech_timestamps
+    return speech_regions_many([wave], sample_rate, options)[0]
 
-    from mmformer.data.io import resample
 
-    options = options or VadOptions()
-    if not isinstance(wave, torch.Tensor) or wave.ndim != 1 or not wave.is_floating_point():
-        raise ValueError(f"wave: expected a 1-D float tensor (S,), got {getattr(wave, 'shape', type(wave).__name__)}")
-    vad_wave = resample(wave.float().cpu(), sample_rate, VAD_RATE)
+def _regions(
+    wave: torch.Tensor, probs: list[float], vad_samples: int, sample_rate: int, options: VadOptions
+) -> list[tuple[int, int]]:
+    """Silero's speech timestamps from its frame probabilities, edges placed on the signal (``trim_db``), padded."""
+    from silero_vad.utils_vad import get_speech_timestamps_from_probs
+
     scale = sample_rate / VAD_RATE
-    stamps = get_speech_timestamps(
-        vad_wave,
-        silero_model(),
+    stamps = get_speech_timestamps_from_probs(
+        probs,
         threshold=options.threshold,
         neg_threshold=options.neg_threshold,
         sampling_rate=VAD_RATE,
         min_speech_duration_ms=options.min_speech_ms,
         min_silence_duration_ms=options.min_silence_ms,
         speech_pad_ms=0 if options.trim_db is not None else options.speech_pad_ms,
+        audio_length_samples=vad_samples,
     )
     wave = wave.float().cpu()
     spans = [(round(stamp["start"] * scale), round(stamp["end"] * scale)) for stamp in stamps]
