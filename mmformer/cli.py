@@ -325,8 +325,6 @@ def _transcribe(args: argparse.Namespace) -> None:
     from mmformer.longform import TranscribeOptions, VadOptions, decoding_options, has_timestamps, transcribe_files
     from mmformer.longform.writers import write_result
 
-    if args.prompt:
-        raise ValueError("--prompt: a learned decoder prefix is not supported by transcribe yet")
     model = _load_model(args.model, args.device, args.adapter)
     temperature = _temperatures(args)
     options = _dataclass_of(TranscribeOptions, args, **({"temperature": temperature} if temperature else {}))
@@ -341,6 +339,7 @@ def _transcribe(args: argparse.Namespace) -> None:
             vad_options=_dataclass_of(VadOptions, args, prefix="vad_"),
             batch_size=args.batch_size,
             progress=progress,
+            prefix_embeds=_decoder_prefix(args, model),
         )
     finally:
         if progress is not None:

@@ -133,3 +133,21 @@ def test_transcribe_a_whisper_checkpoint(talks, tmp_path, vad):
     assert result["language"] == "en"
     subs = list(srt.parse((tmp_path / "talk0.srt").read_text()))
     assert [s.content for s in subs] == [s["text"].strip() for s in result["segments"]]
+
+
+def test_transcribe_reads_a_learned_decoder_prefix(tmp_path, capsys):
+    """``--prompt`` (prompt tuning's decoder prefix) still applies to transcribe: the printed text is
+    model.transcribe's with the same prefix."""
+    import torch
+
+    from mmformer import load_pretrained
+    from mmformer.cli import main
+    from mmformer.prompts import DecoderPrefix, load_prompt
+
+    model = load_pretrained(MODEL)
+    torch.manual_seed(0)
+    DecoderPrefix(2, model.config.width("decoder")).save(tmp_path / "prefix.safetensors")
+    clip = str(ROOT / "data" / "digits" / "audio" / "test" / "000002.flac")
+    main(["transcribe", "--model", MODEL, "--prompt", str(tmp_path / "prefix.safetensors"), "--no-progress", clip])
+    prefix = load_prompt(tmp_path / "prefix.safetensors", model, kind=DecoderPrefix.kind).vectors
+    assert capsys.readouterr().out == f"{clip}\t{model.transcribe([clip], prefix_embeds=prefix)[0].strip()}\n"

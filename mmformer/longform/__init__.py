@@ -135,6 +135,7 @@ def transcribe_files(
     processor: Processor | None = None,
     progress: Callable[[float, float], None] | None = None,
     vad_options: VadOptions | None = None,
+    prefix_embeds: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """Transcribe many recordings of any length, their windows decoded together.
 
@@ -155,6 +156,8 @@ def transcribe_files(
         progress: called as ``progress(seconds, total)`` with the audio seconds each finished step accounts for
             (they add up to ``total``, the readable inputs' duration).
         vad_options: how speech is found and cut (default :class:`VadOptions`).
+        prefix_embeds: a learned decoder prefix (P', D) read before the prompt (prompt tuning; a model trained
+            here).
 
     Returns:
         One dict per input, in order: ``text``, ``segments`` (``id, seek, start, end`` in seconds on the input's
@@ -179,6 +182,8 @@ def transcribe_files(
             raise TypeError("options: a Whisper checkpoint is transcribed with TranscribeOptions (openai-whisper's "
                             "transcribe() options), got DecodingOptions")  # fmt: skip
         options = TranscribeOptions.build(options)
+        if prefix_embeds is not None:
+            raise ValueError("prefix_embeds: a learned decoder prefix is for models trained here, not Whisper")
     else:
         options = decoding_options(model, options)
     processor = processor_with_tokenizer(model, processor, "transcribe_files")
@@ -208,7 +213,9 @@ def transcribe_files(
         if whisper:
             decode = functools.partial(decode_windows_whisper, model, options=options, tokenizer=processor.tokenizer)
         else:
-            decode = functools.partial(decode_windows_generic, model, processor=processor, options=options)
+            decode = functools.partial(
+                decode_windows_generic, model, processor=processor, options=options, prefix_embeds=prefix_embeds
+            )
         results = transcribe_windows(
             waves, windows, decode, rate, batch_size, None if progress is None else lambda s: progress(s, total)
         )

@@ -57,13 +57,17 @@ def decode_windows_generic(
     waves: list[torch.Tensor],
     processor: Processor,
     options: DecodingOptions,
+    prefix_embeds: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """One batch of windows (1-D waveforms at the model's rate) through ``generate`` with the model's default
-    prompt → per window ``{"segments", "language"}``: one segment spanning the window's speech (the VAD regions'
-    first start to last end), with ``temperature`` 0.0 when decoding greedily; none when it decodes no text."""
+    prompt (after a learned decoder prefix ``prefix_embeds``, if given) → per window ``{"segments", "language"}``:
+    one segment spanning the window's speech (the VAD regions' first start to last end), with ``temperature`` 0.0
+    when decoding greedily; none when it decodes no text."""
     audio, lengths = _pad(waves)  # (B, S), (B,)
     device = model_device(model)
-    ids = generate(model, audio=audio.to(device), audio_lengths=lengths.to(device), options=options).cpu()  # (B, P+L)
+    ids = generate(
+        model, audio=audio.to(device), audio_lengths=lengths.to(device), options=options, prefix_embeds=prefix_embeds
+    ).cpu()  # (B, P+L)
     text_cfg = model.config.text
     special = {text_cfg.pad_id, text_cfg.eos_id}
     skip = prompt_length(model)
