@@ -325,6 +325,13 @@ def _transcribe(args: argparse.Namespace) -> None:
     from mmformer.longform import TranscribeOptions, VadOptions, decoding_options, has_timestamps, transcribe_files
     from mmformer.longform.writers import write_result
 
+    if args.output_format:  # one transcript per stem: a.flac and a.wav (or x/a.flac, y/a.flac) would collide
+        stems: dict[str, str] = {}
+        for path in args.files:
+            if stems.setdefault(Path(path).stem, path) != path:
+                raise ValueError(f"files: {stems[Path(path).stem]} and {path} would both write "
+                                 f"{Path(args.output_dir) / Path(path).stem}.*; transcribe them into different "
+                                 "--output-dir folders")  # fmt: skip
     model = _load_model(args.model, args.device, args.adapter)
     temperature = _temperatures(args)
     options = _dataclass_of(TranscribeOptions, args, **({"temperature": temperature} if temperature else {}))

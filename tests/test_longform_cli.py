@@ -151,3 +151,11 @@ def test_transcribe_reads_a_learned_decoder_prefix(tmp_path, capsys):
     main(["transcribe", "--model", MODEL, "--prompt", str(tmp_path / "prefix.safetensors"), "--no-progress", clip])
     prefix = load_prompt(tmp_path / "prefix.safetensors", model, kind=DecoderPrefix.kind).vectors
     assert capsys.readouterr().out == f"{clip}\t{model.transcribe([clip], prefix_embeds=prefix)[0].strip()}\n"
+
+
+def test_two_inputs_that_would_write_the_same_files_are_refused(tmp_path):
+    from mmformer.cli import main
+
+    with pytest.raises(SystemExit, match=r"files: .*a\.flac and .*a\.wav would both write"):
+        main(["transcribe", "--model", MODEL, "--output-format", "txt", "--output-dir", str(tmp_path),
+              str(tmp_path / "x" / "a.flac"), str(tmp_path / "a.wav")])  # fmt: skip

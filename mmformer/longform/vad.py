@@ -10,24 +10,18 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from mmformer.generation import _is_int, _is_number, _option
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
 
 VAD_RATE = 16000  # Silero runs at 16 kHz (or 8 kHz); other rates are resampled for it
 VAD_FRAME = 512  # samples per Silero frame at 16 kHz (32 ms)
-
-
-def _option(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -62,7 +56,7 @@ class VadOptions:
                              f"got {self.neg_threshold!r}")  # fmt: skip
         for name in ("min_speech_ms", "min_silence_ms", "speech_pad_ms"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not _is_int(value) or value < 0:
                 raise ValueError(f"{name}: expected an int >= 0 (milliseconds), got {value!r}")
         if self.trim_db is not None and (not _is_number(self.trim_db) or self.trim_db <= 0):
             raise ValueError(f"trim_db: expected None or a number > 0 (decibels), got {self.trim_db!r}")
