@@ -26,7 +26,7 @@ from mmformer.convert.openai_whisper import (  # noqa: E402
     from_openai_whisper,
     openai_tokenizer,
 )
-from mmformer.longform.whisper_rules import WhisperTokens  # noqa: E402
+from mmformer.convert.whisper_vocab import WhisperTokens  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = [

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from mmformer.convert.whisper_vocab import WhisperTokens
 from mmformer.longform.options import TranscribeOptions
 from mmformer.longform.timing import add_word_timestamps
-from mmformer.longform.whisper_decode import decode_with_fallback, time_precision, whisper_tokens
-from mmformer.longform.whisper_rules import WhisperTokens
+from mmformer.longform.whisper_decode import decode_with_fallback, encode_windows, time_precision, whisper_tokens
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
@@ -182,9 +182,10 @@ def transcribe_sequential(
         segment_duration = clock.seconds(segment_size)
         mel_segment = F.pad(mel[:, seek : seek + segment_size], (0, n_frames - segment_size))  # (M, F)
 
+        features = encode_windows(model, mel_segment)  # (1, S, D): read by every temperature and the word alignment
         result = decode_with_fallback(
             model, mel_segment, options, [all_tokens[prompt_reset_since:]], tokenizer=whisper.tokenizer,
-            generator=generator,
+            generator=generator, audio_features=features,
         )[0]  # fmt: skip
         tokens = result["tokens"]
         previous_seek = seek
@@ -207,7 +208,7 @@ def transcribe_sequential(
                 segments=current, model=model, whisper=whisper, sot_sequence=sot_sequence, mel=mel_segment,
                 num_frames=segment_size, language=language, prepend_punctuations=options.prepend_punctuations,
                 append_punctuations=options.append_punctuations, last_speech_timestamp=last_speech_timestamp,
-                time_offset=time_offset,
+                time_offset=time_offset, audio_features=features,
             )  # fmt: skip
             if not single_ending:
                 last_word_end = _last_word_end(current)
