@@ -22,7 +22,7 @@ from mmformer.longform.options import TranscribeOptions
 from mmformer.longform.sequential import _split_segments as split_segments  # lf-whisper owns it
 from mmformer.longform.timing import add_word_timestamps
 from mmformer.longform.vad import Window
-from mmformer.longform.whisper_decode import decode_with_fallback, time_precision, whisper_tokens
+from mmformer.longform.whisper_decode import decode_with_fallback, encode_windows, time_precision, whisper_tokens
 from mmformer.weights import model_device
 
 if TYPE_CHECKING:
@@ -106,7 +106,8 @@ def decode_windows_whisper(
     audio, lengths = _pad(waves)  # (B, S)
     device = model_device(model)
     mel = model.audio_embed.features(audio.to(device), lengths.to(device))  # (B, M, 3000): each window alone
-    results = decode_with_fallback(model, mel, options, tokenizer=whisper.tokenizer)
+    features = encode_windows(model, mel)  # (B, S, D): read by every temperature and the word alignment
+    results = decode_with_fallback(model, mel, options, tokenizer=whisper.tokenizer, audio_features=features)
     rate, hop = model.config.audio.sample_rate, model.config.audio.hop_length
     precision = time_precision(model)
     out = []
@@ -130,6 +131,7 @@ def decode_windows_whisper(
                 sot_sequence=whisper.sot_sequence(result["language"], options.task), mel=mel[i], num_frames=frames,
                 language=result["language"], prepend_punctuations=options.prepend_punctuations,
                 append_punctuations=options.append_punctuations, last_speech_timestamp=offset, time_offset=offset,
+                audio_features=features[i : i + 1],
             )  # fmt: skip
         first, last = _seconds(w.regions[0][0], rate), _seconds(w.regions[-1][1], rate)
         for segment in segments:  # the timestamps refine the VAD's times and stay within the window's speech
