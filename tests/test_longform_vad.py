@@ -269,9 +269,13 @@ def test_whisper_without_vad_is_openai_whispers_sequential_algorithm(whisper_mod
 
     wave = digits_recording(12, seed=40)[0]
     options = TranscribeOptions(temperature=0.0, language="en")
-    assert transcribe_files(whisper_model, [wave], options=options)[0] == transcribe_sequential(
-        whisper_model, wave, options
+    steps = []
+    result = transcribe_files(
+        whisper_model, [wave, wave[: RATE * 5]], options=options, progress=lambda *a: steps.append(a)
     )
+    assert result[0] == transcribe_sequential(whisper_model, wave, options)
+    total = (wave.shape[0] + 5 * RATE) / RATE
+    assert {t for _, t in steps} == {total} and abs(sum(s for s, _ in steps) - total) < 0.02
     with pytest.raises(TypeError, match="TranscribeOptions"):
         transcribe_files(whisper_model, [wave], options=decoding_options(whisper_model, options))
 
