@@ -33,6 +33,7 @@ Inference and interop:
   transcribe  speech to text:                      mmformer transcribe --model out/model FILES...
   complete    continue text prompts (an LM):       mmformer complete --model out/model "Once upon" ...
   convert     public checkpoint → pretrained dir:  mmformer convert SRC --out out/model [--from open_clip]
+  serve       OpenAI-compatible HTTP server:       mmformer serve --model out/model [--port 8000] [--api-key KEY]
 
 Every --model and convert SRC may be a local folder or file, a Hugging Face Hub id (openai/whisper-tiny),
 open_clip:MODEL/TAG (open_clip:ViT-B-32/openai) or timm:NAME (timm:vit_base_patch16_224.augreg_in21k).
@@ -208,6 +209,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--revision", default=None, help="a Hub branch, tag or commit (Hub ids)")
     p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("serve", help="serve a model over HTTP: OpenAI-compatible routes, zero-shot, a page at /")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder applied on top of --model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=32, help="inputs per model call, across requests")
+    p.add_argument("--batch-timeout-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--max-upload-mb", type=float, default=25.0, help="larger request bodies get 413")
+    p.add_argument("--device", default="cpu")
     return parser
 
 
@@ -394,12 +406,12 @@ def _complete(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from mmformer.auto import load_pretrained
-    from mmformer.pretrained import CHECKPOINT_KEY, read_torch
+    from mmformer.pretrained import CHECKPOINT_KEY, read_training_checkpoint
 
     if (args.ckpt is None) == (args.model is None):
         raise ValueError("pass exactly one of --ckpt (a training checkpoint) and --model (a pretrained folder)")
     if args.format == "pretrained" and args.ckpt is not None:
-        record = read_torch(args.ckpt).get(CHECKPOINT_KEY) if args.ckpt.endswith(".ckpt") else None
+        record = read_training_checkpoint(args.ckpt).get(CHECKPOINT_KEY) if args.ckpt.endswith(".ckpt") else None
         if isinstance(record, dict) and (record.get("lora") or record.get("prompt")):  # an adaptation run
             from mmformer.tasks.adapt import export_checkpoint
 
@@ -461,6 +473,13 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from mmformer.serve import serve
+
+    options = {k: getattr(args, k) for k in ("adapter", "host", "port", "max_batch_size", "batch_timeout_ms")}
+    serve(args.model, **options, api_key=args.api_key, max_upload_mb=args.max_upload_mb, device=args.device)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -481,6 +500,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "caption": lambda a: _decode(a, "caption"),
         "transcribe": _transcribe,
         "complete": _complete,
+        "serve": _serve,
     }
     if args.command not in handlers:
         print(USAGE, file=sys.stderr)

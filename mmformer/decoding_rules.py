@@ -1,14 +1,12 @@
-"""A checkpoint's decoding rules and the options' length rules, outside the search loops of
-:mod:`mmformer.generation`: tokens never generated (Whisper's ``suppress_tokens`` / ``begin_suppress_tokens``), a
-minimum number of new tokens, a forced final end-of-text, and the default decoder prompt — ``[bos]``, or Whisper's
-``[start, language, task, no-timestamps]`` with the language detected from the audio as Whisper does.
+"""A checkpoint's decoder prompt: ``[bos]``, or Whisper's ``[start, language, task, no-timestamps]`` with the
+language detected from the audio as Whisper does. (The checkpoint's rules on the scores — ``suppress_tokens``,
+``begin_suppress_tokens`` — are score processors: :mod:`mmformer.score_processing`.)
 
-Shape legend: B batch, N decoded rows, V vocabulary, S memory tokens, D width.
+Shape legend: B batch, V vocabulary, S memory tokens, D width.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,80 +14,6 @@ import torch
 if TYPE_CHECKING:
     from mmformer.generation import DecodingOptions
     from mmformer.model import MultimodalTransformer
-
-
-class SuppressTokens:
-    """These ids are never generated (Whisper's ``suppress_tokens``), or with ``first_only`` not as the first new
-    token (``begin_suppress_tokens``)."""
-
-    def __init__(self, ids: Sequence[int], *, first_only: bool = False):
-        self.ids, self.first_only = sorted(set(ids)), first_only
-
-    def __call__(self, logits: torch.Tensor, generated: int, remaining: int) -> torch.Tensor:
-        if self.first_only and generated > 0:
-            return logits
-        logits[:, self.ids] = float("-inf")
-        return logits
-
-
-class MinNewTokens:
-    """End-of-text is not generated before ``n`` new tokens (Hugging Face's ``min_new_tokens``)."""
-
-    def __init__(self, n: int, eos_id: int):
-        self.n, self.eos_id = n, eos_id
-
-    def __call__(self, logits: torch.Tensor, generated: int, remaining: int) -> torch.Tensor:
-        if generated < self.n:
-            logits[:, self.eos_id] = float("-inf")
-        return logits
-
-
-class ForcedEos:
-    """The last token the length limit allows is end-of-text (Hugging Face's ``forced_eos_token_id``; open_clip's
-    CoCa ``generate``)."""
-
-    def __init__(self, eos_id: int):
-        self.eos_id = eos_id
-
-    def __call__(self, logits: torch.Tensor, generated: int, remaining: int) -> torch.Tensor:
-        if remaining == 1:
-            forced = torch.full_like(logits, float("-inf"))
-            forced[:, self.eos_id] = 0.0
-            return forced
-        return logits
-
-
-class LogitRules:
-    """Rules applied to each step's scores before a token is chosen: to the logits for greedy decoding and
-    sampling, to the log-probabilities in beam search (where Hugging Face applies its logits processors).
-
-    Each rule is called as ``rule(scores (N, V), generated, remaining)``: new tokens so far, and positions left
-    before the length limit (this one included).
-    """
-
-    def __init__(self, rules: Sequence[Callable[[torch.Tensor, int, int], torch.Tensor]] = ()):
-        self.rules = list(rules)
-
-    def __call__(self, scores: torch.Tensor, generated: int, remaining: int) -> torch.Tensor:
-        for rule in self.rules:
-            scores = rule(scores, generated, remaining)
-        return scores
-
-
-def logit_rules(model: MultimodalTransformer, options: DecodingOptions) -> LogitRules:
-    """The checkpoint's rules (``config.generation``: suppressed tokens) and the options' (minimum length, a forced
-    end-of-text)."""
-    rules: list = []
-    gen, eos = model.config.generation, model.config.text.eos_id
-    if gen is not None and gen.suppress_tokens:
-        rules.append(SuppressTokens(gen.suppress_tokens))
-    if gen is not None and gen.begin_suppress_tokens:
-        rules.append(SuppressTokens(gen.begin_suppress_tokens, first_only=True))
-    if options.min_new_tokens:
-        rules.append(MinNewTokens(options.min_new_tokens, eos))
-    if options.forced_eos:
-        rules.append(ForcedEos(eos))
-    return LogitRules(rules)
 
 
 # ---------------------------------------------------------------------- the default prompt

@@ -4,6 +4,7 @@ training, from the training voices' families and ranges) and ``test_hard`` (voic
 outside training's, and shifted/rotated/scaled digits; see data/digits/README.md).
 
     python -m mmformer.demo [--config configs/digits.yaml] [--out runs/digits] [--skip-train]
+    python -m mmformer.demo evaluate [--model data/digits_model]   # the figures of a trained model, no training
     python -m mmformer.demo adapt [...]     # make adapt: LoRA to German, prompt tuning (see mmformer.demo_adapt)
 """
 
@@ -196,12 +197,37 @@ def report(results: dict, seconds: dict) -> str:
         worst = sorted(figures["speech_wer_by_voice"].items(), key=lambda kv: -kv[1])[:3]
         lines.append("    worst voices (WER): " + ", ".join(f"{v} {w:.3f}" for v, w in worst))
         lines.append("")
-    for ex in results["test"]["examples"]:
+    for ex in next(iter(results.values()))["examples"]:
         ref, cap, tra = ex["reference"], ex["caption"], ex["transcript"]
         lines.append(f"  reference {ref!r:<28} caption {cap!r:<28} transcript {tra!r}")
     lines.append("")
     lines.append("  " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
     return "\n".join(lines)
+
+
+def parse_splits(parser: argparse.ArgumentParser, value: str) -> list[str]:
+    """``--splits``: comma-separated names of SPLITS, in SPLITS' order (test first: the report's examples)."""
+    splits = [s.strip() for s in value.split(",") if s.strip()]
+    if not splits or any(s not in SPLITS for s in splits):
+        parser.error(f"--splits: expected comma-separated names of {list(SPLITS)}, got {value!r}")
+    return sorted(set(splits), key=list(SPLITS).index)
+
+
+def evaluate_only(argv: list[str]) -> None:
+    """``python -m mmformer.demo evaluate``: the demo's figures and targets for a model already trained (default:
+    the shipped data/digits_model), measured as ``make demo`` measures them, without training anything."""
+    p = argparse.ArgumentParser(prog="python -m mmformer.demo evaluate", description=evaluate_only.__doc__)
+    p.add_argument("--model", default="data/digits_model", help="a saved model folder (save_pretrained)")
+    p.add_argument("--splits", default=",".join(SPLITS), help=f"comma-separated, of {list(SPLITS)}")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: every usable core)")
+    args = p.parse_args(argv)
+    splits = parse_splits(p, args.splits)
+    import torch
+
+    torch.set_num_threads(args.threads or usable_cores())
+    start = time.perf_counter()
+    results = {split: evaluate(Path(args.model), Path(SPLITS[split])) for split in splits}
+    print(report(results, {"evaluate": time.perf_counter() - start}))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -212,6 +238,9 @@ def main(argv: list[str] | None = None) -> None:
         from mmformer.demo_adapt import main as adapt
 
         adapt(argv[1:])
+        return
+    if argv[:1] == ["evaluate"]:
+        evaluate_only(argv[1:])
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/digits.yaml")
@@ -245,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"exported {ckpt} → {model_dir}")
     start = time.perf_counter()
     torch.set_num_threads(args.threads or usable_cores())  # evaluation has no loader workers: every core computes
-    results = {split: evaluate(model_dir, Path(SPLITS[split])) for split in args.splits.split(",")}
+    results = {split: evaluate(model_dir, Path(SPLITS[split])) for split in parse_splits(p, args.splits)}
     seconds["evaluate"] = time.perf_counter() - start
     plot(out, results, out / "demo.png")
     targets = {split: {name: {"target": f"{op} {value}", "met": _met(results[split][name], op, value)}

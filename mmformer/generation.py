@@ -2,13 +2,13 @@
 greedy decoding, beam search and sampling, with or without a KV cache.
 
 Structure (after Whisper's ``decoding.py``): the options are a frozen, validated :class:`DecodingOptions` (here,
-with the entry points); small strategy classes pick tokens (:mod:`mmformer.token_choice`: :class:`Greedy`,
-:class:`Sampler` with its logit filters, :class:`RepetitionPenalty`, :class:`StopStrings`) and run the search
-(:mod:`mmformer.search`: :class:`TokenSearch` for greedy/sampling, :class:`BeamSearch`, and the
-:class:`DecoderRunner` that feeds the decoder incrementally through one :class:`~mmformer.layers.cache.KVCache` or
-from scratch every step, the reference the cache must equal). A checkpoint's rules (suppressed tokens, Whisper's
-prompt and language detection) and the length rules (``min_new_tokens``, ``forced_eos``) live in
-:mod:`mmformer.decoding_rules`.
+with the entry points); every adjustment of a step's scores is a score processor built once per call from the options
+and the checkpoint's rules (:mod:`mmformer.score_processing`: repetition penalty, ``min_new_tokens``, ``forced_eos``,
+suppressed tokens, temperature / top-k / top-p); small strategy classes pick tokens (:mod:`mmformer.token_choice`:
+:class:`Greedy`, :class:`Sampler`, :class:`StopStrings`) and run the search (:mod:`mmformer.search`:
+:class:`TokenSearch` for greedy/sampling, :class:`BeamSearch`, and the :class:`DecoderRunner` that feeds the decoder
+incrementally through one :class:`~mmformer.layers.cache.KVCache` or from scratch every step, the reference the cache
+must equal). A checkpoint's prompt (Whisper's, with language detection) comes from :mod:`mmformer.decoding_rules`.
 
 Returned ids are the prompt followed by the generated tokens. A row ends at its first ``eos_id`` (kept) or where its
 text has produced a stop string, and is right-padded with ``pad_id`` to the longest row; rows that never end run to
@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from mmformer.decoding_rules import default_prompt, logit_rules, prompt_length
+from mmformer.decoding_rules import default_prompt, prompt_length
 from mmformer.embedders.checks import check_prefix, check_token_ids
+from mmformer.score_processing import build_score_processors
 from mmformer.search import BeamSearch, DecoderRunner, TokenSearch
-from mmformer.token_choice import StopStrings, score_processors, token_chooser
+from mmformer.token_choice import StopStrings, token_chooser
 from mmformer.weights import model_device
 
 if TYPE_CHECKING:
@@ -224,8 +225,8 @@ def _prompt(
     text = model.config.text
     if prompt_ids is None:  # without a memory (with one, generate starts from the default prompt)
         raise ValueError(
-            "generate: expected prompt_ids= (a decoder-only model continues a prompt) or one of image=, audio=, "
-            "audio_features=, input_ids= (the memory a decoder reads); got none"
+            "generate: expected prompt_ids= (a decoder-only model continues a prompt; Hugging Face's input_ids= means "
+            "it too) or one of image=, audio=, audio_features=, input_ids= (the memory a decoder reads); got none"
         )
     if isinstance(prompt_ids, (list, tuple)) and len(prompt_ids) == 0:
         raise ValueError("prompt_ids: expected at least one prompt, got an empty list")
@@ -300,7 +301,9 @@ def generate(
         image: normalised pixels (B, C, H, W).
         audio: waveforms (B, S) with optional sample counts ``audio_lengths`` (B,).
         audio_features: precomputed log-mel (B, n_mels, frames), as Whisper's ``input_features``.
-        input_ids: token ids (B, T) for the text encoder (text-to-text, T5), with their ``attention_mask`` (B, T).
+        input_ids: token ids (B, T), with their ``attention_mask`` (B, T), as Hugging Face's ``generate`` reads
+            them: for a model with a text encoder (text-to-text, T5) the encoder's input; for one without (a
+            decoder-only LM: GPT-2, Llama) the prompt, the same as ``prompt_ids=`` / ``prompt_mask=``.
         prompt_ids: decoder prefix (B, P) or (P,) for every row, or a list of id lists of different lengths (left-
             padded here); default ``[[bos_id]] * B``, or for a checkpoint with a generation config (Whisper) its
             start, language (``language=`` or detected), task and no-timestamps tokens. Without a memory the prompt
@@ -325,6 +328,13 @@ def generate(
     options = DecodingOptions.build(options, **changes)
     if model.lm_head is None:
         raise ValueError(f"generate: this model has no decoder; its routes are {sorted(model.config.routes)}")
+    if input_ids is not None and "text" not in model.config.routes:  # Hugging Face's decoder-only call: the prompt
+        if prompt_ids is not None or prompt_mask is not None:
+            raise ValueError(
+                "input_ids: on a model without a text encoder it is the prompt (as Hugging Face's generate reads it), "
+                "so prompt_ids= / prompt_mask= must not be given too; got both"
+            )
+        prompt_ids, prompt_mask, input_ids, attention_mask = input_ids, attention_mask, None, None
     text = model.config.text
     memory, memory_mask = _memory(model, image, audio, audio_lengths, audio_features, input_ids, attention_mask)
     if memory is not None and memory.shape[0] == 0:
@@ -334,7 +344,7 @@ def generate(
             raise ValueError("prompt_mask: only meaningful with prompt_ids=")
         prompt = default_prompt(model, options, memory, memory_mask)
     else:
-        device = memory.device if memory is not None else model.lm_head.weight.device
+        device = memory.device if memory is not None else model_device(model)
         prompt, prompt_mask = _prompt(
             model, prompt_ids, prompt_mask, None if memory is None else memory.shape[0], device
         )
@@ -369,13 +379,13 @@ def generate(
         prompt = prompt.repeat_interleave(K, dim=0)
         if prompt_mask is not None:
             prompt_mask = prompt_mask.repeat_interleave(K, dim=0)
-    rules, processors = logit_rules(model, options), score_processors(options, prompt_mask)
+    processors = build_score_processors(model, options, max_length=max_length, prompt_mask=prompt_mask)
     if K > 1:
         search: TokenSearch | BeamSearch = BeamSearch(
-            K, options.length_penalty, text.eos_id, text.pad_id, rules, processors, stop
+            K, options.length_penalty, text.eos_id, text.pad_id, processors, stop
         )
     else:
-        search = TokenSearch(token_chooser(options, generator), text.eos_id, text.pad_id, rules, processors, stop)
+        search = TokenSearch(token_chooser(options, generator), text.eos_id, text.pad_id, processors, stop)
     runner = DecoderRunner(
         model, memory, memory_mask, max_length, options.use_cache, options.compile, prefix_embeds, prompt_mask
     )

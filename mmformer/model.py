@@ -643,10 +643,11 @@ class MultimodalTransformer(nn.Module):
         model.quantization = checkpoint.quantization
         return model.eval()
 
-    def generate(self, **inputs: Any) -> torch.Tensor:
-        """Token ids (B, T) decoded from images, audio, text or a prompt alone; see
+    def generate(self, input_ids: torch.Tensor | None = None, **inputs: Any) -> torch.Tensor:
+        """Token ids (B, T) decoded from images, audio, text or a prompt alone; ``input_ids`` (first, as in Hugging
+        Face) is a decoder-only model's prompt, a text encoder's input otherwise. See
         :func:`mmformer.generation.generate`."""
-        return generation.generate(self, **inputs)
+        return generation.generate(self, input_ids=input_ids, **inputs)
 
     def complete(self, prompts: Any, processor: Any = None, **decoding: Any) -> list[str]:
         """Continuations of text prompts (a str, a list of str, or prompt ids) by a decoder-only language model;

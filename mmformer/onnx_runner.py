@@ -216,14 +216,19 @@ class OnnxModel:
 
     def log_mel(self, waves: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Waveforms → log-mel features (B, M, Nf) float32 and frame counts (B,), as the model's LogMel computes
-        them from the zero-padded batch."""
+        them from the zero-padded batch: each row's frames are those of its waveform alone."""
         cfg = self.config["audio"]
         n_fft, hop = cfg["n_fft"], cfg["hop_length"]
         lengths = np.array([len(w) for w in waves], dtype=np.int64)
         batch = np.zeros((len(waves), int(lengths.max())), dtype=np.float32)
         for i, w in enumerate(waves):
             batch[i, : len(w)] = w
-        padded = np.pad(batch, ((0, 0), (n_fft // 2, n_fft // 2)), mode="reflect")
+        # centred frames, each waveform reflected at its own end (as LogMel's centre_pad), not at the batch's
+        pad = n_fft // 2
+        n = lengths[:, None]  # (B, 1)
+        k = np.arange(-pad, batch.shape[1] + pad)[None, :]  # (1, S + 2 pad): each padded sample's source
+        source = np.minimum(np.maximum(np.where(k >= n, 2 * (n - 1) - k, np.abs(k)), 0), n - 1)  # (B, S + 2 pad)
+        padded = np.where(k >= n + pad, 0.0, np.take_along_axis(batch, source, axis=1)).astype(np.float32)
         frames = batch.shape[1] // hop + 1
         index = np.arange(n_fft)[None, :] + hop * np.arange(frames)[:, None]  # (Nf, n_fft)
         window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)).astype(np.float32)  # periodic Hann

@@ -63,6 +63,7 @@ OWN_FILES = (CONFIG_NAME, WEIGHTS_NAME, *PROCESSOR_FILES)
 CHECKPOINT_KEY = "mmformer"  # where MultimodalTask.on_save_checkpoint records the config and the processor
 CHECKPOINT_PREFIX = "model."  # the LightningModule attribute holding the model
 QUANTIZATION_KEY = "quantization_config"  # config.json / safetensors metadata: torchao-quantized weights
+DISTRIBUTED_METADATA = ".metadata"  # torch.distributed.checkpoint's index file in a sharded checkpoint folder
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _CONFIG_META_KEYS = ("format_version", "mmformer_version", QUANTIZATION_KEY)
 # Format 1 stored torchaudio's mel filter bank and STFT window; they are computed from the config now.
@@ -300,7 +301,15 @@ def read_checkpoint(
         path = path.parent  # a save_pretrained folder named by its config.json
     folder = path if path.is_dir() else path.parent
     processor = None
-    if path.is_dir():
+    if is_distributed(path):  # FSDP's sharded training checkpoint
+        checkpoint = read_training_checkpoint(path)
+        state, recorded = _split_checkpoint(checkpoint, path)
+        specs, read = in_memory(state)
+        metadata = {}
+        config = config or recorded
+        processor = _checkpoint_processor(checkpoint, path)
+        source = path
+    elif path.is_dir():
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
             raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} in this folder; expected {_ACCEPTED}")
@@ -431,6 +440,37 @@ def _unpickling_reason(message: str) -> str:
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     lines = [line for line in lines if not line.startswith(boilerplate)]
     return "; ".join(lines) or message.strip()
+
+
+def is_distributed(path: Path) -> bool:
+    """A distributed (sharded) checkpoint folder, as FSDP training writes ``last.ckpt``."""
+    return path.is_dir() and (path / DISTRIBUTED_METADATA).is_file()
+
+
+def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A Lightning training checkpoint as one dict: a ``.ckpt`` file, or a distributed checkpoint folder consolidated
+    in this process (:func:`read_distributed`)."""
+    path = Path(path)
+    return read_distributed(path) if is_distributed(path) else read_torch(path)
+
+
+def read_distributed(folder: Path) -> dict[str, Any]:
+    """A distributed checkpoint folder (each rank's shards, as Lightning's ModelParallelStrategy writes them under
+    FSDP) consolidated into one checkpoint dict in this process: the full ``state_dict`` and Lightning's metadata
+    (``meta.pt``). Both are read with ``weights_only=True``."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "consolidated.pt"
+        try:
+            dcp_to_torch_save(folder, target)
+        except Exception as e:  # a missing or corrupt shard file: name the folder, not a reader internal
+            raise ValueError(f"{folder}: not a readable distributed checkpoint ({type(e).__name__}: {e})") from e
+        state = read_torch(target)
+    meta = folder / "meta.pt"
+    return {**(read_torch(meta) if meta.is_file() else {}), **state}
 
 
 def _split_checkpoint(checkpoint: Any, path: Path) -> tuple[Mapping[str, torch.Tensor], ModelConfig | None]:

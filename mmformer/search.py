@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from mmformer.decoding_rules import LogitRules
+from mmformer.score_processing import ScoreProcessor, apply_processors
 from mmformer.token_choice import Greedy, Sampler, StopStrings
 from mmformer.weights import is_plain_tensor
 
@@ -33,20 +34,18 @@ _FEW_ROWS = 64  # decoding steps of at most this many rows project to the vocabu
 def _last_logits(model: MultimodalTransformer, hidden: torch.Tensor) -> torch.Tensor:
     """Decoder states (N, T, D) → float32 logits (N, V) of the last position only (the one generation needs).
 
-    For the few rows of a decoding step on CPU, the (bias-free) LM head runs as ``W @ hᵀ``: that GEMM layout reads
-    the (V, D) weight in one pass, where ``F.linear``'s ``h @ Wᵀ`` took 1.6× longer at whisper-tiny's 51,865 × 384
-    (the largest single cost of a step; see BENCHMARKS.md, "Decoding at whisper-tiny dimensions")."""
+    For the few rows of a decoding step on CPU, a plain bias-free ``nn.Linear`` LM head runs as ``W @ hᵀ``: that GEMM
+    layout reads the (V, D) weight in one pass, where ``F.linear``'s ``h @ Wᵀ`` took 1.6× longer at whisper-tiny's
+    51,865 × 384 (the largest single cost of a step; see BENCHMARKS.md, "Decoding at whisper-tiny dimensions"). Any
+    other head — one that peft wraps (LoRA, trainable tokens, modules to save), a subclass — goes through its own
+    call: nothing here reads attributes of a module that may not be an ``nn.Linear``."""
     h = hidden[:, -1]  # (N, D)
-    weight = model.lm_head.weight  # (V, D)
-    if (
-        is_plain_tensor(weight)  # not a quantized (tensor subclass) weight
-        and h.device.type == "cpu"
-        and h.shape[0] <= _FEW_ROWS
-        and h.dtype == weight.dtype
-        and model.lm_head.bias is None
-    ):
-        return torch.mm(weight, h.t()).t().float()  # (N, V)
-    return model.lm_head(h).float()
+    head = model.lm_head
+    if type(head) is nn.Linear and head.bias is None and h.device.type == "cpu" and h.shape[0] <= _FEW_ROWS:
+        weight = head.weight  # (V, D)
+        if is_plain_tensor(weight) and h.dtype == weight.dtype:  # not a quantized (tensor subclass) weight
+            return torch.mm(weight, h.t()).t().float()  # (N, V)
+    return head(h).float()
 
 
 def _next_logits(
@@ -169,19 +168,18 @@ class DecoderRunner:
 # ---------------------------------------------------------------------- searches
 class TokenSearch:
     """One token per row and step (greedy or sampled); a row that emits eos (or a stop string) is padded from then
-    on. ``processors`` (e.g. :class:`RepetitionPenalty`) adjust the logits from the tokens so far first."""
+    on. Each step's logits go through the score ``processors`` (:mod:`mmformer.score_processing`) before the
+    ``chooser`` picks a token."""
 
     def __init__(
         self,
-        choose: Greedy | Sampler,
+        chooser: Greedy | Sampler,
         eos_id: int,
         pad_id: int,
-        rules: LogitRules | None = None,
-        processors: Sequence[Callable] = (),
+        processors: Sequence[ScoreProcessor] = (),
         stop: StopStrings | None = None,
     ):
-        self.choose, self.eos_id, self.pad_id = choose, eos_id, pad_id
-        self.rules = rules or LogitRules()
+        self.chooser, self.eos_id, self.pad_id = chooser, eos_id, pad_id
         self.processors, self.stop = list(processors), stop
 
     def run(self, runner: DecoderRunner, prompt: torch.Tensor, max_length: int) -> torch.Tensor:
@@ -192,10 +190,9 @@ class TokenSearch:
         tokens[:, :cur] = prompt
         done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
         while cur < max_length:
-            logits = self.rules(runner.next_logits(tokens[:, :cur]), cur - n_prompt, max_length - cur)  # (B, V)
-            for process in self.processors:
-                logits = process(logits, tokens[:, :cur])
-            next_ids = self.choose(logits)  # (B,)
+            so_far = tokens[:, :cur]  # (B, cur)
+            scores = apply_processors(self.processors, runner.next_logits(so_far), so_far, cur - n_prompt)  # (B, V)
+            next_ids = self.chooser.choose(scores)  # (B,)
             next_ids.masked_fill_(done, self.pad_id)
             tokens[:, cur] = next_ids
             cur += 1
@@ -214,7 +211,9 @@ class BeamSearch:
     Each step keeps the 2K best continuations of the K running beams; those ending in eos (or at the length limit)
     among the first K become finished hypotheses scored ``sum(logprob) / generated_length**length_penalty``, the
     best K unfinished ones run on. A sample stops once it has K finished hypotheses and its best running beam can
-    no longer beat the worst of them; the best finished hypothesis of each sample is returned.
+    no longer beat the worst of them; the best finished hypothesis of each sample is returned. The score
+    ``processors`` (:mod:`mmformer.score_processing`) adjust each step's log-probabilities, as Hugging Face applies
+    its logits processors there.
     """
 
     def __init__(
@@ -223,12 +222,10 @@ class BeamSearch:
         length_penalty: float,
         eos_id: int,
         pad_id: int,
-        rules: LogitRules | None = None,
-        processors: Sequence[Callable] = (),
+        processors: Sequence[ScoreProcessor] = (),
         stop: StopStrings | None = None,
     ):
         self.K, self.length_penalty, self.eos_id, self.pad_id = num_beams, length_penalty, eos_id, pad_id
-        self.rules = rules or LogitRules()
         self.processors, self.stop = list(processors), stop  # a candidate that makes a stop string ends like eos
 
     def run(self, runner: DecoderRunner, prompt: torch.Tensor, max_length: int) -> torch.Tensor:
@@ -248,9 +245,7 @@ class BeamSearch:
         while cur < max_length:
             rows_so_far = running.reshape(B * K, cur)
             logprobs = F.log_softmax(runner.next_logits(rows_so_far), dim=-1)  # (N, V)
-            logprobs = self.rules(logprobs, cur - n_prompt, max_length - cur)
-            for process in self.processors:
-                logprobs = process(logprobs, rows_so_far)
+            logprobs = apply_processors(self.processors, logprobs, rows_so_far, cur - n_prompt)
             V = logprobs.shape[-1]
             scores = (logprobs.view(B, K, V) + running_scores[..., None]).view(B, K * V)
             n_candidates = min(2 * K, K * V)

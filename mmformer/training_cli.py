@@ -37,6 +37,7 @@ from mmformer.checkpointing import AtomicCheckpointIO, RandomStateCallback
 from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
 from mmformer.data import MultimodalDataModule
 from mmformer.tasks import MultimodalTask
+from mmformer.tasks.parallel import FSDP2Strategy, strategy_from_name
 
 MODEL_KEY = "model.model"  # where the ModelConfig sits in the CLI's configuration
 
@@ -135,7 +136,13 @@ class MMFormerCLI(LightningCLI):
         callbacks = _as_list(kwargs.get("callbacks", config.get("callbacks")))
         if not any(isinstance(c, RandomStateCallback) for c in callbacks):
             callbacks.append(RandomStateCallback())
-        return super().instantiate_trainer(**{**kwargs, "plugins": plugins, "callbacks": callbacks})
+        extra = {"callbacks": callbacks}
+        strategy = strategy_from_name(kwargs.get("strategy", config.get("strategy")))
+        if isinstance(strategy, FSDP2Strategy):
+            extra["strategy"] = strategy  # it writes each rank's shards itself: no CheckpointIO plugin
+        else:
+            extra["plugins"] = plugins
+        return super().instantiate_trainer(**{**kwargs, **extra})
 
 
 _UNION_NOISE = ("Does not validate", "Subtypes:", "Errors:", "Problem with given class_path", "Given value",

@@ -89,6 +89,12 @@ def expected_specs(model: nn.Module) -> tuple[dict[str, TensorSpec], dict[str, s
     return {k: TensorSpec.of(v) for k, v in state.items() if k not in tied}, tied
 
 
+def same_shape(expected: tuple[int, ...], found: tuple[int, ...]) -> bool:
+    """Shapes that hold the same tensor: equal, or a scalar as ``()`` and as ``(1,)`` (FSDP2 trains 0-d parameters as
+    ``(1,)``, see :mod:`mmformer.tasks.parallel`; either form loads into either)."""
+    return tuple(expected) == tuple(found) or {tuple(expected), tuple(found)} == {(), (1,)}
+
+
 def compatible_dtypes(expected: torch.dtype, found: torch.dtype) -> bool:
     """A floating-point tensor may be stored in another floating-point dtype (it is cast on load); other dtypes must
     match exactly."""
@@ -130,7 +136,7 @@ def plan(
     wrong_shape = [
         f"{k}: expected {tuple(expected[k].shape)}, found {tuple(s.shape)}"
         for k, s in sorted(specs.items())
-        if k in expected and tuple(s.shape) != tuple(expected[k].shape)
+        if k in expected and not same_shape(expected[k].shape, s.shape)
     ]
     if wrong_shape:
         raise ValueError(
@@ -239,6 +245,7 @@ def fill(
                 tensors[key] = value.to(device)
             continue
         dtype = expected[key].dtype
+        value = value.reshape(expected[key].shape)  # a no-op but for a () ↔ (1,) scalar (same_shape)
         tensors[key] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
     _initialise(model, load.missing, device)
     with torch.no_grad():

@@ -40,6 +40,7 @@ if ROOT not in sys.path:  # `benchmarks` is a folder of the repository, not of t
                 "one by one",
             ],
         ),
+        ("serve", ["zero-shot", "transcription", "rps_vs_plain", "mmformer_p99_ms", "plain_p99_ms"]),
     ],
 )
 @pytest.mark.slow

@@ -217,6 +217,27 @@ def test_llama_generate_matches_hf(hf_llamas, prompts, kind, num_beams):
     assert torch.equal(after_eos_padded(got, ids.shape[1], EOS), after_eos_padded(expected, ids.shape[1], EOS))
 
 
+# ---------------------------------------------------------------- Hugging Face's decoder-only call
+@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("kind", ["gpt2", "llama-gqa"])
+def test_decoder_only_input_ids_are_the_prompt_as_in_hf(hf_gpt2, hf_llamas, prompts, kind, num_beams):
+    """``generate(input_ids=, attention_mask=)`` on a decoder-only LM, as Hugging Face users call it: the same ids as
+    ``prompt_ids=`` / ``prompt_mask=`` and as HF's ``generate``, for left-padded prompts of different lengths (the
+    mask given as HF's integer mask, and ``input_ids`` also positionally, as HF's first argument)."""
+    hf = hf_gpt2 if kind == "gpt2" else hf_llamas["gqa"]
+    model = from_hf_gpt2(hf) if kind == "gpt2" else from_hf_llama(hf)
+    ids, mask = prompts
+    expected = hf_generate(hf, num_beams, EOS, input_ids=ids, attention_mask=mask.long())
+    as_hf = model.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=NEW, num_beams=num_beams)
+    positional = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, num_beams=num_beams)
+    ours = model.generate(prompt_ids=ids, prompt_mask=mask, max_new_tokens=NEW, num_beams=num_beams)
+    assert torch.equal(as_hf, ours) and torch.equal(positional, ours)
+    assert as_hf.shape == expected.shape == (3, ids.shape[1] + NEW)
+    assert torch.equal(after_eos_padded(as_hf, ids.shape[1], EOS), after_eos_padded(expected, ids.shape[1], EOS))
+    with pytest.raises(ValueError, match=r"input_ids: on a model without a text encoder it is the prompt .* got both"):
+        model.generate(input_ids=ids, prompt_ids=ids)
+
+
 # ---------------------------------------------------------------- T5
 @pytest.fixture(scope="module", params=["v1.0", "v1.1"])
 def hf_t5(request):

@@ -40,3 +40,19 @@ def test_the_model_holds_up_on_voices_and_distortions_it_never_saw(hard_results)
     assert hard_results["image_zeroshot_acc"] >= 0.80
     assert hard_results["audio_zeroshot_acc"] >= 0.95
     assert hard_results["speech_wer"] <= 0.18
+
+
+def test_evaluate_entry_prints_the_figures_without_training(hard_results, capsys, monkeypatch):
+    """`python -m mmformer.demo evaluate`: the demo's figures of the shipped model, with their targets, no training."""
+    import torch
+
+    from mmformer.demo import main
+
+    monkeypatch.chdir(ROOT)  # the demo's splits are paths from the repository root, as `make demo` runs it
+    main(["evaluate", "--model", str(ROOT / "data" / "digits_model"), "--splits", "test_hard",
+          "--threads", str(torch.get_num_threads())])  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"speech_wer           {hard_results['speech_wer']:.3f}  (target <= 0.08: " in out
+    assert f"audio_zeroshot_acc   {hard_results['audio_zeroshot_acc']:.3f}  (target >= 0.95: met)" in out
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--splits", "test,valid"])

@@ -20,7 +20,7 @@ from mmformer.generation import DecodingOptions, generate, left_pad
 from mmformer.layers.positions import RelativePositionBias, t5_buckets
 from mmformer.model import MultimodalTransformer
 from mmformer.processor import Processor
-from mmformer.token_choice import RepetitionPenalty
+from mmformer.score_processing import RepetitionPenalty
 from mmformer.tokenizer import Tokenizer
 
 V = 300
@@ -120,7 +120,7 @@ def test_repetition_penalty_is_hugging_faces():
     transformers = pytest.importorskip("transformers")
     scores, tokens = torch.randn(4, 50), torch.randint(0, 50, (4, 9))
     expected = transformers.RepetitionPenaltyLogitsProcessor(1.7)(tokens, scores.clone())
-    torch.testing.assert_close(RepetitionPenalty(1.7)(scores, tokens), expected)
+    torch.testing.assert_close(RepetitionPenalty(1.7)(scores, tokens, step=0), expected)
     model = language_model("learned")
     plain = generate(model, prompt_ids=PROMPTS, max_new_tokens=20)
     penalised = generate(model, prompt_ids=PROMPTS, max_new_tokens=20, repetition_penalty=50.0)

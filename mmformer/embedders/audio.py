@@ -5,6 +5,8 @@ Shape legend: B batch, S samples, M mel bins, Nf mel frames, N tokens = ceil(Nf 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,6 +14,27 @@ from torch import nn
 from mmformer.config import AudioConfig, StackConfig
 from mmformer.embedders.checks import check_device, check_lengths
 from mmformer.layers.positions import AbsolutePositions
+
+POWER_FLOOR = 1e-10  # the power spectrum is clamped to it before log10 (Whisper's)
+DECADES = 8.0  # dynamic range: log-mel values are raised to at least the clip's peak minus this many decades
+CONV_REACH = 2  # R: frames past its own the last token's convolutions read (conv1 reaches one frame, conv2 one output)
+
+
+def centre_pad(audio: torch.Tensor, lengths: torch.Tensor | None, pad: int) -> torch.Tensor:
+    """Waveforms (B, S) of ``lengths`` samples (default: all S) → (B, S + 2 pad): each row reflected by ``pad``
+    samples at its start and at its own end, zeros after — the centring of ``torch.stft(center=True,
+    pad_mode="reflect")`` done per row, so that a waveform's STFT frames do not depend on the longer ones batched
+    with it (the STFT's own centring reflects every row at the batch's end, where a shorter row has zeros).
+
+    A row of at most ``pad`` samples (too short for the STFT alone) reads its first or last sample where a
+    reflection would run out of it.
+    """
+    B, S = audio.shape
+    n = torch.full((B, 1), S, device=audio.device) if lengths is None else lengths.to(audio.device)[:, None]  # (B, 1)
+    k = torch.arange(-pad, S + pad, device=audio.device)[None, :]  # (1, S + 2 pad): each output's source sample
+    source = torch.where(k >= n, 2 * (n - 1) - k, k.abs())  # reflect at the start and at each row's end
+    source = torch.minimum(source.clamp(min=0), n - 1)  # (B, S + 2 pad)
+    return audio.gather(1, source).masked_fill(k >= n + pad, 0.0)
 
 
 class LogMel(nn.Module):
@@ -23,6 +46,9 @@ class LogMel(nn.Module):
     zero-padded (or cut) to that length, the frame past the end of the centred STFT is dropped (30 s → 3000
     frames) and the peak spans the whole window. Without it the features follow the waveform's own length and
     exclude the padding of a batch (mmformer's default, which the digits models were trained with).
+
+    Every row's features within its frame count are those of the waveform alone, whatever it is batched with: the
+    STFT's centring reflects each waveform at its own end (:func:`centre_pad`), not at the batch's.
     """
 
     def __init__(self, cfg: AudioConfig):
@@ -40,14 +66,16 @@ class LogMel(nn.Module):
         )
         return bank.to(device)
 
-    def power_mel(self, audio: torch.Tensor) -> torch.Tensor:
-        """(B, S) waveforms → (B, M, Nf) power mel spectrogram (centred STFT, Hann window)."""
+    def power_mel(self, audio: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S) waveforms of ``lengths`` samples (default: all S) → (B, M, Nf) power mel spectrogram (centred STFT,
+        Hann window; each row centred at its own end, see :func:`centre_pad`)."""
         import torchaudio.functional as AF
 
         cfg = self.cfg
         window = torch.hann_window(cfg.n_fft, device=audio.device)
-        spec = AF.spectrogram(audio, 0, window, cfg.n_fft, cfg.hop_length, cfg.n_fft, 2.0, False)  # (B, F, Nf)
-        return torch.matmul(spec.transpose(-1, -2), self.filters(audio.device)).transpose(-1, -2)
+        padded = centre_pad(audio, lengths, cfg.n_fft // 2)  # (B, S + n_fft)
+        spec = AF.spectrogram(padded, 0, window, cfg.n_fft, cfg.hop_length, cfg.n_fft, 2.0, False, center=False)
+        return torch.matmul(spec.transpose(-1, -2), self.filters(audio.device)).transpose(-1, -2)  # (B, M, Nf)
 
     def frames(self, lengths: torch.Tensor) -> torch.Tensor:
         """Mel frames (centred STFT) of waveforms with these sample counts (all the window's with pad_to_seconds)."""
@@ -59,27 +87,38 @@ class LogMel(nn.Module):
         """(B, S) waveforms → (B, M, Nf) log-mel. Padding frames are excluded from the per-utterance maximum (with
         pad_to_seconds: Whisper's fixed window, padding included)."""
         if lengths is not None:
-            # Zero the samples past each length (Whisper pads with zeros): the STFT windows of the last real frames
-            # reach into the padding, so its content would otherwise leak into real frames.
+            # Zero the samples past each length: Whisper's fixed window pads with zeros (without one, centre_pad
+            # reads no sample past a length).
             real_samples = torch.arange(audio.shape[-1], device=audio.device)[None, :] < lengths[:, None]  # (B, S)
             audio = audio.masked_fill(~real_samples, 0.0)
         window = self.cfg.window_samples
         if window:  # Whisper: pad or cut to the window, drop the frame past its end, one peak over all of it
             audio = F.pad(audio[:, :window], (0, max(0, window - audio.shape[-1])))  # (B, window)
-            mel = self.power_mel(audio.float())[..., :-1].clamp(min=1e-10).log10()  # (B, M, window / hop)
+            mel = self.power_mel(audio.float())[..., :-1].clamp(min=POWER_FLOOR).log10()  # (B, M, window / hop)
             lengths = None
         else:
-            mel = self.power_mel(audio.float()).clamp(min=1e-10).log10()  # (B, M, Nf)
+            mel = self.power_mel(audio.float(), lengths).clamp(min=POWER_FLOOR).log10()  # (B, M, Nf)
         if lengths is not None:
             real = torch.arange(mel.shape[-1], device=mel.device)[None, :] < self.frames(lengths)[:, None]
             peak = mel.masked_fill(~real[:, None, :], float("-inf")).amax(dim=(1, 2), keepdim=True)
         else:
             peak = mel.amax(dim=(1, 2), keepdim=True)
-        return (torch.maximum(mel, peak - 8.0) + 4.0) / 4.0
+        return (torch.maximum(mel, peak - DECADES) + 4.0) / 4.0
+
+    @staticmethod
+    def silence(features: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 1) the level :meth:`forward` gives digital silence in each clip of log-mel ``features`` (B, M, Nf)
+        with ``frames`` (B,) real frames: the clip's floor, DECADES below its peak (and never below the power
+        floor's), read from its own frames only."""
+        real = torch.arange(features.shape[-1], device=features.device)[None, :] < frames[:, None]  # (B, Nf)
+        top = features.masked_fill(~real[:, None, :], float("-inf")).amax(dim=(1, 2), keepdim=True)  # (peak + 4) / 4
+        lowest = (math.log10(POWER_FLOOR) + 4.0) / 4.0
+        return (top - DECADES / 4.0).clamp(min=lowest)
 
 
 class AudioEmbedder(nn.Module):
-    """Waveforms or precomputed log-mel features → (B, N, D) tokens and a (B, N) padding mask."""
+    """Waveforms or precomputed log-mel features → (B, N, D) tokens and a (B, N) padding mask. A clip's tokens are
+    those it has alone, whatever it is batched with (:func:`centre_pad`, :meth:`convolve`)."""
 
     def __init__(self, cfg: AudioConfig, stack: StackConfig):
         super().__init__()
@@ -92,6 +131,27 @@ class AudioEmbedder(nn.Module):
             if cfg.position == "none"
             else AbsolutePositions(cfg.position, cfg.max_tokens, stack.width, what="audio (in frames / conv_stride)")
         )
+
+    def convolve(self, features: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-mel (B, M, Nf) of clips of ``frames`` (B,) frames (default: all Nf) → the convolutions' output
+        (B, D, N).
+
+        Every clip is read as followed by silence, whatever it is batched with: its frames past its own length, and
+        CONV_REACH more past the batch's end, are set to its silence level (:meth:`LogMel.silence`), so the kernels
+        at its last frames read the same values alone and beside longer clips (whose padding frames they would
+        otherwise read). Silence, rather than the convolutions' zero padding, is what a clip's end saw in padded
+        training batches, and what Whisper's encoder reads after speech in its window. A fixed window
+        (``pad_to_seconds``, Whisper) is read as it is, with the convolutions' zero padding at its end.
+        """
+        n_frames = features.shape[-1]
+        if self.cfg.pad_to_seconds is None:
+            if frames is None:
+                frames = torch.full(features.shape[:1], n_frames, dtype=torch.long, device=features.device)
+            silence = LogMel.silence(features, frames).to(features.dtype)  # (B, 1, 1)
+            past = torch.arange(n_frames + CONV_REACH, device=features.device)[None, :] >= frames[:, None]  # (B, Nf+R)
+            features = torch.where(past[:, None, :], silence, F.pad(features, (0, CONV_REACH)))  # (B, M, Nf + R)
+        x = F.gelu(self.conv2(F.gelu(self.conv1(features))))  # (B, D, N or N + 1)
+        return x[..., : self.tokens_for_frames(n_frames)]
 
     def tokens_for_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """Token count after the strided convolution (kernel 3, padding 1)."""
@@ -126,8 +186,7 @@ class AudioEmbedder(nn.Module):
                 f"frames (AudioConfig.max_frames, the position table), got {n_frames}; pass shorter audio or build "
                 "the model with a larger max_frames"
             )
-        x = F.gelu(self.conv1(features.to(self.conv1.weight.dtype)))
-        x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, N, D)
+        x = self.convolve(features.to(self.conv1.weight.dtype), feature_lengths).transpose(1, 2)  # (B, N, D)
         if self.positions is not None:
             x = self.positions(x)
         mask = None

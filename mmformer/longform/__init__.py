@@ -144,7 +144,8 @@ def transcribe_files(
         inputs: audio file paths, or 1-D float waveforms at the model's sample rate.
         options: how windows are decoded: :class:`TranscribeOptions` (a Whisper checkpoint: openai-whisper's
             algorithm with these options; another model: see :func:`decoding_options`), or :class:`DecodingOptions`
-            (another model). Default: ``TranscribeOptions()`` for Whisper, greedy decoding otherwise.
+            (another model: as given; Whisper: its temperature, beams, language and task, without fallback).
+            Default: ``TranscribeOptions()`` for Whisper, greedy decoding otherwise.
         vad: None: a Whisper checkpoint runs openai-whisper's sequential algorithm on each input (timestamp
             seeking, fallback, no-speech skips); another model cuts inputs longer than its window at their speech
             (Silero VAD) and decodes shorter ones whole, as ``model.transcribe`` does. True (or a
@@ -178,9 +179,13 @@ def transcribe_files(
     vad_options = vad_options or VadOptions()
     whisper = has_timestamps(model)
     if whisper:
-        if isinstance(options, DecodingOptions):
-            raise TypeError("options: a Whisper checkpoint is transcribed with TranscribeOptions (openai-whisper's "
-                            "transcribe() options), got DecodingOptions")  # fmt: skip
+        if isinstance(options, DecodingOptions):  # the short-clip options (serving): one temperature, no fallback
+            options = TranscribeOptions(
+                temperature=options.temperature if options.sample else 0.0,
+                beam_size=options.num_beams if options.num_beams > 1 else None,
+                language=options.language,
+                task=options.task or "transcribe",
+            )
         options = TranscribeOptions.build(options)
         if prefix_embeds is not None:
             raise ValueError("prefix_embeds: a learned decoder prefix is for models trained here, not Whisper")

@@ -358,9 +358,9 @@ def export_checkpoint(path: str, out: str, *, merge: bool = False, overwrite: bo
 
     from mmformer import adapters
     from mmformer.auto import from_pretrained
-    from mmformer.pretrained import CHECKPOINT_KEY, CHECKPOINT_PREFIX, _checkpoint_processor, read_torch
+    from mmformer.pretrained import CHECKPOINT_KEY, CHECKPOINT_PREFIX, _checkpoint_processor, read_training_checkpoint
 
-    checkpoint = read_torch(Path(path))
+    checkpoint = read_training_checkpoint(path)
     record = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
     state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
     if not isinstance(record, dict) or not (record.get("lora") or record.get("prompt")):

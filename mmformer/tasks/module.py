@@ -46,7 +46,7 @@ from mmformer.adapters import LoraSettings
 from mmformer.config import ModelConfig
 from mmformer.generation import generate
 from mmformer.layers.documents import Documents
-from mmformer.tasks import adapt
+from mmformer.tasks import adapt, parallel
 from mmformer.tasks.distill import Distiller, part_weights
 from mmformer.tasks.losses import (
     MAX_LOGIT_SCALE,
@@ -303,6 +303,13 @@ class MultimodalTask(L.LightningModule):
             for stack in self.model.stacks.values():
                 for block in stack.blocks:
                     block.compile()
+
+    def configure_model(self) -> None:
+        """Under ``--trainer.strategy fsdp``: FSDP2 over the model, one unit per block (see
+        :mod:`mmformer.tasks.parallel`)."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, parallel.FSDP2Strategy):
+            parallel.shard(self.model, self.device_mesh["data_parallel"], strategy)
 
     # ------------------------------------------------------------------ losses
     def _has(self, route: str) -> bool:

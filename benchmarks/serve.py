@@ -1,0 +1,181 @@
+"""Serving throughput and latency: ``mmformer serve`` (dynamic batching across requests) side by side with a plain
+FastAPI server that calls the model once per request (sync endpoints in FastAPI's thread pool, the usual first
+server), on the shipped digits model, in one run. Workloads: audio zero-shot (``/v1/classify``, ten digit labels)
+and transcription; 1, 8 and 64 concurrent clients each sending requests back to back; requests/s and p50/p99
+latency per server. Both servers run as subprocesses with the same thread settings, measured alternately.
+
+    python -m benchmarks.serve [--requests 256] [--threads 2]
+"""
+
+import argparse  # no `from __future__ import annotations`: FastAPI reads the baseline's endpoint annotations
+import asyncio
+import base64
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import base_parser, parse_args, record, table
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "data/digits_model"
+DIGITS = ROOT / "data" / "digits"
+LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+CLIENTS = (1, 8, 64)
+
+
+def plain_app(model_dir: str):
+    """The baseline: a FastAPI app whose endpoints each call the model on their one request."""
+    import torch
+    from fastapi import FastAPI, File, Form, UploadFile
+    from pydantic import BaseModel
+
+    import mmformer
+
+    model = mmformer.load_pretrained(model_dir)
+    processor = model.processor
+    app = FastAPI()
+    classifiers: dict[tuple, mmformer.ZeroShotClassifier] = {}
+
+    class Classify(BaseModel):
+        labels: list[str]
+        audio: str
+
+    @app.post("/classify")
+    def classify(body: Classify) -> dict:
+        key = tuple(body.labels)
+        if key not in classifiers:
+            classifiers[key] = mmformer.ZeroShotClassifier(model, processor, list(key), modality="audio")
+        wave = processor.load_audio(base64.b64decode(body.audio), name="audio")
+        with torch.inference_mode():
+            return {"scores": classifiers[key].predict_proba([wave], sampling_rate=16000)[0].tolist()}
+
+    @app.post("/transcribe")
+    def transcribe(file: UploadFile = File(...), model_name: str = Form("", alias="model")) -> dict:  # noqa: B008
+        wave = processor.load_audio(file.file.read(), name=file.filename or "file")
+        with torch.inference_mode():
+            return {"text": model.transcribe([wave])[0]}
+
+    return app
+
+
+def start(cmd: list[str], url: str, env: dict) -> object:
+    import subprocess
+
+    import httpx
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{' '.join(cmd)} exited: {proc.stderr.read()}")
+        try:
+            httpx.get(url + "/", timeout=2)  # any answer: uvicorn listens once the app has started
+            return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{' '.join(cmd)} did not start")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def requests_for(server: str, workload: str, clips: list[Path]) -> list[dict]:
+    """httpx request arguments, one per clip."""
+    out = []
+    for clip in clips:
+        data = clip.read_bytes()
+        if workload == "zero-shot":
+            audio = base64.b64encode(data).decode()
+            body = ({"model": MODEL, "labels": LABELS, "input": [{"audio": audio}]} if server == "mmformer"
+                    else {"labels": LABELS, "audio": audio})  # fmt: skip
+            out.append({"url": "/v1/classify" if server == "mmformer" else "/classify", "json": body})
+        else:
+            out.append({"url": "/v1/audio/transcriptions" if server == "mmformer" else "/transcribe",
+                        "data": {"model": MODEL}, "files": {"file": (clip.name, data, "audio/flac")}})  # fmt: skip
+    return out
+
+
+async def load(url: str, requests: list[dict], clients: int) -> dict:
+    """``clients`` workers sending ``requests`` back to back: requests/s and latency percentiles (ms)."""
+    import httpx
+
+    latencies: list[float] = []
+    queue = list(reversed(requests))
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def worker() -> None:
+            while queue:
+                request = queue.pop()
+                start = time.perf_counter()
+                response = await client.post(**request)
+                response.raise_for_status()
+                latencies.append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - start
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
+    return {"rps": len(latencies) / wall, "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * p99}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=256, help="requests per workload and client count (>= clients)")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--plain-server", type=int, default=None, help=argparse.SUPPRESS)  # internal: run the baseline
+    args = parse_args(p, argv)
+    if args.plain_server is not None:
+        import uvicorn
+
+        uvicorn.run(plain_app(MODEL), host="127.0.0.1", port=args.plain_server, log_level="warning")
+        return
+    rows = [json.loads(line) for line in (DIGITS / "test.jsonl").read_text().splitlines()]
+    clips = [DIGITS / r["audio_filepath"] for r in rows]
+    env = {**os.environ}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    ports = {"mmformer": free_port(), "plain": free_port()}
+    commands = {
+        "mmformer": [sys.executable, "-m", "mmformer.cli", "serve", "--model", MODEL, "--port", str(ports["mmformer"]),
+                     "--max-batch-size", str(args.max_batch_size)],
+        "plain": [sys.executable, "-m", "benchmarks.serve", "--plain-server", str(ports["plain"])],
+    }  # fmt: skip
+    procs: dict[str, object] = {}
+    results = []
+    try:
+        for name, cmd in commands.items():
+            procs[name] = start(cmd, f"http://127.0.0.1:{ports[name]}", env)
+        for workload in ("zero-shot", "transcription"):
+            for clients in CLIENTS:
+                n = clients if args.tiny else max(args.requests, clients)
+                row = {"workload": workload, "clients": clients, "requests": n}
+                for server in ("mmformer", "plain"):  # warm up, then measure, alternately
+                    url = f"http://127.0.0.1:{ports[server]}"
+                    asyncio.run(load(url, requests_for(server, workload, clips[:2]), 1))
+                    measured = asyncio.run(load(url, requests_for(server, workload, clips[:n]), clients))
+                    row.update({f"{server}_{k}": v for k, v in measured.items()})
+                row["rps_vs_plain"] = row["mmformer_rps"] / row["plain_rps"]
+                results.append(row)
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+            proc.wait(timeout=60)
+    columns = ["workload", "clients", "requests", "mmformer_rps", "plain_rps", "rps_vs_plain", "mmformer_p50_ms",
+               "mmformer_p99_ms", "plain_p50_ms", "plain_p99_ms"]  # fmt: skip
+    print(table(results, columns))
+    record("serve", results, args)
+
+
+if __name__ == "__main__":
+    main()

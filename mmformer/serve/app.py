@@ -1,0 +1,432 @@
+"""The HTTP side: a FastAPI app with OpenAI's routes (``/v1/embeddings``, ``/v1/audio/transcriptions``,
+``/v1/completions``, ``/v1/models``), ours (``/v1/classify``, ``/v1/captions``), ``/health``, ``/metrics`` and the
+page at ``/``. Every model call goes through a per-route :class:`~mmformer.serve.batching.Batcher`; every error is
+OpenAI's error JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mmformer.serve.batching import Batcher
+from mmformer.serve.engine import Engine, decode_base64
+from mmformer.serve.errors import APIError, bad_request
+from mmformer.serve.metrics import Metrics
+from mmformer.serve.transcripts import FORMATS, GRANULARITIES, render
+
+STATIC = resources.files("mmformer.serve") / "static"
+KNOWN_PATHS = ("/v1/embeddings", "/v1/audio/transcriptions", "/v1/completions", "/v1/classify", "/v1/captions",
+               "/v1/models", "/health", "/metrics", "/")  # fmt: skip
+WORD_TIMESTAMPS = False  # segments carry words once transcription goes through the long-form path
+
+
+class PayloadTooLarge(Exception):
+    pass
+
+
+class Guard:
+    """ASGI middleware: refuses a body over ``max_bytes`` with 413 (from its Content-Length before reading any of
+    it, or as soon as a chunked body passes the limit) and records each request's route, status and latency."""
+
+    def __init__(self, app: Any, max_bytes: int, metrics: Metrics):
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), [500]
+        route = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+        self.metrics.in_flight += 1
+
+        async def send_status(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_bytes:
+                raise PayloadTooLarge(int(length))
+            received = 0
+
+            async def limited() -> dict:
+                nonlocal received
+                message = await receive()
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise PayloadTooLarge(received)
+                return message
+
+            await self.app(scope, limited, send_status)
+        except PayloadTooLarge as e:
+            limit_mb = self.max_bytes / 2**20
+            error = APIError(413, f"request body: expected at most {limit_mb:g} MB (--max-upload-mb), got "
+                                  f"{e.args[0] / 2**20:.2f} MB or more", code="request_too_large")  # fmt: skip
+            await JSONResponse(error.body(), status_code=413, headers={"Connection": "close"})(scope, receive, send)
+            status[0] = 413
+        finally:
+            self.metrics.in_flight -= 1
+            self.metrics.request(route, status[0], time.perf_counter() - start)
+
+
+def _param(message: str) -> str | None:
+    match = re.match(r"([\w\[\].]+): ", message)
+    return match.group(1) if match else None
+
+
+def _as_api_error(e: BaseException) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, (ValueError, TypeError, FileNotFoundError)):  # the user's input (SampleError is a ValueError)
+        return APIError(400, str(e), param=_param(str(e)))
+    return APIError(500, f"{type(e).__name__}: {e}")
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def _sse(data: Any) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise bad_request(name, f"expected a number in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def create_app(
+    engine: Engine,
+    *,
+    max_batch_size: int = 32,
+    batch_timeout_ms: float = 5.0,
+    api_key: str | None = None,
+    max_upload_mb: float = 25.0,
+) -> FastAPI:
+    """The server's app around a loaded model: one model thread, one batching queue per route it serves."""
+    metrics = Metrics()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmformer-model")
+    work = {"embeddings": engine.embed, "audio/transcriptions": engine.transcribe, "completions": engine.complete,
+            "classify": engine.classify, "captions": engine.caption}  # fmt: skip
+    batchers = {route: Batcher(route, work[route], executor, metrics, max_batch_size, batch_timeout_ms / 1000)
+                for route in engine.routes}  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for batcher in batchers.values():
+            batcher.start()
+        yield
+        for batcher in batchers.values():
+            await batcher.stop()
+        executor.shutdown(wait=True)
+
+    app = FastAPI(title="mmformer", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, max_bytes=int(max_upload_mb * 2**20), metrics=metrics)
+    app.state.engine, app.state.metrics = engine, metrics
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return _error_response(e)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, e: Exception) -> JSONResponse:  # a bug: still OpenAI's error JSON
+        return _error_response(APIError(500, f"{type(e).__name__}: {e}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        path = request.url.path
+        message = f"{request.method} {path}: no such route" if e.status_code == 404 else str(e.detail)
+        return _error_response(APIError(e.status_code, message, code="unknown_url" if e.status_code == 404 else None))
+
+    def check(request: Request, route: str | None, model: Any = None) -> None:
+        """401 without the API key, 404 for another model's name, 400 for a route this model cannot serve."""
+        if api_key is not None:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                what = "no Authorization header" if not given else "a wrong key"
+                raise APIError(401, f"Authorization: expected 'Bearer <the server's --api-key>', got {what}",
+                               code="invalid_api_key")  # fmt: skip
+        if model is not None and model != engine.model_id:
+            raise APIError(404, f"model: expected {engine.model_id!r} (the model this server serves), got {model!r}",
+                           param="model", code="model_not_found")  # fmt: skip
+        if route is not None and route not in engine.routes:
+            raise bad_request("model", f"{engine.model_id} cannot serve /v1/{route}; it serves "
+                                       f"{['/v1/' + r for r in engine.routes]}", code="unsupported_route")  # fmt: skip
+
+    async def json_body(request: Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise bad_request("body", "expected a JSON object") from None
+        if not isinstance(body, dict):
+            raise bad_request("body", f"expected a JSON object, got {type(body).__name__}")
+        return body
+
+    async def run_all(route: str, items: list[tuple[Any, Any]]) -> list[Any]:
+        """Submit (key, payload) items to the route's batcher; the first failure answers the request."""
+        results = await asyncio.gather(*(batchers[route].submit(p, key=k) for k, p in items), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise _as_api_error(r)
+        return results
+
+    async def decode_media(items: list[Any], param: str) -> list[tuple[str, Any]]:
+        """(modality, payload) per ``{"image": b64}`` / ``{"audio": b64}`` item (a str is text when allowed)."""
+
+        def one(i: int, item: Any) -> tuple[str, Any]:
+            where = f"{param}[{i}]"
+            if isinstance(item, str):
+                if not item:
+                    raise bad_request(where, "expected a non-empty string")
+                return "text", item
+            if isinstance(item, dict) and len(item) == 1 and next(iter(item)) in ("image", "audio"):
+                kind, value = next(iter(item.items()))
+                data = decode_base64(value, f"{where}.{kind}")
+                load = engine.load_image if kind == "image" else engine.load_audio
+                return kind, load(data, f"{where}.{kind}")
+            expected = "a string or {'image': base64} / {'audio': base64}"
+            raise bad_request(where, f"expected {expected}, got {item!r:.80}")
+
+        def all_items() -> list[tuple[str, Any]]:
+            return [one(i, item) for i, item in enumerate(items)]
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, all_items)
+        except Exception as e:
+            raise _as_api_error(e) from None
+
+    # ---------------------------------------------------------------------------------------------- routes
+    @app.get("/health")
+    async def health() -> dict:
+        routes = ["/v1/" + r for r in engine.routes]
+        return {"status": "ok", "model": engine.model_id, "routes": routes, "in_flight": metrics.in_flight - 1}
+
+    @app.get("/metrics")
+    async def metrics_text() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    card = {"id": engine.model_id, "object": "model", "created": 0, "owned_by": "mmformer",
+            "routes": ["/v1/" + r for r in engine.routes]}  # fmt: skip
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        check(request, None)
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model_card(request: Request, model: str) -> dict:
+        check(request, None, model)
+        return card
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> dict:
+        body = await json_body(request)
+        check(request, "embeddings", body.get("model"))
+        raw, encoding = body.get("input"), body.get("encoding_format", "float") or "float"
+        if encoding not in ("float", "base64"):
+            raise bad_request("encoding_format", f"expected 'float' or 'base64', got {encoding!r}")
+        items = [raw] if isinstance(raw, (str, dict)) else raw
+        if not isinstance(items, list) or not items:
+            raise bad_request("input", f"expected a string, a list of strings or image/audio items, got {raw!r:.80}")
+        if all(isinstance(x, int) for x in items) or any(isinstance(x, list) for x in items):
+            raise bad_request("input", "token id arrays are not accepted; send the text")
+        decoded = await decode_media(items, "input")
+        vectors = await run_all("embeddings", decoded)
+        data = []
+        for i, v in enumerate(vectors):
+            values = v.numpy().astype(np.float32)
+            embedding = base64.b64encode(values.tobytes()).decode() if encoding == "base64" else values.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": embedding})
+        tokens = sum(engine.text_tokens(p) for kind, p in decoded if kind == "text")
+        return {"object": "list", "data": data, "model": engine.model_id,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
+
+    @app.post("/v1/classify")
+    async def classify(request: Request) -> dict:
+        body = await json_body(request)
+        check(request, "classify", body.get("model"))
+        labels, templates = body.get("labels"), body.get("templates") or ["{}"]
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels):
+            raise bad_request("labels", f"expected a non-empty list of class names, got {labels!r:.80}")
+        if len(set(labels)) != len(labels):
+            raise bad_request("labels", f"expected distinct names, got {labels}")
+        if not isinstance(templates, list) or not all(isinstance(t, str) and "{}" in t for t in templates):
+            raise bad_request("templates", f"expected a list of strings with '{{}}', got {templates!r:.80}")
+        raw = body.get("input")
+        items = [raw] if isinstance(raw, dict) else raw
+        if not isinstance(items, list) or not items:
+            raise bad_request("input", f"expected a list of {{'image': base64}} / {{'audio': base64}}, got {raw!r:.80}")
+        decoded = await decode_media(items, "input")
+        for i, (kind, _) in enumerate(decoded):
+            if kind == "text":
+                raise bad_request(f"input[{i}]", "expected {'image': base64} or {'audio': base64}, got a string")
+        key = (tuple(labels), tuple(templates))
+        probs = await run_all("classify", [((kind, *key), p) for kind, p in decoded])
+        data = []
+        for i, row in enumerate(probs):
+            best = max(range(len(labels)), key=row.__getitem__)
+            data.append({"index": i, "label": labels[best], "scores": row})
+        return {"object": "list", "model": engine.model_id, "labels": labels, "data": data}
+
+    @app.post("/v1/captions")
+    async def captions(request: Request) -> dict:
+        body = await json_body(request)
+        check(request, "captions", body.get("model"))
+        raw = body.get("input")
+        items = [raw] if isinstance(raw, dict) else raw
+        if not isinstance(items, list) or not items:
+            raise bad_request("input", f"expected a list of {{'image': base64}} items, got {raw!r:.80}")
+        decoded = await decode_media(items, "input")
+        for i, (kind, _) in enumerate(decoded):
+            if kind != "image":
+                raise bad_request(f"input[{i}]", f"expected {{'image': base64}}, got a {kind} item")
+        texts = await run_all("captions", [(None, p) for _, p in decoded])
+        data = [{"index": i, "caption": t} for i, t in enumerate(texts)]
+        return {"object": "list", "model": engine.model_id, "data": data}
+
+    @app.post("/v1/audio/transcriptions", response_model=None)
+    async def transcriptions(request: Request) -> Response:
+        try:
+            form = await request.form()
+        except PayloadTooLarge:
+            raise
+        except Exception as e:
+            raise bad_request("body", f"expected multipart/form-data with a 'file' field ({e})") from None
+        check(request, "audio/transcriptions", form.get("model"))
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise bad_request("file", "expected an audio file upload (multipart field 'file')")
+        response_format = form.get("response_format") or "json"
+        if response_format not in FORMATS:
+            raise bad_request("response_format", f"expected one of {list(FORMATS)}, got {response_format!r}")
+        granularities = form.getlist("timestamp_granularities[]") or form.getlist("timestamp_granularities")
+        for g in granularities:
+            if g not in GRANULARITIES:
+                raise bad_request("timestamp_granularities[]", f"expected items of {list(GRANULARITIES)}, got {g!r}")
+        if "word" in granularities and not WORD_TIMESTAMPS:
+            message = "word timestamps need the long-form transcription path, which this build does not have"
+            raise bad_request("timestamp_granularities[]", message + "; ask for 'segment'")
+        if form.get("prompt"):
+            raise bad_request("prompt", "conditioning on a text prompt needs the long-form transcription path, "
+                                        "which this build does not have")  # fmt: skip
+        try:
+            temperature = float(form.get("temperature") or 0)
+        except ValueError:
+            raise bad_request("temperature", f"expected a number, got {form.get('temperature')!r}") from None
+        if not 0 <= temperature <= 1:
+            raise bad_request("temperature", f"expected a number in [0, 1], got {temperature}")
+        stream = str(form.get("stream", "false")).lower()
+        if stream not in ("true", "false"):
+            raise bad_request("stream", f"expected true or false, got {stream!r}")
+        language = form.get("language") or None
+        data = await upload.read()
+        name = upload.filename or "file"
+
+        def load() -> Any:
+            return engine.load_recording(data, f"file ({name})")
+
+        try:
+            wave = await asyncio.get_running_loop().run_in_executor(None, load)
+        except Exception as e:
+            error = _as_api_error(e)
+            error.param = "file"
+            raise error from None
+        (result,) = await run_all("audio/transcriptions", [((language, temperature), wave)])
+        if stream == "true":
+            return StreamingResponse(_transcript_events(result), media_type="text/event-stream")
+        content, media_type = render(result, response_format, granularities)
+        if isinstance(content, dict):
+            return JSONResponse(content)
+        return Response(content, media_type=media_type)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> Response:
+        body = await json_body(request)
+        check(request, "completions", body.get("model"))
+        prompt = body.get("prompt")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+            raise bad_request("prompt", f"expected a non-empty string or list of strings, got {prompt!r:.80}")
+        max_tokens = body.get("max_tokens", 16)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 4096:
+            raise bad_request("max_tokens", f"expected an int in [1, 4096], got {max_tokens!r}")
+        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+        top_p = body.get("top_p")
+        top_p = None if top_p is None or top_p == 1 else _number(body, "top_p", 1.0, 0.0, 1.0)
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else (stop or [])
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+            raise bad_request("stop", f"expected a string or up to 4 non-empty strings, got {body.get('stop')!r:.80}")
+        if body.get("n", 1) != 1:
+            raise bad_request("n", f"expected 1 (one completion per prompt), got {body.get('n')!r}")
+        key = (max_tokens, temperature, top_p, tuple(stop))
+        texts = await run_all("completions", [(key, p) for p in prompts])
+        tokenizer = engine.processor.tokenizer
+        specials = {tokenizer.bos_id, tokenizer.eos_id}
+        counts = [sum(i not in specials for i in tokenizer.encode(t)) for t in texts]
+        finish = ["length" if n >= max_tokens else "stop" for n in counts]
+        prompt_tokens = sum(sum(i not in specials for i in tokenizer.encode(p)) for p in prompts)
+        ident, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
+        head = {"id": ident, "object": "text_completion", "created": created, "model": engine.model_id}
+        if body.get("stream"):
+            return StreamingResponse(_completion_events(head, texts, finish), media_type="text/event-stream")
+        choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": f}
+                   for i, (t, f) in enumerate(zip(texts, finish))]  # fmt: skip
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
+                 "total_tokens": prompt_tokens + sum(counts)}  # fmt: skip
+        return JSONResponse({**head, "choices": choices, "usage": usage})
+
+    @app.get("/", response_model=None)
+    async def page() -> Response:
+        return FileResponse(str(STATIC / "index.html"), media_type="text/html")
+
+    @app.get("/static/{name}", response_model=None)
+    async def static(name: str) -> Response:
+        kinds = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
+        suffix = name[name.rfind(".") :] if "." in name else ""
+        if "/" in name or suffix not in kinds or not (STATIC / name).is_file():
+            raise APIError(404, f"GET /static/{name}: no such file", code="unknown_url")
+        return FileResponse(str(STATIC / name), media_type=kinds[suffix])
+
+    return app
+
+
+WORD = re.compile(r"\s*\S+|\s+")  # a streamed piece: a word with the space before it
+
+
+async def _transcript_events(result: dict[str, Any]) -> AsyncIterator[str]:
+    """OpenAI's streamed transcription: ``transcript.text.delta`` per segment, then ``transcript.text.done``."""
+    for i, segment in enumerate(result["segments"]):
+        yield _sse({"type": "transcript.text.delta", "delta": (" " if i else "") + segment["text"].strip()})
+    yield _sse({"type": "transcript.text.done", "text": result["text"]})
+
+
+async def _completion_events(head: dict, texts: list[str], finish: list[str]) -> AsyncIterator[str]:
+    """OpenAI's streamed completion: ``text_completion`` chunks word by word, a last chunk per choice with its
+    ``finish_reason``, then ``[DONE]``."""
+    for index, (text, reason) in enumerate(zip(texts, finish)):
+        for piece in WORD.findall(text):
+            yield _sse({**head, "choices": [{"text": piece, "index": index, "logprobs": None, "finish_reason": None}]})
+        yield _sse({**head, "choices": [{"text": "", "index": index, "logprobs": None, "finish_reason": reason}]})
+    yield _sse("[DONE]")

@@ -1,0 +1,123 @@
+"""Dynamic batching across requests: one queue per route, drained into model calls of up to ``max_batch_size``
+inputs, waiting at most ``timeout_s`` for a batch to fill. All routes share one model thread, so the model runs one
+call at a time; inputs that arrive while it is busy form the next, larger batch.
+
+Inputs whose ``key`` differs (other decoding options, other labels) never share a call. A call that raises is run
+again input by input, so one bad input fails only its own request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmformer.serve.metrics import Metrics
+
+RunBatch = Callable[[Hashable, Sequence[Any]], Sequence[Any]]  # (key, payloads) → one result per payload
+
+
+@dataclass
+class _Pending:
+    key: Hashable
+    payload: Any
+    future: asyncio.Future
+    queued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Collects concurrent inputs of one route into batched ``run_batch(key, payloads)`` calls on ``executor``."""
+
+    def __init__(
+        self,
+        route: str,
+        run_batch: RunBatch,
+        executor: Executor,
+        metrics: Metrics,
+        max_batch_size: int = 32,
+        timeout_s: float = 0.005,
+    ):
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size: expected a positive int, got {max_batch_size!r}")
+        if not isinstance(timeout_s, (int, float)) or timeout_s < 0:
+            raise ValueError(f"batch timeout: expected seconds >= 0, got {timeout_s!r}")
+        self.route, self.run_batch, self.executor, self.metrics = route, run_batch, executor, metrics
+        self.max_batch_size, self.timeout_s = max_batch_size, float(timeout_s)
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher {self.route}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def submit(self, payload: Any, key: Hashable = None) -> Any:
+        """The result of ``payload`` once its batch has run (its own exception, if it failed)."""
+        if self._queue is None:
+            raise RuntimeError(f"batcher {self.route}: start() it inside the server's event loop first")
+        pending = _Pending(key, payload, asyncio.get_running_loop().create_future())
+        await self._queue.put(pending)
+        return await pending.future
+
+    async def _collect(self) -> list[_Pending]:
+        batch = [await self._queue.get()]
+        deadline = time.perf_counter() + self.timeout_s
+        while len(batch) < self.max_batch_size:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            groups: dict[Hashable, list[_Pending]] = {}
+            for pending in batch:
+                groups.setdefault(pending.key, []).append(pending)
+            for key, group in groups.items():
+                live = [p for p in group if not p.future.cancelled()]  # a client that went away
+                if not live:
+                    continue
+                started = time.perf_counter()
+                results = await loop.run_in_executor(self.executor, self._run, key, [p.payload for p in live])
+                self.metrics.batch_ran(self.route, len(live), [started - p.queued for p in live])
+                for pending, result in zip(live, results):
+                    if pending.future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        pending.future.set_exception(result)
+                    else:
+                        pending.future.set_result(result)
+
+    def _run(self, key: Hashable, payloads: list[Any]) -> list[Any]:
+        """One result (or exception) per payload: the batch at once, or input by input when the batch fails."""
+        try:
+            results = list(self.run_batch(key, payloads))
+            if len(results) != len(payloads):
+                raise RuntimeError(f"{self.route}: {len(results)} results for {len(payloads)} inputs")
+            return results
+        except Exception as batch_error:
+            if len(payloads) == 1:
+                return [batch_error]
+        results = []
+        for payload in payloads:
+            try:
+                results.append(self.run_batch(key, [payload])[0])
+            except Exception as e:  # this input's own failure, answered to its own request only
+                results.append(e)
+        return results

@@ -1,0 +1,153 @@
+"""The model side of the server: which routes a model serves, input decoding, and one batched function per route
+(``(key, payloads) → results``, run on the model thread by :class:`~mmformer.serve.batching.Batcher`). Nothing here
+knows about HTTP.
+
+Shape legend: B inputs in a batch, E embedding size, C classes, S audio samples.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import torch
+
+from mmformer.data.collate import pad_audio
+from mmformer.generation import DecodingOptions
+from mmformer.serve.transcripts import transcribe_clips
+from mmformer.weights import model_device
+from mmformer.zeroshot import ZeroShotClassifier
+
+ROUTES = ("embeddings", "audio/transcriptions", "completions", "classify", "captions")
+
+
+def served_routes(model: Any) -> list[str]:
+    """The ``/v1/...`` model routes this model can answer."""
+    cfg, has = model.config, model.config.routes
+    decoder = model.lm_head is not None
+    embeds = "text" in has or "image" in has or "audio" in has
+    served = {
+        "embeddings": embeds and cfg.embed_dim is not None,
+        "audio/transcriptions": decoder and "audio" in has,
+        "completions": decoder and "image" not in has and "audio" not in has,
+        "classify": "text" in has and ("image" in has or "audio" in has) and cfg.embed_dim is not None,
+        "captions": decoder and "image" in has,
+    }
+    return [route for route in ROUTES if served[route]]
+
+
+def decode_base64(value: Any, param: str) -> bytes:
+    """Bytes of a base64 string or a ``data:...;base64,`` URL; ValueError naming ``param`` otherwise."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{param}: expected a base64 string or data URL, got {type(value).__name__}")
+    if value.startswith("data:"):
+        head, _, value = value.partition(",")
+        if not head.endswith(";base64"):
+            raise ValueError(f"{param}: expected a base64 data URL (data:<type>;base64,...), got {head!r}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{param}: expected base64 data, got {len(value)} characters that are not base64") from None
+
+
+def sampling(temperature: float, top_p: float | None = None) -> dict[str, Any]:
+    """OpenAI's temperature (0 = greedy) as decoding options."""
+    if temperature == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": float(temperature), "top_p": top_p}
+
+
+class Engine:
+    """A loaded model and its processor, with the per-route batched functions the server runs."""
+
+    def __init__(self, model: Any, model_id: str, max_classifiers: int = 32):
+        if getattr(model, "processor", None) is None:
+            raise ValueError(f"model: {model_id} has no processor files (tokenizer.json, preprocessor_config.json)")
+        self.model, self.processor, self.model_id = model.eval(), model.processor, model_id
+        self.routes = served_routes(model)
+        self.device = model_device(model)
+        self._classifiers: OrderedDict[Hashable, ZeroShotClassifier] = OrderedDict()
+        self._max_classifiers = max_classifiers
+
+    # ------------------------------------------------------------------ inputs (request side)
+    def load_image(self, data: bytes, param: str) -> torch.Tensor:
+        """(C, H, W) pixels of an encoded image; SampleError naming ``param`` when it does not decode."""
+        if "image" not in self.model.config.routes:
+            raise ValueError(f"{param}: this model has no image encoder; its routes are {self.routes}")
+        return self.processor.load_image(data, name=param)
+
+    def load_audio(self, data: bytes, param: str) -> torch.Tensor:
+        """(S,) waveform at the model's rate of an encoded audio file; SampleError naming ``param``."""
+        if "audio" not in self.model.config.routes:
+            raise ValueError(f"{param}: this model has no audio encoder; its routes are {self.routes}")
+        return self.processor.load_audio(data, name=param)
+
+    def load_recording(self, data: bytes, param: str) -> torch.Tensor:
+        """(S,) mono waveform at the model's rate of a whole recording (no ``max_seconds`` cut: the long-form path
+        reads any length); SampleError naming ``param``."""
+        from mmformer.data.io import read_audio
+
+        if "audio" not in self.model.config.routes:
+            raise ValueError(f"{param}: this model has no audio encoder; its routes are {self.routes}")
+        return read_audio(data, self.model.config.audio.sample_rate, mono=True, name=param)[0]
+
+    def text_tokens(self, text: str) -> int:
+        return len(self.processor.tokenizer.encode(text))
+
+    # ------------------------------------------------------------------ batched work (model thread)
+    @torch.inference_mode()
+    def embed(self, modality: Hashable, payloads: Sequence[Any]) -> list[torch.Tensor]:
+        """(E,) float32 embeddings of texts, (C, H, W) pixels or (S,) waveforms, all of one ``modality``."""
+        model = self.model
+        if modality == "text":
+            batch = self.processor(text=list(payloads))
+            out = model.encode_text(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+        elif modality == "image":
+            out = model.encode_image(torch.stack(list(payloads)).to(self.device))  # (B, C, H, W) → (B, E)
+        else:
+            audio, lengths = pad_audio(list(payloads))  # (B, S), (B,)
+            out = model.encode_audio(audio.to(self.device), lengths.to(self.device))
+        return list(out.float().cpu())
+
+    def transcribe(self, key: Hashable, waves: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
+        language, temperature = key
+        options = DecodingOptions(language=language, **sampling(temperature))
+        with torch.inference_mode():
+            return transcribe_clips(self.model, waves, options)
+
+    def complete(self, key: Hashable, prompts: Sequence[str]) -> list[str]:
+        max_tokens, temperature, top_p, stop = key
+        options = DecodingOptions(max_new_tokens=max_tokens, stop_strings=stop, **sampling(temperature, top_p))
+        with torch.inference_mode():
+            return self.model.complete(list(prompts), options=options)
+
+    def caption(self, key: Hashable, pixels: Sequence[torch.Tensor]) -> list[str]:
+        with torch.inference_mode():
+            return self.model.caption(torch.stack(list(pixels)).to(self.device), options=DecodingOptions(**sampling(0)))
+
+    def classifier(self, modality: str, labels: tuple[str, ...], templates: tuple[str, ...]) -> ZeroShotClassifier:
+        """A zero-shot classifier per (modality, labels, templates), its class embeddings cached (least recently
+        used dropped first)."""
+        key = (modality, labels, templates)
+        if key not in self._classifiers:
+            self._classifiers[key] = ZeroShotClassifier(
+                self.model, self.processor, classnames=list(labels), templates=list(templates), modality=modality
+            )
+            while len(self._classifiers) > self._max_classifiers:
+                self._classifiers.popitem(last=False)
+        self._classifiers.move_to_end(key)
+        return self._classifiers[key]
+
+    def classify(self, key: Hashable, payloads: Sequence[torch.Tensor]) -> list[list[float]]:
+        """Per input, the probability of each label (in the labels' order)."""
+        modality, labels, templates = key
+        clf = self.classifier(modality, labels, templates)
+        if modality == "image":
+            probs = clf.predict_proba(torch.stack(list(payloads)))  # (B, C)
+        else:
+            audio, lengths = pad_audio(list(payloads))
+            probs = clf.predict_proba(audio, lengths=lengths)
+        return probs.tolist()

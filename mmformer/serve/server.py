@@ -1,0 +1,47 @@
+"""``mmformer serve``: load the model once, build the app, run uvicorn. SIGTERM (or Ctrl-C) stops accepting new
+connections and lets the requests in flight finish (up to ``graceful_s``) before the batchers stop."""
+
+from __future__ import annotations
+
+import logging
+
+from mmformer.serve.engine import Engine
+
+log = logging.getLogger("mmformer.serve")
+
+
+def load_engine(model: str, *, adapter: str | None = None, device: str = "cpu") -> Engine:
+    """The model at ``model`` (any name ``load_pretrained`` takes), loaded once, with its processor."""
+    from mmformer.auto import load_pretrained
+
+    return Engine(load_pretrained(model, device=device, adapter=adapter), model_id=model)
+
+
+def serve(
+    model: str,
+    *,
+    adapter: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch_size: int = 32,
+    batch_timeout_ms: float = 5.0,
+    api_key: str | None = None,
+    max_upload_mb: float = 25.0,
+    device: str = "cpu",
+    graceful_s: float = 30.0,
+) -> None:
+    """Serve ``model`` over HTTP until SIGTERM / SIGINT."""
+    import uvicorn
+
+    from mmformer.serve.app import create_app
+
+    if not max_upload_mb > 0:
+        raise ValueError(f"--max-upload-mb: expected a size > 0, got {max_upload_mb}")
+    if not batch_timeout_ms >= 0:
+        raise ValueError(f"--batch-timeout-ms: expected milliseconds >= 0, got {batch_timeout_ms}")
+    engine = load_engine(model, adapter=adapter, device=device)
+    app = create_app(engine, max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms, api_key=api_key,
+                     max_upload_mb=max_upload_mb)  # fmt: skip
+    print(f"mmformer serve: {model} on http://{host}:{port} — routes {['/v1/' + r for r in engine.routes]}", flush=True)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_s)
+    uvicorn.Server(config).run()

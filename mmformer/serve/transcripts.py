@@ -1,0 +1,60 @@
+"""Transcription results in openai-whisper's shape (``text``, ``segments``, ``language``) and their renderings as
+OpenAI's ``response_format`` values (json, text, srt, vtt, verbose_json).
+
+:func:`transcribe_clips` is the one place the server turns waveforms into results: the long-form path
+(:func:`mmformer.longform.transcribe_files`), so a clip longer than the model's window is cut at its speech and its
+segments carry their times; subtitles are :mod:`mmformer.longform.writers`'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mmformer.generation import DecodingOptions
+from mmformer.longform import transcribe_files
+from mmformer.longform.writers import to_srt, to_vtt
+
+FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+GRANULARITIES = ("segment", "word")
+
+
+def transcribe_clips(model: Any, waveforms: Sequence[torch.Tensor], options: DecodingOptions) -> list[dict[str, Any]]:
+    """One result per 1-D waveform (at the model's sample rate), all decoded together: ``{"text", "segments",
+    "language", "duration"}``; a waveform that cannot be transcribed raises (the batcher then retries the others
+    alone)."""
+    results = transcribe_files(model, list(waveforms), options, batch_size=max(1, len(waveforms)))
+    rate = model.config.audio.sample_rate
+    for result, wave in zip(results, waveforms):
+        if "error" in result:
+            raise ValueError(f"file: {result['error']}")
+        result["duration"] = wave.shape[-1] / rate
+    return results
+
+
+def verbose_json(result: dict[str, Any], granularities: Sequence[str]) -> dict[str, Any]:
+    """OpenAI's verbose transcription: task, language, duration, text, segments (and words when asked)."""
+    body: dict[str, Any] = {"task": "transcribe", "language": result.get("language"),
+                            "duration": round(result["duration"], 3), "text": result["text"]}  # fmt: skip
+    if "segment" in granularities or not granularities:
+        body["segments"] = result["segments"]
+    if "word" in granularities:
+        body["words"] = [w for s in result["segments"] for w in s.get("words", [])]
+    return body
+
+
+def render(result: dict[str, Any], response_format: str, granularities: Sequence[str] = ()) -> tuple[Any, str]:
+    """(body, media type) of a result in one of :data:`FORMATS`; a dict body is sent as JSON."""
+    if response_format == "json":
+        return {"text": result["text"]}, "application/json"
+    if response_format == "verbose_json":
+        return verbose_json(result, granularities), "application/json"
+    if response_format == "text":
+        return result["text"] + "\n", "text/plain; charset=utf-8"
+    if response_format == "srt":
+        return to_srt(result), "text/plain; charset=utf-8"
+    if response_format == "vtt":
+        return to_vtt(result), "text/vtt; charset=utf-8"
+    raise ValueError(f"response_format: expected one of {list(FORMATS)}, got {response_format!r}")

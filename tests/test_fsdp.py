@@ -1,0 +1,113 @@
+"""``mmformer fit --trainer.strategy fsdp`` (FSDP2 through Lightning's ModelParallelStrategy) on CPU with gloo:
+two processes train exactly as one process on the concatenated batch; the sharded checkpoint folder loads with
+``load_pretrained`` and ``mmformer export`` consolidates it into our directory format, which a fresh process loads.
+
+Which samples each rank gets, and why the contrastive loss is exact across ranks: see tests/test_cli_ddp.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from cli_helpers import REPO, cli_env, fit_in_process, model_weights, run_cli, tiny_config, write_config, write_pairs
+
+from mmformer.pretrained import read_checkpoint
+from mmformer.tasks.parallel import FSDP2Strategy, strategy_from_name, vectorize_scalars
+
+STEPS = 3
+TOL = 1e-6
+
+
+def fsdp_config(root, data, *, batch_size: int, devices: int, checkpointing: bool) -> dict:
+    return tiny_config(
+        root,
+        data,
+        every=STEPS,
+        max_steps=STEPS,
+        trainer={
+            "devices": devices,
+            "strategy": "fsdp" if devices > 1 else "auto",
+            "limit_train_batches": STEPS,
+        },
+        model={
+            "model": {
+                "stacks": {"shared": {"cross_attention": False, "depth": 2, "gradient_checkpointing": checkpointing}},
+                "routes": {"decoder": None},  # image and text only: every loss term is exact across ranks
+                "text": {"max_length": 16},
+            },
+            "caption_weight": 0.0,
+            "speech_weight": 0.0,
+            "warmup_steps": 0,
+            "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}},
+        },
+        data={"batch_size": batch_size},
+    )
+
+
+def sharded_weights(folder) -> dict[str, torch.Tensor]:
+    checkpoint = read_checkpoint(folder)
+    return {k: v.float() for k, v in checkpoint.read(sorted(checkpoint.specs)).items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation_checkpointing"])
+def test_two_process_fsdp_fit_equals_one_process_and_exports(tmp_path, checkpointing):
+    data = write_pairs(tmp_path / "data", n=8 * STEPS)
+    two = tmp_path / "two"
+    config = fsdp_config(two, data, batch_size=4, devices=2, checkpointing=checkpointing)
+    done = run_cli("fit", "--config", str(write_config(two / "config.yaml", config)), timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    folder = two / "ckpt" / "last.ckpt"
+    assert folder.is_dir() and (folder / ".metadata").is_file()  # each rank wrote its own shards
+
+    one = tmp_path / "one"
+    config = fsdp_config(one, data, batch_size=8, devices=1, checkpointing=checkpointing)
+    cli = fit_in_process(write_config(one / "config.yaml", config), run=False)
+    before = model_weights(cli.model)  # the same seed: the initial weights of both runs
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    expected = {k.removeprefix("model."): v for k, v in model_weights(cli.model).items() if k.startswith("model.")}
+    assert max(float((before[f"model.{k}"] - v).abs().max()) for k, v in expected.items()) > 1e-3  # it trained
+
+    got = sharded_weights(folder)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value.reshape(got[name].shape), rtol=0, atol=TOL, msg=name)
+
+    # consolidated into our directory format, loaded by a fresh process: the unsharded model's outputs
+    out = tmp_path / "exported"
+    done = run_cli("export", "--ckpt", str(folder), "--out", str(out), timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    pixels = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.save(pixels, tmp_path / "pixels.pt")
+    code = (
+        "import sys, torch, mmformer\n"
+        f"m = mmformer.from_pretrained({str(out)!r}).eval()\n"
+        f"x = torch.load({str(tmp_path / 'pixels.pt')!r}, weights_only=True)\n"
+        "with torch.no_grad(): e = m.encode_image(x)\n"
+        f"torch.save({{'e': e, 'scale': m.logit_scale.detach()}}, {str(tmp_path / 'out.pt')!r})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fresh = torch.load(tmp_path / "out.pt", weights_only=True)
+    model = cli.model.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh["e"], model.encode_image(pixels), rtol=0, atol=1e-5)
+    assert fresh["scale"].shape == model.logit_scale.shape == ()  # the model's own scalar again
+
+
+def test_fsdp_strategy_by_name_and_its_options():
+    assert isinstance(strategy_from_name("fsdp"), FSDP2Strategy)
+    assert strategy_from_name("ddp") == "ddp"
+    with pytest.raises(ValueError, match="param_dtype"):
+        FSDP2Strategy(param_dtype="int8")
+    policy = FSDP2Strategy(param_dtype="bfloat16").mixed_precision()
+    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+
+
+def test_scalars_become_vectors_with_the_same_value(tiny_model):
+    before = float(tiny_model.logit_scale)
+    names = vectorize_scalars(tiny_model)
+    assert "logit_scale" in names and tiny_model.logit_scale.shape == (1,) and float(tiny_model.logit_scale) == before

@@ -1,0 +1,476 @@
+"""``mmformer serve``: the real server in a subprocess on a free port, driven by the official ``openai`` client and
+httpx; every answer compared with the library called in this process (the shipped digits model, a random LM)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+import mmformer  # noqa: E402
+from mmformer.processor import Processor  # noqa: E402
+from mmformer.serve.batching import Batcher  # noqa: E402
+from mmformer.serve.metrics import Metrics  # noqa: E402
+from mmformer.tokenizer import Tokenizer  # noqa: E402
+from mmformer.zeroshot import ZeroShotClassifier  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ROOT / "data" / "digits"
+MODEL = "data/digits_model"
+KEY = "sk-test-key"
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def test_samples(n: int) -> list[dict]:
+    rows = [json.loads(line) for line in (DIGITS / "test.jsonl").read_text().splitlines()]
+    return rows[:n]
+
+
+test_samples.__test__ = False  # a helper, not a test
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(model: str, *args: str, startup_s: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``mmformer serve`` in a subprocess on a free port, from the repository root; SIGTERM at the end."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mmformer.cli", "serve", "--model", model, "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mmformer serve exited with {proc.returncode}:\n{proc.stdout.read()}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mmformer serve did not answer /health within {startup_s} s")
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    model = mmformer.load_pretrained(str(ROOT / MODEL))
+    torch.manual_seed(0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def padding_leaks(digits) -> float:
+    """Max abs change of a clip's audio embedding when it is zero-padded in a batch (issue #24: > 1e-5 until fixed)."""
+    from mmformer.data.collate import pad_audio
+
+    rows = test_samples(3)
+    waves = [digits.processor.load_audio(str(DIGITS / rows[i]["audio_filepath"])) for i in (0, 2)]
+    with torch.no_grad():
+        batch = digits.encode_audio(*pad_audio(waves))
+        alone = digits.encode_audio(waves[0][None], torch.tensor([waves[0].shape[-1]]))
+    return float((batch[0] - alone[0]).abs().max())
+
+
+def same_as_alone(got: list, alone: list, leaks: float, what: str) -> None:
+    """Batched answers equal one-by-one answers; while issue #24 (padding leaks into the audio encoder) is open, a
+    difference is reported as that known failure (an expected failure naming the count), never hidden."""
+    differ = [(i, g, e) for i, (g, e) in enumerate(zip(got, alone)) if g != e]
+    if differ and leaks > 1e-5:
+        pytest.xfail(f"issue #24 (padding changes an audio embedding by {leaks:.3g}): {len(differ)} of {len(got)} "
+                     f"batched {what} differ from one-by-one, e.g. {differ[:3]}")  # fmt: skip
+    assert not differ, f"{len(differ)} of {len(got)} batched {what} differ from one-by-one: {differ[:5]}"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with running_server(MODEL, "--api-key", KEY, "--max-upload-mb", "1", "--max-batch-size", "32") as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one series in Prometheus text."""
+    for line in text.splitlines():
+        match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+        if match and match.group(1) == name:
+            found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+            if found == labels:
+                return float(match.group(3))
+    raise KeyError(f"{name}{labels} not in the metrics")
+
+
+# ---------------------------------------------------------------------------------------------- batching, in process
+def test_batcher_batches_concurrent_inputs_and_a_failing_input_fails_only_itself():
+    calls: list[list[int]] = []
+
+    def run(key, payloads):
+        calls.append(list(payloads))
+        if any(p < 0 for p in payloads):
+            raise ValueError(f"x: expected >= 0, got {min(payloads)}")
+        return [key * p for p in payloads]
+
+    async def main():
+        batcher = Batcher("t", run, ThreadPoolExecutor(1), Metrics(), max_batch_size=8, timeout_s=0.05)
+        batcher.start()
+        jobs = [batcher.submit(p, key=10) for p in (1, 2, -3, 4)] + [batcher.submit(5, key=100)]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(main())
+    assert results[:2] == [10, 20] and results[3:] == [40, 500]
+    assert isinstance(results[2], ValueError) and "x: expected >= 0, got -3" in str(results[2])
+    assert calls[0] == [1, 2, -3, 4]  # one batch per key, then the failed batch input by input
+    assert calls[1:5] == [[1], [2], [-3], [4]] and calls[5] == [5]
+
+
+# ---------------------------------------------------------------------------------------------- OpenAI routes
+def test_models_health_and_page(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("whisper-1")
+    health = httpx.get(server + "/health").json()
+    assert health["routes"] == ["/v1/embeddings", "/v1/audio/transcriptions", "/v1/classify", "/v1/captions"]
+    page = httpx.get(server + "/")
+    assert page.status_code == 200 and "/static/app.js" in page.text
+    for name in ("app.js", "style.css"):
+        assert httpx.get(f"{server}/static/{name}").status_code == 200
+    assert "https://" not in page.text + httpx.get(server + "/static/app.js").text  # nothing from a CDN
+
+
+def test_text_embeddings_float_and_base64_equal_encode_text(client, digits):
+    texts = ["four two nine", "one", "seven seven seven three"]
+    batch = digits.processor(text=texts)
+    with torch.no_grad():
+        expected = [digits.encode_text(**{k: v[i : i + 1] for k, v in batch.items()})[0] for i in range(len(texts))]
+    for fmt in ("float", "base64"):
+        response = client.embeddings.create(model=MODEL, input=texts, encoding_format=fmt)
+        got = response.data
+        if fmt == "base64":  # the client hands base64 back as the string it received
+            got = [np.frombuffer(base64.b64decode(d.embedding), dtype=np.float32) for d in got]
+        else:
+            got = [np.asarray(d.embedding, dtype=np.float32) for d in got]
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(g, e.numpy(), rtol=0, atol=1e-5)
+        assert response.usage.prompt_tokens == sum(len(digits.processor.tokenizer.encode(t)) for t in texts)
+    default = client.embeddings.create(model=MODEL, input="one")  # the client asks for base64 and decodes it
+    np.testing.assert_allclose(default.data[0].embedding, expected[1].numpy(), atol=1e-5)
+
+
+def test_image_and_audio_embeddings(server, digits, padding_leaks):
+    rows = test_samples(3)
+    items = [{"image": b64(DIGITS / r["image"])} for r in rows] + [{"audio": b64(DIGITS / r["audio_filepath"])}
+                                                                  for r in rows]  # fmt: skip
+    items[1] = {"image": "data:image/png;base64," + items[1]["image"]}  # a data URL works too
+    body = httpx.post(server + "/v1/embeddings", json={"model": MODEL, "input": items}, headers=auth(), timeout=60)
+    assert body.status_code == 200, body.text
+    got = torch.tensor([d["embedding"] for d in body.json()["data"]])
+    with torch.no_grad():
+        images = [digits.encode_image(digits.processor.load_image(str(DIGITS / r["image"]))[None])[0] for r in rows]
+        audio = [digits.processor.load_audio(str(DIGITS / r["audio_filepath"])) for r in rows]
+        sounds = [digits.encode_audio(a[None], torch.tensor([a.shape[-1]]))[0] for a in audio]
+    for i in range(3):
+        torch.testing.assert_close(got[i], images[i], rtol=0, atol=1e-5)
+    for i, item in enumerate(items[3:]):  # each clip alone in its request (and batch): exactly the library's
+        alone = httpx.post(server + "/v1/embeddings", json={"model": MODEL, "input": [item]}, headers=auth())
+        torch.testing.assert_close(torch.tensor(alone.json()["data"][0]["embedding"]), sounds[i], rtol=0, atol=1e-5)
+    close = [bool((got[3 + i] - sounds[i]).abs().max() <= 1e-5) for i in range(3)]
+    same_as_alone(close, [True] * 3, padding_leaks, "audio embeddings (within 1e-5)")
+
+
+def test_transcriptions_in_every_format_and_streamed(client, digits):
+    import srt
+    import webvtt
+
+    row = test_samples(3)[2]
+    path = DIGITS / row["audio_filepath"]
+    expected = digits.transcribe([str(path)])[0]
+    duration = digits.processor.load_audio(str(path)).shape[-1] / 16000
+
+    def create(**kw):
+        with open(path, "rb") as f:
+            return client.audio.transcriptions.create(model=MODEL, file=f, **kw)
+
+    assert create().text == expected
+    assert create(response_format="text").strip() == expected
+    verbose = create(response_format="verbose_json", timestamp_granularities=["segment"])
+    assert verbose.text == expected and verbose.duration == pytest.approx(duration, abs=1e-3)
+    assert [(s.start, s.end, s.text) for s in verbose.segments] == [(0.0, pytest.approx(duration, abs=1e-3), expected)]
+    (cue,) = list(srt.parse(create(response_format="srt")))
+    assert cue.content == expected and cue.start.total_seconds() == 0
+    assert cue.end.total_seconds() == pytest.approx(duration, abs=1e-3)
+    (caption,) = webvtt.from_string(create(response_format="vtt")).captions
+    assert caption.text == expected and caption.start_in_seconds == 0
+    h, m, s = caption.end.split(":")
+    assert int(h) * 3600 + int(m) * 60 + float(s) == pytest.approx(duration, abs=1e-3)
+    events = list(create(stream=True))
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    (done,) = [e for e in events if e.type == "transcript.text.done"]
+    assert "".join(deltas) == done.text == expected and events[-1] is done
+
+
+def test_classify_equals_zero_shot_classifier_and_captions_equal_model_caption(server, digits):
+    rows = test_samples(4)
+    labels, templates = WORDS, ["{}", "the digit {}"]
+    for kind, field in (("image", "image"), ("audio", "audio_filepath")):
+        paths = [str(DIGITS / r[field]) for r in rows]
+        clf = ZeroShotClassifier(digits, digits.processor, classnames=labels, templates=templates, modality=kind)
+        expected = clf.predict_proba(paths)
+        items = [{kind: b64(Path(p))} for p in paths]
+        body = {"model": MODEL, "labels": labels, "templates": templates, "input": items}
+        answer = httpx.post(server + "/v1/classify", json=body, headers=auth(), timeout=60)
+        assert answer.status_code == 200, answer.text
+        got = torch.tensor([d["scores"] for d in answer.json()["data"]])
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+        assert [d["label"] for d in answer.json()["data"]] == clf.predict(paths)
+    paths = [str(DIGITS / r["image"]) for r in rows]
+    body = {"model": MODEL, "input": [{"image": b64(Path(p))} for p in paths]}
+    answer = httpx.post(server + "/v1/captions", json=body, headers=auth(), timeout=60)
+    assert [d["caption"] for d in answer.json()["data"]] == digits.caption(paths)
+
+
+def test_64_concurrent_transcriptions_are_batched_and_equal_one_by_one(server, digits, padding_leaks):
+    rows = test_samples(64)
+    paths = [DIGITS / r["audio_filepath"] for r in rows]
+    alone = [digits.transcribe([str(p)])[0] for p in paths]
+    before = httpx.get(server + "/metrics").text
+
+    def post(path: Path) -> httpx.Response:
+        files = {"file": (path.name, path.read_bytes(), "audio/flac")}
+        return httpx.post(server + "/v1/audio/transcriptions", data={"model": MODEL}, files=files, headers=auth(),
+                          timeout=300)  # fmt: skip
+
+    with ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(post, paths))
+    assert [a.status_code for a in answers] == [200] * 64
+    got = [a.json()["text"] for a in answers]
+    after = httpx.get(server + "/metrics").text
+    route = "audio/transcriptions"
+
+    def batches(text: str, le: str) -> float:
+        try:
+            return metric(text, "mmformer_batch_size_bucket", route=route, le=le)
+        except KeyError:
+            return 0.0
+
+    multi = (batches(after, "+Inf") - batches(after, "1")) - (batches(before, "+Inf") - batches(before, "1"))
+    assert multi >= 1, "no transcription batch held more than one request"
+    calls = batches(after, "+Inf") - batches(before, "+Inf")
+    differ = sum(g != e for g, e in zip(got, alone))
+    print(f"64 concurrent transcriptions: {int(calls)} model calls, {int(multi)} with more than one request; "
+          f"{differ} differ from one-by-one")  # fmt: skip
+    assert calls < 64
+    same_as_alone(got, alone, padding_leaks, "transcripts")
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_bad_inputs_get_their_status_and_error_json_and_the_server_keeps_serving(server, client):
+    good = {"model": MODEL, "input": "one two"}
+
+    def ok() -> None:
+        assert httpx.post(server + "/v1/embeddings", json=good, headers=auth()).status_code == 200
+
+    def error(response: httpx.Response, status: int, param: str | None, text: str) -> None:
+        assert response.status_code == status, response.text
+        body = response.json()["error"]
+        assert set(body) == {"message", "type", "param", "code"} and body["param"] == param
+        assert text in body["message"], body["message"]
+        ok()
+
+    garbage = base64.b64encode(b"this is not a picture").decode()
+    r = httpx.post(server + "/v1/embeddings", json={"model": MODEL, "input": [{"image": garbage}]}, headers=auth())
+    error(r, 400, "input[0].image", "input[0].image")
+    r = httpx.post(server + "/v1/embeddings", json={"model": MODEL, "input": [{"image": "%%%"}]}, headers=auth())
+    error(r, 400, "input[0].image", "not base64")
+    files = {"file": ("broken.flac", b"fLaC-but-not-really", "audio/flac")}
+    r = httpx.post(server + "/v1/audio/transcriptions", data={"model": MODEL}, files=files, headers=auth())
+    error(r, 400, "file", "broken.flac")
+    r = httpx.post(server + "/v1/embeddings", json={**good, "model": "gpt-4"}, headers=auth())
+    error(r, 404, "model", "'gpt-4'")
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="whisper-1", input="one")
+    r = httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": "one"}, headers=auth())
+    error(r, 400, "model", "/v1/audio/transcriptions")  # the routes it does serve are listed
+    error(httpx.post(server + "/v1/embeddings", json=good), 401, None, "no Authorization header")
+    r = httpx.post(server + "/v1/embeddings", json=good, headers={"Authorization": "Bearer nope"})
+    error(r, 401, None, "a wrong key")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
+    r = httpx.post(server + "/v1/embeddings", json={**good, "encoding_format": "int8"}, headers=auth())
+    error(r, 400, "encoding_format", "'int8'")
+    big = {"file": ("big.flac", os.urandom(2 * 2**20), "audio/flac")}  # over --max-upload-mb 1
+    error(httpx.post(server + "/v1/audio/transcriptions", data={"model": MODEL}, files=big, headers=auth()), 413,
+          None, "at most 1 MB")  # fmt: skip
+    chunks = (b"x" * 2**18 for _ in range(8))  # 2 MB without a Content-Length (chunked): cut off at the limit
+    r = httpx.post(server + "/v1/embeddings", content=chunks, headers={**auth(), "Content-Type": "application/json"})
+    error(r, 413, None, "at most 1 MB")
+    # 413 from the Content-Length alone: the server answers before any of the claimed 100 MB is sent
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Authorization: Bearer {KEY}\r\nContent-Length: {100 * 2**20}\r\n\r\n".encode())  # fmt: skip
+        head = s.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 413"), head
+    ok()
+
+
+def test_a_corrupt_file_among_concurrent_requests_fails_alone(server, digits, padding_leaks):
+    rows = test_samples(8)
+    uploads = [(r["audio_filepath"], (DIGITS / r["audio_filepath"]).read_bytes()) for r in rows]
+    uploads.insert(3, ("corrupt.wav", b"RIFF\x00\x00\x00\x00WAVEfmt garbage"))
+
+    def post(upload):
+        files = {"file": (Path(upload[0]).name, upload[1], "application/octet-stream")}
+        return httpx.post(server + "/v1/audio/transcriptions", data={"model": MODEL, "response_format": "text"},
+                          files=files, headers=auth(), timeout=120)  # fmt: skip
+
+    with ThreadPoolExecutor(len(uploads)) as pool:
+        answers = list(pool.map(post, uploads))
+    assert answers[3].status_code == 400 and "corrupt.wav" in answers[3].json()["error"]["message"]
+    good = answers[:3] + answers[4:]
+    assert [a.status_code for a in good] == [200] * 8
+    alone = [digits.transcribe([str(DIGITS / r["audio_filepath"])])[0] for r in rows]
+    same_as_alone([a.text.strip() for a in good], alone, padding_leaks, "transcripts")
+
+
+# ---------------------------------------------------------------------------------------------- a language model
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory) -> Path:
+    from tests.test_text_generation import language_model
+
+    texts = ["the cat sat on the mat.", "a dog ran in the park!", "once upon a time there was a king.\n"] * 4
+    tokenizer = Tokenizer.train(texts, vocab_size=300, max_length=48)
+    torch.manual_seed(0)
+    model = language_model("rope-gqa", vocab_size=tokenizer.vocab_size)
+    path = tmp_path_factory.mktemp("serve") / "lm"
+    model.save_pretrained(path, processor=Processor(tokenizer))
+    return path
+
+
+def test_completions_equal_model_complete_streamed_or_not(lm_dir):
+    model = mmformer.load_pretrained(str(lm_dir))
+    prompts = ["the cat", "once upon a time", "a dog ran"]
+    expected = model.complete(prompts, max_new_tokens=10, do_sample=False)
+    stopped = model.complete(prompts, max_new_tokens=10, do_sample=False, stop_strings=["a"])
+    with running_server(str(lm_dir)) as (url, proc):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        answer = client.completions.create(model=str(lm_dir), prompt=prompts, max_tokens=10, temperature=0)
+        assert [c.text for c in sorted(answer.choices, key=lambda c: c.index)] == expected
+        assert answer.usage.completion_tokens > 0 and answer.object == "text_completion"
+        answer = client.completions.create(model=str(lm_dir), prompt=prompts, max_tokens=10, temperature=0, stop="a")
+        assert [c.text for c in answer.choices] == stopped
+        pieces: dict[int, str] = {}
+        finished = {}
+        for chunk in client.completions.create(model=str(lm_dir), prompt=prompts, max_tokens=10, temperature=0,
+                                               stream=True):  # fmt: skip
+            for c in chunk.choices:
+                pieces[c.index] = pieces.get(c.index, "") + c.text
+                if c.finish_reason:
+                    finished[c.index] = c.finish_reason
+        assert [pieces[i] for i in range(3)] == expected and set(finished) == {0, 1, 2}
+        files = {"file": ("a.flac", (DIGITS / test_samples(1)[0]["audio_filepath"]).read_bytes(), "audio/flac")}
+        r = httpx.post(url + "/v1/audio/transcriptions", data={"model": str(lm_dir)}, files=files)
+        assert r.status_code == 400 and "/v1/completions" in r.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_sigterm_lets_the_requests_in_flight_finish(lm_dir):
+    """One input per model call (--max-batch-size 1) keeps 32 requests in flight long enough to signal the server
+    while it holds them all; every one is answered, then the process exits."""
+    prompts = ["the cat", "once upon a time", "a dog ran", "the park"]
+    body = {"model": str(lm_dir), "prompt": prompts, "max_tokens": 40, "temperature": 0}
+
+    async def load(url: str, proc: subprocess.Popen) -> tuple[int, list]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+            jobs = [asyncio.create_task(client.post("/v1/completions", json=body)) for _ in range(32)]
+            in_flight, deadline = 0, time.monotonic() + 30
+            while in_flight < 32 and time.monotonic() < deadline and not all(j.done() for j in jobs):
+                in_flight = (await client.get("/health")).json()["in_flight"]
+            proc.send_signal(signal.SIGTERM)
+            return in_flight, await asyncio.gather(*jobs, return_exceptions=True)
+
+    with running_server(str(lm_dir), "--max-batch-size", "1") as (url, proc):
+        in_flight, answers = asyncio.run(load(url, proc))
+        returncode = proc.wait(timeout=60)
+    assert in_flight == 32, f"only {in_flight} of 32 requests were in the server when it was signalled"
+    assert [getattr(a, "status_code", a) for a in answers] == [200] * 32
+    assert returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has drained
+
+
+def test_a_recording_longer_than_the_model_window_goes_through_the_long_form_path(server, digits, tmp_path):
+    import soundfile
+
+    from mmformer.generation import DecodingOptions
+    from mmformer.longform import transcribe_files
+
+    rate = digits.config.audio.sample_rate
+    window = digits.config.audio.window_samples or digits.config.audio.max_frames * digits.config.audio.hop_length
+    clips = [digits.processor.load_audio(str(DIGITS / r["audio_filepath"])) for r in test_samples(24)]
+    pause = torch.zeros(rate // 2)
+    wave = torch.cat([x for clip in clips for x in (clip, pause)])
+    assert wave.shape[0] > window  # longer than the model reads at once (and than the processor's max_seconds)
+    path = tmp_path / "long.flac"
+    soundfile.write(path, wave.numpy(), rate)
+    wave = torch.from_numpy(soundfile.read(path, dtype="float32")[0])  # as the server reads it back
+    (expected,) = transcribe_files(digits, [wave], DecodingOptions(do_sample=False))
+    files = {"file": ("long.flac", path.read_bytes(), "audio/flac")}
+    data = {"model": MODEL, "response_format": "verbose_json"}
+    answer = httpx.post(server + "/v1/audio/transcriptions", data=data, files=files, headers=auth(), timeout=300)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["duration"] == pytest.approx(wave.shape[0] / rate, abs=1e-3)
+    assert len(body["segments"]) == len(expected["segments"]) > 1
+    assert [(s["start"], s["end"], s["text"]) for s in body["segments"]] == [
+        (s["start"], s["end"], s["text"]) for s in expected["segments"]
+    ]
+    assert body["segments"][-1]["end"] > 16
