@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from mmformer.generation import _is_int, _is_number, _option
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 VAD_RATE = 16000  # Silero runs at 16 kHz (or 8 kHz); other rates are resampled for it
 VAD_FRAME = 512  # samples per Silero frame at 16 kHz (32 ms)
+VAD_CONTEXT = 64  # samples of the previous frame Silero reads before each frame
 
 
 @dataclass(frozen=True)
@@ -137,22 +139,27 @@ def _trim(wave: torch.Tensor, start: int, end: int, trim_db: float, floor: float
     return start + int(loud[0]), start + int(loud[-1]) + 1
 
 
-@torch.inference_mode()
 def speech_probabilities(waves: list[torch.Tensor]) -> list[list[float]]:
     """Silero's speech probability of each 32-ms frame of each 16-kHz waveform (S,), exactly as its
-    ``get_speech_timestamps`` computes them frame after frame from a fresh state, but for all files at once: the
-    ONNX model takes a batch with one LSTM state per row, so the files run side by side (the shorter ones padded at
-    their end, past which nothing is read) and each call serves every file."""
+    ``get_speech_timestamps`` computes them frame after frame from a fresh state, but for all files at once and
+    without the wrapper's per-frame tensor work: its ONNX session is called directly (the wrapper's own inputs:
+    the frame after the previous frame's last 64 samples, the LSTM state, the rate), with a batch of one row per
+    file (one state each; the shorter files padded at their end, past which nothing is read)."""
     if not waves:
         return []
-    model = silero_model()
+    session = silero_model().session
     counts = [-(-w.shape[0] // VAD_FRAME) for w in waves]  # frames per file, the last zero-padded as Silero pads
-    batch = torch.zeros(len(waves), max(counts) * VAD_FRAME)  # (K, frames * 512)
+    x = np.zeros((len(waves), VAD_CONTEXT + max(counts) * VAD_FRAME), dtype=np.float32)  # (K, 64 + frames * 512)
     for k, w in enumerate(waves):
-        batch[k, : w.shape[0]] = w.float()
-    model.reset_states(len(waves))
-    out = torch.cat([model(batch[:, t : t + VAD_FRAME], VAD_RATE) for t in range(0, batch.shape[1], VAD_FRAME)], 1)
-    return [out[k, :n].tolist() for k, n in enumerate(counts)]
+        x[k, VAD_CONTEXT : VAD_CONTEXT + w.shape[0]] = w.float().numpy()
+    state = np.zeros((2, len(waves), 128), dtype=np.float32)  # the wrapper's reset_states
+    rate = np.array(VAD_RATE, dtype=np.int64)
+    out = []
+    for t in range(0, max(counts) * VAD_FRAME, VAD_FRAME):
+        probs, state = session.run(None, {"input": x[:, t : t + VAD_CONTEXT + VAD_FRAME], "state": state, "sr": rate})
+        out.append(probs)  # (K, 1)
+    frames = np.concatenate(out, axis=1)  # (K, frames)
+    return [frames[k, :n].tolist() for k, n in enumerate(counts)]
 
 
 def speech_regions_many(
