@@ -93,10 +93,18 @@ def assert_same_transcript(ours: dict, ref: dict, words: bool) -> None:
                 assert wa["probability"] == pytest.approx(wb["probability"], rel=1e-4)
 
 
-@pytest.mark.parametrize("condition", [True, False], ids=["prompted", "unprompted"])
-def test_transcribe_equals_openai_whisper(models, speech, condition):
+@pytest.mark.parametrize(
+    "prompting",
+    [
+        dict(condition_on_previous_text=True),
+        dict(condition_on_previous_text=True, initial_prompt="four two nine", carry_initial_prompt=True),
+        dict(condition_on_previous_text=False),
+    ],
+    ids=["previous-text", "carried-initial-prompt", "unprompted"],
+)
+def test_transcribe_equals_openai_whisper(models, speech, prompting):
     ref_model, model = models
-    options = dict(temperature=0.0, condition_on_previous_text=condition, word_timestamps=True)
+    options = dict(temperature=0.0, word_timestamps=True, **prompting)
     ref = whisper.transcribe(ref_model, speech, fp16=False, **options)
     seen = []
     ours = transcribe_sequential(model, speech, progress=lambda done, total: seen.append((done, total)), **options)
@@ -106,6 +114,18 @@ def test_transcribe_equals_openai_whisper(models, speech, condition):
     assert len(seeks) >= 3 and any(s % 3000 for s in seeks)
     assert sum(len(s["words"]) for s in ours["segments"]) >= 5
     assert seen[-1] == (60.0, 60.0) and all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
+
+
+def test_hallucination_silence_skip_equals_openai_whisper(models, speech):
+    """With hallucination_silence_threshold, the random model's improbable words count as hallucinations: both
+    implementations skip the same silences and drop the same segments (here, all of them)."""
+    ref_model, model = models
+    options = dict(temperature=0.0, word_timestamps=True, hallucination_silence_threshold=1.0, clip_timestamps="0,6")
+    ref = whisper.transcribe(ref_model, speech, fp16=False, **options)
+    ours = transcribe_sequential(model, speech, **options)
+    assert_same_transcript(ours, ref, words=True)
+    without = transcribe_sequential(model, speech, **{**options, "hallucination_silence_threshold": None})
+    assert sum(len(s["words"]) for s in without["segments"]) > sum(len(s["words"]) for s in ours["segments"])
 
 
 @pytest.mark.parametrize("logprob_threshold", [-1.0, -100.0], ids=["forced", "not-needed"])
@@ -166,6 +186,15 @@ def test_batched_windows_equal_one_by_one_and_openai_decode(models, speech):
         assert alone["tokens"] == ref.tokens and alone["text"] == ref.text
         assert alone["no_speech_prob"] == pytest.approx(ref.no_speech_prob, rel=1e-4)
         assert alone["avg_logprob"] == pytest.approx(ref.avg_logprob, rel=1e-4)
+    # the language detected per window, and decoding without timestamp tokens
+    for options, ref_options in (
+        (TranscribeOptions(), DecodingOptions(fp16=False)),
+        (TranscribeOptions(language="en", without_timestamps=True), DecodingOptions("transcribe", "en", fp16=False,
+                                                                                    without_timestamps=True)),
+    ):  # fmt: skip
+        ours = decode_windows(model, windows[1], options, 0.0)[0]
+        ref = whisper.decode(ref_model, windows[1], ref_options)
+        assert (ours["tokens"], ours["language"]) == (ref.tokens, ref.language)
     beams = decode_windows(model, windows[:2], TranscribeOptions(language="en", beam_size=2), 0.0, prompts[:2])
     for window, prompt, beam in zip(windows, prompts, beams):
         options = DecodingOptions(language="en", fp16=False, beam_size=2, prompt=prompt or None)
@@ -215,7 +244,8 @@ def test_options_follow_openai_whisper_and_name_bad_values():
     signature = inspect.signature(whisper.transcribe).parameters
     defaults = TranscribeOptions()
     for name in ("compression_ratio_threshold", "logprob_threshold", "no_speech_threshold",
-                 "condition_on_previous_text", "initial_prompt", "word_timestamps", "prepend_punctuations",
+                 "condition_on_previous_text", "initial_prompt", "carry_initial_prompt", "word_timestamps",
+                 "prepend_punctuations",
                  "append_punctuations", "clip_timestamps", "hallucination_silence_threshold"):  # fmt: skip
         assert getattr(defaults, name) == signature[name].default, name
     assert defaults.temperature == signature["temperature"].default
@@ -238,3 +268,26 @@ def test_options_follow_openai_whisper_and_name_bad_values():
     assert not needs_fallback(
         {**result, "avg_logprob": -2.0, "compression_ratio": 1.0, "no_speech_prob": 0.9}, defaults
     )
+
+
+def test_cross_attention_scores_are_the_scaled_query_key_products(make_model_config):
+    """The opt-in collector keeps q·kᵀ/√hs of the chosen heads (grouped-query heads read their key head), against a
+    float64 product of the layer's own projections; collecting changes no logit."""
+    from mmformer.layers.attention import CrossAttentionScores
+    from mmformer.model import MultimodalTransformer
+
+    model = MultimodalTransformer(make_model_config(stack=dict(n_kv_heads=2))).double().eval()
+    memory = torch.randn(2, 7, 16, dtype=torch.float64)
+    ids = torch.tensor([[1, 5, 9, 4], [1, 3, 3, 8]])
+    collector = CrossAttentionScores({0: [1, 3], 1: [0]})
+    with torch.no_grad():
+        logits = model.decode(ids, memory, cross_scores=collector)
+        assert torch.equal(logits, model.decode(ids, memory))
+        block = model.stack("decoder").blocks[0]
+        x = block.attn(model.text_embed(ids), causal=True)  # the input of block 0's cross-attention sublayer
+        cross = block.cross_attn.fn
+        q = cross.q(block.cross_attn.norm(x)).view(2, 4, 4, 4).transpose(1, 2)  # (B, nh, T, hs)
+        k, _ = cross._memory_heads(cross._memory_kv(memory))  # (B, nkv, S, hs)
+    expected = torch.stack([q[:, h] @ k[:, h // 2].transpose(-1, -2) / 2.0 for h in (1, 3)], dim=1)  # √hs = 2
+    assert sorted(collector.scores) == [0, 1] and collector.scores[1].shape == (2, 1, 4, 7)
+    assert (collector.scores[0].double() - expected).abs().max() <= 1e-6 * expected.abs().max()

@@ -162,8 +162,10 @@ def transcribe_sequential(
     all_tokens: list[int] = []
     all_segments: list[dict] = []
     prompt_reset_since = 0
-    initial_prompt = whisper.encode(" " + options.initial_prompt.strip()) if options.initial_prompt else []
+    has_prompt = options.initial_prompt is not None
+    initial_prompt = whisper.encode(" " + options.initial_prompt.strip()) if has_prompt else []
     all_tokens.extend(initial_prompt)
+    remaining_prompt_length = model.config.text.max_length // 2 - 1 - len(initial_prompt)
     sot_sequence = whisper.sot_sequence(language, options.task)
     last_speech_timestamp = 0.0
     threshold = options.hallucination_silence_threshold
@@ -183,8 +185,13 @@ def transcribe_sequential(
         mel_segment = F.pad(mel[:, seek : seek + segment_size], (0, n_frames - segment_size))  # (M, F)
 
         features = encode_windows(model, mel_segment)  # (1, S, D): read by every temperature and the word alignment
+        if options.carry_initial_prompt:  # openai's slicing, [-0:] (the whole list) included
+            kept = all_tokens[max(len(initial_prompt), prompt_reset_since) :][-remaining_prompt_length:]
+            prompt = initial_prompt + kept
+        else:
+            prompt = all_tokens[prompt_reset_since:]
         result = decode_with_fallback(
-            model, mel_segment, options, [all_tokens[prompt_reset_since:]], tokenizer=whisper.tokenizer,
+            model, mel_segment, options, [prompt], tokenizer=whisper.tokenizer,
             generator=generator, audio_features=features,
         )[0]  # fmt: skip
         tokens = result["tokens"]

@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 CHUNK_SECONDS = 30  # Whisper's window
 MAX_INITIAL_TIMESTAMP = 1.0  # seconds: the first timestamp of a window is at most this (openai's default)
 
-ScoreProcessor = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-
 
 def compression_ratio(text: str) -> float:
     """gzip's compression ratio of the text's UTF-8 bytes (openai-whisper's repetition check)."""
@@ -60,10 +58,11 @@ def time_precision(model: MultimodalTransformer) -> float:
 
 def score_processors(
     model: MultimodalTransformer, whisper: WhisperTokens, without_timestamps: bool
-) -> list[ScoreProcessor]:
+) -> list[Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]]:
     """openai-whisper's logit filters with its default options: suppress a blank first token, the non-speech and
-    special tokens, and (with timestamps) the timestamp rules."""
-    processors: list[ScoreProcessor] = [
+    special tokens, and (with timestamps) the timestamp rules. Each is a score processor,
+    ``(scores (N, V), tokens (N, L), step) -> scores``."""
+    processors = [
         SuppressAtBegin([*whisper.encode(" "), whisper.eot]),
         SuppressAlways(whisper.suppress_tokens()),
     ]
