@@ -13,7 +13,7 @@
    cosine 0.97, and no text-side prompt can separate them; a prompt only re-aims the classes at what the encoder
    still tells apart.)
 
-Every training run is ``mmformer fit`` (in this process) with ``model.init_from``; every figure goes through the
+Every training run is ``mmformer fit`` (in this process) with ``model.adapt.init_from``; every figure goes through the
 public API (``from_pretrained(..., adapter=)``, ``transcribe``, ``ZeroShotClassifier(prompt=)``).
 
     python -m mmformer.demo adapt [--base data/digits_model] [--out runs/adapt] [--steps 500]
@@ -70,19 +70,19 @@ def common_args(out: Path, steps: int) -> list[str]:
         "--trainer.enable_progress_bar", "false",
         "--trainer.limit_val_batches", "0",
         "--trainer.default_root_dir", str(out),
-        "--model.warmup_steps", "20",
-        "--model.val_generate", "false",
+        "--model.schedule.warmup_steps", "20",
+        "--model.generation.evaluate", "false",
     ]  # fmt: skip
 
 
 def speech_args(base: Path, tokenizer: Path, steps: int, lr: float) -> list[str]:
     optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr, "weight_decay": 0.0}}
     return [
-        "--model.init_from", str(base),
-        "--model.resize_vocab", "true",
-        "--model.contrastive_weight", "0",
-        "--model.caption_weight", "0",
-        "--model.ctc_weight", "0",
+        "--model.adapt.init_from", str(base),
+        "--model.adapt.resize_vocab", "true",
+        "--model.objectives.contrastive", "0",
+        "--model.objectives.caption", "0",
+        "--model.objectives.ctc", "0",
         "--model.optimizer", json.dumps(optimizer),
         "--data.train", "data/digits_de/train.jsonl",
         "--data.tokenizer", str(tokenizer),
@@ -137,7 +137,7 @@ def new_language(base_dir: Path, out: Path, steps: int, results: dict, seconds: 
     task = fit(
         common_args(out / "lora", steps)
         + speech_args(base_dir, out / "tokenizer_de.json", steps, lr=5e-3)
-        + ["--model.lora", json.dumps(lora)]
+        + ["--model.adapt.lora", json.dumps(lora)]
     )
     seconds["train_lora"] = time.perf_counter() - start
     trained = task.model
@@ -231,9 +231,9 @@ def prompt_tuning(
     task = fit(
         common_args(out / "prompt", steps)
         + [
-            "--model.init_from", str(base_dir),
-            "--model.prompt", json.dumps({"kind": "context", "length": 8}),
-            "--model.zeroshot_classes", json.dumps(WORDS),
+            "--model.adapt.init_from", str(base_dir),
+            "--model.adapt.prompt", json.dumps({"kind": "context", "length": 8}),
+            "--model.zeroshot.classes", json.dumps(WORDS),
             "--model.optimizer", json.dumps(optimizer),
             "--data.train", str(manifest),
             "--data.modalities", "[image]",

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmformer import completion, generation, pretrained, quantization, weights
+from mmformer import completion, generation, pretrained, quantized_files, weights
 from mmformer.config import MODALITIES, ModelConfig
 from mmformer.embedders import AudioEmbedder, ImageEmbedder, TextEmbedder
 from mmformer.embedders.checks import check_memory, check_packed_memory, check_positions, check_prefix
@@ -615,7 +615,7 @@ class MultimodalTransformer(nn.Module):
             where = (
                 device if device is not None else map_location if isinstance(map_location, str | torch.device) else None
             )
-            checkpoint = quantization.open_quantized(checkpoint, device=where, dtype=dtype)
+            checkpoint = quantized_files.open_quantized(checkpoint, device=where, dtype=dtype)
             dtype = checkpoint.quantization.torch_dtype
         held = sum(spec.numel for spec in checkpoint.specs.values())
         floor = checkpoint.config.parameter_floor()

@@ -52,7 +52,8 @@ def test_zeroshot_mixes_images_and_audio(saved, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("a.png") and lines[4].endswith("a.wav")
     probs = [float(line.split()[-1]) for line in lines if line.startswith("  ")]
-    assert len(probs) == 6 and abs(sum(probs[:3]) - 1) < 1e-3 and abs(sum(probs[3:]) - 1) < 1e-3
+    # three classes of three printed at 3 decimals: each rounds by at most 5e-4
+    assert len(probs) == 6 and abs(sum(probs[:3]) - 1) <= 1.5e-3 and abs(sum(probs[3:]) - 1) <= 1.5e-3
 
 
 @pytest.mark.parametrize(

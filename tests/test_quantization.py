@@ -209,7 +209,7 @@ def test_qat_fake_quantizes_during_fit_and_converts_at_the_end():
         def on_train_batch_end(self, trainer, task, outputs, batch, batch_idx):
             self.seen.append(len(fake_quantized(task.model)))
 
-    task = make_task(qat={"method": "dynamic"}, contrastive_weight=0.0, speech_weight=0.0)
+    task = make_task(qat={"method": "dynamic"}, objectives=dict(contrastive=0.0, speech=0.0))
     n_linear = len(fake_quantized(task.model))
     assert n_linear >= 10
     watch, log = Watch(), LossLog()
