@@ -131,7 +131,7 @@ def speed_rows(args) -> list[dict]:
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast, pipeline
     from transformers.utils import logging
 
-    from mmformer import from_pretrained
+    from mmformer.convert.openai_whisper import from_openai_whisper
     from mmformer.longform import TranscribeOptions, transcribe_files
     from mmformer.longform.vad import VadOptions, cut_and_merge, model_window_samples, speech_regions
 
@@ -144,7 +144,7 @@ def speed_rows(args) -> list[dict]:
     folder = Path(tempfile.mkdtemp(prefix="longform-bench-"))
     try:
         paths = whisper_checkpoints(dims, folder)
-        ours = from_pretrained(paths["pt"]).eval()
+        ours = from_openai_whisper(paths["pt"]).eval()
         options = TranscribeOptions(
             temperature=0.0, compression_ratio_threshold=None, logprob_threshold=None, no_speech_threshold=None,
             condition_on_previous_text=False, language="en", without_timestamps=True,

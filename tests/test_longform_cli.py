@@ -25,8 +25,8 @@ MODEL = str(ROOT / "data" / "digits_model")
 RATE = 16000
 
 
-def _run(*args: str, model: str = MODEL) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def _run(*args: str, model: str = MODEL, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
     return subprocess.run(
         [sys.executable, "-m", "mmformer.cli", "transcribe", "--model", model, *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
@@ -118,16 +118,17 @@ def test_transcribe_flags_come_from_the_options_dataclasses():
 
 @pytest.mark.parametrize("vad", ["--vad", "--no-vad"])
 def test_transcribe_a_whisper_checkpoint(talks, tmp_path, vad):
-    """An openai-whisper .pt: sequential (openai's algorithm) or VAD-batched; the srt parses and matches the json."""
+    """An openai-whisper checkpoint (whisper:NAME from its cache): sequential (openai's algorithm) or VAD-batched;
+    the srt parses and matches the json."""
     import srt
 
     pytest.importorskip("whisper")
     from test_openai_whisper_convert import random_whisper, save_pt
 
     root, _ = talks
-    pt = save_pt(random_whisper(seed=0), tmp_path / "tiny.pt")
-    done = _run(str(root / "talk0.flac"), vad, "--temperature", "0", "--language", "en", "--output-format", "all",
-                "--output-dir", str(tmp_path), model=str(pt))  # fmt: skip
+    save_pt(random_whisper(seed=0), tmp_path / "cache" / "whisper" / "rand.pt")  # a name openai-whisper does not know
+    flags = ["--temperature", "0", "--language", "en", "--output-format", "all", "--output-dir", str(tmp_path)]
+    done = _run(str(root / "talk0.flac"), vad, *flags, model="whisper:rand", XDG_CACHE_HOME=str(tmp_path / "cache"))
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "talk0.json").read_text())
     assert result["language"] == "en"

@@ -242,9 +242,9 @@ def whisper_model(tmp_path_factory):
     pytest.importorskip("whisper")
     from test_openai_whisper_convert import random_whisper, save_pt
 
-    from mmformer import from_pretrained
+    from mmformer.convert.openai_whisper import from_openai_whisper
 
-    return from_pretrained(save_pt(random_whisper(seed=0), tmp_path_factory.mktemp("whisper") / "tiny.pt"))
+    return from_openai_whisper(save_pt(random_whisper(seed=0), tmp_path_factory.mktemp("whisper") / "tiny.pt"))
 
 
 @pytest.mark.parametrize("words", [False, True])
