@@ -334,11 +334,16 @@ def _transcribe(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from mmformer.generation import DecodingOptions
-    from mmformer.longform import TranscribeOptions, VadOptions, decoding_options, transcribe_files
+    from mmformer.longform import TranscribeOptions, VadOptions, decoding_options, has_timestamps, transcribe_files
     from mmformer.longform.writers import write_result
 
-    if args.prompt:
-        raise ValueError("--prompt: a learned decoder prefix is not supported by transcribe yet")
+    if args.output_format:  # one transcript per stem: a.flac and a.wav (or x/a.flac, y/a.flac) would collide
+        stems: dict[str, str] = {}
+        for path in args.files:
+            if stems.setdefault(Path(path).stem, path) != path:
+                raise ValueError(f"files: {stems[Path(path).stem]} and {path} would both write "
+                                 f"{Path(args.output_dir) / Path(path).stem}.*; transcribe them into different "
+                                 "--output-dir folders")  # fmt: skip
     model = _load_model(args.model, args.device, args.adapter)
     temperature = _temperatures(args)
     options = _dataclass_of(TranscribeOptions, args, **({"temperature": temperature} if temperature else {}))
@@ -348,11 +353,12 @@ def _transcribe(args: argparse.Namespace) -> None:
         results = transcribe_files(
             model,
             args.files,
-            options=decoding_options(model, options, base=base),
+            options=options if has_timestamps(model) else decoding_options(model, options, base=base),
             vad=args.vad,
             vad_options=_dataclass_of(VadOptions, args, prefix="vad_"),
             batch_size=args.batch_size,
             progress=progress,
+            prefix_embeds=_decoder_prefix(args, model),
         )
     finally:
         if progress is not None:
