@@ -260,6 +260,8 @@ def resolve_source(
         )
     if path.is_file() and path.name == "config.json":
         path = path.parent  # a folder named by its config.json
+    if path.is_file() and _openai_whisper_file(path):
+        return Source("whisper", os.fspath(path))
     if path.is_file():
         kind = "checkpoint" if path.suffix == ".ckpt" else "weights"  # pretrained.read_checkpoint tells the rest
         return Source(kind, os.fspath(path))
@@ -268,6 +270,21 @@ def resolve_source(
     if check is not None:
         check(source)
     return source
+
+
+def _openai_whisper_file(path: Path) -> bool:
+    """A ``.pt`` file in openai-whisper's format, told by its known keys (``dims`` and ``model_state_dict``, what
+    ``whisper.load_model`` reads); mmformer's bare weights have a config.json beside them. Read safely (weights
+    only, memory-mapped); anything unreadable is left to the weights reader, which names the problem."""
+    if path.suffix != ".pt" or (path.parent / "config.json").exists():
+        return False
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return False
+    return isinstance(checkpoint, dict) and {"dims", "model_state_dict"} <= set(checkpoint)
 
 
 def _object(config: Any, folder: Path) -> dict[str, Any] | None:

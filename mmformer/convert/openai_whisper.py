@@ -208,8 +208,10 @@ def _alignment_heads(name: str, n_layers: int, n_heads: int) -> list[list[int]]:
 
     table = _literal("__init__.py", "_ALIGNMENT_HEADS")
     if name in table:  # whisper.model.Whisper.set_alignment_heads
-        mask = np.frombuffer(gzip.decompress(base64.b85decode(table[name])), dtype=bool).reshape(n_layers, n_heads)
-        return [[int(layer), int(head)] for layer, head in zip(*np.nonzero(mask))]
+        mask = np.frombuffer(gzip.decompress(base64.b85decode(table[name])), dtype=bool)
+        if mask.size == n_layers * n_heads:  # a file saved under a released name with other dimensions: the default
+            mask = mask.reshape(n_layers, n_heads)
+            return [[int(layer), int(head)] for layer, head in zip(*np.nonzero(mask))]
     return [[layer, head] for layer in range(n_layers // 2, n_layers) for head in range(n_heads)]
 
 

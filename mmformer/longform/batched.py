@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from mmformer.decoding_rules import prompt_length
 from mmformer.generation import DecodingOptions, generate
 from mmformer.longform.options import TranscribeOptions
-from mmformer.longform.sequential import _split_segments as split_segments  # lf-whisper owns it
+from mmformer.longform.sequential import split_segments
 from mmformer.longform.timing import add_word_timestamps
 from mmformer.longform.vad import Window
 from mmformer.longform.whisper_decode import decode_with_fallback, encode_windows, time_precision, whisper_tokens

@@ -72,7 +72,7 @@ def _last_word_end(segments: list[dict]) -> float | None:
     return next((w["end"] for s in reversed(segments) for w in reversed(s["words"])), None)
 
 
-def _split_segments(
+def split_segments(
     whisper: WhisperTokens, tokens: list[int], result: dict, seek: int, time_offset: float, precision: float,
     segment_duration: float,
 ) -> tuple[list[dict], bool, int | None]:  # fmt: skip
@@ -205,7 +205,7 @@ def transcribe_sequential(
                 _report(progress, seek, content_frames, clock)
                 continue
 
-        current, single_ending, last_stamp = _split_segments(
+        current, single_ending, last_stamp = split_segments(
             whisper, tokens, result, seek, time_offset, precision, segment_duration
         )
         seek += segment_size if last_stamp is None else last_stamp * input_stride
