@@ -54,7 +54,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from mmformer.weights import TensorSpec, human_count, listed
+from mmformer.weights import TensorSpec, base_layer, human_count, listed
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
@@ -491,9 +491,7 @@ def _untie_adapted_head(model: MultimodalTransformer) -> None:
     wrapped = lambda m: isinstance(m, BaseTunerLayer) or hasattr(m, "unload_and_optionally_merge_module")  # noqa: E731
     if not (wrapped(model.lm_head) or wrapped(model.text_embed.tokens)):
         return
-    head = model.lm_head
-    while hasattr(head, "get_base_layer") or hasattr(head, "original_module"):
-        head = head.get_base_layer() if hasattr(head, "get_base_layer") else head.original_module
+    head = base_layer(model.lm_head)
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
     model.config.tie_lm_head = False
 

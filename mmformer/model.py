@@ -453,7 +453,7 @@ class MultimodalTransformer(nn.Module):
         if self.lm_head is None:
             raise ValueError(f"this model has no decoder; its routes are {sorted(self.config.routes)}")
         self.text_embed.check(input_ids, attention_mask, longest=None if documents is None else documents.max_length)
-        weight, width = self.lm_head.weight, self.config.width("decoder")
+        weight, width = weights.base_layer(self.lm_head).weight, self.config.width("decoder")
         if documents is not None:
             check_packed_memory(memory, memory_documents, documents, cache, width)
         else:
@@ -553,7 +553,7 @@ class MultimodalTransformer(nn.Module):
     def make_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         """A preallocated KV cache for the decoder stack, of ``max_length`` positions (default: the text position
         table's); :meth:`KVCache.ensure` grows it."""
-        ref = self.text_embed.tokens.weight
+        ref = weights.base_layer(self.text_embed.tokens).weight
         length = max_length or self.config.text.max_length
         extra = self.stack("text").cfg.depth if self.config.decoder_input == "text" else 0
         return self.stack("decoder").make_cache(
