@@ -48,13 +48,21 @@ QAT_METHODS = ("dynamic", "int8-weight", "int4-weight")
 
 # ---------------------------------------------------------------------------------------------- what gets quantized
 def quantizable(model: nn.Module, group_size: int | None = None) -> list[str]:
-    """Names of the linear modules a method quantizes: every ``nn.Linear`` but an LM head whose weight is the token
-    embedding's (and, for int4 groups, only those whose input width the group size divides and whose output width
-    the CPU packing's 16 divides)."""
-    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    """Names of the linear layers quantization replaces: the one rule torchao's methods (:func:`quantize`, QAT) and
+    QLoRA's 4-bit base (:func:`mmformer.adapters.quantize_4bit`) share.
+
+    Every ``nn.Linear`` with a plain float weight (not one quantized already: a torchao tensor subclass, bitsandbytes'
+    ``Params4bit``), except one whose weight another module also holds: an LM head or BERT's masked-LM decoder tied
+    to the token table reads the table's values, and a quantized copy would break the tie. For int4 groups
+    (``group_size``), only layers whose input width the group size divides and whose output width the CPU packing's
+    16 divides."""
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            holders[id(param)] = holders.get(id(param), 0) + 1
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or id(module.weight) in tied:
+        if not isinstance(module, nn.Linear) or not is_plain_tensor(module.weight) or holders[id(module.weight)] > 1:
             continue
         if group_size is None or (module.in_features % group_size == 0 and module.out_features % 16 == 0):
             names.append(name)
