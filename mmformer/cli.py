@@ -137,7 +137,7 @@ def _transcribe_args(p: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmformer", usage=USAGE, add_help=False)
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", prog="mmformer")  # each sub-command: "usage: mmformer NAME ..."
     p = sub.add_parser("export", help="write a pretrained directory, or each tower as ONNX / torch.export graphs")
     p.add_argument("--ckpt", help="Lightning checkpoint (.ckpt)")
     p.add_argument("--model", help=MODEL_HELP)

@@ -46,6 +46,24 @@ def test_help_prints_every_command(capsys):
         assert f"  {command} " in out
 
 
+def test_every_sub_command_help_prints_one_usage_line(capsys):
+    """``mmformer NAME --help`` starts with one ``usage: mmformer NAME`` line (not "usage: usage: ..."), for every
+    sub-command the parser has and for the training commands (LightningCLI's own help)."""
+    import argparse
+
+    from mmformer.cli import TRAIN_COMMANDS, _parser
+
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"export", "transcribe", "caption", "zeroshot", "merge", "convert"} <= set(sub.choices)
+    for command in [*sub.choices, TRAIN_COMMANDS[0]]:
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert exit_.value.code in (0, None), command
+        first = out.splitlines()[0]  # LightningCLI writes "usage: mmformer [options] fit ..."
+        assert out.count("usage:") == 1 and first.startswith("usage: mmformer ") and f" {command} " in first, out[:200]
+
+
 def test_zeroshot_mixes_images_and_audio(saved, capsys):
     main(["zeroshot", "--model", str(saved / "model"), "--classes", ",".join(WORDS), "--top", "3",
           str(saved / "a.png"), str(saved / "a.wav")])  # fmt: skip
