@@ -1,8 +1,9 @@
 """Every adapter ``mmformer fit`` writes works where users load it: trained through the CLI (LoRA with trainable token
 rows, with ``modules_to_save``, DoRA), exported from the run's checkpoint, reloaded in a new process through
 ``from_pretrained(base, adapter=DIR)`` and through the CLI's ``--adapter``, then decoded (caption, transcribe,
-generate with beams, zero-shot) — equal to the adapted model that trained, in the process that trained it; and
-``mmformer merge`` gives the same logits from a plain model."""
+generate with beams, zero-shot) — equal to the adapted model that trained, in the process that trained it; its towers
+exported to ONNX give the same zero-shot probabilities in onnxruntime; and ``mmformer merge`` gives the same logits
+from a plain model."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from cli_helpers import REPO, WORDS, cli_env, fit_in_process, run_cli, tiny_conf
 
 from mmformer import ModelConfig, MultimodalTransformer, Processor, adapters, from_pretrained
 from mmformer.adapters import LoraSettings
+from mmformer.onnx_runner import OnnxModel
 from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig
 from mmformer.tokenizer import Tokenizer
 from mmformer.zeroshot import ZeroShotClassifier
@@ -39,11 +41,13 @@ RELOAD = textwrap.dedent(
     import json, sys
     import torch
     import mmformer
+    from mmformer.export import export
     from mmformer.zeroshot import ZeroShotClassifier
 
     torch.set_num_threads(1)
-    base, adapter, images, wav, classes = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4], sys.argv[5]
+    base, adapter, images, wav, classes, onnx = sys.argv[1], sys.argv[2], sys.argv[3].split(","), *sys.argv[4:7]
     model = mmformer.from_pretrained(base, adapter=adapter)
+    export(model, onnx, format="onnx", towers=["image", "text"])
     waveform = torch.from_numpy(__import__("soundfile").read(wav, dtype="float32")[0])[None]
     clf = ZeroShotClassifier(model, model.processor, classnames=classes.split(","), modality="image")
     print(json.dumps({
@@ -120,7 +124,7 @@ def test_adapter_written_by_fit_decodes_the_same_in_a_new_process(pretrained, tm
     base = str(root / "base")
 
     # the public API in a fresh interpreter
-    args = [base, str(adapter), ",".join(images), str(wav), ",".join(CLASSES)]
+    args = [base, str(adapter), ",".join(images), str(wav), ",".join(CLASSES), str(tmp_path / "onnx")]
     done = subprocess.run(
         [sys.executable, "-c", RELOAD, *args], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=240
     )
@@ -130,6 +134,9 @@ def test_adapter_written_by_fit_decodes_the_same_in_a_new_process(pretrained, tm
         k: expected[k] for k in ("caption", "transcribe", "beams")
     }
     np.testing.assert_allclose(reloaded["zeroshot"], expected["zeroshot"], rtol=1e-5, atol=1e-7)
+    # the adapted towers exported there, run by onnxruntime
+    probs, _ = OnnxModel(tmp_path / "onnx").zeroshot(images, CLASSES)
+    np.testing.assert_allclose(probs, expected["zeroshot"], rtol=1e-4, atol=1e-6)
 
     # the command line, as the issue's user ran it
     done = run_cli("transcribe", "--model", base, "--adapter", str(adapter), "--max-new-tokens", "5", str(wav))
@@ -158,6 +165,7 @@ def perturb(model: torch.nn.Module) -> None:
             p.add_(0.3 * torch.randn(p.shape, generator=g))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(
     "settings",
     [

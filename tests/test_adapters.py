@@ -46,6 +46,7 @@ def perturb(model: torch.nn.Module) -> None:
             p.add_(0.1 * torch.randn(p.shape, generator=g))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_lora_merged_unmerged_unloaded_and_peft_files(base, tmp_path, use_dora):
     reference = outputs(base)
@@ -223,6 +224,7 @@ def test_added_words_decode_as_written_and_leave_other_text_alone():
     assert grown.batch_decode(ids) == german and grown.decode(ids[0]) == "fünf drei"
 
 
+@pytest.mark.numerics
 def test_qlora_quantizes_what_torchao_quantizes_and_keeps_tied_heads():
     """One rule (quantization.quantizable) for QLoRA's 4-bit base and torchao: a BERT-style masked-LM decoder and an
     LM head that read the token table stay float and tied."""

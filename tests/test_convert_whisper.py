@@ -18,6 +18,8 @@ from mmformer.convert.common import UnsupportedModelError  # noqa: E402
 from mmformer.convert.hf_whisper import from_hf_whisper  # noqa: E402
 from mmformer.layers.positions import sinusoids  # noqa: E402
 
+pytestmark = pytest.mark.numerics  # run again on other kernels by `make test` (Makefile: NUMERICS_ENV)
+
 ATOL = 1e-4
 IDS = dict(pad_token_id=4, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3)
 FRAMES = 100  # Hugging Face's encoder takes exactly 2 * max_source_positions mel frames

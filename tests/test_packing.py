@@ -22,6 +22,8 @@ from mmformer.tasks import MultimodalTask
 from mmformer.tasks.losses import IGNORE_INDEX, document_targets, teacher_forcing
 from tests.test_task import Digits, tiny_config, tokenizer
 
+pytestmark = pytest.mark.numerics  # run again on other kernels by `make test` (Makefile: NUMERICS_ENV)
+
 ATOL = 1e-5
 LENGTHS = [5, 1, 7, 3]
 
