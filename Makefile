@@ -43,16 +43,17 @@ adapt: $(VENV)/.installed-adapt
 # meets fails here, not on a user's machine with another CPU (both settings change float32 matmul, softmax and
 # attention results bit for bit on the dev machines).
 NUMERICS_ENV ?= MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default
+NUMERICS_TESTS = $(shell grep -l "pytest.mark.numerics" tests/test_*.py)  # collect only the files that mark some
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -n $(TEST_PROCS) --durations=15
-	$(NUMERICS_ENV) $(BIN)/python -m pytest -q -n $(TEST_PROCS) -m "numerics and not slow"
+	$(NUMERICS_ENV) $(BIN)/python -m pytest -q -n $(TEST_PROCS) -m "numerics and not slow" $(NUMERICS_TESTS)
 
 # only the second pass (the numerics-heavy tests on other kernels)
 test-numerics: $(VENV)/.installed-dev
-	$(NUMERICS_ENV) $(BIN)/python -m pytest -q -n $(TEST_PROCS) -m "numerics and not slow"
+	$(NUMERICS_ENV) $(BIN)/python -m pytest -q -n $(TEST_PROCS) -m "numerics and not slow" $(NUMERICS_TESTS)
 
 # the suite without the long end-to-end runs (marked slow): kill/resume, DDP, compiled decoding, benchmark smoke runs
 test-fast: $(VENV)/.installed-dev
