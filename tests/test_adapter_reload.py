@@ -23,6 +23,7 @@ from mmformer.adapters import LoraSettings
 from mmformer.onnx_runner import OnnxModel
 from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig
 from mmformer.tokenizer import Tokenizer
+from mmformer.weights import base_layer
 from mmformer.zeroshot import ZeroShotClassifier
 
 pytest.importorskip("peft")
@@ -179,9 +180,11 @@ def perturb(model: torch.nn.Module) -> None:
 def test_generation_of_an_adapted_model_follows_its_own_logits(tiny, settings):
     """Greedy ids from the cached search are the argmax of the adapted model's full (uncached) forward pass: no code
     path reads the LM head's weight past peft's wrapper (a LoRA head's ``weight`` is the base's)."""
+    head, tokens = tiny.lm_head, tiny.text_embed.tokens
     adapters.add_lora(tiny, settings)
     perturb(tiny)
     tiny.eval()
+    assert base_layer(tiny.lm_head) is head and base_layer(tiny.text_embed.tokens) is tokens  # under any wrapper
     pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
     ids = tiny.generate(image=pixels, max_new_tokens=6)  # (B, 1 + 6): bos, then the chosen ids
     with torch.no_grad():
