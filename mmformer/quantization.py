@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from mmformer.quantized_files import INT4_GROUP_SIZES, METHODS, TENSOR_CLASSES, QuantizationConfig, require_torchao
-from mmformer.weights import model_device
+from mmformer.weights import is_plain_tensor, model_device
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
