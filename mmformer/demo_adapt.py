@@ -120,7 +120,7 @@ def transcripts_reloaded(base: Path, adapter: Path, manifest: str, threads: int 
     rows = [json.loads(line) for line in Path(manifest).read_text(encoding="utf-8").splitlines() if line.strip()]
     paths = [str(Path(manifest).parent / r["audio_filepath"]) for r in rows]
     command = [sys.executable, "-m", "mmformer.cli", "transcribe", "--model", str(base), "--adapter", str(adapter)]
-    command += ["--max-new-tokens", "12", "--batch-size", "100", *paths]
+    command += ["--temperature", "0", "--max-new-tokens", "12", "--batch-size", "100", "--no-progress", *paths]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
