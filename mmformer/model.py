@@ -463,8 +463,10 @@ class MultimodalTransformer(nn.Module):
         mask = None if attention_mask is None else attention_mask.bool()
         if positions is not None:
             check_positions(positions, input_ids)
-        elif cache is None and mask is not None and not right_padded(mask):
-            positions = positions_from_mask(mask)  # left padding: each row counts from its first real token
+        elif cache is None and mask is not None and (torch.compiler.is_compiling() or not right_padded(mask)):
+            # left padding: each row counts from its first real token (while tracing, for any layout: the same
+            # positions as consecutive ones at every real token of a right-padded row)
+            positions = positions_from_mask(mask)
         if prefix_embeds is not None:
             if documents is not None:
                 raise ValueError("prefix_embeds: a learned decoder prefix is not supported with packed documents")
