@@ -96,8 +96,8 @@ def key_mask(mask: torch.Tensor | None, *, causal_alone: bool = False) -> torch.
     It reads the data (a host sync), so a :class:`~mmformer.layers.block.Stack` calls it once per forward, before its
     blocks; while tracing (``torch.compile`` of a whole model, ``torch.export``) it keeps the mask as it is, which is
     exact for any layout."""
-    if mask is None or torch.compiler.is_compiling():
-        return mask
+    if mask is None or mask.ndim != 2 or torch.compiler.is_compiling():
+        return mask  # a (B, T, S) mask (a static cache's) is already exact per query
     if bool(mask.all()) or (causal_alone and right_padded(mask)):
         return None
     return mask
@@ -179,7 +179,9 @@ class Attention(nn.Module):
         """
         if documents is not None:
             return self._forward_documents(x, mask, causal, memory, documents, memory_documents, bias)
-        offset = cache.length if cache is not None and not self.cross else 0
+        # the cache's length only where positions are not given (a static cache always gives them: its step reads
+        # no host value)
+        offset = cache.length if cache is not None and not self.cross and positions is None else 0
         cached = cache is not None and self.cross and cache.has_cross(layer)  # memory keys projected on the 1st call
         kv_in = self._memory_kv(memory) if self.cross and memory is not None and not cached else None
         q_in = self.q(x) if self.cross else self.qkv(x)
@@ -345,7 +347,10 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor | None, bool]:
         """Turn a key-padding mask and causality into SDPA's (attn_mask, is_causal), with no (T, S) mask when there
         is no key mask (:func:`key_mask` has dropped the masks that ``is_causal`` alone makes exact). Nothing here
-        reads the data: the same code traces into one graph for every padding layout."""
+        reads the data: the same code traces into one graph for every padding layout. A (B, T, S) mask (a static
+        cache's) already says which keys each query may read, causality included."""
+        if mask is not None and mask.ndim == 3:
+            return mask[:, None], False  # (B, 1, T, S)
         # T == S first: a traced graph (torch.export) with a symbolic T == S then needs no guard on T == 1
         if causal and T == S and mask is None:
             return None, True

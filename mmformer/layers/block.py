@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmformer.config import StackConfig
 from mmformer.layers.attention import Attention, CrossAttentionScores, key_mask
-from mmformer.layers.cache import KVCache
+from mmformer.layers.cache import KVCache, StaticKVCache
 from mmformer.layers.documents import Documents
 from mmformer.layers.mlp import make_mlp
 from mmformer.layers.norms import make_norm
@@ -214,8 +214,9 @@ class Stack(nn.Module):
         if documents is not None and cache is not None:
             raise ValueError("documents: packed batches are for training and encoding; decode with a KV cache unpacked")
         # the padding layout, decided here once for every block (it reads the data; compiled blocks must not)
-        past = cache.length if cache is not None else 0
-        mask = key_mask(mask, causal_alone=causal and past == 0 and not padded_queries)
+        if mask is not None and mask.ndim == 2:  # a static cache's (B, T, S) mask is exact as it is
+            past = cache.length if cache is not None else 0
+            mask = key_mask(mask, causal_alone=causal and past == 0 and not padded_queries)
         memory_mask = key_mask(memory_mask)
         if not torch.compiler.is_compiling():
             for docs in (documents, memory_documents):
@@ -244,10 +245,26 @@ class Stack(nn.Module):
         return self.norm(x) if final_norm else x
 
     def make_cache(
-        self, batch_size: int, capacity: int, *, device=None, dtype=torch.float32, extra_layers: int = 0
+        self,
+        batch_size: int,
+        capacity: int,
+        *,
+        device=None,
+        dtype=torch.float32,
+        extra_layers: int = 0,
+        static: bool = False,
     ) -> KVCache:
         """An empty KV cache for ``batch_size`` rows of ``capacity`` positions (it grows on demand); ``extra_layers``
-        more for a stack of the same head layout that runs before this one on the same tokens."""
+        more for a stack of the same head layout that runs before this one on the same tokens. ``static``: a
+        :class:`~mmformer.layers.cache.StaticKVCache` of exactly ``capacity`` positions (fixed-shape steps for
+        ``torch.compile`` / CUDA graphs)."""
         c = self.cfg
         layers = c.depth + extra_layers
-        return KVCache(layers, batch_size, c.n_kv_heads, c.head_dim, capacity, device=device, dtype=dtype)
+        if not static:
+            return KVCache(layers, batch_size, c.n_kv_heads, c.head_dim, capacity, device=device, dtype=dtype)
+        if c.position in ("alibi", "t5"):
+            raise ValueError(
+                f"cache='static': a decoder with {c.position!r} positions (a bias for queries that are the last keys) "
+                "decodes with the growing cache; use cache='dynamic'"
+            )
+        return StaticKVCache(layers, batch_size, c.n_kv_heads, c.head_dim, capacity, device=device, dtype=dtype)
