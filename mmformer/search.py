@@ -8,6 +8,7 @@ S memory tokens, D width.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +84,9 @@ def compiled_next_logits() -> Callable:
 
 
 _compiled_static: dict[str | None, Callable] = {}
+# the static cache of each model's last compiled decoding, reset and reused by the next one of the same layout: a
+# captured CUDA graph replays on the same buffers (a new cache would be captured again)
+_static_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def compiled_static_next_logits(device_type: str) -> Callable:
@@ -150,7 +154,7 @@ class DecoderRunner:
             prompt_mask = None
         self.memory, self.memory_mask, self.prompt_mask = memory, memory_mask, prompt_mask
         self.max_length = max_length
-        self.use_cache, self.static = use_cache, static
+        self.use_cache, self.static, self.compiled = use_cache, static, compile
         if compile and static:
             self.step = compiled_static_next_logits(model.lm_head.weight.device.type)
         else:
@@ -161,9 +165,22 @@ class DecoderRunner:
         """A cache for ``rows`` sequences with room for ``needed`` positions (it starts small and grows)."""
         needed, limit = needed + self.n_prefix, self.max_length + self.n_prefix
         if self.cache is None:
+            self.cache = self._static_cache(rows, limit) if self.static else None
+        if self.cache is None:
             size = limit if self.static else min(limit, needed + CACHE_STEP)
             self.cache = self.model.make_cache(rows, size, static=self.static)
+            if self.static and self.compiled:
+                _static_caches[self.model] = self.cache
         self.cache.ensure(needed, limit=limit, step=CACHE_STEP)
+
+    def _static_cache(self, rows: int, size: int) -> KVCache | None:
+        """The model's static cache from its last compiled decoding, emptied, if it has this layout (else None)."""
+        cache = _static_caches.get(self.model) if self.compiled else None
+        ref = self.model.text_embed.tokens.weight  # where make_cache puts the cache, in its dtype
+        if cache is None or not cache.fits(rows, size, ref.device, ref.dtype):
+            return None
+        cache.reset()
+        return cache
 
     def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens so far (N, L) → float32 logits (N, V) for position L."""

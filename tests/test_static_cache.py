@@ -10,6 +10,7 @@ so that logits differ by wide margins.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import pytest
 import torch
@@ -118,6 +119,7 @@ def compiled_with(monkeypatch):
         if backend is not None:
             monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
         monkeypatch.setattr(search, "_compiled_static", {})
+        monkeypatch.setattr(search, "_static_caches", weakref.WeakKeyDictionary())
         torch._dynamo.reset()
         counters.clear()
 
@@ -134,6 +136,13 @@ def test_compiled_static_step_is_one_graph(build, compiled_with):
         assert torch.equal(decode(model, SEARCHES[kind], cache="static", compile=True), decode(model, SEARCHES[kind]))
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    # the next decoding of the same layout reuses the emptied cache (a captured CUDA graph replays on its buffers)
+    cache = search._static_caches[model]
+    buffers = [t.data_ptr() for t in cache._layers[0]]
+    again = decode(model, SEARCHES["greedy"], cache="static", compile=True)  # the layout of the last one (sampling)
+    assert torch.equal(again, decode(model, SEARCHES["greedy"]))
+    assert search._static_caches[model] is cache and [t.data_ptr() for t in cache._layers[0]] == buffers
+    assert counters["stats"]["unique_graphs"] == 2
 
 
 @pytest.mark.slow

@@ -236,7 +236,9 @@ class StaticKVCache(KVCache):
     - the next write position, each row's count of real tokens and the mask live in device tensors, updated in
       place; :attr:`length` reads the position back (a host sync: for the code around a step, never inside it);
     - the buffers never move (:meth:`reorder` copies in place; :meth:`ensure` cannot grow them), and are marked as
-      static addresses for CUDA graphs.
+      static addresses for CUDA graphs, the cross-attention keys/values too (a graph copies any other input into
+      its own buffers at every replay); :meth:`reset` empties the cache for the next decoding of the same shape,
+      keeping every buffer where it is, so a captured graph replays on them.
 
     Position ids are always given per row, so absolute positions and RoPE work; ALiBi and T5's relative bias, which
     assume the queries are the last of the keys, are refused where the cache is made (:meth:`Stack.make_cache`).
@@ -265,6 +267,7 @@ class StaticKVCache(KVCache):
         self._real = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) real tokens written per row
         self._position = torch.zeros((), dtype=torch.long, device=device)  # the next column to write
         self._columns = torch.arange(capacity, device=device)  # (M,)
+        self._cross_buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         for t in (self._k, self._v, self._mask, self._real, self._position, self._columns):
             torch._dynamo.mark_static_address(t)
         for k, v in self._layers:
@@ -275,6 +278,30 @@ class StaticKVCache(KVCache):
     def length(self) -> int:
         """Tokens already cached (read back from the device: a host sync)."""
         return int(self._position)
+
+    def fits(self, batch_size: int, capacity: int, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether this cache has exactly this layout (it can then be :meth:`reset` and decode again)."""
+        return (self.batch_size, self.capacity, self._k.device, self._k.dtype) == (batch_size, capacity, device, dtype)
+
+    def reset(self) -> None:
+        """Empty the cache in place for a new decoding: nothing cached, no cross-attention keys/values (their buffers
+        are kept and refilled by :meth:`set_cross`)."""
+        for t in (self._k, self._v, self._mask, self._real, self._position):
+            t.zero_()
+        self._cross = [None] * self.n_layers
+
+    def set_cross(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``layer``'s cross-attention keys and values in buffers of fixed address (refilled in place when the
+        layout is the same as the last decoding's)."""
+        held = self._cross_buffers[layer]
+        if held is None or held[0].shape != k.shape or held[0].dtype != k.dtype or held[0].device != k.device:
+            held = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))  # contiguous
+            for t in held:
+                torch._dynamo.mark_static_address(t)
+            self._cross_buffers[layer] = held
+        held[0].copy_(k)
+        held[1].copy_(v)
+        self._cross[layer] = held
 
     def ensure(self, n: int, *, limit: int | None = None, step: int = 64) -> None:
         """Check that ``n`` positions fit: a static cache never grows (its buffers are a compiled graph's inputs)."""
