@@ -160,3 +160,21 @@ def test_torch_export_of_a_converted_clip_causal_text_tower_with_padding(tmp_pat
         ours = model.encode_text(ids, mask)
     assert (ours - expected).abs().max() < 1e-4
     assert (exported - expected).abs().max() < 1e-4
+
+
+def test_static_int8_of_a_converted_clip_with_a_padded_causal_text_tower():
+    """#26's blocker: static int8 (PT2E, calibrated on exported towers) of a converted open_clip model now exports its
+    causal text tower with padding; the quantized text embeddings stay close to the float ones (cosine > 0.99)."""
+    from mmformer.convert import from_open_clip
+    from mmformer.quantization import quantize
+
+    torch.manual_seed(0)
+    model = from_open_clip(open_clip.CLIP(**SMALL_CLIP)).eval()
+    ids = open_clip.tokenize(["a cat", "a photo of a big dog", "x"], context_length=16)
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model.encode_text(ids, ids != 0)
+    quantize(model, "static", calibration=[{"pixel_values": pixels, "input_ids": ids, "attention_mask": ids != 0}])
+    with torch.no_grad():
+        got = model.encode_text(ids, ids != 0)
+    assert torch.nn.functional.cosine_similarity(got, ref).min() > 0.99
