@@ -18,7 +18,7 @@ from torch import nn
 
 from mmformer.score_processing import ScoreProcessor, apply_processors
 from mmformer.token_choice import Greedy, Sampler, StopStrings
-from mmformer.weights import is_plain_tensor
+from mmformer.weights import is_plain_tensor, model_device
 
 if TYPE_CHECKING:
     from mmformer.layers.cache import KVCache
@@ -156,7 +156,7 @@ class DecoderRunner:
         self.max_length = max_length
         self.use_cache, self.static, self.compiled = use_cache, static, compile
         if compile and static:
-            self.step = compiled_static_next_logits(model.lm_head.weight.device.type)
+            self.step = compiled_static_next_logits(model_device(model).type)
         else:
             self.step = compiled_next_logits() if compile else _next_logits
         self.cache: KVCache | None = None
