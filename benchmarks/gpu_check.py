@@ -33,9 +33,10 @@ suite does, so the script is known to run before it meets a GPU.
 
     python -m benchmarks.gpu_check --out $OUT [--rows sdpa,mfu] [--budget-s 450]
 
-The prepared command for an H100/H200 (one call of the device tool; about 8–10 minutes with every row)::
+The prepared command for an H100/H200 (one call of the device tool, within its 10 minutes: the issue's rows first,
+rows that would start after --budget-s skip)::
 
-    python -m benchmarks.gpu_check --out $OUT --rows sdpa,fsdp,mfu,decode,graph_decode --budget-s 480
+    python -m benchmarks.gpu_check --out $OUT --rows fsdp,graph_decode,mfu,decode,sdpa --budget-s 480
 """
 
 from __future__ import annotations
