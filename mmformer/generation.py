@@ -78,6 +78,11 @@ class DecodingOptions:
     stop_strings: tuple[str, ...] = _option((), "end a row once its generated text contains one of these strings "
                                                 "(needs a tokenizer; repeat the flag for several)")  # fmt: skip
     use_cache: bool = _option(True, "decode incrementally through a KV cache (False recomputes every step)")
+    cache: str = _option(
+        "dynamic",
+        "dynamic: the KV cache grows as decoding goes on; static: preallocated to prompt + max_new_tokens, with "
+        "fixed-shape steps (compiled: CUDA graphs on a GPU)",
+    )
     compile: bool = _option(False, "run the cached decoder step through torch.compile (pays off over many calls)")
     min_new_tokens: int = _option(0, "end-of-text is not generated before this many new tokens")
     forced_eos: bool = _option(False, "a row still open at the length limit ends with end-of-text there")
@@ -116,6 +121,10 @@ class DecodingOptions:
             raise ValueError(f"use_cache: expected True or False, got {self.use_cache!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile: expected True or False, got {self.compile!r}")
+        if self.cache not in ("dynamic", "static"):
+            raise ValueError(f"cache: expected 'dynamic' or 'static', got {self.cache!r}")
+        if self.cache == "static" and not self.use_cache:
+            raise ValueError("cache='static' preallocates the KV cache; it needs use_cache=True (got use_cache=False)")
         if self.compile and not self.use_cache:
             raise ValueError(
                 "compile=True compiles the KV-cached decoder step; it needs use_cache=True (got use_cache=False)"
@@ -387,7 +396,15 @@ def generate(
     else:
         search = TokenSearch(token_chooser(options, generator), text.eos_id, text.pad_id, processors, stop)
     runner = DecoderRunner(
-        model, memory, memory_mask, max_length, options.use_cache, options.compile, prefix_embeds, prompt_mask
+        model,
+        memory,
+        memory_mask,
+        max_length,
+        options.use_cache,
+        options.compile,
+        prefix_embeds,
+        prompt_mask,
+        static=options.cache == "static",
     )
     return search.run(runner, prompt, max_length)
 
