@@ -17,6 +17,7 @@ from mmformer.weights import model_device
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
     from mmformer.processor import Processor
+    from mmformer.streaming import TextStreamer
 
 
 def _prompt_rows(tokenizer: Any, prompts: Any) -> tuple[list[list[int]] | torch.Tensor, bool]:
@@ -48,6 +49,7 @@ def complete(
     model: MultimodalTransformer,
     prompts: str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor,
     processor: Processor | None = None,
+    streamer: TextStreamer | None = None,
     **decoding: Any,
 ) -> list[str]:
     """Continuations of prompts by a decoder-only language model (GPT-2, Llama, a model trained with ``lm``).
@@ -60,6 +62,9 @@ def complete(
         processor: its tokenizer turns text into ids and back; default ``model.processor``.
         decoding: :func:`generate` options (``max_new_tokens``, ``num_beams``, ``top_k``, ``top_p``,
             ``temperature``, ``repetition_penalty``, ``stop_strings``, ``generator``, ...).
+        streamer: a :class:`mmformer.streaming.TextStreamer` that receives the continuation of one prompt piece by
+            piece while it is decoded (greedy or sampling); its pieces concatenate to the returned text (it is told
+            the ``stop_strings``, so it ends where the text is cut).
 
     Returns:
         The generated text of each prompt (without the prompt). A row that produced a stop string ends before it
@@ -86,7 +91,9 @@ def complete(
     names = {f.name for f in fields(DecodingOptions)}
     changes = {k: decoding.pop(k) for k in list(decoding) if k in names}
     options = DecodingOptions.build(decoding.pop("options", None), **changes)
-    ids = generate(model, prompt_ids=rows, tokenizer=tokenizer, options=options, **decoding)
+    if streamer is not None:
+        streamer.set_stop_strings(options.stop_strings)
+    ids = generate(model, prompt_ids=rows, tokenizer=tokenizer, options=options, streamer=streamer, **decoding)
     texts = tokenizer.batch_decode(ids[:, n_prompt:].cpu(), skip_special_tokens=True)
     if options.stop_strings:
         cutter = StopStrings(tokenizer, options.stop_strings, 0)

@@ -42,6 +42,7 @@ from mmformer.weights import model_device
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
     from mmformer.processor import Processor
+    from mmformer.streaming import TextStreamer
 
 
 # ---------------------------------------------------------------------- options
@@ -283,6 +284,7 @@ def generate(
     options: DecodingOptions | None = None,
     generator: torch.Generator | None = None,
     tokenizer: Any = None,
+    streamer: TextStreamer | None = None,
     **changes: Any,
 ) -> torch.Tensor:
     """Decode token ids from an image, audio or text memory, or continue a prompt alone (decoder-only LM).
@@ -306,6 +308,9 @@ def generate(
         options: a :class:`DecodingOptions`; default its defaults.
         generator: random generator for reproducible sampling.
         tokenizer: decodes rows for ``stop_strings`` (default: ``model.processor.tokenizer``).
+        streamer: receives the prompt, then each token as it is decoded, then ``end()``
+            (:class:`mmformer.streaming.TextStreamer`, or anything with ``put(ids)`` / ``end()``, as Hugging Face's
+            streamers); one row, greedy or sampling (beam search knows its final tokens only at the end).
         changes: :class:`DecodingOptions` fields overriding ``options`` (``max_new_tokens=``, ``num_beams=``,
             ``top_k=``, ``top_p=``, ``temperature=``, ``length_penalty=``, ``do_sample=``, ``repetition_penalty=``,
             ``stop_strings=``, ``use_cache=``, ``compile=``, ``min_new_tokens=``, ``forced_eos=``, ``language=``,
@@ -340,6 +345,11 @@ def generate(
             model, prompt_ids, prompt_mask, None if memory is None else memory.shape[0], device
         )
     n_prompt = prompt.shape[1]
+    if streamer is not None and (options.num_beams > 1 or prompt.shape[0] > 1):
+        raise ValueError(
+            f"streamer: streaming decodes one row greedily or by sampling; got {prompt.shape[0]} rows and num_beams="
+            f"{options.num_beams} (beam search knows its final tokens only at the end)"
+        )
     max_length = n_prompt + options.max_new_tokens
     if prefix_embeds is not None:
         check_prefix(prefix_embeds, model.config.width("decoder"))
@@ -353,6 +363,9 @@ def generate(
             )
         max_length = min(max_length, text.max_tokens - n_prefix)
     if max_length <= n_prompt:
+        if streamer is not None:  # nothing to decode: the stream still begins and ends
+            streamer.put(prompt.cpu())
+            streamer.end()
         return prompt
     stop = None
     if options.stop_strings:
@@ -388,6 +401,8 @@ def generate(
         prompt_mask,
         static=options.cache == "static",
     )
+    if streamer is not None:
+        return search.run(runner, prompt, max_length, streamer=streamer)
     return search.run(runner, prompt, max_length)
 
 

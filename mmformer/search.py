@@ -23,6 +23,7 @@ from mmformer.weights import is_plain_tensor, model_device
 if TYPE_CHECKING:
     from mmformer.layers.cache import KVCache
     from mmformer.model import MultimodalTransformer
+    from mmformer.streaming import TextStreamer
 
 _NEG = -1.0e9  # score of beams that must not be chosen (finite, so sums and divisions stay defined)
 CACHE_STEP = 64  # KV cache positions allocated beyond the prompt at first; the cache doubles when it fills up
@@ -236,8 +237,13 @@ class TokenSearch:
         self.chooser, self.eos_id, self.pad_id = chooser, eos_id, pad_id
         self.processors, self.stop = list(processors), stop
 
-    def run(self, runner: DecoderRunner, prompt: torch.Tensor, max_length: int) -> torch.Tensor:
-        """Prompt (B, P) → ids (B, P + generated), at most ``max_length`` long."""
+    def run(
+        self, runner: DecoderRunner, prompt: torch.Tensor, max_length: int, streamer: TextStreamer | None = None
+    ) -> torch.Tensor:
+        """Prompt (B, P) → ids (B, P + generated), at most ``max_length`` long. A ``streamer``
+        (:mod:`mmformer.streaming`; one row) gets the prompt, then each step's token as it is chosen, then ``end()``."""
+        if streamer is not None:
+            streamer.put(prompt.cpu())
         B, cur = prompt.shape
         n_prompt = cur
         tokens = prompt.new_empty(B, max_length)  # filled up to `cur`; no per-step concatenation
@@ -249,6 +255,8 @@ class TokenSearch:
             next_ids = self.chooser.choose(scores)  # (B,)
             next_ids.masked_fill_(done, self.pad_id)
             tokens[:, cur] = next_ids
+            if streamer is not None:
+                streamer.put(next_ids.cpu())
             cur += 1
             ended = next_ids == self.eos_id
             if self.stop is not None:
@@ -256,6 +264,8 @@ class TokenSearch:
             done |= ended
             if bool(done.all()):
                 break
+        if streamer is not None:
+            streamer.end()
         return tokens[:, :cur]
 
 

@@ -132,6 +132,7 @@ LAYER_OF = {
     "mmformer.score_processing": "decoding",
     "mmformer.generation": "decoding",
     "mmformer.completion": "decoding",
+    "mmformer.streaming": "decoding",
     "mmformer.model": "model",
     "mmformer.export": "ship",
     "mmformer.onnx_runner": "ship",
