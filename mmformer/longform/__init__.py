@@ -136,6 +136,7 @@ def transcribe_files(
     progress: Callable[[float, float], None] | None = None,
     vad_options: VadOptions | None = None,
     prefix_embeds: torch.Tensor | None = None,
+    on_segment: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Transcribe many recordings of any length, their windows decoded together.
 
@@ -159,6 +160,8 @@ def transcribe_files(
         vad_options: how speech is found and cut (default :class:`VadOptions`).
         prefix_embeds: a learned decoder prefix (P', D) read before the prompt (prompt tuning; a model trained
             here).
+        on_segment: called as ``on_segment(input index, segment)`` with each input's numbered segments in order, each
+            as soon as it is decoded (streaming), before the results are returned.
 
     Returns:
         One dict per input, in order: ``text``, ``segments`` (``id, seek, start, end`` in seconds on the input's
@@ -212,7 +215,8 @@ def transcribe_files(
         results = [None if wave is None else transcribe_sequential(
             model, wave, options, tokenizer=processor.tokenizer,
             progress=None if progress is None else _Increments(progress, total),
-        ) for wave in waves]  # fmt: skip
+            on_segment=None if on_segment is None else functools.partial(on_segment, i),
+        ) for i, wave in enumerate(waves)]  # fmt: skip
     else:
         windows = _windows(model, waves, vad, vad_options, rate)
         if whisper:
@@ -222,7 +226,13 @@ def transcribe_files(
                 decode_windows_generic, model, processor=processor, options=options, prefix_embeds=prefix_embeds
             )
         results = transcribe_windows(
-            waves, windows, decode, rate, batch_size, None if progress is None else lambda s: progress(s, total)
+            waves,
+            windows,
+            decode,
+            rate,
+            batch_size,
+            None if progress is None else lambda s: progress(s, total),
+            on_segment,
         )
     for i, message in errors.items():
         results[i] = {"error": message, "text": "", "segments": [], "language": None}

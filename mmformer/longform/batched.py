@@ -164,6 +164,7 @@ def transcribe_windows(
     sample_rate: int,
     batch_size: int = 16,
     progress: Callable[[float], None] | None = None,
+    on_segment: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Decode every window of every file from one queue in batches of ``batch_size`` and assemble each file's
     result: ``{"text", "segments", "language"}``, the segments of its windows in order, numbered.
@@ -174,6 +175,9 @@ def transcribe_windows(
         decode: ``decode(windows, waveforms)`` → per window ``{"segments": [...], "language"}``, the segments'
             times in seconds on the file's timeline.
         progress: called with the audio seconds each finished batch accounts for.
+        on_segment: called as ``on_segment(file, segment)`` with each numbered segment once it and every earlier
+            window of its file are decoded, so a file's segments come in order while the rest is decoded; the queue
+            then runs in timeline order instead of longest first.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
@@ -187,20 +191,36 @@ def transcribe_windows(
         silent = sum(w.shape[0] for i, w in enumerate(waves) if w is not None and i not in by_file)
         if silent:
             progress(silent / sample_rate)
-    queue = sorted(windows, key=lambda w: -w.samples)
+    queue = sorted(windows, key=(lambda w: -w.samples) if on_segment is None else (lambda w: (w.file, w.start)))
     decoded: dict[Window, dict[str, Any]] = {}
+    segments_of: dict[int, list[dict[str, Any]]] = {file: [] for file in by_file}
+    assembled = dict.fromkeys(by_file, 0)  # each file's windows (in timeline order) whose segments are numbered
+
+    def assemble(file: int) -> None:
+        """Number the segments of the file's windows decoded so far, in order, and hand them on."""
+        ws = by_file[file]
+        while assembled[file] < len(ws) and ws[assembled[file]] in decoded:
+            for s in decoded[ws[assembled[file]]]["segments"]:
+                segment = {"id": len(segments_of[file]), **s}
+                segments_of[file].append(segment)
+                if on_segment is not None:
+                    on_segment(file, segment)
+            assembled[file] += 1
+
     for first in range(0, len(queue), batch_size):
         batch = queue[first : first + batch_size]
         decoded.update(zip(batch, decode(batch, [waves[w.file][w.start : w.end] for w in batch])))
         if progress is not None:
             progress(sum(cover[w] for w in batch) / sample_rate)
+        for file in dict.fromkeys(w.file for w in batch):
+            assemble(file)
     results = []
     for file, wave in enumerate(waves):
         if wave is None:
             results.append(None)
             continue
         outs = [decoded[w] for w in by_file.get(file, [])]
-        segments = [{"id": i, **s} for i, s in enumerate(s for out in outs for s in out["segments"])]
+        segments = segments_of.get(file, [])
         languages = Counter(out["language"] for out in outs)
         results.append({
             "text": " ".join(s["text"].strip() for s in segments),

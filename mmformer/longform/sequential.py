@@ -122,6 +122,7 @@ def transcribe_sequential(
     tokenizer: Any = None,
     progress: Callable[[float, float], None] | None = None,
     generator: torch.Generator | None = None,
+    on_segment: Callable[[dict[str, Any]], None] | None = None,
     **changes: Any,
 ) -> dict[str, Any]:
     """Transcribe one waveform as openai-whisper's ``transcribe(model, audio, **options)``.
@@ -132,6 +133,7 @@ def transcribe_sequential(
         tokenizer: Whisper's tokenizer (default ``model.processor.tokenizer``).
         progress: called after each window with (seconds done, seconds in total).
         generator: random generator for the sampled fallback temperatures.
+        on_segment: called with each numbered segment as soon as its window is decoded (streaming).
 
     Returns:
         ``{"text", "segments": [{id, seek, start, end, text, tokens, temperature, avg_logprob, compression_ratio,
@@ -240,7 +242,10 @@ def transcribe_sequential(
         for segment in current:  # an instantaneous or empty segment keeps its place but no text
             if segment["start"] == segment["end"] or segment["text"].strip() == "":
                 segment["text"], segment["tokens"], segment["words"] = "", [], []
-        all_segments.extend({"id": i, **s} for i, s in enumerate(current, start=len(all_segments)))
+        for segment in ({"id": i, **s} for i, s in enumerate(current, start=len(all_segments))):
+            all_segments.append(segment)
+            if on_segment is not None:
+                on_segment(segment)
         all_tokens.extend(t for s in current for t in s["tokens"])
         if not options.condition_on_previous_text or result["temperature"] > 0.5:
             prompt_reset_since = len(all_tokens)  # no prompt after a high temperature
