@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import re
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +31,7 @@ from mmformer.serve.engine import Engine, decode_base64
 from mmformer.serve.errors import APIError, bad_request
 from mmformer.serve.metrics import Metrics
 from mmformer.serve.transcripts import FORMATS, GRANULARITIES, render
+from mmformer.streaming import AsyncTextIteratorStreamer, StreamCancelled
 
 STATIC = resources.files("mmformer.serve") / "static"
 KNOWN_PATHS = ("/v1/embeddings", "/v1/audio/transcriptions", "/v1/completions", "/v1/classify", "/v1/captions",
@@ -216,6 +219,91 @@ def create_app(
         except Exception as e:
             raise _as_api_error(e) from None
 
+    # ---------------------------------------------------------------------------------------------- streams
+    # A streamed request runs alone on the model thread (between other routes' batches), not batched: its pieces
+    # follow its own decoding steps (a batch would pace them by its longest member and need a streamer per row), and
+    # a client that goes away stops only its own decoding (the streamer's next step raises StreamCancelled).
+    def run_streamed(route: str, work: Callable[[], Any], on_done: Callable[[BaseException | None], None]) -> Any:
+        """Start ``work`` on the model thread; ``on_done(error or None)`` runs in the event loop when it ends."""
+        queued = time.perf_counter()
+        started = [queued]
+
+        def timed() -> Any:
+            started[0] = time.perf_counter()
+            return work()
+
+        job = asyncio.get_running_loop().run_in_executor(executor, timed)
+
+        def done(future: asyncio.Future) -> None:
+            metrics.batch_ran(route, 1, [started[0] - queued])
+            on_done(asyncio.CancelledError() if future.cancelled() else future.exception())
+
+        job.add_done_callback(done)
+        return job
+
+    def completion_tokens(text: str) -> int:
+        tokenizer = engine.processor.tokenizer
+        return sum(i not in (tokenizer.bos_id, tokenizer.eos_id) for i in tokenizer.encode(text))
+
+    def finish_reason(text: str, max_tokens: int) -> str:
+        return "length" if completion_tokens(text) >= max_tokens else "stop"
+
+    async def completion_events(head: dict, key: tuple, prompts: list[str]) -> AsyncIterator[str]:
+        """OpenAI's streamed completion: a ``text_completion`` chunk per piece as it is decoded, a last chunk per
+        choice with its ``finish_reason``, then ``[DONE]``; an error after the stream began is an error event."""
+
+        def chunk(text: str, index: int, reason: str | None) -> str:
+            return _sse(
+                {**head, "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": reason}]}
+            )
+
+        for index, prompt in enumerate(prompts):
+            streamer = AsyncTextIteratorStreamer(engine.processor.tokenizer)
+
+            def failed(error: BaseException | None, streamer: AsyncTextIteratorStreamer = streamer) -> None:
+                if error is not None:
+                    streamer.fail(error)
+
+            job = run_streamed("completions", functools.partial(engine.complete, key, [prompt], streamer), failed)
+            try:
+                async for piece in streamer:
+                    yield chunk(piece, index, None)
+                (text,) = await job
+            except Exception as e:
+                yield _sse(_as_api_error(e).body())
+                return
+            finally:
+                streamer.cancel()  # the client went away (this generator closed mid-stream): stop decoding
+            yield chunk("", index, finish_reason(text, key[0]))
+        yield _sse("[DONE]")
+
+    async def transcript_events(key: tuple, wave: Any) -> AsyncIterator[str]:
+        """OpenAI's streamed transcription: a ``transcript.text.delta`` per segment as it is decoded, then
+        ``transcript.text.done`` with the whole text; an error after the stream began is an error event."""
+        loop, segments = asyncio.get_running_loop(), asyncio.Queue()
+        gone = threading.Event()
+
+        def on_segment(segment: dict) -> None:  # on the model thread
+            if gone.is_set():
+                raise StreamCancelled("transcription: the client went away")
+            loop.call_soon_threadsafe(segments.put_nowait, segment)
+
+        job = run_streamed("audio/transcriptions", functools.partial(engine.transcribe, key, [wave], on_segment),
+                           lambda error: segments.put_nowait(None))  # fmt: skip
+        try:
+            sent = 0
+            while (segment := await segments.get()) is not None:
+                if text := segment["text"].strip():
+                    yield _sse({"type": "transcript.text.delta", "delta": (" " if sent else "") + text})
+                    sent += 1
+            (result,) = await job
+        except Exception as e:
+            yield _sse(_as_api_error(e).body())
+            return
+        finally:
+            gone.set()  # the client went away (this generator closed mid-stream): stop decoding
+        yield _sse({"type": "transcript.text.done", "text": result["text"]})
+
     # ---------------------------------------------------------------------------------------------- routes
     @app.get("/health")
     async def health() -> dict:
@@ -352,9 +440,9 @@ def create_app(
             error = _as_api_error(e)
             error.param = "file"
             raise error from None
-        (result,) = await run_all("audio/transcriptions", [((language, temperature), wave)])
         if stream == "true":
-            return StreamingResponse(_transcript_events(result), media_type="text/event-stream")
+            return StreamingResponse(transcript_events((language, temperature), wave), media_type="text/event-stream")
+        (result,) = await run_all("audio/transcriptions", [((language, temperature), wave)])
         content, media_type = render(result, response_format, granularities)
         if isinstance(content, dict):
             return JSONResponse(content)
@@ -381,16 +469,14 @@ def create_app(
         if body.get("n", 1) != 1:
             raise bad_request("n", f"expected 1 (one completion per prompt), got {body.get('n')!r}")
         key = (max_tokens, temperature, top_p, tuple(stop))
-        texts = await run_all("completions", [(key, p) for p in prompts])
-        tokenizer = engine.processor.tokenizer
-        specials = {tokenizer.bos_id, tokenizer.eos_id}
-        counts = [sum(i not in specials for i in tokenizer.encode(t)) for t in texts]
-        finish = ["length" if n >= max_tokens else "stop" for n in counts]
-        prompt_tokens = sum(sum(i not in specials for i in tokenizer.encode(p)) for p in prompts)
         ident, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         head = {"id": ident, "object": "text_completion", "created": created, "model": engine.model_id}
         if body.get("stream"):
-            return StreamingResponse(_completion_events(head, texts, finish), media_type="text/event-stream")
+            return StreamingResponse(completion_events(head, key, prompts), media_type="text/event-stream")
+        texts = await run_all("completions", [(key, p) for p in prompts])
+        counts = [completion_tokens(t) for t in texts]
+        finish = [finish_reason(t, max_tokens) for t in texts]
+        prompt_tokens = sum(completion_tokens(p) for p in prompts)
         choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": f}
                    for i, (t, f) in enumerate(zip(texts, finish))]  # fmt: skip
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
@@ -410,23 +496,3 @@ def create_app(
         return FileResponse(str(STATIC / name), media_type=kinds[suffix])
 
     return app
-
-
-WORD = re.compile(r"\s*\S+|\s+")  # a streamed piece: a word with the space before it
-
-
-async def _transcript_events(result: dict[str, Any]) -> AsyncIterator[str]:
-    """OpenAI's streamed transcription: ``transcript.text.delta`` per segment, then ``transcript.text.done``."""
-    for i, segment in enumerate(result["segments"]):
-        yield _sse({"type": "transcript.text.delta", "delta": (" " if i else "") + segment["text"].strip()})
-    yield _sse({"type": "transcript.text.done", "text": result["text"]})
-
-
-async def _completion_events(head: dict, texts: list[str], finish: list[str]) -> AsyncIterator[str]:
-    """OpenAI's streamed completion: ``text_completion`` chunks word by word, a last chunk per choice with its
-    ``finish_reason``, then ``[DONE]``."""
-    for index, (text, reason) in enumerate(zip(texts, finish)):
-        for piece in WORD.findall(text):
-            yield _sse({**head, "choices": [{"text": piece, "index": index, "logprobs": None, "finish_reason": None}]})
-        yield _sse({**head, "choices": [{"text": "", "index": index, "logprobs": None, "finish_reason": reason}]})
-    yield _sse("[DONE]")

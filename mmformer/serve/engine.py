@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ import torch
 from mmformer.data.collate import pad_audio
 from mmformer.generation import DecodingOptions
 from mmformer.serve.transcripts import transcribe_clips
+from mmformer.streaming import TextStreamer
 from mmformer.weights import model_device
 from mmformer.zeroshot import ZeroShotClassifier
 
@@ -112,17 +113,24 @@ class Engine:
             out = model.encode_audio(audio.to(self.device), lengths.to(self.device))
         return list(out.float().cpu())
 
-    def transcribe(self, key: Hashable, waves: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
+    def transcribe(
+        self, key: Hashable, waves: Sequence[torch.Tensor], on_segment: Callable[[dict], None] | None = None
+    ) -> list[dict[str, Any]]:
+        """Results of waveforms decoded together; ``on_segment`` (one waveform: a streamed request) gets its
+        segments in order as they are decoded."""
         language, temperature = key
         options = DecodingOptions(language=language, **sampling(temperature))
+        each = None if on_segment is None else lambda index, segment: on_segment(segment)
         with torch.inference_mode():
-            return transcribe_clips(self.model, waves, options)
+            return transcribe_clips(self.model, waves, options, on_segment=each)
 
-    def complete(self, key: Hashable, prompts: Sequence[str]) -> list[str]:
+    def complete(self, key: Hashable, prompts: Sequence[str], streamer: TextStreamer | None = None) -> list[str]:
+        """Completions of prompts decoded together; with a ``streamer`` (one prompt: a streamed request) it gets the
+        text piece by piece as it is decoded."""
         max_tokens, temperature, top_p, stop = key
         options = DecodingOptions(max_new_tokens=max_tokens, stop_strings=stop, **sampling(temperature, top_p))
         with torch.inference_mode():
-            return self.model.complete(list(prompts), options=options)
+            return self.model.complete(list(prompts), options=options, streamer=streamer)
 
     def caption(self, key: Hashable, pixels: Sequence[torch.Tensor]) -> list[str]:
         with torch.inference_mode():

@@ -8,7 +8,7 @@ segments carry their times; subtitles are :mod:`mmformer.longform.writers`'.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -21,11 +21,18 @@ FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 GRANULARITIES = ("segment", "word")
 
 
-def transcribe_clips(model: Any, waveforms: Sequence[torch.Tensor], options: DecodingOptions) -> list[dict[str, Any]]:
+def transcribe_clips(
+    model: Any,
+    waveforms: Sequence[torch.Tensor],
+    options: DecodingOptions,
+    on_segment: Callable[[int, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
     """One result per 1-D waveform (at the model's sample rate), all decoded together: ``{"text", "segments",
     "language", "duration"}``; a waveform that cannot be transcribed raises (the batcher then retries the others
-    alone)."""
-    results = transcribe_files(model, list(waveforms), options, batch_size=max(1, len(waveforms)))
+    alone). ``on_segment(index, segment)`` gets each waveform's segments in order as they are decoded."""
+    results = transcribe_files(
+        model, list(waveforms), options, batch_size=max(1, len(waveforms)), on_segment=on_segment
+    )
     rate = model.config.audio.sample_rate
     for result, wave in zip(results, waveforms):
         if "error" in result:
