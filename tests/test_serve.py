@@ -447,22 +447,26 @@ def test_sigterm_lets_the_requests_in_flight_finish(lm_dir):
     assert returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has drained
 
 
-def test_a_recording_longer_than_the_model_window_goes_through_the_long_form_path(server, digits, tmp_path):
+@pytest.fixture(scope="module")
+def long_file(digits, tmp_path_factory) -> tuple[Path, torch.Tensor, dict]:
+    """A recording longer than the model's window (and than the processor's max_seconds) as FLAC, its waveform as
+    the server reads it back, and its long-form transcript."""
     import soundfile
 
     from mmformer.generation import DecodingOptions
     from mmformer.longform import transcribe_files
+    from tests.test_streaming import long_recording
 
-    rate = digits.config.audio.sample_rate
-    window = digits.config.audio.window_samples or digits.config.audio.max_frames * digits.config.audio.hop_length
-    clips = [digits.processor.load_audio(str(DIGITS / r["audio_filepath"])) for r in test_samples(24)]
-    pause = torch.zeros(rate // 2)
-    wave = torch.cat([x for clip in clips for x in (clip, pause)])
-    assert wave.shape[0] > window  # longer than the model reads at once (and than the processor's max_seconds)
-    path = tmp_path / "long.flac"
-    soundfile.write(path, wave.numpy(), rate)
-    wave = torch.from_numpy(soundfile.read(path, dtype="float32")[0])  # as the server reads it back
+    path = tmp_path_factory.mktemp("long") / "long.flac"
+    soundfile.write(path, long_recording(digits).numpy(), digits.config.audio.sample_rate)
+    wave = torch.from_numpy(soundfile.read(path, dtype="float32")[0])
     (expected,) = transcribe_files(digits, [wave], DecodingOptions(do_sample=False))
+    return path, wave, expected
+
+
+def test_a_recording_longer_than_the_model_window_goes_through_the_long_form_path(server, digits, long_file):
+    path, wave, expected = long_file
+    rate = digits.config.audio.sample_rate
     files = {"file": ("long.flac", path.read_bytes(), "audio/flac")}
     data = {"model": MODEL, "response_format": "verbose_json"}
     answer = httpx.post(server + "/v1/audio/transcriptions", data=data, files=files, headers=auth(), timeout=300)
@@ -474,3 +478,97 @@ def test_a_recording_longer_than_the_model_window_goes_through_the_long_form_pat
         (s["start"], s["end"], s["text"]) for s in expected["segments"]
     ]
     assert body["segments"][-1]["end"] > 16
+
+
+# ---------------------------------------------------------------------------------------------- real streams
+def test_a_streamed_transcription_sends_each_segment_as_it_is_decoded(client, long_file):
+    """The official client's stream of a long recording: a delta per long-form segment, the first long before the
+    end, concatenating to the done event's text and the non-streamed transcript."""
+    path, _, expected = long_file
+    with open(path, "rb") as f:
+        assert client.audio.transcriptions.create(model=MODEL, file=f).text == expected["text"]
+    arrivals = []
+    start = time.perf_counter()
+    with open(path, "rb") as f:
+        for event in client.audio.transcriptions.create(model=MODEL, file=f, stream=True):
+            arrivals.append((time.perf_counter() - start, event))
+    deltas = [(t, e.delta) for t, e in arrivals if e.type == "transcript.text.delta"]
+    end, done = arrivals[-1]
+    assert done.type == "transcript.text.done" and len(deltas) == len(expected["segments"]) > 1
+    assert "".join(d for _, d in deltas) == done.text == expected["text"]
+    # streamed, not sent at once at the end: the first delta came before most of the decoding was done
+    assert deltas[0][0] < 0.8 * end, [t for t, _ in arrivals]  # here ~0.45: reading, VAD, then 24 windows
+
+
+@pytest.fixture(scope="module")
+def endless_lm(tmp_path_factory) -> Iterator[tuple[str, str, object]]:
+    """A random LM that never ends a text by itself (its end-of-text logit is 0 against unit-variance others) and
+    takes RoPE positions (no length limit but max_tokens), served; (url, model dir, model)."""
+    from tests.test_text_generation import language_model
+
+    texts = ["the cat sat on the mat.", "a dog ran in the park!", "once upon a time there was a king.\n"] * 4
+    tokenizer = Tokenizer.train(texts, vocab_size=300, max_length=48)
+    torch.manual_seed(1)
+    model = language_model("rope-gqa", vocab_size=tokenizer.vocab_size)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_id] = 0
+    path = tmp_path_factory.mktemp("serve") / "endless"
+    model.save_pretrained(path, processor=Processor(tokenizer))
+    model = mmformer.load_pretrained(str(path))
+    with running_server(str(path)) as (url, _):
+        yield url, str(path), model
+
+
+N_STREAMED = 100  # tokens: decoding them takes several times the first piece's round trip on any CPU
+
+
+def test_a_streamed_completion_sends_pieces_while_it_is_decoded(endless_lm):
+    url, name, model = endless_lm
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    expected = model.complete("the cat", max_new_tokens=N_STREAMED, do_sample=False)[0]
+    stop = expected[len(expected) // 2 : len(expected) // 2 + 2]
+    stopped = model.complete("the cat", max_new_tokens=N_STREAMED, do_sample=False, stop_strings=[stop])[0]
+    assert stopped != expected  # the stop string really cuts the text
+    for kw, text in (({}, expected), ({"stop": stop}, stopped)):
+        answer = client.completions.create(model=name, prompt="the cat", max_tokens=N_STREAMED, temperature=0, **kw)
+        assert answer.choices[0].text == text
+        start, arrivals = time.perf_counter(), []
+        for chunk in client.completions.create(model=name, prompt="the cat", max_tokens=N_STREAMED, temperature=0,
+                                               stream=True, **kw):  # fmt: skip
+            assert chunk.object == "text_completion" and len(chunk.choices) == 1
+            arrivals.append((time.perf_counter() - start, chunk.choices[0]))
+        pieces = [(t, c.text) for t, c in arrivals if c.text]
+        end, last = arrivals[-1]
+        assert "".join(p for _, p in pieces) == text and len(pieces) > 1
+        assert last.finish_reason == ("length" if not kw else "stop") and last.text == ""
+        # sent as decoded: the first piece long before the generation ended
+        assert pieces[0][0] < 0.5 * end, [t for t, _ in arrivals]  # here ~0.1-0.2
+
+
+def test_a_client_that_goes_away_stops_its_generation(endless_lm):
+    """A stream of 4000 tokens read for one piece and closed: the server's model call ends (its batch count goes up)
+    in less than twice the time 400 tokens take, and the server answers the next request."""
+    url, name, _ = endless_lm
+
+    def streamed_calls() -> float:
+        return metric(httpx.get(url + "/metrics").text, "mmformer_batch_size_count", route="completions")
+
+    start = time.perf_counter()  # a tenth of the stream's tokens, not streamed: how long a 10th of it takes at least
+    body = {"model": name, "prompt": "the cat", "max_tokens": 400, "temperature": 0}
+    assert httpx.post(url + "/v1/completions", json=body, timeout=120).status_code == 200
+    tenth = time.perf_counter() - start
+    before = streamed_calls()
+    body = {**body, "max_tokens": 4000, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
+                break
+    closed = time.perf_counter()
+    while streamed_calls() == before:
+        assert time.perf_counter() - closed < 60, "the generation went on after its client went away"
+        time.sleep(0.02)
+    stopped = time.perf_counter() - closed
+    print(f"400 tokens took {tenth:.3f} s; the 4000-token stream stopped {stopped:.3f} s after its client left")
+    assert stopped < 2 * tenth + 0.2  # all 4000 tokens would take over 10 tenths
+    short = {"model": name, "prompt": "a dog", "max_tokens": 3, "temperature": 0}
+    assert httpx.post(url + "/v1/completions", json=short, timeout=60).status_code == 200

@@ -4,7 +4,9 @@ character, and a cancelled stream stops its generation; beams and several rows a
 
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from mmformer.generation import generate
 from mmformer.processor import Processor
 from mmformer.streaming import StreamCancelled, TextIteratorStreamer, TextStreamer
 from mmformer.tokenizer import Tokenizer
+from tests import test_longform_whisper
 from tests.test_text_generation import language_model
 
 TEXTS = ["the cat sat on the mat.", "a dog ran in the park!", "once upon a time there was a king.\n",
@@ -150,3 +153,66 @@ def test_beams_and_several_rows_are_refused(lm):
         TextStreamer(tokenizer).put(torch.ones(2, 3, dtype=torch.long))
     with pytest.raises(TypeError, match="tokenizer"):
         TextStreamer(object())
+
+
+# ---------------------------------------------------------------------------------------------- long-form segments
+DIGITS = Path(__file__).resolve().parent.parent / "data" / "digits"
+
+
+def long_recording(model, n_clips: int = 24) -> torch.Tensor:
+    """(S,) the first ``n_clips`` test recordings of the digits set, each followed by half a second of silence:
+    longer than the model's window, so the long-form path cuts it into several windows."""
+    rows = [json.loads(line) for line in (DIGITS / "test.jsonl").read_text().splitlines()][:n_clips]
+    rate = model.config.audio.sample_rate
+    pause = torch.zeros(rate // 2)
+    clips = [model.processor.load_audio(str(DIGITS / r["audio_filepath"])) for r in rows]
+    wave = torch.cat([x for clip in clips for x in (clip, pause)])
+    window = model.config.audio.window_samples or model.config.audio.max_frames * model.config.audio.hop_length
+    assert wave.shape[0] > window
+    return wave
+
+
+def test_long_form_segments_are_handed_on_in_order_while_the_rest_is_decoded():
+    import mmformer
+    from mmformer.generation import DecodingOptions
+    from mmformer.longform import transcribe_files
+
+    model = mmformer.load_pretrained(str(DIGITS.parent / "digits_model"))
+    wave = long_recording(model)
+    (expected,) = transcribe_files(model, [wave], DecodingOptions(do_sample=False))
+    handed, progress = [], []
+    (result,) = transcribe_files(
+        model,
+        [wave],
+        DecodingOptions(do_sample=False),
+        batch_size=1,
+        progress=lambda seconds, total: progress.append(seconds),
+        on_segment=lambda index, segment: handed.append((index, len(progress), segment)),
+    )
+    assert result == expected  # the timeline order of the queue changes nothing
+    assert [s for _, _, s in handed] == result["segments"] and len(handed) > 1
+    assert {i for i, _, _ in handed} == {0}
+    assert handed[0][1] < len(progress)  # the first segment came before the last window was decoded
+    assert [n for _, n, _ in handed] == sorted(n for _, n, _ in handed)
+
+
+models, speech = test_longform_whisper.models, test_longform_whisper.speech  # its fixtures, used here too
+
+
+def test_whisper_sequential_hands_each_window_s_segments_on_as_it_is_decoded(models, speech):
+    """openai-whisper's algorithm (a converted random checkpoint, 60 s of speech): ``transcribe_files`` hands the
+    segments on window by window, the same ones it returns."""
+    from mmformer.longform import TranscribeOptions, transcribe_files
+
+    _, model = models
+    seen, handed = [], []
+    (result,) = transcribe_files(
+        model,
+        [speech],
+        TranscribeOptions(temperature=0.0),
+        progress=lambda seconds, total: seen.append(seconds),
+        on_segment=lambda index, segment: handed.append((index, len(seen), segment)),
+    )
+    assert [s for _, _, s in handed] == result["segments"] and len(handed) > 1
+    assert {i for i, _, _ in handed} == {0}
+    assert handed[0][1] < len(seen) - 1  # the first window's segments came before the later windows were decoded
