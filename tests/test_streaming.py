@@ -54,14 +54,18 @@ def lm():
     return model, tokenizer
 
 
-@pytest.mark.parametrize("decoding", [{"do_sample": False}, {"do_sample": True, "temperature": 1.5, "top_k": 50}])
+@pytest.mark.parametrize(
+    "decoding",
+    [{"do_sample": False}, {"do_sample": True, "temperature": 1.5, "top_k": 50}, {"cache": "static"}],
+    ids=["greedy", "sampling", "static-cache"],
+)
 def test_streamed_pieces_are_the_completion_and_arrive_while_decoding(lm, decoding):
     model, tokenizer = lm
     for prompt in ["the cat", "once upon a time", "a dog"]:
-        seed = {} if not decoding["do_sample"] else {"generator": torch.Generator().manual_seed(7)}
+        seed = {"generator": torch.Generator().manual_seed(7)} if decoding.get("do_sample") else {}
         expected = complete(model, prompt, max_new_tokens=20, **decoding, **seed)[0]
         streamer = Recorder(tokenizer)
-        seed = {} if not decoding["do_sample"] else {"generator": torch.Generator().manual_seed(7)}
+        seed = {"generator": torch.Generator().manual_seed(7)} if decoding.get("do_sample") else {}
         got = complete(model, prompt, max_new_tokens=20, streamer=streamer, **decoding, **seed)[0]
         assert got == expected and streamer.text == expected and streamer.ended, (prompt, streamer.pieces)
         assert len(streamer.pieces) > 1, streamer.pieces  # several pieces ...
