@@ -308,9 +308,9 @@ def generate(
         options: a :class:`DecodingOptions`; default its defaults.
         generator: random generator for reproducible sampling.
         tokenizer: decodes rows for ``stop_strings`` (default: ``model.processor.tokenizer``).
-        streamer: receives the prompt, then each token as it is decoded, then ``end()``
-            (:class:`mmformer.streaming.TextStreamer`, or anything with ``put(ids)`` / ``end()``, as Hugging Face's
-            streamers); one row, greedy or sampling (beam search knows its final tokens only at the end).
+        streamer: a :class:`mmformer.streaming.TextStreamer`; it receives the prompt, then each token as it is
+            decoded, then ``end()`` (the calls Hugging Face's generate makes to its streamers); one row, greedy or
+            sampling (beam search knows its final tokens only at the end).
         changes: :class:`DecodingOptions` fields overriding ``options`` (``max_new_tokens=``, ``num_beams=``,
             ``top_k=``, ``top_p=``, ``temperature=``, ``length_penalty=``, ``do_sample=``, ``repetition_penalty=``,
             ``stop_strings=``, ``use_cache=``, ``compile=``, ``min_new_tokens=``, ``forced_eos=``, ``language=``,
