@@ -161,7 +161,7 @@ def test_huge_max_new_tokens_stops_cleanly_without_preallocating(make_model_conf
         pytest.fail("no seed gives a model whose every row ends within 64 tokens")
     caches = []
     make_cache = model.make_cache
-    model.make_cache = lambda rows, length=None: caches.append(length) or make_cache(rows, length)
+    model.make_cache = lambda rows, length=None, **kw: caches.append(length) or make_cache(rows, length, **kw)
     with time_limit(60):
         ids = generate(model, image=image, max_new_tokens=10**9, num_beams=num_beams)
     assert caches and max(caches) <= 128, f"KV caches of {caches} positions for a few tokens"

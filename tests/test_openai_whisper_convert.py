@@ -182,7 +182,7 @@ def test_hugging_face_generation_configs_bring_their_alignment_heads():
     from mmformer.config import GenerationConfig
     from mmformer.convert.hf_whisper import _generation_config
 
-    gen = _generation_config({"alignment_heads": [[2, 0], [3, 5]], "no_timestamps_token_id": 50363})
+    gen = _generation_config({"alignment_heads": [[2, 0], [3, 5]], "no_timestamps_token_id": 50363}, 51865)
     assert gen.alignment_heads == [[2, 0], [3, 5]]
     assert GenerationConfig(**json.loads(json.dumps(asdict(gen)))) == gen  # JSON round trip
     with pytest.raises(ValueError, match=r"alignment_heads must be \[layer, head\] pairs"):
