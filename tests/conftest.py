@@ -10,7 +10,7 @@ The factories take keyword overrides, so a test states only what it is about::
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -31,9 +31,14 @@ TINY_TEXT = dict(vocab_size=32, max_length=16, pad_id=0, bos_id=1, eos_id=2)
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
-    """Every test starts from the same random state, so failures reproduce."""
+def _seed() -> Iterator[None]:
+    """Every test starts from the same random state and thread count, so failures reproduce whatever ran before in
+    the same worker (a benchmark run in-process sets its own threads; a different count changes float reductions,
+    and a run that must match a subprocess bit for bit would drift)."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
