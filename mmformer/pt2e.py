@@ -216,16 +216,18 @@ class PT2EModel:
                                              cross_keys, cross_values)  # fmt: skip
         return tokens
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """The float model (``save_pretrained``) plus :data:`QPARAMS_FILE`; reload with :func:`load`."""
+    def save_pretrained(self, directory: str | os.PathLike, *, overwrite: bool = True) -> Path:
+        """The float model (``save_pretrained``) plus :data:`QPARAMS_FILE`, atomically; reload with :func:`load`."""
         from safetensors.torch import save_file
 
-        directory = Path(directory)
-        self.model.save_pretrained(directory)
-        metadata = {"quantization_config": json.dumps(self.quantization), "torch_version": torch.__version__}
-        tensors = {k: v.detach().contiguous() for k, v in self.qparams.items()}
-        save_file(tensors, str(directory / QPARAMS_FILE), metadata=metadata)
-        return directory
+        from mmformer import pretrained
+
+        with pretrained.atomic_directory(directory, overwrite=overwrite) as staging:
+            self.model.save_pretrained(staging)
+            metadata = {"quantization_config": json.dumps(self.quantization), "torch_version": torch.__version__}
+            tensors = {k: v.detach().contiguous() for k, v in self.qparams.items()}
+            save_file(tensors, str(staging / QPARAMS_FILE), metadata=metadata)
+        return Path(directory)
 
 
 def _calibration_inputs(model: nn.Module, batches: Iterable[dict[str, Any]]) -> Iterable[tuple[str, tuple]]:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 pytest.importorskip("torchao")
 
 from cli_helpers import REPO, cli_env  # noqa: E402
-from test_quantization import manifest, tiny  # noqa: E402, F401  (the tiny model and its calibration manifest)
+from test_quantization import float_dir, manifest, tiny  # noqa: E402, F401  (the tiny model and its calibration manifest)
 
 from mmformer import pt2e  # noqa: E402
 from mmformer.quantization import calibration_batches  # noqa: E402
@@ -137,6 +137,21 @@ def test_a_pt2e_file_whose_observers_do_not_match_is_refused(tmp_path):
         pt2e.load(path, device="cpu")
     with pytest.raises(ValueError, match="got device 'meta'"):
         pt2e.load(path, device="meta")
+
+
+def test_cli_writes_a_pt2e_model_and_refuses_methods_it_lacks(float_dir, tmp_path, capsys):  # noqa: F811
+    from mmformer.cli import main
+
+    main(["quantize", "--model", str(float_dir), "--backend", "pt2e", "--method", "dynamic", "--towers", "image",
+          "--out", str(tmp_path / "q")])  # fmt: skip
+    assert "pt2e dynamic int8 graphs image_encoder" in capsys.readouterr().out
+    loaded = pt2e.load(tmp_path / "q", compile=False)
+    assert loaded.mode == "dynamic" and sorted(loaded.graphs) == ["image_encoder"]
+    with pytest.raises(SystemExit, match=r"--method: expected one of dynamic, static, got 'int4-weight' "
+                                         r"\(--backend pt2e\)"):  # fmt: skip
+        main(["quantize", "--model", str(float_dir), "--backend", "pt2e", "--method", "int4-weight", "--out",
+              str(tmp_path / "x")])  # fmt: skip
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow
