@@ -187,10 +187,11 @@ class PT2EModel:
         *,
         audio_features: torch.Tensor | None = None,
         feature_lengths: torch.Tensor | None = None,
+        prompt_ids: torch.Tensor | None = None,
         max_new_tokens: int = 30,
     ) -> torch.Tensor:
-        """Greedy decoding through the prefill and step graphs: ids (B, 1 + generated), bos first, rows padded
-        after end-of-text (as :meth:`mmformer.onnx_runner.OnnxModel.generate`)."""
+        """Greedy decoding through the prefill and step graphs: ids (B, P + generated), the prompt (default: bos)
+        first, rows padded after end-of-text (as :meth:`mmformer.onnx_runner.OnnxModel.generate`)."""
         if (image is None) == (audio is None and audio_features is None):
             raise ValueError("generate: expected exactly one of image= or audio= / audio_features=")
         if image is not None:
@@ -200,10 +201,12 @@ class PT2EModel:
             features = self._features(audio, audio_lengths, audio_features, feature_lengths)
             _, states, memory_mask = self.run("audio_encoder", *features)
         text = self.config.text
-        limit = 1 + max_new_tokens
+        if prompt_ids is None:
+            prompt_ids = torch.full((states.shape[0], 1), text.bos_id, dtype=torch.long)
+        tokens = prompt_ids.to(torch.long)  # (B, P)
+        limit = tokens.shape[1] + max_new_tokens
         if text.position != "none":
             limit = min(limit, text.max_length)
-        tokens = torch.full((states.shape[0], 1), text.bos_id, dtype=torch.long)
         logits, keys, values, cross_keys, cross_values = self.run("decoder_model", tokens, states, memory_mask)
         done = torch.zeros(states.shape[0], dtype=torch.bool)
         while tokens.shape[1] < limit:
