@@ -7,8 +7,8 @@ Methods (``mmformer quantize --backend onnxruntime --method dynamic|static``):
 =========  ==============================================================================================
 dynamic    ``quantize_dynamic``: int8 weights per output channel, uint8 activations quantized at run time
            (``DynamicQuantizeLinear`` + ``MatMulInteger``)
-static     ``quantize_static`` in the QDQ format: uint8 activations with scales calibrated over the batches
-           (``MinMax``), int8 weights per output channel
+static     ``quantize_static`` in the QDQ format, on the matrix products: uint8 activations with scales
+           calibrated over the batches (``MinMax``), int8 weights per output channel
 =========  ==============================================================================================
 
 ``export_config.json`` gains ``quantization`` (``{"backend": "onnxruntime", "method": ..., "onnxruntime_version":
@@ -30,6 +30,9 @@ from mmformer.export import EXPORT_CONFIG
 
 METHODS = ("dynamic", "static")
 BACKEND = "onnxruntime"
+# static: the matrix products only (as onnxruntime's transformer examples do); quantizing the convolutions, norms and
+# softmax inputs as well costs the digits model's audio tower most of its accuracy (measured, benchmarks/compress.py)
+STATIC_OPS = ["MatMul", "Gemm"]
 
 
 def _calibration_feeds(model: Any, batches: Iterable[dict[str, Any]], config: dict) -> dict[str, list[dict]]:
@@ -117,7 +120,8 @@ def quantize_export(
                 quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True)
             else:
                 quantize_static(src, dst, _Reader(feeds[name]), quant_format=QuantFormat.QDQ, per_channel=True,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                op_types_to_quantize=STATIC_OPS)  # fmt: skip
         config["quantization"] = {"backend": BACKEND, "method": method, "onnxruntime_version": ort_version}
         (staging / EXPORT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return Path(directory)

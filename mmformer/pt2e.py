@@ -169,10 +169,10 @@ class PT2EModel:
             lengths = audio_lengths if audio_lengths is not None else torch.full((audio.shape[0],), audio.shape[-1])
             extract = self.model.audio_embed.features
             with torch.no_grad():
-                return extract(audio, lengths), extract.frames(lengths)
+                features, lengths = extract(audio, lengths), extract.frames(lengths)
         if lengths is None:
             lengths = torch.full((features.shape[0],), features.shape[-1], dtype=torch.long)
-        return features, lengths
+        return pad_frames(self.model, features), lengths
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids and mask → (B, E) L2-normalised."""
@@ -233,6 +233,23 @@ class PT2EModel:
         return Path(directory)
 
 
+def pad_frames(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Log-mel (B, M, Nf) padded at the end to Nf' ≡ the export example's frame count modulo the convolution stride.
+
+    An exported audio graph keeps the guards its example's frame count passed, and the strided convolution's floor
+    divisions guard on Nf modulo the stride (torch.export cannot prove them over the whole range); frames past every
+    clip's length are read as silence (:meth:`mmformer.embedders.audio.AudioEmbedder.convolve`), so the real tokens
+    come out the same, with at most one more masked token."""
+    from mmformer.export import examples
+
+    audio = model.config.audio
+    if audio is None or audio.pad_to_seconds is not None:
+        return features  # a fixed window (Whisper) is read as it is
+    example = examples(model)["input_features"].shape[-1]
+    pad = (example - features.shape[-1]) % audio.conv_stride
+    return torch.nn.functional.pad(features, (0, pad)) if pad else features
+
+
 def _calibration_inputs(model: nn.Module, batches: Iterable[dict[str, Any]]) -> Iterable[tuple[str, tuple]]:
     """(graph name, inputs) of every graph a calibration batch runs through: the encoders and the decoder's prefill
     as :func:`mmformer.quantization._tower_inputs` gives them, and the decoder step at each position of the teacher-
@@ -243,6 +260,8 @@ def _calibration_inputs(model: nn.Module, batches: Iterable[dict[str, Any]]) -> 
     prefill = DecoderPrefill(model)
     for batch in batches:
         for name, inputs in _tower_inputs(model, batch):
+            if name == "audio_encoder":
+                inputs = (pad_frames(model, inputs[0]), inputs[1])
             yield name, inputs
             if name != "decoder_model":
                 continue
