@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 pytest.importorskip("torchao")
 
 from cli_helpers import REPO, cli_env  # noqa: E402
+from conftest import TINY_AUDIO, TINY_TEXT  # noqa: E402
 from test_quantization import float_dir, manifest, tiny  # noqa: E402, F401  (the tiny model and its calibration manifest)
 
 from mmformer import pt2e  # noqa: E402
@@ -164,3 +165,30 @@ def test_compiled_pt2e_graphs_answer_as_the_reference_graphs():
     x = inputs()["pixel_values"]
     expected, got = reference.encode_image(x), compiled.encode_image(x)
     assert float((got - expected).abs().max()) <= 0.03
+
+
+def test_pt2e_audio_graph_serves_every_frame_count_of_a_strided_convolution():
+    """The exported audio graph guards on the frame count modulo the convolution stride (its example's residue):
+    the inputs are padded with frames past every clip's length, which the float model reads as silence."""
+    from mmformer.config import AudioConfig, ModelConfig, StackConfig, TextConfig
+    from mmformer.model import MultimodalTransformer
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        stacks={"shared": StackConfig(width=32, depth=1, n_heads=4)},
+        routes={"audio": "shared", "text": "shared"},
+        image=None,
+        audio=AudioConfig(**{**TINY_AUDIO, "conv_stride": 4}),
+        text=TextConfig(**TINY_TEXT),
+        embed_dim=16,
+    )
+    model = MultimodalTransformer(config).eval()
+    quantized = pt2e.quantize(model, "dynamic", towers=["audio"], compile=False)
+    g = torch.Generator().manual_seed(2)
+    for frames in (25, 26, 27, 28):
+        features = torch.randn(2, 8, frames, generator=g)
+        lengths = torch.tensor([frames, frames - 3])
+        with torch.no_grad():
+            expected = model.encode_audio(audio_features=features, feature_lengths=lengths)
+        got = quantized.encode_audio(audio_features=features, feature_lengths=lengths)
+        assert float((got - expected).abs().max()) <= 0.03, frames
