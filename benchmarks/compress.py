@@ -9,7 +9,7 @@ test split: distillation into a quarter-size student, quantization per method, a
 
 Distillation trains two students of about a quarter of the teacher's parameters (the teacher's config with half its
 width) for the demo's step budget (configs/digits.yaml), with the teacher's tokenizer: one on the labels alone, one
-with ``--model.teacher data/digits_model``; the table gives the four demo metrics of both and of the teacher.
+with ``--model.distill.teacher data/digits_model``; the table gives the four demo metrics of both and of the teacher.
 
 Quantization applies each method of :mod:`mmformer.quantization` to the teacher (static int8 calibrated on the
 validation split; "compact" adds the int8 token table and bf16 storage of what stays float; QAT fine-tunes the
@@ -122,8 +122,8 @@ def distill(args: argparse.Namespace, out: Path, manifest: Path) -> list[dict]:
 
     teacher = mmformer.load_pretrained(MODEL)
     rows = [{"model": "teacher", "params": sum(p.numel() for p in teacher.parameters()), **evaluate(MODEL, manifest)}]
-    options = {"teacher": str(MODEL), "distill_temperature": args.temperature, "distill_weight": args.distill_weight,
-               "distill_feature_weight": args.feature_weight}  # fmt: skip
+    options = {"distill": {"teacher": str(MODEL), "temperature": args.temperature, "weight": args.distill_weight,
+                           "feature_weight": args.feature_weight}}  # fmt: skip
     variant = f"distilled_T{args.temperature:g}_w{args.distill_weight:g}_f{args.feature_weight:g}"
     for name, teacher_path in (("student, labels only", None), ("student, distilled", options)):
         folder = out / (variant if teacher_path else "labels_only")
@@ -177,9 +177,8 @@ def qat_finetune(out: Path, steps: int, tiny: bool, lr: float = 2e-5) -> Path:
     for key in ("format_version", "mmformer_version"):
         config["model"]["model"].pop(key, None)
     optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr, "weight_decay": 0.05}}
-    config["model"].update(
-        qat={"method": "dynamic"}, warmup_steps=min(20, steps), zeroshot_classes=None, optimizer=optimizer
-    )
+    config["model"].update(qat={"method": "dynamic"}, schedule={"warmup_steps": min(20, steps)}, optimizer=optimizer)
+    config["model"].pop("zeroshot", None)
     trainer = config["trainer"]
     trainer.update(max_steps=steps, default_root_dir=str(out), limit_val_batches=0, callbacks=[], logger=False,
                    enable_checkpointing=False)  # fmt: skip
@@ -540,9 +539,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None, help="student training steps (default: the demo's budget)")
     p.add_argument("--reuse", action="store_true", help="evaluate students already trained under --out")
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: as the demo)")
-    p.add_argument("--temperature", type=float, default=1.0, help="distill_temperature of the distilled student")
-    p.add_argument("--distill-weight", type=float, default=0.5, help="distill_weight of the distilled student")
-    p.add_argument("--feature-weight", type=float, default=0.0, help="distill_feature_weight of the distilled student")
+    p.add_argument("--temperature", type=float, default=1.0, help="distill.temperature of the distilled student")
+    p.add_argument("--distill-weight", type=float, default=0.5, help="distill.weight of the distilled student")
+    p.add_argument("--feature-weight", type=float, default=0.0, help="distill.feature_weight of the distilled student")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test rows only")
     p.add_argument("--batch", type=int, default=8, help="batch of the timed encode / transcribe calls")
     p.add_argument("--calib", default=str(DATA / "val.jsonl"), help="calibration manifest of static int8")

@@ -369,7 +369,7 @@ def tiny_task_data(n: int = 32):
         embed_dim=32,
     )
     loader = DataLoader(samples, batch_size=8, collate_fn=Collator(tok))
-    return MultimodalTask(config, warmup_steps=1, max_steps=4, val_generate=False), loader
+    return MultimodalTask(config, schedule={"warmup_steps": 1, "max_steps": 4}, generation={"evaluate": False}), loader
 
 
 def fit_rows(ctx: argparse.Namespace, strategy: Callable[[Any], Any] | None = None, **trainer_kwargs) -> list[dict]:

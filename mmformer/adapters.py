@@ -54,7 +54,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from mmformer.weights import TensorSpec, human_count, listed
+from mmformer.quantization import quantizable
+from mmformer.weights import TensorSpec, base_layer, human_count, listed
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
@@ -491,9 +492,7 @@ def _untie_adapted_head(model: MultimodalTransformer) -> None:
     wrapped = lambda m: isinstance(m, BaseTunerLayer) or hasattr(m, "unload_and_optionally_merge_module")  # noqa: E731
     if not (wrapped(model.lm_head) or wrapped(model.text_embed.tokens)):
         return
-    head = model.lm_head
-    while hasattr(head, "get_base_layer") or hasattr(head, "original_module"):
-        head = head.get_base_layer() if hasattr(head, "get_base_layer") else head.original_module
+    head = base_layer(model.lm_head)
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
     model.config.tie_lm_head = False
 
@@ -537,8 +536,9 @@ def resize_token_embeddings(model: MultimodalTransformer, vocab_size: int) -> Mu
 def quantize_4bit(
     model: MultimodalTransformer, quant_type: str = "nf4", compute_dtype: torch.dtype | None = None
 ) -> MultimodalTransformer:
-    """Replace every ``nn.Linear`` of ``model`` (except an LM head tied to the token table) by a frozen bitsandbytes
-    ``Linear4bit`` holding its weight in 4 bits (NF4 or FP4, double-quantized block scales), on the weight's device.
+    """Replace every linear layer :func:`mmformer.quantization.quantizable` selects (the rule torchao quantization
+    follows: not an LM or masked-LM head tied to the token table) by a frozen bitsandbytes ``Linear4bit`` holding its
+    weight in 4 bits (NF4 or FP4, double-quantized block scales), on the weight's device.
 
     The model is marked ``is_loaded_in_4bit`` (the attribute transformers sets), so that peft wraps these layers
     with its 4-bit LoRA layer. ``compute_dtype`` (default: the weights' dtype) is what the layers compute in.
@@ -553,10 +553,8 @@ def quantize_4bit(
         raise ValueError(f"quant_type: expected one of {list(QUANT_TYPES)}, got {quant_type!r}")
     if has_adapter(model):
         raise ValueError("model: quantize the base before adding an adapter")
-    tied = model.lm_head if model.lm_head is not None and model.config.tie_lm_head else None
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or module is tied:
-            continue
+    for name in quantizable(model):
+        module = model.get_submodule(name)
         weight = module.weight
         layer = bnb.nn.Linear4bit(
             module.in_features,

@@ -1,15 +1,16 @@
 """One entry point for every model source: ``mmformer.from_pretrained(name_or_path)`` (alias ``load_pretrained``).
 
 Every caller that loads "a model a user names" (the CLI's ``--model`` flags and ``mmformer convert``, ``init_from``,
-a distillation teacher) goes through here. What a name is (:func:`mmformer.hub.parse_name`):
+a distillation teacher) goes through here. The name is resolved once into a :class:`mmformer.hub.Source`
+(:func:`mmformer.hub.resolve_source`: what the files are, where, the Hub revision, the folder's ``config.json`` read
+once), and the source's ``kind`` picks its reader (:data:`KIND_CONVERTERS`):
 
-- mmformer's own formats: a save_pretrained folder, a training ``.ckpt``, a weights file beside a config.json
-  (:meth:`MultimodalTransformer.from_pretrained`);
-- a Hugging Face model folder, or a Hub id resolved into the Hub cache (:func:`mmformer.hub.snapshot`): its
-  ``config.json``'s ``model_type`` picks the converter in :data:`HF_CONVERTERS`; a timm folder (``config.json``
-  with an ``architecture``, as ``timm/...`` repositories) loads through timm, an open_clip one
-  (``open_clip_config.json``) through open_clip;
-- ``open_clip:MODEL/TAG`` and ``timm:NAME``, resolved by those libraries' own download and cache code.
+- mmformer's own formats (``mmformer`` folders, training ``checkpoint`` files, bare ``weights``):
+  :meth:`MultimodalTransformer.from_pretrained`, with the config already read;
+- a Hugging Face folder (``hf``; also a Hub id's snapshot): its ``config.json``'s ``model_type`` picks the converter
+  in :data:`HF_CONVERTERS`, which receives the Source (and so the config read once);
+- ``timm`` and ``open_clip`` names and folders, through those libraries' own download and cache code;
+- ``whisper:NAME``: the converter :data:`KIND_CONVERTERS` names, looked up in :mod:`mmformer.convert`.
 
 The processor comes from the same source with its own settings (``model.processor``); :func:`load_processor` reads
 it alone. ``adapter=`` applies a LoRA adapter folder (peft's layout) on top of whatever was loaded.
@@ -19,20 +20,20 @@ from __future__ import annotations
 
 import importlib
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from mmformer import hub
+from mmformer.hub import Source
 from mmformer.model import MultimodalTransformer
-from mmformer.pretrained import read_checkpoint
+from mmformer.pretrained import config_from_dict, read_checkpoint
 from mmformer.processor import Processor
 
-__all__ = ["HF_CONVERTERS", "from_pretrained", "load_pretrained", "load_processor"]
+__all__ = ["HF_CONVERTERS", "KIND_CONVERTERS", "from_pretrained", "load_pretrained", "load_processor"]
 
-# Hugging Face ``config.json`` ``model_type`` → its converter in :mod:`mmformer.convert` (which takes a local folder and
-# is imported only when a model of that type is loaded). A converter for a new family adds one line here.
+# Hugging Face ``config.json`` ``model_type`` → its converter in :mod:`mmformer.convert` (which takes a local folder or
+# a Source and is imported only when a model of that type is loaded). A converter for a new family adds one line here.
 HF_CONVERTERS: dict[str, str] = {
     "clip": "from_hf_clip",
     "siglip": "from_hf_siglip",
@@ -46,11 +47,17 @@ HF_CONVERTERS: dict[str, str] = {
     "t5": "from_hf_t5",
     "mt5": "from_hf_t5",
 }
-_OWN_OPTIONS = ("map_location", "strict", "config", "max_parameters")  # MultimodalTransformer.from_pretrained's
+# A Source kind read by one converter of :mod:`mmformer.convert`, called with the source's location (a path or a
+# library's model name). A new kind: its name and description in hub.KINDS, how resolve_source recognises it
+# (hub.parse_name's prefixes), one line here, and its converter in mmformer.convert's table.
+KIND_CONVERTERS: dict[str, str] = {"whisper": "from_openai_whisper"}
+OWN_KINDS = ("mmformer", "checkpoint", "weights")  # read by MultimodalTransformer.from_pretrained
+# MultimodalTransformer.from_pretrained's options, with their defaults (a default is not "given")
+_OWN_OPTIONS = {"map_location": "cpu", "strict": True, "config": None, "max_parameters": None}
 
 
 def from_pretrained(
-    name_or_path: str | os.PathLike,
+    name_or_path: str | os.PathLike | Source,
     *,
     source: str | None = None,
     revision: str | None = None,
@@ -68,7 +75,8 @@ def from_pretrained(
     Args:
         name_or_path: a local file or folder, a Hugging Face Hub id (``openai/whisper-tiny``), ``open_clip:MODEL/TAG``
             (``open_clip:ViT-B-32/openai``), ``open_clip:hf-hub:ORG/REPO``, ``timm:NAME``
-            (``timm:vit_base_patch16_224.augreg_in21k``), or ``whisper:NAME`` / an openai-whisper ``.pt`` file.
+            (``timm:vit_base_patch16_224.augreg_in21k``), ``whisper:NAME``, or a :class:`~mmformer.hub.Source`
+            already resolved.
         source: force a converter by its CLI name (:data:`mmformer.convert.SOURCES`: ``open_clip``, ``hf_clip``,
             ``hf_siglip``, ``timm_vit``, ``hf_whisper``, ``hf_bert``, ...) for a local path or a Hub id; default:
             decided from the files.
@@ -82,7 +90,7 @@ def from_pretrained(
         adapter: a LoRA adapter folder (adapter_config.json + adapter_model.safetensors) applied on top, checked
             against this model before its tensors are read (see :func:`mmformer.adapters.load_adapter`).
         kwargs: for mmformer's own formats, :meth:`MultimodalTransformer.from_pretrained`'s ``map_location``,
-            ``strict``, ``config`` and ``max_parameters``.
+            ``strict``, ``config`` and ``max_parameters`` (other sources accept them at their defaults only).
 
     Returns:
         The model in eval mode, ``model.processor`` set from the same source.
@@ -94,9 +102,21 @@ def from_pretrained(
             checkpoint (:class:`~mmformer.convert.common.UnsupportedModelError`), or options that do not fit the
             source.
     """
-    model = _load(
-        name_or_path, source, revision, cache_dir, local_files_only, token, model_kwargs, device, dtype, kwargs
-    )
+    unknown = sorted(set(kwargs) - set(_OWN_OPTIONS))
+    if unknown:
+        raise TypeError(f"from_pretrained: unknown keyword arguments {unknown}; expected some of {list(_OWN_OPTIONS)}")
+    if isinstance(name_or_path, Source):
+        if revision is not None:
+            raise ValueError(f"revision: {name_or_path} is resolved already (its revision: {name_or_path.revision})")
+        resolved = name_or_path
+    else:
+        check = _check_supported if source is None else None
+        resolved = hub.resolve_source(
+            name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+            check=check,
+        )  # fmt: skip
+    model = _load(resolved, source, model_kwargs, dict(cache_dir=cache_dir, local_files_only=local_files_only),
+                  device, dtype, kwargs)  # fmt: skip
     if adapter is not None:
         from mmformer.adapters import load_adapter
 
@@ -105,84 +125,58 @@ def from_pretrained(
 
 
 def _load(
-    name_or_path: str | os.PathLike,
-    source: str | None,
-    revision: str | None,
-    cache_dir: str | os.PathLike | None,
-    local_files_only: bool | None,
-    token: str | bool | None,
+    source: Source,
+    forced: str | None,
     model_kwargs: dict[str, Any] | None,
+    cache: dict[str, Any],
     device: str | torch.device | None,
     dtype: torch.dtype | None,
     kwargs: dict[str, Any],
 ) -> MultimodalTransformer:
-    """:func:`from_pretrained` without the adapter."""
-    unknown = sorted(set(kwargs) - set(_OWN_OPTIONS))
-    if unknown:
-        raise TypeError(f"from_pretrained: unknown keyword arguments {unknown}; expected some of {list(_OWN_OPTIONS)}")
-    if _openai_whisper(name_or_path):  # whisper:NAME (openai-whisper's download cache) or its .pt file
+    """:func:`from_pretrained` of a resolved source, without the adapter (``cache``: the libraries' cache_dir and
+    local_files_only)."""
+    if forced is not None:
+        if not source.local:
+            raise ValueError(f"source: only for local paths and Hub ids; {source} names its library")
         _only_own_format(kwargs)
-        return _finish(_converter("from_openai_whisper")(name_or_path), device, dtype)
-    parsed = hub.parse_name(name_or_path)
-    name = os.fspath(name_or_path)
-    hub_options = dict(cache_dir=cache_dir, local_files_only=local_files_only)
-    if revision is not None and parsed.kind != "hub":
-        raise ValueError(f"revision: only for Hugging Face Hub ids; {name!r} is not one")
-    if parsed.kind in ("open_clip", "timm"):
-        if source is not None:
-            raise ValueError(f"source: only for local paths and Hub ids; {name!r} names its library")
-        _only_own_format(kwargs)
-        load = _open_clip if parsed.kind == "open_clip" else _timm
-        return _finish(load(parsed, model_kwargs or {}, **hub_options), device, dtype)
-    if parsed.kind == "hub":
-        check = _check_supported if source is None else None
-        path = hub.snapshot(parsed.name, revision=revision, token=token, check=check, **hub_options)
-    else:
-        path = Path(parsed.name)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"name_or_path: no such file or folder {name!r}, and it is not a Hugging Face Hub id ('org/name'), "
-                "'open_clip:MODEL/TAG' or 'timm:NAME'"
-            )
-    if source is not None:
-        _only_own_format(kwargs)
-        return _finish(_convert(source, path, model_kwargs), device, dtype)
-    if model_kwargs:
+        return _finish(_convert(forced, source, model_kwargs), device, dtype)
+    if model_kwargs and source.kind not in ("open_clip", "timm"):
         raise ValueError("model_kwargs: only for open_clip and timm models (or source='timm_vit')")
-    kind = hub.folder_kind(path) if path.is_dir() else None
-    if kind is None or kind == "mmformer":  # mmformer's own formats (folders, .ckpt and weights files)
-        return MultimodalTransformer.from_pretrained(path, device=device, dtype=dtype, **kwargs)
+    if source.kind in OWN_KINDS:
+        if source.config is not None and kwargs.get("config") is None:
+            kwargs = {**kwargs, "config": config_from_dict(source.config, f"{source.path / 'config.json'}")}
+        return MultimodalTransformer.from_pretrained(source.path, device=device, dtype=dtype, **kwargs)
     _only_own_format(kwargs)
-    return _finish(_from_folder(path, kind, local_files_only), device, dtype)
+    if source.kind == "hf":
+        model = _converter(_check_supported(source))(source)
+    elif source.kind == "timm":
+        model = _timm(source, model_kwargs or {}, **cache)
+    elif source.kind == "open_clip":
+        model = _open_clip(source, model_kwargs or {}, **cache)
+    else:
+        model = _converter(KIND_CONVERTERS[source.kind])(source.location)
+    return _finish(model, device, dtype)
 
 
 load_pretrained = from_pretrained
 
 
-def load_processor(name_or_path: str | os.PathLike) -> Processor | None:
+def load_processor(name_or_path: str | os.PathLike | Source) -> Processor | None:
     """The processor (tokenizer, image and audio preprocessing) saved with a model, or None, from any source
-    :func:`from_pretrained` reads (``init_from``'s data module uses it). mmformer's own formats are read without
-    their weights; converted sources are loaded whole, since their processor comes from the conversion."""
-    parsed = hub.parse_name(name_or_path)
-    if parsed.kind == "path":
-        path = Path(parsed.name)
-        if not path.is_dir() or hub.folder_kind(path) in (None, "mmformer"):
-            return read_checkpoint(path).processor
-    return from_pretrained(name_or_path).processor
-
-
-def _openai_whisper(name_or_path: Any) -> bool:
-    """``whisper:NAME``, or a ``.pt`` file with no config.json beside it (mmformer's bare weights have one)."""
-    text = os.fspath(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else ""
-    path = Path(text)
-    return text.startswith("whisper:") or (
-        path.suffix == ".pt" and path.is_file() and not (path.parent / "config.json").exists()
-    )
+    :func:`from_pretrained` reads. mmformer's own formats are read without their weights; converted sources are
+    loaded whole, since their processor comes from the conversion (a caller that needs the model too should load
+    it once with :func:`from_pretrained` and take ``model.processor``)."""
+    source = name_or_path if isinstance(name_or_path, Source) else hub.resolve_source(name_or_path)
+    if source.kind in OWN_KINDS:
+        config = None if source.config is None else config_from_dict(source.config, f"{source.path / 'config.json'}")
+        return read_checkpoint(source.path, config=config).processor
+    return from_pretrained(source).processor
 
 
 def _only_own_format(kwargs: dict[str, Any]) -> None:
-    if kwargs:
-        raise ValueError(f"{sorted(kwargs)}: only for mmformer's own formats (folders, .ckpt files)")
+    given = sorted(k for k, v in kwargs.items() if v is not _OWN_OPTIONS[k] and v != _OWN_OPTIONS[k])
+    if given:
+        raise ValueError(f"{given}: only for mmformer's own formats (folders, .ckpt files)")
 
 
 def _finish(model: MultimodalTransformer, device: Any, dtype: torch.dtype | None) -> MultimodalTransformer:
@@ -193,53 +187,48 @@ def _finish(model: MultimodalTransformer, device: Any, dtype: torch.dtype | None
 
 def _converter(name: str):
     """A converter of :mod:`mmformer.convert` by its function name (the module is imported on this first use)."""
-    return getattr(importlib.import_module("mmformer.convert"), name)
+    convert = importlib.import_module("mmformer.convert")
+    if name not in convert.__all__:
+        raise ValueError(f"no converter {name!r} in mmformer.convert (it has {sorted(convert.__all__)})")
+    return getattr(convert, name)
 
 
-def _convert(source: str, path: Path, model_kwargs: dict[str, Any] | None) -> MultimodalTransformer:
+def _convert(forced: str, source: Source, model_kwargs: dict[str, Any] | None) -> MultimodalTransformer:
     from mmformer.convert import SOURCES
 
-    if source not in SOURCES:
-        raise ValueError(f"source: expected one of {sorted(SOURCES)}, got {source!r}")
-    return _converter(SOURCES[source])(path, **(model_kwargs or {}))
+    if forced not in SOURCES:
+        raise ValueError(f"source: expected one of {sorted(SOURCES)}, got {forced!r}")
+    target = source if source.kind == "hf" else source.path  # a Hugging Face converter takes the config read once
+    return _converter(SOURCES[forced])(target, **(model_kwargs or {}))
 
 
-def _check_supported(folder: Path) -> str | None:
-    """The converter of a Hugging Face folder's ``model_type`` (None for other folders); an unsupported
+def _check_supported(source: Source) -> str | None:
+    """The converter of a Hugging Face folder's ``model_type`` (None for other sources); an unsupported
     ``model_type`` is refused, naming it and the supported ones."""
-    if hub.folder_kind(folder) != "hf":
+    if source.kind != "hf":
         return None
-    model_type = hub.read_json(folder / "config.json")["model_type"]
+    model_type = source.config["model_type"]
     if model_type not in HF_CONVERTERS:
         raise ValueError(
-            f"{folder / 'config.json'}: model_type {model_type!r} is not supported; mmformer converts "
+            f"{source.path / 'config.json'}: model_type {model_type!r} is not supported; mmformer converts "
             f"{sorted(HF_CONVERTERS)}"
         )
     return HF_CONVERTERS[model_type]
 
 
-def _from_folder(path: Path, kind: str, local_files_only: bool | None) -> MultimodalTransformer:
-    """A Hugging Face folder (by its ``model_type``), a timm folder or an open_clip folder, converted (an open_clip
-    folder may name a Hugging Face text tower, whose config is fetched unless offline)."""
-    if kind == "hf":
-        return _converter(_check_supported(path))(path)
-    local = hub.HubSource(kind, f"local-dir:{path}")
-    return (_timm if kind == "timm" else _open_clip)(local, {}, cache_dir=None, local_files_only=local_files_only)
-
-
 # ---------------------------------------------------------------------------------------------------- libraries
 def _timm(
-    parsed: hub.HubSource, model_kwargs: dict[str, Any], *, cache_dir: Any, local_files_only: bool | None
+    source: Source, model_kwargs: dict[str, Any], *, cache_dir: Any, local_files_only: bool | None
 ) -> MultimodalTransformer:
-    """``timm.create_model(name, pretrained=True)`` (timm's download, cache and safe loading), converted."""
+    """``timm.create_model(name, pretrained=True)`` (timm's download, cache and safe loading), converted; a local
+    timm folder through timm's ``local-dir:``."""
     import timm
 
-    name = parsed.name
     from mmformer.convert.timm_vit import from_timm_vit
 
     cache, offline = hub.cache_dir_for(cache_dir), hub.is_offline(local_files_only)
-    local = name.startswith("local-dir:")
-    if not local:
+    name = f"local-dir:{source.location}" if source.local else source.location
+    if not source.local:
         if not timm.is_model(name):
             raise ValueError(
                 f"timm: no model {name!r} (timm.list_models() lists them, timm.list_pretrained() the tags)"
@@ -250,7 +239,8 @@ def _timm(
 
     try:
         with hub.hub_offline(offline):
-            vit = timm.create_model(name, pretrained=True, **({} if local else {"cache_dir": cache}), **model_kwargs)
+            options = {} if source.local else {"cache_dir": cache}
+            vit = timm.create_model(name, pretrained=True, **options, **model_kwargs)
     except LocalEntryNotFoundError as e:
         hub_id = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
         raise FileNotFoundError(
@@ -261,23 +251,20 @@ def _timm(
 
 
 def _open_clip(
-    parsed: hub.HubSource, model_kwargs: dict[str, Any], *, cache_dir: Any, local_files_only: bool | None
+    source: Source, model_kwargs: dict[str, Any], *, cache_dir: Any, local_files_only: bool | None
 ) -> MultimodalTransformer:
-    """``open_clip.create_model`` with the tag's weights fetched by open_clip's own download code, converted."""
+    """``open_clip.create_model`` with the tag's weights fetched by open_clip's own download code, converted; a local
+    open_clip folder (or an ``hf-hub:`` repository's snapshot) through open_clip's ``local-dir:``."""
     import open_clip
 
     from mmformer.convert.open_clip import from_open_clip
 
     cache, offline = hub.cache_dir_for(cache_dir), hub.is_offline(local_files_only)
     options: dict[str, Any] = dict(model_kwargs)
-    if parsed.tag is None:  # hf-hub:ORG/REPO or local-dir:PATH
-        if parsed.name.startswith("hf-hub:"):
-            folder = hub.snapshot(parsed.name.removeprefix("hf-hub:"), cache_dir=cache, local_files_only=offline)
-            name = f"local-dir:{folder}"
-        else:
-            name = parsed.name
+    if source.local:
+        name = f"local-dir:{source.location}"
     else:
-        arch, tag = parsed.name, parsed.tag
+        arch, tag = source.location, source.tag
         if open_clip.get_model_config(arch) is None:
             raise ValueError(f"open_clip: no model {arch!r}; open_clip.list_models() lists them")
         cfg = open_clip.get_pretrained_cfg(arch, tag)

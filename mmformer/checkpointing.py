@@ -90,15 +90,25 @@ class RandomStateCallback(L.Callback):
 
     They are restored in ``on_train_start`` rather than at load time: between loading and the first training
     batch Lightning runs the sanity check and builds the data loaders, and the state must be the one the
-    interrupted run had when it continued, not one those steps have drawn from. Under DDP the checkpoint holds
-    rank 0's states and every rank gets them, which is exact when the ranks' generators agree (the same
-    ``seed_everything`` seed on every rank, as ``mmformer fit`` sets).
+    interrupted run had when it continued, not one those steps have drawn from. With several processes (DDP, FSDP)
+    the checkpoint holds every rank's states (gathered when it is written: the ranks' generators need not agree,
+    e.g. dropout after FSDP's sharded initialisation) and each rank restores its own; a run resumed on another number
+    of processes gets rank 0's.
     """
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
+        state = self._local_state()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, state)  # every rank writes its state dict: a collective
+            return {"ranks": ranks}
+        return state
+
+    @staticmethod
+    def _local_state() -> dict[str, Any]:
         numpy_state = np.random.get_state()
         state: dict[str, Any] = {
             "torch": torch.get_rng_state(),
@@ -117,6 +127,9 @@ class RandomStateCallback(L.Callback):
         state, self._pending = self._pending, None
         if state is None:
             return
+        if "ranks" in state:  # one state per rank of the run that wrote it
+            ranks = state["ranks"]
+            state = ranks[trainer.global_rank] if len(ranks) == trainer.world_size else ranks[0]
         torch.set_rng_state(state["torch"])
         random.setstate(_as_tuple(state["python"]))
         name, keys, pos, has_gauss, gauss = state["numpy"]

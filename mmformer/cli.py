@@ -138,7 +138,7 @@ def _transcribe_args(p: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmformer", usage=USAGE, add_help=False)
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", prog="mmformer")  # each sub-command: "usage: mmformer NAME ..."
     p = sub.add_parser("export", help="write a pretrained directory, or each tower as ONNX / torch.export graphs")
     p.add_argument("--ckpt", help="Lightning checkpoint (.ckpt)")
     p.add_argument("--model", help=MODEL_HELP)
@@ -343,11 +343,16 @@ def _transcribe(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from mmformer.generation import DecodingOptions
-    from mmformer.longform import TranscribeOptions, VadOptions, decoding_options, transcribe_files
+    from mmformer.longform import TranscribeOptions, VadOptions, decoding_options, has_timestamps, transcribe_files
     from mmformer.longform.writers import write_result
 
-    if args.prompt:
-        raise ValueError("--prompt: a learned decoder prefix is not supported by transcribe yet")
+    if args.output_format:  # one transcript per stem: a.flac and a.wav (or x/a.flac, y/a.flac) would collide
+        stems: dict[str, str] = {}
+        for path in args.files:
+            if stems.setdefault(Path(path).stem, path) != path:
+                raise ValueError(f"files: {stems[Path(path).stem]} and {path} would both write "
+                                 f"{Path(args.output_dir) / Path(path).stem}.*; transcribe them into different "
+                                 "--output-dir folders")  # fmt: skip
     model = _load_model(args.model, args.device, args.adapter)
     temperature = _temperatures(args)
     options = _dataclass_of(TranscribeOptions, args, **({"temperature": temperature} if temperature else {}))
@@ -357,11 +362,12 @@ def _transcribe(args: argparse.Namespace) -> None:
         results = transcribe_files(
             model,
             args.files,
-            options=decoding_options(model, options, base=base),
+            options=options if has_timestamps(model) else decoding_options(model, options, base=base),
             vad=args.vad,
             vad_options=_dataclass_of(VadOptions, args, prefix="vad_"),
             batch_size=args.batch_size,
             progress=progress,
+            prefix_embeds=_decoder_prefix(args, model),
         )
     finally:
         if progress is not None:

@@ -3,7 +3,9 @@
 1. **A new language with LoRA.** The English speech-to-text model (``data/digits_model``) learns German digits
    (``data/digits_de``) through a LoRA adapter (peft) of under 5 % of its parameters, plus the ten German words
    as new tokens (HF's ``add_tokens`` + ``resize_token_embeddings``; their rows train as peft's trainable tokens).
-   German WER before and after on the test voices, which neither training split ever heard; the adapter unloaded,
+   German WER before and after on the test voices, which neither training split ever heard, from the adapter's
+   folder as a user loads it (``mmformer transcribe --adapter`` in a new process, and ``from_pretrained(base,
+   adapter=)`` here: the same transcripts); the adapter unloaded,
    the English transcripts must be the base's, exactly; the adapter's file against the model's. Full fine-tuning
    for the same steps for comparison: its German WER, and the English it forgets.
 2. **Prompt tuning under a domain shift.** Digit images with heavy pixel noise (Gaussian, sigma 60 of 255; training
@@ -13,7 +15,7 @@
    cosine 0.97, and no text-side prompt can separate them; a prompt only re-aims the classes at what the encoder
    still tells apart.)
 
-Every training run is ``mmformer fit`` (in this process) with ``model.init_from``; every figure goes through the
+Every training run is ``mmformer fit`` (in this process) with ``model.adapt.init_from``; every figure goes through the
 public API (``from_pretrained(..., adapter=)``, ``transcribe``, ``ZeroShotClassifier(prompt=)``).
 
     python -m mmformer.demo adapt [--base data/digits_model] [--out runs/adapt] [--steps 500]
@@ -32,6 +34,7 @@ GERMAN = ["null", "eins", "zwei", "drei", "vier", "fünf", "sechs", "sieben", "a
 TARGETS = {
     "german_wer_lora": ("<=", 0.15),
     "english_identical_unloaded": ("==", True),
+    "german_identical_reloaded": ("==", True),
     "adapter_fraction_of_model_file": ("<=", 0.10),
     "lora_trainable_fraction": ("<=", 0.05),
     "prompt_gain_points": (">=", 5.0),
@@ -70,19 +73,19 @@ def common_args(out: Path, steps: int) -> list[str]:
         "--trainer.enable_progress_bar", "false",
         "--trainer.limit_val_batches", "0",
         "--trainer.default_root_dir", str(out),
-        "--model.warmup_steps", "20",
-        "--model.val_generate", "false",
+        "--model.schedule.warmup_steps", "20",
+        "--model.generation.evaluate", "false",
     ]  # fmt: skip
 
 
 def speech_args(base: Path, tokenizer: Path, steps: int, lr: float) -> list[str]:
     optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr, "weight_decay": 0.0}}
     return [
-        "--model.init_from", str(base),
-        "--model.resize_vocab", "true",
-        "--model.contrastive_weight", "0",
-        "--model.caption_weight", "0",
-        "--model.ctc_weight", "0",
+        "--model.adapt.init_from", str(base),
+        "--model.adapt.resize_vocab", "true",
+        "--model.objectives.contrastive", "0",
+        "--model.objectives.caption", "0",
+        "--model.objectives.ctc", "0",
         "--model.optimizer", json.dumps(optimizer),
         "--data.train", "data/digits_de/train.jsonl",
         "--data.tokenizer", str(tokenizer),
@@ -107,13 +110,35 @@ def transcripts(model: Any, manifest: str, processor: Any) -> tuple[list[str], l
     return hyps, [r["text"] for r in rows]
 
 
+def transcripts_reloaded(base: Path, adapter: Path, manifest: str, threads: int = 1) -> tuple[list[str], list[str]]:
+    """(hypotheses, references) of a speech manifest from ``mmformer transcribe --model BASE --adapter ADAPTER`` in a
+    new process: the adapter as a user loads it, from its folder alone (greedy, as :func:`transcripts`)."""
+    import os
+    import subprocess
+    import sys
+
+    rows = [json.loads(line) for line in Path(manifest).read_text(encoding="utf-8").splitlines() if line.strip()]
+    paths = [str(Path(manifest).parent / r["audio_filepath"]) for r in rows]
+    command = [sys.executable, "-m", "mmformer.cli", "transcribe", "--model", str(base), "--adapter", str(adapter)]
+    command += ["--temperature", "0", "--max-new-tokens", "12", "--batch-size", "100", "--no-progress", *paths]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:8])} ... failed:\n{done.stderr[-3000:]}")
+    by_path = dict(line.split("\t", 1) for line in done.stdout.splitlines() if "\t" in line)
+    missing = [p for p in paths if p not in by_path]
+    if missing:
+        raise RuntimeError(f"mmformer transcribe printed no transcript for {len(missing)} files, e.g. {missing[0]}")
+    return [by_path[p] for p in paths], [r["text"] for r in rows]
+
+
 def wer(hyps: list[str], refs: list[str]) -> float:
     from torchmetrics.functional.text import word_error_rate
 
     return float(word_error_rate(hyps, refs))
 
 
-def new_language(base_dir: Path, out: Path, steps: int, results: dict, seconds: dict) -> None:
+def new_language(base_dir: Path, out: Path, steps: int, results: dict, seconds: dict, threads: int = 1) -> None:
     import mmformer
     from mmformer import adapters
 
@@ -137,7 +162,7 @@ def new_language(base_dir: Path, out: Path, steps: int, results: dict, seconds: 
     task = fit(
         common_args(out / "lora", steps)
         + speech_args(base_dir, out / "tokenizer_de.json", steps, lr=5e-3)
-        + ["--model.lora", json.dumps(lora)]
+        + ["--model.adapt.lora", json.dumps(lora)]
     )
     seconds["train_lora"] = time.perf_counter() - start
     trained = task.model
@@ -148,10 +173,13 @@ def new_language(base_dir: Path, out: Path, steps: int, results: dict, seconds: 
     adapters.save_adapter(trained, adapter_dir, base_model=str(base_dir), processor=german)
 
     start = time.perf_counter()
-    adapted = mmformer.from_pretrained(base_dir, adapter=adapter_dir)  # the files, as a user loads them
-    hyps, refs = transcripts(adapted, "data/digits_de/test.jsonl", adapted.processor)
+    # the adapter as a user loads it: from its folder, in a new process (the CLI) and in a fresh model here
+    hyps, refs = transcripts_reloaded(base_dir, adapter_dir, "data/digits_de/test.jsonl", threads)
     results["german_wer_lora"] = wer(hyps, refs)
     results["german_examples_lora"] = [{"reference": r, "transcript": h} for r, h in list(zip(refs, hyps))[:4]]
+    adapted = mmformer.from_pretrained(base_dir, adapter=adapter_dir)
+    in_process, _ = transcripts(adapted, "data/digits_de/test.jsonl", adapted.processor)
+    results["german_identical_reloaded"] = in_process == hyps
     adapters.unload(adapted)  # (its token table keeps the grown rows, at zero: the German tokenizer decodes)
     english_unloaded, _ = transcripts(adapted, "data/digits/test.jsonl", german)
     results["english_wer_unloaded"] = wer(english_unloaded, english_refs)
@@ -231,9 +259,9 @@ def prompt_tuning(
     task = fit(
         common_args(out / "prompt", steps)
         + [
-            "--model.init_from", str(base_dir),
-            "--model.prompt", json.dumps({"kind": "context", "length": 8}),
-            "--model.zeroshot_classes", json.dumps(WORDS),
+            "--model.adapt.init_from", str(base_dir),
+            "--model.adapt.prompt", json.dumps({"kind": "context", "length": 8}),
+            "--model.zeroshot.classes", json.dumps(WORDS),
             "--model.optimizer", json.dumps(optimizer),
             "--data.train", str(manifest),
             "--data.modalities", "[image]",
@@ -258,6 +286,7 @@ def report(results: dict, seconds: dict) -> str:
     rows = [
         ("German WER, base (no German)", "german_wer_base"),
         ("German WER, LoRA (unheard voices)", "german_wer_lora"),
+        ("German transcripts, CLI = in-process", "german_identical_reloaded"),
         ("German WER, full fine-tuning", "german_wer_full"),
         ("English WER, base", "english_wer_base"),
         ("English WER, adapter unloaded", "english_wer_unloaded"),
@@ -310,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {}
     seconds: dict = {}
     if "language" not in args.skip:
-        new_language(base, out, args.steps, results, seconds)
+        new_language(base, out, args.steps, results, seconds, args.threads)
     if "prompt" not in args.skip:
         prompt_tuning(base, out, args.prompt_steps, args.shots, args.noise, results, seconds)
     out.mkdir(parents=True, exist_ok=True)

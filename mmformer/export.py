@@ -151,6 +151,13 @@ class Graph:
     dynamic: dict[str, dict[int, str]] = field(default_factory=dict)  # input name → {axis: dimension name}
     dims: dict[str, Any] = field(default_factory=dict)  # dimension name → torch.export Dim (or Dim.AUTO hint)
 
+    def dynamic_shapes(self) -> dict[str, dict[int, Any] | None]:
+        """torch.export's dynamic_shapes, keyed by the module's argument names."""
+        shapes = {
+            name: {axis: self.dims[dim] for axis, dim in self.dynamic.get(name, {}).items()} for name in self.inputs
+        }
+        return {name: axes or None for name, axes in shapes.items()}
+
 
 def examples(model: MultimodalTransformer, batch: int = 2, tokens: int = 3, frames: int = 24) -> dict[str, Any]:
     """Example inputs of every graph at the given sizes (tests run the graphs at several)."""
@@ -352,7 +359,7 @@ def _write_onnx(graph: Graph, path: Path, opset: int) -> None:
             tuple(graph.inputs.values()),
             input_names=list(graph.inputs),
             output_names=graph.outputs,
-            dynamic_shapes=_dynamic_shapes(graph),
+            dynamic_shapes=graph.dynamic_shapes(),
             opset_version=opset,
             dynamo=True,
             verbose=False,
@@ -363,16 +370,8 @@ def _write_onnx(graph: Graph, path: Path, opset: int) -> None:
 def _write_program(graph: Graph, path: Path, opset: int) -> None:
     del opset
     with torch.no_grad():
-        program = torch.export.export(graph.module, tuple(graph.inputs.values()), dynamic_shapes=_dynamic_shapes(graph))
+        program = torch.export.export(graph.module, tuple(graph.inputs.values()), dynamic_shapes=graph.dynamic_shapes())
     torch.export.save(program, str(path))
-
-
-def _dynamic_shapes(graph: Graph) -> dict[str, dict[int, Any] | None]:
-    """torch.export's dynamic_shapes, keyed by the module's argument names."""
-    shapes = {
-        name: {axis: graph.dims[dim] for axis, dim in graph.dynamic.get(name, {}).items()} for name in graph.inputs
-    }
-    return {name: axes or None for name, axes in shapes.items()}
 
 
 def _save_mel_filters(model: MultimodalTransformer, path: Path) -> None:

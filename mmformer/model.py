@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmformer import completion, generation, pretrained, quantization, weights
+from mmformer import completion, generation, pretrained, quantized_files, weights
 from mmformer.config import MODALITIES, ModelConfig
 from mmformer.embedders import AudioEmbedder, ImageEmbedder, TextEmbedder
 from mmformer.embedders.checks import check_memory, check_packed_memory, check_positions, check_prefix
@@ -453,7 +453,7 @@ class MultimodalTransformer(nn.Module):
         if self.lm_head is None:
             raise ValueError(f"this model has no decoder; its routes are {sorted(self.config.routes)}")
         self.text_embed.check(input_ids, attention_mask, longest=None if documents is None else documents.max_length)
-        weight, width = self.lm_head.weight, self.config.width("decoder")
+        weight, width = weights.base_layer(self.lm_head).weight, self.config.width("decoder")
         if documents is not None:
             check_packed_memory(memory, memory_documents, documents, cache, width)
         else:
@@ -553,7 +553,7 @@ class MultimodalTransformer(nn.Module):
     def make_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
         """A preallocated KV cache for the decoder stack, of ``max_length`` positions (default: the text position
         table's); :meth:`KVCache.ensure` grows it."""
-        ref = self.text_embed.tokens.weight
+        ref = weights.base_layer(self.text_embed.tokens).weight
         length = max_length or self.config.text.max_length
         extra = self.stack("text").cfg.depth if self.config.decoder_input == "text" else 0
         return self.stack("decoder").make_cache(
@@ -615,7 +615,7 @@ class MultimodalTransformer(nn.Module):
             where = (
                 device if device is not None else map_location if isinstance(map_location, str | torch.device) else None
             )
-            checkpoint = quantization.open_quantized(checkpoint, device=where, dtype=dtype)
+            checkpoint = quantized_files.open_quantized(checkpoint, device=where, dtype=dtype)
             dtype = checkpoint.quantization.torch_dtype
         held = sum(spec.numel for spec in checkpoint.specs.values())
         floor = checkpoint.config.parameter_floor()

@@ -52,6 +52,7 @@ from mmformer import __version__
 from mmformer.atomic import fsync_path, umask_mode
 from mmformer.config import ModelConfig
 from mmformer.processor import Processor
+from mmformer.quantized_files import flatten_state
 from mmformer.tokenizer import Tokenizer
 from mmformer.weights import Reader, TensorSpec, aliases, in_memory, listed
 
@@ -160,7 +161,7 @@ def atomic_directory(
             _carry_over(target, staging)
         _match_permissions(staging, target if exists else None)
         fsync_path(staging)
-        _swap_in(staging, target)
+        swap_in(staging, target)
         fsync_path(target.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful swap
@@ -176,7 +177,7 @@ def write_model(
 ) -> None:
     """config.json, model.safetensors (tied tensors once) and the processor's files into an existing folder.
 
-    ``quantization`` (a :class:`mmformer.quantization.QuantizationConfig`) marks torchao-quantized weights: they are
+    ``quantization`` (a :class:`mmformer.quantized_files.QuantizationConfig`) marks torchao-quantized weights: they are
     stored as their parts plus the metadata that rebuilds them (see :mod:`mmformer.quantization`), and config.json
     records it as ``quantization_config``."""
     extra = {} if quantization is None else {QUANTIZATION_KEY: quantization.to_dict()}
@@ -185,8 +186,6 @@ def write_model(
     state = {k: v for k, v in state.items() if k not in tied}
     info = {"format": "pt", "format_version": str(FORMAT_VERSION), "mmformer_config": config.to_json()}
     if quantization is not None:
-        from mmformer.quantization import flatten_state
-
         state, quantized = flatten_state(state, getattr(torch, quantization.float_storage))
         info = {**info, **quantized, QUANTIZATION_KEY: json.dumps(quantization.to_dict())}
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -233,7 +232,7 @@ def _match_permissions(staging: Path, previous: Path | None) -> None:
         os.chmod(staging, umask_mode(0o777))
 
 
-def _swap_in(staging: Path, target: Path) -> None:
+def swap_in(staging: Path, target: Path) -> None:
     """Rename ``staging`` to ``target``; an existing ``target`` is moved aside first and deleted only afterwards."""
     if not target.exists():
         os.rename(staging, target)
@@ -525,15 +524,21 @@ def read_config(path: Path, required: bool = False) -> ModelConfig | None:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return config_from_dict(d, str(path))
+
+
+def config_from_dict(d: Any, where: str) -> ModelConfig:
+    """The ModelConfig of a config.json's content (read by :func:`read_config`, or once by
+    :func:`mmformer.hub.resolve_source`): a JSON object of a ``format_version`` this mmformer reads."""
     if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object (a ModelConfig), got {type(d).__name__}")
+        raise ValueError(f"{where}: expected a JSON object (a ModelConfig), got {type(d).__name__}")
     version = d.get("format_version", FORMAT_VERSION)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(
-            f"{path}: format_version {version!r} was written by a newer mmformer; this one "
+            f"{where}: format_version {version!r} was written by a newer mmformer; this one "
             f"({__version__}) reads format_version <= {FORMAT_VERSION}"
         )
-    return validated_config(d, str(path))
+    return validated_config(d, where)
 
 
 def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> ModelConfig | None:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from mmformer.atomic import fsync_path, umask_mode
+from mmformer.weights import base_layer
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
@@ -123,7 +124,7 @@ class ContextPrompt(SoftPrompt):
         if not ids:
             raise ValueError(f"init: {words!r} tokenizes to no token")
         with torch.no_grad():
-            init = model.text_embed.tokens(torch.tensor(ids, device=model.text_embed.tokens.weight.device))
+            init = model.text_embed.tokens(torch.tensor(ids, device=base_layer(model.text_embed.tokens).weight.device))
         return cls(len(ids), init.shape[1], init.detach().float().cpu())
 
     def class_inputs(

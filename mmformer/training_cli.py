@@ -2,7 +2,7 @@
 :class:`~mmformer.data.MultimodalDataModule`.
 
 The vocabulary size is set once: the data module's tokenizer links it into the task (``model.vocab_size``), which
-sets the model config's. With ``model.init_from`` the data module takes its processor (tokenizer, image and audio
+sets the model config's. With ``model.adapt.init_from`` the data module takes its processor (tokenizer, image and audio
 preprocessing) from that checkpoint (``data.processor_from`` is linked to it) rather than training a tokenizer, and
 the task checks that the tokenizer fits the checkpoint's token table.
 
@@ -12,6 +12,10 @@ What the CLI adds to LightningCLI:
   (unless the config passes a CheckpointIO plugin of its own) and
   :class:`~mmformer.checkpointing.RandomStateCallback`; the data module's training loader saves its position
   (``fit --ckpt_path last`` resumes mid-epoch at the next batch);
+- the task's flat keys of earlier releases (``model.caption_weight``, ``model.init_from``, ...; in a YAML file, on the
+  command line, or in the hyper-parameters of a checkpoint resumed with ``--ckpt_path``) are still accepted and moved
+  to their groups (:data:`mmformer.tasks.settings.RENAMED`) with a ``FutureWarning`` naming the new key, so that the
+  run and the config it saves use the new keys;
 - configuration errors stop the run before any data is read: an unknown key or a value of the wrong type
   (jsonargparse), and a model configuration that cannot be built (``ModelConfig`` and its parts validate
   themselves; they are checked before the data module trains a tokenizer for the vocabulary link). From the
@@ -21,25 +25,28 @@ What the CLI adds to LightningCLI:
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_type_hints
 
 from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from mmformer.checkpointing import AtomicCheckpointIO, RandomStateCallback
 from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
 from mmformer.data import MultimodalDataModule
 from mmformer.tasks import MultimodalTask
+from mmformer.tasks import settings as task_settings
 from mmformer.tasks.parallel import FSDP2Strategy, strategy_from_name
 
 MODEL_KEY = "model.model"  # where the ModelConfig sits in the CLI's configuration
+INIT_FROM = "model.adapt.init_from"  # the pretrained model a run starts from (its processor goes to the data module)
 
 
 class ConfigError(ValueError):
@@ -92,13 +99,17 @@ class MMFormerCLI(LightningCLI):
         parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
         parser_kwargs.setdefault("exit_on_error", False)  # errors reach parse_arguments as exceptions
         parser_kwargs.setdefault("prog", "mmformer")
+        kwargs.setdefault("parser_class", _Parser)
         for sub in self.subcommands():
             parser_kwargs[sub] = {"exit_on_error": False, **parser_kwargs.get(sub, {})}
         super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
-        parser.link_arguments("model.init_from", "data.processor_from", apply_on="parse")
+        parser.link_arguments(INIT_FROM, "data.processor_from", apply_on="parse")
+        for old, (group, name) in task_settings.RENAMED.items():  # accepted; _Parser moves them as soon as read
+            kind = get_type_hints(task_settings.GROUPS[group])[name]
+            parser.add_argument(f"--model.{old}", type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     def parse_arguments(self, parser, args) -> None:
         try:
@@ -111,14 +122,14 @@ class MMFormerCLI(LightningCLI):
         return self.config[subcommand] if subcommand else self.config
 
     def before_instantiate_classes(self) -> None:
+        section = self._section()
         # The vocabulary link makes jsonargparse build the data module (and train its tokenizer, reading the
         # training texts) before the model: check the model configuration first, so an impossible one fails fast.
-        section = self._section()
         model = section.get("model")
         if isinstance(model, Namespace) and model.get("model") is not None:
             check_model_config(model["model"])
-        elif isinstance(model, Namespace) and not model.get("init_from"):
-            raise ConfigError(f"{MODEL_KEY}: expected a model configuration, or model.init_from: a model to start from")
+        elif isinstance(model, Namespace) and not model.get("adapt.init_from"):
+            raise ConfigError(f"{MODEL_KEY}: expected a model configuration, or {INIT_FROM}: a model to start from")
 
     def instantiate_classes(self) -> None:
         # Errors of the classes' own argument checks (they name the argument), of a data path that does not exist,
@@ -143,6 +154,31 @@ class MMFormerCLI(LightningCLI):
         else:
             extra["plugins"] = plugins
         return super().instantiate_trainer(**{**kwargs, **extra})
+
+
+def _move_renamed(section: Namespace) -> None:
+    """Move the task's flat keys of earlier releases (``model.caption_weight``) to their groups
+    (``model.objectives.caption``), with the warning :func:`mmformer.tasks.settings.moved` gives."""
+    model = section.get("model")
+    if not isinstance(model, Namespace):
+        return
+    old = {key: model.pop(key) for key in list(task_settings.RENAMED) if key in model}
+    for group, values in task_settings.moved(old, where="model", stacklevel=5).items():
+        for name, value in values.items():
+            model[f"{group}.{name}"] = value
+
+
+class _Parser(LightningArgumentParser):
+    """LightningCLI's parser, moving the task's renamed keys as soon as the sources of a configuration (files, flags,
+    a resumed checkpoint's hyper-parameters) are merged, before jsonargparse applies the links (``init_from`` →
+    ``data.processor_from``), prints ``--print_config`` or checks the values: everything after sees the new keys.
+    ``_parse_common`` is the step of jsonargparse where that happens (tests/test_task_settings.py checks the link and
+    ``--print_config`` with an old key, so a jsonargparse that renames it fails there)."""
+
+    def _parse_common(self, cfg: Namespace, *args: Any, **kwargs: Any) -> Namespace:
+        subcommand = cfg.get("subcommand")
+        _move_renamed(cfg[subcommand] if subcommand and isinstance(cfg.get(subcommand), Namespace) else cfg)
+        return super()._parse_common(cfg, *args, **kwargs)
 
 
 _UNION_NOISE = ("Does not validate", "Subtypes:", "Errors:", "Problem with given class_path", "Given value",

@@ -192,6 +192,27 @@ def is_plain_tensor(t: torch.Tensor) -> bool:
     return type(t) in (torch.Tensor, nn.Parameter)
 
 
+def base_layer(module: nn.Module) -> nn.Module:
+    """The layer inside the wrappers peft may put around ``module`` (LoRA / DoRA layers, ``modules_to_save`` copies,
+    trainable-token rows, nested), or ``module`` itself.
+
+    Read a weight's dtype and device here, never through the wrapper: a wrapper may not have the attribute
+    (``TrainableTokensWrapper.bias``), may compute it on every read (its ``weight`` merges the trained rows into a
+    full copy) or may give the base's value where its call gives another (a LoRA layer's ``weight``). Only the
+    wrapper's call gives the adapted output. Duck-typed on peft's wrappers, so nothing here imports peft."""
+    while True:
+        kind = type(module)
+        if hasattr(kind, "get_base_layer"):  # peft's tuner layers (LoRA, DoRA, trainable tokens)
+            inner = module.get_base_layer()
+        elif hasattr(kind, "original_module") or "original_module" in module._modules:  # peft's auxiliary wrappers
+            inner = module.original_module
+        else:
+            return module
+        if inner is module or inner is None:
+            return module
+        module = inner
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device a model's weights are on (its first parameter's)."""
     return next(model.parameters()).device

@@ -129,7 +129,11 @@ def zero_shot_logits(
     model: MultimodalTransformer, features: torch.Tensor, class_embeddings: torch.Tensor
 ) -> torch.Tensor:
     """(B, E) normalised input embeddings → (B, C) logits: ``logit_scale.exp() * features @ class_embeddings.T``
-    (plus the model's logit bias, if it has one: SigLIP's scores, read through a sigmoid)."""
+    (plus the model's logit bias, if it has one: SigLIP's scores, read through a sigmoid).
+
+    The one zero-shot score: :class:`ZeroShotClassifier`, the training task's zero-shot accuracy
+    (:mod:`mmformer.tasks.evaluation`) and CoOp's prompt-training loss (:mod:`mmformer.tasks.adapt`) all call it.
+    Gradients flow to ``features`` and ``class_embeddings`` (a prompt being trained)."""
     if features.ndim != 2 or features.shape[1] != class_embeddings.shape[1]:
         raise ValueError(
             f"features: expected shape (B, {class_embeddings.shape[1]}) matching the class embeddings, "

@@ -84,9 +84,8 @@ def tiny_config(root: Path, train: Path | str, *, every: int = 2, max_steps: int
                 "text": {"max_length": 8},
                 "embed_dim": 16,
             },
-            "warmup_steps": 2,
-            "max_steps": max_steps,  # the schedule's length: the same for a run stopped half-way
-            "val_generate": False,
+            "schedule": {"warmup_steps": 2, "max_steps": max_steps},  # its length: the same for a run stopped half-way
+            "generation": {"evaluate": False},
         },
         "data": {
             "train": str(train),

@@ -6,9 +6,12 @@ Import the fixtures into a test module (``from hub_helpers import hf_cache, no_n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,27 @@ def put_in_cache(cache: Path, repo_id: str, folder: Path, *, revision: str = "ma
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / revision).write_text(commit)
     return commit
+
+
+# ---------------------------------------------------------------------------------------------------- reads
+_OPENED: list[str] | None = None  # config.json files opened while a test counts (None: not counting)
+
+
+def _count_opens(event: str, args: tuple) -> None:
+    path = args[0] if event == "open" and _OPENED is not None else None
+    if isinstance(path, (str, bytes, os.PathLike)) and os.path.basename(os.fsdecode(path)) == "config.json":
+        _OPENED.append(os.fsdecode(path))
+
+
+sys.addaudithook(_count_opens)  # every open(), Path.read_text and os.open in this process raises "open"
+
+
+@contextlib.contextmanager
+def config_reads():
+    """The config.json files opened (by any means) while the block runs."""
+    global _OPENED
+    _OPENED = opened = []
+    try:
+        yield opened
+    finally:
+        _OPENED = None

@@ -46,6 +46,7 @@ def perturb(model: torch.nn.Module) -> None:
             p.add_(0.1 * torch.randn(p.shape, generator=g))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_lora_merged_unmerged_unloaded_and_peft_files(base, tmp_path, use_dora):
     reference = outputs(base)
@@ -221,3 +222,39 @@ def test_added_words_decode_as_written_and_leave_other_text_alone():
     ids = grown(german)["input_ids"]
     assert ids.shape[1] == 5 and int(ids.max()) >= base.vocab_size  # one token per word
     assert grown.batch_decode(ids) == german and grown.decode(ids[0]) == "fünf drei"
+
+
+@pytest.mark.numerics
+def test_qlora_quantizes_what_torchao_quantizes_and_keeps_tied_heads():
+    """One rule (quantization.quantizable) for QLoRA's 4-bit base and torchao: a BERT-style masked-LM decoder and an
+    LM head that read the token table stay float and tied."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    from mmformer.config import ModelConfig, StackConfig, TextConfig
+    from mmformer.quantization import quantizable
+
+    config = ModelConfig(
+        stacks={"s": StackConfig(width=32, depth=1, n_heads=2, mlp_ratio=2.0)},
+        routes={"text": "s", "decoder": "s"},
+        image=None,
+        audio=None,
+        text=TextConfig(vocab_size=48, max_length=16, mask_id=3),
+        embed_dim=None,
+        mlm_head=True,
+        tie_lm_head=True,
+    )
+    torch.manual_seed(0)
+    model = MultimodalTransformer(config).eval()
+    chosen = quantizable(model)
+    assert "mlm_head.dense" in chosen and "stacks.s.blocks.0.attn.fn.qkv" in chosen
+    assert "mlm_head.decoder" not in chosen and "lm_head" not in chosen
+    ids = torch.randint(4, 48, (2, 7), generator=torch.Generator().manual_seed(1))
+    before = model.mlm_logits(ids).detach()
+    adapters.add_lora(model, LoraSettings(r=2, target_modules=["qkv"], quantize="nf4"))
+    four_bit = sorted(n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit))
+    assert [n.removesuffix(".base_layer") for n in four_bit] == sorted(chosen)
+    tokens = model.text_embed.tokens.weight
+    assert model.mlm_head.decoder.weight is tokens and model.lm_head.weight is tokens  # still one tensor
+    after = model.mlm_logits(ids).detach()  # 4-bit layers inside, the float tied projection at the end
+    assert (after - before).norm() < 0.3 * before.norm(), (after - before).norm() / before.norm()  # NF4 rounding

@@ -16,6 +16,8 @@ from torch import nn
 from mmformer.config import StackConfig
 from mmformer.layers import Attention, reference_attention
 
+pytestmark = pytest.mark.numerics  # run again on other kernels by `make test` (Makefile: NUMERICS_ENV)
+
 ATOL = 1e-5
 
 VARIANTS = {

@@ -75,7 +75,7 @@ def task() -> MultimodalTask:
         text=TextConfig(vocab_size=300, max_length=8),
         embed_dim=8,
     )
-    return MultimodalTask(config, val_generate=False)
+    return MultimodalTask(config, generation={"evaluate": False})
 
 
 def datamodule(data, tmp_path, augment: AugmentConfig | None = AUGMENT, **kwargs) -> MultimodalDataModule:

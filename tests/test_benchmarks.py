@@ -40,6 +40,18 @@ if ROOT not in sys.path:  # `benchmarks` is a folder of the repository, not of t
         ("clip_train", ["open_clip_samples_s", "packed_samples_s", "packed_vs_open_clip"]),
         ("speech_train", ["hf_samples_s", "packed_samples_s", "packed_vs_hf"]),
         ("qlora_memory", ["full_fp32", "full_bf16", "qlora_nf4", "vs_bf16", "linear_vs_bf16"]),
+        (
+            "longform",
+            [
+                "mmformer sequential",
+                "mmformer VAD-batched",
+                "openai-whisper transcribe()",
+                "faster-whisper batched int8",
+                "HF pipeline chunked",
+                "audio_s_per_s",
+                "one by one",
+            ],
+        ),
         ("serve", ["zero-shot", "transcription", "rps_vs_plain", "mmformer_p99_ms", "plain_p99_ms"]),
     ],
 )

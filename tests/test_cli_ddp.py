@@ -38,9 +38,8 @@ def contrastive_config(root, data, batch_size: int, devices: int) -> dict:
                 "stacks": {"shared": {"cross_attention": False}},
                 "routes": {"decoder": None},  # image and text only
             },
-            "caption_weight": 0.0,
-            "speech_weight": 0.0,
-            "warmup_steps": 0,
+            "objectives": {"caption": 0.0, "speech": 0.0},
+            "schedule": {"warmup_steps": 0},
             "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0}},
         },
         data={"batch_size": batch_size},

@@ -91,6 +91,7 @@ def hidden_diff(bert: BertModel, model) -> float:
     return (ours - expected)[mask].abs().max().item()  # padded positions are not compared
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new"])
 def test_random_bert_hidden_states(hidden_act):
     bert = random_bert(hidden_act)
@@ -102,6 +103,7 @@ def test_random_bert_hidden_states(hidden_act):
     assert hidden_diff(bert, model) < ATOL
 
 
+@pytest.mark.numerics
 def test_task_model_and_directory(tmp_path):
     masked_lm = random_bert(cls=BertForMaskedLM)
     assert hidden_diff(masked_lm.bert, from_hf_bert(masked_lm)) < ATOL  # the encoder only; the MLM head is left out

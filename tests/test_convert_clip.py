@@ -72,6 +72,7 @@ def test_open_clip_vit_b32_parity():
     assert torch.equal(ours.processor.tokenizer(TEXTS[:2], padding="max_length")["input_ids"], ids)
 
 
+@pytest.mark.numerics
 def test_open_clip_small_parity_and_processor(small_clip, small_inputs):
     ours = from_open_clip(small_clip)
     assert_clip_parity(ours, small_clip, *small_inputs)
@@ -89,6 +90,7 @@ def test_open_clip_small_parity_and_processor(small_clip, small_inputs):
         assert max_diff(ours_txt, small_clip.encode_text(expected)) < TOL
 
 
+@pytest.mark.numerics
 def test_open_clip_state_dict_file(small_clip, small_inputs, tmp_path):
     path = tmp_path / "clip.pt"
     torch.save(small_clip.state_dict(), path)
@@ -105,6 +107,7 @@ def test_open_clip_state_dict_file(small_clip, small_inputs, tmp_path):
     assert from_open_clip(tmp_path, model_cfg=SMALL).config == ours.config  # a directory with model.safetensors
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(
     "vision, text, kwargs",
     [
@@ -224,6 +227,7 @@ def _features(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output  # transformers 5: a ModelOutput
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("eos_token_id", [999, 2], ids=["eos-id", "legacy-argmax"])
 def test_hf_clip_parity(eos_token_id, tmp_path):
     ref = _hf_clip(eos_token_id)

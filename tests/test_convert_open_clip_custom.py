@@ -18,6 +18,8 @@ from open_clip.model import CustomTextCLIP  # noqa: E402
 from mmformer.convert.common import UnsupportedModelError  # noqa: E402
 from mmformer.convert.open_clip import from_open_clip  # noqa: E402
 
+pytestmark = pytest.mark.numerics  # run again on other kernels by `make test` (Makefile: NUMERICS_ENV)
+
 ATOL = 1e-4
 SOT, EOT = 49406, 49407
 CONTEXT = 12

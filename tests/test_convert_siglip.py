@@ -17,6 +17,8 @@ from mmformer.convert.common import UnsupportedModelError  # noqa: E402
 from mmformer.convert.hf_siglip import from_hf_siglip  # noqa: E402
 from mmformer.zeroshot import zero_shot_logits  # noqa: E402
 
+pytestmark = pytest.mark.numerics  # run again on other kernels by `make test` (Makefile: NUMERICS_ENV)
+
 ATOL = 1e-4
 PAD = 1  # SigLIP pads with its eos token
 LENGTH = 12

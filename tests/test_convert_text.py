@@ -28,6 +28,8 @@ from mmformer.convert import from_hf_bert, from_hf_gpt2, from_hf_llama, from_hf_
 from mmformer.convert.common import UnsupportedModelError  # noqa: E402
 from mmformer.generation import left_pad  # noqa: E402
 
+pytestmark = pytest.mark.numerics  # run again on other kernels by `make test` (Makefile: NUMERICS_ENV)
+
 ATOL = 1e-4
 V, PAD, BOS, EOS = 100, 0, 1, 2
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]]

@@ -11,6 +11,8 @@ from helpers import randomize_
 from mmformer.convert import from_timm_vit
 from mmformer.convert.common import UnsupportedModelError
 
+pytestmark = pytest.mark.numerics  # run again on other kernels by `make test` (Makefile: NUMERICS_ENV)
+
 timm = pytest.importorskip("timm")
 
 TOL = 1e-4

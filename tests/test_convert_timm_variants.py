@@ -14,6 +14,8 @@ from safetensors.torch import save_file  # noqa: E402
 from mmformer.convert.common import UnsupportedModelError  # noqa: E402
 from mmformer.convert.timm_vit import from_timm_vit  # noqa: E402
 
+pytestmark = pytest.mark.numerics  # run again on other kernels by `make test` (Makefile: NUMERICS_ENV)
+
 ATOL = 1e-4
 BASE = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=5)
 VARIANTS = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from transformers import GenerationConfig, GenerationMixin, WhisperConfig, Whisp
 from mmformer.convert.common import UnsupportedModelError  # noqa: E402
 from mmformer.convert.hf_whisper import from_hf_whisper  # noqa: E402
 from mmformer.layers.positions import sinusoids  # noqa: E402
+
+pytestmark = pytest.mark.numerics  # run again on other kernels by `make test` (Makefile: NUMERICS_ENV)
 
 ATOL = 1e-4
 IDS = dict(pad_token_id=4, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3)
@@ -37,9 +40,7 @@ def whisper(**overrides) -> WhisperForConditionalGeneration:
         decoder_ffn_dim=96,
         max_source_positions=FRAMES // 2,
         max_target_positions=64,
-        suppress_tokens=[],
-        begin_suppress_tokens=[],
-        **{**IDS, **overrides},
+        **{"suppress_tokens": [], "begin_suppress_tokens": [], **IDS, **overrides},
     )
     model = WhisperForConditionalGeneration(config).eval()
     with torch.no_grad():
@@ -106,6 +107,38 @@ def test_generation_matches_hf(hf, inputs, num_beams, length_penalty):
     assert (expected == eos).any()
     assert torch.equal(model.generate(audio_features=features, prompt_ids=prompt, **options), expected)
     assert torch.equal(model.generate(audio_features=features, prompt_ids=prompt, use_cache=False, **options), expected)
+
+
+def test_suppress_ids_beyond_the_vocabulary_are_dropped_naming_them_and_generation_is_hfs(inputs):
+    """HF's default ``begin_suppress_tokens`` ([220, 50256]) on a 100-token model: converted with a warning naming
+    the ids it drops, and greedy ids equal to ``WhisperForConditionalGeneration.generate`` (its own override, with
+    its suppression), with an in-vocabulary id in each list as well so that suppression is seen to act."""
+    torch.manual_seed(0)
+    hf_model = whisper(begin_suppress_tokens=WhisperConfig().begin_suppress_tokens)  # HF's default: [220, 50256]
+    features = inputs[0]
+    gen = hf_model.generation_config
+    assert gen.begin_suppress_tokens == [220, 50256]
+
+    def hf_ids() -> torch.Tensor:  # Whisper's generate returns the new tokens only
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return hf_model.generate(input_features=features, max_new_tokens=8)
+
+    top = int(hf_ids()[0, 0])  # the first token without suppression; suppressed everywhere from now on
+    gen.suppress_tokens = [top, 500]
+    first = int(hf_ids()[0, 0])  # the first token once `top` is gone; suppressed at the first step only
+    gen.begin_suppress_tokens = [first, 220, 50256]
+    expected = hf_ids()
+    assert not (expected == top).any() and not (expected[:, 0] == first).any()
+    with pytest.warns(UserWarning) as caught:
+        model = from_hf_whisper(hf_model)
+    messages = [str(w.message) for w in caught]
+    assert any("begin_suppress_tokens" in m and "[220, 50256]" in m and "100 tokens" in m for m in messages), messages
+    assert any(" suppress_tokens holds" in m and "[500]" in m for m in messages), messages
+    assert model.config.generation.suppress_tokens == [top] and model.config.generation.begin_suppress_tokens == [first]
+    ours = model.generate(audio_features=features, max_new_tokens=8)
+    assert ours[:, 0].tolist() == [3, 3, 3]  # decoder_start_token_id, as HF's prompt
+    assert torch.equal(ours[:, 1:], expected)
 
 
 def test_directory_with_tokenizer(hf, inputs, tmp_path):

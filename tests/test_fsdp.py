@@ -7,17 +7,31 @@ Which samples each rank gets, and why the contrastive loss is exact across ranks
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
-from cli_helpers import REPO, cli_env, fit_in_process, model_weights, run_cli, tiny_config, write_config, write_pairs
+from cli_helpers import (
+    REPO,
+    cli_env,
+    fit_in_process,
+    merge,
+    model_weights,
+    run_cli,
+    tiny_config,
+    write_config,
+    write_pairs,
+)
 
-from mmformer.pretrained import read_checkpoint
+from mmformer.pretrained import read_checkpoint, read_training_checkpoint
 from mmformer.tasks.parallel import FSDP2Strategy, strategy_from_name, vectorize_scalars
 
 STEPS = 3
+RESUME_STEPS = 8
 TOL = 1e-6
 
 
@@ -38,9 +52,8 @@ def fsdp_config(root, data, *, batch_size: int, devices: int, checkpointing: boo
                 "routes": {"decoder": None},  # image and text only: every loss term is exact across ranks
                 "text": {"max_length": 16},
             },
-            "caption_weight": 0.0,
-            "speech_weight": 0.0,
-            "warmup_steps": 0,
+            "objectives": {"caption": 0.0, "speech": 0.0},
+            "schedule": {"warmup_steps": 0},
             "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}},
         },
         data={"batch_size": batch_size},
@@ -111,3 +124,58 @@ def test_scalars_become_vectors_with_the_same_value(tiny_model):
     before = float(tiny_model.logit_scale)
     names = vectorize_scalars(tiny_model)
     assert "logit_scale" in names and tiny_model.logit_scale.shape == (1,) and float(tiny_model.logit_scale) == before
+
+
+def run_until_killed(root, config: dict, kill_when) -> None:
+    """``mmformer fit`` on two processes in a session of their own; SIGKILL the whole session once ``kill_when()``."""
+    path = write_config(root / "config.yaml", config)
+    with open(root / "output.txt", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mmformer.cli", "fit", "--config", str(path)],
+            cwd=REPO,
+            env=cli_env(),
+            stdout=log,
+            stderr=log,
+            start_new_session=True,  # the launcher and the rank it spawned: one process group to kill
+        )
+    deadline = time.monotonic() + 400
+    try:
+        while not kill_when():
+            assert proc.poll() is None, (root / "output.txt").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached the point to kill it"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_fsdp_killed_mid_training_resumes_to_the_uninterrupted_weights(tmp_path):
+    data = write_pairs(tmp_path / "data", n=8 * RESUME_STEPS)
+
+    def config(root) -> dict:
+        c = fsdp_config(root, data, batch_size=4, devices=2, checkpointing=False)
+        c = merge(
+            c,
+            {"trainer": {"max_steps": RESUME_STEPS, "limit_train_batches": None}, "model": {"max_steps": RESUME_STEPS}},
+        )
+        c["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
+        return merge(c, {"model": {"model": {"stacks": {"shared": {"dropout": 0.1}}}}})  # random state resumes too
+
+    reference = tmp_path / "reference"
+    done = run_cli("fit", "--config", str(write_config(reference / "config.yaml", config(reference))), timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    last = killed / "ckpt" / "last.ckpt"
+    run_until_killed(killed, config(killed), kill_when=lambda: (last / ".metadata").is_file())
+    saved = read_training_checkpoint(last)["global_step"]  # a complete checkpoint, mid-run
+    assert 2 <= saved < RESUME_STEPS, saved
+
+    done = run_cli("fit", "--config", str(killed / "config.yaml"), "--ckpt_path", "last", timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert read_training_checkpoint(last)["global_step"] == RESUME_STEPS
+    expected, got = sharded_weights(reference / "ckpt" / "last.ckpt"), sharded_weights(last)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=TOL, msg=name)
+    assert not list((killed / "ckpt").glob(".last.ckpt.tmp-*"))  # the killed writer's staging folder is gone

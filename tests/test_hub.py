@@ -6,8 +6,10 @@ a tiny random-weight one created here; no test may open a socket (``no_network``
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import socket
+import sys
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 import hub_helpers  # noqa: E402
 from helpers import randomize_  # noqa: E402
-from hub_helpers import put_in_cache  # noqa: E402
+from hub_helpers import config_reads, put_in_cache  # noqa: E402
 
 import mmformer  # noqa: E402
 from mmformer import MultimodalTransformer, hub  # noqa: E402
@@ -25,11 +27,12 @@ ATOL = 1e-4
 hf_cache, no_network = hub_helpers.hf_cache, hub_helpers.no_network  # fixtures: an offline cache; no socket opened
 
 
-def tiny_clip():
+def tiny_clip(**text_options):
     from transformers import CLIPConfig, CLIPModel
 
     text = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=16, eos_token_id=98, bos_token_id=97, pad_token_id=1)  # fmt: skip
+    text.update(text_options)
     vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=16,
                   patch_size=4)  # fmt: skip
     return randomize_(CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)), scale=0.1)
@@ -310,3 +313,139 @@ def test_timm_name_through_its_cache(hf_cache):
         mmformer.from_pretrained("timm:vit_small_patch16_224.augreg_in21k")
     with pytest.raises(ValueError, match="timm: no model 'vit_nonexistent'"):
         mmformer.from_pretrained("timm:vit_nonexistent")
+
+
+# ---------------------------------------------------------------------------------------- one source, read once
+def test_the_counter_sees_every_way_of_reading_a_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("{}")
+    with config_reads() as opened:
+        path.read_text()
+        json.load(open(path))  # noqa: SIM115
+        os.close(os.open(path, os.O_RDONLY))
+        (tmp_path / "other.json").write_text("{}")
+    assert len(opened) == 3
+
+
+def test_sources_are_resolved_once_into_their_kind(hf_cache, tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "ours")
+    put_in_cache(hf_cache, "org/ours", tmp_path / "ours", revision="v1")
+    saved(tiny_clip(), tmp_path / "hf")
+    (tmp_path / "run.ckpt").write_bytes(b"")
+    cases = {
+        tmp_path / "ours": ("mmformer", True, None),
+        tmp_path / "ours" / "config.json": ("mmformer", True, None),
+        tmp_path / "ours" / "model.safetensors": ("weights", True, None),
+        tmp_path / "run.ckpt": ("checkpoint", True, None),
+        tmp_path / "hf": ("hf", True, None),
+        "open_clip:ViT-B-32/openai": ("open_clip", False, "openai"),
+        "timm:vit_tiny_patch16_224": ("timm", False, None),
+        "whisper:tiny": ("whisper", False, None),
+    }
+    for name, (kind, local, tag) in cases.items():
+        source = hub.resolve_source(name)
+        assert (source.kind, source.local, source.tag) == (kind, local, tag), name
+    assert hub.resolve_source(tmp_path / "hf").config["model_type"] == "clip"
+    assert hub.resolve_source("timm:vit_tiny_patch16_224").location == "vit_tiny_patch16_224"
+    assert hub.resolve_source(tmp_path / "ours" / "model.safetensors").config is None  # read by read_checkpoint
+    on_hub = hub.resolve_source("org/ours", revision="v1")
+    assert (on_hub.kind, on_hub.repo_id, on_hub.revision, str(on_hub)) == ("mmformer", "org/ours", "v1", "org/ours")
+    assert on_hub.config["stacks"] == tiny_model.config.to_dict()["stacks"]
+    with pytest.raises(ValueError, match="revision: only for Hugging Face Hub ids"):
+        hub.resolve_source(tmp_path / "ours", revision="v1")
+    with pytest.raises(ValueError, match="whisper:NAME"):
+        hub.resolve_source("whisper:")
+    with pytest.raises(ValueError, match="kind: expected one of"):
+        hub.Source("npz", "x")
+    with pytest.raises(ValueError, match="a timm model name, not a local file"):
+        hub.resolve_source("timm:vit_tiny_patch16_224").path  # noqa: B018
+
+
+def test_a_new_kind_reaches_the_converter_named_for_it(monkeypatch, tiny_model):
+    """``whisper:NAME`` is dispatched to ``mmformer.convert``'s ``from_openai_whisper`` by name: a converter module
+    registered there is all a kind needs (here a stand-in that records what it was given)."""
+    import types
+
+    import mmformer.convert
+
+    calls = []
+    module = types.ModuleType("whisper_stand_in")
+    module.from_openai_whisper = lambda location: calls.append(location) or tiny_model
+    monkeypatch.setitem(sys.modules, "whisper_stand_in", module)
+    monkeypatch.setitem(mmformer.convert._CONVERTERS, "from_openai_whisper", "whisper_stand_in")
+    monkeypatch.setattr(mmformer.convert, "__all__", [*mmformer.convert.__all__, "from_openai_whisper"])
+    assert mmformer.from_pretrained("whisper:tiny") is tiny_model and calls == ["tiny"]
+    assert mmformer.auto.KIND_CONVERTERS["whisper"] == "from_openai_whisper"
+
+
+def test_a_kind_without_its_converter_is_named(monkeypatch):
+    import mmformer.convert
+
+    if "from_openai_whisper" in mmformer.convert.__all__:
+        monkeypatch.setattr(
+            mmformer.convert, "__all__", [n for n in mmformer.convert.__all__ if n != "from_openai_whisper"]
+        )
+    with pytest.raises(ValueError, match="no converter 'from_openai_whisper' in mmformer.convert"):
+        mmformer.from_pretrained("whisper:tiny")
+
+
+def test_init_from_a_converted_model_converts_it_once(tmp_path, monkeypatch):
+    """``mmformer fit`` with ``model.init_from`` a Hugging Face folder: the task converts it once and the data module
+    takes that model's processor (the CLI builds the data module first; it used to convert the model for its
+    processor, then the task converted it again)."""
+    from cli_helpers import fit_in_process, tiny_config, write_config, write_pairs
+
+    import mmformer.convert.hf_clip
+    from mmformer.tokenizer import Tokenizer
+
+    train = write_pairs(tmp_path, n=8)
+    texts = [json.loads(line)["text"] for line in train.read_text().splitlines()]
+    tokenizer = Tokenizer.train(texts, vocab_size=280, max_length=8)
+    hf = tiny_clip(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.bos_id)
+    folder = saved(hf, tmp_path / "clip")
+    tokenizer.save(tmp_path / "tokenizer.json")  # the converted CLIP brings no tokenizer of its own
+    conversions = []
+    convert = mmformer.convert.hf_clip.from_hf_clip
+    monkeypatch.setattr(mmformer.convert.hf_clip, "from_hf_clip", lambda src: conversions.append(src) or convert(src))
+    config = tiny_config(tmp_path, train, max_steps=1, model={"model": None, "init_from": str(folder)},
+                         data={"tokenizer": str(tmp_path / "tokenizer.json")})  # fmt: skip
+    with config_reads() as opened:
+        cli = fit_in_process(write_config(tmp_path / "config.yaml", config), "--trainer.max_steps", "0")
+    assert len(conversions) == 1 and len(opened) == 1
+    assert cli.datamodule.processor.image == cli.model.model.processor.image  # CLIP's 3-channel pipeline, not data.*
+    assert cli.datamodule.processor.image.channels == 3
+    assert cli.datamodule.tokenizer.backend.to_str() == tokenizer.backend.to_str()
+
+
+def test_the_data_module_loads_no_model_for_processor_from(tmp_path):
+    """``data.processor_from`` names the model the task loads; the data module waits for its processor (handed over
+    by the task under a trainer, or by ``use_processor``) and never loads a model itself."""
+    from cli_helpers import write_pairs
+
+    from mmformer.data import MultimodalDataModule
+    from mmformer.processor import ImageProcessorConfig
+    from mmformer.tokenizer import Tokenizer
+
+    train = write_pairs(tmp_path, n=4)
+    tokenizer = Tokenizer.train([f"{a} {b}" for a in "ab" for b in "cd"], vocab_size=270, max_length=8)
+    given = mmformer.Processor(
+        tokenizer, ImageProcessorConfig(image_size=[16, 16], channels=1, mean=(0.5,), std=(0.5,))
+    )
+    dm = MultimodalDataModule(train=str(train), modalities=["image"], processor_from="org/not-loaded", batch_size=2)
+    assert dm.vocab_size is None  # the task sizes the model by the loaded model's own tokenizer
+    with pytest.raises(ValueError, match=r"processor_from: 'org/not-loaded': .*use_processor"):
+        dm.setup("fit")
+    dm.use_processor(given)
+    assert dm.tokenizer is tokenizer and dm.vocab_size == tokenizer.vocab_size
+    assert dm.processor.image == given.image and dm.processor is not given  # the model keeps its own
+    assert next(iter(dm.train_dataloader()))["pixel_values"].shape == (2, 1, 16, 16)
+
+    tokenizer.save(tmp_path / "explicit.json")
+    explicit = MultimodalDataModule(train=str(train), processor_from="org/x", tokenizer=str(tmp_path / "explicit.json"))
+    assert explicit.vocab_size == tokenizer.vocab_size  # an explicit tokenizer: known without the model
+    explicit.use_processor(mmformer.Processor(None, given.image))
+    assert explicit.processor.image.channels == 1 and explicit.tokenizer.vocab_size == tokenizer.vocab_size
+    bare = MultimodalDataModule(train=str(train), processor_from="org/x")
+    bare.use_processor(mmformer.Processor(None, given.image))
+    with pytest.raises(ValueError, match="comes without a tokenizer.*data.tokenizer"):
+        bare.tokenizer  # noqa: B018

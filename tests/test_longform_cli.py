@@ -25,10 +25,10 @@ MODEL = str(ROOT / "data" / "digits_model")
 RATE = 16000
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def _run(*args: str, model: str = MODEL, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
     return subprocess.run(
-        [sys.executable, "-m", "mmformer.cli", "transcribe", "--model", MODEL, *args],
+        [sys.executable, "-m", "mmformer.cli", "transcribe", "--model", model, *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 
@@ -114,3 +114,49 @@ def test_transcribe_flags_come_from_the_options_dataclasses():
     assert {"--vad", "--no-vad", "--output-format", "--output-dir", "--batch-size", "--max-new-tokens"} <= flags
     args = _parser().parse_args(["transcribe", "--model", MODEL, "--vad-trim-db", "30", "--vad-merge", "x.flac"])
     assert args.vad_trim_db == 30.0 and args.vad_merge is True and args.vad is None
+
+
+@pytest.mark.parametrize("vad", ["--vad", "--no-vad"])
+def test_transcribe_a_whisper_checkpoint(talks, tmp_path, vad):
+    """An openai-whisper checkpoint (whisper:NAME from its cache): sequential (openai's algorithm) or VAD-batched;
+    the srt parses and matches the json."""
+    import srt
+
+    pytest.importorskip("whisper")
+    from test_openai_whisper_convert import random_whisper, save_pt
+
+    root, _ = talks
+    save_pt(random_whisper(seed=0), tmp_path / "cache" / "whisper" / "rand.pt")  # a name openai-whisper does not know
+    flags = ["--temperature", "0", "--language", "en", "--output-format", "all", "--output-dir", str(tmp_path)]
+    done = _run(str(root / "talk0.flac"), vad, *flags, model="whisper:rand", XDG_CACHE_HOME=str(tmp_path / "cache"))
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "talk0.json").read_text())
+    assert result["language"] == "en"
+    subs = list(srt.parse((tmp_path / "talk0.srt").read_text()))
+    assert [s.content for s in subs] == [s["text"].strip() for s in result["segments"]]
+
+
+def test_transcribe_reads_a_learned_decoder_prefix(tmp_path, capsys):
+    """``--prompt`` (prompt tuning's decoder prefix) still applies to transcribe: the printed text is
+    model.transcribe's with the same prefix."""
+    import torch
+
+    from mmformer import load_pretrained
+    from mmformer.cli import main
+    from mmformer.prompts import DecoderPrefix, load_prompt
+
+    model = load_pretrained(MODEL)
+    torch.manual_seed(0)
+    DecoderPrefix(2, model.config.width("decoder")).save(tmp_path / "prefix.safetensors")
+    clip = str(ROOT / "data" / "digits" / "audio" / "test" / "000002.flac")
+    main(["transcribe", "--model", MODEL, "--prompt", str(tmp_path / "prefix.safetensors"), "--no-progress", clip])
+    prefix = load_prompt(tmp_path / "prefix.safetensors", model, kind=DecoderPrefix.kind).vectors
+    assert capsys.readouterr().out == f"{clip}\t{model.transcribe([clip], prefix_embeds=prefix)[0].strip()}\n"
+
+
+def test_two_inputs_that_would_write_the_same_files_are_refused(tmp_path):
+    from mmformer.cli import main
+
+    with pytest.raises(SystemExit, match=r"files: .*a\.flac and .*a\.wav would both write"):
+        main(["transcribe", "--model", MODEL, "--output-format", "txt", "--output-dir", str(tmp_path),
+              str(tmp_path / "x" / "a.flac"), str(tmp_path / "a.wav")])  # fmt: skip

@@ -91,8 +91,9 @@ def test_vad_finds_every_utterance_within_0_2_s(recording):
 
 def test_vad_path_segments_and_wer_on_a_digits_recording(model, recording):
     """Segments fall on the utterances (within 0.2 s); the WER is bounded by the figure measured with the default
-    options (0.074 on 100 utterances; the one-by-one WER is 0.015): the shipped model reads the length of the
-    silence before speech (see the xfail test below), which a VAD cut cannot restore."""
+    options (0.069 on 100 utterances at -60 dBFS noise, 0.108 at -50 dBFS; one by one 0.015 and 0.020): the
+    shipped model reads the length of the silence before speech (see the xfail test below), which a VAD cut cannot
+    restore."""
     wave, truth = recording
     result = transcribe_files(model, [wave], vad=True)[0]
     segments = result["segments"]
@@ -175,7 +176,7 @@ def test_three_minutes_of_digits(model):
     assert len(result["segments"]) == len(truth)
     for segment, t in zip(result["segments"], truth):
         assert abs(segment["start"] - t["start"]) < 0.2 and abs(segment["end"] - t["end"]) < 0.2
-    assert _wer(result["text"], truth) < 0.1  # measured 0.074 (one by one 0.015)
+    assert _wer(result["text"], truth) < 0.1  # measured 0.069 (one by one 0.015)
 
 
 # ---------------------------------------------------------------------- writers
@@ -233,3 +234,66 @@ def test_subtitles_parse_and_agree_with_the_json(model, tmp_path):
     assert (tmp_path / "talk.txt").read_text().splitlines() == [s["text"] for s in stored["segments"]]
     with pytest.raises(ValueError, match="formats"):
         write_result(result, tmp_path / "x", ["docx"])
+
+
+# ---------------------------------------------------------------------- a Whisper checkpoint
+@pytest.fixture(scope="module")
+def whisper_model(tmp_path_factory):
+    pytest.importorskip("whisper")
+    from test_openai_whisper_convert import random_whisper, save_pt
+
+    from mmformer.convert.openai_whisper import from_openai_whisper
+
+    return from_openai_whisper(save_pt(random_whisper(seed=0), tmp_path_factory.mktemp("whisper") / "tiny.pt"))
+
+
+@pytest.mark.parametrize("words", [False, True])
+def test_whisper_vad_windows_of_many_files_decode_together(whisper_model, words):
+    """VAD windows (merged up to 30 s) of two files in one queue give each file what it gets alone; segments lie on
+    the file's timeline, with word timings when asked."""
+    files = [digits_recording(n, seed=30 + n, offset=n)[0] for n in (24, 10)]
+    options = TranscribeOptions(temperature=0.0, language="en", word_timestamps=words)
+    together = transcribe_files(whisper_model, files, options=options, vad=True, batch_size=4)
+    alone = [transcribe_files(whisper_model, [f], options=options, vad=True, batch_size=4)[0] for f in files]
+    assert together == alone
+    for wave, result in zip(files, together):
+        assert result["language"] == "en" and result["segments"]
+        for segment in result["segments"]:
+            assert 0 <= segment["start"] < segment["end"] <= wave.shape[0] / RATE + 0.02
+            assert {"avg_logprob", "no_speech_prob", "compression_ratio", "temperature"} <= set(segment)
+            if words:
+                assert all(segment["start"] <= w["start"] <= w["end"] <= segment["end"] for w in segment["words"])
+
+
+def test_whisper_without_vad_is_openai_whispers_sequential_algorithm(whisper_model):
+    from mmformer.longform.sequential import transcribe_sequential
+
+    wave = digits_recording(12, seed=40)[0]
+    options = TranscribeOptions(temperature=0.0, language="en")
+    steps = []
+    result = transcribe_files(
+        whisper_model, [wave, wave[: RATE * 5]], options=options, progress=lambda *a: steps.append(a)
+    )
+    assert result[0] == transcribe_sequential(whisper_model, wave, options)
+    total = (wave.shape[0] + 5 * RATE) / RATE
+    assert {t for _, t in steps} == {total} and abs(sum(s for s, _ in steps) - total) < 0.02
+    # DecodingOptions (what serving passes) map onto the same TranscribeOptions: greedy, English, no fallback
+    short = decoding_options(whisper_model, options)
+    assert transcribe_files(whisper_model, [wave], options=short)[0] == result[0]
+
+
+def test_silero_frames_of_many_files_at_once_equal_silero_file_by_file():
+    """The VAD of all inputs runs as one batch (a Silero state per file): each file's speech timestamps equal
+    silero-vad's own get_speech_timestamps on it alone."""
+    from silero_vad import get_speech_timestamps
+
+    from mmformer.longform.vad import silero_model, speech_regions_many
+
+    waves = [digits_recording(n, seed=50 + n)[0] for n in (3, 9, 5)]
+    options = VadOptions(trim_db=None, speech_pad_ms=30)
+    ours = speech_regions_many(waves, RATE, options)
+    for wave, regions in zip(waves, ours):
+        theirs = get_speech_timestamps(wave, silero_model(), threshold=options.threshold, min_speech_duration_ms=
+                                       options.min_speech_ms, min_silence_duration_ms=options.min_silence_ms,
+                                       speech_pad_ms=options.speech_pad_ms)  # fmt: skip
+        assert regions == [(s["start"], s["end"]) for s in theirs] and regions

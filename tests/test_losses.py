@@ -19,6 +19,8 @@ from torch import nn
 
 from mmformer.tasks.losses import ContrastiveLoss, SigLipLoss, caption_loss, ctc_loss, teacher_forcing
 
+pytestmark = pytest.mark.numerics  # run again on other kernels by `make test` (Makefile: NUMERICS_ENV)
+
 TOL = 1e-5
 
 

@@ -12,6 +12,8 @@ import torch
 from mmformer.config import ModelConfig
 from mmformer.model import MultimodalTransformer
 
+pytestmark = pytest.mark.numerics  # run again on other kernels by `make test` (Makefile: NUMERICS_ENV)
+
 ATOL = 1e-5
 V, D = 32, 16  # the tiny vocabulary and width from conftest
 

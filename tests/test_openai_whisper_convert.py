@@ -26,9 +26,10 @@ from mmformer.convert.openai_whisper import (  # noqa: E402
     from_openai_whisper,
     openai_tokenizer,
 )
-from mmformer.longform.whisper_rules import WhisperTokens  # noqa: E402
+from mmformer.convert.whisper_vocab import WhisperTokens  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+FLOATS = ("avg_logprob", "no_speech_prob", "compression_ratio")
 TEXTS = [
     "Hello world, I'm here!  ok\n\nthe  ",
     " four two nine",
@@ -175,3 +176,53 @@ def test_missing_or_foreign_checkpoints_are_refused(tmp_path, monkeypatch):
         from_openai_whisper(tmp_path / "other.pt")
     with pytest.raises(TypeError, match="path_or_name"):
         from_openai_whisper(3)
+
+
+def test_hugging_face_generation_configs_bring_their_alignment_heads():
+    from mmformer.config import GenerationConfig
+    from mmformer.convert.hf_whisper import _generation_config
+
+    gen = _generation_config({"alignment_heads": [[2, 0], [3, 5]], "no_timestamps_token_id": 50363})
+    assert gen.alignment_heads == [[2, 0], [3, 5]]
+    assert GenerationConfig(**json.loads(json.dumps(asdict(gen)))) == gen  # JSON round trip
+    with pytest.raises(ValueError, match=r"alignment_heads must be \[layer, head\] pairs"):
+        GenerationConfig(alignment_heads=[[1, -2]])
+
+
+def test_a_converted_checkpoint_saved_and_reloaded_in_a_fresh_process_transcribes_the_same(tmp_path):
+    """save_pretrained of the conversion (config with the generation rules and alignment heads, tokenizer.json),
+    reloaded in a new process: the same long-form transcript, words included, as the converted model here."""
+    from mmformer.longform.sequential import transcribe_sequential
+
+    model = from_openai_whisper(save_pt(random_whisper(seed=4), tmp_path / "random.pt"))
+    model.save_pretrained(tmp_path / "saved")
+    generator = torch.Generator().manual_seed(5)
+    audio = 0.1 * torch.randn(12 * 16000, generator=generator)
+    torch.save(audio, tmp_path / "audio.pt")
+    options = dict(temperature=0.0, word_timestamps=True, language="en")
+    expected = transcribe_sequential(model, audio, **options)
+    script = f"""
+import json, torch
+import mmformer
+from mmformer.longform.sequential import transcribe_sequential
+model = mmformer.from_pretrained({str(tmp_path / "saved")!r})
+audio = torch.load({str(tmp_path / "audio.pt")!r}, weights_only=True)
+print(json.dumps(transcribe_sequential(model, audio, **{options!r})))
+"""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    reloaded = json.loads(run.stdout.strip().splitlines()[-1])
+    expected = json.loads(json.dumps(expected))
+    assert (reloaded["text"], reloaded["language"]) == (expected["text"], expected["language"])
+    assert len(reloaded["segments"]) == len(expected["segments"])
+    for a, b in zip(reloaded["segments"], expected["segments"]):
+        exact = lambda segment: {k: v for k, v in segment.items() if k not in (*FLOATS, "words")}  # noqa: E731
+        assert exact(a) == exact(b)
+        for k in FLOATS:  # the same up to float32 rounding (the last bits of a sum can differ between processes)
+            assert a[k] == pytest.approx(b[k], rel=1e-5)
+        assert [(w["word"], w["start"], w["end"]) for w in a["words"]] == [
+            (w["word"], w["start"], w["end"]) for w in b["words"]
+        ]
+        assert [w["probability"] for w in a["words"]] == pytest.approx([w["probability"] for w in b["words"]], rel=1e-5)
+    assert sum(len(s["words"]) for s in expected["segments"]) > 0

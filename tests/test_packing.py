@@ -22,6 +22,8 @@ from mmformer.tasks import MultimodalTask
 from mmformer.tasks.losses import IGNORE_INDEX, document_targets, teacher_forcing
 from tests.test_task import Digits, tiny_config, tokenizer
 
+pytestmark = pytest.mark.numerics  # run again on other kernels by `make test` (Makefile: NUMERICS_ENV)
+
 ATOL = 1e-5
 LENGTHS = [5, 1, 7, 3]
 
@@ -189,9 +191,9 @@ def test_document_targets_are_the_padded_targets():
 
 # ---------------------------------------------------------------- training: packed == padded
 KINDS = {
-    "contrastive": (dict(caption_weight=0.0, speech_weight=0.0), ("image",)),
-    "captioning": (dict(contrastive_weight=0.0, speech_weight=0.0), ("image",)),
-    "speech+ctc": (dict(contrastive_weight=1.0, caption_weight=0.0, ctc_weight=0.3), ("audio",)),
+    "contrastive": (dict(caption=0.0, speech=0.0), ("image",)),
+    "captioning": (dict(contrastive=0.0, speech=0.0), ("image",)),
+    "speech+ctc": (dict(contrastive=1.0, caption=0.0, ctc=0.3), ("audio",)),
 }
 
 
@@ -199,7 +201,7 @@ KINDS = {
 def test_packed_batch_gives_the_padded_losses_and_gradients(kind):
     weights, modalities = KINDS[kind]
     torch.manual_seed(0)
-    task = MultimodalTask(tiny_config(tokenizer().vocab_size, position="rope"), **weights)
+    task = MultimodalTask(tiny_config(tokenizer().vocab_size, position="rope"), objectives=weights)
     samples = [Digits(modalities=modalities)[i] for i in (3, 47, 120, 9, 1000)]  # 1–4 words: unequal lengths
     padded = Collator(tokenizer())(samples)
     packed = Collator(tokenizer(), packing=True)(samples)

@@ -15,6 +15,8 @@ from mmformer.layers import AbsolutePositions, RotaryEmbedding, alibi_bias, alib
 from mmformer.layers.positions import resample_patch_positions
 from mmformer.model import MultimodalTransformer
 
+pytestmark = pytest.mark.numerics  # run again on other kernels by `make test` (Makefile: NUMERICS_ENV)
+
 
 # ---------------------------------------------------------------- RoPE
 def _score(rope: RotaryEmbedding, q: torch.Tensor, k: torch.Tensor, m: int, n: int) -> torch.Tensor:

@@ -114,6 +114,7 @@ def quantized_dirs(float_dir, manifest, tmp_path_factory):
     return out
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_is_close_to_fp32_and_reloads_identically(method, quantized_dirs, reference, monkeypatch):
     model, path = quantized_dirs[method]
@@ -144,6 +145,7 @@ def test_each_method_is_close_to_fp32_and_reloads_identically(method, quantized_
     assert all(torch.equal(again[k], got[k]) for k in got)
 
 
+@pytest.mark.numerics
 def test_quantized_models_classify_caption_and_transcribe_unchanged(quantized_dirs):
     model, path = quantized_dirs["dynamic"]
     loaded = mmformer.load_pretrained(path)
@@ -199,6 +201,7 @@ def test_a_tampered_torchao_header_is_refused_before_loading(quantized_dirs, tmp
         mmformer.load_pretrained(copy)
 
 
+@pytest.mark.numerics
 def test_qat_fake_quantizes_during_fit_and_converts_at_the_end():
     import lightning as L
     from test_task import DigitsData, LossLog, make_task, trainer
@@ -209,7 +212,7 @@ def test_qat_fake_quantizes_during_fit_and_converts_at_the_end():
         def on_train_batch_end(self, trainer, task, outputs, batch, batch_idx):
             self.seen.append(len(fake_quantized(task.model)))
 
-    task = make_task(qat={"method": "dynamic"}, contrastive_weight=0.0, speech_weight=0.0)
+    task = make_task(qat={"method": "dynamic"}, objectives=dict(contrastive=0.0, speech=0.0))
     n_linear = len(fake_quantized(task.model))
     assert n_linear >= 10
     watch, log = Watch(), LossLog()
@@ -267,6 +270,7 @@ def test_cli_quantizes_and_refuses_bad_requests(float_dir, manifest, tmp_path, c
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.numerics
 def test_int8_embeddings_and_bfloat16_storage_make_a_smaller_file_that_reloads_exactly(float_dir, reference, tmp_path):
     plain, compact = mmformer.load_pretrained(float_dir), mmformer.load_pretrained(float_dir)
     quantize(plain, "dynamic")

@@ -121,8 +121,7 @@ class DigitsData(L.LightningDataModule):
 
 def make_task(seed: int = 0, stack: dict | None = None, **kwargs) -> MultimodalTask:
     torch.manual_seed(seed)
-    kwargs.setdefault("warmup_steps", 2)
-    kwargs.setdefault("max_steps", 100)
+    kwargs.setdefault("schedule", {"warmup_steps": 2, "max_steps": 100})
     return MultimodalTask(tiny_config(tokenizer().vocab_size, **(stack or {})), **kwargs)
 
 
@@ -159,11 +158,11 @@ class LossLog(L.Callback):
 
 # ---------------------------------------------------------------------- every task mix
 MIXES = {
-    "contrastive": (dict(caption_weight=0.0, speech_weight=0.0), ("image",), {}, {"contrastive_image"}),
-    "caption": (dict(contrastive_weight=0.0, speech_weight=0.0), ("image",), {}, {"caption"}),
-    "speech": (dict(contrastive_weight=0.0, caption_weight=0.0), ("audio",), {}, {"speech"}),
+    "contrastive": (dict(objectives=dict(caption=0.0, speech=0.0)), ("image",), {}, {"contrastive_image"}),
+    "caption": (dict(objectives=dict(contrastive=0.0, speech=0.0)), ("image",), {}, {"caption"}),
+    "speech": (dict(objectives=dict(contrastive=0.0, caption=0.0)), ("audio",), {}, {"speech"}),
     "all+ctc+moe": (
-        dict(ctc_weight=0.3),
+        dict(objectives=dict(ctc=0.3)),
         ("image", "audio"),
         dict(n_experts=2, experts_top_k=1),
         {"contrastive_image", "contrastive_audio", "caption", "speech", "ctc", "moe_aux"},
@@ -187,7 +186,7 @@ def test_one_training_step_of_every_task_mix(mix):
 
 
 def test_all_parameters_get_gradients_in_the_full_mix():
-    task = make_task(stack=dict(n_experts=2, experts_top_k=2), ctc_weight=0.3)
+    task = make_task(stack=dict(n_experts=2, experts_top_k=2), objectives=dict(ctc=0.3))
     batch = Collator(tokenizer())([Digits()[i] for i in range(4)])
     parts, _ = task._losses(batch)
     sum(parts.values()).backward()
@@ -199,17 +198,19 @@ def test_bad_batches_and_arguments_raise_clear_errors():
     task = make_task()
     with pytest.raises(ValueError, match="input_ids"):
         task._losses({"pixel_values": torch.zeros(2, 3, 16, 16)})
-    with pytest.raises(ValueError, match="ctc_weight"):
-        MultimodalTask(ModelConfig(), ctc_weight=1.0)
+    with pytest.raises(ValueError, match=r"objectives\.ctc=1\.0 needs a CTC head"):
+        MultimodalTask(ModelConfig(), objectives=dict(ctc=1.0))
     with pytest.raises(ValueError, match="nonfinite"):
         MultimodalTask(ModelConfig(), nonfinite="ignore")
-    with pytest.raises(ValueError, match="zeroshot_templates"):
-        MultimodalTask(ModelConfig(), zeroshot_templates=["a photo"])
+    with pytest.raises(ValueError, match="zeroshot.templates"):
+        MultimodalTask(ModelConfig(), zeroshot=dict(templates=["a photo"]))
 
 
 # ---------------------------------------------------------------------- bf16 learns
 def test_bf16_mixed_fit_loss_decreases():
-    task = make_task(warmup_steps=3, max_steps=30, optimizer=functools.partial(torch.optim.AdamW, lr=1e-2))
+    task = make_task(
+        schedule=dict(warmup_steps=3, max_steps=30), optimizer=functools.partial(torch.optim.AdamW, lr=1e-2)
+    )
     log = LossLog()
     t = trainer(max_steps=30, precision="bf16-mixed", callbacks=[log])
     t.fit(task, DigitsData(shuffle=True))
@@ -227,7 +228,7 @@ def test_fp16_with_grad_scaler_skips_nonfinite_steps(fused):
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     optimizer = functools.partial(torch.optim.AdamW, lr=1e-3, fused=fused, foreach=False if not fused else None)
-    task = make_task(warmup_steps=2, max_steps=10, nonfinite="skip", optimizer=optimizer)
+    task = make_task(schedule=dict(warmup_steps=2, max_steps=10), nonfinite="skip", optimizer=optimizer)
     snaps = Snapshots()
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
     with pytest.warns(UserWarning, match="skipping the step at global step 1"):
@@ -242,7 +243,7 @@ def test_fp16_with_grad_scaler_skips_nonfinite_steps(fused):
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 def test_mixed_precision_on_gpu(precision):
     """fp16 (GradScaler, fused AdamW) and bf16 on CUDA, with a NaN batch skipped on the way."""
-    task = make_task(warmup_steps=2, max_steps=10, nonfinite="skip")
+    task = make_task(schedule=dict(warmup_steps=2, max_steps=10), nonfinite="skip")
     snaps = Snapshots()
     t = trainer(accelerator="gpu", deterministic=False, max_steps=10, precision=precision, callbacks=[snaps])
     with pytest.warns(UserWarning, match="skipping the step at global step 1"):
@@ -316,7 +317,7 @@ def test_nonfinite_gradient_is_skipped_or_stops(nonfinite):
 
 # ---------------------------------------------------------------------- checkpoints
 def test_checkpoint_holds_only_plain_types_and_everything_export_needs(tmp_path):
-    task = make_task(zeroshot_classes=["one", "two"])
+    task = make_task(zeroshot=dict(classes=["one", "two"]))
     data = DigitsData()
     t = trainer(max_steps=1)
     t.fit(task, data)
@@ -335,7 +336,7 @@ def test_checkpoint_holds_only_plain_types_and_everything_export_needs(tmp_path)
     assert restored("three one")["input_ids"].tolist() == data.tokenizer("three one")["input_ids"].tolist()
 
     loaded = MultimodalTask.load_from_checkpoint(path)  # rebuilt from the plain hyper-parameters
-    assert loaded.zeroshot_classes == ["one", "two"]
+    assert loaded.zeroshot.classes == ["one", "two"]
     assert max_diff(weights(task), weights(loaded)) == 0.0
 
 
@@ -347,7 +348,9 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     The shuffle is seeded per epoch (``set_epoch``); a ``RandomSampler`` with a seeded generator would replay the
     first epoch's order after a resume, since the generator's state is not in the checkpoint.
     """
-    kwargs = dict(warmup_steps=3, max_steps=16, ctc_weight=0.2)  # 4 batches per epoch, 16 steps in all
+    kwargs = dict(
+        schedule=dict(warmup_steps=3, max_steps=16), objectives=dict(ctc=0.2)
+    )  # 4 batches per epoch, 16 steps in all
 
     def run(max_epochs: int, task: MultimodalTask, ckpt_path=None) -> L.Trainer:
         L.seed_everything(0, verbose=False)
@@ -449,8 +452,7 @@ def lightning_run(path, devices: int) -> dict:
     task = MultimodalTask(
         lightning_config(),
         optimizer=functools.partial(torch.optim.SGD, lr=0.5),
-        warmup_steps=0,
-        max_steps=2,
+        schedule=dict(warmup_steps=0, max_steps=2),
         nonfinite="skip",
     )
     t = trainer(
@@ -485,7 +487,7 @@ def test_lightning_ddp_spawn_equals_one_process(tmp_path):
 
 # ---------------------------------------------------------------------- evaluation metrics
 def test_validation_reports_retrieval_and_zeroshot():
-    task = make_task(zeroshot_classes=WORDS, zeroshot_templates=["{}", "the number {}"], val_generate=False)
+    task = make_task(zeroshot=dict(classes=WORDS, templates=["{}", "the number {}"]), generation=dict(evaluate=False))
     t = trainer(limit_val_batches=1.0)
     t.validate(task, DigitsData())
     metrics = t.callback_metrics
@@ -506,16 +508,16 @@ def test_validation_reports_retrieval_and_zeroshot():
 
 def test_validation_zero_shot_is_the_classifiers_in_bounded_batches(monkeypatch):
     """Validation builds class embeddings with the classifier's own function: a template with two {} works, and the
-    10 classes x 3 templates = 30 prompts are encoded in batches of at most zeroshot_batch_size."""
+    10 classes x 3 templates = 30 prompts are encoded in batches of at most zeroshot.batch_size."""
     templates = ["{}", "the number {}", "a {} or a {}"]
-    task = make_task(zeroshot_classes=WORDS, zeroshot_templates=templates, zeroshot_batch_size=8, val_generate=False)
+    task = make_task(zeroshot=dict(classes=WORDS, templates=templates, batch_size=8), generation=dict(evaluate=False))
     batches = []
     encode_text = task.model.encode_text
     monkeypatch.setattr(
         task.model, "encode_text", lambda ids, *a, **k: batches.append(len(ids)) or encode_text(ids, *a, **k)
     )
     task.tokenizer = tokenizer()
-    embeddings = task._zeroshot_embeddings()
+    embeddings = task.evaluation.build_class_embeddings(task.model, task.tokenizer, task.prompt)
     assert batches == [8, 8, 8, 6]
     classifier = ZeroShotClassifier(task.model, tokenizer(), classnames=WORDS, templates=templates, modality="image")
     torch.testing.assert_close(embeddings, classifier.class_embeddings, rtol=0, atol=0)
@@ -526,7 +528,7 @@ def test_validation_zero_shot_is_the_classifiers_in_bounded_batches(monkeypatch)
 
 def test_validation_generates_and_scores_text():
     pytest.importorskip("mmformer.generation")
-    task = make_task(zeroshot_classes=None, generate_max_new_tokens=4)
+    task = make_task(generation=dict(max_new_tokens=4))
     t = trainer(limit_val_batches=1.0)
     t.validate(task, DigitsData(n=8))
     metrics = t.callback_metrics
@@ -543,7 +545,11 @@ def test_memorised_captions_score_perfectly():
     """Metric wiring end to end: a model that learned its 4 captions gets BLEU 1, CER 0 and exact match 1."""
     pytest.importorskip("mmformer.generation")
     torch.manual_seed(0)
-    task = make_task(contrastive_weight=0.0, speech_weight=0.0, warmup_steps=1, max_steps=60, generate_max_new_tokens=6)
+    task = make_task(
+        objectives=dict(contrastive=0.0, speech=0.0),
+        schedule=dict(warmup_steps=1, max_steps=60),
+        generation=dict(max_new_tokens=6),
+    )
     task.optimizer = functools.partial(torch.optim.AdamW, lr=1e-2)
     data = DigitsData(n=4, modalities=("image",))
     t = trainer(max_steps=60, limit_val_batches=1.0, check_val_every_n_epoch=100)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from mmformer import weights
+from mmformer.hub import Source
 
 if TYPE_CHECKING:
     from mmformer.processor import Processor
@@ -179,13 +180,14 @@ def read_hf_checkpoint(
     model_class: str,
     folder: str = "save_pretrained output",
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path | None]:
-    """(config dict, state dict, directory or None) of a ``transformers`` model instance or a local directory.
+    """(config dict, state dict, directory or None) of a ``transformers`` model instance, a local directory or a
+    resolved :class:`~mmformer.hub.Source` (whose ``config.json`` :func:`mmformer.hub.resolve_source` read once).
 
     The directory comes back so that a converter can read the files beside the weights (``tokenizer.json``, ...).
 
     Args:
-        path_or_model: a model with a ``config`` (``PretrainedConfig``), or a directory with ``config.json`` and
-            weights (read with :func:`load_state_dict`).
+        path_or_model: a model with a ``config`` (``PretrainedConfig``), a directory with ``config.json`` and
+            weights (read with :func:`load_state_dict`), or a Source of a Hugging Face folder.
         model_type: the config's ``model_type`` the converter handles, or several (a config without one is taken as
             the first).
         name: the architecture in error messages (``"BERT"``).
@@ -197,8 +199,11 @@ def read_hf_checkpoint(
         TypeError: neither a path nor a model with a config.
         UnsupportedModelError: a config of another ``model_type``.
     """
-    if is_path(path_or_model):
-        directory = Path(path_or_model)
+    if isinstance(path_or_model, Source) and path_or_model.local and path_or_model.config is not None:
+        directory, config = path_or_model.path, dict(path_or_model.config)
+        state = load_state_dict(directory)
+    elif is_path(path_or_model) or isinstance(path_or_model, Source):
+        directory = Path(path_or_model.location if isinstance(path_or_model, Source) else path_or_model)
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(
                 f"path_or_model: expected a local {name} directory with config.json and model.safetensors ({folder}), "
@@ -210,7 +215,7 @@ def read_hf_checkpoint(
         directory, config, state = None, path_or_model.config.to_dict(), path_or_model.state_dict()
     else:
         raise TypeError(
-            f"path_or_model: expected a transformers {model_class} or a local directory, "
+            f"path_or_model: expected a transformers {model_class}, a local directory or an mmformer.hub.Source, "
             f"got {type(path_or_model).__name__}"
         )
     types = (model_type,) if isinstance(model_type, str) else tuple(model_type)

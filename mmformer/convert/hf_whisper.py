@@ -58,7 +58,7 @@ HOP_LENGTH = 160
 _SINUSOID_TOLERANCE = 1e-6  # a stored table this close to mmformer's sinusoids is loaded as "sinusoidal"
 
 
-def _generation_config(gen: dict[str, Any]) -> GenerationConfig | None:
+def _generation_config(gen: dict[str, Any], vocab_size: int) -> GenerationConfig | None:
     """``ModelConfig.generation`` from a Hugging Face Whisper generation config (None without one)."""
     if not gen:
         return None
@@ -76,8 +76,8 @@ def _generation_config(gen: dict[str, Any]) -> GenerationConfig | None:
     if gen.get("return_timestamps"):
         warnings.warn("hf_whisper: the generation config asks for timestamps; mmformer decodes without", stacklevel=3)
     return GenerationConfig(
-        suppress_tokens=[int(i) for i in gen.get("suppress_tokens") or []],
-        begin_suppress_tokens=[int(i) for i in gen.get("begin_suppress_tokens") or []],
+        suppress_tokens=_in_vocabulary(gen, "suppress_tokens", vocab_size),
+        begin_suppress_tokens=_in_vocabulary(gen, "begin_suppress_tokens", vocab_size),
         language_ids=languages,
         task_ids=tasks,
         language=language,
@@ -85,6 +85,21 @@ def _generation_config(gen: dict[str, Any]) -> GenerationConfig | None:
         no_timestamps_id=gen.get("no_timestamps_token_id"),
         alignment_heads=[[int(layer), int(head)] for layer, head in gen.get("alignment_heads") or []],
     )
+
+
+def _in_vocabulary(gen: dict[str, Any], key: str, vocab_size: int) -> list[int]:
+    """The ids of a suppress list that are tokens of this model. Ids beyond the vocabulary (Hugging Face's default
+    ``begin_suppress_tokens`` ``[220, 50256]`` on a test-sized model) could never be generated; Hugging Face's logit
+    processors ignore them, and they are dropped here with a warning naming them."""
+    ids = [int(i) for i in gen.get(key) or []]
+    outside = [i for i in ids if not 0 <= i < vocab_size]
+    if outside:
+        warnings.warn(
+            f"hf_whisper: the generation config's {key} holds ids outside the vocabulary of {vocab_size} tokens: "
+            f"{outside}; dropped (they can never be generated; Hugging Face ignores them too)",
+            stacklevel=4,
+        )
+    return [i for i in ids if 0 <= i < vocab_size]
 
 
 def _language_code(language: str, languages: dict[str, int]) -> str | None:
@@ -206,7 +221,7 @@ def from_hf_whisper(path_or_model: Any) -> MultimodalTransformer:
         model_class="WhisperForConditionalGeneration (or WhisperModel)",
     )
     state = {k.removeprefix("model."): v for k, v in state.items()}
-    generation = _generation_config(_read_generation_config(path_or_model, directory))
+    generation = _generation_config(_read_generation_config(path_or_model, directory), cfg["vocab_size"])
     return whisper_model(cfg, state, generation, read_hf_tokenizer(directory))
 
 

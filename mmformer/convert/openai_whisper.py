@@ -28,6 +28,7 @@ import torch
 from mmformer.config import GenerationConfig
 from mmformer.convert.common import UnsupportedModelError
 from mmformer.convert.hf_whisper import whisper_model
+from mmformer.convert.whisper_vocab import WhisperTokens
 from mmformer.model import MultimodalTransformer
 from mmformer.tokenizer import Tokenizer
 
@@ -155,13 +156,12 @@ def _languages(n_vocab: int) -> tuple[bool, int]:
 
 def special_tokens(n_vocab: int) -> list[str]:
     """openai-whisper's special tokens in id order, after the BPE vocabulary (``whisper.tokenizer.get_encoding``)."""
-    from whisper.tokenizer import LANGUAGES
-
     _, n_languages = _languages(n_vocab)
+    codes = list(_literal("tokenizer.py", "LANGUAGES"))
     return [
         "<|endoftext|>",
         "<|startoftranscript|>",
-        *[f"<|{code}|>" for code in list(LANGUAGES)[:n_languages]],
+        *[f"<|{code}|>" for code in codes[:n_languages]],
         "<|translate|>",
         "<|transcribe|>",
         "<|startoflm|>",
@@ -206,30 +206,31 @@ def _alignment_heads(name: str, n_layers: int, n_heads: int) -> list[list[int]]:
 
     import numpy as np
 
-    table = _read_alignment_table()
+    table = _literal("__init__.py", "_ALIGNMENT_HEADS")
     if name in table:  # whisper.model.Whisper.set_alignment_heads
-        mask = np.frombuffer(gzip.decompress(base64.b85decode(table[name])), dtype=bool).reshape(n_layers, n_heads)
-        return [[int(layer), int(head)] for layer, head in zip(*np.nonzero(mask))]
+        mask = np.frombuffer(gzip.decompress(base64.b85decode(table[name])), dtype=bool)
+        if mask.size == n_layers * n_heads:  # a file saved under a released name with other dimensions: the default
+            mask = mask.reshape(n_layers, n_heads)
+            return [[int(layer), int(head)] for layer, head in zip(*np.nonzero(mask))]
     return [[layer, head] for layer in range(n_layers // 2, n_layers) for head in range(n_heads)]
 
 
-def _read_alignment_table() -> dict[str, bytes]:
-    """``whisper._ALIGNMENT_HEADS`` (read from the package's source, so that the package itself is not imported)."""
+def _literal(module: str, name: str) -> Any:
+    """A literal assigned at the top of one of the openai-whisper package's modules (``_ALIGNMENT_HEADS``,
+    ``LANGUAGES``), read from its source so that the package (torch model code, numba) is not imported."""
     import ast
 
-    tree = ast.parse((_whisper_package() / "__init__.py").read_text())
+    tree = ast.parse((_whisper_package() / module).read_text(encoding="utf-8"))
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_ALIGNMENT_HEADS" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
             return ast.literal_eval(node.value)
-    return {}
+    raise ValueError(f"openai_whisper: the installed openai-whisper package has no {name} in {module}")
 
 
 def _generation_config(tokenizer: Tokenizer, dims: dict[str, int], name: str) -> GenerationConfig:
     """Whisper's decoding rules as Hugging Face's generation configs hold them: the language and task tokens, the
     no-timestamps token, openai's non-speech tokens suppressed, a blank or end-of-text not first; the alignment
     heads."""
-    from mmformer.longform.whisper_rules import WhisperTokens
-
     tokens = WhisperTokens.from_tokenizer(tokenizer)
     multilingual, _ = _languages(dims["n_vocab"])
     return GenerationConfig(

@@ -27,21 +27,22 @@ randomness from ``(seed, epoch, index)``, so it resumes exactly too; evaluation 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from mmformer.data.augment import AugmentConfig, augment_training
 from mmformer.data.collate import Collator
 from mmformer.data.formats import FORMATS, dataset_texts, open_dataset
-from mmformer.data.seeding import mix_seed
+from mmformer.data.loaders import EpochLoader, GlobalBatchSampler, ResumableLoader
+from mmformer.data.packing import BatchedDataset, TokenBudgetSampler, sample_costs
 from mmformer.data.text import pack_documents
 
 if TYPE_CHECKING:
@@ -51,196 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STAGES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
-
-
-class _EpochLoader(DataLoader):
-    """A DataLoader that tells a streaming data set the epoch before each pass (for its shuffle).
-
-    Lightning calls ``set_epoch`` on samplers only, and an IterableDataset has none; the data set is copied
-    into worker processes when iteration starts, so setting it here reaches them. The epoch is ``epoch()`` (the
-    trainer's, so a resumed run reshuffles as the interrupted one did) or, where that gives None, the number of
-    passes so far; it is read at the first ``next``, after Lightning has moved to the epoch.
-    """
-
-    def __init__(self, dataset: IterableDataset, *args: Any, epoch: Callable[[], int | None] | None = None, **kwargs):
-        super().__init__(dataset, *args, **kwargs)
-        self.epoch, self._passes = epoch, 0
-
-    def __iter__(self) -> Iterator[Any]:
-        return self._iterate()
-
-    def _iterate(self) -> Iterator[Any]:
-        epoch = self.epoch() if self.epoch is not None else None
-        self.dataset.set_epoch(self._passes if epoch is None else epoch)
-        self._passes += 1
-        yield from super().__iter__()
-
-
-class GlobalBatchSampler(DistributedSampler):
-    """The training order: a permutation of the data set seeded by ``(seed, epoch)``, cut into global batches of
-    ``batch_size * num_replicas`` samples, each rank taking its own contiguous block of every global batch.
-
-    So the samples of global step s are the same whatever the number of processes, as long as the global batch is:
-    rank r's batch s is ``perm[s*G + r*B : s*G + (r+1)*B]`` (G = B * num_replicas), and the ranks' batches
-    concatenated in rank order are exactly the batch s of one process with ``batch_size=G``. (Torch's
-    DistributedSampler interleaves instead: rank r takes ``perm[r::num_replicas]``.) A last incomplete global batch
-    is dropped with ``drop_last``; otherwise it is split evenly over the ranks, padded from the start of the
-    permutation when it does not divide (as DistributedSampler pads), so that every rank runs as many steps.
-
-    ``start`` (set by :class:`ResumableLoader`) skips that many of this rank's indices of the epoch: a resumed run
-    skips indices, never loads samples it does not use. It is a DistributedSampler so that Lightning keeps it
-    under DDP instead of substituting its own (which always shuffles and interleaves).
-
-    Args:
-        dataset: the map-style data set (only its length is used).
-        batch_size: samples per batch and rank.
-        num_replicas: number of processes (ranks).
-        rank: this process's rank.
-        shuffle: permute each epoch; otherwise the data set order.
-        seed: seed of the permutation (epoch e uses ``seed + e``, as DistributedSampler).
-        drop_last: drop the last incomplete global batch.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        batch_size: int,
-        num_replicas: int = 1,
-        rank: int = 0,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-    ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size: expected an int >= 1; got {batch_size!r}")
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        self.batch_size = batch_size
-        self.start = 0
-
-    def _layout(self) -> tuple[int, int]:
-        """(full global batches, samples per rank in the last partial global batch) of an epoch."""
-        n, world = len(self.dataset), self.num_replicas
-        full, rest = divmod(n, self.batch_size * world)
-        return full, 0 if self.drop_last or rest == 0 else -(-rest // world)
-
-    def __len__(self) -> int:
-        full, tail = self._layout()
-        return full * self.batch_size + tail
-
-    def indices(self) -> list[int]:
-        """This rank's indices of the current epoch, from its beginning."""
-        n = len(self.dataset)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(n, generator=g).tolist()
-        else:
-            order = list(range(n))
-        b, world = self.batch_size, self.num_replicas
-        full, tail = self._layout()
-        mine = []
-        for step in range(full):
-            base = step * b * world + self.rank * b
-            mine.extend(order[base : base + b])
-        if tail:
-            last = order[full * b * world :]
-            last += [order[i % n] for i in range(tail * world - len(last))]  # pad from the start
-            mine.extend(last[self.rank * tail : (self.rank + 1) * tail])
-        return mine
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices()[self.start :])
-
-
-class ResumableLoader(DataLoader):
-    """A training DataLoader whose position within an epoch is saved in and restored from checkpoints.
-
-    Give it a :class:`GlobalBatchSampler` (``ResumableLoader(dataset, sampler=GlobalBatchSampler(dataset, 32))``;
-    the batch size defaults to the sampler's). Lightning stores ``state_dict()`` (the epoch, the batches yielded
-    in it, and the layout they refer to) in every checkpoint, and calls ``load_state_dict`` on resume before it
-    asks for the first batch. The iterator is built lazily, at the first ``next``: by then Lightning has called
-    ``sampler.set_epoch``, so a saved position applies only to the epoch it was saved in (a checkpoint from the
-    end of an epoch resumes at the start of the next), and the skipped batches are skipped as indices, never
-    loaded. Workers' seeds derive from ``(seed, epoch, rank)`` through the loader's own generator, so neither
-    creating an iterator nor a resume touches the global random state the model draws dropout from.
-
-    Exact when the data set, seed, shuffle and global batch size (batch size times processes) are those of the
-    saved run; the number of processes may change. Otherwise the epoch resumes at the same batch count with a
-    warning. With another sampler (Lightning substitutes one for ``overfit_batches``) it is a plain DataLoader.
-    """
-
-    def __init__(self, dataset: Dataset, batch_size: int | None = None, shuffle: bool | None = None, **kwargs: Any):
-        sampler = kwargs.get("sampler")
-        if getattr(sampler, "yields_batches", False):  # a TokenBudgetSampler: each item is a whole batch
-            batch_size = None
-        elif batch_size is None:
-            batch_size = sampler.batch_size if isinstance(sampler, GlobalBatchSampler) else 1
-        kwargs.setdefault("generator", torch.Generator())
-        super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, **kwargs)
-        self._epoch = getattr(self.sampler, "epoch", 0)
-        self._batches = 0
-        self._pending: dict[str, Any] | None = None
-
-    def _layout(self) -> dict[str, Any]:
-        s = self.sampler
-        if not isinstance(s, GlobalBatchSampler):
-            return {"samples": len(self.dataset), "global_batch_size": self.batch_size}
-        return {
-            "samples": len(self.dataset),
-            "global_batch_size": s.batch_size * s.num_replicas,
-            "seed": s.seed,
-            "shuffle": s.shuffle,
-            "drop_last": s.drop_last,
-            **({"budgets": list(s.budgets)} if hasattr(s, "budgets") else {}),
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        """Where this rank is: the epoch and the number of batches yielded in it (plain ints, for safe loading)."""
-        return {"epoch": self._epoch, "batches": self._batches, **self._layout()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at ``state``'s position when iteration next starts in the same epoch."""
-        if not isinstance(state, dict) or not {"epoch", "batches"} <= set(state):
-            raise ValueError(f"state: expected a ResumableLoader state_dict with epoch and batches; got {state!r}")
-        self._pending = dict(state)
-
-    def _start(self, epoch: int) -> int:
-        """Batches of ``epoch`` to skip (those a resumed checkpoint had already trained on)."""
-        state, self._pending = self._pending, None
-        if state is None or state["epoch"] != epoch or not state["batches"]:
-            return 0
-        skip = min(int(state["batches"]), len(self))
-        if not isinstance(self.sampler, GlobalBatchSampler):
-            rank_zero_warn(
-                f"resuming the training data at batch {skip} of epoch {epoch}: a {type(self.sampler).__name__} "
-                "cannot skip, so this epoch restarts from its first batch"
-            )
-            return 0
-        changed = {k: (state[k], v) for k, v in self._layout().items() if k in state and state[k] != v}
-        if changed:
-            rank_zero_warn(
-                f"resuming the training data at batch {skip} of epoch {epoch}, but the data layout changed since "
-                f"the checkpoint ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}): the rest of "
-                "this epoch will not be the samples the interrupted run would have seen"
-            )
-        return skip
-
-    def __iter__(self) -> Iterator[Any]:
-        return self._iterate()  # a generator: nothing runs before the first next(), after Lightning's set_epoch
-
-    def _iterate(self) -> Iterator[Any]:
-        sampler = self.sampler
-        epoch = getattr(sampler, "epoch", 0)
-        skip = self._start(epoch)
-        self._epoch, self._batches = epoch, skip
-        if isinstance(sampler, GlobalBatchSampler):
-            sampler.start = skip * sampler.batch_size
-            if self.generator is not None:  # the workers' base seed
-                self.generator.manual_seed(mix_seed(sampler.seed, epoch, sampler.rank))
-        if hasattr(self.dataset, "set_epoch"):  # an augmented set seeds each sample by (seed, epoch, index)
-            self.dataset.set_epoch(epoch)
-        for batch in super().__iter__():
-            self._batches += 1
-            yield batch
 
 
 class MultimodalDataModule(L.LightningDataModule):
@@ -286,10 +97,12 @@ class MultimodalDataModule(L.LightningDataModule):
             manifest's ``duration`` column).
         augment: training augmentation (audio, images; see :mod:`mmformer.data.augment`), applied in the loader
             workers to the training split only. SpecAugment masks the log-mel of the model the trainer fits.
-        processor_from: a pretrained model (anything :func:`mmformer.from_pretrained` reads) whose saved processor
-            — tokenizer, image and audio preprocessing — is used instead of one built from the arguments above (no
+        processor_from: a pretrained model (anything :func:`mmformer.from_pretrained` reads) whose processor —
+            tokenizer, image and audio preprocessing — is used instead of one built from the arguments above (no
             tokenizer is trained; an explicit ``tokenizer`` still wins). ``mmformer fit`` links it to
-            ``model.init_from``.
+            ``model.init_from``: the task loads that model once and this module takes its processor from the task
+            attached to the trainer (outside a trainer, hand it over with :meth:`use_processor`). Until then
+            :attr:`vocab_size` is None: the task takes the size of the model's own tokenizer.
     """
 
     def __init__(
@@ -371,26 +184,38 @@ class MultimodalDataModule(L.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
 
     def _adopt_processor(self) -> None:
-        """Replace the processor built from the arguments by ``processor_from``'s (once, on first use)."""
+        """Replace the processor built from the arguments by ``processor_from``'s (once, on first use), taken from the
+        task the trainer runs, which loaded that model (``model.init_from``): nothing is loaded twice."""
         if self._adopted:
             return
-        self._adopted = True
-        from mmformer.auto import load_processor
+        task = self.trainer.lightning_module if self.trainer is not None else None
+        if task is None or str(getattr(task, "init_from", None)) != str(self.processor_from):
+            raise ValueError(
+                f"processor_from: {self.processor_from!r}: its processor comes from the task that loads that model "
+                "(model.init_from) under the trainer, and no such task is attached; outside a trainer call "
+                "use_processor(model.processor) first"
+            )
+        self.use_processor(getattr(task.model, "processor", None))
 
-        saved = load_processor(self.processor_from)
-        if saved is None:
+    def use_processor(self, processor: Processor | None) -> None:
+        """Use ``processor`` — the one ``processor_from``'s model came with — instead of the one built from the
+        arguments (an explicit ``tokenizer`` still wins); None keeps the built one (with a warning)."""
+        self._adopted = True
+        if processor is None:
             rank_zero_warn(f"processor_from: {self.processor_from} holds no processor; building one from data.*")
             return
         log.info("using the processor saved with %s (tokenizer, image and audio preprocessing)", self.processor_from)
+        processor = copy.copy(processor)  # the model keeps its own
         if self.tokenizer_path is not None:
-            saved.tokenizer = None  # the explicit tokenizer is loaded on first use
-        self._processor = saved
+            processor.tokenizer = self._processor.tokenizer  # the explicit one (loaded on first use)
+        self._processor = processor
 
     # ------------------------------------------------------------------ tokenizer / processor
     @property
     def tokenizer(self) -> Tokenizer:
-        """The tokenizer (loaded, or trained on the training texts, on first access)."""
-        self._adopt_processor()
+        """The tokenizer (``processor_from``'s, else loaded, or trained on the training texts, on first access)."""
+        if self._processor.tokenizer is None and self.tokenizer_path is None:
+            self._adopt_processor()
         if self._processor.tokenizer is None:
             self._processor.tokenizer = self._load_or_train_tokenizer()
         return self._processor.tokenizer
@@ -398,15 +223,20 @@ class MultimodalDataModule(L.LightningDataModule):
     @property
     def processor(self) -> Processor:
         """The :class:`~mmformer.Processor` (tokenizer + image/audio settings) to save next to the model."""
+        self._adopt_processor()
         self.tokenizer  # noqa: B018  (attaches it)
         return self._processor
 
     @property
     def vocab_size(self) -> int | None:
         """The tokenizer's vocabulary size (may be below the ``vocab_size`` target for a small corpus); the target
-        itself in a dry run (None with ``processor_from``: the checkpoint's is used)."""
-        if self.dry_run and self._processor.tokenizer is None:
-            return None if self.processor_from is not None else self.target_vocab_size
+        itself in a dry run; None while ``processor_from``'s own tokenizer is still to come (the task sizes the
+        model by it)."""
+        if self._processor.tokenizer is None:
+            if self.processor_from is not None and (self.tokenizer_path is None or self.dry_run):
+                return None
+            if self.dry_run:
+                return self.target_vocab_size
         return self.tokenizer.vocab_size
 
     def _load_or_train_tokenizer(self):
@@ -414,6 +244,11 @@ class MultimodalDataModule(L.LightningDataModule):
 
         if self.tokenizer_path is not None:
             return Tokenizer.from_file(self.tokenizer_path)
+        if self.processor_from is not None:
+            raise ValueError(
+                f"tokenizer: processor_from {self.processor_from!r} comes without a tokenizer, and one trained here "
+                "would not match its token table; give data.tokenizer (the tokenizer.json of that model)"
+            )
         if self.paths["train"] is None:
             raise ValueError("tokenizer: expected a tokenizer.json path, or train data to learn one from; got neither")
         texts = dataset_texts(self._dataset("train"))
@@ -495,7 +330,7 @@ class MultimodalDataModule(L.LightningDataModule):
             return self._budget_loader(dataset, kwargs)
         if isinstance(dataset, IterableDataset):
             drop_last = train and self.drop_last
-            return _EpochLoader(dataset, batch_size=self.batch_size, drop_last=drop_last, epoch=self._epoch, **kwargs)
+            return EpochLoader(dataset, batch_size=self.batch_size, drop_last=drop_last, epoch=self._epoch, **kwargs)
         if train:
             # the order depends only on (seed, epoch) and the global batch size, and the position within an epoch
             # travels in checkpoints: see GlobalBatchSampler and ResumableLoader
@@ -511,8 +346,6 @@ class MultimodalDataModule(L.LightningDataModule):
 
     def _budget_loader(self, dataset: Dataset, kwargs: dict[str, Any]) -> DataLoader:
         """The training loader of token-budget batches (``max_tokens`` / ``max_batch_seconds``)."""
-        from mmformer.data.packing import BatchedDataset, TokenBudgetSampler, sample_costs
-
         if isinstance(dataset, IterableDataset):
             raise ValueError("max_tokens/max_batch_seconds: token budgets need map-style data, not WebDataset shards")
         seconds = self.hparams.max_batch_seconds is not None and "audio" in self.modalities

@@ -4,7 +4,7 @@ seconds, instead of a fixed sample count (``data.packing: true`` with ``max_toke
 A packed batch (see :class:`mmformer.layers.Documents`) costs what its real tokens cost, so a budget keeps every step
 about equally expensive, whatever the length distribution: many short captions or few long clips.
 :class:`TokenBudgetSampler` cuts each epoch's seeded permutation into such batches, deterministically, so that a
-resumed run skips exactly the batches it had trained on (:class:`~mmformer.data.datamodule.ResumableLoader`).
+resumed run skips exactly the batches it had trained on (:class:`~mmformer.data.loaders.ResumableLoader`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from mmformer.data.datamodule import GlobalBatchSampler
+from mmformer.data.loaders import GlobalBatchSampler
 
 if TYPE_CHECKING:
     from mmformer.tokenizer import Tokenizer

@@ -14,6 +14,7 @@ from torch import nn
 from mmformer.config import AudioConfig, StackConfig
 from mmformer.embedders.checks import check_device, check_lengths
 from mmformer.layers.positions import AbsolutePositions
+from mmformer.weights import base_layer
 
 POWER_FLOOR = 1e-10  # the power spectrum is clamped to it before log10 (Whisper's)
 DECADES = 8.0  # dynamic range: log-mel values are raised to at least the clip's peak minus this many decades
@@ -177,7 +178,11 @@ class AudioEmbedder(nn.Module):
             self.check_features(features)
             if feature_lengths is not None:
                 feature_lengths = check_lengths(
-                    "feature_lengths", feature_lengths, features.shape[0], features.shape[-1], self.conv1.weight
+                    "feature_lengths",
+                    feature_lengths,
+                    features.shape[0],
+                    features.shape[-1],
+                    base_layer(self.conv1).weight,
                 )
         n_frames = features.shape[-1]
         if self.positions is not None and self.tokens_for_frames(n_frames) > self.positions.length:
@@ -186,7 +191,9 @@ class AudioEmbedder(nn.Module):
                 f"frames (AudioConfig.max_frames, the position table), got {n_frames}; pass shorter audio or build "
                 "the model with a larger max_frames"
             )
-        x = self.convolve(features.to(self.conv1.weight.dtype), feature_lengths).transpose(1, 2)  # (B, N, D)
+        x = self.convolve(features.to(base_layer(self.conv1).weight.dtype), feature_lengths).transpose(
+            1, 2
+        )  # (B, N, D)
         if self.positions is not None:
             x = self.positions(x)
         mask = None
@@ -206,13 +213,15 @@ class AudioEmbedder(nn.Module):
             raise ValueError(f"audio: expected shape (B, S) of mono waveforms, got {tuple(audio.shape)}")
         if not audio.is_floating_point():
             raise TypeError(f"audio: expected a float waveform tensor, got {audio.dtype}")
-        check_device("audio", audio, self.conv1.weight)
+        check_device("audio", audio, base_layer(self.conv1).weight)
         if audio.shape[0] == 0:
             raise ValueError(f"audio: expected at least one waveform, got shape {tuple(audio.shape)}")
         if audio.shape[1] < self.cfg.n_fft // 2 + 1 and self.cfg.pad_to_seconds is None:
             raise ValueError(f"audio: needs at least {self.cfg.n_fft // 2 + 1} samples, got {audio.shape[1]}")
         if lengths is not None:
-            lengths = check_lengths("audio_lengths", lengths, audio.shape[0], audio.shape[1], self.conv1.weight)
+            lengths = check_lengths(
+                "audio_lengths", lengths, audio.shape[0], audio.shape[1], base_layer(self.conv1).weight
+            )
         return audio, lengths
 
     def check_features(self, features: torch.Tensor) -> None:
@@ -221,6 +230,6 @@ class AudioEmbedder(nn.Module):
             raise ValueError(f"audio_features: expected log-mel (B, {self.cfg.n_mels}, frames), got {shape}")
         if not features.is_floating_point():
             raise TypeError(f"audio_features: expected a float tensor of log-mel features, got {features.dtype}")
-        check_device("audio_features", features, self.conv1.weight)
+        check_device("audio_features", features, base_layer(self.conv1).weight)
         if features.shape[0] == 0 or features.shape[-1] == 0:
             raise ValueError(f"audio_features: expected at least one row and one frame, got {tuple(features.shape)}")

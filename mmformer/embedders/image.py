@@ -12,6 +12,7 @@ from mmformer.config import ImageConfig, StackConfig
 from mmformer.embedders.checks import check_device
 from mmformer.layers.norms import make_norm
 from mmformer.layers.positions import resample_patch_positions, sinusoids
+from mmformer.weights import base_layer
 
 
 def initial_patch_positions(cfg: ImageConfig, width: int) -> torch.Tensor:
@@ -57,7 +58,7 @@ class ImageEmbedder(nn.Module):
         cfg = self.cfg
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values: expected a tensor (B, C, H, W), got {type(pixel_values).__name__}")
-        check_device("pixel_values", pixel_values, self.patch.weight)
+        check_device("pixel_values", pixel_values, base_layer(self.patch).weight)
         if pixel_values.ndim != 4:
             raise ValueError(f"pixel_values: expected 4 dims (B, C, H, W), got shape {tuple(pixel_values.shape)}")
         if pixel_values.shape[1] != cfg.channels:
@@ -80,7 +81,7 @@ class ImageEmbedder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, None]:
         """Tokens (B, prefix + Np, D) and no padding mask (every patch is real)."""
         self.check(pixel_values)
-        x = self.patch(pixel_values.to(self.patch.weight.dtype))  # (B, D, gh, gw)
+        x = self.patch(pixel_values.to(base_layer(self.patch).weight.dtype))  # (B, D, gh, gw)
         grid = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # (B, Np, D)
         prefix = [t.to(x.dtype).view(-1, x.shape[-1]) for t in (self.cls_token, self.registers) if t is not None]

@@ -11,6 +11,7 @@ from torch import nn
 from mmformer.config import StackConfig, TextConfig
 from mmformer.embedders.checks import check_device, check_token_ids
 from mmformer.layers.positions import AbsolutePositions
+from mmformer.weights import base_layer
 
 
 class TokenEmbedding(nn.Embedding):
@@ -56,7 +57,7 @@ class TextEmbedder(nn.Module):
             raise ValueError(f"input_ids: expected shape (B, T), got {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids: expected integer token ids, got {input_ids.dtype}")
-        check_device("input_ids", input_ids, self.tokens.weight)
+        check_device("input_ids", input_ids, base_layer(self.tokens).weight)
         if input_ids.numel() == 0:
             raise ValueError(f"input_ids: expected at least one token per row, got shape {tuple(input_ids.shape)}")
         longest = input_ids.shape[1] if longest is None else longest
@@ -76,7 +77,7 @@ class TextEmbedder(nn.Module):
                 f"got {tuple(attention_mask.shape)}"
             )
         if attention_mask is not None:
-            check_device("attention_mask", attention_mask, self.tokens.weight)
+            check_device("attention_mask", attention_mask, base_layer(self.tokens).weight)
         check_token_ids("input_ids", input_ids, self.cfg.vocab_size)
 
     def forward(
@@ -117,6 +118,6 @@ class TextEmbedder(nn.Module):
             raise ValueError(f"segment_ids: expected the shape of input_ids {tuple(input_ids.shape)}, got {got}")
         if segment_ids.dtype.is_floating_point or segment_ids.dtype == torch.bool:
             raise TypeError(f"segment_ids: expected integer segment ids, got {segment_ids.dtype}")
-        check_device("segment_ids", segment_ids, self.tokens.weight)
+        check_device("segment_ids", segment_ids, base_layer(self.tokens).weight)
         n = self.cfg.n_segments
         check_token_ids("segment_ids", segment_ids, max(n, 1), what="ids", note=f" (TextConfig.n_segments={n})")

@@ -9,6 +9,7 @@ writes them as txt, json, srt, vtt or tsv. ``model.transcribe(...)`` stays the s
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -18,15 +19,16 @@ import numpy as np
 import torch
 
 from mmformer.generation import DecodingOptions, processor_with_tokenizer
-from mmformer.longform.batched import decode_windows_generic, transcribe_windows
+from mmformer.longform.batched import decode_windows_generic, decode_windows_whisper, transcribe_windows
 from mmformer.longform.options import TranscribeOptions
+from mmformer.longform.sequential import transcribe_sequential
 from mmformer.longform.vad import (
     VadOptions,
     Window,
     cut_and_merge,
     fixed_window,
     model_window_samples,
-    speech_regions,
+    speech_regions_many,
     window_samples,
 )
 
@@ -34,7 +36,14 @@ if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
     from mmformer.processor import Processor
 
-__all__ = ["TranscribeOptions", "VadOptions", "decoding_options", "read_input", "transcribe_files"]
+__all__ = ["TranscribeOptions", "VadOptions", "decoding_options", "has_timestamps", "read_input", "transcribe_files"]
+
+
+def has_timestamps(model: MultimodalTransformer) -> bool:
+    """Whether the model is a Whisper checkpoint: a fixed 30-s window and timestamp tokens in its generation
+    config (openai-whisper's long-form algorithm applies)."""
+    gen = model.config.generation
+    return fixed_window(model) and gen is not None and gen.no_timestamps_id is not None
 
 
 def decoding_options(
@@ -96,21 +105,25 @@ def read_input(source: Any, sample_rate: int, index: int) -> tuple[str, torch.Te
 
 
 def _windows(
-    model: MultimodalTransformer,
-    wave: torch.Tensor,
-    file: int,
-    vad: bool | None,
-    options: VadOptions,
-    sample_rate: int,
+    model: MultimodalTransformer, waves: list[torch.Tensor | None], vad: bool | None, options: VadOptions, rate: int
 ) -> list[Window]:
-    """The windows of one input: its speech, cut and merged (VAD), or the whole input when it fits the model and
-    VAD is not forced, or consecutive windows of the model's length when VAD is off."""
-    limit = window_samples(model, options, sample_rate)
-    n = wave.shape[0]
-    if vad is False or (vad is None and n <= limit):
-        return [Window(file, s, min(s + limit, n), ((s, min(s + limit, n)),)) for s in range(0, n, limit)]
+    """The windows of every input: its speech, cut and merged (VAD; the Silero frames of all inputs computed
+    together), or the whole input when it fits the model and VAD is not forced, or consecutive windows of the
+    model's length when VAD is off."""
+    limit = window_samples(model, options, rate)
     merge = fixed_window(model) if options.merge is None else options.merge
-    return cut_and_merge(speech_regions(wave, sample_rate, options), file, limit, merge)
+    windows, cut = [], []
+    for i, wave in enumerate(waves):
+        if wave is None:
+            continue
+        n = wave.shape[0]
+        if vad is False or (vad is None and n <= limit):
+            windows += [Window(i, s, min(s + limit, n), ((s, min(s + limit, n)),)) for s in range(0, n, limit)]
+        else:
+            cut.append(i)
+    for i, regions in zip(cut, speech_regions_many([waves[i] for i in cut], rate, options)):
+        windows += cut_and_merge(regions, i, limit, merge)
+    return windows
 
 
 def transcribe_files(
@@ -122,23 +135,30 @@ def transcribe_files(
     processor: Processor | None = None,
     progress: Callable[[float, float], None] | None = None,
     vad_options: VadOptions | None = None,
+    prefix_embeds: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """Transcribe many recordings of any length, their windows decoded together.
 
     Args:
         model: a speech-to-text model (one trained here, or a converted Whisper checkpoint).
         inputs: audio file paths, or 1-D float waveforms at the model's sample rate.
-        options: how every window is decoded: :class:`DecodingOptions`, or :class:`TranscribeOptions` (see
-            :func:`decoding_options`); default greedy.
-        vad: None: inputs longer than the model's window are cut at their speech (Silero VAD), shorter ones are
-            decoded whole, as ``model.transcribe`` does; True (or a :class:`VadOptions`, which also sets
-            ``vad_options``): every input is cut at its speech (silence and noise give no words); False:
-            consecutive windows of the model's length, no VAD.
+        options: how windows are decoded: :class:`TranscribeOptions` (a Whisper checkpoint: openai-whisper's
+            algorithm with these options; another model: see :func:`decoding_options`), or :class:`DecodingOptions`
+            (another model: as given; Whisper: its temperature, beams, language and task, without fallback).
+            Default: ``TranscribeOptions()`` for Whisper, greedy decoding otherwise.
+        vad: None: a Whisper checkpoint runs openai-whisper's sequential algorithm on each input (timestamp
+            seeking, fallback, no-speech skips); another model cuts inputs longer than its window at their speech
+            (Silero VAD) and decodes shorter ones whole, as ``model.transcribe`` does. True (or a
+            :class:`VadOptions`, which also sets ``vad_options``): every input is cut at its speech and the windows
+            of all inputs are decoded in batches (Whisper: with its timestamps and fallback). False: Whisper
+            sequential; another model: consecutive windows of its length, no VAD.
         batch_size: windows decoded at once, drawn from all inputs.
         processor: tokenizer and audio settings (default ``model.processor``).
         progress: called as ``progress(seconds, total)`` with the audio seconds each finished step accounts for
             (they add up to ``total``, the readable inputs' duration).
         vad_options: how speech is found and cut (default :class:`VadOptions`).
+        prefix_embeds: a learned decoder prefix (P', D) read before the prompt (prompt tuning; a model trained
+            here).
 
     Returns:
         One dict per input, in order: ``text``, ``segments`` (``id, seek, start, end`` in seconds on the input's
@@ -157,14 +177,26 @@ def transcribe_files(
     if isinstance(vad, VadOptions):
         vad, vad_options = True, vad
     vad_options = vad_options or VadOptions()
-    options = decoding_options(model, options)
+    whisper = has_timestamps(model)
+    if whisper:
+        if isinstance(options, DecodingOptions):  # the short-clip options (serving): one temperature, no fallback
+            options = TranscribeOptions(
+                temperature=options.temperature if options.sample else 0.0,
+                beam_size=options.num_beams if options.num_beams > 1 else None,
+                language=options.language,
+                task=options.task or "transcribe",
+            )
+        options = TranscribeOptions.build(options)
+        if prefix_embeds is not None:
+            raise ValueError("prefix_embeds: a learned decoder prefix is for models trained here, not Whisper")
+    else:
+        options = decoding_options(model, options)
     processor = processor_with_tokenizer(model, processor, "transcribe_files")
     model_window_samples(model)  # refuses a model without audio
     rate = model.config.audio.sample_rate
     processor.check_audio_rate(rate)
     waves: list[torch.Tensor | None] = []
     errors: dict[int, str] = {}
-    windows: list[Window] = []
     for i, source in enumerate(inputs):
         try:
             name, wave = read_input(source, rate, i)
@@ -174,17 +206,36 @@ def transcribe_files(
             errors[i] = str(e)
             continue
         waves.append(wave)
-        windows += _windows(model, wave, i, vad, vad_options, rate)
     model.eval()
     total = sum(w.shape[0] for w in waves if w is not None) / rate
-    results = transcribe_windows(
-        waves,
-        windows,
-        lambda batch: decode_windows_generic(model, batch, processor, options),
-        rate,
-        batch_size,
-        None if progress is None else lambda seconds: progress(seconds, total),
-    )
+    if whisper and not vad:  # openai-whisper's algorithm, input by input
+        results = [None if wave is None else transcribe_sequential(
+            model, wave, options, tokenizer=processor.tokenizer,
+            progress=None if progress is None else _Increments(progress, total),
+        ) for wave in waves]  # fmt: skip
+    else:
+        windows = _windows(model, waves, vad, vad_options, rate)
+        if whisper:
+            decode = functools.partial(decode_windows_whisper, model, options=options, tokenizer=processor.tokenizer)
+        else:
+            decode = functools.partial(
+                decode_windows_generic, model, processor=processor, options=options, prefix_embeds=prefix_embeds
+            )
+        results = transcribe_windows(
+            waves, windows, decode, rate, batch_size, None if progress is None else lambda s: progress(s, total)
+        )
     for i, message in errors.items():
         results[i] = {"error": message, "text": "", "segments": [], "language": None}
     return results
+
+
+class _Increments:
+    """Turns the sequential algorithm's ``progress(done, file_total)`` (cumulative, per file) into the increments
+    ``progress(seconds, total)`` of all inputs."""
+
+    def __init__(self, progress: Callable[[float, float], None], total: float):
+        self.progress, self.total, self.done = progress, total, 0.0
+
+    def __call__(self, done: float, file_total: float) -> None:
+        self.progress(done - self.done, self.total)
+        self.done = done

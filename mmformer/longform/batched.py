@@ -18,7 +18,11 @@ import torch.nn.functional as F
 
 from mmformer.decoding_rules import prompt_length
 from mmformer.generation import DecodingOptions, generate
+from mmformer.longform.options import TranscribeOptions
+from mmformer.longform.sequential import split_segments
+from mmformer.longform.timing import add_word_timestamps
 from mmformer.longform.vad import Window
+from mmformer.longform.whisper_decode import decode_with_fallback, encode_windows, time_precision, whisper_tokens
 from mmformer.weights import model_device
 
 if TYPE_CHECKING:
@@ -43,32 +47,103 @@ def _languages(model: MultimodalTransformer, ids: torch.Tensor, options: Decodin
     return [codes.get(int(token)) for token in ids[:, 1]]  # prompt: [start, language, ...]
 
 
+def _seconds(samples: int, sample_rate: int) -> float:
+    return round(samples / sample_rate, 3)
+
+
 def decode_windows_generic(
     model: MultimodalTransformer,
+    windows: list[Window],
     waves: list[torch.Tensor],
     processor: Processor,
     options: DecodingOptions,
+    prefix_embeds: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
-    """One batch of windows (1-D waveforms at the model's rate) → per window ``{"text", "tokens", "language"}``
-    through ``generate`` with the model's default prompt (``temperature`` 0.0 when decoding greedily)."""
+    """One batch of windows (1-D waveforms at the model's rate) through ``generate`` with the model's default
+    prompt (after a learned decoder prefix ``prefix_embeds``, if given) → per window ``{"segments", "language"}``:
+    one segment spanning the window's speech (the VAD regions' first start to last end), with ``temperature`` 0.0
+    when decoding greedily; none when it decodes no text."""
     audio, lengths = _pad(waves)  # (B, S), (B,)
     device = model_device(model)
-    ids = generate(model, audio=audio.to(device), audio_lengths=lengths.to(device), options=options).cpu()  # (B, P+L)
+    ids = generate(
+        model, audio=audio.to(device), audio_lengths=lengths.to(device), options=options, prefix_embeds=prefix_embeds
+    ).cpu()  # (B, P+L)
     text_cfg = model.config.text
     special = {text_cfg.pad_id, text_cfg.eos_id}
     skip = prompt_length(model)
     texts = processor.tokenizer.batch_decode(ids[:, skip:], skip_special_tokens=True)
     temperature = options.temperature if options.sample else 0.0
+    rate = model.config.audio.sample_rate
     out = []
-    for row, text, language in zip(ids[:, skip:].tolist(), texts, _languages(model, ids, options)):
+    for w, row, text, language in zip(windows, ids[:, skip:].tolist(), texts, _languages(model, ids, options)):
         if text_cfg.eos_id in row:
             row = row[: row.index(text_cfg.eos_id)]
-        tokens = [t for t in row if t not in special]
-        out.append({"text": text.strip(), "tokens": tokens, "temperature": temperature, "language": language})
+        segment = {
+            "seek": round(w.start / rate * 100),  # mel frames of 10 ms, as openai-whisper counts
+            "start": _seconds(w.regions[0][0], rate),
+            "end": _seconds(w.regions[-1][1], rate),
+            "text": text.strip(),
+            "tokens": [t for t in row if t not in special],
+            "temperature": temperature,
+        }
+        out.append({"segments": [segment] if segment["text"] else [], "language": language})
     return out
 
 
-DecodeBatch = Callable[[list[torch.Tensor]], list[dict[str, Any]]]
+def decode_windows_whisper(
+    model: MultimodalTransformer,
+    windows: list[Window],
+    waves: list[torch.Tensor],
+    options: TranscribeOptions,
+    tokenizer: Any = None,
+) -> list[dict[str, Any]]:
+    """One batch of windows through Whisper's decoding (:func:`~mmformer.longform.whisper_decode.decode_with_fallback`:
+    timestamp rules, temperature fallback) → per window ``{"segments", "language"}``: the segments between its
+    predicted timestamps, on the file's timeline (the window's start plus the timestamp, kept within the window's
+    speech); a window judged silent (openai-whisper's no-speech rule) has none. With ``word_timestamps`` each
+    segment gets its ``words``."""
+    whisper = whisper_tokens(model, tokenizer)
+    audio, lengths = _pad(waves)  # (B, S)
+    device = model_device(model)
+    mel = model.audio_embed.features(audio.to(device), lengths.to(device))  # (B, M, 3000): each window alone
+    features = encode_windows(model, mel)  # (B, S, D): read by every temperature and the word alignment
+    results = decode_with_fallback(model, mel, options, tokenizer=whisper.tokenizer, audio_features=features)
+    rate, hop = model.config.audio.sample_rate, model.config.audio.hop_length
+    precision = time_precision(model)
+    out = []
+    for i, (w, result) in enumerate(zip(windows, results)):
+        silent = (
+            options.no_speech_threshold is not None
+            and result["no_speech_prob"] is not None
+            and result["no_speech_prob"] > options.no_speech_threshold
+            and not (options.logprob_threshold is not None and result["avg_logprob"] > options.logprob_threshold)
+        )
+        if silent:
+            out.append({"segments": [], "language": result["language"]})
+            continue
+        offset, frames = w.start / rate, w.samples // hop
+        segments, _, _ = split_segments(
+            whisper, result["tokens"], result, round(w.start / hop), offset, precision, w.samples / rate
+        )
+        if options.word_timestamps:
+            add_word_timestamps(
+                segments=segments, model=model, whisper=whisper,
+                sot_sequence=whisper.sot_sequence(result["language"], options.task), mel=mel[i], num_frames=frames,
+                language=result["language"], prepend_punctuations=options.prepend_punctuations,
+                append_punctuations=options.append_punctuations, last_speech_timestamp=offset, time_offset=offset,
+                audio_features=features[i : i + 1],
+            )  # fmt: skip
+        first, last = _seconds(w.regions[0][0], rate), _seconds(w.regions[-1][1], rate)
+        for segment in segments:  # the timestamps refine the VAD's times and stay within the window's speech
+            for item in [segment, *segment.get("words", [])]:
+                item["start"] = min(max(item["start"], first), last)
+                item["end"] = min(max(item["end"], item["start"]), last)
+        segments = [s for s in segments if s["text"].strip() and s["end"] > s["start"]]
+        out.append({"segments": segments, "language": result["language"]})
+    return out
+
+
+DecodeBatch = Callable[[list[Window], list[torch.Tensor]], list[dict[str, Any]]]
 
 
 def _coverage(windows: list[Window], n_samples: int) -> list[int]:
@@ -91,13 +166,13 @@ def transcribe_windows(
     progress: Callable[[float], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Decode every window of every file from one queue in batches of ``batch_size`` and assemble each file's
-    result: ``{"text", "segments", "language"}`` with one segment per window, its times the window's speech (the
-    first region's start to the last one's end) in seconds on the file's timeline.
+    result: ``{"text", "segments", "language"}``, the segments of its windows in order, numbered.
 
     Args:
         waves: each file's waveform (S,) at ``sample_rate``; None for a file that could not be read (skipped).
         windows: the windows of all files (``Window.file`` indexes ``waves``).
-        decode: decodes a list of 1-D windows into per-window ``{"text", "tokens", "language"}``.
+        decode: ``decode(windows, waveforms)`` → per window ``{"segments": [...], "language"}``, the segments'
+            times in seconds on the file's timeline.
         progress: called with the audio seconds each finished batch accounts for.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -116,7 +191,7 @@ def transcribe_windows(
     decoded: dict[Window, dict[str, Any]] = {}
     for first in range(0, len(queue), batch_size):
         batch = queue[first : first + batch_size]
-        decoded.update(zip(batch, decode([waves[w.file][w.start : w.end] for w in batch])))
+        decoded.update(zip(batch, decode(batch, [waves[w.file][w.start : w.end] for w in batch])))
         if progress is not None:
             progress(sum(cover[w] for w in batch) / sample_rate)
     results = []
@@ -124,22 +199,11 @@ def transcribe_windows(
         if wave is None:
             results.append(None)
             continue
-        segments = []
-        for w in by_file.get(file, []):
-            out = decoded[w]
-            if not out["text"]:
-                continue
-            start, end = w.regions[0][0], w.regions[-1][1]
-            segments.append({
-                "id": len(segments),
-                "seek": round(w.start / sample_rate * 100),  # mel frames of 10 ms, as openai-whisper counts
-                "start": round(start / sample_rate, 3),
-                "end": round(end / sample_rate, 3),
-                **{k: v for k, v in out.items() if k != "language"},  # text, tokens, temperature, ...
-            })  # fmt: skip
-        languages = Counter(decoded[w]["language"] for w in by_file.get(file, []))
+        outs = [decoded[w] for w in by_file.get(file, [])]
+        segments = [{"id": i, **s} for i, s in enumerate(s for out in outs for s in out["segments"])]
+        languages = Counter(out["language"] for out in outs)
         results.append({
-            "text": " ".join(s["text"] for s in segments),
+            "text": " ".join(s["text"].strip() for s in segments),
             "segments": segments,
             "language": languages.most_common(1)[0][0] if languages else None,
         })  # fmt: skip

@@ -54,6 +54,9 @@ class TranscribeOptions:
         True, "feed the previous window's text as a <|startofprev|> prompt (dropped after a temperature above 0.5)"
     )
     initial_prompt: str | None = _option(None, "text given as the prompt of the first window (vocabulary, style)")
+    carry_initial_prompt: bool = _option(
+        False, "put initial_prompt before the previous text in every window's prompt, not only the first"
+    )
     word_timestamps: bool = _option(
         False, "word start/end times from the alignment heads' cross-attention and dynamic time warping"
     )
@@ -91,7 +94,7 @@ class TranscribeOptions:
             _optional_number(name, getattr(self, name))
         _optional_number("hallucination_silence_threshold", self.hallucination_silence_threshold, positive=True)
         _optional_number("patience", self.patience, positive=True)
-        for name in ("condition_on_previous_text", "word_timestamps", "without_timestamps"):
+        for name in ("condition_on_previous_text", "carry_initial_prompt", "word_timestamps", "without_timestamps"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         for name in ("initial_prompt", "language"):

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from mmformer.convert.whisper_vocab import WhisperTokens
 from mmformer.longform.options import TranscribeOptions
 from mmformer.longform.timing import add_word_timestamps
-from mmformer.longform.whisper_decode import decode_with_fallback, time_precision, whisper_tokens
-from mmformer.longform.whisper_rules import WhisperTokens
+from mmformer.longform.whisper_decode import decode_with_fallback, encode_windows, time_precision, whisper_tokens
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
@@ -72,7 +72,7 @@ def _last_word_end(segments: list[dict]) -> float | None:
     return next((w["end"] for s in reversed(segments) for w in reversed(s["words"])), None)
 
 
-def _split_segments(
+def split_segments(
     whisper: WhisperTokens, tokens: list[int], result: dict, seek: int, time_offset: float, precision: float,
     segment_duration: float,
 ) -> tuple[list[dict], bool, int | None]:  # fmt: skip
@@ -162,8 +162,10 @@ def transcribe_sequential(
     all_tokens: list[int] = []
     all_segments: list[dict] = []
     prompt_reset_since = 0
-    initial_prompt = whisper.encode(" " + options.initial_prompt.strip()) if options.initial_prompt else []
+    has_prompt = options.initial_prompt is not None
+    initial_prompt = whisper.encode(" " + options.initial_prompt.strip()) if has_prompt else []
     all_tokens.extend(initial_prompt)
+    remaining_prompt_length = model.config.text.max_length // 2 - 1 - len(initial_prompt)
     sot_sequence = whisper.sot_sequence(language, options.task)
     last_speech_timestamp = 0.0
     threshold = options.hallucination_silence_threshold
@@ -182,9 +184,15 @@ def transcribe_sequential(
         segment_duration = clock.seconds(segment_size)
         mel_segment = F.pad(mel[:, seek : seek + segment_size], (0, n_frames - segment_size))  # (M, F)
 
+        features = encode_windows(model, mel_segment)  # (1, S, D): read by every temperature and the word alignment
+        if options.carry_initial_prompt:  # openai's slicing, [-0:] (the whole list) included
+            kept = all_tokens[max(len(initial_prompt), prompt_reset_since) :][-remaining_prompt_length:]
+            prompt = initial_prompt + kept
+        else:
+            prompt = all_tokens[prompt_reset_since:]
         result = decode_with_fallback(
-            model, mel_segment, options, [all_tokens[prompt_reset_since:]], tokenizer=whisper.tokenizer,
-            generator=generator,
+            model, mel_segment, options, [prompt], tokenizer=whisper.tokenizer,
+            generator=generator, audio_features=features,
         )[0]  # fmt: skip
         tokens = result["tokens"]
         previous_seek = seek
@@ -197,7 +205,7 @@ def transcribe_sequential(
                 _report(progress, seek, content_frames, clock)
                 continue
 
-        current, single_ending, last_stamp = _split_segments(
+        current, single_ending, last_stamp = split_segments(
             whisper, tokens, result, seek, time_offset, precision, segment_duration
         )
         seek += segment_size if last_stamp is None else last_stamp * input_stride
@@ -207,7 +215,7 @@ def transcribe_sequential(
                 segments=current, model=model, whisper=whisper, sot_sequence=sot_sequence, mel=mel_segment,
                 num_frames=segment_size, language=language, prepend_punctuations=options.prepend_punctuations,
                 append_punctuations=options.append_punctuations, last_speech_timestamp=last_speech_timestamp,
-                time_offset=time_offset,
+                time_offset=time_offset, audio_features=features,
             )  # fmt: skip
             if not single_ending:
                 last_word_end = _last_word_end(current)

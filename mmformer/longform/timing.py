@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmformer.convert.whisper_vocab import WhisperTokens
 from mmformer.layers.attention import CrossAttentionScores
-from mmformer.longform.whisper_rules import WhisperTokens
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
@@ -107,20 +107,23 @@ def find_alignment(
     *,
     medfilt_width: int = MEDIAN_FILTER_WIDTH,
     qk_scale: float = 1.0,
+    audio_features: torch.Tensor | None = None,
 ) -> list[WordTiming]:
     """Words of ``text_tokens`` with their start/end (seconds from the window's start) and mean token probability.
 
     Args:
         sot_sequence: the window's ``[sot, language, task]``.
         mel: the window's log-mel (M, F), padded to 30 s; ``num_frames`` of them hold audio.
+        audio_features: its encoder states (1, S, D) when already computed.
     """
     if not text_tokens:
         return []
     tokens = torch.tensor([[*sot_sequence, whisper.no_timestamps, *text_tokens, whisper.eot]])  # (1, T)
     device = model.text_embed.tokens.weight.device
     collector = CrossAttentionScores(alignment_heads(model))
-    memory, memory_mask = model.encode_audio_tokens(audio_features=mel[None].to(device))
-    logits = model.decode(tokens.to(device), memory, memory_mask, cross_scores=collector)[0]  # (T, V)
+    if audio_features is None:
+        audio_features, _ = model.encode_audio_tokens(audio_features=mel[None].to(device))
+    logits = model.decode(tokens.to(device), audio_features, cross_scores=collector)[0]  # (T, V)
     sampled = logits[len(sot_sequence) :, : whisper.eot].float()
     token_probs = sampled.softmax(dim=-1)
     text_probs = token_probs[np.arange(len(text_tokens)), text_tokens].tolist()
@@ -181,6 +184,7 @@ def add_word_timestamps(
     append_punctuations: str,
     last_speech_timestamp: float,
     time_offset: float,
+    audio_features: torch.Tensor | None = None,
 ) -> None:
     """Give each of a window's segments its ``words`` ([{word, start, end, probability}], seconds in the file) and
     reconcile the segment's start and end with them, as openai-whisper's ``add_word_timestamps`` (in place);
@@ -189,7 +193,9 @@ def add_word_timestamps(
         return
     per_segment = [[t for t in segment["tokens"] if t < whisper.eot] for segment in segments]
     text_tokens = list(itertools.chain.from_iterable(per_segment))
-    alignment = find_alignment(model, whisper, sot_sequence, text_tokens, mel, num_frames, language)
+    alignment = find_alignment(
+        model, whisper, sot_sequence, text_tokens, mel, num_frames, language, audio_features=audio_features
+    )
     durations = np.array([t.end - t.start for t in alignment])
     durations = durations[durations.nonzero()]
     median_duration = min(0.7, float(np.median(durations) if len(durations) > 0 else 0.0))

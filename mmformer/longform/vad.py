@@ -10,23 +10,20 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+
+from mmformer.generation import _is_int, _is_number, _option
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
 
 VAD_RATE = 16000  # Silero runs at 16 kHz (or 8 kHz); other rates are resampled for it
-
-
-def _option(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+VAD_FRAME = 512  # samples per Silero frame at 16 kHz (32 ms)
+VAD_CONTEXT = 64  # samples of the previous frame Silero reads before each frame
 
 
 @dataclass(frozen=True)
@@ -61,7 +58,7 @@ class VadOptions:
                              f"got {self.neg_threshold!r}")  # fmt: skip
         for name in ("min_speech_ms", "min_silence_ms", "speech_pad_ms"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not _is_int(value) or value < 0:
                 raise ValueError(f"{name}: expected an int >= 0 (milliseconds), got {value!r}")
         if self.trim_db is not None and (not _is_number(self.trim_db) or self.trim_db <= 0):
             raise ValueError(f"trim_db: expected None or a number > 0 (decibels), got {self.trim_db!r}")
@@ -142,27 +139,68 @@ def _trim(wave: torch.Tensor, start: int, end: int, trim_db: float, floor: float
     return start + int(loud[0]), start + int(loud[-1]) + 1
 
 
+def speech_probabilities(waves: list[torch.Tensor]) -> list[list[float]]:
+    """Silero's speech probability of each 32-ms frame of each 16-kHz waveform (S,), exactly as its
+    ``get_speech_timestamps`` computes them frame after frame from a fresh state, but for all files at once and
+    without the wrapper's per-frame tensor work: its ONNX session is called directly (the wrapper's own inputs:
+    the frame after the previous frame's last 64 samples, the LSTM state, the rate), with a batch of one row per
+    file (one state each; the shorter files padded at their end, past which nothing is read)."""
+    if not waves:
+        return []
+    session = silero_model().session
+    counts = [-(-w.shape[0] // VAD_FRAME) for w in waves]  # frames per file, the last zero-padded as Silero pads
+    x = np.zeros((len(waves), VAD_CONTEXT + max(counts) * VAD_FRAME), dtype=np.float32)  # (K, 64 + frames * 512)
+    for k, w in enumerate(waves):
+        x[k, VAD_CONTEXT : VAD_CONTEXT + w.shape[0]] = w.float().numpy()
+    state = np.zeros((2, len(waves), 128), dtype=np.float32)  # the wrapper's reset_states
+    rate = np.array(VAD_RATE, dtype=np.int64)
+    out = []
+    for t in range(0, max(counts) * VAD_FRAME, VAD_FRAME):
+        probs, state = session.run(None, {"input": x[:, t : t + VAD_CONTEXT + VAD_FRAME], "state": state, "sr": rate})
+        out.append(probs)  # (K, 1)
+    frames = np.concatenate(out, axis=1)  # (K, frames)
+    return [frames[k, :n].tolist() for k, n in enumerate(counts)]
+
+
+def speech_regions_many(
+    waves: list[torch.Tensor], sample_rate: int, options: VadOptions | None = None
+) -> list[list[tuple[int, int]]]:
+    """:func:`speech_regions` of many waveforms, their Silero frames computed together."""
+    from mmformer.data.io import resample
+
+    for i, wave in enumerate(waves):
+        if not isinstance(wave, torch.Tensor) or wave.ndim != 1 or not wave.is_floating_point():
+            shape = getattr(wave, "shape", type(wave).__name__)
+            raise ValueError(f"waves[{i}]: expected a 1-D float tensor (S,), got {shape}")
+    vad_waves = [resample(w.float().cpu(), sample_rate, VAD_RATE) for w in waves]
+    probs = speech_probabilities(vad_waves)
+    return [
+        _regions(w, p, v.shape[0], sample_rate, options or VadOptions()) for w, p, v in zip(waves, probs, vad_waves)
+    ]
+
+
 def speech_regions(wave: torch.Tensor, sample_rate: int, options: VadOptions | None = None) -> list[tuple[int, int]]:
     """Speech regions ``[(start, end), ...]`` (samples at ``sample_rate``, padded by ``speech_pad_ms``, in order and
     not overlapping) of a mono waveform (S,)."""
-    from silero_vad import get_speech_timestamps
+    return speech_regions_many([wave], sample_rate, options)[0]
 
-    from mmformer.data.io import resample
 
-    options = options or VadOptions()
-    if not isinstance(wave, torch.Tensor) or wave.ndim != 1 or not wave.is_floating_point():
-        raise ValueError(f"wave: expected a 1-D float tensor (S,), got {getattr(wave, 'shape', type(wave).__name__)}")
-    vad_wave = resample(wave.float().cpu(), sample_rate, VAD_RATE)
+def _regions(
+    wave: torch.Tensor, probs: list[float], vad_samples: int, sample_rate: int, options: VadOptions
+) -> list[tuple[int, int]]:
+    """Silero's speech timestamps from its frame probabilities, edges placed on the signal (``trim_db``), padded."""
+    from silero_vad.utils_vad import get_speech_timestamps_from_probs
+
     scale = sample_rate / VAD_RATE
-    stamps = get_speech_timestamps(
-        vad_wave,
-        silero_model(),
+    stamps = get_speech_timestamps_from_probs(
+        probs,
         threshold=options.threshold,
         neg_threshold=options.neg_threshold,
         sampling_rate=VAD_RATE,
         min_speech_duration_ms=options.min_speech_ms,
         min_silence_duration_ms=options.min_silence_ms,
         speech_pad_ms=0 if options.trim_db is not None else options.speech_pad_ms,
+        audio_length_samples=vad_samples,
     )
     wave = wave.float().cpu()
     spans = [(round(stamp["start"] * scale), round(stamp["end"] * scale)) for stamp in stamps]

@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from mmformer.convert.whisper_vocab import WhisperTokens
 from mmformer.decoding_rules import detect_language
 from mmformer.generation import left_pad
 from mmformer.longform.options import TranscribeOptions
-from mmformer.longform.whisper_rules import SuppressAlways, SuppressAtBegin, TimestampRules, WhisperTokens
+from mmformer.longform.whisper_rules import TimestampRules
+from mmformer.score_processing import SuppressTokens
 from mmformer.search import DecoderRunner
 
 if TYPE_CHECKING:
@@ -33,8 +35,6 @@ if TYPE_CHECKING:
 
 CHUNK_SECONDS = 30  # Whisper's window
 MAX_INITIAL_TIMESTAMP = 1.0  # seconds: the first timestamp of a window is at most this (openai's default)
-
-ScoreProcessor = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 def compression_ratio(text: str) -> float:
@@ -59,12 +59,13 @@ def time_precision(model: MultimodalTransformer) -> float:
 
 def score_processors(
     model: MultimodalTransformer, whisper: WhisperTokens, without_timestamps: bool
-) -> list[ScoreProcessor]:
+) -> list[Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]]:
     """openai-whisper's logit filters with its default options: suppress a blank first token, the non-speech and
-    special tokens, and (with timestamps) the timestamp rules."""
-    processors: list[ScoreProcessor] = [
-        SuppressAtBegin([*whisper.encode(" "), whisper.eot]),
-        SuppressAlways(whisper.suppress_tokens()),
+    special tokens, and (with timestamps) the timestamp rules. Each is a score processor,
+    ``(scores (N, V), tokens (N, L), step) -> scores``."""
+    processors = [
+        SuppressTokens([*whisper.encode(" "), whisper.eot], first_only=True),  # openai's SuppressBlank
+        SuppressTokens(whisper.suppress_tokens()),
     ]
     if not without_timestamps:
         processors.append(TimestampRules(whisper, round(MAX_INITIAL_TIMESTAMP / time_precision(model))))
@@ -181,6 +182,7 @@ def decode_windows(
     tokenizer: Any = None,
     generator: torch.Generator | None = None,
     sample_len: int | None = None,
+    audio_features: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """Decode a batch of 30-s windows together, as openai-whisper's ``decode(model, mel, DecodingOptions(...))``.
 
@@ -194,6 +196,8 @@ def decode_windows(
         tokenizer: Whisper's tokenizer (default ``model.processor.tokenizer``).
         generator: random generator for sampling.
         sample_len: most tokens generated per window (default n_text_ctx // 2, openai's).
+        audio_features: the windows' encoder states (B, S, D) when already computed (:func:`encode_windows`); the
+            encoder then does not run again.
 
     Returns:
         One dict per window: ``tokens`` (the generated ids without the final end-of-text), ``text``, ``language``,
@@ -211,7 +215,8 @@ def decode_windows(
     group = (options.beam_size if temperature == 0 else options.best_of) or 1
     sample_len = sample_len or n_ctx // 2
 
-    memory, memory_mask = model.encode_audio_tokens(audio_features=mel.to(model.text_embed.tokens.weight.device))
+    memory = encode_windows(model, mel) if audio_features is None else audio_features
+    memory_mask = None  # Whisper's encoder attends to the whole window
     languages = _language_codes(model, whisper, options.language, memory)
     rows = []
     for prompt, language in zip(prompts, languages):
@@ -270,6 +275,13 @@ def decode_windows(
     return results
 
 
+def encode_windows(model: MultimodalTransformer, mel: torch.Tensor) -> torch.Tensor:
+    """Encoder states (B, S, D) of log-mel windows (B, M, F) (or one (M, F)), every frame attended (Whisper)."""
+    mel = mel[None] if mel.ndim == 2 else mel
+    memory, _ = model.encode_audio_tokens(audio_features=mel.to(model.text_embed.tokens.weight.device))
+    return memory
+
+
 def needs_fallback(result: dict[str, Any], options: TranscribeOptions) -> bool:
     """Whether a window's result fails openai-whisper's checks (too repetitive, or too improbable) and is not
     silence (a high no-speech probability with a low log-probability)."""
@@ -296,16 +308,22 @@ def decode_with_fallback(
 ) -> list[dict[str, Any]]:
     """openai-whisper's ``decode_with_fallback`` for a batch of windows: each temperature of ``options.temperature``
     in turn decodes the windows whose last result :func:`needs_fallback` (all of them at the first); a window keeps
-    the result of the temperature where it passed, or the last one. ``kwargs`` go to :func:`decode_windows`."""
+    the result of the temperature where it passed, or the last one. The encoder runs once per window (or not at
+    all with ``audio_features``). ``kwargs`` go to :func:`decode_windows`."""
     if mel.ndim == 2:
         mel = mel[None]
+    features = kwargs.pop("audio_features", None)
+    features = encode_windows(model, mel) if features is None else features
     prompts = list(prompts) if prompts is not None else [None] * mel.shape[0]
     results: list[dict[str, Any] | None] = [None] * mel.shape[0]
     pending = list(range(mel.shape[0]))
     for t in options.temperature:
         # as openai-whisper: beam search only at temperature 0, best-of only above it
         settings = replace(options, beam_size=None, patience=None) if t > 0 else replace(options, best_of=None)
-        decoded = decode_windows(model, mel[pending], settings, t, [prompts[i] for i in pending], **kwargs)
+        window_prompts = [prompts[i] for i in pending]
+        decoded = decode_windows(
+            model, mel[pending], settings, t, window_prompts, audio_features=features[pending], **kwargs
+        )
         for i, result in zip(pending, decoded):
             results[i] = result
         pending = [i for i, result in zip(pending, decoded) if needs_fallback(result, options)]

@@ -16,7 +16,7 @@ _EXPORTS = {
     "ctc_loss": "mmformer.tasks.losses",
     "gather_features": "mmformer.tasks.losses",
     "MultimodalTask": "mmformer.tasks.module",
-    "NonFiniteLossError": "mmformer.tasks.module",
+    "NonFiniteLossError": "mmformer.tasks.nonfinite",
     "adamw": "mmformer.tasks.module",
     "WarmupCosine": "mmformer.tasks.schedule",
 }
@@ -35,7 +35,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from mmformer.tasks.losses import ContrastiveLoss, SigLipLoss, caption_loss, ctc_loss, gather_features
-    from mmformer.tasks.module import MultimodalTask, NonFiniteLossError, adamw
+    from mmformer.tasks.module import MultimodalTask, adamw
+    from mmformer.tasks.nonfinite import NonFiniteLossError
     from mmformer.tasks.schedule import WarmupCosine
 
 

@@ -1,7 +1,7 @@
 """Adapting a pretrained model in ``mmformer fit``: where the weights start, what trains, and the adapters and
 prompts a :class:`~mmformer.tasks.MultimodalTask` carries.
 
-The task's options (YAML under ``model:``)::
+The task's options (YAML under ``model.adapt:``, :class:`~mmformer.tasks.settings.AdaptSettings`)::
 
     init_from: data/digits_model     # anything mmformer.from_pretrained reads; its config and processor come along
     init_strict: true                # false: keys the checkpoint lacks (a new head) are initialised, and listed
@@ -19,9 +19,10 @@ receives trainable ones) and stay bit-identical. With LoRA or a prompt, the base
 or prompt's parameters train; ``trainable`` may add prompt-tuning's partners (not LoRA's: unloading an adapter must
 give the base back, so whole modules that train with LoRA go in ``lora.modules_to_save``).
 
-The data module takes its processor from ``init_from`` (the CLI links ``model.init_from`` to
-``data.processor_from``) instead of training a tokenizer; the vocabulary link then carries the tokenizer's size to
-``vocab_size`` here, which must fit the checkpoint's token table (or ``resize_vocab``).
+The data module takes its processor from ``init_from`` (the CLI links ``model.adapt.init_from`` to
+``data.processor_from``) instead of training a tokenizer: the model is loaded once, here, and the data module takes
+its processor from this task under the trainer. Its tokenizer's size (or an explicit ``data.tokenizer``'s, through the
+vocabulary link) must fit the checkpoint's token table (or ``resize_vocab``).
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ def initial_model(
             raise ValueError(f"init_from: {e}") from e
     model.train()
     table = model.config.text.vocab_size
+    if vocab_size is None:  # the data module takes this model's own tokenizer (data.processor_from)
+        vocab_size = getattr(getattr(model.processor, "tokenizer", None), "vocab_size", None)
     if vocab_size is not None and vocab_size > table:
         if not resize_vocab:
             raise ValueError(
@@ -287,7 +290,7 @@ def class_targets(batch: dict[str, Any], classes: list[str], dataset_classes: li
         )
     unknown = sorted({n for n in names if normalize_text(n) not in index})
     if unknown:
-        raise ValueError(f"batch: labels {unknown[:5]} are not among zeroshot_classes {classes}")
+        raise ValueError(f"batch: labels {unknown[:5]} are not among zeroshot.classes {classes}")
     return torch.tensor([index[normalize_text(n)] for n in names], dtype=torch.long)
 
 
@@ -299,16 +302,16 @@ def context_prompt_losses(
     batch: dict[str, Any],
     dataset_classes: list[str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """CoOp's objective: cross-entropy of ``logit_scale * features @ class_embeddings.T`` over the zero-shot classes,
-    the class embeddings built through the learned context (gradients reach only the prompt)."""
-    from mmformer.zeroshot import build_class_embeddings
+    """CoOp's objective: cross-entropy of the zero-shot logits (:func:`~mmformer.zeroshot.zero_shot_logits`, as the
+    classifier scores) over the zero-shot classes, the class embeddings built through the learned context (gradients
+    reach only the prompt)."""
+    from mmformer.zeroshot import build_class_embeddings, zero_shot_logits
 
     if not classes or tokenizer is None:
-        raise ValueError("prompt (context): training needs zeroshot_classes and a tokenizer (init_from's processor)")
+        raise ValueError("prompt (context): training needs zeroshot.classes and a tokenizer (init_from's processor)")
     targets = class_targets(batch, classes, dataset_classes)
     class_embeddings = build_class_embeddings(model, tokenizer, classes, prompt=prompt)  # (C, E)
     parts, feats = {}, {}
-    scale = model.logit_scale.exp()
     encoders_train = any(p.requires_grad for p in model.parameters())  # e.g. trainable: [image] beside the prompt
     for modality in ("image", "audio"):
         with torch.set_grad_enabled(encoders_train):  # frozen encoders keep no activations
@@ -316,7 +319,7 @@ def context_prompt_losses(
         if features is None:
             continue
         feats[modality] = features
-        logits = scale * features.float() @ class_embeddings.T  # (B, C)
+        logits = zero_shot_logits(model, features, class_embeddings)  # (B, C)
         parts[f"prompt_{modality}"] = F.cross_entropy(logits, targets.to(logits.device))
     if not parts:
         raise ValueError(f"batch: prompt training needs pixel_values or audio; got keys {sorted(batch)}")
@@ -342,9 +345,10 @@ def checkpoint_record(task: Any) -> dict[str, Any]:
     record: dict[str, Any] = {}
     if getattr(task, "init_from", None) is not None:
         record["init_from"] = str(task.init_from)
+    adapting = task.hparams.get("adapt") or {}
     for key in ("lora", "prompt"):
-        if task.hparams.get(key):
-            record[key] = dict(task.hparams[key])
+        if adapting.get(key):
+            record[key] = dict(adapting[key])
     return record
 
 

@@ -12,10 +12,11 @@ accepts works) and turns one batch into distillation loss parts, given what the 
   pooled embeddings, through a learned linear projection where the joint embedding sizes differ, and the teacher's.
 
 Each KL term is mixed with its label loss as Hinton et al.'s weighted average, ``(1 − α) · labels + α · teacher``
-with α = ``distill_weight`` (:func:`part_weights`), so the balance between the task's terms stays as configured.
+with α = ``distill.weight`` (:func:`part_weights`), so the balance between the task's terms stays as configured.
 
-Usage: ``mmformer fit --config configs/digits.yaml --model.teacher data/digits_model --data.tokenizer
-data/digits_model/tokenizer.json --model.distill_temperature 1`` (the student must read the teacher's token ids).
+Usage: ``mmformer fit --config configs/digits.yaml --model.distill.teacher data/digits_model --data.tokenizer
+data/digits_model/tokenizer.json --model.distill.temperature 1`` (the student must read the teacher's token ids); the
+options are :class:`~mmformer.tasks.settings.DistillSettings`.
 
 The teacher may have any width or depth; it must read the same token ids (the same vocabulary and special ids) and
 the same inputs (image channels, audio sample rate). It runs in eval mode under ``torch.no_grad`` in the student's
@@ -40,22 +41,23 @@ from torch import nn
 from mmformer.config import MODALITIES, ModelConfig
 from mmformer.model import MultimodalTransformer
 from mmformer.tasks.losses import IGNORE_INDEX, contrastive_distill, distill_kl, teacher_forcing
+from mmformer.tasks.settings import DistillSettings
 
 DECODER_TASKS = {"image": "caption", "audio": "speech"}
 MEDIA_KEYS = {"image": "pixel_values", "audio": "audio"}
 FEATURE_FIELDS = ("n_mels", "n_fft", "hop_length", "sample_rate")  # what log-mel features depend on
 
 
-def part_weights(weights: dict[str, float], distill_weight: float, feature_weight: float) -> dict[str, float]:
+def part_weights(weights: dict[str, float], settings: DistillSettings) -> dict[str, float]:
     """The task's loss weights with distillation: each distilled term becomes Hinton et al.'s weighted average
-    ``(1 − α) · labels + α · teacher`` (α = ``distill_weight``) at the weight the task gave it, so that the balance
+    ``(1 − α) · labels + α · teacher`` (α = ``settings.weight``) at the weight the task gave it, so that the balance
     between terms (and the ones not distilled, such as CTC) stays as configured; feature distillation is added with
     its own weight."""
     out = dict(weights)
     for part in [*DECODER_TASKS.values(), *(f"contrastive_{m}" for m in MEDIA_KEYS)]:
-        out[part] = weights[part] * (1.0 - distill_weight)
-        out[f"distill_{part}"] = weights[part] * distill_weight
-    out.update({f"distill_feature_{m}": float(feature_weight) for m in MODALITIES})
+        out[part] = weights[part] * (1.0 - settings.weight)
+        out[f"distill_{part}"] = weights[part] * settings.weight
+    out.update({f"distill_feature_{m}": float(settings.feature_weight) for m in MODALITIES})
     return out
 
 
@@ -89,33 +91,24 @@ class Distiller(nn.Module):
     """A frozen teacher and the distillation losses of a student's batch.
 
     Args:
-        teacher: a path or name :func:`mmformer.from_pretrained` accepts, or a loaded
-            :class:`~mmformer.MultimodalTransformer`.
+        settings: the teacher (a path or name :func:`mmformer.from_pretrained` accepts, or a loaded
+            :class:`~mmformer.MultimodalTransformer`), the temperature T of the softened distributions, and the
+            feature weight (> 0 adds the feature-distillation parts and their projections).
         student: the student's model config (checked against the teacher's).
-        temperature: T of the softened distributions (> 0).
-        feature_weight: > 0 adds the feature-distillation parts (and their projections).
     """
 
-    def __init__(
-        self,
-        teacher: str | os.PathLike | MultimodalTransformer,
-        student: ModelConfig,
-        *,
-        temperature: float = 1.0,
-        feature_weight: float = 0.0,
-    ):
+    def __init__(self, settings: DistillSettings, student: ModelConfig):
         super().__init__()
+        teacher = settings.teacher
         if isinstance(teacher, (str, os.PathLike)):
             from mmformer.auto import from_pretrained
 
             teacher = from_pretrained(teacher)
         if not isinstance(teacher, MultimodalTransformer):
             raise TypeError(
-                f"teacher: expected a path to a pretrained model or a MultimodalTransformer, got "
+                f"distill.teacher: expected a path to a pretrained model or a MultimodalTransformer, got "
                 f"{type(teacher).__name__}"
             )
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"distill_temperature: expected a number > 0, got {temperature!r}")
         check_teacher(teacher.config, student)
         lacking = [r for r in ("text", "decoder") if r in student.routes and r not in teacher.config.routes]
         if lacking:
@@ -126,10 +119,10 @@ class Distiller(nn.Module):
             )
         teacher.eval().requires_grad_(False)
         self._teacher = (teacher,)  # a tuple, so that it is no submodule: not saved, not optimised, not trained
-        self.temperature = float(temperature)
+        self.temperature = float(settings.temperature)
         self.student_audio = student.audio
         self.projections = nn.ModuleDict()
-        if feature_weight > 0:
+        if settings.feature_weight > 0:
             for modality in MODALITIES:
                 if modality in student.routes and modality in teacher.config.routes:
                     s_dim = student.embed_dim or student.width(modality)

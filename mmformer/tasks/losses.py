@@ -246,7 +246,7 @@ def distill_kl(
     """Knowledge distillation (Hinton et al., 2015): ``T² · KL(softmax(teacher / T) ‖ softmax(student / T))`` per
     distribution, averaged over the positions ``mask`` keeps, in float32 (float64 for float64 logits).
 
-    The T² factor keeps the gradient's size independent of the temperature, so that ``distill_weight`` means the
+    The T² factor keeps the gradient's size independent of the temperature, so that ``distill.weight`` means the
     same at every T.
 
     Args:

@@ -19,12 +19,18 @@ Lightning saves each rank's shards as a distributed checkpoint (a ``.ckpt`` fold
 
 from __future__ import annotations
 
+import shutil
+import uuid
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+
+from mmformer.atomic import fsync_path
+from mmformer.pretrained import swap_in
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,6 +74,24 @@ class FSDP2Strategy(ModelParallelStrategy):
         # every process is one data-parallel replica: ModelParallelStrategy's "auto" would give one per node
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Each rank writes its shards into a staging folder beside the target; once all have, rank 0 swaps it in
+        (``pretrained.swap_in``): a run killed while writing leaves the previous checkpoint whole."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        target = Path(self.broadcast(str(filepath)))
+        staging = target.parent / self.broadcast(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+        if self.global_rank == 0:
+            for stale in target.parent.glob(f".{target.name}.tmp-*"):  # a killed run's partial folder
+                shutil.rmtree(stale, ignore_errors=True)
+        self.barrier()
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        self.barrier()
+        if self.global_rank == 0:
+            swap_in(staging, target)
+            fsync_path(target.parent)
+        self.barrier()
 
     def mixed_precision(self) -> Any:
         from torch.distributed.fsdp import MixedPrecisionPolicy

@@ -93,10 +93,10 @@ class TextObjectives:
         """Refuse a model that cannot train the enabled objectives, naming what is missing."""
         routes, text = model.config.routes, model.config.text
         if self.lm and "decoder" not in routes:
-            raise ValueError(f"lm_weight > 0 needs a model with a decoder route; its routes are {sorted(routes)}")
+            raise ValueError(f"objectives.lm > 0 needs a model with a decoder route; its routes are {sorted(routes)}")
         if self.mlm and (model.mlm_head is None or text.mask_id is None):
             raise ValueError(
-                "mlm_weight > 0 needs model.mlm_head: true and model.text.mask_id (the [MASK] token id; with a "
+                "objectives.mlm > 0 needs model.mlm_head: true and model.text.mask_id (the [MASK] token id; with a "
                 f"tokenizer trained by mmformer, <unk> = 3 serves), got mlm_head={model.config.mlm_head}, "
                 f"mask_id={text.mask_id}"
             )
