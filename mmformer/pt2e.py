@@ -64,12 +64,8 @@ def _prepare(graph: Any, mode: str) -> torch.fx.GraphModule:
     """The tower's exported graph with PT2E observers (``prepare_pt2e``)."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
-    from mmformer import export
-
     with torch.no_grad():
-        program = torch.export.export(
-            graph.module, tuple(graph.inputs.values()), dynamic_shapes=export._dynamic_shapes(graph)
-        )
+        program = torch.export.export(graph.module, tuple(graph.inputs.values()), dynamic_shapes=graph.dynamic_shapes())
     return prepare_pt2e(program.module(), _quantizer(mode))
 
 
