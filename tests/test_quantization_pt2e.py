@@ -125,6 +125,12 @@ def test_pt2e_refuses_devices_and_cpus_its_kernels_cannot_serve(monkeypatch, tmp
         pt2e.quantize(tiny(), "int4")
     with pytest.raises(ValueError, match="static int8 needs calibration batches"):
         pt2e.quantize(tiny(), "static", towers=["image"])
+    from mmformer.quantization import quantize
+
+    with pytest.raises(ValueError, match=r"the pt2e backend supports \['static', 'dynamic'\], got 'int4-weight'"):
+        quantize(tiny(), "int4-weight", backend="pt2e")
+    with pytest.raises(ValueError, match="backend: expected 'torchao' or 'pt2e'.* got 'onnxruntime'"):
+        quantize(tiny(), "dynamic", backend="onnxruntime")
 
 
 def test_a_pt2e_file_whose_observers_do_not_match_is_refused(tmp_path):
