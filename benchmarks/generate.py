@@ -37,6 +37,9 @@ WHISPER_SIZES = {
     "whisper-tiny": dict(
         d_model=384, layers=4, heads=6, ffn=1536, vocab=51865, source_positions=150, target_positions=448
     ),
+    "whisper-small": dict(
+        d_model=768, layers=12, heads=12, ffn=3072, vocab=51865, source_positions=1500, target_positions=448
+    ),
     "smoke": dict(d_model=32, layers=1, heads=2, ffn=64, vocab=64, source_positions=8, target_positions=16),
 }
 CAPTION_SIZES = {

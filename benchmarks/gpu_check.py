@@ -13,19 +13,30 @@ Rows (``--rows`` picks some, comma-separated):
   document block mask (compiled), the measurement that picks the packed backend on GPUs.
 - ``mfu``: a ViT-B/16-size CLIP training step (batch 256, bf16-mixed autocast, fused AdamW): model-FLOP
   utilisation (FLOPs counted by ``FlopCounterMode``) against the measured bf16 matmul peak and the card's
-  nominal dense bf16 peak, with ``torch.compile`` (every block, as ``MultimodalTask(compile=True)``) off and on.
-  Target ≥ 40 %.
+  nominal dense bf16 peak, with ``torch.compile`` (every block, as ``MultimodalTask(compile=True)``) off and on;
+  the compiled step's graph breaks are counted (dynamo's counters; expected 0). Target ≥ 45 % compiled.
 - ``fp16``: a Lightning fit of a few steps in ``16-mixed`` precision: the GradScaler is in use, the loss finite.
 - ``decode``: greedy decoding at whisper-tiny dimensions, batch 8, 64 new tokens: Hugging Face ``generate``
   (dynamic cache, and static cache) against mmformer eager and ``compile=True``. Target ≥ 3× at batch 8.
+- ``graph_decode``: greedy decoding at whisper-small dimensions, batch 8, 64 new tokens: Hugging Face ``generate``
+  with its static cache and ``torch.compile`` (its fastest mode) against mmformer's static cache with the step
+  captured as a CUDA graph (``cache="static", compile=True``: ``mode="reduce-overhead"``); ids compared. Target
+  ≥ 1.25× HF's fastest, token-identical.
 - ``speech_train``, ``clip_train``: the training-throughput benchmarks at GPU sizes (bf16; clip_train needs
   open_clip).
-- ``fsdp``: a one-GPU Lightning FSDP fit of a few steps of the training task.
+- ``fsdp``: FSDP2 (``--trainer.strategy fsdp``, :class:`mmformer.tasks.parallel.FSDP2Strategy`) against DDP, a
+  4-step fit of the training task each, weights compared: on one GPU, and on every GPU of the machine where there
+  are several (those fits run in a child process that Lightning launches once per GPU).
 
 ``--tiny`` runs every row that can at a smoke size on the CPU (the CUDA-only ones print why they skip): the test
 suite does, so the script is known to run before it meets a GPU.
 
     python -m benchmarks.gpu_check --out $OUT [--rows sdpa,mfu] [--budget-s 450]
+
+The prepared command for an H100/H200 (one call of the device tool, within its 10 minutes: the issue's rows first,
+rows that would start after --budget-s skip)::
+
+    python -m benchmarks.gpu_check --out $OUT --rows fsdp,graph_decode,mfu,decode,sdpa --budget-s 480
 """
 
 from __future__ import annotations
@@ -319,9 +330,13 @@ def row_mfu(ctx: argparse.Namespace) -> list[dict]:
         torch.manual_seed(0)
         model = MultimodalTransformer(clip_config(ctx.tiny)).to(device).train()
         step = clip_step(model, batch, device, compile, packed)
+        from torch._dynamo.utils import counters
+
+        counters.clear()
         start = time.perf_counter()
         step()
         first = time.perf_counter() - start
+        breaks = sum(counters["graph_break"].values())
         if packed not in flops_of:  # counted eagerly; a compiled step does the same model FLOPs
             flops_of[packed] = count_flops(step)
         flops = flops_of[packed]
@@ -332,6 +347,8 @@ def row_mfu(ctx: argparse.Namespace) -> list[dict]:
         if nominal:
             row["mfu_vs_nominal"] = flops / seconds / (nominal * 1e12)
         row["first_step_s"] = first
+        if compile:
+            row["graph_breaks"] = breaks
         rows.append(row)
         del model, step
         if device.type == "cuda":
@@ -418,25 +435,89 @@ def row_fp16(ctx: argparse.Namespace) -> list[dict]:
     return fit_rows(ctx, precision="16-mixed")
 
 
-def row_fsdp(ctx: argparse.Namespace) -> list[dict]:
-    """Lightning's FSDP as a config names it (``strategy: fsdp``), then with the model's scalar parameters (the
-    logit scale; torch's FSDP refuses 0-d parameters) left out of the flat parameters (``ignored_states``: exact on
-    one GPU; on several their gradients would not be averaged)."""
-    cuda(ctx)
-    from lightning.pytorch.strategies import FSDPStrategy
+def fit_weights(strategy: str, devices: int, accelerator: str = "cuda") -> tuple[dict[str, torch.Tensor], list]:
+    """A 4-step fit of the tiny task under ``strategy`` (``fsdp``: FSDP2, float32 parameters, so that it can equal
+    DDP exactly; ``ddp``) on ``devices`` devices: the (consolidated) weights on rank 0 and the losses."""
+    import lightning as L
 
-    rows = []
-    for label, strategy in (
-        ("strategy: fsdp", lambda task: "fsdp"),
-        (
-            "fsdp, scalars ignored",
-            lambda task: FSDPStrategy(ignored_states=[p for p in task.parameters() if p.ndim == 0]),
-        ),
-    ):
-        try:
-            rows += [{"case": label, **r} for r in fit_rows(ctx, strategy=strategy, precision="bf16-mixed")]
-        except Exception as e:  # noqa: BLE001  (the first case documents a known refusal; keep going)
-            rows.append({"case": label, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+    from mmformer.tasks.parallel import FSDP2Strategy
+
+    torch.manual_seed(0)
+    task, loader = tiny_task_data()
+    losses = []
+
+    class Log(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs))
+
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy=FSDP2Strategy() if strategy == "fsdp" else strategy,
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Log()],
+        use_distributed_sampler=True,
+    )
+    trainer.fit(task, loader)
+    state = {}
+    for name, value in task.model.state_dict().items():
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value  # an FSDP2 shard (DTensor)
+        state[name] = full.detach().float().cpu().reshape(-1)  # the (1,) logit scale of FSDP2 compares as 0-d
+    return state, losses
+
+
+def fsdp_worker(spec: str) -> None:
+    """``--fsdp-worker STRATEGY:DEVICES:FILE``: one multi-GPU fit (Lightning re-runs this command once per GPU);
+    rank 0 writes the weights (safetensors) and losses (JSON beside them)."""
+    from safetensors.torch import save_file
+
+    strategy, devices, path = spec.split(":", 2)
+    state, losses = fit_weights(strategy, int(devices))
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+        Path(path + ".json").write_text(json.dumps(losses))
+
+
+def compare_fits(label: str, a: tuple[dict, list], b: tuple[dict, list], seconds: float) -> dict:
+    (wa, la), (wb, lb) = a, b
+    diff = max((wa[k] - wb[k]).abs().max().item() for k in wa) if wa.keys() == wb.keys() else float("inf")
+    scale = max(v.abs().max().item() for v in wb.values())
+    return {
+        "case": label,
+        "steps": len(la),
+        "max_abs_weight_diff": diff,
+        "equal_1e-5_rel": diff <= 1e-5 * max(1.0, scale),
+        "fsdp_last_loss": la[-1] if la else None,
+        "ddp_last_loss": lb[-1] if lb else None,
+        "seconds": seconds,
+    }
+
+
+def row_fsdp(ctx: argparse.Namespace) -> list[dict]:
+    """FSDP2 against DDP: one GPU in this process, then every GPU (where there are several) in child processes."""
+    import subprocess
+    import tempfile
+
+    cuda(ctx)
+    start = time.perf_counter()
+    rows = [compare_fits("1 GPU", fit_weights("fsdp", 1), fit_weights("ddp", 1), time.perf_counter() - start)]
+    n = torch.cuda.device_count()
+    if n > 1:
+        from safetensors.torch import load_file
+
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            fits = {}
+            for strategy in ("fsdp", "ddp"):
+                path = f"{tmp}/{strategy}.safetensors"
+                cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--fsdp-worker", f"{strategy}:{n}:{path}"]
+                subprocess.run(cmd, check=True, timeout=300)
+                fits[strategy] = (load_file(path), json.loads(Path(path + ".json").read_text()))
+        rows.append(compare_fits(f"{n} GPUs", fits["fsdp"], fits["ddp"], time.perf_counter() - start))
     return rows
 
 
@@ -501,6 +582,70 @@ def row_decode(ctx: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def row_graph_decode(ctx: argparse.Namespace) -> list[dict]:
+    """mmformer's static cache with a CUDA-graph step against Hugging Face's fastest mode (static cache +
+    ``torch.compile`` of the model's forward), whisper-small dimensions, batch 8, greedy."""
+    from transformers import GenerationConfig, GenerationMixin
+
+    from benchmarks.generate import N_MELS, START, WHISPER_SIZES, whisper_pair
+    from mmformer.generation import generate
+
+    device = ctx.device
+    size = "smoke" if ctx.tiny else "whisper-small"
+    batch, n = (2, 4) if ctx.tiny else (8, 64)
+    hf, ours = whisper_pair(size)
+    hf, ours = hf.to(device).eval(), ours.to(device).eval()
+    frames = 2 * WHISPER_SIZES[size]["source_positions"]
+    features = torch.randn(batch, N_MELS, frames, generator=torch.Generator().manual_seed(0)).to(device)
+    prompt = torch.full((batch, 1), START, device=device)
+    eos = hf.config.eos_token_id
+    config = GenerationConfig(
+        bos_token_id=1, pad_token_id=eos, eos_token_id=eos, decoder_start_token_id=START, do_sample=False,
+        num_beams=1, max_new_tokens=n, cache_implementation="static",
+    )  # fmt: skip
+    if device.type == "cuda":
+        hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)  # HF's documented fast path
+
+    peers = {
+        "hf static cache + torch.compile": lambda: GenerationMixin.generate(
+            hf, input_features=features, decoder_input_ids=prompt, generation_config=config
+        ),
+        "mmformer eager (dynamic cache)": lambda: generate(ours, audio_features=features, max_new_tokens=n),
+        "mmformer static cache, eager": lambda: generate(ours, audio_features=features, max_new_tokens=n,
+                                                         cache="static"),
+        "mmformer static cache + CUDA graph": lambda: generate(
+            ours, audio_features=features, max_new_tokens=n, cache="static", compile=True
+        ),
+    }  # fmt: skip
+    if ctx.tiny:
+        peers.pop("mmformer static cache + CUDA graph")  # compiling is the GPU run's business
+    rows, reference = [], None
+    for name, fn in peers.items():
+        try:
+            start = time.perf_counter()
+            ids = fn()
+            first = time.perf_counter() - start
+            seconds = timed(fn, device, repeats=ctx.repeats, warmup=2)
+        except Exception as e:  # noqa: BLE001  (one peer failing keeps the others)
+            rows.append({"peer": name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+            continue
+        reference = ids if reference is None else reference
+        rows.append(
+            {
+                "peer": name,
+                "tok_s": batch * n / seconds,
+                "first_call_s": first,
+                "same_ids_as_hf": bool(torch.equal(ids.cpu(), reference.cpu())),
+            }
+        )
+    base = next((r["tok_s"] for r in rows if r["peer"].startswith("hf") and "tok_s" in r), None)
+    for r in rows:
+        if base and "tok_s" in r:
+            r["vs_hf_fastest"] = r["tok_s"] / base
+    torch._dynamo.reset()
+    return rows
+
+
 def row_benchmark(name: str) -> Callable[[argparse.Namespace], list[dict]]:
     def run(ctx: argparse.Namespace) -> list[dict]:
         import importlib
@@ -533,6 +678,7 @@ ROWS: dict[str, Callable[[argparse.Namespace], list[dict]]] = {  # quick checks 
     "fp16": row_fp16,
     "fsdp": row_fsdp,
     "decode": row_decode,
+    "graph_decode": row_graph_decode,
     "mfu": row_mfu,
     "speech_train": row_benchmark("speech_train"),
     "clip_train": row_benchmark("clip_train"),
@@ -547,7 +693,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--budget-s", type=float, default=450.0, help="rows that would start after this many seconds skip")
     p.add_argument("--tiny", action="store_true", help="smoke sizes (CPU): what the test suite runs")
+    p.add_argument("--fsdp-worker", help=argparse.SUPPRESS)  # STRATEGY:DEVICES:FILE, the fsdp row's child process
     args = p.parse_args(argv)
+    if args.fsdp_worker:
+        fsdp_worker(args.fsdp_worker)
+        return 0
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:

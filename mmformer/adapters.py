@@ -42,7 +42,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import math
 import os
 import re
 from collections.abc import Sequence
@@ -55,6 +54,7 @@ import torch
 from torch import nn
 
 from mmformer.quantization import quantizable
+from mmformer.values import is_int, is_number
 from mmformer.weights import TensorSpec, base_layer, human_count, listed
 
 if TYPE_CHECKING:
@@ -98,13 +98,13 @@ class LoraSettings:
     quantize: str | None = None  # QLoRA: nf4 | fp4 keeps the frozen base's linear layers in 4 bits
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+        if not is_int(self.r) or self.r < 1:
             raise ValueError(f"lora.r: expected the LoRA rank, an int >= 1, got {self.r!r}")
-        if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
+        if not is_number(self.lora_alpha) or self.lora_alpha <= 0:
             raise ValueError(
                 f"lora.lora_alpha: expected a number > 0 (updates scale by alpha / r), got {self.lora_alpha!r}"
             )
-        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+        if not is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora.lora_dropout: expected a number in [0, 1), got {self.lora_dropout!r}")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
@@ -118,7 +118,7 @@ class LoraSettings:
         self.target_modules = list(self.target_modules)
         self.trainable_token_indices = list(self.trainable_token_indices)
         self.modules_to_save = list(self.modules_to_save)
-        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.trainable_token_indices):
+        if any(not is_int(i) or i < 0 for i in self.trainable_token_indices):
             raise ValueError(
                 f"lora.trainable_token_indices: expected token ids >= 0, got {self.trainable_token_indices}"
             )
@@ -131,10 +131,6 @@ def require_peft() -> None:
     """A clear error where peft is missing (it is an optional dependency: ``pip install 'mmformer[adapt]'``)."""
     if importlib.util.find_spec("peft") is None:
         raise ImportError("LoRA adapters need the peft package (>= 0.21): pip install 'mmformer[adapt]'")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ---------------------------------------------------------------------------------------------------- targets
@@ -508,7 +504,7 @@ def resize_token_embeddings(model: MultimodalTransformer, vocab_size: int) -> Mu
         raise ValueError("model: resize the vocabulary before adding an adapter")
     text = model.config.text
     old = text.vocab_size
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < old:
+    if not is_int(vocab_size) or vocab_size < old:
         raise ValueError(f"vocab_size: expected an int >= the model's {old} tokens (growing only), got {vocab_size!r}")
     if vocab_size == old or model.text_embed is None:
         return model

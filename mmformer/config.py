@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mmformer.values import is_number
+
 MODALITIES = ("image", "audio", "text")
 ROUTES = ("image", "audio", "text", "decoder")
 
@@ -26,10 +28,6 @@ ROPE_SCALING_KEYS = {
 }
 RopeScaling = tuple(ROPE_SCALING_KEYS)
 AbsolutePosition = Literal["none", "learned", "sinusoidal"]
-
-
-def _is_finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -157,7 +155,7 @@ class StackConfig:
         _check_at_most("StackConfig hidden width (mlp_ratio * width, or mlp_hidden)", self.hidden_dim, "mlp_hidden")
         for m in self.multiway:
             _check_choice("StackConfig.multiway entries", m, MODALITIES)
-        if self.layer_scale is not None and (not _is_finite(self.layer_scale) or self.parallel):
+        if self.layer_scale is not None and (not is_number(self.layer_scale) or self.parallel):
             raise ValueError(
                 f"StackConfig.layer_scale must be None or a finite number, and needs parallel=False; got "
                 f"layer_scale={self.layer_scale!r}, parallel={self.parallel}"
@@ -296,7 +294,7 @@ class AudioConfig:
         _check_choice("AudioConfig.position", self.position, AbsolutePosition.__args__)
         _check_choice("AudioConfig.pool", self.pool, ("mean",))
         if self.pad_to_seconds is not None:
-            if not _is_finite(self.pad_to_seconds) or self.pad_to_seconds <= 0:
+            if not is_number(self.pad_to_seconds) or self.pad_to_seconds <= 0:
                 raise ValueError(f"AudioConfig.pad_to_seconds must be None or > 0, got {self.pad_to_seconds!r}")
             frames = self.window_samples // self.hop_length
             if self.window_samples != self.pad_to_seconds * self.sample_rate or frames > self.max_frames:

@@ -24,9 +24,8 @@ S memory tokens, D width.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,6 +36,7 @@ from mmformer.embedders.checks import check_prefix, check_token_ids
 from mmformer.score_processing import build_score_processors
 from mmformer.search import BeamSearch, DecoderRunner, TokenSearch
 from mmformer.token_choice import StopStrings, token_chooser
+from mmformer.values import build_options, is_int, is_number, option
 from mmformer.weights import model_device
 
 if TYPE_CHECKING:
@@ -45,16 +45,6 @@ if TYPE_CHECKING:
 
 
 # ---------------------------------------------------------------------- options
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _option(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -63,44 +53,47 @@ class DecodingOptions:
     it, the CLI derives its flags from it). Validated on construction, so a bad option fails before any model work;
     ``replace(options, **changes)`` validates again."""
 
-    max_new_tokens: int = _option(
-        30, "tokens generated after the prompt (fewer if every row ends or positions run out)"
-    )
-    num_beams: int = _option(1, "beam width; > 1 runs beam search")
-    top_k: int | None = _option(None, "sample only among the k most likely tokens")
-    top_p: float | None = _option(None, "sample only from the most likely tokens whose probability reaches top_p")
-    temperature: float = _option(1.0, "logits are divided by it before sampling")
-    length_penalty: float = _option(1.0, "beam search scores a hypothesis sum(logprob) / length**length_penalty")
-    do_sample: bool | None = _option(None, "sample (True) or pick the most likely token (False); default: sample iff "
+    max_new_tokens: int = option(30, "tokens generated after the prompt (fewer if every row ends or positions run out)")
+    num_beams: int = option(1, "beam width; > 1 runs beam search")
+    top_k: int | None = option(None, "sample only among the k most likely tokens")
+    top_p: float | None = option(None, "sample only from the most likely tokens whose probability reaches top_p")
+    temperature: float = option(1.0, "logits are divided by it before sampling")
+    length_penalty: float = option(1.0, "beam search scores a hypothesis sum(logprob) / length**length_penalty")
+    do_sample: bool | None = option(None, "sample (True) or pick the most likely token (False); default: sample iff "
                                            "top_k, top_p or a temperature != 1 asks for it")  # fmt: skip
-    repetition_penalty: float = _option(1.0, "divide the (positive) logits of tokens already in the row by it, "
+    repetition_penalty: float = option(1.0, "divide the (positive) logits of tokens already in the row by it, "
                                              "multiply negative ones (CTRL; > 1 discourages repeats)")  # fmt: skip
-    stop_strings: tuple[str, ...] = _option((), "end a row once its generated text contains one of these strings "
+    stop_strings: tuple[str, ...] = option((), "end a row once its generated text contains one of these strings "
                                                 "(needs a tokenizer; repeat the flag for several)")  # fmt: skip
-    use_cache: bool = _option(True, "decode incrementally through a KV cache (False recomputes every step)")
-    compile: bool = _option(False, "run the cached decoder step through torch.compile (pays off over many calls)")
-    min_new_tokens: int = _option(0, "end-of-text is not generated before this many new tokens")
-    forced_eos: bool = _option(False, "a row still open at the length limit ends with end-of-text there")
-    language: str | None = _option(None, "Whisper: the audio's language code, e.g. en (default: the checkpoint's, "
+    use_cache: bool = option(True, "decode incrementally through a KV cache (False recomputes every step)")
+    cache: str = option(
+        "dynamic",
+        "dynamic: the KV cache grows as decoding goes on; static: preallocated to prompt + max_new_tokens, with "
+        "fixed-shape steps (compiled: CUDA graphs on a GPU)",
+    )
+    compile: bool = option(False, "run the cached decoder step through torch.compile (pays off over many calls)")
+    min_new_tokens: int = option(0, "end-of-text is not generated before this many new tokens")
+    forced_eos: bool = option(False, "a row still open at the length limit ends with end-of-text there")
+    language: str | None = option(None, "Whisper: the audio's language code, e.g. en (default: the checkpoint's, "
                                          "else detected from the audio)")  # fmt: skip
-    task: str | None = _option(None, "Whisper: transcribe or translate (default: the checkpoint's, else transcribe)")
+    task: str | None = option(None, "Whisper: transcribe or translate (default: the checkpoint's, else transcribe)")
 
     def __post_init__(self) -> None:
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected an int >= 1, got {self.max_new_tokens!r}")
-        if not _is_int(self.num_beams) or self.num_beams < 1:
+        if not is_int(self.num_beams) or self.num_beams < 1:
             raise ValueError(f"num_beams: expected an int >= 1, got {self.num_beams!r}")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k: expected None or an int >= 1, got {self.top_k!r}")
-        if self.top_p is not None and (not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0):
+        if self.top_p is not None and (not is_number(self.top_p) or not 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p: expected None or a number in (0, 1], got {self.top_p!r}")
-        if not _is_number(self.temperature) or self.temperature <= 0:
+        if not is_number(self.temperature) or self.temperature <= 0:
             raise ValueError(
                 f"temperature: expected a number > 0 (do_sample=False decodes greedily), got {self.temperature!r}"
             )
-        if not _is_number(self.length_penalty):
+        if not is_number(self.length_penalty):
             raise ValueError(f"length_penalty: expected a finite number, got {self.length_penalty!r}")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+        if not is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty: expected a number > 0 (1 = off), got {self.repetition_penalty!r}")
         stops = self.stop_strings
         if (
@@ -116,11 +109,15 @@ class DecodingOptions:
             raise ValueError(f"use_cache: expected True or False, got {self.use_cache!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile: expected True or False, got {self.compile!r}")
+        if self.cache not in ("dynamic", "static"):
+            raise ValueError(f"cache: expected 'dynamic' or 'static', got {self.cache!r}")
+        if self.cache == "static" and not self.use_cache:
+            raise ValueError("cache='static' preallocates the KV cache; it needs use_cache=True (got use_cache=False)")
         if self.compile and not self.use_cache:
             raise ValueError(
                 "compile=True compiles the KV-cached decoder step; it needs use_cache=True (got use_cache=False)"
             )
-        if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
+        if not is_int(self.min_new_tokens) or self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens: expected an int >= 0, got {self.min_new_tokens!r}")
         if not isinstance(self.forced_eos, bool):
             raise ValueError(f"forced_eos: expected True or False, got {self.forced_eos!r}")
@@ -145,13 +142,7 @@ class DecodingOptions:
     def build(cls, options: DecodingOptions | None = None, **changes: Any) -> DecodingOptions:
         """``options`` (default: the defaults) with ``changes`` applied, as whisper's ``replace(options, **kwargs)``;
         an unknown name is a TypeError listing the valid ones."""
-        if options is not None and not isinstance(options, DecodingOptions):
-            raise TypeError(f"options: expected a DecodingOptions or None, got {type(options).__name__}")
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(changes) - set(names))
-        if unknown:
-            raise TypeError(f"unknown decoding option(s) {unknown}; expected some of {names}")
-        return replace(options or cls(), **changes)
+        return build_options(cls, options, changes, "decoding")
 
 
 # ---------------------------------------------------------------------- entry points
@@ -387,7 +378,15 @@ def generate(
     else:
         search = TokenSearch(token_chooser(options, generator), text.eos_id, text.pad_id, processors, stop)
     runner = DecoderRunner(
-        model, memory, memory_mask, max_length, options.use_cache, options.compile, prefix_embeds, prompt_mask
+        model,
+        memory,
+        memory_mask,
+        max_length,
+        options.use_cache,
+        options.compile,
+        prefix_embeds,
+        prompt_mask,
+        static=options.cache == "static",
     )
     return search.run(runner, prompt, max_length)
 

@@ -463,8 +463,10 @@ class MultimodalTransformer(nn.Module):
         mask = None if attention_mask is None else attention_mask.bool()
         if positions is not None:
             check_positions(positions, input_ids)
-        elif cache is None and mask is not None and not right_padded(mask):
-            positions = positions_from_mask(mask)  # left padding: each row counts from its first real token
+        elif cache is None and mask is not None and (torch.compiler.is_compiling() or not right_padded(mask)):
+            # left padding: each row counts from its first real token (while tracing, for any layout: the same
+            # positions as consecutive ones at every real token of a right-padded row)
+            positions = positions_from_mask(mask)
         if prefix_embeds is not None:
             if documents is not None:
                 raise ValueError("prefix_embeds: a learned decoder prefix is not supported with packed documents")
@@ -507,7 +509,6 @@ class MultimodalTransformer(nn.Module):
             x = self.text_embed(input_ids, positions=documents.positions.view_as(input_ids))
             docs, positions = {"documents": documents}, None
         else:
-            offset = cache.length if cache is not None else 0
             if P:  # the prefix's positions come first, all real
                 if mask is not None:
                     mask = torch.cat([mask.new_ones(B, P), mask], dim=1)  # (B, P + T)
@@ -517,6 +518,9 @@ class MultimodalTransformer(nn.Module):
             if cache is not None:  # the cache keeps the padding of earlier steps and numbers each row's tokens
                 mask, tracked = cache.track(mask, P + T)
                 positions = tracked if positions is None else positions
+            # the cache's length only without position ids (a static cache always gives them: its compiled step
+            # reads no host value)
+            offset = cache.length if cache is not None and positions is None else 0
             if positions is None:
                 x = self.text_embed(input_ids, offset=offset + P)  # (B, T, D)
             else:
@@ -550,14 +554,15 @@ class MultimodalTransformer(nn.Module):
         )
         return h[:, P:] if P else h
 
-    def make_cache(self, batch_size: int, max_length: int | None = None) -> KVCache:
+    def make_cache(self, batch_size: int, max_length: int | None = None, *, static: bool = False) -> KVCache:
         """A preallocated KV cache for the decoder stack, of ``max_length`` positions (default: the text position
-        table's); :meth:`KVCache.ensure` grows it."""
+        table's); :meth:`KVCache.ensure` grows it. ``static``: a fixed-size
+        :class:`~mmformer.layers.cache.StaticKVCache` (fixed-shape decoding steps for CUDA graphs)."""
         ref = weights.base_layer(self.text_embed.tokens).weight
         length = max_length or self.config.text.max_length
         extra = self.stack("text").cfg.depth if self.config.decoder_input == "text" else 0
         return self.stack("decoder").make_cache(
-            batch_size, length, device=ref.device, dtype=ref.dtype, extra_layers=extra
+            batch_size, length, device=ref.device, dtype=ref.dtype, extra_layers=extra, static=static
         )
 
     def pop_aux_loss(self) -> torch.Tensor | None:

@@ -40,6 +40,7 @@ from mmformer.data.io import (
     truncate_audio,
     write_json_atomic,
 )
+from mmformer.values import is_int
 
 if TYPE_CHECKING:
     from mmformer.tokenizer import Tokenizer
@@ -100,7 +101,7 @@ class AudioProcessorConfig:
     mono: bool = True  # average the channels of multi-channel files; False keeps them, audio is then (B, C, S)
 
     def __post_init__(self):
-        if isinstance(self.sample_rate, bool) or not isinstance(self.sample_rate, int) or self.sample_rate <= 0:
+        if not is_int(self.sample_rate) or self.sample_rate <= 0:
             raise ValueError(f"sample_rate: expected a positive int (Hz); got {self.sample_rate!r}")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ValueError(f"max_seconds: expected a positive number or None; got {self.max_seconds!r}")
@@ -386,7 +387,7 @@ class Processor:
 
     def _process_audio(self, audio: Any, sampling_rate: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         if sampling_rate is not None:
-            if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, int) or sampling_rate <= 0:
+            if not is_int(sampling_rate) or sampling_rate <= 0:
                 raise ValueError(f"sampling_rate: expected a positive int (Hz); got {sampling_rate!r}")
             check_resample(sampling_rate, self.audio.sample_rate, what="sampling_rate")
         items = _as_list(audio, "audio", batch_dims=2 if self.audio.mono else 3)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from mmformer.atomic import fsync_path, umask_mode
+from mmformer.values import is_int
 from mmformer.weights import base_layer
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class SoftPrompt(nn.Module):
     def __init__(self, length: int, width: int, init: torch.Tensor | None = None):
         super().__init__()
         for name, value in (("length", length), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         self.vectors = nn.Parameter(torch.empty(length, width))  # (M or P, D)
         self.reset_parameters()

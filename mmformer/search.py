@@ -8,6 +8,7 @@ S memory tokens, D width.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from mmformer.score_processing import ScoreProcessor, apply_processors
 from mmformer.token_choice import Greedy, Sampler, StopStrings
-from mmformer.weights import is_plain_tensor
+from mmformer.weights import is_plain_tensor, model_device
 
 if TYPE_CHECKING:
     from mmformer.layers.cache import KVCache
@@ -82,6 +83,32 @@ def compiled_next_logits() -> Callable:
     return _compiled_next_logits
 
 
+_compiled_static: dict[str | None, Callable] = {}
+# the static cache of each model's last compiled decoding, reset and reused by the next one of the same layout: a
+# captured CUDA graph replays on the same buffers (a new cache would be captured again)
+_static_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_static_next_logits(device_type: str) -> Callable:
+    """:func:`_next_logits` compiled for a :class:`~mmformer.layers.cache.StaticKVCache`: fixed shapes
+    (``dynamic=False``) and no host value read inside, so one graph serves every step; on CUDA with
+    ``mode="reduce-overhead"``, which captures it as a CUDA graph and replays it (one launch per step). The graph's
+    output buffer is reused by the next replay, so the logits are cloned."""
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    if mode not in _compiled_static:
+        compiled = torch.compile(_next_logits, dynamic=False, mode=mode)
+
+        def step(*args: Any) -> torch.Tensor:
+            with torch._dynamo.config.patch(recompile_limit=_COMPILED_GRAPHS):
+                if mode is None:
+                    return compiled(*args)
+                torch.compiler.cudagraph_mark_step_begin()
+                return compiled(*args).clone()
+
+        _compiled_static[mode] = step
+    return _compiled_static[mode]
+
+
 class DecoderRunner:
     """Next-token logits for growing sequences: incrementally through one KV cache, or recomputed from scratch.
 
@@ -98,6 +125,10 @@ class DecoderRunner:
     after the first call, and without a cache every step passes it with the generated tokens (all real) appended.
     ``prefix`` (P', D), a learned decoder prefix, is fed before the first token: it fills the cache's first P'
     positions.
+
+    ``static``: the cache is a :class:`~mmformer.layers.cache.StaticKVCache` of ``max_length`` positions, made at
+    the first call, whose steps have fixed shapes; with ``compile`` they run through one compiled graph (a CUDA
+    graph on a GPU, see :func:`compiled_static_next_logits`).
     """
 
     def __init__(
@@ -110,7 +141,10 @@ class DecoderRunner:
         compile: bool = False,
         prefix: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
+        static: bool = False,
     ):
+        if static and not use_cache:
+            raise ValueError("static: a static KV cache needs use_cache=True")
         self.model = model
         self.prefix = prefix
         self.n_prefix = 0 if prefix is None else prefix.shape[0]
@@ -120,16 +154,33 @@ class DecoderRunner:
             prompt_mask = None
         self.memory, self.memory_mask, self.prompt_mask = memory, memory_mask, prompt_mask
         self.max_length = max_length
-        self.use_cache = use_cache
-        self.step = compiled_next_logits() if compile else _next_logits
+        self.use_cache, self.static, self.compiled = use_cache, static, compile
+        if compile and static:
+            self.step = compiled_static_next_logits(model_device(model).type)
+        else:
+            self.step = compiled_next_logits() if compile else _next_logits
         self.cache: KVCache | None = None
 
     def _reserve(self, rows: int, needed: int) -> None:
         """A cache for ``rows`` sequences with room for ``needed`` positions (it starts small and grows)."""
         needed, limit = needed + self.n_prefix, self.max_length + self.n_prefix
         if self.cache is None:
-            self.cache = self.model.make_cache(rows, min(limit, needed + CACHE_STEP))
+            self.cache = self._static_cache(rows, limit) if self.static else None
+        if self.cache is None:
+            size = limit if self.static else min(limit, needed + CACHE_STEP)
+            self.cache = self.model.make_cache(rows, size, static=self.static)
+            if self.static and self.compiled:
+                _static_caches[self.model] = self.cache
         self.cache.ensure(needed, limit=limit, step=CACHE_STEP)
+
+    def _static_cache(self, rows: int, size: int) -> KVCache | None:
+        """The model's static cache from its last compiled decoding, emptied, if it has this layout (else None)."""
+        cache = _static_caches.get(self.model) if self.compiled else None
+        ref = self.model.text_embed.tokens.weight  # where make_cache puts the cache, in its dtype
+        if cache is None or not cache.fits(rows, size, ref.device, ref.dtype):
+            return None
+        cache.reset()
+        return cache
 
     def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens so far (N, L) → float32 logits (N, V) for position L."""
@@ -137,7 +188,10 @@ class DecoderRunner:
             self._reserve(*tokens.shape)
         if self.cache is not None and self.cache.length > 0:  # the model's own tokens, one step further: no checks
             seen = self.cache.length - self.n_prefix
-            return self.step(self.model, tokens[:, seen:], self.memory_mask, self.cache)
+            new = tokens[:, seen:]  # (N, 1)
+            if self.static:  # one layout every step (a beam's rows are views of varying strides): one graph
+                new = new.contiguous()
+            return self.step(self.model, new, self.memory_mask, self.cache)
         # the prompt (or, without a cache, everything so far): validated like any user input
         mask = self.prompt_mask
         if self.cache is None and mask is not None:  # the generated tokens after the prompt are all real

@@ -27,6 +27,7 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from mmformer.atomic import write_text_atomic
+from mmformer.values import is_int
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0..3 of every tokenizer trained here
 DEFAULT_MAX_LENGTH = 77
@@ -121,9 +122,9 @@ class Tokenizer:
         lowercase: bool = True,
     ) -> Tokenizer:
         floor = len(SPECIAL_TOKENS) + 256  # every byte is in the alphabet, so no text is ever <unk>
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= floor:
+        if not is_int(vocab_size) or vocab_size <= floor:
             raise ValueError(f"vocab_size must be an int > {floor} (4 special tokens + 256 bytes), got {vocab_size!r}")
-        if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
+        if not is_int(min_frequency) or min_frequency < 1:
             raise ValueError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
         backend = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
         backend.normalizer = normalizers.Lowercase() if lowercase else None
@@ -302,7 +303,7 @@ class Tokenizer:
 
     def _check_max_length(self, value: int) -> int:
         least = max(1, self._n_special)
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if not is_int(value) or value < least:
             raise ValueError(f"max_length must be an int >= {least} (room for the bos/eos tokens), got {value!r}")
         return value
 

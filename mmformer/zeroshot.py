@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mmformer.model import MultimodalTransformer
+from mmformer.values import is_int
 from mmformer.weights import model_device
 
 if TYPE_CHECKING:
@@ -198,7 +199,7 @@ class ZeroShotClassifier:
             raise ValueError(f"model: zero-shot classification needs a text encoder; this model's routes are {routes}")
         if classnames is None:
             raise ValueError("classnames: expected a list of class names, got None")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
         self.model = model
         self.processor = processor if processor is not None else getattr(model, "processor", None)
@@ -300,7 +301,7 @@ class ZeroShotClassifier:
 
     def topk(self, inputs: Any, k: int = 5, **kwargs: Any) -> list[list[tuple[str, float]]]:
         """Per input, the ``k`` most likely (class name, probability) pairs, best first (k is capped at C)."""
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if not is_int(k) or k < 1:
             raise ValueError(f"k: expected a positive int, got {k!r}")
         probs, index = self.predict_proba(inputs, **kwargs).topk(min(k, len(self.classnames)), dim=-1)
         return [

@@ -114,6 +114,7 @@ LAYERS = ["foundation", "blocks", "preprocess", "files", "decoding", "model", "s
 LAYER_OF = {
     "mmformer": "foundation",  # the package root: __version__ and lazy re-exports
     "mmformer.config": "foundation",
+    "mmformer.values": "foundation",
     "mmformer.atomic": "foundation",
     "mmformer.layers": "blocks",
     "mmformer.embedders": "blocks",

@@ -32,6 +32,7 @@ from torch import nn
 
 from mmformer import weights
 from mmformer.hub import Source
+from mmformer.values import is_int
 
 if TYPE_CHECKING:
     from mmformer.processor import Processor
@@ -89,7 +90,7 @@ def first_id(value: Any) -> Any:
 def id_in_vocab(token_id: Any, vocab_size: int) -> int | None:
     """A special-token id from a checkpoint's config if it names a row of the token table, else None (configs carry
     ids of tokens a tokenizer adds on top, or placeholders such as -1)."""
-    ok = isinstance(token_id, int) and not isinstance(token_id, bool) and 0 <= token_id < vocab_size
+    ok = is_int(token_id) and 0 <= token_id < vocab_size
     return token_id if ok else None
 
 

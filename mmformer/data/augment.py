@@ -54,6 +54,7 @@ import torchvision.transforms.v2 as v2
 from torch.utils.data import Dataset, IterableDataset
 
 from mmformer.data.seeding import mix_seed, seeded
+from mmformer.values import is_int, is_number
 
 if TYPE_CHECKING:
     from mmformer.config import AudioConfig
@@ -68,7 +69,7 @@ IMAGE_STREAM, AUDIO_STREAM, SPEC_STREAM = 0, 1, 2
 
 
 def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_number(value):
         raise ValueError(f"{name}: expected a finite number; got {value!r}")
     return float(value)
 
@@ -94,7 +95,7 @@ def _range(name: str, value: Any, low: float | None = None, high: float | None =
 
 
 def _count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_int(value) or value < 0:
         raise ValueError(f"{name}: expected an int >= 0; got {value!r}")
     return value
 
@@ -172,7 +173,7 @@ class ImageAugmentConfig:
         self.translate = _range(p + "translate", self.translate, 0.0, 1.0, what="fractions of (width, height)")
         self.scale = _range(p + "scale", self.scale, 1e-3, what="scale factors > 0")
         kernel = self.blur_kernel
-        if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel % 2 == 0 or kernel < 1:
+        if not is_int(kernel) or kernel % 2 == 0 or kernel < 1:
             raise ValueError(f"{p}blur_kernel: expected an odd int >= 1 (pixels); got {self.blur_kernel!r}")
         self.blur_sigma = _range(p + "blur_sigma", self.blur_sigma, 1e-3, what="standard deviations > 0 (pixels)")
         self.elastic_alpha = _number(p + "elastic_alpha", self.elastic_alpha)

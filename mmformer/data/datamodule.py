@@ -44,6 +44,7 @@ from mmformer.data.formats import FORMATS, dataset_texts, open_dataset
 from mmformer.data.loaders import EpochLoader, GlobalBatchSampler, ResumableLoader
 from mmformer.data.packing import BatchedDataset, TokenBudgetSampler, sample_costs
 from mmformer.data.text import pack_documents
+from mmformer.values import is_number
 
 if TYPE_CHECKING:
     from mmformer.config import AudioConfig
@@ -151,7 +152,7 @@ class MultimodalDataModule(L.LightningDataModule):
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers: expected an int >= 0; got {num_workers!r}")
         for name, value in (("max_tokens", max_tokens), ("max_batch_seconds", max_batch_seconds)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            if value is not None and (not is_number(value) or value <= 0):
                 raise ValueError(f"{name}: expected a number > 0 or None; got {value!r}")
             if value is not None and not packing:
                 raise ValueError(f"{name}: a token budget needs packing: true (got packing={packing!r})")

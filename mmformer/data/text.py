@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
+from mmformer.values import is_int
+
 if TYPE_CHECKING:
     from mmformer.tokenizer import Tokenizer
 
@@ -99,7 +101,7 @@ def _block(ids: list[int], documents: list[int], source: str) -> dict[str, Any]:
 
 
 def _check_block_size(block_size: Any) -> None:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+    if not is_int(block_size) or block_size < 2:
         raise ValueError(f"block_size: expected an int >= 2 (tokens per packed block), got {block_size!r}")
 
 

@@ -6,6 +6,11 @@ collator produces) takes ``is_causal`` alone, exact for every real position, and
 (batched generation prompts) combines the key mask with the causal triangle. A query that may attend to nothing (a
 left pad) gets zeros from SDPA, and no real query ever reads it.
 
+The padding layout (is anything padded; is it right padding) is a property of the data, so it is decided once per
+stack call by :func:`key_mask`, outside the blocks, and never inside attention: a compiled block (``torch.compile``,
+``torch.export``) then holds no data-dependent branch and no host sync. Where nothing decided it (a traced whole
+model), attention takes the general path, the key mask combined with the causal triangle, exact for any layout.
+
 Additive biases (ALiBi's, T5's learned relative bias) pass to SDPA as a float ``attn_mask`` (nh, T, S) with -inf
 where attention is not allowed.
 
@@ -79,8 +84,23 @@ class CrossAttentionScores:
 
 
 def right_padded(mask: torch.Tensor) -> bool:
-    """True when every row is real tokens followed only by padding."""
+    """True when every row is real tokens followed only by padding (a host sync: call it outside compiled code)."""
     return not bool((mask[:, 1:] & ~mask[:, :-1]).any())
+
+
+def key_mask(mask: torch.Tensor | None, *, causal_alone: bool = False) -> torch.Tensor | None:
+    """The key-padding mask (B, S) attention still needs after looking at the data once: None when nothing is padded
+    (SDPA then picks its fastest kernel), or when ``causal_alone`` — causal self-attention whose queries are all the
+    keys, over right padding, with no padded query that matters — makes ``is_causal`` exact for every real position.
+
+    It reads the data (a host sync), so a :class:`~mmformer.layers.block.Stack` calls it once per forward, before its
+    blocks; while tracing (``torch.compile`` of a whole model, ``torch.export``) it keeps the mask as it is, which is
+    exact for any layout."""
+    if mask is None or mask.ndim != 2 or torch.compiler.is_compiling():
+        return mask  # a (B, T, S) mask (a static cache's) is already exact per query
+    if bool(mask.all()) or (causal_alone and right_padded(mask)):
+        return None
+    return mask
 
 
 class Attention(nn.Module):
@@ -131,7 +151,6 @@ class Attention(nn.Module):
         layer: int = 0,
         documents: Documents | None = None,
         memory_documents: Documents | None = None,
-        padded_queries: bool = False,
         positions: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
         scores: CrossAttentionScores | None = None,
@@ -140,10 +159,9 @@ class Attention(nn.Module):
 
         Args:
             mask: key padding (B, S), True = real; for cross-attention it masks the memory. With a cache, S counts
-                the cached keys too.
-            padded_queries: queries at masked positions matter (CoCa's class token after the padding, under its
-                checkpoints' shifted mask): the mask is applied as given, never replaced by ``is_causal`` for
-                right-padded rows.
+                the cached keys too. Applied as given (with the causal triangle when causal): the caller drops a
+                mask that is not needed (:func:`key_mask`); without one, causal attention with T == S is
+                ``is_causal``.
             causal: queries see only earlier keys (self-attention only).
             memory: (B, S, D) keys/values source for cross-attention; may be None after the cache holds them.
                 (B/G, S, D) is read by G consecutive rows each (beams of one sample), as are its cached keys/values.
@@ -161,11 +179,13 @@ class Attention(nn.Module):
         """
         if documents is not None:
             return self._forward_documents(x, mask, causal, memory, documents, memory_documents, bias)
-        offset = cache.length if cache is not None and not self.cross else 0
+        # the cache's length only where positions are not given (a static cache always gives them: its step reads
+        # no host value)
+        offset = cache.length if cache is not None and not self.cross and positions is None else 0
         cached = cache is not None and self.cross and cache.has_cross(layer)  # memory keys projected on the 1st call
         kv_in = self._memory_kv(memory) if self.cross and memory is not None and not cached else None
         q_in = self.q(x) if self.cross else self.qkv(x)
-        out = self._attend(q_in, kv_in, mask, causal, cache, layer, offset, padded_queries, positions, bias, scores)
+        out = self._attend(q_in, kv_in, mask, causal, cache, layer, offset, positions, bias, scores)
         return self.proj(out)
 
     def _attend(
@@ -177,7 +197,6 @@ class Attention(nn.Module):
         cache: KVCache | None,
         layer: int,
         offset: int,
-        padded_queries: bool = False,
         positions: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
         scores: CrossAttentionScores | None = None,
@@ -215,7 +234,7 @@ class Attention(nn.Module):
         if cache is not None and not self.cross:
             k, v = cache.append(layer, k, v)
 
-        attn_mask, is_causal = self._mask(mask, causal, T, k.shape[2], q.device, padded_queries)
+        attn_mask, is_causal = self._mask(mask, causal, T, k.shape[2], q.device)
         if self.alibi:
             bias = alibi_bias(alibi_slopes(self.n_heads, q.device), T, k.shape[2], causal)  # (nh, T, S)
         if bias is not None and not self.cross:
@@ -277,15 +296,15 @@ class Attention(nn.Module):
         if not self.cross and documents.buckets is not None:  # long documents of unequal lengths: by length bucket
             outs = [
                 self._attend(
-                    documents.pad_bucket(q_in, b), None, b.mask, causal, None, 0, 0, bias=bias
+                    documents.pad_bucket(q_in, b), None, None if causal else b.mask, causal, None, 0, 0, bias=bias
                 )  # (n_b, L_b, ·)
                 for b in documents.buckets
             ]
             return self.proj(documents.unpad_buckets(outs, R))
         q_in = documents.pad(q_in)  # (n, L, ·)
         if self.cross and memory_documents is not None:
-            kv_in, memory_mask = memory_documents.pad(kv_in), memory_documents.mask
-        mask = memory_mask if self.cross else documents.mask
+            kv_in, memory_mask = memory_documents.pad(kv_in), memory_documents.key_mask()
+        mask = memory_mask if self.cross else documents.key_mask(causal=causal)
         out = self._attend(q_in, kv_in, mask, causal, None, 0, 0, bias=bias)  # (n, L, nh*hs)
         return self.proj(documents.unpad(out, R))
 
@@ -324,14 +343,16 @@ class Attention(nn.Module):
 
     @staticmethod
     def _mask(
-        mask: torch.Tensor | None, causal: bool, T: int, S: int, device: torch.device, padded_queries: bool = False
+        mask: torch.Tensor | None, causal: bool, T: int, S: int, device: torch.device
     ) -> tuple[torch.Tensor | None, bool]:
-        """Turn a key-padding mask and causality into SDPA's (attn_mask, is_causal) without a (T, S) mask when
-        the fused ``is_causal`` path is exact (right padding, and no query at a padded position that matters)."""
-        if mask is not None and not torch.compiler.is_compiling() and bool(mask.all()):
-            mask = None  # nothing padded: let SDPA pick the fastest kernel (a compiled graph keeps the mask instead)
+        """Turn a key-padding mask and causality into SDPA's (attn_mask, is_causal), with no (T, S) mask when there
+        is no key mask (:func:`key_mask` has dropped the masks that ``is_causal`` alone makes exact). Nothing here
+        reads the data: the same code traces into one graph for every padding layout. A (B, T, S) mask (a static
+        cache's) already says which keys each query may read, causality included."""
+        if mask is not None and mask.ndim == 3:
+            return mask[:, None], False  # (B, 1, T, S)
         # T == S first: a traced graph (torch.export) with a symbolic T == S then needs no guard on T == 1
-        if causal and T == S and (mask is None or (right_padded(mask) and not padded_queries)):
+        if causal and T == S and mask is None:
             return None, True
         if causal and T == 1:
             causal = False  # one new query after the cache sees every cached key

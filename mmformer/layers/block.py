@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmformer.config import StackConfig
-from mmformer.layers.attention import Attention, CrossAttentionScores
-from mmformer.layers.cache import KVCache
+from mmformer.layers.attention import Attention, CrossAttentionScores, key_mask
+from mmformer.layers.cache import KVCache, StaticKVCache
 from mmformer.layers.documents import Documents
 from mmformer.layers.mlp import make_mlp
 from mmformer.layers.norms import make_norm
@@ -130,7 +130,6 @@ class Block(nn.Module):
         memory_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
-        padded_queries: bool = False,
         documents: Documents | None = None,
         memory_documents: Documents | None = None,
         positions: torch.Tensor | None = None,
@@ -140,8 +139,6 @@ class Block(nn.Module):
         mlp_kwargs = {"modality": modality} if self.multiway else {}
         attn_kwargs = dict(mask=mask, causal=causal, cache=cache, layer=layer)
         # the rest only passed when set: a keyword per call costs in token-by-token decoding
-        if padded_queries:
-            attn_kwargs["padded_queries"] = True
         if positions is not None:
             attn_kwargs["positions"] = positions
         if bias is not None:
@@ -206,16 +203,26 @@ class Stack(nn.Module):
 
         ``first_layer`` is this stack's first block in a cache shared with stacks that run before it (CoCa's decoder
         continues its text stack); the stack holding the cache's last layer moves the cache on. ``final_norm=False``
-        returns the states before the final norm. ``padded_queries``: see
-        :meth:`~mmformer.layers.attention.Attention.forward`. With ``documents``, x is a packed batch (R, T, D) of
-        them and ``mask`` is unused (see :mod:`mmformer.layers.documents`). ``positions`` (B, T): per-row position
-        ids for RoPE (left-padded prompts). ``cross_scores`` collects chosen heads' cross-attention scores.
+        returns the states before the final norm. ``padded_queries``: queries at masked positions matter (CoCa's class
+        token after the padding, under its checkpoints' shifted mask), so a right-padded mask is never replaced by
+        ``is_causal``. The masks' layout is decided here, once (:func:`~mmformer.layers.attention.key_mask`), so
+        that the blocks, compiled or not, never read the data to decide it. With ``documents``, x is a packed batch
+        (R, T, D) of them and ``mask`` is unused (see :mod:`mmformer.layers.documents`). ``positions`` (B, T):
+        per-row position ids for RoPE (left-padded prompts). ``cross_scores`` collects chosen heads' cross-attention
+        scores.
         """
         if documents is not None and cache is not None:
             raise ValueError("documents: packed batches are for training and encoding; decode with a KV cache unpacked")
+        # the padding layout, decided here once for every block (it reads the data; compiled blocks must not)
+        if mask is not None and mask.ndim == 2:  # a static cache's (B, T, S) mask is exact as it is
+            past = cache.length if cache is not None else 0
+            mask = key_mask(mask, causal_alone=causal and past == 0 and not padded_queries)
+        memory_mask = key_mask(memory_mask)
+        if not torch.compiler.is_compiling():
+            for docs in (documents, memory_documents):
+                if docs is not None:
+                    docs.prepare()
         kwargs = dict(modality=modality, mask=mask, causal=causal, memory=memory, memory_mask=memory_mask, cache=cache)
-        if padded_queries:
-            kwargs["padded_queries"] = True
         if documents is not None:
             kwargs.update(documents=documents, memory_documents=memory_documents)
         if positions is not None:
@@ -238,10 +245,26 @@ class Stack(nn.Module):
         return self.norm(x) if final_norm else x
 
     def make_cache(
-        self, batch_size: int, capacity: int, *, device=None, dtype=torch.float32, extra_layers: int = 0
+        self,
+        batch_size: int,
+        capacity: int,
+        *,
+        device=None,
+        dtype=torch.float32,
+        extra_layers: int = 0,
+        static: bool = False,
     ) -> KVCache:
         """An empty KV cache for ``batch_size`` rows of ``capacity`` positions (it grows on demand); ``extra_layers``
-        more for a stack of the same head layout that runs before this one on the same tokens."""
+        more for a stack of the same head layout that runs before this one on the same tokens. ``static``: a
+        :class:`~mmformer.layers.cache.StaticKVCache` of exactly ``capacity`` positions (fixed-shape steps for
+        ``torch.compile`` / CUDA graphs)."""
         c = self.cfg
         layers = c.depth + extra_layers
-        return KVCache(layers, batch_size, c.n_kv_heads, c.head_dim, capacity, device=device, dtype=dtype)
+        if not static:
+            return KVCache(layers, batch_size, c.n_kv_heads, c.head_dim, capacity, device=device, dtype=dtype)
+        if c.position in ("alibi", "t5"):
+            raise ValueError(
+                f"cache='static': a decoder with {c.position!r} positions (a bias for queries that are the last keys) "
+                "decodes with the growing cache; use cache='dynamic'"
+            )
+        return StaticKVCache(layers, batch_size, c.n_kv_heads, c.head_dim, capacity, device=device, dtype=dtype)

@@ -32,6 +32,8 @@ class KVCache:
         capacity: positions allocated now; :meth:`ensure` grows it.
     """
 
+    static = False  # a StaticKVCache: fixed shapes, a per-query mask (B, T, M) from track
+
     def __init__(
         self,
         n_layers: int,
@@ -214,6 +216,144 @@ class KVCache:
             self._use(spare_k, spare_v)
         if self._mask is not None:
             self._mask, self._real = self._mask.index_select(0, index), self._real.index_select(0, index)
+        if cross:
+            self._cross = [
+                None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
+                for kv in self._cross
+            ]
+
+
+class StaticKVCache(KVCache):
+    """A :class:`KVCache` preallocated to its full length whose decoding step has fixed shapes and reads no host
+    value, so that ``torch.compile`` traces it once and, on CUDA, ``mode="reduce-overhead"`` captures it as a CUDA
+    graph (Hugging Face's ``StaticCache``).
+
+    What differs from the growing cache, all of it so that no shape and no Python number changes from step to step:
+
+    - attention reads the whole buffers (B, nkv, M, hs) at every step; positions not yet written (or written by a
+      padding token) are masked out by a per-query mask (B, T, M) that :meth:`track` returns, causality included
+      (the mask convention's (B, T, S) form);
+    - the next write position, each row's count of real tokens and the mask live in device tensors, updated in
+      place; :attr:`length` reads the position back (a host sync: for the code around a step, never inside it);
+    - the buffers never move (:meth:`reorder` copies in place; :meth:`ensure` cannot grow them), and are marked as
+      static addresses for CUDA graphs, the cross-attention keys/values too (a graph copies any other input into
+      its own buffers at every replay); :meth:`reset` empties the cache for the next decoding of the same shape,
+      keeping every buffer where it is, so a captured graph replays on them.
+
+    Position ids are always given per row, so absolute positions and RoPE work; ALiBi and T5's relative bias, which
+    assume the queries are the last of the keys, are refused where the cache is made (:meth:`Stack.make_cache`).
+    """
+
+    static = True
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        if capacity < 1:
+            raise ValueError(f"capacity: a static KV cache needs at least one position, got {capacity}")
+        shape = (n_layers, batch_size, n_kv_heads, capacity, head_dim)
+        self._use(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        self._cross = [None] * n_layers
+        self._spare = None
+        self._mask = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # (B, M) written and real
+        self._real = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) real tokens written per row
+        self._position = torch.zeros((), dtype=torch.long, device=device)  # the next column to write
+        self._columns = torch.arange(capacity, device=device)  # (M,)
+        self._cross_buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+        for t in (self._k, self._v, self._mask, self._real, self._position, self._columns):
+            torch._dynamo.mark_static_address(t)
+        for k, v in self._layers:
+            torch._dynamo.mark_static_address(k)
+            torch._dynamo.mark_static_address(v)
+
+    @property
+    def length(self) -> int:
+        """Tokens already cached (read back from the device: a host sync)."""
+        return int(self._position)
+
+    def fits(self, batch_size: int, capacity: int, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether this cache has exactly this layout (it can then be :meth:`reset` and decode again)."""
+        return (self.batch_size, self.capacity, self._k.device, self._k.dtype) == (batch_size, capacity, device, dtype)
+
+    def reset(self) -> None:
+        """Empty the cache in place for a new decoding: nothing cached, no cross-attention keys/values (their buffers
+        are kept and refilled by :meth:`set_cross`)."""
+        for t in (self._k, self._v, self._mask, self._real, self._position):
+            t.zero_()
+        self._cross = [None] * self.n_layers
+
+    def set_cross(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``layer``'s cross-attention keys and values in buffers of fixed address (refilled in place when the
+        layout is the same as the last decoding's)."""
+        held = self._cross_buffers[layer]
+        if held is None or held[0].shape != k.shape or held[0].dtype != k.dtype or held[0].device != k.device:
+            held = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))  # contiguous
+            for t in held:
+                torch._dynamo.mark_static_address(t)
+            self._cross_buffers[layer] = held
+        held[0].copy_(k)
+        held[1].copy_(v)
+        self._cross[layer] = held
+
+    def ensure(self, n: int, *, limit: int | None = None, step: int = 64) -> None:
+        """Check that ``n`` positions fit: a static cache never grows (its buffers are a compiled graph's inputs)."""
+        if n > self.capacity:
+            raise ValueError(
+                f"static KV cache holds {self.capacity} positions; decoding needs {n}: make it for the longest "
+                "sequence (prompt + max_new_tokens)"
+            )
+
+    def _new_columns(self, n_tokens: int) -> torch.Tensor:
+        return self._position + self._columns[:n_tokens]  # (T,) the columns the next tokens are written to
+
+    def track(self, mask: torch.Tensor | None, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record which of the next ``n_tokens`` tokens are real (``mask`` (B, T), True = real; None = all).
+
+        Returns:
+            The keys each new token may attend to (B, T, M): written, real, and at or before its own column; and
+            the position ids (B, T) of the new tokens, each row counting only its real tokens.
+        """
+        columns = self._new_columns(n_tokens)  # (T,)
+        new = (
+            torch.ones(self.batch_size, n_tokens, dtype=torch.bool, device=self._mask.device)
+            if mask is None
+            else mask.bool()
+        )  # (B, T)
+        self._mask.index_copy_(1, columns, new)
+        positions = (self._real[:, None] + new.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+        allowed = self._mask[:, None, :] & (self._columns[None, None, :] <= columns[None, :, None])  # (B, T, M)
+        return allowed, positions
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new k, v (B, nkv, T, hs) at the next columns; return the whole buffers (B, nkv, M, hs)."""
+        keys, values = self._layers[layer]
+        columns = self._new_columns(k.shape[2])
+        keys.index_copy_(2, columns, k)
+        values.index_copy_(2, columns, v)
+        return keys, values
+
+    def advance(self, n_tokens: int) -> None:
+        """Count ``n_tokens`` more cached positions (device tensors only)."""
+        self._real.add_(self._mask.index_select(1, self._new_columns(n_tokens)).sum(dim=1))
+        self._position.add_(n_tokens)
+
+    def reorder(self, index: torch.Tensor, cross: bool = True) -> None:
+        """Keep batch rows ``index`` (B,), copied in place (the buffers keep their addresses); every position is
+        copied (a fixed-shape copy). A static cache keeps its batch size."""
+        if index.shape[0] != self.batch_size:
+            raise ValueError(f"index: a static KV cache keeps its {self.batch_size} rows, got {index.shape[0]}")
+        for buffer in (self._k, self._v):
+            buffer.copy_(buffer.index_select(1, index))
+        self._mask.copy_(self._mask.index_select(0, index))
+        self._real.copy_(self._real.index_select(0, index))
         if cross:
             self._cross = [
                 None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))

@@ -157,6 +157,16 @@ class Documents:
     def __len__(self) -> int:
         return self.lengths.shape[0]
 
+    def prepare(self) -> Documents:
+        """Compute every derived tensor attention reads (positions, the regrouping indices, the buckets) now, once,
+        and return self. A :class:`~mmformer.layers.block.Stack` calls it before its blocks: a lazily computed
+        property inside a compiled block would break its graph (and the buckets read lengths on the host)."""
+        for name in ("offsets", "document_ids", "positions", "mask", "_index", "_inverse"):
+            getattr(self, name)
+        if self.buckets is not None:
+            self._bucket_layout  # noqa: B018  (computed and cached)
+        return self
+
     # ------------------------------------------------------------------ derived layout
     @cached_property
     def offsets(self) -> torch.Tensor:
@@ -179,6 +189,13 @@ class Documents:
     def mask(self) -> torch.Tensor:
         """(n, L) True at real tokens of the per-document layout of :meth:`pad`."""
         return torch.arange(self.max_length, device=self.lengths.device)[None, :] < self.lengths[:, None]
+
+    def key_mask(self, *, causal: bool = False) -> torch.Tensor | None:
+        """The key-padding mask attention over the per-document rows of :meth:`pad` needs, decided from the lengths
+        known on the host (no look at device data, so compiled attention holds no data-dependent branch): none for
+        causal attention (the rows are right-padded, so ``is_causal`` is exact for every real query, and
+        :meth:`unpad` drops the padded ones) or when every document is as long as the longest; else :attr:`mask`."""
+        return None if causal or self.min_length == self.max_length else self.mask
 
     @cached_property
     def _index(self) -> torch.Tensor:

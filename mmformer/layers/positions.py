@@ -66,6 +66,11 @@ class AbsolutePositions(nn.Module):
     def forward(self, x: torch.Tensor, offset: int = 0, *, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Add positions offset … offset+T-1 to x (B, T, D), or the positions ``positions`` (B, T): each row's own
         (a packed batch's positions within each document, a left-padded prompt's from its first real token)."""
+        if positions is not None and torch.compiler.is_compiling():
+            # no host read inside a graph (a compiled decoding step): the rows of these positions, the same values;
+            # the positions were bounded where they were made (a cache no longer than the table)
+            rows = self.weight[positions] if self.weight is not None else sinusoids_at(positions, self.dim)
+            return x + rows.to(x.dtype)
         if positions is not None:
             longest = int(positions.max()) + 1
             if longest > self.length:

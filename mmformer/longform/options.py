@@ -7,10 +7,10 @@ a help string per field, so that the CLI generates its flags from this dataclass
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
-from mmformer.generation import _is_int, _is_number, _option
+from mmformer.values import build_options, is_int, is_number, option
 
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"  # openai-whisper's defaults: merged with the next word
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"  # merged with the previous word
@@ -18,13 +18,13 @@ TASKS = ("transcribe", "translate")
 
 
 def _optional_number(name: str, value: Any, *, positive: bool = False) -> None:
-    if value is not None and (not _is_number(value) or (positive and value <= 0)):
+    if value is not None and (not is_number(value) or (positive and value <= 0)):
         expected = "a number > 0" if positive else "a finite number"
         raise ValueError(f"{name}: expected None or {expected}, got {value!r}")
 
 
 def _optional_count(name: str, value: Any) -> None:
-    if value is not None and (not _is_int(value) or value < 1):
+    if value is not None and (not is_int(value) or value < 1):
         raise ValueError(f"{name}: expected None or an int >= 1, got {value!r}")
 
 
@@ -34,58 +34,58 @@ class TranscribeOptions:
     defaults and their help live. Validated on construction; ``TranscribeOptions.build(options, **changes)`` (or
     ``dataclasses.replace``) validates again."""
 
-    temperature: tuple[float, ...] = _option(
+    temperature: tuple[float, ...] = option(
         (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
         "temperatures tried in turn while a window fails the compression-ratio or log-prob check; "
         "a single value means no fallback",
     )
-    compression_ratio_threshold: float | None = _option(
+    compression_ratio_threshold: float | None = option(
         2.4, "a window whose text's gzip compression ratio exceeds this is decoded again (too repetitive)"
     )
-    logprob_threshold: float | None = _option(
+    logprob_threshold: float | None = option(
         -1.0, "a window whose average token log-probability is below this is decoded again"
     )
-    no_speech_threshold: float | None = _option(
+    no_speech_threshold: float | None = option(
         0.6,
         "a window is silence (skipped) when its no-speech probability exceeds this and its average "
         "log-probability is below logprob_threshold",
     )
-    condition_on_previous_text: bool = _option(
+    condition_on_previous_text: bool = option(
         True, "feed the previous window's text as a <|startofprev|> prompt (dropped after a temperature above 0.5)"
     )
-    initial_prompt: str | None = _option(None, "text given as the prompt of the first window (vocabulary, style)")
-    carry_initial_prompt: bool = _option(
+    initial_prompt: str | None = option(None, "text given as the prompt of the first window (vocabulary, style)")
+    carry_initial_prompt: bool = option(
         False, "put initial_prompt before the previous text in every window's prompt, not only the first"
     )
-    word_timestamps: bool = _option(
+    word_timestamps: bool = option(
         False, "word start/end times from the alignment heads' cross-attention and dynamic time warping"
     )
-    prepend_punctuations: str = _option(
+    prepend_punctuations: str = option(
         PREPEND_PUNCTUATIONS, "with word_timestamps: these punctuation marks join the next word"
     )
-    append_punctuations: str = _option(
+    append_punctuations: str = option(
         APPEND_PUNCTUATIONS, "with word_timestamps: these punctuation marks join the previous word"
     )
-    clip_timestamps: str | tuple[float, ...] = _option(
+    clip_timestamps: str | tuple[float, ...] = option(
         "0", "start,end,start,end,... seconds of the clips to transcribe (the last end defaults to the end)"
     )
-    hallucination_silence_threshold: float | None = _option(
+    hallucination_silence_threshold: float | None = option(
         None, "with word_timestamps: skip silences longer than this (seconds) around a likely hallucination"
     )
-    language: str | None = _option(None, "the audio's language code, e.g. en (default: detected from the first 30 s)")
-    task: str = _option("transcribe", "transcribe, or translate into English")
-    beam_size: int | None = _option(None, "beam width at temperature 0 (default: greedy)")
-    best_of: int | None = _option(None, "samples drawn at a temperature above 0, the most likely kept")
-    patience: float | None = _option(None, "beam search patience (openai-whisper's; default 1.0)")
-    without_timestamps: bool = _option(False, "decode without timestamp tokens (segments then span whole windows)")
+    language: str | None = option(None, "the audio's language code, e.g. en (default: detected from the first 30 s)")
+    task: str = option("transcribe", "transcribe, or translate into English")
+    beam_size: int | None = option(None, "beam width at temperature 0 (default: greedy)")
+    best_of: int | None = option(None, "samples drawn at a temperature above 0, the most likely kept")
+    patience: float | None = option(None, "beam search patience (openai-whisper's; default 1.0)")
+    without_timestamps: bool = option(False, "decode without timestamp tokens (segments then span whole windows)")
 
     def __post_init__(self) -> None:
         temps = self.temperature
-        if _is_number(temps):
+        if is_number(temps):
             temps = (float(temps),)
         if isinstance(temps, list):
             temps = tuple(temps)
-        if not isinstance(temps, tuple) or not temps or not all(_is_number(t) and t >= 0 for t in temps):
+        if not isinstance(temps, tuple) or not temps or not all(is_number(t) and t >= 0 for t in temps):
             raise ValueError(
                 f"temperature: expected a number >= 0 or a non-empty tuple of them, got {self.temperature!r}"
             )
@@ -135,10 +135,4 @@ class TranscribeOptions:
     def build(cls, options: TranscribeOptions | None = None, **changes: Any) -> TranscribeOptions:
         """``options`` (default: the defaults) with ``changes`` applied; an unknown name is a TypeError listing the
         valid ones."""
-        if options is not None and not isinstance(options, TranscribeOptions):
-            raise TypeError(f"options: expected a TranscribeOptions or None, got {type(options).__name__}")
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(changes) - set(names))
-        if unknown:
-            raise TypeError(f"unknown transcribe option(s) {unknown}; expected some of {names}")
-        return replace(options or cls(), **changes)
+        return build_options(cls, options, changes, "transcribe")

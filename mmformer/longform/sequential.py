@@ -18,6 +18,7 @@ from mmformer.convert.whisper_vocab import WhisperTokens
 from mmformer.longform.options import TranscribeOptions
 from mmformer.longform.timing import add_word_timestamps
 from mmformer.longform.whisper_decode import decode_with_fallback, encode_windows, time_precision, whisper_tokens
+from mmformer.weights import model_device
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
@@ -139,7 +140,7 @@ def transcribe_sequential(
     options = TranscribeOptions.build(options, **changes)
     audio = _check_audio(model, audio)
     whisper = whisper_tokens(model, tokenizer)
-    device = model.text_embed.tokens.weight.device
+    device = model_device(model)
     cfg = model.config.audio
     n_frames = cfg.window_samples // cfg.hop_length  # 3000 mel frames per window
     clock = _Clock(cfg.hop_length, cfg.sample_rate)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from mmformer.convert.whisper_vocab import WhisperTokens
 from mmformer.layers.attention import CrossAttentionScores
+from mmformer.weights import model_device
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
@@ -119,7 +120,7 @@ def find_alignment(
     if not text_tokens:
         return []
     tokens = torch.tensor([[*sot_sequence, whisper.no_timestamps, *text_tokens, whisper.eot]])  # (1, T)
-    device = model.text_embed.tokens.weight.device
+    device = model_device(model)
     collector = CrossAttentionScores(alignment_heads(model))
     if audio_features is None:
         audio_features, _ = model.encode_audio_tokens(audio_features=mel[None].to(device))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from mmformer.generation import _is_int, _is_number, _option
+from mmformer.values import is_int, is_number, option
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
@@ -33,36 +33,36 @@ class VadOptions:
     tests/test_longform_vad.py and the report of issue #25); faster-whisper's own defaults (min_silence_ms=2000,
     speech_pad_ms=400) suit Whisper, which tolerates silence around speech."""
 
-    threshold: float = _option(0.5, "speech probability above which a 32-ms Silero frame is speech")
-    neg_threshold: float | None = _option(None, "probability below which speech ends (default: threshold - 0.15)")
-    min_speech_ms: int = _option(100, "speech regions shorter than this are dropped")
-    min_silence_ms: int = _option(250, "silence shorter than this does not end a speech region (the pause inside "
+    threshold: float = option(0.5, "speech probability above which a 32-ms Silero frame is speech")
+    neg_threshold: float | None = option(None, "probability below which speech ends (default: threshold - 0.15)")
+    min_speech_ms: int = option(100, "speech regions shorter than this are dropped")
+    min_silence_ms: int = option(250, "silence shorter than this does not end a speech region (the pause inside "
                                        "a spoken number reaches 200 ms)")  # fmt: skip
-    speech_pad_ms: int = _option(0, "silence kept before and after each speech region (faster-whisper's "
+    speech_pad_ms: int = option(0, "silence kept before and after each speech region (faster-whisper's "
                                      "speech_pad_ms)")  # fmt: skip
-    trim_db: float | None = _option(40.0, "place each region's edges at its first and last sample within this many "
+    trim_db: float | None = option(40.0, "place each region's edges at its first and last sample within this many "
                                           "dB of its peak and above the noise between regions (then pad by "
                                           "speech_pad_ms); none: Silero's 32-ms edges")  # fmt: skip
-    max_window_s: float | None = _option(None, "longest window decoded at once (default: the model's input: "
+    max_window_s: float | None = option(None, "longest window decoded at once (default: the model's input: "
                                                "Whisper's 30 s, else AudioConfig.max_frames)")  # fmt: skip
-    merge: bool | None = _option(None, "merge neighbouring regions into windows up to max_window_s (whisperX); "
+    merge: bool | None = option(None, "merge neighbouring regions into windows up to max_window_s (whisperX); "
                                        "default: only for a fixed-window model (Whisper)")  # fmt: skip
 
     def __post_init__(self) -> None:
-        if not _is_number(self.threshold) or not 0.0 < self.threshold < 1.0:
+        if not is_number(self.threshold) or not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold: expected a number in (0, 1), got {self.threshold!r}")
         if self.neg_threshold is not None and (
-            not _is_number(self.neg_threshold) or not 0.0 < self.neg_threshold <= self.threshold
+            not is_number(self.neg_threshold) or not 0.0 < self.neg_threshold <= self.threshold
         ):
             raise ValueError(f"neg_threshold: expected None or a number in (0, threshold={self.threshold}], "
                              f"got {self.neg_threshold!r}")  # fmt: skip
         for name in ("min_speech_ms", "min_silence_ms", "speech_pad_ms"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"{name}: expected an int >= 0 (milliseconds), got {value!r}")
-        if self.trim_db is not None and (not _is_number(self.trim_db) or self.trim_db <= 0):
+        if self.trim_db is not None and (not is_number(self.trim_db) or self.trim_db <= 0):
             raise ValueError(f"trim_db: expected None or a number > 0 (decibels), got {self.trim_db!r}")
-        if self.max_window_s is not None and (not _is_number(self.max_window_s) or self.max_window_s <= 0):
+        if self.max_window_s is not None and (not is_number(self.max_window_s) or self.max_window_s <= 0):
             raise ValueError(f"max_window_s: expected None or a number of seconds > 0, got {self.max_window_s!r}")
         if self.merge not in (None, True, False):
             raise ValueError(f"merge: expected None, True or False, got {self.merge!r}")

@@ -29,6 +29,7 @@ from mmformer.longform.options import TranscribeOptions
 from mmformer.longform.whisper_rules import TimestampRules
 from mmformer.score_processing import SuppressTokens
 from mmformer.search import DecoderRunner
+from mmformer.weights import model_device
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
@@ -278,7 +279,7 @@ def decode_windows(
 def encode_windows(model: MultimodalTransformer, mel: torch.Tensor) -> torch.Tensor:
     """Encoder states (B, S, D) of log-mel windows (B, M, F) (or one (M, F)), every frame attended (Whisper)."""
     mel = mel[None] if mel.ndim == 2 else mel
-    memory, _ = model.encode_audio_tokens(audio_features=mel.to(model.text_embed.tokens.weight.device))
+    memory, _ = model.encode_audio_tokens(audio_features=mel.to(model_device(model)))
     return memory
 
 

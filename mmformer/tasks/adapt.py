@@ -41,6 +41,7 @@ from mmformer.adapters import LoraSettings, adapter_parameters, add_lora, resize
 from mmformer.config import ModelConfig
 from mmformer.model import MultimodalTransformer
 from mmformer.prompts import KINDS, ContextPrompt, DecoderPrefix, SoftPrompt, load_prompt
+from mmformer.values import is_int
 from mmformer.weights import human_count
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ class PromptSettings:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"prompt.kind: expected one of {list(KINDS)}, got {self.kind!r}")
-        if isinstance(self.length, bool) or not isinstance(self.length, int) or self.length < 1:
+        if not is_int(self.length) or self.length < 1:
             raise ValueError(f"prompt.length: expected an int >= 1, got {self.length!r}")
         if self.init is not None and self.path is not None:
             raise ValueError("prompt: pass init (words) or path (a saved prompt), not both")

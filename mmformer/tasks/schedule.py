@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from mmformer.values import is_int
+
 
 class WarmupCosine:
     """LR multiplier for ``torch.optim.lr_scheduler.LambdaLR``.
@@ -19,9 +21,9 @@ class WarmupCosine:
     """
 
     def __init__(self, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.0):
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        if not is_int(warmup_steps) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        if not is_int(max_steps) or max_steps < 1:
             raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")

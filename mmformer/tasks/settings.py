@@ -32,6 +32,7 @@ from torch import nn
 from mmformer.adapters import LoraSettings
 from mmformer.tasks.adapt import PromptSettings, settings
 from mmformer.tasks.schedule import WarmupCosine
+from mmformer.values import is_int
 from mmformer.zeroshot import check_classnames, check_templates
 
 CONTRASTIVE_LOSSES = ("clip", "siglip")
@@ -43,7 +44,7 @@ def _number(value: Any) -> bool:
 
 
 def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return is_int(value)
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

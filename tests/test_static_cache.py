@@ -1,0 +1,168 @@
+"""The static KV cache (``generate(cache="static")``): preallocated to its full length, fixed-shape decoding steps
+that read no host value, so that one compiled graph (a CUDA graph with ``mode="reduce-overhead"`` on a GPU) serves
+every step. Token-identical to the growing cache for greedy decoding, beam search and sampling, eager and compiled;
+on CPU the compiled step runs inductor's default mode, on a GPU (``gpu`` marker) reduce-overhead.
+
+The models untie the LM head and give it and the token embedding unit-variance weights, as in test_generation.py,
+so that logits differ by wide margins.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from mmformer import search
+from mmformer.generation import DecodingOptions, generate
+from mmformer.layers.cache import StaticKVCache
+from mmformer.model import MultimodalTransformer
+
+B = 3
+SCHEMES = {
+    "learned": dict(),
+    "sinusoidal": dict(text={"position": "sinusoidal"}),
+    "rope": dict(text={"position": "none"}, stack={"position": "rope"}),
+    "gqa": dict(stack={"n_kv_heads": 2}),
+}
+SEARCHES = {"greedy": dict(), "beam": dict(num_beams=3), "sampling": dict(top_k=5, temperature=0.9)}
+
+
+@pytest.fixture
+def build(make_model_config):
+    def make(scheme: str = "learned", device: str = "cpu") -> MultimodalTransformer:
+        model = MultimodalTransformer(make_model_config(**SCHEMES[scheme], tie_lm_head=False)).eval()
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0, 1.0)
+            model.text_embed.tokens.weight.normal_(0, 1.0)
+        return model.to(device)
+
+    return make
+
+
+def audio(device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Waveforms of different lengths: the memory has a padding mask."""
+    g = torch.Generator().manual_seed(1)
+    return {
+        "audio": (torch.randn(B, 800, generator=g) * 0.1).to(device),
+        "audio_lengths": torch.tensor([800, 500, 650], device=device),
+    }
+
+
+def decode(model, search_kw: dict, **kw) -> torch.Tensor:
+    device = model.lm_head.weight.device
+    return generate(model, **audio(device), max_new_tokens=10, generator=torch.Generator(device).manual_seed(0),
+                    **search_kw, **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("kind", list(SEARCHES))
+def test_static_cache_equals_the_growing_cache(build, scheme, kind):
+    model = build(scheme)
+    dynamic = decode(model, SEARCHES[kind])
+    static = decode(model, SEARCHES[kind], cache="static")
+    assert static.shape[1] > 1 and torch.equal(static, dynamic), (scheme, kind)
+
+
+def test_static_cache_with_left_padded_prompts_and_a_stop(build):
+    """Prompts of different lengths (left-padded: the cache masks the padding and numbers each row's tokens) and
+    rows ending on their own at end-of-text."""
+    model = build("rope")
+    prompts = [[1, 5, 6, 7], [1, 9], [1, 4, 4]]
+    free = decode(model, {}, prompt_ids=prompts)
+    model.config.text.eos_id = int(free[0, 6])  # a token row 0 emits: rows now stop on their own
+    for kind in SEARCHES:
+        dynamic = decode(model, SEARCHES[kind], prompt_ids=prompts)
+        assert torch.equal(decode(model, SEARCHES[kind], prompt_ids=prompts, cache="static"), dynamic), kind
+
+
+def test_static_cache_protocol():
+    """Fixed buffers: a step returns the whole buffers and a per-query mask over them; reorder copies in place;
+    the cache never grows."""
+    cache = StaticKVCache(2, 2, 1, 4, 6)
+    buffers = [t.data_ptr() for t in cache._layers[0]]
+    mask, positions = cache.track(torch.tensor([[False, True, True], [True, True, True]]), 3)
+    assert mask.shape == (2, 3, 6) and positions.tolist() == [[0, 0, 1], [0, 1, 2]]
+    assert mask[0].tolist()[2] == [False, True, True, False, False, False]  # real, written and not after itself
+    k = torch.randn(2, 1, 3, 4)
+    for layer in range(2):
+        keys, _ = cache.append(layer, k, k)
+        assert keys.shape == (2, 1, 6, 4) and torch.equal(keys[:, :, :3], k)
+    cache.advance(3)
+    assert cache.length == 3
+    cache.reorder(torch.tensor([1, 1]), cross=False)
+    assert [t.data_ptr() for t in cache._layers[0]] == buffers
+    mask, positions = cache.track(None, 1)
+    assert positions.tolist() == [[3], [3]] and mask[:, 0].tolist() == [[True] * 4 + [False] * 2] * 2
+    with pytest.raises(ValueError, match="static KV cache holds 6 positions; decoding needs 7"):
+        cache.ensure(7)
+
+
+def test_static_cache_options_are_checked(build, make_model_config):
+    with pytest.raises(ValueError, match=r"cache: expected 'dynamic' or 'static', got 'fixed'"):
+        DecodingOptions(cache="fixed")
+    with pytest.raises(ValueError, match=r"cache='static' .* needs use_cache=True"):
+        DecodingOptions(cache="static", use_cache=False)
+    alibi = MultimodalTransformer(make_model_config(text={"position": "none"}, stack={"position": "alibi"})).eval()
+    with pytest.raises(ValueError, match=r"cache='static': a decoder with 'alibi' positions"):
+        decode(alibi, {}, cache="static")
+
+
+@pytest.fixture
+def compiled_with(monkeypatch):
+    """The static step compiled afresh with the given backend (dynamo's counters cleared)."""
+
+    def use(backend: str | None) -> None:
+        if backend is not None:
+            monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
+        monkeypatch.setattr(search, "_compiled_static", {})
+        monkeypatch.setattr(search, "_static_caches", weakref.WeakKeyDictionary())
+        torch._dynamo.reset()
+        counters.clear()
+
+    yield use
+    torch._dynamo.reset()
+
+
+def test_compiled_static_step_is_one_graph(build, compiled_with):
+    """Every step of a decoding reads no host value and keeps its shapes: no graph break and one graph for all
+    of greedy's steps, one for beam search's (more rows), none more for sampling at greedy's shapes."""
+    compiled_with("aot_eager")
+    model = build("rope")
+    for kind in SEARCHES:
+        assert torch.equal(decode(model, SEARCHES[kind], cache="static", compile=True), decode(model, SEARCHES[kind]))
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    # the next decoding of the same layout reuses the emptied cache (a captured CUDA graph replays on its buffers)
+    cache = search._static_caches[model]
+    buffers = [t.data_ptr() for t in cache._layers[0]]
+    again = decode(model, SEARCHES["greedy"], cache="static", compile=True)  # the layout of the last one (sampling)
+    assert torch.equal(again, decode(model, SEARCHES["greedy"]))
+    assert search._static_caches[model] is cache and [t.data_ptr() for t in cache._layers[0]] == buffers
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.slow
+def test_compiled_static_step_equals_eager_with_inductor(build, compiled_with):
+    """The static step through inductor (torch.compile's default mode on CPU): the same ids for greedy, beam search
+    and sampling."""
+    compiled_with(None)
+    model = build("learned")
+    for kind in SEARCHES:
+        assert torch.equal(decode(model, SEARCHES[kind], cache="static", compile=True), decode(model, SEARCHES[kind]))
+    assert dict(counters["graph_break"]) == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_step_equals_eager_on_gpu(build, compiled_with):
+    """On a GPU the static step runs as a CUDA graph (torch.compile mode="reduce-overhead"): token-identical."""
+    compiled_with(None)
+    model = build("rope", device="cuda")
+    for kind in SEARCHES:
+        for _ in range(2):  # the second decoding replays the captured graph
+            got = decode(model, SEARCHES[kind], cache="static", compile=True)
+            assert torch.equal(got, decode(model, SEARCHES[kind])), kind
