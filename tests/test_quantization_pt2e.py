@@ -198,3 +198,30 @@ def test_pt2e_audio_graph_serves_every_frame_count_of_a_strided_convolution():
             expected = model.encode_audio(audio_features=features, feature_lengths=lengths)
         got = quantized.encode_audio(audio_features=features, feature_lengths=lengths)
         assert float((got - expected).abs().max()) <= 0.03, frames
+
+
+def test_static_int8_of_a_converted_open_clip_quantizes_both_towers():
+    """The causal text tower exports (no data-dependent padding branch in attention): static int8 of an open_clip
+    CLIP's conversion calibrates and runs both towers, close to the float model."""
+    open_clip = pytest.importorskip("open_clip")
+    from mmformer.convert import from_open_clip
+
+    torch.manual_seed(0)
+    peer = open_clip.model.CLIP(
+        embed_dim=16,
+        vision_cfg=dict(image_size=32, patch_size=16, width=32, layers=2, head_width=16),
+        text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=2),
+    )
+    model = from_open_clip(peer).eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 60, (4, 8), generator=g)
+    batch = {"pixel_values": torch.randn(4, 3, 32, 32, generator=g), "input_ids": ids,
+             "attention_mask": torch.ones_like(ids, dtype=torch.bool)}  # fmt: skip
+    quantized = pt2e.quantize(model, "static", calibration=[batch], compile=False)
+    assert sorted(quantized.graphs) == ["image_encoder", "text_encoder"]
+    pixels, text = torch.randn(2, 3, 32, 32, generator=g), torch.randint(1, 60, (2, 8), generator=g)
+    with torch.no_grad():
+        expected = (model.encode_image(pixels), model.encode_text(text))
+    got = (quantized.encode_image(pixels), quantized.encode_text(text))
+    for e, q in zip(expected, got):
+        assert 0 < float((q - e).abs().max()) <= 0.06
