@@ -4,6 +4,7 @@ test split: distillation into a quarter-size student, quantization per method, a
     python -m benchmarks.compress distill  [--steps N] [--out runs/compress]   # trains two students (long: nice it)
     python -m benchmarks.compress quantize [--calib data/digits/val.jsonl]
     python -m benchmarks.compress export
+    python -m benchmarks.compress backends                                     # int8 backends + bf16 vs float32
     python -m benchmarks.compress all --tiny --no-save                         # the test suite's smoke run
 
 Distillation trains two students of about a quarter of the teacher's parameters (the teacher's config with half its
@@ -15,6 +16,11 @@ validation split; "compact" adds the int8 token table and bf16 storage of what s
 teacher with fake quantization for ``--qat-steps`` and converts), saves and re-loads it, and reports file size, the
 demo metrics and CPU encode / transcribe time at batch 8 next to fp32 in the same run (peers alternate, see
 benchmarks/common.py).
+
+Backends compares, on the same model, float32 with each int8 backend — PT2E dynamic / static (compiled with
+inductor; :mod:`mmformer.pt2e`), torchao dynamic, onnxruntime dynamic / static QDQ of the ONNX export (against the
+float ONNX export) — and bf16 autocast: encode (image + audio) and greedy transcription time at batch 8, zero-shot
+accuracy and WER on test and test_hard, file size, the CPU's flags.
 
 Export writes the ONNX and torch.export graphs of every tower and the decoder step and reports the largest
 difference from PyTorch and the time per call, and a full greedy transcription through onnxruntime.
@@ -349,7 +355,181 @@ def export_section(args: argparse.Namespace, out: Path, manifest: Path) -> list[
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-SECTIONS = ("distill", "quantize", "export")
+# ---------------------------------------------------------------------------------------------- int8 backends
+def split_manifest(split: str, limit: int | None, out: Path) -> Path:
+    """A digits split (``test``, ``test_hard``), or its first ``limit`` rows, paths made absolute."""
+    rows = [json.loads(line) for line in (DATA / f"{split}.jsonl").read_text().splitlines() if line.strip()]
+    for row in rows[:limit] if limit else rows:
+        row["image"], row["audio_filepath"] = str(DATA / row["image"]), str(DATA / row["audio_filepath"])
+    path = out / f"{split}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (rows[:limit] if limit else rows)))
+    return path
+
+
+class TorchBackend:
+    """A float, torchao or PT2E model (same call signatures) run on processed tensors, under bf16 autocast if
+    asked: encode (image + audio), greedy transcription, zero-shot embeddings."""
+
+    def __init__(self, model, processor, autocast: bool = False):
+        self.model, self.processor, self.autocast = model, processor, autocast
+
+    def _context(self):
+        from mmformer.cpu_precision import inference_autocast
+
+        return inference_autocast(self.autocast)
+
+    def inputs(self, rows: list[dict]) -> dict:
+        return self.processor(images=[r["image"] for r in rows], audio=[r["audio_filepath"] for r in rows])
+
+    def encode(self, x: dict) -> tuple:
+        with self._context():
+            return (self.model.encode_image(x["pixel_values"]).float(),
+                    self.model.encode_audio(x["audio"], x["audio_lengths"]).float())  # fmt: skip
+
+    def texts(self, texts: list[str]):
+        t = self.processor(text=texts)
+        with self._context():
+            return self.model.encode_text(t["input_ids"], t["attention_mask"]).float()
+
+    def transcribe(self, x: dict, n: int) -> list[str]:
+        with self._context():
+            ids = self.model.generate(audio=x["audio"], audio_lengths=x["audio_lengths"], max_new_tokens=n)
+        return self.processor.tokenizer.batch_decode(ids)
+
+
+class OnnxBackend:
+    """An ONNX export (float or int8) through the torch-free runner, on its own preprocessed arrays."""
+
+    def __init__(self, directory: Path):
+        from mmformer.onnx_runner import OnnxModel
+
+        self.runner = OnnxModel(directory, threads=torch.get_num_threads())
+
+    def inputs(self, rows: list[dict]) -> dict:
+        features, lengths = self.runner.log_mel(self.runner.load_audio([r["audio_filepath"] for r in rows]))
+        return {"pixel_values": self.runner.preprocess_images([r["image"] for r in rows]), "features": features,
+                "lengths": lengths}  # fmt: skip
+
+    def encode(self, x: dict) -> tuple:
+        image = self.runner._run("image_encoder", pixel_values=x["pixel_values"])[0]
+        audio = self.runner._run("audio_encoder", input_features=x["features"], feature_lengths=x["lengths"])[0]
+        return torch.from_numpy(image), torch.from_numpy(audio)
+
+    def texts(self, texts: list[str]):
+        return torch.from_numpy(self.runner.encode_text(texts))
+
+    def transcribe(self, x: dict, n: int) -> list[str]:
+        _, states, mask = self.runner._run("audio_encoder", input_features=x["features"], feature_lengths=x["lengths"])
+        return self.runner.detokenize(self.runner.generate(states, mask, n)[:, 1:])
+
+
+def backend_metrics(backend, manifest: Path, batch: int = 50) -> dict:
+    """Image and audio zero-shot accuracy on the single digits, and greedy WER on every row."""
+    from torchmetrics.functional.text import word_error_rate
+
+    from mmformer.demo import WORDS, read_manifest
+
+    rows = read_manifest(manifest)
+    classes = torch.nn.functional.normalize(backend.texts(WORDS), dim=-1)
+    hits, total, transcripts = {"image": 0, "audio": 0}, 0, []
+    for start in range(0, len(rows), batch):
+        chunk = rows[start : start + batch]
+        x = backend.inputs(chunk)
+        single = torch.tensor([len(r["digits"]) == 1 for r in chunk])
+        labels = torch.tensor([int(r["digits"]) if len(r["digits"]) == 1 else -1 for r in chunk])
+        for name, embeds in zip(("image", "audio"), backend.encode(x)):
+            predicted = (embeds @ classes.T).argmax(dim=-1)
+            hits[name] += int((predicted == labels)[single].sum())
+        total += int(single.sum())
+        transcripts += backend.transcribe(x, 8)
+    return {"image_zeroshot_acc": hits["image"] / max(total, 1), "audio_zeroshot_acc": hits["audio"] / max(total, 1),
+            "speech_wer": float(word_error_rate(transcripts, [r["text"] for r in rows]))}  # fmt: skip
+
+
+def backends_section(args: argparse.Namespace, out: Path, manifest: Path) -> list[dict]:
+    """Every int8 backend (and bf16 autocast) of the shipped model against its float32 self: encode (image + audio)
+    and greedy transcription time at batch ``--batch``, zero-shot accuracy and WER on test and test_hard, file size.
+    """
+    import mmformer
+    from benchmarks.common import interleaved
+    from mmformer import pt2e
+    from mmformer.cpu_precision import bf16_choice, cpu_report
+    from mmformer.export import export
+    from mmformer.onnx_quantization import quantize_export
+    from mmformer.quantization import calibration_batches, quantize
+
+    del manifest  # both splits are read here
+    out.mkdir(parents=True, exist_ok=True)
+    limit = args.limit
+    splits = {s: split_manifest(s, limit, out) for s in ("test", "test_hard")}
+    float_model = mmformer.load_pretrained(MODEL).float().eval()
+    processor = float_model.processor
+    calibration = calibration_batches(float_model, args.calib, max_samples=16 if args.tiny else 128)
+    compile = args.compile or not args.tiny  # the PT2E graphs are meant to run compiled; the smoke run skips it
+    float_model.save_pretrained(out / "fp32")
+    sizes = {"fp32": (out / "fp32" / "model.safetensors").stat().st_size}
+    backends = {"fp32": TorchBackend(float_model, processor)}
+    for method in ("dynamic", "static"):
+        name = f"pt2e {method}"
+        q = pt2e.quantize(mmformer.load_pretrained(out / "fp32"), method, calibration=calibration, compile=compile)
+        path = q.save_pretrained(out / name.replace(" ", "_"))
+        sizes[name] = sum(f.stat().st_size for f in path.glob("*.safetensors"))  # float weights + qparams
+        backends[name] = TorchBackend(pt2e.load(path, compile=compile), processor)
+    torchao = quantize(mmformer.load_pretrained(out / "fp32"), "dynamic")
+    torchao.save_pretrained(out / "torchao_dynamic")
+    sizes["torchao dynamic"] = (out / "torchao_dynamic" / "model.safetensors").stat().st_size
+    backends["torchao dynamic"] = TorchBackend(mmformer.load_pretrained(out / "torchao_dynamic"), processor)
+    source = export(float_model, out / "onnx_fp32", format="onnx")
+    onnx_size = sum(f.stat().st_size for f in source.glob("*.onnx"))
+    backends["onnx fp32"] = OnnxBackend(source)
+    sizes["onnx fp32"] = onnx_size
+    for method in ("dynamic", "static"):
+        name = f"onnxruntime {method}"
+        path = quantize_export(source, out / name.replace(" ", "_"), method, model=float_model, calibration=calibration)
+        sizes[name] = sum(f.stat().st_size for f in path.glob("*.onnx"))
+        backends[name] = OnnxBackend(path)
+    backends["bf16 autocast"] = TorchBackend(float_model, processor, autocast=True)
+    sizes["bf16 autocast"] = sizes["fp32"]
+
+    load = load_average()
+    rows_in = split_manifest("test", args.batch, out)
+    from mmformer.demo import read_manifest
+
+    timing_rows = read_manifest(rows_in)
+    inputs = {name: b.inputs(timing_rows) for name, b in backends.items()}
+    encode_s = interleaved({n: (lambda b=b, x=inputs[n]: b.encode(x)) for n, b in backends.items()},
+                           warmup=args.warmup, repeats=args.repeats)  # fmt: skip
+    decode_s = interleaved({n: (lambda b=b, x=inputs[n]: b.transcribe(x, 8)) for n, b in backends.items()},
+                           warmup=args.warmup, repeats=args.repeats)  # fmt: skip
+    rows = []
+    for name, backend in backends.items():
+        base = "onnx fp32" if name.startswith("onnx") else "fp32"
+        row = {"backend": name, "file_MB": sizes[name] / 1e6, "encode_ms": 1e3 * encode_s[name],
+               "encode_speedup": encode_s[base] / encode_s[name], "decode_ms": 1e3 * decode_s[name],
+               "decode_speedup": decode_s[base] / decode_s[name], "vs": base}  # fmt: skip
+        for split, path in splits.items():
+            for metric, value in backend_metrics(backend, path).items():
+                row[f"{split}_{metric}"] = value
+        rows.append({**row, "load_at_start": load})
+    by_name = {r["backend"]: r for r in rows}
+    for row in rows:
+        base = by_name[row["vs"]]
+        for split in splits:
+            for metric in ("image_zeroshot_acc", "audio_zeroshot_acc", "speech_wer"):
+                row[f"d_{split}_{metric}"] = row[f"{split}_{metric}"] - base[f"{split}_{metric}"]
+    columns = ["backend", "vs", "file_MB", "encode_ms", "encode_speedup", "decode_ms", "decode_speedup"]
+    columns += [f"{s}_{m}" for s in splits for m in ("image_zeroshot_acc", "audio_zeroshot_acc", "speech_wer")]
+    print(table(rows, columns))
+    print(f"cpu: {cpu_report()}; {bf16_choice()[1]}")
+    print(
+        f"batch {args.batch}, {torch.get_num_threads()} thread(s), PT2E compiled: {compile}, load average {load:.2f}"
+        " at the start; onnxruntime rows against the float ONNX export, the others against the float32 model"
+    )
+    print("targets: int8 never slower than float32 on the digits model; every metric within 1 point / +0.01 WER")
+    return rows
+
+
+SECTIONS = ("distill", "quantize", "export", "backends")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -380,7 +560,8 @@ def main(argv: list[str] | None = None) -> None:
         manifest = test_manifest(args.limit, out)
         print(f"machine: {machine()}; load average {load_average():.2f}")
         for section in sections:
-            run = {"distill": distill, "quantize": quantize_section, "export": export_section}[section]
+            run = {"distill": distill, "quantize": quantize_section, "export": export_section,
+                   "backends": backends_section}[section]  # fmt: skip
             rows = run(args, out / section, manifest)
             record(f"compress.{section}", rows, args)
 

@@ -1,21 +1,28 @@
-"""Decoding tokens/s: mmformer's KV-cached generation against Hugging Face Whisper ``generate`` on the same weights
-and log-mel input, and against mmformer's own cache-less decode; then captioning, cached against cache-less.
+"""Decoding tokens/s: mmformer's KV-cached generation against Hugging Face Whisper ``generate`` and CTranslate2
+(``ctranslate2.models.Whisper``, the engine of faster-whisper; float32 and int8) on the same weights and log-mel
+input, mmformer's int8 (PT2E dynamic, compiled: :mod:`mmformer.pt2e`) against CTranslate2's, and mmformer's own
+cache-less decode; then captioning, cached against cache-less.
 
 Speech: a random ``transformers`` Whisper (``--size tiny``: a small config; ``--size whisper-tiny``: the
 dimensions of OpenAI's whisper-tiny, 3 s of audio) converted with :func:`mmformer.convert.from_hf_whisper`. Hugging
 Face runs ``GenerationMixin.generate`` (the generic decoding loop with its dynamic KV cache, without Whisper's
 forced-token and timestamp processing, which would only add work to its side), greedy or beam search, with the
-same decoder prompt. Every peer must produce exactly ``--new-tokens`` tokens per row: the end-of-text token's
-embedding row (tied to the LM head) is zeroed, so its logit is 0 and it never ranks among the top candidates; the
-output lengths are checked. Tokens/s counts generated tokens (batch × new tokens; beams are not counted twice) over
+same decoder prompt (start-of-transcript, no-timestamps). CTranslate2 reads the same weights through its
+Transformers converter (:mod:`benchmarks.ct2`) and decodes greedily only (its beam search is its own). Every peer
+must produce exactly ``--new-tokens`` tokens per row: the end-of-text token's embedding row (tied to the LM head) is
+scaled by 1e-3 (not zeroed: a zero row breaks CTranslate2's int8 scales), so its logit stays near 0 and it never
+ranks among the top candidates; the output lengths are checked. ``same_ids``: every exact peer (all but the int8
+ones) made Hugging Face's ids. Tokens/s counts generated tokens (batch × new tokens; beams are not counted twice) over
 the whole call, the encoder included.
 
     python -m benchmarks.generate [--size whisper-tiny] [--batches 1,8] [--beams 1,4] [--new-tokens 64] [--no-compile]
+                                  [--no-ct2] [--no-int8]
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 import torch
@@ -40,7 +47,8 @@ CAPTION_SIZES = {
     "whisper-tiny": dict(image=128, width=384, depth=4, heads=6, vocab=51865),
     "smoke": dict(image=32, width=32, depth=1, heads=2, vocab=64),
 }
-N_MELS, BOS, START = 80, 1, 3
+N_MELS, BOS, START, NO_TIMESTAMPS = 80, 1, 3, 4
+INT8_PEERS = ("int8", "ct2_int8")  # quantized: their ids may differ from the float peers'
 
 
 def hf_whisper_config(s: dict):
@@ -84,8 +92,13 @@ def whisper_pair(size: str, seed: int = 0):
     torch.manual_seed(seed)
     hf = WhisperForConditionalGeneration(config).eval()
     with torch.no_grad():
-        hf.model.decoder.embed_tokens.weight[config.eos_token_id] = 0.0  # tied LM head: the eos logit is always 0
+        hf.model.decoder.embed_tokens.weight[config.eos_token_id] *= 1e-3  # tied LM head: the eos logit stays ~0
     return hf, from_hf_whisper(hf)
+
+
+def whisper_specials(hf) -> dict[int, str]:
+    """The ids :func:`whisper_pair`'s model gives Whisper's special strings (what CTranslate2 looks up)."""
+    return {START: "<|startoftranscript|>", NO_TIMESTAMPS: "<|notimestamps|>", hf.config.eos_token_id: "<|endoftext|>"}
 
 
 def caption_model(size: str, seed: int = 0) -> MultimodalTransformer:
@@ -111,10 +124,15 @@ def _check_length(name: str, ids: torch.Tensor, batch: int, length: int) -> None
         raise RuntimeError(f"{name}: expected ids of shape {(batch, length)} (a fixed token count), got {ids.shape}")
 
 
-def speech_peers(hf, ours: MultimodalTransformer, features: torch.Tensor, beams: int, n: int, compile: bool) -> dict:
-    """Hugging Face generate, mmformer cached (eager, and compiled if asked) and cache-less generate, each a
-    closure over the same input."""
+def speech_peers(
+    hf, ours: MultimodalTransformer, features: torch.Tensor, beams: int, n: int, args: argparse.Namespace, extra: dict
+) -> dict:
+    """Hugging Face generate, mmformer cached (eager, and compiled if asked) and cache-less generate, and for greedy
+    search CTranslate2 float32 / int8 and mmformer's PT2E int8 (``extra``: name → model), each a closure over the same
+    input."""
     from transformers import GenerationConfig, GenerationMixin
+
+    from benchmarks import ct2
 
     eos = hf.config.eos_token_id
     hf_config = GenerationConfig(
@@ -126,13 +144,20 @@ def speech_peers(hf, ours: MultimodalTransformer, features: torch.Tensor, beams:
         num_beams=beams,
         max_new_tokens=n,
     )
-    prompt = torch.full((features.shape[0], 1), START)
+    prompt = torch.tensor([[START, NO_TIMESTAMPS]]).expand(features.shape[0], -1)
     peers = {
         "hf": lambda: GenerationMixin.generate(
             hf, input_features=features, decoder_input_ids=prompt, generation_config=hf_config
         )
     }
-    return peers | mmformer_peers(ours, dict(audio_features=features), beams, n, compile)
+    peers |= mmformer_peers(ours, dict(audio_features=features, prompt_ids=prompt), beams, n, args.compile)
+    if beams == 1:
+        for name, model in extra.items():
+            if name == "int8":
+                peers[name] = lambda m=model: m.generate(audio_features=features, prompt_ids=prompt, max_new_tokens=n)
+            else:
+                peers[name] = lambda m=model: ct2.generate(m, features, prompt[0].tolist(), n)
+    return peers
 
 
 def mmformer_peers(model: MultimodalTransformer, inputs: dict, beams: int, n: int, compile: bool) -> dict:
@@ -147,8 +172,8 @@ def mmformer_peers(model: MultimodalTransformer, inputs: dict, beams: int, n: in
     return peers
 
 
-def measure(task: str, args: argparse.Namespace, batch: int, beams: int, peers: dict) -> dict:
-    """Tokens/s of every peer (interleaved medians), their ratios, and whether they all made the same ids.
+def measure(task: str, args: argparse.Namespace, batch: int, beams: int, peers: dict, prompt: int = 1) -> dict:
+    """Tokens/s of every peer (interleaved medians), their ratios, and whether the exact peers all made the same ids.
 
     The untimed first call of each peer checks the output length and gives the compile time of a compiled one.
     """
@@ -158,7 +183,7 @@ def measure(task: str, args: argparse.Namespace, batch: int, beams: int, peers: 
         start = time.perf_counter()
         ids[name] = fn()
         first_s[name] = time.perf_counter() - start
-        _check_length(name, ids[name], batch, 1 + n)
+        _check_length(name, ids[name], batch, prompt + n)
     seconds = interleaved(peers, warmup=args.warmup, repeats=args.repeats)
     tps = {name: batch * n / s for name, s in seconds.items()}
     row = {"task": task, "batch": batch, "search": "greedy" if beams == 1 else f"beam {beams}", "new_tokens": n}
@@ -172,20 +197,33 @@ def measure(task: str, args: argparse.Namespace, batch: int, beams: int, peers: 
         )
         # the first call's extra time; ~0 when inductor's on-disk cache already held an identical graph
         row["compile_s"] = max(0.0, first_s["compiled"] - seconds["compiled"])
+    for peer, base in (("mmformer", "ct2_float32"), ("int8", "mmformer"), ("int8", "ct2_int8")):
+        if peer in tps and base in tps:
+            row[f"{peer}_vs_{base}"] = tps[peer] / tps[base]
     reference = ids["hf" if "hf" in ids else "mmformer"]
-    row["same_ids"] = all(torch.equal(reference, other) for other in ids.values())
+    row["same_ids"] = all(torch.equal(reference, other) for name, other in ids.items() if name not in INT8_PEERS)
     return row
 
 
 def speech_rows(args: argparse.Namespace) -> list[dict]:
     hf, ours = whisper_pair(args.size)
     frames = 2 * WHISPER_SIZES[args.size]["source_positions"]  # Hugging Face's encoder takes exactly this many
-    rows = []
-    for batch in args.batches:
-        features = torch.randn(batch, N_MELS, frames, generator=torch.Generator().manual_seed(batch))
-        for beams in args.beams:
-            peers = speech_peers(hf, ours, features, beams, args.new_tokens, args.compile)
-            rows.append(measure(f"speech ({args.size})", args, batch, beams, peers))
+    with tempfile.TemporaryDirectory() as folder:
+        extra = {}
+        if args.ct2:
+            from benchmarks import ct2
+
+            extra |= ct2.whisper_models(hf, whisper_specials(hf), folder)
+        if args.int8:
+            from mmformer import pt2e
+
+            extra["int8"] = pt2e.quantize(ours, "dynamic", towers=["audio", "decoder"], compile=args.compile)
+        rows = []
+        for batch in args.batches:
+            features = torch.randn(batch, N_MELS, frames, generator=torch.Generator().manual_seed(batch))
+            for beams in args.beams:
+                peers = speech_peers(hf, ours, features, beams, args.new_tokens, args, extra)
+                rows.append(measure(f"speech ({args.size})", args, batch, beams, peers, prompt=2))
     return rows
 
 
@@ -214,6 +252,14 @@ def main(argv: list[str] | None = None) -> None:
         default=True,
         help="also time generate(compile=True), its compile time reported apart (default: on)",
     )
+    p.add_argument("--ct2", action=argparse.BooleanOptionalAction, default=True,
+                   help="CTranslate2 float32 and int8 peers (greedy; default: on)")  # fmt: skip
+    p.add_argument(
+        "--int8",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="mmformer's PT2E dynamic int8 peer (greedy; compiled unless --no-compile; default: on)",
+    )
     p.set_defaults(repeats=10)  # a decode is short: more repeats steady the medians on a shared machine
     args = parse_args(p, argv)
     if args.tiny:
@@ -225,7 +271,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = speech_rows(args)
     print(f"speech decoding: Hugging Face Whisper generate vs mmformer (same weights), {machine()}")
     columns = ["task", "batch", "search", "new_tokens", "hf_tok_s", "mmformer_tok_s", "no_cache_tok_s"]
-    columns += compiled + ["vs_hf", "vs_no_cache"] + (["compiled_vs_hf"] if args.compile else []) + ["same_ids"]
+    columns += compiled + ["ct2_float32_tok_s", "ct2_int8_tok_s"] * args.ct2 + ["int8_tok_s"] * args.int8
+    columns += ["vs_hf", "vs_no_cache"] + (["compiled_vs_hf"] if args.compile else [])
+    columns += ["mmformer_vs_ct2_float32"] * args.ct2 + ["int8_vs_mmformer"] * args.int8
+    columns += ["int8_vs_ct2_int8"] * (args.ct2 and args.int8) + ["same_ids"]
     print(table(rows, columns))
     if not args.skip_caption:
         captions = caption_rows(args)

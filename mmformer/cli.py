@@ -27,6 +27,7 @@ Inference and interop:
               (a LoRA run's checkpoint → its adapter folder, --merge → the merged model; a prompt run's → its prompt)
               towers → ONNX / torch.export:        mmformer export --model out/model --format onnx --out out/onnx
   quantize    torchao int8 / int4 weights:         mmformer quantize --model out/model --method dynamic --out out/int8
+              x86 int8 graphs (compiled):          mmformer quantize --backend pt2e --method static --calib M --out DIR
   merge       base + LoRA adapter → plain model:   mmformer merge --base DIR --adapter DIR --out DIR
   zeroshot    zero-shot classification:            mmformer zeroshot --model out/model --classes a,b,c FILES...
   caption     image captioning:                    mmformer caption --model out/model FILES...
@@ -153,9 +154,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing mmformer directory")
     p.add_argument("--merge", action="store_true", help="a LoRA run's checkpoint: write the merged model")
 
-    p = sub.add_parser("quantize", help="quantize a model's linear layers with torchao")
+    p = sub.add_parser("quantize", help="quantize a model: torchao, PT2E x86 int8 (compiled) or onnxruntime int8")
     p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--method", required=True, help="dynamic | int8-weight | int4-weight | static")
+    p.add_argument(
+        "--backend",
+        choices=("torchao", "pt2e", "onnxruntime"),
+        default="torchao",
+        help="torchao (weight-only, GPU; the default); pt2e: x86 CPU int8 graphs compiled with inductor (dynamic, "
+        "static); onnxruntime: int8 ONNX graphs for the torch-free runner (dynamic, static)",
+    )
+    p.add_argument("--method", required=True, help="dynamic | int8-weight | int4-weight | static (torchao)")
+    p.add_argument("--towers", help="pt2e / onnxruntime: comma-separated towers (image,audio,text,decoder)")
     p.add_argument("--calib", help="data manifest (CSV/TSV/JSONL) whose samples calibrate static int8")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration samples read from --calib")
     p.add_argument("--group-size", type=int, default=32, help="input channels per int4 group (32, 64, 128)")
@@ -434,10 +443,14 @@ def _quantize(args: argparse.Namespace) -> None:
     from mmformer.auto import load_pretrained
     from mmformer.quantization import METHODS, calibration_batches, quantize
 
-    if args.method not in METHODS:
-        raise ValueError(f"--method: expected one of {', '.join(METHODS)}, got {args.method!r}")
+    methods = METHODS if args.backend == "torchao" else ("dynamic", "static")
+    if args.method not in methods:
+        got = f"{args.method!r} (--backend {args.backend})"
+        raise ValueError(f"--method: expected one of {', '.join(methods)}, got {got}")
     if args.method == "static" and not args.calib:
         raise ValueError("--method static needs --calib MANIFEST (samples whose activation ranges set the scales)")
+    if args.backend != "torchao":
+        return _quantize_graphs(args)
     model = load_pretrained(args.model, device=args.device)
     calibration = None
     if args.method == "static":
@@ -454,6 +467,36 @@ def _quantize(args: argparse.Namespace) -> None:
     sizes = [sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) for d in (args.model, args.out)]
     ratio = f" ({sizes[0] / sizes[1]:.2f}x smaller)" if Path(args.model).is_dir() and sizes[1] else ""
     print(f"wrote {args.out}: {len(model.quantization.modules)} layers {args.method}, {sizes[1]:,} bytes{ratio}")
+
+
+def _quantize_graphs(args: argparse.Namespace) -> None:
+    """``--backend pt2e`` (x86 int8 graphs, compiled at use) or ``onnxruntime`` (an int8 ONNX export)."""
+    import tempfile
+
+    from mmformer.auto import load_pretrained
+    from mmformer.quantization import calibration_batches
+
+    model = load_pretrained(args.model, device=args.device).eval()
+    towers = [t.strip() for t in args.towers.split(",") if t.strip()] if args.towers else None
+    calibration = None
+    if args.method == "static":
+        calibration = calibration_batches(model, args.calib, max_samples=args.calib_samples)
+    if args.backend == "pt2e":
+        from mmformer import pt2e
+
+        quantized = pt2e.quantize(model, args.method, calibration=calibration, towers=towers)
+        quantized.save_pretrained(args.out, overwrite=args.overwrite)
+        graphs = sorted(quantized.graphs)
+    else:
+        from mmformer.export import export
+        from mmformer.onnx_quantization import quantize_export
+
+        with tempfile.TemporaryDirectory() as scratch:
+            source = export(model, f"{scratch}/float", format="onnx", towers=towers)
+            quantize_export(source, args.out, args.method, model=model, calibration=calibration,
+                            overwrite=args.overwrite)  # fmt: skip
+            graphs = sorted(p.stem for p in source.glob("*.onnx"))
+    print(f"wrote {args.out}: {args.backend} {args.method} int8 graphs {', '.join(graphs)}")
 
 
 def _merge(args: argparse.Namespace) -> None:

@@ -85,6 +85,12 @@ class OnnxModel:
         self.config = json.loads(path.read_text(encoding="utf-8"))
         if self.config.get("format") != "onnx":
             raise ValueError(f"{path}: expected an ONNX export, got format {self.config.get('format')!r}")
+        quantized = self.config.get("quantization")
+        if quantized and "CPUExecutionProvider" not in providers:
+            raise ValueError(
+                f"providers: this export's graphs are int8 ({quantized['backend']} {quantized['method']}), made for "
+                f"onnxruntime's CPUExecutionProvider; got providers {list(providers)}"
+            )
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:

@@ -104,8 +104,11 @@ def quantize(
     act_mapping: str = "symmetric",
     embeddings: bool = False,
     float_storage: str = "float32",
-) -> MultimodalTransformer:
-    """Quantize ``model`` in place (torchao's ``quantize_`` convention) and return it, in eval mode.
+    backend: str = "torchao",
+) -> Any:
+    """Quantize ``model`` in place (torchao's ``quantize_`` convention) and return it, in eval mode; or, with
+    ``backend="pt2e"``, return its x86 int8 graphs (:func:`mmformer.pt2e.quantize`: ``dynamic`` / ``static``,
+    compiled with inductor; ``model`` stays float).
 
     Args:
         model: a float model (not quantized yet).
@@ -116,11 +119,22 @@ def quantize(
         act_mapping: dynamic activations ``symmetric`` (default) or ``asymmetric``.
         embeddings: int8 embedding tables (and a tied LM head) as well; see :class:`QuantizationConfig`.
         float_storage: store the tensors left in float as ``bfloat16`` (or ``float16``) for a smaller file.
+        backend: ``torchao`` (the methods above) or ``pt2e``; onnxruntime's int8 works on an export folder
+            (:func:`mmformer.onnx_quantization.quantize_export`).
 
     Raises:
-        ValueError: an unknown method, a model already quantized, ``static`` without calibration batches.
+        ValueError: an unknown method or backend, a model already quantized, ``static`` without calibration batches.
         ImportError: torchao is missing.
     """
+    if backend == "pt2e":
+        from mmformer import pt2e
+
+        return pt2e.quantize(model, method, calibration=calibration)
+    if backend != "torchao":
+        raise ValueError(
+            f"backend: expected 'torchao' or 'pt2e' (onnxruntime: mmformer.onnx_quantization.quantize_export on an "
+            f"ONNX export), got {backend!r}"
+        )
     QuantizationConfig(
         method, group_size=group_size, act_mapping=act_mapping, embeddings=embeddings, float_storage=float_storage
     )  # validates the options; fmt: skip

@@ -21,7 +21,19 @@ if ROOT not in sys.path:  # `benchmarks` is a folder of the repository, not of t
     [
         ("train_step", ["open_clip", "mmformer", "utilisation", "float32", "bf16"]),
         ("encode", ["image", "text", "vs_open_clip"]),
-        ("generate", ["speech (smoke)", "caption (smoke)", "vs_hf", "vs_no_cache", "compiled_vs_hf", "compile_s"]),
+        (
+            "generate",
+            [
+                "speech (smoke)",
+                "caption (smoke)",
+                "vs_hf",
+                "vs_no_cache",
+                "compiled_vs_hf",
+                "compile_s",
+                "mmformer_vs_ct2_float32",
+                "int8_vs_ct2_int8",
+            ],
+        ),
         ("attention", ["fused_ms", "naive_MiB", "memory_ratio"]),
         ("startup", ["mmformer --help", "mmformer zeroshot"]),
         ("lm_perplexity", ["model", "bigram (interpolated)", "unigram (add-one)", "vs_bigram"]),

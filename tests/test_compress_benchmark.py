@@ -23,5 +23,6 @@ def test_compress_benchmark_runs_and_prints_its_tables(capsys):
     compress.main(["all", "--tiny", "--no-save"])
     out = capsys.readouterr().out
     for text in ("student, distilled", "beats labels-only", "int4-weight", "qat-dynamic", "encode_speedup",
-                 "decoder_with_past_model", "greedy transcription", "max_abs_diff_onnx"):  # fmt: skip
+                 "decoder_with_past_model", "greedy transcription", "max_abs_diff_onnx", "pt2e static",
+                 "onnxruntime dynamic", "bf16 autocast", "test_hard_speech_wer"):  # fmt: skip
         assert text in out, f"{text!r} missing from the benchmark's output:\n{out}"

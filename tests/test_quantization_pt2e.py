@@ -1,0 +1,227 @@
+"""PT2E int8 (X86InductorQuantizer): static and dynamic graphs stay close to the float model, round-trip through
+their files (float safetensors + observer parameters) in a fresh process to identical outputs, compile with inductor
+to the same answers, and refuse a device or CPU the x86 kernels cannot serve.
+
+Tolerances (tiny seeded model, width 32; largest absolute difference on L2-normalised embeddings): static ≤ 0.06
+(one activation scale per tensor, calibrated on other data than the test inputs), dynamic ≤ 0.03 — as the torchao
+methods in test_quantization.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("torchao")
+
+from cli_helpers import REPO, cli_env  # noqa: E402
+from conftest import TINY_AUDIO, TINY_TEXT  # noqa: E402
+from test_quantization import float_dir, manifest, tiny  # noqa: E402, F401  (the tiny model and its calibration manifest)
+
+from mmformer import pt2e  # noqa: E402
+from mmformer.quantization import calibration_batches  # noqa: E402
+
+TOLERANCE = {"static": 0.06, "dynamic": 0.03}
+TOWERS = {"static": ["image", "decoder"], "dynamic": ["audio", "text"]}
+
+
+def inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "pixel_values": torch.randn(3, 3, 16, 16, generator=g),
+        "audio_features": torch.randn(3, 8, 40, generator=g),
+        "feature_lengths": torch.tensor([40, 31, 25]),
+        "input_ids": torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0], [1, 8, 9, 2]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool),
+    }
+
+
+def outputs(model, towers: list[str]) -> dict[str, torch.Tensor]:
+    x = inputs()
+    out = {}
+    with torch.no_grad():
+        if "image" in towers:
+            out["image"] = model.encode_image(x["pixel_values"])
+        if "audio" in towers:
+            out["audio"] = model.encode_audio(audio_features=x["audio_features"], feature_lengths=x["feature_lengths"])
+        if "text" in towers:
+            out["text"] = model.encode_text(x["input_ids"], x["attention_mask"])
+        if "decoder" in towers:
+            out["ids"] = model.generate(image=x["pixel_values"], max_new_tokens=6)
+    return out
+
+
+FRESH = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from safetensors.torch import save_file
+from test_quantization_pt2e import outputs
+from mmformer import pt2e
+model = pt2e.load({path!r}, compile=False)
+save_file({{k: v.contiguous() for k, v in outputs(model, {towers!r}).items()}}, {out!r})
+"""
+
+
+@pytest.mark.parametrize("mode", pt2e.MODES)
+def test_pt2e_is_close_to_float_and_reloads_identically_in_a_fresh_process(mode, manifest, tmp_path):  # noqa: F811
+    model = tiny()
+    towers = TOWERS[mode]
+    calibration = calibration_batches(model, manifest, batch_size=4) if mode == "static" else None
+    quantized = pt2e.quantize(model, mode, calibration=calibration, towers=towers, compile=False)
+    assert getattr(model, "quantization", None) is None  # the float model is left as it was
+    expected, got = outputs(model, towers), outputs(quantized, towers)
+    for name in set(expected) - {"ids"}:
+        diff = float((got[name] - expected[name]).abs().max())
+        assert 0 < diff <= TOLERANCE[mode], (name, diff)  # quantized, and close
+    # the graphs hold int8 kernels' quantize ops (static: fixed activation scales; dynamic: chosen at run time)
+    ops = {str(n.target) for g in quantized.graphs.values() for n in g.graph.nodes if n.op == "call_function"}
+    assert any("quantize_per_tensor" in op for op in ops), sorted(ops)[:20]
+    if mode == "dynamic":
+        assert any("choose_qparams" in op for op in ops)
+
+    path = quantized.save_pretrained(tmp_path / mode)
+    assert pt2e.is_pt2e(path)
+    assert not any(p.suffix in (".pt", ".pt2", ".bin", ".pkl") for p in path.iterdir())  # safetensors + JSON only
+    header = json.loads(load_file_metadata(path / pt2e.QPARAMS_FILE)["quantization_config"])
+    assert header == {"quant_method": "pt2e", "method": mode, "graphs": sorted(quantized.graphs)}
+
+    out = tmp_path / "fresh.safetensors"
+    code = FRESH.format(tests=str(__import__("pathlib").Path(__file__).parent), path=str(path), towers=towers,
+                        out=str(out))  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    fresh = load_file(out)
+    assert set(fresh) == set(got)
+    for name in got:
+        assert torch.equal(fresh[name], got[name]), name
+
+
+def load_file_metadata(path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def test_pt2e_refuses_devices_and_cpus_its_kernels_cannot_serve(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match=r"pt2e int8 \(X86InductorQuantizer\) runs on x86-64 CPUs only; got device "
+                                         r"'cuda'"):  # fmt: skip
+        pt2e.check_device("cuda")
+    monkeypatch.setattr(pt2e.platform, "machine", lambda: "aarch64")
+    with pytest.raises(ValueError, match="x86-64 CPUs only; this CPU is 'aarch64'"):
+        pt2e.quantize(tiny(), "dynamic", towers=["image"])
+    with pytest.raises(ValueError, match="x86-64 CPUs only; this CPU is 'aarch64'"):
+        pt2e.check_device("cpu")
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="no pt2e_qparams.safetensors"):
+        pt2e.load(tmp_path)
+    with pytest.raises(ValueError, match=r"the pt2e backend supports \['static', 'dynamic'\], got 'int4'"):
+        pt2e.quantize(tiny(), "int4")
+    with pytest.raises(ValueError, match="static int8 needs calibration batches"):
+        pt2e.quantize(tiny(), "static", towers=["image"])
+    from mmformer.quantization import quantize
+
+    with pytest.raises(ValueError, match=r"the pt2e backend supports \['static', 'dynamic'\], got 'int4-weight'"):
+        quantize(tiny(), "int4-weight", backend="pt2e")
+    with pytest.raises(ValueError, match="backend: expected 'torchao' or 'pt2e'.* got 'onnxruntime'"):
+        quantize(tiny(), "dynamic", backend="onnxruntime")
+
+
+def test_a_pt2e_file_whose_observers_do_not_match_is_refused(tmp_path):
+    model = tiny()
+    path = pt2e.quantize(model, "dynamic", towers=["image"], compile=False).save_pretrained(tmp_path / "q")
+    file = path / pt2e.QPARAMS_FILE
+    tensors, metadata = load_file(file), load_file_metadata(file)
+    dropped = sorted(tensors)[0].rsplit(".", 1)[0]
+    save_file({k: v for k, v in tensors.items() if not k.startswith(dropped + ".")}, str(file), metadata=metadata)
+    with pytest.raises(ValueError, match="image_encoder graph's observers .* differ from the file's"):
+        pt2e.load(path, device="cpu")
+    with pytest.raises(ValueError, match="got device 'meta'"):
+        pt2e.load(path, device="meta")
+
+
+def test_cli_writes_a_pt2e_model_and_refuses_methods_it_lacks(float_dir, tmp_path, capsys):  # noqa: F811
+    from mmformer.cli import main
+
+    main(["quantize", "--model", str(float_dir), "--backend", "pt2e", "--method", "dynamic", "--towers", "image",
+          "--out", str(tmp_path / "q")])  # fmt: skip
+    assert "pt2e dynamic int8 graphs image_encoder" in capsys.readouterr().out
+    loaded = pt2e.load(tmp_path / "q", compile=False)
+    assert loaded.mode == "dynamic" and sorted(loaded.graphs) == ["image_encoder"]
+    with pytest.raises(SystemExit, match=r"--method: expected one of dynamic, static, got 'int4-weight' "
+                                         r"\(--backend pt2e\)"):  # fmt: skip
+        main(["quantize", "--model", str(float_dir), "--backend", "pt2e", "--method", "int4-weight", "--out",
+              str(tmp_path / "x")])  # fmt: skip
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_compiled_pt2e_graphs_answer_as_the_reference_graphs():
+    """inductor lowers the q/dq patterns to oneDNN int8 kernels: the answers stay those of the reference graphs up to
+    their rounding (a few quantization steps of the output)."""
+    model = tiny()
+    reference = pt2e.quantize(model, "dynamic", towers=["image"], compile=False)
+    compiled = pt2e.PT2EModel(model, "dynamic", reference.graphs, reference.qparams, compile=True)
+    x = inputs()["pixel_values"]
+    expected, got = reference.encode_image(x), compiled.encode_image(x)
+    assert float((got - expected).abs().max()) <= 0.03
+
+
+def test_pt2e_audio_graph_serves_every_frame_count_of_a_strided_convolution():
+    """The exported audio graph guards on the frame count modulo the convolution stride (its example's residue):
+    the inputs are padded with frames past every clip's length, which the float model reads as silence."""
+    from mmformer.config import AudioConfig, ModelConfig, StackConfig, TextConfig
+    from mmformer.model import MultimodalTransformer
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        stacks={"shared": StackConfig(width=32, depth=1, n_heads=4)},
+        routes={"audio": "shared", "text": "shared"},
+        image=None,
+        audio=AudioConfig(**{**TINY_AUDIO, "conv_stride": 4}),
+        text=TextConfig(**TINY_TEXT),
+        embed_dim=16,
+    )
+    model = MultimodalTransformer(config).eval()
+    quantized = pt2e.quantize(model, "dynamic", towers=["audio"], compile=False)
+    g = torch.Generator().manual_seed(2)
+    for frames in (25, 26, 27, 28):
+        features = torch.randn(2, 8, frames, generator=g)
+        lengths = torch.tensor([frames, frames - 3])
+        with torch.no_grad():
+            expected = model.encode_audio(audio_features=features, feature_lengths=lengths)
+        got = quantized.encode_audio(audio_features=features, feature_lengths=lengths)
+        assert float((got - expected).abs().max()) <= 0.03, frames
+
+
+def test_static_int8_of_a_converted_open_clip_quantizes_both_towers():
+    """The causal text tower exports (no data-dependent padding branch in attention): static int8 of an open_clip
+    CLIP's conversion calibrates and runs both towers, close to the float model."""
+    open_clip = pytest.importorskip("open_clip")
+    from mmformer.convert import from_open_clip
+
+    torch.manual_seed(0)
+    peer = open_clip.model.CLIP(
+        embed_dim=16,
+        vision_cfg=dict(image_size=32, patch_size=16, width=32, layers=2, head_width=16),
+        text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=2),
+    )
+    model = from_open_clip(peer).eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 60, (4, 8), generator=g)
+    batch = {"pixel_values": torch.randn(4, 3, 32, 32, generator=g), "input_ids": ids,
+             "attention_mask": torch.ones_like(ids, dtype=torch.bool)}  # fmt: skip
+    quantized = pt2e.quantize(model, "static", calibration=[batch], compile=False)
+    assert sorted(quantized.graphs) == ["image_encoder", "text_encoder"]
+    pixels, text = torch.randn(2, 3, 32, 32, generator=g), torch.randint(1, 60, (2, 8), generator=g)
+    with torch.no_grad():
+        expected = (model.encode_image(pixels), model.encode_text(text))
+    got = (quantized.encode_image(pixels), quantized.encode_text(text))
+    for e, q in zip(expected, got):
+        assert 0 < float((q - e).abs().max()) <= 0.06
