@@ -28,7 +28,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m mmformer.demo
+	$(BIN)/python -m mmformer.demos.digits
 
 $(VENV)/.installed-adapt: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
@@ -36,7 +36,7 @@ $(VENV)/.installed-adapt: pyproject.toml | $(BIN)/python
 	touch $(VENV)/.installed $@
 
 adapt: $(VENV)/.installed-adapt
-	$(BIN)/python -m mmformer.demo adapt
+	$(BIN)/python -m mmformer.demos.digits adapt
 
 # The second pass of `make test`: the numerics-heavy tests (marker `numerics`) on other kernels than this CPU's own —
 # MKL's CPU-independent code path and ATen's unvectorised kernels — so that a tolerance that only this CPU's rounding

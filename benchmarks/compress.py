@@ -11,14 +11,15 @@ Distillation trains two students of about a quarter of the teacher's parameters 
 width) for the demo's step budget (configs/digits.yaml), with the teacher's tokenizer: one on the labels alone, one
 with ``--model.distill.teacher data/digits_model``; the table gives the four demo metrics of both and of the teacher.
 
-Quantization applies each method of :mod:`mmformer.quantization` to the teacher (static int8 calibrated on the
+Quantization applies each method of :mod:`mmformer.compress.quantization` to the teacher (static int8 calibrated on the
 validation split; "compact" adds the int8 token table and bf16 storage of what stays float; QAT fine-tunes the
 teacher with fake quantization for ``--qat-steps`` and converts), saves and re-loads it, and reports file size, the
 demo metrics and CPU encode / transcribe time at batch 8 next to fp32 in the same run (peers alternate, see
 benchmarks/common.py).
 
 Backends compares, on the same model, float32 with each int8 backend — PT2E dynamic / static (compiled with
-inductor; :mod:`mmformer.pt2e`), torchao dynamic, onnxruntime dynamic / static QDQ of the ONNX export (against the
+inductor; :mod:`mmformer.compress.pt2e`), torchao dynamic, onnxruntime dynamic / static QDQ of the ONNX export
+(against the
 float ONNX export) — and bf16 autocast: encode (image + audio) and greedy transcription time at batch 8, zero-shot
 accuracy and WER on test and test_hard, file size, the CPU's flags.
 
@@ -65,7 +66,7 @@ def test_manifest(limit: int | None, out: Path) -> Path:
 
 def evaluate(model_dir: Path, manifest: Path) -> dict:
     """The demo's four metrics (and speech CER) through the public API."""
-    from mmformer.demo import evaluate as demo_evaluate
+    from mmformer.demos.digits import evaluate as demo_evaluate
 
     results = demo_evaluate(model_dir, manifest)
     return {k: results[k] for k in [*METRICS, "speech_cer"]}
@@ -106,7 +107,7 @@ def train_student(
 ) -> tuple[Path, float, int]:
     """Train one student; its exported folder, training seconds and parameter count."""
     import mmformer
-    from mmformer.demo import share_cores, train
+    from mmformer.demos.digits import share_cores, train
 
     _, workers = share_cores(os.cpu_count() or 1, workers=workers)  # loader processes, as the demo picks them
     start = time.perf_counter()
@@ -156,7 +157,7 @@ def distill(args: argparse.Namespace, out: Path, manifest: Path) -> list[dict]:
 def timing_inputs(manifest: Path, batch: int) -> dict:
     """The first ``batch`` test rows as model inputs, through the shipped model's processor."""
     import mmformer
-    from mmformer.demo import read_manifest
+    from mmformer.demos.digits import read_manifest
 
     rows = read_manifest(manifest)[:batch]
     processor = mmformer.Processor.from_pretrained(MODEL)
@@ -170,7 +171,7 @@ def qat_finetune(out: Path, steps: int, tiny: bool, lr: float = 2e-5) -> Path:
     import yaml
 
     import mmformer
-    from mmformer.training_cli import build_cli
+    from mmformer.cli.training import build_cli
 
     config = yaml.safe_load(CONFIG.read_text())
     config["model"]["model"] = json.loads((MODEL / "config.json").read_text())
@@ -200,8 +201,8 @@ def qat_finetune(out: Path, steps: int, tiny: bool, lr: float = 2e-5) -> Path:
 def quantize_section(args: argparse.Namespace, out: Path, manifest: Path) -> list[dict]:
     import mmformer
     from benchmarks.common import interleaved
-    from mmformer.generation import generate
-    from mmformer.quantization import calibration_batches, quantize
+    from mmformer.compress.quantization import calibration_batches, quantize
+    from mmformer.generation.decoding import generate
 
     dirs = {"fp32": out / "fp32"}  # the shipped model is stored in float16: sizes compare with its float32 file
     mmformer.load_pretrained(MODEL).save_pretrained(dirs["fp32"])
@@ -278,8 +279,8 @@ def export_section(args: argparse.Namespace, out: Path, manifest: Path) -> list[
 
     import mmformer
     from benchmarks.common import interleaved
-    from mmformer import export
-    from mmformer.onnx_runner import OnnxModel
+    from mmformer.ship import export
+    from mmformer.ship.onnx_runner import OnnxModel
 
     model = mmformer.load_pretrained(MODEL)
     seconds = {}
@@ -374,7 +375,7 @@ class TorchBackend:
         self.model, self.processor, self.autocast = model, processor, autocast
 
     def _context(self):
-        from mmformer.cpu_precision import inference_autocast
+        from mmformer.compress.cpu_precision import inference_autocast
 
         return inference_autocast(self.autocast)
 
@@ -401,7 +402,7 @@ class OnnxBackend:
     """An ONNX export (float or int8) through the torch-free runner, on its own preprocessed arrays."""
 
     def __init__(self, directory: Path):
-        from mmformer.onnx_runner import OnnxModel
+        from mmformer.ship.onnx_runner import OnnxModel
 
         self.runner = OnnxModel(directory, threads=torch.get_num_threads())
 
@@ -427,7 +428,7 @@ def backend_metrics(backend, manifest: Path, batch: int = 50) -> dict:
     """Image and audio zero-shot accuracy on the single digits, and greedy WER on every row."""
     from torchmetrics.functional.text import word_error_rate
 
-    from mmformer.demo import WORDS, read_manifest
+    from mmformer.demos.digits import WORDS, read_manifest
 
     rows = read_manifest(manifest)
     classes = torch.nn.functional.normalize(backend.texts(WORDS), dim=-1)
@@ -452,11 +453,11 @@ def backends_section(args: argparse.Namespace, out: Path, manifest: Path) -> lis
     """
     import mmformer
     from benchmarks.common import interleaved
-    from mmformer import pt2e
-    from mmformer.cpu_precision import bf16_choice, cpu_report
-    from mmformer.export import export
-    from mmformer.onnx_quantization import quantize_export
-    from mmformer.quantization import calibration_batches, quantize
+    from mmformer.compress import pt2e
+    from mmformer.compress.cpu_precision import bf16_choice, cpu_report
+    from mmformer.compress.onnx_quantization import quantize_export
+    from mmformer.compress.quantization import calibration_batches, quantize
+    from mmformer.ship.export import export
 
     del manifest  # both splits are read here
     out.mkdir(parents=True, exist_ok=True)
@@ -493,7 +494,7 @@ def backends_section(args: argparse.Namespace, out: Path, manifest: Path) -> lis
 
     load = load_average()
     rows_in = split_manifest("test", args.batch, out)
-    from mmformer.demo import read_manifest
+    from mmformer.demos.digits import read_manifest
 
     timing_rows = read_manifest(rows_in)
     inputs = {name: b.inputs(timing_rows) for name, b in backends.items()}

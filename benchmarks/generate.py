@@ -1,6 +1,6 @@
 """Decoding tokens/s: mmformer's KV-cached generation against Hugging Face Whisper ``generate`` and CTranslate2
 (``ctranslate2.models.Whisper``, the engine of faster-whisper; float32 and int8) on the same weights and log-mel
-input, mmformer's int8 (PT2E dynamic, compiled: :mod:`mmformer.pt2e`) against CTranslate2's, and mmformer's own
+input, mmformer's int8 (PT2E dynamic, compiled: :mod:`mmformer.compress.pt2e`) against CTranslate2's, and mmformer's own
 cache-less decode; then captioning, cached against cache-less.
 
 Speech: a random ``transformers`` Whisper (``--size tiny``: a small config; ``--size whisper-tiny``: the
@@ -29,7 +29,7 @@ import torch
 
 from benchmarks.common import base_parser, interleaved, machine, parse_args, record, table
 from mmformer.config import ImageConfig, ModelConfig, StackConfig, TextConfig
-from mmformer.generation import generate
+from mmformer.generation.decoding import generate
 from mmformer.model import MultimodalTransformer
 
 WHISPER_SIZES = {
@@ -215,7 +215,7 @@ def speech_rows(args: argparse.Namespace) -> list[dict]:
 
             extra |= ct2.whisper_models(hf, whisper_specials(hf), folder)
         if args.int8:
-            from mmformer import pt2e
+            from mmformer.compress import pt2e
 
             extra["int8"] = pt2e.quantize(ours, "dynamic", towers=["audio", "decoder"], compile=args.compile)
         rows = []

@@ -363,8 +363,8 @@ def tiny_task_data(n: int = 32):
 
     from mmformer.config import ImageConfig, ModelConfig, StackConfig, TextConfig
     from mmformer.data.collate import Collator
+    from mmformer.preprocess.tokenizer import Tokenizer
     from mmformer.tasks import MultimodalTask
-    from mmformer.tokenizer import Tokenizer
 
     words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     tok = Tokenizer.train([" ".join(words)] * 4, vocab_size=300)
@@ -525,7 +525,7 @@ def row_decode(ctx: argparse.Namespace) -> list[dict]:
     from transformers import GenerationConfig, GenerationMixin
 
     from benchmarks.generate import N_MELS, START, WHISPER_SIZES, whisper_pair
-    from mmformer.generation import generate
+    from mmformer.generation.decoding import generate
 
     device = ctx.device
     size = "smoke" if ctx.tiny else "whisper-tiny"
@@ -588,7 +588,7 @@ def row_graph_decode(ctx: argparse.Namespace) -> list[dict]:
     from transformers import GenerationConfig, GenerationMixin
 
     from benchmarks.generate import N_MELS, START, WHISPER_SIZES, whisper_pair
-    from mmformer.generation import generate
+    from mmformer.generation.decoding import generate
 
     device = ctx.device
     size = "smoke" if ctx.tiny else "whisper-small"

@@ -84,8 +84,8 @@ def tiny_model(train: list[str]):
     """An untrained toy model with a small tokenizer: runs the script in seconds."""
     from mmformer import MultimodalTransformer
     from mmformer.config import ModelConfig, StackConfig, TextConfig
-    from mmformer.processor import Processor
-    from mmformer.tokenizer import Tokenizer
+    from mmformer.preprocess.processor import Processor
+    from mmformer.preprocess.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.train(train, vocab_size=300)
     stack = StackConfig(width=32, depth=1, n_heads=2)

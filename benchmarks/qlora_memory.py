@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import base_parser, machine, parse_args, record, table
-from mmformer import MultimodalTransformer, adapters
-from mmformer.adapters import LoraSettings
+from mmformer import MultimodalTransformer
+from mmformer.adapt import adapters
+from mmformer.adapt.adapters import LoraSettings
 from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
 
 SIZES = {
@@ -34,7 +35,7 @@ def model_config(size: str) -> tuple[ModelConfig, dict]:
     if size == "digits":
         from pathlib import Path
 
-        from mmformer.pretrained import read_config
+        from mmformer.io.pretrained import read_config
 
         config = read_config(Path("data/digits_model/config.json"), required=True)
         return config, dict(batch=32, length=8)

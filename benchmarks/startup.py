@@ -32,7 +32,7 @@ def mmformer_command() -> list[str]:
     script = Path(sys.executable).parent / "mmformer"
     if script.is_file():
         return [str(script)]
-    return [sys.executable, "-c", "import sys; from mmformer.cli import main; sys.exit(main())"]
+    return [sys.executable, "-c", "import sys; from mmformer.cli.main import main; sys.exit(main())"]
 
 
 def wall_time(cmd: list[str], repeats: int) -> float:
@@ -47,7 +47,7 @@ def wall_time(cmd: list[str], repeats: int) -> float:
 
 def heavy_imports(argv: list[str]) -> list[str]:
     """Heavy top-level packages the mmformer command ``argv`` imports, from ``python -X importtime``."""
-    code = f"import sys; sys.argv = ['mmformer', *{argv!r}]; from mmformer.cli import main; main()"
+    code = f"import sys; sys.argv = ['mmformer', *{argv!r}]; from mmformer.cli.main import main; main()"
     err = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", code], cwd=ROOT, check=True, capture_output=True, text=True
     ).stderr
@@ -62,7 +62,7 @@ def make_model(directory: Path) -> Path:
 
     from mmformer import MultimodalTransformer, Processor, Tokenizer
     from mmformer.config import ImageConfig, ModelConfig, StackConfig, TextConfig
-    from mmformer.processor import ImageProcessorConfig
+    from mmformer.preprocess.processor import ImageProcessorConfig
 
     words = ["a photo of a cat", "a photo of a dog", "a drawing of a bird", "zero one two three"]
     tokenizer = Tokenizer.train(words * 4, vocab_size=300, max_length=16)
@@ -145,7 +145,7 @@ def load_worker(method: str, directory: str, repeats: int) -> dict:
     import safetensors.torch
 
     import mmformer
-    from mmformer.pretrained import read_config
+    from mmformer.io.pretrained import read_config
 
     weights = Path(directory) / "model.safetensors"
 

@@ -19,12 +19,12 @@ _EXPORTS = {
     "TextConfig": "mmformer.config",
     "MultimodalTransformer": "mmformer.model",
     "KVCache": "mmformer.layers.cache",
-    "Tokenizer": "mmformer.tokenizer",
-    "Processor": "mmformer.processor",
+    "Tokenizer": "mmformer.preprocess.tokenizer",
+    "Processor": "mmformer.preprocess.processor",
     "ZeroShotClassifier": "mmformer.zeroshot",
-    "load_pretrained": "mmformer.auto",
-    "from_pretrained": "mmformer.auto",
-    "save_pretrained": "mmformer.pretrained",
+    "load_pretrained": "mmformer.io.auto",
+    "from_pretrained": "mmformer.io.auto",
+    "save_pretrained": "mmformer.io.pretrained",
 }
 _SUBMODULES = {"convert", "data", "layers", "embedders", "generation", "tasks"}
 
@@ -51,13 +51,13 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from mmformer.auto import from_pretrained, load_pretrained
     from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
+    from mmformer.io.auto import from_pretrained, load_pretrained
+    from mmformer.io.pretrained import save_pretrained
     from mmformer.layers.cache import KVCache
     from mmformer.model import MultimodalTransformer
-    from mmformer.pretrained import save_pretrained
-    from mmformer.processor import Processor
-    from mmformer.tokenizer import Tokenizer
+    from mmformer.preprocess.processor import Processor
+    from mmformer.preprocess.tokenizer import Tokenizer
     from mmformer.zeroshot import ZeroShotClassifier
 
 

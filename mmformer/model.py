@@ -15,10 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmformer import completion, generation, pretrained, quantized_files, weights
 from mmformer.config import MODALITIES, ModelConfig
 from mmformer.embedders import AudioEmbedder, ImageEmbedder, TextEmbedder
 from mmformer.embedders.checks import check_memory, check_packed_memory, check_positions, check_prefix
+from mmformer.generation import completion
+from mmformer.generation import decoding as generation
+from mmformer.io import pretrained, quantized_files, weights
 from mmformer.layers.attention import CrossAttentionScores, right_padded
 from mmformer.layers.block import Stack
 from mmformer.layers.cache import KVCache
@@ -46,7 +48,7 @@ class MultimodalTransformer(nn.Module):
 
     ``encode_*`` return pooled, projected and (by default) L2-normalised embeddings for contrastive use;
     ``encode_*_tokens`` return the token states a decoder cross-attends to; :meth:`decode` runs the causal text
-    decoder to LM logits. Generation lives in :mod:`mmformer.generation`; training in :mod:`mmformer.tasks`.
+    decoder to LM logits. Generation lives in :mod:`mmformer.generation.decoding`; training in :mod:`mmformer.tasks`.
     """
 
     def __init__(self, config: ModelConfig):
@@ -89,7 +91,7 @@ class MultimodalTransformer(nn.Module):
         self.tie_weights()
         self.ctc_head = nn.Linear(config.width("audio"), config.text.vocab_size) if config.ctc_head else None
         self.processor: Any = None  # the Processor loaded with the weights (from_pretrained), if any
-        self.quantization: Any = None  # how torchao quantized the weights (mmformer.quantization), if it did
+        self.quantization: Any = None  # how torchao quantized the weights (mmformer.compress.quantization), if it did
         self.reset_parameters()
 
     def _image_heads(self, config: ModelConfig) -> None:
@@ -443,7 +445,7 @@ class MultimodalTransformer(nn.Module):
         one, as Hugging Face ``generate`` does, so that each row's logits are those it would have alone.
         ``positions`` (B, T) overrides the position ids (packed documents restart them per document).
         ``prefix_embeds`` (P, D): learned vectors the decoder reads before the ids (prompt tuning, see
-        :mod:`mmformer.prompts`); they take positions 0..P-1 (and the cache's first P slots) and return no logits.
+        :mod:`mmformer.adapt.prompts`); they take positions 0..P-1 (and the cache's first P slots) and return no logits.
 
         With ``documents``, ids (R, T) are a packed batch of n documents (teacher forcing without padding): document
         i reads memory row i of memory (n, S, D), or memory document i of a packed memory (1, M, D) with
@@ -575,7 +577,7 @@ class MultimodalTransformer(nn.Module):
     # ---------------------------------------------------------------- pretrained I/O and generation
     def save_pretrained(self, directory: str | os.PathLike, processor: Any = None, *, overwrite: bool = True) -> None:
         """Write config.json + model.safetensors (and the processor's files) into ``directory``, atomically; see
-        :func:`mmformer.pretrained.save_pretrained`."""
+        :func:`mmformer.io.pretrained.save_pretrained`."""
         pretrained.save_pretrained(self, directory, processor=processor, overwrite=overwrite)
 
     @classmethod
@@ -594,10 +596,10 @@ class MultimodalTransformer(nn.Module):
 
         The model is built on the meta device and checked against the file's header (names, shapes, dtypes, the
         parameter count) before anything is allocated; then the file's tensors are assigned (see
-        :mod:`mmformer.weights`), so loading costs about one read of the file, whatever its config declares.
+        :mod:`mmformer.io.weights`), so loading costs about one read of the file, whatever its config declares.
 
         Args:
-            path: the directory or file (see :func:`mmformer.pretrained.read_checkpoint`).
+            path: the directory or file (see :func:`mmformer.io.pretrained.read_checkpoint`).
             map_location: where tensors are read to (``torch.load``'s argument; a device for safetensors).
             device: put the model there (default: where the tensors were read to).
             dtype: the floating-point dtype of the model (default float32); stored tensors are cast to it.
@@ -651,12 +653,12 @@ class MultimodalTransformer(nn.Module):
     def generate(self, input_ids: torch.Tensor | None = None, **inputs: Any) -> torch.Tensor:
         """Token ids (B, T) decoded from images, audio, text or a prompt alone; ``input_ids`` (first, as in Hugging
         Face) is a decoder-only model's prompt, a text encoder's input otherwise. See
-        :func:`mmformer.generation.generate`."""
+        :func:`mmformer.generation.decoding.generate`."""
         return generation.generate(self, input_ids=input_ids, **inputs)
 
     def complete(self, prompts: Any, processor: Any = None, **decoding: Any) -> list[str]:
         """Continuations of text prompts (a str, a list of str, or prompt ids) by a decoder-only language model;
-        see :func:`mmformer.completion.complete`."""
+        see :func:`mmformer.generation.completion.complete`."""
         return completion.complete(self, prompts, processor=processor, **decoding)
 
     def caption(self, images: Any, processor: Any = None, **decoding: Any) -> list[str]:

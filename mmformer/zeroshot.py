@@ -2,7 +2,8 @@
 
 Each class name is put into prompt templates ("a photo of a {}."); the class embedding is the normalised mean of
 the normalised text embeddings of its prompts (prompt ensembling). A learned prompt (CoOp's context vectors,
-:class:`mmformer.prompts.ContextPrompt`) can take the templates' place. An image or a waveform then belongs to the class
+:class:`mmformer.adapt.prompts.ContextPrompt`) can take the templates' place. An image or a waveform then belongs to
+the class
 whose embedding is most similar: ``logits = logit_scale.exp() * features @ class_embeddings.T``.
 
 Shape legend: B inputs, C classes, K templates, E joint embedding size.
@@ -20,14 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmformer.io.weights import model_device
 from mmformer.model import MultimodalTransformer
 from mmformer.values import is_int
-from mmformer.weights import model_device
 
 if TYPE_CHECKING:
-    from mmformer.processor import Processor
-    from mmformer.prompts import ContextPrompt
-    from mmformer.tokenizer import Tokenizer
+    from mmformer.adapt.prompts import ContextPrompt
+    from mmformer.preprocess.processor import Processor
+    from mmformer.preprocess.tokenizer import Tokenizer
 
 Template = str | Callable[[str], str]
 MODALITIES = ("image", "audio")
@@ -114,7 +115,7 @@ def _encode_templates(
     model: MultimodalTransformer, tokenizer: Tokenizer, names: list[str], templates: list[Template], batch_size: int
 ) -> torch.Tensor:
     """(C, K, E) normalised text embeddings of every class name in every template."""
-    from mmformer.processor import tokenize_with_warning
+    from mmformer.preprocess.processor import tokenize_with_warning
 
     prompts = [_fill(t, name) for name in names for t in templates]  # class-major: C × K prompts
     max_length = min(tokenizer.max_length, model.config.text.max_tokens)
@@ -170,7 +171,7 @@ class ZeroShotClassifier:
         templates: prompt templates, each with ``{}`` for the class name (or callables name → prompt).
         modality: "image" or "audio".
         batch_size: inputs (and prompts) encoded per forward pass.
-        prompt: a learned prompt (:class:`~mmformer.prompts.ContextPrompt`, or the path of its file) in place of
+        prompt: a learned prompt (:class:`~mmformer.adapt.prompts.ContextPrompt`, or the path of its file) in place of
             the templates.
 
     Example:
@@ -215,7 +216,7 @@ class ZeroShotClassifier:
         self.classnames = check_classnames(classnames)
         self.templates = check_templates(templates)
         if prompt is not None:
-            from mmformer.prompts import ContextPrompt, load_prompt
+            from mmformer.adapt.prompts import ContextPrompt, load_prompt
 
             if isinstance(prompt, (str, os.PathLike)):
                 prompt = load_prompt(prompt, model, kind=ContextPrompt.kind)

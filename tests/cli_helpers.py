@@ -111,7 +111,7 @@ def write_config(path: Path, config: dict) -> Path:
 def fit_in_process(config: Path, *args: str, run: bool = True):
     """``mmformer fit --config CONFIG ARGS`` in this process; returns the LightningCLI (model, trainer). With
     ``run=False`` it stops before fitting."""
-    from mmformer.training_cli import build_cli
+    from mmformer.cli.training import build_cli
 
     argv = sys.argv
     sys.argv = argv[:1]  # LightningCLI warns when args are given and sys.argv carries pytest's

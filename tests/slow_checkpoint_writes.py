@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from mmformer.cli import main
+from mmformer.cli.main import main
 
 
 class PausingFile:

@@ -10,10 +10,11 @@ import torch
 from cli_helpers import WORDS, fit_in_process, tiny_config, write_config, write_pairs
 from lightning.pytorch.utilities.model_summary import ModelSummary
 
-from mmformer import ModelConfig, MultimodalTransformer, Processor, adapters, from_pretrained
-from mmformer.processor import ImageProcessorConfig
-from mmformer.tokenizer import Tokenizer
-from mmformer.training_cli import ConfigError
+from mmformer import ModelConfig, MultimodalTransformer, Processor, from_pretrained
+from mmformer.adapt import adapters
+from mmformer.cli.training import ConfigError
+from mmformer.preprocess.processor import ImageProcessorConfig
+from mmformer.preprocess.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_lora_fit_resumes_and_exports_an_adapter(pretrained, tmp_path):
     assert adapters.has_adapter(trained)
     trained_outputs = probe(trained)
 
-    from mmformer.cli import main
+    from mmformer.cli.main import main
 
     main(["export", "--ckpt", str(tmp_path / "ckpt" / "last.ckpt"), "--out", str(tmp_path / "adapter")])
     loaded = from_pretrained(root / "base", adapter=tmp_path / "adapter")
@@ -163,8 +164,8 @@ def test_context_prompt_fit_moves_only_the_prompt_and_exports_it(pretrained, tmp
     assert all(torch.equal(p, before[n]) for n, p in cli.model.model.named_parameters())
     assert not torch.equal(cli.model.prompt.vectors, start)
 
-    from mmformer.cli import main
-    from mmformer.prompts import load_prompt
+    from mmformer.adapt.prompts import load_prompt
+    from mmformer.cli.main import main
 
     main(["export", "--ckpt", str(tmp_path / "ckpt" / "last.ckpt"), "--out", str(tmp_path / "prompt.safetensors")])
     assert torch.equal(load_prompt(tmp_path / "prompt.safetensors").vectors, cli.model.prompt.vectors.detach())
@@ -186,7 +187,7 @@ def test_qlora_fit_through_the_cli_keeps_a_4bit_base(pretrained, tmp_path, devic
     assert layers and all(m.weight.dtype == torch.uint8 for m in layers)
     losses = cli.trainer.callback_metrics
     assert torch.isfinite(losses["train/loss"])
-    from mmformer.cli import main
+    from mmformer.cli.main import main
 
     main(["export", "--ckpt", str(tmp_path / "ckpt" / "last.ckpt"), "--out", str(tmp_path / "adapter")])
     loaded = from_pretrained(root / "base", adapter=tmp_path / "adapter")  # onto the full-precision base
@@ -205,8 +206,8 @@ def test_decoder_prefix_fit_moves_only_the_prefix(pretrained, tmp_path):
 
 
 def test_inference_commands_take_adapters_and_prompts(pretrained, tmp_path, capsys):
-    from mmformer.cli import main
-    from mmformer.prompts import ContextPrompt, DecoderPrefix
+    from mmformer.adapt.prompts import ContextPrompt, DecoderPrefix
+    from mmformer.cli.main import main
 
     root, train = pretrained
     image = str(root / "img" / "0.png")

@@ -18,12 +18,13 @@ import soundfile as sf
 import torch
 from cli_helpers import REPO, WORDS, cli_env, fit_in_process, run_cli, tiny_config, write_config, write_pairs
 
-from mmformer import ModelConfig, MultimodalTransformer, Processor, adapters, from_pretrained
-from mmformer.adapters import LoraSettings
-from mmformer.onnx_runner import OnnxModel
-from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig
-from mmformer.tokenizer import Tokenizer
-from mmformer.weights import base_layer
+from mmformer import ModelConfig, MultimodalTransformer, Processor, from_pretrained
+from mmformer.adapt import adapters
+from mmformer.adapt.adapters import LoraSettings
+from mmformer.io.weights import base_layer
+from mmformer.preprocess.processor import AudioProcessorConfig, ImageProcessorConfig
+from mmformer.preprocess.tokenizer import Tokenizer
+from mmformer.ship.onnx_runner import OnnxModel
 from mmformer.zeroshot import ZeroShotClassifier
 
 pytest.importorskip("peft")
@@ -42,7 +43,7 @@ RELOAD = textwrap.dedent(
     import json, sys
     import torch
     import mmformer
-    from mmformer.export import export
+    from mmformer.ship.export import export
     from mmformer.zeroshot import ZeroShotClassifier
 
     torch.set_num_threads(1)
@@ -118,7 +119,7 @@ def test_adapter_written_by_fit_decodes_the_same_in_a_new_process(pretrained, tm
     images = [str(train.parent / "img" / f"{i}.png") for i in range(3)]
     expected = decoded(trained, processor, images, wav)
 
-    from mmformer.cli import main
+    from mmformer.cli.main import main
 
     adapter = tmp_path / "adapter"
     main(["export", "--ckpt", str(tmp_path / "ckpt" / "last.ckpt"), "--out", str(adapter)])

@@ -11,8 +11,9 @@ import pytest
 import tokenizers
 import torch
 
-from mmformer import MultimodalTransformer, adapters
-from mmformer.adapters import LoraSettings
+from mmformer import MultimodalTransformer
+from mmformer.adapt import adapters
+from mmformer.adapt.adapters import LoraSettings
 
 
 @pytest.fixture
@@ -85,7 +86,7 @@ def mmformer_load(base: MultimodalTransformer, folder) -> MultimodalTransformer:
 
 def test_from_pretrained_with_adapter_and_merge_command(base, tmp_path):
     from mmformer import from_pretrained
-    from mmformer.cli import main
+    from mmformer.cli.main import main
 
     base.save_pretrained(tmp_path / "base")
     adapted = fresh_copy(base)
@@ -137,7 +138,7 @@ def test_bad_adapter_input_names_it(base, tmp_path):
 
 def test_grown_vocabulary_keeps_old_logits_and_travels_with_the_adapter(base, tmp_path):
     from mmformer import Processor
-    from mmformer.tokenizer import Tokenizer
+    from mmformer.preprocess.tokenizer import Tokenizer
 
     ids = torch.randint(3, 32, (2, 5))
     memory, _ = base.encode_image_tokens(torch.randn(2, 3, 16, 16))
@@ -209,7 +210,7 @@ def test_added_words_decode_as_written_and_leave_other_text_alone():
     characters ("fünf") must still decode as written (tokenizers alone gives "f\ufffdnf")."""
     from tokenizers import AddedToken
 
-    from mmformer.tokenizer import Tokenizer
+    from mmformer.preprocess.tokenizer import Tokenizer
 
     english = ["four two nine", "seven", "one one"]
     base = Tokenizer.train(english * 5, vocab_size=270)
@@ -231,8 +232,8 @@ def test_qlora_quantizes_what_torchao_quantizes_and_keeps_tied_heads():
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
 
+    from mmformer.compress.quantization import quantizable
     from mmformer.config import ModelConfig, StackConfig, TextConfig
-    from mmformer.quantization import quantizable
 
     config = ModelConfig(
         stacks={"s": StackConfig(width=32, depth=1, n_heads=2, mlp_ratio=2.0)},

@@ -18,10 +18,10 @@ from PIL import Image
 from tokenizers import Tokenizer as Backend
 from tokenizers import models, pre_tokenizers
 
-from mmformer.generation import generate
+from mmformer.generation.decoding import generate
 from mmformer.model import MultimodalTransformer
-from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
-from mmformer.tokenizer import Tokenizer
+from mmformer.preprocess.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
+from mmformer.preprocess.tokenizer import Tokenizer
 from mmformer.zeroshot import ZeroShotClassifier
 
 D, V = 16, 32  # tiny_model: width 16, 32-token vocabulary, 16 text positions, 8 kHz audio, 8 mel bins, 128 frames

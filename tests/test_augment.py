@@ -29,7 +29,7 @@ from mmformer.data.augment import (
     change_speed,
     pitch_shift,
 )
-from mmformer.processor import AudioProcessorConfig, Processor
+from mmformer.preprocess.processor import AudioProcessorConfig, Processor
 from mmformer.tasks import MultimodalTask
 
 RATE, N = 8000, 10

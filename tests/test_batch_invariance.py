@@ -25,9 +25,9 @@ import torch.nn.functional as F
 import mmformer
 from mmformer.data.augment import AudioAugmentConfig, FeatureCollator
 from mmformer.data.collate import Collator, pad_audio
-from mmformer.demo import WORDS, read_manifest
+from mmformer.demos.digits import WORDS, read_manifest
 from mmformer.embedders.audio import centre_pad
-from mmformer.generation import generate
+from mmformer.generation.decoding import generate
 from mmformer.layers import Documents
 from mmformer.model import MultimodalTransformer
 from mmformer.tasks.losses import IGNORE_INDEX, caption_loss, ctc_loss, document_targets, teacher_forcing
@@ -308,7 +308,7 @@ def test_decoder_only_lm_left_padded_prompts_equal_each_alone():
 RUNNER = """
 import json, sys
 import numpy as np
-from mmformer.onnx_runner import OnnxModel
+from mmformer.ship.onnx_runner import OnnxModel
 m = OnnxModel(sys.argv[1])
 waves = m.load_audio(json.loads(sys.argv[2]))
 features, frames = m.log_mel(waves)
@@ -330,7 +330,7 @@ def test_onnx_runner_batches_equal_each_clip_alone(digits, tmp_path):
     of clips gives each clip its features, token states and embedding alone, and the model's embeddings. (The
     runner's decoder graphs read the memory mask: test_export checks their batched ids against the model's.)"""
     pytest.importorskip("onnxruntime")
-    from mmformer.export import export
+    from mmformer.ship.export import export
 
     model, rows, waves = digits
     out = export(model, tmp_path / "onnx", towers=["audio"])

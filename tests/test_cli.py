@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from mmformer import AudioConfig, ImageConfig, ModelConfig, MultimodalTransformer, Processor, StackConfig, TextConfig
-from mmformer.cli import USAGE, main
-from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig
-from mmformer.tokenizer import Tokenizer
+from mmformer.cli.main import USAGE, main
+from mmformer.preprocess.processor import AudioProcessorConfig, ImageProcessorConfig
+from mmformer.preprocess.tokenizer import Tokenizer
 
 WORDS = ["zero", "one", "two"]
 
@@ -51,7 +51,7 @@ def test_every_sub_command_help_prints_one_usage_line(capsys):
     sub-command the parser has and for the training commands (LightningCLI's own help)."""
     import argparse
 
-    from mmformer.cli import TRAIN_COMMANDS, _parser
+    from mmformer.cli.main import TRAIN_COMMANDS, _parser
 
     sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert {"export", "transcribe", "caption", "zeroshot", "merge", "convert"} <= set(sub.choices)

@@ -144,8 +144,8 @@ def test_torch_export_of_a_converted_clip_causal_text_tower_with_padding(tmp_pat
     """A converted open_clip model's causal text tower exports with its padding mask (it stopped at the padding check
     before), and the program, loaded in a fresh process, equals open_clip on rows of another batch size and with
     other padding than the example it was traced with."""
-    from mmformer import export
     from mmformer.convert import from_open_clip
+    from mmformer.ship import export
 
     torch.manual_seed(0)
     ref = open_clip.CLIP(**SMALL_CLIP).eval()
@@ -156,7 +156,7 @@ def test_torch_export_of_a_converted_clip_causal_text_tower_with_padding(tmp_pat
     mask = ids != 0
     script = (
         "import json, sys, torch\n"
-        "from mmformer.export import load_program\n"
+        "from mmformer.ship.export import load_program\n"
         f"program = load_program({str(tmp_path / 'graphs' / 'text_encoder.pt2')!r}).module()\n"
         "ids = torch.tensor(json.loads(sys.stdin.read()))\n"
         "embeds, _ = program(ids, ids != 0)\n"
@@ -177,8 +177,8 @@ def test_torch_export_of_a_converted_clip_causal_text_tower_with_padding(tmp_pat
 def test_static_int8_of_a_converted_clip_with_a_padded_causal_text_tower():
     """#26's blocker: static int8 (PT2E, calibrated on exported towers) of a converted open_clip model now exports its
     causal text tower with padding; the quantized text embeddings stay close to the float ones (cosine > 0.99)."""
+    from mmformer.compress.quantization import quantize
     from mmformer.convert import from_open_clip
-    from mmformer.quantization import quantize
 
     torch.manual_seed(0)
     model = from_open_clip(open_clip.CLIP(**SMALL_CLIP)).eval()

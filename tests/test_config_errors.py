@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from cli_helpers import fit_in_process, run_cli, tiny_config, write_config
 
-from mmformer.training_cli import ConfigError
+from mmformer.cli.training import ConfigError
 
 
 @pytest.fixture

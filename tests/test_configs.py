@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mmformer.training_cli import build_cli
+from mmformer.cli.training import build_cli
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 DEMOS = ("digits", "lm_shakespeare")  # configs whose data ships in the repository

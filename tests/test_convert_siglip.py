@@ -82,8 +82,8 @@ def test_zero_shot_probabilities_are_sigmoids(hf):
     from tokenizers import Tokenizer as Backend
     from tokenizers import models, pre_tokenizers
 
-    from mmformer.processor import Processor
-    from mmformer.tokenizer import Tokenizer
+    from mmformer.preprocess.processor import Processor
+    from mmformer.preprocess.tokenizer import Tokenizer
 
     words = ["<pad>", "</s>", *[f"w{i}" for i in range(2, 98)], "<bos>"]
     backend = Backend(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w2"))

@@ -23,10 +23,10 @@ from transformers import (  # noqa: E402
 )
 
 from mmformer import from_pretrained  # noqa: E402
-from mmformer.cli import main  # noqa: E402
+from mmformer.cli.main import main  # noqa: E402
 from mmformer.convert import from_hf_bert, from_hf_gpt2, from_hf_llama, from_hf_t5  # noqa: E402
 from mmformer.convert.common import UnsupportedModelError  # noqa: E402
-from mmformer.generation import left_pad  # noqa: E402
+from mmformer.generation.decoding import left_pad  # noqa: E402
 
 pytestmark = pytest.mark.numerics  # run again on other kernels by `make test` (Makefile: NUMERICS_ENV)
 
@@ -184,7 +184,7 @@ def test_gpt2_from_a_folder_and_the_convert_command(hf_gpt2, tmp_path):
     main(["convert", "--from", "hf_gpt2", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")])
     with torch.no_grad():
         assert (from_pretrained(tmp_path / "ours").decode(ids) - expected).abs().max() < ATOL
-        # the folder's model_type picks the converter (mmformer.auto.HF_CONVERTERS)
+        # the folder's model_type picks the converter (mmformer.io.auto.HF_CONVERTERS)
         assert (from_pretrained(tmp_path / "hf").decode(ids) - expected).abs().max() < ATOL
 
 

@@ -33,8 +33,8 @@ from mmformer.data import (
 )
 from mmformer.data.augment import AugmentConfig
 from mmformer.data.manifest import read_rows
-from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
-from mmformer.tokenizer import Tokenizer
+from mmformer.preprocess.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
+from mmformer.preprocess.tokenizer import Tokenizer
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 RATE = 16000

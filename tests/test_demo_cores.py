@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mmformer.demo import share_cores
+from mmformer.demos.digits import share_cores
 
 
 def test_cores_are_shared_between_compute_and_loading():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mmformer.demo import evaluate
+from mmformer.demos.digits import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,10 +43,11 @@ def test_the_model_holds_up_on_voices_and_distortions_it_never_saw(hard_results)
 
 
 def test_evaluate_entry_prints_the_figures_without_training(hard_results, capsys, monkeypatch):
-    """`python -m mmformer.demo evaluate`: the demo's figures of the shipped model, with their targets, no training."""
+    """`python -m mmformer.demos.digits evaluate`: the demo's figures of the shipped model, with their targets, no
+    training."""
     import torch
 
-    from mmformer.demo import main
+    from mmformer.demos.digits import main
 
     monkeypatch.chdir(ROOT)  # the demo's splits are paths from the repository root, as `make demo` runs it
     main(["evaluate", "--model", str(ROOT / "data" / "digits_model"), "--splits", "test_hard",

@@ -23,12 +23,12 @@ ort = pytest.importorskip("onnxruntime")
 from conftest import TINY_AUDIO, TINY_IMAGE, TINY_STACK, TINY_TEXT  # noqa: E402
 
 import mmformer  # noqa: E402
-from mmformer import export  # noqa: E402
 from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig  # noqa: E402
-from mmformer.generation import generate  # noqa: E402
+from mmformer.generation.decoding import generate  # noqa: E402
 from mmformer.model import MultimodalTransformer  # noqa: E402
-from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Processor  # noqa: E402
-from mmformer.tokenizer import Tokenizer  # noqa: E402
+from mmformer.preprocess.processor import AudioProcessorConfig, ImageProcessorConfig, Processor  # noqa: E402
+from mmformer.preprocess.tokenizer import Tokenizer  # noqa: E402
+from mmformer.ship import export  # noqa: E402
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,7 +127,7 @@ def files(tmp_path_factory):
 
 
 def test_greedy_decoding_through_the_onnx_kv_cache_gives_the_models_ids(model, exported, files):
-    from mmformer.onnx_runner import OnnxModel
+    from mmformer.ship.onnx_runner import OnnxModel
 
     runner = OnnxModel(exported["onnx"])
     _, audio = files
@@ -146,7 +146,7 @@ def test_the_onnx_runner_classifies_and_transcribes_without_torch(model, exporte
     images, audio = files
     script = f"""
 import json, sys
-from mmformer.onnx_runner import OnnxModel
+from mmformer.ship.onnx_runner import OnnxModel
 m = OnnxModel({str(exported["onnx"])!r})
 probs, labels = m.zeroshot({images!r}, {WORDS[:4]!r}, modality="image")
 audio_probs, _ = m.zeroshot({audio!r}, {WORDS[:4]!r}, modality="audio")
@@ -202,7 +202,7 @@ def test_bad_requests_are_clear_errors_and_leave_nothing_behind(model, tmp_path,
 
 
 def test_cli_exports_towers_and_still_writes_pretrained_folders(model, tmp_path, capsys):
-    from mmformer.cli import main
+    from mmformer.cli.main import main
 
     model.save_pretrained(tmp_path / "model")
     main(["export", "--model", str(tmp_path / "model"), "--format", "torch-export", "--towers", "image,text",

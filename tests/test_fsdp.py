@@ -27,7 +27,7 @@ from cli_helpers import (
     write_pairs,
 )
 
-from mmformer.pretrained import read_checkpoint, read_training_checkpoint
+from mmformer.io.pretrained import read_checkpoint, read_training_checkpoint
 from mmformer.tasks.parallel import FSDP2Strategy, strategy_from_name, vectorize_scalars
 
 STEPS = 3

@@ -49,7 +49,7 @@ from mmformer.data import (
     SkippedSampleWarning,
     read_audio,
 )
-from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
+from mmformer.preprocess.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
 
 RATE = 8000
 FUZZ = settings(

@@ -13,11 +13,11 @@ import torch
 from tokenizers import Tokenizer as Backend
 from tokenizers import models, pre_tokenizers
 
-from mmformer.generation import DecodingOptions, _memory, generate
+from mmformer.generation.decoding import DecodingOptions, _memory, generate
+from mmformer.generation.search import BeamSearch, DecoderRunner
 from mmformer.model import MultimodalTransformer
-from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
-from mmformer.search import BeamSearch, DecoderRunner
-from mmformer.tokenizer import Tokenizer
+from mmformer.preprocess.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
+from mmformer.preprocess.tokenizer import Tokenizer
 
 B = 3
 SCHEMES = {  # decoder position scheme: absolute (text embedder) or relative (inside attention)

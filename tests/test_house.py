@@ -53,9 +53,9 @@ def test_the_scan_would_catch_an_internal_access():
 
 
 def test_file_io_does_not_know_the_model():
-    imported = imported_modules((PACKAGE / "pretrained.py").read_text(encoding="utf-8"))
+    imported = imported_modules((PACKAGE / "io/pretrained.py").read_text(encoding="utf-8"))
     assert not {m for m in imported if m.startswith("mmformer.model")}, imported
-    imported = imported_modules((PACKAGE / "weights.py").read_text(encoding="utf-8"))
+    imported = imported_modules((PACKAGE / "io/weights.py").read_text(encoding="utf-8"))
     assert not {m for m in imported if m.startswith("mmformer.model")}, imported
 
 
@@ -84,7 +84,7 @@ def test_a_hub_id_reads_its_config_json_once(hf_cache, tmp_path, tiny_model, kin
     from test_hub import saved, tiny_clip
 
     import mmformer
-    from mmformer import hub
+    from mmformer.io import hub
 
     if kind == "hf":
         put_in_cache(hf_cache, "org/clip-tiny", saved(tiny_clip(), tmp_path / "src"))
@@ -100,7 +100,7 @@ def test_a_hub_id_reads_its_config_json_once(hf_cache, tmp_path, tiny_model, kin
     with config_reads() as opened:
         source = hub.resolve_source("org/clip-tiny")
         mmformer.from_pretrained(source)
-        processor = mmformer.auto.load_processor(source)
+        processor = mmformer.io.auto.load_processor(source)
     assert len(opened) == 1 and (processor is None) == (model.processor is None) == (kind == "mmformer")
 
 
@@ -115,44 +115,46 @@ LAYER_OF = {
     "mmformer": "foundation",  # the package root: __version__ and lazy re-exports
     "mmformer.config": "foundation",
     "mmformer.values": "foundation",
-    "mmformer.atomic": "foundation",
+    "mmformer.io.atomic": "foundation",
     "mmformer.layers": "blocks",
     "mmformer.embedders": "blocks",
-    "mmformer.weights": "blocks",
-    "mmformer.tokenizer": "preprocess",
-    "mmformer.processor": "preprocess",
+    "mmformer.io.weights": "blocks",
+    "mmformer.preprocess.tokenizer": "preprocess",
+    "mmformer.preprocess.processor": "preprocess",
     "mmformer.data": "preprocess",
-    "mmformer.pretrained": "files",
-    "mmformer.quantized_files": "files",
-    "mmformer.hub": "files",
-    "mmformer.checkpointing": "files",
-    "mmformer.search": "decoding",
-    "mmformer.token_choice": "decoding",
-    "mmformer.decoding_rules": "decoding",
-    "mmformer.score_processing": "decoding",
-    "mmformer.generation": "decoding",
-    "mmformer.completion": "decoding",
-    "mmformer.streaming": "decoding",
+    "mmformer.io.pretrained": "files",
+    "mmformer.io.quantized_files": "files",
+    "mmformer.io.hub": "files",
+    "mmformer.io.checkpointing": "files",
+    "mmformer.generation.search": "decoding",
+    "mmformer.generation.token_choice": "decoding",
+    "mmformer.generation.decoding_rules": "decoding",
+    "mmformer.generation.score_processing": "decoding",
+    "mmformer.generation.decoding": "decoding",
+    "mmformer.generation.completion": "decoding",
+    "mmformer.generation.streaming": "decoding",
     "mmformer.model": "model",
-    "mmformer.export": "ship",
-    "mmformer.onnx_runner": "ship",
-    "mmformer.quantization": "compress",
-    "mmformer.adapters": "adapt",
-    "mmformer.prompts": "adapt",
-    "mmformer.auto": "load",
+    "mmformer.ship.export": "ship",
+    "mmformer.ship.onnx_runner": "ship",
+    "mmformer.compress.quantization": "compress",
+    "mmformer.adapt.adapters": "adapt",
+    "mmformer.adapt.prompts": "adapt",
+    "mmformer.io.auto": "load",
     "mmformer.convert": "load",
     "mmformer.zeroshot": "zeroshot",
     "mmformer.tasks": "tasks",
     "mmformer.longform": "apps",
     "mmformer.serve": "apps",
-    "mmformer.cli": "cli",
-    "mmformer.training_cli": "cli",
-    "mmformer.demo": "demos",
-    "mmformer.demo_adapt": "demos",
+    "mmformer.cli.main": "cli",
+    "mmformer.cli.training": "cli",
+    "mmformer.demos.digits": "demos",
+    "mmformer.demos.adapt": "demos",
     "mmformer.demos": "demos",
     # the folders of the lifecycle layout (issue #21), for their __init__.py; the modules moved into them keep the
     # layers above (a longer prefix wins)
     "mmformer.io": "files",
+    "mmformer.generation": "decoding",
+    "mmformer.cli": "cli",
     "mmformer.preprocess": "preprocess",
     "mmformer.ship": "ship",
     "mmformer.compress": "compress",
@@ -241,16 +243,16 @@ def test_the_layer_scan_catches_a_planted_upward_import():
     texts = sources()
     model = texts["mmformer/model.py"]
     assert upward_imports({"mmformer/model.py": model}) == []
-    planted = model + "\n\ndef _planted():\n    from mmformer.cli import main\n\n    return main\n"
+    planted = model + "\n\ndef _planted():\n    from mmformer.cli.main import main\n\n    return main\n"
     assert upward_imports({"mmformer/model.py": planted}) == [
-        f"mmformer/model.py:{len(model.splitlines()) + 4}: mmformer.model (model) imports mmformer.cli (cli)"
+        f"mmformer/model.py:{len(model.splitlines()) + 4}: mmformer.model (model) imports mmformer.cli.main (cli)"
     ]
     relative = "from .tasks import losses\n"  # relative, at module level, from a submodule's package
     assert upward_imports({"mmformer/zeroshot.py": relative, "mmformer/tasks/losses.py": ""}) == [
         "mmformer/zeroshot.py:1: mmformer.zeroshot (zeroshot) imports mmformer.tasks.losses (tasks)"
     ]
     typing_only = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from mmformer.model import M\n"
-    assert upward_imports({"mmformer/search.py": typing_only}) == []
+    assert upward_imports({"mmformer/generation/search.py": typing_only}) == []
     assert upward_imports({"mmformer/newthing.py": ""}) == [
         "mmformer/newthing.py: mmformer.newthing has no layer in LAYER_OF"
     ]

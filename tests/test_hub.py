@@ -20,8 +20,9 @@ from helpers import randomize_  # noqa: E402
 from hub_helpers import config_reads, put_in_cache  # noqa: E402
 
 import mmformer  # noqa: E402
-from mmformer import MultimodalTransformer, hub  # noqa: E402
-from mmformer.auto import HF_CONVERTERS  # noqa: E402
+from mmformer import MultimodalTransformer  # noqa: E402
+from mmformer.io import hub  # noqa: E402
+from mmformer.io.auto import HF_CONVERTERS  # noqa: E402
 
 ATOL = 1e-4
 hf_cache, no_network = hub_helpers.hf_cache, hub_helpers.no_network  # fixtures: an offline cache; no socket opened
@@ -257,7 +258,7 @@ def test_own_format_on_the_hub(hf_cache, tmp_path, tiny_model):
 
 
 def test_cli_convert_and_model_flags_take_hub_ids(hf_cache, tmp_path, capsys):
-    from mmformer.cli import main
+    from mmformer.cli.main import main
 
     put_in_cache(hf_cache, "org/bert", saved(tiny_bert(), tmp_path / "src"))
     main(["convert", "org/bert", "--out", str(tmp_path / "out")])
@@ -375,7 +376,7 @@ def test_a_new_kind_reaches_the_converter_named_for_it(monkeypatch, tiny_model):
     monkeypatch.setitem(mmformer.convert._CONVERTERS, "from_openai_whisper", "whisper_stand_in")
     monkeypatch.setattr(mmformer.convert, "__all__", [*mmformer.convert.__all__, "from_openai_whisper"])
     assert mmformer.from_pretrained("whisper:tiny") is tiny_model and calls == ["tiny"]
-    assert mmformer.auto.KIND_CONVERTERS["whisper"] == "from_openai_whisper"
+    assert mmformer.io.auto.KIND_CONVERTERS["whisper"] == "from_openai_whisper"
 
 
 def test_a_kind_without_its_converter_is_named(monkeypatch):
@@ -396,7 +397,7 @@ def test_init_from_a_converted_model_converts_it_once(tmp_path, monkeypatch):
     from cli_helpers import fit_in_process, tiny_config, write_config, write_pairs
 
     import mmformer.convert.hf_clip
-    from mmformer.tokenizer import Tokenizer
+    from mmformer.preprocess.tokenizer import Tokenizer
 
     train = write_pairs(tmp_path, n=8)
     texts = [json.loads(line)["text"] for line in train.read_text().splitlines()]
@@ -423,8 +424,8 @@ def test_the_data_module_loads_no_model_for_processor_from(tmp_path):
     from cli_helpers import write_pairs
 
     from mmformer.data import MultimodalDataModule
-    from mmformer.processor import ImageProcessorConfig
-    from mmformer.tokenizer import Tokenizer
+    from mmformer.preprocess.processor import ImageProcessorConfig
+    from mmformer.preprocess.tokenizer import Tokenizer
 
     train = write_pairs(tmp_path, n=4)
     tokenizer = Tokenizer.train([f"{a} {b}" for a in "ab" for b in "cd"], vocab_size=270, max_length=8)

@@ -1,5 +1,5 @@
 """Loading neither trusts a config nor wastes memory: the model is built on the meta device and checked against the
-weights file's header before anything is allocated (mmformer/weights.py)."""
+weights file's header before anything is allocated (mmformer/io/weights.py)."""
 
 from __future__ import annotations
 
@@ -53,14 +53,14 @@ def test_inflated_config_is_refused_fast_without_allocating(saved):
     script = textwrap.dedent(
         f"""
         import json, resource, time
-        import mmformer.auto, mmformer.processor  # every module loading needs, imported before the limit
+        import mmformer.io.auto, mmformer.preprocess.processor  # every module loading needs, imported before the limit
         with open("/proc/self/status") as f:
             vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
         limit = vm + {weights_bytes} + 64 * 2**20  # what is mapped now, the weights, and room for Python objects
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         start = time.perf_counter()
         try:
-            mmformer.auto.load_pretrained({str(saved)!r})
+            mmformer.io.auto.load_pretrained({str(saved)!r})
             result = {{"error": None}}
         except Exception as e:
             result = {{"error": type(e).__name__, "message": str(e)}}

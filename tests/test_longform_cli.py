@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from mmformer.cli import _parser, _temperatures
+from mmformer.cli.main import _parser, _temperatures
 from mmformer.longform import TranscribeOptions, VadOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,8 +142,8 @@ def test_transcribe_reads_a_learned_decoder_prefix(tmp_path, capsys):
     import torch
 
     from mmformer import load_pretrained
-    from mmformer.cli import main
-    from mmformer.prompts import DecoderPrefix, load_prompt
+    from mmformer.adapt.prompts import DecoderPrefix, load_prompt
+    from mmformer.cli.main import main
 
     model = load_pretrained(MODEL)
     torch.manual_seed(0)
@@ -155,7 +155,7 @@ def test_transcribe_reads_a_learned_decoder_prefix(tmp_path, capsys):
 
 
 def test_two_inputs_that_would_write_the_same_files_are_refused(tmp_path):
-    from mmformer.cli import main
+    from mmformer.cli.main import main
 
     with pytest.raises(SystemExit, match=r"files: .*a\.flac and .*a\.wav would both write"):
         main(["transcribe", "--model", MODEL, "--output-format", "txt", "--output-dir", str(tmp_path),

@@ -23,10 +23,10 @@ from helpers import time_limit
 from tokenizers import Tokenizer as Backend
 from tokenizers import models, pre_tokenizers
 
-from mmformer.generation import generate
+from mmformer.generation.decoding import generate
 from mmformer.model import MultimodalTransformer
-from mmformer.processor import ImageProcessorConfig, Processor
-from mmformer.tokenizer import Tokenizer
+from mmformer.preprocess.processor import ImageProcessorConfig, Processor
+from mmformer.preprocess.tokenizer import Tokenizer
 from mmformer.zeroshot import ZeroShotClassifier
 
 N_IMAGES, BATCH = 10_000, 200

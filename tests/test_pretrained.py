@@ -13,11 +13,11 @@ import pytest
 import safetensors.torch
 import torch
 
-import mmformer.pretrained as pretrained
+import mmformer.io.pretrained as pretrained
 from mmformer import MultimodalTransformer, load_pretrained, save_pretrained
 from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
-from mmformer.processor import ImageProcessorConfig, Processor
-from mmformer.tokenizer import Tokenizer
+from mmformer.preprocess.processor import ImageProcessorConfig, Processor
+from mmformer.preprocess.tokenizer import Tokenizer
 
 TEXTS = ["zero one two three", "four five six", "seven eight nine", "a photo of a digit", "the sound of a number"]
 

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from mmformer.data import SampleError
-from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
-from mmformer.tokenizer import Tokenizer
+from mmformer.preprocess.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
+from mmformer.preprocess.tokenizer import Tokenizer
 
 TEXTS = ["four two nine", "a photo of a cat", "seven", "one two three four", "a dog on the grass"]
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from mmformer import MultimodalTransformer, ZeroShotClassifier
-from mmformer.prompts import ContextPrompt, DecoderPrefix, load_prompt
-from mmformer.tokenizer import Tokenizer
+from mmformer.adapt.prompts import ContextPrompt, DecoderPrefix, load_prompt
+from mmformer.preprocess.tokenizer import Tokenizer
 from mmformer.zeroshot import build_class_embeddings
 
 CLASSES = ["zero", "one", "two"]

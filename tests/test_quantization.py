@@ -25,11 +25,11 @@ pytest.importorskip("torchao")
 from conftest import TINY_AUDIO, TINY_IMAGE, TINY_STACK, TINY_TEXT  # noqa: E402
 
 import mmformer  # noqa: E402
+from mmformer.compress.quantization import METHODS, calibration_batches, fake_quantized, quantize  # noqa: E402
 from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig  # noqa: E402
 from mmformer.model import MultimodalTransformer  # noqa: E402
-from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Processor  # noqa: E402
-from mmformer.quantization import METHODS, calibration_batches, fake_quantized, quantize  # noqa: E402
-from mmformer.tokenizer import Tokenizer  # noqa: E402
+from mmformer.preprocess.processor import AudioProcessorConfig, ImageProcessorConfig, Processor  # noqa: E402
+from mmformer.preprocess.tokenizer import Tokenizer  # noqa: E402
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TOLERANCE = {"dynamic": (0.03, 0.05), "int8-weight": (0.03, 0.05), "static": (0.06, 0.1), "int4-weight": (0.2, 0.2)}
@@ -255,7 +255,7 @@ def test_methods_on_cuda(method, float_dir, tmp_path):
 
 
 def test_cli_quantizes_and_refuses_bad_requests(float_dir, manifest, tmp_path, capsys):
-    from mmformer.cli import main
+    from mmformer.cli.main import main
 
     main(["quantize", "--model", str(float_dir), "--method", "static", "--calib", str(manifest), "--out",
           str(tmp_path / "static")])  # fmt: skip

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import TINY_AUDIO, TINY_IMAGE, TINY_STACK, TINY_TEXT
 
-from mmformer import cpu_precision
+from mmformer.compress import cpu_precision
 from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
 from mmformer.model import MultimodalTransformer
 

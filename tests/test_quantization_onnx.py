@@ -21,10 +21,10 @@ pytest.importorskip("onnx")
 from cli_helpers import REPO, cli_env  # noqa: E402
 from test_quantization import manifest, tiny  # noqa: E402, F401  (the tiny model and its calibration manifest)
 
-from mmformer import export  # noqa: E402
-from mmformer.onnx_quantization import quantize_export  # noqa: E402
-from mmformer.onnx_runner import OnnxModel  # noqa: E402
-from mmformer.quantization import calibration_batches  # noqa: E402
+from mmformer.compress.onnx_quantization import quantize_export  # noqa: E402
+from mmformer.compress.quantization import calibration_batches  # noqa: E402
+from mmformer.ship import export  # noqa: E402
+from mmformer.ship.onnx_runner import OnnxModel  # noqa: E402
 
 TOLERANCE = {"static": 0.06, "dynamic": 0.03}
 INT8_OPS = {"dynamic": {"DynamicQuantizeLinear", "MatMulInteger"}, "static": {"QuantizeLinear", "DequantizeLinear"}}
@@ -48,7 +48,7 @@ FRESH = """
 import sys, numpy as np
 sys.path.insert(0, {tests!r})
 from test_quantization_onnx import answers
-from mmformer.onnx_runner import OnnxModel
+from mmformer.ship.onnx_runner import OnnxModel
 np.savez({out!r}, **answers(OnnxModel({path!r})))
 """
 

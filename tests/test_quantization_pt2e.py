@@ -23,8 +23,8 @@ from cli_helpers import REPO, cli_env  # noqa: E402
 from conftest import TINY_AUDIO, TINY_TEXT  # noqa: E402
 from test_quantization import float_dir, manifest, tiny  # noqa: E402, F401  (the tiny model and its calibration manifest)
 
-from mmformer import pt2e  # noqa: E402
-from mmformer.quantization import calibration_batches  # noqa: E402
+from mmformer.compress import pt2e  # noqa: E402
+from mmformer.compress.quantization import calibration_batches  # noqa: E402
 
 TOLERANCE = {"static": 0.06, "dynamic": 0.03}
 TOWERS = {"static": ["image", "decoder"], "dynamic": ["audio", "text"]}
@@ -61,7 +61,7 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 from safetensors.torch import save_file
 from test_quantization_pt2e import outputs
-from mmformer import pt2e
+from mmformer.compress import pt2e
 model = pt2e.load({path!r}, compile=False)
 save_file({{k: v.contiguous() for k, v in outputs(model, {towers!r}).items()}}, {out!r})
 """
@@ -125,7 +125,7 @@ def test_pt2e_refuses_devices_and_cpus_its_kernels_cannot_serve(monkeypatch, tmp
         pt2e.quantize(tiny(), "int4")
     with pytest.raises(ValueError, match="static int8 needs calibration batches"):
         pt2e.quantize(tiny(), "static", towers=["image"])
-    from mmformer.quantization import quantize
+    from mmformer.compress.quantization import quantize
 
     with pytest.raises(ValueError, match=r"the pt2e backend supports \['static', 'dynamic'\], got 'int4-weight'"):
         quantize(tiny(), "int4-weight", backend="pt2e")
@@ -147,7 +147,7 @@ def test_a_pt2e_file_whose_observers_do_not_match_is_refused(tmp_path):
 
 
 def test_cli_writes_a_pt2e_model_and_refuses_methods_it_lacks(float_dir, tmp_path, capsys):  # noqa: F811
-    from mmformer.cli import main
+    from mmformer.cli.main import main
 
     main(["quantize", "--model", str(float_dir), "--backend", "pt2e", "--method", "dynamic", "--towers", "image",
           "--out", str(tmp_path / "q")])  # fmt: skip

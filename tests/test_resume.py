@@ -28,8 +28,8 @@ from cli_helpers import (
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.utils.data import Dataset
 
-from mmformer.checkpointing import AtomicCheckpointIO
 from mmformer.data.datamodule import GlobalBatchSampler, ResumableLoader
+from mmformer.io.checkpointing import AtomicCheckpointIO
 
 STEPS, EVERY, TOL = 8, 2, 1e-6
 DROPOUT = {"model": {"model": {"stacks": {"shared": {"dropout": 0.1}}}}}  # the random state must resume too

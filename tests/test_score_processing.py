@@ -1,5 +1,5 @@
 """One score-processor protocol: ``processor(scores, tokens, step) -> scores``, defined once
-(:mod:`mmformer.score_processing`), built once per call, applied in one place per search.
+(:mod:`mmformer.generation.score_processing`), built once per call, applied in one place per search.
 
 - a source scan (as tests/test_house.py): one definition of the protocol, no class or function left with the old
   signatures (``(scores, generated, remaining)``, ``(scores, tokens)``, ``(logits)`` filters), each search applying
@@ -19,9 +19,8 @@ import pytest
 import torch
 
 from mmformer.config import GenerationConfig, ModelConfig, StackConfig, TextConfig
-from mmformer.generation import DecodingOptions, generate, left_pad
-from mmformer.model import MultimodalTransformer
-from mmformer.score_processing import (
+from mmformer.generation.decoding import DecodingOptions, generate, left_pad
+from mmformer.generation.score_processing import (
     ForcedEos,
     MinNewTokens,
     RepetitionPenalty,
@@ -32,8 +31,9 @@ from mmformer.score_processing import (
     apply_processors,
     build_score_processors,
 )
-from mmformer.search import BeamSearch, DecoderRunner, TokenSearch
-from mmformer.token_choice import Greedy
+from mmformer.generation.search import BeamSearch, DecoderRunner, TokenSearch
+from mmformer.generation.token_choice import Greedy
+from mmformer.model import MultimodalTransformer
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mmformer"
 PROTOCOL = ["scores", "tokens", "step"]
@@ -70,7 +70,7 @@ def test_one_definition_of_the_protocol_and_no_old_signatures():
         for node in ast.walk(ast.parse(text))
         if isinstance(node, ast.ClassDef) and node.name == "ScoreProcessor"
     ]
-    assert len(protocols) == 1 and protocols[0].startswith("mmformer/score_processing.py:"), protocols
+    assert len(protocols) == 1 and protocols[0].startswith("mmformer/generation/score_processing.py:"), protocols
     offences = [o for path, text in sources.items() for o in signature_offences(text, path)]
     assert not offences, "score adjustments off the protocol (scores, tokens, step):\n" + "\n".join(offences)
 
@@ -85,7 +85,7 @@ def test_the_scan_catches_the_old_signatures():
 
 
 def test_each_search_applies_the_processors_in_one_call():
-    tree = ast.parse((PACKAGE / "search.py").read_text(encoding="utf-8"))
+    tree = ast.parse((PACKAGE / "generation/search.py").read_text(encoding="utf-8"))
     runs = {
         cls.name: fn
         for cls in tree.body
@@ -101,7 +101,7 @@ def test_each_search_applies_the_processors_in_one_call():
         loops = [n for n in ast.walk(fn) if isinstance(n, ast.For) and "processors" in ast.unparse(n.iter)]
         assert len(calls) == 1 and not loops, name
     # nothing in search.py reads an attribute of the LM head by name (peft may wrap it)
-    text = (PACKAGE / "search.py").read_text(encoding="utf-8")
+    text = (PACKAGE / "generation/search.py").read_text(encoding="utf-8")
     assert "lm_head.bias" not in text and "lm_head.weight" not in text
 
 
@@ -250,8 +250,8 @@ def test_a_processor_sees_the_sequence_so_far_and_the_step_in_both_searches():
 )
 def test_an_lm_head_peft_wraps_decodes(settings):
     pytest.importorskip("peft")
-    from mmformer import adapters
-    from mmformer.adapters import LoraSettings
+    from mmformer.adapt import adapters
+    from mmformer.adapt.adapters import LoraSettings
 
     model = language_model()
     adapters.add_lora(model, LoraSettings(r=2, target_modules=["qkv"], **settings))

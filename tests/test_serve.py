@@ -28,10 +28,10 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import mmformer  # noqa: E402
-from mmformer.processor import Processor  # noqa: E402
+from mmformer.preprocess.processor import Processor  # noqa: E402
+from mmformer.preprocess.tokenizer import Tokenizer  # noqa: E402
 from mmformer.serve.batching import Batcher  # noqa: E402
 from mmformer.serve.metrics import Metrics  # noqa: E402
-from mmformer.tokenizer import Tokenizer  # noqa: E402
 from mmformer.zeroshot import ZeroShotClassifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -453,7 +453,7 @@ def long_file(digits, tmp_path_factory) -> tuple[Path, torch.Tensor, dict]:
     the server reads it back, and its long-form transcript."""
     import soundfile
 
-    from mmformer.generation import DecodingOptions
+    from mmformer.generation.decoding import DecodingOptions
     from mmformer.longform import transcribe_files
     from tests.test_streaming import long_recording
 

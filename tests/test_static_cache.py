@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from mmformer import search
-from mmformer.generation import DecodingOptions, generate
+from mmformer.generation import search
+from mmformer.generation.decoding import DecodingOptions, generate
 from mmformer.layers.cache import StaticKVCache
 from mmformer.model import MultimodalTransformer
 

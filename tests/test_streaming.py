@@ -1,4 +1,5 @@
-"""Token streaming (:mod:`mmformer.streaming`): pieces arrive while a small random LM decodes, concatenate to exactly
+"""Token streaming (:mod:`mmformer.generation.streaming`): pieces arrive while a small random LM decodes, concatenate
+to exactly
 the text ``complete`` returns (greedy, sampling, with a stop string), leave the ids unchanged, never split a UTF-8
 character, and a cancelled stream stops its generation; beams and several rows are refused."""
 
@@ -11,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmformer.completion import complete
-from mmformer.generation import generate
-from mmformer.processor import Processor
-from mmformer.streaming import StreamCancelled, TextIteratorStreamer, TextStreamer
-from mmformer.tokenizer import Tokenizer
+from mmformer.generation.completion import complete
+from mmformer.generation.decoding import generate
+from mmformer.generation.streaming import StreamCancelled, TextIteratorStreamer, TextStreamer
+from mmformer.preprocess.processor import Processor
+from mmformer.preprocess.tokenizer import Tokenizer
 from tests import test_longform_whisper
 from tests.test_text_generation import language_model
 
@@ -178,7 +179,7 @@ def long_recording(model, n_clips: int = 24) -> torch.Tensor:
 
 def test_long_form_segments_are_handed_on_in_order_while_the_rest_is_decoded():
     import mmformer
-    from mmformer.generation import DecodingOptions
+    from mmformer.generation.decoding import DecodingOptions
     from mmformer.longform import transcribe_files
 
     model = mmformer.load_pretrained(str(DIGITS.parent / "digits_model"))

@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
 from mmformer.data.collate import Collator
-from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
+from mmformer.preprocess.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
+from mmformer.preprocess.tokenizer import Tokenizer
 from mmformer.tasks import MultimodalTask, NonFiniteLossError, WarmupCosine
 from mmformer.tasks.metrics import RetrievalRecall, text_keys
-from mmformer.tokenizer import Tokenizer
 from mmformer.zeroshot import ZeroShotClassifier
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -527,7 +527,7 @@ def test_validation_zero_shot_is_the_classifiers_in_bounded_batches(monkeypatch)
 
 
 def test_validation_generates_and_scores_text():
-    pytest.importorskip("mmformer.generation")
+    pytest.importorskip("mmformer.generation.decoding")
     task = make_task(generation=dict(max_new_tokens=4))
     t = trainer(limit_val_batches=1.0)
     t.validate(task, DigitsData(n=8))
@@ -543,7 +543,7 @@ def test_validation_generates_and_scores_text():
 
 def test_memorised_captions_score_perfectly():
     """Metric wiring end to end: a model that learned its 4 captions gets BLEU 1, CER 0 and exact match 1."""
-    pytest.importorskip("mmformer.generation")
+    pytest.importorskip("mmformer.generation.decoding")
     torch.manual_seed(0)
     task = make_task(
         objectives=dict(contrastive=0.0, speech=0.0),

@@ -28,12 +28,12 @@ from cli_helpers import (
 
 import mmformer
 from mmformer import ModelConfig, MultimodalTransformer, Processor, ZeroShotClassifier
-from mmformer.processor import ImageProcessorConfig
-from mmformer.prompts import ContextPrompt
+from mmformer.adapt.prompts import ContextPrompt
+from mmformer.preprocess.processor import ImageProcessorConfig
+from mmformer.preprocess.tokenizer import Tokenizer
 from mmformer.tasks import MultimodalTask
 from mmformer.tasks.adapt import context_prompt_losses
 from mmformer.tasks.settings import RENAMED, DistillSettings, ObjectiveSettings, ScheduleSettings, ZeroShotSettings
-from mmformer.tokenizer import Tokenizer
 from mmformer.zeroshot import build_class_embeddings
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

@@ -14,14 +14,14 @@ import math
 import pytest
 import torch
 
-from mmformer.cli import main
+from mmformer.cli.main import main
 from mmformer.config import ModelConfig, StackConfig, TextConfig
-from mmformer.generation import DecodingOptions, generate, left_pad
+from mmformer.generation.decoding import DecodingOptions, generate, left_pad
+from mmformer.generation.score_processing import RepetitionPenalty
 from mmformer.layers.positions import RelativePositionBias, t5_buckets
 from mmformer.model import MultimodalTransformer
-from mmformer.processor import Processor
-from mmformer.score_processing import RepetitionPenalty
-from mmformer.tokenizer import Tokenizer
+from mmformer.preprocess.processor import Processor
+from mmformer.preprocess.tokenizer import Tokenizer
 
 V = 300
 SCHEMES = {  # text embedder positions, stack positions

@@ -19,9 +19,9 @@ from mmformer.config import ModelConfig, StackConfig, TextConfig
 from mmformer.data import Collator, MultimodalDataModule, PackedBlocks, TextDocuments
 from mmformer.data.text import pack_documents
 from mmformer.layers.documents import Documents
+from mmformer.preprocess.tokenizer import Tokenizer
 from mmformer.tasks import MultimodalTask
 from mmformer.tasks.text_objectives import mask_tokens
-from mmformer.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.numerics  # run again on other kernels by `make test` (Makefile: NUMERICS_ENV)
 

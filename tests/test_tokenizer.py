@@ -1,4 +1,5 @@
-"""Tests for mmformer.tokenizer: our byte-level BPE (train/save/load, padding, decoding, errors), id-for-id parity
+"""Tests for mmformer.preprocess.tokenizer: our byte-level BPE (train/save/load, padding, decoding, errors), id-for-id
+parity
 of `Tokenizer.clip()` with open_clip, and of Hugging Face WordPiece files with transformers."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tokenizers
 import torch
 from tokenizers import processors
 
-from mmformer.tokenizer import Tokenizer
+from mmformer.preprocess.tokenizer import Tokenizer
 
 WORDS = ["four", "two", "nine", "zero", "one", "a", "photo", "of", "the", "cat", "dog", "runs", "quickly", "lazy"]
 UNICODE_TEXTS = [

@@ -25,7 +25,7 @@ from transformers.models.whisper.tokenization_whisper import LANGUAGES  # noqa: 
 
 from mmformer.convert.hf_whisper import from_hf_whisper  # noqa: E402
 from mmformer.data.collate import pad_audio  # noqa: E402
-from mmformer.processor import Processor  # noqa: E402
+from mmformer.preprocess.processor import Processor  # noqa: E402
 
 CLIPS = Path(__file__).resolve().parents[1] / "data" / "digits" / "audio" / "test"
 FEATURE_TOL = 1e-4
@@ -83,7 +83,7 @@ def model(hf):
     from tokenizers import Tokenizer as Backend
     from tokenizers import models, pre_tokenizers
 
-    from mmformer.tokenizer import Tokenizer
+    from mmformer.preprocess.tokenizer import Tokenizer
 
     ours = from_hf_whisper(hf)
     backend = Backend(models.WordLevel({f"t{i}": i for i in range(51865)}, unk_token="t0"))

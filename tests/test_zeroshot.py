@@ -10,8 +10,8 @@ from PIL import Image
 
 from mmformer import MultimodalTransformer, ZeroShotClassifier
 from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
-from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
-from mmformer.tokenizer import Tokenizer
+from mmformer.preprocess.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
+from mmformer.preprocess.tokenizer import Tokenizer
 from mmformer.zeroshot import build_class_embeddings, zero_shot_logits
 
 CLASSES = ["zero", "one", "two", "three"]

@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mmformer import weights
-from mmformer.hub import Source
+from mmformer.io import weights
+from mmformer.io.hub import Source
 from mmformer.values import is_int
 
 if TYPE_CHECKING:
-    from mmformer.processor import Processor
-    from mmformer.tokenizer import Tokenizer
+    from mmformer.preprocess.processor import Processor
+    from mmformer.preprocess.tokenizer import Tokenizer
 
 __all__ = [
     "STATE_DICT_NAMES",
@@ -182,7 +182,7 @@ def read_hf_checkpoint(
     folder: str = "save_pretrained output",
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path | None]:
     """(config dict, state dict, directory or None) of a ``transformers`` model instance, a local directory or a
-    resolved :class:`~mmformer.hub.Source` (whose ``config.json`` :func:`mmformer.hub.resolve_source` read once).
+    resolved :class:`~mmformer.io.hub.Source` (whose ``config.json`` :func:`mmformer.io.hub.resolve_source` read once).
 
     The directory comes back so that a converter can read the files beside the weights (``tokenizer.json``, ...).
 
@@ -216,7 +216,7 @@ def read_hf_checkpoint(
         directory, config, state = None, path_or_model.config.to_dict(), path_or_model.state_dict()
     else:
         raise TypeError(
-            f"path_or_model: expected a transformers {model_class}, a local directory or an mmformer.hub.Source, "
+            f"path_or_model: expected a transformers {model_class}, a local directory or an mmformer.io.hub.Source, "
             f"got {type(path_or_model).__name__}"
         )
     types = (model_type,) if isinstance(model_type, str) else tuple(model_type)
@@ -232,7 +232,7 @@ def read_hf_tokenizer(directory: Path | None) -> Tokenizer | None:
     """The ``tokenizer.json`` of a directory :func:`read_hf_checkpoint` returned; None without one (or a directory)."""
     if directory is None or not (directory / "tokenizer.json").is_file():
         return None
-    from mmformer.tokenizer import Tokenizer
+    from mmformer.preprocess.tokenizer import Tokenizer
 
     return Tokenizer.from_file(directory / "tokenizer.json")
 
@@ -357,7 +357,7 @@ class WeightMap:
 
     def load_into(self, model: nn.Module) -> nn.Module:
         """Check the mapping against ``model`` (best built on the meta device: nothing is allocated before the check)
-        and assign it (:func:`mmformer.weights.fill`); raise ``ValueError`` listing every mismatch instead of loading
+        and assign it (:func:`mmformer.io.weights.fill`); raise ``ValueError`` listing every mismatch instead of loading
         part of it."""
         expected, tied = weights.expected_specs(model)
         kind = type(model).__name__
@@ -477,7 +477,7 @@ def build_processor(
 ) -> Processor:
     """A :class:`~mmformer.Processor` from a tokenizer and ``ImageProcessorConfig`` / ``AudioProcessorConfig``
     keyword arguments (None: that modality's defaults)."""
-    from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
+    from mmformer.preprocess.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
 
     return Processor(
         tokenizer,

@@ -37,9 +37,9 @@ from mmformer.convert.common import (
     read_hf_checkpoint,
     read_hf_tokenizer,
 )
-from mmformer.hub import read_json
+from mmformer.io.hub import read_json
+from mmformer.io.weights import build_on_meta
 from mmformer.model import MultimodalTransformer
-from mmformer.weights import build_on_meta
 
 __all__ = ["BERT_FAMILY", "bert_configs", "from_hf_bert", "map_bert_encoder"]
 
@@ -107,7 +107,7 @@ def _tokenizer(directory: Path | None, max_positions: int):
     max_length = (read_json(st_config) or {}).get("max_seq_length")
     max_length = min(max_length or tokenizer.max_length, max_positions)
     if max_length != tokenizer.max_length:
-        from mmformer.tokenizer import Tokenizer
+        from mmformer.preprocess.tokenizer import Tokenizer
 
         tokenizer = Tokenizer(
             tokenizer.backend,

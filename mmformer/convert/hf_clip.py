@@ -29,9 +29,9 @@ from mmformer.convert.common import (
     read_hf_checkpoint,
 )
 from mmformer.convert.open_clip import clip_processor
-from mmformer.hub import read_json
+from mmformer.io.hub import read_json
+from mmformer.io.weights import build_on_meta
 from mmformer.model import MultimodalTransformer
-from mmformer.weights import build_on_meta
 
 __all__ = ["from_hf_clip"]
 

@@ -25,8 +25,8 @@ from mmformer.convert.common import (
     read_hf_checkpoint,
     read_hf_tokenizer,
 )
+from mmformer.io.weights import build_on_meta
 from mmformer.model import MultimodalTransformer
-from mmformer.weights import build_on_meta
 
 __all__ = ["from_hf_gpt2"]
 
@@ -77,7 +77,7 @@ def _tokenizer(directory, max_length: int):
     tokenizer = read_hf_tokenizer(directory)
     if tokenizer is None or END_OF_TEXT not in tokenizer.backend.get_vocab(with_added_tokens=True):
         return tokenizer
-    from mmformer.tokenizer import Tokenizer
+    from mmformer.preprocess.tokenizer import Tokenizer
 
     return Tokenizer(
         tokenizer.backend, max_length=max_length, pad_token=END_OF_TEXT, bos_token=None, eos_token=END_OF_TEXT

@@ -29,8 +29,8 @@ from mmformer.convert.common import (
     read_hf_checkpoint,
     read_hf_tokenizer,
 )
+from mmformer.io.weights import build_on_meta
 from mmformer.model import MultimodalTransformer
-from mmformer.weights import build_on_meta
 
 __all__ = ["from_hf_llama"]
 

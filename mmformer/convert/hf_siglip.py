@@ -39,9 +39,9 @@ from mmformer.convert.common import (
     read_hf_tokenizer,
 )
 from mmformer.convert.hf_clip import image_settings, map_layers, stack_config
-from mmformer.hub import read_json
+from mmformer.io.hub import read_json
+from mmformer.io.weights import build_on_meta
 from mmformer.model import MultimodalTransformer
-from mmformer.weights import build_on_meta
 
 __all__ = ["from_hf_siglip"]
 

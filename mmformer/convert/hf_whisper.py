@@ -19,7 +19,7 @@ the checkpoint's generation config (``generation_config.json``, or the instance'
 ``ModelConfig.generation``: the decoder prompt ``<|startoftranscript|> <|lang|> <|task|> <|notimestamps|>`` (the
 language detected from the audio unless chosen, as Hugging Face does), ``suppress_tokens`` and
 ``begin_suppress_tokens``; timestamps are not produced. ``model.transcribe`` decodes audio longer than the window
-window by window (:func:`mmformer.generation.transcribe`).
+window by window (:func:`mmformer.generation.decoding.transcribe`).
 
 Precomputed features (``audio_features=``) of any number of frames up to the window are accepted, where Hugging
 Face's encoder takes exactly ``2 * max_source_positions``. Nothing is downloaded: pass a model instance or a local
@@ -46,10 +46,10 @@ from mmformer.convert.common import (
     read_hf_checkpoint,
     read_hf_tokenizer,
 )
-from mmformer.hub import read_json
+from mmformer.io.hub import read_json
+from mmformer.io.weights import build_on_meta
 from mmformer.layers.positions import sinusoids
 from mmformer.model import MultimodalTransformer
-from mmformer.weights import build_on_meta
 
 __all__ = ["from_hf_whisper"]
 

@@ -38,8 +38,8 @@ from mmformer.convert.common import (
     load_state_dict,
     map_cross_attention,
 )
+from mmformer.io.weights import build_on_meta
 from mmformer.model import MultimodalTransformer
-from mmformer.weights import build_on_meta
 
 __all__ = ["clip_processor", "from_open_clip"]
 
@@ -494,7 +494,7 @@ def clip_processor(config: ModelConfig, tokenizer: Any = None, **image: Any):
     """CLIP's :class:`~mmformer.Processor` for a converted config: ``tokenizer``, else CLIP's (when the vocabulary is
     CLIP's), and a shortest-edge resize + center crop at the model's image size, bicubic, OpenAI mean/std;
     ``image`` overrides any ``ImageProcessorConfig`` field."""
-    from mmformer.processor import CLIP_MEAN, CLIP_STD
+    from mmformer.preprocess.processor import CLIP_MEAN, CLIP_STD
 
     settings: dict[str, Any] = dict(
         image_size=tuple(config.image.image_size),
@@ -506,7 +506,7 @@ def clip_processor(config: ModelConfig, tokenizer: Any = None, **image: Any):
     )
     settings.update(image)
     if tokenizer is None and config.text.vocab_size == CLIP_VOCAB_SIZE:
-        from mmformer.tokenizer import Tokenizer
+        from mmformer.preprocess.tokenizer import Tokenizer
 
         try:
             tokenizer = Tokenizer.clip(context_length=config.text.max_tokens)

@@ -30,7 +30,7 @@ from mmformer.convert.common import UnsupportedModelError
 from mmformer.convert.hf_whisper import whisper_model
 from mmformer.convert.whisper_vocab import WhisperTokens
 from mmformer.model import MultimodalTransformer
-from mmformer.tokenizer import Tokenizer
+from mmformer.preprocess.tokenizer import Tokenizer
 
 __all__ = ["checkpoint_path", "from_openai_whisper", "openai_tokenizer"]
 
@@ -173,7 +173,8 @@ def special_tokens(n_vocab: int) -> list[str]:
 
 
 def openai_tokenizer(n_vocab: int = 51865, max_length: int = 448) -> Tokenizer:
-    """openai-whisper's tokenizer for a model of ``n_vocab`` tokens as a :class:`~mmformer.tokenizer.Tokenizer`: the
+    """openai-whisper's tokenizer for a model of ``n_vocab`` tokens as a
+    :class:`~mmformer.preprocess.tokenizer.Tokenizer`: the
     same id for every text and every special token. No bos/eos are added around a text (Whisper's prompt is built
     by the decoder); ``<|endoftext|>`` pads."""
     backend = tokenizers.Tokenizer.from_str(_converted_vocabulary(n_vocab))

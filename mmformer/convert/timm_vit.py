@@ -37,8 +37,8 @@ from mmformer.convert.common import (
     load_exact,
     load_state_dict,
 )
+from mmformer.io.weights import build_on_meta
 from mmformer.model import MultimodalTransformer
-from mmformer.weights import build_on_meta
 
 __all__ = ["from_timm_vit"]
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from mmformer.tokenizer import Tokenizer, bytes_to_unicode
+from mmformer.preprocess.tokenizer import Tokenizer, bytes_to_unicode
 
 _NON_SPACED = {"zh", "ja", "th", "lo", "my", "yue"}  # languages whose words are split at unicode boundaries
 _TASKS = ("transcribe", "translate")

@@ -59,7 +59,7 @@ from mmformer.values import is_int, is_number
 if TYPE_CHECKING:
     from mmformer.config import AudioConfig
     from mmformer.data.collate import Collator
-    from mmformer.processor import Processor
+    from mmformer.preprocess.processor import Processor
 
 MAX_SEMITONES = 12.0  # pitch shifts beyond an octave are out of what the phase vocoder does well
 SPEED_LIMITS = (0.5, 2.0)  # speed factors outside would make speech another thing altogether

@@ -18,7 +18,7 @@ from mmformer.data.io import SampleError, clean_text, is_valid_text
 from mmformer.data.skipping import BadSampleTracker
 
 if TYPE_CHECKING:
-    from mmformer.processor import Processor
+    from mmformer.preprocess.processor import Processor
 
 MEDIA = ("image", "audio")
 MODALITIES = ("image", "audio", "text")
@@ -59,7 +59,7 @@ def pick_fields(name: str, modalities: Sequence[str], available: set[str]) -> tu
 def default_processor(processor: Processor | None) -> Processor:
     if processor is not None:
         return processor
-    from mmformer.processor import Processor
+    from mmformer.preprocess.processor import Processor
 
     return Processor()
 

@@ -14,7 +14,7 @@ from mmformer.data.base import Record, RecordDataset, resolve
 from mmformer.data.io import is_valid_text
 
 if TYPE_CHECKING:
-    from mmformer.processor import Processor
+    from mmformer.preprocess.processor import Processor
 
 
 def find_image_root(json_path: Path, file_name: str) -> Path:

@@ -13,7 +13,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 if TYPE_CHECKING:
-    from mmformer.tokenizer import Tokenizer
+    from mmformer.preprocess.tokenizer import Tokenizer
 
 FIELDS = ("image", "audio", "text", "label")
 

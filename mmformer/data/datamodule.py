@@ -48,8 +48,8 @@ from mmformer.values import is_number
 
 if TYPE_CHECKING:
     from mmformer.config import AudioConfig
-    from mmformer.processor import Processor
-    from mmformer.tokenizer import Tokenizer
+    from mmformer.preprocess.processor import Processor
+    from mmformer.preprocess.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 STAGES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
@@ -143,7 +143,7 @@ class MultimodalDataModule(L.LightningDataModule):
         pack_documents: bool = False,
     ):
         super().__init__()
-        from mmformer.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
+        from mmformer.preprocess.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
 
         if format is not None and format not in FORMATS:
             raise ValueError(f"format: expected one of {list(FORMATS)} or None; got {format!r}")
@@ -241,7 +241,7 @@ class MultimodalDataModule(L.LightningDataModule):
         return self.tokenizer.vocab_size
 
     def _load_or_train_tokenizer(self):
-        from mmformer.tokenizer import Tokenizer
+        from mmformer.preprocess.tokenizer import Tokenizer
 
         if self.tokenizer_path is not None:
             return Tokenizer.from_file(self.tokenizer_path)

@@ -10,7 +10,7 @@ from mmformer.data.base import Record, RecordDataset
 from mmformer.data.io import IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:
-    from mmformer.processor import Processor
+    from mmformer.preprocess.processor import Processor
 
 
 class LibriSpeech(RecordDataset):

@@ -16,7 +16,7 @@ from mmformer.data.shards import ShardDataset
 from mmformer.data.text import TEXT_EXTENSIONS, TextDocuments
 
 if TYPE_CHECKING:
-    from mmformer.processor import Processor
+    from mmformer.preprocess.processor import Processor
 
 FORMATS = ("manifest", "coco", "webdataset", "librispeech", "imagefolder", "text")
 

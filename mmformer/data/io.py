@@ -29,7 +29,7 @@ import torch
 import torchaudio.functional as AF
 from PIL import Image
 
-from mmformer.atomic import write_text_atomic
+from mmformer.io.atomic import write_text_atomic
 
 Source = str | os.PathLike | bytes  # a path, or a file's bytes (from a tar shard)
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from mmformer.data.base import Record, RecordDataset, pick_fields, resolve
 
 if TYPE_CHECKING:
-    from mmformer.processor import Processor
+    from mmformer.preprocess.processor import Processor
 
 log = logging.getLogger(__name__)
 COLUMNS = {

@@ -18,7 +18,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from mmformer.data.loaders import GlobalBatchSampler
 
 if TYPE_CHECKING:
-    from mmformer.tokenizer import Tokenizer
+    from mmformer.preprocess.tokenizer import Tokenizer
 
 
 def sample_costs(

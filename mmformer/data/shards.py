@@ -34,7 +34,7 @@ from mmformer.data.io import SampleError, clean_text
 from mmformer.data.skipping import BadSampleTracker, SkippedSampleWarning
 
 if TYPE_CHECKING:
-    from mmformer.processor import Processor
+    from mmformer.preprocess.processor import Processor
 
 EXTENSIONS = {
     "image": ("jpg", "jpeg", "png", "webp"),

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, IterableDataset
 from mmformer.values import is_int
 
 if TYPE_CHECKING:
-    from mmformer.tokenizer import Tokenizer
+    from mmformer.preprocess.tokenizer import Tokenizer
 
 UNITS = ("file", "line")
 TEXT_EXTENSIONS = (".txt",)

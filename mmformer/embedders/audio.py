@@ -13,8 +13,8 @@ from torch import nn
 
 from mmformer.config import AudioConfig, StackConfig
 from mmformer.embedders.checks import check_device, check_lengths
+from mmformer.io.weights import base_layer
 from mmformer.layers.positions import AbsolutePositions
-from mmformer.weights import base_layer
 
 POWER_FLOOR = 1e-10  # the power spectrum is clamped to it before log10 (Whisper's)
 DECADES = 8.0  # dynamic range: log-mel values are raised to at least the clip's peak minus this many decades

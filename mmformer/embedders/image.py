@@ -10,9 +10,9 @@ from torch import nn
 
 from mmformer.config import ImageConfig, StackConfig
 from mmformer.embedders.checks import check_device
+from mmformer.io.weights import base_layer
 from mmformer.layers.norms import make_norm
 from mmformer.layers.positions import resample_patch_positions, sinusoids
-from mmformer.weights import base_layer
 
 
 def initial_patch_positions(cfg: ImageConfig, width: int) -> torch.Tensor:

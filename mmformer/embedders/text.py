@@ -10,8 +10,8 @@ from torch import nn
 
 from mmformer.config import StackConfig, TextConfig
 from mmformer.embedders.checks import check_device, check_token_ids
+from mmformer.io.weights import base_layer
 from mmformer.layers.positions import AbsolutePositions
-from mmformer.weights import base_layer
 
 
 class TokenEmbedding(nn.Embedding):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from mmformer.generation import DecodingOptions, processor_with_tokenizer
+from mmformer.generation.decoding import DecodingOptions, processor_with_tokenizer
 from mmformer.longform.batched import decode_windows_generic, decode_windows_whisper, transcribe_windows
 from mmformer.longform.options import TranscribeOptions
 from mmformer.longform.sequential import transcribe_sequential
@@ -34,7 +34,7 @@ from mmformer.longform.vad import (
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
-    from mmformer.processor import Processor
+    from mmformer.preprocess.processor import Processor
 
 __all__ = ["TranscribeOptions", "VadOptions", "decoding_options", "has_timestamps", "read_input", "transcribe_files"]
 

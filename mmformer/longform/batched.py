@@ -16,18 +16,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from mmformer.decoding_rules import prompt_length
-from mmformer.generation import DecodingOptions, generate
+from mmformer.generation.decoding import DecodingOptions, generate
+from mmformer.generation.decoding_rules import prompt_length
+from mmformer.io.weights import model_device
 from mmformer.longform.options import TranscribeOptions
 from mmformer.longform.sequential import split_segments
 from mmformer.longform.timing import add_word_timestamps
 from mmformer.longform.vad import Window
 from mmformer.longform.whisper_decode import decode_with_fallback, encode_windows, time_precision, whisper_tokens
-from mmformer.weights import model_device
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
-    from mmformer.processor import Processor
+    from mmformer.preprocess.processor import Processor
 
 
 def _pad(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """The options of long-form transcription, written once: openai-whisper's ``transcribe()`` keywords (and the
 ``DecodingOptions`` it forwards: language, task, beam size, best-of, patience, timestamps), with their defaults and
 a help string per field, so that the CLI generates its flags from this dataclass as it does from
-:class:`mmformer.generation.DecodingOptions`.
+:class:`mmformer.generation.decoding.DecodingOptions`.
 """
 
 from __future__ import annotations

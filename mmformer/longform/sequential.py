@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from mmformer.convert.whisper_vocab import WhisperTokens
+from mmformer.io.weights import model_device
 from mmformer.longform.options import TranscribeOptions
 from mmformer.longform.timing import add_word_timestamps
 from mmformer.longform.whisper_decode import decode_with_fallback, encode_windows, time_precision, whisper_tokens
-from mmformer.weights import model_device
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
@@ -276,7 +276,7 @@ def _report(progress: Callable | None, seek: int, total: int, clock: _Clock) -> 
 
 def _detect(model: MultimodalTransformer, whisper: WhisperTokens, mel: torch.Tensor) -> str:
     """The most likely language of a (M, ≤F) log-mel, padded to the window (openai-whisper's ``detect_language``)."""
-    from mmformer.decoding_rules import detect_language
+    from mmformer.generation.decoding_rules import detect_language
 
     window = model.config.audio.window_samples // model.config.audio.hop_length
     mel = F.pad(mel, (0, window - mel.shape[-1]))[None]

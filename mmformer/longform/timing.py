@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from mmformer.convert.whisper_vocab import WhisperTokens
+from mmformer.io.weights import model_device
 from mmformer.layers.attention import CrossAttentionScores
-from mmformer.weights import model_device
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer

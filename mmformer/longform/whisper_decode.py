@@ -3,7 +3,7 @@ its temperature fallback (``transcribe.decode_with_fallback``), batched over the
 
 Per window: the prompt is ``[<|startofprev|>, previous text...] + [sot, language, task]`` (plus ``<|notimestamps|>``
 without timestamps); prompts of different lengths are left-padded, which leaves the sot sequence in the same
-columns for every row. The decoder steps through one KV cache (:class:`mmformer.search.DecoderRunner`); the
+columns for every row. The decoder steps through one KV cache (:class:`mmformer.generation.search.DecoderRunner`); the
 no-speech probability is read from the logits at ``sot`` on the first call. The rules of :mod:`whisper_rules` adjust
 the logits, then a token is picked (greedy at temperature 0, sampled above it, ``best_of`` samples ranked by
 log-probability / length), or openai-whisper's beam search (``beam_size``, ``patience``) runs.
@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from mmformer.convert.whisper_vocab import WhisperTokens
-from mmformer.decoding_rules import detect_language
-from mmformer.generation import left_pad
+from mmformer.generation.decoding import left_pad
+from mmformer.generation.decoding_rules import detect_language
+from mmformer.generation.score_processing import SuppressTokens
+from mmformer.generation.search import DecoderRunner
+from mmformer.io.weights import model_device
 from mmformer.longform.options import TranscribeOptions
 from mmformer.longform.whisper_rules import TimestampRules
-from mmformer.score_processing import SuppressTokens
-from mmformer.search import DecoderRunner
-from mmformer.weights import model_device
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer

@@ -2,7 +2,7 @@
 txt (one segment per line), json (the result dict), srt and vtt subtitles (one cue per segment; with word timings,
 the cue spans the segment's first to last word, as openai-whisper's writers do), tsv (integer milliseconds).
 
-Every file is written atomically (:mod:`mmformer.atomic`): a reader never sees half a transcript.
+Every file is written atomically (:mod:`mmformer.io.atomic`): a reader never sees half a transcript.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from mmformer.atomic import write_text_atomic
+from mmformer.io.atomic import write_text_atomic
 
 
 def format_timestamp(seconds: float, always_include_hours: bool = False, decimal_marker: str = ".") -> str:

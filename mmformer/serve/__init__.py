@@ -10,7 +10,8 @@ per route, not once — and every request and result is pickled between the HTTP
 FastAPI's ``{"detail": ...}``, not OpenAI's error JSON. Here one process holds the model, one model thread runs every
 route's batches, and each route has its own small queue (:class:`~mmformer.serve.batching.Batcher`).
 
-Streams (``stream=true`` on completions and transcriptions) are real: each text piece (:mod:`mmformer.streaming`) or
+Streams (``stream=true`` on completions and transcriptions) are real: each text piece
+(:mod:`mmformer.generation.streaming`) or
 long-form segment is sent as the model produces it. A streamed request is not batched: it runs alone on the model
 thread between batches, so that its pieces follow its own decoding steps and a client that goes away stops its own
 decoding only.

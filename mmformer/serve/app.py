@@ -26,12 +26,12 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mmformer.generation.streaming import AsyncTextIteratorStreamer, StreamCancelled
 from mmformer.serve.batching import Batcher
 from mmformer.serve.engine import Engine, decode_base64
 from mmformer.serve.errors import APIError, bad_request
 from mmformer.serve.metrics import Metrics
 from mmformer.serve.transcripts import FORMATS, GRANULARITIES, render
-from mmformer.streaming import AsyncTextIteratorStreamer, StreamCancelled
 
 STATIC = resources.files("mmformer.serve") / "static"
 KNOWN_PATHS = ("/v1/embeddings", "/v1/audio/transcriptions", "/v1/completions", "/v1/classify", "/v1/captions",

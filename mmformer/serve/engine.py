@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from mmformer.data.collate import pad_audio
-from mmformer.generation import DecodingOptions
+from mmformer.generation.decoding import DecodingOptions
+from mmformer.generation.streaming import TextStreamer
+from mmformer.io.weights import model_device
 from mmformer.serve.transcripts import transcribe_clips
-from mmformer.streaming import TextStreamer
-from mmformer.weights import model_device
 from mmformer.zeroshot import ZeroShotClassifier
 
 ROUTES = ("embeddings", "audio/transcriptions", "completions", "classify", "captions")

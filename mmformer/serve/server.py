@@ -12,7 +12,7 @@ log = logging.getLogger("mmformer.serve")
 
 def load_engine(model: str, *, adapter: str | None = None, device: str = "cpu") -> Engine:
     """The model at ``model`` (any name ``load_pretrained`` takes), loaded once, with its processor."""
-    from mmformer.auto import load_pretrained
+    from mmformer.io.auto import load_pretrained
 
     return Engine(load_pretrained(model, device=device, adapter=adapter), model_id=model)
 

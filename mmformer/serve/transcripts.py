@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mmformer.generation import DecodingOptions
+from mmformer.generation.decoding import DecodingOptions
 from mmformer.longform import transcribe_files
 from mmformer.longform.writers import to_srt, to_vtt
 

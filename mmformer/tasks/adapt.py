@@ -37,22 +37,22 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from mmformer.adapters import LoraSettings, adapter_parameters, add_lora, resize_token_embeddings
+from mmformer.adapt.adapters import LoraSettings, adapter_parameters, add_lora, resize_token_embeddings
+from mmformer.adapt.prompts import KINDS, ContextPrompt, DecoderPrefix, SoftPrompt, load_prompt
 from mmformer.config import ModelConfig
+from mmformer.io.weights import human_count
 from mmformer.model import MultimodalTransformer
-from mmformer.prompts import KINDS, ContextPrompt, DecoderPrefix, SoftPrompt, load_prompt
 from mmformer.values import is_int
-from mmformer.weights import human_count
 
 if TYPE_CHECKING:
-    from mmformer.tokenizer import Tokenizer
+    from mmformer.preprocess.tokenizer import Tokenizer
 
 GROUPS = ("image", "audio", "text", "decoder", "embedders", "heads")
 
 
 @dataclass
 class PromptSettings:
-    """A soft prompt trained with everything else frozen (see :mod:`mmformer.prompts`)."""
+    """A soft prompt trained with everything else frozen (see :mod:`mmformer.adapt.prompts`)."""
 
     kind: str = "context"  # context (CoOp, zero-shot classification) | decoder_prefix (captioning / speech)
     length: int = 4  # context vectors M, or prefix vectors P
@@ -99,7 +99,7 @@ def initial_model(
         ValueError: missing / unexpected / misshapen keys (listed; ``strict=False`` initialises missing keys), or a
             tokenizer vocabulary larger than the checkpoint's token table without ``resize_vocab`` (both sizes named).
     """
-    from mmformer.auto import from_pretrained
+    from mmformer.io.auto import from_pretrained
 
     if init_from is None:
         if config is None:
@@ -110,7 +110,7 @@ def initial_model(
             config.text.vocab_size = vocab_size
         return MultimodalTransformer(config)
     if config is not None and resize_vocab:  # a grown config (load_from_checkpoint): load the table as stored
-        from mmformer.pretrained import read_checkpoint
+        from mmformer.io.pretrained import read_checkpoint
 
         stored = read_checkpoint(init_from).config.text.vocab_size
         vocab_size = max(vocab_size or 0, config.text.vocab_size)
@@ -361,9 +361,14 @@ def export_checkpoint(path: str, out: str, *, merge: bool = False, overwrite: bo
     from peft.functional import set_peft_model_state_dict
     from peft.utils import get_peft_model_state_dict
 
-    from mmformer import adapters
-    from mmformer.auto import from_pretrained
-    from mmformer.pretrained import CHECKPOINT_KEY, CHECKPOINT_PREFIX, _checkpoint_processor, read_training_checkpoint
+    from mmformer.adapt import adapters
+    from mmformer.io.auto import from_pretrained
+    from mmformer.io.pretrained import (
+        CHECKPOINT_KEY,
+        CHECKPOINT_PREFIX,
+        _checkpoint_processor,
+        read_training_checkpoint,
+    )
 
     checkpoint = read_training_checkpoint(path)
     record = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None

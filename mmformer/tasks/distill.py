@@ -101,7 +101,7 @@ class Distiller(nn.Module):
         super().__init__()
         teacher = settings.teacher
         if isinstance(teacher, (str, os.PathLike)):
-            from mmformer.auto import from_pretrained
+            from mmformer.io.auto import from_pretrained
 
             teacher = from_pretrained(teacher)
         if not isinstance(teacher, MultimodalTransformer):

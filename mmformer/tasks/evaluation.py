@@ -3,7 +3,7 @@
 :class:`Evaluation` holds one :class:`~mmformer.tasks.metrics.TaskMetrics` per stage and updates it from a batch and
 the contrastive features the task's step computed for it: retrieval recall (media ↔ text), zero-shot accuracy (the
 class embeddings and the logit of :mod:`mmformer.zeroshot`, as :class:`~mmformer.ZeroShotClassifier` scores), and
-BLEU / CER / WER of greedy captions and transcripts (:func:`mmformer.generation.generate`). It knows nothing of
+BLEU / CER / WER of greedy captions and transcripts (:func:`mmformer.generation.decoding.generate`). It knows nothing of
 Lightning: the task passes the model, the tokenizer and its prompt, and logs what :meth:`Evaluation.end` returns.
 
 Shape legend: B batch, E embedding size, C zero-shot classes.
@@ -16,18 +16,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from mmformer.adapt.prompts import ContextPrompt, SoftPrompt
 from mmformer.config import ModelConfig
-from mmformer.generation import generate
+from mmformer.generation.decoding import generate
 from mmformer.layers.documents import Documents
 from mmformer.model import MultimodalTransformer
-from mmformer.prompts import ContextPrompt, SoftPrompt
 from mmformer.tasks.adapt import prefix_embeds
 from mmformer.tasks.metrics import TaskMetrics, normalize_text, text_keys
 from mmformer.tasks.settings import GenerationSettings, ZeroShotSettings
 from mmformer.zeroshot import build_class_embeddings, zero_shot_logits
 
 if TYPE_CHECKING:
-    from mmformer.tokenizer import Tokenizer
+    from mmformer.preprocess.tokenizer import Tokenizer
 
 STAGES = ("val", "test")
 DECODED = (("image", "pixel_values"), ("audio", "audio"))  # the media a decoder captions / transcribes, and their key

@@ -109,7 +109,7 @@ class MultimodalTask(L.LightningModule):
         distill: knowledge distillation from a frozen teacher: :class:`~mmformer.tasks.settings.DistillSettings`.
         qat: quantization-aware training, e.g. ``{method: dynamic}`` (or ``int8-weight``, ``int4-weight`` with
             ``group_size``): torchao fake-quantizes the linear layers while training and the model is converted to
-            that quantization when fit ends (see :mod:`mmformer.quantization`).
+            that quantization when fit ends (see :mod:`mmformer.compress.quantization`).
         nonfinite: a NaN/Inf loss or gradient ``skip`` s the step with a warning or ``stop`` s training with
             :class:`NonFiniteLossError`; weights are never updated with non-finite values either way.
         compile: ``torch.compile`` every transformer block (in place, so checkpoints keep their keys).
@@ -211,7 +211,7 @@ class MultimodalTask(L.LightningModule):
         self.evaluation = Evaluation(model, self.zeroshot, self.generation)
         self.qat = None
         if qat is not None:
-            from mmformer.quantization import QATOptions, prepare_qat
+            from mmformer.compress.quantization import QATOptions, prepare_qat
 
             if adapting.lora is not None or adapting.prompt is not None:
                 raise ValueError(
@@ -394,7 +394,7 @@ class MultimodalTask(L.LightningModule):
 
     def on_fit_end(self) -> None:
         if self.qat is not None:  # fake quantization → the real thing (checkpoints keep the float weights)
-            from mmformer.quantization import convert_qat
+            from mmformer.compress.quantization import convert_qat
 
             convert_qat(self.model, self.qat)
 

@@ -29,8 +29,8 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
-from mmformer.atomic import fsync_path
-from mmformer.pretrained import swap_in
+from mmformer.io.atomic import fsync_path
+from mmformer.io.pretrained import swap_in
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

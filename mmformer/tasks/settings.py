@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from mmformer.adapters import LoraSettings
+from mmformer.adapt.adapters import LoraSettings
 from mmformer.tasks.adapt import PromptSettings, settings
 from mmformer.tasks.schedule import WarmupCosine
 from mmformer.values import is_int

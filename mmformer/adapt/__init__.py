@@ -1,0 +1,1 @@
+"""Adapting a pretrained model: LoRA/DoRA/QLoRA through peft, soft prompts."""

@@ -1,0 +1,560 @@
+"""The ``mmformer`` command: a LightningCLI for training plus a few inference subcommands.
+
+``mmformer --help`` imports nothing heavy; each subcommand imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+TRAIN_COMMANDS = ("fit", "validate", "test", "predict")
+USAGE = """usage: mmformer <command> [options]
+
+Training (a LightningCLI; `mmformer fit --help` lists every option):
+  fit        train:            mmformer fit --config configs/digits.yaml [--trainer.precision bf16-mixed]
+  validate   validation loop:  mmformer validate --config ... --ckpt_path ...
+  test       test loop:        mmformer test --config ... --ckpt_path ...
+  predict    predictions:      mmformer predict --config ... --ckpt_path ...
+
+Inference and interop:
+  export      checkpoint → pretrained directory:  mmformer export --ckpt runs/.../last.ckpt --out out/model
+              (a LoRA run's checkpoint → its adapter folder, --merge → the merged model; a prompt run's → its prompt)
+              towers → ONNX / torch.export:        mmformer export --model out/model --format onnx --out out/onnx
+  quantize    torchao int8 / int4 weights:         mmformer quantize --model out/model --method dynamic --out out/int8
+              x86 int8 graphs (compiled):          mmformer quantize --backend pt2e --method static --calib M --out DIR
+  merge       base + LoRA adapter → plain model:   mmformer merge --base DIR --adapter DIR --out DIR
+  zeroshot    zero-shot classification:            mmformer zeroshot --model out/model --classes a,b,c FILES...
+  caption     image captioning:                    mmformer caption --model out/model FILES...
+  transcribe  speech to text:                      mmformer transcribe --model out/model FILES...
+  complete    continue text prompts (an LM):       mmformer complete --model out/model "Once upon" ...
+  convert     public checkpoint → pretrained dir:  mmformer convert SRC --out out/model [--from open_clip]
+  serve       OpenAI-compatible HTTP server:       mmformer serve --model out/model [--port 8000] [--api-key KEY]
+
+Every --model and convert SRC may be a local folder or file, a Hugging Face Hub id (openai/whisper-tiny),
+open_clip:MODEL/TAG (open_clip:ViT-B-32/openai) or timm:NAME (timm:vit_base_patch16_224.augreg_in21k).
+"""
+MODEL_HELP = (
+    "a pretrained folder or training checkpoint, a Hugging Face folder or Hub id, open_clip:MODEL/TAG or timm:NAME"
+)
+
+
+def dataclass_flags(cls: type, prefix: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """``argparse`` flags for every field of an options dataclass, so that the dataclass stays the one place its
+    options, defaults and help live: ``max_new_tokens: int = 30`` → ``--max-new-tokens`` (type int, default 30);
+    booleans get ``--flag/--no-flag``; a tuple of strings is a flag given once per item; the help comes from the
+    field's ``metadata["help"]``; ``prefix`` names the flags of a group (``vad-`` → ``--vad-threshold``, stored as
+    ``vad_threshold``)."""
+    hints = typing.get_type_hints(cls)
+    flags = []
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType):  # "int | None" → int
+            kind = next(k for k in kind.__args__ if k is not type(None))
+        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata.get("help", "")}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) in (tuple, list):  # "tuple[str, ...]" → --flag A --flag B
+            kwargs.update(action="append", type=typing.get_args(kind)[0], default=None)
+        else:
+            kwargs["type"] = kind
+        flags.append(("--" + prefix + f.name.replace("_", "-"), kwargs))
+    return flags
+
+
+def _decoding_args(p: argparse.ArgumentParser, inputs: str = "files", what: str = "input files") -> None:
+    from mmformer.generation.decoding import DecodingOptions
+
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder applied on top of --model")
+    p.add_argument("--prompt", default=None, help="a learned decoder prefix file (prompt tuning)")
+    for flag, kwargs in dataclass_flags(DecodingOptions):
+        p.add_argument(flag, **kwargs)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(inputs, nargs="+", help=what)
+
+
+OUTPUT_FORMATS = ("txt", "json", "srt", "vtt", "tsv", "all")
+
+
+def _float_list(value: str) -> list[float]:
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {value!r}") from None
+
+
+def _transcribe_args(p: argparse.ArgumentParser) -> None:
+    """``transcribe``'s flags: the model, the DecodingOptions each window is decoded with (less the names
+    TranscribeOptions owns: temperature, language, task), TranscribeOptions, VadOptions as ``--vad-*``, the batch
+    and the outputs."""
+    from mmformer.generation.decoding import DecodingOptions
+    from mmformer.longform import TranscribeOptions, VadOptions
+
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder applied on top of --model")
+    p.add_argument("--prompt", default=None, help="a learned decoder prefix file (prompt tuning)")
+    owned = {f.name for f in dataclasses.fields(TranscribeOptions)}
+    for flag, kwargs in dataclass_flags(DecodingOptions):
+        if flag[2:].replace("-", "_") not in owned:
+            p.add_argument(flag, **kwargs)
+    for flag, kwargs in dataclass_flags(TranscribeOptions):
+        if flag == "--temperature":  # "0" (no fallback), "0,0.2,0.4" or the flag repeated (a schedule)
+            kwargs.update(type=_float_list, help=kwargs["help"] + " (comma-separated or repeated)")
+        p.add_argument(flag, **kwargs)
+    p.add_argument(
+        "--temperature-increment-on-fallback",
+        type=float,
+        default=None,
+        help="fallback temperatures from the first --temperature up to 1.0 in these steps (openai-whisper's flag)",
+    )
+    p.add_argument(
+        "--vad",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="cut every file at its speech (Silero VAD) and decode the windows of all files in batches; --no-vad: "
+        "consecutive windows; default: VAD for files longer than the model's window",
+    )
+    for flag, kwargs in dataclass_flags(VadOptions, prefix="vad-"):
+        p.add_argument(flag, **kwargs)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=16, help="windows decoded at once, drawn from all files")
+    p.add_argument(
+        "--output-format",
+        choices=OUTPUT_FORMATS,
+        default=None,
+        help="write each file's transcript as FILE.<format> in --output-dir (default: print path<TAB>text)",
+    )
+    p.add_argument("--output-dir", default=".", help="folder for --output-format files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("files", nargs="+", help="audio files")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmformer", usage=USAGE, add_help=False)
+    sub = parser.add_subparsers(dest="command", prog="mmformer")  # each sub-command: "usage: mmformer NAME ..."
+    p = sub.add_parser("export", help="write a pretrained directory, or each tower as ONNX / torch.export graphs")
+    p.add_argument("--ckpt", help="Lightning checkpoint (.ckpt)")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--format",
+        choices=("pretrained", "onnx", "torch-export"),
+        default="pretrained",
+        help="pretrained: config.json + model.safetensors; onnx / torch-export: a graph per tower and decoder step",
+    )
+    p.add_argument("--towers", help="comma-separated towers to export (image,audio,text,decoder; default: all)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing mmformer directory")
+    p.add_argument("--merge", action="store_true", help="a LoRA run's checkpoint: write the merged model")
+
+    p = sub.add_parser("quantize", help="quantize a model: torchao, PT2E x86 int8 (compiled) or onnxruntime int8")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument(
+        "--backend",
+        choices=("torchao", "pt2e", "onnxruntime"),
+        default="torchao",
+        help="torchao (weight-only, GPU; the default); pt2e: x86 CPU int8 graphs compiled with inductor (dynamic, "
+        "static); onnxruntime: int8 ONNX graphs for the torch-free runner (dynamic, static)",
+    )
+    p.add_argument("--method", required=True, help="dynamic | int8-weight | int4-weight | static (torchao)")
+    p.add_argument("--towers", help="pt2e / onnxruntime: comma-separated towers (image,audio,text,decoder)")
+    p.add_argument("--calib", help="data manifest (CSV/TSV/JSONL) whose samples calibrate static int8")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration samples read from --calib")
+    p.add_argument("--group-size", type=int, default=32, help="input channels per int4 group (32, 64, 128)")
+    p.add_argument("--embeddings", action="store_true", help="int8 embedding tables (and a tied LM head) too")
+    p.add_argument(
+        "--float-storage",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="dtype of the tensors left in float in the file (bfloat16: a smaller file)",
+    )
+    p.add_argument("--device", default="cpu", help="where to quantize (int4 packs for this device)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing mmformer directory")
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save the plain model")
+    p.add_argument("--base", required=True, help="the base model the adapter was trained on")
+    p.add_argument(
+        "--adapter", required=True, help="the adapter folder (adapter_config.json + adapter_model.safetensors)"
+    )
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing mmformer directory")
+
+    p = sub.add_parser("zeroshot", help="zero-shot classification of images or audio files")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder applied on top of --model")
+    p.add_argument("--prompt", default=None, help="a learned context prompt file (CoOp) in place of --templates")
+    p.add_argument("--classes", required=True, help="comma-separated class names")
+    p.add_argument("--templates", default="{}", help="'|'-separated prompt templates with {} for the class name")
+    p.add_argument("--modality", choices=("auto", "image", "audio"), default="auto")
+    p.add_argument("--top", type=int, default=3, help="classes shown per file")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("files", nargs="+")
+
+    _decoding_args(sub.add_parser("caption", help="caption image files"))
+    _transcribe_args(sub.add_parser("transcribe", help="transcribe audio files of any length"))
+    p = sub.add_parser("complete", help="continue text prompts with a language model")
+    _decoding_args(p, "prompts", "text prompts")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator (reproducible samples)")
+
+    from mmformer.convert import SOURCES
+
+    p = sub.add_parser("convert", help="convert a public checkpoint into a pretrained directory")
+    p.add_argument(
+        "--from",
+        dest="source",
+        default=None,
+        choices=sorted(SOURCES),
+        help="the converter for SRC (default: decided from its files; needed for bare state-dict files)",
+    )
+    p.add_argument("src", help=MODEL_HELP)
+    p.add_argument("--out", required=True)
+    p.add_argument("--revision", default=None, help="a Hub branch, tag or commit (Hub ids)")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("serve", help="serve a model over HTTP: OpenAI-compatible routes, zero-shot, a page at /")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder applied on top of --model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=32, help="inputs per model call, across requests")
+    p.add_argument("--batch-timeout-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--max-upload-mb", type=float, default=25.0, help="larger request bodies get 413")
+    p.add_argument("--device", default="cpu")
+    return parser
+
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus"}
+
+
+def _load_model(path: str, device: str, adapter: str | None = None):
+    from mmformer.io.auto import load_pretrained
+
+    model = load_pretrained(path, device=device, adapter=adapter).eval()
+    if getattr(model, "processor", None) is None:
+        raise SystemExit(f"mmformer: {path} has no processor files (tokenizer.json, preprocessor_config.json)")
+    return model
+
+
+def _zeroshot(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from mmformer.zeroshot import ZeroShotClassifier
+
+    model = _load_model(args.model, args.device, args.adapter)
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    by_modality: dict[str, list[str]] = {}
+    for path in args.files:  # 'auto' decides per file, so images and audio may be mixed
+        modality = args.modality
+        if modality == "auto":
+            modality = "audio" if Path(path).suffix.lower() in AUDIO_SUFFIXES else "image"
+        by_modality.setdefault(modality, []).append(path)
+    width = max(len(c) for c in classes)
+    for modality, files in by_modality.items():
+        templates = ["{}"] if args.prompt else args.templates.split("|")
+        clf = ZeroShotClassifier(
+            model, model.processor, classnames=classes, templates=templates, modality=modality, prompt=args.prompt
+        )
+        for path, top in zip(files, clf.topk(files, k=min(args.top, len(classes)))):
+            print(path)
+            for name, prob in top:
+                print(f"  {name:<{width}}  {prob:6.3f}")
+
+
+def _options(args: argparse.Namespace):
+    """The DecodingOptions of parsed flags (a repeatable flag given no times keeps the field's default)."""
+    from mmformer.generation.decoding import DecodingOptions
+
+    fields = dataclasses.fields(DecodingOptions)
+    unset = {f.name for f in fields if isinstance(f.default, tuple) and getattr(args, f.name) is None}
+    return DecodingOptions(**{f.name: getattr(args, f.name) for f in fields if f.name not in unset})
+
+
+def _decode(args: argparse.Namespace, task: str) -> None:
+    model = _load_model(args.model, args.device, args.adapter)
+    options = _options(args)
+    run = model.caption if task == "caption" else model.transcribe
+    prefix = _decoder_prefix(args, model)
+    for start in range(0, len(args.files), args.batch_size):
+        chunk = args.files[start : start + args.batch_size]
+        for path, text in zip(chunk, run(chunk, options=options, prefix_embeds=prefix)):
+            print(f"{path}\t{text}")
+
+
+def _dataclass_of(cls: type, args: argparse.Namespace, prefix: str = "", exclude: set[str] = frozenset(), **values):
+    """An options dataclass from parsed flags (a repeatable flag given no times, or a field in ``exclude``, keeps the
+    field's default)."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        value = getattr(args, prefix + f.name)
+        if not (isinstance(f.default, tuple) and value is None):
+            kwargs[f.name] = value
+    return cls(**{**kwargs, **values})
+
+
+def _temperatures(args: argparse.Namespace) -> tuple[float, ...] | None:
+    """``--temperature`` values (flattened), or openai-whisper's schedule from the first one by
+    ``--temperature-increment-on-fallback`` up to 1.0; None when neither is given."""
+    given = [t for group in args.temperature or [] for t in group]
+    step = args.temperature_increment_on_fallback
+    if step is None:
+        return tuple(given) or None
+    if step <= 0:
+        raise ValueError(f"--temperature-increment-on-fallback: expected a number > 0, got {step}")
+    first = given[0] if given else 0.0
+    return tuple(round(first + i * step, 6) for i in range(int((1.0 - first) / step + 1e-6) + 1))
+
+
+class _Progress:
+    """A tqdm bar in audio seconds with the realtime factor (audio seconds per wall second), on stderr."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.clock = time.perf_counter
+        self.start, self.done, self.bar = self.clock(), 0.0, None
+
+    def __call__(self, seconds: float, total: float) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            bar = "{l_bar}{bar}| {n:.1f}/{total:.1f} audio s [{elapsed}<{remaining}{postfix}]"
+            self.bar = tqdm(total=round(total, 1), file=sys.stderr, dynamic_ncols=True, bar_format=bar)
+        self.done += seconds
+        self.bar.update(round(self.done, 1) - self.bar.n)
+        self.bar.set_postfix_str(f"{self.done / max(self.clock() - self.start, 1e-9):.1f}x realtime", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _transcribe(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from mmformer.generation.decoding import DecodingOptions
+    from mmformer.longform import TranscribeOptions, VadOptions, decoding_options, has_timestamps, transcribe_files
+    from mmformer.longform.writers import write_result
+
+    if args.output_format:  # one transcript per stem: a.flac and a.wav (or x/a.flac, y/a.flac) would collide
+        stems: dict[str, str] = {}
+        for path in args.files:
+            if stems.setdefault(Path(path).stem, path) != path:
+                raise ValueError(f"files: {stems[Path(path).stem]} and {path} would both write "
+                                 f"{Path(args.output_dir) / Path(path).stem}.*; transcribe them into different "
+                                 "--output-dir folders")  # fmt: skip
+    model = _load_model(args.model, args.device, args.adapter)
+    temperature = _temperatures(args)
+    options = _dataclass_of(TranscribeOptions, args, **({"temperature": temperature} if temperature else {}))
+    base = _dataclass_of(DecodingOptions, args, exclude={f.name for f in dataclasses.fields(TranscribeOptions)})
+    progress = None if args.no_progress else _Progress()
+    try:
+        results = transcribe_files(
+            model,
+            args.files,
+            options=options if has_timestamps(model) else decoding_options(model, options, base=base),
+            vad=args.vad,
+            vad_options=_dataclass_of(VadOptions, args, prefix="vad_"),
+            batch_size=args.batch_size,
+            progress=progress,
+            prefix_embeds=_decoder_prefix(args, model),
+        )
+    finally:
+        if progress is not None:
+            progress.close()
+    failed = []
+    for path, result in zip(args.files, results):
+        if "error" in result:
+            failed.append(result["error"])
+        elif args.output_format:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            stem = Path(args.output_dir) / Path(path).stem
+            for written in write_result(result, stem, args.output_format):
+                print(f"wrote {written}", file=sys.stderr)
+        else:
+            print(f"{path}\t{result['text']}")
+    if failed:
+        raise SystemExit("mmformer transcribe: error: " + "; ".join(failed))
+
+
+def _decoder_prefix(args: argparse.Namespace, model: Any):
+    """The learned decoder prefix vectors of ``--prompt`` (prompt tuning), on the device; None without one."""
+    if not args.prompt:
+        return None
+    from mmformer.adapt.prompts import DecoderPrefix, load_prompt
+
+    return load_prompt(args.prompt, model, kind=DecoderPrefix.kind).vectors.to(args.device)
+
+
+def _complete(args: argparse.Namespace) -> None:
+    import torch
+
+    model = _load_model(args.model, args.device, args.adapter)
+    options, prefix = _options(args), _decoder_prefix(args, model)
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    for start in range(0, len(args.prompts), args.batch_size):
+        chunk = args.prompts[start : start + args.batch_size]
+        texts = model.complete(chunk, options=options, generator=generator, prefix_embeds=prefix)
+        for i, (prompt, text) in enumerate(zip(chunk, texts)):
+            if start + i:
+                print()
+            print(f"{prompt}{text}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from mmformer.io.auto import load_pretrained
+    from mmformer.io.pretrained import CHECKPOINT_KEY, read_training_checkpoint
+
+    if (args.ckpt is None) == (args.model is None):
+        raise ValueError("pass exactly one of --ckpt (a training checkpoint) and --model (a pretrained folder)")
+    if args.format == "pretrained" and args.ckpt is not None:
+        record = read_training_checkpoint(args.ckpt).get(CHECKPOINT_KEY) if args.ckpt.endswith(".ckpt") else None
+        if isinstance(record, dict) and (record.get("lora") or record.get("prompt")):  # an adaptation run
+            from mmformer.tasks.adapt import export_checkpoint
+
+            print(f"wrote {export_checkpoint(args.ckpt, args.out, merge=args.merge, overwrite=args.overwrite)}")
+            return
+    model = load_pretrained(args.ckpt or args.model)
+    if args.format == "pretrained":
+        model.save_pretrained(args.out, overwrite=args.overwrite)
+    else:
+        from mmformer.ship.export import export
+
+        towers = [t.strip() for t in args.towers.split(",") if t.strip()] if args.towers else None
+        export(model, args.out, format=args.format, towers=towers, opset=args.opset, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from mmformer.compress.quantization import METHODS, calibration_batches, quantize
+    from mmformer.io.auto import load_pretrained
+
+    methods = METHODS if args.backend == "torchao" else ("dynamic", "static")
+    if args.method not in methods:
+        got = f"{args.method!r} (--backend {args.backend})"
+        raise ValueError(f"--method: expected one of {', '.join(methods)}, got {got}")
+    if args.method == "static" and not args.calib:
+        raise ValueError("--method static needs --calib MANIFEST (samples whose activation ranges set the scales)")
+    if args.backend != "torchao":
+        return _quantize_graphs(args)
+    model = load_pretrained(args.model, device=args.device)
+    calibration = None
+    if args.method == "static":
+        calibration = calibration_batches(model, args.calib, max_samples=args.calib_samples)
+    quantize(
+        model,
+        args.method,
+        calibration=calibration,
+        group_size=args.group_size,
+        embeddings=args.embeddings,
+        float_storage=args.float_storage,
+    )
+    model.save_pretrained(args.out, overwrite=args.overwrite)
+    sizes = [sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) for d in (args.model, args.out)]
+    ratio = f" ({sizes[0] / sizes[1]:.2f}x smaller)" if Path(args.model).is_dir() and sizes[1] else ""
+    print(f"wrote {args.out}: {len(model.quantization.modules)} layers {args.method}, {sizes[1]:,} bytes{ratio}")
+
+
+def _quantize_graphs(args: argparse.Namespace) -> None:
+    """``--backend pt2e`` (x86 int8 graphs, compiled at use) or ``onnxruntime`` (an int8 ONNX export)."""
+    import tempfile
+
+    from mmformer.compress.quantization import calibration_batches
+    from mmformer.io.auto import load_pretrained
+
+    model = load_pretrained(args.model, device=args.device).eval()
+    towers = [t.strip() for t in args.towers.split(",") if t.strip()] if args.towers else None
+    calibration = None
+    if args.method == "static":
+        calibration = calibration_batches(model, args.calib, max_samples=args.calib_samples)
+    if args.backend == "pt2e":
+        from mmformer.compress import pt2e
+
+        quantized = pt2e.quantize(model, args.method, calibration=calibration, towers=towers)
+        quantized.save_pretrained(args.out, overwrite=args.overwrite)
+        graphs = sorted(quantized.graphs)
+    else:
+        from mmformer.compress.onnx_quantization import quantize_export
+        from mmformer.ship.export import export
+
+        with tempfile.TemporaryDirectory() as scratch:
+            source = export(model, f"{scratch}/float", format="onnx", towers=towers)
+            quantize_export(source, args.out, args.method, model=model, calibration=calibration,
+                            overwrite=args.overwrite)  # fmt: skip
+            graphs = sorted(p.stem for p in source.glob("*.onnx"))
+    print(f"wrote {args.out}: {args.backend} {args.method} int8 graphs {', '.join(graphs)}")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from mmformer.adapt.adapters import merge_and_unload
+    from mmformer.io.auto import load_pretrained
+
+    model = merge_and_unload(load_pretrained(args.base, adapter=args.adapter))
+    model.save_pretrained(args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from mmformer.io.auto import from_pretrained
+
+    model = from_pretrained(args.src, source=args.source, revision=args.revision)
+    model.save_pretrained(args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from mmformer.serve import serve
+
+    options = {k: getattr(args, k) for k in ("adapter", "host", "port", "max_batch_size", "batch_timeout_ms")}
+    serve(args.model, **options, api_key=args.api_key, max_upload_mb=args.max_upload_mb, device=args.device)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    if argv[0] in TRAIN_COMMANDS:
+        from mmformer.cli.training import run_training_cli
+
+        run_training_cli(argv)
+        return
+    args = _parser().parse_args(argv)
+    handlers = {
+        "zeroshot": _zeroshot,
+        "export": _export,
+        "quantize": _quantize,
+        "merge": _merge,
+        "convert": _convert,
+        "caption": lambda a: _decode(a, "caption"),
+        "transcribe": _transcribe,
+        "complete": _complete,
+        "serve": _serve,
+    }
+    if args.command not in handlers:
+        print(USAGE, file=sys.stderr)
+        raise SystemExit(f"mmformer: unknown command {argv[0]!r}")
+    from mmformer.data.io import SampleError
+
+    try:
+        handlers[args.command](args)
+    except (SampleError, FileNotFoundError, ValueError, ImportError) as e:
+        raise SystemExit(f"mmformer {args.command}: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

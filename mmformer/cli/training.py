@@ -1,0 +1,239 @@
+"""``mmformer fit | validate | test | predict``: a LightningCLI over :class:`~mmformer.tasks.MultimodalTask` and
+:class:`~mmformer.data.MultimodalDataModule`.
+
+The vocabulary size is set once: the data module's tokenizer links it into the task (``model.vocab_size``), which
+sets the model config's. With ``model.adapt.init_from`` the data module takes its processor (tokenizer, image and audio
+preprocessing) from that checkpoint (``data.processor_from`` is linked to it) rather than training a tokenizer, and
+the task checks that the tokenizer fits the checkpoint's token table.
+
+What the CLI adds to LightningCLI:
+
+- crash-safe checkpoints and exact resumes by default: :class:`~mmformer.io.checkpointing.AtomicCheckpointIO`
+  (unless the config passes a CheckpointIO plugin of its own) and
+  :class:`~mmformer.io.checkpointing.RandomStateCallback`; the data module's training loader saves its position
+  (``fit --ckpt_path last`` resumes mid-epoch at the next batch);
+- the task's flat keys of earlier releases (``model.caption_weight``, ``model.init_from``, ...; in a YAML file, on the
+  command line, or in the hyper-parameters of a checkpoint resumed with ``--ckpt_path``) are still accepted and moved
+  to their groups (:data:`mmformer.tasks.settings.RENAMED`) with a ``FutureWarning`` naming the new key, so that the
+  run and the config it saves use the new keys;
+- configuration errors stop the run before any data is read: an unknown key or a value of the wrong type
+  (jsonargparse), and a model configuration that cannot be built (``ModelConfig`` and its parts validate
+  themselves; they are checked before the data module trains a tokenizer for the vocabulary link). From the
+  command line they print one ``mmformer: error: ...`` naming the key and exit with status 2; in Python
+  :func:`build_cli` raises :class:`ConfigError`. ``MMFORMER_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any, get_type_hints
+
+from jsonargparse import ArgumentError, Namespace
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
+from mmformer.data import MultimodalDataModule
+from mmformer.io.checkpointing import AtomicCheckpointIO, RandomStateCallback
+from mmformer.tasks import MultimodalTask
+from mmformer.tasks import settings as task_settings
+from mmformer.tasks.parallel import FSDP2Strategy, strategy_from_name
+
+MODEL_KEY = "model.model"  # where the ModelConfig sits in the CLI's configuration
+INIT_FROM = "model.adapt.init_from"  # the pretrained model a run starts from (its processor goes to the data module)
+
+
+class ConfigError(ValueError):
+    """The configuration cannot run: an unknown key, a value of the wrong type, an impossible model, an argument
+    a class refuses or a data path that does not exist. The message names the key or argument."""
+
+
+def _plain(value: Any) -> Any:
+    """A parsed jsonargparse value as plain dicts/lists (``class_path``/``init_args`` wrappers unwrapped)."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        if set(value) <= {"class_path", "init_args"} and "class_path" in value:
+            return _plain(value.get("init_args") or {})
+        return {k: _plain(v) for k, v in value.items() if not k.startswith("__")}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def check_model_config(config: Any, key: str = MODEL_KEY) -> ModelConfig:
+    """Build the :class:`~mmformer.ModelConfig` of a parsed configuration, raising :class:`ConfigError` with the
+    offending key (``model.model.stacks.NAME``, ``model.model.image``, ...) if it is impossible.
+
+    ``text.vocab_size`` may be absent (the data module's tokenizer sets it later); the default is used to check.
+    """
+    d = _plain(config)
+    if not isinstance(d, dict):
+        raise ConfigError(f"{key}: expected a mapping of ModelConfig fields; got {type(d).__name__}")
+    parts = {"image": ImageConfig, "audio": AudioConfig, "text": TextConfig}
+    try:
+        for name, stack in (d.get("stacks") or {}).items():
+            where = f"{key}.stacks.{name}"
+            if isinstance(stack, dict):
+                StackConfig(**stack)
+        for name, cls in parts.items():
+            where = f"{key}.{name}"
+            if isinstance(d.get(name), dict):
+                cls(**d[name])
+        where = key
+        return ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+class MMFormerCLI(LightningCLI):
+    """LightningCLI with mmformer's vocabulary link, early config checks, atomic checkpoints and exact resumes."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
+        parser_kwargs.setdefault("exit_on_error", False)  # errors reach parse_arguments as exceptions
+        parser_kwargs.setdefault("prog", "mmformer")
+        kwargs.setdefault("parser_class", _Parser)
+        for sub in self.subcommands():
+            parser_kwargs[sub] = {"exit_on_error": False, **parser_kwargs.get(sub, {})}
+        super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        parser.link_arguments(INIT_FROM, "data.processor_from", apply_on="parse")
+        for old, (group, name) in task_settings.RENAMED.items():  # accepted; _Parser moves them as soon as read
+            kind = get_type_hints(task_settings.GROUPS[group])[name]
+            parser.add_argument(f"--model.{old}", type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    def parse_arguments(self, parser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as e:
+            raise ConfigError(_named_key(str(e).strip())) from e
+
+    def _section(self) -> Namespace:
+        subcommand = self.config.get("subcommand")
+        return self.config[subcommand] if subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        section = self._section()
+        # The vocabulary link makes jsonargparse build the data module (and train its tokenizer, reading the
+        # training texts) before the model: check the model configuration first, so an impossible one fails fast.
+        model = section.get("model")
+        if isinstance(model, Namespace) and model.get("model") is not None:
+            check_model_config(model["model"])
+        elif isinstance(model, Namespace) and not model.get("adapt.init_from"):
+            raise ConfigError(f"{MODEL_KEY}: expected a model configuration, or {INIT_FROM}: a model to start from")
+
+    def instantiate_classes(self) -> None:
+        # Errors of the classes' own argument checks (they name the argument), of a data path that does not exist,
+        # or of Lightning's trainer options: the configuration cannot run, so report it as such.
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, FileNotFoundError, MisconfigurationException) as e:
+            raise ConfigError(str(e)) from e
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self._get(self.config_init, "trainer", default={}) or {}
+        plugins = _as_list(kwargs.get("plugins", config.get("plugins")))
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        callbacks = _as_list(kwargs.get("callbacks", config.get("callbacks")))
+        if not any(isinstance(c, RandomStateCallback) for c in callbacks):
+            callbacks.append(RandomStateCallback())
+        extra = {"callbacks": callbacks}
+        strategy = strategy_from_name(kwargs.get("strategy", config.get("strategy")))
+        if isinstance(strategy, FSDP2Strategy):
+            extra["strategy"] = strategy  # it writes each rank's shards itself: no CheckpointIO plugin
+        else:
+            extra["plugins"] = plugins
+        return super().instantiate_trainer(**{**kwargs, **extra})
+
+
+def _move_renamed(section: Namespace) -> None:
+    """Move the task's flat keys of earlier releases (``model.caption_weight``) to their groups
+    (``model.objectives.caption``), with the warning :func:`mmformer.tasks.settings.moved` gives."""
+    model = section.get("model")
+    if not isinstance(model, Namespace):
+        return
+    old = {key: model.pop(key) for key in list(task_settings.RENAMED) if key in model}
+    for group, values in task_settings.moved(old, where="model", stacklevel=5).items():
+        for name, value in values.items():
+            model[f"{group}.{name}"] = value
+
+
+class _Parser(LightningArgumentParser):
+    """LightningCLI's parser, moving the task's renamed keys as soon as the sources of a configuration (files, flags,
+    a resumed checkpoint's hyper-parameters) are merged, before jsonargparse applies the links (``init_from`` →
+    ``data.processor_from``), prints ``--print_config`` or checks the values: everything after sees the new keys.
+    ``_parse_common`` is the step of jsonargparse where that happens (tests/test_task_settings.py checks the link and
+    ``--print_config`` with an old key, so a jsonargparse that renames it fails there)."""
+
+    def _parse_common(self, cfg: Namespace, *args: Any, **kwargs: Any) -> Namespace:
+        subcommand = cfg.get("subcommand")
+        _move_renamed(cfg[subcommand] if subcommand and isinstance(cfg.get(subcommand), Namespace) else cfg)
+        return super()._parse_common(cfg, *args, **kwargs)
+
+
+_UNION_NOISE = ("Does not validate", "Subtypes:", "Errors:", "Problem with given class_path", "Given value",
+                "Expected a <class 'NoneType'>")  # fmt: skip
+
+
+def _named_key(message: str) -> str:
+    """jsonargparse reports a bad value inside an optional section (``model.model`` is ``ModelConfig | None``) as
+    nested "Parser key" blocks under a union, listing every subtype; say it in one line instead: the full dotted key
+    and the innermost reason."""
+    if "Does not validate against any of the Union subtypes" not in message:
+        return message
+    keys = []
+    for line in message.splitlines():
+        text = line.strip().removeprefix("- ")
+        found = re.fullmatch(r'Parser key "([^"]+)":', text)
+        if found:
+            keys.append(found.group(1))
+        elif text and not text.startswith(_UNION_NOISE):
+            return f"{'.'.join(keys)}: {text}"
+    return message
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def build_cli(args: Sequence[str] | None = None, *, run: bool = True, dry_run: bool = False) -> MMFormerCLI:
+    """Parse ``args`` (default: the command line) and build the task, data module and trainer; ``run=False`` stops
+    there (and then ``args`` has no subcommand). ``dry_run=True`` reads no data (``--data.dry_run true``: the
+    vocabulary size is the configured target), to check a recipe whose data is elsewhere. Raises
+    :class:`ConfigError` for a configuration that cannot run."""
+    if dry_run:
+        args = [*(sys.argv[1:] if args is None else args), "--data.dry_run", "true"]
+    return MMFormerCLI(
+        MultimodalTask,
+        MultimodalDataModule,
+        args=None if args is None else list(args),
+        run=run,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def run_training_cli(argv: Sequence[str]) -> None:
+    """The ``mmformer fit|validate|test|predict`` entry point: configuration errors print one line and exit 2."""
+    argv = list(argv)
+    try:
+        # args=None when they are the command line (LightningCLI warns when given both)
+        build_cli(None if argv == sys.argv[1:] else argv)
+    except ConfigError as e:
+        if os.environ.get("MMFORMER_DEBUG"):
+            raise
+        command = argv[0] if argv else "fit"
+        print(f"mmformer: error: {e}", file=sys.stderr)
+        print(f"(`mmformer {command} --help` lists the options; MMFORMER_DEBUG=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,1 @@
+"""Compressing a model: quantization (torchao, PT2E), its safe file format."""

@@ -1,0 +1,398 @@
+"""int8 inference on x86 CPUs through PT2E: each tower's exported graph (:mod:`mmformer.ship.export`) is quantized with
+PyTorch's ``X86InductorQuantizer`` (``prepare_pt2e`` → calibration → ``convert_pt2e``) and compiled with
+``torch.compile`` (inductor with freezing, which lowers the quantize/dequantize patterns to oneDNN int8 kernels).
+
+Modes (``mmformer quantize --backend pt2e --method static|dynamic``):
+
+=========  ==============================================================================================
+static     uint8 activations with one scale and zero point per tensor, chosen by histogram observers over
+           calibration batches; int8 weights per output channel
+dynamic    int8 weights per output channel; activations quantized per tensor at run time
+=========  ==============================================================================================
+
+The linear layers are quantized (the matrix work); convolutions, norms and attention stay float.
+
+Files (never pickled): the float model as ``save_pretrained`` writes it, plus ``pt2e_qparams.safetensors`` (every
+observer's scale and zero point, keyed ``{graph}.{observer}.scale`` / ``.zero_point``, and in its metadata the
+mode, the graphs and the torch version). Loading builds the float model, exports and prepares each graph again
+(the observers come out with the same names), gives every observer its saved parameters and converts: the
+quantized graphs equal the saved model's exactly, and the weights stay one float copy on disk.
+
+The graphs run on x86-64 CPUs only (the quantizer's kernels); another device or CPU gets a ValueError naming both.
+
+Shape legend: B batch, C channels, H×W pixels, M mel bins, Nf mel frames, T tokens, S memory tokens, E embedding
+size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+MODES = ("static", "dynamic")
+BACKEND = "pt2e"
+QPARAMS_FILE = "pt2e_qparams.safetensors"
+X86 = ("x86_64", "amd64", "i686", "x86")
+STEP_POSITIONS = 16  # decoder-step calibration: the first positions of each text
+
+
+def check_device(device: torch.device | str | None, backend: str = "pt2e int8 (X86InductorQuantizer)") -> None:
+    """Refuse a device or CPU the x86 int8 kernels cannot serve (the message names the backend and the device)."""
+    device = torch.device(device or "cpu")
+    if device.type != "cpu":
+        raise ValueError(f"device: {backend} runs on x86-64 CPUs only; got device {str(device)!r}")
+    machine = platform.machine()
+    if machine.lower() not in X86:
+        raise ValueError(f"device: {backend} runs on x86-64 CPUs only; this CPU is {machine!r}")
+
+
+def _quantizer(mode: str) -> Any:
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    # the linear layers only: they hold the matrix work, and inductor's quantized-convolution lowering (the patch
+    # embedding) fails its output-stride check under dynamic shapes (torch 2.14, measured)
+    config = get_default_x86_inductor_quantization_config(is_dynamic=mode == "dynamic")
+    return X86InductorQuantizer().set_module_type_qconfig(nn.Linear, config)
+
+
+def _prepare(graph: Any, mode: str) -> torch.fx.GraphModule:
+    """The tower's exported graph with PT2E observers (``prepare_pt2e``)."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    with torch.no_grad():
+        program = torch.export.export(graph.module, tuple(graph.inputs.values()), dynamic_shapes=graph.dynamic_shapes())
+    return prepare_pt2e(program.module(), _quantizer(mode))
+
+
+def _observers(gm: torch.fx.GraphModule) -> dict[str, nn.Module]:
+    """Observer name → observer, for the observers whose parameters are fixed at convert (not run-time dynamic)."""
+    return {
+        name: m
+        for name, m in gm.named_modules()
+        if hasattr(m, "calculate_qparams") and not getattr(m, "is_dynamic", False)
+    }
+
+
+def _convert(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    return convert_pt2e(gm)
+
+
+class PT2EModel:
+    """The int8 graphs of a model's towers, with the float model kept for its config and processor.
+
+    Args:
+        model: the float model the graphs were made from.
+        mode: ``static`` or ``dynamic``.
+        graphs: graph name (as :mod:`mmformer.ship.export` names them) → converted graph module.
+        qparams: ``{graph}.{observer}.scale|zero_point`` → tensor, what :meth:`save_pretrained` writes.
+        compile: run each graph through ``torch.compile`` (inductor, freezing) on first use.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mode: str,
+        graphs: dict[str, torch.fx.GraphModule],
+        qparams: dict[str, torch.Tensor],
+        compile: bool = True,
+    ):
+        self.model = model
+        self.mode = mode
+        self.graphs = graphs
+        self.qparams = qparams
+        self.compile = compile
+        self._compiled: dict[str, Any] = {}
+        self.quantization = {"quant_method": BACKEND, "method": mode, "graphs": sorted(graphs)}
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def processor(self) -> Any:
+        return getattr(self.model, "processor", None)
+
+    def run(self, name: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One graph's outputs (compiled on first use when ``compile``)."""
+        if name not in self.graphs:
+            raise ValueError(f"graph: this quantized model has no {name!r} graph; it has {sorted(self.graphs)}")
+        fn = self._compiled.get(name)
+        if fn is None:
+            fn = self.graphs[name]
+            if self.compile:
+                import torch._inductor.config as inductor
+
+                inductor.freezing = True  # folds the int8 weights and lowers q/dq patterns to oneDNN kernels
+                fn = torch.compile(fn, dynamic=True)
+            self._compiled[name] = fn
+        with torch.no_grad():
+            return tuple(fn(*inputs))
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) → (B, E) L2-normalised."""
+        return self.run("image_encoder", pixel_values)[0]
+
+    def encode_audio(
+        self,
+        audio: torch.Tensor | None = None,
+        audio_lengths: torch.Tensor | None = None,
+        *,
+        audio_features: torch.Tensor | None = None,
+        feature_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Waveforms (B, S) with their lengths, or log-mel (B, M, Nf) with frame counts (B,) → (B, E)
+        L2-normalised (the float model's arguments)."""
+        return self.run("audio_encoder", *self._features(audio, audio_lengths, audio_features, feature_lengths))[0]
+
+    def _features(
+        self,
+        audio: torch.Tensor | None,
+        audio_lengths: torch.Tensor | None,
+        features: torch.Tensor | None,
+        lengths: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The audio graph's inputs: log-mel (B, M, Nf) and frame counts (B,), from waveforms if given those."""
+        if (audio is None) == (features is None):
+            raise ValueError("audio: expected exactly one of audio= (waveforms) or audio_features= (log-mel)")
+        if audio is not None:
+            lengths = audio_lengths if audio_lengths is not None else torch.full((audio.shape[0],), audio.shape[-1])
+            extract = self.model.audio_embed.features
+            with torch.no_grad():
+                features, lengths = extract(audio, lengths), extract.frames(lengths)
+        if lengths is None:
+            lengths = torch.full((features.shape[0],), features.shape[-1], dtype=torch.long)
+        return pad_frames(self.model, features), lengths
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids and mask → (B, E) L2-normalised."""
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        return self.run("text_encoder", input_ids, mask)[0]
+
+    def generate(
+        self,
+        image: torch.Tensor | None = None,
+        audio: torch.Tensor | None = None,
+        audio_lengths: torch.Tensor | None = None,
+        *,
+        audio_features: torch.Tensor | None = None,
+        feature_lengths: torch.Tensor | None = None,
+        prompt_ids: torch.Tensor | None = None,
+        max_new_tokens: int = 30,
+    ) -> torch.Tensor:
+        """Greedy decoding through the prefill and step graphs: ids (B, P + generated), the prompt (default: bos)
+        first, rows padded after end-of-text (as :meth:`mmformer.ship.onnx_runner.OnnxModel.generate`)."""
+        if (image is None) == (audio is None and audio_features is None):
+            raise ValueError("generate: expected exactly one of image= or audio= / audio_features=")
+        if image is not None:
+            states = self.run("image_encoder", image)[1]
+            memory_mask = torch.ones(states.shape[:2], dtype=torch.bool)
+        else:
+            features = self._features(audio, audio_lengths, audio_features, feature_lengths)
+            _, states, memory_mask = self.run("audio_encoder", *features)
+        text = self.config.text
+        if prompt_ids is None:
+            prompt_ids = torch.full((states.shape[0], 1), text.bos_id, dtype=torch.long)
+        tokens = prompt_ids.to(torch.long)  # (B, P)
+        limit = tokens.shape[1] + max_new_tokens
+        if text.position != "none":
+            limit = min(limit, text.max_length)
+        logits, keys, values, cross_keys, cross_values = self.run("decoder_model", tokens, states, memory_mask)
+        done = torch.zeros(states.shape[0], dtype=torch.bool)
+        while tokens.shape[1] < limit:
+            next_ids = logits[:, -1].argmax(dim=-1).masked_fill(done, text.pad_id)  # (B,)
+            tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+            done |= next_ids == text.eos_id
+            if done.all() or tokens.shape[1] >= limit:
+                break
+            logits, keys, values = self.run("decoder_with_past_model", next_ids[:, None], memory_mask, keys, values,
+                                             cross_keys, cross_values)  # fmt: skip
+        return tokens
+
+    def save_pretrained(self, directory: str | os.PathLike, *, overwrite: bool = True) -> Path:
+        """The float model (``save_pretrained``) plus :data:`QPARAMS_FILE`, atomically; reload with :func:`load`."""
+        from safetensors.torch import save_file
+
+        from mmformer.io import pretrained
+
+        with pretrained.atomic_directory(directory, overwrite=overwrite) as staging:
+            self.model.save_pretrained(staging)
+            metadata = {"quantization_config": json.dumps(self.quantization), "torch_version": torch.__version__}
+            tensors = {k: v.detach().contiguous() for k, v in self.qparams.items()}
+            save_file(tensors, str(staging / QPARAMS_FILE), metadata=metadata)
+        return Path(directory)
+
+
+def pad_frames(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Log-mel (B, M, Nf) padded at the end to Nf' ≡ the export example's frame count modulo the convolution stride.
+
+    An exported audio graph keeps the guards its example's frame count passed, and the strided convolution's floor
+    divisions guard on Nf modulo the stride (torch.export cannot prove them over the whole range); frames past every
+    clip's length are read as silence (:meth:`mmformer.embedders.audio.AudioEmbedder.convolve`), so the real tokens
+    come out the same, with at most one more masked token."""
+    from mmformer.ship.export import examples
+
+    audio = model.config.audio
+    if audio is None or audio.pad_to_seconds is not None:
+        return features  # a fixed window (Whisper) is read as it is
+    example = examples(model)["input_features"].shape[-1]
+    pad = (example - features.shape[-1]) % audio.conv_stride
+    return torch.nn.functional.pad(features, (0, pad)) if pad else features
+
+
+def _calibration_inputs(model: nn.Module, batches: Iterable[dict[str, Any]]) -> Iterable[tuple[str, tuple]]:
+    """(graph name, inputs) of every graph a calibration batch runs through: the encoders and the decoder's prefill
+    as :func:`mmformer.compress.quantization._tower_inputs` gives them, and the decoder step at each position of the
+    teacher-
+    forced texts, its cache made by the float model's prefill of the positions before."""
+    from mmformer.compress.quantization import _tower_inputs
+    from mmformer.ship.export import DecoderPrefill
+
+    prefill = DecoderPrefill(model)
+    for batch in batches:
+        for name, inputs in _tower_inputs(model, batch):
+            if name == "audio_encoder":
+                inputs = (pad_frames(model, inputs[0]), inputs[1])
+            yield name, inputs
+            if name != "decoder_model":
+                continue
+            ids, memory, memory_mask = inputs  # (B, T), (B, S, D), (B, S)
+            for k in range(1, min(ids.shape[1], STEP_POSITIONS + 1)):
+                _, keys, values, cross_keys, cross_values = prefill(ids[:, :k], memory, memory_mask)
+                yield "decoder_with_past_model", (ids[:, k : k + 1], memory_mask, keys, values, cross_keys,
+                                                  cross_values)  # fmt: skip
+
+
+def quantize(
+    model: nn.Module,
+    mode: str,
+    *,
+    calibration: Iterable[dict[str, Any]] | None = None,
+    towers: Sequence[str] | None = None,
+    compile: bool = True,
+) -> PT2EModel:
+    """The int8 graphs of ``model``'s towers (default: every tower it has); ``model`` itself stays float.
+
+    Args:
+        model: a float :class:`~mmformer.model.MultimodalTransformer` on the CPU.
+        mode: ``static`` (needs ``calibration``) or ``dynamic``.
+        calibration: batches as :func:`mmformer.compress.quantization.calibration_batches` gives them (static).
+        towers: some of ``image``, ``audio``, ``text``, ``decoder``.
+        compile: compile each graph on first use (``torch.compile``, inductor); False runs the reference graphs.
+
+    Raises:
+        ValueError: an unknown mode, static without calibration (or with batches that reach no graph), a model
+            that is quantized already, a device or CPU the x86 kernels cannot serve.
+    """
+    from mmformer.ship import export
+
+    if mode not in MODES:
+        raise ValueError(f"method: the pt2e backend supports {list(MODES)}, got {mode!r}")
+    if getattr(model, "quantization", None) is not None:
+        raise ValueError(f"model: already quantized ({model.quantization.method}); quantize the float model")
+    from mmformer.io.weights import model_device
+
+    check_device(model_device(model))
+    model.eval()
+    graphs = {g.name: g for g in export.graphs(model, towers)}
+    prepared = {name: _prepare(g, mode) for name, g in graphs.items()}
+    with torch.no_grad():
+        if mode == "static":
+            if calibration is None:
+                raise ValueError("calibration: static int8 needs calibration batches (mmformer quantize --calib ...)")
+            reached = set()
+            for name, inputs in _calibration_inputs(model, calibration):
+                if name in prepared:
+                    prepared[name](*inputs)
+                    reached.add(name)
+            if name_missing := sorted(set(prepared) - reached):
+                raise ValueError(f"calibration: the batches reached no input of the graphs {name_missing}")
+        else:  # the weight observers only need one pass; the activations are measured at run time
+            for name, gm in prepared.items():
+                gm(*graphs[name].inputs.values())
+    qparams = {}
+    for name, gm in prepared.items():
+        for obs_name, obs in _observers(gm).items():
+            scale, zero_point = obs.calculate_qparams()
+            qparams[f"{name}.{obs_name}.scale"] = scale.detach().float().reshape(-1)
+            qparams[f"{name}.{obs_name}.zero_point"] = zero_point.detach().to(torch.int64).reshape(-1)
+    converted = {name: _convert(gm) for name, gm in prepared.items()}
+    return PT2EModel(model, mode, converted, qparams, compile=compile)
+
+
+def is_pt2e(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a model saved by :meth:`PT2EModel.save_pretrained`."""
+    return (Path(directory) / QPARAMS_FILE).is_file()
+
+
+def load(directory: str | os.PathLike, *, device: torch.device | str | None = None, compile: bool = True) -> PT2EModel:
+    """A PT2E int8 model saved by :meth:`PT2EModel.save_pretrained`, its graphs rebuilt from the float weights and
+    the saved observer parameters.
+
+    Raises:
+        FileNotFoundError: the folder has no :data:`QPARAMS_FILE`.
+        ValueError: a device or CPU the backend cannot serve, or a file whose observers do not match the graphs
+            this torch prepares (another torch version, or an edited file).
+    """
+    from safetensors import safe_open
+
+    from mmformer.model import MultimodalTransformer
+    from mmformer.ship import export
+
+    directory = Path(directory)
+    path = directory / QPARAMS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"directory: no {QPARAMS_FILE} in {directory}; expected a pt2e-quantized model")
+    check_device(device)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        qparams = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is not iterable)
+    try:
+        config = json.loads(metadata["quantization_config"])
+        mode, names = config["method"], config["graphs"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: no valid quantization_config in its metadata ({e})") from e
+    if config.get("quant_method") != BACKEND or mode not in MODES:
+        raise ValueError(f"{path}: expected quant_method {BACKEND!r} with a method in {list(MODES)}, got {config}")
+    model = MultimodalTransformer.from_pretrained(directory, device="cpu").eval()  # our own folder format
+    graphs = {g.name: g for g in export.graphs(model, _towers(names))}
+    converted = {}
+    for name in names:
+        gm = _prepare(graphs[name], mode)
+        observers = _observers(gm)
+        saved = {k.removeprefix(f"{name}.").rsplit(".", 1)[0] for k in qparams if k.startswith(f"{name}.")}
+        if saved != set(observers):
+            raise ValueError(
+                f"{path}: the {name} graph's observers ({len(observers)}) differ from the file's ({len(saved)}); "
+                f"it was written by torch {metadata.get('torch_version')}, this is torch {torch.__version__}: "
+                "quantize the float model again"
+            )
+        for obs_name, obs in observers.items():
+            scale, zero_point = qparams[f"{name}.{obs_name}.scale"], qparams[f"{name}.{obs_name}.zero_point"]
+            if scale.numel() == 1:
+                scale, zero_point = scale.reshape(()), zero_point.reshape(())
+            obs.calculate_qparams = lambda s=scale, z=zero_point: (s, z)  # the saved choice, not a new one
+        converted[name] = _convert(gm)
+    return PT2EModel(model, mode, converted, qparams, compile=compile)
+
+
+def _towers(graph_names: Iterable[str]) -> list[str]:
+    from mmformer.ship.export import TOWERS
+
+    by_graph = {"image_encoder": "image", "audio_encoder": "audio", "text_encoder": "text",
+                "decoder_model": "decoder", "decoder_with_past_model": "decoder"}  # fmt: skip
+    towers = {by_graph.get(n) for n in graph_names}
+    if None in towers:
+        raise ValueError(f"graphs: expected names among {sorted(by_graph)}, got {sorted(graph_names)}")
+    return [t for t in TOWERS if t in towers]

@@ -1,0 +1,1 @@
+"""Decoding: `DecodingOptions`, the searches over a KV cache, score processors, the checkpoint's rules."""

@@ -1,0 +1,102 @@
+"""Text completion by a decoder-only language model: prompts as text (tokenized, left-padded, decoded together) in,
+continuations as text out. The decoding itself is :func:`mmformer.generation.decoding.generate`'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mmformer.generation.decoding import DecodingOptions, generate, processor_with_tokenizer, ragged
+from mmformer.generation.token_choice import StopStrings
+from mmformer.io.weights import model_device
+
+if TYPE_CHECKING:
+    from mmformer.generation.streaming import TextStreamer
+    from mmformer.model import MultimodalTransformer
+    from mmformer.preprocess.processor import Processor
+
+
+def _prompt_rows(tokenizer: Any, prompts: Any) -> tuple[list[list[int]] | torch.Tensor, bool]:
+    """(id rows or a (B, P) tensor, whether they came from text) of ``complete``'s prompts."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(prompts, torch.Tensor):
+        return (prompts[None] if prompts.ndim == 1 else prompts), False
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        got = "an empty list" if isinstance(prompts, (list, tuple)) else type(prompts).__name__
+        raise ValueError(f"prompts: expected a str, a list of str or prompt ids, got {got}")
+    if all(isinstance(p, str) for p in prompts):
+        rows = []
+        for i, p in enumerate(prompts):
+            ids = tokenizer.encode(p)
+            if tokenizer.eos_id is not None and ids and ids[-1] == tokenizer.eos_id:
+                ids = ids[:-1]  # a template's end-of-text would end the prompt before it is continued
+            if not ids:
+                raise ValueError(f"prompts[{i}]: {p!r} has no tokens to continue (the tokenizer adds no bos)")
+            rows.append(ids)
+        return rows, True
+    if all(isinstance(p, (list, tuple, torch.Tensor)) for p in prompts):
+        return [list(map(int, p)) for p in prompts], False
+    raise TypeError(f"prompts: expected a str, a list of str or lists of ids, got items of type "
+                    f"{sorted({type(p).__name__ for p in prompts})}")  # fmt: skip
+
+
+def complete(
+    model: MultimodalTransformer,
+    prompts: str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor,
+    processor: Processor | None = None,
+    streamer: TextStreamer | None = None,
+    **decoding: Any,
+) -> list[str]:
+    """Continuations of prompts by a decoder-only language model (GPT-2, Llama, a model trained with ``lm``).
+
+    Prompts of different lengths are left-padded and decoded together; each continues exactly as it would alone.
+
+    Args:
+        prompts: a text, a list of texts (tokenized without a trailing end-of-text), or prompt ids (a (B, P) tensor
+            with ``prompt_mask=`` for its padding, or a list of id lists).
+        processor: its tokenizer turns text into ids and back; default ``model.processor``.
+        decoding: :func:`generate` options (``max_new_tokens``, ``num_beams``, ``top_k``, ``top_p``,
+            ``temperature``, ``repetition_penalty``, ``stop_strings``, ``generator``, ...).
+        streamer: a :class:`mmformer.generation.streaming.TextStreamer` that receives the continuation of one prompt
+        piece by
+            piece while it is decoded (greedy or sampling); its pieces concatenate to the returned text (it is told
+            the ``stop_strings``, so it ends where the text is cut).
+
+    Returns:
+        The generated text of each prompt (without the prompt). A row that produced a stop string ends before it
+        (as OpenAI's ``stop``; :func:`generate`'s ids keep it, as Hugging Face's do).
+    """
+    processor = processor_with_tokenizer(model, processor, "complete")
+    tokenizer = processor.tokenizer
+    if model.lm_head is None:
+        raise ValueError(f"complete: this model has no decoder; its routes are {sorted(model.config.routes)}")
+    rows, from_text = _prompt_rows(tokenizer, prompts)
+    context = model.config.text.max_length
+    if from_text:
+        for i, row in enumerate(rows):
+            if len(row) > context:
+                raise ValueError(
+                    f"prompts[{i}]: {len(row)} tokens exceed the model's context (config.text.max_length="
+                    f"{context}); shorten the prompt"
+                )
+    if isinstance(rows, list) and not ragged(rows):
+        rows = torch.tensor(rows, dtype=torch.long)
+    if isinstance(rows, torch.Tensor):
+        rows = rows.to(model_device(model))
+    n_prompt = rows.shape[1] if isinstance(rows, torch.Tensor) else max(len(r) for r in rows)
+    names = {f.name for f in fields(DecodingOptions)}
+    changes = {k: decoding.pop(k) for k in list(decoding) if k in names}
+    options = DecodingOptions.build(decoding.pop("options", None), **changes)
+    if streamer is not None:
+        streamer.set_stop_strings(options.stop_strings)
+    ids = generate(model, prompt_ids=rows, tokenizer=tokenizer, options=options, streamer=streamer, **decoding)
+    texts = tokenizer.batch_decode(ids[:, n_prompt:].cpu(), skip_special_tokens=True)
+    if options.stop_strings:
+        cutter = StopStrings(tokenizer, options.stop_strings, 0)
+        texts = [cutter.cut(t) for t in texts]
+    return texts

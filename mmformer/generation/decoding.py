@@ -1,0 +1,495 @@
+"""Text generation: from image, audio or text memory, or from a prompt alone (a decoder-only language model);
+greedy decoding, beam search and sampling, with or without a KV cache.
+
+Structure (after Whisper's ``decoding.py``): the options are a frozen, validated :class:`DecodingOptions` (here,
+with the entry points); every adjustment of a step's scores is a score processor built once per call from the options
+and the checkpoint's rules (:mod:`mmformer.generation.score_processing`: repetition penalty, ``min_new_tokens``,
+``forced_eos``,
+suppressed tokens, temperature / top-k / top-p); small strategy classes pick tokens
+(:mod:`mmformer.generation.token_choice`:
+:class:`Greedy`, :class:`Sampler`, :class:`StopStrings`) and run the search (:mod:`mmformer.generation.search`:
+:class:`TokenSearch` for greedy/sampling, :class:`BeamSearch`, and the :class:`DecoderRunner` that feeds the decoder
+incrementally through one :class:`~mmformer.layers.cache.KVCache` or from scratch every step, the reference the cache
+must equal). A checkpoint's prompt (Whisper's, with language detection) comes from
+:mod:`mmformer.generation.decoding_rules`.
+
+Returned ids are the prompt followed by the generated tokens. A row ends at its first ``eos_id`` (kept) or where its
+text has produced a stop string, and is right-padded with ``pad_id`` to the longest row; rows that never end run to
+``max_new_tokens``, or stop cleanly where the decoder's position table (``config.text.max_length``) ends.
+
+Prompts of different lengths are left-padded (``prompt_mask`` False at the padding; ragged lists of ids are padded
+here): every row's next token then goes to the same column, and each row's tokens are numbered from its first real
+one, so a row continues exactly as it would alone.
+
+Shape legend: B batch, K beams, N = B*K decoded rows, P prompt tokens, L tokens so far, V vocabulary,
+S memory tokens, D width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from mmformer.embedders.checks import check_prefix, check_token_ids
+from mmformer.generation.decoding_rules import default_prompt, prompt_length
+from mmformer.generation.score_processing import build_score_processors
+from mmformer.generation.search import BeamSearch, DecoderRunner, TokenSearch
+from mmformer.generation.token_choice import StopStrings, token_chooser
+from mmformer.io.weights import model_device
+from mmformer.values import build_options, is_int, is_number, option
+
+if TYPE_CHECKING:
+    from mmformer.generation.streaming import TextStreamer
+    from mmformer.model import MultimodalTransformer
+    from mmformer.preprocess.processor import Processor
+
+
+# ---------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How to decode: the one place the options, their defaults and their help live (``generate(**options)`` builds
+    it, the CLI derives its flags from it). Validated on construction, so a bad option fails before any model work;
+    ``replace(options, **changes)`` validates again."""
+
+    max_new_tokens: int = option(30, "tokens generated after the prompt (fewer if every row ends or positions run out)")
+    num_beams: int = option(1, "beam width; > 1 runs beam search")
+    top_k: int | None = option(None, "sample only among the k most likely tokens")
+    top_p: float | None = option(None, "sample only from the most likely tokens whose probability reaches top_p")
+    temperature: float = option(1.0, "logits are divided by it before sampling")
+    length_penalty: float = option(1.0, "beam search scores a hypothesis sum(logprob) / length**length_penalty")
+    do_sample: bool | None = option(None, "sample (True) or pick the most likely token (False); default: sample iff "
+                                           "top_k, top_p or a temperature != 1 asks for it")  # fmt: skip
+    repetition_penalty: float = option(1.0, "divide the (positive) logits of tokens already in the row by it, "
+                                             "multiply negative ones (CTRL; > 1 discourages repeats)")  # fmt: skip
+    stop_strings: tuple[str, ...] = option((), "end a row once its generated text contains one of these strings "
+                                                "(needs a tokenizer; repeat the flag for several)")  # fmt: skip
+    use_cache: bool = option(True, "decode incrementally through a KV cache (False recomputes every step)")
+    cache: str = option(
+        "dynamic",
+        "dynamic: the KV cache grows as decoding goes on; static: preallocated to prompt + max_new_tokens, with "
+        "fixed-shape steps (compiled: CUDA graphs on a GPU)",
+    )
+    compile: bool = option(False, "run the cached decoder step through torch.compile (pays off over many calls)")
+    min_new_tokens: int = option(0, "end-of-text is not generated before this many new tokens")
+    forced_eos: bool = option(False, "a row still open at the length limit ends with end-of-text there")
+    language: str | None = option(None, "Whisper: the audio's language code, e.g. en (default: the checkpoint's, "
+                                         "else detected from the audio)")  # fmt: skip
+    task: str | None = option(None, "Whisper: transcribe or translate (default: the checkpoint's, else transcribe)")
+
+    def __post_init__(self) -> None:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected an int >= 1, got {self.max_new_tokens!r}")
+        if not is_int(self.num_beams) or self.num_beams < 1:
+            raise ValueError(f"num_beams: expected an int >= 1, got {self.num_beams!r}")
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
+            raise ValueError(f"top_k: expected None or an int >= 1, got {self.top_k!r}")
+        if self.top_p is not None and (not is_number(self.top_p) or not 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p: expected None or a number in (0, 1], got {self.top_p!r}")
+        if not is_number(self.temperature) or self.temperature <= 0:
+            raise ValueError(
+                f"temperature: expected a number > 0 (do_sample=False decodes greedily), got {self.temperature!r}"
+            )
+        if not is_number(self.length_penalty):
+            raise ValueError(f"length_penalty: expected a finite number, got {self.length_penalty!r}")
+        if not is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty: expected a number > 0 (1 = off), got {self.repetition_penalty!r}")
+        stops = self.stop_strings
+        if (
+            isinstance(stops, str)
+            or not isinstance(stops, (list, tuple))
+            or not all(isinstance(x, str) and x for x in stops)
+        ):
+            raise ValueError(f"stop_strings: expected a list of non-empty strings, got {stops!r}")
+        object.__setattr__(self, "stop_strings", tuple(stops))
+        if self.do_sample not in (None, True, False):
+            raise ValueError(f"do_sample: expected None, True or False, got {self.do_sample!r}")
+        if not isinstance(self.use_cache, bool):
+            raise ValueError(f"use_cache: expected True or False, got {self.use_cache!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile: expected True or False, got {self.compile!r}")
+        if self.cache not in ("dynamic", "static"):
+            raise ValueError(f"cache: expected 'dynamic' or 'static', got {self.cache!r}")
+        if self.cache == "static" and not self.use_cache:
+            raise ValueError("cache='static' preallocates the KV cache; it needs use_cache=True (got use_cache=False)")
+        if self.compile and not self.use_cache:
+            raise ValueError(
+                "compile=True compiles the KV-cached decoder step; it needs use_cache=True (got use_cache=False)"
+            )
+        if not is_int(self.min_new_tokens) or self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens: expected an int >= 0, got {self.min_new_tokens!r}")
+        if not isinstance(self.forced_eos, bool):
+            raise ValueError(f"forced_eos: expected True or False, got {self.forced_eos!r}")
+        for name in ("language", "task"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}: expected None or a string, got {getattr(self, name)!r}")
+        if self.sample and self.num_beams > 1:
+            raise ValueError(
+                f"num_beams={self.num_beams} with sampling (do_sample={self.do_sample}, top_k={self.top_k}, "
+                f"top_p={self.top_p}, temperature={self.temperature}) is not supported: use num_beams=1 to sample, "
+                "or drop the sampling options for beam search"
+            )
+
+    @property
+    def sample(self) -> bool:
+        """Whether tokens are sampled: ``do_sample``, or when it is None, whether a sampling filter is set."""
+        if self.do_sample is not None:
+            return self.do_sample
+        return self.top_k is not None or self.top_p is not None or self.temperature != 1.0
+
+    @classmethod
+    def build(cls, options: DecodingOptions | None = None, **changes: Any) -> DecodingOptions:
+        """``options`` (default: the defaults) with ``changes`` applied, as whisper's ``replace(options, **kwargs)``;
+        an unknown name is a TypeError listing the valid ones."""
+        return build_options(cls, options, changes, "decoding")
+
+
+# ---------------------------------------------------------------------- entry points
+def _memory(
+    model: MultimodalTransformer,
+    image: torch.Tensor | None,
+    audio: torch.Tensor | None,
+    audio_lengths: torch.Tensor | None,
+    audio_features: torch.Tensor | None,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The encoder states (B, S, D) and mask the decoder reads; (None, None) when nothing is given (a decoder-only
+    model continues its prompt)."""
+    sources = (("image", image), ("audio", audio), ("audio_features", audio_features), ("input_ids", input_ids))
+    given = [name for name, x in sources if x is not None]
+    if len(given) > 1:
+        raise ValueError(
+            f"generate: expected at most one of image=, audio=, audio_features=, input_ids= (the memory the decoder "
+            f"reads), got {given}"
+        )
+    if audio_lengths is not None and audio is None:
+        raise ValueError("audio_lengths: only meaningful with audio= (waveforms); got audio=None")
+    if attention_mask is not None and input_ids is None:
+        raise ValueError("attention_mask: only meaningful with input_ids= (text the encoder reads); for a prompt's "
+                         "padding pass prompt_mask=")  # fmt: skip
+    if image is not None:
+        return model.encode_image_tokens(image)
+    if audio is not None:
+        return model.encode_audio_tokens(audio, audio_lengths)
+    if audio_features is not None:
+        return model.encode_audio_tokens(audio_features=audio_features)
+    if input_ids is not None:  # text-to-text (T5): the text encoder's states
+        return model.encode_text_tokens(input_ids, attention_mask)
+    return None, None
+
+
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths → left-padded ids (B, P) and their mask (B, P), True = real token."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+    for i, row in enumerate(rows):
+        if len(row):
+            ids[i, width - len(row) :] = torch.as_tensor(row, dtype=torch.long, device=device)
+            mask[i, width - len(row) :] = True
+    return ids, mask
+
+
+def ragged(prompt_ids: Any) -> bool:
+    """Whether ``prompt_ids`` is a list of id lists of different lengths."""
+    return (
+        isinstance(prompt_ids, (list, tuple))
+        and len(prompt_ids) > 0
+        and all(isinstance(r, (list, tuple)) for r in prompt_ids)
+        and len({len(r) for r in prompt_ids}) > 1
+    )
+
+
+def _prompt(
+    model: MultimodalTransformer,
+    prompt_ids: Any,
+    prompt_mask: Any,
+    batch: int | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The given prompt ids (B, P) and mask (B, P) or None, checked; ``batch`` is the memory's batch size (None:
+    no memory)."""
+    text = model.config.text
+    if prompt_ids is None:  # without a memory (with one, generate starts from the default prompt)
+        raise ValueError(
+            "generate: expected prompt_ids= (a decoder-only model continues a prompt; Hugging Face's input_ids= means "
+            "it too) or one of image=, audio=, audio_features=, input_ids= (the memory a decoder reads); got none"
+        )
+    if isinstance(prompt_ids, (list, tuple)) and len(prompt_ids) == 0:
+        raise ValueError("prompt_ids: expected at least one prompt, got an empty list")
+    if ragged(prompt_ids):
+        if prompt_mask is not None:
+            raise ValueError("prompt_mask: not needed with prompts of different lengths (they are left-padded here)")
+        if any(len(r) == 0 for r in prompt_ids):
+            raise ValueError(f"prompt_ids: expected at least one token per prompt, got lengths "
+                             f"{[len(r) for r in prompt_ids]}")  # fmt: skip
+        check_token_ids("prompt_ids", torch.tensor([t for r in prompt_ids for t in r]), text.vocab_size, what="ids")
+        prompt_ids, prompt_mask = left_pad(prompt_ids, text.pad_id, device)
+    try:
+        prompt = torch.as_tensor(prompt_ids, device=device)
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:
+        raise TypeError(
+            f"prompt_ids: expected integer ids (B, P) or (P,) as a tensor or lists, got {type(prompt_ids).__name__}"
+        ) from e
+    if prompt.dtype not in (torch.int64, torch.int32) or prompt.ndim not in (1, 2) or prompt.shape[-1] == 0:
+        raise ValueError(
+            f"prompt_ids: expected integer ids (B, P) or (P,) with P >= 1, got {tuple(prompt.shape)} {prompt.dtype}"
+        )
+    prompt = prompt.long()
+    if prompt.ndim == 1:
+        prompt = prompt.expand(batch or 1, -1)
+    if prompt.shape[0] == 0:
+        raise ValueError(f"prompt_ids: expected at least one prompt, got shape {tuple(prompt.shape)}")
+    if batch is not None and prompt.shape[0] != batch:
+        raise ValueError(
+            f"prompt_ids: expected {batch} rows (one per image/audio/text), got shape {tuple(prompt.shape)}"
+        )
+    check_token_ids("prompt_ids", prompt, text.vocab_size, what="ids")
+    if prompt.shape[1] > text.max_tokens:
+        raise ValueError(
+            f"prompt_ids: {prompt.shape[1]} tokens exceed the model's context (config.text.max_length="
+            f"{text.max_length}); shorten the prompt"
+        )
+    if prompt_mask is None:
+        return prompt, None
+    mask = torch.as_tensor(prompt_mask, device=device)
+    binary = not mask.is_floating_point() or bool(((mask == 0) | (mask == 1)).all())
+    if tuple(mask.shape) != tuple(prompt.shape) or not binary:
+        raise ValueError(f"prompt_mask: expected a bool mask of the shape of prompt_ids {tuple(prompt.shape)}, "
+                         f"True = real token; got {tuple(mask.shape)} {mask.dtype}")  # fmt: skip
+    mask = mask.bool()
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("prompt_mask: every prompt needs at least one real token (a row is all padding)")
+    return prompt, mask
+
+
+@torch.inference_mode()
+def generate(
+    model: MultimodalTransformer,
+    *,
+    image: torch.Tensor | None = None,
+    audio: torch.Tensor | None = None,
+    audio_lengths: torch.Tensor | None = None,
+    audio_features: torch.Tensor | None = None,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    prompt_ids: torch.Tensor | Sequence | None = None,
+    prompt_mask: torch.Tensor | None = None,
+    prefix_embeds: torch.Tensor | None = None,
+    options: DecodingOptions | None = None,
+    generator: torch.Generator | None = None,
+    tokenizer: Any = None,
+    streamer: TextStreamer | None = None,
+    **changes: Any,
+) -> torch.Tensor:
+    """Decode token ids from an image, audio or text memory, or continue a prompt alone (decoder-only LM).
+
+    Args:
+        model: a model with a decoder route.
+        image: normalised pixels (B, C, H, W).
+        audio: waveforms (B, S) with optional sample counts ``audio_lengths`` (B,).
+        audio_features: precomputed log-mel (B, n_mels, frames), as Whisper's ``input_features``.
+        input_ids: token ids (B, T), with their ``attention_mask`` (B, T), as Hugging Face's ``generate`` reads
+            them: for a model with a text encoder (text-to-text, T5) the encoder's input; for one without (a
+            decoder-only LM: GPT-2, Llama) the prompt, the same as ``prompt_ids=`` / ``prompt_mask=``.
+        prompt_ids: decoder prefix (B, P) or (P,) for every row, or a list of id lists of different lengths (left-
+            padded here); default ``[[bos_id]] * B``, or for a checkpoint with a generation config (Whisper) its
+            start, language (``language=`` or detected), task and no-timestamps tokens. Without a memory the prompt
+            is required. The checkpoint's suppressed tokens are never generated.
+        prompt_mask: (B, P) True at the prompt's real tokens (left-padded prompts), as Hugging Face's
+            ``attention_mask`` of a decoder-only model.
+        prefix_embeds: a learned decoder prefix (P', D) read before the prompt by every row (prompt tuning; see
+            :class:`mmformer.adapt.prompts.DecoderPrefix`); it takes P' positions of the decoder's position table.
+        options: a :class:`DecodingOptions`; default its defaults.
+        generator: random generator for reproducible sampling.
+        tokenizer: decodes rows for ``stop_strings`` (default: ``model.processor.tokenizer``).
+        streamer: a :class:`mmformer.generation.streaming.TextStreamer`; it receives the prompt, then each token as it
+        is
+            decoded, then ``end()`` (the calls Hugging Face's generate makes to its streamers); one row, greedy or
+            sampling (beam search knows its final tokens only at the end).
+        changes: :class:`DecodingOptions` fields overriding ``options`` (``max_new_tokens=``, ``num_beams=``,
+            ``top_k=``, ``top_p=``, ``temperature=``, ``length_penalty=``, ``do_sample=``, ``repetition_penalty=``,
+            ``stop_strings=``, ``use_cache=``, ``compile=``, ``min_new_tokens=``, ``forced_eos=``, ``language=``,
+            ``task=``).
+
+    Returns:
+        LongTensor (B, P + generated): the prompt (as given, or left-padded) then the generated tokens; each row ends
+        at its first eos or stop string (kept) and is padded with ``pad_id``. Decoding stops early, without error,
+        where the decoder's position table ends.
+    """
+    options = DecodingOptions.build(options, **changes)
+    if model.lm_head is None:
+        raise ValueError(f"generate: this model has no decoder; its routes are {sorted(model.config.routes)}")
+    if input_ids is not None and "text" not in model.config.routes:  # Hugging Face's decoder-only call: the prompt
+        if prompt_ids is not None or prompt_mask is not None:
+            raise ValueError(
+                "input_ids: on a model without a text encoder it is the prompt (as Hugging Face's generate reads it), "
+                "so prompt_ids= / prompt_mask= must not be given too; got both"
+            )
+        prompt_ids, prompt_mask, input_ids, attention_mask = input_ids, attention_mask, None, None
+    text = model.config.text
+    memory, memory_mask = _memory(model, image, audio, audio_lengths, audio_features, input_ids, attention_mask)
+    if memory is not None and memory.shape[0] == 0:
+        raise ValueError(f"generate: expected at least one image or waveform, got a batch of 0 ({tuple(memory.shape)})")
+    if prompt_ids is None and memory is not None:
+        if prompt_mask is not None:
+            raise ValueError("prompt_mask: only meaningful with prompt_ids=")
+        prompt = default_prompt(model, options, memory, memory_mask)
+    else:
+        device = memory.device if memory is not None else model_device(model)
+        prompt, prompt_mask = _prompt(
+            model, prompt_ids, prompt_mask, None if memory is None else memory.shape[0], device
+        )
+    n_prompt = prompt.shape[1]
+    if streamer is not None and (options.num_beams > 1 or prompt.shape[0] > 1):
+        raise ValueError(
+            f"streamer: streaming decodes one row greedily or by sampling; got {prompt.shape[0]} rows and num_beams="
+            f"{options.num_beams} (beam search knows its final tokens only at the end)"
+        )
+    max_length = n_prompt + options.max_new_tokens
+    if prefix_embeds is not None:
+        check_prefix(prefix_embeds, model.config.width("decoder"))
+        prefix_embeds = prefix_embeds.to(prompt.device)
+    n_prefix = 0 if prefix_embeds is None else prefix_embeds.shape[0]
+    if text.position != "none":  # absolute positions end with their table: stop there rather than fail
+        if n_prefix + n_prompt > text.max_tokens:
+            raise ValueError(
+                f"prompt_ids: {n_prompt} tokens{f' after a {n_prefix}-vector prefix' if n_prefix else ''} exceed the "
+                f"decoder's position table (config.text.max_length={text.max_length})"
+            )
+        max_length = min(max_length, text.max_tokens - n_prefix)
+    if max_length <= n_prompt:
+        if streamer is not None:  # nothing to decode: the stream still begins and ends
+            streamer.put(prompt.cpu())
+            streamer.end()
+        return prompt
+    stop = None
+    if options.stop_strings:
+        if tokenizer is None:
+            tokenizer = getattr(getattr(model, "processor", None), "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("stop_strings: finding them needs a tokenizer; pass tokenizer= or use a model loaded with "
+                             "one (model.processor)")  # fmt: skip
+        stop = StopStrings(tokenizer, options.stop_strings, n_prompt)
+
+    K = options.num_beams
+    if K > 1:
+        # (B, P) → (B*K, P): each sample's K beams sit next to each other and share its memory rows (B, S, D),
+        # whose cross-attention keys/values are computed and read once per sample
+        prompt = prompt.repeat_interleave(K, dim=0)
+        if prompt_mask is not None:
+            prompt_mask = prompt_mask.repeat_interleave(K, dim=0)
+    processors = build_score_processors(model, options, max_length=max_length, prompt_mask=prompt_mask)
+    if K > 1:
+        search: TokenSearch | BeamSearch = BeamSearch(
+            K, options.length_penalty, text.eos_id, text.pad_id, processors, stop
+        )
+    else:
+        search = TokenSearch(token_chooser(options, generator), text.eos_id, text.pad_id, processors, stop)
+    runner = DecoderRunner(
+        model,
+        memory,
+        memory_mask,
+        max_length,
+        options.use_cache,
+        options.compile,
+        prefix_embeds,
+        prompt_mask,
+        static=options.cache == "static",
+    )
+    if streamer is not None:
+        return search.run(runner, prompt, max_length, streamer=streamer)
+    return search.run(runner, prompt, max_length)
+
+
+def processor_with_tokenizer(model: MultimodalTransformer, processor: Processor | None, what: str) -> Processor:
+    processor = processor if processor is not None else getattr(model, "processor", None)
+    if processor is None or getattr(processor, "tokenizer", None) is None:
+        raise ValueError(
+            f"{what}: turning ids into text needs a Processor with a tokenizer; pass processor=, or use a model "
+            f"loaded with one (model.processor); got processor={processor!r}"
+        )
+    return processor
+
+
+def _detokenize(model: MultimodalTransformer, processor: Processor, ids: torch.Tensor, decoding: dict) -> list[str]:
+    """The generated text of ids from :func:`generate`, without the prompt."""
+    prompt = decoding.get("prompt_ids")
+    skip = prompt_length(model) if prompt is None else torch.as_tensor(prompt).shape[-1]
+    return processor.tokenizer.batch_decode(ids[:, skip:].cpu(), skip_special_tokens=True)
+
+
+def caption(
+    model: MultimodalTransformer, images: Any, processor: Processor | None = None, **decoding: Any
+) -> list[str]:
+    """Captions of images.
+
+    Args:
+        images: normalised ``pixel_values`` (B, C, H, W) as a float tensor, or anything the processor takes (PIL
+            images, file paths, numpy arrays, (C, H, W) tensors).
+        processor: preprocessing and tokenizer; default ``model.processor``.
+        decoding: :func:`generate` options (``max_new_tokens``, ``num_beams``, ...).
+    """
+    processor = processor_with_tokenizer(model, processor, "caption")
+    if isinstance(images, torch.Tensor) and images.ndim == 4 and images.is_floating_point():
+        pixel_values = images
+    else:
+        pixel_values = processor(images=images)["pixel_values"]
+    ids = generate(model, image=pixel_values.to(model_device(model)), **decoding)
+    return _detokenize(model, processor, ids, decoding)
+
+
+def transcribe(
+    model: MultimodalTransformer,
+    waveforms: Any,
+    sample_rate: int = 16000,
+    processor: Processor | None = None,
+    **decoding: Any,
+) -> list[str]:
+    """Transcripts of speech.
+
+    A model with a fixed audio window (``AudioConfig.pad_to_seconds``: Whisper's 30 s) transcribes longer audio by
+    consecutive, non-overlapping windows: [0, 30 s), [30 s, 60 s), ... each decoded on its own (with its own prompt,
+    and language detection when no language is chosen); a row's transcript is its windows' texts joined by spaces.
+    A word cut by a window boundary may be lost or split (Whisper's own long-form decoding moves its windows by the
+    timestamps it predicts; this does not).
+
+    Args:
+        waveforms: (B, S) tensor/array or a list of 1-D waveforms recorded at ``sample_rate``, or audio file paths;
+            the processor resamples them to the model's rate and pads them.
+        sample_rate: the rate of the waveform arrays (file paths carry their own).
+        processor: preprocessing and tokenizer; default ``model.processor``.
+        decoding: :func:`generate` options.
+    """
+    processor = processor_with_tokenizer(model, processor, "transcribe")
+    if model.config.audio is not None:
+        processor.check_audio_rate(model.config.audio.sample_rate)
+    batch = processor(audio=waveforms, sampling_rate=sample_rate)
+    audio, lengths = batch["audio"], batch["audio_lengths"]
+    device = model_device(model)
+    window = model.config.audio.window_samples if model.config.audio is not None else 0
+    if not window or audio.shape[-1] <= window:
+        ids = generate(model, audio=audio.to(device), audio_lengths=lengths.to(device), **decoding)
+        return _detokenize(model, processor, ids, decoding)
+    parts: list[list[str]] = [[] for _ in range(audio.shape[0])]
+    for start in range(0, int(lengths.max()), window):
+        rows = (lengths > start).nonzero().flatten()  # the waveforms that reach into this window
+        chunk = audio[rows, start : start + window]
+        chunk = F.pad(chunk, (0, window - chunk.shape[-1]))  # (b, window): the log-mel pads to it anyway
+        chunk_lengths = (lengths[rows] - start).clamp(max=window)
+        options = dict(decoding)
+        prompt = options.get("prompt_ids")
+        if prompt is not None and torch.as_tensor(prompt).ndim == 2:
+            options["prompt_ids"] = torch.as_tensor(prompt)[rows]
+        ids = generate(model, audio=chunk.to(device), audio_lengths=chunk_lengths.to(device), **options)
+        for row, text in zip(rows.tolist(), _detokenize(model, processor, ids, options)):
+            parts[row].append(text.strip())
+    return [" ".join(p for p in row if p) for row in parts]

@@ -1,0 +1,75 @@
+"""A checkpoint's decoder prompt: ``[bos]``, or Whisper's ``[start, language, task, no-timestamps]`` with the
+language detected from the audio as Whisper does. (The checkpoint's rules on the scores — ``suppress_tokens``,
+``begin_suppress_tokens`` — are score processors: :mod:`mmformer.generation.score_processing`.)
+
+Shape legend: B batch, V vocabulary, S memory tokens, D width.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from mmformer.generation.decoding import DecodingOptions
+    from mmformer.model import MultimodalTransformer
+
+
+# ---------------------------------------------------------------------- the default prompt
+def _language_id(model: MultimodalTransformer, language: str) -> int:
+    """The token of a language code ("en", or "<|en|>") of the checkpoint's generation config."""
+    gen = model.config.generation
+    code = language.strip().lower().removeprefix("<|").removesuffix("|>")
+    if gen is None or not gen.language_ids:
+        raise ValueError(f"language: this model has no language tokens (an English-only checkpoint?); got {language!r}")
+    if code not in gen.language_ids:
+        raise ValueError(
+            f"language: expected one of this checkpoint's codes {sorted(gen.language_ids)}, got {language!r}"
+        )
+    return gen.language_ids[code]
+
+
+def detect_language(
+    model: MultimodalTransformer, memory: torch.Tensor, memory_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """(B,) language tokens: per row, the language token the decoder finds most likely after ``bos``, as Whisper
+    (and Hugging Face's ``detect_language``) does."""
+    candidates = torch.tensor(sorted(model.config.generation.language_ids.values()), device=memory.device)
+    start = torch.full((memory.shape[0], 1), model.config.text.bos_id, dtype=torch.long, device=memory.device)
+    logits = model.decode(start, memory, memory_mask)[:, -1]  # (B, V)
+    return candidates[logits[:, candidates].argmax(dim=-1)]
+
+
+def prompt_length(model: MultimodalTransformer) -> int:
+    """Tokens of the default decoder prompt: ``bos``, then the checkpoint's language, task and no-timestamps tokens."""
+    gen = model.config.generation
+    if gen is None:
+        return 1
+    return 1 + bool(gen.language_ids) + bool(gen.task_ids) + (gen.no_timestamps_id is not None)
+
+
+def default_prompt(
+    model: MultimodalTransformer, options: DecodingOptions, memory: torch.Tensor, memory_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """(B, P) default decoder prompt: ``[bos]``, or Whisper's ``[start, language, task, no-timestamps]`` from the
+    checkpoint's generation config, the language detected per row unless chosen."""
+    B, device, gen = memory.shape[0], memory.device, model.config.generation
+    columns = [torch.full((B,), model.config.text.bos_id, dtype=torch.long, device=device)]
+    language, task = options.language, options.task
+    if gen is None and (language is not None or task is not None):
+        raise ValueError(f"language / task: this model has no such tokens; got language={language!r}, task={task!r}")
+    if gen is not None:
+        language = language if language is not None else gen.language
+        if language is not None:
+            columns.append(torch.full((B,), _language_id(model, language), dtype=torch.long, device=device))
+        elif gen.language_ids:
+            columns.append(detect_language(model, memory, memory_mask))
+        task = task if task is not None else gen.task or ("transcribe" if gen.task_ids else None)
+        if task is not None and task not in gen.task_ids:
+            raise ValueError(f"task: expected one of this checkpoint's tasks {sorted(gen.task_ids)}, got {task!r}")
+        if task is not None:
+            columns.append(torch.full((B,), gen.task_ids[task], dtype=torch.long, device=device))
+        if gen.no_timestamps_id is not None:
+            columns.append(torch.full((B,), gen.no_timestamps_id, dtype=torch.long, device=device))
+    return torch.stack(columns, dim=1)

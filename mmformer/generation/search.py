@@ -1,0 +1,354 @@
+"""Running the decoder token by token (:class:`DecoderRunner`: through one growing KV cache, or from scratch as the
+reference the cache must equal) and the searches over it (:class:`TokenSearch` for greedy decoding and sampling,
+:class:`BeamSearch` as Hugging Face's ``generate`` runs it).
+
+Shape legend: B batch, K beams, N = B*K decoded rows, P prompt tokens, L tokens so far, V vocabulary,
+S memory tokens, D width.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmformer.generation.score_processing import ScoreProcessor, apply_processors
+from mmformer.generation.token_choice import Greedy, Sampler, StopStrings
+from mmformer.io.weights import is_plain_tensor, model_device
+
+if TYPE_CHECKING:
+    from mmformer.generation.streaming import TextStreamer
+    from mmformer.layers.cache import KVCache
+    from mmformer.model import MultimodalTransformer
+
+_NEG = -1.0e9  # score of beams that must not be chosen (finite, so sums and divisions stay defined)
+CACHE_STEP = 64  # KV cache positions allocated beyond the prompt at first; the cache doubles when it fills up
+
+
+# ---------------------------------------------------------------------- running the decoder
+_FEW_ROWS = 64  # decoding steps of at most this many rows project to the vocabulary as (W hᵀ)ᵀ on CPU
+
+
+def _last_logits(model: MultimodalTransformer, hidden: torch.Tensor) -> torch.Tensor:
+    """Decoder states (N, T, D) → float32 logits (N, V) of the last position only (the one generation needs).
+
+    For the few rows of a decoding step on CPU, a plain bias-free ``nn.Linear`` LM head runs as ``W @ hᵀ``: that GEMM
+    layout reads the (V, D) weight in one pass, where ``F.linear``'s ``h @ Wᵀ`` took 1.6× longer at whisper-tiny's
+    51,865 × 384 (the largest single cost of a step; see BENCHMARKS.md, "Decoding at whisper-tiny dimensions"). Any
+    other head — one that peft wraps (LoRA, trainable tokens, modules to save), a subclass — goes through its own
+    call: nothing here reads attributes of a module that may not be an ``nn.Linear``."""
+    h = hidden[:, -1]  # (N, D)
+    head = model.lm_head
+    if type(head) is nn.Linear and head.bias is None and h.device.type == "cpu" and h.shape[0] <= _FEW_ROWS:
+        weight = head.weight  # (V, D)
+        if is_plain_tensor(weight) and h.dtype == weight.dtype:  # not a quantized (tensor subclass) weight
+            return torch.mm(weight, h.t()).t().float()  # (N, V)
+    return head(h).float()
+
+
+def _next_logits(
+    model: MultimodalTransformer, new: torch.Tensor, memory_mask: torch.Tensor | None, cache: KVCache
+) -> torch.Tensor:
+    """One cached decoder step without input checks: new ids (N, T) → float32 logits (N, V) of the last one."""
+    return _last_logits(model, model.decode_step(new, memory_mask=memory_mask, cache=cache))
+
+
+_compiled_next_logits: Callable | None = None
+_COMPILED_GRAPHS = 64  # compiled variants of the decoder step kept per process (about 16 models)
+
+
+def compiled_next_logits() -> Callable:
+    """:func:`_next_logits` through ``torch.compile``, made on first use and shared by every model (dynamo keeps a
+    compiled graph per model; the batch size and cache length are symbolic, so growing sequences and beam reorders
+    reuse one graph).
+
+    A model brings a few graphs (beams sharing a memory row or not, a full cache or not, and sizes that were equal
+    by chance when a graph was traced: dynamo's "duck shaping", which costs such recompiles but made the steady
+    state 10–15% faster here than tracing without it), so dynamo's limit of 8 graphs per function is raised to
+    :data:`_COMPILED_GRAPHS` for this function's calls; past it, dynamo falls back to eager decoding with a warning.
+    Models of one architecture share graphs (their weights are graph inputs).
+    """
+    global _compiled_next_logits
+    if _compiled_next_logits is None:
+        compiled = torch.compile(_next_logits, dynamic=True)
+
+        def step(*args: Any) -> torch.Tensor:
+            with torch._dynamo.config.patch(recompile_limit=_COMPILED_GRAPHS):
+                return compiled(*args)
+
+        _compiled_next_logits = step
+    return _compiled_next_logits
+
+
+_compiled_static: dict[str | None, Callable] = {}
+# the static cache of each model's last compiled decoding, reset and reused by the next one of the same layout: a
+# captured CUDA graph replays on the same buffers (a new cache would be captured again)
+_static_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_static_next_logits(device_type: str) -> Callable:
+    """:func:`_next_logits` compiled for a :class:`~mmformer.layers.cache.StaticKVCache`: fixed shapes
+    (``dynamic=False``) and no host value read inside, so one graph serves every step; on CUDA with
+    ``mode="reduce-overhead"``, which captures it as a CUDA graph and replays it (one launch per step). The graph's
+    output buffer is reused by the next replay, so the logits are cloned."""
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    if mode not in _compiled_static:
+        compiled = torch.compile(_next_logits, dynamic=False, mode=mode)
+
+        def step(*args: Any) -> torch.Tensor:
+            with torch._dynamo.config.patch(recompile_limit=_COMPILED_GRAPHS):
+                if mode is None:
+                    return compiled(*args)
+                torch.compiler.cudagraph_mark_step_begin()
+                return compiled(*args).clone()
+
+        _compiled_static[mode] = step
+    return _compiled_static[mode]
+
+
+class DecoderRunner:
+    """Next-token logits for growing sequences: incrementally through one KV cache, or recomputed from scratch.
+
+    With the cache, the first call feeds the whole prompt and fills the cross-attention keys/values from the
+    memory once; later calls feed only the tokens the cache has not seen, and the memory's padding mask (the cached
+    keys still need it) but no longer the memory itself.
+
+    The cache starts small and doubles as decoding goes on (up to ``max_length``), so that memory follows the
+    tokens actually decoded: with relative positions (RoPE, ALiBi) nothing else bounds ``max_new_tokens``, and a
+    cache preallocated for a huge one would take gigabytes before the first token.
+
+    ``memory`` (B, S, D) may serve N = B*K rows, K consecutive ones each (the beams of a sample); it is None for a
+    decoder-only model. ``prompt_mask`` (N, P) marks the real tokens of left-padded prompts; the cache remembers it
+    after the first call, and without a cache every step passes it with the generated tokens (all real) appended.
+    ``prefix`` (P', D), a learned decoder prefix, is fed before the first token: it fills the cache's first P'
+    positions.
+
+    ``static``: the cache is a :class:`~mmformer.layers.cache.StaticKVCache` of ``max_length`` positions, made at
+    the first call, whose steps have fixed shapes; with ``compile`` they run through one compiled graph (a CUDA
+    graph on a GPU, see :func:`compiled_static_next_logits`).
+    """
+
+    def __init__(
+        self,
+        model: MultimodalTransformer,
+        memory: torch.Tensor | None,
+        memory_mask: torch.Tensor | None,
+        max_length: int,
+        use_cache: bool,
+        compile: bool = False,
+        prefix: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        static: bool = False,
+    ):
+        if static and not use_cache:
+            raise ValueError("static: a static KV cache needs use_cache=True")
+        self.model = model
+        self.prefix = prefix
+        self.n_prefix = 0 if prefix is None else prefix.shape[0]
+        if memory_mask is not None and bool(memory_mask.all()):
+            memory_mask = None  # nothing padded: no mask to carry and apply at every step
+        if prompt_mask is not None and bool(prompt_mask.all()):
+            prompt_mask = None
+        self.memory, self.memory_mask, self.prompt_mask = memory, memory_mask, prompt_mask
+        self.max_length = max_length
+        self.use_cache, self.static, self.compiled = use_cache, static, compile
+        if compile and static:
+            self.step = compiled_static_next_logits(model_device(model).type)
+        else:
+            self.step = compiled_next_logits() if compile else _next_logits
+        self.cache: KVCache | None = None
+
+    def _reserve(self, rows: int, needed: int) -> None:
+        """A cache for ``rows`` sequences with room for ``needed`` positions (it starts small and grows)."""
+        needed, limit = needed + self.n_prefix, self.max_length + self.n_prefix
+        if self.cache is None:
+            self.cache = self._static_cache(rows, limit) if self.static else None
+        if self.cache is None:
+            size = limit if self.static else min(limit, needed + CACHE_STEP)
+            self.cache = self.model.make_cache(rows, size, static=self.static)
+            if self.static and self.compiled:
+                _static_caches[self.model] = self.cache
+        self.cache.ensure(needed, limit=limit, step=CACHE_STEP)
+
+    def _static_cache(self, rows: int, size: int) -> KVCache | None:
+        """The model's static cache from its last compiled decoding, emptied, if it has this layout (else None)."""
+        cache = _static_caches.get(self.model) if self.compiled else None
+        ref = self.model.text_embed.tokens.weight  # where make_cache puts the cache, in its dtype
+        if cache is None or not cache.fits(rows, size, ref.device, ref.dtype):
+            return None
+        cache.reset()
+        return cache
+
+    def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens so far (N, L) → float32 logits (N, V) for position L."""
+        if self.use_cache:
+            self._reserve(*tokens.shape)
+        if self.cache is not None and self.cache.length > 0:  # the model's own tokens, one step further: no checks
+            seen = self.cache.length - self.n_prefix
+            new = tokens[:, seen:]  # (N, 1)
+            if self.static:  # one layout every step (a beam's rows are views of varying strides): one graph
+                new = new.contiguous()
+            return self.step(self.model, new, self.memory_mask, self.cache)
+        # the prompt (or, without a cache, everything so far): validated like any user input
+        mask = self.prompt_mask
+        if self.cache is None and mask is not None:  # the generated tokens after the prompt are all real
+            mask = F.pad(mask, (0, tokens.shape[1] - mask.shape[1]), value=True)  # (N, L)
+        hidden = self.model.decode(
+            tokens,
+            self.memory,
+            self.memory_mask,
+            attention_mask=mask,
+            cache=self.cache,
+            return_hidden=True,
+            prefix_embeds=self.prefix,
+        )
+        if self.cache is not None:
+            self.memory = None  # the cache now holds the cross-attention keys/values; don't carry (or reorder) it
+        return _last_logits(self.model, hidden)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` (N,) of the cached self-attention keys/values, as beam search reassigns hypotheses.
+
+        Beam search replaces a beam only with a beam of the same sample, and the beams of a sample share its memory
+        rows (and their cross-attention keys/values), so the memory and its mask stay as they are.
+        """
+        if self.cache is not None:
+            self.cache.reorder(index, cross=False)
+
+
+# ---------------------------------------------------------------------- searches
+class TokenSearch:
+    """One token per row and step (greedy or sampled); a row that emits eos (or a stop string) is padded from then
+    on. Each step's logits go through the score ``processors`` (:mod:`mmformer.generation.score_processing`) before the
+    ``chooser`` picks a token."""
+
+    def __init__(
+        self,
+        chooser: Greedy | Sampler,
+        eos_id: int,
+        pad_id: int,
+        processors: Sequence[ScoreProcessor] = (),
+        stop: StopStrings | None = None,
+    ):
+        self.chooser, self.eos_id, self.pad_id = chooser, eos_id, pad_id
+        self.processors, self.stop = list(processors), stop
+
+    def run(
+        self, runner: DecoderRunner, prompt: torch.Tensor, max_length: int, streamer: TextStreamer | None = None
+    ) -> torch.Tensor:
+        """Prompt (B, P) → ids (B, P + generated), at most ``max_length`` long. A ``streamer``
+        (:mod:`mmformer.generation.streaming`; one row) gets the prompt, then each step's token as it is chosen, then
+        ``end()``."""
+        if streamer is not None:
+            streamer.put(prompt.cpu())
+        B, cur = prompt.shape
+        n_prompt = cur
+        tokens = prompt.new_empty(B, max_length)  # filled up to `cur`; no per-step concatenation
+        tokens[:, :cur] = prompt
+        done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+        while cur < max_length:
+            so_far = tokens[:, :cur]  # (B, cur)
+            scores = apply_processors(self.processors, runner.next_logits(so_far), so_far, cur - n_prompt)  # (B, V)
+            next_ids = self.chooser.choose(scores)  # (B,)
+            next_ids.masked_fill_(done, self.pad_id)
+            tokens[:, cur] = next_ids
+            if streamer is not None:
+                streamer.put(next_ids.cpu())
+            cur += 1
+            ended = next_ids == self.eos_id
+            if self.stop is not None:
+                ended |= self.stop(tokens[:, :cur], ~done)
+            done |= ended
+            if bool(done.all()):
+                break
+        if streamer is not None:
+            streamer.end()
+        return tokens[:, :cur]
+
+
+class BeamSearch:
+    """Beam search as Hugging Face ``generate`` does it (``early_stopping=False``).
+
+    Each step keeps the 2K best continuations of the K running beams; those ending in eos (or at the length limit)
+    among the first K become finished hypotheses scored ``sum(logprob) / generated_length**length_penalty``, the
+    best K unfinished ones run on. A sample stops once it has K finished hypotheses and its best running beam can
+    no longer beat the worst of them; the best finished hypothesis of each sample is returned. The score
+    ``processors`` (:mod:`mmformer.generation.score_processing`) adjust each step's log-probabilities, as Hugging Face
+    applies
+    its logits processors there.
+    """
+
+    def __init__(
+        self,
+        num_beams: int,
+        length_penalty: float,
+        eos_id: int,
+        pad_id: int,
+        processors: Sequence[ScoreProcessor] = (),
+        stop: StopStrings | None = None,
+    ):
+        self.K, self.length_penalty, self.eos_id, self.pad_id = num_beams, length_penalty, eos_id, pad_id
+        self.processors, self.stop = list(processors), stop  # a candidate that makes a stop string ends like eos
+
+    def run(self, runner: DecoderRunner, prompt: torch.Tensor, max_length: int) -> torch.Tensor:
+        """Prompt (B*K, P), each sample's row repeated K times → best hypotheses (B, P + generated)."""
+        K, device = self.K, prompt.device
+        B, n_prompt = prompt.shape[0] // K, prompt.shape[1]
+        running = prompt.view(B, K, n_prompt)
+        running_scores = torch.zeros(B, K, device=device)
+        running_scores[:, 1:] = _NEG  # the first step expands only beam 0 (all beams hold the same prompt)
+        finished = torch.full((B, K, n_prompt), self.pad_id, dtype=torch.long, device=device)  # widens on merges
+        finished_len = torch.zeros(B, K, dtype=torch.long, device=device)
+        finished_scores = torch.full((B, K), _NEG, device=device)
+        finished_real = torch.zeros(B, K, dtype=torch.bool, device=device)
+        improvable = torch.ones(B, dtype=torch.bool, device=device)
+        rows = torch.arange(B, device=device)[:, None]  # (B, 1)
+        cur = n_prompt  # tokens per row so far
+        while cur < max_length:
+            rows_so_far = running.reshape(B * K, cur)
+            logprobs = F.log_softmax(runner.next_logits(rows_so_far), dim=-1)  # (N, V)
+            logprobs = apply_processors(self.processors, logprobs, rows_so_far, cur - n_prompt)
+            V = logprobs.shape[-1]
+            scores = (logprobs.view(B, K, V) + running_scores[..., None]).view(B, K * V)
+            n_candidates = min(2 * K, K * V)
+            cand_scores, cand = scores.topk(n_candidates, dim=-1)  # (B, 2K)
+            cand_beam, cand_token = cand // V, cand % V
+            cand_seqs = torch.cat([running[rows, cand_beam], cand_token[..., None]], dim=-1)  # (B, 2K, cur+1)
+            ends = (cand_token == self.eos_id) | (cur + 1 >= max_length)  # (B, 2K)
+            if self.stop is not None:
+                ends |= self.stop(cand_seqs.flatten(0, 1)).view(B, n_candidates)
+
+            # the best K continuations that did not end run on
+            open_scores = cand_scores + ends.float() * _NEG
+            keep = open_scores.topk(K, dim=-1).indices  # (B, K)
+            running, running_scores = cand_seqs[rows, keep], open_scores.gather(1, keep)
+
+            # candidates that ended among the first K join the finished hypotheses if they rank in the best K (a
+            # step where none ended, most of them, leaves the finished ones as they are: skip the merge)
+            generated = cur + 1 - n_prompt
+            eligible = ends & (torch.arange(n_candidates, device=device) < K) & improvable[:, None]
+            if bool(eligible.any()):
+                new_scores = cand_scores / generated**self.length_penalty
+                new_scores = new_scores.masked_fill(~eligible, 2 * _NEG)  # below every real or empty slot
+                merged_scores = torch.cat([finished_scores, new_scores], dim=1)  # (B, K + 2K)
+                best = merged_scores.topk(K, dim=-1).indices  # (B, K)
+                # (B, K, cur + 1): as wide as the candidates
+                finished = F.pad(finished, (0, cur + 1 - finished.shape[-1]), value=self.pad_id)
+                finished = torch.cat([finished, cand_seqs], dim=1)[rows, best]
+                finished_len = torch.cat([finished_len, torch.full_like(cand_token, cur + 1)], dim=1).gather(1, best)
+                finished_real = torch.cat([finished_real, eligible], dim=1).gather(1, best)
+                finished_scores = merged_scores.gather(1, best)
+
+            cur += 1
+            best_running = running_scores[:, :1] / generated**self.length_penalty  # (B, 1)
+            worst_finished = torch.where(finished_real, finished_scores.min(dim=1, keepdim=True).values, _NEG)
+            improvable &= (best_running > worst_finished).any(dim=1)
+            if not bool(improvable.any()) or bool(ends.all()):
+                break
+            runner.reorder((rows * K + cand_beam.gather(1, keep)).view(-1))
+        length = int(finished_len[:, 0].max())
+        return finished[:, 0, :length]

@@ -1,0 +1,2 @@
+"""Files, names and the Hub: our directory format, safe weight loading, atomic writes, checkpoints, `from_pretrained`
+name resolution."""

@@ -1,0 +1,145 @@
+"""Checkpoints that survive a kill, and a resumed run that continues exactly where the interrupted one stopped.
+
+- :class:`AtomicCheckpointIO` writes every checkpoint (``last.ckpt`` included) to a temporary file in the same
+  folder, flushes it to disk and renames it over the target (``os.replace``, atomic on POSIX and Windows): a run
+  killed at any moment leaves either the previous complete checkpoint or the new complete one, never a truncated
+  file. Lightning's own writer goes through an fsspec transaction whose temporary file lives in the system temp
+  folder, so on another file system its "rename" is a copy that a kill can cut short.
+- :class:`RandomStateCallback` stores the random generators' states (torch CPU and CUDA, Python, NumPy) in each
+  checkpoint and puts them back when a resumed run starts training, so that dropout, drop-path and anything else
+  drawing from the global generators draw what the uninterrupted run drew. (Lightning saves the model, optimizer,
+  schedulers, loops and the data loader's position — see :class:`~mmformer.data.datamodule.ResumableLoader` —
+  but not the generators.)
+
+``mmformer fit`` installs both (see :mod:`mmformer.cli.training`); with a plain ``Trainer`` pass
+``plugins=[AtomicCheckpointIO()]`` and ``callbacks=[RandomStateCallback()]``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from mmformer.io.atomic import fsync_path
+
+
+def _is_local(path: str | os.PathLike) -> bool:
+    text = str(path)
+    return "://" not in text or text.startswith("file://")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` with crash-safe writes of local checkpoints.
+
+    The checkpoint is written to ``.NAME.PID.tmp`` next to its target, fsynced, renamed onto the target and the
+    folder entry fsynced; a write that fails leaves the previous file untouched. Temporary files of writers that
+    no longer run (killed mid-write) are removed at the next write of the same target. Remote paths (``s3://``
+    etc.) go to Lightning's writer unchanged. Loading is Lightning's (``torch.load(weights_only=True)`` by
+    default, so a checkpoint cannot run code).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        if storage_options is not None or not _is_local(path):
+            super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        target = Path(str(path).removeprefix("file://"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(target)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, target)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        fsync_path(target.parent)  # make the rename durable
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Delete ``.NAME.PID.tmp`` files of ``target`` left by writers that were killed."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.tmp$")
+    for candidate in target.parent.iterdir():
+        match = pattern.match(candidate.name)
+        if match and int(match[1]) != os.getpid() and not _pid_alive(int(match[1])):
+            candidate.unlink(missing_ok=True)
+
+
+class RandomStateCallback(L.Callback):
+    """Saves the global random generators' states in checkpoints; a resumed run restores them when training starts.
+
+    They are restored in ``on_train_start`` rather than at load time: between loading and the first training
+    batch Lightning runs the sanity check and builds the data loaders, and the state must be the one the
+    interrupted run had when it continued, not one those steps have drawn from. With several processes (DDP, FSDP)
+    the checkpoint holds every rank's states (gathered when it is written: the ranks' generators need not agree,
+    e.g. dropout after FSDP's sharded initialisation) and each rank restores its own; a run resumed on another number
+    of processes gets rank 0's.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self._local_state()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, state)  # every rank writes its state dict: a collective
+            return {"ranks": ranks}
+        return state
+
+    @staticmethod
+    def _local_state() -> dict[str, Any]:
+        numpy_state = np.random.get_state()
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            # plain types only (the checkpoint loads with weights_only=True)
+            "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *map(float, numpy_state[2:])],
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = dict(state_dict)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state, self._pending = self._pending, None
+        if state is None:
+            return
+        if "ranks" in state:  # one state per rank of the run that wrote it
+            ranks = state["ranks"]
+            state = ranks[trainer.global_rank] if len(ranks) == trainer.world_size else ranks[0]
+        torch.set_rng_state(state["torch"])
+        random.setstate(_as_tuple(state["python"]))
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
+        if "cuda" in state and torch.cuda.is_available():
+            cuda = list(state["cuda"])
+            if len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)
+
+
+def _as_tuple(value: Any) -> Any:
+    """``random.setstate`` wants tuples; a checkpoint round trip may hand back lists."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

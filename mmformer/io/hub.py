@@ -1,0 +1,412 @@
+"""Where a model a user names lives: local paths, Hugging Face Hub ids (through ``huggingface_hub``), open_clip
+pretrained tags and timm names. :func:`mmformer.from_pretrained` asks here, then picks the converter.
+
+Names, as users write them::
+
+    out/model, run/last.ckpt             a local folder or file (mmformer's, a Hugging Face folder, a timm or
+                                         open_clip folder)
+    openai/whisper-tiny                  a Hugging Face Hub id, fetched with ``huggingface_hub.snapshot_download``
+                                         into the Hub cache (``models--openai--whisper-tiny/snapshots/<commit>/``)
+    open_clip:ViT-B-32/openai            an open_clip model and pretrained tag, through open_clip's download code
+    open_clip:hf-hub:laion/CoCa-ViT-B-32-laion2B-s13B-b90k   an open_clip repository on the Hub
+    timm:vit_base_patch16_224.augreg_in21k                   a timm name (with its pretrained tag)
+    whisper:tiny                         an openai-whisper checkpoint (``NAME.pt`` in openai-whisper's cache)
+
+:func:`resolve_source` turns a name into a :class:`Source` — what the files are (``kind``), where they are, the Hub
+revision, and the folder's ``config.json`` read once — which the converters and processor loaders take as it is.
+
+The cache and offline mode follow ``huggingface_hub``'s variables, read when a model is loaded (not only when
+``huggingface_hub`` was imported): ``HF_HUB_CACHE``, else ``HF_HOME``/hub, else ``~/.cache/huggingface/hub``;
+``HF_HUB_OFFLINE=1`` (or ``local_files_only=True``) forbids any download, and a name missing from the cache is a
+``FileNotFoundError`` naming the id, the revision and the cache. From a Hub repository only what loading needs is
+fetched: its JSON/text files, then safetensors weights, and only when there are none a ``.bin`` (read with
+``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "KINDS",
+    "HubSource",
+    "Source",
+    "cache_dir_for",
+    "folder_kind",
+    "hub_offline",
+    "is_offline",
+    "why_missing",
+    "parse_name",
+    "resolve_source",
+    "snapshot_files",
+]
+
+OPEN_CLIP_PREFIX = "open_clip:"
+TIMM_PREFIX = "timm:"
+WHISPER_PREFIX = "whisper:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+_METADATA = ["*.json", "*.txt"]  # configs, tokenizers, vocabularies: small, and what tells the format apart
+# Weights per folder kind, preferred first: safetensors, and pickles only when a repository has nothing else.
+WEIGHT_FILES = {
+    "hf": (["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"],
+           ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]),
+    "open_clip": (["open_clip_model.safetensors"], ["open_clip_pytorch_model.bin"]),
+}  # fmt: skip
+WEIGHT_FILES["mmformer"] = WEIGHT_FILES["timm"] = WEIGHT_FILES["hf"]
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A parsed model name (its syntax only; :func:`resolve_source` finds what it names): ``kind`` is ``path`` (a
+    local file or folder), ``hub`` (a Hub repository id), ``open_clip`` (``name`` an open_clip model, ``tag`` its
+    pretrained tag, or ``name`` an ``hf-hub:`` id), ``timm`` (``name`` a timm model name with its tag) or ``whisper``
+    (``name`` an openai-whisper model name)."""
+
+    kind: str
+    name: str
+    tag: str | None = None
+
+
+def parse_name(name_or_path: str | os.PathLike) -> HubSource:
+    """Tell a local path, a Hub id, an ``open_clip:``, a ``timm:`` and a ``whisper:`` name apart (no I/O but
+    ``os.path.exists``)."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(
+            "name_or_path: expected a path, a Hugging Face Hub id, 'open_clip:MODEL/TAG', 'timm:NAME' or "
+            f"'whisper:NAME', got {type(name_or_path).__name__}"
+        )
+    text = os.fspath(name_or_path)
+    if text.startswith(OPEN_CLIP_PREFIX):
+        spec = text[len(OPEN_CLIP_PREFIX) :]
+        if spec.startswith("hf-hub:"):
+            return HubSource("open_clip", spec)
+        arch, _, tag = spec.partition("/")
+        if not arch or not tag:
+            raise ValueError(
+                f"name_or_path: expected 'open_clip:MODEL/TAG' (e.g. 'open_clip:ViT-B-32/openai') or "
+                f"'open_clip:hf-hub:ORG/REPO', got {text!r}"
+            )
+        return HubSource("open_clip", arch, tag)
+    if text.startswith(TIMM_PREFIX):
+        name = text[len(TIMM_PREFIX) :]
+        if not name:
+            raise ValueError(
+                f"name_or_path: expected 'timm:NAME' (e.g. 'timm:vit_base_patch16_224.augreg_in21k'), got {text!r}"
+            )
+        return HubSource("timm", name)
+    if text.startswith(WHISPER_PREFIX):
+        name = text[len(WHISPER_PREFIX) :]
+        if not name:
+            raise ValueError(f"name_or_path: expected 'whisper:NAME' (e.g. 'whisper:tiny'), got {text!r}")
+        return HubSource("whisper", name)
+    if os.path.exists(text) or not _HUB_ID.match(text):
+        return HubSource("path", text)
+    return HubSource("hub", text)
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def is_offline(local_files_only: bool | None = None) -> bool:
+    """Whether downloading is forbidden: ``local_files_only`` when given, else ``HF_HUB_OFFLINE`` (or
+    ``TRANSFORMERS_OFFLINE``) as set now, or as ``huggingface_hub`` read it at import."""
+    if local_files_only is not None:
+        return bool(local_files_only)
+    from huggingface_hub import constants
+
+    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE") or bool(constants.HF_HUB_OFFLINE)
+
+
+def cache_dir_for(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The Hub cache: ``cache_dir``, else ``HF_HUB_CACHE``, ``HUGGINGFACE_HUB_CACHE``, ``HF_HOME``/hub,
+    ``XDG_CACHE_HOME``/huggingface/hub, ``~/.cache/huggingface/hub`` — ``huggingface_hub``'s order, read now."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(variable):
+            return Path(os.path.expandvars(os.environ[variable])).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
+    )
+    return Path(os.path.expandvars(home)).expanduser() / "hub"
+
+
+def why_missing(offline: bool) -> str:
+    """Why a missing file was not downloaded, for error messages."""
+    return "downloading is off (HF_HUB_OFFLINE=1 or local_files_only=True)" if offline else "it could not be downloaded"
+
+
+@contextlib.contextmanager
+def hub_offline(offline: bool) -> Iterator[None]:
+    """While it holds, ``huggingface_hub`` is in offline mode if ``offline``: libraries that download through it
+    with no ``local_files_only`` argument of their own (open_clip, timm, transformers' configs) then read only the
+    cache. ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` once, at import; this carries a later decision to them."""
+    from huggingface_hub import constants
+
+    if not offline or constants.HF_HUB_OFFLINE:
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+# What a Source's files are, and who reads them (mmformer.io.auto dispatches on the kind).
+KINDS = {
+    "mmformer": "a folder written by save_pretrained (config.json + model.safetensors)",
+    "checkpoint": "a training checkpoint (.ckpt)",
+    "weights": "a bare weights file (.safetensors, .pt, .pth, .bin) beside a config.json",
+    "hf": "a Hugging Face model folder (config.json with a model_type)",
+    "timm": "a timm model: timm:NAME, or a folder with timm's config.json (an 'architecture')",
+    "open_clip": "an open_clip model: open_clip:MODEL/TAG, open_clip:hf-hub:ORG/REPO, or a folder with "
+    "open_clip_config.json",
+    "whisper": "an openai-whisper checkpoint: whisper:NAME (NAME.pt in openai-whisper's cache)",
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    """A model source, resolved once (:func:`resolve_source`) and handed to whoever reads it.
+
+    Attributes:
+        kind: what the files are, one of :data:`KINDS` (a Hub id resolves to the kind of its snapshot).
+        location: the resolved local file or folder (``local``), else a library's model name (``open_clip`` model,
+            ``timm`` name, ``whisper`` name).
+        revision: the Hub revision asked for (Hub ids only).
+        config: the folder's ``config.json``, read once (None: no folder, or no config.json in it).
+        local: ``location`` is a path on disk.
+        tag: an open_clip pretrained tag (``open_clip:MODEL/TAG``).
+        repo_id: the Hugging Face Hub id it was resolved from, if any.
+    """
+
+    kind: str
+    location: str
+    revision: str | None = None
+    config: dict[str, Any] | None = None
+    local: bool = True
+    tag: str | None = None
+    repo_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind: expected one of {sorted(KINDS)}, got {self.kind!r}")
+
+    @property
+    def path(self) -> Path:
+        """``location`` as a path; a ValueError for a library's model name."""
+        if not self.local:
+            raise ValueError(f"{self.kind}:{self.location} is a {self.kind} model name, not a local file or folder")
+        return Path(self.location)
+
+    def __str__(self) -> str:
+        return self.repo_id or (self.location if self.local else f"{self.kind}:{self.location}")
+
+
+def resolve_source(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    token: str | bool | None = None,
+    check: Callable[[Source], object] | None = None,
+) -> Source:
+    """The :class:`Source` a name or path names; the one place a model folder's ``config.json`` is read.
+
+    Args:
+        name_or_path: a local file or folder, a Hub id, ``open_clip:MODEL/TAG``, ``open_clip:hf-hub:ORG/REPO``,
+            ``timm:NAME`` or ``whisper:NAME``.
+        revision: a Hub branch, tag or commit (Hub ids only).
+        cache_dir, local_files_only, token: the Hub cache, offline mode and token (see :func:`snapshot_files`).
+        check: called with the source before a Hub repository's weights are fetched (and for a local folder), to
+            refuse a model that cannot be loaded (an unsupported ``model_type``) before downloading gigabytes.
+
+    Raises:
+        FileNotFoundError: a path that does not exist (and is not a Hub id), or a Hub id missing from the cache
+            while offline / without weights (see :func:`snapshot_files`).
+        ValueError: ``revision`` for a name that is not a Hub id; a malformed name; invalid JSON in config.json.
+    """
+    parsed = parse_name(name_or_path)
+    name = os.fspath(name_or_path)
+    if revision is not None and parsed.kind != "hub":
+        raise ValueError(f"revision: only for Hugging Face Hub ids; {name!r} is not one")
+    options = dict(cache_dir=cache_dir, local_files_only=local_files_only, token=token, check=check)
+    if parsed.kind == "hub":
+        return _from_hub(parsed.name, revision=revision, **options)
+    if parsed.kind == "open_clip" and parsed.tag is None:  # open_clip:hf-hub:ORG/REPO
+        source = _from_hub(parsed.name.removeprefix("hf-hub:"), revision=None, **options)
+        if source.kind != "open_clip":
+            raise ValueError(f"name_or_path: {name!r} holds no open_clip_config.json (it is {KINDS[source.kind]})")
+        return source
+    if parsed.kind in ("open_clip", "timm", "whisper"):
+        return Source(parsed.kind, parsed.name, local=False, tag=parsed.tag)
+    path = Path(parsed.name)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"name_or_path: no such file or folder {name!r}, and it is not a Hugging Face Hub id ('org/name'), "
+            "'open_clip:MODEL/TAG', 'timm:NAME' or 'whisper:NAME'"
+        )
+    if path.is_file() and path.name == "config.json":
+        path = path.parent  # a folder named by its config.json
+    if path.is_file() and _openai_whisper_file(path):
+        return Source("whisper", os.fspath(path))
+    if path.is_file():
+        kind = "checkpoint" if path.suffix == ".ckpt" else "weights"  # pretrained.read_checkpoint tells the rest
+        return Source(kind, os.fspath(path))
+    config = read_json(path / "config.json")
+    source = Source(folder_kind(path, config) or "mmformer", os.fspath(path), config=_object(config, path))
+    if check is not None:
+        check(source)
+    return source
+
+
+def _openai_whisper_file(path: Path) -> bool:
+    """A ``.pt`` file in openai-whisper's format, told by its known keys (``dims`` and ``model_state_dict``, what
+    ``whisper.load_model`` reads); mmformer's bare weights have a config.json beside them. Read safely (weights
+    only, memory-mapped); anything unreadable is left to the weights reader, which names the problem."""
+    if path.suffix != ".pt" or (path.parent / "config.json").exists():
+        return False
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return False
+    return isinstance(checkpoint, dict) and {"dims", "model_state_dict"} <= set(checkpoint)
+
+
+def _object(config: Any, folder: Path) -> dict[str, Any] | None:
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(f"{folder / 'config.json'}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _from_hub(
+    repo_id: str,
+    *,
+    revision: str | None,
+    cache_dir: str | os.PathLike | None,
+    local_files_only: bool | None,
+    token: str | bool | None,
+    check: Callable[[Source], object] | None,
+) -> Source:
+    """A Hub repository's snapshot: its JSON/text files, the config read from them once, then the weights its kind
+    needs."""
+    where = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+    folder = snapshot_files(repo_id, _METADATA, **where)
+    config = read_json(folder / "config.json")
+    kind = folder_kind(folder, config)  # None: nothing we know; no weights are fetched, our reader names what lacks
+    source = Source(kind or "mmformer", os.fspath(folder), revision, _object(config, folder), repo_id=repo_id)
+    if check is not None:
+        check(source)
+    if kind in WEIGHT_FILES and not _weights_in(folder, kind):
+        offline = is_offline(local_files_only)
+        preferred, fallback = WEIGHT_FILES[kind]
+        folder = snapshot_files(repo_id, preferred, **where)
+        if not _weights_in(folder, kind) and not offline:
+            folder = snapshot_files(repo_id, fallback, **where)
+        if not _weights_in(folder, kind):
+            raise FileNotFoundError(
+                f"{repo_id!r} (revision {revision or 'main'!r}): the snapshot {folder} in the Hugging Face cache "
+                f"{cache_dir_for(cache_dir)} holds no weights (looked for {preferred + fallback})"
+                f"{' and downloading is off' if offline else ''}"
+            )
+    return source
+
+
+# ---------------------------------------------------------------------------------------------------- the Hub
+def snapshot_files(
+    repo_id: str,
+    patterns: Sequence[str],
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    token: str | bool | None = None,
+) -> Path:
+    """The snapshot folder of a Hub model holding (at least) its files that match ``patterns``; :func:`resolve_source`
+    fetches the JSON/text files first, then the weights of the snapshot's kind, safetensors preferred.
+
+    Raises:
+        FileNotFoundError: the id or revision does not exist, or is not in the cache while offline; the message
+            names the id, the revision and the cache.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    cache, offline = cache_dir_for(cache_dir), is_offline(local_files_only)
+    where = f"{repo_id!r} (revision {revision or 'main'!r})"
+    try:
+        with hub_offline(offline):
+            folder = snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=cache,
+                local_files_only=offline,
+                token=token,
+                allow_patterns=list(patterns),
+            )
+    except RevisionNotFoundError as e:
+        raise FileNotFoundError(f"{where}: the Hugging Face Hub has no such revision of this model") from e
+    except GatedRepoError as e:
+        raise FileNotFoundError(f"{where}: a gated model; accept its terms on the Hub and pass token=") from e
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(
+            f"{where}: no such model on the Hugging Face Hub (or a private one: pass token=)"
+        ) from e
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(
+            f"{where} is not in the Hugging Face cache {cache} (or only in part) and {why_missing(offline)}; "
+            "download it once "
+            f"online (huggingface-cli download {repo_id}) or point HF_HUB_CACHE / cache_dir at the cache "
+            f"holding it ({type(e).__name__}: {e})"
+        ) from e
+    return Path(folder)
+
+
+def _weights_in(folder: Path, kind: str) -> bool:
+    return any(any(folder.glob(pattern)) for group in WEIGHT_FILES[kind] for pattern in group)
+
+
+def folder_kind(folder: str | os.PathLike, config: Any = None) -> str | None:
+    """What a local folder holds, from its config files alone: ``hf`` (a Hugging Face ``config.json`` with a
+    ``model_type``), ``mmformer`` (our config.json), ``timm`` (timm's config.json with an ``architecture``),
+    ``open_clip`` (an ``open_clip_config.json``), or None. ``config``: its ``config.json`` already read."""
+    folder = Path(folder)
+    if isinstance(config, dict):
+        if "model_type" in config:
+            return "hf"
+        if "architecture" in config:
+            return "timm"
+        if "stacks" in config or "format_version" in config:
+            return "mmformer"
+    if (folder / "open_clip_config.json").is_file():
+        return "open_clip"
+    return None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content, None when the file is missing; a ValueError naming it when it is not JSON."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e

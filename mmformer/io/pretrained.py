@@ -1,0 +1,566 @@
+"""Model files: mmformer's own directory format, Lightning training checkpoints, bare weights files.
+
+This module does file I/O only. It writes a config, a state dict and a processor, and reads them back as a
+:class:`Checkpoint` — the config, the tensors' header (names, shapes, dtypes) and a reader for the tensors — without
+knowing the model class: :meth:`mmformer.MultimodalTransformer.from_pretrained` builds the model from it (see
+:mod:`mmformer.io.weights` for how the tensors are checked and assigned).
+
+The directory format, as Hugging Face users know it::
+
+    out/model/
+        config.json                 ModelConfig as JSON, plus ``format_version`` and ``mmformer_version``
+        model.safetensors           the state dict; tied tensors (the LM head) stored once, re-tied on load
+        tokenizer.json              the processor's files, when the model carries a processor
+        preprocessor_config.json
+
+A Lightning checkpoint written by ``mmformer fit`` keeps the model under the ``model.`` prefix of ``state_dict`` and
+its config (with the processor) under ``checkpoint["mmformer"]``, as :class:`~mmformer.tasks.MultimodalTask` writes
+it. Formats are told apart by what a path is (a folder, ``.safetensors``, or a torch file: ``.ckpt`` ``.pt``
+``.pth`` ``.bin``), never by guessing from the contents.
+
+Every load is safe: safetensors, or ``torch.load(weights_only=True)`` (memory-mapped where the file allows); a
+pickle that would need to run code or build other objects is refused, never executed.
+
+Saving is atomic: the new directory is built beside the target and swapped in with renames, so an interrupted save
+leaves either the previous model or the new one, never a mix. Files in the target that this save does not write (a
+README, training logs, a tokenizer saved separately) are kept: they are hard-linked (copied where links are
+impossible) into the new directory before the swap. A save killed at the wrong moment may leave a hidden
+``.NAME.tmp-*`` (unfinished) or ``.NAME.old-*`` (the previous version) folder beside the target; nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import uuid
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from mmformer import __version__
+from mmformer.config import ModelConfig
+from mmformer.io.atomic import fsync_path, umask_mode
+from mmformer.io.quantized_files import flatten_state
+from mmformer.io.weights import Reader, TensorSpec, aliases, in_memory, listed
+from mmformer.preprocess.processor import Processor
+from mmformer.preprocess.tokenizer import Tokenizer
+
+FORMAT_VERSION = 2  # 2: derived constants (mel filters, STFT window) are no longer stored
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PROCESSOR_FILES = ("tokenizer.json", "preprocessor_config.json")  # written by Processor.save_pretrained
+OWN_FILES = (CONFIG_NAME, WEIGHTS_NAME, *PROCESSOR_FILES)
+CHECKPOINT_KEY = "mmformer"  # where MultimodalTask.on_save_checkpoint records the config and the processor
+CHECKPOINT_PREFIX = "model."  # the LightningModule attribute holding the model
+QUANTIZATION_KEY = "quantization_config"  # config.json / safetensors metadata: torchao-quantized weights
+DISTRIBUTED_METADATA = ".metadata"  # torch.distributed.checkpoint's index file in a sharded checkpoint folder
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_CONFIG_META_KEYS = ("format_version", "mmformer_version", QUANTIZATION_KEY)
+# Format 1 stored torchaudio's mel filter bank and STFT window; they are computed from the config now.
+_DERIVED_V1 = ("audio_embed.features.mel.spectrogram.window", "audio_embed.features.mel.mel_scale.fb")
+_ACCEPTED = (
+    "a directory written by save_pretrained (config.json + model.safetensors), a Lightning training checkpoint "
+    f"(.ckpt, read with torch.load(weights_only=True)), a torch state-dict file ({', '.join(TORCH_SUFFIXES)}) next "
+    "to a config.json, or a .safetensors file next to a config.json"
+)
+
+
+# ---------------------------------------------------------------------------------------------------- saving
+def save_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    processor: Any = None,
+    *,
+    overwrite: bool = True,
+) -> None:
+    """Write ``model`` (and its processor) into ``directory`` atomically.
+
+    Args:
+        model: an mmformer model (a module with a :class:`~mmformer.ModelConfig` as ``config``); its config becomes
+            config.json, its state dict model.safetensors.
+        directory: created if missing. If it already holds a saved model, that model is replaced (Hugging Face's
+            behaviour) unless ``overwrite`` is False. Other files in it are kept.
+        processor: the :class:`~mmformer.Processor` to save beside the weights; defaults to ``model.processor``.
+        overwrite: False refuses to replace a model already saved in ``directory`` (FileExistsError).
+
+    Raises:
+        ValueError: ``directory`` is an existing file, or the current working directory (or contains it), which
+            cannot be swapped out from under the running process.
+        FileExistsError: ``overwrite=False`` and ``directory`` already holds a saved model.
+    """
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model saves its original module's weights
+    if not isinstance(model, nn.Module) or not isinstance(getattr(model, "config", None), ModelConfig):
+        raise TypeError(
+            f"model: expected mmformer.MultimodalTransformer (a module with a ModelConfig), got {type(model).__name__}"
+        )
+    if getattr(model, "peft_config", None):
+        raise ValueError(
+            "model: carries adapter layers (LoRA); save the adapter with mmformer.adapt.adapters.save_adapter, or fold "
+            "it in first with mmformer.adapt.adapters.merge_and_unload (mmformer merge)"
+        )
+    processor = processor if processor is not None else getattr(model, "processor", None)
+    if processor is not None and not callable(getattr(processor, "save_pretrained", None)):
+        raise TypeError(
+            f"processor: expected an mmformer.Processor (with save_pretrained), got {type(processor).__name__}"
+        )
+    with atomic_directory(directory, overwrite=overwrite) as staging:
+        quantization = getattr(model, "quantization", None)
+        # keep_vars: tied tensor subclasses (a quantized table and its LM head) are then one object, stored once
+        state = model.state_dict(keep_vars=quantization is not None)
+        write_model(staging, model.config, state, processor, quantization=quantization)
+
+
+@contextlib.contextmanager
+def atomic_directory(
+    directory: str | os.PathLike, *, overwrite: bool = True, marker_files: Iterable[str] = (CONFIG_NAME, WEIGHTS_NAME)
+) -> Iterator[Path]:
+    """``with atomic_directory(target) as staging:`` — build a folder's new contents in ``staging``; on success the
+    files of ``target`` this save did not write are carried over and ``staging`` replaces ``target`` atomically; on
+    failure ``target`` is left as it was and ``staging`` is removed. Every saved folder (models, adapters, prompts,
+    exports) goes through here.
+
+    Args:
+        directory: the folder to create or replace.
+        overwrite: False refuses to replace a folder that already holds one of ``marker_files`` (FileExistsError).
+        marker_files: the files whose presence means "something is saved there".
+    """
+    target = Path(os.path.realpath(directory))  # a symlinked folder is replaced where it really lives
+    exists = target.exists()
+    if exists and not target.is_dir():
+        raise ValueError(
+            f"directory: expected a folder to save into (or a path to create), got an existing file {target}"
+        )
+    cwd = Path.cwd().resolve()
+    if cwd == target or target in cwd.parents:
+        raise ValueError(
+            f"directory: {target} is (or contains) the current working directory; saving swaps the whole folder for a "
+            "new one, so save into a subfolder instead"
+        )
+    if exists and not overwrite and any((target / name).exists() for name in marker_files):
+        raise FileExistsError(f"directory: {target} already holds a saved model and overwrite=False")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+        for path in staging.iterdir():
+            if path.is_file():
+                os.chmod(path, umask_mode(0o666))  # safetensors writes 0600; give what a plain open() would
+                fsync_path(path)
+        if exists:
+            _carry_over(target, staging)
+        _match_permissions(staging, target if exists else None)
+        fsync_path(staging)
+        swap_in(staging, target)
+        fsync_path(target.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful swap
+
+
+def write_model(
+    directory: Path,
+    config: ModelConfig,
+    state: Mapping[str, torch.Tensor],
+    processor: Any = None,
+    metadata: Mapping[str, str] | None = None,
+    quantization: Any = None,
+) -> None:
+    """config.json, model.safetensors (tied tensors once) and the processor's files into an existing folder.
+
+    ``quantization`` (a :class:`mmformer.io.quantized_files.QuantizationConfig`) marks torchao-quantized weights: they
+    are
+    stored as their parts plus the metadata that rebuilds them (see :mod:`mmformer.compress.quantization`), and
+    config.json
+    records it as ``quantization_config``."""
+    extra = {} if quantization is None else {QUANTIZATION_KEY: quantization.to_dict()}
+    write_config(directory, config, extra)
+    tied = aliases(state)
+    state = {k: v for k, v in state.items() if k not in tied}
+    info = {"format": "pt", "format_version": str(FORMAT_VERSION), "mmformer_config": config.to_json()}
+    if quantization is not None:
+        state, quantized = flatten_state(state, getattr(torch, quantization.float_storage))
+        info = {**info, **quantized, QUANTIZATION_KEY: json.dumps(quantization.to_dict())}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    safetensors.torch.save_file(tensors, str(directory / WEIGHTS_NAME), metadata={**info, **(metadata or {})})
+    if processor is not None:
+        processor.save_pretrained(directory)
+
+
+def write_config(directory: Path, config: ModelConfig, extra: Mapping[str, Any] | None = None) -> None:
+    """config.json: the ModelConfig with ``format_version`` and ``mmformer_version``, plus ``extra`` top-level keys
+    (such as ``quantization_config``)."""
+    record = {"format_version": FORMAT_VERSION, "mmformer_version": __version__, **config.to_dict(), **(extra or {})}
+    (directory / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Hard-link (or copy) every entry of ``old`` that this save did not write into ``new``: the user's files, and
+    processor files saved separately (``processor.save_pretrained(d); save_pretrained(model, d)``)."""
+    for entry in old.iterdir():
+        if not os.path.lexists(new / entry.name):
+            _link_tree(entry, new / entry.name)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        dst.mkdir()
+        for entry in src.iterdir():
+            _link_tree(entry, dst / entry.name)
+        shutil.copystat(src, dst)
+    else:
+        try:
+            os.link(src, dst)
+        except OSError:  # filesystems without hard links
+            shutil.copy2(src, dst)
+
+
+def _match_permissions(staging: Path, previous: Path | None) -> None:
+    """mkdtemp creates a private (0700) folder; give it the old folder's mode, or what mkdir would have given."""
+    if previous is not None:
+        shutil.copymode(previous, staging)
+    else:
+        os.chmod(staging, umask_mode(0o777))
+
+
+def swap_in(staging: Path, target: Path) -> None:
+    """Rename ``staging`` to ``target``; an existing ``target`` is moved aside first and deleted only afterwards."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
+    os.rename(target, aside)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(aside, target)
+        raise
+    # Entries that appeared in the old folder while we were saving (another writer) are moved over, not lost.
+    for entry in aside.iterdir():
+        if not os.path.lexists(target / entry.name):
+            os.rename(entry, target / entry.name)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+@dataclass
+class Checkpoint:
+    """What a model file holds: its config and tensor header now, the tensors on demand.
+
+    Attributes:
+        source: the file or folder read.
+        config: the model config stored with the weights (or the one the caller passed).
+        specs: name → shape and dtype of every stored tensor, from the header (no tensor data read yet).
+        read: names → tensors, read from the file (memory-mapped where the format allows).
+        processor: the processor saved with the weights, or None.
+        metadata: the safetensors header's string metadata (empty for torch files).
+        quantization: the ``quantization_config`` of torchao-quantized weights (see
+        :mod:`mmformer.compress.quantization`,
+            whose ``open_quantized`` turns the checkpoint into one of the weights' logical tensors), or None.
+    """
+
+    source: Path
+    config: ModelConfig
+    specs: dict[str, TensorSpec]
+    read: Reader
+    processor: Processor | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    quantization: Any = None
+
+
+def read_checkpoint(
+    path: str | os.PathLike, *, config: ModelConfig | None = None, map_location: Any = "cpu"
+) -> Checkpoint:
+    """Open a save_pretrained directory, a Lightning ``.ckpt``, or a weights file beside a config.json.
+
+    Args:
+        path: the directory or file (a folder's ``config.json`` names its folder).
+        config: use this config instead of the one stored with the weights.
+        map_location: where tensors are read to (``torch.load``'s argument; a device for safetensors).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, or a needed config.json / model.safetensors is missing.
+        ValueError: the file is not a checkpoint, is corrupt, is a pickle that is not weights-only, or records no
+            config; the message names the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"path: no such file or directory: {path}; expected {_ACCEPTED}")
+    if config is not None and not isinstance(config, ModelConfig):
+        raise TypeError(f"config: expected mmformer.ModelConfig or None, got {type(config).__name__}")
+    if path.name == CONFIG_NAME and path.is_file():
+        path = path.parent  # a save_pretrained folder named by its config.json
+    folder = path if path.is_dir() else path.parent
+    processor = None
+    if is_distributed(path):  # FSDP's sharded training checkpoint
+        checkpoint = read_training_checkpoint(path)
+        state, recorded = _split_checkpoint(checkpoint, path)
+        specs, read = in_memory(state)
+        metadata = {}
+        config = config or recorded
+        processor = _checkpoint_processor(checkpoint, path)
+        source = path
+    elif path.is_dir():
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} in this folder; expected {_ACCEPTED}")
+        specs, read, metadata = open_safetensors(weights, map_location)
+        config = config or read_config(path / CONFIG_NAME, required=True)
+        source = weights
+    elif path.suffix == ".safetensors":
+        specs, read, metadata = open_safetensors(path, map_location)
+        config = config or read_config(folder / CONFIG_NAME) or _config_from_metadata(metadata, path)
+        source = path
+    elif path.suffix in TORCH_SUFFIXES:
+        checkpoint = read_torch(path, map_location)
+        state, recorded = _split_checkpoint(checkpoint, path)
+        specs, read = in_memory(state)
+        metadata = {}
+        config = config or recorded or read_config(folder / CONFIG_NAME)
+        processor = _checkpoint_processor(checkpoint, path)
+        source = path
+    else:
+        raise ValueError(
+            f"{path}: not a checkpoint (unrecognised file type {path.suffix or '(no suffix)'!r}); expected {_ACCEPTED}"
+        )
+    if config is None:
+        raise ValueError(
+            f"{path}: found no model config: the file records none (mmformer's training checkpoints keep it in "
+            f"checkpoint[{CHECKPOINT_KEY!r}]['model_config']) and there is no {CONFIG_NAME} beside it; pass "
+            "config=ModelConfig(...)"
+        )
+    specs = {k: v for k, v in specs.items() if k not in _DERIVED_V1}
+    if processor is None:
+        processor = read_processor(folder)
+    return Checkpoint(source, config, specs, read, processor, metadata, _quantization(metadata, source))
+
+
+def _metadata_json(metadata: Mapping[str, str], key: str, source: Path) -> Any:
+    """The JSON value a safetensors header's metadata holds under ``key`` (None without one)."""
+    text = metadata.get(key)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: metadata[{key!r}] is not valid JSON ({e})") from e
+
+
+def _quantization(metadata: Mapping[str, str], source: Path) -> dict | None:
+    """The quantization config a safetensors file records (mmformer writes it beside config.json's copy)."""
+    value = _metadata_json(metadata, QUANTIZATION_KEY, source)
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{source}: metadata[{QUANTIZATION_KEY!r}] is not a JSON object")
+    return value
+
+
+def open_safetensors(path: Path, map_location: Any) -> tuple[dict[str, TensorSpec], Reader, dict[str, str]]:
+    """Header (validated by safetensors against the file's size), a reader and the metadata of a safetensors file
+    (model weights, adapters, prompts: every safetensors file mmformer reads)."""
+    device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
+
+    def fail(e: Exception) -> ValueError:
+        return ValueError(
+            f"{path}: not a valid safetensors file ({e}); its header may be corrupt or disagree with the data "
+            "(tensor sizes/offsets), or the file may be truncated"
+        )
+
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device=device) as f:
+            metadata = f.metadata() or {}
+            specs = {}
+            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                part = f.get_slice(key)
+                specs[key] = TensorSpec(tuple(part.get_shape()), _SAFETENSORS_DTYPES[part.get_dtype()])
+    except Exception as e:  # SafetensorError and friends: wrap with the file's name
+        raise fail(e) from e
+
+    def read(keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        try:
+            with safetensors.safe_open(str(path), framework="pt", device=device) as f:
+                return {key: f.get_tensor(key) for key in keys}
+        except Exception as e:
+            raise fail(e) from e
+
+    return specs, read, metadata
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_torch(path: Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` — memory-mapped for zip files — with errors that name the file and say why a
+    pickle was refused."""
+    try:
+        mmap = zipfile.is_zipfile(path)  # torch.save's default format can be memory-mapped; legacy pickles cannot
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        reason = _unpickling_reason(str(e))
+        if "Weights only load failed" in str(e) and "Unsupported operand" not in reason:  # else: not a pickle at all
+            raise ValueError(
+                f"{path}: refused: this pickle is not weights-only; loading it would need to run Python code or "
+                f"build objects other than tensors and plain containers ({reason}). mmformer reads checkpoints only "
+                "with torch.load(weights_only=True) and never unpickles arbitrary objects; if you trust the file, "
+                "re-save its weights as safetensors (mmformer.save_pretrained)"
+            ) from e
+        raise ValueError(
+            f"{path}: not a checkpoint: torch.load could not read it ({reason}); expected {_ACCEPTED}"
+        ) from e
+    except Exception as e:
+        raise ValueError(
+            f"{path}: not a checkpoint: torch.load could not read it ({type(e).__name__}: {e}); the file may be "
+            f"corrupt or truncated; expected {_ACCEPTED}"
+        ) from e
+
+
+def _unpickling_reason(message: str) -> str:
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch 2.6")
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(boilerplate)]
+    return "; ".join(lines) or message.strip()
+
+
+def is_distributed(path: Path) -> bool:
+    """A distributed (sharded) checkpoint folder, as FSDP training writes ``last.ckpt``."""
+    return path.is_dir() and (path / DISTRIBUTED_METADATA).is_file()
+
+
+def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A Lightning training checkpoint as one dict: a ``.ckpt`` file, or a distributed checkpoint folder consolidated
+    in this process (:func:`read_distributed`)."""
+    path = Path(path)
+    return read_distributed(path) if is_distributed(path) else read_torch(path)
+
+
+def read_distributed(folder: Path) -> dict[str, Any]:
+    """A distributed checkpoint folder (each rank's shards, as Lightning's ModelParallelStrategy writes them under
+    FSDP) consolidated into one checkpoint dict in this process: the full ``state_dict`` and Lightning's metadata
+    (``meta.pt``). Both are read with ``weights_only=True``."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "consolidated.pt"
+        try:
+            dcp_to_torch_save(folder, target)
+        except Exception as e:  # a missing or corrupt shard file: name the folder, not a reader internal
+            raise ValueError(f"{folder}: not a readable distributed checkpoint ({type(e).__name__}: {e})") from e
+        state = read_torch(target)
+    meta = folder / "meta.pt"
+    return {**(read_torch(meta) if meta.is_file() else {}), **state}
+
+
+def _split_checkpoint(checkpoint: Any, path: Path) -> tuple[Mapping[str, torch.Tensor], ModelConfig | None]:
+    """The model's state dict and recorded config of a training checkpoint, or a plain state dict and no config."""
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(
+            f"{path}: expected a dict (a Lightning checkpoint with 'state_dict', or a state dict), got "
+            f"{type(checkpoint).__name__}"
+        )
+    if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return checkpoint, None  # a plain state dict, as torch.save(model.state_dict()) writes it
+    if not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise ValueError(
+            f"{path}: expected a Lightning checkpoint (a dict with 'state_dict') or a state dict of tensors; got a "
+            f"dict with keys {listed(sorted(map(str, checkpoint)))}"
+        )
+    state = {
+        k.removeprefix(CHECKPOINT_PREFIX): v
+        for k, v in checkpoint["state_dict"].items()
+        if k.startswith(CHECKPOINT_PREFIX)  # others belong to the task (loss buffers), not to the model
+    }
+    if not state:
+        raise ValueError(
+            f"{path}: its state_dict holds no {CHECKPOINT_PREFIX!r} keys; mmformer's training checkpoints keep the "
+            f"model there (keys such as {listed(sorted(checkpoint['state_dict'])[:3])} are not a model's)"
+        )
+    recorded = checkpoint.get(CHECKPOINT_KEY)
+    config = recorded.get("model_config") if isinstance(recorded, Mapping) else None
+    if config is None:
+        return state, None
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{path}: checkpoint[{CHECKPOINT_KEY!r}]['model_config'] is not a dict of ModelConfig fields")
+    return state, validated_config(dict(config), f"{path}: checkpoint[{CHECKPOINT_KEY!r}]['model_config']")
+
+
+def validated_config(d: dict, where: str) -> ModelConfig:
+    """A ModelConfig from its dict (format metadata dropped), or a ValueError naming ``where``."""
+    d = {k: v for k, v in d.items() if k not in _CONFIG_META_KEYS}
+    try:
+        return ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: not a valid mmformer ModelConfig: {e}") from e
+
+
+def read_config(path: Path, required: bool = False) -> ModelConfig | None:
+    """The ModelConfig of a config.json (None if absent and not ``required``)."""
+    if not path.is_file():
+        if required:
+            raise FileNotFoundError(f"{path.parent}: no {CONFIG_NAME} in this folder; expected {_ACCEPTED}")
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return config_from_dict(d, str(path))
+
+
+def config_from_dict(d: Any, where: str) -> ModelConfig:
+    """The ModelConfig of a config.json's content (read by :func:`read_config`, or once by
+    :func:`mmformer.io.hub.resolve_source`): a JSON object of a ``format_version`` this mmformer reads."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a JSON object (a ModelConfig), got {type(d).__name__}")
+    version = d.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{where}: format_version {version!r} was written by a newer mmformer; this one "
+            f"({__version__}) reads format_version <= {FORMAT_VERSION}"
+        )
+    return validated_config(d, where)
+
+
+def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> ModelConfig | None:
+    value = _metadata_json(metadata, "mmformer_config", path)
+    return None if value is None else validated_config(value, f"{path}: metadata['mmformer_config']")
+
+
+def _checkpoint_processor(checkpoint: Any, path: Path) -> Processor | None:
+    """The processor a training checkpoint carries (``checkpoint["mmformer"]``, written by the training task)."""
+    saved = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(saved, Mapping) or not isinstance(saved.get("preprocessor_config"), Mapping):
+        return None
+    tokenizer = saved.get("tokenizer_json")
+    tokenizer = Tokenizer.from_str(tokenizer) if isinstance(tokenizer, str) else None
+    return Processor.from_dict(dict(saved["preprocessor_config"]), tokenizer, where=f"{path}: {CHECKPOINT_KEY}")
+
+
+def read_processor(folder: Path) -> Processor | None:
+    """The processor saved in ``folder`` (tokenizer.json, preprocessor_config.json), or None."""
+    if not any((folder / name).is_file() for name in PROCESSOR_FILES):
+        return None
+    return Processor.from_pretrained(folder)

@@ -1,0 +1,1 @@
+"""Raw input → tensors: images, audio and text (the tokenizer)."""

@@ -1,0 +1,498 @@
+"""Inference preprocessing: raw images, waveforms and strings → the tensors the model takes.
+
+``Processor(images=..., audio=..., text=...)`` accepts what users have at hand (PIL images, tensors, numpy
+arrays, file paths, waveforms at any sample rate, strings) and returns a plain dict:
+
+    pixel_values    float (B, C, H, W), normalised
+    audio           float (B, S) mono waveform at ``audio.sample_rate``, right-padded with zeros
+    audio_lengths   long  (B,)  number of real samples per row
+    input_ids       long  (B, T) and attention_mask bool (B, T), True = real token (from the tokenizer)
+
+The same image pipeline (:meth:`Processor.image_transform`) and file loaders (:meth:`Processor.load_image`,
+:meth:`Processor.load_audio`) serve the training data sets in :mod:`mmformer.data`, so training and inference
+see identical pixels and waveforms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as v2
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from mmformer.data.collate import pad_audio
+from mmformer.data.io import (
+    check_resample,
+    convert_image,
+    read_audio,
+    read_image,
+    resample,
+    truncate_audio,
+    write_json_atomic,
+)
+from mmformer.values import is_int
+
+if TYPE_CHECKING:
+    from mmformer.preprocess.tokenizer import Tokenizer
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CONFIG_NAME = "preprocessor_config.json"
+TOKENIZER_NAME = "tokenizer.json"
+# Images more than this many times wider (or taller) than the output's aspect ratio are first center-cropped to it:
+# the short-side resize would otherwise blow a 1×1,000,000 strip up to gigabytes before the crop throws it away.
+MAX_ASPECT_FACTOR = 16
+_INTERPOLATION = {
+    "bicubic": v2.InterpolationMode.BICUBIC,
+    "bilinear": v2.InterpolationMode.BILINEAR,
+    "nearest": v2.InterpolationMode.NEAREST,
+}
+
+
+@dataclass
+class ImageProcessorConfig:
+    """How images become ``pixel_values``."""
+
+    image_size: int | tuple[int, int] = 224  # (H, W) of the output; an int means square
+    resize: Literal["shortest", "exact"] = "shortest"  # shortest: scale to cover + center crop (CLIP); exact: stretch
+    mean: tuple[float, ...] = CLIP_MEAN  # per channel, or one value for all channels
+    std: tuple[float, ...] = CLIP_STD
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    channels: int = 3  # 3 = RGB, 1 = grayscale
+
+    def __post_init__(self):
+        size = (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
+        if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+            raise ValueError(f"image_size: expected a positive int or (H, W); got {self.image_size!r}")
+        self.image_size = size
+        if self.resize not in ("shortest", "exact"):
+            raise ValueError(f"resize: expected 'shortest' or 'exact'; got {self.resize!r}")
+        if self.interpolation not in _INTERPOLATION:
+            raise ValueError(f"interpolation: expected one of {list(_INTERPOLATION)}; got {self.interpolation!r}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels: expected 1 (grayscale) or 3 (RGB); got {self.channels!r}")
+        self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+        if self.channels == 1 and (self.mean, self.std) == (CLIP_MEAN, CLIP_STD):
+            # the default RGB statistics, reduced to one channel, so that ImageProcessorConfig(channels=1) just works
+            self.mean, self.std = (sum(CLIP_MEAN) / 3,), (sum(CLIP_STD) / 3,)
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, self.channels):
+                raise ValueError(f"{name}: expected 1 or channels={self.channels} values; got {values}")
+        if min(self.std) <= 0:
+            raise ValueError(f"std: expected positive values; got {self.std}")
+
+
+@dataclass
+class AudioProcessorConfig:
+    """How waveforms are decoded, resampled and cut."""
+
+    sample_rate: int = 16000  # every waveform is resampled to this rate (Hz)
+    max_seconds: float | None = 30.0  # longer waveforms are truncated (with a warning); None = no limit
+    mono: bool = True  # average the channels of multi-channel files; False keeps them, audio is then (B, C, S)
+
+    def __post_init__(self):
+        if not is_int(self.sample_rate) or self.sample_rate <= 0:
+            raise ValueError(f"sample_rate: expected a positive int (Hz); got {self.sample_rate!r}")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError(f"max_seconds: expected a positive number or None; got {self.max_seconds!r}")
+
+    @property
+    def max_samples(self) -> int | None:
+        return None if self.max_seconds is None else int(round(self.max_seconds * self.sample_rate))
+
+
+class _ToChannels:
+    """PIL image / (C, H, W) tensor → PIL image of mode RGB or L.
+
+    Every input goes through PIL, so that it is resized exactly as CLIP's preprocessing does and a tensor, an
+    array, a PIL image and a file of the same picture give the same pixels. Float tensors in [0, 1] are rounded
+    to 8 bits (what an image file holds) on the way.
+    """
+
+    def __init__(self, channels: int):
+        self.mode = "RGB" if channels == 3 else "L"
+
+    def __call__(self, img: Image.Image | torch.Tensor) -> Image.Image:
+        if isinstance(img, Image.Image):
+            return convert_image(img, self.mode)
+        if img.shape[-3] == 4:  # RGBA: drop alpha, as PIL's convert("RGB") does
+            img = img[..., :3, :, :]
+        if img.is_floating_point():
+            img = (img * 255).round_().to(torch.uint8)
+        return TF.to_pil_image(img).convert(self.mode)
+
+
+class _LimitAspect:
+    """Center-crop images far more elongated than the output (see MAX_ASPECT_FACTOR) to that many times its aspect
+    ratio. The later center crop keeps only the middle anyway, so the result is the same up to resampling rounding at
+    the crop's edges; images within the factor are untouched (bit-identical to CLIP's preprocessing)."""
+
+    def __init__(self, size: tuple[int, int], factor: float = MAX_ASPECT_FACTOR):
+        self.size, self.factor = size, factor
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        target = self.size[1] / self.size[0]  # output width / height
+        if w > h * target * self.factor:  # too wide: keep the middle columns
+            keep = max(1, round(h * target * self.factor))
+            left = (w - keep) // 2
+            return img.crop((left, 0, left + keep, h))
+        if h * target > w * self.factor:  # too tall: keep the middle rows
+            keep = max(1, round(w * self.factor / target))
+            top = (h - keep) // 2
+            return img.crop((0, top, w, top + keep))
+        return img
+
+
+class _ResizeCover:
+    """Scale so the image covers (H, W), keeping its aspect ratio; a non-square generalisation of Resize(int)."""
+
+    def __init__(self, size: tuple[int, int], interpolation):
+        self.size, self.interpolation = size, interpolation
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        h, w = TF.get_size(img)
+        scale = max(self.size[0] / h, self.size[1] / w)
+        new = [max(self.size[0], round(h * scale)), max(self.size[1], round(w * scale))]
+        return TF.resize(img, new, interpolation=self.interpolation, antialias=True)
+
+
+def _as_list(value: Any, name: str, batch_dims: int) -> list:
+    """A list/tuple as is; a tensor/array with ``batch_dims`` dims split along dim 0; anything else as one item."""
+    batched = isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == batch_dims
+    if isinstance(value, (list, tuple)) or batched:
+        items = list(value)
+    else:
+        items = [value]
+    if not items:
+        raise ValueError(f"{name}: expected at least one item; got an empty {type(value).__name__}")
+    return items
+
+
+def _per_channel(values: tuple[float, ...], channels: int) -> list[float]:
+    return list(values) * (channels // len(values))
+
+
+def tokenize_with_warning(
+    tokenizer: Tokenizer, texts: list[str], max_length: int, *, what: str = "text"
+) -> dict[str, torch.Tensor]:
+    """``tokenizer(texts, max_length=max_length)``, warning (naming the texts) when one is longer and gets cut.
+
+    Tokenizes once with one position more than allowed, so that texts that fit cost nothing extra: their ids and
+    padding are the same as with ``max_length``; only when one is too long is the batch tokenized again.
+    """
+    out = tokenizer(texts, max_length=max_length + 1)
+    too_long = [i for i, n in enumerate(out["attention_mask"].sum(dim=1).tolist()) if n > max_length]
+    if not too_long:
+        return out
+    shown = ", ".join(f"{what}[{i}] {texts[i][:40]!r}" for i in too_long[:3]) + (", ..." if len(too_long) > 3 else "")
+    warnings.warn(
+        f"{len(too_long)} of {len(texts)} texts are longer than the context length of {max_length} tokens and are "
+        f"truncated: {shown}",
+        stacklevel=3,
+    )
+    return tokenizer(texts, max_length=max_length)
+
+
+def _from_dict(cls: type, values: dict[str, Any], where: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown settings {unknown}; expected some of {sorted(known)}")
+    return cls(**values)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return f"{type(x).__name__} of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
+
+
+class Processor:
+    """Tokenizer + image pipeline + audio loader, saved and loaded together.
+
+    Args:
+        tokenizer: the text tokenizer; required only when ``text`` is given.
+        image: image settings (defaults: 224×224, CLIP normalisation).
+        audio: audio settings (defaults: 16 kHz mono, at most 30 s).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer | None = None,
+        image: ImageProcessorConfig | None = None,
+        audio: AudioProcessorConfig | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.image = image if image is not None else ImageProcessorConfig()
+        self.audio = audio if audio is not None else AudioProcessorConfig()
+        self._transform = self.image_transform()
+
+    def __repr__(self) -> str:
+        return f"Processor(tokenizer={self.tokenizer!r}, image={self.image}, audio={self.audio})"
+
+    def check_audio_rate(self, model_rate: int) -> None:
+        """Raise ValueError unless this processor's audio rate is the model's (``AudioConfig.sample_rate``): a model
+        fed audio at another rate hears it at the wrong speed."""
+        if self.audio.sample_rate != model_rate:
+            raise ValueError(
+                f"processor: its audio sample_rate {self.audio.sample_rate} differs from the model's {model_rate} "
+                "(AudioConfig.sample_rate); the model would hear the audio at the wrong speed"
+            )
+
+    # ------------------------------------------------------------------ images
+    def image_transform(self) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
+        """PIL image or (C, H, W) tensor (uint8, or float in [0, 1]) → normalised float (C, H, W)."""
+        cfg = self.image
+        interpolation = _INTERPOLATION[cfg.interpolation]
+        h, w = cfg.image_size
+        if cfg.resize == "exact":
+            resize = [v2.Resize((h, w), interpolation=interpolation, antialias=True)]
+        elif h == w:  # exactly CLIP's Resize(int) + CenterCrop
+            resize = [v2.Resize(h, interpolation=interpolation, antialias=True), v2.CenterCrop((h, w))]
+        else:
+            resize = [_ResizeCover((h, w), interpolation), v2.CenterCrop((h, w))]
+        limit = [] if cfg.resize == "exact" else [_LimitAspect((h, w))]  # "exact" never enlarges a side
+        return v2.Compose(
+            [
+                _ToChannels(cfg.channels),
+                *limit,
+                *resize,
+                v2.ToImage(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=_per_channel(cfg.mean, cfg.channels), std=_per_channel(cfg.std, cfg.channels)),
+                v2.ToPureTensor(),
+            ]
+        )
+
+    def load_image(self, source: str | os.PathLike | bytes, *, name: str | None = None) -> torch.Tensor:
+        """Decode an image file (path or bytes) and transform it → float (C, H, W).
+
+        Raises:
+            mmformer.data.SampleError: the file is missing or cannot be decoded; the message names it.
+        """
+        mode = "RGB" if self.image.channels == 3 else "L"
+        return self._transform(read_image(source, mode, name=name))
+
+    def _image_to_tensor(self, x: Any, where: str) -> Image.Image | torch.Tensor:
+        """One user image → PIL image or (C, H, W) tensor, checked; errors name ``where`` (e.g. ``images[2]``)."""
+        if isinstance(x, Image.Image):
+            if x.width == 0 or x.height == 0:
+                raise ValueError(f"{where}: expected an image of at least 1×1 pixels; got a {x.width}×{x.height} image")
+            return x
+        if isinstance(x, (str, os.PathLike)):
+            return read_image(x, "RGB" if self.image.channels == 3 else "L", name=str(x))
+        if isinstance(x, np.ndarray):
+            if x.ndim == 3 and x.shape[-1] in (1, 3, 4):
+                t = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)  # HWC → CHW
+            elif x.ndim == 2:
+                t = torch.from_numpy(np.ascontiguousarray(x))[None]  # HW → 1HW
+            else:
+                raise ValueError(
+                    f"{where}: expected a numpy image (H, W, C) with C in 1, 3, 4 or (H, W); got {_describe(x)}"
+                )
+        elif isinstance(x, torch.Tensor):
+            if x.device.type == "meta":
+                raise ValueError(f"{where}: expected a tensor with data; got a meta tensor of shape {tuple(x.shape)}")
+            if x.ndim == 2:
+                t = x[None]
+            elif x.ndim == 3 and x.shape[0] in (1, 3, 4):
+                t = x
+            else:
+                raise ValueError(
+                    f"{where}: expected a tensor (C, H, W) with C in 1, 3, 4 or (H, W); got {_describe(x)}"
+                )
+            t = t.detach().cpu()
+        else:
+            raise TypeError(f"{where}: expected PIL image, tensor (C,H,W), numpy array or path; got {_describe(x)}")
+        if t.shape[-1] == 0 or t.shape[-2] == 0:
+            raise ValueError(f"{where}: expected an image of at least 1×1 pixels; got {_describe(x)}")
+        if t.dtype == torch.uint8:
+            return t
+        if not t.is_floating_point():
+            raise TypeError(f"{where}: expected uint8 or float pixels; got {_describe(x)}")
+        t = t.float()
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{where}: expected finite pixel values; got NaN or infinity in {_describe(x)}")
+        if t.numel() and (t.min() < 0 or t.max() > 1):
+            raise ValueError(
+                f"{where}: expected float pixels in [0, 1]; got values in [{t.min():.3g}, {t.max():.3g}] "
+                "(pass uint8 for 0-255 data)"
+            )
+        return t
+
+    def _process_images(self, images: Any) -> torch.Tensor:
+        items = _as_list(images, "images", batch_dims=4)
+        pixels = [self._transform(self._image_to_tensor(x, f"images[{i}]")) for i, x in enumerate(items)]
+        return torch.stack(pixels)  # (B, C, H, W)
+
+    # ------------------------------------------------------------------ audio
+    def _truncate(self, wave: torch.Tensor, where: str) -> torch.Tensor:
+        return truncate_audio(wave, self.audio.sample_rate, self.audio.max_seconds, where)
+
+    def _read_audio(self, source: str | os.PathLike | bytes, name: str) -> torch.Tensor:
+        cfg = self.audio
+        wave, _ = read_audio(source, cfg.sample_rate, mono=cfg.mono, name=name, max_seconds=cfg.max_seconds)
+        return wave  # already cut to max_seconds (with a warning naming the file), the rest never decoded
+
+    def load_audio(self, source: str | os.PathLike | bytes, *, name: str | None = None) -> torch.Tensor:
+        """Decode an audio file (path or bytes) → float (S,) (or (C, S) when not mono) at ``audio.sample_rate``.
+
+        Raises:
+            mmformer.data.SampleError: the file is missing or cannot be decoded; the message names it.
+        """
+        return self._read_audio(source, name or str(source))
+
+    def _waveform(self, x: Any, where: str, sampling_rate: int | None) -> torch.Tensor:
+        if isinstance(x, (str, os.PathLike)):
+            return self._read_audio(x, str(x))  # errors and the truncation warning name the file
+        if not isinstance(x, (torch.Tensor, np.ndarray)):
+            raise TypeError(
+                f"{where}: expected a 1-D waveform (numpy array or tensor) or a file path; got {_describe(x)}"
+            )
+        if sampling_rate is None:
+            raise ValueError(
+                f"{where}: sampling_rate is required with waveform arrays (the rate they were recorded at; they are "
+                f"resampled to {self.audio.sample_rate} Hz); got sampling_rate=None"
+            )
+        if isinstance(x, torch.Tensor) and x.device.type == "meta":
+            raise ValueError(f"{where}: expected a waveform with data; got a meta tensor of shape {tuple(x.shape)}")
+        wave = torch.as_tensor(x).detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+        expected = "(S,)" if self.audio.mono else "(S,) or (C, S)"
+        if wave.ndim != 1 and (self.audio.mono or wave.ndim != 2):
+            raise ValueError(f"{where}: expected a waveform {expected}; got {_describe(x)}")
+        if wave.shape[-1] == 0:
+            raise ValueError(f"{where}: expected a non-empty waveform; got {_describe(x)}")
+        if wave.dtype == torch.int16:
+            wave = wave.float() / 32768.0
+        elif wave.is_floating_point():
+            wave = wave.float()
+        else:
+            raise TypeError(f"{where}: expected float (or int16 PCM) samples; got {_describe(x)}")
+        if not torch.isfinite(wave).all():
+            raise ValueError(f"{where}: waveform contains NaN or infinite values")
+        if not self.audio.mono and wave.ndim == 1:
+            wave = wave[None]  # (1, S)
+        return self._truncate(resample(wave, sampling_rate, self.audio.sample_rate), where)
+
+    def _process_audio(self, audio: Any, sampling_rate: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if sampling_rate is not None:
+            if not is_int(sampling_rate) or sampling_rate <= 0:
+                raise ValueError(f"sampling_rate: expected a positive int (Hz); got {sampling_rate!r}")
+            check_resample(sampling_rate, self.audio.sample_rate, what="sampling_rate")
+        items = _as_list(audio, "audio", batch_dims=2 if self.audio.mono else 3)
+        return pad_audio([self._waveform(x, f"audio[{i}]", sampling_rate) for i, x in enumerate(items)])
+
+    # ------------------------------------------------------------------ text
+    def _process_text(self, text: Any, max_length: int | None) -> dict[str, torch.Tensor]:
+        if self.tokenizer is None:
+            raise ValueError("text: this Processor has no tokenizer; create it with Processor(tokenizer=...)")
+        items = [text] if isinstance(text, str) else _as_list(text, "text", batch_dims=-1)
+        for i, t in enumerate(items):
+            if not isinstance(t, str):
+                raise TypeError(f"text[{i}]: expected str; got {_describe(t)}")
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:  # lone surrogates, e.g. bytes read with errors="surrogateescape"
+                raise ValueError(
+                    f"text[{i}]: expected valid Unicode text; got a string with an unpaired surrogate "
+                    f"{t[e.start : e.end]!r} at character {e.start} (undecodable bytes?)"
+                ) from e
+        if max_length is not None:  # the caller chose the length: truncation is what they asked for
+            out = self.tokenizer(items, max_length=max_length)
+        else:
+            out = tokenize_with_warning(self.tokenizer, items, self.tokenizer.max_length, what="text")
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    def __call__(
+        self,
+        images: Any = None,
+        audio: Any = None,
+        text: str | Sequence[str] | None = None,
+        *,
+        sampling_rate: int | None = None,
+        text_max_length: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Preprocess any combination of images, audio and text into one batch dict.
+
+        Args:
+            images: PIL images, tensors (C, H, W) uint8 or float in [0, 1], numpy (H, W, C)/(H, W) arrays or
+                file paths; a list, or a single item (a batch of one), or a (B, C, H, W) tensor.
+            audio: waveforms (S,) recorded at ``sampling_rate``, or audio file paths; a list, a single item, or a
+                (B, S) array.
+            text: strings.
+            sampling_rate: the rate of waveform arrays in ``audio`` (file paths carry their own rate).
+            text_max_length: truncate texts to this many tokens (default: the tokenizer's ``max_length``).
+
+        Returns:
+            ``pixel_values`` (B, C, H, W); ``audio`` (B, S) and ``audio_lengths`` (B,); ``input_ids`` and
+            ``attention_mask`` (B, T) — each present when its input was given.
+        """
+        if images is None and audio is None and text is None:
+            raise ValueError("Processor: expected at least one of images=, audio=, text=; got none")
+        out: dict[str, torch.Tensor] = {}
+        if images is not None:
+            out["pixel_values"] = self._process_images(images)
+        if audio is not None:
+            out["audio"], out["audio_lengths"] = self._process_audio(audio, sampling_rate)
+        if text is not None:
+            out.update(self._process_text(text, text_max_length))
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "processor_class": "Processor",
+            "image": dataclasses.asdict(self.image),
+            "audio": dataclasses.asdict(self.audio),
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``preprocessor_config.json`` (and ``tokenizer.json`` if there is a tokenizer) into ``directory``.
+
+        Each file is written to a temporary name and moved into place, so an interrupted save never leaves a
+        half-written file; other files in the directory are left alone.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save(directory / TOKENIZER_NAME)  # atomic itself
+        write_json_atomic(directory / CONFIG_NAME, self.to_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> Processor:
+        """Load what :meth:`save_pretrained` wrote (a missing ``preprocessor_config.json`` means defaults)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(
+                f"directory: expected a folder with {CONFIG_NAME}/{TOKENIZER_NAME}; got {directory}"
+            )
+        config_path = directory / CONFIG_NAME
+        if config_path.is_file():
+            config = json.loads(config_path.read_text())
+        else:
+            warnings.warn(f"{config_path} not found; using the default image and audio settings", stacklevel=2)
+            config = {}
+        tokenizer = None
+        if (directory / TOKENIZER_NAME).is_file():
+            from mmformer.preprocess.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_file(directory / TOKENIZER_NAME)
+        return cls.from_dict(config, tokenizer, where=str(config_path))
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], tokenizer: Any = None, *, where: str = "processor config") -> Processor:
+        """Rebuild a processor from :meth:`to_dict`'s output (e.g. as a training checkpoint stores it)."""
+        image = _from_dict(ImageProcessorConfig, config.get("image", {}), f"{where}: image")
+        audio = _from_dict(AudioProcessorConfig, config.get("audio", {}), f"{where}: audio")
+        return cls(tokenizer=tokenizer, image=image, audio=audio)

@@ -1,0 +1,1 @@
+"""Shipping a model: ONNX / torch.export graphs and a torch-free runner."""

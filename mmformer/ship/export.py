@@ -1,0 +1,386 @@
+"""Export a model for serving: every tower as its own graph, in ONNX (``torch.onnx.export(dynamo=True)``) or as a
+``torch.export`` program (``.pt2``), with dynamic batch and sequence axes.
+
+The graphs, as Hugging Face Optimum lays out an encoder–decoder export (``mmformer export --format onnx``)::
+
+    out/
+      image_encoder.onnx          pixel_values (B, C, H, W) → image_embeds (B, E), image_states (B, Np, D)
+      audio_encoder.onnx          input_features (B, M, Nf), feature_lengths (B,)
+                                  → audio_embeds (B, E), audio_states (B, N, D), audio_mask (B, N)
+      text_encoder.onnx           input_ids (B, T), attention_mask (B, T) → text_embeds (B, E), text_states (B, T, D)
+      decoder_model.onnx          input_ids (B, T), memory (B, S, D), memory_mask (B, S)
+                                  → logits (B, T, V), present_keys/values (L, B, nkv, T, hs),
+                                    cross_keys/values (L, B, nkv, S, hs)
+      decoder_with_past_model.onnx   input_ids (B, 1), memory_mask (B, S), past_keys/values (L, B, nkv, P, hs),
+                                     cross_keys/values (L, B, nkv, S, hs)
+                                  → logits (B, 1, V), present_keys/values (L, B, nkv, P + 1, hs)
+      export_config.json          the graphs, their inputs/outputs and dynamic axes, the special token ids
+      mel_filters.npy             the log-mel filter bank (n_fft/2 + 1, M), for feature extraction without torch
+      config.json, tokenizer.json, preprocessor_config.json
+
+The decoder runs as Optimum's pair: ``decoder_model`` reads the prompt and the encoder states once and returns the
+self-attention cache and the cross-attention keys/values; ``decoder_with_past_model`` is one greedy step with the
+cache as explicit inputs and outputs (:meth:`mmformer.layers.cache.KVCache.from_state`). The audio graph takes
+log-mel features, as Optimum's Whisper encoder does: :mod:`mmformer.ship.onnx_runner` computes them in numpy with the
+saved filter bank and matches the model's :class:`~mmformer.embedders.audio.LogMel`.
+
+Every folder is written through :func:`mmformer.io.pretrained.atomic_directory`: a failed export leaves the target as
+it was (no half-written folder).
+
+Shape legend: B batch, C channels, H×W pixels, M mel bins, Nf mel frames, N audio tokens, Np image tokens, T text
+tokens, S memory tokens, P cached positions, L decoder layers, nkv key/value heads, hs head size, D width,
+E embedding size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from mmformer.io.weights import model_device
+from mmformer.layers.cache import KVCache
+from mmformer.model import MultimodalTransformer
+
+FORMATS = ("onnx", "torch-export")
+TOWERS = ("image", "audio", "text", "decoder")
+SUFFIX = {"onnx": ".onnx", "torch-export": ".pt2"}
+EXPORT_CONFIG = "export_config.json"
+MEL_FILTERS = "mel_filters.npy"
+OPSET = 18
+
+
+# ---------------------------------------------------------------------------------------------- the graphs' modules
+class ImageEncoder(nn.Module):
+    """pixel_values (B, C, H, W) → image_embeds (B, E) (L2-normalised), image_states (B, Np, D)."""
+
+    def __init__(self, model: MultimodalTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        states, _ = self.model.encode_image_tokens(pixel_values)
+        return self.model.pool_image(states), states
+
+
+class AudioEncoder(nn.Module):
+    """input_features (B, M, Nf) log-mel, feature_lengths (B,) → audio_embeds (B, E), audio_states (B, N, D),
+    audio_mask (B, N) (True = a real token)."""
+
+    def __init__(self, model: MultimodalTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_features: torch.Tensor, feature_lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        states, mask = self.model.encode_audio_tokens(audio_features=input_features, feature_lengths=feature_lengths)
+        return self.model.pool_audio(states, mask), states, mask
+
+
+class TextEncoder(nn.Module):
+    """input_ids (B, T), attention_mask (B, T) → text_embeds (B, E), text_states (B, T, D)."""
+
+    def __init__(self, model: MultimodalTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # one pass through the text stack: its states, pooled as encode_text pools them (with the ids as the stack
+        # saw them: fixed-length text towers pad them)
+        states, mask, ids = self.model._text_states(input_ids, attention_mask, None)
+        return self.model.pool_text(states, ids, mask), states
+
+
+class DecoderPrefill(nn.Module):
+    """The decoder's first call: the prompt input_ids (B, T) reading memory (B, S, D) with memory_mask (B, S) →
+    logits (B, T, V), the self-attention cache (L, B, nkv, T, hs) ×2 and the cross-attention keys/values
+    (L, B, nkv, S, hs) ×2."""
+
+    def __init__(self, model: MultimodalTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        cache = self.model.make_cache(input_ids.shape[0], input_ids.shape[1])
+        logits = self.model.decode(input_ids, memory, memory_mask, cache=cache)
+        return (logits, *cache.state(), *cache.cross_state())
+
+
+class DecoderStep(nn.Module):
+    """One decoding step with an explicit cache: input_ids (B, 1), memory_mask (B, S), past keys/values
+    (L, B, nkv, P, hs), cross keys/values (L, B, nkv, S, hs) → logits (B, 1, V), present keys/values
+    (L, B, nkv, P + 1, hs)."""
+
+    def __init__(self, model: MultimodalTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        memory_mask: torch.Tensor,
+        past_keys: torch.Tensor,
+        past_values: torch.Tensor,
+        cross_keys: torch.Tensor,
+        cross_values: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cache = KVCache.from_state(past_keys, past_values, (cross_keys, cross_values), room=input_ids.shape[1])
+        hidden = self.model.decode_step(input_ids, memory_mask=memory_mask, cache=cache)
+        return (self.model.lm_head(hidden), *cache.state())
+
+
+@dataclass
+class Graph:
+    """One exported graph: its module, example inputs, names and dynamic axes."""
+
+    name: str
+    module: nn.Module
+    inputs: dict[str, torch.Tensor]  # name → example tensor, in the module's argument order
+    outputs: list[str]
+    dynamic: dict[str, dict[int, str]] = field(default_factory=dict)  # input name → {axis: dimension name}
+    dims: dict[str, Any] = field(default_factory=dict)  # dimension name → torch.export Dim (or Dim.AUTO hint)
+
+    def dynamic_shapes(self) -> dict[str, dict[int, Any] | None]:
+        """torch.export's dynamic_shapes, keyed by the module's argument names."""
+        shapes = {
+            name: {axis: self.dims[dim] for axis, dim in self.dynamic.get(name, {}).items()} for name in self.inputs
+        }
+        return {name: axes or None for name, axes in shapes.items()}
+
+
+def examples(model: MultimodalTransformer, batch: int = 2, tokens: int = 3, frames: int = 24) -> dict[str, Any]:
+    """Example inputs of every graph at the given sizes (tests run the graphs at several)."""
+    cfg = model.config
+    out: dict[str, Any] = {}
+    g = torch.Generator().manual_seed(0)
+    if "image" in cfg.routes:
+        h, w = cfg.image.image_size
+        out["pixel_values"] = torch.randn(batch, cfg.image.channels, h, w, generator=g)
+    if "audio" in cfg.routes:
+        if cfg.audio.position != "none":
+            frames = min(frames, cfg.audio.max_frames)  # a model with a short position table (Whisper's 2 × source)
+        out["input_features"] = torch.randn(batch, cfg.audio.n_mels, frames, generator=g)
+        out["feature_lengths"] = torch.full((batch,), frames, dtype=torch.long)
+        out["feature_lengths"][0] = max(3, frames - 5)
+    low = max(t for t in (cfg.text.pad_id, cfg.text.bos_id or 0, cfg.text.eos_id or 0)) + 1
+    ids = torch.randint(min(low, cfg.text.vocab_size - 1), cfg.text.vocab_size, (batch, tokens), generator=g)
+    out["input_ids"] = ids
+    out["attention_mask"] = torch.ones(batch, tokens, dtype=torch.bool)
+    out["attention_mask"][0, -1] = False
+    return out
+
+
+def graphs(model: MultimodalTransformer, towers: Sequence[str] | None = None) -> list[Graph]:
+    """The graphs of the requested towers (default: every tower the model has), with example inputs.
+
+    Raises:
+        ValueError: a tower is unknown or the model has no route for it (the message names it).
+    """
+    routes = model.config.routes
+    have = [t for t in TOWERS if t in routes]
+    if towers is None:
+        towers = have
+    towers = list(towers)
+    unknown = [t for t in towers if t not in TOWERS]
+    if unknown:
+        raise ValueError(f"towers: expected some of {list(TOWERS)}, got {unknown}")
+    missing = [t for t in towers if t not in routes]
+    if missing:
+        raise ValueError(
+            f"towers: this model has no {', '.join(missing)} route to export; its routes are {sorted(routes)}"
+        )
+    if not towers:
+        raise ValueError(f"towers: nothing to export; the model's routes are {sorted(routes)}")
+    cfg, device = model.config, model_device(model)
+    ex = {k: v.to(device) for k, v in examples(model).items()}
+    limit = 2**20
+    positions = cfg.text.max_length if cfg.text.position != "none" else limit
+    dims = {
+        "batch": Dim("batch", min=1, max=4096),
+        "tokens": Dim("tokens", min=1, max=positions),
+        "text_tokens": Dim("text_tokens", min=2, max=positions),
+        "past_tokens": Dim("past_tokens", min=1, max=positions - 1),
+        "memory_tokens": Dim("memory_tokens", min=2, max=limit),
+        # frames → tokens goes through the strided convolution's floor division, whose guards the constraint
+        # solver cannot prove over a whole range: let torch.export derive the range (at least 3 frames, 2 tokens)
+        "frames": Dim.AUTO(min=3, max=cfg.audio.max_frames if cfg.audio and cfg.audio.position != "none" else limit),
+    }
+    out = []
+    if "image" in towers:
+        out.append(Graph("image_encoder", ImageEncoder(model), {"pixel_values": ex["pixel_values"]},
+                         ["image_embeds", "image_states"], {"pixel_values": {0: "batch"}}, dims))  # fmt: skip
+    if "audio" in towers:
+        out.append(
+            Graph(
+                "audio_encoder",
+                AudioEncoder(model),
+                {"input_features": ex["input_features"], "feature_lengths": ex["feature_lengths"]},
+                ["audio_embeds", "audio_states", "audio_mask"],
+                {"input_features": {0: "batch", 2: "frames"}, "feature_lengths": {0: "batch"}},
+                dims,
+            )
+        )
+    if "text" in towers:
+        out.append(
+            Graph(
+                "text_encoder",
+                TextEncoder(model),
+                {"input_ids": ex["input_ids"], "attention_mask": ex["attention_mask"]},
+                ["text_embeds", "text_states"],
+                {"input_ids": {0: "batch", 1: "text_tokens"}, "attention_mask": {0: "batch", 1: "text_tokens"}},
+                dims,
+            )
+        )
+    if "decoder" in towers:
+        out += _decoder_graphs(model, ex, dims)
+    return out
+
+
+def _decoder_graphs(model: MultimodalTransformer, ex: dict[str, Any], dims: dict[str, Any]) -> list[Graph]:
+    ids = ex["input_ids"]
+    B, S, width = ids.shape[0], 5, model.config.width("decoder")
+    memory = torch.randn(B, S, width, generator=torch.Generator().manual_seed(1)).to(ids.device)
+    memory_mask = torch.ones(B, S, dtype=torch.bool, device=memory.device)
+    memory_mask[0, -1] = False
+    with torch.no_grad():
+        _, keys, values, cross_keys, cross_values = DecoderPrefill(model)(ids, memory, memory_mask)
+    cache_axes = {1: "batch", 3: "past_tokens"}
+    cross_axes = {1: "batch", 3: "memory_tokens"}
+    prefill = Graph(
+        "decoder_model",
+        DecoderPrefill(model),
+        {"input_ids": ids, "memory": memory, "memory_mask": memory_mask},
+        ["logits", "present_keys", "present_values", "cross_keys", "cross_values"],
+        {"input_ids": {0: "batch", 1: "tokens"}, "memory": {0: "batch", 1: "memory_tokens"},
+         "memory_mask": {0: "batch", 1: "memory_tokens"}},
+        dims,
+    )  # fmt: skip
+    step = Graph(
+        "decoder_with_past_model",
+        DecoderStep(model),
+        {"input_ids": ids[:, :1], "memory_mask": memory_mask, "past_keys": keys, "past_values": values,
+         "cross_keys": cross_keys, "cross_values": cross_values},
+        ["logits", "present_keys", "present_values"],
+        {"input_ids": {0: "batch"}, "memory_mask": {0: "batch", 1: "memory_tokens"}, "past_keys": cache_axes,
+         "past_values": cache_axes, "cross_keys": cross_axes, "cross_values": cross_axes},
+        dims,
+    )  # fmt: skip
+    return [prefill, step]
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def export(
+    model: MultimodalTransformer,
+    directory: str | os.PathLike,
+    *,
+    format: str = "onnx",
+    towers: Sequence[str] | None = None,
+    processor: Any = None,
+    opset: int = OPSET,
+    overwrite: bool = True,
+) -> Path:
+    """Write the graphs of ``towers`` (default: all the model has) into ``directory``, atomically.
+
+    Args:
+        model: the model to export (eval mode; float weights).
+        directory: the output folder; replaced as a whole on success, untouched on failure.
+        format: ``onnx`` (``torch.onnx.export(dynamo=True)``, opset ``opset``) or ``torch-export`` (``.pt2``
+            programs written by ``torch.export.save``).
+        towers: some of ``image``, ``audio``, ``text``, ``decoder``.
+        processor: saved beside the graphs (default ``model.processor``), so that a runner finds the tokenizer and
+            the preprocessing settings.
+        overwrite: False refuses to replace a folder that already holds an export.
+
+    Raises:
+        ValueError: an unknown format or tower, a tower the model lacks, or a quantized model.
+    """
+    from mmformer.io import pretrained
+
+    if format not in FORMATS:
+        raise ValueError(f"format: expected one of {list(FORMATS)}, got {format!r}")
+    if getattr(model, "quantization", None) is not None:
+        raise ValueError(
+            "model: a torchao-quantized model cannot be exported to ONNX or torch.export here; export the float "
+            "model (its tensor subclasses have no ONNX lowering) and quantize with onnxruntime's tools if needed"
+        )
+    model = model.eval()
+    todo = graphs(model, towers)  # refuses bad towers before anything is written
+    processor = processor if processor is not None else getattr(model, "processor", None)
+    with pretrained.atomic_directory(directory, overwrite=overwrite, marker_files=(EXPORT_CONFIG,)) as staging:
+        records = {}
+        for graph in todo:
+            path = staging / f"{graph.name}{SUFFIX[format]}"
+            (_write_onnx if format == "onnx" else _write_program)(graph, path, opset)
+            records[graph.name] = {
+                "file": path.name,
+                "inputs": list(graph.inputs),
+                "outputs": graph.outputs,
+                "dynamic_axes": graph.dynamic,
+            }
+        pretrained.write_config(staging, model.config)
+        if processor is not None:
+            processor.save_pretrained(staging)
+        if "audio_encoder" in records:
+            _save_mel_filters(model, staging / MEL_FILTERS)
+        text = model.config.text
+        config = {
+            "format": format,
+            "opset": opset if format == "onnx" else None,
+            "torch_version": torch.__version__,
+            "graphs": records,
+            "logit_scale": float(model.logit_scale.detach().exp()),  # zero-shot logits = scale * cosine similarity
+            "text": {"bos_id": text.bos_id, "eos_id": text.eos_id, "pad_id": text.pad_id,
+                     "max_length": text.max_length if text.position != "none" else None},
+            "audio": None if model.config.audio is None else {
+                "sample_rate": model.config.audio.sample_rate, "n_fft": model.config.audio.n_fft,
+                "hop_length": model.config.audio.hop_length, "n_mels": model.config.audio.n_mels,
+                "mel_filters": MEL_FILTERS if "audio_encoder" in records else None},
+        }  # fmt: skip
+        (staging / EXPORT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return Path(directory)
+
+
+def _write_onnx(graph: Graph, path: Path, opset: int) -> None:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's progress notes and deprecations
+        program = torch.onnx.export(
+            graph.module,
+            tuple(graph.inputs.values()),
+            input_names=list(graph.inputs),
+            output_names=graph.outputs,
+            dynamic_shapes=graph.dynamic_shapes(),
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+        )
+        program.save(str(path))
+
+
+def _write_program(graph: Graph, path: Path, opset: int) -> None:
+    del opset
+    with torch.no_grad():
+        program = torch.export.export(graph.module, tuple(graph.inputs.values()), dynamic_shapes=graph.dynamic_shapes())
+    torch.export.save(program, str(path))
+
+
+def _save_mel_filters(model: MultimodalTransformer, path: Path) -> None:
+    import numpy as np
+
+    bank = model.audio_embed.features.filters(torch.device("cpu"))  # (n_fft/2 + 1, M)
+    np.save(path, bank.numpy().astype(np.float32), allow_pickle=False)
+
+
+def load_program(path: str | os.PathLike) -> torch.export.ExportedProgram:
+    """A ``.pt2`` program written by :func:`export` (``torch.export.load``)."""
+    return torch.export.load(str(path))
