@@ -521,6 +521,31 @@ def row_fsdp(ctx: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def decoding_rows(peers: dict, device: Any, ctx: Any, *, tokens: int, warmup: int, same: str) -> list[dict]:
+    """Tokens/s of each decoding peer (its first call timed apart), and whether its ids equal the first peer's; a
+    peer that fails is a row with its error, and the others still run."""
+    rows, reference = [], None
+    for name, fn in peers.items():
+        try:
+            start = time.perf_counter()
+            ids = fn()
+            first = time.perf_counter() - start
+            seconds = timed(fn, device, repeats=ctx.repeats, warmup=warmup)
+        except Exception as e:  # noqa: BLE001  (one peer failing keeps the others)
+            rows.append({"peer": name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+            continue
+        reference = ids if reference is None else reference
+        rows.append(
+            {
+                "peer": name,
+                "tok_s": tokens / seconds,
+                "first_call_s": first,
+                same: bool(torch.equal(ids.cpu(), reference.cpu())),
+            }
+        )
+    return rows
+
+
 def row_decode(ctx: argparse.Namespace) -> list[dict]:
     from transformers import GenerationConfig, GenerationMixin
 
@@ -554,26 +579,7 @@ def row_decode(ctx: argparse.Namespace) -> list[dict]:
     }
     if ctx.tiny:
         peers.pop("mmformer compile=True")
-    rows = []
-    reference = None
-    for name, fn in peers.items():
-        try:
-            start = time.perf_counter()
-            ids = fn()
-            first = time.perf_counter() - start
-            seconds = timed(fn, device, repeats=ctx.repeats, warmup=1)
-        except Exception as e:  # noqa: BLE001  (one peer failing keeps the others)
-            rows.append({"peer": name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
-            continue
-        reference = ids if reference is None else reference
-        rows.append(
-            {
-                "peer": name,
-                "tok_s": batch * n / seconds,
-                "first_call_s": first,
-                "same_ids": bool(torch.equal(ids.cpu(), reference.cpu())),
-            }
-        )
+    rows = decoding_rows(peers, device, ctx, tokens=batch * n, warmup=1, same="same_ids")
     base = next((r["tok_s"] for r in rows if r["peer"] == "hf (dynamic cache)" and "tok_s" in r), None)
     for r in rows:
         if base and "tok_s" in r:
@@ -619,25 +625,7 @@ def row_graph_decode(ctx: argparse.Namespace) -> list[dict]:
     }  # fmt: skip
     if ctx.tiny:
         peers.pop("mmformer static cache + CUDA graph")  # compiling is the GPU run's business
-    rows, reference = [], None
-    for name, fn in peers.items():
-        try:
-            start = time.perf_counter()
-            ids = fn()
-            first = time.perf_counter() - start
-            seconds = timed(fn, device, repeats=ctx.repeats, warmup=2)
-        except Exception as e:  # noqa: BLE001  (one peer failing keeps the others)
-            rows.append({"peer": name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
-            continue
-        reference = ids if reference is None else reference
-        rows.append(
-            {
-                "peer": name,
-                "tok_s": batch * n / seconds,
-                "first_call_s": first,
-                "same_ids_as_hf": bool(torch.equal(ids.cpu(), reference.cpu())),
-            }
-        )
+    rows = decoding_rows(peers, device, ctx, tokens=batch * n, warmup=2, same="same_ids_as_hf")
     base = next((r["tok_s"] for r in rows if r["peer"].startswith("hf") and "tok_s" in r), None)
     for r in rows:
         if base and "tok_s" in r:

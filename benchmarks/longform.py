@@ -81,11 +81,11 @@ def long_recording(seconds: float, seed: int = 0) -> torch.Tensor:
 def whisper_checkpoints(dims: dict, folder: Path, seed: int = 0) -> dict[str, Path]:
     """One random openai-whisper model written as every peer reads it: openai's ``.pt``, a Hugging Face folder
     (weights, Whisper's tokenizer with openai's ids, a generation config) and CTranslate2 float32 / int8 folders."""
-    import ctranslate2
     from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration, WhisperTokenizerFast
     from whisper.model import ModelDimensions, Whisper
     from whisper.tokenizer import get_tokenizer
 
+    from benchmarks.ct2 import convert_whisper
     from mmformer.convert.openai_whisper import _hf_config, _hf_name, openai_tokenizer
 
     torch.manual_seed(seed)
@@ -117,11 +117,8 @@ def whisper_checkpoints(dims: dict, folder: Path, seed: int = 0) -> dict[str, Pa
         no_timestamps_token_id=words.no_timestamps, is_multilingual=True, max_length=dims["n_text_ctx"],
         suppress_tokens=[], begin_suppress_tokens=[],
     ).save_pretrained(paths["hf"])  # fmt: skip
-    for quantization in ("float32", "int8"):
-        paths[f"ct2-{quantization}"] = folder / f"ct2-{quantization}"
-        converter = ctranslate2.converters.TransformersConverter(str(paths["hf"]), copy_files=["tokenizer.json"])
-        converter.convert(str(paths[f"ct2-{quantization}"]), quantization=quantization, force=True)
-    return paths
+    converted = convert_whisper(paths["hf"], folder)  # one owner of CTranslate2's conversion (benchmarks/ct2.py)
+    return paths | {f"ct2-{quantization}": path for quantization, path in converted.items()}
 
 
 def speed_rows(args) -> list[dict]:
