@@ -151,8 +151,16 @@ class AudioEmbedder(nn.Module):
             silence = LogMel.silence(features, frames).to(features.dtype)  # (B, 1, 1)
             past = torch.arange(n_frames + CONV_REACH, device=features.device)[None, :] >= frames[:, None]  # (B, Nf+R)
             features = torch.where(past[:, None, :], silence, F.pad(features, (0, CONV_REACH)))  # (B, M, Nf + R)
-        x = F.gelu(self.conv2(F.gelu(self.conv1(features))))  # (B, D, N or N + 1)
-        return x[..., : self.tokens_for_frames(n_frames)]
+        h = F.gelu(self.conv1(features))  # (B, D, Nf [+ R])
+        if self.cfg.pad_to_seconds is None and type(self.conv2) is nn.Conv1d:
+            # The strided convolution reads conv1's outputs 0..Nf: padded on the left only, it gives exactly
+            # tokens_for_frames(Nf) tokens, the ones conv2's own padding would give, and nothing is sliced off (a
+            # slice to a length computed from the frame count makes torch.export guard on that count).
+            h = F.pad(h[..., : n_frames + 1], (1, 0))  # (B, D, Nf + 2)
+            x = F.conv1d(h, self.conv2.weight, self.conv2.bias, stride=self.conv2.stride)  # (B, D, N)
+        else:  # Whisper's window (conv2's padding gives N), or a conv2 that an adapter wraps
+            x = self.conv2(h)[..., : self.tokens_for_frames(n_frames)]
+        return F.gelu(x)
 
     def tokens_for_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """Token count after the strided convolution (kernel 3, padding 1)."""
