@@ -217,7 +217,9 @@ def speech_rows(args: argparse.Namespace) -> list[dict]:
         if args.int8:
             from mmformer.compress import pt2e
 
-            extra["int8"] = pt2e.quantize(ours, "dynamic", towers=["audio", "decoder"], compile=args.compile)
+            extra["int8"] = pt2e.quantize(
+                ours, "dynamic", towers=["audio", "decoder"], compile=args.compile and not args.tiny
+            )
         rows = []
         for batch in args.batches:
             features = torch.randn(batch, N_MELS, frames, generator=torch.Generator().manual_seed(batch))
