@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["evaluate"]:
         evaluate_only(argv[1:])
         return
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="python -m mmformer.demos.digits", description=__doc__, formatter_class=formatter)
     p.add_argument("--config", default="configs/digits.yaml")
     p.add_argument("--out", default="runs/digits")
     p.add_argument("--splits", default=",".join(SPLITS), help=f"comma-separated, of {list(SPLITS)}")
