@@ -357,6 +357,17 @@ def row_mfu(ctx: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def loss_log(losses: list) -> Any:
+    """A Lightning callback that appends each training step's loss to ``losses``."""
+    import lightning as L
+
+    class LossLog(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs))
+
+    return LossLog()
+
+
 def tiny_task_data(n: int = 32):
     """A tiny image–text task, its tokenizer-fed collated batches as a DataLoader (no files)."""
     from torch.utils.data import DataLoader
@@ -398,10 +409,6 @@ def fit_rows(ctx: argparse.Namespace, strategy: Callable[[Any], Any] | None = No
         trainer_kwargs["strategy"] = strategy(task)
     losses = []
 
-    class Log(L.Callback):
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs))
-
     trainer = L.Trainer(
         accelerator="cuda",
         devices=1,
@@ -410,7 +417,7 @@ def fit_rows(ctx: argparse.Namespace, strategy: Callable[[Any], Any] | None = No
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[Log()],
+        callbacks=[loss_log(losses)],
         **trainer_kwargs,
     )
     start = time.perf_counter()
@@ -446,10 +453,6 @@ def fit_weights(strategy: str, devices: int, accelerator: str = "cuda") -> tuple
     task, loader = tiny_task_data()
     losses = []
 
-    class Log(L.Callback):
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs))
-
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -459,7 +462,7 @@ def fit_weights(strategy: str, devices: int, accelerator: str = "cuda") -> tuple
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[Log()],
+        callbacks=[loss_log(losses)],
         use_distributed_sampler=True,
     )
     trainer.fit(task, loader)
