@@ -16,6 +16,7 @@ import soundfile
 import torch
 from cli_helpers import fit_in_process, max_diff, merge, model_weights, tiny_config, write_config
 from PIL import Image
+from torchaudio.functional import add_noise as torchaudio_add_noise
 
 from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
 from mmformer.data import Collator, MultimodalDataModule
@@ -26,10 +27,12 @@ from mmformer.data.augment import (
     FeatureCollator,
     ImageAugmentConfig,
     SpecAugment,
+    add_noise,
     change_speed,
+    pad_silence,
     pitch_shift,
 )
-from mmformer.preprocess.processor import AudioProcessorConfig, Processor
+from mmformer.preprocess.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
 from mmformer.tasks import MultimodalTask
 
 RATE, N = 8000, 10
@@ -215,6 +218,54 @@ def test_augmenter_is_a_pure_function_of_its_seed():
     assert 0.9 <= sample["audio"].shape[0] / quiet(sample, 3)["audio"].shape[0] <= 1.1
 
 
+def test_silence_around_the_speech_keeps_the_speech_and_its_snr():
+    processor = Processor(audio=AudioProcessorConfig(sample_rate=RATE, max_seconds=1.0))
+    speech = torch.sin(2 * math.pi * 440 * torch.arange(RATE // 4) / RATE)  # 0.25 s, mean square 0.5
+    pad = AugmentConfig(audio={"pad_prob": 1.0, "pad_seconds": (0.1, 0.3), "noise_prob": 1.0, "noise_snr_db": (20, 20)})
+    lengths = set()
+    for seed in range(20):
+        wave = Augmenter(pad, processor)({"audio": speech}, seed)["audio"]
+        lengths.add(wave.shape[-1])
+        assert RATE // 4 + 2 * RATE // 10 <= wave.shape[-1] <= RATE // 4 + 2 * RATE * 3 // 10
+        # the noise is 20 dB below the speech's power, not below the power of speech and silence together: the
+        # silence before the speech carries noise at 0.5 / 100
+        lead = wave[: RATE // 10]
+        assert lead.pow(2).mean().item() == pytest.approx(0.005, rel=0.25)
+    assert len(lengths) > 10  # each side's length is drawn
+    # a speech clip is never cut to fit the longest input: the silence shrinks instead
+    long = torch.ones(RATE - 100)
+    assert torch.equal(pad_silence(long, 300, 300, max_samples=RATE), torch.cat([torch.zeros(100), long]))
+    assert pad_silence(long, 30, 40, max_samples=RATE).shape[-1] == RATE - 30
+
+
+def test_add_noise_is_torchaudios_where_the_wave_is_all_speech():
+    g = torch.Generator().manual_seed(0)
+    wave, noise = torch.randn(2, 1000, generator=g), torch.randn(2, 1000, generator=g)
+    ours = add_noise(wave, noise, 15.0, wave.pow(2).mean(-1, keepdim=True))
+    torch.testing.assert_close(ours, torchaudio_add_noise(wave, noise, torch.tensor([15.0, 15.0])))
+
+
+def test_a_speechless_sample_is_background_an_empty_text_and_a_blank_image():
+    processor = Processor(
+        audio=AudioProcessorConfig(sample_rate=RATE), image=ImageProcessorConfig(mean=(0.5,), std=(0.5,))
+    )
+    sample = {"image": torch.rand(3, 16, 16), "audio": torch.rand(RATE // 4) - 0.5, "text": "one two", "source": "a"}
+    config = {"empty_prob": 0.3, "empty_seconds": (0.5, 0.5), "noise_prob": 0.5, "noise_snr_db": (10, 10)}
+    augment = Augmenter(AugmentConfig(audio=config), processor)
+    out = [augment(sample, seed) for seed in range(200)]
+    empty = [o for o in out if o["text"] == ""]
+    assert 40 <= len(empty) <= 80  # about 30 %
+    for o in empty:
+        assert o["audio"].shape[-1] == RATE // 2
+        assert torch.equal(o["image"], torch.full_like(sample["image"], -1.0))  # black, normalised
+    noisy = [o for o in empty if o["audio"].abs().max() > 0]
+    assert 0 < len(noisy) < len(empty)  # silence or noise at the speech's would-be SNR
+    power = sample["audio"].pow(2).mean().item() / 10
+    assert all(o["audio"].pow(2).mean().item() == pytest.approx(power, rel=0.2) for o in noisy)
+    kept = [o for o in out if o["text"] != ""]
+    assert all(o["text"] == "one two" and torch.equal(o["image"], sample["image"]) for o in kept)
+
+
 # ---------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     ("config", "match"),
@@ -236,6 +287,9 @@ def test_augmenter_is_a_pure_function_of_its_seed():
         ({"image": {"blur_kernel": 4}}, r"augment.image.blur_kernel: expected an odd int >= 1"),
         ({"image": {"elastic_sigma": 0}}, r"elastic_sigma: expected alpha >= 0 and sigma > 0"),
         ({"audio": {"snr": (1, 2)}}, r"augment.audio: unknown settings \['snr'\]"),
+        ({"audio": {"pad_prob": 2}}, r"augment.audio.pad_prob: expected a probability in \[0, 1\]; got 2"),
+        ({"audio": {"pad_seconds": (-1, 1)}}, r"augment.audio.pad_seconds: expected lengths in seconds in \[0, inf\]"),
+        ({"audio": {"empty_seconds": (0, 1)}}, r"augment.audio.empty_seconds: expected lengths in seconds \(> 0\)"),
     ],
 )
 def test_bad_settings_are_refused_by_name(config, match):

@@ -53,7 +53,7 @@ def test_evaluate_entry_prints_the_figures_without_training(hard_results, capsys
     main(["evaluate", "--model", str(ROOT / "data" / "digits_model"), "--splits", "test_hard",
           "--threads", str(torch.get_num_threads())])  # fmt: skip
     out = capsys.readouterr().out
-    assert f"speech_wer           {hard_results['speech_wer']:.3f}  (target <= 0.08: " in out
-    assert f"audio_zeroshot_acc   {hard_results['audio_zeroshot_acc']:.3f}  (target >= 0.95: met)" in out
+    assert f"speech_wer                       {hard_results['speech_wer']:.3f}  (target <= 0.08: " in out
+    assert f"audio_zeroshot_acc               {hard_results['audio_zeroshot_acc']:.3f}  (target >= 0.95: met)" in out
     with pytest.raises(SystemExit):
         main(["evaluate", "--splits", "test,valid"])

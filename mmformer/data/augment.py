@@ -13,6 +13,10 @@ Configured under the data module's ``augment`` (every augmentation is off at its
           noise_snr_db: [15, 40]
           gain_prob: 0.5
           gain_db: [-6, 6]
+          pad_prob: 0.5                # silence before and after the speech, as recordings and VAD cuts have it
+          pad_seconds: [0.05, 1.0]     # each side's length, drawn independently
+          empty_prob: 0.02             # the sample loses its speech: silence (or noise), an empty text, a blank
+          empty_seconds: [0.3, 4.0]    # image; so that a model learns to say nothing over silence and noise
           freq_masks: 2                # SpecAugment on the log-mel: torchaudio FrequencyMasking / TimeMasking
           freq_mask_bins: 8
           time_masks: 2
@@ -65,7 +69,7 @@ MAX_SEMITONES = 12.0  # pitch shifts beyond an octave are out of what the phase 
 SPEED_LIMITS = (0.5, 2.0)  # speed factors outside would make speech another thing altogether
 RATE_STEP = 100  # speed and pitch ratios are rounded to 1/RATE_STEP, so resampling filters stay small
 # independent random streams of one sample, so that changing one augmentation leaves the others' draws alone
-IMAGE_STREAM, AUDIO_STREAM, SPEC_STREAM = 0, 1, 2
+IMAGE_STREAM, AUDIO_STREAM, SPEC_STREAM, EMPTY_STREAM = 0, 1, 2, 3
 
 
 def _number(name: str, value: Any) -> float:
@@ -113,6 +117,10 @@ class AudioAugmentConfig:
     noise_snr_db: tuple[float, float] = (10.0, 40.0)  # signal-to-noise ratio range in dB (>= 0)
     gain_prob: float = 0.0  # probability of a random gain
     gain_db: tuple[float, float] = (-6.0, 6.0)  # gain range in dB (no clipping: waveforms stay float)
+    pad_prob: float = 0.0  # probability of silence before and after the speech (noise, if any, covers it too)
+    pad_seconds: tuple[float, float] = (0.05, 1.0)  # length range of each side's silence, drawn independently
+    empty_prob: float = 0.0  # probability that a sample loses its speech: silence or noise, text "", a blank image
+    empty_seconds: tuple[float, float] = (0.3, 4.0)  # length range of such a speechless clip
     freq_masks: int = 0  # SpecAugment: frequency masks per utterance (torchaudio FrequencyMasking)
     freq_mask_bins: int = 8  # widest frequency mask, in mel bins (SpecAugment's F)
     time_masks: int = 0  # time masks per utterance (torchaudio TimeMasking)
@@ -121,13 +129,15 @@ class AudioAugmentConfig:
 
     def __post_init__(self) -> None:
         p = "augment.audio."
-        for name in ("speed_prob", "pitch_prob", "noise_prob", "gain_prob"):
+        for name in ("speed_prob", "pitch_prob", "noise_prob", "gain_prob", "pad_prob", "empty_prob"):
             setattr(self, name, _probability(p + name, getattr(self, name)))
         self.speed = _range(p + "speed", self.speed, *SPEED_LIMITS, what="speed factors")
         limit = MAX_SEMITONES
         self.pitch_semitones = _range(p + "pitch_semitones", self.pitch_semitones, -limit, limit, "semitones")
         self.noise_snr_db = _range(p + "noise_snr_db", self.noise_snr_db, 0.0, what="SNRs in dB (noise not louder)")
         self.gain_db = _range(p + "gain_db", self.gain_db, what="gains in dB")
+        self.pad_seconds = _range(p + "pad_seconds", self.pad_seconds, 0.0, what="lengths in seconds")
+        self.empty_seconds = _range(p + "empty_seconds", self.empty_seconds, 1e-3, what="lengths in seconds (> 0)")
         for count, width in (("freq_masks", "freq_mask_bins"), ("time_masks", "time_mask_frames")):
             _count(p + count, getattr(self, count))
             if _count(p + width, getattr(self, width)) == 0 and getattr(self, count) > 0:
@@ -140,7 +150,7 @@ class AudioAugmentConfig:
     @property
     def waveform(self) -> bool:
         """Whether any waveform augmentation can happen."""
-        return any(getattr(self, f"{n}_prob") > 0 for n in ("speed", "pitch", "noise", "gain"))
+        return any(getattr(self, f"{n}_prob") > 0 for n in ("speed", "pitch", "noise", "gain", "pad", "empty"))
 
     @property
     def spec_augment(self) -> bool:
@@ -269,24 +279,55 @@ class WaveformAugment:
     def __init__(self, config: AudioAugmentConfig, sample_rate: int, max_samples: int | None = None):
         self.config, self.sample_rate, self.max_samples = config, sample_rate, max_samples
 
-    def __call__(self, wave: torch.Tensor) -> torch.Tensor:
+    def __call__(self, wave: torch.Tensor, *, speechless: bool = False) -> torch.Tensor:
+        """The augmented ``wave``; ``speechless``: return the clip's background instead (silence, with the noise
+        the speech would have had), ``empty_seconds`` long."""
         c = self.config
         # the scalar draws happen whatever is applied, so one augmentation's probability leaves the others' alone
+        # (and a setting added later draws after the earlier ones: their draws stay those of earlier releases)
         happens = torch.rand(4).tolist()
         ranges = (c.speed, c.pitch_semitones, c.noise_snr_db, c.gain_db)
         speed, semitones, snr, gain = (lo + (hi - lo) * u for (lo, hi), u in zip(ranges, torch.rand(4).tolist()))
+        pad_happens, *pad_draws = torch.rand(4).tolist()
+        before, after, empty = (
+            lo + (hi - lo) * u for (lo, hi), u in zip((c.pad_seconds,) * 2 + (c.empty_seconds,), pad_draws)
+        )
         if happens[0] < c.speed_prob:
             wave = change_speed(wave, speed)
         if happens[1] < c.pitch_prob:
             wave = pitch_shift(wave, self.sample_rate, semitones)
+        speech_power = wave.pow(2).mean(-1, keepdim=True)  # (..., 1) of the speech alone, not of the silence added
+        if speechless:
+            wave = wave.new_zeros((*wave.shape[:-1], max(1, round(empty * self.sample_rate))))
+        elif pad_happens < c.pad_prob:
+            wave = pad_silence(
+                wave, round(before * self.sample_rate), round(after * self.sample_rate), self.max_samples
+            )
         if happens[2] < c.noise_prob:
-            noise = torch.randn(wave.shape, dtype=wave.dtype)
-            wave = AF.add_noise(wave, noise, torch.full(wave.shape[:-1], snr, dtype=wave.dtype))
+            wave = add_noise(wave, torch.randn(wave.shape, dtype=wave.dtype), snr, speech_power)
         if happens[3] < c.gain_prob:
             wave = AF.gain(wave, gain)
         if self.max_samples is not None and wave.shape[-1] > self.max_samples:
             wave = wave[..., : self.max_samples]
         return wave
+
+
+def pad_silence(wave: torch.Tensor, before: int, after: int, max_samples: int | None = None) -> torch.Tensor:
+    """``wave`` (..., S) with ``before`` and ``after`` samples of silence around it; with ``max_samples``, the
+    silence shrinks (the trailing side first) so that the result fits and the speech is never cut."""
+    if max_samples is not None:
+        room = max(0, max_samples - wave.shape[-1])
+        before = min(before, room)
+        after = min(after, room - before)
+    return torch.nn.functional.pad(wave, (before, after))
+
+
+def add_noise(wave: torch.Tensor, noise: torch.Tensor, snr_db: float, speech_power: torch.Tensor) -> torch.Tensor:
+    """``wave`` (..., S) plus ``noise`` (..., S) scaled so that ``speech_power`` (..., 1), the mean square of the
+    speech alone, is ``snr_db`` above the noise's mean square. torchaudio's ``add_noise`` measures the signal over
+    the whole wave, so silence padded around the speech (or a speechless clip) would lower the noise with it."""
+    noise_power = noise.pow(2).mean(-1, keepdim=True).clamp_min(torch.finfo(noise.dtype).tiny)
+    return wave + noise * torch.sqrt(speech_power / (noise_power * 10 ** (snr_db / 10)))
 
 
 class SpecAugment:
@@ -357,20 +398,32 @@ class Augmenter:
     def __init__(self, config: AugmentConfig, processor: Processor):
         image, audio = processor.image, processor.audio
         mean, std = (v if len(v) == image.channels else v * image.channels for v in (image.mean, image.std))
-        fill = [-m / s for m, s in zip(mean, std)]  # black (pixel value 0) after normalisation
-        self.image = image_augment(config.image, fill) if config.image.enabled else None
+        self.fill = [-m / s for m, s in zip(mean, std)]  # black (pixel value 0) after normalisation
+        self.image = image_augment(config.image, self.fill) if config.image.enabled else None
         self.audio = None
         if config.audio.waveform:
             self.audio = WaveformAugment(config.audio, audio.sample_rate, audio.max_samples)
+        self.empty_prob = config.audio.empty_prob
 
     def __call__(self, sample: dict[str, Any], seed: int) -> dict[str, Any]:
         out = dict(sample, augment_seed=seed)
-        if self.image is not None and "image" in out:
+        # a speechless sample: its audio becomes its background alone, its text empty and its image blank (what an
+        # empty transcript and an empty caption describe); only samples with audio, the speech it removes
+        with seeded(mix_seed(seed, EMPTY_STREAM)):
+            speechless = self.empty_prob > 0 and "audio" in out and torch.rand(()).item() < self.empty_prob
+        if speechless:
+            if "text" in out:
+                out["text"] = ""
+            if "image" in out:
+                out["image"] = (
+                    torch.tensor(self.fill, dtype=out["image"].dtype)[:, None, None].expand_as(out["image"]).clone()
+                )
+        if self.image is not None and "image" in out and not speechless:
             with seeded(mix_seed(seed, IMAGE_STREAM)):
                 out["image"] = self.image(out["image"])
         if self.audio is not None and "audio" in out:
             with seeded(mix_seed(seed, AUDIO_STREAM)):
-                out["audio"] = self.audio(out["audio"])
+                out["audio"] = self.audio(out["audio"], speechless=speechless)
         return out
 
 

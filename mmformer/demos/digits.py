@@ -19,9 +19,16 @@ from pathlib import Path
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SPLITS = {"test": "data/digits/test.jsonl", "test_hard": "data/digits/test_hard.jsonl"}
-TARGETS = {  # issue #16's recipe targets, per split
+ROBUSTNESS = "test"  # the split whose clips are also heard with silence / noise around them
+PAD_SECONDS = (0.05, 1.0)  # each side's silence or noise, drawn per clip
+NOISE_SNR_DB = 30.0  # the noise's level below the clip's speech
+ALONE_SECONDS = 10.0  # silence or noise alone: the model should say nothing
+TARGETS = {  # issue #16's recipe targets, per split, and issue #26's
     "test": {"image_zeroshot_acc": (">=", 0.97), "caption_cer": ("<=", 0.03), "audio_zeroshot_acc": (">=", 0.99),
-             "speech_wer": ("<=", 0.015)},
+             "speech_wer": ("<=", 0.015),
+             # issue #26: speech as recordings have it (see robustness)
+             "speech_wer_silence_around_change": ("<=", 0.01), "speech_wer_noise_around_change": ("<=", 0.01),
+             "words_over_silence_alone": ("<=", 0), "words_over_noise_alone": ("<=", 0)},
     "test_hard": {"image_zeroshot_acc": (">=", 0.90), "audio_zeroshot_acc": (">=", 0.95), "speech_wer": ("<=", 0.08)},
 }  # fmt: skip
 
@@ -91,8 +98,9 @@ def read_manifest(path: Path) -> list[dict]:
     return rows
 
 
-def evaluate(model_dir: Path, manifest: Path, batch_size: int = 100) -> dict:
-    """Test-split figures through the public API only: load_pretrained, ZeroShotClassifier, caption, transcribe."""
+def evaluate(model_dir: Path, manifest: Path, batch_size: int = 100, robust: bool = False) -> dict:
+    """Test-split figures through the public API only: load_pretrained, ZeroShotClassifier, caption, transcribe;
+    ``robust``: also the figures of :func:`robustness` (speech with silence or noise around it, and alone)."""
     import torch
     from torchmetrics.functional.text import char_error_rate, word_error_rate
 
@@ -130,9 +138,55 @@ def evaluate(model_dir: Path, manifest: Path, batch_size: int = 100) -> dict:
         hyps.append(transcript)
         voice_refs.append(row["text"])
     results["speech_wer_by_voice"] = {v: float(word_error_rate(h, r)) for v, (h, r) in sorted(by_voice.items())}
+    if robust:
+        results.update(robustness(model, rows, results["speech_wer"], batch_size))
     examples = list(zip(rows, captions, transcripts))[:3]
     results["examples"] = [{"reference": r["text"], "caption": c, "transcript": t} for r, c, t in examples]
     results["confusion"] = confusion
+    return results
+
+
+def robustness(model, rows: list[dict], wer_as_cut: float, batch_size: int = 100, seed: int = 0) -> dict:
+    """Speech as recordings have it: WER of the clips with 0.05-1 s of silence, then of 30-dB noise, before and
+    after each (lengths drawn per clip and side, seeded), as the change against the clips as cut; and the words the
+    model says over 10 s of silence and of white noise alone (there should be none)."""
+    import torch
+    from torchmetrics.functional.text import word_error_rate
+
+    from mmformer.data.augment import add_noise, pad_silence
+
+    rate = model.config.audio.sample_rate
+    waves = [model.processor.load_audio(r["audio_filepath"]) for r in rows]
+    refs = [r["text"] for r in rows]
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = PAD_SECONDS
+    sides = [[round((lo + (hi - lo) * u) * rate) for u in torch.rand(2, generator=g).tolist()] for _ in waves]
+
+    def noisy(wave: torch.Tensor, before: int, after: int) -> torch.Tensor:
+        """The clip with noise, not silence, around it: the noise alone is NOISE_SNR_DB below the speech."""
+        noise = torch.randn(before + after, generator=g)
+        noise = add_noise(torch.zeros_like(noise), noise, NOISE_SNR_DB, wave.pow(2).mean(-1, keepdim=True))
+        return torch.cat([noise[:before], wave, noise[before:]])
+
+    def transcribe(clips: list[torch.Tensor]) -> list[str]:
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(clips), batch_size):
+                out += model.transcribe(clips[start : start + batch_size], sample_rate=rate, max_new_tokens=8)
+        return out
+
+    results = {}
+    for name, around in (("silence", pad_silence), ("noise", noisy)):
+        wer = float(word_error_rate(transcribe([around(w, *side) for w, side in zip(waves, sides)]), refs))
+        results[f"speech_wer_{name}_around"] = wer
+        results[f"speech_wer_{name}_around_change"] = wer - wer_as_cut
+    alone = round(ALONE_SECONDS * rate)
+    quiet = torch.zeros(alone)
+    speech_power = torch.cat(waves).pow(2).mean(-1, keepdim=True)  # the split's, as one long recording
+    loud = add_noise(quiet, torch.randn(alone, generator=g), NOISE_SNR_DB, speech_power)  # its noise alone
+    said = transcribe([quiet, loud])
+    results["words_over_silence_alone"] = len(said[0].split())
+    results["words_over_noise_alone"] = len(said[1].split())
     return results
 
 
@@ -188,13 +242,15 @@ def report(results: dict, seconds: dict) -> str:
     for split, figures in results.items():
         lines.append(f"  {split} ({figures['n_test']} samples, {figures['n_single']} single digits)")
         for name, value in figures.items():
-            if isinstance(value, float):
-                target = TARGETS.get(split, {}).get(name)
-                if target:
-                    mark = f"  (target {target[0]} {target[1]}: {'met' if _met(value, *target) else 'MISSED'})"
-                else:
-                    mark = ""
-                lines.append(f"    {name:<20} {value:.3f}{mark}")
+            target = TARGETS.get(split, {}).get(name)
+            if isinstance(value, float) or target:
+                mark = (
+                    f"  (target {target[0]} {target[1]}: {'met' if _met(value, *target) else 'MISSED'})"
+                    if target
+                    else ""
+                )
+                shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+                lines.append(f"    {name:<32} {shown}{mark}")
         worst = sorted(figures["speech_wer_by_voice"].items(), key=lambda kv: -kv[1])[:3]
         lines.append("    worst voices (WER): " + ", ".join(f"{v} {w:.3f}" for v, w in worst))
         lines.append("")
@@ -228,7 +284,7 @@ def evaluate_only(argv: list[str]) -> None:
 
     torch.set_num_threads(args.threads or usable_cores())
     start = time.perf_counter()
-    results = {split: evaluate(Path(args.model), Path(SPLITS[split])) for split in splits}
+    results = {split: evaluate(Path(args.model), Path(SPLITS[split]), robust=split == ROBUSTNESS) for split in splits}
     print(report(results, {"evaluate": time.perf_counter() - start}))
 
 
@@ -277,7 +333,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"exported {ckpt} → {model_dir}")
     start = time.perf_counter()
     torch.set_num_threads(args.threads or usable_cores())  # evaluation has no loader workers: every core computes
-    results = {split: evaluate(model_dir, Path(SPLITS[split])) for split in parse_splits(p, args.splits)}
+    splits = parse_splits(p, args.splits)
+    results = {split: evaluate(model_dir, Path(SPLITS[split]), robust=split == ROBUSTNESS) for split in splits}
     seconds["evaluate"] = time.perf_counter() - start
     plot(out, results, out / "demo.png")
     targets = {split: {name: {"target": f"{op} {value}", "met": _met(results[split][name], op, value)}
