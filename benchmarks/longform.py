@@ -176,7 +176,9 @@ def speed_rows(args) -> list[dict]:
             "HF pipeline chunked": lambda: asr(audio.copy(), generate_kwargs=hf_kwargs),
         }
         limit = model_window_samples(ours)
-        vad_windows = len(cut_and_merge(speech_regions(wave, SAMPLE_RATE, VadOptions()), 0, limit, True))
+        vad = VadOptions()
+        regions = speech_regions(wave, SAMPLE_RATE, vad)
+        vad_windows = len(cut_and_merge(regions, 0, limit, True, vad.pack_gap(SAMPLE_RATE)))
         stride = 5 * SAMPLE_RATE  # the pipeline's default: chunk_length_s / 6 on each side
         windows = {"mmformer sequential": -(-wave.shape[0] // limit), "openai-whisper transcribe()":
                    -(-wave.shape[0] // limit), "mmformer VAD-batched": vad_windows,

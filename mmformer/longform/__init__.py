@@ -122,7 +122,7 @@ def _windows(
         else:
             cut.append(i)
     for i, regions in zip(cut, speech_regions_many([waves[i] for i in cut], rate, options)):
-        windows += cut_and_merge(regions, i, limit, merge)
+        windows += cut_and_merge(regions, i, limit, merge, options.pack_gap(rate))
     return windows
 
 

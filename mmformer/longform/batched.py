@@ -121,18 +121,20 @@ def decode_windows_whisper(
         if silent:
             out.append({"segments": [], "language": result["language"]})
             continue
-        offset, frames = w.start / rate, w.samples // hop
+        offset = 0.0 if w.pieces else w.start / rate  # a packed window's times are mapped back below
         segments, _, _ = split_segments(
             whisper, result["tokens"], result, round(w.start / hop), offset, precision, w.samples / rate
         )
         if options.word_timestamps:
             add_word_timestamps(
                 segments=segments, model=model, whisper=whisper,
-                sot_sequence=whisper.sot_sequence(result["language"], options.task), mel=mel[i], num_frames=frames,
-                language=result["language"], prepend_punctuations=options.prepend_punctuations,
-                append_punctuations=options.append_punctuations, last_speech_timestamp=offset, time_offset=offset,
-                audio_features=features[i : i + 1],
+                sot_sequence=whisper.sot_sequence(result["language"], options.task), mel=mel[i],
+                num_frames=w.samples // hop, language=result["language"],
+                prepend_punctuations=options.prepend_punctuations, append_punctuations=options.append_punctuations,
+                last_speech_timestamp=offset, time_offset=offset, audio_features=features[i : i + 1],
             )  # fmt: skip
+        if w.pieces:
+            _unpack_times(w, segments, rate)
         first, last = _seconds(w.regions[0][0], rate), _seconds(w.regions[-1][1], rate)
         for segment in segments:  # the timestamps refine the VAD's times and stay within the window's speech
             for item in [segment, *segment.get("words", [])]:
@@ -141,6 +143,24 @@ def decode_windows_whisper(
         segments = [s for s in segments if s["text"].strip() and s["end"] > s["start"]]
         out.append({"segments": segments, "language": result["language"]})
     return out
+
+
+def _unpack_times(window: Window, segments: list[dict[str, Any]], rate: int) -> None:
+    """Times in a packed window's input → the file's timeline (in place), as faster-whisper's
+    ``restore_speech_timestamps``: a word's start and end through the span holding its middle (one word never
+    straddles a cut pause) and a segment with words from its first word's start to its last word's end; a segment
+    without words starts through the span it starts in and ends through the span it ends in."""
+    for segment in segments:
+        words = segment.get("words", [])
+        for word in words:
+            k = window.piece_at((word["start"] + word["end"]) / 2, rate)
+            word["start"] = round(window.file_time(word["start"], rate, piece=k), 3)
+            word["end"] = round(window.file_time(word["end"], rate, piece=k), 3)
+        if words:
+            segment["start"], segment["end"] = words[0]["start"], words[-1]["end"]
+        else:
+            segment["start"] = round(window.file_time(segment["start"], rate), 3)
+            segment["end"] = round(window.file_time(segment["end"], rate, end=True), 3)
 
 
 DecodeBatch = Callable[[list[Window], list[torch.Tensor]], list[dict[str, Any]]]
@@ -209,7 +229,7 @@ def transcribe_windows(
 
     for first in range(0, len(queue), batch_size):
         batch = queue[first : first + batch_size]
-        decoded.update(zip(batch, decode(batch, [waves[w.file][w.start : w.end] for w in batch])))
+        decoded.update(zip(batch, decode(batch, [w.audio(waves[w.file]) for w in batch])))
         if progress is not None:
             progress(sum(cover[w] for w in batch) / sample_rate)
         for file in dict.fromkeys(w.file for w in batch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
 
 VAD_RATE = 16000  # Silero runs at 16 kHz (or 8 kHz); other rates are resampled for it
 VAD_FRAME = 512  # samples per Silero frame at 16 kHz (32 ms)
-VAD_CONTEXT = 64  # samples of the previous frame Silero reads before each frame
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,9 @@ class VadOptions:
                                                "Whisper's 30 s, else AudioConfig.max_frames)")  # fmt: skip
     merge: bool | None = option(None, "merge neighbouring regions into windows up to max_window_s (whisperX); "
                                        "default: only for a fixed-window model (Whisper)")  # fmt: skip
+    pack_gap_ms: int | None = option(400, "merged windows join their regions' audio with each pause between two "
+                                          "regions cut to at most this (faster-whisper's collect_chunks); none: a "
+                                          "window is a span of the file, its pauses kept (whisperX)")  # fmt: skip
 
     def __post_init__(self) -> None:
         if not is_number(self.threshold) or not 0.0 < self.threshold < 1.0:
@@ -60,6 +63,8 @@ class VadOptions:
             value = getattr(self, name)
             if not is_int(value) or value < 0:
                 raise ValueError(f"{name}: expected an int >= 0 (milliseconds), got {value!r}")
+        if self.pack_gap_ms is not None and (not is_int(self.pack_gap_ms) or self.pack_gap_ms < 0):
+            raise ValueError(f"pack_gap_ms: expected None or an int >= 0 (milliseconds), got {self.pack_gap_ms!r}")
         if self.trim_db is not None and (not is_number(self.trim_db) or self.trim_db <= 0):
             raise ValueError(f"trim_db: expected None or a number > 0 (decibels), got {self.trim_db!r}")
         if self.max_window_s is not None and (not is_number(self.max_window_s) or self.max_window_s <= 0):
@@ -67,20 +72,58 @@ class VadOptions:
         if self.merge not in (None, True, False):
             raise ValueError(f"merge: expected None, True or False, got {self.merge!r}")
 
+    def pack_gap(self, sample_rate: int) -> int | None:
+        """``pack_gap_ms`` in samples at ``sample_rate`` (None: windows are spans of the file)."""
+        return None if self.pack_gap_ms is None else round(self.pack_gap_ms * sample_rate / 1000)
+
 
 @dataclass(frozen=True)
 class Window:
     """A stretch of one file decoded as one input: ``file`` indexes the inputs, ``start``/``end`` are samples, and
-    ``regions`` the speech regions it holds (absolute samples)."""
+    ``regions`` the speech regions it holds (absolute samples). ``pieces``: the spans of the file whose audio,
+    joined in order, is the input (a packed window, its long pauses cut out); empty: the span ``start:end``."""
 
     file: int
     start: int
     end: int
     regions: tuple[tuple[int, int], ...]
+    pieces: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def spans(self) -> tuple[tuple[int, int], ...]:
+        return self.pieces or ((self.start, self.end),)
 
     @property
     def samples(self) -> int:
-        return self.end - self.start
+        """Samples of the window's input."""
+        return sum(end - start for start, end in self.spans)
+
+    def audio(self, wave: torch.Tensor) -> torch.Tensor:
+        """The window's input (samples,) cut from its file's waveform (S,)."""
+        if not self.pieces:
+            return wave[self.start : self.end]
+        return torch.cat([wave[start:end] for start, end in self.pieces])
+
+    def piece_at(self, seconds: float, sample_rate: int, end: bool = False) -> int:
+        """The index of the span holding the input's time ``seconds``; a time on the border of two spans belongs to
+        the later one, or (``end``) to the earlier one, where an interval ending there lies."""
+        position, first = seconds * sample_rate, 0
+        for k, (start, stop) in enumerate(self.spans):
+            length = stop - start
+            if position < first + length or (end and position <= first + length):
+                return k
+            first += length
+        return len(self.spans) - 1
+
+    def file_time(self, seconds: float, sample_rate: int, piece: int | None = None, end: bool = False) -> float:
+        """The input's time ``seconds`` on the file's timeline (seconds), through span ``piece`` (default: the one
+        holding it, see :meth:`piece_at`) and kept within that span; a span window adds its start."""
+        if not self.pieces:
+            return self.start / sample_rate + seconds
+        k = self.piece_at(seconds, sample_rate, end) if piece is None else piece
+        before = sum(stop - start for start, stop in self.pieces[:k])  # input samples ahead of span k
+        start, stop = self.pieces[k]
+        return min(max((start + seconds * sample_rate - before) / sample_rate, start / sample_rate), stop / sample_rate)
 
 
 @functools.lru_cache(maxsize=1)
@@ -139,27 +182,41 @@ def _trim(wave: torch.Tensor, start: int, end: int, trim_db: float, floor: float
     return start + int(loud[0]), start + int(loud[-1]) + 1
 
 
+@functools.lru_cache(maxsize=1)
+def silero_sequence_model() -> Any:
+    """Silero VAD's sequence ONNX model from the same wheel (``load_silero_vad(sequence=True)``): the network of
+    :func:`silero_model` exported with its frame loop inside, so a block of up to 512 frames is one session call.
+    Its probabilities are bit-identical to the frame-by-frame model's (tests/test_longform_speed.py)."""
+    try:
+        from silero_vad import load_silero_vad
+    except ImportError as e:
+        raise ImportError("VAD needs the silero-vad package (pip install silero-vad); or pass vad=False") from e
+    return load_silero_vad(sequence=True)
+
+
 def speech_probabilities(waves: list[torch.Tensor]) -> list[list[float]]:
     """Silero's speech probability of each 32-ms frame of each 16-kHz waveform (S,), exactly as its
-    ``get_speech_timestamps`` computes them frame after frame from a fresh state, but for all files at once and
-    without the wrapper's per-frame tensor work: its ONNX session is called directly (the wrapper's own inputs:
-    the frame after the previous frame's last 64 samples, the LSTM state, the rate), with a batch of one row per
-    file (one state each; the shorter files padded at their end, past which nothing is read)."""
+    ``get_speech_timestamps`` computes them frame after frame from a fresh state (the last frame zero-padded, each
+    frame read after the previous frame's last 64 samples), but with silero-vad's sequence model: one session call
+    per 512 frames instead of one per frame (about 2x faster on one core; a file is still one pass from a fresh
+    state, so the result is exact).
+
+    Cutting a file into streams that run in parallel does not pay: Silero's LSTM remembers a minute of audio (on a
+    5-min digits recording, 30-s streams after a 15-s warm-up differ by up to 0.37 in probability and move speech
+    edges; after 60 s still by 0.015), so exact warm-ups would cost more than the parallelism saves on few cores.
+    Files run on ``torch.get_num_threads()`` threads instead (onnxruntime releases the GIL)."""
     if not waves:
         return []
-    session = silero_model().session
-    counts = [-(-w.shape[0] // VAD_FRAME) for w in waves]  # frames per file, the last zero-padded as Silero pads
-    x = np.zeros((len(waves), VAD_CONTEXT + max(counts) * VAD_FRAME), dtype=np.float32)  # (K, 64 + frames * 512)
-    for k, w in enumerate(waves):
-        x[k, VAD_CONTEXT : VAD_CONTEXT + w.shape[0]] = w.float().numpy()
-    state = np.zeros((2, len(waves), 128), dtype=np.float32)  # the wrapper's reset_states
-    rate = np.array(VAD_RATE, dtype=np.int64)
-    out = []
-    for t in range(0, max(counts) * VAD_FRAME, VAD_FRAME):
-        probs, state = session.run(None, {"input": x[:, t : t + VAD_CONTEXT + VAD_FRAME], "state": state, "sr": rate})
-        out.append(probs)  # (K, 1)
-    frames = np.concatenate(out, axis=1)  # (K, frames)
-    return [frames[k, :n].tolist() for k, n in enumerate(counts)]
+    model = silero_sequence_model()
+
+    def one(wave: torch.Tensor) -> list[float]:
+        return model.audio_forward(np.ascontiguousarray(wave.float().numpy()), sampling_rate=VAD_RATE).tolist()
+
+    threads = min(torch.get_num_threads(), len(waves))
+    if threads <= 1:
+        return [one(w) for w in waves]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(one, waves))
 
 
 def speech_regions_many(
@@ -225,19 +282,59 @@ def _regions(
     return regions
 
 
-def cut_and_merge(regions: list[tuple[int, int]], file: int, max_samples: int, merge: bool) -> list[Window]:
-    """whisperX's cut & merge: a region longer than ``max_samples`` is cut into equal pieces that fit, and (with
-    ``merge``) consecutive regions join one window while it spans at most ``max_samples``."""
+def _fit(regions: list[tuple[int, int]], max_samples: int) -> list[tuple[int, int]]:
+    """Regions longer than ``max_samples`` cut into equal pieces that fit."""
     pieces: list[tuple[int, int]] = []
     for start, end in regions:
         n = math.ceil((end - start) / max_samples)
         bounds = [start + (end - start) * i // n for i in range(n + 1)]
         pieces += list(zip(bounds[:-1], bounds[1:]))
+    return pieces
+
+
+def cut_and_merge(
+    regions: list[tuple[int, int]], file: int, max_samples: int, merge: bool, gap: int | None = None
+) -> list[Window]:
+    """whisperX's cut & merge: a region longer than ``max_samples`` is cut into equal pieces that fit, and (with
+    ``merge``) consecutive regions join one window while it spans at most ``max_samples``. With ``gap`` (samples)
+    merged windows are packed instead (faster-whisper's ``collect_chunks``): a window joins its regions' audio with
+    each pause between two of them cut to at most ``gap`` (its first half kept after the earlier region, the rest
+    before the later one), and grows while that input lasts at most ``max_samples``."""
+    if merge and gap is not None:
+        return _pack(_fit(regions, max_samples), file, max_samples, gap)
     windows: list[Window] = []
-    for start, end in pieces:
+    for start, end in _fit(regions, max_samples):
         last = windows[-1] if windows else None
         if merge and last is not None and end - last.start <= max_samples:
             windows[-1] = Window(file, last.start, end, (*last.regions, (start, end)))
         else:
             windows.append(Window(file, start, end, ((start, end),)))
+    return windows
+
+
+def _pack(regions: list[tuple[int, int]], file: int, max_samples: int, gap: int) -> list[Window]:
+    """Packed windows (see :func:`cut_and_merge`); ``regions`` fit ``max_samples`` already."""
+    groups: list[list[tuple[int, int]]] = []
+    size = 0  # input samples of the last group
+    for start, end in regions:
+        if groups:
+            kept = min(start - groups[-1][-1][1], gap)
+            if size + kept + end - start <= max_samples:
+                groups[-1].append((start, end))
+                size += kept + end - start
+                continue
+        groups.append([(start, end)])
+        size = end - start
+    windows = []
+    for group in groups:
+        pieces = [list(group[0])]
+        for (_, previous_end), (start, end) in zip(group, group[1:]):
+            pause = start - previous_end
+            if pause <= gap:  # the whole pause kept: one span
+                pieces[-1][1] = end
+            else:
+                pieces[-1][1] = previous_end + gap // 2
+                pieces.append([start - (gap - gap // 2), end])
+        spans = tuple((a, b) for a, b in pieces)
+        windows.append(Window(file, group[0][0], group[-1][1], tuple(group), spans if len(spans) > 1 else ()))
     return windows
