@@ -1,5 +1,6 @@
-"""Voice activity: Silero VAD (the ``silero-vad`` package ships its ONNX model; nothing is downloaded) finds speech,
-and whisperX's cut & merge turns the speech regions into windows no longer than the model's input.
+"""Voice activity: Silero VAD (the ``silero-vad`` package ships its ONNX models; nothing is downloaded) finds speech,
+and whisperX's cut & merge turns the speech regions into windows no longer than the model's input; for a fixed-window
+model (Whisper) the merged windows are packed as faster-whisper packs them (long pauses cut out, times mapped back).
 
 Positions are sample indices at the model's rate; a region is ``(start, end)`` with ``end`` exclusive.
 
@@ -9,6 +10,7 @@ Shape legend: S samples, F energy frames.
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 
 VAD_RATE = 16000  # Silero runs at 16 kHz (or 8 kHz); other rates are resampled for it
 VAD_FRAME = 512  # samples per Silero frame at 16 kHz (32 ms)
+VAD_CONTEXT = 64  # samples of the previous frame Silero reads before each frame
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,9 @@ class VadOptions:
     """How speech is found and cut into windows: the one place these options, their defaults and their help live
     (the CLI derives its ``--vad-*`` flags from it). The defaults were measured on the shipped digits model (see
     tests/test_longform_vad.py and the report of issue #25); faster-whisper's own defaults (min_silence_ms=2000,
-    speech_pad_ms=400) suit Whisper, which tolerates silence around speech."""
+    speech_pad_ms=400) suit Whisper, which tolerates silence around speech. ``pack_gap_ms`` keeps half of
+    faster-whisper's pause between regions (its 400-ms pads keep up to 800 ms): on the 10-min benchmark recording
+    windows of 30 s number 20 as spans, 8 / 10 / 12 / 15 packed with gaps of 0 / 200 / 400 / 800 ms."""
 
     threshold: float = option(0.5, "speech probability above which a 32-ms Silero frame is speech")
     neg_threshold: float | None = option(None, "probability below which speech ends (default: threshold - 0.15)")
@@ -183,15 +188,21 @@ def _trim(wave: torch.Tensor, start: int, end: int, trim_db: float, floor: float
 
 
 @functools.lru_cache(maxsize=1)
-def silero_sequence_model() -> Any:
-    """Silero VAD's sequence ONNX model from the same wheel (``load_silero_vad(sequence=True)``): the network of
-    :func:`silero_model` exported with its frame loop inside, so a block of up to 512 frames is one session call.
-    Its probabilities are bit-identical to the frame-by-frame model's (tests/test_longform_speed.py)."""
+def silero_sequence_session() -> Any:
+    """An onnxruntime session of Silero VAD's sequence model from the same wheel (the file
+    ``load_silero_vad(sequence=True)`` loads, its options, and its load-time warnings about unused initializers
+    silenced): the network of :func:`silero_model` exported with its frame loop inside, so a block of frames is one
+    session call. Its probabilities are bit-identical to the frame-by-frame model's (tests/test_longform_speed.py)."""
     try:
-        from silero_vad import load_silero_vad
+        import onnxruntime
+        from silero_vad import data
     except ImportError as e:
-        raise ImportError("VAD needs the silero-vad package (pip install silero-vad); or pass vad=False") from e
-    return load_silero_vad(sequence=True)
+        raise ImportError("VAD needs the silero-vad and onnxruntime packages; or pass vad=False") from e
+    options = onnxruntime.SessionOptions()
+    options.inter_op_num_threads = options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    path = importlib.resources.files(data) / "silero_vad_16k_sequence.onnx"
+    return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def speech_probabilities(waves: list[torch.Tensor]) -> list[list[float]]:
@@ -207,10 +218,19 @@ def speech_probabilities(waves: list[torch.Tensor]) -> list[list[float]]:
     Files run on ``torch.get_num_threads()`` threads instead (onnxruntime releases the GIL)."""
     if not waves:
         return []
-    model = silero_sequence_model()
+    from silero_vad.sequence_vad import DEFAULT_MAX_FRAMES, frame_blocks
+
+    session = silero_sequence_session()
 
     def one(wave: torch.Tensor) -> list[float]:
-        return model.audio_forward(np.ascontiguousarray(wave.float().numpy()), sampling_rate=VAD_RATE).tolist()
+        """silero-vad's SileroVADSequence.audio_forward: blocks of frames (each after the previous frame's last 64
+        samples), the LSTM state carried from block to block."""
+        h = c = np.zeros((1, 1, 128), dtype=np.float32)
+        probs = []
+        for block in frame_blocks(wave.float().numpy(), VAD_FRAME, VAD_CONTEXT, DEFAULT_MAX_FRAMES):  # (n, 64 + 512)
+            p, h, c = session.run(["speech_probs", "hn", "cn"], {"input": block, "h": h, "c": c})
+            probs += p.tolist()
+        return probs
 
     threads = min(torch.get_num_threads(), len(waves))
     if threads <= 1:
