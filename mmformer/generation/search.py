@@ -247,10 +247,14 @@ class TokenSearch:
             streamer.put(prompt.cpu())
         B, cur = prompt.shape
         n_prompt = cur
-        tokens = prompt.new_empty(B, max_length)  # filled up to `cur`; no per-step concatenation
+        # filled up to `cur`, no per-step concatenation; it doubles when full, so that a huge max_length (a "no limit"
+        # 10**9) allocates what the rows use, not max_length
+        tokens = prompt.new_empty(B, min(max_length, 2 * cur + 64))
         tokens[:, :cur] = prompt
         done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
         while cur < max_length:
+            if cur == tokens.shape[1]:
+                tokens = torch.cat([tokens, tokens.new_empty(B, min(max_length, 2 * cur) - cur)], dim=1)
             so_far = tokens[:, :cur]  # (B, cur)
             scores = apply_processors(self.processors, runner.next_logits(so_far), so_far, cur - n_prompt)  # (B, V)
             next_ids = self.chooser.choose(scores)  # (B,)
