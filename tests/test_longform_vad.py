@@ -292,10 +292,11 @@ def test_whisper_vad_windows_of_many_files_decode_together(whisper_model, words,
     # ids, texts and times exactly equal: no greedy choice of this random model is a near-tie that float32 rounding
     # (another batch shape, another CPU's kernels: ~1e-6 of the logits) could flip ...
     assert min(margins) > 1e-4, f"a near-tie ({min(margins):.2e}) makes the ids depend on rounding"
-    # ... and the probabilities equal up to that rounding
+    # ... and the probabilities equal up to that rounding: ~1e-7 of themselves under MKL_CBWR=COMPATIBLE, where 0.1%
+    # of another window's encoder states leaking into a window (a batching bug) moves them by ~1.5e-5
     assert _rounded(together) == _rounded(alone)
     for mine, theirs in zip(_probabilities(together), _probabilities(alone), strict=True):
-        assert mine == pytest.approx(theirs, rel=1e-5, abs=1e-7)
+        assert mine == pytest.approx(theirs, rel=2e-6, abs=0)
     for wave, result in zip(files, together):
         assert result["language"] == "en" and result["segments"]
         for segment in result["segments"]:
