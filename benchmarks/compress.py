@@ -5,7 +5,8 @@ test split: distillation into a quarter-size student, quantization per method, a
     python -m benchmarks.compress quantize [--calib data/digits/val.jsonl]
     python -m benchmarks.compress export
     python -m benchmarks.compress backends                                     # int8 backends + bf16 vs float32
-    python -m benchmarks.compress all --tiny --no-save                         # the test suite's smoke run
+    python -m benchmarks.compress all --tiny --no-save                         # the smoke run (the test suite runs
+                                                                               # it in three parts)
 
 Distillation trains two students of about a quarter of the teacher's parameters (the teacher's config with half its
 width) for the demo's step budget (configs/digits.yaml), with the teacher's tokenizer: one on the labels alone, one
@@ -289,6 +290,7 @@ def export_section(args: argparse.Namespace, out: Path, manifest: Path) -> list[
         export.export(model, out / fmt, format=fmt)
         seconds[fmt] = time.perf_counter() - start
         print(f"{fmt}: exported in {seconds[fmt]:.1f} s")
+    args.float_onnx = str(out / "onnx")  # the backends section of the same run reads it: the same float32 model
     threads = torch.get_num_threads()
     runner = OnnxModel(out / "onnx", threads=threads)
     inputs = timing_inputs(manifest, args.batch)
@@ -480,7 +482,8 @@ def backends_section(args: argparse.Namespace, out: Path, manifest: Path) -> lis
     torchao.save_pretrained(out / "torchao_dynamic")
     sizes["torchao dynamic"] = (out / "torchao_dynamic" / "model.safetensors").stat().st_size
     backends["torchao dynamic"] = TorchBackend(mmformer.load_pretrained(out / "torchao_dynamic"), processor)
-    source = export(float_model, out / "onnx_fp32", format="onnx")
+    # the export section's float ONNX export when it ran before in this run (exporting takes most of a minute)
+    source = Path(args.float_onnx) if args.float_onnx else export(float_model, out / "onnx_fp32", format="onnx")
     onnx_size = sum(f.stat().st_size for f in source.glob("*.onnx"))
     backends["onnx fp32"] = OnnxBackend(source)
     sizes["onnx fp32"] = onnx_size
@@ -535,7 +538,9 @@ SECTIONS = ("distill", "quantize", "export", "backends")
 
 def main(argv: list[str] | None = None) -> None:
     p = base_parser(__doc__.split("\n\n")[0])
-    p.add_argument("section", nargs="?", default="all", choices=(*SECTIONS, "all"))
+    p.add_argument(
+        "section", nargs="*", default=["all"], choices=(*SECTIONS, "all"), help="sections to run (in the order above)"
+    )
     p.add_argument("--out", default="runs/compress", help="where students, quantized models and exports go")
     p.add_argument("--steps", type=int, default=None, help="student training steps (default: the demo's budget)")
     p.add_argument("--reuse", action="store_true", help="evaluate students already trained under --out")
@@ -554,7 +559,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(1)  # as the demo: the digits model's matmuls do not parallelise on 2 shared cores
     if args.tiny:
         args.steps, args.limit, args.qat_steps, args.repeats, args.warmup = 2, args.limit or 20, 2, 1, 0
-    sections = SECTIONS if args.section == "all" else (args.section,)
+    args.float_onnx = None  # set by the export section
+    sections = SECTIONS if "all" in args.section else tuple(s for s in SECTIONS if s in args.section)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) if args.tiny else Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
