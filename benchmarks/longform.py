@@ -12,8 +12,8 @@ default cap (n_text_ctx / 2) equals the explicit one; every peer decodes greedil
 without timestamps, without conditioning on previous text, in English (no language detection), with no no-speech or
 log-prob skips. The windows differ by design and are counted: the sequential peers read consecutive 30-s windows, the
 VAD peers the speech merged up to 30 s, Hugging Face's pipeline 30-s chunks with 5-s strides on each side. The
-batched peers share ``--batch-size`` (16: the 10-min recording's windows fit one batch, so each decoder step reads the
-51,865-row vocabulary projection once for all of them, where batches of 8 ran two half-empty rounds of steps).
+batched peers share ``--batch-size`` (8; 16 puts the 10-min recording's 12 windows in one round of decoder steps, but
+was not faster for mmformer on the loaded 2-core machine: 28.1 s at 8 vs 29.4 s at 16, best of 3 alternating runs).
 
 ``--profile-batch-sizes 8 16`` adds the split of mmformer's VAD-batched wall time at those batch sizes (a
 torch.profiler run over the ``record_function`` phases of :mod:`mmformer.longform.batched`): VAD, log-mel, encoder,
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     p = base_parser(__doc__)
     p.add_argument("--minutes", type=float, default=10.0, help="length of the speed recording")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens every peer decodes per window")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per batch (VAD-batched peers, HF pipeline)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per batch (VAD-batched peers, HF pipeline)")
     p.add_argument("--profile-batch-sizes", type=int, nargs="*", default=[],
                    help="split mmformer's VAD-batched wall time into its phases at these batch sizes")  # fmt: skip
     p.add_argument("--digits-utterances", type=int, default=100, help="utterances of the digits WER recording")

@@ -57,8 +57,8 @@ def test_phase_split_of_a_model_trained_here_counts_its_generate_as_decoding():
 
 
 def test_one_batch_of_the_whole_queue_equals_small_batches(whisper_model, monkeypatch):
-    """The benchmark's batch of 16 holds every window of the queue (two files): one round of decoder steps, the
-    same transcripts as batches of two (the decoder's floats to 1e-5: a batch's size changes kernels)."""
+    """transcribe_files' default batch of 16 holds every window of the queue (two files): one round of decoder
+    steps, the same transcripts as batches of two (the decoder's floats to 1e-5: a batch's size changes kernels)."""
     import mmformer.longform.batched as batched
 
     files = [digits_recording(40, seed=122)[0], digits_recording(36, seed=123, offset=5)[0]]  # ~70 s each
@@ -75,7 +75,7 @@ def test_one_batch_of_the_whole_queue_equals_small_batches(whisper_model, monkey
     import mmformer.longform as longform
 
     monkeypatch.setattr(longform, "decode_windows_whisper", counted)
-    whole = transcribe_files(whisper_model, files, options=options, vad=True, batch_size=16)
+    whole = transcribe_files(whisper_model, files, options=options, vad=True)
     assert len(sizes) == 1 and sizes[0] >= 3  # every window of both files in one batch
     for a, b in zip(whole, small):
         assert a["text"] == b["text"] and len(a["segments"]) == len(b["segments"])
