@@ -11,15 +11,23 @@ zero one, keeps CTranslate2's int8 scales sane); the text context is ``2 * --new
 default cap (n_text_ctx / 2) equals the explicit one; every peer decodes greedily at temperature 0 with no fallback,
 without timestamps, without conditioning on previous text, in English (no language detection), with no no-speech or
 log-prob skips. The windows differ by design and are counted: the sequential peers read consecutive 30-s windows, the
-VAD peers the speech merged up to 30 s, Hugging Face's pipeline 30-s chunks with 5-s strides on each side.
+VAD peers the speech merged up to 30 s, Hugging Face's pipeline 30-s chunks with 5-s strides on each side. The
+batched peers share ``--batch-size`` (8; 16 puts the 10-min recording's 12 windows in one round of decoder steps, but
+was not faster for mmformer on the loaded 2-core machine: 28.1 s at 8 vs 29.4 s at 16, best of 3 alternating runs).
+
+``--profile-batch-sizes 8 16`` adds the split of mmformer's VAD-batched wall time at those batch sizes (a
+torch.profiler run over the ``record_function`` phases of :mod:`mmformer.longform.batched`): VAD, log-mel, encoder,
+decoding, and the rest (windowing, timestamp bookkeeping, assembling).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -121,8 +129,32 @@ def whisper_checkpoints(dims: dict, folder: Path, seed: int = 0) -> dict[str, Pa
     return paths | {f"ct2-{quantization}": path for quantization, path in converted.items()}
 
 
-def speed_rows(args) -> list[dict]:
-    """Audio seconds per wall second of every peer on the same recording."""
+def phase_split(run: Callable[[], object]) -> dict[str, float]:
+    """Wall seconds of one ``run()`` under torch.profiler and of each long-form phase in it (the ``record_function``
+    ranges of :data:`mmformer.longform.batched.PHASES`, summed over batches), the rest as ``other_s``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mmformer.longform.batched import PHASES
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        run()
+        wall = time.perf_counter() - start
+    names = {name: phase for phase, name in PHASES.items()}
+    split = dict.fromkeys(PHASES, 0.0)
+    for event in prof.key_averages():
+        if event.key in names:
+            split[names[event.key]] += event.cpu_time_total / 1e6  # a range's total is its wall time (µs)
+    return (
+        {"wall_s": wall}
+        | {f"{phase}_s": seconds for phase, seconds in split.items()}
+        | {"other_s": wall - sum(split.values())}
+    )
+
+
+def speed_rows(args) -> tuple[list[dict], list[dict]]:
+    """Audio seconds per wall second of every peer on the same recording; and the phase split of mmformer's
+    VAD-batched path at each of ``args.profile_batch_sizes``."""
     import whisper
     from faster_whisper import BatchedInferencePipeline, WhisperModel
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast, pipeline
@@ -201,7 +233,13 @@ def speed_rows(args) -> list[dict]:
         for r in rows:
             r["vs_openai"] = r["audio_s_per_s"] / base["openai-whisper transcribe()"]
             r["vs_fw_float32"] = r["audio_s_per_s"] / base["faster-whisper batched float32"]
-        return rows
+        splits = []
+        for size in args.profile_batch_sizes:
+            run = functools.partial(transcribe_files, ours, [wave], options=options, vad=True, batch_size=size)
+            run()  # warm-up at this batch size
+            split = phase_split(run)
+            splits.append({"path": "mmformer VAD-batched", "batch": size, "windows": vad_windows} | split)
+        return rows, splits
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -238,19 +276,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--minutes", type=float, default=10.0, help="length of the speed recording")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens every peer decodes per window")
     p.add_argument("--batch-size", type=int, default=8, help="windows per batch (VAD-batched peers, HF pipeline)")
+    p.add_argument("--profile-batch-sizes", type=int, nargs="*", default=[],
+                   help="split mmformer's VAD-batched wall time into its phases at these batch sizes")  # fmt: skip
     p.add_argument("--digits-utterances", type=int, default=100, help="utterances of the digits WER recording")
     p.set_defaults(repeats=1, warmup=1)
     args = parse_args(p, argv)
     if args.tiny:
         args.minutes, args.new_tokens, args.batch_size, args.digits_utterances = 1.0, 4, 2, 12
-    rows = speed_rows(args)
+    rows, splits = speed_rows(args)
     print(f"long-form speed: audio seconds per second, whisper-tiny dims (random weights), {machine()}")
     print(table(rows, ["peer", "audio_s", "windows", "new_tokens", "batch", "wall_s", "audio_s_per_s", "vs_openai",
                        "vs_fw_float32"]))  # fmt: skip
+    if splits:
+        print("mmformer VAD-batched: wall time by phase (seconds, one profiled run each)")
+        print(table(splits, ["path", "batch", "windows", "wall_s", *(k for k in splits[0] if k.endswith("_s") and
+                                                                   k != "wall_s")]))  # fmt: skip
     wers = wer_rows(args)
     print("digits recording, the shipped model: WER by path")
     print(table(wers, ["digits path", "utterances", "audio_s", "wer", "wall_s"]))
-    record("longform", rows + wers, args)
+    record("longform", rows + splits + wers, args)
 
 
 if __name__ == "__main__":

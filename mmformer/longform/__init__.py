@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mmformer.generation.decoding import DecodingOptions, processor_with_tokenizer
-from mmformer.longform.batched import decode_windows_generic, decode_windows_whisper, transcribe_windows
+from mmformer.longform.batched import PHASES, decode_windows_generic, decode_windows_whisper, transcribe_windows
 from mmformer.longform.options import TranscribeOptions
 from mmformer.longform.sequential import transcribe_sequential
 from mmformer.longform.vad import (
@@ -121,7 +121,9 @@ def _windows(
             windows += [Window(i, s, min(s + limit, n), ((s, min(s + limit, n)),)) for s in range(0, n, limit)]
         else:
             cut.append(i)
-    for i, regions in zip(cut, speech_regions_many([waves[i] for i in cut], rate, options)):
+    with torch.profiler.record_function(PHASES["vad"]):
+        regions_of = speech_regions_many([waves[i] for i in cut], rate, options)
+    for i, regions in zip(cut, regions_of):
         windows += cut_and_merge(regions, i, limit, merge, options.pack_gap(rate))
     return windows
 

@@ -4,6 +4,10 @@ its own file's timeline.
 The queue is ordered by window length (longest first) so that a batch pads little; results do not depend on the
 order, as long as the audio encoder gives every clip what it would get alone (issue #24).
 
+Each phase runs inside a ``torch.profiler.record_function`` range named in :data:`PHASES` (free without a profiler):
+a profile of a long-form run splits its wall time into VAD, log-mel, encoder, decoding and word alignment, the rest
+being windowing, the timestamp bookkeeping and assembling (``benchmarks.longform --profile-batch-sizes``).
+
 Shape legend: B windows in a batch, S samples (the longest window of the batch), P prompt tokens, L generated.
 """
 
@@ -28,6 +32,15 @@ from mmformer.longform.whisper_decode import decode_with_fallback, encode_window
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
     from mmformer.preprocess.processor import Processor
+
+
+PHASES = {
+    "vad": "longform.vad",  # Silero's speech probabilities of every input (cutting and merging not included)
+    "log_mel": "longform.log_mel",  # Whisper: the windows' log-mel features
+    "encoder": "longform.encoder",  # Whisper: the audio encoder over the windows
+    "decode": "longform.decode",  # the decoder steps and their rules (a model trained here: features and encoder too)
+    "word_timestamps": "longform.word_timestamps",  # cross-attention alignment and DTW of every window's words
+}
 
 
 def _pad(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,9 +78,9 @@ def decode_windows_generic(
     when decoding greedily; none when it decodes no text."""
     audio, lengths = _pad(waves)  # (B, S), (B,)
     device = model_device(model)
-    ids = generate(
-        model, audio=audio.to(device), audio_lengths=lengths.to(device), options=options, prefix_embeds=prefix_embeds
-    ).cpu()  # (B, P+L)
+    with torch.profiler.record_function(PHASES["decode"]):
+        audio, lengths = audio.to(device), lengths.to(device)
+        ids = generate(model, audio=audio, audio_lengths=lengths, options=options, prefix_embeds=prefix_embeds).cpu()
     text_cfg = model.config.text
     special = {text_cfg.pad_id, text_cfg.eos_id}
     skip = prompt_length(model)
@@ -105,9 +118,12 @@ def decode_windows_whisper(
     whisper = whisper_tokens(model, tokenizer)
     audio, lengths = _pad(waves)  # (B, S)
     device = model_device(model)
-    mel = model.audio_embed.features(audio.to(device), lengths.to(device))  # (B, M, 3000): each window alone
-    features = encode_windows(model, mel)  # (B, S, D): read by every temperature and the word alignment
-    results = decode_with_fallback(model, mel, options, tokenizer=whisper.tokenizer, audio_features=features)
+    with torch.profiler.record_function(PHASES["log_mel"]):
+        mel = model.audio_embed.features(audio.to(device), lengths.to(device))  # (B, M, 3000): each window alone
+    with torch.profiler.record_function(PHASES["encoder"]):
+        features = encode_windows(model, mel)  # (B, S, D): read by every temperature and the word alignment
+    with torch.profiler.record_function(PHASES["decode"]):
+        results = decode_with_fallback(model, mel, options, tokenizer=whisper.tokenizer, audio_features=features)
     rate, hop = model.config.audio.sample_rate, model.config.audio.hop_length
     precision = time_precision(model)
     out = []
@@ -126,13 +142,14 @@ def decode_windows_whisper(
             whisper, result["tokens"], result, round(w.start / hop), offset, precision, w.samples / rate
         )
         if options.word_timestamps:
-            add_word_timestamps(
-                segments=segments, model=model, whisper=whisper,
-                sot_sequence=whisper.sot_sequence(result["language"], options.task), mel=mel[i],
-                num_frames=w.samples // hop, language=result["language"],
-                prepend_punctuations=options.prepend_punctuations, append_punctuations=options.append_punctuations,
-                last_speech_timestamp=offset, time_offset=offset, audio_features=features[i : i + 1],
-            )  # fmt: skip
+            with torch.profiler.record_function(PHASES["word_timestamps"]):
+                add_word_timestamps(
+                    segments=segments, model=model, whisper=whisper,
+                    sot_sequence=whisper.sot_sequence(result["language"], options.task), mel=mel[i],
+                    num_frames=w.samples // hop, language=result["language"],
+                    prepend_punctuations=options.prepend_punctuations, append_punctuations=options.append_punctuations,
+                    last_speech_timestamp=offset, time_offset=offset, audio_features=features[i : i + 1],
+                )  # fmt: skip
         if w.pieces:
             _unpack_times(w, segments, rate)
         first, last = _seconds(w.regions[0][0], rate), _seconds(w.regions[-1][1], rate)
