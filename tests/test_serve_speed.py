@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmformer.serve.batching import Batcher
+from mmformer.serve.batching import Batcher, Deferred, decoding
 from mmformer.serve.engine import length_groups
 from mmformer.serve.metrics import Metrics
 
@@ -95,6 +96,36 @@ def test_inputs_queued_while_the_model_is_busy_run_first_in_first_out_in_full_ba
     results, calls = run_batcher(burst, timeout_s=0.0, max_batch_size=8)
     assert results == [10 * p for p in range(20)]
     assert calls == [list(range(0, 8)), list(range(8, 16)), list(range(16, 20))]
+
+
+def test_uploads_are_decoded_on_the_model_thread_and_one_that_does_not_decode_fails_alone():
+    threads: list[str] = []
+    calls: list[list[int]] = []
+
+    def load(data: bytes) -> int:
+        threads.append(threading.current_thread().name)
+        if not data.isdigit():
+            raise ValueError(f"input[0].audio: expected digits, got {data!r}")
+        return int(data)
+
+    def run(key, payloads):
+        calls.append(list(payloads))
+        return [key * p for p in payloads]
+
+    async def main():
+        model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        batcher = Batcher("t", decoding(run), model_thread, Metrics(), max_batch_size=8, timeout_s=0.05)
+        batcher.start()
+        jobs = [batcher.submit(Deferred(load, d), key=10) for d in (b"1", b"x2", b"3")] + [batcher.submit(4, key=10)]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(main())
+    assert results[0] == 10 and results[2:] == [30, 40]
+    assert isinstance(results[1], ValueError) and "input[0].audio: expected digits" in str(results[1])
+    assert calls == [[1, 3, 4]]  # the bad upload left out, the others in one call
+    assert threads and all(t.startswith("model") for t in threads), threads
 
 
 def test_length_groups_is_the_cheapest_split_of_the_sorted_lengths():

@@ -27,7 +27,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmformer.generation.streaming import AsyncTextIteratorStreamer, StreamCancelled
-from mmformer.serve.batching import Batcher
+from mmformer.serve.batching import Batcher, Deferred, decoding
 from mmformer.serve.engine import Engine, decode_base64
 from mmformer.serve.errors import APIError, bad_request
 from mmformer.serve.metrics import Metrics
@@ -132,7 +132,7 @@ def create_app(
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmformer-model")
     work = {"embeddings": engine.embed, "audio/transcriptions": engine.transcribe, "completions": engine.complete,
             "classify": engine.classify, "captions": engine.caption}  # fmt: skip
-    batchers = {route: Batcher(route, work[route], executor, metrics, max_batch_size, batch_timeout_ms / 1000)
+    batchers = {route: Batcher(route, decoding(work[route]), executor, metrics, max_batch_size, batch_timeout_ms / 1000)
                 for route in engine.routes}  # fmt: skip
 
     @contextlib.asynccontextmanager
@@ -186,6 +186,13 @@ def create_app(
             raise bad_request("body", f"expected a JSON object, got {type(body).__name__}")
         return body
 
+    def as_file_error(e: BaseException) -> APIError:
+        """A transcription's failure as OpenAI's error naming the upload (``param`` "file") when it is the input's."""
+        error = _as_api_error(e)
+        if error.status == 400:
+            error.param = "file"
+        return error
+
     def arriving(route: str) -> contextlib.AbstractContextManager:
         """Announce a request to its route's batcher while it is read (see :meth:`Batcher.arriving`)."""
         batcher = batchers.get(route)
@@ -199,8 +206,9 @@ def create_app(
                 raise _as_api_error(r)
         return results
 
-    async def decode_media(items: list[Any], param: str) -> list[tuple[str, Any]]:
-        """(modality, payload) per ``{"image": b64}`` / ``{"audio": b64}`` item (a str is text when allowed)."""
+    def decode_media(items: list[Any], param: str) -> list[tuple[str, Any]]:
+        """(modality, payload) per ``{"image": b64}`` / ``{"audio": b64}`` item (a str is text when allowed); the
+        image or audio file is decoded on the model thread with its batch (a :class:`Deferred` payload)."""
 
         def one(i: int, item: Any) -> tuple[str, Any]:
             where = f"{param}[{i}]"
@@ -212,15 +220,12 @@ def create_app(
                 kind, value = next(iter(item.items()))
                 data = decode_base64(value, f"{where}.{kind}")
                 load = engine.load_image if kind == "image" else engine.load_audio
-                return kind, load(data, f"{where}.{kind}")
+                return kind, Deferred(load, data, f"{where}.{kind}")
             expected = "a string or {'image': base64} / {'audio': base64}"
             raise bad_request(where, f"expected {expected}, got {item!r:.80}")
 
-        def all_items() -> list[tuple[str, Any]]:
-            return [one(i, item) for i, item in enumerate(items)]
-
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, all_items)
+            return [one(i, item) for i, item in enumerate(items)]
         except Exception as e:
             raise _as_api_error(e) from None
 
@@ -347,7 +352,7 @@ def create_app(
                 )
             if all(isinstance(x, int) for x in items) or any(isinstance(x, list) for x in items):
                 raise bad_request("input", "token id arrays are not accepted; send the text")
-            decoded = await decode_media(items, "input")
+            decoded = decode_media(items, "input")
         vectors = await run_all("embeddings", decoded)
         data = []
         for i, v in enumerate(vectors):
@@ -376,7 +381,7 @@ def create_app(
                 raise bad_request(
                     "input", f"expected a list of {{'image': base64}} / {{'audio': base64}}, got {raw!r:.80}"
                 )
-            decoded = await decode_media(items, "input")
+            decoded = decode_media(items, "input")
             for i, (kind, _) in enumerate(decoded):
                 if kind == "text":
                     raise bad_request(f"input[{i}]", "expected {'image': base64} or {'audio': base64}, got a string")
@@ -397,7 +402,7 @@ def create_app(
             items = [raw] if isinstance(raw, dict) else raw
             if not isinstance(items, list) or not items:
                 raise bad_request("input", f"expected a list of {{'image': base64}} items, got {raw!r:.80}")
-            decoded = await decode_media(items, "input")
+            decoded = decode_media(items, "input")
             for i, (kind, _) in enumerate(decoded):
                 if kind != "image":
                     raise bad_request(f"input[{i}]", f"expected {{'image': base64}}, got a {kind} item")
@@ -443,23 +448,19 @@ def create_app(
             if stream not in ("true", "false"):
                 raise bad_request("stream", f"expected true or false, got {stream!r}")
             language = form.get("language") or None
-            data = await upload.read()
-            name = upload.filename or "file"
-
-            def load() -> Any:
-                return engine.load_recording(data, f"file ({name})")
-
-            try:
-                wave = await asyncio.get_running_loop().run_in_executor(None, load)
-            except Exception as e:
-                error = _as_api_error(e)
-                error.param = "file"
-                raise error from None
-            if stream == "true":
+            wave = Deferred(engine.load_recording, await upload.read(), f"file ({upload.filename or 'file'})")
+            if stream == "true":  # decoded before the stream begins, so that a bad file is still a 400
+                try:
+                    wave = await asyncio.get_running_loop().run_in_executor(None, wave)
+                except Exception as e:
+                    raise as_file_error(e) from None
                 return StreamingResponse(
                     transcript_events((language, temperature), wave), media_type="text/event-stream"
                 )
-        (result,) = await run_all("audio/transcriptions", [((language, temperature), wave)])
+        try:
+            (result,) = await run_all("audio/transcriptions", [((language, temperature), wave)])
+        except APIError as e:
+            raise as_file_error(e) from None
         content, media_type = render(result, response_format, granularities)
         if isinstance(content, dict):
             return JSONResponse(content)

@@ -7,6 +7,11 @@ announces each request of the route from the moment its handler starts reading i
 (:meth:`Batcher.arriving`). With nothing on its way the batch runs at once: a lone client does not pay the timeout
 on every request, and under load the inputs queued while the model was busy are all there already.
 
+An input may be :class:`Deferred` (an upload still to decode): the model thread decodes the batch's inputs just
+before its call (:func:`decoding`), so a request crosses threads once (event loop → model thread → event loop), not
+twice through a decoding pool as well, and the decoders do not compete with the model for the GIL. An input that
+does not decode fails alone; the others run.
+
 Inputs whose ``key`` differs (other decoding options, other labels) never share a call. A call that raises is run
 again input by input, so one bad input fails only its own request.
 """
@@ -33,6 +38,38 @@ class _Pending:
     payload: Any
     future: asyncio.Future
     queued: float = field(default_factory=time.perf_counter)
+
+
+class Deferred:
+    """An input to decode on the model thread: ``load(*args)`` gives the payload (raising for a bad upload)."""
+
+    __slots__ = ("load", "args")
+
+    def __init__(self, load: Callable[..., Any], *args: Any):
+        self.load, self.args = load, args
+
+    def __call__(self) -> Any:
+        return self.load(*self.args)
+
+
+def decoding(run_batch: RunBatch) -> RunBatch:
+    """``run_batch`` on the batch's payloads with each :class:`Deferred` one decoded first: one result per payload,
+    the exception of a payload that does not decode in its place (the others still run together)."""
+
+    def run(key: Hashable, payloads: Sequence[Any]) -> list[Any]:
+        results: list[Any] = [None] * len(payloads)
+        ready: list[tuple[int, Any]] = []
+        for i, payload in enumerate(payloads):
+            try:
+                ready.append((i, payload() if isinstance(payload, Deferred) else payload))
+            except Exception as e:  # this upload's own failure
+                results[i] = e
+        if ready:
+            for (i, _), result in zip(ready, run_batch(key, [p for _, p in ready]), strict=True):
+                results[i] = result
+        return results
+
+    return run
 
 
 class Batcher:
