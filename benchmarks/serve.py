@@ -2,9 +2,10 @@
 FastAPI server that calls the model once per request (sync endpoints in FastAPI's thread pool, the usual first
 server), on the shipped digits model, in one run. Workloads: audio zero-shot (``/v1/classify``, ten digit labels)
 and transcription; 1, 8 and 64 concurrent clients each sending requests back to back; requests/s and p50/p99
-latency per server. Both servers run as subprocesses with the same thread settings, measured alternately.
+latency per server. Both servers run as subprocesses with the same thread settings, measured alternately (``--rounds``
+times each per row, ABBA...; the figures pool the rounds).
 
-    python -m benchmarks.serve [--requests 256] [--threads 2]
+    python -m benchmarks.serve [--requests 256] [--rounds 3] [--threads 2]
 """
 
 import argparse  # no `from __future__ import annotations`: FastAPI reads the baseline's endpoint annotations
@@ -12,6 +13,7 @@ import asyncio
 import base64
 import json
 import os
+import ssl
 import statistics
 import sys
 import time
@@ -105,15 +107,23 @@ def requests_for(server: str, workload: str, clips: list[Path]) -> list[dict]:
 
 
 async def load(url: str, requests: list[dict], clients: int) -> dict:
-    """``clients`` workers sending ``requests`` back to back: requests/s and latency percentiles (ms)."""
+    """``clients`` workers sending ``requests`` back to back: each request's latency (s) and the wall time.
+
+    Each worker has its own one-connection ``httpx.AsyncClient``: one client shared by 64 workers spends most of the
+    load generator's CPU in httpcore's connection-pool bookkeeping (it scans every connection for every request
+    event: ~2M ``is_idle`` calls, ~10 ms of CPU per request at 64 clients), and the generator shares the servers'
+    cores, so it throttled both servers alike and hid their difference.
+    """
     import httpx
 
     latencies: list[float] = []
     queue = list(reversed(requests))
-    limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    tls = ssl.create_default_context()  # unused over http, but each client would load the CA store (~40 ms) without
 
-        async def worker() -> None:
+    async def worker() -> None:
+        limits = httpx.Limits(max_connections=1)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits, verify=tls) as client:
+            await started.wait()
             while queue:
                 request = queue.pop()
                 start = time.perf_counter()
@@ -121,18 +131,31 @@ async def load(url: str, requests: list[dict], clients: int) -> dict:
                 response.raise_for_status()
                 latencies.append(time.perf_counter() - start)
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        wall = time.perf_counter() - start
-    latencies.sort()
+    started = asyncio.Event()
+    workers = [asyncio.create_task(worker()) for _ in range(clients)]
+    await asyncio.sleep(0)  # every client is built before the clock starts
+    start = time.perf_counter()
+    started.set()
+    await asyncio.gather(*workers)
+    wall = time.perf_counter() - start
+    return {"latencies": latencies, "wall": wall}
+
+
+def summary(runs: list[dict]) -> dict:
+    """requests/s over all rounds (their requests over their summed wall time) and latency percentiles (ms) of all
+    their requests."""
+    latencies = sorted(x for run in runs for x in run["latencies"])
     p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
-    return {"rps": len(latencies) / wall, "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * p99}
+    rps = len(latencies) / sum(run["wall"] for run in runs)
+    return {"rps": rps, "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * p99}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=256, help="requests per workload and client count (>= clients)")
     p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3, help="measurements per server and row, alternating ABBA...: on a "
+                   "busy machine load bursts then fall on both servers alike")  # fmt: skip
     p.add_argument("--plain-server", type=int, default=None, help=argparse.SUPPRESS)  # internal: run the baseline
     args = parse_args(p, argv)
     if args.plain_server is not None:
@@ -160,11 +183,15 @@ def main(argv: list[str] | None = None) -> None:
             for clients in CLIENTS:
                 n = clients if args.tiny else max(args.requests, clients)
                 row = {"workload": workload, "clients": clients, "requests": n}
-                for server in ("mmformer", "plain"):  # warm up, then measure, alternately
-                    url = f"http://127.0.0.1:{ports[server]}"
-                    asyncio.run(load(url, requests_for(server, workload, clips[:2]), 1))
-                    measured = asyncio.run(load(url, requests_for(server, workload, clips[:n]), clients))
-                    row.update({f"{server}_{k}": v for k, v in measured.items()})
+                runs: dict[str, list[dict]] = {"mmformer": [], "plain": []}
+                for server in runs:  # warm up
+                    asyncio.run(load(f"http://127.0.0.1:{ports[server]}", requests_for(server, workload, clips[:2]), 1))
+                for r in range(1 if args.tiny else args.rounds):  # measure alternately: AB, BA, AB, ...
+                    for server in ("mmformer", "plain")[:: 1 if r % 2 == 0 else -1]:
+                        requests = requests_for(server, workload, clips[:n])
+                        runs[server].append(asyncio.run(load(f"http://127.0.0.1:{ports[server]}", requests, clients)))
+                for server, measured in runs.items():
+                    row.update({f"{server}_{k}": v for k, v in summary(measured).items()})
                 row["rps_vs_plain"] = row["mmformer_rps"] / row["plain_rps"]
                 results.append(row)
     finally:

@@ -27,7 +27,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmformer.generation.streaming import AsyncTextIteratorStreamer, StreamCancelled
-from mmformer.serve.batching import Batcher
+from mmformer.serve.batching import Batcher, Deferred, decoding
 from mmformer.serve.engine import Engine, decode_base64
 from mmformer.serve.errors import APIError, bad_request
 from mmformer.serve.metrics import Metrics
@@ -132,7 +132,7 @@ def create_app(
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmformer-model")
     work = {"embeddings": engine.embed, "audio/transcriptions": engine.transcribe, "completions": engine.complete,
             "classify": engine.classify, "captions": engine.caption}  # fmt: skip
-    batchers = {route: Batcher(route, work[route], executor, metrics, max_batch_size, batch_timeout_ms / 1000)
+    batchers = {route: Batcher(route, decoding(work[route]), executor, metrics, max_batch_size, batch_timeout_ms / 1000)
                 for route in engine.routes}  # fmt: skip
 
     @contextlib.asynccontextmanager
@@ -186,6 +186,18 @@ def create_app(
             raise bad_request("body", f"expected a JSON object, got {type(body).__name__}")
         return body
 
+    def as_file_error(e: BaseException) -> APIError:
+        """A transcription's failure as OpenAI's error naming the upload (``param`` "file") when it is the input's."""
+        error = _as_api_error(e)
+        if error.status == 400:
+            error.param = "file"
+        return error
+
+    def arriving(route: str) -> contextlib.AbstractContextManager:
+        """Announce a request to its route's batcher while it is read (see :meth:`Batcher.arriving`)."""
+        batcher = batchers.get(route)
+        return batcher.arriving() if batcher is not None else contextlib.nullcontext()
+
     async def run_all(route: str, items: list[tuple[Any, Any]]) -> list[Any]:
         """Submit (key, payload) items to the route's batcher; the first failure answers the request."""
         results = await asyncio.gather(*(batchers[route].submit(p, key=k) for k, p in items), return_exceptions=True)
@@ -194,8 +206,9 @@ def create_app(
                 raise _as_api_error(r)
         return results
 
-    async def decode_media(items: list[Any], param: str) -> list[tuple[str, Any]]:
-        """(modality, payload) per ``{"image": b64}`` / ``{"audio": b64}`` item (a str is text when allowed)."""
+    def decode_media(items: list[Any], param: str) -> list[tuple[str, Any]]:
+        """(modality, payload) per ``{"image": b64}`` / ``{"audio": b64}`` item (a str is text when allowed); the
+        image or audio file is decoded on the model thread with its batch (a :class:`Deferred` payload)."""
 
         def one(i: int, item: Any) -> tuple[str, Any]:
             where = f"{param}[{i}]"
@@ -207,15 +220,12 @@ def create_app(
                 kind, value = next(iter(item.items()))
                 data = decode_base64(value, f"{where}.{kind}")
                 load = engine.load_image if kind == "image" else engine.load_audio
-                return kind, load(data, f"{where}.{kind}")
+                return kind, Deferred(load, data, f"{where}.{kind}")
             expected = "a string or {'image': base64} / {'audio': base64}"
             raise bad_request(where, f"expected {expected}, got {item!r:.80}")
 
-        def all_items() -> list[tuple[str, Any]]:
-            return [one(i, item) for i, item in enumerate(items)]
-
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, all_items)
+            return [one(i, item) for i, item in enumerate(items)]
         except Exception as e:
             raise _as_api_error(e) from None
 
@@ -329,17 +339,20 @@ def create_app(
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> dict:
-        body = await json_body(request)
-        check(request, "embeddings", body.get("model"))
-        raw, encoding = body.get("input"), body.get("encoding_format", "float") or "float"
-        if encoding not in ("float", "base64"):
-            raise bad_request("encoding_format", f"expected 'float' or 'base64', got {encoding!r}")
-        items = [raw] if isinstance(raw, (str, dict)) else raw
-        if not isinstance(items, list) or not items:
-            raise bad_request("input", f"expected a string, a list of strings or image/audio items, got {raw!r:.80}")
-        if all(isinstance(x, int) for x in items) or any(isinstance(x, list) for x in items):
-            raise bad_request("input", "token id arrays are not accepted; send the text")
-        decoded = await decode_media(items, "input")
+        with arriving("embeddings"):
+            body = await json_body(request)
+            check(request, "embeddings", body.get("model"))
+            raw, encoding = body.get("input"), body.get("encoding_format", "float") or "float"
+            if encoding not in ("float", "base64"):
+                raise bad_request("encoding_format", f"expected 'float' or 'base64', got {encoding!r}")
+            items = [raw] if isinstance(raw, (str, dict)) else raw
+            if not isinstance(items, list) or not items:
+                raise bad_request(
+                    "input", f"expected a string, a list of strings or image/audio items, got {raw!r:.80}"
+                )
+            if all(isinstance(x, int) for x in items) or any(isinstance(x, list) for x in items):
+                raise bad_request("input", "token id arrays are not accepted; send the text")
+            decoded = decode_media(items, "input")
         vectors = await run_all("embeddings", decoded)
         data = []
         for i, v in enumerate(vectors):
@@ -352,24 +365,27 @@ def create_app(
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> dict:
-        body = await json_body(request)
-        check(request, "classify", body.get("model"))
-        labels, templates = body.get("labels"), body.get("templates") or ["{}"]
-        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels):
-            raise bad_request("labels", f"expected a non-empty list of class names, got {labels!r:.80}")
-        if len(set(labels)) != len(labels):
-            raise bad_request("labels", f"expected distinct names, got {labels}")
-        if not isinstance(templates, list) or not all(isinstance(t, str) and "{}" in t for t in templates):
-            raise bad_request("templates", f"expected a list of strings with '{{}}', got {templates!r:.80}")
-        raw = body.get("input")
-        items = [raw] if isinstance(raw, dict) else raw
-        if not isinstance(items, list) or not items:
-            raise bad_request("input", f"expected a list of {{'image': base64}} / {{'audio': base64}}, got {raw!r:.80}")
-        decoded = await decode_media(items, "input")
-        for i, (kind, _) in enumerate(decoded):
-            if kind == "text":
-                raise bad_request(f"input[{i}]", "expected {'image': base64} or {'audio': base64}, got a string")
-        key = (tuple(labels), tuple(templates))
+        with arriving("classify"):
+            body = await json_body(request)
+            check(request, "classify", body.get("model"))
+            labels, templates = body.get("labels"), body.get("templates") or ["{}"]
+            if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels):
+                raise bad_request("labels", f"expected a non-empty list of class names, got {labels!r:.80}")
+            if len(set(labels)) != len(labels):
+                raise bad_request("labels", f"expected distinct names, got {labels}")
+            if not isinstance(templates, list) or not all(isinstance(t, str) and "{}" in t for t in templates):
+                raise bad_request("templates", f"expected a list of strings with '{{}}', got {templates!r:.80}")
+            raw = body.get("input")
+            items = [raw] if isinstance(raw, dict) else raw
+            if not isinstance(items, list) or not items:
+                raise bad_request(
+                    "input", f"expected a list of {{'image': base64}} / {{'audio': base64}}, got {raw!r:.80}"
+                )
+            decoded = decode_media(items, "input")
+            for i, (kind, _) in enumerate(decoded):
+                if kind == "text":
+                    raise bad_request(f"input[{i}]", "expected {'image': base64} or {'audio': base64}, got a string")
+            key = (tuple(labels), tuple(templates))
         probs = await run_all("classify", [((kind, *key), p) for kind, p in decoded])
         data = []
         for i, row in enumerate(probs):
@@ -379,70 +395,72 @@ def create_app(
 
     @app.post("/v1/captions")
     async def captions(request: Request) -> dict:
-        body = await json_body(request)
-        check(request, "captions", body.get("model"))
-        raw = body.get("input")
-        items = [raw] if isinstance(raw, dict) else raw
-        if not isinstance(items, list) or not items:
-            raise bad_request("input", f"expected a list of {{'image': base64}} items, got {raw!r:.80}")
-        decoded = await decode_media(items, "input")
-        for i, (kind, _) in enumerate(decoded):
-            if kind != "image":
-                raise bad_request(f"input[{i}]", f"expected {{'image': base64}}, got a {kind} item")
+        with arriving("captions"):
+            body = await json_body(request)
+            check(request, "captions", body.get("model"))
+            raw = body.get("input")
+            items = [raw] if isinstance(raw, dict) else raw
+            if not isinstance(items, list) or not items:
+                raise bad_request("input", f"expected a list of {{'image': base64}} items, got {raw!r:.80}")
+            decoded = decode_media(items, "input")
+            for i, (kind, _) in enumerate(decoded):
+                if kind != "image":
+                    raise bad_request(f"input[{i}]", f"expected {{'image': base64}}, got a {kind} item")
         texts = await run_all("captions", [(None, p) for _, p in decoded])
         data = [{"index": i, "caption": t} for i, t in enumerate(texts)]
         return {"object": "list", "model": engine.model_id, "data": data}
 
     @app.post("/v1/audio/transcriptions", response_model=None)
     async def transcriptions(request: Request) -> Response:
+        with arriving("audio/transcriptions"):
+            try:
+                form = await request.form()
+            except PayloadTooLarge:
+                raise
+            except Exception as e:
+                raise bad_request("body", f"expected multipart/form-data with a 'file' field ({e})") from None
+            check(request, "audio/transcriptions", form.get("model"))
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise bad_request("file", "expected an audio file upload (multipart field 'file')")
+            response_format = form.get("response_format") or "json"
+            if response_format not in FORMATS:
+                raise bad_request("response_format", f"expected one of {list(FORMATS)}, got {response_format!r}")
+            granularities = form.getlist("timestamp_granularities[]") or form.getlist("timestamp_granularities")
+            for g in granularities:
+                if g not in GRANULARITIES:
+                    raise bad_request(
+                        "timestamp_granularities[]", f"expected items of {list(GRANULARITIES)}, got {g!r}"
+                    )
+            if "word" in granularities and not WORD_TIMESTAMPS:
+                message = "word timestamps need the long-form transcription path, which this build does not have"
+                raise bad_request("timestamp_granularities[]", message + "; ask for 'segment'")
+            if form.get("prompt"):
+                raise bad_request("prompt", "conditioning on a text prompt needs the long-form transcription path, "
+                                            "which this build does not have")  # fmt: skip
+            try:
+                temperature = float(form.get("temperature") or 0)
+            except ValueError:
+                raise bad_request("temperature", f"expected a number, got {form.get('temperature')!r}") from None
+            if not 0 <= temperature <= 1:
+                raise bad_request("temperature", f"expected a number in [0, 1], got {temperature}")
+            stream = str(form.get("stream", "false")).lower()
+            if stream not in ("true", "false"):
+                raise bad_request("stream", f"expected true or false, got {stream!r}")
+            language = form.get("language") or None
+            wave = Deferred(engine.load_recording, await upload.read(), f"file ({upload.filename or 'file'})")
+            if stream == "true":  # decoded before the stream begins, so that a bad file is still a 400
+                try:
+                    wave = await asyncio.get_running_loop().run_in_executor(None, wave)
+                except Exception as e:
+                    raise as_file_error(e) from None
+                return StreamingResponse(
+                    transcript_events((language, temperature), wave), media_type="text/event-stream"
+                )
         try:
-            form = await request.form()
-        except PayloadTooLarge:
-            raise
-        except Exception as e:
-            raise bad_request("body", f"expected multipart/form-data with a 'file' field ({e})") from None
-        check(request, "audio/transcriptions", form.get("model"))
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise bad_request("file", "expected an audio file upload (multipart field 'file')")
-        response_format = form.get("response_format") or "json"
-        if response_format not in FORMATS:
-            raise bad_request("response_format", f"expected one of {list(FORMATS)}, got {response_format!r}")
-        granularities = form.getlist("timestamp_granularities[]") or form.getlist("timestamp_granularities")
-        for g in granularities:
-            if g not in GRANULARITIES:
-                raise bad_request("timestamp_granularities[]", f"expected items of {list(GRANULARITIES)}, got {g!r}")
-        if "word" in granularities and not WORD_TIMESTAMPS:
-            message = "word timestamps need the long-form transcription path, which this build does not have"
-            raise bad_request("timestamp_granularities[]", message + "; ask for 'segment'")
-        if form.get("prompt"):
-            raise bad_request("prompt", "conditioning on a text prompt needs the long-form transcription path, "
-                                        "which this build does not have")  # fmt: skip
-        try:
-            temperature = float(form.get("temperature") or 0)
-        except ValueError:
-            raise bad_request("temperature", f"expected a number, got {form.get('temperature')!r}") from None
-        if not 0 <= temperature <= 1:
-            raise bad_request("temperature", f"expected a number in [0, 1], got {temperature}")
-        stream = str(form.get("stream", "false")).lower()
-        if stream not in ("true", "false"):
-            raise bad_request("stream", f"expected true or false, got {stream!r}")
-        language = form.get("language") or None
-        data = await upload.read()
-        name = upload.filename or "file"
-
-        def load() -> Any:
-            return engine.load_recording(data, f"file ({name})")
-
-        try:
-            wave = await asyncio.get_running_loop().run_in_executor(None, load)
-        except Exception as e:
-            error = _as_api_error(e)
-            error.param = "file"
-            raise error from None
-        if stream == "true":
-            return StreamingResponse(transcript_events((language, temperature), wave), media_type="text/event-stream")
-        (result,) = await run_all("audio/transcriptions", [((language, temperature), wave)])
+            (result,) = await run_all("audio/transcriptions", [((language, temperature), wave)])
+        except APIError as e:
+            raise as_file_error(e) from None
         content, media_type = render(result, response_format, granularities)
         if isinstance(content, dict):
             return JSONResponse(content)
@@ -450,29 +468,32 @@ def create_app(
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
-        body = await json_body(request)
-        check(request, "completions", body.get("model"))
-        prompt = body.get("prompt")
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
-            raise bad_request("prompt", f"expected a non-empty string or list of strings, got {prompt!r:.80}")
-        max_tokens = body.get("max_tokens", 16)
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 4096:
-            raise bad_request("max_tokens", f"expected an int in [1, 4096], got {max_tokens!r}")
-        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-        top_p = body.get("top_p")
-        top_p = None if top_p is None or top_p == 1 else _number(body, "top_p", 1.0, 0.0, 1.0)
-        stop = body.get("stop")
-        stop = [stop] if isinstance(stop, str) else (stop or [])
-        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-            raise bad_request("stop", f"expected a string or up to 4 non-empty strings, got {body.get('stop')!r:.80}")
-        if body.get("n", 1) != 1:
-            raise bad_request("n", f"expected 1 (one completion per prompt), got {body.get('n')!r}")
-        key = (max_tokens, temperature, top_p, tuple(stop))
-        ident, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
-        head = {"id": ident, "object": "text_completion", "created": created, "model": engine.model_id}
-        if body.get("stream"):
-            return StreamingResponse(completion_events(head, key, prompts), media_type="text/event-stream")
+        with arriving("completions"):
+            body = await json_body(request)
+            check(request, "completions", body.get("model"))
+            prompt = body.get("prompt")
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+                raise bad_request("prompt", f"expected a non-empty string or list of strings, got {prompt!r:.80}")
+            max_tokens = body.get("max_tokens", 16)
+            if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 4096:
+                raise bad_request("max_tokens", f"expected an int in [1, 4096], got {max_tokens!r}")
+            temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+            top_p = body.get("top_p")
+            top_p = None if top_p is None or top_p == 1 else _number(body, "top_p", 1.0, 0.0, 1.0)
+            stop = body.get("stop")
+            stop = [stop] if isinstance(stop, str) else (stop or [])
+            if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+                raise bad_request(
+                    "stop", f"expected a string or up to 4 non-empty strings, got {body.get('stop')!r:.80}"
+                )
+            if body.get("n", 1) != 1:
+                raise bad_request("n", f"expected 1 (one completion per prompt), got {body.get('n')!r}")
+            key = (max_tokens, temperature, top_p, tuple(stop))
+            ident, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
+            head = {"id": ident, "object": "text_completion", "created": created, "model": engine.model_id}
+            if body.get("stream"):
+                return StreamingResponse(completion_events(head, key, prompts), media_type="text/event-stream")
         texts = await run_all("completions", [(key, p) for p in prompts])
         counts = [completion_tokens(t) for t in texts]
         finish = [finish_reason(t, max_tokens) for t in texts]

@@ -23,6 +23,10 @@ from mmformer.serve.transcripts import transcribe_clips
 from mmformer.zeroshot import ZeroShotClassifier
 
 ROUTES = ("embeddings", "audio/transcriptions", "completions", "classify", "captions")
+# A model call's fixed cost in seconds of (padded) audio: a batch of waveforms is split into calls of similar
+# lengths where the padding saved outweighs it. Measured on the digits model (CPU, one thread): a call costs about
+# 7 ms plus 1.9 ms per second of padded audio in it, i.e. ~3.7 s; 3 s leans to fewer, larger calls.
+CALL_OVERHEAD_S = 3.0
 
 
 def served_routes(model: Any) -> list[str]:
@@ -59,6 +63,26 @@ def sampling(temperature: float, top_p: float | None = None) -> dict[str, Any]:
     if temperature == 0:
         return {"do_sample": False}
     return {"do_sample": True, "temperature": float(temperature), "top_p": top_p}
+
+
+def length_groups(lengths: Sequence[int], overhead: int) -> list[list[int]]:
+    """Indices of ``lengths`` split into groups of neighbouring lengths (shortest first), each a model call padded to
+    its longest: the split minimising the padded total plus ``overhead`` per call (exact, by dynamic programming
+    over the sorted lengths; a batch of waveforms 0.3-1.3 s long pads to ~2x its audio in one call)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    sizes = [lengths[i] for i in order]
+    best = [0.0] + [float("inf")] * len(sizes)  # best[j]: the cheapest split of the j shortest
+    cut = [0] * (len(sizes) + 1)  # cut[j]: where the last group of that split starts
+    for j in range(1, len(sizes) + 1):
+        for i in range(j):
+            cost = best[i] + overhead + (j - i) * sizes[j - 1]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(sizes)
+    while j:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
 
 
 class Engine:
@@ -109,9 +133,22 @@ class Engine:
         elif modality == "image":
             out = model.encode_image(torch.stack(list(payloads)).to(self.device))  # (B, C, H, W) → (B, E)
         else:
-            audio, lengths = pad_audio(list(payloads))  # (B, S), (B,)
-            out = model.encode_audio(audio.to(self.device), lengths.to(self.device))
+            return self.by_length(payloads, self._encode_audio)
         return list(out.float().cpu())
+
+    def _encode_audio(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
+        audio, lengths = pad_audio(waves)  # (B, S), (B,)
+        return list(self.model.encode_audio(audio.to(self.device), lengths.to(self.device)).float().cpu())
+
+    def by_length(self, waves: Sequence[torch.Tensor], run: Callable[[list[torch.Tensor]], list[Any]]) -> list[Any]:
+        """``run``'s results of (S,) waveforms, called on groups of similar lengths (:func:`length_groups`), in the
+        waveforms' order."""
+        overhead = round(CALL_OVERHEAD_S * self.model.config.audio.sample_rate)
+        results: list[Any] = [None] * len(waves)
+        for group in length_groups([w.shape[-1] for w in waves], overhead):
+            for i, result in zip(group, run([waves[i] for i in group])):
+                results[i] = result
+        return results
 
     def transcribe(
         self, key: Hashable, waves: Sequence[torch.Tensor], on_segment: Callable[[dict], None] | None = None
@@ -155,7 +192,10 @@ class Engine:
         clf = self.classifier(modality, labels, templates)
         if modality == "image":
             probs = clf.predict_proba(torch.stack(list(payloads)))  # (B, C)
-        else:
-            audio, lengths = pad_audio(list(payloads))
-            probs = clf.predict_proba(audio, lengths=lengths)
-        return probs.tolist()
+            return probs.tolist()
+
+        def run(waves: list[torch.Tensor]) -> list[list[float]]:
+            audio, lengths = pad_audio(waves)  # (B, S), (B,)
+            return clf.predict_proba(audio, lengths=lengths).tolist()  # (B, C)
+
+        return self.by_length(payloads, run)
