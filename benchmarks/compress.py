@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is None:
         torch.set_num_threads(1)  # as the demo: the digits model's matmuls do not parallelise on 2 shared cores
     if args.tiny:
-        args.steps, args.limit, args.qat_steps, args.repeats, args.warmup = 2, args.limit or 20, 2, 1, 0
+        args.steps, args.limit, args.qat_steps, args.repeats, args.warmup = 2, args.limit or 8, 2, 1, 0
     args.float_onnx = None  # set by the export section
     sections = SECTIONS if "all" in args.section else tuple(s for s in SECTIONS if s in args.section)
     with tempfile.TemporaryDirectory() as tmp:
