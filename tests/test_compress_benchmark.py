@@ -1,4 +1,4 @@
-"""Smoke run of ``benchmarks/compress.py`` at ``--tiny`` (two-step students, 20 test rows, every quantization method,
+"""Smoke run of ``benchmarks/compress.py`` at ``--tiny`` (two-step students, 8 test rows, every quantization method,
 both export formats), in three parts that pytest-xdist can run side by side: the export and backends sections run
 together, so that the backends read the export section's float ONNX export instead of exporting again. Slow: it
 exports the shipped digits model and trains three tiny runs. Timings are never asserted; the figures live in
