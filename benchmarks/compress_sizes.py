@@ -254,6 +254,26 @@ def target(report: dict) -> tuple[float, str]:
     return 1.15, "no VNNI/AMX"
 
 
+def not_available(s: Subject, name: str, error: Exception) -> dict:
+    """The row of a backend that could not run at this size: n/a and the error's first line."""
+    reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+    return {"size": s.name, "backend": name, "note": f"n/a: {type(error).__name__}: {reason}"}
+
+
+def first_call(peer: Peer, s: Subject, n: int) -> tuple[float, torch.Tensor, torch.Tensor | None]:
+    """Seconds of the first encode (+ decode) call (compilation included), the encoder output and the ids, whose
+    length is checked: every backend must decode the same ``n`` tokens per row."""
+    start = time.perf_counter()
+    output = peer.encode()
+    ids = None
+    if peer.decode is not None:
+        ids = peer.decode()
+        want = (s.prompt.shape[0], s.prompt.shape[1] + n)
+        if tuple(ids.shape) != want:
+            raise RuntimeError(f"decoded ids of shape {tuple(ids.shape)}, expected {want} (a fixed token count)")
+    return time.perf_counter() - start, output, ids
+
+
 def size_rows(s: Subject, backends: list[str], out: Path, args: argparse.Namespace, goal: float) -> list[dict]:
     """Prepare every backend for one size, time them interleaved, and the table rows (n/a ones with their reason)."""
     from benchmarks.common import interleaved
@@ -273,23 +293,20 @@ def size_rows(s: Subject, backends: list[str], out: Path, args: argparse.Namespa
         except Exception as e:  # a backend that cannot serve this size: its reason, never a figure
             if name == "fp32":
                 raise
-            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-            rows[name] = {"size": s.name, "backend": name, "note": f"n/a: {type(e).__name__}: {reason}"}
+            rows[name] = not_available(s, name, e)
             continue
         print(f"{s.name} / {name}: prepared in {peers[name].prepare_s:.1f} s", flush=True)
     first, ids = {}, {}
     reference = None
-    for name, peer in peers.items():  # first calls: compile time, outputs compared with float32's, token counts
-        start = time.perf_counter()
-        output = peer.encode()
-        first[name] = time.perf_counter() - start
-        if peer.decode is not None:
-            start = time.perf_counter()
-            ids[name] = peer.decode()
-            first[name] += time.perf_counter() - start
-            want = (s.prompt.shape[0], s.prompt.shape[1] + args.new_tokens)
-            if tuple(ids[name].shape) != want:
-                raise RuntimeError(f"{s.name} / {name}: decoded ids of shape {tuple(ids[name].shape)}, expected {want}")
+    for name, peer in list(peers.items()):  # first calls: compile time, outputs against float32's, token counts
+        try:
+            first[name], output, ids[name] = first_call(peer, s, args.new_tokens)
+        except Exception as e:  # e.g. a graph inductor cannot compile at this size: its reason, never a figure
+            if name == "fp32":
+                raise
+            del peers[name]
+            rows[name] = not_available(s, name, e)
+            continue
         reference = output.double() if reference is None else reference
         diff = float((output.double() - reference).abs().max())
         scale = float(reference.abs().max())

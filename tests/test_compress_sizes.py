@@ -83,3 +83,27 @@ def test_size_and_backend_lists_reject_unknown_names():
         compress.main(["sizes", "--tiny", "--no-save", "--backends", "fp32,int3"])
     with pytest.raises(ValueError, match=r"--sizes: expected .*'vit-b-32'.* got 'vit-l-14'"):
         compress.main(["sizes", "--tiny", "--no-save", "--sizes", "vit-l-14"])
+
+
+def test_a_backend_that_cannot_serve_a_size_is_printed_as_na_with_its_reason(tmp_path, monkeypatch):
+    import argparse
+
+    from benchmarks import compress_sizes
+
+    real = compress_sizes.prepare
+
+    def prepare(name, *rest):
+        if name == "pt2e static":
+            raise RuntimeError("calibration of this graph is impractical here\nsecond line")
+        return real(name, *rest)
+
+    monkeypatch.setattr(compress_sizes, "prepare", prepare)
+    args = argparse.Namespace(tiny=True, compile=False, bf16="auto", new_tokens=4, warmup=0, repeats=1)
+    subject = compress_sizes.clip_subject(tiny=True, batch=2)
+    rows = compress_sizes.size_rows(subject, ["fp32", "pt2e static", "torchao dynamic"], tmp_path, args, 1.5)
+    by_name = {r["backend"]: r for r in rows}
+    assert list(by_name) == ["fp32", "pt2e static", "torchao dynamic"]
+    note = "n/a: RuntimeError: calibration of this graph is impractical here"  # the first line only
+    assert by_name["pt2e static"] == {"size": "vit-b-32", "backend": "pt2e static", "note": note}
+    assert math.isfinite(by_name["torchao dynamic"]["encode_speedup"]) and by_name["fp32"]["encode_speedup"] == 1.0
+    assert isinstance(by_name["torchao dynamic"]["meets_target"], bool)
