@@ -24,6 +24,8 @@ with the error, never with a figure.
 
 The targets line (issue #26): on a CPU with VNNI or AMX, int8 ≥ 1.5× float32 for encode and decode; without, ≥ 1.15×.
 
+Shape legend: B batch, C channels, H×W pixels, M mel bins, Nf mel frames, N audio tokens, D width, E embedding size.
+
     python -m benchmarks.compress sizes [--sizes vit-b-32,whisper-tiny] [--backends fp32,pt2e dynamic,...]
                                         [--new-tokens 32] [--bf16 auto|force] [--threads N] [--repeats N]
 """
@@ -89,7 +91,7 @@ class Subject:
 
     name: str
     model: torch.nn.Module
-    inputs: dict[str, torch.Tensor]  # pixel_values (B, C, H, W) | features (B, M, Nf), lengths (B,)
+    inputs: dict[str, torch.Tensor]  # pixel_values (B, C, H, W) | features (B, M, Nf) with lengths (B,)
     calibration: list[dict]
     towers: list[str]
     decodes: bool
@@ -356,6 +358,8 @@ def sizes_section(args: argparse.Namespace, out: Path, manifest: Path) -> list[d
         folder = out / size
         folder.mkdir(parents=True, exist_ok=True)
         rows += size_rows(subject, backends, folder, args, goal)
+        if len(sizes) > 1 and size != sizes[-1]:  # a long run keeps what it measured so far
+            print(f"{size} done:\n{table([r for r in rows if r['size'] == subject.name], COLUMNS)}", flush=True)
     print(table(rows, COLUMNS))
     print(f"cpu: {report}; {bf16_choice()[1]}")
     print(f"batch {args.batch}, {torch.get_num_threads()} thread(s), {args.new_tokens} new tokens per row (greedy), "

@@ -19,9 +19,10 @@ if ROOT not in sys.path:  # `benchmarks` is a folder of the repository, not of t
 
 
 def parse_table(out: str, first_column: str) -> list[dict[str, str]]:
-    """The rows of the table whose header starts with ``first_column``, cut at the dashes line's column spans."""
+    """The rows of the last table whose header starts with ``first_column`` (the full one: each size's is printed as
+    it is done), cut at the dashes line's column spans."""
     lines = out.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(first_column + " "))
+    start = max(i for i, line in enumerate(lines) if line.startswith(first_column + " "))
     header, dashes = lines[start], lines[start + 1]
     spans, pos = [], 0
     for dash in dashes.split("  "):
