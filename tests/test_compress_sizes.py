@@ -108,3 +108,26 @@ def test_a_backend_that_cannot_serve_a_size_is_printed_as_na_with_its_reason(tmp
     assert by_name["pt2e static"] == {"size": "vit-b-32", "backend": "pt2e static", "note": note}
     assert math.isfinite(by_name["torchao dynamic"]["encode_speedup"]) and by_name["fp32"]["encode_speedup"] == 1.0
     assert isinstance(by_name["torchao dynamic"]["meets_target"], bool)
+
+
+def test_an_int8_row_whose_output_is_off_float32s_does_not_meet_the_target(tmp_path, monkeypatch):
+    import argparse
+
+    from benchmarks import compress_sizes
+
+    real = compress_sizes.prepare
+
+    def prepare(name, *rest):
+        peer = real(name, *rest)
+        if name == "torchao dynamic":  # fast and wrong: the embeddings negated
+            encode = peer.encode
+            peer.encode = lambda: -encode()
+        return peer
+
+    monkeypatch.setattr(compress_sizes, "prepare", prepare)
+    args = argparse.Namespace(tiny=True, compile=False, bf16="auto", new_tokens=4, warmup=0, repeats=1)
+    subject = compress_sizes.clip_subject(tiny=True, batch=2)
+    rows = compress_sizes.size_rows(subject, ["fp32", "torchao dynamic"], tmp_path, args, goal=0.0)
+    off = rows[1]
+    assert off["max_abs_diff"] > compress_sizes.SANE * off["fp32_max_abs"]
+    assert off["meets_target"] is False and "OUTPUT OFF" in off["note"]  # even against a goal of 0x
