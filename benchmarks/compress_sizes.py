@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import math
 import os
 import time
@@ -363,9 +364,15 @@ def sizes_section(args: argparse.Namespace, out: Path, manifest: Path) -> list[d
         print(f"{size}: built in {time.perf_counter() - start:.1f} s", flush=True)
         folder = out / size
         folder.mkdir(parents=True, exist_ok=True)
-        rows += size_rows(subject, backends, folder, args, goal)
+        done = size_rows(subject, backends, folder, args, goal)
+        rows += done
         if len(sizes) > 1 and size != sizes[-1]:  # a long run keeps what it measured so far
-            print(f"{size} done:\n{table([r for r in rows if r['size'] == subject.name], COLUMNS)}", flush=True)
+            print(f"{size} done:\n{table(done, COLUMNS)}", flush=True)
+        # the next size is built without this one's models, compiled graphs and sessions beside it (kept, the full
+        # run grew to 20 GB and was killed for memory on a 23-GB machine)
+        del subject, done
+        torch._dynamo.reset()
+        gc.collect()
     print(table(rows, COLUMNS))
     print(f"cpu: {report}; {bf16_choice()[1]}")
     print(f"batch {args.batch}, {torch.get_num_threads()} thread(s), {args.new_tokens} new tokens per row (greedy), "
