@@ -26,6 +26,9 @@ with the error, never with a figure.
 
 The targets line (issue #26): on a CPU with VNNI or AMX, int8 ≥ 1.5× float32 for encode and decode; without, ≥ 1.15×.
 
+Memory: the whisper-tiny size's first calls (compilation, batch 8 at 30 s) went past 18 GB resident in a run here,
+not yet pinned to a backend; run it alone (``--sizes whisper-tiny``, or fewer ``--backends``) where there is room.
+
 Shape legend: B batch, C channels, H×W pixels, M mel bins, Nf mel frames, N audio tokens, D width, E embedding size.
 
     python -m benchmarks.compress sizes [--sizes vit-b-32,whisper-tiny] [--backends fp32,pt2e dynamic,...]
