@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import compress_sizes
 from benchmarks.common import base_parser, machine, parse_args, record, table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -535,7 +536,7 @@ def backends_section(args: argparse.Namespace, out: Path, manifest: Path) -> lis
     return rows
 
 
-SECTIONS = ("distill", "quantize", "export", "backends")
+SECTIONS = ("distill", "quantize", "export", "backends", "sizes")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -556,6 +557,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--qat-steps", type=int, default=200, help="QAT fine-tuning steps from the shipped model")
     p.add_argument("--qat-lr", type=float, default=2e-5, help="learning rate of the QAT fine-tuning")
     p.add_argument("--compile", action="store_true", help="time torch.compile'd encoders (fp32 and quantized alike)")
+    compress_sizes.add_arguments(p)
     args = parse_args(p, argv)
     if args.threads is None:
         torch.set_num_threads(1)  # as the demo: the digits model's matmuls do not parallelise on 2 shared cores
@@ -570,7 +572,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"machine: {machine()}; load average {load_average():.2f}")
         for section in sections:
             run = {"distill": distill, "quantize": quantize_section, "export": export_section,
-                   "backends": backends_section}[section]  # fmt: skip
+                   "backends": backends_section, "sizes": compress_sizes.sizes_section}[section]  # fmt: skip
             rows = run(args, out / section, manifest)
             record(f"compress.{section}", rows, args)
 

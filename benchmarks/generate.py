@@ -79,8 +79,9 @@ def hf_whisper_config(s: dict):
     )
 
 
-def whisper_pair(size: str, seed: int = 0):
-    """A random Hugging Face Whisper whose end-of-text token never wins, and its mmformer conversion."""
+def whisper_pair(size: str | dict, seed: int = 0):
+    """A random Hugging Face Whisper (a :data:`WHISPER_SIZES` name, or such a dict) whose end-of-text token never
+    wins, and its mmformer conversion."""
     from transformers import WhisperForConditionalGeneration
     from transformers.utils import logging
 
@@ -88,7 +89,7 @@ def whisper_pair(size: str, seed: int = 0):
 
     from mmformer.convert import from_hf_whisper
 
-    config = hf_whisper_config(WHISPER_SIZES[size])
+    config = hf_whisper_config(WHISPER_SIZES[size] if isinstance(size, str) else size)
     torch.manual_seed(seed)
     hf = WhisperForConditionalGeneration(config).eval()
     with torch.no_grad():
