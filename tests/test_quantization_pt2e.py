@@ -233,11 +233,12 @@ def test_static_int8_of_a_converted_open_clip_quantizes_both_towers():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_compiled_int8_of_a_converted_open_clip_answers_as_its_reference_graphs(mode):
+def test_compiled_int8_of_a_converted_open_clip_answers_as_its_reference_graphs():
     """Compiled with freezing, an int8 projection of the pooled class token answered 0.73 away from its reference
-    graph (an embedding of norm 1; torch 2.14): the pooled projections stay float, and compiled answers are the
-    reference graphs' up to float rounding."""
+    graph (an embedding of norm 1; torch 2.14; static and dynamic alike, so one mode is tested: each compile costs
+    ~20 s here): the pooled projections stay float, and compiled answers are the reference graphs' up to float
+    rounding."""
+    mode = "static"
     model, batch, g = converted_open_clip()
     reference = pt2e.quantize(model, mode, calibration=[batch], compile=False)
     compiled = pt2e.PT2EModel(model, mode, reference.graphs, reference.qparams, compile=True)
