@@ -98,6 +98,18 @@ def read_manifest(path: Path) -> list[dict]:
     return rows
 
 
+def in_batches(generate, inputs: list, batch_size: int, **kwargs) -> list[str]:
+    """``generate`` (``model.caption`` / ``model.transcribe``, at most 8 new tokens: a digits text) over ``inputs``,
+    ``batch_size`` at a time, without gradients."""
+    import torch
+
+    out: list[str] = []
+    with torch.inference_mode():
+        for start in range(0, len(inputs), batch_size):
+            out += generate(inputs[start : start + batch_size], max_new_tokens=8, **kwargs)
+    return out
+
+
 def evaluate(model_dir: Path, manifest: Path, batch_size: int = 100, robust: bool = False) -> dict:
     """Test-split figures through the public API only: load_pretrained, ZeroShotClassifier, caption, transcribe;
     ``robust``: also the figures of :func:`robustness` (speech with silence or noise around it, and alone)."""
@@ -121,12 +133,8 @@ def evaluate(model_dir: Path, manifest: Path, batch_size: int = 100, robust: boo
         for p, y in zip(predicted, labels):
             matrix[WORDS.index(y)][WORDS.index(p)] += 1
         confusion[modality] = matrix
-    captions, transcripts = [], []
-    with torch.inference_mode():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            captions += model.caption([r["image"] for r in chunk], max_new_tokens=8)
-            transcripts += model.transcribe([r["audio_filepath"] for r in chunk], max_new_tokens=8)
+    captions = in_batches(model.caption, [r["image"] for r in rows], batch_size)
+    transcripts = in_batches(model.transcribe, [r["audio_filepath"] for r in rows], batch_size)
     refs = [r["text"] for r in rows]
     results["caption_exact"] = sum(c == r for c, r in zip(captions, refs)) / len(refs)
     results["caption_cer"] = float(char_error_rate(captions, refs))
@@ -170,11 +178,7 @@ def robustness(model, rows: list[dict], wer_as_cut: float, batch_size: int = 100
         return torch.cat([noise[:before], wave, noise[before:]])
 
     def transcribe(clips: list[torch.Tensor]) -> list[str]:
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(clips), batch_size):
-                out += model.transcribe(clips[start : start + batch_size], sample_rate=rate, max_new_tokens=8)
-        return out
+        return in_batches(model.transcribe, clips, batch_size, sample_rate=rate)
 
     results = {}
     for name, around in (("silence", pad_silence), ("noise", noisy)):
