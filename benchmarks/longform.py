@@ -184,7 +184,9 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
                      without_timestamps=True, sample_len=n, fp16=False)  # fmt: skip
         fw = {q: WhisperModel(str(paths[f"ct2-{q}"]), device="cpu", compute_type=q, cpu_threads=threads)
               for q in ("float32", "int8")}  # fmt: skip
-        fw_options = dict(language="en", without_timestamps=True, max_new_tokens=n, temperature=0.0,
+        # CTranslate2 decodes max_length / 2 new tokens (benchmarks/ct2.py) and faster-whisper passes max_length =
+        # prompt + max_new_tokens: ask for 2n - 4 after its 4-token prompt to get n (checked below, per segment)
+        fw_options = dict(language="en", without_timestamps=True, max_new_tokens=2 * n - 4, temperature=0.0,
                           log_prob_threshold=None, no_speech_threshold=None, compression_ratio_threshold=None,
                           condition_on_previous_text=False, beam_size=1, batch_size=batch)  # fmt: skip
         hf = WhisperForConditionalGeneration.from_pretrained(paths["hf"]).eval()
@@ -226,6 +228,8 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
             best = min(times)
             if name.startswith("faster-whisper"):
                 windows[name] = len(out)  # one segment per VAD chunk without timestamps
+                if any(len(segment.tokens) != n for segment in out):
+                    raise RuntimeError(f"{name}: expected {n} tokens per window, got {[len(s.tokens) for s in out]}")
             rows.append({"peer": name, "audio_s": round(seconds, 1), "windows": windows.get(name, ""),
                          "new_tokens": n, "batch": batch if "batched" in name or "HF" in name else 1,
                          "wall_s": best, "audio_s_per_s": seconds / best})  # fmt: skip

@@ -4,6 +4,7 @@ and map their times back onto the file's timeline."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from mmformer.longform.vad import (
     Window,
     cut_and_merge,
     silero_model,
+    silero_package,
     speech_probabilities,
     speech_regions,
 )
@@ -42,6 +44,7 @@ def _frame_by_frame(wave: torch.Tensor) -> np.ndarray:
 def test_sequence_model_gives_the_frame_by_frame_probabilities_and_timestamps():
     """The sequence model runs the same network with its frame loop inside: bit-identical here (max abs diff 0.0 on
     5 min of digits; the bound leaves room for another CPU's kernels), and the speech timestamps are identical."""
+    silero_package()
     from silero_vad.utils_vad import get_speech_timestamps_from_probs
 
     wave = digits_recording(30, seed=60, noise=0.003)[0]  # ~60 s
@@ -53,6 +56,19 @@ def test_sequence_model_gives_the_frame_by_frame_probabilities_and_timestamps():
                   speech_pad_ms=0, audio_length_samples=wave.shape[0])  # fmt: skip
     stamps = get_speech_timestamps_from_probs(list(ours), **kwargs)
     assert stamps == get_speech_timestamps_from_probs(list(theirs), **kwargs) and len(stamps) >= 25
+
+
+def test_the_vad_leaves_torch_threads_as_they_were():
+    """silero-vad's import sets torch's threads to 1 for the whole process; through mmformer it does not (checked in a
+    fresh process: the import happens once per process)."""
+    code = (
+        "import torch; torch.set_num_threads(2)\n"
+        "from mmformer.longform.vad import speech_regions\n"
+        "speech_regions(torch.randn(16000) * 0.01, 16000)\n"
+        "print(torch.get_num_threads())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split()[-1] == "2", out.stdout + out.stderr
 
 
 def test_files_on_threads_equal_files_alone():

@@ -323,9 +323,9 @@ def test_whisper_without_vad_is_openai_whispers_sequential_algorithm(whisper_mod
 def test_silero_frames_of_many_files_at_once_equal_silero_file_by_file():
     """The VAD of all inputs runs as one batch (a Silero state per file): each file's speech timestamps equal
     silero-vad's own get_speech_timestamps on it alone."""
-    from silero_vad import get_speech_timestamps
+    from mmformer.longform.vad import silero_model, silero_package, speech_regions_many
 
-    from mmformer.longform.vad import silero_model, speech_regions_many
+    get_speech_timestamps = silero_package().get_speech_timestamps
 
     waves = [digits_recording(n, seed=50 + n)[0] for n in (3, 9, 5)]
     options = VadOptions(trim_db=None, speech_pad_ms=30)

@@ -14,6 +14,7 @@ import importlib.resources
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -133,14 +134,26 @@ class Window:
         return min(max((start + seconds * sample_rate - before) / sample_rate, start / sample_rate), stop / sample_rate)
 
 
+def silero_package() -> ModuleType:
+    """The ``silero_vad`` package, imported without its side effect on this process: its ``model`` module calls
+    ``torch.set_num_threads(1)`` when first imported, which left every later torch operation on one thread (measured:
+    the whisper-tiny encoder at batch 8 took 3.7 s instead of 2.1 s after the VAD had run on 2 cores). Import it
+    through here (tests too) before any ``from silero_vad... import``."""
+    threads = torch.get_num_threads()
+    try:
+        import silero_vad
+    except ImportError as e:
+        raise ImportError("VAD needs the silero-vad package (pip install silero-vad); or pass vad=False") from e
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    return silero_vad
+
+
 @functools.lru_cache(maxsize=1)
 def silero_model() -> Any:
     """Silero VAD's ONNX model from the ``silero-vad`` wheel (loaded once per process)."""
-    try:
-        from silero_vad import load_silero_vad
-    except ImportError as e:
-        raise ImportError("VAD needs the silero-vad package (pip install silero-vad); or pass vad=False") from e
-    return load_silero_vad(onnx=True)
+    return silero_package().load_silero_vad(onnx=True)
 
 
 def fixed_window(model: MultimodalTransformer) -> bool:
@@ -195,6 +208,7 @@ def silero_sequence_session() -> Any:
     ``load_silero_vad(sequence=True)`` loads, its options, and its load-time warnings about unused initializers
     silenced): the network of :func:`silero_model` exported with its frame loop inside, so a block of frames is one
     session call. Its probabilities are bit-identical to the frame-by-frame model's (tests/test_longform_speed.py)."""
+    silero_package()
     try:
         import onnxruntime
         from silero_vad import data
@@ -220,9 +234,8 @@ def speech_probabilities(waves: list[torch.Tensor]) -> list[list[float]]:
     Files run on ``torch.get_num_threads()`` threads instead (onnxruntime releases the GIL)."""
     if not waves:
         return []
+    session = silero_sequence_session()  # imports silero_vad through silero_package
     from silero_vad.sequence_vad import DEFAULT_MAX_FRAMES, frame_blocks
-
-    session = silero_sequence_session()
 
     def one(wave: torch.Tensor) -> list[float]:
         """silero-vad's SileroVADSequence.audio_forward: blocks of frames (each after the previous frame's last 64
@@ -268,6 +281,7 @@ def _regions(
     wave: torch.Tensor, probs: list[float], vad_samples: int, sample_rate: int, options: VadOptions
 ) -> list[tuple[int, int]]:
     """Silero's speech timestamps from its frame probabilities, edges placed on the signal (``trim_db``), padded."""
+    silero_package()
     from silero_vad.utils_vad import get_speech_timestamps_from_probs
 
     scale = sample_rate / VAD_RATE
