@@ -25,8 +25,13 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, repeats: int = 5, device="cpu") -> dict:
-    """Median seconds per call of each function, timed alternately after ``warmup`` untimed calls each."""
+def interleaved(
+    fns: dict[str, Callable[[], object]], *, warmup: int = 2, repeats: int = 5, device="cpu", settle: float = 0.0
+) -> dict:
+    """Median seconds per call of each function, timed alternately after ``warmup`` untimed calls each; with
+    ``settle``, that many seconds of sleep before each timed call. Peers with their own OpenMP runtime (CTranslate2
+    ships its own libgomp) leave threads spinning after a call, which took the cores from the next peer: at
+    whisper-tiny, batch 1, mmformer decoded 103 tokens/s right after CTranslate2's calls and 139 without them."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -35,6 +40,8 @@ def interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, repeat
     for _ in range(repeats):
         for name, fn in fns.items():
             sync(device)
+            if settle:
+                time.sleep(settle)
             start = time.perf_counter()
             fn()
             sync(device)

@@ -61,6 +61,24 @@ def cut_at_eos(ids: torch.Tensor, n_prompt: int, eos: int, pad: int) -> tuple[to
     return torch.tensor([r + [pad] * (width - len(r)) for r in rows]), ends
 
 
+def test_a_single_row_through_a_large_head_gets_the_heads_logits(make_model_config):
+    """One decoding row through an LM head of at least 2**22 weights is projected as two rows (MKL's GEMV path is
+    single-threaded): its logits equal the head's own call, and a batch's rows are each what they are alone."""
+    from mmformer.generation.search import _LARGE_HEAD, _last_logits
+
+    vocab = _LARGE_HEAD // 16 + 7  # width 16: just over the threshold
+    model = MultimodalTransformer(make_model_config(text={"vocab_size": vocab}, tie_lm_head=False)).eval()
+    hidden = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        expected = model.lm_head(hidden[:, -1])
+        one = _last_logits(model, hidden[:1])
+        many = _last_logits(model, hidden)
+    assert one.shape == (1, vocab) and many.shape == (3, vocab)
+    torch.testing.assert_close(one, expected[:1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(many, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(one, many[:1], atol=1e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------- the cache changes nothing
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 @pytest.mark.parametrize("memory", ["image", "audio"])
