@@ -25,13 +25,8 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(
-    fns: dict[str, Callable[[], object]], *, warmup: int = 2, repeats: int = 5, device="cpu", settle: float = 0.0
-) -> dict:
-    """Median seconds per call of each function, timed alternately after ``warmup`` untimed calls each; with
-    ``settle``, that many seconds of sleep before each timed call. Peers with their own OpenMP runtime (CTranslate2
-    ships its own libgomp) leave threads spinning after a call, which took the cores from the next peer: at
-    whisper-tiny, batch 1, mmformer decoded 103 tokens/s right after CTranslate2's calls and 139 without them."""
+def interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, repeats: int = 5, device="cpu") -> dict:
+    """Median seconds per call of each function, timed alternately after ``warmup`` untimed calls each."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -40,8 +35,6 @@ def interleaved(
     for _ in range(repeats):
         for name, fn in fns.items():
             sync(device)
-            if settle:
-                time.sleep(settle)
             start = time.perf_counter()
             fn()
             sync(device)

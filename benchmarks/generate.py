@@ -48,7 +48,6 @@ CAPTION_SIZES = {
     "smoke": dict(image=32, width=32, depth=1, heads=2, vocab=64),
 }
 N_MELS, BOS, START, NO_TIMESTAMPS = 80, 1, 3, 4
-SETTLE_S = 0.5  # idle seconds before each timed call: no peer's spinning threads linger (benchmarks.common)
 INT8_PEERS = ("int8", "ct2_int8")  # quantized: their ids may differ from the float peers'
 
 
@@ -186,7 +185,7 @@ def measure(task: str, args: argparse.Namespace, batch: int, beams: int, peers: 
         ids[name] = fn()
         first_s[name] = time.perf_counter() - start
         _check_length(name, ids[name], batch, prompt + n)
-    seconds = interleaved(peers, warmup=args.warmup, repeats=args.repeats, settle=SETTLE_S)
+    seconds = interleaved(peers, warmup=args.warmup, repeats=args.repeats)
     tps = {name: batch * n / s for name, s in seconds.items()}
     row = {"task": task, "batch": batch, "search": "greedy" if beams == 1 else f"beam {beams}", "new_tokens": n}
     row |= {f"{name}_tok_s": value for name, value in tps.items()}
