@@ -26,8 +26,10 @@ with the error, never with a figure.
 
 The targets line (issue #26): on a CPU with VNNI or AMX, int8 ≥ 1.5× float32 for encode and decode; without, ≥ 1.15×.
 
-Memory: the whisper-tiny size's first calls (compilation, batch 8 at 30 s) went past 18 GB resident in a run here,
-not yet pinned to a backend; run it alone (``--sizes whisper-tiny``, or fewer ``--backends``) where there is room.
+Memory at the whisper-tiny size (batch 8 at 30 s), peak resident, measured per run: fp32 with the PT2E or torchao
+backends about 2 GB; each onnxruntime backend (its ONNX export and sessions: the CPU arena grows with every input and
+cache shape) 5-7 GB more — fp32 + ONNX fp32 + both onnxruntime int8 went past 14.7 GB. Run the onnxruntime backends
+at that size in separate runs (``--backends "fp32,onnxruntime dynamic"``) on a machine with less than 20 GB free.
 
 Shape legend: B batch, C channels, H×W pixels, M mel bins, Nf mel frames, N audio tokens, D width, E embedding size.
 

@@ -15,15 +15,25 @@ ranks among the top candidates; the output lengths are checked. ``same_ids``: ev
 ones) made Hugging Face's ids. Tokens/s counts generated tokens (batch × new tokens; beams are not counted twice) over
 the whole call, the encoder included.
 
+CTranslate2 runs in this process by default (``--ct2 same``) or, with ``--ct2 child``, in a child process
+(:func:`benchmarks.ct2.measure_alone`: the same weights, inputs, threads and repeats; its ids join the same-ids
+check). In one process its OpenMP runtime slows torch's decoding: after CTranslate2's first call, torch's threads
+sleep and wake at every parallel region (voluntary context switches 0 → ~3,500 per 64-token call) and mmformer's
+batch-1 int8 decoding fell from 266–335 to 145–155 tokens/s (fp32: 148 → 127), measured on the 2-core EPYC.
+
     python -m benchmarks.generate [--size whisper-tiny] [--batches 1,8] [--beams 1,4] [--new-tokens 64] [--no-compile]
-                                  [--no-ct2] [--no-int8]
+                                  [--ct2 same|child|off] [--no-int8]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -173,8 +183,11 @@ def mmformer_peers(model: MultimodalTransformer, inputs: dict, beams: int, n: in
     return peers
 
 
-def measure(task: str, args: argparse.Namespace, batch: int, beams: int, peers: dict, prompt: int = 1) -> dict:
-    """Tokens/s of every peer (interleaved medians), their ratios, and whether the exact peers all made the same ids.
+def measure(
+    task: str, args: argparse.Namespace, batch: int, beams: int, peers: dict, prompt: int = 1, apart: dict | None = None
+) -> dict:
+    """Tokens/s of every peer (interleaved medians), their ratios, and whether the exact peers all made the same ids;
+    ``apart``: peers measured in a child process, name → (tokens/s, ids).
 
     The untimed first call of each peer checks the output length and gives the compile time of a compiled one.
     """
@@ -187,6 +200,9 @@ def measure(task: str, args: argparse.Namespace, batch: int, beams: int, peers: 
         _check_length(name, ids[name], batch, prompt + n)
     seconds = interleaved(peers, warmup=args.warmup, repeats=args.repeats)
     tps = {name: batch * n / s for name, s in seconds.items()}
+    for name, (tok_s, rows) in (apart or {}).items():
+        tps[name], ids[name] = tok_s, torch.tensor(rows)
+        _check_length(name, ids[name], batch, prompt + n)
     row = {"task": task, "batch": batch, "search": "greedy" if beams == 1 else f"beam {beams}", "new_tokens": n}
     row |= {f"{name}_tok_s": value for name, value in tps.items()}
     if "hf" in tps:
@@ -206,15 +222,27 @@ def measure(task: str, args: argparse.Namespace, batch: int, beams: int, peers: 
     return row
 
 
+def ct2_in_child(args: argparse.Namespace, out: Path) -> dict:
+    """CTranslate2's peers measured by ``python -m benchmarks.ct2`` in a child process (same weights, inputs, threads
+    and repeats): ``{batch: {name: (tokens/s, ids)}}`` as JSON keys."""
+    command = [sys.executable, "-m", "benchmarks.ct2", "--size", args.size, "--new-tokens", str(args.new_tokens),
+               "--batches", ",".join(map(str, args.batches)), "--warmup", str(args.warmup), "--repeats",
+               str(args.repeats), "--threads", str(torch.get_num_threads()), "--out", str(out)]  # fmt: skip
+    subprocess.run(command, check=True, cwd=Path(__file__).resolve().parent.parent)
+    return json.loads(out.read_text())
+
+
 def speech_rows(args: argparse.Namespace) -> list[dict]:
     hf, ours = whisper_pair(args.size)
     frames = 2 * WHISPER_SIZES[args.size]["source_positions"]  # Hugging Face's encoder takes exactly this many
     with tempfile.TemporaryDirectory() as folder:
-        extra = {}
-        if args.ct2:
+        extra, apart = {}, {}
+        if args.ct2 == "same":
             from benchmarks import ct2
 
             extra |= ct2.whisper_models(hf, whisper_specials(hf), folder)
+        elif args.ct2 == "child":
+            apart = ct2_in_child(args, Path(folder) / "ct2.json")
         if args.int8:
             from mmformer.compress import pt2e
 
@@ -226,7 +254,8 @@ def speech_rows(args: argparse.Namespace) -> list[dict]:
             features = torch.randn(batch, N_MELS, frames, generator=torch.Generator().manual_seed(batch))
             for beams in args.beams:
                 peers = speech_peers(hf, ours, features, beams, args.new_tokens, args, extra)
-                rows.append(measure(f"speech ({args.size})", args, batch, beams, peers, prompt=2))
+                rows.append(measure(f"speech ({args.size})", args, batch, beams, peers, prompt=2,
+                                    apart=apart.get(str(batch)) if beams == 1 else None))  # fmt: skip
     return rows
 
 
@@ -255,8 +284,13 @@ def main(argv: list[str] | None = None) -> None:
         default=True,
         help="also time generate(compile=True), its compile time reported apart (default: on)",
     )
-    p.add_argument("--ct2", action=argparse.BooleanOptionalAction, default=True,
-                   help="CTranslate2 float32 and int8 peers (greedy; default: on)")  # fmt: skip
+    p.add_argument(
+        "--ct2",
+        choices=("same", "child", "off"),
+        default="same",
+        help="CTranslate2 float32 and int8 peers (greedy): in this process (default), in a child process (its OpenMP "
+        "runtime slows torch's threads in the same process: benchmarks/ct2.py), or off",
+    )
     p.add_argument(
         "--int8",
         action=argparse.BooleanOptionalAction,
@@ -270,14 +304,15 @@ def main(argv: list[str] | None = None) -> None:
         args.batches, args.beams = "2", "1,2"
     args.batches = [int(b) for b in str(args.batches).split(",")]
     args.beams = [int(k) for k in str(args.beams).split(",")]
+    ct2 = args.ct2 != "off"
     compiled = ["compiled_tok_s", "compile_s"] if args.compile else []
     rows = speech_rows(args)
     print(f"speech decoding: Hugging Face Whisper generate vs mmformer (same weights), {machine()}")
     columns = ["task", "batch", "search", "new_tokens", "hf_tok_s", "mmformer_tok_s", "no_cache_tok_s"]
-    columns += compiled + ["ct2_float32_tok_s", "ct2_int8_tok_s"] * args.ct2 + ["int8_tok_s"] * args.int8
+    columns += compiled + ["ct2_float32_tok_s", "ct2_int8_tok_s"] * ct2 + ["int8_tok_s"] * args.int8
     columns += ["vs_hf", "vs_no_cache"] + (["compiled_vs_hf"] if args.compile else [])
-    columns += ["mmformer_vs_ct2_float32"] * args.ct2 + ["int8_vs_mmformer"] * args.int8
-    columns += ["int8_vs_ct2_int8"] * (args.ct2 and args.int8) + ["same_ids"]
+    columns += ["mmformer_vs_ct2_float32"] * ct2 + ["int8_vs_mmformer"] * args.int8
+    columns += ["int8_vs_ct2_int8"] * (ct2 and args.int8) + ["same_ids"]
     print(table(rows, columns))
     if not args.skip_caption:
         captions = caption_rows(args)

@@ -77,3 +77,16 @@ def test_gpu_check_runs_at_tiny_size_on_cpu(tmp_path, capsys):
     for name in ("sdpa", "fp16", "fsdp"):
         assert status[name] == "skipped" and f"[{name}] skipped" in out
     assert "needs CUDA" in out and "vs_padded_77" in out and "mfu_vs_measured_peak" in out
+
+
+@pytest.mark.slow
+def test_generate_measures_ctranslate2_in_a_child_process(capsys):
+    """``--ct2 child``: CTranslate2's rows come from ``python -m benchmarks.ct2`` in a child process (same weights and
+    inputs: its ids join the same-ids check)."""
+    pytest.importorskip("ctranslate2")
+    importlib.import_module("benchmarks.generate").main(
+        ["--tiny", "--no-save", "--ct2", "child", "--skip-caption", "--no-compile", "--no-int8"]
+    )
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "greedy" in line)
+    assert "mmformer_vs_ct2_float32" in out and row.split()[-1] == "True", out
