@@ -1,9 +1,10 @@
 """Long-form transcription (issue #25): audio seconds per second on one long recording of speech (the digits clips,
 10 min by default) at whisper-tiny dimensions with random weights, side by side in one run — mmformer sequential
-(openai-whisper's algorithm), mmformer VAD-batched, openai-whisper's ``transcribe()``, faster-whisper's
-``BatchedInferencePipeline`` on the same weights converted by CTranslate2 (float32 and int8), Hugging Face's chunked
-pipeline — and the VAD-batched path's WER against the same utterances one by one on a digits recording (the shipped
-digits model).
+(openai-whisper's algorithm), mmformer VAD-batched (float32, and with the PT2E int8 audio encoder under the float
+decoder: :func:`mmformer.longform.transcribe_files` of a PT2E model), openai-whisper's ``transcribe()``,
+faster-whisper's ``BatchedInferencePipeline`` on the same weights converted by CTranslate2 (float32 and int8),
+Hugging Face's chunked pipeline — and the VAD-batched path's WER against the same utterances one by one on a
+digits recording (the shipped digits model).
 
 Fair work per window: random weights decode garbage of any length, so the end-of-text row of the (tied) embedding is
 scaled to 1e-3 (it never wins: every window decodes exactly ``--new-tokens`` tokens in every peer; a tiny row, not a
@@ -160,6 +161,7 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast, pipeline
     from transformers.utils import logging
 
+    from mmformer.compress import pt2e
     from mmformer.convert.openai_whisper import from_openai_whisper
     from mmformer.longform import TranscribeOptions, transcribe_files
     from mmformer.longform.vad import VadOptions, cut_and_merge, model_window_samples, speech_regions
@@ -174,6 +176,8 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
     try:
         paths = whisper_checkpoints(dims, folder)
         ours = from_openai_whisper(paths["pt"]).eval()
+        # the int8 audio encoder (PT2E dynamic, compiled) under the float decoder: mmformer's int8 long-form path
+        ours_int8 = pt2e.quantize(ours, "dynamic", towers=["audio"], compile=not args.tiny)
         options = TranscribeOptions(
             temperature=0.0, compression_ratio_threshold=None, logprob_threshold=None, no_speech_threshold=None,
             condition_on_previous_text=False, language="en", without_timestamps=True,
@@ -200,6 +204,9 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
             "mmformer VAD-batched": lambda: transcribe_files(
                 ours, [wave], options=options, vad=True, batch_size=batch
             ),  # fmt: skip
+            "mmformer VAD-batched int8 encoder": lambda: transcribe_files(
+                ours_int8, [wave], options=options, vad=True, batch_size=batch
+            ),  # fmt: skip
             "openai-whisper transcribe()": lambda: whisper.transcribe(theirs, audio, **quiet),
             "faster-whisper batched float32": lambda: list(
                 BatchedInferencePipeline(fw["float32"]).transcribe(audio, **fw_options)[0]
@@ -216,6 +223,7 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
         stride = 5 * SAMPLE_RATE  # the pipeline's default: chunk_length_s / 6 on each side
         windows = {"mmformer sequential": -(-wave.shape[0] // limit), "openai-whisper transcribe()":
                    -(-wave.shape[0] // limit), "mmformer VAD-batched": vad_windows,
+                   "mmformer VAD-batched int8 encoder": vad_windows,
                    "HF pipeline chunked": -(-(wave.shape[0] - 2 * stride) // (limit - 2 * stride))}  # fmt: skip
         rows = []
         for name, run in peers.items():

@@ -164,6 +164,11 @@ class PT2EModel:
         L2-normalised (the float model's arguments)."""
         return self.run("audio_encoder", *self._features(audio, audio_lengths, audio_features, feature_lengths))[0]
 
+    def audio_states(self, features: torch.Tensor) -> torch.Tensor:
+        """The int8 audio encoder's states (B, S, D) of log-mel (B, M, Nf), every frame valid: what a decoder
+        attends to (the long-form path of a Whisper checkpoint reads its windows through this)."""
+        return self.run("audio_encoder", *self._features(None, None, features, None))[1]
+
     def _features(
         self,
         audio: torch.Tensor | None,

@@ -128,6 +128,19 @@ def _windows(
     return windows
 
 
+def _int8_encoder(model: Any) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """(the float model, its PT2E int8 audio encoder) of a PT2E model with an ``audio_encoder`` graph; (model, None)
+    otherwise."""
+    from mmformer.compress.pt2e import PT2EModel
+
+    if not isinstance(model, PT2EModel):
+        return model, None
+    if "audio_encoder" not in model.graphs:
+        raise ValueError(f"model: this PT2E model has no int8 audio encoder (graphs {sorted(model.graphs)}); "
+                         "quantize it with towers including 'audio'")  # fmt: skip
+    return model.model, model.audio_states
+
+
 def transcribe_files(
     model: MultimodalTransformer,
     inputs: Sequence[Any],
@@ -143,7 +156,10 @@ def transcribe_files(
     """Transcribe many recordings of any length, their windows decoded together.
 
     Args:
-        model: a speech-to-text model (one trained here, or a converted Whisper checkpoint).
+        model: a speech-to-text model (one trained here, or a converted Whisper checkpoint); or a Whisper
+            checkpoint's PT2E int8 model (:func:`mmformer.compress.pt2e.quantize` / ``load`` with its ``audio``
+            tower): its int8 audio encoder reads the windows and the float decoder decodes them (the long-form
+            decoder drives the float model's steps; the PT2E decoder graphs have no Whisper rules).
         inputs: audio file paths, or 1-D float waveforms at the model's sample rate.
         options: how windows are decoded: :class:`TranscribeOptions` (a Whisper checkpoint: openai-whisper's
             algorithm with these options; another model: see :func:`decoding_options`), or :class:`DecodingOptions`
@@ -182,7 +198,11 @@ def transcribe_files(
     if isinstance(vad, VadOptions):
         vad, vad_options = True, vad
     vad_options = vad_options or VadOptions()
+    model, encoder = _int8_encoder(model)
     whisper = has_timestamps(model)
+    if encoder is not None and not whisper:
+        raise ValueError("model: a PT2E int8 model transcribes long recordings only as a Whisper checkpoint (its "
+                         "int8 audio encoder); for this model pass its float model (.model)")  # fmt: skip
     if whisper:
         if isinstance(options, DecodingOptions):  # the short-clip options (serving): one temperature, no fallback
             options = TranscribeOptions(
@@ -217,12 +237,14 @@ def transcribe_files(
         results = [None if wave is None else transcribe_sequential(
             model, wave, options, tokenizer=processor.tokenizer,
             progress=None if progress is None else _Increments(progress, total),
-            on_segment=None if on_segment is None else functools.partial(on_segment, i),
+            on_segment=None if on_segment is None else functools.partial(on_segment, i), encoder=encoder,
         ) for i, wave in enumerate(waves)]  # fmt: skip
     else:
         windows = _windows(model, waves, vad, vad_options, rate)
         if whisper:
-            decode = functools.partial(decode_windows_whisper, model, options=options, tokenizer=processor.tokenizer)
+            decode = functools.partial(
+                decode_windows_whisper, model, options=options, tokenizer=processor.tokenizer, encoder=encoder
+            )
         else:
             decode = functools.partial(
                 decode_windows_generic, model, processor=processor, options=options, prefix_embeds=prefix_embeds

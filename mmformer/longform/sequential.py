@@ -123,6 +123,7 @@ def transcribe_sequential(
     progress: Callable[[float, float], None] | None = None,
     generator: torch.Generator | None = None,
     on_segment: Callable[[dict[str, Any]], None] | None = None,
+    encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
     **changes: Any,
 ) -> dict[str, Any]:
     """Transcribe one waveform as openai-whisper's ``transcribe(model, audio, **options)``.
@@ -134,6 +135,8 @@ def transcribe_sequential(
         progress: called after each window with (seconds done, seconds in total).
         generator: random generator for the sampled fallback temperatures.
         on_segment: called with each numbered segment as soon as its window is decoded (streaming).
+        encoder: another encoder of the windows (see :func:`~mmformer.longform.whisper_decode.encode_windows`);
+            the language detection, once per input, runs the model's own.
 
     Returns:
         ``{"text", "segments": [{id, seek, start, end, text, tokens, temperature, avg_logprob, compression_ratio,
@@ -187,7 +190,7 @@ def transcribe_sequential(
         segment_duration = clock.seconds(segment_size)
         mel_segment = F.pad(mel[:, seek : seek + segment_size], (0, n_frames - segment_size))  # (M, F)
 
-        features = encode_windows(model, mel_segment)  # (1, S, D): read by every temperature and the word alignment
+        features = encode_windows(model, mel_segment, encoder)  # (1, S, D): read by every temperature and the words
         if options.carry_initial_prompt:  # openai's slicing, [-0:] (the whole list) included
             kept = all_tokens[max(len(initial_prompt), prompt_reset_since) :][-remaining_prompt_length:]
             prompt = initial_prompt + kept

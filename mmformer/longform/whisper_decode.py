@@ -276,9 +276,15 @@ def decode_windows(
     return results
 
 
-def encode_windows(model: MultimodalTransformer, mel: torch.Tensor) -> torch.Tensor:
-    """Encoder states (B, S, D) of log-mel windows (B, M, F) (or one (M, F)), every frame attended (Whisper)."""
+def encode_windows(
+    model: MultimodalTransformer, mel: torch.Tensor, encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Encoder states (B, S, D) of log-mel windows (B, M, F) (or one (M, F)), every frame attended (Whisper);
+    ``encoder``: another encoder of the model's audio tower, log-mel → states (the int8 graph of
+    :meth:`mmformer.compress.pt2e.PT2EModel.audio_states`)."""
     mel = mel[None] if mel.ndim == 2 else mel
+    if encoder is not None:
+        return encoder(mel)
     memory, _ = model.encode_audio_tokens(audio_features=mel.to(model_device(model)))
     return memory
 

@@ -1,0 +1,66 @@
+"""mmformer's int8 long-form path (issues #25, #26): a Whisper checkpoint's PT2E int8 model passed to
+``transcribe_files`` reads every window through its int8 audio encoder and decodes with the float decoder (Whisper's
+rules, fallback, timestamps and word alignment as they are); models it cannot serve are refused by name."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmformer.longform import TranscribeOptions, transcribe_files
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `benchmarks` is a folder of the repository
+    sys.path.insert(0, str(ROOT))
+from benchmarks.longform import digits_recording  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not (hasattr(torch.ops, "onednn") and torch.backends.mkldnn.is_available()), reason="x86 int8 kernels needed"
+)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    pytest.importorskip("whisper")
+    from test_openai_whisper_convert import random_whisper, save_pt
+
+    from mmformer.compress import pt2e
+    from mmformer.convert.openai_whisper import from_openai_whisper
+
+    model = from_openai_whisper(save_pt(random_whisper(seed=0), tmp_path_factory.mktemp("whisper") / "tiny.pt"))
+    return model.eval(), pt2e.quantize(model, "dynamic", towers=["audio"], compile=False)
+
+
+@pytest.mark.parametrize("vad", [False, True])
+def test_int8_long_form_is_the_float_decoder_over_the_int8_encoders_states(models, vad, monkeypatch):
+    """The int8 model's result equals the float model's with its encoder replaced by the int8 graph (so every
+    window went through that graph, sequential and VAD-batched alike), and the int8 states stay near float's."""
+    model, int8 = models
+    wave = digits_recording(20, seed=130)[0]  # ~40 s: two windows
+    options = TranscribeOptions(temperature=0.0, language="en", word_timestamps=True)
+    got = transcribe_files(int8, [wave], options=options, vad=vad, batch_size=4)
+    mel = model.audio_embed.features(wave[None, : 16000 * 30], torch.tensor([16000 * 30]))
+    with torch.no_grad():
+        reference, _ = model.encode_audio_tokens(audio_features=mel)
+    states = int8.audio_states(mel)
+    assert states.shape == reference.shape
+    assert (states - reference).abs().max() < 0.1 * reference.abs().max()
+    monkeypatch.setattr(model, "encode_audio_tokens", lambda audio_features: (int8.audio_states(audio_features), None))
+    expected = transcribe_files(model, [wave], options=options, vad=vad, batch_size=4)
+    assert got == expected and got[0]["segments"]
+
+
+def test_an_int8_model_the_long_form_path_cannot_serve_is_refused_by_name(models):
+    from mmformer import load_pretrained
+    from mmformer.compress import pt2e
+
+    model, _ = models
+    text_only = pt2e.quantize(model, "dynamic", towers=["decoder"], compile=False)
+    with pytest.raises(ValueError, match="no int8 audio encoder"):
+        transcribe_files(text_only, [torch.zeros(16000)])
+    digits = load_pretrained(ROOT / "data" / "digits_model").eval()
+    with pytest.raises(ValueError, match="only as a Whisper checkpoint"):
+        transcribe_files(pt2e.quantize(digits, "dynamic", towers=["audio"], compile=False), [torch.zeros(16000)])
