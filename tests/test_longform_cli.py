@@ -160,3 +160,24 @@ def test_two_inputs_that_would_write_the_same_files_are_refused(tmp_path):
     with pytest.raises(SystemExit, match=r"files: .*a\.flac and .*a\.wav would both write"):
         main(["transcribe", "--model", MODEL, "--output-format", "txt", "--output-dir", str(tmp_path),
               str(tmp_path / "x" / "a.flac"), str(tmp_path / "a.wav")])  # fmt: skip
+
+
+def test_transcribe_int8_runs_a_whisper_checkpoints_int8_encoder_and_refuses_other_models(talks, tmp_path):
+    """``--compute-type int8``: a Whisper checkpoint's audio encoder quantized at load (PT2E dynamic) transcribes
+    (json written, English, segments); a model trained here is refused by name, nothing written."""
+    pytest.importorskip("whisper")
+    from test_openai_whisper_convert import random_whisper, save_pt
+
+    root, _ = talks
+    save_pt(random_whisper(seed=0), tmp_path / "cache" / "whisper" / "rand.pt")
+    flags = ["--vad", "--temperature", "0", "--language", "en", "--output-format", "json"]
+    flags += ["--output-dir", str(tmp_path)]
+    done = _run(str(root / "talk0.flac"), "--compute-type", "int8", *flags, model="whisper:rand",
+                XDG_CACHE_HOME=str(tmp_path / "cache"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "talk0.json").read_text())
+    assert result["language"] == "en" and result["segments"]
+    refused = _run(str(root / "talk1.flac"), "--compute-type", "int8", "--output-format", "json", "--output-dir",
+                   str(tmp_path))  # fmt: skip
+    assert refused.returncode != 0 and "only as a Whisper checkpoint" in refused.stderr
+    assert not (tmp_path / "talk1.json").exists()

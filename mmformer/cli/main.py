@@ -124,6 +124,13 @@ def _transcribe_args(p: argparse.ArgumentParser) -> None:
     for flag, kwargs in dataclass_flags(VadOptions, prefix="vad-"):
         p.add_argument(flag, **kwargs)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--compute-type",
+        choices=("float32", "int8"),
+        default="float32",
+        help="int8: a Whisper checkpoint's audio encoder quantized at load (PT2E dynamic int8, x86 CPUs; compiled on "
+        "its first windows), the decoder in float32",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="windows decoded at once, drawn from all files")
     p.add_argument(
         "--output-format",
@@ -358,9 +365,14 @@ def _transcribe(args: argparse.Namespace) -> None:
     options = _dataclass_of(TranscribeOptions, args, **({"temperature": temperature} if temperature else {}))
     base = _dataclass_of(DecodingOptions, args, exclude={f.name for f in dataclasses.fields(TranscribeOptions)})
     progress = None if args.no_progress else _Progress()
+    runner = model
+    if args.compute_type == "int8":
+        from mmformer.compress import pt2e
+
+        runner = pt2e.quantize(model, "dynamic", towers=["audio"])  # refused by transcribe_files unless Whisper
     try:
         results = transcribe_files(
-            model,
+            runner,
             args.files,
             options=options if has_timestamps(model) else decoding_options(model, options, base=base),
             vad=args.vad,
