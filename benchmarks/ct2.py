@@ -91,7 +91,7 @@ def generate(model, features: torch.Tensor, prompt: list[int], new_tokens: int) 
 def measure_alone(size: str, batches: list[int], new_tokens: int, warmup: int, repeats: int) -> dict:
     """CTranslate2's greedy tokens/s and ids at each batch size, on the weights and inputs of
     :func:`benchmarks.generate.speech_rows` (same seeds), in this process with no torch peer run: ``{batch:
-    {"ct2_float32": (tok_s, ids), ...}}``. ``python -m benchmarks.generate --ct2-process child`` runs this in a child
+    {"ct2_float32": (tok_s, ids), ...}}``. ``python -m benchmarks.generate --ct2 child`` runs this in a child
     process: beside torch's decoding in one process, CTranslate2's OpenMP runtime made torch's threads sleep and
     wake at every parallel region (voluntary context switches 0 -> ~3,500 per 64-token call) and mmformer's
     decoding 1.2-2x slower, persistently after CTranslate2's first call."""
