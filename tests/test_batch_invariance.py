@@ -98,6 +98,16 @@ def test_per_clip_centring_is_torchaudios_for_a_full_length_clip():
     rows = centre_pad(x, torch.tensor([5000, 3000]), 200)
     assert torch.equal(rows[1, : 3000 + 400], F.pad(x[None, 1, :3000], (200, 200), mode="reflect")[0])
     assert not rows[1, 3400:].any()
+    # whatever a row holds past its length is never read; a row of at most `pad` samples repeats its first and last
+    x = torch.randn(4, 700, generator=g)
+    lengths = torch.tensor([700, 450, 150, 1])
+    rows = centre_pad(x, lengths, 200)
+    for i, n in enumerate(lengths.tolist()):
+        k = torch.arange(-200, 700 + 200)  # each output's source sample, reflected at 0 and at n - 1, clamped
+        source = torch.where(k < 0, -k, torch.where(k >= n, 2 * (n - 1) - k, k)).clamp(0, n - 1)
+        assert torch.equal(rows[i], torch.where(k < n + 200, x[i, source], 0.0)), n
+        if n > 200:
+            assert torch.equal(rows[i, : n + 400], F.pad(x[None, i, :n], (200, 200), mode="reflect")[0]), n
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
