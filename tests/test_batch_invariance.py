@@ -110,6 +110,22 @@ def test_per_clip_centring_is_torchaudios_for_a_full_length_clip():
             assert torch.equal(rows[i, : n + 400], F.pad(x[None, i, :n], (200, 200), mode="reflect")[0]), n
 
 
+def test_the_front_ends_length_groups_give_the_whole_batchs_tokens(digits, monkeypatch):
+    """On CPU a batch's waveforms go through the front end in length groups (AudioEmbedder.length_groups): the
+    tokens and mask equal those of the whole padded batch at once (the path of exports, compiled models and GPUs)."""
+    model, rows, waves = digits
+    audio, lengths = batched(waves, random_batch(rows, 3, size=16))
+    embed = model.audio_embed
+    assert len(embed.length_groups(audio, lengths)) > 1
+    with torch.inference_mode():
+        grouped, grouped_mask = embed(audio, lengths)
+        monkeypatch.setattr(embed, "length_groups", lambda audio, lengths: None)
+        whole, whole_mask = embed(audio, lengths)
+    assert grouped.shape == whole.shape and torch.equal(grouped_mask, whole_mask)
+    real = whole[whole_mask]
+    assert float((grouped[grouped_mask] - real).abs().max()) <= 1e-5 * float(real.abs().max())
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_real_clips_in_a_random_batch_equal_each_clip_alone(digits, seed):
     """Features, embedding (≤ 1e-5), CTC output and generated ids (identical) of each clip: batch == alone."""
