@@ -39,6 +39,7 @@ if ROOT not in sys.path:  # `benchmarks` is a folder of the repository, not of t
         ("lm_perplexity", ["model", "bigram (interpolated)", "unigram (add-one)", "vs_bigram"]),
         ("clip_train", ["open_clip_samples_s", "packed_samples_s", "packed_vs_open_clip"]),
         ("speech_train", ["hf_samples_s", "packed_samples_s", "packed_vs_hf"]),
+        ("digits_step", ["grouped", "whole", "bf16", "vs_grouped", "real samples in the padded audio batch"]),
         ("qlora_memory", ["full_fp32", "full_bf16", "qlora_nf4", "vs_bf16", "linear_vs_bf16"]),
         (
             "longform",
