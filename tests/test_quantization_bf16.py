@@ -20,6 +20,7 @@ from mmformer.model import MultimodalTransformer
 
 AMX_CPUINFO = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8\n"  # noqa: E501
 EPYC_CPUINFO = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma\n"
+ZEN4_CPUINFO = "processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu avx2 fma avx512f avx512_bf16 avx512_vnni\n"
 
 
 def tiny() -> MultimodalTransformer:
@@ -76,6 +77,11 @@ def test_bf16_is_chosen_by_the_cpus_amx_and_the_choice_says_why(cpuinfo):
     assert not cpu_precision.cpu_report()["fast_int8"]
     with cpu_precision.inference_autocast() as (on, _):
         assert not on and not torch.is_autocast_enabled("cpu")
+    # AVX-512 BF16 without AMX: off by default (decoding steps run slower), the reason says where it pays
+    cpuinfo(ZEN4_CPUINFO)
+    on, why = cpu_precision.bf16_choice()
+    assert not on and "AMD EPYC 9B14" in why and "AVX-512 BF16" in why and "enabled=True" in why
+    assert cpu_precision.cpu_report()["fast_int8"] and not cpu_precision.cpu_report()["fast_bf16"]
     assert cpu_precision.bf16_choice(True)[0] and not cpu_precision.bf16_choice(False)[0]
 
 

@@ -1,8 +1,12 @@
 """What the CPU computes fast, and bf16 inference where it has the matrix units for it.
 
-bf16 runs on any CPU (PyTorch emulates it where there is no instruction for it, slowly); it is *faster* than
-float32 only with AMX (``amx_bf16``: Intel Sapphire Rapids and later), and int8 matrix products gain from AVX-512
-VNNI / AMX-INT8. :func:`cpu_report` says what this CPU has (``torch.backends.cpu.get_cpu_capability()`` and the
+bf16 runs on any CPU (PyTorch emulates it where there is no instruction for it, slowly); it is faster than float32
+across the board with AMX (``amx_bf16``: Intel Sapphire Rapids and later). With AVX-512 BF16 alone (``avx512_bf16``:
+AMD Zen 4, Intel Cooper Lake) it is faster only for large matrix products — measured on a 2-core Zen 4 (BENCHMARKS.md,
+2026-12-05): a ViT-B/32 image encoder 1.93× and a whisper-tiny audio encoder 1.48× float32 at batch 8, but
+whisper-tiny's decoder steps 0.52× and the digits demo's training step 0.74× — so the automatic choice stays AMX
+and ``enabled=True`` turns it on for an encoder-bound job there. int8 matrix products gain from AVX-512 VNNI /
+AMX-INT8. :func:`cpu_report` says what this CPU has (``torch.backends.cpu.get_cpu_capability()`` and the
 ``/proc/cpuinfo`` flags); :func:`inference_autocast` runs a block under ``torch.autocast("cpu", torch.bfloat16)``
 when the CPU has AMX (or when asked), and says why not otherwise.
 """
@@ -68,6 +72,11 @@ def bf16_choice(enabled: bool | None = None, flags: frozenset[str] | None = None
         return bool(enabled), f"bf16 autocast {'on' if enabled else 'off'}: asked for"
     if has_amx_bf16(flags):
         return True, "bf16 autocast on: this CPU has AMX bf16 tiles"
+    if "avx512_bf16" in (cpu_flags() if flags is None else flags):
+        return False, (
+            f"bf16 autocast off: this CPU ({cpu_model()}) has no AMX bf16 (amx_bf16 flag); its AVX-512 BF16 speeds up "
+            "large encoders (ViT-B/32 1.93x) but slows decoding steps (0.52x): pass enabled=True to force it"
+        )
     return False, (
         f"bf16 autocast off: this CPU ({cpu_model()}) has no AMX bf16 (amx_bf16 flag), where bf16 is not faster "
         "than float32; pass enabled=True to force it"
