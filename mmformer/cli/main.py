@@ -369,7 +369,10 @@ def _transcribe(args: argparse.Namespace) -> None:
     if args.compute_type == "int8":
         from mmformer.compress import pt2e
 
-        runner = pt2e.quantize(model, "dynamic", towers=["audio"])  # refused by transcribe_files unless Whisper
+        if not has_timestamps(model):  # before the seconds of quantizing (transcribe_files refuses it as well)
+            raise ValueError(f"--compute-type int8: runs a model's int8 audio encoder only as a Whisper checkpoint; "
+                             f"{args.model} is not one (pass --compute-type float32)")  # fmt: skip
+        runner = pt2e.quantize(model, "dynamic", towers=["audio"])
     try:
         results = transcribe_files(
             runner,
