@@ -16,6 +16,7 @@ import json
 import random
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,16 @@ def test_the_front_ends_length_groups_give_the_whole_batchs_tokens(digits, monke
     assert grouped.shape == whole.shape and torch.equal(grouped_mask, whole_mask)
     real = whole[whole_mask]
     assert float((grouped[grouped_mask] - real).abs().max()) <= 1e-5 * float(real.abs().max())
+    # a trace records the whole-batch path: it serves another batch whose groups differ
+    monkeypatch.undo()
+    other, other_lengths = batched(waves, random_batch(rows, 4, size=16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(embed, (audio, lengths), check_trace=False)
+    with torch.inference_mode():
+        expected, mask = embed(other, other_lengths)
+        got = traced(other, other_lengths)[0]
+    assert float((got[mask] - expected[mask]).abs().max()) <= 1e-5 * float(expected[mask].abs().max())
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -215,7 +215,7 @@ class AudioEmbedder(nn.Module):
     def length_groups(self, audio: torch.Tensor, lengths: torch.Tensor | None) -> list[torch.Tensor] | None:
         """Row indices of a CPU batch of waveforms in groups of similar lengths (longest first; a group's shortest
         row at least GROUP_FILL of its longest), or None when the batch is one group, is on an accelerator (where
-        the padding costs little and a grouping would cost a host sync) or is being compiled or exported (its
+        the padding costs little and a grouping would cost a host sync) or is being compiled, exported or traced (its
         shapes would depend on the data).
 
         The front end (STFT, log-mel, convolutions) otherwise works on every row padded to the longest: at the
@@ -227,6 +227,7 @@ class AudioEmbedder(nn.Module):
             or audio.device.type != "cpu"
             or torch.compiler.is_compiling()
             or torch.compiler.is_exporting()
+            or torch.jit.is_tracing()
         ):
             return None
         order = torch.argsort(lengths, descending=True, stable=True)
