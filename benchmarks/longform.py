@@ -7,18 +7,20 @@ Hugging Face's chunked pipeline — and the VAD-batched path's WER against the s
 digits recording (the shipped digits model).
 
 Fair work per window: random weights decode garbage of any length, so the end-of-text row of the (tied) embedding is
-scaled to 1e-3 (it never wins: every window decodes exactly ``--new-tokens`` tokens in every peer; a tiny row, not a
-zero one, keeps CTranslate2's int8 scales sane); the text context is ``2 * --new-tokens`` so that every peer's own
-default cap (n_text_ctx / 2) equals the explicit one; every peer decodes greedily at temperature 0 with no fallback,
-without timestamps, without conditioning on previous text, in English (no language detection), with no no-speech or
-log-prob skips. The windows differ by design and are counted: the sequential peers read consecutive 30-s windows, the
-VAD peers the speech merged up to 30 s, Hugging Face's pipeline 30-s chunks with 5-s strides on each side. The
-batched peers share ``--batch-size`` (8; 16 puts the 10-min recording's 12 windows in one round of decoder steps, but
-was not faster for mmformer on the loaded 2-core machine: 28.1 s at 8 vs 29.4 s at 16, best of 3 alternating runs).
+scaled to 1e-3, and the timestamp rows too (they never win: every window decodes exactly ``--new-tokens`` tokens in
+every peer; a tiny row, not a zero one, keeps CTranslate2's int8 scales sane); the text context is ``2 * --new-tokens``
+so that every peer's own default cap (n_text_ctx / 2) equals the explicit one; every peer decodes greedily at
+temperature 0 with no fallback, without timestamps, without conditioning on previous text, in English (no language
+detection), with no no-speech or log-prob skips. The windows differ by design and are counted: the sequential peers read
+consecutive 30-s windows, the VAD peers the speech merged up to 30 s, Hugging Face's pipeline 30-s chunks with 5-s
+strides on each side. The batched peers share ``--batch-size`` (8; 16 puts the 10-min recording's 12 windows in one
+round of decoder steps, but was not faster for mmformer on the loaded 2-core machine: 28.1 s at 8 vs 29.4 s at 16, best
+of 3 alternating runs).
 
-``--profile-batch-sizes 8 16`` adds the split of mmformer's VAD-batched wall time at those batch sizes (a
-torch.profiler run over the ``record_function`` phases of :mod:`mmformer.longform.batched`): VAD, log-mel, encoder,
-decoding, and the rest (windowing, timestamp bookkeeping, assembling).
+``--profile-batch-sizes 8 16`` adds the split of mmformer's VAD-batched wall time (float32, and with the int8
+encoder) at those batch sizes (a torch.profiler run over the ``record_function`` phases of
+:mod:`mmformer.longform.batched`): VAD, log-mel, encoder, decoding, and the rest (windowing, timestamp bookkeeping,
+assembling).
 """
 
 from __future__ import annotations
@@ -102,6 +104,10 @@ def whisper_checkpoints(dims: dict, folder: Path, seed: int = 0) -> dict[str, Pa
     words = get_tokenizer(True, num_languages=99)
     with torch.no_grad():
         model.decoder.token_embedding.weight[words.eot] *= 1e-3  # end-of-text never wins (see the module doc)
+        # nor does a timestamp: without timestamps openai-whisper and mmformer decode them as text, but faster-whisper
+        # splits a window's tokens at every one (a run where CTranslate2's rounding let one win gave it 1-token
+        # segments, failing the 64-tokens check)
+        model.decoder.token_embedding.weight[words.timestamp_begin :] *= 1e-3
     paths = {"pt": folder / "tiny.pt", "hf": folder / "hf"}
     torch.save({"dims": asdict(model.dims), "model_state_dict": model.state_dict()}, paths["pt"])
 
@@ -247,10 +253,11 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
             r["vs_fw_float32"] = r["audio_s_per_s"] / base["faster-whisper batched float32"]
         splits = []
         for size in args.profile_batch_sizes:
-            run = functools.partial(transcribe_files, ours, [wave], options=options, vad=True, batch_size=size)
-            run()  # warm-up at this batch size
-            split = phase_split(run)
-            splits.append({"path": "mmformer VAD-batched", "batch": size, "windows": vad_windows} | split)
+            for path, model in (("mmformer VAD-batched", ours), ("mmformer VAD-batched int8 encoder", ours_int8)):
+                run = functools.partial(transcribe_files, model, [wave], options=options, vad=True, batch_size=size)
+                run()  # warm-up at this batch size
+                split = phase_split(run)
+                splits.append({"path": path, "batch": size, "windows": vad_windows} | split)
         return rows, splits
     finally:
         shutil.rmtree(folder, ignore_errors=True)
