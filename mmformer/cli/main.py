@@ -365,11 +365,12 @@ def _transcribe(args: argparse.Namespace) -> None:
     options = _dataclass_of(TranscribeOptions, args, **({"temperature": temperature} if temperature else {}))
     base = _dataclass_of(DecodingOptions, args, exclude={f.name for f in dataclasses.fields(TranscribeOptions)})
     progress = None if args.no_progress else _Progress()
+    whisper = has_timestamps(model)
     runner = model
     if args.compute_type == "int8":
         from mmformer.compress import pt2e
 
-        if not has_timestamps(model):  # before the seconds of quantizing (transcribe_files refuses it as well)
+        if not whisper:  # before the seconds of quantizing (transcribe_files refuses it as well)
             raise ValueError(f"--compute-type int8: runs a model's int8 audio encoder only as a Whisper checkpoint; "
                              f"{args.model} is not one (pass --compute-type float32)")  # fmt: skip
         runner = pt2e.quantize(model, "dynamic", towers=["audio"])
@@ -377,7 +378,7 @@ def _transcribe(args: argparse.Namespace) -> None:
         results = transcribe_files(
             runner,
             args.files,
-            options=options if has_timestamps(model) else decoding_options(model, options, base=base),
+            options=options if whisper else decoding_options(model, options, base=base),
             vad=args.vad,
             vad_options=_dataclass_of(VadOptions, args, prefix="vad_"),
             batch_size=args.batch_size,

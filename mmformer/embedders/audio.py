@@ -181,15 +181,15 @@ class AudioEmbedder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embed waveforms ``audio`` (B, S) with sample ``lengths`` (B,), or log-mel ``features`` (B, M, Nf) with
         optional frame counts ``feature_lengths`` (B,)."""
+        groups = None
         if features is None:
             audio, lengths = self.check_waveforms(audio, lengths)
-            groups = self.length_groups(audio, lengths)
-            if groups is not None:
-                return self.grouped(audio, lengths, groups)
-            features = self.features(audio, lengths)
             # Whisper's fixed window: every frame is attended to, as Whisper's encoder does
             padded = self.cfg.pad_to_seconds is not None
             feature_lengths = None if lengths is None or padded else self.features.frames(lengths)
+            groups = self.length_groups(audio, lengths)
+            if groups is None:
+                features = self.features(audio, lengths)
         else:
             self.check_features(features)
             if feature_lengths is not None:
@@ -200,10 +200,12 @@ class AudioEmbedder(nn.Module):
                     features.shape[-1],
                     base_layer(self.conv1).weight,
                 )
-        self.check_frames(features.shape[-1], "audio" if audio is not None else "audio_features")
-        x = self.convolve(features.to(base_layer(self.conv1).weight.dtype), feature_lengths).transpose(
-            1, 2
-        )  # (B, N, D)
+        if groups is None:
+            self.check_frames(features.shape[-1], "audio" if audio is not None else "audio_features")
+            x = self.convolve(features.to(base_layer(self.conv1).weight.dtype), feature_lengths)  # (B, D, N)
+        else:
+            x = self.convolve_groups(audio, lengths, feature_lengths, groups)  # (B, D, N)
+        x = x.transpose(1, 2)  # (B, N, D)
         if self.positions is not None:
             x = self.positions(x)
         mask = None
@@ -239,29 +241,23 @@ class AudioEmbedder(nn.Module):
                 first = i
         return groups if len(groups) > 1 else None
 
-    def grouped(
-        self, audio: torch.Tensor, lengths: torch.Tensor, groups: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`forward` of waveforms (B, S) one length group at a time, each cut to its longest row: every clip's
-        tokens are those it has alone (:func:`centre_pad`, :meth:`convolve`), so the groups' rows, put back in the
-        batch's order and padded to the batch's token count N, are the whole batch's (up to float rounding of other
-        shapes; the padding tokens are zeros before the positions)."""
-        frames = self.features.frames(lengths)  # (B,)
-        n_frames = audio.shape[-1] // self.features.hop_length + 1  # the whole batch's, as forward has them
+    def convolve_groups(
+        self, audio: torch.Tensor, lengths: torch.Tensor, frames: torch.Tensor, groups: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """:meth:`convolve` of the log-mel of waveforms (B, S) with ``lengths`` samples and ``frames`` mel frames (B,),
+        one length group at a time, each cut to its longest row → (B, D, N). Every clip's output is the one it has
+        alone (:func:`centre_pad`, :meth:`convolve`), so the groups' rows, put back in the batch's order and padded
+        with zeros to the whole batch's token count N, are the whole batch's (up to float rounding of other shapes)."""
+        n_frames = int(self.features.frames(lengths.new_tensor(audio.shape[-1])))  # the whole padded batch's
         self.check_frames(n_frames, "audio")
         n_tokens = self.tokens_for_frames(n_frames)
         parts = []
         for rows in groups:
             n = lengths[rows]
-            longest = int(n.max())
-            features = self.features(audio[rows, :longest], n)  # (b, M, Nf_g)
+            features = self.features(audio[rows, : int(n.max())], n)  # (b, M, Nf_g)
             parts.append(self.convolve(features.to(base_layer(self.conv1).weight.dtype), frames[rows]))  # (b, D, N_g)
         x = torch.cat([F.pad(p, (0, n_tokens - p.shape[-1])) for p in parts])  # (B, D, N), in group order
-        x = x[torch.argsort(torch.cat(groups))].transpose(1, 2)  # (B, N, D), in the batch's order
-        if self.positions is not None:
-            x = self.positions(x)
-        mask = torch.arange(n_tokens, device=x.device)[None, :] < self.tokens_for_frames(frames)[:, None]  # (B, N)
-        return x, mask
+        return x[torch.argsort(torch.cat(groups))]  # in the batch's order
 
     def check_frames(self, n_frames: int, name: str) -> None:
         """Refuse more mel frames than the position table holds tokens for."""
