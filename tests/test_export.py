@@ -80,7 +80,7 @@ def inputs_at(model: MultimodalTransformer, batch: int, tokens: int, frames: int
         "audio_encoder": (ex["input_features"], ex["feature_lengths"]),
         "text_encoder": (ex["input_ids"], ex["attention_mask"]),
         "decoder_model": (ex["input_ids"], mem, mem_mask),
-        "decoder_with_past_model": (ex["input_ids"][:, -1:], mem_mask, keys, values, cross_k, cross_v),
+        "decoder_with_past_model": (ex["input_ids"][:, -1:], mem_mask, keys, values, *cross_k, *cross_v),
     }
 
 
@@ -91,22 +91,30 @@ def modules(model: MultimodalTransformer) -> dict[str, torch.nn.Module]:
     return {g.name: g.module for g in export.graphs(model)}
 
 
+def assert_onnx_equals(folder: Path, name: str, module: torch.nn.Module, args: tuple) -> None:
+    """Graph ``name`` of the ONNX export in ``folder``, run by onnxruntime on ``args`` (the module's arguments), gives
+    the module's outputs: their names as the export config lists them, their shapes, and values within 1e-4."""
+    graph = json.loads((folder / export.EXPORT_CONFIG).read_text())["graphs"][name]
+    session = ort.InferenceSession(str(folder / graph["file"]))
+    got = session.run(None, {n: t.numpy() for n, t in zip(graph["inputs"], args)})
+    assert [o.name for o in session.get_outputs()] == graph["outputs"]
+    with torch.no_grad():
+        expected = module(*args)
+    for i, ref in enumerate(expected):
+        assert got[i].shape == tuple(ref.shape), (name, i)
+        assert np.abs(got[i].astype(np.float64) - ref.double().numpy()).max() <= 1e-4, (name, i)
+
+
 @pytest.mark.parametrize("size", SIZES, ids=["small", "large"])
 def test_onnx_and_torch_export_equal_pytorch(model, exported, size):
     inputs = inputs_at(model, **size)
-    config = json.loads((exported["onnx"] / export.EXPORT_CONFIG).read_text())
     programs = {name: export.load_program(exported["torch-export"] / f"{name}.pt2").module() for name in inputs}
     for name, module in modules(model).items():
+        assert_onnx_equals(exported["onnx"], name, module, inputs[name])
         with torch.no_grad():
             expected = module(*inputs[name])
             from_program = programs[name](*inputs[name])
-        session = ort.InferenceSession(str(exported["onnx"] / config["graphs"][name]["file"]))
-        feed = {n: t.numpy() for n, t in zip(config["graphs"][name]["inputs"], inputs[name])}
-        from_onnx = session.run(None, feed)
-        assert [o.name for o in session.get_outputs()] == config["graphs"][name]["outputs"]
         for i, ref in enumerate(expected):
-            assert from_onnx[i].shape == tuple(ref.shape), (name, i)
-            assert np.abs(from_onnx[i].astype(np.float64) - ref.double().numpy()).max() <= 1e-4, (name, i)
             assert float((from_program[i].double() - ref.double()).abs().max()) <= 1e-4, (name, i)
 
 
@@ -126,6 +134,44 @@ def files(tmp_path_factory):
     return images, audio
 
 
+@pytest.mark.parametrize(
+    "stack", [dict(position="rope", n_kv_heads=2), dict(position="t5")], ids=["rope-gqa", "t5-bias"]
+)
+def test_every_attention_kind_exports_as_onnx_attention_and_equals_pytorch(stack, tmp_path):
+    """Opset 23 (ONNX's Attention operator) with rotary positions and grouped keys, and with an additive bias as the
+    mask (T5's learned one; ALiBi's enters attention the same way), on the towers whose stacks differ by them (plain
+    multi-head attention: the module's export above)."""
+    torch.manual_seed(0)
+    config = ModelConfig(stacks={"shared": StackConfig(**{**TINY_STACK, **stack, "cross_attention": True})},
+                         image=ImageConfig(**TINY_IMAGE), audio=AudioConfig(**TINY_AUDIO),
+                         text=TextConfig(**TINY_TEXT), embed_dim=8)  # fmt: skip
+    model = MultimodalTransformer(config).eval()
+    out = export.export(model, tmp_path / "onnx", towers=["text", "decoder"])
+    graphs = {g.name: g.module for g in export.graphs(model, ["text", "decoder"])}
+    for size in SIZES:
+        inputs = inputs_at(model, **size)
+        for name, module in graphs.items():
+            assert_onnx_equals(out, name, module, inputs[name])
+
+
+def test_the_exported_decoder_step_copies_none_of_its_cached_state(model, exported):
+    """Each layer's cross-attention keys/values feed its Attention directly (a stacked input was split into copies at
+    every step) and the self-attention cache is joined on, not scattered into."""
+    import onnx
+
+    step = onnx.load(str(exported["onnx"] / "decoder_with_past_model.onnx")).graph
+    readers: dict[str, set[str]] = {}
+    for node in step.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    cross = [i.name for i in step.input if i.name.startswith("cross_")]
+    depth = model.config.stacks["shared"].depth
+    assert len(cross) == 2 * depth
+    assert {name: readers[name] for name in cross} == {name: {"Attention"} for name in cross}
+    assert sum(node.op_type == "Attention" for node in step.node) == 2 * depth  # self + cross per layer
+    assert not [node.name for node in step.node if node.op_type.startswith("Scatter")]
+
+
 def test_greedy_decoding_through_the_onnx_kv_cache_gives_the_models_ids(model, exported, files):
     from mmformer.ship.onnx_runner import OnnxModel
 
@@ -140,6 +186,40 @@ def test_greedy_decoding_through_the_onnx_kv_cache_gives_the_models_ids(model, e
     ids = runner.generate(states, mask, max_new_tokens=10)
     assert ids.tolist() == expected.tolist()
     assert runner.transcribe(audio, max_new_tokens=10) == model.transcribe(audio, max_new_tokens=10)
+
+
+def test_the_onnx_runner_still_decodes_an_export_of_the_earlier_stacked_layout(model, exported, files, tmp_path):
+    """Exports written before opset 23 took each of the cross-attention keys and values as one stacked input
+    (L, B, nkv, S, hs): the runner reads the step's input names and feeds such a folder as it was written."""
+    import shutil
+
+    class StackedStep(torch.nn.Module):  # the earlier step graph's signature, around today's step
+        def __init__(self):
+            super().__init__()
+            self.step = export.DecoderStep(model)
+
+        def forward(self, input_ids, memory_mask, past_keys, past_values, cross_keys, cross_values):
+            return self.step(input_ids, memory_mask, past_keys, past_values, *cross_keys, *cross_values)
+
+    old = tmp_path / "old"
+    shutil.copytree(exported["onnx"], old)
+    new = next(g for g in export.graphs(model, ["decoder"]) if g.name == "decoder_with_past_model")
+    depth = model.config.stacks["shared"].depth
+    names = list(new.inputs)[:4]
+    inputs = {n: new.inputs[n] for n in names}
+    inputs["cross_keys"] = torch.stack([new.inputs[f"cross_keys_{i}"] for i in range(depth)])
+    inputs["cross_values"] = torch.stack([new.inputs[f"cross_values_{i}"] for i in range(depth)])
+    dynamic = {n: new.dynamic[n] for n in names}
+    dynamic.update(cross_keys={1: "batch", 3: "memory_tokens"}, cross_values={1: "batch", 3: "memory_tokens"})
+    stacked = export.Graph(new.name, StackedStep(), inputs, new.outputs, dynamic, new.dims)
+    export._write_onnx(stacked, old / "decoder_with_past_model.onnx", 18)
+    config = json.loads((old / export.EXPORT_CONFIG).read_text())
+    config["graphs"]["decoder_with_past_model"]["inputs"] = list(inputs)
+    (old / export.EXPORT_CONFIG).write_text(json.dumps(config))
+    _, audio = files
+    from mmformer.ship.onnx_runner import OnnxModel
+
+    assert OnnxModel(old).transcribe(audio, max_new_tokens=10) == model.transcribe(audio, max_new_tokens=10)
 
 
 def test_the_onnx_runner_classifies_and_transcribes_without_torch(model, exported, files):

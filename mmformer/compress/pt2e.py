@@ -230,7 +230,7 @@ class PT2EModel:
             if done.all() or tokens.shape[1] >= limit:
                 break
             logits, keys, values = self.run("decoder_with_past_model", next_ids[:, None], memory_mask, keys, values,
-                                             cross_keys, cross_values)  # fmt: skip
+                                             *cross_keys, *cross_values)  # fmt: skip
         return tokens
 
     def save_pretrained(self, directory: str | os.PathLike, *, overwrite: bool = True) -> Path:
@@ -283,8 +283,8 @@ def _calibration_inputs(model: nn.Module, batches: Iterable[dict[str, Any]]) -> 
             ids, memory, memory_mask = inputs  # (B, T), (B, S, D), (B, S)
             for k in range(1, min(ids.shape[1], STEP_POSITIONS + 1)):
                 _, keys, values, cross_keys, cross_values = prefill(ids[:, :k], memory, memory_mask)
-                yield "decoder_with_past_model", (ids[:, k : k + 1], memory_mask, keys, values, cross_keys,
-                                                  cross_values)  # fmt: skip
+                yield "decoder_with_past_model", (ids[:, k : k + 1], memory_mask, keys, values, *cross_keys,
+                                                  *cross_values)  # fmt: skip
 
 
 def quantize(

@@ -32,6 +32,13 @@ import numpy as np
 EXPORT_CONFIG = "export_config.json"
 
 
+def cross_inputs(keys: Any, values: Any) -> dict[str, Any]:
+    """The decoder step's cross-attention inputs from the prefill's stacked keys and values (L, B, nkv, S, hs):
+    ``cross_keys_{i}`` and ``cross_values_{i}``, layer i's (B, nkv, S, hs) — views, for numpy arrays and torch
+    tensors alike (the export names its inputs with this too)."""
+    return {f"cross_{kind}_{i}": t[i] for kind, t in (("keys", keys), ("values", values)) for i in range(t.shape[0])}
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
@@ -293,6 +300,11 @@ class OnnxModel:
         logits, keys, values, cross_keys, cross_values = self._run(
             "decoder_model", input_ids=tokens, memory=memory.astype(np.float32), memory_mask=memory_mask
         )
+        step_inputs = self.config["graphs"]["decoder_with_past_model"]["inputs"]
+        if "cross_keys" in step_inputs:  # an export of mmformer before opset 23: one stacked input each
+            cross = {"cross_keys": cross_keys, "cross_values": cross_values}
+        else:
+            cross = cross_inputs(cross_keys, cross_values)  # the step reads each layer's as its own input
         done = np.zeros(B, dtype=bool)
         while tokens.shape[1] < limit:
             next_ids = logits[:, -1].argmax(axis=-1).astype(np.int64)
@@ -307,8 +319,7 @@ class OnnxModel:
                 memory_mask=memory_mask,
                 past_keys=keys,
                 past_values=values,
-                cross_keys=cross_keys,
-                cross_values=cross_values,
+                **cross,
             )
         return tokens
 
