@@ -157,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
         help="pretrained: config.json + model.safetensors; onnx / torch-export: a graph per tower and decoder step",
     )
     p.add_argument("--towers", help="comma-separated towers to export (image,audio,text,decoder; default: all)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: mmformer.ship.export.OPSET)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing mmformer directory")
     p.add_argument("--merge", action="store_true", help="a LoRA run's checkpoint: write the merged model")
 
@@ -446,10 +446,10 @@ def _export(args: argparse.Namespace) -> None:
     if args.format == "pretrained":
         model.save_pretrained(args.out, overwrite=args.overwrite)
     else:
-        from mmformer.ship.export import export
+        from mmformer.ship.export import OPSET, export
 
         towers = [t.strip() for t in args.towers.split(",") if t.strip()] if args.towers else None
-        export(model, args.out, format=args.format, towers=towers, opset=args.opset, overwrite=args.overwrite)
+        export(model, args.out, format=args.format, towers=towers, opset=args.opset or OPSET, overwrite=args.overwrite)
     print(f"wrote {args.out}")
 
 
@@ -483,6 +483,13 @@ def _quantize(args: argparse.Namespace) -> None:
     sizes = [sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) for d in (args.model, args.out)]
     ratio = f" ({sizes[0] / sizes[1]:.2f}x smaller)" if Path(args.model).is_dir() and sizes[1] else ""
     print(f"wrote {args.out}: {len(model.quantization.modules)} layers {args.method}, {sizes[1]:,} bytes{ratio}")
+    if args.method in ("dynamic", "static") and str(args.device).startswith("cpu"):
+        # a user quantizes to go faster: torchao's int8 activations are slower than float32 on CPUs
+        print(
+            "note: torchao's dynamic/static int8 makes a smaller file, but runs slower than float32 on CPUs (the "
+            "digits model: 0.66x encode, 0.34x transcription, BENCHMARKS.md); for speed on an x86 CPU use "
+            "--backend pt2e (compiled int8 graphs) or --backend onnxruntime (the torch-free runner)"
+        )
 
 
 def _quantize_graphs(args: argparse.Namespace) -> None:
