@@ -310,7 +310,7 @@ def export_section(args: argparse.Namespace, out: Path, manifest: Path) -> list[
         "audio_encoder": (features, frames),
         "text_encoder": (text["input_ids"], text["attention_mask"]),
         "decoder_model": (bos, memory, memory_mask),
-        "decoder_with_past_model": (bos, memory_mask, keys, values, cross_k, cross_v),
+        "decoder_with_past_model": (bos, memory_mask, keys, values, *cross_k, *cross_v),
     }
     modules = {g.name: g.module for g in export.graphs(model)}
     config = json.loads((out / "onnx" / export.EXPORT_CONFIG).read_text())
@@ -360,13 +360,15 @@ def export_section(args: argparse.Namespace, out: Path, manifest: Path) -> list[
 
 # ---------------------------------------------------------------------------------------------- entry point
 # ---------------------------------------------------------------------------------------------- int8 backends
-def split_manifest(split: str, limit: int | None, out: Path) -> Path:
-    """A digits split (``test``, ``test_hard``), or its first ``limit`` rows, paths made absolute."""
+def split_manifest(split: str, limit: int | None, out: Path, name: str | None = None) -> Path:
+    """A digits split (``test``, ``test_hard``), or its first ``limit`` rows, paths made absolute, written to
+    ``out/<name or split>.jsonl``."""
     rows = [json.loads(line) for line in (DATA / f"{split}.jsonl").read_text().splitlines() if line.strip()]
-    for row in rows[:limit] if limit else rows:
+    rows = rows[:limit] if limit else rows
+    for row in rows:
         row["image"], row["audio_filepath"] = str(DATA / row["image"]), str(DATA / row["audio_filepath"])
-    path = out / f"{split}.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in (rows[:limit] if limit else rows)))
+    path = out / f"{name or split}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
@@ -499,7 +501,7 @@ def backends_section(args: argparse.Namespace, out: Path, manifest: Path) -> lis
     sizes["bf16 autocast"] = sizes["fp32"]
 
     load = load_average()
-    rows_in = split_manifest("test", args.batch, out)
+    rows_in = split_manifest("test", args.batch, out, name="timing")  # not the scored split's file
     from mmformer.demos.digits import read_manifest
 
     timing_rows = read_manifest(rows_in)
