@@ -61,18 +61,29 @@ def cut_at_eos(ids: torch.Tensor, n_prompt: int, eos: int, pad: int) -> tuple[to
     return torch.tensor([r + [pad] * (width - len(r)) for r in rows]), ends
 
 
-def test_a_single_row_through_a_large_head_gets_the_heads_logits(make_model_config):
-    """One decoding row through an LM head of at least 2**22 weights is projected as two rows (MKL's GEMV path is
-    single-threaded): its logits equal the head's own call, and a batch's rows are each what they are alone."""
-    from mmformer.generation.search import _LARGE_HEAD, _last_logits
+def test_a_large_head_times_its_layouts_once_and_every_layout_gives_the_heads_logits(make_model_config):
+    """Decoding rows through an LM head of at least 2**22 weights take the GEMM layout that ran fastest here (timed
+    once per row and thread count, then remembered): every layout equals the head's own call, and a batch's rows are
+    each what they are alone."""
+    from mmformer.generation import search
 
-    vocab = _LARGE_HEAD // 16 + 7  # width 16: just over the threshold
+    vocab = search._LARGE_HEAD // 16 + 7  # width 16: just over the threshold
     model = MultimodalTransformer(make_model_config(text={"vocab_size": vocab}, tie_lm_head=False)).eval()
     hidden = torch.randn(3, 5, 16)
+    weight = model.lm_head.weight
+    search._HEAD_LAYOUTS.clear()
     with torch.no_grad():
         expected = model.lm_head(hidden[:, -1])
-        one = _last_logits(model, hidden[:1])
-        many = _last_logits(model, hidden)
+        for rows in (1, 3):
+            for layout in ("linear", "weight-major", "two-columns")[: 3 if rows == 1 else 2]:
+                got = search._project(weight, hidden[:rows, -1], layout)
+                torch.testing.assert_close(got, expected[:rows], atol=1e-4, rtol=1e-4, msg=layout)
+        one = search._last_logits(model, hidden[:1])
+        many = search._last_logits(model, hidden)
+    threads = torch.get_num_threads()
+    chosen = {key[2]: layout for key, layout in search._HEAD_LAYOUTS.items() if key[0] == (vocab, 16)}
+    assert set(chosen) == {1, 3} and all(key[3] == threads for key in search._HEAD_LAYOUTS)
+    assert chosen[3] in ("linear", "weight-major")
     assert one.shape == (1, vocab) and many.shape == (3, vocab)
     torch.testing.assert_close(one, expected[:1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(many, expected, atol=1e-4, rtol=1e-4)

@@ -8,6 +8,7 @@ S memory tokens, D width.
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -30,29 +31,63 @@ CACHE_STEP = 64  # KV cache positions allocated beyond the prompt at first; the 
 
 
 # ---------------------------------------------------------------------- running the decoder
-_FEW_ROWS = 64  # decoding steps of at most this many rows project to the vocabulary as (W hᵀ)ᵀ on CPU
-_LARGE_HEAD = 1 << 22  # weight elements (16 MB in float32) from which a single row is projected as two (see below)
+_FEW_ROWS = 64  # decoding steps of at most this many rows choose their LM head's GEMM layout on CPU (see below)
+_LARGE_HEAD = 1 << 22  # weight elements (16 MB in float32) from which the layout is timed (see _last_logits)
 
 
 def _last_logits(model: MultimodalTransformer, hidden: torch.Tensor) -> torch.Tensor:
     """Decoder states (N, T, D) → float32 logits (N, V) of the last position only (the one generation needs).
 
-    For the few rows of a decoding step on CPU, a plain bias-free ``nn.Linear`` LM head runs as ``W @ hᵀ``: that GEMM
-    layout reads the (V, D) weight in one pass, where ``F.linear``'s ``h @ Wᵀ`` took 1.6× longer at whisper-tiny's
-    51,865 × 384 (the largest single cost of a step; see BENCHMARKS.md, "Decoding at whisper-tiny dimensions"). Any
-    other head — one that peft wraps (LoRA, trainable tokens, modules to save), a subclass — goes through its own
-    call: nothing here reads attributes of a module that may not be an ``nn.Linear``."""
+    For the few rows of a decoding step on CPU, a plain bias-free ``nn.Linear`` LM head chooses its GEMM layout: the
+    head is the largest single cost of a step at whisper-tiny's 51,865 × 384 (BENCHMARKS.md, "Decoding at
+    whisper-tiny dimensions"), and which layout MKL runs fastest differs between CPUs — on a 2-core AMD EPYC
+    ``W @ hᵀ`` took 0.6× the time of ``F.linear``'s ``h @ Wᵀ`` and one row ran fastest as two columns (a GEMM
+    instead of a single-threaded GEMV), while on an Intel Xeon one row as two columns took 2× ``F.linear``'s time.
+    A large head (:data:`_LARGE_HEAD`) times the layouts once per shape, row count and thread count
+    (:func:`_head_layout`); a small one takes ``W @ hᵀ``. Any other head — one that peft wraps (LoRA, trainable
+    tokens, modules to save), a subclass — goes through its own call: nothing here reads attributes of a module that
+    may not be an ``nn.Linear``."""
     h = hidden[:, -1]  # (N, D)
     head = model.lm_head
     if type(head) is nn.Linear and head.bias is None and h.device.type == "cpu" and h.shape[0] <= _FEW_ROWS:
         weight = head.weight  # (V, D)
         if is_plain_tensor(weight) and h.dtype == weight.dtype:  # not a quantized (tensor subclass) weight
-            if h.shape[0] == 1 and weight.numel() >= _LARGE_HEAD:
-                # one row: MKL runs a one-column product as a single-threaded GEMV (7.6 ms at whisper-tiny, 1 or 2
-                # threads), two columns as a GEMM (3.9 ms on one thread, 2.0 ms on two): compute the row twice
-                return torch.mm(weight, torch.cat([h, h]).t())[:, :1].t().float()  # (1, V)
-            return torch.mm(weight, h.t()).t().float()  # (N, V)
+            if weight.numel() < _LARGE_HEAD:
+                return _project(weight, h, "weight-major").float()
+            if torch.compiler.is_compiling():  # no timing inside a traced graph: the layout compiled graphs had
+                return _project(weight, h, "two-columns" if h.shape[0] == 1 else "weight-major").float()
+            return _project(weight, h, _head_layout(weight, h)).float()
     return head(h).float()
+
+
+_HEAD_LAYOUTS: dict[tuple, str] = {}  # (weight shape, dtype, rows, threads) → the fastest layout timed here
+
+
+def _project(weight: torch.Tensor, h: torch.Tensor, layout: str) -> torch.Tensor:
+    """``h @ weightᵀ`` (N, V) of rows h (N, D) and a (V, D) weight, computed in one of the GEMM layouts."""
+    if layout == "weight-major":
+        return torch.mm(weight, h.t()).t()
+    if layout == "two-columns":  # one row computed twice: MKL runs a one-column product as a GEMV, two as a GEMM
+        return torch.mm(weight, torch.cat([h, h]).t())[:, :1].t()
+    return F.linear(h, weight)
+
+
+def _head_layout(weight: torch.Tensor, h: torch.Tensor, repeats: int = 3) -> str:
+    """The fastest layout of :func:`_project` for this weight, row count and thread count: each candidate is timed
+    once (a warm-up call, then ``repeats`` calls, ~40 ms in all at whisper-tiny) on first use in the process, and
+    remembered. The layouts compute the same products; their float rounding may differ in the last bits."""
+    key = (tuple(weight.shape), weight.dtype, h.shape[0], torch.get_num_threads())
+    layout = _HEAD_LAYOUTS.get(key)
+    if layout is None:
+        seconds = {}
+        for name in ("linear", "weight-major") + (("two-columns",) if h.shape[0] == 1 else ()):
+            _project(weight, h, name)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                _project(weight, h, name)
+            seconds[name] = time.perf_counter() - start
+        layout = _HEAD_LAYOUTS[key] = min(seconds, key=seconds.__getitem__)
+    return layout
 
 
 def _next_logits(
