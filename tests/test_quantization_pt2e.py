@@ -164,13 +164,19 @@ def test_cli_writes_a_pt2e_model_and_refuses_methods_it_lacks(float_dir, tmp_pat
 @pytest.mark.slow
 def test_compiled_pt2e_graphs_answer_as_the_reference_graphs():
     """inductor lowers the q/dq patterns to oneDNN int8 kernels: the answers stay those of the reference graphs up to
-    their rounding (a few quantization steps of the output)."""
+    their rounding (a few quantization steps of the output). The graphs compile with inductor's freezing, and leave
+    it as it was for whatever the process compiles next (set process-wide, it froze a static KV cache's write
+    position in a later compiled decoding: tests/test_static_cache.py failed after this test in one process)."""
+    import torch._inductor.config as inductor
+
+    before = inductor.freezing
     model = tiny()
     reference = pt2e.quantize(model, "dynamic", towers=["image"], compile=False)
     compiled = pt2e.PT2EModel(model, "dynamic", reference.graphs, reference.qparams, compile=True)
     x = inputs()["pixel_values"]
     expected, got = reference.encode_image(x), compiled.encode_image(x)
     assert float((got - expected).abs().max()) <= 0.03
+    assert inductor.freezing == before
 
 
 def test_pt2e_audio_graph_serves_every_frame_count_of_a_strided_convolution():

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,19 @@ def _convert(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return convert_pt2e(gm)
 
 
+def _with_freezing(compiled: Callable) -> Callable:
+    """``compiled`` called under inductor's ``freezing`` (it folds the int8 weights into constants and lowers the
+    quantize/dequantize patterns to oneDNN int8 kernels), set for these calls only: set process-wide, it froze the
+    buffers of every model compiled later in the process — a static KV cache's write position among them."""
+    import torch._inductor.config as inductor
+
+    def call(*inputs: torch.Tensor) -> Any:
+        with inductor.patch(freezing=True):
+            return compiled(*inputs)
+
+    return call
+
+
 class PT2EModel:
     """The int8 graphs of a model's towers, with the float model kept for its config and processor.
 
@@ -140,10 +153,7 @@ class PT2EModel:
         if fn is None:
             fn = self.graphs[name]
             if self.compile:
-                import torch._inductor.config as inductor
-
-                inductor.freezing = True  # folds the int8 weights and lowers q/dq patterns to oneDNN kernels
-                fn = torch.compile(fn, dynamic=True)
+                fn = _with_freezing(torch.compile(fn, dynamic=True))
             self._compiled[name] = fn
         with torch.no_grad():
             return tuple(fn(*inputs))
