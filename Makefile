@@ -48,7 +48,7 @@ NUMERICS_TESTS = $(shell grep -l "pytest.mark.numerics" tests/test_*.py)  # coll
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -n $(TEST_PROCS) --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist worksteal --durations=15
 	$(NUMERICS_ENV) $(BIN)/python -m pytest -q -n $(TEST_PROCS) -m "numerics and not slow" $(NUMERICS_TESTS)
 
 # only the second pass (the numerics-heavy tests on other kernels)
@@ -57,7 +57,7 @@ test-numerics: $(VENV)/.installed-dev
 
 # the suite without the long end-to-end runs (marked slow): kill/resume, DDP, compiled decoding, benchmark smoke runs
 test-fast: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -n $(TEST_PROCS) -m "not slow" --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist worksteal -m "not slow" --durations=15
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -115,13 +115,14 @@ def test_cache_equals_recompute_with_prompt_and_stops(build):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("scheme", "new_tokens"), [("learned", 12), ("rope", 80)])
-def test_compiled_step_equals_eager(build, scheme, new_tokens):
+def test_compiled_step_equals_eager(build):
     """generate(compile=True) runs the cached step through torch.compile: the same ids for greedy, beam search and
-    sampling, over a padded audio memory (the mask stays in the graph); with RoPE, 80 tokens also outgrow the
-    first cache (65 positions), which is replaced by a larger one mid-decode."""
+    sampling, over a padded audio memory (the mask stays in the graph); 80 tokens also outgrow the first cache (65
+    positions), which is replaced by a larger one mid-decode. (Learned absolute positions through inductor:
+    tests/test_static_cache.py::test_compiled_static_step_equals_eager_with_inductor.)"""
     torch._dynamo.reset()
-    model = build(scheme)
+    new_tokens = 80
+    model = build("rope")
     inputs = memory_inputs("audio")
     for kw in (dict(), dict(num_beams=3), dict(top_k=5)):
         options = dict(max_new_tokens=new_tokens, **kw)
