@@ -20,6 +20,11 @@ CTranslate2 runs in this process by default (``--ct2 same``) or, with ``--ct2 ch
 check). In one process its OpenMP runtime slows torch's decoding: after CTranslate2's first call, torch's threads
 sleep and wake at every parallel region (voluntary context switches 0 → ~3,500 per 64-token call) and mmformer's
 batch-1 int8 decoding fell from 266–335 to 145–155 tokens/s (fp32: 148 → 127), measured on the 2-core EPYC.
+With ``--ct2 child``, mmformer's float32 and int8 are also measured alone the same way (``mmformer_alone``,
+``int8_alone``: a child process running only those two, :func:`mmformer_alone`), so that each engine is timed with the
+same company: in this process five peers' weights (Hugging Face's among them) take turns in the CPU's caches, in
+CTranslate2's child two (on the Intel Xeon with a 300 MB L3, mmformer's batch-8 decoding ran 15 % slower right after
+Hugging Face's than after its own).
 
     python -m benchmarks.generate [--size whisper-tiny] [--batches 1,8] [--beams 1,4] [--new-tokens 64] [--no-compile]
                                   [--ct2 same|child|off] [--no-int8]
@@ -58,7 +63,7 @@ CAPTION_SIZES = {
     "smoke": dict(image=32, width=32, depth=1, heads=2, vocab=64),
 }
 N_MELS, BOS, START, NO_TIMESTAMPS = 80, 1, 3, 4
-INT8_PEERS = ("int8", "ct2_int8")  # quantized: their ids may differ from the float peers'
+INT8_PEERS = ("int8", "ct2_int8", "int8_alone")  # quantized: their ids may differ from the float peers'
 
 
 def hf_whisper_config(s: dict):
@@ -214,7 +219,9 @@ def measure(
         )
         # the first call's extra time; ~0 when inductor's on-disk cache already held an identical graph
         row["compile_s"] = max(0.0, first_s["compiled"] - seconds["compiled"])
-    for peer, base in (("mmformer", "ct2_float32"), ("int8", "mmformer"), ("int8", "ct2_int8")):
+    pairs = (("mmformer", "ct2_float32"), ("int8", "mmformer"), ("int8", "ct2_int8"), ("mmformer_alone", "ct2_float32"),
+             ("int8_alone", "ct2_int8"))  # fmt: skip
+    for peer, base in pairs:
         if peer in tps and base in tps:
             row[f"{peer}_vs_{base}"] = tps[peer] / tps[base]
     reference = ids["hf" if "hf" in ids else "mmformer"]
@@ -232,6 +239,41 @@ def ct2_in_child(args: argparse.Namespace, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def mmformer_alone(args: argparse.Namespace) -> dict:
+    """mmformer's greedy float32 and PT2E int8 decoding, timed in this process with no other peer (as
+    :func:`benchmarks.ct2.measure_alone` times CTranslate2's two): ``{batch: {"mmformer_alone": (tok_s, ids),
+    "int8_alone": ...}}``, on :func:`speech_rows`'s weights and inputs (same seeds)."""
+    from mmformer.compress import pt2e
+
+    _, ours = whisper_pair(args.size)
+    frames = 2 * WHISPER_SIZES[args.size]["source_positions"]
+    int8 = pt2e.quantize(ours, "dynamic", towers=["audio", "decoder"], compile=args.compile and not args.tiny)
+    out = {}
+    for batch in args.batches:
+        features = torch.randn(batch, N_MELS, frames, generator=torch.Generator().manual_seed(batch))
+        prompt = torch.tensor([[START, NO_TIMESTAMPS]]).expand(batch, -1)
+        options = dict(audio_features=features, prompt_ids=prompt, max_new_tokens=args.new_tokens)
+        peers = {
+            "mmformer_alone": lambda o=options: generate(ours, **o),
+            "int8_alone": lambda o=options: int8.generate(**o),
+        }
+        seconds = interleaved(peers, warmup=max(1, args.warmup), repeats=args.repeats)
+        out[str(batch)] = {name: (batch * args.new_tokens / s, peers[name]().tolist()) for name, s in seconds.items()}
+    return out
+
+
+def mmformer_in_child(args: argparse.Namespace, out: Path) -> dict:
+    """:func:`mmformer_alone` in a child process (``--alone-json``), with this run's size, batches, tokens, threads
+    and repeats."""
+    size = ["--tiny"] if args.tiny else ["--size", args.size]  # --tiny sets the smoke run's size, batches and tokens
+    command = [sys.executable, "-m", "benchmarks.generate", *size, "--new-tokens", str(args.new_tokens),
+               "--batches", ",".join(map(str, args.batches)), "--warmup", str(args.warmup), "--repeats",
+               str(args.repeats), "--threads", str(torch.get_num_threads()), "--alone-json", str(out), "--no-save",
+               "--compile" if args.compile else "--no-compile"]  # fmt: skip
+    subprocess.run(command, check=True, cwd=Path(__file__).resolve().parent.parent)
+    return json.loads(out.read_text())
+
+
 def speech_rows(args: argparse.Namespace) -> list[dict]:
     hf, ours = whisper_pair(args.size)
     frames = 2 * WHISPER_SIZES[args.size]["source_positions"]  # Hugging Face's encoder takes exactly this many
@@ -243,6 +285,9 @@ def speech_rows(args: argparse.Namespace) -> list[dict]:
             extra |= ct2.whisper_models(hf, whisper_specials(hf), folder)
         elif args.ct2 == "child":
             apart = ct2_in_child(args, Path(folder) / "ct2.json")
+            if args.int8:
+                for batch, peers in mmformer_in_child(args, Path(folder) / "mmformer.json").items():
+                    apart.setdefault(batch, {}).update(peers)
         if args.int8:
             from mmformer.compress import pt2e
 
@@ -297,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
         default=True,
         help="mmformer's PT2E dynamic int8 peer (greedy; compiled unless --no-compile; default: on)",
     )
+    p.add_argument("--alone-json", help=argparse.SUPPRESS)  # the child of --ct2 child: mmformer_alone() only
     p.set_defaults(repeats=10)  # a decode is short: more repeats steady the medians on a shared machine
     args = parse_args(p, argv)
     if args.tiny:
@@ -304,6 +350,9 @@ def main(argv: list[str] | None = None) -> None:
         args.batches, args.beams = "2", "1,2"
     args.batches = [int(b) for b in str(args.batches).split(",")]
     args.beams = [int(k) for k in str(args.beams).split(",")]
+    if args.alone_json:
+        Path(args.alone_json).write_text(json.dumps(mmformer_alone(args)))
+        return
     ct2 = args.ct2 != "off"
     compiled = ["compiled_tok_s", "compile_s"] if args.compile else []
     rows = speech_rows(args)
@@ -312,7 +361,10 @@ def main(argv: list[str] | None = None) -> None:
     columns += compiled + ["ct2_float32_tok_s", "ct2_int8_tok_s"] * ct2 + ["int8_tok_s"] * args.int8
     columns += ["vs_hf", "vs_no_cache"] + (["compiled_vs_hf"] if args.compile else [])
     columns += ["mmformer_vs_ct2_float32"] * ct2 + ["int8_vs_mmformer"] * args.int8
-    columns += ["int8_vs_ct2_int8"] * (ct2 and args.int8) + ["same_ids"]
+    columns += ["int8_vs_ct2_int8"] * (ct2 and args.int8)
+    alone = args.ct2 == "child" and args.int8  # mmformer's two peers also timed alone, as CTranslate2's
+    columns += ["mmformer_alone_tok_s", "int8_alone_tok_s", "mmformer_alone_vs_ct2_float32"] * alone
+    columns += ["int8_alone_vs_ct2_int8"] * alone + ["same_ids"]
     print(table(rows, columns))
     if not args.skip_caption:
         captions = caption_rows(args)
