@@ -20,11 +20,11 @@ CTranslate2 runs in this process by default (``--ct2 same``) or, with ``--ct2 ch
 check). In one process its OpenMP runtime slows torch's decoding: after CTranslate2's first call, torch's threads
 sleep and wake at every parallel region (voluntary context switches 0 → ~3,500 per 64-token call) and mmformer's
 batch-1 int8 decoding fell from 266–335 to 145–155 tokens/s (fp32: 148 → 127), measured on the 2-core EPYC.
-With ``--ct2 child``, mmformer's float32 and int8 are also measured alone the same way (``mmformer_alone``,
-``int8_alone``: a child process running only those two, :func:`mmformer_alone`), so that each engine is timed with the
-same company: in this process five peers' weights (Hugging Face's among them) take turns in the CPU's caches, in
-CTranslate2's child two (on the Intel Xeon with a 300 MB L3, mmformer's batch-8 decoding ran 15 % slower right after
-Hugging Face's than after its own).
+With ``--ct2 child``, mmformer's float32 and int8 (unless ``--no-int8``) are also measured alone the same way
+(``mmformer_alone``, ``int8_alone``: a child process running only those, :func:`mmformer_alone`), so that each engine
+is timed with the same company: in this process five peers' weights (Hugging Face's among them) take turns in the
+CPU's caches, in CTranslate2's child two (on the Intel Xeon with a 300 MB L3, mmformer's batch-8 decoding ran 15 %
+slower right after Hugging Face's than after its own).
 
     python -m benchmarks.generate [--size whisper-tiny] [--batches 1,8] [--beams 1,4] [--new-tokens 64] [--no-compile]
                                   [--ct2 same|child|off] [--no-int8]
@@ -240,23 +240,24 @@ def ct2_in_child(args: argparse.Namespace, out: Path) -> dict:
 
 
 def mmformer_alone(args: argparse.Namespace) -> dict:
-    """mmformer's greedy float32 and PT2E int8 decoding, timed in this process with no other peer (as
-    :func:`benchmarks.ct2.measure_alone` times CTranslate2's two): ``{batch: {"mmformer_alone": (tok_s, ids),
-    "int8_alone": ...}}``, on :func:`speech_rows`'s weights and inputs (same seeds)."""
+    """mmformer's greedy float32 and (unless ``--no-int8``) PT2E int8 decoding, timed in this process with no other
+    peer (as :func:`benchmarks.ct2.measure_alone` times CTranslate2's two): ``{batch: {"mmformer_alone": (tok_s,
+    ids), "int8_alone": ...}}``, on :func:`speech_rows`'s weights and inputs (same seeds)."""
     from mmformer.compress import pt2e
 
     _, ours = whisper_pair(args.size)
     frames = 2 * WHISPER_SIZES[args.size]["source_positions"]
-    int8 = pt2e.quantize(ours, "dynamic", towers=["audio", "decoder"], compile=args.compile and not args.tiny)
+    int8 = None
+    if args.int8:
+        int8 = pt2e.quantize(ours, "dynamic", towers=["audio", "decoder"], compile=args.compile and not args.tiny)
     out = {}
     for batch in args.batches:
         features = torch.randn(batch, N_MELS, frames, generator=torch.Generator().manual_seed(batch))
         prompt = torch.tensor([[START, NO_TIMESTAMPS]]).expand(batch, -1)
         options = dict(audio_features=features, prompt_ids=prompt, max_new_tokens=args.new_tokens)
-        peers = {
-            "mmformer_alone": lambda o=options: generate(ours, **o),
-            "int8_alone": lambda o=options: int8.generate(**o),
-        }
+        peers = {"mmformer_alone": lambda o=options: generate(ours, **o)}
+        if int8 is not None:
+            peers["int8_alone"] = lambda o=options: int8.generate(**o)
         seconds = interleaved(peers, warmup=max(1, args.warmup), repeats=args.repeats)
         out[str(batch)] = {name: (batch * args.new_tokens / s, peers[name]().tolist()) for name, s in seconds.items()}
     return out
@@ -269,7 +270,7 @@ def mmformer_in_child(args: argparse.Namespace, out: Path) -> dict:
     command = [sys.executable, "-m", "benchmarks.generate", *size, "--new-tokens", str(args.new_tokens),
                "--batches", ",".join(map(str, args.batches)), "--warmup", str(args.warmup), "--repeats",
                str(args.repeats), "--threads", str(torch.get_num_threads()), "--alone-json", str(out), "--no-save",
-               "--compile" if args.compile else "--no-compile"]  # fmt: skip
+               "--compile" if args.compile else "--no-compile", "--int8" if args.int8 else "--no-int8"]  # fmt: skip
     subprocess.run(command, check=True, cwd=Path(__file__).resolve().parent.parent)
     return json.loads(out.read_text())
 
@@ -285,9 +286,8 @@ def speech_rows(args: argparse.Namespace) -> list[dict]:
             extra |= ct2.whisper_models(hf, whisper_specials(hf), folder)
         elif args.ct2 == "child":
             apart = ct2_in_child(args, Path(folder) / "ct2.json")
-            if args.int8:
-                for batch, peers in mmformer_in_child(args, Path(folder) / "mmformer.json").items():
-                    apart.setdefault(batch, {}).update(peers)
+            for batch, peers in mmformer_in_child(args, Path(folder) / "mmformer.json").items():
+                apart.setdefault(batch, {}).update(peers)
         if args.int8:
             from mmformer.compress import pt2e
 
@@ -362,9 +362,9 @@ def main(argv: list[str] | None = None) -> None:
     columns += ["vs_hf", "vs_no_cache"] + (["compiled_vs_hf"] if args.compile else [])
     columns += ["mmformer_vs_ct2_float32"] * ct2 + ["int8_vs_mmformer"] * args.int8
     columns += ["int8_vs_ct2_int8"] * (ct2 and args.int8)
-    alone = args.ct2 == "child" and args.int8  # mmformer's two peers also timed alone, as CTranslate2's
-    columns += ["mmformer_alone_tok_s", "int8_alone_tok_s", "mmformer_alone_vs_ct2_float32"] * alone
-    columns += ["int8_alone_vs_ct2_int8"] * alone + ["same_ids"]
+    alone = args.ct2 == "child"  # mmformer's peers also timed alone, as CTranslate2's
+    columns += ["mmformer_alone_tok_s", "mmformer_alone_vs_ct2_float32"] * alone
+    columns += ["int8_alone_tok_s", "int8_alone_vs_ct2_int8"] * (alone and args.int8) + ["same_ids"]
     print(table(rows, columns))
     if not args.skip_caption:
         captions = caption_rows(args)
