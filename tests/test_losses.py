@@ -182,6 +182,9 @@ def _gloo_worker(rank: int, world: int, port: int, out: str) -> None:
         start = sum(SIZES[:rank])
         rows = slice(start, start + SIZES[rank])
         torch.save(run_losses(x[rows], y[rows], ddp=True), f"{out}/rank{rank}.pt")
+        # both ranks done before either tears down: rank 0 hosts the TCP store, and a rank 1 still tearing down when
+        # rank 0 had exited aborted ("terminate called without an active exception": once in a fresh-clone `make test`)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
