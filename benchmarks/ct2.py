@@ -98,15 +98,14 @@ def measure_alone(size: str, batches: list[int], new_tokens: int, warmup: int, r
     import tempfile
 
     from benchmarks.common import interleaved
-    from benchmarks.generate import N_MELS, NO_TIMESTAMPS, START, WHISPER_SIZES, whisper_pair, whisper_specials
+    from benchmarks.generate import NO_TIMESTAMPS, START, speech_features, whisper_pair, whisper_specials
 
     hf, _ = whisper_pair(size)
-    frames = 2 * WHISPER_SIZES[size]["source_positions"]
     out: dict = {}
     with tempfile.TemporaryDirectory() as folder:
         models = whisper_models(hf, whisper_specials(hf), folder)
         for batch in batches:
-            features = torch.randn(batch, N_MELS, frames, generator=torch.Generator().manual_seed(batch))
+            features = speech_features(size, batch)
             peers = {
                 name: (lambda m=m, x=features: generate(m, x, [START, NO_TIMESTAMPS], new_tokens))
                 for name, m in models.items()

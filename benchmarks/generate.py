@@ -239,20 +239,30 @@ def ct2_in_child(args: argparse.Namespace, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def speech_features(size: str, batch: int) -> torch.Tensor:
+    """The log-mel input (batch, N_MELS, frames) every speech peer decodes, in this process or a child: seeded by the
+    batch size, as many frames as Hugging Face's encoder takes (twice its source positions)."""
+    frames = 2 * WHISPER_SIZES[size]["source_positions"]
+    return torch.randn(batch, N_MELS, frames, generator=torch.Generator().manual_seed(batch))
+
+
+def int8_model(ours: MultimodalTransformer, args: argparse.Namespace):
+    """mmformer's int8 peer: PT2E dynamic int8 of the audio tower and the decoder, compiled unless ``--no-compile``
+    (the smoke run never compiles)."""
+    from mmformer.compress import pt2e
+
+    return pt2e.quantize(ours, "dynamic", towers=["audio", "decoder"], compile=args.compile and not args.tiny)
+
+
 def mmformer_alone(args: argparse.Namespace) -> dict:
     """mmformer's greedy float32 and (unless ``--no-int8``) PT2E int8 decoding, timed in this process with no other
     peer (as :func:`benchmarks.ct2.measure_alone` times CTranslate2's two): ``{batch: {"mmformer_alone": (tok_s,
     ids), "int8_alone": ...}}``, on :func:`speech_rows`'s weights and inputs (same seeds)."""
-    from mmformer.compress import pt2e
-
     _, ours = whisper_pair(args.size)
-    frames = 2 * WHISPER_SIZES[args.size]["source_positions"]
-    int8 = None
-    if args.int8:
-        int8 = pt2e.quantize(ours, "dynamic", towers=["audio", "decoder"], compile=args.compile and not args.tiny)
+    int8 = int8_model(ours, args) if args.int8 else None
     out = {}
     for batch in args.batches:
-        features = torch.randn(batch, N_MELS, frames, generator=torch.Generator().manual_seed(batch))
+        features = speech_features(args.size, batch)
         prompt = torch.tensor([[START, NO_TIMESTAMPS]]).expand(batch, -1)
         options = dict(audio_features=features, prompt_ids=prompt, max_new_tokens=args.new_tokens)
         peers = {"mmformer_alone": lambda o=options: generate(ours, **o)}
@@ -277,7 +287,6 @@ def mmformer_in_child(args: argparse.Namespace, out: Path) -> dict:
 
 def speech_rows(args: argparse.Namespace) -> list[dict]:
     hf, ours = whisper_pair(args.size)
-    frames = 2 * WHISPER_SIZES[args.size]["source_positions"]  # Hugging Face's encoder takes exactly this many
     with tempfile.TemporaryDirectory() as folder:
         extra, apart = {}, {}
         if args.ct2 == "same":
@@ -289,14 +298,10 @@ def speech_rows(args: argparse.Namespace) -> list[dict]:
             for batch, peers in mmformer_in_child(args, Path(folder) / "mmformer.json").items():
                 apart.setdefault(batch, {}).update(peers)
         if args.int8:
-            from mmformer.compress import pt2e
-
-            extra["int8"] = pt2e.quantize(
-                ours, "dynamic", towers=["audio", "decoder"], compile=args.compile and not args.tiny
-            )
+            extra["int8"] = int8_model(ours, args)
         rows = []
         for batch in args.batches:
-            features = torch.randn(batch, N_MELS, frames, generator=torch.Generator().manual_seed(batch))
+            features = speech_features(args.size, batch)
             for beams in args.beams:
                 peers = speech_peers(hf, ours, features, beams, args.new_tokens, args, extra)
                 rows.append(measure(f"speech ({args.size})", args, batch, beams, peers, prompt=2,
