@@ -138,7 +138,7 @@ def files(tmp_path_factory):
     "stack", [dict(position="rope", n_kv_heads=2), dict(position="t5")], ids=["rope-gqa", "t5-bias"]
 )
 def test_every_attention_kind_exports_as_onnx_attention_and_equals_pytorch(stack, tmp_path):
-    """Opset 23 (ONNX's Attention operator) with rotary positions and grouped keys, and with an additive bias as the
+    """ONNX's Attention operator (opset 23+) with rotary positions and grouped keys, and with an additive bias as the
     mask (T5's learned one; ALiBi's enters attention the same way), on the towers whose stacks differ by them (plain
     multi-head attention: the module's export above)."""
     torch.manual_seed(0)
@@ -170,6 +170,24 @@ def test_the_exported_decoder_step_copies_none_of_its_cached_state(model, export
     assert {name: readers[name] for name in cross} == {name: {"Attention"} for name in cross}
     assert sum(node.op_type == "Attention" for node in step.node) == 2 * depth  # self + cross per layer
     assert not [node.name for node in step.node if node.op_type.startswith("Scatter")]
+
+
+def test_the_audio_encoders_attention_reads_lengths_not_a_mask(model, exported):
+    """The audio encoder's padding is real frames first, so each Attention takes the lengths (opset 24's
+    ``nonpad_kv_seqlen``: onnxruntime's fast kernel) instead of a boolean mask; the graphs whose masks are not
+    known to be prefixes keep them. Padded rows equal PyTorch in ``test_onnx_and_torch_export_equal_pytorch``."""
+    import onnx
+
+    def attention_inputs(name: str) -> list[int]:
+        graph = onnx.load(str(exported["onnx"] / f"{name}.onnx")).graph
+        return [len(node.input) for node in graph.node if node.op_type == "Attention"]
+
+    audio = onnx.load(str(exported["onnx"] / "audio_encoder.onnx"))
+    assert {o.version for o in audio.opset_import if o.domain in ("", "ai.onnx")} == {24}
+    attention = [node for node in audio.graph.node if node.op_type == "Attention"]
+    assert len(attention) == model.config.stacks["shared"].depth
+    assert all(list(node.input)[3:6] == ["", "", ""] and node.input[6] for node in attention)
+    assert set(attention_inputs("text_encoder")) == {4}  # a mask: its padding is the caller's
 
 
 def test_greedy_decoding_through_the_onnx_kv_cache_gives_the_models_ids(model, exported, files):

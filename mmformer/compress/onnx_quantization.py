@@ -40,7 +40,7 @@ def _dynamic_ops() -> list[str]:
     """The operators ``quantize_dynamic`` quantizes by default, less two:
 
     - ``Attention``: the registry means the com.microsoft operator of that name and rewrites ONNX's own Attention
-      (opset 23, what the export writes) into a QAttention that onnxruntime then refuses to load;
+      (opset 23 and 24, what the export writes) into a QAttention that onnxruntime then refuses to load;
     - ``Conv``: onnxruntime's ``ConvInteger`` is slower than its float ``Conv`` (whisper-tiny's two-convolution stem
       on 8 × 30 s, 2 threads: 241 ms against 80 ms, a sixth of the int8 encoder), as static int8 leaves it too."""
     from onnxruntime.quantization.registry import IntegerOpsRegistry
