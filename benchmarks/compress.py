@@ -4,7 +4,7 @@ test split: distillation into a quarter-size student, quantization per method, a
     python -m benchmarks.compress distill  [--steps N] [--out runs/compress]   # trains two students (long: nice it)
     python -m benchmarks.compress quantize [--calib data/digits/val.jsonl]
     python -m benchmarks.compress export
-    python -m benchmarks.compress backends                                     # int8 backends + bf16 vs float32
+    python -m benchmarks.compress backends [--backends "pt2e static,..."]      # int8 backends + bf16 vs float32
     python -m benchmarks.compress all --tiny --no-save                         # the smoke run (the test suite runs
                                                                                # it in three parts)
 
@@ -20,8 +20,7 @@ benchmarks/common.py).
 
 Backends compares, on the same model, float32 with each int8 backend — PT2E dynamic / static (compiled with
 inductor; :mod:`mmformer.compress.pt2e`), torchao dynamic, onnxruntime dynamic / static QDQ of the ONNX export
-(against the
-float ONNX export) — and bf16 autocast: encode (image + audio) and greedy transcription time at batch 8, zero-shot
+(against the float ONNX export) — and bf16 autocast (``--backends`` picks some): encode (image + audio) and greedy transcription time at batch 8, zero-shot
 accuracy and WER on test and test_hard, file size, the CPU's flags.
 
 Export writes the ONNX and torch.export graphs of every tower and the decoder step and reports the largest
@@ -475,30 +474,37 @@ def backends_section(args: argparse.Namespace, out: Path, manifest: Path) -> lis
     float_model.save_pretrained(out / "fp32")
     sizes = {"fp32": (out / "fp32" / "model.safetensors").stat().st_size}
     backends = {"fp32": TorchBackend(float_model, processor)}
+    chosen = set(compress_sizes.chosen_backends(args.backends))
     for method in ("dynamic", "static"):
         name = f"pt2e {method}"
+        if name not in chosen:
+            continue
         q = pt2e.quantize(mmformer.load_pretrained(out / "fp32"), method, calibration=calibration, compile=compile)
         path = q.save_pretrained(out / name.replace(" ", "_"))
         sizes[name] = sum(f.stat().st_size for f in path.glob("*.safetensors"))  # float weights + qparams
         # the smoke run times the model in memory: reloading traces every graph again (tests/test_quantization_pt2e.py
         # shows the reload identical, in a fresh process)
         backends[name] = TorchBackend(q if args.tiny else pt2e.load(path, compile=compile), processor)
-    torchao = quantize(mmformer.load_pretrained(out / "fp32"), "dynamic")
-    torchao.save_pretrained(out / "torchao_dynamic")
-    sizes["torchao dynamic"] = (out / "torchao_dynamic" / "model.safetensors").stat().st_size
-    backends["torchao dynamic"] = TorchBackend(mmformer.load_pretrained(out / "torchao_dynamic"), processor)
-    # the export section's float ONNX export when it ran before in this run (exporting takes most of a minute)
-    source = Path(args.float_onnx) if args.float_onnx else export(float_model, out / "onnx_fp32", format="onnx")
-    onnx_size = sum(f.stat().st_size for f in source.glob("*.onnx"))
-    backends["onnx fp32"] = OnnxBackend(source)
-    sizes["onnx fp32"] = onnx_size
+    if "torchao dynamic" in chosen:
+        torchao = quantize(mmformer.load_pretrained(out / "fp32"), "dynamic")
+        torchao.save_pretrained(out / "torchao_dynamic")
+        sizes["torchao dynamic"] = (out / "torchao_dynamic" / "model.safetensors").stat().st_size
+        backends["torchao dynamic"] = TorchBackend(mmformer.load_pretrained(out / "torchao_dynamic"), processor)
+    if chosen & {"onnx fp32", "onnxruntime dynamic", "onnxruntime static"}:  # the float export: the int8 ones' base
+        # the export section's float ONNX export when it ran before in this run (exporting takes most of a minute)
+        source = Path(args.float_onnx) if args.float_onnx else export(float_model, out / "onnx_fp32", format="onnx")
+        backends["onnx fp32"] = OnnxBackend(source)
+        sizes["onnx fp32"] = sum(f.stat().st_size for f in source.glob("*.onnx"))
     for method in ("dynamic", "static"):
         name = f"onnxruntime {method}"
-        path = quantize_export(source, out / name.replace(" ", "_"), method, model=float_model, calibration=calibration)
-        sizes[name] = sum(f.stat().st_size for f in path.glob("*.onnx"))
-        backends[name] = OnnxBackend(path)
-    backends["bf16 autocast"] = TorchBackend(float_model, processor, autocast=True)
-    sizes["bf16 autocast"] = sizes["fp32"]
+        if name in chosen:
+            path = quantize_export(source, out / name.replace(" ", "_"), method, model=float_model,
+                                   calibration=calibration)  # fmt: skip
+            sizes[name] = sum(f.stat().st_size for f in path.glob("*.onnx"))
+            backends[name] = OnnxBackend(path)
+    if "bf16 autocast" in chosen:
+        backends["bf16 autocast"] = TorchBackend(float_model, processor, autocast=True)
+        sizes["bf16 autocast"] = sizes["fp32"]
 
     load = load_average()
     rows_in = split_manifest("test", args.batch, out, name="timing")  # not the scored split's file

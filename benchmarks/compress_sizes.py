@@ -64,10 +64,19 @@ COLUMNS = ["size", "backend", "file_MB", "prepare_s", "first_call_s", "encode_ms
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``sizes`` section's options (on :mod:`benchmarks.compress`'s parser)."""
     p.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, of {', '.join(SIZES)}")
-    p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated backends (fp32 always runs)")
+    p.add_argument(
+        "--backends",
+        default=",".join(BACKENDS),
+        help="comma-separated backends of the backends and sizes sections (fp32 always runs)",
+    )
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per row of the timed decode")
     p.add_argument("--bf16", choices=("auto", "force"), default="auto",
                    help="bf16 autocast row: auto = where the CPU has AMX bf16 (else n/a), force = always")  # fmt: skip
+
+
+def chosen_backends(value: str) -> list[str]:
+    """``--backends`` as a list, float32 first (every row's base)."""
+    return ["fp32", *(b for b in _choices(value, BACKENDS, "backends") if b != "fp32")]
 
 
 def _choices(value: str, allowed: tuple[str, ...], name: str) -> list[str]:
@@ -357,7 +366,7 @@ def sizes_section(args: argparse.Namespace, out: Path, manifest: Path) -> list[d
     sizes = _choices(args.sizes, SIZES, "sizes")
     if args.tiny:
         args.new_tokens = min(args.new_tokens, 4)  # within the smoke model's 16 positions
-    backends = ["fp32", *(b for b in _choices(args.backends, BACKENDS, "backends") if b != "fp32")]
+    backends = chosen_backends(args.backends)
     report = cpu_report()
     goal, kind = target(report)
     rows = []

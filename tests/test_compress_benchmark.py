@@ -1,8 +1,10 @@
-"""Smoke run of ``benchmarks/compress.py`` at ``--tiny`` (two-step students, 8 test rows, every quantization method,
-both export formats), in three parts that pytest-xdist can run side by side: the export and backends sections run
-together, so that the backends read the export section's float ONNX export instead of exporting again. Slow: it
-exports the shipped digits model and trains three tiny runs. Timings are never asserted; the figures live in
-BENCHMARKS.md."""
+"""Smoke run of ``benchmarks/compress.py`` at ``--tiny`` (two-step students, 8 test rows, every torchao method, both
+export formats), in three parts that pytest-xdist can run side by side: the export and backends sections run
+together, so that the backends read the export section's float ONNX export instead of exporting again. The backends
+section runs one backend of each kind (PT2E, onnxruntime, bf16): the loop is the same for all, each backend's
+round trip has its own test (tests/test_quantization_pt2e.py, tests/test_quantization_onnx.py), and every backend
+runs in the sizes section's smoke (tests/test_compress_sizes.py). Slow: it exports the shipped digits model and
+trains three tiny runs. Timings are never asserted; the figures live in BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ if ROOT not in sys.path:  # `benchmarks` is a folder of the repository, not of t
     sys.path.insert(0, ROOT)
 
 # the sections of one test, and what their tables must show
+BACKENDS = "pt2e static,onnxruntime dynamic,bf16 autocast"
 PARTS = {
     "distill": ["student, distilled", "beats labels-only"],
     "quantize": ["int4-weight", "qat-dynamic", "encode_speedup"],
@@ -31,7 +34,7 @@ PARTS = {
 def test_compress_benchmark_runs_and_prints_its_tables(capsys, sections):
     from benchmarks import compress
 
-    compress.main([*sections.split(), "--tiny", "--no-save"])
+    compress.main([*sections.split(), "--tiny", "--no-save", "--backends", BACKENDS])
     out = capsys.readouterr().out
     for text in PARTS[sections]:
         assert text in out, f"{text!r} missing from the benchmark's output:\n{out}"
