@@ -20,8 +20,8 @@ benchmarks/common.py).
 
 Backends compares, on the same model, float32 with each int8 backend — PT2E dynamic / static (compiled with
 inductor; :mod:`mmformer.compress.pt2e`), torchao dynamic, onnxruntime dynamic / static QDQ of the ONNX export
-(against the float ONNX export) — and bf16 autocast (``--backends`` picks some): encode (image + audio) and greedy transcription time at batch 8, zero-shot
-accuracy and WER on test and test_hard, file size, the CPU's flags.
+(against the float ONNX export) — and bf16 autocast (``--backends`` picks some): encode (image + audio) and greedy
+transcription time at batch 8, zero-shot accuracy and WER on test and test_hard, file size, the CPU's flags.
 
 Export writes the ONNX and torch.export graphs of every tower and the decoder step and reports the largest
 difference from PyTorch and the time per call, and a full greedy transcription through onnxruntime.

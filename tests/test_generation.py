@@ -72,10 +72,11 @@ def test_a_large_head_times_its_layouts_once_and_every_layout_gives_the_heads_lo
     hidden = torch.randn(3, 5, 16)
     weight = model.lm_head.weight
     search._HEAD_LAYOUTS.clear()
+    packed = ("mkl-packed",) if search._MKL_PACKED else ()
     with torch.no_grad():
         expected = model.lm_head(hidden[:, -1])
         for rows in (1, 3):
-            for layout in ("linear", "weight-major", "two-columns")[: 3 if rows == 1 else 2]:
+            for layout in ("linear", "weight-major", *packed, "two-columns")[: None if rows == 1 else -1]:
                 got = search._project(weight, hidden[:rows, -1], layout)
                 torch.testing.assert_close(got, expected[:rows], atol=1e-4, rtol=1e-4, msg=layout)
         one = search._last_logits(model, hidden[:1])
@@ -83,11 +84,33 @@ def test_a_large_head_times_its_layouts_once_and_every_layout_gives_the_heads_lo
     threads = torch.get_num_threads()
     chosen = {key[2]: layout for key, layout in search._HEAD_LAYOUTS.items() if key[0] == (vocab, 16)}
     assert set(chosen) == {1, 3} and all(key[3] == threads for key in search._HEAD_LAYOUTS)
-    assert chosen[3] in ("linear", "weight-major")
+    assert chosen[3] in ("linear", "weight-major", *packed)
     assert one.shape == (1, vocab) and many.shape == (3, vocab)
     torch.testing.assert_close(one, expected[:1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(many, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(one, many[:1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch._C.has_mkl, reason="MKL's packed GEMM is in x86 builds of torch only")
+def test_a_packed_head_follows_its_weight_when_the_weight_changes():
+    """The packed copy of a head is made once per row count and made again when the weight changes in place (a
+    load_state_dict, an optimizer step): never a stale product."""
+    from mmformer.generation import search
+
+    weight, h = torch.randn(300, 16), torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(search._project(weight, h, "mkl-packed"), h @ weight.T, atol=1e-5, rtol=1e-5)
+        first = search._packed_weight(weight, 4)
+        assert search._packed_weight(weight, 4) is first  # kept
+        weight.mul_(-2.0)  # in place: the version counter moves
+        torch.testing.assert_close(search._project(weight, h, "mkl-packed"), h @ weight.T, atol=1e-5, rtol=1e-5)
+        assert search._packed_weight(weight, 4) is not first
+        for rows in range(1, 2 + search._PACKS_PER_WEIGHT):
+            search._project(weight, h[:1].expand(rows, -1), "mkl-packed")
+        assert len(search._packed[id(weight)]) == search._PACKS_PER_WEIGHT  # a bounded number of copies
+    key = id(weight)
+    del weight
+    assert key not in search._packed  # freed with the weight
 
 
 # ---------------------------------------------------------------- the cache changes nothing

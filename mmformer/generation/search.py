@@ -42,7 +42,8 @@ def _last_logits(model: MultimodalTransformer, hidden: torch.Tensor) -> torch.Te
     head is the largest single cost of a step at whisper-tiny's 51,865 × 384 (BENCHMARKS.md, "Decoding at
     whisper-tiny dimensions"), and which layout MKL runs fastest differs between CPUs — on a 2-core AMD EPYC
     ``W @ hᵀ`` took 0.6× the time of ``F.linear``'s ``h @ Wᵀ`` and one row ran fastest as two columns (a GEMM
-    instead of a single-threaded GEMV), while on an Intel Xeon one row as two columns took 2× ``F.linear``'s time.
+    instead of a single-threaded GEMV), while on an Intel Xeon one row as two columns took 2× ``F.linear``'s time,
+    and 8 rows ran in half the time through MKL's packed weight (:func:`_packed_weight`).
     A large head (:data:`_LARGE_HEAD`) times the layouts once per shape, row count and thread count
     (:func:`_head_layout`); a small one takes ``W @ hᵀ``. Any other head — one that peft wraps (LoRA, trainable
     tokens, modules to save), a subclass — goes through its own call: nothing here reads attributes of a module that
@@ -60,7 +61,27 @@ def _last_logits(model: MultimodalTransformer, hidden: torch.Tensor) -> torch.Te
     return head(h).float()
 
 
-_HEAD_LAYOUTS: dict[tuple, str] = {}  # (weight shape, dtype, rows, threads) → the fastest layout timed here
+_HEAD_LAYOUTS: dict[tuple, str] = {}  # (weight shape, dtype, rows, threads, packed allowed) → the fastest layout
+_MKL_PACKED = torch._C.has_mkl and hasattr(torch.ops.mkl, "_mkl_linear")  # MKL's packed-weight GEMM (x86 builds)
+_PACKS_PER_WEIGHT = 4  # row counts whose packed copy of a head is kept (each as large as the weight)
+_packed: dict[int, dict[tuple[int, int], torch.Tensor]] = {}  # id(weight) → {(rows, version): packed}, while it lives
+
+
+def _packed_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """MKL's packed copy of ``weight`` for products of ``rows`` rows, made once and kept beside the weight (a changed
+    weight — its version counter — is packed again). A float32 GEMM with few rows otherwise packs the whole weight
+    into MKL's panel layout at every call: at whisper-tiny's 51,865 × 384 head and 8 rows, 3.8 → 2.0 ms a step
+    (Intel Xeon, 2 threads); inductor's frozen CPU graphs use the same operator for their linear layers."""
+    packs = _packed.get(id(weight))
+    if packs is None:
+        packs = _packed[id(weight)] = {}
+        weakref.finalize(weight, _packed.pop, id(weight), None)  # dropped with the weight (its id may be reused)
+    key = (rows, weight._version)
+    if key not in packs:
+        while len(packs) >= _PACKS_PER_WEIGHT:
+            packs.pop(next(iter(packs)))
+        packs[key] = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
+    return packs[key]
 
 
 def _project(weight: torch.Tensor, h: torch.Tensor, layout: str) -> torch.Tensor:
@@ -69,23 +90,31 @@ def _project(weight: torch.Tensor, h: torch.Tensor, layout: str) -> torch.Tensor
         return torch.mm(weight, h.t()).t()
     if layout == "two-columns":  # one row computed twice: MKL runs a one-column product as a GEMV, two as a GEMM
         return torch.mm(weight, torch.cat([h, h]).t())[:, :1].t()
+    if layout == "mkl-packed":
+        rows = h.shape[0]
+        return torch.ops.mkl._mkl_linear(h.contiguous(), _packed_weight(weight, rows), weight, None, rows)
     return F.linear(h, weight)
 
 
 def _head_layout(weight: torch.Tensor, h: torch.Tensor, repeats: int = 3) -> str:
     """The fastest layout of :func:`_project` for this weight, row count and thread count: each candidate is timed
-    once (a warm-up call, then ``repeats`` calls, ~40 ms in all at whisper-tiny) on first use in the process, and
-    remembered. The layouts compute the same products; their float rounding may differ in the last bits."""
-    key = (tuple(weight.shape), weight.dtype, h.shape[0], torch.get_num_threads())
+    once (two warm-up calls, then the fastest of ``repeats`` calls; ~60 ms in all at whisper-tiny, packing included)
+    on first use in the process, and remembered. The layouts compute the same products; their float rounding may
+    differ in the last bits."""
+    packed = ("mkl-packed",) if _MKL_PACKED and weight.dtype == torch.float32 and not torch.is_grad_enabled() else ()
+    key = (tuple(weight.shape), weight.dtype, h.shape[0], torch.get_num_threads(), bool(packed))
     layout = _HEAD_LAYOUTS.get(key)
     if layout is None:
         seconds = {}
-        for name in ("linear", "weight-major") + (("two-columns",) if h.shape[0] == 1 else ()):
-            _project(weight, h, name)
-            start = time.perf_counter()
-            for _ in range(repeats):
+        for name in ("linear", "weight-major", *packed) + (("two-columns",) if h.shape[0] == 1 else ()):
+            for _ in range(2):  # warm-up: a new packed weight runs its first calls 2x slower (first touch)
                 _project(weight, h, name)
-            seconds[name] = time.perf_counter() - start
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                _project(weight, h, name)
+                times.append(time.perf_counter() - start)
+            seconds[name] = min(times)
         layout = _HEAD_LAYOUTS[key] = min(seconds, key=seconds.__getitem__)
     return layout
 
