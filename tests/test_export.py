@@ -190,6 +190,19 @@ def test_the_audio_encoders_attention_reads_lengths_not_a_mask(model, exported):
     assert set(attention_inputs("text_encoder")) == {4}  # a mask: its padding is the caller's
 
 
+def test_an_opset_23_export_keeps_the_mask_and_equals_pytorch(model, tmp_path):
+    """``--opset 23`` (onnxruntime 1.23, which refuses opset 24) still writes the mask form, expanded per query."""
+    import onnx
+
+    out = export.export(model, tmp_path / "onnx23", towers=["audio"], opset=23)
+    graph = onnx.load(str(out / "audio_encoder.onnx"))
+    assert {o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")} == {23}
+    assert {len(node.input) for node in graph.graph.node if node.op_type == "Attention"} == {4}
+    module = {g.name: g.module for g in export.graphs(model, ["audio"])}["audio_encoder"]
+    for size in SIZES:
+        assert_onnx_equals(out, "audio_encoder", module, inputs_at(model, **size)["audio_encoder"])
+
+
 def test_greedy_decoding_through_the_onnx_kv_cache_gives_the_models_ids(model, exported, files):
     from mmformer.ship.onnx_runner import OnnxModel
 
