@@ -190,6 +190,21 @@ def test_the_audio_encoders_attention_reads_lengths_not_a_mask(model, exported):
     assert set(attention_inputs("text_encoder")) == {4}  # a mask: its padding is the caller's
 
 
+def test_an_onnxruntime_too_old_for_the_exports_opset_gets_a_clear_error(exported, monkeypatch):
+    """onnxruntime 1.23 refuses opset 24 with a message about 'official support ... till opset 23': the runner says
+    which opset the folder has, which onnxruntime runs it and how to export for the older one."""
+    from mmformer.ship.onnx_runner import OnnxModel
+
+    def too_old(*args, **kwargs):
+        raise RuntimeError(
+            "[ONNXRuntimeError] : 1 : FAIL : Current official support for domain ai.onnx is till opset 23."
+        )
+
+    monkeypatch.setattr(ort, "InferenceSession", too_old)
+    with pytest.raises(ValueError, match=r"opset 24.*onnxruntime >= 1.24.*--opset 23"):
+        OnnxModel(exported["onnx"])
+
+
 def test_an_opset_23_export_keeps_the_mask_and_equals_pytorch(model, tmp_path):
     """``--opset 23`` (onnxruntime 1.23, which refuses opset 24) still writes the mask form, expanded per query."""
     import onnx

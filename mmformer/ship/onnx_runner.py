@@ -102,10 +102,8 @@ class OnnxModel:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        self.sessions = {
-            name: ort.InferenceSession(str(self.directory / g["file"]), options, providers=list(providers))
-            for name, g in self.config["graphs"].items()
-        }
+        self.sessions = {name: self._session(ort, g["file"], options, providers)
+                         for name, g in self.config["graphs"].items()}  # fmt: skip
         self.text = self.config["text"]
         self.logit_scale = float(self.config.get("logit_scale", 1.0))
         self._tokenizer = None
@@ -113,6 +111,19 @@ class OnnxModel:
         self.preprocessor = json.loads(preprocessor.read_text()) if preprocessor.is_file() else {}
         filters = (self.config.get("audio") or {}).get("mel_filters")  # (n_fft/2 + 1, M), read once
         self.mel_filters = np.load(self.directory / filters, allow_pickle=False) if filters else None
+
+    def _session(self, ort: Any, file: str, options: Any, providers: Sequence[str]) -> Any:
+        try:
+            return ort.InferenceSession(str(self.directory / file), options, providers=list(providers))
+        except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
+            opset = self.config.get("opset")
+            if opset and "opset" in str(error).lower():
+                raise ValueError(
+                    f"directory: {self.directory} was exported at ONNX opset {opset}, which onnxruntime "
+                    f"{ort.__version__} does not run (opset 24 needs onnxruntime >= 1.24); upgrade onnxruntime or "
+                    f"export again with `mmformer export --opset 23`"
+                ) from error
+            raise
 
     def _run(self, graph: str, **inputs: np.ndarray) -> list[np.ndarray]:
         if graph not in self.sessions:
