@@ -173,9 +173,10 @@ def test_the_exported_decoder_step_copies_none_of_its_cached_state(model, export
 
 
 def test_the_audio_encoders_attention_reads_lengths_not_a_mask(model, exported):
-    """The audio encoder's padding is real frames first, so each Attention takes the lengths (opset 24's
-    ``nonpad_kv_seqlen``: onnxruntime's fast kernel) instead of a boolean mask; the graphs whose masks are not
-    known to be prefixes keep them. Padded rows equal PyTorch in ``test_onnx_and_torch_export_equal_pytorch``."""
+    """The audio encoder's padding and the decoder's memory mask are real tokens first, so each of their Attention
+    nodes takes the lengths (opset 24's ``nonpad_kv_seqlen``: onnxruntime's fast kernel) instead of a boolean mask;
+    the text encoder, whose padding is the caller's, keeps its mask. Padded rows and memories equal PyTorch in
+    ``test_onnx_and_torch_export_equal_pytorch``."""
     import onnx
 
     def attention_inputs(name: str) -> list[int]:
@@ -188,6 +189,8 @@ def test_the_audio_encoders_attention_reads_lengths_not_a_mask(model, exported):
     assert len(attention) == model.config.stacks["shared"].depth
     assert all(list(node.input)[3:6] == ["", "", ""] and node.input[6] for node in attention)
     assert set(attention_inputs("text_encoder")) == {4}  # a mask: its padding is the caller's
+    for decoder in ("decoder_model", "decoder_with_past_model"):  # self-attention: causal, no mask; cross: lengths
+        assert sorted(set(attention_inputs(decoder))) == [3, 7], decoder
 
 
 def test_an_onnxruntime_too_old_for_the_exports_opset_gets_a_clear_error(exported, monkeypatch):

@@ -139,8 +139,10 @@ def quantize_export(
                 quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
                                  op_types_to_quantize=_dynamic_ops())  # fmt: skip
             else:
+                # int8 activations (onnxruntime's default, "S8S8"): the same outputs as uint8 ones at whisper-tiny's
+                # audio encoder (max diff 0.058 both) in 0.80x the time (914 vs 1,141 ms, Intel Xeon, 2 threads)
                 quantize_static(src, dst, _Reader(feeds[name]), quant_format=QuantFormat.QDQ, per_channel=True,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                                 op_types_to_quantize=STATIC_OPS)  # fmt: skip
             src.unlink()
         config["quantization"] = {"backend": BACKEND, "method": method, "onnxruntime_version": ort_version}

@@ -18,6 +18,11 @@ The graphs, as Hugging Face Optimum lays out an encoder–decoder export (``mmfo
       mel_filters.npy             the log-mel filter bank (n_fft/2 + 1, M), for feature extraction without torch
       config.json, tokenizer.json, preprocessor_config.json
 
+Every mask is real tokens first, as the encoders give them: ``feature_lengths`` (B,) of the audio graph and
+``memory_mask`` (B, S) of the decoder's (whose attention reads it as lengths from opset 24 on: a mask with a hole
+would be read as its count of real tokens; :class:`~mmformer.ship.onnx_runner.OnnxModel` only passes the encoders'
+masks).
+
 The decoder runs as Optimum's pair: ``decoder_model`` reads the prompt and the encoder states once and returns the
 self-attention cache and the cross-attention keys/values; ``decoder_with_past_model`` is one greedy step with the
 cache as explicit inputs and outputs (:meth:`mmformer.layers.cache.KVCache.from_state`). The step reads the
@@ -282,6 +287,7 @@ def _decoder_graphs(model: MultimodalTransformer, ex: dict[str, Any], dims: dict
         {"input_ids": {0: "batch", 1: "tokens"}, "memory": {0: "batch", 1: "memory_tokens"},
          "memory_mask": {0: "batch", 1: "memory_tokens"}},
         dims,
+        prefix_masks=True,  # memory_mask: the encoders' real tokens come first
     )  # fmt: skip
     step = Graph(
         "decoder_with_past_model",
@@ -292,6 +298,7 @@ def _decoder_graphs(model: MultimodalTransformer, ex: dict[str, Any], dims: dict
          "past_values": cache_axes, **{name: {0: "batch", 2: "memory_tokens"} for name in per_layer}},
         dims,
         varargs=len(per_layer),
+        prefix_masks=True,
     )  # fmt: skip
     return [prefill, step]
 
@@ -371,7 +378,8 @@ def export(
 def _lengths_for_masks(model: Any) -> None:
     """Pass every ``Attention`` node's key-padding mask (B, 1, 1, S) as lengths (``nonpad_kv_seqlen``, opset 24).
 
-    Only for graphs whose masks are real tokens first (:attr:`Graph.prefix_masks`): the lengths are the mask's sum.
+    Only for graphs whose masks are real tokens first (:attr:`Graph.prefix_masks`: the audio encoder's, from its
+    lengths, and the decoder's cross-attention, from ``memory_mask``): the lengths are the mask's sum.
     onnxruntime runs Attention with a mask on a path that is 1.8× slower than its kernel without one (one layer of
     whisper-tiny's encoder, 8 × 1,500 tokens, 2 threads: 280 vs 157 ms); with the lengths, 183 ms and equal outputs.
     Masks of any other shape (causal, windows, relative-position biases) are left as they are."""
