@@ -8,7 +8,7 @@ Methods (``mmformer quantize --backend onnxruntime --method dynamic|static``):
 =========  ==============================================================================================
 dynamic    ``quantize_dynamic``: int8 weights per output channel, uint8 activations quantized at run time
            (``DynamicQuantizeLinear`` + ``MatMulInteger``)
-static     ``quantize_static`` in the QDQ format, on the matrix products: uint8 activations with scales
+static     ``quantize_static`` in the QDQ format, on the matrix products: int8 activations with scales
            calibrated over the batches (``MinMax``), int8 weights per output channel
 =========  ==============================================================================================
 
