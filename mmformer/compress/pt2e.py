@@ -153,7 +153,12 @@ class PT2EModel:
         if fn is None:
             fn = self.graphs[name]
             if self.compile:
-                fn = _with_freezing(torch.compile(fn, dynamic=True))
+                # no guards on the graph module's attributes: freezing folds its weights into the compiled code,
+                # and the module is this object's own, never changed after quantization — those guards cost
+                # ~0.1 ms a call (the digits model's transcription: 0.92-0.95x -> 0.99-1.06x float32). The inputs'
+                # shapes and dtypes stay guarded.
+                only_inputs = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+                fn = _with_freezing(torch.compile(fn, dynamic=True, options=only_inputs))
             self._compiled[name] = fn
         with torch.no_grad():
             return tuple(fn(*inputs))
