@@ -375,6 +375,13 @@ def export(
     return Path(directory)
 
 
+def _masked_attention(model: Any) -> list[tuple[Any, Any]]:
+    """The ONNX ``Attention`` nodes of ``model``'s graph that take a mask (input 3), with that mask."""
+    return [(node, node.inputs[3]) for node in model.graph
+            if node.op_type == "Attention" and node.domain in ("", "ai.onnx") and len(node.inputs) >= 4
+            and node.inputs[3] is not None]  # fmt: skip
+
+
 def _lengths_for_masks(model: Any) -> None:
     """Pass every ``Attention`` node's key-padding mask (B, 1, 1, S) as lengths (``nonpad_kv_seqlen``, opset 24).
 
@@ -387,13 +394,12 @@ def _lengths_for_masks(model: Any) -> None:
     from onnxscript import ir
 
     lengths: dict[Any, Any] = {}  # mask value → its (B,) lengths, computed once per graph
-    for node in list(model.graph):
-        if node.op_type != "Attention" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 4:
-            continue
-        mask = node.inputs[3]
-        shape = None if mask is None else mask.shape
-        if mask is None or mask.dtype != ir.DataType.BOOL or shape is None or len(shape) != 4 or shape[1:3] != (1, 1):
-            continue
+    for node, mask in _masked_attention(model):
+        shape = mask.shape
+        if len(node.inputs) != 4 or mask.dtype != ir.DataType.BOOL or shape is None or len(shape) != 4:
+            continue  # past key/value inputs, or a float bias
+        if shape[1:3] != (1, 1):
+            continue  # not a key-padding mask
         if mask not in lengths:
             cast = ir.node("Cast", [mask], attributes={"to": ir.DataType.INT64})
             axes = ir.node("Constant", [], attributes={"value": ir.tensor(np.array([1, 2, 3], dtype=np.int64))})
@@ -420,12 +426,7 @@ def _mask_per_query(model: Any) -> None:
     import numpy as np
     from onnxscript import ir  # onnx_ir, the exporter's graph API
 
-    for node in list(model.graph):
-        if node.op_type != "Attention" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 4:
-            continue
-        mask = node.inputs[3]
-        if mask is None:
-            continue
+    for node, mask in _masked_attention(model):
         ones = ir.node("Constant", [], attributes={"value": ir.tensor(np.array([1, 1], dtype=np.int64))})
         one = ir.node("Constant", [], attributes={"value": ir.tensor(np.array([1], dtype=np.int64))})
         queries = ir.node("Shape", [node.inputs[0]], attributes={"start": -2, "end": -1})  # T of (B, nh, T, hs)
