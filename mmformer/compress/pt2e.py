@@ -100,7 +100,9 @@ def _convert(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 def _with_freezing(compiled: Callable) -> Callable:
     """``compiled`` called under inductor's ``freezing`` (it folds the int8 weights into constants and lowers the
     quantize/dequantize patterns to oneDNN int8 kernels), set for these calls only: set process-wide, it froze the
-    buffers of every model compiled later in the process — a static KV cache's write position among them."""
+    buffers of every model compiled later in the process — a static KV cache's write position among them. (Passed
+    as ``torch.compile(..., options={"freezing": True})`` instead, torch 2.14's lowering fails: "onednn.qlinear_prepack
+    is not an OpOverload".)"""
     import torch._inductor.config as inductor
 
     def call(*inputs: torch.Tensor) -> Any:
