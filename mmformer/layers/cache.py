@@ -281,6 +281,14 @@ class StateKVCache(KVCache):
         raise ValueError("KV cache: a state cache holds one step; reorder the state outside the graph")
 
 
+def _fixed_address(t: torch.Tensor) -> None:
+    """Tell dynamo that a CUDA buffer keeps its address (a CUDA graph reads it in place instead of copying it in at
+    each replay). Not on CPU, where nothing is captured: inductor's freezing folds such marked tensors into the
+    compiled code as constants, as it does parameters, and a static cache's buffers change at every step."""
+    if t.device.type == "cuda":
+        torch._dynamo.mark_static_address(t)
+
+
 class StaticKVCache(KVCache):
     """A :class:`KVCache` preallocated to its full length whose decoding step has fixed shapes and reads no host
     value, so that ``torch.compile`` traces it once and, on CUDA, ``mode="reduce-overhead"`` captures it as a CUDA
@@ -293,10 +301,10 @@ class StaticKVCache(KVCache):
       (the mask convention's (B, T, S) form);
     - the next write position, each row's count of real tokens and the mask live in device tensors, updated in
       place; :attr:`length` reads the position back (a host sync: for the code around a step, never inside it);
-    - the buffers never move (:meth:`reorder` copies in place; :meth:`ensure` cannot grow them), and are marked as
-      static addresses for CUDA graphs, the cross-attention keys/values too (a graph copies any other input into
-      its own buffers at every replay); :meth:`reset` empties the cache for the next decoding of the same shape,
-      keeping every buffer where it is, so a captured graph replays on them.
+    - the buffers never move (:meth:`reorder` copies in place; :meth:`ensure` cannot grow them), and on CUDA are
+      marked as static addresses for CUDA graphs (:func:`_fixed_address`), the cross-attention keys/values too (a
+      graph copies any other input into its own buffers at every replay); :meth:`reset` empties the cache for the
+      next decoding of the same shape, keeping every buffer where it is, so a captured graph replays on them.
 
     Position ids are always given per row, so absolute positions and RoPE work; ALiBi and T5's relative bias, which
     assume the queries are the last of the keys, are refused where the cache is made (:meth:`Stack.make_cache`).
@@ -327,10 +335,10 @@ class StaticKVCache(KVCache):
         self._columns = torch.arange(capacity, device=device)  # (M,)
         self._cross_buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         for t in (self._k, self._v, self._mask, self._real, self._position, self._columns):
-            torch._dynamo.mark_static_address(t)
+            _fixed_address(t)
         for k, v in self._layers:
-            torch._dynamo.mark_static_address(k)
-            torch._dynamo.mark_static_address(v)
+            _fixed_address(k)
+            _fixed_address(v)
 
     @property
     def length(self) -> int:
@@ -355,7 +363,7 @@ class StaticKVCache(KVCache):
         if held is None or held[0].shape != k.shape or held[0].dtype != k.dtype or held[0].device != k.device:
             held = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))  # contiguous
             for t in held:
-                torch._dynamo.mark_static_address(t)
+                _fixed_address(t)
             self._cross_buffers[layer] = held
         held[0].copy_(k)
         held[1].copy_(v)
