@@ -79,8 +79,8 @@ def test_a_large_head_times_its_layouts_once_and_every_layout_gives_the_heads_lo
             for layout in ("linear", "weight-major", *packed, "two-columns")[: None if rows == 1 else -1]:
                 got = search._project(weight, hidden[:rows, -1], layout)
                 torch.testing.assert_close(got, expected[:rows], atol=1e-4, rtol=1e-4, msg=layout)
-        one = search._last_logits(model, hidden[:1])
-        many = search._last_logits(model, hidden)
+        one = search._last_logits(model, hidden[:1], search.head_layout(model, hidden[:1, -1]))
+        many = search._last_logits(model, hidden, search.head_layout(model, hidden[:, -1]))
     threads = torch.get_num_threads()
     chosen = {key[2]: layout for key, layout in search._HEAD_LAYOUTS.items() if key[0] == (vocab, 16)}
     assert set(chosen) == {1, 3} and all(key[3] == threads for key in search._HEAD_LAYOUTS)

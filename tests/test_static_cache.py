@@ -119,6 +119,7 @@ def compiled_with(monkeypatch):
         if backend is not None:
             monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
         monkeypatch.setattr(search, "_compiled_static", {})
+        monkeypatch.setattr(search, "_frozen_steps", weakref.WeakKeyDictionary())
         monkeypatch.setattr(search, "_static_caches", weakref.WeakKeyDictionary())
         torch._dynamo.reset()
         counters.clear()
@@ -147,13 +148,26 @@ def test_compiled_static_step_is_one_graph(build, compiled_with):
 
 @pytest.mark.slow
 def test_compiled_static_step_equals_eager_with_inductor(build, compiled_with):
-    """The static step through inductor (torch.compile's default mode on CPU): the same ids for greedy, beam search
-    and sampling."""
+    """The static step through inductor (on CPU with the weights frozen into the graph): the same ids for greedy,
+    beam search and sampling; a second model of the same architecture decodes with its own weights, and a model whose
+    weights changed in place since its step was compiled (an optimizer step) with the new ones — never the frozen
+    copy of other or older weights."""
     compiled_with(None)
     model = build("learned")
     for kind in SEARCHES:
         assert torch.equal(decode(model, SEARCHES[kind], cache="static", compile=True), decode(model, SEARCHES[kind]))
     assert dict(counters["graph_break"]) == {}
+    greedy = SEARCHES["greedy"]
+    other = build("learned")
+    assert not torch.equal(decode(other, greedy), decode(model, greedy))
+    assert torch.equal(decode(other, greedy, cache="static", compile=True), decode(other, greedy))
+    with torch.no_grad():
+        before = decode(model, greedy)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.5)
+    after = decode(model, greedy)
+    assert not torch.equal(after, before)
+    assert torch.equal(decode(model, greedy, cache="static", compile=True), after)
 
 
 @pytest.mark.gpu

@@ -97,7 +97,7 @@ def _convert(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return convert_pt2e(gm)
 
 
-def _with_freezing(compiled: Callable) -> Callable:
+def with_freezing(compiled: Callable) -> Callable:
     """``compiled`` called under inductor's ``freezing`` (it folds the int8 weights into constants and lowers the
     quantize/dequantize patterns to oneDNN int8 kernels), set for these calls only: set process-wide, it froze the
     buffers of every model compiled later in the process — a static KV cache's write position among them. (Passed
@@ -160,7 +160,7 @@ class PT2EModel:
                 # ~0.1 ms a call (the digits model's transcription: 0.92-0.95x -> 0.99-1.06x float32). The inputs'
                 # shapes and dtypes stay guarded.
                 only_inputs = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-                fn = _with_freezing(torch.compile(fn, dynamic=True, options=only_inputs))
+                fn = with_freezing(torch.compile(fn, dynamic=True, options=only_inputs))
             self._compiled[name] = fn
         with torch.no_grad():
             return tuple(fn(*inputs))

@@ -9,6 +9,7 @@ S memory tokens, D width.
 from __future__ import annotations
 
 import time
+import types
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -32,13 +33,22 @@ CACHE_STEP = 64  # KV cache positions allocated beyond the prompt at first; the 
 
 # ---------------------------------------------------------------------- running the decoder
 _FEW_ROWS = 64  # decoding steps of at most this many rows choose their LM head's GEMM layout on CPU (see below)
-_LARGE_HEAD = 1 << 22  # weight elements (16 MB in float32) from which the layout is timed (see _last_logits)
+_LARGE_HEAD = 1 << 22  # weight elements (16 MB in float32) from which the layout is timed (see head_layout)
 
 
-def _last_logits(model: MultimodalTransformer, hidden: torch.Tensor) -> torch.Tensor:
-    """Decoder states (N, T, D) → float32 logits (N, V) of the last position only (the one generation needs).
+def _last_logits(model: MultimodalTransformer, hidden: torch.Tensor, layout: str | None = None) -> torch.Tensor:
+    """Decoder states (N, T, D) → float32 logits (N, V) of the last position only (the one generation needs),
+    through the LM head's GEMM ``layout`` (:func:`head_layout`; None: the head's own call)."""
+    h = hidden[:, -1]  # (N, D)
+    if layout is None:
+        return model.lm_head(h).float()
+    return _project(model.lm_head.weight, h, layout).float()
 
-    For the few rows of a decoding step on CPU, a plain bias-free ``nn.Linear`` LM head chooses its GEMM layout: the
+
+def head_layout(model: MultimodalTransformer, h: torch.Tensor) -> str | None:
+    """The GEMM layout of the LM head for decoding rows h (N, D), or None where the head runs through its own call.
+
+    For the few rows of a decoding step on CPU, a plain bias-free ``nn.Linear`` LM head chooses its layout: the
     head is the largest single cost of a step at whisper-tiny's 51,865 × 384 (BENCHMARKS.md, "Decoding at
     whisper-tiny dimensions"), and which layout MKL runs fastest differs between CPUs — on a 2-core AMD EPYC
     ``W @ hᵀ`` took 0.6× the time of ``F.linear``'s ``h @ Wᵀ`` and one row ran fastest as two columns (a GEMM
@@ -47,18 +57,21 @@ def _last_logits(model: MultimodalTransformer, hidden: torch.Tensor) -> torch.Te
     A large head (:data:`_LARGE_HEAD`) times the layouts once per shape, row count and thread count
     (:func:`_head_layout`); a small one takes ``W @ hᵀ``. Any other head — one that peft wraps (LoRA, trainable
     tokens, modules to save), a subclass — goes through its own call: nothing here reads attributes of a module that
-    may not be an ``nn.Linear``."""
-    h = hidden[:, -1]  # (N, D)
+    may not be an ``nn.Linear``. Chosen outside compiled graphs (no timing inside a trace): :class:`DecoderRunner`
+    chooses at the prompt and passes the layout to every step, compiled or not (:func:`graph_layout`)."""
     head = model.lm_head
     if type(head) is nn.Linear and head.bias is None and h.device.type == "cpu" and h.shape[0] <= _FEW_ROWS:
         weight = head.weight  # (V, D)
         if is_plain_tensor(weight) and h.dtype == weight.dtype:  # not a quantized (tensor subclass) weight
-            if weight.numel() < _LARGE_HEAD:
-                return _project(weight, h, "weight-major").float()
-            if torch.compiler.is_compiling():  # no timing inside a traced graph: the layout compiled graphs had
-                return _project(weight, h, "two-columns" if h.shape[0] == 1 else "weight-major").float()
-            return _project(weight, h, _head_layout(weight, h)).float()
-    return head(h).float()
+            return "weight-major" if weight.numel() < _LARGE_HEAD else _head_layout(weight, h)
+    return None
+
+
+def graph_layout(layout: str | None) -> str | None:
+    """The layout a compiled step runs for an eager ``layout``: MKL's packed copy lives in a Python cache that a graph
+    cannot read, so a packed head runs as ``F.linear`` there (inductor's own GEMM; with freezing, the same packed
+    operator); every other layout is a plain product a graph runs as it is."""
+    return "linear" if layout == "mkl-packed" else layout
 
 
 _HEAD_LAYOUTS: dict[tuple, str] = {}  # (weight shape, dtype, rows, threads, packed allowed) → the fastest layout
@@ -120,10 +133,15 @@ def _head_layout(weight: torch.Tensor, h: torch.Tensor, repeats: int = 3) -> str
 
 
 def _next_logits(
-    model: MultimodalTransformer, new: torch.Tensor, memory_mask: torch.Tensor | None, cache: KVCache
+    model: MultimodalTransformer,
+    new: torch.Tensor,
+    memory_mask: torch.Tensor | None,
+    cache: KVCache,
+    layout: str | None = None,
 ) -> torch.Tensor:
-    """One cached decoder step without input checks: new ids (N, T) → float32 logits (N, V) of the last one."""
-    return _last_logits(model, model.decode_step(new, memory_mask=memory_mask, cache=cache))
+    """One cached decoder step without input checks: new ids (N, T) → float32 logits (N, V) of the last one, through
+    the LM head's ``layout`` (:func:`head_layout`; a constant of a compiled graph)."""
+    return _last_logits(model, model.decode_step(new, memory_mask=memory_mask, cache=cache), layout)
 
 
 _compiled_next_logits: Callable | None = None
@@ -159,11 +177,15 @@ _compiled_static: dict[str | None, Callable] = {}
 _static_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def compiled_static_next_logits(device_type: str) -> Callable:
+def compiled_static_next_logits(model: MultimodalTransformer) -> Callable:
     """:func:`_next_logits` compiled for a :class:`~mmformer.layers.cache.StaticKVCache`: fixed shapes
-    (``dynamic=False``) and no host value read inside, so one graph serves every step; on CUDA with
-    ``mode="reduce-overhead"``, which captures it as a CUDA graph and replays it (one launch per step). The graph's
-    output buffer is reused by the next replay, so the logits are cloned."""
+    (``dynamic=False``) and no host value read inside, so one graph serves every step. On CUDA with
+    ``mode="reduce-overhead"``, which captures it as a CUDA graph and replays it (one launch per step; the graph's
+    output buffer is reused by the next replay, so the logits are cloned); on CPU with the model's weights frozen
+    into the graph (:func:`frozen_next_logits`)."""
+    device_type = model_device(model).type
+    if device_type == "cpu":
+        return frozen_next_logits(model)
     mode = "reduce-overhead" if device_type == "cuda" else None
     if mode not in _compiled_static:
         compiled = torch.compile(_next_logits, dynamic=False, mode=mode)
@@ -177,6 +199,36 @@ def compiled_static_next_logits(device_type: str) -> Callable:
 
         _compiled_static[mode] = step
     return _compiled_static[mode]
+
+
+# model → (the state of its weights when its frozen step was compiled, the step)
+_frozen_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _weights_state(model: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Which tensors the model holds and how often each was changed in place (its version counter: an optimizer
+    step, ``load_state_dict``, any in-place write moves it): what a frozen graph folded in."""
+    return tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
+def frozen_next_logits(model: MultimodalTransformer) -> Callable:
+    """CPU: :func:`_next_logits` compiled for a static cache with inductor's ``freezing``, which folds the model's
+    weights into the graph as constants and runs its linear layers on MKL's packed weights (whisper-tiny dimensions,
+    8 rows, Intel Xeon: 0.96× → 1.20× eager decoding; BENCHMARKS.md). Frozen weights are the graph's own copy, so
+    each model gets a step of its own — compiled from its own copy of the step's code, since dynamo keeps compiled
+    graphs per code object — made again once the model's weights changed since it was compiled: a frozen graph never
+    computes with stale weights. (The cache's buffers stay graph inputs: on CPU they are not marked as static
+    addresses, which freezing would fold too — :mod:`mmformer.layers.cache`.)"""
+    from mmformer.compress.pt2e import with_freezing
+
+    state = _weights_state(model)
+    held = _frozen_steps.get(model)
+    if held is None or held[0] != state:
+        code = _next_logits.__code__.replace()  # a code object of its own: its own graphs, dropped with the step
+        fn = types.FunctionType(code, _next_logits.__globals__, code.co_name, _next_logits.__defaults__)
+        compiled = with_freezing(torch.compile(fn, dynamic=False))
+        held = _frozen_steps[model] = (state, compiled)
+    return held[1]
 
 
 class DecoderRunner:
@@ -226,10 +278,11 @@ class DecoderRunner:
         self.max_length = max_length
         self.use_cache, self.static, self.compiled = use_cache, static, compile
         if compile and static:
-            self.step = compiled_static_next_logits(model_device(model).type)
+            self.step = compiled_static_next_logits(model)
         else:
             self.step = compiled_next_logits() if compile else _next_logits
         self.cache: KVCache | None = None
+        self.layout: str | None = None  # the LM head's GEMM layout for the steps, chosen at the prompt
 
     def _reserve(self, rows: int, needed: int) -> None:
         """A cache for ``rows`` sequences with room for ``needed`` positions (it starts small and grows)."""
@@ -261,7 +314,7 @@ class DecoderRunner:
             new = tokens[:, seen:]  # (N, 1)
             if self.static:  # one layout every step (a beam's rows are views of varying strides): one graph
                 new = new.contiguous()
-            return self.step(self.model, new, self.memory_mask, self.cache)
+            return self.step(self.model, new, self.memory_mask, self.cache, self.layout)
         # the prompt (or, without a cache, everything so far): validated like any user input
         mask = self.prompt_mask
         if self.cache is None and mask is not None:  # the generated tokens after the prompt are all real
@@ -277,7 +330,9 @@ class DecoderRunner:
         )
         if self.cache is not None:
             self.memory = None  # the cache now holds the cross-attention keys/values; don't carry (or reorder) it
-        return _last_logits(self.model, hidden)
+        layout = head_layout(self.model, hidden[:, -1])
+        self.layout = graph_layout(layout) if self.compiled else layout
+        return _last_logits(self.model, hidden, layout)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` (N,) of the cached self-attention keys/values, as beam search reassigns hypotheses.
