@@ -20,8 +20,9 @@ CTranslate2 runs in this process by default (``--ct2 same``) or, with ``--ct2 ch
 check). In one process its OpenMP runtime slows torch's decoding: after CTranslate2's first call, torch's threads
 sleep and wake at every parallel region (voluntary context switches 0 → ~3,500 per 64-token call) and mmformer's
 batch-1 int8 decoding fell from 266–335 to 145–155 tokens/s (fp32: 148 → 127), measured on the 2-core EPYC.
-With ``--ct2 child``, mmformer's float32 and int8 (unless ``--no-int8``) are also measured alone the same way
-(``mmformer_alone``, ``int8_alone``: a child process running only those, :func:`mmformer_alone`), so that each engine
+With ``--ct2 child``, mmformer's float32 (eager, and compiled unless ``--no-compile``) and int8 (unless
+``--no-int8``) are also measured alone the same way (``mmformer_alone``, ``compiled_alone``, ``int8_alone``: a child
+process running only those, :func:`mmformer_alone`), so that each engine
 is timed with the same company: in this process five peers' weights (Hugging Face's among them) take turns in the
 CPU's caches, in CTranslate2's child two (on the Intel Xeon with a 300 MB L3, mmformer's batch-8 decoding ran 15 %
 slower right after Hugging Face's than after its own).
@@ -177,14 +178,15 @@ def speech_peers(
 
 
 def mmformer_peers(model: MultimodalTransformer, inputs: dict, beams: int, n: int, compile: bool) -> dict:
-    """mmformer's KV-cached generate (eager, and compiled if asked) and its cache-less decode."""
+    """mmformer's KV-cached generate (eager, and compiled if asked: the static cache's fixed-shape step, the weights
+    frozen into the graph on CPU) and its cache-less decode."""
     options = dict(inputs, max_new_tokens=n, num_beams=beams)
     peers = {
         "mmformer": lambda: generate(model, **options),
         "no_cache": lambda: generate(model, **options, use_cache=False),
     }
     if compile:
-        peers["compiled"] = lambda: generate(model, **options, compile=True)
+        peers["compiled"] = lambda: generate(model, **options, cache="static", compile=True)
     return peers
 
 
@@ -219,7 +221,8 @@ def measure(
         )
         # the first call's extra time; ~0 when inductor's on-disk cache already held an identical graph
         row["compile_s"] = max(0.0, first_s["compiled"] - seconds["compiled"])
-    pairs = (("mmformer", "ct2_float32"), ("int8", "mmformer"), ("int8", "ct2_int8"), ("mmformer_alone", "ct2_float32"),
+    pairs = (("mmformer", "ct2_float32"), ("compiled", "ct2_float32"), ("int8", "mmformer"), ("int8", "ct2_int8"),
+             ("mmformer_alone", "ct2_float32"), ("compiled_alone", "ct2_float32"),
              ("int8_alone", "ct2_int8"))  # fmt: skip
     for peer, base in pairs:
         if peer in tps and base in tps:
@@ -255,9 +258,10 @@ def int8_model(ours: MultimodalTransformer, args: argparse.Namespace):
 
 
 def mmformer_alone(args: argparse.Namespace) -> dict:
-    """mmformer's greedy float32 and (unless ``--no-int8``) PT2E int8 decoding, timed in this process with no other
-    peer (as :func:`benchmarks.ct2.measure_alone` times CTranslate2's two): ``{batch: {"mmformer_alone": (tok_s,
-    ids), "int8_alone": ...}}``, on :func:`speech_rows`'s weights and inputs (same seeds)."""
+    """mmformer's greedy float32 (eager, and compiled unless ``--no-compile``) and (unless ``--no-int8``) PT2E int8
+    decoding, timed in this process with no other peer (as :func:`benchmarks.ct2.measure_alone` times CTranslate2's
+    two): ``{batch: {"mmformer_alone": (tok_s, ids), "compiled_alone": ..., "int8_alone": ...}}``, on
+    :func:`speech_rows`'s weights and inputs (same seeds)."""
     _, ours = whisper_pair(args.size)
     int8 = int8_model(ours, args) if args.int8 else None
     out = {}
@@ -266,6 +270,8 @@ def mmformer_alone(args: argparse.Namespace) -> dict:
         prompt = torch.tensor([[START, NO_TIMESTAMPS]]).expand(batch, -1)
         options = dict(audio_features=features, prompt_ids=prompt, max_new_tokens=args.new_tokens)
         peers = {"mmformer_alone": lambda o=options: generate(ours, **o)}
+        if args.compile:
+            peers["compiled_alone"] = lambda o=options: generate(ours, **o, cache="static", compile=True)
         if int8 is not None:
             peers["int8_alone"] = lambda o=options: int8.generate(**o)
         seconds = interleaved(peers, warmup=max(1, args.warmup), repeats=args.repeats)
@@ -365,10 +371,12 @@ def main(argv: list[str] | None = None) -> None:
     columns = ["task", "batch", "search", "new_tokens", "hf_tok_s", "mmformer_tok_s", "no_cache_tok_s"]
     columns += compiled + ["ct2_float32_tok_s", "ct2_int8_tok_s"] * ct2 + ["int8_tok_s"] * args.int8
     columns += ["vs_hf", "vs_no_cache"] + (["compiled_vs_hf"] if args.compile else [])
-    columns += ["mmformer_vs_ct2_float32"] * ct2 + ["int8_vs_mmformer"] * args.int8
+    columns += ["mmformer_vs_ct2_float32"] * ct2 + ["compiled_vs_ct2_float32"] * (ct2 and args.compile)
+    columns += ["int8_vs_mmformer"] * args.int8
     columns += ["int8_vs_ct2_int8"] * (ct2 and args.int8)
     alone = args.ct2 == "child"  # mmformer's peers also timed alone, as CTranslate2's
     columns += ["mmformer_alone_tok_s", "mmformer_alone_vs_ct2_float32"] * alone
+    columns += ["compiled_alone_tok_s", "compiled_alone_vs_ct2_float32"] * (alone and args.compile)
     columns += ["int8_alone_tok_s", "int8_alone_vs_ct2_int8"] * (alone and args.int8) + ["same_ids"]
     print(table(rows, columns))
     if not args.skip_caption:
