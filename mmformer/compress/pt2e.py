@@ -29,12 +29,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from mmformer.layers.freezing import with_freezing
 
 MODES = ("static", "dynamic")
 BACKEND = "pt2e"
@@ -95,21 +97,6 @@ def _convert(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     return convert_pt2e(gm)
-
-
-def with_freezing(compiled: Callable) -> Callable:
-    """``compiled`` called under inductor's ``freezing`` (it folds the int8 weights into constants and lowers the
-    quantize/dequantize patterns to oneDNN int8 kernels), set for these calls only: set process-wide, it froze the
-    buffers of every model compiled later in the process — a static KV cache's write position among them. (Passed
-    as ``torch.compile(..., options={"freezing": True})`` instead, torch 2.14's lowering fails: "onednn.qlinear_prepack
-    is not an OpOverload".)"""
-    import torch._inductor.config as inductor
-
-    def call(*inputs: torch.Tensor) -> Any:
-        with inductor.patch(freezing=True):
-            return compiled(*inputs)
-
-    return call
 
 
 class PT2EModel:

@@ -21,6 +21,7 @@ from torch import nn
 from mmformer.generation.score_processing import ScoreProcessor, apply_processors
 from mmformer.generation.token_choice import Greedy, Sampler, StopStrings
 from mmformer.io.weights import is_plain_tensor, model_device
+from mmformer.layers.freezing import with_freezing
 
 if TYPE_CHECKING:
     from mmformer.generation.streaming import TextStreamer
@@ -40,9 +41,10 @@ def _last_logits(model: MultimodalTransformer, hidden: torch.Tensor, layout: str
     """Decoder states (N, T, D) → float32 logits (N, V) of the last position only (the one generation needs),
     through the LM head's GEMM ``layout`` (:func:`head_layout`; None: the head's own call)."""
     h = hidden[:, -1]  # (N, D)
+    head = model.lm_head
     if layout is None:
-        return model.lm_head(h).float()
-    return _project(model.lm_head.weight, h, layout).float()
+        return head(h).float()
+    return _project(head.weight, h, layout).float()  # a layout only for a plain nn.Linear head (head_layout)
 
 
 def head_layout(model: MultimodalTransformer, h: torch.Tensor) -> str | None:
@@ -219,8 +221,6 @@ def frozen_next_logits(model: MultimodalTransformer) -> Callable:
     graphs per code object — made again once the model's weights changed since it was compiled: a frozen graph never
     computes with stale weights. (The cache's buffers stay graph inputs: on CPU they are not marked as static
     addresses, which freezing would fold too — :mod:`mmformer.layers.cache`.)"""
-    from mmformer.compress.pt2e import with_freezing
-
     state = _weights_state(model)
     held = _frozen_steps.get(model)
     if held is None or held[0] != state:
