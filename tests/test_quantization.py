@@ -157,6 +157,24 @@ def test_quantized_models_classify_caption_and_transcribe_unchanged(quantized_di
     assert captions == model.caption(images, max_new_tokens=4) and len(transcripts) == 1
 
 
+def test_compiled_single_row_decoding_of_int8_activations_is_refused(quantized_dirs):
+    """torch.compile computes torchao's int8-activation linear layers wrongly on a (1, 1, D) input (torchao 0.18,
+    torch 2.14: BENCHMARKS.md), every step of decoding one row: a reloaded dynamic or static model refuses
+    generate(compile=True) for one row, naming the ways out, before anything is compiled; weight-only int8 and two
+    or more rows are not refused."""
+    from mmformer.generation import search
+    from mmformer.generation.decoding import generate
+
+    images = torch.rand(1, 3, 16, 16)
+    for method in search.INT8_ACTIVATIONS:
+        loaded = mmformer.load_pretrained(quantized_dirs[method][1])
+        with pytest.raises(ValueError, match=rf"compile: .*{method!r} int8 method decodes one row wrongly.*"
+                                             r"compile=False.*backend='pt2e'"):  # fmt: skip
+            generate(loaded, image=images, max_new_tokens=2, compile=True)
+        search._check_compilable(loaded, rows=2)
+    search._check_compilable(quantized_dirs["int8-weight"][0], rows=1)
+
+
 def test_a_quantized_model_without_torchao_is_a_clear_error(quantized_dirs, float_dir, monkeypatch):
     _, path = quantized_dirs["int8-weight"]
     for name in [m for m in sys.modules if m == "torchao" or m.startswith("torchao.")]:

@@ -231,6 +231,25 @@ def frozen_next_logits(model: MultimodalTransformer) -> Callable:
     return held[1]
 
 
+INT8_ACTIVATIONS = ("dynamic", "static")  # torchao methods whose linear layers quantize their inputs
+
+
+def _check_compilable(model: MultimodalTransformer, rows: int) -> None:
+    """Refuse to compile the single-row steps of a model whose torchao linear layers quantize their activations
+    (``quantize(model, "dynamic" | "static")``): torch.compile computes those layers wrongly for an input whose
+    leading dimensions are all 1 — one row of one token, every step of decoding at batch 1 (a 384-wide layer answered
+    up to 2e4 away from its eager output; 2-D inputs and two or more rows are exact; torchao 0.18, torch 2.14,
+    BENCHMARKS.md). Eager decoding of such a model is exact, and so is compiled decoding of two or more rows."""
+    quantization = getattr(model, "quantization", None)
+    method = getattr(quantization, "method", None)
+    if rows == 1 and method in INT8_ACTIVATIONS:
+        raise ValueError(
+            f"compile: a model quantized with torchao's {method!r} int8 method decodes one row wrongly under "
+            f"torch.compile (torchao's int8-activation linear layers on a (1, 1, D) input); decode it with "
+            f"compile=False, decode two or more rows, or quantize with backend='pt2e'"
+        )
+
+
 class DecoderRunner:
     """Next-token logits for growing sequences: incrementally through one KV cache, or recomputed from scratch.
 
@@ -316,6 +335,8 @@ class DecoderRunner:
                 new = new.contiguous()
             return self.step(self.model, new, self.memory_mask, self.cache, self.layout)
         # the prompt (or, without a cache, everything so far): validated like any user input
+        if self.compiled:
+            _check_compilable(self.model, tokens.shape[0])
         mask = self.prompt_mask
         if self.cache is None and mask is not None:  # the generated tokens after the prompt are all real
             mask = F.pad(mask, (0, tokens.shape[1] - mask.shape[1]), value=True)  # (N, L)
