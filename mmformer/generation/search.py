@@ -227,7 +227,12 @@ def frozen_next_logits(model: MultimodalTransformer) -> Callable:
         code = _next_logits.__code__.replace()  # a code object of its own: its own graphs, dropped with the step
         fn = types.FunctionType(code, _next_logits.__globals__, code.co_name, _next_logits.__defaults__)
         compiled = with_freezing(torch.compile(fn, dynamic=False))
-        held = _frozen_steps[model] = (state, compiled)
+
+        def step(*args: Any) -> torch.Tensor:  # a graph per row count and cache length, as the shared steps allow
+            with torch._dynamo.config.patch(recompile_limit=_COMPILED_GRAPHS):
+                return compiled(*args)
+
+        held = _frozen_steps[model] = (state, step)
     return held[1]
 
 
