@@ -163,14 +163,19 @@ def compiled_next_logits() -> Callable:
     """
     global _compiled_next_logits
     if _compiled_next_logits is None:
-        compiled = torch.compile(_next_logits, dynamic=True)
-
-        def step(*args: Any) -> torch.Tensor:
-            with torch._dynamo.config.patch(recompile_limit=_COMPILED_GRAPHS):
-                return compiled(*args)
-
-        _compiled_next_logits = step
+        _compiled_next_logits = _graph_limited(torch.compile(_next_logits, dynamic=True))
     return _compiled_next_logits
+
+
+def _graph_limited(compiled: Callable) -> Callable:
+    """``compiled`` called with dynamo's graph limit per function raised to :data:`_COMPILED_GRAPHS` (a decoding
+    step brings a graph per row count, cache layout or length; past the limit dynamo falls back to eager)."""
+
+    def step(*args: Any) -> torch.Tensor:
+        with torch._dynamo.config.patch(recompile_limit=_COMPILED_GRAPHS):
+            return compiled(*args)
+
+    return step
 
 
 _compiled_static: dict[str | None, Callable] = {}
@@ -190,16 +195,13 @@ def compiled_static_next_logits(model: MultimodalTransformer) -> Callable:
         return frozen_next_logits(model)
     mode = "reduce-overhead" if device_type == "cuda" else None
     if mode not in _compiled_static:
-        compiled = torch.compile(_next_logits, dynamic=False, mode=mode)
+        compiled = _graph_limited(torch.compile(_next_logits, dynamic=False, mode=mode))
 
-        def step(*args: Any) -> torch.Tensor:
-            with torch._dynamo.config.patch(recompile_limit=_COMPILED_GRAPHS):
-                if mode is None:
-                    return compiled(*args)
-                torch.compiler.cudagraph_mark_step_begin()
-                return compiled(*args).clone()
+        def replay(*args: Any) -> torch.Tensor:
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(*args).clone()
 
-        _compiled_static[mode] = step
+        _compiled_static[mode] = compiled if mode is None else replay
     return _compiled_static[mode]
 
 
@@ -226,12 +228,7 @@ def frozen_next_logits(model: MultimodalTransformer) -> Callable:
     if held is None or held[0] != state:
         code = _next_logits.__code__.replace()  # a code object of its own: its own graphs, dropped with the step
         fn = types.FunctionType(code, _next_logits.__globals__, code.co_name, _next_logits.__defaults__)
-        compiled = with_freezing(torch.compile(fn, dynamic=False))
-
-        def step(*args: Any) -> torch.Tensor:  # a graph per row count and cache length, as the shared steps allow
-            with torch._dynamo.config.patch(recompile_limit=_COMPILED_GRAPHS):
-                return compiled(*args)
-
+        step = _graph_limited(with_freezing(torch.compile(fn, dynamic=False)))
         held = _frozen_steps[model] = (state, step)
     return held[1]
 
