@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmformer.config import StackConfig
@@ -30,6 +29,7 @@ from mmformer.layers.cache import KVCache
 from mmformer.layers.documents import Documents, document_attention
 from mmformer.layers.norms import make_norm
 from mmformer.layers.positions import RotaryEmbedding, alibi_bias, alibi_slopes
+from mmformer.layers.sdpa import sdpa
 
 
 def reference_attention(
@@ -247,7 +247,7 @@ class Attention(nn.Module):
         groups = B // k.shape[0] if self.cross and 0 < k.shape[0] < B else 1
         if groups > 1:  # (B, nh, T, hs) → (B/G, nh, G*T, hs): the beams' queries read their sample's keys once
             q = q.view(-1, groups, self.n_heads, T, self.head_dim).transpose(1, 2).flatten(2, 3)
-        out = F.scaled_dot_product_attention(
+        out = sdpa(
             q,
             k,
             v,

@@ -13,11 +13,11 @@ Shape legend: B batch, N input tokens, Q queries, Din input width, D pool width,
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmformer.layers.mlp import Mlp
 from mmformer.layers.norms import make_norm
+from mmformer.layers.sdpa import sdpa
 
 
 class AttentionPool(nn.Module):
@@ -85,7 +85,7 @@ class AttentionPool(nn.Module):
         queries = self.queries if self.query_norm is None else self.query_norm(self.queries)
         q = self._heads(self.q(queries).to(x.dtype).expand(B, -1, -1))  # (B, nh, Q, hs)
         k, v = (self._heads(t) for t in self.kv(x).chunk(2, dim=-1))  # (B, nh, N, hs) each
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, nh, Q, hs)
+        out = sdpa(q, k, v)  # (B, nh, Q, hs)
         out = self.proj(out.transpose(1, 2).reshape(B, -1, self.n_heads * self.head_dim))  # (B, Q, D)
         if self.mlp is not None:
             out = out + self.mlp(self.mlp_norm(out))
