@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mmformer.config import StackConfig
 from mmformer.layers import Attention
-from mmformer.layers.sdpa import sdpa, upcast_for_backward
+from mmformer.layers.sdpa import UPCAST_MAX_KEYS_X_HEAD, sdpa, upcast_for_backward
 
 
 def _qkv(dtype: torch.dtype, grad: bool) -> list[torch.Tensor]:
@@ -47,8 +47,17 @@ def test_autocast_does_not_lower_the_float32_kernel_again():
 @pytest.mark.parametrize("dtype,grad", [(torch.float32, True), (torch.bfloat16, False)])
 def test_other_calls_are_sdpa_itself(dtype, grad):
     q, k, v = _qkv(dtype, grad)
-    assert not upcast_for_backward(q)
+    assert not upcast_for_backward(q, k)
     torch.testing.assert_close(sdpa(q, k, v, is_causal=True), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_long_keys_keep_the_half_precision_kernel():
+    """Past the crossover (S * hs > UPCAST_MAX_KEYS_X_HEAD) the bf16 kernel is the faster: it runs as it is."""
+    q = torch.randn(1, 1, 4, 64, dtype=torch.bfloat16, requires_grad=True)
+    k = v = torch.randn(1, 1, UPCAST_MAX_KEYS_X_HEAD // 64 + 1, 64, dtype=torch.bfloat16)
+    assert not upcast_for_backward(q, k)
+    assert upcast_for_backward(q, k[:, :, :-1])
+    torch.testing.assert_close(sdpa(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=0, atol=0)
 
 
 def test_bf16_mixed_attention_layer_matches_float64():
