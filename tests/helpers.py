@@ -35,3 +35,11 @@ def randomize_(module: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
             norm_scale = p.ndim == 1 and name.endswith("weight")
             p.copy_(1 + 0.1 * torch.randn_like(p) if norm_scale else scale * torch.randn_like(p))
     return module.eval()
+
+
+def frozen_tensors() -> list[torch.Tensor]:
+    """The tensors inductor's generated modules hold: the constants of frozen graphs (``FrozenCompile``), which torch
+    keeps for the process's life unless released."""
+    from torch._inductor.codecache import PyCodeCache
+
+    return [v for m in PyCodeCache.modules for v in vars(m).values() if isinstance(v, torch.Tensor)]

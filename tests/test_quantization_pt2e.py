@@ -9,6 +9,7 @@ methods in test_quantization.py.
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -21,6 +22,7 @@ pytest.importorskip("torchao")
 
 from cli_helpers import REPO, cli_env  # noqa: E402
 from conftest import TINY_AUDIO, TINY_TEXT  # noqa: E402
+from helpers import frozen_tensors  # noqa: E402
 from test_quantization import float_dir, manifest, tiny  # noqa: E402, F401  (the tiny model and its calibration manifest)
 
 from mmformer.compress import pt2e  # noqa: E402
@@ -172,11 +174,17 @@ def test_compiled_pt2e_graphs_answer_as_the_reference_graphs():
     before = inductor.freezing
     model = tiny()
     reference = pt2e.quantize(model, "dynamic", towers=["image"], compile=False)
+    held = len(frozen_tensors())
     compiled = pt2e.PT2EModel(model, "dynamic", reference.graphs, reference.qparams, compile=True)
     x = inputs()["pixel_values"]
     expected, got = reference.encode_image(x), compiled.encode_image(x)
     assert float((got - expected).abs().max()) <= 0.03
     assert inductor.freezing == before
+    # its frozen weights go with it (torch keeps a frozen graph's constants for the process's life otherwise)
+    assert len(frozen_tensors()) > held
+    del compiled
+    gc.collect()
+    assert len(frozen_tensors()) == held
 
 
 def test_pt2e_audio_graph_serves_every_frame_count_of_a_strided_convolution():

@@ -10,15 +10,18 @@ so that logits differ by wide margins.
 from __future__ import annotations
 
 import functools
+import gc
 import weakref
 
 import pytest
 import torch
+from helpers import frozen_tensors
 from torch._dynamo.utils import counters
 
 from mmformer.generation import search
 from mmformer.generation.decoding import DecodingOptions, generate
 from mmformer.layers.cache import StaticKVCache
+from mmformer.layers.freezing import FrozenCompile
 from mmformer.model import MultimodalTransformer
 
 B = 3
@@ -118,6 +121,9 @@ def compiled_with(monkeypatch):
     def use(backend: str | None) -> None:
         if backend is not None:
             monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
+            # the CPU step's own inductor call (FrozenCompile) too
+            chosen = torch._dynamo.lookup_backend(backend)
+            monkeypatch.setattr(FrozenCompile, "_inductor", lambda self, gm, inputs: chosen(gm, inputs))
         monkeypatch.setattr(search, "_compiled_static", {})
         monkeypatch.setattr(search, "_frozen_steps", weakref.WeakKeyDictionary())
         monkeypatch.setattr(search, "_static_caches", weakref.WeakKeyDictionary())
@@ -157,17 +163,32 @@ def test_compiled_static_step_equals_eager_with_inductor(build, compiled_with):
     for kind in SEARCHES:
         assert torch.equal(decode(model, SEARCHES[kind], cache="static", compile=True), decode(model, SEARCHES[kind]))
     assert dict(counters["graph_break"]) == {}
+    frozen = len(frozen_tensors())  # the model's graphs' constants (greedy's, beam search's)
     greedy = SEARCHES["greedy"]
     other = build("learned")
     assert not torch.equal(decode(other, greedy), decode(model, greedy))
     assert torch.equal(decode(other, greedy, cache="static", compile=True), decode(other, greedy))
-    with torch.no_grad():
-        before = decode(model, greedy)
-        for p in model.parameters():
-            p.add_(torch.randn_like(p), alpha=0.5)
+    one_graph = len(frozen_tensors()) - frozen  # other's greedy graph
+    before = decode(model, greedy)
+    nudge(model)
     after = decode(model, greedy)
     assert not torch.equal(after, before)
     assert torch.equal(decode(model, greedy, cache="static", compile=True), after)
+    # frozen copies go with their step: the replaced one's at once (torch keeps the generated code's constants for the
+    # process's life otherwise: ~110 MB per recompile at whisper-tiny size), a deleted model's with the model
+    assert (held := len(frozen_tensors())) == 2 * one_graph, held
+    parameters = [weakref.ref(p) for m in (model, other) for p in m.parameters()]
+    del model, other
+    gc.collect()
+    assert sum(p() is not None for p in parameters) == 0
+    assert frozen_tensors() == []
+
+
+def nudge(model: MultimodalTransformer) -> None:
+    """An optimizer-like in-place change of every weight."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.5)
 
 
 @pytest.mark.gpu

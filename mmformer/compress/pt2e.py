@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmformer.layers.freezing import with_freezing
+from mmformer.layers.freezing import FrozenCompile
 
 MODES = ("static", "dynamic")
 BACKEND = "pt2e"
@@ -146,8 +147,8 @@ class PT2EModel:
                 # and the module is this object's own, never changed after quantization — those guards cost
                 # ~0.1 ms a call (the digits model's transcription: 0.92-0.95x -> 0.99-1.06x float32). The inputs'
                 # shapes and dtypes stay guarded.
-                only_inputs = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-                fn = with_freezing(torch.compile(fn, dynamic=True, options=only_inputs))
+                fn = FrozenCompile(fn, dynamic=True, guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe)
+                weakref.finalize(self, fn.release)  # the frozen weights go with this object (torch keeps them)
             self._compiled[name] = fn
         with torch.no_grad():
             return tuple(fn(*inputs))

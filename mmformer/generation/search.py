@@ -9,7 +9,6 @@ S memory tokens, D width.
 from __future__ import annotations
 
 import time
-import types
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -21,7 +20,7 @@ from torch import nn
 from mmformer.generation.score_processing import ScoreProcessor, apply_processors
 from mmformer.generation.token_choice import Greedy, Sampler, StopStrings
 from mmformer.io.weights import is_plain_tensor, model_device
-from mmformer.layers.freezing import with_freezing
+from mmformer.layers.freezing import FrozenCompile
 
 if TYPE_CHECKING:
     from mmformer.generation.streaming import TextStreamer
@@ -205,7 +204,7 @@ def compiled_static_next_logits(model: MultimodalTransformer) -> Callable:
     return _compiled_static[mode]
 
 
-# model → (the state of its weights when its frozen step was compiled, the step)
+# model → (the state of its weights when its frozen step was compiled, the step, the finalizer releasing it)
 _frozen_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -221,15 +220,16 @@ def frozen_next_logits(model: MultimodalTransformer) -> Callable:
     8 rows, Intel Xeon: 0.96× → 1.20× eager decoding; BENCHMARKS.md). Frozen weights are the graph's own copy, so
     each model gets a step of its own — compiled from its own copy of the step's code, since dynamo keeps compiled
     graphs per code object — made again once the model's weights changed since it was compiled: a frozen graph never
-    computes with stale weights. (The cache's buffers stay graph inputs: on CPU they are not marked as static
-    addresses, which freezing would fold too — :mod:`mmformer.layers.cache`.)"""
+    computes with stale weights. A step's frozen weights are released when it is replaced and when the model is
+    garbage-collected (:class:`~mmformer.layers.freezing.FrozenCompile`). (The cache's buffers stay graph inputs: on
+    CPU they are not marked as static addresses, which freezing would fold too — :mod:`mmformer.layers.cache`.)"""
     state = _weights_state(model)
     held = _frozen_steps.get(model)
     if held is None or held[0] != state:
-        code = _next_logits.__code__.replace()  # a code object of its own: its own graphs, dropped with the step
-        fn = types.FunctionType(code, _next_logits.__globals__, code.co_name, _next_logits.__defaults__)
-        step = _graph_limited(with_freezing(torch.compile(fn, dynamic=False)))
-        held = _frozen_steps[model] = (state, step)
+        if held is not None:
+            held[2]()  # the old step's frozen weights released now (torch would keep them for the process's life)
+        step = FrozenCompile(_next_logits, recompile_limit=_COMPILED_GRAPHS)
+        held = _frozen_steps[model] = (state, step, weakref.finalize(model, step.release))
     return held[1]
 
 
