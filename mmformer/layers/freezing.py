@@ -20,6 +20,7 @@ followed by a compiled decoding, resident memory +454 MB before, +21 MB after).
 
 from __future__ import annotations
 
+import sys
 import types
 from collections.abc import Callable
 from typing import Any
@@ -86,8 +87,6 @@ class FrozenCompile:
 
     def release(self) -> None:
         """Drop every frozen weight this compile holds (idempotent)."""
-        import sys
-
         from torch._inductor.codecache import PyCodeCache
 
         for gm in self._graphs:  # its attributes: the model's parameters and buffers, as traced
