@@ -25,6 +25,7 @@ from conftest import TINY_AUDIO, TINY_TEXT  # noqa: E402
 from helpers import frozen_tensors  # noqa: E402
 from test_quantization import float_dir, manifest, tiny  # noqa: E402, F401  (the tiny model and its calibration manifest)
 
+import mmformer  # noqa: E402
 from mmformer.compress import pt2e  # noqa: E402
 from mmformer.compress.quantization import calibration_batches  # noqa: E402
 
@@ -156,6 +157,10 @@ def test_cli_writes_a_pt2e_model_and_refuses_methods_it_lacks(float_dir, tmp_pat
     assert "pt2e dynamic int8 graphs image_encoder" in capsys.readouterr().out
     loaded = pt2e.load(tmp_path / "q", compile=False)
     assert loaded.mode == "dynamic" and sorted(loaded.graphs) == ["image_encoder"]
+    # the folder also holds the float model: loading it as a model says what it gets
+    with pytest.warns(UserWarning, match=r"a pt2e int8 folder; from_pretrained loads its float model"):
+        float_model = mmformer.from_pretrained(tmp_path / "q")
+    assert float_model.quantization is None
     with pytest.raises(SystemExit, match=r"--method: expected one of dynamic, static, got 'int4-weight' "
                                          r"\(--backend pt2e\)"):  # fmt: skip
         main(["quantize", "--model", str(float_dir), "--backend", "pt2e", "--method", "int4-weight", "--out",

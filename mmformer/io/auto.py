@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -143,6 +144,7 @@ def _load(
     if model_kwargs and source.kind not in ("open_clip", "timm"):
         raise ValueError("model_kwargs: only for open_clip and timm models (or source='timm_vit')")
     if source.kind in OWN_KINDS:
+        _warn_of_int8_graphs(source)
         if source.config is not None and kwargs.get("config") is None:
             kwargs = {**kwargs, "config": config_from_dict(source.config, f"{source.path / 'config.json'}")}
         return MultimodalTransformer.from_pretrained(source.path, device=device, dtype=dtype, **kwargs)
@@ -159,6 +161,20 @@ def _load(
 
 
 load_pretrained = from_pretrained
+
+
+def _warn_of_int8_graphs(source: Source) -> None:
+    """A folder ``mmformer quantize --backend pt2e`` wrote holds the float model beside its int8 graphs' parameters:
+    loading it here gives the float model, which is what a user who quantized to go faster should hear."""
+    from mmformer.compress import pt2e
+
+    if source.path.is_dir() and pt2e.is_pt2e(source.path):
+        warnings.warn(
+            f"{source.path}: a pt2e int8 folder; from_pretrained loads its float model — its int8 graphs load with "
+            "mmformer.compress.pt2e.load (the CLI's commands run the float model)",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def load_processor(name_or_path: str | os.PathLike | Source) -> Processor | None:
