@@ -228,8 +228,8 @@ def frozen_next_logits(model: MultimodalTransformer) -> Callable:
     if held is None or held[0] != state:
         if held is not None:
             held[2]()  # the old step's frozen weights released now (torch would keep them for the process's life)
-        step = FrozenCompile(_next_logits, recompile_limit=_COMPILED_GRAPHS)
-        held = _frozen_steps[model] = (state, step, weakref.finalize(model, step.release))
+        step = FrozenCompile(_next_logits)
+        held = _frozen_steps[model] = (state, _graph_limited(step), weakref.finalize(model, step.release))
     return held[1]
 
 

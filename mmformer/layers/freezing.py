@@ -13,7 +13,7 @@ compiles again when they change (:func:`mmformer.generation.search.frozen_next_l
 Where the frozen weights live (torch 2.14): as attributes of the Python module inductor generates for the graph,
 which it keeps for the life of the process (``PyCodeCache.modules`` and ``sys.modules``), and on dynamo's traced
 graph module. Neither is dropped with the compiled function, so a model compiled again after its weights changed,
-or deleted, left its frozen weights behind (~50 MB per recompile at whisper-tiny size). :class:`FrozenCompile`
+or deleted, left its frozen weights behind (~110 MB per recompile at whisper-tiny size). :class:`FrozenCompile`
 records what its compiles made and releases it (measured: whisper-tiny dimensions, four weight changes each
 followed by a compiled decoding, resident memory +454 MB before, +21 MB after).
 """
@@ -42,7 +42,6 @@ class FrozenCompile:
         fn: the function or module to compile.
         dynamic: ``torch.compile``'s.
         guard_filter_fn: ``torch.compile``'s option of that name (which guards dynamo keeps).
-        recompile_limit: dynamo's graph limit for this function's calls (its default when None).
     """
 
     def __init__(
@@ -51,7 +50,6 @@ class FrozenCompile:
         *,
         dynamic: bool = False,
         guard_filter_fn: Callable | None = None,
-        recompile_limit: int | None = None,
     ):
         self._globals: dict[str, Any] = {}
         if isinstance(fn, types.FunctionType):
@@ -60,7 +58,6 @@ class FrozenCompile:
             fn = types.FunctionType(code, self._globals, code.co_name, fn.__defaults__)
         options = {"guard_filter_fn": guard_filter_fn} if guard_filter_fn is not None else None
         self._compiled = torch.compile(fn, dynamic=dynamic, backend=self._inductor, options=options)
-        self._recompile_limit = recompile_limit
         self._modules: list[types.ModuleType] = []  # the generated modules holding frozen constants
         self._graphs: list[torch.fx.GraphModule] = []
 
@@ -79,10 +76,7 @@ class FrozenCompile:
     def __call__(self, *inputs: Any) -> Any:
         import torch._inductor.config as inductor
 
-        with (
-            inductor.patch(freezing=True),
-            torch._dynamo.config.patch(recompile_limit=self._recompile_limit or torch._dynamo.config.recompile_limit),
-        ):
+        with inductor.patch(freezing=True):
             return self._compiled(*inputs)
 
     def release(self) -> None:
