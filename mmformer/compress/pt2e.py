@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -148,7 +147,7 @@ class PT2EModel:
                 # ~0.1 ms a call (the digits model's transcription: 0.92-0.95x -> 0.99-1.06x float32). The inputs'
                 # shapes and dtypes stay guarded.
                 fn = FrozenCompile(fn, dynamic=True, guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe)
-                weakref.finalize(self, fn.release)  # the frozen weights go with this object (torch keeps them)
+                fn.release_with(self)  # the frozen weights go with this object (torch would keep them)
             self._compiled[name] = fn
         with torch.no_grad():
             return tuple(fn(*inputs))

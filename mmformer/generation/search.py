@@ -229,7 +229,7 @@ def frozen_next_logits(model: MultimodalTransformer) -> Callable:
         if held is not None:
             held[2]()  # the old step's frozen weights released now (torch would keep them for the process's life)
         step = FrozenCompile(_next_logits)
-        held = _frozen_steps[model] = (state, _graph_limited(step), weakref.finalize(model, step.release))
+        held = _frozen_steps[model] = (state, _graph_limited(step), step.release_with(model))
     return held[1]
 
 
