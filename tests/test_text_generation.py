@@ -201,6 +201,28 @@ def test_complete_command(tokenizer, tmp_path, capsys):
         main(["complete", "--model", str(tmp_path / "lm"), "the cat sat on the mat. " * 12])
 
 
+def test_complete_command_streams_what_it_prints_whole(tokenizer, tmp_path, capsys, monkeypatch):
+    """``--stream`` prints each continuation piece by piece as it is decoded: the same text as without it."""
+    from mmformer.generation import streaming
+
+    model = language_model("learned", vocab_size=tokenizer.vocab_size)
+    model.save_pretrained(tmp_path / "lm", processor=Processor(tokenizer))
+    command = ["complete", "--model", str(tmp_path / "lm"), "--max-new-tokens", "6"]
+    whole = []
+    for prompt in ("the cat", "a dog"):  # one row each, as the stream decodes them
+        main([*command, prompt])
+        whole.append(capsys.readouterr().out)
+    pieces = []
+    on_text = streaming.TextStreamer.on_text
+    monkeypatch.setattr(streaming.TextStreamer, "on_text", lambda self, text, stream_end=False: (
+        pieces.append(text), on_text(self, text, stream_end)))  # fmt: skip
+    main([*command, "the cat", "a dog", "--stream"])
+    assert capsys.readouterr().out == "\n".join(whole)
+    assert sum(bool(p) for p in pieces) >= 2  # more than one piece: streamed, not printed at the end
+    with pytest.raises(SystemExit, match=r"--stream: streaming decodes greedily or by sampling; got --num-beams 3"):
+        main([*command, "the cat", "--stream", "--num-beams", "3"])
+
+
 # ---------------------------------------------------------------- T5 relative position bias
 def t5_bucket_float64(relative: int, bidirectional: bool, n_buckets: int, max_distance: int) -> int:
     """Mesh TensorFlow's _relative_position_bucket for one relative position (key - query), in float64 Python."""

@@ -32,7 +32,7 @@ Inference and interop:
   zeroshot    zero-shot classification:            mmformer zeroshot --model out/model --classes a,b,c FILES...
   caption     image captioning:                    mmformer caption --model out/model FILES...
   transcribe  speech to text:                      mmformer transcribe --model out/model FILES...
-  complete    continue text prompts (an LM):       mmformer complete --model out/model "Once upon" ...
+  complete    continue text prompts (an LM):       mmformer complete --model out/model "Once upon" ... [--stream]
   convert     public checkpoint → pretrained dir:  mmformer convert SRC --out out/model [--from open_clip]
   serve       OpenAI-compatible HTTP server:       mmformer serve --model out/model [--port 8000] [--api-key KEY]
 
@@ -210,6 +210,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("complete", help="continue text prompts with a language model")
     _decoding_args(p, "prompts", "text prompts")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling generator (reproducible samples)")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="print each continuation as it is decoded (one prompt at a time; greedy or sampling, not beams)",
+    )
 
     from mmformer.convert import SOURCES
 
@@ -420,6 +425,9 @@ def _complete(args: argparse.Namespace) -> None:
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    if args.stream:
+        _complete_streaming(args, model, options, generator, prefix)
+        return
     for start in range(0, len(args.prompts), args.batch_size):
         chunk = args.prompts[start : start + args.batch_size]
         texts = model.complete(chunk, options=options, generator=generator, prefix_embeds=prefix)
@@ -427,6 +435,21 @@ def _complete(args: argparse.Namespace) -> None:
             if start + i:
                 print()
             print(f"{prompt}{text}")
+
+
+def _complete_streaming(args: argparse.Namespace, model: Any, options: Any, generator: Any, prefix: Any) -> None:
+    """``complete --stream``: each prompt, then its continuation piece by piece as the tokens are decoded (the same
+    text the batched command prints), a blank line between prompts."""
+    from mmformer.generation.streaming import TextStreamer
+
+    if options.num_beams > 1:
+        raise ValueError(f"--stream: streaming decodes greedily or by sampling; got --num-beams {options.num_beams}")
+    for i, prompt in enumerate(args.prompts):
+        if i:
+            print()
+        print(prompt, end="", flush=True)
+        streamer = TextStreamer(model.processor.tokenizer)  # prints each stable piece, then a newline at the end
+        model.complete([prompt], options=options, generator=generator, prefix_embeds=prefix, streamer=streamer)
 
 
 def _export(args: argparse.Namespace) -> None:
