@@ -26,7 +26,7 @@ def export(args: argparse.Namespace) -> None:
     else:
         from mmformer.ship.export import OPSET, export
 
-        towers = [t.strip() for t in args.towers.split(",") if t.strip()] if args.towers else None
+        towers = _towers(args.towers)
         export(model, args.out, format=args.format, towers=towers, opset=args.opset or OPSET, overwrite=args.overwrite)
     print(f"wrote {args.out}")
 
@@ -78,7 +78,7 @@ def quantize_graphs(args: argparse.Namespace) -> None:
     from mmformer.io.auto import load_pretrained
 
     model = load_pretrained(args.model, device=args.device).eval()
-    towers = [t.strip() for t in args.towers.split(",") if t.strip()] if args.towers else None
+    towers = _towers(args.towers)
     calibration = None
     if args.method == "static":
         calibration = calibration_batches(model, args.calib, max_samples=args.calib_samples)
@@ -115,3 +115,8 @@ def convert(args: argparse.Namespace) -> None:
     model = from_pretrained(args.src, source=args.source, revision=args.revision)
     model.save_pretrained(args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
+
+
+def _towers(value: str | None) -> list[str] | None:
+    """``--towers image,audio`` → the names; None (every tower the model has) when not given."""
+    return [t.strip() for t in value.split(",") if t.strip()] if value else None
