@@ -101,6 +101,7 @@ class FrozenCompile:
                 delattr(module, name)  # the frozen constants (packed weights, the weights they came from)
             if sys.modules.get(module.__name__) is module:
                 del sys.modules[module.__name__]
-            PyCodeCache.modules[:] = [m for m in PyCodeCache.modules if m is not module]
+        mine = {id(m) for m in self._modules}
+        PyCodeCache.modules[:] = [m for m in PyCodeCache.modules if id(m) not in mine]
         self._graphs, self._modules = [], []
         self._globals.clear()  # the compiled graphs' entry points
