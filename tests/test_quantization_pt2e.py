@@ -13,6 +13,7 @@ import gc
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,11 +170,26 @@ def test_cli_writes_a_pt2e_model_and_refuses_methods_it_lacks(float_dir, tmp_pat
 
 
 @pytest.mark.slow
+def int8_micro_kernels() -> bool:
+    """Whether inductor has an int8 GEMM micro-kernel for this CPU (AMX or AVX-512 VNNI)."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    isa = str(pick_vec_isa())
+    return "amx_tile" in isa or "avx512_vnni" in isa
+
+
+def generated_code(model: pt2e.PT2EModel, graph: str) -> str:
+    """The Python (with its C++ kernels as strings) inductor generated for one compiled graph; read from the files,
+    so a graph inductor took from its on-disk cache shows its code too."""
+    return "".join(Path(m.__file__).read_text(encoding="utf-8") for m in model._compiled[graph]._modules)
+
+
 def test_compiled_pt2e_graphs_answer_as_the_reference_graphs():
-    """inductor lowers the q/dq patterns to oneDNN int8 kernels: the answers stay those of the reference graphs up to
-    their rounding (a few quantization steps of the output). The graphs compile with inductor's freezing, and leave
-    it as it was for whatever the process compiles next (set process-wide, it froze a static KV cache's write
-    position in a later compiled decoding: tests/test_static_cache.py failed after this test in one process)."""
+    """inductor lowers a dynamic graph's q/dq patterns to oneDNN int8 kernels: the answers stay those of the
+    reference graphs up to their rounding (a few quantization steps of the output). The graphs compile with
+    inductor's freezing, and leave it as it was for whatever the process compiles next (set process-wide, it froze a
+    static KV cache's write position in a later compiled decoding: tests/test_static_cache.py failed after this test
+    in one process)."""
     import torch._inductor.config as inductor
 
     before = inductor.freezing
@@ -186,11 +202,35 @@ def test_compiled_pt2e_graphs_answer_as_the_reference_graphs():
     expected, got = reference.encode_image(x), compiled.encode_image(x)
     assert float((got - expected).abs().max()) <= 0.03
     assert inductor.freezing == before
+    # oneDNN's int8 kernels, not inductor's C++ GEMM templates (which static graphs use): with them, torch 2.14's
+    # dynamic-activation graphs corrupted the heap
+    code = generated_code(compiled, "image_encoder")
+    assert "qlinear_pointwise" in code and "micro_gemm" not in code
     # its frozen weights go with it (torch keeps a frozen graph's constants for the process's life otherwise)
     assert len(frozen_tensors()) > held
     del compiled
     gc.collect()
     assert len(frozen_tensors()) == held
+
+
+def test_compiled_static_int8_runs_cpp_gemm_templates_as_its_reference_graphs(manifest):  # noqa: F811
+    """Static graphs compile their int8 linear layers as inductor's C++ GEMM templates (oneDNN's qlinear spends most
+    of a small layer's time outside its kernel: pt2e.STATIC_GEMMS): the answers are the reference graphs' up to float
+    rounding at several row counts (one graph serves them all) and the decoded ids are theirs. (Dynamic graphs keep
+    oneDNN's: test_compiled_pt2e_graphs_answer_as_the_reference_graphs.)"""
+    model = tiny()
+    calibration = calibration_batches(model, manifest, batch_size=4)
+    reference = pt2e.quantize(model, "static", calibration=calibration, towers=["image", "decoder"], compile=False)
+    compiled = pt2e.PT2EModel(model, "static", reference.graphs, reference.qparams, compile=True)
+    x = inputs()["pixel_values"]
+    for rows in (1, 3):
+        expected, got = reference.encode_image(x[:rows]), compiled.encode_image(x[:rows])
+        assert float((got - expected).abs().max()) <= 1e-5, rows
+    assert torch.equal(compiled.generate(image=x, max_new_tokens=6), reference.generate(image=x, max_new_tokens=6))
+    if int8_micro_kernels():
+        for graph in ("image_encoder", "decoder_model", "decoder_with_past_model"):
+            code = generated_code(compiled, graph)
+            assert "micro_gemm" in code and "qlinear_pointwise" not in code, graph
 
 
 def test_pt2e_audio_graph_serves_every_frame_count_of_a_strided_convolution():

@@ -57,6 +57,15 @@ def check_device(device: torch.device | str | None, backend: str = "pt2e int8 (X
 
 POOLED_PROJECTIONS = ("image_proj", "audio_proj", "text_proj")  # pooled features → the shared embedding space
 
+# Static graphs compile their int8 linear layers as inductor's C++ GEMM templates (AMX or AVX-512 VNNI micro-kernels
+# over weights packed at compile time) instead of oneDNN's ``qlinear_pointwise``, which spends ~40 µs a call outside
+# its ~10 µs kernel: a chain of eight 384 × 1536 layers, 2 threads, 1 / 8 rows, 2.8× / 4.2× float32 against 1.0× /
+# 1.6× (AMX), 3.2× / 4.1× against 1.15× / 1.5× with AMX masked (the VNNI kernel), outputs within 4e-8 of the reference
+# graph. "CPP" alone, no ATen peer: nothing to benchmark, so compiling takes no longer (a layer no micro-kernel
+# serves still gets oneDNN's). Dynamic graphs keep oneDNN's: with these templates torch 2.14's dynamic-activation
+# graphs corrupted the heap (the process aborted, "corrupted double-linked list").
+STATIC_GEMMS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+
 
 def _quantizer(mode: str) -> Any:
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
@@ -146,7 +155,12 @@ class PT2EModel:
                 # and the module is this object's own, never changed after quantization — those guards cost
                 # ~0.1 ms a call (the digits model's transcription: 0.92-0.95x -> 0.99-1.06x float32). The inputs'
                 # shapes and dtypes stay guarded.
-                fn = FrozenCompile(fn, dynamic=True, guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe)
+                fn = FrozenCompile(
+                    fn,
+                    dynamic=True,
+                    guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+                    inductor=STATIC_GEMMS if self.mode == "static" else None,
+                )
                 fn.release_with(self)  # the frozen weights go with this object (torch would keep them)
             self._compiled[name] = fn
         with torch.no_grad():

@@ -43,6 +43,8 @@ class FrozenCompile:
         fn: the function or module to compile.
         dynamic: ``torch.compile``'s.
         guard_filter_fn: ``torch.compile``'s option of that name (which guards dynamo keeps).
+        inductor: more inductor settings, set with ``freezing`` around these calls only (e.g. its C++ GEMM
+            templates for PT2E's static int8 graphs: :data:`mmformer.compress.pt2e.STATIC_GEMMS`).
     """
 
     def __init__(
@@ -51,7 +53,9 @@ class FrozenCompile:
         *,
         dynamic: bool = False,
         guard_filter_fn: Callable | None = None,
+        inductor: dict[str, Any] | None = None,
     ):
+        self._settings = {"freezing": True, **(inductor or {})}
         self._globals: dict[str, Any] = {}
         if isinstance(fn, types.FunctionType):
             code = fn.__code__.replace()
@@ -77,7 +81,7 @@ class FrozenCompile:
     def __call__(self, *inputs: Any) -> Any:
         import torch._inductor.config as inductor
 
-        with inductor.patch(freezing=True):
+        with inductor.patch(self._settings):
             return self._compiled(*inputs)
 
     def release_with(self, owner: object) -> weakref.finalize:
