@@ -135,27 +135,17 @@ def whisper_subject(tiny: bool, batch: int) -> Subject:
     """whisper-tiny (``--tiny``: :data:`WHISPER_SIZES`' smoke size) converted from a random Hugging Face Whisper; the
     log-mel of seeded noise at the full window; calibration: noise clips with random texts (the decoder step's
     positions included)."""
-    from benchmarks.generate import whisper_pair
+    from benchmarks.generate import noise_calibration, whisper_pair
 
     _, model = whisper_pair("smoke" if tiny else whisper_tiny())
     model.eval()
-    audio, text = model.config.audio, model.config.text
+    text = model.config.text
     g = torch.Generator().manual_seed(1)
-
-    def clips(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        wave = 0.1 * torch.randn(n, audio.window_samples, generator=g)  # (B, S)
-        return wave, torch.full((n,), wave.shape[1], dtype=torch.long)
-
-    wave, lengths = clips(batch)
+    wave = 0.1 * torch.randn(batch, model.config.audio.window_samples, generator=g)  # (B, S)
+    lengths = torch.full((batch,), wave.shape[1], dtype=torch.long)
     with torch.no_grad():
         features, frames = model.audio_embed.features(wave, lengths), model.audio_embed.features.frames(lengths)
-    n = 2 if tiny else 4
-    cal_wave, cal_lengths = clips(n)
-    length = min(18, text.max_length)  # the step's 16 positions after a prefill, within the position table
-    ids = torch.randint(5, text.vocab_size - 1, (n, length), generator=g)
-    ids[:, 0] = text.bos_id
-    calibration = [{"audio": cal_wave, "audio_lengths": cal_lengths, "input_ids": ids,
-                    "attention_mask": torch.ones_like(ids, dtype=torch.bool)}]  # fmt: skip
+    calibration = noise_calibration(model, 2 if tiny else 4, g)
     prompt = torch.full((batch, 1), text.bos_id, dtype=torch.long)
     return Subject("whisper-tiny", model, {"features": features, "lengths": frames}, calibration, ["audio", "decoder"],
                    decodes=True, prompt=prompt)  # fmt: skip

@@ -1,7 +1,8 @@
 """Decoding tokens/s: mmformer's KV-cached generation against Hugging Face Whisper ``generate`` and CTranslate2
 (``ctranslate2.models.Whisper``, the engine of faster-whisper; float32 and int8) on the same weights and log-mel
-input, mmformer's int8 (PT2E dynamic, compiled: :mod:`mmformer.compress.pt2e`) against CTranslate2's, and mmformer's own
-cache-less decode; then captioning, cached against cache-less.
+input, mmformer's int8 (PT2E, compiled: :mod:`mmformer.compress.pt2e`; ``--int8-mode static``, the default, calibrated
+on noise clips with random texts, or ``dynamic``) against CTranslate2's, and mmformer's own cache-less decode; then
+captioning, cached against cache-less.
 
 Speech: a random ``transformers`` Whisper (``--size tiny``: a small config; ``--size whisper-tiny``: the
 dimensions of OpenAI's whisper-tiny, 3 s of audio) converted with :func:`mmformer.convert.from_hf_whisper`. Hugging
@@ -28,7 +29,7 @@ CPU's caches, in CTranslate2's child two (on the Intel Xeon with a 300 MB L3, mm
 slower right after Hugging Face's than after its own).
 
     python -m benchmarks.generate [--size whisper-tiny] [--batches 1,8] [--beams 1,4] [--new-tokens 64] [--no-compile]
-                                  [--ct2 same|child|off] [--no-int8]
+                                  [--ct2 same|child|off] [--no-int8] [--int8-mode static|dynamic]
 """
 
 from __future__ import annotations
@@ -249,12 +250,28 @@ def speech_features(size: str, batch: int) -> torch.Tensor:
     return torch.randn(batch, N_MELS, frames, generator=torch.Generator().manual_seed(batch))
 
 
+def noise_calibration(model: MultimodalTransformer, n: int, generator: torch.Generator) -> list[dict]:
+    """Static int8's calibration for a random speech model: ``n`` clips of noise at the model's full window with
+    random texts (bos first; 18 tokens, so that the decoder step is calibrated at 16 positions after a prefill)."""
+    audio, text = model.config.audio, model.config.text
+    wave = 0.1 * torch.randn(n, audio.window_samples, generator=generator)  # (n, S)
+    length = min(18, text.max_length)
+    ids = torch.randint(5, text.vocab_size - 1, (n, length), generator=generator)
+    ids[:, 0] = text.bos_id
+    return [{"audio": wave, "audio_lengths": torch.full((n,), wave.shape[1], dtype=torch.long), "input_ids": ids,
+             "attention_mask": torch.ones_like(ids, dtype=torch.bool)}]  # fmt: skip
+
+
 def int8_model(ours: MultimodalTransformer, args: argparse.Namespace):
-    """mmformer's int8 peer: PT2E dynamic int8 of the audio tower and the decoder, compiled unless ``--no-compile``
-    (the smoke run never compiles)."""
+    """mmformer's int8 peer: PT2E int8 (``--int8-mode``; static calibrated by :func:`noise_calibration`) of the
+    audio tower and the decoder, compiled unless ``--no-compile`` (the smoke run never compiles)."""
     from mmformer.compress import pt2e
 
-    return pt2e.quantize(ours, "dynamic", towers=["audio", "decoder"], compile=args.compile and not args.tiny)
+    calibration = None
+    if args.int8_mode == "static":
+        calibration = noise_calibration(ours, 2 if args.tiny else 4, torch.Generator().manual_seed(1))
+    return pt2e.quantize(ours, args.int8_mode, calibration=calibration, towers=["audio", "decoder"],
+                         compile=args.compile and not args.tiny)  # fmt: skip
 
 
 def mmformer_alone(args: argparse.Namespace) -> dict:
@@ -286,7 +303,8 @@ def mmformer_in_child(args: argparse.Namespace, out: Path) -> dict:
     command = [sys.executable, "-m", "benchmarks.generate", *size, "--new-tokens", str(args.new_tokens),
                "--batches", ",".join(map(str, args.batches)), "--warmup", str(args.warmup), "--repeats",
                str(args.repeats), "--threads", str(torch.get_num_threads()), "--alone-json", str(out), "--no-save",
-               "--compile" if args.compile else "--no-compile", "--int8" if args.int8 else "--no-int8"]  # fmt: skip
+               "--compile" if args.compile else "--no-compile", "--int8" if args.int8 else "--no-int8",
+               "--int8-mode", args.int8_mode]  # fmt: skip
     subprocess.run(command, check=True, cwd=Path(__file__).resolve().parent.parent)
     return json.loads(out.read_text())
 
@@ -351,7 +369,14 @@ def main(argv: list[str] | None = None) -> None:
         "--int8",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="mmformer's PT2E dynamic int8 peer (greedy; compiled unless --no-compile; default: on)",
+        help="mmformer's PT2E int8 peer (greedy; compiled unless --no-compile; default: on)",
+    )
+    p.add_argument(
+        "--int8-mode",
+        choices=("static", "dynamic"),
+        default="static",
+        help="the int8 peer's activations: static (calibrated on noise clips; its linear layers run inductor's C++ "
+        "GEMM templates) or dynamic (scales at run time; oneDNN's kernels); default: static",
     )
     p.add_argument("--alone-json", help=argparse.SUPPRESS)  # the child of --ct2 child: mmformer_alone() only
     p.set_defaults(repeats=10)  # a decode is short: more repeats steady the medians on a shared machine
