@@ -32,7 +32,7 @@ from mmformer.generation.score_processing import (
     build_score_processors,
 )
 from mmformer.generation.search import BeamSearch, DecoderRunner, TokenSearch
-from mmformer.generation.token_choice import Greedy
+from mmformer.generation.token_choice import Greedy, most_likely
 from mmformer.model import MultimodalTransformer
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mmformer"
@@ -271,3 +271,18 @@ def test_an_lm_head_peft_wraps_decodes(settings):
     with torch.no_grad():
         assert torch.equal(greedy, reference_greedy(model, prompt, mask, 8))
     assert not torch.equal(greedy, base)  # the adapted head is the one decoding
+
+
+def test_most_likely_is_argmax_with_ties_nan_and_minus_inf():
+    """Greedy's choice (``max(dim).indices``, faster on CPU) is ``argmax``'s: the first of tied maxima, a NaN's
+    position, and a row of -inf's first id; in float32 and bfloat16, at Whisper's vocabulary size too."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        scores = torch.randint(-3, 3, (4, 300), generator=g).float()  # many ties
+        scores[1, torch.randint(0, 300, (2,), generator=g)] = float("nan")
+        scores[2] = float("-inf")
+        for x in (scores, scores.bfloat16()):
+            assert torch.equal(most_likely(x), x.argmax(dim=-1)), trial
+    wide = torch.randn(3, 51865, generator=g)
+    assert torch.equal(most_likely(wide), wide.argmax(dim=-1))
+    assert torch.equal(Greedy().choose(wide), wide.argmax(dim=-1))

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmformer.generation.token_choice import most_likely
 from mmformer.layers.freezing import FrozenCompile
 
 MODES = ("static", "dynamic")
@@ -242,7 +243,7 @@ class PT2EModel:
         logits, keys, values, cross_keys, cross_values = self.run("decoder_model", tokens, states, memory_mask)
         done = torch.zeros(states.shape[0], dtype=torch.bool)
         while tokens.shape[1] < limit:
-            next_ids = logits[:, -1].argmax(dim=-1).masked_fill(done, text.pad_id)  # (B,)
+            next_ids = most_likely(logits[:, -1]).masked_fill(done, text.pad_id)  # (B,)
             tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
             done |= next_ids == text.eos_id
             if done.all() or tokens.shape[1] >= limit:

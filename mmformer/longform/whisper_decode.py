@@ -27,6 +27,7 @@ from mmformer.generation.decoding import left_pad
 from mmformer.generation.decoding_rules import detect_language
 from mmformer.generation.score_processing import SuppressTokens
 from mmformer.generation.search import DecoderRunner
+from mmformer.generation.token_choice import most_likely
 from mmformer.io.weights import model_device
 from mmformer.longform.options import TranscribeOptions
 from mmformer.longform.whisper_rules import TimestampRules
@@ -93,7 +94,7 @@ class _Sampler:
 
     def update(self, runner: DecoderRunner, tokens: torch.Tensor, logits: torch.Tensor, sums: torch.Tensor):
         if self.temperature == 0:
-            next_tokens = logits.argmax(dim=-1)
+            next_tokens = most_likely(logits)
         else:
             probs = F.softmax(logits.float() / self.temperature, dim=-1)
             next_tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
