@@ -233,6 +233,41 @@ def test_compiled_static_int8_runs_cpp_gemm_templates_as_its_reference_graphs(ma
             assert "micro_gemm" in code and "qlinear_pointwise" not in code, graph
 
 
+def test_a_graph_the_templates_cannot_lower_compiles_with_onednn():
+    """With C++ templates as the only GEMM backend, a product no template serves (here a Gram matrix of activations:
+    templates need a constant right-hand side) has no choice, and inductor raises NoValidChoicesError at the first
+    call: that graph compiles again without the templates, with a warning, and answers as its reference graph."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    class LinearThenGram(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(32, 32)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:  # (B, 32) → (B, B)
+            y = self.proj(x)
+            return (y @ y.T,)
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 32)
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_dynamic=False))
+    with torch.no_grad():
+        prepared = prepare_pt2e(torch.export.export(LinearThenGram().eval(), (x,)).module(), quantizer)
+        prepared(x)
+        graph = convert_pt2e(prepared)
+        expected = graph(x)[0]
+    compiled = pt2e.PT2EModel(torch.nn.Identity(), "static", {"image_encoder": graph}, {}, compile=True)
+    with pytest.warns(UserWarning, match="the image_encoder graph runs oneDNN's int8 kernels.*NoValidChoicesError"):
+        got = compiled.run("image_encoder", x)[0]
+    assert float((got - expected).abs().max()) <= 1e-3 * float(expected.abs().max())
+    assert "qlinear_pointwise" in generated_code(compiled, "image_encoder")
+    assert torch.equal(compiled.run("image_encoder", x)[0], got)  # the second call runs the fallback, silently
+
+
 def test_pt2e_audio_graph_serves_every_frame_count_of_a_strided_convolution():
     """The exported audio graph guards on the frame count modulo the convolution stride (its example's residue):
     the inputs are padded with frames past every clip's length, which the float model reads as silence."""

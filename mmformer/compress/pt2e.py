@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,7 @@ class PT2EModel:
         self.qparams = qparams
         self.compile = compile
         self._compiled: dict[str, Any] = {}
+        self._templated: set[str] = set()  # the compiled graphs whose int8 products are C++ GEMM templates
         self.quantization = {"quant_method": BACKEND, "method": mode, "graphs": sorted(graphs)}
 
     @property
@@ -148,24 +150,45 @@ class PT2EModel:
         """One graph's outputs (compiled on first use when ``compile``)."""
         if name not in self.graphs:
             raise ValueError(f"graph: this quantized model has no {name!r} graph; it has {sorted(self.graphs)}")
-        fn = self._compiled.get(name)
-        if fn is None:
-            fn = self.graphs[name]
-            if self.compile:
-                # no guards on the graph module's attributes: freezing folds its weights into the compiled code,
-                # and the module is this object's own, never changed after quantization — those guards cost
-                # ~0.1 ms a call (the digits model's transcription: 0.92-0.95x -> 0.99-1.06x float32). The inputs'
-                # shapes and dtypes stay guarded.
-                fn = FrozenCompile(
-                    fn,
-                    dynamic=True,
-                    guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-                    inductor=STATIC_GEMMS if self.mode == "static" else None,
-                )
-                fn.release_with(self)  # the frozen weights go with this object (torch would keep them)
-            self._compiled[name] = fn
+        if name not in self._compiled:
+            templates = self.compile and self.mode == "static"
+            self._compiled[name] = self._compiled_graph(name, templates) if self.compile else self.graphs[name]
+            if templates:
+                self._templated.add(name)
         with torch.no_grad():
-            return tuple(fn(*inputs))
+            try:
+                return tuple(self._compiled[name](*inputs))
+            except Exception as e:
+                if name not in self._templated or "NoValidChoicesError" not in str(e):
+                    raise
+                reason = str(e).splitlines()[0][:200]
+        # with "CPP" as the only GEMM backend, a float product that no C++ template serves (one whose constant is
+        # not its right-hand operand) has no choice at all: that graph compiles without the templates
+        warnings.warn(
+            f"pt2e: the {name} graph runs oneDNN's int8 kernels (slower at few rows): inductor's C++ GEMM templates "
+            f"cannot lower one of its products ({reason})",
+            stacklevel=2,
+        )
+        self._compiled[name].release()
+        self._templated.discard(name)
+        self._compiled[name] = self._compiled_graph(name, templates=False)
+        with torch.no_grad():
+            return tuple(self._compiled[name](*inputs))
+
+    def _compiled_graph(self, name: str, templates: bool) -> FrozenCompile:
+        """The graph through ``torch.compile`` (inductor, freezing; its int8 products as C++ GEMM templates if
+        ``templates``), its frozen weights released with this object (torch would keep them)."""
+        # no guards on the graph module's attributes: freezing folds its weights into the compiled code, and the
+        # module is this object's own, never changed after quantization — those guards cost ~0.1 ms a call (the
+        # digits model's transcription: 0.92-0.95x -> 0.99-1.06x float32). The inputs' shapes and dtypes stay guarded.
+        fn = FrozenCompile(
+            self.graphs[name],
+            dynamic=True,
+            guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+            inductor=STATIC_GEMMS if templates else None,
+        )
+        fn.release_with(self)
+        return fn
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) → (B, E) L2-normalised."""
