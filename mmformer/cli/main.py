@@ -169,8 +169,9 @@ def _parser() -> argparse.ArgumentParser:
         "--backend",
         choices=("torchao", "pt2e", "onnxruntime"),
         default="torchao",
-        help="torchao (weight-only, GPU; the default); pt2e: x86 CPU int8 graphs compiled with inductor (dynamic, "
-        "static); onnxruntime: int8 ONNX graphs for the torch-free runner (dynamic, static)",
+        help="torchao (weight-only, GPU; the default); pt2e: x86 CPU int8 graphs compiled with inductor (static, "
+        "calibrated with --calib: the fast one, its products as inductor's C++ GEMM templates; dynamic: oneDNN's "
+        "kernels); onnxruntime: int8 ONNX graphs for the torch-free runner (dynamic, static)",
     )
     p.add_argument("--method", required=True, help="dynamic | int8-weight | int4-weight | static (torchao)")
     p.add_argument("--towers", help="pt2e / onnxruntime: comma-separated towers (image,audio,text,decoder)")
