@@ -213,6 +213,7 @@ def test_compiled_pt2e_graphs_answer_as_the_reference_graphs():
     assert len(frozen_tensors()) == held
 
 
+@pytest.mark.slow  # three graphs compiled with the templates: ~60 s with a cold inductor cache
 def test_compiled_static_int8_runs_cpp_gemm_templates_as_its_reference_graphs(manifest):  # noqa: F811
     """Static graphs compile their int8 linear layers as inductor's C++ GEMM templates (oneDNN's qlinear spends most
     of a small layer's time outside its kernel: pt2e.STATIC_GEMMS): the answers are the reference graphs' up to float
