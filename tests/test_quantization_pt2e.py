@@ -169,7 +169,6 @@ def test_cli_writes_a_pt2e_model_and_refuses_methods_it_lacks(float_dir, tmp_pat
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.slow
 def int8_micro_kernels() -> bool:
     """Whether inductor has an int8 GEMM micro-kernel for this CPU (AMX or AVX-512 VNNI)."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
@@ -184,6 +183,7 @@ def generated_code(model: pt2e.PT2EModel, graph: str) -> str:
     return "".join(Path(m.__file__).read_text(encoding="utf-8") for m in model._compiled[graph]._modules)
 
 
+@pytest.mark.slow
 def test_compiled_pt2e_graphs_answer_as_the_reference_graphs():
     """inductor lowers a dynamic graph's q/dq patterns to oneDNN int8 kernels: the answers stay those of the
     reference graphs up to their rounding (a few quantization steps of the output). The graphs compile with
