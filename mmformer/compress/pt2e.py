@@ -137,7 +137,6 @@ class PT2EModel:
         self.qparams = qparams
         self.compile = compile
         self._compiled: dict[str, Any] = {}
-        self._templated: set[str] = set()  # the compiled graphs whose int8 products are C++ GEMM templates
         self.quantization = {"quant_method": BACKEND, "method": mode, "graphs": sorted(graphs)}
 
     @property
@@ -153,15 +152,15 @@ class PT2EModel:
         if name not in self.graphs:
             raise ValueError(f"graph: this quantized model has no {name!r} graph; it has {sorted(self.graphs)}")
         if name not in self._compiled:
-            templates = self.compile and self.mode == "static"
+            templates = self.mode == "static"
             self._compiled[name] = self._compiled_graph(name, templates) if self.compile else self.graphs[name]
-            if templates:
-                self._templated.add(name)
         with torch.no_grad():
             try:
                 return tuple(self._compiled[name](*inputs))
             except Exception as e:
-                if name not in self._templated or "NoValidChoicesError" not in str(e):
+                # only a compile with the templates raises it (without them the GEMM backends include ATen, so
+                # every product has a choice): the compile below cannot fall back again
+                if "NoValidChoicesError" not in str(e):
                     raise
                 reason = str(e).splitlines()[0][:200]
         # with "CPP" as the only GEMM backend, a float product that no C++ template serves (one whose constant is
@@ -172,7 +171,6 @@ class PT2EModel:
             stacklevel=2,
         )
         self._compiled[name].release()
-        self._templated.discard(name)
         self._compiled[name] = self._compiled_graph(name, templates=False)
         with torch.no_grad():
             return tuple(self._compiled[name](*inputs))
