@@ -312,6 +312,50 @@ def test_64_concurrent_transcriptions_are_batched_and_equal_one_by_one(server, d
     same_as_alone(got, alone, padding_leaks, "transcripts")
 
 
+def test_a_whisper_checkpoint_answers_with_word_timestamps_and_a_prompt_as_transcribe_files(tmp_path):
+    """A Whisper checkpoint (openai-whisper's random weights, converted): ``timestamp_granularities[]=word`` and
+    ``prompt`` reach openai-whisper's algorithm (word alignment, the previous-text prompt) — the answer is
+    :func:`mmformer.longform.transcribe_files`'s with those options, words and times included."""
+    import soundfile
+
+    pytest.importorskip("whisper")
+    from test_longform_whisper import digits_speech
+    from test_openai_whisper_convert import random_whisper, save_pt
+
+    from mmformer.convert.openai_whisper import from_openai_whisper
+    from mmformer.longform import transcribe_files
+    from mmformer.longform.options import TranscribeOptions
+
+    folder = tmp_path / "whisper"
+    from_openai_whisper(save_pt(random_whisper(seed=0), tmp_path / "random.pt")).save_pretrained(folder)
+    model = mmformer.load_pretrained(str(folder))
+    audio = tmp_path / "speech.wav"
+    soundfile.write(audio, digits_speech(8.0), 16000)
+    prompt = "seven eight nine"
+
+    def library(**kw) -> dict:
+        options = TranscribeOptions(temperature=0.0, language="en", **kw)
+        (result,) = transcribe_files(model, [str(audio)], options)
+        return result
+
+    expected, unprompted = library(word_timestamps=True, initial_prompt=prompt), library(word_timestamps=True)
+    assert expected["text"] != unprompted["text"]  # the prompt changes this model's answer: it must reach it
+    words = [(w["word"], w["start"], w["end"]) for s in expected["segments"] for w in s["words"]]
+    assert words, "the model said no words: nothing to compare"
+    with running_server(str(folder)) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        with open(audio, "rb") as f:
+            verbose = client.audio.transcriptions.create(
+                model=str(folder), file=f, language="en", prompt=prompt, temperature=0.0,
+                response_format="verbose_json", timestamp_granularities=["word", "segment"],
+            )  # fmt: skip
+    assert verbose.text == expected["text"]
+    assert [(w.word, w.start, w.end) for w in verbose.words] == words
+    assert [(s.start, s.end, s.text) for s in verbose.segments] == [
+        (s["start"], s["end"], s["text"]) for s in expected["segments"]
+    ]
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def test_bad_inputs_get_their_status_and_error_json_and_the_server_keeps_serving(server, client):
     good = {"model": MODEL, "input": "one two"}
@@ -334,6 +378,13 @@ def test_bad_inputs_get_their_status_and_error_json_and_the_server_keeps_serving
     files = {"file": ("broken.flac", b"fLaC-but-not-really", "audio/flac")}
     r = httpx.post(server + "/v1/audio/transcriptions", data={"model": MODEL}, files=files, headers=auth())
     error(r, 400, "file", "broken.flac")
+    clip = {"file": ("clip.flac", (DIGITS / test_samples(1)[0]["audio_filepath"]).read_bytes(), "audio/flac")}
+    words = {"model": MODEL, "response_format": "verbose_json", "timestamp_granularities[]": "word"}
+    r = httpx.post(server + "/v1/audio/transcriptions", data=words, files=clip, headers=auth())
+    error(r, 400, "timestamp_granularities[]", "need a Whisper checkpoint")  # this model has no alignment heads
+    r = httpx.post(server + "/v1/audio/transcriptions", data={"model": MODEL, "prompt": "one"}, files=clip,
+                   headers=auth())  # fmt: skip
+    error(r, 400, "prompt", "needs a Whisper checkpoint")
     r = httpx.post(server + "/v1/embeddings", json={**good, "model": "gpt-4"}, headers=auth())
     error(r, 404, "model", "'gpt-4'")
     with pytest.raises(openai.NotFoundError):

@@ -36,7 +36,6 @@ from mmformer.serve.transcripts import FORMATS, GRANULARITIES, render
 STATIC = resources.files("mmformer.serve") / "static"
 KNOWN_PATHS = ("/v1/embeddings", "/v1/audio/transcriptions", "/v1/completions", "/v1/classify", "/v1/captions",
                "/v1/models", "/health", "/metrics", "/")  # fmt: skip
-WORD_TIMESTAMPS = False  # segments carry words once transcription goes through the long-form path
 
 
 class PayloadTooLarge(Exception):
@@ -432,12 +431,18 @@ def create_app(
                     raise bad_request(
                         "timestamp_granularities[]", f"expected items of {list(GRANULARITIES)}, got {g!r}"
                     )
-            if "word" in granularities and not WORD_TIMESTAMPS:
-                message = "word timestamps need the long-form transcription path, which this build does not have"
-                raise bad_request("timestamp_granularities[]", message + "; ask for 'segment'")
-            if form.get("prompt"):
-                raise bad_request("prompt", "conditioning on a text prompt needs the long-form transcription path, "
-                                            "which this build does not have")  # fmt: skip
+            words, prompt = "word" in granularities, form.get("prompt") or None
+            if prompt is not None and not isinstance(prompt, str):
+                raise bad_request("prompt", f"expected text, got {type(prompt).__name__}")
+            # openai-whisper's word alignment and previous-text prompt: a Whisper checkpoint's (alignment heads,
+            # timestamp and <|startofprev|> tokens); a model trained here has neither
+            if words and not engine.whisper:
+                raise bad_request("timestamp_granularities[]", f"word timestamps need a Whisper checkpoint (its "
+                                  f"alignment heads and timestamp tokens); {engine.model_id} is not one: ask for "
+                                  f"'segment'")  # fmt: skip
+            if prompt and not engine.whisper:
+                raise bad_request("prompt", f"conditioning on a text prompt needs a Whisper checkpoint (its "
+                                            f"<|startofprev|> token); {engine.model_id} is not one")  # fmt: skip
             try:
                 temperature = float(form.get("temperature") or 0)
             except ValueError:
@@ -455,10 +460,10 @@ def create_app(
                 except Exception as e:
                     raise as_file_error(e) from None
                 return StreamingResponse(
-                    transcript_events((language, temperature), wave), media_type="text/event-stream"
+                    transcript_events((language, temperature, words, prompt), wave), media_type="text/event-stream"
                 )
         try:
-            (result,) = await run_all("audio/transcriptions", [((language, temperature), wave)])
+            (result,) = await run_all("audio/transcriptions", [((language, temperature, words, prompt), wave)])
         except APIError as e:
             raise as_file_error(e) from None
         content, media_type = render(result, response_format, granularities)

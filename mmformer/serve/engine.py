@@ -19,6 +19,8 @@ from mmformer.data.collate import pad_audio
 from mmformer.generation.decoding import DecodingOptions
 from mmformer.generation.streaming import TextStreamer
 from mmformer.io.weights import model_device
+from mmformer.longform import has_timestamps
+from mmformer.longform.options import TranscribeOptions
 from mmformer.serve.transcripts import transcribe_clips
 from mmformer.zeroshot import ZeroShotClassifier
 
@@ -150,13 +152,27 @@ class Engine:
                 results[i] = result
         return results
 
+    @property
+    def whisper(self) -> bool:
+        """A Whisper checkpoint: transcribed by openai-whisper's algorithm, which can also align words and take a
+        previous-text prompt (:class:`~mmformer.longform.options.TranscribeOptions`)."""
+        return has_timestamps(self.model)
+
     def transcribe(
         self, key: Hashable, waves: Sequence[torch.Tensor], on_segment: Callable[[dict], None] | None = None
     ) -> list[dict[str, Any]]:
         """Results of waveforms decoded together; ``on_segment`` (one waveform: a streamed request) gets its
-        segments in order as they are decoded."""
-        language, temperature = key
-        options = DecodingOptions(language=language, **sampling(temperature))
+        segments in order as they are decoded. ``key``: (language, temperature, word timestamps, prompt), the last
+        two for a Whisper checkpoint only."""
+        language, temperature, words, prompt = key
+        if self.whisper:  # one temperature, no fallback: the request's
+            options = TranscribeOptions(temperature=temperature, language=language, word_timestamps=words,
+                                        initial_prompt=prompt)  # fmt: skip
+        elif words or prompt:
+            raise ValueError("timestamp_granularities[], prompt: word timestamps and a text prompt need a Whisper "
+                             f"checkpoint; {self.model_id} is not one")  # fmt: skip
+        else:
+            options = DecodingOptions(language=language, **sampling(temperature))
         each = None if on_segment is None else lambda index, segment: on_segment(segment)
         with torch.inference_mode():
             return transcribe_clips(self.model, waves, options, on_segment=each)
