@@ -23,6 +23,7 @@ ort = pytest.importorskip("onnxruntime")
 from conftest import TINY_AUDIO, TINY_IMAGE, TINY_STACK, TINY_TEXT  # noqa: E402
 
 import mmformer  # noqa: E402
+from mmformer.compress import pt2e  # noqa: E402
 from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig  # noqa: E402
 from mmformer.generation.decoding import generate  # noqa: E402
 from mmformer.model import MultimodalTransformer  # noqa: E402
@@ -314,6 +315,23 @@ def test_bad_requests_are_clear_errors_and_leave_nothing_behind(model, tmp_path,
         export.export(text_only, tmp_path / "x", towers=["audio"])
     with pytest.raises(ValueError, match=r"towers: expected some of .* got \['vision'\]"):
         export.export(model, tmp_path / "x", towers=["vision"])
+    # a decoder-only language model: the decoder graphs read a memory its decoder has no cross-attention for (its
+    # export used to stop deep inside, at the KV cache: "not every layer holds cross-attention keys/values yet")
+    language_model = MultimodalTransformer(
+        ModelConfig(
+            stacks={"shared": StackConfig(**TINY_STACK)},
+            routes={"decoder": "shared"},
+            image=None,
+            audio=None,
+            text=TextConfig(**TINY_TEXT),
+        )  # fmt: skip
+    )
+    for call in (
+        lambda: export.export(language_model, tmp_path / "x"),
+        lambda: pt2e.quantize(language_model, "dynamic"),
+    ):
+        with pytest.raises(ValueError, match=r"towers: the decoder of a decoder-only language model is not exportable"):
+            call()
     assert list(tmp_path.iterdir()) == []
 
     calls = []

@@ -224,6 +224,13 @@ def graphs(model: MultimodalTransformer, towers: Sequence[str] | None = None) ->
     if not towers:
         raise ValueError(f"towers: nothing to export; the model's routes are {sorted(routes)}")
     cfg, device = model.config, model_device(model)
+    if "decoder" in towers and not cfg.stacks[routes["decoder"]].cross_attention:
+        raise ValueError(
+            "towers: the decoder of a decoder-only language model is not exportable yet: the decoder graphs "
+            "(decoder_model, decoder_with_past_model) read a memory through cross-attention, which this decoder "
+            f"lacks (routes {sorted(routes)}); for int8 use torchao's methods (mmformer quantize --method "
+            "int8-weight|int4-weight|dynamic)"
+        )
     ex = {k: v.to(device) for k, v in examples(model).items()}
     limit = 2**20
     positions = cfg.text.max_length if cfg.text.position != "none" else limit
