@@ -175,6 +175,29 @@ def test_compiled_single_row_decoding_of_int8_activations_is_refused(quantized_d
     search._check_compilable(quantized_dirs["int8-weight"][0], rows=1)
 
 
+def test_static_int8_of_a_text_to_text_model_quantizes_and_decodes_with_its_decoder():
+    """T5: static calibration reaches the decoder (it reads the text encoder's states; before, only the encoder was
+    quantized), and greedy decoding through the int8 LM head works — the head is called at the rank it was
+    calibrated at (a 2-D call failed torchao's static int8 tensor: "scale.ndim == hp_tensor.ndim")."""
+    import copy
+
+    import test_convert_text
+
+    from mmformer.convert import from_hf_t5
+    from mmformer.generation.decoding import generate
+
+    model = from_hf_t5(test_convert_text.t5("v1.1")).eval()
+    ids = torch.randint(3, test_convert_text.V, (4, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    quantized = quantize(copy.deepcopy(model), "static", calibration=[{"input_ids": ids, "attention_mask": mask}])
+    modules = quantized.quantization.modules
+    assert "lm_head" in modules and any(".cross_attn." in m for m in modules), modules
+    expected = generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=5)
+    got = generate(quantized, input_ids=ids, attention_mask=mask, max_new_tokens=5)
+    assert got.shape == expected.shape
+    assert float((got == expected).float().mean()) >= 0.5  # int8 may flip a close call, not the whole decoding
+
+
 def test_a_quantized_model_without_torchao_is_a_clear_error(quantized_dirs, float_dir, monkeypatch):
     _, path = quantized_dirs["int8-weight"]
     for name in [m for m in sys.modules if m == "torchao" or m.startswith("torchao.")]:

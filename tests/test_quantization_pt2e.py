@@ -301,6 +301,9 @@ def test_a_static_int8_compile_parses_each_template_source_once(monkeypatch):
         get_default_x86_inductor_quantization_config,
     )
 
+    from mmformer.layers import freezing
+
+    freezing._parsed_template.cache_clear()  # parsed by an earlier compile of this process, a source is not parsed
     parsed: list[str] = []
     from_string = jinja2.Environment.from_string
 
@@ -335,6 +338,39 @@ def test_a_static_int8_compile_parses_each_template_source_once(monkeypatch):
         assert parsed, "no template was parsed"
     repeated = {source[:60] for source in parsed if parsed.count(source) > 1}
     assert not repeated, f"parsed more than once: {sorted(repeated)}"
+
+
+def test_static_int8_of_a_text_to_text_model_calibrates_its_decoder_on_the_text_encoders_states():
+    """T5 (text encoder → decoder): calibration feeds the decoder graphs the text encoder's states (before, static
+    int8 stopped with "the batches reached no input of the graphs ['decoder_model', ...]"), and generate reads
+    ``input_ids`` through the int8 text encoder; the decoder's logits stay close to the float model's."""
+    import test_convert_text
+
+    from mmformer.convert import from_hf_t5
+
+    model = from_hf_t5(test_convert_text.t5("v1.1")).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, test_convert_text.V, (4, 7), generator=g)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, -2:] = False
+    quantized = pt2e.quantize(model, "static", calibration=[{"input_ids": ids, "attention_mask": mask}],
+                              compile=False)  # fmt: skip
+    assert {"text_encoder", "decoder_model", "decoder_with_past_model"} <= set(quantized.graphs)
+    start = torch.full((4, 1), model.config.text.bos_id)
+    with torch.no_grad():
+        memory, _ = model.encode_text_tokens(ids, mask)
+        expected = model.decode(start, memory, mask)
+        unread = model.decode(start, torch.zeros_like(memory), mask)  # what the logits would be without the text
+        states = quantized.run("text_encoder", ids, mask)[1]
+        got = quantized.run("decoder_model", start, states, mask)[0]
+    scale = float(expected.abs().max())
+    assert float((got - expected).abs().max()) <= 0.1 * scale
+    assert float((unread - expected).abs().max()) > 0.3 * scale  # the memory matters: the check above can fail
+    out = quantized.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4)
+    assert out.shape[0] == 4 and torch.equal(out[:, 0], start[:, 0])
+    assert torch.equal(out[:, 1], got[:, -1].argmax(-1))
+    with pytest.raises(ValueError, match="expected exactly one of image=, audio= / audio_features=, input_ids="):
+        quantized.generate(input_ids=ids, image=torch.zeros(4, 3, 16, 16))
 
 
 def test_pt2e_audio_graph_serves_every_frame_count_of_a_strided_convolution():

@@ -245,14 +245,24 @@ class PT2EModel:
         feature_lengths: torch.Tensor | None = None,
         prompt_ids: torch.Tensor | None = None,
         max_new_tokens: int = 30,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Greedy decoding through the prefill and step graphs: ids (B, P + generated), the prompt (default: bos)
-        first, rows padded after end-of-text (as :meth:`mmformer.ship.onnx_runner.OnnxModel.generate`)."""
-        if (image is None) == (audio is None and audio_features is None):
-            raise ValueError("generate: expected exactly one of image= or audio= / audio_features=")
+        first, rows padded after end-of-text (as :meth:`mmformer.ship.onnx_runner.OnnxModel.generate`). The
+        decoder reads ``image``, ``audio`` / ``audio_features``, or a text-to-text model's (T5) ``input_ids`` (B, T)
+        with their ``attention_mask`` through the int8 text encoder."""
+        given = [n for n, x in (("image", image), ("audio", audio), ("audio_features", audio_features),
+                                ("input_ids", input_ids)) if x is not None]  # fmt: skip
+        if len(given) != 1:
+            raise ValueError(f"generate: expected exactly one of image=, audio= / audio_features=, input_ids=; got "
+                             f"{given or 'none'}")  # fmt: skip
         if image is not None:
             states = self.run("image_encoder", image)[1]
             memory_mask = torch.ones(states.shape[:2], dtype=torch.bool)
+        elif input_ids is not None:
+            mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            states, memory_mask = self.run("text_encoder", input_ids, mask)[1], mask
         else:
             features = self._features(audio, audio_lengths, audio_features, feature_lengths)
             _, states, memory_mask = self.run("audio_encoder", *features)

@@ -236,7 +236,8 @@ def calibration_batches(
 
 def _tower_inputs(model: MultimodalTransformer, batch: dict[str, Any]) -> Iterator[tuple[str, tuple]]:
     """(graph name, inputs) of every exported graph one calibration batch runs through: the encoders, and the
-    decoder reading each encoder's states with the batch's texts (teacher forcing)."""
+    decoder reading each encoder's states (a text-to-text model's: the text encoder's) with the batch's texts
+    (teacher forcing)."""
     device, routes = model_device(model), model.config.routes
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     memories = []
@@ -253,6 +254,9 @@ def _tower_inputs(model: MultimodalTransformer, batch: dict[str, Any]) -> Iterat
         yield "audio_encoder", (features, frames)
         states, token_mask = model.encode_audio_tokens(audio_features=features, feature_lengths=frames)
         memories.append((states, token_mask))
+    if "decoder" in routes and "text" in routes and "image" not in routes and "audio" not in routes:
+        states, text_mask = model.encode_text_tokens(ids, mask)  # text-to-text (T5): the text encoder's states,
+        memories.append((states, mask if text_mask is None else text_mask))  # the batch's texts on both sides
     if "decoder" in routes:
         dec_ids = ids[:, :-1]  # teacher forcing: the decoder reads every token but the last
         for states, memory_mask in memories:

@@ -39,11 +39,10 @@ _LARGE_HEAD = 1 << 22  # weight elements (16 MB in float32) from which the layou
 def _last_logits(model: MultimodalTransformer, hidden: torch.Tensor, layout: str | None = None) -> torch.Tensor:
     """Decoder states (N, T, D) → float32 logits (N, V) of the last position only (the one generation needs),
     through the LM head's GEMM ``layout`` (:func:`head_layout`; None: the head's own call)."""
-    h = hidden[:, -1]  # (N, D)
     head = model.lm_head
-    if layout is None:
-        return head(h).float()
-    return _project(head.weight, h, layout).float()  # a layout only for a plain nn.Linear head (head_layout)
+    if layout is None:  # 3-D as in training: torchao's static int8 layers keep the input rank they were calibrated at
+        return head(hidden[:, -1:])[:, 0].float()
+    return _project(head.weight, hidden[:, -1], layout).float()  # only a plain nn.Linear head has a layout
 
 
 def head_layout(model: MultimodalTransformer, h: torch.Tensor) -> str | None:
