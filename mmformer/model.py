@@ -246,12 +246,14 @@ class MultimodalTransformer(nn.Module):
             )
         mask = None if attention_mask is None else attention_mask.bool()
         pad = text.max_tokens - input_ids.shape[1]
-        if text.fixed_length and pad > 0:  # (B, T) → (B, max_tokens), as the checkpoint was trained
+        # (B, T) → (B, max_tokens), as the checkpoint was trained; also when pad is 0 (no branch on T: an exported
+        # graph serves every length up to max_tokens)
+        if text.fixed_length and pad >= 0:
             mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask
             input_ids, mask = F.pad(input_ids, (0, pad), value=text.pad_id), F.pad(mask, (0, pad), value=False)
             segment_ids = None if segment_ids is None else F.pad(segment_ids, (0, pad))
             if inputs_embeds is not None:  # the padding's rows come from the token table, as its ids' would
-                padding = embed.tokens(input_ids[:, -pad:]).to(inputs_embeds.dtype)
+                padding = embed.tokens(input_ids[:, text.max_tokens - pad :]).to(inputs_embeds.dtype)
                 inputs_embeds = torch.cat([inputs_embeds, padding], dim=1)
         x = embed(input_ids, segment_ids=segment_ids, append_cls=True, inputs_embeds=inputs_embeds)
         attend = mask

@@ -78,6 +78,29 @@ def test_shorter_padding_gives_the_same_embeddings(hf, inputs):
     assert (ours - reference).abs().max().item() < ATOL
 
 
+def test_exported_and_int8_text_towers_read_every_length_up_to_siglips_own(hf, inputs, tmp_path):
+    """The text tower pads ids to SigLIP's length inside, with no branch on the length (padding 0 included): one
+    torch.export program answers texts of 8 and of all 12 tokens as the model does, and PT2E int8 quantizes the
+    tower (before: torch.export's "Constraints violated (text_tokens)", the length 12 taking another branch)."""
+    from mmformer.compress import pt2e
+    from mmformer.ship import export
+
+    _, ids, lengths = inputs
+    model = from_hf_siglip(hf).eval()
+    folder = export.export(model, tmp_path / "programs", format="torch-export", towers=["text"], processor=None)
+    program = torch.export.load(str(folder / "text_encoder.pt2")).module()
+    for width in (8, LENGTH):
+        x = ids[:, :width]
+        mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+        with torch.no_grad():
+            expected = model.encode_text(x, mask)
+            got = program(x, mask)[0]
+        assert (got - expected).abs().max().item() < ATOL, width
+    quantized = pt2e.quantize(model, "dynamic", towers=["text"], compile=False)
+    with torch.no_grad():
+        assert (quantized.encode_text(ids) - model.encode_text(ids)).abs().max().item() < 0.05
+
+
 def test_zero_shot_probabilities_are_sigmoids(hf):
     from tokenizers import Tokenizer as Backend
     from tokenizers import models, pre_tokenizers

@@ -237,7 +237,8 @@ def graphs(model: MultimodalTransformer, towers: Sequence[str] | None = None) ->
     dims = {
         "batch": Dim("batch", min=1, max=4096),
         "tokens": Dim("tokens", min=1, max=positions),
-        "text_tokens": Dim("text_tokens", min=2, max=positions),
+        # a fixed-length text encoder (SigLIP, CoCa) reads at most max_tokens ids: it pads them to that length
+        "text_tokens": Dim("text_tokens", min=2, max=cfg.text.max_tokens if cfg.text.fixed_length else positions),
         "past_tokens": Dim("past_tokens", min=1, max=positions - 1),
         "memory_tokens": Dim("memory_tokens", min=2, max=limit),
         # frames → tokens goes through the strided convolution's floor division, whose guards the constraint
