@@ -116,6 +116,29 @@ def test_coca_greedy_captions_equal_open_clip_generate(coca, open_clip_generate,
     assert ours[:, 0].eq(SOT).all()
 
 
+def test_coca_exports_its_decoder_and_the_programs_caption_as_the_model(coca, tmp_path):
+    """CoCa's decoder runs its causal text layers before the cross-attention ones: the exported decoder graphs carry
+    the cross-attention layers' keys and values only (before: "not every layer holds cross-attention keys/values
+    yet", so no ONNX, torch.export or int8 export of a CoCa decoder); greedy decoding through the torch.export
+    programs gives the model's own ids, and the texts use every position CoCa has (its class token's slot aside)."""
+    from mmformer.compress import pt2e
+    from mmformer.ship import export
+
+    model = from_open_clip(coca).eval()
+    folder = export.export(model, tmp_path / "programs", format="torch-export", processor=None)
+    programs = {p.stem: torch.export.load(str(p)).module() for p in folder.glob("*.pt2")}
+    assert {"image_encoder", "text_encoder", "decoder_model", "decoder_with_past_model"} <= set(programs)
+    runner = pt2e.PT2EModel(model, "dynamic", programs, {}, compile=False)  # float programs, PT2E's greedy loop
+    torch.manual_seed(3)
+    pixels = torch.randn(4, 3, 32, 32)
+    steps = model.config.text.max_tokens - 1
+    with torch.no_grad():
+        expected = model.generate(image=pixels, max_new_tokens=steps)
+        got = runner.generate(image=pixels, max_new_tokens=steps)
+    assert got.shape[1] == model.config.text.max_tokens
+    assert torch.equal(got, expected)
+
+
 @pytest.fixture(scope="module")
 def roberta_dir(tmp_path_factory):
     from transformers import RobertaConfig

@@ -73,10 +73,13 @@ class KVCache:
         return self._k[:, :, :, : self.length], self._v[:, :, :, : self.length]
 
     def cross_state(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every layer's cross-attention keys and values, stacked (L, B, nkv, S, hs)."""
-        if any(kv is None for kv in self._cross):
-            raise ValueError("KV cache: not every layer holds cross-attention keys/values yet; pass the memory")
-        return torch.stack([k for k, _ in self._cross]), torch.stack([v for _, v in self._cross])
+        """The cross-attention keys and values of the layers that read the memory, stacked (Lc, B, nkv, S, hs): every
+        layer's, or the last Lc's when the first ones have no cross-attention (CoCa's decoder runs its causal text
+        layers first)."""
+        held = [kv for kv in self._cross if kv is not None]
+        if not held or any(kv is None for kv in self._cross[len(self._cross) - len(held) :]):
+            raise ValueError("KV cache: the cross-attention layers do not all hold keys/values yet; pass the memory")
+        return torch.stack([k for k, _ in held]), torch.stack([v for _, v in held])
 
     # ------------------------------------------------------------------ layout
     @property
@@ -235,9 +238,10 @@ class StateKVCache(KVCache):
             )
         self._past = list(zip(keys, values))  # [(keys, values) (B, nkv, P, hs)] * L: views of the inputs
         self._joined: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * keys.shape[0]
-        self._cross = [None] * keys.shape[0] if cross is None else list(zip(cross[0], cross[1]))
-        if len(self._cross) != keys.shape[0]:
-            raise ValueError(f"cross: expected keys/values of {keys.shape[0]} layers, got {len(self._cross)}")
+        held = [] if cross is None else list(zip(cross[0], cross[1]))  # the last len(held) layers' (cross_state)
+        if len(held) > keys.shape[0]:
+            raise ValueError(f"cross: expected keys/values of at most {keys.shape[0]} layers, got {len(held)}")
+        self._cross = [None] * (keys.shape[0] - len(held)) + held
         self.length = keys.shape[3]
 
     @property

@@ -10,9 +10,9 @@ The graphs, as Hugging Face Optimum lays out an encoder–decoder export (``mmfo
       text_encoder.onnx           input_ids (B, T), attention_mask (B, T) → text_embeds (B, E), text_states (B, T, D)
       decoder_model.onnx          input_ids (B, T), memory (B, S, D), memory_mask (B, S)
                                   → logits (B, T, V), present_keys/values (L, B, nkv, T, hs),
-                                    cross_keys/values (L, B, nkv, S, hs)
+                                    cross_keys/values (Lc, B, nkv, S, hs): the cross-attention layers' (CoCa: Lc < L)
       decoder_with_past_model.onnx   input_ids (B, 1), memory_mask (B, S), past_keys/values (L, B, nkv, P, hs),
-                                     cross_keys_0 … cross_keys_{L-1}, cross_values_0 … (B, nkv, S, hs) each
+                                     cross_keys_0 … cross_keys_{Lc-1}, cross_values_0 … (B, nkv, S, hs) each
                                   → logits (B, 1, V), present_keys/values (L, B, nkv, P + 1, hs)
       export_config.json          the graphs, their inputs/outputs and dynamic axes, the special token ids
       mel_filters.npy             the log-mel filter bank (n_fft/2 + 1, M), for feature extraction without torch
@@ -117,7 +117,7 @@ class TextEncoder(nn.Module):
 class DecoderPrefill(nn.Module):
     """The decoder's first call: the prompt input_ids (B, T) reading memory (B, S, D) with memory_mask (B, S) →
     logits (B, T, V), the self-attention cache (L, B, nkv, T, hs) ×2 and the cross-attention keys/values
-    (L, B, nkv, S, hs) ×2."""
+    (Lc, B, nkv, S, hs) ×2 of the Lc layers that read the memory (all L, or the last ones: CoCa)."""
 
     def __init__(self, model: MultimodalTransformer):
         super().__init__()
@@ -133,8 +133,8 @@ class DecoderPrefill(nn.Module):
 
 class DecoderStep(nn.Module):
     """One decoding step with an explicit cache: input_ids (B, 1), memory_mask (B, S), past keys/values
-    (L, B, nkv, P, hs), then every layer's cross-attention keys and then every layer's values, (B, nkv, S, hs) each
-    (``*cross``: 2L tensors; ``*cross_keys, *cross_values`` of the prefill's stacked ones) → logits (B, 1, V),
+    (L, B, nkv, P, hs), then each cross-attention layer's keys and then their values, (B, nkv, S, hs) each
+    (``*cross``: 2Lc tensors; ``*cross_keys, *cross_values`` of the prefill's stacked ones) → logits (B, 1, V),
     present keys/values (L, B, nkv, P + 1, hs)."""
 
     def __init__(self, model: MultimodalTransformer):
@@ -149,9 +149,10 @@ class DecoderStep(nn.Module):
         past_values: torch.Tensor,
         *cross: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        layers = past_keys.shape[0]
+        layers = self.model.stack("decoder").cfg.depth  # those that read the memory (after CoCa's text layers)
         if len(cross) != 2 * layers:
-            raise ValueError(f"cross: expected {2 * layers} tensors (each layer's keys, then values), got {len(cross)}")
+            raise ValueError(f"cross: expected {2 * layers} tensors (each cross-attention layer's keys, then values), "
+                             f"got {len(cross)}")  # fmt: skip
         cache = KVCache.from_state(past_keys, past_values, (cross[:layers], cross[layers:]))
         hidden = self.model.decode_step(input_ids, memory_mask=memory_mask, cache=cache)
         return (self.model.lm_head(hidden), *cache.state())
@@ -233,12 +234,12 @@ def graphs(model: MultimodalTransformer, towers: Sequence[str] | None = None) ->
         )
     ex = {k: v.to(device) for k, v in examples(model).items()}
     limit = 2**20
-    positions = cfg.text.max_length if cfg.text.position != "none" else limit
+    # texts of up to max_tokens ids: the position table, less an appended class token's slot (CoCa)
+    positions = cfg.text.max_tokens if cfg.text.position != "none" else limit
     dims = {
         "batch": Dim("batch", min=1, max=4096),
         "tokens": Dim("tokens", min=1, max=positions),
-        # a fixed-length text encoder (SigLIP, CoCa) reads at most max_tokens ids: it pads them to that length
-        "text_tokens": Dim("text_tokens", min=2, max=cfg.text.max_tokens if cfg.text.fixed_length else positions),
+        "text_tokens": Dim("text_tokens", min=2, max=positions),
         "past_tokens": Dim("past_tokens", min=1, max=positions - 1),
         "memory_tokens": Dim("memory_tokens", min=2, max=limit),
         # frames → tokens goes through the strided convolution's floor division, whose guards the constraint
