@@ -169,6 +169,50 @@ def test_cli_writes_a_pt2e_model_and_refuses_methods_it_lacks(float_dir, tmp_pat
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("backend", ["pt2e", "torchao", "onnxruntime"])
+def test_an_image_encoder_alone_calibrates_from_images_without_texts(backend, tmp_path, capsys):
+    """A timm ViT (no text tower, no tokenizer) quantizes statically from a manifest of images alone, through every
+    backend — calibration asked for a tokenizer before ("needs the model's processor with its tokenizer") — and the
+    written model, reloaded, encodes close to float; a model that reads text still needs the tokenizer."""
+    import json
+
+    from test_convert_timm import tiny_vit
+
+    from mmformer.cli.main import main
+    from mmformer.convert import from_timm_vit
+    from mmformer.preprocess.processor import Processor
+
+    model = from_timm_vit(tiny_vit()).eval()
+    assert model.processor.tokenizer is None
+    model.save_pretrained(tmp_path / "vit")
+    digits = REPO / "data" / "digits"
+    rows = [json.loads(line) for line in (digits / "test.jsonl").read_text().splitlines()[:8]]
+    images = tmp_path / "images.jsonl"
+    images.write_text("".join(json.dumps({"image": str(digits / r["image"])}) + "\n" for r in rows))
+    batches = calibration_batches(model, images, batch_size=4)
+    assert [sorted(k for k in b if k != "source") for b in batches] == [["pixel_values"]] * 2
+    main(["quantize", "--model", str(tmp_path / "vit"), "--backend", backend, "--method", "static", "--calib",
+          str(images), "--out", str(tmp_path / "q")])  # fmt: skip
+    assert "static" in capsys.readouterr().out
+    x = batches[0]["pixel_values"]
+    with torch.no_grad():
+        expected = model.encode_image(x)
+        if backend == "pt2e":
+            got = pt2e.load(tmp_path / "q", compile=False).encode_image(x)
+        elif backend == "torchao":
+            got = mmformer.from_pretrained(tmp_path / "q").encode_image(x)
+        else:
+            from mmformer.ship.onnx_runner import OnnxModel
+
+            files = [str(digits / r["image"]) for r in rows[:4]]
+            got = torch.from_numpy(OnnxModel(tmp_path / "q").encode_image(files))
+    assert 0 < float((got - expected).abs().max()) <= 0.05
+    reads_text = tiny()
+    reads_text.processor = Processor(image=reads_text.processor.image, audio=reads_text.processor.audio)
+    with pytest.raises(ValueError, match=r"this model reads text .* needs its processor's tokenizer"):
+        calibration_batches(reads_text, images)
+
+
 def int8_micro_kernels() -> bool:
     """Whether inductor has an int8 GEMM micro-kernel for this CPU (AMX or AVX-512 VNNI)."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa

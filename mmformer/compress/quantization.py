@@ -207,9 +207,13 @@ def calibration_batches(
     from mmformer.data.formats import open_dataset
 
     processor = processor if processor is not None else getattr(model, "processor", None)
-    if processor is None or processor.tokenizer is None:
-        raise ValueError("calibration: needs the model's processor with its tokenizer (model.processor); got None")
     routes = model.config.routes
+    reads_text = "text" in routes or "decoder" in routes  # an image or audio encoder alone needs no texts
+    if processor is None:
+        raise ValueError("calibration: needs the model's processor (model.processor, or processor=); got None")
+    if reads_text and processor.tokenizer is None:
+        raise ValueError(f"calibration: this model reads text (routes {sorted(routes)}) and needs its processor's "
+                         f"tokenizer; the processor has none")  # fmt: skip
     modalities = [m for m in ("image", "audio") if m in routes]
     try:
         dataset = open_dataset(str(manifest), format="manifest", modalities=modalities, processor=processor,
@@ -221,16 +225,19 @@ def calibration_batches(
         warnings.simplefilter("ignore")  # the per-sample skip warnings: the count is reported below
         for i in range(len(dataset)):
             sample = dataset[i]
-            if sample is not None and "text" in sample and any(m in sample for m in modalities):
+            if sample is None or ("text" not in sample and reads_text):
+                continue
+            if not modalities or any(m in sample for m in modalities):
                 samples.append(sample)
             if len(samples) >= max_samples:
                 break
     if not samples:
+        wanted = " and ".join(filter(None, [" or ".join(modalities), "text" if reads_text else ""]))
         raise ValueError(
-            f"calib: {manifest}: no usable samples ({len(dataset)} rows, none with readable "
-            f"{' or '.join(modalities)} and text); static int8 needs calibration data the model can read"
+            f"calib: {manifest}: no usable samples ({len(dataset)} rows, none with readable {wanted}); static "
+            f"int8 needs calibration data the model can read"
         )
-    collate = Collator(processor.tokenizer, text_max_length=model.config.text.max_length)
+    collate = Collator(processor.tokenizer if reads_text else None, text_max_length=model.config.text.max_length)
     return [collate(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
 
 
@@ -239,9 +246,10 @@ def _tower_inputs(model: MultimodalTransformer, batch: dict[str, Any]) -> Iterat
     decoder reading each encoder's states (a text-to-text model's: the text encoder's) with the batch's texts
     (teacher forcing)."""
     device, routes = model_device(model), model.config.routes
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    ids, mask = batch.get("input_ids"), batch.get("attention_mask")  # none for an image or audio encoder alone
+    ids, mask = (None, None) if ids is None else (ids.to(device), mask.to(device))
     memories = []
-    if "text" in routes:
+    if "text" in routes and ids is not None:
         yield "text_encoder", (ids, mask)
     if "image" in routes and batch.get("pixel_values") is not None:
         pixels = batch["pixel_values"].to(device)
@@ -254,6 +262,8 @@ def _tower_inputs(model: MultimodalTransformer, batch: dict[str, Any]) -> Iterat
         yield "audio_encoder", (features, frames)
         states, token_mask = model.encode_audio_tokens(audio_features=features, feature_lengths=frames)
         memories.append((states, token_mask))
+    if ids is None:
+        return
     if "decoder" in routes and "text" in routes and "image" not in routes and "audio" not in routes:
         states, text_mask = model.encode_text_tokens(ids, mask)  # text-to-text (T5): the text encoder's states,
         memories.append((states, mask if text_mask is None else text_mask))  # the batch's texts on both sides
