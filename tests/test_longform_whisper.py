@@ -116,6 +116,34 @@ def test_transcribe_equals_openai_whisper(models, speech, prompting):
     assert seen[-1] == (60.0, 60.0) and all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
 
 
+def test_an_english_only_checkpoint_transcribes_as_openai_whisper(tmp_path, speech):
+    """An English-only checkpoint (n_vocab 51,864: its vocabulary holds the language tokens, its decoder never reads
+    one): the prompt is [sot] alone — with timestamps the whole prompt ends at sot — and the language "en", as
+    openai-whisper's; sequential with word timestamps and the previous text, and the VAD-batched path. Both crashed
+    before (language detection over no candidates; then a decoder call with no new token)."""
+    from mmformer.longform import transcribe_files
+
+    torch.manual_seed(1)
+    dims = ModelDimensions(**{**asdict(DIMS), "n_vocab": 51864})
+    ref = Whisper(dims)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            norm_scale = p.ndim == 1 and name.endswith("weight")
+            p.copy_(1 + 0.1 * torch.randn_like(p) if norm_scale else 0.05 * torch.randn_like(p))
+    path = tmp_path / "english.pt"
+    torch.save({"dims": asdict(dims), "model_state_dict": ref.state_dict()}, path)
+    ref, model = ref.eval(), from_openai_whisper(path)
+    assert not ref.is_multilingual and not model.config.generation.language_ids
+    options = dict(temperature=0.0, word_timestamps=True, condition_on_previous_text=True)
+    clip = speech[: 20 * SR]
+    expected = whisper.transcribe(ref, clip, fp16=False, **options)
+    ours = transcribe_sequential(model, clip, **options)
+    assert_same_transcript(ours, expected, words=True)
+    assert ours["language"] == "en" and sum(len(s["words"]) for s in ours["segments"]) >= 3
+    (batched,) = transcribe_files(model, [clip], TranscribeOptions(temperature=0.0), vad=True)
+    assert batched["language"] == "en" and batched["segments"]
+
+
 def test_hallucination_silence_skip_equals_openai_whisper(models, speech):
     """With hallucination_silence_threshold, the random model's improbable words count as hallucinations: both
     implementations skip the same silences and drop the same segments (here, all of them)."""

@@ -156,8 +156,8 @@ def transcribe_sequential(
     content_frames = mel.shape[-1] - n_frames
     content_duration = clock.seconds(content_frames)
     language = options.language
-    if language is None and whisper.language_ids:  # detected once, from the first 30 s
-        language = _detect(model, whisper, mel[:, :n_frames])
+    if language is None:  # detected once, from the first 30 s; an English-only model's is English (openai-whisper)
+        language = _detect(model, whisper, mel[:, :n_frames]) if whisper.language_ids else "en"
     options = TranscribeOptions.build(options, language=language)
 
     seek_points = [clock.frames(ts) for ts in options.clip_seconds()] or [0]

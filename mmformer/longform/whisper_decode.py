@@ -46,12 +46,16 @@ def compression_ratio(text: str) -> float:
 
 
 def whisper_tokens(model: MultimodalTransformer, tokenizer: Any = None) -> WhisperTokens:
-    """The special tokens of ``tokenizer`` (default: the model's processor's)."""
+    """The special tokens of ``tokenizer`` (default: the model's processor's), with the model's languages: an
+    English-only checkpoint's vocabulary holds the language tokens too, but its decoder never reads one (openai-whisper:
+    ``is_multilingual`` False, the prompt ``[sot]``, no language detection)."""
     tokenizer = tokenizer if tokenizer is not None else getattr(getattr(model, "processor", None), "tokenizer", None)
     if tokenizer is None:
         raise ValueError("tokenizer: long-form Whisper decoding needs the model's tokenizer; pass tokenizer= or load "
                          "the model with one (model.processor)")  # fmt: skip
-    return WhisperTokens.from_tokenizer(tokenizer)
+    tokens = WhisperTokens.from_tokenizer(tokenizer)
+    gen = model.config.generation
+    return tokens if gen is not None and gen.language_ids else replace(tokens, language_ids={})
 
 
 def time_precision(model: MultimodalTransformer) -> float:
@@ -77,9 +81,10 @@ def score_processors(
 def _language_codes(
     model: MultimodalTransformer, whisper: WhisperTokens, language: str | None, memory: torch.Tensor
 ) -> list[str | None]:
-    """The language of each window: the given one, else detected per window (None for English-only models)."""
+    """The language of each window: the given one, else detected per window ("en" for English-only models, as
+    openai-whisper's ``transcribe`` says)."""
     if not whisper.language_ids:
-        return [None] * memory.shape[0]
+        return [language or "en"] * memory.shape[0]
     if language is not None:
         return [language] * memory.shape[0]
     code = {i: c for c, i in whisper.language_ids.items()}
@@ -248,7 +253,8 @@ def decode_windows(
     )
     sums = torch.zeros(tokens.shape[0], device=tokens.device)
     for step in range(sample_len):
-        logits = runner.next_logits(tokens)  # (N, V)
+        # a prompt that ends at sot (an English-only model with timestamps) has nothing left for a second call
+        logits = sot_logits if step == 0 and sot_index + 1 == n_prompt else runner.next_logits(tokens)  # (N, V)
         for process in processors:
             logits = process(logits, tokens, step)
         tokens, completed = decoder.update(runner, tokens, logits, sums)
