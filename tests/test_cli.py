@@ -91,6 +91,11 @@ def test_caption_and_transcribe_print_one_line_per_file(saved, capsys, command, 
 def test_missing_file_is_a_clean_error(saved):
     with pytest.raises(SystemExit, match=r"mmformer caption: error: .*nothere\.png"):
         main(["caption", "--model", str(saved / "model"), str(saved / "nothere.png")])
+    with pytest.raises(SystemExit, match=r"mmformer zeroshot: error: --classes: expected comma-separated class names, "
+                                         r"got ' , '"):  # fmt: skip
+        main(["zeroshot", "--model", str(saved / "model"), "--classes", " , ", str(saved / "a.png")])
+    with pytest.raises(SystemExit, match=r"mmformer complete: error: complete: this model's decoder reads an encoder"):
+        main(["complete", "--model", str(saved / "model"), "one"])  # a captioner: no bare prompts
 
 
 def test_export_turns_a_checkpoint_into_a_pretrained_directory(saved, tmp_path, capsys):

@@ -186,6 +186,42 @@ def test_bad_prompts_are_named(tokenizer):
         language_model("learned").complete("the cat")
 
 
+def test_only_a_language_model_completes_bare_prompts(tokenizer):
+    """A decoder that reads an encoder's states (a captioner / speech model, a text-to-text model with its own
+    encoder stack) continues no bare prompt: ``complete`` says what to call instead (the digits model answered
+    "hello" with digits before), and the server offers no /v1/completions for it; a language model — also one that
+    shares a cross-attention stack with its text tower (trained here with ``lm``) — completes."""
+    from mmformer.config import ImageConfig
+    from mmformer.generation.completion import continues_prompts
+    from mmformer.serve.engine import served_routes
+
+    shared = StackConfig(width=16, depth=2, n_heads=4, mlp_ratio=2.0, cross_attention=True)
+    text = TextConfig(vocab_size=tokenizer.vocab_size, max_length=48)
+    image = ImageConfig(image_size=16, patch_size=8, channels=3)
+    cases = {
+        "captioner": ({"shared": shared}, {"image": "shared", "text": "shared", "decoder": "shared"}, image, False),
+        "text-to-text": (
+            {"encoder": shared, "decoder": shared},
+            {"text": "encoder", "decoder": "decoder"},
+            None,
+            False,
+        ),
+        "lm, shared cross-attention stack": ({"shared": shared}, {"text": "shared", "decoder": "shared"}, None, True),
+        "lm": ({"decoder": StackConfig(width=16, depth=2, n_heads=4)}, {"decoder": "decoder"}, None, True),
+    }
+    for name, (stacks, routes, img, completes) in cases.items():
+        config = ModelConfig(stacks=stacks, routes=routes, image=img, audio=None, text=text, embed_dim=16)
+        model = MultimodalTransformer(config).eval()
+        model.processor = Processor(tokenizer)
+        assert continues_prompts(model) is completes, name
+        assert ("completions" in served_routes(model)) is completes, name
+        if completes:
+            assert len(model.complete("the cat", max_new_tokens=3)) == 1
+        else:
+            with pytest.raises(ValueError, match=r"complete: this model's decoder reads an encoder's states"):
+                model.complete("the cat", max_new_tokens=3)
+
+
 def test_complete_command(tokenizer, tmp_path, capsys):
     model = language_model("learned", vocab_size=tokenizer.vocab_size)
     model.save_pretrained(tmp_path / "lm", processor=Processor(tokenizer))

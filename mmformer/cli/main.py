@@ -266,6 +266,8 @@ def _zeroshot(args: argparse.Namespace) -> None:
 
     model = _load_model(args.model, args.device, args.adapter)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    if not classes:
+        raise ValueError(f"--classes: expected comma-separated class names, got {args.classes!r}")
     by_modality: dict[str, list[str]] = {}
     for path in args.files:  # 'auto' decides per file, so images and audio may be mixed
         modality = args.modality

@@ -45,6 +45,21 @@ def _prompt_rows(tokenizer: Any, prompts: Any) -> tuple[list[list[int]] | torch.
                     f"{sorted({type(p).__name__ for p in prompts})}")  # fmt: skip
 
 
+def continues_prompts(model: MultimodalTransformer) -> bool:
+    """Whether the model is a language model that continues a bare prompt: a decoder that reads no encoder — none
+    with cross-attention, or one whose only other tower is the text stack it shares (a model trained here with the
+    ``lm`` objective). A captioner or speech model (image or audio routes) and a text-to-text model (T5: its own
+    encoder stack) decode from an encoder's states."""
+    cfg, routes = model.config, model.config.routes
+    if model.lm_head is None or "decoder" not in routes:
+        return False
+    if not cfg.stacks[routes["decoder"]].cross_attention:
+        return True
+    return (
+        "image" not in routes and "audio" not in routes and routes.get("text", routes["decoder"]) == routes["decoder"]
+    )
+
+
 def complete(
     model: MultimodalTransformer,
     prompts: str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor,
@@ -73,8 +88,15 @@ def complete(
     """
     processor = processor_with_tokenizer(model, processor, "complete")
     tokenizer = processor.tokenizer
+    routes = model.config.routes
     if model.lm_head is None:
-        raise ValueError(f"complete: this model has no decoder; its routes are {sorted(model.config.routes)}")
+        raise ValueError(f"complete: this model has no decoder; its routes are {sorted(routes)}")
+    if not continues_prompts(model):
+        raise ValueError(
+            f"complete: this model's decoder reads an encoder's states (routes {sorted(routes)}): it continues no "
+            f"bare prompt — caption an image, transcribe audio, or generate(model, input_ids=...) for a "
+            f"text-to-text model"
+        )
     rows, from_text = _prompt_rows(tokenizer, prompts)
     context = model.config.text.max_length
     if from_text:

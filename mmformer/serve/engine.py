@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from mmformer.data.collate import pad_audio
+from mmformer.generation.completion import continues_prompts
 from mmformer.generation.decoding import DecodingOptions
 from mmformer.generation.streaming import TextStreamer
 from mmformer.io.weights import model_device
@@ -39,7 +40,7 @@ def served_routes(model: Any) -> list[str]:
     served = {
         "embeddings": embeds and cfg.embed_dim is not None,
         "audio/transcriptions": decoder and "audio" in has,
-        "completions": decoder and "image" not in has and "audio" not in has,
+        "completions": continues_prompts(model),
         "classify": "text" in has and ("image" in has or "audio" in has) and cfg.embed_dim is not None,
         "captions": decoder and "image" in has,
     }
