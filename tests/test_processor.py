@@ -129,6 +129,8 @@ def test_corrupt_image_file_raises_sample_error_naming_it(tmp_path):
         small()(images=[str(bad)])
     with pytest.raises(SampleError, match=r"missing\.png: file not found"):
         small().load_image(tmp_path / "missing.png")
+    with pytest.raises(FileNotFoundError, match=r": a folder, not a file"):  # a folder passed for a file
+        small().load_image(tmp_path)
 
 
 # ---------------------------------------------------------------------- audio

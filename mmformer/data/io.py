@@ -79,7 +79,7 @@ def _open(source: Source, name: str) -> io.BufferedIOBase | str:
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"expected a path or bytes for {name}; got {type(source).__name__}")
     if not Path(source).is_file():
-        raise MissingSampleError(name)
+        raise MissingSampleError(name, "a folder, not a file" if Path(source).is_dir() else "file not found")
     return os.fspath(source)
 
 
