@@ -356,6 +356,50 @@ def test_a_whisper_checkpoint_answers_with_word_timestamps_and_a_prompt_as_trans
     ]
 
 
+@pytest.mark.slow  # quantizes and compiles the encoder twice (here and in the server): ~20 s
+def test_int8_serving_transcribes_as_transcribe_files_with_the_int8_encoder(tmp_path):
+    """``serve --compute-type int8``: a Whisper checkpoint's transcriptions run its PT2E int8 audio encoder (what
+    ``transcribe --compute-type int8`` runs): the answer is transcribe_files' of that int8 model; a model trained
+    here is refused at start."""
+    import soundfile
+
+    pytest.importorskip("whisper")
+    from test_longform_whisper import digits_speech
+    from test_openai_whisper_convert import random_whisper, save_pt
+
+    from mmformer.compress import pt2e
+    from mmformer.convert.openai_whisper import from_openai_whisper
+    from mmformer.longform import transcribe_files
+    from mmformer.serve.server import load_engine
+
+    folder = tmp_path / "whisper"
+    from_openai_whisper(save_pt(random_whisper(seed=2), tmp_path / "random.pt")).save_pretrained(folder)
+    model = mmformer.load_pretrained(str(folder))
+    audio = tmp_path / "speech.wav"
+    soundfile.write(audio, digits_speech(6.0), 16000)
+    int8 = pt2e.quantize(model, "dynamic", towers=["audio"])
+    options = mmformer.longform.TranscribeOptions(temperature=0.0, language="en")
+    (expected,) = transcribe_files(int8, [str(audio)], options)
+    (float32,) = transcribe_files(model, [str(audio)], options)
+    with running_server(str(folder), "--compute-type", "int8", startup_s=240) as (url, proc):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=240)
+        with open(audio, "rb") as f:
+            verbose = client.audio.transcriptions.create(model=str(folder), file=f, language="en", temperature=0.0,
+                                                         response_format="verbose_json")  # fmt: skip
+
+    def scores(segments) -> list[float]:  # the encoder's precision shows in them even where the texts agree
+        return [s["avg_logprob"] if isinstance(s, dict) else s.avg_logprob for s in segments]
+
+    assert scores(expected["segments"]) != scores(float32["segments"])  # so the check below can tell them apart
+    assert verbose.text == expected["text"]
+    assert [(s.start, s.end, s.text) for s in verbose.segments] == [
+        (s["start"], s["end"], s["text"]) for s in expected["segments"]
+    ]
+    assert scores(verbose.segments) == pytest.approx(scores(expected["segments"]), rel=1e-5)
+    with pytest.raises(ValueError, match=r"--compute-type int8: serves a Whisper checkpoint's int8 audio encoder"):
+        load_engine(MODEL, compute_type="int8")
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def test_bad_inputs_get_their_status_and_error_json_and_the_server_keeps_serving(server, client):
     good = {"model": MODEL, "input": "one two"}

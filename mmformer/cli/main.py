@@ -244,6 +244,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--max-upload-mb", type=float, default=25.0, help="larger request bodies get 413")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--compute-type",
+        choices=("float32", "int8"),
+        default="float32",
+        help="int8: transcriptions read a Whisper checkpoint's audio encoder quantized at load (PT2E dynamic int8, "
+        "as transcribe --compute-type int8); the other routes stay float32",
+    )
     return parser
 
 
@@ -461,7 +468,8 @@ def _serve(args: argparse.Namespace) -> None:
     from mmformer.serve import serve
 
     options = {k: getattr(args, k) for k in ("adapter", "host", "port", "max_batch_size", "batch_timeout_ms")}
-    serve(args.model, **options, api_key=args.api_key, max_upload_mb=args.max_upload_mb, device=args.device)
+    serve(args.model, **options, api_key=args.api_key, max_upload_mb=args.max_upload_mb, device=args.device,
+          compute_type=args.compute_type)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -10,11 +10,16 @@ from mmformer.serve.engine import Engine
 log = logging.getLogger("mmformer.serve")
 
 
-def load_engine(model: str, *, adapter: str | None = None, device: str = "cpu") -> Engine:
-    """The model at ``model`` (any name ``load_pretrained`` takes), loaded once, with its processor."""
+def load_engine(
+    model: str, *, adapter: str | None = None, device: str = "cpu", compute_type: str = "float32"
+) -> Engine:
+    """The model at ``model`` (any name ``load_pretrained`` takes), loaded once, with its processor; ``compute_type``
+    int8: a Whisper checkpoint's transcriptions read its PT2E dynamic int8 audio encoder (x86 CPUs)."""
     from mmformer.io.auto import load_pretrained
 
-    return Engine(load_pretrained(model, device=device, adapter=adapter), model_id=model)
+    if compute_type not in ("float32", "int8"):
+        raise ValueError(f"--compute-type: expected float32 or int8, got {compute_type!r}")
+    return Engine(load_pretrained(model, device=device, adapter=adapter), model_id=model, int8=compute_type == "int8")
 
 
 def serve(
@@ -29,6 +34,7 @@ def serve(
     max_upload_mb: float = 25.0,
     device: str = "cpu",
     graceful_s: float = 30.0,
+    compute_type: str = "float32",
 ) -> None:
     """Serve ``model`` over HTTP until SIGTERM / SIGINT."""
     import uvicorn
@@ -39,9 +45,11 @@ def serve(
         raise ValueError(f"--max-upload-mb: expected a size > 0, got {max_upload_mb}")
     if not batch_timeout_ms >= 0:
         raise ValueError(f"--batch-timeout-ms: expected milliseconds >= 0, got {batch_timeout_ms}")
-    engine = load_engine(model, adapter=adapter, device=device)
+    engine = load_engine(model, adapter=adapter, device=device, compute_type=compute_type)
     app = create_app(engine, max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms, api_key=api_key,
                      max_upload_mb=max_upload_mb)  # fmt: skip
-    print(f"mmformer serve: {model} on http://{host}:{port} — routes {['/v1/' + r for r in engine.routes]}", flush=True)
+    int8 = " (transcriptions: int8 audio encoder)" if engine.transcriber is not engine.model else ""
+    print(f"mmformer serve: {model} on http://{host}:{port} — routes {['/v1/' + r for r in engine.routes]}{int8}",
+          flush=True)  # fmt: skip
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_s)
     uvicorn.Server(config).run()
