@@ -175,6 +175,20 @@ def test_compiled_single_row_decoding_of_int8_activations_is_refused(quantized_d
     search._check_compilable(quantized_dirs["int8-weight"][0], rows=1)
 
 
+def test_a_text_encoder_alone_calibrates_from_texts(manifest):
+    """A text-only model (BERT-like: no image or audio tower) calibrates static int8 from a manifest's texts — the
+    calibration kept only samples with an image or audio before, so a text encoder had none to read."""
+    full = tiny()
+    config = ModelConfig(stacks={"shared": StackConfig(**{**TINY_STACK, "width": 32})}, routes={"text": "shared"},
+                         image=None, audio=None, text=full.config.text, embed_dim=16)  # fmt: skip
+    model = MultimodalTransformer(config).eval()
+    model.processor = Processor(full.processor.tokenizer)
+    batches = calibration_batches(model, manifest, batch_size=4)
+    assert len(batches) == 2 and all("input_ids" in b and "pixel_values" not in b for b in batches)
+    quantized = quantize(model, "static", calibration=batches)
+    assert quantized.quantization.method == "static" and quantized.quantization.modules
+
+
 def test_static_int8_of_a_text_to_text_model_quantizes_and_decodes_with_its_decoder():
     """T5: static calibration reaches the decoder (it reads the text encoder's states; before, only the encoder was
     quantized), and greedy decoding through the int8 LM head works — the head is called at the rank it was

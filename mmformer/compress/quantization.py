@@ -216,8 +216,8 @@ def calibration_batches(
                          f"tokenizer; the processor has none")  # fmt: skip
     modalities = [m for m in ("image", "audio") if m in routes]
     try:
-        dataset = open_dataset(str(manifest), format="manifest", modalities=modalities, processor=processor,
-                               max_bad_fraction=1.0)  # fmt: skip
+        dataset = open_dataset(str(manifest), format="manifest", modalities=modalities or ["text"],
+                               processor=processor, max_bad_fraction=1.0)  # fmt: skip
     except ValueError as e:
         raise ValueError(f"calib: {manifest}: no usable samples for this model ({e})") from e
     samples = []
