@@ -301,31 +301,21 @@ print(json.dumps(out))
 def test_bad_requests_are_clear_errors_and_leave_nothing_behind(model, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"format: expected one of \['onnx', 'torch-export'\], got 'tflite'"):
         export.export(model, tmp_path / "x", format="tflite")
-    text_only = MultimodalTransformer(
-        ModelConfig(
-            stacks={"shared": StackConfig(**TINY_STACK)},
-            routes={"text": "shared"},
-            image=None,
-            audio=None,
-            text=TextConfig(**TINY_TEXT),
-            embed_dim=8,
-        )  # fmt: skip
-    )
+
+    def text_model(route: str) -> MultimodalTransformer:  # a text encoder, or a decoder-only language model
+        embed_dim = 8 if route == "text" else None
+        config = ModelConfig(stacks={"shared": StackConfig(**TINY_STACK)}, routes={route: "shared"}, image=None,
+                             audio=None, text=TextConfig(**TINY_TEXT), embed_dim=embed_dim)  # fmt: skip
+        return MultimodalTransformer(config)
+
+    text_only = text_model("text")
     with pytest.raises(ValueError, match=r"towers: this model has no audio route to export; its routes are \['text'\]"):
         export.export(text_only, tmp_path / "x", towers=["audio"])
     with pytest.raises(ValueError, match=r"towers: expected some of .* got \['vision'\]"):
         export.export(model, tmp_path / "x", towers=["vision"])
     # a decoder-only language model: the decoder graphs read a memory its decoder has no cross-attention for (its
     # export used to stop deep inside, at the KV cache: "not every layer holds cross-attention keys/values yet")
-    language_model = MultimodalTransformer(
-        ModelConfig(
-            stacks={"shared": StackConfig(**TINY_STACK)},
-            routes={"decoder": "shared"},
-            image=None,
-            audio=None,
-            text=TextConfig(**TINY_TEXT),
-        )  # fmt: skip
-    )
+    language_model = text_model("decoder")
     for call in (
         lambda: export.export(language_model, tmp_path / "x"),
         lambda: pt2e.quantize(language_model, "dynamic"),

@@ -312,10 +312,9 @@ def test_64_concurrent_transcriptions_are_batched_and_equal_one_by_one(server, d
     same_as_alone(got, alone, padding_leaks, "transcripts")
 
 
-def test_a_whisper_checkpoint_answers_with_word_timestamps_and_a_prompt_as_transcribe_files(tmp_path):
-    """A Whisper checkpoint (openai-whisper's random weights, converted): ``timestamp_granularities[]=word`` and
-    ``prompt`` reach openai-whisper's algorithm (word alignment, the previous-text prompt) — the answer is
-    :func:`mmformer.longform.transcribe_files`'s with those options, words and times included."""
+def whisper_and_speech(tmp_path: Path, seed: int, seconds: float) -> tuple[Path, object, Path]:
+    """A random openai-whisper checkpoint converted and saved (its folder and the loaded model), and ``seconds`` of
+    digits speech written as a 16 kHz WAV."""
     import soundfile
 
     pytest.importorskip("whisper")
@@ -323,14 +322,22 @@ def test_a_whisper_checkpoint_answers_with_word_timestamps_and_a_prompt_as_trans
     from test_openai_whisper_convert import random_whisper, save_pt
 
     from mmformer.convert.openai_whisper import from_openai_whisper
+
+    folder = tmp_path / "whisper"
+    from_openai_whisper(save_pt(random_whisper(seed=seed), tmp_path / "random.pt")).save_pretrained(folder)
+    audio = tmp_path / "speech.wav"
+    soundfile.write(audio, digits_speech(seconds), 16000)
+    return folder, mmformer.load_pretrained(str(folder)), audio
+
+
+def test_a_whisper_checkpoint_answers_with_word_timestamps_and_a_prompt_as_transcribe_files(tmp_path):
+    """A Whisper checkpoint (openai-whisper's random weights, converted): ``timestamp_granularities[]=word`` and
+    ``prompt`` reach openai-whisper's algorithm (word alignment, the previous-text prompt) — the answer is
+    :func:`mmformer.longform.transcribe_files`'s with those options, words and times included."""
     from mmformer.longform import transcribe_files
     from mmformer.longform.options import TranscribeOptions
 
-    folder = tmp_path / "whisper"
-    from_openai_whisper(save_pt(random_whisper(seed=0), tmp_path / "random.pt")).save_pretrained(folder)
-    model = mmformer.load_pretrained(str(folder))
-    audio = tmp_path / "speech.wav"
-    soundfile.write(audio, digits_speech(8.0), 16000)
+    folder, model, audio = whisper_and_speech(tmp_path, seed=0, seconds=8.0)
     prompt = "seven eight nine"
 
     def library(**kw) -> dict:
@@ -361,22 +368,11 @@ def test_int8_serving_transcribes_as_transcribe_files_with_the_int8_encoder(tmp_
     """``serve --compute-type int8``: a Whisper checkpoint's transcriptions run its PT2E int8 audio encoder (what
     ``transcribe --compute-type int8`` runs): the answer is transcribe_files' of that int8 model; a model trained
     here is refused at start."""
-    import soundfile
-
-    pytest.importorskip("whisper")
-    from test_longform_whisper import digits_speech
-    from test_openai_whisper_convert import random_whisper, save_pt
-
     from mmformer.compress import pt2e
-    from mmformer.convert.openai_whisper import from_openai_whisper
     from mmformer.longform import transcribe_files
     from mmformer.serve.server import load_engine
 
-    folder = tmp_path / "whisper"
-    from_openai_whisper(save_pt(random_whisper(seed=2), tmp_path / "random.pt")).save_pretrained(folder)
-    model = mmformer.load_pretrained(str(folder))
-    audio = tmp_path / "speech.wav"
-    soundfile.write(audio, digits_speech(6.0), 16000)
+    folder, model, audio = whisper_and_speech(tmp_path, seed=2, seconds=6.0)
     int8 = pt2e.quantize(model, "dynamic", towers=["audio"])
     options = mmformer.longform.TranscribeOptions(temperature=0.0, language="en")
     (expected,) = transcribe_files(int8, [str(audio)], options)
