@@ -177,9 +177,17 @@ def test_transcribe_int8_runs_a_whisper_checkpoints_int8_encoder_and_refuses_oth
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "talk0.json").read_text())
     assert result["language"] == "en" and result["segments"]
+    # auto: bf16 autocast for the encoder where the CPU has AMX, float32 elsewhere; the choice is printed
+    from mmformer.compress.cpu_precision import bf16_choice
+
+    done = _run(str(root / "talk0.flac"), "--compute-type", "auto", *flags, model="whisper:rand",
+                XDG_CACHE_HOME=str(tmp_path / "cache"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"the audio encoder's {bf16_choice()[1]}" in done.stderr
     from mmformer.cli.main import main  # the refusal in this process: it comes before any work
 
-    with pytest.raises(SystemExit, match="only as a Whisper checkpoint"):
-        main(["transcribe", "--model", MODEL, str(root / "talk1.flac"), "--compute-type", "int8", "--output-format",
-              "json", "--output-dir", str(tmp_path)])  # fmt: skip
+    for compute_type in ("int8", "bfloat16"):
+        with pytest.raises(SystemExit, match="only under a Whisper checkpoint's decoder"):
+            main(["transcribe", "--model", MODEL, str(root / "talk1.flac"), "--compute-type", compute_type,
+                  "--output-format", "json", "--output-dir", str(tmp_path)])  # fmt: skip
     assert not (tmp_path / "talk1.json").exists()

@@ -62,5 +62,34 @@ def test_an_int8_model_the_long_form_path_cannot_serve_is_refused_by_name(models
     with pytest.raises(ValueError, match="no int8 audio encoder"):
         transcribe_files(text_only, [torch.zeros(16000)])
     digits = load_pretrained(ROOT / "data" / "digits_model").eval()
-    with pytest.raises(ValueError, match="only as a Whisper checkpoint"):
+    only_whisper = "reads long recordings only under a Whisper checkpoint's decoder"
+    with pytest.raises(ValueError, match=only_whisper):
         transcribe_files(pt2e.quantize(digits, "dynamic", towers=["audio"], compile=False), [torch.zeros(16000)])
+    with pytest.raises(ValueError, match=only_whisper):
+        transcribe_files(digits, [torch.zeros(16000)], bf16_encoder=True)
+    with pytest.raises(ValueError, match="int8 already"):
+        transcribe_files(models[1], [torch.zeros(16000)], bf16_encoder=True)
+
+
+@pytest.mark.parametrize("vad", [False, True])
+def test_bf16_encoder_long_form_is_the_float_decoder_over_autocast_states(models, vad, monkeypatch):
+    """``bf16_encoder`` (``transcribe --compute-type bfloat16 | auto``): every window's states come from the audio
+    encoder under ``torch.autocast(bfloat16)``, the decoder stays float32 — the result is the float model's with its
+    encoder run under autocast, and differs from float32's (the states are bf16-rounded)."""
+    model, _ = models
+    wave = digits_recording(20, seed=130)[0]
+    options = TranscribeOptions(temperature=0.0, language="en", word_timestamps=True)
+    got = transcribe_files(model, [wave], options=options, vad=vad, batch_size=4, bf16_encoder=True)
+    float32 = transcribe_files(model, [wave], options=options, vad=vad, batch_size=4)
+    scores = [[s["avg_logprob"] for s in r["segments"]] for r in (got[0], float32[0])]
+    assert scores[0] != scores[1]
+    encode = model.encode_audio_tokens
+
+    def under_autocast(audio_features):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            states, mask = encode(audio_features=audio_features)
+        return states.float(), mask
+
+    monkeypatch.setattr(model, "encode_audio_tokens", under_autocast)
+    expected = transcribe_files(model, [wave], options=options, vad=vad, batch_size=4)
+    assert got == expected and got[0]["segments"]

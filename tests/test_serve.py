@@ -392,8 +392,28 @@ def test_int8_serving_transcribes_as_transcribe_files_with_the_int8_encoder(tmp_
         (s["start"], s["end"], s["text"]) for s in expected["segments"]
     ]
     assert scores(verbose.segments) == pytest.approx(scores(expected["segments"]), rel=1e-5)
-    with pytest.raises(ValueError, match=r"--compute-type int8: serves a Whisper checkpoint's int8 audio encoder"):
+    with pytest.raises(ValueError, match=r"--compute-type int8: another audio encoder runs only under a Whisper"):
         load_engine(MODEL, compute_type="int8")
+
+
+def test_bf16_serving_transcribes_as_transcribe_files_with_the_bf16_encoder(tmp_path):
+    """``serve --compute-type bfloat16`` (``auto`` where the CPU has AMX): transcriptions read the audio encoder
+    under bf16 autocast, as ``transcribe_files(..., bf16_encoder=True)``; the engine's batched call answers that."""
+    from mmformer.longform import transcribe_files
+    from mmformer.serve.server import load_engine
+
+    folder, model, audio = whisper_and_speech(tmp_path, seed=2, seconds=6.0)
+    engine = load_engine(str(folder), compute_type="bfloat16")
+    assert engine.bf16_encoder and engine.compute.startswith("bf16 autocast on")
+    wave = engine.load_recording(audio.read_bytes(), "file")
+    options = mmformer.longform.TranscribeOptions(temperature=0.0, language="en")
+    (expected,) = transcribe_files(model, [wave], options, bf16_encoder=True)
+    (float32,) = transcribe_files(model, [wave], options)
+    (got,) = engine.transcribe(("en", 0.0, False, None), [wave])
+    scores = [[s["avg_logprob"] for s in r["segments"]] for r in (got, expected, float32)]
+    assert got["text"] == expected["text"] and scores[0] == scores[1] != scores[2]
+    with pytest.raises(ValueError, match=r"--compute-type: expected one of"):
+        load_engine(str(folder), compute_type="fp8")
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -128,10 +128,11 @@ def _transcribe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--compute-type",
-        choices=("float32", "int8"),
+        choices=("float32", "int8", "bfloat16", "auto"),
         default="float32",
-        help="int8: a Whisper checkpoint's audio encoder quantized at load (PT2E dynamic int8, x86 CPUs; compiled on "
-        "its first windows), the decoder in float32",
+        help="a Whisper checkpoint's audio encoder (the decoder stays float32): int8 quantized at load (PT2E dynamic "
+        "int8, x86 CPUs; compiled on its first windows); bfloat16 under torch.autocast (fast with AMX); auto: "
+        "bfloat16 where the CPU has AMX, else float32 (the choice is printed)",
     )
     p.add_argument("--batch-size", type=int, default=16, help="windows decoded at once, drawn from all files")
     p.add_argument(
@@ -246,10 +247,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--compute-type",
-        choices=("float32", "int8"),
+        choices=("float32", "int8", "bfloat16", "auto"),
         default="float32",
-        help="int8: transcriptions read a Whisper checkpoint's audio encoder quantized at load (PT2E dynamic int8, "
-        "as transcribe --compute-type int8); the other routes stay float32",
+        help="a Whisper checkpoint's transcriptions read their audio through its encoder in int8 (PT2E dynamic, "
+        "quantized at start) or bfloat16 (autocast; auto: where the CPU has AMX), as transcribe --compute-type; "
+        "the other routes stay float32",
     )
     return parser
 
@@ -367,7 +369,14 @@ def _transcribe(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from mmformer.generation.decoding import DecodingOptions
-    from mmformer.longform import TranscribeOptions, VadOptions, decoding_options, has_timestamps, transcribe_files
+    from mmformer.longform import (
+        TranscribeOptions,
+        VadOptions,
+        decoding_options,
+        has_timestamps,
+        transcribe_files,
+        with_compute_type,
+    )
     from mmformer.longform.writers import write_result
 
     if args.output_format:  # one transcript per stem: a.flac and a.wav (or x/a.flac, y/a.flac) would collide
@@ -383,14 +392,9 @@ def _transcribe(args: argparse.Namespace) -> None:
     base = _dataclass_of(DecodingOptions, args, exclude={f.name for f in dataclasses.fields(TranscribeOptions)})
     progress = None if args.no_progress else _Progress()
     whisper = has_timestamps(model)
-    runner = model
-    if args.compute_type == "int8":
-        from mmformer.compress import pt2e
-
-        if not whisper:  # before the seconds of quantizing (transcribe_files refuses it as well)
-            raise ValueError(f"--compute-type int8: runs a model's int8 audio encoder only as a Whisper checkpoint; "
-                             f"{args.model} is not one (pass --compute-type float32)")  # fmt: skip
-        runner = pt2e.quantize(model, "dynamic", towers=["audio"])
+    runner, bf16, compute = with_compute_type(model, args.compute_type, args.model)
+    if args.compute_type != "float32":
+        print(f"mmformer transcribe: the audio encoder's {compute}", file=sys.stderr)
     try:
         results = transcribe_files(
             runner,
@@ -401,6 +405,7 @@ def _transcribe(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
             progress=progress,
             prefix_embeds=_decoder_prefix(args, model),
+            bf16_encoder=bf16,
         )
     finally:
         if progress is not None:

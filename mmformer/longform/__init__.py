@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mmformer.generation.decoding import DecodingOptions, processor_with_tokenizer
+from mmformer.io.weights import model_device
 from mmformer.longform.batched import PHASES, decode_windows_generic, decode_windows_whisper, transcribe_windows
 from mmformer.longform.options import TranscribeOptions
 from mmformer.longform.sequential import transcribe_sequential
@@ -128,17 +129,57 @@ def _windows(
     return windows
 
 
-def _int8_encoder(model: Any) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor] | None]:
-    """(the float model, its PT2E int8 audio encoder) of a PT2E model with an ``audio_encoder`` graph; (model, None)
-    otherwise."""
+def _audio_encoder(model: Any, bf16: bool) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """(the float model, the encoder of its windows): a PT2E model's int8 audio encoder (one with an
+    ``audio_encoder`` graph), the model's own under ``torch.autocast(bfloat16)`` if ``bf16``, else None (the model's
+    own in float32)."""
     from mmformer.compress.pt2e import PT2EModel
 
-    if not isinstance(model, PT2EModel):
+    if isinstance(model, PT2EModel):
+        if bf16:
+            raise ValueError(
+                "bf16_encoder: this model's audio encoder is int8 already (a PT2E model); pass one of them"
+            )
+        if "audio_encoder" not in model.graphs:
+            raise ValueError(f"model: this PT2E model has no int8 audio encoder (graphs {sorted(model.graphs)}); "
+                             "quantize it with towers including 'audio'")  # fmt: skip
+        return model.model, model.audio_states
+    if not bf16:
         return model, None
-    if "audio_encoder" not in model.graphs:
-        raise ValueError(f"model: this PT2E model has no int8 audio encoder (graphs {sorted(model.graphs)}); "
-                         "quantize it with towers including 'audio'")  # fmt: skip
-    return model.model, model.audio_states
+    device = model_device(model)
+
+    def bf16_states(mel: torch.Tensor) -> torch.Tensor:  # (B, M, F) → (B, S, D) float32, for the float decoder
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            states, _ = model.encode_audio_tokens(audio_features=mel.to(device))
+        return states.float()
+
+    return model, bf16_states
+
+
+COMPUTE_TYPES = ("float32", "int8", "bfloat16", "auto")  # what a Whisper checkpoint's audio encoder runs in
+
+
+def with_compute_type(model: Any, compute_type: str, name: str) -> tuple[Any, bool, str]:
+    """What :func:`transcribe_files` gets for ``compute_type`` (the CLI's ``--compute-type`` of transcribe and serve):
+    ``(model or its PT2E int8 model, bf16_encoder, what the encoder runs in)``. int8: the audio encoder quantized here
+    (PT2E dynamic, x86 CPUs); bfloat16: under autocast; auto: bfloat16 where the CPU has AMX, else float32
+    (:func:`mmformer.compress.cpu_precision.bf16_choice`, whose reason is returned). Another type than float32 needs
+    a Whisper checkpoint (``name`` names the model in the error)."""
+    if compute_type not in COMPUTE_TYPES:
+        raise ValueError(f"--compute-type: expected one of {list(COMPUTE_TYPES)}, got {compute_type!r}")
+    if compute_type == "float32":
+        return model, False, "float32"
+    if not has_timestamps(model):  # before the seconds of quantizing (transcribe_files refuses it as well)
+        raise ValueError(f"--compute-type {compute_type}: another audio encoder runs only under a Whisper "
+                         f"checkpoint's decoder; {name} is not one (pass --compute-type float32)")  # fmt: skip
+    if compute_type == "int8":
+        from mmformer.compress import pt2e
+
+        return pt2e.quantize(model, "dynamic", towers=["audio"]), False, "int8 (PT2E dynamic)"
+    from mmformer.compress.cpu_precision import bf16_choice
+
+    bf16, why = bf16_choice(True if compute_type == "bfloat16" else None)
+    return model, bf16, why
 
 
 def transcribe_files(
@@ -152,6 +193,7 @@ def transcribe_files(
     vad_options: VadOptions | None = None,
     prefix_embeds: torch.Tensor | None = None,
     on_segment: Callable[[int, dict[str, Any]], None] | None = None,
+    bf16_encoder: bool = False,
 ) -> list[dict[str, Any]]:
     """Transcribe many recordings of any length, their windows decoded together.
 
@@ -180,6 +222,8 @@ def transcribe_files(
             here).
         on_segment: called as ``on_segment(input index, segment)`` with each input's numbered segments in order, each
             as soon as it is decoded (streaming), before the results are returned.
+        bf16_encoder: a Whisper checkpoint's audio encoder runs under ``torch.autocast(bfloat16)`` (its decoder in
+            float32): fast where the CPU has AMX (:func:`mmformer.compress.cpu_precision.bf16_choice`).
 
     Returns:
         One dict per input, in order: ``text``, ``segments`` (``id, seek, start, end`` in seconds on the input's
@@ -198,11 +242,12 @@ def transcribe_files(
     if isinstance(vad, VadOptions):
         vad, vad_options = True, vad
     vad_options = vad_options or VadOptions()
-    model, encoder = _int8_encoder(model)
+    model, encoder = _audio_encoder(model, bf16_encoder)
     whisper = has_timestamps(model)
     if encoder is not None and not whisper:
-        raise ValueError("model: a PT2E int8 model transcribes long recordings only as a Whisper checkpoint (its "
-                         "int8 audio encoder); for this model pass its float model (.model)")  # fmt: skip
+        raise ValueError("model: an int8 or bf16 audio encoder reads long recordings only under a Whisper "
+                         "checkpoint's decoder; for this model pass its float model (.model) and no "
+                         "bf16_encoder")  # fmt: skip
     if whisper:
         if isinstance(options, DecodingOptions):  # the short-clip options (serving): one temperature, no fallback
             options = TranscribeOptions(

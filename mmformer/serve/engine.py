@@ -20,7 +20,7 @@ from mmformer.generation.completion import continues_prompts
 from mmformer.generation.decoding import DecodingOptions
 from mmformer.generation.streaming import TextStreamer
 from mmformer.io.weights import model_device
-from mmformer.longform import has_timestamps
+from mmformer.longform import has_timestamps, with_compute_type
 from mmformer.longform.options import TranscribeOptions
 from mmformer.serve.transcripts import transcribe_clips
 from mmformer.zeroshot import ZeroShotClassifier
@@ -91,18 +91,12 @@ def length_groups(lengths: Sequence[int], overhead: int) -> list[list[int]]:
 class Engine:
     """A loaded model and its processor, with the per-route batched functions the server runs."""
 
-    def __init__(self, model: Any, model_id: str, max_classifiers: int = 32, int8: bool = False):
+    def __init__(self, model: Any, model_id: str, max_classifiers: int = 32, compute_type: str = "float32"):
         if getattr(model, "processor", None) is None:
             raise ValueError(f"model: {model_id} has no processor files (tokenizer.json, preprocessor_config.json)")
         self.model, self.processor, self.model_id = model.eval(), model.processor, model_id
-        self.transcriber = model  # what transcriptions run: the model, or its int8 audio encoder under it (int8)
-        if int8:
-            from mmformer.compress import pt2e
-
-            if not has_timestamps(model):  # the long-form path runs an int8 encoder only under Whisper's decoder
-                raise ValueError(f"--compute-type int8: serves a Whisper checkpoint's int8 audio encoder; {model_id} "
-                                 f"is not one (pass --compute-type float32)")  # fmt: skip
-            self.transcriber = pt2e.quantize(model, "dynamic", towers=["audio"])
+        # transcriptions: the model, or a Whisper checkpoint's int8 (PT2E) / bf16-autocast audio encoder under it
+        self.transcriber, self.bf16_encoder, self.compute = with_compute_type(model, compute_type, model_id)
         self.routes = served_routes(model)
         self.device = model_device(model)
         self._classifiers: OrderedDict[Hashable, ZeroShotClassifier] = OrderedDict()
@@ -184,7 +178,7 @@ class Engine:
             options = DecodingOptions(language=language, **sampling(temperature))
         each = None if on_segment is None else lambda index, segment: on_segment(segment)
         with torch.inference_mode():
-            return transcribe_clips(self.transcriber, waves, options, on_segment=each)
+            return transcribe_clips(self.transcriber, waves, options, on_segment=each, bf16_encoder=self.bf16_encoder)
 
     def complete(self, key: Hashable, prompts: Sequence[str], streamer: TextStreamer | None = None) -> list[str]:
         """Completions of prompts decoded together; with a ``streamer`` (one prompt: a streamed request) it gets the

@@ -14,12 +14,12 @@ def load_engine(
     model: str, *, adapter: str | None = None, device: str = "cpu", compute_type: str = "float32"
 ) -> Engine:
     """The model at ``model`` (any name ``load_pretrained`` takes), loaded once, with its processor; ``compute_type``
-    int8: a Whisper checkpoint's transcriptions read its PT2E dynamic int8 audio encoder (x86 CPUs)."""
+    (:func:`mmformer.longform.with_compute_type`): what a Whisper checkpoint's transcriptions read their audio
+    with — its PT2E dynamic int8 encoder (x86 CPUs), or its own under bf16 autocast (``auto``: where the CPU has
+    AMX)."""
     from mmformer.io.auto import load_pretrained
 
-    if compute_type not in ("float32", "int8"):
-        raise ValueError(f"--compute-type: expected float32 or int8, got {compute_type!r}")
-    return Engine(load_pretrained(model, device=device, adapter=adapter), model_id=model, int8=compute_type == "int8")
+    return Engine(load_pretrained(model, device=device, adapter=adapter), model_id=model, compute_type=compute_type)
 
 
 def serve(
@@ -48,8 +48,8 @@ def serve(
     engine = load_engine(model, adapter=adapter, device=device, compute_type=compute_type)
     app = create_app(engine, max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms, api_key=api_key,
                      max_upload_mb=max_upload_mb)  # fmt: skip
-    int8 = " (transcriptions: int8 audio encoder)" if engine.transcriber is not engine.model else ""
-    print(f"mmformer serve: {model} on http://{host}:{port} — routes {['/v1/' + r for r in engine.routes]}{int8}",
+    compute = "" if engine.compute == "float32" else f" (transcriptions' audio encoder: {engine.compute})"
+    print(f"mmformer serve: {model} on http://{host}:{port} — routes {['/v1/' + r for r in engine.routes]}{compute}",
           flush=True)  # fmt: skip
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_s)
     uvicorn.Server(config).run()

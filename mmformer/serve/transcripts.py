@@ -26,13 +26,14 @@ def transcribe_clips(
     waveforms: Sequence[torch.Tensor],
     options: DecodingOptions,
     on_segment: Callable[[int, dict[str, Any]], None] | None = None,
+    bf16_encoder: bool = False,
 ) -> list[dict[str, Any]]:
     """One result per 1-D waveform (at the model's sample rate), all decoded together: ``{"text", "segments",
     "language", "duration"}``; a waveform that cannot be transcribed raises (the batcher then retries the others
-    alone). ``on_segment(index, segment)`` gets each waveform's segments in order as they are decoded."""
-    results = transcribe_files(
-        model, list(waveforms), options, batch_size=max(1, len(waveforms)), on_segment=on_segment
-    )
+    alone). ``on_segment(index, segment)`` gets each waveform's segments in order as they are decoded;
+    ``bf16_encoder``: :func:`mmformer.longform.transcribe_files`'."""
+    results = transcribe_files(model, list(waveforms), options, batch_size=max(1, len(waveforms)),
+                               on_segment=on_segment, bf16_encoder=bf16_encoder)  # fmt: skip
     rate = model.config.audio.sample_rate
     for result, wave in zip(results, waveforms):
         if "error" in result:
