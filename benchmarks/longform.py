@@ -1,7 +1,8 @@
 """Long-form transcription (issue #25): audio seconds per second on one long recording of speech (the digits clips,
 10 min by default) at whisper-tiny dimensions with random weights, side by side in one run — mmformer sequential
-(openai-whisper's algorithm), mmformer VAD-batched (float32, and with the PT2E int8 audio encoder under the float
-decoder: :func:`mmformer.longform.transcribe_files` of a PT2E model), openai-whisper's ``transcribe()``,
+(openai-whisper's algorithm), mmformer VAD-batched (float32; with the PT2E int8 audio encoder under the float
+decoder: :func:`mmformer.longform.transcribe_files` of a PT2E model; with the audio encoder under bf16 autocast:
+``bf16_encoder=True``), openai-whisper's ``transcribe()``,
 faster-whisper's ``BatchedInferencePipeline`` on the same weights converted by CTranslate2 (float32 and int8),
 Hugging Face's chunked pipeline — and the VAD-batched path's WER against the same utterances one by one on a
 digits recording (the shipped digits model).
@@ -213,6 +214,10 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
             "mmformer VAD-batched int8 encoder": lambda: transcribe_files(
                 ours_int8, [wave], options=options, vad=True, batch_size=batch
             ),  # fmt: skip
+            # the encoder under bf16 autocast (--compute-type bfloat16; auto picks it where the CPU has AMX)
+            "mmformer VAD-batched bf16 encoder": lambda: transcribe_files(
+                ours, [wave], options=options, vad=True, batch_size=batch, bf16_encoder=True
+            ),  # fmt: skip
             "openai-whisper transcribe()": lambda: whisper.transcribe(theirs, audio, **quiet),
             "faster-whisper batched float32": lambda: list(
                 BatchedInferencePipeline(fw["float32"]).transcribe(audio, **fw_options)[0]
@@ -229,7 +234,7 @@ def speed_rows(args) -> tuple[list[dict], list[dict]]:
         stride = 5 * SAMPLE_RATE  # the pipeline's default: chunk_length_s / 6 on each side
         windows = {"mmformer sequential": -(-wave.shape[0] // limit), "openai-whisper transcribe()":
                    -(-wave.shape[0] // limit), "mmformer VAD-batched": vad_windows,
-                   "mmformer VAD-batched int8 encoder": vad_windows,
+                   "mmformer VAD-batched int8 encoder": vad_windows, "mmformer VAD-batched bf16 encoder": vad_windows,
                    "HF pipeline chunked": -(-(wave.shape[0] - 2 * stride) // (limit - 2 * stride))}  # fmt: skip
         rows = []
         for name, run in peers.items():
