@@ -46,6 +46,7 @@ if ROOT not in sys.path:  # `benchmarks` is a folder of the repository, not of t
             [
                 "mmformer sequential",
                 "mmformer VAD-batched",
+                "mmformer VAD-batched bf16 encoder",
                 "openai-whisper transcribe()",
                 "faster-whisper batched int8",
                 "HF pipeline chunked",
