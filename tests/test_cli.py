@@ -72,6 +72,14 @@ def test_zeroshot_mixes_images_and_audio(saved, capsys):
     probs = [float(line.split()[-1]) for line in lines if line.startswith("  ")]
     # three classes of three printed at 3 decimals: each rounds by at most 5e-4
     assert len(probs) == 6 and abs(sum(probs[:3]) - 1) <= 1.5e-3 and abs(sum(probs[3:]) - 1) <= 1.5e-3
+    # the encoders under bf16 autocast (asked for; `auto` where the CPU has AMX): the choice on stderr, the
+    # probabilities near float32's
+    main(["zeroshot", "--model", str(saved / "model"), "--classes", ",".join(WORDS), "--top", "3", "--compute-type",
+          "bfloat16", str(saved / "a.png"), str(saved / "a.wav")])  # fmt: skip
+    out = capsys.readouterr()
+    assert "mmformer zeroshot: bf16 autocast on: asked for" in out.err
+    bf16 = [float(line.split()[-1]) for line in out.out.splitlines() if line.startswith("  ")]
+    assert len(bf16) == 6 and max(abs(a - b) for a, b in zip(bf16, probs)) <= 0.05
 
 
 @pytest.mark.parametrize(

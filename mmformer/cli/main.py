@@ -207,6 +207,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", choices=("auto", "image", "audio"), default="auto")
     p.add_argument("--top", type=int, default=3, help="classes shown per file")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--compute-type",
+        choices=("float32", "bfloat16", "auto"),
+        default="float32",
+        help="the encoders under bf16 autocast (bfloat16), or where the CPU has AMX (auto; the choice is printed)",
+    )
     p.add_argument("files", nargs="+")
 
     _decoding_args(sub.add_parser("caption", help="caption image files"))
@@ -271,6 +277,7 @@ def _load_model(path: str, device: str, adapter: str | None = None):
 def _zeroshot(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from mmformer.compress.cpu_precision import inference_autocast
     from mmformer.zeroshot import ZeroShotClassifier
 
     model = _load_model(args.model, args.device, args.adapter)
@@ -284,15 +291,19 @@ def _zeroshot(args: argparse.Namespace) -> None:
             modality = "audio" if Path(path).suffix.lower() in AUDIO_SUFFIXES else "image"
         by_modality.setdefault(modality, []).append(path)
     width = max(len(c) for c in classes)
-    for modality, files in by_modality.items():
-        templates = ["{}"] if args.prompt else args.templates.split("|")
-        clf = ZeroShotClassifier(
-            model, model.processor, classnames=classes, templates=templates, modality=modality, prompt=args.prompt
-        )
-        for path, top in zip(files, clf.topk(files, k=min(args.top, len(classes)))):
-            print(path)
-            for name, prob in top:
-                print(f"  {name:<{width}}  {prob:6.3f}")
+    enabled = {"float32": False, "bfloat16": True, "auto": None}[args.compute_type]
+    with inference_autocast(enabled) as (_, why):  # bf16 pays for encoders where the CPU has AMX
+        if args.compute_type != "float32":
+            print(f"mmformer zeroshot: {why}", file=sys.stderr)
+        for modality, files in by_modality.items():
+            templates = ["{}"] if args.prompt else args.templates.split("|")
+            clf = ZeroShotClassifier(
+                model, model.processor, classnames=classes, templates=templates, modality=modality, prompt=args.prompt
+            )
+            for path, top in zip(files, clf.topk(files, k=min(args.top, len(classes)))):
+                print(path)
+                for name, prob in top:
+                    print(f"  {name:<{width}}  {prob:6.3f}")
 
 
 def _options(args: argparse.Namespace):
