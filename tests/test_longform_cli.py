@@ -184,8 +184,12 @@ def test_transcribe_int8_runs_a_whisper_checkpoints_int8_encoder_and_refuses_oth
                 XDG_CACHE_HOME=str(tmp_path / "cache"))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert f"the audio encoder's {bf16_choice()[1]}" in done.stderr
+    from mmformer import load_pretrained
     from mmformer.cli.main import main  # the refusal in this process: it comes before any work
+    from mmformer.longform import with_compute_type
 
+    digits = load_pretrained(MODEL)  # auto keeps float32 for a model trained here, and says why
+    assert with_compute_type(digits, "auto", "digits")[:2] == (digits, False)
     for compute_type in ("int8", "bfloat16"):
         with pytest.raises(SystemExit, match="only under a Whisper checkpoint's decoder"):
             main(["transcribe", "--model", MODEL, str(root / "talk1.flac"), "--compute-type", compute_type,

@@ -163,12 +163,14 @@ def with_compute_type(model: Any, compute_type: str, name: str) -> tuple[Any, bo
     """What :func:`transcribe_files` gets for ``compute_type`` (the CLI's ``--compute-type`` of transcribe and serve):
     ``(model or its PT2E int8 model, bf16_encoder, what the encoder runs in)``. int8: the audio encoder quantized here
     (PT2E dynamic, x86 CPUs); bfloat16: under autocast; auto: bfloat16 where the CPU has AMX, else float32
-    (:func:`mmformer.compress.cpu_precision.bf16_choice`, whose reason is returned). Another type than float32 needs
-    a Whisper checkpoint (``name`` names the model in the error)."""
+    (:func:`mmformer.compress.cpu_precision.bf16_choice`, whose reason is returned; float32 for another model than a
+    Whisper checkpoint). int8 and bfloat16 need a Whisper checkpoint (``name`` names the model in the error)."""
     if compute_type not in COMPUTE_TYPES:
         raise ValueError(f"--compute-type: expected one of {list(COMPUTE_TYPES)}, got {compute_type!r}")
     if compute_type == "float32":
         return model, False, "float32"
+    if compute_type == "auto" and not has_timestamps(model):
+        return model, False, f"float32 (auto chooses only for a Whisper checkpoint's audio encoder; {name} is not one)"
     if not has_timestamps(model):  # before the seconds of quantizing (transcribe_files refuses it as well)
         raise ValueError(f"--compute-type {compute_type}: another audio encoder runs only under a Whisper "
                          f"checkpoint's decoder; {name} is not one (pass --compute-type float32)")  # fmt: skip
