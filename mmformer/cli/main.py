@@ -126,13 +126,11 @@ def _transcribe_args(p: argparse.ArgumentParser) -> None:
     for flag, kwargs in dataclass_flags(VadOptions, prefix="vad-"):
         p.add_argument(flag, **kwargs)
     p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--compute-type",
-        choices=("float32", "int8", "bfloat16", "auto"),
-        default="float32",
-        help="a Whisper checkpoint's audio encoder (the decoder stays float32): int8 quantized at load (PT2E dynamic "
-        "int8, x86 CPUs; compiled on its first windows); bfloat16 under torch.autocast (fast with AMX); auto: "
-        "bfloat16 where the CPU has AMX, else float32 (the choice is printed)",
+    _compute_type_flag(
+        p,
+        "int8",
+        "a Whisper checkpoint's audio encoder (the decoder stays float32): int8 quantized at "
+        "load (PT2E dynamic, x86 CPUs; compiled on its first windows); bfloat16 under torch.autocast",
     )
     p.add_argument("--batch-size", type=int, default=16, help="windows decoded at once, drawn from all files")
     p.add_argument(
@@ -207,12 +205,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", choices=("auto", "image", "audio"), default="auto")
     p.add_argument("--top", type=int, default=3, help="classes shown per file")
     p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--compute-type",
-        choices=("float32", "bfloat16", "auto"),
-        default="float32",
-        help="the encoders under bf16 autocast (bfloat16), or where the CPU has AMX (auto; the choice is printed)",
-    )
+    _compute_type_flag(p, False, "the encoders under bf16 autocast (bfloat16)")
     p.add_argument("files", nargs="+")
 
     _decoding_args(sub.add_parser("caption", help="caption image files"))
@@ -251,15 +244,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--max-upload-mb", type=float, default=25.0, help="larger request bodies get 413")
     p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--compute-type",
-        choices=("float32", "int8", "bfloat16", "auto"),
-        default="float32",
-        help="a Whisper checkpoint's transcriptions read their audio through its encoder in int8 (PT2E dynamic, "
-        "quantized at start) or bfloat16 (autocast; auto: where the CPU has AMX), as transcribe --compute-type; "
-        "the other routes stay float32",
+    _compute_type_flag(
+        p,
+        "int8",
+        "a Whisper checkpoint's transcriptions read their audio through its encoder in int8 "
+        "(PT2E dynamic, quantized at start) or bfloat16 (autocast), as transcribe's; the other routes "
+        "stay float32",
     )
     return parser
+
+
+def _compute_type_flag(p: argparse.ArgumentParser, int8: bool, what: str) -> None:
+    """``--compute-type``: float32 (the default), bfloat16, auto (bfloat16 where the CPU has AMX; the choice is
+    printed) and, with ``int8``, int8."""
+    choices = ("float32", "int8", "bfloat16", "auto") if int8 else ("float32", "bfloat16", "auto")
+    auto = "auto: bfloat16 where the CPU has AMX, else float32 (the choice is printed)"
+    p.add_argument("--compute-type", choices=choices, default="float32", help=f"{what}; {auto}")
 
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus"}
