@@ -65,7 +65,7 @@ POOLED_PROJECTIONS = ("image_proj", "audio_proj", "text_proj")  # pooled feature
 # 1.6× (AMX), 3.2× / 4.1× against 1.15× / 1.5× with AMX masked (the VNNI kernel), outputs within 4e-8 of the reference
 # graph. "CPP" alone, no ATen peer: with one choice nothing is benchmarked (with both, each GEMM shape took ~2 s to
 # time, for the same speed); an int8 layer no micro-kernel serves still gets oneDNN's. The templates' C++ takes
-# longer to build (first calls at ViT-B/32 and whisper-tiny: 40 / 81 s, dynamic graphs 17 / 42 s). Dynamic graphs
+# longer to build (first calls at ViT-B/32 and whisper-tiny: 38 / 67 s, dynamic graphs 16 / 39 s). Dynamic graphs
 # keep oneDNN's: with these templates torch 2.14's dynamic-activation graphs corrupted the heap (the process
 # aborted, "corrupted double-linked list").
 STATIC_GEMMS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}

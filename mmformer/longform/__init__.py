@@ -169,9 +169,10 @@ def with_compute_type(model: Any, compute_type: str, name: str) -> tuple[Any, bo
         raise ValueError(f"--compute-type: expected one of {list(COMPUTE_TYPES)}, got {compute_type!r}")
     if compute_type == "float32":
         return model, False, "float32"
-    if compute_type == "auto" and not has_timestamps(model):
+    whisper = has_timestamps(model)
+    if compute_type == "auto" and not whisper:
         return model, False, f"float32 (auto chooses only for a Whisper checkpoint's audio encoder; {name} is not one)"
-    if not has_timestamps(model):  # before the seconds of quantizing (transcribe_files refuses it as well)
+    if not whisper:  # before the seconds of quantizing (transcribe_files refuses it as well)
         raise ValueError(f"--compute-type {compute_type}: another audio encoder runs only under a Whisper "
                          f"checkpoint's decoder; {name} is not one (pass --compute-type float32)")  # fmt: skip
     if compute_type == "int8":
@@ -251,7 +252,7 @@ def transcribe_files(
                          "checkpoint's decoder; for this model pass its float model (.model) and no "
                          "bf16_encoder")  # fmt: skip
     if whisper:
-        if isinstance(options, DecodingOptions):  # the short-clip options (serving): one temperature, no fallback
+        if isinstance(options, DecodingOptions):  # short-clip decoding options: one temperature, no fallback
             options = TranscribeOptions(
                 temperature=options.temperature if options.sample else 0.0,
                 beam_size=options.num_beams if options.num_beams > 1 else None,
