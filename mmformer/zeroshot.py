@@ -27,6 +27,7 @@ from mmformer.values import is_int
 
 if TYPE_CHECKING:
     from mmformer.adapt.prompts import ContextPrompt
+    from mmformer.compress.pt2e import PT2EModel
     from mmformer.preprocess.processor import Processor
     from mmformer.preprocess.tokenizer import Tokenizer
 
@@ -164,7 +165,8 @@ class ZeroShotClassifier:
     """Classify images or audio among ``classnames`` by their similarity to prompted class names.
 
     Args:
-        model: a contrastive model with a text route and the ``modality`` route.
+        model: a contrastive model with a text route and the ``modality`` route, or its PT2E int8 model
+            (:func:`mmformer.compress.pt2e.load`: its encoder graphs).
         processor: turns raw inputs (PIL images, paths, numpy arrays) into tensors and holds the tokenizer;
             defaults to ``model.processor``. A bare :class:`~mmformer.Tokenizer` works when inputs are tensors.
         classnames: the classes, in the order of the output columns.
@@ -181,7 +183,7 @@ class ZeroShotClassifier:
 
     def __init__(
         self,
-        model: MultimodalTransformer,
+        model: MultimodalTransformer | PT2EModel,
         processor: Processor | Tokenizer | None = None,
         classnames: Sequence[str] | None = None,
         templates: Sequence[Template] = ("{}",),
@@ -189,8 +191,14 @@ class ZeroShotClassifier:
         batch_size: int = 64,
         prompt: ContextPrompt | str | os.PathLike | None = None,
     ):
-        if not isinstance(model, MultimodalTransformer):
-            raise TypeError(f"model: expected mmformer.MultimodalTransformer, got {type(model).__name__}")
+        from mmformer.compress.pt2e import PT2EModel
+
+        if not isinstance(model, (MultimodalTransformer, PT2EModel)):
+            raise TypeError(f"model: expected mmformer.MultimodalTransformer (or its PT2E int8 model), got "
+                            f"{type(model).__name__}")  # fmt: skip
+        if prompt is not None and isinstance(model, PT2EModel):
+            raise ValueError("prompt: a learned prompt is read by the float text encoder; a PT2E int8 model's text "
+                             "graph takes ids only (pass its float model, .model)")  # fmt: skip
         if modality not in MODALITIES:
             raise ValueError(f"modality: expected one of {list(MODALITIES)}, got {modality!r}")
         routes = sorted(model.config.routes)

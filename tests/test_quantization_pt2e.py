@@ -413,7 +413,7 @@ def test_static_int8_of_a_text_to_text_model_calibrates_its_decoder_on_the_text_
     out = quantized.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4)
     assert out.shape[0] == 4 and torch.equal(out[:, 0], start[:, 0])
     assert torch.equal(out[:, 1], got[:, -1].argmax(-1))
-    with pytest.raises(ValueError, match="expected exactly one of image=, audio= / audio_features=, input_ids="):
+    with pytest.raises(ValueError, match="expected at most one of image=, audio=, audio_features=, input_ids="):
         quantized.generate(input_ids=ids, image=torch.zeros(4, 3, 16, 16))
 
 

@@ -266,9 +266,13 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus"}
 
 
 def _load_model(path: str, device: str, adapter: str | None = None):
-    from mmformer.io.auto import load_pretrained
+    from mmformer.compress.pt2e import PT2EModel
+    from mmformer.io.auto import load_for_inference
 
-    model = load_pretrained(path, device=device, adapter=adapter).eval()
+    model = load_for_inference(path, device=device, adapter=adapter)
+    if isinstance(model, PT2EModel):
+        print(f"mmformer: {path}: PT2E {model.mode} int8 graphs {', '.join(sorted(model.graphs))} "
+              "(compiled at their first call)", file=sys.stderr)  # fmt: skip
     if getattr(model, "processor", None) is None:
         raise SystemExit(f"mmformer: {path} has no processor files (tokenizer.json, preprocessor_config.json)")
     return model

@@ -37,7 +37,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmformer.generation.token_choice import most_likely
 from mmformer.layers.freezing import FrozenCompile
 
 MODES = ("static", "dynamic")
@@ -144,6 +143,11 @@ class PT2EModel:
         return self.model.config
 
     @property
+    def towers(self) -> list[str]:
+        """The towers its graphs quantize (of image, audio, text, decoder)."""
+        return _towers(self.graphs)
+
+    @property
     def processor(self) -> Any:
         return getattr(self.model, "processor", None)
 
@@ -235,7 +239,7 @@ class PT2EModel:
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         return self.run("text_encoder", input_ids, mask)[0]
 
-    def generate(
+    def memory(
         self,
         image: torch.Tensor | None = None,
         audio: torch.Tensor | None = None,
@@ -243,15 +247,12 @@ class PT2EModel:
         *,
         audio_features: torch.Tensor | None = None,
         feature_lengths: torch.Tensor | None = None,
-        prompt_ids: torch.Tensor | None = None,
-        max_new_tokens: int = 30,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Greedy decoding through the prefill and step graphs: ids (B, P + generated), the prompt (default: bos)
-        first, rows padded after end-of-text (as :meth:`mmformer.ship.onnx_runner.OnnxModel.generate`). The
-        decoder reads ``image``, ``audio`` / ``audio_features``, or a text-to-text model's (T5) ``input_ids`` (B, T)
-        with their ``attention_mask`` through the int8 text encoder."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 encoder's states (B, S, D) and their mask (B, S), True = real, that the decoder graphs read: of
+        ``image``, ``audio`` / ``audio_features``, or a text-to-text model's (T5) ``input_ids`` with their
+        ``attention_mask``."""
         given = [n for n, x in (("image", image), ("audio", audio), ("audio_features", audio_features),
                                 ("input_ids", input_ids)) if x is not None]  # fmt: skip
         if len(given) != 1:
@@ -259,31 +260,62 @@ class PT2EModel:
                              f"{given or 'none'}")  # fmt: skip
         if image is not None:
             states = self.run("image_encoder", image)[1]
-            memory_mask = torch.ones(states.shape[:2], dtype=torch.bool)
-        elif input_ids is not None:
+            return states, torch.ones(states.shape[:2], dtype=torch.bool)
+        if input_ids is not None:
             mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-            states, memory_mask = self.run("text_encoder", input_ids, mask)[1], mask
-        else:
-            features = self._features(audio, audio_lengths, audio_features, feature_lengths)
-            _, states, memory_mask = self.run("audio_encoder", *features)
-        text = self.config.text
-        if prompt_ids is None:
-            prompt_ids = torch.full((states.shape[0], 1), text.bos_id, dtype=torch.long)
-        tokens = prompt_ids.to(torch.long)  # (B, P)
-        limit = tokens.shape[1] + max_new_tokens
-        if text.position != "none":
-            limit = min(limit, text.max_length)
-        logits, keys, values, cross_keys, cross_values = self.run("decoder_model", tokens, states, memory_mask)
-        done = torch.zeros(states.shape[0], dtype=torch.bool)
-        while tokens.shape[1] < limit:
-            next_ids = most_likely(logits[:, -1]).masked_fill(done, text.pad_id)  # (B,)
-            tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
-            done |= next_ids == text.eos_id
-            if done.all() or tokens.shape[1] >= limit:
-                break
-            logits, keys, values = self.run("decoder_with_past_model", next_ids[:, None], memory_mask, keys, values,
-                                             *cross_keys, *cross_values)  # fmt: skip
-        return tokens
+            return self.run("text_encoder", input_ids, mask)[1], mask
+        _, states, mask = self.run(
+            "audio_encoder", *self._features(audio, audio_lengths, audio_features, feature_lengths)
+        )
+        return states, mask
+
+    def generate(self, input_ids: torch.Tensor | None = None, **inputs: Any) -> torch.Tensor:
+        """:func:`mmformer.generation.decoding.generate` with the int8 graphs: the encoder's states from
+        :meth:`memory`, every decoding step through the prefill and step graphs (:class:`GraphRunner`); the search,
+        the score processors (a Whisper checkpoint's rules among them) and the options are the float model's."""
+        from mmformer.generation.decoding import generate
+
+        return generate(self, input_ids=input_ids, **inputs)
+
+    def decoder_runner(self, memory: torch.Tensor, memory_mask: torch.Tensor | None) -> GraphRunner:
+        """The decoding loop's runner over the decoder graphs (:func:`mmformer.generation.decoding.generate`)."""
+        return GraphRunner(self, memory, memory_mask)
+
+    def caption(self, images: Any, processor: Any = None, **decoding: Any) -> list[str]:
+        """:func:`mmformer.generation.decoding.caption` through the int8 graphs."""
+        from mmformer.generation.decoding import caption
+
+        return caption(self, images, processor, **decoding)
+
+    def transcribe(self, waveforms: Any, sample_rate: int = 16000, processor: Any = None, **decoding: Any) -> list[str]:
+        """:func:`mmformer.generation.decoding.transcribe` through the int8 graphs."""
+        from mmformer.generation.decoding import transcribe
+
+        return transcribe(self, waveforms, sample_rate, processor, **decoding)
+
+    # what zero-shot classification and decoding read of a model besides its graphs: the float model's scores, and
+    # a mode that never changes (the graphs have no dropout)
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale
+
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        return self.model.logit_bias
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # check_device: the graphs run on x86 CPUs only
+
+    training = False
+
+    def eval(self) -> PT2EModel:
+        return self
+
+    def train(self, mode: bool = True) -> PT2EModel:
+        if mode:
+            raise ValueError("train: a PT2E int8 model runs inference only; train its float model (.model)")
+        return self
 
     def save_pretrained(self, directory: str | os.PathLike, *, overwrite: bool = True) -> Path:
         """The float model (``save_pretrained``) plus :data:`QPARAMS_FILE`, atomically; reload with :func:`load`."""
@@ -297,6 +329,49 @@ class PT2EModel:
             tensors = {k: v.detach().contiguous() for k, v in self.qparams.items()}
             save_file(tensors, str(staging / QPARAMS_FILE), metadata=metadata)
         return Path(directory)
+
+
+class GraphRunner:
+    """:class:`mmformer.generation.search.DecoderRunner`'s interface over a PT2E model's decoder graphs: the first call
+    runs the prompt (N, P) through ``decoder_model`` (which returns the self- and cross-attention caches), later
+    calls the new token (N, 1) through ``decoder_with_past_model``. ``memory`` (B, S, D) and its mask (B, S) serve
+    N = B*K rows, K consecutive ones each (the beams of a sample), as the float runner's do.
+
+    The graphs take no prompt mask and no learned prefix: prompts of one length, as the exports trace them."""
+
+    def __init__(self, graphs: PT2EModel, memory: torch.Tensor, memory_mask: torch.Tensor | None):
+        if memory_mask is None:
+            memory_mask = torch.ones(memory.shape[:2], dtype=torch.bool, device=memory.device)
+        self.graphs, self.memory, self.memory_mask = graphs, memory, memory_mask
+        self.keys: torch.Tensor | None = None  # (L, N, nkv, P, hs), and the values
+        self.values: torch.Tensor | None = None
+        self.cross: tuple[torch.Tensor, ...] = ()  # each cross-attention layer's keys, then their values
+        self.seen = 0
+
+    def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens so far (N, L) → float32 logits (N, V) for position L."""
+        if self.keys is None:
+            k = tokens.shape[0] // self.memory.shape[0]  # rows per memory row (beams)
+            if k > 1:
+                self.memory = self.memory.repeat_interleave(k, dim=0)
+                self.memory_mask = self.memory_mask.repeat_interleave(k, dim=0)
+            logits, self.keys, self.values, cross_keys, cross_values = self.graphs.run(
+                "decoder_model", tokens, self.memory, self.memory_mask
+            )
+            self.cross, self.memory = (*cross_keys, *cross_values), None  # the cache holds what the steps read
+        else:
+            new = tokens[:, self.seen :].contiguous()  # (N, 1)
+            logits, self.keys, self.values = self.graphs.run(
+                "decoder_with_past_model", new, self.memory_mask, self.keys, self.values, *self.cross
+            )
+        self.seen = tokens.shape[1]
+        return logits[:, -1].float()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` (N,) of the self-attention cache, as beam search reassigns hypotheses (a sample's beams
+        share its memory, so the cross-attention keys/values stay)."""
+        if self.keys is not None:
+            self.keys, self.values = self.keys.index_select(1, index), self.values.index_select(1, index)
 
 
 def pad_frames(model: nn.Module, features: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -151,16 +151,17 @@ class DecodingOptions:
 
 # ---------------------------------------------------------------------- entry points
 def _memory(
-    model: MultimodalTransformer,
+    model: MultimodalTransformer | GraphModel,
     image: torch.Tensor | None,
     audio: torch.Tensor | None,
     audio_lengths: torch.Tensor | None,
     audio_features: torch.Tensor | None,
+    feature_lengths: torch.Tensor | None = None,
     input_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The encoder states (B, S, D) and mask the decoder reads; (None, None) when nothing is given (a decoder-only
-    model continues its prompt)."""
+    """The encoder states (B, S, D) and mask the decoder reads (a PT2E model's: its int8 encoder graph's); (None,
+    None) when nothing is given (a decoder-only model continues its prompt)."""
     sources = (("image", image), ("audio", audio), ("audio_features", audio_features), ("input_ids", input_ids))
     given = [name for name, x in sources if x is not None]
     if len(given) > 1:
@@ -170,18 +171,67 @@ def _memory(
         )
     if audio_lengths is not None and audio is None:
         raise ValueError("audio_lengths: only meaningful with audio= (waveforms); got audio=None")
+    if feature_lengths is not None and audio_features is None:
+        raise ValueError("feature_lengths: only meaningful with audio_features= (log-mel); got audio_features=None")
     if attention_mask is not None and input_ids is None:
         raise ValueError("attention_mask: only meaningful with input_ids= (text the encoder reads); for a prompt's "
                          "padding pass prompt_mask=")  # fmt: skip
+    if given and not isinstance(model, torch.nn.Module):  # a PT2E model: its encoder graphs
+        inputs = dict(audio_features=audio_features, feature_lengths=feature_lengths, input_ids=input_ids)
+        return model.memory(image, audio, audio_lengths, attention_mask=attention_mask, **inputs)
     if image is not None:
         return model.encode_image_tokens(image)
     if audio is not None:
         return model.encode_audio_tokens(audio, audio_lengths)
     if audio_features is not None:
-        return model.encode_audio_tokens(audio_features=audio_features)
+        return model.encode_audio_tokens(audio_features=audio_features, feature_lengths=feature_lengths)
     if input_ids is not None:  # text-to-text (T5): the text encoder's states
         return model.encode_text_tokens(input_ids, attention_mask)
     return None, None
+
+
+class GraphModel(Protocol):
+    """What :func:`generate` reads of a model of compiled graphs (a PT2E int8 model,
+    :class:`mmformer.compress.pt2e.PT2EModel`): its float model (config, rules, checks), the memory its encoder
+    graphs make, and a runner over its decoder graphs with :class:`~mmformer.generation.search.DecoderRunner`'s
+    interface (``next_logits``, ``reorder``)."""
+
+    model: MultimodalTransformer
+
+    def memory(
+        self, image: Any, audio: Any, audio_lengths: Any, **inputs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def decoder_runner(self, memory: torch.Tensor, memory_mask: torch.Tensor | None) -> Any: ...
+
+
+def _graphs_of(model: Any) -> GraphModel | None:
+    """``model`` if it is a model of compiled graphs (no module), else None."""
+    if isinstance(model, torch.nn.Module):
+        return None
+    if not callable(getattr(model, "decoder_runner", None)):
+        raise TypeError(f"model: expected a MultimodalTransformer or a model of compiled graphs (a PT2E int8 model), "
+                        f"got {type(model).__name__}")  # fmt: skip
+    return model
+
+
+def _graph_runner(
+    graphs: GraphModel,
+    memory: torch.Tensor | None,
+    memory_mask: torch.Tensor | None,
+    prompt_mask: torch.Tensor | None,
+    prefix_embeds: torch.Tensor | None,
+) -> Any:
+    """The runner over a graph model's decoder graphs, refusing what the graphs were not traced with."""
+    if memory is None:
+        raise ValueError("generate: a PT2E int8 model decodes from an image, audio or text memory; got none")
+    if prefix_embeds is not None:
+        raise ValueError("prefix_embeds: a PT2E int8 model's decoder graphs take no learned prefix; decode with the "
+                         "float model (.model)")  # fmt: skip
+    if prompt_mask is not None and not bool(prompt_mask.all()):
+        raise ValueError("prompt_ids: a PT2E int8 model's decoder graphs read prompts of one length (no prompt "
+                         "mask); pass prompts of equal lengths, or decode with the float model (.model)")  # fmt: skip
+    return graphs.decoder_runner(memory, memory_mask)
 
 
 def left_pad(
@@ -279,6 +329,7 @@ def generate(
     audio: torch.Tensor | None = None,
     audio_lengths: torch.Tensor | None = None,
     audio_features: torch.Tensor | None = None,
+    feature_lengths: torch.Tensor | None = None,
     input_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     prompt_ids: torch.Tensor | Sequence | None = None,
@@ -293,10 +344,13 @@ def generate(
     """Decode token ids from an image, audio or text memory, or continue a prompt alone (decoder-only LM).
 
     Args:
-        model: a model with a decoder route.
+        model: a model with a decoder route, or its PT2E int8 model (:class:`mmformer.compress.pt2e.PT2EModel`): its
+            encoder graph makes the memory and its decoder graphs run the steps (a prompt of one length, no learned
+            prefix); everything else is the float model's.
         image: normalised pixels (B, C, H, W).
         audio: waveforms (B, S) with optional sample counts ``audio_lengths`` (B,).
-        audio_features: precomputed log-mel (B, n_mels, frames), as Whisper's ``input_features``.
+        audio_features: precomputed log-mel (B, n_mels, frames), as Whisper's ``input_features``, with optional frame
+            counts ``feature_lengths`` (B,).
         input_ids: token ids (B, T), with their ``attention_mask`` (B, T), as Hugging Face's ``generate`` reads
             them: for a model with a text encoder (text-to-text, T5) the encoder's input; for one without (a
             decoder-only LM: GPT-2, Llama) the prompt, the same as ``prompt_ids=`` / ``prompt_mask=``.
@@ -326,6 +380,9 @@ def generate(
         where the decoder's position table ends.
     """
     options = DecodingOptions.build(options, **changes)
+    graphs = _graphs_of(model)
+    if graphs is not None:
+        model = graphs.model  # the float model: its config, rules and checks; the graphs do the matrix work
     if model.lm_head is None:
         raise ValueError(f"generate: this model has no decoder; its routes are {sorted(model.config.routes)}")
     if input_ids is not None and "text" not in model.config.routes:  # Hugging Face's decoder-only call: the prompt
@@ -336,7 +393,9 @@ def generate(
             )
         prompt_ids, prompt_mask, input_ids, attention_mask = input_ids, attention_mask, None, None
     text = model.config.text
-    memory, memory_mask = _memory(model, image, audio, audio_lengths, audio_features, input_ids, attention_mask)
+    memory, memory_mask = _memory(
+        graphs or model, image, audio, audio_lengths, audio_features, feature_lengths, input_ids, attention_mask
+    )
     if memory is not None and memory.shape[0] == 0:
         raise ValueError(f"generate: expected at least one image or waveform, got a batch of 0 ({tuple(memory.shape)})")
     if prompt_ids is None and memory is not None:
@@ -394,17 +453,20 @@ def generate(
         )
     else:
         search = TokenSearch(token_chooser(options, generator), text.eos_id, text.pad_id, processors, stop)
-    runner = DecoderRunner(
-        model,
-        memory,
-        memory_mask,
-        max_length,
-        options.use_cache,
-        options.compile,
-        prefix_embeds,
-        prompt_mask,
-        static=options.cache == "static",
-    )
+    if graphs is not None:
+        runner = _graph_runner(graphs, memory, memory_mask, prompt_mask, prefix_embeds)
+    else:
+        runner = DecoderRunner(
+            model,
+            memory,
+            memory_mask,
+            max_length,
+            options.use_cache,
+            options.compile,
+            prefix_embeds,
+            prompt_mask,
+            static=options.cache == "static",
+        )
     if streamer is not None:
         return search.run(runner, prompt, max_length, streamer=streamer)
     return search.run(runner, prompt, max_length)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,7 +32,17 @@ from mmformer.io.pretrained import config_from_dict, read_checkpoint
 from mmformer.model import MultimodalTransformer
 from mmformer.preprocess.processor import Processor
 
-__all__ = ["HF_CONVERTERS", "KIND_CONVERTERS", "from_pretrained", "load_pretrained", "load_processor"]
+if TYPE_CHECKING:
+    from mmformer.compress.pt2e import PT2EModel
+
+__all__ = [
+    "HF_CONVERTERS",
+    "KIND_CONVERTERS",
+    "from_pretrained",
+    "load_for_inference",
+    "load_pretrained",
+    "load_processor",
+]
 
 # Hugging Face ``config.json`` ``model_type`` → its converter in :mod:`mmformer.convert` (which takes a local folder or
 # a Source and is imported only when a model of that type is loaded). A converter for a new family adds one line here.
@@ -171,10 +182,26 @@ def _warn_of_int8_graphs(source: Source) -> None:
     if source.path.is_dir() and pt2e.is_pt2e(source.path):
         warnings.warn(
             f"{source.path}: a pt2e int8 folder; from_pretrained loads its float model — its int8 graphs load with "
-            "mmformer.compress.pt2e.load (the CLI's commands run the float model)",
+            "mmformer.compress.pt2e.load or load_for_inference (which the CLI's commands and the server use)",
             UserWarning,
             stacklevel=4,
         )
+
+
+def load_for_inference(
+    name_or_path: str | os.PathLike, *, device: str | torch.device | None = None, adapter: str | None = None
+) -> MultimodalTransformer | PT2EModel:
+    """The model the CLI's commands and the server run, in eval mode: a folder ``mmformer quantize --backend pt2e``
+    wrote gives its int8 graphs (:func:`mmformer.compress.pt2e.load`, compiled at their first call), any other name
+    :func:`from_pretrained`'s model."""
+    from mmformer.compress import pt2e
+
+    if Path(name_or_path).is_dir() and pt2e.is_pt2e(name_or_path):
+        if adapter is not None:
+            raise ValueError(f"adapter: {name_or_path} holds PT2E int8 graphs, which take no adapter; quantize the "
+                             "adapted model instead (mmformer merge, then mmformer quantize)")  # fmt: skip
+        return pt2e.load(name_or_path, device=device)
+    return from_pretrained(name_or_path, device=device, adapter=adapter).eval()
 
 
 def load_processor(name_or_path: str | os.PathLike | Source) -> Processor | None:

@@ -214,7 +214,10 @@ def base_layer(module: nn.Module) -> nn.Module:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device a model's weights are on (its first parameter's)."""
+    """The device a model's weights are on (its first parameter's); a model of compiled graphs that is no module
+    (:class:`mmformer.compress.pt2e.PT2EModel`) says where its graphs run."""
+    if not isinstance(model, nn.Module):
+        return model.device
     return next(model.parameters()).device
 
 

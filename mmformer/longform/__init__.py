@@ -130,9 +130,10 @@ def _windows(
 
 
 def _audio_encoder(model: Any, bf16: bool) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor] | None]:
-    """(the float model, the encoder of its windows): a PT2E model's int8 audio encoder (one with an
-    ``audio_encoder`` graph), the model's own under ``torch.autocast(bfloat16)`` if ``bf16``, else None (the model's
-    own in float32)."""
+    """(the model that decodes, the encoder of its windows): a Whisper checkpoint's PT2E model gives its float model
+    and its int8 audio encoder (an ``audio_encoder`` graph; the Whisper rules drive the float decoder), another PT2E
+    model itself and None (its graphs decode, through ``generate``); a float model itself and its encoder under
+    ``torch.autocast(bfloat16)`` if ``bf16``, else None (its own in float32)."""
     from mmformer.compress.pt2e import PT2EModel
 
     if isinstance(model, PT2EModel):
@@ -140,6 +141,13 @@ def _audio_encoder(model: Any, bf16: bool) -> tuple[Any, Callable[[torch.Tensor]
             raise ValueError(
                 "bf16_encoder: this model's audio encoder is int8 already (a PT2E model); pass one of them"
             )
+        if not has_timestamps(model.model):
+            missing = sorted({"audio_encoder", "decoder_model", "decoder_with_past_model"} - set(model.graphs))
+            if missing:
+                raise ValueError(f"model: this PT2E model transcribes through its audio and decoder graphs and has no "
+                                 f"{', '.join(missing)} (graphs {sorted(model.graphs)}); quantize it with towers "
+                                 "including 'audio' and 'decoder'")  # fmt: skip
+            return model, None
         if "audio_encoder" not in model.graphs:
             raise ValueError(f"model: this PT2E model has no int8 audio encoder (graphs {sorted(model.graphs)}); "
                              "quantize it with towers including 'audio'")  # fmt: skip
@@ -169,6 +177,13 @@ def with_compute_type(model: Any, compute_type: str, name: str) -> tuple[Any, bo
         raise ValueError(f"--compute-type: expected one of {list(COMPUTE_TYPES)}, got {compute_type!r}")
     if compute_type == "float32":
         return model, False, "float32"
+    from mmformer.compress.pt2e import PT2EModel
+
+    if isinstance(model, PT2EModel):  # its graphs are int8 already
+        if compute_type == "auto":
+            return model, False, f"int8 ({name}: PT2E {model.mode} graphs, as quantized)"
+        raise ValueError(f"--compute-type {compute_type}: {name} holds PT2E int8 graphs, which run as they were "
+                         "quantized; pass --compute-type float32 or auto")  # fmt: skip
     whisper = has_timestamps(model)
     if compute_type == "auto" and not whisper:
         return model, False, f"float32 (auto chooses only for a Whisper checkpoint's audio encoder; {name} is not one)"
@@ -201,10 +216,10 @@ def transcribe_files(
     """Transcribe many recordings of any length, their windows decoded together.
 
     Args:
-        model: a speech-to-text model (one trained here, or a converted Whisper checkpoint); or a Whisper
-            checkpoint's PT2E int8 model (:func:`mmformer.compress.pt2e.quantize` / ``load`` with its ``audio``
-            tower): its int8 audio encoder reads the windows and the float decoder decodes them (the long-form
-            decoder drives the float model's steps; the PT2E decoder graphs have no Whisper rules).
+        model: a speech-to-text model (one trained here, or a converted Whisper checkpoint), or its PT2E int8
+            model (:func:`mmformer.compress.pt2e.quantize` / ``load``): a Whisper checkpoint's int8 audio encoder
+            (its ``audio`` tower) reads the windows and the float decoder decodes them (openai-whisper's algorithm
+            drives the float model's steps); another model's windows go through its audio and decoder graphs.
         inputs: audio file paths, or 1-D float waveforms at the model's sample rate.
         options: how windows are decoded: :class:`TranscribeOptions` (a Whisper checkpoint: openai-whisper's
             algorithm with these options; another model: see :func:`decoding_options`), or :class:`DecodingOptions`
@@ -248,9 +263,8 @@ def transcribe_files(
     model, encoder = _audio_encoder(model, bf16_encoder)
     whisper = has_timestamps(model)
     if encoder is not None and not whisper:
-        raise ValueError("model: an int8 or bf16 audio encoder reads long recordings only under a Whisper "
-                         "checkpoint's decoder; for this model pass its float model (.model) and no "
-                         "bf16_encoder")  # fmt: skip
+        raise ValueError("bf16_encoder: a bf16 audio encoder reads long recordings only under a Whisper "
+                         "checkpoint's decoder; for this model pass bf16_encoder=False")  # fmt: skip
     if whisper:
         if isinstance(options, DecodingOptions):  # short-clip decoding options: one temperature, no fallback
             options = TranscribeOptions(

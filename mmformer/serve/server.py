@@ -13,13 +13,15 @@ log = logging.getLogger("mmformer.serve")
 def load_engine(
     model: str, *, adapter: str | None = None, device: str = "cpu", compute_type: str = "float32"
 ) -> Engine:
-    """The model at ``model`` (any name ``load_pretrained`` takes), loaded once, with its processor; ``compute_type``
+    """The model at ``model`` (any name ``load_pretrained`` takes, or a PT2E int8 folder: see
+    :func:`mmformer.io.auto.load_for_inference`), loaded once, with its processor; ``compute_type``
     (:func:`mmformer.longform.with_compute_type`): what a Whisper checkpoint's transcriptions read their audio
     with — its PT2E dynamic int8 encoder (x86 CPUs), or its own under bf16 autocast (``auto``: where the CPU has
     AMX)."""
-    from mmformer.io.auto import load_pretrained
+    from mmformer.io.auto import load_for_inference
 
-    return Engine(load_pretrained(model, device=device, adapter=adapter), model_id=model, compute_type=compute_type)
+    loaded = load_for_inference(model, device=device, adapter=adapter)  # a PT2E int8 folder: its graphs
+    return Engine(loaded, model_id=model, compute_type=compute_type)
 
 
 def serve(

@@ -1,0 +1,150 @@
+"""A PT2E int8 folder (``mmformer quantize --backend pt2e``) in use: ``generate`` runs its decoder graphs inside the
+one decoding loop (every search and score processor of the float model), and the commands and the server run its
+graphs — ``mmformer zeroshot`` / ``caption`` / ``transcribe`` and ``mmformer serve`` (a real server process, the
+official ``openai`` client) answer as the int8 model loaded here, not as its float model."""
+
+from __future__ import annotations
+
+import base64
+import functools
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+import mmformer
+from mmformer.cli.main import main
+from mmformer.compress import pt2e
+from mmformer.ship import export
+from mmformer.zeroshot import ZeroShotClassifier
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ROOT / "data" / "digits"
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+IMAGES = [str(DIGITS / "images" / "test" / f"00000{i}.png") for i in range(4)]
+CLIPS = [str(DIGITS / "audio" / "test" / f"00000{i}.flac") for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return mmformer.load_pretrained(ROOT / "data" / "digits_model").eval()
+
+
+@pytest.fixture(scope="module")
+def int8_folder(digits, tmp_path_factory) -> Path:
+    """The digits model's PT2E dynamic int8 folder, every tower, written by ``mmformer quantize``."""
+    out = tmp_path_factory.mktemp("pt2e") / "int8"
+    main(["quantize", "--model", str(ROOT / "data" / "digits_model"), "--backend", "pt2e", "--method", "dynamic",
+          "--out", str(out)])  # fmt: skip
+    return out
+
+
+def float_graphs(model) -> pt2e.PT2EModel:
+    """The model's own export graphs (float, not quantized) behind PT2E's interface: whatever decodes through them
+    must give the float model's ids exactly."""
+    return pt2e.PT2EModel(model, "dynamic", {g.name: g.module for g in export.graphs(model)}, {}, compile=False)
+
+
+def test_generate_runs_the_decoder_graphs_in_the_one_decoding_loop(digits):
+    """Greedy, beam search, sampling and the score processors (repetition penalty, a minimum length) through the
+    graph runner equal the float model's decoding on the same graphs' float modules: one loop, two runners. Before,
+    the int8 model had its own greedy-only loop and refused every other option."""
+    graphs = float_graphs(digits)
+    processor = digits.processor
+    pixels = processor(images=IMAGES)["pixel_values"]
+    audio = processor(audio=CLIPS, sampling_rate=16000)
+    cases = [
+        dict(image=pixels, max_new_tokens=8),
+        dict(image=pixels, max_new_tokens=8, num_beams=3),
+        dict(audio=audio["audio"], audio_lengths=audio["audio_lengths"], max_new_tokens=8, num_beams=2),
+        dict(audio=audio["audio"], audio_lengths=audio["audio_lengths"], max_new_tokens=8, repetition_penalty=1.5,
+             min_new_tokens=4),
+    ]  # fmt: skip
+    for case in cases:
+        expected = digits.generate(**case)
+        assert torch.equal(graphs.generate(**case), expected), case
+    sampled = [
+        m.generate(image=pixels, max_new_tokens=8, do_sample=True, temperature=1.5,
+                   generator=torch.Generator().manual_seed(4))
+        for m in (digits, graphs)
+    ]  # fmt: skip
+    assert torch.equal(*sampled)
+    assert graphs.caption(IMAGES) == digits.caption(IMAGES)
+    assert graphs.transcribe(CLIPS) == digits.transcribe(CLIPS)
+    with pytest.raises(ValueError, match="prefix_embeds: a PT2E int8 model's decoder graphs take no learned prefix"):
+        graphs.generate(image=pixels, prefix_embeds=torch.zeros(2, digits.config.width("decoder")))
+    with pytest.raises(ValueError, match="prompts of one length"):
+        graphs.generate(image=pixels[:2], prompt_ids=[[1], [1, 5]])
+    with pytest.raises(ValueError, match="expected at most one of image=, audio="):
+        graphs.generate(image=pixels, audio=audio["audio"])
+
+
+def test_the_commands_run_a_pt2e_folders_int8_graphs(digits, int8_folder, capsys, monkeypatch):
+    """``mmformer zeroshot`` / ``caption`` / ``transcribe`` on the folder ``mmformer quantize --backend pt2e`` wrote
+    print what its int8 graphs give (before: its float model, with a warning); the zero-shot scores differ from the
+    float model's, so the check can tell them apart. (The graphs run uncompiled here, as the reference the compiled
+    ones are tested against in test_quantization_pt2e.py; the server test below compiles them.)"""
+    monkeypatch.setattr(pt2e, "load", functools.partial(pt2e.load, compile=False))
+    int8 = pt2e.load(int8_folder)
+    capsys.readouterr()
+    main(["zeroshot", "--model", str(int8_folder), "--classes", ",".join(WORDS), "--templates", "{}", "--top", "10",
+          *IMAGES[:2]])  # fmt: skip
+    printed = capsys.readouterr()
+    assert "PT2E dynamic int8 graphs" in printed.err
+    scores: list[dict[str, str]] = []  # a path line, then "  name  probability" lines
+    for line in printed.out.splitlines():
+        if line.startswith(" "):
+            name, probability = line.split()
+            scores[-1][name] = probability
+        else:
+            scores.append({})
+
+    def table(model) -> list[dict[str, str]]:
+        clf = ZeroShotClassifier(model, classnames=WORDS, templates=["{}"], modality="image")
+        return [{name: f"{p:.3f}" for name, p in zip(WORDS, row.tolist())} for row in clf.predict_proba(IMAGES[:2])]
+
+    assert scores == table(int8)
+    assert scores != table(digits)  # int8 graphs, not the float model
+    main(["caption", "--model", str(int8_folder), *IMAGES])
+    assert [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()] == int8.caption(IMAGES)
+    main(["transcribe", "--model", str(int8_folder), "--no-progress", *CLIPS])
+    assert [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()] == int8.transcribe(CLIPS)
+    with pytest.raises(SystemExit, match="holds PT2E int8 graphs, which take no adapter"):
+        main(["caption", "--model", str(int8_folder), "--adapter", str(int8_folder), IMAGES[0]])
+    with pytest.raises(SystemExit, match="--compute-type bfloat16: .* holds PT2E int8 graphs"):
+        main(["transcribe", "--model", str(int8_folder), "--compute-type", "bfloat16", CLIPS[0]])
+
+
+@pytest.mark.slow  # the server compiles the five graphs at their first calls (~45 s)
+def test_serve_answers_from_a_pt2e_folders_compiled_int8_graphs(digits, int8_folder):
+    """``mmformer serve --model INT8_FOLDER`` in its own process (the folder reloaded there, its graphs compiled):
+    transcriptions (official ``openai`` client), embeddings, captions and zero-shot scores equal the int8 model's
+    loaded here, and the scores differ from the float model's. Completions are not offered (no decoder-only
+    graph)."""
+    from test_serve import running_server
+
+    openai = pytest.importorskip("openai")
+    int8 = pt2e.load(int8_folder, compile=False)
+    name = str(int8_folder)
+    with running_server(name, startup_s=240) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=240)
+        with open(CLIPS[2], "rb") as f:
+            assert client.audio.transcriptions.create(model=name, file=f).text == int8.transcribe([CLIPS[2]])[0]
+        embedded = client.embeddings.create(model=name, input=["one two", "three"]).data
+        tokens = digits.processor(text=["one two", "three"])
+        expected = int8.encode_text(tokens["input_ids"], tokens["attention_mask"])
+        torch.testing.assert_close(torch.tensor([e.embedding for e in embedded]), expected, rtol=1e-4, atol=1e-5)
+        images = [{"image": base64.b64encode(Path(p).read_bytes()).decode()} for p in IMAGES]
+        captions = httpx.post(url + "/v1/captions", json={"model": name, "input": images}, timeout=240).json()
+        assert [d["caption"] for d in captions["data"]] == int8.caption(IMAGES)
+        body = {"model": name, "labels": WORDS, "input": images}
+        got = torch.tensor(
+            [d["scores"] for d in httpx.post(url + "/v1/classify", json=body, timeout=240).json()["data"]]
+        )
+        routes = httpx.get(url + "/health", timeout=30).json()["routes"]
+    assert routes == ["/v1/embeddings", "/v1/audio/transcriptions", "/v1/classify", "/v1/captions"]
+    classify = {name: ZeroShotClassifier(m, classnames=WORDS, modality="image") for name, m in
+                (("int8", int8), ("float", digits))}  # fmt: skip
+    torch.testing.assert_close(got, classify["int8"].predict_proba(IMAGES), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, classify["float"].predict_proba(IMAGES), rtol=1e-4, atol=1e-5)
