@@ -80,6 +80,27 @@ def test_generate_runs_the_decoder_graphs_in_the_one_decoding_loop(digits):
         graphs.generate(image=pixels, audio=audio["audio"])
 
 
+def test_towers_left_unquantized_run_in_float(digits):
+    """``quantize --towers image``: the image encoder runs its int8 graph, every other tower the float model (before:
+    a missing graph was an error in every command that touched it), and the server offers the float model's
+    routes."""
+    from mmformer.serve.engine import served_routes
+
+    q = pt2e.quantize(digits, "dynamic", towers=["image"], compile=False)
+    assert q.transcribe(CLIPS) == digits.transcribe(CLIPS)  # audio encoder and decoder: float
+    audio = {m: ZeroShotClassifier(m, classnames=WORDS, modality="audio").predict_proba(CLIPS) for m in (q, digits)}
+    assert torch.equal(audio[q], audio[digits])
+    pixels = digits.processor(images=IMAGES)["pixel_values"]
+    assert torch.equal(q.encode_image(pixels), q.run("image_encoder", pixels)[0])
+    assert not torch.equal(q.encode_image(pixels), digits.encode_image(pixels))  # int8: the check above can fail
+    # the int8 image memory read by the float decoder: the same ids as the float decoder's graphs over that memory
+    mixed = float_graphs(digits)
+    mixed.graphs["image_encoder"] = q.graphs["image_encoder"]
+    assert q.decoder_runner(*q.memory(image=pixels)) is None
+    assert torch.equal(q.generate(image=pixels, max_new_tokens=8), mixed.generate(image=pixels, max_new_tokens=8))
+    assert served_routes(q) == served_routes(digits)
+
+
 def test_the_commands_run_a_pt2e_folders_int8_graphs(digits, int8_folder, capsys, monkeypatch):
     """``mmformer zeroshot`` / ``caption`` / ``transcribe`` on the folder ``mmformer quantize --backend pt2e`` wrote
     print what its int8 graphs give (before: its float model, with a warning); the zero-shot scores differ from the

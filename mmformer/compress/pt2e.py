@@ -196,6 +196,9 @@ class PT2EModel:
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) → (B, E) L2-normalised."""
+        if "image_encoder" not in self.graphs:  # a tower left unquantized runs in float
+            with torch.no_grad():
+                return self.model.encode_image(pixel_values)
         return self.run("image_encoder", pixel_values)[0]
 
     def encode_audio(
@@ -208,6 +211,10 @@ class PT2EModel:
     ) -> torch.Tensor:
         """Waveforms (B, S) with their lengths, or log-mel (B, M, Nf) with frame counts (B,) → (B, E)
         L2-normalised (the float model's arguments)."""
+        if "audio_encoder" not in self.graphs:
+            with torch.no_grad():
+                return self.model.encode_audio(audio, audio_lengths, audio_features=audio_features,
+                                               feature_lengths=feature_lengths)  # fmt: skip
         return self.run("audio_encoder", *self._features(audio, audio_lengths, audio_features, feature_lengths))[0]
 
     def audio_states(self, features: torch.Tensor) -> torch.Tensor:
@@ -237,6 +244,9 @@ class PT2EModel:
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids and mask → (B, E) L2-normalised."""
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if "text_encoder" not in self.graphs:
+            with torch.no_grad():
+                return self.model.encode_text(input_ids, mask)
         return self.run("text_encoder", input_ids, mask)[0]
 
     def memory(
@@ -249,15 +259,25 @@ class PT2EModel:
         feature_lengths: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The int8 encoder's states (B, S, D) and their mask (B, S), True = real, that the decoder graphs read: of
-        ``image``, ``audio`` / ``audio_features``, or a text-to-text model's (T5) ``input_ids`` with their
-        ``attention_mask``."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The encoder's states (B, S, D) and their mask (B, S), True = real (None: nothing padded), that the decoder
+        reads: of ``image``, ``audio`` / ``audio_features``, or a text-to-text model's (T5) ``input_ids`` with their
+        ``attention_mask`` — through the int8 encoder graph, or the float model's encoder for a tower left
+        unquantized."""
         given = [n for n, x in (("image", image), ("audio", audio), ("audio_features", audio_features),
                                 ("input_ids", input_ids)) if x is not None]  # fmt: skip
         if len(given) != 1:
             raise ValueError(f"generate: expected exactly one of image=, audio= / audio_features=, input_ids=; got "
                              f"{given or 'none'}")  # fmt: skip
+        graph = {"image": "image_encoder", "input_ids": "text_encoder"}.get(given[0], "audio_encoder")
+        if graph not in self.graphs:
+            with torch.no_grad():
+                if image is not None:
+                    return self.model.encode_image_tokens(image)
+                if input_ids is not None:
+                    return self.model.encode_text_tokens(input_ids, attention_mask)
+                return self.model.encode_audio_tokens(audio, audio_lengths, audio_features=audio_features,
+                                                      feature_lengths=feature_lengths)  # fmt: skip
         if image is not None:
             states = self.run("image_encoder", image)[1]
             return states, torch.ones(states.shape[:2], dtype=torch.bool)
@@ -277,9 +297,10 @@ class PT2EModel:
 
         return generate(self, input_ids=input_ids, **inputs)
 
-    def decoder_runner(self, memory: torch.Tensor, memory_mask: torch.Tensor | None) -> GraphRunner:
-        """The decoding loop's runner over the decoder graphs (:func:`mmformer.generation.decoding.generate`)."""
-        return GraphRunner(self, memory, memory_mask)
+    def decoder_runner(self, memory: torch.Tensor, memory_mask: torch.Tensor | None) -> GraphRunner | None:
+        """The decoding loop's runner over the decoder graphs (:func:`mmformer.generation.decoding.generate`); None
+        when the decoder was left unquantized (the float model's runner decodes)."""
+        return GraphRunner(self, memory, memory_mask) if "decoder_model" in self.graphs else None
 
     def caption(self, images: Any, processor: Any = None, **decoding: Any) -> list[str]:
         """:func:`mmformer.generation.decoding.caption` through the int8 graphs."""

@@ -202,7 +202,9 @@ class GraphModel(Protocol):
         self, image: Any, audio: Any, audio_lengths: Any, **inputs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def decoder_runner(self, memory: torch.Tensor, memory_mask: torch.Tensor | None) -> Any: ...
+    def decoder_runner(self, memory: torch.Tensor, memory_mask: torch.Tensor | None) -> Any:
+        """A runner over the decoder graphs, or None where the decoder runs in float (the float model's runner)."""
+        ...
 
 
 def _graphs_of(model: Any) -> GraphModel | None:
@@ -222,16 +224,20 @@ def _graph_runner(
     prompt_mask: torch.Tensor | None,
     prefix_embeds: torch.Tensor | None,
 ) -> Any:
-    """The runner over a graph model's decoder graphs, refusing what the graphs were not traced with."""
+    """The runner over a graph model's decoder graphs (None: its decoder runs in float), refusing what the graphs
+    were not traced with."""
     if memory is None:
         raise ValueError("generate: a PT2E int8 model decodes from an image, audio or text memory; got none")
+    runner = graphs.decoder_runner(memory, memory_mask)
+    if runner is None:
+        return None
     if prefix_embeds is not None:
         raise ValueError("prefix_embeds: a PT2E int8 model's decoder graphs take no learned prefix; decode with the "
                          "float model (.model)")  # fmt: skip
     if prompt_mask is not None and not bool(prompt_mask.all()):
         raise ValueError("prompt_ids: a PT2E int8 model's decoder graphs read prompts of one length (no prompt "
                          "mask); pass prompts of equal lengths, or decode with the float model (.model)")  # fmt: skip
-    return graphs.decoder_runner(memory, memory_mask)
+    return runner
 
 
 def left_pad(
@@ -453,9 +459,8 @@ def generate(
         )
     else:
         search = TokenSearch(token_chooser(options, generator), text.eos_id, text.pad_id, processors, stop)
-    if graphs is not None:
-        runner = _graph_runner(graphs, memory, memory_mask, prompt_mask, prefix_embeds)
-    else:
+    runner = None if graphs is None else _graph_runner(graphs, memory, memory_mask, prompt_mask, prefix_embeds)
+    if runner is None:
         runner = DecoderRunner(
             model,
             memory,

@@ -132,7 +132,8 @@ def _windows(
 def _audio_encoder(model: Any, bf16: bool) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor] | None]:
     """(the model that decodes, the encoder of its windows): a Whisper checkpoint's PT2E model gives its float model
     and its int8 audio encoder (an ``audio_encoder`` graph; the Whisper rules drive the float decoder), another PT2E
-    model itself and None (its graphs decode, through ``generate``); a float model itself and its encoder under
+    model itself and None (its graphs, and its float towers where none, decode through ``generate``); a float model
+    itself and its encoder under
     ``torch.autocast(bfloat16)`` if ``bf16``, else None (its own in float32)."""
     from mmformer.compress.pt2e import PT2EModel
 
@@ -142,11 +143,6 @@ def _audio_encoder(model: Any, bf16: bool) -> tuple[Any, Callable[[torch.Tensor]
                 "bf16_encoder: this model's audio encoder is int8 already (a PT2E model); pass one of them"
             )
         if not has_timestamps(model.model):
-            missing = sorted({"audio_encoder", "decoder_model", "decoder_with_past_model"} - set(model.graphs))
-            if missing:
-                raise ValueError(f"model: this PT2E model transcribes through its audio and decoder graphs and has no "
-                                 f"{', '.join(missing)} (graphs {sorted(model.graphs)}); quantize it with towers "
-                                 "including 'audio' and 'decoder'")  # fmt: skip
             return model, None
         if "audio_encoder" not in model.graphs:
             raise ValueError(f"model: this PT2E model has no int8 audio encoder (graphs {sorted(model.graphs)}); "

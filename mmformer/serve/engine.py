@@ -11,7 +11,7 @@ import base64
 import binascii
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -25,9 +25,6 @@ from mmformer.longform.options import TranscribeOptions
 from mmformer.serve.transcripts import transcribe_clips
 from mmformer.zeroshot import ZeroShotClassifier
 
-if TYPE_CHECKING:
-    from mmformer.compress.pt2e import PT2EModel
-
 ROUTES = ("embeddings", "audio/transcriptions", "completions", "classify", "captions")
 # A model call's fixed cost in seconds of (padded) audio: a batch of waveforms is split into calls of similar
 # lengths where the padding saved outweighs it. Measured on the digits model (CPU, one thread): a call costs about
@@ -36,12 +33,12 @@ CALL_OVERHEAD_S = 3.0
 
 
 def served_routes(model: Any) -> list[str]:
-    """The ``/v1/...`` model routes this model can answer (a PT2E int8 model: those of its float model that its graphs
-    answer, :func:`_graphs_answer`)."""
+    """The ``/v1/...`` model routes this model can answer (a PT2E int8 model: its float model's, its towers left
+    unquantized running in float, but completions, which need a decoder-only model: PT2E does not quantize one)."""
     from mmformer.compress.pt2e import PT2EModel
 
     if isinstance(model, PT2EModel):
-        return [route for route in served_routes(model.model) if _graphs_answer(model, route)]
+        return [route for route in served_routes(model.model) if route != "completions"]
     cfg, has = model.config, model.config.routes
     decoder = model.lm_head is not None
     embeds = "text" in has or "image" in has or "audio" in has
@@ -53,21 +50,6 @@ def served_routes(model: Any) -> list[str]:
         "captions": decoder and "image" in has,
     }
     return [route for route in ROUTES if served[route]]
-
-
-def _graphs_answer(model: PT2EModel, route: str) -> bool:
-    """Whether a PT2E int8 model's graphs answer ``route``: the encoders embed and classify, an image or audio encoder
-    with the decoder's graphs captions or transcribes (a Whisper checkpoint's audio encoder alone: its float decoder
-    decodes, :func:`mmformer.longform.transcribe_files`); completions need a decoder-only model, which PT2E does not
-    quantize."""
-    towers = set(model.towers)
-    return {
-        "embeddings": bool(towers & {"text", "image", "audio"}),
-        "audio/transcriptions": "audio" in towers and ("decoder" in towers or has_timestamps(model.model)),
-        "completions": False,
-        "classify": "text" in towers and bool(towers & {"image", "audio"}),
-        "captions": {"image", "decoder"} <= towers,
-    }[route]
 
 
 def decode_base64(value: Any, param: str) -> bytes:
