@@ -143,11 +143,6 @@ class PT2EModel:
         return self.model.config
 
     @property
-    def towers(self) -> list[str]:
-        """The towers its graphs quantize (of image, audio, text, decoder)."""
-        return _towers(self.graphs)
-
-    @property
     def processor(self) -> Any:
         return getattr(self.model, "processor", None)
 

@@ -184,8 +184,9 @@ def with_compute_type(model: Any, compute_type: str, name: str) -> tuple[Any, bo
     if compute_type == "auto" and not whisper:
         return model, False, f"float32 (auto chooses only for a Whisper checkpoint's audio encoder; {name} is not one)"
     if not whisper:  # before the seconds of quantizing (transcribe_files refuses it as well)
+        int8 = " (or name its int8 folder: mmformer quantize --backend pt2e)" if compute_type == "int8" else ""
         raise ValueError(f"--compute-type {compute_type}: another audio encoder runs only under a Whisper "
-                         f"checkpoint's decoder; {name} is not one (pass --compute-type float32)")  # fmt: skip
+                         f"checkpoint's decoder; {name} is not one (pass --compute-type float32{int8})")  # fmt: skip
     if compute_type == "int8":
         from mmformer.compress import pt2e
 
