@@ -271,8 +271,8 @@ def _load_model(path: str, device: str, adapter: str | None = None):
 
     model = load_for_inference(path, device=device, adapter=adapter)
     if isinstance(model, PT2EModel):
-        print(f"mmformer: {path}: PT2E {model.mode} int8 graphs {', '.join(sorted(model.graphs))} "
-              "(compiled at their first call)", file=sys.stderr)  # fmt: skip
+        print(f"mmformer: {path}: PT2E {model.mode} int8 graphs {', '.join(sorted(model.graphs))} (each compiled at "
+              "its first call: seconds to a minute, in every new process)", file=sys.stderr)  # fmt: skip
     if getattr(model, "processor", None) is None:
         raise SystemExit(f"mmformer: {path} has no processor files (tokenizer.json, preprocessor_config.json)")
     return model
