@@ -6,7 +6,6 @@ official ``openai`` client) answer as the int8 model loaded here, not as its flo
 from __future__ import annotations
 
 import base64
-import functools
 from pathlib import Path
 
 import httpx
@@ -16,6 +15,7 @@ import torch
 import mmformer
 from mmformer.cli.main import main
 from mmformer.compress import pt2e
+from mmformer.longform import with_compute_type
 from mmformer.ship import export
 from mmformer.zeroshot import ZeroShotClassifier
 
@@ -104,10 +104,17 @@ def test_towers_left_unquantized_run_in_float(digits):
 def test_the_commands_run_a_pt2e_folders_int8_graphs(digits, int8_folder, capsys, monkeypatch):
     """``mmformer zeroshot`` / ``caption`` / ``transcribe`` on the folder ``mmformer quantize --backend pt2e`` wrote
     print what its int8 graphs give (before: its float model, with a warning); the zero-shot scores differ from the
-    float model's, so the check can tell them apart. (The graphs run uncompiled here, as the reference the compiled
-    ones are tested against in test_quantization_pt2e.py; the server test below compiles them.)"""
-    monkeypatch.setattr(pt2e, "load", functools.partial(pt2e.load, compile=False))
-    int8 = pt2e.load(int8_folder)
+    float model's, so the check can tell them apart. (The folder is loaded once, uncompiled — the reference the
+    compiled graphs are tested against in test_quantization_pt2e.py — and handed to each command where it asks
+    ``pt2e.load`` for it; the server test below reloads a folder in its own process and compiles its graphs.)"""
+    int8 = pt2e.load(int8_folder, compile=False)
+    asked = []
+
+    def load(path, device=None, compile=True):
+        asked.append(Path(path))
+        return int8
+
+    monkeypatch.setattr(pt2e, "load", load)
     capsys.readouterr()
     main(["zeroshot", "--model", str(int8_folder), "--classes", ",".join(WORDS), "--templates", "{}", "--top", "10",
           *IMAGES[:2]])  # fmt: skip
@@ -131,41 +138,48 @@ def test_the_commands_run_a_pt2e_folders_int8_graphs(digits, int8_folder, capsys
     assert [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()] == int8.caption(IMAGES)
     main(["transcribe", "--model", str(int8_folder), "--no-progress", *CLIPS])
     assert [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()] == int8.transcribe(CLIPS)
+    assert asked == [int8_folder] * 3
     with pytest.raises(SystemExit, match="holds PT2E int8 graphs, which take no adapter"):
         main(["caption", "--model", str(int8_folder), "--adapter", str(int8_folder), IMAGES[0]])
-    with pytest.raises(SystemExit, match="--compute-type bfloat16: .* holds PT2E int8 graphs"):
-        main(["transcribe", "--model", str(int8_folder), "--compute-type", "bfloat16", CLIPS[0]])
+    with pytest.raises(ValueError, match="--compute-type bfloat16: int8 holds PT2E int8 graphs"):
+        with_compute_type(int8, "bfloat16", "int8")  # what transcribe and serve ask
 
 
-@pytest.mark.slow  # the server compiles the five graphs at their first calls (~45 s)
-def test_serve_answers_from_a_pt2e_folders_compiled_int8_graphs(digits, int8_folder):
-    """``mmformer serve --model INT8_FOLDER`` in its own process (the folder reloaded there, its graphs compiled):
-    transcriptions (official ``openai`` client), embeddings, captions and zero-shot scores equal the int8 model's
-    loaded here, and the scores differ from the float model's. Completions are not offered (no decoder-only
-    graph)."""
+@pytest.mark.slow  # quantizes, then the server compiles two graphs at their first calls (~25 s in all)
+def test_serve_answers_from_a_pt2e_folders_compiled_int8_graphs(digits, tmp_path):
+    """``mmformer serve --model INT8_FOLDER`` in its own process (the folder, the image and text encoders quantized,
+    reloaded there and its graphs compiled): embeddings, zero-shot scores and captions equal the int8 model's loaded
+    here, the embeddings and scores differ from the float model's, and the audio transcription — a tower left in
+    float — equals the float model's (official ``openai`` client). Completions are not offered."""
     from test_serve import running_server
 
     openai = pytest.importorskip("openai")
-    int8 = pt2e.load(int8_folder, compile=False)
-    name = str(int8_folder)
+    folder = tmp_path / "int8"
+    main(["quantize", "--model", str(ROOT / "data" / "digits_model"), "--backend", "pt2e", "--method", "dynamic",
+          "--towers", "image,text", "--out", str(folder)])  # fmt: skip
+    int8 = pt2e.load(folder, compile=False)
+    assert sorted(int8.graphs) == ["image_encoder", "text_encoder"]
+    name = str(folder)
+    tokens = digits.processor(text=["one two", "three"])
     with running_server(name, startup_s=240) as (url, _):
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=240)
         with open(CLIPS[2], "rb") as f:
-            assert client.audio.transcriptions.create(model=name, file=f).text == int8.transcribe([CLIPS[2]])[0]
-        embedded = client.embeddings.create(model=name, input=["one two", "three"]).data
-        tokens = digits.processor(text=["one two", "three"])
-        expected = int8.encode_text(tokens["input_ids"], tokens["attention_mask"])
-        torch.testing.assert_close(torch.tensor([e.embedding for e in embedded]), expected, rtol=1e-4, atol=1e-5)
+            assert client.audio.transcriptions.create(model=name, file=f).text == digits.transcribe([CLIPS[2]])[0]
+        embedded = torch.tensor(
+            [e.embedding for e in client.embeddings.create(model=name, input=["one two", "three"]).data]
+        )
         images = [{"image": base64.b64encode(Path(p).read_bytes()).decode()} for p in IMAGES]
         captions = httpx.post(url + "/v1/captions", json={"model": name, "input": images}, timeout=240).json()
-        assert [d["caption"] for d in captions["data"]] == int8.caption(IMAGES)
         body = {"model": name, "labels": WORDS, "input": images}
-        got = torch.tensor(
-            [d["scores"] for d in httpx.post(url + "/v1/classify", json=body, timeout=240).json()["data"]]
-        )
+        answer = httpx.post(url + "/v1/classify", json=body, timeout=240).json()
         routes = httpx.get(url + "/health", timeout=30).json()["routes"]
-    assert routes == ["/v1/embeddings", "/v1/audio/transcriptions", "/v1/classify", "/v1/captions"]
+    expected = int8.encode_text(tokens["input_ids"], tokens["attention_mask"])
+    torch.testing.assert_close(embedded, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(embedded, digits.encode_text(tokens["input_ids"], tokens["attention_mask"]), atol=1e-4)
+    assert [d["caption"] for d in captions["data"]] == int8.caption(IMAGES)
+    got = torch.tensor([d["scores"] for d in answer["data"]])
     classify = {name: ZeroShotClassifier(m, classnames=WORDS, modality="image") for name, m in
                 (("int8", int8), ("float", digits))}  # fmt: skip
     torch.testing.assert_close(got, classify["int8"].predict_proba(IMAGES), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(got, classify["float"].predict_proba(IMAGES), rtol=1e-4, atol=1e-5)
+    assert routes == ["/v1/embeddings", "/v1/audio/transcriptions", "/v1/classify", "/v1/captions"]

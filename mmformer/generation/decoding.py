@@ -200,7 +200,7 @@ class GraphModel(Protocol):
 
     def memory(
         self, image: Any, audio: Any, audio_lengths: Any, **inputs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
     def decoder_runner(self, memory: torch.Tensor, memory_mask: torch.Tensor | None) -> Any:
         """A runner over the decoder graphs, or None where the decoder runs in float (the float model's runner)."""
