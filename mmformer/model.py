@@ -558,16 +558,25 @@ class MultimodalTransformer(nn.Module):
         )
         return h[:, P:] if P else h
 
-    def make_cache(self, batch_size: int, max_length: int | None = None, *, static: bool = False) -> KVCache:
+    def make_cache(
+        self,
+        batch_size: int,
+        max_length: int | None = None,
+        *,
+        static: bool = False,
+        cross_dtype: torch.dtype | None = None,
+    ) -> KVCache:
         """A preallocated KV cache for the decoder stack, of ``max_length`` positions (default: the text position
         table's); :meth:`KVCache.ensure` grows it. ``static``: a fixed-size
-        :class:`~mmformer.layers.cache.StaticKVCache` (fixed-shape decoding steps for CUDA graphs)."""
+        :class:`~mmformer.layers.cache.StaticKVCache` (fixed-shape decoding steps for CUDA graphs). ``cross_dtype``:
+        the dtype the cross-attention keys/values are kept in (bf16: half the bytes each step reads)."""
         ref = weights.base_layer(self.text_embed.tokens).weight
         length = max_length or self.config.text.max_length
         extra = self.stack("text").cfg.depth if self.config.decoder_input == "text" else 0
         return self.stack("decoder").make_cache(
-            batch_size, length, device=ref.device, dtype=ref.dtype, extra_layers=extra, static=static
-        )
+            batch_size, length, device=ref.device, dtype=ref.dtype, extra_layers=extra, static=static,
+            cross_dtype=cross_dtype,
+        )  # fmt: skip
 
     def pop_aux_loss(self) -> torch.Tensor | None:
         """The mean mixture-of-experts load-balancing loss over every MoE layer call recorded since the last pop

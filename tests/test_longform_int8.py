@@ -70,18 +70,18 @@ def test_an_int8_model_the_long_form_path_cannot_serve_is_refused_by_name(models
 
 
 @pytest.mark.parametrize("vad", [False, True])
-def test_bf16_encoder_long_form_is_the_float_decoder_over_autocast_states(models, vad, monkeypatch):
+def test_bf16_long_form_is_the_float_decoder_over_autocast_states_and_bf16_cross_keys(models, vad, monkeypatch):
     """``bf16_encoder`` (``transcribe --compute-type bfloat16 | auto``): every window's states come from the audio
-    encoder under ``torch.autocast(bfloat16)``, the decoder stays float32 — the result is the float model's with its
-    encoder run under autocast, and differs from float32's (the states are bf16-rounded)."""
+    encoder under ``torch.autocast(bfloat16)`` and the decoder (float32) keeps its cross-attention keys/values in
+    bf16 — the result is the float model's with its encoder under autocast and its caches made with
+    ``cross_dtype=bfloat16``, and differs both from float32's and from the autocast encoder's alone (so each part
+    shows)."""
     model, _ = models
     wave = digits_recording(20, seed=130)[0]
     options = TranscribeOptions(temperature=0.0, language="en", word_timestamps=True)
     got = transcribe_files(model, [wave], options=options, vad=vad, batch_size=4, bf16_encoder=True)
     float32 = transcribe_files(model, [wave], options=options, vad=vad, batch_size=4)
-    scores = [[s["avg_logprob"] for s in r["segments"]] for r in (got[0], float32[0])]
-    assert scores[0] != scores[1]
-    encode = model.encode_audio_tokens
+    encode, make_cache = model.encode_audio_tokens, model.make_cache
 
     def under_autocast(audio_features):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -89,5 +89,28 @@ def test_bf16_encoder_long_form_is_the_float_decoder_over_autocast_states(models
         return states.float(), mask
 
     monkeypatch.setattr(model, "encode_audio_tokens", under_autocast)
+    encoder_only = transcribe_files(model, [wave], options=options, vad=vad, batch_size=4)
+    monkeypatch.setattr(model, "make_cache", lambda *a, **k: make_cache(*a, **{**k, "cross_dtype": torch.bfloat16}))
     expected = transcribe_files(model, [wave], options=options, vad=vad, batch_size=4)
     assert got == expected and got[0]["segments"]
+    scores = [[s["avg_logprob"] for s in r["segments"]] for r in (got[0], float32[0], encoder_only[0])]
+    assert scores[0] != scores[1] and scores[0] != scores[2]
+
+
+def test_a_cache_keeps_cross_attention_keys_in_bf16_and_the_decoder_reads_them(models):
+    """``make_cache(cross_dtype=torch.bfloat16)``: the cached cross-attention keys/values are bf16 (half the bytes a
+    step reads) and the logits stay within 2 % of the float32 cache's (the queries meet them in bf16: not equal)."""
+    model, _ = models
+    g = torch.Generator().manual_seed(5)
+    memory = torch.randn(2, 1500, model.config.width("decoder"), generator=g)
+    ids = torch.tensor([[50258, 50259, 50359, 50363]] * 2)
+    with torch.no_grad():
+        caches = [model.make_cache(2, 8), model.make_cache(2, 8, cross_dtype=torch.bfloat16)]
+        logits = [model.decode(ids, memory, None, cache=c) for c in caches]
+        steps = [model.decode_step(ids[:, -1:], cache=c) for c in caches]
+    assert caches[1].cross(0)[0].dtype == torch.bfloat16 and caches[0].cross(0)[0].dtype == torch.float32
+    for reference, got in (logits, steps):
+        assert not torch.equal(got, reference)
+        assert float((got - reference).abs().max()) <= 0.02 * float(reference.abs().max())
+    with pytest.raises(ValueError, match="only the growing cache"):
+        model.make_cache(2, 8, static=True, cross_dtype=torch.bfloat16)

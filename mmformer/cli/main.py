@@ -130,7 +130,8 @@ def _transcribe_args(p: argparse.ArgumentParser) -> None:
         p,
         "int8",
         "a Whisper checkpoint's audio encoder (the decoder stays float32): int8 quantized at "
-        "load (PT2E dynamic, x86 CPUs; compiled on its first windows); bfloat16 under torch.autocast",
+        "load (PT2E dynamic, x86 CPUs; compiled on its first windows); bfloat16 under torch.autocast, the decoder's "
+        "cross-attention keys/values kept in bf16",
     )
     p.add_argument("--batch-size", type=int, default=16, help="windows decoded at once, drawn from all files")
     p.add_argument(

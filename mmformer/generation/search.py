@@ -268,6 +268,8 @@ class DecoderRunner:
     ``prefix`` (P', D), a learned decoder prefix, is fed before the first token: it fills the cache's first P'
     positions.
 
+    ``cross_dtype``: the growing cache keeps the cross-attention keys/values in it (bf16: half the bytes a step reads).
+
     ``static``: the cache is a :class:`~mmformer.layers.cache.StaticKVCache` of ``max_length`` positions, made at
     the first call, whose steps have fixed shapes; with ``compile`` they run through one compiled graph (a CUDA
     graph on a GPU, see :func:`compiled_static_next_logits`).
@@ -284,9 +286,11 @@ class DecoderRunner:
         prefix: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
         static: bool = False,
+        cross_dtype: torch.dtype | None = None,
     ):
         if static and not use_cache:
             raise ValueError("static: a static KV cache needs use_cache=True")
+        self.cross_dtype = cross_dtype  # the growing cache's cross-attention keys/values' (None: the memory's)
         self.model = model
         self.prefix = prefix
         self.n_prefix = 0 if prefix is None else prefix.shape[0]
@@ -311,7 +315,7 @@ class DecoderRunner:
             self.cache = self._static_cache(rows, limit) if self.static else None
         if self.cache is None:
             size = limit if self.static else min(limit, needed + CACHE_STEP)
-            self.cache = self.model.make_cache(rows, size, static=self.static)
+            self.cache = self.model.make_cache(rows, size, static=self.static, cross_dtype=self.cross_dtype)
             if self.static and self.compiled:
                 _static_caches[self.model] = self.cache
         self.cache.ensure(needed, limit=limit, step=CACHE_STEP)

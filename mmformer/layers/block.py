@@ -253,15 +253,21 @@ class Stack(nn.Module):
         dtype=torch.float32,
         extra_layers: int = 0,
         static: bool = False,
+        cross_dtype: torch.dtype | None = None,
     ) -> KVCache:
         """An empty KV cache for ``batch_size`` rows of ``capacity`` positions (it grows on demand); ``extra_layers``
         more for a stack of the same head layout that runs before this one on the same tokens. ``static``: a
         :class:`~mmformer.layers.cache.StaticKVCache` of exactly ``capacity`` positions (fixed-shape steps for
-        ``torch.compile`` / CUDA graphs)."""
+        ``torch.compile`` / CUDA graphs). ``cross_dtype``: the growing cache's cross-attention keys/values' dtype."""
         c = self.cfg
         layers = c.depth + extra_layers
         if not static:
-            return KVCache(layers, batch_size, c.n_kv_heads, c.head_dim, capacity, device=device, dtype=dtype)
+            return KVCache(layers, batch_size, c.n_kv_heads, c.head_dim, capacity, device=device, dtype=dtype,
+                           cross_dtype=cross_dtype)  # fmt: skip
+        if cross_dtype is not None:
+            raise ValueError(
+                "cross_dtype: only the growing cache keeps its cross-attention keys/values in another dtype"
+            )
         if c.position in ("alibi", "t5"):
             raise ValueError(
                 f"cache='static': a decoder with {c.position!r} positions (a bias for queries that are the last keys) "

@@ -32,9 +32,11 @@ class KVCache:
     Args:
         n_layers, batch_size, n_kv_heads, head_dim: the buffers' layout.
         capacity: positions allocated now; :meth:`ensure` grows it.
+        cross_dtype: the dtype the cross-attention keys/values are kept in (:meth:`set_cross`); None: theirs.
     """
 
     static = False  # a StaticKVCache: fixed shapes, a per-query mask (B, T, M) from track
+    cross_dtype: torch.dtype | None = None  # the cross-attention keys/values' dtype; None: the dtype they come in
 
     def __init__(
         self,
@@ -46,10 +48,12 @@ class KVCache:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        cross_dtype: torch.dtype | None = None,
     ):
         shape = (n_layers, batch_size, n_kv_heads, capacity, head_dim)
         self._use(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
         self._cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+        self.cross_dtype = cross_dtype
         self.length = 0  # tokens already cached
         self._spare: tuple[torch.Tensor, torch.Tensor] | None = None  # reorder's second buffer
         self._mask: torch.Tensor | None = None  # (B, M) True = real token; None while no row has padding
@@ -181,8 +185,10 @@ class KVCache:
 
     def set_cross(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``layer``'s cross-attention keys and values (B or B/G, nkv, S, hs), contiguous: the fused kernel reads
-        strided views (heads interleaved in each row) ~2.5x slower at every decoding step."""
-        self._cross[layer] = (k.contiguous(), v.contiguous())
+        strided views (heads interleaved in each row) ~2.5x slower at every decoding step; in ``cross_dtype`` if set
+        (bf16: half the bytes every step reads, :func:`mmformer.layers.sdpa.sdpa` meets them in their dtype)."""
+        dtype = self.cross_dtype or k.dtype
+        self._cross[layer] = (k.to(dtype).contiguous(), v.to(dtype).contiguous())
 
     # ------------------------------------------------------------------ beams
     def reorder(self, index: torch.Tensor, cross: bool = True) -> None:

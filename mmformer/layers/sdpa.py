@@ -34,7 +34,14 @@ def upcast_for_backward(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v, **kwargs)`` (q (B, nh, T, hs), k/v (B, nkv, S, hs) → (B, nh, T, hs))
-    in ``q``'s dtype, run in float32 where :func:`upcast_for_backward` says so (a float ``attn_mask`` too)."""
+    in ``q``'s dtype, run in float32 where :func:`upcast_for_backward` says so (a float ``attn_mask`` too). Keys and
+    values cached in another dtype (a KV cache's bf16 cross-attention keys/values) are met in theirs: the queries
+    are cast to it, the output back."""
+    if k.dtype != q.dtype:
+        mask = kwargs.get("attn_mask")
+        if mask is not None and mask.is_floating_point():
+            kwargs["attn_mask"] = mask.to(k.dtype)
+        return F.scaled_dot_product_attention(q.to(k.dtype), k, v, **kwargs).to(q.dtype)
     if not upcast_for_backward(q, k):
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     mask = kwargs.get("attn_mask")

@@ -166,7 +166,8 @@ COMPUTE_TYPES = ("float32", "int8", "bfloat16", "auto")  # what a Whisper checkp
 def with_compute_type(model: Any, compute_type: str, name: str) -> tuple[Any, bool, str]:
     """What :func:`transcribe_files` gets for ``compute_type`` (the CLI's ``--compute-type`` of transcribe and serve):
     ``(model or its PT2E int8 model, bf16_encoder, what the encoder runs in)``. int8: the audio encoder quantized here
-    (PT2E dynamic, x86 CPUs); bfloat16: under autocast; auto: bfloat16 where the CPU has AMX, else float32
+    (PT2E dynamic, x86 CPUs); bfloat16: under autocast, the decoder's cross-attention keys/values in bf16; auto:
+    bfloat16 where the CPU has AMX, else float32
     (:func:`mmformer.compress.cpu_precision.bf16_choice`, whose reason is returned; float32 for another model than a
     Whisper checkpoint). int8 and bfloat16 need a Whisper checkpoint (``name`` names the model in the error)."""
     if compute_type not in COMPUTE_TYPES:
@@ -237,8 +238,9 @@ def transcribe_files(
             here).
         on_segment: called as ``on_segment(input index, segment)`` with each input's numbered segments in order, each
             as soon as it is decoded (streaming), before the results are returned.
-        bf16_encoder: a Whisper checkpoint's audio encoder runs under ``torch.autocast(bfloat16)`` (its decoder in
-            float32): fast where the CPU has AMX (:func:`mmformer.compress.cpu_precision.bf16_choice`).
+        bf16_encoder: a Whisper checkpoint's audio encoder runs under ``torch.autocast(bfloat16)`` and its decoder
+            (float32) keeps the cross-attention keys/values in bf16 (half the bytes each step reads): fast where the
+            CPU has AMX (:func:`mmformer.compress.cpu_precision.bf16_choice`).
 
     Returns:
         One dict per input, in order: ``text``, ``segments`` (``id, seek, start, end`` in seconds on the input's
@@ -258,6 +260,7 @@ def transcribe_files(
         vad, vad_options = True, vad
     vad_options = vad_options or VadOptions()
     model, encoder = _audio_encoder(model, bf16_encoder)
+    cross_dtype = torch.bfloat16 if bf16_encoder else None  # the decoder's cross-attention reads bf16 keys/values
     whisper = has_timestamps(model)
     if encoder is not None and not whisper:
         raise ValueError("bf16_encoder: a bf16 audio encoder reads long recordings only under a Whisper "
@@ -297,12 +300,18 @@ def transcribe_files(
             model, wave, options, tokenizer=processor.tokenizer,
             progress=None if progress is None else _Increments(progress, total),
             on_segment=None if on_segment is None else functools.partial(on_segment, i), encoder=encoder,
+            cross_dtype=cross_dtype,
         ) for i, wave in enumerate(waves)]  # fmt: skip
     else:
         windows = _windows(model, waves, vad, vad_options, rate)
         if whisper:
             decode = functools.partial(
-                decode_windows_whisper, model, options=options, tokenizer=processor.tokenizer, encoder=encoder
+                decode_windows_whisper,
+                model,
+                options=options,
+                tokenizer=processor.tokenizer,
+                encoder=encoder,
+                cross_dtype=cross_dtype,
             )
         else:
             decode = functools.partial(

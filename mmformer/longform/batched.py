@@ -110,12 +110,14 @@ def decode_windows_whisper(
     options: TranscribeOptions,
     tokenizer: Any = None,
     encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    cross_dtype: torch.dtype | None = None,
 ) -> list[dict[str, Any]]:
     """One batch of windows through Whisper's decoding (:func:`~mmformer.longform.whisper_decode.decode_with_fallback`:
     timestamp rules, temperature fallback) → per window ``{"segments", "language"}``: the segments between its
     predicted timestamps, on the file's timeline (the window's start plus the timestamp, kept within the window's
     speech); a window judged silent (openai-whisper's no-speech rule) has none. With ``word_timestamps`` each
-    segment gets its ``words``. ``encoder``: see :func:`~mmformer.longform.whisper_decode.encode_windows`."""
+    segment gets its ``words``. ``encoder``: see :func:`~mmformer.longform.whisper_decode.encode_windows`;
+    ``cross_dtype``: :func:`~mmformer.longform.whisper_decode.decode_windows`'."""
     whisper = whisper_tokens(model, tokenizer)
     audio, lengths = _pad(waves)  # (B, S)
     device = model_device(model)
@@ -124,7 +126,8 @@ def decode_windows_whisper(
     with torch.profiler.record_function(PHASES["encoder"]):
         features = encode_windows(model, mel, encoder)  # (B, S, D): read by every temperature and the words
     with torch.profiler.record_function(PHASES["decode"]):
-        results = decode_with_fallback(model, mel, options, tokenizer=whisper.tokenizer, audio_features=features)
+        results = decode_with_fallback(model, mel, options, tokenizer=whisper.tokenizer, audio_features=features,
+                                       cross_dtype=cross_dtype)  # fmt: skip
     rate, hop = model.config.audio.sample_rate, model.config.audio.hop_length
     precision = time_precision(model)
     out = []

@@ -124,6 +124,7 @@ def transcribe_sequential(
     generator: torch.Generator | None = None,
     on_segment: Callable[[dict[str, Any]], None] | None = None,
     encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    cross_dtype: torch.dtype | None = None,
     **changes: Any,
 ) -> dict[str, Any]:
     """Transcribe one waveform as openai-whisper's ``transcribe(model, audio, **options)``.
@@ -137,6 +138,8 @@ def transcribe_sequential(
         on_segment: called with each numbered segment as soon as its window is decoded (streaming).
         encoder: another encoder of the windows (see :func:`~mmformer.longform.whisper_decode.encode_windows`);
             the language detection, once per input, runs the model's own.
+        cross_dtype: the decoder's cross-attention keys/values' dtype
+            (:func:`~mmformer.longform.whisper_decode.decode_windows`).
 
     Returns:
         ``{"text", "segments": [{id, seek, start, end, text, tokens, temperature, avg_logprob, compression_ratio,
@@ -198,7 +201,7 @@ def transcribe_sequential(
             prompt = all_tokens[prompt_reset_since:]
         result = decode_with_fallback(
             model, mel_segment, options, [prompt], tokenizer=whisper.tokenizer,
-            generator=generator, audio_features=features,
+            generator=generator, audio_features=features, cross_dtype=cross_dtype,
         )[0]  # fmt: skip
         tokens = result["tokens"]
         previous_seek = seek

@@ -190,6 +190,7 @@ def decode_windows(
     generator: torch.Generator | None = None,
     sample_len: int | None = None,
     audio_features: torch.Tensor | None = None,
+    cross_dtype: torch.dtype | None = None,
 ) -> list[dict[str, Any]]:
     """Decode a batch of 30-s windows together, as openai-whisper's ``decode(model, mel, DecodingOptions(...))``.
 
@@ -205,6 +206,8 @@ def decode_windows(
         sample_len: most tokens generated per window (default n_text_ctx // 2, openai's).
         audio_features: the windows' encoder states (B, S, D) when already computed (:func:`encode_windows`); the
             encoder then does not run again.
+        cross_dtype: the dtype the decoder's cross-attention keys/values are kept in (bf16 under the bf16 compute
+            type: half the bytes each step reads); None: float32.
 
     Returns:
         One dict per window: ``tokens`` (the generated ids without the final end-of-text), ``text``, ``language``,
@@ -245,8 +248,9 @@ def decode_windows(
     )
     # the first call feeds the prompt up to sot (its logits give the no-speech probability), the second the rest
     runner = DecoderRunner(
-        model, memory, memory_mask, n_ctx, use_cache=True, prompt_mask=prompt_mask[:, : sot_index + 1]
-    )
+        model, memory, memory_mask, n_ctx, use_cache=True, prompt_mask=prompt_mask[:, : sot_index + 1],
+        cross_dtype=cross_dtype,
+    )  # fmt: skip
     sot_logits = runner.next_logits(tokens[:, : sot_index + 1])  # (N, V)
     no_speech = (
         sot_logits.softmax(dim=-1)[::group, whisper.no_speech].tolist() if whisper.no_speech is not None else [None] * B
