@@ -80,7 +80,7 @@ class CrossAttentionScores:
         heads = torch.tensor(self.heads[layer], device=q.device)
         kv_heads = heads // (q.shape[1] // k.shape[1])  # the key/value head each query head reads (GQA)
         scale = scale if scale is not None else 1 / math.sqrt(q.shape[-1])
-        keys = k[:, kv_heads].to(q.dtype)  # a cache's bf16 keys meet the queries in theirs
+        keys = k[:, kv_heads].to(q.dtype)  # a cache's bf16 keys, read in the queries' dtype
         self.scores[layer] = (q[:, heads] @ keys.transpose(-1, -2)).float() * scale  # (B, n, T, S)
 
 
