@@ -134,11 +134,18 @@ def test_the_commands_run_a_pt2e_folders_int8_graphs(digits, int8_folder, capsys
 
     assert scores == table(int8)
     assert scores != table(digits)  # int8 graphs, not the float model
+    # --compute-type auto keeps the graphs as quantized (no bf16 autocast around them, even where the CPU has AMX)
+    main(["zeroshot", "--model", str(int8_folder), "--classes", ",".join(WORDS), "--templates", "{}", "--top", "10",
+          "--compute-type", "auto", *IMAGES[:2]])  # fmt: skip
+    again = capsys.readouterr()
+    assert "PT2E dynamic graphs, as quantized" in again.err and again.out == printed.out
+    with pytest.raises(SystemExit, match="--compute-type bfloat16: .* holds PT2E int8 graphs"):
+        main(["zeroshot", "--model", str(int8_folder), "--classes", "one,two", "--compute-type", "bfloat16", IMAGES[0]])
     main(["caption", "--model", str(int8_folder), *IMAGES])
     assert [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()] == int8.caption(IMAGES)
     main(["transcribe", "--model", str(int8_folder), "--no-progress", *CLIPS])
     assert [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()] == int8.transcribe(CLIPS)
-    assert asked == [int8_folder] * 3
+    assert asked == [int8_folder] * 5
     with pytest.raises(SystemExit, match="holds PT2E int8 graphs, which take no adapter"):
         main(["caption", "--model", str(int8_folder), "--adapter", str(int8_folder), IMAGES[0]])
     with pytest.raises(ValueError, match="--compute-type bfloat16: int8 holds PT2E int8 graphs"):

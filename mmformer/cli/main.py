@@ -283,6 +283,7 @@ def _zeroshot(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from mmformer.compress.cpu_precision import inference_autocast
+    from mmformer.compress.pt2e import PT2EModel, as_quantized
     from mmformer.zeroshot import ZeroShotClassifier
 
     model = _load_model(args.model, args.device, args.adapter)
@@ -297,7 +298,11 @@ def _zeroshot(args: argparse.Namespace) -> None:
         by_modality.setdefault(modality, []).append(path)
     width = max(len(c) for c in classes)
     enabled = {"float32": False, "bfloat16": True, "auto": None}[args.compute_type]
+    quantized = None
+    if isinstance(model, PT2EModel) and args.compute_type != "float32":  # int8 graphs run as quantized
+        quantized, enabled = as_quantized(model, args.compute_type, args.model), False
     with inference_autocast(enabled) as (_, why):  # bf16 pays for encoders where the CPU has AMX
+        why = quantized or why
         if args.compute_type != "float32":
             print(f"mmformer zeroshot: {why}", file=sys.stderr)
         for modality, files in by_modality.items():

@@ -487,6 +487,16 @@ def quantize(
     return PT2EModel(model, mode, converted, qparams, compile=compile)
 
 
+def as_quantized(model: PT2EModel, compute_type: str, name: str) -> str:
+    """What ``--compute-type`` means for a PT2E model (the commands and the server): its graphs run as they were
+    quantized, so ``auto`` (and float32) keeps them so — the returned line says it — and ``bfloat16`` / ``int8``
+    (autocast or another quantization around int8 graphs) are refused naming ``name``."""
+    if compute_type in ("bfloat16", "int8"):
+        raise ValueError(f"--compute-type {compute_type}: {name} holds PT2E int8 graphs, which run as they were "
+                         "quantized; pass --compute-type float32 or auto")  # fmt: skip
+    return f"int8 ({name}: PT2E {model.mode} graphs, as quantized)"
+
+
 def is_pt2e(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` holds a model saved by :meth:`PT2EModel.save_pretrained`."""
     return (Path(directory) / QPARAMS_FILE).is_file()

@@ -174,13 +174,10 @@ def with_compute_type(model: Any, compute_type: str, name: str) -> tuple[Any, bo
         raise ValueError(f"--compute-type: expected one of {list(COMPUTE_TYPES)}, got {compute_type!r}")
     if compute_type == "float32":
         return model, False, "float32"
-    from mmformer.compress.pt2e import PT2EModel
+    from mmformer.compress.pt2e import PT2EModel, as_quantized
 
     if isinstance(model, PT2EModel):  # its graphs are int8 already
-        if compute_type == "auto":
-            return model, False, f"int8 ({name}: PT2E {model.mode} graphs, as quantized)"
-        raise ValueError(f"--compute-type {compute_type}: {name} holds PT2E int8 graphs, which run as they were "
-                         "quantized; pass --compute-type float32 or auto")  # fmt: skip
+        return model, False, as_quantized(model, compute_type, name)
     whisper = has_timestamps(model)
     if compute_type == "auto" and not whisper:
         return model, False, f"float32 (auto chooses only for a Whisper checkpoint's audio encoder; {name} is not one)"
