@@ -24,6 +24,7 @@ _EXPORTS = {
     "ZeroShotClassifier": "mmformer.zeroshot",
     "load_pretrained": "mmformer.io.auto",
     "from_pretrained": "mmformer.io.auto",
+    "load_for_inference": "mmformer.io.auto",
     "save_pretrained": "mmformer.io.pretrained",
 }
 _SUBMODULES = {"convert", "data", "layers", "embedders", "generation", "tasks"}
@@ -45,6 +46,7 @@ __all__ = [
     "from_pretrained",
     "generation",
     "layers",
+    "load_for_inference",
     "load_pretrained",
     "save_pretrained",
     "tasks",
@@ -52,7 +54,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
-    from mmformer.io.auto import from_pretrained, load_pretrained
+    from mmformer.io.auto import from_pretrained, load_for_inference, load_pretrained
     from mmformer.io.pretrained import save_pretrained
     from mmformer.layers.cache import KVCache
     from mmformer.model import MultimodalTransformer

@@ -166,6 +166,7 @@ def test_serve_answers_from_a_pt2e_folders_compiled_int8_graphs(digits, tmp_path
           "--towers", "image,text", "--out", str(folder)])  # fmt: skip
     int8 = pt2e.load(folder, compile=False)
     assert sorted(int8.graphs) == ["image_encoder", "text_encoder"]
+    assert isinstance(mmformer.load_for_inference(folder), pt2e.PT2EModel)  # the public name the server uses
     name = str(folder)
     tokens = digits.processor(text=["one two", "three"])
     with running_server(name, startup_s=240) as (url, _):
