@@ -298,13 +298,12 @@ def _zeroshot(args: argparse.Namespace) -> None:
         by_modality.setdefault(modality, []).append(path)
     width = max(len(c) for c in classes)
     enabled = {"float32": False, "bfloat16": True, "auto": None}[args.compute_type]
-    quantized = None
-    if isinstance(model, PT2EModel) and args.compute_type != "float32":  # int8 graphs run as quantized
-        quantized, enabled = as_quantized(model, args.compute_type, args.model), False
+    as_is = None  # a PT2E model's line: its int8 graphs run as quantized, under no autocast
+    if isinstance(model, PT2EModel) and args.compute_type != "float32":
+        as_is, enabled = as_quantized(model, args.compute_type, args.model), False
     with inference_autocast(enabled) as (_, why):  # bf16 pays for encoders where the CPU has AMX
-        why = quantized or why
         if args.compute_type != "float32":
-            print(f"mmformer zeroshot: {why}", file=sys.stderr)
+            print(f"mmformer zeroshot: {as_is or why}", file=sys.stderr)
         for modality, files in by_modality.items():
             templates = ["{}"] if args.prompt else args.templates.split("|")
             clf = ZeroShotClassifier(

@@ -133,8 +133,8 @@ def _audio_encoder(model: Any, bf16: bool) -> tuple[Any, Callable[[torch.Tensor]
     """(the model that decodes, the encoder of its windows): a Whisper checkpoint's PT2E model gives its float model
     and its int8 audio encoder (an ``audio_encoder`` graph; the Whisper rules drive the float decoder), another PT2E
     model itself and None (its graphs, and its float towers where none, decode through ``generate``); a float model
-    itself and its encoder under
-    ``torch.autocast(bfloat16)`` if ``bf16``, else None (its own in float32)."""
+    itself and, if ``bf16``, its encoder under ``torch.autocast(bfloat16)`` (a Whisper checkpoint's only), else None
+    (its own in float32)."""
     from mmformer.compress.pt2e import PT2EModel
 
     if isinstance(model, PT2EModel):
@@ -150,6 +150,9 @@ def _audio_encoder(model: Any, bf16: bool) -> tuple[Any, Callable[[torch.Tensor]
         return model.model, model.audio_states
     if not bf16:
         return model, None
+    if not has_timestamps(model):
+        raise ValueError("bf16_encoder: a bf16 audio encoder reads long recordings only under a Whisper "
+                         "checkpoint's decoder; for this model pass bf16_encoder=False")  # fmt: skip
     device = model_device(model)
 
     def bf16_states(mel: torch.Tensor) -> torch.Tensor:  # (B, M, F) → (B, S, D) float32, for the float decoder
@@ -259,9 +262,6 @@ def transcribe_files(
     model, encoder = _audio_encoder(model, bf16_encoder)
     cross_dtype = torch.bfloat16 if bf16_encoder else None  # the decoder's cross-attention reads bf16 keys/values
     whisper = has_timestamps(model)
-    if encoder is not None and not whisper:
-        raise ValueError("bf16_encoder: a bf16 audio encoder reads long recordings only under a Whisper "
-                         "checkpoint's decoder; for this model pass bf16_encoder=False")  # fmt: skip
     if whisper:
         if isinstance(options, DecodingOptions):  # short-clip decoding options: one temperature, no fallback
             options = TranscribeOptions(
