@@ -186,6 +186,28 @@ def test_compiled_static_step_equals_eager_with_inductor(build, compiled_with):
     assert len(frozen_tensors()) == earlier
 
 
+def scaled_by_length(x: torch.Tensor) -> torch.Tensor:
+    return x * x.shape[0]  # a static graph folds the length in: another length's graph answers wrongly
+
+
+@pytest.mark.slow
+def test_frozen_compile_again_never_runs_another_inputs_graph():
+    """``FrozenCompile.again`` (a decoding's later steps: dynamo's guards skipped) answers like a plain call: after a
+    call of the same signature, before any compile, past the graph limit (where a call runs uncompiled and skipping
+    the guards would run another length's graph), and under ``force_eager``."""
+    torch._dynamo.reset()
+    fn = FrozenCompile(scaled_by_length, graphs=1)
+    two, three = torch.ones(2), torch.ones(3)
+    assert torch.equal(fn.again(two), two * 2)  # no graph yet: a plain call, which compiles
+    assert torch.equal(fn.again(two), two * 2)
+    assert torch.equal(fn(three), three * 3)  # past the limit of one graph: uncompiled
+    assert torch.equal(fn.again(three), three * 3)
+    with torch.compiler.set_stance("force_eager"):
+        assert torch.equal(fn.again(two), two * 2)
+    fn.release()
+    torch._dynamo.reset()
+
+
 def nudge(model: MultimodalTransformer) -> None:
     """An optimizer-like in-place change of every weight."""
     with torch.no_grad():

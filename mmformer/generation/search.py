@@ -227,8 +227,8 @@ def frozen_next_logits(model: MultimodalTransformer) -> Callable:
     if held is None or held[0] != state:
         if held is not None:
             held[2]()  # the old step's frozen weights released now (torch would keep them for the process's life)
-        step = FrozenCompile(_next_logits)
-        held = _frozen_steps[model] = (state, _graph_limited(step), step.release_with(model))
+        step = FrozenCompile(_next_logits, graphs=_COMPILED_GRAPHS)
+        held = _frozen_steps[model] = (state, step, step.release_with(model))
     return held[1]
 
 
@@ -305,6 +305,7 @@ class DecoderRunner:
             self.step = compiled_static_next_logits(model)
         else:
             self.step = compiled_next_logits() if compile else _next_logits
+        self._step = self.step  # the step's first call; its later calls, see next_logits
         self.cache: KVCache | None = None
         self.layout: str | None = None  # the LM head's GEMM layout for the steps, chosen at the prompt
 
@@ -338,7 +339,11 @@ class DecoderRunner:
             new = tokens[:, seen:]  # (N, 1)
             if self.static:  # one layout every step (a beam's rows are views of varying strides): one graph
                 new = new.contiguous()
-            return self.step(self.model, new, self.memory_mask, self.cache, self.layout)
+            logits = self._step(self.model, new, self.memory_mask, self.cache, self.layout)
+            # every later step has this one's signature (shapes, the same cache and mask): a frozen step skips the
+            # guards that would check it (FrozenCompile.again)
+            self._step = getattr(self.step, "again", self.step)
+            return logits
         # the prompt (or, without a cache, everything so far): validated like any user input
         if self.compiled:
             _check_compilable(self.model, tokens.shape[0])

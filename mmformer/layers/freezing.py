@@ -48,6 +48,8 @@ class FrozenCompile:
         guard_filter_fn: ``torch.compile``'s option of that name (which guards dynamo keeps).
         inductor: more inductor settings, set with ``freezing`` around these calls only (e.g. its C++ GEMM
             templates for PT2E's static int8 graphs: :data:`mmformer.compress.pt2e.STATIC_GEMMS`).
+        graphs: dynamo's limit of compiled graphs for this function (its ``recompile_limit``, set around these calls;
+            None: dynamo's setting).
     """
 
     def __init__(
@@ -57,8 +59,10 @@ class FrozenCompile:
         dynamic: bool = False,
         guard_filter_fn: Callable | None = None,
         inductor: dict[str, Any] | None = None,
+        graphs: int | None = None,
     ):
         self._settings = {"freezing": True, **(inductor or {})}
+        self._graph_limit = graphs if graphs is not None else torch._dynamo.config.recompile_limit
         self._globals: dict[str, Any] = {}
         if isinstance(fn, types.FunctionType):
             code = fn.__code__.replace()
@@ -85,7 +89,21 @@ class FrozenCompile:
     def __call__(self, *inputs: Any) -> Any:
         import torch._inductor.config as inductor
 
-        with inductor.patch(self._settings):
+        with inductor.patch(self._settings), torch._dynamo.config.patch(recompile_limit=self._graph_limit):
+            return self._compiled(*inputs)
+
+    def again(self, *inputs: Any) -> Any:
+        """Call with the signature of a call already made — the same shapes, dtypes, devices, grad mode and objects
+        (a decoding's later steps): dynamo then checks only the guards that tell this function's compiled graphs
+        apart (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``) and nothing is set around the call, since
+        nothing can compile (a frozen whisper-tiny decoder step at batch 1: ~0.15 ms less a token, 5-7 %;
+        BENCHMARKS.md). Unsafe for other inputs: they would run a graph compiled for others. Runs as a plain call
+        where even those inputs might have run no graph: before any compile, once dynamo's graph limit was reached
+        (a call past it runs uncompiled), or under a stance other than dynamo's default (``force_eager``...)."""
+        stance = getattr(torch._dynamo.eval_frame, "_stance", None)
+        if not 0 < len(self._graphs) < self._graph_limit or getattr(stance, "stance", None) != "default":
+            return self(*inputs)
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
             return self._compiled(*inputs)
 
     def release_with(self, owner: object) -> weakref.finalize:
