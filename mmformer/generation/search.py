@@ -221,13 +221,18 @@ def frozen_next_logits(model: MultimodalTransformer) -> Callable:
     graphs per code object — made again once the model's weights changed since it was compiled: a frozen graph never
     computes with stale weights. A step's frozen weights are released when it is replaced and when the model is
     garbage-collected (:class:`~mmformer.layers.freezing.FrozenCompile`). (The cache's buffers stay graph inputs: on
-    CPU they are not marked as static addresses, which freezing would fold too — :mod:`mmformer.layers.cache`.)"""
+    CPU they are not marked as static addresses, which freezing would fold too — :mod:`mmformer.layers.cache`.)
+
+    The step's code around its kernels is inductor's C++ wrapper, not its Python one: at batch 1 a step is ~50
+    kernel and library calls around a memory-bound LM head, and the Python wrapper's ~0.3 ms of them was a tenth of
+    the step (whisper-tiny dimensions, Intel Xeon: 245 → 231 ms for 64 tokens at batch 1, 495 → 457 ms at batch 8,
+    same ids; the first decoding compiles ~4 s longer; BENCHMARKS.md)."""
     state = _weights_state(model)
     held = _frozen_steps.get(model)
     if held is None or held[0] != state:
         if held is not None:
             held[2]()  # the old step's frozen weights released now (torch would keep them for the process's life)
-        step = FrozenCompile(_next_logits, graphs=_COMPILED_GRAPHS)
+        step = FrozenCompile(_next_logits, graphs=_COMPILED_GRAPHS, inductor={"cpp_wrapper": True})
         held = _frozen_steps[model] = (state, step, step.release_with(model))
     return held[1]
 
