@@ -29,13 +29,14 @@ CPU's caches, in CTranslate2's child two (on the Intel Xeon with a 300 MB L3, mm
 slower right after Hugging Face's than after its own).
 
     python -m benchmarks.generate [--size whisper-tiny] [--batches 1,8] [--beams 1,4] [--new-tokens 64] [--no-compile]
-                                  [--ct2 same|child|off] [--no-int8] [--int8-mode static|dynamic]
+                                  [--ct2 same|child|off] [--rounds N] [--no-int8] [--int8-mode static|dynamic]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,8 @@ CAPTION_SIZES = {
     "smoke": dict(image=32, width=32, depth=1, heads=2, vocab=64),
 }
 N_MELS, BOS, START, NO_TIMESTAMPS = 80, 1, 3, 4
+# each engine alone in a child process (--ct2 child): mmformer's peer, and CTranslate2's it is measured against
+ALONE_PAIRS = (("mmformer_alone", "ct2_float32"), ("compiled_alone", "ct2_float32"), ("int8_alone", "ct2_int8"))
 INT8_PEERS = ("int8", "ct2_int8", "int8_alone")  # quantized: their ids may differ from the float peers'
 
 
@@ -208,7 +211,9 @@ def measure(
         _check_length(name, ids[name], batch, prompt + n)
     seconds = interleaved(peers, warmup=args.warmup, repeats=args.repeats)
     tps = {name: batch * n / s for name, s in seconds.items()}
-    for name, (tok_s, rows) in (apart or {}).items():
+    apart = dict(apart or {})
+    by_round = apart.pop("rounds", {})
+    for name, (tok_s, rows) in apart.items():
         tps[name], ids[name] = tok_s, torch.tensor(rows)
         _check_length(name, ids[name], batch, prompt + n)
     row = {"task": task, "batch": batch, "search": "greedy" if beams == 1 else f"beam {beams}", "new_tokens": n}
@@ -223,11 +228,12 @@ def measure(
         # the first call's extra time; ~0 when inductor's on-disk cache already held an identical graph
         row["compile_s"] = max(0.0, first_s["compiled"] - seconds["compiled"])
     pairs = (("mmformer", "ct2_float32"), ("compiled", "ct2_float32"), ("int8", "mmformer"), ("int8", "ct2_int8"),
-             ("mmformer_alone", "ct2_float32"), ("compiled_alone", "ct2_float32"),
-             ("int8_alone", "ct2_int8"))  # fmt: skip
+             *ALONE_PAIRS)  # fmt: skip
     for peer, base in pairs:
         if peer in tps and base in tps:
             row[f"{peer}_vs_{base}"] = tps[peer] / tps[base]
+    for name, ratios in by_round.items():
+        row[name] = "/".join(f"{x:.2f}" for x in ratios)
     reference = ids["hf" if "hf" in ids else "mmformer"]
     row["same_ids"] = all(torch.equal(reference, other) for name, other in ids.items() if name not in INT8_PEERS)
     return row
@@ -309,6 +315,30 @@ def mmformer_in_child(args: argparse.Namespace, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def alone_rounds(args: argparse.Namespace, folder: Path) -> dict:
+    """CTranslate2's child (:func:`ct2_in_child`) and mmformer's alone child (:func:`mmformer_in_child`), one after
+    the other, ``--rounds`` times: ``{batch: {name: (median tokens/s over the rounds, the first round's ids)}}``, and
+    under ``"rounds"`` each round's alone ratios (:data:`ALONE_PAIRS`). This VM's speed drifts by more than the gaps
+    measured between processes minutes apart (CTranslate2 float32 at batch 8: 835–1,206 tokens/s in three runs of one
+    hour), so a single pair of children can land on either side of 1."""
+    rounds = []
+    for r in range(args.rounds):
+        measured = ct2_in_child(args, folder / f"ct2-{r}.json")
+        for batch, peers in mmformer_in_child(args, folder / f"mmformer-{r}.json").items():
+            measured.setdefault(batch, {}).update(peers)
+        rounds.append(measured)
+    merged = {}
+    for batch, peers in rounds[0].items():
+        merged[batch] = {name: (statistics.median(r[batch][name][0] for r in rounds), ids)
+                         for name, (_, ids) in peers.items()}  # fmt: skip
+        merged[batch]["rounds"] = {
+            f"{peer}_vs_{base}_rounds": [r[batch][peer][0] / r[batch][base][0] for r in rounds]
+            for peer, base in ALONE_PAIRS
+            if peer in peers and base in peers
+        }
+    return merged
+
+
 def speech_rows(args: argparse.Namespace) -> list[dict]:
     hf, ours = whisper_pair(args.size)
     with tempfile.TemporaryDirectory() as folder:
@@ -318,9 +348,7 @@ def speech_rows(args: argparse.Namespace) -> list[dict]:
 
             extra |= ct2.whisper_models(hf, whisper_specials(hf), folder)
         elif args.ct2 == "child":
-            apart = ct2_in_child(args, Path(folder) / "ct2.json")
-            for batch, peers in mmformer_in_child(args, Path(folder) / "mmformer.json").items():
-                apart.setdefault(batch, {}).update(peers)
+            apart = alone_rounds(args, Path(folder))
         if args.int8:
             extra["int8"] = int8_model(ours, args)
         rows = []
@@ -378,9 +406,18 @@ def main(argv: list[str] | None = None) -> None:
         help="the int8 peer's activations: static (calibrated on noise clips; its linear layers run inductor's C++ "
         "GEMM templates) or dynamic (scales at run time; oneDNN's kernels); default: static",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --ct2 child: the CTranslate2 and mmformer-alone children run this many times, alternately; each "
+        "peer's figure is its median over the rounds, and each round's alone ratios are listed (default: 1)",
+    )
     p.add_argument("--alone-json", help=argparse.SUPPRESS)  # the child of --ct2 child: mmformer_alone() only
     p.set_defaults(repeats=10)  # a decode is short: more repeats steady the medians on a shared machine
     args = parse_args(p, argv)
+    if args.rounds < 1:
+        p.error(f"--rounds: expected a count of at least 1, got {args.rounds}")
     if args.tiny:
         args.size, args.repeats, args.warmup, args.new_tokens = "smoke", 1, 0, 4
         args.batches, args.beams = "2", "1,2"
@@ -402,7 +439,11 @@ def main(argv: list[str] | None = None) -> None:
     alone = args.ct2 == "child"  # mmformer's peers also timed alone, as CTranslate2's
     columns += ["mmformer_alone_tok_s", "mmformer_alone_vs_ct2_float32"] * alone
     columns += ["compiled_alone_tok_s", "compiled_alone_vs_ct2_float32"] * (alone and args.compile)
-    columns += ["int8_alone_tok_s", "int8_alone_vs_ct2_int8"] * (alone and args.int8) + ["same_ids"]
+    columns += ["int8_alone_tok_s", "int8_alone_vs_ct2_int8"] * (alone and args.int8)
+    if alone and args.rounds > 1:
+        columns += [c for c in ("mmformer_alone_vs_ct2_float32_rounds", "compiled_alone_vs_ct2_float32_rounds",
+                                "int8_alone_vs_ct2_int8_rounds") if any(c in row for row in rows)]  # fmt: skip
+    columns += ["same_ids"]
     print(table(rows, columns))
     if not args.skip_caption:
         captions = caption_rows(args)

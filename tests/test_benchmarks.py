@@ -84,10 +84,11 @@ def test_gpu_check_runs_at_tiny_size_on_cpu(tmp_path, capsys):
 @pytest.mark.slow
 def test_generate_measures_ctranslate2_in_a_child_process(capsys):
     """``--ct2 child``: CTranslate2's rows come from ``python -m benchmarks.ct2`` in a child process, and mmformer's
-    float32 is also timed alone in another (same weights and inputs: their ids join the same-ids check)."""
+    float32 is also timed alone in another (same weights and inputs: their ids join the same-ids check); with
+    ``--rounds 2`` the two children run twice and each round's ratio is listed."""
     pytest.importorskip("ctranslate2")
     importlib.import_module("benchmarks.generate").main(
-        ["--tiny", "--no-save", "--ct2", "child", "--skip-caption", "--no-compile", "--no-int8"]
+        ["--tiny", "--no-save", "--ct2", "child", "--rounds", "2", "--skip-caption", "--no-compile", "--no-int8"]
     )  # the int8 peers' own rows: the smoke run of benchmarks.generate in test_benchmark_runs_and_prints_its_table
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("task"))
@@ -96,3 +97,4 @@ def test_generate_measures_ctranslate2_in_a_child_process(capsys):
         assert column in header, out
     values = dict(zip(header.split(), row.replace("speech (smoke)", "speech").split()))
     assert float(values["mmformer_alone_tok_s"].replace(",", "")) > 0 and values["same_ids"] == "True", out
+    assert len(values["mmformer_alone_vs_ct2_float32_rounds"].split("/")) == 2, out
