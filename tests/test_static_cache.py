@@ -192,9 +192,9 @@ def scaled_by_length(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_frozen_compile_again_never_runs_another_inputs_graph():
-    """``FrozenCompile.again`` (a decoding's later steps: dynamo's guards skipped) answers like a plain call: after a
-    call of the same signature, before any compile, past the graph limit (where a call runs uncompiled and skipping
-    the guards would run another length's graph), and under ``force_eager``."""
+    """``FrozenCompile.again`` (a decoding's later steps, called without the settings only a compile reads) answers
+    like a plain call: after a call of the same signature, before any compile, past the graph limit (where a call
+    runs uncompiled: skipping dynamo's guards there ran the length-2 graph on length 3), and under ``force_eager``."""
     torch._dynamo.reset()
     fn = FrozenCompile(scaled_by_length, graphs=1)
     two, three = torch.ones(2), torch.ones(3)

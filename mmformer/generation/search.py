@@ -345,8 +345,8 @@ class DecoderRunner:
             if self.static:  # one layout every step (a beam's rows are views of varying strides): one graph
                 new = new.contiguous()
             logits = self._step(self.model, new, self.memory_mask, self.cache, self.layout)
-            # every later step has this one's signature (shapes, the same cache and mask): a frozen step skips the
-            # guards that would check it (FrozenCompile.again)
+            # every later step has this one's signature (shapes, the same cache and mask): a frozen step is called
+            # without the settings only a compile reads (FrozenCompile.again)
             self._step = getattr(self.step, "again", self.step)
             return logits
         # the prompt (or, without a cache, everything so far): validated like any user input

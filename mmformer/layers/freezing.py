@@ -94,17 +94,13 @@ class FrozenCompile:
 
     def again(self, *inputs: Any) -> Any:
         """Call with the signature of a call already made — the same shapes, dtypes, devices, grad mode and objects
-        (a decoding's later steps): dynamo then checks only the guards that tell this function's compiled graphs
-        apart (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``) and nothing is set around the call, since
-        nothing can compile (a frozen whisper-tiny decoder step at batch 1: ~0.15 ms less a token, 5-7 %;
-        BENCHMARKS.md). Unsafe for other inputs: they would run a graph compiled for others. Runs as a plain call
-        where even those inputs might have run no graph: before any compile, once dynamo's graph limit was reached
-        (a call past it runs uncompiled), or under a stance other than dynamo's default (``force_eager``...)."""
-        stance = getattr(torch._dynamo.eval_frame, "_stance", None)
-        if not 0 < len(self._graphs) < self._graph_limit or getattr(stance, "stance", None) != "default":
-            return self(*inputs)
-        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-            return self._compiled(*inputs)
+        (a decoding's later steps): nothing is set around the call (inductor's settings and dynamo's graph limit, two
+        thread-local patches: ~45 µs a call, 2.6-3.3 % of a frozen whisper-tiny decoding step; BENCHMARKS.md), since
+        nothing needs compiling. Dynamo still checks its guards, so inputs that do need a graph still get one —
+        compiled without these settings (not frozen; past dynamo's own graph limit, uncompiled): slower, never
+        wrong. (Skipping the guards too, ``set_stance(skip_guard_eval_unsafe=True)``, saved ~1 % more but sets a
+        process-wide flag: another thread's compiled call meanwhile could run a graph made for other inputs.)"""
+        return self._compiled(*inputs)
 
     def release_with(self, owner: object) -> weakref.finalize:
         """Release when ``owner`` is garbage-collected (not at interpreter exit, where nothing needs freeing); calling
