@@ -88,52 +88,42 @@ def generate(model, features: torch.Tensor, prompt: list[int], new_tokens: int) 
     return torch.tensor([prompt + r.sequences_ids[0] for r in results])
 
 
-def measure_alone(size: str, batches: list[int], new_tokens: int, warmup: int, repeats: int) -> dict:
-    """CTranslate2's greedy tokens/s and ids at each batch size, on the weights and inputs of
-    :func:`benchmarks.generate.speech_rows` (same seeds), in this process with no torch peer run: ``{batch:
-    {"ct2_float32": (tok_s, ids), ...}}``. ``python -m benchmarks.generate --ct2 child`` runs this in a child
-    process: beside torch's decoding in one process, CTranslate2's OpenMP runtime made torch's threads sleep and
-    wake at every parallel region (voluntary context switches 0 -> ~3,500 per 64-token call) and mmformer's
-    decoding 1.2-2x slower, persistently after CTranslate2's first call."""
-    import tempfile
-
-    from benchmarks.common import interleaved
+def peers(size: str, batches: list[int], new_tokens: int, folder: str | Path) -> dict:
+    """CTranslate2's greedy decoding at each batch size, on the weights and inputs of
+    :func:`benchmarks.generate.speech_rows` (same seeds): ``{"{batch}/ct2_float32": call, "{batch}/ct2_int8": ...}``,
+    each call returning the ids. ``python -m benchmarks.generate --ct2 child`` runs them in a child process of their
+    own (:mod:`benchmarks.turns`): beside torch's decoding in one process, CTranslate2's OpenMP runtime made torch's
+    threads sleep and wake at every parallel region (voluntary context switches 0 -> ~3,500 per 64-token call) and
+    mmformer's decoding 1.2-2x slower, persistently after CTranslate2's first call."""
     from benchmarks.generate import NO_TIMESTAMPS, START, speech_features, whisper_pair, whisper_specials
 
     hf, _ = whisper_pair(size)
-    out: dict = {}
-    with tempfile.TemporaryDirectory() as folder:
-        models = whisper_models(hf, whisper_specials(hf), folder)
-        for batch in batches:
-            features = speech_features(size, batch)
-            peers = {
-                name: (lambda m=m, x=features: generate(m, x, [START, NO_TIMESTAMPS], new_tokens))
-                for name, m in models.items()
-            }
-            seconds = interleaved(peers, warmup=warmup, repeats=repeats)
-            out[batch] = {name: (batch * new_tokens / s, peers[name]().tolist()) for name, s in seconds.items()}
+    models = whisper_models(hf, whisper_specials(hf), folder)
+    out = {}
+    for batch in batches:
+        features = speech_features(size, batch)
+        for name, model in models.items():
+            out[f"{batch}/{name}"] = lambda m=model, x=features: generate(m, x, [START, NO_TIMESTAMPS], new_tokens)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m benchmarks.ct2 --size S --batches 1,8 --new-tokens N --out FILE.json``: :func:`measure_alone`."""
+    """``python -m benchmarks.ct2 --size S --batches 1,8 --new-tokens N``: :func:`peers` served to a parent that
+    times them in turn with other processes' engines (:func:`benchmarks.turns.serve`)."""
     import argparse
-    import json
+    import tempfile
 
+    from benchmarks import turns
     from benchmarks.common import parse_args
 
-    p = argparse.ArgumentParser(description=measure_alone.__doc__)
+    p = argparse.ArgumentParser(description=peers.__doc__)
     p.add_argument("--size", required=True)
     p.add_argument("--batches", required=True)
     p.add_argument("--new-tokens", type=int, required=True)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", required=True)
     args = parse_args(p, argv)
-    result = measure_alone(args.size, [int(b) for b in args.batches.split(",")], args.new_tokens, args.warmup,
-                           args.repeats)  # fmt: skip
-    Path(args.out).write_text(json.dumps({str(k): v for k, v in result.items()}))
+    with tempfile.TemporaryDirectory() as folder:
+        turns.serve(peers(args.size, [int(b) for b in args.batches.split(",")], args.new_tokens, folder))
 
 
 if __name__ == "__main__":

@@ -16,28 +16,25 @@ ranks among the top candidates; the output lengths are checked. ``same_ids``: ev
 ones) made Hugging Face's ids. Tokens/s counts generated tokens (batch × new tokens; beams are not counted twice) over
 the whole call, the encoder included.
 
-CTranslate2 runs in this process by default (``--ct2 same``) or, with ``--ct2 child``, in a child process
-(:func:`benchmarks.ct2.measure_alone`: the same weights, inputs, threads and repeats; its ids join the same-ids
-check). In one process its OpenMP runtime slows torch's decoding: after CTranslate2's first call, torch's threads
-sleep and wake at every parallel region (voluntary context switches 0 → ~3,500 per 64-token call) and mmformer's
-batch-1 int8 decoding fell from 266–335 to 145–155 tokens/s (fp32: 148 → 127), measured on the 2-core EPYC.
-With ``--ct2 child``, mmformer's float32 (eager, and compiled unless ``--no-compile``) and int8 (unless
-``--no-int8``) are also measured alone the same way (``mmformer_alone``, ``compiled_alone``, ``int8_alone``: a child
-process running only those, :func:`mmformer_alone`), so that each engine
-is timed with the same company: in this process five peers' weights (Hugging Face's among them) take turns in the
-CPU's caches, in CTranslate2's child two (on the Intel Xeon with a 300 MB L3, mmformer's batch-8 decoding ran 15 %
-slower right after Hugging Face's than after its own).
+CTranslate2 runs in this process by default (``--ct2 same``) or, with ``--ct2 child``, in a child process of its
+own (:func:`benchmarks.ct2.peers`: the same weights, inputs and threads; its ids join the same-ids check). In one
+process its OpenMP runtime slows torch's decoding: after CTranslate2's first call, torch's threads sleep and wake at
+every parallel region (voluntary context switches 0 → ~3,500 per 64-token call) and mmformer's batch-1 int8
+decoding fell from 266–335 to 145–155 tokens/s (fp32: 148 → 127), measured on the 2-core EPYC. With ``--ct2 child``,
+mmformer's float32 (eager, and compiled unless ``--no-compile``) and int8 (unless ``--no-int8``) also run in a child
+of their own (``mmformer_alone``, ``compiled_alone``, ``int8_alone``: :func:`alone_peers`), and the two children's
+engines are timed call by call in turn (:mod:`benchmarks.turns`), so that each engine is timed with the same company
+and the VM's drift moves all alike: in this process five peers' weights (Hugging Face's among them) take turns in the
+CPU's caches (on the Intel Xeon with a 300 MB L3, mmformer's batch-8 decoding ran 15 % slower right after Hugging
+Face's than after its own), and children run one after the other measured the drift too.
 
     python -m benchmarks.generate [--size whisper-tiny] [--batches 1,8] [--beams 1,4] [--new-tokens 64] [--no-compile]
-                                  [--ct2 same|child|off] [--rounds N] [--no-int8] [--int8-mode static|dynamic]
+                                  [--ct2 same|child|off] [--no-int8] [--int8-mode static|dynamic]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -211,9 +208,7 @@ def measure(
         _check_length(name, ids[name], batch, prompt + n)
     seconds = interleaved(peers, warmup=args.warmup, repeats=args.repeats)
     tps = {name: batch * n / s for name, s in seconds.items()}
-    apart = dict(apart or {})
-    by_round = apart.pop("rounds", {})
-    for name, (tok_s, rows) in apart.items():
+    for name, (tok_s, rows) in (apart or {}).items():
         tps[name], ids[name] = tok_s, torch.tensor(rows)
         _check_length(name, ids[name], batch, prompt + n)
     row = {"task": task, "batch": batch, "search": "greedy" if beams == 1 else f"beam {beams}", "new_tokens": n}
@@ -232,21 +227,9 @@ def measure(
     for peer, base in pairs:
         if peer in tps and base in tps:
             row[f"{peer}_vs_{base}"] = tps[peer] / tps[base]
-    for name, ratios in by_round.items():
-        row[name] = "/".join(f"{x:.2f}" for x in ratios)
     reference = ids["hf" if "hf" in ids else "mmformer"]
     row["same_ids"] = all(torch.equal(reference, other) for name, other in ids.items() if name not in INT8_PEERS)
     return row
-
-
-def ct2_in_child(args: argparse.Namespace, out: Path) -> dict:
-    """CTranslate2's peers measured by ``python -m benchmarks.ct2`` in a child process (same weights, inputs, threads
-    and repeats): ``{batch: {name: (tokens/s, ids)}}`` as JSON keys."""
-    command = [sys.executable, "-m", "benchmarks.ct2", "--size", args.size, "--new-tokens", str(args.new_tokens),
-               "--batches", ",".join(map(str, args.batches)), "--warmup", str(args.warmup), "--repeats",
-               str(args.repeats), "--threads", str(torch.get_num_threads()), "--out", str(out)]  # fmt: skip
-    subprocess.run(command, check=True, cwd=Path(__file__).resolve().parent.parent)
-    return json.loads(out.read_text())
 
 
 def speech_features(size: str, batch: int) -> torch.Tensor:
@@ -280,11 +263,11 @@ def int8_model(ours: MultimodalTransformer, args: argparse.Namespace):
                          compile=args.compile and not args.tiny)  # fmt: skip
 
 
-def mmformer_alone(args: argparse.Namespace) -> dict:
+def alone_peers(args: argparse.Namespace) -> dict:
     """mmformer's greedy float32 (eager, and compiled unless ``--no-compile``) and (unless ``--no-int8``) PT2E int8
-    decoding, timed in this process with no other peer (as :func:`benchmarks.ct2.measure_alone` times CTranslate2's
-    two): ``{batch: {"mmformer_alone": (tok_s, ids), "compiled_alone": ..., "int8_alone": ...}}``, on
-    :func:`speech_rows`'s weights and inputs (same seeds)."""
+    decoding on :func:`speech_rows`'s weights and inputs (same seeds), for a child process with no other engine
+    (:mod:`benchmarks.turns`), as CTranslate2's run in theirs: ``{"{batch}/mmformer_alone": call, "{batch}/
+    compiled_alone": ..., "{batch}/int8_alone": ...}``, each call returning the ids."""
     _, ours = whisper_pair(args.size)
     int8 = int8_model(ours, args) if args.int8 else None
     out = {}
@@ -292,51 +275,35 @@ def mmformer_alone(args: argparse.Namespace) -> dict:
         features = speech_features(args.size, batch)
         prompt = torch.tensor([[START, NO_TIMESTAMPS]]).expand(batch, -1)
         options = dict(audio_features=features, prompt_ids=prompt, max_new_tokens=args.new_tokens)
-        peers = {"mmformer_alone": lambda o=options: generate(ours, **o)}
+        out[f"{batch}/mmformer_alone"] = lambda o=options: generate(ours, **o)
         if args.compile:
-            peers["compiled_alone"] = lambda o=options: generate(ours, **o, cache="static", compile=True)
+            out[f"{batch}/compiled_alone"] = lambda o=options: generate(ours, **o, cache="static", compile=True)
         if int8 is not None:
-            peers["int8_alone"] = lambda o=options: int8.generate(**o)
-        seconds = interleaved(peers, warmup=max(1, args.warmup), repeats=args.repeats)
-        out[str(batch)] = {name: (batch * args.new_tokens / s, peers[name]().tolist()) for name, s in seconds.items()}
+            out[f"{batch}/int8_alone"] = lambda o=options: int8.generate(**o)
     return out
 
 
-def mmformer_in_child(args: argparse.Namespace, out: Path) -> dict:
-    """:func:`mmformer_alone` in a child process (``--alone-json``), with this run's size, batches, tokens, threads
-    and repeats."""
+def alone_in_turns(args: argparse.Namespace) -> dict:
+    """CTranslate2 (:func:`benchmarks.ct2.peers`) and mmformer (:func:`alone_peers`), each engine in a child process
+    of its own, timed call by call in turn (:func:`benchmarks.turns.interleaved`; same weights, inputs, threads,
+    warm-up and repeats): ``{batch: {name: (tokens/s, ids)}}`` as JSON keys."""
+    from benchmarks import turns
+
+    common = ["--new-tokens", str(args.new_tokens), "--batches", ",".join(map(str, args.batches)), "--threads",
+              str(torch.get_num_threads())]  # fmt: skip
     size = ["--tiny"] if args.tiny else ["--size", args.size]  # --tiny sets the smoke run's size, batches and tokens
-    command = [sys.executable, "-m", "benchmarks.generate", *size, "--new-tokens", str(args.new_tokens),
-               "--batches", ",".join(map(str, args.batches)), "--warmup", str(args.warmup), "--repeats",
-               str(args.repeats), "--threads", str(torch.get_num_threads()), "--alone-json", str(out), "--no-save",
-               "--compile" if args.compile else "--no-compile", "--int8" if args.int8 else "--no-int8",
-               "--int8-mode", args.int8_mode]  # fmt: skip
-    subprocess.run(command, check=True, cwd=Path(__file__).resolve().parent.parent)
-    return json.loads(out.read_text())
-
-
-def alone_rounds(args: argparse.Namespace, folder: Path) -> dict:
-    """CTranslate2's child (:func:`ct2_in_child`) and mmformer's alone child (:func:`mmformer_in_child`), one after
-    the other, ``--rounds`` times: ``{batch: {name: (median tokens/s over the rounds, the first round's ids)}}``, and
-    under ``"rounds"`` each round's alone ratios (:data:`ALONE_PAIRS`). This VM's speed drifts by more than the gaps
-    measured between processes minutes apart (CTranslate2 float32 at batch 8: 835–1,206 tokens/s in three runs of one
-    hour), so a single pair of children can land on either side of 1."""
-    rounds = []
-    for r in range(args.rounds):
-        measured = ct2_in_child(args, folder / f"ct2-{r}.json")
-        for batch, peers in mmformer_in_child(args, folder / f"mmformer-{r}.json").items():
-            measured.setdefault(batch, {}).update(peers)
-        rounds.append(measured)
-    merged = {}
-    for batch, peers in rounds[0].items():
-        merged[batch] = {name: (statistics.median(r[batch][name][0] for r in rounds), ids)
-                         for name, (_, ids) in peers.items()}  # fmt: skip
-        merged[batch]["rounds"] = {
-            f"{peer}_vs_{base}_rounds": [r[batch][peer][0] / r[batch][base][0] for r in rounds]
-            for peer, base in ALONE_PAIRS
-            if peer in peers and base in peers
-        }
-    return merged
+    ours = [sys.executable, "-m", "benchmarks.generate", *size, *common, "--alone-serve", "--no-save",
+            "--compile" if args.compile else "--no-compile", "--int8" if args.int8 else "--no-int8",
+            "--int8-mode", args.int8_mode]  # fmt: skip
+    theirs = [sys.executable, "-m", "benchmarks.ct2", "--size", args.size, *common]
+    root = Path(__file__).resolve().parent.parent
+    with turns.Child(theirs, cwd=root) as ct2, turns.Child(ours, cwd=root) as mmformer:
+        measured = turns.interleaved([ct2, mmformer], warmup=max(1, args.warmup), repeats=args.repeats)
+    out: dict = {}
+    for key, (seconds, ids) in measured.items():
+        batch, name = key.split("/")
+        out.setdefault(batch, {})[name] = (int(batch) * args.new_tokens / seconds, ids)
+    return out
 
 
 def speech_rows(args: argparse.Namespace) -> list[dict]:
@@ -348,7 +315,7 @@ def speech_rows(args: argparse.Namespace) -> list[dict]:
 
             extra |= ct2.whisper_models(hf, whisper_specials(hf), folder)
         elif args.ct2 == "child":
-            apart = alone_rounds(args, Path(folder))
+            apart = alone_in_turns(args)
         if args.int8:
             extra["int8"] = int8_model(ours, args)
         rows = []
@@ -406,25 +373,18 @@ def main(argv: list[str] | None = None) -> None:
         help="the int8 peer's activations: static (calibrated on noise clips; its linear layers run inductor's C++ "
         "GEMM templates) or dynamic (scales at run time; oneDNN's kernels); default: static",
     )
-    p.add_argument(
-        "--rounds",
-        type=int,
-        default=1,
-        help="with --ct2 child: the CTranslate2 and mmformer-alone children run this many times, alternately; each "
-        "peer's figure is its median over the rounds, and each round's alone ratios are listed (default: 1)",
-    )
-    p.add_argument("--alone-json", help=argparse.SUPPRESS)  # the child of --ct2 child: mmformer_alone() only
+    p.add_argument("--alone-serve", action="store_true", help=argparse.SUPPRESS)  # --ct2 child's: alone_peers()
     p.set_defaults(repeats=10)  # a decode is short: more repeats steady the medians on a shared machine
     args = parse_args(p, argv)
-    if args.rounds < 1:
-        p.error(f"--rounds: expected a count of at least 1, got {args.rounds}")
     if args.tiny:
         args.size, args.repeats, args.warmup, args.new_tokens = "smoke", 1, 0, 4
         args.batches, args.beams = "2", "1,2"
     args.batches = [int(b) for b in str(args.batches).split(",")]
     args.beams = [int(k) for k in str(args.beams).split(",")]
-    if args.alone_json:
-        Path(args.alone_json).write_text(json.dumps(mmformer_alone(args)))
+    if args.alone_serve:
+        from benchmarks import turns
+
+        turns.serve(alone_peers(args))
         return
     ct2 = args.ct2 != "off"
     compiled = ["compiled_tok_s", "compile_s"] if args.compile else []
@@ -439,11 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     alone = args.ct2 == "child"  # mmformer's peers also timed alone, as CTranslate2's
     columns += ["mmformer_alone_tok_s", "mmformer_alone_vs_ct2_float32"] * alone
     columns += ["compiled_alone_tok_s", "compiled_alone_vs_ct2_float32"] * (alone and args.compile)
-    columns += ["int8_alone_tok_s", "int8_alone_vs_ct2_int8"] * (alone and args.int8)
-    if alone and args.rounds > 1:
-        columns += [c for c in ("mmformer_alone_vs_ct2_float32_rounds", "compiled_alone_vs_ct2_float32_rounds",
-                                "int8_alone_vs_ct2_int8_rounds") if any(c in row for row in rows)]  # fmt: skip
-    columns += ["same_ids"]
+    columns += ["int8_alone_tok_s", "int8_alone_vs_ct2_int8"] * (alone and args.int8) + ["same_ids"]
     print(table(rows, columns))
     if not args.skip_caption:
         captions = caption_rows(args)

@@ -84,11 +84,11 @@ def test_gpu_check_runs_at_tiny_size_on_cpu(tmp_path, capsys):
 @pytest.mark.slow
 def test_generate_measures_ctranslate2_in_a_child_process(capsys):
     """``--ct2 child``: CTranslate2's rows come from ``python -m benchmarks.ct2`` in a child process, and mmformer's
-    float32 is also timed alone in another (same weights and inputs: their ids join the same-ids check); with
-    ``--rounds 2`` the two children run twice and each round's ratio is listed."""
+    float32 is also timed alone in another, the two children's engines called in turn (same weights and inputs:
+    their ids join the same-ids check)."""
     pytest.importorskip("ctranslate2")
     importlib.import_module("benchmarks.generate").main(
-        ["--tiny", "--no-save", "--ct2", "child", "--rounds", "2", "--skip-caption", "--no-compile", "--no-int8"]
+        ["--tiny", "--no-save", "--ct2", "child", "--skip-caption", "--no-compile", "--no-int8"]
     )  # the int8 peers' own rows: the smoke run of benchmarks.generate in test_benchmark_runs_and_prints_its_table
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("task"))
@@ -97,4 +97,23 @@ def test_generate_measures_ctranslate2_in_a_child_process(capsys):
         assert column in header, out
     values = dict(zip(header.split(), row.replace("speech (smoke)", "speech").split()))
     assert float(values["mmformer_alone_tok_s"].replace(",", "")) > 0 and values["same_ids"] == "True", out
-    assert len(values["mmformer_alone_vs_ct2_float32_rounds"].split("/")) == 2, out
+
+
+def test_turns_alternates_children_and_names_a_child_that_died():
+    """``benchmarks.turns``: two children's peers answer in turn with their ids; clashing peer names and a child
+    that ends without answering are errors naming what went wrong."""
+    from benchmarks import turns
+
+    child = "from benchmarks import turns; import torch; turns.serve({{'{0}': lambda: torch.tensor([{1}])}})"
+    root = Path(__file__).resolve().parent.parent
+    with (
+        turns.Child([sys.executable, "-c", child.format("a", 1)], cwd=root) as a,
+        turns.Child([sys.executable, "-c", child.format("b", 2)], cwd=root) as b,
+    ):
+        measured = turns.interleaved([a, b], warmup=1, repeats=2, rest=0.0)
+        assert {name: ids for name, (_, ids) in measured.items()} == {"a": [1], "b": [2]}
+        assert all(seconds >= 0 for seconds, _ in measured.values())
+        with pytest.raises(ValueError, match="distinct peer names"):
+            turns.interleaved([a, a], repeats=1, rest=0.0)
+    with pytest.raises(RuntimeError, match="exit 3"):
+        turns.Child([sys.executable, "-c", "raise SystemExit(3)"], cwd=root)

@@ -62,7 +62,7 @@ class FrozenCompile:
         graphs: int | None = None,
     ):
         self._settings = {"freezing": True, **(inductor or {})}
-        self._graph_limit = graphs if graphs is not None else torch._dynamo.config.recompile_limit
+        self._dynamo = {} if graphs is None else {"recompile_limit": graphs}
         self._globals: dict[str, Any] = {}
         if isinstance(fn, types.FunctionType):
             code = fn.__code__.replace()
@@ -89,7 +89,7 @@ class FrozenCompile:
     def __call__(self, *inputs: Any) -> Any:
         import torch._inductor.config as inductor
 
-        with inductor.patch(self._settings), torch._dynamo.config.patch(recompile_limit=self._graph_limit):
+        with inductor.patch(self._settings), torch._dynamo.config.patch(self._dynamo):
             return self._compiled(*inputs)
 
     def again(self, *inputs: Any) -> Any:
