@@ -265,14 +265,12 @@ class PT2EModel:
             raise ValueError(f"generate: expected exactly one of image=, audio= / audio_features=, input_ids=; got "
                              f"{given or 'none'}")  # fmt: skip
         graph = {"image": "image_encoder", "input_ids": "text_encoder"}.get(given[0], "audio_encoder")
-        if graph not in self.graphs:
+        if graph not in self.graphs:  # a tower left unquantized: the float model's memory, as generate makes it
+            from mmformer.generation.decoding import _memory
+
             with torch.no_grad():
-                if image is not None:
-                    return self.model.encode_image_tokens(image)
-                if input_ids is not None:
-                    return self.model.encode_text_tokens(input_ids, attention_mask)
-                return self.model.encode_audio_tokens(audio, audio_lengths, audio_features=audio_features,
-                                                      feature_lengths=feature_lengths)  # fmt: skip
+                return _memory(self.model, image, audio, audio_lengths, audio_features, feature_lengths, input_ids,
+                               attention_mask)  # fmt: skip
         if image is not None:
             states = self.run("image_encoder", image)[1]
             return states, torch.ones(states.shape[:2], dtype=torch.bool)
