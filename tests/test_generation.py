@@ -65,25 +65,25 @@ def test_a_large_head_times_its_layouts_once_and_every_layout_gives_the_heads_lo
     """Decoding rows through an LM head of at least 2**22 weights take the GEMM layout that ran fastest here (timed
     once per row and thread count, then remembered): every layout equals the head's own call, and a batch's rows are
     each what they are alone."""
-    from mmformer.generation import search
+    from mmformer.generation import lm_head
 
-    vocab = search._LARGE_HEAD // 16 + 7  # width 16: just over the threshold
+    vocab = lm_head._LARGE_HEAD // 16 + 7  # width 16: just over the threshold
     model = MultimodalTransformer(make_model_config(text={"vocab_size": vocab}, tie_lm_head=False)).eval()
     hidden = torch.randn(3, 5, 16)
     weight = model.lm_head.weight
-    search._HEAD_LAYOUTS.clear()
-    packed = ("mkl-packed",) if search._MKL_PACKED else ()
+    lm_head._HEAD_LAYOUTS.clear()
+    packed = ("mkl-packed",) if lm_head._MKL_PACKED else ()
     with torch.no_grad():
         expected = model.lm_head(hidden[:, -1])
         for rows in (1, 3):
             for layout in ("linear", "weight-major", *packed, "two-columns")[: None if rows == 1 else -1]:
-                got = search._project(weight, hidden[:rows, -1], layout)
+                got = lm_head.project(weight, hidden[:rows, -1], layout)
                 torch.testing.assert_close(got, expected[:rows], atol=1e-4, rtol=1e-4, msg=layout)
-        one = search._last_logits(model, hidden[:1], search.head_layout(model, hidden[:1, -1]))
-        many = search._last_logits(model, hidden, search.head_layout(model, hidden[:, -1]))
+        one = lm_head.last_logits(model, hidden[:1], lm_head.head_layout(model, hidden[:1, -1]))
+        many = lm_head.last_logits(model, hidden, lm_head.head_layout(model, hidden[:, -1]))
     threads = torch.get_num_threads()
-    chosen = {key[2]: layout for key, layout in search._HEAD_LAYOUTS.items() if key[0] == (vocab, 16)}
-    assert set(chosen) == {1, 3} and all(key[3] == threads for key in search._HEAD_LAYOUTS)
+    chosen = {key[2]: layout for key, layout in lm_head._HEAD_LAYOUTS.items() if key[0] == (vocab, 16)}
+    assert set(chosen) == {1, 3} and all(key[3] == threads for key in lm_head._HEAD_LAYOUTS)
     assert chosen[3] in ("linear", "weight-major", *packed)
     assert one.shape == (1, vocab) and many.shape == (3, vocab)
     torch.testing.assert_close(one, expected[:1], atol=1e-4, rtol=1e-4)
@@ -95,22 +95,22 @@ def test_a_large_head_times_its_layouts_once_and_every_layout_gives_the_heads_lo
 def test_a_packed_head_follows_its_weight_when_the_weight_changes():
     """The packed copy of a head is made once per row count and made again when the weight changes in place (a
     load_state_dict, an optimizer step): never a stale product."""
-    from mmformer.generation import search
+    from mmformer.generation import lm_head
 
     weight, h = torch.randn(300, 16), torch.randn(4, 16)
     with torch.no_grad():
-        torch.testing.assert_close(search._project(weight, h, "mkl-packed"), h @ weight.T, atol=1e-5, rtol=1e-5)
-        first = search._packed_weight(weight, 4)
-        assert search._packed_weight(weight, 4) is first  # kept
+        torch.testing.assert_close(lm_head.project(weight, h, "mkl-packed"), h @ weight.T, atol=1e-5, rtol=1e-5)
+        first = lm_head._packed_weight(weight, 4)
+        assert lm_head._packed_weight(weight, 4) is first  # kept
         weight.mul_(-2.0)  # in place: the version counter moves
-        torch.testing.assert_close(search._project(weight, h, "mkl-packed"), h @ weight.T, atol=1e-5, rtol=1e-5)
-        assert search._packed_weight(weight, 4) is not first
-        for rows in range(1, 2 + search._PACKS_PER_WEIGHT):
-            search._project(weight, h[:1].expand(rows, -1), "mkl-packed")
-        assert len(search._packed[id(weight)]) == search._PACKS_PER_WEIGHT  # a bounded number of copies
+        torch.testing.assert_close(lm_head.project(weight, h, "mkl-packed"), h @ weight.T, atol=1e-5, rtol=1e-5)
+        assert lm_head._packed_weight(weight, 4) is not first
+        for rows in range(1, 2 + lm_head._PACKS_PER_WEIGHT):
+            lm_head.project(weight, h[:1].expand(rows, -1), "mkl-packed")
+        assert len(lm_head._packed[id(weight)]) == lm_head._PACKS_PER_WEIGHT  # a bounded number of copies
     key = id(weight)
     del weight
-    assert key not in search._packed  # freed with the weight
+    assert key not in lm_head._packed  # freed with the weight
 
 
 # ---------------------------------------------------------------- the cache changes nothing

@@ -8,7 +8,6 @@ S memory tokens, D width.
 
 from __future__ import annotations
 
-import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -17,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmformer.generation.lm_head import graph_layout, head_layout, last_logits, step_ids, step_logits
 from mmformer.generation.score_processing import ScoreProcessor, apply_processors
 from mmformer.generation.token_choice import Greedy, Sampler, StopStrings
-from mmformer.io.weights import is_plain_tensor, model_device
+from mmformer.io.weights import model_device
 from mmformer.layers.freezing import FrozenCompile
 
 if TYPE_CHECKING:
@@ -32,106 +32,6 @@ CACHE_STEP = 64  # KV cache positions allocated beyond the prompt at first; the 
 
 
 # ---------------------------------------------------------------------- running the decoder
-_FEW_ROWS = 64  # decoding steps of at most this many rows choose their LM head's GEMM layout on CPU (see below)
-_LARGE_HEAD = 1 << 22  # weight elements (16 MB in float32) from which the layout is timed (see head_layout)
-
-
-def _last_logits(model: MultimodalTransformer, hidden: torch.Tensor, layout: str | None = None) -> torch.Tensor:
-    """Decoder states (N, T, D) → float32 logits (N, V) of the last position only (the one generation needs),
-    through the LM head's GEMM ``layout`` (:func:`head_layout`; None: the head's own call)."""
-    head = model.lm_head
-    if layout is None:  # 3-D as in training: torchao's static int8 layers keep the input rank they were calibrated at
-        return head(hidden[:, -1:])[:, 0].float()
-    return _project(head.weight, hidden[:, -1], layout).float()  # only a plain nn.Linear head has a layout
-
-
-def head_layout(model: MultimodalTransformer, h: torch.Tensor) -> str | None:
-    """The GEMM layout of the LM head for decoding rows h (N, D), or None where the head runs through its own call.
-
-    For the few rows of a decoding step on CPU, a plain bias-free ``nn.Linear`` LM head chooses its layout: the
-    head is the largest single cost of a step at whisper-tiny's 51,865 × 384 (BENCHMARKS.md, "Decoding at
-    whisper-tiny dimensions"), and which layout MKL runs fastest differs between CPUs — on a 2-core AMD EPYC
-    ``W @ hᵀ`` took 0.6× the time of ``F.linear``'s ``h @ Wᵀ`` and one row ran fastest as two columns (a GEMM
-    instead of a single-threaded GEMV), while on an Intel Xeon one row as two columns took 2× ``F.linear``'s time,
-    and 8 rows ran in half the time through MKL's packed weight (:func:`_packed_weight`).
-    A large head (:data:`_LARGE_HEAD`) times the layouts once per shape, row count and thread count
-    (:func:`_head_layout`); a small one takes ``W @ hᵀ``. Any other head — one that peft wraps (LoRA, trainable
-    tokens, modules to save), a subclass — goes through its own call: nothing here reads attributes of a module that
-    may not be an ``nn.Linear``. Chosen outside compiled graphs (no timing inside a trace): :class:`DecoderRunner`
-    chooses at the prompt and passes the layout to every step, compiled or not (:func:`graph_layout`)."""
-    head = model.lm_head
-    if type(head) is nn.Linear and head.bias is None and h.device.type == "cpu" and h.shape[0] <= _FEW_ROWS:
-        weight = head.weight  # (V, D)
-        if is_plain_tensor(weight) and h.dtype == weight.dtype:  # not a quantized (tensor subclass) weight
-            return "weight-major" if weight.numel() < _LARGE_HEAD else _head_layout(weight, h)
-    return None
-
-
-def graph_layout(layout: str | None) -> str | None:
-    """The layout a compiled step runs for an eager ``layout``: MKL's packed copy lives in a Python cache that a graph
-    cannot read, so a packed head runs as ``F.linear`` there (inductor's own GEMM; with freezing, the same packed
-    operator); every other layout is a plain product a graph runs as it is."""
-    return "linear" if layout == "mkl-packed" else layout
-
-
-_HEAD_LAYOUTS: dict[tuple, str] = {}  # (weight shape, dtype, rows, threads, packed allowed) → the fastest layout
-_MKL_PACKED = torch._C.has_mkl and hasattr(torch.ops.mkl, "_mkl_linear")  # MKL's packed-weight GEMM (x86 builds)
-_PACKS_PER_WEIGHT = 4  # row counts whose packed copy of a head is kept (each as large as the weight)
-_packed: dict[int, dict[tuple[int, int], torch.Tensor]] = {}  # id(weight) → {(rows, version): packed}, while it lives
-
-
-def _packed_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """MKL's packed copy of ``weight`` for products of ``rows`` rows, made once and kept beside the weight (a changed
-    weight — its version counter — is packed again). A float32 GEMM with few rows otherwise packs the whole weight
-    into MKL's panel layout at every call: at whisper-tiny's 51,865 × 384 head and 8 rows, 3.8 → 2.0 ms a step
-    (Intel Xeon, 2 threads); inductor's frozen CPU graphs use the same operator for their linear layers."""
-    packs = _packed.get(id(weight))
-    if packs is None:
-        packs = _packed[id(weight)] = {}
-        weakref.finalize(weight, _packed.pop, id(weight), None)  # dropped with the weight (its id may be reused)
-    key = (rows, weight._version)
-    if key not in packs:
-        while len(packs) >= _PACKS_PER_WEIGHT:
-            packs.pop(next(iter(packs)))
-        packs[key] = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
-    return packs[key]
-
-
-def _project(weight: torch.Tensor, h: torch.Tensor, layout: str) -> torch.Tensor:
-    """``h @ weightᵀ`` (N, V) of rows h (N, D) and a (V, D) weight, computed in one of the GEMM layouts."""
-    if layout == "weight-major":
-        return torch.mm(weight, h.t()).t()
-    if layout == "two-columns":  # one row computed twice: MKL runs a one-column product as a GEMV, two as a GEMM
-        return torch.mm(weight, torch.cat([h, h]).t())[:, :1].t()
-    if layout == "mkl-packed":
-        rows = h.shape[0]
-        return torch.ops.mkl._mkl_linear(h.contiguous(), _packed_weight(weight, rows), weight, None, rows)
-    return F.linear(h, weight)
-
-
-def _head_layout(weight: torch.Tensor, h: torch.Tensor, repeats: int = 3) -> str:
-    """The fastest layout of :func:`_project` for this weight, row count and thread count: each candidate is timed
-    once (two warm-up calls, then the fastest of ``repeats`` calls; ~60 ms in all at whisper-tiny, packing included)
-    on first use in the process, and remembered. The layouts compute the same products; their float rounding may
-    differ in the last bits."""
-    packed = ("mkl-packed",) if _MKL_PACKED and weight.dtype == torch.float32 and not torch.is_grad_enabled() else ()
-    key = (tuple(weight.shape), weight.dtype, h.shape[0], torch.get_num_threads(), bool(packed))
-    layout = _HEAD_LAYOUTS.get(key)
-    if layout is None:
-        seconds = {}
-        for name in ("linear", "weight-major", *packed) + (("two-columns",) if h.shape[0] == 1 else ()):
-            for _ in range(2):  # warm-up: a new packed weight runs its first calls 2x slower (first touch)
-                _project(weight, h, name)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                _project(weight, h, name)
-                times.append(time.perf_counter() - start)
-            seconds[name] = min(times)
-        layout = _HEAD_LAYOUTS[key] = min(seconds, key=seconds.__getitem__)
-    return layout
-
-
 def _next_logits(
     model: MultimodalTransformer,
     new: torch.Tensor,
@@ -140,8 +40,9 @@ def _next_logits(
     layout: str | None = None,
 ) -> torch.Tensor:
     """One cached decoder step without input checks: new ids (N, T) → float32 logits (N, V) of the last one, through
-    the LM head's ``layout`` (:func:`head_layout`; a constant of a compiled graph)."""
-    return _last_logits(model, model.decode_step(new, memory_mask=memory_mask, cache=cache), layout)
+    the LM head's ``layout`` (:func:`~mmformer.generation.lm_head.head_layout`; a constant of a compiled graph) —
+    or, for the head's screen, the last one's states (N, D)."""
+    return last_logits(model, model.decode_step(new, memory_mask=memory_mask, cache=cache), layout)
 
 
 _compiled_next_logits: Callable | None = None
@@ -337,6 +238,17 @@ class DecoderRunner:
 
     def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens so far (N, L) → float32 logits (N, V) for position L."""
+        return step_logits(self.model, self._advance(tokens, ids_only=False), self.layout)
+
+    def next_ids(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens so far (N, L) → the most likely token at position L (N,), for greedy decoding without score
+        processors: the float32 head's argmax, through its screen where that is the fastest way here
+        (:class:`~mmformer.generation.lm_head.HeadScreen`), without computing every logit."""
+        return step_ids(self.model, self._advance(tokens, ids_only=True), self.layout)
+
+    def _advance(self, tokens: torch.Tensor, ids_only: bool) -> torch.Tensor:
+        """Tokens so far (N, L) → the step's output for position L: float32 logits (N, V), or the last states
+        (N, D) where the head's layout, chosen at the prompt (``ids_only``: for :meth:`next_ids`), is the screen."""
         if self.use_cache:
             self._reserve(*tokens.shape)
         if self.cache is not None and self.cache.length > 0:  # the model's own tokens, one step further: no checks
@@ -344,11 +256,11 @@ class DecoderRunner:
             new = tokens[:, seen:]  # (N, 1)
             if self.static:  # one layout every step (a beam's rows are views of varying strides): one graph
                 new = new.contiguous()
-            logits = self._step(self.model, new, self.memory_mask, self.cache, self.layout)
+            out = self._step(self.model, new, self.memory_mask, self.cache, self.layout)
             # every later step has this one's signature (shapes, the same cache and mask): a frozen step is called
             # without the settings only a compile reads (FrozenCompile.again)
             self._step = getattr(self.step, "again", self.step)
-            return logits
+            return out
         # the prompt (or, without a cache, everything so far): validated like any user input
         if self.compiled:
             _check_compilable(self.model, tokens.shape[0])
@@ -366,9 +278,9 @@ class DecoderRunner:
         )
         if self.cache is not None:
             self.memory = None  # the cache now holds the cross-attention keys/values; don't carry (or reorder) it
-        layout = head_layout(self.model, hidden[:, -1])
+        layout = head_layout(self.model, hidden[:, -1], ids_only=ids_only)
         self.layout = graph_layout(layout) if self.compiled else layout
-        return _last_logits(self.model, hidden, layout)
+        return last_logits(self.model, hidden, layout)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` (N,) of the cached self-attention keys/values, as beam search reassigns hypotheses.
@@ -412,12 +324,18 @@ class TokenSearch:
         tokens = prompt.new_empty(B, min(max_length, 2 * cur + 64))
         tokens[:, :cur] = prompt
         done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+        # greedy without score processors needs no scores, only each row's most likely token (a runner may find it
+        # without computing every logit: DecoderRunner.next_ids)
+        ids_only = not self.processors and type(self.chooser) is Greedy and hasattr(runner, "next_ids")
         while cur < max_length:
             if cur == tokens.shape[1]:
                 tokens = torch.cat([tokens, tokens.new_empty(B, min(max_length, 2 * cur) - cur)], dim=1)
             so_far = tokens[:, :cur]  # (B, cur)
-            scores = apply_processors(self.processors, runner.next_logits(so_far), so_far, cur - n_prompt)  # (B, V)
-            next_ids = self.chooser.choose(scores)  # (B,)
+            if ids_only:
+                next_ids = runner.next_ids(so_far)  # (B,)
+            else:
+                scores = apply_processors(self.processors, runner.next_logits(so_far), so_far, cur - n_prompt)  # (B,V)
+                next_ids = self.chooser.choose(scores)  # (B,)
             next_ids.masked_fill_(done, self.pad_id)
             tokens[:, cur] = next_ids
             if streamer is not None:
