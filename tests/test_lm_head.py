@@ -95,17 +95,27 @@ def test_a_width_the_int8_kernel_cannot_serve_gets_no_screen():
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_greedy_decoding_through_the_screen_makes_the_whole_heads_ids(make_model_config, monkeypatch, compiled):
     """A large head (≥ 2**22 weights) whose layout is the screen: greedy decoding makes the ids of decoding through
-    the whole float32 head (eager; compiled with a static cache, where the frozen step returns its rows); sampling
-    and score processors still see every logit."""
+    the whole float32 head — with processors that only forbid tokens too (min_new_tokens, forced_eos, a checkpoint's
+    suppressed tokens), eager and compiled with a static cache (where the frozen step returns its rows); a processor
+    that changes scores (the repetition penalty) gets every logit."""
     vocab = lm_head._LARGE_HEAD // 16 + 7  # width 16
-    model = MultimodalTransformer(make_model_config(text={"vocab_size": vocab}, tie_lm_head=False)).eval()
+    config = make_model_config(
+        text={"vocab_size": vocab}, tie_lm_head=False, generation={"suppress_tokens": list(range(0, vocab, 3))}
+    )
+    model = MultimodalTransformer(config).eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 1.0)
         model.text_embed.tokens.weight.normal_(0, 1.0)
+        model.lm_head.weight[config.text.eos_id] *= 30  # end-of-text often the largest: the length rules matter
     options = dict(image=torch.randn(3, 3, 16, 16), max_new_tokens=6)
     if compiled:
         options |= dict(cache="static", compile=True)
-    whole = generate(model, **options, repetition_penalty=1.0001)  # a processor: the whole head, every step
+    rules = [{}, dict(min_new_tokens=6), dict(min_new_tokens=6, forced_eos=True)]  # 6 new tokens at most
+    with monkeypatch.context() as patch:
+        patch.setattr(lm_head, "_INT8_ROWS", False)  # no screen: the whole head
+        whole = [generate(model, **options, **rule) for rule in rules]
+    assert whole[0].shape != whole[1].shape or not torch.equal(whole[0], whole[1])  # the length rules bite
+    assert whole[1].shape != whole[2].shape or not torch.equal(whole[1], whole[2])
     used = []
     real_head_layout = lm_head._head_layout
 
@@ -115,6 +125,8 @@ def test_greedy_decoding_through_the_screen_makes_the_whole_heads_ids(make_model
         return layout
 
     monkeypatch.setattr(lm_head, "_head_layout", screen_for_ids)
-    screened = generate(model, **options)
-    assert used == [lm_head.SCREEN] and torch.equal(screened, whole)
-    assert torch.equal(generate(model, **options, repetition_penalty=1.0001), whole)  # logits: not the screen
+    for rule, expected in zip(rules, whole):
+        assert torch.equal(generate(model, **options, **rule), expected), rule
+    assert used == [lm_head.SCREEN] * len(rules)
+    generate(model, **options, repetition_penalty=1.1)
+    assert used[-1] != lm_head.SCREEN  # scores changed, not only forbidden: the whole head

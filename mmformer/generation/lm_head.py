@@ -1,6 +1,7 @@
 """The LM head of a decoding step on CPU: which GEMM layout computes its logits fastest here
-(:func:`head_layout`), and, where a step needs only each row's most likely token (greedy decoding without score
-processors), the float32 argmax found without computing every float32 logit (:class:`HeadScreen`).
+(:func:`head_layout`), and, where a step needs only each row's most likely token (greedy decoding whose score
+processors only forbid tokens: a checkpoint's suppressed tokens, the length rules), the float32 argmax found without
+computing every float32 logit (:class:`HeadScreen`).
 
 At whisper-tiny's 51,865 × 384 the head is the largest single cost of a decoding step: 80 MB of float32 weight read
 for every token at batch 1, at this machine's memory bandwidth (BENCHMARKS.md, "Decoding at whisper-tiny
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 _FEW_ROWS = 64  # decoding steps of at most this many rows choose their LM head's GEMM layout on CPU (see below)
 _LARGE_HEAD = 1 << 22  # weight elements (16 MB in float32) from which the layout is timed (see head_layout)
 SCREEN = "int8-screen"  # the layout of a step that returns its rows (N, D) for HeadScreen instead of logits
+Adjust = Callable[[torch.Tensor], torch.Tensor]  # score processors that only forbid tokens: scores (N, V) → (N, V)
 
 
 def last_logits(model: MultimodalTransformer, hidden: torch.Tensor, layout: str | None = None) -> torch.Tensor:
@@ -75,10 +77,14 @@ def step_logits(model: MultimodalTransformer, out: torch.Tensor, layout: str | N
     return project(model.lm_head.weight, out, "linear").float() if layout == SCREEN else out
 
 
-def step_ids(model: MultimodalTransformer, out: torch.Tensor, layout: str | None) -> torch.Tensor:
-    """A step's output through ``layout`` → each row's most likely token (N,): the screen's pick from its rows
-    (:func:`screened_ids`), or the logits' argmax."""
-    return screened_ids(model.lm_head.weight, out) if layout == SCREEN else most_likely(out)
+def step_ids(
+    model: MultimodalTransformer, out: torch.Tensor, layout: str | None, process: Adjust | None = None
+) -> torch.Tensor:
+    """A step's output through ``layout`` → each row's most likely token (N,) after ``process`` (processors that
+    only forbid tokens): the screen's pick from its rows (:func:`screened_ids`), or the processed logits' argmax."""
+    if layout == SCREEN:
+        return screened_ids(model.lm_head.weight, out, process)
+    return most_likely(out if process is None else process(out))
 
 
 def graph_layout(layout: str | None) -> str | None:
@@ -227,20 +233,25 @@ class HeadScreen:
         y = top - 2 * base - _ROUNDING * top.abs()  # a_t + 2⁻⁸|a_t| ≥ y
         return y - 2 * _ROUNDING * y.abs() - 2.0**-20 * (top.abs() + 2 * base)
 
-    def most_likely(self, weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Float32 states h (N, D) → the id of each row's largest float32 logit h·Wᵢ (N,), the first of ties."""
+    def most_likely(self, weight: torch.Tensor, h: torch.Tensor, process: Adjust | None = None) -> torch.Tensor:
+        """Float32 states h (N, D) → the id of each row's largest float32 logit h·Wᵢ (N,), the first of ties, among
+        the tokens ``process`` leaves allowed (it sets forbidden scores to -inf, or forces one token)."""
         N, V = h.shape[0], weight.shape[0]
         hb = h.to(torch.bfloat16)
         approx = torch._weight_int8pack_mm(hb, self.q, self.scale).float()  # (N, V)
-        tau = self.threshold(h, hb, approx.max(dim=1).values)
+        if process is not None:
+            approx = process(approx)  # a forbidden token is forbidden whatever its score
+        top = approx.max(dim=1).values  # (N,)
+        tau = self.threshold(h, hb, top).masked_fill_(~torch.isfinite(top), float("inf"))  # no token allowed: none
         rows, cols = (approx >= tau[:, None]).nonzero(as_tuple=True)  # (C,), (C,)
         exact = (weight[cols] * h[rows]).sum(dim=1)  # (C,) the candidates' float32 logits
         best = torch.full((N,), float("-inf"), dtype=exact.dtype).scatter_reduce(0, rows, exact, "amax")
         first = torch.where(exact == best[rows], cols, V)  # (C,) the largest's id, V elsewhere: the first of ties
         ids = torch.full((N,), V, dtype=torch.long).scatter_reduce(0, rows, first, "amin")
-        missing = ids == V  # a row without a finite candidate (NaN or inf in its states): the whole float32 head
+        missing = ids == V  # no allowed token, or NaN / inf in the states: those rows through the whole float32 head
         if bool(missing.any()):
-            ids[missing] = most_likely(F.linear(h[missing], weight))
+            logits = F.linear(h, weight)  # (N, V): every row, as the processors expect
+            ids[missing] = most_likely(logits if process is None else process(logits))[missing]
         return ids
 
 
@@ -266,11 +277,12 @@ def head_screen(weight: torch.Tensor) -> HeadScreen | None:
     return _derived(_screens, weight, None, make)
 
 
-def screened_ids(weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Float32 states h (N, D) → the float32 head's most likely token of each row (N,), through its screen (the
-    whole head where there is none)."""
+def screened_ids(weight: torch.Tensor, h: torch.Tensor, process: Adjust | None = None) -> torch.Tensor:
+    """Float32 states h (N, D) → the float32 head's most likely token of each row (N,) after ``process``
+    (processors that only forbid tokens), through its screen (the whole head where there is none)."""
     with torch.no_grad():
         screen = head_screen(weight)
         if screen is None:
-            return most_likely(F.linear(h, weight))
-        return screen.most_likely(weight.detach(), h)
+            logits = F.linear(h, weight)
+            return most_likely(logits if process is None else process(logits))
+        return screen.most_likely(weight.detach(), h, process)

@@ -7,7 +7,11 @@ A :class:`ScoreProcessor` is called as ``processor(scores, tokens, step)``:
 - ``tokens`` (N, L): the whole decoder sequence so far, prompt included (left padding included, as given);
 - ``step``: tokens generated so far (0 for the first new token).
 
-It returns the (N, V) scores and may modify ``scores`` in place. :func:`build_score_processors` builds the list once
+It returns the (N, V) scores and may modify ``scores`` in place. A processor whose only effect is to forbid tokens
+(their scores set to -inf, or every token but one forced: :class:`MinNewTokens`, :class:`ForcedEos`,
+:class:`SuppressTokens`) says so with the class attribute ``masks = True``: the token it forbids is forbidden whatever
+the scores, so greedy decoding may apply it to approximate scores (:func:`masks_only`; the LM head's screen,
+:mod:`mmformer.generation.lm_head`). :func:`build_score_processors` builds the list once
 per ``generate`` call from the :class:`~mmformer.generation.decoding.DecodingOptions` and the checkpoint's rules, in
 Hugging
 Face's order (repetition penalty, length rules, suppressed tokens, then the sampling filters); the searches of
@@ -35,6 +39,11 @@ class ScoreProcessor(Protocol):
     """The one signature of a score adjustment (see the module's docstring)."""
 
     def __call__(self, scores: torch.Tensor, tokens: torch.Tensor, step: int) -> torch.Tensor: ...
+
+
+def masks_only(processors: Sequence[ScoreProcessor]) -> bool:
+    """Whether every processor only forbids tokens (``masks = True``; see the module's docstring)."""
+    return all(getattr(process, "masks", False) for process in processors)
 
 
 def apply_processors(
@@ -74,6 +83,8 @@ class MinNewTokens:
     """End-of-text is not generated before ``n`` new tokens (Hugging Face's ``min_new_tokens``); logits or
     log-probabilities."""
 
+    masks = True  # it only forbids tokens
+
     def __init__(self, n: int, eos_id: int):
         self.n, self.eos_id = n, eos_id
 
@@ -92,6 +103,8 @@ class ForcedEos:
         max_length: the most token columns a row may reach, prompt included (the search's limit).
     """
 
+    masks = True  # it only forbids tokens
+
     def __init__(self, eos_id: int, max_length: int):
         self.eos_id, self.max_length = eos_id, max_length
 
@@ -106,6 +119,8 @@ class ForcedEos:
 class SuppressTokens:
     """These ids are never generated (Whisper's ``suppress_tokens``), or with ``first_only`` not as the first new
     token (``begin_suppress_tokens``); logits or log-probabilities."""
+
+    masks = True  # it only forbids tokens
 
     def __init__(self, ids: Sequence[int], *, first_only: bool = False):
         self.ids, self.first_only = sorted(set(ids)), first_only

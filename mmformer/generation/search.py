@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmformer.generation.lm_head import graph_layout, head_layout, last_logits, step_ids, step_logits
-from mmformer.generation.score_processing import ScoreProcessor, apply_processors
+from mmformer.generation.score_processing import ScoreProcessor, apply_processors, masks_only
 from mmformer.generation.token_choice import Greedy, Sampler, StopStrings
 from mmformer.io.weights import model_device
 from mmformer.layers.freezing import FrozenCompile
@@ -240,11 +240,14 @@ class DecoderRunner:
         """Tokens so far (N, L) → float32 logits (N, V) for position L."""
         return step_logits(self.model, self._advance(tokens, ids_only=False), self.layout)
 
-    def next_ids(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens so far (N, L) → the most likely token at position L (N,), for greedy decoding without score
-        processors: the float32 head's argmax, through its screen where that is the fastest way here
-        (:class:`~mmformer.generation.lm_head.HeadScreen`), without computing every logit."""
-        return step_ids(self.model, self._advance(tokens, ids_only=True), self.layout)
+    def next_ids(
+        self, tokens: torch.Tensor, process: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Tokens so far (N, L) → the most likely token at position L (N,) after ``process``, score processors that
+        only forbid tokens (:func:`~mmformer.generation.score_processing.masks_only`): the float32 head's argmax,
+        through its screen where that is the fastest way here (:class:`~mmformer.generation.lm_head.HeadScreen`),
+        without computing every logit."""
+        return step_ids(self.model, self._advance(tokens, ids_only=True), self.layout, process)
 
     def _advance(self, tokens: torch.Tensor, ids_only: bool) -> torch.Tensor:
         """Tokens so far (N, L) → the step's output for position L: float32 logits (N, V), or the last states
@@ -324,18 +327,23 @@ class TokenSearch:
         tokens = prompt.new_empty(B, min(max_length, 2 * cur + 64))
         tokens[:, :cur] = prompt
         done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
-        # greedy without score processors needs no scores, only each row's most likely token (a runner may find it
-        # without computing every logit: DecoderRunner.next_ids)
-        ids_only = not self.processors and type(self.chooser) is Greedy and hasattr(runner, "next_ids")
+        # greedy decoding whose processors only forbid tokens needs no scores, only each row's most likely allowed
+        # token (a runner may find it without computing every logit: DecoderRunner.next_ids)
+        ids_only = type(self.chooser) is Greedy and masks_only(self.processors) and hasattr(runner, "next_ids")
         while cur < max_length:
             if cur == tokens.shape[1]:
                 tokens = torch.cat([tokens, tokens.new_empty(B, min(max_length, 2 * cur) - cur)], dim=1)
             so_far = tokens[:, :cur]  # (B, cur)
+
+            def process(
+                scores: torch.Tensor, so_far: torch.Tensor = so_far, step: int = cur - n_prompt
+            ) -> torch.Tensor:
+                return apply_processors(self.processors, scores, so_far, step)  # (B, V)
+
             if ids_only:
-                next_ids = runner.next_ids(so_far)  # (B,)
+                next_ids = runner.next_ids(so_far, process)  # (B,)
             else:
-                scores = apply_processors(self.processors, runner.next_logits(so_far), so_far, cur - n_prompt)  # (B,V)
-                next_ids = self.chooser.choose(scores)  # (B,)
+                next_ids = self.chooser.choose(process(runner.next_logits(so_far)))  # (B,)
             next_ids.masked_fill_(done, self.pad_id)
             tokens[:, cur] = next_ids
             if streamer is not None:
