@@ -20,7 +20,7 @@ from mmformer.generation.lm_head import graph_layout, head_layout, last_logits, 
 from mmformer.generation.score_processing import ScoreProcessor, apply_processors, masks_only
 from mmformer.generation.token_choice import Greedy, Sampler, StopStrings
 from mmformer.io.weights import model_device
-from mmformer.layers.freezing import FrozenCompile
+from mmformer.layers.freezing import FrozenCompile, graph_limit
 
 if TYPE_CHECKING:
     from mmformer.generation.streaming import TextStreamer
@@ -71,7 +71,7 @@ def _graph_limited(compiled: Callable) -> Callable:
     step brings a graph per row count, cache layout or length; past the limit dynamo falls back to eager)."""
 
     def step(*args: Any) -> torch.Tensor:
-        with torch._dynamo.config.patch(recompile_limit=_COMPILED_GRAPHS):
+        with graph_limit(_COMPILED_GRAPHS):
             return compiled(*args)
 
     return step

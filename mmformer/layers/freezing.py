@@ -32,6 +32,15 @@ from typing import Any
 import torch
 
 
+def graph_limit(graphs: int | None) -> contextlib.AbstractContextManager:
+    """Dynamo's limit of compiled graphs per function (``recompile_limit``, default 8; past it, dynamo runs the
+    function uncompiled) for the calls inside — a thread-local patch; nothing is set for None (an empty patch would
+    cost as much as a set one: ~20-60 µs a call)."""
+    if graphs is None:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(recompile_limit=graphs)
+
+
 class FrozenCompile:
     """``torch.compile(fn)`` through inductor with its ``freezing`` (set for these calls only: a compile that happens
     in one of them freezes), releasable.
@@ -89,10 +98,7 @@ class FrozenCompile:
     def __call__(self, *inputs: Any) -> Any:
         import torch._inductor.config as inductor
 
-        limit = contextlib.nullcontext()  # an empty patch would cost as much as a set one (~20-60 µs a call)
-        if self._graph_limit is not None:
-            limit = torch._dynamo.config.patch(recompile_limit=self._graph_limit)
-        with inductor.patch(self._settings), limit:
+        with inductor.patch(self._settings), graph_limit(self._graph_limit):
             return self._compiled(*inputs)
 
     def again(self, *inputs: Any) -> Any:
