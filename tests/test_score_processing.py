@@ -274,14 +274,15 @@ def test_an_lm_head_peft_wraps_decodes(settings):
 
 
 def test_most_likely_is_argmax_with_ties_nan_and_minus_inf():
-    """Greedy's choice (``max(dim).indices``, faster on CPU) is ``argmax``'s: the first of tied maxima, a NaN's
-    position, and a row of -inf's first id; in float32 and bfloat16, at Whisper's vocabulary size too."""
+    """Greedy's choice (NumPy's argmax for float scores on CPU, ``max(dim).indices`` for the others: both faster)
+    is ``argmax``'s: the first of tied maxima, a NaN's position, and a row of -inf's first id; in float32, float64 and
+    bfloat16, for 1-D and 3-D scores and a non-contiguous view, at Whisper's vocabulary size too."""
     g = torch.Generator().manual_seed(0)
     for trial in range(50):
         scores = torch.randint(-3, 3, (4, 300), generator=g).float()  # many ties
         scores[1, torch.randint(0, 300, (2,), generator=g)] = float("nan")
         scores[2] = float("-inf")
-        for x in (scores, scores.bfloat16()):
+        for x in (scores, scores.bfloat16(), scores.double(), scores[1], scores.view(2, 2, 300), scores.t()[:7]):
             assert torch.equal(most_likely(x), x.argmax(dim=-1)), trial
     wide = torch.randn(3, 51865, generator=g)
     assert torch.equal(most_likely(wide), wide.argmax(dim=-1))
