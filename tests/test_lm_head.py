@@ -95,9 +95,9 @@ def test_a_width_the_int8_kernel_cannot_serve_gets_no_screen():
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_greedy_decoding_through_the_screen_makes_the_whole_heads_ids(make_model_config, monkeypatch, compiled):
     """A large head (≥ 2**22 weights) whose layout is the screen: greedy decoding makes the ids of decoding through
-    the whole float32 head — with processors that only forbid tokens too (min_new_tokens, forced_eos, a checkpoint's
-    suppressed tokens), eager and compiled with a static cache (where the frozen step returns its rows); a processor
-    that changes scores (the repetition penalty) gets every logit."""
+    the whole float32 head eagerly — with processors that only forbid tokens too (min_new_tokens, forced_eos, a
+    checkpoint's suppressed tokens), eager and compiled with a static cache (where the frozen step returns its rows);
+    a processor that changes scores (the repetition penalty) gets every logit."""
     vocab = lm_head._LARGE_HEAD // 16 + 7  # width 16
     config = make_model_config(
         text={"vocab_size": vocab}, tie_lm_head=False, generation={"suppress_tokens": list(range(0, vocab, 3))}
@@ -108,12 +108,12 @@ def test_greedy_decoding_through_the_screen_makes_the_whole_heads_ids(make_model
         model.text_embed.tokens.weight.normal_(0, 1.0)
         model.lm_head.weight[config.text.eos_id] *= 30  # end-of-text often the largest: the length rules matter
     options = dict(image=torch.randn(3, 3, 16, 16), max_new_tokens=6)
-    if compiled:
-        options |= dict(cache="static", compile=True)
     rules = [{}, dict(min_new_tokens=6), dict(min_new_tokens=6, forced_eos=True)]  # 6 new tokens at most
     with monkeypatch.context() as patch:
-        patch.setattr(lm_head, "_INT8_ROWS", False)  # no screen: the whole head
+        patch.setattr(lm_head, "_INT8_ROWS", False)  # no screen: the whole head (eager: one compile less)
         whole = [generate(model, **options, **rule) for rule in rules]
+    if compiled:
+        options |= dict(cache="static", compile=True)
     assert whole[0].shape != whole[1].shape or not torch.equal(whole[0], whole[1])  # the length rules bite
     assert whole[1].shape != whole[2].shape or not torch.equal(whole[1], whole[2])
     used = []
