@@ -208,6 +208,30 @@ def test_frozen_compile_again_never_runs_another_inputs_graph():
     torch._dynamo.reset()
 
 
+def test_a_graph_that_frozen_compile_again_needs_is_compiled_with_its_settings(monkeypatch):
+    """A call through ``again`` whose inputs need a new graph (here a new length) gets it compiled with the settings
+    — frozen, as every other graph of the function — never traced and compiled without them (a PT2E int8 graph would
+    lose its int8 kernels: 7x slower)."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    real, settings = compile_fx_module.compile_fx, []
+
+    def recording(gm, example_inputs, **kwargs):
+        settings.append(torch._inductor.config.freezing)
+        return real(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", recording)
+    torch._dynamo.reset()
+    fn = FrozenCompile(scaled_by_length)
+    two, three = torch.ones(2), torch.ones(3)
+    assert torch.equal(fn(two), two * 2)
+    assert torch.equal(fn.again(three), three * 3)  # a new length: a new graph
+    assert torch.equal(fn.again(three), three * 3)  # and then that graph, uncompiled again
+    assert settings == [True, True]
+    fn.release()
+    torch._dynamo.reset()
+
+
 def nudge(model: MultimodalTransformer) -> None:
     """An optimizer-like in-place change of every weight."""
     with torch.no_grad():

@@ -146,16 +146,19 @@ class PT2EModel:
     def processor(self) -> Any:
         return getattr(self.model, "processor", None)
 
-    def run(self, name: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """One graph's outputs (compiled on first use when ``compile``)."""
+    def run(self, name: str, *inputs: torch.Tensor, again: bool = False) -> tuple[torch.Tensor, ...]:
+        """One graph's outputs (compiled on first use when ``compile``); ``again``: a call with the signature of one
+        already made (a decoding's later steps: :meth:`~mmformer.layers.freezing.FrozenCompile.again`)."""
         if name not in self.graphs:
             raise ValueError(f"graph: this quantized model has no {name!r} graph; it has {sorted(self.graphs)}")
         if name not in self._compiled:
             templates = self.mode == "static"
             self._compiled[name] = self._compiled_graph(name, templates) if self.compile else self.graphs[name]
+        compiled = self._compiled[name]
+        call = compiled.again if again and isinstance(compiled, FrozenCompile) else compiled
         with torch.no_grad():
             try:
-                return tuple(self._compiled[name](*inputs))
+                return tuple(call(*inputs))
             except Exception as e:
                 # only a compile with the templates raises it (without them the GEMM backends include ATen, so
                 # every product has a choice): the compile below cannot fall back again
@@ -361,6 +364,7 @@ class GraphRunner:
         self.values: torch.Tensor | None = None
         self.cross: tuple[torch.Tensor, ...] = ()  # each cross-attention layer's keys, then their values
         self.seen = 0
+        self.stepped = False  # whether a step after the prompt ran
 
     def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens so far (N, L) → float32 logits (N, V) for position L."""
@@ -376,8 +380,10 @@ class GraphRunner:
         else:
             new = tokens[:, self.seen :].contiguous()  # (N, 1)
             logits, self.keys, self.values = self.graphs.run(
-                "decoder_with_past_model", new, self.memory_mask, self.keys, self.values, *self.cross
-            )
+                "decoder_with_past_model", new, self.memory_mask, self.keys, self.values, *self.cross,
+                again=self.stepped,  # after this decoding's first step: the same inputs, a step longer
+            )  # fmt: skip
+            self.stepped = True
         self.seen = tokens.shape[1]
         return logits[:, -1].float()
 

@@ -32,6 +32,10 @@ from typing import Any
 import torch
 
 
+class _WithoutSettings(RuntimeError):
+    """A graph of a :class:`FrozenCompile` traced by a call made without its settings (:meth:`FrozenCompile.again`)."""
+
+
 def graph_limit(graphs: int | None) -> contextlib.AbstractContextManager:
     """Dynamo's limit of compiled graphs per function (``recompile_limit``, default 8; past it, dynamo runs the
     function uncompiled) for the calls inside — a thread-local patch; nothing is set for None (an empty patch would
@@ -84,9 +88,15 @@ class FrozenCompile:
 
     def _inductor(self, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable:
         """Inductor (``compile_fx``, what ``backend="inductor"`` runs), noting the modules the compile generated:
-        dynamo compiles one graph at a time (its compile lock), so the modules appended meanwhile are this graph's."""
+        dynamo compiles one graph at a time (its compile lock), so the modules appended meanwhile are this graph's.
+        A graph traced without this object's settings (a call through :meth:`again` that needed one) is refused:
+        :meth:`again` makes that call again with them."""
+        import torch._inductor.config as inductor
         from torch._inductor.codecache import PyCodeCache
         from torch._inductor.compile_fx import compile_fx
+
+        if any(getattr(inductor, key) != value for key, value in self._settings.items()):
+            raise _WithoutSettings(f"a graph traced without {self._settings}")
 
         start = len(PyCodeCache.modules)
         with templates_parsed_once():
@@ -104,12 +114,19 @@ class FrozenCompile:
     def again(self, *inputs: Any) -> Any:
         """Call with the signature of a call already made — the same shapes, dtypes, devices, grad mode and objects
         (a decoding's later steps): nothing is set around the call (inductor's settings and dynamo's graph limit, two
-        thread-local patches: ~45 µs a call, 2.6-3.3 % of a frozen whisper-tiny decoding step; BENCHMARKS.md), since
-        nothing needs compiling. Dynamo still checks its guards, so inputs that do need a graph still get one —
-        compiled without these settings (not frozen; past dynamo's own graph limit, uncompiled): slower, never
-        wrong. (Skipping the guards too, ``set_stance(skip_guard_eval_unsafe=True)``, saved ~1 % more but sets a
-        process-wide flag: another thread's compiled call meanwhile could run a graph made for other inputs.)"""
-        return self._compiled(*inputs)
+        thread-local patches: ~45 µs a call, 2.6-3.3 % of a frozen whisper-tiny decoding step; a PT2E int8 step at
+        batch 1 7 %; BENCHMARKS.md), since nothing needs compiling. Dynamo still checks its guards, so inputs that do
+        need a graph still get one: its trace, made without the settings, is refused by this object's backend and
+        the call made again through ``__call__`` — the graph is compiled as every other one (past dynamo's own graph
+        limit, 8, such inputs run uncompiled). (Skipping the guards too, ``set_stance(skip_guard_eval_unsafe=True)``,
+        saved ~1 % more but sets a process-wide flag: another thread's compiled call meanwhile could run a graph made
+        for other inputs.)"""
+        try:
+            return self._compiled(*inputs)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            if not isinstance(error.inner_exception, _WithoutSettings):
+                raise
+        return self(*inputs)
 
     def release_with(self, owner: object) -> weakref.finalize:
         """Release when ``owner`` is garbage-collected (not at interpreter exit, where nothing needs freeing); calling
