@@ -86,7 +86,12 @@ def step_ids(
     only forbid tokens): the screen's pick from its rows (:func:`screened_ids`), or the processed logits' argmax."""
     if layout == SCREEN:
         return screened_ids(model.lm_head.weight, out, process)
-    return most_likely(out if process is None else process(out))
+    return _allowed_argmax(out, process)
+
+
+def _allowed_argmax(logits: torch.Tensor, process: Adjust | None) -> torch.Tensor:
+    """Logits (N, V) → each row's most likely token (N,) among those ``process`` leaves allowed."""
+    return most_likely(logits if process is None else process(logits))
 
 
 def graph_layout(layout: str | None) -> str | None:
@@ -212,15 +217,16 @@ class HeadScreen:
         # a few states to check the kernel with: the bound holds for its float32 accumulation, not for a wrong product
         probe = torch.randn(4, w.shape[1], generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)  # (4, D)
         got = torch._weight_int8pack_mm(probe, self.q, self.scale).double()  # (4, V)
+        probe64, center64 = probe.double(), self.center.double()
         residual = norm = 0.0
         for start in range(0, w.shape[0], chunk):  # float64 in slices: a whole 51,865 × 384 copy is 160 MB
             rows = slice(start, start + chunk)
             approx = self.q[rows].double() * self.scale[rows].double()[:, None]  # (chunk, D): Ŵ
-            centred = weight[rows].detach().double() - self.center.double()  # Wᵢ − μ, exactly
+            centred = weight[rows].detach().double() - center64  # Wᵢ − μ, exactly
             residual = max(residual, float((centred - approx).norm(dim=1).max()))
             norm = max(norm, float(approx.norm(dim=1).max()))
-            slack = _ROUNDING * got[:, rows].abs() + _ACCUMULATION * probe.double().norm(dim=1)[:, None] * norm
-            if bool(((got[:, rows] - probe.double() @ approx.T).abs() > slack).any()):
+            slack = _ROUNDING * got[:, rows].abs() + _ACCUMULATION * probe64.norm(dim=1)[:, None] * norm
+            if bool(((got[:, rows] - probe64 @ approx.T).abs() > slack).any()):
                 raise RuntimeError(f"HeadScreen: torch._weight_int8pack_mm's product is off its bound for a "
                                    f"{tuple(w.shape)} weight on this CPU")  # fmt: skip
         self.residual, self.norm = residual, norm
@@ -263,8 +269,7 @@ class HeadScreen:
         ids = torch.full((N,), V, dtype=torch.long).scatter_reduce(0, rows, first, "amin")
         missing = ids == V  # no allowed token, or NaN / inf in the states: those rows through the whole float32 head
         if bool(missing.any()):
-            logits = F.linear(h, weight)  # (N, V): every row, as the processors expect
-            ids[missing] = most_likely(logits if process is None else process(logits))[missing]
+            ids[missing] = _allowed_argmax(F.linear(h, weight), process)[missing]  # every row, as processors expect
         return ids
 
 
@@ -296,6 +301,5 @@ def screened_ids(weight: torch.Tensor, h: torch.Tensor, process: Adjust | None =
     with torch.no_grad():
         screen = head_screen(weight)
         if screen is None:
-            logits = F.linear(h, weight)
-            return most_likely(logits if process is None else process(logits))
+            return _allowed_argmax(F.linear(h, weight), process)
         return screen.most_likely(weight.detach(), h, process)
