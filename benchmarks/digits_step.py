@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     variants = args.variants.split(",")
     if unknown := sorted(set(variants) - set(VARIANTS)):
         p.error(f"--variants: expected names of {list(VARIANTS)}, got {unknown}")
-    if args.threads is None:  # make demo's compute threads (the loader's workers take the other cores)
+    if args.threads is None:  # make demo's compute threads (every core; its loader worker runs in their idle moments)
         torch.set_num_threads(share_cores(usable_cores())[0])
     task, optimizer, batches = recipe(args.config, args.steps, args.batch_size)
     embed = task.model.audio_embed

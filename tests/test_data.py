@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -383,6 +384,34 @@ def test_datamodule_trains_a_tokenizer_and_batches(tmp_path):
         "attention_mask",
         "source",
     }
+
+
+class _Niceness(torch.utils.data.Dataset):
+    """Each item is the niceness of the process that loads it."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        return os.nice(0)
+
+
+def test_loader_workers_run_at_the_niceness_asked(tmp_path):
+    from mmformer.data.loaders import niced
+
+    base = os.nice(0)
+    loader = torch.utils.data.DataLoader(_Niceness(), num_workers=1, worker_init_fn=niced(7))
+    assert [int(x) for x in loader] == [min(19, base + 7)] * 2 and os.nice(0) == base  # the trainer's is unchanged
+    assert niced(0) is None
+    root = tmp_path / "digits"
+    train = write_manifest(root / "train.jsonl", write_digits(root, 4, "train"))
+    kwargs = dict(train=str(train), batch_size=2, image_size=8, vocab_size=300, tokenizer_cache_dir=str(tmp_path))
+    dm = MultimodalDataModule(num_workers=1, worker_nice=19, **kwargs)
+    dm.setup("fit")
+    assert dm.train_dataloader().worker_init_fn.args == (19,)
+    for bad in (-1, 20, 1.5, "19"):
+        with pytest.raises(ValueError, match="worker_nice: expected an int from 0 to 19"):
+            MultimodalDataModule(worker_nice=bad, **kwargs)
 
 
 def test_datamodule_streams_shards(tmp_path):

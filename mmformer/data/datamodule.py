@@ -41,10 +41,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from mmformer.data.augment import AugmentConfig, augment_training
 from mmformer.data.collate import Collator
 from mmformer.data.formats import FORMATS, dataset_texts, open_dataset
-from mmformer.data.loaders import EpochLoader, GlobalBatchSampler, ResumableLoader
+from mmformer.data.loaders import EpochLoader, GlobalBatchSampler, ResumableLoader, niced
 from mmformer.data.packing import BatchedDataset, TokenBudgetSampler, sample_costs
 from mmformer.data.text import pack_documents
-from mmformer.values import is_number
+from mmformer.values import is_int, is_number
 
 if TYPE_CHECKING:
     from mmformer.config import AudioConfig
@@ -72,6 +72,9 @@ class MultimodalDataModule(L.LightningDataModule):
         tokenizer_cache_dir: where trained tokenizers are cached.
         batch_size: samples per batch (per process).
         num_workers: DataLoader worker processes.
+        worker_nice: added to the loader workers' niceness (0-19, Unix's ``nice``). At 19 a worker runs in the
+            moments the training step leaves a core idle, so the step's threads can take every core without the
+            worker taking time slices from them (``make demo`` on 2 cores: 2 threads + a worker at 19).
         image_size: output image side (or [H, W]).
         image_mean: per-channel normalisation mean (default: CLIP's).
         image_std: per-channel normalisation std (default: CLIP's).
@@ -119,6 +122,7 @@ class MultimodalDataModule(L.LightningDataModule):
         tokenizer_cache_dir: str = "runs/tokenizers",
         batch_size: int = 32,
         num_workers: int = 0,
+        worker_nice: int = 0,
         image_size: int | tuple[int, int] = 224,
         image_mean: tuple[float, ...] | None = None,
         image_std: tuple[float, ...] | None = None,
@@ -151,6 +155,8 @@ class MultimodalDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size: expected a positive int; got {batch_size!r}")
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers: expected an int >= 0; got {num_workers!r}")
+        if not is_int(worker_nice) or not 0 <= worker_nice <= 19:
+            raise ValueError(f"worker_nice: expected an int from 0 to 19; got {worker_nice!r}")
         for name, value in (("max_tokens", max_tokens), ("max_batch_seconds", max_batch_seconds)):
             if value is not None and (not is_number(value) or value <= 0):
                 raise ValueError(f"{name}: expected a number > 0 or None; got {value!r}")
@@ -169,6 +175,7 @@ class MultimodalDataModule(L.LightningDataModule):
         self.target_vocab_size = vocab_size  # `vocab_size` (the property) is the tokenizer's actual size
         self.tokenizer_cache_dir = tokenizer_cache_dir
         self.batch_size, self.num_workers, self.drop_last = batch_size, num_workers, drop_last
+        self.worker_nice = worker_nice
         self.max_duration, self.text_max_length, self.max_bad_fraction = max_duration, text_max_length, max_bad_fraction
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.dry_run = dry_run
@@ -322,7 +329,7 @@ class MultimodalDataModule(L.LightningDataModule):
             dataset = self._blocks(split, dataset)
         packing = train and self.hparams.packing
         collator = Collator(self.tokenizer, self.text_max_length, packing=packing)
-        kwargs = dict(num_workers=self.num_workers, collate_fn=collator)
+        kwargs = dict(num_workers=self.num_workers, collate_fn=collator, worker_init_fn=niced(self.worker_nice))
         if train:  # augmentation (when configured) happens in the workers, seeded per sample: see augment_training
             dataset, kwargs["collate_fn"] = augment_training(
                 dataset, kwargs["collate_fn"], self.augment, self._processor, self.seed, self._feature_config

@@ -8,6 +8,8 @@ every checkpoint and continues at the next batch. Streaming data sets are told t
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,6 +18,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from mmformer.data.seeding import mix_seed
+
+
+def niced(increment: int) -> Callable[[int], None] | None:
+    """A DataLoader ``worker_init_fn`` that adds ``increment`` to each worker's niceness (None for 0): see
+    the data module's ``worker_nice``."""
+    return functools.partial(_renice, increment) if increment else None
+
+
+def _renice(increment: int, worker_id: int) -> None:
+    os.nice(increment)
 
 
 class EpochLoader(DataLoader):

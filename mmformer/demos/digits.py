@@ -41,15 +41,16 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+LOADER_NICE = 19  # the loader workers' niceness: they run in the moments the step leaves a core idle
+
+
 def share_cores(cores: int, threads: int | None = None, workers: int | None = None) -> tuple[int, int]:
-    """(compute threads, loader workers) for ``cores``: loader workers decode and augment the next batches while
-    the training step runs (one from 2 cores, then one per 4 cores); the step's operators get the other cores.
-    Either number can be given; the other one takes what is left."""
+    """(compute threads, loader workers) for ``cores``: every core computes the training step, and loader workers
+    (one from 2 cores, then one per 4 cores), at the lowest priority (:data:`LOADER_NICE`), decode and augment the
+    next batches in the moments the step leaves a core idle. Either number can be given."""
     if workers is None:
         workers = 0 if cores < 2 else max(1, cores // 4)
-    if threads is None:
-        threads = max(1, cores - workers)
-    return threads, workers
+    return threads or cores, workers
 
 
 def rooted_config(config: str, out: Path) -> Path:
@@ -77,13 +78,12 @@ def rooted_config(config: str, out: Path) -> Path:
 
 def train(config: str, out: Path, workers: int) -> Path:
     """Run ``mmformer fit`` on the config (its output folders moved under ``out``) with ``workers`` loader
-    processes; return the last checkpoint."""
+    processes at the lowest priority; return the last checkpoint."""
     from mmformer.cli.training import build_cli
 
     config = str(rooted_config(config, out))
-    cli = build_cli(
-        ["fit", "--config", config, "--trainer.default_root_dir", str(out), "--data.num_workers", str(workers)]
-    )
+    args = ["--trainer.default_root_dir", str(out), "--data.num_workers", str(workers)]
+    cli = build_cli(["fit", "--config", config, *args, "--data.worker_nice", str(LOADER_NICE)])
     ckpt = cli.trainer.checkpoint_callback.last_model_path if cli.trainer.checkpoint_callback else ""
     if not ckpt:
         raise SystemExit("mmformer demo: training wrote no checkpoint; check the ModelCheckpoint callback")
@@ -316,16 +316,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: see share_cores)")
     args = p.parse_args(argv)
     threads, workers = share_cores(usable_cores(), args.threads, args.workers)
-    # OpenMP threads that finish an operator spin, waiting for the next one, unless told to sleep. With the loader
-    # worker (or anything else) on the same cores, the spinning thread takes the core from the thread with work:
-    # measured on this 2-core machine under load, two spinning threads took over 5 s per step, two sleeping ones
-    # 0.7 s. Set before torch loads its OpenMP runtime; an explicit OMP_WAIT_POLICY wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP threads that finish an operator wait for the next one spinning, then asleep. Waking costs ~25 % of
+    # the 2-thread step (OMP_WAIT_POLICY=PASSIVE: 0.125 vs 0.10 s), spinning long starves the loader worker (the
+    # default 300,000 spins: 0.21 s a step with it); a short spin keeps back-to-back operators awake and leaves the
+    # step's idle moments to the worker (1,000: 0.17 s, against 0.19 s for 1 thread + 1 worker; BENCHMARKS.md,
+    # "The demo's cores, all computing"). Set before torch loads its OpenMP runtime; explicit settings win.
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no tokenizer thread pool beside the workers
     import torch
 
     torch.set_num_threads(threads)
-    print(f"mmformer demo: {threads} compute thread(s), {workers} data loader worker(s)")
+    print(f"mmformer demo: {threads} compute thread(s), {workers} data loader worker(s) at niceness {LOADER_NICE}")
     out = Path(args.out)
     model_dir = out / "model"
     seconds = {}
