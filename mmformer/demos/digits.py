@@ -82,8 +82,8 @@ def train(config: str, out: Path, workers: int) -> Path:
     from mmformer.cli.training import build_cli
 
     config = str(rooted_config(config, out))
-    args = ["--trainer.default_root_dir", str(out), "--data.num_workers", str(workers)]
-    cli = build_cli(["fit", "--config", config, *args, "--data.worker_nice", str(LOADER_NICE)])
+    args = ["fit", "--config", config, "--trainer.default_root_dir", str(out)]
+    cli = build_cli([*args, "--data.num_workers", str(workers), "--data.worker_nice", str(LOADER_NICE)])
     ckpt = cli.trainer.checkpoint_callback.last_model_path if cli.trainer.checkpoint_callback else ""
     if not ckpt:
         raise SystemExit("mmformer demo: training wrote no checkpoint; check the ModelCheckpoint callback")
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no tokenizer thread pool beside the workers
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # evaluation's too: it has no loader workers
     print(f"mmformer demo: {threads} compute thread(s), {workers} data loader worker(s) at niceness {LOADER_NICE}")
     out = Path(args.out)
     model_dir = out / "model"
@@ -340,7 +340,6 @@ def main(argv: list[str] | None = None) -> None:
         mmformer.save_pretrained(mmformer.load_pretrained(ckpt), model_dir)
         print(f"exported {ckpt} → {model_dir}")
     start = time.perf_counter()
-    torch.set_num_threads(args.threads or usable_cores())  # evaluation has no loader workers: every core computes
     splits = parse_splits(p, args.splits)
     results = {split: evaluate(model_dir, Path(SPLITS[split]), robust=split == ROBUSTNESS) for split in splits}
     seconds["evaluate"] = time.perf_counter() - start
