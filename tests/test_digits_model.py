@@ -66,5 +66,9 @@ def test_evaluate_entry_prints_the_figures_without_training(hard_results, capsys
     out = capsys.readouterr().out
     assert f"speech_wer                       {hard_results['speech_wer']:.3f}  (target <= 0.08: " in out
     assert f"audio_zeroshot_acc               {hard_results['audio_zeroshot_acc']:.3f}  (target >= 0.95: met)" in out
+    # the time is stated with what it was measured on: the CPU, its flags, torch and the thread count
+    from mmformer.compress.cpu_precision import cpu_model
+
+    assert f"  on {cpu_model()} (" in out and f"torch {torch.__version__}, {torch.get_num_threads()} compute" in out
     with pytest.raises(SystemExit):
         main(["evaluate", "--splits", "test,valid"])

@@ -243,7 +243,18 @@ def _met(value: float, op: str, target: float) -> bool:
     return value >= target if op == ">=" else value <= target
 
 
-def report(results: dict, seconds: dict) -> str:
+def machine(threads: int, workers: int) -> dict:
+    """What the demo's times were measured on: the CPU, its flags that matter, torch, and how its cores were used."""
+    import torch
+
+    from mmformer.compress.cpu_precision import cpu_report
+
+    cpu = cpu_report()
+    return {"cpu": cpu["cpu"], "capability": cpu["capability"], "flags": cpu["flags"], "cores": usable_cores(),
+            "threads": threads, "workers": workers, "torch": torch.__version__}  # fmt: skip
+
+
+def report(results: dict, seconds: dict, on: dict | None = None) -> str:
     lines = ["", "mmformer demo — digits", ""]
     for split, figures in results.items():
         lines.append(f"  {split} ({figures['n_test']} samples, {figures['n_single']} single digits)")
@@ -265,6 +276,10 @@ def report(results: dict, seconds: dict) -> str:
         lines.append(f"  reference {ref!r:<28} caption {cap!r:<28} transcript {tra!r}")
     lines.append("")
     lines.append("  " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+    if on:
+        flags = " ".join(on["flags"]) or "no AVX2, AVX-512 or AMX"
+        lines.append(f"  on {on['cpu']} ({on['cores']} cores; {on['capability']}: {flags}), torch {on['torch']}, "
+                     f"{on['threads']} compute thread(s) + {on['workers']} loader worker(s)")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -291,7 +306,7 @@ def evaluate_only(argv: list[str]) -> None:
     torch.set_num_threads(args.threads or usable_cores())
     start = time.perf_counter()
     results = {split: evaluate(Path(args.model), Path(SPLITS[split]), robust=split == ROBUSTNESS) for split in splits}
-    print(report(results, {"evaluate": time.perf_counter() - start}))
+    print(report(results, {"evaluate": time.perf_counter() - start}, machine(torch.get_num_threads(), 0)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -346,8 +361,10 @@ def main(argv: list[str] | None = None) -> None:
     plot(out, results, out / "demo.png")
     targets = {split: {name: {"target": f"{op} {value}", "met": _met(results[split][name], op, value)}
                        for name, (op, value) in TARGETS[split].items()} for split in results}  # fmt: skip
-    (out / "results.json").write_text(json.dumps({**results, "targets": targets, "seconds": seconds}, indent=2))
-    print(report(results, seconds))
+    on = machine(threads, workers)
+    figures = {**results, "targets": targets, "seconds": seconds, "machine": on}
+    (out / "results.json").write_text(json.dumps(figures, indent=2))
+    print(report(results, seconds, on))
     print(f"\n  curves and confusion matrices: {out / 'demo.png'}; figures: {out / 'results.json'}")
 
 
