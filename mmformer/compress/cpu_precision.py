@@ -4,11 +4,13 @@ bf16 runs on any CPU (PyTorch emulates it where there is no instruction for it, 
 across the board with AMX (``amx_bf16``: Intel Sapphire Rapids and later). With AVX-512 BF16 alone (``avx512_bf16``:
 AMD Zen 4, Intel Cooper Lake) it is faster only for large matrix products — measured on a 2-core Zen 4 (BENCHMARKS.md,
 2026-12-05): a ViT-B/32 image encoder 1.93× and a whisper-tiny audio encoder 1.48× float32 at batch 8, but
-whisper-tiny's decoder steps 0.52× and the digits demo's training step 0.74× — so the automatic choice stays AMX
-and ``enabled=True`` turns it on for an encoder-bound job there. int8 matrix products gain from AVX-512 VNNI /
-AMX-INT8. :func:`cpu_report` says what this CPU has (``torch.backends.cpu.get_cpu_capability()`` and the
-``/proc/cpuinfo`` flags); :func:`inference_autocast` runs a block under ``torch.autocast("cpu", torch.bfloat16)``
-when the CPU has AMX (or when asked), and says why not otherwise.
+whisper-tiny's decoder steps 0.52× and the digits demo's training step 0.74× (1.17× one-threaded on a Zen 4 after
+SDPA's small-shape backward moved to float32, 2026-12-06, but slower than float32 in the demo's two-thread `mmformer
+fit`) — so the automatic choice stays AMX and ``enabled=True`` turns it on for an encoder-bound job there. int8
+matrix products gain from AVX-512 VNNI / AMX-INT8. :func:`cpu_report` says what this CPU has
+(``torch.backends.cpu.get_cpu_capability()`` and the ``/proc/cpuinfo`` flags); :func:`inference_autocast` runs a
+block under ``torch.autocast("cpu", torch.bfloat16)`` when the CPU has AMX (or when asked), and says why not
+otherwise.
 """
 
 from __future__ import annotations
