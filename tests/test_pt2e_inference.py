@@ -188,6 +188,11 @@ def test_serve_answers_from_a_pt2e_folders_compiled_int8_graphs(digits, tmp_path
     got = torch.tensor([d["scores"] for d in answer["data"]])
     classify = {name: ZeroShotClassifier(m, classnames=WORDS, modality="image") for name, m in
                 (("int8", int8), ("float", digits))}  # fmt: skip
-    torch.testing.assert_close(got, classify["int8"].predict_proba(IMAGES), rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(got, classify["float"].predict_proba(IMAGES), rtol=1e-4, atol=1e-5)
+    # The server runs the graphs compiled (inductor's int8 kernels), this process the eager reference graphs: image
+    # embeddings that differ by rounding, which the logit scale (~100) amplifies — up to 2.7e-4 in a probability on a
+    # Zen 4 EPYC (within 1e-5 + 1e-4 relative on the Xeon), where int8 and float differ by 1.4e-2. So: within
+    # `scores` of int8's, and further than that from float's.
+    scores = 2e-3
+    torch.testing.assert_close(got, classify["int8"].predict_proba(IMAGES), rtol=0, atol=scores)
+    assert float((got - classify["float"].predict_proba(IMAGES)).abs().max()) > scores
     assert routes == ["/v1/embeddings", "/v1/audio/transcriptions", "/v1/classify", "/v1/captions"]
