@@ -35,12 +35,13 @@ WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 TOLERANCE = {"dynamic": (0.03, 0.05), "int8-weight": (0.03, 0.05), "static": (0.06, 0.1), "int4-weight": (0.2, 0.2)}
 
 
-def tiny() -> MultimodalTransformer:
-    """The suite's tiny shapes, at width 32 so that int4 groups of 32 divide the linear layers."""
+def tiny(depth: int = TINY_STACK["depth"]) -> MultimodalTransformer:
+    """The suite's tiny shapes, at width 32 so that int4 groups of 32 divide the linear layers; ``depth`` blocks
+    (fewer for a test about compiled graphs, whose compile time grows with the graph)."""
     torch.manual_seed(0)
     tokenizer = Tokenizer.train([" ".join(WORDS)] * 4, vocab_size=300)
     config = ModelConfig(
-        stacks={"shared": StackConfig(**{**TINY_STACK, "width": 32, "cross_attention": True})},
+        stacks={"shared": StackConfig(**{**TINY_STACK, "width": 32, "depth": depth, "cross_attention": True})},
         image=ImageConfig(**TINY_IMAGE),
         audio=AudioConfig(**TINY_AUDIO),
         text=TextConfig(**{**TINY_TEXT, "vocab_size": tokenizer.vocab_size}),
