@@ -30,6 +30,10 @@ Face's than after its own), and children run one after the other measured the dr
 
     python -m benchmarks.generate [--size whisper-tiny] [--batches 1,8] [--beams 1,4] [--new-tokens 64] [--no-compile]
                                   [--ct2 same|child|off] [--no-int8] [--int8-mode static|dynamic]
+
+``--tiny`` (the test suite's smoke run): smoke dimensions, batch 2, 4 new tokens, one timed call per peer (with
+``--ct2 child``, no rest between the children's calls); speech greedy and beam 2 (or the given ``--beams``), captions
+greedy only.
 """
 
 from __future__ import annotations
@@ -297,8 +301,9 @@ def alone_in_turns(args: argparse.Namespace) -> dict:
             "--int8-mode", args.int8_mode]  # fmt: skip
     theirs = [sys.executable, "-m", "benchmarks.ct2", "--size", args.size, *common]
     root = Path(__file__).resolve().parent.parent
+    rest = {"rest": 0.0} if args.tiny else {}  # the smoke run's timings mean nothing: no pause for spinning threads
     with turns.Child(theirs, cwd=root) as ct2, turns.Child(ours, cwd=root) as mmformer:
-        measured = turns.interleaved([ct2, mmformer], warmup=max(1, args.warmup), repeats=args.repeats)
+        measured = turns.interleaved([ct2, mmformer], warmup=max(1, args.warmup), repeats=args.repeats, **rest)
     out: dict = {}
     for key, (seconds, ids) in measured.items():
         batch, name = key.split("/")
@@ -332,9 +337,12 @@ def caption_rows(args: argparse.Namespace) -> list[dict]:
     model = caption_model(args.size)
     size = CAPTION_SIZES[args.size]["image"]
     rows = []
+    # the smoke run captions greedily only: the speech rows already run each search (a beam row here would only add
+    # another compile of the same peers)
+    beam_widths = args.beams[:1] if args.tiny else args.beams
     for batch in args.batches:
         pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
-        for beams in args.beams:
+        for beams in beam_widths:
             peers = mmformer_peers(model, dict(image=pixels), beams, args.new_tokens, args.compile)
             rows.append(measure(f"caption ({args.size})", args, batch, beams, peers))
     return rows
@@ -378,7 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(p, argv)
     if args.tiny:
         args.size, args.repeats, args.warmup, args.new_tokens = "smoke", 1, 0, 4
-        args.batches, args.beams = "2", "1,2"
+        args.batches = "2"
+        if args.beams == p.get_default("beams"):  # an explicit --beams holds (e.g. 1: greedy rows only)
+            args.beams = "1,2"
     args.batches = [int(b) for b in str(args.batches).split(",")]
     args.beams = [int(k) for k in str(args.beams).split(",")]
     if args.alone_serve:

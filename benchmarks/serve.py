@@ -6,6 +6,8 @@ latency per server. Both servers run as subprocesses with the same thread settin
 times each per row, ABBA...; the figures pool the rounds).
 
     python -m benchmarks.serve [--requests 256] [--rounds 3] [--threads 2]
+
+``--tiny`` (the test suite's smoke run): 1 and 8 clients, one request per client, one round.
 """
 
 import argparse  # no `from __future__ import annotations`: FastAPI reads the baseline's endpoint annotations
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, cmd in commands.items():
             procs[name] = start(cmd, f"http://127.0.0.1:{ports[name]}", env)
         for workload in ("zero-shot", "transcription"):
-            for clients in CLIENTS:
+            for clients in CLIENTS[:2] if args.tiny else CLIENTS:  # the smoke run: 1 and 8 clients
                 n = clients if args.tiny else max(args.requests, clients)
                 row = {"workload": workload, "clients": clients, "requests": n}
                 runs: dict[str, list[dict]] = {"mmformer": [], "plain": []}

@@ -7,6 +7,9 @@ process, with its peak resident memory above the process's baseline. Every metho
 once (a sum), so lazily memory-mapped tensors are paid for too.
 
     python -m benchmarks.startup [--repeats 5] [--load-only]
+
+``--tiny`` (the test suite's smoke run): one repeat, a tiny model for the loading rows (its three methods in one
+process), and no import trace of ``zeroshot``.
 """
 
 from __future__ import annotations
@@ -170,20 +173,23 @@ def load_worker(method: str, directory: str, repeats: int) -> dict:
     return {"seconds": statistics.median(times), "peak_mb": peak - base}
 
 
-def load_rows(sizes: list[str], repeats: int) -> list[dict]:
+def load_rows(sizes: list[str], repeats: int, one_process: bool = False) -> list[dict]:
+    """The loading rows: each method in a fresh process of its own, or (``one_process``: the smoke run, whose
+    figures mean nothing) all three in one, one after the other (each peak then includes the earlier ones')."""
     rows = []
+    groups = [list(LOAD_METHODS)] if one_process else [[method] for method in LOAD_METHODS]
     for size in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             directory = save_load_model(size, Path(tmp) / "model")
             weights_mb = (directory / "model.safetensors").stat().st_size / 2**20
             results = {}
-            for method in LOAD_METHODS:
+            for methods in groups:
                 code = (
                     "import json, sys; from benchmarks.startup import load_worker; "
-                    f"print(json.dumps(load_worker({method!r}, {str(directory)!r}, {repeats})))"
+                    f"print(json.dumps({{m: load_worker(m, {str(directory)!r}, {repeats}) for m in {methods!r}}}))"
                 )
                 out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
-                results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+                results |= json.loads(out.stdout.strip().splitlines()[-1])
             ours, old = results["load_pretrained"], results["build_then_copy"]
             for method in LOAD_METHODS:
                 rows.append(
@@ -211,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.tiny:
         args.repeats = 1
     sizes = ["tiny"] if args.tiny else ["vit-b-32", "whisper-small"]
-    rows = load_rows(sizes, args.repeats)
+    rows = load_rows(sizes, args.repeats, one_process=args.tiny)
     print(f"model loading (fresh process each, median of {args.repeats}, every weight read once), {machine()}")
     columns = ["model", "weights_mb", "method", "seconds", "speedup_vs_build_then_copy", "peak_mb", "peak_over_weights"]
     print(table(rows, columns))
