@@ -210,8 +210,11 @@ class Engine:
         self._classifiers.move_to_end(key)
         return self._classifiers[key]
 
+    @torch.inference_mode()
     def classify(self, key: Hashable, payloads: Sequence[torch.Tensor]) -> list[list[float]]:
-        """Per input, the probability of each label (in the labels' order)."""
+        """Per input, the probability of each label (in the labels' order). In inference mode, as the engine's other
+        batched work: a compiled graph (PT2E int8) called with inference tensors by one route and ordinary tensors by
+        another compiles twice (dynamo guards on the inputs' dispatch keys)."""
         modality, labels, templates = key
         clf = self.classifier(modality, labels, templates)
         if modality == "image":
