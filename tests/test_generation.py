@@ -140,9 +140,10 @@ def test_cache_equals_recompute_with_prompt_and_stops(build):
 @pytest.mark.slow
 def test_compiled_step_equals_eager(build):
     """generate(compile=True) runs the cached step through torch.compile: the same ids for greedy, beam search and
-    sampling, over a padded audio memory (the mask stays in the graph); greedy's and sampling's 80 tokens also outgrow
-    the first cache (65 positions), which is replaced by a larger one mid-decode (beam search, 12 tokens, stays within
-    it: its own graphs are the slowest to compile). (Learned absolute positions through inductor:
+    sampling, over a padded audio memory (the mask stays in the graph); greedy's 80 tokens also outgrow the first
+    cache (65 positions), which is replaced by a larger one mid-decode (sampling may stop at an end-of-sequence token
+    first: with this seed every row does after 19 tokens; beam search, 12 tokens, stays within it: its own graphs are
+    the slowest to compile). (Learned absolute positions through inductor:
     tests/test_static_cache.py::test_compiled_static_step_equals_eager_with_inductor.)"""
     torch._dynamo.reset()
     model = build("rope")
