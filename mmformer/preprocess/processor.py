@@ -16,6 +16,7 @@ see identical pixels and waveforms.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import warnings
@@ -26,8 +27,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-import torchvision.transforms.v2 as v2
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from mmformer.data.collate import pad_audio
@@ -52,11 +51,7 @@ TOKENIZER_NAME = "tokenizer.json"
 # Images more than this many times wider (or taller) than the output's aspect ratio are first center-cropped to it:
 # the short-side resize would otherwise blow a 1×1,000,000 strip up to gigabytes before the crop throws it away.
 MAX_ASPECT_FACTOR = 16
-_INTERPOLATION = {
-    "bicubic": v2.InterpolationMode.BICUBIC,
-    "bilinear": v2.InterpolationMode.BILINEAR,
-    "nearest": v2.InterpolationMode.NEAREST,
-}
+_INTERPOLATION = ("bicubic", "bilinear", "nearest")  # torchvision's InterpolationMode values
 
 
 @dataclass
@@ -129,7 +124,9 @@ class _ToChannels:
             img = img[..., :3, :, :]
         if img.is_floating_point():
             img = (img * 255).round_().to(torch.uint8)
-        return TF.to_pil_image(img).convert(self.mode)
+        from torchvision.transforms.v2.functional import to_pil_image
+
+        return to_pil_image(img).convert(self.mode)
 
 
 class _LimitAspect:
@@ -161,6 +158,8 @@ class _ResizeCover:
         self.size, self.interpolation = size, interpolation
 
     def __call__(self, img: Image.Image) -> Image.Image:
+        import torchvision.transforms.v2.functional as TF
+
         h, w = TF.get_size(img)
         scale = max(self.size[0] / h, self.size[1] / w)
         new = [max(self.size[0], round(h * scale)), max(self.size[1], round(w * scale))]
@@ -236,7 +235,6 @@ class Processor:
         self.tokenizer = tokenizer
         self.image = image if image is not None else ImageProcessorConfig()
         self.audio = audio if audio is not None else AudioProcessorConfig()
-        self._transform = self.image_transform()
 
     def __repr__(self) -> str:
         return f"Processor(tokenizer={self.tokenizer!r}, image={self.image}, audio={self.audio})"
@@ -251,10 +249,16 @@ class Processor:
             )
 
     # ------------------------------------------------------------------ images
+    @functools.cached_property
+    def _transform(self) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
+        return self.image_transform()  # built at the first image: audio- and text-only work never imports torchvision
+
     def image_transform(self) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
         """PIL image or (C, H, W) tensor (uint8, or float in [0, 1]) → normalised float (C, H, W)."""
+        import torchvision.transforms.v2 as v2  # imported here: torchvision's own import takes ~1.3 s
+
         cfg = self.image
-        interpolation = _INTERPOLATION[cfg.interpolation]
+        interpolation = v2.InterpolationMode(cfg.interpolation)
         h, w = cfg.image_size
         if cfg.resize == "exact":
             resize = [v2.Resize((h, w), interpolation=interpolation, antialias=True)]
