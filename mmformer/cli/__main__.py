@@ -1,7 +1,5 @@
-"""`python -m mmformer.cli`."""
+"""`python -m mmformer.cli`, and every rank Lightning starts for a multi-process ``fit`` (it reruns this module)."""
 
-import sys
+from mmformer.cli.main import run
 
-from mmformer.cli.main import main
-
-sys.exit(main())
+run()
