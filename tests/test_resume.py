@@ -98,7 +98,11 @@ def killed_run(data, root, *, kill_when, write_delay: float | None = None) -> No
         "class_path": "lightning.pytorch.loggers.CSVLogger",
         "init_args": {"save_dir": str(root), "name": "logs", "flush_logs_every_n_steps": 1},
     }
-    path = write_config(root / "config.yaml", config(root, data, trainer={"logger": logger, "log_every_n_steps": 1}))
+    settings = config(root, data, trainer={"logger": logger, "log_every_n_steps": 1})
+    # last.ckpt only: the kills are about it, and with write_delay each other checkpoint written (epoch=E-step=S.ckpt,
+    # before every last.ckpt) would add its pause to the run
+    settings["trainer"]["callbacks"][0]["init_args"]["save_top_k"] = 0
+    path = write_config(root / "config.yaml", settings)
     proc = start_cli("fit", "--config", str(path), log=root / "output.txt", write_delay=write_delay)
     deadline = time.monotonic() + 200
     try:
