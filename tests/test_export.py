@@ -106,10 +106,15 @@ def assert_onnx_equals(folder: Path, name: str, module: torch.nn.Module, args: t
         assert np.abs(got[i].astype(np.float64) - ref.double().numpy()).max() <= 1e-4, (name, i)
 
 
+@pytest.fixture(scope="module")
+def programs(model, exported) -> dict[str, torch.nn.Module]:
+    """The torch.export programs of ``exported``, loaded once for both sizes (loading the five takes ~2.5 s)."""
+    return {name: export.load_program(exported["torch-export"] / f"{name}.pt2").module() for name in modules(model)}
+
+
 @pytest.mark.parametrize("size", SIZES, ids=["small", "large"])
-def test_onnx_and_torch_export_equal_pytorch(model, exported, size):
+def test_onnx_and_torch_export_equal_pytorch(model, exported, programs, size):
     inputs = inputs_at(model, **size)
-    programs = {name: export.load_program(exported["torch-export"] / f"{name}.pt2").module() for name in inputs}
     for name, module in modules(model).items():
         assert_onnx_equals(exported["onnx"], name, module, inputs[name])
         with torch.no_grad():
@@ -153,6 +158,36 @@ def test_every_attention_kind_exports_as_onnx_attention_and_equals_pytorch(stack
         inputs = inputs_at(model, **size)
         for name, module in graphs.items():
             assert_onnx_equals(out, name, module, inputs[name])
+
+
+def test_one_export_builds_the_onnx_exporters_translation_table_once(model, tmp_path, monkeypatch):
+    """``torch.onnx.export`` builds its table of ONNX translations (torchlib's) at every call, ~1 s each: one export
+    builds it once per opset and hands each graph its own copy (a custom translation stays in its graph's), and
+    torch's builder is back afterwards."""
+    from torch.onnx._internal.exporter import _registration
+
+    builds, tables = [], []
+
+    def build(cls, opset_version=18):  # stands in for torchlib's table
+        builds.append(opset_version)
+        registry = cls()
+        registry.functions = {"aten::add.Tensor": ["add"]}
+        return registry
+
+    def write(graph, path, opset):  # asks for the table as torch.onnx.export(dynamo=True) does
+        registry = _registration.ONNXRegistry().from_torchlib(opset_version=opset)
+        registry.functions["aten::add.Tensor"].insert(0, f"custom for {graph.name}")
+        tables.append(registry.functions)
+        path.write_bytes(b"onnx")
+
+    monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(build))
+    monkeypatch.setattr(export, "_write_onnx", write)
+    builder = vars(_registration.ONNXRegistry)["from_torchlib"]
+    export.export(model, tmp_path / "onnx", towers=["text", "decoder"])
+    assert builds == [export.OPSET]
+    names = ["text_encoder", "decoder_model", "decoder_with_past_model"]
+    assert tables == [{"aten::add.Tensor": [f"custom for {name}", "add"]} for name in names]
+    assert vars(_registration.ONNXRegistry)["from_torchlib"] is builder
 
 
 def test_the_exported_decoder_step_copies_none_of_its_cached_state(model, exported):

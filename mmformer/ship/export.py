@@ -43,10 +43,12 @@ E embedding size, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -350,7 +352,10 @@ def export(
     model = model.eval()
     todo = graphs(model, towers)  # refuses bad towers before anything is written
     processor = processor if processor is not None else getattr(model, "processor", None)
-    with pretrained.atomic_directory(directory, overwrite=overwrite, marker_files=(EXPORT_CONFIG,)) as staging:
+    with (
+        pretrained.atomic_directory(directory, overwrite=overwrite, marker_files=(EXPORT_CONFIG,)) as staging,
+        _torchlib_registry_built_once(),
+    ):
         records = {}
         for graph in todo:
             path = staging / f"{graph.name}{SUFFIX[format]}"
@@ -443,6 +448,48 @@ def _mask_per_query(model: Any) -> None:
         expand = ir.node("Expand", [mask, shape.outputs[0]])  # (…, 1, S) → (…, T, S); a no-op where T is there
         model.graph.insert_before(node, [ones, one, queries, shape, expand])
         node.replace_input_with(3, expand.outputs[0])
+
+
+@contextlib.contextmanager
+def _torchlib_registry_built_once() -> Iterator[None]:
+    """While inside, ``torch.onnx.export`` builds its table of ONNX translations (torchlib's) once per opset.
+
+    ``torch.onnx.export(dynamo=True)`` (torch 2.14) builds ``ONNXRegistry.from_torchlib`` at every call, reading and
+    parsing the source of ~500 onnxscript functions again (``inspect.getsource``, ``ast``): 0.5–0.75 s of CPU a call
+    on the shared 2-core EPYC, a sixth of a graph of the tests' tiny model. Its five graphs spent 2.6 s of CPU in it,
+    0.5 s with this (the export 17.9 → 15.6 s of CPU; text and decoder, three graphs: 11.1 → 9.5 s; medians of four,
+    the same ONNX files). The table is a function of the opset alone, so the first call inside builds it and every
+    call (the first included) gets its own copy, the table's lists copied: a call's ``custom_translation_table`` stays
+    in that call's copy. Nothing outlives the block (one :func:`export`): the original classmethod is back afterwards,
+    and a torch without it (or with another registry layout) builds its table at every call as before."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+    except ImportError:
+        yield
+        return
+    registry_class = getattr(_registration, "ONNXRegistry", None)
+    original = vars(registry_class).get("from_torchlib") if isinstance(registry_class, type) else None
+    if not isinstance(original, classmethod):
+        yield
+        return
+    built: dict[tuple, Any] = {}  # (class, arguments) → the registry built for them
+
+    def from_torchlib(cls: type, *args: Any, **kwargs: Any) -> Any:
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = original.__func__(cls, *args, **kwargs)
+        table = getattr(built[key], "functions", None)
+        if not isinstance(table, dict):  # a layout this copy does not know: build as torch does
+            return original.__func__(cls, *args, **kwargs)
+        registry = copy.copy(built[key])
+        registry.functions = {target: list(translations) for target, translations in table.items()}
+        return registry
+
+    registry_class.from_torchlib = classmethod(from_torchlib)
+    try:
+        yield
+    finally:
+        registry_class.from_torchlib = original
 
 
 def _write_onnx(graph: Graph, path: Path, opset: int) -> None:
