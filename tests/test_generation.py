@@ -12,6 +12,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer as Backend
 from tokenizers import models, pre_tokenizers
+from torch._dynamo.utils import counters
 
 from mmformer.generation.decoding import DecodingOptions, _memory, generate
 from mmformer.generation.search import BeamSearch, DecoderRunner
@@ -142,10 +143,11 @@ def test_compiled_step_equals_eager(build):
     """generate(compile=True) runs the cached step through torch.compile: the same ids for greedy, beam search and
     sampling, over a padded audio memory (the mask stays in the graph); greedy's 80 tokens also outgrow the first
     cache (65 positions), which is replaced by a larger one mid-decode (sampling may stop at an end-of-sequence token
-    first: with this seed every row does after 19 tokens; beam search, 12 tokens, stays within it: its own graphs are
-    the slowest to compile). (Learned absolute positions through inductor:
+    first: with this seed every row does after 19 tokens; beam search, 12 tokens, stays within it). One graph per row
+    layout, whatever the cache's size and the tokens' strides. (Learned absolute positions through inductor:
     tests/test_static_cache.py::test_compiled_static_step_equals_eager_with_inductor.)"""
     torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
     model = build("rope")
     inputs = memory_inputs("audio")
     for new_tokens, kw in ((80, dict()), (12, dict(num_beams=3)), (80, dict(top_k=5))):
@@ -154,6 +156,9 @@ def test_compiled_step_equals_eager(build):
         compiled = generate(model, **inputs, **options, compile=True, generator=torch.Generator().manual_seed(0))
         assert compiled.shape[1] == 1 + new_tokens or model.config.text.eos_id in compiled
         assert torch.equal(compiled, eager), kw
+    # greedy's and sampling's rows one graph, through both caches; the beams, which share memory rows, another (a full
+    # cache and the strides of a beam's tokens each compiled another: six graphs in all)
+    assert counters["stats"]["unique_graphs"] - graphs == 2
 
 
 # ---------------------------------------------------------------- search strategies

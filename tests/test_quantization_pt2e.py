@@ -273,6 +273,10 @@ def test_compiled_static_int8_runs_cpp_gemm_templates_as_its_reference_graphs(ma
         assert float((got - expected).abs().max()) <= 1e-5, rows
     assert len(compiled._compiled["image_encoder"]._graphs) == 1  # both row counts ran one compiled graph
     assert torch.equal(compiled.generate(image=x, max_new_tokens=6), reference.generate(image=x, max_new_tokens=6))
+    # and no graph twice: generate's inference tensors run encode_image's image graph, and the decoding's first step
+    # (a past of one position) its later steps' graph
+    graphs = {name: len(fn._graphs) for name, fn in compiled._compiled.items()}
+    assert graphs == {"image_encoder": 1, "decoder_model": 1, "decoder_with_past_model": 1}, graphs
     if int8_micro_kernels():
         for graph in ("image_encoder", "decoder_model", "decoder_with_past_model"):
             code = generated_code(compiled, graph)

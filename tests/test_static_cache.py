@@ -165,6 +165,7 @@ def test_compiled_static_step_equals_eager_with_inductor(build, compiled_with):
     for kind in SEARCHES:
         assert torch.equal(decode(model, SEARCHES[kind], cache="static", compile=True), decode(model, SEARCHES[kind]))
     assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 2  # greedy's, which sampling runs too, and beam search's
     frozen = len(frozen_tensors())  # and the model's graphs' constants (greedy's, beam search's)
     greedy = SEARCHES["greedy"]
     other = build("learned")
@@ -176,6 +177,7 @@ def test_compiled_static_step_equals_eager_with_inductor(build, compiled_with):
     after = decode(model, greedy)
     assert not torch.equal(after, before)
     assert torch.equal(decode(model, greedy, cache="static", compile=True), after)
+    assert counters["stats"]["unique_graphs"] == 4  # other's greedy graph and the nudged model's: one compile each
     # frozen copies go with their step: the replaced one's at once (torch keeps the generated code's constants for the
     # process's life otherwise: ~110 MB per recompile at whisper-tiny size), a deleted model's with the model
     assert (held := len(frozen_tensors())) == earlier + 2 * one_graph, (held, earlier, one_graph)

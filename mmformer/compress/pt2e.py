@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmformer.generation.search import unseen
 from mmformer.layers.freezing import FrozenCompile
 
 MODES = ("static", "dynamic")
@@ -148,34 +149,46 @@ class PT2EModel:
 
     def run(self, name: str, *inputs: torch.Tensor, again: bool = False) -> tuple[torch.Tensor, ...]:
         """One graph's outputs (compiled on first use when ``compile``); ``again``: a call with the signature of one
-        already made (a decoding's later steps: :meth:`~mmformer.layers.freezing.FrozenCompile.again`)."""
+        already made (a decoding's later steps: :meth:`~mmformer.layers.freezing.FrozenCompile.again`).
+
+        The graph runs in inference mode on inference tensors, whatever the caller passes: dynamo guards on each
+        input's dispatch keys, which differ between an ordinary tensor and an inference tensor (``generate``'s and
+        the server's), so a user's ``encode_image`` and then ``generate`` compiled the image graph twice. An ordinary
+        input is copied (an inference tensor, generate's and the server's inputs, is not), and a caller outside
+        inference mode gets ordinary tensors back, as from the float model."""
         if name not in self.graphs:
             raise ValueError(f"graph: this quantized model has no {name!r} graph; it has {sorted(self.graphs)}")
+        outside = not torch.is_inference_mode_enabled()
+        with torch.inference_mode():
+            inputs = tuple(x if x.is_inference() else x.clone() for x in inputs)
+            outputs = self._outputs(name, inputs, again)
+        return tuple(x.clone() for x in outputs) if outside else outputs
+
+    def _outputs(self, name: str, inputs: tuple[torch.Tensor, ...], again: bool) -> tuple[torch.Tensor, ...]:
+        """:meth:`run`'s graph call (in inference mode)."""
         if name not in self._compiled:
             templates = self.mode == "static"
             self._compiled[name] = self._compiled_graph(name, templates) if self.compile else self.graphs[name]
         compiled = self._compiled[name]
         call = compiled.again if again and isinstance(compiled, FrozenCompile) else compiled
-        with torch.no_grad():
-            try:
-                return tuple(call(*inputs))
-            except Exception as e:
-                # only a compile with the templates raises it (without them the GEMM backends include ATen, so
-                # every product has a choice): the compile below cannot fall back again
-                if "NoValidChoicesError" not in str(e):
-                    raise
-                reason = str(e).splitlines()[0][:200]
+        try:
+            return tuple(call(*inputs))
+        except Exception as e:
+            # only a compile with the templates raises it (without them the GEMM backends include ATen, so every
+            # product has a choice): the compile below cannot fall back again
+            if "NoValidChoicesError" not in str(e):
+                raise
+            reason = str(e).splitlines()[0][:200]
         # with "CPP" as the only GEMM backend, a float product that no C++ template serves (one whose constant is
         # not its right-hand operand) has no choice at all: that graph compiles without the templates
         warnings.warn(
             f"pt2e: the {name} graph runs oneDNN's int8 kernels (slower at few rows): inductor's C++ GEMM templates "
             f"cannot lower one of its products ({reason})",
-            stacklevel=2,
+            stacklevel=3,
         )
         self._compiled[name].release()
         self._compiled[name] = self._compiled_graph(name, templates=False)
-        with torch.no_grad():
-            return tuple(self._compiled[name](*inputs))
+        return tuple(self._compiled[name](*inputs))
 
     def _compiled_graph(self, name: str, templates: bool) -> FrozenCompile:
         """The graph through ``torch.compile`` (inductor, freezing; its int8 products as C++ GEMM templates if
@@ -183,11 +196,15 @@ class PT2EModel:
         # no guards on the graph module's attributes: freezing folds its weights into the compiled code, and the
         # module is this object's own, never changed after quantization — those guards cost ~0.1 ms a call (the
         # digits model's transcription: 0.92-0.95x -> 0.99-1.06x float32). The inputs' shapes and dtypes stay guarded.
+        # the step's past (L, N, nkv, P, hs) has P = 1 at the first step after a one-token prompt: traced as the
+        # constant 1, that graph would serve no other step, and the second step compiled the graph again (the first
+        # decoding's compile time twice); a single row (N = 1) likewise
         fn = FrozenCompile(
             self.graphs[name],
             dynamic=True,
             guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe,
             inductor=STATIC_GEMMS if templates else None,
+            specialize_ones=name != "decoder_with_past_model",
         )
         fn.release_with(self)
         return fn
@@ -378,7 +395,7 @@ class GraphRunner:
             )
             self.cross, self.memory = (*cross_keys, *cross_values), None  # the cache holds what the steps read
         else:
-            new = tokens[:, self.seen :].contiguous()  # (N, 1)
+            new = unseen(tokens, self.seen)  # (N, 1)
             logits, self.keys, self.values = self.graphs.run(
                 "decoder_with_past_model", new, self.memory_mask, self.keys, self.values, *self.cross,
                 again=self.stepped,  # after this decoding's first step: the same inputs, a step longer

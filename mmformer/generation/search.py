@@ -141,6 +141,15 @@ def frozen_next_logits(model: MultimodalTransformer) -> Callable:
 INT8_ACTIVATIONS = ("dynamic", "static")  # torchao methods whose linear layers quantize their inputs
 
 
+def unseen(tokens: torch.Tensor, seen: int) -> torch.Tensor:
+    """The tokens (N, L) after the first ``seen`` ones, (N, L - seen), copied with contiguous strides: one layout at
+    every step, since a compiled step guards on its inputs' strides — a beam's rows are views of a stride that grows
+    with L, a greedy row's of its buffer's width (a graph per stride: beam search compiled four). Not
+    ``contiguous()``, which returns a single row's view as it is (a size-1 dimension's stride does not count for
+    contiguity; dynamo still guards on it)."""
+    return tokens[:, seen:].clone(memory_format=torch.contiguous_format)
+
+
 def _check_compilable(model: MultimodalTransformer, rows: int) -> None:
     """Refuse to compile the single-row steps of a model whose torchao linear layers quantize their activations
     (``quantize(model, "dynamic" | "static")``): torch.compile computes those layers wrongly for an input whose
@@ -225,7 +234,10 @@ class DecoderRunner:
             self.cache = self.model.make_cache(rows, size, static=self.static, cross_dtype=self.cross_dtype)
             if self.static and self.compiled:
                 _static_caches[self.model] = self.cache
-        self.cache.ensure(needed, limit=limit, step=CACHE_STEP)
+        # one position to spare below the limit: a step that filled the cache would attend to the whole buffer, a
+        # contiguous tensor where every other step's keys are a narrowed view, and a compiled step specializes on
+        # that (a second graph in every compiled decoding that outgrew its first cache)
+        self.cache.ensure(needed + 1 if needed < limit else needed, limit=limit, step=CACHE_STEP)
 
     def _static_cache(self, rows: int, size: int) -> KVCache | None:
         """The model's static cache from its last compiled decoding, emptied, if it has this layout (else None)."""
@@ -256,9 +268,7 @@ class DecoderRunner:
             self._reserve(*tokens.shape)
         if self.cache is not None and self.cache.length > 0:  # the model's own tokens, one step further: no checks
             seen = self.cache.length - self.n_prefix
-            new = tokens[:, seen:]  # (N, 1)
-            if self.static:  # one layout every step (a beam's rows are views of varying strides): one graph
-                new = new.contiguous()
+            new = unseen(tokens, seen)  # (N, 1)
             out = self._step(self.model, new, self.memory_mask, self.cache, self.layout)
             # every later step has this one's signature (shapes, the same cache and mask): a frozen step is called
             # without the settings only a compile reads (FrozenCompile.again)

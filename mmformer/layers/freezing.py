@@ -63,6 +63,10 @@ class FrozenCompile:
             templates for PT2E's static int8 graphs: :data:`mmformer.compress.pt2e.STATIC_GEMMS`).
         graphs: dynamo's limit of compiled graphs for this function (its ``recompile_limit``, set around these calls;
             None: dynamo's setting).
+        specialize_ones: dynamo's rule that a dimension of size 1 is the constant 1 (its graph serves no other size).
+            False traces sizes of 1 as symbols like any other (``torch.fx``'s ``backed_size_oblivious``, and no
+            "duck sizing", which would make equal sizes one symbol): a graph whose first call has a dimension of 1
+            serves the later sizes too — a decoding step's past of one position (a one-token prompt) and one row.
     """
 
     def __init__(
@@ -73,9 +77,11 @@ class FrozenCompile:
         guard_filter_fn: Callable | None = None,
         inductor: dict[str, Any] | None = None,
         graphs: int | None = None,
+        specialize_ones: bool = True,
     ):
         self._settings = {"freezing": True, **(inductor or {})}
         self._graph_limit = graphs
+        self._specialize_ones = specialize_ones
         self._globals: dict[str, Any] = {}
         if isinstance(fn, types.FunctionType):
             code = fn.__code__.replace()
@@ -108,8 +114,17 @@ class FrozenCompile:
     def __call__(self, *inputs: Any) -> Any:
         import torch._inductor.config as inductor
 
-        with inductor.patch(self._settings), graph_limit(self._graph_limit):
+        with inductor.patch(self._settings), graph_limit(self._graph_limit), self._shapes():
             return self._compiled(*inputs)
+
+    def _shapes(self) -> contextlib.AbstractContextManager:
+        """How the calls inside trace sizes of 1 (read when a graph is traced; :meth:`again` traces none with it: its
+        trace of a new graph is refused and made again through ``__call__``)."""
+        if self._specialize_ones:
+            return contextlib.nullcontext()
+        from torch.fx.experimental import _config as shapes
+
+        return shapes.patch(backed_size_oblivious=True, use_duck_shape=False)
 
     def again(self, *inputs: Any) -> Any:
         """Call with the signature of a call already made — the same shapes, dtypes, devices, grad mode and objects
