@@ -54,8 +54,8 @@ def compiled_next_logits() -> Callable:
     compiled graph per model; the batch size and cache length are symbolic, so growing sequences and beam reorders
     reuse one graph).
 
-    A model brings a few graphs (beams sharing a memory row or not, a full cache or not, and sizes that were equal
-    by chance when a graph was traced: dynamo's "duck shaping", which costs such recompiles but made the steady
+    A model brings a few graphs (beams sharing a memory row or not, and sizes that were equal by chance when a graph
+    was traced: dynamo's "duck shaping", which costs such recompiles but made the steady
     state 10–15% faster here than tracing without it), so dynamo's limit of 8 graphs per function is raised to
     :data:`_COMPILED_GRAPHS` for this function's calls; past it, dynamo falls back to eager decoding with a warning.
     Models of one architecture share graphs (their weights are graph inputs).
