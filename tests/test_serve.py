@@ -393,7 +393,13 @@ def test_int8_serving_transcribes_as_transcribe_files_with_the_int8_encoder(tmp_
     assert [(s.start, s.end, s.text) for s in verbose.segments] == [
         (s["start"], s["end"], s["text"]) for s in expected["segments"]
     ]
-    assert scores(verbose.segments) == pytest.approx(scores(expected["segments"]), rel=1e-5)
+    served, int8_scores = scores(verbose.segments), scores(expected["segments"])
+    float_scores = scores(float32["segments"])
+    assert served == pytest.approx(int8_scores, rel=1e-5)
+    if len(int8_scores) == len(float_scores):  # and nearer the int8 encoder's than float32's: rel=1e-5 alone is about
+        # the size of their gap (1.2e-5 relatively, measured), where the compiled graph answers within 1.5e-7
+        gap = max(abs(a - b) for a, b in zip(int8_scores, float_scores))
+        assert max(abs(a - b) for a, b in zip(served, int8_scores)) < gap / 2, (served, int8_scores, float_scores)
     with pytest.raises(ValueError, match=r"--compute-type int8: another audio encoder runs only under a Whisper"):
         load_engine(MODEL, compute_type="int8")
 
