@@ -188,6 +188,13 @@ def test_one_export_builds_the_onnx_exporters_translation_table_once(model, tmp_
     names = ["text_encoder", "decoder_model", "decoder_with_past_model"]
     assert tables == [{"aten::add.Tensor": [f"custom for {name}", "add"]} for name in names]
     assert vars(_registration.ONNXRegistry)["from_torchlib"] is builder
+    # blocks that overlap (a nested export, or two threads' exports) put torch's builder back, whichever leaves last
+    outer, inner = export._torchlib_registry_built_once(), export._torchlib_registry_built_once()
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)
+    inner.__exit__(None, None, None)
+    assert vars(_registration.ONNXRegistry)["from_torchlib"] is builder
 
 
 def test_the_exported_decoder_step_copies_none_of_its_cached_state(model, exported):

@@ -461,7 +461,9 @@ def _torchlib_registry_built_once() -> Iterator[None]:
     the same ONNX files). The table is a function of the opset alone, so the first call inside builds it and every
     call (the first included) gets its own copy, the table's lists copied: a call's ``custom_translation_table`` stays
     in that call's copy. Nothing outlives the block (one :func:`export`): the original classmethod is back afterwards,
-    and a torch without it (or with another registry layout) builds its table at every call as before."""
+    and a torch without it (or with another registry layout) builds its table at every call as before. A block
+    entered while another is open (a nested export, or one on another thread) leaves the builder to that one, so
+    the last to leave never puts back the other's replacement instead of torch's."""
     try:
         from torch.onnx._internal.exporter import _registration
     except ImportError:
@@ -469,7 +471,7 @@ def _torchlib_registry_built_once() -> Iterator[None]:
         return
     registry_class = getattr(_registration, "ONNXRegistry", None)
     original = vars(registry_class).get("from_torchlib") if isinstance(registry_class, type) else None
-    if not isinstance(original, classmethod):
+    if not isinstance(original, classmethod) or getattr(original.__func__, "builds_once", False):
         yield
         return
     built: dict[tuple, Any] = {}  # (class, arguments) → the registry built for them
@@ -485,6 +487,7 @@ def _torchlib_registry_built_once() -> Iterator[None]:
         registry.functions = {target: list(translations) for target, translations in table.items()}
         return registry
 
+    from_torchlib.builds_once = True  # marks the replacement (see above)
     registry_class.from_torchlib = classmethod(from_torchlib)
     try:
         yield
