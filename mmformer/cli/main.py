@@ -543,4 +543,4 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run()
