@@ -16,7 +16,7 @@ from torchmetrics.functional.text import word_error_rate
 
 from mmformer import load_pretrained
 from mmformer.longform import TranscribeOptions, VadOptions, decoding_options, transcribe_files
-from mmformer.longform.vad import Window, cut_and_merge, speech_regions
+from mmformer.longform.vad import Window, cut_and_merge, speech_regions, window_samples
 from mmformer.longform.whisper_decode import _Sampler
 from mmformer.longform.writers import to_json, to_srt, to_tsv, to_txt, to_vtt, write_result
 
@@ -132,6 +132,21 @@ def test_many_files_batched_equal_file_by_file(model):
     alone = [transcribe_files(model, [f], vad=True, batch_size=16)[0] for f in files]
     assert [r["text"] for r in together] == [r["text"] for r in alone]
     assert [r["segments"] for r in together] == [r["segments"] for r in alone]
+
+
+@pytest.mark.parametrize("vad", [True, False])
+def test_a_window_shorter_than_the_stft_centring_transcribes_alone_as_in_a_batch(model, vad):
+    """A recording whose last window (or whole self) is shorter than n_fft / 2 samples (200 here) stopped the whole
+    run with "audio: needs at least 201 samples" at batch size 1, and was transcribed beside longer windows: now the
+    same text at every batch size, and the files batched with it are transcribed."""
+    window = window_samples(model, VadOptions(), RATE)  # the longest window the model reads
+    speech = digits_recording(3, seed=4)[0]
+    tail = torch.cat([speech, torch.zeros(window - len(speech) % window), 0.01 * torch.ones(100)])  # a 100-sample tail
+    files = [speech[:100], tail, speech]
+    one_by_one = transcribe_files(model, files, vad=vad, batch_size=1)
+    together = transcribe_files(model, files, vad=vad, batch_size=16)
+    assert [r["text"] for r in one_by_one] == [r["text"] for r in together]
+    assert together[2]["text"] and "error" not in together[0]
 
 
 @pytest.mark.parametrize("kind", ["silence", "white noise"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmformer.config import ModelConfig
 from mmformer.model import MultimodalTransformer
@@ -384,10 +385,24 @@ def test_text_longer_than_the_table_after_a_cache_prefix(tiny_model):
         tiny_model.decode(torch.randint(0, V, (1, 2)), None, cache=cache)
 
 
+def test_audio_shorter_than_the_stft_centring_encodes_as_in_a_batch(tiny_model):
+    """A waveform of fewer samples than the STFT's centring (n_fft / 2: 32 here) is encoded alone as it is beside a
+    longer one (it was refused alone and accepted in a batch, so a long recording's short last window or a short file
+    failed a whole transcription run, or not, by how the files were batched)."""
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 20, 33):
+        short, long = torch.randn(1, n, generator=g), torch.randn(1, 700, generator=g)
+        batch = torch.cat([long, F.pad(short, (0, 700 - n))])
+        with torch.no_grad():
+            alone, together = tiny_model.encode_audio(short), tiny_model.encode_audio(batch, torch.tensor([700, n]))
+        assert torch.isfinite(alone).all()
+        torch.testing.assert_close(alone[0], together[1], rtol=0, atol=1e-5, msg=f"{n} samples")
+
+
 def test_bad_audio(tiny_model):
     m = tiny_model
-    with pytest.raises(ValueError, match="audio: needs at least 33 samples, got 20"):
-        m.encode_audio(torch.randn(1, 20))
+    with pytest.raises(ValueError, match=r"audio: expected at least one sample per waveform, got shape \(1, 0\)"):
+        m.encode_audio(torch.randn(1, 0))
     with pytest.raises(ValueError, match=r"audio: expected shape \(B, S\) of mono waveforms, got \(1, 2, 800\)"):
         m.encode_audio(torch.randn(1, 2, 800))
     with pytest.raises(TypeError, match="audio: expected a float waveform tensor, got torch.int16"):

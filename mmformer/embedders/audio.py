@@ -284,8 +284,10 @@ class AudioEmbedder(nn.Module):
         check_device("audio", audio, base_layer(self.conv1).weight)
         if audio.shape[0] == 0:
             raise ValueError(f"audio: expected at least one waveform, got shape {tuple(audio.shape)}")
-        if audio.shape[1] < self.cfg.n_fft // 2 + 1 and self.cfg.pad_to_seconds is None:
-            raise ValueError(f"audio: needs at least {self.cfg.n_fft // 2 + 1} samples, got {audio.shape[1]}")
+        # any length of at least one sample: a row shorter than the STFT's centring reads its own first or last
+        # sample where a reflection runs out (centre_pad), alone as in a batch of longer rows
+        if audio.shape[1] == 0:
+            raise ValueError(f"audio: expected at least one sample per waveform, got shape {tuple(audio.shape)}")
         if lengths is not None:
             lengths = check_lengths(
                 "audio_lengths", lengths, audio.shape[0], audio.shape[1], base_layer(self.conv1).weight
