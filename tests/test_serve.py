@@ -356,11 +356,19 @@ def test_a_whisper_checkpoint_answers_with_word_timestamps_and_a_prompt_as_trans
                 model=str(folder), file=f, language="en", prompt=prompt, temperature=0.0,
                 response_format="verbose_json", timestamp_granularities=["word", "segment"],
             )  # fmt: skip
+        with open(audio, "rb") as f:  # streamed: the deltas put together are the text, as OpenAI's are
+            events = list(client.audio.transcriptions.create(model=str(folder), file=f, language="en", prompt=prompt,
+                                                             temperature=0.0, stream=True))  # fmt: skip
+        r = httpx.post(url + "/v1/audio/transcriptions", data={"model": str(folder), "language": "xx"},
+                       files={"file": ("a.flac", audio.read_bytes())}, timeout=120)  # fmt: skip
     assert verbose.text == expected["text"]
     assert [(w.word, w.start, w.end) for w in verbose.words] == words
     assert [(s.start, s.end, s.text) for s in verbose.segments] == [
         (s["start"], s["end"], s["text"]) for s in expected["segments"]
     ]
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == events[-1].text, (deltas, events[-1].text)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "language", r.text  # not a code of this checkpoint
 
 
 @pytest.mark.slow  # quantizes twice (here and in the server), and the server compiles the encoder: ~20 s
@@ -453,6 +461,10 @@ def test_bad_inputs_get_their_status_and_error_json_and_the_server_keeps_serving
     r = httpx.post(server + "/v1/audio/transcriptions", data={"model": MODEL, "prompt": "one"}, files=clip,
                    headers=auth())  # fmt: skip
     error(r, 400, "prompt", "needs a Whisper checkpoint")
+    for stream in ("false", "true"):  # a language this model has no token for: named, before any decoding
+        r = httpx.post(server + "/v1/audio/transcriptions", data={"model": MODEL, "language": "en", "stream": stream},
+                       files=clip, headers=auth())  # fmt: skip
+        error(r, 400, "language", "no language tokens")
     r = httpx.post(server + "/v1/embeddings", json={**good, "model": "gpt-4"}, headers=auth())
     error(r, 404, "model", "'gpt-4'")
     with pytest.raises(openai.NotFoundError):

@@ -22,12 +22,19 @@ def _language_id(model: MultimodalTransformer, language: str) -> int:
     gen = model.config.generation
     code = language.strip().lower().removeprefix("<|").removesuffix("|>")
     if gen is None or not gen.language_ids:
-        raise ValueError(f"language: this model has no language tokens (an English-only checkpoint?); got {language!r}")
+        raise ValueError(f"language: this model has no language tokens (a model trained here, or an English-only "
+                         f"Whisper checkpoint): leave it out; got {language!r}")  # fmt: skip
     if code not in gen.language_ids:
         raise ValueError(
             f"language: expected one of this checkpoint's codes {sorted(gen.language_ids)}, got {language!r}"
         )
     return gen.language_ids[code]
+
+
+def check_language(model: MultimodalTransformer, language: str) -> None:
+    """ValueError naming ``language`` unless the model's generation config has that language's token (what decoding
+    with it would raise later, for callers that check a request before its work starts)."""
+    _language_id(model, language)
 
 
 def detect_language(

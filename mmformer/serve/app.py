@@ -186,9 +186,10 @@ def create_app(
         return body
 
     def as_file_error(e: BaseException) -> APIError:
-        """A transcription's failure as OpenAI's error naming the upload (``param`` "file") when it is the input's."""
+        """A transcription's failure as OpenAI's error naming the upload (``param`` "file") when it is the input's: a
+        400 that names no other form field (the recording's decoding, the model's audio checks)."""
         error = _as_api_error(e)
-        if error.status == 400:
+        if error.status == 400 and error.param in (None, "audio"):
             error.param = "file"
         return error
 
@@ -302,8 +303,13 @@ def create_app(
         try:
             sent = 0
             while (segment := await segments.get()) is not None:
-                if text := segment["text"].strip():
-                    yield _sse({"type": "transcript.text.delta", "delta": (" " if sent else "") + text})
+                # the deltas concatenate to the done event's text: a Whisper checkpoint's is its segments' texts back
+                # to back (openai-whisper's: each starts with its own space, or none inside a word or a CJK text),
+                # another model's their words joined by spaces
+                text = segment["text"] if engine.whisper else segment["text"].strip()
+                if text:
+                    yield _sse({"type": "transcript.text.delta", "delta": text if engine.whisper or not sent
+                                else " " + text})  # fmt: skip
                     sent += 1
             (result,) = await job
         except Exception as e:
@@ -453,6 +459,10 @@ def create_app(
             if stream not in ("true", "false"):
                 raise bad_request("stream", f"expected true or false, got {stream!r}")
             language = form.get("language") or None
+            try:  # before anything is decoded, as the other fields (a model without language tokens refuses any)
+                engine.check_language(language)
+            except ValueError as e:
+                raise bad_request("language", str(e)) from None
             wave = Deferred(engine.load_recording, await upload.read(), f"file ({upload.filename or 'file'})")
             if stream == "true":  # decoded before the stream begins, so that a bad file is still a 400
                 try:

@@ -18,6 +18,7 @@ import torch
 from mmformer.data.collate import pad_audio
 from mmformer.generation.completion import continues_prompts
 from mmformer.generation.decoding import DecodingOptions
+from mmformer.generation.decoding_rules import check_language
 from mmformer.generation.streaming import TextStreamer
 from mmformer.io.weights import model_device
 from mmformer.longform import has_timestamps, with_compute_type
@@ -165,6 +166,11 @@ class Engine:
         """A Whisper checkpoint: transcribed by openai-whisper's algorithm, which can also align words and take a
         previous-text prompt (:class:`~mmformer.longform.options.TranscribeOptions`)."""
         return has_timestamps(self.model)
+
+    def check_language(self, language: str | None) -> None:
+        """ValueError naming ``language`` unless the model has that language's token (None: any model)."""
+        if language is not None:
+            check_language(self.model, language)
 
     def transcribe(
         self, key: Hashable, waves: Sequence[torch.Tensor], on_segment: Callable[[dict], None] | None = None
