@@ -454,6 +454,7 @@ def test_bad_inputs_get_their_status_and_error_json_and_the_server_keeps_serving
     files = {"file": ("broken.flac", b"fLaC-but-not-really", "audio/flac")}
     r = httpx.post(server + "/v1/audio/transcriptions", data={"model": MODEL}, files=files, headers=auth())
     error(r, 400, "file", "broken.flac")
+    assert "object at 0x" not in r.json()["error"]["message"]  # soundfile's name for in-memory data: not the user's
     clip = {"file": ("clip.flac", (DIGITS / test_samples(1)[0]["audio_filepath"]).read_bytes(), "audio/flac")}
     words = {"model": MODEL, "response_format": "verbose_json", "timestamp_granularities[]": "word"}
     r = httpx.post(server + "/v1/audio/transcriptions", data=words, files=clip, headers=auth())

@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -211,7 +212,10 @@ def read_audio(
     except SampleError:
         raise
     except (soundfile.SoundFileError, RuntimeError, OSError, ValueError, EOFError, MemoryError) as e:
-        raise SampleError(name, f"cannot decode audio ({type(e).__name__}: {e})") from e
+        # soundfile names an in-memory upload by its object's repr ("Error opening <_io.BytesIO object at 0x...>"):
+        # the name given here says which input it was, so the reason alone follows
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the data", str(e))
+        raise SampleError(name, f"cannot decode audio ({type(e).__name__}: {reason})") from e
     cut = limit is not None and n_read >= limit  # stopped before the end of the file
     if n_read == 0:
         raise SampleError(name, "audio has no samples")
