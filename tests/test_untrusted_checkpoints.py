@@ -263,3 +263,66 @@ def test_converter_files_with_wrong_shapes_list_them(tmp_path):
     with pytest.raises(ValueError, match=r"attention\.self\.value\.weight \(3, 16\)") as info:
         from_hf_bert(tmp_path / "bert")
     assert "shape mismatch" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------- .pt2 programs
+def _rewritten(source: Path, target: Path, change) -> Path:
+    """``source`` (a .pt2 zip) copied to ``target`` with ``change(inner_name, data) -> data`` applied to each entry."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            zout.writestr(item, change(item.filename.split("/", 1)[-1], zin.read(item.filename)))
+    return target
+
+
+def test_load_program_refuses_archives_that_torch_export_load_would_unpickle(tmp_path, marker):
+    """``torch.export.load`` unpickles with ``weights_only=False`` a weight or constant its archive marks as pickled,
+    and retries a sample-inputs file the safe unpickler refuses without it: :func:`export.load_program` refuses such
+    archives before torch reads them, and still loads the programs ``export`` writes."""
+    import io
+
+    from mmformer.ship import export
+
+    torch.manual_seed(0)
+    model = MultimodalTransformer(tiny_config()).eval()
+    good = export.export(model, tmp_path / "graphs", format="torch-export", towers=["text"]) / "text_encoder.pt2"
+    ids = torch.tensor([[1, 4, 5, 2]])
+    torch.testing.assert_close(export.load_program(good).module()(ids, ids > 0)[0], model.encode_text(ids))
+    payload = io.BytesIO()
+    torch.save(ShellPayload(marker), payload)
+
+    def pickled_weight(name: str, data: bytes, weights: dict = {}) -> bytes:  # noqa: B006 — one archive's state
+        if name == "data/weights/model_weights_config.json":
+            config = json.loads(data)
+            first = next(iter(config["config"]))
+            config["config"][first]["use_pickle"] = True
+            weights["file"] = "data/weights/" + config["config"][first]["path_name"]
+            return json.dumps(config).encode()
+        return payload.getvalue() if name == weights.get("file") else data
+
+    def opaque_constant(name: str, data: bytes) -> bytes:
+        if name == "data/constants/model_constants_config.json":
+            config = json.loads(data)
+            config["config"]["evil"] = {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": False}
+            return json.dumps(config).encode()
+        return data
+
+    def pickled_inputs(name: str, data: bytes) -> bytes:
+        return payload.getvalue() if name.startswith("data/sample_inputs/") else data
+
+    crafted_archives = [
+        (pickled_weight, "as a pickled object"),
+        (opaque_constant, "'evil' as a pickled object"),
+        (pickled_inputs, "sample_inputs/model.pt is not readable by the safe unpickler"),
+    ]
+    for change, message in crafted_archives:
+        crafted = _rewritten(good, tmp_path / f"{change.__name__}.pt2", change)
+        with pytest.raises(ValueError, match=message):
+            export.load_program(crafted)
+        assert not marker.exists(), change.__name__
+    with pytest.raises(FileNotFoundError, match="no .pt2 program"):
+        export.load_program(tmp_path / "missing.pt2")
+    (tmp_path / "not.pt2").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a .pt2 archive"):
+        export.load_program(tmp_path / "not.pt2")
