@@ -120,3 +120,52 @@ def test_export_turns_a_checkpoint_into_a_pretrained_directory(saved, tmp_path, 
     assert exported.processor is not None and exported.processor.tokenizer.vocab_size == processor.tokenizer.vocab_size
     x = torch.randn(2, 1, 16, 16)
     assert torch.equal(exported.encode_image(x), model.encode_image(x))
+
+
+def test_a_saved_out_folder_is_refused_before_any_work_and_replaced_whole_with_overwrite(saved, tmp_path, monkeypatch):
+    """``--out`` holding a saved model (or export) is refused at once, naming --overwrite — the ONNX export wrote its
+    config.json into a user's model folder without --overwrite, and quantizing refused only after its work, with a
+    traceback; with --overwrite, the new artifact replaces the old one's files (a float export written over a PT2E
+    folder kept its int8 scales and loaded as int8) and keeps the user's."""
+    from mmformer.compress import pt2e
+    from mmformer.io.auto import load_for_inference
+
+    user = tmp_path / "user"
+    MultimodalTransformer.from_pretrained(saved / "model").save_pretrained(user)
+    (user / "notes.md").write_text("mine")
+    before = {p.name: p.read_bytes() for p in user.iterdir()}
+    called = []
+    monkeypatch.setattr("mmformer.io.auto.load_pretrained", lambda *a, **k: called.append(a))  # no work may start
+    for command in (["export", "--model", str(saved / "model"), "--format", "onnx"],
+                    ["quantize", "--model", str(saved / "model"), "--method", "dynamic"],
+                    ["convert", str(saved / "model")]):  # fmt: skip
+        with pytest.raises(SystemExit, match=rf"mmformer {command[0]}: error: --out: .* already holds a saved model or "
+                                             "export; pass --overwrite to replace it"):  # fmt: skip
+            main([*command, "--out", str(user)])
+    assert not called and {p.name: p.read_bytes() for p in user.iterdir()} == before
+    with pytest.raises(SystemExit, match=r"mmformer quantize: error: --device: got 'cuda'.* sees no CUDA GPU"):
+        main(["quantize", "--model", str(saved / "model"), "--method", "dynamic", "--device", "cuda",
+              "--out", str(tmp_path / "x")])  # fmt: skip
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit, match=r"mmformer convert: error: .*afile"):  # a file where a folder must go
+        main(["convert", str(saved / "model"), "--out", str(tmp_path / "afile" / "sub")])
+    monkeypatch.undo()
+
+    main(["quantize", "--model", str(saved / "model"), "--backend", "pt2e", "--method", "dynamic", "--towers", "image",
+          "--out", str(user), "--overwrite"])  # fmt: skip
+    assert isinstance(load_for_inference(user), pt2e.PT2EModel)
+    main(["export", "--model", str(saved / "model"), "--format", "pretrained", "--out", str(user), "--overwrite"])
+    assert isinstance(load_for_inference(user), MultimodalTransformer)  # the float model: no stale int8 scales
+    assert not (user / pt2e.QPARAMS_FILE).exists() and (user / "notes.md").read_text() == "mine"
+    main(["export", "--model", str(saved / "model"), "--format", "onnx", "--towers", "image", "--out", str(user),
+          "--overwrite"])  # fmt: skip
+    assert sorted(p.name for p in user.iterdir() if p.suffix in (".onnx", ".safetensors")) == ["image_encoder.onnx"]
+
+
+def test_the_artifact_files_a_save_replaces_are_the_owners_names():
+    from mmformer.compress import pt2e
+    from mmformer.io import pretrained
+    from mmformer.ship import export
+
+    assert {pt2e.QPARAMS_FILE, export.EXPORT_CONFIG, export.MEL_FILTERS} <= pretrained.ARTIFACT_FILES
+    assert all(suffix in pretrained.ARTIFACT_SUFFIXES for suffix in export.SUFFIX.values())

@@ -6,6 +6,20 @@ from __future__ import annotations
 
 import argparse
 
+WRITE_OUT = ("export", "quantize", "merge", "convert")  # the commands here: each writes --out
+
+
+def refuse_saved_out(args: argparse.Namespace) -> None:
+    """``--out`` holding a saved model, export or int8 folder is refused before any work unless ``--overwrite`` (the
+    save itself refuses it too, but only after loading, calibrating and quantizing)."""
+    from pathlib import Path
+
+    from mmformer.io.pretrained import ARTIFACT_FILES, CONFIG_NAME
+
+    out = Path(args.out)
+    if not args.overwrite and out.is_dir() and any((out / name).exists() for name in (CONFIG_NAME, *ARTIFACT_FILES)):
+        raise ValueError(f"--out: {out} already holds a saved model or export; pass --overwrite to replace it")
+
 
 def export(args: argparse.Namespace) -> None:
     from mmformer.io.auto import load_pretrained

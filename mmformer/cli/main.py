@@ -526,9 +526,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     from mmformer.data.io import SampleError
 
     try:
+        if args.command in artifacts.WRITE_OUT:
+            artifacts.refuse_saved_out(args)
+        _check_device(getattr(args, "device", None))
         handlers[args.command](args)
-    except (SampleError, FileNotFoundError, ValueError, ImportError) as e:
+    except (SampleError, OSError, ValueError, ImportError) as e:  # OSError: a folder in the way, a full disk, ...
         raise SystemExit(f"mmformer {args.command}: error: {e}") from None
+
+
+def _check_device(device: str | None) -> None:
+    """``--device cuda`` where torch sees no GPU: named before any loading (torch's own error is a traceback)."""
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: got {device!r}, but torch {torch.__version__} sees no CUDA GPU here; use cpu")
 
 
 def run() -> None:

@@ -123,7 +123,9 @@ def quantize_export(
         empty = sorted(name for name, f in feeds.items() if not f)
         if empty:
             raise ValueError(f"calibration: the batches reached no input of the graphs {empty}")
-    with pretrained.atomic_directory(directory, overwrite=overwrite, marker_files=(EXPORT_CONFIG,)) as staging:
+    with pretrained.atomic_directory(
+        directory, overwrite=overwrite, marker_files=(EXPORT_CONFIG, pretrained.CONFIG_NAME, pretrained.WEIGHTS_NAME)
+    ) as staging:
         graphs = {g["file"] for g in config["graphs"].values()}
         for item in source.iterdir():
             if item.is_file() and item.name not in graphs and item.name != EXPORT_CONFIG:

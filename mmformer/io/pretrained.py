@@ -61,6 +61,12 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PROCESSOR_FILES = ("tokenizer.json", "preprocessor_config.json")  # written by Processor.save_pretrained
 OWN_FILES = (CONFIG_NAME, WEIGHTS_NAME, *PROCESSOR_FILES)
+# The files that make a folder with a config.json the artifact it is — float or torchao weights, PT2E int8 scales
+# (compress.pt2e.QPARAMS_FILE), an export's config, graphs and mel filter bank (ship.export): a save that writes a
+# config replaces these, never carrying the old folder's over beside its own (a float export written over a PT2E
+# folder kept the stale scales and loaded as int8). The user's files and separately saved processor files carry over.
+ARTIFACT_FILES = frozenset({WEIGHTS_NAME, "pt2e_qparams.safetensors", "export_config.json", "mel_filters.npy"})
+ARTIFACT_SUFFIXES = (".onnx", ".onnx.data", ".pt2")
 CHECKPOINT_KEY = "mmformer"  # where MultimodalTask.on_save_checkpoint records the config and the processor
 CHECKPOINT_PREFIX = "model."  # the LightningModule attribute holding the model
 QUANTIZATION_KEY = "quantization_config"  # config.json / safetensors metadata: torchao-quantized weights
@@ -126,7 +132,8 @@ def atomic_directory(
     directory: str | os.PathLike, *, overwrite: bool = True, marker_files: Iterable[str] = (CONFIG_NAME, WEIGHTS_NAME)
 ) -> Iterator[Path]:
     """``with atomic_directory(target) as staging:`` — build a folder's new contents in ``staging``; on success the
-    files of ``target`` this save did not write are carried over and ``staging`` replaces ``target`` atomically; on
+    files of ``target`` this save did not write are carried over (not those of the artifact it replaces:
+    :data:`ARTIFACT_FILES`) and ``staging`` replaces ``target`` atomically; on
     failure ``target`` is left as it was and ``staging`` is removed. Every saved folder (models, adapters, prompts,
     exports) goes through here.
 
@@ -205,10 +212,19 @@ def write_config(directory: Path, config: ModelConfig, extra: Mapping[str, Any] 
 
 def _carry_over(old: Path, new: Path) -> None:
     """Hard-link (or copy) every entry of ``old`` that this save did not write into ``new``: the user's files, and
-    processor files saved separately (``processor.save_pretrained(d); save_pretrained(model, d)``)."""
+    processor files saved separately (``processor.save_pretrained(d); save_pretrained(model, d)``) — but not, when
+    this save writes a config, the old artifact's files (:data:`ARTIFACT_FILES`)."""
     for entry in old.iterdir():
-        if not os.path.lexists(new / entry.name):
+        if _carried(entry, new):
             _link_tree(entry, new / entry.name)
+
+
+def _carried(entry: Path, new: Path) -> bool:
+    """Whether an entry of the folder being replaced goes on into its replacement ``new``."""
+    if os.path.lexists(new / entry.name):
+        return False
+    artifact = entry.is_file() and (entry.name in ARTIFACT_FILES or entry.name.endswith(ARTIFACT_SUFFIXES))
+    return not (artifact and (new / CONFIG_NAME).is_file())
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -248,7 +264,7 @@ def swap_in(staging: Path, target: Path) -> None:
         raise
     # Entries that appeared in the old folder while we were saving (another writer) are moved over, not lost.
     for entry in aside.iterdir():
-        if not os.path.lexists(target / entry.name):
+        if _carried(entry, target):
             os.rename(entry, target / entry.name)
     shutil.rmtree(aside, ignore_errors=True)
 

@@ -335,7 +335,7 @@ def export(
         towers: some of ``image``, ``audio``, ``text``, ``decoder``.
         processor: saved beside the graphs (default ``model.processor``), so that a runner finds the tokenizer and
             the preprocessing settings.
-        overwrite: False refuses to replace a folder that already holds an export.
+        overwrite: False refuses to replace a folder that already holds an export or a saved model.
 
     Raises:
         ValueError: an unknown format or tower, a tower the model lacks, or a quantized model.
@@ -353,7 +353,11 @@ def export(
     todo = graphs(model, towers)  # refuses bad towers before anything is written
     processor = processor if processor is not None else getattr(model, "processor", None)
     with (
-        pretrained.atomic_directory(directory, overwrite=overwrite, marker_files=(EXPORT_CONFIG,)) as staging,
+        pretrained.atomic_directory(
+            directory,
+            overwrite=overwrite,
+            marker_files=(EXPORT_CONFIG, pretrained.CONFIG_NAME, pretrained.WEIGHTS_NAME),
+        ) as staging,
         _torchlib_registry_built_once(),
     ):
         records = {}
