@@ -343,6 +343,8 @@ print(json.dumps(out))
 def test_bad_requests_are_clear_errors_and_leave_nothing_behind(model, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"format: expected one of \['onnx', 'torch-export'\], got 'tflite'"):
         export.export(model, tmp_path / "x", format="tflite")
+    with pytest.raises(ValueError, match=r"opset: expected an int >= 18 .*got 5"):  # it wrote 18 and recorded 5
+        export.export(model, tmp_path / "x", opset=5)
 
     def text_model(route: str) -> MultimodalTransformer:  # a text encoder, or a decoder-only language model
         embed_dim = 8 if route == "text" else None

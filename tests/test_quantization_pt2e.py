@@ -205,8 +205,18 @@ def test_an_image_encoder_alone_calibrates_from_images_without_texts(backend, tm
             from mmformer.ship.onnx_runner import OnnxModel
 
             files = [str(digits / r["image"]) for r in rows[:4]]
-            got = torch.from_numpy(OnnxModel(tmp_path / "q").encode_image(files))
+            runner = OnnxModel(tmp_path / "q")
+            got = torch.from_numpy(runner.encode_image(files))
+            with pytest.raises(ValueError, match=r"this export has no audio_encoder graph; it has \['image_encoder'\]"):
+                runner.transcribe([str(digits / rows[0]["audio_filepath"])])  # was numpy's matmul error
     assert 0 < float((got - expected).abs().max()) <= 0.05
+    for samples in (0, -5):  # calibrated on one sample before
+        with pytest.raises(ValueError, match=rf"max_samples: expected an int >= 1, got {samples}"):
+            calibration_batches(model, images, max_samples=samples)
+    if backend == "torchao":
+        with pytest.raises(SystemExit, match=r"--towers: only with --backend pt2e or onnxruntime"):  # it quantized all
+            main(["quantize", "--model", str(tmp_path / "vit"), "--method", "dynamic", "--towers", "image",
+                  "--out", str(tmp_path / "t")])  # fmt: skip
     reads_text = tiny()
     reads_text.processor = Processor(image=reads_text.processor.image, audio=reads_text.processor.audio)
     with pytest.raises(ValueError, match=r"this model reads text .* needs its processor's tokenizer"):

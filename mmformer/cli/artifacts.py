@@ -59,6 +59,9 @@ def quantize_folder(args: argparse.Namespace) -> None:
         raise ValueError("--method static needs --calib MANIFEST (samples whose activation ranges set the scales)")
     if args.backend != "torchao":
         return quantize_graphs(args)
+    if args.towers:  # torchao quantizes every linear layer of the model
+        raise ValueError(f"--towers: only with --backend pt2e or onnxruntime; got {args.towers!r} with torchao")
+    source_bytes = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))  # before --out replaces it
     model = load_pretrained(args.model, device=args.device)
     calibration = None
     if args.method == "static":
@@ -72,9 +75,9 @@ def quantize_folder(args: argparse.Namespace) -> None:
         float_storage=args.float_storage,
     )
     model.save_pretrained(args.out, overwrite=args.overwrite)
-    sizes = [sum(f.stat().st_size for f in Path(d).glob("*.safetensors")) for d in (args.model, args.out)]
-    ratio = f" ({sizes[0] / sizes[1]:.2f}x smaller)" if Path(args.model).is_dir() and sizes[1] else ""
-    print(f"wrote {args.out}: {len(model.quantization.modules)} layers {args.method}, {sizes[1]:,} bytes{ratio}")
+    size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
+    ratio = f" ({source_bytes / size:.2f}x smaller)" if Path(args.model).is_dir() and size else ""
+    print(f"wrote {args.out}: {len(model.quantization.modules)} layers {args.method}, {size:,} bytes{ratio}")
     if args.method in ("dynamic", "static") and str(args.device).startswith("cpu"):
         # a user quantizes to go faster: torchao's int8 activations are slower than float32 on CPUs
         print(

@@ -206,6 +206,9 @@ def calibration_batches(
     from mmformer.data import Collator
     from mmformer.data.formats import open_dataset
 
+    for name, value in (("max_samples", max_samples), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
     processor = processor if processor is not None else getattr(model, "processor", None)
     routes = model.config.routes
     reads_text = "text" in routes or "decoder" in routes  # an image or audio encoder alone needs no texts
@@ -219,7 +222,7 @@ def calibration_batches(
         dataset = open_dataset(str(manifest), format="manifest", modalities=modalities or ["text"],
                                processor=processor, max_bad_fraction=1.0)  # fmt: skip
     except ValueError as e:
-        raise ValueError(f"calib: {manifest}: no usable samples for this model ({e})") from e
+        raise ValueError(f"calib: cannot read the manifest {manifest} ({e})") from e
     samples = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the per-sample skip warnings: the count is reported below

@@ -72,6 +72,7 @@ MEL_FILTERS = "mel_filters.npy"
 # whisper-tiny dimensions, batch 8, 30 s of memory). 24: Attention takes a key-padding mask as lengths
 # (``nonpad_kv_seqlen``), which onnxruntime (>= 1.24) runs on its fast kernel; see _lengths_for_masks.
 OPSET = 24
+MIN_OPSET = 18
 
 
 # ---------------------------------------------------------------------------------------------- the graphs' modules
@@ -344,6 +345,9 @@ def export(
 
     if format not in FORMATS:
         raise ValueError(f"format: expected one of {list(FORMATS)}, got {format!r}")
+    if format == "onnx" and (isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET):
+        # torch.onnx's exporter writes opset 18 or later (asked for less, it converted down, failed, and wrote 18)
+        raise ValueError(f"opset: expected an int >= {MIN_OPSET} (torch.onnx.export(dynamo=True)), got {opset!r}")
     if getattr(model, "quantization", None) is not None:
         raise ValueError(
             "model: a torchao-quantized model cannot be exported to ONNX or torch.export here; export the float "

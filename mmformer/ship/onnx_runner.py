@@ -231,6 +231,9 @@ class OnnxModel:
                 wave, sr = np.asarray(item, dtype=np.float32), sample_rate
             if sr is None:
                 raise ValueError("sample_rate: required with waveform arrays (the rate they were recorded at)")
+            if wave.ndim != 1 or wave.size == 0:
+                name = item if isinstance(item, (str, os.PathLike)) else f"audio[{len(waves)}]"
+                raise ValueError(f"{name}: expected a mono waveform of at least one sample, got shape {wave.shape}")
             wave = resample(wave, int(sr), rate)
             max_seconds = (self.preprocessor.get("audio") or {}).get("max_seconds")
             if max_seconds:
@@ -265,6 +268,8 @@ class OnnxModel:
         return ((np.maximum(mel, peak - 8.0) + 4.0) / 4.0).astype(np.float32), n_frames
 
     def _audio_states(self, audio: Sequence[Any], sample_rate: int | None) -> list[np.ndarray]:
+        if "audio_encoder" not in self.sessions:  # before the features, which need the export's mel filter bank
+            raise ValueError(f"this export has no audio_encoder graph; it has {sorted(self.sessions)}")
         features, lengths = self.log_mel(self.load_audio(audio, sample_rate))
         return self._run("audio_encoder", input_features=features, feature_lengths=lengths)
 
