@@ -160,6 +160,8 @@ def test_a_saved_out_folder_is_refused_before_any_work_and_replaced_whole_with_o
     main(["export", "--model", str(saved / "model"), "--format", "onnx", "--towers", "image", "--out", str(user),
           "--overwrite"])  # fmt: skip
     assert sorted(p.name for p in user.iterdir() if p.suffix in (".onnx", ".safetensors")) == ["image_encoder.onnx"]
+    with pytest.raises(SystemExit, match=r"an `mmformer export` folder .* mmformer.ship.onnx_runner.OnnxModel"):
+        main(["zeroshot", "--model", str(user), "--classes", "zero,one", str(saved / "a.png")])  # graphs, no weights
 
 
 def test_the_artifact_files_a_save_replaces_are_the_owners_names():

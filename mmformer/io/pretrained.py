@@ -65,7 +65,8 @@ OWN_FILES = (CONFIG_NAME, WEIGHTS_NAME, *PROCESSOR_FILES)
 # (compress.pt2e.QPARAMS_FILE), an export's config, graphs and mel filter bank (ship.export): a save that writes a
 # config replaces these, never carrying the old folder's over beside its own (a float export written over a PT2E
 # folder kept the stale scales and loaded as int8). The user's files and separately saved processor files carry over.
-ARTIFACT_FILES = frozenset({WEIGHTS_NAME, "pt2e_qparams.safetensors", "export_config.json", "mel_filters.npy"})
+EXPORT_CONFIG = "export_config.json"  # ship.export's (and the torch-free runner's): an export folder's index
+ARTIFACT_FILES = frozenset({WEIGHTS_NAME, "pt2e_qparams.safetensors", EXPORT_CONFIG, "mel_filters.npy"})
 ARTIFACT_SUFFIXES = (".onnx", ".onnx.data", ".pt2")
 CHECKPOINT_KEY = "mmformer"  # where MultimodalTask.on_save_checkpoint records the config and the processor
 CHECKPOINT_PREFIX = "model."  # the LightningModule attribute holding the model
@@ -330,6 +331,11 @@ def read_checkpoint(
     elif path.is_dir():
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
+            if (path / EXPORT_CONFIG).is_file():
+                raise FileNotFoundError(f"{path}: an `mmformer export` folder (ONNX / torch.export graphs), which "
+                                        "holds no weights to load here; run its ONNX graphs with "
+                                        "mmformer.ship.onnx_runner.OnnxModel, or pass the model it was exported "
+                                        "from")  # fmt: skip
             raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} in this folder; expected {_ACCEPTED}")
         specs, read, metadata = open_safetensors(weights, map_location)
         config = config or read_config(path / CONFIG_NAME, required=True)
