@@ -190,6 +190,10 @@ def test_beam_search_and_left_padded_prompts_over_a_batch_of_clips_equal_each_al
             assert trim(beams[b], pad_id) == trim(single, pad_id), i
             single = generate(model, audio=one, audio_lengths=n, prompt_ids=[prompts[b]], max_new_tokens=6)[0]
             assert trim(prompted[b, width - len(prompts[b]) :], pad_id) == trim(single, pad_id), i
+    # and as text: transcribe (and caption, the same detokenizing) with those prompts, batched and alone — it failed
+    # turning the ids into text ("expected sequence of length 1 at dim 1")
+    texts = model.transcribe([waves[i] for i in picked], prompt_ids=prompts, max_new_tokens=6)
+    assert texts == [model.transcribe([waves[i]], prompt_ids=[p], max_new_tokens=6)[0] for i, p in zip(picked, prompts)]
 
 
 def test_zero_padding_with_the_true_length_changes_nothing(digits):

@@ -324,6 +324,7 @@ def test_relative_positions_decode_past_the_text_table(build):
         (dict(num_beams=3, top_k=5), r"num_beams=3 with sampling .* is not supported"),
         (dict(compile="yes"), r"compile: expected True or False, got 'yes'"),
         (dict(compile=True, use_cache=False), r"compile=True .* needs use_cache=True"),
+        (dict(min_new_tokens=50, max_new_tokens=3), r"min_new_tokens: expected at most max_new_tokens \(3\), got 50"),
     ],
 )
 def test_bad_options_raise(build, options, message):

@@ -123,6 +123,9 @@ class DecodingOptions:
             )
         if not is_int(self.min_new_tokens) or self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens: expected an int >= 0, got {self.min_new_tokens!r}")
+        if self.min_new_tokens > self.max_new_tokens:  # every row would be cut at max_new_tokens, unfinished
+            raise ValueError(f"min_new_tokens: expected at most max_new_tokens ({self.max_new_tokens}), got "
+                             f"{self.min_new_tokens}")  # fmt: skip
         if not isinstance(self.forced_eos, bool):
             raise ValueError(f"forced_eos: expected True or False, got {self.forced_eos!r}")
         for name in ("language", "task"):
@@ -490,7 +493,10 @@ def processor_with_tokenizer(model: MultimodalTransformer, processor: Processor 
 def _detokenize(model: MultimodalTransformer, processor: Processor, ids: torch.Tensor, decoding: dict) -> list[str]:
     """The generated text of ids from :func:`generate`, without the prompt."""
     prompt = decoding.get("prompt_ids")
-    skip = prompt_length(model) if prompt is None else torch.as_tensor(prompt).shape[-1]
+    if prompt is None:
+        skip = prompt_length(model)
+    else:  # prompts of different lengths are left-padded to the longest
+        skip = max(len(row) for row in prompt) if ragged(prompt) else torch.as_tensor(prompt).shape[-1]
     return processor.tokenizer.batch_decode(ids[:, skip:].cpu(), skip_special_tokens=True)
 
 
@@ -554,7 +560,9 @@ def transcribe(
         chunk_lengths = (lengths[rows] - start).clamp(max=window)
         options = dict(decoding)
         prompt = options.get("prompt_ids")
-        if prompt is not None and torch.as_tensor(prompt).ndim == 2:
+        if prompt is not None and ragged(prompt):
+            options["prompt_ids"] = [prompt[i] for i in rows.tolist()]
+        elif prompt is not None and torch.as_tensor(prompt).ndim == 2:
             options["prompt_ids"] = torch.as_tensor(prompt)[rows]
         ids = generate(model, audio=chunk.to(device), audio_lengths=chunk_lengths.to(device), **options)
         for row, text in zip(rows.tolist(), _detokenize(model, processor, ids, options)):
