@@ -331,3 +331,18 @@ def test_print_config_shows_an_old_key_at_its_new_place(workspace, tmp_path, cap
     options = yaml.safe_load(printed)["model"]
     assert "caption_weight" not in options and "init_from" not in options
     assert options["objectives"]["caption"] == 0.25 and options["adapt"]["init_from"] == BASE
+
+
+def test_texts_longer_than_the_models_table_are_cut_to_it(tmp_path):
+    """A caption of more tokens than the model's text table (``text.max_length``, 8 here) trains, cut to it: with
+    ``data.text_max_length`` unset the texts were cut at the tokenizer's own limit (77), and training stopped at the
+    model's check ("input_ids: expected at most 8 tokens") part-way through the run. An explicit value holds."""
+    train = write_pairs(tmp_path / "data", n=8)
+    rows = train.read_text().splitlines()
+    rows[3] = json.dumps({"image": "img/3.png", "text": " ".join(["two seven one"] * 5)})  # ~17 words
+    train.write_text("\n".join(rows) + "\n")
+    config = tiny_config(tmp_path, train, max_steps=4, model={"model": {"text": {"max_length": 8}}})
+    cli = fit_in_process(write_config(tmp_path / "config.yaml", config))
+    assert cli.trainer.global_step == 4 and cli.datamodule.text_max_length == 8
+    cli = fit_in_process(write_config(tmp_path / "config.yaml", config), "--data.text_max_length", "6", run=False)
+    assert cli.datamodule.text_max_length == 6

@@ -127,7 +127,12 @@ class MMFormerCLI(LightningCLI):
         # training texts) before the model: check the model configuration first, so an impossible one fails fast.
         model = section.get("model")
         if isinstance(model, Namespace) and model.get("model") is not None:
-            check_model_config(model["model"])
+            text = check_model_config(model["model"]).text
+            data = section.get("data")
+            if isinstance(data, Namespace) and data.get("text_max_length") is None and text is not None:
+                # texts cut to the model's position table: the tokenizer's own limit (77) let a long caption
+                # through, and the model stopped training at it ("input_ids: expected at most N tokens")
+                data["text_max_length"] = text.max_length if text.position != "none" else None
         elif isinstance(model, Namespace) and not model.get("adapt.init_from"):
             raise ConfigError(f"{MODEL_KEY}: expected a model configuration, or {INIT_FROM}: a model to start from")
 
