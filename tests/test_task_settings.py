@@ -346,3 +346,23 @@ def test_texts_longer_than_the_models_table_are_cut_to_it(tmp_path):
     assert cli.trainer.global_step == 4 and cli.datamodule.text_max_length == 8
     cli = fit_in_process(write_config(tmp_path / "config.yaml", config), "--data.text_max_length", "6", run=False)
     assert cli.datamodule.text_max_length == 6
+
+
+def test_a_resume_whose_data_gives_another_tokenizer_is_refused(tmp_path):
+    """Training texts changed before ``--ckpt_path last``: the tokenizer learned again from them has the same size
+    and other ids (the weights would read every text as other tokens, silently): refused, naming the way out — the
+    checkpoint's own tokenizer, exported — with which the run resumes."""
+    from mmformer.cli.main import main
+
+    train = write_pairs(tmp_path / "data", n=8)
+    path = write_config(tmp_path / "config.yaml", tiny_config(tmp_path, train, every=2, max_steps=2))
+    fit_in_process(path)
+    with train.open("a") as f:
+        for text in ("apple banana", "cherry grape", "melon lemon"):
+            f.write(json.dumps({"image": "img/0.png", "text": text}) + "\n")
+    with pytest.raises(ValueError, match=r"tokenizer: the data module's tokenizer maps texts to other ids"):
+        fit_in_process(path, "--ckpt_path", "last", "--trainer.max_steps", "4")
+    main(["export", "--ckpt", str(tmp_path / "ckpt" / "last.ckpt"), "--out", str(tmp_path / "exported")])
+    tokenizer = str(tmp_path / "exported" / "tokenizer.json")
+    cli = fit_in_process(path, "--ckpt_path", "last", "--trainer.max_steps", "4", "--data.tokenizer", tokenizer)
+    assert cli.trainer.global_step == 4

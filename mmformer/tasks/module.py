@@ -30,6 +30,7 @@ Shape legend: B batch, T text tokens, Np image tokens, N audio tokens, E embeddi
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from collections.abc import Iterable
@@ -469,6 +470,20 @@ class MultimodalTask(L.LightningModule):
         return self.evaluation.predict(self.model, batch, self._documents(batch), self._find_tokenizer(), self.prompt)
 
     # ------------------------------------------------------------------ checkpoints
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run reads its texts with the tokenizer its checkpoint was trained with: one learned again from
+        changed training texts keeps the vocabulary size but not the ids, and the weights would read every text as
+        other tokens, silently."""
+        saved, current = (checkpoint.get("mmformer") or {}).get("tokenizer_json"), self._find_tokenizer()
+        if saved is None or current is None:
+            return
+        if _token_table(saved) != _token_table(_tokenizer_json(current)):
+            raise ValueError(
+                "tokenizer: the data module's tokenizer maps texts to other ids than the one this checkpoint was "
+                "trained with (learned again from training texts that changed since); resume with that one: "
+                "`mmformer export --ckpt CKPT --out DIR`, then --data.tokenizer DIR/tokenizer.json"
+            )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store what ``mmformer export`` needs to write a complete pretrained directory from the checkpoint alone:
         the model config, and the data module's tokenizer (as tokenizer.json text) and preprocessor settings."""
@@ -494,6 +509,15 @@ def _optimizer_from_config(config: str | dict[str, Any]) -> OptimizerCallable:
         return parser.instantiate(parser.parse_object({"optimizer": config})).optimizer
     except Exception as e:  # jsonargparse reports a bad value as its own ArgumentError
         raise ValueError(f"optimizer: expected an optimizer class path or config, got {config!r} ({e})") from e
+
+
+def _token_table(tokenizer_json: str | None) -> Any:
+    """What gives texts their ids in a tokenizer.json (its model's vocabulary and merges; not the padding and
+    truncation settings, which a run may change)."""
+    if tokenizer_json is None:
+        return None
+    model = json.loads(tokenizer_json).get("model") or {}
+    return model.get("vocab"), model.get("merges")
 
 
 def _tokenizer_json(tokenizer: Any) -> str | None:
