@@ -366,3 +366,18 @@ def test_a_resume_whose_data_gives_another_tokenizer_is_refused(tmp_path):
     tokenizer = str(tmp_path / "exported" / "tokenizer.json")
     cli = fit_in_process(path, "--ckpt_path", "last", "--trainer.max_steps", "4", "--data.tokenizer", tokenizer)
     assert cli.trainer.global_step == 4
+
+
+def test_a_batch_of_unreadable_samples_steps_neither_the_optimizer_nor_the_schedule(tmp_path):
+    """The loader yields None for a batch whose every sample is unreadable (skipped with a warning each): Lightning
+    steps no optimizer for it, and stepped the learning-rate schedule anyway — warmup and decay one step ahead of
+    the updates for each such batch (and torch's "lr_scheduler.step() before optimizer.step()" warning)."""
+    train = write_pairs(tmp_path / "data", n=30)
+    for i in (0, 1):  # the first batch of two, in order
+        (tmp_path / "data" / "img" / f"{i}.png").write_bytes(b"not a png")
+    config = tiny_config(tmp_path, train, max_steps=4, data={"batch_size": 2, "shuffle": False})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skipped samples' and Lightning's None-batch warnings
+        cli = fit_in_process(write_config(tmp_path / "config.yaml", config))
+    scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert cli.trainer.global_step == 4 and scheduler.last_epoch == 4

@@ -380,6 +380,14 @@ class MultimodalTask(L.LightningModule):
         self.nonfinite.check_loss(self.trainer, loss, parts, batch, batch_idx)
         return loss
 
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """One schedule step per optimizer step: for a batch the loader yields as None (every sample in it unreadable,
+        skipped) no optimizer steps, and Lightning would still step the schedule, so that warmup and decay ran ahead
+        of the updates (the scheduler's step count is the trainer's global step, restored with it on resume)."""
+        del metric
+        if scheduler.last_epoch < self.trainer.global_step:
+            scheduler.step()
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.nonfinite.before_optimizer_step(self.trainer, optimizer, self.parameters())
 
