@@ -73,6 +73,13 @@ def _describe(source: Source, name: str | None) -> str:
     return "<bytes>" if isinstance(source, bytes) else str(source)
 
 
+def _reason(error: BaseException) -> str:
+    """A decoder's message without the repr it gives in-memory data ("cannot identify image file <_io.BytesIO object
+    at 0x...>"): the sample's name says which input it was, and a message that differs per call is never deduplicated
+    (a shard's bad member warned again every epoch)."""
+    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "(in memory)", str(error))
+
+
 def _open(source: Source, name: str) -> io.BufferedIOBase | str:
     """A file object for bytes, the path otherwise; a missing path becomes a SampleError."""
     if isinstance(source, bytes):
@@ -120,7 +127,7 @@ def read_image(source: Source, mode: str = "RGB", *, name: str | None = None) ->
     except SampleError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        raise SampleError(name, f"cannot decode image ({type(e).__name__}: {e})") from e
+        raise SampleError(name, f"cannot decode image ({type(e).__name__}: {_reason(e)})") from e
 
 
 def check_resample(orig_rate: int, new_rate: int, what: str = "sample rate") -> None:
@@ -212,10 +219,7 @@ def read_audio(
     except SampleError:
         raise
     except (soundfile.SoundFileError, RuntimeError, OSError, ValueError, EOFError, MemoryError) as e:
-        # soundfile names an in-memory upload by its object's repr ("Error opening <_io.BytesIO object at 0x...>"):
-        # the name given here says which input it was, so the reason alone follows
-        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the data", str(e))
-        raise SampleError(name, f"cannot decode audio ({type(e).__name__}: {reason})") from e
+        raise SampleError(name, f"cannot decode audio ({type(e).__name__}: {_reason(e)})") from e
     cut = limit is not None and n_read >= limit  # stopped before the end of the file
     if n_read == 0:
         raise SampleError(name, "audio has no samples")
