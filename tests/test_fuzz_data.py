@@ -442,7 +442,7 @@ def test_librispeech_and_shards_with_bad_transcripts(tmp_path):
     messages = [str(w.message) for w in caught]
     assert any("shard.tar:b.txt: text is not UTF-8" in m for m in messages)
     assert any("shard.tar:c.txt: empty text" in m for m in messages)
-    assert any("shard.tar:d.txt: missing text" in m for m in messages)
+    assert any("shard.tar:d: no text member (.txt, .text, .caption)" in m for m in messages)
 
 
 # ---------------------------------------------------------------------------------------------------- worker processes

@@ -173,9 +173,11 @@ class ShardDataset(IterableDataset):
         sample: dict[str, Any] = {"source": prefix}
         if "text" in self.fields:
             ext = _member(raw, "text")
-            name = f"{prefix}.{ext or 'txt'}"
+            if ext is None:  # named by the sample: there is no text member to name
+                raise SampleError(prefix, f"no text member (.{', .'.join(EXTENSIONS['text'])}) for this sample")
+            name = f"{prefix}.{ext}"
             try:
-                text = raw[ext].decode("utf-8") if ext else None
+                text = raw[ext].decode("utf-8")
             except UnicodeDecodeError as e:
                 raise SampleError(name, f"text is not UTF-8 ({e})") from e
             sample["text"] = clean_text(text, name)
