@@ -65,3 +65,14 @@ def test_mmformer_fit_prints_one_error_and_exits_2(tmp_path, poison):
     assert errors[0].startswith("mmformer: error:") and "max_lenght" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and len(errors) <= 4, done.stderr
     assert not (tmp_path / "tokenizer").exists()
+
+
+def test_a_bad_value_a_class_refuses_under_an_optional_section_is_one_line(tmp_path):
+    """``--data.augment '{audio: {speed_prob: 1.5}}'``: AugmentConfig's own check, under ``AugmentConfig | None``,
+    came as jsonargparse's union report with every subtype and the whole namespace dumped after it."""
+    from cli_helpers import write_pairs
+
+    config = write_config(tmp_path / "config.yaml", tiny_config(tmp_path, write_pairs(tmp_path / "data", n=4)))
+    with pytest.raises(ConfigError) as info:
+        fit_in_process(config, "--data.augment", "{audio: {speed_prob: 1.5}}")
+    assert str(info.value) == "augment.audio.speed_prob: expected a probability in [0, 1]; got 1.5"

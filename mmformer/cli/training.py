@@ -142,7 +142,7 @@ class MMFormerCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, TypeError, FileNotFoundError, MisconfigurationException) as e:
-            raise ConfigError(str(e)) from e
+            raise ConfigError(_named_key(str(e))) from e  # a class's own check under an optional section: one line
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={}) or {}
@@ -203,7 +203,7 @@ def _named_key(message: str) -> str:
         if found:
             keys.append(found.group(1))
         elif text and not text.startswith(_UNION_NOISE):
-            return f"{'.'.join(keys)}: {text}"
+            return f"{'.'.join(keys)}: {text}" if keys else text
     return message
 
 
