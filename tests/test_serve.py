@@ -451,6 +451,26 @@ def test_bad_inputs_get_their_status_and_error_json_and_the_server_keeps_serving
     error(r, 400, "input[0].image", "input[0].image")
     r = httpx.post(server + "/v1/embeddings", json={"model": MODEL, "input": [{"image": "%%%"}]}, headers=auth())
     error(r, 400, "input[0].image", "not base64")
+    r = httpx.post(server + "/v1/embeddings", json={"model": MODEL, "input": [{"image": ""}]}, headers=auth())
+    error(r, 400, "input[0].image", "got an empty string")
+    png = (DIGITS / test_samples(1)[0]["image"]).read_bytes()
+    wrapped = base64.encodebytes(png).decode()  # base64's own line breaks, every 76 characters
+    r = httpx.post(server + "/v1/embeddings", json={"model": MODEL, "input": [{"image": wrapped}]}, headers=auth())
+    assert r.status_code == 200, r.text
+    # texts: the failing input named, with its own length (the model's batch named text[0] and a truncated count)
+    for text, message in (("\ud800", "unpaired surrogate"), ("two " * 15, "tokens; this model reads at most 16"),
+                          ("x" * 100_000, "100,000 characters")):  # fmt: skip
+        body = json.dumps({"model": MODEL, "input": ["two", "seven", text]})  # ASCII: a lone surrogate as \ud800
+        r = httpx.post(server + "/v1/embeddings", content=body, headers={**auth(), "Content-Type": "application/json"})
+        error(r, 400, "input[2]", message)
+    for dimensions in (8, -1, "x"):  # these embeddings are not trained to be cut short
+        r = httpx.post(server + "/v1/embeddings", json={**good, "dimensions": dimensions}, headers=auth())
+        error(r, 400, "dimensions", "cannot be shortened")
+    assert httpx.post(server + "/v1/embeddings", json={**good, "dimensions": 128}, headers=auth()).status_code == 200
+    # the key before the body: a malformed body without it is a 401; the scheme in any case
+    r = httpx.post(server + "/v1/embeddings", content=b"garbage", headers={"Content-Type": "application/json"})
+    error(r, 401, None, "Authorization")
+    assert httpx.post(server + "/v1/embeddings", json=good, headers={"Authorization": f"bearer {KEY}"}).is_success
     files = {"file": ("broken.flac", b"fLaC-but-not-really", "audio/flac")}
     r = httpx.post(server + "/v1/audio/transcriptions", data={"model": MODEL}, files=files, headers=auth())
     error(r, 400, "file", "broken.flac")

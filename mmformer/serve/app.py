@@ -161,14 +161,19 @@ def create_app(
         message = f"{request.method} {path}: no such route" if e.status_code == 404 else str(e.detail)
         return _error_response(APIError(e.status_code, message, code="unknown_url" if e.status_code == 404 else None))
 
-    def check(request: Request, route: str | None, model: Any = None) -> None:
-        """401 without the API key, 404 for another model's name, 400 for a route this model cannot serve."""
+    def authorize(request: Request) -> None:
+        """401 without the API key (``Bearer KEY``, the scheme in any case), before the body is read."""
         if api_key is not None:
             given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            scheme, _, key = given.strip().partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), api_key.encode()):
                 what = "no Authorization header" if not given else "a wrong key"
                 raise APIError(401, f"Authorization: expected 'Bearer <the server's --api-key>', got {what}",
                                code="invalid_api_key")  # fmt: skip
+
+    def check(request: Request, route: str | None, model: Any = None) -> None:
+        """401 without the API key, 404 for another model's name, 400 for a route this model cannot serve."""
+        authorize(request)
         if model is not None and model != engine.model_id:
             raise APIError(404, f"model: expected {engine.model_id!r} (the model this server serves), got {model!r}",
                            param="model", code="model_not_found")  # fmt: skip
@@ -177,6 +182,7 @@ def create_app(
                                        f"{['/v1/' + r for r in engine.routes]}", code="unsupported_route")  # fmt: skip
 
     async def json_body(request: Request) -> dict:
+        authorize(request)
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -215,6 +221,7 @@ def create_app(
             if isinstance(item, str):
                 if not item:
                     raise bad_request(where, "expected a non-empty string")
+                engine.check_text(item, where)
                 return "text", item
             if isinstance(item, dict) and len(item) == 1 and next(iter(item)) in ("image", "audio"):
                 kind, value = next(iter(item.items()))
@@ -350,6 +357,11 @@ def create_app(
             raw, encoding = body.get("input"), body.get("encoding_format", "float") or "float"
             if encoding not in ("float", "base64"):
                 raise bad_request("encoding_format", f"expected 'float' or 'base64', got {encoding!r}")
+            size, dimensions = engine.model.config.embed_dim, body.get("dimensions")
+            if dimensions is not None and (isinstance(dimensions, bool) or dimensions != size):
+                # OpenAI's text-embedding-3 models are trained to be cut short; these are not
+                raise bad_request("dimensions", f"this model's embeddings have {size} dimensions and cannot be "
+                                                f"shortened; omit it or pass {size}, got {dimensions!r}")  # fmt: skip
             items = [raw] if isinstance(raw, (str, dict)) else raw
             if not isinstance(items, list) or not items:
                 raise bad_request(
@@ -418,6 +430,7 @@ def create_app(
     @app.post("/v1/audio/transcriptions", response_model=None)
     async def transcriptions(request: Request) -> Response:
         with arriving("audio/transcriptions"):
+            authorize(request)
             try:
                 form = await request.form()
             except PayloadTooLarge:

@@ -54,13 +54,17 @@ def served_routes(model: Any) -> list[str]:
 
 
 def decode_base64(value: Any, param: str) -> bytes:
-    """Bytes of a base64 string or a ``data:...;base64,`` URL; ValueError naming ``param`` otherwise."""
-    if not isinstance(value, str) or not value:
+    """Bytes of a base64 string or a ``data:...;base64,`` URL (line breaks, as ``base64`` wraps it, allowed);
+    ValueError naming ``param`` otherwise."""
+    if not isinstance(value, str):
         raise ValueError(f"{param}: expected a base64 string or data URL, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{param}: expected a base64 string or data URL, got an empty string")
     if value.startswith("data:"):
         head, _, value = value.partition(",")
         if not head.endswith(";base64"):
             raise ValueError(f"{param}: expected a base64 data URL (data:<type>;base64,...), got {head!r}")
+    value = "".join(value.split())
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
@@ -92,6 +96,9 @@ def length_groups(lengths: Sequence[int], overhead: int) -> list[list[int]]:
         groups.append(order[cut[j] : j])
         j = cut[j]
     return groups[::-1]
+
+
+CHARS_PER_TOKEN = 64  # more characters than this a text position: refused without tokenizing
 
 
 class Engine:
@@ -132,6 +139,26 @@ class Engine:
 
     def text_tokens(self, text: str) -> int:
         return len(self.processor.tokenizer.encode(text))
+
+    def check_text(self, text: str, param: str) -> None:
+        """ValueError naming ``param`` for a text the text encoder cannot read whole (checked per request input, not
+        in the model's batch, where a message could name neither the input nor its real length): not valid Unicode,
+        or more tokens than the position table holds — counted untruncated, except that a text of more than
+        :data:`CHARS_PER_TOKEN` characters a position is refused uncounted (20 MB of text took 48 s to tokenize)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{param}: expected valid Unicode text; got a string with an unpaired surrogate "
+                             f"at character {e.start}") from None  # fmt: skip
+        cfg = self.model.config.text
+        if cfg is None or cfg.position == "none":  # relative positions: no table to outgrow
+            return
+        limit = cfg.max_tokens
+        if len(text) > CHARS_PER_TOKEN * limit:
+            raise ValueError(f"{param}: {len(text):,} characters; this model reads at most {limit} tokens "
+                             f"(texts over {CHARS_PER_TOKEN * limit:,} characters are refused uncounted)")  # fmt: skip
+        if (n := self.text_tokens(text)) > limit:
+            raise ValueError(f"{param}: {n} tokens; this model reads at most {limit} (TextConfig.max_length)")
 
     # ------------------------------------------------------------------ batched work (model thread)
     @torch.inference_mode()
