@@ -169,6 +169,8 @@ def test_context_prompt_fit_moves_only_the_prompt_and_exports_it(pretrained, tmp
 
     main(["export", "--ckpt", str(tmp_path / "ckpt" / "last.ckpt"), "--out", str(tmp_path / "prompt.safetensors")])
     assert torch.equal(load_prompt(tmp_path / "prompt.safetensors").vectors, cli.model.prompt.vectors.detach())
+    with pytest.raises(SystemExit, match=r"merge: only a LoRA run's adapter merges into its base"):  # was ignored
+        main(["export", "--ckpt", str(tmp_path / "ckpt" / "last.ckpt"), "--merge", "--out", str(tmp_path / "m")])
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -96,6 +96,21 @@ def test_caption_and_transcribe_print_one_line_per_file(saved, capsys, command, 
         assert capsys.readouterr().out.splitlines() == lines
 
 
+def test_zeroshot_prints_mixed_files_in_the_order_given(saved, tmp_path, capsys):
+    """Images and audio mixed: one classifier per modality, the answers printed in the files' order (they came
+    grouped by modality); a learned prompt and templates together are refused (the templates were ignored)."""
+    files = [str(saved / "a.png"), str(saved / "a.wav"), str(tmp_path / "b.png")]
+    Image.open(saved / "a.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(files[2])
+    main(["zeroshot", "--model", str(saved / "model"), "--classes", ",".join(WORDS), *files])
+    printed = [line for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
+    assert printed == files
+    with pytest.raises(SystemExit, match=r"--templates: a learned prompt \(--prompt\) replaces the templates"):
+        main(["zeroshot", "--model", str(saved / "model"), "--classes", "zero,one", "--prompt", "p.safetensors",
+              "--templates", "a {}", files[0]])  # fmt: skip
+    with pytest.raises(SystemExit, match=r"mmformer export: error: .*nope\.ckpt: no such file$"):
+        main(["export", "--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x")])
+
+
 def test_missing_file_is_a_clean_error(saved):
     with pytest.raises(SystemExit, match=r"mmformer caption: error: .*nothere\.png"):
         main(["caption", "--model", str(saved / "model"), str(saved / "nothere.png")])

@@ -291,6 +291,9 @@ def _zeroshot(args: argparse.Namespace) -> None:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     if not classes:
         raise ValueError(f"--classes: expected comma-separated class names, got {args.classes!r}")
+    if args.prompt and args.templates != "{}":
+        raise ValueError(f"--templates: a learned prompt (--prompt) replaces the templates; got both "
+                         f"(--templates {args.templates!r})")  # fmt: skip
     by_modality: dict[str, list[str]] = {}
     for path in args.files:  # 'auto' decides per file, so images and audio may be mixed
         modality = args.modality
@@ -305,15 +308,17 @@ def _zeroshot(args: argparse.Namespace) -> None:
     with inference_autocast(enabled) as (_, why):  # bf16 pays for encoders where the CPU has AMX
         if args.compute_type != "float32":
             print(f"mmformer zeroshot: {as_is or why}", file=sys.stderr)
+        answers = {}  # path → its top classes, printed in the order the files were given
         for modality, files in by_modality.items():
             templates = ["{}"] if args.prompt else args.templates.split("|")
             clf = ZeroShotClassifier(
                 model, model.processor, classnames=classes, templates=templates, modality=modality, prompt=args.prompt
             )
-            for path, top in zip(files, clf.topk(files, k=min(args.top, len(classes)))):
-                print(path)
-                for name, prob in top:
-                    print(f"  {name:<{width}}  {prob:6.3f}")
+            answers.update(zip(files, clf.topk(files, k=min(args.top, len(classes)))))
+    for path in args.files:
+        print(path)
+        for name, prob in answers[path]:
+            print(f"  {name:<{width}}  {prob:6.3f}")
 
 
 def _options(args: argparse.Namespace):

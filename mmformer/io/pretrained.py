@@ -437,6 +437,8 @@ _SAFETENSORS_DTYPES = {
 def read_torch(path: Path, map_location: Any = "cpu") -> Any:
     """``torch.load(weights_only=True)`` — memory-mapped for zip files — with errors that name the file and say why a
     pickle was refused."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file" + (" (a folder)" if Path(path).is_dir() else ""))
     try:
         mmap = zipfile.is_zipfile(path)  # torch.save's default format can be memory-mapped; legacy pickles cannot
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)

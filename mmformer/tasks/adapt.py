@@ -377,6 +377,9 @@ def export_checkpoint(path: str, out: str, *, merge: bool = False, overwrite: bo
         raise ValueError(f"{path}: not a checkpoint of a LoRA or prompt run (no adapter recorded)")
     if record.get("prompt"):
         kind = record["prompt"]["kind"]
+        if merge:  # nothing to merge into weights: a prompt is extra inputs
+            raise ValueError(f"merge: only a LoRA run's adapter merges into its base; {path} is a {kind} prompt run, "
+                             "whose export is its prompt file (leave out --merge)")  # fmt: skip
         vectors = state.get("prompt.vectors")
         if vectors is None:
             raise ValueError(f"{path}: records a {kind} prompt but holds no prompt.vectors")
