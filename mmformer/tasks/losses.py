@@ -190,6 +190,21 @@ def teacher_forcing(input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     return input_ids[:, :-1], mask[:, :-1], targets
 
 
+def cut_to_positions(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, positions: int, eos_id: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[bos] tokens [eos] pad…`` rows (B, T) cut to ``positions`` tokens, a cut row ending in eos as the collator's
+    truncation ends one: the text positions a learned decoder prefix leaves its captions (its vectors take the
+    first ones; captions cut to the whole table stopped training part-way at the position table's check)."""
+    if input_ids.shape[1] <= positions:
+        return input_ids, attention_mask
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    cut = mask[:, positions:].any(dim=1)  # (B,): rows that ran past the limit
+    ids = input_ids[:, :positions].clone()
+    ids[cut, -1] = eos_id
+    return ids, mask[:, :positions]
+
+
 def document_targets(input_ids: torch.Tensor, documents: Documents) -> torch.Tensor:
     """Teacher-forcing targets of a packed batch (R, T) of ``[bos] tokens [eos]`` documents: each token's target is
     the next token of its document, and each document's last token has none (``IGNORE_INDEX``). The decoder reads

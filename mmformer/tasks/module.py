@@ -55,6 +55,7 @@ from mmformer.tasks.losses import (
     SigLipLoss,
     caption_loss,
     ctc_loss,
+    cut_to_positions,
     document_targets,
     teacher_forcing,
 )
@@ -314,7 +315,11 @@ class MultimodalTask(L.LightningModule):
                     )
                     parts[task] = caption_loss(logits, document_targets(ids, docs))  # (1, N, V)
                 else:
-                    dec_ids, dec_mask, targets = teacher_forcing(ids, mask)
+                    dec_ids, dec_mask = ids, mask
+                    if prefix is not None:  # its vectors take the first text positions
+                        text = m.config.text
+                        dec_ids, dec_mask = cut_to_positions(ids, mask, text.max_tokens - prefix.shape[-2], text.eos_id)
+                    dec_ids, dec_mask, targets = teacher_forcing(dec_ids, dec_mask)
                     logits = m.decode(dec_ids, tokens, token_mask, dec_mask, prefix_embeds=prefix)  # (B, T-1, V)
                     parts[task] = caption_loss(logits, targets)
                     logits_of[task] = logits
