@@ -111,6 +111,14 @@ def test_zeroshot_prints_mixed_files_in_the_order_given(saved, tmp_path, capsys)
         main(["export", "--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x")])
 
 
+def test_temperature_0_decodes_greedily_as_transcribe_and_the_server_take_it(saved, capsys):
+    main(["caption", "--model", str(saved / "model"), "--max-new-tokens", "4", str(saved / "a.png")])
+    greedy = capsys.readouterr().out
+    main(["caption", "--model", str(saved / "model"), "--max-new-tokens", "4", "--temperature", "0",
+          str(saved / "a.png")])  # fmt: skip
+    assert capsys.readouterr().out == greedy  # was "temperature: expected a number > 0 (do_sample=False ...)"
+
+
 def test_missing_file_is_a_clean_error(saved):
     with pytest.raises(SystemExit, match=r"mmformer caption: error: .*nothere\.png"):
         main(["caption", "--model", str(saved / "model"), str(saved / "nothere.png")])

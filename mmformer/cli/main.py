@@ -327,7 +327,11 @@ def _options(args: argparse.Namespace):
 
     fields = dataclasses.fields(DecodingOptions)
     unset = {f.name for f in fields if isinstance(f.default, tuple) and getattr(args, f.name) is None}
-    return DecodingOptions(**{f.name: getattr(args, f.name) for f in fields if f.name not in unset})
+    values = {f.name: getattr(args, f.name) for f in fields if f.name not in unset}
+    if values.get("temperature") == 0 and values.get("do_sample") is not True:  # greedy, as for transcribe and
+        # OpenAI's temperature 0 (DecodingOptions itself takes temperature > 0: a divisor of the logits)
+        values.update(temperature=1.0, do_sample=False)
+    return DecodingOptions(**values)
 
 
 def _decode(args: argparse.Namespace, task: str) -> None:
