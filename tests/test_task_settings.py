@@ -381,3 +381,14 @@ def test_a_batch_of_unreadable_samples_steps_neither_the_optimizer_nor_the_sched
         cli = fit_in_process(write_config(tmp_path / "config.yaml", config))
     scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
     assert cli.trainer.global_step == 4 and scheduler.last_epoch == 4
+
+
+def test_a_resume_with_another_model_shape_names_the_tensors(tmp_path):
+    """``--ckpt_path last`` with the stack's width changed: one error naming the tensors that differ, before
+    Lightning's strict load (its traceback listed every tensor)."""
+    train = write_pairs(tmp_path / "data", n=8)
+    path = write_config(tmp_path / "config.yaml", tiny_config(tmp_path, train, every=2, max_steps=2))
+    fit_in_process(path)
+    with pytest.raises(ValueError, match=r"ckpt_path: the checkpoint's weights do not fit .* checkpoint vs config: "):
+        fit_in_process(path, "--ckpt_path", "last", "--trainer.max_steps", "4",
+                       "--model.model.stacks.shared.width", "48")  # fmt: skip

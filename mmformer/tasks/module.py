@@ -484,9 +484,18 @@ class MultimodalTask(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A resumed run reads its texts with the tokenizer its checkpoint was trained with: one learned again from
-        changed training texts keeps the vocabulary size but not the ids, and the weights would read every text as
-        other tokens, silently."""
+        """A resumed run builds the model its checkpoint holds (else one error naming the differing tensors), and reads
+        its texts with the tokenizer the checkpoint was trained with: one learned again from changed training texts
+        keeps the vocabulary size but not the ids, and the weights would read every text as other tokens, silently."""
+        state, own = checkpoint.get("state_dict") or {}, self.state_dict()
+        wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                 if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]  # fmt: skip
+        if wrong:  # Lightning's strict load would end in a traceback listing every tensor
+            raise ValueError(
+                f"ckpt_path: the checkpoint's weights do not fit the model this configuration builds ({len(wrong)} "
+                f"tensors differ in shape, checkpoint vs config: {'; '.join(wrong[:3])}{'; ...' * (len(wrong) > 3)}); "
+                "resume with the model configuration the run was trained with"
+            )
         saved, current = (checkpoint.get("mmformer") or {}).get("tokenizer_json"), self._find_tokenizer()
         if saved is None or current is None:
             return
