@@ -44,6 +44,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from mmformer.config import ModelConfig
+from mmformer.io.weights import listed, same_shape
 from mmformer.layers.documents import Documents
 from mmformer.tasks import adapt as task_adapt
 from mmformer.tasks import parallel, settings
@@ -488,13 +489,13 @@ class MultimodalTask(L.LightningModule):
         its texts with the tokenizer the checkpoint was trained with: one learned again from changed training texts
         keeps the vocabulary size but not the ids, and the weights would read every text as other tokens, silently."""
         state, own = checkpoint.get("state_dict") or {}, self.state_dict()
-        wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-                 if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]  # fmt: skip
+        wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sorted(state.items())
+                 if k in own and isinstance(v, torch.Tensor) and not same_shape(own[k].shape, v.shape)]  # fmt: skip
         if wrong:  # Lightning's strict load would end in a traceback listing every tensor
             raise ValueError(
                 f"ckpt_path: the checkpoint's weights do not fit the model this configuration builds ({len(wrong)} "
-                f"tensors differ in shape, checkpoint vs config: {'; '.join(wrong[:3])}{'; ...' * (len(wrong) > 3)}); "
-                "resume with the model configuration the run was trained with"
+                f"tensors differ in shape, checkpoint vs config: {listed(wrong)}); resume with the model "
+                "configuration the run was trained with"
             )
         saved, current = (checkpoint.get("mmformer") or {}).get("tokenizer_json"), self._find_tokenizer()
         if saved is None or current is None:
