@@ -65,8 +65,9 @@ OWN_FILES = (CONFIG_NAME, WEIGHTS_NAME, *PROCESSOR_FILES)
 # (compress.pt2e.QPARAMS_FILE), an export's config, graphs and mel filter bank (ship.export): a save that writes a
 # config replaces these, never carrying the old folder's over beside its own (a float export written over a PT2E
 # folder kept the stale scales and loaded as int8). The user's files and separately saved processor files carry over.
-EXPORT_CONFIG = "export_config.json"  # ship.export's (and the torch-free runner's): an export folder's index
-ARTIFACT_FILES = frozenset({WEIGHTS_NAME, "pt2e_qparams.safetensors", EXPORT_CONFIG, "mel_filters.npy"})
+EXPORT_CONFIG = "export_config.json"  # an export folder's index (ship.export; the torch-free runner names it too)
+MEL_FILTERS = "mel_filters.npy"  # an export's mel filter bank, for the runner's log-mel (ship.export)
+ARTIFACT_FILES = frozenset({WEIGHTS_NAME, "pt2e_qparams.safetensors", EXPORT_CONFIG, MEL_FILTERS})
 ARTIFACT_SUFFIXES = (".onnx", ".onnx.data", ".pt2")
 CHECKPOINT_KEY = "mmformer"  # where MultimodalTask.on_save_checkpoint records the config and the processor
 CHECKPOINT_PREFIX = "model."  # the LightningModule attribute holding the model

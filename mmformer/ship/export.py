@@ -57,6 +57,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from mmformer.io.pretrained import EXPORT_CONFIG, MEL_FILTERS
 from mmformer.io.weights import model_device
 from mmformer.layers.cache import KVCache
 from mmformer.model import MultimodalTransformer
@@ -65,8 +66,6 @@ from mmformer.ship.onnx_runner import cross_inputs
 FORMATS = ("onnx", "torch-export")
 TOWERS = ("image", "audio", "text", "decoder")
 SUFFIX = {"onnx": ".onnx", "torch-export": ".pt2"}
-EXPORT_CONFIG = "export_config.json"
-MEL_FILTERS = "mel_filters.npy"
 # 23: scaled_dot_product_attention exports as ONNX's Attention operator instead of MatMul/Softmax around a Transpose
 # of the keys, which onnxruntime materialised at every decoding step (the cached cross-attention keys: 4 ms a layer at
 # whisper-tiny dimensions, batch 8, 30 s of memory). 24: Attention takes a key-padding mask as lengths
@@ -554,9 +553,9 @@ def load_program(path: str | os.PathLike) -> torch.export.ExportedProgram:
 
 def check_program_payloads(path: Path) -> None:
     """Refuse a ``.pt2`` archive whose loading would run a pickle: ``torch.export.load`` reads weights and constants
-    that the archive marks as pickled with ``torch.load(weights_only=False)``, custom and opaque objects with
-    ``pickle``, and falls back to ``weights_only=False`` where a pickled artifact (the sample inputs, a legacy
-    constants file) fails the safe unpickler — any of which runs code a crafted file holds. The programs
+    that the archive marks as pickled with torch's full (unsafe) unpickler, custom and opaque objects with
+    ``pickle``, and falls back to the full unpickler where a pickled artifact (the sample inputs, a legacy constants
+    file) fails the safe one — any of which runs code a crafted file holds. The programs
     :func:`export` writes hold raw tensors only (weights, tensor constants, sample inputs the safe unpickler
     reads)."""
     import io
