@@ -39,6 +39,7 @@ from torch import nn
 
 from mmformer.io.quantized_files import INT4_GROUP_SIZES, METHODS, TENSOR_CLASSES, QuantizationConfig, require_torchao
 from mmformer.io.weights import is_plain_tensor, model_device
+from mmformer.values import is_int
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
@@ -207,7 +208,7 @@ def calibration_batches(
     from mmformer.data.formats import open_dataset
 
     for name, value in (("max_samples", max_samples), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
     processor = processor if processor is not None else getattr(model, "processor", None)
     routes = model.config.routes
