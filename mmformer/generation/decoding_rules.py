@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 
 
 # ---------------------------------------------------------------------- the default prompt
-def _language_id(model: MultimodalTransformer, language: str) -> int:
-    """The token of a language code ("en", or "<|en|>") of the checkpoint's generation config."""
+def language_id(model: MultimodalTransformer, language: str) -> int:
+    """The token of a language code ("en", or "<|en|>") of the checkpoint's generation config; ValueError naming
+    ``language`` where it has none (the server checks a request with it before any work)."""
     gen = model.config.generation
     code = language.strip().lower().removeprefix("<|").removesuffix("|>")
     if gen is None or not gen.language_ids:
@@ -29,12 +30,6 @@ def _language_id(model: MultimodalTransformer, language: str) -> int:
             f"language: expected one of this checkpoint's codes {sorted(gen.language_ids)}, got {language!r}"
         )
     return gen.language_ids[code]
-
-
-def check_language(model: MultimodalTransformer, language: str) -> None:
-    """ValueError naming ``language`` unless the model's generation config has that language's token (what decoding
-    with it would raise later, for callers that check a request before its work starts)."""
-    _language_id(model, language)
 
 
 def detect_language(
@@ -69,7 +64,7 @@ def default_prompt(
     if gen is not None:
         language = language if language is not None else gen.language
         if language is not None:
-            columns.append(torch.full((B,), _language_id(model, language), dtype=torch.long, device=device))
+            columns.append(torch.full((B,), language_id(model, language), dtype=torch.long, device=device))
         elif gen.language_ids:
             columns.append(detect_language(model, memory, memory_mask))
         task = task if task is not None else gen.task or ("transcribe" if gen.task_ids else None)

@@ -18,7 +18,7 @@ import torch
 from mmformer.data.collate import pad_audio
 from mmformer.generation.completion import continues_prompts
 from mmformer.generation.decoding import DecodingOptions
-from mmformer.generation.decoding_rules import check_language
+from mmformer.generation.decoding_rules import language_id
 from mmformer.generation.streaming import TextStreamer
 from mmformer.io.weights import model_device
 from mmformer.longform import has_timestamps, with_compute_type
@@ -197,7 +197,7 @@ class Engine:
     def check_language(self, language: str | None) -> None:
         """ValueError naming ``language`` unless the model has that language's token (None: any model)."""
         if language is not None:
-            check_language(self.model, language)
+            language_id(self.model, language)
 
     def transcribe(
         self, key: Hashable, waves: Sequence[torch.Tensor], on_segment: Callable[[dict], None] | None = None
