@@ -292,14 +292,19 @@ def test_load_program_refuses_archives_that_torch_export_load_would_unpickle(tmp
     payload = io.BytesIO()
     torch.save(ShellPayload(marker), payload)
 
-    def pickled_weight(name: str, data: bytes, weights: dict = {}) -> bytes:  # noqa: B006 — one archive's state
+    import zipfile
+
+    with zipfile.ZipFile(good) as archive:  # the first weight's entry and file (the zip lists the files first)
+        weights_config = json.loads(archive.read("text_encoder/data/weights/model_weights_config.json"))
+    first = next(iter(weights_config["config"]))
+    first_file = "data/weights/" + weights_config["config"][first]["path_name"]
+
+    def pickled_weight(name: str, data: bytes) -> bytes:  # that weight marked as pickled, and a pickle in its place
         if name == "data/weights/model_weights_config.json":
             config = json.loads(data)
-            first = next(iter(config["config"]))
             config["config"][first]["use_pickle"] = True
-            weights["file"] = "data/weights/" + config["config"][first]["path_name"]
             return json.dumps(config).encode()
-        return payload.getvalue() if name == weights.get("file") else data
+        return payload.getvalue() if name == first_file else data
 
     def opaque_constant(name: str, data: bytes) -> bytes:
         if name == "data/constants/model_constants_config.json":
