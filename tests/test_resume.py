@@ -9,6 +9,7 @@ The run: 10 image–caption pairs in batches of 4 (3 batches an epoch, the last 
 from __future__ import annotations
 
 import csv
+import re
 import signal
 import time
 
@@ -28,6 +29,7 @@ from cli_helpers import (
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.utils.data import Dataset
 
+from mmformer.cli.training import ConfigError
 from mmformer.data.datamodule import GlobalBatchSampler, ResumableLoader
 from mmformer.io.checkpointing import AtomicCheckpointIO
 
@@ -139,6 +141,35 @@ def test_sigkill_mid_training_resumes_exactly(data, reference, tmp_path):
     done = logged_steps(tmp_path)
     assert EVERY <= saved < STEPS and done - saved <= EVERY, (saved, done)  # at most one interval lost
     resume_and_compare(tmp_path, reference)
+
+
+def test_a_second_run_stops_while_the_first_writes_to_its_folders(data, reference, tmp_path):
+    """Two runs on one checkpoint folder would overwrite each other's last.ckpt: while a run trains, a second one
+    on its config stops before training, naming the folder and the process writing there; the first ends with the
+    weights it has alone. (Writes pause 2 s: after its first last.ckpt the first run trains for 6 s more.)"""
+    settings = config(tmp_path, data)
+    settings["trainer"]["callbacks"][0]["init_args"]["save_top_k"] = 0
+    path = write_config(tmp_path / "config.yaml", settings)
+    second = fit_in_process(path, run=False)  # built (data read, tokenizer trained) before the first run starts
+    proc = start_cli("fit", "--config", str(path), log=tmp_path / "output.txt", write_delay=2)
+    try:
+        deadline = time.monotonic() + 200
+        while not (tmp_path / "ckpt" / "last.ckpt").exists():
+            assert proc.poll() is None, (tmp_path / "output.txt").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the first run never wrote a checkpoint"
+            time.sleep(0.02)
+        with pytest.raises(
+            ConfigError, match=re.escape(f"folder '{tmp_path / 'ckpt'}': mmformer fit (pid {proc.pid})")
+        ):
+            second.fit(model=second.model, datamodule=second.datamodule)
+        assert second.trainer.global_step == 0
+        assert proc.wait(timeout=200) == 0, (tmp_path / "output.txt").read_text()[-3000:]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert max_diff(model_weights(tmp_path / "ckpt" / "last.ckpt"), reference) <= TOL
+    cli = fit_in_process(path, "--ckpt_path", "last")  # the lock went with the first process
+    assert cli.trainer.global_step == STEPS
 
 
 @pytest.mark.slow

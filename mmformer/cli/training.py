@@ -16,6 +16,9 @@ What the CLI adds to LightningCLI:
   command line, or in the hyper-parameters of a checkpoint resumed with ``--ckpt_path``) are still accepted and moved
   to their groups (:data:`mmformer.tasks.settings.RENAMED`) with a ``FutureWarning`` naming the new key, so that the
   run and the config it saves use the new keys;
+- a run does not write into the checkpoint folders (``ModelCheckpoint.dirpath``) or log folder of a run still
+  training: ``fit`` holds a lock on them (:func:`~mmformer.io.checkpointing.lock_folders`) and stops with a
+  :class:`ConfigError` naming the folder and the process writing there;
 - configuration errors stop the run before any data is read: an unknown key or a value of the wrong type
   (jsonargparse), and a model configuration that cannot be built (``ModelConfig`` and its parts validate
   themselves; they are checked before the data module trains a tokenizer for the vocabulary link). From the
@@ -35,12 +38,20 @@ from typing import Any, get_type_hints
 from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
 from mmformer.data import MultimodalDataModule
-from mmformer.io.checkpointing import AtomicCheckpointIO, RandomStateCallback
+from mmformer.io.checkpointing import (
+    AtomicCheckpointIO,
+    FolderInUseError,
+    RandomStateCallback,
+    lock_folders,
+    release_folders,
+)
 from mmformer.tasks import MultimodalTask
 from mmformer.tasks import settings as task_settings
 from mmformer.tasks.parallel import FSDP2Strategy, strategy_from_name
@@ -159,6 +170,21 @@ class MMFormerCLI(LightningCLI):
         else:
             extra["plugins"] = plugins
         return super().instantiate_trainer(**{**kwargs, **extra})
+
+    def fit(self, **kwargs: Any) -> None:
+        """``trainer.fit`` holding the run's folders (on the first process: Lightning's other ranks write nothing
+        there of their own), so that a second run started on them stops instead of overwriting this one's files."""
+        folders = [c.dirpath for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+        if self.trainer.log_dir:
+            folders.append(self.trainer.log_dir)
+        try:
+            held = lock_folders(folders, "checkpoint/log folder") if rank_zero_only.rank == 0 else []
+        except FolderInUseError as e:
+            raise ConfigError(str(e)) from e
+        try:
+            self.trainer.fit(**kwargs)
+        finally:
+            release_folders(held)
 
 
 def _move_renamed(section: Namespace) -> None:

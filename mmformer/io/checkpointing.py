@@ -13,6 +13,10 @@
 
 ``mmformer fit`` installs both (see :mod:`mmformer.cli.training`); with a plain ``Trainer`` pass
 ``plugins=[AtomicCheckpointIO()]`` and ``callbacks=[RandomStateCallback()]``.
+
+- :func:`lock_folders` keeps a second run from writing into the folders of one still running: ``mmformer fit``
+  holds an exclusive lock on its checkpoint folders and log folder while it trains (two runs sharing a folder
+  would overwrite each other's ``last.ckpt`` and ``config.yaml``).
 """
 
 from __future__ import annotations
@@ -64,6 +68,51 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             partial.unlink(missing_ok=True)
             raise
         fsync_path(target.parent)  # make the rename durable
+
+
+class FolderInUseError(RuntimeError):
+    """Another process holds a folder's lock (:func:`lock_folders`)."""
+
+
+def lock_path(folder: Path) -> Path:
+    """The lock file of ``folder``: beside it, so that the folder stays as the run writes it (Lightning warns about a
+    checkpoint folder that is not empty, and a logger about a version folder that exists). It is left there when
+    released: removing it would let two runs lock two files of one name."""
+    return folder.parent / f".{folder.name}.mmformer-fit.lock"
+
+
+def lock_folders(folders: list[str | os.PathLike], what: str) -> list[Any]:
+    """Lock each local folder for this process: an exclusive ``flock`` on its :func:`lock_path`, which the OS drops
+    when the returned handles are closed or the process ends, killed or not. Raises :class:`FolderInUseError`
+    naming the folder and the process holding it. Remote paths (``s3://``) and systems without ``fcntl`` are not
+    locked."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return []
+    handles: list[Any] = []
+    for folder in dict.fromkeys(Path(f).resolve() for f in folders if _is_local(f)):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path(folder), "a+")  # noqa: SIM115 - held open until release_folders
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            release_folders([handle, *handles])
+            raise FolderInUseError(f"{what} {str(folder)!r}: {owner} is writing there now; give this run another "
+                                   "folder or wait for that one to end") from None  # fmt: skip
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"mmformer fit (pid {os.getpid()})")
+        handle.flush()
+        handles.append(handle)
+    return handles
+
+
+def release_folders(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.close()
 
 
 def _pid_alive(pid: int) -> bool:
