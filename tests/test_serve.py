@@ -493,6 +493,9 @@ def test_bad_inputs_get_their_status_and_error_json_and_the_server_keeps_serving
     r = httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": "one"}, headers=auth())
     error(r, 400, "model", "/v1/audio/transcriptions")  # the routes it does serve are listed
     error(httpx.post(server + "/v1/embeddings", json=good), 401, None, "no Authorization header")
+    error(httpx.get(server + "/v1/models/" + MODEL), 401, None, "no Authorization header")  # every /v1 route
+    clip = {"file": ("clip.flac", b"not read", "audio/flac")}
+    error(httpx.post(server + "/v1/audio/transcriptions", data={"model": MODEL}, files=clip), 401, None, "no Author")
     r = httpx.post(server + "/v1/embeddings", json=good, headers={"Authorization": "Bearer nope"})
     error(r, 401, None, "a wrong key")
     with pytest.raises(openai.AuthenticationError):

@@ -171,9 +171,8 @@ def create_app(
                 raise APIError(401, f"Authorization: expected 'Bearer <the server's --api-key>', got {what}",
                                code="invalid_api_key")  # fmt: skip
 
-    def check(request: Request, route: str | None, model: Any = None) -> None:
-        """401 without the API key, 404 for another model's name, 400 for a route this model cannot serve."""
-        authorize(request)
+    def check(route: str | None, model: Any = None) -> None:
+        """404 for another model's name, 400 for a route this model cannot serve (after :func:`authorize`)."""
         if model is not None and model != engine.model_id:
             raise APIError(404, f"model: expected {engine.model_id!r} (the model this server serves), got {model!r}",
                            param="model", code="model_not_found")  # fmt: skip
@@ -341,19 +340,21 @@ def create_app(
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
-        check(request, None)
+        authorize(request)
+        check(None)
         return {"object": "list", "data": [card]}
 
     @app.get("/v1/models/{model:path}")
     async def model_card(request: Request, model: str) -> dict:
-        check(request, None, model)
+        authorize(request)
+        check(None, model)
         return card
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> dict:
         with arriving("embeddings"):
             body = await json_body(request)
-            check(request, "embeddings", body.get("model"))
+            check("embeddings", body.get("model"))
             raw, encoding = body.get("input"), body.get("encoding_format", "float") or "float"
             if encoding not in ("float", "base64"):
                 raise bad_request("encoding_format", f"expected 'float' or 'base64', got {encoding!r}")
@@ -384,7 +385,7 @@ def create_app(
     async def classify(request: Request) -> dict:
         with arriving("classify"):
             body = await json_body(request)
-            check(request, "classify", body.get("model"))
+            check("classify", body.get("model"))
             labels, templates = body.get("labels"), body.get("templates") or ["{}"]
             if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels):
                 raise bad_request("labels", f"expected a non-empty list of class names, got {labels!r:.80}")
@@ -414,7 +415,7 @@ def create_app(
     async def captions(request: Request) -> dict:
         with arriving("captions"):
             body = await json_body(request)
-            check(request, "captions", body.get("model"))
+            check("captions", body.get("model"))
             raw = body.get("input")
             items = [raw] if isinstance(raw, dict) else raw
             if not isinstance(items, list) or not items:
@@ -437,7 +438,7 @@ def create_app(
                 raise
             except Exception as e:
                 raise bad_request("body", f"expected multipart/form-data with a 'file' field ({e})") from None
-            check(request, "audio/transcriptions", form.get("model"))
+            check("audio/transcriptions", form.get("model"))
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
                 raise bad_request("file", "expected an audio file upload (multipart field 'file')")
@@ -498,7 +499,7 @@ def create_app(
     async def completions(request: Request) -> Response:
         with arriving("completions"):
             body = await json_body(request)
-            check(request, "completions", body.get("model"))
+            check("completions", body.get("model"))
             prompt = body.get("prompt")
             prompts = [prompt] if isinstance(prompt, str) else prompt
             if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
