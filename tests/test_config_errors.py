@@ -25,6 +25,14 @@ CASES = {
     "unknown nested key": ({"model": {"model": {"stacks": {"shared": {"widht": 32}}}}}, ["widht"]),
     "wrong type": ({"data": {"batch_size": "four"}}, ["data.batch_size", "four"]),
     "wrong nested type": ({"model": {"model": {"image": {"patch_size": 2.5}}}}, ["model.model.image", "patch_size"]),
+    "wrong type in a named stack": (  # jsonargparse's report skips the stack's name (a dict key)
+        {
+            "model": {
+                "model": {"stacks": {"other": {"width": 32, "depth": 1, "n_heads": 2}, "shared": {"width": "abc"}}}
+            }
+        },
+        ["model.model.stacks.shared.width: Expected a <class 'int'>. Got value: abc"],
+    ),
     "heads not dividing width": (
         {"model": {"model": {"stacks": {"shared": {"n_heads": 3}}}}},
         ["model.model.stacks.shared", "n_heads (3) must divide", "width (32)"],
@@ -76,3 +84,10 @@ def test_a_bad_value_a_class_refuses_under_an_optional_section_is_one_line(tmp_p
     with pytest.raises(ConfigError) as info:
         fit_in_process(config, "--data.augment", "{audio: {speed_prob: 1.5}}")
     assert str(info.value) == "augment.audio.speed_prob: expected a probability in [0, 1]; got 1.5"
+
+
+def test_a_bad_value_of_a_named_stack_on_the_command_line_names_the_stack(tmp_path, poison):
+    config = write_config(tmp_path / "config.yaml", tiny_config(tmp_path, poison))
+    with pytest.raises(ConfigError) as info:
+        fit_in_process(config, "--model.model.stacks.shared.depth", "deep")
+    assert str(info.value).startswith("model.model.stacks.shared.depth: Expected a <class 'int'>"), info.value

@@ -29,6 +29,7 @@ What the CLI adds to LightningCLI:
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import re
 import sys
@@ -229,8 +230,37 @@ def _named_key(message: str) -> str:
         if found:
             keys.append(found.group(1))
         elif text and not text.startswith(_UNION_NOISE):
-            return f"{'.'.join(keys)}: {text}" if keys else text
+            return f"{'.'.join(_with_mapping_names(keys, message, text))}: {text}" if keys else text
     return message
+
+
+def _with_mapping_names(keys: list[str], message: str, reason: str) -> list[str]:
+    """The parser keys of a bad value with the names of the mappings it sits in: jsonargparse's blocks skip a
+    ``dict[str, Config]`` field's own keys (``stacks`` → ``width``, not ``stacks.shared.width``). They are read from
+    the report's "Given value": the command line's dotted key, or the section's value (a literal) searched for the
+    one entry with that field (the one holding the reported value when several have it)."""
+    nested = re.search(r"Given value: NestedArg\(key='([^']+)'", message)
+    if nested:
+        return [keys[0], *nested.group(1).split(".")]
+    given = re.search(r"^\s*Given value: (\{.*\})\s*$", message, re.MULTILINE)
+    try:
+        value = ast.literal_eval(given.group(1)) if given else None
+    except (ValueError, SyntaxError):
+        return keys
+    got = re.search(r"Got value: (.*)$", reason)
+    path = keys[:1]
+    for key in keys[1:]:
+        if isinstance(value, dict) and key not in value:
+            names = [n for n, v in value.items() if isinstance(v, dict) and key in v]
+            if len(names) > 1 and got:
+                names = [n for n in names if str(value[n][key]) == got.group(1).strip()]
+            if len(names) != 1:
+                return keys
+            path.append(names[0])
+            value = value[names[0]]
+        path.append(key)
+        value = value.get(key) if isinstance(value, dict) else None
+    return path
 
 
 def _as_list(value: Any) -> list:
