@@ -46,6 +46,14 @@ def test_help_prints_every_command(capsys):
         assert f"  {command} " in out
 
 
+def test_python_dash_m_mmformer_is_the_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "mmformer", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == USAGE.strip(), done.stderr[-2000:]
+
+
 def test_every_sub_command_help_prints_one_usage_line(capsys):
     """``mmformer NAME --help`` starts with one ``usage: mmformer NAME`` line (not "usage: usage: ..."), for every
     sub-command the parser has and for the training commands (LightningCLI's own help)."""
