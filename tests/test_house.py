@@ -147,6 +147,7 @@ LAYER_OF = {
     "mmformer.serve": "apps",
     "mmformer.cli.main": "cli",
     "mmformer.cli.training": "cli",
+    "mmformer.__main__": "cli",  # python -m mmformer
     "mmformer.demos.digits": "demos",
     "mmformer.demos.adapt": "demos",
     "mmformer.demos": "demos",
