@@ -215,10 +215,21 @@ def _with_words():
     return result
 
 
-@pytest.mark.parametrize("words", [False, True])
+def _with_a_wordless_segment():
+    """Word timestamps where a segment has none (openai-whisper's transcribe blanks some, and a word spanning two
+    segments leaves one empty), and one whose word list is absent: its writers give them no cue."""
+    result = _with_words()
+    blank = {"id": 2, "seek": 0, "start": 3604.0, "end": 3605.0, "text": "", "tokens": [], "words": []}
+    absent = {"id": 3, "seek": 0, "start": 3606.0, "end": 3607.0, "text": " four", "tokens": [4], "words": []}
+    result["segments"][1:1] = [blank]
+    result["segments"].append(absent)
+    return result
+
+
+@pytest.mark.parametrize("words", [False, True, "some segments without"])
 def test_writers_match_openai_whisper(words):
     whisper_utils = pytest.importorskip("whisper.utils")
-    result = _with_words() if words else RESULT
+    result = {False: lambda: RESULT, True: _with_words, "some segments without": _with_a_wordless_segment}[words]()
     ours = {"txt": to_txt, "json": to_json, "srt": to_srt, "vtt": to_vtt, "tsv": to_tsv}
     for name, write in ours.items():
         buffer = io.StringIO()

@@ -1,6 +1,7 @@
 """Transcripts as files, in openai-whisper's formats (its ``whisper/utils.py`` writers with their default options):
 txt (one segment per line), json (the result dict), srt and vtt subtitles (one cue per segment; with word timings,
-the cue spans the segment's first to last word, as openai-whisper's writers do), tsv (integer milliseconds).
+the cue spans the segment's first to last word and a segment without words has none, as openai-whisper's writers
+do), tsv (integer milliseconds).
 
 Every file is written atomically (:mod:`mmformer.io.atomic`): a reader never sees half a transcript.
 """
@@ -29,14 +30,18 @@ def format_timestamp(seconds: float, always_include_hours: bool = False, decimal
 
 
 def _cues(result: dict[str, Any]) -> Iterator[tuple[float, float, str]]:
-    """(start, end, text) per segment: from its words when it has them (openai-whisper's default subtitles keep a
-    segment per cue), else from the segment's own times."""
-    for segment in result["segments"]:
-        words = segment.get("words")
-        if words:
-            text = words[0]["word"].strip() + "".join(w["word"] for w in words[1:])
-            yield words[0]["start"], words[-1]["end"], text
-        else:
+    """(start, end, text) per cue, as openai-whisper's subtitle writers give them with their default options: when
+    the first segment carries ``words`` (word timestamps were asked for), a cue per segment from its first to last
+    word, and a segment without words gives none (a blanked or word-less segment); otherwise a cue per segment
+    from its own times."""
+    segments = result["segments"]
+    if segments and "words" in segments[0]:
+        for segment in segments:
+            if words := segment.get("words"):
+                text = words[0]["word"].strip() + "".join(w["word"] for w in words[1:])
+                yield words[0]["start"], words[-1]["end"], text
+    else:
+        for segment in segments:
             yield segment["start"], segment["end"], segment["text"].strip().replace("-->", "->")
 
 
