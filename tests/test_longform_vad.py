@@ -125,6 +125,17 @@ def test_the_shipped_model_does_not_read_the_silence_around_speech(model):
         assert late <= bound, (lead, as_cut, late)
 
 
+def test_a_file_longer_than_the_trained_clips_is_cut_at_its_speech(model):
+    """The digits model's position table reaches 16 s, its clips (and ``model.transcribe``'s cut) 8 s: a 10-16 s
+    file read whole lost most of its words (a 15-s file gave three of its sixteen digits); by default a file longer
+    than the processor's ``max_seconds`` goes through the VAD path."""
+    wave, truth = digits_recording(6, seed=7, pause=(0.5, 1.5))
+    assert model.processor.audio.max_seconds * RATE < wave.shape[0] <= 16 * RATE, wave.shape[0] / RATE
+    default = transcribe_files(model, [wave])[0]
+    assert default == transcribe_files(model, [wave], vad=True)[0]
+    assert _wer(default["text"], truth) < 0.1, (default["text"], truth)
+
+
 def test_many_files_batched_equal_file_by_file(model):
     """Eight recordings decoded from one queue (batch 16) give each file the text and segments it gets alone."""
     files = [digits_recording(6, seed=10 + i, offset=6 * i)[0] for i in range(8)]

@@ -106,12 +106,12 @@ def read_input(source: Any, sample_rate: int, index: int) -> tuple[str, torch.Te
 
 
 def _windows(
-    model: MultimodalTransformer, waves: list[torch.Tensor | None], vad: bool | None, options: VadOptions, rate: int
+    model: MultimodalTransformer, waves: list[torch.Tensor | None], vad: bool | None, options: VadOptions, limit: int
 ) -> list[Window]:
     """The windows of every input: its speech, cut and merged (VAD; the Silero frames of all inputs computed
-    together), or the whole input when it fits the model and VAD is not forced, or consecutive windows of the
-    model's length when VAD is off."""
-    limit = window_samples(model, options, rate)
+    together), or the whole input when it fits the window (``limit`` samples) and VAD is not forced, or consecutive
+    windows of that length when VAD is off."""
+    rate = model.config.audio.sample_rate
     merge = fixed_window(model) if options.merge is None else options.merge
     windows, cut = [], []
     for i, wave in enumerate(waves):
@@ -300,7 +300,8 @@ def transcribe_files(
             cross_dtype=cross_dtype,
         ) for i, wave in enumerate(waves)]  # fmt: skip
     else:
-        windows = _windows(model, waves, vad, vad_options, rate)
+        limit = window_samples(model, vad_options, rate, processor.audio.max_samples if processor.audio else None)
+        windows = _windows(model, waves, vad, vad_options, limit)
         if whisper:
             decode = functools.partial(
                 decode_windows_whisper,

@@ -52,7 +52,8 @@ class VadOptions:
                                           "dB of its peak and above the noise between regions (then pad by "
                                           "speech_pad_ms); none: Silero's 32-ms edges")  # fmt: skip
     max_window_s: float | None = option(None, "longest window decoded at once (default: the model's input: "
-                                               "Whisper's 30 s, else AudioConfig.max_frames)")  # fmt: skip
+                                               "Whisper's 30 s, else AudioConfig.max_frames and no longer than "
+                                               "its processor's max_seconds)")  # fmt: skip
     merge: bool | None = option(None, "merge neighbouring regions into windows up to max_window_s (whisperX); "
                                        "default: only for a fixed-window model (Whisper)")  # fmt: skip
     pack_gap_ms: int | None = option(400, "merged windows join their regions' audio with each pause between two "
@@ -171,8 +172,15 @@ def model_window_samples(model: MultimodalTransformer) -> int:
     return (audio.max_frames - 1) * audio.hop_length  # frames = samples // hop + 1 (centred STFT)
 
 
-def window_samples(model: MultimodalTransformer, options: VadOptions, sample_rate: int) -> int:
+def window_samples(model: MultimodalTransformer, options: VadOptions, sample_rate: int,
+                   trained_samples: int | None = None) -> int:  # fmt: skip
+    """The longest window decoded at once: the model's input (:func:`model_window_samples`), for a model without a
+    fixed window no longer than ``trained_samples`` (its processor's ``max_seconds``: the longest clips it learned
+    from, where ``model.transcribe`` cuts — the digits model's position table reaches 16 s, its clips 8 s, and a
+    12-s file read whole lost most of its words), and ``options.max_window_s``."""
     limit = model_window_samples(model)
+    if trained_samples is not None and not fixed_window(model):
+        limit = min(limit, trained_samples)
     if options.max_window_s is not None:
         limit = min(limit, round(options.max_window_s * sample_rate))
     return limit
