@@ -340,6 +340,23 @@ def test_whisper_vad_windows_of_many_files_decode_together(whisper_model, words,
                 assert all(segment["start"] <= w["start"] <= w["end"] <= segment["end"] for w in segment["words"])
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("word_timestamps", True), ("clip_timestamps", "2,4"), ("initial_prompt", "nine"),
+     ("hallucination_silence_threshold", 1.0)],
+)  # fmt: skip
+def test_options_a_path_would_ignore_are_refused_by_name(model, whisper_model, name, value):
+    """A model trained here ignored Whisper's options, and the Whisper VAD path openai-whisper's sequential ones
+    (clips, prompt, hallucination skips): the result came back as if they were not given."""
+    wave = torch.zeros(RATE)
+    with pytest.raises(ValueError, match=f"^{name}: needs a Whisper checkpoint"):
+        transcribe_files(model, [wave], TranscribeOptions(**{name: value}))
+    if name != "word_timestamps":  # the VAD path aligns words (test above)
+        with pytest.raises(ValueError, match=f"^{name}: needs openai-whisper's sequential path"):
+            transcribe_files(whisper_model, [wave], TranscribeOptions(**{name: value}), vad=True)
+    assert transcribe_files(model, [wave], TranscribeOptions(clip_timestamps="0"))[0]["text"] == ""  # the default
+
+
 def test_whisper_without_vad_is_openai_whispers_sequential_algorithm(whisper_model):
     from mmformer.longform.sequential import transcribe_sequential
 

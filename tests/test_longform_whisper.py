@@ -156,6 +156,17 @@ def test_hallucination_silence_skip_equals_openai_whisper(models, speech):
     assert sum(len(s["words"]) for s in without["segments"]) > sum(len(s["words"]) for s in ours["segments"])
 
 
+def test_a_clip_past_the_files_end_gives_nothing(models, speech):
+    """``--clip-timestamps`` is one string for every file: a clip starting past a short file's end made a window
+    longer than 30 s and stopped the whole run; now a clip ends at its file's end (openai-whisper decodes the
+    padding there, a window of silence)."""
+    _, model = models
+    short = speech[: 3 * SR]
+    assert transcribe_sequential(model, short, temperature=0.0, clip_timestamps="5,7")["segments"] == []
+    within = transcribe_sequential(model, short, temperature=0.0, clip_timestamps="1,2")
+    assert transcribe_sequential(model, short, temperature=0.0, clip_timestamps="1,2,5,7") == within
+
+
 @pytest.mark.parametrize("logprob_threshold", [-1.0, -100.0], ids=["forced", "not-needed"])
 def test_fallback_temperature_equals_openai_whisper(models, speech, logprob_threshold):
     """The random model's windows average about -6 nats per token: a -1 threshold forces the fallback through

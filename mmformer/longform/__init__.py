@@ -77,6 +77,23 @@ def decoding_options(
     )
 
 
+SEQUENTIAL_ONLY = ("clip_timestamps", "initial_prompt", "carry_initial_prompt", "hallucination_silence_threshold")
+WHISPER_ONLY = ("word_timestamps", "without_timestamps", "best_of", "patience", *SEQUENTIAL_ONLY)
+
+
+def _refuse_options(options: TranscribeOptions, names: Sequence[str], needs: str) -> None:
+    """A ValueError naming the first of ``names`` set away from its default: an option this path would ignore."""
+    defaults = TranscribeOptions()
+    for name in names:
+        value, default = getattr(options, name), getattr(defaults, name)
+        if name == "clip_timestamps":
+            value, default = options.clip_seconds(), [0.0]
+            if not value:
+                continue
+        if value != default:
+            raise ValueError(f"{name}: needs {needs}; got {getattr(options, name)!r}")
+
+
 def read_input(source: Any, sample_rate: int, index: int) -> tuple[str, torch.Tensor]:
     """An input's name and mono waveform (S,) at ``sample_rate``: a file decoded with soundfile and resampled
     (torchaudio), or a 1-D float array already at that rate.
@@ -273,7 +290,12 @@ def transcribe_files(
         options = TranscribeOptions.build(options)
         if prefix_embeds is not None:
             raise ValueError("prefix_embeds: a learned decoder prefix is for models trained here, not Whisper")
+        if vad:
+            _refuse_options(options, SEQUENTIAL_ONLY, "openai-whisper's sequential path (vad off): the VAD path "
+                                                      "decodes each speech window on its own")  # fmt: skip
     else:
+        if isinstance(options, TranscribeOptions):
+            _refuse_options(options, WHISPER_ONLY, "a Whisper checkpoint (timestamp tokens, alignment heads)")
         options = decoding_options(model, options)
     processor = processor_with_tokenizer(model, processor, "transcribe_files")
     model_window_samples(model)  # refuses a model without audio

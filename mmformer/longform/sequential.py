@@ -166,7 +166,9 @@ def transcribe_sequential(
     seek_points = [clock.frames(ts) for ts in options.clip_seconds()] or [0]
     if len(seek_points) % 2 == 1:
         seek_points.append(content_frames)
-    clips = list(zip(seek_points[::2], seek_points[1::2]))
+    # clips end at the file's end: openai-whisper decodes the padding past it (an empty window, where a random or
+    # hallucinating model invents words), and a clip starting there made a window longer than 30 s here
+    clips = [(start, min(end, content_frames)) for start, end in zip(seek_points[::2], seek_points[1::2])]
 
     all_tokens: list[int] = []
     all_segments: list[dict] = []
