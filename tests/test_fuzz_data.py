@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import struct
 import tarfile
 import time
@@ -195,11 +196,20 @@ def test_missing_files_and_empty_audio_name_the_file(tmp_path):
     (tmp_path / "empty.flac").write_bytes(b"")
     with pytest.raises(SampleError, match=r"empty\.wav: audio has no samples"):
         p(audio=[tmp_path / "empty.wav"])
-    with pytest.raises(SampleError, match=r"empty\.flac: cannot decode audio"):
+    with pytest.raises(SampleError, match=r"empty\.flac: empty file \(0 bytes\)"):
         p(audio=[tmp_path / "empty.flac"])
     (tmp_path / "nan.wav").write_bytes(encode_audio(np.array([0.0, np.nan], np.float32), "WAV", subtype="FLOAT"))
     with pytest.raises(SampleError, match=r"nan\.wav: audio contains NaN"):
         p(audio=[tmp_path / "nan.wav"])
+
+
+def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
+    """A Latin-1 name (``café.wav`` as bytes E9), which Python holds with a surrogate escape: soundfile encodes a str
+    path strictly and refused it."""
+    path = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.wav"))
+    path.write_bytes(encode_audio(WAVE, "WAV"))
+    wave, rate = read_audio(path, RATE)
+    assert rate == RATE and torch.allclose(wave, torch.from_numpy(WAVE), atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------- image kinds

@@ -88,6 +88,8 @@ def _open(source: Source, name: str) -> io.BufferedIOBase | str:
         raise TypeError(f"expected a path or bytes for {name}; got {type(source).__name__}")
     if not Path(source).is_file():
         raise MissingSampleError(name, "a folder, not a file" if Path(source).is_dir() else "file not found")
+    if Path(source).stat().st_size == 0:  # the decoders would say "format not recognised"
+        raise SampleError(name, "empty file (0 bytes)")
     return os.fspath(source)
 
 
@@ -200,7 +202,9 @@ def read_audio(
     name = _describe(source, name)
     fp = _open(source, name)
     try:
-        with soundfile.SoundFile(fp) as f:
+        # a path as bytes: soundfile encodes a str strictly, and a name that is not UTF-8 (a Latin-1 "café.wav",
+        # held by Python with surrogate escapes) could not be opened
+        with soundfile.SoundFile(os.fsencode(fp) if isinstance(fp, str) else fp) as f:
             expected, rate, channels = f.frames, f.samplerate, f.channels
             file_rate = rate
             if rate <= 0:
