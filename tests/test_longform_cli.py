@@ -162,6 +162,26 @@ def test_two_inputs_that_would_write_the_same_files_are_refused(tmp_path):
               str(tmp_path / "x" / "a.flac"), str(tmp_path / "a.wav")])  # fmt: skip
 
 
+def test_an_output_dir_that_is_a_file_stops_the_run_before_any_work(tmp_path, monkeypatch):
+    """It stopped only when the first transcript was written, after every file was transcribed."""
+    from mmformer.cli import main as cli
+
+    (tmp_path / "out").write_text("a file")
+    monkeypatch.setattr(cli, "_load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match="File exists"):
+        cli.main(["transcribe", "--model", MODEL, "--output-format", "txt", "--output-dir", str(tmp_path / "out"),
+                  str(tmp_path / "a.flac")])  # fmt: skip
+
+
+@pytest.mark.parametrize("flags", [["--word-timestamps"], ["--clip-timestamps", "2,4"], ["--initial-prompt", "nine"]])
+def test_whisper_options_are_refused_for_a_model_trained_here(flags, tmp_path):
+    """They were ignored: the transcript came back as without them."""
+    from mmformer.cli.main import main
+
+    with pytest.raises(SystemExit, match=f"{flags[0][2:].replace('-', '_')}: needs a Whisper checkpoint"):
+        main(["transcribe", "--model", MODEL, *flags, "--no-progress", str(tmp_path / "a.flac")])
+
+
 def test_transcribe_int8_runs_a_whisper_checkpoints_int8_encoder_and_refuses_other_models(talks, tmp_path):
     """``--compute-type int8``: a Whisper checkpoint's audio encoder quantized at load (PT2E dynamic) transcribes
     (json written, English, segments); a model trained here is refused by name, nothing written. The int8 run has

@@ -416,6 +416,7 @@ def _transcribe(args: argparse.Namespace) -> None:
                 raise ValueError(f"files: {stems[Path(path).stem]} and {path} would both write "
                                  f"{Path(args.output_dir) / Path(path).stem}.*; transcribe them into different "
                                  "--output-dir folders")  # fmt: skip
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # a file there stops the run before any work
     model = _load_model(args.model, args.device, args.adapter)
     temperature = _temperatures(args)
     options = _dataclass_of(TranscribeOptions, args, **({"temperature": temperature} if temperature else {}))
@@ -445,7 +446,6 @@ def _transcribe(args: argparse.Namespace) -> None:
         if "error" in result:
             failed.append(result["error"])
         elif args.output_format:
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             stem = Path(args.output_dir) / Path(path).stem
             for written in write_result(result, stem, args.output_format):
                 print(f"wrote {written}", file=sys.stderr)

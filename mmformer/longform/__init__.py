@@ -54,12 +54,13 @@ def decoding_options(
 ) -> DecodingOptions:
     """The :class:`DecodingOptions` each window is decoded with: given as such, or from a
     :class:`TranscribeOptions` (its first temperature: 0 decodes greedily, above 0 samples; ``beam_size``;
-    ``language``; ``task`` where the checkpoint has task tokens) over ``base`` (default: as many new tokens as the
-    decoder's positions allow)."""
+    ``language``; ``task`` where the checkpoint has task tokens; Whisper's other options refused by name) over
+    ``base`` (default: as many new tokens as the decoder's positions allow)."""
     if options is None or isinstance(options, DecodingOptions):
         return DecodingOptions.build(options)
     if not isinstance(options, TranscribeOptions):
         raise TypeError(f"options: expected a TranscribeOptions, DecodingOptions or None, got {type(options).__name__}")
+    _refuse_options(options, WHISPER_ONLY, "a Whisper checkpoint (timestamp tokens, alignment heads)")
     gen = model.config.generation
     has_tasks = gen is not None and bool(gen.task_ids)
     if not has_tasks and options.task != "transcribe":
@@ -294,8 +295,6 @@ def transcribe_files(
             _refuse_options(options, SEQUENTIAL_ONLY, "openai-whisper's sequential path (vad off): the VAD path "
                                                       "decodes each speech window on its own")  # fmt: skip
     else:
-        if isinstance(options, TranscribeOptions):
-            _refuse_options(options, WHISPER_ONLY, "a Whisper checkpoint (timestamp tokens, alignment heads)")
         options = decoding_options(model, options)
     processor = processor_with_tokenizer(model, processor, "transcribe_files")
     model_window_samples(model)  # refuses a model without audio
