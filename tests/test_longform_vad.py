@@ -331,6 +331,8 @@ def test_whisper_vad_windows_of_many_files_decode_together(whisper_model, words,
     assert _rounded(together) == _rounded(alone)
     for mine, theirs in zip(_probabilities(together), _probabilities(alone), strict=True):
         assert mine == pytest.approx(theirs, rel=2e-6, abs=0)
+    if words:
+        assert sum(len(s["words"]) for r in together for s in r["segments"]) > 0
     for wave, result in zip(files, together):
         assert result["language"] == "en" and result["segments"]
         for segment in result["segments"]:
@@ -338,6 +340,8 @@ def test_whisper_vad_windows_of_many_files_decode_together(whisper_model, words,
             assert {"avg_logprob", "no_speech_prob", "compression_ratio", "temperature"} <= set(segment)
             if words:
                 assert all(segment["start"] <= w["start"] <= w["end"] <= segment["end"] for w in segment["words"])
+                values = [w[k] for w in segment["words"] for k in ("start", "end", "probability")]
+                assert {type(v) for v in values} <= {float}, {type(v) for v in values}  # not NumPy's
 
 
 @pytest.mark.parametrize(

@@ -219,9 +219,10 @@ def add_word_timestamps(
                 words.append(
                     {
                         "word": timing.word,
-                        "start": round(time_offset + timing.start, 2),
-                        "end": round(time_offset + timing.end, 2),
-                        "probability": timing.probability,
+                        # Python floats (openai-whisper's are NumPy's, equal in value and in JSON)
+                        "start": float(round(time_offset + timing.start, 2)),
+                        "end": float(round(time_offset + timing.end, 2)),
+                        "probability": float(timing.probability),
                     }
                 )
             saved_tokens += len(timing.tokens)
