@@ -335,6 +335,8 @@ def test_whisper_vad_windows_of_many_files_decode_together(whisper_model, words,
         assert sum(len(s["words"]) for r in together for s in r["segments"]) > 0
     for wave, result in zip(files, together):
         assert result["language"] == "en" and result["segments"]
+        # openai-whisper's text: the tokens decoded, so its segments' texts back to back (no space added)
+        assert result["text"] == "".join(segment["text"] for segment in result["segments"])
         for segment in result["segments"]:
             assert 0 <= segment["start"] < segment["end"] <= wave.shape[0] / RATE + 0.02
             assert {"avg_logprob", "no_speech_prob", "compression_ratio", "temperature"} <= set(segment)

@@ -344,6 +344,7 @@ def transcribe_files(
             batch_size,
             None if progress is None else lambda s: progress(s, total),
             on_segment,
+            separator=None if whisper else " ",
         )
     for i, message in errors.items():
         results[i] = {"error": message, "text": "", "segments": [], "language": None}

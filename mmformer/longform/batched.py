@@ -206,6 +206,7 @@ def transcribe_windows(
     batch_size: int = 16,
     progress: Callable[[float], None] | None = None,
     on_segment: Callable[[int, dict[str, Any]], None] | None = None,
+    separator: str | None = " ",
 ) -> list[dict[str, Any]]:
     """Decode every window of every file from one queue in batches of ``batch_size`` and assemble each file's
     result: ``{"text", "segments", "language"}``, the segments of its windows in order, numbered.
@@ -219,6 +220,9 @@ def transcribe_windows(
         on_segment: called as ``on_segment(file, segment)`` with each numbered segment once it and every earlier
             window of its file are decoded, so a file's segments come in order while the rest is decoded; the queue
             then runs in timeline order instead of longest first.
+        separator: the file's text is its segments' stripped texts joined by this; None: their texts as they are,
+            concatenated (Whisper's carry their own spacing, and openai-whisper's text is its tokens decoded: no
+            space between segments of Chinese or Japanese, none inside a word that continues).
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
@@ -264,7 +268,9 @@ def transcribe_windows(
         segments = segments_of.get(file, [])
         languages = Counter(out["language"] for out in outs)
         results.append({
-            "text": " ".join(s["text"].strip() for s in segments),
+            "text": "".join(s["text"] for s in segments)
+            if separator is None
+            else separator.join(s["text"].strip() for s in segments),
             "segments": segments,
             "language": languages.most_common(1)[0][0] if languages else None,
         })  # fmt: skip
