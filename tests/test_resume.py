@@ -172,6 +172,22 @@ def test_a_second_run_stops_while_the_first_writes_to_its_folders(data, referenc
     assert cli.trainer.global_step == STEPS
 
 
+def test_a_finished_run_continued_with_more_steps_follows_the_longer_curve(data, tmp_path):
+    """Its checkpoint's schedule ended at 4 steps with the rate at its floor (0): continued to 8, the saved curve
+    came back over the configured one and steps 5-8 changed nothing. Now the configured curve applies, with a
+    warning naming the change."""
+    settings = config(tmp_path, data, model={"schedule": {"max_steps": None}})  # the trainer's max_steps
+    path = write_config(tmp_path / "config.yaml", settings)
+    fit_in_process(path, "--trainer.max_steps", "4")
+    before = model_weights(tmp_path / "ckpt" / "last.ckpt")
+    with pytest.warns(UserWarning, match=r"schedule: .*max_steps 4 -> 8\); the learning rate follows the new one"):
+        cli = fit_in_process(path, "--trainer.max_steps", "8", "--ckpt_path", "last")
+    assert cli.trainer.global_step == 8
+    (scheduler,) = cli.trainer.lr_scheduler_configs
+    assert scheduler.scheduler.lr_lambdas[0].max_steps == 8
+    assert max_diff(model_weights(cli.model), before) > 1e-4
+
+
 @pytest.mark.slow
 def test_sigkill_while_writing_last_ckpt_leaves_the_previous_one(data, reference, tmp_path):
     """Every checkpoint write pauses half-way (tests/slow_checkpoint_writes.py); kill while last.ckpt is being

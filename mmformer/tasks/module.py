@@ -61,7 +61,7 @@ from mmformer.tasks.losses import (
     teacher_forcing,
 )
 from mmformer.tasks.nonfinite import NonFiniteGuard
-from mmformer.tasks.schedule import WarmupCosine
+from mmformer.tasks.schedule import WarmupCosine, resume_curves, take_saved_curves
 from mmformer.tasks.settings import (
     AdaptSettings,
     DistillSettings,
@@ -402,6 +402,12 @@ class MultimodalTask(L.LightningModule):
             with torch.no_grad():  # as open_clip: keep the temperature where the softmax still trains
                 self.model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
 
+    def on_train_start(self) -> None:
+        saved = vars(self).pop("_saved_curves", None)
+        if saved is not None:  # resumed: the configured learning-rate curve, at the restored step
+            schedulers = self.lr_schedulers()
+            resume_curves(schedulers if isinstance(schedulers, list) else [schedulers], saved)
+
     def on_fit_start(self) -> None:
         rank_zero_info(f"mmformer: {task_adapt.parameter_report(self)}")
         if self.distiller is not None:
@@ -485,9 +491,12 @@ class MultimodalTask(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A resumed run builds the model its checkpoint holds (else one error naming the differing tensors), and reads
-        its texts with the tokenizer the checkpoint was trained with: one learned again from changed training texts
-        keeps the vocabulary size but not the ids, and the weights would read every text as other tokens, silently."""
+        """A resumed run follows its configured learning-rate curve (see
+        :func:`~mmformer.tasks.schedule.take_saved_curves`); it builds the model its checkpoint holds (else one error
+        naming the differing tensors), and reads its texts with the tokenizer the checkpoint was trained with: one
+        learned again from changed training texts keeps the vocabulary size but not the ids, and the weights would
+        read every text as other tokens, silently."""
+        self._saved_curves = take_saved_curves(checkpoint)  # the configured schedule applies (on_train_start)
         state, own = checkpoint.get("state_dict") or {}, self.state_dict()
         wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sorted(state.items())
                  if k in own and isinstance(v, torch.Tensor) and not same_shape(own[k].shape, v.shape)]  # fmt: skip

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any
 
 import torch
 
@@ -17,7 +19,9 @@ class WarmupCosine:
     over the remaining ``max_steps - warmup_steps`` steps, and ``min_lr_ratio`` after ``max_steps``.
 
     A callable object rather than a closure: ``LambdaLR.state_dict`` stores its plain attributes, so checkpoints
-    stay loadable with ``torch.load(weights_only=True)`` and a resumed run continues the same curve.
+    stay loadable with ``torch.load(weights_only=True)``. A resumed run follows the curve its configuration gives
+    (:func:`take_saved_curves`, :func:`resume_curves`): the same one when resuming an interrupted run, a longer one
+    when a finished run is continued with more steps.
     """
 
     def __init__(self, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.0):
@@ -43,3 +47,40 @@ def warmup_cosine(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` stepping :class:`WarmupCosine` once per optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_steps, max_steps, min_lr_ratio))
+
+
+def take_saved_curves(checkpoint: dict[str, Any]) -> list[list[dict[str, Any] | None]]:
+    """Remove the curves' settings from a checkpoint's ``LambdaLR`` states (``load_state_dict`` would put them over
+    the configured ones) and return them, per scheduler. A finished 4-step run continued to 8 steps kept its saved
+    ``max_steps=4`` and trained at the rate's floor, 0 by default, without a word; with them removed the configured
+    curve applies, as with Lightning's and Hugging Face's closures (which are not saved)."""
+    saved = []
+    for state in checkpoint.get("lr_schedulers") or []:
+        curves = state.get("lr_lambdas")
+        saved.append(list(curves) if curves else [])
+        if curves:
+            state["lr_lambdas"] = [None] * len(curves)
+    return saved
+
+
+def resume_curves(schedulers: list[Any], saved: list[list[dict[str, Any] | None]]) -> None:
+    """When training starts again: each ``LambdaLR``'s rates from its configured curve at the restored step (the
+    optimizer's saved rates are the old curve's), and a warning naming what changed against the saved curve."""
+    for scheduler, curves in zip(schedulers, saved):
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            continue
+        olds = curves or [None] * len(scheduler.lr_lambdas)
+        for group, base, curve, old in zip(
+            scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, olds
+        ):
+            if isinstance(curve, WarmupCosine) and isinstance(old, dict):
+                changed = {k: (v, getattr(curve, k)) for k, v in old.items() if getattr(curve, k, v) != v}
+                if changed:
+                    warnings.warn(
+                        "schedule: the resumed run's curve differs from the checkpoint's ("
+                        + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+                        + f"); the learning rate follows the new one from step {scheduler.last_epoch}",
+                        stacklevel=2,
+                    )
+            group["lr"] = base * curve(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
