@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mmformer.values import is_number
+from mmformer.values import is_int, is_number
 
 MODALITIES = ("image", "audio", "text")
 ROUTES = ("image", "audio", "text", "decoder")
@@ -323,12 +323,14 @@ class TextConfig:
     pad_id: int = 0
     bos_id: int | None = 1  # start of text; the decoder's first token
     eos_id: int | None = 2  # end of text; pooled by pool='eot' and where generation stops
+    extra_eos_ids: list[int] = field(default_factory=list)  # other ids where generation stops (Llama 3 lists several)
     mask_id: int | None = None  # the [MASK] token of masked-language modelling (mlm)
     n_segments: int = 0  # > 0: BERT-style segment (token type) embeddings
     embed_norm: bool = False  # norm after the embeddings (BERT)
     embed_norm_eps: float = 1e-12
     causal: bool = False  # causal self-attention in the text *encoder* (CLIP's text tower is causal)
-    # eot (first eos token, else the last real one) | mean | cls (first) | last (the last position, padding included:
+    # eot (first eos token, else the last real one) | mean | cls (first) | max (per feature, over the real tokens:
+    # sentence-transformers' max pooling) | last (the last position, padding included:
     # SigLIP) | append_cls (a learned token appended after the text, whose state is pooled: CoCa's embed_cls)
     pool: str = "eot"
     fixed_length: bool = False  # the text encoder pads every text to its full length first (SigLIP, CoCa)
@@ -343,7 +345,7 @@ class TextConfig:
         _check_at_most("TextConfig.vocab_size", self.vocab_size, "vocab_size")
         _check_at_most("TextConfig.max_length", self.max_length, "max_length")
         _check_choice("TextConfig.position", self.position, AbsolutePosition.__args__)
-        _check_choice("TextConfig.pool", self.pool, ("eot", "mean", "cls", "last", "append_cls"))
+        _check_choice("TextConfig.pool", self.pool, ("eot", "mean", "cls", "max", "last", "append_cls"))
         if self.legacy_cls_mask and self.pool != "append_cls":
             raise ValueError(f"TextConfig.legacy_cls_mask=True needs pool='append_cls', got pool={self.pool!r}")
         if self.pool == "append_cls" and self.max_length < 2:
@@ -352,6 +354,12 @@ class TextConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ValueError(f"TextConfig.{name} must be in [0, vocab_size={self.vocab_size}), got {value}")
+        if not isinstance(self.extra_eos_ids, (list, tuple)) or not all(
+            is_int(i) and 0 <= i < self.vocab_size for i in self.extra_eos_ids
+        ):
+            raise ValueError(f"TextConfig.extra_eos_ids: expected a list of ids in [0, vocab_size={self.vocab_size}), "
+                             f"got {self.extra_eos_ids!r}")  # fmt: skip
+        self.extra_eos_ids = list(self.extra_eos_ids)
 
     @property
     def max_tokens(self) -> int:

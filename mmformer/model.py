@@ -370,13 +370,16 @@ class MultimodalTransformer(nn.Module):
     def pool_text(
         self, tokens: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None, normalize: bool = True
     ) -> torch.Tensor:
-        """Text token states (B, T, D) of ids (B, T) with mask (B, T) → (B, E) embeddings (cls, mean, last or
+        """Text token states (B, T, D) of ids (B, T) with mask (B, T) → (B, E) embeddings (cls, mean, max, last or
         end-of-text pooling, as the text config says)."""
         pool = self.config.text.pool
         if pool == "mean":
             pooled = self._masked_mean(tokens, mask)
         elif pool == "cls":
             pooled = tokens[:, 0]
+        elif pool == "max":  # sentence-transformers' max pooling: per feature, the largest over the real tokens
+            pooled = tokens if mask is None else tokens.masked_fill(~mask.bool()[..., None], -1e9)
+            pooled = pooled.amax(dim=1)
         elif pool in ("last", "append_cls"):
             pooled = tokens[:, -1]
         else:

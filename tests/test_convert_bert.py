@@ -3,6 +3,7 @@ ids and sentence embeddings as sentence-transformers (to 1e-5); random BERTs giv
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # everything below is local; never reach for the network
@@ -13,6 +14,7 @@ import torch  # noqa: E402
 transformers = pytest.importorskip("transformers")
 from transformers import BertConfig, BertForMaskedLM, BertModel  # noqa: E402
 
+from mmformer import from_pretrained  # noqa: E402
 from mmformer.convert.common import UnsupportedModelError  # noqa: E402
 from mmformer.convert.hf_bert import from_hf_bert  # noqa: E402
 
@@ -124,3 +126,84 @@ def test_bad_sources_raise(tmp_path):
         from_hf_bert({"not": "a model"})
     with pytest.raises(FileNotFoundError, match="path_or_model: expected a local BERT directory"):
         from_hf_bert(tmp_path)
+
+
+@pytest.mark.numerics
+def test_random_bert_relu():
+    bert = random_bert("relu")
+    model = from_hf_bert(bert)
+    assert model.config.stacks["text"].mlp == "relu"
+    assert hidden_diff(bert, model) < ATOL
+
+
+# ---------------------------------------------------------------- sentence-transformers folders
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """A random BERT folder with a small WordPiece tokenizer.json (what sentence-transformers' Transformer reads)."""
+    import tokenizers
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast
+
+    backend = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.BertPreTokenizer(), decoders.WordPiece()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    backend.train_from_iterator(SENTENCES, trainers.WordPieceTrainer(vocab_size=100, special_tokens=specials,
+                                                                     show_progress=False))  # fmt: skip
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
+                                                           ("[SEP]", 3)])  # fmt: skip
+    folder = tmp_path_factory.mktemp("bert")
+    torch.manual_seed(0)
+    random_bert().save_pretrained(folder)
+    BertTokenizerFast(tokenizer_object=backend).save_pretrained(folder)
+    return folder
+
+
+def sentence_model(bert_dir, folder, pooling: str, dense: bool = False):
+    """A sentence-transformers model on the tiny BERT, saved to ``folder`` (its own writer: modules.json, ...)."""
+    st = pytest.importorskip("sentence_transformers")
+    transformer = st.models.Transformer(str(bert_dir), max_seq_length=12)
+    modules = [transformer, st.models.Pooling(32, pooling_mode=pooling)]
+    modules += [st.models.Dense(32, 16)] if dense else []
+    reference = st.SentenceTransformer(modules=[*modules, st.models.Normalize()], device="cpu")
+    reference.save(str(folder))
+    return reference
+
+
+TEXTS = SENTENCES[:3] + ["word " * 30]  # the last is longer than the 12 tokens the model keeps
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean", "max"])
+def test_sentence_transformers_pooling_and_length(tiny_bert_dir, tmp_path, pooling):
+    """The folder's Pooling module decides the pooling (CLS for bge-style models), and the length texts are cut to
+    comes from tokenizer_config.json's model_max_length, where sentence-transformers >= 3 writes it."""
+    reference = sentence_model(tiny_bert_dir, tmp_path, pooling)
+    model = from_pretrained(tmp_path)
+    assert model.config.text.pool == pooling and model.processor.tokenizer.max_length == 12
+    with pytest.warns(UserWarning, match="truncated"):
+        batch = model.processor(text=TEXTS)
+    with torch.no_grad():
+        ours = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    expected = reference.encode(TEXTS, convert_to_tensor=True)
+    assert (ours - expected).abs().max().item() < ATOL
+
+
+def test_sentence_transformers_legacy_pooling_flags(tiny_bert_dir, tmp_path):
+    """Older sentence-transformers write one flag per mode (pooling_mode_cls_token: true) and max_seq_length."""
+    sentence_model(tiny_bert_dir, tmp_path, "mean")
+    (tmp_path / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False})
+    )
+    (tmp_path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 9, "do_lower_case": False}))
+    model = from_hf_bert(tmp_path)
+    assert model.config.text.pool == "cls" and model.processor.tokenizer.max_length == 9
+    assert from_hf_bert(tmp_path, pooling="mean").config.text.pool == "mean"  # an explicit choice wins
+
+
+def test_sentence_transformers_modules_it_cannot_reproduce_are_refused(tiny_bert_dir, tmp_path):
+    sentence_model(tiny_bert_dir, tmp_path / "last", "lasttoken")
+    with pytest.raises(UnsupportedModelError, match=r"1_Pooling/config.json: pooling mode 'lasttoken' is not supp"):
+        from_pretrained(tmp_path / "last")
+    sentence_model(tiny_bert_dir, tmp_path / "dense", "mean", dense=True)
+    with pytest.raises(UnsupportedModelError, match=r"module 2_Dense \(.*Dense\) is not supported"):
+        from_pretrained(tmp_path / "dense")

@@ -4,6 +4,7 @@ weights; nothing is downloaded."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import randomize_
@@ -263,3 +264,55 @@ def test_hf_clip_mismatch_is_listed(tmp_path):
     assert "text_model.extra.weight" in message
     assert "text_model.encoder.layers.0.self_attn.k_proj.weight (64, 32)" in message
     assert "into stacks.text.blocks.0.attn.fn.qkv.weight" in message
+
+
+def _hf_pil_image_processor(**settings):
+    """Hugging Face's CLIP image processor that resizes with PIL, as mmformer's pipeline does (transformers 5's
+    default one resizes tensors with torchvision, whose bicubic differs from PIL's by up to ~0.25 here)."""
+    pytest.importorskip("transformers")
+    try:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as cls
+    except ImportError:  # transformers 4: CLIPImageProcessor itself resizes with PIL
+        from transformers import CLIPImageProcessor as cls
+    return cls(**settings)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}, resample=2),
+        dict(size={"shortest_edge": 40}, crop_size={"height": 40, "width": 40}),
+    ],
+)
+def test_image_processor_resizes_then_crops_as_hugging_face(settings):
+    """size.shortest_edge != crop_size: resize the short side to shortest_edge, then center-crop, the crop's offset
+    rounded down (a margin of 39 columns: torchvision's CenterCrop would start one column later)."""
+    from PIL import Image
+
+    from mmformer.convert.hf_clip import image_settings
+    from mmformer.preprocess.processor import ImageProcessorConfig, Processor
+
+    reference = _hf_pil_image_processor(**settings)
+    processor = Processor(image=ImageProcessorConfig(**image_settings(reference.to_dict())))
+    rng = np.random.default_rng(0)
+    for h, w in [(53, 97), (120, 45), (40, 79), (99, 99), (20, 20)]:
+        image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        expected = reference(images=[image], return_tensors="pt").pixel_values
+        assert (processor(images=[image])["pixel_values"] - expected).abs().max() < 1e-5, (h, w)
+    again = Processor.from_dict(processor.to_dict())
+    assert (again.image.resize_size, again.image.crop_offset) == (processor.image.resize_size, "floor")
+    saved_before = {k: v for k, v in processor.to_dict()["image"].items() if k not in ("resize_size", "crop_offset")}
+    assert Processor.from_dict({"image": saved_before}).image.resize_size is None  # older saved configs still load
+
+
+def test_hf_clip_tokenizer_cleans_text_as_hugging_face():
+    """A Hugging Face CLIP checkpoint's tokenizer cleans text as its CLIPTokenizer (no HTML unescaping), not as
+    open_clip (``&amp;`` stays five characters)."""
+    transformers = pytest.importorskip("transformers")
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    text = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, **small)
+    vision = dict(image_size=16, patch_size=8, **small)
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    tokenizer = from_hf_clip(transformers.CLIPModel(config)).processor.tokenizer
+    assert tokenizer.encode("fish &amp; chips") != tokenizer.encode("fish & chips")
+    assert tokenizer.encode("A  Photo") == tokenizer.encode("a photo")

@@ -155,3 +155,31 @@ def test_unsupported_siglip_is_named(hf):
     headless.config.vision_config.vision_use_head = False
     with pytest.raises(UnsupportedModelError, match="vision_use_head=False"):
         from_hf_siglip(headless)
+
+
+def test_the_tokenizer_pads_with_the_checkpoints_pad_token(hf, tmp_path):
+    """SigLIP's tokenizer pads with </s> (tokenizer_config.json's pad_token), not the vocabulary's <pad>: SigLIP
+    attends to padding, so a short text's embedding would otherwise change with the batch it is in."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "</s>", "<unk>", "a", "cat", "photo", "of", "dog"]
+    backend = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", PAD)])
+    reference = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="</s>", unk_token="<unk>")
+    hf.save_pretrained(tmp_path)
+    reference.save_pretrained(tmp_path)
+    model = from_hf_siglip(tmp_path)
+    assert (model.processor.tokenizer.pad_id, model.processor.tokenizer.max_length) == (PAD, LENGTH)
+    texts = ["a cat", "a photo of a dog"]
+    batch = model.processor(text=texts)
+    assert batch["attention_mask"].sum(dim=1).tolist()[0] < batch["input_ids"].shape[1] < LENGTH  # padded, not cut
+    expected = reference(texts, padding="max_length", max_length=LENGTH, return_tensors="pt").input_ids
+    with torch.no_grad():
+        together = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        alone = model.encode_text(**{k: v for k, v in model.processor(text=texts[:1]).items()})
+        reference_embeds = hf(input_ids=expected, pixel_values=torch.zeros(1, 3, 16, 16)).text_embeds
+    assert (together - reference_embeds).abs().max() < ATOL
+    assert (together[:1] - alone).abs().max() < ATOL

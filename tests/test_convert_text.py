@@ -310,3 +310,104 @@ def test_other_model_types_are_refused_by_name(hf_gpt2, tmp_path):
                          rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0})  # fmt: skip
     with pytest.raises(UnsupportedModelError, match=r"hf_llama: rope_type='yarn'"):
         from_hf_llama(LlamaForCausalLM(config))
+
+
+# ---------------------------------------------------------------- prompts, end ids and heads as users give them
+def test_right_padded_prompts_continue_as_alone(hf_gpt2, prompts):
+    """A right-padded batch (a tokenizer's usual layout, mmformer's processor's too) gives each row the continuation
+    it has alone: it is left-padded before decoding. A mask with a gap inside a row is refused."""
+    model = from_hf_gpt2(hf_gpt2)
+    left_ids, left_mask = prompts
+    right_ids = torch.full_like(left_ids, PAD)
+    for row, prompt in enumerate(PROMPTS):
+        right_ids[row, : len(prompt)] = torch.tensor(prompt)
+    right_mask = right_ids != PAD
+    expected = model.generate(prompt_ids=left_ids, prompt_mask=left_mask, max_new_tokens=8)
+    assert torch.equal(model.generate(right_ids, attention_mask=right_mask.long(), max_new_tokens=8), expected)
+    alone = [model.generate(prompt_ids=[p], max_new_tokens=8)[0, len(p) :] for p in PROMPTS]
+    assert torch.equal(expected[:, left_ids.shape[1] :], torch.stack(alone))
+    gap = right_mask.clone()
+    gap[0, 1] = False
+    with pytest.raises(ValueError, match=r"attention_mask: .* padding between its tokens"):
+        model.generate(right_ids, attention_mask=gap, max_new_tokens=2)
+
+
+def test_every_eos_id_of_the_checkpoint_ends_a_row(hf_llamas, prompts, tmp_path):
+    """Llama 3 lists several end ids (generation_config.json ``eos_token_id: [...]``): a row ends at any of them, as
+    in Hugging Face's generate."""
+    hf = hf_llamas["gqa"]
+    ids, mask = prompts
+    free = hf_generate(hf, 1, EOS, input_ids=ids, attention_mask=mask.long())
+    second = int(free[1, ids.shape[1] + 3])  # a token row 1 emits early: the checkpoint's second end id
+    assert second != EOS
+    hf.generation_config.eos_token_id = [EOS, second]
+    try:
+        hf.save_pretrained(tmp_path)
+    finally:
+        hf.generation_config.eos_token_id = EOS
+    model = from_hf_llama(tmp_path)
+    assert model.config.text.eos_id == EOS and model.config.text.extra_eos_ids == [second]
+    expected = hf.generate(input_ids=ids, attention_mask=mask.long(), generation_config=GenerationConfig(
+        do_sample=False, max_new_tokens=NEW, pad_token_id=PAD, eos_token_id=[EOS, second]))  # fmt: skip
+    got = model.generate(prompt_ids=ids, prompt_mask=mask, max_new_tokens=NEW)
+    assert (got[1, ids.shape[1] + 4 :] == PAD).all()
+    assert torch.equal(got, expected)
+    got = model.generate(prompt_ids=ids, prompt_mask=mask, max_new_tokens=NEW, min_new_tokens=6)
+    assert not (got[:, ids.shape[1] : ids.shape[1] + 6] == second).any()  # min_new_tokens holds back every end id
+    model.save_pretrained(tmp_path / "saved")  # the end ids are the config's: a saved model keeps them
+    reloaded = from_pretrained(tmp_path / "saved")
+    assert reloaded.config.text.extra_eos_ids == [second]
+    assert torch.equal(reloaded.generate(prompt_ids=ids, prompt_mask=mask, max_new_tokens=NEW), expected)
+
+
+def test_a_missing_untied_lm_head_is_refused(tmp_path):
+    """A bare LlamaModel folder (no lm_head) whose config says tie_word_embeddings=false has a head the file lacks:
+    tying it to the embeddings would give another model."""
+    from transformers import LlamaModel
+
+    config = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                         tie_word_embeddings=False)  # fmt: skip
+    LlamaModel(config).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match=r"no LM head \('lm_head.weight'\).* tie_word_embeddings=false"):
+        from_pretrained(tmp_path)
+
+
+def test_gpt2_relu_and_the_tokenizer_add_no_end_token(tmp_path):
+    """GPT-2 with ``activation_function='relu'`` converts exactly; its tokenizer adds nothing to a text, as Hugging
+    Face's GPT2TokenizerFast, and keeps <|endoftext|> as its end of text through save_pretrained."""
+    import tokenizers
+    from transformers import GPT2TokenizerFast
+
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE())
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                             initial_alphabet=alphabet)  # fmt: skip
+    backend.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 5, trainer)
+    end = "<|endoftext|>"
+    reference = GPT2TokenizerFast(tokenizer_object=backend, bos_token=end, eos_token=end, unk_token=end)
+    eos = reference.eos_token_id
+    config = GPT2Config(vocab_size=backend.get_vocab_size(), n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                        bos_token_id=eos, eos_token_id=eos, activation_function="relu")  # fmt: skip
+    hf = randomize(GPT2LMHeadModel(config))
+    hf.save_pretrained(tmp_path / "hf")
+    reference.save_pretrained(tmp_path / "hf")
+    model = from_pretrained(tmp_path / "hf")
+    assert model.config.stacks["decoder"].mlp == "relu"
+    ids = torch.randint(0, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert (model.decode(ids) - hf(ids).logits).abs().max() < ATOL
+    text = "the quick brown fox"
+    tokenizer = model.processor.tokenizer
+    assert tokenizer.encode(text) == reference(text).input_ids and eos not in tokenizer.encode(text)
+    assert tokenizer.eos_id == eos and not tokenizer.append_eos
+    model.save_pretrained(tmp_path / "ours")
+    again = from_pretrained(tmp_path / "ours").processor.tokenizer
+    assert (again.eos_id, again.append_eos, again.encode(text)) == (eos, False, reference(text).input_ids)
+
+
+def test_t5_needs_its_encoder_input(hf_t5, prompts):
+    model = from_hf_t5(hf_t5[1])
+    with pytest.raises(ValueError, match=r"text-to-text model's decoder reads its text encoder's states; pass input"):
+        model.generate(prompt_ids=prompts[0], max_new_tokens=2)

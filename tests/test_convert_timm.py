@@ -118,3 +118,15 @@ def test_unsupported_features_are_named(overrides, feature):
 
     with pytest.raises(UnsupportedModelError, match=feature):
         from_timm_vit(VisionTransformer(**{**TINY, **overrides}))
+
+
+def test_other_timm_architectures_are_unsupported_not_type_errors():
+    """A timm model of another architecture (Eva, as a timm Hub repository may hold) is refused as unsupported, the
+    error every converter raises for what it cannot reproduce; a non-model stays a TypeError."""
+    import timm
+
+    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=1, num_classes=0)
+    with pytest.raises(UnsupportedModelError, match="the timm architecture Eva"):
+        from_timm_vit(eva)
+    with pytest.raises(TypeError, match="expected a timm VisionTransformer"):
+        from_timm_vit(torch.nn.Linear(2, 2))

@@ -187,3 +187,12 @@ def test_unsupported_sources_raise(hf, tmp_path):
         from_hf_whisper(42)
     with pytest.raises(FileNotFoundError, match="path_or_model: expected a local Whisper directory"):
         from_hf_whisper(tmp_path)
+
+
+def test_relu_activation(inputs):
+    torch.manual_seed(1)
+    ref = whisper(activation_function="relu")
+    model = from_hf_whisper(ref)
+    assert model.config.stacks["encoder"].mlp == model.config.stacks["decoder"].mlp == "relu"
+    encoder_diff, logits_diff = max_diffs(ref, model, inputs[0], torch.randint(0, 100, (3, 9)))
+    assert encoder_diff < ATOL and logits_diff < ATOL

@@ -352,3 +352,45 @@ def test_wordpiece_parity_with_transformers(minilm_file: Path, tmp_path: Path) -
     assert ours.batch_decode(rows) == ref.batch_decode(rows, skip_special_tokens=True)
     ours.save(tmp_path)
     assert torch.equal(Tokenizer.from_file(tmp_path)(texts)["input_ids"], ours(texts)["input_ids"])
+
+
+def test_an_end_token_that_is_not_appended(trained: Tokenizer, tmp_path: Path) -> None:
+    """``append_eos=False`` (GPT-2, as Hugging Face's tokenizer): eos ends decoding but is not added to a text, and a
+    saved tokenizer.json keeps it (as the separator of its pair template)."""
+    plain = trained.replace(append_eos=False)
+    assert trained.encode("four two")[-1] == trained.eos_id  # the original is left as it was
+    ids = plain.encode("four two")
+    assert ids[0] == plain.bos_id and plain.eos_id not in ids and plain.eos_id == trained.eos_id
+    assert plain(["four two nine " * 5], max_length=4)["input_ids"][0, -1] != plain.eos_id  # cut, no eos forced in
+    assert plain.decode([*ids, plain.eos_id, 7, 8]) == plain.decode(ids)
+    plain.save(tmp_path)
+    loaded = Tokenizer.from_file(tmp_path)
+    assert (loaded.eos_id, loaded.append_eos, loaded.encode("four two")) == (plain.eos_id, False, ids)
+
+
+def test_clip_with_hugging_face_cleaning(tmp_path: Path) -> None:
+    """``Tokenizer.clip(cleaning="hf")`` gives Hugging Face CLIPTokenizer's ids (no HTML unescaping, no ftfy), also
+    after a save (the normalizer travels in tokenizer.json); open_clip's cleaning unescapes ``&amp;``."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("open_clip", reason="the CLIP merges file ships with open_clip_torch")
+    import gzip
+
+    from mmformer.preprocess.tokenizer import _clip_bpe_path, bytes_to_unicode
+
+    with gzip.open(_clip_bpe_path(None)) as f:
+        merges = f.read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    chars = list(bytes_to_unicode().values())
+    vocab = [*chars, *(c + "</w>" for c in chars), *("".join(m.split()) for m in merges)]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (tmp_path / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    reference = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    ours = Tokenizer.clip(cleaning="hf")
+    ours.save(tmp_path / "tokenizer.json")
+    loaded = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    # (special-token strings aside: open_clip's are named <start_of_text>/<end_of_text>, Hugging Face's <|...|>)
+    texts = [t for t in HAND_WRITTEN if "of_text>" not in t]
+    texts += ["fish &amp; chips", "naïve café — “quotes” &lt;b&gt; 😀", "  a\tb\nc  "]
+    for text in texts:
+        assert ours.encode(text) == loaded.encode(text) == reference(text).input_ids, text
+    assert Tokenizer.clip().encode("fish &amp; chips") != ours.encode("fish &amp; chips")

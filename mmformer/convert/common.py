@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from mmformer.io import weights
-from mmformer.io.hub import Source
+from mmformer.io.hub import Source, read_json
 from mmformer.values import is_int
 
 if TYPE_CHECKING:
@@ -75,11 +75,36 @@ def is_path(x: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- loading
-def lm_head_tied(state: Mapping[str, torch.Tensor], head: str, embedding: str) -> bool:
+def lm_head_tied(
+    state: Mapping[str, torch.Tensor], head: str, embedding: str, config: Mapping[str, Any] | None = None
+) -> bool:
     """Whether a checkpoint's LM head ``head`` is its token table ``embedding``: absent from the state dict (tied
-    in the model), or stored as an equal copy."""
+    in the model), or stored as an equal copy. A head absent from a checkpoint whose ``config`` says
+    ``tie_word_embeddings: false`` is refused: the model has a head of its own that the file does not hold (a bare
+    ``LlamaModel`` saved without its ``lm_head``), and tying it would give another model."""
+    if head not in state and config is not None and config.get("tie_word_embeddings") is False:
+        raise UnsupportedModelError(
+            f"the checkpoint has no LM head ({head!r}) and its config says tie_word_embeddings=false, so the head is "
+            f"not the token embeddings ({embedding!r}): save the model with its head (e.g. LlamaForCausalLM rather "
+            "than LlamaModel)"
+        )
     tokens = state.get(embedding)
     return head not in state or (tokens is not None and torch.equal(state[head], tokens))
+
+
+def extra_eos_ids(config: Mapping[str, Any], directory: Path | None, eos_id: int | None) -> tuple[int, ...]:
+    """The end-of-text ids a checkpoint lists besides ``eos_id`` (the one ``TextConfig.eos_id`` holds): config.json's
+    and generation_config.json's ``eos_token_id`` lists (Llama 3: ``[128001, 128008, 128009]``), which Hugging Face's
+    ``generate`` stops at, each of them."""
+    generation = (read_json(directory / "generation_config.json") if directory is not None else None) or {}
+    ids: list[int] = []
+    for value in (config.get("eos_token_id"), generation.get("eos_token_id")):
+        ids += [v for v in (value if isinstance(value, (list, tuple)) else [value]) if is_int(v)]
+    vocab = config.get("vocab_size")
+    outside = [i for i in ids if not (0 <= i < (vocab or i + 1))]
+    if outside:
+        raise ValueError(f"eos_token_id: ids {outside} are outside the vocabulary [0, {vocab})")
+    return tuple(i for i in dict.fromkeys(ids) if i != eos_id)
 
 
 def first_id(value: Any) -> Any:
@@ -229,12 +254,23 @@ def read_hf_checkpoint(
 
 
 def read_hf_tokenizer(directory: Path | None) -> Tokenizer | None:
-    """The ``tokenizer.json`` of a directory :func:`read_hf_checkpoint` returned; None without one (or a directory)."""
+    """The ``tokenizer.json`` of a directory :func:`read_hf_checkpoint` returned; None without one (or a directory).
+
+    Its padding token is the one ``tokenizer_config.json`` names (``pad_token``), as Hugging Face's tokenizer pads:
+    ``tokenizer.json`` alone does not say it, and a model that attends to padding (SigLIP pads with ``</s>``, not
+    the vocabulary's ``<pad>``) gives another embedding for a text padded with another id."""
     if directory is None or not (directory / "tokenizer.json").is_file():
         return None
     from mmformer.preprocess.tokenizer import Tokenizer
 
-    return Tokenizer.from_file(directory / "tokenizer.json")
+    tokenizer = Tokenizer.from_file(directory / "tokenizer.json")
+    pad = (read_json(directory / "tokenizer_config.json") or {}).get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    if isinstance(pad, str) and pad != tokenizer.pad_token:
+        if pad not in tokenizer.backend.get_vocab(with_added_tokens=True):
+            raise ValueError(f"{directory / 'tokenizer_config.json'}: pad_token {pad!r} is not in tokenizer.json")
+        tokenizer = tokenizer.replace(pad_token=pad)
+    return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------- q/k/v
@@ -433,11 +469,13 @@ _ACTIVATIONS = {
     "NewGELUActivation": "gelu_tanh",
     "PytorchGELUTanh": "gelu_tanh",
     "GELUTanh": "gelu_tanh",
+    "relu": "relu",
+    "ReLU": "relu",
 }
 
 
 def activation_kind(act: str | nn.Module, *, what: str) -> str:
-    """mmformer's MLP kind (``gelu`` | ``gelu_tanh`` | ``quickgelu``) for an activation name or module.
+    """mmformer's MLP kind (``gelu`` | ``gelu_tanh`` | ``quickgelu`` | ``relu``) for an activation name or module.
 
     Args:
         act: a config name (``"gelu"``, ``"quick_gelu"``, ...) or an activation module (``nn.GELU``,
@@ -451,7 +489,7 @@ def activation_kind(act: str | nn.Module, *, what: str) -> str:
     name = act if isinstance(act, str) else type(act).__name__
     if name not in _ACTIVATIONS:
         raise UnsupportedModelError(
-            f"{what}: activation {name!r} is not supported; expected one of GELU (exact or tanh) or QuickGELU"
+            f"{what}: activation {name!r} is not supported; expected one of GELU (exact or tanh), QuickGELU or ReLU"
         )
     return _ACTIVATIONS[name]
 

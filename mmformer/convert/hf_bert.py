@@ -10,8 +10,9 @@ type) embeddings followed by the embedding LayerNorm (``TextConfig(embed_norm=Tr
 per layer ``attention.self.{query,key,value}`` → fused ``qkv``, ``attention.output.dense`` → ``proj``,
 ``attention.output.LayerNorm`` → ``attn.norm`` (applied after the residual add), ``intermediate.dense`` /
 ``output.dense`` → ``mlp.fn.fc1`` / ``fc2``, ``output.LayerNorm`` → ``mlp.norm``; no final norm. The pooler is not
-converted: sentence embeddings are the mean of the last hidden states over real tokens (``text.pool="mean"``, as
-sentence-transformers' Pooling module), L2-normalised by ``encode_text(normalize=True)`` (its Normalize module).
+converted: sentence embeddings pool the last hidden states as a sentence-transformers folder's Pooling module says
+(mean over real tokens or the first token, ``text.pool``; see :mod:`mmformer.convert.sentence_pipeline`, which refuses
+the modules and modes it cannot reproduce), L2-normalised by ``encode_text(normalize=True)`` (its Normalize module).
 
 ``BertForMaskedLM`` / ``BertForPreTraining`` (and ``RobertaForMaskedLM``) also bring their masked-LM head:
 ``cls.predictions.transform`` (dense, activation, LayerNorm; RoBERTa's ``lm_head.dense`` / ``layer_norm``) →
@@ -37,7 +38,7 @@ from mmformer.convert.common import (
     read_hf_checkpoint,
     read_hf_tokenizer,
 )
-from mmformer.io.hub import read_json
+from mmformer.convert.sentence_pipeline import hf_max_length, read_pooling
 from mmformer.io.weights import build_on_meta
 from mmformer.model import MultimodalTransformer
 
@@ -98,25 +99,13 @@ def check_bert_config(config: dict[str, Any]) -> None:
 
 
 def _tokenizer(directory: Path | None, max_positions: int):
-    """The directory's tokenizer.json (WordPiece), truncating to sentence-transformers' ``max_seq_length`` when the
-    folder is a sentence-transformers model, so long texts are cut where its pipeline cuts them."""
+    """The directory's tokenizer.json (WordPiece), truncating where sentence-transformers or the tokenizer config
+    cut texts (:func:`~mmformer.convert.sentence_pipeline.hf_max_length`), else at the position table."""
     tokenizer = read_hf_tokenizer(directory)
     if tokenizer is None:
         return None
-    st_config = directory / "sentence_bert_config.json"
-    max_length = (read_json(st_config) or {}).get("max_seq_length")
-    max_length = min(max_length or tokenizer.max_length, max_positions)
-    if max_length != tokenizer.max_length:
-        from mmformer.preprocess.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer(
-            tokenizer.backend,
-            max_length=max_length,
-            pad_token=tokenizer.pad_token,
-            bos_token=tokenizer.bos_token,
-            eos_token=tokenizer.eos_token,
-        )
-    return tokenizer
+    max_length = hf_max_length(directory, max_positions) or min(tokenizer.max_length, max_positions)
+    return tokenizer.replace(max_length=max_length)
 
 
 def _mask_id(tokenizer: Any) -> int | None:
@@ -201,7 +190,7 @@ def _map_layers(wm: WeightMap, depth: int, source: str = "encoder.layer", target
             wm.copy(f"{dst}.mlp.norm.{kind}", f"{src}.output.LayerNorm.{kind}")
 
 
-def from_hf_bert(path_or_model: Any, *, pooling: str = "mean") -> MultimodalTransformer:
+def from_hf_bert(path_or_model: Any, *, pooling: str | None = None) -> MultimodalTransformer:
     """Convert a Hugging Face BERT encoder exactly (no download).
 
     Args:
@@ -209,17 +198,20 @@ def from_hf_bert(path_or_model: Any, *, pooling: str = "mean") -> MultimodalTran
             ``BertForMaskedLM`` / ``BertForPreTraining`` their masked-LM head), or
             a local directory with ``config.json`` and ``model.safetensors`` (or a safe ``.bin``), plus optionally
             ``tokenizer.json`` — a sentence-transformers folder such as all-MiniLM-L6-v2 works as is.
-        pooling: sentence embedding from the last hidden states: ``"mean"`` over real tokens (sentence-transformers)
-            or ``"cls"`` (the first token, without BERT's pooler layer).
+        pooling: sentence embedding from the last hidden states: ``"mean"`` over real tokens or ``"cls"`` (the
+            first token, without BERT's pooler layer); default: a sentence-transformers folder's Pooling module
+            (``modules.json``, ``1_Pooling/config.json``), else mean.
 
     Returns:
         A text-only model in eval mode: ``encode_text(input_ids, attention_mask)`` gives the pooled embedding
         (L2-normalised unless ``normalize=False``), ``encode_text_tokens`` the last hidden states. ``model.processor``
         holds the directory's tokenizer (None without a ``tokenizer.json``).
     """
-    if pooling not in ("mean", "cls"):
+    if pooling not in (None, "mean", "cls"):
         raise ValueError(f"pooling: expected 'mean' or 'cls', got {pooling!r}")
     cfg, state, directory = _read_source(path_or_model)
+    folder_pooling = read_pooling(directory)  # refuses a pipeline (Dense, max pooling, ...) it cannot reproduce
+    pooling = pooling or folder_pooling or "mean"
     tokenizer = _tokenizer(directory, cfg["max_position_embeddings"])
     head = _mlm_head(state)
     model = build_on_meta(MultimodalTransformer, _model_config(cfg, pooling, tokenizer, head is not None))

@@ -14,6 +14,7 @@ case becomes ``eos_id = vocab_size - 1``; both agree whenever a row holds its en
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -28,7 +29,7 @@ from mmformer.convert.common import (
     id_in_vocab,
     read_hf_checkpoint,
 )
-from mmformer.convert.open_clip import clip_processor
+from mmformer.convert.open_clip import CLIP_VOCAB_SIZE, clip_processor
 from mmformer.io.hub import read_json
 from mmformer.io.weights import build_on_meta
 from mmformer.model import MultimodalTransformer
@@ -158,17 +159,30 @@ def map_layers(wm: WeightMap, target: str, source: str, depth: int) -> None:
 
 def image_settings(pre: dict[str, Any]) -> dict[str, Any]:
     """``ImageProcessorConfig`` fields from a Hugging Face image processor's preprocessor_config.json (CLIP's and
-    SigLIP's): mean/std, resampling, and a center crop or an exact resize."""
+    SigLIP's): mean/std, resampling, and a shortest-edge resize then a center crop (offset rounded down, as theirs),
+    or an exact resize."""
     names = {"mean": "image_mean", "std": "image_std"}
     image: dict[str, Any] = {ours: tuple(pre[theirs]) for ours, theirs in names.items() if theirs in pre}
     image["interpolation"] = _PIL_RESAMPLE.get(pre.get("resample", 3), "bicubic")
     crop, size = pre.get("crop_size"), pre.get("size")
     if pre.get("do_center_crop", True) and crop is not None:
         image["image_size"] = (crop, crop) if isinstance(crop, int) else (crop["height"], crop["width"])
+        image["crop_offset"] = "floor"
+        shortest = size.get("shortest_edge") if isinstance(size, dict) else size if isinstance(size, int) else None
+        if pre.get("do_resize", True) and shortest is not None:
+            image["resize_size"] = shortest
     elif isinstance(size, dict) and {"height", "width"} <= set(size):
         image["image_size"], image["resize"] = (size["height"], size["width"]), "exact"
     return image
 
 
 def _processor(config: ModelConfig, pre: dict[str, Any]):
-    return clip_processor(config, **(image_settings(pre) if pre else {}))  # pre: a CLIPImageProcessor's settings
+    """CLIP's processor with Hugging Face's text cleaning (its CLIPTokenizer does not unescape HTML as open_clip
+    does) and the image pipeline of ``pre``, a CLIPImageProcessor's settings."""
+    tokenizer = None
+    if config.text.vocab_size == CLIP_VOCAB_SIZE:
+        from mmformer.preprocess.tokenizer import Tokenizer
+
+        with contextlib.suppress(FileNotFoundError, ImportError):  # clip_processor warns that none is attached
+            tokenizer = Tokenizer.clip(context_length=config.text.max_tokens, cleaning="hf")
+    return clip_processor(config, tokenizer, **(image_settings(pre) if pre else {}))

@@ -21,6 +21,7 @@ from mmformer.convert.common import (
     WeightMap,
     activation_kind,
     build_processor,
+    extra_eos_ids,
     lm_head_tied,
     read_hf_checkpoint,
     read_hf_tokenizer,
@@ -73,14 +74,13 @@ def _model_config(cfg: dict[str, Any], tied: bool) -> ModelConfig:
 
 def _tokenizer(directory, max_length: int):
     """The folder's tokenizer.json with ``<|endoftext|>`` as end-of-text and padding (GPT-2's own tokenizer.json
-    names no special tokens in its post-processor)."""
+    names no special tokens in its post-processor); like Hugging Face's GPT-2 tokenizer it adds no token to a text
+    (``append_eos=False``): the end-of-text token ends generation and decoding only."""
     tokenizer = read_hf_tokenizer(directory)
     if tokenizer is None or END_OF_TEXT not in tokenizer.backend.get_vocab(with_added_tokens=True):
         return tokenizer
-    from mmformer.preprocess.tokenizer import Tokenizer
-
-    return Tokenizer(
-        tokenizer.backend, max_length=max_length, pad_token=END_OF_TEXT, bos_token=None, eos_token=END_OF_TEXT
+    return tokenizer.replace(
+        max_length=max_length, pad_token=END_OF_TEXT, bos_token=None, eos_token=END_OF_TEXT, append_eos=False
     )
 
 
@@ -104,7 +104,7 @@ def from_hf_gpt2(path_or_model: Any) -> MultimodalTransformer:
         path_or_model, model_type="gpt2", name="GPT-2", model_class="GPT2LMHeadModel (or GPT2Model)"
     )
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
-    tied = lm_head_tied(state, "lm_head.weight", "wte.weight")
+    tied = lm_head_tied(state, "lm_head.weight", "wte.weight", cfg)
     model = build_on_meta(MultimodalTransformer, _model_config(cfg, tied))
 
     wm = WeightMap(state, name="hf_gpt2", ignore=_IGNORED + (["lm_head.weight"] if tied else []))
@@ -124,4 +124,5 @@ def from_hf_gpt2(path_or_model: Any) -> MultimodalTransformer:
     wm.initialise("logit_scale")  # mmformer-only, unused by a language model
     wm.load_into(model)
     model.processor = build_processor(_tokenizer(directory, cfg["n_positions"]))
+    model.config.text.extra_eos_ids = list(extra_eos_ids(cfg, directory, model.config.text.eos_id))
     return model.eval()

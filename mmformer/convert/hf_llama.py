@@ -12,7 +12,8 @@ grouped-query attention (``num_key_value_heads`` → ``n_kv_heads``; ``q/k/v_pro
 
 Not converted (refused by name): sliding-window attention, partial rotary factors, RoPE kinds other than default,
 linear and llama3, activations other than SiLU, and bias layouts other than none, all, or q/k/v only (Qwen2).
-Llama 3 lists several eos ids; generation stops at the first of them only.
+Llama 3 lists several eos ids (config.json, generation_config.json): the first is ``TextConfig.eos_id``, the others
+``TextConfig.extra_eos_ids``; generation stops at any of them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mmformer.convert.common import (
     UnsupportedModelError,
     WeightMap,
     build_processor,
+    extra_eos_ids,
     first_id,
     lm_head_tied,
     read_hf_checkpoint,
@@ -133,7 +135,7 @@ def from_hf_llama(path_or_model: Any) -> MultimodalTransformer:
     )
     model_type = cfg.get("model_type", "llama")
     state = {k.removeprefix("model."): v for k, v in state.items()}
-    tied = lm_head_tied(state, "lm_head.weight", "embed_tokens.weight")
+    tied = lm_head_tied(state, "lm_head.weight", "embed_tokens.weight", cfg)
     config = _model_config(cfg, model_type, tied)
     model = build_on_meta(MultimodalTransformer, config)
 
@@ -161,4 +163,5 @@ def from_hf_llama(path_or_model: Any) -> MultimodalTransformer:
     wm.load_into(model)
     tokenizer = read_hf_tokenizer(directory)
     model.processor = build_processor(tokenizer)
+    model.config.text.extra_eos_ids = list(extra_eos_ids(cfg, directory, config.text.eos_id))
     return model.eval()

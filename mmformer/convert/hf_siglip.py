@@ -39,6 +39,7 @@ from mmformer.convert.common import (
     read_hf_tokenizer,
 )
 from mmformer.convert.hf_clip import image_settings, map_layers, stack_config
+from mmformer.convert.sentence_pipeline import hf_max_length
 from mmformer.io.hub import read_json
 from mmformer.io.weights import build_on_meta
 from mmformer.model import MultimodalTransformer
@@ -74,8 +75,17 @@ def from_hf_siglip(path_or_model: str | os.PathLike | nn.Module) -> MultimodalTr
     )
     image.update(resize="exact", channels=config.image.channels)
     image.update(image_settings(pre) if pre else {})
-    model.processor = build_processor(read_hf_tokenizer(directory), image=image)
+    model.processor = build_processor(_tokenizer(directory, config.text.max_length), image=image)
     return model
+
+
+def _tokenizer(directory: Any, max_positions: int) -> Any:
+    """The folder's tokenizer (padding with the token its tokenizer_config.json names: SigLIP attends to padding),
+    cutting texts where its config says, and at the latest where the position table ends."""
+    tokenizer = read_hf_tokenizer(directory)
+    if tokenizer is None:
+        return None
+    return tokenizer.replace(max_length=hf_max_length(directory, max_positions) or max_positions)
 
 
 def _model_config(hf_config: Any, state: dict[str, torch.Tensor]) -> ModelConfig:

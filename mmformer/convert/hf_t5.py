@@ -145,7 +145,7 @@ def from_hf_t5(path_or_model: Any) -> MultimodalTransformer:
         path_or_model, model_type=MODEL_TYPES, name="T5", model_class="T5ForConditionalGeneration"
     )
     shared = state.get("shared.weight")
-    tied = lm_head_tied(state, "lm_head.weight", "shared.weight")
+    tied = lm_head_tied(state, "lm_head.weight", "shared.weight", cfg)
     config = _model_config(cfg, tied)
     model = build_on_meta(MultimodalTransformer, config)
     # copies of `shared` under the embedders' names (tied in transformers), and a bias that only exists to be unused

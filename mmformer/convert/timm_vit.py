@@ -105,6 +105,8 @@ def _unsupported(feature: str) -> UnsupportedModelError:
 def _model_config(vit: nn.Module) -> ModelConfig:
     kind = type(vit).__name__
     if kind != "VisionTransformer" or not hasattr(vit, "patch_embed") or not hasattr(vit, "blocks"):
+        if type(vit).__module__.startswith("timm."):  # another timm architecture (Eva, ConvNeXt, ...): a model
+            raise _unsupported(f"the timm architecture {kind} (only VisionTransformer converts)")
         raise TypeError(f"model_or_state_dict: expected a timm VisionTransformer, got {kind}")
     if getattr(vit, "dist_token", None) is not None:
         raise _unsupported("a distillation token")

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from mmformer.embedders.checks import check_prefix, check_token_ids
 from mmformer.generation.decoding_rules import default_prompt, prompt_length
-from mmformer.generation.score_processing import build_score_processors
+from mmformer.generation.score_processing import build_score_processors, model_end_ids
 from mmformer.generation.search import BeamSearch, DecoderRunner, TokenSearch
 from mmformer.generation.token_choice import StopStrings, token_chooser
 from mmformer.io.weights import model_device
@@ -193,6 +193,20 @@ def _memory(
     return None, None
 
 
+def _text_to_text(model: MultimodalTransformer) -> bool:
+    """Whether the decoder reads a text encoder of its own (T5): a cross-attending decoder stack beside a separate
+    text stack, and no image or audio tower."""
+    routes = model.config.routes
+    decoder = routes.get("decoder")
+    return (
+        decoder is not None
+        and model.config.stacks[decoder].cross_attention
+        and routes.get("text", decoder) != decoder
+        and "image" not in routes
+        and "audio" not in routes
+    )
+
+
 class GraphModel(Protocol):
     """What :func:`generate` reads of a model of compiled graphs (a PT2E int8 model,
     :class:`mmformer.compress.pt2e.PT2EModel`): its float model (config, rules, checks), the memory its encoder
@@ -327,7 +341,25 @@ def _prompt(
     mask = mask.bool()
     if not bool(mask.any(dim=1).all()):
         raise ValueError("prompt_mask: every prompt needs at least one real token (a row is all padding)")
-    return prompt, mask
+    return _padded_left(prompt, mask, text.pad_id)
+
+
+def _padded_left(prompt: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts (B, P) with their mask, left-padded: right-padded rows (a tokenizer's usual layout, mmformer's
+    processor's too) are moved to the right end, as if each had been left-padded, so that the next token of every row
+    goes to one column and each row continues as it would alone. A mask with a gap inside a row is refused."""
+    real = mask.long()
+    starts = real.argmax(dim=1)  # (B,) first real token
+    ends = mask.shape[1] - real.flip(1).argmax(dim=1)  # (B,) one past the last one
+    if not bool((real.sum(dim=1) == ends - starts).all()):
+        raise ValueError(
+            "attention_mask: expected each prompt's real tokens in one run, padded on the left or the right; got a "
+            "row with padding between its tokens"
+        )
+    if bool((ends == mask.shape[1]).all()):  # already left-padded (or not padded)
+        return prompt, mask
+    rows = [row[m].tolist() for row, m in zip(prompt, mask)]
+    return left_pad(rows, pad_id, prompt.device)
 
 
 @torch.inference_mode()
@@ -367,8 +399,9 @@ def generate(
             padded here); default ``[[bos_id]] * B``, or for a checkpoint with a generation config (Whisper) its
             start, language (``language=`` or detected), task and no-timestamps tokens. Without a memory the prompt
             is required. The checkpoint's suppressed tokens are never generated.
-        prompt_mask: (B, P) True at the prompt's real tokens (left-padded prompts), as Hugging Face's
-            ``attention_mask`` of a decoder-only model.
+        prompt_mask: (B, P) True at the prompt's real tokens, as Hugging Face's ``attention_mask`` of a
+            decoder-only model; right-padded rows (a tokenizer's layout) are left-padded here first, so each row
+            continues as it would alone and the returned prompt part is left-padded.
         prefix_embeds: a learned decoder prefix (P', D) read before the prompt by every row (prompt tuning; see
             :class:`mmformer.adapt.prompts.DecoderPrefix`); it takes P' positions of the decoder's position table.
         options: a :class:`DecodingOptions`; default its defaults.
@@ -405,6 +438,11 @@ def generate(
     memory, memory_mask = _memory(
         graphs or model, image, audio, audio_lengths, audio_features, feature_lengths, input_ids, attention_mask
     )
+    if memory is None and _text_to_text(model):
+        raise ValueError(
+            "generate: this text-to-text model's decoder reads its text encoder's states; pass input_ids= (with "
+            "attention_mask=), the text the encoder reads — prompt_ids= alone would decode without the encoder"
+        )
     if memory is not None and memory.shape[0] == 0:
         raise ValueError(f"generate: expected at least one image or waveform, got a batch of 0 ({tuple(memory.shape)})")
     if prompt_ids is None and memory is not None:
@@ -456,12 +494,11 @@ def generate(
         if prompt_mask is not None:
             prompt_mask = prompt_mask.repeat_interleave(K, dim=0)
     processors = build_score_processors(model, options, max_length=max_length, prompt_mask=prompt_mask)
+    ends = model_end_ids(model)  # end-of-text, and the checkpoint's other end ids (Llama 3 lists several)
     if K > 1:
-        search: TokenSearch | BeamSearch = BeamSearch(
-            K, options.length_penalty, text.eos_id, text.pad_id, processors, stop
-        )
+        search: TokenSearch | BeamSearch = BeamSearch(K, options.length_penalty, ends, text.pad_id, processors, stop)
     else:
-        search = TokenSearch(token_chooser(options, generator), text.eos_id, text.pad_id, processors, stop)
+        search = TokenSearch(token_chooser(options, generator), ends, text.pad_id, processors, stop)
     runner = None if graphs is None else _graph_runner(graphs, memory, memory_mask, prompt_mask, prefix_embeds)
     if runner is None:
         runner = DecoderRunner(

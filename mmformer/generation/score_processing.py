@@ -79,18 +79,30 @@ class RepetitionPenalty:
 
 
 # ---------------------------------------------------------------------- length rules and a checkpoint's rules
+def end_ids(eos_id: int | Sequence[int]) -> tuple[int, ...]:
+    """The ids that end a row: one end-of-text id, or several (Llama 3's ``eos_token_id: [128001, 128009]``)."""
+    return (int(eos_id),) if isinstance(eos_id, int) else tuple(dict.fromkeys(int(i) for i in eos_id))
+
+
+def model_end_ids(model: MultimodalTransformer) -> tuple[int, ...]:
+    """Every id that ends a row of ``model``'s generation: its end-of-text (``config.text.eos_id``) first, then the
+    other end ids its checkpoint lists (``TextConfig.extra_eos_ids``, set by the Hugging Face converters from
+    ``eos_token_id: [...]`` in config.json / generation_config.json)."""
+    return end_ids([model.config.text.eos_id, *model.config.text.extra_eos_ids])
+
+
 class MinNewTokens:
     """End-of-text is not generated before ``n`` new tokens (Hugging Face's ``min_new_tokens``); logits or
     log-probabilities."""
 
     masks = True  # it only forbids tokens
 
-    def __init__(self, n: int, eos_id: int):
-        self.n, self.eos_id = n, eos_id
+    def __init__(self, n: int, eos_id: int | Sequence[int]):
+        self.n, self.eos_ids = n, [eos_id] if isinstance(eos_id, int) else list(eos_id)
 
     def __call__(self, scores: torch.Tensor, tokens: torch.Tensor, step: int) -> torch.Tensor:
         if step < self.n:
-            scores[:, self.eos_id] = float("-inf")
+            scores[:, self.eos_ids] = float("-inf")
         return scores
 
 
@@ -193,7 +205,7 @@ def build_score_processors(
     if options.repetition_penalty != 1.0:
         processors.append(RepetitionPenalty(options.repetition_penalty, None if prompt_mask is None else ~prompt_mask))
     if options.min_new_tokens:
-        processors.append(MinNewTokens(options.min_new_tokens, eos))
+        processors.append(MinNewTokens(options.min_new_tokens, model_end_ids(model)))
     if options.forced_eos:
         processors.append(ForcedEos(eos, max_length))
     if gen is not None and gen.suppress_tokens:

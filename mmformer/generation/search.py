@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmformer.generation.lm_head import graph_layout, head_layout, last_logits, step_ids, step_logits
-from mmformer.generation.score_processing import ScoreProcessor, apply_processors, masks_only
+from mmformer.generation.score_processing import ScoreProcessor, apply_processors, end_ids, masks_only
 from mmformer.generation.token_choice import Greedy, Sampler, StopStrings
 from mmformer.io.weights import model_device
 from mmformer.layers.freezing import FrozenCompile, graph_limit
@@ -314,12 +314,12 @@ class TokenSearch:
     def __init__(
         self,
         chooser: Greedy | Sampler,
-        eos_id: int,
+        eos_id: int | Sequence[int],
         pad_id: int,
         processors: Sequence[ScoreProcessor] = (),
         stop: StopStrings | None = None,
     ):
-        self.chooser, self.eos_id, self.pad_id = chooser, eos_id, pad_id
+        self.chooser, self.eos_ids, self.pad_id = chooser, end_ids(eos_id), pad_id
         self.processors, self.stop = list(processors), stop
 
     def run(
@@ -359,7 +359,7 @@ class TokenSearch:
             if streamer is not None:
                 streamer.put(next_ids.cpu())
             cur += 1
-            ended = next_ids == self.eos_id
+            ended = torch.isin(next_ids, next_ids.new_tensor(self.eos_ids))
             if self.stop is not None:
                 ended |= self.stop(tokens[:, :cur], ~done)
             done |= ended
@@ -386,12 +386,12 @@ class BeamSearch:
         self,
         num_beams: int,
         length_penalty: float,
-        eos_id: int,
+        eos_id: int | Sequence[int],
         pad_id: int,
         processors: Sequence[ScoreProcessor] = (),
         stop: StopStrings | None = None,
     ):
-        self.K, self.length_penalty, self.eos_id, self.pad_id = num_beams, length_penalty, eos_id, pad_id
+        self.K, self.length_penalty, self.eos_ids, self.pad_id = num_beams, length_penalty, end_ids(eos_id), pad_id
         self.processors, self.stop = list(processors), stop  # a candidate that makes a stop string ends like eos
 
     def run(self, runner: DecoderRunner, prompt: torch.Tensor, max_length: int) -> torch.Tensor:
@@ -418,7 +418,7 @@ class BeamSearch:
             cand_scores, cand = scores.topk(n_candidates, dim=-1)  # (B, 2K)
             cand_beam, cand_token = cand // V, cand % V
             cand_seqs = torch.cat([running[rows, cand_beam], cand_token[..., None]], dim=-1)  # (B, 2K, cur+1)
-            ends = (cand_token == self.eos_id) | (cur + 1 >= max_length)  # (B, 2K)
+            ends = torch.isin(cand_token, cand_token.new_tensor(self.eos_ids)) | (cur + 1 >= max_length)  # (B, 2K)
             if self.stop is not None:
                 ends |= self.stop(cand_seqs.flatten(0, 1)).view(B, n_candidates)
 

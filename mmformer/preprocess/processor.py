@@ -64,6 +64,12 @@ class ImageProcessorConfig:
     std: tuple[float, ...] = CLIP_STD
     interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
     channels: int = 3  # 3 = RGB, 1 = grayscale
+    # shortest: the short side's length before the center crop (Hugging Face's size.shortest_edge when it differs
+    # from crop_size); None: just enough to cover image_size
+    resize_size: int | None = None
+    # where an odd margin puts the center crop: "round" (torchvision's CenterCrop, open_clip) rounds half to even,
+    # "floor" (Hugging Face's image processors) keeps the extra row/column at the bottom/right
+    crop_offset: Literal["round", "floor"] = "round"
 
     def __post_init__(self):
         size = (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
@@ -74,6 +80,12 @@ class ImageProcessorConfig:
             raise ValueError(f"resize: expected 'shortest' or 'exact'; got {self.resize!r}")
         if self.interpolation not in _INTERPOLATION:
             raise ValueError(f"interpolation: expected one of {list(_INTERPOLATION)}; got {self.interpolation!r}")
+        if self.resize_size is not None and (not is_int(self.resize_size) or self.resize_size <= 0):
+            raise ValueError(f"resize_size: expected None or a positive int; got {self.resize_size!r}")
+        if self.resize_size is not None and self.resize != "shortest":
+            raise ValueError(f"resize_size: only with resize='shortest' (before the crop); got {self.resize!r}")
+        if self.crop_offset not in ("round", "floor"):
+            raise ValueError(f"crop_offset: expected 'round' or 'floor'; got {self.crop_offset!r}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels: expected 1 (grayscale) or 3 (RGB); got {self.channels!r}")
         self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
@@ -149,6 +161,21 @@ class _LimitAspect:
             top = (h - keep) // 2
             return img.crop((0, top, w, top + keep))
         return img
+
+
+class _CenterCropFloor:
+    """Center crop to (H, W) with the offset rounded down, as Hugging Face's image processors crop (torchvision's
+    CenterCrop rounds half to even: one pixel apart when the margin is 4k + 3). A side shorter than the crop is
+    padded with zeros, the extra row or column after the image."""
+
+    def __init__(self, size: tuple[int, int]):
+        self.size = size
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        (h, w), (ch, cw) = (img.height, img.width), self.size
+        top = (h - ch) // 2 if h >= ch else -((ch - h) // 2)
+        left = (w - cw) // 2 if w >= cw else -((cw - w) // 2)
+        return img.crop((left, top, left + cw, top + ch))  # PIL fills what lies outside the image with zeros
 
 
 class _ResizeCover:
@@ -260,12 +287,13 @@ class Processor:
         cfg = self.image
         interpolation = v2.InterpolationMode(cfg.interpolation)
         h, w = cfg.image_size
+        crop = v2.CenterCrop((h, w)) if cfg.crop_offset == "round" else _CenterCropFloor((h, w))
         if cfg.resize == "exact":
             resize = [v2.Resize((h, w), interpolation=interpolation, antialias=True)]
-        elif h == w:  # exactly CLIP's Resize(int) + CenterCrop
-            resize = [v2.Resize(h, interpolation=interpolation, antialias=True), v2.CenterCrop((h, w))]
+        elif cfg.resize_size is not None or h == w:  # exactly CLIP's (and Hugging Face's) Resize(int) + CenterCrop
+            resize = [v2.Resize(cfg.resize_size or h, interpolation=interpolation, antialias=True), crop]
         else:
-            resize = [_ResizeCover((h, w), interpolation), v2.CenterCrop((h, w))]
+            resize = [_ResizeCover((h, w), interpolation), crop]
         limit = [] if cfg.resize == "exact" else [_LimitAspect((h, w))]  # "exact" never enlarges a side
         return v2.Compose(
             [

@@ -20,7 +20,7 @@ import numbers
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import tokenizers
 import torch
@@ -37,6 +37,7 @@ CLIP_SUFFIX = "</w>"  # end-of-word marker of CLIP's BPE; a BPE with it gets ope
 # On its lowercased input that flag changes two things, spelled out here for Oniguruma: "ſ" (U+017F) matches the s
 # of 's, and U+0345 (combining ypogegrammeni) matches no branch at all, so it is dropped like whitespace.
 CLIP_SPLIT = r"""'[s\x{17f}]|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}\x{345}]+"""
+HF_CLIP_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""  # Hugging Face's CLIPTokenizer's
 _PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>")
 
 
@@ -50,7 +51,11 @@ class Tokenizer:
         max_length: default length `__call__` truncates to (and pads to with `padding="max_length"`).
         pad_token: token whose id fills padded positions.
         bos_token: token put before every text, or None.
-        eos_token: token put after every text, or None; truncation keeps it as the last token.
+        eos_token: the end-of-text token, or None; put after every text (truncation keeps it as the last token)
+            unless ``append_eos`` is False.
+        append_eos: False: ``eos_token`` ends generated text and decoding but is not added to encoded texts (GPT-2,
+            as Hugging Face's tokenizer). The saved template then joins a pair of texts with it (GPT-2's document
+            separator), which is where loading finds it again.
     """
 
     def __init__(
@@ -61,6 +66,7 @@ class Tokenizer:
         pad_token: str,
         bos_token: str | None,
         eos_token: str | None,
+        append_eos: bool = True,
     ) -> None:
         if not isinstance(backend, tokenizers.Tokenizer):
             raise TypeError(f"backend must be a tokenizers.Tokenizer, got {type(backend).__name__}")
@@ -73,13 +79,19 @@ class Tokenizer:
         self._bos_id = None if bos_token is None else vocab[bos_token]
         self._eos_id = None if eos_token is None else vocab[eos_token]
         self._vocab_size = max(vocab.values()) + 1  # ids may have gaps; the embedding table needs max id + 1
-        self._n_special = (bos_token is not None) + (eos_token is not None)
+        self._append_eos = bool(append_eos) and eos_token is not None
+        self._n_special = (bos_token is not None) + self._append_eos
         self._max_length = self._check_max_length(max_length)
-        self._clip_clean = getattr(backend.model, "end_of_word_suffix", None) == CLIP_SUFFIX
+        # open_clip's cleaning for a CLIP BPE without a normalizer of its own (Hugging Face's CLIP has one)
+        clip_bpe = getattr(backend.model, "end_of_word_suffix", None) == CLIP_SUFFIX
+        self._clip_clean = clip_bpe and backend.normalizer is None
 
         specials = [(t, vocab[t]) for t in dict.fromkeys(t for t in (bos_token, eos_token) if t is not None)]
-        single = " ".join([*([bos_token] if bos_token else []), "$A", *([eos_token] if eos_token else [])])
-        pair = " ".join([single, "$B:1", *([f"{eos_token}:1"] if eos_token else [])])
+        single = " ".join([*([bos_token] if bos_token else []), "$A", *([eos_token] if self._append_eos else [])])
+        if self._append_eos:
+            pair = " ".join([single, "$B:1", f"{eos_token}:1"])
+        else:  # eos between the texts only: it stays in the saved template without ending a single text
+            pair = " ".join([single, *([eos_token] if eos_token else []), "$B:1"])
         backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
         backend.no_padding()
         backend.no_truncation()
@@ -161,23 +173,53 @@ class Tokenizer:
         """Wraps a Hugging Face tokenizer, inferring bos/eos from its post-processor and pad/max_length from its
         padding and truncation settings (pad falls back to a pad-like token name, then eos, then id 0)."""
         processor = backend.post_processor
-        bos, eos = _template_tokens(json.loads(processor.__getstate__()) if processor else None)
+        state = json.loads(processor.__getstate__()) if processor else None
+        bos, eos = _template_tokens(state)
+        separator = _pair_separator(state) if eos is None else None  # an eos the template does not append
+        separator = None if separator == bos else separator  # Llama's pair template repeats its bos instead
+        eos, append_eos = (eos, True) if separator is None else (separator, False)
         vocab = backend.get_vocab(with_added_tokens=True)
         if backend.padding:
             pad = backend.padding["pad_token"]
         else:
             pad = next((t for t in _PAD_NAMES if t in vocab), eos if eos is not None else backend.id_to_token(0))
         max_length = backend.truncation["max_length"] if backend.truncation else DEFAULT_MAX_LENGTH
-        return cls(backend, max_length=max_length, pad_token=pad, bos_token=bos, eos_token=eos)
+        return cls(backend, max_length=max_length, pad_token=pad, bos_token=bos, eos_token=eos, append_eos=append_eos)
+
+    def replace(self, **changes: Any) -> Tokenizer:
+        """This tokenizer with other ``max_length``, ``pad_token``, ``bos_token``, ``eos_token`` or ``append_eos``
+        (on a copy of the backend: this one is left as it is)."""
+        settings = dict(
+            max_length=self._max_length,
+            pad_token=self.pad_token,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            append_eos=self._append_eos,
+        )
+        unknown = sorted(set(changes) - set(settings))
+        if unknown:
+            raise TypeError(f"replace: unknown settings {unknown}; expected some of {sorted(settings)}")
+        return Tokenizer(tokenizers.Tokenizer.from_str(self._backend.to_str()), **{**settings, **changes})
 
     @classmethod
-    def clip(cls, bpe_path: str | os.PathLike | None = None, context_length: int = DEFAULT_MAX_LENGTH) -> Tokenizer:
+    def clip(
+        cls,
+        bpe_path: str | os.PathLike | None = None,
+        context_length: int = DEFAULT_MAX_LENGTH,
+        *,
+        cleaning: Literal["open_clip", "hf"] = "open_clip",
+    ) -> Tokenizer:
         """OpenAI CLIP's tokenizer, giving the same ids as open_clip's `SimpleTokenizer`.
 
         Args:
             bpe_path: CLIP's merges file (bpe_simple_vocab_16e6.txt.gz); None uses the copy open_clip ships.
             context_length: default `max_length`; CLIP models use 77.
+            cleaning: "open_clip": its text cleaning (ftfy, HTML unescaping, whitespace, lowercase), run in Python;
+                "hf": Hugging Face's `CLIPTokenizer` normalizer (NFC, whitespace runs to one space, lowercase; no ftfy,
+                no HTML unescaping), kept in the backend and so in the saved tokenizer.json.
         """
+        if cleaning not in ("open_clip", "hf"):
+            raise ValueError(f"cleaning: expected 'open_clip' or 'hf', got {cleaning!r}")
         path = _clip_bpe_path(bpe_path)
         try:
             with gzip.open(path) as f:
@@ -193,7 +235,10 @@ class Tokenizer:
         backend = tokenizers.Tokenizer(bpe)
         # No normalizer: open_clip's cleaning (ftfy, html, whitespace, lower) runs in Python before the backend
         # (see `_clean_clip`); a second pass in Rust could only disagree with it (other Unicode tables, NFC).
-        words = pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True)
+        words = pre_tokenizers.Split(Regex(CLIP_SPLIT if cleaning == "open_clip" else HF_CLIP_SPLIT), "removed", True)
+        if cleaning == "hf":  # a normalizer switches open_clip's Python cleaning off (see `_clip_clean`)
+            whitespace = normalizers.Replace(Regex(r"\s+"), " ")
+            backend.normalizer = normalizers.Sequence([normalizers.NFC(), whitespace, normalizers.Lowercase()])
         to_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)  # words are already split
         backend.pre_tokenizer = pre_tokenizers.Sequence([words, to_bytes])
         # Bytes back to text, then each end-of-word marker becomes the space between words (the last one goes).
@@ -238,6 +283,11 @@ class Tokenizer:
     @property
     def max_length(self) -> int:
         return self._max_length
+
+    @property
+    def append_eos(self) -> bool:
+        """Whether encoding puts ``eos_token`` after every text."""
+        return self._append_eos
 
     def __repr__(self) -> str:
         return (
@@ -297,7 +347,7 @@ class Tokenizer:
         if len(ids) <= max_length:
             return ids
         cut = ids[:max_length]
-        if self._eos_id is not None and ids[-1] == self._eos_id:
+        if self._append_eos and ids[-1] == self._eos_id:
             cut[-1] = self._eos_id
         return cut
 
@@ -402,6 +452,19 @@ def _template_tokens(processor: dict | None) -> tuple[str | None, str | None]:
     }
     bos, eos = tokens.get(at - 1), tokens.get(at + 1)
     return (bos[-1] if bos else None), (eos[0] if eos else None)
+
+
+def _pair_separator(processor: dict | None) -> str | None:
+    """The special token a serialised template puts between the two texts of a pair when it puts none after a
+    single text: the end-of-text token of a tokenizer that does not append it (see ``Tokenizer(append_eos=False)``)."""
+    if (processor or {}).get("type") != "TemplateProcessing":
+        return None
+    pair = processor["pair"]
+    at = [i for i, piece in enumerate(pair) if "Sequence" in piece]
+    if len(at) != 2 or at[1] != at[0] + 2 or "SpecialToken" not in pair[at[0] + 1]:
+        return None
+    tokens = processor["special_tokens"][pair[at[0] + 1]["SpecialToken"]["id"]]["tokens"]
+    return tokens[0] if len(tokens) == 1 else None
 
 
 def _clip_bpe_path(bpe_path: str | os.PathLike | None) -> Path:
