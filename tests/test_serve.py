@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import json
 import os
 import re
@@ -13,7 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,7 +33,7 @@ pytest.importorskip("uvicorn")
 import mmformer  # noqa: E402
 from mmformer.preprocess.processor import Processor  # noqa: E402
 from mmformer.preprocess.tokenizer import Tokenizer  # noqa: E402
-from mmformer.serve.batching import Batcher  # noqa: E402
+from mmformer.serve.batching import Abandoned, Batcher  # noqa: E402
 from mmformer.serve.metrics import Metrics  # noqa: E402
 from mmformer.zeroshot import ZeroShotClassifier  # noqa: E402
 
@@ -119,7 +122,7 @@ def same_as_alone(got: list, alone: list, leaks: float, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    with running_server(MODEL, "--api-key", KEY, "--max-upload-mb", "1", "--max-batch-size", "32") as (url, _):
+    with running_server(MODEL, "--api-key", KEY, "--max-upload-mb", "8", "--max-batch-size", "32") as (url, _):
         yield url
 
 
@@ -172,6 +175,88 @@ def test_batcher_batches_concurrent_inputs_and_a_failing_input_fails_only_itself
     assert calls[1:5] == [[1], [2], [-3], [4]] and calls[5] == [5]
 
 
+def test_work_stops_once_every_request_of_its_call_is_given_up_and_is_not_run_again():
+    """A call on the model thread asks :meth:`Batcher.abandoned` between its steps: still False while one of its two
+    requests waits for it, True once both are cancelled (their clients went away); the :class:`Abandoned` it then
+    raises is not run again input by input."""
+    calls, seen, ended = [], [], threading.Event()
+    batcher = Batcher("t", lambda key, payloads: run(payloads), ThreadPoolExecutor(1), Metrics(), max_batch_size=8,
+                      timeout_s=0.05)  # fmt: skip
+
+    def run(payloads):
+        calls.append(list(payloads))
+        try:
+            for _ in range(2000):  # 20 s of steps unless abandoned
+                seen.append(batcher.abandoned())
+                if seen[-1]:
+                    raise Abandoned("t: every request went away")
+                time.sleep(0.01)
+            return list(payloads)
+        finally:
+            ended.set()
+
+    async def main() -> float:
+        batcher.start()
+        first, second = (asyncio.ensure_future(batcher.submit(p)) for p in (1, 2))
+        await asyncio.sleep(0.2)
+        first.cancel()
+        await asyncio.sleep(0.2)
+        assert not ended.is_set()  # the second request still waits for the call
+        start = time.perf_counter()
+        second.cancel()
+        await asyncio.gather(first, second, return_exceptions=True)
+        await asyncio.get_running_loop().run_in_executor(None, ended.wait, 30)
+        stopped = time.perf_counter() - start
+        await batcher.stop()
+        return stopped
+
+    stopped = asyncio.run(main())
+    assert calls == [[1, 2]] and seen[-1] and not any(seen[:-1])  # one call, not run again input by input
+    assert stopped < 5, f"the call went on {stopped:.1f} s after its requests were given up"
+
+
+def test_a_transcription_stops_between_windows_when_asked(digits, long_file):
+    """``Engine.transcribe(stop=...)``: the long-form path asks ``stop`` after each window and ends there."""
+    from mmformer.serve.engine import Engine
+
+    _, wave, expected = long_file
+    engine, asked = Engine(digits, MODEL), []
+    (full,) = engine.transcribe((None, 0.0, False, None), [wave], stop=lambda: asked.append(1) and False)
+    assert full["text"] == expected["text"] and len(asked) >= len(expected["segments"]) > 1
+    asked.clear()
+    with pytest.raises(Abandoned):
+        engine.transcribe((None, 0.0, False, None), [wave], stop=lambda: asked.append(1) or True)
+    assert len(asked) == 1  # the first window, not the rest
+
+
+# ---------------------------------------------------------------------------------------------- the command
+def test_serve_refuses_a_bad_or_busy_port_and_a_mistyped_folder_before_loading_the_model(capsys, monkeypatch):
+    from mmformer.cli.main import main
+
+    for port in ("99999", "-1", "http"):  # 99999 listened on 34463 (mod 65536) while the banner said 99999
+        with pytest.raises(SystemExit) as e:
+            main(["serve", "--model", "nowhere/at-all", "--port", port])
+        expected = f"argument --port: expected a TCP port 0-65535 (0: any free one), got {port!r}"
+        assert e.value.code == 2 and expected in capsys.readouterr().err
+    with socket.socket() as busy:  # in use: refused before the model loads (this one does not exist)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port, start = busy.getsockname()[1], time.perf_counter()
+        with pytest.raises(SystemExit) as e:
+            main(["serve", "--model", "nowhere/at-all", "--port", str(port)])
+    expected = f"mmformer serve: error: --port: cannot listen on 127.0.0.1:{port}: the port is in use (another server?)"
+    assert str(e.value) == expected
+    assert time.perf_counter() - start < 2 and "mmformer serve:" not in capsys.readouterr().out  # no banner
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as e:  # a typo of data/digits_model, not a Hub id 'data/digits_modelx'
+        main(["serve", "--model", "data/digits_modelx", "--port", "0"])
+    assert str(e.value) == (
+        "mmformer serve: error: --model: no such folder 'data/digits_modelx' (the folder 'data' "
+        "has no 'digits_modelx'), and no Hugging Face Hub model of that name could be loaded"
+    )
+
+
 # ---------------------------------------------------------------------------------------------- OpenAI routes
 def test_models_health_and_page(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
@@ -180,6 +265,9 @@ def test_models_health_and_page(server, client):
         client.models.retrieve("whisper-1")
     health = httpx.get(server + "/health").json()
     assert health["routes"] == ["/v1/embeddings", "/v1/audio/transcriptions", "/v1/classify", "/v1/captions"]
+    assert health["modalities"] == ["image", "audio", "text"]
+    # idle: the probes do not count themselves (/metrics said 1)
+    assert health["in_flight"] == 0 == metric(httpx.get(server + "/metrics").text, "mmformer_requests_in_flight")
     page = httpx.get(server + "/")
     assert page.status_code == 200 and "/static/app.js" in page.text
     for name in ("app.js", "style.css"):
@@ -245,6 +333,11 @@ def test_transcriptions_in_every_format_and_streamed(client, digits):
     verbose = create(response_format="verbose_json", timestamp_granularities=["segment"])
     assert verbose.text == expected and verbose.duration == pytest.approx(duration, abs=1e-3)
     assert [(s.start, s.end, s.text) for s in verbose.segments] == [(0.0, pytest.approx(duration, abs=1e-3), expected)]
+    # OpenAI's segment fields: the zlib ratio openai-whisper computes; no log-probs from generate, no no-speech token
+    data = expected.encode()
+    (segment,) = create(response_format="verbose_json").model_dump()["segments"]
+    assert segment["compression_ratio"] == len(data) / len(zlib.compress(data))
+    assert segment["avg_logprob"] is None and segment["no_speech_prob"] is None and verbose.language is None
     (cue,) = list(srt.parse(create(response_format="srt")))
     assert cue.content == expected and cue.start.total_seconds() == 0
     assert cue.end.total_seconds() == pytest.approx(duration, abs=1e-3)
@@ -356,12 +449,17 @@ def test_a_whisper_checkpoint_answers_with_word_timestamps_and_a_prompt_as_trans
                 model=str(folder), file=f, language="en", prompt=prompt, temperature=0.0,
                 response_format="verbose_json", timestamp_granularities=["word", "segment"],
             )  # fmt: skip
+        with open(audio, "rb") as f:  # the code in any case, as the server's check reads it ("EN" was a late 400)
+            shouted = client.audio.transcriptions.create(
+                model=str(folder), file=f, language="EN", prompt=prompt, temperature=0.0,
+                response_format="verbose_json", timestamp_granularities=["word"],
+            )  # fmt: skip
         with open(audio, "rb") as f:  # streamed: the deltas put together are the text, as OpenAI's are
             events = list(client.audio.transcriptions.create(model=str(folder), file=f, language="en", prompt=prompt,
                                                              temperature=0.0, stream=True))  # fmt: skip
         r = httpx.post(url + "/v1/audio/transcriptions", data={"model": str(folder), "language": "xx"},
                        files={"file": ("a.flac", audio.read_bytes())}, timeout=120)  # fmt: skip
-    assert verbose.text == expected["text"]
+    assert verbose.text == expected["text"] == shouted.text and verbose.language == "english"  # OpenAI's name
     assert [(w.word, w.start, w.end) for w in verbose.words] == words
     assert [(s.start, s.end, s.text) for s in verbose.segments] == [
         (s["start"], s["end"], s["text"]) for s in expected["segments"]
@@ -369,6 +467,7 @@ def test_a_whisper_checkpoint_answers_with_word_timestamps_and_a_prompt_as_trans
     deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
     assert len(deltas) > 1 and "".join(deltas) == events[-1].text, (deltas, events[-1].text)
     assert r.status_code == 400 and r.json()["error"]["param"] == "language", r.text  # not a code of this checkpoint
+    assert r.json()["error"]["message"].startswith("language: expected one of this checkpoint's codes [")  # once
 
 
 @pytest.mark.slow  # quantizes twice (here and in the server), and the server compiles the encoder: ~20 s
@@ -486,6 +585,15 @@ def test_bad_inputs_get_their_status_and_error_json_and_the_server_keeps_serving
         r = httpx.post(server + "/v1/audio/transcriptions", data={"model": MODEL, "language": "en", "stream": stream},
                        files=clip, headers=auth())  # fmt: skip
         error(r, 400, "language", "no language tokens")
+        assert r.json()["error"]["message"].startswith("language: this model has no language tokens")  # once
+    for fmt in ("json", "text", "srt"):  # as OpenAI: timestamp granularities only with verbose_json
+        r = httpx.post(server + "/v1/audio/transcriptions", data={"model": MODEL, "response_format": fmt,
+                       "timestamp_granularities[]": "segment"}, files=clip, headers=auth())  # fmt: skip
+        error(r, 400, "timestamp_granularities[]", f"only with response_format 'verbose_json', got '{fmt}'")
+    # model is required, as in OpenAI's API
+    error(httpx.post(server + "/v1/embeddings", json={"input": "one"}, headers=auth()), 400, "model", "required")
+    r = httpx.post(server + "/v1/audio/transcriptions", files=clip, headers=auth())
+    error(r, 400, "model", f"required (OpenAI's API requires it): expected {MODEL!r}")
     r = httpx.post(server + "/v1/embeddings", json={**good, "model": "gpt-4"}, headers=auth())
     error(r, 404, "model", "'gpt-4'")
     with pytest.raises(openai.NotFoundError):
@@ -502,12 +610,12 @@ def test_bad_inputs_get_their_status_and_error_json_and_the_server_keeps_serving
         openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
     r = httpx.post(server + "/v1/embeddings", json={**good, "encoding_format": "int8"}, headers=auth())
     error(r, 400, "encoding_format", "'int8'")
-    big = {"file": ("big.flac", os.urandom(2 * 2**20), "audio/flac")}  # over --max-upload-mb 1
+    big = {"file": ("big.flac", os.urandom(9 * 2**20), "audio/flac")}  # over --max-upload-mb 8
     error(httpx.post(server + "/v1/audio/transcriptions", data={"model": MODEL}, files=big, headers=auth()), 413,
-          None, "at most 1 MB")  # fmt: skip
-    chunks = (b"x" * 2**18 for _ in range(8))  # 2 MB without a Content-Length (chunked): cut off at the limit
+          None, "at most 8 MB")  # fmt: skip
+    chunks = (b"x" * 2**18 for _ in range(36))  # 9 MB without a Content-Length (chunked): cut off at the limit
     r = httpx.post(server + "/v1/embeddings", content=chunks, headers={**auth(), "Content-Type": "application/json"})
-    error(r, 413, None, "at most 1 MB")
+    error(r, 413, None, "at most 8 MB")
     # 413 from the Content-Length alone: the server answers before any of the claimed 100 MB is sent
     host, port = server.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
@@ -633,6 +741,54 @@ def test_a_recording_longer_than_the_model_window_goes_through_the_long_form_pat
         (s["start"], s["end"], s["text"]) for s in expected["segments"]
     ]
     assert body["segments"][-1]["end"] > 16
+
+
+def test_a_client_that_goes_away_stops_its_non_streamed_transcription(server, digits):
+    """A non-streamed transcription of a 21-minute recording whose client gives up after a second (a client's
+    timeout; the openai client would then send it again): the request ends as a 499, not a 200, and its model call
+    stops at its next window, so that a one-word embeddings request sent next waits a fraction of what it waits
+    behind the same transcription whose client stays (13-21 s behind a 21-minute one until fixed)."""
+    import soundfile
+
+    from tests.test_streaming import long_recording
+
+    buffer = io.BytesIO()  # 4.3 minutes of digits five times: 21.5 minutes, 6.4 MB
+    soundfile.write(
+        buffer, long_recording(digits, n_clips=100).repeat(5).numpy(), digits.config.audio.sample_rate, format="FLAC"
+    )
+    files = {"file": ("long.flac", buffer.getvalue(), "audio/flac")}
+
+    def transcribe(read_timeout: float) -> httpx.Response:
+        return httpx.post(server + "/v1/audio/transcriptions", data={"model": MODEL}, files=files, headers=auth(),
+                          timeout=httpx.Timeout(120, read=read_timeout))  # fmt: skip
+
+    def embeddings_wait() -> float:
+        start = time.perf_counter()
+        answer = httpx.post(server + "/v1/embeddings", json={"model": MODEL, "input": "one"}, headers=auth(),
+                            timeout=120)  # fmt: skip
+        assert answer.status_code == 200
+        return time.perf_counter() - start
+
+    def requests_total(status: str) -> float:
+        text = httpx.get(server + "/metrics").text
+        try:
+            return metric(text, "mmformer_requests_total", route="/v1/audio/transcriptions", status=status)
+        except KeyError:
+            return 0.0
+
+    with ThreadPoolExecutor(1) as pool:  # its client stays: the embeddings wait for the whole transcription
+        kept = pool.submit(transcribe, 120)
+        time.sleep(1.5)
+        behind_kept = embeddings_wait()
+        assert kept.result().status_code == 200
+    closed = requests_total("499")
+    with pytest.raises(httpx.ReadTimeout):  # the client leaves after a second without an answer
+        transcribe(1.0)
+    behind_abandoned = embeddings_wait()
+    print(f"embeddings behind a 21-minute transcription: {behind_kept:.2f} s; behind the same one abandoned: "
+          f"{behind_abandoned:.2f} s")  # fmt: skip
+    assert behind_abandoned < behind_kept / 2, "the model went on with the abandoned transcription"
+    assert requests_total("499") == closed + 1
 
 
 # ---------------------------------------------------------------------------------------------- real streams

@@ -4,9 +4,11 @@ digit first, the labels are editable, an audio clip shows its transcript with se
 from __future__ import annotations
 
 import base64
+import contextlib
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 
 import mmformer
@@ -42,17 +44,8 @@ def test_page_ranks_a_dropped_digit_and_transcribes_audio():
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(url + "/")
             page.wait_for_selector("body[data-ready=true]")
-            data = base64.b64encode((DIGITS / image["image"]).read_bytes()).decode()
-            transfer = page.evaluate_handle(
-                """(data) => {
-                    const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
-                    const dt = new DataTransfer();
-                    dt.items.add(new File([bytes], "five.png", { type: "image/png" }));
-                    return dt;
-                }""",
-                data,
-            )
-            page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+            five = ("five.png", (DIGITS / image["image"]).read_bytes(), "image/png")
+            drop(page, *five)
             page.wait_for_selector("#bars li")
             assert page.get_attribute("#bars li:first-child", "data-label") == "five"
             assert len(page.query_selector_all("#bars li")) == 10
@@ -69,8 +62,66 @@ def test_page_ranks_a_dropped_digit_and_transcribes_audio():
             assert cells[0] == "0.00 s" and cells[2] == transcript
             assert page.is_hidden("#prompt-panel")  # the digits model is no language model
             assert page.text_content("#error") == "" and not errors
+            assert page.is_visible("#labels") and page.get_attribute("#file", "accept") == "image/*,audio/*"
+            only_latest_file_shows(page, five)
+            assert not errors
+            audio_only_page(browser.new_page(), url, five)
         finally:
             browser.close()
+
+
+def drop(page, name: str, content: bytes, kind: str) -> None:
+    """Drop a file named ``name`` on the page's drop zone."""
+    transfer = page.evaluate_handle(
+        """([name, data, kind]) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], name, { type: kind }));
+            return dt;
+        }""",
+        [name, base64.b64encode(content).decode(), kind],
+    )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+
+
+def only_latest_file_shows(page, image: tuple[str, bytes, str]) -> None:
+    """An audio clip's transcription held back while a newer image is dropped, then let through: the page shows the
+    image's results only (the older answer used to unhide its transcript beside them)."""
+    from playwright.sync_api import Error
+
+    held = []
+    page.route("**/v1/audio/transcriptions", lambda route: held.append(route))
+    page.set_input_files("#file", str(DIGITS / test_samples(1)[0]["audio_filepath"]))
+    while not held:
+        page.wait_for_timeout(20)
+    drop(page, *image)
+    page.wait_for_selector("#caption-row:not([hidden])")
+    with contextlib.suppress(Error):  # the page aborted it when the image came
+        held[0].continue_()
+    page.wait_for_timeout(1000)  # an answer let through arrives in ~0.1 s
+    assert page.is_hidden("#transcript-row") and page.get_attribute("#bars li:first-child", "data-label") == "five"
+    assert page.text_content("#error") == ""
+    page.unroute("**/v1/audio/transcriptions")
+
+
+def audio_only_page(page, url: str, image: tuple[str, bytes, str]) -> None:
+    """The page of a server whose model reads audio only (a Whisper checkpoint: transcriptions only): no labels or
+    templates, and a dropped image or text file gets an error naming what the model takes."""
+    health = {**httpx.get(url + "/health").json(), "routes": ["/v1/audio/transcriptions"], "modalities": ["audio",
+              "text"]}  # fmt: skip
+    page.route("**/health", lambda route: route.fulfill(json=health))
+    page.goto(url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.is_visible("#drop") and page.is_hidden("#labels") and page.is_hidden("#templates")
+    assert page.text_content("#drop-what") == "an audio file" and page.get_attribute("#file", "accept") == "audio/*"
+    drop(page, *image)
+    page.wait_for_function("document.body.dataset.state === 'done'")
+    assert page.text_content("#error") == "five.png: this model cannot take an image file; it takes audio files"
+    page.evaluate("delete document.body.dataset.state")
+    drop(page, "notes.txt", b"hello, not media", "text/plain")
+    page.wait_for_function("document.body.dataset.state === 'done'")
+    assert page.text_content("#error") == "notes.txt: not an image or audio file; it takes audio files"
+    assert page.is_hidden("#transcript-row") and not page.query_selector_all("#bars li")
 
 
 @pytest.mark.slow

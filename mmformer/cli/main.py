@@ -240,7 +240,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder applied on top of --model")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="a TCP port 0-65535 (0: any free one)")
     p.add_argument("--max-batch-size", type=int, default=32, help="inputs per model call, across requests")
     p.add_argument("--batch-timeout-ms", type=float, default=5.0, help="longest wait for a batch to fill")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
@@ -497,6 +497,14 @@ def _complete_streaming(args: argparse.Namespace, model: Any, options: Any, gene
         print(prompt, end="", flush=True)
         streamer = TextStreamer(model.processor.tokenizer)  # prints each stable piece, then a newline at the end
         model.complete([prompt], options=options, generator=generator, prefix_embeds=prefix, streamer=streamer)
+
+
+def _port(text: str) -> int:
+    """``serve --port``: refused by the parser (before the model loads) outside 0-65535."""
+    port = int(text) if text.strip().lstrip("-").isdigit() else None
+    if port is None or not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 0-65535 (0: any free one), got {text!r}")
+    return port
 
 
 def _serve(args: argparse.Namespace) -> None:

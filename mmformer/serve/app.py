@@ -15,10 +15,10 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -36,6 +36,9 @@ from mmformer.serve.transcripts import FORMATS, GRANULARITIES, render
 STATIC = resources.files("mmformer.serve") / "static"
 KNOWN_PATHS = ("/v1/embeddings", "/v1/audio/transcriptions", "/v1/completions", "/v1/classify", "/v1/captions",
                "/v1/models", "/health", "/metrics", "/")  # fmt: skip
+PROBES = ("/health", "/metrics")  # not requests being answered: left out of the in-flight count
+CLIENT_CLOSED = 499  # nginx's "client closed request": the client went away before its answer
+T = TypeVar("T")
 
 
 class PayloadTooLarge(Exception):
@@ -55,7 +58,8 @@ class Guard:
             return
         start, status = time.perf_counter(), [500]
         route = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
-        self.metrics.in_flight += 1
+        counted = route not in PROBES
+        self.metrics.in_flight += counted
 
         async def send_status(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -84,7 +88,7 @@ class Guard:
             await JSONResponse(error.body(), status_code=413, headers={"Connection": "close"})(scope, receive, send)
             status[0] = 413
         finally:
-            self.metrics.in_flight -= 1
+            self.metrics.in_flight -= counted
             self.metrics.request(route, status[0], time.perf_counter() - start)
 
 
@@ -118,6 +122,29 @@ def _number(body: dict, name: str, default: float, low: float, high: float) -> f
     return float(value)
 
 
+async def _disconnect(request: Request) -> None:
+    """Returns once the client has disconnected (the ASGI ``http.disconnect`` message); the body is read already."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, unless the client disconnects first (a reloaded page, a client's timeout: the openai client
+    then sends the request again): ``work`` is cancelled — its inputs leave their batch queue, a transcription
+    already running stops at its next window (:meth:`Batcher.abandoned`) — and the request ends as a 499."""
+    job, gone = asyncio.ensure_future(work), asyncio.ensure_future(_disconnect(request))
+    try:
+        done, _ = await asyncio.wait((job, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not job.done():
+            job.cancel()
+            job.add_done_callback(lambda f: f.cancelled() or f.exception())  # its CancelledError, retrieved
+    if job in done:
+        return job.result()
+    raise APIError(CLIENT_CLOSED, "the client closed the request before its answer", code="client_closed_request")
+
+
 def create_app(
     engine: Engine,
     *,
@@ -129,7 +156,11 @@ def create_app(
     """The server's app around a loaded model: one model thread, one batching queue per route it serves."""
     metrics = Metrics()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmformer-model")
-    work = {"embeddings": engine.embed, "audio/transcriptions": engine.transcribe, "completions": engine.complete,
+
+    def transcribe(key: Any, waves: list[Any]) -> list[Any]:  # stops between windows once all its clients are gone
+        return engine.transcribe(key, waves, stop=batchers["audio/transcriptions"].abandoned)
+
+    work = {"embeddings": engine.embed, "audio/transcriptions": transcribe, "completions": engine.complete,
             "classify": engine.classify, "captions": engine.caption}  # fmt: skip
     batchers = {route: Batcher(route, decoding(work[route]), executor, metrics, max_batch_size, batch_timeout_ms / 1000)
                 for route in engine.routes}  # fmt: skip
@@ -172,7 +203,11 @@ def create_app(
                                code="invalid_api_key")  # fmt: skip
 
     def check(route: str | None, model: Any = None) -> None:
-        """404 for another model's name, 400 for a route this model cannot serve (after :func:`authorize`)."""
+        """400 for a model route's request without ``model`` (OpenAI's API requires it), 404 for another model's
+        name, 400 for a route this model cannot serve (after :func:`authorize`)."""
+        if route is not None and (model is None or model == ""):
+            raise bad_request("model", f"required (OpenAI's API requires it): expected {engine.model_id!r}, the "
+                                       "model this server serves")  # fmt: skip
         if model is not None and model != engine.model_id:
             raise APIError(404, f"model: expected {engine.model_id!r} (the model this server serves), got {model!r}",
                            param="model", code="model_not_found")  # fmt: skip
@@ -203,9 +238,11 @@ def create_app(
         batcher = batchers.get(route)
         return batcher.arriving() if batcher is not None else contextlib.nullcontext()
 
-    async def run_all(route: str, items: list[tuple[Any, Any]]) -> list[Any]:
-        """Submit (key, payload) items to the route's batcher; the first failure answers the request."""
-        results = await asyncio.gather(*(batchers[route].submit(p, key=k) for k, p in items), return_exceptions=True)
+    async def run_all(request: Request, route: str, items: list[tuple[Any, Any]]) -> list[Any]:
+        """Submit (key, payload) items to the route's batcher; the first failure answers the request. A client that
+        disconnects first gives its items up (:func:`unless_gone`)."""
+        submitted = asyncio.gather(*(batchers[route].submit(p, key=k) for k, p in items), return_exceptions=True)
+        results = await unless_gone(request, submitted)
         for r in results:
             if isinstance(r, BaseException):
                 raise _as_api_error(r)
@@ -329,7 +366,8 @@ def create_app(
     @app.get("/health")
     async def health() -> dict:
         routes = ["/v1/" + r for r in engine.routes]
-        return {"status": "ok", "model": engine.model_id, "routes": routes, "in_flight": metrics.in_flight - 1}
+        return {"status": "ok", "model": engine.model_id, "routes": routes, "modalities": engine.modalities,
+                "in_flight": metrics.in_flight}  # fmt: skip
 
     @app.get("/metrics")
     async def metrics_text() -> PlainTextResponse:
@@ -341,7 +379,6 @@ def create_app(
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         authorize(request)
-        check(None)
         return {"object": "list", "data": [card]}
 
     @app.get("/v1/models/{model:path}")
@@ -371,7 +408,7 @@ def create_app(
             if all(isinstance(x, int) for x in items) or any(isinstance(x, list) for x in items):
                 raise bad_request("input", "token id arrays are not accepted; send the text")
             decoded = decode_media(items, "input")
-        vectors = await run_all("embeddings", decoded)
+        vectors = await run_all(request, "embeddings", decoded)
         data = []
         for i, v in enumerate(vectors):
             values = v.numpy().astype(np.float32)
@@ -404,7 +441,7 @@ def create_app(
                 if kind == "text":
                     raise bad_request(f"input[{i}]", "expected {'image': base64} or {'audio': base64}, got a string")
             key = (tuple(labels), tuple(templates))
-        probs = await run_all("classify", [((kind, *key), p) for kind, p in decoded])
+        probs = await run_all(request, "classify", [((kind, *key), p) for kind, p in decoded])
         data = []
         for i, row in enumerate(probs):
             best = max(range(len(labels)), key=row.__getitem__)
@@ -424,7 +461,7 @@ def create_app(
             for i, (kind, _) in enumerate(decoded):
                 if kind != "image":
                     raise bad_request(f"input[{i}]", f"expected {{'image': base64}}, got a {kind} item")
-        texts = await run_all("captions", [(None, p) for _, p in decoded])
+        texts = await run_all(request, "captions", [(None, p) for _, p in decoded])
         data = [{"index": i, "caption": t} for i, t in enumerate(texts)]
         return {"object": "list", "model": engine.model_id, "data": data}
 
@@ -451,6 +488,9 @@ def create_app(
                     raise bad_request(
                         "timestamp_granularities[]", f"expected items of {list(GRANULARITIES)}, got {g!r}"
                     )
+            if granularities and response_format != "verbose_json":  # as OpenAI: the times are verbose_json's
+                raise bad_request("timestamp_granularities[]", f"only with response_format 'verbose_json', got "
+                                  f"{response_format!r}")  # fmt: skip
             words, prompt = "word" in granularities, form.get("prompt") or None
             if prompt is not None and not isinstance(prompt, str):
                 raise bad_request("prompt", f"expected text, got {type(prompt).__name__}")
@@ -473,10 +513,12 @@ def create_app(
             if stream not in ("true", "false"):
                 raise bad_request("stream", f"expected true or false, got {stream!r}")
             language = form.get("language") or None
+            if language is not None and not isinstance(language, str):
+                raise bad_request("language", f"expected a language code, got {type(language).__name__}")
             try:  # before anything is decoded, as the other fields (a model without language tokens refuses any)
-                engine.check_language(language)
-            except ValueError as e:
-                raise bad_request("language", str(e)) from None
+                language = engine.check_language(language)
+            except ValueError as e:  # its message names "language: " already
+                raise APIError(400, str(e), param="language") from None
             wave = Deferred(engine.load_recording, await upload.read(), f"file ({upload.filename or 'file'})")
             if stream == "true":  # decoded before the stream begins, so that a bad file is still a 400
                 try:
@@ -487,10 +529,11 @@ def create_app(
                     transcript_events((language, temperature, words, prompt), wave), media_type="text/event-stream"
                 )
         try:
-            (result,) = await run_all("audio/transcriptions", [((language, temperature, words, prompt), wave)])
+            (result,) = await run_all(request, "audio/transcriptions", [((language, temperature, words, prompt), wave)])
         except APIError as e:
             raise as_file_error(e) from None
-        content, media_type = render(result, response_format, granularities)
+        content, media_type = render({**result, "language": engine.language_name(result["language"])},
+                                     response_format, granularities)  # fmt: skip
         if isinstance(content, dict):
             return JSONResponse(content)
         return Response(content, media_type=media_type)
@@ -523,7 +566,7 @@ def create_app(
             head = {"id": ident, "object": "text_completion", "created": created, "model": engine.model_id}
             if body.get("stream"):
                 return StreamingResponse(completion_events(head, key, prompts), media_type="text/event-stream")
-        texts = await run_all("completions", [(key, p) for p in prompts])
+        texts = await run_all(request, "completions", [(key, p) for p in prompts])
         counts = [completion_tokens(t) for t in texts]
         finish = [finish_reason(t, max_tokens) for t in texts]
         prompt_tokens = sum(completion_tokens(p) for p in prompts)

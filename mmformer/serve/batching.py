@@ -14,6 +14,11 @@ does not decode fails alone; the others run.
 
 Inputs whose ``key`` differs (other decoding options, other labels) never share a call. A call that raises is run
 again input by input, so one bad input fails only its own request.
+
+A request whose client goes away cancels its futures (:func:`mmformer.serve.app.create_app`'s routes watch for the
+disconnect): a queued input is dropped before its batch runs, and work that can stop between steps (a long-form
+transcription, between windows) asks :meth:`Batcher.abandoned` and raises :class:`Abandoned` once every input of
+the call now running has been given up.
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ class _Pending:
     payload: Any
     future: asyncio.Future
     queued: float = field(default_factory=time.perf_counter)
+
+
+class Abandoned(Exception):
+    """Raised on the model thread by work that stopped because every request of its call went away
+    (:meth:`Batcher.abandoned`); the call is not run again input by input."""
 
 
 class Deferred:
@@ -94,6 +104,7 @@ class Batcher:
         self._wake: asyncio.Event | None = None  # set when an input is queued or an arriving request is done arriving
         self._arriving = 0  # requests being read (inside arriving()) whose inputs are not queued yet
         self._task: asyncio.Task | None = None
+        self._running: list[_Pending] = []  # the inputs of the call on the model thread now
 
     def start(self) -> None:
         self._wake = asyncio.Event()
@@ -115,6 +126,12 @@ class Batcher:
             self._arriving -= 1
             if self._wake is not None:
                 self._wake.set()
+
+    def abandoned(self) -> bool:
+        """Whether every input of the call now running was given up (its request cancelled: the client went away).
+        Called on the model thread by work that can stop between steps; reading a future's state there is safe."""
+        running = self._running
+        return bool(running) and all(p.future.cancelled() for p in running)
 
     async def submit(self, payload: Any, key: Hashable = None) -> Any:
         """The result of ``payload`` once its batch has run (its own exception, if it failed)."""
@@ -160,7 +177,11 @@ class Batcher:
                 if not live:
                     continue
                 started = time.perf_counter()
-                results = await loop.run_in_executor(self.executor, self._run, key, [p.payload for p in live])
+                self._running = live
+                try:
+                    results = await loop.run_in_executor(self.executor, self._run, key, [p.payload for p in live])
+                finally:
+                    self._running = []
                 self.metrics.batch_ran(self.route, len(live), [started - p.queued for p in live])
                 for pending, result in zip(live, results):
                     if pending.future.done():
@@ -178,8 +199,8 @@ class Batcher:
                 raise RuntimeError(f"{self.route}: {len(results)} results for {len(payloads)} inputs")
             return results
         except Exception as batch_error:
-            if len(payloads) == 1:
-                return [batch_error]
+            if len(payloads) == 1 or isinstance(batch_error, Abandoned):
+                return [batch_error] * len(payloads)
         results = []
         for payload in payloads:
             try:

@@ -98,6 +98,20 @@ def length_groups(lengths: Sequence[int], overhead: int) -> list[list[int]]:
     return groups[::-1]
 
 
+def language_names(model: Any) -> dict[str, str]:
+    """Language code → name ("en" → "english", as OpenAI's verbose_json names it) of a checkpoint's language tokens,
+    from openai-whisper's ``LANGUAGES`` table: mmformer keeps only the codes (``GenerationConfig.language_ids``).
+    Empty for a model without language tokens, or without the openai-whisper package (the ``longform`` extra)."""
+    gen = model.config.generation
+    if gen is None or not gen.language_ids:
+        return {}
+    try:
+        from whisper.tokenizer import LANGUAGES
+    except ImportError:
+        return {}
+    return {code: LANGUAGES[code] for code in gen.language_ids if code in LANGUAGES}
+
+
 CHARS_PER_TOKEN = 64  # more characters than this a text position: refused without tokenizing
 
 
@@ -111,9 +125,11 @@ class Engine:
         # transcriptions: the model, or a Whisper checkpoint's int8 (PT2E) / bf16-autocast audio encoder under it
         self.transcriber, self.bf16_encoder, self.compute = with_compute_type(model, compute_type, model_id)
         self.routes = served_routes(model)
+        self.modalities = [m for m in ("image", "audio", "text") if m in model.config.routes]  # what it reads
         self.device = model_device(model)
         self._classifiers: OrderedDict[Hashable, ZeroShotClassifier] = OrderedDict()
         self._max_classifiers = max_classifiers
+        self._language_names = language_names(model)
 
     # ------------------------------------------------------------------ inputs (request side)
     def load_image(self, data: bytes, param: str) -> torch.Tensor:
@@ -194,17 +210,30 @@ class Engine:
         previous-text prompt (:class:`~mmformer.longform.options.TranscribeOptions`)."""
         return has_timestamps(self.model)
 
-    def check_language(self, language: str | None) -> None:
-        """ValueError naming ``language`` unless the model has that language's token (None: any model)."""
-        if language is not None:
-            language_id(self.model, language)
+    def language_name(self, code: str | None) -> str | None:
+        """A result's language as OpenAI names it ("english"); None stays None (a model without language tokens:
+        it refuses ``language`` and detects none) and a code without a known name is left as it is."""
+        return self._language_names.get(code, code) if code is not None else None
+
+    def check_language(self, language: str | None) -> str | None:
+        """The code of ``language`` as the model's language tokens name it ("EN", "<|en|>" → "en"); ValueError naming
+        ``language`` unless the model has that language's token (None: any model)."""
+        if language is None:
+            return None
+        token = language_id(self.model, language)
+        return next(code for code, i in self.model.config.generation.language_ids.items() if i == token)
 
     def transcribe(
-        self, key: Hashable, waves: Sequence[torch.Tensor], on_segment: Callable[[dict], None] | None = None
+        self,
+        key: Hashable,
+        waves: Sequence[torch.Tensor],
+        on_segment: Callable[[dict], None] | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> list[dict[str, Any]]:
         """Results of waveforms decoded together; ``on_segment`` (one waveform: a streamed request) gets its
-        segments in order as they are decoded. ``key``: (language, temperature, word timestamps, prompt), the last
-        two for a Whisper checkpoint only."""
+        segments in order as they are decoded; ``stop()``, asked between windows, ends the call when True (its
+        clients went away: :class:`~mmformer.serve.batching.Abandoned`). ``key``: (language, temperature, word
+        timestamps, prompt), the last two for a Whisper checkpoint only."""
         language, temperature, words, prompt = key
         if self.whisper:  # one temperature, no fallback: the request's
             options = TranscribeOptions(temperature=temperature, language=language, word_timestamps=words,
@@ -216,7 +245,8 @@ class Engine:
             options = DecodingOptions(language=language, **sampling(temperature))
         each = None if on_segment is None else lambda index, segment: on_segment(segment)
         with torch.inference_mode():
-            return transcribe_clips(self.transcriber, waves, options, on_segment=each, bf16_encoder=self.bf16_encoder)
+            return transcribe_clips(self.transcriber, waves, options, on_segment=each, bf16_encoder=self.bf16_encoder,
+                                    stop=stop)  # fmt: skip
 
     def complete(self, key: Hashable, prompts: Sequence[str], streamer: TextStreamer | None = None) -> list[str]:
         """Completions of prompts decoded together; with a ``streamer`` (one prompt: a streamed request) it gets the

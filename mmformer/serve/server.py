@@ -3,7 +3,11 @@ connections and lets the requests in flight finish (up to ``graceful_s``) before
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import socket
+from pathlib import Path
 
 from mmformer.serve.engine import Engine
 
@@ -20,8 +24,43 @@ def load_engine(
     AMX)."""
     from mmformer.io.auto import load_for_inference
 
-    loaded = load_for_inference(model, device=device, adapter=adapter)  # a PT2E int8 folder: its graphs
+    try:
+        loaded = load_for_inference(model, device=device, adapter=adapter)  # a PT2E int8 folder: its graphs
+    except FileNotFoundError as e:
+        raise FileNotFoundError(_missing_folder(model) or str(e)) from None
     return Engine(loaded, model_id=model, compute_type=compute_type)
+
+
+def _missing_folder(model: str) -> str | None:
+    """A shorter message for a mistyped local folder the loader took for a Hub id (``data/digits_modelx``: the
+    form of ``org/name``, but ``data`` is a folder here): None where ``model`` does not look like one."""
+    from mmformer.io.hub import parse_name
+
+    path = Path(model)
+    if parse_name(model).kind != "hub" or path.exists() or not path.parent.is_dir() or path.parent == Path("."):
+        return None
+    return (f"--model: no such folder {model!r} (the folder {str(path.parent)!r} has no {path.name!r}), and no "
+            f"Hugging Face Hub model of that name could be loaded")  # fmt: skip
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (with SO_REUSEADDR, as uvicorn binds), for uvicorn to listen on: bound before
+    the model loads, so that a port in use or out of range is refused at once, not after loading."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"--port: expected a TCP port 0-65535 (0: any free one), got {port!r}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise OSError(f"--host: cannot resolve {host!r} ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        why = "the port is in use (another server?)" if e.errno == errno.EADDRINUSE else os.strerror(e.errno or 0)
+        raise OSError(f"--port: cannot listen on {host}:{port}: {why}") from None
+    return sock
 
 
 def serve(
@@ -47,11 +86,17 @@ def serve(
         raise ValueError(f"--max-upload-mb: expected a size > 0, got {max_upload_mb}")
     if not batch_timeout_ms >= 0:
         raise ValueError(f"--batch-timeout-ms: expected milliseconds >= 0, got {batch_timeout_ms}")
-    engine = load_engine(model, adapter=adapter, device=device, compute_type=compute_type)
-    app = create_app(engine, max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms, api_key=api_key,
-                     max_upload_mb=max_upload_mb)  # fmt: skip
+    sock = bind(host, port)
+    try:
+        engine = load_engine(model, adapter=adapter, device=device, compute_type=compute_type)
+        app = create_app(engine, max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms, api_key=api_key,
+                         max_upload_mb=max_upload_mb)  # fmt: skip
+    except BaseException:
+        sock.close()
+        raise
     compute = "" if engine.compute == "float32" else f" (transcriptions' audio encoder: {engine.compute})"
-    print(f"mmformer serve: {model} on http://{host}:{port} — routes {['/v1/' + r for r in engine.routes]}{compute}",
-          flush=True)  # fmt: skip
+    where = f"[{host}]" if ":" in host else host
+    print(f"mmformer serve: {model} on http://{where}:{sock.getsockname()[1]} — routes "
+          f"{['/v1/' + r for r in engine.routes]}{compute}", flush=True)  # fmt: skip
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_s)
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock])
