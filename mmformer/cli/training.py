@@ -23,7 +23,9 @@ What the CLI adds to LightningCLI:
   (jsonargparse), and a model configuration that cannot be built (``ModelConfig`` and its parts validate
   themselves; they are checked before the data module trains a tokenizer for the vocabulary link). From the
   command line they print one ``mmformer: error: ...`` naming the key and exit with status 2; in Python
-  :func:`build_cli` raises :class:`ConfigError`. ``MMFORMER_DEBUG=1`` shows the traceback instead.
+  :func:`build_cli` raises :class:`ConfigError`. ``MMFORMER_DEBUG=1`` shows the traceback instead. Errors the run
+  meets once started that name their cause (a missing validation manifest or ``--ckpt_path``, too many unreadable
+  samples) print one ``mmformer fit: error: ...`` and exit with status 1.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
 from mmformer.data import MultimodalDataModule
+from mmformer.data.skipping import TooManyBadSamplesError
 from mmformer.io.checkpointing import (
     AtomicCheckpointIO,
     FolderInUseError,
@@ -298,3 +301,12 @@ def run_training_cli(argv: Sequence[str]) -> None:
         print(f"mmformer: error: {e}", file=sys.stderr)
         print(f"(`mmformer {command} --help` lists the options; MMFORMER_DEBUG=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
+    except (ValueError, OSError, TooManyBadSamplesError) as e:
+        # what the run met once started, each naming its cause: a validation manifest that is missing or empty, a
+        # --ckpt_path that does not exist, too many unreadable samples, `predict` without data.predict
+        if os.environ.get("MMFORMER_DEBUG"):
+            raise
+        command = argv[0] if argv else "fit"
+        print(f"mmformer {command}: error: {e}", file=sys.stderr)
+        print("(MMFORMER_DEBUG=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None

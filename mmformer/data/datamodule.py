@@ -167,7 +167,11 @@ class MultimodalDataModule(L.LightningDataModule):
         if augment is not None and not isinstance(augment, AugmentConfig):
             raise TypeError(f"augment: expected an AugmentConfig, a dict or None; got {type(augment).__name__}")
         self.augment = augment or AugmentConfig()
-        self.save_hyperparameters()
+        # vocab_size is a target: the logged hyper-parameters (hparams_initial) leave it out, because Lightning refuses
+        # to log a data module and a task whose common keys differ, and the task's is the trained tokenizer's size,
+        # smaller for a small corpus; the saved ones (hparams, in checkpoints) keep it for load_from_checkpoint
+        self.save_hyperparameters(ignore=["vocab_size"])
+        self.hparams["vocab_size"] = vocab_size
         self.hparams["augment"] = self.augment.to_dict()  # plain types: checkpoints load with weights_only=True
         self.paths = {"train": train, "val": val, "test": test, "predict": predict}
         self.format, self.modalities = format, tuple(modalities)
@@ -307,7 +311,13 @@ class MultimodalDataModule(L.LightningDataModule):
         return self.datasets.get(split)
 
     def setup(self, stage: str | None = None) -> None:
-        """Open the data sets of ``stage`` (all given ones when None)."""
+        """Open the data sets of ``stage`` (all given ones when None); a stage without its data (``mmformer test``
+        without ``data.test``, which ran 0 batches and reported nothing) is a ValueError naming the key. Raised here,
+        not in the loader hooks: Lightning patches DataLoader classes around those and an exception there leaves
+        them patched for the rest of the process."""
+        needed = {"fit": "train", "validate": "val", "test": "test", "predict": "predict"}.get(stage)
+        if needed is not None and self.paths[needed] is None:
+            raise ValueError(f"{needed}: no {needed} data was given (set data.{needed} to a path)")
         for split in STAGES.get(stage, tuple(self.paths)):
             self._dataset(split)
         self.tokenizer  # noqa: B018  (load or train it now rather than inside the first batch)

@@ -43,9 +43,16 @@ class Evaluation(nn.Module):
         generation: whether evaluation generates captions / transcripts, and how many tokens.
     """
 
-    def __init__(self, config: ModelConfig, zeroshot: ZeroShotSettings, generation: GenerationSettings):
+    def __init__(
+        self,
+        config: ModelConfig,
+        zeroshot: ZeroShotSettings,
+        generation: GenerationSettings,
+        decoded: tuple[str, ...] = ("caption", "speech"),
+    ):
         super().__init__()
         self.zeroshot, self.generation = zeroshot, generation
+        self.decoded = decoded  # the groups whose texts are generated and scored: the objectives the run trains
         embed_dim = config.embed_dim or config.text_width()
         classes = len(zeroshot.classes)
         self.metrics = nn.ModuleDict({s: TaskMetrics(embed_dim, classes, config.text.vocab_size) for s in STAGES})
@@ -104,7 +111,7 @@ class Evaluation(nn.Module):
                     metrics.mark(f"zeroshot_{modality}")
         if self.generation.evaluate:
             for (modality, key), group in zip(DECODED, ("caption", "speech")):
-                if batch.get(key) is not None:
+                if batch.get(key) is not None and group in self.decoded:
                     predictions = self.generate(model, batch, modality, tokenizer, prompt)
                     if predictions is not None:
                         references = (

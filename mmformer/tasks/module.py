@@ -211,7 +211,10 @@ class MultimodalTask(L.LightningModule):
         self.nonfinite = guard
         self.tokenizer = None  # set it to evaluate/predict text without a data module that has one
 
-        self.evaluation = Evaluation(model, self.zeroshot, self.generation)
+        # captions / transcripts are generated and scored for the objectives this run trains: a contrastive-only run
+        # (caption and speech weights 0) decoded every validation batch into CERs of an untrained decoder
+        decoded = tuple(g for g in ("caption", "speech") if getattr(self.objectives, g) > 0)
+        self.evaluation = Evaluation(model, self.zeroshot, self.generation, decoded)
         self.qat = None
         if qat is not None:
             from mmformer.compress.quantization import QATOptions, prepare_qat
@@ -428,7 +431,8 @@ class MultimodalTask(L.LightningModule):
                 (no_decay if no_weight_decay(name, param) else decay).append(param)
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = self.optimizer([g for g in groups if g["params"]])
-        total = self.schedule.max_steps or self.trainer.estimated_stepping_batches
+        # at least 1: a run of max_steps 0 (build, check, save) steps nothing, and the schedule needs a length
+        total = self.schedule.max_steps or max(1, self.trainer.estimated_stepping_batches)
         if not math.isfinite(total):
             raise ValueError(
                 "schedule.max_steps: the trainer runs without an end (max_steps=-1, max_epochs=-1), so the cosine "

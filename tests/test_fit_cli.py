@@ -1,0 +1,56 @@
+"""``mmformer fit`` / ``test`` on the tiny image–caption config, as a new user ran them: a small data set with a
+logger, ``--trainer.max_steps 0``, a missing validation manifest, no test data, a contrastive-only run."""
+
+from __future__ import annotations
+
+import pytest
+from cli_helpers import fit_in_process, run_cli, tiny_config, write_config, write_pairs
+
+CSV = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "", "name": "logs"}}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+def test_a_corpus_smaller_than_the_vocabulary_trains_with_a_logger(data, tmp_path):
+    """The tokenizer of 10 captions stops below data.vocab_size (1000): the task's vocab_size (the tokenizer's) and the
+    data module's (the target) differed, and Lightning refused to log them ("Error while merging hparams")."""
+    logger = {**CSV, "init_args": {"save_dir": str(tmp_path), "name": "logs"}}
+    settings = tiny_config(tmp_path, data, max_steps=2, trainer={"logger": logger}, data={"vocab_size": 1000})
+    cli = fit_in_process(write_config(tmp_path / "c.yaml", settings))
+    assert cli.trainer.global_step == 2 and cli.datamodule.vocab_size < 1000
+    assert cli.datamodule.hparams.vocab_size == 1000  # the target, kept in checkpoints
+    assert list((tmp_path / "logs").glob("version_0/hparams.yaml"))
+
+
+def test_max_steps_0_builds_and_steps_nothing(data, tmp_path):
+    """With the schedule's length taken from the trainer (0 steps), the schedule refused a length of 0."""
+    settings = tiny_config(tmp_path, data, model={"schedule": {"max_steps": None}})
+    cli = fit_in_process(write_config(tmp_path / "c.yaml", settings), "--trainer.max_steps", "0")
+    assert cli.trainer.global_step == 0
+
+
+def test_a_contrastive_only_run_generates_no_captions_in_validation(data, tmp_path):
+    """Caption weight 0: validation greedy-decoded every batch and logged an untrained decoder's CER."""
+    model = {"objectives": {"caption": 0.0}, "generation": {"evaluate": True}}
+    settings = tiny_config(tmp_path, data, max_steps=3, model=model, trainer={"limit_val_batches": 1},
+                           data={"val": str(data)})  # fmt: skip
+    cli = fit_in_process(write_config(tmp_path / "c.yaml", settings))
+    logged = set(cli.trainer.logged_metrics)
+    assert any(k.startswith("val/") for k in logged), logged  # validation ran
+    assert not any("caption" in k for k in logged), logged
+
+
+def test_errors_met_once_the_run_started_are_one_line(data, tmp_path):
+    """A missing validation manifest (read when fitting starts, after the configuration is checked) was a traceback;
+    so was ``mmformer test`` without test data, which otherwise ran 0 batches and reported nothing."""
+    settings = tiny_config(tmp_path, data, max_steps=1, data={"val": str(tmp_path / "gone.jsonl")})
+    done = run_cli("fit", "--config", str(write_config(tmp_path / "c.yaml", settings)), timeout=180)
+    assert done.returncode == 1, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in done.stderr and errors and "gone.jsonl" in errors[0], done.stderr[-2000:]
+    cli = fit_in_process(write_config(tmp_path / "t.yaml", tiny_config(tmp_path, data, max_steps=1)), run=False)
+    with pytest.raises(ValueError, match=r"test: no test data was given \(set data.test"):
+        cli.trainer.test(cli.model, datamodule=cli.datamodule)
