@@ -84,6 +84,9 @@ def test_transcribe_reports_unreadable_files_and_transcribes_the_others(talks, t
     done = _run(str(corrupt), str(root / "talk0.flac"), str(empty), "--vad", "--no-progress")
     assert done.returncode != 0
     assert "corrupt.flac" in done.stderr and "empty.wav" in done.stderr
+    warned = [line for line in done.stderr.splitlines() if "Warning" in line]  # one line each, no source code line
+    assert warned and all(line.startswith("mmformer: UserWarning: ") for line in warned), done.stderr
+    assert "results = transcribe_files(" not in done.stderr, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 1 and lines[0].startswith(str(root / "talk0.flac") + "\t") and len(lines[0].split()) > 8
 

@@ -11,6 +11,7 @@ import gc
 import sys
 import types
 import typing
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -566,9 +567,16 @@ def run() -> None:
     and 3–4 s of wall time per process on a busy 2-core machine, after the work was done, and a multi-process ``fit``
     ends when its last process does. Frozen (``gc.freeze``), the objects are freed by reference counting alone;
     ``atexit`` handlers still run and output is flushed, and objects in reference cycles are left unfinalized (which
-    Python never promises at exit anyway). An error or an explicit exit leaves the usual way."""
+    Python never promises at exit anyway). An error or an explicit exit leaves the usual way. Warnings print as one
+    line, ``mmformer: WarningClass: message`` (Python's format adds the warning's source file and code line, which
+    tell a command's user nothing)."""
+    warnings.formatwarning = _one_line_warning
     main()
     gc.freeze()
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
+    return f"mmformer: {category.__name__}: {message}\n"
 
 
 if __name__ == "__main__":

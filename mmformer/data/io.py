@@ -76,8 +76,9 @@ def _describe(source: Source, name: str | None) -> str:
 def _reason(error: BaseException) -> str:
     """A decoder's message without the repr it gives in-memory data ("cannot identify image file <_io.BytesIO object
     at 0x...>"): the sample's name says which input it was, and a message that differs per call is never deduplicated
-    (a shard's bad member warned again every epoch)."""
-    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "(in memory)", str(error))
+    (a shard's bad member warned again every epoch); nor soundfile's "Error opening b'path': " before its reason."""
+    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "(in memory)", str(error))
+    return re.sub(r"^Error opening (b?'.*'|\(in memory\)): ", "", text)
 
 
 def _open(source: Source, name: str) -> io.BufferedIOBase | str:
