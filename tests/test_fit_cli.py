@@ -54,3 +54,20 @@ def test_errors_met_once_the_run_started_are_one_line(data, tmp_path):
     cli = fit_in_process(write_config(tmp_path / "t.yaml", tiny_config(tmp_path, data, max_steps=1)), run=False)
     with pytest.raises(ValueError, match=r"test: no test data was given \(set data.test"):
         cli.trainer.test(cli.model, datamodule=cli.datamodule)
+
+
+def test_predict_writes_a_line_and_the_embeddings_of_each_sample(data, tmp_path):
+    """``mmformer predict`` computed embeddings and captions and wrote nothing."""
+    import json
+
+    from safetensors.torch import load_file
+
+    settings = tiny_config(tmp_path, data, max_steps=1, data={"predict": str(data)})
+    done = run_cli("predict", "--config", str(write_config(tmp_path / "c.yaml", settings)), timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "run" / "predictions"  # the trainer's default_root_dir / predictions
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    captions = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(10)) and [r["text"] for r in rows] == captions
+    features = load_file(out / "embeddings.safetensors")  # read here, written by the command's process
+    assert features["image_features"].shape == features["text_features"].shape == (10, 16)

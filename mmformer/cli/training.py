@@ -8,6 +8,8 @@ the task checks that the tokenizer fits the checkpoint's token table.
 
 What the CLI adds to LightningCLI:
 
+- ``predict`` writes its predictions (:class:`~mmformer.tasks.predictions.PredictionWriter`: a JSON line and the
+  embeddings of each sample, under ``trainer.default_root_dir``/predictions) unless the config has a writer;
 - crash-safe checkpoints and exact resumes by default: :class:`~mmformer.io.checkpointing.AtomicCheckpointIO`
   (unless the config passes a CheckpointIO plugin of its own) and
   :class:`~mmformer.io.checkpointing.RandomStateCallback`; the data module's training loader saves its position
@@ -41,7 +43,7 @@ from typing import Any, get_type_hints
 from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -59,6 +61,7 @@ from mmformer.io.checkpointing import (
 from mmformer.tasks import MultimodalTask
 from mmformer.tasks import settings as task_settings
 from mmformer.tasks.parallel import FSDP2Strategy, strategy_from_name
+from mmformer.tasks.predictions import PredictionWriter
 
 MODEL_KEY = "model.model"  # where the ModelConfig sits in the CLI's configuration
 INIT_FROM = "model.adapt.init_from"  # the pretrained model a run starts from (its processor goes to the data module)
@@ -167,6 +170,8 @@ class MMFormerCLI(LightningCLI):
         callbacks = _as_list(kwargs.get("callbacks", config.get("callbacks")))
         if not any(isinstance(c, RandomStateCallback) for c in callbacks):
             callbacks.append(RandomStateCallback())
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
+            callbacks.append(PredictionWriter())  # Lightning's predict writes nothing of itself
         extra = {"callbacks": callbacks}
         strategy = strategy_from_name(kwargs.get("strategy", config.get("strategy")))
         if isinstance(strategy, FSDP2Strategy):
