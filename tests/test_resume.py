@@ -172,6 +172,20 @@ def test_a_second_run_stops_while_the_first_writes_to_its_folders(data, referenc
     assert cli.trainer.global_step == STEPS
 
 
+def test_a_run_that_ended_mid_epoch_continues_that_epoch(data, reference, tmp_path):
+    """Stopped by max_steps at step 4 (batch 1 of epoch 1), with last.ckpt written only when fit ended: Lightning had
+    counted epoch 1 as done, and the continued run started epoch 2, skipping the rest of epoch 1 (2e-3 off the
+    uninterrupted run). The schedule's length is the config's (8) in both runs."""
+    settings = config(tmp_path, data)
+    settings["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 100  # last.ckpt at the end only
+    path = write_config(tmp_path / "config.yaml", settings)
+    fit_in_process(path, "--trainer.max_steps", "4")
+    assert checkpoint(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 4
+    cli = fit_in_process(path, "--ckpt_path", "last")
+    assert cli.trainer.global_step == STEPS
+    assert max_diff(model_weights(cli.model), reference) <= TOL
+
+
 def test_a_finished_run_continued_with_more_steps_follows_the_longer_curve(data, tmp_path):
     """Its checkpoint's schedule ended at 4 steps with the rate at its floor (0): continued to 8, the saved curve
     came back over the configured one and steps 5-8 changed nothing. Now the configured curve applies, with a

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from mmformer.data.seeding import mix_seed
+from mmformer.values import is_int
 
 
 def niced(increment: int) -> Callable[[int], None] | None:
@@ -218,3 +219,28 @@ class ResumableLoader(DataLoader):
         for batch in super().__iter__():
             self._batches += 1
             yield batch
+
+
+def resume_cut_epoch(checkpoint: dict[str, Any]) -> None:
+    """Make a checkpoint written when ``fit`` ended at ``max_steps`` part-way through an epoch resume inside that
+    epoch, as one written during training does (in place, before Lightning restores its loops).
+
+    Lightning counts the cut epoch as completed when ``fit`` ends, so a run continued from its ``last.ckpt`` with
+    more steps started the next epoch: the loader's saved position (epoch e, b batches) no longer applied and the
+    rest of epoch e was never trained on. When the loop's epochs completed is the loader's epoch + 1 and the last
+    batch was not the epoch's last, that count is taken back. Other checkpoints are left as they are."""
+    fit = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    epochs, batches = fit.get("epoch_progress"), fit.get("epoch_loop.batch_progress")
+    loaders = (fit.get("state_dict") or {}).get("combined_loader") or []
+    if not isinstance(epochs, dict) or not isinstance(batches, dict) or batches.get("is_last_batch", True):
+        return
+    saved = {s["epoch"] for s in loaders if isinstance(s, dict) and s.get("batches") and is_int(s.get("epoch"))}
+    if len(saved) != 1:
+        return
+    epoch = saved.pop()
+    if epochs.get("current", {}).get("completed") != epoch + 1:
+        return
+    for part in ("total", "current"):
+        for key in ("processed", "completed"):
+            epochs[part][key] -= 1
+    checkpoint["epoch"] = epoch

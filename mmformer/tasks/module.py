@@ -44,6 +44,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from mmformer.config import ModelConfig
+from mmformer.data.loaders import resume_cut_epoch
 from mmformer.io.weights import listed, same_shape
 from mmformer.layers.documents import Documents
 from mmformer.tasks import adapt as task_adapt
@@ -501,6 +502,7 @@ class MultimodalTask(L.LightningModule):
         learned again from changed training texts keeps the vocabulary size but not the ids, and the weights would
         read every text as other tokens, silently."""
         self._saved_curves = take_saved_curves(checkpoint)  # the configured schedule applies (on_train_start)
+        resume_cut_epoch(checkpoint)  # a run that ended at max_steps mid-epoch continues that epoch
         state, own = checkpoint.get("state_dict") or {}, self.state_dict()
         wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sorted(state.items())
                  if k in own and isinstance(v, torch.Tensor) and not same_shape(own[k].shape, v.shape)]  # fmt: skip
