@@ -95,13 +95,17 @@ def build_class_embeddings(
 
     With a learned ``prompt`` (CoOp's context vectors) each class is encoded once as ``[bos] context name [eos]``
     instead of through the templates (leave ``templates`` at its default). Gradients reach the prompt when it
-    requires them and grad mode is on (training it); otherwise everything runs under inference mode.
+    requires them and grad mode is on (training it); otherwise everything runs under ``torch.no_grad``. Not inference
+    mode: a model sharded by FSDP2 (:mod:`mmformer.tasks.parallel`, the training task's validation) gathers its
+    parameters by writing into buffers that inference mode would turn into inference tensors, and the next gather
+    outside it fails ("Inplace update to inference tensor outside InferenceMode"); the class embeddings are then also
+    ordinary tensors, usable in autograd-recording code.
     """
     names, templates = check_classnames(classnames), check_templates(templates)
     if prompt is not None and templates != ["{}"]:
         raise ValueError(f"templates: a learned prompt replaces the templates; pass one or the other, got {templates}")
     train = prompt is not None and prompt.vectors.requires_grad and torch.is_grad_enabled()
-    with torch.inference_mode(not train), _eval(model):
+    with torch.set_grad_enabled(train), _eval(model):
         if prompt is None:
             per_prompt = _encode_templates(model, tokenizer, names, templates, batch_size)  # (C, K, E)
         else:

@@ -116,6 +116,29 @@ def test_compiled_training_step_has_no_graph_breaks(backend, kind):
     assert_compiled_equals_eager(kind)
 
 
+def test_packed_training_compiles_each_kind_of_block_call_once(backend):
+    """The demo's packed training (image rows, packed audio and text documents, captions over the image tokens,
+    transcripts over the packed audio), batches of other lengths at every step: each kind of block call compiles once
+    — four graphs, shared by every block, none again on later batches (sizes symbolic, no guard on a batch's lengths
+    or a layer's index) — then four for evaluation (eval mode, no grad), and none past dynamo's limit."""
+    backend("aot_eager")
+    torch.manual_seed(0)
+    task = MultimodalTask(tiny_config(tokenizer().vocab_size), ctc_weight=0.3, compile=True)
+    collate, data = Collator(tokenizer(), packing=True), Digits(n=120)
+    batches = [collate([data[i] for i in rows]) for rows in [(3, 12, 7, 15), (1, 22, 103, 9, 45, 5), (100, 2, 31)]]
+    graphs = []
+    for batch in batches:
+        step(task, batch)
+        graphs.append(counters["stats"]["unique_graphs"])
+    task.eval()
+    with torch.no_grad():
+        for batch in batches[:2]:
+            task._losses(batch)
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [4, 4, 4, 8, 8], graphs
+    assert dict(counters["graph_break"]) == {}
+
+
 @pytest.mark.slow
 def test_compiled_training_step_with_inductor(backend):
     """The same padded step through inductor (generated kernels): no graph break, losses equal eager within 1e-5."""

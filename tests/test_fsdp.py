@@ -7,6 +7,8 @@ Which samples each rank gets, and why the contrastive loss is exact across ranks
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +19,7 @@ import pytest
 import torch
 from cli_helpers import (
     REPO,
+    WORDS,
     cli_env,
     fit_in_process,
     merge,
@@ -27,6 +30,7 @@ from cli_helpers import (
     write_pairs,
 )
 
+from mmformer.io.checkpointing import refuse_sharded_folder
 from mmformer.io.pretrained import read_checkpoint, read_training_checkpoint
 from mmformer.tasks.parallel import FSDP2Strategy, strategy_from_name, vectorize_scalars
 
@@ -35,8 +39,10 @@ RESUME_STEPS = 4  # a checkpoint at step 2, killed there, two steps after the re
 TOL = 1e-6
 
 
-def fsdp_config(root, data, *, batch_size: int, devices: int, checkpointing: bool) -> dict:
-    return tiny_config(
+def fsdp_config(root, data, *, batch_size: int, devices: int, checkpointing: bool, val=None) -> dict:
+    """With ``val``: a sanity check and a validation pass at the end, zero-shot classes included (the class
+    embeddings are built by the sharded model's forward), metrics logged to ``root/logs``."""
+    config = tiny_config(
         root,
         data,
         every=STEPS,
@@ -54,10 +60,36 @@ def fsdp_config(root, data, *, batch_size: int, devices: int, checkpointing: boo
             },
             "objectives": {"caption": 0.0, "speech": 0.0},
             "schedule": {"warmup_steps": 0},
-            "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}},
+            # momentum: the optimizer holds a state per parameter, the scalar logit_scale's too (0-d in a file)
+            "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1, "momentum": 0.9}},
         },
         data={"batch_size": batch_size},
     )
+    if val is None:
+        return config
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root / "logs")}}
+    return merge(
+        config,
+        {
+            "trainer": {"limit_val_batches": 1, "num_sanity_val_steps": 1, "logger": logger},
+            "model": {"zeroshot": {"classes": WORDS}},
+            "data": {"val": str(val)},
+        },
+    )
+
+
+def single_words(manifest, out):
+    """``manifest``'s rows with their captions cut to the first word, a class name: zero-shot accuracy counts them."""
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    out.write_text("".join(json.dumps({**r, "text": r["text"].split()[0]}) + "\n" for r in rows))
+    return out
+
+
+def logged(root, name: str) -> list[float]:
+    """The values of metric ``name`` in the CSV log under ``root/logs``."""
+    (log,) = (root / "logs").rglob("metrics.csv")
+    with open(log) as f:
+        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
 
 
 def sharded_weights(folder) -> dict[str, torch.Tensor]:
@@ -68,17 +100,21 @@ def sharded_weights(folder) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_two_process_fsdp_fit_equals_one_process_and_exports(tmp_path):
     """Two FSDP ranks with activation checkpointing (the wrapped blocks sharded) train as one process without it:
-    one run shows both the sharding and the recomputation exact (each run starts two processes: ~20 s)."""
+    one run shows both the sharding and the recomputation exact (each run starts two processes: ~20 s). The sharded
+    model's sanity check and validation build zero-shot class embeddings; a single-file checkpoint (scalars 0-d)
+    resumes under FSDP (scalars (1,)) as it does in one process."""
     data = write_pairs(tmp_path / "data", n=8 * STEPS)
+    val = single_words(data, tmp_path / "data" / "val.jsonl")
     two = tmp_path / "two"
-    config = fsdp_config(two, data, batch_size=4, devices=2, checkpointing=True)
+    config = fsdp_config(two, data, batch_size=4, devices=2, checkpointing=True, val=val)
     done = run_cli("fit", "--config", str(write_config(two / "config.yaml", config)), timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     folder = two / "ckpt" / "last.ckpt"
     assert folder.is_dir() and (folder / ".metadata").is_file()  # each rank wrote its own shards
+    assert len(logged(two, "val/zeroshot_image_acc")) == 1  # the validation pass after training, zero-shot scored
 
     one = tmp_path / "one"
-    config = fsdp_config(one, data, batch_size=8, devices=1, checkpointing=False)
+    config = fsdp_config(one, data, batch_size=8, devices=1, checkpointing=False, val=val)
     cli = fit_in_process(write_config(one / "config.yaml", config), run=False)
     before = model_weights(cli.model)  # the same seed: the initial weights of both runs
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -114,6 +150,34 @@ def test_two_process_fsdp_fit_equals_one_process_and_exports(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(fresh["e"], model.encode_image(pixels), rtol=0, atol=1e-5)
     assert fresh["scale"].shape == model.logit_scale.shape == ()  # the model's own scalar again
+
+    # the one process's checkpoint file (logit_scale and its momentum 0-d) resumed for an epoch on two FSDP ranks
+    # equals the one process resumed (the same global batches of 8; the next checkpoint at step 2 * STEPS)
+    file, more = one / "ckpt" / "last.ckpt", ["--trainer.max_steps", str(2 * STEPS), "--model.schedule.max_steps", "9"]
+    assert file.is_file()
+    done = run_cli("fit", "--config", str(two / "config.yaml"), "--ckpt_path", str(file), *more, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    resumed = two / "ckpt" / f"epoch=1-step={2 * STEPS}.ckpt"
+    assert read_training_checkpoint(resumed)["global_step"] == 2 * STEPS, done.stderr[-3000:]
+    cli = fit_in_process(one / "config.yaml", "--ckpt_path", str(file), *more)
+    expected = {k.removeprefix("model."): v for k, v in model_weights(cli.model).items() if k.startswith("model.")}
+    got = sharded_weights(resumed)
+    assert max(float((got[k] - v.reshape(got[k].shape)).abs().max()) for k, v in expected.items()) <= TOL
+    with pytest.raises(IsADirectoryError, match="--trainer.strategy fsdp"):  # resumed without FSDP (mmformer fit's
+        fit_in_process(one / "config.yaml", "--ckpt_path", str(folder), *more)  # checkpoint reader refuses it)
+
+
+def test_a_sharded_checkpoint_folder_is_refused_with_the_ways_on(tmp_path):
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    (folder / "meta.pt").write_bytes(b"")  # Lightning's metadata file in a sharded checkpoint folder
+    with pytest.raises(IsADirectoryError) as error:
+        refuse_sharded_folder(folder)
+    message = str(error.value)
+    assert str(folder) in message and "--trainer.strategy fsdp" in message and "mmformer export --ckpt" in message
+    with pytest.raises(IsADirectoryError, match="expected a checkpoint file"):
+        refuse_sharded_folder(tmp_path)
+    refuse_sharded_folder(tmp_path / "run.ckpt")  # a file (or nothing yet): Lightning's reader says the rest
 
 
 def test_fsdp_strategy_by_name_and_its_options():

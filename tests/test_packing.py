@@ -83,6 +83,29 @@ def test_documents_refuse_bad_input():
         pack(torch.zeros(1, 3, 2), torch.tensor([[True, False, True]]))
 
 
+def test_documents_pass_fsdp_mixed_precision_input_cast_unchanged():
+    """FSDP2 with ``param_dtype`` casts a sharded block's floating-point inputs before its forward, rebuilding every
+    dataclass among them (``dataclasses.replace``): a packed batch's Documents passes through as the same object,
+    its prepared integer layout neither cast nor recomputed, while the tokens are cast."""
+    from functools import partial
+
+    from torch.distributed.fsdp._fully_shard._fsdp_common import _cast_fp_tensor
+    from torch.distributed.utils import _apply_to_tensors
+
+    docs = Documents.from_lengths(LONG).prepare()  # long documents: the length buckets too
+    layout = {name: getattr(docs, name).clone() for name in ("lengths", "offsets", "positions", "_index", "_inverse")}
+    cast = partial(_cast_fp_tensor, torch.bfloat16)  # what FSDPState._cast_forward_inputs applies
+    (x,), kwargs = (
+        _apply_to_tensors(cast, (torch.randn(1, docs.tokens, 4),)),
+        _apply_to_tensors(cast, {"documents": docs, "memory_documents": None, "causal": True}),
+    )
+    assert x.dtype == torch.bfloat16 and kwargs["documents"] is docs and kwargs["causal"] is True
+    for name, value in layout.items():
+        assert getattr(docs, name).dtype == torch.long and torch.equal(getattr(docs, name), value), name
+    assert (docs.tokens, docs.min_length, docs.max_length) == (sum(LONG), min(LONG), max(LONG))
+    assert docs.buckets is not None and all(b.index.dtype == torch.long for b in docs.buckets)
+
+
 # ---------------------------------------------------------------- attention
 VARIANTS = {
     "mha": {},

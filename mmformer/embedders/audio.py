@@ -5,7 +5,9 @@ Shape legend: B batch, S samples, M mel bins, Nf mel frames, N tokens = ceil(Nf 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,23 @@ def centre_pad(audio: torch.Tensor, lengths: torch.Tensor | None, pad: int) -> t
     return padded.scatter(1, n + pad + j, end)  # the end's reflection where the row's own samples stop
 
 
+@contextlib.contextmanager
+def float32_default() -> Iterator[None]:
+    """float32 as the default dtype inside: the features are computed in float32 (and cast to the convolutions'
+    dtype after) even where the default is another, as Lightning's ``precision="bf16-true"`` sets it around every
+    forward; a filter bank built in bfloat16 would lose its precision and meet the float32 spectrum in a matmul.
+    Nothing is set where float32 is the default already (compiled and exported code sees no call)."""
+    previous = torch.get_default_dtype()
+    if previous == torch.float32:
+        yield
+        return
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 class LogMel(nn.Module):
     """Whisper-style log-mel: power mel spectrogram (torchaudio; Slaney scale and norm), log10, an 8-decade dynamic
     range per utterance, scaled to roughly [-1, 1]. The STFT window and mel filters are derived from the config and
@@ -65,22 +84,23 @@ class LogMel(nn.Module):
         self.hop_length = cfg.hop_length
 
     def filters(self, device: torch.device) -> torch.Tensor:
-        """(n_fft/2 + 1, M) mel filter bank."""
+        """(n_fft/2 + 1, M) float32 mel filter bank."""
         import torchaudio.functional as AF  # imported here so that `import mmformer` stays light
 
         cfg = self.cfg
-        bank = AF.melscale_fbanks(
-            cfg.n_fft // 2 + 1, 0.0, float(cfg.sample_rate // 2), cfg.n_mels, cfg.sample_rate, "slaney", "slaney"
-        )
+        with float32_default():  # torchaudio builds it in the default dtype
+            bank = AF.melscale_fbanks(
+                cfg.n_fft // 2 + 1, 0.0, float(cfg.sample_rate // 2), cfg.n_mels, cfg.sample_rate, "slaney", "slaney"
+            )
         return bank.to(device)
 
     def power_mel(self, audio: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, S) waveforms of ``lengths`` samples (default: all S) → (B, M, Nf) power mel spectrogram (centred STFT,
-        Hann window; each row centred at its own end, see :func:`centre_pad`)."""
+        """(B, S) float32 waveforms of ``lengths`` samples (default: all S) → (B, M, Nf) float32 power mel spectrogram
+        (centred STFT, Hann window; each row centred at its own end, see :func:`centre_pad`)."""
         import torchaudio.functional as AF
 
         cfg = self.cfg
-        window = torch.hann_window(cfg.n_fft, device=audio.device)
+        window = torch.hann_window(cfg.n_fft, device=audio.device, dtype=torch.float32)
         padded = centre_pad(audio, lengths, cfg.n_fft // 2)  # (B, S + n_fft)
         spec = AF.spectrogram(padded, 0, window, cfg.n_fft, cfg.hop_length, cfg.n_fft, None, False, center=False)
         # |z|^2 as re^2 + im^2: the complex abs (a hypot, then squared) took twice as long

@@ -31,6 +31,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 
 from mmformer.io.atomic import fsync_path
 
@@ -38,6 +39,26 @@ from mmformer.io.atomic import fsync_path
 def _is_local(path: str | os.PathLike) -> bool:
     text = str(path)
     return "://" not in text or text.startswith("file://")
+
+
+def refuse_sharded_folder(path: str | Path) -> None:
+    """Refuse a checkpoint folder where a single checkpoint file is read (resuming or validating without FSDP): name
+    the folder and the two ways on. Lightning's own reader fails with a bare ``IsADirectoryError``.
+
+    Raises:
+        IsADirectoryError: ``path`` is a folder.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return
+    if (path / _METADATA_FILENAME).is_file() or (path / ".metadata").is_file():
+        raise IsADirectoryError(
+            f"ckpt_path: {path} is a sharded checkpoint folder (each rank's shards, written under --trainer.strategy "
+            "fsdp), which only an FSDP run reads; resume or validate with --trainer.strategy fsdp, or consolidate it "
+            f"into one model folder with `mmformer export --ckpt {path} --out DIR` and start from that "
+            "(--model.adapt.init_from DIR: the weights, without the optimizer state)"
+        )
+    raise IsADirectoryError(f"ckpt_path: expected a checkpoint file (.ckpt), got the folder {path}")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -68,6 +89,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             partial.unlink(missing_ok=True)
             raise
         fsync_path(target.parent)  # make the rename durable
+
+    def load_checkpoint(
+        self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None
+    ) -> Any:
+        if _is_local(path):
+            refuse_sharded_folder(str(path).removeprefix("file://"))  # Lightning's reader: a bare IsADirectoryError
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
 class FolderInUseError(RuntimeError):

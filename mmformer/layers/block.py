@@ -5,6 +5,8 @@ Shape legend: B batch, T tokens, S memory tokens, D width.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -13,9 +15,12 @@ from mmformer.config import StackConfig
 from mmformer.layers.attention import Attention, CrossAttentionScores, key_mask
 from mmformer.layers.cache import KVCache, StaticKVCache
 from mmformer.layers.documents import Documents
+from mmformer.layers.freezing import graph_limit
 from mmformer.layers.mlp import make_mlp
 from mmformer.layers.norms import make_norm
 from mmformer.layers.positions import RelativePositionBias
+
+BLOCK_GRAPHS = 32  # dynamo's limit of graphs for a compiled block's forward (Block.compile), shared by every block
 
 
 class DropPath(nn.Module):
@@ -119,6 +124,36 @@ class Block(nn.Module):
             self.mlp = Sublayer(cfg, mlp, drop_path)
         self.cross_mlp = Sublayer(cfg, make_mlp(cfg), drop_path) if cfg.cross_mlp else None
 
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """``torch.compile`` this block in place (its parameters and their keys stay), for the calls without a KV
+        cache: training steps and encoding. Sizes are traced as symbols from the first call (``dynamic=True``; a
+        size of 1 still gets a graph of its own), so each kind of call (image rows, packed documents, causal text
+        over a memory, ..., in training and in eval mode) compiles once, and the blocks of every stack share the
+        graphs; nothing of a call that varies per batch is a Python value the graph guards on (the layer index is
+        passed only with a cache; :class:`~mmformer.layers.documents.Documents` decides its layout before the blocks).
+        Those kinds take more graphs than dynamo keeps per function by default (8, shared by every block), so the
+        calls run with a limit of :data:`BLOCK_GRAPHS`. Calls with a cache (decoding token by token) run eagerly: the
+        cache's Python state (its length, the layer's slot) would make a graph per step and layer; decoding
+        compiles its whole step instead (``generate(compile=True)``)."""
+        from torch.fx.experimental import _config as shapes
+
+        kwargs.setdefault("dynamic", True)
+        compiled = torch.compile(self._call_impl, *args, **kwargs)
+        eager = self._call_impl
+
+        def call(x: torch.Tensor, **k: Any) -> torch.Tensor:
+            if k.get("cache") is not None:
+                return eager(x, **k)
+            # no "duck sizing": sizes equal at a first call (a memory's and the queries' token counts) stay two
+            # symbols, not one that the next batch's unequal sizes would fail; x and memory contiguous: the graphs
+            # guard on strides, and audio tokens come transposed from the convolutions ((B, N, D), stride 1 along N)
+            if k.get("memory") is not None:
+                k["memory"] = k["memory"].contiguous()
+            with graph_limit(BLOCK_GRAPHS), shapes.patch(use_duck_shape=False):
+                return compiled(x.contiguous(), **k)
+
+        self._compiled_call_impl = call
+
     def forward(
         self,
         x: torch.Tensor,
@@ -137,7 +172,9 @@ class Block(nn.Module):
         cross_scores: CrossAttentionScores | None = None,
     ) -> torch.Tensor:
         mlp_kwargs = {"modality": modality} if self.multiway else {}
-        attn_kwargs = dict(mask=mask, causal=causal, cache=cache, layer=layer)
+        attn_kwargs = dict(mask=mask, causal=causal)
+        if cache is not None or cross_scores is not None:  # the layer index only where it is read: a compiled
+            attn_kwargs.update(cache=cache, layer=layer)  # block would hold a graph per value of it
         # the rest only passed when set: a keyword per call costs in token-by-token decoding
         if positions is not None:
             attn_kwargs["positions"] = positions
@@ -158,7 +195,9 @@ class Block(nn.Module):
         if self.cross_mlp is not None:  # CoCa's layer order
             x = self.mlp(x, **mlp_kwargs)
         if self.cross_attn is not None and (memory is not None or (cache is not None and cache.has_cross(layer))):
-            x = self.cross_attn(x, mask=memory_mask, memory=memory, cache=cache, layer=layer, **cross_kwargs)
+            if cache is not None or cross_scores is not None:
+                cross_kwargs.update(cache=cache, layer=layer)
+            x = self.cross_attn(x, mask=memory_mask, memory=memory, **cross_kwargs)
             if self.cross_mlp is not None:
                 x = self.cross_mlp(x)
         return x if self.cross_mlp is not None else self.mlp(x, **mlp_kwargs)

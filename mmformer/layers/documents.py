@@ -35,7 +35,7 @@ nh heads, hs head size.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
 
@@ -85,7 +85,6 @@ class Bucket:
     inverse: torch.Tensor  # (N,) each flat token's position in the bucket's flattened rows; n_b * L_b if not in it
 
 
-@dataclass(eq=False)
 class Documents:
     """Where the documents of a packed batch lie: n runs of ``lengths`` tokens tiling the (R, T) token rows in
     row-major order, none crossing a row's end.
@@ -94,34 +93,35 @@ class Documents:
     per-token document ids, as an LM packer writes them). Tensors derived from it (positions, the regrouping
     indices) are computed once, on ``lengths``' device.
 
+    A plain class, not a dataclass: it is a layout, not data, and passes through input casts unchanged. FSDP2's
+    mixed precision casts a sharded module's floating-point inputs (``_cast_forward_inputs``) and rebuilds every
+    dataclass it is given with ``dataclasses.replace``, which would drop the prepared layout and refuses fields
+    computed here; a Documents holds no floating-point tensor to cast.
+
     Args:
         lengths: (n,) tokens of each document, >= 1, in order.
         max_length: the longest document (``lengths.max()``; pass it to save a device sync).
         backend: how attention runs (module docstring).
     """
 
-    lengths: torch.Tensor
-    max_length: int = -1
-    backend: Backend = "auto"
-    tokens: int = field(init=False)
-    min_length: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        lengths = self.lengths
+    def __init__(self, lengths: torch.Tensor, max_length: int = -1, backend: Backend = "auto"):
         if not isinstance(lengths, torch.Tensor) or lengths.ndim != 1 or lengths.numel() == 0:
             got = tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
             raise ValueError(f"lengths: expected a non-empty 1-D tensor of document lengths (n,), got {got}")
         if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
             raise TypeError(f"lengths: expected integer document lengths, got {lengths.dtype}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {self.backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
         self.lengths = lengths.long()
+        self.backend = backend
         host = self.lengths.cpu()
         if int(host.min()) < 1:
             raise ValueError(f"lengths: every document needs at least one token, got {host.tolist()}")
         self.tokens, self.min_length = int(host.sum()), int(host.min())
-        if self.max_length < 0:
-            self.max_length = int(host.max())
+        self.max_length = int(host.max()) if max_length < 0 else max_length
+
+    def __repr__(self) -> str:
+        return f"Documents(n={len(self)}, tokens={self.tokens}, max_length={self.max_length}, backend={self.backend!r})"
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -194,8 +194,14 @@ class Documents:
         """The key-padding mask attention over the per-document rows of :meth:`pad` needs, decided from the lengths
         known on the host (no look at device data, so compiled attention holds no data-dependent branch): none for
         causal attention (the rows are right-padded, so ``is_causal`` is exact for every real query, and
-        :meth:`unpad` drops the padded ones) or when every document is as long as the longest; else :attr:`mask`."""
-        return None if causal or self.min_length == self.max_length else self.mask
+        :meth:`unpad` drops the padded ones) or when every document is as long as the longest; else :attr:`mask`.
+        While compiling, the mask in both of those non-causal cases (exact for either): a graph would otherwise
+        guard on the batch's lengths being equal, and be traced again for the batches where they are not."""
+        if causal:
+            return None
+        if torch.compiler.is_compiling():
+            return self.mask
+        return None if self.min_length == self.max_length else self.mask
 
     @cached_property
     def _index(self) -> torch.Tensor:

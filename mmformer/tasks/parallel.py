@@ -93,6 +93,31 @@ class FSDP2Strategy(ModelParallelStrategy):
             fsync_path(target.parent)
         self.barrier()
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """A sharded folder loads as Lightning loads it. A single file (a single-process or DDP run's) loads as
+        Lightning's ``ModelParallelStrategy`` loads one (every rank reads it, the full tensors are broadcast from rank
+        0 and sharded), with the model's scalars and their optimizer state reshaped from the file's ``()`` to the
+        sharded model's ``(1,)`` (:func:`vectorize_scalars`): Lightning's loader refuses the 0-d tensors ("size
+        mismatch for logit_scale"), and an optimizer state left 0-d would not match its sharded parameter."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not path.is_file():
+            return super().load_checkpoint(path, weights_only=weights_only)
+        from lightning.fabric.strategies.model_parallel import _load_raw_module_state
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        module, strict = self.model, self.lightning_module.strict_loading
+        scalars = {name for name, param in module.named_parameters() if tuple(param.shape) == (1,)}
+        state_dict = {k: _vector(v) if k in scalars else v for k, v in checkpoint.pop("state_dict").items()}
+        _load_raw_module_state(state_dict, module, strict=strict)
+        options = StateDictOptions(broadcast_from_rank0=True, full_state_dict=True, strict=strict)
+        for optimizer, saved in zip(self.optimizers, checkpoint.get("optimizer_states", [])):
+            saved = _by_name(saved, optimizer, module)
+            for name in scalars & saved["state"].keys():  # AdamW's moments, SGD's momentum of a scalar: (1,) too
+                saved["state"][name] = {k: v if k == "step" else _vector(v) for k, v in saved["state"][name].items()}
+            set_optimizer_state_dict(module, optimizer, optim_state_dict=saved, options=options)
+        return checkpoint
+
     def mixed_precision(self) -> Any:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -105,6 +130,35 @@ def strategy_from_name(strategy: Any) -> Any:
     if isinstance(strategy, str) and strategy.lower() in ("fsdp", "fsdp2"):
         return FSDP2Strategy()
     return strategy
+
+
+def _vector(value: Any) -> Any:
+    """A 0-d tensor as ``(1,)``; anything else as it is."""
+    return value.reshape(1) if torch.is_tensor(value) and value.ndim == 0 else value
+
+
+def _by_name(saved: dict[str, Any], optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, Any]:
+    """A plain ``optimizer.state_dict()`` (parameters numbered in the order of its groups) keyed by parameter name,
+    as ``set_optimizer_state_dict`` reads a full one. The numbers are matched to ``optimizer``'s own groups, which the
+    same configuration builds alike; Lightning's re-keying numbers ``module.named_parameters()`` instead, and gave
+    each parameter another's state where the groups order them otherwise (weight decay or not)."""
+    if not all(isinstance(i, int) for g in saved["param_groups"] for i in g["params"]):
+        return saved  # keyed by name already (written under FSDP as one file)
+    names = {id(param): name for name, param in module.named_parameters()}
+    groups = optimizer.param_groups
+    sizes = [len(g["params"]) for g in saved["param_groups"]], [len(g["params"]) for g in groups]
+    if sizes[0] != sizes[1]:
+        raise ValueError(
+            f"ckpt_path: the checkpoint's optimizer has parameter groups of {sizes[0]} parameters, this run's "
+            f"{sizes[1]}; resume with the model and optimizer configuration the run was trained with"
+        )
+    number = {
+        i: names[id(p)] for g, own in zip(saved["param_groups"], groups) for i, p in zip(g["params"], own["params"])
+    }
+    return {
+        "state": {number[i]: values for i, values in saved["state"].items()},
+        "param_groups": [{**g, "params": [number[i] for i in g["params"]]} for g in saved["param_groups"]],
+    }
 
 
 def vectorize_scalars(module: nn.Module) -> list[str]:
