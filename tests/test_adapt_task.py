@@ -53,6 +53,20 @@ def test_init_from_with_no_steps_is_bit_identical_and_brings_its_processor(pretr
     assert cli.datamodule.processor.image.channels == 1
 
 
+def test_a_config_that_has_a_model_block_adapts_a_checkpoint_of_that_model(pretrained, tmp_path):
+    """README's `fit --config configs/digits.yaml --model.adapt.init_from data/digits_model`: the config's model block
+    (the checkpoint's architecture, the vocabulary left at its default 1000) against the checkpoint's table (its own
+    tokenizer's size) stopped on the shapes; the config now takes the checkpoint's table size."""
+    root, train = pretrained
+    saved = from_pretrained(root / "base")
+    config = tiny_config(tmp_path, train, max_steps=1, model={"init_from": str(root / "base")})
+    assert "vocab_size" not in config["model"]["model"]["text"]  # the default, not the checkpoint's
+    cli = fit_in_process(write_config(tmp_path / "config.yaml", config), "--trainer.max_steps", "0")
+    state = cli.model.model.state_dict()
+    assert cli.model.model.config.text.vocab_size == saved.config.text.vocab_size != 1000
+    assert all(torch.equal(state[k], v) for k, v in saved.state_dict().items())
+
+
 def test_mismatched_checkpoint_lists_keys_and_init_strict_false_initialises_them(pretrained, tmp_path):
     root, train = pretrained
     deeper = from_pretrained(root / "base").config.to_dict()

@@ -84,6 +84,20 @@ def settings(value: Any, cls: type, name: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------- weights
+def _stored_vocab_size(init_from: str) -> int | None:
+    """The token table size a model folder or training checkpoint of mmformer's records (None for other sources:
+    their converters set it)."""
+    from mmformer.io.hub import resolve_source
+    from mmformer.io.pretrained import read_checkpoint
+
+    source = resolve_source(init_from)
+    if source.kind == "mmformer" and source.config is not None:
+        return (source.config.get("text") or {}).get("vocab_size")
+    if source.kind == "checkpoint":
+        return read_checkpoint(source.location).config.text.vocab_size
+    return None
+
+
 def initial_model(
     config: ModelConfig | None,
     *,
@@ -109,6 +123,15 @@ def initial_model(
         if vocab_size is not None:
             config.text.vocab_size = vocab_size
         return MultimodalTransformer(config)
+    if config is not None and not resize_vocab:
+        # a given config takes the tokenizer's table size, or with the checkpoint's own tokenizer (vocab_size None:
+        # data.processor_from) the checkpoint's: `fit --config configs/digits.yaml --model.adapt.init_from
+        # data/digits_model` left the config's default (1000) against the checkpoint's 300 and stopped on the shapes
+        size = vocab_size if vocab_size is not None else _stored_vocab_size(init_from)
+        if size is not None:
+            config = ModelConfig.from_dict(
+                {**config.to_dict(), "text": {**config.to_dict()["text"], "vocab_size": size}}
+            )
     if config is not None and resize_vocab:  # a grown config (load_from_checkpoint): load the table as stored
         from mmformer.io.pretrained import read_checkpoint
 
