@@ -77,11 +77,12 @@ def bf16_choice(enabled: bool | None = None, flags: frozenset[str] | None = None
     if "avx512_bf16" in (cpu_flags() if flags is None else flags):
         return False, (
             f"bf16 autocast off: this CPU ({cpu_model()}) has no AMX bf16 (amx_bf16 flag); its AVX-512 BF16 speeds up "
-            "large encoders (ViT-B/32 1.93x) but slows decoding steps (0.52x): pass enabled=True to force it"
+            "large encoders (ViT-B/32 1.93x) but slows decoding steps (0.52x): force it with enabled=True (the "
+            "CLI: --compute-type bfloat16)"
         )
     return False, (
         f"bf16 autocast off: this CPU ({cpu_model()}) has no AMX bf16 (amx_bf16 flag), where bf16 is not faster "
-        "than float32; pass enabled=True to force it"
+        "than float32; force it with enabled=True (the CLI: --compute-type bfloat16)"
     )
 
 
