@@ -164,7 +164,7 @@ def test_revisions_and_commits(hf_cache, tmp_path):
     assert (hidden(mmformer.from_pretrained("org/bert", revision=commit)) - want_second).abs().max() < ATOL
 
 
-def test_missing_id_or_revision_names_it_and_the_cache(hf_cache, tmp_path):
+def test_missing_id_or_revision_names_it_and_the_cache(hf_cache, tmp_path, monkeypatch):
     with pytest.raises(
         FileNotFoundError, match=r"'org/absent' \(revision 'main'\) is not in the Hugging Face cache"
     ) as e:
@@ -177,6 +177,10 @@ def test_missing_id_or_revision_names_it_and_the_cache(hf_cache, tmp_path):
         mmformer.from_pretrained(tmp_path / "nothing-here")
     with pytest.raises(ValueError, match="revision: only for Hugging Face Hub ids"):
         mmformer.from_pretrained(tmp_path / "src", revision="v1")
+    (tmp_path / "out").mkdir()  # `out/clip`, a typo of a local folder, has the form of a Hub id 'org/name'
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no such folder 'out/clip' \(the folder 'out' has no 'clip'\)"):
+        mmformer.from_pretrained("out/clip")
 
 
 def test_a_snapshot_without_weights_is_named(hf_cache, tmp_path):

@@ -244,7 +244,16 @@ def resolve_source(
         raise ValueError(f"revision: only for Hugging Face Hub ids; {name!r} is not one")
     options = dict(cache_dir=cache_dir, local_files_only=local_files_only, token=token, check=check)
     if parsed.kind == "hub":
-        return _from_hub(parsed.name, revision=revision, **options)
+        try:
+            return _from_hub(parsed.name, revision=revision, **options)
+        except FileNotFoundError as e:  # a mistyped local folder has the form of 'org/name' too
+            path = Path(parsed.name)
+            if path.parent != Path(".") and path.parent.is_dir():
+                raise FileNotFoundError(
+                    f"name_or_path: no such folder {name!r} (the folder {str(path.parent)!r} has no {path.name!r}), "
+                    "and no Hugging Face Hub model of that name could be loaded"
+                ) from e
+            raise
     if parsed.kind == "open_clip" and parsed.tag is None:  # open_clip:hf-hub:ORG/REPO
         source = _from_hub(parsed.name.removeprefix("hf-hub:"), revision=None, **options)
         if source.kind != "open_clip":

@@ -7,7 +7,6 @@ import errno
 import logging
 import os
 import socket
-from pathlib import Path
 
 from mmformer.serve.engine import Engine
 
@@ -24,23 +23,8 @@ def load_engine(
     AMX)."""
     from mmformer.io.auto import load_for_inference
 
-    try:
-        loaded = load_for_inference(model, device=device, adapter=adapter)  # a PT2E int8 folder: its graphs
-    except FileNotFoundError as e:
-        raise FileNotFoundError(_missing_folder(model) or str(e)) from None
+    loaded = load_for_inference(model, device=device, adapter=adapter)  # a PT2E int8 folder: its graphs
     return Engine(loaded, model_id=model, compute_type=compute_type)
-
-
-def _missing_folder(model: str) -> str | None:
-    """A shorter message for a mistyped local folder the loader took for a Hub id (``data/digits_modelx``: the
-    form of ``org/name``, but ``data`` is a folder here): None where ``model`` does not look like one."""
-    from mmformer.io.hub import parse_name
-
-    path = Path(model)
-    if parse_name(model).kind != "hub" or path.exists() or not path.parent.is_dir() or path.parent == Path("."):
-        return None
-    return (f"--model: no such folder {model!r} (the folder {str(path.parent)!r} has no {path.name!r}), and no "
-            f"Hugging Face Hub model of that name could be loaded")  # fmt: skip
 
 
 def bind(host: str, port: int) -> socket.socket:
