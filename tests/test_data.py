@@ -280,7 +280,7 @@ def test_bad_samples_are_skipped_with_a_warning(tmp_path, processor):
         assert ds[1] is None
     with pytest.warns(SkippedSampleWarning, match=r"000002\.flac: cannot decode audio"):
         assert ds[2] is None
-    with pytest.warns(SkippedSampleWarning, match=r"000003\.png: empty text"):
+    with pytest.warns(SkippedSampleWarning, match=r"000003\.png \(.*train\.jsonl:4\): empty text"):  # file and line
         assert ds[3] is None
     assert (ds.num_seen, ds.num_bad) == (4, 3)  # under 20 samples seen: no error yet
     batch = Collator()([ds[0], None, None])
@@ -343,7 +343,10 @@ def test_collator_shapes_padding_and_masks():
     assert batch["source"] == ["a", "b"]
     assert Collator(tokenizer, text_max_length=3)(samples)["input_ids"].shape == (2, 3)
     with pytest.raises(ValueError, match="samples of one batch must carry the same fields"):
-        Collator()([{"text": "x", "source": "a"}, {"text": "y", "label": 1, "source": "b"}])
+        Collator()([{"text": "x", "source": "a"}, {"text": "y", "audio": torch.ones(2), "source": "b"}])
+    # a label is optional: a batch with an unlabelled sample (label None, or none at all) has no label
+    assert "label" not in Collator()([{"text": "x", "label": None, "source": "a"}, {"text": "y", "label": 1}])
+    assert "label" not in Collator()([{"text": "x", "source": "a"}, {"text": "y", "label": 1, "source": "b"}])
 
 
 # ---------------------------------------------------------------------- DataModule

@@ -22,6 +22,7 @@ import csv
 import io
 import json
 import os
+import re
 import struct
 import tarfile
 import time
@@ -328,6 +329,10 @@ def write_manifest(path: Path, rows: list[dict]) -> Path:
     """Rows as JSONL or CSV/TSV; str values may hold lone surrogates, written back as the raw bytes they stand for."""
     if path.suffix == ".jsonl":
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    elif path.suffix == ".tsv":  # as Common Voice writes it: no quoting, so a cell holds no tab or line break
+        fields = list(dict.fromkeys(k for r in rows for k in r)) or ["image"]
+        lines = [fields] + [[as_written(r.get(f), ".tsv") for f in fields] for r in rows]
+        text = "".join("\t".join(cells) + "\n" for cells in lines)
     else:
         buf = io.StringIO()
         fields = list(dict.fromkeys(k for r in rows for k in r)) or ["image"]
@@ -340,10 +345,12 @@ def write_manifest(path: Path, rows: list[dict]) -> Path:
 
 
 def as_written(value, suffix: str):
-    """What a cell reads back as: JSON keeps types; CSV turns everything into text (None into '')."""
+    """What a cell reads back as: JSON keeps types; CSV turns everything into text (None into ''); TSV too, with
+    its tabs and line breaks as spaces (it cannot hold them)."""
     if suffix == ".jsonl":
         return value
-    return "" if value is None else str(value)
+    text = "" if value is None else str(value)
+    return re.sub(r"[\t\r\n]", " ", text) if suffix == ".tsv" else text
 
 
 def good_caption(value) -> bool:
@@ -412,9 +419,13 @@ def test_manifest_encodings_and_missing_columns(tmp_path):
         samples = [ds[i] for i in range(len(ds))]
     assert samples[0]["text"] == "a cat" and samples[1:] == [None, None, None]
     messages = [str(w.message) for w in caught]
-    assert any(r"good.png: text is not valid UTF-8 (bytes b'\xe9'" in m for m in messages), messages
-    assert any("good.png: missing text" in m for m in messages)
-    assert any("excel.csv:4: no image path" in m for m in messages)
+    # text faults name the file and the manifest line to fix; lines count the header (a row is its line in the file)
+    assert any(
+        r"good.png (" + str(tmp_path / "excel.csv:3") + r"): text is not valid UTF-8 (bytes b'\xe9'" in m
+        for m in messages
+    ), messages
+    assert any("good.png (" + str(tmp_path / "excel.csv:4") + "): missing text" in m for m in messages)
+    assert any("excel.csv:5: no image path" in m for m in messages)
     assert ds.texts() == ["a cat", "no image"]
 
 
@@ -452,7 +463,9 @@ def test_librispeech_and_shards_with_bad_transcripts(tmp_path):
     messages = [str(w.message) for w in caught]
     assert any("shard.tar:b.txt: text is not UTF-8" in m for m in messages)
     assert any("shard.tar:c.txt: empty text" in m for m in messages)
-    assert any("shard.tar:d: no text member (.txt, .text, .caption)" in m for m in messages)
+    assert any(
+        "shard.tar:d: no text member (expected .txt, .text, .caption or a .json with 'text'" in m for m in messages
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- worker processes

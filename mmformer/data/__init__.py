@@ -1,6 +1,6 @@
 """Data: readers for the formats users already have, bad-sample skipping, collation and the DataModule.
 
-A sample is a plain dict ``{"image": (C, H, W), "audio": (S,), "text": str, "label": int, "source": str}``
+A sample is a plain dict ``{"image": (C, H, W), "audio": (S,), "text": str, "label": int | None, "source": str}``
 (fields absent where the data has none); :class:`Collator` turns a list of them into a model batch.
 """
 

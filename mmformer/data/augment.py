@@ -24,7 +24,7 @@ Configured under the data module's ``augment`` (every augmentation is off at its
         image:
           affine_prob: 0.8             # torchvision RandomAffine: rotation, shift, scale
           degrees: 8
-          translate: [0.03, 0.1]
+          translate: [0.03, 0.1]       # largest shift: (width, height) fractions
           scale: [0.9, 1.1]
           blur_prob: 0.2               # GaussianBlur; also elastic_prob (ElasticTransform)
 
@@ -85,16 +85,25 @@ def _probability(name: str, value: Any) -> float:
     return p
 
 
-def _range(name: str, value: Any, low: float | None = None, high: float | None = None, what: str = "values"):
-    """``value`` as a (low, high) pair of numbers with low <= high, both within [``low``, ``high``] where given."""
+def _range(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    what: str = "values",
+    pair: str | None = None,
+):
+    """``value`` as a (low, high) pair of numbers with low <= high, both within [``low``, ``high``] where given;
+    with ``pair`` (its two names, e.g. "(width, height)"), two independent numbers in any order instead."""
+    shape = f"a pair {pair}" if pair else "a range [low, high]"
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
-        raise ValueError(f"{name}: expected a range [low, high] of {what}; got {value!r}")
+        raise ValueError(f"{name}: expected {shape} of {what}; got {value!r}")
     lo, hi = (_number(name, v) for v in value)
-    if lo > hi:
+    if lo > hi and not pair:
         raise ValueError(f"{name}: expected a range [low, high] with low <= high; got {value!r}")
-    if (low is not None and lo < low) or (high is not None and hi > high):
+    if (low is not None and min(lo, hi) < low) or (high is not None and max(lo, hi) > high):
         bounds = f"[{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}]"
-        raise ValueError(f"{name}: expected {what} in {bounds}; got {value!r}")
+        raise ValueError(f"{name}: expected {f'a pair {pair} of ' if pair else ''}{what} in {bounds}; got {value!r}")
     return (lo, hi)
 
 
@@ -180,7 +189,8 @@ class ImageAugmentConfig:
         self.degrees = _number(p + "degrees", self.degrees)
         if not 0.0 <= self.degrees <= 180.0:
             raise ValueError(f"{p}degrees: expected a rotation range in [0, 180] degrees; got {self.degrees!r}")
-        self.translate = _range(p + "translate", self.translate, 0.0, 1.0, what="fractions of (width, height)")
+        # RandomAffine's largest shift along each axis, not a range: (0.2, 0.0) shifts only horizontally
+        self.translate = _range(p + "translate", self.translate, 0.0, 1.0, "fractions", pair="(width, height)")
         self.scale = _range(p + "scale", self.scale, 1e-3, what="scale factors > 0")
         kernel = self.blur_kernel
         if not is_int(kernel) or kernel % 2 == 0 or kernel < 1:
@@ -397,6 +407,12 @@ class Augmenter:
 
     def __init__(self, config: AugmentConfig, processor: Processor):
         image, audio = processor.image, processor.audio
+        kernel = config.image.blur_kernel
+        if config.image.blur_prob > 0 and kernel > min(image.image_size):
+            raise ValueError(
+                f"augment.image.blur_kernel: expected a kernel at most the image's smaller side (image_size="
+                f"{list(image.image_size)}); got {kernel}"
+            )
         mean, std = (v if len(v) == image.channels else v * image.channels for v in (image.mean, image.std))
         self.fill = [-m / s for m, s in zip(mean, std)]  # black (pixel value 0) after normalisation
         self.image = image_augment(config.image, self.fill) if config.image.enabled else None

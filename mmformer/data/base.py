@@ -34,6 +34,13 @@ class Record:
     text: Any = None  # raw caption/transcript; checked (non-empty str) when loaded
     label: int | None = None
     duration: float | None = None  # audio seconds, where the index states it (token budgets read it)
+    row: str | None = None  # where the index lists it ("manifest:line"), where that is not its source
+    error: str | None = None  # why the index entry itself is unusable (a manifest line that is not JSON)
+
+    def text_name(self) -> str:
+        """How messages about its text name it: its file and, where the text comes from an index, the index line
+        (the line to fix)."""
+        return self.source if self.row in (None, self.source) else f"{self.source} ({self.row})"
 
 
 def check_modalities(modalities: Sequence[str]) -> tuple[str, ...]:
@@ -116,9 +123,11 @@ class RecordDataset(Dataset):
 
     def load(self, record: Record) -> dict[str, Any]:
         """The sample dict of one record; raises SampleError if anything is wrong with it."""
+        if record.error is not None:
+            raise SampleError(record.source, record.error)
         sample: dict[str, Any] = {"source": record.source}
         if "text" in self.fields:  # cheapest check first
-            sample["text"] = clean_text(record.text, record.source)
+            sample["text"] = clean_text(record.text, record.text_name())
         for field in MEDIA:
             if field not in self.fields:
                 continue
@@ -127,10 +136,8 @@ class RecordDataset(Dataset):
                 raise SampleError(record.source, f"no {field} path")
             load = self.processor.load_image if field == "image" else self.processor.load_audio
             sample[field] = load(path, name=path)
-        if "label" in self.fields:
-            if record.label is None:
-                raise SampleError(record.source, "missing label")
-            sample["label"] = int(record.label)
+        if "label" in self.fields:  # optional: a sample without one has None (as a Hugging Face dataset's row)
+            sample["label"] = None if record.label is None else int(record.label)
         return sample
 
     def cache_in_memory(self) -> None:

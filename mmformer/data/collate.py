@@ -1,6 +1,6 @@
 """Batching samples (plain dicts) into model inputs.
 
-A sample is ``{"image": (C, H, W), "audio": (S,), "text": str, "label": int, "source": str}`` with any of the
+A sample is ``{"image": (C, H, W), "audio": (S,), "text": str, "label": int | None, "source": str}`` with any of the
 first four absent, or a block of packed text ``{"input_ids": (L,), "document_ids": (L,), "source": str}`` (see
 :mod:`mmformer.data.text`). Bad samples arrive as ``None`` (see :mod:`mmformer.data.skipping`) and are dropped here.
 """
@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pad_sequence
 if TYPE_CHECKING:
     from mmformer.preprocess.tokenizer import Tokenizer
 
-FIELDS = ("image", "audio", "text", "label")
+MEDIA_AND_TEXT = ("image", "audio", "text")  # every sample of a batch carries the same of these
 
 
 def pad_audio(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +32,8 @@ class Collator:
 
     Output keys, each present when the samples carry that field:
     ``pixel_values`` (B, C, H, W); ``audio`` (B, S) + ``audio_lengths`` (B,); ``input_ids`` (B, T) +
-    ``attention_mask`` (B, T) bool (True = real token) + ``text`` list[str]; ``label`` (B,) long; and always
+    ``attention_mask`` (B, T) bool (True = real token) + ``text`` list[str]; ``label`` (B,) long (when every sample
+    has one: a label is optional, None where the data has none); and always
     ``source`` list[str]. Packed text blocks give ``input_ids``, ``attention_mask`` and ``document_ids`` (B, L),
     right-padded where a block is shorter. Returns ``None`` when every sample of the batch was bad.
 
@@ -57,12 +58,12 @@ class Collator:
             return None
         if "input_ids" in samples[0]:
             return self._blocks(samples)
-        present = [f for f in FIELDS if f in samples[0]]
+        present = [f for f in MEDIA_AND_TEXT if f in samples[0]]
         for s in samples[1:]:
-            if [f for f in FIELDS if f in s] != present:
+            if [f for f in MEDIA_AND_TEXT if f in s] != present:
                 raise ValueError(
                     f"samples of one batch must carry the same fields: {samples[0].get('source')} has {present}, "
-                    f"{s.get('source')} has {[f for f in FIELDS if f in s]}"
+                    f"{s.get('source')} has {[f for f in MEDIA_AND_TEXT if f in s]}"
                 )
         batch: dict[str, Any] = {"source": [s.get("source", "") for s in samples]}
         if "image" in present:
@@ -77,8 +78,9 @@ class Collator:
                 if self.packing:  # (1, N) back to back; the mask's row sums are the documents' lengths
                     mask = batch.pop("attention_mask")
                     batch["input_ids"], batch["text_lengths"] = batch["input_ids"][mask][None], mask.sum(dim=1)
-        if "label" in present:
-            batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+        labels = [s.get("label") for s in samples]
+        if all(label is not None for label in labels):  # optional: a batch with an unlabelled sample has no label
+            batch["label"] = torch.tensor(labels, dtype=torch.long)
         return batch
 
     def _blocks(self, samples: list[dict[str, Any]]) -> dict[str, Any]:

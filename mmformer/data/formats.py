@@ -73,6 +73,10 @@ def open_dataset(
     ``shuffle``/``shuffle_buffer``/``seed`` apply to WebDataset shards only (map-style sets are shuffled by
     the DataLoader's sampler); ``max_duration`` to manifests only; ``text_documents`` (``file`` or ``line``: what
     one document is) to plain text only.
+
+    ``format="text"`` reads documents: ``.txt`` files and folders of them; a ``.jsonl``/``.csv``/``.tsv`` manifest's
+    text column (a row is a document); WebDataset shards' text members (a sample is a document; see
+    :class:`~mmformer.data.TextDocuments`).
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else [str(p) for p in paths]
     if not paths:
@@ -87,6 +91,12 @@ def open_dataset(
     if medium is not None and medium not in modalities:
         raise ValueError(f"modalities: {kind} data ({paths[0]}) holds {medium}s; got modalities={list(modalities)}")
     common = {"processor": processor, "max_bad_fraction": max_bad_fraction}
+    if kind == "text":  # text from shards: their text members, each sample one document
+        shards = [detect_format(p) == "webdataset" for p in paths]
+        if any(shards) and not all(shards):
+            raise ValueError(f"paths: format text reads shards or files, not both in one split; got {paths}")
+        if all(shards):
+            kind, modalities = "webdataset", ("text",)
     if kind == "webdataset":
         return ShardDataset(
             paths, modalities=modalities, shuffle=shuffle, shuffle_buffer=shuffle_buffer, seed=seed, **common

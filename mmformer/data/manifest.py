@@ -2,15 +2,21 @@
 
 Columns are found by alias, first match wins:
 
-    image   image | image_path | filepath | file_name | path
+    image   image | image_path | filepath | file_name
     audio   audio_filepath | audio | audio_path
+    either  path  (Common Voice's audio, other sets' images: audio when every value has an audio extension, an
+            image when every one has an image extension, else the one medium ``modalities`` asks for)
     text    text | caption | transcript | sentence
-    label   label | class | category
+    label   label | class | category  (optional: a row without one has label None)
     duration (seconds, optional; rows longer than ``max_duration`` are dropped, as NeMo does)
 
 Relative paths resolve against the manifest's folder (or ``root``). One manifest may carry images and audio;
 ``modalities`` picks what to load. NeMo audio manifests (``audio_filepath``, ``text``, ``duration``) and the
 embedded ``data/digits/*.jsonl`` are both manifests.
+
+TSV files are read without quoting (``csv.QUOTE_NONE``, as Common Voice and CC3M write them): a ``"`` in a caption
+is a character of the caption. CSV files use the usual CSV quoting. A JSONL line that is not a JSON object (a
+truncated last line, say) is a bad sample, skipped with a warning naming ``manifest:line`` when it is loaded.
 """
 
 from __future__ import annotations
@@ -23,27 +29,36 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmformer.data.base import Record, RecordDataset, pick_fields, resolve
+from mmformer.data.base import MEDIA, Record, RecordDataset, check_modalities, pick_fields, resolve
+from mmformer.data.io import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:
     from mmformer.preprocess.processor import Processor
 
 log = logging.getLogger(__name__)
 COLUMNS = {
-    "image": ("image", "image_path", "filepath", "file_name", "path"),
+    "image": ("image", "image_path", "filepath", "file_name"),
     "audio": ("audio_filepath", "audio", "audio_path"),
     "text": ("text", "caption", "transcript", "sentence"),
     "label": ("label", "class", "category"),
 }
+EITHER_COLUMN = "path"  # images or audio, told apart by the files' extensions (see the module notes)
 MANIFEST_EXTENSIONS = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".ndjson": None}
 
 
-def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rows of a CSV/TSV (header required) or JSONL file as dicts.
+class BadRow(str):
+    """A manifest line that is not a row (invalid JSON, not an object): the reason, with its line in ``iter_rows``."""
+
+
+def iter_rows(path: str | os.PathLike) -> list[tuple[int, dict[str, Any] | BadRow]]:
+    """``(line, row)`` for each row of a CSV/TSV (header required) or JSONL file; ``line`` is the row's line in the
+    file (its last line, for a CSV row spanning several). A JSONL line that is not a JSON object comes as a
+    :class:`BadRow` (its reason), so that one bad line costs one sample, not the data set.
 
     The file is read as UTF-8 (a byte-order mark, as Excel writes, is skipped); bytes that are not UTF-8 are kept as
     lone surrogates (``surrogateescape``), so that they affect only their own row: a path still names the same file,
-    and a caption is refused when its sample is loaded (see :func:`~mmformer.data.io.clean_text`).
+    and a caption is refused when its sample is loaded (see :func:`~mmformer.data.io.clean_text`). TSV is read with
+    quoting off (``csv.QUOTE_NONE``): a ``"`` inside a field is kept, and cannot swallow the rows after it.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -54,23 +69,35 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     delimiter = MANIFEST_EXTENSIONS[suffix]
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         if delimiter is not None:
-            return list(csv.DictReader(f, delimiter=delimiter))
-        rows = []
+            quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+            reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
+            return [(reader.line_num, row) for row in reader]
+        rows: list[tuple[int, dict[str, Any] | BadRow]] = []
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"manifest {path}, line {lineno}: not valid JSON ({e})") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"manifest {path}, line {lineno}: expected a JSON object; got {type(row).__name__}")
-            rows.append(row)
+                rows.append((lineno, BadRow(f"not valid JSON ({e})")))
+                continue
+            rows.append((lineno, row if isinstance(row, dict) else BadRow(f"not a JSON object ({type(row).__name__})")))
         return rows
 
 
-def find_columns(rows: list[dict[str, Any]]) -> dict[str, str]:
-    """Field → column name, for the fields whose aliases occur in the rows."""
+def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a CSV/TSV or JSONL file as dicts (see :func:`iter_rows`); a bad JSONL line is a ValueError."""
+    rows = []
+    for lineno, row in iter_rows(path):
+        if isinstance(row, BadRow):
+            raise ValueError(f"manifest {path}, line {lineno}: {row}")
+        rows.append(row)
+    return rows
+
+
+def find_columns(rows: list[dict[str, Any]], modalities: Sequence[str] = ("image", "audio")) -> dict[str, str]:
+    """Field → column name, for the fields whose aliases occur in the rows; a ``path`` column becomes the image or
+    the audio column by its files' extensions, else by ``modalities`` (see the module notes)."""
     keys: dict[str, None] = {}
     for row in rows:
         keys.update(dict.fromkeys(row))
@@ -80,7 +107,21 @@ def find_columns(rows: list[dict[str, Any]]) -> dict[str, str]:
             if alias in keys and alias not in found.values():
                 found[field] = alias
                 break
+    if EITHER_COLUMN in keys:
+        field = _path_medium(rows, [m for m in MEDIA if m not in found], modalities)
+        if field is not None:
+            found[field] = EITHER_COLUMN
     return found
+
+
+def _path_medium(rows: list[dict[str, Any]], free: list[str], modalities: Sequence[str]) -> str | None:
+    """Which medium (among ``free``, those without a column of their own) a ``path`` column holds."""
+    suffixes = {os.path.splitext(str(r[EITHER_COLUMN]))[1].lower() for r in rows if r.get(EITHER_COLUMN)}
+    for medium, extensions in (("audio", AUDIO_EXTENSIONS), ("image", IMAGE_EXTENSIONS)):
+        if suffixes and suffixes <= set(extensions):
+            return medium if medium in free else None
+    wanted = [m for m in free if m in modalities]
+    return wanted[0] if len(wanted) == 1 else None
 
 
 def label_indices(values: list[Any]) -> tuple[list[int | None], list[str] | None]:
@@ -126,30 +167,37 @@ class ManifestDataset(RecordDataset):
         max_bad_fraction: float = 0.1,
     ):
         self.path = Path(path)
-        rows = read_rows(self.path)
+        lines = iter_rows(self.path)
+        rows = [row for _, row in lines if not isinstance(row, BadRow)]
         if not rows:
             raise ValueError(f"manifest {self.path} has no rows")
-        columns = find_columns(rows)
+        columns = find_columns(rows, check_modalities(modalities))
         fields = pick_fields(str(self.path), modalities, set(columns))
         root = Path(root) if root is not None else self.path.parent
         labels, classes = label_indices([r.get(columns["label"]) for r in rows]) if "label" in columns else ([], None)
         records, self.num_filtered = [], 0
-        for lineno, row in enumerate(rows, 1):
+        good = 0  # index into rows (and labels)
+        for lineno, row in lines:
+            where = f"{self.path}:{lineno}"
+            if isinstance(row, BadRow):  # skipped (and counted) when loaded, like any bad sample
+                records.append(Record(source=where, row=where, error=str(row)))
+                continue
+            label = labels[good] if labels else None
+            good += 1
             if max_duration is not None and _float(row.get("duration")) > max_duration:
                 self.num_filtered += 1
                 continue
-            paths = {
-                m: resolve(row[columns[m]], root) if row.get(columns.get(m, "")) else None for m in ("image", "audio")
-            }
-            main = next((paths[m] for m in ("image", "audio") if m in fields and paths[m]), None)
+            paths = {m: resolve(row[columns[m]], root) if row.get(columns.get(m, "")) else None for m in MEDIA}
+            main = next((paths[m] for m in MEDIA if m in fields and paths[m]), None)
             records.append(
                 Record(
-                    source=main or f"{self.path}:{lineno}",
+                    source=main or where,
                     image=paths["image"],
                     audio=paths["audio"],
                     text=row.get(columns["text"]) if "text" in columns else None,
-                    label=labels[lineno - 1] if labels else None,
+                    label=label,
                     duration=_float(row["duration"]) if row.get("duration") not in (None, "") else None,
+                    row=where,
                 )
             )
         if self.num_filtered:

@@ -1,8 +1,10 @@
 """Text-only data for language modelling: documents from plain ``.txt`` files, and document packing.
 
 - :class:`TextDocuments`: the documents of ``.txt`` files (or of folders of them): each file is one document, or each
-  non-empty line is (``unit="line"``). JSONL manifests (a ``text`` column) and WebDataset shards of ``.txt`` members
-  are read by their own readers with ``modalities: [text]``.
+  non-empty line is (``unit="line"``); or of a ``.jsonl``/``.csv``/``.tsv`` manifest: each row's text column
+  (``text``/``caption``/``transcript``/``sentence``) is one document. WebDataset shards are read for ``format: text``
+  by :class:`~mmformer.data.ShardDataset` with ``modalities=["text"]`` (each sample's text member is one document).
+  A ``.json`` file or a tar shard given to :class:`TextDocuments` itself is refused.
 - :func:`pack_documents`: tokenize every document (with the tokenizer's bos/eos around it), concatenate them and cut
   the stream into blocks of ``block_size`` tokens (Hugging Face's ``group_texts``, nanoGPT's token stream). Each
   sample is ``{"input_ids": (L,), "document_ids": (L,), "source": str}``: ``document_ids`` numbers the documents
@@ -16,6 +18,7 @@ Shape legend: L block size.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +26,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
+from mmformer.data.io import SampleError, clean_text
+from mmformer.data.manifest import MANIFEST_EXTENSIONS, BadRow, find_columns, iter_rows
+from mmformer.data.skipping import SkippedSampleWarning
 from mmformer.values import is_int
 
 if TYPE_CHECKING:
@@ -30,6 +36,10 @@ if TYPE_CHECKING:
 
 UNITS = ("file", "line")
 TEXT_EXTENSIONS = (".txt",)
+REFUSED = {  # files that are text-like but not plain text: read as such, a model would learn their syntax
+    ".json": 'a JSON file is not plain text; give the texts as a .jsonl manifest (one {"text": ...} per line)',
+    ".tar": "a WebDataset shard: open it with open_dataset(..., format='text'), which reads its text members",
+}
 
 
 def text_files(path: str | os.PathLike) -> list[Path]:
@@ -45,33 +55,63 @@ def text_files(path: str | os.PathLike) -> list[Path]:
     return [p]
 
 
+def file_documents(path: str | os.PathLike, unit: str) -> list[tuple[str, str]]:
+    """(text, source) of each non-empty document of a ``.txt`` file or folder: a file, or a line (``file:line``)."""
+    documents = []
+    for file in text_files(path):
+        try:
+            content = file.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"text data {os.fspath(file)!r} is not UTF-8 text ({e})") from e
+        if unit == "file":
+            pieces = [(content.strip(), f"{file}")]
+        else:
+            pieces = [(line.strip(), f"{file}:{n}") for n, line in enumerate(content.splitlines(), 1)]
+        documents.extend((text, source) for text, source in pieces if text)
+    return documents
+
+
+def manifest_documents(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(text, ``manifest:line``) of each row of a manifest with a text; a blank one is skipped (as a blank line of a
+    ``.txt`` file), any other row without a valid text with a warning naming its line."""
+    lines = iter_rows(path)
+    column = find_columns([row for _, row in lines if not isinstance(row, BadRow)]).get("text")
+    if column is None:
+        raise ValueError(f"text data {os.fspath(path)!r}: the manifest has no text/caption/transcript/sentence column")
+    documents = []
+    for lineno, row in lines:
+        where = f"{os.fspath(path)}:{lineno}"
+        try:
+            if isinstance(row, BadRow):
+                raise SampleError(where, str(row))
+            if isinstance(row.get(column), str) and not row[column].strip():
+                continue
+            documents.append((clean_text(row.get(column), where), where))
+        except SampleError as e:
+            warnings.warn(f"skipping bad document {e.path}: {e.reason}", SkippedSampleWarning, stacklevel=3)
+    return documents
+
+
 class TextDocuments(Dataset):
-    """Documents of plain-text files, read as UTF-8 (a byte-order mark is skipped).
+    """Documents of plain-text files, read as UTF-8 (a byte-order mark is skipped), or of a manifest's text column.
 
     Args:
-        path: a ``.txt`` file or a folder of them.
-        unit: ``file`` (each file is one document) or ``line`` (each non-empty line is one).
+        path: a ``.txt`` file or a folder of them, or a ``.jsonl``/``.csv``/``.tsv`` manifest.
+        unit: ``file`` (each file is one document) or ``line`` (each non-empty line is one); a manifest's rows are
+            its documents either way.
     """
 
     def __init__(self, path: str | os.PathLike, *, unit: str = "file"):
         if unit not in UNITS:
             raise ValueError(f"text_documents: expected one of {list(UNITS)}, got {unit!r}")
         self.name = os.fspath(path)
-        self.documents: list[str] = []
-        self.sources: list[str] = []
-        for file in text_files(path):
-            try:
-                content = file.read_text(encoding="utf-8-sig")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"text data {os.fspath(file)!r} is not UTF-8 text ({e})") from e
-            if unit == "file":
-                pieces = [(content.strip(), f"{file}")]
-            else:
-                pieces = [(line.strip(), f"{file}:{n}") for n, line in enumerate(content.splitlines(), 1)]
-            for text, source in pieces:
-                if text:
-                    self.documents.append(text)
-                    self.sources.append(source)
+        suffix = Path(path).suffix.lower()
+        kind = ".tar" if self.name.lower().endswith((".tar", ".tgz", ".tar.gz")) else suffix
+        if kind in REFUSED:
+            raise ValueError(f"text data {self.name!r}: {REFUSED[kind]}")
+        pieces = manifest_documents(path) if suffix in MANIFEST_EXTENSIONS else file_documents(path, unit)
+        self.documents = [text for text, _ in pieces]
+        self.sources = [source for _, source in pieces]
         if not self.documents:
             raise ValueError(f"text data {self.name!r} holds no text")
 
