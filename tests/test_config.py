@@ -73,8 +73,8 @@ def test_stack_config_derives_heads_and_widths():
         (TextConfig, dict(vocab_size=10, eos_id=10), r"TextConfig.eos_id must be in \[0, vocab_size=10\), got 10"),
         (
             TextConfig,
-            dict(pool="max"),
-            r"TextConfig.pool must be one of \['eot', 'mean', 'cls', 'last', 'append_cls'\], got 'max'",
+            dict(pool="min"),
+            r"TextConfig.pool must be one of \['eot', 'mean', 'cls', 'max', 'last', 'append_cls'\], got 'min'",
         ),
         (TextConfig, dict(max_length=0), r"TextConfig.max_length must be > 0, got 0"),
     ],
