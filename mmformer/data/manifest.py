@@ -170,7 +170,9 @@ class ManifestDataset(RecordDataset):
         lines = iter_rows(self.path)
         rows = [row for _, row in lines if not isinstance(row, BadRow)]
         if not rows:
-            raise ValueError(f"manifest {self.path} has no rows")
+            bad = [(lineno, row) for lineno, row in lines if isinstance(row, BadRow)]
+            why = f": {self.path}, line {bad[0][0]}: {bad[0][1]}" if bad else ""
+            raise ValueError(f"manifest {self.path} has no rows{why}")
         columns = find_columns(rows, check_modalities(modalities))
         fields = pick_fields(str(self.path), modalities, set(columns))
         root = Path(root) if root is not None else self.path.parent
