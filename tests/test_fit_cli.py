@@ -43,14 +43,18 @@ def test_a_contrastive_only_run_generates_no_captions_in_validation(data, tmp_pa
     assert not any("caption" in k for k in logged), logged
 
 
-def test_errors_met_once_the_run_started_are_one_line(data, tmp_path):
+def test_errors_met_once_the_run_started_are_one_line(data, tmp_path, capsys):
     """A missing validation manifest (read when fitting starts, after the configuration is checked) was a traceback;
     so was ``mmformer test`` without test data, which otherwise ran 0 batches and reported nothing."""
+    from mmformer.cli.training import run_training_cli
+
     settings = tiny_config(tmp_path, data, max_steps=1, data={"val": str(tmp_path / "gone.jsonl")})
-    done = run_cli("fit", "--config", str(write_config(tmp_path / "c.yaml", settings)), timeout=180)
-    assert done.returncode == 1, done.stderr[-2000:]
-    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
-    assert "Traceback" not in done.stderr and errors and "gone.jsonl" in errors[0], done.stderr[-2000:]
+    with pytest.raises(SystemExit) as exit_:  # the command's entry point, in this process
+        run_training_cli(["fit", "--config", str(write_config(tmp_path / "c.yaml", settings))])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in err and errors[0].startswith("mmformer fit: error: ") and "gone.jsonl" in errors[0], err
     cli = fit_in_process(write_config(tmp_path / "t.yaml", tiny_config(tmp_path, data, max_steps=1)), run=False)
     with pytest.raises(ValueError, match=r"test: no test data was given \(set data.test"):
         cli.trainer.test(cli.model, datamodule=cli.datamodule)

@@ -146,12 +146,13 @@ def test_sigkill_mid_training_resumes_exactly(data, reference, tmp_path):
 def test_a_second_run_stops_while_the_first_writes_to_its_folders(data, reference, tmp_path):
     """Two runs on one checkpoint folder would overwrite each other's last.ckpt: while a run trains, a second one
     on its config stops before training, naming the folder and the process writing there; the first ends with the
-    weights it has alone. (Writes pause 2 s: after its first last.ckpt the first run trains for 6 s more.)"""
+    weights it has alone. (Writes pause 1 s: after its first last.ckpt the first run trains for 3 s more; the lock
+    going with a run that ended is shown by the tests that resume in this process.)"""
     settings = config(tmp_path, data)
     settings["trainer"]["callbacks"][0]["init_args"]["save_top_k"] = 0
     path = write_config(tmp_path / "config.yaml", settings)
     second = fit_in_process(path, run=False)  # built (data read, tokenizer trained) before the first run starts
-    proc = start_cli("fit", "--config", str(path), log=tmp_path / "output.txt", write_delay=2)
+    proc = start_cli("fit", "--config", str(path), log=tmp_path / "output.txt", write_delay=1)
     try:
         deadline = time.monotonic() + 200
         while not (tmp_path / "ckpt" / "last.ckpt").exists():
@@ -168,8 +169,6 @@ def test_a_second_run_stops_while_the_first_writes_to_its_folders(data, referenc
         proc.kill()
         proc.wait()
     assert max_diff(model_weights(tmp_path / "ckpt" / "last.ckpt"), reference) <= TOL
-    cli = fit_in_process(path, "--ckpt_path", "last")  # the lock went with the first process
-    assert cli.trainer.global_step == STEPS
 
 
 def test_a_run_that_ended_mid_epoch_continues_that_epoch(data, reference, tmp_path):
