@@ -75,3 +75,20 @@ def test_predict_writes_a_line_and_the_embeddings_of_each_sample(data, tmp_path)
     assert [r["index"] for r in rows] == list(range(10)) and [r["text"] for r in rows] == captions
     features = load_file(out / "embeddings.safetensors")  # read here, written by the command's process
     assert features["image_features"].shape == features["text_features"].shape == (10, 16)
+
+
+def test_a_run_bounded_by_max_steps_shows_its_epoch_without_minus_2(data, tmp_path):
+    """Lightning's rich bar read "Epoch 0/-2" (max_epochs -1) in every ``fit`` of a config with max_steps."""
+    from mmformer.cli.training import StepsProgressBar
+
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, data, max_steps=1))
+    cli = fit_in_process(config, "--trainer.enable_progress_bar", "true", run=False)
+    (bar,) = [c for c in cli.trainer.callbacks if isinstance(c, StepsProgressBar)]
+    bar._trainer = cli.trainer  # what Lightning's setup sets
+    assert bar._get_train_description(0).strip() == "Epoch 0"
+    cli = fit_in_process(config, "--trainer.enable_progress_bar", "true", "--trainer.max_epochs", "3", run=False)
+    (bar,) = [c for c in cli.trainer.callbacks if isinstance(c, StepsProgressBar)]
+    bar._trainer = cli.trainer
+    assert bar._get_train_description(1).strip() == "Epoch 1/2"  # Lightning's own, with an epoch bound
+    cli = fit_in_process(config, run=False)  # enable_progress_bar false (the tiny config): no bar added
+    assert not [c for c in cli.trainer.callbacks if isinstance(c, StepsProgressBar)]

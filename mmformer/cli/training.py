@@ -8,6 +8,8 @@ the task checks that the tokenizer fits the checkpoint's token table.
 
 What the CLI adds to LightningCLI:
 
+- a run bounded by ``max_steps`` shows "Epoch N" in Lightning's rich progress bar (:class:`StepsProgressBar`), not
+  "Epoch N/-2";
 - ``predict`` writes its predictions (:class:`~mmformer.tasks.predictions.PredictionWriter`: a JSON line and the
   embeddings of each sample, under ``trainer.default_root_dir``/predictions) unless the config has a writer;
 - crash-safe checkpoints and exact resumes by default: :class:`~mmformer.io.checkpointing.AtomicCheckpointIO`
@@ -43,7 +45,8 @@ from typing import Any, get_type_hints
 from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -172,6 +175,9 @@ class MMFormerCLI(LightningCLI):
             callbacks.append(RandomStateCallback())
         if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
             callbacks.append(PredictionWriter())  # Lightning's predict writes nothing of itself
+        shown = kwargs.get("enable_progress_bar", config.get("enable_progress_bar")) is not False
+        if shown and _RICH_AVAILABLE and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(StepsProgressBar())  # Lightning's default, without "Epoch 0/-2"
         extra = {"callbacks": callbacks}
         strategy = strategy_from_name(kwargs.get("strategy", config.get("strategy")))
         if isinstance(strategy, FSDP2Strategy):
@@ -194,6 +200,17 @@ class MMFormerCLI(LightningCLI):
             self.trainer.fit(**kwargs)
         finally:
             release_folders(held)
+
+
+class StepsProgressBar(RichProgressBar):
+    """Lightning's default progress bar (rich), whose epoch read "Epoch 0/-2" in a run bounded by ``max_steps`` (its
+    ``max_epochs`` is -1): there, the epoch alone."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        description = f"Epoch {current_epoch}"
+        return f"{description:{len(self.validation_description)}}"  # as Lightning pads it: no flicker
 
 
 def _move_renamed(section: Namespace) -> None:
