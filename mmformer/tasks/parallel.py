@@ -30,7 +30,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from mmformer.io.atomic import fsync_path
-from mmformer.io.pretrained import swap_in
+from mmformer.io.pretrained import read_torch, swap_in
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -105,7 +105,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         from lightning.fabric.strategies.model_parallel import _load_raw_module_state
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        checkpoint = read_torch(path)  # weights only, whatever the caller asks: a checkpoint never runs code
         module, strict = self.model, self.lightning_module.strict_loading
         scalars = {name for name, param in module.named_parameters() if tuple(param.shape) == (1,)}
         state_dict = {k: _vector(v) if k in scalars else v for k, v in checkpoint.pop("state_dict").items()}
