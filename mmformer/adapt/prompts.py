@@ -17,7 +17,6 @@ Shape legend: M context vectors, P prefix vectors, D text width, C classes, T to
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -25,7 +24,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from mmformer.io.atomic import fsync_path, umask_mode
+from mmformer.io.atomic import write_bytes_atomic
 from mmformer.io.weights import base_layer
 from mmformer.values import is_int
 
@@ -98,18 +97,7 @@ class SoftPrompt(nn.Module):
             {PROMPT_KEY: self.vectors.detach().float().cpu().contiguous()},
             metadata={KIND_KEY: self.kind, "format_version": PROMPT_FORMAT_VERSION},
         )
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, umask_mode(0o666))
-            os.replace(tmp, path)
-            fsync_path(path.parent)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_bytes_atomic(path, data)
 
 
 class ContextPrompt(SoftPrompt):

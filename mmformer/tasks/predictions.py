@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import safetensors.torch
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from safetensors.torch import save_file
 
-from mmformer.io.atomic import umask_mode, write_text_atomic
+from mmformer.io.atomic import write_bytes_atomic, write_text_atomic
 
 FEATURES = ("image_features", "audio_features", "text_features")
 TEXTS = {"source": "source", "text": "text", "captions": "caption", "transcripts": "transcript"}  # batch key → row key
@@ -60,22 +59,9 @@ class PredictionWriter(BasePredictionWriter):
         suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         write_text_atomic(out / f"predictions{suffix}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         if features:
-            _save_atomic(
-                {k: torch.cat(v).contiguous() for k, v in features.items()}, out / f"embeddings{suffix}.safetensors"
-            )
+            tensors = {k: torch.cat(v).contiguous() for k, v in features.items()}
+            write_bytes_atomic(out / f"embeddings{suffix}.safetensors", safetensors.torch.save(tensors))
 
 
 def _plain(value: Any) -> Any:
     return str(value) if isinstance(value, os.PathLike) else value
-
-
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.chmod(tmp, umask_mode(0o666))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
