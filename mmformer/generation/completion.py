@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mmformer.generation.decoding import DecodingOptions, generate, processor_with_tokenizer, ragged
+from mmformer.generation.decoding_rules import text_to_text
 from mmformer.generation.token_choice import StopStrings
 from mmformer.io.weights import model_device
 
@@ -55,9 +56,7 @@ def continues_prompts(model: MultimodalTransformer) -> bool:
         return False
     if not cfg.stacks[routes["decoder"]].cross_attention:
         return True
-    return (
-        "image" not in routes and "audio" not in routes and routes.get("text", routes["decoder"]) == routes["decoder"]
-    )
+    return "image" not in routes and "audio" not in routes and not text_to_text(model)
 
 
 def complete(

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from mmformer.embedders.checks import check_prefix, check_token_ids
-from mmformer.generation.decoding_rules import default_prompt, prompt_length
+from mmformer.generation.decoding_rules import default_prompt, prompt_length, text_to_text
 from mmformer.generation.score_processing import build_score_processors, model_end_ids
 from mmformer.generation.search import BeamSearch, DecoderRunner, TokenSearch
 from mmformer.generation.token_choice import StopStrings, token_chooser
@@ -191,20 +191,6 @@ def _memory(
     if input_ids is not None:  # text-to-text (T5): the text encoder's states
         return model.encode_text_tokens(input_ids, attention_mask)
     return None, None
-
-
-def _text_to_text(model: MultimodalTransformer) -> bool:
-    """Whether the decoder reads a text encoder of its own (T5): a cross-attending decoder stack beside a separate
-    text stack, and no image or audio tower."""
-    routes = model.config.routes
-    decoder = routes.get("decoder")
-    return (
-        decoder is not None
-        and model.config.stacks[decoder].cross_attention
-        and routes.get("text", decoder) != decoder
-        and "image" not in routes
-        and "audio" not in routes
-    )
 
 
 class GraphModel(Protocol):
@@ -438,7 +424,7 @@ def generate(
     memory, memory_mask = _memory(
         graphs or model, image, audio, audio_lengths, audio_features, feature_lengths, input_ids, attention_mask
     )
-    if memory is None and _text_to_text(model):
+    if memory is None and text_to_text(model):
         raise ValueError(
             "generate: this text-to-text model's decoder reads its text encoder's states; pass input_ids= (with "
             "attention_mask=), the text the encoder reads — prompt_ids= alone would decode without the encoder"

@@ -1,4 +1,5 @@
-"""A checkpoint's decoder prompt: ``[bos]``, or Whisper's ``[start, language, task, no-timestamps]`` with the
+"""What a checkpoint's decoder reads (:func:`text_to_text`: a text encoder of its own, T5) and its decoder prompt:
+``[bos]``, or Whisper's ``[start, language, task, no-timestamps]`` with the
 language detected from the audio as Whisper does. (The checkpoint's rules on the scores — ``suppress_tokens``,
 ``begin_suppress_tokens`` — are score processors: :mod:`mmformer.generation.score_processing`.)
 
@@ -14,6 +15,21 @@ import torch
 if TYPE_CHECKING:
     from mmformer.generation.decoding import DecodingOptions
     from mmformer.model import MultimodalTransformer
+
+
+# ---------------------------------------------------------------------- what the decoder reads
+def text_to_text(model: MultimodalTransformer) -> bool:
+    """Whether the decoder reads a text encoder of its own (T5): a cross-attending decoder stack beside a separate
+    text stack, and no image or audio tower."""
+    routes = model.config.routes
+    decoder = routes.get("decoder")
+    return (
+        decoder is not None
+        and model.config.stacks[decoder].cross_attention
+        and routes.get("text", decoder) != decoder
+        and "image" not in routes
+        and "audio" not in routes
+    )
 
 
 # ---------------------------------------------------------------------- the default prompt
