@@ -315,7 +315,7 @@ class MultimodalDataModule(L.LightningDataModule):
         without ``data.test``, which ran 0 batches and reported nothing) is a ValueError naming the key. Raised here,
         not in the loader hooks: Lightning patches DataLoader classes around those and an exception there leaves
         them patched for the rest of the process."""
-        needed = {"fit": "train", "validate": "val", "test": "test", "predict": "predict"}.get(stage)
+        needed = STAGES[stage][0] if stage in STAGES else None  # the split a stage cannot run without
         if needed is not None and self.paths[needed] is None:
             raise ValueError(f"{needed}: no {needed} data was given (set data.{needed} to a path)")
         for split in STAGES.get(stage, tuple(self.paths)):
