@@ -92,19 +92,16 @@ def lm_head_tied(
     return head not in state or (tokens is not None and torch.equal(state[head], tokens))
 
 
-def extra_eos_ids(config: Mapping[str, Any], directory: Path | None, eos_id: int | None) -> tuple[int, ...]:
-    """The end-of-text ids a checkpoint lists besides ``eos_id`` (the one ``TextConfig.eos_id`` holds): config.json's
-    and generation_config.json's ``eos_token_id`` lists (Llama 3: ``[128001, 128008, 128009]``), which Hugging Face's
-    ``generate`` stops at, each of them."""
+def extra_eos_ids(config: Mapping[str, Any], directory: Path | None, eos_id: int | None) -> list[int]:
+    """``TextConfig.extra_eos_ids``: the end-of-text ids a checkpoint lists besides ``eos_id`` (the one
+    ``TextConfig.eos_id`` holds), from config.json's and generation_config.json's ``eos_token_id`` lists (Llama 3:
+    ``[128001, 128008, 128009]``), which Hugging Face's ``generate`` stops at, each of them (``TextConfig`` refuses
+    ids outside the vocabulary)."""
     generation = (read_json(directory / "generation_config.json") if directory is not None else None) or {}
     ids: list[int] = []
     for value in (config.get("eos_token_id"), generation.get("eos_token_id")):
         ids += [v for v in (value if isinstance(value, (list, tuple)) else [value]) if is_int(v)]
-    vocab = config.get("vocab_size")
-    outside = [i for i in ids if not (0 <= i < (vocab or i + 1))]
-    if outside:
-        raise ValueError(f"eos_token_id: ids {outside} are outside the vocabulary [0, {vocab})")
-    return tuple(i for i in dict.fromkeys(ids) if i != eos_id)
+    return [i for i in dict.fromkeys(ids) if i != eos_id]
 
 
 def first_id(value: Any) -> Any:

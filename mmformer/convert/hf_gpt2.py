@@ -36,7 +36,7 @@ _IGNORED = ["h.*.attn.bias", "h.*.attn.masked_bias"]
 END_OF_TEXT = "<|endoftext|>"
 
 
-def _model_config(cfg: dict[str, Any], tied: bool) -> ModelConfig:
+def _model_config(cfg: dict[str, Any], tied: bool, directory: Any = None) -> ModelConfig:
     for key, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
         if cfg.get(key, supported) != supported:
             raise UnsupportedModelError(f"hf_gpt2: {key}={cfg[key]!r} (only {supported})")
@@ -60,6 +60,7 @@ def _model_config(cfg: dict[str, Any], tied: bool) -> ModelConfig:
         pad_id=pad if pad is not None else eos,
         bos_id=cfg.get("bos_token_id", eos),
         eos_id=eos,
+        extra_eos_ids=extra_eos_ids(cfg, directory, eos),
     )
     return ModelConfig(
         stacks={"decoder": stack},
@@ -105,7 +106,7 @@ def from_hf_gpt2(path_or_model: Any) -> MultimodalTransformer:
     )
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     tied = lm_head_tied(state, "lm_head.weight", "wte.weight", cfg)
-    model = build_on_meta(MultimodalTransformer, _model_config(cfg, tied))
+    model = build_on_meta(MultimodalTransformer, _model_config(cfg, tied, directory))
 
     wm = WeightMap(state, name="hf_gpt2", ignore=_IGNORED + (["lm_head.weight"] if tied else []))
     wm.copy("text_embed.tokens.weight", "wte.weight")
@@ -124,5 +125,4 @@ def from_hf_gpt2(path_or_model: Any) -> MultimodalTransformer:
     wm.initialise("logit_scale")  # mmformer-only, unused by a language model
     wm.load_into(model)
     model.processor = build_processor(_tokenizer(directory, cfg["n_positions"]))
-    model.config.text.extra_eos_ids = list(extra_eos_ids(cfg, directory, model.config.text.eos_id))
     return model.eval()

@@ -72,7 +72,7 @@ def _biases(cfg: dict[str, Any], model_type: str) -> tuple[bool, bool]:
     return attention, attention
 
 
-def _model_config(cfg: dict[str, Any], model_type: str, tied: bool) -> ModelConfig:
+def _model_config(cfg: dict[str, Any], model_type: str, tied: bool, directory: Any = None) -> ModelConfig:
     if cfg.get("hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"hf_llama: hidden_act={cfg['hidden_act']!r} (only 'silu', i.e. SwiGLU)")
     if cfg.get("use_sliding_window", False) or (model_type == "llama" and cfg.get("sliding_window")):
@@ -107,6 +107,7 @@ def _model_config(cfg: dict[str, Any], model_type: str, tied: bool) -> ModelConf
         pad_id=pad if pad is not None else (eos if eos is not None else 0),
         bos_id=bos if bos is not None else eos,
         eos_id=eos if eos is not None else bos,
+        extra_eos_ids=extra_eos_ids(cfg, directory, eos if eos is not None else bos),
     )
     return ModelConfig(
         stacks={"decoder": stack},
@@ -136,7 +137,7 @@ def from_hf_llama(path_or_model: Any) -> MultimodalTransformer:
     model_type = cfg.get("model_type", "llama")
     state = {k.removeprefix("model."): v for k, v in state.items()}
     tied = lm_head_tied(state, "lm_head.weight", "embed_tokens.weight", cfg)
-    config = _model_config(cfg, model_type, tied)
+    config = _model_config(cfg, model_type, tied, directory)
     model = build_on_meta(MultimodalTransformer, config)
 
     wm = WeightMap(state, name=f"hf_{model_type}", ignore=_IGNORED + (["lm_head.weight"] if tied else []))
@@ -163,5 +164,4 @@ def from_hf_llama(path_or_model: Any) -> MultimodalTransformer:
     wm.load_into(model)
     tokenizer = read_hf_tokenizer(directory)
     model.processor = build_processor(tokenizer)
-    model.config.text.extra_eos_ids = list(extra_eos_ids(cfg, directory, config.text.eos_id))
     return model.eval()
