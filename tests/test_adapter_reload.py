@@ -1,5 +1,5 @@
 """Every adapter ``mmformer fit`` writes works where users load it: trained through the CLI (LoRA with trainable token
-rows, with ``modules_to_save``, DoRA), exported from the run's checkpoint, reloaded in a new process through
+rows and DoRA, LoRA with ``modules_to_save``), exported from the run's checkpoint, reloaded in a new process through
 ``from_pretrained(base, adapter=DIR)`` and through the CLI's ``--adapter``, then decoded (caption, transcribe,
 generate with beams, zero-shot) — equal to the adapted model that trained, in the process that trained it; its towers
 exported to ONNX give the same zero-shot probabilities in onnxruntime; and ``mmformer merge`` gives the same logits
@@ -30,9 +30,13 @@ from mmformer.zeroshot import ZeroShotClassifier
 pytest.importorskip("peft")
 
 KINDS = {
-    "trainable_tokens": {"r": 2, "target_modules": ["qkv"], "trainable_token_indices": [5, 6, 7, 8]},
     "modules_to_save": {"r": 2, "target_modules": ["qkv", "mlp"], "modules_to_save": ["image_proj", "lm_head"]},
-    "dora": {"r": 2, "target_modules": ["all"], "use_dora": True},
+    "dora+trainable_tokens": {
+        "r": 2,
+        "target_modules": ["all"],
+        "use_dora": True,
+        "trainable_token_indices": [5, 6, 7, 8],
+    },
 }
 DECODING = {"max_new_tokens": 5}
 CLASSES = WORDS[:4]
@@ -119,8 +123,8 @@ def probe(model: MultimodalTransformer) -> torch.Tensor:
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_adapter_written_by_fit_decodes_the_same_in_a_new_process(pretrained, tmp_path, kind):
     root, train, wav = pretrained
-    config = tiny_config(tmp_path, train, max_steps=2, model={"model": None, "init_from": str(root / "base")})
-    config["model"]["lora"] = KINDS[kind]
+    adapt = {"init_from": str(root / "base"), "lora": KINDS[kind]}
+    config = tiny_config(tmp_path, train, max_steps=2, model={"model": None, "adapt": adapt})
     cli = fit_in_process(write_config(tmp_path / "config.yaml", config))
     trained = cli.model.model.eval()
     assert adapters.has_adapter(trained)
