@@ -6,7 +6,9 @@ test split: distillation into a quarter-size student, quantization per method, a
     python -m benchmarks.compress export
     python -m benchmarks.compress backends [--backends "pt2e static,..."]      # int8 backends + bf16 vs float32
     python -m benchmarks.compress all --tiny --no-save                         # the smoke run (the test suite runs
-                                                                               # it in three parts)
+                                                                               # it in three parts), on a one-block
+                                                                               # copy of the model
+    python -m benchmarks.compress backends --model DIR                         # another digits-trained model
 
 Distillation trains two students of about a quarter of the teacher's parameters (the teacher's config with half its
 width) for the demo's step budget (configs/digits.yaml), with the teacher's tokenizer: one on the labels alone, one
@@ -73,14 +75,33 @@ def evaluate(model_dir: Path, manifest: Path) -> dict:
     return {k: results[k] for k in [*METRICS, "speech_cer"]}
 
 
+def one_block_copy(model_dir: Path, out: Path) -> Path:
+    """The model in ``model_dir`` with only the first block of each stack (its weights; the rest as they are), saved
+    to ``out`` with the model's processor: what ``--tiny`` measures, so that a smoke run's exports, quantizations and
+    evaluations go through every line of the full run with a quarter of the digits model's graph."""
+    import dataclasses
+
+    import mmformer
+
+    model = mmformer.load_pretrained(model_dir)
+    stacks = {
+        name: dataclasses.replace(stack, depth=min(stack.depth, 1)) for name, stack in model.config.stacks.items()
+    }
+    copy = mmformer.MultimodalTransformer(dataclasses.replace(model.config, stacks=stacks))
+    kept = copy.state_dict().keys()
+    copy.load_state_dict({k: v for k, v in model.state_dict().items() if k in kept}, strict=True)
+    copy.save_pretrained(out, processor=model.processor)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- distillation
-def student_config(out: Path, steps: int | None, teacher: dict | None, tiny: bool) -> Path:
+def student_config(out: Path, steps: int | None, teacher: dict | None, tiny: bool, model_dir: Path) -> Path:
     """configs/digits.yaml with half the teacher's width (about a quarter of its parameters), the teacher's tokenizer,
     its own output folders and, for the distilled student, the teacher."""
     import yaml
 
     config = yaml.safe_load(CONFIG.read_text())
-    width = json.loads((MODEL / "config.json").read_text())["stacks"]["shared"]["width"] // 2
+    width = json.loads((model_dir / "config.json").read_text())["stacks"]["shared"]["width"] // 2
     model = config["model"]
     model["model"]["stacks"]["shared"]["width"] = width
     model["model"]["embed_dim"] = width
@@ -95,7 +116,7 @@ def student_config(out: Path, steps: int | None, teacher: dict | None, tiny: boo
     if tiny:
         trainer["limit_val_batches"] = 0
         config["data"]["batch_size"] = 8
-    config["data"]["tokenizer"] = str(MODEL / "tokenizer.json")
+    config["data"]["tokenizer"] = str(model_dir / "tokenizer.json")
     config["data"]["packing"] = False  # distillation reads padded batches (both students, for a like comparison)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.yaml"
@@ -104,7 +125,7 @@ def student_config(out: Path, steps: int | None, teacher: dict | None, tiny: boo
 
 
 def train_student(
-    out: Path, steps: int | None, teacher: dict | None, tiny: bool, workers: int | None = None
+    out: Path, steps: int | None, teacher: dict | None, tiny: bool, model_dir: Path, workers: int | None = None
 ) -> tuple[Path, float, int]:
     """Train one student; its exported folder, training seconds and parameter count."""
     import mmformer
@@ -112,7 +133,7 @@ def train_student(
 
     _, workers = share_cores(os.cpu_count() or 1, workers=workers)  # loader processes, as the demo picks them
     start = time.perf_counter()
-    ckpt = train(str(student_config(out, steps, teacher, tiny)), out, workers)
+    ckpt = train(str(student_config(out, steps, teacher, tiny, model_dir)), out, workers)
     seconds = time.perf_counter() - start
     model = mmformer.load_pretrained(ckpt)
     model.save_pretrained(out / "model")
@@ -122,9 +143,10 @@ def train_student(
 def distill(args: argparse.Namespace, out: Path, manifest: Path) -> list[dict]:
     import mmformer
 
-    teacher = mmformer.load_pretrained(MODEL)
-    rows = [{"model": "teacher", "params": sum(p.numel() for p in teacher.parameters()), **evaluate(MODEL, manifest)}]
-    options = {"distill": {"teacher": str(MODEL), "temperature": args.temperature, "weight": args.distill_weight,
+    teacher = mmformer.load_pretrained(args.model)
+    rows = [{"model": "teacher", "params": sum(p.numel() for p in teacher.parameters()),
+             **evaluate(args.model, manifest)}]  # fmt: skip
+    options = {"distill": {"teacher": str(args.model), "temperature": args.temperature, "weight": args.distill_weight,
                            "feature_weight": args.feature_weight}}  # fmt: skip
     variant = f"distilled_T{args.temperature:g}_w{args.distill_weight:g}_f{args.feature_weight:g}"
     for name, teacher_path in (("student, labels only", None), ("student, distilled", options)):
@@ -133,7 +155,9 @@ def distill(args: argparse.Namespace, out: Path, manifest: Path) -> list[dict]:
         if args.reuse and (folder / "model" / "model.safetensors").is_file():
             model_dir, seconds, params = folder / "model", float("nan"), None
         else:
-            model_dir, seconds, params = train_student(folder, args.steps, teacher_path, args.tiny, args.workers)
+            model_dir, seconds, params = train_student(
+                folder, args.steps, teacher_path, args.tiny, args.model, args.workers
+            )
         if params is None:
             params = sum(p.numel() for p in mmformer.load_pretrained(model_dir).parameters())
         rows.append({"model": name, "params": params, **evaluate(model_dir, manifest), "train_s": seconds,
@@ -155,19 +179,19 @@ def distill(args: argparse.Namespace, out: Path, manifest: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- quantization
-def timing_inputs(manifest: Path, batch: int) -> dict:
-    """The first ``batch`` test rows as model inputs, through the shipped model's processor."""
+def timing_inputs(manifest: Path, batch: int, model_dir: Path) -> dict:
+    """The first ``batch`` test rows as model inputs, through the model's processor."""
     import mmformer
     from mmformer.demos.digits import read_manifest
 
     rows = read_manifest(manifest)[:batch]
-    processor = mmformer.Processor.from_pretrained(MODEL)
+    processor = mmformer.Processor.from_pretrained(model_dir)
     return {**processor(images=[r["image"] for r in rows], audio=[r["audio_filepath"] for r in rows]),
             "files": [r["audio_filepath"] for r in rows]}  # fmt: skip
 
 
-def qat_finetune(out: Path, steps: int, tiny: bool, lr: float = 2e-5) -> Path:
-    """Fine-tune the shipped model for ``steps`` with fake quantization (dynamic int8) at a low learning rate; the
+def qat_finetune(out: Path, steps: int, tiny: bool, model_dir: Path, lr: float = 2e-5) -> Path:
+    """Fine-tune the model for ``steps`` with fake quantization (dynamic int8) at a low learning rate; the
     task converts it when fit ends. Returns the quantized model's folder."""
     import yaml
 
@@ -175,7 +199,7 @@ def qat_finetune(out: Path, steps: int, tiny: bool, lr: float = 2e-5) -> Path:
     from mmformer.cli.training import build_cli
 
     config = yaml.safe_load(CONFIG.read_text())
-    config["model"]["model"] = json.loads((MODEL / "config.json").read_text())
+    config["model"]["model"] = json.loads((model_dir / "config.json").read_text())
     for key in ("format_version", "mmformer_version"):
         config["model"]["model"].pop(key, None)
     optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr, "weight_decay": 0.05}}
@@ -184,13 +208,13 @@ def qat_finetune(out: Path, steps: int, tiny: bool, lr: float = 2e-5) -> Path:
     trainer = config["trainer"]
     trainer.update(max_steps=steps, default_root_dir=str(out), limit_val_batches=0, callbacks=[], logger=False,
                    enable_checkpointing=False)  # fmt: skip
-    config["data"]["tokenizer"] = str(MODEL / "tokenizer.json")
+    config["data"]["tokenizer"] = str(model_dir / "tokenizer.json")
     if tiny:
         config["data"]["batch_size"] = 8
     out.mkdir(parents=True, exist_ok=True)
     (out / "qat.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     cli = build_cli(["--config", str(out / "qat.yaml")], run=False)
-    teacher = mmformer.load_pretrained(MODEL)
+    teacher = mmformer.load_pretrained(model_dir)
     cli.model.model.load_state_dict(teacher.state_dict())  # FakeQuantizedLinear keeps nn.Linear's keys
     cli.trainer.fit(cli.model, cli.datamodule)
     model = cli.model.model  # converted by the task at the end of fit
@@ -206,13 +230,13 @@ def quantize_section(args: argparse.Namespace, out: Path, manifest: Path) -> lis
     from mmformer.generation.decoding import generate
 
     dirs = {"fp32": out / "fp32"}  # the shipped model is stored in float16: sizes compare with its float32 file
-    mmformer.load_pretrained(MODEL).save_pretrained(dirs["fp32"])
+    mmformer.load_pretrained(args.model).save_pretrained(dirs["fp32"])
     compact = {"embeddings": True, "float_storage": "bfloat16"}  # int8 token table, float rest stored as bf16
     variants = [("dynamic", "dynamic", {}), ("dynamic compact", "dynamic", compact), ("int8-weight", "int8-weight", {}),
                 ("int4-weight", "int4-weight", {}), ("int4-weight compact", "int4-weight", compact),
                 ("static", "static", {})]  # fmt: skip
     for name, method, options in variants:
-        model = mmformer.load_pretrained(MODEL)
+        model = mmformer.load_pretrained(args.model)
         calibration = None
         if method == "static":
             calibration = calibration_batches(model, args.calib, max_samples=16 if args.tiny else 128)
@@ -222,10 +246,10 @@ def quantize_section(args: argparse.Namespace, out: Path, manifest: Path) -> lis
         dirs[name] = out / name.replace(" ", "_")
         model.save_pretrained(dirs[name])
         print(f"{name}: quantized in {seconds:.1f} s")
-    dirs["qat-dynamic"] = qat_finetune(out / "qat", args.qat_steps, args.tiny, args.qat_lr)
+    dirs["qat-dynamic"] = qat_finetune(out / "qat", args.qat_steps, args.tiny, args.model, args.qat_lr)
 
     load = load_average()
-    inputs = timing_inputs(manifest, args.batch)
+    inputs = timing_inputs(manifest, args.batch, args.model)
     models = {name: mmformer.load_pretrained(path) for name, path in dirs.items()}
 
     def encode(m):
@@ -283,7 +307,7 @@ def export_section(args: argparse.Namespace, out: Path, manifest: Path) -> list[
     from mmformer.ship import export
     from mmformer.ship.onnx_runner import OnnxModel
 
-    model = mmformer.load_pretrained(MODEL)
+    model = mmformer.load_pretrained(args.model)
     seconds = {}
     for fmt in export.FORMATS:
         start = time.perf_counter()
@@ -293,7 +317,7 @@ def export_section(args: argparse.Namespace, out: Path, manifest: Path) -> list[
     args.float_onnx = str(out / "onnx")  # the backends section of the same run reads it: the same float32 model
     threads = torch.get_num_threads()
     runner = OnnxModel(out / "onnx", threads=threads)
-    inputs = timing_inputs(manifest, args.batch)
+    inputs = timing_inputs(manifest, args.batch, args.model)
     processor = model.processor
     features = model.audio_embed.features(inputs["audio"], inputs["audio_lengths"])
     frames = model.audio_embed.features.frames(inputs["audio_lengths"])
@@ -467,7 +491,7 @@ def backends_section(args: argparse.Namespace, out: Path, manifest: Path) -> lis
     out.mkdir(parents=True, exist_ok=True)
     limit = args.limit
     splits = {s: split_manifest(s, limit, out) for s in ("test", "test_hard")}
-    float_model = mmformer.load_pretrained(MODEL).float().eval()
+    float_model = mmformer.load_pretrained(args.model).float().eval()
     processor = float_model.processor
     calibration = calibration_batches(float_model, args.calib, max_samples=16 if args.tiny else 128)
     compile = args.compile or not args.tiny  # the PT2E graphs are meant to run compiled; the smoke run skips it
@@ -552,6 +576,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "section", nargs="*", default=["all"], choices=(*SECTIONS, "all"), help="sections to run (in the order above)"
     )
+    p.add_argument(
+        "--model", type=Path, default=MODEL, help="the model measured (a pretrained folder trained on digits)"
+    )
     p.add_argument("--out", default="runs/compress", help="where students, quantized models and exports go")
     p.add_argument("--steps", type=int, default=None, help="student training steps (default: the demo's budget)")
     p.add_argument("--reuse", action="store_true", help="evaluate students already trained under --out")
@@ -577,6 +604,8 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(tmp) if args.tiny else Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         manifest = test_manifest(args.limit, out)
+        if args.tiny:  # the same code on a one-block copy of the model: exports, quantization and metrics run faster
+            args.model = one_block_copy(args.model, out / "one_block_model")
         print(f"machine: {machine()}; load average {load_average():.2f}")
         for section in sections:
             run = {"distill": distill, "quantize": quantize_section, "export": export_section,
