@@ -305,6 +305,36 @@ def test_image_processor_resizes_then_crops_as_hugging_face(settings):
     assert Processor.from_dict({"image": saved_before}).image.resize_size is None  # older saved configs still load
 
 
+def test_hf_clip_reads_the_image_processor_transformers_5_saves(tmp_path):
+    """transformers 5 saves a CLIPProcessor's image settings in processor_config.json ("image_processor"), with no
+    preprocessor_config.json; the converted processor follows them (not OpenAI's defaults), and a folder with
+    neither file warns, naming it."""
+    import json
+    import re
+
+    from PIL import Image
+    from transformers import CLIPProcessor, CLIPTokenizer
+
+    (tmp_path / "vocab.json").write_text(json.dumps({"a</w>": 0, "<|startoftext|>": 1, "<|endoftext|>": 2}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    settings = dict(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}, resample=2)
+    reference = _hf_pil_image_processor(image_mean=[0.5] * 3, image_std=[0.5] * 3, **settings)
+    folder = tmp_path / "clip"
+    _hf_clip(999).save_pretrained(folder)
+    CLIPProcessor(image_processor=reference, tokenizer=tokenizer).save_pretrained(folder)
+    if (folder / "preprocessor_config.json").exists():
+        pytest.skip("transformers < 5 saves preprocessor_config.json")
+    processor = from_hf_clip(folder).processor
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in [(53, 97), (40, 40)]]
+    expected = reference(images=images, return_tensors="pt").pixel_values
+    assert max_diff(processor(images=images)["pixel_values"], expected) < 1e-5
+    (folder / "processor_config.json").unlink()
+    with pytest.warns(UserWarning, match=re.escape(f"{folder}: no image processor settings")):
+        assert from_hf_clip(folder).processor.image.std == open_clip.OPENAI_DATASET_STD
+
+
 def test_hf_clip_tokenizer_cleans_text_as_hugging_face():
     """A Hugging Face CLIP checkpoint's tokenizer cleans text as its CLIPTokenizer (no HTML unescaping), not as
     open_clip (``&amp;`` stays five characters)."""

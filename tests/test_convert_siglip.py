@@ -148,6 +148,25 @@ def test_directory_and_processor(hf, tmp_path, inputs):
         assert (model.encode_image(pixels) - hf(input_ids=ids, pixel_values=pixels).image_embeds).abs().max() < ATOL
 
 
+def test_the_image_processor_transformers_5_saves_is_read(hf, tmp_path):
+    """transformers 5 saves a SiglipProcessor's image settings in processor_config.json ("image_processor"), with no
+    preprocessor_config.json: the converted processor follows them, not SigLIP's defaults."""
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast, SiglipImageProcessor, SiglipProcessor
+
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"</s>": 0, "<unk>": 1}, unk_token="<unk>"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="</s>", unk_token="<unk>")
+    image = SiglipImageProcessor(size={"height": 20, "width": 24}, image_mean=[0.1, 0.2, 0.3], image_std=[0.4] * 3,
+                                 resample=2)  # fmt: skip
+    hf.save_pretrained(tmp_path)
+    SiglipProcessor(image_processor=image, tokenizer=tokenizer).save_pretrained(tmp_path)
+    if (tmp_path / "preprocessor_config.json").exists():
+        pytest.skip("transformers < 5 saves preprocessor_config.json")
+    settings = from_hf_siglip(tmp_path).processor.image
+    assert settings.image_size == (20, 24) and settings.resize == "exact" and settings.interpolation == "bilinear"
+    assert settings.mean == tuple(image.image_mean) and settings.std == tuple(image.image_std)
+
+
 def test_unsupported_siglip_is_named(hf):
     import copy
 

@@ -130,3 +130,34 @@ def test_other_timm_architectures_are_unsupported_not_type_errors():
         from_timm_vit(eva)
     with pytest.raises(TypeError, match="expected a timm VisionTransformer"):
         from_timm_vit(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [{}, dict(crop_pct=0.875), dict(crop_pct=1.0), dict(crop_pct=1.0, crop_mode="squash")],
+    ids=["vit_tiny's crop_pct 0.9", "crop_pct 0.875", "no border", "squash"],
+)
+def test_the_processor_gives_timms_own_pixels(data):
+    """The processor's pixels are those of timm's eval transform (``create_transform(**resolve_data_config(...))``,
+    which resizes the shortest edge to ``floor(size / crop_pct)`` and center-crops), to a uint8 step."""
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, pretrained_cfg_overlay=data)
+    transform = create_transform(**resolve_data_config({}, model=ref))
+    processor = from_timm_vit(ref).processor
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(64, 64), (80, 120), (300, 200)]
+    ]
+    expected = torch.stack([transform(image) for image in images])
+    step = 1 / 255 / min(processor.image.std)  # one uint8 step, normalised
+    assert max_diff(processor(images=images)["pixel_values"], expected) <= step
+
+
+def test_a_crop_mode_without_equivalent_warns():
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1,
+                            pretrained_cfg_overlay=dict(crop_mode="border", crop_pct=0.95))  # fmt: skip
+    with pytest.warns(UserWarning, match="crop_mode='border' with crop_pct=0.95"):
+        assert from_timm_vit(ref).processor.image.resize == "shortest"

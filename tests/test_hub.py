@@ -299,6 +299,50 @@ def test_open_clip_tag_through_its_cache(hf_cache):
         mmformer.from_pretrained("open_clip:ViT-B-32/nope")
 
 
+def laion_like(folder, hf_folder, open_clip_model, model_cfg, preprocess_cfg):
+    """A folder as every laion/CLIP-* repository is: a Hugging Face CLIP folder (config.json, model.safetensors)
+    with open_clip's open_clip_config.json and open_clip_model.safetensors beside it."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(hf_folder, folder)
+    state = {k: v.contiguous() for k, v in open_clip_model.state_dict().items()}
+    save_file(state, folder / "open_clip_model.safetensors")
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_laion_repository_loads_as_open_clip_or_as_hugging_face(hf_cache, tmp_path):
+    """``open_clip:hf-hub:ID``, and its folder with ``source="open_clip"``, give open_clip's model (its weights, its
+    GELU from open_clip_config.json, its preprocessing); the folder or the id alone give the Hugging Face model."""
+    open_clip = pytest.importorskip("open_clip")
+    from mmformer.convert import from_open_clip
+
+    cfg = dict(embed_dim=16, vision_cfg=dict(image_size=16, layers=1, width=32, patch_size=8, head_width=16),
+               text_cfg=dict(context_length=8, vocab_size=99, width=16, heads=2, layers=1))  # fmt: skip
+    preprocess = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6], "interpolation": "bilinear"}
+    reference, hf = randomize_(open_clip.CLIP(**cfg), scale=0.1).eval(), tiny_clip()
+    put_in_cache(hf_cache, "openai/clip-tiny", saved(hf, tmp_path / "hf"))
+    folder = laion_like(tmp_path / "laion", tmp_path / "hf", reference, cfg, preprocess)
+    put_in_cache(hf_cache, "laion/CLIP-tiny", folder)
+    pixels = torch.randn(2, 3, 16, 16)
+    for model in (
+        mmformer.from_pretrained("open_clip:hf-hub:laion/CLIP-tiny"),
+        mmformer.from_pretrained(folder, source="open_clip"),
+        from_open_clip(folder),
+    ):
+        assert image_diff(model, pixels, reference.encode_image(pixels)) < ATOL
+        assert model.processor.image.mean == (0.1, 0.2, 0.3) and model.processor.image.interpolation == "bilinear"
+    with torch.no_grad():
+        hf_features = hf.get_image_features(pixel_values=pixels).pooler_output
+    for name in (folder, "laion/CLIP-tiny"):
+        assert image_diff(mmformer.from_pretrained(name), pixels, hf_features) < ATOL
+    with pytest.raises(ValueError, match="'open_clip:hf-hub:openai/clip-tiny' holds no open_clip_config.json"):
+        mmformer.from_pretrained("open_clip:hf-hub:openai/clip-tiny")
+
+
 def test_timm_name_through_its_cache(hf_cache):
     timm = pytest.importorskip("timm")
     from safetensors.torch import save_file

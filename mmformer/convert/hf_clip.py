@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,8 +46,8 @@ def from_hf_clip(path_or_model: str | os.PathLike | nn.Module) -> MultimodalTran
 
     Returns:
         The converted model in eval mode with ``model.processor`` set: CLIP's tokenizer when the vocabulary is
-        CLIP's, and the image pipeline from ``preprocessor_config.json`` when the directory has one (else OpenAI's
-        mean/std, bicubic shortest-edge resize + center crop at the vision config's image size).
+        CLIP's, and the directory's image pipeline (:func:`read_image_processor`; without one, or for an instance:
+        OpenAI's mean/std, bicubic shortest-edge resize + center crop at the vision config's image size).
     """
     if isinstance(path_or_model, nn.Module):
         for attr in ("vision_model", "text_model", "visual_projection", "text_projection", "config"):
@@ -58,7 +60,7 @@ def from_hf_clip(path_or_model: str | os.PathLike | nn.Module) -> MultimodalTran
     from transformers import CLIPConfig
 
     hf_config = CLIPConfig(**cfg)  # fills what save_pretrained leaves out (values equal to the defaults)
-    preprocessor: dict[str, Any] = (read_json(directory / "preprocessor_config.json") if directory else None) or {}
+    preprocessor = read_image_processor(directory, default="OpenAI CLIP's image pipeline")
     config = _model_config(hf_config, state)
     model = build_on_meta(MultimodalTransformer, config)
     _weight_map(state, config).load_into(model)
@@ -155,6 +157,29 @@ def map_layers(wm: WeightMap, target: str, source: str, depth: int) -> None:
         wm.copy_module(f"{t}.mlp.norm", f"{s}.layer_norm2")
         wm.copy_module(f"{t}.mlp.fn.fc1", f"{s}.mlp.fc1")
         wm.copy_module(f"{t}.mlp.fn.fc2", f"{s}.mlp.fc2")
+
+
+def read_image_processor(directory: Path | None, *, default: str) -> dict[str, Any]:
+    """The image processor settings saved in a Hugging Face folder (CLIP's, SigLIP's): ``preprocessor_config.json``,
+    or where it is absent ``processor_config.json``'s ``image_processor`` (transformers 5 saves a processor's parts
+    there, in one file). {} for a model instance; a folder with neither warns, naming it, that the processor
+    falls back to ``default``."""
+    if directory is None:
+        return {}
+    settings = read_json(directory / "preprocessor_config.json")
+    if settings is None:
+        processor = read_json(directory / "processor_config.json")
+        settings = processor.get("image_processor") if isinstance(processor, dict) else None
+    if settings is None:
+        warnings.warn(
+            f"{directory}: no image processor settings (preprocessor_config.json, or processor_config.json with an "
+            f"'image_processor'); the processor falls back to {default}",
+            stacklevel=3,
+        )
+        return {}
+    if not isinstance(settings, dict):
+        raise ValueError(f"{directory}: expected the image processor settings as a JSON object, got {settings!r}")
+    return settings
 
 
 def image_settings(pre: dict[str, Any]) -> dict[str, Any]:

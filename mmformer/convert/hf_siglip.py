@@ -38,9 +38,8 @@ from mmformer.convert.common import (
     read_hf_checkpoint,
     read_hf_tokenizer,
 )
-from mmformer.convert.hf_clip import image_settings, map_layers, stack_config
+from mmformer.convert.hf_clip import image_settings, map_layers, read_image_processor, stack_config
 from mmformer.convert.sentence_pipeline import hf_max_length
-from mmformer.io.hub import read_json
 from mmformer.io.weights import build_on_meta
 from mmformer.model import MultimodalTransformer
 
@@ -53,9 +52,9 @@ def from_hf_siglip(path_or_model: str | os.PathLike | nn.Module) -> MultimodalTr
     """Convert a Hugging Face ``SiglipModel`` (an instance, or a local ``save_pretrained`` directory) exactly.
 
     Returns:
-        The converted model in eval mode, with ``model.processor`` set: the image pipeline of
-        ``preprocessor_config.json`` (default: SigLIP's exact resize, bicubic, mean = std = 0.5) and the directory's
-        ``tokenizer.json`` if any.
+        The converted model in eval mode, with ``model.processor`` set: the directory's image pipeline
+        (:func:`~mmformer.convert.hf_clip.read_image_processor`; default: SigLIP's exact resize, bicubic,
+        mean = std = 0.5) and its ``tokenizer.json`` if any.
     """
     cfg, state, directory = read_hf_checkpoint(
         path_or_model, model_type="siglip", name="SigLIP", model_class="SiglipModel"
@@ -69,7 +68,7 @@ def from_hf_siglip(path_or_model: str | os.PathLike | nn.Module) -> MultimodalTr
     model = build_on_meta(MultimodalTransformer, config)
     _weight_map(state, config).load_into(model)
     model.eval()
-    pre = (read_json(directory / "preprocessor_config.json") if directory else None) or {}
+    pre = read_image_processor(directory, default="SigLIP's image pipeline")
     image: dict[str, Any] = dict(
         image_size=tuple(config.image.image_size), mean=SIGLIP_MEAN, std=SIGLIP_STD, interpolation="bicubic"
     )

@@ -22,6 +22,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from torch import nn
 
 from mmformer.config import ImageConfig, ModelConfig, StackConfig, TextConfig
 from mmformer.convert.common import (
+    STATE_DICT_NAMES,
     UnsupportedModelError,
     WeightMap,
     activation_kind,
@@ -38,6 +40,7 @@ from mmformer.convert.common import (
     load_state_dict,
     map_cross_attention,
 )
+from mmformer.io.hub import OPEN_CLIP_CONFIG, WEIGHT_FILES, read_json
 from mmformer.io.weights import build_on_meta
 from mmformer.model import MultimodalTransformer
 
@@ -45,6 +48,9 @@ __all__ = ["clip_processor", "from_open_clip"]
 
 CLIP_VOCAB_SIZE = 49408  # OpenAI CLIP's BPE vocabulary; the last id is <end_of_text>, the one before <start_of_text>
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")  # not weights
+# A folder's weights: open_clip's files first, as open_clip's own loader, since a LAION repository holds a Hugging Face
+# CLIP's model.safetensors beside them.
+FOLDER_WEIGHTS = tuple(dict.fromkeys([*WEIGHT_FILES["open_clip"][0], *WEIGHT_FILES["open_clip"][1], *STATE_DICT_NAMES]))
 
 
 def from_open_clip(
@@ -57,18 +63,22 @@ def from_open_clip(
 
     Args:
         model_or_state_dict: an ``open_clip.CLIP`` module, a state dict, or a path to one (safetensors or a
-            ``torch.save`` file; read with ``weights_only=True``).
+            ``torch.save`` file; read with ``weights_only=True``), or a folder in open_clip's layout
+            (``open_clip_model.safetensors``, read before a Hugging Face ``model.safetensors`` beside it as in
+            LAION's repositories, and ``open_clip_config.json``, whose ``model_cfg`` and ``preprocess_cfg`` are used).
         model_cfg: for a state dict only: the open_clip model config (as in open_clip's ``model_configs/*.json``:
             ``embed_dim``, ``vision_cfg``, ``text_cfg``, ``quick_gelu``); it supplies what shapes cannot tell
-            (head counts, activation, pooling, causal mask, norm epsilon). Without it the OpenAI defaults hold:
-            64-wide heads, QuickGELU, argmax text pooling, causal text, LayerNorm epsilon 1e-5.
+            (head counts, activation, pooling, causal mask, norm epsilon). Default: a folder's
+            ``open_clip_config.json``; without one the OpenAI defaults hold: 64-wide heads, QuickGELU, argmax text
+            pooling, causal text, LayerNorm epsilon 1e-5.
         quick_gelu: force QuickGELU (True) or GELU (False); None keeps the module's own activation, or for a state
             dict ``model_cfg["quick_gelu"]`` (open_clip's default False) when a config is given and True (OpenAI's
             weights) when not.
 
     Returns:
         The converted model in eval mode, with ``model.processor`` set (CLIP's tokenizer when the vocabulary is
-        CLIP's, and the image pipeline: shortest-edge resize + center crop, bicubic, OpenAI mean/std).
+        CLIP's, and the image pipeline of the module's or the folder's ``preprocess_cfg``, by default a
+        shortest-edge resize + center crop, bicubic, OpenAI mean/std).
     """
     preprocess = None
     if isinstance(model_or_state_dict, nn.Module):
@@ -84,7 +94,11 @@ def from_open_clip(
             config = _config_from_module(model_or_state_dict, quick_gelu)
             wm = _weight_map(state, config)
     elif isinstance(model_or_state_dict, Mapping) or is_path(model_or_state_dict):
-        state = load_state_dict(model_or_state_dict) if is_path(model_or_state_dict) else dict(model_or_state_dict)
+        path = is_path(model_or_state_dict)
+        state = load_state_dict(model_or_state_dict, FOLDER_WEIGHTS) if path else dict(model_or_state_dict)
+        saved = _folder_config(Path(model_or_state_dict)) if path else {}
+        model_cfg = saved.get("model_cfg") if model_cfg is None else model_cfg
+        preprocess = saved.get("preprocess_cfg")
         if model_cfg is not None and not isinstance(model_cfg, Mapping):
             raise TypeError(f"model_cfg: expected a dict (open_clip model config), got {type(model_cfg).__name__}")
         config = _config_from_state_dict(state, dict(model_cfg or {}), quick_gelu)
@@ -222,6 +236,21 @@ def _activation(act: str, quick_gelu: bool | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- from a state dict
+def _folder_config(path: Path) -> dict[str, Any]:
+    """A folder's ``open_clip_config.json`` (``model_cfg``, ``preprocess_cfg``: what ``open_clip.create_model``
+    reads from ``local-dir:`` and ``hf-hub:``); {} for a file, or a folder without one."""
+    saved = read_json(path / OPEN_CLIP_CONFIG) if path.is_dir() else None
+    if saved is None:
+        return {}
+    parts = ("model_cfg", "preprocess_cfg")
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(k, {}), dict) for k in parts):
+        raise ValueError(
+            f"{path / OPEN_CLIP_CONFIG}: expected a JSON object whose 'model_cfg' and 'preprocess_cfg' are objects, "
+            f"got {str(saved)[:200]}"
+        )
+    return saved
+
+
 _UNSUPPORTED_KEYS = (
     ("visual.trunk.", "timm image towers (visual.trunk.*)"),
     ("visual.layer1.", "ResNet image towers (visual.layer1.*)"),

@@ -18,6 +18,7 @@ attention / MLP classes (post-norm, parallel, SwiGLU), a patch-embedding norm.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -60,9 +61,11 @@ def from_timm_vit(
         **overrides: ``timm.create_model`` keyword arguments for a state dict (``img_size``, ``depth``, ...).
 
     Returns:
-        The converted model in eval mode with ``model.processor`` set: no tokenizer, and the image pipeline from
-        ``timm.data.resolve_data_config`` (mean/std, interpolation) at the model's image size: shortest-edge resize
-        + center crop (timm's ``crop_pct`` border is not reproduced).
+        The converted model in eval mode with ``model.processor`` set: no tokenizer, and the image pipeline of
+        timm's ``create_transform(**resolve_data_config({}, model=vit))`` at the model's image size: mean/std,
+        interpolation, the shortest edge resized to ``floor(size / crop_pct)`` then a center crop (``crop_mode``
+        'center'; 'squash' with ``crop_pct=1`` is an exact resize; other crop modes, and ``crop_pct`` on
+        non-square images, warn and fall back to a shortest-edge resize + center crop without the border).
     """
     if isinstance(model_or_state_dict, nn.Module):
         if model_name is not None or overrides:
@@ -287,7 +290,26 @@ def _processor(vit: nn.Module, config: ModelConfig):
         mean=tuple(data["mean"]),
         std=tuple(data["std"]),
         interpolation=interpolation if interpolation in ("bicubic", "bilinear", "nearest") else "bicubic",
-        resize="shortest",
         channels=channels,
+        **_resize(data, tuple(config.image.image_size)),
     )
     return build_processor(None, image=image)
+
+
+def _resize(data: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:
+    """The resize of timm's eval transform (``transforms_imagenet_eval``) as ``ImageProcessorConfig`` fields: in
+    crop mode 'center', the shortest edge to ``floor(size / crop_pct)``, then a center crop of ``size``."""
+    from timm.data import DEFAULT_CROP_PCT
+
+    crop_pct, mode = data.get("crop_pct") or DEFAULT_CROP_PCT, data.get("crop_mode") or "center"
+    h, w = size
+    if mode == "center" and h == w:
+        return dict(resize="shortest", resize_size=math.floor(h / crop_pct))
+    if crop_pct == 1 and mode in ("center", "squash"):  # no border: cover then crop, or a plain resize
+        return dict(resize="shortest" if mode == "center" else "exact")
+    warnings.warn(
+        f"timm crop_mode={mode!r} with crop_pct={crop_pct} at image size {size} has no mmformer equivalent; the "
+        "processor resizes the shortest edge to the image size and center-crops instead",
+        stacklevel=4,
+    )
+    return dict(resize="shortest")

@@ -241,7 +241,10 @@ def _convert(forced: str, source: Source, model_kwargs: dict[str, Any] | None) -
 
     if forced not in SOURCES:
         raise ValueError(f"source: expected one of {sorted(SOURCES)}, got {forced!r}")
-    target = source if source.kind == "hf" else source.path  # a Hugging Face converter takes the config read once
+    # A Hugging Face converter takes the config read once; the others (open_clip's, timm's) take the path, also of a
+    # folder that is a Hugging Face one too (a LAION repository: HF CLIP files beside open_clip's).
+    hf = source.kind == "hf" and SOURCES[forced] in HF_CONVERTERS.values()
+    target = source if hf else source.path
     return _converter(SOURCES[forced])(target, **(model_kwargs or {}))
 
 

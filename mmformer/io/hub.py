@@ -8,7 +8,9 @@ Names, as users write them::
     openai/whisper-tiny                  a Hugging Face Hub id, fetched with ``huggingface_hub.snapshot_download``
                                          into the Hub cache (``models--openai--whisper-tiny/snapshots/<commit>/``)
     open_clip:ViT-B-32/openai            an open_clip model and pretrained tag, through open_clip's download code
-    open_clip:hf-hub:laion/CoCa-ViT-B-32-laion2B-s13B-b90k   an open_clip repository on the Hub
+    open_clip:hf-hub:laion/CoCa-ViT-B-32-laion2B-s13B-b90k   an open_clip repository on the Hub (its open_clip
+                                         files, also where it is a Hugging Face folder too, as laion/CLIP-* are:
+                                         their plain id or folder gives the Hugging Face model)
     timm:vit_base_patch16_224.augreg_in21k                   a timm name (with its pretrained tag)
     whisper:tiny                         an openai-whisper checkpoint (``NAME.pt`` in openai-whisper's cache)
 
@@ -41,6 +43,7 @@ __all__ = [
     "cache_dir_for",
     "folder_kind",
     "hub_offline",
+    "is_open_clip_folder",
     "is_offline",
     "why_missing",
     "parse_name",
@@ -51,6 +54,7 @@ __all__ = [
 OPEN_CLIP_PREFIX = "open_clip:"
 TIMM_PREFIX = "timm:"
 WHISPER_PREFIX = "whisper:"
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's model_cfg and preprocess_cfg, in its folders and Hub repos
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 _METADATA = ["*.json", "*.txt"]  # configs, tokenizers, vocabularies: small, and what tells the format apart
 # Weights per folder kind, preferred first: safetensors, and pickles only when a repository has nothing else.
@@ -255,10 +259,7 @@ def resolve_source(
                 ) from e
             raise
     if parsed.kind == "open_clip" and parsed.tag is None:  # open_clip:hf-hub:ORG/REPO
-        source = _from_hub(parsed.name.removeprefix("hf-hub:"), revision=None, **options)
-        if source.kind != "open_clip":
-            raise ValueError(f"name_or_path: {name!r} holds no open_clip_config.json (it is {KINDS[source.kind]})")
-        return source
+        return _from_hub(parsed.name.removeprefix("hf-hub:"), revision=None, open_clip=True, **options)
     if parsed.kind in ("open_clip", "timm", "whisper"):
         return Source(parsed.kind, parsed.name, local=False, tag=parsed.tag)
     path = Path(parsed.name)
@@ -310,13 +311,21 @@ def _from_hub(
     local_files_only: bool | None,
     token: str | bool | None,
     check: Callable[[Source], object] | None,
+    open_clip: bool = False,
 ) -> Source:
     """A Hub repository's snapshot: its JSON/text files, the config read from them once, then the weights its kind
-    needs."""
+    needs. ``open_clip`` (``open_clip:hf-hub:``): read it as an open_clip model whatever else it holds — a LAION
+    repository is a Hugging Face CLIP folder too, with ``open_clip_config.json`` and ``open_clip_model.safetensors``
+    beside it."""
     where = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
     folder = snapshot_files(repo_id, _METADATA, **where)
     config = read_json(folder / "config.json")
     kind = folder_kind(folder, config)  # None: nothing we know; no weights are fetched, our reader names what lacks
+    if open_clip:
+        if not is_open_clip_folder(folder):
+            what = KINDS[kind] if kind else "no model mmformer reads"
+            raise ValueError(f"name_or_path: 'open_clip:hf-hub:{repo_id}' holds no {OPEN_CLIP_CONFIG} (it is {what})")
+        kind = "open_clip"
     source = Source(kind or "mmformer", os.fspath(folder), revision, _object(config, folder), repo_id=repo_id)
     if check is not None:
         check(source)
@@ -406,9 +415,14 @@ def folder_kind(folder: str | os.PathLike, config: Any = None) -> str | None:
             return "timm"
         if "stacks" in config or "format_version" in config:
             return "mmformer"
-    if (folder / "open_clip_config.json").is_file():
+    if is_open_clip_folder(folder):
         return "open_clip"
     return None
+
+
+def is_open_clip_folder(folder: str | os.PathLike) -> bool:
+    """Whether a folder holds an open_clip model (its ``open_clip_config.json``), whatever else it holds."""
+    return (Path(folder) / OPEN_CLIP_CONFIG).is_file()
 
 
 def read_json(path: Path) -> Any:
