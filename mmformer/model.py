@@ -601,7 +601,7 @@ class MultimodalTransformer(nn.Module):
         *,
         map_location: str | torch.device | Any = "cpu",
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         strict: bool = True,
         config: ModelConfig | None = None,
         max_parameters: int | None = None,
@@ -616,7 +616,8 @@ class MultimodalTransformer(nn.Module):
             path: the directory or file (see :func:`mmformer.io.pretrained.read_checkpoint`).
             map_location: where tensors are read to (``torch.load``'s argument; a device for safetensors).
             device: put the model there (default: where the tensors were read to).
-            dtype: the floating-point dtype of the model (default float32); stored tensors are cast to it.
+            dtype: the floating-point dtype of the model (default float32), or its name (``"bfloat16"``); stored
+                tensors are cast to it.
             strict: refuse missing and unexpected keys (False: load the rest, initialise the missing ones and warn,
                 listing them). Tensors with another shape are refused either way.
             config: use this config instead of the one stored with the weights.
@@ -630,7 +631,9 @@ class MultimodalTransformer(nn.Module):
             FileNotFoundError: ``path`` does not exist, or a needed config.json / model.safetensors is missing.
             ValueError: the file is not a checkpoint, is corrupt, is a pickle that is not weights-only, or its
                 weights do not fit the config; the message names the file.
+            TypeError: ``dtype`` is neither a floating-point dtype nor its name.
         """
+        dtype = pretrained.load_dtype(dtype)
         checkpoint = pretrained.read_checkpoint(path, config=config, map_location=map_location)
         if checkpoint.quantization is not None:  # torchao tensors: checked by their logical shapes, like any weights
             where = (

@@ -147,9 +147,10 @@ def zero_shot_logits(
             f"got {tuple(features.shape)}"
         )
     emb = class_embeddings.to(device=features.device, dtype=torch.float32)
-    logits = model.logit_scale.exp().float() * features.float() @ emb.T  # (B, C)
-    if model.logit_bias is not None:
-        logits = logits + model.logit_bias.float()
+    with torch.autocast(features.device.type, enabled=False):  # float32 scores, whatever the caller's autocast
+        logits = model.logit_scale.exp().float() * features.float() @ emb.T  # (B, C)
+        if model.logit_bias is not None:
+            logits = logits + model.logit_bias.float()
     return logits
 
 
@@ -264,18 +265,25 @@ class ZeroShotClassifier:
 
     @property
     def class_embeddings(self) -> torch.Tensor:
-        """(C, E) normalised class embeddings, computed on first use and cached (call :meth:`reset` after the
-        model's weights change)."""
+        """(C, E) normalised float32 class embeddings, computed on first use and cached (call :meth:`reset` after the
+        model's weights change).
+
+        The cache does not depend on where it was first asked for: it is built outside inference mode (an inference
+        tensor could not be used by autograd-recording code later, such as a linear probe initialised from it) and
+        with autocast switched off (a first use under bf16 autocast cached bf16-rounded embeddings for every later
+        call)."""
         if self._class_embeddings is None:
-            emb = build_class_embeddings(
-                self.model,
-                self.tokenizer,
-                self.classnames,
-                self.templates,
-                batch_size=self.batch_size,
-                prompt=self.prompt,
-            )
-            self._class_embeddings = emb.clone()  # a normal tensor, usable outside inference mode
+            grad = torch.is_grad_enabled()  # leaving inference mode switches grad mode on: keep the caller's
+            device = model_device(self.model).type
+            with torch.inference_mode(False), torch.set_grad_enabled(grad), torch.autocast(device, enabled=False):
+                self._class_embeddings = build_class_embeddings(
+                    self.model,
+                    self.tokenizer,
+                    self.classnames,
+                    self.templates,
+                    batch_size=self.batch_size,
+                    prompt=self.prompt,
+                )
         return self._class_embeddings
 
     def reset(self) -> None:
@@ -347,6 +355,9 @@ class ZeroShotClassifier:
                 pixels = self._processor("images")(images=chunk)["pixel_values"]
                 yield self.model.encode_image(pixels.to(device))
             return
+        from mmformer.preprocess.processor import check_not_channels_last
+
+        check_not_channels_last(inputs, "inputs")  # soundfile's (S, C) would pass for S one-sample waveforms
         model_rate = self.model.config.audio.sample_rate
         if isinstance(inputs, torch.Tensor) and inputs.ndim == 2:
             if sampling_rate not in (None, model_rate):

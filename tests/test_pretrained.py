@@ -16,6 +16,7 @@ import torch
 import mmformer.io.pretrained as pretrained
 from mmformer import MultimodalTransformer, load_pretrained, save_pretrained
 from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
+from mmformer.io.auto import load_processor
 from mmformer.preprocess.processor import ImageProcessorConfig, Processor
 from mmformer.preprocess.tokenizer import Tokenizer
 
@@ -133,6 +134,61 @@ def test_device_and_dtype_after_loading(tokenizer, tmp_path):
     x = inputs(tokenizer)["pixel_values"]
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_image(x.double()).float(), model.encode_image(x), atol=1e-5, rtol=0)
+
+
+def test_dtype_by_name(tokenizer, tmp_path):
+    make_model(tokenizer).save_pretrained(tmp_path / "m")
+    for name, dtype in (("bfloat16", torch.bfloat16), ("torch.float16", torch.float16), ("float32", torch.float32)):
+        assert load_pretrained(tmp_path / "m", dtype=name).logit_scale.dtype == dtype
+    assert MultimodalTransformer.from_pretrained(tmp_path / "m", dtype="float64").logit_scale.dtype == torch.float64
+    for bad in ("bf16", torch.int8, 16):
+        with pytest.raises(TypeError, match=rf"dtype: expected a floating-point torch.dtype or its name .*{bad}"):
+            load_pretrained(tmp_path / "m", dtype=bad)
+
+
+def test_the_loaded_tokenizer_truncates_to_the_model_text_length(tokenizer, tmp_path):
+    """A tokenizer saved with a longer default than the model's text table (77 vs 16, as a trained model's was) made
+    ids encode_text refused ("expected at most 16 tokens"): a loaded model's processor truncates to the table."""
+    model = make_model(tokenizer)
+    model.processor = Processor(tokenizer.replace(max_length=77))
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m")
+    with pytest.warns(UserWarning, match="longer than the context length of 16 tokens"):
+        batch = loaded.processor(text=[" ".join(TEXTS)])  # more than 16 tokens
+    assert batch["input_ids"].shape == (1, 16)
+    loaded.encode_text(batch["input_ids"], batch["attention_mask"])
+    assert load_processor(tmp_path / "m").tokenizer.max_length == 16  # the processor alone: the same
+
+    # a training checkpoint's processor (checkpoint["mmformer"], as MultimodalTask writes it) is fitted the same way
+    model.processor.tokenizer.save(tmp_path / "tokenizer.json")  # the file text the task stores
+    record = {"model_config": model.config.to_dict(), "tokenizer_json": (tmp_path / "tokenizer.json").read_text(),
+              "preprocessor_config": model.processor.to_dict()}  # fmt: skip
+    state = {"model." + k: v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "mmformer": record}, tmp_path / "task.ckpt")
+    assert load_pretrained(tmp_path / "task.ckpt").processor.tokenizer.max_length == 16
+
+
+def test_processor_settings_left_out_come_from_the_model(tokenizer, tmp_path):
+    """Without preprocessor_config.json, a 16×32 grayscale model got 224-px RGB CLIP settings (and 16 kHz)."""
+    image = ImageConfig(image_size=[16, 32], patch_size=8, channels=1)
+    audio = AudioConfig(sample_rate=8000, n_mels=16, n_fft=64, hop_length=32, max_frames=200)
+    model = make_model(tokenizer, image=image, audio=audio)
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "preprocessor_config.json").unlink()
+    with pytest.warns(UserWarning, match="preprocessor_config.json not found"):
+        loaded = load_pretrained(tmp_path / "m").processor
+    assert loaded.image.image_size == (16, 32) and loaded.image.channels == 1 and loaded.audio.sample_rate == 8000
+    assert loaded(images=torch.rand(3, 40, 50))["pixel_values"].shape == (1, 1, 16, 32)
+    with pytest.warns(UserWarning, match="preprocessor_config.json not found"):
+        assert load_processor(tmp_path / "m").image == loaded.image  # the processor alone: the same
+    with pytest.raises(ValueError, match=r"holds a model \(config\.json\).*mmformer\.io\.auto\.load_processor"):
+        Processor.from_pretrained(tmp_path / "m")  # without the model's config: refused, not CLIP's 224 px
+
+    # a training checkpoint whose processor record leaves the settings out
+    record = {"model_config": model.config.to_dict(), "preprocessor_config": {"processor_class": "Processor"}}
+    state = {"model." + k: v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "mmformer": record}, tmp_path / "task.ckpt")
+    assert load_pretrained(tmp_path / "task.ckpt").processor.image == loaded.image
 
 
 # ---------------------------------------------------------------------------------------------------- compatibility
@@ -317,6 +373,11 @@ def test_save_replaces_the_model_and_keeps_other_files(tokenizer, tmp_path, monk
     new.save_pretrained(tmp_path / "hf")
     assert sorted(os.listdir(tmp_path / "hf")) == sorted(pretrained.OWN_FILES)
     assert load_pretrained(tmp_path / "hf").processor.tokenizer.vocab_size == tokenizer.vocab_size
+    # ... but a model saved over another model does not take that model's processor (its tokenizer's ids would mean
+    # other tokens to the new weights)
+    new.save_pretrained(tmp_path / "hf")
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+    assert load_pretrained(tmp_path / "hf").processor is None
     shutil.rmtree(tmp_path / "hf")
 
     with pytest.raises(FileExistsError, match="already holds a saved model and overwrite=False"):

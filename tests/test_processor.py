@@ -204,6 +204,32 @@ def test_audio_errors(audio, rate, error, match):
         Processor()(audio=audio, sampling_rate=rate)
 
 
+def test_samples_by_channels_arrays_are_refused_naming_the_fix():
+    """soundfile reads a stereo file as (S, C): taken as a (B, S) batch it gave S one-sample waveforms per channel."""
+    stereo = np.random.default_rng(0).normal(0, 0.1, (8000, 2)).astype(np.float32)  # soundfile's layout
+    fix = r"got shape \(8000, 2\), which looks like \(samples, channels\).*`x\.mean\(axis=1\)`.*file's path"
+    for audio, where in ((stereo, "audio"), (torch.from_numpy(stereo), "audio"), ([stereo], r"audio\[0\]")):
+        with pytest.raises(ValueError, match=rf"{where}: expected waveforms \(B, S\).*{fix}"):
+            Processor()(audio=audio, sampling_rate=8000)
+    with pytest.raises(ValueError, match=fix):  # keeping channels takes (C, S), not (S, C)
+        Processor(audio=AudioProcessorConfig(mono=False))(audio=stereo, sampling_rate=8000)
+    downmixed = Processor()(audio=stereo.mean(axis=1), sampling_rate=8000)  # the fix the message names
+    assert downmixed["audio"].shape == (1, 16000)
+    batch = Processor()(audio=stereo.T.copy(), sampling_rate=8000)  # (B, S) batches still work, also B > columns
+    assert batch["audio"].shape == (2, 16000)
+    assert Processor()(audio=np.zeros((20, 9), np.float32), sampling_rate=16000)["audio"].shape == (20, 9)
+
+
+def test_sampling_rate_accepts_numpy_ints_and_whole_floats():
+    wave = np.sin(np.arange(800) / 7).astype(np.float32)
+    expected = Processor()(audio=wave, sampling_rate=8000)["audio"]
+    for rate in (np.int64(8000), np.int32(8000), 8000.0, np.float32(8000.0)):  # soundfile/librosa/metadata forms
+        torch.testing.assert_close(Processor()(audio=wave, sampling_rate=rate)["audio"], expected, atol=0, rtol=0)
+    for rate in (8000.5, True, "8000", float("nan")):
+        with pytest.raises(ValueError, match=r"sampling_rate: expected a positive int \(Hz\)"):
+            Processor()(audio=wave, sampling_rate=rate)
+
+
 def test_corrupt_audio_file_raises_sample_error(tmp_path):
     soundfile.write(tmp_path / "ok.flac", np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32), 16000)
     data = (tmp_path / "ok.flac").read_bytes()
@@ -270,6 +296,26 @@ def test_from_pretrained_without_config_warns_and_uses_defaults(tmp_path, tokeni
     with pytest.warns(UserWarning, match="preprocessor_config.json not found"):
         loaded = Processor.from_pretrained(tmp_path)
     assert loaded.image == ImageProcessorConfig() and loaded.tokenizer.vocab_size == tokenizer.vocab_size
+
+
+def test_a_model_folder_without_mmformer_settings_is_refused_naming_the_loader(tmp_path):
+    """A timm folder (or Hugging Face's, open_clip's) holds no mmformer processor settings: its processor comes from
+    converting the model (64 px and timm's statistics here), not from 224-px CLIP defaults; this class sits below
+    the loaders, so it names the one that reads every format."""
+    timm = pytest.importorskip("timm")
+    from mmformer.io.auto import load_processor
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=0, depth=1)
+    timm.models.save_for_hf(vit.eval(), tmp_path)
+    loader = r"load it with mmformer\.io\.auto\.load_processor\(FOLDER\)"
+    with pytest.raises(ValueError, match=rf"holds a model \(config\.json\) but no preprocessor_config\.json.*{loader}"):
+        Processor.from_pretrained(tmp_path)
+    assert load_processor(tmp_path).image.image_size == (64, 64)  # what the message sends the user to
+    # a Hugging Face image processor's preprocessor_config.json is not read as mmformer's (it gave CLIP defaults)
+    hf = {"crop_size": {"height": 64, "width": 64}, "image_mean": [0.5] * 3, "processor_class": "CLIPProcessor"}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=rf"preprocessor_config\.json: not mmformer's processor settings.*{loader}"):
+        Processor.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -142,6 +142,39 @@ def test_audio_modality(model, processor):
     assert clf.predict(waves, lengths=lengths) == [CLASSES[i] for i in probs.argmax(dim=1).tolist()]
 
 
+def test_the_cache_does_not_depend_on_where_it_was_first_built(model, processor):
+    """First built under inference mode, the class embeddings were inference tensors that autograd-recording code
+    (a linear probe initialised from them) could not use; first built under bf16 autocast, bf16-rounded for every
+    later call, and the probabilities came out bf16."""
+    reference = ZeroShotClassifier(model, processor, CLASSES, TEMPLATES).class_embeddings
+    x = pixels(3)
+    expected = ZeroShotClassifier(model, processor, CLASSES, TEMPLATES).predict_proba(x)
+
+    clf = ZeroShotClassifier(model, processor, CLASSES, TEMPLATES)
+    with torch.inference_mode():
+        clf.predict(x)
+    assert not clf.class_embeddings.is_inference() and not clf.class_embeddings.requires_grad
+    torch.testing.assert_close(clf.class_embeddings, reference, atol=0, rtol=0)
+    probe = torch.zeros(16, 2, requires_grad=True)
+    (clf.class_embeddings @ probe).sum().backward()  # refused for an inference tensor
+    assert probe.grad is not None
+
+    clf = ZeroShotClassifier(model, processor, CLASSES, TEMPLATES)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probs = clf.predict_proba(x)
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(clf.class_embeddings, reference, atol=0, rtol=0)  # float32, not bf16-rounded
+    torch.testing.assert_close(clf.predict_proba(x), expected, atol=0, rtol=0)
+
+
+def test_samples_by_channels_audio_is_refused(model, processor):
+    clf = ZeroShotClassifier(model, processor, CLASSES, modality="audio")
+    stereo = np.zeros((3000, 2), np.float32)  # soundfile's (S, C): not 3000 waveforms of 2 samples
+    for inputs in (stereo, torch.from_numpy(stereo)):
+        with pytest.raises(ValueError, match=r"inputs: .*shape \(3000, 2\).*\(samples, channels\).*x\.mean"):
+            clf.predict_proba(inputs, sampling_rate=8000)
+
+
 def test_clear_errors(model, processor):
     with pytest.raises(ValueError, match="classnames: expected at least one class name"):
         ZeroShotClassifier(model, processor, [])

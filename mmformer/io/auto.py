@@ -28,7 +28,7 @@ import torch
 
 from mmformer.io import hub
 from mmformer.io.hub import Source
-from mmformer.io.pretrained import config_from_dict, read_checkpoint
+from mmformer.io.pretrained import config_from_dict, load_dtype, read_checkpoint
 from mmformer.model import MultimodalTransformer
 from mmformer.preprocess.processor import Processor
 
@@ -78,7 +78,7 @@ def from_pretrained(
     token: str | bool | None = None,
     model_kwargs: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     adapter: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> MultimodalTransformer:
@@ -98,7 +98,8 @@ def from_pretrained(
         token: a Hub token for private or gated models.
         model_kwargs: keyword arguments for ``open_clip.create_model`` / ``timm.create_model`` (e.g. ``img_size``
             for timm, whose position table is resampled on load).
-        device, dtype: where and in which floating-point type the model ends up.
+        device, dtype: where and in which floating-point type (a ``torch.dtype`` or its name: ``"bfloat16"``) the
+            model ends up.
         adapter: a LoRA adapter folder (adapter_config.json + adapter_model.safetensors) applied on top, checked
             against this model before its tensors are read (see :func:`mmformer.adapt.adapters.load_adapter`).
         kwargs: for mmformer's own formats, :meth:`MultimodalTransformer.from_pretrained`'s ``map_location``,
@@ -117,6 +118,7 @@ def from_pretrained(
     unknown = sorted(set(kwargs) - set(_OWN_OPTIONS))
     if unknown:
         raise TypeError(f"from_pretrained: unknown keyword arguments {unknown}; expected some of {list(_OWN_OPTIONS)}")
+    dtype = load_dtype(dtype)  # a name ("bfloat16") or a torch.dtype; refused before anything is read
     if isinstance(name_or_path, Source):
         if revision is not None:
             raise ValueError(f"revision: {name_or_path} is resolved already (its revision: {name_or_path.revision})")

@@ -23,9 +23,10 @@ pickle that would need to run code or build other objects is refused, never exec
 
 Saving is atomic: the new directory is built beside the target and swapped in with renames, so an interrupted save
 leaves either the previous model or the new one, never a mix. Files in the target that this save does not write (a
-README, training logs, a tokenizer saved separately) are kept: they are hard-linked (copied where links are
-impossible) into the new directory before the swap. A save killed at the wrong moment may leave a hidden
-``.NAME.tmp-*`` (unfinished) or ``.NAME.old-*`` (the previous version) folder beside the target; nothing else.
+README, training logs, a processor saved there before the first model) are kept: they are hard-linked (copied where
+links are impossible) into the new directory before the swap; the previous model's own files (its weights, its
+processor) are not. A save killed at the wrong moment may leave a hidden ``.NAME.tmp-*`` (unfinished) or
+``.NAME.old-*`` (the previous version) folder beside the target; nothing else.
 """
 
 from __future__ import annotations
@@ -135,9 +136,8 @@ def atomic_directory(
 ) -> Iterator[Path]:
     """``with atomic_directory(target) as staging:`` — build a folder's new contents in ``staging``; on success the
     files of ``target`` this save did not write are carried over (not those of the artifact it replaces:
-    :data:`ARTIFACT_FILES`) and ``staging`` replaces ``target`` atomically; on
-    failure ``target`` is left as it was and ``staging`` is removed. Every saved folder (models, adapters, prompts,
-    exports) goes through here.
+    :func:`_old_artifact`) and ``staging`` replaces ``target`` atomically; on failure ``target`` is left as it was
+    and ``staging`` is removed. Every saved folder (models, adapters, prompts, exports) goes through here.
 
     Args:
         directory: the folder to create or replace.
@@ -214,8 +214,9 @@ def write_config(directory: Path, config: ModelConfig, extra: Mapping[str, Any] 
 
 def _carry_over(old: Path, new: Path) -> None:
     """Hard-link (or copy) every entry of ``old`` that this save did not write into ``new``: the user's files, and
-    processor files saved separately (``processor.save_pretrained(d); save_pretrained(model, d)``) — but not, when
-    this save writes a config, the old artifact's files (:data:`ARTIFACT_FILES`)."""
+    processor files saved separately into a folder without a model (``processor.save_pretrained(d);
+    save_pretrained(model, d)``) — but not, when this save writes a config, the old artifact's files
+    (:func:`_old_artifact`)."""
     for entry in old.iterdir():
         if _carried(entry, new):
             _link_tree(entry, new / entry.name)
@@ -225,8 +226,17 @@ def _carried(entry: Path, new: Path) -> bool:
     """Whether an entry of the folder being replaced goes on into its replacement ``new``."""
     if os.path.lexists(new / entry.name):
         return False
-    artifact = entry.is_file() and (entry.name in ARTIFACT_FILES or entry.name.endswith(ARTIFACT_SUFFIXES))
-    return not (artifact and (new / CONFIG_NAME).is_file())
+    return not (entry.is_file() and (new / CONFIG_NAME).is_file() and _old_artifact(entry))
+
+
+def _old_artifact(entry: Path) -> bool:
+    """A file of the artifact saved in the folder being replaced: :data:`ARTIFACT_FILES`, and the processor files of
+    a saved model (a config.json or model.safetensors beside them) — they belong to that model: a new model saved
+    without a processor kept the old one's tokenizer, whose ids meant other tokens to the new weights."""
+    if entry.name in ARTIFACT_FILES or entry.name.endswith(ARTIFACT_SUFFIXES):
+        return True
+    held_a_model = any((entry.parent / name).is_file() for name in (CONFIG_NAME, WEIGHTS_NAME))
+    return entry.name in PROCESSOR_FILES and held_a_model
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -272,6 +282,21 @@ def swap_in(staging: Path, target: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- reading
+def load_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The floating-point dtype a model is loaded in: a ``torch.dtype``, or its name as configs and command lines
+    spell it (``"bfloat16"``, ``"torch.float16"``, as Hugging Face's ``torch_dtype``); None: as stored. A TypeError
+    naming ``dtype`` otherwise (``Module.to`` would raise its own, naming none of it)."""
+    if isinstance(dtype, str):
+        named = getattr(torch, dtype.removeprefix("torch."), None)
+        dtype = named if isinstance(named, torch.dtype) else dtype
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    raise TypeError(
+        "dtype: expected a floating-point torch.dtype or its name ('float32', 'bfloat16', 'float16', "
+        f"'torch.bfloat16', ...), got {dtype!r}"
+    )
+
+
 @dataclass
 class Checkpoint:
     """What a model file holds: its config and tensor header now, the tensors on demand.
@@ -281,7 +306,8 @@ class Checkpoint:
         config: the model config stored with the weights (or the one the caller passed).
         specs: name → shape and dtype of every stored tensor, from the header (no tensor data read yet).
         read: names → tensors, read from the file (memory-mapped where the format allows).
-        processor: the processor saved with the weights, or None.
+        processor: the processor saved with the weights (fitted to ``config``: see
+            :meth:`~mmformer.Processor.from_dict`), or None.
         metadata: the safetensors header's string metadata (empty for torch files).
         quantization: the ``quantization_config`` of torchao-quantized weights (see
         :mod:`mmformer.compress.quantization`,
@@ -327,7 +353,7 @@ def read_checkpoint(
         specs, read = in_memory(state)
         metadata = {}
         config = config or recorded
-        processor = _checkpoint_processor(checkpoint, path)
+        processor = _checkpoint_processor(checkpoint, path, config)
         source = path
     elif path.is_dir():
         weights = path / WEIGHTS_NAME
@@ -351,7 +377,7 @@ def read_checkpoint(
         specs, read = in_memory(state)
         metadata = {}
         config = config or recorded or read_config(folder / CONFIG_NAME)
-        processor = _checkpoint_processor(checkpoint, path)
+        processor = _checkpoint_processor(checkpoint, path, config)
         source = path
     else:
         raise ValueError(
@@ -365,7 +391,7 @@ def read_checkpoint(
         )
     specs = {k: v for k, v in specs.items() if k not in _DERIVED_V1}
     if processor is None:
-        processor = read_processor(folder)
+        processor = read_processor(folder, config)
     return Checkpoint(source, config, specs, read, processor, metadata, _quantization(metadata, source))
 
 
@@ -574,18 +600,22 @@ def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> ModelConfi
     return None if value is None else validated_config(value, f"{path}: metadata['mmformer_config']")
 
 
-def _checkpoint_processor(checkpoint: Any, path: Path) -> Processor | None:
-    """The processor a training checkpoint carries (``checkpoint["mmformer"]``, written by the training task)."""
+def _checkpoint_processor(checkpoint: Any, path: Path, config: ModelConfig | None) -> Processor | None:
+    """The processor a training checkpoint carries (``checkpoint["mmformer"]``, written by the training task), fitted
+    to the model's ``config`` (see :meth:`Processor.from_dict`)."""
     saved = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, Mapping) else None
     if not isinstance(saved, Mapping) or not isinstance(saved.get("preprocessor_config"), Mapping):
         return None
     tokenizer = saved.get("tokenizer_json")
     tokenizer = Tokenizer.from_str(tokenizer) if isinstance(tokenizer, str) else None
-    return Processor.from_dict(dict(saved["preprocessor_config"]), tokenizer, where=f"{path}: {CHECKPOINT_KEY}")
+    where = f"{path}: {CHECKPOINT_KEY}"
+    return Processor.from_dict(dict(saved["preprocessor_config"]), tokenizer, where=where, model=config)
 
 
-def read_processor(folder: Path) -> Processor | None:
-    """The processor saved in ``folder`` (tokenizer.json, preprocessor_config.json), or None."""
+def read_processor(folder: Path, config: ModelConfig | None = None) -> Processor | None:
+    """The processor saved in ``folder`` (tokenizer.json, preprocessor_config.json), or None; ``config``: the model's,
+    which fills the settings a missing preprocessor_config.json leaves out and bounds the tokenizer's length (see
+    :meth:`Processor.from_dict`)."""
     if not any((folder / name).is_file() for name in PROCESSOR_FILES):
         return None
-    return Processor.from_pretrained(folder)
+    return Processor.from_pretrained(folder, model=config)

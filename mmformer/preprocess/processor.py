@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -42,15 +43,22 @@ from mmformer.data.io import (
 from mmformer.values import is_int
 
 if TYPE_CHECKING:
+    from mmformer.config import ModelConfig
     from mmformer.preprocess.tokenizer import Tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CONFIG_NAME = "preprocessor_config.json"
 TOKENIZER_NAME = "tokenizer.json"
+OWN_KEYS = ("processor_class", "image", "audio")  # what to_dict writes
+# A model folder's config: mmformer's, Hugging Face's and timm's config.json; open_clip's own file
+MODEL_CONFIG_FILES = ("config.json", "open_clip_config.json")
 # Images more than this many times wider (or taller) than the output's aspect ratio are first center-cropped to it:
 # the short-side resize would otherwise blow a 1×1,000,000 strip up to gigabytes before the crop throws it away.
 MAX_ASPECT_FACTOR = 16
+# A 2-D waveform array with at most this many columns and more rows than columns is (samples, channels), as soundfile
+# and librosa read a multi-channel file, not a (B, S) batch: a batch of waveforms of a few samples each is no audio.
+MAX_CHANNELS = 8
 _INTERPOLATION = ("bicubic", "bilinear", "nearest")  # torchvision's InterpolationMode values
 
 
@@ -244,6 +252,63 @@ def _describe(x: Any) -> str:
     return type(x).__name__
 
 
+def check_not_channels_last(audio: Any, where: str) -> None:
+    """Refuse a 2-D waveform array laid out (samples, channels) — what ``soundfile.read`` returns for a stereo file —
+    which would otherwise be read as a batch of thousands of waveforms of one sample per channel (or as thousands of
+    channels). The processor and :class:`~mmformer.ZeroShotClassifier` check their inputs with it."""
+    if not isinstance(audio, (torch.Tensor, np.ndarray)) or audio.ndim != 2:
+        return
+    rows, columns = audio.shape
+    if columns <= MAX_CHANNELS and rows > columns:
+        raise ValueError(
+            f"{where}: expected waveforms (B, S) or a channels-first (C, S) waveform; got shape {tuple(audio.shape)}, "
+            f"which looks like (samples, channels) as soundfile reads a {columns}-channel file; downmix it to mono "
+            "first (`x.mean(axis=1)`), or pass the file's path"
+        )
+
+
+def check_sampling_rate(value: Any) -> int:
+    """``sampling_rate`` as an int: Python and numpy integers, and whole floats (``16000.0``, as float-typed metadata
+    gives a rate); a ValueError for anything else (16000.5, bools, strings, rates <= 0)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and float(value).is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"sampling_rate: expected a positive int (Hz); got {value!r}")
+    return int(value)
+
+
+def _model_settings(model: ModelConfig | None) -> dict[str, dict[str, Any]]:
+    """The image and audio settings a model's config fixes: the image size and channels it was built for, the sample
+    rate it hears at. A processor saved without these settings gets them from here instead of CLIP's defaults."""
+    image = getattr(model, "image", None)
+    audio = getattr(model, "audio", None)
+    return {
+        "image": {} if image is None else {"image_size": tuple(image.image_size), "channels": image.channels},
+        "audio": {} if audio is None else {"sample_rate": audio.sample_rate},
+    }
+
+
+def _needs_the_loader(where: str, why: str) -> ValueError:
+    """The error for a model folder whose processor this class cannot make alone: it depends on the model, and the
+    loaders that read models (:func:`mmformer.io.auto.load_processor`) sit above this class."""
+    return ValueError(
+        f"{where}: {why}; its processor depends on the model (converted from a Hugging Face, open_clip or timm "
+        "folder, or sized to an mmformer model's config): load it with mmformer.io.auto.load_processor(FOLDER), or "
+        "mmformer.from_pretrained(FOLDER).processor"
+    )
+
+
+def fit_tokenizer(tokenizer: Any, model: ModelConfig | None) -> Any:
+    """``tokenizer`` truncating to at most the text tokens ``model`` reads (its position table), as open_clip's
+    tokenizer takes the model's context length: a tokenizer saved with a longer default (77) made ids the model
+    refuses ("expected at most 16 tokens"). Every processor a loaded model carries goes through here
+    (:meth:`Processor.from_dict`); so should a tokenizer saved beside a model's config."""
+    text = getattr(model, "text", None)
+    if tokenizer is None or text is None or text.position == "none" or tokenizer.max_length <= text.max_tokens:
+        return tokenizer
+    return tokenizer.replace(max_length=text.max_tokens)
+
+
 class Processor:
     """Tokenizer + image pipeline + audio loader, saved and loaded together.
 
@@ -399,6 +464,7 @@ class Processor:
             )
         if isinstance(x, torch.Tensor) and x.device.type == "meta":
             raise ValueError(f"{where}: expected a waveform with data; got a meta tensor of shape {tuple(x.shape)}")
+        check_not_channels_last(x, where)
         wave = torch.as_tensor(x).detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
         expected = "(S,)" if self.audio.mono else "(S,) or (C, S)"
         if wave.ndim != 1 and (self.audio.mono or wave.ndim != 2):
@@ -419,9 +485,9 @@ class Processor:
 
     def _process_audio(self, audio: Any, sampling_rate: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         if sampling_rate is not None:
-            if not is_int(sampling_rate) or sampling_rate <= 0:
-                raise ValueError(f"sampling_rate: expected a positive int (Hz); got {sampling_rate!r}")
+            sampling_rate = check_sampling_rate(sampling_rate)
             check_resample(sampling_rate, self.audio.sample_rate, what="sampling_rate")
+        check_not_channels_last(audio, "audio")
         items = _as_list(audio, "audio", batch_dims=2 if self.audio.mono else 3)
         return pad_audio([self._waveform(x, f"audio[{i}]", sampling_rate) for i, x in enumerate(items)])
 
@@ -502,8 +568,22 @@ class Processor:
         write_json_atomic(directory / CONFIG_NAME, self.to_dict())
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> Processor:
-        """Load what :meth:`save_pretrained` wrote (a missing ``preprocessor_config.json`` means defaults)."""
+    def from_pretrained(cls, directory: str | os.PathLike, *, model: ModelConfig | None = None) -> Processor:
+        """Load what :meth:`save_pretrained` wrote.
+
+        Args:
+            directory: the folder.
+            model: the config of the model saved with the processor, which mmformer's loaders pass (see
+                :meth:`from_dict`); with it, a missing ``preprocessor_config.json`` means the model's settings.
+
+        Raises:
+            FileNotFoundError: ``directory`` is not a folder.
+            ValueError: the folder holds a model (a ``config.json`` or ``open_clip_config.json``) but no mmformer
+                processor settings, or settings of another library: its processor depends on the model (converted
+                from a Hugging Face, open_clip or timm folder; sized to an mmformer model's config), so the message
+                names :func:`mmformer.io.auto.load_processor`, which reads every format (this class, below the
+                loaders, cannot call it).
+        """
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(
@@ -512,19 +592,47 @@ class Processor:
         config_path = directory / CONFIG_NAME
         if config_path.is_file():
             config = json.loads(config_path.read_text())
+            if (
+                not isinstance(config, dict)
+                or set(config) - set(OWN_KEYS)
+                or config.get("processor_class", "Processor") != "Processor"
+            ):
+                keys = sorted(config) if isinstance(config, dict) else type(config).__name__
+                raise _needs_the_loader(str(config_path), f"not mmformer's processor settings (it holds {keys})")
         else:
-            warnings.warn(f"{config_path} not found; using the default image and audio settings", stacklevel=2)
+            held = [name for name in MODEL_CONFIG_FILES if (directory / name).is_file()]
+            if model is None and held:
+                raise _needs_the_loader(f"directory: {directory}", f"holds a model ({held[0]}) but no {CONFIG_NAME}")
+            sized = "" if model is None else f", sized to the model's config ({_model_settings(model)})"
+            warnings.warn(f"{config_path} not found; using the default image and audio settings{sized}", stacklevel=2)
             config = {}
         tokenizer = None
         if (directory / TOKENIZER_NAME).is_file():
             from mmformer.preprocess.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_file(directory / TOKENIZER_NAME)
-        return cls.from_dict(config, tokenizer, where=str(config_path))
+        return cls.from_dict(config, tokenizer, where=str(config_path), model=model)
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any], tokenizer: Any = None, *, where: str = "processor config") -> Processor:
-        """Rebuild a processor from :meth:`to_dict`'s output (e.g. as a training checkpoint stores it)."""
-        image = _from_dict(ImageProcessorConfig, config.get("image", {}), f"{where}: image")
-        audio = _from_dict(AudioProcessorConfig, config.get("audio", {}), f"{where}: audio")
-        return cls(tokenizer=tokenizer, image=image, audio=audio)
+    def from_dict(
+        cls,
+        config: dict[str, Any],
+        tokenizer: Any = None,
+        *,
+        where: str = "processor config",
+        model: ModelConfig | None = None,
+    ) -> Processor:
+        """Rebuild a processor from :meth:`to_dict`'s output (e.g. as a training checkpoint stores it).
+
+        ``model``: the config of the model the processor was saved with. Settings the dict leaves out then come from
+        it (image size and channels, sample rate) rather than from CLIP's defaults, and the tokenizer truncates to
+        the text tokens the model reads: every processor a loaded model carries is read through here.
+        """
+        defaults = _model_settings(model)
+        image = {**defaults["image"], **config.get("image", {})}
+        audio = {**defaults["audio"], **config.get("audio", {})}
+        return cls(
+            tokenizer=fit_tokenizer(tokenizer, model),
+            image=_from_dict(ImageProcessorConfig, image, f"{where}: image"),
+            audio=_from_dict(AudioProcessorConfig, audio, f"{where}: audio"),
+        )
