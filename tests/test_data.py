@@ -389,6 +389,30 @@ def test_datamodule_trains_a_tokenizer_and_batches(tmp_path):
     }
 
 
+def test_predict_data_rows_without_text_are_predicted_like_the_others(tmp_path):
+    root = tmp_path / "digits"
+    rows = write_digits(root, 6, "test")
+    partial = [{k: v for k, v in r.items() if k != "text" or i in (3, 5)} for i, r in enumerate(rows)]
+    partial[1]["text"] = " "  # blank: no text either
+    train = write_manifest(root / "train.jsonl", write_digits(root, 4, "train"))
+    predict = write_manifest(root / "predict.jsonl", partial)
+    kwargs = dict(batch_size=4, image_size=8, vocab_size=300, tokenizer_cache_dir=str(tmp_path / "cache"))
+    dm = MultimodalDataModule(train=str(train), predict=str(predict), **kwargs)
+    with pytest.warns(UserWarning, match=r"4 of 6 rows of .*predict\.jsonl have no text: every row is read without"):
+        dm.setup("predict")
+    batches = list(dm.predict_dataloader())
+    assert [s for b in batches for s in b["source"]] == [str(root / r["image"]) for r in rows]
+    assert not any("text" in b or "input_ids" in b for b in batches)  # every row alike: features line up by row
+    full = MultimodalDataModule(train=str(train), predict=str(train), **kwargs)
+    full.setup("predict")
+    assert [t for b in full.predict_dataloader() for t in b["text"]] == [caption(i) for i in range(4)]
+    training = MultimodalDataModule(train=str(predict), **kwargs)  # training data needs its texts: skipped
+    training.setup("fit")
+    with pytest.warns(SkippedSampleWarning, match="(missing|empty) text"):
+        texts = [t for b in training.train_dataloader() if b is not None for t in b["text"]]  # None: all bad
+    assert sorted(texts) == sorted([caption(3), caption(5)])
+
+
 class _Niceness(torch.utils.data.Dataset):
     """Each item is the niceness of the process that loads it."""
 

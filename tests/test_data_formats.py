@@ -22,7 +22,9 @@ from mmformer.data import (
     ShardDataset,
     SkippedSampleWarning,
     TextDocuments,
+    TooManyBadSamplesError,
     dataset_texts,
+    detect_format,
     open_dataset,
 )
 from mmformer.data.augment import AugmentConfig, Augmenter
@@ -97,6 +99,40 @@ def test_format_text_reads_a_manifests_text_column_and_a_shards_text_members(tmp
     (tmp_path / "numbers.jsonl").write_text('{"n": 1}\n')
     with pytest.raises(ValueError, match="numbers.jsonl'?: the manifest has no text/caption"):
         open_dataset(str(tmp_path / "numbers.jsonl"), format="text")
+
+
+def test_a_text_file_that_is_not_utf8_is_a_skipped_sample_counted_toward_the_limit(tmp_path):
+    for i in range(19):
+        (tmp_path / f"a{i:02d}.txt").write_text(f"document {i}")
+    (tmp_path / "b-latin1.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+    with pytest.warns(SkippedSampleWarning, match=r"b-latin1\.txt: cannot read text \(UnicodeDecodeError"):
+        docs = open_dataset(str(tmp_path), format="text")
+    assert dataset_texts(docs) == [f"document {i}" for i in range(19)]  # the run goes on without it
+    for i in range(2):  # 3 bad files of 22 (> 10%): the data set looks broken
+        (tmp_path / f"c{i}.txt").write_bytes(b"\xff\xfe not utf-8 \xc3")
+    with pytest.warns(SkippedSampleWarning), pytest.raises(TooManyBadSamplesError, match=r"3 of 22 samples"):
+        open_dataset(str(tmp_path), format="text", text_documents="line")
+    with pytest.warns(SkippedSampleWarning):
+        assert len(open_dataset(str(tmp_path), format="text", max_bad_fraction=0.2)) == 19
+
+
+def test_a_folder_of_audio_without_transcripts_says_so_instead_of_holding_images(tmp_path):
+    flat = tmp_path / "flac_only" / "19" / "198"
+    flat.mkdir(parents=True)
+    (flat / "19-198-0000.flac").write_bytes(audio_bytes())
+    with pytest.raises(ValueError, match=r"flac_only: no \*\.trans\.txt transcripts found within 4 levels under it, "
+                       r"though it holds audio files \(.*19-198-0000\.flac\)") as caught:  # fmt: skip
+        open_dataset(str(tmp_path / "flac_only"), modalities=["audio"])
+    assert "image" not in str(caught.value)
+    deep = tmp_path / "deep" / "a" / "b" / "c" / "19" / "198"  # transcripts 5 levels down: beyond the search
+    deep.mkdir(parents=True)
+    (deep / "19-198-0000.flac").write_bytes(audio_bytes())
+    (deep / "19-198.trans.txt").write_text("19-198-0000 HELLO\n")
+    with pytest.raises(ValueError, match=r"one lies deeper \(.*19-198\.trans\.txt\).* or set format: librispeech"):
+        open_dataset(str(tmp_path / "deep"), modalities=["audio"])
+    assert dataset_texts(open_dataset(str(tmp_path / "deep"), format="librispeech")) == ["hello"]
+    (flat.parent / "cover.png").write_bytes(image_bytes())  # images too: an ImageFolder, as before
+    assert detect_format(tmp_path / "flac_only") == "imagefolder"
 
 
 # ---------------------------------------------------------------------- 2, 3. shards: per-sample fields, empty shards

@@ -2,7 +2,9 @@
 :class:`~mmformer.data.MultimodalDataModule`.
 
 The vocabulary size is set once: the data module's tokenizer links it into the task (``model.vocab_size``), which
-sets the model config's. With ``model.adapt.init_from`` the data module takes its processor (tokenizer, image and audio
+sets the model config's. The data module's image size and channels and audio sample rate follow the model's image
+and audio config where a configuration leaves them out, and must equal them where it gives them
+(:func:`follow_model`). With ``model.adapt.init_from`` the data module takes its processor (tokenizer, image and audio
 preprocessing) from that checkpoint (``data.processor_from`` is linked to it) rather than training a tokenizer, and
 the task checks that the tokenizer fits the checkpoint's token table.
 
@@ -113,6 +115,41 @@ def check_model_config(config: Any, key: str = MODEL_KEY) -> ModelConfig:
         raise ConfigError(f"{where}: {e}") from e
 
 
+def _pair(size: Any) -> tuple[int, int]:
+    """An image size as (H, W): an int means square."""
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+# data module options that describe the model's input, with the model config field each must equal:
+# (data key, model part, field, how to compare)
+MODEL_INPUT = (
+    ("image_size", "image", "image_size", _pair),
+    ("image_channels", "image", "channels", int),
+    ("sample_rate", "audio", "sample_rate", int),
+)
+
+
+def follow_model(data: Namespace, config: ModelConfig) -> None:
+    """Set the data module's image size, image channels and audio sample rate to the model's (``data.image_size``
+    from ``model.model.image.image_size``, ...) where the configuration leaves them out, and raise
+    :class:`ConfigError` naming both keys and values where it gives one that differs: the processor saved with the
+    model must prepare inputs as the model was built for (8 kHz audio fed to a 16 kHz model trained silently, its mel
+    filters reading every frequency at twice its height, and exported a preprocessor_config.json beside a
+    config.json that disagreed). A model without an image or audio part leaves those options alone."""
+    for key, part, field, same in MODEL_INPUT:
+        section = getattr(config, part)
+        if section is None:
+            continue
+        wanted, given = getattr(section, field), data.get(key)
+        if given is None:
+            data[key] = tuple(wanted) if isinstance(wanted, list) else wanted
+        elif same(given) != same(wanted):
+            raise ConfigError(
+                f"data.{key}: {given!r} differs from the model's {MODEL_KEY}.{part}.{field}: {wanted!r}; leave "
+                f"data.{key} out (it follows the model) or set both to the same value"
+            )
+
+
 class MMFormerCLI(LightningCLI):
     """LightningCLI with mmformer's vocabulary link, early config checks, atomic checkpoints and exact resumes."""
 
@@ -148,12 +185,14 @@ class MMFormerCLI(LightningCLI):
         # training texts) before the model: check the model configuration first, so an impossible one fails fast.
         model = section.get("model")
         if isinstance(model, Namespace) and model.get("model") is not None:
-            text = check_model_config(model["model"]).text
+            config = check_model_config(model["model"])
             data = section.get("data")
-            if isinstance(data, Namespace) and data.get("text_max_length") is None and text is not None:
+            if isinstance(data, Namespace):
+                follow_model(data, config)
+            if isinstance(data, Namespace) and data.get("text_max_length") is None and config.text is not None:
                 # texts cut to the model's position table: the tokenizer's own limit (77) let a long caption
                 # through, and the model stopped training at it ("input_ids: expected at most N tokens")
-                data["text_max_length"] = text.max_length if text.position != "none" else None
+                data["text_max_length"] = config.text.max_length if config.text.position != "none" else None
         elif isinstance(model, Namespace) and not model.get("adapt.init_from"):
             raise ConfigError(f"{MODEL_KEY}: expected a model configuration, or {INIT_FROM}: a model to start from")
 

@@ -63,7 +63,8 @@ class MultimodalDataModule(L.LightningDataModule):
             :func:`~mmformer.data.detect_format`) unless ``format`` is set.
         val: validation data.
         test: test data.
-        predict: prediction data (texts optional).
+        predict: prediction data, whose texts are optional: when some rows have none, every row is read without
+            its text (with a warning), rather than those rows skipped as bad samples.
         format: force one format for all paths: manifest, coco, webdataset, librispeech, imagefolder.
         modalities: media to load where the data has them (text is loaded whenever present).
         tokenizer: a tokenizer.json (or a folder holding one); None trains one on the training texts (or takes
@@ -75,11 +76,13 @@ class MultimodalDataModule(L.LightningDataModule):
         worker_nice: added to the loader workers' niceness (0-19, Unix's ``nice``). At 19 a worker runs in the
             moments the training step leaves a core idle, so the step's threads can take every core without the
             worker taking time slices from them (``make demo`` on 2 cores: 2 threads + a worker at 19).
-        image_size: output image side (or [H, W]).
+        image_size: output image side (or [H, W]); None: the model's. ``mmformer fit`` sets ``image_size``,
+            ``image_channels`` and ``sample_rate`` to the model's where a config leaves them out and refuses values
+            that differ from it (see :func:`mmformer.cli.training.follow_model`); outside it None is 224.
         image_mean: per-channel normalisation mean (default: CLIP's).
         image_std: per-channel normalisation std (default: CLIP's).
-        image_channels: 3 (RGB) or 1 (grayscale).
-        sample_rate: audio is resampled to this rate (Hz).
+        image_channels: 3 (RGB) or 1 (grayscale); None: the model's (outside ``mmformer fit``: 3).
+        sample_rate: audio is resampled to this rate (Hz); None: the model's (outside ``mmformer fit``: 16000).
         max_audio_seconds: longer audio is truncated; None = no limit.
         max_duration: drop manifest rows whose ``duration`` exceeds this (seconds).
         text_max_length: truncate texts to this many tokens (default: the tokenizer's max_length).
@@ -123,11 +126,11 @@ class MultimodalDataModule(L.LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         worker_nice: int = 0,
-        image_size: int | tuple[int, int] = 224,
+        image_size: int | tuple[int, int] | None = None,
         image_mean: tuple[float, ...] | None = None,
         image_std: tuple[float, ...] | None = None,
-        image_channels: int = 3,
-        sample_rate: int = 16000,
+        image_channels: int | None = None,
+        sample_rate: int | None = None,
         max_audio_seconds: float | None = 30.0,
         max_duration: float | None = None,
         text_max_length: int | None = None,
@@ -188,8 +191,10 @@ class MultimodalDataModule(L.LightningDataModule):
         self.text_documents, self.pack_documents = text_documents, pack_documents
         self._packed: dict[str, Dataset] = {}
         stats = {k: tuple(v) for k, v in (("mean", image_mean), ("std", image_std)) if v is not None}
-        image = ImageProcessorConfig(image_size=image_size, channels=image_channels, **stats)
-        audio = AudioProcessorConfig(sample_rate=sample_rate, max_seconds=max_audio_seconds)
+        sizes = {k: v for k, v in (("image_size", image_size), ("channels", image_channels)) if v is not None}
+        image = ImageProcessorConfig(**sizes, **stats)  # None: the processor's defaults (a model config's too)
+        rate = {} if sample_rate is None else {"sample_rate": sample_rate}
+        audio = AudioProcessorConfig(max_seconds=max_audio_seconds, **rate)
         self._processor = Processor(None, image, audio)  # the tokenizer is attached on first use (see .tokenizer)
         self.processor_from = processor_from
         self._adopted = processor_from is None
@@ -298,6 +303,7 @@ class MultimodalDataModule(L.LightningDataModule):
                 shuffle_buffer=self.shuffle_buffer,
                 seed=self.seed,
                 text_documents=self.text_documents,
+                text_optional=split == "predict",
             )
             if self.hparams.cache:  # keep decoded samples: small data sets whose decoding outweighs the step
                 for part in getattr(self.datasets[split], "datasets", [self.datasets[split]]):

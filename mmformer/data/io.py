@@ -262,6 +262,17 @@ def read_text(source: Source, *, name: str | None = None) -> str:
     return text
 
 
+def _absent(value: object) -> bool:
+    """No value at all: None, or the NaN of an empty cell."""
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def is_missing_text(value: object) -> bool:
+    """A row without a text (none, an empty cell, or a blank string), as prediction data may have; unlike a bad text
+    (not a string, not UTF-8), which is an error wherever it is."""
+    return _absent(value) or (isinstance(value, str) and not value.strip())
+
+
 def is_valid_text(value: object) -> bool:
     """A usable caption: a string that is not blank and holds no undecodable bytes (see :func:`clean_text`)."""
     try:
@@ -277,7 +288,7 @@ def clean_text(value: object, name: str) -> str:
     Index files are read with ``errors="surrogateescape"``, so that one row with bytes that are not UTF-8 does not
     stop the whole data set: such a text holds lone surrogates and is refused here, naming the sample.
     """
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if _absent(value):
         raise SampleError(name, "missing text")
     if not isinstance(value, str):
         raise SampleError(name, f"text must be a string; got {type(value).__name__}")

@@ -18,7 +18,6 @@ Shape legend: L block size.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from mmformer.data.io import SampleError, clean_text
 from mmformer.data.manifest import MANIFEST_EXTENSIONS, BadRow, find_columns, iter_rows
-from mmformer.data.skipping import SkippedSampleWarning
+from mmformer.data.skipping import BadSampleTracker
 from mmformer.values import is_int
 
 if TYPE_CHECKING:
@@ -55,14 +54,21 @@ def text_files(path: str | os.PathLike) -> list[Path]:
     return [p]
 
 
-def file_documents(path: str | os.PathLike, unit: str) -> list[tuple[str, str]]:
-    """(text, source) of each non-empty document of a ``.txt`` file or folder: a file, or a line (``file:line``)."""
+def file_documents(
+    path: str | os.PathLike, unit: str, tracker: BadSampleTracker | None = None
+) -> list[tuple[str, str]]:
+    """(text, source) of each non-empty document of a ``.txt`` file or folder: a file, or a line (``file:line``).
+    A file that is not UTF-8 (or cannot be read) is skipped with a warning naming it, counted by ``tracker`` (each
+    file one sample), which stops the reading once too many were bad."""
+    tracker = BadSampleTracker(os.fspath(path)) if tracker is None else tracker
     documents = []
     for file in text_files(path):
         try:
             content = file.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"text data {os.fspath(file)!r} is not UTF-8 text ({e})") from e
+        except (UnicodeDecodeError, OSError) as e:
+            tracker.bad(SampleError(file, f"cannot read text ({type(e).__name__}: {e})"))
+            continue
+        tracker.good()
         if unit == "file":
             pieces = [(content.strip(), f"{file}")]
         else:
@@ -71,9 +77,10 @@ def file_documents(path: str | os.PathLike, unit: str) -> list[tuple[str, str]]:
     return documents
 
 
-def manifest_documents(path: str | os.PathLike) -> list[tuple[str, str]]:
+def manifest_documents(path: str | os.PathLike, tracker: BadSampleTracker | None = None) -> list[tuple[str, str]]:
     """(text, ``manifest:line``) of each row of a manifest with a text; a blank one is skipped (as a blank line of a
-    ``.txt`` file), any other row without a valid text with a warning naming its line."""
+    ``.txt`` file), any other row without a valid text with a warning naming its line, counted by ``tracker``."""
+    tracker = BadSampleTracker(os.fspath(path)) if tracker is None else tracker
     lines = iter_rows(path)
     column = find_columns([row for _, row in lines if not isinstance(row, BadRow)]).get("text")
     if column is None:
@@ -88,20 +95,27 @@ def manifest_documents(path: str | os.PathLike) -> list[tuple[str, str]]:
                 continue
             documents.append((clean_text(row.get(column), where), where))
         except SampleError as e:
-            warnings.warn(f"skipping bad document {e.path}: {e.reason}", SkippedSampleWarning, stacklevel=3)
+            tracker.bad(e)
+        else:
+            tracker.good()
     return documents
 
 
 class TextDocuments(Dataset):
     """Documents of plain-text files, read as UTF-8 (a byte-order mark is skipped), or of a manifest's text column.
 
+    A file that is not UTF-8, or a manifest row without a valid text, is skipped with a warning naming it, as the
+    other formats skip a bad sample (:class:`~mmformer.data.BadSampleTracker`: the reading stops once more than
+    ``max_bad_fraction`` of them were bad).
+
     Args:
         path: a ``.txt`` file or a folder of them, or a ``.jsonl``/``.csv``/``.tsv`` manifest.
         unit: ``file`` (each file is one document) or ``line`` (each non-empty line is one); a manifest's rows are
             its documents either way.
+        max_bad_fraction: see :class:`~mmformer.data.BadSampleTracker` (a file, or a manifest row, is one sample).
     """
 
-    def __init__(self, path: str | os.PathLike, *, unit: str = "file"):
+    def __init__(self, path: str | os.PathLike, *, unit: str = "file", max_bad_fraction: float = 0.1):
         if unit not in UNITS:
             raise ValueError(f"text_documents: expected one of {list(UNITS)}, got {unit!r}")
         self.name = os.fspath(path)
@@ -109,7 +123,11 @@ class TextDocuments(Dataset):
         kind = ".tar" if self.name.lower().endswith((".tar", ".tgz", ".tar.gz")) else suffix
         if kind in REFUSED:
             raise ValueError(f"text data {self.name!r}: {REFUSED[kind]}")
-        pieces = manifest_documents(path) if suffix in MANIFEST_EXTENSIONS else file_documents(path, unit)
+        tracker = BadSampleTracker(self.name, max_bad_fraction)
+        if suffix in MANIFEST_EXTENSIONS:
+            pieces = manifest_documents(path, tracker)
+        else:
+            pieces = file_documents(path, unit, tracker)
         self.documents = [text for text, _ in pieces]
         self.sources = [source for _, source in pieces]
         if not self.documents:
