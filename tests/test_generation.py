@@ -14,6 +14,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import models, pre_tokenizers
 from torch._dynamo.utils import counters
 
+from mmformer.config import GenerationConfig
 from mmformer.generation.decoding import DecodingOptions, _memory, generate
 from mmformer.generation.search import BeamSearch, DecoderRunner
 from mmformer.model import MultimodalTransformer
@@ -350,6 +351,28 @@ def test_bad_inputs_raise(build, make_model_config):
     text_only = MultimodalTransformer(make_model_config(routes={"image": "shared", "text": "shared"}, audio=None))
     with pytest.raises(ValueError, match=r"generate: this model has no decoder"):
         generate(text_only, image=image)
+
+
+def test_language_and_task_are_checked_and_never_silently_ignored(build, make_model_config):
+    """``language=`` / ``task=`` choose tokens of the default prompt (Whisper's): a bad one is named even with a
+    prompt, and a prompt with them is refused — it replaced them, and they were ignored without a word."""
+    gen = GenerationConfig(language_ids={"en": 5, "fr": 6}, task_ids={"transcribe": 7, "translate": 8})
+    model = MultimodalTransformer(make_model_config(generation=gen)).eval()
+    image = memory_inputs("image")["image"]
+    ids = generate(model, image=image, language="fr", task="translate", max_new_tokens=2)
+    assert ids[:, 1:3].tolist() == [[6, 8]] * B
+    prompt = torch.tensor([1, 5, 7])
+    for choice, message in [
+        (dict(language="xx"), r"language: expected one of this checkpoint's codes \['en', 'fr'\], got 'xx'"),
+        (dict(task="dance"), r"task: expected one of this checkpoint's tasks \['transcribe', 'translate'\], got "
+                             r"'dance'"),
+        (dict(language="fr"), r"language='fr', task=None: they choose tokens of the default decoder prompt, which "
+                              r"prompt_ids= replaces \(they would be ignored\); put their tokens in prompt_ids"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            generate(model, image=image, prompt_ids=prompt, **choice)
+    with pytest.raises(ValueError, match=r"language / task: this model has no such tokens; got language='en'"):
+        generate(build(), image=image, prompt_ids=prompt, language="en")
 
 
 # ---------------------------------------------------------------- caption / transcribe

@@ -114,6 +114,17 @@ def test_static_cache_options_are_checked(build, make_model_config):
         decode(alibi, {}, cache="static")
 
 
+def test_a_static_cache_beyond_the_device_memory_is_refused_before_allocating(build):
+    """With relative positions (RoPE) nothing but ``max_new_tokens`` bounds a static cache, which is allocated whole:
+    a "no limit" one is refused, naming it and the memory it would take, where the allocator's bare error came (a
+    Llama asked for 10**9 tokens tried 256 GB)."""
+    model = build("rope")
+    refused = (r"max_new_tokens: a static KV cache of 1000000000001 positions \(prompt \+ max_new_tokens\) for 3 rows "
+               r"needs [\d,.]+ GiB .*cache='dynamic'")  # fmt: skip
+    with pytest.raises(ValueError, match=refused):
+        generate(model, **audio(), max_new_tokens=10**12, cache="static")
+
+
 @pytest.fixture
 def compiled_with(monkeypatch):
     """The static step compiled afresh with the given backend (dynamo's counters cleared)."""

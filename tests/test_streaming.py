@@ -18,7 +18,7 @@ from mmformer.generation.streaming import StreamCancelled, TextIteratorStreamer,
 from mmformer.preprocess.processor import Processor
 from mmformer.preprocess.tokenizer import Tokenizer
 from tests import test_longform_whisper
-from tests.test_text_generation import language_model
+from tests.test_text_generation import language_model, sentencepiece_tokenizer
 
 TEXTS = ["the cat sat on the mat.", "a dog ran in the park!", "once upon a time there was a king.\n",
          "naïve café, 日本語 über straße"] * 4  # fmt: skip
@@ -95,6 +95,23 @@ def test_a_stop_string_ends_the_stream_where_complete_cuts(lm):
         got = complete(model, prompt, max_new_tokens=20, stop_strings=stops, streamer=streamer)[0]
         assert got == expected == streamer.text, (prompt, stops, streamer.pieces)
         assert not any(s in streamer.text for s in stops)
+
+
+def test_a_sentencepiece_stream_keeps_the_leading_space_complete_returns():
+    """A Llama tokenizer's decoder strips the space of a text's first piece: the stream decodes its tokens after the
+    prompt's, as ``complete`` does, so its first piece keeps the space ("who lived in" + " there", not "there")."""
+    from mmformer.config import GenerationConfig
+
+    tokenizer = sentencepiece_tokenizer()
+    model = language_model("rope-gqa", vocab_size=tokenizer.vocab_size)
+    model.processor = Processor(tokenizer)
+    unspaced = [i for piece, i in tokenizer.backend.get_vocab().items() if not piece.startswith("▁")]
+    model.config.generation = GenerationConfig(begin_suppress_tokens=unspaced)  # a "▁" piece comes first
+    for prompt in ["who lived in", "once upon"]:
+        expected = complete(model, prompt, max_new_tokens=8)[0]
+        streamer = Recorder(tokenizer)
+        assert complete(model, prompt, max_new_tokens=8, streamer=streamer)[0] == expected
+        assert streamer.text == expected and expected.startswith(" "), (prompt, streamer.pieces)
 
 
 def test_multibyte_characters_and_stop_prefixes_are_held_back_until_stable():

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mmformer.cli.main import main
-from mmformer.config import ModelConfig, StackConfig, TextConfig
+from mmformer.config import GenerationConfig, ModelConfig, StackConfig, TextConfig
 from mmformer.generation.decoding import DecodingOptions, generate, left_pad
 from mmformer.generation.score_processing import RepetitionPenalty
 from mmformer.layers.positions import RelativePositionBias, t5_buckets
@@ -57,6 +57,22 @@ def language_model(scheme: str = "learned", vocab_size: int = V, **text) -> Mult
 def tokenizer() -> Tokenizer:
     texts = ["the cat sat on the mat.", "a dog ran in the park!", "once upon a time there was a king.\n"] * 4
     return Tokenizer.train(texts, vocab_size=V, max_length=48)
+
+
+def sentencepiece_tokenizer() -> Tokenizer:
+    """A Llama-style tokenizer (ids 0-2: <unk>, <s>, </s>): SentencePiece BPE, spaces as "▁" (Metaspace), byte
+    fallback, and a decoder that strips the space the first piece of a text begins with ("▁there" alone → "there")."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    backend.train_from_iterator(["once upon a time there was a king who lived in a castle"] * 5, trainer)
+    return Tokenizer(backend, max_length=48, pad_token="<unk>", bos_token="<s>", eos_token="</s>", append_eos=False)
 
 
 # ---------------------------------------------------------------- left padding
@@ -155,6 +171,31 @@ def test_stop_strings_end_rows_and_complete_cuts_them(tokenizer):
 
 
 # ---------------------------------------------------------------- complete
+def test_a_sentencepiece_continuation_keeps_its_space_as_hugging_faces_pipeline_cuts_it(tokenizer):
+    """The text of a continuation is what it adds to the prompt's text (Hugging Face's text-generation pipeline:
+    the prompt and continuation decoded together, less the decoded prompt): a Llama tokenizer's decoder strips the
+    space of a text's first piece, so the continuation decoded alone lost it ("who lived in" + "there"). A byte-level
+    BPE (GPT-2) keeps every space: its text is its tokens decoded, as before."""
+    sentencepiece = sentencepiece_tokenizer()
+    for tok, prompts in [
+        (sentencepiece, ["once upon", "who lived in", "a king", "there was", "time"]),
+        (tokenizer, ["the cat", "once upon a time", "a dog"]),
+    ]:
+        model = language_model("rope-gqa", vocab_size=tok.vocab_size)
+        model.processor = Processor(tok)
+        if tok is sentencepiece:  # the case that lost its space: each continuation begins with a "▁" piece
+            unspaced = [i for piece, i in tok.backend.get_vocab().items() if not piece.startswith("▁")]
+            model.config.generation = GenerationConfig(begin_suppress_tokens=unspaced)
+        texts = model.complete(prompts, max_new_tokens=8)
+        for prompt, text in zip(prompts, texts):
+            ids = tok.encode(prompt)
+            ids = ids[:-1] if ids[-1] == tok.eos_id else ids
+            new = generate(model, prompt_ids=[ids], max_new_tokens=8)[0, len(ids) :].tolist()
+            whole = tok.backend.decode(ids + new)  # skips the special tokens
+            assert text == whole[len(tok.backend.decode(ids)) :], (prompt, text, whole)
+            assert text.startswith(" ") if tok is sentencepiece else text == tok.decode(new)
+
+
 def test_complete_texts_of_different_lengths(tokenizer):
     model = language_model("rope-gqa", vocab_size=tokenizer.vocab_size)
     model.processor = Processor(tokenizer)
@@ -222,6 +263,45 @@ def test_only_a_language_model_completes_bare_prompts(tokenizer):
                 model.complete("the cat", max_new_tokens=3)
 
 
+def test_input_ids_is_the_prompt_of_every_model_that_completes():
+    """Hugging Face's ``generate(input_ids=...)`` is a language model's prompt — also one whose text route shares the
+    decoder's cross-attention stack (trained here with ``lm``), which ``complete`` continues: ``generate`` took its
+    input_ids for an encoder's. Only a text-to-text model's (T5's) are its encoder's input."""
+    from mmformer.generation.completion import continues_prompts
+
+    shared = StackConfig(width=16, depth=2, n_heads=4, mlp_ratio=2.0, cross_attention=True)
+    text = TextConfig(vocab_size=V, max_length=48)
+    config = ModelConfig(stacks={"shared": shared}, routes={"text": "shared", "decoder": "shared"}, image=None,
+                         audio=None, text=text, embed_dim=16)  # fmt: skip
+    model = MultimodalTransformer(config).eval()
+    assert continues_prompts(model)
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    expected = generate(model, prompt_ids=ids, prompt_mask=mask, max_new_tokens=6)
+    assert torch.equal(generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=6), expected)
+
+
+def test_a_prompt_samples_the_same_text_in_any_batch_with_a_generator_of_its_own(tokenizer):
+    """One generator per prompt (``row_generators``: the ``complete`` command's ``--seed``): a prompt's samples do
+    not depend on the prompts decoded with it; greedy decoding draws nothing and is unchanged."""
+    from mmformer.generation.token_choice import row_generators
+
+    model = language_model("rope-gqa", vocab_size=tokenizer.vocab_size)
+    model.processor = Processor(tokenizer)
+    prompts = ["the cat", "a dog", "once upon a time"]
+    sampling = dict(max_new_tokens=10, do_sample=True, temperature=1.5)
+    together = model.complete(prompts, generator=row_generators(3, 3), **sampling)
+    alone = [model.complete([p], generator=row_generators(3, 1, first=i), **sampling)[0] for i, p in enumerate(prompts)]
+    assert together == alone
+    assert model.complete(prompts[1:], generator=row_generators(3, 2, first=1), **sampling) == together[1:]
+    assert together != model.complete(prompts, generator=row_generators(4, 3), **sampling)  # the seed matters
+    greedy = model.complete(prompts, max_new_tokens=10)
+    assert model.complete(prompts, generator=row_generators(3, 3), max_new_tokens=10) == greedy
+    with pytest.raises(ValueError, match=r"generator: expected one torch.Generator per prompt \(3\), got 2"):
+        model.complete(prompts, generator=row_generators(3, 2), **sampling)
+    with pytest.raises(TypeError, match=r"generator: expected a torch.Generator or a list of one per prompt, got 3"):
+        model.complete(prompts, generator=3, **sampling)
+
+
 def test_complete_command(tokenizer, tmp_path, capsys):
     model = language_model("learned", vocab_size=tokenizer.vocab_size)
     model.save_pretrained(tmp_path / "lm", processor=Processor(tokenizer))
@@ -257,6 +337,28 @@ def test_complete_command_streams_what_it_prints_whole(tokenizer, tmp_path, caps
     assert sum(bool(p) for p in pieces) >= 2  # more than one piece: streamed, not printed at the end
     with pytest.raises(SystemExit, match=r"--stream: streaming decodes greedily or by sampling; got --num-beams 3"):
         main([*command, "the cat", "--stream", "--num-beams", "3"])
+
+
+def test_complete_command_samples_each_prompt_alike_in_any_batch_and_stream(tokenizer, tmp_path, capsys):
+    """With ``--seed``, a prompt's sampled continuation is the same whatever ``--batch-size``, and ``--stream``
+    prints it too (one generator shared by the batch made it depend on the batch's layout)."""
+    model = language_model("learned", vocab_size=tokenizer.vocab_size)
+    model.save_pretrained(tmp_path / "lm", processor=Processor(tokenizer))
+    command = ["complete", "--model", str(tmp_path / "lm"), "the cat", "a dog", "once upon", "--max-new-tokens", "8",
+               "--top-k", "20", "--temperature", "1.5", "--seed", "3"]  # fmt: skip
+    outputs = []
+    for layout in ([], ["--batch-size", "1"], ["--batch-size", "2"], ["--stream"]):
+        main([*command, *layout])
+        outputs.append(capsys.readouterr().out)
+    assert outputs[1:] == outputs[:1] * 3, outputs
+
+
+@pytest.mark.parametrize("command", ["complete", "caption", "transcribe"])
+def test_a_batch_size_below_one_is_refused_by_the_parser(command, capsys):
+    """--batch-size 0 printed nothing (caption) or "range() arg 3 must not be zero" (complete)."""
+    with pytest.raises(SystemExit):
+        main([command, "--model", "never-loaded", "--batch-size", "0", "input"])
+    assert "argument --batch-size: expected an int >= 1, got '0'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- T5 relative position bias

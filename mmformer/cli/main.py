@@ -80,7 +80,7 @@ def _decoding_args(p: argparse.ArgumentParser, inputs: str = "files", what: str 
     for flag, kwargs in dataclass_flags(DecodingOptions):
         p.add_argument(flag, **kwargs)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_batch_size, default=16)
     p.add_argument(inputs, nargs="+", help=what)
 
 
@@ -135,7 +135,7 @@ def _transcribe_args(p: argparse.ArgumentParser) -> None:
         "load (PT2E dynamic, x86 CPUs; compiled on its first windows); bfloat16 under torch.autocast, the decoder's "
         "cross-attention keys/values kept in bf16",
     )
-    p.add_argument("--batch-size", type=int, default=16, help="windows decoded at once, drawn from all files")
+    p.add_argument("--batch-size", type=_batch_size, default=16, help="windows decoded at once, drawn from all files")
     p.add_argument(
         "--output-format",
         choices=OUTPUT_FORMATS,
@@ -466,18 +466,19 @@ def _decoder_prefix(args: argparse.Namespace, model: Any):
 
 
 def _complete(args: argparse.Namespace) -> None:
-    import torch
+    from mmformer.generation.token_choice import row_generators
 
     model = _load_model(args.model, args.device, args.adapter)
     options, prefix = _options(args), _decoder_prefix(args, model)
-    generator = None
+    generators = None  # one per prompt: a prompt samples the same text whatever --batch-size, or --stream
     if args.seed is not None:
-        generator = torch.Generator(device=args.device).manual_seed(args.seed)
+        generators = row_generators(args.seed, len(args.prompts), args.device)
     if args.stream:
-        _complete_streaming(args, model, options, generator, prefix)
+        _complete_streaming(args, model, options, generators, prefix)
         return
     for start in range(0, len(args.prompts), args.batch_size):
         chunk = args.prompts[start : start + args.batch_size]
+        generator = None if generators is None else generators[start : start + args.batch_size]
         texts = model.complete(chunk, options=options, generator=generator, prefix_embeds=prefix)
         for i, (prompt, text) in enumerate(zip(chunk, texts)):
             if start + i:
@@ -485,9 +486,10 @@ def _complete(args: argparse.Namespace) -> None:
             print(f"{prompt}{text}")
 
 
-def _complete_streaming(args: argparse.Namespace, model: Any, options: Any, generator: Any, prefix: Any) -> None:
-    """``complete --stream``: each prompt, then its continuation piece by piece as the tokens are decoded (the same
-    text the batched command prints), a blank line between prompts."""
+def _complete_streaming(args: argparse.Namespace, model: Any, options: Any, generators: Any, prefix: Any) -> None:
+    """``complete --stream``: each prompt, then its continuation piece by piece as the tokens are decoded, a blank
+    line between prompts: the same text the batched command prints, sampled too (``generators``: one per prompt, the
+    ones the batched command samples each prompt with; None without ``--seed``, whose samples differ run to run)."""
     from mmformer.generation.streaming import TextStreamer
 
     if options.num_beams > 1:
@@ -497,7 +499,17 @@ def _complete_streaming(args: argparse.Namespace, model: Any, options: Any, gene
             print()
         print(prompt, end="", flush=True)
         streamer = TextStreamer(model.processor.tokenizer)  # prints each stable piece, then a newline at the end
+        generator = None if generators is None else generators[i : i + 1]
         model.complete([prompt], options=options, generator=generator, prefix_embeds=prefix, streamer=streamer)
+
+
+def _batch_size(text: str) -> int:
+    """``--batch-size``: refused by the parser (before the model loads) below 1, as ``transcribe_files`` refuses its
+    ``batch_size`` (0 printed nothing, or "range() arg 3 must not be zero")."""
+    value = int(text) if text.strip().lstrip("-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
 
 
 def _port(text: str) -> int:

@@ -12,7 +12,7 @@ import torch
 
 from mmformer.generation.decoding import DecodingOptions, generate, processor_with_tokenizer, ragged
 from mmformer.generation.decoding_rules import text_to_text
-from mmformer.generation.token_choice import StopStrings
+from mmformer.generation.token_choice import StopStrings, text_after, text_context
 from mmformer.io.weights import model_device
 
 if TYPE_CHECKING:
@@ -46,6 +46,15 @@ def _prompt_rows(tokenizer: Any, prompts: Any) -> tuple[list[list[int]] | torch.
                     f"{sorted({type(p).__name__ for p in prompts})}")  # fmt: skip
 
 
+def _real_prompts(rows: list[list[int]] | torch.Tensor, mask: Any) -> list[list[int]]:
+    """Each prompt's ids without its padding (``mask``: a (B, P) tensor's, True = real token)."""
+    if isinstance(rows, list):
+        return rows
+    if mask is None:
+        return rows.tolist()
+    return [row[m].tolist() for row, m in zip(rows, torch.as_tensor(mask, device=rows.device).bool())]
+
+
 def continues_prompts(model: MultimodalTransformer) -> bool:
     """Whether the model is a language model that continues a bare prompt: a decoder that reads no encoder — none
     with cross-attention, or one whose only other tower is the text stack it shares (a model trained here with the
@@ -75,14 +84,17 @@ def complete(
             with ``prompt_mask=`` for its padding, or a list of id lists).
         processor: its tokenizer turns text into ids and back; default ``model.processor``.
         decoding: :func:`generate` options (``max_new_tokens``, ``num_beams``, ``top_k``, ``top_p``,
-            ``temperature``, ``repetition_penalty``, ``stop_strings``, ``generator``, ...).
+            ``temperature``, ``repetition_penalty``, ``stop_strings``, ``generator``, ...); ``generator``: one, or
+            one per prompt (:func:`~mmformer.generation.token_choice.row_generators`), with which a prompt samples
+            the same text whatever it is batched with.
         streamer: a :class:`mmformer.generation.streaming.TextStreamer` that receives the continuation of one prompt
-        piece by
-            piece while it is decoded (greedy or sampling); its pieces concatenate to the returned text (it is told
-            the ``stop_strings``, so it ends where the text is cut).
+            piece by piece while it is decoded (greedy or sampling); its pieces concatenate to the returned text (it
+            is told the ``stop_strings``, so it ends where the text is cut).
 
     Returns:
-        The generated text of each prompt (without the prompt). A row that produced a stop string ends before it
+        The generated text of each prompt (without the prompt): what it adds to the prompt's text, as Hugging Face's
+        text-generation pipeline cuts it (a SentencePiece continuation keeps its leading space; see
+        :func:`~mmformer.generation.token_choice.text_after`). A row that produced a stop string ends before it
         (as OpenAI's ``stop``; :func:`generate`'s ids keep it, as Hugging Face's do).
     """
     processor = processor_with_tokenizer(model, processor, "complete")
@@ -116,7 +128,8 @@ def complete(
     if streamer is not None:
         streamer.set_stop_strings(options.stop_strings)
     ids = generate(model, prompt_ids=rows, tokenizer=tokenizer, options=options, streamer=streamer, **decoding)
-    texts = tokenizer.batch_decode(ids[:, n_prompt:].cpu(), skip_special_tokens=True)
+    prompts, generated = _real_prompts(rows, decoding.get("prompt_mask")), ids[:, n_prompt:].tolist()
+    texts = [text_after(tokenizer, text_context(tokenizer, p), row) for p, row in zip(prompts, generated)]
     if options.stop_strings:
         cutter = StopStrings(tokenizer, options.stop_strings, 0)
         texts = [cutter.cut(t) for t in texts]

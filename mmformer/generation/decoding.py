@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from mmformer.embedders.checks import check_prefix, check_token_ids
-from mmformer.generation.decoding_rules import default_prompt, prompt_length, text_to_text
+from mmformer.generation.decoding_rules import check_language_task, default_prompt, prompt_length, text_to_text
 from mmformer.generation.score_processing import build_score_processors, model_end_ids
 from mmformer.generation.search import BeamSearch, DecoderRunner, TokenSearch
-from mmformer.generation.token_choice import StopStrings, token_chooser
+from mmformer.generation.token_choice import Generators, StopStrings, token_chooser
 from mmformer.io.weights import model_device
 from mmformer.values import build_options, is_int, is_number, option
 
@@ -363,7 +363,7 @@ def generate(
     prompt_mask: torch.Tensor | None = None,
     prefix_embeds: torch.Tensor | None = None,
     options: DecodingOptions | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     tokenizer: Any = None,
     streamer: TextStreamer | None = None,
     **changes: Any,
@@ -379,24 +379,27 @@ def generate(
         audio_features: precomputed log-mel (B, n_mels, frames), as Whisper's ``input_features``, with optional frame
             counts ``feature_lengths`` (B,).
         input_ids: token ids (B, T), with their ``attention_mask`` (B, T), as Hugging Face's ``generate`` reads
-            them: for a model with a text encoder (text-to-text, T5) the encoder's input; for one without (a
-            decoder-only LM: GPT-2, Llama) the prompt, the same as ``prompt_ids=`` / ``prompt_mask=``.
+            them: for a text-to-text model (T5: a text encoder of its own) the encoder's input; for any other the
+            decoder's prompt, the same as ``prompt_ids=`` / ``prompt_mask=`` (a decoder-only LM: GPT-2, Llama, or one
+            trained here with ``lm`` whose text route shares the decoder's stack).
         prompt_ids: decoder prefix (B, P) or (P,) for every row, or a list of id lists of different lengths (left-
             padded here); default ``[[bos_id]] * B``, or for a checkpoint with a generation config (Whisper) its
             start, language (``language=`` or detected), task and no-timestamps tokens. Without a memory the prompt
-            is required. The checkpoint's suppressed tokens are never generated.
+            is required. The checkpoint's suppressed tokens are never generated. ``language=`` / ``task=`` choose
+            tokens of the default prompt: they are refused with ``prompt_ids`` (which would replace them).
         prompt_mask: (B, P) True at the prompt's real tokens, as Hugging Face's ``attention_mask`` of a
             decoder-only model; right-padded rows (a tokenizer's layout) are left-padded here first, so each row
             continues as it would alone and the returned prompt part is left-padded.
         prefix_embeds: a learned decoder prefix (P', D) read before the prompt by every row (prompt tuning; see
             :class:`mmformer.adapt.prompts.DecoderPrefix`); it takes P' positions of the decoder's position table.
         options: a :class:`DecodingOptions`; default its defaults.
-        generator: random generator for reproducible sampling.
+        generator: random generator for reproducible sampling, or a list of one per row
+            (:func:`~mmformer.generation.token_choice.row_generators`): a row then samples the same tokens whatever
+            the rows decoded with it.
         tokenizer: decodes rows for ``stop_strings`` (default: ``model.processor.tokenizer``).
-        streamer: a :class:`mmformer.generation.streaming.TextStreamer`; it receives the prompt, then each token as it
-        is
-            decoded, then ``end()`` (the calls Hugging Face's generate makes to its streamers); one row, greedy or
-            sampling (beam search knows its final tokens only at the end).
+        streamer: a :class:`mmformer.generation.streaming.TextStreamer`; it receives the prompt, then each token as
+            it is decoded, then ``end()`` (the calls Hugging Face's generate makes to its streamers); one row, greedy
+            or sampling (beam search knows its final tokens only at the end).
         changes: :class:`DecodingOptions` fields overriding ``options`` (``max_new_tokens=``, ``num_beams=``,
             ``top_k=``, ``top_p=``, ``temperature=``, ``length_penalty=``, ``do_sample=``, ``repetition_penalty=``,
             ``stop_strings=``, ``use_cache=``, ``compile=``, ``min_new_tokens=``, ``forced_eos=``, ``language=``,
@@ -413,11 +416,13 @@ def generate(
         model = graphs.model  # the float model: its config, rules and checks; the graphs do the matrix work
     if model.lm_head is None:
         raise ValueError(f"generate: this model has no decoder; its routes are {sorted(model.config.routes)}")
-    if input_ids is not None and "text" not in model.config.routes:  # Hugging Face's decoder-only call: the prompt
+    check_language_task(model, options.language, options.task, prompt_given=prompt_ids is not None)
+    if input_ids is not None and not text_to_text(model):  # Hugging Face's decoder-only call: the prompt
         if prompt_ids is not None or prompt_mask is not None:
             raise ValueError(
-                "input_ids: on a model without a text encoder it is the prompt (as Hugging Face's generate reads it), "
-                "so prompt_ids= / prompt_mask= must not be given too; got both"
+                "input_ids: on a model without a text encoder it is the prompt (as Hugging Face's generate reads it: "
+                "only a text-to-text model's are its encoder's input), so prompt_ids= / prompt_mask= must not be "
+                "given too; got both"
             )
         prompt_ids, prompt_mask, input_ids, attention_mask = input_ids, attention_mask, None, None
     text = model.config.text
@@ -484,7 +489,8 @@ def generate(
     if K > 1:
         search: TokenSearch | BeamSearch = BeamSearch(K, options.length_penalty, ends, text.pad_id, processors, stop)
     else:
-        search = TokenSearch(token_chooser(options, generator), ends, text.pad_id, processors, stop)
+        chooser = token_chooser(options, generator, prompt.shape[0])
+        search = TokenSearch(chooser, ends, text.pad_id, processors, stop)
     runner = None if graphs is None else _graph_runner(graphs, memory, memory_mask, prompt_mask, prefix_embeds)
     if runner is None:
         runner = DecoderRunner(

@@ -48,6 +48,37 @@ def language_id(model: MultimodalTransformer, language: str) -> int:
     return gen.language_ids[code]
 
 
+def task_id(model: MultimodalTransformer, task: str) -> int:
+    """The token of a task ("transcribe", "translate") of the checkpoint's generation config; ValueError naming
+    ``task`` where it has none."""
+    gen = model.config.generation
+    tasks = {} if gen is None else gen.task_ids
+    if task not in tasks:
+        raise ValueError(f"task: expected one of this checkpoint's tasks {sorted(tasks)}, got {task!r}")
+    return tasks[task]
+
+
+def check_language_task(
+    model: MultimodalTransformer, language: str | None, task: str | None, prompt_given: bool = False
+) -> None:
+    """A chosen ``language`` / ``task`` (None: not chosen) checked against the checkpoint, whether or not a prompt
+    will read them: a ValueError naming the one it lacks; and refused with a prompt of the caller's
+    (``prompt_given``), which replaces the default prompt they choose tokens of: they would be ignored."""
+    if language is None and task is None:
+        return
+    if model.config.generation is None:
+        raise ValueError(f"language / task: this model has no such tokens; got language={language!r}, task={task!r}")
+    if language is not None:
+        language_id(model, language)
+    if task is not None:
+        task_id(model, task)
+    if prompt_given:
+        raise ValueError(
+            f"language={language!r}, task={task!r}: they choose tokens of the default decoder prompt, which "
+            "prompt_ids= replaces (they would be ignored); put their tokens in prompt_ids, or leave prompt_ids out"
+        )
+
+
 def detect_language(
     model: MultimodalTransformer, memory: torch.Tensor, memory_mask: torch.Tensor | None
 ) -> torch.Tensor:
@@ -75,8 +106,7 @@ def default_prompt(
     B, device, gen = memory.shape[0], memory.device, model.config.generation
     columns = [torch.full((B,), model.config.text.bos_id, dtype=torch.long, device=device)]
     language, task = options.language, options.task
-    if gen is None and (language is not None or task is not None):
-        raise ValueError(f"language / task: this model has no such tokens; got language={language!r}, task={task!r}")
+    check_language_task(model, language, task)
     if gen is not None:
         language = language if language is not None else gen.language
         if language is not None:
@@ -84,10 +114,8 @@ def default_prompt(
         elif gen.language_ids:
             columns.append(detect_language(model, memory, memory_mask))
         task = task if task is not None else gen.task or ("transcribe" if gen.task_ids else None)
-        if task is not None and task not in gen.task_ids:
-            raise ValueError(f"task: expected one of this checkpoint's tasks {sorted(gen.task_ids)}, got {task!r}")
         if task is not None:
-            columns.append(torch.full((B,), gen.task_ids[task], dtype=torch.long, device=device))
+            columns.append(torch.full((B,), task_id(model, task), dtype=torch.long, device=device))
         if gen.no_timestamps_id is not None:
             columns.append(torch.full((B,), gen.no_timestamps_id, dtype=torch.long, device=device))
     return torch.stack(columns, dim=1)

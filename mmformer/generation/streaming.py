@@ -1,14 +1,15 @@
 """Receiving generated text while it is decoded, as Hugging Face's streamers do (``TextStreamer``,
 ``TextIteratorStreamer``, ``AsyncTextIteratorStreamer``): the search calls ``put(ids)`` with the prompt once and then
 with each step's new token, and ``end()`` when it stops (:meth:`mmformer.generation.search.TokenSearch.run`); the
-streamer turns
-them into text pieces and hands each to :meth:`TextStreamer.on_text`.
+streamer turns them into text pieces and hands each to :meth:`TextStreamer.on_text`.
 
-A piece is sent only once it is stable: the ids so far are detokenized and the new suffix of that text is sent,
-holding back a trailing replacement character (a multi-byte UTF-8 character whose remaining bytes come with the next
-tokens) and, when stop strings are set (``complete`` sets its own), any tail that may still grow into one. The
-pieces therefore concatenate to exactly the text ``complete`` returns. Each step decodes the whole continuation
-(O(L²) characters over L tokens; negligible beside a decoder step at the lengths served).
+A piece is sent only once it is stable: the ids so far are detokenized after the prompt's last tokens, as ``complete``
+decodes its text (:func:`~mmformer.generation.token_choice.text_after`: a SentencePiece continuation keeps its leading
+space), and the new suffix of that text is sent, holding back a trailing replacement character (a multi-byte UTF-8
+character whose remaining bytes come with the next tokens) and, when stop strings are set (``complete`` sets its own),
+any tail that may still grow into one. The pieces therefore concatenate to exactly the text ``complete`` returns. Each
+step decodes the whole continuation (O(L²) characters over L tokens; negligible beside a decoder step at the lengths
+served).
 
 Only one row can be streamed (batch size 1) and beam search cannot stream (its final tokens are known only at the
 end): ``generate`` refuses both, as Hugging Face does.
@@ -25,6 +26,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from mmformer.generation.token_choice import text_after, text_context
 
 
 class StreamCancelled(Exception):
@@ -52,6 +55,7 @@ class TextStreamer:
 
     def _reset(self) -> None:
         self._ids: list[int] = []
+        self._context: list[int] = []  # the prompt's last ids that the text of _ids is decoded after
         self._sent = ""  # the text handed to on_text so far
         self._prompt_next = True
 
@@ -76,6 +80,7 @@ class TextStreamer:
         if self._prompt_next:
             self._prompt_next = False
             if self.skip_prompt:
+                self._context = text_context(self.tokenizer, ids, self.skip_special_tokens)
                 return
         self._ids += ids
         self._send(self._stable(self._decode(), final=False))
@@ -92,7 +97,7 @@ class TextStreamer:
 
     # ------------------------------------------------------------------ text
     def _decode(self) -> str:
-        return self.tokenizer.decode(self._ids, skip_special_tokens=self.skip_special_tokens)
+        return text_after(self.tokenizer, self._context, self._ids, self.skip_special_tokens)
 
     def _stable(self, text: str, final: bool) -> str:
         """The part of ``text`` that can no longer change: before a stop string; without a trailing replacement

@@ -17,6 +17,7 @@ S memory tokens.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -299,6 +300,36 @@ def _fixed_address(t: torch.Tensor) -> None:
         torch._dynamo.mark_static_address(t)
 
 
+def _device_memory(device: torch.device | str | None) -> int | None:
+    """Bytes of memory the device has in all (None where unknown): the most any allocation there can get."""
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def _check_fits(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None) -> None:
+    """Refuse a static cache whose keys and values (``shape`` each) exceed the device's whole memory, before trying:
+    with relative positions (RoPE) nothing else bounds its length, and a huge ``max_new_tokens`` (a "no limit"
+    10**9) met the allocator's bare "can't allocate memory" (where memory is overcommitted, zero-filling it could get
+    the process killed instead). The growing cache takes only what the decoded tokens use."""
+    layers, rows, heads, positions, head_dim = shape
+    needed = 2 * layers * rows * heads * positions * head_dim * dtype.itemsize
+    total = _device_memory(device)
+    if total is not None and needed > total:
+        raise ValueError(
+            f"max_new_tokens: a static KV cache of {positions} positions (prompt + max_new_tokens) for {rows} rows "
+            f"needs {needed / 2**30:,.1f} GiB of keys and values, more than the {torch.device(device or 'cpu').type} "
+            f"memory's {total / 2**30:,.1f} GiB; lower max_new_tokens, or decode with cache='dynamic' (it grows with "
+            "the tokens actually decoded)"
+        )
+
+
 class StaticKVCache(KVCache):
     """A :class:`KVCache` preallocated to its full length whose decoding step has fixed shapes and reads no host
     value, so that ``torch.compile`` traces it once and, on CUDA, ``mode="reduce-overhead"`` captures it as a CUDA
@@ -336,6 +367,7 @@ class StaticKVCache(KVCache):
         if capacity < 1:
             raise ValueError(f"capacity: a static KV cache needs at least one position, got {capacity}")
         shape = (n_layers, batch_size, n_kv_heads, capacity, head_dim)
+        _check_fits(shape, dtype, device)
         self._use(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
         self._cross = [None] * n_layers
         self._spare = None
