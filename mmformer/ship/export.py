@@ -14,7 +14,9 @@ The graphs, as Hugging Face Optimum lays out an encoder–decoder export (``mmfo
       decoder_with_past_model.onnx   input_ids (B, 1), memory_mask (B, S), past_keys/values (L, B, nkv, P, hs),
                                      cross_keys_0 … cross_keys_{Lc-1}, cross_values_0 … (B, nkv, S, hs) each
                                   → logits (B, 1, V), present_keys/values (L, B, nkv, P + 1, hs)
-      export_config.json          the graphs, their inputs/outputs and dynamic axes, the special token ids
+      export_config.json          the graphs, their inputs/outputs and dynamic axes, the special token ids (end ids
+                                  included), the decoder's length limit, the audio window and the checkpoint's
+                                  decoding rules (``generation``: Whisper's prompt tokens and suppressed tokens)
       mel_filters.npy             the log-mel filter bank (n_fft/2 + 1, M), for feature extraction without torch
       config.json, tokenizer.json, preprocessor_config.json
 
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import warnings
@@ -378,7 +381,7 @@ def export(
             processor.save_pretrained(staging)
         if "audio_encoder" in records:
             _save_mel_filters(model, staging / MEL_FILTERS)
-        text = model.config.text
+        text, audio, generation = model.config.text, model.config.audio, model.config.generation
         config = {
             "format": format,
             "opset": opset if format == "onnx" else None,
@@ -386,11 +389,16 @@ def export(
             "graphs": records,
             "logit_scale": float(model.logit_scale.detach().exp()),  # zero-shot logits = scale * cosine similarity
             "text": {"bos_id": text.bos_id, "eos_id": text.eos_id, "pad_id": text.pad_id,
-                     "max_length": text.max_length if text.position != "none" else None},
-            "audio": None if model.config.audio is None else {
-                "sample_rate": model.config.audio.sample_rate, "n_fft": model.config.audio.n_fft,
-                "hop_length": model.config.audio.hop_length, "n_mels": model.config.audio.n_mels,
-                "mel_filters": MEL_FILTERS if "audio_encoder" in records else None},
+                     "max_length": text.max_length if text.position != "none" else None,
+                     # where generate stops: the position table less CoCa's class-token slot; every end id
+                     "max_tokens": text.max_tokens if text.position != "none" else None,
+                     "extra_eos_ids": list(text.extra_eos_ids)},
+            "audio": None if audio is None else {
+                "sample_rate": audio.sample_rate, "n_fft": audio.n_fft, "hop_length": audio.hop_length,
+                "n_mels": audio.n_mels, "mel_filters": MEL_FILTERS if "audio_encoder" in records else None,
+                "pad_to_seconds": audio.pad_to_seconds},  # Whisper's fixed window (LogMel)
+            # the checkpoint's prompt and suppressed tokens (GenerationConfig; the runner builds the prompt with them)
+            "generation": None if generation is None else dataclasses.asdict(generation),
         }  # fmt: skip
         (staging / EXPORT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return Path(directory)

@@ -1,6 +1,8 @@
 """Run an ONNX export (``mmformer export --format onnx``) without PyTorch: numpy, onnxruntime, tokenizers, Pillow and
 soundfile only. It proves the export is complete: zero-shot classification of images or audio, greedy captioning
-and transcription through the decoder graphs with their explicit KV cache.
+and transcription through the decoder graphs with their explicit KV cache, giving the ids the model's greedy
+``generate`` gives: its prompt (a Whisper checkpoint's start, language — given or detected —, task and no-timestamps
+tokens), suppressed tokens, end ids and length limit, read from ``export_config.json``.
 
     from mmformer.ship.onnx_runner import OnnxModel
     model = OnnxModel("out/onnx")
@@ -9,10 +11,12 @@ and transcription through the decoder graphs with their explicit KV cache.
 
     python -m mmformer.ship.onnx_runner out/onnx --classes zero,one,two a.png b.flac     # zero-shot
     python -m mmformer.ship.onnx_runner out/onnx --transcribe a.flac                     # speech to text
+    python -m mmformer.ship.onnx_runner out/onnx --transcribe --language en a.flac       # Whisper, language chosen
 
 Preprocessing follows :class:`mmformer.Processor` (images: channels, resize to cover and centre crop, normalise;
 audio: mono, resampled to the model's rate as torchaudio does) and :class:`mmformer.embedders.audio.LogMel` (centred
-STFT with a periodic Hann window, the saved mel filter bank, log10 with an 8-decade range per utterance), in numpy.
+STFT with a periodic Hann window, the saved mel filter bank, log10 with an 8-decade range per utterance; Whisper's
+fixed window), in numpy. Each rule of decoding names the torch code it follows: a change there must come here too.
 
 This module imports neither torch nor the rest of mmformer (``import mmformer`` itself is light).
 """
@@ -105,6 +109,9 @@ class OnnxModel:
         self.sessions = {name: self._session(ort, g["file"], options, providers)
                          for name, g in self.config["graphs"].items()}  # fmt: skip
         self.text = self.config["text"]
+        # the keys below came with the decoding rules; an export written before them has none and decodes as it did
+        # (no window, [bos], end-of-text only, the position table): see the properties that read them
+        self.generation = self.config.get("generation")  # GenerationConfig's fields (Whisper's), or None
         self.logit_scale = float(self.config.get("logit_scale", 1.0))
         self._tokenizer = None
         preprocessor = self.directory / "preprocessor_config.json"
@@ -168,11 +175,15 @@ class OnnxModel:
         return ids, mask
 
     def detokenize(self, ids: np.ndarray) -> list[str]:
-        """Generated rows (prompt removed) → texts, each up to its first eos."""
-        eos, out = self.text["eos_id"], []
+        """Generated rows (prompt removed) → texts, each up to its first eos, else without its trailing padding (a
+        row that ended at another end id): as the model's tokenizer cuts them (``Tokenizer._until_eos``)."""
+        eos, pad, out = self.text["eos_id"], self.text["pad_id"], []
         for row in ids.tolist():
             if eos in row:
                 row = row[: row.index(eos) + 1]
+            else:
+                while row and row[-1] == pad:
+                    row.pop()
             out.append(row)
         return self.tokenizer.decode_batch(out, skip_special_tokens=True)
 
@@ -232,7 +243,7 @@ class OnnxModel:
             if sr is None:
                 raise ValueError("sample_rate: required with waveform arrays (the rate they were recorded at)")
             if wave.ndim != 1 or wave.size == 0:
-                name = item if isinstance(item, (str, os.PathLike)) else f"audio[{len(waves)}]"
+                name = _audio_name(item, len(waves))
                 raise ValueError(f"{name}: expected a mono waveform of at least one sample, got shape {wave.shape}")
             wave = resample(wave, int(sr), rate)
             max_seconds = (self.preprocessor.get("audio") or {}).get("max_seconds")
@@ -241,15 +252,29 @@ class OnnxModel:
             waves.append(wave.astype(np.float32))
         return waves
 
+    @property
+    def window_samples(self) -> int:
+        """Samples every waveform is zero-padded or cut to before the log-mel (``AudioConfig.window_samples``:
+        Whisper's 30 s); 0 where waveforms keep their length (and in an export without ``pad_to_seconds``)."""
+        audio = self.config.get("audio") or {}
+        seconds = audio.get("pad_to_seconds")
+        return 0 if seconds is None else round(seconds * audio["sample_rate"])
+
     def log_mel(self, waves: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Waveforms → log-mel features (B, M, Nf) float32 and frame counts (B,), as the model's LogMel computes
-        them from the zero-padded batch: each row's frames are those of its waveform alone."""
+        them from the zero-padded batch: each row's frames are those of its waveform alone. With a fixed window
+        (:attr:`window_samples`) every waveform is zero-padded or cut to it, the frame past its end is dropped and
+        the peak spans the whole window, as ``LogMel.forward`` does (Whisper's feature extractor)."""
         cfg = self.config["audio"]
         n_fft, hop = cfg["n_fft"], cfg["hop_length"]
+        window = self.window_samples
+        waves = [w[:window] for w in waves] if window else waves
         lengths = np.array([len(w) for w in waves], dtype=np.int64)
-        batch = np.zeros((len(waves), int(lengths.max())), dtype=np.float32)
+        batch = np.zeros((len(waves), window or int(lengths.max())), dtype=np.float32)
         for i, w in enumerate(waves):
             batch[i, : len(w)] = w
+        if window:  # the whole window is the waveform, zeros included: reflected at its end (centre_pad, no lengths)
+            lengths = np.full_like(lengths, window)
         # centred frames, each waveform reflected at its own end (as LogMel's centre_pad), not at the batch's
         pad = n_fft // 2
         n = lengths[:, None]  # (B, 1)
@@ -258,20 +283,42 @@ class OnnxModel:
         padded = np.where(k >= n + pad, 0.0, np.take_along_axis(batch, source, axis=1)).astype(np.float32)
         frames = batch.shape[1] // hop + 1
         index = np.arange(n_fft)[None, :] + hop * np.arange(frames)[:, None]  # (Nf, n_fft)
-        window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)).astype(np.float32)  # periodic Hann
-        spectrum = np.fft.rfft(padded[:, index] * window, axis=-1)  # (B, Nf, n_fft/2 + 1)
+        hann = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)).astype(np.float32)  # periodic Hann
+        spectrum = np.fft.rfft(padded[:, index] * hann, axis=-1)  # (B, Nf, n_fft/2 + 1)
         power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
         mel = np.log10(np.maximum(power @ self.mel_filters, 1e-10)).transpose(0, 2, 1)  # (B, M, Nf)
         n_frames = lengths // hop + 1
+        if window:  # the frame past the window's end is dropped (30 s → 3000 frames)
+            mel, frames, n_frames = mel[..., :-1], frames - 1, n_frames - 1
         real = np.arange(frames)[None, :] < n_frames[:, None]  # (B, Nf)
         peak = np.where(real[:, None, :], mel, -np.inf).max(axis=(1, 2), keepdims=True)
         return ((np.maximum(mel, peak - 8.0) + 4.0) / 4.0).astype(np.float32), n_frames
 
-    def _audio_states(self, audio: Sequence[Any], sample_rate: int | None) -> list[np.ndarray]:
+    def _audio_states(
+        self, audio: Sequence[Any], sample_rate: int | None, one_window: bool = False
+    ) -> list[np.ndarray]:
+        """The audio graph's outputs for audio files or waveforms; ``one_window``: refuse audio longer than the
+        model's window (:meth:`check_one_window`) rather than cut it, as the features do."""
         if "audio_encoder" not in self.sessions:  # before the features, which need the export's mel filter bank
             raise ValueError(f"this export has no audio_encoder graph; it has {sorted(self.sessions)}")
-        features, lengths = self.log_mel(self.load_audio(audio, sample_rate))
+        waves = self.load_audio(audio, sample_rate)
+        if one_window:
+            self.check_one_window(audio, waves)
+        features, lengths = self.log_mel(waves)
         return self._run("audio_encoder", input_features=features, feature_lengths=lengths)
+
+    def check_one_window(self, audio: Sequence[Any], waves: Sequence[np.ndarray]) -> None:
+        """Refuse a waveform longer than the model's fixed window (Whisper's 30 s): the model's ``transcribe``
+        decodes such audio window after window (:func:`mmformer.generation.decoding.transcribe`), which this runner
+        does not; cutting it would lose the rest without a word."""
+        window, rate = self.window_samples, self.config["audio"]["sample_rate"]
+        for i, (item, wave) in enumerate(zip(audio, waves)):
+            if window and len(wave) > window:
+                raise ValueError(
+                    f"{_audio_name(item, i)}: expected at most the model's {window / rate:g} s window ({window} "
+                    f"samples at {rate} Hz), got {len(wave) / rate:.2f} s ({len(wave)} samples); this runner decodes "
+                    "one window: transcribe longer audio with `mmformer transcribe` (the long-form path), or cut it"
+                )
 
     def encode_audio(self, audio: Sequence[Any], sample_rate: int | None = None) -> np.ndarray:
         """(B, E) L2-normalised audio embeddings."""
@@ -300,21 +347,132 @@ class OnnxModel:
         probs = _softmax(logits.astype(np.float64))
         return probs, [classnames[i] for i in probs.argmax(axis=1)]
 
-    # ------------------------------------------------------------------ generation
-    def generate(self, memory: np.ndarray, memory_mask: np.ndarray, max_new_tokens: int = 30) -> np.ndarray:
-        """Greedy decoding from encoder states (B, S, D): ids (B, 1 + generated), bos first, rows padded after eos.
+    # ------------------------------------------------------------------ the decoding rules
+    @property
+    def max_tokens(self) -> int | None:
+        """The most token columns a row may reach, prompt included: the decoder's position table less an appended
+        class token's slot (``TextConfig.max_tokens``, CoCa), where ``generate`` stops; None with no table. An export
+        without the key: its table (``max_length``)."""
+        return self.text.get("max_tokens", self.text["max_length"])
 
-        The first call reads the prompt (bos) and returns the self-attention cache and the cross-attention
-        keys/values; each later call feeds one token with the cache and returns it one position longer.
+    @property
+    def end_ids(self) -> list[int]:
+        """Every id that ends a row: end-of-text, then the checkpoint's others (``extra_eos_ids``; Llama 3 lists
+        several), as :func:`mmformer.generation.score_processing.model_end_ids`."""
+        return [i for i in (self.text["eos_id"], *self.text.get("extra_eos_ids", [])) if i is not None]
+
+    @property
+    def prompt_length(self) -> int:
+        """Tokens of the default prompt: ``bos``, then the checkpoint's language, task and no-timestamps tokens
+        (:func:`mmformer.generation.decoding_rules.prompt_length`)."""
+        gen = self.generation
+        if gen is None:
+            return 1
+        return 1 + bool(gen["language_ids"]) + bool(gen["task_ids"]) + (gen["no_timestamps_id"] is not None)
+
+    def language_id(self, language: str) -> int:
+        """The token of a language code ("en", or "<|en|>") of the checkpoint's generation config, as
+        :func:`mmformer.generation.decoding_rules.language_id` finds it."""
+        gen = self.generation
+        code = language.strip().lower().removeprefix("<|").removesuffix("|>")
+        if gen is None or not gen["language_ids"]:
+            raise ValueError(f"language: this model has no language tokens (a model trained here, or an English-only "
+                             f"Whisper checkpoint): leave it out; got {language!r}")  # fmt: skip
+        if code not in gen["language_ids"]:
+            raise ValueError(
+                f"language: expected one of this checkpoint's codes {sorted(gen['language_ids'])}, got {language!r}"
+            )
+        return gen["language_ids"][code]
+
+    def task_id(self, task: str) -> int:
+        """The token of a task ("transcribe", "translate"), as :func:`mmformer.generation.decoding_rules.task_id`."""
+        tasks = {} if self.generation is None else self.generation["task_ids"]
+        if task not in tasks:
+            raise ValueError(f"task: expected one of this checkpoint's tasks {sorted(tasks)}, got {task!r}")
+        return tasks[task]
+
+    def check_language_task(self, language: str | None, task: str | None) -> None:
+        """A chosen ``language`` / ``task`` (None: not chosen) checked against the checkpoint before any work, as
+        ``DecodingOptions`` and :func:`mmformer.generation.decoding_rules.check_language_task` check them."""
+        for name, value in (("language", language), ("task", task)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name}: expected None or a string, got {value!r}")
+        if self.generation is None and (language is not None or task is not None):
+            raise ValueError(
+                f"language / task: this model has no such tokens; got language={language!r}, task={task!r}"
+            )
+        if language is not None:
+            self.language_id(language)
+        if task is not None:
+            self.task_id(task)
+
+    def detect_language(self, memory: np.ndarray, memory_mask: np.ndarray) -> np.ndarray:
+        """(B,) language tokens: per row, the one the decoder finds most likely after ``bos``
+        (:func:`mmformer.generation.decoding_rules.detect_language`, as Whisper does)."""
+        candidates = np.array(sorted(self.generation["language_ids"].values()), dtype=np.int64)
+        start = np.full((memory.shape[0], 1), self.text["bos_id"], dtype=np.int64)
+        logits = self._run("decoder_model", input_ids=start, memory=memory, memory_mask=memory_mask)[0][:, -1]
+        return candidates[logits[:, candidates].argmax(axis=-1)]
+
+    def prompt(
+        self, memory: np.ndarray, memory_mask: np.ndarray, language: str | None = None, task: str | None = None
+    ) -> np.ndarray:
+        """(B, P) default decoder prompt: ``[bos]``, or a Whisper checkpoint's ``[start, language, task,
+        no-timestamps]``, the language detected per row unless chosen
+        (:func:`mmformer.generation.decoding_rules.default_prompt`)."""
+        B, gen = memory.shape[0], self.generation
+        self.check_language_task(language, task)
+        columns = [np.full(B, self.text["bos_id"], dtype=np.int64)]
+        if gen is not None:
+            language = language if language is not None else gen["language"]
+            if language is not None:
+                columns.append(np.full(B, self.language_id(language), dtype=np.int64))
+            elif gen["language_ids"]:
+                columns.append(self.detect_language(memory, memory_mask))
+            task = task if task is not None else gen["task"] or ("transcribe" if gen["task_ids"] else None)
+            if task is not None:
+                columns.append(np.full(B, self.task_id(task), dtype=np.int64))
+            if gen["no_timestamps_id"] is not None:
+                columns.append(np.full(B, gen["no_timestamps_id"], dtype=np.int64))
+        return np.stack(columns, axis=1)
+
+    def suppress(self, logits: np.ndarray, step: int) -> np.ndarray:
+        """Next-token logits (B, V) with the checkpoint's suppressed tokens at -inf: ``suppress_tokens`` always,
+        ``begin_suppress_tokens`` at the first new token (``step`` 0), as the processors
+        :func:`mmformer.generation.score_processing.build_score_processors` makes of them (``SuppressTokens``)."""
+        gen = self.generation
+        banned = [] if gen is None else [*gen["suppress_tokens"], *(gen["begin_suppress_tokens"] if step == 0 else [])]
+        if not banned:
+            return logits
+        logits = logits.copy()
+        logits[:, banned] = -np.inf
+        return logits
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        memory: np.ndarray,
+        memory_mask: np.ndarray,
+        max_new_tokens: int = 30,
+        *,
+        language: str | None = None,
+        task: str | None = None,
+    ) -> np.ndarray:
+        """Greedy decoding from encoder states (B, S, D), as the model's greedy ``generate``: ids (B, P + generated),
+        the default prompt (:meth:`prompt`) first, rows padded after their end id (:attr:`end_ids`), suppressed
+        tokens never chosen (:meth:`suppress`); at most ``max_new_tokens``, and no further than :attr:`max_tokens`.
+
+        The first call reads the prompt and returns the self-attention cache and the cross-attention keys/values;
+        each later call feeds one token with the cache and returns it one position longer.
         """
-        B = memory.shape[0]
-        bos, eos, pad = self.text["bos_id"], self.text["eos_id"], self.text["pad_id"]
-        limit = 1 + max_new_tokens
-        if self.text["max_length"]:
-            limit = min(limit, self.text["max_length"])
-        tokens = np.full((B, 1), bos, dtype=np.int64)
+        memory = memory.astype(np.float32)
+        tokens = self.prompt(memory, memory_mask, language, task)
+        B, n_prompt = tokens.shape
+        limit = n_prompt + max_new_tokens
+        if self.max_tokens:
+            limit = min(limit, self.max_tokens)
         logits, keys, values, cross_keys, cross_values = self._run(
-            "decoder_model", input_ids=tokens, memory=memory.astype(np.float32), memory_mask=memory_mask
+            "decoder_model", input_ids=tokens, memory=memory, memory_mask=memory_mask
         )
         step_inputs = self.config["graphs"]["decoder_with_past_model"]["inputs"]
         if "cross_keys" in step_inputs:  # an export of mmformer before opset 23: one stacked input each
@@ -322,11 +480,12 @@ class OnnxModel:
         else:
             cross = cross_inputs(cross_keys, cross_values)  # the step reads each layer's as its own input
         done = np.zeros(B, dtype=bool)
+        end_ids = self.end_ids
         while tokens.shape[1] < limit:
-            next_ids = logits[:, -1].argmax(axis=-1).astype(np.int64)
-            next_ids[done] = pad
+            next_ids = self.suppress(logits[:, -1], tokens.shape[1] - n_prompt).argmax(axis=-1).astype(np.int64)
+            next_ids[done] = self.text["pad_id"]
             tokens = np.concatenate([tokens, next_ids[:, None]], axis=1)
-            done |= next_ids == eos
+            done |= np.isin(next_ids, end_ids)
             if done.all() or tokens.shape[1] >= limit:
                 break
             logits, keys, values = self._run(
@@ -339,16 +498,36 @@ class OnnxModel:
             )
         return tokens
 
-    def transcribe(self, audio: Sequence[Any], sample_rate: int | None = None, max_new_tokens: int = 30) -> list[str]:
-        """Greedy transcripts of audio files or waveforms."""
-        _, states, mask = self._audio_states(audio, sample_rate)
-        return self.detokenize(self.generate(states, mask, max_new_tokens)[:, 1:])
+    def transcribe(
+        self,
+        audio: Sequence[Any],
+        sample_rate: int | None = None,
+        max_new_tokens: int = 30,
+        *,
+        language: str | None = None,
+        task: str | None = None,
+    ) -> list[str]:
+        """Greedy transcripts of audio files or waveforms, as the model's ``transcribe`` gives them; ``language`` and
+        ``task`` choose a Whisper checkpoint's tokens (default: its own; the language detected).
+
+        Raises:
+            ValueError: audio longer than the model's fixed window (:meth:`check_one_window`).
+        """
+        self.check_language_task(language, task)  # before the audio's work
+        _, states, mask = self._audio_states(audio, sample_rate, one_window=True)
+        ids = self.generate(states, mask, max_new_tokens, language=language, task=task)
+        return self.detokenize(ids[:, self.prompt_length :])
 
     def caption(self, images: Sequence[Any], max_new_tokens: int = 30) -> list[str]:
         """Greedy captions of image files or PIL images."""
         _, states = self._run("image_encoder", pixel_values=self.preprocess_images(images))
         mask = np.ones(states.shape[:2], dtype=bool)
-        return self.detokenize(self.generate(states, mask, max_new_tokens)[:, 1:])
+        return self.detokenize(self.generate(states, mask, max_new_tokens)[:, self.prompt_length :])
+
+
+def _audio_name(item: Any, index: int) -> str:
+    """How an error names one of the audio inputs: its path, else its place in the list."""
+    return str(item) if isinstance(item, (str, os.PathLike)) else f"audio[{index}]"
 
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus"}
@@ -361,6 +540,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--transcribe", action="store_true", help="transcribe the audio files")
     p.add_argument("--caption", action="store_true", help="caption the image files")
     p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument("--language", help="Whisper: the audio's language code, e.g. en (default: detected)")
+    p.add_argument("--task", help="Whisper: transcribe or translate (default: the checkpoint's)")
     p.add_argument("files", nargs="+")
     args = p.parse_args(argv)
     model = OnnxModel(args.export)
@@ -374,7 +555,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for f, label, row in zip(files, labels, probs):
                     print(f"{f}\t{label}\t{row.max():.3f}")
     if args.transcribe and audio:
-        for f, text in zip(audio, model.transcribe(audio, max_new_tokens=args.max_new_tokens)):
+        texts = model.transcribe(audio, max_new_tokens=args.max_new_tokens, language=args.language, task=args.task)
+        for f, text in zip(audio, texts):
             print(f"{f}\t{text}")
     if args.caption and images:
         for f, text in zip(images, model.caption(images, max_new_tokens=args.max_new_tokens)):
