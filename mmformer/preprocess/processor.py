@@ -33,13 +33,13 @@ from PIL import Image
 from mmformer.data.collate import pad_audio
 from mmformer.data.io import (
     check_resample,
-    convert_image,
     read_audio,
     read_image,
     resample,
     truncate_audio,
     write_json_atomic,
 )
+from mmformer.preprocess.image_transforms import CenterCropFloor, LimitAspect, ResizeCover, ToChannels
 from mmformer.values import is_int
 
 if TYPE_CHECKING:
@@ -53,9 +53,6 @@ TOKENIZER_NAME = "tokenizer.json"
 OWN_KEYS = ("processor_class", "image", "audio")  # what to_dict writes
 # A model folder's config: mmformer's, Hugging Face's and timm's config.json; open_clip's own file
 MODEL_CONFIG_FILES = ("config.json", "open_clip_config.json")
-# Images more than this many times wider (or taller) than the output's aspect ratio are first center-cropped to it:
-# the short-side resize would otherwise blow a 1×1,000,000 strip up to gigabytes before the crop throws it away.
-MAX_ASPECT_FACTOR = 16
 # A 2-D waveform array with at most this many columns and more rows than columns is (samples, channels), as soundfile
 # and librosa read a multi-channel file, not a (B, S) batch: a batch of waveforms of a few samples each is no audio.
 MAX_CHANNELS = 8
@@ -124,81 +121,6 @@ class AudioProcessorConfig:
     @property
     def max_samples(self) -> int | None:
         return None if self.max_seconds is None else int(round(self.max_seconds * self.sample_rate))
-
-
-class _ToChannels:
-    """PIL image / (C, H, W) tensor → PIL image of mode RGB or L.
-
-    Every input goes through PIL, so that it is resized exactly as CLIP's preprocessing does and a tensor, an
-    array, a PIL image and a file of the same picture give the same pixels. Float tensors in [0, 1] are rounded
-    to 8 bits (what an image file holds) on the way.
-    """
-
-    def __init__(self, channels: int):
-        self.mode = "RGB" if channels == 3 else "L"
-
-    def __call__(self, img: Image.Image | torch.Tensor) -> Image.Image:
-        if isinstance(img, Image.Image):
-            return convert_image(img, self.mode)
-        if img.shape[-3] == 4:  # RGBA: drop alpha, as PIL's convert("RGB") does
-            img = img[..., :3, :, :]
-        if img.is_floating_point():
-            img = (img * 255).round_().to(torch.uint8)
-        from torchvision.transforms.v2.functional import to_pil_image
-
-        return to_pil_image(img).convert(self.mode)
-
-
-class _LimitAspect:
-    """Center-crop images far more elongated than the output (see MAX_ASPECT_FACTOR) to that many times its aspect
-    ratio. The later center crop keeps only the middle anyway, so the result is the same up to resampling rounding at
-    the crop's edges; images within the factor are untouched (bit-identical to CLIP's preprocessing)."""
-
-    def __init__(self, size: tuple[int, int], factor: float = MAX_ASPECT_FACTOR):
-        self.size, self.factor = size, factor
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        w, h = img.size
-        target = self.size[1] / self.size[0]  # output width / height
-        if w > h * target * self.factor:  # too wide: keep the middle columns
-            keep = max(1, round(h * target * self.factor))
-            left = (w - keep) // 2
-            return img.crop((left, 0, left + keep, h))
-        if h * target > w * self.factor:  # too tall: keep the middle rows
-            keep = max(1, round(w * self.factor / target))
-            top = (h - keep) // 2
-            return img.crop((0, top, w, top + keep))
-        return img
-
-
-class _CenterCropFloor:
-    """Center crop to (H, W) with the offset rounded down, as Hugging Face's image processors crop (torchvision's
-    CenterCrop rounds half to even: one pixel apart when the margin is 4k + 3). A side shorter than the crop is
-    padded with zeros, the extra row or column after the image."""
-
-    def __init__(self, size: tuple[int, int]):
-        self.size = size
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        (h, w), (ch, cw) = (img.height, img.width), self.size
-        top = (h - ch) // 2 if h >= ch else -((ch - h) // 2)
-        left = (w - cw) // 2 if w >= cw else -((cw - w) // 2)
-        return img.crop((left, top, left + cw, top + ch))  # PIL fills what lies outside the image with zeros
-
-
-class _ResizeCover:
-    """Scale so the image covers (H, W), keeping its aspect ratio; a non-square generalisation of Resize(int)."""
-
-    def __init__(self, size: tuple[int, int], interpolation):
-        self.size, self.interpolation = size, interpolation
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        import torchvision.transforms.v2.functional as TF
-
-        h, w = TF.get_size(img)
-        scale = max(self.size[0] / h, self.size[1] / w)
-        new = [max(self.size[0], round(h * scale)), max(self.size[1], round(w * scale))]
-        return TF.resize(img, new, interpolation=self.interpolation, antialias=True)
 
 
 def _as_list(value: Any, name: str, batch_dims: int) -> list:
@@ -352,17 +274,17 @@ class Processor:
         cfg = self.image
         interpolation = v2.InterpolationMode(cfg.interpolation)
         h, w = cfg.image_size
-        crop = v2.CenterCrop((h, w)) if cfg.crop_offset == "round" else _CenterCropFloor((h, w))
+        crop = v2.CenterCrop((h, w)) if cfg.crop_offset == "round" else CenterCropFloor((h, w))
         if cfg.resize == "exact":
             resize = [v2.Resize((h, w), interpolation=interpolation, antialias=True)]
         elif cfg.resize_size is not None or h == w:  # exactly CLIP's (and Hugging Face's) Resize(int) + CenterCrop
             resize = [v2.Resize(cfg.resize_size or h, interpolation=interpolation, antialias=True), crop]
         else:
-            resize = [_ResizeCover((h, w), interpolation), crop]
-        limit = [] if cfg.resize == "exact" else [_LimitAspect((h, w))]  # "exact" never enlarges a side
+            resize = [ResizeCover((h, w), interpolation), crop]
+        limit = [] if cfg.resize == "exact" else [LimitAspect((h, w))]  # "exact" never enlarges a side
         return v2.Compose(
             [
-                _ToChannels(cfg.channels),
+                ToChannels(cfg.channels),
                 *limit,
                 *resize,
                 v2.ToImage(),
