@@ -4,6 +4,7 @@ which reads none of their data."""
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mmformer.cli.training import build_cli
 
@@ -15,6 +16,17 @@ RECIPES = [c for c in CONFIGS if not c.name.startswith(DEMOS)]
 
 def test_configs_exist():
     assert len(DIGITS) >= 4 and len(RECIPES) >= 3, [c.name for c in CONFIGS]
+
+
+def test_an_integer_val_check_interval_counts_across_epochs():
+    """An integer ``val_check_interval`` counts training batches within one epoch unless ``check_val_every_n_epoch``
+    is null, and Lightning refuses one longer than the epoch (LibriSpeech's train-clean-100 is ~892 batches of 32,
+    the recipe validates every 5000): every shipped config with one sets it to null."""
+    trainers = {c.name: yaml.safe_load(c.read_text())["trainer"] for c in CONFIGS}
+    stepped = {name: t for name, t in trainers.items() if isinstance(t.get("val_check_interval"), int)}
+    assert len(stepped) >= 3, sorted(stepped)  # lm_shakespeare, librispeech_speech, clip_vit_b16_webdataset
+    wrong = [name for name, t in stepped.items() if t.get("check_val_every_n_epoch", 1) is not None]
+    assert wrong == [], f"set check_val_every_n_epoch: null in {wrong}"
 
 
 @pytest.mark.parametrize("config", DIGITS, ids=lambda p: p.name)

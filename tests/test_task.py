@@ -23,7 +23,7 @@ from mmformer.data.collate import Collator
 from mmformer.preprocess.processor import AudioProcessorConfig, ImageProcessorConfig, Processor
 from mmformer.preprocess.tokenizer import Tokenizer
 from mmformer.tasks import MultimodalTask, NonFiniteLossError, WarmupCosine
-from mmformer.tasks.metrics import RetrievalRecall, text_keys
+from mmformer.tasks.metrics import RetrievalRecall, TextMetrics, item_ids, text_keys
 from mmformer.zeroshot import ZeroShotClassifier
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -238,6 +238,56 @@ def test_fp16_with_grad_scaler_skips_nonfinite_steps(fused):
     assert max_diff(snaps.before[1], snaps.after[1]) == 0.0
     assert max_diff(snaps.before[0], snaps.after[-1]) > 0.0  # the scaler let some steps through
     assert all(torch.isfinite(p).all() for p in task.parameters())
+
+
+def test_bf16_mixed_clips_gradients_with_the_default_fused_adamw():
+    """The GPU recipes' own setting: bf16-mixed with gradient_clip_val and the default optimizer, a fused AdamW (which
+    Lightning's mixed-precision plugin refuses to clip)."""
+    task = make_task(schedule=dict(warmup_steps=1, max_steps=2))
+    t = trainer(max_steps=2, precision="bf16-mixed", gradient_clip_val=1.0)
+    t.fit(task, DigitsData(n=8))
+    assert t.global_step == 2 and t.optimizers[0].defaults["fused"]
+    assert all(torch.isfinite(p).all() for p in task.parameters())
+
+
+class GradNorms(L.Callback):
+    """The norm of the gradient each SGD step applied: the update over the learning rate."""
+
+    def __init__(self):
+        self.norms: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"]
+        self.before = [p.detach().clone() for p in pl_module.parameters()]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        steps = [torch.linalg.vector_norm(b - p.detach()) for b, p in zip(self.before, pl_module.parameters())]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack(steps))) / self.lr)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_clips_a_fused_optimizers_unscaled_gradients(precision):
+    """Clipping under mixed precision with a fused optimizer (it unscales inside its step) equals clipping with a
+    for-loop one: the applied gradient norm is the clip value (fp16: of the gradients unscaled first), and the
+    weights match. Plain SGD, so that the update is the clipped gradient itself."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    def run(fused: bool) -> tuple[MultimodalTask, list[float]]:
+        sgd = functools.partial(torch.optim.SGD, lr=0.1, fused=fused, foreach=None if fused else False)
+        task = make_task(schedule=dict(warmup_steps=0, max_steps=3), optimizer=sgd)
+        norms = GradNorms()
+        amp = dict(precision="bf16-mixed")
+        if precision == "16-mixed":  # on CPU through the plugin (see test_fp16_with_grad_scaler_skips_nonfinite_steps)
+            scaler = torch.amp.GradScaler("cpu", init_scale=256.0)  # low enough that no step overflows
+            amp = dict(plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+        trainer(max_steps=3, gradient_clip_val=0.05, callbacks=[norms], **amp).fit(task, DigitsData(n=12))
+        return task, norms.norms
+
+    fused, fused_norms = run(fused=True)
+    loop, loop_norms = run(fused=False)
+    assert fused_norms == pytest.approx([0.05] * 3, rel=1e-3), fused_norms  # every step clipped, to 0.05
+    assert loop_norms == pytest.approx(fused_norms, rel=1e-4)
+    assert max_diff(weights(fused), weights(loop)) < 1e-6
 
 
 @pytest.mark.gpu
@@ -589,6 +639,67 @@ def test_retrieval_recall_counts_equal_texts_as_matches():
     # image 3 retrieves text 1 (same caption: a hit); image 4 retrieves text 3 and text 3 image 4 (misses)
     assert out["i2t_r1"] == pytest.approx(4 / 5) and out["t2i_r1"] == pytest.approx(4 / 5)
     assert out["i2t_r5"] == 1.0 and out["t2i_r5"] == 1.0
+
+
+def test_retrieval_recall_pools_the_captions_of_one_image():
+    """COCO's protocol (open_clip's, CLIP benchmark's): the rows of one image (one per caption, the same source) are
+    one image. Image → text scores each image once and hits when one of its captions ranks in the top k; text → image
+    scores each caption and hits when its image does."""
+    e = torch.eye(4)
+    unit = lambda v: v / v.norm()  # noqa: E731
+    # image A has 3 captions (rows 0-2), B and C one each; A's 2nd caption looks like B, its 3rd like C
+    images = torch.stack([e[0], e[0], e[0], e[1], e[2]])
+    texts = torch.stack([e[0], unit(e[1] + 0.5 * e[3]), e[2], e[1], unit(e[2] + e[3])])
+    keys = text_keys(["a dog", "a puppy", "a pet", "a cat", "a bird"])
+    items = item_ids(["a.jpg", "a.jpg", "a.jpg", "b.jpg", "c.jpg"])
+    metric = RetrievalRecall("i", "t")
+    metric.update(images[:2], texts[:2], keys[:2], items[:2])  # an image's rows in two batches of the epoch
+    metric.update(images[2:], texts[2:], keys[2:], items[2:])
+    out = metric.compute()
+    # A finds its own "a dog", B "a cat"; C's best is "a pet", A's caption: 2 of 3 images
+    assert out["i2t_r1"] == pytest.approx(2 / 3)
+    # "a dog" → A, "a cat" → B, "a bird" → C hit; "a puppy" → B and "a pet" → C miss: 3 of 5 captions
+    assert out["t2i_r1"] == pytest.approx(3 / 5)
+    assert out["i2t_r5"] == 1.0 and out["t2i_r5"] == 1.0
+
+    # the bug report's case: a perfect model on 4 images with 2 captions each scores 1, not 0.5
+    perfect = RetrievalRecall("i", "t")
+    image = torch.eye(4).repeat_interleave(2, 0)  # (8, 4): rows 2i and 2i+1 show image i
+    captions = [f"caption {i} {j}" for i in range(4) for j in range(2)]
+    perfect.update(image, image.clone(), text_keys(captions), item_ids([f"{i}.jpg" for i in range(4) for _ in "ab"]))
+    assert all(float(v) == 1.0 for v in perfect.compute().values())
+
+
+def test_validation_pools_rows_by_source():
+    """The task passes each row's source as its image: two rows of one image with two captions (features as a
+    perfect model gives them) count as one image found by both captions."""
+    task = make_task(generation=dict(evaluate=False))
+    image = torch.eye(16)[:4].repeat_interleave(2, 0)  # (8, 16), rows 2i and 2i+1 show image i
+    batch = {
+        "pixel_values": torch.zeros(8, 3, 16, 16),
+        "text": [f"caption {i} {j}" for i in range(4) for j in range(2)],
+        "source": [f"{i}.jpg" for i in range(4) for _ in range(2)],
+    }
+    task.evaluation.update(task.model, batch, {"image": image, "text": image.clone()}, "val", None, None)
+    out = task.evaluation.end("val", torch.device("cpu"))
+    assert {k: float(v) for k, v in out.items()} == {"i2t_r1": 1.0, "i2t_r5": 1.0, "t2i_r1": 1.0, "t2i_r5": 1.0}
+
+
+def test_caption_bleu_scores_against_all_references_of_an_image():
+    """COCO's caption evaluation: one prediction per image, against all its captions. A prediction equal to one of
+    an image's two captions scores BLEU 1 and exact 1; scored row by row against each row's caption it did not."""
+    predictions = ["a cat sits on a mat", "a cat sits on a mat", "two dogs run on the grass"]
+    references = ["a small dog runs on grass", "A cat sits on a mat", "two dogs run on the grass"]
+    pooled, alone = TextMetrics(), TextMetrics()
+    pooled.update(predictions, references, ["1.jpg", "1.jpg", "2.jpg"])
+    alone.update(predictions, references)
+    by_image, by_row = pooled.compute(), alone.compute()
+    assert float(by_image["bleu"]) == pytest.approx(1.0) and float(by_image["exact"]) == 1.0
+    assert float(by_row["bleu"]) < 0.9 and float(by_row["exact"]) == pytest.approx(2 / 3)
+    assert float(by_image["cer"]) == float(by_row["cer"]) > 0  # error rates stay per row
+    pooled.reset()
+    pooled.update(["a cat"], ["a cat"], ["1.jpg"])
+    assert float(pooled.compute()["exact"]) == 1.0  # reset forgets the epoch's rows
 
 
 def test_warmup_cosine_schedule_and_weight_decay_groups():

@@ -22,7 +22,7 @@ from mmformer.generation.decoding import generate
 from mmformer.layers.documents import Documents
 from mmformer.model import MultimodalTransformer
 from mmformer.tasks.adapt import prefix_embeds
-from mmformer.tasks.metrics import TaskMetrics, normalize_text, text_keys
+from mmformer.tasks.metrics import MISSING, TaskMetrics, item_ids, normalize_text, text_keys
 from mmformer.tasks.settings import GenerationSettings, ZeroShotSettings
 from mmformer.zeroshot import build_class_embeddings, zero_shot_logits
 
@@ -33,6 +33,15 @@ STAGES = ("val", "test")
 DECODED = (("image", "pixel_values"), ("audio", "audio"))  # the media a decoder captions / transcribes, and their key
 
 
+def items_of(batch: dict[str, Any], modality: str) -> list[str] | None:
+    """Which item each row of ``batch`` shows in ``modality``, by the rows' ``source``, for the metrics that pool
+    the rows of one item (several captions of an image): a sample's source names its first medium (its image when it
+    has one, see :class:`mmformer.data.base.Record`), so it tells images apart, and recordings only in a batch
+    without images. None: each row is an item of its own."""
+    first = next((m for m, key in DECODED if batch.get(key) is not None), None)
+    return batch.get("source") if modality == first else None
+
+
 class Evaluation(nn.Module):
     """The task's metrics per stage (``metrics["val"]``, ``metrics["test"]``), the zero-shot class embeddings of the
     running evaluation epoch, and the texts the task generates.
@@ -41,6 +50,9 @@ class Evaluation(nn.Module):
         config: the model's configuration (embedding size, vocabulary).
         zeroshot: the classes and prompt templates of zero-shot accuracy.
         generation: whether evaluation generates captions / transcripts, and how many tokens.
+        decoded: the groups whose texts are generated and scored: the objectives the run trains.
+        loss_weights: every loss part's weight, for the epoch's loss values
+            (:class:`~mmformer.tasks.metrics.LossMeans`).
     """
 
     def __init__(
@@ -49,13 +61,16 @@ class Evaluation(nn.Module):
         zeroshot: ZeroShotSettings,
         generation: GenerationSettings,
         decoded: tuple[str, ...] = ("caption", "speech"),
+        loss_weights: dict[str, float] | None = None,
     ):
         super().__init__()
         self.zeroshot, self.generation = zeroshot, generation
-        self.decoded = decoded  # the groups whose texts are generated and scored: the objectives the run trains
+        self.decoded = decoded
         embed_dim = config.embed_dim or config.text_width()
         classes = len(zeroshot.classes)
-        self.metrics = nn.ModuleDict({s: TaskMetrics(embed_dim, classes, config.text.vocab_size) for s in STAGES})
+        self.metrics = nn.ModuleDict(
+            {s: TaskMetrics(embed_dim, classes, config.text.vocab_size, loss_weights) for s in STAGES}
+        )
         self.class_embeddings: torch.Tensor | None = None  # (C, E), during an evaluation epoch
 
     def build_class_embeddings(
@@ -85,21 +100,21 @@ class Evaluation(nn.Module):
         stage: str,
         tokenizer: Tokenizer | None,
         prompt: SoftPrompt | None,
-        rank: int = 0,
     ) -> None:
         """Update ``stage``'s metrics with one batch and its contrastive features ({"image"/"audio"/"text": (B, E)})."""
         metrics = self.metrics[stage]
         device = model.logit_scale.device
         texts = batch.get("text")
-        keys = text_keys(texts, device) if texts is not None else None
-        if keys is None and "text" in features:
-            keys = torch.arange(features["text"].shape[0], device=device)  # no strings: pair i matches only i
-            keys += rank << 40
+        if "text" in features:  # without strings a pair matches only itself (and the other rows of its item)
+            n = features["text"].shape[0]
+            keys = text_keys(texts, device) if texts is not None else torch.full((n,), MISSING, device=device)
         for modality in ("image", "audio"):
             if modality not in features:
                 continue
             if "text" in features:  # a prompt-training step encodes no captions
-                getattr(metrics, f"retrieval_{modality}").update(features[modality], features["text"], keys)
+                sources = items_of(batch, modality)
+                items = item_ids(sources, device) if sources is not None else None
+                getattr(metrics, f"retrieval_{modality}").update(features[modality], features["text"], keys, items)
                 metrics.mark(f"retrieval_{modality}")
             if self.class_embeddings is not None and texts is not None:
                 index = {normalize_text(c): i for i, c in enumerate(self.zeroshot.classes)}
@@ -117,7 +132,7 @@ class Evaluation(nn.Module):
                         references = (
                             list(texts) if texts is not None else tokenizer.batch_decode(batch["input_ids"].cpu())
                         )
-                        getattr(metrics, group).update(predictions, references)
+                        getattr(metrics, group).update(predictions, references, items_of(batch, modality))
                         metrics.mark(group)
 
     def end(self, stage: str, device: torch.device) -> dict[str, torch.Tensor]:
@@ -169,7 +184,7 @@ class Evaluation(nn.Module):
                 texts = self.generate(model, batch, modality, tokenizer, prompt)
                 if texts is not None:
                     out[name] = texts
-        for key in ("source", "text"):
+        for key in ("source", "text", "kept"):  # kept: which of the loader's rows these are (see Collator)
             if batch.get(key) is not None:
                 out[key] = batch[key]
         return out

@@ -40,7 +40,8 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
 from torch import nn
 
 from mmformer.config import ModelConfig
@@ -52,6 +53,7 @@ from mmformer.tasks import parallel, settings
 from mmformer.tasks.distill import Distiller, part_weights
 from mmformer.tasks.evaluation import STAGES, Evaluation
 from mmformer.tasks.losses import (
+    IGNORE_INDEX,
     MAX_LOGIT_SCALE,
     ContrastiveLoss,
     SigLipLoss,
@@ -215,7 +217,7 @@ class MultimodalTask(L.LightningModule):
         # captions / transcripts are generated and scored for the objectives this run trains: a contrastive-only run
         # (caption and speech weights 0) decoded every validation batch into CERs of an untrained decoder
         decoded = tuple(g for g in ("caption", "speech") if getattr(self.objectives, g) > 0)
-        self.evaluation = Evaluation(model, self.zeroshot, self.generation, decoded)
+        self.evaluation = Evaluation(model, self.zeroshot, self.generation, decoded, self.weights)
         self.qat = None
         if qat is not None:
             from mmformer.compress.quantization import QATOptions, prepare_qat
@@ -252,9 +254,10 @@ class MultimodalTask(L.LightningModule):
         return route in self.model.config.routes
 
     def _losses(
-        self, batch: dict[str, Any], stage: str = "train"
+        self, batch: dict[str, Any], stage: str = "train", n_targets: dict[str, torch.Tensor] | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Loss parts and contrastive features ({"image"/"audio"/"text": (B, E)}) of one batch."""
+        """Loss parts and contrastive features ({"image"/"audio"/"text": (B, E)}) of one batch; ``n_targets``, if
+        given, receives the number of target tokens each captioning / speech part averages over."""
         m = self.model
         if isinstance(self.prompt, task_adapt.ContextPrompt):
             dataset = getattr(getattr(self._trainer, "datamodule", None), "datasets", {}).get("train")
@@ -318,7 +321,8 @@ class MultimodalTask(L.LightningModule):
                     logits = m.decode(
                         ids, tokens, token_mask, prefix_embeds=prefix, documents=docs, memory_documents=memory_docs
                     )
-                    parts[task] = caption_loss(logits, document_targets(ids, docs))  # (1, N, V)
+                    targets = document_targets(ids, docs)
+                    parts[task] = caption_loss(logits, targets)  # (1, N, V)
                 else:
                     dec_ids, dec_mask = ids, mask
                     if prefix is not None:  # its vectors take the first text positions
@@ -328,6 +332,8 @@ class MultimodalTask(L.LightningModule):
                     logits = m.decode(dec_ids, tokens, token_mask, dec_mask, prefix_embeds=prefix)  # (B, T-1, V)
                     parts[task] = caption_loss(logits, targets)
                     logits_of[task] = logits
+                if n_targets is not None:
+                    n_targets[task] = (targets != IGNORE_INDEX).sum()
             if modality == "audio" and self.weights["ctc"] > 0:
                 text = m.config.text
                 text_ids, text_mask = (ids, mask) if docs is None else (docs.pad(ids, fill=text.pad_id), docs.mask)
@@ -370,18 +376,21 @@ class MultimodalTask(L.LightningModule):
         return None if lengths is None else Documents(lengths)
 
     def _step(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
-        """Weighted loss of one batch, with every part logged under ``{stage}/``."""
-        parts, feats = self._losses(batch, stage)
+        """Weighted loss of one batch, with every part logged under ``{stage}/``: each training step's, and at
+        evaluation the epoch's (:class:`~mmformer.tasks.metrics.LossMeans`, logged when the epoch ends)."""
+        n_targets: dict[str, torch.Tensor] = {}
+        parts, feats = self._losses(batch, stage, n_targets)
         loss = sum(self.weights[name] * value for name, value in parts.items())
         lengths = batch.get("text_lengths")
         batch_size = batch["input_ids"].shape[0] if lengths is None else len(lengths)
-        train = stage == "train"
-        log = {"batch_size": batch_size, "on_step": train, "on_epoch": not train, "sync_dist": not train}
+        if stage != "train":  # token means weighted by their tokens, the others by samples
+            self.metrics[stage].update_losses(parts, {name: n_targets.get(name, batch_size) for name in parts})
+            return loss, parts, feats
+        log = {"batch_size": batch_size, "on_step": True, "on_epoch": False}
         for name, value in parts.items():
-            self.log(f"{stage}/{name}", value.detach(), **log)
-        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, **log)
-        if train:
-            self.log("train/logit_scale", self.model.logit_scale.detach().exp(), **log)
+            self.log(f"train/{name}", value.detach(), **log)
+        self.log("train/loss", loss.detach(), prog_bar=True, **log)
+        self.log("train/logit_scale", self.model.logit_scale.detach().exp(), **log)
         return loss, parts, feats
 
     # ------------------------------------------------------------------ training
@@ -400,6 +409,26 @@ class MultimodalTask(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.nonfinite.before_optimizer_step(self.trainer, optimizer, self.parameters())
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping, and also for an optimizer that unscales inside its step (a fused AdamW, the default)
+        under mixed precision, which Lightning's plugin refuses outright: its gradients are not scaled under bf16
+        (no GradScaler), and under fp16 the GradScaler unscales them here, before the clip; the fused step then takes
+        them as they are (torch's GradScaler supports ``unscale_`` before a fused step, and still skips it on inf)."""
+        plugin = self.trainer.precision_plugin
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if not (gradient_clip_val and fused and isinstance(plugin, MixedPrecision)):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        if plugin.scaler is not None:
+            plugin.scaler.unscale_(optimizer)
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+        Precision().clip_gradients(optimizer, gradient_clip_val, algorithm)  # the plain clip, of unscaled gradients
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.model.logit_scale.requires_grad:  # a frozen one stays bit-identical
@@ -460,9 +489,13 @@ class MultimodalTask(L.LightningModule):
         """The evaluation metrics per stage (``"val"``, ``"test"``)."""
         return self.evaluation.metrics
 
-    def _eval_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+    def _eval_step(self, batch: dict[str, Any] | None, stage: str) -> torch.Tensor | None:
+        """A batch's loss, with the stage's metrics updated; nothing for a batch of only unreadable samples (the
+        collator gives None, and the data set warned about each one), as Lightning skips such a training batch."""
+        if batch is None:
+            return None
         loss, _, feats = self._step(batch, stage)
-        self.evaluation.update(self.model, batch, feats, stage, self._find_tokenizer(), self.prompt, self.global_rank)
+        self.evaluation.update(self.model, batch, feats, stage, self._find_tokenizer(), self.prompt)
         return loss
 
     def _start_eval(self) -> None:
@@ -475,7 +508,7 @@ class MultimodalTask(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._start_eval()
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
         return self._eval_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
@@ -484,15 +517,41 @@ class MultimodalTask(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._start_eval()
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def test_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
         return self._eval_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:
         self._end_eval("test")
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Embeddings, captions / transcripts and the batch's ``source`` / ``text``: see :meth:`Evaluation.predict`."""
-        return self.evaluation.predict(self.model, batch, self._documents(batch), self._find_tokenizer(), self.prompt)
+    def predict_step(self, batch: dict[str, Any] | None, batch_idx: int) -> dict[str, Any]:
+        """Embeddings, captions / transcripts and the batch's ``source`` / ``text`` (see :meth:`Evaluation.predict`);
+        for the text blocks of a language model, each block's text and its score (:meth:`_block_scores`). A batch of
+        only unreadable samples (None from the collator, which warned about each) predicts no rows."""
+        if batch is None:
+            return {"source": []}
+        tokenizer = self._find_tokenizer()
+        out = self.evaluation.predict(self.model, batch, self._documents(batch), tokenizer, self.prompt)
+        if batch.get("document_ids") is not None and self.text_objectives.lm:
+            out.update(self._block_scores(batch, tokenizer))
+        return out
+
+    def _block_scores(self, batch: dict[str, Any], tokenizer: Any) -> dict[str, list]:
+        """Per text block: ``log_prob``, the mean log-probability of its next tokens, and ``perplexity``, its
+        exp(-log_prob), each the ``lm`` objective of the block alone (the targets and attention the model trained
+        with, as lm-eval's rolling log-likelihood scores a text), and ``text``, the block as the model read it (its
+        document separators included)."""
+        rows = range(batch["input_ids"].shape[0])
+        tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        log_probs = []
+        for i in rows:
+            block = {k: v[i : i + 1] for k, v in tensors.items()}  # (1, L) each
+            log_probs.append(-float(self.text_objectives.losses(self.model, block)["lm"]))
+        self.model.pop_aux_loss()  # a mixture of experts' load-balancing terms: nothing trains on them here
+        out: dict[str, list] = {"log_prob": log_probs, "perplexity": [math.exp(-x) for x in log_probs]}
+        if tokenizer is not None:
+            ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
+            out["text"] = [tokenizer.decode(ids[i][mask[i]], skip_special_tokens=False) for i in rows]
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
