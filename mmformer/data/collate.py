@@ -34,7 +34,9 @@ class Collator:
     ``pixel_values`` (B, C, H, W); ``audio`` (B, S) + ``audio_lengths`` (B,); ``input_ids`` (B, T) +
     ``attention_mask`` (B, T) bool (True = real token) + ``text`` list[str]; ``label`` (B,) long (when every sample
     has one: a label is optional, None where the data has none); and always
-    ``source`` list[str]. Packed text blocks give ``input_ids``, ``attention_mask`` and ``document_ids`` (B, L),
+    ``source`` list[str]; ``kept`` list[int] when some samples were dropped: the positions, in the loader's batch, of
+    the rows that remain (the prediction writer pairs rows with the loader's indices through it). Packed text blocks
+    give ``input_ids``, ``attention_mask`` and ``document_ids`` (B, L),
     right-padded where a block is shorter. Returns ``None`` when every sample of the batch was bad.
 
     With ``packing``, texts are not padded: ``input_ids`` (1, N) holds the B tokenized texts back to back and
@@ -53,9 +55,15 @@ class Collator:
         self.packing = packing
 
     def __call__(self, samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-        samples = [s for s in samples if s is not None]
-        if not samples:
+        kept = [i for i, s in enumerate(samples) if s is not None]
+        if not kept:
             return None
+        batch = self._collate([samples[i] for i in kept])
+        if len(kept) < len(samples):  # the loader's rows these are: the prediction writer's indices skip the dropped
+            batch["kept"] = kept
+        return batch
+
+    def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         if "input_ids" in samples[0]:
             return self._blocks(samples)
         present = [f for f in MEDIA_AND_TEXT if f in samples[0]]

@@ -1,8 +1,10 @@
 """``mmformer predict``'s output files: what :meth:`MultimodalTask.predict_step` gives for each sample, written when
 the epoch ends (Lightning's :class:`~lightning.pytorch.callbacks.BasePredictionWriter`).
 
-- ``predictions.jsonl``: one JSON object per sample, in the data set's order: ``index`` (its row in the data set),
-  and of ``source``, ``text``, ``caption``, ``transcript`` those the batch and the model give;
+- ``predictions.jsonl``: one JSON object per sample, in the data set's order: ``index`` (its row in the data set;
+  an unreadable sample, skipped with a warning, has no line), and of ``source``, ``text``, ``caption``,
+  ``transcript`` those the batch and the model give (a language model's text blocks: ``text``, ``log_prob`` — the
+  mean log-probability of its next tokens — and ``perplexity``);
 - ``embeddings.safetensors``: ``image_features`` / ``audio_features`` / ``text_features`` (N, E) float32, row i the
   i-th line of ``predictions.jsonl``.
 
@@ -25,7 +27,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from mmformer.io.atomic import write_bytes_atomic, write_text_atomic
 
 FEATURES = ("image_features", "audio_features", "text_features")
-TEXTS = {"source": "source", "text": "text", "captions": "caption", "transcripts": "transcript"}  # batch key → row key
+# batch key → row key
+TEXTS = {"source": "source", "text": "text", "captions": "caption", "transcripts": "transcript", "log_prob": "log_prob",
+         "perplexity": "perplexity"}  # fmt: skip
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -48,7 +52,8 @@ class PredictionWriter(BasePredictionWriter):
         for batch, indices in zip(predictions, batch_indices or [None] * len(predictions), strict=True):
             n = next(len(v) for v in batch.values())
             for i in range(n):
-                row: dict[str, Any] = {"index": int(indices[i]) if indices is not None else len(rows)}
+                at = batch["kept"][i] if "kept" in batch else i  # the collator dropped unreadable samples
+                row: dict[str, Any] = {"index": int(indices[at]) if indices is not None else len(rows)}
                 row.update({TEXTS[k]: _plain(batch[k][i]) for k in TEXTS if batch.get(k) is not None})
                 rows.append(row)
             for key in FEATURES:
