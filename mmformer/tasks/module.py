@@ -525,32 +525,14 @@ class MultimodalTask(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any] | None, batch_idx: int) -> dict[str, Any]:
         """Embeddings, captions / transcripts and the batch's ``source`` / ``text`` (see :meth:`Evaluation.predict`);
-        for the text blocks of a language model, each block's text and its score (:meth:`_block_scores`). A batch of
-        only unreadable samples (None from the collator, which warned about each) predicts no rows."""
+        for the text blocks of a language model, each block's text and its score (:meth:`TextObjectives.block_scores`).
+        A batch of only unreadable samples (None from the collator, which warned about each) predicts no rows."""
         if batch is None:
             return {"source": []}
         tokenizer = self._find_tokenizer()
         out = self.evaluation.predict(self.model, batch, self._documents(batch), tokenizer, self.prompt)
         if batch.get("document_ids") is not None and self.text_objectives.lm:
-            out.update(self._block_scores(batch, tokenizer))
-        return out
-
-    def _block_scores(self, batch: dict[str, Any], tokenizer: Any) -> dict[str, list]:
-        """Per text block: ``log_prob``, the mean log-probability of its next tokens, and ``perplexity``, its
-        exp(-log_prob), each the ``lm`` objective of the block alone (the targets and attention the model trained
-        with, as lm-eval's rolling log-likelihood scores a text), and ``text``, the block as the model read it (its
-        document separators included)."""
-        rows = range(batch["input_ids"].shape[0])
-        tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        log_probs = []
-        for i in rows:
-            block = {k: v[i : i + 1] for k, v in tensors.items()}  # (1, L) each
-            log_probs.append(-float(self.text_objectives.losses(self.model, block)["lm"]))
-        self.model.pop_aux_loss()  # a mixture of experts' load-balancing terms: nothing trains on them here
-        out: dict[str, list] = {"log_prob": log_probs, "perplexity": [math.exp(-x) for x in log_probs]}
-        if tokenizer is not None:
-            ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
-            out["text"] = [tokenizer.decode(ids[i][mask[i]], skip_special_tokens=False) for i in rows]
+            out.update(self.text_objectives.block_scores(self.model, batch, tokenizer))
         return out
 
     # ------------------------------------------------------------------ checkpoints

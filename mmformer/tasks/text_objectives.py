@@ -18,6 +18,7 @@ Shape legend: B batch, T tokens, V vocabulary, D documents in a batch, L longest
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -151,3 +152,21 @@ class TextObjectives:
             if metrics is not None:
                 metrics.update_mlm(logits, labels)
         return parts
+
+    def block_scores(self, model: MultimodalTransformer, batch: dict[str, Any], tokenizer: Any) -> dict[str, list]:
+        """Per text block (``mmformer predict`` of a language model): ``log_prob``, the mean log-probability of its next
+        tokens, and ``perplexity``, its exp(-log_prob), each the ``lm`` objective of the block alone (the targets and
+        attention the model trained with, as lm-eval's rolling log-likelihood scores a text), and ``text``, the block
+        as the model read it (its document separators included)."""
+        rows = range(batch["input_ids"].shape[0])
+        tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        log_probs = []
+        for i in rows:
+            block = {k: v[i : i + 1] for k, v in tensors.items()}  # (1, L) each
+            log_probs.append(-float(self.losses(model, block)["lm"]))
+        model.pop_aux_loss()  # a mixture of experts' load-balancing terms: nothing trains on them here
+        out: dict[str, list] = {"log_prob": log_probs, "perplexity": [math.exp(-x) for x in log_probs]}
+        if tokenizer is not None:
+            ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
+            out["text"] = [tokenizer.decode(ids[i][mask[i]], skip_special_tokens=False) for i in rows]
+        return out
