@@ -425,7 +425,7 @@ def export_checkpoint(path: str, out: str, *, merge: bool = False, overwrite: bo
     model_state = {k.removeprefix(CHECKPOINT_PREFIX): v for k, v in state.items() if k.startswith(CHECKPOINT_PREFIX)}
     adapter_state = get_peft_model_state_dict(base, state_dict=model_state)
     set_peft_model_state_dict(base, adapter_state)
-    processor = _checkpoint_processor(checkpoint, Path(path)) or base.processor
+    processor = _checkpoint_processor(checkpoint, Path(path), base.config) or base.processor
     if merge:
         adapters.merge_and_unload(base)
         base.save_pretrained(out, processor=processor, overwrite=overwrite)
