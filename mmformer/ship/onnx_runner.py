@@ -209,15 +209,23 @@ class OnnxModel:
         for item in images:
             img = item if isinstance(item, Image.Image) else Image.open(item)
             img = img.convert("RGB" if channels == 3 else "L")
-            if (img.height, img.width) != (h, w):
-                if cfg.get("resize") == "exact":
-                    img = img.resize((w, h), resample)
-                else:  # cover (h, w) keeping the aspect ratio, then centre crop
-                    scale = max(h / img.height, w / img.width)
-                    size = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
-                    img = img.resize(size, resample)
-                    left, top = int(round((img.width - w) / 2.0)), int(round((img.height - h) / 2.0))
-                    img = img.crop((left, top, left + w, top + h))
+            if cfg.get("resize") == "exact":
+                img = img if (img.height, img.width) == (h, w) else img.resize((w, h), resample)
+            elif cfg.get("resize_size") is not None:  # the short side to resize_size (as torchvision's Resize(int))
+                short, long = sorted((img.width, img.height))
+                size = (cfg["resize_size"], int(cfg["resize_size"] * long / short))
+                img = img.resize(size if img.width <= img.height else size[::-1], resample)
+            elif (img.height, img.width) != (h, w):  # cover (h, w) keeping the aspect ratio
+                scale = max(h / img.height, w / img.width)
+                img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), resample)
+            if cfg.get("resize") != "exact" and (img.height, img.width) != (h, w):  # then the centre crop
+                floor = cfg.get("crop_offset") == "floor"  # Hugging Face's; torchvision's CenterCrop rounds
+                left, top = (
+                    ((img.width - w) // 2, (img.height - h) // 2)
+                    if floor
+                    else (int(round((img.width - w) / 2.0)), int(round((img.height - h) / 2.0)))
+                )
+                img = img.crop((left, top, left + w, top + h))
             x = np.asarray(img, dtype=np.float32) / 255.0
             x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)  # (C, H, W)
             out.append((x - mean[:, None, None]) / std[:, None, None])
