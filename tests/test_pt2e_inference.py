@@ -80,6 +80,34 @@ def test_generate_runs_the_decoder_graphs_in_the_one_decoding_loop(digits):
         graphs.generate(image=pixels, audio=audio["audio"])
 
 
+def test_encoders_give_the_embeddings_before_their_norm_with_normalize_false(digits, make_model_config):
+    """``encode_image`` / ``encode_audio`` / ``encode_text(normalize=False)`` as the float model's (a converted timm
+    classifier's head logits): each graph's token states pooled and projected by the float model, no second graph —
+    equal to the float model's through its own float graphs, also for a fixed-length text tower (its padding is not
+    pooled). Before, none took ``normalize`` (a TypeError)."""
+    from mmformer.model import MultimodalTransformer
+
+    graphs, processor = float_graphs(digits), digits.processor
+    audio, text = processor(audio=CLIPS, sampling_rate=16000), processor(text=["one two", "three"])
+    cases = {"encode_image": (processor(images=IMAGES)["pixel_values"],),
+             "encode_audio": (audio["audio"], audio["audio_lengths"]),
+             "encode_text": (text["input_ids"], text["attention_mask"])}  # fmt: skip
+    torch.manual_seed(0)
+    config = make_model_config(image=None, audio=None, text={"fixed_length": True, "pool": "mean"})
+    padded = MultimodalTransformer(config).eval()
+    text_graph = {g.name: g.module for g in export.graphs(padded, ["text"])}
+    padded_graphs = pt2e.PT2EModel(padded, "dynamic", text_graph, {}, compile=False)
+    ids, mask = torch.randint(3, 32, (2, 5)), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    with torch.no_grad():
+        for name, inputs in cases.items():
+            got = getattr(graphs, name)(*inputs, normalize=False)
+            assert torch.equal(got, getattr(digits, name)(*inputs, normalize=False)), name
+            assert not torch.allclose(got.norm(dim=-1), torch.ones(len(got))), name  # not normalised after all
+            assert torch.equal(getattr(graphs, name)(*inputs), getattr(digits, name)(*inputs)), name
+        torch.testing.assert_close(padded_graphs.encode_text(ids, mask, normalize=False),
+                                   padded.encode_text(ids, mask, normalize=False))  # fmt: skip
+
+
 def test_towers_left_unquantized_run_in_float(digits):
     """``quantize --towers image``: the image encoder runs its int8 graph, every other tower the float model (before:
     a missing graph was an error in every command that touched it), and the server offers the float model's
@@ -93,6 +121,13 @@ def test_towers_left_unquantized_run_in_float(digits):
     pixels = digits.processor(images=IMAGES)["pixel_values"]
     assert torch.equal(q.encode_image(pixels), q.run("image_encoder", pixels)[0])
     assert not torch.equal(q.encode_image(pixels), digits.encode_image(pixels))  # int8: the check above can fail
+    # normalize=False: the int8 graph's embeddings before its norm (a float tower: the float model's)
+    head = q.encode_image(pixels, normalize=False)
+    torch.testing.assert_close(torch.nn.functional.normalize(head, dim=-1), q.encode_image(pixels))
+    assert not torch.allclose(head, digits.encode_image(pixels, normalize=False), atol=1e-4)
+    audio = digits.processor(audio=CLIPS, sampling_rate=16000)
+    floats = [m.encode_audio(audio["audio"], audio["audio_lengths"], normalize=False) for m in (q, digits)]
+    assert torch.equal(*floats)
     # the int8 image memory read by the float decoder: the same ids as the float decoder's graphs over that memory
     mixed = float_graphs(digits)
     mixed.graphs["image_encoder"] = q.graphs["image_encoder"]

@@ -30,11 +30,12 @@ import json
 import os
 import platform
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmformer.generation.search import unseen
@@ -209,12 +210,22 @@ class PT2EModel:
         fn.release_with(self)
         return fn
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) → (B, E) L2-normalised."""
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(B, C, H, W) → (B, E), L2-normalised unless ``normalize=False`` (a classifier's head logits): see
+        :meth:`_unnormalised`."""
         if "image_encoder" not in self.graphs:  # a tower left unquantized runs in float
             with torch.no_grad():
-                return self.model.encode_image(pixel_values)
-        return self.run("image_encoder", pixel_values)[0]
+                return self.model.encode_image(pixel_values, normalize=normalize)
+        embeds, states = self.run("image_encoder", pixel_values)
+        return embeds if normalize else self._unnormalised(self.model.pool_image, states)
+
+    def _unnormalised(self, pool: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+        """A tower's embeddings before the L2 norm that its graph applies: its graph's token states pooled and
+        projected by the float model's ``pool`` with ``normalize=False``. No second graph: the pooled projections
+        are not quantized (:data:`POOLED_PROJECTIONS`), so the graph's embeddings are these, normalised (an
+        attention-pooling head, whose linear layers the graph runs in int8, runs in float here)."""
+        with torch.no_grad():
+            return pool(*inputs, normalize=False)
 
     def encode_audio(
         self,
@@ -223,14 +234,17 @@ class PT2EModel:
         *,
         audio_features: torch.Tensor | None = None,
         feature_lengths: torch.Tensor | None = None,
+        normalize: bool = True,
     ) -> torch.Tensor:
-        """Waveforms (B, S) with their lengths, or log-mel (B, M, Nf) with frame counts (B,) → (B, E)
-        L2-normalised (the float model's arguments)."""
+        """Waveforms (B, S) with their lengths, or log-mel (B, M, Nf) with frame counts (B,) → (B, E),
+        L2-normalised unless ``normalize=False`` (the float model's arguments; see :meth:`_unnormalised`)."""
         if "audio_encoder" not in self.graphs:
             with torch.no_grad():
                 return self.model.encode_audio(audio, audio_lengths, audio_features=audio_features,
-                                               feature_lengths=feature_lengths)  # fmt: skip
-        return self.run("audio_encoder", *self._features(audio, audio_lengths, audio_features, feature_lengths))[0]
+                                               feature_lengths=feature_lengths, normalize=normalize)  # fmt: skip
+        features = self._features(audio, audio_lengths, audio_features, feature_lengths)
+        embeds, states, mask = self.run("audio_encoder", *features)
+        return embeds if normalize else self._unnormalised(self.model.pool_audio, states, mask)
 
     def audio_states(self, features: torch.Tensor) -> torch.Tensor:
         """The int8 audio encoder's states (B, S, D) of log-mel (B, M, Nf), every frame valid: what a decoder
@@ -256,13 +270,22 @@ class PT2EModel:
             lengths = torch.full((features.shape[0],), features.shape[-1], dtype=torch.long)
         return pad_frames(self.model, features), lengths
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) ids and mask → (B, E) L2-normalised."""
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = True
+    ) -> torch.Tensor:
+        """(B, T) ids and mask → (B, E), L2-normalised unless ``normalize=False`` (see :meth:`_unnormalised`)."""
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         if "text_encoder" not in self.graphs:
             with torch.no_grad():
-                return self.model.encode_text(input_ids, mask)
-        return self.run("text_encoder", input_ids, mask)[0]
+                return self.model.encode_text(input_ids, mask, normalize=normalize)
+        embeds, states = self.run("text_encoder", input_ids, mask)
+        if normalize:
+            return embeds
+        # the positions the stack read past the ids (a fixed-length tower's padding; CoCa's appended class token,
+        # which its pooling takes as the last state, not through the mask) are padding to the pooling
+        extra = states.shape[1] - input_ids.shape[1]
+        ids = F.pad(input_ids, (0, extra), value=self.config.text.pad_id)
+        return self._unnormalised(self.model.pool_text, states, ids, F.pad(mask, (0, extra), value=False))
 
     def memory(
         self,

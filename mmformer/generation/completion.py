@@ -4,14 +4,15 @@ continuations as text out. The decoding itself is :func:`mmformer.generation.dec
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mmformer.generation.decoding import DecodingOptions, generate, processor_with_tokenizer, ragged
 from mmformer.generation.decoding_rules import text_to_text
+from mmformer.generation.score_processing import model_end_ids
 from mmformer.generation.token_choice import StopStrings, text_after, text_context
 from mmformer.io.weights import model_device
 
@@ -68,6 +69,37 @@ def continues_prompts(model: MultimodalTransformer) -> bool:
     return "image" not in routes and "audio" not in routes and not text_to_text(model)
 
 
+@dataclass(frozen=True)
+class Completion:
+    """One prompt's continuation with the ids behind it: what :func:`completions` returns (the server's usage and
+    ``finish_reason`` count these ids; the text's own tokens can differ: a byte token decodes to U+FFFD, which
+    encodes as three)."""
+
+    text: str  # what complete returns for the prompt
+    prompt_ids: list[int]  # the ids the model read (a tokenizer's bos included, a trailing end-of-text left off)
+    ids: list[int]  # the ids it generated: through its end id or the token that completed a stop string
+    ended: bool  # an end id or a stop string ended it (OpenAI's "stop"); False: a length limit cut it ("length")
+
+
+def _generated(
+    row: list[int], ends: Sequence[int], pad_id: int, fires: Callable[[int], bool] | None
+) -> tuple[int, bool]:
+    """(how many ids a row of :func:`generate` generated, whether it ended itself) from its generated columns.
+    generate pads a row after its end with an id the row may also generate (Llama pads with its end-of-text), so the
+    end is found as generate found it: the first end id, or the first step after which ``fires(n)`` (the stop
+    strings' check after n ids) is True — at or after the start of the trailing padding, where its end lies."""
+    end = next((i + 1 for i, t in enumerate(row) if t in ends), None)
+    last = len(row) if end is None else end
+    if fires is not None:
+        start = len(row)
+        while start > 1 and row[start - 1] == pad_id:
+            start -= 1
+        stopped = next((n for n in range(start, last + 1) if fires(n)), None)
+        if stopped is not None:
+            return stopped, True
+    return last, end is not None
+
+
 def complete(
     model: MultimodalTransformer,
     prompts: str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor,
@@ -97,6 +129,17 @@ def complete(
         :func:`~mmformer.generation.token_choice.text_after`). A row that produced a stop string ends before it
         (as OpenAI's ``stop``; :func:`generate`'s ids keep it, as Hugging Face's do).
     """
+    return [c.text for c in completions(model, prompts, processor, streamer, **decoding)]
+
+
+def completions(
+    model: MultimodalTransformer,
+    prompts: str | Sequence[str] | Sequence[Sequence[int]] | torch.Tensor,
+    processor: Processor | None = None,
+    streamer: TextStreamer | None = None,
+    **decoding: Any,
+) -> list[Completion]:
+    """:func:`complete`'s continuations (same arguments) with the prompt ids each read and the ids each generated."""
     processor = processor_with_tokenizer(model, processor, "complete")
     tokenizer = processor.tokenizer
     routes = model.config.routes
@@ -130,7 +173,12 @@ def complete(
     ids = generate(model, prompt_ids=rows, tokenizer=tokenizer, options=options, streamer=streamer, **decoding)
     prompts, generated = _real_prompts(rows, decoding.get("prompt_mask")), ids[:, n_prompt:].tolist()
     texts = [text_after(tokenizer, text_context(tokenizer, p), row) for p, row in zip(prompts, generated)]
-    if options.stop_strings:
-        cutter = StopStrings(tokenizer, options.stop_strings, 0)
-        texts = [cutter.cut(t) for t in texts]
-    return texts
+    found = None if not options.stop_strings else StopStrings(tokenizer, options.stop_strings, n_prompt)
+    if found is not None:
+        texts = [found.cut(t) for t in texts]
+    ends, pad_id, results = model_end_ids(model), model.config.text.pad_id, []
+    for i, (p, row, text) in enumerate(zip(prompts, generated, texts)):
+        fires = None if found is None else lambda n, i=i: bool(found(ids[i : i + 1, : n_prompt + n])[0])
+        n, ended = _generated(row, ends, pad_id, fires)
+        results.append(Completion(text, p, row[:n], ended))
+    return results

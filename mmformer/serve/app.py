@@ -26,6 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mmformer.generation.completion import Completion
 from mmformer.generation.streaming import AsyncTextIteratorStreamer, StreamCancelled
 from mmformer.serve.batching import Batcher, Deferred, decoding
 from mmformer.serve.engine import Engine, decode_base64
@@ -294,12 +295,9 @@ def create_app(
         job.add_done_callback(done)
         return job
 
-    def completion_tokens(text: str) -> int:
-        tokenizer = engine.processor.tokenizer
-        return sum(i not in (tokenizer.bos_id, tokenizer.eos_id) for i in tokenizer.encode(text))
-
-    def finish_reason(text: str, max_tokens: int) -> str:
-        return "length" if completion_tokens(text) >= max_tokens else "stop"
+    def finish_reason(done: Completion) -> str:
+        """OpenAI's: "stop" where an end id or a stop string ended the continuation, "length" where a limit cut it."""
+        return "stop" if done.ended else "length"
 
     async def completion_events(head: dict, key: tuple, prompts: list[str]) -> AsyncIterator[str]:
         """OpenAI's streamed completion: a ``text_completion`` chunk per piece as it is decoded, a last chunk per
@@ -321,13 +319,13 @@ def create_app(
             try:
                 async for piece in streamer:
                     yield chunk(piece, index, None)
-                (text,) = await job
+                (done,) = await job
             except Exception as e:
                 yield _sse(_as_api_error(e).body())
                 return
             finally:
                 streamer.cancel()  # the client went away (this generator closed mid-stream): stop decoding
-            yield chunk("", index, finish_reason(text, key[0]))
+            yield chunk("", index, finish_reason(done))
         yield _sse("[DONE]")
 
     async def transcript_events(key: tuple, wave: Any) -> AsyncIterator[str]:
@@ -566,14 +564,14 @@ def create_app(
             head = {"id": ident, "object": "text_completion", "created": created, "model": engine.model_id}
             if body.get("stream"):
                 return StreamingResponse(completion_events(head, key, prompts), media_type="text/event-stream")
-        texts = await run_all(request, "completions", [(key, p) for p in prompts])
-        counts = [completion_tokens(t) for t in texts]
-        finish = [finish_reason(t, max_tokens) for t in texts]
-        prompt_tokens = sum(completion_tokens(p) for p in prompts)
-        choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": f}
-                   for i, (t, f) in enumerate(zip(texts, finish))]  # fmt: skip
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
-                 "total_tokens": prompt_tokens + sum(counts)}  # fmt: skip
+        done = await run_all(request, "completions", [(key, p) for p in prompts])
+        choices = [{"text": c.text, "index": i, "logprobs": None, "finish_reason": finish_reason(c)}
+                   for i, c in enumerate(done)]  # fmt: skip
+        # the ids the model read and generated: the text encoded again counts other tokens (a byte token of a
+        # character cut short decodes to U+FFFD, three tokens when encoded)
+        prompt_tokens, generated = sum(len(c.prompt_ids) for c in done), sum(len(c.ids) for c in done)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                 "total_tokens": prompt_tokens + generated}  # fmt: skip
         return JSONResponse({**head, "choices": choices, "usage": usage})
 
     @app.get("/", response_model=None)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mmformer.data.collate import pad_audio
-from mmformer.generation.completion import continues_prompts
+from mmformer.generation.completion import Completion, completions, continues_prompts
 from mmformer.generation.decoding import DecodingOptions
 from mmformer.generation.decoding_rules import language_id
 from mmformer.generation.streaming import TextStreamer
@@ -248,13 +248,13 @@ class Engine:
             return transcribe_clips(self.transcriber, waves, options, on_segment=each, bf16_encoder=self.bf16_encoder,
                                     stop=stop)  # fmt: skip
 
-    def complete(self, key: Hashable, prompts: Sequence[str], streamer: TextStreamer | None = None) -> list[str]:
-        """Completions of prompts decoded together; with a ``streamer`` (one prompt: a streamed request) it gets the
-        text piece by piece as it is decoded."""
+    def complete(self, key: Hashable, prompts: Sequence[str], streamer: TextStreamer | None = None) -> list[Completion]:
+        """Completions of prompts decoded together, each with the ids it read and generated (what the usage counts);
+        with a ``streamer`` (one prompt: a streamed request) it gets the text piece by piece as it is decoded."""
         max_tokens, temperature, top_p, stop = key
         options = DecodingOptions(max_new_tokens=max_tokens, stop_strings=stop, **sampling(temperature, top_p))
         with torch.inference_mode():
-            return self.model.complete(list(prompts), options=options, streamer=streamer)
+            return completions(self.model, list(prompts), options=options, streamer=streamer)
 
     def caption(self, key: Hashable, pixels: Sequence[torch.Tensor]) -> list[str]:
         with torch.inference_mode():

@@ -1,0 +1,108 @@
+"""The server's app in this process (FastAPI's ``TestClient``, no server process): what ``/v1/completions`` reports
+about the ids behind a completion — ``usage`` and ``finish_reason`` — equals what ``generate`` gives each prompt
+decoded alone (a row alone is never padded: its generated ids are the row's columns)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from mmformer.preprocess.processor import Processor  # noqa: E402
+from mmformer.preprocess.tokenizer import Tokenizer  # noqa: E402
+from mmformer.serve.app import create_app  # noqa: E402
+from mmformer.serve.engine import Engine  # noqa: E402
+from tests.test_text_generation import language_model  # noqa: E402
+
+TEXTS = ["the cat sat on the mat.", "a dog ran in the park!", "once upon a time there was a king.\n"] * 4
+PROMPTS = ["the cat", "once upon a time", "a dog ran", "the", "a king"]
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def served():
+    """A random byte-level LM padded with its end-of-text (as Llama is: a row that a stop string ends in a batch is
+    followed by end ids), its end-of-text made likelier so that some prompts end before ``MAX_TOKENS`` and others run
+    to it; its random byte tokens include pieces of characters, which decode to U+FFFD."""
+    tokenizer = Tokenizer.train(TEXTS, vocab_size=300, max_length=48)
+    torch.manual_seed(0)
+    model = language_model("rope-gqa", vocab_size=tokenizer.vocab_size, pad_id=tokenizer.eos_id)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_id] *= 2
+    model.processor = Processor(tokenizer)
+    with TestClient(create_app(Engine(model, "lm"))) as client:
+        yield client, model
+
+
+def alone(model, prompt: str, stop: list[str]) -> tuple[list[int], list[int], str]:
+    """(prompt ids, generated ids, finish_reason) of ``prompt`` decoded alone, greedily."""
+    tokenizer = model.processor.tokenizer
+    ids = tokenizer.encode(prompt)
+    ids = ids[:-1] if ids[-1] == tokenizer.eos_id else ids  # complete continues the text, not its end
+    row = model.generate(prompt_ids=[ids], max_new_tokens=MAX_TOKENS, stop_strings=stop)[0]
+    generated = row[len(ids) :].tolist()
+    ended = generated[-1] == tokenizer.eos_id or any(s in tokenizer.decode(generated) for s in stop)
+    return ids, generated, "stop" if ended else "length"
+
+
+def complete(client, prompts: list[str], **body) -> httpx.Response:
+    request = {"model": "lm", "prompt": prompts, "max_tokens": MAX_TOKENS, "temperature": 0, **body}
+    response = client.post("/v1/completions", json=request)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def test_completion_usage_and_finish_reason_count_the_generated_ids(served):
+    """The usage counts the ids the prompts read and the model generated, and ``finish_reason`` is "length" where
+    ``max_tokens`` cut a continuation. Before, both came from the text encoded again: a byte token that decodes to
+    U+FFFD encodes as three, and an end-of-text before ``max_tokens`` read as "length" (issue 9 of the bug hunt)."""
+    client, model = served
+    tokenizer = model.processor.tokenizer
+    answer = complete(client, PROMPTS).json()
+    expected = [alone(model, p, []) for p in PROMPTS]
+    choices = sorted(answer["choices"], key=lambda c: c["index"])
+    assert [c["finish_reason"] for c in choices] == [f for _, _, f in expected]
+    prompt_tokens, generated = sum(len(p) for p, _, _ in expected), sum(len(g) for _, g, _ in expected)
+    assert answer["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                               "total_tokens": prompt_tokens + generated}  # fmt: skip
+    # the case this checks: texts that encode again to other counts, continuations that end and that are cut
+    assert sum(len(tokenizer.encode(c["text"])) for c in choices) != generated
+    assert {f for _, _, f in expected} == {"stop", "length"}
+
+
+def test_a_continuation_ended_by_a_stop_string_in_a_batch_counts_its_own_ids(served):
+    """A stop string ends one row of a batch while the others decode on: the end ids that pad it afterwards are not
+    its tokens (counting to the first end id counted one more), and it finished with "stop"."""
+    client, model = served
+    text = complete(client, ["once upon a time"]).json()["choices"][0]["text"]
+    stop = [text[3:5]]  # within the continuation: it ends this row early while the batch's others run on
+    expected = [alone(model, p, stop) for p in PROMPTS]
+    answer = complete(client, PROMPTS, stop=stop).json()
+    choices = sorted(answer["choices"], key=lambda c: c["index"])
+    assert [c["finish_reason"] for c in choices] == [f for _, _, f in expected]
+    assert answer["usage"]["completion_tokens"] == sum(len(g) for _, g, _ in expected)
+    # decoded in one batch for certain (the app's batcher groups what arrives together, most likely all of them)
+    batch = client.app.state.engine.complete((MAX_TOKENS, 0.0, None, tuple(stop)), PROMPTS)
+    assert [c.ids for c in batch] == [g for _, g, _ in expected]
+    assert [c.prompt_ids for c in batch] == [p for p, _, _ in expected]
+    stopped = len(expected[1][1])
+    assert stopped < max(len(g) for _, g, _ in expected) and expected[1][1][-1] != model.config.text.eos_id
+
+
+def test_a_streamed_completion_finishes_as_its_ids_say(served):
+    """Each streamed choice's last chunk carries the ``finish_reason`` of its ids, as the answer in one piece."""
+    client, model = served
+    expected = [alone(model, p, [])[2] for p in PROMPTS]
+    finished = {}
+    for line in complete(client, PROMPTS, stream=True).text.splitlines():
+        if line.startswith("data: {"):
+            for choice in json.loads(line[len("data: ") :])["choices"]:
+                if choice["finish_reason"] is not None:
+                    finished[choice["index"]] = choice["finish_reason"]
+    assert [finished[i] for i in range(len(PROMPTS))] == expected
