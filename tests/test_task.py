@@ -718,3 +718,58 @@ def test_warmup_cosine_schedule_and_weight_decay_groups():
     assert all(n.endswith(("bias", "norm.weight")) or n in no_decay for n in no_decay)
     assert "text_embed.tokens.weight" in decay and "stacks.shared.blocks.0.attn.fn.qkv.weight" in decay
     assert all(p.ndim >= 2 for g in opt.param_groups[:1] for p in g["params"])
+
+
+# ---------------------------------------------------------------------- schedules and the tokenizer at fit start
+class PlateauTask(MultimodalTask):
+    """A subclass with a metric-driven scheduler, stepped once per epoch on the validation loss."""
+
+    def configure_optimizers(self) -> dict:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.01)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "val/loss"}}
+
+
+def test_a_subclass_plateau_scheduler_steps_on_its_metric():
+    """The task's lr_scheduler_step dropped the metric and called ``step()``: ReduceLROnPlateau raised TypeError."""
+    torch.manual_seed(0)
+    task = PlateauTask(tiny_config(tokenizer().vocab_size), generation={"evaluate": False})
+    t = trainer(max_epochs=2, limit_val_batches=1)
+    t.fit(task, DigitsData(n=8, modalities=("image",)))
+    (config,) = t.lr_scheduler_configs
+    assert t.global_step == 4 and math.isfinite(config.scheduler.best)  # it read val/loss
+
+
+def test_a_gradient_accumulation_schedule_sets_the_cosine_length():
+    """Lightning's estimated_stepping_batches ignores a GradientAccumulationScheduler: 3 epochs of 4 batches
+    accumulating {0: 1, 1: 4} step 4 + 1 + 1 times, and the cosine was 12 steps long (the rate stopped half-way)."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    task = make_task(schedule={"warmup_steps": 1}, generation={"evaluate": False})
+    t = trainer(max_epochs=3, callbacks=[GradientAccumulationScheduler({0: 1, 1: 4})])
+    t.fit(task, DigitsData(n=16, modalities=("image",)))
+    (config,) = t.lr_scheduler_configs
+    assert config.scheduler.lr_lambdas[0].max_steps == t.global_step == 6
+
+
+@pytest.mark.parametrize("extra_rows", [7, -7])
+def test_a_token_table_that_differs_from_the_tokenizer_stops_at_setup(extra_rows):
+    """A model sized by hand (larger than the data's tokenizer) trained, then failed in validation's generation
+    ("ids must hold ints in [0, 301)"); a smaller one failed at its first batch. Both now stop before training, with
+    both sizes."""
+    size = tokenizer().vocab_size
+    task = MultimodalTask(tiny_config(size + extra_rows))
+    message = rf"vocab_size: .* has {size + extra_rows} rows .* tokenizer has {size} ids"
+    for run in (trainer(max_steps=1).fit, trainer(limit_val_batches=1).validate):
+        with pytest.raises(ValueError, match=message):
+            run(task, DigitsData(n=4, modalities=("image",)))
+
+
+def test_a_pretrained_table_may_keep_rows_its_tokenizer_does_not_use():
+    """T5's table has 32128 rows for its 32100 tokens: a model from adapt.init_from is not refused for spare rows."""
+    from mmformer.tasks.vocabulary import check_vocabulary
+
+    size = tokenizer().vocab_size
+    check_vocabulary(tiny_config(size + 7), tokenizer(), pretrained=True)
+    with pytest.raises(ValueError, match="vocab_size"):
+        check_vocabulary(tiny_config(size - 7), tokenizer(), pretrained=True)

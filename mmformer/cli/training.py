@@ -25,6 +25,16 @@ What the CLI adds to LightningCLI:
 - a run does not write into the checkpoint folders (``ModelCheckpoint.dirpath``) or log folder of a run still
   training: ``fit`` holds a lock on them (:func:`~mmformer.io.checkpointing.lock_folders`) and stops with a
   :class:`ConfigError` naming the folder and the process writing there;
+- the optimizer and the learning-rate schedule are the task's (``model.optimizer``, any torch optimizer, with weight
+  decay on matrices only; ``model.schedule``, warmup then cosine per optimizer step): LightningCLI's top-level
+  ``--optimizer`` and ``--lr_scheduler``, which replaced the task's (or were ignored), are refused with a
+  :class:`ConfigError` naming them (:data:`LIGHTNING_OPTIMIZERS`). ``model.optimizer`` is saved as its plain
+  ``class_path``/``init_args`` in the checkpoint's hyper-parameters: ``load_from_checkpoint`` and a resume rebuild it;
+- ``validate|test|predict --ckpt_path best`` in a process that did not run ``fit`` takes the best checkpoint recorded
+  in the ModelCheckpoint folder (:func:`best_checkpoint`);
+- metric names carry their stage (``val/loss``, ``val/speech_wer``): in a ModelCheckpoint ``filename`` the ``/`` makes
+  a subfolder (``{epoch}-{val/loss:.3f}`` writes ``epoch=3-val/loss=0.512.ckpt``); write
+  ``filename: "epoch{epoch}-val_loss{val/loss:.3f}"`` with ``auto_insert_metric_name: false``;
 - configuration errors stop the run before any data is read: an unknown key or a value of the wrong type
   (jsonargparse), and a model configuration that cannot be built (``ModelConfig`` and its parts validate
   themselves; they are checked before the data module trains a tokenizer for the vocabulary link). From the
@@ -39,11 +49,14 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import pickle
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, get_type_hints
 
+import torch
 from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import Trainer
@@ -63,13 +76,25 @@ from mmformer.io.checkpointing import (
     lock_folders,
     release_folders,
 )
-from mmformer.tasks import MultimodalTask
+from mmformer.tasks import MultimodalTask, adamw
 from mmformer.tasks import settings as task_settings
 from mmformer.tasks.parallel import FSDP2Strategy, strategy_from_name
 from mmformer.tasks.predictions import PredictionWriter
 
 MODEL_KEY = "model.model"  # where the ModelConfig sits in the CLI's configuration
 INIT_FROM = "model.adapt.init_from"  # the pretrained model a run starts from (its processor goes to the data module)
+
+
+# LightningCLI's top-level optimizer and scheduler keys (its auto_configure_optimizers), which replaced the task's
+# configure_optimizers (no weight-decay groups, the schedule stepped per epoch) or were ignored; the parser takes them
+# (hidden) only to refuse them with the keys to use
+LIGHTNING_OPTIMIZERS = {
+    "optimizer": "the task builds its optimizer (weight decay on matrices only): give it as model.optimizer "
+    "(--model.optimizer Adam --model.optimizer.lr 3e-4; in YAML model: {optimizer: {class_path: ..., init_args: ...}})",
+    "lr_scheduler": "the task's learning rate follows model.schedule, linear warmup then cosine decay per optimizer "
+    "step (model.schedule.warmup_steps, max_steps, min_lr_ratio); another scheduler needs a MultimodalTask subclass "
+    "whose configure_optimizers returns it",
+}
 
 
 class ConfigError(ValueError):
@@ -158,6 +183,7 @@ class MMFormerCLI(LightningCLI):
         parser_kwargs.setdefault("exit_on_error", False)  # errors reach parse_arguments as exceptions
         parser_kwargs.setdefault("prog", "mmformer")
         kwargs.setdefault("parser_class", _Parser)
+        kwargs.setdefault("auto_configure_optimizers", False)  # the task's own: see LIGHTNING_OPTIMIZERS
         for sub in self.subcommands():
             parser_kwargs[sub] = {"exit_on_error": False, **parser_kwargs.get(sub, {})}
         super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
@@ -168,6 +194,9 @@ class MMFormerCLI(LightningCLI):
         for old, (group, name) in task_settings.RENAMED.items():  # accepted; _Parser moves them as soon as read
             kind = get_type_hints(task_settings.GROUPS[group])[name]
             parser.add_argument(f"--model.{old}", type=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        for key in LIGHTNING_OPTIMIZERS:  # hidden; refused with the key to use (before_instantiate_classes)
+            parser.add_argument(f"--{key}", type=str | dict[str, Any] | None, default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS)  # fmt: skip
 
     def parse_arguments(self, parser, args) -> None:
         try:
@@ -181,6 +210,9 @@ class MMFormerCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         section = self._section()
+        for key, fix in LIGHTNING_OPTIMIZERS.items():
+            if section.get(key) is not None:
+                raise ConfigError(f"{key}: {fix}")
         # The vocabulary link makes jsonargparse build the data module (and train its tokenizer, reading the
         # training texts) before the model: check the model configuration first, so an impossible one fails fast.
         model = section.get("model")
@@ -203,6 +235,10 @@ class MMFormerCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, TypeError, FileNotFoundError, MisconfigurationException) as e:
             raise ConfigError(_named_key(str(e))) from e  # a class's own check under an optional section: one line
+        model = self._section().get("model")
+        record = optimizer_record(model.get("optimizer") if isinstance(model, Namespace) else None)
+        if record is not None:  # the task received a callable: its plain config goes into checkpoints and hparams.yaml
+            self.model.save_hyperparameters({"optimizer": record})
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={}) or {}
@@ -239,6 +275,15 @@ class MMFormerCLI(LightningCLI):
             self.trainer.fit(**kwargs)
         finally:
             release_folders(held)
+
+    def validate(self, **kwargs: Any) -> None:
+        self.trainer.validate(**with_best_checkpoint(self.trainer, kwargs))
+
+    def test(self, **kwargs: Any) -> None:
+        self.trainer.test(**with_best_checkpoint(self.trainer, kwargs))
+
+    def predict(self, **kwargs: Any) -> None:
+        self.trainer.predict(**with_best_checkpoint(self.trainer, kwargs))
 
 
 class StepsProgressBar(RichProgressBar):
@@ -325,6 +370,62 @@ def _with_mapping_names(keys: list[str], message: str, reason: str) -> list[str]
         path.append(key)
         value = value.get(key) if isinstance(value, dict) else None
     return path
+
+
+def optimizer_record(value: Any) -> dict[str, Any] | str | None:
+    """``model.optimizer`` as parsed, in plain types for the task's hyper-parameters: a class's ``{class_path,
+    init_args}``, or a module-level function's import path (the task rebuilds either); None for the task's default
+    (rebuilt without a record) and anything else."""
+    if isinstance(value, Namespace) and "class_path" in value:
+        return value.as_dict()
+    name = getattr(value, "__qualname__", "")  # a function's; a lambda's or a local one's holds "<"
+    return f"{value.__module__}.{name}" if name and "<" not in name and value is not adamw else None
+
+
+def with_best_checkpoint(trainer: Trainer, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``ckpt_path="best"`` made the path of the best checkpoint where the trainer's ModelCheckpoint
+    has none: Lightning's ``best`` is the path its ``fit`` set on the callback, so a new process stopped with
+    "ModelCheckpoint is not configured to save the best model"."""
+    callback = trainer.checkpoint_callback
+    if kwargs.get("ckpt_path") != "best" or not isinstance(callback, ModelCheckpoint) or callback.best_model_path:
+        return kwargs
+    return {**kwargs, "ckpt_path": best_checkpoint(callback)}
+
+
+def best_checkpoint(callback: ModelCheckpoint) -> str:
+    """The best checkpoint recorded by ``callback``'s run: the ``best_model_path`` in the callback's state of the
+    newest checkpoint in its folder (or below: a ``/`` in a filename makes subfolders) holding it: ``last.ckpt``, or
+    the best one itself. Raises ValueError naming the folder when there is none."""
+    folder = Path(callback.dirpath) if callback.dirpath else None
+    if folder is None or not folder.is_dir():
+        raise ValueError(
+            f"ckpt_path: `best` outside the process that ran fit is read from the ModelCheckpoint's folder "
+            f"(dirpath), and {'none is set' if folder is None else f'{folder} does not exist'}; set the dirpath "
+            "the fit used, or give a checkpoint's path"
+        )
+    files = sorted((p for p in folder.rglob("*.ckpt") if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in files:
+        best = Path(_callback_state(path, callback.state_key).get("best_model_path") or folder)
+        for candidate in (best, folder / best.name):  # the folder may have moved since
+            if candidate.is_file():
+                return str(candidate)
+    raise ValueError(
+        f"ckpt_path: `best` outside the process that ran fit is read from the ModelCheckpoint's state in its "
+        f"checkpoints, and none in {folder} records a best checkpoint for ModelCheckpoint(monitor="
+        f"{callback.monitor!r}); give the path of one of: {', '.join(p.name for p in files) or 'none'}"
+    )
+
+
+def _callback_state(path: Path, key: str) -> dict[str, Any]:
+    """The state a checkpoint holds for the callback of state key ``key`` (memory-mapped: the weights are not read);
+    empty for a file that is not a checkpoint or has none."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, pickle.UnpicklingError):
+        return {}
+    callbacks = checkpoint.get("callbacks") if isinstance(checkpoint, dict) else None
+    state = callbacks.get(key) if isinstance(callbacks, dict) else None
+    return state if isinstance(state, dict) else {}
 
 
 def _as_list(value: Any) -> list:

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from mmformer.data.augment import AugmentConfig, augment_training
 from mmformer.data.collate import Collator
 from mmformer.data.formats import FORMATS, dataset_texts, open_dataset
-from mmformer.data.loaders import EpochLoader, GlobalBatchSampler, ResumableLoader, niced
+from mmformer.data.loaders import EpochLoader, EvaluationSampler, GlobalBatchSampler, ResumableLoader, niced
 from mmformer.data.packing import BatchedDataset, TokenBudgetSampler, sample_costs
 from mmformer.data.text import pack_documents
 from mmformer.values import is_int, is_number
@@ -366,6 +366,10 @@ class MultimodalDataModule(L.LightningDataModule):
         # evaluation: in order; a generator of its own, so that creating the iterator leaves the global random
         # state (which training draws dropout from) untouched, and a resumed run sees the same stream
         generator = torch.Generator().manual_seed(self.seed)
+        world, rank = self._world()
+        if world > 1 and split in ("val", "test"):  # each sample once across the ranks (Lightning's sampler repeats)
+            sampler = EvaluationSampler(dataset, self.batch_size, world, rank)
+            return DataLoader(BatchedDataset(dataset), sampler=sampler, batch_size=None, generator=generator, **kwargs)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, generator=generator, **kwargs)
 
     def _budget_loader(self, dataset: Dataset, kwargs: dict[str, Any]) -> DataLoader:

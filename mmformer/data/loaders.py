@@ -1,7 +1,8 @@
 """Batch order that resumes exactly: epoch e of map-style data is a permutation seeded by ``seed + e``, cut into
 global batches of ``batch_size`` times the number of processes, rank r taking the r-th block of each
 (:class:`GlobalBatchSampler`); the training loader (:class:`ResumableLoader`) saves its position within the epoch in
-every checkpoint and continues at the next batch. Streaming data sets are told the epoch before each pass
+every checkpoint and continues at the next batch. Evaluation data on several processes is split without repeats
+(:class:`EvaluationSampler`). Streaming data sets are told the epoch before each pass
 (:class:`EpochLoader`). The data module (:mod:`mmformer.data.datamodule`) and the token-budget batches
 (:mod:`mmformer.data.packing`) build on these.
 """
@@ -127,6 +128,50 @@ class GlobalBatchSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices()[self.start :])
+
+
+class EvaluationSampler(DistributedSampler):
+    """Evaluation batches of several processes: each sample exactly once across the ranks, in order, and every rank
+    as many batches.
+
+    Torch's DistributedSampler, which Lightning puts into evaluation loaders, pads the data set with repeats to a
+    multiple of the ranks, and the metrics counted them: 23 samples on 2 ranks scored 24. Here the data set is cut
+    in order into ``steps * num_replicas`` consecutive batches of near-equal sizes, rank r taking batches r, r + W,
+    r + 2W, ... (W ranks): every rank runs the same number of steps (the contrastive loss gathers features from all
+    ranks at each one), of at most ``batch_size`` samples (one more where ``batch_size`` is 1 and the ranks do not
+    divide the samples). With fewer samples than ranks, the ranks left without one repeat one (with a warning).
+
+    Each item is a batch (a list of indices) for ``DataLoader(BatchedDataset(dataset), sampler=..., batch_size=None)``.
+    It is a DistributedSampler so that Lightning keeps it instead of substituting its own.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int = 1, rank: int = 0):
+        if not is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an int >= 1; got {batch_size!r}")
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.batch_size = batch_size
+        if 0 < len(dataset) < num_replicas:
+            rank_zero_warn(
+                f"evaluation data: {len(dataset)} samples on {num_replicas} processes; those without a sample "
+                "evaluate a repeat of one, which the metrics count twice"
+            )
+
+    def batches(self) -> list[list[int]]:
+        """This rank's batches."""
+        n, world = len(self.dataset), self.num_replicas
+        if n == 0:
+            return []
+        steps = max(1, min(-(-n // (self.batch_size * world)), n // world))  # every batch of every rank non-empty
+        size, rest = divmod(n, steps * world)
+        starts = [k * size + min(k, rest) for k in range(steps * world + 1)]  # the first `rest` batches one larger
+        mine = [list(range(a, b)) for a, b in zip(starts[self.rank :: world], starts[self.rank + 1 :: world])]
+        return [batch or [self.rank % n] for batch in mine]  # empty only with fewer samples than ranks
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
 
 
 class ResumableLoader(DataLoader):

@@ -64,7 +64,7 @@ from mmformer.tasks.losses import (
     teacher_forcing,
 )
 from mmformer.tasks.nonfinite import NonFiniteGuard
-from mmformer.tasks.schedule import WarmupCosine, resume_curves, take_saved_curves
+from mmformer.tasks.schedule import counts_updates, resume_curves, schedule_length, take_saved_curves, warmup_cosine
 from mmformer.tasks.settings import (
     AdaptSettings,
     DistillSettings,
@@ -74,6 +74,7 @@ from mmformer.tasks.settings import (
     ZeroShotSettings,
 )
 from mmformer.tasks.text_objectives import TextObjectives
+from mmformer.tasks.vocabulary import check_vocabulary
 
 
 def adamw(params: Iterable) -> torch.optim.Optimizer:
@@ -402,9 +403,11 @@ class MultimodalTask(L.LightningModule):
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         """One schedule step per optimizer step: for a batch the loader yields as None (every sample in it unreadable,
         skipped) no optimizer steps, and Lightning would still step the schedule, so that warmup and decay ran ahead
-        of the updates (the scheduler's step count is the trainer's global step, restored with it on resume)."""
-        del metric
-        if scheduler.last_epoch < self.trainer.global_step:
+        of the updates (the scheduler's step count is the trainer's global step, restored with it on resume). A
+        subclass's epoch-interval or metric-driven scheduler (``ReduceLROnPlateau``) steps as Lightning steps it."""
+        if not counts_updates(scheduler, self.trainer.lr_scheduler_configs):
+            super().lr_scheduler_step(scheduler, metric)
+        elif scheduler.last_epoch < self.trainer.global_step:
             scheduler.step()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -441,6 +444,9 @@ class MultimodalTask(L.LightningModule):
             schedulers = self.lr_schedulers()
             resume_curves(schedulers if isinstance(schedulers, list) else [schedulers], saved)
 
+    def setup(self, stage: str) -> None:
+        check_vocabulary(self.model.config, self._find_tokenizer(), pretrained=self.init_from is not None)
+
     def on_fit_start(self) -> None:
         rank_zero_info(f"mmformer: {task_adapt.parameter_report(self)}")
         if self.distiller is not None:
@@ -461,15 +467,8 @@ class MultimodalTask(L.LightningModule):
                 (no_decay if no_weight_decay(name, param) else decay).append(param)
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = self.optimizer([g for g in groups if g["params"]])
-        # at least 1: a run of max_steps 0 (build, check, save) steps nothing, and the schedule needs a length
-        total = self.schedule.max_steps or max(1, self.trainer.estimated_stepping_batches)
-        if not math.isfinite(total):
-            raise ValueError(
-                "schedule.max_steps: the trainer runs without an end (max_steps=-1, max_epochs=-1), so the cosine "
-                "schedule needs an explicit max_steps"
-            )
-        schedule = WarmupCosine(self.schedule.warmup_steps, int(total), self.schedule.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        total = schedule_length(self.schedule.max_steps, self._trainer)
+        scheduler = warmup_cosine(optimizer, self.schedule.warmup_steps, total, self.schedule.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ evaluation

@@ -1,14 +1,22 @@
-"""Learning-rate schedule: linear warmup, then cosine decay to ``min_lr_ratio`` of the base rate, per optimizer step."""
+"""Learning-rate schedule: linear warmup, then cosine decay to ``min_lr_ratio`` of the base rate, per optimizer step.
+
+Its length is ``schedule.max_steps`` or the optimizer steps the trainer will take (:func:`schedule_length`), and it
+steps once per optimizer step (:func:`counts_updates`)."""
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 
 from mmformer.values import is_int
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.utilities.types import LRSchedulerConfig
 
 
 class WarmupCosine:
@@ -47,6 +55,39 @@ def warmup_cosine(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` stepping :class:`WarmupCosine` once per optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_steps, max_steps, min_lr_ratio))
+
+
+def schedule_length(max_steps: int | None, trainer: Trainer | None) -> int:
+    """The cosine's length: ``max_steps`` (``schedule.max_steps``) if set, else the optimizer steps ``trainer`` will
+    take (at least 1: a run of ``max_steps=0`` builds, checks and saves, and the schedule still needs a length).
+
+    Lightning's ``estimated_stepping_batches`` divides by the trainer's ``accumulate_grad_batches``, which a
+    ``GradientAccumulationScheduler`` changes only as its epochs come: the steps are counted from its scheduling
+    instead (a 3-epoch run accumulating {0: 1, 1: 4} over 4 batches an epoch steps 4 + 1 + 1 times, not 12, and its
+    cosine stopped half-way)."""
+    if max_steps:
+        return max_steps
+    if trainer is None:
+        raise ValueError("schedule.max_steps: expected an int outside a Trainer (the length comes from the trainer's)")
+    total = trainer.estimated_stepping_batches  # also loads the training data, for num_training_batches
+    accumulation = next((c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)), None)
+    batches, epochs = trainer.num_training_batches, trainer.max_epochs
+    if accumulation is not None and math.isfinite(batches) and epochs not in (None, -1):
+        total = sum(math.ceil(batches / accumulation.get_accumulate_grad_batches(e)) for e in range(max(epochs, 1)))
+        total = min(total, trainer.max_steps) if trainer.max_steps != -1 else total
+    if not math.isfinite(total) or total < 0:  # -1: streaming data of unknown length and no max_steps
+        raise ValueError(
+            "schedule.max_steps: the trainer's number of steps is unknown (max_steps=-1 with max_epochs=-1, or "
+            "streaming data without trainer.max_steps), so the cosine schedule needs an explicit max_steps"
+        )
+    return max(1, int(total))
+
+
+def counts_updates(scheduler: Any, configs: list[LRSchedulerConfig]) -> bool:
+    """Whether ``scheduler`` counts optimizer steps (a step-interval schedule that reads no metric, as the task's),
+    and so steps only as far as the trainer's global step. An epoch-interval or metric-driven one (a subclass's
+    ``ReduceLROnPlateau``) steps as Lightning steps it."""
+    return any(c.scheduler is scheduler and c.interval == "step" and not c.reduce_on_plateau for c in configs)
 
 
 def take_saved_curves(checkpoint: dict[str, Any]) -> list[list[dict[str, Any] | None]]:
