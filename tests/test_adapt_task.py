@@ -187,6 +187,26 @@ def test_context_prompt_fit_moves_only_the_prompt_and_exports_it(pretrained, tmp
         main(["export", "--ckpt", str(tmp_path / "ckpt" / "last.ckpt"), "--merge", "--out", str(tmp_path / "m")])
 
 
+def test_context_prompt_fits_on_an_image_folder(pretrained, tmp_path):
+    """A CoOp prompt trained on ImageFolder data (images and class labels, no texts): its batches carry no token ids,
+    and the step's batch size was read from them (KeyError 'input_ids')."""
+    import shutil
+
+    root, train = pretrained
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    classes = sorted({r["text"].split()[0] for r in rows})
+    for i, row in enumerate(rows):
+        folder = tmp_path / "folder" / row["text"].split()[0]
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / row["image"], folder / f"{i}.png")
+    config = adapt_config(root, tmp_path / "folder", tmp_path, max_steps=2, prompt={"kind": "context", "length": 2},
+                          zeroshot_classes=classes)  # fmt: skip
+    cli = fit_in_process(config, "--data.modalities", "[image]", run=False)
+    start = cli.model.prompt.vectors.detach().clone()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 2 and not torch.equal(cli.model.prompt.vectors, start)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_qlora_fit_through_the_cli_keeps_a_4bit_base(pretrained, tmp_path, device):
     pytest.importorskip("bitsandbytes")

@@ -52,9 +52,17 @@ def part_weights(weights: dict[str, float], settings: DistillSettings) -> dict[s
     """The task's loss weights with distillation: each distilled term becomes Hinton et al.'s weighted average
     ``(1 − α) · labels + α · teacher`` (α = ``settings.weight``) at the weight the task gave it, so that the balance
     between terms (and the ones not distilled, such as CTC) stays as configured; feature distillation is added with
-    its own weight."""
+    its own weight. A teacher for a run that trains none of those terms (only ``lm`` / ``mlm``, which it does not
+    distil) is a ValueError: it was silently ignored."""
+    distilled = [*DECODER_TASKS.values(), *(f"contrastive_{m}" for m in MEDIA_KEYS)]
+    if not any(weights.get(part, 0.0) > 0 for part in distilled) and not settings.feature_weight:
+        trained = sorted(k for k, v in weights.items() if v > 0 and not k.startswith("prompt_"))
+        raise ValueError(
+            "distill.teacher: distillation covers the contrastive, caption and speech objectives (and features with "
+            f"distill.feature_weight); this run trains {trained}, which it does not distil (objectives.lm / mlm)"
+        )
     out = dict(weights)
-    for part in [*DECODER_TASKS.values(), *(f"contrastive_{m}" for m in MEDIA_KEYS)]:
+    for part in distilled:
         out[part] = weights[part] * (1.0 - settings.weight)
         out[f"distill_{part}"] = weights[part] * settings.weight
     out.update({f"distill_feature_{m}": float(settings.feature_weight) for m in MODALITIES})

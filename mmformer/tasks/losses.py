@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -178,6 +179,19 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int 
         )
     with torch.autocast(logits.device.type, enabled=False):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+
+
+def check_teacher_forcing(config: Any) -> None:
+    """Refuse a model whose decoding starts from a checkpoint's multi-token prompt (Whisper's start, language, task and
+    no-timestamps tokens: ``config.generation``): :func:`teacher_forcing` trains ``[bos] tokens [eos]`` rows, a layout
+    such a decoder never reads — a fine-tuned converted Whisper then never said a text's first word nor stopped."""
+    generation = getattr(config, "generation", None)
+    if generation is not None and (generation.language_ids or generation.task_ids or generation.no_timestamps_id):
+        raise ValueError(
+            "objectives.caption / objectives.speech: this model decodes after its checkpoint's prompt (Whisper's "
+            "start, language, task and no-timestamps tokens), which the caption / speech objectives do not build "
+            "yet; fine-tuning a Whisper checkpoint is not supported (README, 'Not done yet')"
+        )
 
 
 def teacher_forcing(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:

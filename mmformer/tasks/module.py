@@ -58,6 +58,7 @@ from mmformer.tasks.losses import (
     ContrastiveLoss,
     SigLipLoss,
     caption_loss,
+    check_teacher_forcing,
     ctc_loss,
     cut_to_positions,
     document_targets,
@@ -167,6 +168,8 @@ class MultimodalTask(L.LightningModule):
         model = self.model.config
         if self.objectives.ctc > 0 and not model.ctc_head:
             raise ValueError(f"objectives.ctc={self.objectives.ctc} needs a CTC head: set model.ctc_head: true")
+        if self.objectives.caption > 0 or self.objectives.speech > 0:
+            check_teacher_forcing(model)
 
         # Only plain types go into the checkpoint (torch.load(weights_only=True)): the model config as a dict under
         # "model" (so load_from_checkpoint rebuilds it), each group as a dict; a Python optimizer callable is not
@@ -194,7 +197,7 @@ class MultimodalTask(L.LightningModule):
             self.objectives.mlm_probability,
             self.objectives.packed_attention,
         )
-        self.text_objectives.check(self.model)
+        self.text_objectives.check(self.model, self.prompt)
         self.distiller = None
         if distilling.teacher is not None:
             self.distiller = Distiller(distilling, model)
@@ -382,8 +385,8 @@ class MultimodalTask(L.LightningModule):
         n_targets: dict[str, torch.Tensor] = {}
         parts, feats = self._losses(batch, stage, n_targets)
         loss = sum(self.weights[name] * value for name, value in parts.items())
-        lengths = batch.get("text_lengths")
-        batch_size = batch["input_ids"].shape[0] if lengths is None else len(lengths)
+        sizes = (batch.get(k) for k in ("text_lengths", "input_ids", "pixel_values", "audio", "label"))
+        batch_size = len(next(v for v in sizes if v is not None))  # packed texts: their lengths; image-only: pixels
         if stage != "train":  # token means weighted by their tokens, the others by samples
             self.metrics[stage].update_losses(parts, {name: n_targets.get(name, batch_size) for name in parts})
             return loss, parts, feats

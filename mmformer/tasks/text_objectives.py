@@ -90,9 +90,14 @@ class TextObjectives:
         self.lm, self.mlm = lm, mlm
         self.mlm_probability, self.packed_attention = mlm_probability, packed_attention
 
-    def check(self, model: MultimodalTransformer) -> None:
-        """Refuse a model that cannot train the enabled objectives, naming what is missing."""
+    def check(self, model: MultimodalTransformer, prompt: Any = None) -> None:
+        """Refuse a model (or a learned ``prompt``) that the enabled objectives cannot train, naming what is missing."""
         routes, text = model.config.routes, model.config.text
+        if self.lm and getattr(prompt, "kind", None) == "decoder_prefix":  # lm's decode reads no prefix: no gradient
+            raise ValueError(
+                "adapt.prompt.kind: decoder_prefix trains with the caption / speech objectives; objectives.lm does not "
+                "read the prefix (set objectives.lm: 0, or adapt with lora)"
+            )
         if self.lm and "decoder" not in routes:
             raise ValueError(f"objectives.lm > 0 needs a model with a decoder route; its routes are {sorted(routes)}")
         if self.mlm and (model.mlm_head is None or text.mask_id is None):
