@@ -5,8 +5,40 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import Any
 
 WRITE_OUT = ("export", "quantize", "merge", "convert")  # the commands here: each writes --out
+BACKENDS = ("torchao", "pt2e", "onnxruntime")  # quantize --backend
+
+
+@dataclass(frozen=True)
+class QuantizeOption:
+    """One of ``mmformer quantize``'s options beside --model, --method and --out: the value it has when not given,
+    and the requests that read it (--backend, --method); given to any other, it is refused, not ignored."""
+
+    unset: Any
+    backends: tuple[str, ...] = BACKENDS
+    methods: tuple[str, ...] | None = None  # None: every method of those backends
+
+    def reads(self, backend: str, method: str) -> bool:
+        return backend in self.backends and (self.methods is None or method in self.methods)
+
+    def readers(self) -> str:
+        backends = [] if self.backends == BACKENDS else [f"--backend {' or '.join(self.backends)}"]
+        return " ".join(backends + ([f"--method {' or '.join(self.methods)}"] if self.methods else []))
+
+
+# Which quantize options each backend and method reads: the one place that knows (the parser's defaults are the
+# unset values; tests/test_artifact_commands.py checks that they agree)
+QUANTIZE_OPTIONS = {
+    "towers": QuantizeOption(None, backends=("pt2e", "onnxruntime")),  # torchao quantizes every linear layer
+    "calib": QuantizeOption(None, methods=("static",)),
+    "calib_samples": QuantizeOption(128, methods=("static",)),
+    "group_size": QuantizeOption(32, backends=("torchao",), methods=("int4-weight",)),
+    "embeddings": QuantizeOption(False, backends=("torchao",)),
+    "float_storage": QuantizeOption("float32", backends=("torchao",)),
+}
 
 
 def refuse_saved_out(args: argparse.Namespace) -> None:
@@ -22,19 +54,28 @@ def refuse_saved_out(args: argparse.Namespace) -> None:
 
 
 def export(args: argparse.Namespace) -> None:
+    """A pretrained folder or graphs of ``--model``, or of what a training run's ``--ckpt`` learned (see
+    :func:`mmformer.tasks.adapt.export_checkpoint`: an adapter, a prompt, a model, the merged model)."""
     from mmformer.io.auto import load_pretrained
-    from mmformer.io.pretrained import CHECKPOINT_KEY, read_training_checkpoint
 
     if (args.ckpt is None) == (args.model is None):
         raise ValueError("pass exactly one of --ckpt (a training checkpoint) and --model (a pretrained folder)")
-    if args.format == "pretrained" and args.ckpt is not None:
-        record = read_training_checkpoint(args.ckpt).get(CHECKPOINT_KEY) if args.ckpt.endswith(".ckpt") else None
-        if isinstance(record, dict) and (record.get("lora") or record.get("prompt")):  # an adaptation run
-            from mmformer.tasks.adapt import export_checkpoint
+    if args.merge and args.ckpt is None:
+        raise ValueError(
+            f"--merge: only with --ckpt (a LoRA run's checkpoint), got --model {args.model}; an adapter folder merges "
+            "into its base with `mmformer merge --base DIR --adapter DIR --out DIR`"
+        )
+    if args.ckpt is not None and args.format == "pretrained":
+        from mmformer.tasks.adapt import export_checkpoint
 
-            print(f"wrote {export_checkpoint(args.ckpt, args.out, merge=args.merge, overwrite=args.overwrite)}")
-            return
-    model = load_pretrained(args.ckpt or args.model)
+        print(f"wrote {export_checkpoint(args.ckpt, args.out, merge=args.merge, overwrite=args.overwrite)}")
+        return
+    if args.ckpt is not None:
+        from mmformer.tasks.adapt import checkpoint_model
+
+        model = checkpoint_model(args.ckpt, merge=args.merge)
+    else:
+        model = load_pretrained(args.model)
     if args.format == "pretrained":
         model.save_pretrained(args.out, overwrite=args.overwrite)
     else:
@@ -57,14 +98,14 @@ def quantize_folder(args: argparse.Namespace) -> None:
         raise ValueError(f"--method: expected one of {', '.join(methods)}, got {got}")
     if args.method == "static" and not args.calib:
         raise ValueError("--method static needs --calib MANIFEST (samples whose activation ranges set the scales)")
+    refuse_unread_options(args)
     if args.backend != "torchao":
         return quantize_graphs(args)
-    if args.towers:  # torchao quantizes every linear layer of the model
-        raise ValueError(f"--towers: only with --backend pt2e or onnxruntime; got {args.towers!r} with torchao")
     source_bytes = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))  # before --out replaces it
     model = load_pretrained(args.model, device=args.device)
     calibration = None
     if args.method == "static":
+        _check_static_graphs(model)
         calibration = calibration_batches(model, args.calib, max_samples=args.calib_samples)
     quantize(
         model,
@@ -85,6 +126,34 @@ def quantize_folder(args: argparse.Namespace) -> None:
             "digits model: 0.66x encode, 0.34x transcription, BENCHMARKS.md); for speed on an x86 CPU use "
             "--backend pt2e (compiled int8 graphs) or --backend onnxruntime (the torch-free runner)"
         )
+
+
+def refuse_unread_options(args: argparse.Namespace) -> None:
+    """A quantize option given to a backend or method that does not read it (:data:`QUANTIZE_OPTIONS`) is refused,
+    naming what reads it: ``--embeddings`` with ``--backend pt2e`` quantized without int8 tables, silently."""
+    for name, option in QUANTIZE_OPTIONS.items():
+        value = getattr(args, name)
+        if value != option.unset and not option.reads(args.backend, args.method):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{flag}: only with {option.readers()}; got {value!r} with --backend {args.backend} --method "
+                f"{args.method}, which does not read it"
+            )
+
+
+def _check_static_graphs(model: Any) -> None:
+    """torchao's static int8 calibrates every tower through its exported graph (as ``--backend pt2e`` does: see
+    :func:`mmformer.compress.quantization.static_configs`); a model whose towers do not all export is refused here
+    for that reason — the exporter's own words are about ``--towers``, which torchao does not take."""
+    from mmformer.ship.export import graphs
+
+    try:
+        graphs(model)
+    except ValueError as e:
+        reason = str(e).removeprefix("towers: ")
+        raise ValueError(
+            f"--method static: torchao calibrates every tower of the model through its exported graph, and {reason}"
+        ) from e
 
 
 def quantize_graphs(args: argparse.Namespace) -> None:
@@ -118,10 +187,21 @@ def quantize_graphs(args: argparse.Namespace) -> None:
 
 
 def merge(args: argparse.Namespace) -> None:
-    from mmformer.adapt.adapters import merge_and_unload
+    """--adapter folded into --base, saved as a plain model. A quantized base is refused: its weights cannot take the
+    adapter's update without being quantized again (peft failed inside its torchao layer)."""
+    from mmformer.adapt.adapters import load_adapter, merge_and_unload
     from mmformer.io.auto import load_pretrained
 
-    model = merge_and_unload(load_pretrained(args.base, adapter=args.adapter))
+    base = load_pretrained(args.base)
+    quantization = getattr(base, "quantization", None)
+    if quantization is not None:
+        raise ValueError(
+            f"--base: {args.base} holds {quantization.method} quantized weights (quantization_config in its "
+            "config.json), which an adapter cannot be merged into; merge into the float model, then quantize: "
+            f"`mmformer merge --base FLOAT_MODEL --adapter {args.adapter} --out DIR`, then `mmformer quantize "
+            f"--model DIR --method {quantization.method} --out ...`"
+        )
+    model = merge_and_unload(load_adapter(base, args.adapter))
     model.save_pretrained(args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
 

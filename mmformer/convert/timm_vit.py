@@ -22,6 +22,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,7 +58,10 @@ def from_timm_vit(
             a ``torch.save`` file, read with ``weights_only=True``).
         model_name: for a state dict: the timm architecture (e.g. ``"vit_small_patch16_224"``); the model is built
             with ``timm.create_model(model_name, pretrained=False, **overrides)`` (nothing is downloaded), with
-            ``num_classes`` taken from ``head.weight`` unless given, and the state dict must fit it exactly.
+            ``num_classes`` taken from ``head.weight`` unless given, and the state dict must fit it exactly. None
+            for a file or folder beside timm's ``config.json`` (its ``architecture``, as timm saves a model with
+            ``save_for_hf`` / ``push_to_hub``): the model is built from that config by timm
+            (``local-dir:FOLDER``: its ``model_args`` and ``pretrained_cfg`` too).
         **overrides: ``timm.create_model`` keyword arguments for a state dict (``img_size``, ``depth``, ...).
 
     Returns:
@@ -72,7 +76,11 @@ def from_timm_vit(
             raise ValueError("model_name / overrides: only used with a state dict; a timm module carries its own")
         vit = model_or_state_dict
     elif isinstance(model_or_state_dict, Mapping) or is_path(model_or_state_dict):
-        state = load_state_dict(model_or_state_dict) if is_path(model_or_state_dict) else dict(model_or_state_dict)
+        if is_path(model_or_state_dict):
+            state = load_state_dict(model_or_state_dict)
+            model_name = model_name or _architecture_beside(model_or_state_dict)
+        else:
+            state = dict(model_or_state_dict)
         vit = _build_timm(state, model_name, overrides)
     else:
         raise TypeError(
@@ -87,11 +95,23 @@ def from_timm_vit(
     return model
 
 
+def _architecture_beside(path: str | os.PathLike) -> str | None:
+    """timm's name for the model of a weights file or folder that has timm's ``config.json`` (with an
+    ``architecture``: :func:`mmformer.io.hub.folder_kind`'s rule) beside it: ``local-dir:FOLDER``, which
+    ``timm.create_model`` builds from that config; None without one."""
+    from mmformer.io import hub
+
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    if hub.folder_kind(folder, hub.read_json(folder / "config.json")) != "timm":
+        return None
+    return f"local-dir:{folder}"
+
+
 def _build_timm(state: dict[str, torch.Tensor], model_name: str | None, overrides: dict[str, Any]) -> nn.Module:
     if not isinstance(model_name, str):
         raise ValueError(
-            "model_name: a state dict needs the timm architecture name (e.g. 'vit_small_patch16_224'), "
-            f"got {model_name!r}"
+            "model_name: a state dict needs the timm architecture name (e.g. 'vit_small_patch16_224'), or timm's "
+            f"config.json (with its 'architecture') beside the weights file; got {model_name!r}"
         )
     import timm
 

@@ -71,6 +71,10 @@ MEL_FILTERS = "mel_filters.npy"  # an export's mel filter bank, for the runner's
 ARTIFACT_FILES = frozenset({WEIGHTS_NAME, "pt2e_qparams.safetensors", EXPORT_CONFIG, MEL_FILTERS})
 ARTIFACT_SUFFIXES = (".onnx", ".onnx.data", ".pt2")
 CHECKPOINT_KEY = "mmformer"  # where MultimodalTask.on_save_checkpoint records the config and the processor
+# The entries of checkpoint[CHECKPOINT_KEY] that make a run an adaptation run (mmformer.tasks.adapt.checkpoint_record):
+# its state dict is the base with LoRA layers, or the unchanged base beside a prompt, not the model a user wants
+ADAPTER_KEYS = ("lora", "prompt")
+ADAPTER_CONFIG = "adapter_config.json"  # peft's adapter folder (mmformer.adapt.adapters names it too)
 CHECKPOINT_PREFIX = "model."  # the LightningModule attribute holding the model
 QUANTIZATION_KEY = "quantization_config"  # config.json / safetensors metadata: torchao-quantized weights
 DISTRIBUTED_METADATA = ".metadata"  # torch.distributed.checkpoint's index file in a sharded checkpoint folder
@@ -349,6 +353,7 @@ def read_checkpoint(
     processor = None
     if is_distributed(path):  # FSDP's sharded training checkpoint
         checkpoint = read_training_checkpoint(path)
+        _refuse_adaptation_run(checkpoint, path)
         state, recorded = _split_checkpoint(checkpoint, path)
         specs, read = in_memory(state)
         metadata = {}
@@ -363,6 +368,8 @@ def read_checkpoint(
                                         "holds no weights to load here; run its ONNX graphs with "
                                         "mmformer.ship.onnx_runner.OnnxModel, or pass the model it was exported "
                                         "from")  # fmt: skip
+            if (path / ADAPTER_CONFIG).is_file():
+                raise FileNotFoundError(_adapter_folder_hint(path))
             raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} in this folder; expected {_ACCEPTED}")
         specs, read, metadata = open_safetensors(weights, map_location)
         config = config or read_config(path / CONFIG_NAME, required=True)
@@ -373,6 +380,7 @@ def read_checkpoint(
         source = path
     elif path.suffix in TORCH_SUFFIXES:
         checkpoint = read_torch(path, map_location)
+        _refuse_adaptation_run(checkpoint, path)
         state, recorded = _split_checkpoint(checkpoint, path)
         specs, read = in_memory(state)
         metadata = {}
@@ -524,6 +532,56 @@ def read_distributed(folder: Path) -> dict[str, Any]:
         state = read_torch(target)
     meta = folder / "meta.pt"
     return {**(read_torch(meta) if meta.is_file() else {}), **state}
+
+
+def adaptation_record(checkpoint: Any) -> dict[str, Any] | None:
+    """The record of an adaptation run (``checkpoint["mmformer"]`` with a ``lora`` or ``prompt`` entry, beside the
+    base it started from as ``init_from``) in a training checkpoint, or None for any other checkpoint: ``mmformer
+    export --ckpt`` turns such a run into adapter or prompt files, and nothing loads it as a model."""
+    saved = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, Mapping) else None
+    if isinstance(saved, Mapping) and any(saved.get(key) for key in ADAPTER_KEYS):
+        return dict(saved)
+    return None
+
+
+def _refuse_adaptation_run(checkpoint: Any, path: Path) -> None:
+    """A LoRA or prompt run's checkpoint named where a model is expected (loaded, or exported as graphs) is refused,
+    naming the export and the use that serve what it learned: its weights are the base's with peft's adapter layers
+    (which no model config declares; a QLoRA base is packed in 4 bits), or the unchanged base, whose prompt a model
+    loaded from it would drop, silently."""
+    record = adaptation_record(checkpoint)
+    if record is None:
+        return
+    base = record.get("init_from") or "BASE"
+    if record.get("lora"):
+        raise ValueError(
+            f"{path}: the checkpoint of a LoRA run on {base}: its weights are the base's with adapter layers, not a "
+            f"model; write the adapter with `mmformer export --ckpt {path} --out ADAPTER` and load it on its base "
+            f"(--model {base} --adapter ADAPTER; from_pretrained({base!r}, adapter='ADAPTER')), or the merged model "
+            f"with `mmformer export --ckpt {path} --merge --out DIR` (also with --format onnx or torch-export)"
+        )
+    kind = (record.get("prompt") or {}).get("kind")
+    use = "zeroshot --classes ..." if kind == "context" else "caption, transcribe or complete"
+    raise ValueError(
+        f"{path}: the checkpoint of a {kind} prompt run on {base}: its model is the unchanged base, and a model "
+        f"loaded or exported from it would drop the prompt it learned; write the prompt with `mmformer export --ckpt "
+        f"{path} --out PROMPT.safetensors` and use it with the base: `mmformer {use} --model {base} --prompt "
+        "PROMPT.safetensors`"
+    )
+
+
+def _adapter_folder_hint(folder: Path) -> str:
+    """What to do with a LoRA adapter folder named where a model is expected: load it on the base its
+    ``adapter_config.json`` names (``base_model_name_or_path``, when readable)."""
+    try:
+        base = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        base = None
+    base = base or "BASE"
+    return (
+        f"{folder}: a LoRA adapter folder ({ADAPTER_CONFIG}), not a model; load it on its base model: --model {base} "
+        f"--adapter {folder} (from_pretrained({base!r}, adapter={str(folder)!r}))"
+    )
 
 
 def _split_checkpoint(checkpoint: Any, path: Path) -> tuple[Mapping[str, torch.Tensor], ModelConfig | None]:

@@ -28,8 +28,10 @@ vocabulary link) must fit the checkpoint's token table (or ``resize_vocab``).
 from __future__ import annotations
 
 import fnmatch
+import os
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,6 +42,7 @@ from torch import nn
 from mmformer.adapt.adapters import LoraSettings, adapter_parameters, add_lora, resize_token_embeddings
 from mmformer.adapt.prompts import KINDS, ContextPrompt, DecoderPrefix, SoftPrompt, load_prompt
 from mmformer.config import ModelConfig
+from mmformer.io.pretrained import ADAPTER_KEYS
 from mmformer.io.weights import human_count
 from mmformer.model import MultimodalTransformer
 from mmformer.values import is_int
@@ -368,50 +371,97 @@ def checkpoint_record(task: Any) -> dict[str, Any]:
     it started from, and the adapter's or prompt's settings (plain types, for ``torch.load(weights_only=True)``)."""
     record: dict[str, Any] = {}
     if getattr(task, "init_from", None) is not None:
-        record["init_from"] = str(task.init_from)
+        record["init_from"] = base_name(task.init_from)
     adapting = task.hparams.get("adapt") or {}
-    for key in ("lora", "prompt"):
+    for key in ADAPTER_KEYS:
         if adapting.get(key):
             record[key] = dict(adapting[key])
     return record
 
 
-def export_checkpoint(path: str, out: str, *, merge: bool = False, overwrite: bool = False) -> str:
-    """Write what an adaptation run's training checkpoint learned: a LoRA run's adapter folder (peft's layout; with
-    ``merge``, the merged model instead), or a prompt run's prompt file. Returns what was written."""
-    from pathlib import Path
+def base_name(init_from: str | os.PathLike) -> str:
+    """``init_from`` as a run records it and an adapter names its base (``base_model_name_or_path``): a local path
+    made absolute — a relative one named the folder from where ``fit`` ran, which a load from anywhere else missed —
+    and a Hub id or a library's model name as given."""
+    from mmformer.io.hub import parse_name
 
+    name = os.fspath(init_from)
+    return os.path.abspath(name) if parse_name(name).kind == "path" else name
+
+
+def export_checkpoint(path: str, out: str, *, merge: bool = False, overwrite: bool = False) -> str:
+    """Write what a training run's checkpoint learned, in the pretrained format: a LoRA run's adapter folder (peft's
+    layout; with ``merge``, the merged model instead), a prompt run's prompt file, or any other run's model
+    (:func:`checkpoint_model`). Returns what was written."""
+    from mmformer.adapt import adapters
+
+    checkpoint, record = _read_run(path)
+    if record.get("prompt"):
+        return _export_prompt(checkpoint, record, path, out, merge=merge, overwrite=overwrite)
+    if record.get("lora") and not merge:
+        model, grown = _adapted_base(checkpoint, record, path)
+        processor = model.processor if grown else None  # a grown vocabulary travels with the adapter
+        adapters.save_adapter(model, out, base_model=base_name(record["init_from"]), processor=processor,
+                              overwrite=overwrite)  # fmt: skip
+        return out
+    _run_model(checkpoint, record, path, merge=merge).save_pretrained(out, overwrite=overwrite)
+    return out
+
+
+def checkpoint_model(path: str, *, merge: bool = False) -> MultimodalTransformer:
+    """The one model a training run's checkpoint stands for, as ``mmformer export`` writes it (pretrained folder,
+    ONNX, torch.export): the run's model, converted to the quantization its QAT trained for (as the task converts it
+    when fit ends); with ``merge``, a LoRA run's base with the adapter merged in.
+
+    Raises:
+        ValueError: a LoRA run's checkpoint without ``merge`` or a prompt run's (:func:`mmformer.from_pretrained`
+            refuses them, naming the export that serves them), ``merge`` for any other run.
+    """
+    checkpoint, record = _read_run(path)
+    return _run_model(checkpoint, record, path, merge=merge)
+
+
+def _read_run(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A training checkpoint (a torch file, or a distributed checkpoint folder) and its adaptation record (empty for
+    none); anything else ``export --ckpt`` is given (a saved model folder, a safetensors file) is no run, and
+    :func:`mmformer.from_pretrained` reads it."""
+    from mmformer.io.pretrained import TORCH_SUFFIXES, adaptation_record, is_distributed, read_training_checkpoint
+
+    if not is_distributed(Path(path)) and (Path(path).suffix not in TORCH_SUFFIXES or Path(path).is_dir()):
+        return {}, {}
+    checkpoint = read_training_checkpoint(path)
+    return checkpoint, adaptation_record(checkpoint) or {}
+
+
+def _run_model(checkpoint: dict[str, Any], record: dict[str, Any], path: str, *, merge: bool) -> MultimodalTransformer:
+    """:func:`checkpoint_model` of a checkpoint already read (``record``: its adaptation record, empty for none)."""
+    from mmformer.adapt import adapters
+    from mmformer.io.auto import from_pretrained
+
+    if merge:
+        if not record.get("lora"):
+            raise ValueError(f"merge: only a LoRA run's adapter merges into its base; {path} is no LoRA run's "
+                             "checkpoint (leave out --merge)")  # fmt: skip
+        model, _ = _adapted_base(checkpoint, record, path)
+        return adapters.merge_and_unload(model)
+    model = from_pretrained(path)  # a LoRA or prompt run's checkpoint is refused there, naming what serves it
+    qat = (checkpoint.get("hyper_parameters") or {}).get("qat")
+    if qat is not None:  # the checkpoints of a QAT run keep the float weights; fit ends by converting them
+        from mmformer.compress.quantization import QATOptions, convert_qat
+
+        convert_qat(model, QATOptions.build(qat))
+    return model
+
+
+def _adapted_base(checkpoint: dict[str, Any], record: dict[str, Any], path: str) -> tuple[MultimodalTransformer, bool]:
+    """A LoRA run's base (``init_from``) with the run's adapter weights in peft's layers and the run's processor,
+    and whether the run grew the base's token table."""
     from peft.functional import set_peft_model_state_dict
     from peft.utils import get_peft_model_state_dict
 
-    from mmformer.adapt import adapters
     from mmformer.io.auto import from_pretrained
-    from mmformer.io.pretrained import (
-        CHECKPOINT_KEY,
-        CHECKPOINT_PREFIX,
-        _checkpoint_processor,
-        read_training_checkpoint,
-    )
+    from mmformer.io.pretrained import CHECKPOINT_PREFIX, _checkpoint_processor
 
-    checkpoint = read_training_checkpoint(path)
-    record = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
-    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
-    if not isinstance(record, dict) or not (record.get("lora") or record.get("prompt")):
-        raise ValueError(f"{path}: not a checkpoint of a LoRA or prompt run (no adapter recorded)")
-    if record.get("prompt"):
-        kind = record["prompt"]["kind"]
-        if merge:  # nothing to merge into weights: a prompt is extra inputs
-            raise ValueError(f"merge: only a LoRA run's adapter merges into its base; {path} is a {kind} prompt run, "
-                             "whose export is its prompt file (leave out --merge)")  # fmt: skip
-        vectors = state.get("prompt.vectors")
-        if vectors is None:
-            raise ValueError(f"{path}: records a {kind} prompt but holds no prompt.vectors")
-        prompt = KINDS[kind](*vectors.shape, init=vectors.float())
-        target = Path(out) / "prompt.safetensors" if Path(out).is_dir() or not out.endswith(".safetensors") else out
-        if Path(target).exists() and not overwrite:
-            raise FileExistsError(f"out: {target} exists (pass --overwrite)")
-        prompt.save(target)
-        return str(target)
     base_path = record.get("init_from")
     if base_path is None:
         raise ValueError(f"{path}: a LoRA run's checkpoint must record init_from (the base the adapter belongs to)")
@@ -422,14 +472,27 @@ def export_checkpoint(path: str, out: str, *, merge: bool = False, overwrite: bo
         resize_token_embeddings(base, vocab)
     settings = LoraSettings(**{**record["lora"], "quantize": None})  # the adapter's shapes do not depend on it
     add_lora(base, settings)
+    state = checkpoint.get("state_dict", {})
     model_state = {k.removeprefix(CHECKPOINT_PREFIX): v for k, v in state.items() if k.startswith(CHECKPOINT_PREFIX)}
-    adapter_state = get_peft_model_state_dict(base, state_dict=model_state)
-    set_peft_model_state_dict(base, adapter_state)
-    processor = _checkpoint_processor(checkpoint, Path(path), base.config) or base.processor
-    if merge:
-        adapters.merge_and_unload(base)
-        base.save_pretrained(out, processor=processor, overwrite=overwrite)
-    else:
-        processor = processor if grown else None  # a grown vocabulary travels with the adapter
-        adapters.save_adapter(base, out, base_model=base_path, processor=processor, overwrite=overwrite)
-    return out
+    set_peft_model_state_dict(base, get_peft_model_state_dict(base, state_dict=model_state))
+    base.processor = _checkpoint_processor(checkpoint, Path(path), base.config) or base.processor
+    return base, grown
+
+
+def _export_prompt(
+    checkpoint: dict[str, Any], record: dict[str, Any], path: str, out: str, *, merge: bool, overwrite: bool
+) -> str:
+    """A prompt run's prompt file (``out``, or ``out/prompt.safetensors`` for a folder)."""
+    kind = record["prompt"]["kind"]
+    if merge:  # nothing to merge into weights: a prompt is extra inputs
+        raise ValueError(f"merge: only a LoRA run's adapter merges into its base; {path} is a {kind} prompt run, "
+                         "whose export is its prompt file (leave out --merge)")  # fmt: skip
+    vectors = checkpoint.get("state_dict", {}).get("prompt.vectors")
+    if vectors is None:
+        raise ValueError(f"{path}: records a {kind} prompt but holds no prompt.vectors")
+    prompt = KINDS[kind](*vectors.shape, init=vectors.float())
+    target = Path(out) / "prompt.safetensors" if Path(out).is_dir() or not out.endswith(".safetensors") else out
+    if Path(target).exists() and not overwrite:
+        raise FileExistsError(f"out: {target} exists (pass --overwrite)")
+    prompt.save(target)
+    return str(target)
