@@ -4,7 +4,8 @@ together, so that the backends read the export section's float ONNX export inste
 section runs one backend of each kind (PT2E, onnxruntime, bf16): the loop is the same for all, each backend's
 round trip has its own test (tests/test_quantization_pt2e.py, tests/test_quantization_onnx.py), and every backend
 runs in the sizes section's smoke (tests/test_compress_sizes.py). ``--tiny`` measures a one-block copy of the shipped
-digits model (every section's code, a quarter of its graph). Slow: it exports that model and trains three tiny runs. Timings are never asserted; the figures live in BENCHMARKS.md."""
+digits model (every section's code, a quarter of its graph). Slow: it exports that model and trains three tiny
+runs. Timings are never asserted; the figures live in BENCHMARKS.md."""
 
 from __future__ import annotations
 
