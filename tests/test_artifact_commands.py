@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_adapt_task import probe  # image embeddings and decoder logits on fixed inputs
 
 from mmformer import ModelConfig, MultimodalTransformer, Processor, StackConfig, TextConfig, from_pretrained
 from mmformer.adapt import adapters
@@ -57,14 +58,6 @@ def run_checkpoint(path: Path, init_from: str, *, qat: dict | None = None, **ada
     return task
 
 
-def outputs(model: MultimodalTransformer) -> torch.Tensor:
-    g = torch.Generator().manual_seed(3)
-    pixels, ids = torch.randn(2, 1, 16, 16, generator=g), torch.randint(3, 20, (2, 5), generator=g)
-    with torch.no_grad():
-        memory, _ = model.encode_image_tokens(pixels)
-        return torch.cat([model.encode_image(pixels).flatten(), model.decode(ids, memory).flatten()])
-
-
 LORA = {"r": 2, "target_modules": ["qkv", "mlp"]}
 CONTEXT = {"kind": "context", "length": 2}
 
@@ -85,7 +78,7 @@ def test_an_adaptation_runs_checkpoint_named_as_a_model_says_how_to_export_it(ba
     with pytest.raises(SystemExit, match=rf"mmformer zeroshot: error: .*prompt\.ckpt: the checkpoint of a context "
                                          rf"prompt run on {base}: .*{dropped}.*{use_it}"):  # fmt: skip
         main(["zeroshot", "--model", str(prompt), "--classes", "zero,one", "x.png"])
-    assert torch.equal(outputs(from_pretrained(plain)), outputs(tuned))
+    assert torch.equal(probe(from_pretrained(plain)), probe(tuned))
 
 
 def test_a_lora_runs_graph_export_takes_the_merged_model_and_a_prompt_run_names_what_serves_it(
@@ -106,8 +99,8 @@ def test_a_lora_runs_graph_export_takes_the_merged_model_and_a_prompt_run_names_
     main(["export", "--ckpt", str(lora), "--merge", "--out", str(tmp_path / "merged")])
     (model,) = exported
     assert not adapters.has_adapter(model) and model.processor is not None
-    assert torch.equal(outputs(model), outputs(from_pretrained(tmp_path / "merged")))
-    torch.testing.assert_close(outputs(model), outputs(task.model), rtol=0, atol=1e-5)  # the adapter, merged in
+    assert torch.equal(probe(model), probe(from_pretrained(tmp_path / "merged")))
+    torch.testing.assert_close(probe(model), probe(task.model), rtol=0, atol=1e-5)  # the adapter, merged in
     for fmt in ("onnx", "torch-export"):
         with pytest.raises(SystemExit, match=r"a context prompt run on .*exported from it would drop the prompt it "
                                              r"learned; write the prompt .*`mmformer zeroshot"):  # fmt: skip
@@ -128,7 +121,7 @@ def test_export_of_a_qat_run_writes_the_model_fit_converted(base, tmp_path, meth
     exported = from_pretrained(tmp_path / "model")
     assert exported.quantization.method == method == task.model.quantization.method
     assert exported.quantization.act_mapping == task.model.quantization.act_mapping
-    assert torch.equal(outputs(exported), outputs(task.model))
+    assert torch.equal(probe(exported), probe(task.model))
 
 
 # ---------------------------------------------------------------------------------------------------- bug 10

@@ -34,7 +34,7 @@ def run_cli(*args: str):
     "args",
     [
         ["--optimizer", "Adam"],  # replaced the task's configure_optimizers: no decay groups, no warmup/cosine
-        ["--optimizer", "SGD", "--optimizer.lr", "0.1"],
+        ["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1"],
         ["--lr_scheduler", "CosineAnnealingLR", "--lr_scheduler.T_max", "6"],  # ignored, yet recorded in config.yaml
     ],
 )
@@ -70,7 +70,7 @@ def test_the_configured_optimizer_is_saved_and_a_checkpoint_rebuilds_it(data, tm
     from mmformer.tasks import MultimodalTask
 
     config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, data, max_steps=2))
-    sgd = ["--model.optimizer", "SGD", "--model.optimizer.lr", "0.1", "--model.optimizer.momentum", "0.9"]
+    sgd = ["--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.1", "--model.optimizer.momentum", "0.9"]
     cli = fit_in_process(config, *sgd)
     last = tmp_path / "ckpt" / "last.ckpt"
     saved = checkpoint(last)["hyper_parameters"]["optimizer"]  # plain types: loaded with weights_only=True
