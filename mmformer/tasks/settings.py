@@ -91,7 +91,7 @@ class ScheduleSettings:
     """The learning rate: linear warmup, then cosine decay (:class:`~mmformer.tasks.schedule.WarmupCosine`)."""
 
     warmup_steps: int = 100  # linear warmup steps
-    max_steps: int | None = None  # length of the cosine decay; None: the trainer's estimated_stepping_batches
+    max_steps: int | None = None  # length of the cosine decay; None: the trainer's optimizer steps (schedule_length)
     min_lr_ratio: float = 0.0  # the rate at the end of the decay, as a fraction of the base rate
 
     def __post_init__(self) -> None:
