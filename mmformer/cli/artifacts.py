@@ -29,8 +29,8 @@ class QuantizeOption:
         return " ".join(backends + ([f"--method {' or '.join(self.methods)}"] if self.methods else []))
 
 
-# Which quantize options each backend and method reads: the one place that knows (the parser's defaults are the
-# unset values; tests/test_artifact_commands.py checks that they agree)
+# Which quantize options each backend and method reads: the one place that knows, and of their defaults (the
+# quantize parser takes its defaults from the unset values)
 QUANTIZE_OPTIONS = {
     "towers": QuantizeOption(None, backends=("pt2e", "onnxruntime")),  # torchao quantizes every linear layer
     "calib": QuantizeOption(None, methods=("static",)),

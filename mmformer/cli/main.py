@@ -178,13 +178,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, help="dynamic | int8-weight | int4-weight | static (torchao)")
     p.add_argument("--towers", help="pt2e / onnxruntime: comma-separated towers (image,audio,text,decoder)")
     p.add_argument("--calib", help="data manifest (CSV/TSV/JSONL) whose samples calibrate static int8")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration samples read from --calib")
-    p.add_argument("--group-size", type=int, default=32, help="input channels per int4 group (32, 64, 128)")
+    unset = {name: option.unset for name, option in artifacts.QUANTIZE_OPTIONS.items()}  # the defaults: "not given"
+    p.add_argument(
+        "--calib-samples", type=int, default=unset["calib_samples"], help="calibration samples read from --calib"
+    )
+    p.add_argument(
+        "--group-size", type=int, default=unset["group_size"], help="input channels per int4 group (32, 64, 128)"
+    )
     p.add_argument("--embeddings", action="store_true", help="int8 embedding tables (and a tied LM head) too")
     p.add_argument(
         "--float-storage",
         choices=("float32", "bfloat16", "float16"),
-        default="float32",
+        default=unset["float_storage"],
         help="dtype of the tensors left in float in the file (bfloat16: a smaller file)",
     )
     p.add_argument("--device", default="cpu", help="where to quantize (int4 packs for this device)")
