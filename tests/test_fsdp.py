@@ -31,7 +31,8 @@ from cli_helpers import (
 )
 
 from mmformer.io.checkpointing import refuse_sharded_folder
-from mmformer.io.pretrained import read_checkpoint, read_training_checkpoint
+from mmformer.io.pretrained import read_checkpoint
+from mmformer.io.training_checkpoints import read_training_checkpoint
 from mmformer.tasks.parallel import FSDP2Strategy, strategy_from_name, vectorize_scalars
 
 STEPS = 3

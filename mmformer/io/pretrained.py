@@ -34,11 +34,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle
 import shutil
 import tempfile
 import uuid
-import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,9 +51,18 @@ from mmformer import __version__
 from mmformer.config import ModelConfig
 from mmformer.io.atomic import fsync_path, umask_mode
 from mmformer.io.quantized_files import flatten_state
-from mmformer.io.weights import Reader, TensorSpec, aliases, in_memory, listed
+from mmformer.io.training_checkpoints import (
+    CHECKPOINT_KEY,
+    TORCH_SUFFIXES,
+    checkpoint_processor,
+    is_distributed,
+    read_torch,
+    read_training_checkpoint,
+    refuse_adaptation_run,
+    split_checkpoint,
+)
+from mmformer.io.weights import Reader, TensorSpec, aliases, in_memory
 from mmformer.preprocess.processor import Processor
-from mmformer.preprocess.tokenizer import Tokenizer
 
 FORMAT_VERSION = 2  # 2: derived constants (mel filters, STFT window) are no longer stored
 CONFIG_NAME = "config.json"
@@ -70,15 +77,8 @@ EXPORT_CONFIG = "export_config.json"  # an export folder's index (ship.export; t
 MEL_FILTERS = "mel_filters.npy"  # an export's mel filter bank, for the runner's log-mel (ship.export)
 ARTIFACT_FILES = frozenset({WEIGHTS_NAME, "pt2e_qparams.safetensors", EXPORT_CONFIG, MEL_FILTERS})
 ARTIFACT_SUFFIXES = (".onnx", ".onnx.data", ".pt2")
-CHECKPOINT_KEY = "mmformer"  # where MultimodalTask.on_save_checkpoint records the config and the processor
-# The entries of checkpoint[CHECKPOINT_KEY] that make a run an adaptation run (mmformer.tasks.adapt.checkpoint_record):
-# its state dict is the base with LoRA layers, or the unchanged base beside a prompt, not the model a user wants
-ADAPTER_KEYS = ("lora", "prompt")
 ADAPTER_CONFIG = "adapter_config.json"  # peft's adapter folder (mmformer.adapt.adapters names it too)
-CHECKPOINT_PREFIX = "model."  # the LightningModule attribute holding the model
 QUANTIZATION_KEY = "quantization_config"  # config.json / safetensors metadata: torchao-quantized weights
-DISTRIBUTED_METADATA = ".metadata"  # torch.distributed.checkpoint's index file in a sharded checkpoint folder
-TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _CONFIG_META_KEYS = ("format_version", "mmformer_version", QUANTIZATION_KEY)
 # Format 1 stored torchaudio's mel filter bank and STFT window; they are computed from the config now.
 _DERIVED_V1 = ("audio_embed.features.mel.spectrogram.window", "audio_embed.features.mel.mel_scale.fb")
@@ -353,12 +353,12 @@ def read_checkpoint(
     processor = None
     if is_distributed(path):  # FSDP's sharded training checkpoint
         checkpoint = read_training_checkpoint(path)
-        _refuse_adaptation_run(checkpoint, path)
-        state, recorded = _split_checkpoint(checkpoint, path)
+        refuse_adaptation_run(checkpoint, path)
+        state, recorded = _split(checkpoint, path)
         specs, read = in_memory(state)
         metadata = {}
         config = config or recorded
-        processor = _checkpoint_processor(checkpoint, path, config)
+        processor = checkpoint_processor(checkpoint, path, config)
         source = path
     elif path.is_dir():
         weights = path / WEIGHTS_NAME
@@ -379,13 +379,13 @@ def read_checkpoint(
         config = config or read_config(folder / CONFIG_NAME) or _config_from_metadata(metadata, path)
         source = path
     elif path.suffix in TORCH_SUFFIXES:
-        checkpoint = read_torch(path, map_location)
-        _refuse_adaptation_run(checkpoint, path)
-        state, recorded = _split_checkpoint(checkpoint, path)
+        checkpoint = read_torch(path, map_location, expected=_ACCEPTED)
+        refuse_adaptation_run(checkpoint, path)
+        state, recorded = _split(checkpoint, path)
         specs, read = in_memory(state)
         metadata = {}
         config = config or recorded or read_config(folder / CONFIG_NAME)
-        processor = _checkpoint_processor(checkpoint, path, config)
+        processor = checkpoint_processor(checkpoint, path, config)
         source = path
     else:
         raise ValueError(
@@ -469,107 +469,6 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def read_torch(path: Path, map_location: Any = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` — memory-mapped for zip files — with errors that name the file and say why a
-    pickle was refused."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such file" + (" (a folder)" if Path(path).is_dir() else ""))
-    try:
-        mmap = zipfile.is_zipfile(path)  # torch.save's default format can be memory-mapped; legacy pickles cannot
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        reason = _unpickling_reason(str(e))
-        if "Weights only load failed" in str(e) and "Unsupported operand" not in reason:  # else: not a pickle at all
-            raise ValueError(
-                f"{path}: refused: this pickle is not weights-only; loading it would need to run Python code or "
-                f"build objects other than tensors and plain containers ({reason}). mmformer reads checkpoints only "
-                "with torch.load(weights_only=True) and never unpickles arbitrary objects; if you trust the file, "
-                "re-save its weights as safetensors (mmformer.save_pretrained)"
-            ) from e
-        raise ValueError(
-            f"{path}: not a checkpoint: torch.load could not read it ({reason}); expected {_ACCEPTED}"
-        ) from e
-    except Exception as e:
-        raise ValueError(
-            f"{path}: not a checkpoint: torch.load could not read it ({type(e).__name__}: {e}); the file may be "
-            f"corrupt or truncated; expected {_ACCEPTED}"
-        ) from e
-
-
-def _unpickling_reason(message: str) -> str:
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch 2.6")
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    lines = [line for line in lines if not line.startswith(boilerplate)]
-    return "; ".join(lines) or message.strip()
-
-
-def is_distributed(path: Path) -> bool:
-    """A distributed (sharded) checkpoint folder, as FSDP training writes ``last.ckpt``."""
-    return path.is_dir() and (path / DISTRIBUTED_METADATA).is_file()
-
-
-def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A Lightning training checkpoint as one dict: a ``.ckpt`` file, or a distributed checkpoint folder consolidated
-    in this process (:func:`read_distributed`)."""
-    path = Path(path)
-    return read_distributed(path) if is_distributed(path) else read_torch(path)
-
-
-def read_distributed(folder: Path) -> dict[str, Any]:
-    """A distributed checkpoint folder (each rank's shards, as Lightning's ModelParallelStrategy writes them under
-    FSDP) consolidated into one checkpoint dict in this process: the full ``state_dict`` and Lightning's metadata
-    (``meta.pt``). Both are read with ``weights_only=True``."""
-    import tempfile
-
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / "consolidated.pt"
-        try:
-            dcp_to_torch_save(folder, target)
-        except Exception as e:  # a missing or corrupt shard file: name the folder, not a reader internal
-            raise ValueError(f"{folder}: not a readable distributed checkpoint ({type(e).__name__}: {e})") from e
-        state = read_torch(target)
-    meta = folder / "meta.pt"
-    return {**(read_torch(meta) if meta.is_file() else {}), **state}
-
-
-def adaptation_record(checkpoint: Any) -> dict[str, Any] | None:
-    """The record of an adaptation run (``checkpoint["mmformer"]`` with a ``lora`` or ``prompt`` entry, beside the
-    base it started from as ``init_from``) in a training checkpoint, or None for any other checkpoint: ``mmformer
-    export --ckpt`` turns such a run into adapter or prompt files, and nothing loads it as a model."""
-    saved = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, Mapping) else None
-    if isinstance(saved, Mapping) and any(saved.get(key) for key in ADAPTER_KEYS):
-        return dict(saved)
-    return None
-
-
-def _refuse_adaptation_run(checkpoint: Any, path: Path) -> None:
-    """A LoRA or prompt run's checkpoint named where a model is expected (loaded, or exported as graphs) is refused,
-    naming the export and the use that serve what it learned: its weights are the base's with peft's adapter layers
-    (which no model config declares; a QLoRA base is packed in 4 bits), or the unchanged base, whose prompt a model
-    loaded from it would drop, silently."""
-    record = adaptation_record(checkpoint)
-    if record is None:
-        return
-    base = record.get("init_from") or "BASE"
-    if record.get("lora"):
-        raise ValueError(
-            f"{path}: the checkpoint of a LoRA run on {base}: its weights are the base's with adapter layers, not a "
-            f"model; write the adapter with `mmformer export --ckpt {path} --out ADAPTER` and load it on its base "
-            f"(--model {base} --adapter ADAPTER; from_pretrained({base!r}, adapter='ADAPTER')), or the merged model "
-            f"with `mmformer export --ckpt {path} --merge --out DIR` (also with --format onnx or torch-export)"
-        )
-    kind = (record.get("prompt") or {}).get("kind")
-    use = "zeroshot --classes ..." if kind == "context" else "caption, transcribe or complete"
-    raise ValueError(
-        f"{path}: the checkpoint of a {kind} prompt run on {base}: its model is the unchanged base, and a model "
-        f"loaded or exported from it would drop the prompt it learned; write the prompt with `mmformer export --ckpt "
-        f"{path} --out PROMPT.safetensors` and use it with the base: `mmformer {use} --model {base} --prompt "
-        "PROMPT.safetensors`"
-    )
-
-
 def _adapter_folder_hint(folder: Path) -> str:
     """What to do with a LoRA adapter folder named where a model is expected: load it on the base its
     ``adapter_config.json`` names (``base_model_name_or_path``, when readable)."""
@@ -584,37 +483,12 @@ def _adapter_folder_hint(folder: Path) -> str:
     )
 
 
-def _split_checkpoint(checkpoint: Any, path: Path) -> tuple[Mapping[str, torch.Tensor], ModelConfig | None]:
-    """The model's state dict and recorded config of a training checkpoint, or a plain state dict and no config."""
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(
-            f"{path}: expected a dict (a Lightning checkpoint with 'state_dict', or a state dict), got "
-            f"{type(checkpoint).__name__}"
-        )
-    if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        return checkpoint, None  # a plain state dict, as torch.save(model.state_dict()) writes it
-    if not isinstance(checkpoint.get("state_dict"), Mapping):
-        raise ValueError(
-            f"{path}: expected a Lightning checkpoint (a dict with 'state_dict') or a state dict of tensors; got a "
-            f"dict with keys {listed(sorted(map(str, checkpoint)))}"
-        )
-    state = {
-        k.removeprefix(CHECKPOINT_PREFIX): v
-        for k, v in checkpoint["state_dict"].items()
-        if k.startswith(CHECKPOINT_PREFIX)  # others belong to the task (loss buffers), not to the model
-    }
-    if not state:
-        raise ValueError(
-            f"{path}: its state_dict holds no {CHECKPOINT_PREFIX!r} keys; mmformer's training checkpoints keep the "
-            f"model there (keys such as {listed(sorted(checkpoint['state_dict'])[:3])} are not a model's)"
-        )
-    recorded = checkpoint.get(CHECKPOINT_KEY)
-    config = recorded.get("model_config") if isinstance(recorded, Mapping) else None
-    if config is None:
+def _split(checkpoint: Any, path: Path) -> tuple[Mapping[str, torch.Tensor], ModelConfig | None]:
+    """A training checkpoint's model state dict and its recorded config, validated (:func:`split_checkpoint`)."""
+    state, recorded = split_checkpoint(checkpoint, path)
+    if recorded is None:
         return state, None
-    if not isinstance(config, Mapping):
-        raise ValueError(f"{path}: checkpoint[{CHECKPOINT_KEY!r}]['model_config'] is not a dict of ModelConfig fields")
-    return state, validated_config(dict(config), f"{path}: checkpoint[{CHECKPOINT_KEY!r}]['model_config']")
+    return state, validated_config(recorded, f"{path}: checkpoint[{CHECKPOINT_KEY!r}]['model_config']")
 
 
 def validated_config(d: dict, where: str) -> ModelConfig:
@@ -656,18 +530,6 @@ def config_from_dict(d: Any, where: str) -> ModelConfig:
 def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> ModelConfig | None:
     value = _metadata_json(metadata, "mmformer_config", path)
     return None if value is None else validated_config(value, f"{path}: metadata['mmformer_config']")
-
-
-def _checkpoint_processor(checkpoint: Any, path: Path, config: ModelConfig | None) -> Processor | None:
-    """The processor a training checkpoint carries (``checkpoint["mmformer"]``, written by the training task), fitted
-    to the model's ``config`` (see :meth:`Processor.from_dict`)."""
-    saved = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, Mapping) else None
-    if not isinstance(saved, Mapping) or not isinstance(saved.get("preprocessor_config"), Mapping):
-        return None
-    tokenizer = saved.get("tokenizer_json")
-    tokenizer = Tokenizer.from_str(tokenizer) if isinstance(tokenizer, str) else None
-    where = f"{path}: {CHECKPOINT_KEY}"
-    return Processor.from_dict(dict(saved["preprocessor_config"]), tokenizer, where=where, model=config)
 
 
 def read_processor(folder: Path, config: ModelConfig | None = None) -> Processor | None:

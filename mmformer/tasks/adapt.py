@@ -42,7 +42,7 @@ from torch import nn
 from mmformer.adapt.adapters import LoraSettings, adapter_parameters, add_lora, resize_token_embeddings
 from mmformer.adapt.prompts import KINDS, ContextPrompt, DecoderPrefix, SoftPrompt, load_prompt
 from mmformer.config import ModelConfig
-from mmformer.io.pretrained import ADAPTER_KEYS
+from mmformer.io.training_checkpoints import ADAPTER_KEYS
 from mmformer.io.weights import human_count
 from mmformer.model import MultimodalTransformer
 from mmformer.values import is_int
@@ -425,7 +425,12 @@ def _read_run(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """A training checkpoint (a torch file, or a distributed checkpoint folder) and its adaptation record (empty for
     none); anything else ``export --ckpt`` is given (a saved model folder, a safetensors file) is no run, and
     :func:`mmformer.from_pretrained` reads it."""
-    from mmformer.io.pretrained import TORCH_SUFFIXES, adaptation_record, is_distributed, read_training_checkpoint
+    from mmformer.io.training_checkpoints import (
+        TORCH_SUFFIXES,
+        adaptation_record,
+        is_distributed,
+        read_training_checkpoint,
+    )
 
     if not is_distributed(Path(path)) and (Path(path).suffix not in TORCH_SUFFIXES or Path(path).is_dir()):
         return {}, {}
@@ -460,7 +465,7 @@ def _adapted_base(checkpoint: dict[str, Any], record: dict[str, Any], path: str)
     from peft.utils import get_peft_model_state_dict
 
     from mmformer.io.auto import from_pretrained
-    from mmformer.io.pretrained import CHECKPOINT_PREFIX, _checkpoint_processor
+    from mmformer.io.training_checkpoints import CHECKPOINT_PREFIX, checkpoint_processor
 
     base_path = record.get("init_from")
     if base_path is None:
@@ -475,7 +480,7 @@ def _adapted_base(checkpoint: dict[str, Any], record: dict[str, Any], path: str)
     state = checkpoint.get("state_dict", {})
     model_state = {k.removeprefix(CHECKPOINT_PREFIX): v for k, v in state.items() if k.startswith(CHECKPOINT_PREFIX)}
     set_peft_model_state_dict(base, get_peft_model_state_dict(base, state_dict=model_state))
-    base.processor = _checkpoint_processor(checkpoint, Path(path), base.config) or base.processor
+    base.processor = checkpoint_processor(checkpoint, Path(path), base.config) or base.processor
     return base, grown
 
 

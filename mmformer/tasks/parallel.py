@@ -14,7 +14,7 @@ in one data-parallel mesh dimension (no tensor parallelism), on CPU (gloo) and G
   ``StackConfig.gradient_checkpointing`` for activation checkpointing per block (it works with and without FSDP).
 
 Lightning saves each rank's shards as a distributed checkpoint (a ``.ckpt`` folder); ``load_pretrained`` and
-``mmformer export --ckpt FOLDER`` consolidate it in one process (``pretrained.read_distributed``).
+``mmformer export --ckpt FOLDER`` consolidate it in one process (``training_checkpoints.read_distributed``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from mmformer.io.atomic import fsync_path
-from mmformer.io.pretrained import read_torch, swap_in
+from mmformer.io.pretrained import swap_in
+from mmformer.io.training_checkpoints import read_torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
