@@ -1,5 +1,7 @@
 """The inference subcommands of ``mmformer`` on a tiny saved model: help, zeroshot, caption, transcribe, export."""
 
+import re
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -128,7 +130,10 @@ def test_temperature_0_decodes_greedily_as_transcribe_and_the_server_take_it(sav
 
 
 def test_missing_file_is_a_clean_error(saved):
-    with pytest.raises(SystemExit, match=r"mmformer caption: error: .*nothere\.png"):
+    with (
+        pytest.warns(UserWarning, match=r"caption: skipped .*nothere\.png: file not found"),
+        pytest.raises(SystemExit, match=r"mmformer caption: error: .*nothere\.png"),
+    ):
         main(["caption", "--model", str(saved / "model"), str(saved / "nothere.png")])
     with pytest.raises(SystemExit, match=r"mmformer zeroshot: error: --classes: expected comma-separated class names, "
                                          r"got ' , '"):  # fmt: skip
@@ -202,3 +207,74 @@ def test_the_artifact_files_a_save_replaces_are_the_owners_names():
 
     assert {pt2e.QPARAMS_FILE, export.EXPORT_CONFIG, export.MEL_FILTERS} <= pretrained.ARTIFACT_FILES
     assert all(suffix in pretrained.ARTIFACT_SUFFIXES for suffix in export.SUFFIX.values())
+
+
+def test_number_flags_that_may_be_none_take_none(capsys):
+    """``float | None`` / ``int | None`` options take ``none`` (any case), as openai-whisper's optional_float does:
+    the help of --vad-trim-db and --vad-pack-gap-ms names "none: ..." and the parser refused it; other text is still
+    refused naming the flag, and a string option keeps "none" as its text."""
+    from mmformer.cli.main import _dataclass_of, _parser
+    from mmformer.longform import VadOptions
+
+    def parse(*flags):
+        return _parser().parse_args(["transcribe", "--model", "m", *flags, "a.flac"])
+
+    args = parse("--vad-trim-db", "none", "--vad-pack-gap-ms", "None", "--no-speech-threshold", "NONE",
+                 "--vad-max-window-s", "12.5", "--initial-prompt", "none")  # fmt: skip
+    assert (args.vad_trim_db, args.vad_pack_gap_ms, args.no_speech_threshold) == (None, None, None)
+    assert args.vad_max_window_s == 12.5 and args.initial_prompt == "none"
+    vad = _dataclass_of(VadOptions, args, prefix="vad_")
+    assert (vad.trim_db, vad.pack_gap_ms) == (None, None) and VadOptions().trim_db is not None
+    for flag, value, expected in (("--vad-trim-db", "loud", "a number"), ("--vad-pack-gap-ms", "1.5", "an int")):
+        with pytest.raises(SystemExit):
+            parse(flag, value)
+        assert f"argument {flag}: expected {expected} or none, got '{value}'" in capsys.readouterr().err
+    caption = _parser().parse_args(["caption", "--model", "m", "--top-k", "none", "--top-p", "0.9", "a.png"])
+    assert (caption.top_k, caption.top_p) == (None, 0.9)
+
+
+def test_zeroshot_auto_reads_every_audio_format_soundfile_reads_and_files_without_a_suffix(saved, tmp_path, capsys):
+    """``--modality auto`` took every suffix but .wav/.flac/.ogg/.mp3/.opus for an image ("cannot decode image" for
+    .aiff, .au, .caf, .w64 and files without a suffix): the suffixes of soundfile's formats are audio, PIL's images,
+    and a file with neither is decided by its content; one that neither reads is skipped, named with the fix."""
+    wave, rate = sf.read(saved / "a.wav", dtype="float32")
+    audio = [tmp_path / name for name in ("a.aiff", "a.au", "a.caf", "a.w64")]
+    for path, kind in zip(audio, ("AIFF", "AU", "CAF", "W64")):
+        sf.write(path, wave, rate, format=kind, subtype="PCM_16")  # the samples a.wav holds (PCM_16 too)
+    audio.append(tmp_path / "wave_without_suffix")
+    (tmp_path / "wave_without_suffix").write_bytes((saved / "a.wav").read_bytes())
+    (tmp_path / "png_without_suffix").write_bytes((saved / "a.png").read_bytes())
+    (tmp_path / "noise").write_bytes(np.random.default_rng(0).bytes(300))
+    files = [str(saved / "a.wav"), str(saved / "a.png"), *map(str, audio), str(tmp_path / "png_without_suffix")]
+    neither = r"noise: neither audio soundfile reads nor an image PIL reads; pass --modality image or --modality audio"
+    with pytest.warns(UserWarning, match=rf"zeroshot: skipped .*{neither}"), pytest.raises(SystemExit) as exit_:
+        main(["zeroshot", "--model", str(saved / "model"), "--classes", ",".join(WORDS), "--top", "3", *files,
+              str(tmp_path / "noise")])  # fmt: skip
+    assert re.fullmatch(rf"mmformer zeroshot: error: .*{neither}", str(exit_.value.code))
+    lines = capsys.readouterr().out.splitlines()
+    answers = {}  # path → its printed classes and probabilities
+    for line in lines:
+        if line.startswith(" "):
+            answers[path].append(line)
+        else:
+            path, answers[line] = line, []
+    assert list(answers) == files
+    assert all(answers[f] == answers[files[0]] for f in map(str, audio))  # read as the same audio as a.wav
+    assert answers[files[-1]] == answers[files[1]] != answers[files[0]]  # the PNG, read as an image
+
+
+def test_caption_and_zeroshot_skip_a_file_they_cannot_read_as_transcribe_does(saved, tmp_path, capsys):
+    """A file that does not decode stopped caption and zeroshot there: the files after it got no result. Like
+    transcribe, they warn naming it, give every other file's result and exit non-zero naming it."""
+    (tmp_path / "bad.png").write_bytes(np.random.default_rng(0).bytes(300))
+    good, bad = str(saved / "a.png"), str(tmp_path / "bad.png")
+    runs = [("caption", ["--max-new-tokens", "3", "--batch-size", "2"], [bad, good, good]),
+            ("zeroshot", ["--classes", ",".join(WORDS)], [good, bad, str(saved / "a.wav")])]  # fmt: skip
+    for command, extra, files in runs:
+        with (
+            pytest.warns(UserWarning, match=rf"{command}: skipped .*bad\.png: cannot decode image"),
+            pytest.raises(SystemExit, match=rf"^mmformer {command}: error: .*bad\.png: cannot decode image"),
+        ):
+            main([command, "--model", str(saved / "model"), *extra, *files])
+        printed = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
+        assert printed == [f for f in files if f != bad], command

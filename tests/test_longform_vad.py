@@ -189,6 +189,27 @@ def test_unreadable_files_are_reported_by_name_and_the_others_transcribed(model,
         transcribe_files(model, [torch.zeros(2, 100)])
 
 
+def test_waveform_arrays_are_read_as_model_transcribe_reads_them(model):
+    """int16 PCM scaled by the processor's rule and arrays recorded at another rate (``sample_rate``) resampled: the
+    text of a short recording is ``model.transcribe``'s (issue 3 of the bug hunt: int16 arrays were refused, and
+    arrays had no rate)."""
+    from mmformer.data.io import resample
+
+    wave = digits_recording(2, seed=5)[0]  # a few seconds: decoded whole, as model.transcribe decodes it
+    pcm = (wave * 32767).round().to(torch.int16)
+    assert transcribe_files(model, [pcm.numpy()]) == transcribe_files(model, [pcm.float() / 32768])
+    assert transcribe_files(model, [pcm])[0]["text"] == model.transcribe([pcm])[0] != ""
+    low = (resample(wave, RATE, 8000) * 32767).round().to(torch.int16)
+    assert transcribe_files(model, [low], sample_rate=8000)[0]["text"] == model.transcribe([low], sample_rate=8000)[0]
+    for bad in (0, 16000.5, "16k"):
+        with pytest.raises(ValueError, match="sample_rate"):
+            transcribe_files(model, [wave], sample_rate=bad)
+    with pytest.raises(ValueError, match="sample_rate: cannot resample 44101 Hz"):
+        transcribe_files(model, [wave], sample_rate=44101)
+    with pytest.raises(TypeError, match=r"inputs\[0\].*int16"):
+        transcribe_files(model, [pcm.int()])  # int32: no scale is known
+
+
 @pytest.mark.slow
 def test_three_minutes_of_digits(model):
     """The issue's recording: ~3.5 min of test-split utterances with 0.3-2 s pauses over noise."""

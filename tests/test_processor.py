@@ -205,14 +205,23 @@ def test_audio_errors(audio, rate, error, match):
 
 
 def test_samples_by_channels_arrays_are_refused_naming_the_fix():
-    """soundfile reads a stereo file as (S, C): taken as a (B, S) batch it gave S one-sample waveforms per channel."""
+    """soundfile reads a stereo file as (S, C): taken as a (B, S) batch it gave S one-sample waveforms per channel.
+    The error says what is taken where the array was given: a mono processor takes no (C, S) waveform (a bare one is
+    a batch, a list item is refused), and a list item is no batch."""
     stereo = np.random.default_rng(0).normal(0, 0.1, (8000, 2)).astype(np.float32)  # soundfile's layout
-    fix = r"got shape \(8000, 2\), which looks like \(samples, channels\).*`x\.mean\(axis=1\)`.*file's path"
-    for audio, where in ((stereo, "audio"), (torch.from_numpy(stereo), "audio"), ([stereo], r"audio\[0\]")):
-        with pytest.raises(ValueError, match=rf"{where}: expected waveforms \(B, S\).*{fix}"):
+    fix = r"; got shape \(8000, 2\), which looks like \(samples, channels\).*`x\.mean\(axis=1\)`.*file's path"
+    whole, item = r"audio: expected a waveform \(S,\)", r"audio\[0\]: expected a waveform \(S,\)"
+    for audio, expected in ((stereo, rf"{whole}, a batch \(B, S\) or a list of waveforms"),
+                            (torch.from_numpy(stereo), rf"{whole}, a batch \(B, S\) or a list of waveforms"),
+                            ([stereo], item)):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^{expected}{fix}"):
             Processor()(audio=audio, sampling_rate=8000)
-    with pytest.raises(ValueError, match=fix):  # keeping channels takes (C, S), not (S, C)
-        Processor(audio=AudioProcessorConfig(mono=False))(audio=stereo, sampling_rate=8000)
+    channels = Processor(audio=AudioProcessorConfig(mono=False))  # keeping channels takes (C, S), not (S, C)
+    with pytest.raises(ValueError, match=rf"^{whole} or \(C, S\), a batch \(B, C, S\) or a list of waveforms{fix}"):
+        channels(audio=stereo, sampling_rate=8000)
+    with pytest.raises(ValueError, match=rf"^{item} or \(C, S\){fix}"):
+        channels(audio=[stereo], sampling_rate=8000)
+    assert channels(audio=[stereo.T.copy()], sampling_rate=8000)["audio"].shape == (1, 2, 16000)  # as it says
     downmixed = Processor()(audio=stereo.mean(axis=1), sampling_rate=8000)  # the fix the message names
     assert downmixed["audio"].shape == (1, 16000)
     batch = Processor()(audio=stereo.T.copy(), sampling_rate=8000)  # (B, S) batches still work, also B > columns

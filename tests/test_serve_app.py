@@ -1,20 +1,24 @@
 """The server's app in this process (FastAPI's ``TestClient``, no server process): what ``/v1/completions`` reports
 about the ids behind a completion — ``usage`` and ``finish_reason`` — equals what ``generate`` gives each prompt
-decoded alone (a row alone is never padded: its generated ids are the row's columns)."""
+decoded alone (a row alone is never padded: its generated ids are the row's columns); and the transcription formats a
+stream cannot carry, refused."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import httpx
 import pytest
+import soundfile as sf
 import torch
 
 pytest.importorskip("fastapi")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from mmformer.preprocess.processor import Processor  # noqa: E402
+from mmformer.model import MultimodalTransformer  # noqa: E402
+from mmformer.preprocess.processor import AudioProcessorConfig, Processor  # noqa: E402
 from mmformer.preprocess.tokenizer import Tokenizer  # noqa: E402
 from mmformer.serve.app import create_app  # noqa: E402
 from mmformer.serve.engine import Engine  # noqa: E402
@@ -106,3 +110,36 @@ def test_a_streamed_completion_finishes_as_its_ids_say(served):
                 if choice["finish_reason"] is not None:
                     finished[choice["index"]] = choice["finish_reason"]
     assert [finished[i] for i in range(len(PROMPTS))] == expected
+
+
+@pytest.fixture
+def transcriber(make_model_config):
+    """A random speech-to-text model (8-kHz audio into a shared decoder), served, and a second of noise to upload."""
+    tokenizer = Tokenizer.train(TEXTS, vocab_size=300, max_length=16)
+    model = MultimodalTransformer(make_model_config(image=None, text={"vocab_size": tokenizer.vocab_size})).eval()
+    model.processor = Processor(tokenizer, audio=AudioProcessorConfig(sample_rate=8000))
+    upload = io.BytesIO()
+    sf.write(upload, torch.randn(8000).mul(0.1).numpy(), 8000, format="WAV")
+    with TestClient(create_app(Engine(model, "asr"))) as client:
+        yield client, upload.getvalue()
+
+
+def test_a_streamed_transcription_is_refused_in_a_format_its_text_deltas_cannot_carry(transcriber):
+    """A stream is OpenAI's transcript.text.delta events: text only (OpenAI streams json). srt, vtt and verbose_json
+    asked for with stream=true are a 400 naming response_format; before, the times were dropped and a 200 of text
+    deltas came back (issue 2 of the bug hunt)."""
+    client, wav = transcriber
+
+    def post(**form) -> httpx.Response:
+        data = {"model": "asr", "stream": "true", **form}
+        return client.post("/v1/audio/transcriptions", data=data, files={"file": ("noise.wav", wav, "audio/wav")})
+
+    for response_format in ("srt", "vtt", "verbose_json"):
+        refused = post(response_format=response_format)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == "response_format" and response_format in refused.text
+    words = post(response_format="verbose_json", **{"timestamp_granularities[]": "segment"})
+    assert words.status_code == 400 and words.json()["error"]["param"] == "response_format"
+    for response_format in ("json", "text"):  # the text the deltas carry: streamed
+        streamed = post(response_format=response_format)
+        assert streamed.status_code == 200 and "transcript.text.done" in streamed.text, streamed.text

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import sys
 import types
 import typing
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from mmformer.cli import artifacts
@@ -53,12 +54,14 @@ def dataclass_flags(cls: type, prefix: str = "") -> list[tuple[str, dict[str, An
     options, defaults and help live: ``max_new_tokens: int = 30`` → ``--max-new-tokens`` (type int, default 30);
     booleans get ``--flag/--no-flag``; a tuple of strings is a flag given once per item; the help comes from the
     field's ``metadata["help"]``; ``prefix`` names the flags of a group (``vad-`` → ``--vad-threshold``, stored as
-    ``vad_threshold``)."""
+    ``vad_threshold``); a number that may be None (``float | None``) also takes ``none``."""
     hints = typing.get_type_hints(cls)
     flags = []
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
+        optional = False
         if isinstance(kind, types.UnionType):  # "int | None" → int
+            optional = type(None) in kind.__args__
             kind = next(k for k in kind.__args__ if k is not type(None))
         kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata.get("help", "")}
         if kind is bool:
@@ -66,9 +69,26 @@ def dataclass_flags(cls: type, prefix: str = "") -> list[tuple[str, dict[str, An
         elif typing.get_origin(kind) in (tuple, list):  # "tuple[str, ...]" → --flag A --flag B
             kwargs.update(action="append", type=typing.get_args(kind)[0], default=None)
         else:
-            kwargs["type"] = kind
+            kwargs["type"] = _or_none(kind) if optional and kind in (int, float) else kind
         flags.append(("--" + prefix + f.name.replace("_", "-"), kwargs))
     return flags
+
+
+def _or_none(kind: type) -> Callable[[str], Any]:
+    """The ``argparse`` type of an ``int | None`` or ``float | None`` field: ``none`` (any case) → None, as
+    openai-whisper's ``optional_int`` / ``optional_float`` take it (``--no-speech-threshold none``: no silence
+    skipping), else ``kind(text)``. A string field keeps "none" as text (an initial prompt may say it)."""
+    expected = {int: "an int", float: "a number"}[kind]
+
+    def parse(text: str) -> Any:
+        if text.strip().lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected} or none, got {text!r}") from None
+
+    return parse
 
 
 def _decoding_args(p: argparse.ArgumentParser, inputs: str = "files", what: str = "input files") -> None:
@@ -270,9 +290,6 @@ def _compute_type_flag(p: argparse.ArgumentParser, int8: bool, what: str) -> Non
     p.add_argument("--compute-type", choices=choices, default="float32", help=f"{what}; {auto}")
 
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus"}
-
-
 def _load_model(path: str, device: str, adapter: str | None = None):
     from mmformer.compress.pt2e import PT2EModel
     from mmformer.io.auto import load_for_inference
@@ -287,10 +304,10 @@ def _load_model(path: str, device: str, adapter: str | None = None):
 
 
 def _zeroshot(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from mmformer.compress.cpu_precision import inference_autocast
     from mmformer.compress.pt2e import PT2EModel, as_quantized
+    from mmformer.data.io import read_each
+    from mmformer.preprocess.media import file_modality
     from mmformer.zeroshot import ZeroShotClassifier
 
     model = _load_model(args.model, args.device, args.adapter)
@@ -300,12 +317,16 @@ def _zeroshot(args: argparse.Namespace) -> None:
     if args.prompt and args.templates != "{}":
         raise ValueError(f"--templates: a learned prompt (--prompt) replaces the templates; got both "
                          f"(--templates {args.templates!r})")  # fmt: skip
+    if args.modality == "auto":  # decided per file, so images and audio may be mixed
+        hint = "pass --modality image or --modality audio"
+        modalities, errors = read_each(args.files, lambda path: file_modality(path, hint), "zeroshot")
+    else:
+        modalities, errors = [args.modality] * len(args.files), {}
+    failed = list(errors.values())
     by_modality: dict[str, list[str]] = {}
-    for path in args.files:  # 'auto' decides per file, so images and audio may be mixed
-        modality = args.modality
-        if modality == "auto":
-            modality = "audio" if Path(path).suffix.lower() in AUDIO_SUFFIXES else "image"
-        by_modality.setdefault(modality, []).append(path)
+    for path, modality in zip(args.files, modalities):
+        if modality is not None:
+            by_modality.setdefault(modality, []).append(path)
     width = max(len(c) for c in classes)
     enabled = {"float32": False, "bfloat16": True, "auto": None}[args.compute_type]
     as_is = None  # a PT2E model's line: its int8 graphs run as quantized, under no autocast
@@ -320,11 +341,48 @@ def _zeroshot(args: argparse.Namespace) -> None:
             clf = ZeroShotClassifier(
                 model, model.processor, classnames=classes, templates=templates, modality=modality, prompt=args.prompt
             )
-            answers.update(zip(files, clf.topk(files, k=min(args.top, len(classes)))))
+            read = _file_reader(model.processor, modality)
+            for paths, inputs in _readable_batches(files, read, clf.batch_size, "zeroshot", failed):
+                answers.update(zip(paths, clf.topk(inputs, k=min(args.top, len(classes)))))
     for path in args.files:
-        print(path)
-        for name, prob in answers[path]:
-            print(f"  {name:<{width}}  {prob:6.3f}")
+        if path in answers:
+            print(path)
+            for name, prob in answers[path]:
+                print(f"  {name:<{width}}  {prob:6.3f}")
+    _exit_if_failed("zeroshot", failed)
+
+
+def _file_reader(processor: Any, modality: str) -> Callable[[str], Any]:
+    """A file path → what the model's API takes of it, decoded as its processor decodes files: a PIL image (in the
+    processor's mode) or a waveform (S,) at its rate. The commands decode each file first, so that one that cannot be
+    read is skipped (:func:`_readable_batches`) rather than failing its whole batch."""
+    from mmformer.data.io import read_image
+
+    return functools.partial(read_image, mode=processor.image_mode) if modality == "image" else processor.load_audio
+
+
+def _readable_batches(
+    files: list[str], read: Callable[[str], Any], batch_size: int, command: str, failed: list[str]
+) -> Iterator[tuple[list[str], list]]:
+    """``files`` in batches of ``batch_size``, each file decoded by ``read``: yields (paths, decoded) of a batch's
+    readable files; one that cannot be read is skipped with a warning naming it (:func:`~mmformer.data.io.read_each`)
+    and its message added to ``failed``, for :func:`_exit_if_failed` once the others' results are out."""
+    from mmformer.data.io import read_each
+
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        values, errors = read_each(chunk, read, command)
+        failed.extend(errors.values())
+        readable = [(path, value) for path, value in zip(chunk, values) if value is not None]
+        if readable:
+            yield [path for path, _ in readable], [value for _, value in readable]
+
+
+def _exit_if_failed(command: str, failed: list[str]) -> None:
+    """After the readable files' results: a non-zero exit naming each file that could not be read (each was warned
+    about as it was skipped), so that a script sees the failure and a person the others' results."""
+    if failed:
+        raise SystemExit(f"mmformer {command}: error: " + "; ".join(failed))
 
 
 def _options(args: argparse.Namespace):
@@ -340,15 +398,14 @@ def _options(args: argparse.Namespace):
     return DecodingOptions(**values)
 
 
-def _decode(args: argparse.Namespace, task: str) -> None:
+def _caption(args: argparse.Namespace) -> None:
     model = _load_model(args.model, args.device, args.adapter)
-    options = _options(args)
-    run = model.caption if task == "caption" else model.transcribe
-    prefix = _decoder_prefix(args, model)
-    for start in range(0, len(args.files), args.batch_size):
-        chunk = args.files[start : start + args.batch_size]
-        for path, text in zip(chunk, run(chunk, options=options, prefix_embeds=prefix)):
+    options, prefix, failed = _options(args), _decoder_prefix(args, model), []
+    read = _file_reader(model.processor, "image")
+    for paths, images in _readable_batches(args.files, read, args.batch_size, "caption", failed):
+        for path, text in zip(paths, model.caption(images, options=options, prefix_embeds=prefix)):
             print(f"{path}\t{text}")
+    _exit_if_failed("caption", failed)
 
 
 def _dataclass_of(cls: type, args: argparse.Namespace, prefix: str = "", exclude: set[str] = frozenset(), **values):
@@ -457,8 +514,7 @@ def _transcribe(args: argparse.Namespace) -> None:
                 print(f"wrote {written}", file=sys.stderr)
         else:
             print(f"{path}\t{result['text']}")
-    if failed:
-        raise SystemExit("mmformer transcribe: error: " + "; ".join(failed))
+    _exit_if_failed("transcribe", failed)
 
 
 def _decoder_prefix(args: argparse.Namespace, model: Any):
@@ -550,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "quantize": artifacts.quantize_folder,
         "merge": artifacts.merge,
         "convert": artifacts.convert,
-        "caption": lambda a: _decode(a, "caption"),
+        "caption": _caption,
         "transcribe": _transcribe,
         "complete": _complete,
         "serve": _serve,

@@ -23,7 +23,9 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +34,9 @@ from PIL import Image
 
 from mmformer.io.atomic import write_text_atomic
 
+# the errors are defined torch-free (the ONNX runner raises them too) and imported from here as before
+from mmformer.preprocess.media import MissingSampleError, SampleError, check_file, upright  # noqa: F401
+
 Source = str | os.PathLike | bytes  # a path, or a file's bytes (from a tar shard)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -39,32 +44,7 @@ AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".mp3", ".opus")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # PIL's 16-bit grayscale (16-bit PNG/TIFF)
 MAX_RESAMPLE_PHASES = 2**24  # (orig/gcd) * (new/gcd): 16 kHz from 44.1 kHz is 70,560; from 44101 Hz, 705,616,000
 _AUDIO_BLOCK = 2**18  # samples (frames × channels) decoded per read
-
-
-class SampleError(ValueError):
-    """A sample that cannot be used: corrupt file, empty text, ... (a ``ValueError``, as Python's readers raise for
-    undecodable input; a missing file is a :class:`MissingSampleError`, also a ``FileNotFoundError``).
-
-    Attributes:
-        path: the file (or sample name) at fault.
-        reason: what is wrong with it.
-    """
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
-
-    def __str__(self) -> str:  # FileNotFoundError would format its (errno, strerror) instead
-        return f"{self.path}: {self.reason}"
-
-
-class MissingSampleError(SampleError, FileNotFoundError):
-    """A sample whose file does not exist: caught by ``except FileNotFoundError`` (and ``OSError``) as well as by
-    ``except SampleError`` / ``ValueError``."""
-
-    def __init__(self, path: str | os.PathLike, reason: str = "file not found"):
-        super().__init__(path, reason)
+T = TypeVar("T")
 
 
 def _describe(source: Source, name: str | None) -> str:
@@ -87,10 +67,7 @@ def _open(source: Source, name: str) -> io.BufferedIOBase | str:
         return io.BytesIO(source)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"expected a path or bytes for {name}; got {type(source).__name__}")
-    if not Path(source).is_file():
-        raise MissingSampleError(name, "a folder, not a file" if Path(source).is_dir() else "file not found")
-    if Path(source).stat().st_size == 0:  # the decoders would say "format not recognised"
-        raise SampleError(name, "empty file (0 bytes)")
+    check_file(source, name)
     return os.fspath(source)
 
 
@@ -103,7 +80,8 @@ def convert_image(img: Image.Image, mode: str) -> Image.Image:
 
 
 def read_image(source: Source, mode: str = "RGB", *, name: str | None = None) -> Image.Image:
-    """Decode an image fully (so truncation is detected here, not later) and convert it to ``mode``.
+    """Decode an image fully (so truncation is detected here, not later), turn it upright (its EXIF orientation:
+    :func:`~mmformer.preprocess.media.upright`) and convert it to ``mode``.
 
     Images of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels are refused before decoding (see the module notes).
 
@@ -126,11 +104,31 @@ def read_image(source: Source, mode: str = "RGB", *, name: str | None = None) ->
                     f"PIL.Image.MAX_IMAGE_PIXELS={limit} (a possible decompression bomb); raise that limit to read it",
                 )
             img.load()
-            return convert_image(img, mode)
+            return convert_image(upright(img), mode)
     except SampleError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise SampleError(name, f"cannot decode image ({type(e).__name__}: {_reason(e)})") from e
+
+
+def read_each(sources: Sequence[T], read: Callable[[T], object], what: str) -> tuple[list, dict[int, str]]:
+    """``read`` of each source, skipping the ones it refuses: one unreadable file in a list costs only its own result.
+
+    A source ``read`` refuses with a :class:`SampleError` is None in the returned list, its message (naming it) is
+    under its index in the returned dict, and a warning ``"{what}: skipped ..."`` says so as it happens. The commands
+    that read lists of files (``mmformer caption``, ``zeroshot``) then give the others' results and exit non-zero
+    naming the skipped ones, as ``transcribe`` does.
+    """
+    values: list = []
+    errors: dict[int, str] = {}
+    for i, source in enumerate(sources):
+        try:
+            values.append(read(source))
+        except SampleError as e:
+            warnings.warn(f"{what}: skipped {e}", stacklevel=2)
+            values.append(None)
+            errors[i] = str(e)
+    return values, errors
 
 
 def check_resample(orig_rate: int, new_rate: int, what: str = "sample rate") -> None:

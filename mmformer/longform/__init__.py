@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +31,7 @@ from mmformer.longform.vad import (
     speech_regions_many,
     window_samples,
 )
+from mmformer.values import is_int
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
@@ -95,32 +95,32 @@ def _refuse_options(options: TranscribeOptions, names: Sequence[str], needs: str
             raise ValueError(f"{name}: needs {needs}; got {getattr(options, name)!r}")
 
 
-def read_input(source: Any, sample_rate: int, index: int) -> tuple[str, torch.Tensor]:
+def read_input(source: Any, sample_rate: int, index: int, array_rate: int | None = None) -> tuple[str, torch.Tensor]:
     """An input's name and mono waveform (S,) at ``sample_rate``: a file decoded with soundfile and resampled
-    (torchaudio), or a 1-D float array already at that rate.
+    (torchaudio), or a 1-D array recorded at ``array_rate`` (default ``sample_rate``), float or int16 PCM, converted
+    and resampled as the processor converts the waveforms ``model.transcribe`` reads (never cut to its
+    ``max_seconds``: a long recording is what this reads).
 
     Raises:
-        SampleError: the file is missing, corrupt or empty (its message names the file).
-        TypeError / ValueError: an array that is not a 1-D float waveform.
+        SampleError: the file is missing, corrupt or empty, or the array empty or not finite (its message names it).
+        TypeError / ValueError: an array that is not a 1-D float or int16 waveform.
     """
     from mmformer.data.io import SampleError, read_audio
+    from mmformer.preprocess.processor import AudioProcessorConfig, Processor
 
     if isinstance(source, (str, os.PathLike)):
         return str(source), read_audio(source, sample_rate)[0]
     name = f"inputs[{index}]"
     if isinstance(source, np.ndarray):
         source = torch.from_numpy(np.ascontiguousarray(source))
-    if not isinstance(source, torch.Tensor):
-        raise TypeError(f"{name}: expected a file path or a 1-D float waveform (numpy or torch) at {sample_rate} Hz, "
-                        f"got {type(source).__name__}")  # fmt: skip
-    if source.ndim != 1 or not source.is_floating_point():
-        raise ValueError(f"{name}: expected a 1-D float waveform (S,) at {sample_rate} Hz, got shape "
-                         f"{tuple(source.shape)} {source.dtype}")  # fmt: skip
-    if source.numel() == 0:
-        raise SampleError(name, "audio has no samples")
-    if not bool(torch.isfinite(source).all()):
-        raise SampleError(name, "audio contains NaN or infinite values")
-    return name, source.float()
+    if isinstance(source, torch.Tensor) and source.device.type != "meta":  # skipped, as an unreadable file is
+        if source.numel() == 0:
+            raise SampleError(name, "audio has no samples")
+        if source.is_floating_point() and not bool(torch.isfinite(source).all()):
+            raise SampleError(name, "audio contains NaN or infinite values")
+    # the processor's own conversion (int16 scaled, checked, resampled), on a processor without its max_seconds cut
+    reader = Processor(audio=AudioProcessorConfig(sample_rate=sample_rate, max_seconds=None))
+    return name, reader.waveform(source, name, sample_rate if array_rate is None else array_rate)
 
 
 def _windows(
@@ -228,6 +228,7 @@ def transcribe_files(
     prefix_embeds: torch.Tensor | None = None,
     on_segment: Callable[[int, dict[str, Any]], None] | None = None,
     bf16_encoder: bool = False,
+    sample_rate: int | None = None,
 ) -> list[dict[str, Any]]:
     """Transcribe many recordings of any length, their windows decoded together.
 
@@ -236,7 +237,8 @@ def transcribe_files(
             model (:func:`mmformer.compress.pt2e.quantize` / ``load``): a Whisper checkpoint's int8 audio encoder
             (its ``audio`` tower) reads the windows and the float decoder decodes them (openai-whisper's algorithm
             drives the float model's steps); another model's windows go through its audio and decoder graphs.
-        inputs: audio file paths, or 1-D float waveforms at the model's sample rate.
+        inputs: audio file paths, or 1-D waveforms (float, or int16 PCM scaled by 1/32768 as ``model.transcribe``
+            reads it) recorded at ``sample_rate``.
         options: how windows are decoded: :class:`TranscribeOptions` (a Whisper checkpoint: openai-whisper's
             algorithm with these options; another model: see :func:`decoding_options`), or :class:`DecodingOptions`
             (another model: as given; Whisper: its temperature, beams, language and task, without fallback).
@@ -259,6 +261,8 @@ def transcribe_files(
         bf16_encoder: a Whisper checkpoint's audio encoder runs under ``torch.autocast(bfloat16)`` and its decoder
             (float32) keeps the cross-attention keys/values in bf16 (half the bytes each step reads): fast where the
             CPU has AMX (:func:`mmformer.compress.cpu_precision.bf16_choice`).
+        sample_rate: the rate the waveform arrays in ``inputs`` were recorded at; they are resampled to the model's
+            (file paths carry their own rate). Default: the model's rate.
 
     Returns:
         One dict per input, in order: ``text``, ``segments`` (``id, seek, start, end`` in seconds on the input's
@@ -266,7 +270,7 @@ def transcribe_files(
         ``{"error": message naming it, "text": "", "segments": [], "language": None}`` and a warning, and the
         others are still transcribed.
     """
-    from mmformer.data.io import SampleError
+    from mmformer.data.io import read_each
 
     if isinstance(inputs, (str, os.PathLike, np.ndarray, torch.Tensor)) or not isinstance(inputs, Sequence):
         raise TypeError(f"inputs: expected a list of file paths or 1-D waveforms, got {type(inputs).__name__}")
@@ -300,17 +304,10 @@ def transcribe_files(
     model_window_samples(model)  # refuses a model without audio
     rate = model.config.audio.sample_rate
     processor.check_audio_rate(rate)
-    waves: list[torch.Tensor | None] = []
-    errors: dict[int, str] = {}
-    for i, source in enumerate(inputs):
-        try:
-            name, wave = read_input(source, rate, i)
-        except SampleError as e:
-            warnings.warn(f"transcribe_files: skipped {e}", stacklevel=2)
-            waves.append(None)
-            errors[i] = str(e)
-            continue
-        waves.append(wave)
+    _check_array_rate(sample_rate, rate)
+    waves, errors = read_each(  # an unreadable input is skipped (None), its error kept
+        list(enumerate(inputs)), lambda item: read_input(item[1], rate, item[0], sample_rate)[1], "transcribe_files"
+    )
     model.eval()
     total = sum(w.shape[0] for w in waves if w is not None) / rate
     if whisper and not vad:  # openai-whisper's algorithm, input by input
@@ -349,6 +346,19 @@ def transcribe_files(
     for i, message in errors.items():
         results[i] = {"error": message, "text": "", "segments": [], "language": None}
     return results
+
+
+def _check_array_rate(sample_rate: int | None, model_rate: int) -> None:
+    """A ValueError naming ``sample_rate`` unless it is None or a rate the model's can be resampled from, before any
+    input is read."""
+    from mmformer.data.io import check_resample
+
+    if sample_rate is None:
+        return
+    if not is_int(sample_rate) or sample_rate <= 0:
+        raise ValueError(f"sample_rate: expected None or a positive int (Hz: the rate of the waveform arrays in "
+                         f"inputs), got {sample_rate!r}")  # fmt: skip
+    check_resample(sample_rate, model_rate, what="sample_rate")
 
 
 class _Increments:

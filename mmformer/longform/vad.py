@@ -186,23 +186,28 @@ def window_samples(model: MultimodalTransformer, options: VadOptions, sample_rat
     return limit
 
 
-def noise_floor(wave: torch.Tensor, stamps: list[tuple[int, int]], sigmas: float = 5.0) -> float:
-    """The level (absolute sample value) background noise stays under: ``sigmas`` standard deviations of the
-    samples outside the speech ``stamps``, estimated robustly (median absolute value / 0.6745, so the speech
-    onsets that Silero's frames miss barely move it). 0.0 when there is no such sample."""
+def background(wave: torch.Tensor, stamps: list[tuple[int, int]], sigmas: float = 5.0) -> tuple[float, float]:
+    """``(offset, floor)`` of the samples outside the speech ``stamps`` (all samples when there is none): their median,
+    the recording's DC offset, which speech is measured from (a microphone's offset of 0.2 put every sample of a
+    recording under a floor measured from zero, and every region was dropped); and the level background noise stays
+    under around it, ``sigmas`` standard deviations estimated robustly (median absolute deviation / 0.6745, so the
+    speech onsets that Silero's frames miss barely move it; 0.0 without such samples)."""
     outside = torch.ones(wave.shape[0], dtype=torch.bool)
     for start, end in stamps:
         outside[start:end] = False
     x = wave[outside]
     if x.numel() == 0:
-        return 0.0
-    return sigmas * float(x.abs().median()) / 0.6745
+        return float(wave.median()) if wave.numel() else 0.0, 0.0
+    offset = float(x.median())
+    return offset, sigmas * float((x - offset).abs().median()) / 0.6745
 
 
-def _trim(wave: torch.Tensor, start: int, end: int, trim_db: float, floor: float) -> tuple[int, int] | None:
-    """The first and last sample of ``wave[start:end]`` within ``trim_db`` of its peak (absolute value) and above
-    the noise ``floor``; None when no sample is."""
-    x = wave[start:end].abs()  # (S,)
+def _trim(
+    wave: torch.Tensor, start: int, end: int, trim_db: float, offset: float, floor: float
+) -> tuple[int, int] | None:
+    """The first and last sample of ``wave[start:end]`` within ``trim_db`` of its peak and above the noise ``floor``,
+    both measured from the recording's DC ``offset`` (see :func:`background`); None when no sample is."""
+    x = (wave[start:end] - offset).abs()  # (S,)
     peak = float(x.max()) if x.numel() else 0.0
     loud = (x > max(peak * 10 ** (-trim_db / 20), floor)).nonzero().flatten()
     if loud.numel() == 0:
@@ -305,7 +310,7 @@ def _regions(
     )
     wave = wave.float().cpu()
     spans = [(round(stamp["start"] * scale), round(stamp["end"] * scale)) for stamp in stamps]
-    floor = noise_floor(wave, spans) if options.trim_db is not None else 0.0
+    offset, floor = background(wave, spans) if options.trim_db is not None else (0.0, 0.0)
     pad = round(options.speech_pad_ms * sample_rate / 1000)
     regions: list[tuple[int, int]] = []
     for start, end in spans:
@@ -315,9 +320,9 @@ def _regions(
             # on the energy and pad it as speech_pad_ms says
             reach = round(0.064 * sample_rate)
             lo = max(start - reach, regions[-1][1] if regions else 0)
-            trimmed = _trim(wave, lo, min(end + reach, wave.shape[0]), options.trim_db, floor)
-            if trimmed is None:
-                continue
+            # a region with no sample above the noise keeps Silero's edges: Silero hears speech the level misses
+            hi = min(end + reach, wave.shape[0])
+            trimmed = _trim(wave, lo, hi, options.trim_db, offset, floor) or (start, end)
             start, end = max(trimmed[0] - pad, lo), min(trimmed[1] + pad, wave.shape[0])
         if regions and start <= regions[-1][1]:  # padding made neighbours touch: one region
             regions[-1] = (regions[-1][0], max(end, regions[-1][1]))

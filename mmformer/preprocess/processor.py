@@ -174,18 +174,19 @@ def _describe(x: Any) -> str:
     return type(x).__name__
 
 
-def check_not_channels_last(audio: Any, where: str) -> None:
+def check_not_channels_last(audio: Any, where: str, expected: str = "a waveform (S,) or a batch (B, S)") -> None:
     """Refuse a 2-D waveform array laid out (samples, channels) — what ``soundfile.read`` returns for a stereo file —
     which would otherwise be read as a batch of thousands of waveforms of one sample per channel (or as thousands of
-    channels). The processor and :class:`~mmformer.ZeroShotClassifier` check their inputs with it."""
+    channels). The processor and :class:`~mmformer.ZeroShotClassifier` check their inputs with it; ``expected`` is
+    what the caller accepts where ``audio`` came from (one list item is no batch)."""
     if not isinstance(audio, (torch.Tensor, np.ndarray)) or audio.ndim != 2:
         return
     rows, columns = audio.shape
     if columns <= MAX_CHANNELS and rows > columns:
         raise ValueError(
-            f"{where}: expected waveforms (B, S) or a channels-first (C, S) waveform; got shape {tuple(audio.shape)}, "
-            f"which looks like (samples, channels) as soundfile reads a {columns}-channel file; downmix it to mono "
-            "first (`x.mean(axis=1)`), or pass the file's path"
+            f"{where}: expected {expected}; got shape {tuple(audio.shape)}, which looks like (samples, channels) as "
+            f"soundfile reads a {columns}-channel file; downmix it to mono first (`x.mean(axis=1)`), or pass the "
+            "file's path"
         )
 
 
@@ -294,14 +295,18 @@ class Processor:
             ]
         )
 
+    @property
+    def image_mode(self) -> str:
+        """The PIL mode image files are decoded to (:func:`~mmformer.data.io.read_image`): RGB, or L (grayscale)."""
+        return "RGB" if self.image.channels == 3 else "L"
+
     def load_image(self, source: str | os.PathLike | bytes, *, name: str | None = None) -> torch.Tensor:
         """Decode an image file (path or bytes) and transform it → float (C, H, W).
 
         Raises:
             mmformer.data.SampleError: the file is missing or cannot be decoded; the message names it.
         """
-        mode = "RGB" if self.image.channels == 3 else "L"
-        return self._transform(read_image(source, mode, name=name))
+        return self._transform(read_image(source, self.image_mode, name=name))
 
     def _image_to_tensor(self, x: Any, where: str) -> Image.Image | torch.Tensor:
         """One user image → PIL image or (C, H, W) tensor, checked; errors name ``where`` (e.g. ``images[2]``)."""
@@ -310,7 +315,7 @@ class Processor:
                 raise ValueError(f"{where}: expected an image of at least 1×1 pixels; got a {x.width}×{x.height} image")
             return x
         if isinstance(x, (str, os.PathLike)):
-            return read_image(x, "RGB" if self.image.channels == 3 else "L", name=str(x))
+            return read_image(x, self.image_mode, name=str(x))
         if isinstance(x, np.ndarray):
             if x.ndim == 3 and x.shape[-1] in (1, 3, 4):
                 t = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)  # HWC → CHW
@@ -372,7 +377,10 @@ class Processor:
         """
         return self._read_audio(source, name or str(source))
 
-    def _waveform(self, x: Any, where: str, sampling_rate: int | None) -> torch.Tensor:
+    def waveform(self, x: Any, where: str, sampling_rate: int | None) -> torch.Tensor:
+        """One waveform as this processor reads it: a file (decoded, resampled) or an array / tensor recorded at
+        ``sampling_rate`` — float or int16 PCM (scaled by 1/32768), checked (errors name ``where``), resampled to
+        the processor's rate and cut to its ``max_seconds``. Mono: (S,); keeping channels: (C, S)."""
         if isinstance(x, (str, os.PathLike)):
             return self._read_audio(x, str(x))  # errors and the truncation warning name the file
         if not isinstance(x, (torch.Tensor, np.ndarray)):
@@ -386,11 +394,10 @@ class Processor:
             )
         if isinstance(x, torch.Tensor) and x.device.type == "meta":
             raise ValueError(f"{where}: expected a waveform with data; got a meta tensor of shape {tuple(x.shape)}")
-        check_not_channels_last(x, where)
+        check_not_channels_last(x, where, self._audio_forms(item=True))
         wave = torch.as_tensor(x).detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
-        expected = "(S,)" if self.audio.mono else "(S,) or (C, S)"
         if wave.ndim != 1 and (self.audio.mono or wave.ndim != 2):
-            raise ValueError(f"{where}: expected a waveform {expected}; got {_describe(x)}")
+            raise ValueError(f"{where}: expected {self._audio_forms(item=True)}; got {_describe(x)}")
         if wave.shape[-1] == 0:
             raise ValueError(f"{where}: expected a non-empty waveform; got {_describe(x)}")
         if wave.dtype == torch.int16:
@@ -405,13 +412,21 @@ class Processor:
             wave = wave[None]  # (1, S)
         return self._truncate(resample(wave, sampling_rate, self.audio.sample_rate), where)
 
+    def _audio_forms(self, item: bool) -> str:
+        """What audio arrays are taken, for errors: as one item of a list (a waveform), or as the whole ``audio``
+        (also a batch: (B, S) when mono, else (B, C, S), as :func:`_as_list` splits them)."""
+        one = "(S,)" if self.audio.mono else "(S,) or (C, S)"
+        if item:
+            return f"a waveform {one}"
+        return f"a waveform {one}, a batch {'(B, S)' if self.audio.mono else '(B, C, S)'} or a list of waveforms"
+
     def _process_audio(self, audio: Any, sampling_rate: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         if sampling_rate is not None:
             sampling_rate = check_sampling_rate(sampling_rate)
             check_resample(sampling_rate, self.audio.sample_rate, what="sampling_rate")
-        check_not_channels_last(audio, "audio")
+        check_not_channels_last(audio, "audio", self._audio_forms(item=False))
         items = _as_list(audio, "audio", batch_dims=2 if self.audio.mono else 3)
-        return pad_audio([self._waveform(x, f"audio[{i}]", sampling_rate) for i, x in enumerate(items)])
+        return pad_audio([self.waveform(x, f"audio[{i}]", sampling_rate) for i, x in enumerate(items)])
 
     # ------------------------------------------------------------------ text
     def _process_text(self, text: Any, max_length: int | None) -> dict[str, torch.Tensor]:

@@ -39,6 +39,9 @@ KNOWN_PATHS = ("/v1/embeddings", "/v1/audio/transcriptions", "/v1/completions", 
                "/v1/models", "/health", "/metrics", "/")  # fmt: skip
 PROBES = ("/health", "/metrics")  # not requests being answered: left out of the in-flight count
 CLIENT_CLOSED = 499  # nginx's "client closed request": the client went away before its answer
+# a streamed transcription is OpenAI's transcript.text.delta / .done events, text only: the formats whose content
+# they carry (OpenAI streams gpt-4o-transcribe, whose formats are json, and text for its diarizing model)
+STREAMED_FORMATS = ("json", "text")
 T = TypeVar("T")
 
 
@@ -510,6 +513,10 @@ def create_app(
             stream = str(form.get("stream", "false")).lower()
             if stream not in ("true", "false"):
                 raise bad_request("stream", f"expected true or false, got {stream!r}")
+            if stream == "true" and response_format not in STREAMED_FORMATS:  # its times would be lost unsaid
+                raise bad_request("response_format", f"a streamed transcription sends text deltas: expected one of "
+                                  f"{list(STREAMED_FORMATS)} with stream=true, got {response_format!r} (ask for it "
+                                  f"without stream)")  # fmt: skip
             language = form.get("language") or None
             if language is not None and not isinstance(language, str):
                 raise bad_request("language", f"expected a language code, got {type(language).__name__}")

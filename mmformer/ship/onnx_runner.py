@@ -18,7 +18,9 @@ audio: mono, resampled to the model's rate as torchaudio does) and :class:`mmfor
 STFT with a periodic Hann window, the saved mel filter bank, log10 with an 8-decade range per utterance; Whisper's
 fixed window), in numpy. Each rule of decoding names the torch code it follows: a change there must come here too.
 
-This module imports neither torch nor the rest of mmformer (``import mmformer`` itself is light).
+This module imports neither torch nor the rest of mmformer (``import mmformer`` itself is light) but
+:mod:`mmformer.preprocess.media`, torch-free: the rules it shares with the Processor and the commands (which files
+are audio, the way up an image is seen).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mmformer.preprocess.media import file_modality, upright
 
 EXPORT_CONFIG = "export_config.json"
 
@@ -207,7 +211,7 @@ class OnnxModel:
         )
         out = []
         for item in images:
-            img = item if isinstance(item, Image.Image) else Image.open(item)
+            img = item if isinstance(item, Image.Image) else upright(Image.open(item))  # a file: as read_image does
             img = img.convert("RGB" if channels == 3 else "L")
             if cfg.get("resize") == "exact":
                 img = img if (img.height, img.width) == (h, w) else img.resize((w, h), resample)
@@ -538,9 +542,6 @@ def _audio_name(item: Any, index: int) -> str:
     return str(item) if isinstance(item, (str, os.PathLike)) else f"audio[{index}]"
 
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus"}
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mmformer.ship.onnx_runner", description=__doc__.split("\n\n")[0])
     p.add_argument("export", help="folder written by `mmformer export --format onnx`")
@@ -553,8 +554,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("files", nargs="+")
     args = p.parse_args(argv)
     model = OnnxModel(args.export)
-    audio = [f for f in args.files if Path(f).suffix.lower() in AUDIO_SUFFIXES]
-    images = [f for f in args.files if f not in audio]
+    kinds = {f: file_modality(f) for f in args.files}
+    audio = [f for f in args.files if kinds[f] == "audio"]
+    images = [f for f in args.files if kinds[f] == "image"]
     if args.classes:
         classes = [c.strip() for c in args.classes.split(",") if c.strip()]
         for modality, files in (("image", images), ("audio", audio)):
