@@ -146,6 +146,25 @@ def test_quantize_refuses_options_its_backend_or_method_would_ignore(base, tmp_p
     assert not called
 
 
+@pytest.mark.parametrize(
+    ("options", "refusal"),
+    [
+        (["--method", "dynamic", "--device", "meta"], "--device: expected a device that holds the weights' values"),
+        (["--backend", "pt2e", "--method", "dynamic", "--device", "meta"], "--device: .* got 'meta'"),
+        (["--method", "static", "--calib", "calib.jsonl", "--calib-samples", "0"],
+         "--calib-samples: expected an int >= 1, got 0"),
+    ],
+)  # fmt: skip
+def test_quantize_names_the_flag_of_a_bad_device_or_sample_count(base, tmp_path, monkeypatch, options, refusal):
+    """--device meta failed in the loader ("no values for logit_scale"), --calib-samples 0 in the calibration under
+    its Python name (max_samples): both are refused before loading, naming the flag."""
+    called = []
+    monkeypatch.setattr("mmformer.io.auto.load_pretrained", lambda *a, **k: called.append(a))  # no work may start
+    with pytest.raises(SystemExit, match=rf"mmformer quantize: error: {refusal}"):
+        main(["quantize", "--model", str(base), *options, "--out", str(tmp_path / "q")])
+    assert not called
+
+
 def test_the_quantize_options_table_knows_the_parsers_defaults():
     import argparse
 

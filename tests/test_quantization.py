@@ -239,6 +239,45 @@ def test_bad_methods_and_calibration_data_are_clear_errors(float_dir, manifest, 
         quantize(model, "dynamic")
 
 
+@pytest.mark.parametrize("backend", ["torchao", "pt2e"])
+def test_a_model_carrying_an_adapter_is_refused_naming_the_merge(backend):
+    """quantize() would quantize peft's lora_A / lora_B linears with the base, after which the adapter could be
+    neither saved ("invalid python storage") nor merged (Int8Tensor in aten.mm): merge first."""
+    from mmformer.adapt import adapters
+
+    model = adapters.add_lora(tiny(depth=1), adapters.LoraSettings(r=2, target_modules=["qkv"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model: carries a LoRA adapter.*merge_and_unload.*`mmformer merge"):
+        quantize(model, "int8-weight" if backend == "torchao" else "dynamic", backend=backend)
+    assert getattr(model, "quantization", None) is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing was quantized
+    adapters.merge_and_unload(model)  # the way the message names still works
+
+
+def test_static_calibration_takes_a_tokenizers_integer_mask():
+    """A 0/1 integer attention_mask (a Hugging Face tokenizer's) calibrates as the boolean mask does; the exported
+    text graph refused it ("Expected: Bool, Got: long int")."""
+    import copy
+
+    full = tiny()
+    config = ModelConfig(stacks={"shared": StackConfig(**{**TINY_STACK, "width": 32, "depth": 1})},
+                         routes={"text": "shared"}, image=None, audio=None, text=full.config.text,
+                         embed_dim=16)  # fmt: skip
+    model = MultimodalTransformer(config).eval()
+    ids = torch.randint(3, 40, (4, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, 4:] = False
+    by_kind = {
+        dtype: quantize(
+            copy.deepcopy(model), "static", calibration=[{"input_ids": ids, "attention_mask": mask.to(dtype)}]
+        )
+        for dtype in (torch.bool, torch.long)
+    }
+    assert by_kind[torch.long].quantization.modules == by_kind[torch.bool].quantization.modules
+    torch.testing.assert_close(by_kind[torch.long].encode_text(ids, mask), by_kind[torch.bool].encode_text(ids, mask),
+                               rtol=0, atol=0)  # fmt: skip
+
+
 def test_a_tampered_torchao_header_is_refused_before_loading(quantized_dirs, tmp_path):
     import safetensors.torch
 

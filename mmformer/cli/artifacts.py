@@ -99,6 +99,7 @@ def quantize_folder(args: argparse.Namespace) -> None:
     if args.method == "static" and not args.calib:
         raise ValueError("--method static needs --calib MANIFEST (samples whose activation ranges set the scales)")
     refuse_unread_options(args)
+    _check_quantize_values(args)
     if args.backend != "torchao":
         return quantize_graphs(args)
     source_bytes = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))  # before --out replaces it
@@ -139,6 +140,16 @@ def refuse_unread_options(args: argparse.Namespace) -> None:
                 f"{flag}: only with {option.readers()}; got {value!r} with --backend {args.backend} --method "
                 f"{args.method}, which does not read it"
             )
+
+
+def _check_quantize_values(args: argparse.Namespace) -> None:
+    """Values the library would refuse only after loading, or under its own argument names: ``--device meta`` (a
+    model of shapes without values has nothing to quantize; the loader named a missing tensor) and ``--calib-samples``
+    below 1 (``calibration_batches`` named its ``max_samples``)."""
+    if str(args.device).split(":")[0] == "meta":
+        raise ValueError(f"--device: expected a device that holds the weights' values (cpu, cuda), got {args.device!r}")
+    if args.calib_samples < 1:
+        raise ValueError(f"--calib-samples: expected an int >= 1, got {args.calib_samples}")
 
 
 def _check_static_graphs(model: Any) -> None:

@@ -124,9 +124,11 @@ def quantize(
             (:func:`mmformer.compress.onnx_quantization.quantize_export`).
 
     Raises:
-        ValueError: an unknown method or backend, a model already quantized, ``static`` without calibration batches.
+        ValueError: an unknown method or backend, a model already quantized or carrying an adapter, ``static``
+            without calibration batches.
         ImportError: torchao is missing.
     """
+    _refuse_adapter(model)
     if backend == "pt2e":
         from mmformer.compress import pt2e
 
@@ -180,6 +182,20 @@ def quantize(
         getattr(torchao, "__version__", None),
     )  # fmt: skip
     return model
+
+
+def _refuse_adapter(model: nn.Module) -> None:
+    """A model carrying a LoRA adapter is refused: its peft lora_A / lora_B layers are ``nn.Linear`` too and would be
+    quantized with the base, after which the adapter can be neither saved nor merged. Merge first."""
+    from mmformer.adapt.adapters import has_adapter  # adapters imports this module: a top-level import would be a cycle
+
+    if has_adapter(model):
+        raise ValueError(
+            "model: carries a LoRA adapter, whose lora_A / lora_B layers would be quantized with the base (and the "
+            "adapter could then be neither saved nor merged); fold it in first with "
+            "mmformer.adapt.adapters.merge_and_unload(model) (or `mmformer merge --base DIR --adapter DIR --out DIR`) "
+            "and quantize the merged model"
+        )
 
 
 def _is_quantized(t: torch.Tensor) -> bool:
@@ -251,7 +267,8 @@ def _tower_inputs(model: MultimodalTransformer, batch: dict[str, Any]) -> Iterat
     (teacher forcing)."""
     device, routes = model_device(model), model.config.routes
     ids, mask = batch.get("input_ids"), batch.get("attention_mask")  # none for an image or audio encoder alone
-    ids, mask = (None, None) if ids is None else (ids.to(device), mask.to(device))
+    # the graphs take the boolean mask (True = may attend); a tokenizer's 0/1 integers are converted here
+    ids, mask = (None, None) if ids is None else (ids.to(device), mask.to(device, torch.bool))
     memories = []
     if "text" in routes and ids is not None:
         yield "text_encoder", (ids, mask)

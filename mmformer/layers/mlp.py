@@ -84,9 +84,10 @@ class MixtureOfExperts(nn.Module):
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
-            token, slot = (chosen == e).nonzero(as_tuple=True)
-            if token.numel():
-                out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+            # no branch on the token count: an expert no token chose runs on 0 rows and adds nothing, and a count
+            # tested in Python is a data-dependent guard torch.export cannot trace
+            token, slot = (chosen == e).nonzero(as_tuple=True)  # (n_e,), (n_e,)
+            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
         if self.training:
             n_experts = probs.shape[-1]
             routed = F.one_hot(chosen, n_experts).sum(dim=1).float().mean(dim=0) / self.top_k  # f_e, (E,)
