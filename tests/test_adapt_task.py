@@ -265,3 +265,13 @@ def test_inference_commands_take_adapters_and_prompts(pretrained, tmp_path, caps
     assert out[0].startswith(image + "\t") and out[1] == image and len(out) == 5
     with pytest.raises(SystemExit, match="holds a context prompt, expected a decoder_prefix prompt"):
         main(["caption", "--model", str(root / "base"), "--prompt", str(tmp_path / "context.safetensors"), image])
+
+
+def test_an_unknown_adapter_setting_is_named_with_the_accepted_keys():
+    from mmformer.tasks.adapt import settings
+
+    with pytest.raises(
+        ValueError, match=r"adapt\.lora: unknown key\(s\) \['use_rs_lora'\]; accepted keys: .*'use_rslora'"
+    ):
+        settings({"r": 4, "use_rs_lora": True}, adapters.LoraSettings, "adapt.lora")
+    assert settings({"r": 4, "use_rslora": True}, adapters.LoraSettings, "adapt.lora").use_rslora is True

@@ -236,7 +236,7 @@ def test_qlora_quantizes_what_torchao_quantizes_and_keeps_tied_heads():
     from mmformer.config import ModelConfig, StackConfig, TextConfig
 
     config = ModelConfig(
-        stacks={"s": StackConfig(width=32, depth=1, n_heads=2, mlp_ratio=2.0)},
+        stacks={"s": StackConfig(width=64, depth=1, n_heads=2, mlp_ratio=2.0)},  # whole 4-bit blocks
         routes={"text": "s", "decoder": "s"},
         image=None,
         audio=None,
@@ -259,3 +259,124 @@ def test_qlora_quantizes_what_torchao_quantizes_and_keeps_tied_heads():
     assert model.mlm_head.decoder.weight is tokens and model.lm_head.weight is tokens  # still one tensor
     after = model.mlm_logits(ids).detach()  # 4-bit layers inside, the float tied projection at the end
     assert (after - before).norm() < 0.3 * before.norm(), (after - before).norm() / before.norm()  # NF4 rounding
+
+
+def test_modules_to_save_on_a_tied_table_merges_into_a_loadable_model_and_unloads_exactly(base, tmp_path):
+    """A trained copy of the text embedder (modules_to_save) under a tied LM head: merging unties the head (it still
+    reads the original table), and unload gives back the original module, not the trained copy."""
+    from mmformer import from_pretrained
+
+    assert base.config.tie_lm_head
+    reference = outputs(base)
+    adapted = fresh_copy(base)
+    adapters.add_lora(adapted, LoraSettings(r=2, target_modules=["qkv"], modules_to_save=["text_embed"]))
+    perturb(adapted)
+    expected = outputs(adapted)
+    adapters.save_adapter(adapted, tmp_path / "adapter")
+    adapters.merge_and_unload(adapted).save_pretrained(tmp_path / "merged")
+    assert (outputs(from_pretrained(tmp_path / "merged")) - expected).abs().max() < 1e-5
+    unloaded = adapters.unload(mmformer_load(base, tmp_path / "adapter"))
+    assert torch.equal(outputs(unloaded), reference)
+
+
+def test_regex_targets_follow_routes(make_model_config):
+    config = make_model_config(audio=None)
+    config.stacks["vision"] = copy.deepcopy(config.stacks["shared"])
+    config.routes["image"] = "vision"
+    two = MultimodalTransformer(config)
+    adapters.add_lora(two, LoraSettings(r=2, target_modules=[r".*mlp\.fn\.fc1"], routes=["image"]))
+    stacks = {n.split(".blocks")[0] for n, _ in two.named_parameters() if "lora_A" in n}
+    assert stacks == {"stacks.vision"}
+    with pytest.raises(ValueError, match="routes"):
+        adapters.lora_config(
+            MultimodalTransformer(config), LoraSettings(target_modules=["text_proj"], routes=["image"])
+        )
+
+
+def test_rslora_reaches_peft_and_the_adapter_file(base, tmp_path):
+    adapted = fresh_copy(base)
+    adapters.add_lora(adapted, LoraSettings(r=4, target_modules=["qkv"], use_rslora=True))
+    perturb(adapted)
+    adapters.save_adapter(adapted, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["use_rslora"] is True
+    assert torch.equal(outputs(mmformer_load(base, tmp_path / "adapter")), outputs(adapted))
+    with pytest.raises(ValueError, match="use_rslora"):
+        LoraSettings(use_rslora="yes")
+
+
+def edited_adapter(base, folder, **changes) -> None:
+    """An adapter saved by mmformer, with ``changes`` written into its adapter_config.json (as peft would)."""
+    adapted = fresh_copy(base)
+    adapters.add_lora(adapted, LoraSettings(r=2, target_modules=["qkv"]))
+    perturb(adapted)
+    adapters.save_adapter(adapted, folder)
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return adapted
+
+
+@pytest.mark.parametrize("changes, match", [({"bias": "all"}, "bias"), ({"init_lora_weights": "pissa"}, "pissa"),
+                                            ({"target_modules": ["q_proj", "v_proj"]}, "not translated")])  # fmt: skip
+def test_adapters_loading_cannot_apply_exactly_are_refused(base, tmp_path, changes, match):
+    edited_adapter(base, tmp_path / "adapter", **changes)
+    model = fresh_copy(base)
+    with pytest.raises(ValueError, match=match):
+        adapters.load_adapter(model, tmp_path / "adapter")
+    assert torch.equal(outputs(model), outputs(base))
+
+
+def test_adapter_with_an_init_that_only_sets_its_own_tensors_loads_as_peft_does(base, tmp_path):
+    adapted = edited_adapter(base, tmp_path / "adapter", init_lora_weights="orthogonal")
+    with_peft = peft.PeftModel.from_pretrained(fresh_copy(base), str(tmp_path / "adapter"))
+    expected = outputs(with_peft.base_model.model)
+    assert torch.equal(expected, outputs(adapted))
+    assert torch.equal(outputs(mmformer_load(base, tmp_path / "adapter")), expected)
+
+
+def decoded(model: MultimodalTransformer) -> torch.Tensor:
+    ids = torch.randint(3, 32, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model.decode(ids)
+
+
+def test_qlora_merges_into_float_weights_after_an_eval_forward_and_4bit_models_do_not_save(make_model_config, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from mmformer import from_pretrained
+
+    torch.manual_seed(0)
+    model = MultimodalTransformer(
+        make_model_config(stack={"width": 64, "cross_attention": False}, audio=None, image=None)
+    )
+    adapters.add_lora(model, LoraSettings(r=4, target_modules=["all"], quantize="nf4"))
+    perturb(model)
+    expected = decoded(model.eval())  # on CPU, bitsandbytes repacks the 4-bit weights for eval here
+    merged = adapters.merge_and_unload(model)
+    assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
+    assert (decoded(merged) - expected).norm() < 1e-2 * expected.norm()  # peft's 4-bit merge: 0.6 off
+    merged.save_pretrained(tmp_path / "merged")
+    assert torch.equal(decoded(from_pretrained(tmp_path / "merged")), decoded(merged))
+    four_bit = adapters.quantize_4bit(MultimodalTransformer(make_model_config(stack={"width": 64}, audio=None)))
+    with pytest.raises(ValueError, match="4-bit layers"):
+        four_bit.save_pretrained(tmp_path / "four_bit")
+
+
+def test_qlora_leaves_layers_bitsandbytes_cannot_pack_in_float(make_model_config):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    model = MultimodalTransformer(
+        make_model_config(stack={"width": 32, "cross_attention": False}, audio=None, image=None)
+    )
+    with pytest.warns(UserWarning, match="stay float"):
+        adapters.add_lora(model, LoraSettings(r=2, target_modules=["all"], quantize="nf4"))
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert all(m.in_features % 64 == 0 and m.out_features % 32 == 0 for m in layers)
+    decoded(model.eval())  # bitsandbytes' CPU eval kernel failed on a width of 32
+
+
+def test_adapter_folder_given_as_a_model_names_the_merge_command(base, tmp_path):
+    from mmformer import from_pretrained
+
+    edited_adapter(base, tmp_path / "adapter", base_model_name_or_path="data/base")
+    with pytest.raises(FileNotFoundError, match="mmformer merge --base data/base --adapter .*adapter --out MERGED"):
+        from_pretrained(tmp_path / "adapter")

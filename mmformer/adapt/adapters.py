@@ -26,7 +26,8 @@ so LoRA adapts them together; ``target_modules`` takes these kinds, or regular e
     cross_out  cross-attention output (``cross_attn.fn.proj``)  mlp        the MLP's fc1 and fc2 (every expert's)
     attention = qkv + out;  cross_attention = cross_q + cross_kv + cross_out;  all = every kind
 
-``routes`` restricts the kinds to the stacks those routes run through (with a shared stack, every route's).
+``routes`` restricts the kinds and regexes to the stacks those routes run through (with a shared stack, every
+route's).
 
 QLoRA (Dettmers et al. 2023): ``quantize: nf4`` replaces the frozen base's linear layers with bitsandbytes
 ``Linear4bit`` (NF4, double-quantized block scales) before LoRA is added; peft then wraps them with its 4-bit LoRA
@@ -44,6 +45,7 @@ import importlib.util
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,6 +81,8 @@ TARGET_GROUPS = {
     "all": tuple(TARGET_KINDS),
 }
 QUANT_TYPES = ("nf4", "fp4")
+BNB_BLOCK = 64  # bitsandbytes' 4-bit block size: the CPU eval kernel needs whole blocks per weight row
+BNB_CPU_ROWS = 32  # and output rows in groups of 32
 ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)  # module types peft's LoRA wraps
 
 
@@ -93,6 +97,7 @@ class LoraSettings:
     target_modules: list[str] = field(default_factory=lambda: ["qkv", "out", "mlp"])  # kinds or module regexes
     routes: list[str] | None = None  # only the stacks these routes run through (None: every stack)
     use_dora: bool = False  # DoRA: a learned magnitude per output row beside the LoRA direction
+    use_rslora: bool = False  # rank-stabilised LoRA: updates scale by lora_alpha / sqrt(r) instead of / r
     trainable_token_indices: list[int] = field(default_factory=list)  # token rows (embedding and LM head) to train
     modules_to_save: list[str] = field(default_factory=list)  # whole modules trained as copies saved in the adapter
     quantize: str | None = None  # QLoRA: nf4 | fp4 keeps the frozen base's linear layers in 4 bits
@@ -113,6 +118,9 @@ class LoraSettings:
                 f"lora.target_modules: expected a non-empty list of kinds ({', '.join([*TARGET_KINDS, *TARGET_GROUPS])}"
                 f") or module-name regexes, got {self.target_modules!r}"
             )
+        for flag in ("use_dora", "use_rslora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"lora.{flag}: expected true or false, got {getattr(self, flag)!r}")
         if self.quantize not in (None, *QUANT_TYPES):
             raise ValueError(f"lora.quantize: expected None or one of {list(QUANT_TYPES)}, got {self.quantize!r}")
         self.target_modules = list(self.target_modules)
@@ -165,12 +173,16 @@ def target_regex(
         except re.error as e:
             kinds = ", ".join(TARGET_KINDS)
             raise ValueError(f"lora.target_modules: {target!r} is neither a kind ({kinds}) nor a regex ({e})") from e
-        if not any(re.fullmatch(target, name) for name in modules):
+        regex = target
+        if routes is not None:  # only the routed stacks' modules: a lookahead on the name's start
+            regex = rf"(?=stacks\.(?:{'|'.join(map(re.escape, stacks))})\.)(?:{target})"
+        if not any(re.fullmatch(regex, name) for name in modules):
+            where = f" in the stacks {stacks} of routes {list(routes)}" if routes is not None else ""
             raise ValueError(
-                f"lora.target_modules: {target!r} matches no linear, convolution or embedding module (module names "
-                f"look like {_example(modules)}); kinds: {', '.join([*TARGET_KINDS, *TARGET_GROUPS])}"
+                f"lora.target_modules: {target!r} matches no linear, convolution or embedding module{where} (module "
+                f"names look like {_example(modules)}); kinds: {', '.join([*TARGET_KINDS, *TARGET_GROUPS])}"
             )
-        parts.append(target)
+        parts.append(regex)
     regex = "|".join(f"(?:{p})" for p in dict.fromkeys(parts))
     if not any(re.fullmatch(regex, name) for name in modules):
         raise ValueError(f"lora.target_modules: {list(target_modules)} select no module of the stacks {stacks}")
@@ -227,6 +239,7 @@ def lora_config(model: MultimodalTransformer, settings: LoraSettings, *, inferen
         lora_dropout=settings.lora_dropout,
         target_modules=target_regex(model, settings.target_modules, settings.routes),
         use_dora=settings.use_dora,
+        use_rslora=settings.use_rslora,
         trainable_token_indices=tokens,
         modules_to_save=list(settings.modules_to_save) or None,
         inference_mode=inference_mode,
@@ -285,13 +298,10 @@ def save_adapter(
         overwrite: False refuses to replace an adapter already saved there (FileExistsError).
     """
     require_peft()
-    from peft.utils import get_peft_model_state_dict
-
     from mmformer.io.pretrained import atomic_directory
 
     config = _adapter_config(model)
-    state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME, save_embedding_layers=False)
-    tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in state.items()}
+    tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in _adapter_state(model).items()}
     config = copy.deepcopy(config)
     config.inference_mode = True
     if base_model is not None:
@@ -301,6 +311,13 @@ def save_adapter(
         safetensors.torch.save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         if processor is not None:
             processor.save_pretrained(staging)
+
+
+def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors as peft saves them (names without the adapter name)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME, save_embedding_layers=False)
 
 
 def _adapter_config(model: nn.Module) -> Any:
@@ -367,6 +384,7 @@ def load_adapter(model: MultimodalTransformer, directory: str | os.PathLike) -> 
     directory = Path(directory)
     if has_adapter(model):
         raise ValueError("model: already carries an adapter; unload or merge it first (one adapter at a time)")
+    _check_loadable(config, directory)
     weights_path = directory / ADAPTER_WEIGHTS
     specs, read, _ = open_safetensors(weights_path, "cpu")
     processor = read_processor(directory)
@@ -374,10 +392,16 @@ def load_adapter(model: MultimodalTransformer, directory: str | os.PathLike) -> 
     if isinstance(vocab, int) and vocab > model.config.text.vocab_size:
         resize_token_embeddings(model, vocab)
     config.inference_mode = False
+    config.init_lora_weights = False  # the file's tensors replace any initialisation (checked: none rewrites the base)
     try:
         inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME, low_cpu_mem_usage=True)
     except ValueError as e:
-        raise ValueError(f"adapter: {directory}: its target modules do not fit this model ({e})") from e
+        linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".blocks." in name]
+        raise ValueError(
+            f"adapter: {directory}: its target modules do not fit this model ({e}); an adapter must target "
+            f"mmformer's module names (e.g. {', '.join(linear[:4])}): adapters trained with peft on the original "
+            "transformers model (q_proj, v_proj, ...) are not translated"
+        ) from e
     try:
         expected = {
             PEFT_PREFIX + k: TensorSpec.of(v)
@@ -401,6 +425,27 @@ def load_adapter(model: MultimodalTransformer, directory: str | os.PathLike) -> 
     if processor is not None:
         model.processor = processor
     return model.eval()
+
+
+# initialisations that rewrite the base weights (the adapter then belongs to that residual base, not to the model)
+BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
+
+def _check_loadable(config: Any, directory: Path) -> None:
+    """Refuse adapters that loading cannot apply exactly and ``unload`` cannot take back: trained biases (peft's
+    ``bias`` 'all' / 'lora_only' overwrite the base's own biases) and initialisations that rewrote the base."""
+    if config.bias != "none":
+        raise ValueError(
+            f"adapter: {directory}: bias={config.bias!r} (the adapter replaces the base's biases); mmformer loads "
+            "adapters with bias='none' only"
+        )
+    init = config.init_lora_weights
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+        raise ValueError(
+            f"adapter: {directory}: init_lora_weights={init!r} rewrites the base weights when the adapter is created, "
+            "so the adapter belongs to that residual base, not to this model; convert it to a plain LoRA adapter "
+            "first with peft's save_pretrained(..., path_initial_model_for_weight_conversion=...)"
+        )
 
 
 def _check_adapter(expected: dict[str, TensorSpec], specs: dict[str, TensorSpec], source: Path) -> None:
@@ -440,9 +485,27 @@ def _check_adapter(expected: dict[str, TensorSpec], specs: dict[str, TensorSpec]
 # ---------------------------------------------------------------------------------------------------- merging
 def merge_and_unload(model: MultimodalTransformer) -> MultimodalTransformer:
     """Fold the adapter into the base weights and remove its layers: a plain model (peft's ``merge_and_unload``).
-    An LM head tied to the token table is untied first when the adapter changes either (new token rows)."""
+    An LM head tied to the token table is untied first when the adapter changes either (new token rows, a trained
+    copy of the table). A QLoRA model's 4-bit base is first turned back into float layers (:func:`dequantize_4bit`)
+    and the adapter merged into those, as ``mmformer export --ckpt --merge`` merges a run's adapter into its float
+    base: peft's own 4-bit merge would round the sum back to 4 bits (and on CPU misreads the layout bitsandbytes
+    repacks weights into for eval)."""
+    if _four_bit_layers(model):
+        _move_adapter(model, dequantize_4bit)
     _untie_adapted_head(model)
     return _unload(model, merge=True)
+
+
+def _move_adapter(model: MultimodalTransformer, change_base: Any) -> None:
+    """Take the adapter off, ``change_base(model)``, and put the same adapter (config and tensors) back on."""
+    from peft.functional import inject_adapter_in_model, set_peft_model_state_dict
+
+    config, state = copy.deepcopy(_adapter_config(model)), _adapter_state(model)
+    unload(model)
+    change_base(model)
+    config.init_lora_weights = False  # its tensors come from state
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
 
 
 def unload(model: MultimodalTransformer) -> MultimodalTransformer:
@@ -454,6 +517,7 @@ def _unload(model: MultimodalTransformer, merge: bool) -> MultimodalTransformer:
     require_peft()
     # as peft's BaseTuner._unload_and_optionally_merge, on a model adapted in place (no PeftModel around it)
     from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
 
     if not has_adapter(model):
         raise ValueError("model: carries no adapter to unload")
@@ -465,7 +529,9 @@ def _unload(model: MultimodalTransformer, merge: bool) -> MultimodalTransformer:
         except AttributeError:  # under a wrapper replaced earlier in this loop
             continue
         parent_name, _, attr = name.rpartition(".")
-        if hasattr(target, "unload_and_optionally_merge_module"):
+        if isinstance(target, ModulesToSaveWrapper) and not merge:  # peft's unload keeps the trained copy
+            replacement = target.original_module
+        elif hasattr(target, "unload_and_optionally_merge_module"):
             replacement = target.unload_and_optionally_merge_module(merge=merge, safe_merge=True, adapter_names=None)
         elif isinstance(target, BaseTunerLayer):
             if merge:
@@ -485,8 +551,13 @@ def _untie_adapted_head(model: MultimodalTransformer) -> None:
 
     if model.lm_head is None or not model.config.tie_lm_head:
         return
-    wrapped = lambda m: isinstance(m, BaseTunerLayer) or hasattr(m, "unload_and_optionally_merge_module")  # noqa: E731
-    if not (wrapped(model.lm_head) or wrapped(model.text_embed.tokens)):
+    wrapped = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, BaseTunerLayer) or hasattr(m, "unload_and_optionally_merge_module")
+    ]
+    under = lambda path: any(path == w or path.startswith(w + ".") for w in wrapped)  # noqa: E731
+    if not (under("lm_head") or under("text_embed.tokens")):  # a wrapper on either or on a module holding it
         return
     head = base_layer(model.lm_head)
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
@@ -537,6 +608,10 @@ def quantize_4bit(
     follows: not an LM or masked-LM head tied to the token table) by a frozen bitsandbytes ``Linear4bit`` holding its
     weight in 4 bits (NF4 or FP4, double-quantized block scales), on the weight's device.
 
+    Layers whose input width is not a multiple of 64 (bitsandbytes' block) or whose output width is not a multiple
+    of 32 stay float, with a warning that counts them: bitsandbytes' CPU eval kernel cannot lay such weights out
+    and fails on the first forward in eval mode.
+
     The model is marked ``is_loaded_in_4bit`` (the attribute transformers sets), so that peft wraps these layers
     with its 4-bit LoRA layer. ``compute_dtype`` (default: the weights' dtype) is what the layers compute in.
     """
@@ -550,7 +625,17 @@ def quantize_4bit(
         raise ValueError(f"quant_type: expected one of {list(QUANT_TYPES)}, got {quant_type!r}")
     if has_adapter(model):
         raise ValueError("model: quantize the base before adding an adapter")
-    for name in quantizable(model):
+    names = quantizable(model)
+    fits = lambda m: m.in_features % BNB_BLOCK == 0 and m.out_features % BNB_CPU_ROWS == 0  # noqa: E731
+    left = [name for name in names if not fits(model.get_submodule(name))]
+    if left:
+        warnings.warn(
+            f"lora.quantize: {len(left)} of {len(names)} linear layers stay float (e.g. {left[0]}): their input width "
+            f"is not a multiple of {BNB_BLOCK} or their output width not a multiple of {BNB_CPU_ROWS}, which "
+            "bitsandbytes' 4-bit CPU kernel needs",
+            stacklevel=2,
+        )
+    for name in [n for n in names if n not in left]:
         module = model.get_submodule(name)
         weight = module.weight
         layer = bnb.nn.Linear4bit(
@@ -573,6 +658,36 @@ def quantize_4bit(
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, layer)
     model.is_loaded_in_4bit = True
+    return model
+
+
+def _four_bit_layers(model: nn.Module) -> list[str]:
+    """Names of the bitsandbytes 4-bit layers in ``model`` (none without bitsandbytes)."""
+    return [name for name, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
+
+
+def dequantize_4bit(model: MultimodalTransformer) -> MultimodalTransformer:
+    """Undo :func:`quantize_4bit` as far as rounding allows: every bitsandbytes ``Linear4bit`` becomes an
+    ``nn.Linear`` holding its dequantized weight (in the dtype it was quantized from), so the model saves and merges
+    as a float model. Returns ``model``."""
+    if has_adapter(model):
+        raise ValueError("model: dequantize the base without its adapter (merge_and_unload does both)")
+    import bitsandbytes as bnb
+
+    for name in _four_bit_layers(model):
+        layer = model.get_submodule(name)
+        # saving restores the layout dequantize_4bit reads: on CPU, bitsandbytes repacks the 4-bit codes in place for
+        # its eval kernel on the first eval forward
+        layer.state_dict()
+        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if layer.bias is not None:
+            linear.bias = nn.Parameter(layer.bias.detach().to(weight.dtype), requires_grad=False)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, linear)
+    if hasattr(model, "is_loaded_in_4bit"):
+        del model.is_loaded_in_4bit
     return model
 
 

@@ -109,7 +109,8 @@ def save_pretrained(
 
     Raises:
         ValueError: ``directory`` is an existing file, or the current working directory (or contains it), which
-            cannot be swapped out from under the running process.
+            cannot be swapped out from under the running process; ``model`` carries an adapter or bitsandbytes
+            4-bit layers (merge first).
         FileExistsError: ``overwrite=False`` and ``directory`` already holds a saved model.
     """
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model saves its original module's weights
@@ -121,6 +122,13 @@ def save_pretrained(
         raise ValueError(
             "model: carries adapter layers (LoRA); save the adapter with mmformer.adapt.adapters.save_adapter, or fold "
             "it in first with mmformer.adapt.adapters.merge_and_unload (mmformer merge)"
+        )
+    four_bit = [name for name, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
+    if four_bit:  # bitsandbytes' packed codes and block scales are no weights a model folder can hold
+        raise ValueError(
+            f"model: holds {len(four_bit)} bitsandbytes 4-bit layers (QLoRA's base, e.g. {four_bit[0]}); merge the "
+            "adapter into float weights first with mmformer.adapt.adapters.merge_and_unload, or turn the base back "
+            "into float layers with mmformer.adapt.adapters.dequantize_4bit"
         )
     processor = processor if processor is not None else getattr(model, "processor", None)
     if processor is not None and not callable(getattr(processor, "save_pretrained", None)):
@@ -479,7 +487,9 @@ def _adapter_folder_hint(folder: Path) -> str:
     base = base or "BASE"
     return (
         f"{folder}: a LoRA adapter folder ({ADAPTER_CONFIG}), not a model; load it on its base model: --model {base} "
-        f"--adapter {folder} (from_pretrained({base!r}, adapter={str(folder)!r}))"
+        f"--adapter {folder} (from_pretrained({base!r}, adapter={str(folder)!r})); for commands that take a model "
+        f"only (export, quantize), merge it into one first: mmformer merge --base {base} --adapter {folder} --out "
+        "MERGED"
     )
 
 

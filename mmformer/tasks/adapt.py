@@ -27,6 +27,7 @@ vocabulary link) must fit the checkpoint's token table (or ``resize_vocab``).
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import os
 import warnings
@@ -79,6 +80,10 @@ def settings(value: Any, cls: type, name: str) -> Any:
     if value is None or isinstance(value, cls):
         return value
     if isinstance(value, dict):
+        accepted = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(map(str, value)) - set(accepted))
+        if unknown:  # the dataclass's own TypeError names one key and none of the accepted ones
+            raise ValueError(f"{name}: unknown key(s) {unknown}; accepted keys: {accepted}")
         try:
             return cls(**value)
         except TypeError as e:
