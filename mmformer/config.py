@@ -30,6 +30,15 @@ RopeScaling = tuple(ROPE_SCALING_KEYS)
 AbsolutePosition = Literal["none", "learned", "sinusoidal"]
 
 
+def _check_flags(config: Any) -> None:
+    """Every ``bool`` field of a config dataclass holds a bool: a config.json or a dict that says ``"false"`` (a
+    string, which Python reads as true) or ``1`` would otherwise build another model than it names, silently."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.type in ("bool", bool) and not isinstance(value, bool):
+            raise TypeError(f"{type(config).__name__}.{f.name} must be true or false, got {value!r}")
+
+
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
@@ -110,6 +119,7 @@ class StackConfig:
     cross_memory_norm: bool = False  # a norm on the memory before the cross-attention keys/values (CoCa's ln_1_kv)
 
     def __post_init__(self) -> None:
+        _check_flags(self)
         for name, choices in _STACK_CHOICES.items():
             _check_choice(f"StackConfig.{name}", getattr(self, name), choices)
         _check_positive("StackConfig.width", self.width)
@@ -225,6 +235,7 @@ class ImageConfig:
     resampler_heads: int | None = None  # its attention heads; None: the stack's
 
     def __post_init__(self) -> None:
+        _check_flags(self)
         if isinstance(self.image_size, int):
             self.image_size = [self.image_size, self.image_size]
         self.image_size = list(self.image_size)
@@ -287,6 +298,7 @@ class AudioConfig:
     pad_to_seconds: float | None = None
 
     def __post_init__(self) -> None:
+        _check_flags(self)
         for name in ("sample_rate", "n_mels", "n_fft", "hop_length", "max_frames", "conv_stride"):
             _check_positive(f"AudioConfig.{name}", getattr(self, name))
         for name in ("n_mels", "n_fft", "max_frames"):
@@ -340,6 +352,7 @@ class TextConfig:
     legacy_cls_mask: bool = False
 
     def __post_init__(self) -> None:
+        _check_flags(self)
         _check_positive("TextConfig.vocab_size", self.vocab_size)
         _check_positive("TextConfig.max_length", self.max_length)
         _check_at_most("TextConfig.vocab_size", self.vocab_size, "vocab_size")
@@ -384,6 +397,7 @@ class GenerationConfig:
     alignment_heads: list[list[int]] = field(default_factory=list)  # [layer, head] pairs for word timestamps
 
     def __post_init__(self) -> None:
+        _check_flags(self)
         self.suppress_tokens, self.begin_suppress_tokens = list(self.suppress_tokens), list(self.begin_suppress_tokens)
         self.language_ids, self.task_ids = dict(self.language_ids), dict(self.task_ids)
         self.alignment_heads = [list(pair) for pair in self.alignment_heads]
@@ -436,6 +450,7 @@ class ModelConfig:
     generation: GenerationConfig | None = None  # the checkpoint's decoding rules (Whisper), if any
 
     def __post_init__(self) -> None:
+        _check_flags(self)
         self.stacks = {k: v if isinstance(v, StackConfig) else StackConfig(**v) for k, v in self.stacks.items()}
         if isinstance(self.image, dict):
             self.image = ImageConfig(**self.image)

@@ -196,3 +196,25 @@ def test_model_config_round_trips_through_yaml(name):
     back = ModelConfig.from_dict(yaml.safe_load(text))
     assert back == cfg
     assert yaml.safe_dump(back.to_dict()) == text
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        (("stacks", "shared", "cross_attention"), "false"),
+        (("tie_lm_head",), 1),
+        (("text", "causal"), "no"),
+        (("image", "class_token"), None),
+    ],
+)
+def test_a_flag_that_is_not_a_bool_is_refused_not_read_as_truthy(where, value):
+    """A config.json saying ``"cross_attention": "false"`` built a model with cross-attention (a non-empty string
+    is true); every bool field takes true or false only."""
+    d = ModelConfig().to_dict()
+    ModelConfig.from_dict(d)  # the untouched dict builds
+    target = d
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = value
+    with pytest.raises(TypeError, match=rf"\.{where[-1]} must be true or false, got {value!r}"):
+        ModelConfig.from_dict(d)

@@ -162,10 +162,16 @@ def tiny_bert_dir(tmp_path_factory):
 def sentence_model(bert_dir, folder, pooling: str, dense: bool = False):
     """A sentence-transformers model on the tiny BERT, saved to ``folder`` (its own writer: modules.json, ...)."""
     st = pytest.importorskip("sentence_transformers")
-    transformer = st.models.Transformer(str(bert_dir), max_seq_length=12)
-    modules = [transformer, st.models.Pooling(32, pooling_mode=pooling)]
-    modules += [st.models.Dense(32, 16)] if dense else []
-    reference = st.SentenceTransformer(modules=[*modules, st.models.Normalize()], device="cpu")
+    # the modules' package, imported by name: `st.models` exists only once some import has loaded that submodule
+    # (a test that ran first in the same process), and sentence-transformers 6 moved it
+    try:
+        from sentence_transformers.sentence_transformer import modules as parts
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers import models as parts
+    transformer = parts.Transformer(str(bert_dir), max_seq_length=12)
+    modules = [transformer, parts.Pooling(32, pooling_mode=pooling)]
+    modules += [parts.Dense(32, 16)] if dense else []
+    reference = st.SentenceTransformer(modules=[*modules, parts.Normalize()], device="cpu")
     reference.save(str(folder))
     return reference
 
