@@ -469,6 +469,8 @@ class ModelConfig:
         for modality in ("image", "audio"):
             if modality in self.routes and getattr(self, modality) is None:
                 raise ValueError(f"ModelConfig.routes has {modality!r} but ModelConfig.{modality} is None")
+        self._check_routed_stacks()
+        self._check_sinusoids()
         # a decoder without cross_attention is a decoder-only language model (it reads no memory)
         if "decoder" in self.routes and (self.text.bos_id is None or self.text.eos_id is None):
             raise ValueError("a decoder needs TextConfig.bos_id and TextConfig.eos_id")
@@ -487,11 +489,51 @@ class ModelConfig:
         if self.mlm_head and "text" not in self.routes:
             raise ValueError(f"ModelConfig.mlm_head=True needs a text route, got routes {sorted(self.routes)}")
 
+    def _check_routed_stacks(self) -> None:
+        """What the routes need of their stacks: at least one block (a stack of depth 0 is only its final norm: no
+        token ever reads another, and a decoder has no cross-attention left to read its memory with), and a decoder
+        with cross-attention as wide as the image and audio token states it reads, since they reach its keys and
+        values without a projection (the text encoder's states share its token embedding, checked with it)."""
+        for name, stack in self.stacks.items():
+            users = [route for route, used in self.routes.items() if used == name]
+            if users and stack.depth == 0:
+                raise ValueError(f"ModelConfig.stacks[{name!r}].depth must be > 0 for routes {users}, got 0")
+        decoder = self.routes.get("decoder")
+        if decoder is None or not self.stacks[decoder].cross_attention:
+            return
+        memory = {m: self.feature_width(m) for m in ("image", "audio") if m in self.routes}
+        if any(width != self.width("decoder") for width in memory.values()):
+            raise ValueError(
+                f"ModelConfig.stacks[{decoder!r}].width ({self.width('decoder')}), the decoder's, must equal the "
+                "width of the image and audio token states its cross-attention reads (the stack widths, or "
+                f"ImageConfig.resampler_width), got {memory}"
+            )
+
+    def _check_sinusoids(self) -> None:
+        """Sinusoidal positions are sin and cos halves over width / 2 - 1 timescale steps, added to the tokens of the
+        stack the modality's route runs through (the text embedding's: the text route's, else the decoder's): that
+        width must be even and at least 4."""
+        text_route = next((route for route in ("text", "decoder") if route in self.routes), None)
+        for modality, route in (("audio", "audio" if "audio" in self.routes else None), ("text", text_route)):
+            if route is None or getattr(self, modality).position != "sinusoidal":
+                continue
+            width = self.width(route)
+            if width % 2 or width < 4:
+                raise ValueError(
+                    f"{modality.capitalize()}Config.position='sinusoidal' needs an even width >= 4 for the {route} "
+                    f"route's tokens, got ModelConfig.stacks[{self.routes[route]!r}].width={width}"
+                )
+
     def _check_heads(self) -> None:
         """Projection kinds, the decoder's input and the generation rules."""
         for modality, kind in self.projections.items():
             _check_choice("ModelConfig.projections keys", modality, MODALITIES)
             _check_choice(f"ModelConfig.projections[{modality!r}]", kind, PROJECTIONS)
+            if kind != "none" and self.embed_dim is None:  # the model would build no projection at all
+                raise ValueError(
+                    f"ModelConfig.projections[{modality!r}]={kind!r} needs embed_dim (the joint size it projects to), "
+                    "got embed_dim=None; set embed_dim, or 'none' to use the pooled features as they are"
+                )
             unprojected = kind == "none" and self.embed_dim is not None and modality in self.routes
             if unprojected and self.feature_width(modality) != self.embed_dim:
                 raise ValueError(

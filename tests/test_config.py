@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
+from mmformer import MultimodalTransformer
 from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
 
 
@@ -111,12 +113,106 @@ def _stacks(**kwargs) -> dict[str, StackConfig]:
             r"the text and decoder routes share the token embedding, so their widths must match",
         ),
         (dict(routes={"text": "a"}, ctc_head=True), r"ModelConfig.ctc_head=True needs an audio route"),
+        (  # cross-attention has no memory projection: the wider image tokens failed in the first decoding step
+            dict(stacks=_stacks(b=StackConfig(width=24, n_heads=2)), routes={"image": "b", "decoder": "a"}),
+            r"ModelConfig.stacks\['a'\].width \(16\), the decoder's, must equal the width of the image and audio token "
+            r"states its cross-attention reads .*got \{'image': 24\}",
+        ),
+        (
+            dict(
+                stacks=_stacks(b=StackConfig(width=8, n_heads=2)), routes={"image": "a", "audio": "b", "decoder": "a"}
+            ),
+            r"ModelConfig.stacks\['a'\].width \(16\), the decoder's, .*got \{'image': 16, 'audio': 8\}",
+        ),
+        (  # the odd width failed when the model was built (layers/positions.py)
+            dict(stacks=_stacks(b=StackConfig(width=33, n_heads=1)), routes={"audio": "b"}),
+            r"AudioConfig.position='sinusoidal' needs an even width >= 4 for the audio route's tokens, got "
+            r"ModelConfig.stacks\['b'\].width=33",
+        ),
+        (  # no text route: the text embedding is the decoder's; width 2 has one timescale (a division by zero)
+            dict(
+                stacks={"b": StackConfig(width=2, n_heads=1)},
+                routes={"decoder": "b"},
+                text=TextConfig(position="sinusoidal"),
+            ),
+            r"TextConfig.position='sinusoidal' needs an even width >= 4 for the decoder route's tokens, got "
+            r"ModelConfig.stacks\['b'\].width=2",
+        ),
+        (  # without embed_dim the model built no projection at all: the requested one was dropped silently
+            dict(routes={"text": "a", "audio": "a"}, embed_dim=None, projections={"audio": "mlp"}),
+            r"ModelConfig.projections\['audio'\]='mlp' needs embed_dim .*got embed_dim=None",
+        ),
+        (
+            dict(routes={"text": "a"}, embed_dim=None, projections={"text": "linear"}),
+            r"ModelConfig.projections\['text'\]='linear' needs embed_dim",
+        ),
+        (  # a decoder of depth 0 has no cross-attention: it ignored its memory
+            dict(
+                stacks=_stacks(b=StackConfig(width=16, n_heads=2, depth=0, cross_attention=True)),
+                routes={"image": "a", "decoder": "b"},
+            ),
+            r"ModelConfig.stacks\['b'\].depth must be > 0 for routes \['decoder'\], got 0",
+        ),
+        (
+            dict(stacks=_stacks(b=StackConfig(width=16, n_heads=2, depth=0)), routes={"text": "b", "image": "b"}),
+            r"ModelConfig.stacks\['b'\].depth must be > 0 for routes \['text', 'image'\], got 0",
+        ),
     ],
 )
 def test_model_config_errors_name_the_field(kwargs, message):
     kwargs = {"stacks": _stacks(), **kwargs}
     with pytest.raises(ValueError, match=message):
         ModelConfig(**kwargs)
+
+
+def _memory_widths_config(**changes) -> ModelConfig:
+    """An image tower of width 24 and a width-16 decoder."""
+    stacks = {"vision": StackConfig(width=24, depth=1, n_heads=2), "dec": StackConfig(width=16, depth=1, n_heads=2)}
+    return ModelConfig(
+        stacks={**stacks, **changes.pop("stacks", {})},
+        routes={"image": "vision", "decoder": "dec"},
+        image=ImageConfig(image_size=16, patch_size=8, channels=1, **changes.pop("image", {})),
+        audio=None,
+        text=TextConfig(vocab_size=32, max_length=8),
+        embed_dim=8,
+        **changes,
+    )
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},  # a decoder-only language model next to an image tower: it reads no memory
+        {  # CoCa: the attentional pooler's queries, at the decoder's width, are what the decoder reads
+            "stacks": {"dec": StackConfig(width=16, depth=1, n_heads=2, cross_attention=True)},
+            "image": {"resampler_queries": 3, "resampler_width": 16},
+        },
+    ],
+)
+def test_a_decoder_of_another_width_than_the_image_stack_builds_when_it_can_read_the_memory(changes):
+    """The memory width check refuses only what fails: these configs build and decode (from the image tokens when
+    the decoder has cross-attention)."""
+    torch.manual_seed(0)
+    model = MultimodalTransformer(_memory_widths_config(**changes)).eval()
+    memory, memory_mask = model.encode_image_tokens(torch.randn(2, 1, 16, 16))
+    if not model.config.stacks["dec"].cross_attention:
+        memory = memory_mask = None
+    assert model.decode(torch.ones(2, 3, dtype=torch.long), memory, memory_mask).shape == (2, 3, 32)
+
+
+def test_a_depth_0_stack_no_route_uses_is_accepted():
+    ModelConfig(stacks={"a": StackConfig(width=16, n_heads=2), "spare": StackConfig(depth=0)}, routes={"text": "a"})
+
+
+def test_from_pretrained_refuses_a_config_json_whose_decoder_cannot_read_its_memory(tmp_path):
+    """A config.json whose image tower is wider than its cross-attention decoder: refused when read, naming the
+    file and the widths, rather than when the first caption is decoded."""
+    MultimodalTransformer(_memory_widths_config()).save_pretrained(tmp_path)  # its decoder reads no memory
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["stacks"]["dec"]["cross_attention"] = True
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"config.json: not a valid mmformer ModelConfig: .*got \{'image': 24\}"):
+        MultimodalTransformer.from_pretrained(tmp_path)
 
 
 def test_from_dict_rejects_unknown_keys():
@@ -218,3 +314,14 @@ def test_a_flag_that_is_not_a_bool_is_refused_not_read_as_truthy(where, value):
     target[where[-1]] = value
     with pytest.raises(TypeError, match=rf"\.{where[-1]} must be true or false, got {value!r}"):
         ModelConfig.from_dict(d)
+
+
+def test_an_image_stack_of_width_4_builds():
+    """The learned patch positions start as 2-D sin-cos halves; at width 4 each half (2) was too narrow for the
+    sinusoids and building the model divided by zero."""
+    from mmformer.embedders.image import initial_patch_positions
+
+    cfg = ImageConfig(image_size=16, patch_size=8)
+    table = initial_patch_positions(cfg, 4)
+    assert table.shape == (cfg.n_tokens, 4) and bool(torch.isfinite(table).all())
+    assert initial_patch_positions(cfg, 8).shape == (cfg.n_tokens, 8)

@@ -41,6 +41,10 @@ CASES = {
         {"model": {"model": {"routes": {"text": "nope"}}}},
         ["model.model", "routes['text'] = 'nope'"],
     ),
+    "image tower wider than the cross-attention decoder": (  # failed in the first training step
+        {"model": {"model": {"stacks": {"img": {"width": 48, "depth": 1, "n_heads": 2}}, "routes": {"image": "img"}}}},
+        ["model.model", "stacks['shared'].width (32), the decoder's", "{'image': 48}"],
+    ),
 }
 
 

@@ -18,8 +18,9 @@ from mmformer.layers.positions import resample_patch_positions, sinusoids
 def initial_patch_positions(cfg: ImageConfig, width: int) -> torch.Tensor:
     """Initial 2-D learned position table (Np + prefix, D): row and column sin-cos halves (as MAE's fixed table), so
     the patch grid's geometry is visible from the first step; the rows of the class token and the registers start at
-    zero. A width not divisible by 4 falls back to a small random table."""
-    if width % 4:
+    zero. A width not divisible by 4, or under 8 (each half's sin-cos needs 4 or more), falls back to a small random
+    table."""
+    if width % 4 or width < 8:
         return torch.randn(cfg.n_tokens, width) * 0.02
     gh, gw = cfg.grid
     rows = sinusoids(gh, width // 2)[:, None, :].expand(gh, gw, width // 2)
