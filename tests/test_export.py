@@ -35,17 +35,18 @@ WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tiny(**routes) -> MultimodalTransformer:
+def tiny(**overrides) -> MultimodalTransformer:
+    """The module's tiny model (``overrides``: ModelConfig arguments), with a processor and a peaked LM head."""
     torch.manual_seed(0)
     tokenizer = Tokenizer.train([" ".join(WORDS)] * 4, vocab_size=300)
-    config = ModelConfig(
-        stacks={"shared": StackConfig(**{**TINY_STACK, "cross_attention": True})},
-        image=ImageConfig(**TINY_IMAGE),
-        audio=AudioConfig(**TINY_AUDIO),
-        text=TextConfig(**{**TINY_TEXT, "vocab_size": tokenizer.vocab_size}),
-        embed_dim=8,
-        **routes,
-    )
+    config = ModelConfig(**{
+        "stacks": {"shared": StackConfig(**{**TINY_STACK, "cross_attention": True})},
+        "image": ImageConfig(**TINY_IMAGE),
+        "audio": AudioConfig(**TINY_AUDIO),
+        "text": TextConfig(**{**TINY_TEXT, "vocab_size": tokenizer.vocab_size}),
+        "embed_dim": 8,
+        **overrides,
+    })  # fmt: skip
     model = MultimodalTransformer(config).eval()
     with torch.no_grad():  # a peaked LM head, so that greedy ids are far from ties
         model.text_embed.tokens.weight.mul_(20)
@@ -394,3 +395,59 @@ def test_cli_exports_towers_and_still_writes_pretrained_folders(model, tmp_path,
     assert (tmp_path / "copy" / "model.safetensors").is_file()
     with pytest.raises(SystemExit, match="no decoder route|exactly one of --ckpt"):
         main(["export", "--out", str(tmp_path / "y")])
+
+
+@pytest.fixture(scope="module")
+def coca(tmp_path_factory):
+    """A CoCa-style model (an attentional pooler whose first query is pooled and hidden from the decoder) with a
+    SigLIP logit bias, and its ONNX export (image, text, decoder)."""
+    model = tiny(
+        stacks={"shared": StackConfig(**{**TINY_STACK, "depth": 1, "cross_attention": True})},  # one block: faster
+        image=ImageConfig(**TINY_IMAGE, resampler_queries=4, pool="cls"),
+        audio=None,
+        routes={"image": "shared", "text": "shared", "decoder": "shared"},
+        logit_bias_init=-2.0,
+    )
+    return model, export.export(model, tmp_path_factory.mktemp("coca") / "onnx")
+
+
+def test_a_coca_export_decodes_the_image_tokens_the_models_decoder_reads(coca, files, monkeypatch):
+    """The decoder graphs read ``memory_mask`` as a count of real tokens first (opset 24), so the runner's caption
+    decodes from the image tokens after the hidden pooled query (``image.memory_start``) with a mask of ones: the
+    memory the model's decoder reads (its own mask hides the first query), its logits and its greedy ids."""
+    from mmformer.ship.onnx_runner import OnnxModel
+
+    model, folder = coca
+    runner = OnnxModel(folder)
+    calls = []
+
+    def recorded(memory, memory_mask, *args, **kwargs):
+        calls.append((memory, memory_mask, OnnxModel.generate(runner, memory, memory_mask, *args, **kwargs)))
+        return calls[-1][2]
+
+    monkeypatch.setattr(runner, "generate", recorded)
+    images, _ = files
+    assert runner.caption(images, max_new_tokens=6) == model.caption(images, max_new_tokens=6)
+    memory, memory_mask, ids = calls[0]
+    pixels = model.processor(images=images)["pixel_values"]
+    with torch.no_grad():
+        states, mask = model.encode_image_tokens(pixels)  # mask: False at the pooled query
+        assert memory_mask.all() and np.abs(memory - states[:, mask[0]].numpy()).max() <= 1e-5
+        assert ids.tolist() == generate(model, image=pixels, max_new_tokens=6).tolist()
+        prompt = export.examples(model, batch=len(images), tokens=4)["input_ids"]
+        expected = model.decode(prompt, states, mask)
+    got = runner._run("decoder_model", input_ids=prompt.numpy(), memory=memory, memory_mask=memory_mask)[0]
+    assert np.abs(got - expected.numpy()).max() <= 1e-5
+
+
+def test_the_onnx_runners_zero_shot_reads_a_logit_bias_through_a_sigmoid(coca, files):
+    """A model with a logit bias (SigLIP): the runner's probabilities are the classifier's, sigmoid(scale × cosine +
+    bias) per class, not a softmax over the classes."""
+    from mmformer.ship.onnx_runner import OnnxModel
+
+    model, folder = coca
+    images, _ = files
+    probs, labels = OnnxModel(folder).zeroshot(images, WORDS[:4])
+    clf = mmformer.ZeroShotClassifier(model, classnames=WORDS[:4])
+    assert np.abs(probs - clf.predict_proba(images).numpy()).max() <= 1e-5
+    assert labels == clf.predict(images)

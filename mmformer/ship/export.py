@@ -4,7 +4,9 @@
 The graphs, as Hugging Face Optimum lays out an encoder–decoder export (``mmformer export --format onnx``)::
 
     out/
-      image_encoder.onnx          pixel_values (B, C, H, W) → image_embeds (B, E), image_states (B, Np, D)
+      image_encoder.onnx          pixel_values (B, C, H, W) → image_embeds (B, E), image_states (B, Np, D): the
+                                  decoder's memory is image_states[:, image.memory_start:] (CoCa: its pooled first
+                                  query is not read), with a mask of ones
       audio_encoder.onnx          input_features (B, M, Nf), feature_lengths (B,)
                                   → audio_embeds (B, E), audio_states (B, N, D), audio_mask (B, N)
       text_encoder.onnx           input_ids (B, T), attention_mask (B, T) → text_embeds (B, E), text_states (B, T, D)
@@ -14,16 +16,19 @@ The graphs, as Hugging Face Optimum lays out an encoder–decoder export (``mmfo
       decoder_with_past_model.onnx   input_ids (B, 1), memory_mask (B, S), past_keys/values (L, B, nkv, P, hs),
                                      cross_keys_0 … cross_keys_{Lc-1}, cross_values_0 … (B, nkv, S, hs) each
                                   → logits (B, 1, V), present_keys/values (L, B, nkv, P + 1, hs)
-      export_config.json          the graphs, their inputs/outputs and dynamic axes, the special token ids (end ids
-                                  included), the decoder's length limit, the audio window and the checkpoint's
-                                  decoding rules (``generation``: Whisper's prompt tokens and suppressed tokens)
+      export_config.json          the graphs, their inputs/outputs and dynamic axes, the zero-shot logit scale and
+                                  bias (SigLIP's: scores read through a sigmoid), the special token ids (end ids
+                                  included), the decoder's length limit, the audio window, where the decoder's image
+                                  memory starts and the checkpoint's decoding rules (``generation``: Whisper's prompt
+                                  tokens and suppressed tokens)
       mel_filters.npy             the log-mel filter bank (n_fft/2 + 1, M), for feature extraction without torch
       config.json, tokenizer.json, preprocessor_config.json
 
 Every mask is real tokens first, as the encoders give them: ``feature_lengths`` (B,) of the audio graph and
 ``memory_mask`` (B, S) of the decoder's (whose attention reads it as lengths from opset 24 on: a mask with a hole
 would be read as its count of real tokens; :class:`~mmformer.ship.onnx_runner.OnnxModel` only passes the encoders'
-masks).
+masks, and drops the image tokens the model's decoder does not read — ``image.memory_start`` of the export config —
+rather than masking them).
 
 The decoder runs as Optimum's pair: ``decoder_model`` reads the prompt and the encoder states once and returns the
 self-attention cache and the cross-attention keys/values; ``decoder_with_past_model`` is one greedy step with the
@@ -60,6 +65,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from mmformer.generation.decoding_rules import reads_memory
 from mmformer.io.pretrained import EXPORT_CONFIG, MEL_FILTERS
 from mmformer.io.weights import model_device
 from mmformer.layers.cache import KVCache
@@ -230,7 +236,7 @@ def graphs(model: MultimodalTransformer, towers: Sequence[str] | None = None) ->
     if not towers:
         raise ValueError(f"towers: nothing to export; the model's routes are {sorted(routes)}")
     cfg, device = model.config, model_device(model)
-    if "decoder" in towers and not cfg.stacks[routes["decoder"]].cross_attention:
+    if "decoder" in towers and not reads_memory(cfg):
         raise ValueError(
             "towers: the decoder of a decoder-only language model is not exportable yet: the decoder graphs "
             "(decoder_model, decoder_with_past_model) read a memory through cross-attention, which this decoder "
@@ -281,6 +287,30 @@ def graphs(model: MultimodalTransformer, towers: Sequence[str] | None = None) ->
     if "decoder" in towers:
         out += _decoder_graphs(model, ex, dims)
     return out
+
+
+def image_memory_start(model: MultimodalTransformer) -> int:
+    """How many leading ``image_states`` the model's decoder does not read (CoCa's pooled first query: the mask
+    :meth:`~mmformer.model.MultimodalTransformer.encode_image_tokens` gives its decoder); 0 where it reads them all.
+
+    The decoder graphs read ``memory_mask`` as a count of real tokens first (:func:`_lengths_for_masks`), so a mask
+    hiding the first token would hide the last one instead: a runner drops these tokens and passes a mask of ones.
+    Read from the model's own mask on an example image, so that the export follows whatever the model hides.
+
+    Raises:
+        ValueError: the model's image mask hides tokens other than leading ones (no count can say which).
+    """
+    pixels = examples(model, batch=1)["pixel_values"].to(model_device(model))
+    with torch.no_grad():
+        _, mask = model.encode_image_tokens(pixels)
+    if mask is None:
+        return 0
+    row = mask[0].tolist()
+    start = row.index(True) if True in row else len(row)
+    if not all(row[start:]) or start == len(row):
+        raise ValueError(f"model: the decoder's image mask {row} is not hidden tokens first, then real ones; the "
+                         "decoder graphs read a memory of real tokens")  # fmt: skip
+    return start
 
 
 def _decoder_graphs(model: MultimodalTransformer, ex: dict[str, Any], dims: dict[str, Any]) -> list[Graph]:
@@ -357,6 +387,8 @@ def export(
         )
     model = model.eval()
     todo = graphs(model, towers)  # refuses bad towers before anything is written
+    # the decoder's memory is image_states[:, memory_start:], all real tokens (see image_memory_start)
+    image = {"memory_start": image_memory_start(model)} if any(g.name == "image_encoder" for g in todo) else None
     processor = processor if processor is not None else getattr(model, "processor", None)
     with (
         pretrained.atomic_directory(
@@ -388,11 +420,14 @@ def export(
             "torch_version": torch.__version__,
             "graphs": records,
             "logit_scale": float(model.logit_scale.detach().exp()),  # zero-shot logits = scale * cosine similarity
+            # + bias, read through a sigmoid (SigLIP; zero_shot_logits, ZeroShotClassifier.predict_proba); None: softmax
+            "logit_bias": None if model.logit_bias is None else float(model.logit_bias.detach()),
             "text": {"bos_id": text.bos_id, "eos_id": text.eos_id, "pad_id": text.pad_id,
                      "max_length": text.max_length if text.position != "none" else None,
                      # where generate stops: the position table less CoCa's class-token slot; every end id
                      "max_tokens": text.max_tokens if text.position != "none" else None,
                      "extra_eos_ids": list(text.extra_eos_ids)},
+            "image": image,
             "audio": None if audio is None else {
                 "sample_rate": audio.sample_rate, "n_fft": audio.n_fft, "hop_length": audio.hop_length,
                 "n_mels": audio.n_mels, "mel_filters": MEL_FILTERS if "audio_encoder" in records else None,

@@ -52,6 +52,10 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # 1 / (1 + exp(-x)), without exp's overflow at large -x
+
+
 def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -117,6 +121,8 @@ class OnnxModel:
         # (no window, [bos], end-of-text only, the position table): see the properties that read them
         self.generation = self.config.get("generation")  # GenerationConfig's fields (Whisper's), or None
         self.logit_scale = float(self.config.get("logit_scale", 1.0))
+        bias = self.config.get("logit_bias")  # SigLIP's; None (or an export without the key): softmax scores
+        self.logit_bias = None if bias is None else float(bias)
         self._tokenizer = None
         preprocessor = self.directory / "preprocessor_config.json"
         self.preprocessor = json.loads(preprocessor.read_text()) if preprocessor.is_file() else {}
@@ -351,12 +357,18 @@ class OnnxModel:
         modality: str = "image",
         sample_rate: int | None = None,
     ) -> tuple[np.ndarray, list[str]]:
-        """Class probabilities (B, C) and the most likely class of each input."""
+        """Class probabilities (B, C) and the most likely class of each input, as
+        :meth:`mmformer.ZeroShotClassifier.predict_proba` gives them: the softmax of ``logit_scale`` × cosine
+        similarity (rows sum to 1), or for a model with a logit bias (SigLIP, trained with a sigmoid loss) the sigmoid
+        of that plus the bias, an independent probability per class (:func:`mmformer.zeroshot.zero_shot_logits`)."""
         if modality not in ("image", "audio"):
             raise ValueError(f"modality: expected 'image' or 'audio', got {modality!r}")
         features = self.encode_image(inputs) if modality == "image" else self.encode_audio(inputs, sample_rate)
-        logits = self.logit_scale * features @ self.class_embeddings(classnames, templates).T
-        probs = _softmax(logits.astype(np.float64))
+        logits = (self.logit_scale * features @ self.class_embeddings(classnames, templates).T).astype(np.float64)
+        if self.logit_bias is None:
+            probs = _softmax(logits)
+        else:
+            probs = _sigmoid(logits + self.logit_bias)
         return probs, [classnames[i] for i in probs.argmax(axis=1)]
 
     # ------------------------------------------------------------------ the decoding rules
@@ -530,11 +542,19 @@ class OnnxModel:
         ids = self.generate(states, mask, max_new_tokens, language=language, task=task)
         return self.detokenize(ids[:, self.prompt_length :])
 
+    @property
+    def image_memory_start(self) -> int:
+        """How many leading ``image_states`` the model's decoder does not read (CoCa's pooled first query; see
+        :func:`mmformer.ship.export.image_memory_start`): the memory is the rest, every token real. 0 in an export
+        without the key (written before it)."""
+        return (self.config.get("image") or {}).get("memory_start", 0)
+
     def caption(self, images: Sequence[Any], max_new_tokens: int = 30) -> list[str]:
-        """Greedy captions of image files or PIL images."""
+        """Greedy captions of image files or PIL images, decoded from the image tokens the model's decoder reads."""
         _, states = self._run("image_encoder", pixel_values=self.preprocess_images(images))
-        mask = np.ones(states.shape[:2], dtype=bool)
-        return self.detokenize(self.generate(states, mask, max_new_tokens)[:, self.prompt_length :])
+        memory = states[:, self.image_memory_start :]
+        mask = np.ones(memory.shape[:2], dtype=bool)
+        return self.detokenize(self.generate(memory, mask, max_new_tokens)[:, self.prompt_length :])
 
 
 def _audio_name(item: Any, index: int) -> str:
