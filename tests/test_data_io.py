@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+import torch
 from PIL import Image
 
-from mmformer.data.io import read_each, read_image
+from mmformer.data.io import read_each, read_image, truncate_audio
 from mmformer.preprocess.media import MissingSampleError, SampleError, audio_suffixes, file_modality
 from mmformer.preprocess.processor import ImageProcessorConfig, Processor
 
@@ -109,3 +110,10 @@ def test_read_each_skips_what_cannot_be_read_warning_and_naming_it(tmp_path, png
     assert list(errors) == [1] and errors[1].startswith(f"{bad}: cannot decode image")
     with pytest.raises(TypeError):  # only unreadable samples are skipped; other errors are the caller's
         read_each([good, 3], read_image, "caption")
+
+
+def test_the_audio_truncation_warning_tells_a_cut_of_one_sample():
+    """It read "1.0 s of audio is longer than max_seconds=1.0" (one decimal) for a file one sample too long."""
+    with pytest.warns(UserWarning, match=r"a\.wav: 1\.0000\d+ s of audio is longer than max_seconds=1\.0 \(16001 "
+                      r"samples at 16000 Hz, more than 16000\)"):  # fmt: skip
+        assert truncate_audio(torch.zeros(16001), 16000, 1.0, "a.wav").shape == (16000,)

@@ -49,3 +49,36 @@ def test_outside_the_cli_left_out_input_options_are_the_processor_defaults(tmp_p
     assert (processor.image.image_size, processor.image.channels, processor.audio.sample_rate) == ((224, 224), 3, 16000)
     given = MultimodalDataModule(tokenizer=str(tokenizer), image_size=8, image_channels=1, sample_rate=8000).processor
     assert (given.image.image_size, given.image.channels, given.audio.sample_rate) == ((8, 8), 1, 8000)
+
+
+def test_a_text_max_length_longer_than_the_models_table_stops_the_run(tmp_path):
+    """tiny_config's model has text.max_length 8: data.text_max_length 32 trained anyway, every text cut to 8."""
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, tmp_path / "not-there.jsonl"))
+    with pytest.raises(
+        ConfigError, match=r"data\.text_max_length: 32 is longer than .*model\.model\.text\.max_length: 8"
+    ):
+        fit_in_process(config, "--data.text_max_length", "32", run=False)
+
+
+def test_a_text_max_length_left_out_follows_the_model_and_a_shorter_one_stays(tmp_path):
+    train = write_pairs(tmp_path / "pairs", n=4)
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, train))
+    assert fit_in_process(config, run=False).datamodule.text_max_length == 8
+    assert fit_in_process(config, "--data.text_max_length", "6", run=False).datamodule.text_max_length == 6
+
+
+def test_a_model_vocab_size_that_differs_from_the_tokenizers_stops_the_run(tmp_path):
+    """The tokenizer's size is linked into the model: a model.model.text.vocab_size of 400 became 280, silently."""
+    config = write_config(tmp_path / "c.yaml", tiny_config(tmp_path, tmp_path / "not-there.jsonl"))
+    with pytest.raises(ConfigError, match=r"model\.model\.text\.vocab_size: 400 differs from data\.vocab_size: 280"):
+        fit_in_process(config, "--model.model.text.vocab_size", "400", run=False)
+
+
+def test_a_hand_set_vocab_size_replaced_by_the_tokenizers_is_named_outside_the_cli(make_model_config):
+    from mmformer.tasks import MultimodalTask
+
+    with pytest.warns(
+        UserWarning, match=r"model\.text\.vocab_size: 400 is replaced by the tokenizer's size, vocab_size=300"
+    ):
+        task = MultimodalTask(make_model_config(text={"vocab_size": 400}), vocab_size=300)
+    assert task.model.config.text.vocab_size == 300

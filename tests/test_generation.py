@@ -413,3 +413,13 @@ def test_caption_needs_a_tokenizer(build):
         build().caption(torch.randn(1, 3, 16, 16))
     with pytest.raises(ValueError, match=r"transcribe: turning ids into text needs a Processor with a tokenizer"):
         build().transcribe([torch.randn(800)], sample_rate=8000, processor=Processor())
+
+
+def test_a_decoder_without_cross_attention_refuses_a_memory(make_model_config):
+    """Its decode drops the memory: two different images were captioned with the same ids."""
+    model = MultimodalTransformer(make_model_config(stack={"cross_attention": False})).eval()
+    for kind in ("image", "audio"):
+        with pytest.raises(ValueError, match=rf"generate: got {kind}=, .* has no cross-attention"):
+            generate(model, **memory_inputs(kind), max_new_tokens=2)
+    bos = model.config.text.bos_id
+    assert generate(model, prompt_ids=torch.tensor([[bos]]), max_new_tokens=2).shape[1] >= 1  # a prompt alone is fine

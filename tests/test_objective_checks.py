@@ -50,3 +50,15 @@ def test_teacher_forcing_refuses_a_decoder_that_reads_a_checkpoints_prompt():
         check_teacher_forcing(whisper)
     check_teacher_forcing(ModelConfig())  # a decoder that starts from bos
     check_teacher_forcing(ModelConfig(generation=GenerationConfig(suppress_tokens=[5])))  # rules, but no prompt
+
+
+def test_caption_and_speech_are_refused_for_a_decoder_without_cross_attention(make_model_config):
+    """Its decode drops the image / audio tokens: the objectives trained a language model of the texts alone, and
+    caption() gave two different images the same ids."""
+    from mmformer.tasks import MultimodalTask
+
+    no_cross = make_model_config(stack={"cross_attention": False}, audio=None)
+    with pytest.raises(ValueError, match=r"objectives\.caption=1\.0: .*model\.stacks\.shared\.cross_attention: false"):
+        MultimodalTask(no_cross)  # the default weights; speech is not named: the model has no audio route
+    MultimodalTask(no_cross, objectives=ObjectiveSettings(caption=0.0))  # contrastive only: fine
+    MultimodalTask(make_model_config(audio=None))  # a decoder that cross-attends: fine

@@ -158,6 +158,13 @@ class LossLog(L.Callback):
         self.losses.append(float(trainer.callback_metrics["train/loss"]))
 
 
+def test_lm_on_paired_data_warns_that_it_trained_nothing():
+    """lm and mlm train on text-only batches: objectives.lm=1.0 on image–text data was silently never used."""
+    task = make_task(objectives=dict(lm=1.0, speech=0.0), generation={"evaluate": False})
+    with pytest.warns(UserWarning, match=r"objectives\.lm=1\.0 trained nothing: no training batch was text-only"):
+        trainer(max_steps=1).fit(task, DigitsData(modalities=("image",)))
+
+
 # ---------------------------------------------------------------------- every task mix
 MIXES = {
     "contrastive": (dict(objectives=dict(caption=0.0, speech=0.0)), ("image",), {}, {"contrastive_image"}),

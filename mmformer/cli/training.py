@@ -4,9 +4,10 @@
 The vocabulary size is set once: the data module's tokenizer links it into the task (``model.vocab_size``), which
 sets the model config's. The data module's image size and channels and audio sample rate follow the model's image
 and audio config where a configuration leaves them out, and must equal them where it gives them
-(:func:`follow_model`). With ``model.adapt.init_from`` the data module takes its processor (tokenizer, image and audio
-preprocessing) from that checkpoint (``data.processor_from`` is linked to it) rather than training a tokenizer, and
-the task checks that the tokenizer fits the checkpoint's token table.
+(:func:`follow_model`); its ``text_max_length`` follows the model's position table and may not exceed it
+(:func:`follow_text_length`). With ``model.adapt.init_from`` the data module takes its processor (tokenizer, image
+and audio preprocessing) from that checkpoint (``data.processor_from`` is linked to it) rather than training a
+tokenizer, and the task checks that the tokenizer fits the checkpoint's token table.
 
 What the CLI adds to LightningCLI:
 
@@ -175,6 +176,43 @@ def follow_model(data: Namespace, config: ModelConfig) -> None:
             )
 
 
+def follow_text_length(data: Namespace, config: ModelConfig) -> None:
+    """Cut the training texts to the model's position table: ``data.text_max_length`` follows
+    ``model.model.text.max_length`` where the configuration leaves it out (the tokenizer's own limit, 77, let a long
+    caption through, and the model stopped training at it), and a longer one is a :class:`ConfigError` naming both:
+    the task cut every text to the table anyway, silently. A shorter one is a choice (shorter training texts, or
+    language-model blocks shorter than the context) and stays. A model without a position table
+    (``text.position: none``) takes any length."""
+    text = config.text
+    if text is None or text.position == "none":
+        return
+    given = data.get("text_max_length")
+    if given is None:
+        data["text_max_length"] = text.max_length
+    elif given > text.max_length:
+        raise ConfigError(
+            f"data.text_max_length: {given!r} is longer than the model's position table, {MODEL_KEY}.text.max_length: "
+            f"{text.max_length!r}; leave data.text_max_length out (it follows the model), set it to at most "
+            f"{text.max_length}, or give the model a longer table"
+        )
+
+
+def check_vocab_size(data: Namespace, config: ModelConfig, init_from: str | None = None) -> None:
+    """Refuse a ``model.model.text.vocab_size`` set in the configuration (not the default) that differs from
+    ``data.vocab_size``, the size of the tokenizer the data module trains: the vocabulary size is set once, by the
+    tokenizer (linked into the model), and the model's was replaced silently (400 given, 300 in config.json). With
+    a tokenizer file or a pretrained processor the data's size is not known yet: the task warns there
+    (:func:`mmformer.tasks.adapt.initial_model`)."""
+    given, target = config.text.vocab_size if config.text is not None else None, data.get("vocab_size")
+    trains_tokenizer = not (data.get("tokenizer") or data.get("processor_from") or init_from)
+    if trains_tokenizer and given not in (None, TextConfig.vocab_size, target):
+        raise ConfigError(
+            f"{MODEL_KEY}.text.vocab_size: {given!r} differs from data.vocab_size: {target!r}, the size of the "
+            f"tokenizer the data module trains (the model takes the tokenizer's); leave {MODEL_KEY}.text.vocab_size "
+            "out, or set data.vocab_size instead"
+        )
+
+
 class MMFormerCLI(LightningCLI):
     """LightningCLI with mmformer's vocabulary link, early config checks, atomic checkpoints and exact resumes."""
 
@@ -221,10 +259,8 @@ class MMFormerCLI(LightningCLI):
             data = section.get("data")
             if isinstance(data, Namespace):
                 follow_model(data, config)
-            if isinstance(data, Namespace) and data.get("text_max_length") is None and config.text is not None:
-                # texts cut to the model's position table: the tokenizer's own limit (77) let a long caption
-                # through, and the model stopped training at it ("input_ids: expected at most N tokens")
-                data["text_max_length"] = config.text.max_length if config.text.position != "none" else None
+                follow_text_length(data, config)
+                check_vocab_size(data, config, init_from=model.get("adapt.init_from"))
         elif isinstance(model, Namespace) and not model.get("adapt.init_from"):
             raise ConfigError(f"{MODEL_KEY}: expected a model configuration, or {INIT_FROM}: a model to start from")
 

@@ -7,6 +7,7 @@ first four absent, or a block of packed text ``{"input_ids": (L,), "document_ids
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +28,20 @@ def pad_audio(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lengths
 
 
+def tokenize_counting_cuts(
+    tokenizer: Tokenizer, texts: list[str], max_length: int
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """``tokenizer(texts, max_length=max_length)`` and the indices of the texts it cut (their tokens past
+    ``max_length`` are lost: a caller warns about them).
+
+    Tokenizes once with one position more than allowed, so that texts that fit cost nothing extra: their ids and
+    padding are the same as with ``max_length``; only when one is too long is the batch tokenized again.
+    """
+    out = tokenizer(texts, max_length=max_length + 1)
+    cut = [i for i, n in enumerate(out["attention_mask"].sum(dim=1).tolist()) if n > max_length]
+    return (tokenizer(texts, max_length=max_length) if cut else out), cut
+
+
 class Collator:
     """``DataLoader`` ``collate_fn``: drops ``None`` samples, stacks images, pads audio, tokenizes text.
 
@@ -45,7 +60,9 @@ class Collator:
 
     Args:
         tokenizer: tokenizes ``text``; without one, texts are passed through as strings only.
-        text_max_length: truncate texts to this many tokens (default: the tokenizer's ``max_length``).
+        text_max_length: truncate texts to this many tokens (default: the tokenizer's ``max_length``). The first
+            batch with texts cut warns (naming how many and the limit), once per collator (per loader worker): a
+            model whose text table was shorter than its captions trained on their first words only, silently.
         packing: pack the texts (above) rather than pad them.
     """
 
@@ -53,6 +70,7 @@ class Collator:
         self.tokenizer = tokenizer
         self.text_max_length = text_max_length
         self.packing = packing
+        self._cut_warned = False
 
     def __call__(self, samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
         kept = [i for i, s in enumerate(samples) if s is not None]
@@ -81,7 +99,7 @@ class Collator:
         if "text" in present:
             batch["text"] = [s["text"] for s in samples]
             if self.tokenizer is not None:
-                tokens = self.tokenizer(batch["text"], max_length=self.text_max_length)
+                tokens = self._tokenize(batch["text"])
                 batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
                 if self.packing:  # (1, N) back to back; the mask's row sums are the documents' lengths
                     mask = batch.pop("attention_mask")
@@ -90,6 +108,23 @@ class Collator:
         if all(label is not None for label in labels):  # optional: a batch with an unlabelled sample has no label
             batch["label"] = torch.tensor(labels, dtype=torch.long)
         return batch
+
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The texts' ids and mask, warning the first time some are cut (then no longer checked: no extra cost)."""
+        max_length = self.text_max_length or self.tokenizer.max_length
+        if self._cut_warned:
+            return self.tokenizer(texts, max_length=max_length)
+        tokens, cut = tokenize_counting_cuts(self.tokenizer, texts, max_length)
+        if cut:
+            self._cut_warned = True
+            warnings.warn(
+                f"{len(cut)} of {len(texts)} texts of a batch are longer than text_max_length={max_length} tokens "
+                f"and are cut to it (e.g. {texts[cut[0]][:40]!r}): the model trains on their first {max_length} "
+                "tokens only; raise data.text_max_length (and model.model.text.max_length, its limit) to keep them. "
+                "Warned once: later batches are not checked",
+                stacklevel=2,
+            )
+        return tokens
 
     def _blocks(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         """Packed text blocks (already token ids) → ``input_ids``, ``attention_mask``, ``document_ids`` (B, L)."""

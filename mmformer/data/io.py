@@ -171,7 +171,12 @@ def truncate_audio(
     if limit is None or wave.shape[-1] <= limit:
         return wave
     seconds = wave.shape[-1] / rate if seconds is None else seconds
-    warnings.warn(f"{name}: {seconds:.1f} s of audio is longer than max_seconds={max_seconds}; truncated", stacklevel=3)
+    # to the sample: a file one sample over read "1.0 s of audio is longer than max_seconds=1.0" at one decimal
+    warnings.warn(
+        f"{name}: {round(seconds, 6)} s of audio is longer than max_seconds={max_seconds} ({round(seconds * rate)} "
+        f"samples at {rate} Hz, more than {limit}); truncated",
+        stacklevel=3,
+    )
     return wave[..., :limit]
 
 

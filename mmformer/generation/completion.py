@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mmformer.generation.decoding import DecodingOptions, generate, processor_with_tokenizer, ragged
-from mmformer.generation.decoding_rules import text_to_text
+from mmformer.generation.decoding_rules import reads_memory, text_to_text
 from mmformer.generation.score_processing import model_end_ids
 from mmformer.generation.token_choice import StopStrings, text_after, text_context
 from mmformer.io.weights import model_device
@@ -64,7 +64,7 @@ def continues_prompts(model: MultimodalTransformer) -> bool:
     cfg, routes = model.config, model.config.routes
     if model.lm_head is None or "decoder" not in routes:
         return False
-    if not cfg.stacks[routes["decoder"]].cross_attention:
+    if not reads_memory(cfg):
         return True
     return "image" not in routes and "audio" not in routes and not text_to_text(model)
 

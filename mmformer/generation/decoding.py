@@ -35,7 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from mmformer.embedders.checks import check_prefix, check_token_ids
-from mmformer.generation.decoding_rules import check_language_task, default_prompt, prompt_length, text_to_text
+from mmformer.generation.decoding_rules import (
+    check_language_task,
+    default_prompt,
+    prompt_length,
+    reads_memory,
+    text_to_text,
+)
 from mmformer.generation.score_processing import build_score_processors, model_end_ids
 from mmformer.generation.search import BeamSearch, DecoderRunner, TokenSearch
 from mmformer.generation.token_choice import Generators, StopStrings, token_chooser
@@ -43,6 +49,7 @@ from mmformer.io.weights import model_device
 from mmformer.values import build_options, is_int, is_number, option
 
 if TYPE_CHECKING:
+    from mmformer.config import ModelConfig
     from mmformer.generation.streaming import TextStreamer
     from mmformer.model import MultimodalTransformer
     from mmformer.preprocess.processor import Processor
@@ -153,6 +160,19 @@ class DecodingOptions:
 
 
 # ---------------------------------------------------------------------- entry points
+def check_reads_memory(config: ModelConfig, given: Sequence[str], what: str = "generate") -> None:
+    """Refuse a memory (``given``: the names of the inputs an encoder would read) for a decoder that cannot read it
+    (:func:`reads_memory`): two different images captioned the same tokens."""
+    if given and not reads_memory(config):
+        decoder = config.routes.get("decoder")
+        raise ValueError(
+            f"{what}: got {', '.join(given)}, but this model's decoder (stack {decoder!r}) has no cross-attention "
+            f"(config.stacks[{decoder!r}].cross_attention=False): it is a decoder-only language model and cannot read "
+            "an image, audio or encoder text; give it only a prompt (prompt_ids=), or use a model whose decoder stack "
+            "has cross_attention=True"
+        )
+
+
 def _memory(
     model: MultimodalTransformer | GraphModel,
     image: torch.Tensor | None,
@@ -425,6 +445,13 @@ def generate(
                 "given too; got both"
             )
         prompt_ids, prompt_mask, input_ids, attention_mask = input_ids, attention_mask, None, None
+    memory_inputs = (
+        ("image=", image),
+        ("audio=", audio),
+        ("audio_features=", audio_features),
+        ("input_ids=", input_ids),
+    )
+    check_reads_memory(model.config, [name for name, x in memory_inputs if x is not None])
     text = model.config.text
     memory, memory_mask = _memory(
         graphs or model, image, audio, audio_lengths, audio_features, feature_lengths, input_ids, attention_mask

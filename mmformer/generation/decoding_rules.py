@@ -13,20 +13,27 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from mmformer.config import ModelConfig
     from mmformer.generation.decoding import DecodingOptions
     from mmformer.model import MultimodalTransformer
 
 
 # ---------------------------------------------------------------------- what the decoder reads
+def reads_memory(config: ModelConfig) -> bool:
+    """Whether the model's decoder reads an encoder's states: its stack has a cross-attention sublayer. A decoder
+    without one is a decoder-only language model: its decode drops any memory it is given, so it can neither caption,
+    transcribe nor train the caption / speech objectives (it would learn the texts alone)."""
+    decoder = config.routes.get("decoder")
+    return decoder is not None and config.stacks[decoder].cross_attention
+
+
 def text_to_text(model: MultimodalTransformer) -> bool:
     """Whether the decoder reads a text encoder of its own (T5): a cross-attending decoder stack beside a separate
     text stack, and no image or audio tower."""
     routes = model.config.routes
-    decoder = routes.get("decoder")
     return (
-        decoder is not None
-        and model.config.stacks[decoder].cross_attention
-        and routes.get("text", decoder) != decoder
+        reads_memory(model.config)
+        and routes.get("text", routes["decoder"]) != routes["decoder"]
         and "image" not in routes
         and "audio" not in routes
     )

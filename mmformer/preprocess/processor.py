@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmformer.data.collate import pad_audio
+from mmformer.data.collate import pad_audio, tokenize_counting_cuts
 from mmformer.data.io import (
     check_resample,
     read_audio,
@@ -142,13 +142,9 @@ def _per_channel(values: tuple[float, ...], channels: int) -> list[float]:
 def tokenize_with_warning(
     tokenizer: Tokenizer, texts: list[str], max_length: int, *, what: str = "text"
 ) -> dict[str, torch.Tensor]:
-    """``tokenizer(texts, max_length=max_length)``, warning (naming the texts) when one is longer and gets cut.
-
-    Tokenizes once with one position more than allowed, so that texts that fit cost nothing extra: their ids and
-    padding are the same as with ``max_length``; only when one is too long is the batch tokenized again.
-    """
-    out = tokenizer(texts, max_length=max_length + 1)
-    too_long = [i for i, n in enumerate(out["attention_mask"].sum(dim=1).tolist()) if n > max_length]
+    """``tokenizer(texts, max_length=max_length)``, warning (naming the texts) when one is longer and gets cut
+    (:func:`~mmformer.data.collate.tokenize_counting_cuts`)."""
+    out, too_long = tokenize_counting_cuts(tokenizer, texts, max_length)
     if not too_long:
         return out
     shown = ", ".join(f"{what}[{i}] {texts[i][:40]!r}" for i in too_long[:3]) + (", ..." if len(too_long) > 3 else "")
@@ -157,7 +153,7 @@ def tokenize_with_warning(
         f"truncated: {shown}",
         stacklevel=3,
     )
-    return tokenizer(texts, max_length=max_length)
+    return out
 
 
 def _from_dict(cls: type, values: dict[str, Any], where: str):

@@ -42,7 +42,7 @@ from torch import nn
 
 from mmformer.adapt.adapters import LoraSettings, adapter_parameters, add_lora, resize_token_embeddings
 from mmformer.adapt.prompts import KINDS, ContextPrompt, DecoderPrefix, SoftPrompt, load_prompt
-from mmformer.config import ModelConfig
+from mmformer.config import ModelConfig, TextConfig
 from mmformer.io.training_checkpoints import ADAPTER_KEYS
 from mmformer.io.weights import human_count
 from mmformer.model import MultimodalTransformer
@@ -129,6 +129,11 @@ def initial_model(
         if resize_vocab:
             raise ValueError("resize_vocab: only meaningful with init_from (a fresh model takes the vocabulary size)")
         if vocab_size is not None:
+            if config.text.vocab_size not in (vocab_size, TextConfig.vocab_size):  # set by hand, and replaced
+                rank_zero_warn(
+                    f"model.text.vocab_size: {config.text.vocab_size} is replaced by the tokenizer's size, "
+                    f"vocab_size={vocab_size} (the model's token table follows the tokenizer that reads its texts)"
+                )
             config.text.vocab_size = vocab_size
         return MultimodalTransformer(config)
     if config is not None and not resize_vocab:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mmformer.generation.decoding_rules import reads_memory
 from mmformer.layers.documents import Documents
 
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps the temperature so that logits stay in a trainable range
@@ -192,6 +193,27 @@ def check_teacher_forcing(config: Any) -> None:
             "start, language, task and no-timestamps tokens), which the caption / speech objectives do not build "
             "yet; fine-tuning a Whisper checkpoint is not supported (README, 'Not done yet')"
         )
+
+
+# the decoder objectives and the encoder route each decodes from
+DECODER_OBJECTIVES = {"caption": "image", "speech": "audio"}
+
+
+def check_decoder_objectives(config: Any, objectives: Any) -> None:
+    """Refuse caption / speech weights (of ``objectives``, the task's ObjectiveSettings) for a model with that
+    encoder whose decoder reads no memory (:func:`~mmformer.generation.decoding_rules.reads_memory`: its stack has no
+    cross-attention): its decode dropped the image / audio tokens, so the objective trained a language model of the
+    texts alone, and caption() / transcribe() then gave every input the same tokens."""
+    trained = [f"objectives.{name}={getattr(objectives, name)}" for name, route in DECODER_OBJECTIVES.items()
+               if getattr(objectives, name) > 0 and route in config.routes]  # fmt: skip
+    if not trained or "decoder" not in config.routes or reads_memory(config):
+        return
+    decoder = config.routes["decoder"]
+    raise ValueError(
+        f"{' and '.join(trained)}: these objectives decode text from the image / audio tokens, but the decoder's "
+        f"stack has no cross-attention to read them (model.stacks.{decoder}.cross_attention: false); set "
+        f"model.stacks.{decoder}.cross_attention: true, or set objectives.caption / objectives.speech to 0"
+    )
 
 
 def teacher_forcing(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:

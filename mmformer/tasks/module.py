@@ -58,6 +58,7 @@ from mmformer.tasks.losses import (
     ContrastiveLoss,
     SigLipLoss,
     caption_loss,
+    check_decoder_objectives,
     check_teacher_forcing,
     ctc_loss,
     cut_to_positions,
@@ -170,6 +171,7 @@ class MultimodalTask(L.LightningModule):
             raise ValueError(f"objectives.ctc={self.objectives.ctc} needs a CTC head: set model.ctc_head: true")
         if self.objectives.caption > 0 or self.objectives.speech > 0:
             check_teacher_forcing(model)
+            check_decoder_objectives(model, self.objectives)
 
         # Only plain types go into the checkpoint (torch.load(weights_only=True)): the model config as a dict under
         # "model" (so load_from_checkpoint rebuilds it), each group as a dict; a Python optimizer callable is not
@@ -198,6 +200,7 @@ class MultimodalTask(L.LightningModule):
             self.objectives.packed_attention,
         )
         self.text_objectives.check(self.model, self.prompt)
+        self._text_batches: int | None = 0  # text-only training batches seen; None once their absence was told
         self.distiller = None
         if distilling.teacher is not None:
             self.distiller = Distiller(distilling, model)
@@ -272,6 +275,8 @@ class MultimodalTask(L.LightningModule):
         # audio arrives as waveforms, or as log-mel features the training loader computed (SpecAugment)
         media = [k for k in ("pixel_values", "audio", "audio_features") if batch.get(k) is not None]
         if ids is not None and not media and (self.text_objectives.lm or self.text_objectives.mlm):
+            if stage == "train" and self._text_batches is not None:
+                self._text_batches += 1
             return self._text_losses(batch, stage), {}
         if ids is None or not media:
             raise ValueError(
@@ -440,6 +445,25 @@ class MultimodalTask(L.LightningModule):
         if self.model.logit_scale.requires_grad:  # a frozen one stays bit-identical
             with torch.no_grad():  # as open_clip: keep the temperature where the softmax still trains
                 self.model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
+
+    def on_train_epoch_end(self) -> None:
+        self._warn_text_objectives_unused()
+
+    def on_train_end(self) -> None:
+        self._warn_text_objectives_unused()
+
+    def _warn_text_objectives_unused(self) -> None:
+        """Warn, once, when ``lm`` / ``mlm`` are weighted but no training batch so far (an epoch, or a run that ended
+        first) was text-only: they train on text without image or audio, and on paired data were never used."""
+        used = [f"objectives.{n}={getattr(self.objectives, n)}" for n in ("lm", "mlm") if getattr(self.objectives, n)]
+        if not used or self._text_batches != 0:
+            return
+        self._text_batches = None
+        rank_zero_warn(
+            f"{' and '.join(used)} trained nothing: no training batch was text-only. These objectives train on "
+            "batches of text without image or audio (data.format: text, or manifest rows without media); batches "
+            "of image / audio with text train the contrastive, caption, speech and ctc objectives instead"
+        )
 
     def on_train_start(self) -> None:
         saved = vars(self).pop("_saved_curves", None)
