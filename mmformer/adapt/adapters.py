@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from mmformer.compress.quantization import quantizable
+from mmformer.io.pretrained import has_adapter
 from mmformer.io.weights import TensorSpec, base_layer, human_count, listed
 from mmformer.values import is_int, is_number
 
@@ -247,11 +248,6 @@ def lora_config(model: MultimodalTransformer, settings: LoraSettings, *, inferen
 
 
 # ---------------------------------------------------------------------------------------------------- adding
-def has_adapter(model: nn.Module) -> bool:
-    """Whether ``model`` carries peft adapter layers."""
-    return bool(getattr(model, "peft_config", None))
-
-
 def add_lora(model: MultimodalTransformer, settings: LoraSettings) -> MultimodalTransformer:
     """Quantize the base (``settings.quantize``) and inject LoRA layers into ``model`` in place; only the adapter's
     parameters stay trainable. Returns ``model``."""

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from mmformer.io.pretrained import has_adapter
 from mmformer.io.quantized_files import INT4_GROUP_SIZES, METHODS, TENSOR_CLASSES, QuantizationConfig, require_torchao
 from mmformer.io.weights import is_plain_tensor, model_device
 from mmformer.values import is_int
@@ -187,8 +188,6 @@ def quantize(
 def _refuse_adapter(model: nn.Module) -> None:
     """A model carrying a LoRA adapter is refused: its peft lora_A / lora_B layers are ``nn.Linear`` too and would be
     quantized with the base, after which the adapter can be neither saved nor merged. Merge first."""
-    from mmformer.adapt.adapters import has_adapter  # adapters imports this module: a top-level import would be a cycle
-
     if has_adapter(model):
         raise ValueError(
             "model: carries a LoRA adapter, whose lora_A / lora_B layers would be quantized with the base (and the "

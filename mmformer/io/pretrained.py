@@ -118,7 +118,7 @@ def save_pretrained(
         raise TypeError(
             f"model: expected mmformer.MultimodalTransformer (a module with a ModelConfig), got {type(model).__name__}"
         )
-    if getattr(model, "peft_config", None):
+    if has_adapter(model):
         raise ValueError(
             "model: carries adapter layers (LoRA); save the adapter with mmformer.adapt.adapters.save_adapter, or fold "
             "it in first with mmformer.adapt.adapters.merge_and_unload (mmformer merge)"
@@ -140,6 +140,12 @@ def save_pretrained(
         # keep_vars: tied tensor subclasses (a quantized table and its LM head) are then one object, stored once
         state = model.state_dict(keep_vars=quantization is not None)
         write_model(staging, model.config, state, processor, quantization=quantization)
+
+
+def has_adapter(model: nn.Module) -> bool:
+    """Whether ``model`` carries peft adapter layers (:mod:`mmformer.adapt.adapters`): no model folder holds them,
+    and quantizing would quantize them with the base."""
+    return bool(getattr(model, "peft_config", None))
 
 
 @contextlib.contextmanager
