@@ -451,3 +451,19 @@ def test_the_onnx_runners_zero_shot_reads_a_logit_bias_through_a_sigmoid(coca, f
     clf = mmformer.ZeroShotClassifier(model, classnames=WORDS[:4])
     assert np.abs(probs - clf.predict_proba(images).numpy()).max() <= 1e-5
     assert labels == clf.predict(images)
+
+
+def test_pt2e_graphs_of_a_coca_model_decode_the_image_tokens_its_decoder_reads(coca):
+    """PT2E's decoder graphs are the export's (a mask read as a count): its memory of a CoCa image drops the hidden
+    pooled query, as the ONNX runner's does, instead of decoding from it with a mask of ones."""
+    from mmformer.compress import pt2e
+
+    model, _ = coca
+    graphs = pt2e.PT2EModel(model, "dynamic", {g.name: g.module for g in export.graphs(model)}, {}, compile=False)
+    pixels = export.examples(model)["pixel_values"]
+    with torch.no_grad():
+        states, mask = graphs.memory(image=pixels)
+        expected, hidden = model.encode_image_tokens(pixels)
+    assert bool(mask.all()) and not bool(hidden[:, 0].any()) and bool(hidden[:, 1:].all())
+    torch.testing.assert_close(states, expected[:, 1:])
+    assert torch.equal(graphs.generate(image=pixels, max_new_tokens=5), model.generate(image=pixels, max_new_tokens=5))

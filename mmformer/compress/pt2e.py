@@ -26,6 +26,7 @@ size, V vocabulary.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -314,8 +315,8 @@ class PT2EModel:
             with torch.no_grad():
                 return _memory(self.model, image, audio, audio_lengths, audio_features, feature_lengths, input_ids,
                                attention_mask)  # fmt: skip
-        if image is not None:
-            states = self.run("image_encoder", image)[1]
+        if image is not None:  # the tokens the model's decoder reads (CoCa hides its pooled first query)
+            states = self.run("image_encoder", image)[1][:, self.image_memory_start :]
             return states, torch.ones(states.shape[:2], dtype=torch.bool)
         if input_ids is not None:
             mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -324,6 +325,15 @@ class PT2EModel:
             "audio_encoder", *self._features(audio, audio_lengths, audio_features, feature_lengths)
         )
         return states, mask
+
+    @functools.cached_property
+    def image_memory_start(self) -> int:
+        """How many leading image tokens the model's decoder does not read
+        (:func:`~mmformer.ship.export.image_memory_start`): the decoder graphs read their mask as a count of real
+        tokens first, as the ONNX ones do."""
+        from mmformer.ship.export import image_memory_start
+
+        return image_memory_start(self.model)
 
     def generate(self, input_ids: torch.Tensor | None = None, **inputs: Any) -> torch.Tensor:
         """:func:`mmformer.generation.decoding.generate` with the int8 graphs: the encoder's states from
