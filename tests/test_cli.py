@@ -278,3 +278,14 @@ def test_caption_and_zeroshot_skip_a_file_they_cannot_read_as_transcribe_does(sa
             main([command, "--model", str(saved / "model"), *extra, *files])
         printed = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
         assert printed == [f for f in files if f != bad], command
+
+
+@pytest.mark.parametrize("top", ["0", "-1", "two"])
+def test_zeroshot_top_below_one_is_refused_naming_the_flag(capsys, top):
+    """The parser refuses it before the model loads: it named the classifier's ``k`` ("k: expected a positive int")."""
+    from mmformer.cli.main import _parser
+
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["zeroshot", "--model", "m", "--classes", "a,b", "--top", top, "a.png"])
+    assert f"argument --top: expected an int >= 1, got '{top}'" in capsys.readouterr().err
+    assert _parser().parse_args(["zeroshot", "--model", "m", "--classes", "a", "--top", "2", "a.png"]).top == 2

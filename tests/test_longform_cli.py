@@ -176,13 +176,78 @@ def test_an_output_dir_that_is_a_file_stops_the_run_before_any_work(tmp_path, mo
                   str(tmp_path / "a.flac")])  # fmt: skip
 
 
-@pytest.mark.parametrize("flags", [["--word-timestamps"], ["--clip-timestamps", "2,4"], ["--initial-prompt", "nine"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--word-timestamps"],
+        ["--clip-timestamps", "2,4"],
+        ["--initial-prompt", "nine"],
+        ["--temperature", "0,0.5,1.0"],  # a fallback schedule (one temperature is read)
+        ["--logprob-threshold", "-0.5"],
+        ["--compression-ratio-threshold", "1.5"],
+        ["--no-speech-threshold", "none"],
+        ["--no-condition-on-previous-text"],
+    ],
+)
 def test_whisper_options_are_refused_for_a_model_trained_here(flags, tmp_path):
     """They were ignored: the transcript came back as without them."""
     from mmformer.cli.main import main
 
-    with pytest.raises(SystemExit, match=f"{flags[0][2:].replace('-', '_')}: needs a Whisper checkpoint"):
+    name = flags[0][2:].replace("-", "_").removeprefix("no_")
+    with pytest.raises(SystemExit, match=f"{name}: needs a Whisper checkpoint"):
         main(["transcribe", "--model", MODEL, *flags, "--no-progress", str(tmp_path / "a.flac")])
+
+
+def test_a_fallback_increment_is_refused_for_a_model_trained_here(tmp_path):
+    """Even where it leaves one temperature (1.0 by 0.5 up to 1.0): it was ignored as silently."""
+    from mmformer.cli.main import main
+
+    with pytest.raises(SystemExit, match="--temperature-increment-on-fallback: needs a Whisper checkpoint"):
+        main(["transcribe", "--model", MODEL, "--temperature", "1.0", "--temperature-increment-on-fallback", "0.5",
+              "--no-progress", str(tmp_path / "a.flac")])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def whisper_cache(tmp_path_factory):
+    """An XDG cache holding openai-whisper's checkpoint ``whisper:rand`` (random weights, small widths)."""
+    pytest.importorskip("whisper")
+    from test_openai_whisper_convert import random_whisper, save_pt
+
+    cache = tmp_path_factory.mktemp("cache")
+    save_pt(random_whisper(seed=0), cache / "whisper" / "rand.pt")
+    return cache
+
+
+@pytest.mark.parametrize(
+    ("flags", "hint"),
+    [
+        (["--max-new-tokens", "3"], ""),
+        (["--min-new-tokens", "50"], ""),  # was checked against max_new_tokens (30), a default Whisper never reads
+        (["--num-beams", "3"], "; use --beam-size (openai-whisper's beam width)"),
+        (["--repetition-penalty", "100"], ""),
+        (["--top-k", "1"], ""),
+        (["--stop-strings", "X"], ""),
+        (["--do-sample"], "; a --temperature above 0 samples"),
+    ],
+)
+def test_decoding_flags_a_whisper_checkpoint_ignores_are_refused_by_name(whisper_cache, monkeypatch, flags, hint):
+    """openai-whisper's algorithm reads TranscribeOptions alone: these printed the same text as without them."""
+    import re
+
+    from mmformer.cli.main import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(whisper_cache))
+    with pytest.raises(SystemExit, match=re.escape(f"{flags[0]}: a Whisper checkpoint decodes with openai-whisper's "
+                                                   f"algorithm, which does not read it{hint}; got")):  # fmt: skip
+        main(["transcribe", "--model", "whisper:rand", *flags, "--no-progress", "missing.flac"])
+
+
+def test_a_whisper_checkpoints_beam_size_passes_to_the_files(whisper_cache, monkeypatch):
+    from mmformer.cli.main import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(whisper_cache))
+    with pytest.raises(SystemExit, match=r"transcribe: error: .*missing\.flac"):  # not refused: it reached the file
+        main(["transcribe", "--model", "whisper:rand", "--beam-size", "2", "--no-progress", "missing.flac"])
 
 
 def test_transcribe_int8_runs_a_whisper_checkpoints_int8_encoder_and_refuses_other_models(talks, tmp_path):

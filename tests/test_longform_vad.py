@@ -74,8 +74,10 @@ def test_cut_and_merge_cuts_long_regions_and_merges_neighbours_up_to_the_window(
 def test_transcribe_options_map_onto_decoding_options(model):
     greedy = decoding_options(model, TranscribeOptions(temperature=0.0))
     assert not greedy.sample and greedy.max_new_tokens == model.config.text.max_tokens
-    sampled = decoding_options(model, TranscribeOptions(temperature=(0.4, 0.6)))
+    sampled = decoding_options(model, TranscribeOptions(temperature=0.4))
     assert sampled.sample and sampled.temperature == 0.4
+    with pytest.raises(ValueError, match=r"temperature: needs a Whisper checkpoint .*; got \(0\.4, 0\.6\)"):
+        decoding_options(model, TranscribeOptions(temperature=(0.4, 0.6)))  # a fallback schedule: never run here
     with pytest.raises(ValueError, match="task"):
         decoding_options(model, TranscribeOptions(task="translate"))  # the digits model has no task tokens
 

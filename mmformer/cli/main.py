@@ -100,7 +100,7 @@ def _decoding_args(p: argparse.ArgumentParser, inputs: str = "files", what: str 
     for flag, kwargs in dataclass_flags(DecodingOptions):
         p.add_argument(flag, **kwargs)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=_batch_size, default=16)
+    p.add_argument("--batch-size", type=_at_least_one, default=16)
     p.add_argument(inputs, nargs="+", help=what)
 
 
@@ -155,7 +155,7 @@ def _transcribe_args(p: argparse.ArgumentParser) -> None:
         "load (PT2E dynamic, x86 CPUs; compiled on its first windows); bfloat16 under torch.autocast, the decoder's "
         "cross-attention keys/values kept in bf16",
     )
-    p.add_argument("--batch-size", type=_batch_size, default=16, help="windows decoded at once, drawn from all files")
+    p.add_argument("--batch-size", type=_at_least_one, default=16, help="windows decoded at once, drawn from all files")
     p.add_argument(
         "--output-format",
         choices=OUTPUT_FORMATS,
@@ -231,7 +231,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", required=True, help="comma-separated class names")
     p.add_argument("--templates", default="{}", help="'|'-separated prompt templates with {} for the class name")
     p.add_argument("--modality", choices=("auto", "image", "audio"), default="auto")
-    p.add_argument("--top", type=int, default=3, help="classes shown per file")
+    p.add_argument("--top", type=_at_least_one, default=3, help="classes shown per file")
     p.add_argument("--device", default="cpu")
     _compute_type_flag(p, False, "the encoders under bf16 autocast (bfloat16)")
     p.add_argument("files", nargs="+")
@@ -261,6 +261,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--revision", default=None, help="a Hub branch, tag or commit (Hub ids)")
     p.add_argument("--overwrite", action="store_true")
+    artifacts.add_convert_options(p)
 
     p = sub.add_parser("serve", help="serve a model over HTTP: OpenAI-compatible routes, zero-shot, a page at /")
     p.add_argument("--model", required=True, help=MODEL_HELP)
@@ -421,6 +422,29 @@ def _dataclass_of(cls: type, args: argparse.Namespace, prefix: str = "", exclude
     return cls(**{**kwargs, **values})
 
 
+WHISPER_FLAG_HINTS = {  # DecodingOptions flags with a TranscribeOptions counterpart a Whisper checkpoint reads
+    "num_beams": "; use --beam-size (openai-whisper's beam width)",
+    "do_sample": "; a --temperature above 0 samples",
+}
+
+
+def _refuse_decoding_flags(args: argparse.Namespace, exclude: set[str]) -> None:
+    """A Whisper checkpoint decodes with openai-whisper's algorithm, read from TranscribeOptions alone: a
+    DecodingOptions flag (less those in ``exclude``, TranscribeOptions' own) given away from its default would be
+    ignored, so the first is refused by name, before DecodingOptions would check it against defaults that path never
+    uses (``--min-new-tokens 50`` against ``max_new_tokens`` 30)."""
+    from mmformer.generation.decoding import DecodingOptions
+
+    for f in dataclasses.fields(DecodingOptions):
+        value = getattr(args, f.name, None)
+        if f.name in exclude or (isinstance(f.default, tuple) and value is None):  # a repeatable flag not given
+            continue
+        if value != f.default:
+            flag = "--" + f.name.replace("_", "-")
+            raise ValueError(f"{flag}: a Whisper checkpoint decodes with openai-whisper's algorithm, which does not "
+                             f"read it{WHISPER_FLAG_HINTS.get(f.name, '')}; got {value!r}")  # fmt: skip
+
+
 def _temperatures(args: argparse.Namespace) -> tuple[float, ...] | None:
     """``--temperature`` values (flattened), or openai-whisper's schedule from the first one by
     ``--temperature-increment-on-fallback`` up to 1.0; None when neither is given."""
@@ -483,9 +507,17 @@ def _transcribe(args: argparse.Namespace) -> None:
     model = _load_model(args.model, args.device, args.adapter)
     temperature = _temperatures(args)
     options = _dataclass_of(TranscribeOptions, args, **({"temperature": temperature} if temperature else {}))
-    base = _dataclass_of(DecodingOptions, args, exclude={f.name for f in dataclasses.fields(TranscribeOptions)})
-    progress = None if args.no_progress else _Progress()
+    owned = {f.name for f in dataclasses.fields(TranscribeOptions)}
     whisper = has_timestamps(model)
+    if whisper:
+        _refuse_decoding_flags(args, exclude=owned)
+    elif args.temperature_increment_on_fallback is not None:
+        raise ValueError(f"--temperature-increment-on-fallback: needs a Whisper checkpoint (fallback over "
+                         f"temperatures); {args.model} decodes each window once at one --temperature; got "
+                         f"{args.temperature_increment_on_fallback}")  # fmt: skip
+    else:
+        options = decoding_options(model, options, base=_dataclass_of(DecodingOptions, args, exclude=owned))
+    progress = None if args.no_progress else _Progress()
     runner, bf16, compute = with_compute_type(model, args.compute_type, args.model)
     if args.compute_type != "float32":
         print(f"mmformer transcribe: the audio encoder's {compute}", file=sys.stderr)
@@ -493,7 +525,7 @@ def _transcribe(args: argparse.Namespace) -> None:
         results = transcribe_files(
             runner,
             args.files,
-            options=options if whisper else decoding_options(model, options, base=base),
+            options=options,
             vad=args.vad,
             vad_options=_dataclass_of(VadOptions, args, prefix="vad_"),
             batch_size=args.batch_size,
@@ -564,9 +596,10 @@ def _complete_streaming(args: argparse.Namespace, model: Any, options: Any, gene
         model.complete([prompt], options=options, generator=generator, prefix_embeds=prefix, streamer=streamer)
 
 
-def _batch_size(text: str) -> int:
-    """``--batch-size``: refused by the parser (before the model loads) below 1, as ``transcribe_files`` refuses its
-    ``batch_size`` (0 printed nothing, or "range() arg 3 must not be zero")."""
+def _at_least_one(text: str) -> int:
+    """``--batch-size``, ``zeroshot --top``: refused by the parser (before the model loads) below 1, the error naming
+    the flag, as ``transcribe_files`` refuses its ``batch_size`` (0 printed nothing, or "range() arg 3 must not be
+    zero"; ``--top 0`` named the classifier's ``k``)."""
     value = int(text) if text.strip().lstrip("-").isdigit() else None
     if value is None or value < 1:
         raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")

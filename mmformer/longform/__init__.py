@@ -53,14 +53,16 @@ def decoding_options(
     base: DecodingOptions | None = None,
 ) -> DecodingOptions:
     """The :class:`DecodingOptions` each window is decoded with: given as such, or from a
-    :class:`TranscribeOptions` (its first temperature: 0 decodes greedily, above 0 samples; ``beam_size``;
-    ``language``; ``task`` where the checkpoint has task tokens; Whisper's other options refused by name) over
+    :class:`TranscribeOptions` (its one temperature: 0 decodes greedily, above 0 samples; ``beam_size``;
+    ``language``; ``task`` where the checkpoint has task tokens; Whisper's other options, a fallback schedule and
+    its thresholds among them, refused by name when set away from their defaults) over
     ``base`` (default: as many new tokens as the decoder's positions allow)."""
     if options is None or isinstance(options, DecodingOptions):
         return DecodingOptions.build(options)
     if not isinstance(options, TranscribeOptions):
         raise TypeError(f"options: expected a TranscribeOptions, DecodingOptions or None, got {type(options).__name__}")
-    _refuse_options(options, WHISPER_ONLY, "a Whisper checkpoint (timestamp tokens, alignment heads)")
+    _refuse_options(options, WHISPER_ONLY, "a Whisper checkpoint (timestamp tokens, alignment heads, fallback "
+                    "over temperatures; this model decodes each window once at one temperature)")  # fmt: skip
     gen = model.config.generation
     has_tasks = gen is not None and bool(gen.task_ids)
     if not has_tasks and options.task != "transcribe":
@@ -79,14 +81,20 @@ def decoding_options(
 
 
 SEQUENTIAL_ONLY = ("clip_timestamps", "initial_prompt", "carry_initial_prompt", "hallucination_silence_threshold")
-WHISPER_ONLY = ("word_timestamps", "without_timestamps", "best_of", "patience", *SEQUENTIAL_ONLY)
+FALLBACK = ("temperature", "compression_ratio_threshold", "logprob_threshold", "no_speech_threshold",
+            "condition_on_previous_text")  # fmt: skip
+WHISPER_ONLY = ("word_timestamps", "without_timestamps", "best_of", "patience", *FALLBACK, *SEQUENTIAL_ONLY)
 
 
 def _refuse_options(options: TranscribeOptions, names: Sequence[str], needs: str) -> None:
-    """A ValueError naming the first of ``names`` set away from its default: an option this path would ignore."""
+    """A ValueError naming the first of ``names`` set away from its default: an option this path would ignore. One
+    temperature is read by every path (the first of a schedule is; the default schedule is not refused); a schedule
+    of several is the fallback only openai-whisper's algorithm runs."""
     defaults = TranscribeOptions()
     for name in names:
         value, default = getattr(options, name), getattr(defaults, name)
+        if name == "temperature" and len(value) == 1:
+            continue
         if name == "clip_timestamps":
             value, default = options.clip_seconds(), [0.0]
             if not value:
