@@ -4,6 +4,7 @@ processor), freezing by pattern and route group, LoRA and prompts trained throug
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,6 +128,37 @@ def test_bad_freezing_patterns_name_them(pretrained, tmp_path):
     config = adapt_config(root, train, tmp_path, frozen=["vision_tower"])
     with pytest.raises(ConfigError, match=r"frozen: 'vision_tower' selects no parameter"):
         fit_in_process(config, run=False)
+
+
+def test_freezing_the_shared_stack_under_lora_names_frozen_and_the_stack(pretrained, tmp_path):
+    # the README's adapt block: frozen: [image] takes the shared stack, where every LoRA layer lives, and torch's
+    # "optimizer got an empty parameter list" named no option
+    root, train = pretrained
+    config = adapt_config(root, train, tmp_path, frozen=["image"], lora={"r": 2})
+    shared = r"stacks\.shared, the stack of routes \['image', 'text', 'decoder'\]"  # tiny_config: no audio route
+    with pytest.raises(ConfigError, match=rf"adapt\.frozen: \['image'\] leaves no parameter to train.*{shared}"):
+        fit_in_process(config, run=False)
+
+
+def test_the_readmes_adapt_block_builds_a_task_as_written(pretrained, tmp_path):
+    # README's adapt / distill / qat block was one config that could not run: qat refuses LoRA, frozen: [image] took
+    # the shared stack's LoRA layers; distill reads padded batches only, which its command line must say
+    import re
+
+    import yaml
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"### Adapt, compress, ship\n\n```yaml\n(.*?)```", readme, re.S).group(1)
+    options = yaml.safe_load(block)
+    root, train = pretrained
+    options["adapt"]["init_from"] = str(root / "base")
+    if options["adapt"].get("lora", {}).get("routes"):
+        options["adapt"]["lora"]["routes"] = ["decoder"]  # the tiny base has no audio route
+    if "distill" in options:
+        assert "--data.packing false" in block
+        options["distill"]["teacher"] = str(root / "base")
+    config = adapt_config(root, train, tmp_path, **options)
+    assert fit_in_process(config, run=False).model.model is not None
 
 
 @pytest.mark.slow

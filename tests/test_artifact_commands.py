@@ -214,6 +214,35 @@ def test_a_timm_state_dict_converts_with_the_architecture_of_timms_config_json(t
         assert model.processor.image.mean == (0.5,) * 3  # the config's pretrained_cfg, not the architecture's default
 
 
+def test_convert_takes_the_timm_architecture_of_a_bare_state_dict_by_flag(tmp_path):
+    """``mmformer convert STATE_DICT.pt --from timm_vit`` could not name the architecture: "model_name: ... got
+    None", with no flag for it. ``--model-name`` reaches the converter, and the error names the flag."""
+    import argparse
+
+    from mmformer.cli import artifacts
+
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.create_model("test_vit", pretrained=False).eval()  # timm's own test model: 0.37 M parameters
+    torch.save(vit.state_dict(), tmp_path / "sd.pt")
+    parser = argparse.ArgumentParser()  # convert's own flags beside those main's parser gives every command
+    parser.add_argument("src")
+    for flag in ("--from", "--out", "--revision"):
+        parser.add_argument(flag, dest=flag[2:].replace("from", "source"))
+    parser.add_argument("--overwrite", action="store_true")
+    artifacts.add_convert_options(parser)
+    args = [str(tmp_path / "sd.pt"), "--from", "timm_vit", "--out", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=r"^--model-name: model_name: a state dict needs the timm architecture name"):
+        artifacts.convert(parser.parse_args(args))
+    artifacts.convert(parser.parse_args([*args, "--model-name", "test_vit"]))
+    expected = from_pretrained(tmp_path / "sd.pt", source="timm_vit", model_kwargs={"model_name": "test_vit"})
+    got = from_pretrained(tmp_path / "out").state_dict()
+    assert got.keys() == expected.state_dict().keys()
+    assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())
+    with pytest.raises(ValueError, match=r"--model-name: only for --from timm_vit .*got --from open_clip"):
+        artifacts.convert(parser.parse_args([*args[:1], "--from", "open_clip", "--out", "o", "--model-name", "x"]))
+
+
 # ---------------------------------------------------------------------------------------------------- bug 15
 def test_an_adapter_folder_named_as_a_model_names_its_base(base, tmp_path):
     model = from_pretrained(base)

@@ -103,6 +103,20 @@ def test_names_are_told_apart(tmp_path):
         mmformer.from_pretrained(42)
 
 
+def test_a_path_under_home_is_expanded(tmp_path, monkeypatch, tiny_model):
+    # docs/loading.md writes "~/models/whisper-tiny"; from_pretrained("~/models/dm") was a FileNotFoundError
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tiny_model.save_pretrained(tmp_path / "models" / "dm")
+    assert hub.parse_name("~/models/dm") == hub.HubSource("path", str(tmp_path / "models" / "dm"))
+    assert hub.resolve_source("~/models/dm").location == str(tmp_path / "models" / "dm")
+    model = mmformer.from_pretrained("~/models/dm")
+    assert torch.equal(model.text_embed.tokens.weight, tiny_model.text_embed.tokens.weight)
+    from mmformer.tasks.adapt import base_name
+
+    assert base_name("~/models/dm") == str(tmp_path / "models" / "dm")  # what an adapter records as its base
+    assert hub.parse_name("openai/whisper-tiny").kind == "hub"
+
+
 # ---------------------------------------------------------------------------------------------------- Hub ids
 def test_hub_id_from_the_cache_offline(hf_cache, tmp_path):
     hf = tiny_clip()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mmformer import MultimodalTransformer, ZeroShotClassifier
-from mmformer.adapt.prompts import ContextPrompt, DecoderPrefix, load_prompt
+from mmformer.adapt.prompts import PROMPT_FILE, ContextPrompt, DecoderPrefix, load_prompt
 from mmformer.preprocess.tokenizer import Tokenizer
 from mmformer.zeroshot import build_class_embeddings
 
@@ -79,6 +79,8 @@ def test_prompt_files_that_do_not_fit_are_refused(model, make_model_config, toke
         ZeroShotClassifier(model, tokenizer, CLASSES, ["a {}"], prompt=ContextPrompt(2, 16))
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_prompt(tmp_path / "missing.safetensors")
+    with pytest.raises(FileNotFoundError, match=rf"no such file {tmp_path}/{PROMPT_FILE}; .* a folder holding"):
+        load_prompt(tmp_path)  # a folder without the prompt file
     with pytest.raises(ValueError, match="more than the text encoder's 16 positions"):
         build_class_embeddings(model, tokenizer, CLASSES, prompt=ContextPrompt(15, 16))
 
@@ -121,3 +123,16 @@ def test_decoder_prefix_trains_only_itself_and_generates_with_and_without_cache(
     assert torch.equal(load_prompt(tmp_path / "prefix.safetensors", model).vectors, prefix.vectors.detach())
     with pytest.raises(ValueError, match=r"prefix_embeds: expected learned decoder prefix vectors \(P, D=16\)"):
         model.generate(image=pixels, prefix_embeds=torch.zeros(3, 8))
+
+
+def test_a_folder_holding_the_exported_prompt_file_is_accepted(model, tokenizer, tmp_path):
+    # `mmformer export --out runs/coop/prompt` writes runs/coop/prompt/prompt.safetensors; --prompt runs/coop/prompt
+    # said "no such file"
+    prompt = ContextPrompt.from_words(model, tokenizer, "a photo of")
+    (tmp_path / "prompt").mkdir()
+    prompt.save(tmp_path / "prompt" / PROMPT_FILE)
+    assert torch.equal(load_prompt(tmp_path / "prompt", model).vectors, prompt.vectors.detach())
+    clf = ZeroShotClassifier(model, tokenizer, CLASSES, prompt=str(tmp_path / "prompt"))
+    assert torch.equal(
+        clf.class_embeddings, ZeroShotClassifier(model, tokenizer, CLASSES, prompt=prompt).class_embeddings
+    )

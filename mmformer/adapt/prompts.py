@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 PROMPT_KEY = "prompt"
 KIND_KEY = "mmformer_prompt"
 PROMPT_FORMAT_VERSION = "1"
+PROMPT_FILE = "prompt.safetensors"  # a prompt's file name inside a folder (what ``mmformer export`` writes there)
 
 
 class SoftPrompt(nn.Module):
@@ -158,18 +159,24 @@ KINDS: dict[str, type[SoftPrompt]] = {ContextPrompt.kind: ContextPrompt, Decoder
 
 
 def load_prompt(path: str | os.PathLike, model: MultimodalTransformer | None = None, *, kind: str | None = None) -> Any:
-    """Read a prompt file: its header (kind, one 2-D float tensor) is checked first, against ``model``'s width
-    when given, and ``kind`` when given; returns a :class:`ContextPrompt` or :class:`DecoderPrefix`.
+    """Read a prompt file (or a folder holding :data:`PROMPT_FILE`, as ``mmformer export`` writes it): its header
+    (kind, one 2-D float tensor) is checked first, against ``model``'s width when given, and ``kind`` when given;
+    returns a :class:`ContextPrompt` or :class:`DecoderPrefix`.
 
     Raises:
-        FileNotFoundError: no such file.
+        FileNotFoundError: no such file, or a folder without :data:`PROMPT_FILE`.
         ValueError: not a safetensors prompt file, another kind than asked, or a width other than the model's.
     """
     from mmformer.io.pretrained import open_safetensors
 
-    path = Path(path)
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / PROMPT_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"prompt: no such file {path}; expected a prompt .safetensors file (prompt.save)")
+        raise FileNotFoundError(
+            f"prompt: no such file {path}; expected a prompt .safetensors file (prompt.save), or a folder holding "
+            f"{PROMPT_FILE} (mmformer export of a prompt run)"
+        )
     specs, read, metadata = open_safetensors(path, "cpu")
     found = metadata.get(KIND_KEY)
     if found not in KINDS or set(specs) != {PROMPT_KEY}:

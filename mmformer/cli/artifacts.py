@@ -217,12 +217,45 @@ def merge(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+CONVERTER_FLAGS = {"model_name": "--model-name"}  # convert's flags that reach the converter, by its argument names
+
+
+def add_convert_options(p: argparse.ArgumentParser) -> None:
+    """``mmformer convert``'s flags that reach the converter (beside SRC, --from, --out), kept beside
+    :func:`convert`, which reads them."""
+    p.add_argument(
+        "--model-name",
+        default=None,
+        help="with --from timm_vit: the timm architecture of a bare state-dict file (e.g. vit_small_patch16_224), "
+        "built by timm without a download and filled exactly; not needed beside timm's config.json. A state dict of "
+        "another image size or depth than the architecture's default converts from Python: "
+        "mmformer.convert.from_timm_vit(PATH, model_name=..., img_size=...)",
+    )
+
+
 def convert(args: argparse.Namespace) -> None:
     from mmformer.io.auto import from_pretrained
 
-    model = from_pretrained(args.src, source=args.source, revision=args.revision)
+    options = _converter_options(args)
+    try:
+        model = from_pretrained(args.src, source=args.source, revision=args.revision, model_kwargs=options)
+    except ValueError as e:  # the converter names its argument; the user typed (or left out) the flag
+        flag = next((f for name, f in CONVERTER_FLAGS.items() if str(e).startswith(f"{name}:")), None)
+        if flag is None:
+            raise
+        raise ValueError(f"{flag}: {e}") from e
     model.save_pretrained(args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
+
+
+def _converter_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The converter's keyword arguments from convert's flags (:func:`add_convert_options`); None without any."""
+    model_name = getattr(args, "model_name", None)  # absent from a parser built without add_convert_options
+    if model_name is None:
+        return None
+    if args.source != "timm_vit":
+        raise ValueError(f"--model-name: only for --from timm_vit (a bare timm state dict), got --from {args.source}")
+    return {"model_name": model_name}
 
 
 def _towers(value: str | None) -> list[str] | None:

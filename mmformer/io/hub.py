@@ -79,8 +79,8 @@ class HubSource:
 
 
 def parse_name(name_or_path: str | os.PathLike) -> HubSource:
-    """Tell a local path, a Hub id, an ``open_clip:``, a ``timm:`` and a ``whisper:`` name apart (no I/O but
-    ``os.path.exists``)."""
+    """Tell a local path (``~`` expanded), a Hub id, an ``open_clip:``, a ``timm:`` and a ``whisper:`` name apart
+    (no I/O but ``os.path.exists``)."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(
             "name_or_path: expected a path, a Hugging Face Hub id, 'open_clip:MODEL/TAG', 'timm:NAME' or "
@@ -110,8 +110,9 @@ def parse_name(name_or_path: str | os.PathLike) -> HubSource:
         if not name:
             raise ValueError(f"name_or_path: expected 'whisper:NAME' (e.g. 'whisper:tiny'), got {text!r}")
         return HubSource("whisper", name)
-    if os.path.exists(text) or not _HUB_ID.match(text):
-        return HubSource("path", text)
+    path = os.path.expanduser(text)  # "~/models/x" as a shell would read it (a Hub id never starts with "~")
+    if os.path.exists(path) or not _HUB_ID.match(text):
+        return HubSource("path", path)
     return HubSource("hub", text)
 
 

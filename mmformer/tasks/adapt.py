@@ -41,7 +41,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from mmformer.adapt.adapters import LoraSettings, adapter_parameters, add_lora, resize_token_embeddings
-from mmformer.adapt.prompts import KINDS, ContextPrompt, DecoderPrefix, SoftPrompt, load_prompt
+from mmformer.adapt.prompts import KINDS, PROMPT_FILE, ContextPrompt, DecoderPrefix, SoftPrompt, load_prompt
 from mmformer.config import ModelConfig, TextConfig
 from mmformer.io.training_checkpoints import ADAPTER_KEYS
 from mmformer.io.weights import human_count
@@ -283,7 +283,31 @@ def prepare(
     apply_freezing(model, trainable, frozen, adapted=lora is not None)
     if lora is not None and not adapter_parameters(model):
         raise ValueError("lora: the adapter has no trainable parameters")
+    if soft is None:  # a prompt trains its own vectors, outside the model
+        check_something_trains(model, frozen)
     return soft
+
+
+def check_something_trains(model: MultimodalTransformer, frozen: list[str] | None) -> None:
+    """Refuse a model left with no trainable parameter (the optimizer's own error, "got an empty parameter list",
+    names no option). ``frozen`` freezes whatever its patterns select, adapter layers included: a route group
+    takes the stack the route runs through, and a shared stack is every route's, so ``frozen: [image]`` beside LoRA
+    on a shared-stack model freezes the whole adapter."""
+    if any(p.requires_grad for p in model.parameters()):
+        return
+    routes = model.config.routes
+    names = [n for n, _ in model.named_parameters()]
+    groups = group_prefixes(model)
+    hit = {n for pattern in frozen or [] for n in select(names, pattern, groups)}
+    stacks = sorted({s for s in routes.values() if any(n.startswith(f"stacks.{s}.") for n in hit)})
+    runs = "; ".join(f"stacks.{s}, the stack of routes {[r for r, t in routes.items() if t == s]}" for s in stacks)
+    raise ValueError(
+        f"adapt.frozen: {list(frozen or [])} leaves no parameter to train"
+        + (f" (it freezes {runs}, adapter layers included)" if runs else "")
+        + "; a route group takes the whole stack its route runs through, and a shared stack is every route's. Leave "
+        "the group out of frozen, or name narrower patterns (image_embed, image_proj, stacks.NAME.blocks.3); to keep "
+        "LoRA off a route's own stack use lora.routes"
+    )
 
 
 def make_prompt(model: MultimodalTransformer, settings: PromptSettings) -> SoftPrompt:
@@ -395,8 +419,8 @@ def base_name(init_from: str | os.PathLike) -> str:
     and a Hub id or a library's model name as given."""
     from mmformer.io.hub import parse_name
 
-    name = os.fspath(init_from)
-    return os.path.abspath(name) if parse_name(name).kind == "path" else name
+    parsed = parse_name(init_from)
+    return os.path.abspath(parsed.name) if parsed.kind == "path" else os.fspath(init_from)  # "~" expanded there
 
 
 def export_checkpoint(path: str, out: str, *, merge: bool = False, overwrite: bool = False) -> str:
@@ -497,7 +521,8 @@ def _adapted_base(checkpoint: dict[str, Any], record: dict[str, Any], path: str)
 def _export_prompt(
     checkpoint: dict[str, Any], record: dict[str, Any], path: str, out: str, *, merge: bool, overwrite: bool
 ) -> str:
-    """A prompt run's prompt file (``out``, or ``out/prompt.safetensors`` for a folder)."""
+    """A prompt run's prompt file (``out``, or ``out/`` :data:`~mmformer.adapt.prompts.PROMPT_FILE` for a folder,
+    which ``--prompt`` and ``prompt.path`` accept as it is)."""
     kind = record["prompt"]["kind"]
     if merge:  # nothing to merge into weights: a prompt is extra inputs
         raise ValueError(f"merge: only a LoRA run's adapter merges into its base; {path} is a {kind} prompt run, "
@@ -506,7 +531,7 @@ def _export_prompt(
     if vectors is None:
         raise ValueError(f"{path}: records a {kind} prompt but holds no prompt.vectors")
     prompt = KINDS[kind](*vectors.shape, init=vectors.float())
-    target = Path(out) / "prompt.safetensors" if Path(out).is_dir() or not out.endswith(".safetensors") else out
+    target = Path(out) / PROMPT_FILE if Path(out).is_dir() or not out.endswith(".safetensors") else out
     if Path(target).exists() and not overwrite:
         raise FileExistsError(f"out: {target} exists (pass --overwrite)")
     prompt.save(target)
