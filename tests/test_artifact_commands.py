@@ -239,8 +239,8 @@ def test_convert_takes_the_timm_architecture_of_a_bare_state_dict_by_flag(tmp_pa
     got = from_pretrained(tmp_path / "out").state_dict()
     assert got.keys() == expected.state_dict().keys()
     assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())
-    with pytest.raises(ValueError, match=r"--model-name: only for --from timm_vit .*got --from open_clip"):
-        artifacts.convert(parser.parse_args([*args[:1], "--from", "open_clip", "--out", "o", "--model-name", "x"]))
+    with pytest.raises(ValueError, match=r"--model-name: only for --from timm_vit or open_clip .*got --from hf_clip"):
+        artifacts.convert(parser.parse_args([*args[:1], "--from", "hf_clip", "--out", "o", "--model-name", "x"]))
 
 
 # ---------------------------------------------------------------------------------------------------- bug 15

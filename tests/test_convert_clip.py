@@ -4,6 +4,10 @@ weights; nothing is downloaded."""
 
 from __future__ import annotations
 
+import copy
+import json
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -98,8 +102,9 @@ def test_open_clip_state_dict_file(small_clip, small_inputs, tmp_path):
     ours = from_open_clip(path, model_cfg=SMALL)  # the config gives what shapes cannot: 2 text heads, GELU
     assert_clip_parity(ours, small_clip, *small_inputs)
     assert ours.config == from_open_clip(small_clip).config
-    # Without a config, OpenAI's conventions hold, as in open_clip's build_model_from_openai_state_dict.
-    openai = from_open_clip(path).config
+    # Without a config, OpenAI's conventions hold, as in open_clip's build_model_from_openai_state_dict, with a warning.
+    with pytest.warns(UserWarning, match="OpenAI CLIP's defaults"):
+        openai = from_open_clip(path).config
     assert openai.stacks["text"].n_heads == 1 and openai.stacks["vision"].n_heads == 2
     assert openai.stacks["text"].mlp == openai.stacks["vision"].mlp == "quickgelu"
     from safetensors.torch import save_file
@@ -132,6 +137,7 @@ def test_open_clip_variants(vision, text, kwargs):
     assert_clip_parity(from_open_clip(ref.state_dict(), model_cfg=cfg), ref, torch.randn(2, 3, 16, 16), ids)
 
 
+@pytest.mark.filterwarnings("ignore:open_clip. a state dict without an open_clip config:UserWarning")
 def test_open_clip_wrong_shape_and_extra_key_are_listed(small_clip):
     state = dict(small_clip.state_dict())
     key = "transformer.resblocks.1.mlp.c_fc.weight"
@@ -183,6 +189,105 @@ def test_open_clip_custom_text_tower_state_dict_is_named():
     ref = open_clip.CustomTextCLIP(**cfg)
     with pytest.raises(UnsupportedModelError, match="custom text towers"):
         from_open_clip(ref.state_dict())
+
+
+LAION_NAME = "mmformer-test-ViT-H-14-tiny"  # registered in open_clip's model configs by the fixture below
+
+
+@pytest.fixture
+def laion_clip(monkeypatch):
+    """open_clip's ViT-H-14 (80-wide vision heads, GELU) shrunk to one block per tower, 28-pixel images and 32-wide text
+    heads, registered under :data:`LAION_NAME` (as ``open_clip.add_model_config`` registers a JSON file; undone after
+    the test) and built by ``open_clip.create_model``: a model whose heads and activation OpenAI's defaults get
+    wrong, while its shapes still convert (320 = 5 × 64, 128 = 2 × 64)."""
+    cfg = copy.deepcopy(open_clip.get_model_config("ViT-H-14"))
+    assert cfg["vision_cfg"]["head_width"] == 80 and not cfg.get("quick_gelu")
+    cfg["embed_dim"] = 64
+    cfg["vision_cfg"].update(image_size=28, layers=1, width=320)
+    cfg["text_cfg"].update(context_length=16, layers=1, width=128, heads=4)
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, LAION_NAME, cfg)
+    torch.manual_seed(0)
+    return cfg, randomize_(open_clip.create_model(LAION_NAME, pretrained=None))
+
+
+def laion_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 28, 28), open_clip.tokenize(TEXTS[:2], context_length=16)
+
+
+@pytest.mark.numerics
+def test_open_clip_bare_state_dict_converts_by_its_architecture_name(laion_clip, tmp_path):
+    """A LAION-style bare state dict (open_clip_pytorch_model.bin, no open_clip_config.json) converted silently with
+    OpenAI's 64-wide heads and QuickGELU: 5 vision heads instead of 4, ~1e-3 off. Named as open_clip users name it
+    (``model_name``, resolved by open_clip's own configs), it equals open_clip's model; unnamed, it warns."""
+    cfg, ref = laion_clip
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(ref.state_dict(), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named: no warning
+        ours = from_open_clip(path, model_name=LAION_NAME)
+    stacks = ours.config.stacks
+    assert (stacks["vision"].n_heads, stacks["text"].n_heads) == (4, 4)
+    assert stacks["vision"].mlp == stacks["text"].mlp == "gelu"
+    assert_clip_parity(ours, ref, *laion_inputs())
+    assert ours.config == from_open_clip(ref).config == from_open_clip(path, model_cfg=cfg).config
+    with pytest.warns(UserWarning, match=r"64-wide attention heads and QuickGELU.*--model-name.*model_name="):
+        bare = from_open_clip(path)
+    assert (bare.config.stacks["vision"].n_heads, bare.config.stacks["vision"].mlp) == (5, "quickgelu")
+    with pytest.warns(UserWarning, match=r"defaults: 64-wide attention heads, which"):  # the activation was given
+        from_open_clip(path, quick_gelu=False)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the folder's config: no warning
+        assert from_open_clip(tmp_path).config == ours.config
+
+
+@pytest.mark.numerics
+def test_convert_command_takes_the_open_clip_architecture_by_flag(laion_clip, tmp_path):
+    """``mmformer convert FILE --from open_clip --model-name NAME`` (the flag was refused but with --from timm_vit)
+    gives open_clip's model; without the flag the warning names it."""
+    from mmformer.cli.main import main
+    from mmformer.io.auto import from_pretrained
+
+    _, ref = laion_clip
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(ref.state_dict(), path)
+    main(["convert", str(path), "--from", "open_clip", "--model-name", LAION_NAME, "--out", str(tmp_path / "named")])
+    ours = from_pretrained(tmp_path / "named")
+    assert ours.config.stacks["vision"].n_heads == 4 and ours.config.stacks["vision"].mlp == "gelu"
+    assert_clip_parity(ours, ref, *laion_inputs())
+    with pytest.warns(UserWarning, match=r"OpenAI CLIP's defaults.*--from open_clip --model-name"):
+        main(["convert", str(path), "--from", "open_clip", "--out", str(tmp_path / "bare")])
+    with pytest.raises(
+        SystemExit, match=r"--model-name: model_name: open_clip has no architecture 'ViT-H14'.*ViT-H-14"
+    ):
+        main(["convert", str(path), "--from", "open_clip", "--model-name", "ViT-H14", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match=r"--model-name: only for --from timm_vit or open_clip .*got --from hf_clip"):
+        main(["convert", str(path), "--from", "hf_clip", "--model-name", LAION_NAME, "--out", str(tmp_path / "x")])
+
+
+def test_open_clip_model_name_is_resolved_as_open_clip_does(laion_clip):
+    """``model_name`` finds open_clip's config as ``create_model`` does (``/`` read as ``-``; a ``-quickgelu`` name has
+    QuickGELU), and a name that is unknown, of another architecture or beside ``model_cfg`` is refused clearly."""
+    from mmformer.convert.open_clip import named_config
+
+    assert named_config("ViT-H/14") == open_clip.get_model_config("ViT-H-14")
+    assert named_config("ViT-H-14-quickgelu")["quick_gelu"] and not named_config("ViT-H-14").get("quick_gelu")
+    with pytest.raises(ValueError, match=r"no architecture 'vit-h-14-378'.*closest: ViT-H-14-378"):
+        named_config("vit-h-14-378")
+    with pytest.raises(ValueError, match=r"no -quickgelu config: model_name='ViT-B-16-plus-240', quick_gelu=True"):
+        named_config("ViT-B-16-plus-240-quickgelu")
+    with pytest.raises(ValueError, match="expected an open_clip architecture name .* got 'hf-hub:laion/x'"):
+        named_config("hf-hub:laion/x")
+    cfg, ref = laion_clip
+    state = ref.state_dict()
+    with pytest.raises(ValueError, match=r"model_name: open_clip's 'ViT-H-14' config does not fit .*vision_cfg\.width "
+                       r"1280 vs 320, vision_cfg\.layers 32 vs 1.*text_cfg\.context_length 77 vs 16"):  # fmt: skip
+        from_open_clip(state, model_name="ViT-H-14")
+    with pytest.raises(ValueError, match="model_name / model_cfg: give one"):
+        from_open_clip(state, model_name=LAION_NAME, model_cfg=cfg)
+    with pytest.raises(ValueError, match="model_name: only used with a state dict"):
+        from_open_clip(ref, model_name=LAION_NAME)
 
 
 class Payload:

@@ -98,3 +98,22 @@ def test_unsupported_pooling_is_named(kwargs, feature):
         return
     with pytest.raises(UnsupportedModelError, match=feature):
         from_timm_vit(ref)
+
+
+def test_one_channel_model_converts_with_averaged_statistics():
+    """A 1-channel ViT (``in_chans=1``: grayscale, medical, spectrogram fine-tunes) died in the processor: timm's
+    ``resolve_data_config`` gives its RGB mean/std whatever ``in_chans`` is. The processor now normalises with their
+    averages, says so in a warning, and the model equals timm's."""
+    torch.manual_seed(0)
+    stats = dict(mean=(0.1, 0.2, 0.6), std=(0.2, 0.3, 0.4))
+    ref = vit(in_chans=1, pretrained_cfg_overlay=stats)
+    with pytest.warns(UserWarning, match=r"1-channel model .*\(0\.1, 0\.2, 0\.6\).*averages 0\.3 / 0\.3"):
+        model = from_timm_vit(ref)
+    assert model.config.image.channels == 1
+    image = model.processor.image
+    assert image.channels == 1 and image.mean == pytest.approx((0.3,)) and image.std == pytest.approx((0.3,))
+    pixels = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert (model.encode_image(pixels, normalize=False) - ref(pixels)).abs().max().item() < ATOL
+    gray = torch.full((1, 32, 32), 0.6)  # a grayscale image: one normalised channel
+    assert torch.allclose(model.processor(images=[gray])["pixel_values"], torch.ones(1, 1, 32, 32))

@@ -218,6 +218,7 @@ def merge(args: argparse.Namespace) -> None:
 
 
 CONVERTER_FLAGS = {"model_name": "--model-name"}  # convert's flags that reach the converter, by its argument names
+MODEL_NAME_SOURCES = ("timm_vit", "open_clip")  # the converters (--from) whose model_name --model-name gives
 
 
 def add_convert_options(p: argparse.ArgumentParser) -> None:
@@ -226,10 +227,13 @@ def add_convert_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model-name",
         default=None,
-        help="with --from timm_vit: the timm architecture of a bare state-dict file (e.g. vit_small_patch16_224), "
-        "built by timm without a download and filled exactly; not needed beside timm's config.json. A state dict of "
-        "another image size or depth than the architecture's default converts from Python: "
-        "mmformer.convert.from_timm_vit(PATH, model_name=..., img_size=...)",
+        help="the architecture of a bare state-dict file, named as its library does. With --from timm_vit: the timm "
+        "model (e.g. vit_small_patch16_224), built by timm without a download and filled exactly; not needed beside "
+        "timm's config.json. A state dict of another image size or depth than the architecture's default converts "
+        "from Python: mmformer.convert.from_timm_vit(PATH, model_name=..., img_size=...). With --from open_clip: the "
+        "open_clip model (e.g. ViT-H-14, ViT-B-32-quickgelu, as open_clip.create_model takes it), whose config gives "
+        "the head width and activation (without one, or an open_clip_config.json beside the file, OpenAI's "
+        "defaults hold: 64-wide heads, QuickGELU)",
     )
 
 
@@ -253,8 +257,11 @@ def _converter_options(args: argparse.Namespace) -> dict[str, Any] | None:
     model_name = getattr(args, "model_name", None)  # absent from a parser built without add_convert_options
     if model_name is None:
         return None
-    if args.source != "timm_vit":
-        raise ValueError(f"--model-name: only for --from timm_vit (a bare timm state dict), got --from {args.source}")
+    if args.source not in MODEL_NAME_SOURCES:
+        raise ValueError(
+            f"--model-name: only for --from {' or '.join(MODEL_NAME_SOURCES)} (a bare state dict of that library), "
+            f"got --from {args.source}"
+        )
     return {"model_name": model_name}
 
 

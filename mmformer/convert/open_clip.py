@@ -3,7 +3,9 @@
 Accepts an ``open_clip.CLIP`` module (its settings are read from the modules) or a state dict in the OpenAI-CLIP
 layout (``visual.conv1.weight``, ``visual.transformer.resblocks.N.attn.in_proj_weight``, ``token_embedding.weight``,
 ``ln_final``, ``text_projection``, ``logit_scale``, ...), given as a dict or a file, whose dimensions are inferred
-from the tensor shapes as open_clip's ``build_model_from_openai_state_dict`` does.
+from the tensor shapes as open_clip's ``build_model_from_openai_state_dict`` does, and what shapes cannot tell (head
+width, activation, pooling) from open_clip's config: named (``model_name="ViT-H-14"``), given, or beside the file;
+without one, OpenAI's defaults, with a warning.
 
 Supported: standard ViT CLIP towers (class-token pooling after ``ln_post``, with or without ``ln_pre``, QuickGELU /
 GELU, causal or bidirectional text, text pooling argmax / eos / first / last, learned or fixed sin-cos positions,
@@ -18,6 +20,7 @@ attention blocks (qk-norm, scaled cosine attention, head scaling, ...), a text p
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import warnings
@@ -57,6 +60,7 @@ def from_open_clip(
     model_or_state_dict: nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike,
     *,
     model_cfg: dict | None = None,
+    model_name: str | None = None,
     quick_gelu: bool | None = None,
 ) -> MultimodalTransformer:
     """Convert an open_clip ``CLIP`` model or an OpenAI-CLIP-layout state dict (dict, file or directory).
@@ -68,9 +72,15 @@ def from_open_clip(
             LAION's repositories, and ``open_clip_config.json``, whose ``model_cfg`` and ``preprocess_cfg`` are used).
         model_cfg: for a state dict only: the open_clip model config (as in open_clip's ``model_configs/*.json``:
             ``embed_dim``, ``vision_cfg``, ``text_cfg``, ``quick_gelu``); it supplies what shapes cannot tell
-            (head counts, activation, pooling, causal mask, norm epsilon). Default: a folder's
-            ``open_clip_config.json``; without one the OpenAI defaults hold: 64-wide heads, QuickGELU, argmax text
-            pooling, causal text, LayerNorm epsilon 1e-5.
+            (head counts, activation, pooling, causal mask, norm epsilon); what it gives of the shapes (widths,
+            layers, patch and image size, vocabulary, context, embed_dim) must fit the weights. Default: the config
+            of ``model_name``, else a folder's ``open_clip_config.json``; without any, the OpenAI defaults hold, with
+            a warning: 64-wide heads, QuickGELU, argmax text pooling, causal text, LayerNorm epsilon 1e-5.
+        model_name: for a state dict only, instead of ``model_cfg``: the open_clip architecture of the weights, as
+            ``open_clip.create_model(model_name, pretrained=FILE)`` takes it (``"ViT-H-14"``; a ``-quickgelu`` name
+            such as ``"ViT-B-32-quickgelu"`` for OpenAI's and other QuickGELU weights); its config is
+            ``open_clip.get_model_config(model_name)`` (open_clip's bundled configs and any added with
+            ``open_clip.add_model_config``; nothing is downloaded).
         quick_gelu: force QuickGELU (True) or GELU (False); None keeps the module's own activation, or for a state
             dict ``model_cfg["quick_gelu"]`` (open_clip's default False) when a config is given and True (OpenAI's
             weights) when not.
@@ -82,8 +92,9 @@ def from_open_clip(
     """
     preprocess = None
     if isinstance(model_or_state_dict, nn.Module):
-        if model_cfg is not None:
-            raise ValueError("model_cfg: only used with a state dict; an open_clip module carries its own settings")
+        for name, value in (("model_cfg", model_cfg), ("model_name", model_name)):
+            if value is not None:
+                raise ValueError(f"{name}: only used with a state dict; an open_clip module carries its own settings")
         state = model_or_state_dict.state_dict()
         preprocess = getattr(getattr(model_or_state_dict, "visual", None), "preprocess_cfg", None)
         if hasattr(model_or_state_dict, "text"):  # CustomTextCLIP, CoCa: the text tower is model.text
@@ -97,11 +108,20 @@ def from_open_clip(
         path = is_path(model_or_state_dict)
         state = load_state_dict(model_or_state_dict, FOLDER_WEIGHTS) if path else dict(model_or_state_dict)
         saved = _folder_config(Path(model_or_state_dict)) if path else {}
-        model_cfg = saved.get("model_cfg") if model_cfg is None else model_cfg
-        preprocess = saved.get("preprocess_cfg")
         if model_cfg is not None and not isinstance(model_cfg, Mapping):
             raise TypeError(f"model_cfg: expected a dict (open_clip model config), got {type(model_cfg).__name__}")
-        config = _config_from_state_dict(state, dict(model_cfg or {}), quick_gelu)
+        if model_name is not None:
+            if model_cfg is not None:
+                raise ValueError(f"model_name / model_cfg: give one, not both; got model_name={model_name!r} too")
+            model_cfg, given = named_config(model_name), f"model_name: open_clip's {model_name!r} config"
+        elif model_cfg is None and saved.get("model_cfg") is not None:  # the folder's open_clip_config.json
+            model_cfg, given = saved["model_cfg"], f"{Path(model_or_state_dict) / OPEN_CLIP_CONFIG}: its model_cfg"
+        else:
+            given = "model_cfg: the config"
+        preprocess = saved.get("preprocess_cfg")
+        if not model_cfg:
+            _warn_of_openai_defaults(quick_gelu)
+        config = _config_from_state_dict(state, dict(model_cfg or {}), quick_gelu, given)
         wm = _weight_map(state, config)
     else:
         raise TypeError(
@@ -251,6 +271,56 @@ def _folder_config(path: Path) -> dict[str, Any]:
     return saved
 
 
+def named_config(model_name: str) -> dict[str, Any]:
+    """open_clip's model config of the architecture ``model_name``, found as ``open_clip.create_model`` finds it
+    (``open_clip.get_model_config`` of the name with ``/`` as ``-``; a ``-quickgelu`` name has its own config, with
+    ``quick_gelu``); nothing is downloaded. An unknown name is a ValueError listing the closest known ones."""
+    if not isinstance(model_name, str):
+        raise TypeError(f"model_name: expected an open_clip architecture name (str), got {type(model_name).__name__}")
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        raise ValueError(
+            f"model_name: expected an open_clip architecture name (open_clip.list_models()), got {model_name!r}; a "
+            "Hub repository or folder carries its own open_clip_config.json: convert it, not a weights file "
+            "(mmformer.from_pretrained('open_clip:hf-hub:ORG/REPO') or the folder's path)"
+        )
+    import open_clip
+
+    name = model_name.replace("/", "-")
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        known = open_clip.list_models()
+        by_lower = {k.lower(): k for k in known}
+        close = [by_lower[k] for k in difflib.get_close_matches(name.lower(), by_lower, n=6, cutoff=0.6)]
+        hint = f"; the closest: {', '.join(close)}" if close else ""
+        base = name.removesuffix("-quickgelu")
+        if base != name and open_clip.get_model_config(base) is not None:
+            hint += (
+                f"; for QuickGELU weights of {base!r}, which has no -quickgelu config: model_name={base!r}, "
+                "quick_gelu=True"
+            )
+        raise ValueError(
+            f"model_name: open_clip has no architecture {model_name!r} (open_clip.list_models() names all "
+            f"{len(known)}){hint}"
+        )
+    return cfg
+
+
+def _warn_of_openai_defaults(quick_gelu: bool | None) -> None:
+    """A state dict converting without any open_clip config: say which of OpenAI's conventions were assumed, since
+    most open_clip weights differ (a wrong head count, or an activation ~1e-3 off), and how to name the model."""
+    assumed = "64-wide attention heads" + (" and QuickGELU" if quick_gelu is None else "")
+    warnings.warn(
+        f"open_clip: a state dict without an open_clip config (no model_name or model_cfg given, no "
+        f"{OPEN_CLIP_CONFIG} beside it) converts with OpenAI CLIP's defaults: {assumed}, which fit OpenAI's weights "
+        "but not most open_clip ones (ViT-H-14, ViT-bigG-14: 80-wide heads and GELU; ViT-B-16, ViT-L-14, ...: GELU); "
+        "name the architecture as open_clip.create_model takes it: mmformer convert FILE --from open_clip "
+        "--model-name ViT-H-14, or from_open_clip(path, model_name='ViT-H-14') (OpenAI's weights: ViT-B-32-quickgelu, "
+        "...; open_clip.list_models() names them all)",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 _UNSUPPORTED_KEYS = (
     ("visual.trunk.", "timm image towers (visual.trunk.*)"),
     ("visual.layer1.", "ResNet image towers (visual.layer1.*)"),
@@ -274,7 +344,11 @@ _UNSUPPORTED_OPTIONS = {  # open_clip config options (truthy = in use) → featu
 }
 
 
-def _config_from_state_dict(sd: dict[str, torch.Tensor], cfg: dict, quick_gelu: bool | None) -> ModelConfig:
+def _config_from_state_dict(
+    sd: dict[str, torch.Tensor], cfg: dict, quick_gelu: bool | None, given: str = "model_cfg: the config"
+) -> ModelConfig:
+    """The config of an OpenAI-layout state dict: shapes from its tensors, the rest from open_clip's ``cfg`` (``given``
+    names where that came from, in the error when its shapes do not fit the weights)."""
     for prefix, feature in _UNSUPPORTED_KEYS:
         if any(k.startswith(prefix) for k in sd):
             raise UnsupportedModelError(f"open_clip: {feature} are not supported")
@@ -299,12 +373,12 @@ def _config_from_state_dict(sd: dict[str, torch.Tensor], cfg: dict, quick_gelu: 
         quick_gelu = bool(cfg.get("quick_gelu", False)) if cfg else True
     act = "quickgelu" if quick_gelu else "gelu"
 
-    conv = _need(sd, "visual.conv1.weight")  # (D, C, p, p)
-    n_pos = _need(sd, "visual.positional_embedding").shape[0] - 1
-    patch = conv.shape[-1]
+    shapes = _config_shapes(sd)
+    _check_fits(shapes, cfg, vcfg, tcfg, given)
+    conv = sd["visual.conv1.weight"]  # (D, C, p, p)
+    patch, n_pos = shapes["vision_cfg.patch_size"][0], shapes["vision_cfg.image_size"]
     if "image_size" in vcfg:
-        size = vcfg["image_size"]
-        image_size = [size, size] if isinstance(size, int) else list(size)
+        image_size = list(_pair(vcfg["image_size"]))
     else:
         grid = math.isqrt(n_pos)
         if grid * grid != n_pos:
@@ -313,8 +387,8 @@ def _config_from_state_dict(sd: dict[str, torch.Tensor], cfg: dict, quick_gelu: 
                 "pass model_cfg={'vision_cfg': {'image_size': [H, W]}, ...}"
             )
         image_size = [grid * patch, grid * patch]
-    vision = _stack_from_shapes(sd, "visual.transformer", vcfg, act, what="vision_cfg")
-    text = _stack_from_shapes(sd, "transformer", tcfg, act, what="text_cfg")
+    vision = _stack_from_shapes(sd, "visual.transformer", vcfg, act, shapes, what="vision_cfg")
+    text = _stack_from_shapes(sd, "transformer", tcfg, act, shapes, what="text_cfg")
     image = ImageConfig(
         image_size=image_size,
         patch_size=patch,
@@ -322,22 +396,63 @@ def _config_from_state_dict(sd: dict[str, torch.Tensor], cfg: dict, quick_gelu: 
         patch_bias="visual.conv1.bias" in sd,
         pre_norm="visual.ln_pre.weight" in sd,
     )
-    if "text_projection" in sd:
-        embed_dim = sd["text_projection"].shape[1]  # (D, E)
-    else:
-        embed_dim = _need(sd, "text_projection.weight").shape[0]  # nn.Linear (E, D)
-        if "text_projection.bias" in sd:
-            raise UnsupportedModelError("open_clip: a text projection with bias (text_projection.bias)")
+    if "text_projection.bias" in sd:
+        raise UnsupportedModelError("open_clip: a text projection with bias (text_projection.bias)")
     text_cfg = _text_config(
-        vocab_size=_need(sd, "token_embedding.weight").shape[0],
-        context=_need(sd, "positional_embedding").shape[0],
+        vocab_size=shapes["text_cfg.vocab_size"],
+        context=shapes["text_cfg.context_length"],
         causal=not tcfg.get("no_causal_mask", False),
         pool_type=tcfg.get("pool_type", "argmax"),
         eos_id=tcfg.get("eos_id", 2),
     )
     logit_bias = float(sd["logit_bias"].reshape(-1)[0]) if "logit_bias" in sd else None
     logit_scale = float(_need(sd, "logit_scale").reshape(-1)[0])
-    return _model_config(vision, text, image, text_cfg, embed_dim, logit_scale, logit_bias)
+    return _model_config(vision, text, image, text_cfg, shapes["embed_dim"], logit_scale, logit_bias)
+
+
+def _config_shapes(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """What the weights fix of open_clip's config, by its keys (``vision_cfg.image_size``: the number of patch
+    positions)."""
+    patch = _need(sd, "visual.conv1.weight").shape[-1]  # (D, C, p, p)
+    shapes: dict[str, Any] = {
+        "vision_cfg.patch_size": (patch, patch),
+        "vision_cfg.image_size": _need(sd, "visual.positional_embedding").shape[0] - 1,  # less the class token
+    }
+    for what, prefix in (("vision_cfg", "visual.transformer"), ("text_cfg", "transformer")):
+        marker = f"{prefix}.resblocks."
+        shapes[f"{what}.layers"] = len({k[len(marker) :].split(".")[0] for k in sd if k.startswith(marker)})
+        if shapes[f"{what}.layers"] == 0:
+            raise ValueError(f"model_or_state_dict: expected blocks under {marker}*, found none")
+        shapes[f"{what}.width"] = _need(sd, f"{marker}0.ln_1.weight").shape[0]
+    if "text_projection" in sd:
+        shapes["embed_dim"] = sd["text_projection"].shape[1]  # (D, E)
+    else:
+        shapes["embed_dim"] = _need(sd, "text_projection.weight").shape[0]  # nn.Linear (E, D)
+    shapes["text_cfg.vocab_size"] = _need(sd, "token_embedding.weight").shape[0]
+    shapes["text_cfg.context_length"] = _need(sd, "positional_embedding").shape[0]
+    return shapes
+
+
+def _check_fits(shapes: dict[str, Any], cfg: dict, vcfg: dict, tcfg: dict, given: str) -> None:
+    """The shapes an open_clip config names (those it gives) are the weights' (:func:`_config_shapes`): a config
+    of another architecture (a wrong ``model_name``) is refused, not read into wrong head counts."""
+    said = {"embed_dim": cfg.get("embed_dim")}
+    said.update({f"vision_cfg.{k}": vcfg.get(k) for k in ("width", "layers")})
+    said.update({f"text_cfg.{k}": tcfg.get(k) for k in ("width", "layers", "vocab_size", "context_length")})
+    said["vision_cfg.patch_size"] = _pair(vcfg.get("patch_size"))
+    size, (patch_h, patch_w) = _pair(vcfg.get("image_size")), shapes["vision_cfg.patch_size"]
+    said["vision_cfg.image_size"] = None if size is None else (size[0] // patch_h) * (size[1] // patch_w)
+    wrong = [f"{key} {value} vs {shapes[key]}" for key, value in said.items() if value not in (None, shapes[key])]
+    if wrong:
+        raise ValueError(
+            f"{given} does not fit the state dict's shapes (config vs weights; image_size as its number of patch "
+            f"positions): {', '.join(wrong)}"
+        )
+
+
+def _pair(value: int | list[int] | tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """An open_clip size (an int, or a pair) as a pair; None stays None."""
+    return None if value is None else (value, value) if isinstance(value, int) else tuple(value)
 
 
 def _need(sd: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
@@ -346,25 +461,25 @@ def _need(sd: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
     return sd[key]
 
 
-def _stack_from_shapes(sd: dict[str, torch.Tensor], prefix: str, cfg: dict, act: str, *, what: str) -> StackConfig:
-    marker = f"{prefix}.resblocks."
-    depth = len({k[len(marker) :].split(".")[0] for k in sd if k.startswith(marker)})
-    if depth == 0:
-        raise ValueError(f"model_or_state_dict: expected blocks under {marker}*, found none")
-    width = _need(sd, f"{marker}0.ln_1.weight").shape[0]
+def _stack_from_shapes(
+    sd: dict[str, torch.Tensor], prefix: str, cfg: dict, act: str, shapes: dict[str, Any], *, what: str
+) -> StackConfig:
+    """The stack of ``{prefix}.resblocks.N``: its width and depth from :func:`_config_shapes`, heads from ``cfg``."""
+    width = shapes[f"{what}.width"]
     if "heads" in cfg:
         heads = cfg["heads"]
     else:
         head_width = cfg.get("head_width", 64)
         if width % head_width:
-            raise ValueError(f"{what}: width {width} is not a multiple of the head width {head_width}; set heads")
+            fix = "set heads" if cfg else "name the architecture (model_name=, --model-name) or set heads"
+            raise ValueError(f"{what}: width {width} is not a multiple of the head width {head_width}; {fix}")
         heads = width // head_width
     return StackConfig(
         width=width,
-        depth=depth,
+        depth=shapes[f"{what}.layers"],
         n_heads=heads,
         mlp=act,
-        mlp_hidden=_need(sd, f"{marker}0.mlp.c_fc.weight").shape[0],
+        mlp_hidden=_need(sd, f"{prefix}.resblocks.0.mlp.c_fc.weight").shape[0],
         norm_eps=float((cfg.get("norm_kwargs") or {}).get("eps", 1e-5)),
     )
 

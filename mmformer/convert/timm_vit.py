@@ -69,7 +69,9 @@ def from_timm_vit(
         timm's ``create_transform(**resolve_data_config({}, model=vit))`` at the model's image size: mean/std,
         interpolation, the shortest edge resized to ``floor(size / crop_pct)`` then a center crop (``crop_mode``
         'center'; 'squash' with ``crop_pct=1`` is an exact resize; other crop modes, and ``crop_pct`` on
-        non-square images, warn and fall back to a shortest-edge resize + center crop without the border).
+        non-square images, warn and fall back to a shortest-edge resize + center crop without the border). A
+        1-channel model (``in_chans=1``), for which timm still resolves RGB statistics, normalises with the average
+        of its mean and of its std, with a warning.
     """
     if isinstance(model_or_state_dict, nn.Module):
         if model_name is not None or overrides:
@@ -305,10 +307,22 @@ def _processor(vit: nn.Module, config: ModelConfig):
         )
         return None
     interpolation = data.get("interpolation", "bicubic")
+    mean, std = tuple(data["mean"]), tuple(data["std"])
+    if channels == 1 and (len(mean) != 1 or len(std) != 1):
+        # timm's resolve_data_config gives its pretrained_cfg's RGB statistics whatever in_chans is
+        mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+        warnings.warn(
+            f"timm_vit: a 1-channel model (in_chans=1) with timm's {len(data['mean'])}-channel mean/std "
+            f"{tuple(data['mean'])} / {tuple(data['std'])}: the processor normalises with their averages "
+            f"{mean[0]:.4g} / {std[0]:.4g}; if it was trained with others, give it a processor of its own "
+            "(mmformer.Processor(image=ImageProcessorConfig(channels=1, mean=..., std=...)))",
+            UserWarning,
+            stacklevel=3,
+        )
     image = dict(
         image_size=tuple(config.image.image_size),  # the model's own size (a pretrained_cfg may name another)
-        mean=tuple(data["mean"]),
-        std=tuple(data["std"]),
+        mean=mean,
+        std=std,
         interpolation=interpolation if interpolation in ("bicubic", "bilinear", "nearest") else "bicubic",
         channels=channels,
         **_resize(data, tuple(config.image.image_size)),
