@@ -315,17 +315,21 @@ def test_the_onnx_runner_still_decodes_an_export_of_the_earlier_stacked_layout(m
     assert OnnxModel(old).transcribe(audio, max_new_tokens=10) == model.transcribe(audio, max_new_tokens=10)
 
 
-def test_the_onnx_runner_classifies_and_transcribes_without_torch(model, exported, files):
-    images, audio = files
+def runner_in_a_fresh_process(folder: Path, images: list[str], audio: list[str] | None = None) -> dict:
+    """What the torch-free runner answers for an export ``folder`` in a process of its own, which has neither torch
+    nor the process that wrote the export (only the repository on its path): zero-shot probabilities and labels over
+    four classes and greedy captions of ``images``, and with ``audio``, its zero-shot probabilities and transcripts."""
     script = f"""
 import json, sys
 from mmformer.ship.onnx_runner import OnnxModel
-m = OnnxModel({str(exported["onnx"])!r})
+m = OnnxModel({str(folder)!r})
 probs, labels = m.zeroshot({images!r}, {WORDS[:4]!r}, modality="image")
-audio_probs, _ = m.zeroshot({audio!r}, {WORDS[:4]!r}, modality="audio")
-out = {{"probs": probs.tolist(), "labels": labels, "audio_probs": audio_probs.tolist(),
-        "captions": m.caption({images!r}, max_new_tokens=6), "transcripts": m.transcribe({audio!r}, max_new_tokens=6),
-        "torch": "torch" in sys.modules}}
+out = {{"probs": probs.tolist(), "labels": labels, "captions": m.caption({images!r}, max_new_tokens=6)}}
+audio = {audio!r}
+if audio:
+    out["audio_probs"] = m.zeroshot(audio, {WORDS[:4]!r}, modality="audio")[0].tolist()
+    out["transcripts"] = m.transcribe(audio, max_new_tokens=6)
+out["torch"] = "torch" in sys.modules
 print(json.dumps(out))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
@@ -333,6 +337,12 @@ print(json.dumps(out))
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["torch"] is False
+    return out
+
+
+def test_the_onnx_runner_classifies_and_transcribes_without_torch(model, exported, files):
+    images, audio = files
+    out = runner_in_a_fresh_process(exported["onnx"], images, audio)
     for modality, key, inputs in (("image", "probs", images), ("audio", "audio_probs", audio)):
         clf = mmformer.ZeroShotClassifier(model, classnames=WORDS[:4], modality=modality)
         assert np.abs(np.array(out[key]) - clf.predict_proba(inputs).numpy()).max() < 1e-4
@@ -451,6 +461,18 @@ def test_the_onnx_runners_zero_shot_reads_a_logit_bias_through_a_sigmoid(coca, f
     clf = mmformer.ZeroShotClassifier(model, classnames=WORDS[:4])
     assert np.abs(probs - clf.predict_proba(images).numpy()).max() <= 1e-5
     assert labels == clf.predict(images)
+
+
+def test_a_coca_export_captions_and_scores_in_a_torch_free_process_as_the_model(coca, files):
+    """What the export config carries for a CoCa/SigLIP model (``image.memory_start``, the logit bias) is read from
+    the files by a fresh process without torch: the model's captions, and its sigmoid probabilities."""
+    model, folder = coca
+    images, _ = files
+    out = runner_in_a_fresh_process(folder, images)
+    assert out["captions"] == model.caption(images, max_new_tokens=6)
+    clf = mmformer.ZeroShotClassifier(model, classnames=WORDS[:4])
+    assert np.abs(np.array(out["probs"]) - clf.predict_proba(images).numpy()).max() <= 1e-5
+    assert out["labels"] == clf.predict(images)
 
 
 def test_pt2e_graphs_of_a_coca_model_decode_the_image_tokens_its_decoder_reads(coca):
