@@ -304,7 +304,7 @@ def export_section(args: argparse.Namespace, out: Path, manifest: Path) -> list[
 
     import mmformer
     from benchmarks.common import interleaved
-    from mmformer.ship import export
+    from mmformer.ship import export, exportable, programs
     from mmformer.ship.onnx_runner import OnnxModel
 
     model = mmformer.load_pretrained(args.model)
@@ -327,7 +327,7 @@ def export_section(args: argparse.Namespace, out: Path, manifest: Path) -> list[
     with torch.no_grad():
         memory, memory_mask = model.encode_audio_tokens(inputs["audio"], inputs["audio_lengths"])
         bos = torch.full((memory.shape[0], 1), model.config.text.bos_id)
-        _, keys, values, cross_k, cross_v = export.DecoderPrefill(model)(bos, memory, memory_mask)
+        _, keys, values, cross_k, cross_v = exportable.DecoderPrefill(model)(bos, memory, memory_mask)
     graph_inputs = {
         "image_encoder": (inputs["pixel_values"],),
         "audio_encoder": (features, frames),
@@ -335,7 +335,7 @@ def export_section(args: argparse.Namespace, out: Path, manifest: Path) -> list[
         "decoder_model": (bos, memory, memory_mask),
         "decoder_with_past_model": (bos, memory_mask, keys, values, *cross_k, *cross_v),
     }
-    modules = {g.name: g.module for g in export.graphs(model)}
+    modules = {g.name: g.module for g in exportable.graphs(model)}
     config = json.loads((out / "onnx" / export.EXPORT_CONFIG).read_text())
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -344,7 +344,7 @@ def export_section(args: argparse.Namespace, out: Path, manifest: Path) -> list[
     for name, args_ in graph_inputs.items():
         session = ort.InferenceSession(str(out / "onnx" / config["graphs"][name]["file"]), options)
         feed = {n: t.numpy() for n, t in zip(config["graphs"][name]["inputs"], args_)}
-        program = export.load_program(out / "torch-export" / f"{name}.pt2").module()
+        program = programs.load_program(out / "torch-export" / f"{name}.pt2").module()
         with torch.no_grad():
             expected = modules[name](*args_)
             from_program = program(*args_)

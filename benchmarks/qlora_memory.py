@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import base_parser, machine, parse_args, record, table
 from mmformer import MultimodalTransformer
-from mmformer.adapt import adapters
+from mmformer.adapt import adapter_state, adapters, four_bit
 from mmformer.adapt.adapters import LoraSettings
 from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
 
@@ -61,7 +61,7 @@ def build(config: ModelConfig, mode: str, device: str) -> MultimodalTransformer:
     elif mode == "qlora_nf4":
         model.to(torch.bfloat16)  # the frozen non-linear weights (embeddings, convolutions, norms) in 16 bits
         adapters.add_lora(model, LoraSettings(r=16, lora_alpha=32, target_modules=["all"], quantize="nf4"))
-        for p in adapters.adapter_parameters(model).values():
+        for p in adapter_state.adapter_parameters(model).values():
             p.data = p.data.float()  # adapters train in float32, as peft keeps them
     return model.train()
 
@@ -103,8 +103,8 @@ def measure(config: ModelConfig, shape: dict, mode: str, device: str, steps: int
     row = {
         "mode": mode,
         "trainable_M": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
-        "base_weights_MiB": adapters.weight_bytes(model) / 2**20,
-        "linear_MiB": sum(adapters.weight_bytes(m) for m in linear_layers(model)) / 2**20,
+        "base_weights_MiB": four_bit.weight_bytes(model) / 2**20,
+        "linear_MiB": sum(four_bit.weight_bytes(m) for m in linear_layers(model)) / 2**20,
     }
     if cuda:
         row["cuda_weights_MiB"] = (torch.cuda.memory_allocated() - before) / 2**20

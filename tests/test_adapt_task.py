@@ -12,7 +12,7 @@ from cli_helpers import WORDS, fit_in_process, tiny_config, write_config, write_
 from lightning.pytorch.utilities.model_summary import ModelSummary
 
 from mmformer import ModelConfig, MultimodalTransformer, Processor, from_pretrained
-from mmformer.adapt import adapters
+from mmformer.adapt import adapter_files, adapters
 from mmformer.cli.training import ConfigError
 from mmformer.preprocess.processor import ImageProcessorConfig
 from mmformer.preprocess.tokenizer import Tokenizer
@@ -286,7 +286,7 @@ def test_inference_commands_take_adapters_and_prompts(pretrained, tmp_path, caps
     image = str(root / "img" / "0.png")
     base = from_pretrained(root / "base")
     adapters.add_lora(base, adapters.LoraSettings(r=2, target_modules=["cross_attention"]))
-    adapters.save_adapter(base, tmp_path / "adapter")
+    adapter_files.save_adapter(base, tmp_path / "adapter")
     DecoderPrefix(2, 32).save(tmp_path / "prefix.safetensors")
     ContextPrompt(2, 32).save(tmp_path / "context.safetensors")
     main(["caption", "--model", str(root / "base"), "--adapter", str(tmp_path / "adapter"), "--max-new-tokens", "3",

@@ -19,7 +19,7 @@ import torch
 from cli_helpers import REPO, WORDS, cli_env, fit_in_process, tiny_config, write_config, write_pairs
 
 from mmformer import ModelConfig, MultimodalTransformer, Processor, from_pretrained
-from mmformer.adapt import adapters
+from mmformer.adapt import adapter_state, adapters
 from mmformer.adapt.adapters import LoraSettings
 from mmformer.io.weights import base_layer
 from mmformer.preprocess.processor import AudioProcessorConfig, ImageProcessorConfig
@@ -174,7 +174,7 @@ def tiny(make_model_config):
 def perturb(model: torch.nn.Module) -> None:
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        for p in adapters.adapter_parameters(model).values():
+        for p in adapter_state.adapter_parameters(model).values():
             p.add_(0.3 * torch.randn(p.shape, generator=g))
 
 

@@ -12,7 +12,7 @@ import tokenizers
 import torch
 
 from mmformer import MultimodalTransformer
-from mmformer.adapt import adapters
+from mmformer.adapt import adapter_files, adapter_state, adapters, four_bit
 from mmformer.adapt.adapters import LoraSettings
 
 
@@ -43,7 +43,7 @@ def perturb(model: torch.nn.Module) -> None:
     """Move the adapter away from its identity initialisation (LoRA B starts at zero)."""
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        for p in adapters.adapter_parameters(model).values():
+        for p in adapter_state.adapter_parameters(model).values():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
 
 
@@ -61,8 +61,8 @@ def test_lora_merged_unmerged_unloaded_and_peft_files(base, tmp_path, use_dora):
     assert not torch.allclose(unmerged, reference)
 
     folder = tmp_path / "adapter"
-    adapters.save_adapter(adapted, folder)
-    adapters.save_adapter(adapted, folder)  # replaced atomically: nothing left beside it
+    adapter_files.save_adapter(adapted, folder)
+    adapter_files.save_adapter(adapted, folder)  # replaced atomically: nothing left beside it
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
     assert json.loads((folder / "adapter_config.json").read_text())["use_dora"] is use_dora
@@ -81,7 +81,7 @@ def test_lora_merged_unmerged_unloaded_and_peft_files(base, tmp_path, use_dora):
 
 
 def mmformer_load(base: MultimodalTransformer, folder) -> MultimodalTransformer:
-    return adapters.load_adapter(fresh_copy(base), folder)
+    return adapter_files.load_adapter(fresh_copy(base), folder)
 
 
 def test_from_pretrained_with_adapter_and_merge_command(base, tmp_path):
@@ -92,7 +92,7 @@ def test_from_pretrained_with_adapter_and_merge_command(base, tmp_path):
     adapted = fresh_copy(base)
     adapters.add_lora(adapted, LoraSettings(r=2, target_modules=["qkv", "cross_kv"], routes=["decoder"]))
     perturb(adapted)
-    adapters.save_adapter(adapted, tmp_path / "adapter")
+    adapter_files.save_adapter(adapted, tmp_path / "adapter")
     loaded = from_pretrained(tmp_path / "base", adapter=tmp_path / "adapter")
     assert torch.equal(outputs(loaded), outputs(adapted))
     with pytest.raises(ValueError, match="carries adapter layers"):
@@ -106,23 +106,23 @@ def test_from_pretrained_with_adapter_and_merge_command(base, tmp_path):
 def test_adapter_of_another_base_is_refused_naming_the_module(base, make_model_config, tmp_path):
     other = MultimodalTransformer(make_model_config(stack={"width": 32})).eval()
     adapters.add_lora(other, LoraSettings(r=2, target_modules=["qkv"]))
-    adapters.save_adapter(other, tmp_path / "adapter")
+    adapter_files.save_adapter(other, tmp_path / "adapter")
     target = fresh_copy(base)
     with pytest.raises(ValueError, match=r"another base.*stacks\.shared\.blocks\.0\.attn\.fn\.qkv \(lora_A\.weight: "
                                          r"expected \(2, 16\), found \(2, 32\)\)"):  # fmt: skip
-        adapters.load_adapter(target, tmp_path / "adapter")
+        adapter_files.load_adapter(target, tmp_path / "adapter")
     assert not adapters.has_adapter(target) and torch.equal(outputs(target), outputs(base))  # left as it was
 
 
 def test_bad_adapter_input_names_it(base, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="has no adapter_config.json"):
-        adapters.load_adapter(fresh_copy(base), tmp_path / "empty")
+        adapter_files.load_adapter(fresh_copy(base), tmp_path / "empty")
     (tmp_path / "pickled").mkdir()
     (tmp_path / "pickled" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
     (tmp_path / "pickled" / "adapter_model.bin").write_bytes(b"not read")
     with pytest.raises(ValueError, match="adapter_model.bin, a pickle"):
-        adapters.load_adapter(fresh_copy(base), tmp_path / "pickled")
+        adapter_files.load_adapter(fresh_copy(base), tmp_path / "pickled")
     with pytest.raises(ValueError, match="lora.target_modules: 'attn_out' matches no linear"):
         adapters.add_lora(fresh_copy(base), LoraSettings(target_modules=["attn_out"]))
     with pytest.raises(ValueError, match="fused"):
@@ -154,8 +154,8 @@ def test_grown_vocabulary_keeps_old_logits_and_travels_with_the_adapter(base, tm
     vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 40)}}
     backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer = Tokenizer(backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")  # 40 ids
-    adapters.save_adapter(grown, tmp_path / "adapter", processor=Processor(tokenizer))
-    loaded = adapters.load_adapter(fresh_copy(base), tmp_path / "adapter")  # grows the base to 40 first
+    adapter_files.save_adapter(grown, tmp_path / "adapter", processor=Processor(tokenizer))
+    loaded = adapter_files.load_adapter(fresh_copy(base), tmp_path / "adapter")  # grows the base to 40 first
     assert loaded.config.text.vocab_size == 40 and torch.equal(outputs(loaded), outputs(grown))
     merged = adapters.merge_and_unload(loaded)  # token rows differ between input and output now: untied
     assert not merged.config.tie_lm_head and (outputs(merged) - outputs(grown)).abs().max() < 1e-5
@@ -182,11 +182,11 @@ def test_qlora_step_on_a_4bit_base(make_model_config):
 
     torch.manual_seed(0)
     model = MultimodalTransformer(make_model_config(stack={"width": 64, "n_heads": 4}, audio=None)).train()
-    full = adapters.weight_bytes(model)
+    full = four_bit.weight_bytes(model)
     adapters.add_lora(model, LoraSettings(r=4, target_modules=["all"], quantize="nf4"))
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(m.weight.dtype == torch.uint8 for m in layers)
-    assert adapters.weight_bytes(model) < full / 2
+    assert four_bit.weight_bytes(model) < full / 2
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     losses = captioning_steps(model, "cpu")
     assert losses[-1] < losses[0]
@@ -272,7 +272,7 @@ def test_modules_to_save_on_a_tied_table_merges_into_a_loadable_model_and_unload
     adapters.add_lora(adapted, LoraSettings(r=2, target_modules=["qkv"], modules_to_save=["text_embed"]))
     perturb(adapted)
     expected = outputs(adapted)
-    adapters.save_adapter(adapted, tmp_path / "adapter")
+    adapter_files.save_adapter(adapted, tmp_path / "adapter")
     adapters.merge_and_unload(adapted).save_pretrained(tmp_path / "merged")
     assert (outputs(from_pretrained(tmp_path / "merged")) - expected).abs().max() < 1e-5
     unloaded = adapters.unload(mmformer_load(base, tmp_path / "adapter"))
@@ -297,7 +297,7 @@ def test_rslora_reaches_peft_and_the_adapter_file(base, tmp_path):
     adapted = fresh_copy(base)
     adapters.add_lora(adapted, LoraSettings(r=4, target_modules=["qkv"], use_rslora=True))
     perturb(adapted)
-    adapters.save_adapter(adapted, tmp_path / "adapter")
+    adapter_files.save_adapter(adapted, tmp_path / "adapter")
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["use_rslora"] is True
     assert torch.equal(outputs(mmformer_load(base, tmp_path / "adapter")), outputs(adapted))
     with pytest.raises(ValueError, match="use_rslora"):
@@ -309,7 +309,7 @@ def edited_adapter(base, folder, **changes) -> None:
     adapted = fresh_copy(base)
     adapters.add_lora(adapted, LoraSettings(r=2, target_modules=["qkv"]))
     perturb(adapted)
-    adapters.save_adapter(adapted, folder)
+    adapter_files.save_adapter(adapted, folder)
     path = folder / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
     return adapted
@@ -321,7 +321,7 @@ def test_adapters_loading_cannot_apply_exactly_are_refused(base, tmp_path, chang
     edited_adapter(base, tmp_path / "adapter", **changes)
     model = fresh_copy(base)
     with pytest.raises(ValueError, match=match):
-        adapters.load_adapter(model, tmp_path / "adapter")
+        adapter_files.load_adapter(model, tmp_path / "adapter")
     assert torch.equal(outputs(model), outputs(base))
 
 
@@ -355,9 +355,9 @@ def test_qlora_merges_into_float_weights_after_an_eval_forward_and_4bit_models_d
     assert (decoded(merged) - expected).norm() < 1e-2 * expected.norm()  # peft's 4-bit merge: 0.6 off
     merged.save_pretrained(tmp_path / "merged")
     assert torch.equal(decoded(from_pretrained(tmp_path / "merged")), decoded(merged))
-    four_bit = adapters.quantize_4bit(MultimodalTransformer(make_model_config(stack={"width": 64}, audio=None)))
+    quantized = four_bit.quantize_4bit(MultimodalTransformer(make_model_config(stack={"width": 64}, audio=None)))
     with pytest.raises(ValueError, match="4-bit layers"):
-        four_bit.save_pretrained(tmp_path / "four_bit")
+        quantized.save_pretrained(tmp_path / "four_bit")
 
 
 def test_qlora_leaves_layers_bitsandbytes_cannot_pack_in_float(make_model_config):

@@ -13,7 +13,7 @@ import torch
 from test_adapt_task import probe  # image embeddings and decoder logits on fixed inputs
 
 from mmformer import ModelConfig, MultimodalTransformer, Processor, StackConfig, TextConfig, from_pretrained
-from mmformer.adapt import adapters
+from mmformer.adapt import adapter_files, adapters
 from mmformer.cli.main import main
 from mmformer.config import ImageConfig
 from mmformer.preprocess.processor import ImageProcessorConfig
@@ -184,7 +184,7 @@ def test_merge_into_a_quantized_base_is_refused_naming_its_quantization(base, tm
 
     model = from_pretrained(base)
     adapters.add_lora(model, adapters.LoraSettings(**LORA))
-    adapters.save_adapter(model, tmp_path / "adapter", base_model=str(base))
+    adapter_files.save_adapter(model, tmp_path / "adapter", base_model=str(base))
     quantize(from_pretrained(base), "int8-weight").save_pretrained(tmp_path / "int8")
     with pytest.raises(SystemExit, match=r"--base: .*int8 holds int8-weight quantized weights .* merge into the float "
                                          r"model, then quantize"):  # fmt: skip  # was peft's TorchaoLoraLinear error
@@ -247,12 +247,9 @@ def test_convert_takes_the_timm_architecture_of_a_bare_state_dict_by_flag(tmp_pa
 def test_an_adapter_folder_named_as_a_model_names_its_base(base, tmp_path):
     model = from_pretrained(base)
     adapters.add_lora(model, adapters.LoraSettings(**LORA))
-    adapters.save_adapter(model, tmp_path / "adapter", base_model=str(base))
+    adapter_files.save_adapter(model, tmp_path / "adapter", base_model=str(base))
     with pytest.raises(FileNotFoundError, match=rf"a LoRA adapter folder .* --model {base} --adapter .*adapter"):
         from_pretrained(tmp_path / "adapter")  # was "no model.safetensors in this folder"
-    from mmformer.io import pretrained
-
-    assert pretrained.ADAPTER_CONFIG == adapters.ADAPTER_CONFIG  # the reader names the file the writer writes
 
 
 def test_a_relative_init_from_is_recorded_and_named_as_an_absolute_path(base, tmp_path, monkeypatch):

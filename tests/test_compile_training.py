@@ -187,7 +187,7 @@ def test_torch_export_of_a_converted_clip_causal_text_tower_with_padding(tmp_pat
     mask = ids != 0
     script = (
         "import json, sys, torch\n"
-        "from mmformer.ship.export import load_program\n"
+        "from mmformer.ship.programs import load_program\n"
         f"program = load_program({str(tmp_path / 'graphs' / 'text_encoder.pt2')!r}).module()\n"
         "ids = torch.tensor(json.loads(sys.stdin.read()))\n"
         "embeds, _ = program(ids, ids != 0)\n"

@@ -29,7 +29,8 @@ from mmformer.generation.decoding import generate  # noqa: E402
 from mmformer.model import MultimodalTransformer  # noqa: E402
 from mmformer.preprocess.processor import AudioProcessorConfig, ImageProcessorConfig, Processor  # noqa: E402
 from mmformer.preprocess.tokenizer import Tokenizer  # noqa: E402
-from mmformer.ship import export  # noqa: E402
+from mmformer.ship import export, exportable  # noqa: E402
+from mmformer.ship.programs import load_program  # noqa: E402
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,14 +70,14 @@ def exported(model, tmp_path_factory):
 
 def inputs_at(model: MultimodalTransformer, batch: int, tokens: int, frames: int, past: int, memory: int) -> dict:
     """Inputs of every graph at one size (real cache tensors from the model for the decoder step)."""
-    ex = export.examples(model, batch=batch, tokens=tokens, frames=frames)
+    ex = exportable.examples(model, batch=batch, tokens=tokens, frames=frames)
     g = torch.Generator().manual_seed(batch * 100 + tokens)
     mem = torch.randn(batch, memory, model.config.width("decoder"), generator=g)
     mem_mask = torch.ones(batch, memory, dtype=torch.bool)
     mem_mask[-1, memory // 2 :] = False
     prefill_ids = ex["input_ids"][:, :past]
     with torch.no_grad():
-        _, keys, values, cross_k, cross_v = export.DecoderPrefill(model)(prefill_ids, mem, mem_mask)
+        _, keys, values, cross_k, cross_v = exportable.DecoderPrefill(model)(prefill_ids, mem, mem_mask)
     return {
         "image_encoder": (ex["pixel_values"],),
         "audio_encoder": (ex["input_features"], ex["feature_lengths"]),
@@ -90,7 +91,7 @@ SIZES = [dict(batch=1, tokens=4, frames=20, past=2, memory=3), dict(batch=3, tok
 
 
 def modules(model: MultimodalTransformer) -> dict[str, torch.nn.Module]:
-    return {g.name: g.module for g in export.graphs(model)}
+    return {g.name: g.module for g in exportable.graphs(model)}
 
 
 def assert_onnx_equals(folder: Path, name: str, module: torch.nn.Module, args: tuple) -> None:
@@ -110,7 +111,7 @@ def assert_onnx_equals(folder: Path, name: str, module: torch.nn.Module, args: t
 @pytest.fixture(scope="module")
 def programs(model, exported) -> dict[str, torch.nn.Module]:
     """The torch.export programs of ``exported``, loaded once for both sizes (loading the five takes ~2.5 s)."""
-    return {name: export.load_program(exported["torch-export"] / f"{name}.pt2").module() for name in modules(model)}
+    return {name: load_program(exported["torch-export"] / f"{name}.pt2").module() for name in modules(model)}
 
 
 @pytest.mark.parametrize("size", SIZES, ids=["small", "large"])
@@ -154,7 +155,7 @@ def test_every_attention_kind_exports_as_onnx_attention_and_equals_pytorch(stack
                          text=TextConfig(**TINY_TEXT), embed_dim=8)  # fmt: skip
     model = MultimodalTransformer(config).eval()
     out = export.export(model, tmp_path / "onnx", towers=["text", "decoder"])
-    graphs = {g.name: g.module for g in export.graphs(model, ["text", "decoder"])}
+    graphs = {g.name: g.module for g in exportable.graphs(model, ["text", "decoder"])}
     for size in SIZES:
         inputs = inputs_at(model, **size)
         for name, module in graphs.items():
@@ -260,7 +261,7 @@ def test_an_opset_23_export_keeps_the_mask_and_equals_pytorch(model, tmp_path):
     graph = onnx.load(str(out / "audio_encoder.onnx"))
     assert {o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")} == {23}
     assert {len(node.input) for node in graph.graph.node if node.op_type == "Attention"} == {4}
-    module = {g.name: g.module for g in export.graphs(model, ["audio"])}["audio_encoder"]
+    module = {g.name: g.module for g in exportable.graphs(model, ["audio"])}["audio_encoder"]
     for size in SIZES:
         assert_onnx_equals(out, "audio_encoder", module, inputs_at(model, **size)["audio_encoder"])
 
@@ -289,14 +290,14 @@ def test_the_onnx_runner_still_decodes_an_export_of_the_earlier_stacked_layout(m
     class StackedStep(torch.nn.Module):  # the earlier step graph's signature, around today's step
         def __init__(self):
             super().__init__()
-            self.step = export.DecoderStep(model)
+            self.step = exportable.DecoderStep(model)
 
         def forward(self, input_ids, memory_mask, past_keys, past_values, cross_keys, cross_values):
             return self.step(input_ids, memory_mask, past_keys, past_values, *cross_keys, *cross_values)
 
     old = tmp_path / "old"
     shutil.copytree(exported["onnx"], old)
-    new = next(g for g in export.graphs(model, ["decoder"]) if g.name == "decoder_with_past_model")
+    new = next(g for g in exportable.graphs(model, ["decoder"]) if g.name == "decoder_with_past_model")
     depth = model.config.stacks["shared"].depth
     names = list(new.inputs)[:4]
     inputs = {n: new.inputs[n] for n in names}
@@ -304,7 +305,7 @@ def test_the_onnx_runner_still_decodes_an_export_of_the_earlier_stacked_layout(m
     inputs["cross_values"] = torch.stack([new.inputs[f"cross_values_{i}"] for i in range(depth)])
     dynamic = {n: new.dynamic[n] for n in names}
     dynamic.update(cross_keys={1: "batch", 3: "memory_tokens"}, cross_values={1: "batch", 3: "memory_tokens"})
-    stacked = export.Graph(new.name, StackedStep(), inputs, new.outputs, dynamic, new.dims)
+    stacked = exportable.Graph(new.name, StackedStep(), inputs, new.outputs, dynamic, new.dims)
     export._write_onnx(stacked, old / "decoder_with_past_model.onnx", 18)
     config = json.loads((old / export.EXPORT_CONFIG).read_text())
     config["graphs"]["decoder_with_past_model"]["inputs"] = list(inputs)
@@ -444,7 +445,7 @@ def test_a_coca_export_decodes_the_image_tokens_the_models_decoder_reads(coca, f
         states, mask = model.encode_image_tokens(pixels)  # mask: False at the pooled query
         assert memory_mask.all() and np.abs(memory - states[:, mask[0]].numpy()).max() <= 1e-5
         assert ids.tolist() == generate(model, image=pixels, max_new_tokens=6).tolist()
-        prompt = export.examples(model, batch=len(images), tokens=4)["input_ids"]
+        prompt = exportable.examples(model, batch=len(images), tokens=4)["input_ids"]
         expected = model.decode(prompt, states, mask)
     got = runner._run("decoder_model", input_ids=prompt.numpy(), memory=memory, memory_mask=memory_mask)[0]
     assert np.abs(got - expected.numpy()).max() <= 1e-5
@@ -481,8 +482,8 @@ def test_pt2e_graphs_of_a_coca_model_decode_the_image_tokens_its_decoder_reads(c
     from mmformer.compress import pt2e
 
     model, _ = coca
-    graphs = pt2e.PT2EModel(model, "dynamic", {g.name: g.module for g in export.graphs(model)}, {}, compile=False)
-    pixels = export.examples(model)["pixel_values"]
+    graphs = pt2e.PT2EModel(model, "dynamic", {g.name: g.module for g in exportable.graphs(model)}, {}, compile=False)
+    pixels = exportable.examples(model)["pixel_values"]
     with torch.no_grad():
         states, mask = graphs.memory(image=pixels)
         expected, hidden = model.encode_image_tokens(pixels)

@@ -50,7 +50,7 @@ def test_a_mixture_of_experts_models_towers_export(make_model_config):
     """The image tower's graph, as ``mmformer export`` and static int8 trace it (dynamic batch), exports and computes
     what the eager tower does."""
     from mmformer import MultimodalTransformer
-    from mmformer.ship.export import graphs
+    from mmformer.ship.exportable import graphs
 
     torch.manual_seed(0)
     model = MultimodalTransformer(make_model_config(stack={"n_experts": E, "experts_top_k": 2})).eval()

@@ -16,7 +16,7 @@ import mmformer
 from mmformer.cli.main import main
 from mmformer.compress import pt2e
 from mmformer.longform import with_compute_type
-from mmformer.ship import export
+from mmformer.ship import exportable
 from mmformer.zeroshot import ZeroShotClassifier
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ def int8_folder(digits, tmp_path_factory) -> Path:
 def float_graphs(model) -> pt2e.PT2EModel:
     """The model's own export graphs (float, not quantized) behind PT2E's interface: whatever decodes through them
     must give the float model's ids exactly."""
-    return pt2e.PT2EModel(model, "dynamic", {g.name: g.module for g in export.graphs(model)}, {}, compile=False)
+    return pt2e.PT2EModel(model, "dynamic", {g.name: g.module for g in exportable.graphs(model)}, {}, compile=False)
 
 
 def test_generate_runs_the_decoder_graphs_in_the_one_decoding_loop(digits):
@@ -95,7 +95,7 @@ def test_encoders_give_the_embeddings_before_their_norm_with_normalize_false(dig
     torch.manual_seed(0)
     config = make_model_config(image=None, audio=None, text={"fixed_length": True, "pool": "mean"})
     padded = MultimodalTransformer(config).eval()
-    text_graph = {g.name: g.module for g in export.graphs(padded, ["text"])}
+    text_graph = {g.name: g.module for g in exportable.graphs(padded, ["text"])}
     padded_graphs = pt2e.PT2EModel(padded, "dynamic", text_graph, {}, compile=False)
     ids, mask = torch.randint(3, 32, (2, 5)), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
     with torch.no_grad():

@@ -250,7 +250,7 @@ def test_a_processor_sees_the_sequence_so_far_and_the_step_in_both_searches():
 )
 def test_an_lm_head_peft_wraps_decodes(settings):
     pytest.importorskip("peft")
-    from mmformer.adapt import adapters
+    from mmformer.adapt import adapter_state, adapters
     from mmformer.adapt.adapters import LoraSettings
 
     model = language_model()
@@ -258,7 +258,7 @@ def test_an_lm_head_peft_wraps_decodes(settings):
     assert type(model.lm_head) is not torch.nn.Linear  # wrapped: the fast path must not read its attributes
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for p in adapters.adapter_parameters(model).values():
+        for p in adapter_state.adapter_parameters(model).values():
             p.add_(torch.randn(p.shape, generator=g))
     prompt, mask = left_pad(PROMPTS, PAD)
     base = generate(language_model(), prompt_ids=prompt, prompt_mask=mask, max_new_tokens=8)

@@ -278,17 +278,17 @@ def _rewritten(source: Path, target: Path, change) -> Path:
 
 def test_load_program_refuses_archives_that_torch_export_load_would_unpickle(tmp_path, marker):
     """``torch.export.load`` unpickles with ``weights_only=False`` a weight or constant its archive marks as pickled,
-    and retries a sample-inputs file the safe unpickler refuses without it: :func:`export.load_program` refuses such
+    and retries a sample-inputs file the safe unpickler refuses without it: :func:`programs.load_program` refuses such
     archives before torch reads them, and still loads the programs ``export`` writes."""
     import io
 
-    from mmformer.ship import export
+    from mmformer.ship import export, programs
 
     torch.manual_seed(0)
     model = MultimodalTransformer(tiny_config()).eval()
     good = export.export(model, tmp_path / "graphs", format="torch-export", towers=["text"]) / "text_encoder.pt2"
     ids = torch.tensor([[1, 4, 5, 2]])
-    torch.testing.assert_close(export.load_program(good).module()(ids, ids > 0)[0], model.encode_text(ids))
+    torch.testing.assert_close(programs.load_program(good).module()(ids, ids > 0)[0], model.encode_text(ids))
     payload = io.BytesIO()
     torch.save(ShellPayload(marker), payload)
 
@@ -324,10 +324,10 @@ def test_load_program_refuses_archives_that_torch_export_load_would_unpickle(tmp
     for change, message in crafted_archives:
         crafted = _rewritten(good, tmp_path / f"{change.__name__}.pt2", change)
         with pytest.raises(ValueError, match=message):
-            export.load_program(crafted)
+            programs.load_program(crafted)
         assert not marker.exists(), change.__name__
     with pytest.raises(FileNotFoundError, match="no .pt2 program"):
-        export.load_program(tmp_path / "missing.pt2")
+        programs.load_program(tmp_path / "missing.pt2")
     (tmp_path / "not.pt2").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a .pt2 archive"):
-        export.load_program(tmp_path / "not.pt2")
+        programs.load_program(tmp_path / "not.pt2")

@@ -1,5 +1,5 @@
-"""LoRA / DoRA adapters through ``peft``, QLoRA's 4-bit base through ``bitsandbytes``, and the adapter files peft
-users read.
+"""LoRA / DoRA adapters through ``peft``: their settings, the modules they target, adding them to a model, merging
+or unloading them, and growing the vocabulary they may train new tokens of.
 
 peft wraps mmformer's ``nn.Linear`` layers as they are (its custom-model support: ``target_modules``), in place, so
 an adapted model is still a :class:`~mmformer.MultimodalTransformer` that zero-shot classification, captioning and
@@ -7,16 +7,14 @@ transcription use unchanged::
 
     add_lora(model, LoraSettings(r=8, target_modules=["qkv", "out", "mlp"], routes=["audio", "decoder"]))
     ...train...
-    save_adapter(model, "out/adapter", base_model="data/digits_model")  # adapter_config.json + ...safetensors
+    save_adapter(model, "out/adapter", base_model="data/digits_model")  # adapter_files: peft's folder layout
     model = mmformer.from_pretrained("data/digits_model", adapter="out/adapter")
     merge_and_unload(model)   # a plain model with the adapter folded into its weights
     unload(model)             # the base model back, exactly
 
-The folder is peft's own layout (``PeftModel.save_pretrained``): ``peft.PeftModel.from_pretrained(base, folder)``
-reads it on the same base module. Reading follows mmformer's loading rule: the adapter is created on the meta
-device, its tensors are checked against the file's safetensors header (names and shapes, which name the module
-when the adapter belongs to another base), and only then read and assigned. Pickled ``adapter_model.bin`` files are
-refused.
+The adapter folder (save, read, load) is :mod:`mmformer.adapt.adapter_files`; QLoRA's 4-bit base (``quantize: nf4``)
+is :mod:`mmformer.adapt.four_bit`; the adapter a model carries (its parameters, config, tensors) is
+:mod:`mmformer.adapt.adapter_state`.
 
 Target names. mmformer's self-attention projects q, k and v with one fused linear layer (as GPT-2's ``c_attn``),
 so LoRA adapts them together; ``target_modules`` takes these kinds, or regular expressions over module names:
@@ -29,44 +27,28 @@ so LoRA adapts them together; ``target_modules`` takes these kinds, or regular e
 ``routes`` restricts the kinds and regexes to the stacks those routes run through (with a shared stack, every
 route's).
 
-QLoRA (Dettmers et al. 2023): ``quantize: nf4`` replaces the frozen base's linear layers with bitsandbytes
-``Linear4bit`` (NF4, double-quantized block scales) before LoRA is added; peft then wraps them with its 4-bit LoRA
-layer. bitsandbytes was chosen over torchao's NF4 tensor because peft's LoRA layers dispatch on bitsandbytes'
-``Linear4bit`` (merging dequantizes and requantizes), and bitsandbytes >= 0.45 runs ``Linear4bit`` on CPU as well
-as CUDA with torch 2.11-2.14 wheels; torchao's ``NF4Tensor`` has no peft LoRA layer.
-
 Shape legend: r rank, D_in / D_out a linear layer's input / output width, V vocabulary, D width.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
-import json
-import os
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import safetensors.torch
 import torch
 from torch import nn
 
-from mmformer.compress.quantization import quantizable
+from mmformer.adapt.adapter_state import ADAPTER_NAME, _adapter_config, _adapter_state, require_peft
+from mmformer.adapt.four_bit import QUANT_TYPES, _four_bit_layers, dequantize_4bit, quantize_4bit
 from mmformer.io.pretrained import has_adapter
-from mmformer.io.weights import TensorSpec, base_layer, human_count, listed
+from mmformer.io.weights import base_layer, listed
 from mmformer.values import is_int, is_number
 
 if TYPE_CHECKING:
     from mmformer.model import MultimodalTransformer
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_NAME = "default"  # peft's adapter name inside a model; files store tensors without it
-PEFT_PREFIX = "base_model.model."  # keys as PeftModel.save_pretrained writes them (PeftModel → LoraModel → model)
 
 TARGET_KINDS = {
     "qkv": r"attn\.fn\.qkv",
@@ -81,9 +63,6 @@ TARGET_GROUPS = {
     "cross_attention": ("cross_q", "cross_kv", "cross_out"),
     "all": tuple(TARGET_KINDS),
 }
-QUANT_TYPES = ("nf4", "fp4")
-BNB_BLOCK = 64  # bitsandbytes' 4-bit block size: the CPU eval kernel needs whole blocks per weight row
-BNB_CPU_ROWS = 32  # and output rows in groups of 32
 ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)  # module types peft's LoRA wraps
 
 
@@ -134,12 +113,6 @@ class LoraSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def require_peft() -> None:
-    """A clear error where peft is missing (it is an optional dependency: ``pip install 'mmformer[adapt]'``)."""
-    if importlib.util.find_spec("peft") is None:
-        raise ImportError("LoRA adapters need the peft package (>= 0.21): pip install 'mmformer[adapt]'")
 
 
 # ---------------------------------------------------------------------------------------------------- targets
@@ -263,221 +236,6 @@ def add_lora(model: MultimodalTransformer, settings: LoraSettings) -> Multimodal
     return model
 
 
-def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The adapter's own parameters (LoRA A/B, DoRA magnitudes, trained token rows, saved module copies)."""
-    from peft.utils import get_peft_model_state_dict
-
-    if not has_adapter(model):
-        return {}
-    saved = get_peft_model_state_dict(model, state_dict=model.state_dict(keep_vars=True), adapter_name=ADAPTER_NAME)
-    ids = {id(t) for t in saved.values()}
-    return {n: p for n, p in model.named_parameters() if id(p) in ids}
-
-
-# ---------------------------------------------------------------------------------------------------- files
-def save_adapter(
-    model: nn.Module,
-    directory: str | os.PathLike,
-    *,
-    base_model: str | os.PathLike | None = None,
-    processor: Any = None,
-    overwrite: bool = True,
-) -> None:
-    """Write the adapter in peft's layout (adapter_config.json + adapter_model.safetensors), atomically.
-
-    Args:
-        model: a model with an adapter (:func:`add_lora`, :func:`load_adapter`).
-        directory: the adapter folder (created or replaced; other files in it are kept).
-        base_model: recorded as ``base_model_name_or_path``, as peft does.
-        processor: saved beside the adapter (tokenizer.json, preprocessor_config.json): needed when the adapter
-            trains new tokens (a grown vocabulary), so that loading can grow the base to match.
-        overwrite: False refuses to replace an adapter already saved there (FileExistsError).
-    """
-    require_peft()
-    from mmformer.io.pretrained import atomic_directory
-
-    config = _adapter_config(model)
-    tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in _adapter_state(model).items()}
-    config = copy.deepcopy(config)
-    config.inference_mode = True
-    if base_model is not None:
-        config.base_model_name_or_path = str(base_model)
-    with atomic_directory(directory, overwrite=overwrite, marker_files=(ADAPTER_CONFIG, ADAPTER_WEIGHTS)) as staging:
-        config.save_pretrained(str(staging))
-        safetensors.torch.save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        if processor is not None:
-            processor.save_pretrained(staging)
-
-
-def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors as peft saves them (names without the adapter name)."""
-    from peft.utils import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME, save_embedding_layers=False)
-
-
-def _adapter_config(model: nn.Module) -> Any:
-    configs = getattr(model, "peft_config", None) or {}
-    if ADAPTER_NAME not in configs:
-        raise ValueError("model: carries no adapter (add_lora or load_adapter first)")
-    return configs[ADAPTER_NAME]
-
-
-def read_adapter_config(directory: str | os.PathLike) -> Any:
-    """The ``peft.LoraConfig`` of an adapter folder, or a clear error: no folder, no adapter_config.json, another
-    peft method than LoRA, pickled weights only."""
-    require_peft()
-    import peft
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        expected = f"{ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}"
-        raise FileNotFoundError(f"adapter: no such folder {directory}; expected an adapter folder ({expected})")
-    path = directory / ADAPTER_CONFIG
-    if not path.is_file():
-        raise ValueError(
-            f"adapter: {directory} has no {ADAPTER_CONFIG}; expected a folder written by mmformer's save_adapter or "
-            f"peft's save_pretrained ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})"
-        )
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"adapter: {path} is not valid JSON ({e})") from e
-    if not isinstance(record, dict) or record.get("peft_type") != "LORA":
-        kind = record.get("peft_type") if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"adapter: {path}: expected a LoRA adapter (peft_type 'LORA'), got {kind!r}")
-    if not (directory / ADAPTER_WEIGHTS).is_file():
-        pickled = [n for n in ("adapter_model.bin", "adapter_model.pt") if (directory / n).is_file()]
-        if pickled:
-            raise ValueError(
-                f"adapter: {directory} holds {pickled[0]}, a pickle; mmformer reads adapter weights only as "
-                f"{ADAPTER_WEIGHTS} (re-save it with peft's save_pretrained(safe_serialization=True))"
-            )
-        raise FileNotFoundError(f"adapter: {directory} has no {ADAPTER_WEIGHTS}")
-    try:
-        return peft.LoraConfig.from_pretrained(str(directory))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"adapter: {path}: not a valid peft LoraConfig ({e})") from e
-
-
-def load_adapter(model: MultimodalTransformer, directory: str | os.PathLike) -> MultimodalTransformer:
-    """Apply the adapter saved in ``directory`` to ``model`` in place (mmformer's loading rule: the adapter is built
-    on the meta device and checked against the file's header before its tensors are read). An adapter saved with a
-    larger vocabulary (new tokens) grows the model's token table to match first.
-
-    Raises:
-        FileNotFoundError: no such folder or no adapter_model.safetensors.
-        ValueError: no adapter_config.json, not a LoRA adapter, pickled weights, target modules this model lacks,
-            or tensors that do not fit this model (listed by module: the adapter belongs to another base).
-    """
-    require_peft()
-    from peft.functional import inject_adapter_in_model, set_peft_model_state_dict
-    from peft.utils import get_peft_model_state_dict
-
-    from mmformer.io.pretrained import open_safetensors, read_processor
-
-    config = read_adapter_config(directory)
-    directory = Path(directory)
-    if has_adapter(model):
-        raise ValueError("model: already carries an adapter; unload or merge it first (one adapter at a time)")
-    _check_loadable(config, directory)
-    weights_path = directory / ADAPTER_WEIGHTS
-    specs, read, _ = open_safetensors(weights_path, "cpu")
-    processor = read_processor(directory)
-    vocab = getattr(getattr(processor, "tokenizer", None), "vocab_size", None)
-    if isinstance(vocab, int) and vocab > model.config.text.vocab_size:
-        resize_token_embeddings(model, vocab)
-    config.inference_mode = False
-    config.init_lora_weights = False  # the file's tensors replace any initialisation (checked: none rewrites the base)
-    try:
-        inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME, low_cpu_mem_usage=True)
-    except ValueError as e:
-        linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".blocks." in name]
-        raise ValueError(
-            f"adapter: {directory}: its target modules do not fit this model ({e}); an adapter must target "
-            f"mmformer's module names (e.g. {', '.join(linear[:4])}): adapters trained with peft on the original "
-            "transformers model (q_proj, v_proj, ...) are not translated"
-        ) from e
-    try:
-        expected = {
-            PEFT_PREFIX + k: TensorSpec.of(v)
-            for k, v in get_peft_model_state_dict(model, state_dict=model.state_dict(keep_vars=True)).items()
-        }
-        _check_adapter(expected, specs, weights_path)
-        device = next(p.device for p in model.parameters() if p.device.type != "meta")
-        tensors = {}
-        for key, value in read(sorted(expected)).items():
-            dtype = expected[key].dtype if value.is_floating_point() else value.dtype
-            tensors[key.removeprefix(PEFT_PREFIX)] = value.to(device=device, dtype=dtype)
-        set_peft_model_state_dict(model, tensors, adapter_name=ADAPTER_NAME, low_cpu_mem_usage=True)
-        still_meta = [n for n, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
-        if still_meta:
-            raise ValueError(f"{weights_path}: no values for {listed(still_meta)}")
-    except BaseException:
-        unload(model)  # leave the base as it was
-        raise
-    for param in model.parameters():
-        param.requires_grad_(False)  # a loaded adapter is for inference; add_lora trains one
-    if processor is not None:
-        model.processor = processor
-    return model.eval()
-
-
-# initialisations that rewrite the base weights (the adapter then belongs to that residual base, not to the model)
-BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
-
-
-def _check_loadable(config: Any, directory: Path) -> None:
-    """Refuse adapters that loading cannot apply exactly and ``unload`` cannot take back: trained biases (peft's
-    ``bias`` 'all' / 'lora_only' overwrite the base's own biases) and initialisations that rewrote the base."""
-    if config.bias != "none":
-        raise ValueError(
-            f"adapter: {directory}: bias={config.bias!r} (the adapter replaces the base's biases); mmformer loads "
-            "adapters with bias='none' only"
-        )
-    init = config.init_lora_weights
-    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
-        raise ValueError(
-            f"adapter: {directory}: init_lora_weights={init!r} rewrites the base weights when the adapter is created, "
-            "so the adapter belongs to that residual base, not to this model; convert it to a plain LoRA adapter "
-            "first with peft's save_pretrained(..., path_initial_model_for_weight_conversion=...)"
-        )
-
-
-def _check_adapter(expected: dict[str, TensorSpec], specs: dict[str, TensorSpec], source: Path) -> None:
-    """Refuse a file whose tensors are not exactly the adapter this model expects, naming the modules."""
-
-    def module(key: str) -> str:
-        name = key.removeprefix(PEFT_PREFIX)
-        for part in (".lora_", ".token_adapter.", ".modules_to_save."):
-            if part in name:
-                return name.split(part)[0]
-        return name.rpartition(".")[0]
-
-    wrong = [
-        f"{module(k)} ({k.removeprefix(PEFT_PREFIX).removeprefix(module(k) + '.')}: expected "
-        f"{tuple(expected[k].shape)}, found {tuple(s.shape)})"
-        for k, s in sorted(specs.items())
-        if k in expected and tuple(s.shape) != tuple(expected[k].shape)
-    ]
-    missing = sorted({module(k) for k in set(expected) - set(specs)})
-    unexpected = sorted({module(k) for k in set(specs) - set(expected)})
-    problems = []
-    if wrong:
-        problems.append(f"{len(wrong)} tensor(s) have another shape than this model's modules give: {listed(wrong)}")
-    if missing:
-        problems.append(f"no tensors for the adapted modules {listed(missing)}")
-    if unexpected:
-        problems.append(f"tensors for modules this model does not adapt: {listed(unexpected)}")
-    if problems:
-        held = sum(s.numel for s in specs.values())
-        raise ValueError(
-            f"{source}: the adapter does not fit this base model (it was trained on another base or config): "
-            + "; ".join(problems)
-            + f" (the file holds {human_count(held)} parameters)"
-        )
-
-
 # ---------------------------------------------------------------------------------------------------- merging
 def merge_and_unload(model: MultimodalTransformer) -> MultimodalTransformer:
     """Fold the adapter into the base weights and remove its layers: a plain model (peft's ``merge_and_unload``).
@@ -593,122 +351,3 @@ def resize_token_embeddings(model: MultimodalTransformer, vocab_size: int) -> Mu
         model.ctc_head.out_features = vocab_size
     text.vocab_size = vocab_size  # the config object the text embedder checks ids against
     return model
-
-
-# ---------------------------------------------------------------------------------------------------- QLoRA
-def quantize_4bit(
-    model: MultimodalTransformer, quant_type: str = "nf4", compute_dtype: torch.dtype | None = None
-) -> MultimodalTransformer:
-    """Replace every linear layer :func:`mmformer.compress.quantization.quantizable` selects (the rule torchao
-    quantization
-    follows: not an LM or masked-LM head tied to the token table) by a frozen bitsandbytes ``Linear4bit`` holding its
-    weight in 4 bits (NF4 or FP4, double-quantized block scales), on the weight's device.
-
-    Layers whose input width is not a multiple of 64 (bitsandbytes' block) or whose output width is not a multiple
-    of 32 stay float, with a warning that counts them: bitsandbytes' CPU eval kernel cannot lay such weights out
-    and fails on the first forward in eval mode.
-
-    The model is marked ``is_loaded_in_4bit`` (the attribute transformers sets), so that peft wraps these layers
-    with its 4-bit LoRA layer. ``compute_dtype`` (default: the weights' dtype) is what the layers compute in.
-    """
-    try:
-        import bitsandbytes as bnb
-    except ImportError as e:
-        raise ImportError(
-            "lora.quantize (QLoRA) needs the bitsandbytes package: pip install 'bitsandbytes>=0.45'"
-        ) from e
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type: expected one of {list(QUANT_TYPES)}, got {quant_type!r}")
-    if has_adapter(model):
-        raise ValueError("model: quantize the base before adding an adapter")
-    names = quantizable(model)
-    fits = lambda m: m.in_features % BNB_BLOCK == 0 and m.out_features % BNB_CPU_ROWS == 0  # noqa: E731
-    left = [name for name in names if not fits(model.get_submodule(name))]
-    if left:
-        warnings.warn(
-            f"lora.quantize: {len(left)} of {len(names)} linear layers stay float (e.g. {left[0]}): their input width "
-            f"is not a multiple of {BNB_BLOCK} or their output width not a multiple of {BNB_CPU_ROWS}, which "
-            "bitsandbytes' 4-bit CPU kernel needs",
-            stacklevel=2,
-        )
-    for name in [n for n in names if n not in left]:
-        module = model.get_submodule(name)
-        weight = module.weight
-        layer = bnb.nn.Linear4bit(
-            module.in_features,
-            module.out_features,
-            bias=module.bias is not None,
-            compute_dtype=compute_dtype or weight.dtype,
-            compress_statistics=True,
-            quant_type=quant_type,
-            device="meta",
-        )
-        layer.weight = bnb.nn.Params4bit(
-            weight.detach().to(torch.float32 if weight.dtype == torch.float64 else weight.dtype),
-            requires_grad=False,
-            compress_statistics=True,
-            quant_type=quant_type,
-        ).to(weight.device)  # bitsandbytes quantizes on the move to a device
-        if module.bias is not None:
-            layer.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, layer)
-    model.is_loaded_in_4bit = True
-    return model
-
-
-def _four_bit_layers(model: nn.Module) -> list[str]:
-    """Names of the bitsandbytes 4-bit layers in ``model`` (none without bitsandbytes)."""
-    return [name for name, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
-
-
-def dequantize_4bit(model: MultimodalTransformer) -> MultimodalTransformer:
-    """Undo :func:`quantize_4bit` as far as rounding allows: every bitsandbytes ``Linear4bit`` becomes an
-    ``nn.Linear`` holding its dequantized weight (in the dtype it was quantized from), so the model saves and merges
-    as a float model. Returns ``model``."""
-    if has_adapter(model):
-        raise ValueError("model: dequantize the base without its adapter (merge_and_unload does both)")
-    import bitsandbytes as bnb
-
-    for name in _four_bit_layers(model):
-        layer = model.get_submodule(name)
-        # saving restores the layout dequantize_4bit reads: on CPU, bitsandbytes repacks the 4-bit codes in place for
-        # its eval kernel on the first eval forward
-        layer.state_dict()
-        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        linear.weight = nn.Parameter(weight, requires_grad=False)
-        if layer.bias is not None:
-            linear.bias = nn.Parameter(layer.bias.detach().to(weight.dtype), requires_grad=False)
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, linear)
-    if hasattr(model, "is_loaded_in_4bit"):
-        del model.is_loaded_in_4bit
-    return model
-
-
-def weight_bytes(model: nn.Module, *, exclude_adapter: bool = True) -> int:
-    """Bytes the model's weights take in memory: parameters and buffers, 4-bit weights with their quantization
-    state (block scales, code book), the adapter's own tensors left out unless ``exclude_adapter`` is False."""
-    adapter = {id(p) for p in adapter_parameters(model).values()} if exclude_adapter else set()
-    seen: set[int] = set()
-    total = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) in seen or id(tensor) in adapter:
-            continue
-        seen.add(id(tensor))
-        total += tensor.numel() * tensor.element_size()
-        state = getattr(tensor, "quant_state", None)
-        if state is not None:
-            total += _quant_state_bytes(state)
-    return total
-
-
-def _quant_state_bytes(state: Any) -> int:
-    total = 0
-    for value in vars(state).values():
-        if isinstance(value, torch.Tensor):
-            total += value.numel() * value.element_size()
-        elif hasattr(value, "absmax"):  # the nested state of double quantization
-            total += _quant_state_bytes(value)
-    return total

@@ -156,7 +156,7 @@ def _check_static_graphs(model: Any) -> None:
     """torchao's static int8 calibrates every tower through its exported graph (as ``--backend pt2e`` does: see
     :func:`mmformer.compress.quantization.static_configs`); a model whose towers do not all export is refused here
     for that reason — the exporter's own words are about ``--towers``, which torchao does not take."""
-    from mmformer.ship.export import graphs
+    from mmformer.ship.exportable import graphs
 
     try:
         graphs(model)
@@ -200,7 +200,8 @@ def quantize_graphs(args: argparse.Namespace) -> None:
 def merge(args: argparse.Namespace) -> None:
     """--adapter folded into --base, saved as a plain model. A quantized base is refused: its weights cannot take the
     adapter's update without being quantized again (peft failed inside its torchao layer)."""
-    from mmformer.adapt.adapters import load_adapter, merge_and_unload
+    from mmformer.adapt.adapter_files import load_adapter
+    from mmformer.adapt.adapters import merge_and_unload
     from mmformer.io.auto import load_pretrained
 
     base = load_pretrained(args.base)

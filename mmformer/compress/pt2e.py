@@ -1,6 +1,6 @@
-"""int8 inference on x86 CPUs through PT2E: each tower's exported graph (:mod:`mmformer.ship.export`) is quantized with
-PyTorch's ``X86InductorQuantizer`` (``prepare_pt2e`` → calibration → ``convert_pt2e``) and compiled with
-``torch.compile`` (inductor with freezing, which lowers the quantize/dequantize patterns to oneDNN int8 kernels).
+"""int8 inference on x86 CPUs through PT2E: each tower's exported graph (:mod:`mmformer.ship.exportable`) is
+quantized with PyTorch's ``X86InductorQuantizer`` (``prepare_pt2e`` → calibration → ``convert_pt2e``) and compiled
+with ``torch.compile`` (inductor with freezing, which lowers the quantize/dequantize patterns to oneDNN int8 kernels).
 
 Modes (``mmformer quantize --backend pt2e --method static|dynamic``):
 
@@ -85,7 +85,7 @@ def _quantizer(mode: str) -> Any:
     # class token of a CLIP image tower answered 0.73 away from its own reference graph (torch 2.14, measured)
     config = get_default_x86_inductor_quantization_config(is_dynamic=mode == "dynamic")
     quantizer = X86InductorQuantizer().set_module_type_qconfig(nn.Linear, config)
-    for name in POOLED_PROJECTIONS:  # the graphs' wrappers (mmformer.ship.export) hold the model as `model`
+    for name in POOLED_PROJECTIONS:  # the graphs' wrappers (mmformer.ship.exportable) hold the model as `model`
         quantizer.set_module_name_qconfig(f"model.{name}", None)
     return quantizer
 
@@ -120,7 +120,7 @@ class PT2EModel:
     Args:
         model: the float model the graphs were made from.
         mode: ``static`` or ``dynamic``.
-        graphs: graph name (as :mod:`mmformer.ship.export` names them) → converted graph module.
+        graphs: graph name (as :mod:`mmformer.ship.exportable` names them) → converted graph module.
         qparams: ``{graph}.{observer}.scale|zero_point`` → tensor, what :meth:`save_pretrained` writes.
         compile: run each graph through ``torch.compile`` (inductor, freezing) on first use.
     """
@@ -329,9 +329,9 @@ class PT2EModel:
     @functools.cached_property
     def image_memory_start(self) -> int:
         """How many leading image tokens the model's decoder does not read
-        (:func:`~mmformer.ship.export.image_memory_start`): the decoder graphs read their mask as a count of real
+        (:func:`~mmformer.ship.exportable.image_memory_start`): the decoder graphs read their mask as a count of real
         tokens first, as the ONNX ones do."""
-        from mmformer.ship.export import image_memory_start
+        from mmformer.ship.exportable import image_memory_start
 
         return image_memory_start(self.model)
 
@@ -451,7 +451,7 @@ def pad_frames(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
     divisions guard on Nf modulo the stride (torch.export cannot prove them over the whole range); frames past every
     clip's length are read as silence (:meth:`mmformer.embedders.audio.AudioEmbedder.convolve`), so the real tokens
     come out the same, with at most one more masked token."""
-    from mmformer.ship.export import examples
+    from mmformer.ship.exportable import examples
 
     audio = model.config.audio
     if audio is None or audio.pad_to_seconds is not None:
@@ -467,7 +467,7 @@ def _calibration_inputs(model: nn.Module, batches: Iterable[dict[str, Any]]) -> 
     teacher-
     forced texts, its cache made by the float model's prefill of the positions before."""
     from mmformer.compress.quantization import _tower_inputs
-    from mmformer.ship.export import DecoderPrefill
+    from mmformer.ship.exportable import DecoderPrefill
 
     prefill = DecoderPrefill(model)
     for batch in batches:
@@ -505,7 +505,7 @@ def quantize(
         ValueError: an unknown mode, static without calibration (or with batches that reach no graph), a model
             that is quantized already, a device or CPU the x86 kernels cannot serve.
     """
-    from mmformer.ship import export
+    from mmformer.ship import exportable
 
     if mode not in MODES:
         raise ValueError(f"method: the pt2e backend supports {list(MODES)}, got {mode!r}")
@@ -515,7 +515,7 @@ def quantize(
 
     check_device(model_device(model))
     model.eval()
-    graphs = {g.name: g for g in export.graphs(model, towers)}
+    graphs = {g.name: g for g in exportable.graphs(model, towers)}
     prepared = {name: _prepare(g, mode) for name, g in graphs.items()}
     with torch.no_grad():
         if mode == "static":
@@ -568,7 +568,7 @@ def load(directory: str | os.PathLike, *, device: torch.device | str | None = No
     from safetensors import safe_open
 
     from mmformer.model import MultimodalTransformer
-    from mmformer.ship import export
+    from mmformer.ship import exportable
 
     directory = Path(directory)
     path = directory / QPARAMS_FILE
@@ -586,7 +586,7 @@ def load(directory: str | os.PathLike, *, device: torch.device | str | None = No
     if config.get("quant_method") != BACKEND or mode not in MODES:
         raise ValueError(f"{path}: expected quant_method {BACKEND!r} with a method in {list(MODES)}, got {config}")
     model = MultimodalTransformer.from_pretrained(directory, device="cpu").eval()  # our own folder format
-    graphs = {g.name: g for g in export.graphs(model, _towers(names))}
+    graphs = {g.name: g for g in exportable.graphs(model, _towers(names))}
     converted = {}
     for name in names:
         gm = _prepare(graphs[name], mode)
@@ -608,7 +608,7 @@ def load(directory: str | os.PathLike, *, device: torch.device | str | None = No
 
 
 def _towers(graph_names: Iterable[str]) -> list[str]:
-    from mmformer.ship.export import TOWERS
+    from mmformer.ship.exportable import TOWERS
 
     by_graph = {"image_encoder": "image", "audio_encoder": "audio", "text_encoder": "text",
                 "decoder_model": "decoder", "decoder_with_past_model": "decoder"}  # fmt: skip

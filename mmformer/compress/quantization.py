@@ -51,7 +51,7 @@ QAT_METHODS = ("dynamic", "int8-weight", "int4-weight")
 # ---------------------------------------------------------------------------------------------- what gets quantized
 def quantizable(model: nn.Module, group_size: int | None = None) -> list[str]:
     """Names of the linear layers quantization replaces: the one rule torchao's methods (:func:`quantize`, QAT) and
-    QLoRA's 4-bit base (:func:`mmformer.adapt.adapters.quantize_4bit`) share.
+    QLoRA's 4-bit base (:func:`mmformer.adapt.four_bit.quantize_4bit`) share.
 
     Every ``nn.Linear`` with a plain float weight (not one quantized already: a torchao tensor subclass, bitsandbytes'
     ``Params4bit``), except one whose weight another module also holds: an LM head or BERT's masked-LM decoder tied
@@ -296,8 +296,8 @@ def _tower_inputs(model: MultimodalTransformer, batch: dict[str, Any]) -> Iterat
 def static_configs(model: MultimodalTransformer, calibration: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Linear module name → torchao ``Int8StaticActivationInt8WeightConfig`` with its calibrated activation scale.
 
-    Each tower is exported (:mod:`mmformer.ship.export`) and prepared with PT2E's ``X86InductorQuantizer`` (static:
-    per-tensor affine uint8 activations behind histogram observers); the calibration batches run through the
+    Each tower is exported (:mod:`mmformer.ship.exportable`) and prepared with PT2E's ``X86InductorQuantizer``
+    (static: per-tensor affine uint8 activations behind histogram observers); the calibration batches run through the
     prepared graphs. A linear used by several towers (a shared stack) keeps the union of the ranges its observers
     chose, re-expressed as int8 (zero point - 128).
     """
@@ -308,10 +308,10 @@ def static_configs(model: MultimodalTransformer, calibration: Iterable[dict[str,
         get_default_x86_inductor_quantization_config,
     )
 
-    from mmformer.ship import export
+    from mmformer.ship import exportable
 
     wanted = set(quantizable(model))
-    graphs = {g.name: g for g in export.graphs(model)}
+    graphs = {g.name: g for g in exportable.graphs(model)}
     prepared: dict[str, torch.fx.GraphModule] = {}
     ran = False
     with torch.no_grad():

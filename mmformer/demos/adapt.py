@@ -140,7 +140,7 @@ def wer(hyps: list[str], refs: list[str]) -> float:
 
 def new_language(base_dir: Path, out: Path, steps: int, results: dict, seconds: dict, threads: int = 1) -> None:
     import mmformer
-    from mmformer.adapt import adapters
+    from mmformer.adapt import adapter_files, adapter_state, adapters
 
     base = mmformer.from_pretrained(base_dir)
     processor = base.processor
@@ -166,11 +166,11 @@ def new_language(base_dir: Path, out: Path, steps: int, results: dict, seconds: 
     )
     seconds["train_lora"] = time.perf_counter() - start
     trained = task.model
-    n_adapter = sum(p.numel() for p in adapters.adapter_parameters(trained).values())
-    n_base = sum(p.numel() for n, p in trained.named_parameters() if n not in adapters.adapter_parameters(trained))
+    n_adapter = sum(p.numel() for p in adapter_state.adapter_parameters(trained).values())
+    n_base = sum(p.numel() for n, p in trained.named_parameters() if n not in adapter_state.adapter_parameters(trained))
     results["lora_trainable_fraction"] = n_adapter / n_base
     adapter_dir = out / "adapter_de"
-    adapters.save_adapter(trained, adapter_dir, base_model=str(base_dir), processor=german)
+    adapter_files.save_adapter(trained, adapter_dir, base_model=str(base_dir), processor=german)
 
     start = time.perf_counter()
     # the adapter as a user loads it: from its folder, in a new process (the CLI) and in a fresh model here
@@ -185,7 +185,7 @@ def new_language(base_dir: Path, out: Path, steps: int, results: dict, seconds: 
     results["english_wer_unloaded"] = wer(english_unloaded, english_refs)
     results["english_identical_unloaded"] = english_unloaded == english_base
     seconds["evaluate_lora"] = time.perf_counter() - start
-    adapter_bytes = (adapter_dir / adapters.ADAPTER_WEIGHTS).stat().st_size
+    adapter_bytes = (adapter_dir / adapter_files.ADAPTER_WEIGHTS).stat().st_size
     model_bytes = (base_dir / "model.safetensors").stat().st_size
     results["adapter_bytes"], results["model_bytes"] = adapter_bytes, model_bytes
     results["adapter_fraction_of_model_file"] = adapter_bytes / model_bytes

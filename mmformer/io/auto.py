@@ -101,7 +101,7 @@ def from_pretrained(
         device, dtype: where and in which floating-point type (a ``torch.dtype`` or its name: ``"bfloat16"``) the
             model ends up.
         adapter: a LoRA adapter folder (adapter_config.json + adapter_model.safetensors) applied on top, checked
-            against this model before its tensors are read (see :func:`mmformer.adapt.adapters.load_adapter`).
+            against this model before its tensors are read (see :func:`mmformer.adapt.adapter_files.load_adapter`).
         kwargs: for mmformer's own formats, :meth:`MultimodalTransformer.from_pretrained`'s ``map_location``,
             ``strict``, ``config`` and ``max_parameters`` (other sources accept them at their defaults only).
 
@@ -132,7 +132,7 @@ def from_pretrained(
     model = _load(resolved, source, model_kwargs, dict(cache_dir=cache_dir, local_files_only=local_files_only),
                   device, dtype, kwargs)  # fmt: skip
     if adapter is not None:
-        from mmformer.adapt.adapters import load_adapter
+        from mmformer.adapt.adapter_files import load_adapter
 
         load_adapter(model, adapter)
     return model

@@ -77,7 +77,7 @@ EXPORT_CONFIG = "export_config.json"  # an export folder's index (ship.export; t
 MEL_FILTERS = "mel_filters.npy"  # an export's mel filter bank, for the runner's log-mel (ship.export)
 ARTIFACT_FILES = frozenset({WEIGHTS_NAME, "pt2e_qparams.safetensors", EXPORT_CONFIG, MEL_FILTERS})
 ARTIFACT_SUFFIXES = (".onnx", ".onnx.data", ".pt2")
-ADAPTER_CONFIG = "adapter_config.json"  # peft's adapter folder (mmformer.adapt.adapters names it too)
+ADAPTER_CONFIG = "adapter_config.json"  # peft's adapter folder (mmformer.adapt.adapter_files writes it)
 QUANTIZATION_KEY = "quantization_config"  # config.json / safetensors metadata: torchao-quantized weights
 _CONFIG_META_KEYS = ("format_version", "mmformer_version", QUANTIZATION_KEY)
 # Format 1 stored torchaudio's mel filter bank and STFT window; they are computed from the config now.
@@ -120,15 +120,15 @@ def save_pretrained(
         )
     if has_adapter(model):
         raise ValueError(
-            "model: carries adapter layers (LoRA); save the adapter with mmformer.adapt.adapters.save_adapter, or fold "
-            "it in first with mmformer.adapt.adapters.merge_and_unload (mmformer merge)"
+            "model: carries adapter layers (LoRA); save the adapter with mmformer.adapt.adapter_files.save_adapter, "
+            "or fold it in first with mmformer.adapt.adapters.merge_and_unload (mmformer merge)"
         )
     four_bit = [name for name, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
     if four_bit:  # bitsandbytes' packed codes and block scales are no weights a model folder can hold
         raise ValueError(
             f"model: holds {len(four_bit)} bitsandbytes 4-bit layers (QLoRA's base, e.g. {four_bit[0]}); merge the "
             "adapter into float weights first with mmformer.adapt.adapters.merge_and_unload, or turn the base back "
-            "into float layers with mmformer.adapt.adapters.dequantize_4bit"
+            "into float layers with mmformer.adapt.four_bit.dequantize_4bit"
         )
     processor = processor if processor is not None else getattr(model, "processor", None)
     if processor is not None and not callable(getattr(processor, "save_pretrained", None)):

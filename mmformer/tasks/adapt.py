@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from mmformer.adapt.adapters import LoraSettings, adapter_parameters, add_lora, resize_token_embeddings
+from mmformer.adapt.adapter_state import adapter_parameters
+from mmformer.adapt.adapters import LoraSettings, add_lora, resize_token_embeddings
 from mmformer.adapt.prompts import KINDS, PROMPT_FILE, ContextPrompt, DecoderPrefix, SoftPrompt, load_prompt
 from mmformer.config import ModelConfig, TextConfig
 from mmformer.io.training_checkpoints import ADAPTER_KEYS
@@ -427,7 +428,7 @@ def export_checkpoint(path: str, out: str, *, merge: bool = False, overwrite: bo
     """Write what a training run's checkpoint learned, in the pretrained format: a LoRA run's adapter folder (peft's
     layout; with ``merge``, the merged model instead), a prompt run's prompt file, or any other run's model
     (:func:`checkpoint_model`). Returns what was written."""
-    from mmformer.adapt import adapters
+    from mmformer.adapt import adapter_files
 
     checkpoint, record = _read_run(path)
     if record.get("prompt"):
@@ -435,8 +436,8 @@ def export_checkpoint(path: str, out: str, *, merge: bool = False, overwrite: bo
     if record.get("lora") and not merge:
         model, grown = _adapted_base(checkpoint, record, path)
         processor = model.processor if grown else None  # a grown vocabulary travels with the adapter
-        adapters.save_adapter(model, out, base_model=base_name(record["init_from"]), processor=processor,
-                              overwrite=overwrite)  # fmt: skip
+        adapter_files.save_adapter(model, out, base_model=base_name(record["init_from"]), processor=processor,
+                                   overwrite=overwrite)  # fmt: skip
         return out
     _run_model(checkpoint, record, path, merge=merge).save_pretrained(out, overwrite=overwrite)
     return out
