@@ -8,6 +8,8 @@ import os
 import pickle
 import shutil
 import struct
+import subprocess
+import sys
 
 import pytest
 import safetensors.torch
@@ -430,3 +432,30 @@ def test_weights_files_next_to_a_config(tokenizer, tmp_path):
     torch.save(model.state_dict(), tmp_path / "bare" / "pytorch_model.bin")
     assert_same_state(model, load_pretrained(tmp_path / "bare" / "pytorch_model.bin"))
     assert_same_state(model, load_pretrained(tmp_path / "m" / "config.json"))
+
+
+def test_a_killed_saves_folders_are_deleted_by_the_next_save(tokenizer, tmp_path):
+    """SIGTERM or SIGKILL mid-save skips the clean-up: its staging folder (``.NAME.PID.tmp-*``) stayed beside the
+    target for good (a 145 MB one after an export). The next save deletes those of processes that no longer run; a
+    previous version moved aside (``.old-*``) only where the target exists (else it is that version's only copy),
+    and nothing of a save still running (this process's, or a live process's) nor what a user put there."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    target = tmp_path / "model"
+    names = {
+        f".model.{gone.pid}.tmp-a1": False,  # a killed save's unfinished folder: deleted
+        f".model.{gone.pid}.old-b2": True,  # the killed save's previous version, no target yet: kept
+        f".model.{os.getpid()}.tmp-c3": True,  # a save of this process still running
+        f".model.{os.getppid()}.tmp-d4": True,  # of a live process
+        ".model.tmp-e5": True,  # an older mmformer's name: whose it is is unknown
+        ".other.1.tmp-f6": True,  # another target's
+    }
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x" * 16)
+    make_model(tokenizer, seed=0).save_pretrained(target)
+    assert {n: (tmp_path / n).is_dir() for n in names} == names
+    make_model(tokenizer, seed=1).save_pretrained(target)  # the target exists now: the dead save's old folder goes
+    assert not (tmp_path / f".model.{gone.pid}.old-b2").exists()
+    kept = [n for n, kept in names.items() if kept and ".old-" not in n]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", *kept])

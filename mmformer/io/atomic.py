@@ -5,6 +5,8 @@ give (0666 less the umask), not ``mkstemp``'s private 0600."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,6 +17,38 @@ def umask_mode(base: int = 0o666) -> int:
     umask = os.umask(0)
     os.umask(umask)
     return base & ~umask
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (one of another user counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def staging_prefix(target: Path, kind: str) -> str:
+    """The name prefix of a folder a save of ``target`` builds beside it (``kind`` ``"tmp"``: the new version being
+    written; ``"old"``: the previous version moved aside for the swap): ``.NAME.PID.KIND-``, so that a later save can
+    tell a killed writer's folders (:func:`remove_stale_staging`) from those of a save still running."""
+    return f".{target.name}.{os.getpid()}.{kind}-"
+
+
+def remove_stale_staging(target: Path) -> None:
+    """Delete the folders beside ``target`` that saves of processes no longer running left (killed by SIGTERM or
+    SIGKILL, which skip the clean-up): every unfinished ``.NAME.PID.tmp-*``, and a previous version
+    ``.NAME.PID.old-*`` where ``target`` exists — where it does not, the writer died between its two renames and that
+    folder is the only copy of the previous version, which is kept."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.(tmp|old)-")
+    for candidate in target.parent.iterdir():
+        match = pattern.match(candidate.name)
+        if not match or not candidate.is_dir() or int(match[1]) == os.getpid() or pid_alive(int(match[1])):
+            continue
+        if match[2] == "tmp" or target.exists():
+            shutil.rmtree(candidate, ignore_errors=True)
 
 
 def fsync_path(path: str | os.PathLike) -> None:

@@ -33,7 +33,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 
-from mmformer.io.atomic import fsync_path
+from mmformer.io.atomic import fsync_path, pid_alive
 
 
 def _is_local(path: str | os.PathLike) -> bool:
@@ -143,22 +143,12 @@ def release_folders(handles: list[Any]) -> None:
         handle.close()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_partials(target: Path) -> None:
     """Delete ``.NAME.PID.tmp`` files of ``target`` left by writers that were killed."""
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.tmp$")
     for candidate in target.parent.iterdir():
         match = pattern.match(candidate.name)
-        if match and int(match[1]) != os.getpid() and not _pid_alive(int(match[1])):
+        if match and int(match[1]) != os.getpid() and not pid_alive(int(match[1])):
             candidate.unlink(missing_ok=True)
 
 

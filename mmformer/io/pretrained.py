@@ -25,8 +25,10 @@ Saving is atomic: the new directory is built beside the target and swapped in wi
 leaves either the previous model or the new one, never a mix. Files in the target that this save does not write (a
 README, training logs, a processor saved there before the first model) are kept: they are hard-linked (copied where
 links are impossible) into the new directory before the swap; the previous model's own files (its weights, its
-processor) are not. A save killed at the wrong moment may leave a hidden ``.NAME.tmp-*`` (unfinished) or
-``.NAME.old-*`` (the previous version) folder beside the target; nothing else.
+processor) are not. A save killed at the wrong moment (SIGTERM, SIGKILL: no clean-up runs) may leave a hidden
+``.NAME.PID.tmp-*`` (unfinished) or ``.NAME.PID.old-*`` (the previous version) folder beside the target; nothing else;
+the next save of that target deletes them once their process has gone (an ``old`` folder only where the target
+exists: otherwise it is the previous version's only copy).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from torch import nn
 
 from mmformer import __version__
 from mmformer.config import ModelConfig
-from mmformer.io.atomic import fsync_path, umask_mode
+from mmformer.io.atomic import fsync_path, remove_stale_staging, staging_prefix, umask_mode
 from mmformer.io.quantized_files import flatten_state
 from mmformer.io.training_checkpoints import (
     CHECKPOINT_KEY,
@@ -177,7 +179,8 @@ def atomic_directory(
     if exists and not overwrite and any((target / name).exists() for name in marker_files):
         raise FileExistsError(f"directory: {target} already holds a saved model and overwrite=False")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_staging(target)
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(target, "tmp"), dir=target.parent))
     try:
         yield staging
         for path in staging.iterdir():
@@ -285,7 +288,7 @@ def swap_in(staging: Path, target: Path) -> None:
     if not target.exists():
         os.rename(staging, target)
         return
-    aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
+    aside = target.parent / f"{staging_prefix(target, 'old')}{uuid.uuid4().hex[:12]}"
     os.rename(target, aside)
     try:
         os.rename(staging, target)
