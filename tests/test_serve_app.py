@@ -1,7 +1,8 @@
 """The server's app in this process (FastAPI's ``TestClient``, no server process): what ``/v1/completions`` reports
 about the ids behind a completion — ``usage`` and ``finish_reason`` — equals what ``generate`` gives each prompt
-decoded alone (a row alone is never padded: its generated ids are the row's columns); and the transcription formats a
-stream cannot carry, refused."""
+decoded alone (a row alone is never padded: its generated ids are the row's columns); the transcription formats a
+stream cannot carry, refused; recordings over ``--max-audio-seconds`` refused undecoded, and an empty upload refused
+as the commands refuse an empty file."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from mmformer.model import MultimodalTransformer  # noqa: E402
+from mmformer.preprocess.media import SampleError  # noqa: E402
 from mmformer.preprocess.processor import AudioProcessorConfig, Processor  # noqa: E402
 from mmformer.preprocess.tokenizer import Tokenizer  # noqa: E402
 from mmformer.serve.app import create_app  # noqa: E402
@@ -112,16 +114,26 @@ def test_a_streamed_completion_finishes_as_its_ids_say(served):
     assert [finished[i] for i in range(len(PROMPTS))] == expected
 
 
-@pytest.fixture
-def transcriber(make_model_config):
-    """A random speech-to-text model (8-kHz audio into a shared decoder), served, and a second of noise to upload."""
+def speech_model(make_model_config) -> MultimodalTransformer:
+    """A random speech-to-text model: 8-kHz audio into a shared decoder."""
     tokenizer = Tokenizer.train(TEXTS, vocab_size=300, max_length=16)
     model = MultimodalTransformer(make_model_config(image=None, text={"vocab_size": tokenizer.vocab_size})).eval()
     model.processor = Processor(tokenizer, audio=AudioProcessorConfig(sample_rate=8000))
+    return model
+
+
+def audio_file(seconds: float, fmt: str = "WAV") -> bytes:
+    """Noise of ``seconds`` at 8 kHz, encoded."""
     upload = io.BytesIO()
-    sf.write(upload, torch.randn(8000).mul(0.1).numpy(), 8000, format="WAV")
-    with TestClient(create_app(Engine(model, "asr"))) as client:
-        yield client, upload.getvalue()
+    sf.write(upload, torch.randn(round(8000 * seconds)).mul(0.1).numpy(), 8000, format=fmt)
+    return upload.getvalue()
+
+
+@pytest.fixture
+def transcriber(make_model_config):
+    """The speech model, served, and a second of noise to upload."""
+    with TestClient(create_app(Engine(speech_model(make_model_config), "asr"))) as client:
+        yield client, audio_file(1.0)
 
 
 def test_a_streamed_transcription_is_refused_in_a_format_its_text_deltas_cannot_carry(transcriber):
@@ -143,3 +155,53 @@ def test_a_streamed_transcription_is_refused_in_a_format_its_text_deltas_cannot_
     for response_format in ("json", "text"):  # the text the deltas carry: streamed
         streamed = post(response_format=response_format)
         assert streamed.status_code == 200 and "transcript.text.done" in streamed.text, streamed.text
+
+
+def transcribe(client, name: str, data: bytes) -> httpx.Response:
+    return client.post("/v1/audio/transcriptions", data={"model": "asr"}, files={"file": (name, data, "audio/wav")})
+
+
+def test_a_recording_longer_than_max_audio_seconds_is_refused_decoded_no_further(make_model_config, monkeypatch):
+    """A few hundred KB of FLAC silence can claim hours, and the server decoded all of it (1 h: 8.5 GB and 49 s of
+    the model thread). Longer than ``--max-audio-seconds``: a 413 (as a body over ``--max-upload-mb``) naming the flag,
+    its limit and the recording's length; one whose header leaves its length open (a streamed FLAC) is decoded only
+    up to the limit, then refused alike."""
+    app = create_app(Engine(speech_model(make_model_config), "asr"), max_audio_seconds=0.5)
+    streamed = bytearray(audio_file(5.0, "FLAC"))
+    streamed[18:26] = (int.from_bytes(streamed[18:26], "big") & ~(2**36 - 1)).to_bytes(8, "big")  # total samples: 0
+    decoded = []
+    read = sf.SoundFile.read
+
+    def counted(self, *args, **kwargs):
+        block = read(self, *args, **kwargs)
+        decoded.append(len(block))
+        return block
+
+    monkeypatch.setattr(sf.SoundFile, "read", counted)
+    with TestClient(app) as client:
+        assert transcribe(client, "short.wav", audio_file(0.4)).status_code == 200
+        refused = transcribe(client, "long.wav", audio_file(1.0))
+        assert refused.status_code == 413, refused.text
+        error = refused.json()["error"]
+        assert error["message"].startswith("file (long.wav): audio longer than the server's --max-audio-seconds=0.5 ")
+        assert "it holds 1.0 s" in error["message"] and (error["param"], error["code"]) == ("file", "audio_too_long")
+        decoded.clear()
+        refused = transcribe(client, "streamed.flac", bytes(streamed))
+        assert refused.status_code == 413 and "decoding passed the limit" in refused.json()["error"]["message"]
+        assert sum(decoded) <= 0.5 * 8000 + 1  # the limit and one frame: 4 more seconds never decoded
+
+
+def test_an_empty_upload_is_refused_with_the_commands_message(transcriber, tmp_path):
+    """A 0-byte upload got "cannot decode audio (LibsndfileError: Format not recognised.)" where the commands and the
+    API say "empty file (0 bytes)": one check, for a path and for bytes."""
+    client, _ = transcriber
+    refused = transcribe(client, "empty.wav", b"")
+    assert refused.status_code == 400, refused.text
+    (tmp_path / "empty.wav").write_bytes(b"")
+    with pytest.raises(SampleError) as error:
+        Processor().load_audio(tmp_path / "empty.wav")
+    assert (
+        refused.json()["error"]["message"]
+        == f"file (empty.wav): {error.value.reason}"
+        == ("file (empty.wav): empty file (0 bytes)")
+    )

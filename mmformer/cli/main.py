@@ -272,6 +272,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-timeout-ms", type=float, default=5.0, help="longest wait for a batch to fill")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--max-upload-mb", type=float, default=25.0, help="larger request bodies get 413")
+    p.add_argument(
+        "--max-audio-seconds",
+        type=float,
+        default=10800.0,
+        help="longer recordings sent to /v1/audio/transcriptions get 413, decoded no further (default 3 hours)",
+    )
     p.add_argument("--device", default="cpu")
     _compute_type_flag(
         p,
@@ -618,8 +624,8 @@ def _serve(args: argparse.Namespace) -> None:
     from mmformer.serve import serve
 
     options = {k: getattr(args, k) for k in ("adapter", "host", "port", "max_batch_size", "batch_timeout_ms")}
-    serve(args.model, **options, api_key=args.api_key, max_upload_mb=args.max_upload_mb, device=args.device,
-          compute_type=args.compute_type)  # fmt: skip
+    serve(args.model, **options, api_key=args.api_key, max_upload_mb=args.max_upload_mb,
+          max_audio_seconds=args.max_audio_seconds, device=args.device, compute_type=args.compute_type)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:

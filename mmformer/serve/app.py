@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmformer.generation.completion import Completion
 from mmformer.generation.streaming import AsyncTextIteratorStreamer, StreamCancelled
+from mmformer.preprocess.media import AudioTooLongError
 from mmformer.serve.batching import Batcher, Deferred, decoding
 from mmformer.serve.engine import Engine, decode_base64
 from mmformer.serve.errors import APIError, bad_request
@@ -101,9 +102,19 @@ def _param(message: str) -> str | None:
     return match.group(1) if match else None
 
 
+def _too_long(e: AudioTooLongError) -> APIError:
+    """A 413 for a recording over ``--max-audio-seconds`` (as a body over ``--max-upload-mb`` is one)."""
+    held = "decoding passed the limit" if e.seconds is None else f"it holds {e.seconds:,.1f} s"
+    return APIError(413, f"{e.path}: audio longer than the server's --max-audio-seconds={e.limit_seconds:g} ({held}); "
+                         "send a shorter recording, or serve with a larger --max-audio-seconds",
+                    param="file", code="audio_too_long")  # fmt: skip
+
+
 def _as_api_error(e: BaseException) -> APIError:
     if isinstance(e, APIError):
         return e
+    if isinstance(e, AudioTooLongError):
+        return _too_long(e)
     if isinstance(e, (ValueError, TypeError, FileNotFoundError)):  # the user's input (SampleError is a ValueError)
         return APIError(400, str(e), param=_param(str(e)))
     return APIError(500, f"{type(e).__name__}: {e}")
@@ -156,8 +167,15 @@ def create_app(
     batch_timeout_ms: float = 5.0,
     api_key: str | None = None,
     max_upload_mb: float = 25.0,
+    max_audio_seconds: float | None = 10800.0,
 ) -> FastAPI:
-    """The server's app around a loaded model: one model thread, one batching queue per route it serves."""
+    """The server's app around a loaded model: one model thread, one batching queue per route it serves.
+
+    Args:
+        max_upload_mb: larger request bodies get 413 (``--max-upload-mb``).
+        max_audio_seconds: a transcription's recording longer than this gets 413, decoded no further
+            (``--max-audio-seconds``; None: any length).
+    """
     metrics = Metrics()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmformer-model")
 
@@ -524,7 +542,8 @@ def create_app(
                 language = engine.check_language(language)
             except ValueError as e:  # its message names "language: " already
                 raise APIError(400, str(e), param="language") from None
-            wave = Deferred(engine.load_recording, await upload.read(), f"file ({upload.filename or 'file'})")
+            name = f"file ({upload.filename or 'file'})"
+            wave = Deferred(engine.load_recording, await upload.read(), name, max_audio_seconds)
             if stream == "true":  # decoded before the stream begins, so that a bad file is still a 400
                 try:
                     wave = await asyncio.get_running_loop().run_in_executor(None, wave)

@@ -144,14 +144,17 @@ class Engine:
             raise ValueError(f"{param}: this model has no audio encoder; its routes are {self.routes}")
         return self.processor.load_audio(data, name=param)
 
-    def load_recording(self, data: bytes, param: str) -> torch.Tensor:
-        """(S,) mono waveform at the model's rate of a whole recording (no ``max_seconds`` cut: the long-form path
-        reads any length); SampleError naming ``param``."""
+    def load_recording(self, data: bytes, param: str, max_seconds: float | None = None) -> torch.Tensor:
+        """(S,) mono waveform at the model's rate of a whole recording (no cut: the long-form path reads any length);
+        SampleError naming ``param``, :class:`~mmformer.preprocess.media.AudioTooLongError` for a recording longer
+        than ``max_seconds``, whose decoding stops there (the server's ``--max-audio-seconds``: a few hundred KB of
+        FLAC silence can claim hours)."""
         from mmformer.data.io import read_audio
 
         if "audio" not in self.model.config.routes:
             raise ValueError(f"{param}: this model has no audio encoder; its routes are {self.routes}")
-        return read_audio(data, self.model.config.audio.sample_rate, mono=True, name=param)[0]
+        rate = self.model.config.audio.sample_rate
+        return read_audio(data, rate, mono=True, name=param, refuse_longer_than=max_seconds)[0]
 
     def text_tokens(self, text: str) -> int:
         return len(self.processor.tokenizer.encode(text))

@@ -57,6 +57,7 @@ def serve(
     batch_timeout_ms: float = 5.0,
     api_key: str | None = None,
     max_upload_mb: float = 25.0,
+    max_audio_seconds: float = 10800.0,
     device: str = "cpu",
     graceful_s: float = 30.0,
     compute_type: str = "float32",
@@ -68,13 +69,15 @@ def serve(
 
     if not max_upload_mb > 0:
         raise ValueError(f"--max-upload-mb: expected a size > 0, got {max_upload_mb}")
+    if not max_audio_seconds > 0:
+        raise ValueError(f"--max-audio-seconds: expected seconds > 0, got {max_audio_seconds}")
     if not batch_timeout_ms >= 0:
         raise ValueError(f"--batch-timeout-ms: expected milliseconds >= 0, got {batch_timeout_ms}")
     sock = bind(host, port)
     try:
         engine = load_engine(model, adapter=adapter, device=device, compute_type=compute_type)
         app = create_app(engine, max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms, api_key=api_key,
-                         max_upload_mb=max_upload_mb)  # fmt: skip
+                         max_upload_mb=max_upload_mb, max_audio_seconds=max_audio_seconds)  # fmt: skip
     except BaseException:
         sock.close()
         raise

@@ -19,8 +19,11 @@ STFT with a periodic Hann window, the saved mel filter bank, log10 with an 8-dec
 fixed window), in numpy. Each rule of decoding names the torch code it follows: a change there must come here too.
 
 This module imports neither torch nor the rest of mmformer (``import mmformer`` itself is light) but
-:mod:`mmformer.preprocess.media`, torch-free: the rules it shares with the Processor and the commands (which files
-are audio, the way up an image is seen).
+:mod:`mmformer.preprocess.media`, torch-free: the rules it shares with the Processor, the commands and the server
+(which files are audio; how an image file is read — decoded fully, upright, 16-bit grayscale scaled, the pixel
+limit —; how an audio file is read — decoded block by block, checked, the rates checked before decoding, cut to
+``max_seconds`` with the same warning), so that a file gives the same pixels, samples and errors (naming it) here.
+Only the resampler is its own: numpy's, equal to torchaudio's.
 """
 
 from __future__ import annotations
@@ -35,7 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from mmformer.preprocess.media import file_modality, upright
+from mmformer.preprocess.media import (
+    Resampler,
+    check_resample,
+    convert_image,
+    decode_audio,
+    file_modality,
+    read_image,
+    truncate_audio,
+)
 
 EXPORT_CONFIG = "export_config.json"
 
@@ -60,10 +71,9 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def resample(wave: np.ndarray, orig_rate: int, new_rate: int, width: int = 6, rolloff: float = 0.99) -> np.ndarray:
-    """Band-limited sinc interpolation with a Hann window, as ``torchaudio.functional.resample`` (its defaults)."""
-    if orig_rate == new_rate:
-        return wave
+def sinc_resampler(orig_rate: int, new_rate: int, width: int = 6, rolloff: float = 0.99) -> Resampler:
+    """Band-limited sinc interpolation with a Hann window, as ``torchaudio.functional.resample`` (its defaults), as
+    a :class:`~mmformer.preprocess.media.Resampler`: its kernel built once for all the blocks of a file."""
     g = math.gcd(orig_rate, new_rate)
     orig, new = orig_rate // g, new_rate // g
     base = min(orig, new) * rolloff
@@ -74,10 +84,26 @@ def resample(wave: np.ndarray, orig_rate: int, new_rate: int, width: int = 6, ro
     t = t * math.pi
     with np.errstate(invalid="ignore", divide="ignore"):
         kernel = np.where(t == 0, 1.0, np.sin(t) / t) * window * base / orig
-    padded = np.pad(wave.astype(np.float64), (half, half + orig))
-    blocks = np.lib.stride_tricks.sliding_window_view(padded, kernel.shape[1])[::orig]  # (n, 2 half + orig)
-    out = (blocks @ kernel.T).reshape(-1)
-    return out[: math.ceil(new * len(wave) / orig)].astype(np.float32)
+
+    def apply(wave: np.ndarray) -> np.ndarray:  # (..., S) → (..., ceil(S new / orig))
+        padded = np.pad(wave.astype(np.float64), [(0, 0)] * (wave.ndim - 1) + [(half, half + orig)])
+        blocks = np.lib.stride_tricks.sliding_window_view(padded, kernel.shape[1], axis=-1)[..., ::orig, :]
+        out = (blocks @ kernel.T).reshape(*wave.shape[:-1], -1)  # (..., n blocks · new)
+        return out[..., : math.ceil(new * wave.shape[-1] / orig)].astype(np.float32)
+
+    return Resampler(apply, half)
+
+
+def resample(wave: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
+    """``wave`` (..., S) resampled along its last axis (:func:`sinc_resampler`).
+
+    Raises:
+        ValueError: the rates need an enormous filter (:func:`~mmformer.preprocess.media.check_resample`).
+    """
+    if orig_rate == new_rate:
+        return wave
+    check_resample(orig_rate, new_rate, what="sample_rate")
+    return sinc_resampler(orig_rate, new_rate).apply(wave)
 
 
 class OnnxModel:
@@ -215,15 +241,16 @@ class OnnxModel:
         resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}.get(
             cfg.get("interpolation", "bicubic"), Image.BICUBIC
         )
+        mode = "RGB" if channels == 3 else "L"
         out = []
-        for item in images:
-            img = item if isinstance(item, Image.Image) else upright(Image.open(item))  # a file: as read_image does
-            img = img.convert("RGB" if channels == 3 else "L")
+        for item in images:  # a file read as the Processor reads it (decoded fully, upright, 16-bit scaled, checked)
+            img = convert_image(item, mode) if isinstance(item, Image.Image) else read_image(item, mode, name=str(item))
             if cfg.get("resize") == "exact":
                 img = img if (img.height, img.width) == (h, w) else img.resize((w, h), resample)
-            elif cfg.get("resize_size") is not None:  # the short side to resize_size (as torchvision's Resize(int))
-                short, long = sorted((img.width, img.height))
-                size = (cfg["resize_size"], int(cfg["resize_size"] * long / short))
+            elif cfg.get("resize_size") is not None or h == w:  # the short side to resize_size (or the square's
+                short, long = sorted((img.width, img.height))  # side), as the Processor's torchvision Resize(int)
+                side = cfg.get("resize_size") or h
+                size = (side, int(side * long / short))
                 img = img.resize(size if img.width <= img.height else size[::-1], resample)
             elif (img.height, img.width) != (h, w):  # cover (h, w) keeping the aspect ratio
                 scale = max(h / img.height, w / img.width)
@@ -249,25 +276,24 @@ class OnnxModel:
     def load_audio(self, audio: Sequence[Any], sample_rate: int | None = None) -> list[np.ndarray]:
         """Audio files or 1-D float arrays (at ``sample_rate``) → mono float32 waveforms at the model's rate."""
         rate = self.config["audio"]["sample_rate"]
+        max_seconds = (self.preprocessor.get("audio") or {}).get("max_seconds")
+        if sample_rate is not None:  # before any file is read, as the Processor checks its sampling_rate
+            check_resample(int(sample_rate), rate, what="sample_rate")
         waves = []
         for item in audio:
-            if isinstance(item, (str, os.PathLike)):
-                import soundfile
-
-                wave, sr = soundfile.read(str(item), dtype="float32", always_2d=True)
-                wave = wave.mean(axis=1)
-            else:
-                wave, sr = np.asarray(item, dtype=np.float32), sample_rate
-            if sr is None:
+            name = _audio_name(item, len(waves))
+            if isinstance(item, (str, os.PathLike)):  # read as the Processor reads a file (decode_audio's checks)
+                wave, _ = decode_audio(item, rate, resampler=sinc_resampler, name=name, max_seconds=max_seconds)
+                waves.append(wave)
+                continue
+            wave = np.asarray(item, dtype=np.float32)
+            if sample_rate is None:
                 raise ValueError("sample_rate: required with waveform arrays (the rate they were recorded at)")
             if wave.ndim != 1 or wave.size == 0:
-                name = _audio_name(item, len(waves))
                 raise ValueError(f"{name}: expected a mono waveform of at least one sample, got shape {wave.shape}")
-            wave = resample(wave, int(sr), rate)
-            max_seconds = (self.preprocessor.get("audio") or {}).get("max_seconds")
-            if max_seconds:
-                wave = wave[: int(max_seconds * rate)]
-            waves.append(wave.astype(np.float32))
+            if not np.isfinite(wave).all():
+                raise ValueError(f"{name}: waveform contains NaN or infinite values")
+            waves.append(truncate_audio(resample(wave, int(sample_rate), rate), rate, max_seconds, name))
         return waves
 
     @property
