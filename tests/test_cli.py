@@ -289,3 +289,36 @@ def test_zeroshot_top_below_one_is_refused_naming_the_flag(capsys, top):
         _parser().parse_args(["zeroshot", "--model", "m", "--classes", "a,b", "--top", top, "a.png"])
     assert f"argument --top: expected an int >= 1, got '{top}'" in capsys.readouterr().err
     assert _parser().parse_args(["zeroshot", "--model", "m", "--classes", "a", "--top", "2", "a.png"]).top == 2
+
+
+def test_a_reader_closing_the_pipe_ends_the_command_quietly(saved):
+    """``mmformer caption ... | head -1``: the reader gone is no error (it was "error: [Errno 32] Broken pipe" and
+    exit 1): no message and exit status 141 (128 + SIGPIPE, as a tool that signal killed)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mmformer", "caption", "--model", str(saved / "model"), str(saved / "a.png")]
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        p.stdout.close()  # the reader goes before a line is written
+        err = p.stderr.read()
+    assert p.returncode == 141 and err == "", err[-2000:]
+
+
+def test_ctrl_c_is_one_line_and_exit_status_130(monkeypatch, capsys):
+    """A KeyboardInterrupt leaves main() (tests and callers see it) and run() turns it into one line, not a
+    traceback through torch."""
+    from mmformer.cli import main as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    monkeypatch.setattr("sys.argv", ["mmformer", "transcribe", "--model", "m", "a.flac"])
+    with pytest.raises(SystemExit) as exit_:
+        try:
+            cli.run()
+        except KeyboardInterrupt:
+            pytest.fail("run() let the KeyboardInterrupt through (a traceback)")
+    assert exit_.value.code == 130 and capsys.readouterr().err == "mmformer transcribe: interrupted\n"

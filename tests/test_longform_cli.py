@@ -285,3 +285,57 @@ def test_transcribe_int8_runs_a_whisper_checkpoints_int8_encoder_and_refuses_oth
             main(["transcribe", "--model", MODEL, str(root / "talk1.flac"), "--compute-type", compute_type,
                   "--output-format", "json", "--output-dir", str(tmp_path)])  # fmt: skip
     assert not (tmp_path / "talk1.json").exists()
+
+
+def test_output_dir_without_output_format_is_refused_naming_both_flags(tmp_path, monkeypatch):
+    """It was ignored silently: exit 0, nothing written, the transcripts on stdout."""
+    from mmformer.cli import main as cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match=r"--output-dir: writes files only with --output-format \(one of txt, json"):
+        cli.main(["transcribe", "--model", MODEL, "--output-dir", str(tmp_path / "subs"), str(tmp_path / "a.flac")])
+    assert not (tmp_path / "subs").exists()
+
+
+def test_a_folder_in_the_way_of_one_output_is_named_and_the_others_are_written(tmp_path):
+    """Each file's outputs are written as it is done; one that cannot be written (a folder where b.txt goes) is
+    named with its OS error and a non-zero exit, and every other output is still written (it stopped the run after
+    all the work, with none written)."""
+    from mmformer.cli.main import main
+
+    clips = ROOT / "data" / "digits" / "audio" / "test"
+    for i, name in enumerate("abc"):
+        (tmp_path / f"{name}.flac").symlink_to(clips / f"00000{i}.flac")
+    (tmp_path / "out" / "b.txt").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"cannot write .*b\.txt: Is a directory") as exit_:
+        main(["transcribe", "--model", MODEL, "--output-format", "all", "--output-dir", str(tmp_path / "out"),
+              "--batch-size", "1", "--no-progress", *(str(tmp_path / f"{n}.flac") for n in "abc")])  # fmt: skip
+    assert "b.json" not in str(exit_.value)
+    written = sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_file())
+    assert written == sorted(f"{n}.{f}" for n in "abc" for f in ("txt", "json", "srt", "vtt", "tsv") if n + f != "btxt")
+
+
+def test_ctrl_c_keeps_the_outputs_written_and_ends_with_one_line(tmp_path):
+    """SIGINT (a terminal's Ctrl-C) in the middle of many files: exit status 130, one line on stderr after what was
+    printed before (no traceback), and the transcripts of the files done by then on disk, whole."""
+    import signal
+
+    clip = ROOT / "data" / "digits" / "audio" / "test" / "000002.flac"
+    files = []
+    for i in range(400):
+        files.append(tmp_path / f"c{i:03d}.flac")
+        files[-1].symlink_to(clip)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "mmformer.cli", "transcribe", "--model", MODEL, "--batch-size", "1", "--no-progress",
+           "--output-format", "txt", "--output-dir", str(tmp_path / "out"), *map(str, files)]  # fmt: skip
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True) as p:
+        first = p.stderr.readline()  # "wrote .../cNNN.txt": decoding is under way
+        p.send_signal(signal.SIGINT)
+        rest = p.stderr.read()
+    assert first.startswith("wrote "), first + rest
+    assert p.returncode == 130 and rest.splitlines()[-1] == "mmformer transcribe: interrupted", rest
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest
+    written = list((tmp_path / "out").glob("*.txt"))
+    assert 0 < len(written) < len(files)
+    expected = written[0].read_text()
+    assert expected.strip() and all(path.read_text() == expected for path in written)

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import functools
 import gc
+import os
 import sys
 import types
 import typing
@@ -160,9 +161,10 @@ def _transcribe_args(p: argparse.ArgumentParser) -> None:
         "--output-format",
         choices=OUTPUT_FORMATS,
         default=None,
-        help="write each file's transcript as FILE.<format> in --output-dir (default: print path<TAB>text)",
+        help="write each file's transcript as FILE.<format> in --output-dir as soon as the file is transcribed "
+        "(default: print path<TAB>text)",
     )
-    p.add_argument("--output-dir", default=".", help="folder for --output-format files")
+    p.add_argument("--output-dir", default=None, help="folder for --output-format files (default: the current one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("files", nargs="+", help="audio files")
 
@@ -483,6 +485,13 @@ class _Progress:
         self.bar.update(round(self.done, 1) - self.bar.n)
         self.bar.set_postfix_str(f"{self.done / max(self.clock() - self.start, 1e-9):.1f}x realtime", refresh=False)
 
+    def write(self, text: str, file: Any = None) -> None:
+        """A line on ``file`` (default stderr) above the bar, which is drawn again below it (tqdm's ``write``)."""
+        if self.bar is None:
+            print(text, file=file or sys.stderr)
+        else:
+            self.bar.write(text, file=file or sys.stderr)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -500,16 +509,20 @@ def _transcribe(args: argparse.Namespace) -> None:
         transcribe_files,
         with_compute_type,
     )
-    from mmformer.longform.writers import write_result
 
+    if args.output_dir is not None and not args.output_format:  # it was ignored: the transcripts went to stdout
+        raise ValueError(f"--output-dir: writes files only with --output-format (one of {', '.join(OUTPUT_FORMATS)}); "
+                         f"without it the transcripts print to stdout; got --output-dir {args.output_dir!r} and no "
+                         "--output-format")  # fmt: skip
+    output_dir = Path(args.output_dir or ".")
     if args.output_format:  # one transcript per stem: a.flac and a.wav (or x/a.flac, y/a.flac) would collide
         stems: dict[str, str] = {}
         for path in args.files:
             if stems.setdefault(Path(path).stem, path) != path:
                 raise ValueError(f"files: {stems[Path(path).stem]} and {path} would both write "
-                                 f"{Path(args.output_dir) / Path(path).stem}.*; transcribe them into different "
+                                 f"{output_dir / Path(path).stem}.*; transcribe them into different "
                                  "--output-dir folders")  # fmt: skip
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # a file there stops the run before any work
+        output_dir.mkdir(parents=True, exist_ok=True)  # a file there stops the run before any work
     model = _load_model(args.model, args.device, args.adapter)
     temperature = _temperatures(args)
     options = _dataclass_of(TranscribeOptions, args, **({"temperature": temperature} if temperature else {}))
@@ -527,6 +540,10 @@ def _transcribe(args: argparse.Namespace) -> None:
     runner, bf16, compute = with_compute_type(model, args.compute_type, args.model)
     if args.compute_type != "float32":
         print(f"mmformer transcribe: the audio encoder's {compute}", file=sys.stderr)
+    failed: list[str] = []
+    write = None
+    if args.output_format:
+        write = functools.partial(_write_outputs, args.files, output_dir, args.output_format, failed, progress)
     try:
         results = transcribe_files(
             runner,
@@ -538,21 +555,48 @@ def _transcribe(args: argparse.Namespace) -> None:
             progress=progress,
             prefix_embeds=_decoder_prefix(args, model),
             bf16_encoder=bf16,
+            on_result=write,
         )
     finally:
         if progress is not None:
             progress.close()
-    failed = []
-    for path, result in zip(args.files, results):
-        if "error" in result:
-            failed.append(result["error"])
-        elif args.output_format:
-            stem = Path(args.output_dir) / Path(path).stem
-            for written in write_result(result, stem, args.output_format):
-                print(f"wrote {written}", file=sys.stderr)
+    errors = [result["error"] for result in results if "error" in result]
+    if not args.output_format:
+        for path, result in zip(args.files, results):
+            if "error" not in result:
+                print(f"{path}\t{result['text']}")
+    _exit_if_failed("transcribe", errors + failed)
+
+
+def _write_outputs(
+    files: list[str],
+    output_dir: str | os.PathLike,
+    output_format: str,
+    failed: list[str],
+    progress: _Progress | None,
+    index: int,
+    result: dict[str, Any],
+) -> None:
+    """``transcribe --output-format``'s ``on_result``: the finished file's outputs written at once (as openai-whisper
+    writes each file's), so that an interruption or a later failure keeps them. An output that cannot be written (a
+    folder in its way, a full disk) is reported by path and OS error and added to ``failed``, and the run goes on:
+    :func:`_exit_if_failed` names it at the end. An unreadable input's error result writes nothing."""
+    from pathlib import Path
+
+    from mmformer.longform.writers import output_formats, write_result
+
+    if "error" in result:
+        return
+    stem = Path(output_dir) / Path(files[index]).stem
+    say = print if progress is None else progress.write
+    for name in output_formats(output_format):
+        try:
+            (written,) = write_result(result, stem, name)
+        except OSError as e:
+            failed.append(f"cannot write {stem}.{name}: {e.strerror or e}")
+            say(f"mmformer transcribe: {failed[-1]}", file=sys.stderr)
         else:
-            print(f"{path}\t{result['text']}")
-    _exit_if_failed("transcribe", failed)
+            say(f"wrote {written}", file=sys.stderr)
 
 
 def _decoder_prefix(args: argparse.Namespace, model: Any):
@@ -660,6 +704,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             artifacts.refuse_saved_out(args)
         _check_device(getattr(args, "device", None))
         handlers[args.command](args)
+    except BrokenPipeError:  # the reader of stdout has gone (`| head -1`): not an error to report, see run()
+        raise
     except (SampleError, OSError, ValueError, ImportError) as e:  # OSError: a folder in the way, a full disk, ...
         raise SystemExit(f"mmformer {args.command}: error: {e}") from None
 
@@ -681,9 +727,28 @@ def run() -> None:
     ``atexit`` handlers still run and output is flushed, and objects in reference cycles are left unfinalized (which
     Python never promises at exit anyway). An error or an explicit exit leaves the usual way. Warnings print as one
     line, ``mmformer: WarningClass: message`` (Python's format adds the warning's source file and code line, which
-    tell a command's user nothing)."""
+    tell a command's user nothing).
+
+    Ctrl-C (SIGINT: a KeyboardInterrupt, which :func:`main` lets through, so the ``finally`` blocks on its way out
+    have run: the progress bar closed, an atomic save's staging removed, the previous output kept) ends with one line,
+    ``mmformer COMMAND: interrupted``, and exit status 130 (128 + SIGINT, as a shell reports a command Ctrl-C
+    stopped), not a traceback through torch. A reader that closes stdout early (``mmformer caption ... | head -1``)
+    is not an error: Python's recipe for SIGPIPE (the ``signal`` module's "Note on SIGPIPE": stdout pointed at
+    /dev/null, so that the interpreter's last flush cannot fail again) with no message and exit status 141 (128 +
+    SIGPIPE, what a shell reports for a tool SIGPIPE killed, as ``yes | head -1`` under ``set -o pipefail``), so
+    that a script can tell it from an error's 1."""
     warnings.formatwarning = _one_line_warning
-    main()
+    try:
+        main()
+        sys.stdout.flush()  # here, where a closed pipe is handled, not at the interpreter's exit
+    except KeyboardInterrupt:
+        command = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
+        print(f"mmformer{' ' + command if command else ''}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(141) from None
     gc.freeze()
 
 

@@ -237,6 +237,7 @@ def transcribe_files(
     on_segment: Callable[[int, dict[str, Any]], None] | None = None,
     bf16_encoder: bool = False,
     sample_rate: int | None = None,
+    on_result: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Transcribe many recordings of any length, their windows decoded together.
 
@@ -271,6 +272,12 @@ def transcribe_files(
             CPU has AMX (:func:`mmformer.compress.cpu_precision.bf16_choice`).
         sample_rate: the rate the waveform arrays in ``inputs`` were recorded at; they are resampled to the model's
             (file paths carry their own rate). Default: the model's rate.
+        on_result: called as ``on_result(input index, result)`` once per input with the result returned for it, as
+            soon as it is complete: an unreadable input's error before any decoding, another's when its last window
+            is decoded (sequentially: when the input is done), so that a caller writes each input's outputs while
+            the others are decoded, as openai-whisper's command does, and an interruption keeps them. The VAD-batched
+            queue runs longest window first across inputs: an input whose windows are spread over it completes when
+            its last one is decoded. An exception it raises stops the run.
 
     Returns:
         One dict per input, in order: ``text``, ``segments`` (``id, seek, start, end`` in seconds on the input's
@@ -316,15 +323,23 @@ def transcribe_files(
     waves, errors = read_each(  # an unreadable input is skipped (None), its error kept
         list(enumerate(inputs)), lambda item: read_input(item[1], rate, item[0], sample_rate)[1], "transcribe_files"
     )
+    failed = {i: {"error": message, "text": "", "segments": [], "language": None} for i, message in errors.items()}
+    if on_result is not None:
+        for i, result in failed.items():
+            on_result(i, result)
     model.eval()
     total = sum(w.shape[0] for w in waves if w is not None) / rate
     if whisper and not vad:  # openai-whisper's algorithm, input by input
-        results = [None if wave is None else transcribe_sequential(
-            model, wave, options, tokenizer=processor.tokenizer,
-            progress=None if progress is None else _Increments(progress, total),
-            on_segment=None if on_segment is None else functools.partial(on_segment, i), encoder=encoder,
-            cross_dtype=cross_dtype,
-        ) for i, wave in enumerate(waves)]  # fmt: skip
+        results = []
+        for i, wave in enumerate(waves):
+            results.append(None if wave is None else transcribe_sequential(
+                model, wave, options, tokenizer=processor.tokenizer,
+                progress=None if progress is None else _Increments(progress, total),
+                on_segment=None if on_segment is None else functools.partial(on_segment, i), encoder=encoder,
+                cross_dtype=cross_dtype,
+            ))  # fmt: skip
+            if wave is not None and on_result is not None:
+                on_result(i, results[i])
     else:
         limit = window_samples(model, vad_options, rate, processor.audio.max_samples if processor.audio else None)
         windows = _windows(model, waves, vad, vad_options, limit)
@@ -350,9 +365,10 @@ def transcribe_files(
             None if progress is None else lambda s: progress(s, total),
             on_segment,
             separator=None if whisper else " ",
+            on_result=on_result,
         )
-    for i, message in errors.items():
-        results[i] = {"error": message, "text": "", "segments": [], "language": None}
+    for i, result in failed.items():
+        results[i] = result
     return results
 
 

@@ -207,6 +207,7 @@ def transcribe_windows(
     progress: Callable[[float], None] | None = None,
     on_segment: Callable[[int, dict[str, Any]], None] | None = None,
     separator: str | None = " ",
+    on_result: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Decode every window of every file from one queue in batches of ``batch_size`` and assemble each file's
     result: ``{"text", "segments", "language"}``, the segments of its windows in order, numbered.
@@ -223,6 +224,13 @@ def transcribe_windows(
         separator: the file's text is its segments' stripped texts joined by this; None: their texts as they are,
             concatenated (Whisper's carry their own spacing, and openai-whisper's text is its tokens decoded: no
             space between segments of Chinese or Japanese, none inside a word that continues).
+        on_result: called as ``on_result(file, result)`` with each readable file's result (the dict returned for
+            it) as soon as its last window is decoded (a file without speech: before any window is decoded), so
+            that its outputs can be written while the other files are decoded; the queue order stays longest first,
+            so a file whose windows are spread over the queue completes when its last one comes.
+
+    Returns:
+        One result per file, in order; None for a file that could not be read.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
@@ -240,9 +248,11 @@ def transcribe_windows(
     decoded: dict[Window, dict[str, Any]] = {}
     segments_of: dict[int, list[dict[str, Any]]] = {file: [] for file in by_file}
     assembled = dict.fromkeys(by_file, 0)  # each file's windows (in timeline order) whose segments are numbered
+    results: list[dict[str, Any] | None] = [None] * len(waves)
 
     def assemble(file: int) -> None:
-        """Number the segments of the file's windows decoded so far, in order, and hand them on."""
+        """Number the segments of the file's windows decoded so far, in order, and hand them on; once all are,
+        the file's result."""
         ws = by_file[file]
         while assembled[file] < len(ws) and ws[assembled[file]] in decoded:
             for s in decoded[ws[assembled[file]]]["segments"]:
@@ -251,7 +261,26 @@ def transcribe_windows(
                 if on_segment is not None:
                     on_segment(file, segment)
             assembled[file] += 1
+        if assembled[file] == len(ws):
+            finish(file)
 
+    def finish(file: int) -> None:
+        """The file's result from its decoded windows' segments and languages, handed to ``on_result``."""
+        segments = segments_of.get(file, [])
+        languages = Counter(decoded[w]["language"] for w in by_file.get(file, []))
+        results[file] = {
+            "text": "".join(s["text"] for s in segments)
+            if separator is None
+            else separator.join(s["text"].strip() for s in segments),
+            "segments": segments,
+            "language": languages.most_common(1)[0][0] if languages else None,
+        }  # fmt: skip
+        if on_result is not None:
+            on_result(file, results[file])
+
+    for file, wave in enumerate(waves):  # no speech at all: done before any decoding
+        if wave is not None and file not in by_file:
+            finish(file)
     for first in range(0, len(queue), batch_size):
         batch = queue[first : first + batch_size]
         decoded.update(zip(batch, decode(batch, [w.audio(waves[w.file]) for w in batch])))
@@ -259,19 +288,4 @@ def transcribe_windows(
             progress(sum(cover[w] for w in batch) / sample_rate)
         for file in dict.fromkeys(w.file for w in batch):
             assemble(file)
-    results = []
-    for file, wave in enumerate(waves):
-        if wave is None:
-            results.append(None)
-            continue
-        outs = [decoded[w] for w in by_file.get(file, [])]
-        segments = segments_of.get(file, [])
-        languages = Counter(out["language"] for out in outs)
-        results.append({
-            "text": "".join(s["text"] for s in segments)
-            if separator is None
-            else separator.join(s["text"].strip() for s in segments),
-            "segments": segments,
-            "language": languages.most_common(1)[0][0] if languages else None,
-        })  # fmt: skip
     return results

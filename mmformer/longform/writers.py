@@ -85,7 +85,8 @@ WRITERS: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
-def _formats(formats: str | Iterable[str]) -> list[str]:
+def output_formats(formats: str | Iterable[str]) -> list[str]:
+    """The format names ``formats`` stands for ("all": every one of :data:`WRITERS`), refused by name when unknown."""
     names = [formats] if isinstance(formats, str) else list(formats)
     if "all" in names:
         return list(WRITERS)
@@ -99,7 +100,7 @@ def write_result(result: dict[str, Any], path_stem: str | os.PathLike, formats: 
     """Write ``result`` as ``path_stem.<format>`` for each of ``formats`` (txt, json, srt, vtt, tsv or "all"),
     each file atomically; the written paths, in order."""
     paths = []
-    for name in _formats(formats):
+    for name in output_formats(formats):
         path = Path(f"{os.fspath(path_stem)}.{name}")
         write_text_atomic(path, WRITERS[name](result))
         paths.append(path)
