@@ -7,6 +7,7 @@ One tiny model is exported once per format for the whole module (ONNX export is 
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -350,6 +351,135 @@ def test_the_onnx_runner_classifies_and_transcribes_without_torch(model, exporte
     assert out["labels"] == mmformer.ZeroShotClassifier(model, classnames=WORDS[:4]).predict(images)
     assert out["captions"] == model.caption(images, max_new_tokens=6)
     assert out["transcripts"] == model.transcribe(audio, max_new_tokens=6)
+
+
+def audio_only_copy(folder: Path, to: Path, **log_mel) -> Path:
+    """The audio graph of the export ``folder`` copied to ``to`` with its front-end files, its ``audio.log_mel``
+    block changed by ``log_mel`` (a value None deletes the block: an export written before it)."""
+    to.mkdir()
+    config = json.loads((folder / export.EXPORT_CONFIG).read_text())
+    config["graphs"] = {"audio_encoder": config["graphs"]["audio_encoder"]}
+    for name in ("audio_encoder.onnx", "mel_filters.npy", "preprocessor_config.json"):
+        (to / name).write_bytes((folder / name).read_bytes())
+    config["audio"]["log_mel"].update(log_mel)
+    if None in log_mel.values():
+        del config["audio"]["log_mel"]
+    (to / export.EXPORT_CONFIG).write_text(json.dumps(config))
+    return to
+
+
+def test_the_runner_computes_the_features_the_export_config_states(model, exported, files, tmp_path):
+    """``audio.log_mel`` states every step of LogMel that the sizes and the filter bank leave open (its power floor
+    and dynamic range among them), and the runner reads it: features that equal the model's from its Processor; the
+    same from an export without the block (written before it); another floor where the block says so; a block with a
+    step the runner does not take refused by name."""
+    from mmformer.embedders.audio import DECADES, POWER_FLOOR
+    from mmformer.ship.onnx_runner import LOG_MEL, OnnxModel
+
+    block = json.loads((exported["onnx"] / export.EXPORT_CONFIG).read_text())["audio"]["log_mel"]
+    assert block == {**LOG_MEL, "floor": POWER_FLOOR, "decades": DECADES}
+    _, audio = files
+    batch = model.processor(audio=audio)
+    reference = model.audio_embed.features(batch["audio"], batch["audio_lengths"]).numpy()
+
+    def features(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+        runner = OnnxModel(folder)
+        return runner.log_mel(runner.load_audio(audio))
+
+    stated, frames = features(audio_only_copy(exported["onnx"], tmp_path / "stated"))
+    real = np.arange(stated.shape[-1])[None, None, :] < frames[:, None, None]  # (B, 1, Nf): each clip's own frames
+    assert np.abs(np.where(real, stated - reference, 0)).max() < 1e-4
+    np.testing.assert_array_equal(features(audio_only_copy(exported["onnx"], tmp_path / "before", log_mel=None))[0],
+                                  stated)  # fmt: skip
+    floored, _ = features(audio_only_copy(exported["onnx"], tmp_path / "floor", floor=1e-3))
+    assert np.abs(floored - stated).max() > 0.1
+    assert floored[np.broadcast_to(real, floored.shape)].min() == pytest.approx((-3 + 4) / 4, abs=1e-6)  # log10(1e-3)
+    with pytest.raises(ValueError, match=r"audio.log_mel.window: expected 'hann' \(the only one this runner "
+                                         r"computes\), got 'hamming'"):  # fmt: skip
+        OnnxModel(audio_only_copy(exported["onnx"], tmp_path / "hamming", window="hamming"))
+
+
+def test_the_runner_reads_int16_pcm_as_the_processor_does(model, exported):
+    """An int16 waveform array is PCM, scaled by 1/32768 as the Processor scales it (the runner read its raw values,
+    32768 times louder: other features); samples of another integer type are refused as the Processor refuses them."""
+    from mmformer.ship.onnx_runner import OnnxModel
+
+    t = np.arange(1500) / 8000
+    pcm = (12000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+    runner = OnnxModel(exported["onnx"])
+    batch = model.processor(audio=[pcm], sampling_rate=8000)
+    wave = runner.load_audio([pcm], 8000)[0]
+    np.testing.assert_array_equal(wave, batch["audio"][0].numpy())
+    features, _ = runner.log_mel([wave])
+    assert np.abs(features - model.audio_embed.features(batch["audio"], batch["audio_lengths"]).numpy()).max() < 1e-4
+    for source in (lambda x: model.processor(audio=[x], sampling_rate=8000), lambda x: runner.load_audio([x], 8000)):
+        with pytest.raises(TypeError, match=r"audio\[0\]: expected float \(or int16 PCM\) samples; got .*int32"):
+            source(pcm.astype(np.int32))
+
+
+def torch_free_env(tmp_path: Path) -> dict[str, str]:
+    """A subprocess environment whose Python finds the repository and fails on any import of torch, torchvision,
+    torchaudio or lightning (packages of those names that raise, ahead of the installed ones on the path)."""
+    blocked = tmp_path / "blocked"
+    for name in ("torch", "torchvision", "torchaudio", "lightning"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('the runner imported {name}')\n")
+    return {"PYTHONPATH": f"{blocked}:{ROOT}", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+
+
+def test_the_runners_command_line_answers_the_usable_files_and_names_the_others(model, exported, files, tmp_path):
+    """``python -m mmformer.ship.onnx_runner`` in a process that cannot import torch, with a corrupt, a missing and
+    an empty file among good ones: the good ones answered (the model's labels, transcripts and captions), each bad
+    one named on stderr, and exit status 1 — what ``mmformer transcribe`` gives when a file cannot be read."""
+    from mmformer.cli.main import main
+
+    images, audio = files
+    (tmp_path / "junk.wav").write_bytes(np.random.default_rng(0).bytes(500))
+    (tmp_path / "empty.png").write_bytes(b"")
+    bad = [str(tmp_path / "junk.wav"), str(tmp_path / "missing.flac"), str(tmp_path / "empty.png")]
+    command = [sys.executable, "-m", "mmformer.ship.onnx_runner", str(exported["onnx"]), "--classes",
+               ",".join(WORDS[:4]), "--transcribe", "--caption", "--max-new-tokens", "6",
+               bad[0], *audio, bad[1], *images, bad[2]]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=torch_free_env(tmp_path),
+                          timeout=120)  # fmt: skip
+    assert "Traceback" not in done.stderr, done.stderr
+    labels = [*mmformer.ZeroShotClassifier(model, classnames=WORDS[:4]).predict(images),
+              *mmformer.ZeroShotClassifier(model, classnames=WORDS[:4], modality="audio").predict(audio)]  # fmt: skip
+    texts = [*model.transcribe(audio, max_new_tokens=6), *model.caption(images, max_new_tokens=6)]
+    answers = [line.split("\t") for line in done.stdout.splitlines()]  # zero-shot: file, label, probability
+    n = len(labels)
+    assert [row[:2] for row in answers[:n]] == [[f, label] for f, label in zip(images + audio, labels)]
+    assert answers[n:] == [[f, text] for f, text in zip(audio + images, texts)]
+    prefix = "python -m mmformer.ship.onnx_runner: error: "
+    assert sorted(done.stderr.splitlines()) == sorted([
+        f"{prefix}{bad[0]}: cannot decode audio (LibsndfileError: Format not recognised.)",
+        f"{prefix}{bad[1]}: file not found",
+        f"{prefix}{bad[2]}: empty file (0 bytes)",
+    ])  # fmt: skip
+    model.save_pretrained(tmp_path / "model")
+    with pytest.warns(UserWarning, match="skipped"), pytest.raises(SystemExit) as theirs:  # a message: status 1
+        main(["transcribe", "--model", str(tmp_path / "model"), "--no-progress", bad[0], audio[0]])
+    assert isinstance(theirs.value.code, str) and done.returncode == 1
+
+
+def test_the_runner_extra_lists_what_the_runner_imports(tmp_path):
+    """pyproject's ``runner`` extra names the distributions of every third-party module the runner's code imports
+    (its module, its command line and the media rules they share), and README's torch-free install lists the
+    extra's requirements."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    distributions = {"PIL": "pillow"}  # import name → distribution, where they differ
+    imported = set()
+    for path in ("mmformer/ship/onnx_runner.py", "mmformer/ship/runner_cli.py", "mmformer/preprocess/media.py"):
+        for node in ast.walk(ast.parse((ROOT / path).read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            imported |= {n.split(".")[0] for n in names}
+    third_party = {distributions.get(n, n) for n in imported - set(sys.stdlib_module_names) - {"mmformer"}}
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["runner"]
+    assert {requirement.split(">")[0] for requirement in extra} == third_party
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    install = next(line for line in readme.splitlines() if line.startswith("pip install") and "onnxruntime" in line)
+    assert all(f'"{requirement}"' in install for requirement in extra), install
 
 
 def test_bad_requests_are_clear_errors_and_leave_nothing_behind(model, tmp_path, monkeypatch):

@@ -16,6 +16,9 @@ import copy
 import json
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,6 +136,27 @@ def test_the_features_are_the_models_fixed_window(model, runner):
     assert frames.tolist() == [WINDOW // TINY_AUDIO["hop_length"]] * 3
 
 
+def test_the_windows_dropped_frame_is_a_step_the_export_config_states(runner, exported, tmp_path):
+    """Whisper's dropped last frame is ``audio.log_mel.drop_last_frame``, which the runner reads: the window's frames
+    less one as exported, and from an export written before the block (the model's then as now); all of them where
+    the block keeps it."""
+    frames = WINDOW // TINY_AUDIO["hop_length"]
+    features, _ = runner.log_mel(runner.load_audio(WAVES, RATE))
+
+    def copy_with(name: str, change) -> OnnxModel:
+        folder = shutil.copytree(exported, tmp_path / name)
+        config = json.loads((folder / export.EXPORT_CONFIG).read_text())
+        change(config["audio"])
+        (folder / export.EXPORT_CONFIG).write_text(json.dumps(config))
+        return OnnxModel(folder, threads=1)
+
+    before = copy_with("before", lambda audio: audio.pop("log_mel"))
+    np.testing.assert_array_equal(before.log_mel(before.load_audio(WAVES, RATE))[0], features)
+    kept = copy_with("kept", lambda audio: audio["log_mel"].update(drop_last_frame=False))
+    all_frames, counts = kept.log_mel(kept.load_audio(WAVES, RATE))
+    assert features.shape[-1] == frames and all_frames.shape[-1] == counts[0] == frames + 1
+
+
 @pytest.mark.parametrize(
     "options",
     [{}, dict(language="en"), dict(language="<|FR|>", task="translate")],
@@ -174,6 +198,26 @@ def test_audio_longer_than_the_window_is_refused_by_name(runner):
     with pytest.raises(ValueError, match=r"audio\[1\]: expected at most the model's 0.25 s window \(2000 samples at "
                                          r"8000 Hz\), got 0.26 s \(2100 samples\).*`mmformer transcribe`"):  # fmt: skip
         runner.transcribe(clips(800, WINDOW + 100), RATE)
+
+
+def test_the_command_line_names_audio_longer_than_the_window_and_transcribes_the_rest(model, exported, tmp_path):
+    """``python -m mmformer.ship.onnx_runner --transcribe``: a file longer than the window is named on stderr (exit
+    status 1, as for a file that cannot be read), the others transcribed as the model transcribes them."""
+    import soundfile
+
+    paths = [str(tmp_path / f"{i}.wav") for i in range(3)]
+    for path, wave in zip(paths, [WAVES[0], clips(800, WINDOW + 100)[1], WAVES[1]]):
+        soundfile.write(path, wave, RATE)
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "mmformer.ship.onnx_runner", str(exported), "--transcribe", *paths],
+                          capture_output=True, text=True, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 1
+    good = [paths[0], paths[2]]
+    expected = model.transcribe(good, max_new_tokens=30)
+    assert done.stdout.splitlines() == [f"{path}\t{text}" for path, text in zip(good, expected)]
+    assert re.fullmatch(rf"python -m mmformer.ship.onnx_runner: error: {re.escape(paths[1])}: expected at most the "
+                        r"model's 0.25 s window .*\n", done.stderr)  # fmt: skip
 
 
 def test_bad_language_and_task_are_the_models_errors(model, runner):

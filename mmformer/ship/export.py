@@ -9,9 +9,10 @@ The folder, as Hugging Face Optimum lays out an encoder–decoder export (``mmfo
                                   inputs and outputs: :mod:`mmformer.ship.exportable`
       export_config.json          the graphs, their inputs/outputs and dynamic axes, the zero-shot logit scale and
                                   bias (SigLIP's: scores read through a sigmoid), the special token ids (end ids
-                                  included), the decoder's length limit, the audio window, where the decoder's image
-                                  memory starts and the checkpoint's decoding rules (``generation``: Whisper's prompt
-                                  tokens and suppressed tokens)
+                                  included), the decoder's length limit, the audio window and every step of the
+                                  log-mel front end (``audio.log_mel``), where the decoder's image memory starts and
+                                  the checkpoint's decoding rules (``generation``: Whisper's prompt tokens and
+                                  suppressed tokens); every key: docs/export.md
       mel_filters.npy             the log-mel filter bank (n_fft/2 + 1, M), for feature extraction without torch
       config.json, tokenizer.json, preprocessor_config.json
 
@@ -39,9 +40,11 @@ from typing import Any
 
 import torch
 
+from mmformer.embedders.audio import DECADES, POWER_FLOOR
 from mmformer.io.pretrained import EXPORT_CONFIG, MEL_FILTERS
 from mmformer.model import MultimodalTransformer
 from mmformer.ship.exportable import Graph, graphs, image_memory_start
+from mmformer.ship.onnx_runner import LOG_MEL
 
 FORMATS = ("onnx", "torch-export")
 SUFFIX = {"onnx": ".onnx", "torch-export": ".pt2"}
@@ -137,12 +140,23 @@ def export(
             "audio": None if audio is None else {
                 "sample_rate": audio.sample_rate, "n_fft": audio.n_fft, "hop_length": audio.hop_length,
                 "n_mels": audio.n_mels, "mel_filters": MEL_FILTERS if "audio_encoder" in records else None,
-                "pad_to_seconds": audio.pad_to_seconds},  # Whisper's fixed window (LogMel)
+                "pad_to_seconds": audio.pad_to_seconds,  # Whisper's fixed window (LogMel)
+                "log_mel": log_mel_steps()},
             # the checkpoint's prompt and suppressed tokens (GenerationConfig; the runner builds the prompt with them)
             "generation": None if generation is None else dataclasses.asdict(generation),
         }  # fmt: skip
         (staging / EXPORT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return Path(directory)
+
+
+def log_mel_steps() -> dict[str, Any]:
+    """The ``audio.log_mel`` block: every step of :class:`~mmformer.embedders.audio.LogMel` from waveforms to the audio
+    graph's input beside the sizes and the filter bank, so that a runner without mmformer's Python computes it from
+    the folder alone (docs/export.md); :class:`~mmformer.ship.onnx_runner.OnnxModel` reads it. The power floor and
+    the dynamic range are LogMel's constants; its other steps are code (``torch.hann_window``'s periodic window,
+    ``centre_pad``'s reflection, the power spectrum, ``(x + 4) / 4``, the dropped frame) that the runner's defaults
+    state, which the parity tests hold to LogMel's features."""
+    return {**LOG_MEL, "floor": POWER_FLOOR, "decades": DECADES}
 
 
 def _masked_attention(model: Any) -> list[tuple[Any, Any]]:

@@ -2,7 +2,7 @@
 soundfile only. It proves the export is complete: zero-shot classification of images or audio, greedy captioning
 and transcription through the decoder graphs with their explicit KV cache, giving the ids the model's greedy
 ``generate`` gives: its prompt (a Whisper checkpoint's start, language — given or detected —, task and no-timestamps
-tokens), suppressed tokens, end ids and length limit, read from ``export_config.json``.
+tokens), suppressed tokens, end ids and length limit, read from ``export_config.json`` (docs/export.md).
 
     from mmformer.ship.onnx_runner import OnnxModel
     model = OnnxModel("out/onnx")
@@ -13,10 +13,12 @@ tokens), suppressed tokens, end ids and length limit, read from ``export_config.
     python -m mmformer.ship.onnx_runner out/onnx --transcribe a.flac                     # speech to text
     python -m mmformer.ship.onnx_runner out/onnx --transcribe --language en a.flac       # Whisper, language chosen
 
-Preprocessing follows :class:`mmformer.Processor` (images: channels, resize to cover and centre crop, normalise;
-audio: mono, resampled to the model's rate as torchaudio does) and :class:`mmformer.embedders.audio.LogMel` (centred
-STFT with a periodic Hann window, the saved mel filter bank, log10 with an 8-decade range per utterance; Whisper's
-fixed window), in numpy. Each rule of decoding names the torch code it follows: a change there must come here too.
+(the command line: :mod:`mmformer.ship.runner_cli`). Preprocessing follows :class:`mmformer.Processor` (images:
+channels, resize to cover and centre crop, normalise; audio: mono, float or int16 PCM, resampled to the model's rate
+as torchaudio does) and :class:`mmformer.embedders.audio.LogMel` (centred STFT with a periodic Hann window, the saved
+mel filter bank, log10 with an 8-decade range per utterance; Whisper's fixed window) as the export's ``audio.log_mel``
+block states its steps (:data:`LOG_MEL`), in numpy. Each rule of decoding names the torch code it follows: a change
+there must come here too.
 
 This module imports neither torch nor the rest of mmformer (``import mmformer`` itself is light) but
 :mod:`mmformer.preprocess.media`, torch-free: the rules it shares with the Processor, the commands and the server
@@ -28,7 +30,6 @@ Only the resampler is its own: numpy's, equal to torchaudio's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -40,10 +41,10 @@ import numpy as np
 
 from mmformer.preprocess.media import (
     Resampler,
+    SampleError,
     check_resample,
     convert_image,
     decode_audio,
-    file_modality,
     read_image,
     truncate_audio,
 )
@@ -106,6 +107,33 @@ def resample(wave: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     return sinc_resampler(orig_rate, new_rate).apply(wave)
 
 
+# The ``audio.log_mel`` block of export_config.json (docs/export.md): LogMel's steps from waveforms to the audio graph's
+# input, beside ``audio``'s sizes and mel_filters.npy; an export written before the block was made with these values.
+LOG_MEL = {"window": "hann", "periodic": True, "center": True, "pad_mode": "reflect", "power": 2.0, "floor": 1e-10,
+           "log": "log10", "decades": 8.0, "offset": 4.0, "scale": 4.0, "drop_last_frame": True}  # fmt: skip
+LOG_MEL_FIXED = ("window", "periodic", "center", "pad_mode", "power", "log")  # the steps log_mel takes, no others
+
+
+def log_mel_rules(block: dict[str, Any] | None) -> dict[str, Any]:
+    """An export's ``audio.log_mel`` block, checked (a ValueError names a key missing or unknown, a step that
+    :meth:`OnnxModel.log_mel` does not take, or a bad number); :data:`LOG_MEL` where it has none (written before it)."""
+    if block is None:
+        return dict(LOG_MEL)
+    if not isinstance(block, dict) or set(block) != set(LOG_MEL):
+        raise ValueError(f"audio.log_mel: expected the keys {sorted(LOG_MEL)}, got {block!r}")
+    for name, value in block.items():
+        if name in LOG_MEL_FIXED:
+            ok, expected = value == LOG_MEL[name], f"{LOG_MEL[name]!r} (the only one this runner computes)"
+        elif name == "drop_last_frame":
+            ok, expected = isinstance(value, bool), "true or false"
+        else:  # floor, decades, scale > 0; offset any
+            ok = type(value) in (int, float) and math.isfinite(value) and (value > 0 or name == "offset")
+            expected = "a finite number" if name == "offset" else "a number > 0"
+        if not ok:
+            raise ValueError(f"audio.log_mel.{name}: expected {expected}, got {value!r}")
+    return block
+
+
 class OnnxModel:
     """The graphs of one export folder, run with onnxruntime.
 
@@ -154,6 +182,7 @@ class OnnxModel:
         self.preprocessor = json.loads(preprocessor.read_text()) if preprocessor.is_file() else {}
         filters = (self.config.get("audio") or {}).get("mel_filters")  # (n_fft/2 + 1, M), read once
         self.mel_filters = np.load(self.directory / filters, allow_pickle=False) if filters else None
+        self.log_mel_rules = log_mel_rules((self.config.get("audio") or {}).get("log_mel"))  # read once
 
     def _session(self, ort: Any, file: str, options: Any, providers: Sequence[str]) -> Any:
         try:
@@ -229,6 +258,10 @@ class OnnxModel:
         return self._run("text_encoder", input_ids=ids, attention_mask=mask)[0]
 
     # ------------------------------------------------------------------ images
+    @property
+    def image_mode(self) -> str:  # the PIL mode images are read in
+        return "RGB" if (self.preprocessor.get("image") or {}).get("channels", 3) == 3 else "L"
+
     def preprocess_images(self, images: Sequence[Any]) -> np.ndarray:
         """Image files or PIL images → normalised pixels (B, C, H, W) float32."""
         from PIL import Image
@@ -241,7 +274,7 @@ class OnnxModel:
         resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}.get(
             cfg.get("interpolation", "bicubic"), Image.BICUBIC
         )
-        mode = "RGB" if channels == 3 else "L"
+        mode = self.image_mode
         out = []
         for item in images:  # a file read as the Processor reads it (decoded fully, upright, 16-bit scaled, checked)
             img = convert_image(item, mode) if isinstance(item, Image.Image) else read_image(item, mode, name=str(item))
@@ -273,9 +306,17 @@ class OnnxModel:
         return self._run("image_encoder", pixel_values=self.preprocess_images(images))[0]
 
     # ------------------------------------------------------------------ audio
+    @property
+    def sample_rate(self) -> int:
+        """The model's audio rate, that of the waveforms :meth:`load_audio` gives."""
+        if not self.config.get("audio"):
+            raise ValueError(f"audio: {self.directory} is the export of a model without audio; it reads images or text")
+        return self.config["audio"]["sample_rate"]
+
     def load_audio(self, audio: Sequence[Any], sample_rate: int | None = None) -> list[np.ndarray]:
-        """Audio files or 1-D float arrays (at ``sample_rate``) → mono float32 waveforms at the model's rate."""
-        rate = self.config["audio"]["sample_rate"]
+        """Audio files or 1-D arrays (at ``sample_rate``) of float or int16 PCM samples (scaled by 1/32768, as the
+        Processor does) → mono float32 waveforms at the model's rate."""
+        rate = self.sample_rate
         max_seconds = (self.preprocessor.get("audio") or {}).get("max_seconds")
         if sample_rate is not None:  # before any file is read, as the Processor checks its sampling_rate
             check_resample(int(sample_rate), rate, what="sample_rate")
@@ -286,11 +327,14 @@ class OnnxModel:
                 wave, _ = decode_audio(item, rate, resampler=sinc_resampler, name=name, max_seconds=max_seconds)
                 waves.append(wave)
                 continue
-            wave = np.asarray(item, dtype=np.float32)
+            wave = np.asarray(item)
             if sample_rate is None:
                 raise ValueError("sample_rate: required with waveform arrays (the rate they were recorded at)")
             if wave.ndim != 1 or wave.size == 0:
                 raise ValueError(f"{name}: expected a mono waveform of at least one sample, got shape {wave.shape}")
+            if wave.dtype != np.int16 and not np.issubdtype(wave.dtype, np.floating):
+                raise TypeError(f"{name}: expected float (or int16 PCM) samples; got dtype {wave.dtype}")
+            wave = wave.astype(np.float32) / (32768.0 if wave.dtype == np.int16 else 1.0)  # as Processor.waveform
             if not np.isfinite(wave).all():
                 raise ValueError(f"{name}: waveform contains NaN or infinite values")
             waves.append(truncate_audio(resample(wave, int(sample_rate), rate), rate, max_seconds, name))
@@ -306,10 +350,11 @@ class OnnxModel:
 
     def log_mel(self, waves: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Waveforms → log-mel features (B, M, Nf) float32 and frame counts (B,), as the model's LogMel computes
-        them from the zero-padded batch: each row's frames are those of its waveform alone. With a fixed window
-        (:attr:`window_samples`) every waveform is zero-padded or cut to it, the frame past its end is dropped and
-        the peak spans the whole window, as ``LogMel.forward`` does (Whisper's feature extractor)."""
-        cfg = self.config["audio"]
+        them from the zero-padded batch, by the export's rules (:attr:`log_mel_rules`): each row's frames are those
+        of its waveform alone. With a fixed window (:attr:`window_samples`) every waveform is zero-padded or cut to
+        it, the frame past its end is dropped and the peak spans the whole window, as ``LogMel.forward`` does
+        (Whisper's feature extractor)."""
+        cfg, rules = self.config["audio"], self.log_mel_rules
         n_fft, hop = cfg["n_fft"], cfg["hop_length"]
         window = self.window_samples
         waves = [w[:window] for w in waves] if window else waves
@@ -330,13 +375,14 @@ class OnnxModel:
         hann = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)).astype(np.float32)  # periodic Hann
         spectrum = np.fft.rfft(padded[:, index] * hann, axis=-1)  # (B, Nf, n_fft/2 + 1)
         power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
-        mel = np.log10(np.maximum(power @ self.mel_filters, 1e-10)).transpose(0, 2, 1)  # (B, M, Nf)
+        mel = np.log10(np.maximum(power @ self.mel_filters, rules["floor"])).transpose(0, 2, 1)  # (B, M, Nf)
         n_frames = lengths // hop + 1
-        if window:  # the frame past the window's end is dropped (30 s → 3000 frames)
+        if window and rules["drop_last_frame"]:  # the frame past the window's end is dropped (30 s → 3000 frames)
             mel, frames, n_frames = mel[..., :-1], frames - 1, n_frames - 1
         real = np.arange(frames)[None, :] < n_frames[:, None]  # (B, Nf)
         peak = np.where(real[:, None, :], mel, -np.inf).max(axis=(1, 2), keepdims=True)
-        return ((np.maximum(mel, peak - 8.0) + 4.0) / 4.0).astype(np.float32), n_frames
+        features = (np.maximum(mel, peak - rules["decades"]) + rules["offset"]) / rules["scale"]
+        return features.astype(np.float32), n_frames
 
     def _audio_states(
         self, audio: Sequence[Any], sample_rate: int | None, one_window: bool = False
@@ -354,14 +400,15 @@ class OnnxModel:
     def check_one_window(self, audio: Sequence[Any], waves: Sequence[np.ndarray]) -> None:
         """Refuse a waveform longer than the model's fixed window (Whisper's 30 s): the model's ``transcribe``
         decodes such audio window after window (:func:`mmformer.generation.decoding.transcribe`), which this runner
-        does not; cutting it would lose the rest without a word."""
-        window, rate = self.window_samples, self.config["audio"]["sample_rate"]
+        does not; cutting it would lose the rest without a word (a :class:`SampleError` naming the input)."""
+        window, rate = self.window_samples, self.sample_rate
         for i, (item, wave) in enumerate(zip(audio, waves)):
             if window and len(wave) > window:
-                raise ValueError(
-                    f"{_audio_name(item, i)}: expected at most the model's {window / rate:g} s window ({window} "
-                    f"samples at {rate} Hz), got {len(wave) / rate:.2f} s ({len(wave)} samples); this runner decodes "
-                    "one window: transcribe longer audio with `mmformer transcribe` (the long-form path), or cut it"
+                raise SampleError(
+                    _audio_name(item, i),
+                    f"expected at most the model's {window / rate:g} s window ({window} samples at {rate} Hz), got "
+                    f"{len(wave) / rate:.2f} s ({len(wave)} samples); this runner decodes one window: transcribe "
+                    "longer audio with `mmformer transcribe` (the long-form path), or cut it",
                 )
 
     def encode_audio(self, audio: Sequence[Any], sample_rate: int | None = None) -> np.ndarray:
@@ -571,7 +618,7 @@ class OnnxModel:
     @property
     def image_memory_start(self) -> int:
         """How many leading ``image_states`` the model's decoder does not read (CoCa's pooled first query; see
-        :func:`mmformer.ship.export.image_memory_start`): the memory is the rest, every token real. 0 in an export
+        :func:`mmformer.ship.exportable.image_memory_start`): the memory is the rest, every token real. 0 in an export
         without the key (written before it)."""
         return (self.config.get("image") or {}).get("memory_start", 0)
 
@@ -588,36 +635,7 @@ def _audio_name(item: Any, index: int) -> str:
     return str(item) if isinstance(item, (str, os.PathLike)) else f"audio[{index}]"
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mmformer.ship.onnx_runner", description=__doc__.split("\n\n")[0])
-    p.add_argument("export", help="folder written by `mmformer export --format onnx`")
-    p.add_argument("--classes", help="comma-separated class names: zero-shot classification")
-    p.add_argument("--transcribe", action="store_true", help="transcribe the audio files")
-    p.add_argument("--caption", action="store_true", help="caption the image files")
-    p.add_argument("--max-new-tokens", type=int, default=30)
-    p.add_argument("--language", help="Whisper: the audio's language code, e.g. en (default: detected)")
-    p.add_argument("--task", help="Whisper: transcribe or translate (default: the checkpoint's)")
-    p.add_argument("files", nargs="+")
-    args = p.parse_args(argv)
-    model = OnnxModel(args.export)
-    kinds = {f: file_modality(f) for f in args.files}
-    audio = [f for f in args.files if kinds[f] == "audio"]
-    images = [f for f in args.files if kinds[f] == "image"]
-    if args.classes:
-        classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-        for modality, files in (("image", images), ("audio", audio)):
-            if files:
-                probs, labels = model.zeroshot(files, classes, modality=modality)
-                for f, label, row in zip(files, labels, probs):
-                    print(f"{f}\t{label}\t{row.max():.3f}")
-    if args.transcribe and audio:
-        texts = model.transcribe(audio, max_new_tokens=args.max_new_tokens, language=args.language, task=args.task)
-        for f, text in zip(audio, texts):
-            print(f"{f}\t{text}")
-    if args.caption and images:
-        for f, text in zip(images, model.caption(images, max_new_tokens=args.max_new_tokens)):
-            print(f"{f}\t{text}")
+if __name__ == "__main__":  # `python -m mmformer.ship.onnx_runner`: the command line of runner_cli, run by name (not
+    import runpy  # imported: this module imports nothing of mmformer but the media rules; runner_cli imports it)
 
-
-if __name__ == "__main__":
-    main()
+    runpy.run_module("mmformer.ship.runner_cli", run_name="__main__", alter_sys=True)
