@@ -169,7 +169,7 @@ def test_the_quantize_options_table_knows_the_parsers_defaults():
     import argparse
 
     from mmformer.cli.artifacts import QUANTIZE_OPTIONS
-    from mmformer.cli.main import _parser
+    from mmformer.cli.parser import build as _parser
 
     sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["quantize"]
     assert {name: sub.get_default(name) for name in QUANTIZE_OPTIONS} == {

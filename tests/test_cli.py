@@ -61,9 +61,10 @@ def test_every_sub_command_help_prints_one_usage_line(capsys):
     sub-command the parser has and for the training commands (LightningCLI's own help)."""
     import argparse
 
-    from mmformer.cli.main import TRAIN_COMMANDS, _parser
+    from mmformer.cli.main import TRAIN_COMMANDS
+    from mmformer.cli.parser import build
 
-    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    sub = next(a for a in build()._actions if isinstance(a, argparse._SubParsersAction))
     assert {"export", "transcribe", "caption", "zeroshot", "merge", "convert"} <= set(sub.choices)
     for command in [*sub.choices, TRAIN_COMMANDS[0]]:
         with pytest.raises(SystemExit) as exit_:
@@ -72,6 +73,33 @@ def test_every_sub_command_help_prints_one_usage_line(capsys):
         assert exit_.value.code in (0, None), command
         first = out.splitlines()[0]  # LightningCLI writes "usage: mmformer [options] fit ..."
         assert out.count("usage:") == 1 and first.startswith("usage: mmformer ") and f" {command} " in first, out[:200]
+
+
+def test_help_and_usage_errors_of_commands_without_torch_options_import_no_torch():
+    """``mmformer merge --help`` (and export, quantize, serve, zeroshot, convert) and their usage errors imported
+    torch (2–7 s), because the parser built every command's options and caption's come from DecodingOptions: the
+    parser now builds only the options of the command being run. In a fresh process (torch stays in ``sys.modules``
+    once imported)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import contextlib, io, sys\n"
+        "from mmformer.cli.main import main\n"
+        "for command in ('merge', 'export', 'quantize', 'serve', 'zeroshot', 'convert'):\n"
+        "    for argv in ([command, '--help'], [command, '--bogus']):\n"
+        "        out, err = io.StringIO(), io.StringIO()\n"
+        "        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+        "            try:\n"
+        "                main(argv)\n"
+        "            except SystemExit as e:\n"
+        "                code = e.code\n"
+        "        assert f'usage: mmformer {command}' in out.getvalue() + err.getvalue(), (argv, code, err.getvalue())\n"
+        "        assert code == (2 if '--bogus' in argv else 0), (argv, code)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", (done.stdout, done.stderr[-2000:])
 
 
 def test_zeroshot_mixes_images_and_audio(saved, capsys):
@@ -213,23 +241,23 @@ def test_number_flags_that_may_be_none_take_none(capsys):
     """``float | None`` / ``int | None`` options take ``none`` (any case), as openai-whisper's optional_float does:
     the help of --vad-trim-db and --vad-pack-gap-ms names "none: ..." and the parser refused it; other text is still
     refused naming the flag, and a string option keeps "none" as its text."""
-    from mmformer.cli.main import _dataclass_of, _parser
+    from mmformer.cli.parser import build, dataclass_of
     from mmformer.longform import VadOptions
 
     def parse(*flags):
-        return _parser().parse_args(["transcribe", "--model", "m", *flags, "a.flac"])
+        return build().parse_args(["transcribe", "--model", "m", *flags, "a.flac"])
 
     args = parse("--vad-trim-db", "none", "--vad-pack-gap-ms", "None", "--no-speech-threshold", "NONE",
                  "--vad-max-window-s", "12.5", "--initial-prompt", "none")  # fmt: skip
     assert (args.vad_trim_db, args.vad_pack_gap_ms, args.no_speech_threshold) == (None, None, None)
     assert args.vad_max_window_s == 12.5 and args.initial_prompt == "none"
-    vad = _dataclass_of(VadOptions, args, prefix="vad_")
+    vad = dataclass_of(VadOptions, args, prefix="vad_")
     assert (vad.trim_db, vad.pack_gap_ms) == (None, None) and VadOptions().trim_db is not None
     for flag, value, expected in (("--vad-trim-db", "loud", "a number"), ("--vad-pack-gap-ms", "1.5", "an int")):
         with pytest.raises(SystemExit):
             parse(flag, value)
         assert f"argument {flag}: expected {expected} or none, got '{value}'" in capsys.readouterr().err
-    caption = _parser().parse_args(["caption", "--model", "m", "--top-k", "none", "--top-p", "0.9", "a.png"])
+    caption = build().parse_args(["caption", "--model", "m", "--top-k", "none", "--top-p", "0.9", "a.png"])
     assert (caption.top_k, caption.top_p) == (None, 0.9)
 
 
@@ -283,12 +311,12 @@ def test_caption_and_zeroshot_skip_a_file_they_cannot_read_as_transcribe_does(sa
 @pytest.mark.parametrize("top", ["0", "-1", "two"])
 def test_zeroshot_top_below_one_is_refused_naming_the_flag(capsys, top):
     """The parser refuses it before the model loads: it named the classifier's ``k`` ("k: expected a positive int")."""
-    from mmformer.cli.main import _parser
+    from mmformer.cli.parser import build
 
     with pytest.raises(SystemExit):
-        _parser().parse_args(["zeroshot", "--model", "m", "--classes", "a,b", "--top", top, "a.png"])
+        build("zeroshot").parse_args(["zeroshot", "--model", "m", "--classes", "a,b", "--top", top, "a.png"])
     assert f"argument --top: expected an int >= 1, got '{top}'" in capsys.readouterr().err
-    assert _parser().parse_args(["zeroshot", "--model", "m", "--classes", "a", "--top", "2", "a.png"]).top == 2
+    assert build("zeroshot").parse_args(["zeroshot", "--model", "m", "--classes", "a", "--top", "2", "a.png"]).top == 2
 
 
 def test_a_reader_closing_the_pipe_ends_the_command_quietly(saved):

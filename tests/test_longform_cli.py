@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from mmformer.cli.main import _parser, _temperatures
+from mmformer.cli.main import _temperatures
+from mmformer.cli.parser import build as _parser
 from mmformer.longform import TranscribeOptions, VadOptions
 
 ROOT = Path(__file__).resolve().parent.parent
