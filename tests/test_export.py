@@ -374,7 +374,8 @@ def test_the_runner_computes_the_features_the_export_config_states(model, export
     same from an export without the block (written before it); another floor where the block says so; a block with a
     step the runner does not take refused by name."""
     from mmformer.embedders.audio import DECADES, POWER_FLOOR
-    from mmformer.ship.onnx_runner import LOG_MEL, OnnxModel
+    from mmformer.ship.audio_features import LOG_MEL
+    from mmformer.ship.onnx_runner import OnnxModel
 
     block = json.loads((exported["onnx"] / export.EXPORT_CONFIG).read_text())["audio"]["log_mel"]
     assert block == {**LOG_MEL, "floor": POWER_FLOOR, "decades": DECADES}
@@ -469,7 +470,12 @@ def test_the_runner_extra_lists_what_the_runner_imports(tmp_path):
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     distributions = {"PIL": "pillow"}  # import name → distribution, where they differ
     imported = set()
-    for path in ("mmformer/ship/onnx_runner.py", "mmformer/ship/runner_cli.py", "mmformer/preprocess/media.py"):
+    for path in (
+        "mmformer/ship/onnx_runner.py",
+        "mmformer/ship/audio_features.py",
+        "mmformer/ship/runner_cli.py",
+        "mmformer/preprocess/media.py",
+    ):
         for node in ast.walk(ast.parse((ROOT / path).read_text(encoding="utf-8"))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             names += [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
