@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from cli_helpers import fit_in_process, run_cli, tiny_config, write_config, write_pairs
+from lightning.pytorch import Callback
 
 CSV = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "", "name": "logs"}}
 
@@ -92,3 +93,58 @@ def test_a_run_bounded_by_max_steps_shows_its_epoch_without_minus_2(data, tmp_pa
     assert bar._get_train_description(1).strip() == "Epoch 1/2"  # Lightning's own, with an epoch bound
     cli = fit_in_process(config, run=False)  # enable_progress_bar false (the tiny config): no bar added
     assert not [c for c in cli.trainer.callbacks if isinstance(c, StepsProgressBar)]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_error_line(data, tmp_path, capsys, monkeypatch):
+    """A full disk at a checkpoint: 78 lines, two chained tracebacks ending in torch's "[enforce fail at
+    inline_container.cc:672] . unexpected pos", the OS's "File too large" buried between them."""
+    import errno
+
+    import torch
+
+    from mmformer.cli.training import run_training_cli
+
+    def full_disk(*args, **kwargs):  # torch.save to a file object under `ulimit -f`
+        try:
+            raise OSError(errno.EFBIG, "File too large")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 302912 vs 302800") from None
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    settings = tiny_config(tmp_path, data, every=1, max_steps=2)
+    with pytest.raises(SystemExit) as exit_:
+        run_training_cli(["fit", "--config", str(write_config(tmp_path / "c.yaml", settings))])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" not in err, err
+    (error,) = [line for line in err.splitlines() if "error" in line.lower()]
+    written = tmp_path / "ckpt" / "epoch=0-step=1.ckpt"  # the first checkpoint, at step 1
+    assert error == f"mmformer fit: error: could not write {written}: File too large (EFBIG)"
+
+
+class CtrlCAtStep1(Callback):
+    """Ctrl-C in the middle of training, as the terminal delivers it: a KeyboardInterrupt at the first step."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 1:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_stops_fit_with_status_130_after_the_graceful_shutdown(data, tmp_path, capsys, caplog):
+    """Lightning shut the run down gracefully and then exited with status 1, a failure's: a script could not tell an
+    aborted run from a failed one. It exits with 130 (128 + SIGINT), as a shell reports a command Ctrl-C stopped."""
+    import signal
+
+    from mmformer.cli.training import run_training_cli
+
+    interrupt = {"class_path": f"{__name__}.CtrlCAtStep1"}
+    settings = tiny_config(tmp_path, data, max_steps=4)
+    settings["trainer"]["callbacks"].append(interrupt)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            run_training_cli(["fit", "--config", str(write_config(tmp_path / "c.yaml", settings))])
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C while it shuts down
+    assert exit_.value.code == 130
+    assert "Detected KeyboardInterrupt, attempting graceful shutdown" in caplog.text  # Lightning's, logged
+    assert "Traceback" not in capsys.readouterr().err

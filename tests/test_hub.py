@@ -197,6 +197,47 @@ def test_missing_id_or_revision_names_it_and_the_cache(hf_cache, tmp_path, monke
         mmformer.from_pretrained("out/clip")
 
 
+def test_a_missing_local_folder_of_hub_form_is_named_as_both_a_folder_and_a_hub_id(tmp_path, monkeypatch):
+    """README's ``--model out/model`` before an export made it: the error spoke of the Hugging Face cache only,
+    suggested ``huggingface-cli download out/model`` and quoted httpx's multi-line connection error, never that no
+    local folder out/model exists. As transformers does, it says both, in one line."""
+    import httpx
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def unreachable(*args, **kwargs):  # snapshot_download without a network, as huggingface_hub 1.x chains it
+        try:
+            try:
+                raise socket.gaierror(-2, "Name or service not known")
+            except socket.gaierror as e:
+                raise httpx.ConnectError("[Errno -2] Name or service not known") from e
+        except httpx.ConnectError as e:
+            raise LocalEntryNotFoundError(
+                f"Got: ConnectError: {e}\nAn error happened while trying to locate the files on the Hub, and we "
+                "cannot find the appropriate snapshot folder for the specified revision on the local disk."
+            ) from e
+
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as e:
+        mmformer.from_pretrained("out/model")
+    message = str(e.value)
+    assert message.startswith(
+        f"name_or_path: no such folder 'out/model' (no folder 'out' in {tmp_path}), and no Hugging Face Hub model of "
+        "that name could be loaded: 'out/model' (revision 'main') is not in the Hugging Face cache"
+    ), message
+    assert "(the Hub could not be reached: Name or service not known)" in message
+    assert "\n" not in message and "An error happened" not in message and "ConnectError" not in message
+    from mmformer.cli.main import main
+
+    with pytest.raises(SystemExit, match=r"^mmformer convert: error: name_or_path: no such folder 'out/model'"):
+        main(["convert", "out/model", "--out", str(tmp_path / "converted")])
+
+
 def test_a_snapshot_without_weights_is_named(hf_cache, tmp_path):
     folder = tmp_path / "src"
     saved(tiny_bert(), folder)

@@ -354,8 +354,10 @@ def test_cli_quantizes_and_refuses_bad_requests(float_dir, manifest, tmp_path, c
 
     main(["quantize", "--model", str(float_dir), "--method", "static", "--calib", str(manifest), "--out",
           str(tmp_path / "static")])  # fmt: skip
-    printed = capsys.readouterr().out
-    assert "layers static" in printed and "--backend pt2e" in printed  # the CPU speed note
+    printed = capsys.readouterr()
+    assert "layers static" in printed.out and "--backend pt2e" not in printed.out  # stdout: the result alone
+    (note,) = [line for line in printed.err.splitlines() if line.startswith("note: ")]  # the CPU speed advisory
+    assert "dynamic/static int8" in note and "--backend pt2e" in note
     assert mmformer.load_pretrained(tmp_path / "static").quantization.method == "static"
     with pytest.raises(
         SystemExit, match="--method: expected one of dynamic, int8-weight, int4-weight, static, got 'fp8'"

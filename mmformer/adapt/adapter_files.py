@@ -19,11 +19,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import safetensors.torch
 from torch import nn
 
 from mmformer.adapt.adapter_state import ADAPTER_NAME, _adapter_config, _adapter_state, require_peft
 from mmformer.adapt.adapters import resize_token_embeddings, unload
+from mmformer.io.atomic import save_safetensors
 from mmformer.io.pretrained import ADAPTER_CONFIG, has_adapter
 from mmformer.io.weights import TensorSpec, human_count, listed
 
@@ -64,7 +64,7 @@ def save_adapter(
         config.base_model_name_or_path = str(base_model)
     with atomic_directory(directory, overwrite=overwrite, marker_files=(ADAPTER_CONFIG, ADAPTER_WEIGHTS)) as staging:
         config.save_pretrained(str(staging))
-        safetensors.torch.save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_safetensors(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         if processor is not None:
             processor.save_pretrained(staging)
 

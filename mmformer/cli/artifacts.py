@@ -1,10 +1,11 @@
 """The ``mmformer`` sub-commands that write a model folder: ``export``, ``quantize`` (torchao, PT2E, onnxruntime),
 ``merge`` (a LoRA adapter into its base) and ``convert`` (a public checkpoint). Each takes the parsed flags of
-:func:`mmformer.cli.main._parser` and prints what it wrote."""
+:func:`mmformer.cli.parser.build` and prints what it wrote."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,7 +126,8 @@ def quantize_folder(args: argparse.Namespace) -> None:
         print(
             "note: torchao's dynamic/static int8 makes a smaller file, but runs slower than float32 on CPUs (the "
             "digits model: 0.66x encode, 0.34x transcription, BENCHMARKS.md); for speed on an x86 CPU use "
-            "--backend pt2e (compiled int8 graphs) or --backend onnxruntime (the torch-free runner)"
+            "--backend pt2e (compiled int8 graphs) or --backend onnxruntime (the torch-free runner)",
+            file=sys.stderr,  # an advisory: stdout carries the result alone
         )
 
 

@@ -42,18 +42,22 @@ What the CLI adds to LightningCLI:
   command line they print one ``mmformer: error: ...`` naming the key and exit with status 2; in Python
   :func:`build_cli` raises :class:`ConfigError`. ``MMFORMER_DEBUG=1`` shows the traceback instead. Errors the run
   meets once started that name their cause (a missing validation manifest or ``--ckpt_path``, too many unreadable
-  samples) print one ``mmformer fit: error: ...`` and exit with status 1.
+  samples, a checkpoint that cannot be written: the disk is full) print one ``mmformer fit: error: ...`` and exit
+  with status 1;
+- Ctrl-C stops a run as Lightning does (its graceful shutdown), with exit status 130 rather than Lightning's 1
+  (:func:`interrupted_exits_130`).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import os
 import pickle
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -308,18 +312,39 @@ class MMFormerCLI(LightningCLI):
         except FolderInUseError as e:
             raise ConfigError(str(e)) from e
         try:
-            self.trainer.fit(**kwargs)
+            with interrupted_exits_130(self.trainer):
+                self.trainer.fit(**kwargs)
         finally:
             release_folders(held)
 
     def validate(self, **kwargs: Any) -> None:
-        self.trainer.validate(**with_best_checkpoint(self.trainer, kwargs))
+        with interrupted_exits_130(self.trainer):
+            self.trainer.validate(**with_best_checkpoint(self.trainer, kwargs))
 
     def test(self, **kwargs: Any) -> None:
-        self.trainer.test(**with_best_checkpoint(self.trainer, kwargs))
+        with interrupted_exits_130(self.trainer):
+            self.trainer.test(**with_best_checkpoint(self.trainer, kwargs))
 
     def predict(self, **kwargs: Any) -> None:
-        self.trainer.predict(**with_best_checkpoint(self.trainer, kwargs))
+        with interrupted_exits_130(self.trainer):
+            self.trainer.predict(**with_best_checkpoint(self.trainer, kwargs))
+
+
+INTERRUPTED_STATUS = 130  # 128 + SIGINT: what a shell reports for a command Ctrl-C stopped
+
+
+@contextlib.contextmanager
+def interrupted_exits_130(trainer: Trainer) -> Iterator[None]:
+    """Exit with status 130 where Lightning ends a run Ctrl-C interrupted. Lightning catches the KeyboardInterrupt,
+    shuts down gracefully ("Detected KeyboardInterrupt, attempting graceful shutdown ...": callbacks' and loggers'
+    ``on_exception``, teardown) and then calls ``sys.exit(1)``, the status of a failure, so that a script could not
+    tell "aborted" from "failed"."""
+    try:
+        yield
+    except SystemExit as e:
+        if e.code == 1 and trainer.interrupted and isinstance(e.__context__, KeyboardInterrupt):
+            raise SystemExit(INTERRUPTED_STATUS) from None
+        raise
 
 
 class StepsProgressBar(RichProgressBar):
@@ -501,7 +526,8 @@ def run_training_cli(argv: Sequence[str]) -> None:
         raise SystemExit(2) from None
     except (ValueError, OSError, TooManyBadSamplesError) as e:
         # what the run met once started, each naming its cause: a validation manifest that is missing or empty, a
-        # --ckpt_path that does not exist, too many unreadable samples, `predict` without data.predict
+        # --ckpt_path that does not exist, too many unreadable samples, `predict` without data.predict, a checkpoint
+        # that cannot be written (AtomicCheckpointIO's WriteError: a full disk)
         if os.environ.get("MMFORMER_DEBUG"):
             raise
         command = argv[0] if argv else "fit"

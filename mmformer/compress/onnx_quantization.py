@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from mmformer.ship.export import EXPORT_CONFIG
+from mmformer.io.atomic import writing
+from mmformer.io.pretrained import EXPORT_CONFIG
 
 METHODS = ("dynamic", "static")
 BACKEND = "onnxruntime"
@@ -152,5 +153,6 @@ def quantize_export(
                                 extra_options={"OpTypesToExcludeOutputQuantization": STATIC_OPS})  # fmt: skip
             src.unlink()
         config["quantization"] = {"backend": BACKEND, "method": method, "onnxruntime_version": ort_version}
-        (staging / EXPORT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        with writing(staging / EXPORT_CONFIG):  # a full disk names the file
+            (staging / EXPORT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return Path(directory)

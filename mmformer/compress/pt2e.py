@@ -386,15 +386,14 @@ class PT2EModel:
 
     def save_pretrained(self, directory: str | os.PathLike, *, overwrite: bool = True) -> Path:
         """The float model (``save_pretrained``) plus :data:`QPARAMS_FILE`, atomically; reload with :func:`load`."""
-        from safetensors.torch import save_file
-
         from mmformer.io import pretrained
+        from mmformer.io.atomic import save_safetensors
 
         with pretrained.atomic_directory(directory, overwrite=overwrite) as staging:
             self.model.save_pretrained(staging)
             metadata = {"quantization_config": json.dumps(self.quantization), "torch_version": torch.__version__}
             tensors = {k: v.detach().contiguous() for k, v in self.qparams.items()}
-            save_file(tensors, str(staging / QPARAMS_FILE), metadata=metadata)
+            save_safetensors(tensors, staging / QPARAMS_FILE, metadata=metadata)
         return Path(directory)
 
 

@@ -33,7 +33,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 
-from mmformer.io.atomic import fsync_path, pid_alive
+from mmformer.io.atomic import fsync_path, pid_alive, writing
 
 
 def _is_local(path: str | os.PathLike) -> bool:
@@ -65,7 +65,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``TorchCheckpointIO`` with crash-safe writes of local checkpoints.
 
     The checkpoint is written to ``.NAME.PID.tmp`` next to its target, fsynced, renamed onto the target and the
-    folder entry fsynced; a write that fails leaves the previous file untouched. Temporary files of writers that
+    folder entry fsynced; a write that fails leaves the previous file untouched and raises a
+    :class:`~mmformer.io.atomic.WriteError` (an ``OSError``) naming the checkpoint and the OS's reason (torch's own
+    error, "[enforce fail at inline_container.cc] unexpected pos", names neither). Temporary files of writers that
     no longer run (killed mid-write) are removed at the next write of the same target. Remote paths (``s3://``
     etc.) go to Lightning's writer unchanged. Loading is Lightning's (``torch.load(weights_only=True)`` by
     default, so a checkpoint cannot run code).
@@ -80,7 +82,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         _remove_stale_partials(target)
         partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
-            with open(partial, "wb") as f:
+            with writing(target), open(partial, "wb") as f:  # a full disk: a WriteError naming the checkpoint
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())

@@ -251,14 +251,13 @@ def resolve_source(
     if parsed.kind == "hub":
         try:
             return _from_hub(parsed.name, revision=revision, **options)
-        except FileNotFoundError as e:  # a mistyped local folder has the form of 'org/name' too
-            path = Path(parsed.name)
-            if path.parent != Path(".") and path.parent.is_dir():
-                raise FileNotFoundError(
-                    f"name_or_path: no such folder {name!r} (the folder {str(path.parent)!r} has no {path.name!r}), "
-                    "and no Hugging Face Hub model of that name could be loaded"
-                ) from e
-            raise
+        except FileNotFoundError as e:  # a local folder not made yet or mistyped has the form of 'org/name' too
+            if revision is not None:  # only a Hub id has revisions
+                raise
+            raise FileNotFoundError(
+                f"name_or_path: no such folder {name!r} ({_nearest_folder(Path(parsed.name))}), and no Hugging Face "
+                f"Hub model of that name could be loaded: {e}"
+            ) from e
     if parsed.kind == "open_clip" and parsed.tag is None:  # open_clip:hf-hub:ORG/REPO
         return _from_hub(parsed.name.removeprefix("hf-hub:"), revision=None, open_clip=True, **options)
     if parsed.kind in ("open_clip", "timm", "whisper"):
@@ -281,6 +280,14 @@ def resolve_source(
     if check is not None:
         check(source)
     return source
+
+
+def _nearest_folder(path: Path) -> str:
+    """Where a relative folder ``path`` that does not exist stops existing, for error messages: "the folder 'out' has
+    no 'model'", or "no folder 'out' in /work" (the current folder)."""
+    if path.parent != Path(".") and path.parent.is_dir():
+        return f"the folder {str(path.parent)!r} has no {path.name!r}"
+    return f"no folder {path.parts[0]!r} in {Path.cwd()}"
 
 
 def _openai_whisper_file(path: Path) -> bool:
@@ -391,13 +398,24 @@ def snapshot_files(
             f"{where}: no such model on the Hugging Face Hub (or a private one: pass token=)"
         ) from e
     except LocalEntryNotFoundError as e:
+        unreachable = "" if offline else f" (the Hub could not be reached: {_root_cause(e)})"
         raise FileNotFoundError(
-            f"{where} is not in the Hugging Face cache {cache} (or only in part) and {why_missing(offline)}; "
-            "download it once "
-            f"online (huggingface-cli download {repo_id}) or point HF_HUB_CACHE / cache_dir at the cache "
-            f"holding it ({type(e).__name__}: {e})"
+            f"{where} is not in the Hugging Face cache {cache} (or only in part) and {why_missing(offline)}"
+            f"{unreachable}; download it once online (huggingface-cli download {repo_id}) or point HF_HUB_CACHE / "
+            "cache_dir at the cache holding it"
         ) from e
     return Path(folder)
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first cause of a chain of errors in one line: the OS's reason (``Name or service not known``) where it
+    has one, else its type and first line (huggingface_hub's and httpx's own messages run over several lines)."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def _weights_in(folder: Path, kind: str) -> bool:

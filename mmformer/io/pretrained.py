@@ -51,7 +51,15 @@ from torch import nn
 
 from mmformer import __version__
 from mmformer.config import ModelConfig
-from mmformer.io.atomic import fsync_path, remove_stale_staging, staging_prefix, umask_mode
+from mmformer.io.atomic import (
+    WriteError,
+    fsync_path,
+    remove_stale_staging,
+    save_safetensors,
+    staging_prefix,
+    umask_mode,
+    writing,
+)
 from mmformer.io.quantized_files import flatten_state
 from mmformer.io.training_checkpoints import (
     CHECKPOINT_KEY,
@@ -193,8 +201,16 @@ def atomic_directory(
         fsync_path(staging)
         swap_in(staging, target)
         fsync_path(target.parent)
+    except WriteError as e:
+        e.filename = str(_in_target(Path(e.filename), staging, target))  # the user's name, not the staging folder's
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful swap
+
+
+def _in_target(path: Path, staging: Path, target: Path) -> Path:
+    """``path`` in ``staging`` named as it will be in ``target``; any other path as it is."""
+    return target / path.relative_to(staging) if path.is_relative_to(staging) else path
 
 
 def write_model(
@@ -221,7 +237,7 @@ def write_model(
         state, quantized = flatten_state(state, getattr(torch, quantization.float_storage))
         info = {**info, **quantized, QUANTIZATION_KEY: json.dumps(quantization.to_dict())}
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    safetensors.torch.save_file(tensors, str(directory / WEIGHTS_NAME), metadata={**info, **(metadata or {})})
+    save_safetensors(tensors, directory / WEIGHTS_NAME, metadata={**info, **(metadata or {})})
     if processor is not None:
         processor.save_pretrained(directory)
 
@@ -230,7 +246,8 @@ def write_config(directory: Path, config: ModelConfig, extra: Mapping[str, Any] 
     """config.json: the ModelConfig with ``format_version`` and ``mmformer_version``, plus ``extra`` top-level keys
     (such as ``quantization_config``)."""
     record = {"format_version": FORMAT_VERSION, "mmformer_version": __version__, **config.to_dict(), **(extra or {})}
-    (directory / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    with writing(directory / CONFIG_NAME):
+        (directory / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 def _carry_over(old: Path, new: Path) -> None:

@@ -62,7 +62,8 @@ def serve(
     graceful_s: float = 30.0,
     compute_type: str = "float32",
 ) -> None:
-    """Serve ``model`` over HTTP until SIGTERM / SIGINT."""
+    """Serve ``model`` over HTTP until SIGTERM / SIGINT. After the graceful shutdown, SIGTERM ends the process by
+    that signal (uvicorn raises it again) and SIGINT (Ctrl-C) raises a KeyboardInterrupt."""
     import uvicorn
 
     from mmformer.serve.app import create_app
@@ -86,4 +87,10 @@ def serve(
     print(f"mmformer serve: {model} on http://{where}:{sock.getsockname()[1]} — routes "
           f"{['/v1/' + r for r in engine.routes]}{compute}", flush=True)  # fmt: skip
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_s)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        # Ctrl-C, after the graceful shutdown: uvicorn raises the signal again once it has drained, inside asyncio's
+        # runner, whose KeyboardInterrupt carries the CancelledError of the server's task (two chained tracebacks);
+        # the caller gets a plain one (`mmformer serve`: one line and exit status 130, as every command)
+        raise KeyboardInterrupt from None

@@ -41,10 +41,11 @@ from typing import Any
 import torch
 
 from mmformer.embedders.audio import DECADES, POWER_FLOOR
+from mmformer.io.atomic import writing
 from mmformer.io.pretrained import EXPORT_CONFIG, MEL_FILTERS
 from mmformer.model import MultimodalTransformer
+from mmformer.ship.audio_features import LOG_MEL
 from mmformer.ship.exportable import Graph, graphs, image_memory_start
-from mmformer.ship.onnx_runner import LOG_MEL
 
 FORMATS = ("onnx", "torch-export")
 SUFFIX = {"onnx": ".onnx", "torch-export": ".pt2"}
@@ -145,7 +146,8 @@ def export(
             # the checkpoint's prompt and suppressed tokens (GenerationConfig; the runner builds the prompt with them)
             "generation": None if generation is None else dataclasses.asdict(generation),
         }  # fmt: skip
-        (staging / EXPORT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        with writing(staging / EXPORT_CONFIG):  # a full disk names the file
+            (staging / EXPORT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return Path(directory)
 
 
