@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from mmformer.io.atomic import writing
+from mmformer.io.atomic import write_json
 from mmformer.io.pretrained import EXPORT_CONFIG
 
 METHODS = ("dynamic", "static")
@@ -153,6 +153,5 @@ def quantize_export(
                                 extra_options={"OpTypesToExcludeOutputQuantization": STATIC_OPS})  # fmt: skip
             src.unlink()
         config["quantization"] = {"backend": BACKEND, "method": method, "onnxruntime_version": ort_version}
-        with writing(staging / EXPORT_CONFIG):  # a full disk names the file
-            (staging / EXPORT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        write_json(staging / EXPORT_CONFIG, config)
     return Path(directory)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -84,6 +85,13 @@ def save_safetensors(
         safetensors.torch.save_file(dict(tensors), str(path), metadata=None if metadata is None else dict(metadata))
 
 
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    """``value`` as indented JSON in ``path`` (a file of a folder being saved: the folder's swap makes it atomic), a
+    failed write raising a :class:`WriteError` naming it."""
+    with writing(path):
+        Path(path).write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+
+
 def umask_mode(base: int = 0o666) -> int:
     """The mode ``open`` (``base`` 0o666) or ``mkdir`` (0o777) would give a new file or folder: ``base`` less the
     process's umask."""
@@ -111,17 +119,19 @@ def staging_prefix(target: Path, kind: str) -> str:
 
 
 def remove_stale_staging(target: Path) -> None:
-    """Delete the folders beside ``target`` that saves of processes no longer running left (killed by SIGTERM or
-    SIGKILL, which skip the clean-up): every unfinished ``.NAME.PID.tmp-*``, and a previous version
-    ``.NAME.PID.old-*`` where ``target`` exists — where it does not, the writer died between its two renames and that
-    folder is the only copy of the previous version, which is kept."""
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.(tmp|old)-")
+    """Delete what writes of ``target`` by processes no longer running left beside it (killed by SIGTERM or SIGKILL,
+    which skip the clean-up): a checkpoint's partial file ``.NAME.PID.tmp``, a save's unfinished folder
+    ``.NAME.PID.tmp-*``, and a previous version ``.NAME.PID.old-*`` where ``target`` exists — where it does not, the
+    writer died between its two renames and that folder is the only copy of the previous version, which is kept."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.(tmp|old)(-|$)")
     for candidate in target.parent.iterdir():
         match = pattern.match(candidate.name)
-        if not match or not candidate.is_dir() or int(match[1]) == os.getpid() or pid_alive(int(match[1])):
+        if not match or int(match[1]) == os.getpid() or pid_alive(int(match[1])):
             continue
-        if match[2] == "tmp" or target.exists():
+        if candidate.is_dir() and (match[2] == "tmp" or target.exists()):
             shutil.rmtree(candidate, ignore_errors=True)
+        elif candidate.is_file() and match[2] == "tmp":
+            candidate.unlink(missing_ok=True)
 
 
 def fsync_path(path: str | os.PathLike) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 
-from mmformer.io.atomic import fsync_path, pid_alive, writing
+from mmformer.io.atomic import fsync_path, remove_stale_staging, writing
 
 
 def _is_local(path: str | os.PathLike) -> bool:
@@ -79,7 +78,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         target = Path(str(path).removeprefix("file://"))
         target.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(target)
+        remove_stale_staging(target)
         partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
             with writing(target), open(partial, "wb") as f:  # a full disk: a WriteError naming the checkpoint
@@ -143,15 +142,6 @@ def lock_folders(folders: list[str | os.PathLike], what: str) -> list[Any]:
 def release_folders(handles: list[Any]) -> None:
     for handle in handles:
         handle.close()
-
-
-def _remove_stale_partials(target: Path) -> None:
-    """Delete ``.NAME.PID.tmp`` files of ``target`` left by writers that were killed."""
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.tmp$")
-    for candidate in target.parent.iterdir():
-        match = pattern.match(candidate.name)
-        if match and int(match[1]) != os.getpid() and not pid_alive(int(match[1])):
-            candidate.unlink(missing_ok=True)
 
 
 class RandomStateCallback(L.Callback):

@@ -58,7 +58,7 @@ from mmformer.io.atomic import (
     save_safetensors,
     staging_prefix,
     umask_mode,
-    writing,
+    write_json,
 )
 from mmformer.io.quantized_files import flatten_state
 from mmformer.io.training_checkpoints import (
@@ -246,8 +246,7 @@ def write_config(directory: Path, config: ModelConfig, extra: Mapping[str, Any] 
     """config.json: the ModelConfig with ``format_version`` and ``mmformer_version``, plus ``extra`` top-level keys
     (such as ``quantization_config``)."""
     record = {"format_version": FORMAT_VERSION, "mmformer_version": __version__, **config.to_dict(), **(extra or {})}
-    with writing(directory / CONFIG_NAME):
-        (directory / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_json(directory / CONFIG_NAME, record)
 
 
 def _carry_over(old: Path, new: Path) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -41,7 +40,7 @@ from typing import Any
 import torch
 
 from mmformer.embedders.audio import DECADES, POWER_FLOOR
-from mmformer.io.atomic import writing
+from mmformer.io.atomic import write_json
 from mmformer.io.pretrained import EXPORT_CONFIG, MEL_FILTERS
 from mmformer.model import MultimodalTransformer
 from mmformer.ship.audio_features import LOG_MEL
@@ -146,8 +145,7 @@ def export(
             # the checkpoint's prompt and suppressed tokens (GenerationConfig; the runner builds the prompt with them)
             "generation": None if generation is None else dataclasses.asdict(generation),
         }  # fmt: skip
-        with writing(staging / EXPORT_CONFIG):  # a full disk names the file
-            (staging / EXPORT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        write_json(staging / EXPORT_CONFIG, config)
     return Path(directory)
 
 
