@@ -75,18 +75,20 @@ def test_every_sub_command_help_prints_one_usage_line(capsys):
         assert out.count("usage:") == 1 and first.startswith("usage: mmformer ") and f" {command} " in first, out[:200]
 
 
-def test_help_and_usage_errors_of_commands_without_torch_options_import_no_torch():
-    """``mmformer merge --help`` (and export, quantize, serve, zeroshot, convert) and their usage errors imported
-    torch (2–7 s), because the parser built every command's options and caption's come from DecodingOptions: the
-    parser now builds only the options of the command being run. In a fresh process (torch stays in ``sys.modules``
-    once imported)."""
+def test_help_and_usage_errors_import_no_torch():
+    """``mmformer merge --help`` (and every other command's help and usage errors, ``fit`` aside: LightningCLI)
+    imported torch (2–7 s): the parser built every command's options, and caption's, complete's and transcribe's come
+    from DecodingOptions / TranscribeOptions / VadOptions, which lived in modules that import torch. The parser now
+    builds only the command being run, from the torch-free option modules. In a fresh process (torch stays in
+    ``sys.modules`` once imported)."""
     import subprocess
     import sys
 
     code = (
         "import contextlib, io, sys\n"
         "from mmformer.cli.main import main\n"
-        "for command in ('merge', 'export', 'quantize', 'serve', 'zeroshot', 'convert'):\n"
+        "for command in ('merge', 'export', 'quantize', 'serve', 'zeroshot', 'convert', 'caption', 'complete',\n"
+        "                'transcribe'):\n"
         "    for argv in ([command, '--help'], [command, '--bogus']):\n"
         "        out, err = io.StringIO(), io.StringIO()\n"
         "        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"

@@ -15,7 +15,8 @@ from tokenizers import models, pre_tokenizers
 from torch._dynamo.utils import counters
 
 from mmformer.config import GenerationConfig
-from mmformer.generation.decoding import DecodingOptions, _memory, generate
+from mmformer.generation.decoding import _memory, generate
+from mmformer.generation.options import DecodingOptions
 from mmformer.generation.search import BeamSearch, DecoderRunner
 from mmformer.model import MultimodalTransformer
 from mmformer.preprocess.processor import AudioProcessorConfig, ImageProcessorConfig, Processor

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mmformer import load_pretrained
-from mmformer.generation.decoding import DecodingOptions
+from mmformer.generation.options import DecodingOptions
 from mmformer.longform import transcribe_files
 
 DIGITS = Path(__file__).resolve().parent.parent / "data" / "digits"

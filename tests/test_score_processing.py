@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from mmformer.config import GenerationConfig, ModelConfig, StackConfig, TextConfig
-from mmformer.generation.decoding import DecodingOptions, generate, left_pad
+from mmformer.generation.decoding import generate, left_pad
+from mmformer.generation.options import DecodingOptions
 from mmformer.generation.score_processing import (
     ForcedEos,
     MinNewTokens,

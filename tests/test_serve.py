@@ -716,7 +716,7 @@ def long_file(digits, tmp_path_factory) -> tuple[Path, torch.Tensor, dict]:
     the server reads it back, and its long-form transcript."""
     import soundfile
 
-    from mmformer.generation.decoding import DecodingOptions
+    from mmformer.generation.options import DecodingOptions
     from mmformer.longform import transcribe_files
     from tests.test_streaming import long_recording
 

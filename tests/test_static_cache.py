@@ -19,7 +19,8 @@ from helpers import frozen_tensors
 from torch._dynamo.utils import counters
 
 from mmformer.generation import search
-from mmformer.generation.decoding import DecodingOptions, generate
+from mmformer.generation.decoding import generate
+from mmformer.generation.options import DecodingOptions
 from mmformer.layers.cache import StaticKVCache
 from mmformer.layers.freezing import FrozenCompile
 from mmformer.model import MultimodalTransformer

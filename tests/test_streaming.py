@@ -196,7 +196,7 @@ def long_recording(model, n_clips: int = 24) -> torch.Tensor:
 
 def test_long_form_segments_are_handed_on_in_order_while_the_rest_is_decoded():
     import mmformer
-    from mmformer.generation.decoding import DecodingOptions
+    from mmformer.generation.options import DecodingOptions
     from mmformer.longform import transcribe_files
 
     model = mmformer.load_pretrained(str(DIGITS.parent / "digits_model"))

@@ -16,7 +16,8 @@ import torch
 
 from mmformer.cli.main import main
 from mmformer.config import GenerationConfig, ModelConfig, StackConfig, TextConfig
-from mmformer.generation.decoding import DecodingOptions, generate, left_pad
+from mmformer.generation.decoding import generate, left_pad
+from mmformer.generation.options import DecodingOptions
 from mmformer.generation.score_processing import RepetitionPenalty
 from mmformer.layers.positions import RelativePositionBias, t5_buckets
 from mmformer.model import MultimodalTransformer

@@ -119,7 +119,7 @@ def _exit_if_failed(command: str, failed: list[str]) -> None:
 
 def _options(args: argparse.Namespace):
     """The DecodingOptions of parsed flags (a repeatable flag given no times keeps the field's default)."""
-    from mmformer.generation.decoding import DecodingOptions
+    from mmformer.generation.options import DecodingOptions
 
     greedy = {}
     if args.temperature == 0 and args.do_sample is not True:  # greedy, as for transcribe and OpenAI's temperature 0
@@ -149,7 +149,7 @@ def _refuse_decoding_flags(args: argparse.Namespace, exclude: set[str]) -> None:
     DecodingOptions flag (less those in ``exclude``, TranscribeOptions' own) given away from its default would be
     ignored, so the first is refused by name, before DecodingOptions would check it against defaults that path never
     uses (``--min-new-tokens 50`` against ``max_new_tokens`` 30)."""
-    from mmformer.generation.decoding import DecodingOptions
+    from mmformer.generation.options import DecodingOptions
 
     for f in dataclasses.fields(DecodingOptions):
         value = getattr(args, f.name, None)
@@ -208,7 +208,7 @@ class _Progress:
 def _transcribe(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from mmformer.generation.decoding import DecodingOptions
+    from mmformer.generation.options import DecodingOptions
     from mmformer.longform import (
         TranscribeOptions,
         VadOptions,

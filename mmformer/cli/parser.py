@@ -134,7 +134,7 @@ def _zeroshot_args(p: argparse.ArgumentParser) -> None:
 
 def _decoding_args(p: argparse.ArgumentParser, inputs: str = "files", what: str = "input files") -> None:
     """``caption``'s flags (``complete``'s too, with its prompts as ``inputs``): the model and DecodingOptions."""
-    from mmformer.generation.decoding import DecodingOptions
+    from mmformer.generation.options import DecodingOptions
 
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder applied on top of --model")
@@ -160,8 +160,8 @@ def _transcribe_args(p: argparse.ArgumentParser) -> None:
     """``transcribe``'s flags: the model, the DecodingOptions each window is decoded with (less the names
     TranscribeOptions owns: temperature, language, task), TranscribeOptions, VadOptions as ``--vad-*``, the batch
     and the outputs."""
-    from mmformer.generation.decoding import DecodingOptions
-    from mmformer.longform import TranscribeOptions, VadOptions
+    from mmformer.generation.options import DecodingOptions
+    from mmformer.longform.options import TranscribeOptions, VadOptions
 
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder applied on top of --model")

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mmformer.generation.decoding import DecodingOptions, generate, processor_with_tokenizer, ragged
+from mmformer.generation.decoding import generate, processor_with_tokenizer, ragged
 from mmformer.generation.decoding_rules import reads_memory, text_to_text
+from mmformer.generation.options import DecodingOptions
 from mmformer.generation.score_processing import model_end_ids
 from mmformer.generation.token_choice import StopStrings, text_after, text_context
 from mmformer.io.weights import model_device

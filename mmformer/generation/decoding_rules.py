@@ -14,7 +14,7 @@ import torch
 
 if TYPE_CHECKING:
     from mmformer.config import ModelConfig
-    from mmformer.generation.decoding import DecodingOptions
+    from mmformer.generation.options import DecodingOptions
     from mmformer.model import MultimodalTransformer
 
 

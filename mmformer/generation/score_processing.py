@@ -12,7 +12,7 @@ It returns the (N, V) scores and may modify ``scores`` in place. A processor who
 :class:`SuppressTokens`) says so with the class attribute ``masks = True``: the token it forbids is forbidden whatever
 the scores, so greedy decoding may apply it to approximate scores (:func:`masks_only`; the LM head's screen,
 :mod:`mmformer.generation.lm_head`). :func:`build_score_processors` builds the list once
-per ``generate`` call from the :class:`~mmformer.generation.decoding.DecodingOptions` and the checkpoint's rules, in
+per ``generate`` call from the :class:`~mmformer.generation.options.DecodingOptions` and the checkpoint's rules, in
 Hugging
 Face's order (repetition penalty, length rules, suppressed tokens, then the sampling filters); the searches of
 :mod:`mmformer.generation.search` apply it with :func:`apply_processors` in one place per step. A new rule is one
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from mmformer.generation.decoding import DecodingOptions
+    from mmformer.generation.options import DecodingOptions
     from mmformer.model import MultimodalTransformer
 
 

@@ -1,5 +1,5 @@
 """Choosing the next token from the processed scores (:class:`Greedy`, :class:`Sampler`, picked from a
-:class:`~mmformer.generation.decoding.DecodingOptions` by :func:`token_chooser`), the text generated tokens add after
+:class:`~mmformer.generation.options.DecodingOptions` by :func:`token_chooser`), the text generated tokens add after
 their prompt (:func:`text_after`), and the stop-string check (:class:`StopStrings`). Every adjustment of the scores
 before the choice is a score processor (:mod:`mmformer.generation.score_processing`).
 
@@ -18,7 +18,7 @@ import torch
 from mmformer.values import is_int
 
 if TYPE_CHECKING:
-    from mmformer.generation.decoding import DecodingOptions
+    from mmformer.generation.options import DecodingOptions
 
 
 CONTEXT = 4  # tokens before a continuation whose text it is decoded after (a character's first bytes: up to 3)

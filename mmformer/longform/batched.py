@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from mmformer.generation.decoding import DecodingOptions, generate
+from mmformer.generation.decoding import generate
 from mmformer.generation.decoding_rules import prompt_length
+from mmformer.generation.options import DecodingOptions
 from mmformer.io.weights import model_device
 from mmformer.longform.options import TranscribeOptions
 from mmformer.longform.sequential import split_segments

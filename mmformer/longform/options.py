@@ -1,7 +1,9 @@
 """The options of long-form transcription, written once: openai-whisper's ``transcribe()`` keywords (and the
-``DecodingOptions`` it forwards: language, task, beam size, best-of, patience, timestamps), with their defaults and
-a help string per field, so that the CLI generates its flags from this dataclass as it does from
-:class:`mmformer.generation.decoding.DecodingOptions`.
+``DecodingOptions`` it forwards: language, task, beam size, best-of, patience, timestamps) in
+:class:`TranscribeOptions`, and how speech is found and cut (:class:`VadOptions`), with their defaults and a help
+string per field, so that the CLI generates its flags from these dataclasses as it does from
+:class:`mmformer.generation.options.DecodingOptions`. Torch-free, so that ``mmformer transcribe --help`` does not
+import torch.
 """
 
 from __future__ import annotations
@@ -136,3 +138,59 @@ class TranscribeOptions:
         """``options`` (default: the defaults) with ``changes`` applied; an unknown name is a TypeError listing the
         valid ones."""
         return build_options(cls, options, changes, "transcribe")
+
+
+@dataclass(frozen=True)
+class VadOptions:
+    """How speech is found and cut into windows: the one place these options, their defaults and their help live
+    (the CLI derives its ``--vad-*`` flags from it). The defaults were measured on the shipped digits model (see
+    tests/test_longform_vad.py and the report of issue #25): on its 100-utterance recording, speech_pad_ms 0 / 50 /
+    100 / 200 gave WER 0.034 / 0.025 / 0.015 / 0.020 against 0.010 one by one, edges within 0.08 s of the truth up
+    to 100 ms; faster-whisper's own defaults (min_silence_ms=2000, speech_pad_ms=400) suit Whisper, which tolerates
+    more silence around speech. ``pack_gap_ms`` keeps half of
+    faster-whisper's pause between regions (its 400-ms pads keep up to 800 ms): on the 10-min benchmark recording
+    windows of 30 s number 20 as spans, 8 / 10 / 12 / 15 packed with gaps of 0 / 200 / 400 / 800 ms."""
+
+    threshold: float = option(0.5, "speech probability above which a 32-ms Silero frame is speech")
+    neg_threshold: float | None = option(None, "probability below which speech ends (default: threshold - 0.15)")
+    min_speech_ms: int = option(100, "speech regions shorter than this are dropped")
+    min_silence_ms: int = option(250, "silence shorter than this does not end a speech region (the pause inside "
+                                       "a spoken number reaches 200 ms)")  # fmt: skip
+    speech_pad_ms: int = option(100, "silence kept before and after each speech region (faster-whisper's "
+                                       "speech_pad_ms)")  # fmt: skip
+    trim_db: float | None = option(40.0, "place each region's edges at its first and last sample within this many "
+                                          "dB of its peak and above the noise between regions (then pad by "
+                                          "speech_pad_ms); none: Silero's 32-ms edges")  # fmt: skip
+    max_window_s: float | None = option(None, "longest window decoded at once (default: the model's input: "
+                                               "Whisper's 30 s, else AudioConfig.max_frames and no longer than "
+                                               "its processor's max_seconds)")  # fmt: skip
+    merge: bool | None = option(None, "merge neighbouring regions into windows up to max_window_s (whisperX); "
+                                       "default: only for a fixed-window model (Whisper)")  # fmt: skip
+    pack_gap_ms: int | None = option(400, "merged windows join their regions' audio with each pause between two "
+                                          "regions cut to at most this (faster-whisper's collect_chunks); none: a "
+                                          "window is a span of the file, its pauses kept (whisperX)")  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if not is_number(self.threshold) or not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold: expected a number in (0, 1), got {self.threshold!r}")
+        if self.neg_threshold is not None and (
+            not is_number(self.neg_threshold) or not 0.0 < self.neg_threshold <= self.threshold
+        ):
+            raise ValueError(f"neg_threshold: expected None or a number in (0, threshold={self.threshold}], "
+                             f"got {self.neg_threshold!r}")  # fmt: skip
+        for name in ("min_speech_ms", "min_silence_ms", "speech_pad_ms"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 0:
+                raise ValueError(f"{name}: expected an int >= 0 (milliseconds), got {value!r}")
+        if self.pack_gap_ms is not None and (not is_int(self.pack_gap_ms) or self.pack_gap_ms < 0):
+            raise ValueError(f"pack_gap_ms: expected None or an int >= 0 (milliseconds), got {self.pack_gap_ms!r}")
+        if self.trim_db is not None and (not is_number(self.trim_db) or self.trim_db <= 0):
+            raise ValueError(f"trim_db: expected None or a number > 0 (decibels), got {self.trim_db!r}")
+        if self.max_window_s is not None and (not is_number(self.max_window_s) or self.max_window_s <= 0):
+            raise ValueError(f"max_window_s: expected None or a number of seconds > 0, got {self.max_window_s!r}")
+        if self.merge not in (None, True, False):
+            raise ValueError(f"merge: expected None, True or False, got {self.merge!r}")
+
+    def pack_gap(self, sample_rate: int) -> int | None:
+        """``pack_gap_ms`` in samples at ``sample_rate`` (None: windows are spans of the file)."""
+        return None if self.pack_gap_ms is None else round(self.pack_gap_ms * sample_rate / 1000)

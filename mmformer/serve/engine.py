@@ -17,8 +17,8 @@ import torch
 
 from mmformer.data.collate import pad_audio
 from mmformer.generation.completion import Completion, completions, continues_prompts
-from mmformer.generation.decoding import DecodingOptions
 from mmformer.generation.decoding_rules import language_id
+from mmformer.generation.options import DecodingOptions
 from mmformer.generation.streaming import TextStreamer
 from mmformer.io.weights import model_device
 from mmformer.longform import has_timestamps, with_compute_type

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mmformer.generation.decoding import DecodingOptions
+from mmformer.generation.options import DecodingOptions
 from mmformer.longform import transcribe_files
 from mmformer.longform.whisper_decode import compression_ratio
 from mmformer.longform.writers import to_srt, to_vtt
