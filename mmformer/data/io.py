@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +37,7 @@ from mmformer.preprocess.media import (  # noqa: F401
     convert_image,
     decode_audio,
     open_source,
+    read_each,
     read_image,
     source_name,
     truncate_audio,
@@ -48,27 +46,6 @@ from mmformer.preprocess.media import (  # noqa: F401
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm")
 AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".mp3", ".opus")
-T = TypeVar("T")
-
-
-def read_each(sources: Sequence[T], read: Callable[[T], object], what: str) -> tuple[list, dict[int, str]]:
-    """``read`` of each source, skipping the ones it refuses: one unreadable file in a list costs only its own result.
-
-    A source ``read`` refuses with a :class:`SampleError` is None in the returned list, its message (naming it) is
-    under its index in the returned dict, and a warning ``"{what}: skipped ..."`` says so as it happens. The commands
-    that read lists of files (``mmformer caption``, ``zeroshot``) then give the others' results and exit non-zero
-    naming the skipped ones, as ``transcribe`` does.
-    """
-    values: list = []
-    errors: dict[int, str] = {}
-    for i, source in enumerate(sources):
-        try:
-            values.append(read(source))
-        except SampleError as e:
-            warnings.warn(f"{what}: skipped {e}", stacklevel=2)
-            values.append(None)
-            errors[i] = str(e)
-    return values, errors
 
 
 def resample(wave: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:

@@ -28,15 +28,16 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps
 
 Source = str | os.PathLike | bytes  # a path, or a file's bytes (from a tar shard, an upload)
+T = TypeVar("T")
 
 # Other names of libsndfile's formats (AIFF, OGG), and .m4a: audio libsndfile does not decode (AAC in MP4), which
 # then fails as audio ("format not recognised"), not as an image PIL cannot identify.
@@ -173,6 +174,29 @@ def file_modality(path: str | os.PathLike, hint: str = "") -> str:
         pass
     reason = "neither audio soundfile reads nor an image PIL reads"
     raise SampleError(path, f"{reason}; {hint}" if hint else reason)
+
+
+def read_each(
+    sources: Sequence[T], read: Callable[[T], object], what: str | None = None
+) -> tuple[list, dict[int, str]]:
+    """``read`` of each source, skipping the ones it refuses: one unreadable file in a list costs only its own result.
+
+    A source ``read`` refuses with a :class:`SampleError` is None in the returned list and its message (naming it) is
+    under its index in the returned dict; with ``what``, a warning ``"{what}: skipped ..."`` says so as it happens.
+    The commands that read lists of files (``mmformer caption``, ``zeroshot``, the ONNX runner's) then give the
+    others' results and exit non-zero naming the skipped ones, as ``transcribe`` does.
+    """
+    values: list = []
+    errors: dict[int, str] = {}
+    for i, source in enumerate(sources):
+        try:
+            values.append(read(source))
+        except SampleError as e:
+            if what is not None:
+                warnings.warn(f"{what}: skipped {e}", stacklevel=2)
+            values.append(None)
+            errors[i] = str(e)
+    return values, errors
 
 
 def upright(img: Image.Image) -> Image.Image:

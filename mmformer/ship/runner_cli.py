@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mmformer.preprocess.media import SampleError, file_modality, read_image
+from mmformer.preprocess.media import file_modality, read_each, read_image
 from mmformer.ship.onnx_runner import OnnxModel
 
 PROG = "python -m mmformer.ship.onnx_runner"
@@ -39,18 +39,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_each(items: Sequence[Any], read: Callable[[Any], Any], failed: list[str]) -> tuple[list[Any], list[Any]]:
-    """``read`` of each item: the items it reads and their values, in order; the message of each one it refuses (a
-    :class:`~mmformer.preprocess.media.SampleError`, which names the file) appended to ``failed``."""
-    kept, values = [], []
-    for item in items:
-        try:
-            values.append(read(item))
-        except SampleError as e:
-            failed.append(str(e))
-            continue
-        kept.append(item)
-    return kept, values
+def usable(items: Sequence[Any], read: Callable[[Any], Any], failed: list[str]) -> tuple[list[Any], list[Any]]:
+    """The items ``read`` reads and their values, in order (:func:`~mmformer.preprocess.media.read_each`); the message
+    of each one it refuses (naming the file) appended to ``failed``, printed after the answers."""
+    values, errors = read_each(items, read)
+    failed.extend(errors.values())
+    kept = [i for i in range(len(items)) if i not in errors]
+    return [items[i] for i in kept], [values[i] for i in kept]
 
 
 def answer(args: argparse.Namespace, failed: list[str]) -> None:
@@ -62,13 +57,13 @@ def answer(args: argparse.Namespace, failed: list[str]) -> None:
     chosen = [flag for flag, on in (("--classes", args.classes), ("--transcribe", args.transcribe),
                                     ("--caption", args.caption)) if on]  # fmt: skip
     wanted = {"image": bool(args.classes or args.caption), "audio": bool(args.classes or args.transcribe)}
-    kinds = dict(zip(*read_each(args.files, file_modality, failed)))
+    kinds = dict(zip(*usable(args.files, file_modality, failed)))
     for path, kind in kinds.items():
         if not wanted[kind]:
             failed.append(f"{path}: {kind}, which {' '.join(chosen)} does not read")
     files = {kind: [f for f in args.files if kinds.get(f) == kind and wanted[kind]] for kind in wanted}
-    images = read_each(files["image"], functools.partial(read_image, mode=model.image_mode), failed)
-    audio = read_each(files["audio"], lambda f: model.load_audio([f])[0], failed)  # at the model's rate
+    images = usable(files["image"], functools.partial(read_image, mode=model.image_mode), failed)
+    audio = usable(files["audio"], lambda f: model.load_audio([f])[0], failed)  # at the model's rate
     rate = model.sample_rate if audio[0] else None
     if args.classes:
         classes = [c.strip() for c in args.classes.split(",") if c.strip()]
@@ -83,7 +78,7 @@ def answer(args: argparse.Namespace, failed: list[str]) -> None:
             model.check_one_window([item[0]], [item[1]])
             return item[1]
 
-        kept, waves = read_each(list(zip(*audio)), one_window, failed)
+        kept, waves = usable(list(zip(*audio)), one_window, failed)
         if waves:
             texts = model.transcribe(waves, rate, args.max_new_tokens, language=args.language, task=args.task)
             for (path, _), text in zip(kept, texts):
