@@ -269,7 +269,7 @@ def test_convert_command_takes_the_open_clip_architecture_by_flag(laion_clip, tm
 def test_open_clip_model_name_is_resolved_as_open_clip_does(laion_clip):
     """``model_name`` finds open_clip's config as ``create_model`` does (``/`` read as ``-``; a ``-quickgelu`` name has
     QuickGELU), and a name that is unknown, of another architecture or beside ``model_cfg`` is refused clearly."""
-    from mmformer.convert.open_clip import named_config
+    from mmformer.convert.open_clip_config import named_config
 
     assert named_config("ViT-H/14") == open_clip.get_model_config("ViT-H-14")
     assert named_config("ViT-H-14-quickgelu")["quick_gelu"] and not named_config("ViT-H-14").get("quick_gelu")

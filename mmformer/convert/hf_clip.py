@@ -31,7 +31,8 @@ from mmformer.convert.common import (
     id_in_vocab,
     read_hf_checkpoint,
 )
-from mmformer.convert.open_clip import CLIP_VOCAB_SIZE, clip_processor
+from mmformer.convert.open_clip import clip_processor
+from mmformer.convert.open_clip_config import CLIP_VOCAB_SIZE
 from mmformer.io.hub import read_json
 from mmformer.io.weights import build_on_meta
 from mmformer.model import MultimodalTransformer
