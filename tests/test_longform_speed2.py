@@ -72,9 +72,9 @@ def test_one_batch_of_the_whole_queue_equals_small_batches(whisper_model, monkey
         return decode(model, windows, waves, **kwargs)
 
     monkeypatch.setattr(batched, "decode_windows_whisper", counted)
-    import mmformer.longform as longform
+    import mmformer.longform.pipeline as pipeline
 
-    monkeypatch.setattr(longform, "decode_windows_whisper", counted)
+    monkeypatch.setattr(pipeline, "decode_windows_whisper", counted)
     whole = transcribe_files(whisper_model, files, options=options, vad=True)
     assert len(sizes) == 1 and sizes[0] >= 3  # every window of both files in one batch
     for a, b in zip(whole, small):
