@@ -11,7 +11,6 @@ Shape legend: B inputs, C classes, K templates, E joint embedding size.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmformer.eval_mode import eval_mode
 from mmformer.io.weights import model_device
 from mmformer.model import MultimodalTransformer
 from mmformer.values import is_int
@@ -90,8 +90,9 @@ def build_class_embeddings(
 ) -> torch.Tensor:
     """(C, E) class embeddings: per class, the normalised mean over templates of the normalised text embeddings.
 
-    Prompts are tokenized and encoded ``batch_size`` at a time; the model is run in eval mode. Prompts longer than
-    the text context are truncated with a warning (a cut prompt may lose the class name).
+    Prompts are tokenized and encoded ``batch_size`` at a time; the model is run in eval mode
+    (:func:`~mmformer.eval_mode.eval_mode`: every submodule's mode restored afterwards, safe from several threads).
+    Prompts longer than the text context are truncated with a warning (a cut prompt may lose the class name).
 
     With a learned ``prompt`` (CoOp's context vectors) each class is encoded once as ``[bos] context name [eos]``
     instead of through the templates (leave ``templates`` at its default). Gradients reach the prompt when it
@@ -105,7 +106,7 @@ def build_class_embeddings(
     if prompt is not None and templates != ["{}"]:
         raise ValueError(f"templates: a learned prompt replaces the templates; pass one or the other, got {templates}")
     train = prompt is not None and prompt.vectors.requires_grad and torch.is_grad_enabled()
-    with torch.set_grad_enabled(train), _eval(model):
+    with torch.set_grad_enabled(train), eval_mode(model):
         if prompt is None:
             per_prompt = _encode_templates(model, tokenizer, names, templates, batch_size)  # (C, K, E)
         else:
@@ -154,20 +155,13 @@ def zero_shot_logits(
     return logits
 
 
-@contextlib.contextmanager
-def _eval(model: torch.nn.Module) -> Iterator[None]:
-    """Run in eval mode (no dropout) and restore the caller's mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 # ---------------------------------------------------------------------------------------------------- classifier
 class ZeroShotClassifier:
     """Classify images or audio among ``classnames`` by their similarity to prompted class names.
+
+    Predictions run in eval mode (no dropout) and give a training model back with every submodule's mode as it was
+    (:func:`~mmformer.eval_mode.eval_mode`). Threads may share one classifier: a model in eval mode serves them
+    together, a model in train mode one at a time.
 
     Args:
         model: a contrastive model with a text route and the ``modality`` route, or its PT2E int8 model
@@ -305,7 +299,7 @@ class ZeroShotClassifier:
         """
         class_emb = self.class_embeddings
         chunks = []
-        with torch.inference_mode(), _eval(self.model):
+        with torch.inference_mode(), eval_mode(self.model):
             for features in self._features(inputs, lengths, sampling_rate):
                 chunks.append(zero_shot_logits(self.model, features, class_emb).cpu())  # only (b, C) is kept
         return torch.cat(chunks)  # concatenated outside inference mode: a normal tensor

@@ -115,6 +115,7 @@ LAYER_OF = {
     "mmformer": "foundation",  # the package root: __version__ and lazy re-exports
     "mmformer.config": "foundation",
     "mmformer.values": "foundation",
+    "mmformer.eval_mode": "foundation",
     "mmformer.io.atomic": "foundation",
     "mmformer.layers": "blocks",
     "mmformer.embedders": "blocks",

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from mmformer.eval_mode import eval_mode
 from mmformer.generation.decoding import processor_with_tokenizer
 from mmformer.generation.options import DecodingOptions
 from mmformer.io.weights import model_device
@@ -242,7 +243,9 @@ def transcribe_files(
         model: a speech-to-text model (one trained here, or a converted Whisper checkpoint), or its PT2E int8
             model (:func:`mmformer.compress.pt2e.quantize` / ``load``): a Whisper checkpoint's int8 audio encoder
             (its ``audio`` tower) reads the windows and the float decoder decodes them (openai-whisper's algorithm
-            drives the float model's steps); another model's windows go through its audio and decoder graphs.
+            drives the float model's steps); another model's windows go through its audio and decoder graphs. It
+            runs in eval mode; a training model comes back with every submodule's mode as it was
+            (:func:`~mmformer.eval_mode.eval_mode`).
         inputs: audio file paths, or 1-D waveforms (float, or int16 PCM scaled by 1/32768 as ``model.transcribe``
             reads it) recorded at ``sample_rate``.
         options: how windows are decoded: :class:`TranscribeOptions` (a Whisper checkpoint: openai-whisper's
@@ -324,46 +327,46 @@ def transcribe_files(
     if on_result is not None:
         for i, result in failed.items():
             on_result(i, result)
-    model.eval()
-    total = sum(w.shape[0] for w in waves if w is not None) / rate
-    if whisper and not vad:  # openai-whisper's algorithm, input by input
-        results = []
-        for i, wave in enumerate(waves):
-            results.append(None if wave is None else transcribe_sequential(
-                model, wave, options, tokenizer=processor.tokenizer,
-                progress=None if progress is None else _Increments(progress, total),
-                on_segment=None if on_segment is None else functools.partial(on_segment, i), encoder=encoder,
-                cross_dtype=cross_dtype,
-            ))  # fmt: skip
-            if wave is not None and on_result is not None:
-                on_result(i, results[i])
-    else:
-        limit = window_samples(model, vad_options, rate, processor.audio.max_samples if processor.audio else None)
-        windows = _windows(model, waves, vad, vad_options, limit)
-        if whisper:
-            decode = functools.partial(
-                decode_windows_whisper,
-                model,
-                options=options,
-                tokenizer=processor.tokenizer,
-                encoder=encoder,
-                cross_dtype=cross_dtype,
-            )
+    with eval_mode(model):  # a training model comes back as it was, every submodule's mode
+        total = sum(w.shape[0] for w in waves if w is not None) / rate
+        if whisper and not vad:  # openai-whisper's algorithm, input by input
+            results = []
+            for i, wave in enumerate(waves):
+                results.append(None if wave is None else transcribe_sequential(
+                    model, wave, options, tokenizer=processor.tokenizer,
+                    progress=None if progress is None else _Increments(progress, total),
+                    on_segment=None if on_segment is None else functools.partial(on_segment, i), encoder=encoder,
+                    cross_dtype=cross_dtype,
+                ))  # fmt: skip
+                if wave is not None and on_result is not None:
+                    on_result(i, results[i])
         else:
-            decode = functools.partial(
-                decode_windows_generic, model, processor=processor, options=options, prefix_embeds=prefix_embeds
+            limit = window_samples(model, vad_options, rate, processor.audio.max_samples if processor.audio else None)
+            windows = _windows(model, waves, vad, vad_options, limit)
+            if whisper:
+                decode = functools.partial(
+                    decode_windows_whisper,
+                    model,
+                    options=options,
+                    tokenizer=processor.tokenizer,
+                    encoder=encoder,
+                    cross_dtype=cross_dtype,
+                )
+            else:
+                decode = functools.partial(
+                    decode_windows_generic, model, processor=processor, options=options, prefix_embeds=prefix_embeds
+                )
+            results = transcribe_windows(
+                waves,
+                windows,
+                decode,
+                rate,
+                batch_size,
+                None if progress is None else lambda s: progress(s, total),
+                on_segment,
+                separator=None if whisper else " ",
+                on_result=on_result,
             )
-        results = transcribe_windows(
-            waves,
-            windows,
-            decode,
-            rate,
-            batch_size,
-            None if progress is None else lambda s: progress(s, total),
-            on_segment,
-            separator=None if whisper else " ",
-            on_result=on_result,
-        )
     for i, result in failed.items():
         results[i] = result
     return results
