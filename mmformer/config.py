@@ -609,11 +609,16 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def unknown_keys(cls, d: dict) -> list[str]:
+        """The keys of ``d`` that are no field of this class, sorted: a typo, or fields a subclass added."""
+        return sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+
+    @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = cls.unknown_keys(d)
         if unknown:
-            raise ValueError(f"ModelConfig: unknown keys {unknown}; expected a subset of {sorted(known)}")
+            known = sorted(f.name for f in dataclasses.fields(cls))
+            raise ValueError(f"{cls.__name__}: unknown keys {unknown}; expected a subset of {known}")
         return cls(**d)
 
     def to_json(self) -> str:

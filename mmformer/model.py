@@ -9,7 +9,7 @@ E joint embedding size, V vocabulary.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,9 @@ from mmformer.layers.norms import make_norm
 from mmformer.layers.pooling import AttentionPool
 from mmformer.layers.positions import positions_from_mask
 
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11's; annotations are not evaluated (3.10 runs this module)
+
 
 def pack(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[Documents, torch.Tensor]:
     """Right-padded rows x (B, T, ...) with mask (B, T) → their :class:`~mmformer.layers.Documents` (one per row)
@@ -49,12 +52,20 @@ class MultimodalTransformer(nn.Module):
     ``encode_*`` return pooled, projected and (by default) L2-normalised embeddings for contrastive use;
     ``encode_*_tokens`` return the token states a decoder cross-attends to; :meth:`decode` runs the causal text
     decoder to LM logits. Generation lives in :mod:`mmformer.generation.decoding`; training in :mod:`mmformer.tasks`.
+
+    A subclass with fields of its own (a new head's size) names its ModelConfig subclass as ``config_class``, as
+    Hugging Face models do: :meth:`from_pretrained` reads a saved config as that class (see docs/extending.md).
     """
+
+    config_class: type[ModelConfig] = ModelConfig  # the class configs are built and read as (a subclass's own)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if not isinstance(config, ModelConfig):
-            raise TypeError(f"config: expected mmformer.ModelConfig, got {type(config).__name__}")
+        if not isinstance(config, self.config_class):
+            expected = pretrained.config_class_name(self.config_class)
+            raise TypeError(
+                f"config: expected {expected} ({type(self).__name__}.config_class), got {type(config).__name__}"
+            )
         self.config = config
         routes = config.routes
         self.stacks = nn.ModuleDict({name: Stack(cfg) for name, cfg in config.stacks.items()})
@@ -605,12 +616,13 @@ class MultimodalTransformer(nn.Module):
         strict: bool = True,
         config: ModelConfig | None = None,
         max_parameters: int | None = None,
-    ) -> MultimodalTransformer:
+    ) -> Self:
         """Load a model from a save_pretrained directory, a Lightning ``.ckpt``, or a weights file beside a config.json.
 
         The model is built on the meta device and checked against the file's header (names, shapes, dtypes, the
         parameter count) before anything is allocated; then the file's tensors are assigned (see
         :mod:`mmformer.io.weights`), so loading costs about one read of the file, whatever its config declares.
+        Called on a subclass, it builds that class, reading the stored config as its :attr:`config_class`.
 
         Args:
             path: the directory or file (see :func:`mmformer.io.pretrained.read_checkpoint`).
@@ -620,7 +632,7 @@ class MultimodalTransformer(nn.Module):
                 tensors are cast to it.
             strict: refuse missing and unexpected keys (False: load the rest, initialise the missing ones and warn,
                 listing them). Tensors with another shape are refused either way.
-            config: use this config instead of the one stored with the weights.
+            config: use this config (a :attr:`config_class`) instead of the one stored with the weights.
             max_parameters: the most parameters the config may declare (default: what the file holds; with
                 ``strict=False`` twice that plus 16 M, for new heads).
 
@@ -634,7 +646,9 @@ class MultimodalTransformer(nn.Module):
             TypeError: ``dtype`` is neither a floating-point dtype nor its name.
         """
         dtype = pretrained.load_dtype(dtype)
-        checkpoint = pretrained.read_checkpoint(path, config=config, map_location=map_location)
+        checkpoint = pretrained.read_checkpoint(
+            path, config=config, map_location=map_location, config_class=cls.config_class
+        )
         if checkpoint.quantization is not None:  # torchao tensors: checked by their logical shapes, like any weights
             where = (
                 device if device is not None else map_location if isinstance(map_location, str | torch.device) else None

@@ -361,14 +361,20 @@ class Checkpoint:
 
 
 def read_checkpoint(
-    path: str | os.PathLike, *, config: ModelConfig | None = None, map_location: Any = "cpu"
+    path: str | os.PathLike,
+    *,
+    config: ModelConfig | None = None,
+    map_location: Any = "cpu",
+    config_class: type[ModelConfig] = ModelConfig,
 ) -> Checkpoint:
     """Open a save_pretrained directory, a Lightning ``.ckpt``, or a weights file beside a config.json.
 
     Args:
         path: the directory or file (a folder's ``config.json`` names its folder).
-        config: use this config instead of the one stored with the weights.
+        config: use this config instead of the one stored with the weights (an instance of ``config_class``).
         map_location: where tensors are read to (``torch.load``'s argument; a device for safetensors).
+        config_class: the class the stored config is read as: a model subclass's own
+            (:attr:`mmformer.MultimodalTransformer.config_class`, a ModelConfig subclass with the fields it added).
 
     Raises:
         FileNotFoundError: ``path`` does not exist, or a needed config.json / model.safetensors is missing.
@@ -378,8 +384,10 @@ def read_checkpoint(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"path: no such file or directory: {path}; expected {_ACCEPTED}")
-    if config is not None and not isinstance(config, ModelConfig):
-        raise TypeError(f"config: expected mmformer.ModelConfig or None, got {type(config).__name__}")
+    if not (isinstance(config_class, type) and issubclass(config_class, ModelConfig)):
+        raise TypeError(f"config_class: expected mmformer.ModelConfig or a subclass of it, got {config_class!r}")
+    if config is not None and not isinstance(config, config_class):
+        raise TypeError(f"config: expected {config_class_name(config_class)} or None, got {type(config).__name__}")
     if path.name == CONFIG_NAME and path.is_file():
         path = path.parent  # a save_pretrained folder named by its config.json
     folder = path if path.is_dir() else path.parent
@@ -387,7 +395,7 @@ def read_checkpoint(
     if is_distributed(path):  # FSDP's sharded training checkpoint
         checkpoint = read_training_checkpoint(path)
         refuse_adaptation_run(checkpoint, path)
-        state, recorded = _split(checkpoint, path)
+        state, recorded = _split(checkpoint, path, config_class)
         specs, read = in_memory(state)
         metadata = {}
         config = config or recorded
@@ -405,19 +413,20 @@ def read_checkpoint(
                 raise FileNotFoundError(_adapter_folder_hint(path))
             raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME} in this folder; expected {_ACCEPTED}")
         specs, read, metadata = open_safetensors(weights, map_location)
-        config = config or read_config(path / CONFIG_NAME, required=True)
+        config = config or read_config(path / CONFIG_NAME, required=True, config_class=config_class)
         source = weights
     elif path.suffix == ".safetensors":
         specs, read, metadata = open_safetensors(path, map_location)
-        config = config or read_config(folder / CONFIG_NAME) or _config_from_metadata(metadata, path)
+        config = config or read_config(folder / CONFIG_NAME, config_class=config_class)
+        config = config or _config_from_metadata(metadata, path, config_class)
         source = path
     elif path.suffix in TORCH_SUFFIXES:
         checkpoint = read_torch(path, map_location, expected=_ACCEPTED)
         refuse_adaptation_run(checkpoint, path)
-        state, recorded = _split(checkpoint, path)
+        state, recorded = _split(checkpoint, path, config_class)
         specs, read = in_memory(state)
         metadata = {}
-        config = config or recorded or read_config(folder / CONFIG_NAME)
+        config = config or recorded or read_config(folder / CONFIG_NAME, config_class=config_class)
         processor = checkpoint_processor(checkpoint, path, config)
         source = path
     else:
@@ -518,25 +527,44 @@ def _adapter_folder_hint(folder: Path) -> str:
     )
 
 
-def _split(checkpoint: Any, path: Path) -> tuple[Mapping[str, torch.Tensor], ModelConfig | None]:
+def _split(
+    checkpoint: Any, path: Path, config_class: type[ModelConfig]
+) -> tuple[Mapping[str, torch.Tensor], ModelConfig | None]:
     """A training checkpoint's model state dict and its recorded config, validated (:func:`split_checkpoint`)."""
     state, recorded = split_checkpoint(checkpoint, path)
     if recorded is None:
         return state, None
-    return state, validated_config(recorded, f"{path}: checkpoint[{CHECKPOINT_KEY!r}]['model_config']")
+    return state, validated_config(recorded, f"{path}: checkpoint[{CHECKPOINT_KEY!r}]['model_config']", config_class)
 
 
-def validated_config(d: dict, where: str) -> ModelConfig:
-    """A ModelConfig from its dict (format metadata dropped), or a ValueError naming ``where``."""
+def config_class_name(config_class: type[ModelConfig]) -> str:
+    """How errors name a config class: mmformer's own, or a subclass a user wrote."""
+    return "mmformer ModelConfig" if config_class is ModelConfig else config_class.__qualname__
+
+
+def validated_config(d: dict, where: str, config_class: type[ModelConfig] = ModelConfig) -> ModelConfig:
+    """A ``config_class`` (ModelConfig, or a model subclass's own config class) from its dict (format metadata
+    dropped), or a ValueError naming ``where``. Keys that are no field of ``config_class`` are refused as what they
+    usually are, the fields a subclass's config added, naming the way to load them."""
     d = {k: v for k, v in d.items() if k not in _CONFIG_META_KEYS}
+    unknown = config_class.unknown_keys(d)
+    if unknown:
+        raise ValueError(
+            f"{where}: has keys that are no field of {config_class_name(config_class)}: {unknown}; a model subclass "
+            f"with a config class of its own (a {config_class.__name__} subclass with these fields) saves them: load "
+            "its folder with that subclass, MyModel.from_pretrained(path), which reads the config as "
+            "MyModel.config_class (see docs/extending.md); if they are typos, correct them"
+        )
     try:
-        return ModelConfig.from_dict(d)
+        return config_class.from_dict(d)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: not a valid mmformer ModelConfig: {e}") from e
+        raise ValueError(f"{where}: not a valid {config_class_name(config_class)}: {e}") from e
 
 
-def read_config(path: Path, required: bool = False) -> ModelConfig | None:
-    """The ModelConfig of a config.json (None if absent and not ``required``)."""
+def read_config(
+    path: Path, required: bool = False, config_class: type[ModelConfig] = ModelConfig
+) -> ModelConfig | None:
+    """The ``config_class`` of a config.json (None if absent and not ``required``)."""
     if not path.is_file():
         if required:
             raise FileNotFoundError(f"{path.parent}: no {CONFIG_NAME} in this folder; expected {_ACCEPTED}")
@@ -545,11 +573,11 @@ def read_config(path: Path, required: bool = False) -> ModelConfig | None:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
-    return config_from_dict(d, str(path))
+    return config_from_dict(d, str(path), config_class)
 
 
-def config_from_dict(d: Any, where: str) -> ModelConfig:
-    """The ModelConfig of a config.json's content (read by :func:`read_config`, or once by
+def config_from_dict(d: Any, where: str, config_class: type[ModelConfig] = ModelConfig) -> ModelConfig:
+    """The ``config_class`` of a config.json's content (read by :func:`read_config`, or once by
     :func:`mmformer.io.hub.resolve_source`): a JSON object of a ``format_version`` this mmformer reads."""
     if not isinstance(d, dict):
         raise ValueError(f"{where}: expected a JSON object (a ModelConfig), got {type(d).__name__}")
@@ -559,12 +587,14 @@ def config_from_dict(d: Any, where: str) -> ModelConfig:
             f"{where}: format_version {version!r} was written by a newer mmformer; this one "
             f"({__version__}) reads format_version <= {FORMAT_VERSION}"
         )
-    return validated_config(d, where)
+    return validated_config(d, where, config_class)
 
 
-def _config_from_metadata(metadata: Mapping[str, str], path: Path) -> ModelConfig | None:
+def _config_from_metadata(
+    metadata: Mapping[str, str], path: Path, config_class: type[ModelConfig]
+) -> ModelConfig | None:
     value = _metadata_json(metadata, "mmformer_config", path)
-    return None if value is None else validated_config(value, f"{path}: metadata['mmformer_config']")
+    return None if value is None else validated_config(value, f"{path}: metadata['mmformer_config']", config_class)
 
 
 def read_processor(folder: Path, config: ModelConfig | None = None) -> Processor | None:
