@@ -117,7 +117,7 @@ def test_pt2e_refuses_devices_and_cpus_its_kernels_cannot_serve(monkeypatch, tmp
     with pytest.raises(ValueError, match=r"pt2e int8 \(X86InductorQuantizer\) runs on x86-64 CPUs only; got device "
                                          r"'cuda'"):  # fmt: skip
         pt2e.check_device("cuda")
-    monkeypatch.setattr(pt2e.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
     with pytest.raises(ValueError, match="x86-64 CPUs only; this CPU is 'aarch64'"):
         pt2e.quantize(tiny(), "dynamic", towers=["image"])
     with pytest.raises(ValueError, match="x86-64 CPUs only; this CPU is 'aarch64'"):
@@ -270,7 +270,7 @@ def test_compiled_pt2e_graphs_answer_as_the_reference_graphs():
 @pytest.mark.slow  # two graphs compiled with the templates (one block: compile time grows with the graph)
 def test_compiled_static_int8_runs_cpp_gemm_templates_as_its_reference_graphs(manifest):  # noqa: F811
     """Static graphs compile their int8 linear layers as inductor's C++ GEMM templates (oneDNN's qlinear spends most
-    of a small layer's time outside its kernel: pt2e.STATIC_GEMMS): the decoded ids are the reference graphs', the
+    of a small layer's time outside its kernel: pt2e_model.STATIC_GEMMS): the decoded ids are the reference graphs', the
     image tower left in float. (An image tower through the templates at several row counts:
     test_compiled_int8_of_a_converted_open_clip_answers_as_its_reference_graphs; dynamic graphs keep oneDNN's:
     test_compiled_pt2e_graphs_answer_as_the_reference_graphs.)"""
@@ -503,6 +503,8 @@ def test_compiled_int8_of_a_converted_open_clip_answers_as_its_reference_graphs(
         expected, got = getattr(reference, encode)(x), getattr(compiled, encode)(x)
         assert float((got - expected).abs().max()) <= 1e-4, (encode, len(x))
     assert {name: len(fn._graphs) for name, fn in compiled._compiled.items()} == {"image_encoder": 1, "text_encoder": 1}
-    if int8_micro_kernels():  # static graphs' int8 linear layers run inductor's C++ GEMM templates (pt2e.STATIC_GEMMS)
+    if (
+        int8_micro_kernels()
+    ):  # static graphs' int8 linear layers run inductor's C++ GEMM templates (pt2e_model.STATIC_GEMMS)
         code = generated_code(compiled, "image_encoder")
         assert "micro_gemm" in code and "qlinear_pointwise" not in code

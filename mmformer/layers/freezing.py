@@ -9,7 +9,7 @@ cache's write position among them — so the callers here set it for their own c
 ``torch.compile(..., options={"freezing": True})`` instead, torch 2.14's lowering of PT2E graphs fails:
 "onednn.qlinear_prepack is not an OpOverload".) A frozen graph keeps the weights it was compiled with: its caller
 compiles again when they change (:func:`mmformer.generation.search.frozen_next_logits`) or owns weights that never do
-(:class:`mmformer.compress.pt2e.PT2EModel`), and releases the old compile (:meth:`FrozenCompile.release`).
+(:class:`mmformer.compress.pt2e_model.PT2EModel`), and releases the old compile (:meth:`FrozenCompile.release`).
 
 Where the frozen weights live (torch 2.14): as attributes of the Python module inductor generates for the graph,
 which it keeps for the life of the process (``PyCodeCache.modules`` and ``sys.modules``), and on dynamo's traced
@@ -60,7 +60,7 @@ class FrozenCompile:
         dynamic: ``torch.compile``'s.
         guard_filter_fn: ``torch.compile``'s option of that name (which guards dynamo keeps).
         inductor: more inductor settings, set with ``freezing`` around these calls only (e.g. its C++ GEMM
-            templates for PT2E's static int8 graphs: :data:`mmformer.compress.pt2e.STATIC_GEMMS`).
+            templates for PT2E's static int8 graphs: :data:`mmformer.compress.pt2e_model.STATIC_GEMMS`).
         graphs: dynamo's limit of compiled graphs for this function (its ``recompile_limit``, set around these calls;
             None: dynamo's setting).
         specialize_ones: dynamo's rule that a dimension of size 1 is the constant 1 (its graph serves no other size).
@@ -180,8 +180,9 @@ def templates_parsed_once() -> Iterator[None]:
     """While inside, inductor's kernel templates parse each Jinja source once.
 
     torch 2.14 renders every C++ GEMM template (PT2E static int8's linear layers,
-    :data:`mmformer.compress.pt2e.STATIC_GEMMS`) from its Jinja source through ``KernelTemplate._template_from_string``,
-    which makes a new Jinja environment and compiles the source again at every call — several times per product.
+    :data:`mmformer.compress.pt2e_model.STATIC_GEMMS`) from its Jinja source through
+    ``KernelTemplate._template_from_string``, which makes a new Jinja environment and compiles the source again at
+    every call — several times per product.
     Measured: the first whisper-tiny static int8 decoding (its four graphs compiled) 38.9 s → 28.1 s on the Xeon, the
     same ids. A Jinja template is a pure function of its source here (the environment and its one filter are the same
     at every call), so the parsed template is kept for the process (a few dozen small sources). Only compiles made by
