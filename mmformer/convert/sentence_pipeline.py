@@ -1,11 +1,13 @@
 """A sentence-transformers folder's pipeline → the settings of mmformer's BERT-style text tower, or a refusal.
 
 sentence-transformers saves a model as modules run in order (``modules.json``): ``Transformer`` (the Hugging Face
-model at the folder root), ``Pooling`` (``1_Pooling/config.json``), then optionally ``Dense`` (a Linear and an
-activation), ``Normalize``, ... :func:`read_pooling` reads that list and the Pooling config and returns the pooling
-the converter sets (``TextConfig.pool``); :func:`hf_max_length` the length texts are cut to. A module or setting
-mmformer does not reproduce exactly is refused by name (:class:`~mmformer.convert.common.UnsupportedModelError`),
-never loaded with silently different embeddings.
+model at the folder root; in the older layout, in a subfolder, ``0_Transformer/``, and no config.json at the root),
+``Pooling`` (``1_Pooling/config.json``), then optionally ``Dense`` (a Linear and an activation), ``Normalize``, ...
+:func:`mmformer.io.hub.sentence_modules` reads that list (and :func:`mmformer.io.hub.resolve_source` resolves an
+older-layout folder to its Transformer module's); :func:`read_pooling` checks the pipeline a model folder is the
+Transformer module of, reads its Pooling config and returns the pooling the converter sets (``TextConfig.pool``);
+:func:`hf_max_length` the length texts are cut to. A module or setting mmformer does not reproduce exactly is refused
+by name (:class:`~mmformer.convert.common.UnsupportedModelError`), never loaded with silently different embeddings.
 
 Pooling configs come in two spellings: ``"pooling_mode": "cls"`` (sentence-transformers >= 5, a list when several
 modes are concatenated) and ``pooling_mode_cls_token: true``-style flags (older versions; none set means mean).
@@ -22,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmformer.convert.common import UnsupportedModelError
-from mmformer.io.hub import read_json
+from mmformer.io.hub import SENTENCE_MODULES, SentenceModule, read_json, sentence_modules
 from mmformer.values import is_int
 
 __all__ = ["hf_max_length", "read_pooling"]
@@ -44,38 +46,63 @@ _KNOWN = ("Transformer", "Pooling", "Normalize")
 
 
 def read_pooling(directory: Path | None) -> str | None:
-    """The ``TextConfig.pool`` of a sentence-transformers folder's pipeline (None: no ``modules.json``, a plain
-    Hugging Face folder). A final Normalize module is ``encode_text``'s default (``normalize=True``).
+    """The ``TextConfig.pool`` of the sentence-transformers pipeline whose Transformer module ``directory`` is (None:
+    no ``modules.json`` runs it, a plain Hugging Face folder). That is ``directory``'s own ``modules.json`` (the
+    current layout), or its parent's, naming ``directory`` as its Transformer module (the older layout,
+    ``0_Transformer/``): the same embeddings whichever of the two folders a user names. A final Normalize module is
+    ``encode_text``'s default (``normalize=True``).
 
     Raises:
         UnsupportedModelError: a module, pooling mode or default prompt mmformer does not reproduce, named.
     """
     if directory is None:
         return None
-    modules = read_json(directory / "modules.json")
-    if modules is None:
+    pipeline = _pipeline_of(directory)
+    if pipeline is None:
         return None
-    where = directory / "modules.json"
-    if not isinstance(modules, list) or not all(isinstance(m, dict) and "type" in m for m in modules):
-        raise ValueError(f"{where}: expected a list of modules with a 'type' each, got {modules!r}")
-    kinds = [str(m["type"]).rsplit(".", 1)[-1] for m in modules]
-    names = [f"{m.get('path') or m.get('name', i)} ({m['type']})" for i, m in enumerate(modules)]
-    for kind, name in zip(kinds, names):
-        if kind not in _KNOWN:
-            what = "a Dense layer (a Linear and an activation after pooling)" if kind == "Dense" else "this module"
+    root, modules = pipeline
+    _check_modules(root, modules)
+    _check_prompt(root)
+    pooling = modules[1].folder
+    return _pooling(root / "1_Pooling" if pooling == root else pooling)  # no path: where sentence-transformers saves it
+
+
+def _pipeline_of(directory: Path) -> tuple[Path, list[SentenceModule]] | None:
+    """The folder whose ``modules.json`` runs ``directory`` as its Transformer module — ``directory`` itself (the
+    current layout) or its parent (the older layout) — and its modules; None for neither."""
+    modules = sentence_modules(directory)
+    if modules:
+        if not _same(modules[0].folder, directory):  # a converter handed the folder above the model's
             raise UnsupportedModelError(
-                f"{where}: module {name} is not supported: mmformer reproduces Transformer → Pooling → Normalize "
-                f"only, not {what}"
+                f"{directory / SENTENCE_MODULES}: its first module, {modules[0].name}, is in {modules[0].folder}, not "
+                f"at this folder's root; load the sentence-transformers folder with "
+                f"mmformer.from_pretrained({str(directory)!r})"
             )
-    if kinds[:1] != ["Transformer"] or (modules[0].get("path") or "") not in ("", "."):
-        raise UnsupportedModelError(
-            f"{where}: expected the Transformer module first, at the folder's root (path ''), got {names[0]}"
-        )
+        return directory, modules
+    modules = sentence_modules(directory.parent)
+    return (directory.parent, modules) if modules and _same(modules[0].folder, directory) else None
+
+
+def _check_modules(folder: Path, modules: list[SentenceModule]) -> None:
+    """Refuse a pipeline other than Transformer → Pooling (→ Normalize), naming the module."""
+    where = folder / SENTENCE_MODULES
+    for module in modules:
+        if module.kind not in _KNOWN:
+            dense = module.kind == "Dense"
+            what = "a Dense layer (a Linear and an activation after pooling)" if dense else "this module"
+            raise UnsupportedModelError(
+                f"{where}: module {module.name} is not supported: mmformer reproduces Transformer → Pooling → "
+                f"Normalize only, not {what}"
+            )
+    kinds = [module.kind for module in modules]
+    if kinds[0] != "Transformer":
+        raise UnsupportedModelError(f"{where}: expected the Transformer module first, got {modules[0].name}")
     if kinds.count("Pooling") != 1 or kinds[1] != "Pooling" or kinds.count("Transformer") != 1:
         raise UnsupportedModelError(f"{where}: expected Transformer → Pooling (→ Normalize), got {kinds}")
-    _check_prompt(directory)
-    pooling_dir = directory / (modules[1].get("path") or "1_Pooling")
-    return _pooling(pooling_dir)
+
+
+def _same(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
 
 
 def _pooling(folder: Path) -> str:

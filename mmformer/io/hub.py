@@ -4,7 +4,7 @@ pretrained tags and timm names. :func:`mmformer.from_pretrained` asks here, then
 Names, as users write them::
 
     out/model, run/last.ckpt             a local folder or file (mmformer's, a Hugging Face folder, a timm or
-                                         open_clip folder)
+                                         open_clip folder; a weights file of one of the last three is its folder)
     openai/whisper-tiny                  a Hugging Face Hub id, fetched with ``huggingface_hub.snapshot_download``
                                          into the Hub cache (``models--openai--whisper-tiny/snapshots/<commit>/``)
     open_clip:ViT-B-32/openai            an open_clip model and pretrained tag, through open_clip's download code
@@ -28,32 +28,39 @@ fetched: its JSON/text files, then safetensors weights, and only when there are 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "KINDS",
     "HubSource",
+    "SentenceModule",
     "Source",
     "cache_dir_for",
     "folder_kind",
     "hub_offline",
     "is_open_clip_folder",
     "is_offline",
+    "model_folder",
     "why_missing",
     "parse_name",
+    "read_json",
+    "refuse_broken_link",
     "resolve_source",
+    "sentence_modules",
     "snapshot_files",
 ]
 
 OPEN_CLIP_PREFIX = "open_clip:"
 TIMM_PREFIX = "timm:"
 WHISPER_PREFIX = "whisper:"
+SENTENCE_MODULES = "modules.json"  # a sentence-transformers folder's pipeline: its modules, in order
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # open_clip's model_cfg and preprocess_cfg, in its folders and Hub repos
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 _METADATA = ["*.json", "*.txt"]  # configs, tokenizers, vocabularies: small, and what tells the format apart
@@ -188,7 +195,9 @@ class Source:
     Attributes:
         kind: what the files are, one of :data:`KINDS` (a Hub id resolves to the kind of its snapshot).
         location: the resolved local file or folder (``local``), else a library's model name (``open_clip`` model,
-            ``timm`` name, ``whisper`` name).
+            ``timm`` name, ``whisper`` name). A file of a Hugging Face, timm or open_clip folder resolves to the
+            folder; a sentence-transformers folder in the older layout to its Transformer module's
+            (:func:`model_folder`).
         revision: the Hub revision asked for (Hub ids only).
         config: the folder's ``config.json``, read once (None: no folder, or no config.json in it).
         local: ``location`` is a path on disk.
@@ -264,6 +273,7 @@ def resolve_source(
         return Source(parsed.kind, parsed.name, local=False, tag=parsed.tag)
     path = Path(parsed.name)
     if not path.exists():
+        refuse_broken_link(path)
         raise FileNotFoundError(
             f"name_or_path: no such file or folder {name!r}, and it is not a Hugging Face Hub id ('org/name'), "
             "'open_clip:MODEL/TAG', 'timm:NAME' or 'whisper:NAME'"
@@ -272,14 +282,105 @@ def resolve_source(
         path = path.parent  # a folder named by its config.json
     if path.is_file() and _openai_whisper_file(path):
         return Source("whisper", os.fspath(path))
-    if path.is_file():
-        kind = "checkpoint" if path.suffix == ".ckpt" else "weights"  # pretrained.read_checkpoint tells the rest
-        return Source(kind, os.fspath(path))
-    config = read_json(path / "config.json")
-    source = Source(folder_kind(path, config) or "mmformer", os.fspath(path), config=_object(config, path))
+    if path.is_file() and path.suffix == ".ckpt":
+        return Source("checkpoint", os.fspath(path))
+    if path.is_file():  # a weights file
+        config = read_json(path.parent / "config.json")
+        kind = _weights_owner(path, config)  # a Hugging Face, timm or open_clip folder's: read as that folder
+        if kind is None:
+            return Source("weights", os.fspath(path))  # beside our config.json or none: pretrained.read_checkpoint's
+        path = path.parent
+    else:
+        path, config = model_folder(path)
+        kind = folder_kind(path, config) or "mmformer"
+        _refuse_broken_weights(path, kind)
+    source = Source(kind, os.fspath(path), config=_object(config, path))
     if check is not None:
         check(source)
     return source
+
+
+def model_folder(folder: Path) -> tuple[Path, Any]:
+    """The folder holding a model folder's weights and ``config.json``, and that config (None without one):
+    ``folder`` itself, or, for a sentence-transformers folder in the older layout (no ``config.json`` at its root;
+    a ``modules.json`` whose first module, the Transformer, keeps its files in a subfolder, ``0_Transformer/``), that
+    subfolder, as sentence-transformers reads it (its pooling and normalisation are read from the folder above:
+    :func:`mmformer.convert.sentence_pipeline.read_pooling`).
+
+    Raises:
+        ValueError: such a folder whose first module is no Transformer, named.
+        FileNotFoundError: its Transformer module's folder has no config.json.
+    """
+    config = read_json(folder / "config.json")
+    modules = sentence_modules(folder) if config is None else None
+    if not modules:
+        return folder, config
+    first = modules[0]
+    if first.kind != "Transformer":
+        raise ValueError(
+            f"{folder / SENTENCE_MODULES}: a sentence-transformers pipeline that starts with module {first.name}; "
+            "mmformer reads those that start with a Transformer module (a Hugging Face model)"
+        )
+    config = read_json(first.folder / "config.json")
+    if config is None:
+        raise FileNotFoundError(
+            f"{folder / SENTENCE_MODULES}: its Transformer module ({first.name}) is read from {first.folder}, which "
+            "has no config.json"
+        )
+    return first.folder, config
+
+
+class SentenceModule(NamedTuple):
+    """One module of a sentence-transformers pipeline (an entry of its ``modules.json``)."""
+
+    kind: str  # its class: the last part of its type (Transformer, Pooling, Dense, Normalize, ...)
+    name: str  # for messages: its path and type, "0_Transformer (sentence_transformers.models.Transformer)"
+    folder: Path  # where it keeps its files: its path in the pipeline's folder ('' is that folder itself)
+
+
+def sentence_modules(folder: Path) -> list[SentenceModule] | None:
+    """A sentence-transformers folder's modules, in the order ``encode`` runs them (its ``modules.json``); None
+    without one. A ValueError naming the file when it is no list of modules with a ``type`` each."""
+    modules = read_json(folder / SENTENCE_MODULES)
+    if modules is None:
+        return None
+    if not isinstance(modules, list) or not all(isinstance(m, dict) and "type" in m for m in modules):
+        raise ValueError(f"{folder / SENTENCE_MODULES}: expected a list of modules with a 'type' each, got {modules!r}")
+    # a type is sentence_transformers.models.Pooling, or sentence_transformers...modules.pooling.Pooling (version 6)
+    return [
+        SentenceModule(
+            str(m["type"]).rsplit(".", 1)[-1],
+            f"{m.get('path') or m.get('name', i)} ({m['type']})",
+            folder / str(m.get("path") or ""),
+        )  # fmt: skip
+        for i, m in enumerate(modules)
+    ]
+
+
+def _weights_owner(path: Path, config: Any) -> str | None:
+    """The kind of the folder a weights file belongs to when that folder is a Hugging Face, timm or open_clip one
+    (``config``, its config.json, and the files beside it say so: :func:`folder_kind`), whose converter reads the
+    folder as a whole — its config, its tokenizer, its weights. None for a file beside mmformer's config.json or
+    none: bare weights, which :func:`mmformer.io.pretrained.read_checkpoint` reads.
+
+    Raises:
+        ValueError: a file that such a folder does not load as its weights (:data:`WEIGHT_FILES`), naming the
+            folder's kind and suggesting the folder.
+    """
+    folder = path.parent
+    kind = folder_kind(folder, config)
+    if kind in (None, "mmformer"):
+        return None
+    # a LAION folder is a Hugging Face folder and an open_clip one: each reads its own weights file
+    owners = [kind, "open_clip"] if kind != "open_clip" and is_open_clip_folder(folder) else [kind]
+    for owner in owners:
+        if _is_weights_file(path.name, owner):
+            return owner
+    expected = [pattern for owner in owners for group in WEIGHT_FILES[owner] for pattern in group]
+    raise ValueError(
+        f"name_or_path: {path} is a file of {KINDS[kind]}, which loads as a whole, from its own weights ({expected}), "
+        f"not from {path.name!r}; pass the folder: {folder}"
+    )
 
 
 def _nearest_folder(path: Path) -> str:
@@ -326,8 +427,8 @@ def _from_hub(
     repository is a Hugging Face CLIP folder too, with ``open_clip_config.json`` and ``open_clip_model.safetensors``
     beside it."""
     where = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
-    folder = snapshot_files(repo_id, _METADATA, **where)
-    config = read_json(folder / "config.json")
+    snapshot = snapshot_files(repo_id, _METADATA, **where)
+    folder, config = model_folder(snapshot)
     kind = folder_kind(folder, config)  # None: nothing we know; no weights are fetched, our reader names what lacks
     if open_clip:
         if not is_open_clip_folder(folder):
@@ -339,13 +440,15 @@ def _from_hub(
         check(source)
     if kind in WEIGHT_FILES and not _weights_in(folder, kind):
         offline = is_offline(local_files_only)
-        preferred, fallback = WEIGHT_FILES[kind]
-        folder = snapshot_files(repo_id, preferred, **where)
-        if not _weights_in(folder, kind) and not offline:
-            folder = snapshot_files(repo_id, fallback, **where)
-        if not _weights_in(folder, kind):
+        within = "" if folder == snapshot else f"{folder.relative_to(snapshot).as_posix()}/"  # 0_Transformer/
+        preferred, fallback = ([within + pattern for pattern in group] for group in WEIGHT_FILES[kind])
+        snapshot = snapshot_files(repo_id, preferred, **where)
+        if not _weights_in(snapshot / within, kind) and not offline:
+            snapshot = snapshot_files(repo_id, fallback, **where)
+        if not _weights_in(snapshot / within, kind):
+            _refuse_broken_weights(snapshot / within, kind)
             raise FileNotFoundError(
-                f"{repo_id!r} (revision {revision or 'main'!r}): the snapshot {folder} in the Hugging Face cache "
+                f"{repo_id!r} (revision {revision or 'main'!r}): the snapshot {snapshot} in the Hugging Face cache "
                 f"{cache_dir_for(cache_dir)} holds no weights (looked for {preferred + fallback})"
                 f"{' and downloading is off' if offline else ''}"
             )
@@ -422,6 +525,20 @@ def _weights_in(folder: Path, kind: str) -> bool:
     return any(any(folder.glob(pattern)) for group in WEIGHT_FILES[kind] for pattern in group)
 
 
+def _is_weights_file(name: str, kind: str) -> bool:
+    """Whether a file name is one of a ``kind`` folder's weights files (:data:`WEIGHT_FILES`)."""
+    return any(fnmatch.fnmatch(name, pattern) for group in WEIGHT_FILES[kind] for pattern in group)
+
+
+def _refuse_broken_weights(folder: Path, kind: str) -> None:
+    """A FileNotFoundError naming the link when a folder's only weights are links to deleted files (a Hugging Face
+    cache snapshot whose blobs were deleted), rather than "no weights"."""
+    if kind in WEIGHT_FILES and not _weights_in(folder, kind):
+        for entry in folder.iterdir():
+            if _is_weights_file(entry.name, kind):
+                refuse_broken_link(entry)
+
+
 def folder_kind(folder: str | os.PathLike, config: Any = None) -> str | None:
     """What a local folder holds, from its config files alone: ``hf`` (a Hugging Face ``config.json`` with a
     ``model_type``), ``mmformer`` (our config.json), ``timm`` (timm's config.json with an ``architecture``),
@@ -445,10 +562,24 @@ def is_open_clip_folder(folder: str | os.PathLike) -> bool:
 
 
 def read_json(path: Path) -> Any:
-    """A JSON file's content, None when the file is missing; a ValueError naming it when it is not JSON."""
+    """A JSON file's content, None when the file is missing; a ValueError naming it when it is not JSON, a
+    FileNotFoundError when it is a link to a file that is gone (:func:`refuse_broken_link`)."""
     if not path.is_file():
+        refuse_broken_link(path)
         return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def refuse_broken_link(path: Path) -> None:
+    """A FileNotFoundError naming ``path`` if it is a symbolic link whose target is gone: in a Hugging Face cache, a
+    snapshot's file whose blob was deleted, which is no missing file but a broken cache entry."""
+    if os.path.islink(path) and not path.exists():
+        target = Path(path.parent, os.readlink(path))
+        raise FileNotFoundError(
+            f"{path}: a link to {os.path.normpath(target)}, which is missing; in a Hugging Face cache this is a broken "
+            "entry (its blob was deleted): download the model again (online, or huggingface-cli download ORG/NAME), "
+            "or delete its snapshot folder"
+        )
