@@ -51,7 +51,6 @@ __all__ = [
     "load_state_dict",
     "map_cross_attention",
     "read_hf_checkpoint",
-    "read_hf_tokenizer",
     "stack_rows",
 ]
 
@@ -248,26 +247,6 @@ def read_hf_checkpoint(
             f"model_type={config['model_type']!r}"
         )
     return config, state, directory
-
-
-def read_hf_tokenizer(directory: Path | None) -> Tokenizer | None:
-    """The ``tokenizer.json`` of a directory :func:`read_hf_checkpoint` returned; None without one (or a directory).
-
-    Its padding token is the one ``tokenizer_config.json`` names (``pad_token``), as Hugging Face's tokenizer pads:
-    ``tokenizer.json`` alone does not say it, and a model that attends to padding (SigLIP pads with ``</s>``, not
-    the vocabulary's ``<pad>``) gives another embedding for a text padded with another id."""
-    if directory is None or not (directory / "tokenizer.json").is_file():
-        return None
-    from mmformer.preprocess.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.from_file(directory / "tokenizer.json")
-    pad = (read_json(directory / "tokenizer_config.json") or {}).get("pad_token")
-    pad = pad.get("content") if isinstance(pad, dict) else pad
-    if isinstance(pad, str) and pad != tokenizer.pad_token:
-        if pad not in tokenizer.backend.get_vocab(with_added_tokens=True):
-            raise ValueError(f"{directory / 'tokenizer_config.json'}: pad_token {pad!r} is not in tokenizer.json")
-        tokenizer = tokenizer.replace(pad_token=pad)
-    return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------- q/k/v

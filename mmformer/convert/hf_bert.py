@@ -36,8 +36,8 @@ from mmformer.convert.common import (
     build_processor,
     fuse_qkv,
     read_hf_checkpoint,
-    read_hf_tokenizer,
 )
+from mmformer.convert.hf_tokenizer import read_hf_tokenizer
 from mmformer.convert.sentence_pipeline import hf_max_length, read_pooling
 from mmformer.io.weights import build_on_meta
 from mmformer.model import MultimodalTransformer
@@ -196,8 +196,9 @@ def from_hf_bert(path_or_model: Any, *, pooling: str | None = None) -> Multimoda
     Args:
         path_or_model: a ``transformers.BertModel`` instance (a ``BertFor*`` task model contributes its encoder, and
             ``BertForMaskedLM`` / ``BertForPreTraining`` their masked-LM head), or
-            a local directory with ``config.json`` and ``model.safetensors`` (or a safe ``.bin``), plus optionally
-            ``tokenizer.json`` — a sentence-transformers folder such as all-MiniLM-L6-v2 works as is.
+            a local directory with ``config.json`` and ``model.safetensors`` (or a safe ``.bin``), plus optionally its
+            tokenizer (``tokenizer.json``, or ``vocab.txt``) — a sentence-transformers folder such as all-MiniLM-L6-v2
+            works as is.
         pooling: sentence embedding from the last hidden states: ``"mean"`` over real tokens or ``"cls"`` (the
             first token, without BERT's pooler layer); default: a sentence-transformers folder's Pooling module
             (``modules.json``, ``1_Pooling/config.json``), else mean.
@@ -205,7 +206,7 @@ def from_hf_bert(path_or_model: Any, *, pooling: str | None = None) -> Multimoda
     Returns:
         A text-only model in eval mode: ``encode_text(input_ids, attention_mask)`` gives the pooled embedding
         (L2-normalised unless ``normalize=False``), ``encode_text_tokens`` the last hidden states. ``model.processor``
-        holds the directory's tokenizer (None without a ``tokenizer.json``).
+        holds the directory's tokenizer (None without tokenizer files).
     """
     if pooling not in (None, "mean", "cls"):
         raise ValueError(f"pooling: expected 'mean' or 'cls', got {pooling!r}")

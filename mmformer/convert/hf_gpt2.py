@@ -24,8 +24,8 @@ from mmformer.convert.common import (
     extra_eos_ids,
     lm_head_tied,
     read_hf_checkpoint,
-    read_hf_tokenizer,
 )
+from mmformer.convert.hf_tokenizer import read_hf_tokenizer
 from mmformer.io.weights import build_on_meta
 from mmformer.model import MultimodalTransformer
 
@@ -94,8 +94,8 @@ def from_hf_gpt2(path_or_model: Any) -> MultimodalTransformer:
 
     Args:
         path_or_model: a ``transformers.GPT2LMHeadModel`` (or ``GPT2Model``) instance, or a local directory with its
-            ``config.json`` and weights (``model.safetensors`` or a safe ``.bin``), plus optionally
-            ``tokenizer.json``.
+            ``config.json`` and weights (``model.safetensors`` or a safe ``.bin``), plus optionally its
+            tokenizer (``tokenizer.json``, or ``vocab.json`` + ``merges.txt``: :mod:`mmformer.convert.hf_tokenizer`).
 
     Returns:
         A decoder-only model in eval mode (``model.decode``, ``model.generate(prompt_ids=...)``,

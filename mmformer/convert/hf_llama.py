@@ -29,8 +29,8 @@ from mmformer.convert.common import (
     first_id,
     lm_head_tied,
     read_hf_checkpoint,
-    read_hf_tokenizer,
 )
+from mmformer.convert.hf_tokenizer import read_hf_tokenizer
 from mmformer.io.weights import build_on_meta
 from mmformer.model import MultimodalTransformer
 

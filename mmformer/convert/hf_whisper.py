@@ -44,8 +44,8 @@ from mmformer.convert.common import (
     fuse_qkv,
     lm_head_tied,
     read_hf_checkpoint,
-    read_hf_tokenizer,
 )
+from mmformer.convert.hf_tokenizer import read_hf_tokenizer
 from mmformer.io.hub import read_json
 from mmformer.io.weights import build_on_meta
 from mmformer.layers.positions import sinusoids
@@ -211,7 +211,7 @@ def from_hf_whisper(path_or_model: Any) -> MultimodalTransformer:
 
     Returns:
         The model in eval mode, with ``model.processor`` set: 16 kHz audio of any length (``transcribe`` windows it)
-        and the directory's tokenizer (None when there is no ``tokenizer.json``;
+        and the directory's tokenizer (None without a ``tokenizer.json``;
         :meth:`~mmformer.MultimodalTransformer.generate` works on ids without it).
     """
     cfg, state, directory = read_hf_checkpoint(

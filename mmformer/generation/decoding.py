@@ -430,13 +430,26 @@ def generate(
 
 
 def processor_with_tokenizer(model: MultimodalTransformer, processor: Processor | None, what: str) -> Processor:
-    processor = processor if processor is not None else getattr(model, "processor", None)
-    if processor is None or getattr(processor, "tokenizer", None) is None:
-        raise ValueError(
-            f"{what}: turning ids into text needs a Processor with a tokenizer; pass processor=, or use a model "
-            f"loaded with one (model.processor); got processor={processor!r}"
+    """``processor``, else ``model.processor``; a ValueError saying which of them lacks the tokenizer ``what``
+    needs."""
+    if processor is not None:
+        if getattr(processor, "tokenizer", None) is not None:
+            return processor
+        missing = f"the processor passed (a {type(processor).__name__}) has none"
+    elif getattr(model, "processor", None) is None:
+        missing = "no processor was passed and the model has none (model.processor is None)"
+    elif getattr(model.processor, "tokenizer", None) is None:
+        missing = (
+            "no processor was passed and the model's has none (model.processor.tokenizer is None): the model was "
+            "loaded or converted without one (a Hugging Face folder gives one from its tokenizer.json, a BERT "
+            "vocab.txt or a GPT-2 vocab.json + merges.txt; a transformers model object carries none)"
         )
-    return processor
+    else:
+        return model.processor
+    raise ValueError(
+        f"{what}: turning ids into text needs a Processor with a tokenizer, but {missing}; pass processor= a "
+        "Processor that has one"
+    )
 
 
 def _detokenize(model: MultimodalTransformer, processor: Processor, ids: torch.Tensor, decoding: dict) -> list[str]:
