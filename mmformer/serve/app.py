@@ -414,7 +414,12 @@ def create_app(
             raw, encoding = body.get("input"), body.get("encoding_format", "float") or "float"
             if encoding not in ("float", "base64"):
                 raise bad_request("encoding_format", f"expected 'float' or 'base64', got {encoding!r}")
-            size, dimensions = engine.model.config.embed_dim, body.get("dimensions")
+            config, dimensions = engine.model.config, body.get("dimensions")
+            # without a projection (a BERT / sentence-transformers encoder) an embedding is its tower's pooled state:
+            # every encoder's width is the same then (ModelConfig checks it)
+            size = config.embed_dim or config.feature_width(
+                next(m for m in ("text", "image", "audio") if m in config.routes)
+            )
             if dimensions is not None and (isinstance(dimensions, bool) or dimensions != size):
                 # OpenAI's text-embedding-3 models are trained to be cut short; these are not
                 raise bad_request("dimensions", f"this model's embeddings have {size} dimensions and cannot be "

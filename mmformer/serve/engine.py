@@ -17,7 +17,7 @@ import torch
 
 from mmformer.data.collate import pad_audio
 from mmformer.generation.completion import Completion, completions, continues_prompts
-from mmformer.generation.decoding_rules import language_id
+from mmformer.generation.decoding_rules import language_id, reads_memory
 from mmformer.generation.options import DecodingOptions
 from mmformer.generation.streaming import TextStreamer
 from mmformer.io.weights import model_device
@@ -33,9 +33,24 @@ ROUTES = ("embeddings", "audio/transcriptions", "completions", "classify", "capt
 CALL_OVERHEAD_S = 3.0
 
 
+# what each route needs of a model (served_routes' rules, in words: the refusal of a model that serves none)
+ROUTE_NEEDS = {
+    "embeddings": "an image, audio or text encoder, projected (ModelConfig.embed_dim) or in a model without a decoder",
+    "audio/transcriptions": "an audio encoder and a decoder",
+    "completions": "a decoder that reads no encoder's states (a language model)",
+    "classify": "a text encoder, an image or audio encoder, and a projection (ModelConfig.embed_dim)",
+    "captions": "an image encoder and a decoder",
+}
+
+
 def served_routes(model: Any) -> list[str]:
     """The ``/v1/...`` model routes this model can answer (a PT2E int8 model: its float model's, its towers left
-    unquantized running in float, but completions, which need a decoder-only model: PT2E does not quantize one)."""
+    unquantized running in float, but completions, which need a decoder-only model: PT2E does not quantize one).
+
+    Embeddings are the encoders' pooled outputs (``encode_text`` / ``encode_image`` / ``encode_audio``, L2-normalised)
+    where they are what the model gives: projected into a joint space (``embed_dim``: CLIP, the digits model), or an
+    encoder-only model's, which has no projection (BERT and sentence-transformers models such as all-MiniLM-L6-v2, a
+    head-less timm ViT). The encoder of a decoder without a projection (Whisper, T5) feeds the decoder: none."""
     from mmformer.compress.pt2e import PT2EModel
 
     if isinstance(model, PT2EModel):
@@ -44,13 +59,34 @@ def served_routes(model: Any) -> list[str]:
     decoder = model.lm_head is not None
     embeds = "text" in has or "image" in has or "audio" in has
     served = {
-        "embeddings": embeds and cfg.embed_dim is not None,
+        "embeddings": embeds and (cfg.embed_dim is not None or not decoder),
         "audio/transcriptions": decoder and "audio" in has,
         "completions": continues_prompts(model),
         "classify": "text" in has and ("image" in has or "audio" in has) and cfg.embed_dim is not None,
         "captions": decoder and "image" in has,
     }
     return [route for route in ROUTES if served[route]]
+
+
+def check_serves(model: Any, model_id: str) -> list[str]:
+    """:func:`served_routes` of a model that serves one at least; otherwise a ValueError naming ``model_id``, what it
+    has and what each route needs (a server with no route would refuse every request)."""
+    routes = served_routes(model)
+    if routes:
+        return routes
+    cfg = model.config
+    encoders = [m for m in ("image", "audio", "text") if m in cfg.routes]
+    if len(encoders) == 1:
+        has = [f"{'a' if encoders[0] == 'text' else 'an'} {encoders[0]} encoder"]
+    else:
+        has = [f"{' and '.join(encoders)} encoders" if encoders else "no encoder"]
+    if "decoder" in cfg.routes:
+        has.append("a decoder reading an encoder's states" if reads_memory(cfg) else "a decoder")
+    else:
+        has.append("no decoder")
+    has.append("no projection (ModelConfig.embed_dim is None)" if cfg.embed_dim is None else "a projection")
+    needs = "; ".join(f"/v1/{route} needs {ROUTE_NEEDS[route]}" for route in ROUTES)
+    raise ValueError(f"model: {model_id} can serve none of mmformer serve's routes: it has {', '.join(has)}; {needs}")
 
 
 def decode_base64(value: Any, param: str) -> bytes:
@@ -124,7 +160,7 @@ class Engine:
         self.model, self.processor, self.model_id = model.eval(), model.processor, model_id
         # transcriptions: the model, or a Whisper checkpoint's int8 (PT2E) / bf16-autocast audio encoder under it
         self.transcriber, self.bf16_encoder, self.compute = with_compute_type(model, compute_type, model_id)
-        self.routes = served_routes(model)
+        self.routes = check_serves(model, model_id)
         self.modalities = [m for m in ("image", "audio", "text") if m in model.config.routes]  # what it reads
         self.device = model_device(model)
         self._classifiers: OrderedDict[Hashable, ZeroShotClassifier] = OrderedDict()
@@ -132,16 +168,21 @@ class Engine:
         self._language_names = language_names(model)
 
     # ------------------------------------------------------------------ inputs (request side)
+    def check_reads(self, modality: str, param: str) -> None:
+        """ValueError naming ``param`` for an input of a modality this model has no encoder for (an image sent to a
+        text-only model's embeddings)."""
+        if modality not in self.modalities:
+            raise ValueError(f"{param}: this model has no {modality} encoder: expected {' or '.join(self.modalities)} "
+                             f"input, got {modality}")  # fmt: skip
+
     def load_image(self, data: bytes, param: str) -> torch.Tensor:
         """(C, H, W) pixels of an encoded image; SampleError naming ``param`` when it does not decode."""
-        if "image" not in self.model.config.routes:
-            raise ValueError(f"{param}: this model has no image encoder; its routes are {self.routes}")
+        self.check_reads("image", param)
         return self.processor.load_image(data, name=param)
 
     def load_audio(self, data: bytes, param: str) -> torch.Tensor:
         """(S,) waveform at the model's rate of an encoded audio file; SampleError naming ``param``."""
-        if "audio" not in self.model.config.routes:
-            raise ValueError(f"{param}: this model has no audio encoder; its routes are {self.routes}")
+        self.check_reads("audio", param)
         return self.processor.load_audio(data, name=param)
 
     def load_recording(self, data: bytes, param: str, max_seconds: float | None = None) -> torch.Tensor:
@@ -151,8 +192,7 @@ class Engine:
         FLAC silence can claim hours)."""
         from mmformer.data.io import read_audio
 
-        if "audio" not in self.model.config.routes:
-            raise ValueError(f"{param}: this model has no audio encoder; its routes are {self.routes}")
+        self.check_reads("audio", param)
         rate = self.model.config.audio.sample_rate
         return read_audio(data, rate, mono=True, name=param, refuse_longer_than=max_seconds)[0]
 

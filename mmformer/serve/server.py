@@ -28,8 +28,9 @@ def load_engine(
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` (with SO_REUSEADDR, as uvicorn binds), for uvicorn to listen on: bound before
-    the model loads, so that a port in use or out of range is refused at once, not after loading."""
+    """A socket bound to ``host:port`` (with SO_REUSEADDR, as uvicorn binds), for uvicorn to serve on: bound before
+    the model loads, so that a port in use or out of range is refused at once, not after loading (it listens once the
+    model is loaded, before the banner: :func:`serve`)."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"--port: expected a TCP port 0-65535 (0: any free one), got {port!r}")
     try:
@@ -79,6 +80,10 @@ def serve(
         engine = load_engine(model, adapter=adapter, device=device, compute_type=compute_type)
         app = create_app(engine, max_batch_size=max_batch_size, batch_timeout_ms=batch_timeout_ms, api_key=api_key,
                          max_upload_mb=max_upload_mb, max_audio_seconds=max_audio_seconds)  # fmt: skip
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_s)
+        # listening before the banner, which scripts wait for: a connection made once it prints waits in the backlog
+        # until uvicorn accepts it (asyncio's create_server listens on the socket again, with the same backlog)
+        sock.listen(config.backlog)
     except BaseException:
         sock.close()
         raise
@@ -86,7 +91,6 @@ def serve(
     where = f"[{host}]" if ":" in host else host
     print(f"mmformer serve: {model} on http://{where}:{sock.getsockname()[1]} — routes "
           f"{['/v1/' + r for r in engine.routes]}{compute}", flush=True)  # fmt: skip
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_s)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:
@@ -94,3 +98,5 @@ def serve(
         # runner, whose KeyboardInterrupt carries the CancelledError of the server's task (two chained tracebacks);
         # the caller gets a plain one (`mmformer serve`: one line and exit status 130, as every command)
         raise KeyboardInterrupt from None
+    finally:
+        sock.close()  # uvicorn closes it once it has started; not if it failed before (a listening socket left open)
