@@ -159,7 +159,7 @@ def tiny_bert_dir(tmp_path_factory):
     return folder
 
 
-def sentence_model(bert_dir, folder, pooling: str, dense: bool = False):
+def sentence_model(bert_dir, folder, pooling: str, dense: bool = False, normalize: bool = True):
     """A sentence-transformers model on the tiny BERT, saved to ``folder`` (its own writer: modules.json, ...)."""
     st = pytest.importorskip("sentence_transformers")
     # the modules' package, imported by name: `st.models` exists only once some import has loaded that submodule
@@ -171,7 +171,8 @@ def sentence_model(bert_dir, folder, pooling: str, dense: bool = False):
     transformer = parts.Transformer(str(bert_dir), max_seq_length=12)
     modules = [transformer, parts.Pooling(32, pooling_mode=pooling)]
     modules += [parts.Dense(32, 16)] if dense else []
-    reference = st.SentenceTransformer(modules=[*modules, parts.Normalize()], device="cpu")
+    modules += [parts.Normalize()] if normalize else []
+    reference = st.SentenceTransformer(modules=modules, device="cpu")
     reference.save(str(folder))
     return reference
 
@@ -192,6 +193,22 @@ def test_sentence_transformers_pooling_and_length(tiny_bert_dir, tmp_path, pooli
         ours = model.encode_text(batch["input_ids"], batch["attention_mask"])
     expected = reference.encode(TEXTS, convert_to_tensor=True)
     assert (ours - expected).abs().max().item() < ATOL
+
+
+def test_a_pipeline_without_normalize_warns_that_encode_text_normalises(tiny_bert_dir, tmp_path):
+    """A Transformer → Pooling folder (no Normalize: sentence-transformers' ``encode`` gives unnormalised vectors)
+    loads with a warning, since ``encode_text`` normalises by default; ``normalize=False`` gives its vectors."""
+    reference = sentence_model(tiny_bert_dir, tmp_path, "mean", normalize=False)
+    with pytest.warns(UserWarning, match=r"no Normalize module.*encode_text\(normalize=False\)"):
+        model = from_pretrained(tmp_path)
+    batch = model.processor(text=TEXTS[:3])
+    expected = reference.encode(TEXTS[:3], convert_to_tensor=True)
+    with torch.no_grad():
+        assert (
+            model.encode_text(batch["input_ids"], batch["attention_mask"], normalize=False) - expected
+        ).abs().max() < ATOL
+        normalised = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    assert (normalised - torch.nn.functional.normalize(expected, dim=-1)).abs().max() < ATOL
 
 
 def test_sentence_transformers_legacy_pooling_flags(tiny_bert_dir, tmp_path):

@@ -21,6 +21,7 @@ sentence-transformers' ``Transformer`` module decides it.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from mmformer.convert.common import UnsupportedModelError
@@ -50,7 +51,7 @@ def read_pooling(directory: Path | None) -> str | None:
     no ``modules.json`` runs it, a plain Hugging Face folder). That is ``directory``'s own ``modules.json`` (the
     current layout), or its parent's, naming ``directory`` as its Transformer module (the older layout,
     ``0_Transformer/``): the same embeddings whichever of the two folders a user names. A final Normalize module is
-    ``encode_text``'s default (``normalize=True``).
+    ``encode_text``'s default (``normalize=True``); without one, a warning says to pass ``normalize=False``.
 
     Raises:
         UnsupportedModelError: a module, pooling mode or default prompt mmformer does not reproduce, named.
@@ -63,6 +64,13 @@ def read_pooling(directory: Path | None) -> str | None:
     root, modules = pipeline
     _check_modules(root, modules)
     _check_prompt(root)
+    if "Normalize" not in [module.kind for module in modules]:
+        warnings.warn(
+            f"{root / SENTENCE_MODULES}: the pipeline has no Normalize module, so sentence-transformers' encode gives "
+            "unnormalised vectors; mmformer's encode_text normalises by default: encode_text(normalize=False) gives "
+            "the pipeline's own",
+            stacklevel=2,
+        )
     pooling = modules[1].folder
     return _pooling(root / "1_Pooling" if pooling == root else pooling)  # no path: where sentence-transformers saves it
 
