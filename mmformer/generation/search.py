@@ -16,7 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmformer.generation.lm_head import graph_layout, head_layout, last_logits, step_ids, step_logits
+from mmformer.generation.lm_head import (
+    graph_layout,
+    head_layout,
+    last_logits,
+    recheck_head,
+    step_ids,
+    step_logits,
+    weight_state,
+)
 from mmformer.generation.score_processing import ScoreProcessor, apply_processors, end_ids, masks_only
 from mmformer.generation.token_choice import Greedy, Sampler, StopStrings
 from mmformer.io.weights import model_device
@@ -108,10 +116,12 @@ def compiled_static_next_logits(model: MultimodalTransformer) -> Callable:
 _frozen_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _weights_state(model: nn.Module) -> tuple[tuple[int, int], ...]:
-    """Which tensors the model holds and how often each was changed in place (its version counter: an optimizer
-    step, ``load_state_dict``, any in-place write moves it): what a frozen graph folded in."""
-    return tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
+def _weights_state(model: nn.Module) -> tuple[tuple[int, tuple], ...]:
+    """Which tensors the model holds and the state of each (:func:`~mmformer.generation.lm_head.weight_state`: its
+    storage, shape, dtype, device and version counter — an optimizer step, ``load_state_dict``, any in-place write
+    autograd sees, ``param.data = new``): what a frozen graph folded in. Writes through ``.data`` change none of
+    these (see :func:`frozen_next_logits`)."""
+    return tuple((id(t), weight_state(t)) for t in (*model.parameters(), *model.buffers()))
 
 
 def frozen_next_logits(model: MultimodalTransformer) -> Callable:
@@ -119,10 +129,17 @@ def frozen_next_logits(model: MultimodalTransformer) -> Callable:
     weights into the graph as constants and runs its linear layers on MKL's packed weights (whisper-tiny dimensions,
     8 rows, Intel Xeon: 0.96× → 1.20× eager decoding; BENCHMARKS.md). Frozen weights are the graph's own copy, so
     each model gets a step of its own — compiled from its own copy of the step's code, since dynamo keeps compiled
-    graphs per code object — made again once the model's weights changed since it was compiled: a frozen graph never
-    computes with stale weights. A step's frozen weights are released when it is replaced and when the model is
-    garbage-collected (:class:`~mmformer.layers.freezing.FrozenCompile`). (The cache's buffers stay graph inputs: on
-    CPU they are not marked as static addresses, which freezing would fold too — :mod:`mmformer.layers.cache`.)
+    graphs per code object — made again once a tensor of the model was replaced, moved or changed in place since it
+    was compiled (:func:`_weights_state`: ``load_state_dict``, an optimizer step, ``vector_to_parameters``,
+    ``param.data = new``, ``model.to(...)``). Not after a write through ``.data`` (``p.data.copy_(q)``: old-style EMA
+    code, weight surgery), which moves neither a tensor's version counter nor its storage: the step then computes
+    with the weights it froze. Reading every weight's contents per decoding to see it (as the LM head's copies do,
+    :func:`~mmformer.generation.lm_head.recheck_head`) cost 1.8–2.2 % of a compiled greedy decoding of 64 tokens at
+    batch 1 at whisper-tiny dimensions (2-core AMD EPYC, 1 thread); write such weights through the parameter instead
+    (``with torch.no_grad(): p.copy_(q)``). A step's frozen weights are released when it is replaced and when the
+    model is garbage-collected (:class:`~mmformer.layers.freezing.FrozenCompile`). (The cache's buffers stay graph
+    inputs: on CPU they are not marked as static addresses, which freezing would fold too —
+    :mod:`mmformer.layers.cache`.)
 
     The step's code around its kernels is inductor's C++ wrapper, not its Python one: at batch 1 a step is ~50
     kernel and library calls around a memory-bound LM head, and the Python wrapper's ~0.3 ms of them was a tenth of
@@ -205,6 +222,7 @@ class DecoderRunner:
     ):
         if static and not use_cache:
             raise ValueError("static: a static KV cache needs use_cache=True")
+        recheck_head(model)  # once per decoding: a head rewritten through .data since the last gets new copies
         self.cross_dtype = cross_dtype  # the growing cache's cross-attention keys/values' (None: the memory's)
         self.model = model
         self.prefix = prefix
