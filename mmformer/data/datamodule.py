@@ -70,7 +70,8 @@ class MultimodalDataModule(L.LightningDataModule):
         tokenizer: a tokenizer.json (or a folder holding one); None trains one on the training texts (or takes
             ``processor_from``'s).
         vocab_size: target vocabulary size when training a tokenizer.
-        tokenizer_cache_dir: where trained tokenizers are cached.
+        tokenizer_cache_dir: where trained tokenizers are cached (a folder that cannot be written is warned about
+            and skipped: the run goes on uncached).
         batch_size: samples per batch (per process).
         num_workers: DataLoader worker processes.
         worker_nice: added to the loader workers' niceness (0-19, Unix's ``nice``). At 19 a worker runs in the
@@ -279,7 +280,15 @@ class MultimodalDataModule(L.LightningDataModule):
             log.info("using the cached tokenizer %s", cache)
             return Tokenizer.from_file(cache)
         tokenizer = Tokenizer.train(texts, vocab_size=self.target_vocab_size)
-        tokenizer.save(cache)  # atomic: processes of a multi-GPU run may train and cache it at the same time
+        try:
+            tokenizer.save(cache)  # atomic: processes of a multi-GPU run may train and cache it at the same time
+        except OSError as e:  # a cache only saves time: a read-only or full disk must not stop the run
+            rank_zero_warn(
+                f"tokenizer_cache_dir: cannot cache the trained tokenizer in {self.tokenizer_cache_dir} "
+                f"({e.strerror or e}); going on without the cache (set data.tokenizer_cache_dir to a writable folder "
+                "to reuse it in later runs)"
+            )
+            return tokenizer
         log.info(
             "trained a %d-token BPE tokenizer on %d training texts; cached as %s",
             tokenizer.vocab_size,

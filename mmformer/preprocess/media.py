@@ -7,6 +7,10 @@ resampler), so that the torch-free ONNX runner (:mod:`mmformer.ship.onnx_runner`
 files by the same rules as the :class:`~mmformer.Processor`, the ``mmformer`` commands and the server: one owner
 of how a media file is read.
 
+Two rules of text live here too, for the same reason: the runner cannot import the torch-side
+:class:`~mmformer.preprocess.tokenizer.Tokenizer`, and both must refuse text that is not valid Unicode
+(:func:`check_unicode`) and read a tokenizer.json at any path (:func:`read_tokenizer_json`) alike.
+
 Files are untrusted: what they claim does not decide how much memory or time decoding takes.
 
 - An image of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (89 million by default: PIL's decompression-bomb
@@ -22,11 +26,14 @@ Files are untrusted: what they claim does not decide how much memory or time dec
 
 from __future__ import annotations
 
+import codecs
 import functools
 import io
 import math
 import os
 import re
+import stat
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -91,13 +98,31 @@ class AudioTooLongError(SampleError):
         super().__init__(path, f"audio is longer than the limit of {limit_seconds:g} s ({claimed})")
 
 
-def check_file(path: str | os.PathLike, name: str) -> None:
-    """Refuse a path that is no file to read (missing, a folder: :class:`MissingSampleError`) or an empty one
-    (:class:`SampleError`: the decoders would only say "format not recognised")."""
-    if not Path(path).is_file():
-        raise MissingSampleError(name, "a folder, not a file" if Path(path).is_dir() else "file not found")
-    if Path(path).stat().st_size == 0:
+def check_file(path: str | os.PathLike, name: str) -> os.stat_result:
+    """The ``os.stat`` of a path to read, refusing one that is no file to read (missing, a folder:
+    :class:`MissingSampleError`), an empty regular file (:class:`SampleError`: the decoders would only say "format not
+    recognised") and a path the system cannot look up, for the reason it gives: a name the file system encoding cannot
+    spell (a manifest's "é" under an ASCII locale), no permission, a loop of links, ... (:class:`SampleError`).
+
+    Any existing path that is not a folder is readable: a pipe (``/dev/stdin``, bash's ``<(cat x.png)``) or a device
+    too; :func:`open_source` reads those into memory."""
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise MissingSampleError(name) from None
+    except UnicodeEncodeError as e:  # Path.is_file() says False for this; the file may well be there
+        raise SampleError(
+            name,
+            f"the path cannot be spelled in the file system encoding {sys.getfilesystemencoding()!r} ("
+            f"{e.object[e.start : e.end]!r} at character {e.start}); use a UTF-8 locale or set PYTHONUTF8=1",
+        ) from None
+    except OSError as e:
+        raise SampleError(name, f"cannot look the file up ({e.strerror or e})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise MissingSampleError(name, "a folder, not a file")
+    if stat.S_ISREG(info.st_mode) and info.st_size == 0:
         raise SampleError(name, EMPTY_FILE)
+    return info
 
 
 def source_name(source: Source, name: str | None) -> str:
@@ -108,16 +133,23 @@ def source_name(source: Source, name: str | None) -> str:
 
 
 def open_source(source: Source, name: str) -> io.BufferedIOBase | str:
-    """A file object for bytes, the path otherwise; a missing path, and an empty file or no bytes (the same message
-    for both: :func:`check_file`'s), become a SampleError naming ``name``."""
+    """A file object for bytes and for a path that is no regular file (a pipe: read into memory here, once, as the
+    decoders seek), the path otherwise; a missing path, and an empty file or no bytes (the same message for both:
+    :func:`check_file`'s), become a SampleError naming ``name``."""
     if isinstance(source, bytes):
         if not source:
             raise SampleError(name, EMPTY_FILE)
         return io.BytesIO(source)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"expected a path or bytes for {name}; got {type(source).__name__}")
-    check_file(source, name)
-    return os.fspath(source)
+    if stat.S_ISREG(check_file(source, name).st_mode):
+        return os.fspath(source)
+    try:
+        with open(source, "rb") as f:
+            data = f.read()
+    except OSError as e:  # a socket, a device that refuses reads, ...
+        raise SampleError(name, f"cannot read ({e.strerror or e})") from None
+    return open_source(data, name)
 
 
 def library_reason(error: BaseException) -> str:
@@ -150,14 +182,16 @@ def file_modality(path: str | os.PathLike, hint: str = "") -> str:
 
     Raises:
         MissingSampleError: a suffix neither knows, and no such file.
-        SampleError: a file neither soundfile nor PIL reads; the message names it.
+        SampleError: a file neither soundfile nor PIL reads, or a pipe without a suffix; the message names it.
     """
     suffix = Path(path).suffix.lower()
     if suffix in audio_suffixes():
         return "audio"
     if suffix in Image.registered_extensions():
         return "image"
-    check_file(path, str(path))
+    if not stat.S_ISREG(check_file(path, str(path)).st_mode):  # a pipe can be read once: by the reader, not here
+        reason = "not a regular file (a pipe?), so its kind is not guessed from its content, which reading uses up"
+        raise SampleError(path, f"{reason}; {hint}" if hint else reason)
     import soundfile
 
     try:
@@ -205,6 +239,42 @@ def upright(img: Image.Image) -> Image.Image:
     ``load_image`` apply. An image without the tag is left as it is, uncopied."""
     ImageOps.exif_transpose(img, in_place=True)
     return img
+
+
+# ---------------------------------------------------------------------------------------------------- text
+def check_unicode(text: str, name: str) -> None:
+    """Refuse (ValueError naming ``name``) a str that is not valid Unicode: one holding an unpaired surrogate, as
+    Python makes of bytes that are not UTF-8 in a command line, a file name or a file read with
+    ``errors="surrogateescape"`` (any non-ASCII byte under a non-UTF-8 locale). Tokenizers' encoders refuse such a
+    string with a bare TypeError naming nothing, and ftfy (CLIP's cleaning) would turn it into U+FFFD unseen."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        encoding = codecs.lookup(sys.getfilesystemencoding()).name  # not UTF-8: any non-ASCII argv ends up so
+        locale = "" if encoding == "utf-8" else f"; the locale's encoding is {encoding}: PYTHONUTF8=1 reads UTF-8"
+        raise ValueError(
+            f"{name}: expected valid Unicode text; got {shown!r}, with an unpaired surrogate "
+            f"{text[e.start : e.end]!r} at character {e.start} (undecodable bytes?){locale}"
+        ) from None
+
+
+def read_tokenizer_json(path: str | os.PathLike) -> Any:
+    """The ``tokenizers.Tokenizer`` a tokenizer.json holds, its bytes read by Python: ``Tokenizer.from_file`` takes
+    the path as UTF-8 text and cannot open one whose name Python holds with surrogate escapes (a folder named
+    "modèle" under a non-UTF-8 locale); ``Path.read_bytes`` opens any path.
+
+    Raises:
+        ValueError: the file is not UTF-8, or not a tokenizer.json the installed ``tokenizers`` reads (naming it).
+        OSError: the file cannot be read.
+    """
+    import tokenizers  # here: reading media needs no tokenizer
+
+    data = Path(path).read_bytes()
+    try:
+        return tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as e:  # the Rust side raises a bare Exception for malformed files
+        raise ValueError(f"path {os.fspath(path)!r} is not a valid tokenizer.json: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------------- images

@@ -40,6 +40,7 @@ from mmformer.data.io import (
     write_json_atomic,
 )
 from mmformer.preprocess.image_transforms import CenterCropFloor, LimitAspect, ResizeCover, ToChannels
+from mmformer.preprocess.media import check_unicode
 from mmformer.values import is_int
 
 if TYPE_CHECKING:
@@ -142,8 +143,11 @@ def _per_channel(values: tuple[float, ...], channels: int) -> list[float]:
 def tokenize_with_warning(
     tokenizer: Tokenizer, texts: list[str], max_length: int, *, what: str = "text"
 ) -> dict[str, torch.Tensor]:
-    """``tokenizer(texts, max_length=max_length)``, warning (naming the texts) when one is longer and gets cut
-    (:func:`~mmformer.data.collate.tokenize_counting_cuts`)."""
+    """``tokenizer(texts, max_length=max_length)``, warning (naming the texts ``what[i]``) when one is longer and gets
+    cut (:func:`~mmformer.data.collate.tokenize_counting_cuts`); a text that is not valid Unicode is refused under
+    that name too (the tokenizer's own check would call it ``texts[i]``)."""
+    for i, t in enumerate(texts):
+        check_unicode(t, f"{what}[{i}]")
     out, too_long = tokenize_counting_cuts(tokenizer, texts, max_length)
     if not too_long:
         return out
@@ -432,15 +436,8 @@ class Processor:
         for i, t in enumerate(items):
             if not isinstance(t, str):
                 raise TypeError(f"text[{i}]: expected str; got {_describe(t)}")
-            try:
-                t.encode("utf-8")
-            except UnicodeEncodeError as e:  # lone surrogates, e.g. bytes read with errors="surrogateescape"
-                raise ValueError(
-                    f"text[{i}]: expected valid Unicode text; got a string with an unpaired surrogate "
-                    f"{t[e.start : e.end]!r} at character {e.start} (undecodable bytes?)"
-                ) from e
         if max_length is not None:  # the caller chose the length: truncation is what they asked for
-            out = self.tokenizer(items, max_length=max_length)
+            out = self.tokenizer(items, max_length=max_length, name="text")
         else:
             out = tokenize_with_warning(self.tokenizer, items, self.tokenizer.max_length, what="text")
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}

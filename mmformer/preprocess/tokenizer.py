@@ -27,6 +27,7 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from mmformer.io.atomic import write_text_atomic
+from mmformer.preprocess.media import check_unicode, read_tokenizer_json
 from mmformer.values import is_int
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0..3 of every tokenizer trained here
@@ -153,11 +154,7 @@ class Tokenizer:
         file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
         if not file.is_file():
             raise FileNotFoundError(f"path must be a tokenizer.json or a folder holding one, got {os.fspath(path)!r}")
-        try:
-            backend = tokenizers.Tokenizer.from_file(str(file))
-        except Exception as e:  # the Rust side raises a bare Exception for malformed files
-            raise ValueError(f"path {os.fspath(file)!r} is not a valid tokenizer.json: {e}") from e
-        return cls.from_backend(backend)
+        return cls.from_backend(read_tokenizer_json(file))
 
     @classmethod
     def from_str(cls, text: str) -> Tokenizer:
@@ -295,11 +292,12 @@ class Tokenizer:
             f"bos={self.bos_token!r}, eos={self.eos_token!r})"
         )
 
-    def encode(self, text: str) -> list[int]:
-        """Ids of one text, with the template's bos/eos, not truncated."""
+    def encode(self, text: str, *, name: str = "text") -> list[int]:
+        """Ids of one text, with the template's bos/eos, not truncated. ``name``: how errors name the text (the
+        caller's argument, e.g. ``"prompts[2]"``)."""
         if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return self._encode_batch([text])[0]
+            raise TypeError(f"{name} must be a str, got {type(text).__name__}")
+        return self._encode_batch([text], lambda _: name)[0]
 
     def __call__(
         self,
@@ -308,11 +306,13 @@ class Tokenizer:
         max_length: int | None = None,
         padding: Literal["longest", "max_length"] = "longest",
         return_tensors: bool = True,
+        name: str = "texts",
     ) -> dict:
         """Tokenizes a batch for a model.
 
         Texts longer than `max_length` (default: `self.max_length`) are cut, keeping eos as the last token as
-        open_clip does; rows are right-padded with `pad_id` to the longest row or to `max_length`.
+        open_clip does; rows are right-padded with `pad_id` to the longest row or to `max_length`. Errors name the
+        texts `name` (the caller's argument: ``name[i]`` is the i-th text).
 
         Returns:
             {"input_ids": (B, T) long tensor, "attention_mask": (B, T) bool tensor, True = real token}; nested
@@ -330,7 +330,7 @@ class Tokenizer:
             raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
         max_length = self._max_length if max_length is None else self._check_max_length(max_length)
 
-        rows = [self._truncate(ids, max_length) for ids in self._encode_batch(list(texts))]
+        rows = [self._truncate(ids, max_length) for ids in self._encode_batch(list(texts), lambda i: f"{name}[{i}]")]
         width = max_length if padding == "max_length" else max(map(len, rows))
         input_ids = [row + [self._pad_id] * (width - len(row)) for row in rows]
         mask = [[True] * len(row) + [False] * (width - len(row)) for row in rows]
@@ -338,7 +338,11 @@ class Tokenizer:
             return {"input_ids": input_ids, "attention_mask": mask}
         return {"input_ids": torch.tensor(input_ids, dtype=torch.long), "attention_mask": torch.tensor(mask)}
 
-    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def _encode_batch(self, texts: list[str], name: Callable[[int], str]) -> list[list[int]]:
+        """Ids of each text. A text that is not valid Unicode is refused first, named ``name(i)``
+        (:func:`~mmformer.preprocess.media.check_unicode`): every path that encodes text comes through here."""
+        for i, t in enumerate(texts):
+            check_unicode(t, name(i))
         if self._clip_clean:
             texts = [_clean_clip(t) for t in texts]
         return [e.ids for e in self._backend.encode_batch(texts)]

@@ -41,9 +41,11 @@ import numpy as np
 from mmformer.preprocess.media import (
     SampleError,
     check_resample,
+    check_unicode,
     convert_image,
     decode_audio,
     read_image,
+    read_tokenizer_json,
     truncate_audio,
 )
 from mmformer.ship.audio_features import log_mel_features, log_mel_rules, resample, sinc_resampler
@@ -143,12 +145,10 @@ class OnnxModel:
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            import tokenizers
-
             path = self.directory / "tokenizer.json"
             if not path.is_file():
                 raise FileNotFoundError(f"{self.directory}: no tokenizer.json; export the model with its processor")
-            tok = tokenizers.Tokenizer.from_file(str(path))
+            tok = read_tokenizer_json(path)
             self.max_length = (tok.truncation or {}).get("max_length") or self.text["max_length"] or 10**9
             if self.text["max_length"]:
                 self.max_length = min(self.max_length, self.text["max_length"])
@@ -158,7 +158,10 @@ class OnnxModel:
         return self._tokenizer
 
     def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Texts → ids (B, T) int64 and mask (B, T) bool: bos … eos, cut to the context keeping eos, right-padded."""
+        """Texts → ids (B, T) int64 and mask (B, T) bool: bos … eos, cut to the context keeping eos, right-padded.
+        A text that is not valid Unicode is refused as the Tokenizer refuses it (tokenizers' error names nothing)."""
+        for i, t in enumerate(texts):
+            check_unicode(t, f"texts[{i}]")
         rows = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
         eos = self.text["eos_id"]
         cut = []
@@ -325,6 +328,8 @@ class OnnxModel:
     # ------------------------------------------------------------------ zero-shot
     def class_embeddings(self, classnames: Sequence[str], templates: Sequence[str] = ("{}",)) -> np.ndarray:
         """(C, E): per class, the normalised mean over templates of the normalised prompt embeddings."""
+        for i, name in enumerate(classnames):
+            check_unicode(name, f"classnames[{i}]")  # named as given, not as the prompt it is put in
         prompts = [t.replace("{}", name) for name in classnames for t in templates]
         per_prompt = self.encode_text(prompts).reshape(len(classnames), len(templates), -1)
         return _normalize(per_prompt.mean(axis=1))
