@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from mmformer.eval_mode import eval_mode
 from mmformer.io.weights import model_device
 from mmformer.model import MultimodalTransformer
+from mmformer.preprocess.media import check_unicode
 from mmformer.values import is_int
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ def check_classnames(classnames: Any) -> list[str]:
             raise TypeError(f"classnames[{i}]: expected str, got {type(name).__name__}")
         if not name.strip():
             raise ValueError(f"classnames[{i}]: expected a non-blank class name, got {name!r}")
+        check_unicode(name, f"classnames[{i}]")
     duplicated = sorted(name for name, n in Counter(names).items() if n > 1)
     if duplicated:
         raise ValueError(f"classnames: expected distinct names, got duplicates {duplicated}")

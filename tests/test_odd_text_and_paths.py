@@ -24,6 +24,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import models, pre_tokenizers
 
 from mmformer.data.datamodule import MultimodalDataModule
+from mmformer.data.io import read_text
 from mmformer.preprocess.media import MissingSampleError, SampleError, decode_audio, file_modality, read_image
 from mmformer.preprocess.processor import ImageProcessorConfig, Processor
 from mmformer.preprocess.tokenizer import Tokenizer
@@ -88,7 +89,7 @@ def test_text_that_is_not_unicode_is_refused_naming_the_callers_argument(tokeniz
     for kwargs in ({}, {"text_max_length": 8}):  # warned truncation, or the caller's length
         with pytest.raises(ValueError, match=r"^text\[1\]: " + NOT_UNICODE):
             processor(text=["one", "z\udce9ro"], **kwargs)
-    with pytest.raises(ValueError, match=r"^prompt\[1\]: " + NOT_UNICODE):
+    with pytest.raises(ValueError, match=r"^classnames\[1\]: " + NOT_UNICODE):
         ZeroShotClassifier(tiny_model, processor, ["one", "z\udce9ro"], ["{}"]).predict_proba(np.zeros((1, 16, 16, 3)))
     long = r"got 'w5 w5 [w5 ]*\.\.\.', with an unpaired surrogate '\\ud800' at character 60 \(undecodable bytes\?\)$"
     with pytest.raises(ValueError, match=long):
@@ -174,6 +175,7 @@ def test_pipes_are_read_and_folders_and_missing_paths_say_so(pipe_holding, tmp_p
     with pytest.raises(SampleError, match=r"not a regular file \(a pipe\?\), so its kind is not guessed .*; pass -m"):
         file_modality(piped, "pass -m")  # sniffing would use up what the reader needs
     assert read_image(piped).size == (16, 16)  # still whole
+    assert read_text(pipe_holding(b"  a caption\n")) == "a caption"  # a manifest's text from a pipe too
     with pytest.raises(MissingSampleError, match=r"gone\.png: file not found$"):
         read_image(tmp_path / "gone.png")
     with pytest.raises(MissingSampleError, match=r": a folder, not a file$"):

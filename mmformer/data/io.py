@@ -102,7 +102,7 @@ def read_text(source: Source, *, name: str | None = None) -> str:
     name = source_name(source, name)
     fp = open_source(source, name)
     try:
-        raw = source if isinstance(source, bytes) else Path(fp).read_bytes()
+        raw = Path(fp).read_bytes() if isinstance(fp, str) else fp.read()  # a path, or the bytes / a pipe read in
         text = raw.decode("utf-8").strip()
     except (UnicodeDecodeError, OSError) as e:
         raise SampleError(name, f"cannot read text ({type(e).__name__}: {e})") from e

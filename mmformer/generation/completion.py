@@ -35,7 +35,7 @@ def _prompt_rows(tokenizer: Any, prompts: Any) -> tuple[list[list[int]] | torch.
     if all(isinstance(p, str) for p in prompts):
         rows = []
         for i, p in enumerate(prompts):
-            ids = tokenizer.encode(p)
+            ids = tokenizer.encode(p, name=f"prompts[{i}]")
             if tokenizer.eos_id is not None and ids and ids[-1] == tokenizer.eos_id:
                 ids = ids[:-1]  # a template's end-of-text would end the prompt before it is continued
             if not ids:

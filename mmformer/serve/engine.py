@@ -23,6 +23,7 @@ from mmformer.generation.streaming import TextStreamer
 from mmformer.io.weights import model_device
 from mmformer.longform import has_timestamps, with_compute_type
 from mmformer.longform.options import TranscribeOptions
+from mmformer.preprocess.media import check_unicode
 from mmformer.serve.transcripts import transcribe_clips
 from mmformer.zeroshot import ZeroShotClassifier
 
@@ -204,11 +205,7 @@ class Engine:
         in the model's batch, where a message could name neither the input nor its real length): not valid Unicode,
         or more tokens than the position table holds — counted untruncated, except that a text of more than
         :data:`CHARS_PER_TOKEN` characters a position is refused uncounted (20 MB of text took 48 s to tokenize)."""
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(f"{param}: expected valid Unicode text; got a string with an unpaired surrogate "
-                             f"at character {e.start}") from None  # fmt: skip
+        check_unicode(text, param)
         cfg = self.model.config.text
         if cfg is None or cfg.position == "none":  # relative positions: no table to outgrow
             return
