@@ -20,11 +20,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import safetensors.torch
 import torch
 from torch import nn
 
-from mmformer.io.atomic import write_bytes_atomic
+from mmformer.io.atomic import safetensors_bytes, write_bytes_atomic
 from mmformer.io.weights import base_layer
 from mmformer.values import is_int
 
@@ -94,7 +93,7 @@ class SoftPrompt(nn.Module):
         """Write the prompt file atomically (a temporary file beside it, renamed over it)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = safetensors.torch.save(
+        data = safetensors_bytes(  # the same bytes for the same prompt (the metadata's keys in order)
             {PROMPT_KEY: self.vectors.detach().float().cpu().contiguous()},
             metadata={KIND_KEY: self.kind, "format_version": PROMPT_FORMAT_VERSION},
         )

@@ -21,7 +21,9 @@ pass them to attention as lengths (:func:`_lengths_for_masks`), and from opset 2
 per query for onnxruntime (:func:`_mask_per_query`).
 
 Every folder is written through :func:`mmformer.io.pretrained.atomic_directory`: a failed export leaves the target as
-it was (no half-written folder). A ``.pt2`` program is read back by :func:`mmformer.ship.programs.load_program`.
+it was (no half-written folder), and a failed write (a full disk) is a :class:`~mmformer.io.atomic.WriteError` naming
+the file (:func:`~mmformer.io.atomic.writing`). A ``.pt2`` program is read back by
+:func:`mmformer.ship.programs.load_program`.
 
 Shape legend: B batch, T queries, S keys (memory tokens), nh heads, hs head size, M mel bins.
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import io
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -40,7 +43,7 @@ from typing import Any
 import torch
 
 from mmformer.embedders.audio import DECADES, POWER_FLOOR
-from mmformer.io.atomic import write_json
+from mmformer.io.atomic import write_json, writing
 from mmformer.io.pretrained import EXPORT_CONFIG, MEL_FILTERS
 from mmformer.model import MultimodalTransformer
 from mmformer.ship.audio_features import LOG_MEL
@@ -282,18 +285,31 @@ def _write_onnx(graph: Graph, path: Path, opset: int) -> None:
             _lengths_for_masks(program.model)
         if opset >= 23:
             _mask_per_query(program.model)
-        program.save(str(path))
+        with writing(path):  # a full disk: a WriteError naming the graph's file, not a bare OSError
+            program.save(str(path))
 
 
 def _write_program(graph: Graph, path: Path, opset: int) -> None:
+    """The ``.pt2`` archive is built in memory and then written: torch's archive writer, writing a file (by path or
+    file object) on a full disk, raises and later aborts the process (its destructor throws again: "terminate called
+    after throwing an instance of 'c10::Error'")."""
     del opset
     with torch.no_grad():
         program = torch.export.export(graph.module, tuple(graph.inputs.values()), dynamic_shapes=graph.dynamic_shapes())
-    torch.export.save(program, str(path))
+    archive = io.BytesIO()
+    torch.export.save(program, archive)
+    with writing(path):
+        path.write_bytes(archive.getbuffer())
 
 
 def _save_mel_filters(model: MultimodalTransformer, path: Path) -> None:
+    """The ``.npy`` is built in memory and then written: ``np.save`` of a path on a full disk raised an ``OSError``
+    without the OS's reason ("26400 requested and 32 written"), or, for a bank under its 4 KiB buffer, nothing at all,
+    leaving a cut file."""
     import numpy as np
 
     bank = model.audio_embed.features.filters(torch.device("cpu"))  # (n_fft/2 + 1, M)
-    np.save(path, bank.numpy().astype(np.float32), allow_pickle=False)
+    data = io.BytesIO()
+    np.save(data, bank.numpy().astype(np.float32), allow_pickle=False)
+    with writing(path):
+        path.write_bytes(data.getbuffer())
