@@ -36,9 +36,9 @@ from mmformer.convert.common import (
     id_in_vocab,
     map_cross_attention,
     read_hf_checkpoint,
-    read_hf_tokenizer,
 )
 from mmformer.convert.hf_clip import image_settings, map_layers, read_image_processor, stack_config
+from mmformer.convert.hf_tokenizer import read_hf_tokenizer
 from mmformer.convert.sentence_pipeline import hf_max_length
 from mmformer.io.weights import build_on_meta
 from mmformer.model import MultimodalTransformer
