@@ -7,19 +7,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import functools
 import gc
 import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TextIO
 
 from mmformer.cli import artifacts
-from mmformer.cli.parser import OUTPUT_FORMATS, USAGE, build, dataclass_of
+from mmformer.cli.parser import OUTPUT_FORMATS, TRAIN_HELP, USAGE, build, dataclass_of
 
-TRAIN_COMMANDS = ("fit", "validate", "test", "predict")
+TRAIN_COMMANDS = tuple(TRAIN_HELP)
 
 
 def _load_model(path: str, device: str, adapter: str | None = None):
@@ -367,10 +369,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
+    if argv[0] == "--version":
+        print(f"mmformer {_version()}")
+        return
     if argv[0] in TRAIN_COMMANDS:
         from mmformer.cli.training import run_training_cli
 
-        run_training_cli(argv)
+        with _out_of_memory_in_one_line(argv[0], "a smaller --data.batch_size or shorter samples"):
+            run_training_cli(argv)
         return
     args = build(argv[0]).parse_args(argv)  # the options of argv[0] alone: most need no torch
     handlers = {
@@ -390,14 +396,62 @@ def main(argv: Sequence[str] | None = None) -> None:
     from mmformer.data.io import SampleError
 
     try:
-        if args.command in artifacts.WRITE_OUT:
-            artifacts.refuse_saved_out(args)
-        _check_device(getattr(args, "device", None))
-        handlers[args.command](args)
+        with _out_of_memory_in_one_line(args.command, _smaller_batch(args)):
+            if args.command in artifacts.WRITE_OUT:
+                artifacts.refuse_saved_out(args)
+            _check_device(getattr(args, "device", None))
+            handlers[args.command](args)
     except BrokenPipeError:  # the reader of stdout has gone (`| head -1`): not an error to report, see run()
         raise
     except (SampleError, OSError, ValueError, ImportError) as e:  # OSError: a folder in the way, a full disk, ...
-        raise SystemExit(f"mmformer {args.command}: error: {e}") from None
+        raise SystemExit(f"mmformer {args.command}: error: {e}") from None  # (stdout's own: StdoutError, see run())
+    except Warning as e:  # one the warning filter makes an error (-W error, PYTHONWARNINGS=error)
+        raise SystemExit(f"mmformer {args.command}: error: {warning_as_error(e)}") from None
+
+
+def _version() -> str:
+    """The installed package's version (its metadata: no torch import); the source tree's where it is not installed
+    (``python -m mmformer`` from a checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mmformer")
+    except PackageNotFoundError:
+        from mmformer import __version__
+
+        return f"{__version__} (not installed)"
+
+
+def warning_as_error(e: Warning) -> str:
+    """A warning raised as an exception (the user's ``-W error`` or ``PYTHONWARNINGS=error``), for an error line."""
+    return f"{type(e).__name__}: {e} (a warning, made an error by the warning filter: -W error / PYTHONWARNINGS)"
+
+
+@contextlib.contextmanager
+def _out_of_memory_in_one_line(command: str, less: str) -> Iterator[None]:
+    """Running out of memory anywhere in ``command``: one line naming it and what to lower (``less``), not a traceback
+    through torch. A MemoryError is an allocation refused (Python's, numpy's: ``ulimit -v``, a container's limit);
+    torch's OutOfMemoryError a GPU's. (torch's CPU allocator raises a plain RuntimeError, "can't allocate memory",
+    which is not caught here: RuntimeError is every other torch failure too.)"""
+    try:
+        yield
+    except (MemoryError, *_torch_out_of_memory()) as e:
+        detail = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise SystemExit(f"mmformer {command}: error: out of memory ({detail}); ask for less at once: {less}") from None
+
+
+def _smaller_batch(args: argparse.Namespace) -> str:
+    """What a command that ran out of memory can lower: its batch flag (with the value it had), its inputs."""
+    for name in ("batch_size", "max_batch_size"):
+        if getattr(args, name, None) is not None:
+            return f"a smaller --{name.replace('_', '-')} (it was {getattr(args, name)}) or shorter inputs"
+    return "shorter or fewer inputs"
+
+
+def _torch_out_of_memory() -> tuple[type[BaseException], ...]:
+    """torch's OutOfMemoryError where torch is loaded (a command that failed before loading it met none)."""
+    torch = sys.modules.get("torch")
+    return (torch.OutOfMemoryError,) if torch is not None else ()
 
 
 def _check_device(device: str | None) -> None:
@@ -426,20 +480,93 @@ def run() -> None:
     is not an error: Python's recipe for SIGPIPE (the ``signal`` module's "Note on SIGPIPE": stdout pointed at
     /dev/null, so that the interpreter's last flush cannot fail again) with no message and exit status 141 (128 +
     SIGPIPE, what a shell reports for a tool SIGPIPE killed, as ``yes | head -1`` under ``set -o pipefail``), so
-    that a script can tell it from an error's 1."""
+    that a script can tell it from an error's 1.
+
+    A stdout that cannot take the output is an error, said once: ``mmformer COMMAND: error: cannot write the output
+    to stdout: REASON`` and exit status 1, at the first write that fails (:class:`StdoutError`; a full disk, ``>
+    /dev/full``, was a bare "[Errno 28] No space left on device"). So is a stdout closed from the start (``>&-``),
+    where Python leaves ``sys.stdout`` None, ``print`` dropped every result silently and the last flush raised an
+    AttributeError: unlike a reader that took the lines it wanted and left, nobody got any of them, and 141 would
+    claim a SIGPIPE that never came (coreutils say "write error: Bad file descriptor" there too). ``>/dev/null``
+    discards the output quietly."""
     warnings.formatwarning = _one_line_warning
+    if not isinstance(sys.stdout, _Stdout):
+        sys.stdout = _Stdout(sys.stdout)
     try:
         main()
         sys.stdout.flush()  # here, where a closed pipe is handled, not at the interpreter's exit
     except KeyboardInterrupt:
-        command = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
-        print(f"mmformer{' ' + command if command else ''}: interrupted", file=sys.stderr)
+        print(f"{_prog()}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _discard_output(sys.stdout)
         raise SystemExit(141) from None
+    except StdoutError as e:  # --help's or --version's text, or the last flush (main() says its commands' own)
+        raise SystemExit(f"{_prog()}: error: {e}") from None
     gc.freeze()
+
+
+def _prog() -> str:
+    """``mmformer COMMAND`` of the command line, for a line run() prints; ``mmformer`` before a command."""
+    command = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
+    return f"mmformer{' ' + command if command else ''}"
+
+
+class StdoutError(OSError):
+    """stdout cannot take the command's output: closed from the start, a full disk, an I/O error. (A reader that has
+    gone, BrokenPipeError, is not one: see :func:`run`.) An OSError, so that the commands' error line says it."""
+
+    def __str__(self) -> str:
+        return f"cannot write the output to stdout: {self.strerror}"
+
+
+class _Stdout:
+    """``sys.stdout`` under :func:`run`: the stream itself (every attribute is the stream's), whose writes and flushes
+    that fail raise :class:`StdoutError` naming stdout and the reason, rather than an OSError naming nothing. After
+    the first, its descriptor points at os.devnull (as for a closed pipe), so that the interpreter's last flush of
+    what is still buffered cannot fail again, and each later write raises the same error."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self._error = None
+        if stream is None:  # descriptor 1 closed (`>&-`): print() dropped every line silently
+            # devnull takes the lowest free descriptor, 1 where stdin is open: no file the command writes lands there
+            stream = open(os.devnull, "w")  # noqa: SIM115 (held for the process's life, as stdout is)
+            self._error = StdoutError(errno.EBADF, "it is closed (redirect it to a file, or to /dev/null to discard "
+                                                   "the output)")  # fmt: skip
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._call("write", text)
+
+    def writelines(self, lines: Any) -> None:
+        self._call("writelines", lines)
+
+    def flush(self) -> None:
+        if self._error is None:  # after an error: nothing left to say, and what is buffered goes to os.devnull
+            self._call("flush")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def _call(self, name: str, *args: Any) -> Any:
+        if self._error is not None:
+            raise self._error
+        try:
+            return getattr(self._stream, name)(*args)
+        except BrokenPipeError:  # the reader has gone: run() ends quietly
+            raise
+        except OSError as e:
+            self._error = StdoutError(e.errno, e.strerror or str(e))
+            with contextlib.suppress(OSError, ValueError):  # a stream without a descriptor (a test's) has nothing to
+                _discard_output(self._stream)  # flush at exit
+            raise self._error from e
+
+
+def _discard_output(stream: TextIO) -> None:
+    """Python's recipe for a stdout that can take no more (the ``signal`` module's "Note on SIGPIPE"): its descriptor
+    pointed at os.devnull, so that the interpreter's last flush of what is still buffered cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:

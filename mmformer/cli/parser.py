@@ -18,7 +18,9 @@ from typing import Any
 
 from mmformer.cli import artifacts
 
-USAGE = """usage: mmformer <command> [options]
+USAGE_LINE = "mmformer <command> [options]"  # argparse prints it after its own "usage: "
+USAGE = f"""usage: {USAGE_LINE}
+       mmformer --help | --version
 
 Training (a LightningCLI; `mmformer fit --help` lists every option):
   fit        train:            mmformer fit --config configs/digits.yaml [--trainer.precision bf16-mixed]
@@ -53,8 +55,10 @@ def build(command: str | None = None) -> argparse.ArgumentParser:
     """The ``mmformer`` parser with every sub-command (so an unknown one is refused naming them all, and each has its
     ``usage: mmformer NAME`` prog), but the options of ``command`` alone: the one being run, ``argv[0]`` (None: every
     command's options)."""
-    parser = argparse.ArgumentParser(prog="mmformer", usage=USAGE, add_help=False)
+    parser = argparse.ArgumentParser(prog="mmformer", usage=USAGE_LINE, add_help=False)
     sub = parser.add_subparsers(dest="command", prog="mmformer")  # each sub-command: "usage: mmformer NAME ..."
+    for name, summary in TRAIN_HELP.items():  # named in the choices; mmformer.cli.main runs them (LightningCLI)
+        sub.add_parser(name, help=summary, add_help=False)
     for name, (summary, add_options) in COMMANDS.items():
         p = sub.add_parser(name, help=summary)
         if command is None or name == command:
@@ -252,7 +256,15 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-# Every sub-command, in the order they are listed: its one-line help and the builder of its options
+# The training commands, LightningCLI's subcommands (mmformer.cli.training builds their options): their help
+TRAIN_HELP = {
+    "fit": "train a model (LightningCLI; `mmformer fit --help` lists every option)",
+    "validate": "run the validation loop on a checkpoint",
+    "test": "run the test loop on a checkpoint",
+    "predict": "write predictions of a checkpoint",
+}
+
+# Every inference and interop sub-command, in the order listed: its one-line help and the builder of its options
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "export": ("write a pretrained directory, or each tower as ONNX / torch.export graphs", _export_args),
     "quantize": ("quantize a model: torchao, PT2E x86 int8 (compiled) or onnxruntime int8", _quantize_args),

@@ -44,6 +44,9 @@ What the CLI adds to LightningCLI:
   meets once started that name their cause (a missing validation manifest or ``--ckpt_path``, too many unreadable
   samples, a checkpoint that cannot be written: the disk is full) print one ``mmformer fit: error: ...`` and exit
   with status 1;
+- under ``-W error`` (``PYTHONWARNINGS=error``) a run stops at a warning with one ``mmformer fit: error: ...`` line
+  naming it, except for the libraries' deprecations inside LightningCLI's and the Trainer's own calls, which are no
+  user's to fix and are silenced there alone (:data:`LIBRARY_DEPRECATIONS`);
 - Ctrl-C stops a run as Lightning does (its graceful shutdown), with exit status 130 rather than Lightning's 1
   (:func:`interrupted_exits_130`).
 """
@@ -57,12 +60,14 @@ import os
 import pickle
 import re
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import torch
 from jsonargparse import ArgumentError, Namespace
+from jsonargparse._deprecated import JsonargparseDeprecationWarning
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ProgressBar, RichProgressBar
@@ -71,6 +76,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from mmformer.cli.main import warning_as_error
 from mmformer.config import AudioConfig, ImageConfig, ModelConfig, StackConfig, TextConfig
 from mmformer.data import MultimodalDataModule
 from mmformer.data.skipping import TooManyBadSamplesError
@@ -100,6 +106,16 @@ LIGHTNING_OPTIMIZERS = {
     "step (model.schedule.warmup_steps, max_steps, min_lr_ratio); another scheduler needs a MultimodalTask subclass "
     "whose configure_optimizers returns it",
 }
+
+
+# Deprecations that libraries raise inside the calls LightningCLI and the Trainer make, none of them a user's to fix:
+# (category, message regex). Under `-W error` (PYTHONWARNINGS=error, common in CI) each stopped every `fit` with a
+# traceback. Silenced around the CLI's run alone (MMFormerCLI.__init__); every other warning, mmformer's own included,
+# still reaches the user, and under `-W error` stops the run with one line (run_training_cli).
+LIBRARY_DEPRECATIONS = (
+    (JsonargparseDeprecationWarning, ""),  # jsonargparse's add_instantiator and instantiate_classes, LightningCLI's
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),  # torch's LeafSpec, Lightning's _pytree
+)
 
 
 class ConfigError(ValueError):
@@ -228,7 +244,10 @@ class MMFormerCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)  # the task's own: see LIGHTNING_OPTIMIZERS
         for sub in self.subcommands():
             parser_kwargs[sub] = {"exit_on_error": False, **parser_kwargs.get(sub, {})}
-        super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
+        with warnings.catch_warnings():  # the run too (run=True): see LIBRARY_DEPRECATIONS
+            for category, message in LIBRARY_DEPRECATIONS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
@@ -524,13 +543,14 @@ def run_training_cli(argv: Sequence[str]) -> None:
         print(f"mmformer: error: {e}", file=sys.stderr)
         print(f"(`mmformer {command} --help` lists the options; MMFORMER_DEBUG=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
-    except (ValueError, OSError, TooManyBadSamplesError) as e:
+    except (ValueError, OSError, TooManyBadSamplesError, Warning) as e:
         # what the run met once started, each naming its cause: a validation manifest that is missing or empty, a
         # --ckpt_path that does not exist, too many unreadable samples, `predict` without data.predict, a checkpoint
-        # that cannot be written (AtomicCheckpointIO's WriteError: a full disk)
+        # that cannot be written (AtomicCheckpointIO's WriteError: a full disk), stdout that cannot be written
+        # (mmformer.cli.main.StdoutError), a warning the user's filter makes an error (-W error)
         if os.environ.get("MMFORMER_DEBUG"):
             raise
         command = argv[0] if argv else "fit"
-        print(f"mmformer {command}: error: {e}", file=sys.stderr)
+        print(f"mmformer {command}: error: {warning_as_error(e) if isinstance(e, Warning) else e}", file=sys.stderr)
         print("(MMFORMER_DEBUG=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(1) from None
