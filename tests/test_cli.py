@@ -104,6 +104,22 @@ def test_help_and_usage_errors_import_no_torch():
     assert done.returncode == 0 and done.stdout.strip() == "False", (done.stdout, done.stderr[-2000:])
 
 
+def test_zeroshot_reads_class_names_from_a_file_one_a_line(saved, tmp_path, capsys):
+    """ImageNet's names hold commas ("tench, Tinca tinca"): --classes split them into other classes silently;
+    --classes-file takes one name a line."""
+    names = tmp_path / "classes.txt"
+    names.write_text("zero, nought\n\none\ntwo\n", encoding="utf-8")
+    main(["zeroshot", "--model", str(saved / "model"), "--classes-file", str(names), "--top", "3",
+          str(saved / "a.png")])  # fmt: skip
+    shown = [line.split("  ")[1].strip() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert sorted(shown) == ["one", "two", "zero, nought"]
+    names.write_text("\n \n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"--classes-file: expected class names, one a line; .*classes.txt has none"):
+        main(["zeroshot", "--model", str(saved / "model"), "--classes-file", str(names), str(saved / "a.png")])
+    with pytest.raises(SystemExit):  # one or the other
+        main(["zeroshot", "--model", str(saved / "model"), "--classes", "a,b", "--classes-file", str(names), "x.png"])
+
+
 def test_zeroshot_mixes_images_and_audio(saved, capsys):
     main(["zeroshot", "--model", str(saved / "model"), "--classes", ",".join(WORDS), "--top", "3",
           str(saved / "a.png"), str(saved / "a.wav")])  # fmt: skip

@@ -37,6 +37,24 @@ def _load_model(path: str, device: str, adapter: str | None = None):
     return model
 
 
+def _class_names(args: argparse.Namespace) -> list[str]:
+    """``--classes`` split at its commas, or ``--classes-file``'s lines (a name may hold commas there), blanks
+    dropped."""
+    if args.classes_file is None:
+        classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+        if not classes:
+            raise ValueError(f"--classes: expected comma-separated class names, got {args.classes!r}")
+        return classes
+    try:
+        text = open(args.classes_file, encoding="utf-8").read()  # noqa: SIM115 (read at once)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--classes-file: {args.classes_file} is not UTF-8 text ({e})") from None
+    classes = [line.strip() for line in text.splitlines() if line.strip()]
+    if not classes:
+        raise ValueError(f"--classes-file: expected class names, one a line; {args.classes_file} has none")
+    return classes
+
+
 def _zeroshot(args: argparse.Namespace) -> None:
     from mmformer.compress.cpu_precision import inference_autocast
     from mmformer.compress.pt2e import PT2EModel, as_quantized
@@ -45,9 +63,7 @@ def _zeroshot(args: argparse.Namespace) -> None:
     from mmformer.zeroshot import ZeroShotClassifier
 
     model = _load_model(args.model, args.device, args.adapter)
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    if not classes:
-        raise ValueError(f"--classes: expected comma-separated class names, got {args.classes!r}")
+    classes = _class_names(args)
     if args.prompt and args.templates != "{}":
         raise ValueError(f"--templates: a learned prompt (--prompt) replaces the templates; got both "
                          f"(--templates {args.templates!r})")  # fmt: skip

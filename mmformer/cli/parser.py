@@ -127,7 +127,10 @@ def _zeroshot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder applied on top of --model")
     p.add_argument("--prompt", default=None, help="a learned context prompt file (CoOp) in place of --templates")
-    p.add_argument("--classes", required=True, help="comma-separated class names")
+    names = p.add_mutually_exclusive_group(required=True)
+    names.add_argument("--classes", help="comma-separated class names")
+    names.add_argument("--classes-file", help="a UTF-8 text file of class names, one a line (names may hold commas, as "
+                       "ImageNet's 'tench, Tinca tinca'; open_clip's IMAGENET_CLASSNAMES, one a line)")  # fmt: skip
     p.add_argument("--templates", default="{}", help="'|'-separated prompt templates with {} for the class name")
     p.add_argument("--modality", choices=("auto", "image", "audio"), default="auto")
     p.add_argument("--top", type=_at_least_one, default=3, help="classes shown per file")
