@@ -7,9 +7,11 @@ audio encoder's compute type (:func:`with_compute_type`) and the options each wi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,7 +21,13 @@ from mmformer.eval_mode import eval_mode
 from mmformer.generation.decoding import processor_with_tokenizer
 from mmformer.generation.options import DecodingOptions
 from mmformer.io.weights import model_device
-from mmformer.longform.batched import PHASES, decode_windows_generic, decode_windows_whisper, transcribe_windows
+from mmformer.longform.batched import (
+    PHASES,
+    DecodeBatch,
+    decode_windows_generic,
+    decode_windows_whisper,
+    transcribe_windows,
+)
 from mmformer.longform.options import TranscribeOptions
 from mmformer.longform.sequential import transcribe_sequential
 from mmformer.longform.vad import (
@@ -101,6 +109,11 @@ def _refuse_options(options: TranscribeOptions, names: Sequence[str], needs: str
             raise ValueError(f"{name}: needs {needs}; got {getattr(options, name)!r}")
 
 
+def input_name(source: Any, index: int) -> str:
+    """How messages name input ``index``: its path, or ``inputs[index]`` for an array."""
+    return str(source) if isinstance(source, (str, os.PathLike)) else f"inputs[{index}]"
+
+
 def read_input(source: Any, sample_rate: int, index: int, array_rate: int | None = None) -> tuple[str, torch.Tensor]:
     """An input's name and mono waveform (S,) at ``sample_rate``: a file decoded with soundfile and resampled
     (torchaudio), or a 1-D array recorded at ``array_rate`` (default ``sample_rate``), float or int16 PCM, converted
@@ -114,9 +127,9 @@ def read_input(source: Any, sample_rate: int, index: int, array_rate: int | None
     from mmformer.data.io import SampleError, read_audio
     from mmformer.preprocess.processor import AudioProcessorConfig, Processor
 
+    name = input_name(source, index)
     if isinstance(source, (str, os.PathLike)):
-        return str(source), read_audio(source, sample_rate)[0]
-    name = f"inputs[{index}]"
+        return name, read_audio(source, sample_rate)[0]
     if isinstance(source, np.ndarray):
         source = torch.from_numpy(np.ascontiguousarray(source))
     if isinstance(source, torch.Tensor) and source.device.type != "meta":  # skipped, as an unreadable file is
@@ -129,12 +142,73 @@ def read_input(source: Any, sample_rate: int, index: int, array_rate: int | None
     return name, reader.waveform(source, name, sample_rate if array_rate is None else array_rate)
 
 
+SHORTER = "try a shorter input (cut it into parts)"
+SMALLER = "try a smaller batch_size or a shorter input"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation refused: a MemoryError (Python's, numpy's: ``ulimit -v``, a container's
+    limit), torch's OutOfMemoryError (a GPU's), torch's CPU allocator's plain RuntimeError ("DefaultCPUAllocator:
+    can't allocate memory: you tried to allocate ... bytes"; no other RuntimeError) or onnxruntime's error for a
+    ``std::bad_alloc`` (Silero's session, which raises its own exception classes)."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(error)
+    if isinstance(error, RuntimeError):
+        return "can't allocate memory" in text or "DefaultCPUAllocator" in text
+    return type(error).__module__.startswith("onnxruntime") and "bad_alloc" in text
+
+
+class _Failures:
+    """The inputs of a :func:`transcribe_files` run that fail, each with its error result: ones that cannot be read
+    (``read_each``'s messages) and ones that run out of memory while read or transcribed, which cost only their own
+    result, as an unreadable file does. Each is reported as it happens: a warning and ``on_result``."""
+
+    def __init__(self, names: list[str], on_result: Callable[[int, dict[str, Any]], None] | None):
+        self.names, self.on_result = names, on_result
+        self.results: dict[int, dict[str, Any]] = {}
+
+    def __contains__(self, index: int) -> bool:
+        return index in self.results
+
+    def add(self, index: int, message: str, warn: bool = True) -> None:
+        """Input ``index`` fails with ``message`` (naming it); ``warn=False``: warned about already."""
+        if warn:
+            warnings.warn(f"transcribe_files: skipped {message}", stacklevel=2)
+        self.results[index] = {"error": message, "text": "", "segments": [], "language": None}
+        if self.on_result is not None:
+            self.on_result(index, self.results[index])
+
+    @contextlib.contextmanager
+    def out_of_memory(self, index: int, doing: str, hint: str) -> Iterator[None]:
+        """Running out of memory inside fails input ``index`` (its message says what it was ``doing`` and ``hint``)
+        instead of the run; any other error propagates."""
+        try:
+            yield
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            self.add(index, f"{self.names[index]}: {_out_of_memory_message(doing, e, hint)}")
+
+
+def _out_of_memory_message(doing: str, error: BaseException, hint: str) -> str:
+    """What running out of memory ``doing`` something says: the allocator's first line, and ``hint``."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else "no details"
+    return f"out of memory {doing} ({type(error).__name__}: {detail}); {hint}"
+
+
 def _windows(
-    model: MultimodalTransformer, waves: list[torch.Tensor | None], vad: bool | None, options: VadOptions, limit: int
+    model: MultimodalTransformer,
+    waves: list[torch.Tensor | None],
+    vad: bool | None,
+    options: VadOptions,
+    limit: int,
+    failures: _Failures,
 ) -> list[Window]:
     """The windows of every input: its speech, cut and merged (VAD; the Silero frames of all inputs computed
     together), or the whole input when it fits the window (``limit`` samples) and VAD is not forced, or consecutive
-    windows of that length when VAD is off."""
+    windows of that length when VAD is off. Where finding speech runs out of memory, each input's is found alone,
+    and one that runs out alone is a failure (``failures``), its waveform dropped (None)."""
     rate = model.config.audio.sample_rate
     merge = fixed_window(model) if options.merge is None else options.merge
     windows, cut = [], []
@@ -146,10 +220,22 @@ def _windows(
             windows += [Window(i, s, min(s + limit, n), ((s, min(s + limit, n)),)) for s in range(0, n, limit)]
         else:
             cut.append(i)
+    regions_of: dict[int, list[tuple[int, int]]] = {}
     with torch.profiler.record_function(PHASES["vad"]):
-        regions_of = speech_regions_many([waves[i] for i in cut], rate, options)
-    for i, regions in zip(cut, regions_of):
-        windows += cut_and_merge(regions, i, limit, merge, options.pack_gap(rate))
+        if len(cut) > 1:
+            try:
+                regions_of = dict(zip(cut, speech_regions_many([waves[i] for i in cut], rate, options)))
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+        for i in [i for i in cut if i not in regions_of]:  # one input, or each alone: the memory of one
+            with failures.out_of_memory(i, "finding its speech", SHORTER):
+                regions_of[i] = speech_regions_many([waves[i]], rate, options)[0]
+    for i in cut:
+        if i in regions_of:
+            windows += cut_and_merge(regions_of[i], i, limit, merge, options.pack_gap(rate))
+        else:
+            waves[i] = None  # its memory back for the others
     return windows
 
 
@@ -273,19 +359,22 @@ def transcribe_files(
         sample_rate: the rate the waveform arrays in ``inputs`` were recorded at; they are resampled to the model's
             (file paths carry their own rate). Default: the model's rate.
         on_result: called as ``on_result(input index, result)`` once per input with the result returned for it, as
-            soon as it is complete: an unreadable input's error before any decoding, another's when its last window
-            is decoded (sequentially: when the input is done), so that a caller writes each input's outputs while
-            the others are decoded, as openai-whisper's command does, and an interruption keeps them. The VAD-batched
-            queue runs longest window first across inputs: an input whose windows are spread over it completes when
-            its last one is decoded. An exception it raises stops the run.
+            soon as it is complete: an unreadable input's error before any decoding, the error of one that runs out
+            of memory when it does, another's when its last window is decoded (sequentially: when the input is
+            done), so that a caller writes each input's outputs while the others are decoded, as openai-whisper's
+            command does, and an interruption keeps them. The VAD-batched queue runs longest window first across
+            inputs: an input whose windows are spread over it completes when its last one is decoded. An exception
+            it raises stops the run.
 
     Returns:
         One dict per input, in order: ``text``, ``segments`` (``id, seek, start, end`` in seconds on the input's
-        timeline, ``text, tokens, temperature``) and ``language``; an input that cannot be read gets
-        ``{"error": message naming it, "text": "", "segments": [], "language": None}`` and a warning, and the
-        others are still transcribed.
+        timeline, ``text, tokens, temperature``) and ``language``; an input that cannot be read, or that runs out of
+        memory while read or transcribed (a MemoryError, or torch's "can't allocate memory": :func:`is_out_of_memory`;
+        a batch of windows that does is decoded again one window at a time first), gets
+        ``{"error": message naming it and what to try, "text": "", "segments": [], "language": None}`` and a
+        warning, and the others are still transcribed (segments it streamed to ``on_segment`` stay streamed).
     """
-    from mmformer.data.io import read_each
+    from mmformer.data.io import SampleError, read_each
 
     if isinstance(inputs, (str, os.PathLike, np.ndarray, torch.Tensor)) or not isinstance(inputs, Sequence):
         raise TypeError(f"inputs: expected a list of file paths or 1-D waveforms, got {type(inputs).__name__}")
@@ -320,29 +409,48 @@ def transcribe_files(
     rate = model.config.audio.sample_rate
     processor.check_audio_rate(rate)
     _check_array_rate(sample_rate, rate)
-    waves, errors = read_each(  # an unreadable input is skipped (None), its error kept
-        list(enumerate(inputs)), lambda item: read_input(item[1], rate, item[0], sample_rate)[1], "transcribe_files"
-    )
-    failed = {i: {"error": message, "text": "", "segments": [], "language": None} for i, message in errors.items()}
-    if on_result is not None:
-        for i, result in failed.items():
-            on_result(i, result)
+
+    def read(item: tuple[int, Any]) -> torch.Tensor:
+        """An input's waveform; running out of memory reading it is a SampleError naming it, as a corrupt file is."""
+        index, source = item
+        try:
+            return read_input(source, rate, index, sample_rate)[1]
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            raise SampleError(input_name(source, index), _out_of_memory_message("reading it", e, SHORTER)) from None
+
+    waves, errors = read_each(list(enumerate(inputs)), read, "transcribe_files")  # an unreadable input: None
+    failures = _Failures([input_name(source, i) for i, source in enumerate(inputs)], on_result)
+    for i, message in errors.items():
+        failures.add(i, message, warn=False)  # read_each warned
     with eval_mode(model):  # a training model comes back as it was, every submodule's mode
         total = sum(w.shape[0] for w in waves if w is not None) / rate
         if whisper and not vad:  # openai-whisper's algorithm, input by input
-            results = []
+            results = [None] * len(waves)
             for i, wave in enumerate(waves):
-                results.append(None if wave is None else transcribe_sequential(
-                    model, wave, options, tokenizer=processor.tokenizer,
-                    progress=None if progress is None else _Increments(progress, total),
-                    on_segment=None if on_segment is None else functools.partial(on_segment, i), encoder=encoder,
-                    cross_dtype=cross_dtype,
-                ))  # fmt: skip
-                if wave is not None and on_result is not None:
+                if wave is None:
+                    continue
+                steps = None if progress is None else _Increments(progress, total)
+                with failures.out_of_memory(i, "transcribing it", SHORTER):
+                    results[i] = transcribe_sequential(
+                        model, wave, options, tokenizer=processor.tokenizer, progress=steps,
+                        on_segment=None if on_segment is None else functools.partial(on_segment, i), encoder=encoder,
+                        cross_dtype=cross_dtype,
+                    )  # fmt: skip
+                if i in failures:
+                    waves[i] = None  # its memory back for the others
+                    if steps is not None:  # the rest of its seconds
+                        steps(wave.shape[0] / rate, wave.shape[0] / rate)
+                elif on_result is not None:
                     on_result(i, results[i])
         else:
             limit = window_samples(model, vad_options, rate, processor.audio.max_samples if processor.audio else None)
-            windows = _windows(model, waves, vad, vad_options, limit)
+            samples = [None if w is None else w.shape[0] for w in waves]
+            windows = _windows(model, waves, vad, vad_options, limit, failures)
+            dropped = sum(n for n, w in zip(samples, waves) if n is not None and w is None)  # failed finding speech
+            if progress is not None and dropped:
+                progress(dropped / rate, total)
             if whisper:
                 decode = functools.partial(
                     decode_windows_whisper,
@@ -359,17 +467,44 @@ def transcribe_files(
             results = transcribe_windows(
                 waves,
                 windows,
-                decode,
+                _one_at_a_time_out_of_memory(decode, failures),
                 rate,
                 batch_size,
                 None if progress is None else lambda s: progress(s, total),
                 on_segment,
                 separator=None if whisper else " ",
-                on_result=on_result,
+                on_result=None if on_result is None else lambda i, r: None if i in failures else on_result(i, r),
             )
-    for i, result in failed.items():
+    for i, result in failures.results.items():
         results[i] = result
     return results
+
+
+def _one_at_a_time_out_of_memory(decode: DecodeBatch, failures: _Failures) -> DecodeBatch:
+    """``decode`` of a batch of windows, the windows of failed inputs skipped (no segments); where the batch runs out
+    of memory, its windows decoded one at a time (a warning says so), and a window that runs out alone fails its input
+    (``failures``; its windows still queued are skipped)."""
+
+    def run(windows: list[Window], audio: list[torch.Tensor]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [{"segments": [], "language": None} for _ in windows]
+        keep = [k for k, w in enumerate(windows) if w.file not in failures]
+        if len(keep) > 1:
+            try:
+                for k, result in zip(keep, decode([windows[k] for k in keep], [audio[k] for k in keep])):
+                    out[k] = result
+                return out
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                said = _out_of_memory_message(f"decoding {len(keep)} windows at once", e, SMALLER)
+                warnings.warn(f"transcribe_files: {said}; decoding them one at a time", stacklevel=2)
+        for k in keep:  # outside the except clause: the failed batch's memory is back
+            if windows[k].file not in failures:
+                with failures.out_of_memory(windows[k].file, "decoding it", SMALLER):
+                    out[k] = decode([windows[k]], [audio[k]])[0]
+        return out
+
+    return run
 
 
 def _check_array_rate(sample_rate: int | None, model_rate: int) -> None:
