@@ -6,13 +6,13 @@ the normalised text embeddings of its prompts (prompt ensembling). A learned pro
 the class
 whose embedding is most similar: ``logits = logit_scale.exp() * features @ class_embeddings.T``.
 
-Shape legend: B inputs, C classes, K templates, E joint embedding size.
+Shape legend: B inputs, C classes, U distinct class names (C with repeats), K templates, E joint embedding size.
 """
 
 from __future__ import annotations
 
 import os
-from collections import Counter
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +37,15 @@ MODALITIES = ("image", "audio")
 
 
 # ---------------------------------------------------------------------------------------------------- functions
-def check_classnames(classnames: Any) -> list[str]:
-    """Class names as a list, or a clear error: empty, not strings, blank or duplicated names."""
+def check_classnames(classnames: Any, *, distinct: bool = True) -> list[str]:
+    """Class names as a list, or a clear error: empty, not strings, blank names; with ``distinct`` (the default)
+    repeated names too.
+
+    ``distinct=False`` lets a name appear more than once, as open_clip's ``build_zero_shot_classifier`` does (its
+    ``IMAGENET_CLASSNAMES`` holds 'missile' and 'sunglasses' twice, so that its 1,000 columns line up with the data
+    set's label indices): each position is a column, and a repeated name's columns are identical
+    (:func:`build_class_embeddings`). Where a name must map back to one index (the training task's zero-shot
+    accuracy reads a sample's class from its text), keep the default."""
     if isinstance(classnames, str) or not isinstance(classnames, Sequence):
         raise TypeError(f"classnames: expected a list of class names (str), got {type(classnames).__name__}")
     names = list(classnames)
@@ -48,27 +55,47 @@ def check_classnames(classnames: Any) -> list[str]:
         if not isinstance(name, str):
             raise TypeError(f"classnames[{i}]: expected str, got {type(name).__name__}")
         if not name.strip():
-            raise ValueError(f"classnames[{i}]: expected a non-blank class name, got {name!r}")
+            raise ValueError(f"classnames[{i}]: expected a non-blank class name, got {name!r:.80}")
         check_unicode(name, f"classnames[{i}]")
-    duplicated = sorted(name for name, n in Counter(names).items() if n > 1)
-    if duplicated:
-        raise ValueError(f"classnames: expected distinct names, got duplicates {duplicated}")
+    repeated = repeated_names(names)
+    if distinct and repeated:
+        raise ValueError(f"classnames: expected distinct names, got duplicates {describe_repeated(repeated)}")
     return names
 
 
+def repeated_names(names: Sequence[str]) -> dict[str, list[int]]:
+    """The names that appear more than once, each with its positions, in order of first appearance."""
+    positions: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        positions.setdefault(name, []).append(i)
+    return {name: where for name, where in positions.items() if len(where) > 1}
+
+
+def describe_repeated(repeated: dict[str, list[int]], shown: int = 4) -> str:
+    """``repeated`` (:func:`repeated_names`) for a message, cut short: the first ``shown`` names, each with its first
+    ``shown`` positions (an error or a warning never echoes a whole class list)."""
+
+    def cut(items: list[str]) -> str:
+        return ", ".join(items[:shown]) + (f", ... ({len(items)} in all)" if len(items) > shown else "")
+
+    return cut([f"{name!r:.40} at [{cut([str(i) for i in where])}]" for name, where in repeated.items()])
+
+
 def check_templates(templates: Any) -> list[Template]:
-    """Templates as a list (a single string is one template); each holds ``{}`` or is a callable."""
+    """Templates as a list (a single string is one template); each holds ``{}`` or is a callable (whose prompts are
+    checked as they are made: :func:`_fill`)."""
     if isinstance(templates, str) or callable(templates):
         templates = [templates]
     if not isinstance(templates, Sequence) or not templates:
         raise ValueError(
-            f"templates: expected a non-empty list of prompt templates such as 'a photo of a {{}}.', got {templates!r}"
+            f"templates: expected a non-empty list of prompt templates such as 'a photo of a {{}}.', "
+            f"got {templates!r:.80}"
         )
     for i, t in enumerate(templates):
         if isinstance(t, str):
             if "{}" not in t:
                 raise ValueError(
-                    f"templates[{i}]: expected a template with '{{}}' where the class name goes, got {t!r}"
+                    f"templates[{i}]: expected a template with '{{}}' where the class name goes, got {t!r:.80}"
                 )
         elif not callable(t):
             raise TypeError(
@@ -77,8 +104,16 @@ def check_templates(templates: Any) -> list[Template]:
     return list(templates)
 
 
-def _fill(template: Template, name: str) -> str:
-    return template.replace("{}", name) if isinstance(template, str) else template(name)
+def _fill(templates: Sequence[Template], k: int, name: str) -> str:
+    """The prompt of class ``name`` in ``templates[k]``; a callable template's answer must be a str."""
+    template = templates[k]
+    prompt = template.replace("{}", name) if isinstance(template, str) else template(name)
+    if not isinstance(prompt, str):
+        raise TypeError(
+            f"templates[{k}]: expected a callable that returns the prompt (str) for a class name; for "
+            f"{name!r:.80} it returned {type(prompt).__name__} {prompt!r:.80}"
+        )
+    return prompt
 
 
 def build_class_embeddings(
@@ -95,6 +130,8 @@ def build_class_embeddings(
     Prompts are tokenized and encoded ``batch_size`` at a time; the model is run in eval mode
     (:func:`~mmformer.eval_mode.eval_mode`: every submodule's mode restored afterwards, safe from several threads).
     Prompts longer than the text context are truncated with a warning (a cut prompt may lose the class name).
+    A name that appears more than once (open_clip's ``IMAGENET_CLASSNAMES`` holds two) is encoded once: its rows are
+    the same values. Only the result and one batch of prompt embeddings are held (:func:`_template_means`).
 
     With a learned ``prompt`` (CoOp's context vectors) each class is encoded once as ``[bos] context name [eos]``
     instead of through the templates (leave ``templates`` at its default). Gradients reach the prompt when it
@@ -104,35 +141,60 @@ def build_class_embeddings(
     outside it fails ("Inplace update to inference tensor outside InferenceMode"); the class embeddings are then also
     ordinary tensors, usable in autograd-recording code.
     """
-    names, templates = check_classnames(classnames), check_templates(templates)
+    names, templates = check_classnames(classnames, distinct=False), check_templates(templates)
     if prompt is not None and templates != ["{}"]:
-        raise ValueError(f"templates: a learned prompt replaces the templates; pass one or the other, got {templates}")
+        raise ValueError(
+            f"templates: a learned prompt replaces the templates; pass one or the other, got {templates!r:.80}"
+        )
+    unique = list(dict.fromkeys(names))  # a repeated name is encoded once: its columns are the same tensor rows
     train = prompt is not None and prompt.vectors.requires_grad and torch.is_grad_enabled()
     with torch.set_grad_enabled(train), eval_mode(model):
         if prompt is None:
-            per_prompt = _encode_templates(model, tokenizer, names, templates, batch_size)  # (C, K, E)
+            means = _template_means(model, tokenizer, unique, templates, batch_size)  # (U, E)
         else:
-            ids, mask, embeds = prompt.class_inputs(model, tokenizer, names)  # (C, T), (C, T), (C, T, D)
-            rows = [slice(i, i + batch_size) for i in range(0, len(names), batch_size)]
-            features = [model.encode_text(ids[r], mask[r], inputs_embeds=embeds[r]).float() for r in rows]
-            per_prompt = torch.cat(features)[:, None]  # (C, 1, E)
-        return F.normalize(per_prompt.mean(dim=1), dim=-1)  # (C, E)
+            ids, mask, embeds = prompt.class_inputs(model, tokenizer, unique)  # (U, T), (U, T), (U, T, D)
+            rows = [slice(i, i + batch_size) for i in range(0, len(unique), batch_size)]
+            means = torch.cat([model.encode_text(ids[r], mask[r], inputs_embeds=embeds[r]).float() for r in rows])
+        embeddings = F.normalize(means, dim=-1)  # (U, E)
+        if len(unique) < len(names):
+            row = {name: i for i, name in enumerate(unique)}
+            embeddings = embeddings[torch.tensor([row[name] for name in names], device=embeddings.device)]
+        return embeddings  # (C, E)
 
 
-def _encode_templates(
+def _template_means(
     model: MultimodalTransformer, tokenizer: Tokenizer, names: list[str], templates: list[Template], batch_size: int
 ) -> torch.Tensor:
-    """(C, K, E) normalised text embeddings of every class name in every template."""
+    """(C, E) per class, the mean over the templates of the normalised text embeddings of its prompts.
+
+    The C × K prompts run class-major, ``batch_size`` at a time, each batch padded to its own longest prompt (not to
+    the context length). The classes whose K embeddings are all in are averaged as each batch comes (as open_clip's
+    ``build_zero_shot_classifier`` averages per batch of classes), so that what is held is the result, one batch and
+    the embeddings of a class that a batch cut in two; never all C × K embeddings (312 MiB for 1,000 classes × 80
+    templates at E = 1024, for a 4 MiB result)."""
     from mmformer.preprocess.processor import tokenize_with_warning
 
-    prompts = [_fill(t, name) for name in names for t in templates]  # class-major: C × K prompts
+    K, total = len(templates), len(names) * len(templates)
     max_length = min(tokenizer.max_length, model.config.text.max_tokens)
     device = model_device(model)
-    features = []
-    for start in range(0, len(prompts), batch_size):
-        tokens = tokenize_with_warning(tokenizer, prompts[start : start + batch_size], max_length, what="prompt")
-        features.append(model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float())
-    return torch.cat(features).view(len(names), len(templates), -1)
+    means, done = None, 0  # the classes averaged so far
+    held, count = [], 0  # the embeddings of the classes after them (count rows, < K between batches)
+    for start in range(0, total, batch_size):
+        prompts = [_fill(templates, j % K, names[j // K]) for j in range(start, min(start + batch_size, total))]
+        tokens = tokenize_with_warning(tokenizer, prompts, max_length, what="prompt")
+        held.append(model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float())
+        count += len(prompts)
+        if count < K:
+            continue
+        block = torch.cat(held) if len(held) > 1 else held[0]
+        n = count // K  # classes complete
+        piece = block[: n * K].reshape(n, K, -1).mean(dim=1)  # (n, E)
+        if means is None:
+            means = piece.new_empty(len(names), piece.shape[1])
+        means[done : done + n] = piece
+        done, count = done + n, count - n * K
+        held = [block[n * K :]] if count else []
+    return means
 
 
 def zero_shot_logits(
@@ -163,14 +225,18 @@ class ZeroShotClassifier:
 
     Predictions run in eval mode (no dropout) and give a training model back with every submodule's mode as it was
     (:func:`~mmformer.eval_mode.eval_mode`). Threads may share one classifier: a model in eval mode serves them
-    together, a model in train mode one at a time.
+    together, a model in train mode one at a time. ``classnames``, ``templates`` and ``prompt`` are read-only (the
+    cached class embeddings are built from them): build a new classifier for other ones.
 
     Args:
         model: a contrastive model with a text route and the ``modality`` route, or its PT2E int8 model
             (:func:`mmformer.compress.pt2e.load`: its encoder graphs).
         processor: turns raw inputs (PIL images, paths, numpy arrays) into tensors and holds the tokenizer;
             defaults to ``model.processor``. A bare :class:`~mmformer.Tokenizer` works when inputs are tensors.
-        classnames: the classes, in the order of the output columns.
+        classnames: the classes, in the order of the output columns. A name may appear more than once, as in
+            open_clip's ``IMAGENET_CLASSNAMES`` (so that the columns line up with a data set's label indices), with a
+            warning: its columns are identical, they share the probability, and an argmax (:meth:`predict`) gives
+            the first.
         templates: prompt templates, each with ``{}`` for the class name (or callables name → prompt).
         modality: "image" or "audio".
         batch_size: inputs (and prompts) encoded per forward pass.
@@ -222,8 +288,7 @@ class ZeroShotClassifier:
                 f"processor: its tokenizer has {vocab} token ids but the model's text vocabulary has "
                 f"{model.config.text.vocab_size} (TextConfig.vocab_size); they do not belong together"
             )
-        self.classnames = check_classnames(classnames)
-        self.templates = check_templates(templates)
+        classnames, templates = check_classnames(classnames, distinct=False), check_templates(templates)
         if prompt is not None:
             from mmformer.adapt.prompts import ContextPrompt, load_prompt
 
@@ -232,10 +297,27 @@ class ZeroShotClassifier:
             if not isinstance(prompt, ContextPrompt):
                 raise TypeError(f"prompt: expected a ContextPrompt or its file's path, got {type(prompt).__name__}")
             prompt.check_model(model)
-            if self.templates != ["{}"]:
-                raise ValueError(f"templates: a learned prompt replaces the templates; got both ({self.templates})")
+            if templates != ["{}"]:
+                raise ValueError(f"templates: a learned prompt replaces the templates; got both ({templates!r:.80})")
             prompt = prompt.to(model_device(model))
-        self.prompt = prompt
+        repeated = repeated_names(classnames)
+        if repeated:
+            warnings.warn(
+                f"classnames: repeated names {describe_repeated(repeated)}; each position is a column, and the "
+                "columns of one name are identical (they share its probability; an argmax gives the first)",
+                stacklevel=2,
+            )
+        self._classnames, self._templates, self._prompt = tuple(classnames), tuple(templates), prompt
+        # with repeated names: each name's first position, and each column's place among them (the scores are
+        # computed once per name and copied to its columns: a matmul's columns may differ in their last bits)
+        self._first = self._column = None
+        if repeated:
+            first: dict[str, int] = {}
+            for i, name in enumerate(classnames):
+                first.setdefault(name, i)
+            place = {name: j for j, name in enumerate(first)}
+            self._first = torch.tensor(list(first.values()))  # (U,)
+            self._column = torch.tensor([place[name] for name in classnames])  # (C,)
         self.modality = modality
         self.batch_size = batch_size
         self._class_embeddings: torch.Tensor | None = None
@@ -248,6 +330,34 @@ class ZeroShotClassifier:
             f"ZeroShotClassifier(modality={self.modality!r}, classes={len(self.classnames)}, {prompts}, "
             f"batch_size={self.batch_size})"
         )
+
+    # what the cached class embeddings are built from: fixed, so that they can never belong to other classes
+    @property
+    def classnames(self) -> tuple[str, ...]:
+        """The classes, in the order of the output columns."""
+        return self._classnames
+
+    @classnames.setter
+    def classnames(self, value: Any) -> None:
+        _read_only("classnames")
+
+    @property
+    def templates(self) -> tuple[Template, ...]:
+        """The prompt templates (``("{}",)`` with a learned prompt)."""
+        return self._templates
+
+    @templates.setter
+    def templates(self, value: Any) -> None:
+        _read_only("templates")
+
+    @property
+    def prompt(self) -> ContextPrompt | None:
+        """The learned prompt in place of the templates, if any."""
+        return self._prompt
+
+    @prompt.setter
+    def prompt(self, value: Any) -> None:
+        _read_only("prompt")
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -300,11 +410,14 @@ class ZeroShotClassifier:
             sampling_rate: the rate of waveform arrays (default: the model's); they are resampled by the processor.
         """
         class_emb = self.class_embeddings
+        if self._first is not None:
+            class_emb = class_emb[self._first.to(class_emb.device)]  # (U, E): one row per name
         chunks = []
         with torch.inference_mode(), eval_mode(self.model):
             for features in self._features(inputs, lengths, sampling_rate):
                 chunks.append(zero_shot_logits(self.model, features, class_emb).cpu())  # only (b, C) is kept
-        return torch.cat(chunks)  # concatenated outside inference mode: a normal tensor
+        logits = torch.cat(chunks)  # concatenated outside inference mode: a normal tensor
+        return logits if self._column is None else logits[:, self._column]  # (B, C): a name's columns identical
 
     def predict_proba(self, inputs: Any, **kwargs: Any) -> torch.Tensor:
         """(B, C) class probabilities: the softmax of :meth:`logits` (rows sum to 1), or for a model with a logit
@@ -396,6 +509,13 @@ class ZeroShotClassifier:
                 f"pass {kind}"
             )
         return self.processor
+
+
+def _read_only(name: str) -> None:
+    raise AttributeError(
+        f"{name}: read-only, set when the ZeroShotClassifier is built (its class embeddings are computed from it and "
+        f"cached); build a new ZeroShotClassifier(model, processor, classnames=..., templates=...) instead"
+    )
 
 
 def _preprocesses(processor: Any) -> bool:

@@ -34,6 +34,7 @@ from mmformer.serve.engine import Engine, decode_base64
 from mmformer.serve.errors import APIError, bad_request
 from mmformer.serve.metrics import Metrics
 from mmformer.serve.transcripts import FORMATS, GRANULARITIES, render
+from mmformer.zeroshot import check_classnames, check_templates
 
 STATIC = resources.files("mmformer.serve") / "static"
 KNOWN_PATHS = ("/v1/embeddings", "/v1/audio/transcriptions", "/v1/completions", "/v1/classify", "/v1/captions",
@@ -447,13 +448,24 @@ def create_app(
         with arriving("classify"):
             body = await json_body(request)
             check("classify", body.get("model"))
-            labels, templates = body.get("labels"), body.get("templates") or ["{}"]
-            if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels):
+            # a label may come twice (open_clip's ImageNet list has two): its columns get the same score, and "label"
+            # names it either way; the classifier's warning about it stays in the server's log
+            labels, templates = body.get("labels"), body.get("templates")
+            if not isinstance(labels, list):
                 raise bad_request("labels", f"expected a non-empty list of class names, got {labels!r:.80}")
-            if len(set(labels)) != len(labels):
-                raise bad_request("labels", f"expected distinct names, got {labels}")
-            if not isinstance(templates, list) or not all(isinstance(t, str) and "{}" in t for t in templates):
-                raise bad_request("templates", f"expected a list of strings with '{{}}', got {templates!r:.80}")
+            if templates is None:  # absent or null: as OpenAI's optional fields
+                templates = ["{}"]
+            elif not isinstance(templates, list):
+                raise bad_request("templates", f"expected a non-empty list of strings with '{{}}' where the label "
+                                               f"goes, got {templates!r:.80}")  # fmt: skip
+            for i, t in enumerate(templates):
+                if not isinstance(t, str):
+                    raise bad_request(f"templates[{i}]", f"expected a string with '{{}}', got {type(t).__name__}")
+            try:  # the classifier's own checks (blank, invalid Unicode, no '{}'), under the request's names
+                check_classnames(labels, distinct=False)
+                check_templates(templates)
+            except (TypeError, ValueError) as e:
+                raise _as_api_error(ValueError(str(e).replace("classnames", "labels", 1))) from None
             raw = body.get("input")
             items = [raw] if isinstance(raw, dict) else raw
             if not isinstance(items, list) or not items:
