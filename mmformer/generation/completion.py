@@ -23,6 +23,17 @@ if TYPE_CHECKING:
     from mmformer.preprocess.processor import Processor
 
 
+def prompt_ids(tokenizer: Any, text: str, name: str) -> list[int]:
+    """The ids a completion of ``text`` continues: its tokens without a trailing end-of-text (a template's would end
+    the prompt before it is continued); ValueError naming ``name`` for text with no tokens (or not valid Unicode)."""
+    ids = tokenizer.encode(text, name=name)
+    if tokenizer.eos_id is not None and ids and ids[-1] == tokenizer.eos_id:
+        ids = ids[:-1]
+    if not ids:
+        raise ValueError(f"{name}: {text!r:.80} has no tokens to continue (the tokenizer adds no bos)")
+    return ids
+
+
 def _prompt_rows(tokenizer: Any, prompts: Any) -> tuple[list[list[int]] | torch.Tensor, bool]:
     """(id rows or a (B, P) tensor, whether they came from text) of ``complete``'s prompts."""
     if isinstance(prompts, str):
@@ -33,15 +44,7 @@ def _prompt_rows(tokenizer: Any, prompts: Any) -> tuple[list[list[int]] | torch.
         got = "an empty list" if isinstance(prompts, (list, tuple)) else type(prompts).__name__
         raise ValueError(f"prompts: expected a str, a list of str or prompt ids, got {got}")
     if all(isinstance(p, str) for p in prompts):
-        rows = []
-        for i, p in enumerate(prompts):
-            ids = tokenizer.encode(p, name=f"prompts[{i}]")
-            if tokenizer.eos_id is not None and ids and ids[-1] == tokenizer.eos_id:
-                ids = ids[:-1]  # a template's end-of-text would end the prompt before it is continued
-            if not ids:
-                raise ValueError(f"prompts[{i}]: {p!r} has no tokens to continue (the tokenizer adds no bos)")
-            rows.append(ids)
-        return rows, True
+        return [prompt_ids(tokenizer, p, f"prompts[{i}]") for i, p in enumerate(prompts)], True
     if all(isinstance(p, (list, tuple, torch.Tensor)) for p in prompts):
         return [list(map(int, p)) for p in prompts], False
     raise TypeError(f"prompts: expected a str, a list of str or lists of ids, got items of type "

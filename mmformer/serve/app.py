@@ -11,10 +11,12 @@ import base64
 import contextlib
 import functools
 import json
+import logging
 import re
 import secrets
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -23,14 +25,14 @@ from typing import Any, TypeVar
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmformer.generation.completion import Completion
 from mmformer.generation.streaming import AsyncTextIteratorStreamer, StreamCancelled
 from mmformer.preprocess.media import AudioTooLongError
 from mmformer.serve.batching import Batcher, Deferred, decoding
-from mmformer.serve.engine import Engine, decode_base64
+from mmformer.serve.engine import CompletionKey, Engine, decode_base64
 from mmformer.serve.errors import APIError, bad_request
 from mmformer.serve.metrics import Metrics
 from mmformer.serve.transcripts import FORMATS, GRANULARITIES, render
@@ -44,7 +46,20 @@ CLIENT_CLOSED = 499  # nginx's "client closed request": the client went away bef
 # a streamed transcription is OpenAI's transcript.text.delta / .done events, text only: the formats whose content
 # they carry (OpenAI streams gpt-4o-transcribe, whose formats are json, and text for its diarizing model)
 STREAMED_FORMATS = ("json", "text")
+# OpenAI's /v1/completions fields the server does not honour: (the values that ask for nothing, null besides; what
+# the server does instead). Another value is a 400 naming the field, not an answer as if it were absent.
+UNHONOURED = {
+    "n": ((1,), "one completion per prompt"),
+    "best_of": ((1,), "one completion per prompt, none ranked"),
+    "echo": ((False,), "the prompt is not echoed"),
+    "logprobs": ((), "no log probabilities"),
+    "suffix": (("",), "no insertion before a suffix"),
+    "logit_bias": (({},), "no logit bias"),
+    "presence_penalty": ((0,), "no presence penalty"),
+    "frequency_penalty": ((0,), "no frequency penalty"),
+}
 T = TypeVar("T")
+log = logging.getLogger("mmformer.serve")
 
 
 class PayloadTooLarge(Exception):
@@ -98,6 +113,40 @@ class Guard:
             self.metrics.request(route, status[0], time.perf_counter() - start)
 
 
+class ServerErrors:
+    """ASGI middleware: an unexpected exception of a handler (a bug) is answered here, inside the app, as OpenAI's
+    500 error JSON naming a request id, and logged as one line with that id, the route and where it was raised.
+    Starlette's own catch-all (``exception_handler(Exception)``) answers from its outermost middleware and raises the
+    exception again, and uvicorn then drops the connection: a client's next request on it, kept alive, was reset.
+    A response already begun (a stream) cannot be answered again: its exception goes on, and the connection ends."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_started(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_started)
+        except Exception as e:
+            if started:
+                raise
+            ident = f"req_{secrets.token_hex(8)}"
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            log.error("mmformer serve: 500 on %s %s (request %s): %s: %s (at %s:%d)", scope["method"], scope["path"],
+                      ident, type(e).__name__, e, frame.filename, frame.lineno)  # fmt: skip
+            error = APIError(500, f"internal server error (request {ident}): {type(e).__name__}: {e}")
+            await _error_response(error)(scope, receive, send)
+
+
 def _param(message: str) -> str | None:
     match = re.match(r"([\w\[\].]+): ", message)
     return match.group(1) if match else None
@@ -123,6 +172,50 @@ def _as_api_error(e: BaseException) -> APIError:
 
 def _error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
+
+
+def _form_texts(form: FormData, name: str) -> list[str]:
+    """The values of a form field (none where absent); a 400 naming it where a file part stands for a value."""
+    values = form.getlist(name)
+    for value in values:
+        if isinstance(value, UploadFile):
+            raise bad_request(name, f"expected a value, got a file part ({value.filename or 'no file name'})")
+    return values
+
+
+def _refuse_unhonoured(body: dict) -> None:
+    """A 400 naming the first of :data:`UNHONOURED`'s fields that ``body`` sets to a value asking for something."""
+    for name, (fine, instead) in UNHONOURED.items():
+        value = body.get(name)  # 1.0 asks what 1 does; true is not 1, nor false 0
+        if value is None or any(value == f and isinstance(value, bool) == isinstance(f, bool) for f in fine):
+            continue
+        expected = " or ".join(["null", *(json.dumps(f) for f in fine)])
+        raise bad_request(name, f"this server does not support it ({instead}): expected {expected}, got "
+                                f"{json.dumps(value)[:80]}")  # fmt: skip
+
+
+def _streaming(body: dict) -> tuple[bool, bool]:
+    """(``stream``, ``stream_options.include_usage``) of a request, as OpenAI checks them."""
+    stream, options = body.get("stream"), body.get("stream_options")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad_request("stream", f"expected true or false, got {stream!r:.80}")
+    if options is None:
+        return bool(stream), False
+    if not stream:
+        raise bad_request("stream_options", "only allowed with stream: true")
+    if not isinstance(options, dict):
+        raise bad_request("stream_options", f"expected an object ({{'include_usage': true}}), got {options!r:.80}")
+    include_usage = options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise bad_request("stream_options.include_usage", f"expected true or false, got {include_usage!r:.80}")
+    return True, bool(include_usage)
+
+
+def _usage(done: list[Completion]) -> dict[str, int]:
+    """OpenAI's usage of completions: the ids the model read and generated (the text encoded again counts other
+    tokens: a byte token of a character cut short decodes to U+FFFD, three tokens when encoded)."""
+    prompt_tokens, generated = sum(len(c.prompt_ids) for c in done), sum(len(c.ids) for c in done)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated}
 
 
 def _sse(data: Any) -> str:
@@ -199,15 +292,12 @@ def create_app(
 
     app = FastAPI(title="mmformer", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, max_bytes=int(max_upload_mb * 2**20), metrics=metrics)
+    app.add_middleware(ServerErrors)  # outside Guard, which counts the 500 of an exception that passes it
     app.state.engine, app.state.metrics = engine, metrics
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
         return _error_response(e)
-
-    @app.exception_handler(Exception)
-    async def _server_error(request: Request, e: Exception) -> JSONResponse:  # a bug: still OpenAI's error JSON
-        return _error_response(APIError(500, f"{type(e).__name__}: {e}"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -244,6 +334,10 @@ def create_app(
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise bad_request("body", "expected a JSON object") from None
+        except RecursionError:  # a few KB of brackets: [[[[...
+            raise bad_request("body", "expected a JSON object, got JSON nested too deeply to read") from None
+        except ValueError as e:  # an integer of more than 4,300 digits
+            raise bad_request("body", f"expected a JSON object, got JSON this server cannot read ({e})") from None
         if not isinstance(body, dict):
             raise bad_request("body", f"expected a JSON object, got {type(body).__name__}")
         return body
@@ -321,16 +415,18 @@ def create_app(
         """OpenAI's: "stop" where an end id or a stop string ended the continuation, "length" where a limit cut it."""
         return "stop" if done.ended else "length"
 
-    async def completion_events(head: dict, key: tuple, prompts: list[str]) -> AsyncIterator[str]:
+    async def completion_events(head: dict, items: list[tuple[CompletionKey, list[int]]]) -> AsyncIterator[str]:
         """OpenAI's streamed completion: a ``text_completion`` chunk per piece as it is decoded, a last chunk per
-        choice with its ``finish_reason``, then ``[DONE]``; an error after the stream began is an error event."""
+        choice with its ``finish_reason``, with ``head["usage"]`` (``stream_options.include_usage``: null) a last one
+        with the usage and no choice, then ``[DONE]``; an error after the stream began is an error event."""
 
         def chunk(text: str, index: int, reason: str | None) -> str:
             return _sse(
                 {**head, "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": reason}]}
             )
 
-        for index, prompt in enumerate(prompts):
+        finished = []
+        for index, (key, prompt) in enumerate(items):
             streamer = AsyncTextIteratorStreamer(engine.processor.tokenizer)
 
             def failed(error: BaseException | None, streamer: AsyncTextIteratorStreamer = streamer) -> None:
@@ -347,7 +443,10 @@ def create_app(
                 return
             finally:
                 streamer.cancel()  # the client went away (this generator closed mid-stream): stop decoding
+            finished.append(done)
             yield chunk("", index, finish_reason(done))
+        if "usage" in head:
+            yield _sse({**head, "choices": [], "usage": _usage(finished)})
         yield _sse("[DONE]")
 
     async def transcript_events(key: tuple, wave: Any) -> AsyncIterator[str]:
@@ -511,14 +610,19 @@ def create_app(
                 raise
             except Exception as e:
                 raise bad_request("body", f"expected multipart/form-data with a 'file' field ({e})") from None
-            check("audio/transcriptions", form.get("model"))
+
+            def value(name: str) -> str | None:  # a form field's text (the last, if sent twice), as form.get reads it
+                return (_form_texts(form, name) or [None])[-1]
+
+            check("audio/transcriptions", value("model"))
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
                 raise bad_request("file", "expected an audio file upload (multipart field 'file')")
-            response_format = form.get("response_format") or "json"
+            response_format = value("response_format") or "json"
             if response_format not in FORMATS:
                 raise bad_request("response_format", f"expected one of {list(FORMATS)}, got {response_format!r}")
-            granularities = form.getlist("timestamp_granularities[]") or form.getlist("timestamp_granularities")
+            granularities = _form_texts(form, "timestamp_granularities[]")
+            granularities = granularities or _form_texts(form, "timestamp_granularities")
             for g in granularities:
                 if g not in GRANULARITIES:
                     raise bad_request(
@@ -527,9 +631,7 @@ def create_app(
             if granularities and response_format != "verbose_json":  # as OpenAI: the times are verbose_json's
                 raise bad_request("timestamp_granularities[]", f"only with response_format 'verbose_json', got "
                                   f"{response_format!r}")  # fmt: skip
-            words, prompt = "word" in granularities, form.get("prompt") or None
-            if prompt is not None and not isinstance(prompt, str):
-                raise bad_request("prompt", f"expected text, got {type(prompt).__name__}")
+            words, prompt = "word" in granularities, value("prompt") or None
             # openai-whisper's word alignment and previous-text prompt: a Whisper checkpoint's (alignment heads,
             # timestamp and <|startofprev|> tokens); a model trained here has neither
             if words and not engine.whisper:
@@ -540,21 +642,20 @@ def create_app(
                 raise bad_request("prompt", f"conditioning on a text prompt needs a Whisper checkpoint (its "
                                             f"<|startofprev|> token); {engine.model_id} is not one")  # fmt: skip
             try:
-                temperature = float(form.get("temperature") or 0)
+                temperature = float(value("temperature") or 0)
             except ValueError:
-                raise bad_request("temperature", f"expected a number, got {form.get('temperature')!r}") from None
+                raise bad_request("temperature", f"expected a number, got {value('temperature')!r}") from None
             if not 0 <= temperature <= 1:
                 raise bad_request("temperature", f"expected a number in [0, 1], got {temperature}")
-            stream = str(form.get("stream", "false")).lower()
+            stream = value("stream")
+            stream = "false" if stream is None else stream.lower()
             if stream not in ("true", "false"):
                 raise bad_request("stream", f"expected true or false, got {stream!r}")
             if stream == "true" and response_format not in STREAMED_FORMATS:  # its times would be lost unsaid
                 raise bad_request("response_format", f"a streamed transcription sends text deltas: expected one of "
                                   f"{list(STREAMED_FORMATS)} with stream=true, got {response_format!r} (ask for it "
                                   f"without stream)")  # fmt: skip
-            language = form.get("language") or None
-            if language is not None and not isinstance(language, str):
-                raise bad_request("language", f"expected a language code, got {type(language).__name__}")
+            language = value("language") or None
             try:  # before anything is decoded, as the other fields (a model without language tokens refuses any)
                 language = engine.check_language(language)
             except ValueError as e:  # its message names "language: " already
@@ -600,22 +701,37 @@ def create_app(
                 raise bad_request(
                     "stop", f"expected a string or up to 4 non-empty strings, got {body.get('stop')!r:.80}"
                 )
-            if body.get("n", 1) != 1:
-                raise bad_request("n", f"expected 1 (one completion per prompt), got {body.get('n')!r}")
-            key = (max_tokens, temperature, top_p, tuple(stop))
+            _refuse_unhonoured(body)
+            seed = body.get("seed")
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+                raise bad_request("seed", f"expected an integer, got {seed!r:.80}")
+            stream, include_usage = _streaming(body)
+            # each prompt checked here, where a message can name its index (in a batch it is one of many requests')
+            ids = []
+            for i, text in enumerate(prompts):
+                try:
+                    ids.append(engine.prompt_ids(text, f"prompt[{i}]"))
+                except ValueError as e:  # its message names the prompt
+                    raise APIError(400, str(e), param="prompt") from None
+            context, longest = engine.completion_context, max(range(len(ids)), key=lambda i: len(ids[i]))
+            if context is not None and len(ids[longest]) + max_tokens > context:  # decoding would stop short
+                n = len(ids[longest])
+                fix = f"ask for at most {context - n} or shorten it" if n < context else "shorten it"
+                raise bad_request("max_tokens", f"prompt and max_tokens must fit the model's context of {context} "
+                                  f"tokens (config.text.max_length): prompt[{longest}] has {n} tokens and max_tokens "
+                                  f"is {max_tokens}; {fix}")  # fmt: skip
+            seeded = seed is not None and temperature > 0  # greedy decoding draws nothing
+            keys = [CompletionKey(max_tokens, temperature, top_p, tuple(stop), seed if seeded else None,
+                                  i if seeded else 0) for i in range(len(ids))]  # fmt: skip
             ident, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
             head = {"id": ident, "object": "text_completion", "created": created, "model": engine.model_id}
-            if body.get("stream"):
-                return StreamingResponse(completion_events(head, key, prompts), media_type="text/event-stream")
-        done = await run_all(request, "completions", [(key, p) for p in prompts])
+            if stream:
+                head = {**head, "usage": None} if include_usage else head
+                return StreamingResponse(completion_events(head, list(zip(keys, ids))), media_type="text/event-stream")
+        done = await run_all(request, "completions", list(zip(keys, ids)))
         choices = [{"text": c.text, "index": i, "logprobs": None, "finish_reason": finish_reason(c)}
                    for i, c in enumerate(done)]  # fmt: skip
-        # the ids the model read and generated: the text encoded again counts other tokens (a byte token of a
-        # character cut short decodes to U+FFFD, three tokens when encoded)
-        prompt_tokens, generated = sum(len(c.prompt_ids) for c in done), sum(len(c.ids) for c in done)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
-                 "total_tokens": prompt_tokens + generated}  # fmt: skip
-        return JSONResponse({**head, "choices": choices, "usage": usage})
+        return JSONResponse({**head, "choices": choices, "usage": _usage(done)})
 
     @app.get("/", response_model=None)
     async def page() -> Response:

@@ -11,15 +11,16 @@ import base64
 import binascii
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from mmformer.data.collate import pad_audio
-from mmformer.generation.completion import Completion, completions, continues_prompts
+from mmformer.generation.completion import Completion, completions, continues_prompts, prompt_ids
 from mmformer.generation.decoding_rules import language_id, reads_memory
 from mmformer.generation.options import DecodingOptions
 from mmformer.generation.streaming import TextStreamer
+from mmformer.generation.token_choice import row_generators
 from mmformer.io.weights import model_device
 from mmformer.longform import has_timestamps, with_compute_type
 from mmformer.longform.options import TranscribeOptions
@@ -152,6 +153,20 @@ def language_names(model: Any) -> dict[str, str]:
 CHARS_PER_TOKEN = 64  # more characters than this a text position: refused without tokenizing
 
 
+class CompletionKey(NamedTuple):
+    """What the prompts of one :meth:`Engine.complete` call share: OpenAI's decoding fields of their requests."""
+
+    max_tokens: int
+    temperature: float  # 0: greedy
+    top_p: float | None
+    stop: tuple[str, ...]
+    # sampling's seed (None: unseeded); prompt ``row`` of a request samples with the generator of row ``row`` of
+    # that seed, as the ``complete`` command's ``--seed`` samples its ``row``-th prompt: the same text whatever it
+    # is batched with (:func:`~mmformer.generation.token_choice.row_generators`)
+    seed: int | None = None
+    row: int = 0
+
+
 class Engine:
     """A loaded model and its processor, with the per-route batched functions the server runs."""
 
@@ -210,11 +225,38 @@ class Engine:
         if cfg is None or cfg.position == "none":  # relative positions: no table to outgrow
             return
         limit = cfg.max_tokens
+        self._check_chars(text, param, limit)
+        if (n := self.text_tokens(text)) > limit:
+            raise ValueError(f"{param}: {n} tokens; this model reads at most {limit} (TextConfig.max_length)")
+
+    @staticmethod
+    def _check_chars(text: str, param: str, limit: int) -> None:
+        """Refuse uncounted a text of more than :data:`CHARS_PER_TOKEN` characters for each of ``limit`` tokens."""
         if len(text) > CHARS_PER_TOKEN * limit:
             raise ValueError(f"{param}: {len(text):,} characters; this model reads at most {limit} tokens "
                              f"(texts over {CHARS_PER_TOKEN * limit:,} characters are refused uncounted)")  # fmt: skip
-        if (n := self.text_tokens(text)) > limit:
-            raise ValueError(f"{param}: {n} tokens; this model reads at most {limit} (TextConfig.max_length)")
+
+    def prompt_ids(self, text: str, param: str) -> list[int]:
+        """The ids a completion of ``text`` reads, as :func:`~mmformer.generation.completion.completions` tokenizes a
+        prompt (without a trailing end-of-text, which would end it); ValueError naming ``param`` for a prompt it
+        would refuse: not valid Unicode, no tokens, or more than the model's context (``config.text.max_length``;
+        :meth:`check_text`'s character limit first). Checked per request, where the message can name the prompt's
+        index in it: in a batch it is one among other requests' prompts."""
+        cfg, tokenizer = self.model.config.text, self.processor.tokenizer
+        self._check_chars(text, param, cfg.max_tokens)
+        ids = prompt_ids(tokenizer, text, param)
+        if len(ids) > cfg.max_tokens:
+            raise ValueError(f"{param}: {len(ids)} tokens exceed the model's context (config.text.max_length="
+                             f"{cfg.max_length}); shorten the prompt")  # fmt: skip
+        return ids
+
+    @property
+    def completion_context(self) -> int | None:
+        """How many positions a completion's prompt and generated tokens share: the position table's (absolute
+        positions: :func:`~mmformer.generation.decoding.generate` would stop where it ends); None for relative
+        positions (RoPE, ALiBi), which decode on past ``config.text.max_length``."""
+        cfg = self.model.config.text
+        return None if cfg.position == "none" else cfg.max_tokens
 
     # ------------------------------------------------------------------ batched work (model thread)
     @torch.inference_mode()
@@ -288,13 +330,20 @@ class Engine:
             return transcribe_clips(self.transcriber, waves, options, on_segment=each, bf16_encoder=self.bf16_encoder,
                                     stop=stop)  # fmt: skip
 
-    def complete(self, key: Hashable, prompts: Sequence[str], streamer: TextStreamer | None = None) -> list[Completion]:
-        """Completions of prompts decoded together, each with the ids it read and generated (what the usage counts);
-        with a ``streamer`` (one prompt: a streamed request) it gets the text piece by piece as it is decoded."""
-        max_tokens, temperature, top_p, stop = key
-        options = DecodingOptions(max_new_tokens=max_tokens, stop_strings=stop, **sampling(temperature, top_p))
+    def complete(
+        self, key: Hashable, prompts: Sequence[str | list[int]], streamer: TextStreamer | None = None
+    ) -> list[Completion]:
+        """Completions of prompts (texts, or :meth:`prompt_ids`) decoded together, each with the ids it read and
+        generated (what the usage counts); with a ``streamer`` (one prompt: a streamed request) it gets the text
+        piece by piece as it is decoded. ``key``: a :class:`CompletionKey` (or the tuple of its fields)."""
+        key = CompletionKey(*key)
+        options = DecodingOptions(max_new_tokens=key.max_tokens, stop_strings=key.stop,
+                                  **sampling(key.temperature, key.top_p))  # fmt: skip
+        generator = None
+        if key.seed is not None:  # one per prompt, each row `key.row`'s (the others are other requests' prompts)
+            generator = [row_generators(key.seed, 1, self.device, first=key.row)[0] for _ in prompts]
         with torch.inference_mode():
-            return completions(self.model, list(prompts), options=options, streamer=streamer)
+            return completions(self.model, list(prompts), options=options, streamer=streamer, generator=generator)
 
     def caption(self, key: Hashable, pixels: Sequence[torch.Tensor]) -> list[str]:
         with torch.inference_mode():
