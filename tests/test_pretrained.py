@@ -92,6 +92,61 @@ def digest(directory) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
+# ---------------------------------------------------------------------------------------------------- format version
+# The config fields of each format_version (pretrained.FORMAT_VERSION): an older mmformer refuses a config.json key it
+# does not know, so a folder with a new field must say it is newer (a 2044eaf reader met TextConfig.extra_eos_ids in a
+# folder marked 2 and failed on it as an unknown key, not as a newer format).
+CONFIG_FIELDS = {
+    3: {
+        "StackConfig": "width depth n_heads head_size n_kv_heads mlp mlp_ratio mlp_hidden n_experts experts_top_k norm "
+        "norm_eps norm_placement final_norm parallel bias qkv_bias qk_norm attn_scale position rope_theta rope_scaling "
+        "relative_buckets relative_max_distance dropout attn_dropout drop_path cross_attention multiway "
+        "gradient_checkpointing layer_scale cross_mlp cross_memory_norm",
+        "ImageConfig": "image_size patch_size channels class_token position patch_bias pre_norm n_registers pool "
+        "pool_norm resampler_queries resampler_width resampler_heads",
+        "AudioConfig": "sample_rate n_mels n_fft hop_length max_frames conv_stride position pool pad_to_seconds",
+        "TextConfig": "vocab_size max_length position pad_id bos_id eos_id extra_eos_ids mask_id n_segments embed_norm "
+        "embed_norm_eps causal pool fixed_length attend_padding legacy_cls_mask",
+        "GenerationConfig": "suppress_tokens begin_suppress_tokens language_ids task_ids language task "
+        "no_timestamps_id alignment_heads",
+        "ModelConfig": "stacks routes image audio text embed_dim projection_bias logit_scale_init logit_bias_init "
+        "tie_lm_head mlm_head ctc_head projections decoder_input generation",
+    },
+}
+
+
+def test_a_new_config_field_comes_with_a_new_format_version():
+    """The fields every config class has equal those recorded for the current format_version: a field added (or
+    removed) without raising pretrained.FORMAT_VERSION and recording its fields here fails."""
+    import dataclasses
+    import inspect
+
+    import mmformer.config as config_module
+
+    fields = {
+        name: " ".join(f.name for f in dataclasses.fields(cls))
+        for name, cls in vars(config_module).items()
+        if inspect.isclass(cls) and dataclasses.is_dataclass(cls) and cls.__module__ == config_module.__name__
+    }
+    recorded = CONFIG_FIELDS.get(pretrained.FORMAT_VERSION)
+    assert fields == recorded, (
+        f"the config's fields changed: raise pretrained.FORMAT_VERSION (now {pretrained.FORMAT_VERSION}) and record "
+        f"them in CONFIG_FIELDS: {fields}"
+    )
+
+
+def test_a_folder_of_a_newer_format_is_refused_as_newer(tokenizer, tmp_path):
+    make_model(tokenizer).save_pretrained(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config["format_version"] = pretrained.FORMAT_VERSION + 1
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"format_version {pretrained.FORMAT_VERSION + 1} was written by a newer"):
+        load_pretrained(tmp_path / "model")
+    config["format_version"] = 2  # the folders before it load as they are
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    load_pretrained(tmp_path / "model")
+
+
 # ---------------------------------------------------------------------------------------------------- round trips
 def test_round_trip_reproduces_outputs_and_keeps_the_head_tied(tokenizer, tmp_path):
     model = make_model(tokenizer)

@@ -294,8 +294,9 @@ def test_load_program_refuses_archives_that_torch_export_load_would_unpickle(tmp
 
     import zipfile
 
-    with zipfile.ZipFile(good) as archive:  # the first weight's entry and file (the zip lists the files first)
-        weights_config = json.loads(archive.read("text_encoder/data/weights/model_weights_config.json"))
+    with zipfile.ZipFile(good) as archive:  # the first weight's entry and file (under the archive's root folder)
+        (entry,) = [n for n in archive.namelist() if n.split("/", 1)[-1] == "data/weights/model_weights_config.json"]
+        weights_config = json.loads(archive.read(entry))
     first = next(iter(weights_config["config"]))
     first_file = "data/weights/" + weights_config["config"][first]["path_name"]
 

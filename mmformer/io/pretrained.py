@@ -74,7 +74,11 @@ from mmformer.io.training_checkpoints import (
 from mmformer.io.weights import Reader, TensorSpec, aliases, in_memory
 from mmformer.preprocess.processor import Processor
 
-FORMAT_VERSION = 2  # 2: derived constants (mel filters, STFT window) are no longer stored
+# What a config.json holds, numbered so that an older mmformer refuses a newer folder as newer (its reader refuses
+# keys it does not know): 2: derived constants (mel filters, STFT window) are no longer stored; 3: the config's
+# fields as tests/test_pretrained.py records them (TextConfig.extra_eos_ids was added under 2: readers of 2 failed
+# on it as an unknown key). A new config field raises it.
+FORMAT_VERSION = 3
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PROCESSOR_FILES = ("tokenizer.json", "preprocessor_config.json")  # written by Processor.save_pretrained
