@@ -117,7 +117,7 @@ _frozen_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _weights_state(model: nn.Module) -> tuple[tuple[int, tuple], ...]:
-    """Which tensors the model holds and the state of each (:func:`~mmformer.generation.lm_head.weight_state`: its
+    """Which tensors the model holds and the state of each (``weight_state`` of :mod:`mmformer.generation.lm_head`: its
     storage, shape, dtype, device and version counter — an optimizer step, ``load_state_dict``, any in-place write
     autograd sees, ``param.data = new``): what a frozen graph folded in. Writes through ``.data`` change none of
     these (see :func:`frozen_next_logits`)."""
