@@ -250,3 +250,19 @@ def test_an_export_without_the_rules_keys_decodes_as_before(model, exported, tmp
     )
     np.testing.assert_array_equal(got, expected.numpy())
     assert len(runner.transcribe(waves, RATE, 8)) == 2
+
+
+def test_an_export_of_a_newer_format_is_refused_as_newer(tmp_path):
+    """export_config.json carries its format's version: a runner meets a newer export with that, not by ignoring the
+    keys it does not know (a runner before image.memory_start decoded a CoCa export from the wrong memory). An export
+    without one (written before it was recorded) is of format 1."""
+    from mmformer.ship.onnx_runner import EXPORT_FORMAT_VERSION
+
+    text = {"max_length": 16, "bos_id": 1, "eos_id": 2, "pad_id": 0}
+    config = {"format": "onnx", "graphs": {}, "text": text}
+    (tmp_path / "export_config.json").write_text(json.dumps(config))
+    OnnxModel(tmp_path)  # no format_version: an export from before it was written
+    for version in (EXPORT_FORMAT_VERSION + 1, "2", True):
+        (tmp_path / "export_config.json").write_text(json.dumps({**config, "format_version": version}))
+        with pytest.raises(ValueError, match=rf"format_version {re.escape(repr(version))} was written by a newer"):
+            OnnxModel(tmp_path)

@@ -48,6 +48,7 @@ from mmformer.io.pretrained import EXPORT_CONFIG, MEL_FILTERS
 from mmformer.model import MultimodalTransformer
 from mmformer.ship.audio_features import LOG_MEL
 from mmformer.ship.exportable import Graph, graphs, image_memory_start
+from mmformer.ship.onnx_runner import EXPORT_FORMAT_VERSION
 
 FORMATS = ("onnx", "torch-export")
 SUFFIX = {"onnx": ".onnx", "torch-export": ".pt2"}
@@ -127,6 +128,7 @@ def export(
             _save_mel_filters(model, staging / MEL_FILTERS)
         text, audio, generation = model.config.text, model.config.audio, model.config.generation
         config = {
+            "format_version": EXPORT_FORMAT_VERSION,
             "format": format,
             "opset": opset if format == "onnx" else None,
             "torch_version": torch.__version__,

@@ -51,6 +51,9 @@ from mmformer.preprocess.media import (
 from mmformer.ship.audio_features import log_mel_features, log_mel_rules, resample, sinc_resampler
 
 EXPORT_CONFIG = "export_config.json"
+# export_config.json's format, written by `mmformer export` (an export without one is of format 1): a runner refuses
+# a newer one as newer, instead of ignoring keys it does not know (an older runner ignored `image.memory_start`).
+EXPORT_FORMAT_VERSION = 1
 
 
 def cross_inputs(keys: Any, values: Any) -> dict[str, Any]:
@@ -95,6 +98,10 @@ class OnnxModel:
         if not path.is_file():
             raise FileNotFoundError(f"directory: no {EXPORT_CONFIG} in {self.directory}; expected an mmformer export")
         self.config = json.loads(path.read_text(encoding="utf-8"))
+        version = self.config.get("format_version", 1)
+        if not isinstance(version, int) or isinstance(version, bool) or version > EXPORT_FORMAT_VERSION:
+            raise ValueError(f"{path}: format_version {version!r} was written by a newer mmformer; this runner reads "
+                             f"format_version <= {EXPORT_FORMAT_VERSION}: upgrade mmformer")  # fmt: skip
         if self.config.get("format") != "onnx":
             raise ValueError(f"{path}: expected an ONNX export, got format {self.config.get('format')!r}")
         quantized = self.config.get("quantization")
